@@ -1,0 +1,193 @@
+"""The `cxr` console script; `python -m jobs.<name>` entrypoints dispatch to the same commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from cxrcore.config import (
+    BenchmarkConfig,
+    ConfigError,
+    IngestConfig,
+    PipelineConfig,
+    SynthConfig,
+    add_config_arguments,
+    config_from_args,
+)
+from cxrcore.data.layout import LayoutError, LayoutScan
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse arguments, run one command, return its exit status (errors become a one-line message)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    try:
+        status: int = args.run(args)
+        return status
+    except (ConfigError, LayoutError, FileNotFoundError) as exc:
+        print(f"cxr: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cxr", description="Train, compare and serve chest X-ray classifiers on a Ray cluster."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    data = commands.add_parser("data", help="inspect, synthesise and ingest datasets")
+    data_commands = data.add_subparsers(title="data commands", metavar="COMMAND")
+    check = data_commands.add_parser(
+        "check", help="report what a raw dataset folder holds and what is wrong with it"
+    )
+    check.add_argument("raw", help="raw dataset folder (COVID-19 Radiography Database layout)")
+    check.add_argument("--json", action="store_true", help="print the report as JSON")
+    check.set_defaults(run=_run_check)
+    _add_config_command(data_commands, "synth", SynthConfig, _run_synth, "write synthetic chest X-rays")
+    _add_config_command(data_commands, "ingest", IngestConfig, _run_ingest, "ingest a raw dataset to Parquet")
+
+    _add_config_command(
+        commands, "demo", PipelineConfig, _run_pipeline, "run the whole pipeline on a local Ray cluster"
+    )
+    _add_config_command(
+        commands, "benchmark", BenchmarkConfig, _run_benchmark, "measure a stage against its plain baseline"
+    )
+    return parser
+
+
+def _add_config_command(
+    commands: Any, name: str, config_cls: type, run: Command, help_text: str
+) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = commands.add_parser(
+        name, help=help_text, description=(config_cls.__doc__ or help_text).split("\n")[0]
+    )
+    add_config_arguments(parser, config_cls)
+    parser.set_defaults(run=run, config_cls=config_cls)
+    return parser
+
+
+def _run_check(args: argparse.Namespace) -> int:
+    from cxrcore.data.layout import check_layout
+
+    scan = check_layout(args.raw)
+    if args.json:
+        print(json.dumps(scan.to_dict(), indent=2))
+    else:
+        print(format_scan(scan))
+    if not scan.usable:
+        print(f"cxr: error: no readable images under {scan.root}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run_synth(args: argparse.Namespace) -> int:
+    from cxrcore.data.synthetic import write_synthetic_dataset
+
+    config: SynthConfig = config_from_args(SynthConfig, args)
+    summary = write_synthetic_dataset(config.out, per_class=config.per_class, seed=config.seed)
+    print(
+        f"wrote {sum(summary.counts.values())} synthetic images to {summary.root} "
+        f"({summary.images_per_second:.0f} images/s)"
+    )
+    return 0
+
+
+def _run_ingest(args: argparse.Namespace) -> int:
+    from cxrcore.data.ingest import ingest_dataset
+    from cxrcore.runtime import init_ray
+
+    config: IngestConfig = config_from_args(IngestConfig, args)
+    dashboard = init_ray(config.address)
+    if dashboard:
+        print(f"Ray dashboard: {dashboard}")
+    report = ingest_dataset(config)
+    print(format_ingest_report(report))
+    return 0
+
+
+def _run_pipeline(args: argparse.Namespace) -> int:
+    from cxrcore.pipeline import run_pipeline
+
+    config: PipelineConfig = config_from_args(PipelineConfig, args)
+    run_pipeline(config)
+    return 0
+
+
+def _run_benchmark(args: argparse.Namespace) -> int:
+    from cxrcore.benchmarks import BENCHMARKS
+
+    config: BenchmarkConfig = config_from_args(BenchmarkConfig, args)
+    results = BENCHMARKS[config.what](config)
+    print(format_table(["measure", "value"], list(results.items())))
+    print(json.dumps(results))
+    return 0
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain-text table with right-aligned numbers."""
+    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = []
+    for n, row in enumerate(cells):
+        padded = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)]
+        lines.append("  ".join(padded).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def format_scan(scan: LayoutScan) -> str:
+    """Human-readable `cxr data check` output."""
+    data = scan.to_dict()
+    columns = [
+        ("images", "images"), ("masks", "masks"), ("pairs", "pairs"), ("no mask", "images_without_mask"),
+        ("orphan masks", "masks_without_image"), ("unreadable", "unreadable"),
+        ("duplicates", "exact_duplicates"), ("meta ok", "metadata_matched"),
+        ("meta unmatched", "metadata_unmatched"),
+    ]  # fmt: skip
+    rows = [[name] + [report[key] for _, key in columns] for name, report in data["classes"].items()]
+    rows.append(["total"] + [data["totals"][key] for _, key in columns])
+    out = [f"dataset: {scan.root}", format_table(["class"] + [title for title, _ in columns], rows)]
+    for folder in scan.unknown_folders:
+        out.append(f"unknown folder (not a class, skipped): {folder}")
+    for item in scan.unreadable:
+        out.append(f"unreadable: {item['path']}: {item['reason']}")
+    for group in scan.duplicate_groups:
+        out.append("identical files: " + ", ".join(group))
+    for path in scan.orphan_masks[:20]:
+        out.append(f"mask without image: {path}")
+    for sheet, names in scan.unmatched_metadata.items():
+        out.append(f"{sheet}: {len(names)} rows name no image (e.g. {', '.join(names[:3])})")
+    return "\n".join(out)
+
+
+def format_ingest_report(report: dict[str, Any]) -> str:
+    """Human-readable summary of an ingest report."""
+    rows = [
+        [label, *counts.values(), sum(counts.values())] for label, counts in report["by_class_split"].items()
+    ]
+    lines = [
+        f"ingested {report['ingested']} of {report['found']} images into {report['out']} "
+        f"in {report['seconds']:.1f}s (fingerprint {report['fingerprint']})",
+        format_table(["class", "train", "val", "test", "total"], rows),
+        f"without mask: {report['without_mask']}; duplicate groups: {report['duplicates']['groups']} "
+        f"({report['duplicates']['images_in_groups']} images, each group kept within one split)",
+    ]
+    for item in report["rejected"]:
+        lines.append(f"rejected: {item['path']}: {item['reason']}")
+    for item in report["mask_problems"]:
+        lines.append(f"mask ignored: {item['path']}: {item['reason']}")
+    return "\n".join(lines)

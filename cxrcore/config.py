@@ -1,0 +1,203 @@
+"""Typed job configs: dataclasses that validate themselves, load from YAML and become CLI flags.
+
+One config class serves the `cxr` console script, `python -m jobs.<name> --config FILE` and Ray (via
+to_dict/from_dict), so the three can never disagree about a setting's name, type or default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+C = TypeVar("C")
+
+
+class ConfigError(ValueError):
+    """A setting is missing, unknown or out of range; the message names the flag."""
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", positional: bool = False) -> Any:
+    """A dataclass field that documents itself as a CLI flag (or positional argument)."""
+    metadata = {"help": help, "positional": positional}
+    return field(default=default, metadata=metadata)
+
+
+def flag_name(name: str) -> str:
+    """The CLI spelling of a config field: `val_fraction` → `--val-fraction`."""
+    return "--" + name.replace("_", "-")
+
+
+def _require(condition: bool, name: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{flag_name(name)}: {message}")
+
+
+@dataclass
+class IngestConfig:
+    """Ingest a raw dataset folder into a Parquet dataset with a deterministic stratified split.
+
+    >>> IngestConfig(raw="data/raw", out="data/cxr", size=128).test_fraction
+    0.1
+    """
+
+    raw: str = option(help="raw dataset folder in the COVID-19 Radiography Database layout", positional=True)
+    out: str = option(help="output dataset: a local folder or a URI (s3://, gs://, file://)", positional=True)
+    size: int = option(256, "base resolution: images and masks are resized to size×size")
+    seed: int = option(0, "seed of the train/val/test assignment")
+    val_fraction: float = option(0.1, "share of each class in the validation split")
+    test_fraction: float = option(0.1, "share of each class in the test split")
+    near_duplicate_bits: int = option(
+        12, "perceptual-hash distance (bits of 256) up to which two images count as near duplicates"
+    )
+    min_side: int = option(64, "images smaller than this (pixels, either side) are rejected")
+    address: str | None = option(None, "Ray cluster address; default: RAY_ADDRESS or a local cluster")
+
+    def __post_init__(self) -> None:
+        _require(32 <= self.size <= 2048, "size", f"must be between 32 and 2048, got {self.size}")
+        for name in ("val_fraction", "test_fraction"):
+            value = getattr(self, name)
+            _require(0.0 <= value < 1.0, name, f"must be in [0, 1), got {value}")
+        _require(
+            self.val_fraction + self.test_fraction < 1.0,
+            "val_fraction",
+            "val and test fractions must leave something to train on",
+        )
+        _require(
+            0 <= self.near_duplicate_bits <= 64,
+            "near_duplicate_bits",
+            "must be between 0 and 64 (0: exact only)",
+        )
+        _require(self.min_side >= 1, "min_side", "must be positive")
+
+
+@dataclass
+class SynthConfig:
+    """Write synthetic chest X-ray phantoms in the Kaggle layout."""
+
+    out: str = option(help="folder to write the synthetic dataset to", positional=True)
+    per_class: int = option(100, "images per class")
+    seed: int = option(0, "random seed; the same seed writes the same images")
+
+    def __post_init__(self) -> None:
+        _require(self.per_class >= 1, "per_class", f"must be at least 1, got {self.per_class}")
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A plain dict of a config (JSON/YAML-safe), e.g. to pass it to Ray workers."""
+    return dataclasses.asdict(config)
+
+
+def from_dict(cls: type[C], values: dict[str, Any]) -> C:
+    """Build a config from a dict; unknown keys are an error with a "did you mean" hint."""
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    for key in values:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(names)}"
+            raise ConfigError(f"unknown setting {key!r} for {cls.__name__}{hint}")
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.default is dataclasses.MISSING and f.name not in values:
+            what = f.metadata.get("help", "")
+            raise ConfigError(f"missing setting {f.name!r} ({what})")
+    return cls(**values)
+
+
+def load_config(cls: type[C], path: str | Path | None = None, **overrides: Any) -> C:
+    """Read a YAML config file (if any) and apply keyword overrides on top."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of settings, got {type(loaded).__name__}")
+        values.update(loaded)
+    values.update(overrides)
+    return from_dict(cls, values)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one CLI argument per config field, plus `--config FILE` for a YAML file."""
+    hints = typing.get_type_hints(cls)
+    parser.add_argument("--config", metavar="FILE", help="YAML file with settings; flags override it")
+    for f in dataclasses.fields(cls):
+        kind = _scalar_type(hints[f.name])
+        help_text = f.metadata.get("help", "")
+        if f.metadata.get("positional"):
+            # Optional on the command line: the YAML file may supply it; from_dict reports it missing.
+            parser.add_argument(
+                f.name,
+                type=kind,
+                nargs="?",
+                default=argparse.SUPPRESS,
+                metavar=f.name.upper(),
+                help=help_text,
+            )
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if kind is bool:
+            parser.add_argument(
+                flag_name(f.name),
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=f"{help_text} (default: {default})",
+            )
+        else:
+            parser.add_argument(
+                flag_name(f.name),
+                type=kind,
+                default=argparse.SUPPRESS,
+                metavar=f.name.upper(),
+                help=f"{help_text} (default: {default})",
+            )
+
+
+def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
+    """The config described by parsed CLI arguments (YAML file first, then the flags given)."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    overrides = {k: v for k, v in vars(args).items() if k in names}
+    return load_config(cls, getattr(args, "config", None), **overrides)
+
+
+def _scalar_type(annotation: Any) -> type:
+    """The scalar type of a field annotation such as `int | None`."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return next(a for a in typing.get_args(annotation) if a is not type(None))
+    return annotation
+
+
+@dataclass
+class PipelineConfig:
+    """The whole pipeline on one cluster: synthesise (or take a real folder), check, ingest, summarise."""
+
+    work_dir: str = option("cxr-demo", "folder (or URI) for everything the run writes")
+    real: str | None = option(None, "raw dataset folder to use instead of synthetic data")
+    per_class: int = option(100, "synthetic images per class (ignored with --real)")
+    size: int = option(128, "base resolution of the ingested dataset")
+    seed: int = option(0, "seed for synthetic data and the split")
+    address: str | None = option(None, "Ray cluster address; default: RAY_ADDRESS or a local cluster")
+
+    def __post_init__(self) -> None:
+        _require(self.per_class >= 1, "per_class", f"must be at least 1, got {self.per_class}")
+        _require(32 <= self.size <= 2048, "size", f"must be between 32 and 2048, got {self.size}")
+
+
+@dataclass
+class BenchmarkConfig:
+    """Measure a stage against its plain baseline, side by side in one run."""
+
+    what: str = option("ingest", "what to measure: ingest", positional=True)
+    images: int = option(2000, "number of synthetic images (spread over the four classes)")
+    size: int = option(256, "base resolution")
+    work_dir: str | None = option(None, "scratch folder (default: the system temp folder)")
+    address: str | None = option(None, "Ray cluster address; default: RAY_ADDRESS or a local cluster")
+
+    def __post_init__(self) -> None:
+        _require(self.what in ("ingest",), "what", f"unknown benchmark {self.what!r}; choose from: ingest")
+        _require(self.images >= 4, "images", f"must be at least 4, got {self.images}")

@@ -1,0 +1,1 @@
+"""Data: the raw Kaggle layout, synthetic phantoms, Ray Data ingest and the shared transforms."""

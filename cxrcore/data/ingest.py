@@ -1,0 +1,274 @@
+"""Ray Data ingest: decode and validate image/mask pairs once, dedupe, split, write a Parquet dataset."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from collections import Counter
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxrcore.config import IngestConfig
+from cxrcore.data import storage
+from cxrcore.data.layout import scan_layout
+from cxrcore.data.split import assign_splits, duplicate_groups
+from cxrcore.data.transforms import (
+    ImageDecodeError,
+    decode_gray,
+    hash_words,
+    perceptual_hash,
+    resize_image,
+    resize_mask,
+)
+from cxrcore.labels import CLASSES
+
+log = logging.getLogger(__name__)
+
+REPORT_NAME = "ingest_report.json"
+DECODE_BATCH_SIZE = 32
+# Aspect ratios of an image and its mask may differ this much before the pair is considered mismatched.
+MASK_ASPECT_TOLERANCE = 0.05
+
+
+def decode_pair_batch(batch: dict[str, np.ndarray], size: int, min_side: int) -> dict[str, np.ndarray]:
+    """Decode, validate and resize a batch of image/mask pairs (a Ray Data `map_batches` function).
+
+    Never raises for bad files: a row whose image cannot be used gets an `error`, a row whose mask
+    cannot be used gets a `mask_error` and no mask, so one bad file never loses a batch.
+    """
+    n = len(batch["image_path"])
+    images = np.zeros((n, size, size), dtype=np.uint8)
+    masks = np.zeros((n, size, size), dtype=np.uint8)
+    has_mask = np.zeros(n, dtype=bool)
+    sha256, phash, errors, mask_errors = ([""] * n for _ in range(4))
+    for i in range(n):
+        try:
+            original = _decode_file(batch["image_path"][i])
+            height, width = original.shape
+            if min(height, width) < min_side:
+                raise ImageDecodeError(f"image too small ({width}×{height}, minimum side {min_side})")
+            if original.min() == original.max():
+                raise ImageDecodeError(f"blank image (every pixel is {original.min()})")
+        except ImageDecodeError as exc:
+            errors[i] = str(exc)
+            continue
+        sha256[i] = _content_hash(original)
+        images[i] = resize_image(original, size)
+        phash[i] = perceptual_hash(images[i])
+        mask_path = batch["mask_path"][i]
+        if mask_path:
+            try:
+                mask = _decode_file(mask_path)
+                if abs(mask.shape[1] / mask.shape[0] - width / height) > MASK_ASPECT_TOLERANCE:
+                    raise ImageDecodeError(
+                        f"mask shape {mask.shape[1]}×{mask.shape[0]} does not match image {width}×{height}"
+                    )
+            except ImageDecodeError as exc:
+                mask_errors[i] = str(exc)
+            else:
+                masks[i] = resize_mask(mask, size)
+                has_mask[i] = True
+    return {
+        **batch,
+        "image": images,
+        "mask": masks,
+        "has_mask": has_mask,
+        "sha256": np.asarray(sha256),
+        "phash": np.asarray(phash),
+        "error": np.asarray(errors),
+        "mask_error": np.asarray(mask_errors),
+    }
+
+
+def ingest_dataset(config: IngestConfig) -> dict[str, Any]:
+    """Run the ingest pipeline described by `config` and return its report (also written to OUT)."""
+    import ray
+
+    started = time.perf_counter()
+    scan = scan_layout(config.raw)
+    manifest = [
+        {"row_id": i, **dataclasses.asdict(entry), "mask_path": entry.mask_path or ""}
+        for i, entry in enumerate(sorted(scan.entries, key=lambda e: (e.label, e.file)))
+    ]
+    log.info("found %d images in %d classes under %s", len(manifest), len(scan.classes), scan.root)
+
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True  # the same inputs give the same files, row for row
+    decoded = (
+        ray.data.from_items(manifest, override_num_blocks=_num_blocks(len(manifest)))
+        .map_batches(
+            partial(decode_pair_batch, size=config.size, min_side=config.min_side),
+            batch_size=DECODE_BATCH_SIZE,
+        )
+        .materialize()
+    )
+    index = decoded.select_columns(["row_id", "sha256", "phash", "error", "mask_error"]).to_pandas()
+    index = index.sort_values("row_id").reset_index(drop=True)
+
+    ok = index["error"] == ""
+    rows = index[ok].reset_index(drop=True)
+    labels = [manifest[r]["label"] for r in rows["row_id"]]
+    groups = duplicate_groups(
+        list(rows["sha256"]), hash_words(list(rows["phash"])), config.near_duplicate_bits
+    )
+    group_keys: dict[int, str] = {}
+    for group, sha in zip(groups, rows["sha256"], strict=True):
+        group_keys[group] = min(sha, group_keys.get(group, sha))
+    fractions = {
+        "train": 1.0 - config.val_fraction - config.test_fraction,
+        "val": config.val_fraction,
+        "test": config.test_fraction,
+    }
+    splits = assign_splits(labels, groups, group_keys, fractions, config.seed)
+    split_of = dict(zip(rows["row_id"], splits, strict=True))
+    group_of = {int(r): group_keys[g] for r, g in zip(rows["row_id"], groups, strict=True)}
+
+    def finish(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        keep = batch["error"] == ""
+        out = {name: batch[name][keep] for name in _DATASET_COLUMNS if name in batch}
+        out["label_index"] = np.asarray([CLASSES.index(label) for label in out["label"]], dtype=np.int64)
+        out["split"] = np.asarray([split_of[int(r)] for r in out["row_id"]])
+        out["duplicate_group"] = np.asarray([group_of[int(r)] for r in out["row_id"]])
+        return out
+
+    filesystem, root = storage.resolve(config.out)
+    staging = root.rstrip("/") + ".partial"
+    storage.remove(filesystem, staging)
+    decoded.map_batches(finish, batch_size=256).write_parquet(
+        staging, filesystem=filesystem, partition_cols=["split"], min_rows_per_file=256
+    )
+    storage.publish(filesystem, staging, root)
+
+    report = _report(config, scan.root, manifest, index, labels, splits, groups, started)
+    storage.write_text(filesystem, f"{root}/{REPORT_NAME}", json.dumps(report, indent=2))
+    log.info("ingested %d of %d images into %s", report["ingested"], report["found"], config.out)
+    return report
+
+
+_DATASET_COLUMNS = (
+    "row_id", "image", "mask", "has_mask", "label", "source", "url", "file", "sha256", "phash",
+)  # fmt: skip
+
+
+def read_report(dataset: str) -> dict[str, Any]:
+    """The ingest report of a finished dataset; a missing report means the ingest never completed."""
+    filesystem, root = storage.resolve(dataset)
+    text = storage.read_text(filesystem, f"{root}/{REPORT_NAME}")
+    if text is None:
+        raise FileNotFoundError(
+            f"{dataset} is not a finished cxr dataset (no {REPORT_NAME}); run `cxr data ingest RAW {dataset}`"
+        )
+    report: dict[str, Any] = json.loads(text)
+    return report
+
+
+def read_split(dataset: str, split: str, columns: list[str] | None = None) -> Any:
+    """One split of a finished dataset as a Ray Dataset (optionally only some columns)."""
+    import ray
+
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"unknown split {split!r}; expected train, val or test")
+    read_report(dataset)
+    filesystem, root = storage.resolve(dataset)
+    ds = ray.data.read_parquet(f"{root}/split={split}", filesystem=filesystem)
+    return ds.select_columns(columns) if columns else ds
+
+
+def read_table(dataset: str, columns: list[str] | None = None, split: str | None = None) -> Any:
+    """A finished dataset (or one split) as a pyarrow Table, without Ray: for notebooks and reports."""
+    import pyarrow.dataset as pads
+
+    read_report(dataset)
+    filesystem, root = storage.resolve(dataset)
+    parquet = pads.dataset(
+        root, filesystem=filesystem, format="parquet", partitioning="hive", exclude_invalid_files=True
+    )
+    where = pads.field("split") == split if split else None
+    return parquet.to_table(columns=columns, filter=where)
+
+
+def _decode_file(path: str) -> np.ndarray:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ImageDecodeError(f"cannot read file: {exc.strerror or exc}") from exc
+    return decode_gray(data)
+
+
+def _content_hash(image: np.ndarray) -> str:
+    """SHA-256 of the decoded pixels and shape: the same picture in another encoding hashes the same."""
+    digest = hashlib.sha256(f"{image.shape[0]}x{image.shape[1]}:".encode())
+    digest.update(np.ascontiguousarray(image).tobytes())
+    return digest.hexdigest()
+
+
+def _num_blocks(rows: int) -> int:
+    # Enough blocks to keep every CPU busy and progress visible, each worth a few decode batches.
+    return max(1, min(200, rows // (DECODE_BATCH_SIZE * 2)))
+
+
+def _report(
+    config: IngestConfig,
+    root: str,
+    manifest: list[dict[str, Any]],
+    index: Any,
+    labels: list[str],
+    splits: list[str],
+    groups: list[int],
+    started: float,
+) -> dict[str, Any]:
+    rejected = [
+        {"path": manifest[r]["image_path"], "reason": reason}
+        for r, reason in zip(index["row_id"], index["error"], strict=True)
+        if reason
+    ]
+    mask_problems = [
+        {"path": manifest[r]["mask_path"], "reason": reason}
+        for r, reason in zip(index["row_id"], index["mask_error"], strict=True)
+        if reason
+    ]
+    ingested = len(labels)
+    group_sizes = Counter(groups)
+    by_class_split: dict[str, dict[str, int]] = {}
+    for label, split in zip(labels, splits, strict=True):
+        counts = by_class_split.setdefault(label, dict.fromkeys(("train", "val", "test"), 0))
+        counts[split] += 1
+    without_mask = sum(
+        1
+        for r, e, me in zip(index["row_id"], index["error"], index["mask_error"], strict=True)
+        if not e and (not manifest[r]["mask_path"] or me)
+    )
+    return {
+        "raw": root,
+        "out": config.out,
+        "config": dataclasses.asdict(config),
+        "found": len(manifest),
+        "ingested": ingested,
+        "by_class": dict(sorted(Counter(labels).items())),
+        "by_split": {s: splits.count(s) for s in ("train", "val", "test")},
+        "by_class_split": dict(sorted(by_class_split.items())),
+        "without_mask": without_mask,
+        "duplicates": {
+            "groups": sum(1 for size in group_sizes.values() if size > 1),
+            "images_in_groups": sum(size for size in group_sizes.values() if size > 1),
+        },
+        "rejected": rejected,
+        "mask_problems": mask_problems,
+        "fingerprint": _fingerprint(index, labels, splits),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def _fingerprint(index: Any, labels: list[str], splits: list[str]) -> str:
+    """A digest of the dataset's content, labels and split: equal fingerprints mean equal data."""
+    ok = index[index["error"] == ""]
+    digest = hashlib.sha256()
+    for sha, label, split in sorted(zip(ok["sha256"], labels, splits, strict=True)):
+        digest.update(f"{sha}:{label}:{split}\n".encode())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,87 @@
+"""Pure array transforms shared by ingest, training, evaluation and serving, so they never drift."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+# Refuse decompression bombs: a chest X-ray is at most a few thousand pixels a side.
+MAX_IMAGE_PIXELS = 8192 * 8192
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+
+
+class ImageDecodeError(ValueError):
+    """Raised when bytes are not a usable image; the message says why in plain words."""
+
+
+def decode_gray(data: bytes) -> np.ndarray:
+    """Decode PNG/JPEG/... bytes into a uint8 H×W grayscale array (8/16-bit, gray/RGB/RGBA, palette)."""
+    if not data:
+        raise ImageDecodeError("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            # PIL only warns between MAX_IMAGE_PIXELS and twice that; refuse those too.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                img.load()
+                return to_gray_uint8(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageDecodeError(f"image too large: {exc}") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageDecodeError("not an image (unrecognised format)") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageDecodeError(f"corrupt or truncated image: {exc}") from exc
+
+
+def to_gray_uint8(img: Image.Image) -> np.ndarray:
+    """Convert a PIL image of any mode to uint8 grayscale, scaling 16-bit and float data by range."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        return scale_to_uint8(arr)
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # Composite on black: transparent padding should read as "no tissue", not as white.
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(background, img)
+    return np.asarray(img.convert("L"), dtype=np.uint8)
+
+
+def scale_to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Linearly map the array's value range onto 0..255 (a constant array maps to 0)."""
+    arr = np.asarray(arr, dtype=np.float64)
+    lo, hi = float(arr.min()), float(arr.max())
+    if hi <= lo:
+        return np.zeros(arr.shape, dtype=np.uint8)
+    return np.round((arr - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+
+
+def resize_image(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize a uint8 grayscale image to size×size with antialiased bilinear filtering."""
+    if image.shape == (size, size):
+        return image
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
+
+
+def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """Resize a lung mask to size×size and binarise it to {0, 255}."""
+    binary = np.where(mask > 127, 255, 0).astype(np.uint8)
+    if binary.shape != (size, size):
+        binary = np.asarray(Image.fromarray(binary).resize((size, size), Image.Resampling.NEAREST))
+    return binary
+
+
+def perceptual_hash(image: np.ndarray, hash_size: int = 16) -> str:
+    """Difference hash (dHash, hash_size² bits) as hex: robust to resizing, re-encoding and contrast."""
+    small = np.asarray(
+        Image.fromarray(image).resize((hash_size + 1, hash_size), Image.Resampling.BOX), dtype=np.int16
+    )
+    return np.packbits(small[:, 1:] > small[:, :-1]).tobytes().hex()
+
+
+def hash_words(hex_hashes: list[str]) -> np.ndarray:
+    """Hex perceptual hashes → an (N, bits/64) uint64 array for fast Hamming distances."""
+    raw = b"".join(bytes.fromhex(h) for h in hex_hashes)
+    return np.frombuffer(raw, dtype=">u8").astype(np.uint64).reshape(len(hex_hashes), -1)

@@ -1,0 +1,158 @@
+"""Name → builder registry: create_model, list_models and the input spec each name declares."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import fnmatch
+import inspect
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from torch import nn
+
+from cxrcore.models.spec import InputSpec
+
+Builder = TypeVar("Builder", bound=Callable[..., nn.Module])
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One registered model name."""
+
+    name: str
+    builder: Callable[..., nn.Module]
+    family: str
+    input_spec: InputSpec
+    """Default spec; create_model may change its image_size."""
+    description: str
+    """First line of the builder's docstring."""
+    accepts_pretrained: bool
+
+
+_entries: dict[str, ModelEntry] = {}
+
+
+def register_model(input_spec: InputSpec) -> Callable[[Builder], Builder]:
+    """Register the decorated builder under its function name, with the spec its models expect."""
+
+    def decorate(builder: Builder) -> Builder:
+        name = builder.__name__
+        if name in _entries:
+            raise ValueError(f"model {name!r} is already registered by {_entries[name].family}")
+        doc = inspect.getdoc(builder)
+        if not doc:
+            raise ValueError(f"model builder {name!r} needs a one-line docstring")
+        _entries[name] = ModelEntry(
+            name=name,
+            builder=builder,
+            family=builder.__module__.rsplit(".", 1)[-1],
+            input_spec=input_spec,
+            description=doc.splitlines()[0],
+            accepts_pretrained="pretrained" in inspect.signature(builder).parameters,
+        )
+        return builder
+
+    return decorate
+
+
+def list_models(pattern: str | None = None, *, task: str | None = None) -> list[str]:
+    """Registered names, sorted; optionally filtered by a shell-style pattern and by spec task."""
+    names = sorted(_entries)
+    if pattern is not None:
+        names = fnmatch.filter(names, pattern)
+    if task is not None:
+        names = [name for name in names if _entries[name].input_spec.task == task]
+    return names
+
+
+def get_model_entry(name: str) -> ModelEntry:
+    """The registry entry for `name`; unknown names get a "did you mean" suggestion."""
+    try:
+        return _entries[name]
+    except KeyError:
+        pass
+    names = sorted(_entries)
+    close = difflib.get_close_matches(name.lower(), names, n=3, cutoff=0.6)
+    hint = f": did you mean {' or '.join(repr(match) for match in close)}?" if close else "."
+    raise ValueError(f"unknown model {name!r}{hint} Available models: {', '.join(names)}") from None
+
+
+def get_input_spec(model: str | nn.Module, *, image_size: int | None = None) -> InputSpec:
+    """The spec of a registered name (without building it) or of a model built by create_model.
+
+    `image_size` replaces the spec's default size; the architectures adapt to any size of 32 px or more.
+    """
+    if isinstance(model, str):
+        spec = get_model_entry(model).input_spec
+    else:
+        spec = _built_attr(model, "input_spec", InputSpec)
+    return spec if image_size is None else dataclasses.replace(spec, image_size=image_size)
+
+
+def get_build_args(model: nn.Module) -> dict[str, Any]:
+    """JSON-ready arguments that rebuild `model` as `create_model(**args)` (weights aside)."""
+    return dict(_built_attr(model, "build_args", dict))
+
+
+def create_model(
+    name: str,
+    *,
+    image_size: int | None = None,
+    pretrained: str | Path | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build a registered model; it carries `input_spec`, `num_classes` and `build_args` attributes.
+
+    `kwargs` go to the builder and must be JSON-serialisable, so a model card can rebuild the
+    model. `pretrained` only chooses the initial weights (a local file, or "hub"); it is left out of
+    `build_args` because a card's checkpoint replaces those weights.
+
+    >>> model = create_model("tiny_cnn_lstm", num_classes=3)
+    >>> model.input_spec.channels, model.num_classes
+    (('image',), 3)
+    >>> get_build_args(model)
+    {'name': 'tiny_cnn_lstm', 'image_size': 64, 'num_classes': 3}
+    """
+    entry = get_model_entry(name)
+    spec = get_input_spec(name, image_size=image_size)
+    try:
+        # A JSON round trip also detaches the record from the caller's (mutable) arguments.
+        recorded = json.loads(json.dumps(kwargs))
+    except TypeError as exc:
+        raise TypeError(f"create_model({name!r}) arguments must be JSON-serialisable: {exc}") from exc
+    if pretrained is None:
+        model = entry.builder(**kwargs)
+    elif entry.accepts_pretrained:
+        model = entry.builder(pretrained=pretrained, **kwargs)
+    else:
+        raise ValueError(
+            f"model {name!r} takes no pretrained weights; models that do: "
+            f"{', '.join(n for n in list_models() if _entries[n].accepts_pretrained)}"
+        )
+    # nn.Module.__setattr__ is typed for tensors and modules only; plain attributes land in
+    # __dict__ either way, and the typed readers are get_input_spec / get_build_args.
+    vars(model).update(input_spec=spec, build_args={"name": name, "image_size": spec.image_size, **recorded})
+    return model
+
+
+def _built_attr(model: nn.Module, attr: str, kind: type) -> Any:
+    inner = _unwrap(model)
+    value = getattr(inner, attr, None)
+    if not isinstance(value, kind):
+        raise ValueError(f"{type(inner).__name__} has no {attr}; build it with cxrcore.models.create_model")
+    return value
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DistributedDataParallel / DataParallel / torch.compile wrappers."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+            model = model.module
+        elif isinstance(compiled := getattr(model, "_orig_mod", None), nn.Module):
+            model = compiled
+        else:
+            return model

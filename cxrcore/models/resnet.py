@@ -1,0 +1,166 @@
+"""ResNets from timm on one input channel, with transfer learning from a local file or the hub."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from timm.models import adapt_input_conv
+from torch import nn
+
+from cxrcore.labels import NUM_CLASSES
+from cxrcore.models.registry import register_model
+from cxrcore.models.spec import InputSpec
+
+__all__ = ["load_pretrained"]
+
+logger = logging.getLogger(__name__)
+
+HUB = "hub"
+"""The `pretrained` value that downloads timm's ImageNet weights."""
+
+_STATE_DICT_SUFFIXES = (".pth", ".pt", ".bin")
+
+
+def load_pretrained(model: nn.Module, path: str | Path) -> list[str]:
+    """Load a state_dict file into a timm model; return the keys skipped because the head differs.
+
+    Reads .safetensors, or .pth/.pt/.bin with `weights_only=True` (never unpickles). A 3-channel
+    first conv is summed over RGB to fit a 1-channel model; classifier tensors of another shape (a
+    1000-class ImageNet head) are skipped. Any other mismatch means the file is for another
+    architecture and raises ValueError.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"pretrained weights file {path} does not exist; pass an existing .safetensors/.pth file, "
+            f"{HUB!r} to download, or None to train from scratch"
+        )
+    state = _read_state_dict(path)
+    own = model.state_dict()
+    first_conv = f"{_pretrained_cfg(model, 'first_conv', 'conv1')}.weight"
+    classifier = _pretrained_cfg(model, "classifier", "fc")
+
+    if first_conv in state and first_conv in own and state[first_conv].shape != own[first_conv].shape:
+        state[first_conv] = adapt_input_conv(own[first_conv].shape[1], state[first_conv])
+    skipped = sorted(
+        key
+        for key, value in state.items()
+        if key.startswith(f"{classifier}.") and key in own and value.shape != own[key].shape
+    )
+    for key in skipped:
+        del state[key]
+
+    mismatched = [
+        f"{key} {tuple(value.shape)} vs {tuple(own[key].shape)}"
+        for key, value in state.items()
+        if key in own and value.shape != own[key].shape
+    ]
+    # Older files lack BN's num_batches_tracked; the head is re-initialised on purpose.
+    missing = [
+        key
+        for key in own
+        if key not in state
+        and not key.endswith("num_batches_tracked")
+        and not key.startswith(f"{classifier}.")
+    ]
+    unexpected = [key for key in state if key not in own]
+    if mismatched or missing or unexpected:
+        raise ValueError(
+            f"weights in {path} do not fit {type(model).__name__}: "
+            f"shape mismatches {mismatched[:5]}, missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    model.load_state_dict(state, strict=False)
+    if skipped:
+        logger.info("loaded %s; kept the new classifier, skipping %s", path, ", ".join(skipped))
+    else:
+        logger.info("loaded %s", path)
+    return skipped
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path, device="cpu")
+    if path.suffix in _STATE_DICT_SUFFIXES:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(f"{path} is not a plain state_dict (a mapping of names to tensors)")
+        return state
+    raise ValueError(
+        f"unsupported weights file {path}: expected .safetensors or {', '.join(_STATE_DICT_SUFFIXES)}"
+    )
+
+
+def _create_resnet(
+    variant: str,
+    *,
+    num_classes: int = NUM_CLASSES,
+    pretrained: str | Path | None = None,
+    freeze_backbone: bool = False,
+    **kwargs: Any,
+) -> nn.Module:
+    """timm's `variant` on one input channel, initialised randomly, from a file or from the hub.
+
+    Offline, huggingface_hub retries for about 45 s before the hub fails; HF_HUB_OFFLINE=1 fails at once.
+    """
+    if pretrained == HUB:
+        try:
+            model = timm.create_model(variant, pretrained=True, in_chans=1, num_classes=num_classes, **kwargs)
+        except Exception as exc:
+            raise RuntimeError(
+                f"could not fetch pretrained {variant} weights from the model hub (offline or unreachable?): "
+                f"{str(exc).rstrip('.')}. Pass pretrained=<path to a local .safetensors/.pth file>, "
+                "or pretrained=None to train from scratch."
+            ) from exc
+    else:
+        model = timm.create_model(variant, pretrained=False, in_chans=1, num_classes=num_classes, **kwargs)
+        if pretrained is not None:
+            load_pretrained(model, pretrained)
+    if freeze_backbone:
+        head = f"{_pretrained_cfg(model, 'classifier', 'fc')}."
+        for name, param in model.named_parameters():
+            param.requires_grad = name.startswith(head)
+    return model
+
+
+def _pretrained_cfg(model: nn.Module, key: str, default: str) -> str:
+    """A module name from timm's pretrained_cfg, e.g. the first conv or the classifier."""
+    return str(getattr(model, "pretrained_cfg", {}).get(key, default))
+
+
+# Grayscale equivalent of ImageNet normalisation: the mean of the RGB means and stds, which is what
+# a first conv summed over RGB expects.
+_SPEC = InputSpec(channels=("image",), image_size=224, mean=0.449, std=0.226)
+_TINY_SPEC = InputSpec(channels=("image",), image_size=64, mean=0.449, std=0.226)
+
+
+@register_model(_SPEC)
+def resnet18(pretrained: str | Path | None = None, **kwargs: Any) -> nn.Module:
+    """ResNet-18 (11M parameters); `pretrained` is None, a local weights file or "hub"."""
+    return _create_resnet("resnet18", pretrained=pretrained, **kwargs)
+
+
+@register_model(_SPEC)
+def resnet34(pretrained: str | Path | None = None, **kwargs: Any) -> nn.Module:
+    """ResNet-34 (21M parameters); `pretrained` is None, a local weights file or "hub"."""
+    return _create_resnet("resnet34", pretrained=pretrained, **kwargs)
+
+
+@register_model(_SPEC)
+def resnet50(pretrained: str | Path | None = None, **kwargs: Any) -> nn.Module:
+    """ResNet-50 (24M parameters, bottleneck blocks); `pretrained` is None, a local file or "hub"."""
+    return _create_resnet("resnet50", pretrained=pretrained, **kwargs)
+
+
+@register_model(_TINY_SPEC)
+def tiny_resnet(pretrained: str | Path | None = None, **kwargs: Any) -> nn.Module:
+    """Tiny ResNet for tests and smoke runs: one basic block per stage, 8–64 channels."""
+    if pretrained == HUB:
+        raise ValueError("tiny_resnet has no hub weights; pass a local weights file or None")
+    model_args = dict(layers=(1, 1, 1, 1), channels=(8, 16, 32, 64), stem_width=8)
+    return _create_resnet("resnet18", pretrained=pretrained, **{**model_args, **kwargs})

@@ -1,0 +1,1 @@
+"""Ray Job entrypoints (`python -m jobs.<name>`): thin wrappers over the `cxr` commands."""

@@ -1,0 +1,1 @@
+"""The Ray Serve application: deployments, FastAPI ingress and request/response schemas."""

@@ -1,0 +1,23 @@
+"""One local Ray cluster for the whole integration session (ray.init costs ~4 s)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    import ray
+
+    ray.init(
+        num_cpus=4,  # logical CPUs: Tune drivers, Train workers and Serve replicas must fit on 2 cores
+        include_dashboard=True,  # Train's placement-group cleanup and the job API need it
+        dashboard_host="127.0.0.1",
+        object_store_memory=512 * 1024**2,
+        logging_level="WARNING",
+    )
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()

@@ -1,0 +1,163 @@
+"""Ray Data ingest on synthetic data with planted bad files, and on the real sample when present."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cxrcore.config import IngestConfig
+from cxrcore.data import ingest as ingest_module
+from cxrcore.data.ingest import ingest_dataset, read_report, read_split, read_table
+from cxrcore.data.synthetic import write_synthetic_dataset
+from tests.conftest import lung_mask, write_png, xray
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_session")]
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """Synthetic data (12 per class) plus one of every kind of bad file; returns (root, path → reason)."""
+    root = tmp_path_factory.mktemp("raw") / "COVID-19_Radiography_Dataset"
+    write_synthetic_dataset(root, per_class=12, seed=7)
+    covid, normal = root / "COVID", root / "Normal"
+    good_png = (covid / "images/COVID-1.png").read_bytes()
+    bad = {
+        "zero-byte": write_png(covid / "images/COVID-101.png", xray(1)),
+        "truncated": covid / "images/COVID-102.png",
+        "not an image": covid / "images/COVID-103.png",
+        "too small": write_png(normal / "images/Normal-101.png", xray(2, size=16)),
+        "blank": write_png(normal / "images/Normal-102.png", np.full((96, 96), 40, np.uint8)),
+    }
+    bad["zero-byte"].write_bytes(b"")
+    bad["truncated"].write_bytes(good_png[: len(good_png) // 2])
+    bad["not an image"].write_text("<html>404 Not Found</html>")
+    for path in bad.values():
+        write_png(path.parent.parent / "masks" / path.name, lung_mask())
+
+    # Usable oddities: kept, each in its own way.
+    write_png(normal / "images/Normal-103.png", xray(3), mode="RGB")
+    write_png(normal / "masks/Normal-103.png", lung_mask(), mode="RGB")
+    write_png(normal / "images/Normal-104.png", (xray(4).astype(np.uint16) * 16), mode="I;16")
+    (normal / "masks/Normal-105.png").write_bytes(b"garbage")  # corrupt mask → image kept without it
+    write_png(normal / "images/Normal-105.png", xray(5))
+    (normal / "masks/Normal-2.png").unlink()  # image without mask
+    shutil.copy(normal / "images/Normal-3.png", normal / "images/Normal-106.png")  # exact duplicate
+    jpeg = io.BytesIO()
+    Image.open(normal / "images/Normal-4.png").resize((240, 240)).save(jpeg, "PNG")
+    (normal / "images/Normal-107.png").write_bytes(jpeg.getvalue())  # near duplicate (resized)
+    expect = {str(path): reason for reason, path in bad.items()}
+    return root, expect
+
+
+@pytest.fixture(scope="module")
+def ingested(
+    planted: tuple[Path, dict[str, str]], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[str, dict]:
+    root, _ = planted
+    out = str(tmp_path_factory.mktemp("out") / "dataset")
+    report = ingest_dataset(IngestConfig(raw=str(root), out=out, size=SIZE, seed=1))
+    return out, report
+
+
+def test_every_bad_file_is_rejected_with_its_path_and_nothing_else_is_lost(
+    planted: tuple[Path, dict[str, str]], ingested: tuple[str, dict]
+) -> None:
+    _, expect = planted
+    out, report = ingested
+    assert report["found"] == 4 * 12 + 5 + 5
+    assert report["found"] == report["ingested"] + len(report["rejected"])
+    reasons = {item["path"]: item["reason"] for item in report["rejected"]}
+    assert reasons.keys() == expect.keys()
+    assert "empty file" in reasons[next(p for p, r in expect.items() if r == "zero-byte")]
+    assert "truncated" in reasons[next(p for p, r in expect.items() if r == "truncated")]
+    assert "not an image" in reasons[next(p for p, r in expect.items() if r == "not an image")]
+    assert "too small" in reasons[next(p for p, r in expect.items() if r == "too small")]
+    assert "blank" in reasons[next(p for p, r in expect.items() if r == "blank")]
+    assert [Path(m["path"]).name for m in report["mask_problems"]] == ["Normal-105.png"]
+    assert json.loads((Path(out) / "ingest_report.json").read_text()) == report
+
+
+def test_dataset_columns_shapes_and_counts(ingested: tuple[str, dict]) -> None:
+    out, report = ingested
+    table = read_table(out)
+    assert table.num_rows == report["ingested"]
+    assert {"image", "mask", "has_mask", "label", "label_index", "split", "source", "file", "sha256"} <= set(
+        table.column_names
+    )
+    rows = {
+        r["file"]: r
+        for r in read_split(out, "train").union(read_split(out, "val"), read_split(out, "test")).take_all()
+    }
+    assert len(rows) == report["ingested"]
+    for row in rows.values():
+        assert row["image"].shape == (SIZE, SIZE) and row["image"].dtype == np.uint8
+        assert row["mask"].shape == (SIZE, SIZE)
+        assert set(np.unique(row["mask"])) <= {0, 255}
+        assert row["has_mask"] == bool(row["mask"].any())
+    assert not rows["Normal-2.png"]["has_mask"] and not rows["Normal-105.png"]["has_mask"]
+    assert rows["Normal-103.png"]["has_mask"]  # RGB image, 3-channel mask
+    assert rows["Normal-104.png"]["image"].max() > 200  # 16-bit scaled, not clipped to black
+    # Normal-2 (mask deleted), -104, -106, -107 (no mask file), -105 (corrupt mask)
+    assert report["without_mask"] == 5
+    assert sum(report["by_split"].values()) == report["ingested"]
+    assert sum(report["by_class"].values()) == report["ingested"]
+
+
+def test_duplicates_are_counted_and_share_a_split(ingested: tuple[str, dict]) -> None:
+    out, report = ingested
+    frame = read_table(out, columns=["file", "split", "duplicate_group", "sha256"]).to_pandas()
+    by_file = frame.set_index("file")
+    assert by_file.loc["Normal-3.png", "sha256"] == by_file.loc["Normal-106.png", "sha256"]
+    for a, b in [("Normal-3.png", "Normal-106.png"), ("Normal-4.png", "Normal-107.png")]:
+        assert by_file.loc[a, "duplicate_group"] == by_file.loc[b, "duplicate_group"]
+        assert by_file.loc[a, "split"] == by_file.loc[b, "split"]
+    assert report["duplicates"]["groups"] >= 2
+    assert frame.groupby("duplicate_group")["split"].nunique().max() == 1
+
+
+def test_rerun_gives_the_same_dataset_and_a_failed_run_never_looks_complete(
+    planted: tuple[Path, dict[str, str]],
+    ingested: tuple[str, dict],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    root, _ = planted
+    out, report = ingested
+    again = str(tmp_path / "again")
+    second = ingest_dataset(IngestConfig(raw=str(root), out=again, size=SIZE, seed=1))
+    assert second["fingerprint"] == report["fingerprint"]
+    columns = ["file", "split", "label", "sha256", "image"]
+    first = read_table(out, columns=columns).to_pandas().sort_values("file").reset_index(drop=True)
+    other = read_table(again, columns=columns).to_pandas().sort_values("file").reset_index(drop=True)
+    assert first[columns[:-1]].equals(other[columns[:-1]])
+    assert all(np.array_equal(a, b) for a, b in zip(first["image"], other["image"], strict=True))
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ingest_module.storage, "publish", interrupted)
+    fresh = str(tmp_path / "fresh")
+    with pytest.raises(KeyboardInterrupt):
+        ingest_dataset(IngestConfig(raw=str(root), out=fresh, size=SIZE, seed=1))
+    with pytest.raises(FileNotFoundError, match="not a finished cxr dataset"):
+        read_report(fresh)
+    with pytest.raises(KeyboardInterrupt):  # an interrupted re-run leaves the finished dataset intact
+        ingest_dataset(IngestConfig(raw=str(root), out=again, size=SIZE, seed=2))
+    assert read_report(again)["fingerprint"] == report["fingerprint"]
+
+
+def test_real_sample(real_sample: Path, tmp_path: Path) -> None:
+    report = ingest_dataset(IngestConfig(raw=str(real_sample), out=str(tmp_path / "real"), size=SIZE))
+    assert (report["found"], report["ingested"], report["rejected"]) == (130, 130, [])
+    assert report["by_class"] == {"COVID": 50, "Normal": 40, "Viral Pneumonia": 40}
+    assert report["without_mask"] == 100
+    frame = read_table(str(tmp_path / "real"), columns=["label", "has_mask", "source"]).to_pandas()
+    assert frame[frame["label"] == "COVID"]["has_mask"].sum() == 30
+    assert (frame["source"] != "unknown").all()

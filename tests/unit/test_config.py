@@ -1,0 +1,48 @@
+"""Typed configs: validation naming the flag, YAML files, CLI flags derived from the fields."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from cxrcore.config import (
+    ConfigError,
+    IngestConfig,
+    add_config_arguments,
+    config_from_args,
+    from_dict,
+    load_config,
+    to_dict,
+)
+
+
+def test_validation_names_the_flag() -> None:
+    with pytest.raises(ConfigError, match="--size: must be between 32 and 2048, got 8"):
+        IngestConfig(raw="r", out="o", size=8)
+    with pytest.raises(ConfigError, match="--val-fraction"):
+        IngestConfig(raw="r", out="o", val_fraction=0.5, test_fraction=0.5)
+
+
+def test_unknown_and_missing_settings() -> None:
+    with pytest.raises(ConfigError, match="did you mean 'seed'"):
+        from_dict(IngestConfig, {"raw": "r", "out": "o", "sed": 1})
+    with pytest.raises(ConfigError, match="missing setting 'out'"):
+        from_dict(IngestConfig, {"raw": "r"})
+
+
+def test_round_trip_and_yaml_with_flag_overrides(tmp_path: Path) -> None:
+    config = IngestConfig(raw="r", out="o", size=64)
+    assert from_dict(IngestConfig, to_dict(config)) == config
+    path = tmp_path / "ingest.yaml"
+    path.write_text("raw: data/raw\nout: data/out\nsize: 128\nseed: 3\n")
+    assert load_config(IngestConfig, path).size == 128
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, IngestConfig)
+    args = parser.parse_args(["--config", str(path), "--size", "96"])
+    config = config_from_args(IngestConfig, args)
+    assert (config.raw, config.size, config.seed) == ("data/raw", 96, 3)
+    args = parser.parse_args(["a", "b", "--near-duplicate-bits", "0"])
+    assert config_from_args(IngestConfig, args) == IngestConfig(raw="a", out="b", near_duplicate_bits=0)

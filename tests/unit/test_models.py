@@ -1,0 +1,222 @@
+"""Model registry, architectures, transfer learning and segmentation metrics (CPU, tiny inputs)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from cxrcore.labels import NUM_CLASSES
+from cxrcore.models import (
+    InputSpec,
+    create_model,
+    dice_score,
+    get_build_args,
+    get_input_spec,
+    get_model_entry,
+    iou_score,
+    list_models,
+)
+
+TINY_MODELS = list_models("tiny_*")
+
+
+def _batch(name: str, size: int, batch: int = 2) -> torch.Tensor:
+    spec = get_input_spec(name)
+    images = torch.rand(batch, spec.num_channels, size, size)
+    if "mask" in spec.channels:
+        mask = spec.channels.index("mask")
+        images[:, mask] = (images[:, mask] > 0.5).float()
+    return images
+
+
+def _num_params(model: torch.nn.Module) -> int:
+    return sum(param.numel() for param in model.parameters())
+
+
+def test_registry_lists_every_family_with_a_tiny_variant() -> None:
+    names = list_models()
+    for family in ("cnn_lstm", "dual_cnn", "resnet18", "resnet34", "resnet50", "unet"):
+        assert family in names
+    assert TINY_MODELS == ["tiny_cnn_lstm", "tiny_dual_cnn", "tiny_resnet", "tiny_unet"]
+    assert list_models(task="segment") == ["tiny_unet", "unet"]
+    assert all(get_model_entry(name).description for name in names)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_forward_shape_and_finite_on_small_inputs(name: str) -> None:
+    torch.manual_seed(0)
+    model = create_model(name).eval()
+    spec = get_input_spec(model)
+    assert spec == get_input_spec(name)
+    for size in (32, 64):
+        with torch.no_grad():
+            out = model(_batch(name, size))
+        expected = (2, 1, size, size) if spec.task == "segment" else (2, NUM_CLASSES)
+        assert out.shape == expected
+        assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_tiny_models_are_small_and_train(name: str) -> None:
+    torch.manual_seed(0)
+    model = create_model(name).train()
+    assert _num_params(model) < 200_000
+    out = model(_batch(name, 32))
+    out.square().mean().backward()
+    assert all(param.grad is not None for param in model.parameters())
+
+
+def test_unet_handles_sizes_not_divisible_by_its_depth() -> None:
+    with torch.no_grad():
+        out = create_model("tiny_unet").eval()(torch.rand(1, 1, 50, 44))
+    assert out.shape == (1, 1, 50, 44)
+
+
+def test_kwargs_reach_the_architecture_and_rebuild_from_build_args() -> None:
+    model = create_model("tiny_cnn_lstm", image_size=48, num_classes=3, hidden_size=16)
+    assert model.num_classes == 3
+    assert get_input_spec(model).image_size == 48
+    args = get_build_args(model)
+    assert args == {"name": "tiny_cnn_lstm", "image_size": 48, "num_classes": 3, "hidden_size": 16}
+
+    rebuilt = create_model(**json.loads(json.dumps(args)))
+    rebuilt.load_state_dict(model.state_dict())
+    assert get_input_spec(rebuilt) == get_input_spec(model)
+    with torch.no_grad():
+        assert rebuilt.eval()(torch.rand(2, 1, 48, 48)).shape == (2, 3)
+
+
+def test_spec_and_build_args_are_found_through_ddp_style_wrappers() -> None:
+    model = create_model("tiny_dual_cnn")
+    wrapped = torch.nn.DataParallel(model)
+    assert get_input_spec(wrapped).channels == ("image", "mask")
+    assert get_build_args(wrapped)["name"] == "tiny_dual_cnn"
+    with pytest.raises(ValueError, match="create_model"):
+        get_input_spec(torch.nn.Linear(2, 2))
+
+
+def test_kwargs_must_be_json_serialisable() -> None:
+    with pytest.raises(TypeError, match="JSON"):
+        create_model("tiny_cnn_lstm", num_classes=object())
+
+
+def test_input_spec_round_trips_and_validates() -> None:
+    spec = get_input_spec("tiny_dual_cnn", image_size=128)
+    data = json.loads(json.dumps(spec.to_dict()))
+    assert data["channels"] == ["image", "mask"]
+    assert InputSpec.from_dict(data) == spec
+    with pytest.raises(ValueError, match="channels"):
+        InputSpec(channels=("mask",), image_size=64, mean=0.5, std=0.25)
+    with pytest.raises(ValueError, match="task"):
+        InputSpec(channels=("image",), image_size=64, mean=0.5, std=0.25, task="detect")
+    with pytest.raises(ValueError, match="unknown InputSpec keys"):
+        InputSpec.from_dict({**data, "colour": "rgb"})
+
+
+@pytest.mark.parametrize(("name", "suggestion"), [("resnet81", "resnet18"), ("Tiny_UNet", "tiny_unet")])
+def test_unknown_model_suggests_the_close_name(name: str, suggestion: str) -> None:
+    with pytest.raises(ValueError, match="did you mean") as info:
+        create_model(name)
+    assert repr(suggestion) in str(info.value)
+    assert "cnn_lstm" in str(info.value)
+
+
+def test_pretrained_is_refused_by_models_without_weights() -> None:
+    with pytest.raises(ValueError, match="takes no pretrained weights"):
+        create_model("tiny_cnn_lstm", pretrained="hub")
+
+
+@pytest.fixture(scope="module")
+def imagenet_resnet18() -> dict[str, torch.Tensor]:
+    """A resnet18 state_dict shaped like ImageNet weights: RGB first conv, 1000-class head."""
+    torch.manual_seed(0)
+    return timm.create_model("resnet18", pretrained=False).state_dict()
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_pretrained_file_adapts_first_conv_and_skips_head(
+    suffix: str, imagenet_resnet18: dict[str, torch.Tensor], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / f"resnet18{suffix}"
+    if suffix == ".safetensors":
+        save_file(imagenet_resnet18, str(path))
+    else:
+        torch.save(imagenet_resnet18, path)
+
+    with caplog.at_level(logging.INFO, logger="cxrcore.models.resnet"):
+        model = create_model("resnet18", pretrained=str(path), num_classes=4)
+    state = model.state_dict()
+
+    assert state["conv1.weight"].shape == (64, 1, 7, 7)
+    torch.testing.assert_close(state["conv1.weight"], imagenet_resnet18["conv1.weight"].sum(1, keepdim=True))
+    torch.testing.assert_close(state["layer3.1.conv2.weight"], imagenet_resnet18["layer3.1.conv2.weight"])
+    torch.testing.assert_close(state["bn1.running_var"], imagenet_resnet18["bn1.running_var"])
+    assert state["fc.weight"].shape == (4, 512)
+    assert "fc.weight" in caplog.text and "fc.bias" in caplog.text
+    assert "pretrained" not in get_build_args(model)
+
+
+def test_pretrained_file_for_another_architecture_is_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "tiny.safetensors"
+    save_file(create_model("tiny_resnet").state_dict(), str(path))
+    with pytest.raises(ValueError, match="do not fit"):
+        create_model("resnet18", pretrained=str(path))
+    with pytest.raises(FileNotFoundError, match="train from scratch"):
+        create_model("resnet18", pretrained=str(tmp_path / "missing.pth"))
+
+
+def test_hub_offline_raises_actionable_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_create = timm.create_model
+
+    def offline(name: str, pretrained: bool = False, **kwargs: Any) -> torch.nn.Module:
+        if pretrained:
+            raise OSError("Network is unreachable")
+        return real_create(name, pretrained=False, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(RuntimeError, match="model hub") as info:
+        create_model("resnet18", pretrained="hub")
+    message = str(info.value)
+    assert "pretrained=None" in message and "local" in message
+    assert isinstance(info.value.__cause__, OSError)
+    with pytest.raises(ValueError, match="no hub weights"):
+        create_model("tiny_resnet", pretrained="hub")
+
+
+def test_freeze_backbone_leaves_only_the_head_trainable() -> None:
+    model = create_model("tiny_resnet", freeze_backbone=True)
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    assert trainable == {"fc.weight", "fc.bias"}
+
+
+def test_dice_and_iou_on_known_masks() -> None:
+    square = torch.zeros(1, 1, 8, 8)
+    square[..., 2:6, 2:6] = 1
+    other = torch.zeros(1, 1, 8, 8)
+    other[..., 0:2, 0:2] = 1
+    half = torch.zeros(1, 1, 8, 8)
+    half[..., 2:6, 2:4] = 1
+    empty = torch.zeros(1, 1, 8, 8)
+
+    for score in (dice_score, iou_score):
+        assert score(square, square, from_logits=False) == 1
+        assert score(other, square, from_logits=False) == 0
+        assert score(empty, empty, from_logits=False) == 1
+        assert score(empty, square, from_logits=False) == 0
+    assert dice_score(half, square, from_logits=False) == pytest.approx(2 * 8 / (8 + 16))
+    assert iou_score(half, square, from_logits=False) == pytest.approx(8 / 16)
+
+    logits = (square * 2 - 1) * 5  # positive inside the square
+    batch = torch.cat([logits, torch.full_like(logits, -5.0)])
+    target = torch.cat([square, empty]).squeeze(1).to(torch.uint8)  # (B, H, W) masks are accepted
+    assert dice_score(batch, target) == 1
+    assert iou_score(batch, target) == 1
+    with pytest.raises(ValueError, match="do not match"):
+        dice_score(batch, square)

@@ -1,0 +1,69 @@
+"""Duplicate grouping and the stratified, deterministic, duplicate-aware split."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+from cxrcore.data.split import assign_splits, duplicate_groups
+
+FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
+
+
+def _hashes(rng: np.random.Generator, n: int) -> np.ndarray:
+    return rng.integers(0, 2**63, size=(n, 4), dtype=np.int64).astype(np.uint64)
+
+
+def test_exact_and_near_duplicates_are_grouped() -> None:
+    rng = np.random.default_rng(0)
+    words = _hashes(rng, 6)
+    words[3] = words[1]
+    words[3, 0] ^= np.uint64(0b1011)  # 3 bits from row 1: a near duplicate
+    words[4] = words[2]
+    words[4, 0] ^= np.uint64((1 << 40) - 1)  # 40 bits from row 2: a different image
+    digests = ["a", "b", "c", "d", "e", "a"]  # row 5 is an exact copy of row 0
+    groups = duplicate_groups(digests, words, max_bits=4)
+    assert groups == [0, 1, 2, 1, 4, 0]
+    assert duplicate_groups(digests, words, max_bits=0) == [0, 1, 2, 3, 4, 0]
+
+
+def test_near_duplicates_are_found_wherever_the_differing_bits_are() -> None:
+    rng = np.random.default_rng(1)
+    words = _hashes(rng, 200)
+    for i in range(0, 200, 2):  # every odd row differs from its even neighbour in 12 random bits
+        copy = words[i].copy()
+        for bit in rng.choice(256, size=12, replace=False):
+            copy[bit // 64] ^= np.uint64(1 << int(bit % 64))
+        words[i + 1] = copy
+    groups = duplicate_groups([str(i) for i in range(200)], words, max_bits=12)
+    assert groups == [i - i % 2 for i in range(200)]
+
+
+def test_split_is_stratified_and_close_to_the_fractions() -> None:
+    labels = ["A"] * 500 + ["B"] * 50 + ["C"] * 7
+    groups = list(range(len(labels)))
+    splits = assign_splits(labels, groups, {g: f"k{g}" for g in groups}, FRACTIONS, seed=0)
+    for label, n in Counter(labels).items():
+        counts = Counter(s for s, lab in zip(splits, labels, strict=True) if lab == label)
+        for split, fraction in FRACTIONS.items():
+            assert abs(counts[split] - fraction * n) <= 1, (label, split, counts)
+
+
+def test_duplicate_groups_stay_in_one_split_and_split_depends_on_content_and_seed() -> None:
+    labels = ["A"] * 100
+    groups = [i // 4 * 4 for i in range(100)]  # groups of four
+    keys = {g: f"content-{g}" for g in set(groups)}
+    splits = assign_splits(labels, groups, keys, FRACTIONS, seed=0)
+    for g in set(groups):
+        assert len({splits[i] for i in range(100) if groups[i] == g}) == 1
+    assert splits == assign_splits(labels, groups, keys, FRACTIONS, seed=0)
+    assert splits != assign_splits(labels, groups, keys, FRACTIONS, seed=1)
+    # Renumbering rows (another scan order) moves nothing: the split follows content keys.
+    order = list(reversed(range(100)))
+    renumbered_groups = [99 - groups[i] - 3 for i in order]  # each group's smallest new row index
+    renumbered_keys = {99 - g - 3: k for g, k in keys.items()}
+    renumbered = assign_splits(
+        [labels[i] for i in order], renumbered_groups, renumbered_keys, FRACTIONS, seed=0
+    )
+    assert renumbered == [splits[i] for i in order]
