@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -12,15 +13,18 @@ from typing import Any
 from cxrcore.config import (
     BenchmarkConfig,
     ConfigError,
+    EvaluateConfig,
     IngestConfig,
     PipelineConfig,
     SynthConfig,
+    TrainConfig,
     add_config_arguments,
     config_from_args,
 )
 from cxrcore.data.layout import LayoutError, LayoutScan
 
 Command = Callable[[argparse.Namespace], int]
+_NUMERIC = re.compile(r"-?[\d.,]+%?|None|-+")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -39,6 +43,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, LayoutError, FileNotFoundError) as exc:
         print(f"cxr: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `cxr ... | head`
+        sys.stderr.close()
+        return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_command(data_commands, "synth", SynthConfig, _run_synth, "write synthetic chest X-rays")
     _add_config_command(data_commands, "ingest", IngestConfig, _run_ingest, "ingest a raw dataset to Parquet")
 
+    _add_config_command(commands, "train", TrainConfig, _run_train, "train a model with Ray Train (DDP)")
+    _add_config_command(
+        commands, "evaluate", EvaluateConfig, _run_evaluate, "evaluate a checkpoint on a split"
+    )
+    models = commands.add_parser("models", help="list the registered model architectures")
+    models.set_defaults(run=_run_models)
     _add_config_command(
         commands, "demo", PipelineConfig, _run_pipeline, "run the whole pipeline on a local Ray cluster"
     )
@@ -118,6 +131,47 @@ def _run_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_train(args: argparse.Namespace) -> int:
+    from cxrcore.runtime import init_ray
+    from cxrcore.train.trainer import fit
+
+    config: TrainConfig = config_from_args(TrainConfig, args)
+    dashboard = init_ray(config.address)
+    if dashboard:
+        print(f"Ray dashboard: {dashboard}")
+    result = fit(config)
+    print(format_train_result(result))
+    return 0
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from cxrcore.evaluate.evaluation import evaluate_checkpoint
+
+    config: EvaluateConfig = config_from_args(EvaluateConfig, args)
+    paths = evaluate_checkpoint(config)
+    metrics = json.loads(paths["metrics"].read_text())
+    headline = {
+        k: metrics[k]
+        for k in ("n", "accuracy", "macro_f1", "macro_auroc", "ece", "dice", "iou")
+        if k in metrics
+    }
+    print(format_table(["metric", "value"], [[k, _number(v)] for k, v in headline.items()]))
+    print(f"report: {paths['report']}")
+    return 0
+
+
+def _run_models(args: argparse.Namespace) -> int:
+    from cxrcore.models import get_model_entry, list_models
+
+    rows = []
+    for name in list_models():
+        entry = get_model_entry(name)
+        spec = entry.input_spec
+        rows.append([name, spec.task, "+".join(spec.channels), spec.image_size, entry.description])
+    print(format_table(["model", "task", "channels", "size", "description"], rows))
+    return 0
+
+
 def _run_pipeline(args: argparse.Namespace) -> int:
     from cxrcore.pipeline import run_pipeline
 
@@ -142,11 +196,35 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     lines = []
     for n, row in enumerate(cells):
-        padded = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)]
+        padded = [row[0].ljust(widths[0])] + [
+            c.rjust(w) if _NUMERIC.fullmatch(c) else c.ljust(w)
+            for c, w in zip(row[1:], widths[1:], strict=True)
+        ]
         lines.append("  ".join(padded).rstrip())
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def _number(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def format_train_result(result: Any) -> str:
+    """Human-readable end of `cxr train`: where the run and its best checkpoint are, and how it scored."""
+    keys = ["epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1", "val_macro_auroc", "val_dice"]
+    rows = [
+        [key, _number(result.metrics.get(key)), _number(result.best_metrics.get(key))]
+        for key in keys
+        if key in result.metrics
+    ]
+    return "\n".join(
+        [
+            format_table(["metric", "last epoch", "best checkpoint"], rows),
+            f"run directory:   {result.run_dir}",
+            f"best checkpoint: {result.best_checkpoint}",
+        ]
+    )
 
 
 def format_scan(scan: LayoutScan) -> str:

@@ -201,3 +201,72 @@ class BenchmarkConfig:
     def __post_init__(self) -> None:
         _require(self.what in ("ingest",), "what", f"unknown benchmark {self.what!r}; choose from: ingest")
         _require(self.images >= 4, "images", f"must be at least 4, got {self.images}")
+
+
+@dataclass
+class TrainConfig:
+    """Train one architecture with Ray Train (DDP over --workers), checkpointing every epoch.
+
+    >>> TrainConfig(data="ds", model="tiny_cnn_lstm", epochs=2).run_name()
+    'tiny_cnn_lstm'
+    """
+
+    data: str = option(help="dataset written by `cxr data ingest` (path or URI)")
+    model: str = option(
+        help="registered model name (see `cxr models list`), e.g. cnn_lstm, dual_cnn, resnet18"
+    )
+    epochs: int = option(10, "training epochs")
+    workers: int = option(2, "Ray Train workers (DDP processes); 0 runs the loop in this process")
+    gpu: bool = option(False, "one GPU per worker, NCCL and bf16 autocast")
+    image_size: int | None = option(None, "model input size (default: the dataset's base size)")
+    batch_size: int = option(32, "batch size per worker")
+    lr: float = option(1e-3, "peak learning rate (AdamW)")
+    weight_decay: float = option(1e-4, "AdamW weight decay")
+    warmup_epochs: float = option(1.0, "linear warmup before cosine decay, in epochs")
+    class_weights: bool = option(True, "weight the loss by inverse class frequency (imbalanced data)")
+    augment: bool = option(True, "anatomy-respecting augmentation (small affine, contrast, noise)")
+    pretrained: str = option(
+        "auto", "initial weights: a local file, 'hub', 'none' (scratch) or 'auto' (hub for ResNets)"
+    )
+    segmenter: str | None = option(None, "U-Net checkpoint that supplies masks where the data has none")
+    out: str = option("cxr-runs", "storage path for runs and checkpoints (local folder or URI)")
+    name: str | None = option(None, "run name; re-running with the same name resumes (default: model name)")
+    seed: int = option(0, "random seed")
+    max_failures: int = option(2, "worker failures to recover from (resuming from the last checkpoint)")
+    address: str | None = option(None, "Ray cluster address; default: RAY_ADDRESS or a local cluster")
+
+    def __post_init__(self) -> None:
+        _require(self.epochs >= 1, "epochs", f"must be at least 1, got {self.epochs}")
+        _require(self.workers >= 0, "workers", f"must be 0 or more, got {self.workers}")
+        _require(self.batch_size >= 1, "batch_size", f"must be at least 1, got {self.batch_size}")
+        _require(self.lr > 0, "lr", f"must be positive, got {self.lr}")
+        _require(self.weight_decay >= 0, "weight_decay", "must not be negative")
+        _require(
+            self.image_size is None or 32 <= self.image_size <= 2048,
+            "image_size",
+            f"must be between 32 and 2048, got {self.image_size}",
+        )
+        _require(self.warmup_epochs >= 0, "warmup_epochs", "must not be negative")
+        _require(self.max_failures >= -1, "max_failures", "must be -1 (unlimited) or more")
+
+    def run_name(self) -> str:
+        return self.name or self.model
+
+
+@dataclass
+class EvaluateConfig:
+    """Evaluate a checkpoint on a dataset split: metrics.json, plots and report.html."""
+
+    checkpoint: str = option(help="checkpoint directory (holds card.json and model.safetensors)")
+    data: str = option(help="dataset written by `cxr data ingest`")
+    out: str = option(help="folder for metrics.json, the plots and report.html")
+    split: str = option("test", "split to evaluate: train, val or test")
+    segmenter: str | None = option(None, "U-Net checkpoint for predicted masks (default: the card's)")
+    batch_size: int = option(64, "images per forward pass")
+    device: str = option("cpu", "torch device, e.g. cpu or cuda")
+
+    def __post_init__(self) -> None:
+        _require(
+            self.split in ("train", "val", "test"), "split", f"must be train, val or test, got {self.split!r}"
+        )
+        _require(self.batch_size >= 1, "batch_size", "must be at least 1")

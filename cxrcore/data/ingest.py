@@ -94,7 +94,7 @@ def ingest_dataset(config: IngestConfig) -> dict[str, Any]:
     scan = scan_layout(config.raw)
     manifest = [
         {"row_id": i, **dataclasses.asdict(entry), "mask_path": entry.mask_path or ""}
-        for i, entry in enumerate(sorted(scan.entries, key=lambda e: (e.label, e.file)))
+        for i, entry in enumerate(sorted(scan.entries, key=_shuffle_key))
     ]
     log.info("found %d images in %d classes under %s", len(manifest), len(scan.classes), scan.root)
 
@@ -193,12 +193,26 @@ def read_table(dataset: str, columns: list[str] | None = None, split: str | None
     return parquet.to_table(columns=columns, filter=where)
 
 
+def tensor_column(values: Any) -> np.ndarray:
+    """(N, H, W) uint8 from an image/mask column read without Ray (pyarrow sees flat square lists)."""
+    arrays = [np.asarray(v, dtype=np.uint8) for v in values]
+    if arrays and arrays[0].ndim == 1:
+        side = round(len(arrays[0]) ** 0.5)
+        arrays = [a.reshape(side, side) for a in arrays]
+    return np.stack(arrays) if arrays else np.zeros((0, 0, 0), dtype=np.uint8)
+
+
 def _decode_file(path: str) -> np.ndarray:
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
         raise ImageDecodeError(f"cannot read file: {exc.strerror or exc}") from exc
     return decode_gray(data)
+
+
+def _shuffle_key(entry: Any) -> str:
+    """A fixed pseudo-random row order, so classes are interleaved in every file and training shard."""
+    return hashlib.sha256(f"{entry.label}/{entry.file}".encode()).hexdigest()
 
 
 def _content_hash(image: np.ndarray) -> str:

@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from cxrcore.labels import CLASSES, class_index
 
-SUBTLE_FRACTION = 0.2
+SUBTLE_FRACTION = 0.15
 METADATA_COLUMNS = ("FILE NAME", "FORMAT", "SIZE", "URL")
 SOURCES_PER_CLASS = 2
 
@@ -285,7 +285,7 @@ def _anatomy(
     depth = rng.uniform(0.3, 0.6)
     image -= rng.uniform(0.28, 0.38) * lung_soft * ((1.0 - depth) + depth * pose.blur(lung_img, 0.05))
     image += rng.uniform(0.03, 0.06) * _spine(rng, pose)
-    image += _ribs(rng, pose, lungs) * (np.float32(rng.uniform(0.05, 0.1)) * (0.3 + 0.7 * lung_soft))
+    image += _ribs(rng, pose, lungs) * (np.float32(rng.uniform(0.04, 0.08)) * (0.3 + 0.7 * lung_soft))
     image += rng.uniform(0.08, 0.14) * _clavicles(rng, pose)
     image += (rng.uniform(0.05, 0.1) * _vessels(rng, pose, lungs)) * lung_soft
     image += rng.uniform(0.0, 0.07) * _breasts(rng, pose, lungs)
@@ -311,7 +311,14 @@ def _body(rng: np.random.Generator, pose: _Pose) -> np.ndarray:
     draw.polygon(pose.px(outline), fill=255)
     if rng.random() < 0.35:
         for side in (-1.0, 1.0):
-            arm = np.array([(0.5 + side * 0.49, 0.15), (0.5 + side * 0.58, 0.1), (0.5 + side * 0.58, 1.0), (0.5 + side * 0.5, 1.0)])
+            arm = np.array(
+                [
+                    (0.5 + side * 0.49, 0.15),
+                    (0.5 + side * 0.58, 0.1),
+                    (0.5 + side * 0.58, 1.0),
+                    (0.5 + side * 0.5, 1.0),
+                ]
+            )
             draw.polygon(pose.px(arm), fill=170)
     # X-ray path length through a roughly elliptical chest: thin at the sides, thick in the middle.
     x = (np.arange(pose.size, dtype=np.float32) + 0.5) / pose.size - 0.5 - pose.dx
@@ -332,7 +339,14 @@ def _spine(rng: np.random.Generator, pose: _Pose) -> np.ndarray:
     step = rng.uniform(0.05, 0.06)
     y = rng.uniform(-0.02, 0.02)
     while y < 1.0:
-        box = np.array([(0.5 - half_w, y), (0.5 + half_w, y), (0.5 + half_w, y + step * 0.8), (0.5 - half_w, y + step * 0.8)])
+        box = np.array(
+            [
+                (0.5 - half_w, y),
+                (0.5 + half_w, y),
+                (0.5 + half_w, y + step * 0.8),
+                (0.5 - half_w, y + step * 0.8),
+            ]
+        )
         draw.polygon(pose.px(box), fill=255)
         y += step
     return pose.blur(img, 0.008)
@@ -371,7 +385,11 @@ def _clavicles(rng: np.random.Generator, pose: _Pose) -> np.ndarray:
 
 
 def _branches(
-    rng: np.random.Generator, start: tuple[float, float], lateral: float, count: int, length: tuple[float, float]
+    rng: np.random.Generator,
+    start: tuple[float, float],
+    lateral: float,
+    count: int,
+    length: tuple[float, float],
 ) -> list[np.ndarray]:
     """Wavy polylines fanning out from a hilum towards the lateral chest wall."""
     lines = []
@@ -381,7 +399,9 @@ def _branches(
         seg = rng.uniform(*length) / 5
         dx = lateral * np.cos(steps) * seg
         dy = np.sin(steps) * seg
-        pts = np.stack([np.r_[start[0], start[0] + dx.cumsum()], np.r_[start[1], start[1] + dy.cumsum()]], axis=1)
+        pts = np.stack(
+            [np.r_[start[0], start[0] + dx.cumsum()], np.r_[start[1], start[1] + dy.cumsum()]], axis=1
+        )
         lines.append(pts)
     return lines
 
@@ -447,7 +467,7 @@ def _font(px: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
 
 def _ellipse_box(pose: _Pose, centre: tuple[float, float], rx: float, ry: float) -> list[float]:
     """Pixel bounding box of an axis-aligned ellipse; rotation is small enough to ignore for blobs."""
-    (u, v), = pose.px(np.array([centre]))
+    ((u, v),) = pose.px(np.array([centre]))
     sx, sy = rx * pose.scale * pose.size, ry * pose.scale * pose.size
     return [u - sx, v - sy, u + sx, v + sy]
 
@@ -459,17 +479,23 @@ def _sample_in_lung(
     lung_hard: np.ndarray,
     lateral_band: float = 1.0,
     lower_band: float = 1.0,
+    margin: float = 0.0,
 ) -> tuple[float, float]:
-    """A point inside the lung's mask, restricted to its lateral and lower fractions of the box."""
+    """A point inside the lung's mask, restricted to its lateral and lower fractions of the box.
+
+    With a margin, the points that far left, right, above and below must be inside too, so a lesion
+    centred there is not lost against the heart or the diaphragm.
+    """
     x0, y0, x1, y1 = lung.box
     w = (x1 - x0) * lateral_band
+    offsets = np.array([(0.0, 0.0), (-margin, 0.0), (margin, 0.0), (0.0, -margin), (0.0, margin)])
     point = ((x0 + x1) / 2, (y0 + y1) / 2)
-    for _ in range(30):
+    for _ in range(40):
         x = rng.uniform(x0, x0 + w) if lung.lateral < 0 else rng.uniform(x1 - w, x1)
         y = rng.uniform(y1 - (y1 - y0) * lower_band, y1)
-        (u, v), = pose.px(np.array([(x, y)]))
-        iu, iv = int(u), int(v)
-        if 0 <= iu < pose.size and 0 <= iv < pose.size and lung_hard[iv, iu]:
+        uv = np.array(pose.px(offsets + (x, y))).astype(np.intp)
+        inside = (uv >= 0).all() and (uv < pose.size).all() and lung_hard[uv[:, 1], uv[:, 0]].all()
+        if inside:
             return x, y
         point = (x, y)
     return point
@@ -483,9 +509,11 @@ def _ground_glass(
     for lung in lungs:
         for _ in range(int(rng.integers(2, 5))):
             centre = _sample_in_lung(rng, pose, lung, lung_hard, lateral_band=0.4, lower_band=0.6)
-            r = rng.uniform(0.04, 0.07)
-            draw.ellipse(_ellipse_box(pose, centre, r, r * rng.uniform(0.7, 1.4)), fill=int(rng.integers(150, 256)))
-    return pose.blur(img, 0.02) * np.float32(0.3)
+            r = rng.uniform(0.045, 0.08)
+            draw.ellipse(
+                _ellipse_box(pose, centre, r, r * rng.uniform(0.7, 1.4)), fill=int(rng.integers(150, 256))
+            )
+    return pose.blur(img, 0.02) * np.float32(0.35)
 
 
 def _consolidation(
@@ -495,8 +523,8 @@ def _consolidation(
     img, draw = _canvas(pose.size)
     count = 1 if rng.random() < 0.75 else 2
     for lung in rng.choice(np.array(lungs, dtype=object), size=count, replace=rng.random() < 0.4):
-        centre = _sample_in_lung(rng, pose, lung, lung_hard)
-        r = rng.uniform(0.05, 0.08)
+        r = rng.uniform(0.06, 0.095)
+        centre = _sample_in_lung(rng, pose, lung, lung_hard, margin=0.8 * r)
         angles = np.sort(rng.uniform(0.0, 2.0 * np.pi, 9))
         radii = r * rng.uniform(0.7, 1.2, 9)
         outline = np.stack([centre[0] + radii * np.cos(angles), centre[1] + radii * np.sin(angles)], axis=1)
@@ -506,7 +534,7 @@ def _consolidation(
             d = np.array([np.cos(a), np.sin(a)]) * r * 0.7
             line = np.array([np.asarray(centre) - d, np.asarray(centre) + d])
             draw.line(pose.px(line), fill=150, width=pose.width(0.008))
-    return pose.blur(img, 0.01) * np.float32(0.4)
+    return pose.blur(img, 0.01) * np.float32(0.45)
 
 
 def _interstitial(
@@ -514,16 +542,16 @@ def _interstitial(
 ) -> np.ndarray:
     """Viral pneumonia: diffuse bilateral reticular streaks radiating from the hila to the periphery."""
     img, draw = _canvas(pose.size)
-    width = pose.width(0.007)
+    width = pose.width(0.008)
     for lung in lungs:
-        for line in _branches(rng, lung.hilum, lung.lateral, int(rng.integers(16, 26)), (0.15, 0.32)):
+        for line in _branches(rng, lung.hilum, lung.lateral, int(rng.integers(18, 28)), (0.15, 0.32)):
             draw.line(pose.px(line[1:]), fill=255, width=width, joint="curve")
-        for _ in range(int(rng.integers(12, 20))):
+        for _ in range(int(rng.integers(14, 22))):
             centre = np.array(_sample_in_lung(rng, pose, lung, lung_hard))
             a = rng.uniform(0.0, np.pi)
             d = np.array([np.cos(a), np.sin(a)]) * rng.uniform(0.02, 0.05)
             draw.line(pose.px(np.array([centre - d, centre + d])), fill=200, width=width)
-    return pose.blur(img, 0.004) * np.float32(0.14)
+    return pose.blur(img, 0.004) * np.float32(0.16)
 
 
 _PATTERNS = {"COVID": _ground_glass, "Lung_Opacity": _consolidation, "Viral Pneumonia": _interstitial}

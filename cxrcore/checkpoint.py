@@ -1,0 +1,113 @@
+"""Checkpoint directories: safetensors weights plus a card.json that rebuilds the model on its own."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import cxrcore
+from cxrcore.labels import CLASSES
+
+CARD_NAME = "card.json"
+WEIGHTS_NAME = "model.safetensors"
+TRAIN_STATE_NAME = "train_state.pt"
+
+
+@dataclass
+class ModelCard:
+    """Everything needed to rebuild, judge and serve a checkpoint, without the code that trained it."""
+
+    model: dict[str, Any]
+    """create_model arguments: name, image_size and builder kwargs."""
+    input_spec: dict[str, Any]
+    classes: list[str] = field(default_factory=lambda: list(CLASSES))
+    data: dict[str, Any] = field(default_factory=dict)
+    """dataset location, fingerprint and base size (images are resized to it before the model size)."""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    """validation metrics of this checkpoint's epoch."""
+    history: list[dict[str, Any]] = field(default_factory=list)
+    training: dict[str, Any] = field(default_factory=dict)
+    epoch: int = 0
+    segmenter: str | None = None
+    """checkpoint of the U-Net that supplies lung masks when a request has none (dual-channel models)."""
+    version: str | None = None
+    created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    software: dict[str, str] = field(
+        default_factory=lambda: {
+            "cxr": cxrcore.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        }
+    )
+
+    @property
+    def name(self) -> str:
+        return str(self.model["name"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelCard:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def save_checkpoint(
+    directory: str | Path, model: nn.Module, card: ModelCard, train_state: dict[str, Any] | None = None
+) -> Path:
+    """Write weights, card and (optionally) optimizer/scheduler state for resuming into `directory`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    save_file(state, directory / WEIGHTS_NAME, metadata={"format": "pt", "model": card.name})
+    (directory / CARD_NAME).write_text(json.dumps(card.to_dict(), indent=2, default=_json_default))
+    if train_state is not None:
+        torch.save(train_state, directory / TRAIN_STATE_NAME)
+    return directory
+
+
+def load_card(directory: str | Path) -> ModelCard:
+    """The card of a checkpoint directory, with a clear error when it is not one."""
+    path = Path(directory) / CARD_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not a cxr checkpoint (no {CARD_NAME})")
+    return ModelCard.from_dict(json.loads(path.read_text()))
+
+
+def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelCard]:
+    """Rebuild the model from its card and load its weights (safetensors: nothing is unpickled)."""
+    from cxrcore.models import create_model
+
+    card = load_card(directory)
+    args = dict(card.model)
+    model = create_model(args.pop("name"), **args)
+    model.load_state_dict(load_file(Path(directory) / WEIGHTS_NAME, device=str(device)))
+    return model.to(device).eval(), card
+
+
+def load_train_state(directory: str | Path) -> dict[str, Any] | None:
+    """Optimizer, scheduler and epoch state for resuming; tensors and plain types only."""
+    path = Path(directory) / TRAIN_STATE_NAME
+    if not path.is_file():
+        return None
+    state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    return state
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot store {type(value).__name__} in a model card")

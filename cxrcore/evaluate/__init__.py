@@ -1,0 +1,1 @@
+"""Evaluation output: plots of metrics and training curves, and the self-contained HTML report."""

@@ -1,0 +1,405 @@
+"""Plots of evaluation metrics and training curves, and the self-contained HTML evaluation report."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import textwrap
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeGuard
+
+import numpy as np
+import numpy.typing as npt
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+HEADLINE_METRICS = (
+    "n",
+    "accuracy",
+    "balanced_accuracy",
+    "macro_f1",
+    "weighted_f1",
+    "macro_auroc",
+    "ece",
+    "nll",
+)
+PER_CLASS_COLUMNS = ("precision", "recall", "f1", "support", "auroc")
+_DPI = 110
+_IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".svg": "image/svg+xml"}
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; max-width: 1150px; margin: 2em auto;
+       padding: 0 1em; color: #222; }
+h1 { border-bottom: 2px solid #345; padding-bottom: .3em; }
+h2 { margin-top: 1.8em; color: #345; }
+table { border-collapse: collapse; margin: .6em 0; font-size: .92em; }
+th, td { border: 1px solid #ccd; padding: .3em .7em; text-align: left; vertical-align: top; }
+th { background: #eef1f6; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td pre { margin: 0; white-space: pre-wrap; font-size: .9em; }
+.images { display: flex; flex-wrap: wrap; gap: 1em; }
+.images img { max-width: 100%; border: 1px solid #dde; }
+"""
+
+
+@dataclass
+class ReportSection:
+    """One titled block of the HTML report: markup, then images, then a table."""
+
+    heading: str
+    html: str = ""
+    """Inserted as is, so escape any untrusted text in it (html_table does)."""
+    images: list[Path] = field(default_factory=list)
+    table: list[dict[str, Any]] | None = None
+
+
+def plot_confusion_matrix(
+    matrix: npt.ArrayLike, classes: Sequence[str], path: str | Path, normalized: bool
+) -> Path:
+    """Annotated heatmap of a confusion matrix (rows true, columns predicted): counts or row fractions."""
+    values = np.asarray(matrix, dtype=np.float64)
+    size = len(classes)
+    fig = Figure(figsize=(1.25 * size + 2.6, 1.1 * size + 1.9), layout="constrained")
+    ax = fig.subplots()
+    vmax = 1.0 if normalized else max(float(values.max(initial=0.0)), 1.0)
+    image = ax.imshow(values, cmap="Blues", vmin=0.0, vmax=vmax)
+    fig.colorbar(image, ax=ax, shrink=0.85)
+    tick_labels = [textwrap.fill(name, width=10, break_long_words=False) for name in classes]
+    ax.set_xticks(range(size), tick_labels)
+    ax.set_yticks(range(size), tick_labels)
+    ax.set_xlabel("Predicted")
+    ax.set_ylabel("True")
+    for (row, col), value in np.ndenumerate(values):
+        text = f"{value:.2f}" if normalized else f"{int(value)}"
+        color = "white" if value > vmax / 2 else "black"
+        ax.text(col, row, text, ha="center", va="center", color=color, fontsize=11)
+    ax.set_title("Confusion matrix (row-normalised)" if normalized else "Confusion matrix (counts)")
+    return _save(fig, path)
+
+
+def plot_training_curves(history: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
+    """Loss and accuracy / macro-F1 against epoch, one line per key present in the per-epoch dicts."""
+    keys = list(dict.fromkeys(key for row in history for key in row))
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    loss_ax, score_ax = fig.subplots(1, 2)
+    _plot_keys(loss_ax, history, [key for key in keys if key.endswith("loss")])
+    _plot_keys(score_ax, history, [key for key in keys if key.endswith(("accuracy", "macro_f1"))])
+    loss_ax.set_title("Loss")
+    score_ax.set_title("Accuracy and macro-F1")
+    score_ax.set_ylim(0.0, 1.02)
+    return _save(fig, path)
+
+
+def plot_roc_curves(curves: Mapping[str, Mapping[str, Any]], path: str | Path) -> Path:
+    """One-vs-rest ROC curve per class, AUC in the legend, against the chance diagonal."""
+    fig = Figure(figsize=(5.6, 5.2), layout="constrained")
+    ax = fig.subplots()
+    for name, curve in curves.items():
+        ax.plot(curve["fpr"], curve["tpr"], linewidth=1.8, label=f"{name} (AUC {curve['auc']:.3f})")
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="chance")
+    if not curves:
+        _no_data(ax, "no class has both positives and negatives")
+    ax.set_xlim(0.0, 1.0)
+    ax.set_ylim(0.0, 1.01)
+    ax.set_aspect("equal")
+    ax.set_xlabel("False positive rate")
+    ax.set_ylabel("True positive rate")
+    ax.set_title("ROC curves (one vs rest)")
+    ax.legend(loc="lower right", fontsize="small")
+    return _save(fig, path)
+
+
+def plot_reliability_diagram(bins: Mapping[str, Any], path: str | Path) -> Path:
+    """Accuracy per confidence bin against the diagonal, the gap to mean confidence shaded, counts below."""
+    rows = bins["bins"]
+    lower = np.array([row["lower"] for row in rows])
+    width = np.array([row["upper"] - row["lower"] for row in rows])
+    filled = np.array([row["count"] > 0 for row in rows])
+    accuracy = np.array([row["accuracy"] if row["count"] else 0.0 for row in rows])
+    confidence = np.array([row["confidence"] if row["count"] else 0.0 for row in rows])
+    fig = Figure(figsize=(5.6, 6.2), layout="constrained")
+    ax, count_ax = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.bar(lower, accuracy, width=width, align="edge", color="#4c72b0", edgecolor="black", label="accuracy")
+    # Hatching over a see-through face: an under-confident bin's gap lies inside its accuracy bar.
+    ax.bar(
+        lower[filled],
+        (confidence - accuracy)[filled],
+        bottom=accuracy[filled],
+        width=width[filled],
+        align="edge",
+        facecolor="none",
+        edgecolor="#c44e52",
+        hatch="///",
+        label="gap to mean confidence",
+    )
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
+    ax.set_xlim(0.0, 1.0)
+    ax.set_ylim(0.0, 1.0)
+    ax.set_ylabel("Accuracy")
+    ax.set_title(f"Reliability (ECE {bins['ece']:.3f})")
+    ax.legend(loc="upper left", fontsize="small")
+    count_ax.bar(
+        lower, [row["count"] for row in rows], width=width, align="edge", color="grey", edgecolor="black"
+    )
+    count_ax.set_xlabel("Confidence (top-class probability)")
+    count_ax.set_ylabel("Samples")
+    return _save(fig, path)
+
+
+def plot_overlaid_curves(
+    histories: Mapping[str, Sequence[Mapping[str, Any]]], metric: str, path: str | Path
+) -> Path:
+    """One metric against epoch for several runs on one axes, to compare them."""
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.subplots()
+    for name, history in histories.items():
+        epochs, values = _series(history, metric)
+        if epochs:
+            ax.plot(epochs, values, marker="o" if len(epochs) <= 30 else None, markersize=3, label=name)
+    if ax.lines:
+        ax.legend(fontsize="small")
+    else:
+        _no_data(ax, f"no run reports {metric}")
+    ax.set_xlabel("Epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(metric)
+    ax.set_title(metric)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def html_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """An HTML table of list-of-dicts rows (columns as first seen), floats to 3 decimals, all text escaped."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    head = "".join(f"<th>{html.escape(str(column))}</th>" for column in columns)
+    body = "".join(
+        "<tr>" + "".join(_table_cell(row.get(column)) for column in columns) + "</tr>\n" for row in rows
+    )
+    return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}</tbody>\n</table>\n"
+
+
+def write_html_report(path: str | Path, title: str, sections: Sequence[ReportSection]) -> Path:
+    """Write one self-contained HTML file: inline CSS, images embedded as base64, no scripts or assets."""
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en">',
+        '<head><meta charset="utf-8">',
+        f"<title>{html.escape(title)}</title>",
+        f"<style>{_CSS}</style>",
+        "</head>",
+        "<body>",
+        f"<h1>{html.escape(title)}</h1>",
+    ]
+    for section in sections:
+        parts.append(f"<section>\n<h2>{html.escape(section.heading)}</h2>")
+        if section.html:
+            parts.append(section.html)
+        if section.images:
+            parts.append('<div class="images">')
+            parts.extend(_embedded_image(Path(image)) for image in section.images)
+            parts.append("</div>")
+        if section.table is not None:
+            parts.append(html_table(section.table))
+        parts.append("</section>")
+    parts.append("</body>\n</html>\n")
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text("\n".join(parts), encoding="utf-8")
+    return target
+
+
+def metrics_table(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Per-class rows (class, precision, recall, f1, support, auroc) and a macro row, for the report."""
+    rows = [
+        {"class": name, **{column: stats[column] for column in PER_CLASS_COLUMNS}}
+        for name, stats in metrics["per_class"].items()
+    ]
+    rows.append(
+        {
+            "class": "macro",
+            "precision": metrics["macro_precision"],
+            "recall": metrics["macro_recall"],
+            "f1": metrics["macro_f1"],
+            "support": metrics["n"],
+            "auroc": metrics["macro_auroc"],
+        }
+    )
+    return rows
+
+
+def write_evaluation_report(
+    out_dir: str | Path,
+    metrics: Mapping[str, Any],
+    history: Sequence[Mapping[str, Any]] | None = None,
+    card: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Mapping[str, Any]] | None = None,
+    *,
+    title: str = "Evaluation report",
+) -> dict[str, Path]:
+    """Write metrics.json, the plots and report.html into out_dir; returns file stem → path.
+
+    `metrics` comes from classification_metrics(..., with_curves=True). `extra` holds further results by
+    name (another evaluation of the same model: with predicted masks, a held-out source); each is saved
+    under its name in metrics.json and gets its own section. training_curves.png needs a non-empty history.
+    """
+    missing = [key for key in ("reliability", "roc") if key not in metrics]
+    if missing:
+        raise ValueError(
+            f"metrics lack {', '.join(missing)}: "
+            "compute them with classification_metrics(..., with_curves=True)"
+        )
+    extra = dict(extra or {})
+    clashes = sorted(set(extra) & set(metrics))
+    if clashes:
+        raise ValueError(f"extra result names {clashes} clash with metric names; rename them")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    classes = metrics["classes"]
+
+    paths = {"metrics": out / "metrics.json"}
+    paths["metrics"].write_text(json.dumps({**metrics, **extra}, indent=2, default=_json_default) + "\n")
+    matrix = metrics["confusion_matrix"]
+    paths["confusion_matrix"] = plot_confusion_matrix(
+        matrix, classes, out / "confusion_matrix.png", normalized=False
+    )
+    paths["confusion_matrix_normalized"] = plot_confusion_matrix(
+        metrics["confusion_matrix_normalized"],
+        classes,
+        out / "confusion_matrix_normalized.png",
+        normalized=True,
+    )
+    paths["roc_curves"] = plot_roc_curves(metrics["roc"], out / "roc_curves.png")
+    paths["reliability"] = plot_reliability_diagram(metrics["reliability"], out / "reliability.png")
+    if history:
+        paths["training_curves"] = plot_training_curves(history, out / "training_curves.png")
+
+    sections = []
+    if card:
+        rows = [{"key": key, "value": _card_value(value)} for key, value in card.items()]
+        sections.append(ReportSection("Model card", table=rows))
+    sections += [
+        ReportSection("Headline metrics", table=_headline_rows(metrics)),
+        ReportSection("Per-class metrics", table=metrics_table(metrics)),
+        ReportSection(
+            "Confusion matrix", images=[paths["confusion_matrix"], paths["confusion_matrix_normalized"]]
+        ),
+        ReportSection(
+            "ROC and calibration",
+            html=_missing_roc_note(classes, metrics["roc"]),
+            images=[paths["roc_curves"], paths["reliability"]],
+        ),
+    ]
+    if "training_curves" in paths:
+        sections.append(ReportSection("Training curves", images=[paths["training_curves"]]))
+    for name, result in extra.items():
+        table = metrics_table(result) if "per_class" in result else None
+        sections.append(ReportSection(name, html=html_table(_headline_rows(result)), table=table))
+    paths["report"] = write_html_report(out / "report.html", title, sections)
+    return paths
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(target, dpi=_DPI)
+    return target
+
+
+def _no_data(ax: Axes, message: str) -> None:
+    ax.text(0.5, 0.5, message, transform=ax.transAxes, ha="center", va="center", color="grey")
+
+
+def _series(history: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    """(epochs, values) of one key over a history, skipping epochs where it is missing or not a number."""
+    epochs, values = [], []
+    for index, row in enumerate(history):
+        value = row.get(key)
+        if _is_number(value) and math.isfinite(value):
+            epochs.append(float(row.get("epoch", index + 1)))
+            values.append(float(value))
+    return epochs, values
+
+
+def _plot_keys(ax: Axes, history: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> None:
+    for key in keys:
+        epochs, values = _series(history, key)
+        if epochs:
+            style = "--" if key.startswith("train") else "-"
+            ax.plot(epochs, values, style, marker="o" if len(epochs) <= 30 else None, markersize=3, label=key)
+    if ax.lines:
+        ax.legend(fontsize="small")
+    else:
+        _no_data(ax, "no data")
+    ax.set_xlabel("Epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+
+
+def _headline_rows(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One row of the headline metrics; for a result without them (e.g. segmentation), its scalar values."""
+    row = {key: metrics[key] for key in HEADLINE_METRICS if key in metrics}
+    return [
+        row or {key: value for key, value in metrics.items() if _is_number(value) or isinstance(value, str)}
+    ]
+
+
+def _missing_roc_note(classes: Sequence[str], curves: Mapping[str, Any]) -> str:
+    missing = [name for name in classes if name not in curves]
+    if not missing:
+        return ""
+    names = html.escape(", ".join(missing))
+    return f"<p>No ROC curve for {names}: a class needs both positives and negatives in the data.</p>"
+
+
+def _is_number(value: Any) -> TypeGuard[int | float | np.integer[Any] | np.floating[Any]]:
+    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
+
+
+def _table_cell(value: Any) -> str:
+    if value is None:
+        return "<td>—</td>"
+    if isinstance(value, float | np.floating):
+        return f'<td class="num">{float(value):.3f}</td>'
+    if _is_number(value):
+        return f'<td class="num">{int(value)}</td>'
+    if isinstance(value, Mapping | list | tuple):
+        dumped = json.dumps(value, indent=1, default=_display_default)
+        return f"<td><pre>{html.escape(dumped)}</pre></td>"
+    return f"<td>{html.escape(str(value))}</td>"
+
+
+def _card_value(value: Any) -> Any:
+    """Card values shown exactly (a learning rate of 3e-4 must not print as 0.000); nested ones as JSON."""
+    if isinstance(value, str | Mapping | list | tuple) or value is None:
+        return value
+    return json.dumps(value, default=_display_default)
+
+
+def _embedded_image(path: Path) -> str:
+    mime = _IMAGE_TYPES.get(path.suffix.lower())
+    if mime is None:
+        raise ValueError(f"cannot embed {path}: supported image types are {', '.join(_IMAGE_TYPES)}")
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img alt="{html.escape(path.stem)}" src="data:{mime};base64,{data}">'
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot serialise {type(value).__name__} to JSON")
+
+
+def _display_default(value: Any) -> Any:
+    """Like _json_default, but anything else shows as its str, so an odd card value cannot fail the report."""
+    try:
+        return _json_default(value)
+    except TypeError:
+        return str(value)

@@ -1,0 +1,168 @@
+"""One epoch of training or evaluation over a stream of uint8 batches: plain torch, no Ray."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cxrcore.data.batches import AugmentConfig, augment, masks_to_unit, model_inputs, to_unit
+from cxrcore.models.spec import InputSpec
+
+Batch = dict[str, torch.Tensor]
+MaskSource = Callable[[torch.Tensor], torch.Tensor]
+"""Predicts 0/1 masks (B, 1, S, S) from [0, 1] images (B, 1, S, S): the segmenter fallback."""
+
+
+@dataclass
+class EpochResult:
+    """What one pass over the data produced (per rank; the loop combines ranks)."""
+
+    loss_sum: float = 0.0
+    count: int = 0
+    correct: int = 0
+    seconds: float = 0.0
+    labels: list[np.ndarray] = field(default_factory=list)
+    outputs: list[np.ndarray] = field(default_factory=list)
+    """class probabilities (classifiers) or mask probabilities (segmenters)."""
+    targets: list[np.ndarray] = field(default_factory=list)
+    """true masks (segmenters)."""
+
+
+def class_weights(counts: list[int]) -> torch.Tensor:
+    """Inverse-frequency loss weights, normalised to mean 1; absent classes get weight 0."""
+    counts_t = torch.tensor(counts, dtype=torch.float32)
+    weights = torch.where(counts_t > 0, counts_t.sum() / (len(counts) * counts_t.clamp(min=1)), 0.0)
+    return weights / weights[counts_t > 0].mean()
+
+
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup to the peak learning rate, then cosine decay to zero at total_steps."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def prepare_batch(
+    batch: Batch,
+    spec: InputSpec,
+    augmentation: AugmentConfig | None,
+    mask_source: MaskSource | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Model input and the [0, 1] mask used (resized, masks filled in, augmented when training)."""
+    image = to_unit(batch["image"], spec.image_size)
+    needs_mask = "mask" in spec.channels or spec.task == "segment"
+    mask = masks_to_unit(batch["mask"], spec.image_size) if needs_mask else None
+    if mask is not None and mask_source is not None and spec.task == "classify":
+        missing = ~batch["has_mask"].bool()
+        if missing.any():
+            mask = mask.clone()
+            mask[missing] = mask_source(image[missing])
+    if augmentation is not None:
+        image, mask = augment(image, mask, augmentation, generator)
+    if spec.task == "segment":
+        return (image - spec.mean) / spec.std, mask
+    return model_inputs(spec, image, mask), mask
+
+
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BCE plus soft Dice: BCE for per-pixel calibration, Dice against the lung/background imbalance."""
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    probs = torch.sigmoid(logits)
+    intersection = (probs * target).sum(dim=(1, 2, 3))
+    dice = (2 * intersection + 1.0) / (probs.sum(dim=(1, 2, 3)) + target.sum(dim=(1, 2, 3)) + 1.0)
+    return bce + (1.0 - dice.mean())
+
+
+def run_epoch(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    spec: InputSpec,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    loss_weights: torch.Tensor | None = None,
+    augmentation: AugmentConfig | None = None,
+    mask_source: MaskSource | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    generator: torch.Generator | None = None,
+    keep_outputs: bool = False,
+) -> EpochResult:
+    """Train (when an optimizer is given) or evaluate over `batches`; returns sums for combining ranks."""
+    training = optimizer is not None
+    model.train(training)
+    result = EpochResult()
+    started = time.perf_counter()
+    for batch in batches:
+        inputs, mask = prepare_batch(batch, spec, augmentation if training else None, mask_source, generator)
+        device_type = inputs.device.type
+        with (
+            torch.set_grad_enabled(training),
+            torch.autocast(
+                device_type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None
+            ),
+        ):
+            output = model(inputs).float()
+            if spec.task == "segment":
+                assert mask is not None
+                loss = segmentation_loss(output, mask)
+            else:
+                labels = batch["label_index"].long()
+                weights = loss_weights.to(output.device) if loss_weights is not None else None
+                loss = F.cross_entropy(output, labels, weight=weights)
+        if training:
+            assert optimizer is not None
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+        n = inputs.shape[0]
+        result.loss_sum += float(loss.detach()) * n
+        result.count += n
+        if spec.task == "segment":
+            if keep_outputs:
+                assert mask is not None
+                result.outputs.append(torch.sigmoid(output).detach().cpu().numpy())
+                result.targets.append(mask.cpu().numpy())
+        else:
+            result.correct += int((output.argmax(dim=1) == labels).sum())
+            if keep_outputs:
+                result.outputs.append(torch.softmax(output.detach(), dim=1).cpu().numpy())
+                result.labels.append(labels.cpu().numpy())
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def combine(results: list[EpochResult]) -> dict[str, Any]:
+    """Loss, accuracy, throughput and concatenated outputs over all ranks' results."""
+    count = sum(r.count for r in results)
+    summary: dict[str, Any] = {
+        "loss": sum(r.loss_sum for r in results) / max(count, 1),
+        "accuracy": sum(r.correct for r in results) / max(count, 1),
+        "count": count,
+        "images_per_s": count / max(max(r.seconds for r in results), 1e-9),
+    }
+    outputs = [o for r in results for o in r.outputs]
+    if outputs:
+        summary["outputs"] = np.concatenate(outputs)
+        labels = [x for r in results for x in r.labels]
+        targets = [x for r in results for x in r.targets]
+        summary["labels"] = np.concatenate(labels) if labels else None
+        summary["targets"] = np.concatenate(targets) if targets else None
+    return summary

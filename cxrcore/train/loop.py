@@ -1,0 +1,162 @@
+"""The Ray Train worker loop: DDP model, streamed shards, per-epoch metrics and checkpoints, resume."""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+from typing import Any
+
+import torch
+
+from cxrcore.checkpoint import ModelCard, load_train_state, save_checkpoint
+from cxrcore.config import TrainConfig, from_dict
+from cxrcore.data.batches import AugmentConfig
+from cxrcore.labels import CLASSES
+from cxrcore.train.engine import EpochResult, combine, run_epoch, warmup_cosine
+
+log = logging.getLogger(__name__)
+
+TRAIN_COLUMNS = ["image", "mask", "has_mask", "label_index"]
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Train `loop_config["train"]` (a TrainConfig dict) on this worker's shard; rank 0 checkpoints."""
+    import ray.train
+    import ray.train.torch
+    from safetensors.torch import load_file
+
+    from cxrcore.checkpoint import WEIGHTS_NAME
+    from cxrcore.inference import load_mask_source
+    from cxrcore.models import create_model, get_build_args, get_input_spec
+
+    config = from_dict(TrainConfig, loop_config["train"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(config.seed + rank)
+    generator = torch.Generator().manual_seed(config.seed * 1000 + rank)
+
+    # DDP broadcasts rank 0's weights at wrap time, so only rank 0 loads pretrained ones.
+    pretrained = loop_config["pretrained"] if rank == 0 else None
+    model = create_model(config.model, image_size=loop_config["image_size"], pretrained=pretrained)
+    spec, build_args = get_input_spec(model), get_build_args(model)
+    model = ray.train.torch.prepare_model(model)
+    segmenting = spec.task == "segment"
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    steps_per_epoch = max(1, math.ceil(loop_config["train_rows"] / (config.batch_size * max(world, 1))))
+    scheduler = warmup_cosine(
+        optimizer, round(config.warmup_epochs * steps_per_epoch), config.epochs * steps_per_epoch
+    )
+    loss_weights = torch.tensor(loop_config["class_weights"]) if loop_config.get("class_weights") else None
+    mask_source = load_mask_source(config.segmenter, device) if config.segmenter else None
+    autocast_dtype = torch.bfloat16 if config.gpu else None
+    augmentation = AugmentConfig() if config.augment else None
+
+    start_epoch, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            _unwrap(model).load_state_dict(load_file(f"{directory}/{WEIGHTS_NAME}", device=str(device)))
+            state = load_train_state(directory)
+            if state is not None:
+                optimizer.load_state_dict(state["optimizer"])
+                scheduler.load_state_dict(state["scheduler"])
+                start_epoch, history = int(state["epoch"]) + 1, list(state["history"])
+        log.info("rank %d resumed after epoch %d of %d", rank, start_epoch, config.epochs)
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    batch_options = {"batch_size": config.batch_size, "device": device, "drop_last": False}
+    for epoch in range(start_epoch, config.epochs):
+        trained = run_epoch(
+            model,
+            train_shard.iter_torch_batches(**batch_options, local_shuffle_buffer_size=config.batch_size * 8),
+            spec,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            loss_weights=loss_weights,
+            augmentation=augmentation,
+            mask_source=mask_source,
+            autocast_dtype=autocast_dtype,
+            generator=generator,
+        )
+        validated = run_epoch(
+            model,
+            val_shard.iter_torch_batches(**batch_options),
+            spec,
+            loss_weights=loss_weights,
+            mask_source=mask_source,
+            autocast_dtype=autocast_dtype,
+            keep_outputs=True,
+        )
+        metrics = epoch_metrics(epoch, _gather(trained, world), _gather(validated, world), segmenting)
+        metrics["lr"] = scheduler.get_last_lr()[0]
+        history.append({k: v for k, v in metrics.items() if not isinstance(v, dict | list)})
+
+        with tempfile.TemporaryDirectory() as directory:
+            reported = None
+            if rank == 0:
+                card = ModelCard(
+                    model=build_args,
+                    input_spec=spec.to_dict(),
+                    classes=list(CLASSES),
+                    data=loop_config["data"],
+                    metrics=metrics,
+                    history=history,
+                    training=loop_config["train"],
+                    epoch=epoch,
+                    segmenter=config.segmenter,
+                )
+                train_state = {
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "epoch": epoch,
+                    "history": history,
+                }
+                save_checkpoint(directory, _unwrap(model), card, train_state)
+                reported = ray.train.Checkpoint.from_directory(directory)
+            ray.train.report(metrics, checkpoint=reported)  # a barrier: every rank reports every epoch
+
+
+def epoch_metrics(
+    epoch: int, trained: dict[str, Any], validated: dict[str, Any], segmenting: bool
+) -> dict[str, Any]:
+    """The per-epoch report: losses, accuracy, throughput, and the validation metrics that matter."""
+    from cxrcore.metrics import classification_metrics, segmentation_metrics
+
+    metrics: dict[str, Any] = {
+        "epoch": epoch + 1,
+        "train_loss": trained["loss"],
+        "train_images_per_s": trained["images_per_s"],
+        "val_loss": validated["loss"],
+    }
+    if segmenting:
+        seg = segmentation_metrics(validated["outputs"], validated["targets"])
+        metrics.update(val_dice=seg["dice"], val_iou=seg["iou"], val_score=seg["dice"])
+        return metrics
+    metrics["train_accuracy"] = trained["accuracy"]
+    val = classification_metrics(validated["labels"], validated["outputs"])
+    metrics.update(
+        val_accuracy=val["accuracy"],
+        val_macro_f1=val["macro_f1"],
+        val_macro_auroc=val["macro_auroc"],
+        val_score=val["macro_f1"],
+        val_per_class=val["per_class"],
+        val_confusion_matrix=val["confusion_matrix"],
+    )
+    return metrics
+
+
+def _gather(result: EpochResult, world: int) -> dict[str, Any]:
+    """Combine every rank's epoch result (all ranks get the same summary)."""
+    if world <= 1:
+        return combine([result])
+    gathered: list[Any] = [None] * world
+    torch.distributed.all_gather_object(gathered, result)
+    return combine(gathered)
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model

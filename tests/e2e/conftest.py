@@ -1,0 +1,93 @@
+"""A real Ray cluster started with `ray start --head` (token auth on), shared by the e2e tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+BIN = Path(sys.executable).parent
+
+
+@dataclass(frozen=True)
+class RayCluster:
+    address: str  # the dashboard / job API address, http://127.0.0.1:PORT
+    env: dict[str, str]  # what a client needs: RAY_AUTH_MODE=token and the token
+    token: str
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(condition, timeout: float, what: str, interval: float = 0.5):  # type: ignore[no-untyped-def]
+    """Poll `condition` until it returns something truthy; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            result = condition()
+        except (httpx.HTTPError, OSError):
+            result = None
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[RayCluster]:
+    token = uuid.uuid4().hex
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": token,
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    env.pop("RAY_ADDRESS", None)
+    dashboard_port = free_port()
+    # A short temp dir: Ray's Unix socket paths must stay under ~107 bytes.
+    temp_dir = tempfile.mkdtemp(prefix="cxr-e2e-", dir="/tmp")
+    command = [
+        str(BIN / "ray"), "start", "--head", "--block", f"--port={free_port()}",
+        f"--dashboard-port={dashboard_port}", "--dashboard-host=127.0.0.1", "--num-cpus=4",
+        f"--temp-dir={temp_dir}", "--disable-usage-stats", "--include-dashboard=true",
+    ]  # fmt: skip
+    # --block keeps `ray start` in the foreground; its own process group lets teardown stop exactly
+    # this cluster (`ray stop` would also kill other Ray instances on the machine).
+    process = subprocess.Popen(
+        command, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    address = f"http://127.0.0.1:{dashboard_port}"
+    headers = {"Authorization": f"Bearer {token}"}
+    try:
+        wait_until(
+            lambda: (
+                process.poll() is None
+                and httpx.get(f"{address}/api/version", headers=headers, timeout=2).status_code == 200
+            ),
+            timeout=90,
+            what="the Ray dashboard to answer",
+        )
+        yield RayCluster(address=address, env=env, token=token)
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()

@@ -1,0 +1,65 @@
+"""The `cxr` console script: help for every command, exit codes and messages of `cxr data check`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cxrcore.cli import build_parser, main
+from tests.conftest import write_png, xray
+
+
+def _subcommands(parser: object) -> dict:
+    actions = getattr(parser, "_subparsers", None)
+    return actions._group_actions[0].choices if actions else {}  # type: ignore[union-attr]
+
+
+def test_help_lists_commands_and_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    top = capsys.readouterr().out
+    for name in ("data", "demo", "benchmark"):
+        assert name in top
+    paths = [[name] for name in _subcommands(build_parser())]
+    paths += [["data", name] for name in _subcommands(_subcommands(build_parser())["data"])]
+    assert ["data", "ingest"] in paths and ["data", "check"] in paths and ["data", "synth"] in paths
+    for path in paths:
+        with pytest.raises(SystemExit) as exit_info:
+            main([*path, "--help"])
+        assert exit_info.value.code == 0, path
+        assert "usage: cxr" in capsys.readouterr().out
+
+
+def test_check_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["data", "check", str(tmp_path)]) == 2
+    assert "expected class folders" in capsys.readouterr().err
+
+    (tmp_path / "COVID/images").mkdir(parents=True)
+    (tmp_path / "COVID/images/COVID-1.png").write_bytes(b"")
+    assert main(["data", "check", str(tmp_path)]) == 1
+    assert "no readable images" in capsys.readouterr().err
+
+    write_png(tmp_path / "COVID/images/COVID-2.png", xray(0))
+    assert main(["data", "check", str(tmp_path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["classes"]["COVID"]["images"] == 2 and report["classes"]["COVID"]["unreadable"] == 1
+    assert report["unreadable"][0]["reason"].startswith("empty file")
+
+
+def test_bad_settings_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["data", "ingest", str(tmp_path), str(tmp_path / "out"), "--size", "4"]) == 2
+    assert "--size: must be between 32 and 2048" in capsys.readouterr().err
+    assert main(["data", "ingest"]) == 2
+    assert "missing setting 'raw'" in capsys.readouterr().err
+
+
+def test_synth_writes_the_layout(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["data", "synth", str(tmp_path / "raw"), "--per-class", "2", "--seed", "3"]) == 0
+    assert "wrote 8 synthetic images" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "raw/Viral Pneumonia/images").iterdir()) == [
+        "Viral Pneumonia-1.png",
+        "Viral Pneumonia-2.png",
+    ]

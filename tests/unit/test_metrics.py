@@ -1,0 +1,213 @@
+"""Classification and segmentation metrics: consistent with each other, with scikit-learn, on edge cases."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
+
+from cxrcore.labels import CLASSES
+from cxrcore.metrics import classification_metrics, reliability_bins, roc_curves, segmentation_metrics
+
+
+def _predictions(
+    n: int, seed: int, signal: float = 1.5, num_classes: int = 4
+) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and softmax probabilities of a noisy classifier that leans towards the true class."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, num_classes, n)
+    logits = rng.normal(size=(n, num_classes))
+    logits[np.arange(n), labels] += signal
+    probs = np.exp(logits)
+    return labels, probs / probs.sum(axis=1, keepdims=True)
+
+
+def _one_hot(labels: np.ndarray, confidence: float, num_classes: int = 4) -> np.ndarray:
+    probs = np.full((len(labels), num_classes), (1 - confidence) / (num_classes - 1))
+    probs[np.arange(len(labels)), labels] = confidence
+    return probs
+
+
+def test_metrics_agree_with_each_other_and_with_sklearn() -> None:
+    labels, probs = _predictions(600, seed=0)
+    predicted = probs.argmax(axis=1)
+    metrics = classification_metrics(labels, probs)
+    matrix = np.array(metrics["confusion_matrix"])
+    assert matrix.shape == (4, 4) and matrix.sum() == metrics["n"] == 600
+    assert metrics["accuracy"] == pytest.approx(np.trace(matrix) / matrix.sum())
+    for k, name in enumerate(CLASSES):
+        stats = metrics["per_class"][name]
+        assert stats["support"] == matrix[k].sum()
+        assert stats["recall"] == pytest.approx(matrix[k, k] / matrix[k].sum())
+        assert stats["precision"] == pytest.approx(matrix[k, k] / matrix[:, k].sum())
+        assert stats["auroc"] == pytest.approx(roc_auc_score(labels == k, probs[:, k]))
+    assert metrics["macro_f1"] == pytest.approx(f1_score(labels, predicted, average="macro"))
+    assert metrics["weighted_f1"] == pytest.approx(f1_score(labels, predicted, average="weighted"))
+    assert metrics["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(labels, predicted))
+    assert metrics["macro_auroc"] == pytest.approx(roc_auc_score(labels, probs, multi_class="ovr"))
+    assert metrics["nll"] == pytest.approx(-np.log(probs[np.arange(600), labels]).mean())
+    normalized = np.array(metrics["confusion_matrix_normalized"])
+    np.testing.assert_allclose(normalized.sum(axis=1), 1.0)
+    assert metrics["classes"] == list(CLASSES)
+    assert json.loads(json.dumps(metrics)) == metrics  # plain JSON types throughout
+
+
+def test_auroc_handles_tied_scores_like_sklearn() -> None:
+    labels, probs = _predictions(400, seed=1)
+    coarse = np.round(probs, 1) + 1e-3  # many ties, rows still near 1 after renormalising
+    coarse /= coarse.sum(axis=1, keepdims=True)
+    metrics = classification_metrics(labels, coarse)
+    for k, name in enumerate(CLASSES):
+        assert metrics["per_class"][name]["auroc"] == pytest.approx(roc_auc_score(labels == k, coarse[:, k]))
+
+
+def test_perfect_confident_classifier() -> None:
+    labels = np.tile(np.arange(4), 25)
+    metrics = classification_metrics(labels, _one_hot(labels, 0.999))
+    assert metrics["accuracy"] == metrics["balanced_accuracy"] == metrics["macro_f1"] == 1.0
+    assert metrics["macro_auroc"] == 1.0
+    assert metrics["ece"] == pytest.approx(0.001)
+    assert metrics["nll"] == pytest.approx(-np.log(0.999))
+    assert np.array_equal(metrics["confusion_matrix"], np.diag([25] * 4))
+
+
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")  # sklearn's, not ours
+def test_absent_class_keeps_its_row_and_column_without_warnings() -> None:
+    labels, probs = _predictions(200, seed=2)
+    keep = labels != 1  # no Lung_Opacity, like the real sample
+    labels, probs = labels[keep], probs[keep]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        metrics = classification_metrics(labels, probs, with_curves=True)
+    matrix = np.array(metrics["confusion_matrix"])
+    assert matrix.shape == (4, 4) and not matrix[1].any()
+    assert metrics["confusion_matrix_normalized"][1] == [0.0] * 4
+    absent = metrics["per_class"]["Lung_Opacity"]
+    assert absent["support"] == 0 and absent["recall"] == 0.0 and absent["auroc"] is None
+    assert "Lung_Opacity" not in metrics["roc"]
+    defined = [metrics["per_class"][name]["auroc"] for name in CLASSES if name != "Lung_Opacity"]
+    assert metrics["macro_auroc"] == pytest.approx(np.mean(defined))
+    predicted = probs.argmax(axis=1)
+    assert metrics["macro_f1"] == pytest.approx(f1_score(labels, predicted, average="macro"))
+    assert metrics["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(labels, predicted))
+
+
+def test_class_never_predicted_nor_present_is_left_out_of_macro_averages() -> None:
+    labels = np.array([0, 0, 2, 2])
+    probs = _one_hot(np.array([0, 2, 2, 2]), 0.7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        metrics = classification_metrics(labels, probs)
+    assert metrics["per_class"]["Viral Pneumonia"] == {
+        "precision": 0.0,
+        "recall": 0.0,
+        "f1": 0.0,
+        "support": 0,
+        "auroc": None,
+    }
+    assert metrics["macro_f1"] == pytest.approx(f1_score(labels, probs.argmax(axis=1), average="macro"))
+
+
+def test_single_class_labels_give_no_auroc() -> None:
+    labels = np.zeros(10, dtype=int)
+    metrics = classification_metrics(labels, _one_hot(labels, 0.8), with_curves=True)
+    assert metrics["macro_auroc"] is None
+    assert metrics["roc"] == {}
+
+
+def test_random_probabilities_score_chance_auroc() -> None:
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 4, 20_000)
+    probs = rng.dirichlet(np.ones(4), size=20_000)
+    metrics = classification_metrics(labels, probs)
+    assert metrics["macro_auroc"] == pytest.approx(0.5, abs=0.02)
+    assert metrics["accuracy"] == pytest.approx(0.25, abs=0.02)
+
+
+def test_ece_of_an_overconfident_classifier() -> None:
+    labels = np.zeros(1000, dtype=int)
+    predicted = np.where(np.arange(1000) < 600, 0, 2)  # always 0.9 confident, right 60% of the time
+    metrics = classification_metrics(labels, _one_hot(predicted, 0.9))
+    assert metrics["accuracy"] == pytest.approx(0.6)
+    assert metrics["ece"] == pytest.approx(0.3)
+
+
+def test_reliability_bins() -> None:
+    labels, probs = _predictions(500, seed=4)
+    bins = reliability_bins(labels, probs)
+    assert bins["n_bins"] == len(bins["bins"]) == 15
+    assert sum(row["count"] for row in bins["bins"]) == 500
+    assert bins["ece"] == pytest.approx(classification_metrics(labels, probs)["ece"])
+    confidence = probs.max(axis=1)
+    for row in bins["bins"]:
+        inside = (confidence > row["lower"]) & (confidence <= row["upper"])
+        assert row["count"] == inside.sum()
+        if row["count"]:
+            assert row["confidence"] == pytest.approx(confidence[inside].mean())
+            assert row["lower"] < row["confidence"] <= row["upper"]
+        else:
+            assert row["confidence"] is None and row["accuracy"] is None
+    assert reliability_bins(labels, probs, n_bins=1)["bins"][0]["count"] == 500
+
+
+def test_roc_curves() -> None:
+    labels, probs = _predictions(300, seed=5)
+    curves = roc_curves(labels, probs)
+    assert list(curves) == list(CLASSES)
+    for k, name in enumerate(CLASSES):
+        fpr, tpr = np.array(curves[name]["fpr"]), np.array(curves[name]["tpr"])
+        assert fpr[0] == tpr[0] == 0.0 and fpr[-1] == tpr[-1] == 1.0
+        assert np.trapezoid(tpr, fpr) == pytest.approx(curves[name]["auc"])
+        assert curves[name]["auc"] == pytest.approx(roc_auc_score(labels == k, probs[:, k]))
+    assert classification_metrics(labels, probs, with_curves=True)["roc"] == curves
+
+
+def test_custom_classes() -> None:
+    labels = np.array([0, 1, 1, 0])
+    metrics = classification_metrics(labels, _one_hot(labels, 0.8, num_classes=2), classes=("a", "b"))
+    assert list(metrics["per_class"]) == ["a", "b"] and metrics["accuracy"] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("labels", "probs", "message"),
+    [
+        (np.array([], dtype=int), np.zeros((0, 4)), "empty"),
+        (np.array([0, 4]), np.full((2, 4), 0.25), "labels must lie"),
+        (np.array([0, 1]), np.full((2, 3), 1 / 3), "3 columns"),
+        (np.array([0, 1]), np.full((3, 4), 0.25), "rows like labels"),
+        (np.array([0.0, 1.0]), np.full((2, 4), 0.25), "integer"),
+        (np.array([0, 1]), np.array([[3.0, -1.0, 0.5, 0.2]] * 2), "non-negative"),
+        (np.array([0, 1]), np.array([[3.0, 1.0, 0.5, 0.2]] * 2), "softmax"),
+        (np.array([0, 1]), np.array([[np.nan, 1.0, 0.0, 0.0]] * 2), "finite"),
+    ],
+)
+def test_bad_inputs_raise(labels: np.ndarray, probs: np.ndarray, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        classification_metrics(labels, probs)
+
+
+def test_segmentation_metrics_on_known_masks() -> None:
+    true = np.zeros((3, 4, 4))
+    pred = np.zeros((3, 4, 4))
+    true[0, :2] = 1  # 8 pixels; prediction covers 4 of them plus 4 outside
+    pred[0, 1:3] = 0.9
+    true[1, :, :2] = 255  # 0/255 masks binarise too: a perfect match
+    pred[1, :, :2] = 255
+    # image 2: both empty, which scores 1
+    result = segmentation_metrics(pred, true)
+    assert result["n"] == 3
+    assert result["dice"] == pytest.approx((0.5 + 1 + 1) / 3)
+    assert result["iou"] == pytest.approx((4 / 12 + 1 + 1) / 3)
+    missed = segmentation_metrics(np.zeros((4, 4)), true[0])
+    assert missed == {"dice": 0.0, "iou": 0.0, "n": 1}
+    assert segmentation_metrics(pred[0], true[0], threshold=0.95)["dice"] == 0.0
+
+
+def test_segmentation_metrics_reject_bad_shapes() -> None:
+    with pytest.raises(ValueError, match="differs"):
+        segmentation_metrics(np.zeros((2, 4, 4)), np.zeros((2, 4, 5)))
+    with pytest.raises(ValueError, match="at least one"):
+        segmentation_metrics(np.zeros((0, 4, 4)), np.zeros((0, 4, 4)))

@@ -1,0 +1,164 @@
+"""The evaluation report: the exact files written, valid PNGs, escaped self-contained HTML, metrics.json."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cxrcore.evaluate.report import (
+    ReportSection,
+    html_table,
+    metrics_table,
+    plot_overlaid_curves,
+    plot_training_curves,
+    write_evaluation_report,
+    write_html_report,
+)
+from cxrcore.labels import CLASSES
+from cxrcore.metrics import classification_metrics, segmentation_metrics
+
+PLOTS = {"confusion_matrix", "confusion_matrix_normalized", "roc_curves", "reliability"}
+CARD = {
+    "architecture": "tiny_dual_cnn",
+    "learning_rate": 3e-4,
+    "note": "<script>alert('x')</script> & more",
+    "input_spec": {"channels": ["image", "mask"], "size": 64},
+}
+HISTORY = [
+    {"epoch": 1, "train_loss": 1.3, "val_loss": 1.2, "train_accuracy": 0.4, "val_accuracy": 0.45},
+    {"epoch": 2, "train_loss": 0.9, "val_loss": 1.0, "train_accuracy": 0.6, "val_macro_f1": 0.5},
+    {"epoch": 3, "train_loss": 0.7, "val_loss": None, "val_accuracy": 0.7, "val_macro_f1": 0.66},
+]
+
+
+def _metrics(seed: int, drop_class: int | None = None) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 4, 300)
+    if drop_class is not None:
+        labels[labels == drop_class] = 0
+    logits = rng.normal(size=(300, 4))
+    logits[np.arange(300), labels] += 2.0
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    return classification_metrics(labels, probs, with_curves=True)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One full report, shared by the tests that only read it (plotting is the slow part)."""
+    extra = {
+        "held-out source: <kermany>": _metrics(1, drop_class=3),
+        "lung masks": segmentation_metrics(np.ones((2, 8, 8)), np.ones((2, 8, 8))),
+    }
+    return write_evaluation_report(tmp_path_factory.mktemp("report"), _metrics(0), HISTORY, CARD, extra)
+
+
+def test_report_writes_exactly_the_expected_files(report: dict[str, Path]) -> None:
+    out = report["report"].parent
+    expected = {*PLOTS, "training_curves", "metrics", "report"}
+    assert set(report) == expected
+    assert {path.name for path in out.iterdir()} == {
+        *(f"{name}.png" for name in PLOTS),
+        "training_curves.png",
+        "metrics.json",
+        "report.html",
+    }
+    for name, path in report.items():
+        assert path.parent == out and path.stem == name
+
+
+def test_plots_are_valid_pngs(report: dict[str, Path]) -> None:
+    for path in report.values():
+        if path.suffix == ".png":
+            with Image.open(path) as image:
+                image.verify()
+                assert image.format == "PNG" and min(image.size) > 200
+
+
+def test_metrics_json_round_trips_with_extra_results(report: dict[str, Path]) -> None:
+    saved = json.loads(report["metrics"].read_text())
+    metrics = _metrics(0)
+    assert {key: saved[key] for key in metrics} == json.loads(json.dumps(metrics))
+    assert saved["held-out source: <kermany>"]["n"] == 300
+    assert saved["lung masks"] == {"dice": 1.0, "iou": 1.0, "n": 2}
+
+
+def test_html_is_self_contained_and_escaped(report: dict[str, Path]) -> None:
+    text = report["report"].read_text(encoding="utf-8")
+    for name in CLASSES:
+        assert html.escape(name) in text
+    assert "<script" not in text and "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; more" in text
+    assert "tiny_dual_cnn" in text and "0.0003" in text  # card numbers shown exactly
+    assert "&quot;channels&quot;" in text  # nested card values as JSON
+    assert "held-out source: &lt;kermany&gt;" in text and "lung masks" in text
+    assert "No ROC curve for Viral Pneumonia" not in text  # the main metrics have every class
+    sources = re.findall(r'<img [^>]*src="([^"]+)"', text)
+    assert len(sources) == 5 and all(src.startswith("data:image/png;base64,") for src in sources)
+    assert base64.b64decode(sources[0].split(",", 1)[1]).startswith(b"\x89PNG")
+    assert "http" not in text.replace("<!DOCTYPE html>", "")  # no external assets
+
+
+def test_no_history_means_no_training_curves(tmp_path: Path) -> None:
+    paths = write_evaluation_report(tmp_path, _metrics(2, drop_class=1))
+    assert set(paths) == {*PLOTS, "metrics", "report"}
+    assert not (tmp_path / "training_curves.png").exists()
+    text = paths["report"].read_text()
+    assert "Model card" not in text and "Training curves" not in text
+    assert "No ROC curve for Lung_Opacity" in text
+
+
+def test_report_needs_curves_and_distinct_extra_names(tmp_path: Path) -> None:
+    labels = np.array([0, 1, 2, 3])
+    cheap = classification_metrics(labels, np.eye(4)[labels])
+    with pytest.raises(ValueError, match="with_curves=True"):
+        write_evaluation_report(tmp_path, cheap)
+    with pytest.raises(ValueError, match="clash"):
+        write_evaluation_report(tmp_path, _metrics(3), extra={"accuracy": {"n": 1}})
+
+
+def test_metrics_table_rows() -> None:
+    metrics = _metrics(4)
+    rows = metrics_table(metrics)
+    assert [row["class"] for row in rows] == [*CLASSES, "macro"]
+    assert rows[-1] == {
+        "class": "macro",
+        "precision": metrics["macro_precision"],
+        "recall": metrics["macro_recall"],
+        "f1": metrics["macro_f1"],
+        "support": 300,
+        "auroc": metrics["macro_auroc"],
+    }
+    assert sum(row["support"] for row in rows[:-1]) == 300
+
+
+def test_html_table_formats_and_escapes() -> None:
+    table = html_table([{"a": 0.12345, "b": 7, "c": None}, {"a": "<b>", "d": [1, 2]}])
+    assert "<th>a</th><th>b</th><th>c</th><th>d</th>" in table
+    assert '<td class="num">0.123</td>' in table and '<td class="num">7</td>' in table
+    assert "<td>—</td>" in table and "<td>&lt;b&gt;</td>" in table and "<pre>[" in table
+
+
+def test_html_report_sections(tmp_path: Path) -> None:
+    image = plot_training_curves([{"epoch": 1}], tmp_path / "empty.png")  # no known keys: "no data"
+    section = ReportSection("A & B", html="<p>trusted</p>", images=[image], table=[{"x": 1.0}])
+    path = write_html_report(tmp_path / "r.html", "T <1>", [section])
+    text = path.read_text()
+    assert "<h1>T &lt;1&gt;</h1>" in text and "<h2>A &amp; B</h2>" in text and "<p>trusted</p>" in text
+    assert text.count("data:image/png;base64,") == 1 and "1.000" in text
+
+
+def test_overlaid_curves(tmp_path: Path) -> None:
+    histories = {
+        "cnn_lstm": HISTORY,
+        "resnet18": [{"epoch": e, "val_accuracy": 0.5 + e / 10} for e in range(4)],
+    }
+    path = plot_overlaid_curves(histories, "val_accuracy", tmp_path / "overlay.png")
+    with Image.open(path) as image:
+        assert image.format == "PNG"
