@@ -50,4 +50,34 @@ def benchmark_ingest(config: BenchmarkConfig) -> dict[str, Any]:
     }
 
 
-BENCHMARKS = {"ingest": benchmark_ingest}
+def benchmark_train(config: BenchmarkConfig) -> dict[str, Any]:
+    """Training throughput (images/s) of each model with 1 and with 2 Ray Train workers."""
+    from cxrcore.config import TrainConfig
+    from cxrcore.data.ingest import ingest_dataset
+    from cxrcore.data.synthetic import write_synthetic_dataset
+    from cxrcore.runtime import init_ray
+    from cxrcore.train.trainer import fit
+
+    init_ray(config.address)
+    results: dict[str, Any] = {"images": config.images, "size": config.size}
+    with tempfile.TemporaryDirectory(prefix="cxr-bench-", dir=config.work_dir) as work:
+        raw, dataset = Path(work) / "raw", str(Path(work) / "dataset")
+        write_synthetic_dataset(raw, per_class=config.images // 4, seed=0)
+        ingest_dataset(IngestConfig(raw=str(raw), out=dataset, size=config.size))
+        for model in config.models.split(","):
+            for workers in (1, 2):
+                result = fit(
+                    TrainConfig(
+                        data=dataset, model=model, epochs=2, workers=workers, gpu=config.gpu,
+                        pretrained="none", out=str(Path(work) / "runs"), name=f"{model}-{workers}",
+                    )
+                )  # fmt: skip
+                # Epoch 2: the first includes worker start-up and warm-up.
+                results[f"{model}_{workers}w_images_per_s"] = round(result.metrics["train_images_per_s"], 1)
+            results[f"{model}_2w_vs_1w"] = round(
+                results[f"{model}_2w_images_per_s"] / results[f"{model}_1w_images_per_s"], 2
+            )
+    return results
+
+
+BENCHMARKS = {"ingest": benchmark_ingest, "train": benchmark_train}

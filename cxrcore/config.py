@@ -192,14 +192,20 @@ class PipelineConfig:
 class BenchmarkConfig:
     """Measure a stage against its plain baseline, side by side in one run."""
 
-    what: str = option("ingest", "what to measure: ingest", positional=True)
+    what: str = option("ingest", "what to measure: ingest or train", positional=True)
     images: int = option(2000, "number of synthetic images (spread over the four classes)")
     size: int = option(256, "base resolution")
+    models: str = option("tiny_cnn_lstm,tiny_dual_cnn,tiny_resnet", "train: comma-separated model names")
+    gpu: bool = option(False, "train: one GPU per worker")
     work_dir: str | None = option(None, "scratch folder (default: the system temp folder)")
     address: str | None = option(None, "Ray cluster address; default: RAY_ADDRESS or a local cluster")
 
     def __post_init__(self) -> None:
-        _require(self.what in ("ingest",), "what", f"unknown benchmark {self.what!r}; choose from: ingest")
+        _require(
+            self.what in ("ingest", "train"),
+            "what",
+            f"unknown benchmark {self.what!r}; choose ingest or train",
+        )
         _require(self.images >= 4, "images", f"must be at least 4, got {self.images}")
 
 

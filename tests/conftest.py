@@ -44,3 +44,15 @@ def lung_mask(size: int = 80) -> np.ndarray:
     mask[size // 4 : 3 * size // 4, size // 8 : 3 * size // 8] = 255
     mask[size // 4 : 3 * size // 4, 5 * size // 8 : 7 * size // 8] = 255
     return mask
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` run only where CUDA is available."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

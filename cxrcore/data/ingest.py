@@ -141,7 +141,7 @@ def ingest_dataset(config: IngestConfig) -> dict[str, Any]:
     staging = root.rstrip("/") + ".partial"
     storage.remove(filesystem, staging)
     decoded.map_batches(finish, batch_size=256).write_parquet(
-        staging, filesystem=filesystem, partition_cols=["split"], min_rows_per_file=256
+        staging, filesystem=filesystem, partition_cols=["split"]
     )
     storage.publish(filesystem, staging, root)
 

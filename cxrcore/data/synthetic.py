@@ -1,9 +1,9 @@
 """Procedural chest X-ray phantoms in the Kaggle COVID-19 Radiography layout, for tests and smoke runs.
 
-Each image is drawn from its own generator seeded by (seed, class index, image number), so datasets of
-different sizes share their prefix and the work splits across processes without coordination. The
-class patterns live inside the lung fields only, and every image's intensity histogram is matched to
-that of its own pattern-free anatomy, so global intensity statistics carry no class information.
+Image i of a class is drawn from its own generator seeded by (seed, class index, i), so datasets of
+different sizes share their prefix and writing splits across processes without coordination. Class
+patterns live inside the lung fields only, and each image's intensity histogram is matched to that of
+its own pattern-free anatomy, so global intensity statistics carry no class information.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Sequence
+import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -26,16 +27,15 @@ SUBTLE_FRACTION = 0.15
 METADATA_COLUMNS = ("FILE NAME", "FORMAT", "SIZE", "URL")
 SOURCES_PER_CLASS = 2
 
-# Speed over size: level 1 makes files ~10% larger than level 6 and writing several times faster.
-_PNG_COMPRESS_LEVEL = 1
-# Extra stream index for per-image draws that must not disturb the image's own stream.
+# Speed over size: noisy images barely compress, and zlib's RLE strategy is the fastest that still
+# shrinks the masks to a few hundred bytes.
+_PNG_OPTIONS = {"compress_level": 1, "compress_type": zlib.Z_RLE}
+# Extra seed word for per-image draws (the source) that must not disturb the image's own stream.
 _SOURCE_STREAM = 1
 # Quantisation levels used to match an image's histogram to its pattern-free anatomy.
 _HIST_LEVELS = 1024
-# Resolution the anatomy is drawn at; larger images are upsampled from it (their blur is real anyway).
+# Resolution the anatomy is drawn at; larger images are upsampled once, then get full-size noise.
 _WORK_SIZE = 160
-
-Points = list[tuple[float, float]]
 
 
 @dataclass(frozen=True)
@@ -60,20 +60,30 @@ class _Pose:
     dy: float
     sharpness: float
 
-    def px(self, points: np.ndarray) -> Points:
-        """Pixel coordinates of anatomy points (N×2, x right, y down, centre 0.5)."""
-        x = points[:, 0] - 0.5
-        y = points[:, 1] - 0.5
+    def xy(self, points: np.ndarray) -> np.ndarray:
+        """Pixel coordinates of anatomy points (shape (..., 2); x right, y down, centre 0.5)."""
+        x = points[..., 0] - 0.5
+        y = points[..., 1] - 0.5
         u = 0.5 + self.dx + self.scale * (self.cos * x - self.sin * y)
         v = 0.5 + self.dy + self.scale * (self.sin * x + self.cos * y)
-        return list(zip((u * self.size).tolist(), (v * self.size).tolist(), strict=True))
+        return np.stack([u, v], axis=-1) * self.size
+
+    def px(self, points: np.ndarray) -> list[float]:
+        """Flat pixel coordinates of a polyline or polygon, as ImageDraw takes them."""
+        return self.xy(points).ravel().tolist()
+
+    def box(self, centre: Sequence[float] | np.ndarray, rx: float, ry: float) -> list[float]:
+        """Pixel bounding box of an ellipse; the pose's small rotation does not matter for blobs."""
+        u, v = self.xy(np.asarray(centre, dtype=np.float64))
+        sx, sy = rx * self.scale * self.size, ry * self.scale * self.size
+        return [u - sx, v - sy, u + sx, v + sy]
 
     def width(self, fraction: float) -> int:
         """A stroke width given as a fraction of the image side, at least one pixel."""
         return max(1, round(fraction * self.scale * self.size))
 
     def blur(self, img: Image.Image, fraction: float) -> np.ndarray:
-        """Gaussian-blur a drawn layer (radius a fraction of the side) and return it as float 0..1."""
+        """Blur a drawn layer (radius a fraction of the side, times the image's sharpness) to float 0..1."""
         radius = fraction * self.sharpness * self.scale * self.size
         if radius >= 0.3:
             img = img.filter(ImageFilter.GaussianBlur(radius))
@@ -82,7 +92,7 @@ class _Pose:
 
 @dataclass(frozen=True)
 class _Lung:
-    """One lung field in anatomy coordinates: its outline, hilum and which side is lateral."""
+    """One lung field in anatomy coordinates: its outline, hilum, and which side (-1/+1) is lateral."""
 
     outline: np.ndarray
     hilum: tuple[float, float]
@@ -104,33 +114,34 @@ def render_phantom(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(image uint8 size×size, lung mask uint8 mask_size×mask_size with values 0/255).
 
-    The anatomy is drawn first and independently of the label; the class pattern is then added inside
-    the lungs, scaled down to a faint trace when `subtle` (drawn at random when None).
+    The anatomy is drawn first, independently of the label; the class pattern then goes inside the
+    lungs, as a faint trace when `subtle` (drawn with probability SUBTLE_FRACTION when None).
     """
     name = CLASSES[class_index(label)]
-    if size < 32 or mask_size < 8:
-        raise ValueError(f"size must be >= 32 and mask_size >= 8, got size={size}, mask_size={mask_size}")
-    # Everything is smooth at the detector's resolution, so draw at a working size and upsample once.
+    _check_sizes(size, mask_size)
     pose = _random_pose(rng, min(size, _WORK_SIZE))
     lungs = _lung_outlines(rng)
     heart = _heart(rng)
     lung_img = _lung_mask(pose, lungs, heart)
-    lung_hard = np.asarray(lung_img)
     lung_soft = pose.blur(lung_img, 0.005)
 
-    base = _anatomy(rng, pose, lungs, heart, lung_img, lung_soft)
+    base = _anatomy(rng, pose, lungs, lung_img, lung_soft)
     if subtle is None:
         subtle = bool(rng.random() < SUBTLE_FRACTION)
-    strength = rng.uniform(0.35, 0.55) if subtle else rng.uniform(0.8, 1.2)
-    pattern = _PATTERNS[name](rng, pose, lungs, lung_hard) if name in _PATTERNS else None
-    image = base if pattern is None else _match_histogram(base + strength * pattern * lung_soft, base)
+    strength = rng.uniform(0.4, 0.6) if subtle else rng.uniform(0.85, 1.25)
+    image = base.copy()
+    pattern = _PATTERNS.get(name)
+    if pattern is not None:
+        image += strength * pattern(rng, pose, lungs, np.asarray(lung_img)) * lung_soft
+    # Normal images go through the same (for them near-identity) remapping so no class skips a step.
+    image = _tone(rng, _match_histogram(image, base))
     if pose.size != size:
         image = np.asarray(Image.fromarray(image, mode="F").resize((size, size), Image.Resampling.BILINEAR))
 
-    image = _expose(rng, image)
-    full = _lung_mask(replace(pose, size=size), lungs, heart)
-    mask = full.resize((mask_size, mask_size), Image.Resampling.NEAREST)
-    return image, np.asarray(mask)
+    mask = _lung_mask(replace(pose, size=size), lungs, heart)
+    if mask_size != size:
+        mask = mask.resize((mask_size, mask_size), Image.Resampling.NEAREST)
+    return _add_noise(rng, image), np.asarray(mask)
 
 
 def write_synthetic_dataset(
@@ -145,6 +156,7 @@ def write_synthetic_dataset(
     and <Class>.metadata.xlsx (columns FILE NAME, FORMAT, SIZE, URL) in `out`."""
     if per_class < 0:
         raise ValueError(f"per_class must be >= 0, got {per_class}")
+    _check_sizes(image_size, mask_size)
     names = [CLASSES[class_index(c)] for c in classes]
     root = Path(out)
     start = time.perf_counter()
@@ -160,11 +172,10 @@ def write_synthetic_dataset(
             image, mask = render_phantom(name, np.random.default_rng([seed, index, i]), image_size, mask_size)
             _save_png(image, images / f"{stem}.png")
             _save_png(mask, masks / f"{stem}.png")
-            source = np.random.default_rng([seed, index, i, _SOURCE_STREAM]).integers(SOURCES_PER_CLASS)
+            source = int(np.random.default_rng([seed, index, i, _SOURCE_STREAM]).integers(SOURCES_PER_CLASS))
             rows.append((_metadata_name(stem), "PNG", f"{image_size}*{image_size}", source_url(name, source)))
-        pd.DataFrame(rows, columns=list(METADATA_COLUMNS)).to_excel(
-            root / f"{name}.metadata.xlsx", index=False, engine="openpyxl"
-        )
+        metadata = pd.DataFrame(rows, columns=list(METADATA_COLUMNS))
+        metadata.to_excel(root / f"{name}.metadata.xlsx", index=False, engine="openpyxl")
         counts[name] = per_class
     seconds = time.perf_counter() - start
     total = sum(counts.values())
@@ -172,9 +183,14 @@ def write_synthetic_dataset(
 
 
 def source_url(label: str, source: int) -> str:
-    """The stable fake URL of one synthetic source ("site") of a class; each has its own host."""
+    """The stable fake URL of one synthetic source ("site") of a class; each source has its own host."""
     slug = CLASSES[class_index(label)].lower().replace("_", "-").replace(" ", "-")
-    return f"https://site-{chr(ord('a') + int(source))}.{slug}.synthetic.cxr/"
+    return f"https://site-{chr(ord('a') + source)}.{slug}.synthetic.cxr/"
+
+
+def _check_sizes(size: int, mask_size: int) -> None:
+    if size < 32 or mask_size < 8:
+        raise ValueError(f"image size must be >= 32 and mask size >= 8, got {size} and {mask_size}")
 
 
 def _metadata_name(stem: str) -> str:
@@ -183,7 +199,7 @@ def _metadata_name(stem: str) -> str:
 
 
 def _save_png(array: np.ndarray, path: Path) -> None:
-    Image.fromarray(array, mode="L").save(path, format="PNG", compress_level=_PNG_COMPRESS_LEVEL)
+    Image.fromarray(array, mode="L").save(path, format="PNG", **_PNG_OPTIONS)
 
 
 def _random_pose(rng: np.random.Generator, size: int) -> _Pose:
@@ -205,7 +221,7 @@ def _canvas(size: int) -> tuple[Image.Image, ImageDraw.ImageDraw]:
 
 
 def _chaikin(points: np.ndarray, rounds: int = 2) -> np.ndarray:
-    """Corner-cutting on a closed polygon: rounds the control points into a smooth outline."""
+    """Corner-cutting on a closed polygon: rounds control points into a smooth outline."""
     for _ in range(rounds):
         nxt = np.roll(points, -1, axis=0)
         points = np.stack([0.75 * points + 0.25 * nxt, 0.25 * points + 0.75 * nxt], axis=1).reshape(-1, 2)
@@ -231,42 +247,34 @@ def _lung_outlines(rng: np.random.Generator) -> tuple[_Lung, _Lung]:
         pts = _RIGHT_LUNG + rng.normal(0.0, 0.007, _RIGHT_LUNG.shape)
         top = 0.15
         pts[:, 1] = top + (pts[:, 1] - top) * depth * rng.uniform(0.95, 1.05)
-        if side > 0:
-            pts[:, 1] += rng.uniform(0.0, 0.03)  # the left hemidiaphragm usually sits lower
         pts[:, 0] = 0.5 - (0.5 - pts[:, 0]) * width
         if side > 0:
             pts[:, 0] = 1.0 - pts[:, 0]
-        outline = _chaikin(pts)
-        hilum = (0.5 + side * rng.uniform(0.07, 0.1), 0.15 + 0.27 * depth + rng.normal(0.0, 0.01))
-        lungs.append(_Lung(outline, hilum, side))
+            pts[:, 1] += rng.uniform(0.0, 0.03)  # the left hemidiaphragm usually sits lower
+        hilum = (0.5 + side * rng.uniform(0.07, 0.1), top + 0.27 * depth + rng.normal(0.0, 0.01))
+        lungs.append(_Lung(_chaikin(pts), hilum, side))
     return lungs[0], lungs[1]
 
 
 def _heart(rng: np.random.Generator) -> np.ndarray:
-    """Heart outline: a tilted ellipse shifted to the patient's left that cuts the medial lower lungs."""
-    cx = rng.uniform(0.53, 0.57)
-    cy = rng.uniform(0.63, 0.67)
+    """Heart outline: a tilted ellipse sitting on the diaphragm, shifted to the patient's left."""
+    cx, cy = rng.uniform(0.53, 0.57), rng.uniform(0.63, 0.67)
     rx, ry = rng.uniform(0.13, 0.17), rng.uniform(0.09, 0.12)
     tilt = rng.uniform(-0.45, -0.2)
     t = np.linspace(0.0, 2.0 * np.pi, 32, endpoint=False)
     x, y = rx * np.cos(t), ry * np.sin(t)
-    return np.stack(
-        [cx + x * math.cos(tilt) - y * math.sin(tilt), cy + x * math.sin(tilt) + y * math.cos(tilt)], axis=1
-    )
-
-
-def _mediastinum(heart: np.ndarray) -> np.ndarray:
-    """The central soft-tissue band from the neck to the heart, which no lung field covers."""
-    top = heart[:, 1].min() + 0.02
-    return np.array([(0.47, 0.0), (0.53, 0.0), (0.545, top), (0.455, top)])
+    c, s = math.cos(tilt), math.sin(tilt)
+    return np.stack([cx + x * c - y * s, cy + x * s + y * c], axis=1)
 
 
 def _lung_mask(pose: _Pose, lungs: Sequence[_Lung], heart: np.ndarray) -> Image.Image:
+    """The lung fields minus the heart and the mediastinum above it, as 0/255."""
     img, draw = _canvas(pose.size)
     for lung in lungs:
         draw.polygon(pose.px(lung.outline), fill=255)
     draw.polygon(pose.px(heart), fill=0)
-    draw.polygon(pose.px(_mediastinum(heart)), fill=0)
+    top = heart[:, 1].min() + 0.02
+    draw.polygon(pose.px(np.array([(0.47, -0.1), (0.53, -0.1), (0.545, top), (0.455, top)])), fill=0)
     return img
 
 
@@ -274,23 +282,22 @@ def _anatomy(
     rng: np.random.Generator,
     pose: _Pose,
     lungs: Sequence[_Lung],
-    heart: np.ndarray,
     lung_img: Image.Image,
     lung_soft: np.ndarray,
 ) -> np.ndarray:
     """Attenuation of the pattern-free chest (float32, roughly 0..1): everything but the disease."""
     image = np.float32(rng.uniform(0.0, 0.06)) + rng.uniform(0.5, 0.65) * _body(rng, pose)
-    image += rng.uniform(0.0, 0.04) * _heart_density(pose, heart)
-    # Lungs are thickest (darkest) away from their edges; the wide blur gives them that depth.
+    # Lungs are thickest (darkest) away from their edges; a wide blur of the mask gives them that depth.
     depth = rng.uniform(0.3, 0.6)
     image -= rng.uniform(0.28, 0.38) * lung_soft * ((1.0 - depth) + depth * pose.blur(lung_img, 0.05))
-    image += rng.uniform(0.03, 0.06) * _spine(rng, pose)
+    image += rng.uniform(0.08, 0.14) * _bones(rng, pose)
     image += _ribs(rng, pose, lungs) * (np.float32(rng.uniform(0.04, 0.08)) * (0.3 + 0.7 * lung_soft))
-    image += rng.uniform(0.08, 0.14) * _clavicles(rng, pose)
     image += (rng.uniform(0.05, 0.1) * _vessels(rng, pose, lungs)) * lung_soft
-    image += rng.uniform(0.0, 0.07) * _breasts(rng, pose, lungs)
-    image -= rng.uniform(0.0, 0.15) * _gastric_bubble(rng, pose, lungs[1])
-    image += _devices(rng, pose)
+    if rng.random() < 0.4:
+        image += rng.uniform(0.02, 0.07) * _breasts(pose, lungs)
+    if rng.random() < 0.5:
+        image -= rng.uniform(0.03, 0.15) * _gastric_bubble(rng, pose, lungs[1])
+    _draw_devices(rng, pose, image)
     return image
 
 
@@ -306,50 +313,39 @@ def _body(rng: np.random.Generator, pose: _Pose) -> np.ndarray:
     )  # fmt: skip
     half[:, 0] = 0.5 - (0.5 - half[:, 0]) * w
     half += rng.normal(0.0, 0.008, half.shape)
-    outline = _chaikin(np.concatenate([half, np.stack([1.0 - half[::-1, 0], half[::-1, 1]], axis=1)]), 1)
+    outline = np.concatenate([half, np.stack([1.0 - half[::-1, 0], half[::-1, 1]], axis=1)])
     img, draw = _canvas(pose.size)
-    draw.polygon(pose.px(outline), fill=255)
+    draw.polygon(pose.px(_chaikin(outline, 1)), fill=255)
     if rng.random() < 0.35:
         for side in (-1.0, 1.0):
-            arm = np.array(
-                [
-                    (0.5 + side * 0.49, 0.15),
-                    (0.5 + side * 0.58, 0.1),
-                    (0.5 + side * 0.58, 1.0),
-                    (0.5 + side * 0.5, 1.0),
-                ]
-            )
-            draw.polygon(pose.px(arm), fill=170)
+            arm = [(0.49, 0.15), (0.58, 0.1), (0.58, 1.05), (0.5, 1.05)]
+            draw.polygon(pose.px(np.array([(0.5 + side * x, y) for x, y in arm])), fill=170)
     # X-ray path length through a roughly elliptical chest: thin at the sides, thick in the middle.
     x = (np.arange(pose.size, dtype=np.float32) + 0.5) / pose.size - 0.5 - pose.dx
     chord = np.sqrt(np.clip(1.0 - (x / (0.45 * w * pose.scale)) ** 2, 0.0, 1.0))
     return pose.blur(img, 0.015) * (0.55 + 0.45 * chord)[None, :]
 
 
-def _heart_density(pose: _Pose, heart: np.ndarray) -> np.ndarray:
+def _bones(rng: np.random.Generator, pose: _Pose) -> np.ndarray:
+    """Spine and clavicles on one layer (same blur), the spine fainter: it hides behind the mediastinum."""
     img, draw = _canvas(pose.size)
-    draw.polygon(pose.px(heart), fill=255)
-    return pose.blur(img, 0.01)
+    _draw_spine(rng, pose, draw, fill=int(rng.integers(60, 140)))
+    _draw_clavicles(rng, pose, draw)
+    return pose.blur(img, 0.007)
 
 
-def _spine(rng: np.random.Generator, pose: _Pose) -> np.ndarray:
-    """Vertebral bodies with darker disc spaces, seen faintly through the mediastinum."""
-    img, draw = _canvas(pose.size)
+def _draw_spine(rng: np.random.Generator, pose: _Pose, draw: ImageDraw.ImageDraw, fill: int) -> None:
+    """Vertebral bodies with darker disc spaces between them."""
     half_w = rng.uniform(0.03, 0.04)
     step = rng.uniform(0.05, 0.06)
-    y = rng.uniform(-0.02, 0.02)
-    while y < 1.0:
-        box = np.array(
-            [
-                (0.5 - half_w, y),
-                (0.5 + half_w, y),
-                (0.5 + half_w, y + step * 0.8),
-                (0.5 - half_w, y + step * 0.8),
-            ]
-        )
-        draw.polygon(pose.px(box), fill=255)
-        y += step
-    return pose.blur(img, 0.008)
+    for y in np.arange(rng.uniform(-0.02, 0.02), 1.0, step):
+        box = [
+            (0.5 - half_w, y),
+            (0.5 + half_w, y),
+            (0.5 + half_w, y + 0.8 * step),
+            (0.5 - half_w, y + 0.8 * step),
+        ]
+        draw.polygon(pose.px(np.array(box)), fill=fill)
 
 
 def _ribs(rng: np.random.Generator, pose: _Pose, lungs: Sequence[_Lung]) -> np.ndarray:
@@ -359,105 +355,90 @@ def _ribs(rng: np.random.Generator, pose: _Pose, lungs: Sequence[_Lung]) -> np.n
     width = pose.width(rng.uniform(0.016, 0.022))
     step = rng.uniform(0.05, 0.058)
     droop = rng.uniform(0.17, 0.23)
+    k = np.arange(10)[:, None]
     for lung in lungs:
-        x0, y0, x1, y1 = lung.box
+        x0, _, x1, _ = lung.box
         reach = (x1 - x0) + 0.02
-        for k in range(10):
-            y = 0.09 + k * step + rng.normal(0.0, 0.004)
-            px = 0.5 + lung.lateral * (0.035 + reach * t)
-            py = y - 0.06 * t + (droop + 0.006 * k) * t**2
-            draw.line(pose.px(np.stack([px, py], axis=1)), fill=255, width=width, joint="curve")
-            ax = px[-1] - lung.lateral * reach * 0.6 * t
-            ay = py[-1] + 0.12 * t - 0.03 * t**2
-            draw.line(pose.px(np.stack([ax, ay], axis=1)), fill=110, width=width, joint="curve")
+        y = 0.09 + k * step + rng.normal(0.0, 0.004, (10, 1))
+        px = np.broadcast_to(0.5 + lung.lateral * (0.035 + reach * t), (10, t.size))
+        py = y - 0.06 * t + (droop + 0.006 * k) * t**2
+        ax = px[:, -1:] - lung.lateral * reach * 0.6 * t
+        ay = py[:, -1:] + 0.12 * t - 0.03 * t**2
+        for rib in pose.xy(np.stack([px, py], axis=-1)):
+            draw.line(rib.ravel().tolist(), fill=255, width=width, joint="curve")
+        for rib in pose.xy(np.stack([ax, ay], axis=-1)):
+            draw.line(rib.ravel().tolist(), fill=110, width=width, joint="curve")
     return pose.blur(img, 0.006)
 
 
-def _clavicles(rng: np.random.Generator, pose: _Pose) -> np.ndarray:
-    img, draw = _canvas(pose.size)
+def _draw_clavicles(rng: np.random.Generator, pose: _Pose, draw: ImageDraw.ImageDraw) -> None:
     t = np.linspace(0.0, 1.0, 8)
-    y0 = rng.uniform(0.12, 0.17)
+    y = rng.uniform(0.12, 0.17) - 0.06 * t + 0.015 * np.sin(2.0 * np.pi * t)
     for side in (-1.0, 1.0):
         x = 0.5 + side * (0.035 + 0.3 * t)
-        y = y0 - 0.06 * t + 0.015 * np.sin(np.pi * t * 2.0)
         draw.line(pose.px(np.stack([x, y], axis=1)), fill=255, width=pose.width(0.025), joint="curve")
-    return pose.blur(img, 0.006)
 
 
-def _branches(
-    rng: np.random.Generator,
-    start: tuple[float, float],
-    lateral: float,
-    count: int,
-    length: tuple[float, float],
-) -> list[np.ndarray]:
-    """Wavy polylines fanning out from a hilum towards the lateral chest wall."""
-    lines = []
-    for _ in range(count):
-        angle = rng.uniform(-1.3, 1.4)  # from up-and-out to down-and-out
-        steps = rng.normal(0.0, 0.25, 5).cumsum() + angle
-        seg = rng.uniform(*length) / 5
-        dx = lateral * np.cos(steps) * seg
-        dy = np.sin(steps) * seg
-        pts = np.stack(
-            [np.r_[start[0], start[0] + dx.cumsum()], np.r_[start[1], start[1] + dy.cumsum()]], axis=1
-        )
-        lines.append(pts)
-    return lines
+def _branches(rng: np.random.Generator, lung: _Lung, count: int, length: tuple[float, float]) -> np.ndarray:
+    """Wavy polylines (count × 6 points) fanning out from the hilum towards the lateral chest wall."""
+    angle = rng.uniform(-1.3, 1.4, (count, 1))  # from up-and-out to down-and-out
+    heading = angle + rng.normal(0.0, 0.25, (count, 5)).cumsum(axis=1)
+    seg = rng.uniform(*length, (count, 1)) / 5
+    steps = np.stack([lung.lateral * np.cos(heading) * seg, np.sin(heading) * seg], axis=-1)
+    start = np.broadcast_to(np.asarray(lung.hilum), (count, 1, 2))
+    return np.concatenate([start, start + steps.cumsum(axis=1)], axis=1)
 
 
 def _vessels(rng: np.random.Generator, pose: _Pose, lungs: Sequence[_Lung]) -> np.ndarray:
-    """Normal pulmonary vessels: a few tapering branches that fade before the periphery."""
+    """Normal pulmonary vessels: hilar shadows and a few tapering branches that fade before the edge."""
     img, draw = _canvas(pose.size)
+    thick, thin = pose.width(0.01), pose.width(0.005)
     for lung in lungs:
-        draw.ellipse(_ellipse_box(pose, lung.hilum, 0.03, 0.045), fill=170)
-        for line in _branches(rng, lung.hilum, lung.lateral, int(rng.integers(6, 11)), (0.08, 0.2)):
-            px = pose.px(line)
-            draw.line(px[:3], fill=255, width=pose.width(0.01), joint="curve")
-            draw.line(px[2:], fill=150, width=pose.width(0.005), joint="curve")
+        draw.ellipse(pose.box(lung.hilum, 0.03, 0.045), fill=170)
+        for line in pose.xy(_branches(rng, lung, int(rng.integers(6, 11)), (0.08, 0.2))):
+            draw.line(line[:3].ravel().tolist(), fill=255, width=thick, joint="curve")
+            draw.line(line[2:].ravel().tolist(), fill=150, width=thin, joint="curve")
     return pose.blur(img, 0.006)
 
 
-def _breasts(rng: np.random.Generator, pose: _Pose, lungs: Sequence[_Lung]) -> np.ndarray:
-    """Soft-tissue overlap over the lower lateral lungs, present regardless of class."""
+def _breasts(pose: _Pose, lungs: Sequence[_Lung]) -> np.ndarray:
+    """Soft-tissue overlap of the lower lateral lungs, in any class: a haze that is not disease."""
     img, draw = _canvas(pose.size)
-    if rng.random() < 0.4:
-        for lung in lungs:
-            x0, y0, x1, y1 = lung.box
-            centre = ((x0 + x1) / 2 + lung.lateral * 0.05, y1 - 0.02)
-            draw.ellipse(_ellipse_box(pose, centre, 0.15, 0.13), fill=255)
+    for lung in lungs:
+        x0, _, x1, y1 = lung.box
+        draw.ellipse(pose.box(((x0 + x1) / 2 + lung.lateral * 0.05, y1 - 0.02), 0.15, 0.13), fill=255)
     return pose.blur(img, 0.04)
 
 
 def _gastric_bubble(rng: np.random.Generator, pose: _Pose, left: _Lung) -> np.ndarray:
     img, draw = _canvas(pose.size)
-    if rng.random() < 0.5:
-        x0, y0, x1, y1 = left.box
-        centre = (rng.uniform(x0 + 0.05, x1 - 0.05), y1 + rng.uniform(0.05, 0.09))
-        draw.ellipse(_ellipse_box(pose, centre, rng.uniform(0.03, 0.06), rng.uniform(0.02, 0.04)), fill=255)
+    x0, _, x1, y1 = left.box
+    centre = (rng.uniform(x0 + 0.05, x1 - 0.05), y1 + rng.uniform(0.05, 0.09))
+    draw.ellipse(pose.box(centre, rng.uniform(0.03, 0.06), rng.uniform(0.02, 0.04)), fill=255)
     return pose.blur(img, 0.008)
 
 
-def _devices(rng: np.random.Generator, pose: _Pose) -> np.ndarray:
-    """Burned-in side marker and ECG electrodes with leads: bright, anywhere, in every class."""
+def _draw_devices(rng: np.random.Generator, pose: _Pose, image: np.ndarray) -> None:
+    """Add ECG electrodes with leads and a burned-in side marker: bright, anywhere, in every class."""
     img, draw = _canvas(pose.size)
     if rng.random() < 0.25:
+        t = np.linspace(0.0, 1.0, 12)[:, None]
         for _ in range(int(rng.integers(2, 5))):
-            centre = (rng.uniform(0.15, 0.85), rng.uniform(0.1, 0.9))
-            draw.ellipse(_ellipse_box(pose, centre, 0.02, 0.02), outline=255, width=pose.width(0.006))
-            start, end = np.array(centre), np.array([rng.uniform(0.0, 1.0), 1.05])
+            start = np.array([rng.uniform(0.15, 0.85), rng.uniform(0.1, 0.9)])
+            end = np.array([rng.uniform(0.0, 1.0), 1.05])
             bend = (start + end) / 2 + rng.normal(0.0, 0.1, 2)
-            t = np.linspace(0.0, 1.0, 12)[:, None]
             lead = (1 - t) ** 2 * start + 2 * t * (1 - t) * bend + t**2 * end
+            draw.ellipse(pose.box(start, 0.02, 0.02), outline=255, width=pose.width(0.006))
             draw.line(pose.px(lead), fill=180, width=pose.width(0.004), joint="curve")
     if rng.random() < 0.4:
-        # The marker is burned in after positioning, so it ignores the pose.
-        size = pose.size
-        font = _font(max(8, size // 12))
-        x = rng.uniform(0.03, 0.1) * size if rng.random() < 0.5 else rng.uniform(0.82, 0.9) * size
-        y = rng.uniform(0.03, 0.1) * size if rng.random() < 0.5 else rng.uniform(0.82, 0.88) * size
-        draw.text((x, y), "L" if rng.random() < 0.5 else "R", fill=255, font=font)
-    return np.asarray(img, dtype=np.float32) * np.float32(0.4 / 255)
+        # The marker is burned in by the detector, so it ignores the patient's pose.
+        corner = rng.random(2) < 0.5
+        x = rng.uniform(0.03, 0.1) if corner[0] else rng.uniform(0.82, 0.9)
+        y = rng.uniform(0.03, 0.1) if corner[1] else rng.uniform(0.82, 0.88)
+        letter = "L" if rng.random() < 0.5 else "R"
+        draw.text((x * pose.size, y * pose.size), letter, fill=255, font=_font(max(8, pose.size // 12)))
+    if img.getbbox() is not None:
+        image += np.asarray(img, dtype=np.float32) * np.float32(0.4 / 255)
 
 
 @lru_cache(maxsize=8)
@@ -465,123 +446,123 @@ def _font(px: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     return ImageFont.load_default(size=px)
 
 
-def _ellipse_box(pose: _Pose, centre: tuple[float, float], rx: float, ry: float) -> list[float]:
-    """Pixel bounding box of an axis-aligned ellipse; rotation is small enough to ignore for blobs."""
-    ((u, v),) = pose.px(np.array([centre]))
-    sx, sy = rx * pose.scale * pose.size, ry * pose.scale * pose.size
-    return [u - sx, v - sy, u + sx, v + sy]
-
-
-def _sample_in_lung(
+def _points_in_lung(
     rng: np.random.Generator,
     pose: _Pose,
     lung: _Lung,
-    lung_hard: np.ndarray,
+    lung_mask: np.ndarray,
+    count: int,
     lateral_band: float = 1.0,
     lower_band: float = 1.0,
     margin: float = 0.0,
-) -> tuple[float, float]:
-    """A point inside the lung's mask, restricted to its lateral and lower fractions of the box.
+) -> np.ndarray:
+    """Up to `count` points inside the lung mask, within the lateral and lower fractions of its box.
 
     With a margin, the points that far left, right, above and below must be inside too, so a lesion
     centred there is not lost against the heart or the diaphragm.
     """
     x0, y0, x1, y1 = lung.box
     w = (x1 - x0) * lateral_band
+    n = 8 * count + 16
+    x = rng.uniform(x0, x0 + w, n) if lung.lateral < 0 else rng.uniform(x1 - w, x1, n)
+    y = rng.uniform(y1 - (y1 - y0) * lower_band, y1, n)
+    points = np.stack([x, y], axis=1)
     offsets = np.array([(0.0, 0.0), (-margin, 0.0), (margin, 0.0), (0.0, -margin), (0.0, margin)])
-    point = ((x0 + x1) / 2, (y0 + y1) / 2)
-    for _ in range(40):
-        x = rng.uniform(x0, x0 + w) if lung.lateral < 0 else rng.uniform(x1 - w, x1)
-        y = rng.uniform(y1 - (y1 - y0) * lower_band, y1)
-        uv = np.array(pose.px(offsets + (x, y))).astype(np.intp)
-        inside = (uv >= 0).all() and (uv < pose.size).all() and lung_hard[uv[:, 1], uv[:, 0]].all()
-        if inside:
-            return x, y
-        point = (x, y)
-    return point
+    uv = pose.xy(points[:, None, :] + offsets).astype(np.intp)
+    inside = ((uv >= 0) & (uv < pose.size)).all(axis=(1, 2))
+    uv = np.clip(uv, 0, pose.size - 1)
+    inside &= (lung_mask[uv[..., 1], uv[..., 0]] > 0).all(axis=1)
+    return points[inside][:count]
 
 
 def _ground_glass(
-    rng: np.random.Generator, pose: _Pose, lungs: Sequence[_Lung], lung_hard: np.ndarray
+    rng: np.random.Generator, pose: _Pose, lungs: Sequence[_Lung], mask: np.ndarray
 ) -> np.ndarray:
     """COVID: hazy ground-glass patches, bilateral, peripheral and in the lower zones."""
     img, draw = _canvas(pose.size)
     for lung in lungs:
-        for _ in range(int(rng.integers(2, 5))):
-            centre = _sample_in_lung(rng, pose, lung, lung_hard, lateral_band=0.4, lower_band=0.6)
+        for centre in _points_in_lung(rng, pose, lung, mask, int(rng.integers(2, 5)), 0.4, 0.6):
             r = rng.uniform(0.045, 0.08)
-            draw.ellipse(
-                _ellipse_box(pose, centre, r, r * rng.uniform(0.7, 1.4)), fill=int(rng.integers(150, 256))
-            )
+            draw.ellipse(pose.box(centre, r, r * rng.uniform(0.7, 1.4)), fill=int(rng.integers(150, 256)))
     return pose.blur(img, 0.02) * np.float32(0.35)
 
 
 def _consolidation(
-    rng: np.random.Generator, pose: _Pose, lungs: Sequence[_Lung], lung_hard: np.ndarray
+    rng: np.random.Generator, pose: _Pose, lungs: Sequence[_Lung], mask: np.ndarray
 ) -> np.ndarray:
     """Lung opacity: one (sometimes two) dense, well-defined consolidations with air bronchograms."""
     img, draw = _canvas(pose.size)
     count = 1 if rng.random() < 0.75 else 2
-    for lung in rng.choice(np.array(lungs, dtype=object), size=count, replace=rng.random() < 0.4):
+    for side in rng.choice(2, size=count, replace=rng.random() < 0.4):
         r = rng.uniform(0.06, 0.095)
-        centre = _sample_in_lung(rng, pose, lung, lung_hard, margin=0.8 * r)
-        angles = np.sort(rng.uniform(0.0, 2.0 * np.pi, 9))
-        radii = r * rng.uniform(0.7, 1.2, 9)
-        outline = np.stack([centre[0] + radii * np.cos(angles), centre[1] + radii * np.sin(angles)], axis=1)
-        draw.polygon(pose.px(_chaikin(outline, 2)), fill=255)
-        for _ in range(int(rng.integers(1, 4))):
-            a = rng.uniform(0.0, np.pi)
-            d = np.array([np.cos(a), np.sin(a)]) * r * 0.7
-            line = np.array([np.asarray(centre) - d, np.asarray(centre) + d])
-            draw.line(pose.px(line), fill=150, width=pose.width(0.008))
+        found = _points_in_lung(rng, pose, lungs[side], mask, 1, margin=0.8 * r)
+        if not len(found):
+            found = _points_in_lung(rng, pose, lungs[side], mask, 1)
+        for centre in found:
+            angles = np.sort(rng.uniform(0.0, 2.0 * np.pi, 9))
+            radii = r * rng.uniform(0.7, 1.2, 9)
+            outline = centre + np.stack([radii * np.cos(angles), radii * np.sin(angles)], axis=1)
+            draw.polygon(pose.px(_chaikin(outline)), fill=255)
+            for a in rng.uniform(0.0, np.pi, int(rng.integers(1, 4))):
+                d = np.array([math.cos(a), math.sin(a)]) * r * 0.7
+                draw.line(pose.px(np.stack([centre - d, centre + d])), fill=150, width=pose.width(0.008))
     return pose.blur(img, 0.01) * np.float32(0.45)
 
 
 def _interstitial(
-    rng: np.random.Generator, pose: _Pose, lungs: Sequence[_Lung], lung_hard: np.ndarray
+    rng: np.random.Generator, pose: _Pose, lungs: Sequence[_Lung], mask: np.ndarray
 ) -> np.ndarray:
     """Viral pneumonia: diffuse bilateral reticular streaks radiating from the hila to the periphery."""
     img, draw = _canvas(pose.size)
     width = pose.width(0.008)
     for lung in lungs:
-        for line in _branches(rng, lung.hilum, lung.lateral, int(rng.integers(18, 28)), (0.15, 0.32)):
-            draw.line(pose.px(line[1:]), fill=255, width=width, joint="curve")
-        for _ in range(int(rng.integers(14, 22))):
-            centre = np.array(_sample_in_lung(rng, pose, lung, lung_hard))
-            a = rng.uniform(0.0, np.pi)
-            d = np.array([np.cos(a), np.sin(a)]) * rng.uniform(0.02, 0.05)
-            draw.line(pose.px(np.array([centre - d, centre + d])), fill=200, width=width)
-    return pose.blur(img, 0.004) * np.float32(0.16)
+        for line in pose.xy(_branches(rng, lung, int(rng.integers(18, 28)), (0.15, 0.32))):
+            draw.line(line[1:].ravel().tolist(), fill=255, width=width, joint="curve")
+        centres = _points_in_lung(rng, pose, lung, mask, int(rng.integers(14, 22)))
+        a = rng.uniform(0.0, np.pi, (len(centres), 1))
+        d = np.concatenate([np.cos(a), np.sin(a)], axis=1) * rng.uniform(0.02, 0.05, (len(centres), 1))
+        for segment in pose.xy(np.stack([centres - d, centres + d], axis=1)):
+            draw.line(segment.ravel().tolist(), fill=200, width=width)
+    return pose.blur(img, 0.006) * np.float32(0.18)
 
 
-_PATTERNS = {"COVID": _ground_glass, "Lung_Opacity": _consolidation, "Viral Pneumonia": _interstitial}
+_Pattern = Callable[[np.random.Generator, _Pose, Sequence[_Lung], np.ndarray], np.ndarray]
+_PATTERNS: dict[str, _Pattern] = {
+    "COVID": _ground_glass,
+    "Lung_Opacity": _consolidation,
+    "Viral Pneumonia": _interstitial,
+}
 
 
 def _match_histogram(image: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """Remap `image` monotonically so its intensity histogram equals `reference`'s.
+    """Remap `image` monotonically so that its intensity histogram equals `reference`'s.
 
-    The pattern is drawn on top of a class-independent anatomy; matching the diseased image to that
-    anatomy keeps the pattern's local contrast while erasing what it did to the global histogram.
+    The pattern is added to a class-independent anatomy; matching the result to that anatomy keeps
+    the pattern's local contrast and erases what it did to the global histogram.
     """
     lo, hi = float(reference.min()), float(reference.max())
     scale = (_HIST_LEVELS - 1) / max(hi - lo, 1e-6)
-    levels = np.arange(_HIST_LEVELS, dtype=np.float64)
     q_img = np.clip((image - lo) * scale, 0, _HIST_LEVELS - 1).astype(np.intp)
     q_ref = np.clip((reference - lo) * scale, 0, _HIST_LEVELS - 1).astype(np.intp)
     cdf_img = np.bincount(q_img.ravel(), minlength=_HIST_LEVELS).cumsum() / q_img.size
     cdf_ref = np.bincount(q_ref.ravel(), minlength=_HIST_LEVELS).cumsum() / q_ref.size
-    lut = (np.interp(cdf_img, cdf_ref, levels) / scale + lo).astype(np.float32)
-    return lut[q_img]
+    lut = np.interp(cdf_img, cdf_ref, np.arange(_HIST_LEVELS)) / scale + lo
+    return lut.astype(np.float32)[q_img]
 
 
-def _expose(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
-    """Detector response: random window, gamma and quantum noise, independent of the class."""
+def _tone(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
+    """Exposure: a random window and gamma, strong and independent of the class."""
     lo = rng.uniform(-0.1, 0.12)
     hi = rng.uniform(0.75, 1.0)
     image = np.clip((image - lo) * np.float32(1.0 / (hi - lo)), 0.0, 1.0)
-    image **= np.float32(math.exp(rng.normal(0.0, 0.25)))
-    # Two uniforms make triangular noise (unit variance after scaling): near-Gaussian, twice as cheap.
-    noise = rng.random((2, *image.shape), dtype=np.float32).sum(axis=0) - np.float32(1.0)
-    sigma = np.float32(rng.uniform(0.01, 0.045) * math.sqrt(6.0))
-    image += noise * sigma * np.sqrt(image + np.float32(0.05))
+    return image ** np.float32(math.exp(rng.normal(0.0, 0.25)))
+
+
+def _add_noise(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
+    """Quantum noise growing with the signal, then 8-bit quantisation."""
+    # The sum of two uniform bytes is triangular noise: close enough to Gaussian, and cheap to draw.
+    raw = np.frombuffer(rng.bytes(2 * image.size), dtype=np.int8).reshape(2, *image.shape)
+    noise = raw[0].astype(np.float32) + raw[1]
+    sigma = np.float32(rng.uniform(0.01, 0.045) * math.sqrt(6.0) / 256.0)  # unit variance, then the level
+    image = image + noise * sigma * np.sqrt(image + np.float32(0.05))
     return (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)

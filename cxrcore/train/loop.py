@@ -133,7 +133,7 @@ def epoch_metrics(
         "val_loss": validated["loss"],
     }
     if segmenting:
-        seg = segmentation_metrics(validated["outputs"], validated["targets"])
+        seg = segmentation_metrics(validated["outputs"][:, 0], validated["targets"][:, 0])
         metrics.update(val_dice=seg["dice"], val_iou=seg["iou"], val_score=seg["dice"])
         return metrics
     metrics["train_accuracy"] = trained["accuracy"]

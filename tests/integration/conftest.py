@@ -21,3 +21,17 @@ def ray_session() -> Iterator[None]:
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def synthetic_dataset(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Synthetic phantoms (100 per class) ingested at 64 px: the dataset the training tests share."""
+    from cxrcore.config import IngestConfig
+    from cxrcore.data.ingest import ingest_dataset
+    from cxrcore.data.synthetic import write_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("synthetic")
+    write_synthetic_dataset(root / "raw", per_class=100, seed=11)
+    out = str(root / "dataset")
+    ingest_dataset(IngestConfig(raw=str(root / "raw"), out=out, size=64))
+    return out

@@ -1,0 +1,167 @@
+"""Ray Train: 2-worker DDP on CPU, checkpoints with cards, resume, the segmenter, evaluation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cxrcore.checkpoint import CARD_NAME, WEIGHTS_NAME, load_card
+from cxrcore.config import EvaluateConfig, TrainConfig
+from cxrcore.data.ingest import read_report, read_table, tensor_column
+from cxrcore.evaluate.evaluation import evaluate_checkpoint
+from cxrcore.inference import Predictor
+from cxrcore.train.trainer import TrainResult, fit
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="module")
+def ddp_run(synthetic_dataset: str, runs: Path) -> TrainResult:
+    config = TrainConfig(
+        data=synthetic_dataset,
+        model="tiny_dual_cnn",
+        epochs=10,
+        workers=2,
+        batch_size=16,
+        lr=3e-3,
+        out=str(runs),
+        name="ddp",
+    )
+    return fit(config)
+
+
+def test_two_worker_ddp_beats_chance_and_writes_checkpoint_and_card(
+    ddp_run: TrainResult, synthetic_dataset: str
+) -> None:
+    assert ddp_run.metrics["epoch"] == 10
+    assert ddp_run.best_metrics["val_accuracy"] > 0.5, ddp_run.best_metrics  # chance is 0.25
+    best = Path(ddp_run.best_checkpoint)
+    assert {CARD_NAME, WEIGHTS_NAME} <= {p.name for p in best.iterdir()}
+    card = load_card(best)
+    assert card.model["name"] == "tiny_dual_cnn" and card.input_spec["channels"] == ["image", "mask"]
+    assert card.classes == ["COVID", "Lung_Opacity", "Normal", "Viral Pneumonia"]
+    assert card.data["fingerprint"] == read_report(synthetic_dataset)["fingerprint"]
+    assert card.training["workers"] == 2
+    assert [h["epoch"] for h in card.history] == list(range(1, card.epoch + 2))
+    assert card.metrics["val_score"] == pytest.approx(ddp_run.best_metrics["val_score"])
+
+
+def test_evaluation_numbers_agree_with_each_other(
+    ddp_run: TrainResult, synthetic_dataset: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "eval"
+    paths = evaluate_checkpoint(
+        EvaluateConfig(checkpoint=ddp_run.best_checkpoint, data=synthetic_dataset, out=str(out))
+    )
+    expected = {
+        "metrics",
+        "confusion_matrix",
+        "confusion_matrix_normalized",
+        "roc_curves",
+        "reliability",
+        "training_curves",
+        "report",
+    }
+    assert set(paths) == expected and all(p.is_file() for p in paths.values())
+    metrics = json.loads(paths["metrics"].read_text())
+    matrix = np.array(metrics["confusion_matrix"])
+    test_rows = read_report(synthetic_dataset)["by_split"]["test"]
+    assert matrix.sum() == metrics["n"] == test_rows
+    assert metrics["accuracy"] == pytest.approx(np.trace(matrix) / matrix.sum())
+    for i, name in enumerate(metrics["classes"]):
+        assert metrics["per_class"][name]["support"] == matrix[i].sum()
+    assert "tiny_dual_cnn" in paths["report"].read_text()
+
+
+def test_predictor_matches_training_preprocessing(ddp_run: TrainResult, synthetic_dataset: str) -> None:
+    """The Predictor rebuilt from the card alone scores the test split as the evaluation did."""
+    predictor = Predictor.from_checkpoint(ddp_run.best_checkpoint)
+    frame = read_table(synthetic_dataset, ["image", "mask", "label_index"], split="test").to_pandas()
+    probs = predictor.predict_proba(tensor_column(frame["image"]), list(tensor_column(frame["mask"])))
+    assert probs.shape == (len(frame), 4)
+    assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    with pytest.raises(ValueError, match="needs a lung mask"):
+        predictor.predict_proba(tensor_column(frame["image"])[:2])
+
+
+def test_rerun_with_the_same_name_resumes_after_the_last_epoch(synthetic_dataset: str, runs: Path) -> None:
+    config = TrainConfig(
+        data=synthetic_dataset,
+        model="tiny_cnn_lstm",
+        epochs=1,
+        workers=1,
+        batch_size=32,
+        out=str(runs),
+        name="resume",
+    )
+    first = fit(config)
+    assert first.metrics["epoch"] == 1
+    second = fit(TrainConfig(**{**config.__dict__, "epochs": 2}))
+    assert second.metrics["epoch"] == 2
+    history = load_card(second.latest_checkpoint).history
+    assert [h["epoch"] for h in history] == [1, 2]
+    # Epoch 1 was not trained again: its record is the first run's, to the last digit.
+    assert history[0]["val_loss"] == first.metrics["val_loss"]
+
+
+def test_segmenter_trains_and_fills_missing_masks(synthetic_dataset: str, runs: Path, tmp_path: Path) -> None:
+    unet = fit(
+        TrainConfig(
+            data=synthetic_dataset,
+            model="tiny_unet",
+            epochs=2,
+            workers=1,
+            batch_size=16,
+            lr=3e-3,
+            out=str(runs),
+            name="unet",
+        )
+    )
+    assert 0.0 <= unet.metrics["val_dice"] <= 1.0 and unet.metrics["val_dice"] > 0.3
+    paths = evaluate_checkpoint(
+        EvaluateConfig(checkpoint=unet.best_checkpoint, data=synthetic_dataset, out=str(tmp_path))
+    )
+    assert json.loads(paths["metrics"].read_text())["dice"] > 0.3
+
+    dual = fit(
+        TrainConfig(
+            data=synthetic_dataset,
+            model="tiny_dual_cnn",
+            epochs=1,
+            workers=1,
+            out=str(runs),
+            name="dual-seg",
+            segmenter=unet.best_checkpoint,
+        )
+    )
+    card = load_card(dual.best_checkpoint)
+    assert card.segmenter == unet.best_checkpoint
+    predictor = Predictor.from_checkpoint(dual.best_checkpoint)
+    image = tensor_column(read_table(synthetic_dataset, ["image"], split="test").to_pandas()["image"])[:3]
+    assert predictor.predict_proba(image).shape == (3, 4)  # masks predicted by the segmenter
+
+
+@pytest.mark.gpu
+def test_gpu_training_runs_on_cuda(synthetic_dataset: str, runs: Path) -> None:
+    import torch
+
+    result = fit(
+        TrainConfig(
+            data=synthetic_dataset,
+            model="tiny_cnn_lstm",
+            epochs=1,
+            workers=torch.cuda.device_count(),
+            gpu=True,
+            out=str(runs),
+            name="gpu",
+        )
+    )
+    assert result.metrics["epoch"] == 1 and load_card(result.best_checkpoint).training["gpu"]
