@@ -118,27 +118,29 @@ def _run_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_ingest(args: argparse.Namespace) -> int:
-    from cxrcore.data.ingest import ingest_dataset
+def _connect(address: str | None) -> None:
+    """Join (or start) Ray and say where its dashboard is, before a long-running command."""
     from cxrcore.runtime import init_ray
 
+    dashboard = init_ray(address)
+    print(f"Ray dashboard: {dashboard or 'not available'}", flush=True)
+
+
+def _run_ingest(args: argparse.Namespace) -> int:
+    from cxrcore.data.ingest import ingest_dataset
+
     config: IngestConfig = config_from_args(IngestConfig, args)
-    dashboard = init_ray(config.address)
-    if dashboard:
-        print(f"Ray dashboard: {dashboard}")
+    _connect(config.address)
     report = ingest_dataset(config)
     print(format_ingest_report(report))
     return 0
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from cxrcore.runtime import init_ray
     from cxrcore.train.trainer import fit
 
     config: TrainConfig = config_from_args(TrainConfig, args)
-    dashboard = init_ray(config.address)
-    if dashboard:
-        print(f"Ray dashboard: {dashboard}")
+    _connect(config.address)
     result = fit(config)
     print(format_train_result(result))
     return 0

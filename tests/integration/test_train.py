@@ -23,19 +23,15 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("runs")
 
 
+def train(data: str, runs: Path, name: str, model: str, **settings: object) -> TrainResult:
+    """A small training run (1 epoch, 1 worker unless told otherwise) named `name` under `runs`."""
+    defaults: dict[str, object] = {"epochs": 1, "workers": 1, "batch_size": 16, "lr": 3e-3}
+    return fit(TrainConfig(data=data, model=model, out=str(runs), name=name, **{**defaults, **settings}))
+
+
 @pytest.fixture(scope="module")
 def ddp_run(synthetic_dataset: str, runs: Path) -> TrainResult:
-    config = TrainConfig(
-        data=synthetic_dataset,
-        model="tiny_dual_cnn",
-        epochs=10,
-        workers=2,
-        batch_size=16,
-        lr=3e-3,
-        out=str(runs),
-        name="ddp",
-    )
-    return fit(config)
+    return train(synthetic_dataset, runs, "ddp", "tiny_dual_cnn", epochs=10, workers=2)
 
 
 def test_two_worker_ddp_beats_chance_and_writes_checkpoint_and_card(
@@ -93,18 +89,9 @@ def test_predictor_matches_training_preprocessing(ddp_run: TrainResult, syntheti
 
 
 def test_rerun_with_the_same_name_resumes_after_the_last_epoch(synthetic_dataset: str, runs: Path) -> None:
-    config = TrainConfig(
-        data=synthetic_dataset,
-        model="tiny_cnn_lstm",
-        epochs=1,
-        workers=1,
-        batch_size=32,
-        out=str(runs),
-        name="resume",
-    )
-    first = fit(config)
+    first = train(synthetic_dataset, runs, "resume", "tiny_cnn_lstm", epochs=1)
     assert first.metrics["epoch"] == 1
-    second = fit(TrainConfig(**{**config.__dict__, "epochs": 2}))
+    second = train(synthetic_dataset, runs, "resume", "tiny_cnn_lstm", epochs=2)
     assert second.metrics["epoch"] == 2
     history = load_card(second.latest_checkpoint).history
     assert [h["epoch"] for h in history] == [1, 2]
@@ -113,35 +100,14 @@ def test_rerun_with_the_same_name_resumes_after_the_last_epoch(synthetic_dataset
 
 
 def test_segmenter_trains_and_fills_missing_masks(synthetic_dataset: str, runs: Path, tmp_path: Path) -> None:
-    unet = fit(
-        TrainConfig(
-            data=synthetic_dataset,
-            model="tiny_unet",
-            epochs=2,
-            workers=1,
-            batch_size=16,
-            lr=3e-3,
-            out=str(runs),
-            name="unet",
-        )
-    )
+    unet = train(synthetic_dataset, runs, "unet", "tiny_unet", epochs=2)
     assert 0.0 <= unet.metrics["val_dice"] <= 1.0 and unet.metrics["val_dice"] > 0.3
     paths = evaluate_checkpoint(
         EvaluateConfig(checkpoint=unet.best_checkpoint, data=synthetic_dataset, out=str(tmp_path))
     )
     assert json.loads(paths["metrics"].read_text())["dice"] > 0.3
 
-    dual = fit(
-        TrainConfig(
-            data=synthetic_dataset,
-            model="tiny_dual_cnn",
-            epochs=1,
-            workers=1,
-            out=str(runs),
-            name="dual-seg",
-            segmenter=unet.best_checkpoint,
-        )
-    )
+    dual = train(synthetic_dataset, runs, "dual-seg", "tiny_dual_cnn", segmenter=unet.best_checkpoint)
     card = load_card(dual.best_checkpoint)
     assert card.segmenter == unet.best_checkpoint
     predictor = Predictor.from_checkpoint(dual.best_checkpoint)
@@ -153,15 +119,7 @@ def test_segmenter_trains_and_fills_missing_masks(synthetic_dataset: str, runs: 
 def test_gpu_training_runs_on_cuda(synthetic_dataset: str, runs: Path) -> None:
     import torch
 
-    result = fit(
-        TrainConfig(
-            data=synthetic_dataset,
-            model="tiny_cnn_lstm",
-            epochs=1,
-            workers=torch.cuda.device_count(),
-            gpu=True,
-            out=str(runs),
-            name="gpu",
-        )
+    result = train(
+        synthetic_dataset, runs, "gpu", "tiny_cnn_lstm", workers=torch.cuda.device_count(), gpu=True
     )
     assert result.metrics["epoch"] == 1 and load_card(result.best_checkpoint).training["gpu"]

@@ -167,7 +167,9 @@ def cnn_accuracy(images: np.ndarray, labels: np.ndarray, train: np.ndarray, epoc
     x_train, y_train = x_all[train], y_all[train]
     batch = 32
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)
+    # One thread: on a busy 2-core machine, two OpenMP threads spin-wait for each other and the test
+    # ran 25x slower (150 s instead of 6 s); one thread takes ~11 s, however busy the machine is.
+    torch.set_num_threads(1)
     try:
         torch.manual_seed(0)
         model = _small_cnn(width=16, blocks=4, classes=len(CLASSES))
