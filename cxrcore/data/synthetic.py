@@ -136,7 +136,7 @@ def render_phantom(
     # Normal images go through the same (for them near-identity) remapping so no class skips a step.
     image = _tone(rng, _match_histogram(image, base))
     if pose.size != size:
-        image = np.asarray(Image.fromarray(image, mode="F").resize((size, size), Image.Resampling.BILINEAR))
+        image = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
 
     mask = _lung_mask(replace(pose, size=size), lungs, heart)
     if mask_size != size:
@@ -199,7 +199,7 @@ def _metadata_name(stem: str) -> str:
 
 
 def _save_png(array: np.ndarray, path: Path) -> None:
-    Image.fromarray(array, mode="L").save(path, format="PNG", **_PNG_OPTIONS)
+    Image.fromarray(array).save(path, format="PNG", **_PNG_OPTIONS)
 
 
 def _random_pose(rng: np.random.Generator, size: int) -> _Pose:

@@ -89,11 +89,10 @@ def _tree(root: Path) -> dict[str, np.ndarray]:
 
 
 def test_same_seed_same_pixels_and_smaller_sets_are_prefixes(tmp_path: Path) -> None:
-    small = dict(image_size=64, mask_size=32, classes=("COVID", "Normal"))
-    write_synthetic_dataset(tmp_path / "a", per_class=3, seed=5, **small)
-    write_synthetic_dataset(tmp_path / "b", per_class=3, seed=5, **small)
-    write_synthetic_dataset(tmp_path / "c", per_class=5, seed=5, **small)
-    write_synthetic_dataset(tmp_path / "d", per_class=3, seed=6, **small)
+    for folder, per_class, seed in (("a", 3, 5), ("b", 3, 5), ("c", 5, 5), ("d", 3, 6)):
+        write_synthetic_dataset(
+            tmp_path / folder, per_class, seed, image_size=64, mask_size=32, classes=("COVID", "Normal")
+        )
     a, b, c, d = (_tree(tmp_path / x) for x in "abcd")
     assert a.keys() == b.keys() == d.keys() and len(a) == 12
     assert all(np.array_equal(a[k], b[k]) for k in a)
@@ -167,8 +166,8 @@ def cnn_accuracy(images: np.ndarray, labels: np.ndarray, train: np.ndarray, epoc
     x_train, y_train = x_all[train], y_all[train]
     batch = 32
     threads = torch.get_num_threads()
-    # One thread: on a busy 2-core machine, two OpenMP threads spin-wait for each other and the test
-    # ran 25x slower (150 s instead of 6 s); one thread takes ~11 s, however busy the machine is.
+    # One thread: on a busy 2-core machine two OpenMP threads spin-waited for each other and this
+    # took 150 s instead of 6 s; one thread takes about 7 s however busy the machine is.
     torch.set_num_threads(1)
     try:
         torch.manual_seed(0)
