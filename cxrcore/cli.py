@@ -18,6 +18,7 @@ from cxrcore.config import (
     PipelineConfig,
     SynthConfig,
     TrainConfig,
+    TuneConfig,
     add_config_arguments,
     config_from_args,
 )
@@ -146,6 +147,16 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_tune(args: argparse.Namespace) -> int:
+    from cxrcore.tune import run_comparison
+
+    config: TuneConfig = config_from_args(TuneConfig, args)
+    _connect(config.address)
+    comparison = run_comparison(config)
+    print(format_comparison(comparison))
+    return 0
+
+
 def _run_evaluate(args: argparse.Namespace) -> int:
     from cxrcore.evaluate.evaluation import evaluate_checkpoint
 
@@ -227,6 +238,22 @@ def format_train_result(result: Any) -> str:
             f"best checkpoint: {result.best_checkpoint}",
         ]
     )
+
+
+def format_comparison(comparison: dict[str, Any]) -> str:
+    """The best of each architecture, side by side, and where the reports are."""
+    rows = [
+        [model, row["ref"] + (" *" if row.get("production") else ""), _number(row["val_score"]),
+         _number(row["test_accuracy"]), _number(row["test_macro_f1"]), row["parameters"],
+         _number(row["train_images_per_s"]), row["epochs_run"]]
+        for model, row in comparison["best"].items()
+    ]  # fmt: skip
+    header = ["architecture", "registered", "val F1", "test acc", "test F1", "params", "img/s", "epochs"]
+    lines = [format_table(header, rows), f"production (*): {comparison['production']}"]
+    stopped = sum(1 for t in comparison["trials"] if t["stopped_early"])
+    lines.append(f"trials: {len(comparison['trials'])} ({stopped} stopped early by ASHA)")
+    lines += [f"{name}: {path}" for name, path in comparison["reports"].items()]
+    return "\n".join(lines)
 
 
 def format_scan(scan: LayoutScan) -> str:

@@ -174,18 +174,24 @@ def _scalar_type(annotation: Any) -> type:
 
 @dataclass
 class PipelineConfig:
-    """The whole pipeline on one cluster: synthesise (or take a real folder), check, ingest, summarise."""
+    """The whole pipeline on one cluster: data (synthetic or --real), check, ingest, tune, register."""
 
-    work_dir: str = option("cxr-demo", "folder (or URI) for everything the run writes")
+    work_dir: str = option("cxr-demo", "local folder for everything the run writes")
     real: str | None = option(None, "raw dataset folder to use instead of synthetic data")
     per_class: int = option(100, "synthetic images per class (ignored with --real)")
-    size: int = option(128, "base resolution of the ingested dataset")
-    seed: int = option(0, "seed for synthetic data and the split")
+    size: int = option(64, "base resolution of the ingested dataset (and the models' input size)")
+    models: str = option("cnn_lstm,dual_cnn,resnet18", "architectures to compare")
+    trials: int = option(1, "sampled configurations per architecture")
+    epochs: int = option(6, "maximum epochs per trial")
+    pretrained: str = option("none", "ResNet initial weights: a local file, 'hub' or 'none'")
+    tune: bool = option(True, "compare the architectures (off: stop after ingest)")
+    seed: int = option(0, "seed for synthetic data, the split and the search")
     address: str | None = option(None, "Ray cluster address; default: RAY_ADDRESS or a local cluster")
 
     def __post_init__(self) -> None:
         _require(self.per_class >= 1, "per_class", f"must be at least 1, got {self.per_class}")
         _require(32 <= self.size <= 2048, "size", f"must be between 32 and 2048, got {self.size}")
+        _require(self.trials >= 1 and self.epochs >= 1, "trials", "trials and epochs must be at least 1")
 
 
 @dataclass
@@ -276,3 +282,37 @@ class EvaluateConfig:
             self.split in ("train", "val", "test"), "split", f"must be train, val or test, got {self.split!r}"
         )
         _require(self.batch_size >= 1, "batch_size", "must be at least 1")
+
+
+@dataclass
+class TuneConfig:
+    """Compare architectures and hyperparameters with Ray Tune (ASHA), register the best of each."""
+
+    data: str = option(help="dataset written by `cxr data ingest`")
+    registry: str = option(help="model registry (folder or URI) that receives the best of each architecture")
+    models: str = option(
+        "cnn_lstm,dual_cnn,resnet18", "architectures to compare, comma-separated ('resnet' also searches depth)"
+    )
+    trials: int = option(2, "sampled configurations per architecture")
+    epochs: int = option(10, "maximum epochs per trial (ASHA stops weak trials earlier)")
+    grace_epochs: int = option(2, "epochs every trial gets before ASHA may stop it")
+    workers_per_trial: int = option(1, "Ray Train workers per trial")
+    gpu: bool = option(False, "one GPU per Train worker")
+    image_size: int | None = option(None, "model input size (default: the dataset's base size)")
+    pretrained: str = option("auto", "ResNet initial weights: a local file, 'hub', 'none' or 'auto' (hub)")
+    max_concurrent: int | None = option(None, "trials at once (default: what the cluster's CPUs/GPUs allow)")
+    out: str = option("cxr-runs", "storage path for the experiment, its trials and reports")
+    name: str = option("compare", "experiment name; re-running with the same name resumes it")
+    seed: int = option(0, "seed of the search")
+    address: str | None = option(None, "Ray cluster address; default: RAY_ADDRESS or a local cluster")
+
+    def __post_init__(self) -> None:
+        _require(bool(self.model_names()), "models", "name at least one architecture")
+        _require(self.trials >= 1, "trials", f"must be at least 1, got {self.trials}")
+        _require(self.epochs >= 1, "epochs", f"must be at least 1, got {self.epochs}")
+        _require(1 <= self.grace_epochs <= self.epochs, "grace_epochs", "must be between 1 and --epochs")
+        _require(self.workers_per_trial >= 1, "workers_per_trial", "must be at least 1")
+        _require(self.max_concurrent is None or self.max_concurrent >= 1, "max_concurrent", "must be positive")
+
+    def model_names(self) -> list[str]:
+        return [name.strip() for name in self.models.split(",") if name.strip()]

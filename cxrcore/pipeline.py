@@ -5,19 +5,19 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from cxrcore.config import IngestConfig, PipelineConfig
+from cxrcore.config import IngestConfig, PipelineConfig, TuneConfig
 
 
 def run_pipeline(config: PipelineConfig) -> dict[str, str]:
-    """Synthesise (or take --real), check, ingest; print each step and where its results are."""
-    from cxrcore.cli import format_ingest_report, format_scan
+    """Data, check, ingest, Tune comparison, registry; print each step and where its results are."""
+    from cxrcore.cli import format_comparison, format_ingest_report, format_scan
     from cxrcore.data.ingest import ingest_dataset
     from cxrcore.data.layout import check_layout
     from cxrcore.data.synthetic import write_synthetic_dataset
     from cxrcore.runtime import init_ray
 
     started = time.perf_counter()
-    work = Path(config.work_dir)
+    work = Path(config.work_dir).absolute()
 
     def step(title: str) -> None:
         print(f"\n== [{time.perf_counter() - started:6.1f}s] {title}", flush=True)
@@ -32,9 +32,7 @@ def run_pipeline(config: PipelineConfig) -> dict[str, str]:
         step(f"synthesising {config.per_class} phantoms per class")
         summary = write_synthetic_dataset(work / "raw", per_class=config.per_class, seed=config.seed)
         raw = str(summary.root)
-        print(
-            f"wrote {sum(summary.counts.values())} images to {raw} ({summary.images_per_second:.0f} images/s)"
-        )
+        print(f"wrote {sum(summary.counts.values())} images to {raw} ({summary.images_per_second:.0f} images/s)")
 
     step(f"checking {raw}")
     print(format_scan(check_layout(raw)))
@@ -43,11 +41,27 @@ def run_pipeline(config: PipelineConfig) -> dict[str, str]:
     dataset = str(work / "dataset")
     report = ingest_dataset(IngestConfig(raw=raw, out=dataset, size=config.size, seed=config.seed))
     print(format_ingest_report(report))
+    results = {"raw": raw, "dataset": dataset, "ingest report": f"{dataset}/ingest_report.json"}
+
+    if config.tune:
+        from cxrcore.tune import run_comparison
+
+        step(f"comparing {config.models} with Ray Tune ({config.trials} trial(s) each, ≤{config.epochs} epochs)")
+        registry = str(work / "registry")
+        comparison = run_comparison(
+            TuneConfig(
+                data=dataset, registry=registry, models=config.models, trials=config.trials,
+                epochs=config.epochs, grace_epochs=min(2, config.epochs), pretrained=config.pretrained,
+                out=str(work / "runs"), name="demo", seed=config.seed,
+            )
+        )  # fmt: skip
+        print(format_comparison(comparison))
+        results.update({"registry": registry, "production model": comparison["production"] or "none"})
+        results.update({f"comparison {k}": v for k, v in comparison["reports"].items()})
 
     step("done")
-    results = {"raw": raw, "dataset": dataset, "ingest_report": f"{dataset}/ingest_report.json"}
     for name, location in results.items():
-        print(f"{name:>14}: {location}")
+        print(f"{name:>20}: {location}")
     if dashboard:
         print(f"Ray dashboard: {dashboard}")
     return results

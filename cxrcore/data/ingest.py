@@ -108,6 +108,7 @@ def ingest_dataset(config: IngestConfig) -> dict[str, Any]:
         )
         .materialize()
     )
+    timings = {"scan_and_decode": time.perf_counter() - started}
     index = decoded.select_columns(["row_id", "sha256", "phash", "error", "mask_error"]).to_pandas()
     index = index.sort_values("row_id").reset_index(drop=True)
 
@@ -131,21 +132,25 @@ def ingest_dataset(config: IngestConfig) -> dict[str, Any]:
 
     def finish(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         keep = batch["error"] == ""
-        out = {name: batch[name][keep] for name in _DATASET_COLUMNS if name in batch}
+        out = {name: batch[name][keep] for name in _DATASET_COLUMNS}
         out["label_index"] = np.asarray([CLASSES.index(label) for label in out["label"]], dtype=np.int64)
         out["split"] = np.asarray([split_of[int(r)] for r in out["row_id"]])
         out["duplicate_group"] = np.asarray([group_of[int(r)] for r in out["row_id"]])
         return out
 
+    timings["dedupe_and_split"] = time.perf_counter() - started - sum(timings.values())
     filesystem, root = storage.resolve(config.out)
     staging = root.rstrip("/") + ".partial"
     storage.remove(filesystem, staging)
+    # Hive-style split=train/ folders: readers can take one split without scanning the others.
     decoded.map_batches(finish, batch_size=256).write_parquet(
         staging, filesystem=filesystem, partition_cols=["split"]
     )
     storage.publish(filesystem, staging, root)
+    timings["write"] = time.perf_counter() - started - sum(timings.values())
 
     report = _report(config, scan.root, manifest, index, labels, splits, groups, started)
+    report["seconds_by_stage"] = {stage: round(seconds, 2) for stage, seconds in timings.items()}
     storage.write_text(filesystem, f"{root}/{REPORT_NAME}", json.dumps(report, indent=2))
     log.info("ingested %d of %d images into %s", report["ingested"], report["found"], config.out)
     return report
@@ -223,8 +228,11 @@ def _content_hash(image: np.ndarray) -> str:
 
 
 def _num_blocks(rows: int) -> int:
-    # Enough blocks to keep every CPU busy and progress visible, each worth a few decode batches.
-    return max(1, min(200, rows // (DECODE_BATCH_SIZE * 2)))
+    """Two decode tasks per CPU at least (load balance), ~500 images each at most (task overhead)."""
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    return max(1, min(rows // DECODE_BATCH_SIZE, max(2 * cpus, rows // 500)))
 
 
 def _report(

@@ -80,8 +80,8 @@ def loop_config(config: TrainConfig) -> dict[str, Any]:
     }
 
 
-def fit(config: TrainConfig) -> TrainResult:
-    """Train with a TorchTrainer; re-running with the same --name and --out resumes the run."""
+def build_trainer(config: TrainConfig, callbacks: list[Any] | None = None) -> Any:
+    """The TorchTrainer for `config`: datasets, scaling, storage, failure and checkpoint policy."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -100,7 +100,7 @@ def fit(config: TrainConfig) -> TrainResult:
         datasets = {split: ds.materialize() for split, ds in datasets.items()}
 
     storage_path = config.out if "://" in config.out else storage.resolve(config.out)[1]
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=settings,
         scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=config.gpu),
@@ -112,8 +112,14 @@ def fit(config: TrainConfig) -> TrainResult:
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=2, checkpoint_score_attribute="val_score", checkpoint_score_order="max"
             ),
+            callbacks=callbacks,
         ),
     )
+
+
+def fit(config: TrainConfig) -> TrainResult:
+    """Train with a TorchTrainer; re-running with the same --name and --out resumes the run."""
+    trainer = build_trainer(config)
     result = trainer.fit()
     ranked = result.best_checkpoints or []
     best = result.get_best_checkpoint("val_score", "max") if ranked else None

@@ -24,7 +24,7 @@ def test_dashboard_requires_the_token(ray_cluster: RayCluster) -> None:
 
 def test_pipeline_job_runs_on_the_cluster(ray_cluster: RayCluster, tmp_path: Path) -> None:
     work = tmp_path / "demo"
-    entrypoint = f"{sys.executable} -m jobs.pipeline --work-dir {work} --per-class 6 --size 64"
+    entrypoint = f"{sys.executable} -m jobs.pipeline --work-dir {work} --per-class 6 --size 64 --no-tune"
     result = subprocess.run(
         [
             str(BIN / "ray"),

@@ -1,0 +1,262 @@
+"""Ray Tune comparison of architectures × hyperparameters; best of each evaluated, registered, compared.
+
+Each trial is a small driver that builds and fits a TorchTrainer (the Tune + Train V2 pattern); its
+Train metrics reach Tune through TuneReportCallback, so ASHA can stop weak trials after any epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from cxrcore.config import EvaluateConfig, TrainConfig, TuneConfig, from_dict, to_dict
+
+log = logging.getLogger(__name__)
+
+RESNET_DEPTHS = ("resnet18", "resnet34", "resnet50")
+TRIAL_DRIVER_CPUS = 0.1  # the driver only waits on its TorchTrainer; its workers hold the real CPUs
+SEARCH = {"lr": (1e-4, 3e-3), "weight_decay": (1e-5, 1e-3), "batch_size": (16, 32, 64)}
+
+
+def search_space(config: TuneConfig) -> dict[str, Any]:
+    """Architecture (grid) × learning rate × weight decay × batch size (× ResNet depth for 'resnet')."""
+    from ray import tune
+
+    from cxrcore.models import get_model_entry
+
+    for name in config.model_names():
+        if name != "resnet":
+            get_model_entry(name)  # unknown names fail here, with a "did you mean"
+    return {
+        "arch": tune.grid_search(config.model_names()),
+        "depth": tune.choice(RESNET_DEPTHS),
+        "lr": tune.loguniform(*SEARCH["lr"]),
+        "weight_decay": tune.loguniform(*SEARCH["weight_decay"]),
+        "batch_size": tune.choice(SEARCH["batch_size"]),
+    }
+
+
+def trial_train_config(config: TuneConfig, params: dict[str, Any], trial_id: str, segmenter: str | None) -> TrainConfig:
+    """The TrainConfig one trial runs: the experiment's settings plus the sampled hyperparameters."""
+    model = params["depth"] if params["arch"] == "resnet" else params["arch"]
+    uses_mask = "dual" in model
+    return TrainConfig(
+        data=config.data,
+        model=model,
+        epochs=config.epochs,
+        workers=config.workers_per_trial,
+        gpu=config.gpu,
+        image_size=config.image_size,
+        batch_size=int(params["batch_size"]),
+        lr=float(params["lr"]),
+        weight_decay=float(params["weight_decay"]),
+        pretrained=config.pretrained if model.startswith("resnet") else "none",
+        segmenter=segmenter if uses_mask else None,
+        out=_trials_root(config),
+        name=trial_id,
+        seed=config.seed,
+    )
+
+
+def tune_driver_per_trial(params: dict[str, Any]) -> None:
+    """One Tune trial: fit a TorchTrainer whose per-epoch metrics are forwarded to Tune."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from cxrcore.train.trainer import build_trainer
+
+    config = from_dict(TuneConfig, params["tune_config"])
+    trial_id = ray.tune.get_context().get_trial_id()
+    train_config = trial_train_config(config, params, trial_id, params.get("segmenter"))
+    build_trainer(train_config, callbacks=[TuneReportCallback()]).fit()
+
+
+def run_comparison(config: TuneConfig) -> dict[str, Any]:
+    """Train the segmenter if needed, run the sweep, evaluate and register the best of each architecture."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from cxrcore.registry import ModelRegistry
+
+    registry = ModelRegistry(config.registry)
+    experiment_dir = Path(_local(config.out)) / config.name
+    segmenter = _segmenter(config, registry) if any("dual" in m for m in config.model_names()) else None
+
+    space = {
+        **search_space(config),
+        "tune_config": to_dict(config),
+        "segmenter": segmenter["checkpoint"] if segmenter else None,
+    }
+    trainable = tune.with_resources(tune_driver_per_trial, {"cpu": TRIAL_DRIVER_CPUS})
+    path = str(experiment_dir)
+    if tune.Tuner.can_restore(path):
+        log.info("resuming experiment %s", path)
+        tuner = tune.Tuner.restore(path, trainable=trainable, param_space=space, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space,
+            tune_config=tune.TuneConfig(
+                metric="val_score",
+                mode="max",
+                num_samples=config.trials,
+                max_concurrent_trials=config.max_concurrent or _max_concurrent(config, ray.cluster_resources()),
+                scheduler=ASHAScheduler(
+                    time_attr="training_iteration",
+                    max_t=config.epochs,
+                    grace_period=config.grace_epochs,
+                    reduction_factor=2,
+                ),
+                search_alg=None,
+            ),
+            run_config=tune.RunConfig(
+                name=config.name,
+                storage_path=str(experiment_dir.parent),
+                failure_config=tune.FailureConfig(max_failures=1),
+                verbose=1,
+            ),
+        )
+    results = tuner.fit()
+    trials = [_trial_record(config, result) for result in results]
+    best = _best_per_architecture(config, trials, registry, experiment_dir)
+    if best:
+        winner = max(best.values(), key=lambda b: b["val_score"])
+        registry.promote(winner["ref"], "production")
+        winner["production"] = True
+    comparison = {
+        "experiment": str(experiment_dir),
+        "dataset": config.data,
+        "settings": to_dict(config),
+        "segmenter": segmenter,
+        "trials": trials,
+        "best": best,
+        "production": next((b["ref"] for b in best.values() if b.get("production")), None),
+    }
+    from cxrcore.evaluate.comparison import write_comparison_report
+
+    comparison["reports"] = {k: str(v) for k, v in write_comparison_report(experiment_dir, comparison).items()}
+    return comparison
+
+
+def _segmenter(config: TuneConfig, registry: Any) -> dict[str, Any]:
+    """Train the U-Net once (tiny when the compared models are tiny), register it, return its record."""
+    from cxrcore.evaluate.evaluation import evaluate_checkpoint
+    from cxrcore.train.trainer import fit
+
+    model = "tiny_unet" if all(m.startswith("tiny_") for m in config.model_names()) else "unet"
+    train_config = TrainConfig(
+        data=config.data, model=model, epochs=config.epochs, workers=config.workers_per_trial, gpu=config.gpu,
+        image_size=config.image_size, lr=1e-3, batch_size=16, out=_trials_root(config), name="segmenter",
+        seed=config.seed,
+    )  # fmt: skip
+    result = fit(train_config)
+    if result.best_checkpoint is None:
+        raise RuntimeError("the lung segmenter produced no checkpoint")
+    report = Path(_local(config.out)) / config.name / "reports" / model
+    evaluate_checkpoint(EvaluateConfig(checkpoint=result.best_checkpoint, data=config.data, out=str(report)))
+    version = registry.register(result.best_checkpoint, report=report)
+    return {
+        "model": model,
+        "ref": version.ref,
+        "checkpoint": str(registry.local_checkpoint(version.ref)),
+        "val_dice": result.best_metrics.get("val_dice"),
+        "test": json.loads((report / "metrics.json").read_text()),
+    }
+
+
+def _trial_record(config: TuneConfig, result: Any) -> dict[str, Any]:
+    params = result.config
+    metrics = result.metrics or {}
+    trial_id = metrics.get("trial_id") or Path(result.path).name
+    train = trial_train_config(config, params, trial_id, None)
+    checkpoint, card = _best_checkpoint(Path(_local(train.out)) / trial_id)
+    epochs_run = int(metrics.get("training_iteration", 0))
+    return {
+        "trial_id": trial_id,
+        "model": train.model,
+        "lr": train.lr,
+        "weight_decay": train.weight_decay,
+        "batch_size": train.batch_size,
+        "epochs_run": epochs_run,
+        "stopped_early": result.error is None and epochs_run < config.epochs,
+        "error": str(result.error).splitlines()[0] if result.error else None,
+        "val_accuracy": metrics.get("val_accuracy"),
+        "val_macro_f1": metrics.get("val_macro_f1"),
+        "val_score": card["metrics"]["val_score"] if card else None,
+        "train_images_per_s": metrics.get("train_images_per_s"),
+        "best_checkpoint": str(checkpoint) if checkpoint else None,
+        "history": card["history"] if card else [],
+    }
+
+
+def _best_checkpoint(run_dir: Path) -> tuple[Path | None, dict[str, Any] | None]:
+    """The kept checkpoint of a Train run with the highest val_score, and its card."""
+    cards = [(p.parent, json.loads(p.read_text())) for p in sorted(run_dir.glob("checkpoint_*/card.json"))]
+    if not cards:
+        return None, None
+    return max(cards, key=lambda item: item[1]["metrics"].get("val_score") or -math.inf)
+
+
+def _best_per_architecture(
+    config: TuneConfig, trials: list[dict[str, Any]], registry: Any, experiment_dir: Path
+) -> dict[str, dict[str, Any]]:
+    """Evaluate each architecture's best trial on the test split and register it with its report."""
+    from cxrcore.evaluate.evaluation import evaluate_checkpoint
+    from cxrcore.models import create_model
+
+    best: dict[str, dict[str, Any]] = {}
+    for trial in trials:
+        if trial["best_checkpoint"] is None:
+            continue
+        current = best.get(trial["model"])
+        if current is None or trial["val_score"] > current["val_score"]:
+            best[trial["model"]] = trial
+    summary: dict[str, dict[str, Any]] = {}
+    for model, trial in sorted(best.items()):
+        report = experiment_dir / "reports" / model
+        evaluate_checkpoint(EvaluateConfig(checkpoint=trial["best_checkpoint"], data=config.data, out=str(report)))
+        test = json.loads((report / "metrics.json").read_text())
+        version = registry.register(trial["best_checkpoint"], report=report)
+        parameters = sum(p.numel() for p in create_model(model).parameters())
+        summary[model] = {
+            **{k: trial[k] for k in ("trial_id", "lr", "weight_decay", "batch_size", "epochs_run", "val_score")},
+            "ref": version.ref,
+            "report": str(report / "report.html"),
+            "parameters": parameters,
+            "train_images_per_s": trial["train_images_per_s"],
+            "test_accuracy": test["accuracy"],
+            "test_macro_f1": test["macro_f1"],
+            "test_macro_auroc": test["macro_auroc"],
+            "test_per_class_f1": {name: row["f1"] for name, row in test["per_class"].items()},
+            "confusion_matrix": test["confusion_matrix"],
+            "history": trial["history"],
+        }
+    return summary
+
+
+def _max_concurrent(config: TuneConfig, resources: dict[str, float]) -> int:
+    """As many trials as the cluster can give workers to at once (idle drivers waiting would only queue)."""
+    if config.gpu:
+        return max(1, int(resources.get("GPU", 0) // config.workers_per_trial))
+    per_trial = config.workers_per_trial + TRIAL_DRIVER_CPUS
+    return max(1, int(resources.get("CPU", 1) // per_trial))
+
+
+def _trials_root(config: TuneConfig) -> str:
+    return f"{config.out.rstrip('/')}/{config.name}-trials"
+
+
+def _local(location: str) -> str:
+    from cxrcore.data import storage
+
+    if "://" in location and not location.startswith("file://"):
+        raise ValueError(
+            f"{location}: the comparison reads trial checkpoints from a shared filesystem path; "
+            "mount the bucket (e.g. with a CSI driver or gcsfuse) and pass the mount point"
+        )
+    return storage.resolve(location)[1]
+
