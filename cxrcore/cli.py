@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -23,6 +25,7 @@ from cxrcore.config import (
     config_from_args,
 )
 from cxrcore.data.layout import LayoutError, LayoutScan
+from cxrcore.registry import ModelRegistry, RegistryError
 
 Command = Callable[[argparse.Namespace], int]
 _NUMERIC = re.compile(r"-?[\d.,]+%?|None|-+")
@@ -41,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         status: int = args.run(args)
         return status
-    except (ConfigError, LayoutError, FileNotFoundError) as exc:
+    except (ConfigError, LayoutError, RegistryError, FileNotFoundError) as exc:
         print(f"cxr: error: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `cxr ... | head`
@@ -71,8 +74,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_command(
         commands, "evaluate", EvaluateConfig, _run_evaluate, "evaluate a checkpoint on a split"
     )
-    models = commands.add_parser("models", help="list the registered model architectures")
-    models.set_defaults(run=_run_models)
+    _add_models_commands(commands)
+    serve = commands.add_parser(
+        "serve", help="serve a model over HTTP with Ray Serve (foreground; Ctrl-C stops it)"
+    )
+    serve.add_argument(
+        "--registry", help="model registry (folder or URI); without one, --model is a checkpoint"
+    )
+    serve.add_argument(
+        "--model", default="production", help="registry alias, name:N or name; or a checkpoint folder"
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="HTTP host (default: %(default)s)")
+    serve.add_argument("--port", type=int, default=8000, help="HTTP port (default: %(default)s)")
+    serve.add_argument("--address", help="join this Ray cluster instead of starting a local one")
+    serve.add_argument(
+        "--arg", action="append", default=[], metavar="KEY=VALUE",
+        help="another field of serve.schemas.ServeArgs, e.g. --arg max_replicas=4 (repeatable)",
+    )  # fmt: skip
+    serve.set_defaults(run=_run_serve)
+    predict = commands.add_parser("predict", help="classify image files with a running `cxr serve` endpoint")
+    predict.add_argument("files", nargs="+", metavar="FILE", help="PNG, JPEG or DICOM files")
+    predict.add_argument("--url", default="http://127.0.0.1:8000", help="server URL (default: %(default)s)")
+    predict.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    predict.set_defaults(run=_run_predict)
     _add_config_command(
         commands, "demo", PipelineConfig, _run_pipeline, "run the whole pipeline on a local Ray cluster"
     )
@@ -91,6 +115,39 @@ def _add_config_command(
     add_config_arguments(parser, config_cls)
     parser.set_defaults(run=run, config_cls=config_cls)
     return parser
+
+
+def _add_models_commands(commands: Any) -> None:
+    models = commands.add_parser("models", help="model architectures; versions and aliases in a registry")
+    models_commands = models.add_subparsers(title="models commands", metavar="COMMAND")
+    architectures = models_commands.add_parser("architectures", help="list the model architectures")
+    architectures.set_defaults(run=_run_architectures)
+    listing = models_commands.add_parser("list", help="list registered versions: aliases, scores, data")
+    _add_registry_argument(listing)
+    listing.add_argument("--name", help="only the versions of this model")
+    listing.set_defaults(run=_run_list)
+    show = models_commands.add_parser("show", help="show a registered version's card and where it is stored")
+    show.add_argument("ref", help="alias, NAME:N, or NAME for its latest version")
+    _add_registry_argument(show)
+    show.add_argument("--json", action="store_true", help="print it as JSON")
+    show.set_defaults(run=_run_show)
+    promote = models_commands.add_parser("promote", help="point an alias at a registered version")
+    promote.add_argument("ref", help="alias, NAME:N, or NAME for its latest version")
+    _add_registry_argument(promote)
+    promote.add_argument("--alias", default="production", help="alias to move (default: %(default)s)")
+    promote.set_defaults(run=_run_promote)
+
+
+def _add_registry_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--registry", default=os.environ.get("CXR_REGISTRY"), help="registry folder or URI ($CXR_REGISTRY)"
+    )
+
+
+def _registry(args: argparse.Namespace) -> ModelRegistry:
+    if not args.registry:
+        raise ConfigError("--registry: no model registry given (pass --registry or set CXR_REGISTRY)")
+    return ModelRegistry(args.registry)
 
 
 def _run_check(args: argparse.Namespace) -> int:
@@ -173,7 +230,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_models(args: argparse.Namespace) -> int:
+def _run_architectures(args: argparse.Namespace) -> int:
     from cxrcore.models import get_model_entry, list_models
 
     rows = []
@@ -183,6 +240,107 @@ def _run_models(args: argparse.Namespace) -> int:
         rows.append([name, spec.task, "+".join(spec.channels), spec.image_size, entry.description])
     print(format_table(["model", "task", "channels", "size", "description"], rows))
     return 0
+
+
+def _run_list(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    versions = registry.versions(args.name)
+    if not versions:
+        print(f"no versions of {args.name} in {registry.root}" if args.name else f"{registry.root} is empty")
+        return 0
+    scores = ("val_accuracy", "val_macro_f1", "val_dice")
+    rows = [
+        [v.ref, ",".join(v.aliases), v.card.created_at,
+         *(_number(v.card.metrics[k]) if v.card.metrics.get(k) is not None else "-" for k in scores),
+         v.card.data.get("fingerprint") or "-"]
+        for v in versions
+    ]  # fmt: skip
+    header = ["ref", "aliases", "created", "val acc", "val F1", "val dice", "data fingerprint"]
+    print(format_table(header, rows))
+    return 0
+
+
+def _run_show(args: argparse.Namespace) -> int:
+    from cxrcore.checkpoint import WEIGHTS_NAME
+
+    version = _registry(args).get(args.ref)
+    card = version.card.to_dict()
+    history = card.pop("history")
+    paths = {"folder": version.uri, "weights": f"{version.uri}/{WEIGHTS_NAME}", "report": version.report}
+    if args.json:
+        shown = {"ref": version.ref, "aliases": list(version.aliases), "paths": paths}
+        print(json.dumps({**shown, "card": card, "history_length": len(history)}, indent=2))
+        return 0
+    lines = [f"ref: {version.ref}", f"aliases: {', '.join(version.aliases) or '-'}"]
+    lines += [f"{key}: {path or '-'}" for key, path in paths.items()]
+    lines.append("card:")
+    for key, value in card.items():
+        lines.append(f"  {key}: {json.dumps(value) if isinstance(value, dict | list) else value}")
+    lines.append(f"  history: {len(history)} epochs")
+    print("\n".join(lines))
+    return 0
+
+
+def _run_promote(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    old = registry.aliases().get(args.alias)
+    version = registry.promote(args.ref, args.alias)
+    unchanged = " (unchanged)" if old == version.ref else ""
+    print(f"{args.alias}: {old or '(none)'} -> {version.ref}{unchanged}")
+    return 0
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    # The Serve application lives in serve/ and is loaded by module name, as `serve run` loads
+    # `serve.app:build_app`: the library keeps no import of it.
+    server = importlib.import_module("serve.server")
+    app_args: dict[str, Any] = {"registry": args.registry, "model": args.model}
+    for item in args.arg:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--arg: expected KEY=VALUE, got {item!r}")
+        app_args[key.strip()] = value.strip()
+    try:
+        status: int = server.serve_foreground(app_args, host=args.host, port=args.port, address=args.address)
+    except ValueError as exc:  # pydantic's ValidationError, an unknown registry reference
+        raise ConfigError(str(exc)) from exc
+    return status
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    import httpx
+
+    url = args.url.rstrip("/")
+    endpoint = url if url.endswith("/v1/predict") else f"{url}/v1/predict"
+    rows: list[list[Any]] = []
+    classes: list[str] = []
+    failed = 0
+    with httpx.Client(timeout=args.timeout) as client:
+        for name in args.files:
+            try:
+                with open(name, "rb") as file:
+                    response = client.post(endpoint, files={"file": (os.path.basename(name), file)})
+                body = response.json()
+            except (OSError, httpx.HTTPError, ValueError) as exc:
+                failed += 1
+                rows.append([name, "error", f"{type(exc).__name__}: {exc}"])
+                continue
+            if response.status_code != 200:
+                failed += 1
+                rows.append(
+                    [name, f"error {response.status_code}", f"{body.get('error')}: {body.get('detail')}"]
+                )
+                continue
+            probabilities = body["probabilities"]
+            classes = classes or list(probabilities)
+            model = body["model"]
+            rows.append(
+                [name, body["label"], *(f"{probabilities[c]:.3f}" for c in probabilities),
+                 f"{model['name']}:{model['version']}", f"{body['latency_ms']:.1f}"]
+            )  # fmt: skip
+    header = ["file", "label", *classes, "model", "ms"] if classes else ["file", "label", "detail"]
+    print(format_table(header, [row + [""] * (len(header) - len(row)) for row in rows]))
+    return 1 if failed else 0
 
 
 def _run_pipeline(args: argparse.Namespace) -> int:

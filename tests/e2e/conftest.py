@@ -48,7 +48,7 @@ def wait_until(condition, timeout: float, what: str, interval: float = 0.5):  # 
         time.sleep(interval)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def ray_cluster() -> Iterator[RayCluster]:
     token = uuid.uuid4().hex
     env = {

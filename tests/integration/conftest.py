@@ -1,4 +1,8 @@
-"""One local Ray cluster for the whole integration session (ray.init costs ~4 s)."""
+"""One local Ray cluster for all integration tests (ray.init costs ~4 s).
+
+Package-scoped, so it is gone before the e2e tests start their own cluster: with two Ray instances on
+one machine, Train's placement-group cleaner cannot tell which to use and stopped trials leak.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def ray_session() -> Iterator[None]:
     import ray
 
@@ -23,7 +27,7 @@ def ray_session() -> Iterator[None]:
     ray.shutdown()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def synthetic_dataset(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> str:
     """Synthetic phantoms (100 per class) ingested at 64 px: the dataset the training tests share."""
     from cxrcore.config import IngestConfig

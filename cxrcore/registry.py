@@ -1,0 +1,354 @@
+"""Model registry: numbered, immutable versions of checkpoints with their reports, and movable aliases.
+
+The store is a local folder or a URI (s3://, gs://, file://), read and written through pyarrow:
+
+    REG/<model name>/v<N>/card.json          the checkpoint's card, its `version` set to "<name>:<N>"
+    REG/<model name>/v<N>/model.safetensors  the weights (a checkpoint's train_state.pt is not kept)
+    REG/<model name>/v<N>/report/...         optional: an evaluation report (report.html, metrics.json, PNGs)
+    REG/aliases.json                         {"production": "dual_cnn:3", ...}
+
+A version is written once and never changed. Its card.json is written last, so readers skip a version
+folder without one (a registration still running). A new version takes the number after the highest
+folder present and claims that folder exclusively before writing: a new directory on a local
+filesystem; on an object store, which has no exclusive create, a marker file that withdraws when
+anything else is in the folder (strongly consistent listing makes two winners impossible). The
+loser of a race tries the next number. A failed registration removes its folder.
+
+`promote` replaces aliases.json whole (a temporary file and a rename on a local filesystem, one
+object write on an object store), so readers see the old or the new aliases, never a mix. Two
+promotions at the same moment may lose one of the two moves (last writer wins).
+
+>>> registry = ModelRegistry("cxr-runs/registry")  # doctest: +SKIP
+>>> registry.register("cxr-runs/dual/checkpoint_000009", report="reports/dual").ref  # doctest: +SKIP
+'dual_cnn:1'
+>>> registry.promote("dual_cnn:1").aliases, registry.local_checkpoint("production")  # doctest: +SKIP
+(('production',), PosixPath('.../cxr-runs/registry/dual_cnn/v1'))
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import random
+import re
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import pyarrow.fs as pafs
+
+from cxrcore.data.storage import exists, read_text, remove, resolve, write_text
+
+if TYPE_CHECKING:
+    from cxrcore.checkpoint import ModelCard
+
+# cxrcore.checkpoint (and so torch) is imported where it is used: the `cxr` script imports this
+# module for RegistryError and should start in a blink.
+
+ALIASES_NAME = "aliases.json"
+REPORT_NAME = "report"
+DEFAULT_CACHE = Path("~/.cache/cxr/registry")
+_ALIAS = re.compile(r"[a-z][a-z0-9_-]*")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_VERSION_DIR = re.compile(r"v(\d+)")
+_CLAIM_PREFIX = ".claim-"
+_MAX_ATTEMPTS = 100
+_LIST_ATTEMPTS = 3
+
+
+class RegistryError(KeyError, ValueError):
+    """An unknown model reference or a bad alias (a KeyError to lookups, a ValueError to input checks)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """One registered version: where it is stored, its card, and the aliases pointing at it."""
+
+    name: str
+    version: int
+    uri: str
+    """the version folder (a local path, or a URI when the registry is one)."""
+    card: ModelCard
+    aliases: tuple[str, ...] = ()
+    report: str | None = None
+    """the report folder registered with it, if any."""
+
+    @property
+    def ref(self) -> str:
+        """The reference that names this version in every command: "dual_cnn:3"."""
+        return f"{self.name}:{self.version}"
+
+
+class ModelRegistry:
+    """Versions of trained models at a local folder or URI; see the module docstring for the layout."""
+
+    def __init__(self, root: str | Path, *, cache_dir: str | Path | None = None) -> None:
+        self.root = str(root)
+        self._fs, self._path = resolve(self.root)
+        self._local = isinstance(self._fs, pafs.LocalFileSystem)
+        self._cache = Path(cache_dir or DEFAULT_CACHE).expanduser()
+
+    def __repr__(self) -> str:
+        return f"ModelRegistry({self.root!r})"
+
+    def register(
+        self, checkpoint: str | Path, *, report: str | Path | None = None, alias: str | None = None
+    ) -> ModelVersion:
+        """Store a checkpoint (card and weights, plus an evaluation report folder) as the next version."""
+        from cxrcore.checkpoint import CARD_NAME, WEIGHTS_NAME, ModelCard
+
+        if alias is not None:
+            _check_alias(alias)
+        source_fs, source = resolve(str(checkpoint))
+        text = read_text(source_fs, f"{source}/{CARD_NAME}")
+        if text is None or not exists(source_fs, f"{source}/{WEIGHTS_NAME}"):
+            missing = CARD_NAME if text is None else WEIGHTS_NAME
+            raise FileNotFoundError(f"{checkpoint} is not a cxr checkpoint (no {missing})")
+        card_data: dict[str, Any] = json.loads(text)
+        name = str(card_data["model"]["name"])
+        if not _NAME.fullmatch(name):
+            raise RegistryError(f"model name {name!r} cannot name a registry folder")
+        report_fs, report_path = resolve(str(report)) if report is not None else (None, "")
+        if report_fs is not None and report_fs.get_file_info(report_path).type != pafs.FileType.Directory:
+            raise FileNotFoundError(f"report folder {report} not found")
+
+        number, folder, token = self._claim_next(name)
+        try:
+            _copy(source_fs, f"{source}/{WEIGHTS_NAME}", self._fs, f"{folder}/{WEIGHTS_NAME}")
+            if report_fs is not None:
+                _copy(report_fs, report_path, self._fs, f"{folder}/{REPORT_NAME}")
+            card_data["version"] = f"{name}:{number}"
+            self._write_atomic(f"{folder}/{CARD_NAME}", json.dumps(card_data, indent=2))
+        except BaseException:
+            remove(self._fs, folder)
+            raise
+        if not self._local:
+            remove(self._fs, f"{folder}/{_CLAIM_PREFIX}{token}")
+        version = ModelVersion(
+            name=name,
+            version=number,
+            uri=self._uri(name, f"v{number}"),
+            card=ModelCard.from_dict(card_data),
+            report=self._uri(name, f"v{number}", REPORT_NAME) if report_fs is not None else None,
+        )
+        return self.promote(version.ref, alias) if alias is not None else version
+
+    def versions(self, name: str | None = None) -> list[ModelVersion]:
+        """Every finished version (of one model when `name` is given), sorted by name and version."""
+        from cxrcore.checkpoint import CARD_NAME, ModelCard
+
+        names = self._names() if name is None else [name] if _NAME.fullmatch(name) else []
+        aliases = self.aliases()
+        found: list[ModelVersion] = []
+        for model in sorted(names):
+            files = {
+                info.path[len(self._path) :].lstrip("/")
+                for info in self._list(f"{self._path}/{model}", recursive=True)
+            }
+            numbers = sorted(
+                int(match.group(1))
+                for match in (_VERSION_DIR.fullmatch(p.split("/")[1]) for p in files if p.count("/") == 1)
+                if match
+            )
+            for number in numbers:
+                folder = f"{model}/v{number}"
+                if f"{folder}/{CARD_NAME}" not in files:
+                    continue  # a registration still being written
+                ref = f"{model}:{number}"
+                found.append(
+                    ModelVersion(
+                        name=model,
+                        version=number,
+                        uri=self._uri(model, f"v{number}"),
+                        card=ModelCard.from_dict(self._read_json(f"{self._path}/{folder}/{CARD_NAME}")),
+                        aliases=tuple(sorted(a for a, target in aliases.items() if target == ref)),
+                        report=self._uri(folder, REPORT_NAME) if f"{folder}/{REPORT_NAME}" in files else None,
+                    )
+                )
+        return found
+
+    def get(self, ref: str) -> ModelVersion:
+        """The version an alias ("production"), a "name:N" or a model name (its latest version) names."""
+        aliases = self.aliases()
+        target = aliases.get(ref, ref)
+        name, colon, number = target.partition(":")
+        found = self.versions(name)
+        if not found:
+            if ref in aliases:
+                raise RegistryError(
+                    f"alias {ref!r} points to {target}, which is not in the registry {self.root}"
+                )
+            raise RegistryError(self._unknown(ref, aliases))
+        if not colon:
+            return found[-1]
+        if not number.isdigit():
+            raise RegistryError(
+                f"bad model reference {ref!r}: expected an alias, NAME or NAME:N (N a number)"
+            )
+        for version in found:
+            if version.version == int(number):
+                return version
+        via = f" (alias {ref!r} points to it)" if ref in aliases else ""
+        known = ", ".join(str(v.version) for v in found)
+        raise RegistryError(f"{name} has no version {number}{via}; its versions: {known}")
+
+    def promote(self, ref: str, alias: str = "production") -> ModelVersion:
+        """Point `alias` at the version `ref` names (pinned: promoting "dual_cnn" pins its latest version)."""
+        _check_alias(alias)
+        if alias in self._names():
+            raise RegistryError(f"alias {alias!r} is also a model name in {self.root}: pick another alias")
+        version = self.get(ref)
+        aliases = self.aliases()
+        aliases[alias] = version.ref
+        self._write_atomic(
+            f"{self._path}/{ALIASES_NAME}", json.dumps(dict(sorted(aliases.items())), indent=2)
+        )
+        return replace(version, aliases=tuple(sorted(a for a, t in aliases.items() if t == version.ref)))
+
+    def aliases(self) -> dict[str, str]:
+        """Alias → "name:N"; empty when nothing was promoted yet."""
+        path = f"{self._path}/{ALIASES_NAME}"
+        if not exists(self._fs, path):
+            return {}
+        return {str(k): str(v) for k, v in self._read_json(path).items()}
+
+    def local_checkpoint(self, ref: str) -> Path:
+        """A local folder holding `ref`'s checkpoint: the version folder, or a cached copy of a remote one."""
+        from cxrcore.checkpoint import CARD_NAME, WEIGHTS_NAME
+
+        version = self.get(ref)
+        folder = f"{self._path}/{version.name}/v{version.version}"
+        if self._local:
+            return Path(folder)
+        target = self._cache.joinpath(*_cache_key(self.root), version.name, f"v{version.version}")
+        if (target / CARD_NAME).is_file():
+            return target  # versions never change, so a finished copy stays valid
+        staging = target.with_name(f"{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+        staging.mkdir(parents=True)
+        local = pafs.LocalFileSystem()
+        try:
+            for file in (WEIGHTS_NAME, CARD_NAME):  # the card last: it marks a finished copy
+                _copy(self._fs, f"{folder}/{file}", local, str(staging / file))
+            os.replace(staging, target)
+        except OSError:
+            if not (target / CARD_NAME).is_file():  # not merely another process finishing first
+                raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return target
+
+    def _names(self) -> list[str]:
+        return sorted(
+            info.base_name
+            for info in self._list(self._path)
+            if info.type == pafs.FileType.Directory and _NAME.fullmatch(info.base_name)
+        )
+
+    def _list(self, path: str, recursive: bool = False) -> list[pafs.FileInfo]:
+        """What is under `path`, or [] when it does not exist."""
+        selector = pafs.FileSelector(path, recursive=recursive, allow_not_found=True)
+        for _ in range(_LIST_ATTEMPTS - 1):
+            try:
+                return list(self._fs.get_file_info(selector))
+            except FileNotFoundError:
+                pass  # arrow's local listing fails when a folder appears or vanishes meanwhile: look again
+        return list(self._fs.get_file_info(selector))
+
+    def _claim_next(self, name: str) -> tuple[int, str, str]:
+        """(number, folder, claim token) of a version folder that this registration alone owns."""
+        token = uuid.uuid4().hex
+        tried = 0
+        for attempt in range(_MAX_ATTEMPTS):
+            present = [_VERSION_DIR.fullmatch(info.base_name) for info in self._list(f"{self._path}/{name}")]
+            number = max([tried, *(int(m.group(1)) for m in present if m)]) + 1
+            folder = f"{self._path}/{name}/v{number}"
+            if self._claim(folder, token):
+                return number, folder, token
+            tried = number
+            if not self._local:  # both racers may withdraw: part them before the next try
+                time.sleep(random.uniform(0, 0.02 * (attempt + 1)))
+        raise RegistryError(
+            f"could not claim a new version of {name} in {self.root} after {_MAX_ATTEMPTS} tries"
+        )
+
+    def _claim(self, folder: str, token: str) -> bool:
+        if self._local:
+            os.makedirs(os.path.dirname(folder), exist_ok=True)
+            try:
+                os.mkdir(folder)
+            except FileExistsError:
+                return False
+            return True
+        marker = f"{folder}/{_CLAIM_PREFIX}{token}"
+        write_text(self._fs, marker, token)
+        others = [info for info in self._list(folder) if info.path != marker]
+        if others:
+            remove(self._fs, marker)
+        return not others
+
+    def _write_atomic(self, path: str, text: str) -> None:
+        if not self._local:
+            write_text(self._fs, path, text)  # an object appears whole or not at all
+            return
+        temporary = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        write_text(self._fs, temporary, text)
+        os.replace(temporary, path)
+
+    def _read_json(self, path: str) -> dict[str, Any]:
+        text = read_text(self._fs, path)
+        try:
+            data = json.loads(text or "")
+        except json.JSONDecodeError as exc:
+            raise RegistryError(f"{path} in the registry {self.root} is not valid JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise RegistryError(f"{path} in the registry {self.root} does not hold a JSON object")
+        return data
+
+    def _uri(self, *parts: str) -> str:
+        base = self.root.rstrip("/") if "://" in self.root else self._path
+        return "/".join([base, *parts])
+
+    def _unknown(self, ref: str, aliases: dict[str, str]) -> str:
+        every = self.versions()
+        if not every:
+            return f"no model {ref!r}: the registry {self.root} is empty (nothing registered yet)"
+        names = sorted({v.name for v in every})
+        known = [*sorted(aliases), *names, *((v.ref for v in every) if ":" in ref else ())]
+        close = difflib.get_close_matches(ref, known, n=3, cutoff=0.5)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        latest = {v.name: v.ref for v in every}
+        listing = ", ".join([*(f"{a} -> {aliases[a]}" for a in sorted(aliases)), *(latest[n] for n in names)])
+        return f"unknown model reference {ref!r}{hint} (aliases and latest versions: {listing})"
+
+
+def _check_alias(alias: str) -> None:
+    if not _ALIAS.fullmatch(alias):
+        raise RegistryError(
+            f"bad alias {alias!r}: use lowercase letters, digits, '_' and '-', starting with a letter "
+            "(e.g. production, staging)"
+        )
+
+
+def _copy(source_fs: pafs.FileSystem, source: str, target_fs: pafs.FileSystem, target: str) -> None:
+    """Copy a file, or a folder recursively, across filesystems."""
+    if source_fs.get_file_info(source).type == pafs.FileType.Directory:
+        # copy_files does not create missing folders on the local filesystem.
+        for info in source_fs.get_file_info(pafs.FileSelector(source, recursive=True)):
+            if info.type == pafs.FileType.Directory:
+                target_fs.create_dir(target + info.path[len(source) :], recursive=True)
+        target_fs.create_dir(target, recursive=True)
+    pafs.copy_files(source, target, source_filesystem=source_fs, destination_filesystem=target_fs)
+
+
+def _cache_key(root: str) -> list[str]:
+    """Folders under the cache that keep registries apart: s3://bucket/reg → s3/bucket/reg."""
+    parts = urlsplit(root)
+    return [p for p in [parts.scheme, parts.netloc, *parts.path.split("/")] if p not in ("", ".", "..")]

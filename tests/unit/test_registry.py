@@ -1,0 +1,258 @@
+"""Model registry: versions, aliases, errors, local and remote stores, and the `cxr models` commands."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+import torch
+
+import cxrcore.registry
+from cxrcore.checkpoint import ModelCard, load_card, load_model, save_checkpoint
+from cxrcore.cli import main
+from cxrcore.data.storage import resolve
+from cxrcore.models import create_model, get_build_args, get_input_spec
+from cxrcore.registry import ModelRegistry, RegistryError
+
+NAME = "tiny_cnn_lstm"
+
+
+def make_checkpoint(directory: Path, seed: int = 0, accuracy: float = 0.75) -> Path:
+    torch.manual_seed(seed)
+    model = create_model(NAME)
+    card = ModelCard(
+        model=get_build_args(model),
+        input_spec=get_input_spec(model).to_dict(),
+        data={"fingerprint": "f1n93rpr1n7"},
+        metrics={"val_accuracy": accuracy, "val_macro_f1": accuracy - 0.1},
+        history=[{"epoch": 1}, {"epoch": 2}],
+    )
+    return save_checkpoint(directory, model, card, train_state={"epoch": 2})
+
+
+def make_report(directory: Path) -> Path:
+    (directory / "plots").mkdir(parents=True)
+    (directory / "report.html").write_text("<html></html>")
+    (directory / "metrics.json").write_text('{"accuracy": 0.7}')
+    (directory / "plots/roc.png").write_bytes(b"\x89PNG")
+    return directory
+
+
+def files(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture
+def checkpoint(tmp_path: Path) -> Path:
+    return make_checkpoint(tmp_path / "run/checkpoint_000001")
+
+
+def test_register_numbers_versions_and_copies_card_weights_and_report(
+    tmp_path: Path, checkpoint: Path
+) -> None:
+    registry = ModelRegistry(tmp_path / "reg")
+    first = registry.register(checkpoint)
+    second = registry.register(checkpoint, report=make_report(tmp_path / "eval"))
+
+    assert (first.ref, second.ref) == (f"{NAME}:1", f"{NAME}:2")
+    assert first.uri == str(tmp_path / f"reg/{NAME}/v1") and first.report is None and first.aliases == ()
+    assert files(Path(first.uri)) == {"card.json", "model.safetensors"}  # no train_state.pt
+    assert files(Path(second.uri)) == {
+        "card.json", "model.safetensors", "report/report.html", "report/metrics.json", "report/plots/roc.png"
+    }  # fmt: skip
+    assert second.report == f"{second.uri}/report"
+    assert load_card(second.uri).version == f"{NAME}:2" == second.card.version
+    assert load_card(checkpoint).version is None  # the source checkpoint is left alone
+    assert [v.ref for v in registry.versions()] == [f"{NAME}:1", f"{NAME}:2"]
+    assert registry.versions("dual_cnn") == []
+
+
+def test_get_promote_and_aliases(tmp_path: Path, checkpoint: Path) -> None:
+    registry = ModelRegistry(tmp_path / "reg")
+    registry.register(checkpoint, alias="staging")
+    registry.register(checkpoint)
+    assert registry.get(NAME).ref == f"{NAME}:2"  # a name means its latest version
+    assert registry.get(f"{NAME}:1").ref == f"{NAME}:1"
+    assert registry.get("staging").ref == f"{NAME}:1"
+
+    promoted = registry.promote(NAME)  # pinned to the version that is latest now
+    assert promoted.ref == f"{NAME}:2" and promoted.aliases == ("production",)
+    assert registry.aliases() == {"production": f"{NAME}:2", "staging": f"{NAME}:1"}
+    assert registry.promote("staging", "production").aliases == ("production", "staging")
+    assert {v.ref: v.aliases for v in registry.versions()} == {
+        f"{NAME}:1": ("production", "staging"),
+        f"{NAME}:2": (),
+    }
+    assert not list((tmp_path / "reg").glob("*.tmp-*"))
+
+
+def test_unknown_refs_and_bad_aliases_explain_themselves(tmp_path: Path, checkpoint: Path) -> None:
+    registry = ModelRegistry(tmp_path / "nowhere")
+    assert registry.versions() == [] and registry.aliases() == {}
+    with pytest.raises(RegistryError, match=r"registry .*nowhere is empty"):
+        registry.get("production")
+
+    registry.register(checkpoint, alias="production")
+    with pytest.raises(KeyError) as error:
+        registry.get("tiny_cnn_lsmt")
+    message = str(error.value)
+    assert message.startswith("unknown model reference 'tiny_cnn_lsmt'; did you mean 'tiny_cnn_lstm'?")
+    assert f"production -> {NAME}:1" in message
+    with pytest.raises(RegistryError, match=f"{NAME} has no version 7; its versions: 1"):
+        registry.get(f"{NAME}:7")
+    with pytest.raises(RegistryError, match="expected an alias, NAME or NAME:N"):
+        registry.get(f"{NAME}:latest")
+    with pytest.raises(RegistryError, match="did you mean 'production'"):
+        registry.promote("prodution", "staging")
+    for bad in ("Prod", "1st", "a b", "x:1", ""):
+        with pytest.raises(RegistryError, match=f"bad alias '{bad}': use lowercase letters"):
+            registry.promote(NAME, bad)
+    with pytest.raises(ValueError, match="bad alias"):  # input checks may catch it as a ValueError
+        registry.register(checkpoint, alias="Prod")
+    with pytest.raises(RegistryError, match="is also a model name"):
+        registry.promote(NAME, NAME)
+    assert registry.aliases() == {"production": f"{NAME}:1"} and len(registry.versions()) == 1
+    with pytest.raises(FileNotFoundError, match="is not a cxr checkpoint"):
+        registry.register(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match=r"report folder .* not found"):
+        registry.register(checkpoint, report=tmp_path / "no-report")
+
+    (tmp_path / "nowhere/aliases.json").write_text(json.dumps({"old": "dual_cnn:4"}))
+    with pytest.raises(RegistryError, match="alias 'old' points to dual_cnn:4, which is not in the registry"):
+        registry.get("old")
+
+
+def test_unfinished_version_is_skipped_and_its_number_not_reused(tmp_path: Path, checkpoint: Path) -> None:
+    registry = ModelRegistry(tmp_path / "reg")
+    registry.register(checkpoint)
+    (tmp_path / f"reg/{NAME}/v2").mkdir()  # a registration still being written (no card.json yet)
+    assert [v.ref for v in registry.versions()] == [f"{NAME}:1"]
+    assert registry.register(checkpoint).ref == f"{NAME}:3"
+
+
+def test_local_checkpoint_loads_identical_weights(tmp_path: Path, checkpoint: Path) -> None:
+    registry = ModelRegistry(tmp_path / "reg")
+    registry.register(checkpoint, alias="production")
+    local = registry.local_checkpoint("production")
+    assert local == tmp_path / f"reg/{NAME}/v1"  # a local registry serves the version folder itself
+    original, _ = load_model(checkpoint)
+    loaded, card = load_model(local)
+    assert card.version == f"{NAME}:1"
+    for key, value in original.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key]), key
+
+
+def test_file_uri_root_works_like_a_path(tmp_path: Path, checkpoint: Path) -> None:
+    by_uri = ModelRegistry(f"file://{tmp_path}/reg")
+    version = by_uri.register(checkpoint, report=make_report(tmp_path / "eval"), alias="production")
+    assert version.uri == f"file://{tmp_path}/reg/{NAME}/v1" and version.report == f"{version.uri}/report"
+    assert by_uri.local_checkpoint("production") == tmp_path / f"reg/{NAME}/v1"
+    by_path = ModelRegistry(tmp_path / "reg")
+    assert [(v.ref, v.aliases) for v in by_path.versions()] == [(f"{NAME}:1", ("production",))]
+    assert by_path.get("production").card == by_uri.get("production").card
+
+
+def remote_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A "mem://" root the registry treats as remote (no local paths, no exclusive mkdir), kept in tmp."""
+    store = tmp_path / "store"
+    store.mkdir()
+
+    def fake_resolve(location: str) -> tuple[pafs.FileSystem, str]:
+        if location.startswith("mem://"):
+            return pafs.SubTreeFileSystem(str(store), pafs.LocalFileSystem()), location[len("mem://") :]
+        return resolve(location)
+
+    monkeypatch.setattr(cxrcore.registry, "resolve", fake_resolve)
+    return "mem://reg"
+
+
+def test_remote_registry_downloads_a_cached_copy(
+    tmp_path: Path, checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    remote = remote_root(tmp_path, monkeypatch)
+    registry = ModelRegistry(remote, cache_dir=tmp_path / "cache")
+    version = registry.register(checkpoint, report=make_report(tmp_path / "eval"), alias="production")
+    assert version.uri == f"{remote}/{NAME}/v1"
+    stored = tmp_path / f"store/reg/{NAME}/v1"
+    assert files(stored) == {
+        "card.json",
+        "model.safetensors",
+        "report/report.html",
+        "report/metrics.json",
+        "report/plots/roc.png",
+    }  # fmt: skip  (the claim marker is gone)
+
+    local = registry.local_checkpoint("production")
+    assert local == tmp_path / f"cache/mem/reg/{NAME}/v1"
+    assert files(local) == {"card.json", "model.safetensors"}
+    assert registry.local_checkpoint(f"{NAME}:1") == local  # the finished copy is reused
+    original, _ = load_model(checkpoint)
+    loaded, _ = load_model(local)
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in original.state_dict().items())
+
+
+@pytest.mark.parametrize("store", ["local", "remote"])
+def test_racing_registrations_get_distinct_versions(
+    tmp_path: Path, checkpoint: Path, store: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry = ModelRegistry(remote_root(tmp_path, monkeypatch) if store == "remote" else tmp_path / "reg")
+    with ThreadPoolExecutor(4) as pool:
+        numbers = sorted(pool.map(lambda _: registry.register(checkpoint).version, range(8)))
+    assert len(set(numbers)) == 8
+    if store == "local":  # an object store may skip a number when two racers both back off
+        assert numbers == list(range(1, 9))
+    versions = registry.versions()
+    assert [v.version for v in versions] == numbers
+    assert all(v.card.version == v.ref and Path(v.uri).name == f"v{v.version}" for v in versions)
+
+
+def test_cli_models_list_show_promote(
+    tmp_path: Path, checkpoint: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reg = str(tmp_path / "reg")
+    assert main(["models", "list", "--registry", reg]) == 0
+    assert "is empty" in capsys.readouterr().out
+    registry = ModelRegistry(reg)
+    registry.register(checkpoint, report=make_report(tmp_path / "eval"))
+    registry.register(make_checkpoint(tmp_path / "other", seed=1, accuracy=0.875), alias="production")
+
+    assert main(["models", "list", "--registry", reg]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["ref", "aliases", "created", "val", "acc", "val", "F1", "val", "dice", "data",
+                                "fingerprint"]  # fmt: skip
+    assert lines[2].split()[0] == f"{NAME}:1" and lines[2].split()[-4:] == [
+        "0.7500",
+        "0.6500",
+        "-",
+        "f1n93rpr1n7",
+    ]
+    assert lines[3].split()[:2] == [f"{NAME}:2", "production"] and "0.8750" in lines[3]
+
+    monkeypatch.setenv("CXR_REGISTRY", reg)
+    assert main(["models", "promote", f"{NAME}:1"]) == 0
+    assert capsys.readouterr().out.strip() == f"production: {NAME}:2 -> {NAME}:1"
+    assert main(["models", "promote", f"{NAME}:1", "--alias", "canary"]) == 0
+    assert capsys.readouterr().out.strip() == f"canary: (none) -> {NAME}:1"
+
+    assert main(["models", "show", "production", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["ref"] == f"{NAME}:1" and shown["aliases"] == ["canary", "production"]
+    assert shown["history_length"] == 2 and "history" not in shown["card"]
+    assert shown["paths"]["report"] == str(tmp_path / f"reg/{NAME}/v1/report")
+    assert shown["card"]["version"] == f"{NAME}:1" and shown["card"]["metrics"]["val_accuracy"] == 0.75
+    assert main(["models", "show", NAME]) == 0
+    text = capsys.readouterr().out
+    assert f"ref: {NAME}:2" in text and "history: 2 epochs" in text and "report: -" in text
+
+    assert main(["models", "show", "prodution"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cxr: error: unknown model reference 'prodution'; did you mean 'production'?")
+    assert len(err.splitlines()) == 1
+    assert main(["models", "promote", NAME, "--alias", "Prod"]) == 2
+    assert "cxr: error: bad alias 'Prod'" in capsys.readouterr().err
+    monkeypatch.delenv("CXR_REGISTRY")
+    assert main(["models", "list"]) == 2
+    assert "pass --registry or set CXR_REGISTRY" in capsys.readouterr().err
