@@ -225,7 +225,7 @@ class TrainConfig:
 
     data: str = option(help="dataset written by `cxr data ingest` (path or URI)")
     model: str = option(
-        help="registered model name (see `cxr models list`), e.g. cnn_lstm, dual_cnn, resnet18"
+        help="model architecture (see `cxr models architectures`), e.g. cnn_lstm, dual_cnn, resnet18"
     )
     epochs: int = option(10, "training epochs")
     workers: int = option(2, "Ray Train workers (DDP processes); 0 runs the loop in this process")
@@ -291,7 +291,8 @@ class TuneConfig:
     data: str = option(help="dataset written by `cxr data ingest`")
     registry: str = option(help="model registry (folder or URI) that receives the best of each architecture")
     models: str = option(
-        "cnn_lstm,dual_cnn,resnet18", "architectures to compare, comma-separated ('resnet' also searches depth)"
+        "cnn_lstm,dual_cnn,resnet18",
+        "architectures to compare, comma-separated ('resnet' also searches depth)",
     )
     trials: int = option(2, "sampled configurations per architecture")
     epochs: int = option(10, "maximum epochs per trial (ASHA stops weak trials earlier)")
@@ -312,7 +313,9 @@ class TuneConfig:
         _require(self.epochs >= 1, "epochs", f"must be at least 1, got {self.epochs}")
         _require(1 <= self.grace_epochs <= self.epochs, "grace_epochs", "must be between 1 and --epochs")
         _require(self.workers_per_trial >= 1, "workers_per_trial", "must be at least 1")
-        _require(self.max_concurrent is None or self.max_concurrent >= 1, "max_concurrent", "must be positive")
+        _require(
+            self.max_concurrent is None or self.max_concurrent >= 1, "max_concurrent", "must be positive"
+        )
 
     def model_names(self) -> list[str]:
         return [name.strip() for name in self.models.split(",") if name.strip()]

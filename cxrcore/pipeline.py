@@ -32,7 +32,9 @@ def run_pipeline(config: PipelineConfig) -> dict[str, str]:
         step(f"synthesising {config.per_class} phantoms per class")
         summary = write_synthetic_dataset(work / "raw", per_class=config.per_class, seed=config.seed)
         raw = str(summary.root)
-        print(f"wrote {sum(summary.counts.values())} images to {raw} ({summary.images_per_second:.0f} images/s)")
+        print(
+            f"wrote {sum(summary.counts.values())} images to {raw} ({summary.images_per_second:.0f} images/s)"
+        )
 
     step(f"checking {raw}")
     print(format_scan(check_layout(raw)))

@@ -39,7 +39,9 @@ def search_space(config: TuneConfig) -> dict[str, Any]:
     }
 
 
-def trial_train_config(config: TuneConfig, params: dict[str, Any], trial_id: str, segmenter: str | None) -> TrainConfig:
+def trial_train_config(
+    config: TuneConfig, params: dict[str, Any], trial_id: str, segmenter: str | None
+) -> TrainConfig:
     """The TrainConfig one trial runs: the experiment's settings plus the sampled hyperparameters."""
     model = params["depth"] if params["arch"] == "resnet" else params["arch"]
     uses_mask = "dual" in model
@@ -104,7 +106,8 @@ def run_comparison(config: TuneConfig) -> dict[str, Any]:
                 metric="val_score",
                 mode="max",
                 num_samples=config.trials,
-                max_concurrent_trials=config.max_concurrent or _max_concurrent(config, ray.cluster_resources()),
+                max_concurrent_trials=config.max_concurrent
+                or _max_concurrent(config, ray.cluster_resources()),
                 scheduler=ASHAScheduler(
                     time_attr="training_iteration",
                     max_t=config.epochs,
@@ -121,7 +124,7 @@ def run_comparison(config: TuneConfig) -> dict[str, Any]:
             ),
         )
     results = tuner.fit()
-    trials = [_trial_record(config, result) for result in results]
+    trials = [_trial_record(config, results[i]) for i in range(len(results))]
     best = _best_per_architecture(config, trials, registry, experiment_dir)
     if best:
         winner = max(best.values(), key=lambda b: b["val_score"])
@@ -138,7 +141,9 @@ def run_comparison(config: TuneConfig) -> dict[str, Any]:
     }
     from cxrcore.evaluate.comparison import write_comparison_report
 
-    comparison["reports"] = {k: str(v) for k, v in write_comparison_report(experiment_dir, comparison).items()}
+    comparison["reports"] = {
+        k: str(v) for k, v in write_comparison_report(experiment_dir, comparison).items()
+    }
     return comparison
 
 
@@ -218,12 +223,17 @@ def _best_per_architecture(
     summary: dict[str, dict[str, Any]] = {}
     for model, trial in sorted(best.items()):
         report = experiment_dir / "reports" / model
-        evaluate_checkpoint(EvaluateConfig(checkpoint=trial["best_checkpoint"], data=config.data, out=str(report)))
+        evaluate_checkpoint(
+            EvaluateConfig(checkpoint=trial["best_checkpoint"], data=config.data, out=str(report))
+        )
         test = json.loads((report / "metrics.json").read_text())
         version = registry.register(trial["best_checkpoint"], report=report)
         parameters = sum(p.numel() for p in create_model(model).parameters())
         summary[model] = {
-            **{k: trial[k] for k in ("trial_id", "lr", "weight_decay", "batch_size", "epochs_run", "val_score")},
+            **{
+                k: trial[k]
+                for k in ("trial_id", "lr", "weight_decay", "batch_size", "epochs_run", "val_score")
+            },
             "ref": version.ref,
             "report": str(report / "report.html"),
             "parameters": parameters,
@@ -259,4 +269,3 @@ def _local(location: str) -> str:
             "mount the bucket (e.g. with a CSI driver or gcsfuse) and pass the mount point"
         )
     return storage.resolve(location)[1]
-

@@ -39,7 +39,8 @@ def write_comparison_report(out_dir: str | Path, comparison: dict[str, Any]) -> 
         for model, row in best.items()
     ]
     trials = [
-        {k: v for k, v in trial.items() if k not in ("history", "best_checkpoint")} for trial in comparison["trials"]
+        {k: v for k, v in trial.items() if k not in ("history", "best_checkpoint")}
+        for trial in comparison["trials"]
     ]
     matrices = [
         Path(row["report"]).parent / "confusion_matrix.png"
@@ -58,8 +59,19 @@ def write_comparison_report(out_dir: str | Path, comparison: dict[str, Any]) -> 
     ]
     segmenter = comparison.get("segmenter")
     if segmenter:
-        row = {"model": segmenter["model"], "registered as": segmenter["ref"], "val Dice": segmenter["val_dice"]}
+        row = {
+            "model": segmenter["model"],
+            "registered as": segmenter["ref"],
+            "val Dice": segmenter["val_dice"],
+        }
         row.update({f"test {k}": v for k, v in segmenter["test"].items()})
-        sections.insert(1, ReportSection("Lung segmenter (supplies masks to the dual-channel model)", html=html_table([row])))
-    paths["html"] = write_html_report(out / "comparison.html", f"Architecture comparison: {comparison['dataset']}", sections)
+        sections.insert(
+            1,
+            ReportSection(
+                "Lung segmenter (supplies masks to the dual-channel model)", html=html_table([row])
+            ),
+        )
+    paths["html"] = write_html_report(
+        out / "comparison.html", f"Architecture comparison: {comparison['dataset']}", sections
+    )
     return paths

@@ -123,7 +123,7 @@ def fit(config: TrainConfig) -> TrainResult:
     result = trainer.fit()
     ranked = result.best_checkpoints or []
     best = result.get_best_checkpoint("val_score", "max") if ranked else None
-    best_metrics = next((m for c, m in ranked if best and c.path == best.path), {})
+    best_metrics: dict[str, Any] = next((m for c, m in ranked if best and c.path == best.path), {})
     return TrainResult(
         run_dir=str(result.path),
         best_checkpoint=best.path if best else None,

@@ -15,7 +15,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 MODELS = ("tiny_cnn_lstm", "tiny_dual_cnn", "tiny_resnet")
 
 
-def test_tiny_comparison_registers_all_three_and_promotes_the_best(synthetic_dataset: str, tmp_path: Path) -> None:
+def test_tiny_comparison_registers_all_three_and_promotes_the_best(
+    synthetic_dataset: str, tmp_path: Path
+) -> None:
     config = TuneConfig(
         data=synthetic_dataset,
         registry=str(tmp_path / "registry"),

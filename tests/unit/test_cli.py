@@ -23,9 +23,12 @@ def test_help_lists_commands_and_every_command_has_help(capsys: pytest.CaptureFi
     top = capsys.readouterr().out
     for name in ("data", "demo", "benchmark"):
         assert name in top
-    paths = [[name] for name in _subcommands(build_parser())]
-    paths += [["data", name] for name in _subcommands(_subcommands(build_parser())["data"])]
+    commands = _subcommands(build_parser())
+    paths = [[name] for name in commands]
+    paths += [[group, name] for group in ("data", "models") for name in _subcommands(commands[group])]
     assert ["data", "ingest"] in paths and ["data", "check"] in paths and ["data", "synth"] in paths
+    for name in ("architectures", "list", "show", "promote"):
+        assert ["models", name] in paths
     for path in paths:
         with pytest.raises(SystemExit) as exit_info:
             main([*path, "--help"])
