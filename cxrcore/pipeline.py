@@ -48,7 +48,8 @@ def run_pipeline(config: PipelineConfig) -> dict[str, str]:
     if config.tune:
         from cxrcore.tune import run_comparison
 
-        step(f"comparing {config.models} with Ray Tune ({config.trials} trial(s) each, ≤{config.epochs} epochs)")
+        each = f"{config.trials} trial(s) each, up to {config.epochs} epochs"
+        step(f"comparing {config.models} with Ray Tune ({each})")
         registry = str(work / "registry")
         comparison = run_comparison(
             TuneConfig(
