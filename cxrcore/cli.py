@@ -403,7 +403,7 @@ def format_comparison(comparison: dict[str, Any]) -> str:
     rows = [
         [model, row["ref"] + (" *" if row.get("production") else ""), _number(row["val_score"]),
          _number(row["test_accuracy"]), _number(row["test_macro_f1"]), row["parameters"],
-         _number(row["train_images_per_s"]), row["epochs_run"]]
+         f"{row['train_images_per_s'] or 0:.0f}", row["epochs_run"]]
         for model, row in comparison["best"].items()
     ]  # fmt: skip
     header = ["architecture", "registered", "val F1", "test acc", "test F1", "params", "img/s", "epochs"]

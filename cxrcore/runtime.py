@@ -21,7 +21,9 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> str 
             ray.init(address=address, logging_level=logging.WARNING)
         else:
             ray.init(
-                num_cpus=num_cpus,
+                # At least 4 logical CPUs: a Tune trial's driver, its Train workers and Ray Data's read
+                # tasks must all fit at once, even on a 2-core laptop (they take turns on the cores).
+                num_cpus=num_cpus or max(4, os.cpu_count() or 1),
                 include_dashboard=True,
                 dashboard_host="127.0.0.1",
                 logging_level=logging.WARNING,
