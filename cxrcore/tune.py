@@ -44,7 +44,7 @@ def trial_train_config(
 ) -> TrainConfig:
     """The TrainConfig one trial runs: the experiment's settings plus the sampled hyperparameters."""
     model = params["depth"] if params["arch"] == "resnet" else params["arch"]
-    uses_mask = "dual" in model
+    uses_mask = _needs_mask(model)
     return TrainConfig(
         data=config.data,
         model=model,
@@ -86,7 +86,8 @@ def run_comparison(config: TuneConfig) -> dict[str, Any]:
 
     registry = ModelRegistry(config.registry)
     experiment_dir = Path(_local(config.out)) / config.name
-    segmenter = _segmenter(config, registry) if any("dual" in m for m in config.model_names()) else None
+    needs_segmenter = any(_needs_mask(m) for m in config.model_names() if m != "resnet")
+    segmenter = _segmenter(config, registry) if needs_segmenter else None
 
     space = {
         **search_space(config),
@@ -246,6 +247,12 @@ def _best_per_architecture(
             "history": trial["history"],
         }
     return summary
+
+
+def _needs_mask(model: str) -> bool:
+    from cxrcore.models import get_model_entry
+
+    return "mask" in get_model_entry(model).input_spec.channels
 
 
 def _max_concurrent(config: TuneConfig, resources: dict[str, float]) -> int:

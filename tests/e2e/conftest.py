@@ -85,9 +85,10 @@ def ray_cluster() -> Iterator[RayCluster]:
         )
         yield RayCluster(address=address, env=env, token=token)
     finally:
+        # SIGTERM reaches every Ray process in the group; `ray start --block` itself ignores it.
         os.killpg(process.pid, signal.SIGTERM)
         try:
-            process.wait(timeout=30)
+            process.wait(timeout=5)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()

@@ -1,0 +1,153 @@
+"""Uploaded image bytes (PNG, JPEG, DICOM) → uint8 grayscale; errors tell "wrong kind" from "broken".
+
+Serving decodes here; PNG and JPEG go through `decode_gray`, the function ingest uses, so an upload and
+a training image of the same file give the same pixels. What the bytes are decides the format; the
+declared content type only matters when the bytes are not recognised.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from typing import Any
+
+import numpy as np
+
+from cxrcore.data.transforms import MAX_IMAGE_PIXELS, ImageDecodeError, decode_gray, scale_to_uint8
+
+__all__ = [
+    "SUPPORTED_TYPES",
+    "ImageDecodeError",
+    "UnsupportedImageTypeError",
+    "decode_dicom",
+    "decode_upload",
+    "sniff_format",
+]
+
+SUPPORTED_TYPES: dict[str, str] = {
+    "image/png": "png",
+    "image/jpeg": "jpeg",
+    "image/jpg": "jpeg",
+    "application/dicom": "dicom",
+}
+"""Content types this module decodes, and the format each names."""
+
+# Content types that say nothing about the format: the bytes decide.
+_GENERIC_TYPES = frozenset({"", "application/octet-stream", "binary/octet-stream"})
+_SIGNATURES: tuple[tuple[bytes, int, str], ...] = (
+    (b"\x89PNG\r\n\x1a\n", 0, "png"),
+    (b"\xff\xd8\xff", 0, "jpeg"),
+    (b"DICM", 128, "dicom"),
+)
+# Formats recognised only to refuse them by name.
+_OTHER_SIGNATURES: tuple[tuple[bytes, int, str], ...] = (
+    (b"GIF8", 0, "GIF"),
+    (b"BM", 0, "BMP"),
+    (b"II*\x00", 0, "TIFF"),
+    (b"MM\x00*", 0, "TIFF"),
+    (b"WEBP", 8, "WebP"),
+    (b"%PDF", 0, "PDF"),
+    (b"PK\x03\x04", 0, "ZIP"),
+    (b"\x00\x00\x00\x0cjP  ", 0, "JPEG 2000"),
+    (b"\x1f\x8b", 0, "gzip"),
+)
+_LUMA = np.array([0.299, 0.587, 0.114])
+
+
+class UnsupportedImageTypeError(ValueError):
+    """The upload is a kind of file this service does not read (HTTP 415, unlike a broken image's 400)."""
+
+
+def sniff_format(data: bytes) -> str | None:
+    """'png', 'jpeg' or 'dicom' from the leading bytes; None when they are none of those."""
+    for signature, offset, name in _SIGNATURES:
+        if data[offset : offset + len(signature)] == signature:
+            return name
+    return None
+
+
+def decode_upload(data: bytes, content_type: str | None = None, *, window: bool = True) -> np.ndarray:
+    """Decode an upload to a uint8 H×W grayscale array.
+
+    Raises UnsupportedImageTypeError for another kind of file (GIF, PDF, text, a content type
+    other than PNG/JPEG/DICOM with bytes that are none of them) and ImageDecodeError for a PNG,
+    JPEG or DICOM that cannot be read, an empty body, or one too large to decode (a decompression
+    bomb). `window` applies a DICOM's VOI LUT / window when it has one.
+    """
+    if not data:
+        raise ImageDecodeError("empty file (0 bytes)")
+    declared = (content_type or "").split(";")[0].strip().lower()
+    fmt = sniff_format(data)
+    if fmt is None:
+        for signature, offset, name in _OTHER_SIGNATURES:
+            if data[offset : offset + len(signature)] == signature:
+                raise UnsupportedImageTypeError(f"{name} files are not supported; send PNG, JPEG or DICOM")
+        if declared not in SUPPORTED_TYPES and declared not in _GENERIC_TYPES:
+            raise UnsupportedImageTypeError(
+                f"unsupported content type {declared!r}; send {', '.join(sorted(SUPPORTED_TYPES))}"
+            )
+        fmt = SUPPORTED_TYPES.get(declared)
+        if fmt is None:
+            raise ImageDecodeError("not a PNG, JPEG or DICOM image (unrecognised bytes)")
+    if fmt == "dicom":
+        return decode_dicom(data, window=window)
+    return decode_gray(data)
+
+
+def decode_dicom(data: bytes, *, window: bool = True) -> np.ndarray:
+    """A single-frame grayscale (or RGB) DICOM image as uint8, the way a reader would see it.
+
+    Applies the modality LUT (RescaleSlope/Intercept), optionally the VOI LUT or window, scales
+    the value range onto 0..255 and inverts MONOCHROME1 so that bone is bright as in the PNGs.
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=sniff_format(data) != "dicom")
+    except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError) as exc:
+        raise ImageDecodeError(f"corrupt DICOM file: {exc}") from exc
+    if "PixelData" not in ds:
+        raise ImageDecodeError("DICOM file has no pixel data (not an image)")
+    rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if rows < 1 or columns < 1:
+        raise ImageDecodeError(f"DICOM image has no size (Rows={rows}, Columns={columns})")
+    if rows * columns * frames > MAX_IMAGE_PIXELS:
+        raise ImageDecodeError(
+            f"image too large: {columns}×{rows}×{frames} pixels exceeds the limit of {MAX_IMAGE_PIXELS}"
+        )
+    if frames > 1:
+        raise UnsupportedImageTypeError(f"multi-frame DICOM ({frames} frames) is not supported")
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if photometric not in ("MONOCHROME1", "MONOCHROME2", "RGB", "YBR_FULL", "YBR_FULL_422"):
+        raise UnsupportedImageTypeError(f"DICOM photometric interpretation {photometric} is not supported")
+    pixels = _dicom_pixels(ds)
+    if pixels.ndim == 3:  # colour: pydicom converts YBR to RGB
+        return scale_to_uint8(pixels[..., :3].astype(np.float64) @ _LUMA)
+    if pixels.ndim != 2:
+        raise ImageDecodeError(f"unexpected DICOM pixel array shape {pixels.shape}")
+    values = apply_modality_lut(pixels, ds)
+    if window and ("WindowCenter" in ds or "VOILUTSequence" in ds):
+        values = apply_voi_lut(values, ds)
+    image = scale_to_uint8(np.asarray(values, dtype=np.float64))
+    if photometric == "MONOCHROME1":  # 0 is white
+        image = 255 - image
+    return image
+
+
+def _dicom_pixels(ds: Any) -> np.ndarray:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return np.asarray(ds.pixel_array)
+    except (NotImplementedError, RuntimeError) as exc:
+        # pydicom says so when no installed plugin decodes this (compressed) transfer syntax.
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
+        raise UnsupportedImageTypeError(
+            f"DICOM transfer syntax {syntax} ({getattr(syntax, 'name', 'compressed')}) cannot be decoded "
+            f"here: {exc}"
+        ) from exc
+    except (ValueError, TypeError, AttributeError, KeyError, EOFError) as exc:
+        raise ImageDecodeError(f"corrupt DICOM pixel data: {exc}") from exc

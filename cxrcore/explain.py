@@ -1,0 +1,89 @@
+"""Grad-CAM: which regions of an X-ray drove the classifier's prediction, plus the lung mask it saw."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cxrcore.data.batches import model_inputs, to_unit
+from cxrcore.inference import Predictor
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """A prediction with its Grad-CAM heatmap and the lung mask used, both at the model's input size."""
+
+    probabilities: np.ndarray
+    """(num_classes,) class probabilities of the explained forward pass."""
+    target: int
+    """Index of the class the heatmap explains (the predicted one)."""
+    heatmap: np.ndarray
+    """uint8 (S, S), 255 where the target class's evidence is strongest."""
+    mask: np.ndarray | None
+    """uint8 (S, S) 0/255 lung mask fed to a dual-channel model; None for image-only models."""
+
+
+def last_conv_layer(model: nn.Module) -> nn.Conv2d:
+    """The last 2-D convolution in module order: the deepest spatial features Grad-CAM can weigh."""
+    convs = [module for module in model.modules() if isinstance(module, nn.Conv2d)]
+    if not convs:
+        raise ValueError(f"{type(model).__name__} has no Conv2d layer for Grad-CAM")
+    return convs[-1]
+
+
+def grad_cam(
+    model: nn.Module, inputs: torch.Tensor, target: int | None = None, layer: nn.Module | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grad-CAM maps (B, H, W) in [0, 1] at the input size, and the (B, num_classes) logits.
+
+    The map is ReLU(Σ_c mean(∂score/∂A_c) · A_c) over `layer`'s output A, upsampled and scaled to
+    its maximum; `target` defaults to each image's predicted class. Not thread-safe with other
+    calls on the same model (the hook sees every forward while it is registered).
+    """
+    layer = layer or last_conv_layer(model)
+    captured: list[torch.Tensor] = []
+    hook = layer.register_forward_hook(lambda _module, _args, output: captured.append(output))
+    try:
+        # cuDNN's RNN kernels refuse backward in eval mode (the CNN-LSTM); the native ones do not.
+        with torch.enable_grad(), torch.backends.cudnn.flags(enabled=False):
+            logits = model(inputs.detach().requires_grad_(True))
+            targets = logits.argmax(dim=1) if target is None else torch.full_like(logits[:, 0], target).long()
+            score = logits.gather(1, targets[:, None]).sum()
+            (grads,) = torch.autograd.grad(score, captured[-1])
+    finally:
+        hook.remove()
+    activations = captured[-1].detach()
+    weights = grads.mean(dim=(2, 3), keepdim=True)
+    cam = F.relu((weights * activations).sum(dim=1, keepdim=True))
+    cam = F.interpolate(cam, size=inputs.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    peak = cam.flatten(1).amax(dim=1).clamp_min(1e-12)[:, None, None]
+    return cam / peak, logits.detach()
+
+
+def explain(predictor: Predictor, image: np.ndarray) -> Explanation:
+    """Probabilities, Grad-CAM heatmap and lung mask for one uint8 image, through the Predictor's path.
+
+    The input is built as `Predictor.predict_proba` builds it (base size, model size, mask from the
+    predictor's segmenter), so the probabilities match a plain prediction.
+    """
+    if predictor.spec.task != "classify":
+        raise ValueError(f"{predictor.card.name} is a {predictor.spec.task} model; nothing to explain")
+    unit = to_unit(predictor.base_images([image]), predictor.spec.image_size)
+    mask = None
+    if predictor.needs_mask:
+        if predictor.segmenter is None:
+            raise ValueError(f"{predictor.card.name} needs a lung mask: serve it with a segmenter checkpoint")
+        with torch.no_grad():
+            mask = predictor.segmenter.mask_source(unit)
+    heatmap, logits = grad_cam(predictor.model, model_inputs(predictor.spec, unit, mask))
+    probabilities = torch.softmax(logits.float(), dim=1)[0].cpu().numpy()
+    return Explanation(
+        probabilities=probabilities,
+        target=int(probabilities.argmax()),
+        heatmap=(heatmap[0] * 255).round().to(torch.uint8).cpu().numpy(),
+        mask=None if mask is None else (mask[0, 0] * 255).to(torch.uint8).cpu().numpy(),
+    )

@@ -1,0 +1,54 @@
+"""The Serve application: `build_app` (`serve.app:build_app`) wires ingress, classifier and segmenter.
+
+    serve run serve/config.yaml                  # foreground, local
+    serve deploy serve/config.yaml -a URL        # a running cluster (RAY_AUTH_MODE=token)
+    cxr serve --registry REG --model production  # foreground, local, same app
+
+The model reference is pinned to a registry version here and handed to the classifier as its
+`user_config`, so every replica (also those autoscaling adds later) serves the same version, and a
+new `user_config` swaps it in place.
+"""
+
+# No `from __future__ import annotations`: Serve validates `args` into ServeArgs only when the
+# builder's annotation is the class itself, not a string.
+from pathlib import Path
+
+from ray.serve import Application
+
+from serve.deployments import Classifier, Segmenter, resolve_model, resolve_segmenter
+from serve.ingress import Api
+from serve.schemas import ClassifierConfig, ServeArgs
+
+
+def build_app(args: ServeArgs) -> Application:
+    """The cxr application for `args`; the segmenter gets its own deployment when the model needs masks."""
+    registry = args.registry
+    if registry is not None and "://" not in registry:
+        registry = str(Path(registry).expanduser().resolve())  # every replica must read the same folder
+    resolved = resolve_model(registry, args.model)
+    autoscaling = {
+        "min_replicas": args.min_replicas,
+        "max_replicas": args.max_replicas,
+        "upscale_delay_s": args.upscale_delay_s,
+        "downscale_delay_s": args.downscale_delay_s,
+        "look_back_period_s": args.look_back_period_s,
+    }
+    actor_options = {"num_cpus": args.num_cpus, "num_gpus": args.num_gpus}
+    segmenter = None
+    if resolved.needs_mask:
+        if not resolved.card.segmenter:
+            raise ValueError(f"{resolved.ref} needs a lung mask but its card names no segmenter checkpoint")
+        segmenter = Segmenter.options(
+            autoscaling_config={**autoscaling, "target_ongoing_requests": 2},
+            ray_actor_options=actor_options,
+        ).bind(resolve_segmenter(registry, resolved.card.segmenter), args.device)
+    user_config = ClassifierConfig(
+        model=resolved.ref, max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_timeout_s
+    )
+    classifier = Classifier.options(
+        autoscaling_config={**autoscaling, "target_ongoing_requests": args.target_ongoing_requests},
+        max_ongoing_requests=args.max_ongoing_requests,
+        ray_actor_options=actor_options,
+        user_config=user_config.model_dump(),
+    ).bind(registry, segmenter, args.device, args.max_batch_size, args.batch_wait_timeout_s)
+    return Api.bind(classifier, args.max_upload_bytes, args.min_image_side)

@@ -1,0 +1,171 @@
+"""Serving latency and throughput, measured side by side in one run on one machine.
+
+HTTP p50/p99 and requests/s at each client concurrency, with batching on and off (one classifier
+replica, so autoscaling does not blur it), next to the model's direct `predict_proba` throughput at
+its best batch size with the threads of one replica:
+
+    python -m serve.benchmark --registry REG --model production
+    python -m serve.benchmark --arch dual_cnn --image-size 128   # untrained weights cost the same
+"""
+
+import argparse
+import io
+import json
+import os
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+BATCH_SIZES = (1, 2, 4, 8, 16, 32)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m serve.benchmark", description=__doc__.split("\n")[0])
+    parser.add_argument("--registry", help="model registry; without one, --model is a checkpoint folder")
+    parser.add_argument("--model", help="registry reference or checkpoint folder (default: untrained --arch)")
+    parser.add_argument("--arch", default="tiny_dual_cnn", help="architecture of the untrained model")
+    parser.add_argument("--image-size", type=int, help="input size of the untrained model (default: its own)")
+    parser.add_argument("--requests", type=int, default=200, help="requests per measurement")
+    parser.add_argument("--concurrency", default="1,16", help="client threads, comma-separated")
+    parser.add_argument("--batch-size", type=int, default=16, help="max_batch_size when batching is on")
+    parser.add_argument("--num-cpus", type=float, default=1.0, help="CPUs of each model replica")
+    parser.add_argument("--port", type=int, default=8011)
+    args = parser.parse_args(argv)
+
+    import ray
+    from ray import serve
+
+    from serve.app import build_app
+    from serve.deployments import resolve_model
+    from serve.schemas import ServeArgs
+
+    with tempfile.TemporaryDirectory() as work:
+        model = args.model or str(_untrained(Path(work), args.arch, args.image_size))
+        upload = _chest_png()
+        threads = max(1, int(args.num_cpus))  # Ray gives a replica OMP_NUM_THREADS = its whole CPUs
+        direct = _direct(resolve_model(args.registry, model).checkpoint, upload, threads)
+        ray.init(num_cpus=max(os.cpu_count() or 1, 4), include_dashboard=False, logging_level="ERROR")
+        serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+        rows: list[dict[str, Any]] = []
+        try:
+            for batch_size in (args.batch_size, 1):
+                app_args = ServeArgs(
+                    registry=args.registry, model=model, num_cpus=args.num_cpus, max_replicas=1,
+                    max_batch_size=batch_size, max_ongoing_requests=max(32, batch_size),
+                )  # fmt: skip
+                serve.run(build_app(app_args), name="benchmark", route_prefix="/")
+                url = f"http://127.0.0.1:{args.port}/v1/predict"
+                _load(url, upload, requests=20, concurrency=4)  # warm up
+                for concurrency in (int(c) for c in args.concurrency.split(",")):
+                    stats = _load(url, upload, args.requests, concurrency)
+                    rows.append({"max_batch_size": batch_size, "concurrency": concurrency, **stats})
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+    print(f"model {model}: direct predict_proba, {threads} thread(s): {direct['best']}")
+    print("max_batch_size  concurrency  p50_ms  p99_ms  req/s")
+    for row in rows:
+        print(
+            f"{row['max_batch_size']:>14}  {row['concurrency']:>11}  {row['p50_ms']:>6.1f}  "
+            f"{row['p99_ms']:>6.1f}  {row['requests_per_s']:>5.1f}"
+        )
+    print(json.dumps({"model": model, "direct": direct, "http": rows}))
+    return 0
+
+
+def _untrained(directory: Path, arch: str, image_size: int | None) -> Path:
+    """A checkpoint of `arch` with random weights (and a U-Net when it needs masks): the same cost."""
+    import torch
+
+    from cxrcore.checkpoint import ModelCard, save_checkpoint
+    from cxrcore.models import create_model, get_build_args, get_input_spec
+
+    def save(name: str, segmenter: Path | None = None) -> Path:
+        torch.manual_seed(0)
+        model = create_model(name, **({"image_size": image_size} if image_size else {}))
+        spec = get_input_spec(model)
+        card = ModelCard(
+            model=get_build_args(model),
+            input_spec=spec.to_dict(),
+            data={"size": spec.image_size},
+            segmenter=str(segmenter) if segmenter else None,
+        )
+        return save_checkpoint(directory / name, model, card)
+
+    needs_mask = "mask" in get_input_spec(create_model(arch)).channels
+    segmenter = save("tiny_unet" if arch.startswith("tiny_") else "unet") if needs_mask else None
+    return save(arch, segmenter)
+
+
+def _chest_png(size: int = 299) -> bytes:
+    """A 299×299 grayscale PNG like the dataset's: a gradient with noise."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    image = np.linspace(40, 220, size)[None, :] + rng.normal(0, 20, (size, size))
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _direct(checkpoint: Path, upload: bytes, threads: int) -> dict[str, Any]:
+    """Images/s of `Predictor.predict_proba` (segmenter included) per batch size, in this process."""
+    import torch
+
+    from cxrcore.decode import decode_upload
+    from cxrcore.inference import Predictor
+
+    torch.set_num_threads(threads)
+    predictor = Predictor.from_checkpoint(checkpoint)
+    image = decode_upload(upload, "image/png")
+    per_batch: dict[int, float] = {}
+    for batch_size in BATCH_SIZES:
+        images = [image] * batch_size
+        predictor.predict_proba(images)
+        runs, start = 0, time.perf_counter()
+        while runs < 3 or time.perf_counter() - start < 1.0:
+            predictor.predict_proba(images)
+            runs += 1
+        per_batch[batch_size] = round(runs * batch_size / (time.perf_counter() - start), 1)
+    best = max(per_batch, key=per_batch.__getitem__)
+    return {"images_per_s": per_batch, "best": f"{per_batch[best]} images/s at batch size {best}"}
+
+
+def _load(url: str, upload: bytes, requests: int, concurrency: int) -> dict[str, float]:
+    """`requests` POSTs from `concurrency` threads, each waiting for its answer before the next."""
+    import httpx
+
+    latencies: list[float] = []
+    remaining = iter(range(requests))
+    lock = threading.Lock()
+
+    def client() -> None:
+        with httpx.Client(timeout=120) as session:
+            while True:
+                with lock:
+                    if next(remaining, None) is None:
+                        return
+                start = time.perf_counter()
+                response = session.post(url, content=upload, headers={"content-type": "image/png"})
+                response.raise_for_status()
+                with lock:
+                    latencies.append((time.perf_counter() - start) * 1000)
+
+    start = time.perf_counter()
+    workers = [threading.Thread(target=client) for _ in range(concurrency)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    elapsed = time.perf_counter() - start
+    cuts = statistics.quantiles(latencies, n=100)
+    return {"p50_ms": cuts[49], "p99_ms": cuts[98], "requests_per_s": len(latencies) / elapsed}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

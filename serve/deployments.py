@@ -1,0 +1,257 @@
+"""The model deployments: the batched classifier and the U-Net segmenter it asks for lung masks."""
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from cxrcore.checkpoint import ModelCard, load_card
+from serve.schemas import ClassifierConfig, ModelInfo
+
+log = logging.getLogger("ray.serve")
+T = TypeVar("T")
+
+SEGMENTER_TIMEOUT_S = 60.0
+# Segmenter checkpoints a replica keeps loaded: the current one and the one before a swap.
+_SEGMENTERS_KEPT = 2
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model reference pinned to a checkpoint folder on this machine."""
+
+    ref: str
+    checkpoint: Path
+    card: ModelCard
+    version: str | None
+
+    @property
+    def info(self) -> ModelInfo:
+        return ModelInfo(name=self.card.name, version=self.version, ref=self.ref)
+
+    @property
+    def needs_mask(self) -> bool:
+        return "mask" in self.card.input_spec.get("channels", ())
+
+
+def resolve_model(registry: str | None, ref: str) -> ResolvedModel:
+    """Look `ref` up in the registry (alias, name:N or name), or read it as a checkpoint folder."""
+    if registry is None:
+        path = Path(ref).expanduser().resolve()
+        card = load_card(path)
+        return ResolvedModel(ref=str(path), checkpoint=path, card=card, version=card.version)
+    from cxrcore.registry import ModelRegistry
+
+    models = ModelRegistry(registry)
+    version = models.get(ref)
+    path = Path(models.local_checkpoint(version.ref))
+    return ResolvedModel(
+        ref=version.ref, checkpoint=path, card=load_card(path), version=version.ref.rpartition(":")[2]
+    )
+
+
+def resolve_segmenter(registry: str | None, segmenter: str) -> str:
+    """A card's segmenter as a local checkpoint folder: a folder as it is, else a registry reference."""
+    if registry is None or Path(segmenter).is_dir():
+        return segmenter
+    from cxrcore.registry import ModelRegistry
+
+    return str(ModelRegistry(registry).local_checkpoint(segmenter))
+
+
+class _ModelThread:
+    """One thread per replica runs all model work: the event loop stays free, and the model and its
+    Grad-CAM hooks are never used by two threads at once."""
+
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxr-model")
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+
+class SegmenterClient:
+    """Stands in for a Predictor's segmenter: its masks come from the Segmenter deployment.
+
+    `Predictor.predict_proba` calls `mask_source` from the classifier's model thread, so the same
+    code computes the mask offline and here; only the process differs.
+    """
+
+    def __init__(self, handle: DeploymentHandle, checkpoint: str) -> None:
+        self.handle = handle
+        self.checkpoint = checkpoint
+
+    def mask_source(self, unit_images: Any) -> Any:
+        import torch
+
+        response = self.handle.mask_source.remote(unit_images.cpu().numpy(), self.checkpoint)
+        return torch.tensor(response.result(timeout_s=SEGMENTER_TIMEOUT_S), device=unit_images.device)
+
+
+@serve.deployment(
+    name="Segmenter", max_ongoing_requests=8, ray_actor_options={"num_cpus": 1}, health_check_period_s=10
+)
+class Segmenter:
+    """The lung U-Net: 0/1 masks for [0, 1] images at the classifier's input size."""
+
+    def __init__(self, checkpoint: str, device: str = "cpu") -> None:
+        self._device = device
+        self._thread = _ModelThread()
+        self._predictors: dict[str, Any] = {}
+        self._load(checkpoint)
+
+    async def mask_source(self, unit_images: np.ndarray, checkpoint: str) -> np.ndarray:
+        return await self._thread.run(self._masks, unit_images, checkpoint)
+
+    def _masks(self, unit_images: np.ndarray, checkpoint: str) -> np.ndarray:
+        import torch
+
+        predictor = self._predictors.get(checkpoint) or self._load(checkpoint)
+        with torch.inference_mode():
+            masks = predictor.mask_source(torch.tensor(unit_images, device=self._device))
+        result: np.ndarray = masks.cpu().numpy()
+        return result
+
+    def _load(self, checkpoint: str) -> Any:
+        from cxrcore.inference import Predictor
+
+        predictor = Predictor.from_checkpoint(checkpoint, self._device)
+        if predictor.spec.task != "segment":
+            raise ValueError(f"{checkpoint} holds a {predictor.spec.task} model, not a lung segmenter")
+        self._predictors[checkpoint] = predictor
+        while len(self._predictors) > _SEGMENTERS_KEPT:
+            self._predictors.pop(next(iter(self._predictors)))
+        log.info("segmenter loaded from %s", checkpoint)
+        return predictor
+
+
+@dataclass(frozen=True)
+class _Served:
+    """The model a classifier replica serves; replaced whole on a swap, so a batch sees one model."""
+
+    requested: str
+    resolved: ResolvedModel
+    predictor: Any
+
+
+@serve.deployment(
+    name="Classifier", max_ongoing_requests=32, ray_actor_options={"num_cpus": 1}, health_check_period_s=10
+)
+class Classifier:
+    """Class probabilities from a registry model, batched; `user_config` (ClassifierConfig) picks the model.
+
+    A model that needs a lung mask gets it from the Segmenter deployment when one is bound, else
+    from a segmenter loaded in this replica (a swap to a dual-channel model from one that had none).
+    """
+
+    def __init__(
+        self,
+        registry: str | None,
+        segmenter: DeploymentHandle | None = None,
+        device: str = "cpu",
+        max_batch_size: int = 16,
+        batch_wait_timeout_s: float = 0.01,
+    ) -> None:
+        self._registry = registry
+        self._segmenter = segmenter
+        self._device = device
+        self._defaults = {"max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_timeout_s}
+        self._config: ClassifierConfig | None = None
+        self._served: _Served | None = None
+        self._swap_error: str | None = None
+        self._thread = _ModelThread()
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Runs at start and on every `user_config` change: loads a new model, then swaps it in.
+
+        A model that fails to load while another is serving leaves that one serving (a mistyped
+        reference must not take the service down); GET /v1/model reports the failure.
+        """
+        config = ClassifierConfig.model_validate({**self._defaults, **user_config})
+        self.predict.set_max_batch_size(config.max_batch_size)
+        self.predict.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        self._config = config
+        if self._served is not None and self._served.requested == config.model:
+            self._swap_error = None
+            return
+        try:
+            self._served = await self._thread.run(self._load, config.model)
+        except Exception as exc:
+            if self._served is None:
+                raise
+            self._swap_error = f"could not load {config.model!r}: {type(exc).__name__}: {exc}"
+            log.exception("still serving %s: %s", self._served.resolved.ref, self._swap_error)
+            return
+        self._swap_error = None
+        log.info("serving %s from %s", self._served.resolved.ref, self._served.resolved.checkpoint)
+
+    def check_health(self) -> None:
+        if self._served is None:
+            raise RuntimeError("no model loaded")
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def predict(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
+        served = self._current()
+        probabilities = await self._thread.run(served.predictor.predict_proba, images)
+        info = served.resolved.info.model_dump()
+        classes = served.resolved.card.classes
+        return [
+            {"probabilities": dict(zip(classes, map(float, row), strict=True)), "model": info}
+            for row in probabilities
+        ]
+
+    async def explain(self, image: np.ndarray) -> dict[str, Any]:
+        from cxrcore.explain import explain
+
+        served = self._current()
+        result = await self._thread.run(explain, served.predictor, image)
+        classes = served.resolved.card.classes
+        return {
+            "probabilities": dict(zip(classes, map(float, result.probabilities), strict=True)),
+            "model": served.resolved.info.model_dump(),
+            "target": classes[result.target],
+            "heatmap": result.heatmap,
+            "mask": result.mask,
+        }
+
+    async def info(self) -> dict[str, Any]:
+        served = self._current()
+        assert self._config is not None
+        return {
+            "model": served.resolved.info.model_dump(),
+            "card": served.resolved.card.to_dict(),
+            "max_batch_size": self._config.max_batch_size,
+            "batch_wait_timeout_s": self._config.batch_wait_timeout_s,
+            "swap_error": self._swap_error,
+        }
+
+    def _current(self) -> _Served:
+        if self._served is None:
+            raise RuntimeError("no model loaded yet")
+        return self._served
+
+    def _load(self, ref: str) -> _Served:
+        from cxrcore.checkpoint import load_model
+        from cxrcore.inference import Predictor
+
+        resolved = resolve_model(self._registry, ref)
+        model, card = load_model(resolved.checkpoint, self._device)
+        predictor = Predictor(model, card, self._device)
+        if predictor.spec.task != "classify":
+            raise ValueError(f"{resolved.ref} is a {predictor.spec.task} model, not a classifier")
+        if predictor.needs_mask:
+            if not card.segmenter:
+                raise ValueError(f"{resolved.ref} needs a lung mask but its card names no segmenter")
+            segmenter = resolve_segmenter(self._registry, card.segmenter)
+            if self._segmenter is not None:
+                predictor.segmenter = SegmenterClient(self._segmenter, segmenter)
+            else:
+                predictor.segmenter = Predictor.from_checkpoint(segmenter, self._device)
+        return _Served(requested=ref, resolved=resolved, predictor=predictor)

@@ -1,0 +1,125 @@
+"""Typed arguments of the Serve application and the JSON the HTTP API answers with."""
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class ServeArgs(BaseModel):
+    """Arguments of `serve.app:build_app`: `args:` in serve/config.yaml, or the flags of `cxr serve`.
+
+    >>> ServeArgs(registry="cxr-demo/registry", model="dual_cnn:3").max_upload_mb
+    20.0
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    registry: str | None = Field(
+        default=None,
+        description="model registry (folder or URI); without one, `model` is a checkpoint folder",
+    )
+    model: str = Field(
+        default="production",
+        description="registry alias, name:N or name (its latest version); an absolute checkpoint folder "
+        "when there is no registry. Pinned to a version when the app is built",
+    )
+    num_cpus: float = Field(default=1.0, gt=0, description="CPUs per classifier and segmenter replica")
+    num_gpus: float = Field(default=0.0, ge=0, description="GPUs per classifier and segmenter replica")
+    min_replicas: int = Field(default=1, ge=0, description="autoscaling floor of the model deployments")
+    max_replicas: int = Field(default=2, ge=1, description="autoscaling ceiling of the model deployments")
+    target_ongoing_requests: float = Field(
+        default=8.0,
+        gt=0,
+        description="queued + running requests per classifier replica that autoscaling aims at",
+    )
+    upscale_delay_s: float = Field(default=10.0, ge=0, description="sustained load before adding replicas")
+    downscale_delay_s: float = Field(
+        default=300.0, ge=0, description="sustained idleness before removing some"
+    )
+    look_back_period_s: float = Field(default=30.0, gt=0, description="window the load is averaged over")
+    max_batch_size: int = Field(
+        default=16, ge=1, description="images per forward pass (1 turns batching off)"
+    )
+    batch_wait_timeout_s: float = Field(
+        default=0.01, ge=0, description="how long a batch waits to fill before it runs anyway"
+    )
+    max_ongoing_requests: int = Field(
+        default=32, ge=1, description="requests one classifier replica accepts at once (>= max_batch_size)"
+    )
+    max_upload_mb: float = Field(default=20.0, gt=0, description="larger uploads are refused with HTTP 413")
+    min_image_side: int = Field(default=64, ge=1, description="smaller images are refused with HTTP 400")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ServeArgs":
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(
+                f"max_replicas ({self.max_replicas}) must be >= min_replicas ({self.min_replicas})"
+            )
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(
+                f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_batch_size "
+                f"({self.max_batch_size}), or batches can never fill"
+            )
+        return self
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.num_gpus > 0 else "cpu"
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+
+class ClassifierConfig(BaseModel):
+    """The classifier's `user_config`: changing it swaps the model or batching without a restart."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="registry reference (name:N or an alias) or checkpoint folder to serve")
+    max_batch_size: int = Field(default=16, ge=1)
+    batch_wait_timeout_s: float = Field(default=0.01, ge=0)
+
+
+class ModelInfo(BaseModel):
+    """Which model answered."""
+
+    name: str = Field(description="architecture name from the model card")
+    version: str | None = Field(description="registry version number, or the card's version")
+    ref: str = Field(description="registry reference (name:N) or checkpoint folder")
+
+
+class Explanation(BaseModel):
+    """Why the model said what it said, at the model's input size."""
+
+    target: str = Field(description="the class the heatmap explains (the predicted one)")
+    heatmap_png: str = Field(description="Grad-CAM heatmap of the last conv layer, base64 grayscale PNG")
+    mask_png: str | None = Field(description="lung mask fed to the model, base64 PNG; null if it takes none")
+
+
+class Prediction(BaseModel):
+    """The answer of POST /v1/predict."""
+
+    label: str = Field(description="the most probable class")
+    probabilities: dict[str, float] = Field(description="every class, in the canonical order")
+    model: ModelInfo
+    latency_ms: float = Field(description="time spent in the server, from request to answer")
+    explanation: Explanation | None = Field(default=None, description="with ?explain=true")
+
+
+class ModelDetails(BaseModel):
+    """The answer of GET /v1/model."""
+
+    model: ModelInfo
+    card: dict = Field(description="the serving checkpoint's model card")
+    max_batch_size: int
+    batch_wait_timeout_s: float
+    swap_error: str | None = Field(
+        default=None,
+        description="why the last requested model could not be loaded (the previous one serves on)",
+    )
+
+
+class ErrorBody(BaseModel):
+    """Every error answer: a short machine-readable code and a sentence for people."""
+
+    error: str = Field(description="e.g. undecodable_image, unsupported_media_type, payload_too_large")
+    detail: str

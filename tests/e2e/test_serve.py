@@ -1,0 +1,420 @@
+"""The Serve application over real HTTP: `serve deploy` to a `ray start` cluster, then httpx.
+
+One deployment serves the module: the registry's `production` model, a dual-channel CNN whose masks
+come from the Segmenter deployment. The autoscaling and model-swap tests come last because they
+change it (and put it back).
+`cxr serve` runs first, before the module's app exists, on its own local Ray.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from cxrcore.cli import main
+from cxrcore.data.transforms import decode_gray, scale_to_uint8
+from cxrcore.decode import decode_upload
+from cxrcore.inference import Predictor
+from cxrcore.registry import ModelRegistry
+from tests.e2e.conftest import BIN, RayCluster, free_port, wait_until
+from tests.e2e.uploads import (
+    chest,
+    dicom_bytes,
+    jpeg_bytes,
+    png_bytes,
+    png_header_only,
+    write_registry,
+    xray_dicom,
+)
+
+pytestmark = pytest.mark.e2e
+REPO = Path(__file__).parents[2]
+APP = "cxr"
+PRODUCTION = "tiny_dual_cnn:1"  # what the `production` alias names, pinned when the app is built
+MAX_UPLOAD_MB = 1
+# Fast autoscaling for the test (notes §4.2): metrics every 0.5 s, decisions after 1 s up / 3 s down.
+TEST_ARGS: dict[str, Any] = {
+    "num_cpus": 0.25,
+    "min_replicas": 1,
+    "max_replicas": 2,
+    "target_ongoing_requests": 2,
+    "upscale_delay_s": 1,
+    "downscale_delay_s": 3,
+    "look_back_period_s": 2,
+    "max_batch_size": 8,
+    "max_ongoing_requests": 8,
+    "max_upload_mb": MAX_UPLOAD_MB,
+}
+METRICS_ENV = {
+    "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
+    "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
+}
+GRAY = scale_to_uint8(chest(0))
+GOOD_PNG = png_bytes(GRAY)
+
+
+@dataclass
+class Server:
+    url: str
+    cluster: RayCluster
+    config: dict[str, Any]
+    registry: Path
+    offline: Predictor = field(repr=False)
+
+    def details(self) -> dict[str, Any]:
+        """The app's status from the dashboard's Serve REST API (what `serve status` shows)."""
+        response = httpx.get(f"{self.cluster.address}/api/serve/applications/", headers=_auth(self.cluster))
+        response.raise_for_status()
+        app: dict[str, Any] = response.json()["applications"].get(APP, {})
+        return app
+
+    def replicas(self, deployment: str) -> list[str]:
+        replicas = self.details()["deployments"][deployment]["replicas"]
+        return sorted(r["replica_id"] for r in replicas if r["state"] == "RUNNING")
+
+    def deploy(self, config: dict[str, Any]) -> None:
+        """What `serve deploy` does: PUT the config to the dashboard."""
+        response = httpx.put(
+            f"{self.cluster.address}/api/serve/applications/",
+            json=config,
+            headers=_auth(self.cluster),
+            timeout=30,
+        )
+        assert response.status_code == 200, response.text
+
+    def predict(self, data: bytes, content_type: str = "image/png", **params: Any) -> httpx.Response:
+        return httpx.post(
+            f"{self.url}/v1/predict",
+            content=data,
+            headers={"content-type": content_type},
+            params=params,
+            timeout=60,
+        )
+
+
+def _auth(cluster: RayCluster) -> dict[str, str]:
+    return {"Authorization": f"Bearer {cluster.token}"}
+
+
+def _probabilities(body: dict[str, Any]) -> np.ndarray:
+    return np.array(list(body["probabilities"].values()))
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_registry(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def server(
+    ray_cluster: RayCluster, registry: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    """The shipped serve/config.yaml with test arguments, deployed with the `serve deploy` CLI."""
+    config = yaml.safe_load((REPO / "serve/config.yaml").read_text())
+    port = free_port()
+    config["http_options"] = {"host": "127.0.0.1", "port": port}
+    (app,) = config["applications"]
+    app["args"] = {"registry": str(registry), "model": "production", **TEST_ARGS}
+    app["runtime_env"] = {"env_vars": METRICS_ENV}
+    path = tmp_path_factory.mktemp("serve") / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    deploy = subprocess.run(
+        [str(BIN / "serve"), "deploy", str(path), "-a", ray_cluster.address],
+        env=ray_cluster.env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+    server = Server(
+        url=f"http://127.0.0.1:{port}",
+        cluster=ray_cluster,
+        config=config,
+        registry=registry,
+        offline=Predictor.from_checkpoint(ModelRegistry(registry).local_checkpoint("production")),
+    )
+
+    def running() -> bool:
+        status = server.details().get("status")
+        if status == "DEPLOY_FAILED":
+            pytest.fail(f"deploy failed: {server.details().get('message')}")
+        return status == "RUNNING"
+
+    try:
+        wait_until(running, timeout=240, what="the cxr app to be RUNNING")  # `serve deploy` returns first
+        yield server
+    finally:
+        httpx.delete(f"{ray_cluster.address}/api/serve/applications/", headers=_auth(ray_cluster), timeout=60)
+
+
+def test_cxr_serve_runs_in_the_foreground_and_stops_cleanly(registry: Path) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="cxr-serve-", dir="/tmp")  # its own Ray, short socket paths
+    command = [
+        str(BIN / "cxr"), "serve", "--registry", str(registry), "--model", "tiny_cnn_lstm",
+        "--port", str(port), "--arg", "num_cpus=0.25", "--arg", "max_replicas=1",
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until(
+            lambda: process.poll() is None and httpx.get(f"{url}/readyz", timeout=5).status_code == 200,
+            timeout=180,
+            what="`cxr serve` to become ready",
+        )
+        response = httpx.post(
+            f"{url}/v1/predict", files={"file": ("x.png", GOOD_PNG, "image/png")}, timeout=60
+        )
+        assert response.status_code == 200, response.text
+        assert response.json()["model"]["name"] == "tiny_cnn_lstm"
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=90)
+        assert process.returncode == 0, output[-3000:]
+        assert f"at http://127.0.0.1:{port}" in output and "shutting down" in output
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"{url}/healthz", timeout=2)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+
+
+def test_app_composes_ingress_classifier_and_segmenter(server: Server) -> None:
+    assert set(server.details()["deployments"]) == {"Api", "Classifier", "Segmenter"}
+    assert httpx.get(f"{server.url}/healthz").json() == {"status": "ok"}
+    ready = httpx.get(f"{server.url}/readyz").json()
+    assert ready["status"] == "ready" and ready["model"]["ref"] == PRODUCTION
+    model = httpx.get(f"{server.url}/v1/model").json()
+    assert model["model"] == {"name": "tiny_dual_cnn", "version": "1", "ref": PRODUCTION}
+    unet = ModelRegistry(server.registry).local_checkpoint("tiny_unet")
+    assert (
+        model["card"]["segmenter"] == str(unet)
+        and model["max_batch_size"] == 8
+        and model["swap_error"] is None
+    )
+    openapi = httpx.get(f"{server.url}/openapi.json").json()
+    assert "multipart/form-data" in openapi["paths"]["/v1/predict"]["post"]["requestBody"]["content"]
+    assert httpx.get(f"{server.url}/docs").status_code == 200
+
+
+FORMATS = {
+    "png": (GOOD_PNG, "image/png"),
+    "png-rgb": (png_bytes(scale_to_uint8(chest(1)), "RGB"), "image/png"),
+    "png-rgba": (png_bytes(scale_to_uint8(chest(2)), "RGBA"), "image/png"),
+    "png-16bit": (png_bytes((chest(3) * 65535).astype(np.uint16)), "image/png"),
+    "png-large": (png_bytes(scale_to_uint8(chest(4, 1800, 1500, noise=0.0))), "image/png"),
+    "jpeg": (jpeg_bytes(scale_to_uint8(chest(5))), "image/jpeg"),
+    "dicom-monochrome1": (xray_dicom(6, "MONOCHROME1"), "application/dicom"),
+    "dicom-monochrome2": (xray_dicom(7, "MONOCHROME2"), "application/octet-stream"),
+}
+
+
+@pytest.mark.parametrize("multipart", [False, True], ids=["raw", "multipart"])
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_every_format_predicts_exactly_what_the_offline_predictor_does(
+    server: Server, name: str, multipart: bool
+) -> None:
+    data, content_type = FORMATS[name]
+    if multipart:
+        files = {"file": (f"upload.{name.split('-')[0]}", data, content_type)}
+        response = httpx.post(f"{server.url}/v1/predict", files=files, timeout=60)
+    else:
+        response = server.predict(data, content_type)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert list(body["probabilities"]) == ["COVID", "Lung_Opacity", "Normal", "Viral Pneumonia"]
+    expected = server.offline.predict_proba([decode_upload(data, content_type)])[0]
+    np.testing.assert_allclose(_probabilities(body), expected, atol=1e-5)
+    assert body["label"] == max(body["probabilities"], key=body["probabilities"].get)
+    assert body["model"]["ref"] == PRODUCTION and body["latency_ms"] > 0
+    assert body["explanation"] is None
+
+
+def test_real_xrays_predict_what_the_offline_predictor_does(server: Server, real_sample: Path) -> None:
+    files = [
+        path for folder in sorted(real_sample.glob("*/images")) for path in sorted(folder.glob("*.png"))[:3]
+    ]
+    assert files
+    for path in files:
+        response = httpx.post(
+            f"{server.url}/v1/predict", files={"file": (path.name, path.read_bytes())}, timeout=60
+        )
+        assert response.status_code == 200, (path, response.text)
+        expected = server.offline.predict_proba([decode_gray(path.read_bytes())])[0]  # ingest's decoder
+        np.testing.assert_allclose(_probabilities(response.json()), expected, atol=1e-5, err_msg=str(path))
+
+
+def test_explain_adds_a_heatmap_and_the_lung_mask_used(server: Server) -> None:
+    plain = server.predict(GOOD_PNG).json()
+    response = server.predict(GOOD_PNG, explain="true")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    np.testing.assert_allclose(_probabilities(body), _probabilities(plain), atol=1e-5)
+    explanation = body["explanation"]
+    assert explanation["target"] == body["label"]
+    heatmap = np.asarray(Image.open(io.BytesIO(base64.b64decode(explanation["heatmap_png"]))))
+    mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(explanation["mask_png"]))))
+    assert heatmap.shape == mask.shape == (64, 64)  # the model's input size
+    assert set(np.unique(mask)) <= {0, 255}
+
+
+def _gif() -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(GRAY).save(buffer, format="GIF")
+    return buffer.getvalue()
+
+
+def _raw(data: bytes, content_type: str | None = "image/png", **params: str) -> dict[str, Any]:
+    headers = {"content-type": content_type} if content_type else {}
+    return {"content": data, "headers": headers, "params": params}
+
+
+def _multipart(data: bytes, content_type: str, field: str = "file") -> dict[str, Any]:
+    return {"files": {field: ("upload", data, content_type)}}
+
+
+TOO_LARGE = GOOD_PNG + b"\0" * (MAX_UPLOAD_MB * 1024 * 1024)
+DICOM_BOMB = dicom_bytes(np.zeros((4, 4), np.uint16), rows=60_000, columns=60_000)
+BAD_INPUTS = {
+    "empty": (_raw(b""), 400, "undecodable_image"),
+    "truncated-png": (_raw(GOOD_PNG[:300]), 400, "undecodable_image"),
+    "garbage": (_raw(os.urandom(4096), "application/octet-stream"), 400, "undecodable_image"),
+    "text": (_raw(b"hello", "text/plain"), 415, "unsupported_media_type"),
+    "gif": (_multipart(_gif(), "image/gif"), 415, "unsupported_media_type"),
+    "pdf": (_raw(b"%PDF-1.4\n" + b"0" * 100, "application/pdf"), 415, "unsupported_media_type"),
+    "png-bomb": (_raw(png_header_only(30_000, 30_000)), 400, "undecodable_image"),
+    "dicom-bomb": (_raw(DICOM_BOMB, None), 400, "undecodable_image"),
+    "too-small": (_raw(png_bytes(GRAY[:16, :16])), 400, "image_too_small"),
+    "too-large": (_raw(TOO_LARGE), 413, "payload_too_large"),
+    "too-large-multipart": (_multipart(TOO_LARGE, "image/png"), 413, "payload_too_large"),
+    "no-file-field": (_multipart(GOOD_PNG, "image/png", field="image"), 400, "missing_file"),
+    "bad-query": (_raw(GOOD_PNG, explain="maybe"), 400, "invalid_request"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUTS))
+def test_bad_input_gets_its_status_and_a_json_error_then_serving_goes_on(server: Server, name: str) -> None:
+    request, status, error = BAD_INPUTS[name]
+    response = httpx.post(f"{server.url}/v1/predict", timeout=60, **request)
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["error"] == error and body["detail"]
+    assert server.predict(GOOD_PNG).status_code == 200
+
+
+def test_cxr_predict_prints_a_table(
+    server: Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "a.png").write_bytes(GOOD_PNG)
+    (tmp_path / "b.dcm").write_bytes(xray_dicom(1))
+    (tmp_path / "notes.txt").write_text("not an image")
+    files = [str(tmp_path / name) for name in ("a.png", "b.dcm", "notes.txt")]
+    assert main(["predict", "--url", server.url, *files]) == 1  # one file failed
+    out = capsys.readouterr().out
+    header, _, *rows = out.splitlines()
+    assert header.split()[:3] == ["file", "label", "COVID"]
+    assert "tiny_dual_cnn:1" in rows[0] and "tiny_dual_cnn:1" in rows[1]
+    assert "error 415" in rows[2]
+
+
+class Load:
+    """`clients` threads posting one image in a loop until stopped, recording status and model ref."""
+
+    def __init__(self, server: Server, clients: int) -> None:
+        self.server = server
+        self.results: list[tuple[int, str | None]] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._client, daemon=True) for _ in range(clients)]
+
+    def __enter__(self) -> Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=60)
+
+    def _client(self) -> None:
+        with httpx.Client(timeout=60) as client:
+            while not self._stop.is_set():
+                try:
+                    response = client.post(
+                        f"{self.server.url}/v1/predict",
+                        content=GOOD_PNG,
+                        headers={"content-type": "image/png"},
+                    )
+                    ref = response.json()["model"]["ref"] if response.status_code == 200 else None
+                    self.results.append((response.status_code, ref))
+                except httpx.HTTPError as exc:
+                    self.results.append((0, repr(exc)))
+
+
+def test_autoscaling_adds_classifier_replicas_under_load_and_removes_them_after(server: Server) -> None:
+    wait_until(
+        lambda: len(server.replicas("Classifier")) == 1, timeout=60, what="the classifier at 1 replica"
+    )
+    with Load(server, clients=12) as load:
+        wait_until(
+            lambda: len(server.replicas("Classifier")) > 1, timeout=60, what="a second classifier replica"
+        )
+    assert load.results and all(status == 200 for status, _ in load.results), load.results[-5:]
+    wait_until(lambda: len(server.replicas("Classifier")) == 1, timeout=60, what="the classifier back at 1")
+
+
+def test_model_swap_in_place_without_failed_requests(server: Server) -> None:
+    before = server.replicas("Classifier")
+
+    def serving(ref: str) -> bool:
+        return bool(httpx.get(f"{server.url}/v1/model", timeout=10).json()["model"]["ref"] == ref)
+
+    with Load(server, clients=3) as load:
+        # The same `args` with a new classifier `user_config`: a lightweight update, as `serve deploy`
+        # of such a config does; `reconfigure` loads the version on the live replicas.
+        for model, ref in [("tiny_dual_cnn:2", "tiny_dual_cnn:2"), ("tiny_cnn_lstm", "tiny_cnn_lstm:1")]:
+            swapped = yaml.safe_load(yaml.safe_dump(server.config))
+            swapped["applications"][0]["deployments"] = [
+                {"name": "Classifier", "user_config": {"model": model}}
+            ]
+            server.deploy(swapped)
+            wait_until(lambda ref=ref: serving(ref), timeout=60, what=f"the classifier to serve {ref}")
+            wait_until(lambda ref=ref: (200, ref) in load.results, timeout=30, what=f"an answer from {ref}")
+        broken = yaml.safe_load(yaml.safe_dump(server.config))
+        broken["applications"][0]["deployments"] = [
+            {"name": "Classifier", "user_config": {"model": "nope:1"}}
+        ]
+        server.deploy(broken)  # a mistyped reference: the serving model stays
+        wait_until(
+            lambda: "nope" in (httpx.get(f"{server.url}/v1/model").json()["swap_error"] or ""),
+            timeout=60,
+            what="the classifier to report the failed swap",
+        )
+        assert serving("tiny_cnn_lstm:1")
+        server.deploy(server.config)  # back to the version the app was built with
+        wait_until(
+            lambda: serving(PRODUCTION), timeout=60, what=f"the classifier to serve {PRODUCTION} again"
+        )
+    statuses = [status for status, _ in load.results]
+    assert statuses and set(statuses) == {200}, [r for r in load.results if r[0] != 200][:5]
+    assert {ref for _, ref in load.results} >= {PRODUCTION, "tiny_dual_cnn:2", "tiny_cnn_lstm:1"}
+    assert httpx.get(f"{server.url}/v1/model").json()["swap_error"] is None
+    # Swapped in place: the replicas that served before still run (the load may have added one).
+    assert set(before) <= set(server.replicas("Classifier"))

@@ -1,0 +1,82 @@
+"""The Serve application's typed arguments, its config file and model references (no Ray started)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from cxrcore.cli import main
+from serve.app import build_app
+from serve.deployments import resolve_model, resolve_segmenter
+from serve.schemas import ServeArgs
+from tests.e2e.uploads import write_checkpoint, write_checkpoints, write_registry
+
+CONFIG = Path(__file__).parents[2] / "serve/config.yaml"
+
+
+def test_config_file_is_a_valid_serve_deploy_config_with_valid_args() -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load(CONFIG.read_text()))
+    (app,) = config.applications
+    assert app.import_path == "serve.app:build_app"
+    args = ServeArgs.model_validate(app.args)
+    assert args.model == "production" and args.max_ongoing_requests >= args.max_batch_size
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"min_replicas": 3, "max_replicas": 2}, "max_replicas"),
+        ({"max_batch_size": 64, "max_ongoing_requests": 32}, "max_ongoing_requests"),
+        ({"num_cpus": 0}, "num_cpus"),
+        ({"max_upload_mb": -1}, "max_upload_mb"),
+        ({"modle": "x"}, "modle"),
+    ],
+)
+def test_bad_args_are_refused_naming_the_field(overrides: dict, match: str) -> None:
+    with pytest.raises(ValidationError, match=match):
+        ServeArgs.model_validate(overrides)
+
+
+def test_checkpoint_folders_resolve_without_a_registry(tmp_path: Path) -> None:
+    checkpoints = write_checkpoints(tmp_path)
+    dual = resolve_model(None, str(checkpoints.dual))
+    assert dual.needs_mask and dual.info.name == "tiny_dual_cnn" and dual.info.version == "1"
+    assert not resolve_model(None, str(checkpoints.cnn_lstm)).needs_mask
+    with pytest.raises(FileNotFoundError, match="not a cxr checkpoint"):
+        resolve_model(None, str(tmp_path))
+
+
+def test_build_app_refuses_a_mask_model_without_a_segmenter(tmp_path: Path) -> None:
+    orphan = write_checkpoint(tmp_path / "orphan", "tiny_dual_cnn", 5)
+    with pytest.raises(ValueError, match="names no segmenter"):
+        build_app(ServeArgs(model=str(orphan)))
+
+
+def test_registry_references_pin_to_a_version(tmp_path: Path) -> None:
+    from cxrcore.registry import ModelRegistry, RegistryError
+
+    registry = str(write_registry(tmp_path))
+    production = resolve_model(registry, "production")
+    assert production.ref == "tiny_dual_cnn:1" and production.info.version == "1" and production.needs_mask
+    assert resolve_model(registry, "tiny_dual_cnn").ref == "tiny_dual_cnn:2"  # a name means its latest
+    unet = str(ModelRegistry(registry).local_checkpoint("tiny_unet:1"))
+    assert resolve_segmenter(registry, "tiny_unet:1") == unet == resolve_segmenter(registry, unet)
+    with pytest.raises(RegistryError, match="nope"):
+        resolve_model(registry, "nope")
+
+
+def test_cxr_serve_refuses_bad_arguments_before_starting_ray(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    registry = str(write_registry(tmp_path))
+    assert main(["serve", "--registry", registry, "--model", "nope"]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert main(["serve", "--registry", registry, "--arg", "max_replicas"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
+    assert main(["serve", "--registry", registry, "--arg", "max_replica=3"]) == 2
+    assert "max_replica" in capsys.readouterr().err

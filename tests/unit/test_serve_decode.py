@@ -1,0 +1,103 @@
+"""Decoding uploads: every supported format and depth, DICOM photometrics, and how bad files are refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cxrcore.data.transforms import decode_gray, scale_to_uint8
+from cxrcore.decode import ImageDecodeError, UnsupportedImageTypeError, decode_upload, sniff_format
+from tests.e2e.uploads import chest, dicom_bytes, jpeg_bytes, png_bytes, png_header_only, xray_dicom
+
+GRAY = scale_to_uint8(chest(0))
+TINY = np.zeros((4, 4), np.uint16)
+
+
+@pytest.mark.parametrize(
+    ("data", "content_type"),
+    [
+        (png_bytes(GRAY), "image/png"),
+        (png_bytes(GRAY, "RGB"), None),
+        (png_bytes(GRAY, "RGBA"), "application/octet-stream"),
+        (png_bytes(GRAY.astype(np.uint16) * 257), "image/png"),  # GRAY spans 0..255: scaling is exact
+        (png_bytes(GRAY), "application/x-www-form-urlencoded"),  # curl --data-binary's default
+    ],
+    ids=["gray", "rgb", "rgba", "16-bit", "mislabelled"],
+)
+def test_png_variants_decode_to_the_same_pixels(data: bytes, content_type: str | None) -> None:
+    np.testing.assert_array_equal(decode_upload(data, content_type), GRAY)
+
+
+def test_jpeg_decodes_like_ingest() -> None:
+    data = jpeg_bytes(GRAY)
+    image = decode_upload(data, "image/jpeg")
+    np.testing.assert_array_equal(image, decode_gray(data))
+    assert np.abs(image.astype(int) - GRAY).mean() < 5
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME1", "MONOCHROME2"])
+def test_dicom_rescaled_and_inverted_to_look_like_the_png(photometric: str) -> None:
+    image = decode_upload(xray_dicom(0, photometric), None)
+    assert image.shape == GRAY.shape and image.dtype == np.uint8
+    assert image.min() == 0 and image.max() == 255
+    # Bone (the bright frame) stays bright whichever way the file stores it.
+    expected = (chest(0) - chest(0).min()) / np.ptp(chest(0)) * 255
+    assert np.abs(image - expected).max() <= 1.0
+
+
+def test_dicom_without_preamble_needs_its_content_type() -> None:
+    data = dicom_bytes(np.arange(64 * 80, dtype=np.uint16).reshape(64, 80) % 4096, preamble=False)
+    assert sniff_format(data) is None
+    assert decode_upload(data, "application/dicom").shape == (64, 80)
+    with pytest.raises(ImageDecodeError, match="unrecognised"):
+        decode_upload(data, None)
+
+
+def test_dicom_window_is_applied_when_present() -> None:
+    from pydicom import dcmread
+    from pydicom.filebase import DicomBytesIO
+
+    pixels = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) % 4096).astype(np.uint16)
+    ds = dcmread(DicomBytesIO(dicom_bytes(pixels)))
+    ds.WindowCenter, ds.WindowWidth = 1000, 500
+    buffer = DicomBytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    windowed = decode_upload(buffer.getvalue(), None)
+    raw = decode_upload(buffer.getvalue(), None, window=False)
+    assert (windowed == 0).mean() > (raw == 0).mean()  # values below the window clip to black
+
+
+@pytest.mark.parametrize(
+    ("data", "content_type", "error", "match"),
+    [
+        (b"", "image/png", ImageDecodeError, "empty"),
+        (png_bytes(GRAY)[:200], "image/png", ImageDecodeError, "corrupt or truncated"),
+        (b"\x00\x01garbage" * 50, "application/octet-stream", ImageDecodeError, "unrecognised"),
+        (b"\x00\x01garbage" * 50, "image/png", ImageDecodeError, "not an image"),
+        (b"hello", "text/plain", UnsupportedImageTypeError, "text/plain"),
+        (b"GIF89a" + b"\0" * 50, "image/gif", UnsupportedImageTypeError, "GIF"),
+        (b"%PDF-1.7\n" + b"\0" * 50, None, UnsupportedImageTypeError, "PDF"),
+        (png_header_only(40_000, 40_000), "image/png", ImageDecodeError, "too large"),
+        (dicom_bytes(TINY, rows=50_000, columns=50_000), None, ImageDecodeError, "too large"),
+        (dicom_bytes(TINY, rows=64, columns=64), None, ImageDecodeError, "pixel data"),
+    ],
+    ids=["empty", "truncated", "garbage", "garbage-as-png", "text", "gif", "pdf", "png-bomb", "dicom-bomb",
+         "dicom-short"],
+)  # fmt: skip
+def test_bad_uploads_raise_the_error_that_names_the_problem(
+    data: bytes, content_type: str | None, error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        decode_upload(data, content_type)
+
+
+def test_multiframe_dicom_is_unsupported() -> None:
+    from pydicom import dcmread
+    from pydicom.filebase import DicomBytesIO
+
+    ds = dcmread(DicomBytesIO(dicom_bytes(np.zeros((2 * 64, 64), np.uint16), rows=64, columns=64)))
+    ds.NumberOfFrames = 2
+    buffer = DicomBytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    with pytest.raises(UnsupportedImageTypeError, match="multi-frame"):
+        decode_upload(buffer.getvalue(), None)
