@@ -344,10 +344,35 @@ def _run_predict(args: argparse.Namespace) -> int:
 
 
 def _run_pipeline(args: argparse.Namespace) -> int:
+    from cxrcore.data.layout import scan_layout
     from cxrcore.pipeline import run_pipeline
 
     config: PipelineConfig = config_from_args(PipelineConfig, args)
-    run_pipeline(config)
+    results = run_pipeline(config)
+    if config.serve and results.get("registry"):
+        # One image of each class from the raw folder, sent over HTTP like any client would.
+        firsts: dict[str, str] = {}
+        for entry in sorted(scan_layout(results["raw"]).entries, key=lambda e: e.file):
+            firsts.setdefault(entry.label, entry.image_path)
+        print(
+            f"\n== serving {results['production model']} with Ray Serve on 127.0.0.1:{config.port}",
+            flush=True,
+        )
+        server = importlib.import_module("serve.server")  # serve/ builds on cxrcore, never the reverse
+        answers = server.demo_predictions(
+            {"registry": results["registry"], "model": "production"}, list(firsts.values()), port=config.port
+        )
+        rows = [
+            [
+                os.path.basename(a["file"]),
+                a["label"],
+                f"{max(a['probabilities'].values()):.3f}",
+                f"{a['latency_ms']:.0f}",
+            ]
+            for a in answers
+        ]
+        print(format_table(["file", "predicted", "probability", "latency ms"], rows))
+        print(f"Ray dashboard: {results['Ray dashboard']}")
     return 0
 
 

@@ -185,6 +185,8 @@ class PipelineConfig:
     epochs: int = option(6, "maximum epochs per trial")
     pretrained: str = option("none", "ResNet initial weights: a local file, 'hub' or 'none'")
     tune: bool = option(True, "compare the architectures (off: stop after ingest)")
+    serve: bool = option(True, "serve the production model and send it a few HTTP predictions")
+    port: int = option(8000, "HTTP port of the demo's Serve endpoint (on 127.0.0.1)")
     seed: int = option(0, "seed for synthetic data, the split and the search")
     address: str | None = option(None, "Ray cluster address; default: RAY_ADDRESS or a local cluster")
 

@@ -63,8 +63,7 @@ def run_pipeline(config: PipelineConfig) -> dict[str, str]:
         results.update({f"comparison {k}": v for k, v in comparison["reports"].items()})
 
     step("done")
+    results["Ray dashboard"] = dashboard or "not available"
     for name, location in results.items():
         print(f"{name:>20}: {location}")
-    if dashboard:
-        print(f"Ray dashboard: {dashboard}")
     return results

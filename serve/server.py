@@ -41,3 +41,29 @@ def serve_foreground(
         serve.shutdown()
         ray.shutdown()
     return 0
+
+
+def demo_predictions(
+    app_args: dict[str, Any], files: list[str], host: str = "127.0.0.1", port: int = 8000
+) -> list[dict[str, Any]]:
+    """Serve the app on the running Ray, POST each file over HTTP, shut Serve down: the demo's last step."""
+    from pathlib import Path
+
+    import httpx
+    from ray import serve
+
+    args = ServeArgs.model_validate(app_args)
+    serve.start(http_options={"host": host, "port": port})
+    try:
+        serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+        answers = []
+        with httpx.Client(base_url=f"http://{host}:{port}", timeout=60) as client:
+            for path in files:
+                response = client.post(
+                    "/v1/predict", files={"file": (Path(path).name, Path(path).read_bytes())}
+                )
+                response.raise_for_status()
+                answers.append({"file": path, **response.json()})
+        return answers
+    finally:
+        serve.shutdown()
