@@ -22,7 +22,7 @@ def test_kuberay_manifests_pin_the_installed_ray_and_enable_token_auth() -> None
     assert kuberay
     for name, doc in kuberay.items():
         assert doc["apiVersion"] == "ray.io/v1", name
-        spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+        spec = doc["spec"].get("rayClusterSpec") or doc["spec"].get("rayClusterConfig") or doc["spec"]
         assert spec["rayVersion"] == ray.__version__, name
         assert spec["authOptions"]["mode"] == "token", name
 
@@ -34,3 +34,12 @@ def test_job_entrypoints_name_modules_that_exist() -> None:
     for module in modules:
         assert importlib.util.find_spec(module) is not None, module
     assert ray.__version__ in (CLUSTER / "Dockerfile").read_text()
+
+
+def test_rayservice_runs_the_serve_application() -> None:
+    service = _documents()["kuberay/rayservice.yaml"]
+    (app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    assert app["import_path"] == "serve.app:build_app"
+    from serve.schemas import ServeArgs
+
+    ServeArgs.model_validate(app["args"])  # the manifest's args are valid ServeArgs
