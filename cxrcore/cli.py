@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_command(data_commands, "ingest", IngestConfig, _run_ingest, "ingest a raw dataset to Parquet")
 
     _add_config_command(commands, "train", TrainConfig, _run_train, "train a model with Ray Train (DDP)")
+    _add_config_command(commands, "tune", TuneConfig, _run_tune, "compare architectures with Ray Tune")
     _add_config_command(
         commands, "evaluate", EvaluateConfig, _run_evaluate, "evaluate a checkpoint on a split"
     )
@@ -184,34 +185,32 @@ def _connect(address: str | None) -> None:
     print(f"Ray dashboard: {dashboard or 'not available'}", flush=True)
 
 
+def _run_on_ray(
+    args: argparse.Namespace, action: Callable[[Any], Any], formatter: Callable[[Any], str]
+) -> int:
+    """The shape of every cluster command: typed config from the flags, connect, run, summarise."""
+    config = config_from_args(args.config_cls, args)
+    _connect(config.address)
+    print(formatter(action(config)))
+    return 0
+
+
 def _run_ingest(args: argparse.Namespace) -> int:
     from cxrcore.data.ingest import ingest_dataset
 
-    config: IngestConfig = config_from_args(IngestConfig, args)
-    _connect(config.address)
-    report = ingest_dataset(config)
-    print(format_ingest_report(report))
-    return 0
+    return _run_on_ray(args, ingest_dataset, format_ingest_report)
 
 
 def _run_train(args: argparse.Namespace) -> int:
     from cxrcore.train.trainer import fit
 
-    config: TrainConfig = config_from_args(TrainConfig, args)
-    _connect(config.address)
-    result = fit(config)
-    print(format_train_result(result))
-    return 0
+    return _run_on_ray(args, fit, format_train_result)
 
 
 def _run_tune(args: argparse.Namespace) -> int:
     from cxrcore.tune import run_comparison
 
-    config: TuneConfig = config_from_args(TuneConfig, args)
-    _connect(config.address)
-    comparison = run_comparison(config)
-    print(format_comparison(comparison))
-    return 0
+    return _run_on_ray(args, run_comparison, format_comparison)
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:

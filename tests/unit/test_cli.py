@@ -21,7 +21,7 @@ def test_help_lists_commands_and_every_command_has_help(capsys: pytest.CaptureFi
         main(["--help"])
     assert exit_info.value.code == 0
     top = capsys.readouterr().out
-    for name in ("data", "demo", "benchmark"):
+    for name in ("data", "train", "tune", "evaluate", "models", "serve", "predict", "demo", "benchmark"):
         assert name in top
     commands = _subcommands(build_parser())
     paths = [[name] for name in commands]
