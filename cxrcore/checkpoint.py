@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import platform
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -36,6 +37,11 @@ class ModelCard:
     """validation metrics of this checkpoint's epoch."""
     history: list[dict[str, Any]] = field(default_factory=list)
     training: dict[str, Any] = field(default_factory=dict)
+    temperature: float = 1.0
+    """temperature scaling, fitted on the validation split after training (cxrcore.calibration): the
+    Predictor serves softmax(logits / temperature). 1.0 (no scaling) on cards written before it existed."""
+    calibration: dict[str, Any] = field(default_factory=dict)
+    """calibration_report of that fit on the validation split: temperature, ece/nll before and after."""
     epoch: int = 0
     segmenter: str | None = None
     """checkpoint of the U-Net that supplies lung masks when a request has none (dual-channel models)."""
@@ -48,6 +54,16 @@ class ModelCard:
             "python": platform.python_version(),
         }
     )
+
+    def __post_init__(self) -> None:
+        # A card edited by hand or written as null must not serve NaN or negative-temperature probabilities.
+        temperature = 1.0 if self.temperature is None else float(self.temperature)
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise ValueError(
+                f"a model card's temperature must be finite and positive, got {self.temperature!r}"
+            )
+        self.temperature = temperature
+        self.calibration = dict(self.calibration or {})
 
     @property
     def name(self) -> str:

@@ -187,30 +187,37 @@ def _connect(address: str | None) -> None:
 
 def _run_on_ray(
     args: argparse.Namespace, action: Callable[[Any], Any], formatter: Callable[[Any], str]
-) -> int:
+) -> Any:
     """The shape of every cluster command: typed config from the flags, connect, run, summarise."""
     config = config_from_args(args.config_cls, args)
     _connect(config.address)
-    print(formatter(action(config)))
-    return 0
+    result = action(config)
+    print(formatter(result))
+    return result
 
 
 def _run_ingest(args: argparse.Namespace) -> int:
     from cxrcore.data.ingest import ingest_dataset
 
-    return _run_on_ray(args, ingest_dataset, format_ingest_report)
+    _run_on_ray(args, ingest_dataset, format_ingest_report)
+    return 0
 
 
 def _run_train(args: argparse.Namespace) -> int:
     from cxrcore.train.trainer import fit
 
-    return _run_on_ray(args, fit, format_train_result)
+    result = _run_on_ray(args, fit, format_train_result)
+    return 0 if result.best_checkpoint else 1
 
 
 def _run_tune(args: argparse.Namespace) -> int:
     from cxrcore.tune import run_comparison
 
-    return _run_on_ray(args, run_comparison, format_comparison)
+    comparison = _run_on_ray(args, run_comparison, format_comparison)
+    if not comparison["best"]:
+        print("cxr: error: no architecture produced a checkpoint; nothing was registered", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
@@ -423,7 +430,9 @@ def format_train_result(result: Any) -> str:
 
 
 def format_comparison(comparison: dict[str, Any]) -> str:
-    """The best of each architecture, side by side, and where the reports are."""
+    """The winner, the best of each architecture side by side, failed trials, and where the reports are."""
+    from cxrcore.evaluate.comparison import winner_line
+
     rows = [
         [model, row["ref"] + (" *" if row.get("production") else ""), _number(row["val_score"]),
          _number(row["test_accuracy"]), _number(row["test_macro_f1"]), row["parameters"],
@@ -431,9 +440,14 @@ def format_comparison(comparison: dict[str, Any]) -> str:
         for model, row in comparison["best"].items()
     ]  # fmt: skip
     header = ["architecture", "registered", "val F1", "test acc", "test F1", "params", "img/s", "epochs"]
-    lines = [format_table(header, rows), f"production (*): {comparison['production']}"]
+    lines = [winner_line(comparison["best"]), format_table(header, rows)]
+    lines.append(f"production (*): {comparison['production']}")
     stopped = sum(1 for t in comparison["trials"] if t["stopped_early"])
-    lines.append(f"trials: {len(comparison['trials'])} ({stopped} stopped early by ASHA)")
+    failed = [t for t in comparison["trials"] if t["error"]]
+    lines.append(
+        f"trials: {len(comparison['trials'])} ({stopped} stopped early by ASHA, {len(failed)} failed)"
+    )
+    lines += [f"failed trial {t['trial_id']} ({t['model']}): {t['error']}" for t in failed]
     lines += [f"{name}: {path}" for name, path in comparison["reports"].items()]
     return "\n".join(lines)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from typing import Any, TypeVar
 import yaml
 
 C = TypeVar("C")
+PRETRAINED_CHOICES = ("auto", "hub", "none")
+"""Keyword values of --pretrained; anything else is a weights file."""
 
 
 class ConfigError(ValueError):
@@ -33,6 +36,27 @@ def option(default: Any = dataclasses.MISSING, help: str = "", positional: bool 
 def flag_name(name: str) -> str:
     """The CLI spelling of a config field: `val_fraction` → `--val-fraction`."""
     return "--" + name.replace("_", "-")
+
+
+def resolve_location(location: str) -> str:
+    """A local path made absolute (against this process's working directory); URIs unchanged.
+
+    Configs resolve their locations once, where they enter (the driver, the shell's directory), so a
+    relative `--out` means the same folder in every Ray worker and Tune trial.
+
+    >>> resolve_location("s3://bucket/runs")
+    's3://bucket/runs'
+    """
+    if "://" in location:
+        return location
+    return os.path.abspath(os.path.expanduser(location))
+
+
+def _resolve_fields(config: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if value is not None:
+            setattr(config, name, resolve_location(value))
 
 
 def _require(condition: bool, name: str, message: str) -> None:
@@ -61,6 +85,7 @@ class IngestConfig:
     address: str | None = option(None, "Ray cluster address; default: RAY_ADDRESS or a local cluster")
 
     def __post_init__(self) -> None:
+        _resolve_fields(self, "raw", "out")
         _require(32 <= self.size <= 2048, "size", f"must be between 32 and 2048, got {self.size}")
         for name in ("val_fraction", "test_fraction"):
             value = getattr(self, name)
@@ -182,7 +207,12 @@ class PipelineConfig:
     size: int = option(64, "base resolution of the ingested dataset (and the models' input size)")
     models: str = option("cnn_lstm,dual_cnn,resnet18", "architectures to compare")
     trials: int = option(1, "sampled configurations per architecture")
-    epochs: int = option(6, "maximum epochs per trial")
+    epochs: int = option(8, "maximum epochs per trial")
+    grace_epochs: int | None = option(
+        None,
+        "epochs every trial gets before ASHA may stop it (default: three quarters of --epochs, so that "
+        "architectures that start slowly are judged on what they learn, not on how fast they start)",
+    )
     pretrained: str = option("none", "ResNet initial weights: a local file, 'hub' or 'none'")
     tune: bool = option(True, "compare the architectures (off: stop after ingest)")
     serve: bool = option(True, "serve the production model and send it a few HTTP predictions")
@@ -191,9 +221,12 @@ class PipelineConfig:
     address: str | None = option(None, "Ray cluster address; default: RAY_ADDRESS or a local cluster")
 
     def __post_init__(self) -> None:
+        _resolve_fields(self, "work_dir", "real")
         _require(self.per_class >= 1, "per_class", f"must be at least 1, got {self.per_class}")
         _require(32 <= self.size <= 2048, "size", f"must be between 32 and 2048, got {self.size}")
         _require(self.trials >= 1 and self.epochs >= 1, "trials", "trials and epochs must be at least 1")
+        if self.grace_epochs is None:
+            self.grace_epochs = max(1, self.epochs * 3 // 4)
 
 
 @dataclass
@@ -233,10 +266,12 @@ class TrainConfig:
     workers: int = option(2, "Ray Train workers (DDP processes); 0 runs the loop in this process")
     gpu: bool = option(False, "one GPU per worker, NCCL and bf16 autocast")
     image_size: int | None = option(None, "model input size (default: the dataset's base size)")
-    batch_size: int = option(32, "batch size per worker")
-    lr: float = option(1e-3, "peak learning rate (AdamW)")
+    batch_size: int | None = option(
+        None, "batch size per worker (default: 32, smaller on small datasets so an epoch has 24+ steps)"
+    )
+    lr: float = option(2e-3, "peak learning rate (AdamW)")
     weight_decay: float = option(1e-4, "AdamW weight decay")
-    warmup_epochs: float = option(1.0, "linear warmup before cosine decay, in epochs")
+    warmup_epochs: float = option(0.5, "linear warmup before cosine decay, in epochs")
     class_weights: bool = option(True, "weight the loss by inverse class frequency (imbalanced data)")
     augment: bool = option(True, "anatomy-respecting augmentation (small affine, contrast, noise)")
     pretrained: str = option(
@@ -250,9 +285,16 @@ class TrainConfig:
     address: str | None = option(None, "Ray cluster address; default: RAY_ADDRESS or a local cluster")
 
     def __post_init__(self) -> None:
+        _resolve_fields(self, "data", "out", "segmenter")
+        if self.pretrained.strip().lower() not in PRETRAINED_CHOICES:
+            self.pretrained = resolve_location(self.pretrained)
         _require(self.epochs >= 1, "epochs", f"must be at least 1, got {self.epochs}")
         _require(self.workers >= 0, "workers", f"must be 0 or more, got {self.workers}")
-        _require(self.batch_size >= 1, "batch_size", f"must be at least 1, got {self.batch_size}")
+        _require(
+            self.batch_size is None or self.batch_size >= 1,
+            "batch_size",
+            f"must be at least 1, got {self.batch_size}",
+        )
         _require(self.lr > 0, "lr", f"must be positive, got {self.lr}")
         _require(self.weight_decay >= 0, "weight_decay", "must not be negative")
         _require(
@@ -280,6 +322,7 @@ class EvaluateConfig:
     device: str = option("cpu", "torch device, e.g. cpu or cuda")
 
     def __post_init__(self) -> None:
+        _resolve_fields(self, "checkpoint", "data", "out", "segmenter")
         _require(
             self.split in ("train", "val", "test"), "split", f"must be train, val or test, got {self.split!r}"
         )
@@ -298,7 +341,12 @@ class TuneConfig:
     )
     trials: int = option(2, "sampled configurations per architecture")
     epochs: int = option(10, "maximum epochs per trial (ASHA stops weak trials earlier)")
-    grace_epochs: int = option(2, "epochs every trial gets before ASHA may stop it")
+    grace_epochs: int | None = option(
+        None, "epochs every trial gets before ASHA may stop it (default: half of --epochs, at least 1)"
+    )
+    segmenter_epochs: int | None = option(
+        None, "epochs of the lung segmenter trained first for dual-channel models (default: --epochs / 4)"
+    )
     workers_per_trial: int = option(1, "Ray Train workers per trial")
     gpu: bool = option(False, "one GPU per Train worker")
     image_size: int | None = option(None, "model input size (default: the dataset's base size)")
@@ -310,10 +358,22 @@ class TuneConfig:
     address: str | None = option(None, "Ray cluster address; default: RAY_ADDRESS or a local cluster")
 
     def __post_init__(self) -> None:
+        _resolve_fields(self, "data", "registry", "out")
+        if self.pretrained.strip().lower() not in PRETRAINED_CHOICES:
+            self.pretrained = resolve_location(self.pretrained)
         _require(bool(self.model_names()), "models", "name at least one architecture")
         _require(self.trials >= 1, "trials", f"must be at least 1, got {self.trials}")
         _require(self.epochs >= 1, "epochs", f"must be at least 1, got {self.epochs}")
-        _require(1 <= self.grace_epochs <= self.epochs, "grace_epochs", "must be between 1 and --epochs")
+        if self.grace_epochs is None:
+            self.grace_epochs = max(1, self.epochs // 2)
+        if self.segmenter_epochs is None:
+            self.segmenter_epochs = max(1, self.epochs // 4)
+        _require(self.segmenter_epochs >= 1, "segmenter_epochs", "must be at least 1")
+        _require(
+            1 <= self.grace_epochs <= self.epochs,
+            "grace_epochs",
+            f"must be between 1 and --epochs ({self.epochs}), got {self.grace_epochs}",
+        )
         _require(self.workers_per_trial >= 1, "workers_per_trial", "must be at least 1")
         _require(
             self.max_concurrent is None or self.max_concurrent >= 1, "max_concurrent", "must be positive"

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cxrcore.calibration import apply_temperature
 from cxrcore.data.batches import model_inputs, to_unit
 from cxrcore.inference import Predictor
 
@@ -80,7 +81,7 @@ def explain(predictor: Predictor, image: np.ndarray) -> Explanation:
         with torch.no_grad():
             mask = predictor.segmenter.mask_source(unit)
     heatmap, logits = grad_cam(predictor.model, model_inputs(predictor.spec, unit, mask))
-    probabilities = torch.softmax(logits.float(), dim=1)[0].cpu().numpy()
+    probabilities = apply_temperature(logits.float(), predictor.temperature)[0].cpu().numpy()  # as /predict
     return Explanation(
         probabilities=probabilities,
         target=int(probabilities.argmax()),

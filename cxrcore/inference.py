@@ -9,8 +9,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cxrcore.calibration import apply_temperature
 from cxrcore.checkpoint import ModelCard, load_model
-from cxrcore.data.batches import masks_to_unit, model_inputs, to_unit
+from cxrcore.data.batches import masks_to_unit, model_inputs, normalize_image, to_unit
 from cxrcore.data.transforms import resize_image, resize_mask
 from cxrcore.models.spec import InputSpec
 from cxrcore.train.engine import MaskSource
@@ -58,19 +59,44 @@ class Predictor:
         )
         return torch.from_numpy(stacked).to(self.device)
 
+    @property
+    def temperature(self) -> float:
+        """The card's temperature: predict_proba serves softmax(logits / temperature)."""
+        return self.card.temperature
+
     @torch.inference_mode()
     def predict_proba(
+        self,
+        images: Sequence[np.ndarray],
+        masks: Sequence[np.ndarray | None] | None = None,
+        *,
+        calibrated: bool = True,
+    ) -> np.ndarray:
+        """(B, num_classes) probabilities; missing masks come from the segmenter for dual-channel models.
+
+        Calibrated by the card's temperature unless `calibrated` is False (plain softmax of the logits);
+        the most probable class is the same either way.
+        """
+        logits = self._logits(images, masks)
+        return apply_temperature(logits, self.temperature if calibrated else 1.0).cpu().numpy()
+
+    @torch.inference_mode()
+    def predict_logits(
         self, images: Sequence[np.ndarray], masks: Sequence[np.ndarray | None] | None = None
     ) -> np.ndarray:
-        """(B, num_classes) probabilities; missing masks come from the segmenter for dual-channel models."""
+        """(B, num_classes) raw float32 logits, before temperature scaling."""
+        return self._logits(images, masks).cpu().numpy()
+
+    def _logits(
+        self, images: Sequence[np.ndarray], masks: Sequence[np.ndarray | None] | None
+    ) -> torch.Tensor:
         if self.spec.task != "classify":
             raise ValueError(f"{self.card.name} is a {self.spec.task} model; use segment()")
         unit = to_unit(self.base_images(images), self.spec.image_size)
         mask = None
         if self.needs_mask:
             mask = self._masks(unit, images, masks)
-        logits = self.model(model_inputs(self.spec, unit, mask)).float()
-        return torch.softmax(logits, dim=1).cpu().numpy()
+        return self.model(model_inputs(self.spec, unit, mask)).float()
 
     @torch.inference_mode()
     def segment(self, images: Sequence[np.ndarray]) -> np.ndarray:
@@ -87,7 +113,7 @@ class Predictor:
             x = F.interpolate(
                 x, size=self.spec.image_size, mode="bilinear", antialias=True, align_corners=False
             )
-        probs = torch.sigmoid(self.model((x - self.spec.mean) / self.spec.std).float())
+        probs = torch.sigmoid(self.model(normalize_image(self.spec, x)).float())
         if size != self.spec.image_size:
             probs = F.interpolate(probs, size=size, mode="bilinear", align_corners=False)
         return (probs > 0.5).float()

@@ -17,7 +17,7 @@ def run_pipeline(config: PipelineConfig) -> dict[str, str]:
     from cxrcore.runtime import init_ray
 
     started = time.perf_counter()
-    work = Path(config.work_dir).absolute()
+    work = Path(config.work_dir)  # absolute: the config resolved it where it was typed
 
     def step(title: str) -> None:
         print(f"\n== [{time.perf_counter() - started:6.1f}s] {title}", flush=True)
@@ -54,7 +54,7 @@ def run_pipeline(config: PipelineConfig) -> dict[str, str]:
         comparison = run_comparison(
             TuneConfig(
                 data=dataset, registry=registry, models=config.models, trials=config.trials,
-                epochs=config.epochs, grace_epochs=min(2, config.epochs), pretrained=config.pretrained,
+                epochs=config.epochs, grace_epochs=config.grace_epochs, pretrained=config.pretrained,
                 out=str(work / "runs"), name="demo", seed=config.seed,
             )
         )  # fmt: skip

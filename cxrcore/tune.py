@@ -6,45 +6,61 @@ Train metrics reach Tune through TuneReportCallback, so ASHA can stop weak trial
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 from pathlib import Path
 from typing import Any
 
-from cxrcore.config import EvaluateConfig, TrainConfig, TuneConfig, from_dict, to_dict
+from cxrcore.config import ConfigError, EvaluateConfig, TrainConfig, TuneConfig, from_dict, to_dict
+from cxrcore.experiment import check_same_experiment
 
 log = logging.getLogger(__name__)
 
 RESNET_DEPTHS = ("resnet18", "resnet34", "resnet50")
 TRIAL_DRIVER_CPUS = 0.1  # the driver only waits on its TorchTrainer; its workers hold the real CPUs
-SEARCH = {"lr": (1e-4, 3e-3), "weight_decay": (1e-5, 1e-3), "batch_size": (16, 32, 64)}
+SEARCH = {"lr": (7e-4, 4e-3), "weight_decay": (1e-5, 1e-3)}
+"""Log-uniform ranges around the training defaults, from which trials after the first are sampled."""
 
 
-def search_space(config: TuneConfig) -> dict[str, Any]:
-    """Architecture (grid) × learning rate × weight decay × batch size (× ResNet depth for 'resnet')."""
-    from ray import tune
+def search_plan(config: TuneConfig, train_rows: int) -> list[dict[str, Any]]:
+    """Every trial's hyperparameters, decided up front from --seed: the same command runs the same search.
 
-    from cxrcore.models import get_model_entry
+    The first trial of each architecture runs the training defaults (the recipe `cxr train` uses, with
+    the batch size it would pick for this dataset), so every comparison includes a known-good recipe
+    and `--trials 1` compares architectures, not lucky draws. Further trials sample learning rate and
+    weight decay log-uniformly in SEARCH, and batch size from the automatic one, its double and (when
+    at least 8) its half. Trials are ordered round by round, so the first wave covers every architecture;
+    'resnet' steps through RESNET_DEPTHS.
+    """
+    import numpy as np
 
-    for name in config.model_names():
-        if name != "resnet":
-            get_model_entry(name)  # unknown names fail here, with a "did you mean"
-    return {
-        "arch": tune.grid_search(config.model_names()),
-        "depth": tune.choice(RESNET_DEPTHS),
-        "lr": tune.loguniform(*SEARCH["lr"]),
-        "weight_decay": tune.loguniform(*SEARCH["weight_decay"]),
-        "batch_size": tune.choice(SEARCH["batch_size"]),
-    }
+    from cxrcore.train.trainer import auto_batch_size
+
+    rng = np.random.default_rng(config.seed)
+    auto = auto_batch_size(train_rows, config.workers_per_trial)
+    batch_sizes = sorted({auto, min(64, auto * 2)} | ({auto // 2} if auto // 2 >= 8 else set()))
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    plan = []
+    for round_ in range(config.trials):
+        for name in config.model_names():
+            model = RESNET_DEPTHS[round_ % len(RESNET_DEPTHS)] if name == "resnet" else name
+            if round_ == 0:
+                lr, weight_decay, batch_size = defaults["lr"], defaults["weight_decay"], auto
+            else:
+                lr, weight_decay = (float(np.exp(rng.uniform(*np.log(SEARCH[k])))) for k in SEARCH)
+                batch_size = int(rng.choice(batch_sizes))
+            plan.append({"model": model, "lr": lr, "weight_decay": weight_decay, "batch_size": batch_size})
+    return plan
 
 
 def trial_train_config(
     config: TuneConfig, params: dict[str, Any], trial_id: str, segmenter: str | None
 ) -> TrainConfig:
-    """The TrainConfig one trial runs: the experiment's settings plus the sampled hyperparameters."""
-    model = params["depth"] if params["arch"] == "resnet" else params["arch"]
-    uses_mask = _needs_mask(model)
+    """The TrainConfig one trial runs: the experiment's settings plus the trial's hyperparameters."""
+    trial = params["trial"]
+    model = trial["model"]
     return TrainConfig(
         data=config.data,
         model=model,
@@ -52,11 +68,11 @@ def trial_train_config(
         workers=config.workers_per_trial,
         gpu=config.gpu,
         image_size=config.image_size,
-        batch_size=int(params["batch_size"]),
-        lr=float(params["lr"]),
-        weight_decay=float(params["weight_decay"]),
+        batch_size=int(trial["batch_size"]),
+        lr=float(trial["lr"]),
+        weight_decay=float(trial["weight_decay"]),
         pretrained=config.pretrained if model.startswith("resnet") else "none",
-        segmenter=segmenter if uses_mask else None,
+        segmenter=segmenter if _needs_mask(model) else None,
         out=_trials_root(config),
         name=trial_id,
         seed=config.seed,
@@ -76,6 +92,47 @@ def tune_driver_per_trial(params: dict[str, Any]) -> None:
     build_trainer(train_config, callbacks=[TuneReportCallback()]).fit()
 
 
+def preflight(config: TuneConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Check, once and before any trial starts, what would fail every trial of an architecture.
+
+    Unknown model names, a missing dataset or column, weights that need an unreachable model hub or a
+    file that does not fit: deterministic errors that Tune would otherwise retry in each trial. Returns
+    the dataset report and the search plan.
+    """
+    from cxrcore.data.ingest import read_report
+    from cxrcore.models import get_model_entry
+    from cxrcore.train.trainer import check_dataset, check_pretrained
+
+    _local(config.out)  # the comparison reads trial checkpoints from a filesystem path
+    for name in config.model_names():
+        if name != "resnet":
+            try:
+                get_model_entry(name)
+            except ValueError as exc:  # an unknown name, with a "did you mean"
+                raise ConfigError(f"--models: {exc}") from exc
+    report = read_report(config.data)
+    check_dataset(config.data)
+    plan = search_plan(config, report["by_split"]["train"])
+    for model in sorted({trial["model"] for trial in plan}):
+        check_pretrained(model, config.pretrained if model.startswith("resnet") else "none")
+    return report, plan
+
+
+def experiment_settings(config: TuneConfig, report: dict[str, Any]) -> dict[str, Any]:
+    """What makes a re-run the same experiment: the data and the settings that shape the search."""
+    shaping = (
+        "models",
+        "trials",
+        "epochs",
+        "grace_epochs",
+        "segmenter_epochs",
+        "image_size",
+        "pretrained",
+        "seed",
+    )
+    return {"data_fingerprint": report["fingerprint"], **{k: getattr(config, k) for k in shaping}}
+
+
 def run_comparison(config: TuneConfig) -> dict[str, Any]:
     """Train the segmenter if needed, run the sweep, evaluate and register the best of each architecture."""
     import ray
@@ -84,13 +141,15 @@ def run_comparison(config: TuneConfig) -> dict[str, Any]:
 
     from cxrcore.registry import ModelRegistry
 
+    report, plan = preflight(config)
     registry = ModelRegistry(config.registry)
     experiment_dir = Path(_local(config.out)) / config.name
+    check_same_experiment(str(experiment_dir), experiment_settings(config, report), "a Tune experiment")
     needs_segmenter = any(_needs_mask(m) for m in config.model_names() if m != "resnet")
     segmenter = _segmenter(config, registry) if needs_segmenter else None
 
     space = {
-        **search_space(config),
+        "trial": tune.grid_search(plan),
         "tune_config": to_dict(config),
         "segmenter": segmenter["checkpoint"] if segmenter else None,
     }
@@ -112,7 +171,7 @@ def run_comparison(config: TuneConfig) -> dict[str, Any]:
                 scheduler=ASHAScheduler(
                     time_attr="training_iteration",
                     max_t=config.epochs,
-                    grace_period=config.grace_epochs,
+                    grace_period=config.grace_epochs or 1,  # resolved by TuneConfig
                     reduction_factor=2,
                 ),
                 search_alg=None,
@@ -126,6 +185,9 @@ def run_comparison(config: TuneConfig) -> dict[str, Any]:
         )
     results = tuner.fit()
     trials = [_trial_record(config, results[i]) for i in range(len(results))]
+    failed = [trial for trial in trials if trial["error"]]
+    for trial in failed:
+        log.warning("trial %s (%s) failed: %s", trial["trial_id"], trial["model"], trial["error"])
     best = _best_per_architecture(config, trials, registry, experiment_dir)
     if best:
         winner = max(best.values(), key=lambda b: b["val_score"])
@@ -155,9 +217,9 @@ def _segmenter(config: TuneConfig, registry: Any) -> dict[str, Any]:
 
     model = "tiny_unet" if all(m.startswith("tiny_") for m in config.model_names()) else "unet"
     train_config = TrainConfig(
-        data=config.data, model=model, epochs=config.epochs, workers=config.workers_per_trial, gpu=config.gpu,
-        image_size=config.image_size, lr=1e-3, batch_size=16, out=_trials_root(config), name="segmenter",
-        seed=config.seed,
+        data=config.data, model=model, epochs=config.segmenter_epochs or 1, workers=config.workers_per_trial,
+        gpu=config.gpu, image_size=config.image_size, lr=1e-3, batch_size=16, out=_trials_root(config),
+        name="segmenter", seed=config.seed,
     )  # fmt: skip
     result = fit(train_config)
     if result.best_checkpoint is None:
@@ -195,8 +257,26 @@ def _trial_record(config: TuneConfig, result: Any) -> dict[str, Any]:
         "val_score": card["metrics"]["val_score"] if card else None,
         "train_images_per_s": metrics.get("train_images_per_s"),
         "best_checkpoint": str(checkpoint) if checkpoint else None,
-        "history": card["history"] if card else [],
+        "best_epoch": card["epoch"] + 1 if card else None,
+        "history": _history(result, card),
     }
+
+
+HISTORY_KEYS = (
+    "epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_macro_f1", "val_score", "lr",
+)  # fmt: skip
+
+
+def _history(result: Any, card: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Every epoch the trial ran: Tune's record of each report (the best checkpoint's card stops at it)."""
+    frame = result.metrics_dataframe
+    if frame is None or frame.empty or "epoch" not in frame:
+        return card["history"] if card else []
+    columns = [key for key in HISTORY_KEYS if key in frame]
+    rows = frame[columns].drop_duplicates("epoch", keep="last").sort_values("epoch")
+    return [
+        {k: v.item() if hasattr(v, "item") else v for k, v in row.items()} for row in rows.to_dict("records")
+    ]
 
 
 def _best_checkpoint(run_dir: Path) -> tuple[Path | None, dict[str, Any] | None]:
@@ -228,6 +308,7 @@ def _best_per_architecture(
             EvaluateConfig(checkpoint=trial["best_checkpoint"], data=config.data, out=str(report))
         )
         test = json.loads((report / "metrics.json").read_text())
+        calibration = test.get("calibration") or {}
         version = registry.register(trial["best_checkpoint"], report=report)
         parameters = sum(p.numel() for p in create_model(model).parameters())
         summary[model] = {
@@ -244,6 +325,12 @@ def _best_per_architecture(
             "test_macro_auroc": test["macro_auroc"],
             "test_per_class_f1": {name: row["f1"] for name, row in test["per_class"].items()},
             "confusion_matrix": test["confusion_matrix"],
+            "temperature": calibration.get("temperature"),
+            "test_ece": calibration.get("ece_after"),
+            "test_ece_uncalibrated": calibration.get("ece_before"),
+            "test_nll": calibration.get("nll_after"),
+            "test_nll_uncalibrated": calibration.get("nll_before"),
+            "best_epoch": trial["best_epoch"],
             "history": trial["history"],
         }
     return summary
@@ -271,8 +358,8 @@ def _local(location: str) -> str:
     from cxrcore.data import storage
 
     if "://" in location and not location.startswith("file://"):
-        raise ValueError(
-            f"{location}: the comparison reads trial checkpoints from a shared filesystem path; "
+        raise ConfigError(
+            f"--out {location}: the comparison reads trial checkpoints from a shared filesystem path; "
             "mount the bucket (e.g. with a CSI driver or gcsfuse) and pass the mount point"
         )
     return storage.resolve(location)[1]

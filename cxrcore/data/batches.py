@@ -91,9 +91,18 @@ def augment(
     return image.clamp_(0.0, 1.0), mask
 
 
+def normalize_image(spec: InputSpec, image: torch.Tensor) -> torch.Tensor:
+    """[0, 1] images (B, 1, S, S) normalised as the model's input spec says."""
+    if spec.normalization == "per_image":
+        mean = image.mean(dim=(1, 2, 3), keepdim=True)
+        std = image.std(dim=(1, 2, 3), keepdim=True)
+        return (image - mean) / (std + 1e-3)  # a blank image stays finite
+    return (image - spec.mean) / spec.std
+
+
 def model_inputs(spec: InputSpec, image: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Normalised model input (B, C, S, S) from [0, 1] images and 0/1 masks, channels as the spec says."""
-    channels = [(image - spec.mean) / spec.std]
+    channels = [normalize_image(spec, image)]
     if "mask" in spec.channels:
         if mask is None:
             raise ValueError("this model needs a lung mask channel; pass masks or a segmenter")

@@ -2,61 +2,42 @@
 
 from __future__ import annotations
 
+import html
 import json
+import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from cxrcore.evaluate.report import ReportSection, html_table, plot_overlaid_curves, write_html_report
+from cxrcore.evaluate.report import (
+    ReportSection,
+    html_table,
+    plot_confusion_matrix,
+    plot_overlaid_curves,
+    write_html_report,
+)
+from cxrcore.labels import CLASSES
 
-CURVES = ("val_loss", "val_accuracy", "val_macro_f1", "train_loss")
+CURVES = ("val_macro_f1", "val_loss", "val_accuracy", "train_loss")
+CALIBRATION = {
+    "temperature": "temperature",
+    "test_ece_uncalibrated": "test ECE before",
+    "test_ece": "test ECE after",
+    "test_nll_uncalibrated": "test NLL before",
+    "test_nll": "test NLL after",
+}
+_CURVE_WIDTH = 540
+_MATRIX_WIDTH = 360
 
 
 def write_comparison_report(out_dir: str | Path, comparison: dict[str, Any]) -> dict[str, Path]:
-    """Write comparison.json, overlaid training curves and comparison.html into out_dir."""
+    """Write comparison.json, overlaid curves, confusion matrices and comparison.html into out_dir."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "comparison.json"}
     paths["json"].write_text(json.dumps(comparison, indent=2, default=str) + "\n")
-    best = comparison["best"]
-    histories = {model: row["history"] for model, row in best.items() if row["history"]}
-    curves = [plot_overlaid_curves(histories, metric, out / f"curves_{metric}.png") for metric in CURVES]
-
-    side_by_side = [
-        {
-            "architecture": model,
-            "registered as": row["ref"] + (" (production)" if row.get("production") else ""),
-            "val macro-F1": row["val_score"],
-            "test accuracy": row["test_accuracy"],
-            "test macro-F1": row["test_macro_f1"],
-            "test AUROC": row["test_macro_auroc"],
-            **{f"F1 {name}": f1 for name, f1 in row["test_per_class_f1"].items()},
-            "parameters": row["parameters"],
-            "train images/s": row["train_images_per_s"],
-            "epochs": row["epochs_run"],
-            "lr": row["lr"],
-            "batch": row["batch_size"],
-        }
-        for model, row in best.items()
-    ]
-    trials = [
-        {k: v for k, v in trial.items() if k not in ("history", "best_checkpoint")}
-        for trial in comparison["trials"]
-    ]
-    matrices = [
-        Path(row["report"]).parent / "confusion_matrix.png"
-        for row in best.values()
-        if (Path(row["report"]).parent / "confusion_matrix.png").is_file()
-    ]
-    sections = [
-        ReportSection("Best of each architecture (test split)", table=side_by_side),
-        ReportSection(
-            "Confusion matrices",
-            html="<p>" + ", ".join(best) + " (in this order)</p>",
-            images=matrices,
-        ),
-        ReportSection("Training curves of the best trials", images=curves),
-        ReportSection("All trials", table=trials),
-    ]
+    ranked = ranked_architectures(comparison["best"])
+    sections = []
     segmenter = comparison.get("segmenter")
     if segmenter:
         row = {
@@ -65,13 +46,141 @@ def write_comparison_report(out_dir: str | Path, comparison: dict[str, Any]) -> 
             "val Dice": segmenter["val_dice"],
         }
         row.update({f"test {k}": v for k, v in segmenter["test"].items()})
-        sections.insert(
-            1,
-            ReportSection(
-                "Lung segmenter (supplies masks to the dual-channel model)", html=html_table([row])
-            ),
+        sections.append(
+            ReportSection("Lung segmenter (supplies masks to the dual-channel model)", table=[row])
         )
+    if ranked:
+        kept = {model: row["best_epoch"] for model, row in ranked if row.get("best_epoch") is not None}
+        note = "Every epoch each trial ran." + (
+            " A ring marks the epoch whose checkpoint was kept." if kept else ""
+        )
+        sections += [
+            ReportSection("Best of each architecture", html=_best_tables(ranked)),
+            ReportSection(
+                "Confusion matrices (test split)",
+                images=[
+                    plot_confusion_matrix(
+                        row["confusion_matrix"],
+                        CLASSES,
+                        out / f"confusion_matrix_{model}.png",
+                        normalized=False,
+                        title=f"{model} — test, counts",
+                    )
+                    for model, row in ranked
+                ],
+                image_width=_MATRIX_WIDTH,
+            ),
+            ReportSection(
+                "Training curves of the best trials",
+                html=f"<p>{note}</p>",
+                images=_curves(out, ranked, kept),
+                image_width=_CURVE_WIDTH,
+            ),
+        ]
+    trials = sorted(comparison["trials"], key=lambda trial: -_score(trial.get("val_score")))
+    sections.append(ReportSection("All trials", table=[_trial_row(trial) for trial in trials]))
+    failed = [trial for trial in trials if trial.get("error")]
+    if failed:
+        rows = [{"trial": t["trial_id"], "model": t["model"], "error": t["error"]} for t in failed]
+        sections.append(ReportSection(f"Failed trials ({len(failed)})", table=rows))
+    lead = html.escape(winner_line(comparison["best"]))
     paths["html"] = write_html_report(
-        out / "comparison.html", f"Architecture comparison: {comparison['dataset']}", sections
+        out / "comparison.html",
+        f"Architecture comparison: {comparison['dataset']}",
+        sections,
+        lead=f'<p class="{"lead" if ranked else "lead alert"}">{lead}</p>',
     )
     return paths
+
+
+def ranked_architectures(best: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, Mapping[str, Any]]]:
+    """(model, row) pairs of the best of each architecture, by validation macro-F1 (val_score), best first."""
+    return sorted(best.items(), key=lambda item: -_score(item[1].get("val_score")))
+
+
+def winner_line(best: Mapping[str, Mapping[str, Any]]) -> str:
+    """One sentence: which architecture won (the production one), on what score, by how much over the next."""
+    ranked = ranked_architectures(best)
+    if not ranked:
+        return "No architecture produced a checkpoint: nothing was evaluated, registered or promoted."
+    model, row = next(((m, r) for m, r in ranked if r.get("production")), ranked[0])
+    registered = f"registered {row['ref']}" + (", production" if row.get("production") else "")
+    line = f"{model} ({registered}) — validation macro-F1 {_fixed(row['val_score'])}"
+    others = [(m, r) for m, r in ranked if m != model]
+    if others:
+        runner_up, other = others[0]
+        margin = _score(row["val_score"]) - _score(other["val_score"])
+        side = "ahead of" if margin >= 0 else "behind"
+        line += f", {_fixed(abs(margin))} {side} {runner_up} ({_fixed(other['val_score'])})"
+    line += f"; test accuracy {_fixed(row['test_accuracy'])}."
+    return ("Winner: " if others else "Only one architecture produced a checkpoint: ") + line
+
+
+def _best_tables(ranked: list[tuple[str, Mapping[str, Any]]]) -> str:
+    """Test scores, calibration (when any row has it) and training setup of each architecture's best trial."""
+    scores = [
+        {
+            "architecture": model,
+            "registered as": row["ref"] + (" (production)" if row.get("production") else ""),
+            "val macro-F1": row["val_score"],
+            "test accuracy": row["test_accuracy"],
+            "test macro-F1": row["test_macro_f1"],
+            "test AUROC": row["test_macro_auroc"],
+            **{f"test F1 {name}": f1 for name, f1 in row["test_per_class_f1"].items()},
+        }
+        for model, row in ranked
+    ]
+    parts = ["<h3>Test split</h3>", html_table(scores)]
+    calibration = [
+        {"architecture": model, **{label: row[key] for key, label in CALIBRATION.items() if key in row}}
+        for model, row in ranked
+    ]
+    if any(len(row) > 1 for row in calibration):
+        parts += ["<h3>Calibration (temperature scaling, test split)</h3>", html_table(calibration)]
+    training = [
+        {
+            "architecture": model,
+            "trial": row["trial_id"],
+            "parameters": row["parameters"],
+            "train images/s": row["train_images_per_s"],
+            "epochs run": row["epochs_run"],
+            "kept epoch": row.get("best_epoch"),
+            "lr": row["lr"],
+            "weight decay": row["weight_decay"],
+            "batch": row["batch_size"],
+        }
+        for model, row in ranked
+    ]
+    parts += ["<h3>Training</h3>", html_table(training)]
+    return "\n".join(parts)
+
+
+def _curves(out: Path, ranked: list[tuple[str, Mapping[str, Any]]], kept: Mapping[str, int]) -> list[Path]:
+    """One overlaid plot per metric in CURVES across the best trials' whole histories, kept epochs ringed."""
+    histories = {model: row["history"] for model, row in ranked if row.get("history")}
+    return [plot_overlaid_curves(histories, metric, out / f"curves_{metric}.png", kept) for metric in CURVES]
+
+
+def _trial_row(trial: Mapping[str, Any]) -> dict[str, Any]:
+    """The columns of a trial worth reading in the All trials table."""
+    return {
+        "trial": trial["trial_id"],
+        "model": trial["model"],
+        "lr": trial["lr"],
+        "weight decay": trial["weight_decay"],
+        "batch": trial["batch_size"],
+        "epochs run": trial["epochs_run"],
+        "stopped early": trial["stopped_early"],
+        "val macro-F1": trial.get("val_score"),
+        "error": trial.get("error"),
+    }
+
+
+def _score(value: float | None) -> float:
+    """A score for ranking: None (no checkpoint) ranks last."""
+    return -math.inf if value is None else float(value)
+
+
+def _fixed(value: float | None) -> str:
+    """A score to 3 decimals, or a dash when missing."""
+    return "—" if value is None else f"{value:.3f}"

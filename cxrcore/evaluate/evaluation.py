@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,9 @@ def evaluate_checkpoint(config: EvaluateConfig) -> dict[str, Path]:
     if predictor.spec.task == "segment":
         return _segmentation_report(config, predictor, images[has_mask], masks[has_mask], card)
 
+    import torch
+
+    from cxrcore.calibration import apply_temperature, calibration_report
     from cxrcore.evaluate.report import write_evaluation_report
     from cxrcore.metrics import classification_metrics
 
@@ -39,11 +43,16 @@ def evaluate_checkpoint(config: EvaluateConfig) -> dict[str, Path]:
     given = (
         [m if ok else None for m, ok in zip(masks, has_mask, strict=True)] if predictor.needs_mask else None
     )
-    probs = _predict(predictor, images, given, config.batch_size)
+    # One forward pass: the served (calibrated) probabilities are predict_proba's softmax(logits / T).
+    logits = _predict(predictor.predict_logits, images, given, config.batch_size)
+    probs = apply_temperature(torch.from_numpy(logits), predictor.temperature).numpy()
     metrics = classification_metrics(labels, probs, predictor.card.classes, with_curves=True)
-    extra: dict[str, dict[str, Any]] = {}
+    extra: dict[str, dict[str, Any]] = {
+        # ECE and NLL on this split before (T = 1) and after the card's temperature (fitted on validation).
+        "calibration": {"split": config.split, **calibration_report(logits, labels, predictor.temperature)}
+    }
     if predictor.needs_mask and predictor.segmenter is not None:
-        predicted = _predict(predictor, images, [None] * len(images), config.batch_size)
+        predicted = _predict(predictor.predict_proba, images, [None] * len(images), config.batch_size)
         extra["with predicted masks"] = classification_metrics(labels, predicted, predictor.card.classes)
     sources = frame["source"].to_numpy()
     if len(set(sources)) > 1:
@@ -56,16 +65,24 @@ def evaluate_checkpoint(config: EvaluateConfig) -> dict[str, Path]:
     log.info(
         "accuracy %.3f, macro-F1 %.3f on %d images", metrics["accuracy"], metrics["macro_f1"], len(labels)
     )
+    cal = extra["calibration"]
+    log.info(
+        "temperature %.3f: ECE %.3f -> %.3f, NLL %.3f -> %.3f",
+        cal["temperature"], cal["ece_before"], cal["ece_after"], cal["nll_before"], cal["nll_after"],
+    )  # fmt: skip
     return write_evaluation_report(
         config.out, metrics, history=card["history"], card=_card_summary(card), extra=extra,
         title=f"{predictor.card.name} on {config.split}",
     )  # fmt: skip
 
 
-def _predict(predictor: Any, images: np.ndarray, masks: list[Any] | None, batch_size: int) -> np.ndarray:
+def _predict(
+    predict: Callable[..., np.ndarray], images: np.ndarray, masks: list[Any] | None, batch_size: int
+) -> np.ndarray:
+    """predict(images, masks) (a Predictor's predict_proba or predict_logits) over batches, concatenated."""
     return np.concatenate(
         [
-            predictor.predict_proba(images[i : i + batch_size], masks[i : i + batch_size] if masks else None)
+            predict(images[i : i + batch_size], masks[i : i + batch_size] if masks else None)
             for i in range(0, len(images), batch_size)
         ]
     )

@@ -36,13 +36,17 @@ body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; max-width:
        padding: 0 1em; color: #222; }
 h1 { border-bottom: 2px solid #345; padding-bottom: .3em; }
 h2 { margin-top: 1.8em; color: #345; }
-table { border-collapse: collapse; margin: .6em 0; font-size: .92em; }
-th, td { border: 1px solid #ccd; padding: .3em .7em; text-align: left; vertical-align: top; }
-th { background: #eef1f6; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
+h3 { margin: 1.2em 0 .3em; font-size: 1em; color: #345; }
+.lead { font-size: 1.1em; padding: .6em .9em; background: #eef6ee; border-left: 4px solid #4a8a4a; }
+.lead.alert { background: #fbeaea; border-left-color: #b33; font-weight: 600; }
+.table-wrap { overflow-x: auto; max-width: 100%; margin: .6em 0; }
+table { border-collapse: collapse; font-size: .85em; }
+th, td { border: 1px solid #ccd; padding: .25em .55em; text-align: left; vertical-align: top; }
+th { background: #eef1f6; font-weight: 600; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 td pre { margin: 0; white-space: pre-wrap; font-size: .9em; }
 .images { display: flex; flex-wrap: wrap; gap: 1em; }
-.images img { max-width: 100%; border: 1px solid #dde; }
+.images img { max-width: 100%; height: auto; border: 1px solid #dde; }
 """
 
 
@@ -55,30 +59,44 @@ class ReportSection:
     """Inserted as is, so escape any untrusted text in it (html_table does)."""
     images: list[Path] = field(default_factory=list)
     table: list[dict[str, Any]] | None = None
+    image_width: int | None = None
+    """Display width of each image in CSS pixels (several then sit side by side); None: natural size."""
 
 
 def plot_confusion_matrix(
-    matrix: npt.ArrayLike, classes: Sequence[str], path: str | Path, normalized: bool
+    matrix: npt.ArrayLike,
+    classes: Sequence[str],
+    path: str | Path,
+    normalized: bool,
+    title: str | None = None,
 ) -> Path:
+    """Save confusion_matrix_figure(matrix, classes, normalized, title) as a PNG at path."""
+    return _save(confusion_matrix_figure(matrix, classes, normalized, title), path)
+
+
+def confusion_matrix_figure(
+    matrix: npt.ArrayLike, classes: Sequence[str], normalized: bool, title: str | None = None
+) -> Figure:
     """Annotated heatmap of a confusion matrix (rows true, columns predicted): counts or row fractions."""
     values = np.asarray(matrix, dtype=np.float64)
     size = len(classes)
-    fig = Figure(figsize=(1.25 * size + 2.6, 1.1 * size + 1.9), layout="constrained")
+    fig = Figure(figsize=(0.8 * size + 1.6, 0.7 * size + 1.5), layout="constrained")
     ax = fig.subplots()
     vmax = 1.0 if normalized else max(float(values.max(initial=0.0)), 1.0)
     image = ax.imshow(values, cmap="Blues", vmin=0.0, vmax=vmax)
     fig.colorbar(image, ax=ax, shrink=0.85)
     tick_labels = [textwrap.fill(name, width=10, break_long_words=False) for name in classes]
-    ax.set_xticks(range(size), tick_labels)
-    ax.set_yticks(range(size), tick_labels)
+    ax.set_xticks(range(size), tick_labels, fontsize=9, rotation=30, ha="right", rotation_mode="anchor")
+    ax.set_yticks(range(size), tick_labels, fontsize=9)
     ax.set_xlabel("Predicted")
     ax.set_ylabel("True")
     for (row, col), value in np.ndenumerate(values):
         text = f"{value:.2f}" if normalized else f"{int(value)}"
         color = "white" if value > vmax / 2 else "black"
         ax.text(col, row, text, ha="center", va="center", color=color, fontsize=11)
-    ax.set_title("Confusion matrix (row-normalised)" if normalized else "Confusion matrix (counts)")
-    return _save(fig, path)
+    default_title = "Confusion matrix (row-normalised)" if normalized else "Confusion matrix (counts)"
+    ax.set_title(title or default_title)
+    return fig
 
 
 def plot_training_curves(history: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
@@ -151,15 +169,36 @@ def plot_reliability_diagram(bins: Mapping[str, Any], path: str | Path) -> Path:
 
 
 def plot_overlaid_curves(
-    histories: Mapping[str, Sequence[Mapping[str, Any]]], metric: str, path: str | Path
+    histories: Mapping[str, Sequence[Mapping[str, Any]]],
+    metric: str,
+    path: str | Path,
+    kept_epochs: Mapping[str, int] | None = None,
 ) -> Path:
-    """One metric against epoch for several runs on one axes, to compare them."""
+    """Save overlaid_curves_figure(histories, metric, kept_epochs) as a PNG at path."""
+    return _save(overlaid_curves_figure(histories, metric, kept_epochs), path)
+
+
+def overlaid_curves_figure(
+    histories: Mapping[str, Sequence[Mapping[str, Any]]],
+    metric: str,
+    kept_epochs: Mapping[str, int] | None = None,
+) -> Figure:
+    """One metric against epoch for several runs on one axes; kept_epochs (run → epoch) ringed."""
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.subplots()
+    kept_points = []
     for name, history in histories.items():
         epochs, values = _series(history, metric)
         if epochs:
-            ax.plot(epochs, values, marker="o" if len(epochs) <= 30 else None, markersize=3, label=name)
+            ax.plot(epochs, values, marker="o" if len(epochs) <= 30 else None, markersize=4, label=name)
+        kept = (kept_epochs or {}).get(name)
+        if kept in epochs:
+            kept_points.append((kept, values[epochs.index(kept)]))
+    if kept_points:
+        ax.plot(
+            *zip(*kept_points, strict=True), linestyle="none", marker="o", markersize=11,
+            markerfacecolor="none", markeredgecolor="black", markeredgewidth=1.5, label="kept checkpoint",
+        )  # fmt: skip
     if ax.lines:
         ax.legend(fontsize="small")
     else:
@@ -169,21 +208,51 @@ def plot_overlaid_curves(
     ax.set_ylabel(metric)
     ax.set_title(metric)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return fig
 
 
 def html_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """An HTML table of list-of-dicts rows (columns as first seen), floats to 3 decimals, all text escaped."""
+    """A horizontally scrolling HTML table of list-of-dicts rows (columns as first seen), text escaped.
+
+    Numbers are shown as format_number does; None as a dash; booleans as yes / no; lists and dicts as JSON.
+    """
     columns = list(dict.fromkeys(key for row in rows for key in row))
     head = "".join(f"<th>{html.escape(str(column))}</th>" for column in columns)
     body = "".join(
         "<tr>" + "".join(_table_cell(row.get(column)) for column in columns) + "</tr>\n" for row in rows
     )
-    return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}</tbody>\n</table>\n"
+    return (
+        f'<div class="table-wrap"><table>\n<thead><tr>{head}</tr></thead>\n'
+        f"<tbody>\n{body}</tbody>\n</table></div>\n"
+    )
 
 
-def write_html_report(path: str | Path, title: str, sections: Sequence[ReportSection]) -> Path:
-    """Write one self-contained HTML file: inline CSS, images embedded as base64, no scripts or assets."""
+def format_number(value: float | np.integer[Any] | np.floating[Any]) -> str:
+    """A number in the notation its magnitude needs, about 3–4 significant figures and at most 3 decimals.
+
+    Integers get thousands separators (11,689,512); floats below 0.01 in size go scientific (3.2e-04), as
+    do those from 1e9; the rest keep 3 decimals below 10 (0.913), then fewer as they grow (412.4, 1,234).
+    """
+    if isinstance(value, int | np.integer):
+        return f"{int(value):,}"
+    number = float(value)
+    size = abs(number)
+    if not math.isfinite(number) or number == 0.0:
+        return f"{number:.3f}"
+    if size < 1e-2 or size >= 1e9:
+        return f"{number:.1e}"
+    decimals = min(3, max(0, 3 - math.floor(math.log10(size))))
+    return f"{number:,.{decimals}f}"
+
+
+def write_html_report(
+    path: str | Path, title: str, sections: Sequence[ReportSection], lead: str = ""
+) -> Path:
+    """Write one self-contained HTML file: inline CSS, images embedded as base64, no scripts or assets.
+
+    `lead` is markup put right under the title (a one-line summary); like ReportSection.html, it is
+    inserted as is.
+    """
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en">',
@@ -194,13 +263,15 @@ def write_html_report(path: str | Path, title: str, sections: Sequence[ReportSec
         "<body>",
         f"<h1>{html.escape(title)}</h1>",
     ]
+    if lead:
+        parts.append(lead)
     for section in sections:
         parts.append(f"<section>\n<h2>{html.escape(section.heading)}</h2>")
         if section.html:
             parts.append(section.html)
         if section.images:
             parts.append('<div class="images">')
-            parts.extend(_embedded_image(Path(image)) for image in section.images)
+            parts.extend(_embedded_image(Path(image), section.image_width) for image in section.images)
             parts.append("</div>")
         if section.table is not None:
             parts.append(html_table(section.table))
@@ -362,10 +433,10 @@ def _is_number(value: Any) -> TypeGuard[int | float | np.integer[Any] | np.float
 def _table_cell(value: Any) -> str:
     if value is None:
         return "<td>—</td>"
-    if isinstance(value, float | np.floating):
-        return f'<td class="num">{float(value):.3f}</td>'
+    if isinstance(value, bool | np.bool_):
+        return f"<td>{'yes' if value else 'no'}</td>"
     if _is_number(value):
-        return f'<td class="num">{int(value)}</td>'
+        return f'<td class="num">{format_number(value)}</td>'
     if isinstance(value, Mapping | list | tuple):
         dumped = json.dumps(value, indent=1, default=_display_default)
         return f"<td><pre>{html.escape(dumped)}</pre></td>"
@@ -373,18 +444,19 @@ def _table_cell(value: Any) -> str:
 
 
 def _card_value(value: Any) -> Any:
-    """Card values shown exactly (a learning rate of 3e-4 must not print as 0.000); nested ones as JSON."""
+    """Card values shown exactly as JSON (a recorded 3e-4 reads 0.0003), not rounded; strings as they are."""
     if isinstance(value, str | Mapping | list | tuple) or value is None:
         return value
     return json.dumps(value, default=_display_default)
 
 
-def _embedded_image(path: Path) -> str:
+def _embedded_image(path: Path, width: int | None) -> str:
     mime = _IMAGE_TYPES.get(path.suffix.lower())
     if mime is None:
         raise ValueError(f"cannot embed {path}: supported image types are {', '.join(_IMAGE_TYPES)}")
     data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f'<img alt="{html.escape(path.stem)}" src="data:{mime};base64,{data}">'
+    style = f' style="width:{width}px"' if width else ""
+    return f'<img alt="{html.escape(path.stem)}"{style} src="data:{mime};base64,{data}">'
 
 
 def _json_default(value: Any) -> Any:

@@ -43,6 +43,9 @@ class CnnLstm(nn.Module):
             in_chans = width
         self.features = nn.Sequential(*stages)
         self.row_pool = nn.AdaptiveAvgPool2d((None, row_width))
+        # Post-ReLU features are unbounded; normalised rows keep the LSTM's gates out of saturation,
+        # which is what lets it train at the learning rates the convolutions want.
+        self.row_norm = nn.LayerNorm(in_chans * row_width)
         self.lstm = nn.LSTM(
             input_size=in_chans * row_width,
             hidden_size=hidden_size,
@@ -57,7 +60,7 @@ class CnnLstm(nn.Module):
     def forward_sequence(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1, H, W) image → (B, rows, features) sequence for the LSTM."""
         rows = self.row_pool(self.features(x))  # (B, C, H', row_width)
-        return rows.permute(0, 2, 1, 3).flatten(2)
+        return self.row_norm(rows.permute(0, 2, 1, 3).flatten(2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _, (h_n, _) = self.lstm(self.forward_sequence(x))
@@ -66,7 +69,7 @@ class CnnLstm(nn.Module):
         return self.head(self.dropout(final))
 
 
-_SPEC = InputSpec(channels=("image",), image_size=224, mean=0.5, std=0.25)
+_SPEC = InputSpec(channels=("image",), image_size=224, mean=0.5, std=0.25, normalization="per_image")
 _TINY_SPEC = InputSpec(channels=("image",), image_size=64, mean=0.5, std=0.25)
 
 

@@ -49,7 +49,7 @@ class DualCnn(nn.Module):
         return self.head(self.dropout(pooled))
 
 
-_SPEC = InputSpec(channels=("image", "mask"), image_size=224, mean=0.5, std=0.25)
+_SPEC = InputSpec(channels=("image", "mask"), image_size=224, mean=0.5, std=0.25, normalization="per_image")
 _TINY_SPEC = InputSpec(channels=("image", "mask"), image_size=64, mean=0.5, std=0.25)
 
 

@@ -135,7 +135,7 @@ def _pretrained_cfg(model: nn.Module, key: str, default: str) -> str:
 
 # Grayscale equivalent of ImageNet normalisation: the mean of the RGB means and stds, which is what
 # a first conv summed over RGB expects.
-_SPEC = InputSpec(channels=("image",), image_size=224, mean=0.449, std=0.226)
+_SPEC = InputSpec(channels=("image",), image_size=224, mean=0.449, std=0.226, normalization="per_image")
 _TINY_SPEC = InputSpec(channels=("image",), image_size=64, mean=0.449, std=0.226)
 
 

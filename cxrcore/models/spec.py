@@ -7,6 +7,7 @@ from typing import Any
 
 CHANNELS: tuple[str, ...] = ("image", "mask")
 TASKS: tuple[str, ...] = ("classify", "segment")
+NORMALIZATIONS: tuple[str, ...] = ("fixed", "per_image")
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,9 @@ class InputSpec:
     """Divisor applied to the image after subtracting the mean."""
     task: str = "classify"
     """'classify' (logits of shape (B, num_classes)) or 'segment' (mask logits of shape (B, 1, H, W))."""
+    normalization: str = "fixed"
+    """'fixed': (x - mean) / std for every image. 'per_image': each image standardised by its own mean
+    and standard deviation, which removes exposure and contrast differences between films and sites."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.channels, tuple) or not self.channels or self.channels[0] != "image":
@@ -43,6 +47,8 @@ class InputSpec:
             raise ValueError(f"std must be positive, got {self.std}")
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
 
     @property
     def num_channels(self) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,7 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cxrcore.data.batches import AugmentConfig, augment, masks_to_unit, model_inputs, to_unit
+from cxrcore.data.batches import (
+    AugmentConfig,
+    augment,
+    masks_to_unit,
+    model_inputs,
+    normalize_image,
+    to_unit,
+)
 from cxrcore.models.spec import InputSpec
 
 Batch = dict[str, torch.Tensor]
@@ -76,7 +83,7 @@ def prepare_batch(
     if augmentation is not None:
         image, mask = augment(image, mask, augmentation, generator)
     if spec.task == "segment":
-        return (image - spec.mean) / spec.std, mask
+        return normalize_image(spec, image), mask
     return model_inputs(spec, image, mask), mask
 
 
@@ -147,6 +154,71 @@ def run_epoch(
                 result.labels.append(labels.cpu().numpy())
     result.seconds = time.perf_counter() - started
     return result
+
+
+def recalibrate_batchnorm(
+    model: nn.Module,
+    batches: Sequence[Batch],
+    spec: InputSpec,
+    *,
+    mask_source: MaskSource | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> int:
+    """Recompute every BatchNorm's running statistics for the current weights; returns images used.
+
+    Running statistics are an exponential average over past batches, so after few steps with fast-moving
+    weights they describe an earlier model, and the eval-mode model (the one validated, ranked and
+    served) is not the one that was trained. This replaces them with the exact average over
+    `batches` (un-augmented training images, as evaluation sees them), taken with the weights as
+    they are now ("precise BN"). Only BatchNorm layers run in training mode; dropout stays off.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = [m for m in norms if m.track_running_stats]
+    if not norms or not batches:
+        return 0
+    was_training = model.training
+    momenta = [m.momentum for m in norms]
+    model.eval()
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average over all the batches below
+        norm.train()
+    seen = 0
+    with (
+        torch.no_grad(),
+        torch.autocast("cuda" if _on_cuda(model) else "cpu", dtype=autocast_dtype or torch.bfloat16,
+                       enabled=autocast_dtype is not None),
+    ):  # fmt: skip
+        for batch in batches:
+            inputs, _ = prepare_batch(batch, spec, None, mask_source)
+            model(inputs)
+            seen += inputs.shape[0]
+    for norm, momentum in zip(norms, momenta, strict=True):
+        norm.momentum = momentum
+    model.train(was_training)
+    return seen
+
+
+def average_batchnorm_across_ranks(model: nn.Module) -> None:
+    """Make every rank's BatchNorm statistics the pooled statistics of all ranks (equal batch counts)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    world = dist.get_world_size()
+    for norm in model.modules():
+        if isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.track_running_stats:
+            assert norm.running_mean is not None and norm.running_var is not None
+            # Pool the moments: mean of means, and E[x²] = var + mean² averaged, minus the pooled mean².
+            moments = torch.stack([norm.running_mean, norm.running_var + norm.running_mean**2])
+            dist.all_reduce(moments)
+            moments /= world
+            norm.running_mean.copy_(moments[0])
+            norm.running_var.copy_(moments[1] - moments[0] ** 2)
+
+
+def _on_cuda(model: nn.Module) -> bool:
+    return next(model.parameters()).device.type == "cuda"
 
 
 def combine(results: list[EpochResult]) -> dict[str, Any]:

@@ -5,19 +5,32 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
+from collections.abc import Iterable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
 
+from cxrcore.calibration import calibration_report, fit_temperature
 from cxrcore.checkpoint import ModelCard, load_train_state, save_checkpoint
 from cxrcore.config import TrainConfig, from_dict
 from cxrcore.data.batches import AugmentConfig
 from cxrcore.labels import CLASSES
-from cxrcore.train.engine import EpochResult, combine, run_epoch, warmup_cosine
+from cxrcore.train.engine import (
+    Batch,
+    EpochResult,
+    average_batchnorm_across_ranks,
+    combine,
+    recalibrate_batchnorm,
+    run_epoch,
+    warmup_cosine,
+)
 
 log = logging.getLogger(__name__)
 
 TRAIN_COLUMNS = ["image", "mask", "has_mask", "label_index"]
+PRECISE_BN_IMAGES = 1024
+"""Training images per worker over which BatchNorm statistics are recomputed before each validation."""
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -45,7 +58,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     segmenting = spec.task == "segment"
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    steps_per_epoch = max(1, math.ceil(loop_config["train_rows"] / (config.batch_size * max(world, 1))))
+    batch_size = int(loop_config["train"]["batch_size"])  # resolved by the driver (auto for small data)
+    steps_per_epoch = max(1, math.ceil(loop_config["train_rows"] / (batch_size * max(world, 1))))
     scheduler = warmup_cosine(
         optimizer, round(config.warmup_epochs * steps_per_epoch), config.epochs * steps_per_epoch
     )
@@ -68,11 +82,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
-    batch_options = {"batch_size": config.batch_size, "device": device, "drop_last": False}
+    batch_options = {"batch_size": batch_size, "device": device, "drop_last": False}
     for epoch in range(start_epoch, config.epochs):
+        kept: list[Batch] = []  # the first training batches, reused to recompute BatchNorm statistics
         trained = run_epoch(
             model,
-            train_shard.iter_torch_batches(**batch_options, local_shuffle_buffer_size=config.batch_size * 8),
+            _keep_first(
+                train_shard.iter_torch_batches(**batch_options, local_shuffle_buffer_size=batch_size * 8),
+                kept,
+                PRECISE_BN_IMAGES,
+            ),
             spec,
             optimizer=optimizer,
             scheduler=scheduler,
@@ -82,6 +101,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             autocast_dtype=autocast_dtype,
             generator=generator,
         )
+        # Validation, checkpoint ranking, ASHA and Serve all see the eval-mode model: give it statistics
+        # that describe the current weights, identical on every rank.
+        recalibrate_batchnorm(
+            _unwrap(model), kept, spec, mask_source=mask_source, autocast_dtype=autocast_dtype
+        )
+        average_batchnorm_across_ranks(_unwrap(model))
+        del kept
         validated = run_epoch(
             model,
             val_shard.iter_torch_batches(**batch_options),
@@ -91,8 +117,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             autocast_dtype=autocast_dtype,
             keep_outputs=True,
         )
-        metrics = epoch_metrics(epoch, _gather(trained, world), _gather(validated, world), segmenting)
+        val = _gather(validated, world)
+        metrics = epoch_metrics(epoch, _gather(trained, world), val, segmenting)
         metrics["lr"] = scheduler.get_last_lr()[0]
+        temperature, calibration = 1.0, {}
+        if not segmenting:  # temperature scaling on the validation split, so probabilities mean what they say
+            log_probs = np.log(val["outputs"] + 1e-12)
+            temperature = fit_temperature(log_probs, val["labels"])
+            calibration = calibration_report(log_probs, val["labels"], temperature)
+            metrics.update(temperature=temperature, val_ece=calibration["ece_after"])
         history.append({k: v for k, v in metrics.items() if not isinstance(v, dict | list)})
 
         with tempfile.TemporaryDirectory() as directory:
@@ -108,6 +141,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     training=loop_config["train"],
                     epoch=epoch,
                     segmenter=config.segmenter,
+                    temperature=temperature,
+                    calibration=calibration,
                 )
                 train_state = {
                     "optimizer": optimizer.state_dict(),
@@ -156,6 +191,16 @@ def _gather(result: EpochResult, world: int) -> dict[str, Any]:
     gathered: list[Any] = [None] * world
     torch.distributed.all_gather_object(gathered, result)
     return combine(gathered)
+
+
+def _keep_first(batches: Iterable[Batch], kept: list[Batch], images: int) -> Iterator[Batch]:
+    """Pass `batches` through, keeping the first ones (up to `images` rows) in `kept`."""
+    count = 0
+    for batch in batches:
+        if count < images:
+            kept.append(batch)
+            count += len(batch["label_index"])
+        yield batch
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cxrcore.config import TrainConfig, to_dict
+from cxrcore.config import ConfigError, TrainConfig, to_dict
 from cxrcore.labels import CLASSES
 
 log = logging.getLogger(__name__)
@@ -25,37 +25,102 @@ class TrainResult:
     best_metrics: dict[str, Any]
 
 
-def resolve_pretrained(config: TrainConfig) -> str | None:
+def resolve_pretrained(model: str, choice: str) -> str | None:
     """The initial weights to load: a local file, "hub", or None for random initialisation."""
     from cxrcore.models import get_model_entry
 
-    entry = get_model_entry(config.model)
-    choice = config.pretrained.strip()
+    try:
+        entry = get_model_entry(model)
+    except ValueError as exc:  # an unknown name, with a "did you mean"
+        raise ConfigError(f"--model: {exc}") from exc
+    choice = choice.strip()
     if choice.lower() == "none":
         return None
     if choice.lower() == "auto":
         return "hub" if entry.accepts_pretrained and not entry.name.startswith("tiny_") else None
     if not entry.accepts_pretrained:
-        raise ValueError(f"--pretrained: model {config.model!r} takes no pretrained weights; use 'none'")
+        raise ConfigError(f"--pretrained: model {model!r} takes no pretrained weights; use 'none'")
     if choice.lower() == "hub":
         return "hub"
     if not Path(choice).is_file():
-        raise FileNotFoundError(f"--pretrained: no weights file at {choice}")
+        raise ConfigError(f"--pretrained: no weights file at {choice}")
     return choice
+
+
+def check_pretrained(model: str, choice: str) -> str | None:
+    """resolve_pretrained, then load those weights once, in the driver, before any worker starts.
+
+    A hub that cannot be reached or a file that does not fit the architecture fails here with what to
+    do instead, once, rather than in every worker and every Tune trial after minutes of start-up.
+    """
+    from cxrcore.models import create_model
+
+    pretrained = resolve_pretrained(model, choice)
+    if pretrained is not None:
+        try:
+            create_model(model, pretrained=pretrained)
+        except (RuntimeError, ValueError) as exc:
+            raise ConfigError(f"--pretrained {choice}: {exc}") from exc
+    return pretrained
+
+
+def check_dataset(data: str) -> None:
+    """Fail before training when `data` is not a finished dataset or lacks a column training reads."""
+    import pyarrow.dataset as pads
+
+    from cxrcore.data import storage
+    from cxrcore.data.ingest import read_report
+    from cxrcore.train.loop import TRAIN_COLUMNS
+
+    read_report(data)
+    filesystem, root = storage.resolve(data)
+    schema = pads.dataset(
+        root, filesystem=filesystem, format="parquet", partitioning="hive", exclude_invalid_files=True
+    ).schema
+    missing = [column for column in TRAIN_COLUMNS if column not in schema.names]
+    if missing:
+        raise ConfigError(
+            f"--data: {data} has no column {', '.join(missing)}; re-ingest it with `cxr data ingest`"
+        )
+
+
+def run_settings(config: TrainConfig, settings: dict[str, Any]) -> dict[str, Any]:
+    """What makes two runs the same run: the data and every setting but length, workers and place."""
+    ignored = {"epochs", "workers", "gpu", "out", "name", "max_failures", "address", "data"}
+    train = {k: v for k, v in settings["train"].items() if k not in ignored}
+    data = settings["data"]["fingerprint"]
+    return {"data_fingerprint": data, "image_size": settings["image_size"], **train}
+
+
+MIN_STEPS_PER_EPOCH = 24
+"""Small datasets get smaller batches: a 4-epoch run on 200 images must still take ~100 optimizer steps."""
+
+
+def auto_batch_size(train_rows: int, workers: int, largest: int = 32, smallest: int = 4) -> int:
+    """Per-worker batch size: `largest`, halved until an epoch has MIN_STEPS_PER_EPOCH steps.
+
+    >>> auto_batch_size(17_000, 2), auto_batch_size(320, 1), auto_batch_size(192, 2)
+    (32, 8, 4)
+    """
+    size = largest
+    while size > smallest and train_rows / (size * workers) < MIN_STEPS_PER_EPOCH:
+        size //= 2
+    return size
 
 
 def loop_config(config: TrainConfig) -> dict[str, Any]:
     """Everything the worker loop needs, resolved once in the driver (and JSON-plain for Ray)."""
     from cxrcore.data.ingest import read_report
-    from cxrcore.models import create_model, get_model_entry
+    from cxrcore.models import get_model_entry
 
     report = read_report(config.data)
     entry = get_model_entry(config.model)
     segmenting = entry.input_spec.task == "segment"
     train_counts = [report["by_class_split"].get(c, {}).get("train", 0) for c in CLASSES]
-    pretrained = resolve_pretrained(config)
-    if pretrained == "hub":
-        create_model(config.model, pretrained="hub")  # fail fast, in the driver, when the hub is unreachable
+    check_dataset(config.data)
+    pretrained = check_pretrained(config.model, config.pretrained)
+    if config.segmenter:
+        _check_segmenter(config.segmenter)
     if "mask" in entry.input_spec.channels and report["without_mask"] and not config.segmenter:
         log.warning(
             "%d images have no lung mask and %s needs one: they get an empty mask. "
@@ -66,8 +131,10 @@ def loop_config(config: TrainConfig) -> dict[str, Any]:
     train_rows = report["by_split"]["train"]
     if segmenting:
         train_rows = round(train_rows * (1 - report["without_mask"] / max(report["ingested"], 1)))
+    train = to_dict(config)
+    train["batch_size"] = config.batch_size or auto_batch_size(train_rows, max(config.workers, 1))
     return {
-        "train": to_dict(config),
+        "train": train,
         "pretrained": pretrained,
         "image_size": config.image_size or report["config"]["size"],
         "train_rows": train_rows,
@@ -87,6 +154,7 @@ def build_trainer(config: TrainConfig, callbacks: list[Any] | None = None) -> An
 
     from cxrcore.data import storage
     from cxrcore.data.ingest import read_split
+    from cxrcore.experiment import check_same_experiment
     from cxrcore.models import get_model_entry
     from cxrcore.train.loop import TRAIN_COLUMNS, train_loop_per_worker
 
@@ -100,6 +168,9 @@ def build_trainer(config: TrainConfig, callbacks: list[Any] | None = None) -> An
         datasets = {split: ds.materialize() for split, ds in datasets.items()}
 
     storage_path = config.out if "://" in config.out else storage.resolve(config.out)[1]
+    check_same_experiment(
+        f"{storage_path.rstrip('/')}/{config.run_name()}", run_settings(config, settings), "a training run"
+    )
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=settings,
@@ -131,6 +202,17 @@ def fit(config: TrainConfig) -> TrainResult:
         metrics=dict(result.metrics or {}),
         best_metrics=dict(best_metrics),
     )
+
+
+def _check_segmenter(directory: str) -> None:
+    from cxrcore.checkpoint import load_card
+
+    try:
+        task = load_card(directory).input_spec.get("task")
+    except FileNotFoundError as exc:
+        raise ConfigError(f"--segmenter: {exc}") from exc
+    if task != "segment":
+        raise ConfigError(f"--segmenter: {directory} holds a {task} model, not a lung segmenter (unet)")
 
 
 def _fits_in_object_store(rows: int, size: int) -> bool:

@@ -15,7 +15,7 @@ from cxrcore.evaluate.evaluation import evaluate_checkpoint
 from cxrcore.inference import Predictor
 from cxrcore.train.trainer import TrainResult, fit
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")

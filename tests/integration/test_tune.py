@@ -11,7 +11,7 @@ from cxrcore.config import TuneConfig
 from cxrcore.registry import ModelRegistry
 from cxrcore.tune import run_comparison
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.integration
 MODELS = ("tiny_cnn_lstm", "tiny_dual_cnn", "tiny_resnet")
 
 

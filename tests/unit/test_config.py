@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,7 @@ def test_round_trip_and_yaml_with_flag_overrides(tmp_path: Path) -> None:
     add_config_arguments(parser, IngestConfig)
     args = parser.parse_args(["--config", str(path), "--size", "96"])
     config = config_from_args(IngestConfig, args)
-    assert (config.raw, config.size, config.seed) == ("data/raw", 96, 3)
+    # Relative locations are resolved once, against the directory the command is run from.
+    assert (config.raw, config.size, config.seed) == (os.path.abspath("data/raw"), 96, 3)
     args = parser.parse_args(["a", "b", "--near-duplicate-bits", "0"])
     assert config_from_args(IngestConfig, args) == IngestConfig(raw="a", out="b", near_duplicate_bits=0)

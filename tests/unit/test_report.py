@@ -15,6 +15,8 @@ from PIL import Image
 
 from cxrcore.evaluate.report import (
     ReportSection,
+    confusion_matrix_figure,
+    format_number,
     html_table,
     metrics_table,
     plot_overlaid_curves,
@@ -139,10 +141,37 @@ def test_metrics_table_rows() -> None:
 
 
 def test_html_table_formats_and_escapes() -> None:
-    table = html_table([{"a": 0.12345, "b": 7, "c": None}, {"a": "<b>", "d": [1, 2]}])
-    assert "<th>a</th><th>b</th><th>c</th><th>d</th>" in table
+    table = html_table([{"a": 0.12345, "b": 7, "c": None, "e": True}, {"a": "<b>", "d": [1, 2], "e": False}])
+    assert table.startswith('<div class="table-wrap"><table>')  # wide tables scroll, not the page
+    assert "<th>a</th><th>b</th><th>c</th><th>e</th><th>d</th>" in table
     assert '<td class="num">0.123</td>' in table and '<td class="num">7</td>' in table
     assert "<td>—</td>" in table and "<td>&lt;b&gt;</td>" in table and "<pre>[" in table
+    assert "<td>yes</td>" in table and "<td>no</td>" in table
+    assert '<td class="num">3.2e-04</td>' in html_table([{"lr": 3.2e-4}])
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        (3.2e-4, "3.2e-04"),
+        (1e-5, "1.0e-05"),
+        (-0.004, "-4.0e-03"),
+        (0.0, "0.000"),
+        (0.01, "0.010"),
+        (0.91349, "0.913"),
+        (1.0, "1.000"),
+        (12.345, "12.35"),
+        (412.37, "412.4"),
+        (1234.5, "1,234"),
+        (2.5e9, "2.5e+09"),
+        (float("nan"), "nan"),
+        (11_689_512, "11,689,512"),
+        (np.int64(300), "300"),
+        (np.float32(0.5), "0.500"),
+    ],
+)
+def test_format_number_uses_the_notation_the_magnitude_needs(value: Any, shown: str) -> None:
+    assert format_number(value) == shown
 
 
 def test_html_report_sections(tmp_path: Path) -> None:
@@ -152,6 +181,22 @@ def test_html_report_sections(tmp_path: Path) -> None:
     text = path.read_text()
     assert "<h1>T &lt;1&gt;</h1>" in text and "<h2>A &amp; B</h2>" in text and "<p>trusted</p>" in text
     assert text.count("data:image/png;base64,") == 1 and "1.000" in text
+    assert 'style="width:' not in text
+
+
+def test_html_report_lead_and_image_width(tmp_path: Path) -> None:
+    image = plot_training_curves([{"epoch": 1}], tmp_path / "empty.png")
+    section = ReportSection("Plots", images=[image, image], image_width=300)
+    text = write_html_report(tmp_path / "r.html", "T", [section], lead='<p class="lead">Won</p>').read_text()
+    assert text.index("<h1>T</h1>") < text.index('<p class="lead">Won</p>') < text.index("<h2>Plots</h2>")
+    assert text.count('<img alt="empty" style="width:300px" src="data:image/png;base64,') == 2
+
+
+def test_confusion_matrix_title() -> None:
+    matrix = np.eye(len(CLASSES), dtype=int) * 5
+    assert confusion_matrix_figure(matrix, CLASSES, False).axes[0].get_title() == "Confusion matrix (counts)"
+    titled = confusion_matrix_figure(matrix, CLASSES, False, title="dual_cnn — test, counts")
+    assert titled.axes[0].get_title() == "dual_cnn — test, counts"
 
 
 def test_overlaid_curves(tmp_path: Path) -> None:

@@ -223,6 +223,5 @@ def test_global_intensity_statistics_do_not_reveal_the_class(
     assert stats_accuracy(*phantoms) < 0.5
 
 
-@pytest.mark.slow
 def test_a_small_cnn_learns_the_classes(phantoms: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
     assert cnn_accuracy(*phantoms) > 0.85

@@ -1,0 +1,38 @@
+"""The settings a run or Tune experiment was started with, kept beside it so a re-run never mixes two."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from cxrcore.config import ConfigError
+from cxrcore.data import storage
+
+SETTINGS_NAME = "cxr_settings.json"
+
+
+def check_same_experiment(location: str, settings: dict[str, Any], what: str) -> None:
+    """Record `settings` in the run folder `location`, or check a re-run against the recorded ones.
+
+    Re-running with the same --name and --out resumes; that is only right when the data and the settings
+    that shape the result are the same. Otherwise raise ConfigError saying which differ and how to
+    start fresh, rather than silently adding new epochs or trials to another experiment.
+    """
+    filesystem, root = storage.resolve(location)
+    path = f"{root}/{SETTINGS_NAME}"
+    text = storage.read_text(filesystem, path)
+    if text is None:
+        storage.write_text(filesystem, path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
+        return
+    recorded: dict[str, Any] = json.loads(text)
+    differ = [
+        f"{key} {recorded.get(key)!r} → {settings.get(key)!r}"
+        for key in sorted(set(recorded) | set(settings))
+        if recorded.get(key) != settings.get(key)
+    ]
+    if differ:
+        raise ConfigError(
+            f"--name: {location} already holds {what} started with other settings "
+            f"({'; '.join(differ)}). Re-run with the recorded settings to resume it, or start a fresh one "
+            f"with another --name (or --out), or delete {location}."
+        )

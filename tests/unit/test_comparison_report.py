@@ -1,0 +1,231 @@
+"""The Tune comparison report: winner line, readable numbers, titled matrices, whole curves, failures."""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cxrcore.evaluate.comparison import ranked_architectures, winner_line, write_comparison_report
+from cxrcore.evaluate.report import confusion_matrix_figure, overlaid_curves_figure
+from cxrcore.labels import CLASSES
+
+EPOCHS = {"cnn_lstm": 2, "resnet18": 2, "dual_cnn": 6}
+VAL_SCORE = {"cnn_lstm": 0.921, "resnet18": 0.874, "dual_cnn": 0.962}
+
+
+def _history(epochs: int, top: float) -> list[dict[str, Any]]:
+    return [
+        {
+            "epoch": epoch,
+            "train_loss": 1.2 / epoch,
+            "val_loss": 1.1 / epoch,
+            "train_accuracy": top - 0.1 / epoch,
+            "val_accuracy": top - 0.05 / epoch,
+            "val_macro_f1": top - 0.05 * (epochs - epoch),
+            "val_score": top - 0.05 * (epochs - epoch),
+            "lr": 3.2e-4 / epoch,
+        }
+        for epoch in range(1, epochs + 1)
+    ]
+
+
+def _best(model: str, number: int) -> dict[str, Any]:
+    epochs = EPOCHS[model]
+    return {
+        "trial_id": f"trial_{model}",
+        "lr": 3.2e-4,
+        "weight_decay": 1.5e-5,
+        "batch_size": 32,
+        "epochs_run": epochs,
+        "best_epoch": epochs,
+        "val_score": VAL_SCORE[model],
+        "ref": f"{model}:{number}",
+        "report": f"/nowhere/reports/{model}/report.html",
+        "parameters": 11_689_512,
+        "train_images_per_s": 412.37,
+        "test_accuracy": 0.95 if model == "dual_cnn" else 0.9,
+        "test_macro_f1": 0.94,
+        "test_macro_auroc": 0.99,
+        "test_per_class_f1": dict.fromkeys(CLASSES, 0.9),
+        "confusion_matrix": [[10 if i == j else 1 for j in range(len(CLASSES))] for i in range(len(CLASSES))],
+        "history": _history(epochs, VAL_SCORE[model]),
+    }
+
+
+def _comparison() -> dict[str, Any]:
+    best = {model: _best(model, number) for number, model in enumerate(EPOCHS, start=1)}
+    best["dual_cnn"].update(
+        production=True,
+        temperature=1.37,
+        test_ece=0.021,
+        test_ece_uncalibrated=0.087,
+        test_nll=0.18,
+        test_nll_uncalibrated=0.25,
+    )
+    trials = [
+        {
+            "trial_id": row["trial_id"],
+            "model": model,
+            "lr": row["lr"],
+            "weight_decay": row["weight_decay"],
+            "batch_size": 32,
+            "epochs_run": row["epochs_run"],
+            "stopped_early": row["epochs_run"] < 6,
+            "error": None,
+            "val_score": row["val_score"],
+            "best_checkpoint": "/nowhere/checkpoint",
+            "history": row["history"],
+        }
+        for model, row in best.items()
+    ]
+    trials.append(
+        {
+            "trial_id": "trial_broken",
+            "model": "resnet18",
+            "lr": 1.1e-3,
+            "weight_decay": 2e-4,
+            "batch_size": 64,
+            "epochs_run": 0,
+            "stopped_early": False,
+            "error": "RuntimeError: CUDA out of memory <at> layer4",
+            "val_score": None,
+            "best_checkpoint": None,
+            "history": [],
+        }
+    )
+    return {"dataset": "/data/covid19", "segmenter": None, "trials": trials, "best": best}
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Path], str]:
+    """One report of three architectures, shared by the tests that only read it."""
+    paths = write_comparison_report(tmp_path_factory.mktemp("comparison"), _comparison())
+    return paths, paths["html"].read_text(encoding="utf-8")
+
+
+def test_winner_line_names_the_production_model_and_its_margin() -> None:
+    assert winner_line(_comparison()["best"]) == (
+        "Winner: dual_cnn (registered dual_cnn:3, production) — validation macro-F1 0.962, "
+        "0.041 ahead of cnn_lstm (0.921); test accuracy 0.950."
+    )
+
+
+def test_winner_line_with_one_architecture_and_with_none() -> None:
+    only = {"dual_cnn": _comparison()["best"]["dual_cnn"]}
+    assert winner_line(only).startswith("Only one architecture produced a checkpoint: dual_cnn (")
+    assert "ahead" not in winner_line(only)
+    assert winner_line({}).startswith("No architecture produced a checkpoint")
+
+
+def test_ranking_is_by_validation_macro_f1() -> None:
+    assert [model for model, _ in ranked_architectures(_comparison()["best"])] == [
+        "dual_cnn",
+        "cnn_lstm",
+        "resnet18",
+    ]
+
+
+def test_report_files(written: tuple[dict[str, Path], str]) -> None:
+    paths, _ = written
+    out = paths["html"].parent
+    assert set(paths) == {"json", "html"}
+    assert {path.name for path in out.iterdir()} == {
+        "comparison.json",
+        "comparison.html",
+        *(f"curves_{metric}.png" for metric in ("val_macro_f1", "val_loss", "val_accuracy", "train_loss")),
+        *(f"confusion_matrix_{model}.png" for model in EPOCHS),
+    }
+    assert json.loads(paths["json"].read_text())["best"]["dual_cnn"]["temperature"] == 1.37
+
+
+def test_html_reads_well(written: tuple[dict[str, Path], str]) -> None:
+    _, text = written
+    lead = re.search(r'<p class="lead">(.*?)</p>', text)
+    assert (
+        lead and lead.group(1).startswith("Winner: dual_cnn") and "0.041 ahead of cnn_lstm" in lead.group(1)
+    )
+    assert text.index('class="lead"') < text.index("<h2>")  # the first thing under the title
+    assert '<td class="num">3.2e-04</td>' in text and '<td class="num">1.5e-05</td>' in text
+    assert '<td class="num">11,689,512</td>' in text and '<td class="num">412.4</td>' in text
+    assert '<td class="num">0.962</td>' in text and ">0.000<" not in text
+    assert "A ring marks the epoch whose checkpoint was kept." in text
+    assert "test ECE after" in text and '<td class="num">1.370</td>' in text  # calibration shown
+    assert text.count('<div class="table-wrap">') == 5  # scores, calibration, training, trials, failed
+    assert len(re.findall(r'<img alt="confusion_matrix_\w+" style="width:360px"', text)) == 3
+    assert "http" not in text.replace("<!DOCTYPE html>", "")
+
+
+def test_all_trials_table_has_only_the_useful_columns(written: tuple[dict[str, Path], str]) -> None:
+    _, text = written
+    trials = text.split("<h2>All trials</h2>")[1].split("</section>")[0]
+    headers = re.findall(r"<th>(.*?)</th>", trials)
+    assert headers == [
+        "trial",
+        "model",
+        "lr",
+        "weight decay",
+        "batch",
+        "epochs run",
+        "stopped early",
+        "val macro-F1",
+        "error",
+    ]
+    assert "best_checkpoint" not in trials and "history" not in trials
+
+
+def test_failed_trials_are_listed_escaped(written: tuple[dict[str, Path], str]) -> None:
+    _, text = written
+    failed = text.split("<h2>Failed trials (1)</h2>")[1].split("</section>")[0]
+    assert "trial_broken" in failed and html.escape("CUDA out of memory <at> layer4") in failed
+    assert "<at>" not in text
+
+
+def test_confusion_matrices_are_titled_by_architecture(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from cxrcore.evaluate import comparison
+
+    figures = []
+
+    def spy(matrix: Any, classes: Any, path: Path, normalized: bool, title: str | None = None) -> Path:
+        figures.append(confusion_matrix_figure(matrix, classes, normalized, title))
+        path.write_bytes(b"\x89PNG")
+        return path
+
+    monkeypatch.setattr(comparison, "plot_confusion_matrix", spy)
+    write_comparison_report(tmp_path, _comparison())
+    titles = [figure.axes[0].get_title() for figure in figures]
+    assert titles == [f"{model} — test, counts" for model in ("dual_cnn", "cnn_lstm", "resnet18")]
+
+
+def test_curves_draw_every_epoch_and_ring_the_kept_one() -> None:
+    best = _comparison()["best"]
+    histories = {model: row["history"] for model, row in best.items()}
+    kept = {"dual_cnn": 4}
+    ax = overlaid_curves_figure(histories, "val_macro_f1", kept).axes[0]
+    series = {line.get_label(): list(line.get_xdata()) for line in ax.lines}
+    assert series == {
+        "cnn_lstm": [1, 2],
+        "resnet18": [1, 2],
+        "dual_cnn": [1, 2, 3, 4, 5, 6],
+        "kept checkpoint": [4],
+    }
+    assert all(line.get_marker() == "o" for line in ax.lines)
+    assert all(float(tick).is_integer() for tick in ax.get_xticks())
+    assert [text.get_text() for text in ax.get_legend().get_texts()][-1] == "kept checkpoint"
+
+
+def test_no_checkpoint_says_so_prominently(tmp_path: Path) -> None:
+    empty = _comparison()
+    empty["best"] = {}
+    paths = write_comparison_report(tmp_path, empty)
+    text = paths["html"].read_text()
+    assert '<p class="lead alert">No architecture produced a checkpoint' in text
+    assert "Confusion matrices" not in text and "Training curves" not in text and "<img" not in text
+    assert "<h2>All trials</h2>" in text and "<h2>Failed trials (1)</h2>" in text
+    assert not list(tmp_path.glob("*.png"))
