@@ -207,7 +207,12 @@ def _run_train(args: argparse.Namespace) -> int:
     from cxrcore.train.trainer import fit
 
     result = _run_on_ray(args, fit, format_train_result)
-    return 0 if result.best_checkpoint else 1
+    if result.best_checkpoint is None:
+        print(
+            "cxr: error: the run saved no checkpoint (--workers 0 keeps none; use 1 or more)", file=sys.stderr
+        )
+        return 1
+    return 0
 
 
 def _run_tune(args: argparse.Namespace) -> int:

@@ -263,7 +263,9 @@ class TrainConfig:
         help="model architecture (see `cxr models architectures`), e.g. cnn_lstm, dual_cnn, resnet18"
     )
     epochs: int = option(10, "training epochs")
-    workers: int = option(2, "Ray Train workers (DDP processes); 0 runs the loop in this process")
+    workers: int = option(
+        2, "Ray Train workers (DDP processes); 0 runs the loop in this process, saving no checkpoint"
+    )
     gpu: bool = option(False, "one GPU per worker, NCCL and bf16 autocast")
     image_size: int | None = option(None, "model input size (default: the dataset's base size)")
     batch_size: int | None = option(

@@ -1,4 +1,8 @@
-"""Ray Tune comparison: one trial per architecture ends with all three registered and the best promoted."""
+"""Ray Tune comparison, typed as a user would: defaults, relative paths, another working directory.
+
+One trial per architecture ends with all three registered and the best promoted; a re-run with another
+search is refused rather than mixed into the same experiment.
+"""
 
 from __future__ import annotations
 
@@ -7,41 +11,47 @@ from pathlib import Path
 
 import pytest
 
-from cxrcore.config import TuneConfig
+from cxrcore.cli import main
 from cxrcore.registry import ModelRegistry
-from cxrcore.tune import run_comparison
 
 pytestmark = pytest.mark.integration
 MODELS = ("tiny_cnn_lstm", "tiny_dual_cnn", "tiny_resnet")
 
 
 def test_tiny_comparison_registers_all_three_and_promotes_the_best(
-    synthetic_dataset: str, tmp_path: Path
+    synthetic_dataset: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    config = TuneConfig(
-        data=synthetic_dataset,
-        registry=str(tmp_path / "registry"),
-        models=",".join(MODELS),
-        trials=1,
-        epochs=2,
-        grace_epochs=1,
-        out=str(tmp_path / "runs"),
-        name="tiny-compare",
-    )
-    comparison = run_comparison(config)
+    """`--out` and `--grace-epochs` omitted, `--epochs 1`, relative paths from another directory."""
+    monkeypatch.chdir(tmp_path)
+    Path("ds").symlink_to(synthetic_dataset)
+    command = ["tune", "--data", "ds", "--registry", "reg", "--models", ",".join(MODELS), "--trials", "1"]
+    status = main([*command, "--epochs", "1", "--pretrained", "none"])
+    out = capsys.readouterr().out
+    assert status == 0, out
 
-    registry = ModelRegistry(config.registry)
+    registry = ModelRegistry(str(tmp_path / "reg"))
     registered = {v.name for v in registry.versions()}
     assert registered == {*MODELS, "tiny_unet"}  # the segmenter is registered beside the dual-channel model
     production = registry.get("production")
-    best_model = max(comparison["best"], key=lambda m: comparison["best"][m]["val_score"])
-    assert production.name == best_model and comparison["production"] == production.ref
+    assert f"production (*): {production.ref}" in out and out.count("Winner: ") == 1
     assert registry.get("tiny_dual_cnn").card.segmenter  # servable without ground-truth masks
 
-    assert [t["model"] for t in sorted(comparison["trials"], key=lambda t: t["model"])] == sorted(MODELS)
-    html = Path(comparison["reports"]["html"]).read_text()
-    assert all(model in html for model in MODELS)
-    saved = json.loads(Path(comparison["reports"]["json"]).read_text())
-    assert set(saved["best"]) == set(MODELS)
-    for row in saved["best"].values():
+    experiment = tmp_path / "cxr-runs/compare"  # the default --out, under the shell's directory
+    comparison = json.loads((experiment / "comparison.json").read_text())
+    best_model = max(comparison["best"], key=lambda m: comparison["best"][m]["val_score"])
+    assert production.name == best_model and comparison["production"] == production.ref
+    assert sorted(t["model"] for t in comparison["trials"]) == sorted(MODELS)
+    assert {t["error"] for t in comparison["trials"]} == {None}
+    html = (experiment / "comparison.html").read_text()
+    assert all(model in html for model in MODELS) and "Winner: " in html
+    for row in comparison["best"].values():
         assert sum(map(sum, row["confusion_matrix"])) > 0 and Path(row["report"]).is_file()
+        assert len(row["history"]) == 1 and row["best_epoch"] == 1
+        assert row["temperature"] > 0 and row["test_ece"] is not None
+
+    # Another search under the same --name is a different experiment: refused, not mixed in.
+    assert main([*command, "--epochs", "2", "--pretrained", "none"]) == 2
+    assert "epochs 1 → 2" in capsys.readouterr().err
