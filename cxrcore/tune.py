@@ -55,6 +55,23 @@ def search_plan(config: TuneConfig, train_rows: int) -> list[dict[str, Any]]:
     return plan
 
 
+def planned_space(plan: list[dict[str, Any]]) -> dict[str, Any]:
+    """The plan as a Tune search space: a grid over trial indices, each trial's values looked up in it.
+
+    Tune then shows every hyperparameter as its own column (trial/model, trial/lr, ...) in its progress
+    table and the dashboard, rather than one opaque dict per trial.
+    """
+    from ray import tune
+
+    def planned(key: str) -> Any:
+        return tune.sample_from(lambda config: plan[config["index"]][key])
+
+    return {
+        "index": tune.grid_search(list(range(len(plan)))),
+        "trial": {key: planned(key) for key in plan[0]},
+    }
+
+
 def trial_train_config(
     config: TuneConfig, params: dict[str, Any], trial_id: str, segmenter: str | None
 ) -> TrainConfig:
@@ -149,7 +166,7 @@ def run_comparison(config: TuneConfig) -> dict[str, Any]:
     segmenter = _segmenter(config, registry) if needs_segmenter else None
 
     space = {
-        "trial": tune.grid_search(plan),
+        **planned_space(plan),
         "tune_config": to_dict(config),
         "segmenter": segmenter["checkpoint"] if segmenter else None,
     }
