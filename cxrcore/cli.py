@@ -360,6 +360,11 @@ def _run_pipeline(args: argparse.Namespace) -> int:
 
     config: PipelineConfig = config_from_args(PipelineConfig, args)
     results = run_pipeline(config)
+    if config.tune and results.get("production model") == "none":
+        print(
+            "cxr: error: no architecture produced a checkpoint; nothing to register or serve", file=sys.stderr
+        )
+        return 1
     if config.serve and results.get("registry"):
         # One image of each class from the raw folder, sent over HTTP like any client would.
         firsts: dict[str, str] = {}

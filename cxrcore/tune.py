@@ -202,9 +202,6 @@ def run_comparison(config: TuneConfig) -> dict[str, Any]:
         )
     results = tuner.fit()
     trials = [_trial_record(config, results[i]) for i in range(len(results))]
-    failed = [trial for trial in trials if trial["error"]]
-    for trial in failed:
-        log.warning("trial %s (%s) failed: %s", trial["trial_id"], trial["model"], trial["error"])
     best = _best_per_architecture(config, trials, registry, experiment_dir)
     if best:
         winner = max(best.values(), key=lambda b: b["val_score"])

@@ -7,13 +7,15 @@ import uuid
 
 import pyarrow.fs as pafs
 
+from cxrcore.config import resolve_location
+
 
 def resolve(location: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path within it) for a local path or a URI."""
     if "://" in location:
         filesystem, path = pafs.FileSystem.from_uri(location)
         return filesystem, path.rstrip("/")
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(location))
+    return pafs.LocalFileSystem(), resolve_location(location)
 
 
 def exists(filesystem: pafs.FileSystem, path: str) -> bool:
