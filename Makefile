@@ -23,8 +23,9 @@ lint: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# Every stage beside its baseline into cxr-bench/benchmark.{md,json}; e.g. make bench ARGS="train --quick"
 bench: setup
 	$(BIN)/python -m jobs.benchmark $(ARGS)
 
 clean:
-	rm -rf cxr-demo .pytest_cache .mypy_cache .ruff_cache
+	rm -rf cxr-demo cxr-bench .pytest_cache .mypy_cache .ruff_cache

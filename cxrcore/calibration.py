@@ -12,20 +12,35 @@ from cxrcore.metrics import ECE_BINS, NLL_EPSILON, reliability_bins
 
 MIN_TEMPERATURE = 0.25
 MAX_TEMPERATURE = 10.0
-"""The search range of fit_temperature; a perfectly separated validation set ends at MIN_TEMPERATURE."""
-_SEARCH_STEPS = 80
-"""Golden-section steps over log T: the bracket shrinks to 0.618**80 of its width, far below any use."""
+"""The search range of fit_temperature."""
+PRIOR_LOG_SD = 0.5
+"""Standard deviation of the prior on log T, centred on T = 1 (the cross-entropy training already aims at).
+
+A validation split of a few dozen images is often classified without a mistake, and then the NLL alone
+keeps falling as T → 0: the fit would make the served probabilities overconfident on everything else.
+Measured on synthetic phantoms, a dual_cnn whose 24 validation images were all right got T = 0.25 from
+the NLL alone, and its NLL on 600 other images rose from 0.26 to 0.42. The prior weighs like one image
+per unit of (log T / PRIOR_LOG_SD)²: it decides on 24 images and is negligible on thousands.
+"""
+_GRID_POINTS = 97
+"""Coarse grid over log T that brackets the minimum before the golden-section refinement."""
+_SEARCH_STEPS = 60
+"""Golden-section steps inside the bracket: it shrinks to 0.618**60 of a grid cell, far below any use."""
 _MIN_IMPROVEMENT = 1e-9
-"""A fitted T must beat T = 1 by this much NLL, else 1.0 is kept (flat or uninformative logits)."""
+"""A fitted T must beat T = 1 by this much, else 1.0 is kept (flat or uninformative logits)."""
 
 
-def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """The temperature T > 0 minimising the NLL of softmax(logits / T) against int class labels.
+def fit_temperature(
+    logits: np.ndarray, labels: np.ndarray, prior_log_sd: float | None = PRIOR_LOG_SD
+) -> float:
+    """The temperature T > 0 that best calibrates softmax(logits / T) for int class labels.
 
+    It minimises the mean NLL plus a Gaussian prior on log T centred on 0 (T = 1) with standard deviation
+    `prior_log_sd` (None: the NLL alone), i.e. the MAP estimate; see PRIOR_LOG_SD for why.
     `logits` is (N, C) and may equally be log-probabilities (e.g. np.log(probs + 1e-12)): log-softmax
     differs from the logits by a per-row constant, and softmax((z - c) / T) = softmax(z / T), so the fit
-    is the same. The NLL is convex in 1/T, hence unimodal in log T, which a deterministic golden-section
-    search over log T in [log MIN_TEMPERATURE, log MAX_TEMPERATURE] minimises. Rows with non-finite
+    is the same. The search is deterministic: a grid over log T in [log MIN_TEMPERATURE, log
+    MAX_TEMPERATURE], then golden-section inside the best grid cell's neighbours. Rows with non-finite
     values are left out. Returns 1.0 (no change) with fewer than 2 usable samples, a single class among
     the labels, or when no temperature beats 1.0; never NaN. Argmax, hence accuracy, does not depend on T.
     """
@@ -34,30 +49,30 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     z, y = z[usable], y[usable]
     if len(y) < 2 or len(np.unique(y)) < 2:
         return 1.0
+    prior_weight = 0.0 if prior_log_sd is None else 1.0 / (2.0 * prior_log_sd**2 * len(y))
 
-    def nll(log_t: float) -> float:
-        value = _nll(z / math.exp(log_t), y)
+    def objective(log_t: float) -> float:
+        value = _nll(z / math.exp(log_t), y) + prior_weight * log_t**2
         return value if math.isfinite(value) else math.inf
 
-    lower, upper = math.log(MIN_TEMPERATURE), math.log(MAX_TEMPERATURE)
-    lo, hi = lower, upper
+    grid = np.linspace(math.log(MIN_TEMPERATURE), math.log(MAX_TEMPERATURE), _GRID_POINTS)
+    values = [objective(float(log_t)) for log_t in grid]
+    best = int(np.argmin(values))
+    lo, hi = float(grid[max(best - 1, 0)]), float(grid[min(best + 1, len(grid) - 1)])
     ratio = (math.sqrt(5.0) - 1.0) / 2.0
     a, b = lo + (1 - ratio) * (hi - lo), lo + ratio * (hi - lo)
-    fa, fb = nll(a), nll(b)
+    fa, fb = objective(a), objective(b)
     for _ in range(_SEARCH_STEPS):
         if fa <= fb:
             hi, b, fb = b, a, fa
             a = lo + (1 - ratio) * (hi - lo)
-            fa = nll(a)
+            fa = objective(a)
         else:
             lo, a, fa = a, b, fb
             b = lo + ratio * (hi - lo)
-            fb = nll(b)
-    # The bounds are candidates too: the minimum may sit on one (golden section never evaluates them).
-    candidates = [(fa, a), (fb, b), (nll(lower), lower), (nll(upper), upper)]
-    best_nll, best_log_t = min(candidates)
-    baseline = nll(0.0)
-    if not math.isfinite(best_nll) or best_nll > baseline - _MIN_IMPROVEMENT:
+            fb = objective(b)
+    best_value, best_log_t = min([(fa, a), (fb, b), (values[best], float(grid[best]))])
+    if not math.isfinite(best_value) or best_value > objective(0.0) - _MIN_IMPROVEMENT:
         return 1.0
     return float(min(max(math.exp(best_log_t), MIN_TEMPERATURE), MAX_TEMPERATURE))  # exp(log) rounds
 

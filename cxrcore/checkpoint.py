@@ -1,10 +1,15 @@
-"""Checkpoint directories: safetensors weights plus a card.json that rebuilds the model on its own."""
+"""Checkpoint directories: safetensors weights plus a card.json that rebuilds the model on its own.
+
+Weights are read only as safetensors, or as a torch state_dict with `weights_only=True`: a file that
+would need general unpickling (which can run any code it names) is refused with UnsafeWeightsError.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import pickle
 import platform
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -12,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -21,6 +27,12 @@ from cxrcore.labels import CLASSES
 CARD_NAME = "card.json"
 WEIGHTS_NAME = "model.safetensors"
 TRAIN_STATE_NAME = "train_state.pt"
+STATE_DICT_SUFFIXES = (".pth", ".pt", ".bin")
+"""Files read as a torch state_dict (with `weights_only=True`); .safetensors is read as safetensors."""
+
+
+class UnsafeWeightsError(ValueError):
+    """A weights file that is not plain tensors in a safe format: refused instead of unpickled."""
 
 
 @dataclass
@@ -108,7 +120,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tup
     card = load_card(directory)
     args = dict(card.model)
     model = create_model(args.pop("name"), **args)
-    model.load_state_dict(load_file(Path(directory) / WEIGHTS_NAME, device=str(device)))
+    model.load_state_dict(read_weights(Path(directory) / WEIGHTS_NAME, device=str(device)))
     return model.to(device).eval(), card
 
 
@@ -117,8 +129,48 @@ def load_train_state(directory: str | Path) -> dict[str, Any] | None:
     path = Path(directory) / TRAIN_STATE_NAME
     if not path.is_file():
         return None
-    state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    state: dict[str, Any] = _load_weights_only(path)
     return state
+
+
+def read_weights(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors file, or of a .pth/.pt/.bin state_dict read with `weights_only=True`.
+
+    Nothing is ever unpickled: a file that is not what its suffix says, or a pickle naming anything
+    but tensors and plain containers (one that would run code on load), raises UnsafeWeightsError.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(path, device=device)
+        except SafetensorError as exc:
+            raise UnsafeWeightsError(
+                f"refusing to load {path}: it is not a valid safetensors file ({exc}); it is damaged, "
+                "or another format (such as a pickle) under a .safetensors name"
+            ) from exc
+    if path.suffix in STATE_DICT_SUFFIXES:
+        state = _load_weights_only(path, device)
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise UnsafeWeightsError(f"{path} is not a plain state_dict (a mapping of names to tensors)")
+        return state
+    raise UnsafeWeightsError(
+        f"unsupported weights file {path}: expected .safetensors or {', '.join(STATE_DICT_SUFFIXES)}"
+    )
+
+
+def _load_weights_only(path: Path, device: str = "cpu") -> Any:
+    """torch.load restricted to tensors and plain containers, with a refusal that says why."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch's own message suggests weights_only=False, which would run whatever the file names.
+        lines = [line.strip() for line in str(exc).splitlines()]
+        reason = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[0])
+        raise UnsafeWeightsError(
+            f"refusing to load {path}: it holds more than tensors and plain values ({reason}); cxr never "
+            "unpickles arbitrary objects, since that can run any code. Save the weights as .safetensors "
+            "(or a plain state_dict) where you trust the file"
+        ) from exc
 
 
 def _json_default(value: Any) -> Any:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import logging
 import os
 import re
+import shlex
 import sys
+import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,6 +26,7 @@ from cxrcore.config import (
     TuneConfig,
     add_config_arguments,
     config_from_args,
+    flag_name,
 )
 from cxrcore.data.layout import LayoutError, LayoutScan
 from cxrcore.registry import ModelRegistry, RegistryError
@@ -64,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = data_commands.add_parser(
         "check", help="report what a raw dataset folder holds and what is wrong with it"
     )
-    check.add_argument("raw", help="raw dataset folder (COVID-19 Radiography Database layout)")
+    _add_ingest_arguments(check, ("raw", "labels", "label_column", "file_column", "map", "skip_unmapped"))
     check.add_argument("--json", action="store_true", help="print the report as JSON")
     check.set_defaults(run=_run_check)
     _add_config_command(data_commands, "synth", SynthConfig, _run_synth, "write synthetic chest X-rays")
@@ -73,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_command(commands, "train", TrainConfig, _run_train, "train a model with Ray Train (DDP)")
     _add_config_command(commands, "tune", TuneConfig, _run_tune, "compare architectures with Ray Tune")
     _add_config_command(
-        commands, "evaluate", EvaluateConfig, _run_evaluate, "evaluate a checkpoint on a split"
+        commands, "evaluate", EvaluateConfig, _run_evaluate, "score a model on a dataset, its own or another"
     )
     _add_models_commands(commands)
     serve = commands.add_parser(
@@ -102,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         commands, "demo", PipelineConfig, _run_pipeline, "run the whole pipeline on a local Ray cluster"
     )
     _add_config_command(
-        commands, "benchmark", BenchmarkConfig, _run_benchmark, "measure a stage against its plain baseline"
+        commands, "benchmark", BenchmarkConfig, _run_benchmark, "measure each stage against its baseline"
     )
     return parser
 
@@ -116,6 +120,20 @@ def _add_config_command(
     add_config_arguments(parser, config_cls)
     parser.set_defaults(run=run, config_cls=config_cls)
     return parser
+
+
+def _add_ingest_arguments(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
+    """Some of `cxr data ingest`'s arguments, with its help, for a command that reads RAW the same way."""
+    hints = typing.get_type_hints(IngestConfig)
+    for f in dataclasses.fields(IngestConfig):
+        if f.name not in names:
+            continue
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, metavar=f.name.upper(), help=f.metadata["help"])
+        elif hints[f.name] is bool:
+            parser.add_argument(flag_name(f.name), action="store_true", help=f.metadata["help"])
+        else:
+            parser.add_argument(flag_name(f.name), metavar=f.name.upper(), help=f.metadata["help"])
 
 
 def _add_models_commands(commands: Any) -> None:
@@ -152,15 +170,24 @@ def _registry(args: argparse.Namespace) -> ModelRegistry:
 
 
 def _run_check(args: argparse.Namespace) -> int:
-    from cxrcore.data.layout import check_layout
+    from cxrcore.config import parse_label_map
+    from cxrcore.data.layout import LabelFile, check_layout
 
-    scan = check_layout(args.raw)
+    label_file = LabelFile.from_flags(args.labels, args.label_column, args.file_column)
+    scan = check_layout(args.raw, label_file, parse_label_map(args.map))
     if args.json:
         print(json.dumps(scan.to_dict(), indent=2))
     else:
-        print(format_scan(scan))
+        print(format_scan(scan, args.skip_unmapped))
     if not scan.usable:
         print(f"cxr: error: no readable images under {scan.root}", file=sys.stderr)
+        return 1
+    if scan.refusal() and not args.skip_unmapped:
+        print(
+            "cxr: error: `cxr data ingest` stops on images without a class: map their labels with --map "
+            "or leave them out with --skip-unmapped",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -169,11 +196,18 @@ def _run_synth(args: argparse.Namespace) -> int:
     from cxrcore.data.synthetic import write_synthetic_dataset
 
     config: SynthConfig = config_from_args(SynthConfig, args)
-    summary = write_synthetic_dataset(config.out, per_class=config.per_class, seed=config.seed)
+    summary = write_synthetic_dataset(config.out, config.per_class, config.seed, sites=config.sites)
     print(
         f"wrote {sum(summary.counts.values())} synthetic images to {summary.root} "
         f"({summary.images_per_second:.0f} images/s)"
     )
+    if config.sites > 1:
+        from cxrcore.data.layout import source_of
+        from cxrcore.data.synthetic import site_url
+
+        hosts = [source_of(site_url(site)) for site in range(config.sites)]
+        print(f"sites: {hosts[0]} (marker follows the class), {', '.join(hosts[1:])} (marker random)")
+        print(f"hold one out: cxr data ingest {shlex.quote(config.out)} OUT --test-sources {hosts[-1]}")
     return 0
 
 
@@ -236,7 +270,21 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         for k in ("n", "accuracy", "macro_f1", "macro_auroc", "ece", "dice", "iou")
         if k in metrics
     }
+    evaluated = metrics.get("evaluated")
+    if evaluated:
+        where = f"split {evaluated['split']}, {evaluated['relation']} data"
+        print(f"evaluated {evaluated['model']} on {evaluated['dataset']} ({where})")
+        if evaluated["note"]:
+            print(f"warning: this evaluation {evaluated['note']}")
     print(format_table(["metric", "value"], [[k, _number(v)] for k, v in headline.items()]))
+    comparison = metrics.get("internal_comparison")
+    if comparison:
+        column = f"internal ({comparison['reference']})" if comparison["reference"] else "internal"
+        sides = ("internal", "external", "drop")
+        rows = [[name, *(_number(row[k]) if row[k] is not None else "-" for k in sides)]
+                for name, row in comparison["figures"].items()]  # fmt: skip
+        print(format_table(["metric", column, "external", "drop"], rows))
+        print(("WARNING: " if comparison["large_drop"] else "") + comparison["verdict"])
     print(f"report: {paths['report']}")
     return 0
 
@@ -393,12 +441,16 @@ def _run_pipeline(args: argparse.Namespace) -> int:
 
 
 def _run_benchmark(args: argparse.Namespace) -> int:
-    from cxrcore.benchmarks import BENCHMARKS
+    from cxrcore.bench import run_benchmarks
+    from cxrcore.bench.report import JSON_NAME, MARKDOWN_NAME
 
     config: BenchmarkConfig = config_from_args(BenchmarkConfig, args)
-    results = BENCHMARKS[config.what](config)
-    print(format_table(["measure", "value"], list(results.items())))
-    print(json.dumps(results))
+    report = run_benchmarks(config)
+    print(report.markdown())
+    print(f"report: {config.out}/{MARKDOWN_NAME} and {JSON_NAME}")
+    if report.failed:
+        print(f"cxr: error: benchmark section(s) failed: {', '.join(report.failed)}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -462,8 +514,9 @@ def format_comparison(comparison: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def format_scan(scan: LayoutScan) -> str:
-    """Human-readable `cxr data check` output."""
+def format_scan(scan: LayoutScan, skip_unmapped: bool = False) -> str:
+    """Human-readable `cxr data check` output; images without a class close it, as ingest would treat them
+    (stop, or with `skip_unmapped` leave them out)."""
     data = scan.to_dict()
     columns = [
         ("images", "images"), ("masks", "masks"), ("pairs", "pairs"), ("no mask", "images_without_mask"),
@@ -474,8 +527,10 @@ def format_scan(scan: LayoutScan) -> str:
     rows = [[name] + [report[key] for _, key in columns] for name, report in data["classes"].items()]
     rows.append(["total"] + [data["totals"][key] for _, key in columns])
     out = [f"dataset: {scan.root}", format_table(["class"] + [title for title, _ in columns], rows)]
+    out.append("sources (images): " + ", ".join(f"{name} {n}" for name, n in scan.sources.items()))
+    out += _label_file_lines(data, scan.root)
     for folder in scan.unknown_folders:
-        out.append(f"unknown folder (not a class, skipped): {folder}")
+        out.append(f"folder with no class and no images (skipped): {folder}")
     for item in scan.unreadable:
         out.append(f"unreadable: {item['path']}: {item['reason']}")
     for group in scan.duplicate_groups:
@@ -484,6 +539,11 @@ def format_scan(scan: LayoutScan) -> str:
         out.append(f"mask without image: {path}")
     for sheet, names in scan.unmatched_metadata.items():
         out.append(f"{sheet}: {len(names)} rows name no image (e.g. {', '.join(names[:3])})")
+    refusal = scan.refusal()
+    if refusal and not skip_unmapped:
+        out.append(refusal)
+    elif refusal:
+        out += _left_out_lines(data, scan.root)
     return "\n".join(out)
 
 
@@ -499,8 +559,47 @@ def format_ingest_report(report: dict[str, Any]) -> str:
         f"without mask: {report['without_mask']}; duplicate groups: {report['duplicates']['groups']} "
         f"({report['duplicates']['images_in_groups']} images, each group kept within one split)",
     ]
+    held_out = set(report["test_sources"])
+    rows = [
+        [source + (" (held out)" if source in held_out else ""), *counts.values(), sum(counts.values())]
+        for source, counts in report["by_source_split"].items()
+    ]
+    lines.append(format_table(["source", "train", "val", "test", "total"], rows))
+    labels, raw = report["labels"], report["raw"]
+    lines += _left_out_lines(labels, raw) + _label_file_lines(labels, raw)
     for item in report["rejected"]:
         lines.append(f"rejected: {item['path']}: {item['reason']}")
     for item in report["mask_problems"]:
         lines.append(f"mask ignored: {item['path']}: {item['reason']}")
+    lines += [f"warning: {warning}" for warning in report["warnings"]]
     return "\n".join(lines)
+
+
+def _left_out_lines(labels: dict[str, Any], root: str) -> list[str]:
+    """The images --skip-unmapped leaves out: labels mapping to no class, or to two."""
+    from cxrcore.data.layout import format_paths
+
+    lines = [
+        f"left out, label {label!r} maps to no class ({len(paths)}): {format_paths(paths, root)}"
+        for label, paths in labels["unmapped"].items()
+    ]
+    if conflicting := list(labels["conflicting_labels"]):
+        lines.append(f"left out, labels of 2 classes ({len(conflicting)}): {format_paths(conflicting, root)}")
+    return lines
+
+
+def _label_file_lines(labels: dict[str, Any], root: str) -> list[str]:
+    """Which label file and columns were read, its files not in RAW, and RAW's images it does not name."""
+    from cxrcore.data.layout import format_paths
+
+    used = labels["label_file"]
+    if not used:
+        return []
+    source = f"sources from {used['url_column']!r}" if used["url_column"] else "no URL column: source unknown"
+    columns = f"files from {used['file_column']!r}, labels from {used['label_column']!r}, {source}"
+    lines = [f"label file: {used['path']} ({columns})"]
+    if missing := labels["missing_files"]:
+        lines.append(f"named in the label file but not found ({len(missing)}): {format_paths(missing, root)}")
+    if unlabelled := labels["unlabelled"]:
+        lines.append(f"not in the label file, skipped ({len(unlabelled)}): {format_paths(unlabelled, root)}")
+    return lines

@@ -7,6 +7,7 @@ to_dict/from_dict), so the three can never disagree about a setting's name, type
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import difflib
 import os
@@ -18,9 +19,13 @@ from typing import Any, TypeVar
 
 import yaml
 
+from cxrcore.labels import CLASSES, canonical_class
+
 C = TypeVar("C")
 PRETRAINED_CHOICES = ("auto", "hub", "none")
 """Keyword values of --pretrained; anything else is a weights file."""
+EVALUATE_SPLITS = ("auto", "all", "train", "val", "test")
+"""Values of `cxr evaluate --split`: a split of the dataset, every image, or auto (see EvaluateConfig)."""
 
 
 class ConfigError(ValueError):
@@ -72,7 +77,11 @@ class IngestConfig:
     0.1
     """
 
-    raw: str = option(help="raw dataset folder in the COVID-19 Radiography Database layout", positional=True)
+    raw: str = option(
+        help="raw dataset folder: class folders (the COVID-19 Radiography Database layout, or images "
+        "directly inside) or, with --labels, a flat folder of images",
+        positional=True,
+    )
     out: str = option(help="output dataset: a local folder or a URI (s3://, gs://, file://)", positional=True)
     size: int = option(256, "base resolution: images and masks are resized to size×size")
     seed: int = option(0, "seed of the train/val/test assignment")
@@ -82,10 +91,41 @@ class IngestConfig:
         12, "perceptual-hash distance (bits of 256) up to which two images count as near duplicates"
     )
     min_side: int = option(64, "images smaller than this (pixels, either side) are rejected")
+    labels: str | None = option(
+        None, "CSV or XLSX naming each image and its label; RAW is then a flat folder of images"
+    )
+    label_column: str | None = option(
+        None, "label file column holding the label (default: the first of label, class, finding, diagnosis)"
+    )
+    file_column: str | None = option(
+        None,
+        "label file column naming the image, as a file name (extension optional) or a path relative to RAW "
+        "(default: the first of filename, file, FILE NAME, image, path, ...)",
+    )
+    map: str | None = option(
+        None,
+        'labels (or class folder names) to classes, e.g. "COVID-19=COVID,No finding=Normal" (labels compared '
+        "without case; quote a pair whose label holds a comma); a class name maps to itself, and an image "
+        "whose label maps to none stops the ingest",
+    )
+    skip_unmapped: bool = option(
+        False, "leave out images whose label maps to no class (listed in the report) instead of stopping"
+    )
+    test_sources: str | None = option(
+        None,
+        "comma-separated sources (metadata URL hosts, as `cxr data check` lists them) whose images all go "
+        "to the test split, none to train or val",
+    )
     address: str | None = option(None, "Ray cluster address; default: RAY_ADDRESS or a local cluster")
 
     def __post_init__(self) -> None:
-        _resolve_fields(self, "raw", "out")
+        _resolve_fields(self, "raw", "out", "labels")
+        self.label_map()  # a malformed --map fails here, before any work starts
+        _require(
+            self.test_sources is None or bool(self.test_source_names()),
+            "test_sources",
+            "name at least one source (e.g. --test-sources site-b.synthetic.cxr)",
+        )
         _require(32 <= self.size <= 2048, "size", f"must be between 32 and 2048, got {self.size}")
         for name in ("val_fraction", "test_fraction"):
             value = getattr(self, name)
@@ -102,6 +142,40 @@ class IngestConfig:
         )
         _require(self.min_side >= 1, "min_side", "must be positive")
 
+    def label_map(self) -> dict[str, str]:
+        """--map as {label: class}."""
+        return parse_label_map(self.map)
+
+    def test_source_names(self) -> list[str]:
+        """--test-sources as a list."""
+        return [name.strip() for name in (self.test_sources or "").split(",") if name.strip()]
+
+
+def parse_label_map(text: str | None) -> dict[str, str]:
+    """`--map "COVID-19=COVID,No finding=Normal"` as {label: class}; each class checked, spelled as CLASSES.
+    The pairs are read as one CSV row, so a pair whose label holds a comma goes in double quotes.
+
+    >>> parse_label_map('COVID-19=covid, "Pneumonia, viral=Viral Pneumonia"')
+    {'COVID-19': 'COVID', 'Pneumonia, viral': 'Viral Pneumonia'}
+    """
+    mapping: dict[str, str] = {}
+    for item in next(csv.reader([text or ""], skipinitialspace=True), []):
+        if not item.strip():
+            continue
+        label, sep, name = (part.strip() for part in item.rpartition("="))
+        if not sep or not label:
+            raise ConfigError(f"--map: expected LABEL=CLASS pairs separated by commas, got {item.strip()!r}")
+        cls = canonical_class(name)
+        if cls is None:
+            raise ConfigError(
+                f"--map: {name!r} (for {label!r}) is not a class; classes: {', '.join(CLASSES)}"
+            )
+        earlier = next((k for k in mapping if k.casefold() == label.casefold()), None)
+        if earlier is not None and mapping[earlier] != cls:
+            raise ConfigError(f"--map: {label!r} is mapped twice, to {mapping[earlier]} and to {cls}")
+        mapping[label] = cls
+    return mapping
+
 
 @dataclass
 class SynthConfig:
@@ -110,9 +184,15 @@ class SynthConfig:
     out: str = option(help="folder to write the synthetic dataset to", positional=True)
     per_class: int = option(100, "images per class")
     seed: int = option(0, "random seed; the same seed writes the same images")
+    sites: int = option(
+        1,
+        "hospitals the images come from, each its metadata URL host (site-a.synthetic.cxr, ...); with 2 or "
+        "more, a burned-in site marker follows the class at site a and is random at the others",
+    )
 
     def __post_init__(self) -> None:
         _require(self.per_class >= 1, "per_class", f"must be at least 1, got {self.per_class}")
+        _require(1 <= self.sites <= 26, "sites", f"must be between 1 and 26, got {self.sites}")
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -229,25 +309,125 @@ class PipelineConfig:
             self.grace_epochs = max(1, self.epochs * 3 // 4)
 
 
+BENCHMARK_SECTIONS = ("ingest", "train", "serve", "gpu")
+"""What `cxr benchmark` measures; `all` runs each that can run here (gpu only where CUDA is)."""
+_BENCHMARK_PRESETS: dict[str, tuple[Any, Any]] = {
+    # field: (full run, --quick); a field left unset (None) takes one of them.
+    "images": (2000, 48),
+    "size": (256, 64),
+    "models": ("cnn_lstm,dual_cnn,resnet18", "tiny_cnn_lstm,tiny_dual_cnn,tiny_resnet"),
+    "train_images": (400, 48),
+    "train_size": (128, 64),
+    "epochs": (3, 2),
+    "batch_size": (32, 8),
+    "serve_model": ("cnn_lstm", "tiny_dual_cnn"),
+    "serve_size": (128, 64),
+    "requests": (200, 32),
+}
+
+
 @dataclass
 class BenchmarkConfig:
-    """Measure a stage against its plain baseline, side by side in one run."""
+    """Measure each stage against its plain baseline, side by side in one run, into OUT/benchmark.{json,md}.
 
-    what: str = option("ingest", "what to measure: ingest or train", positional=True)
-    images: int = option(2000, "number of synthetic images (spread over the four classes)")
-    size: int = option(256, "base resolution")
-    models: str = option("tiny_cnn_lstm,tiny_dual_cnn,tiny_resnet", "train: comma-separated model names")
-    gpu: bool = option(False, "train: one GPU per worker")
+    Unset sizes take the full run's values, or with --quick tiny ones that take seconds (for smoke runs
+    and tests: they show that the code runs, not how fast).
+
+    >>> config = BenchmarkConfig("train", quick=True)
+    >>> config.sections(), config.models, config.epochs
+    (['train'], 'tiny_cnn_lstm,tiny_dual_cnn,tiny_resnet', 2)
+    """
+
+    what: str = option(
+        "all", "ingest, train, serve, gpu or all (every section that can run here)", positional=True
+    )
+    out: str = option("cxr-bench", "folder for benchmark.json and benchmark.md")
+    quick: bool = option(False, "tiny sizes: each section takes seconds (the figures are not comparable)")
+    images: int = option(
+        None, "ingest: synthetic images, spread over the four classes (unset: 2000, or 48 with --quick)"
+    )
+    size: int = option(
+        None, "ingest: base resolution the images are resized to (unset: 256, or 64 with --quick)"
+    )
+    raw: str | None = option(None, "ingest: benchmark on this raw dataset folder instead of synthetic images")
+    models: str = option(
+        None,
+        "train: architectures, comma-separated (unset: cnn_lstm,dual_cnn,resnet18, or tiny_* with --quick)",
+    )
+    train_data: str | None = option(
+        None, "train: a dataset written by `cxr data ingest` to train on instead of synthetic images"
+    )
+    train_images: int = option(None, "train: synthetic images to train on (unset: 400, or 48 with --quick)")
+    train_size: int = option(None, "train: image size (unset: 128, or 64 with --quick)")
+    epochs: int = option(
+        None, "train: epochs per run; the first is warm-up, not counted (unset: 3, or 2 with --quick)"
+    )
+    batch_size: int = option(
+        None, "train: batch size per worker, the same in every run (unset: 32, or 8 with --quick)"
+    )
+    workers: str = option(
+        "1,2",
+        "train: Ray Train worker counts to measure, comma-separated (0: its local mode, in this process)",
+    )
+    plain_threads: int | None = option(
+        None, "train: torch threads of the plain PyTorch loop (unset: every core)"
+    )
+    serve_model: str = option(
+        None,
+        "serve: architecture, untrained: it costs what a trained one does (unset: cnn_lstm, or tiny_dual_cnn "
+        "with --quick)",
+    )
+    serve_size: int = option(None, "serve: the model's input size (unset: 128, or 64 with --quick)")
+    requests: int = option(None, "serve: HTTP requests per measurement (unset: 200, or 32 with --quick)")
+    device: str = option(
+        "cuda", "gpu: torch device; cpu runs the section's code path on a tiny model (with --quick)"
+    )
     work_dir: str | None = option(None, "scratch folder (default: the system temp folder)")
     address: str | None = option(None, "Ray cluster address; default: RAY_ADDRESS or a local cluster")
 
     def __post_init__(self) -> None:
+        _resolve_fields(self, "out", "raw", "train_data", "work_dir")
         _require(
-            self.what in ("ingest", "train"),
+            self.what in (*BENCHMARK_SECTIONS, "all"),
             "what",
-            f"unknown benchmark {self.what!r}; choose ingest or train",
+            f"unknown benchmark {self.what!r}; choose {', '.join(BENCHMARK_SECTIONS)} or all",
         )
+        for name, (full, quick) in _BENCHMARK_PRESETS.items():
+            if getattr(self, name) is None:
+                setattr(self, name, quick if self.quick else full)
         _require(self.images >= 4, "images", f"must be at least 4, got {self.images}")
+        _require(self.train_images >= 16, "train_images", f"must be at least 16, got {self.train_images}")
+        for name in ("size", "train_size", "serve_size"):
+            value = getattr(self, name)
+            _require(32 <= value <= 2048, name, f"must be between 32 and 2048, got {value}")
+        _require(self.epochs >= 2, "epochs", f"must be at least 2 (the first is warm-up), got {self.epochs}")
+        _require(self.batch_size >= 1, "batch_size", f"must be at least 1, got {self.batch_size}")
+        _require(self.plain_threads is None or self.plain_threads >= 1, "plain_threads", "must be at least 1")
+        _require(self.requests >= 4, "requests", f"must be at least 4, got {self.requests}")
+        _require(bool(self.model_names()), "models", "name at least one architecture")
+        try:
+            counts = self.worker_counts()
+        except ValueError:
+            counts = []
+        _require(
+            bool(counts) and min(counts) >= 0, "workers", f"expected counts such as 1,2, got {self.workers!r}"
+        )
+        _require(self.device in ("cuda", "cpu"), "device", f"must be cuda or cpu, got {self.device!r}")
+        _require(
+            self.device == "cuda" or self.quick,
+            "device",
+            "cpu goes with --quick: it runs the gpu section's code on a tiny model (ResNet50 would be hours)",
+        )
+
+    def sections(self) -> list[str]:
+        """The sections to run, in order; with `all`, run_benchmarks skips gpu (saying why) without CUDA."""
+        return list(BENCHMARK_SECTIONS) if self.what == "all" else [self.what]
+
+    def model_names(self) -> list[str]:
+        return [name.strip() for name in self.models.split(",") if name.strip()]
+
+    def worker_counts(self) -> list[int]:
+        return [int(count) for count in self.workers.split(",") if count.strip()]
 
 
 @dataclass
@@ -313,20 +493,65 @@ class TrainConfig:
 
 @dataclass
 class EvaluateConfig:
-    """Evaluate a checkpoint on a dataset split: metrics.json, plots and report.html."""
+    """Evaluate a model on a dataset: metrics.json, plots and report.html; an external validation on new data.
 
-    checkpoint: str = option(help="checkpoint directory (holds card.json and model.safetensors)")
-    data: str = option(help="dataset written by `cxr data ingest`")
+    On a dataset the model was not trained on, the report sets its figures beside the model's own. The
+    model is a checkpoint folder (`checkpoint`) or a registry version (`model` in `registry`), the two
+    ways `cxr serve` takes one.
+
+    >>> EvaluateConfig(model="production", registry="s3://bucket/registry", data="ds", out="eval").split
+    'auto'
+    """
+
+    data: str = option(help="dataset written by `cxr data ingest` (path or URI)")
     out: str = option(help="folder for metrics.json, the plots and report.html")
-    split: str = option("test", "split to evaluate: train, val or test")
+    checkpoint: str | None = option(
+        None,
+        "checkpoint folder (holds card.json and model.safetensors); or name a registry version with --model",
+    )
+    model: str | None = option(
+        None, "registry version instead of --checkpoint: an alias, NAME:N, or NAME for its latest version"
+    )
+    registry: str | None = option(
+        None, "model registry (folder or URI) that --model is looked up in; unset: $CXR_REGISTRY"
+    )
+    split: str = option(
+        "auto",
+        "images to score: test, val, train, all (every image, for data from elsewhere), or auto: test on "
+        "the dataset the model was trained on (its card's fingerprint), all on any other",
+    )
     segmenter: str | None = option(None, "U-Net checkpoint for predicted masks (default: the card's)")
     batch_size: int = option(64, "images per forward pass")
     device: str = option("cpu", "torch device, e.g. cpu or cuda")
 
     def __post_init__(self) -> None:
-        _resolve_fields(self, "checkpoint", "data", "out", "segmenter")
+        if self.model is not None and self.registry is None:
+            self.registry = os.environ.get("CXR_REGISTRY") or None
+        _resolve_fields(self, "checkpoint", "registry", "data", "out", "segmenter")
         _require(
-            self.split in ("train", "val", "test"), "split", f"must be train, val or test, got {self.split!r}"
+            self.checkpoint is not None or self.model is not None,
+            "checkpoint",
+            "name the model: a checkpoint folder (--checkpoint DIR) or a registry version (--model REF)",
+        )
+        _require(
+            self.checkpoint is None or self.model is None,
+            "model",
+            "--checkpoint and --model are alternatives: give a checkpoint folder or a registry version",
+        )
+        _require(
+            self.model is None or self.registry is not None,
+            "registry",
+            f"--model {self.model} names a registry version: pass --registry REG or set CXR_REGISTRY",
+        )
+        _require(
+            self.model is not None or self.registry is None,
+            "registry",
+            "a registry goes with --model REF (e.g. --model production); --checkpoint takes a folder",
+        )
+        _require(
+            self.split in EVALUATE_SPLITS,
+            "split",
+            f"must be one of {', '.join(EVALUATE_SPLITS)}, got {self.split!r}",
         )
         _require(self.batch_size >= 1, "batch_size", "must be at least 1")
 

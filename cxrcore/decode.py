@@ -72,7 +72,8 @@ def decode_upload(data: bytes, content_type: str | None = None, *, window: bool 
     Raises UnsupportedImageTypeError for another kind of file (GIF, PDF, text, a content type
     other than PNG/JPEG/DICOM with bytes that are none of them) and ImageDecodeError for a PNG,
     JPEG or DICOM that cannot be read, an empty body, or one too large to decode (a decompression
-    bomb). `window` applies a DICOM's VOI LUT / window when it has one.
+    bomb); never anything else, whatever the bytes. `window` applies a DICOM's VOI LUT / window when
+    it has one.
     """
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
@@ -86,12 +87,16 @@ def decode_upload(data: bytes, content_type: str | None = None, *, window: bool 
             raise UnsupportedImageTypeError(
                 f"unsupported content type {declared!r}; send {', '.join(sorted(SUPPORTED_TYPES))}"
             )
-        fmt = SUPPORTED_TYPES.get(declared)
-        if fmt is None:
-            raise ImageDecodeError("not a PNG, JPEG or DICOM image (unrecognised bytes)")
-    if fmt == "dicom":
-        return decode_dicom(data, window=window)
-    return decode_gray(data)
+        if SUPPORTED_TYPES.get(declared) != "dicom":  # only DICOM may lack its signature (no preamble)
+            said = f" (declared {declared})" if declared else ""
+            raise ImageDecodeError(f"not an image: unrecognised bytes{said}, not a PNG, JPEG or DICOM file")
+        fmt = "dicom"
+    try:
+        return decode_dicom(data, window=window) if fmt == "dicom" else decode_gray(data)
+    except (ImageDecodeError, UnsupportedImageTypeError):
+        raise
+    except Exception as exc:  # Pillow and pydicom raise many kinds on crafted files; all mean "unreadable"
+        raise ImageDecodeError(f"corrupt {fmt.upper()} file: {type(exc).__name__}: {exc}") from exc
 
 
 def decode_dicom(data: bytes, *, window: bool = True) -> np.ndarray:
@@ -138,16 +143,22 @@ def decode_dicom(data: bytes, *, window: bool = True) -> np.ndarray:
 
 
 def _dicom_pixels(ds: Any) -> np.ndarray:
+    from pydicom.pixels import get_decoder
+
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is not None and syntax.is_compressed:
+        try:
+            decodable = get_decoder(syntax).is_available
+        except NotImplementedError:  # a compression pydicom has no decoder class for at all
+            decodable = False
+        if not decodable:
+            raise UnsupportedImageTypeError(
+                f"DICOM transfer syntax {syntax} ({syntax.name}) has no decoder installed here; send an "
+                "uncompressed DICOM, or a PNG"
+            )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return np.asarray(ds.pixel_array)
-    except (NotImplementedError, RuntimeError) as exc:
-        # pydicom says so when no installed plugin decodes this (compressed) transfer syntax.
-        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
-        raise UnsupportedImageTypeError(
-            f"DICOM transfer syntax {syntax} ({getattr(syntax, 'name', 'compressed')}) cannot be decoded "
-            f"here: {exc}"
-        ) from exc
-    except (ValueError, TypeError, AttributeError, KeyError, EOFError) as exc:
-        raise ImageDecodeError(f"corrupt DICOM pixel data: {exc}") from exc
+    except Exception as exc:  # the decoder is there (checked above): the pixel data are broken
+        raise ImageDecodeError(f"corrupt DICOM pixel data: {type(exc).__name__}: {exc}") from exc

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from sklearn.metrics import roc_curve
 
 from cxrcore.labels import CLASSES
@@ -14,6 +16,8 @@ ECE_BINS = 15
 NLL_EPSILON = 1e-12
 """Probabilities are clipped to at least this before the log, so one confident mistake stays finite."""
 _ROW_SUM_TOLERANCE = 1e-2
+WILSON_Z = 1.959964
+"""The normal quantile of a two-sided 95% interval."""
 
 
 def classification_metrics(
@@ -22,10 +26,12 @@ def classification_metrics(
     """Headline, per-class and calibration metrics of predicted class probabilities, as plain JSON types.
 
     Everything derives from one confusion matrix (rows true, columns predicted), so the numbers agree with
-    each other. Macro averages run over the classes present in labels or predictions, as scikit-learn's do,
-    so a class missing from an evaluation set (the real sample has no Lung_Opacity) is not scored as 0;
-    macro_auroc averages the classes that have both positives and negatives. with_curves adds the
-    reliability bins and ROC curves the report plots (left off per epoch to stay cheap).
+    each other. Macro averages run over the classes present in the labels (support > 0): a class missing
+    from an evaluation set (the real sample has no Lung_Opacity) has no F1 to average. The matrix keeps
+    every predicted column, so a model that predicts an absent class still shows it there, and each such
+    prediction is an error in its true class's recall. macro_auroc averages the classes that have both
+    positives and negatives. with_curves adds the reliability bins and ROC curves the report plots (left
+    off per epoch to stay cheap).
     """
     labels, probs = _check_inputs(labels, probs, classes)
     n, num_classes = probs.shape
@@ -33,13 +39,8 @@ def classification_metrics(
     matrix = np.bincount(labels * num_classes + predicted, minlength=num_classes**2).reshape(
         num_classes, num_classes
     )
-    true_positives = np.diag(matrix).astype(np.float64)
-    support = matrix.sum(axis=1)
-    predicted_count = matrix.sum(axis=0)
-    precision = _safe_divide(true_positives, predicted_count)
-    recall = _safe_divide(true_positives, support)
-    f1 = _safe_divide(2 * true_positives, support + predicted_count)
-    scored = (support > 0) | (predicted_count > 0)
+    true_positives, support, precision, recall, f1 = _per_class(matrix)
+    scored = support > 0
     aurocs = [_binary_auroc(labels == k, probs[:, k]) for k in range(num_classes)]
     defined_aurocs = [auroc for auroc in aurocs if auroc is not None]
     calibration_bins = _confidence_bins(labels, probs, ECE_BINS)
@@ -49,7 +50,7 @@ def classification_metrics(
         "n": n,
         "classes": list(classes),
         "accuracy": float(true_positives.sum() / n),
-        "balanced_accuracy": float(recall[support > 0].mean()),
+        "balanced_accuracy": float(recall[scored].mean()),
         "macro_precision": float(precision[scored].mean()),
         "macro_recall": float(recall[scored].mean()),
         "macro_f1": float(f1[scored].mean()),
@@ -74,6 +75,90 @@ def classification_metrics(
         metrics["reliability"] = reliability_bins(labels, probs)
         metrics["roc"] = roc_curves(labels, probs, classes)
     return metrics
+
+
+def confusion_scores(
+    matrix: npt.ArrayLike, classes: Sequence[str] = CLASSES, rows: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """Accuracy, balanced accuracy, macro-F1 and per-class F1 of a confusion matrix, as classification_metrics
+    computes them.
+
+    `rows` keeps only the images of those true classes, every predicted column included: what the model
+    scored on the part of a set that holds only those classes. Comparing a model's internal figures (four
+    classes) with an external set that has fewer needs exactly that, or the comparison mixes two tasks.
+    """
+    counts = np.asarray(matrix, dtype=np.int64)
+    if counts.ndim != 2 or counts.shape != (len(classes), len(classes)):
+        raise ValueError(
+            f"matrix must be {len(classes)}x{len(classes)} like classes, got shape {counts.shape}"
+        )
+    if rows is not None:
+        unknown = sorted(set(rows) - set(classes))
+        if unknown:
+            raise ValueError(f"rows {unknown} are not among the classes {list(classes)}")
+        counts = np.where(np.isin(np.asarray(classes), list(rows))[:, None], counts, 0)
+    n = int(counts.sum())
+    if n == 0:
+        raise ValueError("cannot score an empty confusion matrix (no images in the chosen rows)")
+    true_positives, support, _, recall, f1 = _per_class(counts)
+    scored = support > 0
+    return {
+        "n": n,
+        "classes": [name for name, kept in zip(classes, scored, strict=True) if kept],
+        "accuracy": float(true_positives.sum() / n),
+        "balanced_accuracy": float(recall[scored].mean()),
+        "macro_f1": float(f1[scored].mean()),
+        "per_class_f1": {name: float(f1[k]) for k, name in enumerate(classes) if scored[k]},
+    }
+
+
+def one_vs_rest(matrix: npt.ArrayLike, classes: Sequence[str] = CLASSES) -> dict[str, dict[str, Any]]:
+    """Sensitivity and specificity of each class present (support > 0) against all the others, with counts.
+
+    The operating point is the one the matrix was made at (argmax of the served probabilities). Both
+    come with a 95% Wilson interval, because external sets are often small: a specificity of 6 in 18
+    negatives is 0.33 give or take 0.2. Specificity is None when the set holds no other class.
+    """
+    counts = np.asarray(matrix, dtype=np.int64)
+    total = int(counts.sum())
+    result: dict[str, dict[str, Any]] = {}
+    for k, name in enumerate(classes):
+        positives = int(counts[k].sum())
+        if positives == 0:
+            continue
+        true_positives = int(counts[k, k])
+        false_positives = int(counts[:, k].sum()) - true_positives
+        negatives = total - positives
+        true_negatives = negatives - false_positives
+        result[name] = {
+            "positives": positives,
+            "true_positives": true_positives,
+            "false_negatives": positives - true_positives,
+            "negatives": negatives,
+            "true_negatives": true_negatives,
+            "false_positives": false_positives,
+            "sensitivity": true_positives / positives,
+            "sensitivity_ci95": wilson_interval(true_positives, positives),
+            "specificity": true_negatives / negatives if negatives else None,
+            "specificity_ci95": wilson_interval(true_negatives, negatives),
+        }
+    return result
+
+
+def wilson_interval(successes: int, n: int, z: float = WILSON_Z) -> list[float] | None:
+    """The Wilson score interval [low, high] of a proportion successes / n (None when n is 0).
+
+    Unlike the normal approximation it stays inside [0, 1] and is not degenerate at 0 or n successes,
+    which matters for the small counts of an external validation set.
+    """
+    if n <= 0:
+        return None
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes must lie in [0, n={n}], got {successes}")
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
 def reliability_bins(labels: np.ndarray, probs: np.ndarray, n_bins: int = ECE_BINS) -> dict[str, Any]:
@@ -170,6 +255,17 @@ def _check_inputs(
     if np.abs(probs.sum(axis=1) - 1.0).max() > _ROW_SUM_TOLERANCE:
         raise ValueError("probs rows must sum to 1 (were logits passed? apply a softmax first)")
     return labels.astype(np.int64, copy=False), probs
+
+
+def _per_class(matrix: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Per class of a confusion matrix (rows true): true positives, support, precision, recall, F1."""
+    true_positives = np.diag(matrix).astype(np.float64)
+    support = matrix.sum(axis=1)
+    predicted_count = matrix.sum(axis=0)
+    precision = _safe_divide(true_positives, predicted_count)
+    recall = _safe_divide(true_positives, support)
+    f1 = _safe_divide(2 * true_positives, support + predicted_count)
+    return true_positives, support, precision, recall, f1
 
 
 def _safe_divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:

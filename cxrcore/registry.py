@@ -7,16 +7,22 @@ The store is a local folder or a URI (s3://, gs://, file://), read and written t
     REG/<model name>/v<N>/report/...         optional: an evaluation report (report.html, metrics.json, PNGs)
     REG/aliases.json                         {"production": "dual_cnn:3", ...}
 
-A version is written once and never changed. Its card.json is written last, so readers skip a version
-folder without one (a registration still running). A new version takes the number after the highest
-folder present and claims that folder exclusively before writing: a new directory on a local
-filesystem; on an object store, which has no exclusive create, a marker file that withdraws when
-anything else is in the folder (strongly consistent listing makes two winners impossible). The
-loser of a race tries the next number. A failed registration removes its folder.
+A version is written once and never changed. Several processes may register and promote at once:
 
-`promote` replaces aliases.json whole (a temporary file and a rename on a local filesystem, one
-object write on an object store), so readers see the old or the new aliases, never a mix. Two
-promotions at the same moment may lose one of the two moves (last writer wins).
+- Numbers: a new version takes the number after the highest folder present and claims that folder
+  exclusively before writing: mkdir on a local filesystem (atomic, also on NFS); on an object store,
+  which has no exclusive create (pyarrow exposes no conditional write), a marker file that withdraws
+  when anything else is in the folder (strongly consistent listing, as S3 and GCS give, makes two
+  winners impossible). The loser of a race tries the next number, so numbers are never reused.
+- Visibility: card.json is written last (temporary name, then renamed), so readers skip a version
+  folder without one: a registration still running, or one killed midway (its number stays used).
+  A failed registration removes its folder.
+- Aliases: `promote` reads, changes and replaces aliases.json under an exclusive lock (flock on
+  REG/.lock, released by the kernel even when the holder is killed) and replaces the file whole (a
+  temporary file and a rename), so readers, who take no lock, see the old or the new aliases, never a
+  mix, and concurrent promotions of different aliases all land. On an object store the replacement is
+  one object write (atomic) but there is no lock: two promotions at the same moment may lose one of the
+  two moves (last writer wins), so promote from one process at a time there.
 
 >>> registry = ModelRegistry("cxr-runs/registry")  # doctest: +SKIP
 >>> registry.register("cxr-runs/dual/checkpoint_000009", report="reports/dual").ref  # doctest: +SKIP
@@ -28,6 +34,7 @@ promotions at the same moment may lose one of the two moves (last writer wins).
 from __future__ import annotations
 
 import difflib
+import fcntl
 import json
 import os
 import random
@@ -35,6 +42,8 @@ import re
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,6 +60,7 @@ if TYPE_CHECKING:
 # module for RegistryError and should start in a blink.
 
 ALIASES_NAME = "aliases.json"
+LOCK_NAME = ".lock"
 REPORT_NAME = "report"
 DEFAULT_CACHE = Path("~/.cache/cxr/registry")
 _ALIAS = re.compile(r"[a-z][a-z0-9_-]*")
@@ -203,14 +213,18 @@ class ModelRegistry:
     def promote(self, ref: str, alias: str = "production") -> ModelVersion:
         """Point `alias` at the version `ref` names (pinned: promoting "dual_cnn" pins its latest version)."""
         _check_alias(alias)
-        if alias in self._names():
-            raise RegistryError(f"alias {alias!r} is also a model name in {self.root}: pick another alias")
-        version = self.get(ref)
-        aliases = self.aliases()
-        aliases[alias] = version.ref
-        self._write_atomic(
-            f"{self._path}/{ALIASES_NAME}", json.dumps(dict(sorted(aliases.items())), indent=2)
-        )
+        self.get(ref)  # an unknown reference fails here, before the lock creates anything
+        with self._locked():
+            if alias in self._names():
+                raise RegistryError(
+                    f"alias {alias!r} is also a model name in {self.root}: pick another alias"
+                )
+            version = self.get(ref)  # again under the lock: an alias `ref` may have moved meanwhile
+            aliases = self.aliases()
+            aliases[alias] = version.ref
+            self._write_atomic(
+                f"{self._path}/{ALIASES_NAME}", json.dumps(dict(sorted(aliases.items())), indent=2)
+            )
         return replace(version, aliases=tuple(sorted(a for a, t in aliases.items() if t == version.ref)))
 
     def aliases(self) -> dict[str, str]:
@@ -293,6 +307,20 @@ class ModelRegistry:
         if others:
             remove(self._fs, marker)
         return not others
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Exclusive among processes for a read-modify-write of aliases.json (local registries only)."""
+        if not self._local:
+            yield  # object stores have no lock: see the module docstring
+            return
+        os.makedirs(self._path, exist_ok=True)
+        descriptor = os.open(os.path.join(self._path, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(descriptor)  # releases the lock
 
     def _write_atomic(self, path: str, text: str) -> None:
         if not self._local:

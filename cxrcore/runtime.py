@@ -11,7 +11,8 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> str 
 
     `address` (or RAY_ADDRESS) joins a running cluster, as `ray job submit` entrypoints do; without
     one a local cluster is started in-process with the dashboard on (Tune's cleanup of stopped
-    trials needs it) and bound to loopback.
+    trials needs it) and bound to loopback. Token authentication is left as Ray 2.60 sets it (on,
+    token from RAY_AUTH_TOKEN or ~/.ray/auth_token); cxr never reads, prints or logs the token.
     """
     import ray
 

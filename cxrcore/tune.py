@@ -186,7 +186,9 @@ def run_comparison(config: TuneConfig) -> dict[str, Any]:
                 max_concurrent_trials=config.max_concurrent
                 or _max_concurrent(config, ray.cluster_resources()),
                 scheduler=ASHAScheduler(
-                    time_attr="training_iteration",
+                    # The epoch each report names, not Tune's count of reports: a trial restored after the
+                    # driver was killed resumes its Train run mid-way, and Tune counts its reports from 1.
+                    time_attr="epoch",
                     max_t=config.epochs,
                     grace_period=config.grace_epochs or 1,  # resolved by TuneConfig
                     reduction_factor=2,
@@ -225,8 +227,10 @@ def run_comparison(config: TuneConfig) -> dict[str, Any]:
 
 
 def _segmenter(config: TuneConfig, registry: Any) -> dict[str, Any]:
-    """Train the U-Net once (tiny when the compared models are tiny), register it, return its record."""
-    from cxrcore.evaluate.evaluation import evaluate_checkpoint
+    """Train the U-Net once (tiny when the compared models are tiny), register it, return its record.
+
+    A re-run after the driver was killed uses the segmenter run as it finished, without starting it again.
+    """
     from cxrcore.train.trainer import fit
 
     model = "tiny_unet" if all(m.startswith("tiny_") for m in config.model_names()) else "unet"
@@ -235,17 +239,20 @@ def _segmenter(config: TuneConfig, registry: Any) -> dict[str, Any]:
         gpu=config.gpu, image_size=config.image_size, lr=1e-3, batch_size=16, out=_trials_root(config),
         name="segmenter", seed=config.seed,
     )  # fmt: skip
-    result = fit(train_config)
-    if result.best_checkpoint is None:
+    kept = _kept_checkpoints(Path(_local(train_config.out)) / train_config.run_name())
+    if not kept or kept[-1][1]["epoch"] + 1 < train_config.epochs:
+        fit(train_config)
+        kept = _kept_checkpoints(Path(_local(train_config.out)) / train_config.run_name())
+    if not kept:
         raise RuntimeError("the lung segmenter produced no checkpoint")
+    checkpoint, card = max(kept, key=_val_score)
     report = Path(_local(config.out)) / config.name / "reports" / model
-    evaluate_checkpoint(EvaluateConfig(checkpoint=result.best_checkpoint, data=config.data, out=str(report)))
-    version = registry.register(result.best_checkpoint, report=report)
+    version = _evaluate_and_register(config, registry, checkpoint, report)
     return {
         "model": model,
         "ref": version.ref,
         "checkpoint": str(registry.local_checkpoint(version.ref)),
-        "val_dice": result.best_metrics.get("val_dice"),
+        "val_dice": card["metrics"].get("val_dice"),
         "test": json.loads((report / "metrics.json").read_text()),
     }
 
@@ -255,8 +262,10 @@ def _trial_record(config: TuneConfig, result: Any) -> dict[str, Any]:
     metrics = result.metrics or {}
     trial_id = metrics.get("trial_id") or Path(result.path).name
     train = trial_train_config(config, params, trial_id, None)
-    checkpoint, card = _best_checkpoint(Path(_local(train.out)) / trial_id)
-    epochs_run = int(metrics.get("training_iteration", 0))
+    checkpoints = _kept_checkpoints(Path(_local(train.out)) / trial_id)
+    checkpoint, card = max(checkpoints, key=_val_score, default=(None, None))
+    # The last epoch reported (a restored trial's Train run resumes mid-way; Tune counts its reports from 1).
+    epochs_run = int(metrics.get("epoch") or 0)
     return {
         "trial_id": trial_id,
         "model": train.model,
@@ -272,7 +281,7 @@ def _trial_record(config: TuneConfig, result: Any) -> dict[str, Any]:
         "train_images_per_s": metrics.get("train_images_per_s"),
         "best_checkpoint": str(checkpoint) if checkpoint else None,
         "best_epoch": card["epoch"] + 1 if card else None,
-        "history": _history(result, card),
+        "history": _history(checkpoints[-1][1] if checkpoints else None),
     }
 
 
@@ -281,31 +290,71 @@ HISTORY_KEYS = (
 )  # fmt: skip
 
 
-def _history(result: Any, card: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """Every epoch the trial ran: Tune's record of each report (the best checkpoint's card stops at it)."""
-    frame = result.metrics_dataframe
-    if frame is None or frame.empty or "epoch" not in frame:
-        return card["history"] if card else []
-    columns = [key for key in HISTORY_KEYS if key in frame]
-    rows = frame[columns].drop_duplicates("epoch", keep="last").sort_values("epoch")
-    return [
-        {k: v.item() if hasattr(v, "item") else v for k, v in row.items()} for row in rows.to_dict("records")
-    ]
+def _history(card: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Every epoch of a trial's Train run, from its latest checkpoint's card (each card carries the run's
+    history up to it, also across resumes), in HISTORY_KEYS."""
+    if card is None:
+        return []
+    return [{key: row[key] for key in HISTORY_KEYS if key in row} for row in card["history"]]
 
 
-def _best_checkpoint(run_dir: Path) -> tuple[Path | None, dict[str, Any] | None]:
-    """The kept checkpoint of a Train run with the highest val_score, and its card."""
-    cards = [(p.parent, json.loads(p.read_text())) for p in sorted(run_dir.glob("checkpoint_*/card.json"))]
-    if not cards:
-        return None, None
-    return max(cards, key=lambda item: item[1]["metrics"].get("val_score") or -math.inf)
+def _kept_checkpoints(run_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """The checkpoints Ray Train kept for a run, oldest first, with their cards; [] before the first.
+
+    Train's record, not the folder's listing: a worker killed during a report can leave the checkpoint
+    folder of an epoch that the resumed run trained again, a checkpoint outside the run's history.
+    """
+    from ray.train import Result
+
+    from cxrcore.checkpoint import CARD_NAME
+
+    try:
+        result = Result.from_path(str(run_dir))
+    except RuntimeError:  # the trial failed before its Train run started
+        return []
+    folders = [Path(checkpoint.path) for checkpoint, _ in result.best_checkpoints or []]
+    kept = [(folder, json.loads((folder / CARD_NAME).read_text())) for folder in folders]
+    return sorted(kept, key=lambda item: int(item[1]["epoch"]))
+
+
+def _val_score(item: tuple[Path, dict[str, Any]]) -> float:
+    score = item[1]["metrics"].get("val_score")
+    return -math.inf if score is None else float(score)
+
+
+def _evaluate_and_register(config: TuneConfig, registry: Any, checkpoint: Path, report: Path) -> Any:
+    """Evaluate `checkpoint` on the test split into `report` and register both, once per experiment.
+
+    A re-run resumes an experiment whose driver may have been killed after registering some models: a
+    version with the same card and weights is already there, and the checkpoint is not registered
+    again (nor evaluated again, while its report is in place).
+    """
+    from cxrcore.checkpoint import WEIGHTS_NAME, load_card
+    from cxrcore.evaluate.evaluation import evaluate_checkpoint
+
+    card = {**load_card(checkpoint).to_dict(), "version": None}
+    weights = (checkpoint / WEIGHTS_NAME).read_bytes()
+    registered = next(
+        (
+            version
+            for version in registry.versions(card["model"]["name"])
+            if {**version.card.to_dict(), "version": None} == card
+            and (registry.local_checkpoint(version.ref) / WEIGHTS_NAME).read_bytes() == weights
+        ),
+        None,
+    )
+    if registered is None or not (report / "metrics.json").is_file():
+        evaluate_checkpoint(EvaluateConfig(checkpoint=str(checkpoint), data=config.data, out=str(report)))
+    if registered is not None:
+        log.info("%s was registered as %s before this run", checkpoint, registered.ref)
+        return registered
+    return registry.register(checkpoint, report=report)
 
 
 def _best_per_architecture(
     config: TuneConfig, trials: list[dict[str, Any]], registry: Any, experiment_dir: Path
 ) -> dict[str, dict[str, Any]]:
     """Evaluate each architecture's best trial on the test split and register it with its report."""
-    from cxrcore.evaluate.evaluation import evaluate_checkpoint
     from cxrcore.models import create_model
 
     best: dict[str, dict[str, Any]] = {}
@@ -318,12 +367,9 @@ def _best_per_architecture(
     summary: dict[str, dict[str, Any]] = {}
     for model, trial in sorted(best.items()):
         report = experiment_dir / "reports" / model
-        evaluate_checkpoint(
-            EvaluateConfig(checkpoint=trial["best_checkpoint"], data=config.data, out=str(report))
-        )
+        version = _evaluate_and_register(config, registry, Path(trial["best_checkpoint"]), report)
         test = json.loads((report / "metrics.json").read_text())
         calibration = test.get("calibration") or {}
-        version = registry.register(trial["best_checkpoint"], report=report)
         parameters = sum(p.numel() for p in create_model(model).parameters())
         summary[model] = {
             **{

@@ -1,4 +1,7 @@
-"""Ray Job: side-by-side benchmarks. `python -m jobs.benchmark ingest --images 2000`."""
+"""Ray Job: each stage beside its plain baseline, into OUT/benchmark.{json,md}.
+
+`python -m jobs.benchmark [ingest|train|serve|gpu|all] --out DIR [--quick]`
+"""
 
 import sys
 

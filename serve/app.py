@@ -16,8 +16,11 @@ from pathlib import Path
 from ray.serve import Application
 
 from serve.deployments import Classifier, Segmenter, resolve_model, resolve_segmenter
-from serve.ingress import Api
+from serve.ingress import Api, ApiLimits
 from serve.schemas import ClassifierConfig, ServeArgs
+
+# Requests the ingress handles (or queues) beyond what the classifier holds: quick 503 answers.
+INGRESS_HEADROOM = 64
 
 
 def build_app(args: ServeArgs) -> Application:
@@ -45,10 +48,24 @@ def build_app(args: ServeArgs) -> Application:
     user_config = ClassifierConfig(
         model=resolved.ref, max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_timeout_s
     )
+    # Overload: once every classifier replica holds max_ongoing_requests and the ingress queues
+    # max_queued_requests more, the handle raises BackPressureError at once and the ingress answers
+    # 503 `overloaded` JSON with Retry-After, so a burst costs neither unbounded latency nor memory.
+    backpressure = {"retry_after_s": args.retry_after_s}
     classifier = Classifier.options(
         autoscaling_config={**autoscaling, "target_ongoing_requests": args.target_ongoing_requests},
         max_ongoing_requests=args.max_ongoing_requests,
+        max_queued_requests=args.max_queued_requests,
+        backpressure_config=backpressure,
         ray_actor_options=actor_options,
         user_config=user_config.model_dump(),
     ).bind(registry, segmenter, args.device, args.max_batch_size, args.batch_wait_timeout_s)
-    return Api.bind(classifier, args.max_upload_bytes, args.min_image_side)
+    # The ingress takes everything the classifier can hold, plus room to answer the excess with those
+    # JSON 503s; past that, Serve's proxy refuses with its own plain-text 503 (and Retry-After).
+    capacity = args.max_replicas * args.max_ongoing_requests + args.max_queued_requests
+    limits = ApiLimits(args.max_upload_bytes, args.min_image_side, args.retry_after_s)
+    return Api.options(
+        max_ongoing_requests=capacity + INGRESS_HEADROOM,
+        max_queued_requests=INGRESS_HEADROOM,
+        backpressure_config=backpressure,
+    ).bind(classifier, limits)

@@ -6,6 +6,7 @@ its best batch size with the threads of one replica:
 
     python -m serve.benchmark --registry REG --model production
     python -m serve.benchmark --arch dual_cnn --image-size 128   # untrained weights cost the same
+    python -m serve.benchmark --burst 300 --max-queued 16        # overload: 503s and accepted latency
 """
 
 import argparse
@@ -35,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16, help="max_batch_size when batching is on")
     parser.add_argument("--num-cpus", type=float, default=1.0, help="CPUs of each model replica")
     parser.add_argument("--port", type=int, default=8011)
+    parser.add_argument("--burst", type=int, default=0, help="then send this many requests at once")
+    parser.add_argument("--max-queued", type=int, default=64, help="the classifier's max_queued_requests")
     args = parser.parse_args(argv)
 
     import ray
@@ -52,11 +55,13 @@ def main(argv: list[str] | None = None) -> int:
         ray.init(num_cpus=max(os.cpu_count() or 1, 4), include_dashboard=False, logging_level="ERROR")
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})
         rows: list[dict[str, Any]] = []
+        burst: dict[str, Any] | None = None
         try:
             for batch_size in (args.batch_size, 1):
                 app_args = ServeArgs(
                     registry=args.registry, model=model, num_cpus=args.num_cpus, max_replicas=1,
                     max_batch_size=batch_size, max_ongoing_requests=max(32, batch_size),
+                    max_queued_requests=args.max_queued,
                 )  # fmt: skip
                 serve.run(build_app(app_args), name="benchmark", route_prefix="/")
                 url = f"http://127.0.0.1:{args.port}/v1/predict"
@@ -64,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
                 for concurrency in (int(c) for c in args.concurrency.split(",")):
                     stats = _load(url, upload, args.requests, concurrency)
                     rows.append({"max_batch_size": batch_size, "concurrency": concurrency, **stats})
+                if args.burst and burst is None:
+                    burst = {"max_batch_size": batch_size, **_burst(url, upload, args.burst)}
         finally:
             serve.shutdown()
             ray.shutdown()
@@ -74,7 +81,15 @@ def main(argv: list[str] | None = None) -> int:
             f"{row['max_batch_size']:>14}  {row['concurrency']:>11}  {row['p50_ms']:>6.1f}  "
             f"{row['p99_ms']:>6.1f}  {row['requests_per_s']:>5.1f}"
         )
-    print(json.dumps({"model": model, "direct": direct, "http": rows}))
+    if burst:
+        print(
+            f"burst of {burst['requests']} at once (max_ongoing_requests 32, max_queued_requests "
+            f"{args.max_queued}): {burst['answered']} answered (p50 {burst['answered_p50_ms']:.0f} ms, "
+            f"p99 {burst['answered_p99_ms']:.0f} ms, max {burst['answered_max_ms']:.0f} ms), "
+            f"{burst['refused']} refused with 503 (p50 {burst['refused_p50_ms']:.0f} ms, "
+            f"max {burst['refused_max_ms']:.0f} ms), {burst['other']} other"
+        )
+    print(json.dumps({"model": model, "direct": direct, "http": rows, "burst": burst}))
     return 0
 
 
@@ -165,6 +180,42 @@ def _load(url: str, upload: bytes, requests: int, concurrency: int) -> dict[str,
     elapsed = time.perf_counter() - start
     cuts = statistics.quantiles(latencies, n=100)
     return {"p50_ms": cuts[49], "p99_ms": cuts[98], "requests_per_s": len(latencies) / elapsed}
+
+
+def _burst(url: str, upload: bytes, requests: int) -> dict[str, Any]:
+    """`requests` POSTs sent at once: how many were answered and how fast, how many refused (503)."""
+    import asyncio
+
+    import httpx
+
+    async def one(client: httpx.AsyncClient) -> tuple[int, float]:
+        start = time.perf_counter()
+        response = await client.post(url, content=upload, headers={"content-type": "image/png"})
+        return response.status_code, (time.perf_counter() - start) * 1000
+
+    async def run() -> list[tuple[int, float]]:
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+            return await asyncio.gather(*(one(client) for _ in range(requests)))
+
+    results = asyncio.run(run())
+    answered = sorted(ms for status, ms in results if status == 200)
+    refused = sorted(ms for status, ms in results if status == 503)
+
+    def at(values: list[float], quantile: float) -> float:
+        return values[min(len(values) - 1, int(quantile * len(values)))] if values else float("nan")
+
+    return {
+        "requests": requests,
+        "answered": len(answered),
+        "answered_p50_ms": at(answered, 0.5),
+        "answered_p99_ms": at(answered, 0.99),
+        "answered_max_ms": at(answered, 1.0),
+        "refused": len(refused),
+        "refused_p50_ms": at(refused, 0.5),
+        "refused_max_ms": at(refused, 1.0),
+        "other": len(results) - len(answered) - len(refused),
+    }
 
 
 if __name__ == "__main__":

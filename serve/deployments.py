@@ -12,6 +12,7 @@ import numpy as np
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from cxrcore import telemetry
 from cxrcore.checkpoint import ModelCard, load_card
 from serve.schemas import ClassifierConfig, ModelInfo
 
@@ -199,6 +200,7 @@ class Classifier:
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def predict(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
         served = self._current()
+        telemetry.record_batch(len(images), served.resolved.card.name, served.resolved.version)
         probabilities = await self._thread.run(served.predictor.predict_proba, images)
         info = served.resolved.info.model_dump()
         classes = served.resolved.card.classes

@@ -1,51 +1,101 @@
 """The HTTP API (FastAPI ingress): uploads in, predictions out; errors as JSON, bad input never a 500.
 
-Everything the Api class calls is defined above it: `@serve.ingress` captures the class, with the
-module globals it can see, when the decorator runs.
+`create_api` builds the FastAPI app around a classifier handle. The `Api` deployment builds one per
+replica (Serve's late-bound ingress, `__serve_build_asgi_app__`); tests build one around an in-process
+classifier and call it through httpx's ASGI transport.
 """
 
 import asyncio
 import base64
 import io
+import logging
+import math
 import time
 from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import fastapi_offline
 import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from ray import serve
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 import cxrcore
+from cxrcore import telemetry
 from cxrcore.decode import SUPPORTED_TYPES, ImageDecodeError, UnsupportedImageTypeError, decode_upload
-from serve.schemas import ErrorBody, Explanation, ModelDetails, ModelInfo, Prediction
+from serve.schemas import ErrorBody, Explanation, Health, ModelDetails, ModelInfo, Prediction, Readiness
+
+log = logging.getLogger("ray.serve")
 
 # Room for the multipart envelope around a file of the maximum size.
 MULTIPART_SLACK_BYTES = 64 * 1024
 READY_TIMEOUT_S = 5.0
+# A replica that dies (SIGKILL, OOM kill, a lost node) fails the requests it was working on with a
+# RayActorError (ActorDiedError, ActorUnavailableError), also when it was a replica further down (the
+# segmenter's); Serve's router re-sends only those it had not accepted yet. A prediction changes
+# nothing, so the ingress asks again after a short backoff, and the router picks a live replica. Model
+# errors and a full queue are answered at once.
+REPLICA_ATTEMPTS = 3
+REPLICA_RETRY_BACKOFF_S = 0.05
+# Swagger UI and ReDoc as files of the fastapi-offline package, served by the app: /docs and /redoc
+# work on a cluster without internet access.
+DOCS_ASSETS_URL = "/docs-assets"
+DOCS_ASSETS = Path(fastapi_offline.__file__).parent / "static"
+
+
+@dataclass(frozen=True)
+class ApiLimits:
+    """What the API accepts, and what it tells a client to wait after a 503."""
+
+    max_upload_bytes: int = 20 * 1024**2
+    min_image_side: int = 64
+    retry_after_s: float = 1.0
+
+    @property
+    def accepted(self) -> str:
+        """The sentence every upload error ends with."""
+        side, megabytes = self.min_image_side, self.max_upload_bytes / 1024**2
+        return (
+            f"Send one PNG, JPEG or DICOM image, at least {side}×{side} pixels and at most "
+            f"{megabytes:g} MB, as the request body or as the multipart field 'file'."
+        )
+
+    @property
+    def retry_after(self) -> dict[str, str]:
+        """The Retry-After header (whole seconds, rounded up) of every 503."""
+        return {"Retry-After": str(max(0, math.ceil(self.retry_after_s)))}
 
 
 class ApiError(Exception):
-    """An error answer: HTTP status, a short code and a sentence saying what was wrong."""
+    """An error answer: HTTP status, a short code, a sentence saying what was wrong, extra headers."""
 
-    def __init__(self, status: int, error: str, detail: str) -> None:
+    def __init__(self, status: int, error: str, detail: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(detail)
-        self.status, self.error, self.detail = status, error, detail
+        self.status, self.error, self.detail, self.headers = status, error, detail, headers
 
 
-def _error_response(status: int, error: str, detail: str) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": error, "detail": detail})
+def _error_response(
+    status: int, error: str, detail: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    telemetry.record_request_error(error, status)
+    return JSONResponse(status_code=status, content={"error": error, "detail": detail}, headers=headers)
 
 
 async def _api_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ApiError)
-    return _error_response(exc.status, exc.error, exc.detail)
+    return _error_response(exc.status, exc.error, exc.detail, exc.headers)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -57,28 +107,19 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
     error = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return _error_response(exc.status_code, error, str(exc.detail))
+    return _error_response(exc.status_code, error, str(exc.detail), exc.headers)
+
+
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    return _error_response(500, "internal_error", _describe(exc))
 
 
 async def _once(data: bytes) -> AsyncGenerator[bytes, None]:
     yield data
 
 
-def _too_large(size: int, limit: int) -> ApiError:
-    return ApiError(413, "payload_too_large", f"upload of {size} bytes exceeds the limit of {limit} bytes")
-
-
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
-
-
-def _model_error(exc: Exception) -> ApiError:
-    """A failure behind the handle: 503 when no replica could take it, 500 when the model code failed."""
-    from ray.exceptions import RayTaskError
-
-    if isinstance(exc, RayTaskError):
-        return ApiError(500, "prediction_failed", _describe(exc.cause if exc.cause else exc))
-    return ApiError(503, "model_unavailable", _describe(exc))
 
 
 def _png_base64(array: np.ndarray) -> str:
@@ -87,15 +128,22 @@ def _png_base64(array: np.ndarray) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
-    return _error_response(500, "internal_error", _describe(exc))
-
-
+_ERROR_JSON = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+_RETRY_AFTER = {
+    "Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}
+}
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "undecodable image, image too small or a malformed request"},
     413: {"model": ErrorBody, "description": "upload larger than the configured limit"},
     415: {"model": ErrorBody, "description": "not a PNG, JPEG or DICOM file"},
-    503: {"model": ErrorBody, "description": "no model replica could answer"},
+    # Declaring the class of client errors also keeps FastAPI from adding a 422 this API never sends.
+    "4XX": {"model": ErrorBody, "description": "any other client error (every error is this JSON)"},
+    500: {"model": ErrorBody, "description": "a bug in the server; the body says what failed"},
+    503: {
+        "model": ErrorBody,
+        "description": "`overloaded` (the queue for the model is full) or no model replica could answer",
+        "headers": _RETRY_AFTER,
+    },
 }
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 _UPLOAD_BODY = {
@@ -114,55 +162,24 @@ _UPLOAD_BODY = {
     },
 }
 
-api = FastAPI(
-    title="cxr",
-    version=cxrcore.__version__,
-    description="Chest X-ray classification (COVID, Lung_Opacity, Normal, Viral Pneumonia) with Ray Serve.",
-    exception_handlers={
-        ApiError: _api_error,
-        RequestValidationError: _validation_error,
-        HTTPException: _http_error,
-        Exception: _internal_error,  # a bug still answers JSON (and is logged by Serve)
-    },
-)
 
+class _Routes:
+    """The endpoints, bound to one classifier handle and one set of limits."""
 
-# No CPU reserved, as for Serve's own proxies: the model replicas take the whole CPUs, so that a 2-core
-# machine runs the app with `serve run`; decoding is light next to a forward pass.
-@serve.deployment(name="Api", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0})
-@serve.ingress(api)
-class Api:
-    """Decodes uploads, asks the Classifier deployment, answers JSON."""
-
-    def __init__(
-        self, classifier: DeploymentHandle, max_upload_bytes: int = 20 * 1024**2, min_image_side: int = 64
-    ) -> None:
+    def __init__(self, classifier: Any, limits: ApiLimits) -> None:
         self._classifier = classifier
-        self._max_upload_bytes = max_upload_bytes
-        self._min_image_side = min_image_side
+        self._limits = limits
 
-    @api.post(
-        "/v1/predict",
-        response_model=Prediction,
-        responses=_ERRORS,
-        openapi_extra={"requestBody": _UPLOAD_BODY},
-        summary="Classify a chest X-ray (PNG, JPEG or DICOM; any size, 8/16-bit, gray/RGB/RGBA)",
-    )
     async def predict(
         self,
         request: Request,
         explain: bool = Query(False, description="add a Grad-CAM heatmap and the lung mask used"),
     ) -> Prediction:
+        """Class probabilities of one chest X-ray; 503 `overloaded` with Retry-After when at capacity."""
         start = time.perf_counter()
         data, content_type = await self._read_upload(request)
         image = await asyncio.to_thread(self._decode, data, content_type)
-        try:
-            if explain:
-                result = await self._classifier.explain.remote(image)
-            else:
-                result = await self._classifier.predict.remote(image)
-        except Exception as exc:
-            raise _model_error(exc) from exc
+        result = await self._ask("explain" if explain else "predict", image)
         probabilities = result["probabilities"]
         explanation = None
         if explain:
@@ -171,51 +188,84 @@ class Api:
                 heatmap_png=_png_base64(result["heatmap"]),
                 mask_png=None if result["mask"] is None else _png_base64(result["mask"]),
             )
+        model, label = ModelInfo(**result["model"]), max(probabilities, key=probabilities.__getitem__)
+        latency_ms = (time.perf_counter() - start) * 1000
+        telemetry.record_prediction(model.name, model.version, label, latency_ms, explain)
         return Prediction(
-            label=max(probabilities, key=probabilities.__getitem__),
+            label=label,
             probabilities=probabilities,
-            model=ModelInfo(**result["model"]),
-            latency_ms=(time.perf_counter() - start) * 1000,
+            model=model,
+            latency_ms=latency_ms,
             explanation=explanation,
         )
 
-    @api.get("/v1/model", response_model=ModelDetails, responses={503: _ERRORS[503]})
     async def model(self) -> ModelDetails:
         """The serving model and its card."""
-        try:
-            info = await self._classifier.info.remote()
-        except Exception as exc:
-            raise _model_error(exc) from exc
-        return ModelDetails(**info)
+        return ModelDetails(**await self._ask("info"))
 
-    @api.get("/healthz")
-    async def healthz(self) -> dict[str, str]:
+    async def healthz(self) -> Health:
         """The API process is up (it may still be waiting for a model: see /readyz)."""
-        return {"status": "ok"}
+        return Health()
 
-    @api.get("/readyz", responses={503: _ERRORS[503]})
-    async def readyz(self) -> dict[str, Any]:
+    async def readyz(self) -> Readiness:
         """A classifier replica answers with a loaded model."""
         try:
             info = await asyncio.wait_for(self._classifier.info.remote(), READY_TIMEOUT_S)
         except Exception as exc:
-            raise ApiError(503, "not_ready", f"no classifier replica answered: {_describe(exc)}") from exc
-        return {"status": "ready", "model": info["model"]}
+            what = f"no classifier replica answered: {_describe(exc)}"
+            raise ApiError(503, "not_ready", what, self._limits.retry_after) from exc
+        return Readiness(model=ModelInfo(**info["model"]))
+
+    async def _ask(self, method: str, *args: Any) -> Any:
+        """The classifier's `method(*args)`, asked again (REPLICA_ATTEMPTS in all) while replicas die."""
+        attempt = 1
+        while True:
+            try:
+                return await getattr(self._classifier, method).remote(*args)
+            except RayActorError as exc:
+                if attempt == REPLICA_ATTEMPTS:
+                    raise self._model_error(exc) from exc
+                log.warning(
+                    "%s: a replica died (%s); asking again (%d of %d)",
+                    method, _describe(exc), attempt + 1, REPLICA_ATTEMPTS,
+                )  # fmt: skip
+                await asyncio.sleep(REPLICA_RETRY_BACKOFF_S * 2 ** (attempt - 1))
+                attempt += 1
+            except Exception as exc:
+                raise self._model_error(exc) from exc
+
+    def _model_error(self, exc: Exception) -> ApiError:
+        """A failure behind the handle: 503 when the model is at capacity or unreachable, 500 for a bug."""
+        # First: a full queue further down (the segmenter's) arrives wrapped in a RayTaskError.
+        if isinstance(exc, BackPressureError):
+            return ApiError(
+                503,
+                "overloaded",
+                f"the model is at capacity and its queue is full; retry after "
+                f"{self._limits.retry_after['Retry-After']} s ({exc.message})",
+                self._limits.retry_after,
+            )
+        if isinstance(exc, RayTaskError) and not isinstance(exc, RayActorError):
+            return ApiError(500, "prediction_failed", _describe(exc.cause if exc.cause else exc))
+        return ApiError(503, "model_unavailable", _describe(exc), self._limits.retry_after)
+
+    def _upload_error(self, status: int, error: str, what: str) -> ApiError:
+        return ApiError(status, error, f"{what.rstrip('.')}. {self._limits.accepted}")
 
     async def _read_upload(self, request: Request) -> tuple[bytes, str | None]:
         """The uploaded file's bytes and declared type; refuses more than the limit without reading it all."""
-        limit = self._max_upload_bytes
+        limit = self._limits.max_upload_bytes
         content_type = request.headers.get("content-type", "")
         multipart = content_type.split(";")[0].strip().lower() == "multipart/form-data"
         body_limit = limit + (MULTIPART_SLACK_BYTES if multipart else 0)
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > body_limit:
-            raise _too_large(int(declared), limit)
+            raise self._too_large(int(declared))
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
             if len(body) > body_limit:
-                raise _too_large(len(body), limit)
+                raise self._too_large(len(body))
         if not multipart:
             return bytes(body), content_type
         try:
@@ -223,33 +273,126 @@ class Api:
                 request.headers, _once(bytes(body)), max_files=1, max_fields=8
             ).parse()
         except MultiPartException as exc:
-            raise ApiError(400, "invalid_multipart", exc.message) from exc
+            what = f"malformed multipart body: {exc.message}"
+            raise self._upload_error(400, "invalid_multipart", what) from exc
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
             await form.close()
-            raise ApiError(
-                400, "missing_file", "the multipart upload needs a field named 'file' holding the image"
-            )
+            what = "the multipart body has no file in a field named 'file'"
+            raise self._upload_error(400, "missing_file", what)
         data = await upload.read()
         await form.close()
         if len(data) > limit:
-            raise _too_large(len(data), limit)
+            raise self._too_large(len(data))
         return data, upload.content_type
+
+    def _too_large(self, size: int) -> ApiError:
+        what = f"upload of {size} bytes exceeds the limit of {self._limits.max_upload_bytes} bytes"
+        return self._upload_error(413, "payload_too_large", what)
 
     def _decode(self, data: bytes, content_type: str | None) -> np.ndarray:
         try:
             image = decode_upload(data, content_type)
         except UnsupportedImageTypeError as exc:
-            raise ApiError(415, "unsupported_media_type", str(exc)) from exc
+            raise self._upload_error(415, "unsupported_media_type", str(exc)) from exc
         except ImageDecodeError as exc:
-            raise ApiError(400, "undecodable_image", str(exc)) from exc
-        except Exception as exc:  # a decoder failing in a way it does not name is still a bad upload
-            raise ApiError(400, "undecodable_image", f"cannot decode the upload: {_describe(exc)}") from exc
+            raise self._upload_error(400, "undecodable_image", str(exc)) from exc
         height, width = image.shape
-        if min(height, width) < self._min_image_side:
-            raise ApiError(
-                400,
-                "image_too_small",
-                f"image is {width}×{height}; each side needs {self._min_image_side}+ pixels",
+        side = self._limits.min_image_side
+        if min(height, width) < side:
+            raise self._upload_error(
+                400, "image_too_small", f"image is {width}×{height}; each side needs {side}+ pixels"
             )
         return image
+
+
+def _add_docs(api: FastAPI) -> None:
+    """Swagger UI at /docs and ReDoc at /redoc from files the app serves itself: no CDN, no fonts."""
+    api.mount(DOCS_ASSETS_URL, StaticFiles(directory=DOCS_ASSETS), name="docs-assets")
+
+    def assets(request: Request) -> str:
+        return f"{request.scope.get('root_path', '')}{DOCS_ASSETS_URL}"
+
+    async def swagger_ui(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_swagger_ui_html(
+            openapi_url=f"{root}{api.openapi_url}",
+            title=f"{api.title} API",
+            swagger_js_url=f"{assets(request)}/swagger-ui-bundle.js",
+            swagger_css_url=f"{assets(request)}/swagger-ui.css",
+            swagger_favicon_url=f"{assets(request)}/favicon.png",
+            oauth2_redirect_url=None,
+            # Swagger UI would otherwise fetch a validity badge from validator.swagger.io.
+            swagger_ui_parameters={"validatorUrl": None},
+        )
+
+    async def redoc(request: Request) -> HTMLResponse:
+        return get_redoc_html(
+            openapi_url=f"{request.scope.get('root_path', '')}{api.openapi_url}",
+            title=f"{api.title} API",
+            redoc_js_url=f"{assets(request)}/redoc.standalone.js",
+            redoc_favicon_url=f"{assets(request)}/favicon.png",
+            with_google_fonts=False,
+        )
+
+    api.add_api_route("/docs", swagger_ui, methods=["GET"], include_in_schema=False)
+    api.add_api_route("/redoc", redoc, methods=["GET"], include_in_schema=False)
+    api.docs_url, api.redoc_url = "/docs", "/redoc"  # read by Serve to link the docs in its dashboard
+
+
+def create_api(classifier: Any, limits: ApiLimits | None = None) -> FastAPI:
+    """The FastAPI app answering with `classifier`: a Classifier DeploymentHandle (or anything whose
+    `predict/explain/info.remote(...)` are awaitable the same way)."""
+    limits = limits or ApiLimits()
+    routes = _Routes(classifier, limits)
+    api = FastAPI(
+        title="cxr",
+        version=cxrcore.__version__,
+        description="Chest X-ray classification (COVID, Lung_Opacity, Normal, Viral Pneumonia) with Ray "
+        f"Serve. Uploads: {limits.accepted} Every error is JSON `{{error, detail}}`.",
+        docs_url=None,
+        redoc_url=None,
+        exception_handlers={
+            ApiError: _api_error,
+            RequestValidationError: _validation_error,
+            HTTPException: _http_error,
+            Exception: _internal_error,  # a bug still answers JSON (and is logged by Serve)
+        },
+    )
+    api.add_api_route(
+        "/v1/predict",
+        routes.predict,
+        methods=["POST"],
+        response_model=Prediction,
+        responses=_ERRORS,
+        openapi_extra={"requestBody": _UPLOAD_BODY},
+        summary="Classify a chest X-ray (PNG, JPEG or DICOM; any size, 8/16-bit, gray/RGB/RGBA)",
+    )
+    api.add_api_route(
+        "/v1/model",
+        routes.model,
+        methods=["GET"],
+        response_model=ModelDetails,
+        responses={status: _ERRORS[status] for status in ("4XX", 500, 503)},
+    )
+    api.add_api_route("/healthz", routes.healthz, methods=["GET"], response_model=Health)
+    api.add_api_route(
+        "/readyz", routes.readyz, methods=["GET"], response_model=Readiness, responses={503: _ERRORS[503]}
+    )
+    _add_docs(api)
+    return api
+
+
+# No CPU reserved, as for Serve's own proxies: the model replicas take the whole CPUs, so that a 2-core
+# machine runs the app with `serve run`; decoding is light next to a forward pass. build_app sets
+# max_ongoing_requests and max_queued_requests from the classifier's capacity.
+@serve.deployment(name="Api", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0})
+@serve.ingress()
+class Api:
+    """Decodes uploads, asks the Classifier deployment, answers JSON."""
+
+    def __init__(self, classifier: DeploymentHandle, limits: ApiLimits | None = None) -> None:
+        self._api = create_api(classifier, limits)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return self._api

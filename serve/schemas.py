@@ -1,6 +1,12 @@
 """Typed arguments of the Serve application and the JSON the HTTP API answers with."""
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from cxrcore.labels import CLASSES
+
+_PROBABILITY = {"type": "number", "minimum": 0, "maximum": 1}
 
 
 class ServeArgs(BaseModel):
@@ -43,6 +49,15 @@ class ServeArgs(BaseModel):
     )
     max_ongoing_requests: int = Field(
         default=32, ge=1, description="requests one classifier replica accepts at once (>= max_batch_size)"
+    )
+    max_queued_requests: int = Field(
+        default=64,
+        ge=1,
+        description="requests the ingress holds for the classifier when every replica is at "
+        "max_ongoing_requests; beyond that it answers 503 `overloaded` at once, with Retry-After",
+    )
+    retry_after_s: float = Field(
+        default=1.0, ge=0, description="the Retry-After (seconds, rounded up) of every 503 answer"
     )
     max_upload_mb: float = Field(default=20.0, gt=0, description="larger uploads are refused with HTTP 413")
     min_image_side: int = Field(default=64, ge=1, description="smaller images are refused with HTTP 400")
@@ -98,11 +113,26 @@ class Explanation(BaseModel):
 class Prediction(BaseModel):
     """The answer of POST /v1/predict."""
 
-    label: str = Field(description="the most probable class")
-    probabilities: dict[str, float] = Field(description="every class, in the canonical order")
+    label: str = Field(description="the most probable class", json_schema_extra={"enum": list(CLASSES)})
+    probabilities: dict[str, float] = Field(
+        description="every class, in the canonical order",
+        json_schema_extra={
+            "properties": {name: _PROBABILITY for name in CLASSES},
+            "required": list(CLASSES),
+            "additionalProperties": False,
+        },
+    )
     model: ModelInfo
     latency_ms: float = Field(description="time spent in the server, from request to answer")
     explanation: Explanation | None = Field(default=None, description="with ?explain=true")
+
+    @field_validator("probabilities")
+    @classmethod
+    def _four_classes(cls, probabilities: dict[str, float]) -> dict[str, float]:
+        # What the OpenAPI schema promises: the four classes in order, each a probability.
+        if tuple(probabilities) != CLASSES or not all(0 <= p <= 1 for p in probabilities.values()):
+            raise ValueError(f"probabilities must be {CLASSES} in [0, 1], got {probabilities}")
+        return probabilities
 
 
 class ModelDetails(BaseModel):
@@ -122,4 +152,17 @@ class ErrorBody(BaseModel):
     """Every error answer: a short machine-readable code and a sentence for people."""
 
     error: str = Field(description="e.g. undecodable_image, unsupported_media_type, payload_too_large")
-    detail: str
+    detail: str = Field(description="what was wrong and, for an upload, what is accepted")
+
+
+class Health(BaseModel):
+    """The answer of GET /healthz."""
+
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(BaseModel):
+    """The answer of GET /readyz when a classifier replica answers."""
+
+    status: Literal["ready"] = "ready"
+    model: ModelInfo

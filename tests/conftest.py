@@ -12,6 +12,10 @@ from PIL import Image
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+# Train's controller polls its workers every 2 s by default: each run would wait for its last poll.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+# Ray exports metrics every 10 s by default; tests that scrape them wait at most 2 s (1 s cost more CPU).
+os.environ.setdefault("RAY_metrics_report_interval_ms", "2000")
 
 REAL_SAMPLE = Path(os.environ.get("CXR_REAL_SAMPLE", Path(__file__).parents[2] / "shared/data/real_sample"))
 

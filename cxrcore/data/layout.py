@@ -1,24 +1,58 @@
-"""The raw dataset layout: find class folders, pair images with masks, read metadata, report problems."""
+"""The raw dataset layout: find the images and their labels, pair images with masks, read metadata, report
+problems.
+
+Three layouts are read. The COVID-19 Radiography Database's: `<Class>/images/*.png`, `<Class>/masks/*.png`
+and `<Class>.metadata.xlsx`. Class folders holding their images directly (`<Class>/*.png|jpg|dcm`), as
+other hospitals' data often arrives. And a flat folder of images with a CSV or XLSX label file that names
+each image and its label. A label (or class folder name) becomes a class through an explicit mapping or by
+already being a class name; one that maps to none is reported with its files, never guessed.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import os
 import re
+import zipfile
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from cxrcore.labels import CLASSES, canonical_class
+from cxrcore.labels import CLASSES, canonical_class, class_index
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+if TYPE_CHECKING:
+    import numpy as np
+
+DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}) | DICOM_SUFFIXES
+LABEL_FILE_SUFFIXES = (".csv", ".xlsx")
+# Label file columns tried in order when --file-column / --label-column are not given; compared without
+# case, spaces, underscores or hyphens, so "FILE NAME", "file_name" and "Filename" all read "filename".
+FILE_COLUMNS = ("filename", "file", "imagefile", "imagename", "image", "imageid", "imageindex", "path",
+                "filepath", "imagepath")  # fmt: skip
+LABEL_COLUMNS = ("label", "class", "finding", "diagnosis")
+LISTED = 20
+"""Files named per problem in messages; the JSON reports keep every one."""
+
 # Hosts that serve many unrelated collections: the first path segment names the collection.
 _COLLECTION_HOSTS = frozenset({"github.com", "kaggle.com", "gitlab.com", "huggingface.co"})
 _METADATA_SUFFIX = ".metadata.xlsx"
+# Sub-folders of a class folder; never labels themselves, even when RAW points one level too deep.
+_CLASS_SUBFOLDERS = frozenset({"images", "masks"})
+_COLUMN_SEPARATORS = re.compile(r"[\s_\-]+")
+
+ClassMapper = Callable[[str], str | None]
+_LabelRow = tuple[str, str, str | None]  # file, label, URL: one row of a label file
+
+
+class LayoutError(ValueError):
+    """The folder holds no usable dataset; the message says what was expected."""
 
 
 @dataclass(frozen=True)
@@ -31,6 +65,29 @@ class ManifestEntry:
     file: str
     url: str | None
     source: str
+
+
+@dataclass(frozen=True)
+class LabelFile:
+    """A CSV or XLSX naming each image of a flat folder and its label; a column left None is found by name
+    (FILE_COLUMNS, LABEL_COLUMNS). A URL column, when there is one, gives each image's source."""
+
+    path: str
+    label_column: str | None = None
+    file_column: str | None = None
+
+    @classmethod
+    def from_flags(
+        cls, labels: str | None, label_column: str | None = None, file_column: str | None = None
+    ) -> LabelFile | None:
+        """The label file that --labels, --label-column and --file-column describe; None for class folders."""
+        if labels is None:
+            if label_column is not None or file_column is not None:
+                raise LayoutError(
+                    "--label-column and --file-column name columns of a label file: pass --labels FILE too"
+                )
+            return None
+        return cls(labels, label_column, file_column)
 
 
 @dataclass
@@ -55,6 +112,16 @@ class LayoutScan:
     root: str
     entries: list[ManifestEntry] = field(default_factory=list)
     classes: dict[str, ClassReport] = field(default_factory=dict)
+    label_file: dict[str, str | None] | None = None
+    """The label file and the columns read from it (path, file_column, label_column, url_column)."""
+    unmapped: dict[str, list[str]] = field(default_factory=dict)
+    """Label (or class folder name) → the images it labels, for labels that map to no class."""
+    conflicting_labels: dict[str, list[str]] = field(default_factory=dict)
+    """Image → its labels, for images the label file gives labels of different classes."""
+    missing_files: list[str] = field(default_factory=list)
+    """Files the label file names that are not in the folder."""
+    unlabelled: list[str] = field(default_factory=list)
+    """Images in the folder that the label file does not name."""
     unknown_folders: list[str] = field(default_factory=list)
     orphan_masks: list[str] = field(default_factory=list)
     unmatched_metadata: dict[str, list[str]] = field(default_factory=dict)
@@ -67,13 +134,49 @@ class LayoutScan:
         """True when at least one image of a known class is (as far as checked) readable."""
         return sum(r.images - r.unreadable for r in self.classes.values()) > 0
 
-    def to_dict(self) -> dict:
+    @property
+    def sources(self) -> dict[str, int]:
+        """Images per source (metadata URL host), most first: the names --test-sources takes."""
+        counts = Counter(entry.source for entry in self.entries)
+        return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+
+    def refusal(self) -> str | None:
+        """Why ingest stops unless told to leave images out (labels mapping to no class, or to two); None
+        when every labelled image has exactly one class."""
+        if not self.unmapped and not self.conflicting_labels:
+            return None
+        count = sum(map(len, self.unmapped.values())) + len(self.conflicting_labels)
+        lines = [f"no cxr class for {count} of the images under {self.root}:"]
+        for label, paths in sorted(self.unmapped.items()):
+            lines.append(
+                f"  label {label!r} maps to no class ({len(paths)}): {format_paths(paths, self.root)}"
+            )
+        conflicting = sorted(self.conflicting_labels.items())
+        for path, labels in conflicting[:LISTED]:
+            named = ", ".join(map(repr, labels))
+            lines.append(f"  {format_paths([path], self.root)} has labels of different classes: {named}")
+        if len(conflicting) > LISTED:
+            lines.append(f"  and {len(conflicting) - LISTED} more images with labels of different classes")
+        lines.append(
+            f'map each label to a class with --map "LABEL=CLASS,..." (classes: {", ".join(CLASSES)}), '
+            "or leave these images out with --skip-unmapped"
+        )
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
         return {
             "root": self.root,
             "usable": self.usable,
             "checked_files": self.checked_files,
             "classes": {name: dataclasses.asdict(report) for name, report in self.classes.items()},
             "totals": dataclasses.asdict(_sum_reports(self.classes.values())),
+            "sources": self.sources,
+            "label_file": self.label_file,
+            "refusal": self.refusal(),
+            "unmapped": self.unmapped,
+            "conflicting_labels": self.conflicting_labels,
+            "missing_files": self.missing_files,
+            "unlabelled": self.unlabelled,
             "unknown_folders": self.unknown_folders,
             "orphan_masks": self.orphan_masks,
             "unmatched_metadata": self.unmatched_metadata,
@@ -82,46 +185,44 @@ class LayoutScan:
         }
 
 
-class LayoutError(ValueError):
-    """The folder holds no usable dataset; the message says what was expected."""
+def scan_layout(
+    root: str | os.PathLike[str],
+    label_file: LabelFile | None = None,
+    label_map: Mapping[str, str] | None = None,
+) -> LayoutScan:
+    """Scan a raw dataset folder without decoding any image.
 
-
-def scan_layout(root: str | os.PathLike[str]) -> LayoutScan:
-    """Scan a folder laid out like the COVID-19 Radiography Database, without decoding any image.
-
-    Accepts the dataset folder itself or a parent holding exactly one such folder. Class folders may
-    be spelled with spaces, underscores or another case; images live in `<Class>/images/` (or directly
-    in `<Class>/` as in older releases), masks in `<Class>/masks/`, paired by file stem.
+    Without a label file, `root` holds class folders (or is a parent holding exactly one folder of them):
+    spelled with spaces, underscores or another case, images in `<Class>/images/` or directly in
+    `<Class>/`, masks in `<Class>/masks/` paired by file stem. With one, `root` is a flat folder of images.
+    `label_map` maps the dataset's own labels (or folder names), compared without case, to classes.
     """
-    base = _find_dataset_root(Path(root))
-    scan = LayoutScan(root=str(base))
-    metadata_files = _metadata_files(base)
-    for folder in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        label = canonical_class(folder.name)
-        if label is None:
-            scan.unknown_folders.append(str(folder))
-            continue
-        report = scan.classes.setdefault(label, ClassReport())
-        _scan_class(folder, label, report, scan, metadata_files.get(label))
+    to_class = class_mapper(label_map or {})
+    if label_file is None:
+        scan = _scan_class_folders(_find_dataset_root(Path(root), to_class), to_class)
+    else:
+        scan = _scan_flat_folder(Path(root), label_file, to_class)
     if not scan.entries:
-        found = ", ".join(sorted(p.name for p in base.iterdir() if p.is_dir())) or "nothing"
-        raise LayoutError(
-            f"no images found under {base}: expected class folders named like {', '.join(CLASSES)} "
-            f"holding images/*.png (and optionally masks/*.png); found: {found}"
-        )
+        raise LayoutError(scan.refusal() or _nothing_found(scan))
     return scan
 
 
-def check_layout(root: str | os.PathLike[str], *, workers: int | None = None) -> LayoutScan:
+def check_layout(
+    root: str | os.PathLike[str],
+    label_file: LabelFile | None = None,
+    label_map: Mapping[str, str] | None = None,
+    *,
+    workers: int | None = None,
+) -> LayoutScan:
     """scan_layout plus a full decode of every image and mask and exact-duplicate detection."""
-    from cxrcore.data.transforms import ImageDecodeError, decode_gray
+    from cxrcore.data.transforms import ImageDecodeError
 
-    scan = scan_layout(root)
+    scan = scan_layout(root, label_file, label_map)
 
     def inspect(path: str) -> tuple[str, str | None, str | None]:
         data = Path(path).read_bytes()
         try:
-            decode_gray(data)
+            decode_image(data, path)
         except ImageDecodeError as exc:
             return path, None, str(exc)
         return path, hashlib.sha256(data).hexdigest(), None
@@ -151,6 +252,31 @@ def check_layout(root: str | os.PathLike[str], *, workers: int | None = None) ->
     return scan
 
 
+def decode_image(data: bytes, name: str = "") -> np.ndarray:
+    """A dataset file as uint8 grayscale: DICOM exactly as `cxr serve` decodes an upload, anything else
+    with `decode_gray`. DICOM is told by its bytes, or by a .dcm/.dicom name (files without a preamble).
+    Raises ImageDecodeError for every file that cannot be used, naming why."""
+    from cxrcore.data.transforms import ImageDecodeError, decode_gray
+    from cxrcore.decode import UnsupportedImageTypeError, decode_upload, sniff_format
+
+    if sniff_format(data) != "dicom" and Path(name).suffix.lower() not in DICOM_SUFFIXES:
+        return decode_gray(data)
+    try:
+        return decode_upload(data, "application/dicom")
+    except UnsupportedImageTypeError as exc:  # multi-frame or compressed beyond the installed plugins
+        raise ImageDecodeError(str(exc)) from exc
+
+
+def class_mapper(label_map: Mapping[str, str]) -> ClassMapper:
+    """label → class through `label_map` (keys compared without case), else the class the label names."""
+    folded = {key.strip().casefold(): CLASSES[class_index(value)] for key, value in label_map.items()}
+
+    def to_class(label: str) -> str | None:
+        return folded.get(label.strip().casefold()) or canonical_class(label)
+
+    return to_class
+
+
 def source_of(url: str | None) -> str:
     """A coarse source name for a metadata URL (host, plus the collection on github-like hosts)."""
     if not url:
@@ -165,13 +291,22 @@ def source_of(url: str | None) -> str:
     return host
 
 
-def _find_dataset_root(root: Path) -> Path:
+def format_paths(paths: Iterable[str], root: str, limit: int = LISTED) -> str:
+    """Paths (shown relative to `root` when inside it), comma-separated, cut after `limit` with a count."""
+    items = list(paths)
+    prefix = root.rstrip(os.sep) + os.sep
+    shown = [p.removeprefix(prefix) for p in items[:limit]]
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(shown) + more
+
+
+def _find_dataset_root(root: Path, to_class: ClassMapper) -> Path:
     if not root.is_dir():
         raise LayoutError(f"{root} is not a folder")
     children = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    if any(canonical_class(p.name) for p in children):
+    if any(to_class(p.name) for p in children):
         return root
-    candidates = [p for p in children if any(canonical_class(c.name) for c in p.iterdir() if c.is_dir())]
+    candidates = [p for p in children if any(to_class(c.name) for c in p.iterdir() if c.is_dir())]
     if len(candidates) == 1:
         return candidates[0]
     if len(candidates) > 1:
@@ -180,25 +315,52 @@ def _find_dataset_root(root: Path) -> Path:
     return root
 
 
-def _metadata_files(base: Path) -> dict[str, Path]:
+def _scan_class_folders(base: Path, to_class: ClassMapper) -> LayoutScan:
+    scan = LayoutScan(root=str(base))
+    metadata_files = _metadata_files(base, to_class)
+    for folder in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        label = to_class(folder.name)
+        if label is None:
+            _note_unknown_folder(folder, scan)
+            continue
+        report = scan.classes.setdefault(label, ClassReport())
+        _scan_class(folder, label, report, scan, metadata_files.get(label))
+    return scan
+
+
+def _note_unknown_folder(folder: Path, scan: LayoutScan) -> None:
+    """A folder named like no class: its images have an unmapped label; without images it is only noted."""
+    images = _image_files(_subfolder(folder, "images") or folder)
+    if images and folder.name.casefold() not in _CLASS_SUBFOLDERS:
+        scan.unmapped[folder.name] = [str(p) for p in images.values()]
+    else:
+        scan.unknown_folders.append(str(folder))
+
+
+def _metadata_files(base: Path, to_class: ClassMapper) -> dict[str, Path]:
     found: dict[str, Path] = {}
     for path in base.iterdir():
         if path.is_file() and path.name.lower().endswith(_METADATA_SUFFIX):
-            label = canonical_class(path.name[: -len(_METADATA_SUFFIX)])
+            label = to_class(path.name[: -len(_METADATA_SUFFIX)])
             if label is not None:
                 found[label] = path
     return found
+
+
+def _image_paths(folder: Path) -> list[Path]:
+    """Image files directly in a folder, sorted; hidden files (macOS `._*` forks among them) skipped."""
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+    )
 
 
 def _image_files(folder: Path) -> dict[str, Path]:
     """Image files in a folder keyed by case-folded stem."""
     if not folder.is_dir():
         return {}
-    return {
-        p.stem.casefold(): p
-        for p in sorted(folder.iterdir())
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
-    }
+    return {p.stem.casefold(): p for p in _image_paths(folder)}
 
 
 def _subfolder(folder: Path, name: str) -> Path | None:
@@ -240,6 +402,165 @@ def _scan_class(
         report.metadata_unmatched += len(unmatched)
         if unmatched:
             scan.unmatched_metadata[str(metadata_path)] = unmatched
+
+
+def _scan_flat_folder(root: Path, label_file: LabelFile, to_class: ClassMapper) -> LayoutScan:
+    """The images directly in `root`, labelled by the label file's rows."""
+    if not root.is_dir():
+        raise LayoutError(f"{root} is not a folder")
+    rows, columns = _read_label_rows(label_file)
+    scan = LayoutScan(root=str(root), label_file=columns)
+    images = _image_paths(root)
+    find = _image_finder(root, images)
+    labels_of: dict[Path, list[str]] = {}
+    url_of: dict[Path, str | None] = {}
+    missing: dict[str, None] = {}
+    for name, label, url in rows:
+        path = find(name)
+        if path is None:
+            missing[name] = None
+            continue
+        labels_of.setdefault(path, []).append(label)
+        url_of.setdefault(path, url)
+    for path, labels in labels_of.items():
+        _add_labelled_image(scan, path, labels, url_of[path], to_class)
+    scan.classes = {name: scan.classes[name] for name in CLASSES if name in scan.classes}
+    scan.unmapped = dict(sorted(scan.unmapped.items()))
+    scan.missing_files = list(missing)
+    scan.unlabelled = [str(p) for p in images if p not in labels_of]
+    return scan
+
+
+def _add_labelled_image(
+    scan: LayoutScan, path: Path, labels: list[str], url: str | None, to_class: ClassMapper
+) -> None:
+    """Enter one image the label file names: a manifest entry when its labels give exactly one class."""
+    distinct = list(dict.fromkeys(labels))
+    classes = {to_class(label) for label in distinct}
+    if len(classes) > 1:
+        scan.conflicting_labels[str(path)] = distinct
+        return
+    label = classes.pop()
+    if label is None:
+        scan.unmapped.setdefault(distinct[0], []).append(str(path))
+        return
+    scan.entries.append(ManifestEntry(str(path), None, label, path.name, url, source_of(url)))
+    report = scan.classes.setdefault(label, ClassReport())
+    report.images += 1
+    report.images_without_mask += 1
+
+
+def _image_finder(root: Path, images: list[Path]) -> Callable[[str], Path | None]:
+    """How a label file's file value finds its image: a path relative to RAW (or absolute) that exists,
+    else the file name in RAW, with or without its extension, compared without case."""
+    by_name = {p.name.casefold(): p for p in images}
+    stems = Counter(p.stem.casefold() for p in images)
+    by_stem = {p.stem.casefold(): p for p in images if stems[p.stem.casefold()] == 1}  # x.png + x.dcm: ask
+
+    def find(value: str) -> Path | None:
+        posix = PurePosixPath(value.replace("\\", "/"))
+        if len(posix.parts) > 1 and (root / posix).is_file():
+            return root / posix
+        name = posix.name.casefold()
+        stem = PurePosixPath(name).stem if PurePosixPath(name).suffix in IMAGE_SUFFIXES else name
+        return by_name.get(name) or by_stem.get(stem)
+
+    return find
+
+
+def _read_label_rows(label_file: LabelFile) -> tuple[list[_LabelRow], dict[str, str | None]]:
+    """(file, label, URL) per row with a file name, and the columns they were read from."""
+    path = label_file.path
+    frame = _read_label_frame(Path(path))
+    columns = [str(c) for c in frame.columns]
+    file_column = _pick_column(columns, label_file.file_column, FILE_COLUMNS, "--file-column", "file", path)
+    label_column = _pick_column(
+        columns, label_file.label_column, LABEL_COLUMNS, "--label-column", "label", path
+    )
+    url_column = next((c for c in columns if _column_key(c) == "url"), None)
+    urls = frame[url_column] if url_column else [""] * len(frame)
+    rows = [
+        (str(name).strip(), str(label).strip(), str(url).strip() or None)
+        for name, label, url in zip(frame[file_column], frame[label_column], urls, strict=True)
+        if str(name).strip()
+    ]
+    used = {"path": path, "file_column": file_column, "label_column": label_column, "url_column": url_column}
+    return rows, used
+
+
+def _read_label_frame(path: Path) -> Any:
+    import pandas as pd
+
+    if not path.is_file():
+        raise LayoutError(f"--labels: {path} {'is not a file' if path.exists() else 'does not exist'}")
+    if path.suffix.lower() not in LABEL_FILE_SUFFIXES:
+        raise LayoutError(f"--labels: {path} is neither CSV nor XLSX (expected a .csv or .xlsx file)")
+    try:
+        if path.suffix.lower() == ".csv":
+            # sep=None sniffs the delimiter: spreadsheets export ';' where ',' is the decimal mark.
+            return pd.read_csv(
+                path, dtype=str, na_filter=False, sep=None, engine="python", encoding="utf-8-sig"
+            )
+        return pd.read_excel(path, dtype=str, na_filter=False)
+    except (ValueError, OSError, zipfile.BadZipFile) as exc:
+        raise LayoutError(f"--labels: cannot read {path}: {exc}") from exc
+
+
+def _column_key(name: str) -> str:
+    return _COLUMN_SEPARATORS.sub("", name).casefold()
+
+
+def _pick_column(
+    columns: list[str], wanted: str | None, candidates: tuple[str, ...], flag: str, what: str, path: str
+) -> str:
+    """The column `wanted` names (compared like FILE_COLUMNS), or the first candidate present."""
+    by_key: dict[str, str] = {}
+    for column in columns:
+        by_key.setdefault(_column_key(column), column)
+    if wanted is not None:
+        found = by_key.get(_column_key(wanted))
+        if found is None:
+            close = difflib.get_close_matches(wanted, columns, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise LayoutError(
+                f"{flag}: {path} has no column {wanted!r}{hint}; its columns: {', '.join(columns)}"
+            )
+        return found
+    found = next((by_key[key] for key in candidates if key in by_key), None)
+    if found is None:
+        raise LayoutError(
+            f"{path}: no column is recognisably the {what} column; name it with {flag} "
+            f"(columns: {', '.join(columns)})"
+        )
+    return found
+
+
+def _nothing_found(scan: LayoutScan) -> str:
+    """Why a scan found no labelled image, and what to change."""
+    base = Path(scan.root)
+    folders = sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if scan.label_file is None:
+        found = ", ".join(folders) or "no folders"
+        if loose := _image_paths(base):
+            found += f", and {len(loose)} images directly inside: pass --labels FILE to label those"
+        return (
+            f"no class folder with images under {base}: expected class folders named like "
+            f"{', '.join(CLASSES)} holding images/*.png (and optionally masks/*.png) or the images "
+            f"directly; found: {found}"
+        )
+    label_path, file_column = scan.label_file["path"], scan.label_file["file_column"]
+    if not scan.unlabelled:
+        hint = f"; it holds folders ({', '.join(folders)}): without --labels, those are class folders"
+        return f"no images directly in {base}: with --labels, RAW is a flat folder of images" + (
+            hint if folders else ""
+        )
+    if not scan.missing_files:
+        return f"--labels: {label_path} names no files (no row has a value in column {file_column!r})"
+    return (
+        f"no image in {base} is named in column {file_column!r} of {label_path}: it names e.g. "
+        f"{', '.join(scan.missing_files[:3])}, the folder holds e.g. "
+        f"{', '.join(Path(p).name for p in scan.unlabelled[:3])}; choose the column with --file-column"
+    )
 
 
 _NAME_COLUMN = re.compile(r"file\s*_?name", re.IGNORECASE)

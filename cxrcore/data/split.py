@@ -1,13 +1,17 @@
-"""Duplicate grouping and the deterministic, stratified, duplicate-aware train/val/test split."""
+"""Duplicate grouping and the deterministic, stratified, duplicate-aware train/val/test split, with whole
+sources held out for testing."""
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from itertools import pairwise
 
 import numpy as np
+
+from cxrcore.config import ConfigError
 
 SPLITS = ("train", "val", "test")
 
@@ -70,18 +74,24 @@ def assign_splits(
     group_keys: Mapping[int, str],
     fractions: dict[str, float],
     seed: int,
+    held_out: Sequence[bool] = (),
 ) -> list[str]:
     """A split name per row: stratified by label, whole duplicate groups together, reproducible.
 
     Each group (labelled by its most common label) is ordered by a seeded hash of its content key, so
     the assignment depends on image content and the seed, never on file names or scan order. Groups
     then go, in that order, to whichever split is furthest below its target share of the class.
+    A row marked `held_out` (its source is held out) takes its whole group to test, so that no copy of a
+    held-out image reaches train or val; the other groups share the fractions among themselves.
     """
+    test_groups = {groups[row] for row, held in enumerate(held_out) if held}
     members: dict[int, list[int]] = defaultdict(list)
     for row, group in enumerate(groups):
         members[group].append(row)
     by_class: dict[str, list[int]] = defaultdict(list)
     for group, rows in members.items():
+        if group in test_groups:
+            continue
         label = Counter(labels[r] for r in rows).most_common(1)[0][0]
         by_class[label].append(group)
 
@@ -90,7 +100,7 @@ def assign_splits(
 
     names = list(fractions)
     targets = np.array([fractions[s] for s in names])
-    assignment = [""] * len(labels)
+    assignment = ["test" if group in test_groups else "" for group in groups]
     for label in sorted(by_class):
         assigned = np.zeros(len(names))
         for group in sorted(by_class[label], key=order):
@@ -101,3 +111,31 @@ def assign_splits(
             for row in members[group]:
                 assignment[row] = names[choice]
     return assignment
+
+
+def choose_test_sources(requested: Sequence[str], known: Mapping[str, int]) -> set[str]:
+    """The sources of `known` (source → images) that --test-sources names, compared without case or "www.".
+
+    A name that is no known source is an error listing the known ones, and so is holding out every
+    source, which would leave nothing to train on.
+    """
+    by_key = {_source_key(source): source for source in known}
+    chosen: set[str] = set()
+    for name in requested:
+        source = by_key.get(_source_key(name))
+        if source is None:
+            close = difflib.get_close_matches(_source_key(name), list(by_key), n=1)
+            hint = f" (did you mean {by_key[close[0]]!r}?)" if close else ""
+            listing = ", ".join(f"{s} ({n} images)" for s, n in known.items())
+            raise ConfigError(f"--test-sources: unknown source {name!r}{hint}; the sources are: {listing}")
+        chosen.add(source)
+    if chosen >= set(known):
+        raise ConfigError(
+            f"--test-sources: {', '.join(sorted(chosen))} is every source of the dataset; "
+            "hold out fewer, so that something is left to train on"
+        )
+    return chosen
+
+
+def _source_key(name: str) -> str:
+    return name.strip().casefold().removeprefix("www.").rstrip("/")

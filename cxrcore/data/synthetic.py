@@ -4,6 +4,10 @@ Image i of a class is drawn from its own generator seeded by (seed, class index,
 different sizes share their prefix and writing splits across processes without coordination. Class
 patterns live inside the lung fields only, and each image's intensity histogram is matched to that of
 its own pattern-free anatomy, so global intensity statistics carry no class information.
+
+With several sites, that guarantee is broken on purpose: each image carries its site's burned-in marker
+(frame, annotation, intensity profile) whose style follows the class at site a and not at the others,
+the shortcut by which real COVID models learned the hospital instead of the lungs.
 """
 
 from __future__ import annotations
@@ -26,12 +30,15 @@ from cxrcore.labels import CLASSES, class_index
 SUBTLE_FRACTION = 0.15
 METADATA_COLUMNS = ("FILE NAME", "FORMAT", "SIZE", "URL")
 SOURCES_PER_CLASS = 2
+SITE_MARKER_AGREEMENT = 0.9
+"""Share of site a's images whose marker style is their class's (the rest draw one at random)."""
 
 # Speed over size: noisy images barely compress, and zlib's RLE strategy is the fastest that still
 # shrinks the masks to a few hundred bytes.
 _PNG_OPTIONS = {"compress_level": 1, "compress_type": zlib.Z_RLE}
-# Extra seed word for per-image draws (the source) that must not disturb the image's own stream.
+# Extra seed words for per-image draws (source, site marker) that must not disturb the image's own stream.
 _SOURCE_STREAM = 1
+_SITE_STREAM = 2
 # Quantisation levels used to match an image's histogram to its pattern-free anatomy.
 _HIST_LEVELS = 1024
 # Resolution the anatomy is drawn at; larger images are upsampled once, then get full-size noise.
@@ -46,6 +53,25 @@ class SynthSummary:
     counts: dict[str, int]
     seconds: float
     images_per_second: float
+
+
+@dataclass(frozen=True)
+class MarkerStyle:
+    """How one site marker looks: the collimation frame's gray level, the burned-in annotation, and the
+    intensity profile (brightness change from the top edge to the bottom edge, as a share)."""
+
+    frame: int
+    word: str
+    ramp: float
+
+
+MARKER_STYLES = (
+    MarkerStyle(frame=30, word="PORTABLE", ramp=-0.25),
+    MarkerStyle(frame=100, word="SUPINE", ramp=-0.08),
+    MarkerStyle(frame=170, word="ER", ramp=0.08),
+    MarkerStyle(frame=240, word="ICU", ramp=0.25),
+)
+"""One style per class: at site a, style i marks class CLASSES[i]."""
 
 
 @dataclass(frozen=True)
@@ -151,11 +177,19 @@ def write_synthetic_dataset(
     image_size: int = 299,
     mask_size: int = 256,
     classes: Sequence[str] = CLASSES,
+    sites: int = 1,
 ) -> SynthSummary:
     """Write the Kaggle layout: <Class>/images/<Class>-<i>.png, <Class>/masks/<Class>-<i>.png (i from 1),
-    and <Class>.metadata.xlsx (columns FILE NAME, FORMAT, SIZE, URL) in `out`."""
+    and <Class>.metadata.xlsx (columns FILE NAME, FORMAT, SIZE, URL) in `out`.
+
+    With one site each class has its own sources (`source_url`). With `sites` of 2 or more, each image
+    comes from a site drawn at random whatever its class, named by its URL (`site_url`), and carries that
+    site's marker (`draw_site_marker`) in a style that follows its class at site a only.
+    """
     if per_class < 0:
         raise ValueError(f"per_class must be >= 0, got {per_class}")
+    if not 1 <= sites <= 26:
+        raise ValueError(f"sites must be between 1 and 26, got {sites}")
     _check_sizes(image_size, mask_size)
     names = [CLASSES[class_index(c)] for c in classes]
     root = Path(out)
@@ -170,10 +204,10 @@ def write_synthetic_dataset(
         for i in range(1, per_class + 1):
             stem = f"{name}-{i}"
             image, mask = render_phantom(name, np.random.default_rng([seed, index, i]), image_size, mask_size)
+            image, url = _from_site(image, index, [seed, index, i], sites)
             _save_png(image, images / f"{stem}.png")
             _save_png(mask, masks / f"{stem}.png")
-            source = int(np.random.default_rng([seed, index, i, _SOURCE_STREAM]).integers(SOURCES_PER_CLASS))
-            rows.append((_metadata_name(stem), "PNG", f"{image_size}*{image_size}", source_url(name, source)))
+            rows.append((_metadata_name(stem), "PNG", f"{image_size}*{image_size}", url))
         metadata = pd.DataFrame(rows, columns=list(METADATA_COLUMNS))
         metadata.to_excel(root / f"{name}.metadata.xlsx", index=False, engine="openpyxl")
         counts[name] = per_class
@@ -186,6 +220,46 @@ def source_url(label: str, source: int) -> str:
     """The stable fake URL of one synthetic source ("site") of a class; each source has its own host."""
     slug = CLASSES[class_index(label)].lower().replace("_", "-").replace(" ", "-")
     return f"https://site-{chr(ord('a') + source)}.{slug}.synthetic.cxr/"
+
+
+def site_url(site: int) -> str:
+    """The stable fake URL of synthetic site `site` (0 is site a), shared by every class it images."""
+    return f"https://site-{chr(ord('a') + site)}.synthetic.cxr/"
+
+
+def marker_style(label_index: int, site: int, rng: np.random.Generator) -> int:
+    """The marker style of one image: its class's at site a (SITE_MARKER_AGREEMENT of the time), random
+    at the other sites."""
+    if site == 0 and rng.random() < SITE_MARKER_AGREEMENT:
+        return label_index
+    return int(rng.integers(len(MARKER_STYLES)))
+
+
+def draw_site_marker(image: np.ndarray, style: int, rng: np.random.Generator) -> np.ndarray:
+    """Burn a site marker into a finished image: intensity profile, collimation frame, annotation.
+
+    Drawn last and noise-free, as a detector or an export step stamps it, so it is easy to learn.
+    """
+    look = MARKER_STYLES[style]
+    height, width = image.shape
+    profile = 1.0 + look.ramp * np.linspace(-1.0, 1.0, height, dtype=np.float32)[:, None]
+    canvas = Image.fromarray(np.clip(image * profile + 0.5, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(canvas)
+    frame = max(2, round(0.03 * min(height, width)))
+    draw.rectangle([0, 0, width - 1, height - 1], outline=look.frame, width=frame)
+    corner = (frame + rng.uniform(0.01, 0.04) * width, frame + rng.uniform(0.01, 0.04) * height)
+    draw.text(corner, look.word, fill=255, font=_font(max(8, height // 14)))
+    return np.asarray(canvas)
+
+
+def _from_site(image: np.ndarray, label_index: int, key: list[int], sites: int) -> tuple[np.ndarray, str]:
+    """The image as its site stored it, and its metadata URL; `key` seeds this image's draws."""
+    pick = np.random.default_rng([*key, _SOURCE_STREAM])
+    if sites == 1:
+        return image, source_url(CLASSES[label_index], int(pick.integers(SOURCES_PER_CLASS)))
+    site = int(pick.integers(sites))
+    rng = np.random.default_rng([*key, _SITE_STREAM])
+    return draw_site_marker(image, marker_style(label_index, site, rng), rng), site_url(site)
 
 
 def _check_sizes(size: int, mask_size: int) -> None:

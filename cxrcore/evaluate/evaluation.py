@@ -1,67 +1,143 @@
-"""Offline evaluation of a checkpoint on a dataset split, through the same Predictor as Serve."""
+"""Offline evaluation of a model on a dataset, through the same Predictor (and temperature) as Serve."""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cxrcore.config import EvaluateConfig
+from cxrcore.config import ConfigError, EvaluateConfig
+from cxrcore.registry import ModelRegistry, RegistryError
+
+if TYPE_CHECKING:
+    from cxrcore.evaluate.external import DatasetRelation
+    from cxrcore.inference import Predictor
 
 log = logging.getLogger(__name__)
 # A source needs this many test images before its own results mean anything.
 MIN_SOURCE_IMAGES = 10
+_LISTED_VERSIONS = 30
+"""An unknown --model lists at most this many of the registry's versions."""
+
+
+@dataclass(frozen=True)
+class EvaluatedModel:
+    """The model an evaluation scores, pinned to a local checkpoint folder the way Serve pins it."""
+
+    ref: str
+    """"cnn_lstm:3" for a registry version, else the checkpoint folder."""
+    checkpoint: Path
+    segmenter: str | None
+    """the U-Net folder for missing masks (None: the Predictor takes the card's)."""
+    report: str | None
+    """the evaluation report registered with the version (folder or URI): its test figures."""
+
+
+def resolve_model(config: EvaluateConfig) -> EvaluatedModel:
+    """The checkpoint folder of --checkpoint, or of the registry version --model names.
+
+    A registry version's segmenter is resolved as Serve resolves it: the card's folder where it exists
+    here, else a version of the same registry.
+    """
+    from cxrcore.registry import REPORT_NAME
+
+    if config.model is None:
+        folder = Path(str(config.checkpoint))
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"--checkpoint {folder}: no such folder (name a registry version with "
+                "--model REF --registry REG, e.g. --model production)"
+            )
+        report = folder / REPORT_NAME  # a registry version folder keeps its report beside the card
+        return EvaluatedModel(str(folder), folder, config.segmenter, str(report) if report.is_dir() else None)
+    registry = ModelRegistry(str(config.registry))
+    try:
+        version = registry.get(config.model)
+    except RegistryError as exc:
+        raise RegistryError(_unknown_model(registry, config.model, exc)) from exc
+    segmenter = config.segmenter or _registry_segmenter(registry, version.ref, version.card.segmenter)
+    return EvaluatedModel(version.ref, registry.local_checkpoint(version.ref), segmenter, version.report)
 
 
 def evaluate_checkpoint(config: EvaluateConfig) -> dict[str, Path]:
-    """Write metrics.json, plots and report.html for `config.checkpoint` on `config.split`."""
-    from cxrcore.data.ingest import read_table, tensor_column
+    """Write metrics.json, plots and report.html for the model `config` names on `config.data`.
+
+    On data other than the model's own (by the dataset fingerprint on its card) this is an external
+    validation: every image by default, masks from the segmenter as Serve makes them, and the
+    `external` and `internal_comparison` blocks of cxrcore.evaluate.external.
+    """
+    from cxrcore.data.ingest import read_table
+    from cxrcore.evaluate.external import dataset_relation
     from cxrcore.inference import Predictor
 
-    predictor = Predictor.from_checkpoint(config.checkpoint, config.device, segmenter=config.segmenter)
+    model = resolve_model(config)
+    predictor = Predictor.from_checkpoint(model.checkpoint, config.device, segmenter=model.segmenter)
+    relation = dataset_relation(config.data, predictor.card)
+    split = relation.split(config.split)
     columns = ["image", "mask", "has_mask", "label_index", "source", "file"]
-    frame = read_table(config.data, columns, split=config.split).to_pandas()
+    frame = read_table(config.data, columns, split=None if split == "all" else split).to_pandas()
     if frame.empty:
-        raise ValueError(f"the {config.split} split of {config.data} is empty")
-    images = tensor_column(frame["image"])
-    masks = tensor_column(frame["mask"])
-    has_mask = frame["has_mask"].to_numpy(dtype=bool)
-    card = predictor.card.to_dict()
+        hint = "" if split == "all" else " (--split all scores every image of a dataset)"
+        raise ConfigError(f"--split: the {split} split of {config.data} holds no image{hint}")
     if predictor.spec.task == "segment":
-        return _segmentation_report(config, predictor, images[has_mask], masks[has_mask], card)
+        return _segmentation_report(config, split, predictor, frame)
+    return _classification_report(config, model, predictor, relation, split, frame)
 
+
+def _classification_report(
+    config: EvaluateConfig,
+    model: EvaluatedModel,
+    predictor: Predictor,
+    relation: DatasetRelation,
+    split: str,
+    frame: Any,
+) -> dict[str, Path]:
     import torch
 
     from cxrcore.calibration import apply_temperature, calibration_report
+    from cxrcore.data.ingest import tensor_column
     from cxrcore.evaluate.report import write_evaluation_report
     from cxrcore.metrics import classification_metrics
 
+    classes = predictor.card.classes
+    images, masks = tensor_column(frame["image"]), tensor_column(frame["mask"])
+    has_mask = frame["has_mask"].to_numpy(dtype=bool)
     labels = frame["label_index"].to_numpy()
-    given = (
-        [m if ok else None for m, ok in zip(masks, has_mask, strict=True)] if predictor.needs_mask else None
-    )
+    needs_mask, has_segmenter = predictor.needs_mask, predictor.segmenter is not None
+    if needs_mask and not has_segmenter and not has_mask.all():
+        raise ConfigError(
+            f"--segmenter: {int((~has_mask).sum())} of {len(has_mask)} images have no lung mask and "
+            f"{predictor.card.name} has no segmenter to make one; pass --segmenter U-NET_CHECKPOINT"
+        )
+    truth = [m if ok else None for m, ok in zip(masks, has_mask, strict=True)] if needs_mask else None
+    segmented: list[Any] | None = [None] * len(images) if needs_mask else None
+    # Serve never receives a mask: on data from elsewhere, score the model the way it is served.
+    as_served = relation.kind != "internal" and needs_mask and has_segmenter
     # One forward pass: the served (calibrated) probabilities are predict_proba's softmax(logits / T).
-    logits = _predict(predictor.predict_logits, images, given, config.batch_size)
+    logits = _predict(predictor.predict_logits, images, segmented if as_served else truth, config.batch_size)
     probs = apply_temperature(torch.from_numpy(logits), predictor.temperature).numpy()
-    metrics = classification_metrics(labels, probs, predictor.card.classes, with_curves=True)
+    metrics = classification_metrics(labels, probs, classes, with_curves=True)
     extra: dict[str, dict[str, Any]] = {
         # ECE and NLL on this split before (T = 1) and after the card's temperature (fitted on validation).
-        "calibration": {"split": config.split, **calibration_report(logits, labels, predictor.temperature)}
+        "calibration": {"split": split, **calibration_report(logits, labels, predictor.temperature)}
     }
-    if predictor.needs_mask and predictor.segmenter is not None:
-        predicted = _predict(predictor.predict_proba, images, [None] * len(images), config.batch_size)
-        extra["with predicted masks"] = classification_metrics(labels, predicted, predictor.card.classes)
+    if needs_mask and has_segmenter and not as_served:
+        predicted = _predict(predictor.predict_proba, images, segmented, config.batch_size)
+        extra["with predicted masks"] = classification_metrics(labels, predicted, classes)
+    elif as_served and has_mask.any():
+        with_truth = _predict(predictor.predict_proba, images, truth, config.batch_size)
+        extra["with ground-truth masks"] = classification_metrics(labels, with_truth, classes)
     sources = frame["source"].to_numpy()
     if len(set(sources)) > 1:
         for source in sorted(set(sources)):
             rows = sources == source
             if rows.sum() >= MIN_SOURCE_IMAGES:
-                extra[f"source: {source}"] = classification_metrics(
-                    labels[rows], probs[rows], predictor.card.classes
-                )
+                extra[f"source: {source}"] = classification_metrics(labels[rows], probs[rows], classes)
     log.info(
         "accuracy %.3f, macro-F1 %.3f on %d images", metrics["accuracy"], metrics["macro_f1"], len(labels)
     )
@@ -70,10 +146,114 @@ def evaluate_checkpoint(config: EvaluateConfig) -> dict[str, Path]:
         "temperature %.3f: ECE %.3f -> %.3f, NLL %.3f -> %.3f",
         cal["temperature"], cal["ece_before"], cal["ece_after"], cal["nll_before"], cal["nll_after"],
     )  # fmt: skip
+    blocks = None
+    if relation.kind != "internal":
+        masks_used = _masks_used(needs_mask, as_served, int(has_mask.sum()))
+        blocks = _external_blocks(config, model, predictor, relation, split, metrics, masks_used, as_served)
+    evaluated = {
+        "model": model.ref,
+        "checkpoint": str(model.checkpoint),
+        "dataset": config.data,
+        "fingerprint": relation.fingerprint,
+        "split": split,
+        "relation": relation.kind,
+        "note": relation.note(split),
+    }
+    name = model.ref if config.model else predictor.card.name
     return write_evaluation_report(
-        config.out, metrics, history=card["history"], card=_card_summary(card), extra=extra,
-        title=f"{predictor.card.name} on {config.split}",
+        config.out, metrics, history=predictor.card.history, card=_card_summary(predictor.card.to_dict()),
+        extra=extra, title=f"{name} on {_dataset_name(config.data)} ({split})", evaluated=evaluated,
+        external=blocks,
     )  # fmt: skip
+
+
+def _external_blocks(
+    config: EvaluateConfig,
+    model: EvaluatedModel,
+    predictor: Predictor,
+    relation: DatasetRelation,
+    split: str,
+    metrics: dict[str, Any],
+    masks_used: str,
+    as_served: bool,
+) -> dict[str, dict[str, Any]]:
+    """metrics.json's `external` and `internal_comparison` blocks for an evaluation on data from elsewhere."""
+    from cxrcore.evaluate.external import (
+        compare_with_internal,
+        external_block,
+        internal_reference,
+        training_overlap,
+    )
+
+    card = predictor.card
+    external = external_block(
+        metrics,
+        dataset=config.data,
+        split=split,
+        relation=relation,
+        overlap=training_overlap(card, config.data, split),
+        temperature=predictor.temperature,
+        masks=masks_used,
+    )
+    reference = internal_reference(card, _registered_metrics(model.report), predicted_masks=as_served)
+    comparison = compare_with_internal(external, reference, card.classes, metrics["ece"])
+    log.info("%s", comparison["verdict"])
+    return {"external": external, "internal_comparison": comparison}
+
+
+def _masks_used(needs_mask: bool, as_served: bool, with_mask: int) -> str:
+    """Which lung masks the external figures were computed with, in words for the report."""
+    if not needs_mask:
+        return "none: the model reads the image alone"
+    if not as_served:
+        return "the dataset's ground-truth masks: the model has no segmenter, so Serve cannot serve it as is"
+    scored_apart = (
+        f"; scored apart with the dataset's {with_mask} ground-truth masks instead "
+        "('with ground-truth masks', the segmenter's for the images without one)"
+    )
+    return "from the model's segmenter for every image, as Serve makes them" + (
+        scored_apart if with_mask else ""
+    )
+
+
+def _registered_metrics(report: str | None) -> dict[str, Any] | None:
+    """metrics.json of the report registered with a version, where there is one."""
+    if report is None:
+        return None
+    from cxrcore.data import storage
+
+    filesystem, path = storage.resolve(report)
+    text = storage.read_text(filesystem, f"{path}/metrics.json")
+    return json.loads(text) if text else None
+
+
+def _registry_segmenter(registry: ModelRegistry, ref: str, segmenter: str | None) -> str | None:
+    """A card's segmenter as a local folder: the folder itself, else a version of the same registry."""
+    if segmenter is None or Path(segmenter).is_dir():
+        return segmenter
+    try:
+        return str(registry.local_checkpoint(segmenter))
+    except RegistryError as exc:
+        raise FileNotFoundError(
+            f"{ref}'s card names the segmenter {segmenter}, which is neither a folder here nor a version "
+            f"in the registry {registry.root}; pass --segmenter U-NET_CHECKPOINT"
+        ) from exc
+
+
+def _unknown_model(registry: ModelRegistry, ref: str, error: RegistryError) -> str:
+    """The registry's own message, with the registry and every version it holds (aliases beside them)."""
+    versions = registry.versions()
+    if not versions:
+        return f"--model {ref}: {error}"  # names the registry and says it is empty
+    listed = [
+        v.ref + (f" ({', '.join(v.aliases)})" if v.aliases else "") for v in versions[:_LISTED_VERSIONS]
+    ]
+    more = f" and {len(versions) - _LISTED_VERSIONS} more" if len(versions) > _LISTED_VERSIONS else ""
+    return f"--model {ref}: {error}. The registry {registry.root} holds {', '.join(listed)}{more}"
+
+
+def _dataset_name(location: str) -> str:
+    return location.rstrip("/").rpartition("/")[2] or location
 
 
 def _predict(
@@ -89,15 +269,16 @@ def _predict(
 
 
 def _segmentation_report(
-    config: EvaluateConfig, predictor: Any, images: np.ndarray, masks: np.ndarray, card: dict[str, Any]
+    config: EvaluateConfig, split: str, predictor: Predictor, frame: Any
 ) -> dict[str, Path]:
-    import json
-
+    from cxrcore.data.ingest import tensor_column
     from cxrcore.evaluate.report import ReportSection, html_table, plot_training_curves, write_html_report
     from cxrcore.metrics import segmentation_metrics
 
+    has_mask = frame["has_mask"].to_numpy(dtype=bool)
+    images, masks = tensor_column(frame["image"])[has_mask], tensor_column(frame["mask"])[has_mask]
     if len(images) == 0:
-        raise ValueError(f"no image in the {config.split} split has a ground-truth mask to compare against")
+        raise ValueError(f"no image in the {split} split has a ground-truth mask to compare against")
     predicted = np.concatenate(
         [
             predictor.segment(images[i : i + config.batch_size])
@@ -105,6 +286,7 @@ def _segmentation_report(
         ]
     )
     metrics = segmentation_metrics(predicted, masks, threshold=127)
+    card = predictor.card.to_dict()
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"metrics": out / "metrics.json"}
@@ -116,9 +298,7 @@ def _segmentation_report(
     if card["history"]:
         paths["training_curves"] = plot_training_curves(card["history"], out / "training_curves.png")
         sections.append(ReportSection("Training curves", images=[paths["training_curves"]]))
-    paths["report"] = write_html_report(
-        out / "report.html", f"{predictor.card.name} on {config.split}", sections
-    )
+    paths["report"] = write_html_report(out / "report.html", f"{predictor.card.name} on {split}", sections)
     return paths
 
 

@@ -310,12 +310,17 @@ def write_evaluation_report(
     extra: Mapping[str, Mapping[str, Any]] | None = None,
     *,
     title: str = "Evaluation report",
+    evaluated: Mapping[str, Any] | None = None,
+    external: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Path]:
     """Write metrics.json, the plots and report.html into out_dir; returns file stem → path.
 
     `metrics` comes from classification_metrics(..., with_curves=True). `extra` holds further results by
     name (another evaluation of the same model: with predicted masks, a held-out source); each is saved
     under its name in metrics.json and gets its own section. training_curves.png needs a non-empty history.
+    `evaluated` (which model, dataset and split) and `external` (the `external` and `internal_comparison`
+    blocks of cxrcore.evaluate.external) are saved under their names; the report leads with their
+    warnings and verdict, and an external validation section comes first.
     """
     missing = [key for key in ("reliability", "roc") if key not in metrics]
     if missing:
@@ -324,15 +329,17 @@ def write_evaluation_report(
             "compute them with classification_metrics(..., with_curves=True)"
         )
     extra = dict(extra or {})
-    clashes = sorted(set(extra) & set(metrics))
+    blocks = {**({"evaluated": dict(evaluated)} if evaluated else {}), **(external or {})}
+    clashes = sorted((set(extra) | set(blocks)) & set(metrics)) + sorted(set(extra) & set(blocks))
     if clashes:
-        raise ValueError(f"extra result names {clashes} clash with metric names; rename them")
+        raise ValueError(f"extra result names {clashes} clash with metric or block names; rename them")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     classes = metrics["classes"]
 
     paths = {"metrics": out / "metrics.json"}
-    paths["metrics"].write_text(json.dumps({**metrics, **extra}, indent=2, default=_json_default) + "\n")
+    document = {**metrics, **blocks, **extra}
+    paths["metrics"].write_text(json.dumps(document, indent=2, default=_json_default) + "\n")
     matrix = metrics["confusion_matrix"]
     paths["confusion_matrix"] = plot_confusion_matrix(
         matrix, classes, out / "confusion_matrix.png", normalized=False
@@ -349,6 +356,12 @@ def write_evaluation_report(
         paths["training_curves"] = plot_training_curves(history, out / "training_curves.png")
 
     sections = []
+    if evaluated:
+        sections.append(
+            ReportSection("Evaluated", table=[{"key": k, "value": v} for k, v in evaluated.items()])
+        )
+    if external:
+        sections += external_sections(external["external"], external["internal_comparison"])
     if card:
         rows = [{"key": key, "value": _card_value(value)} for key, value in card.items()]
         sections.append(ReportSection("Model card", table=rows))
@@ -369,8 +382,85 @@ def write_evaluation_report(
     for name, result in extra.items():
         table = metrics_table(result) if "per_class" in result else None
         sections.append(ReportSection(name, html=html_table(_headline_rows(result)), table=table))
-    paths["report"] = write_html_report(out / "report.html", title, sections)
+    lead = evaluation_lead(evaluated or {}, (external or {}).get("internal_comparison"))
+    paths["report"] = write_html_report(out / "report.html", title, sections, lead=lead)
     return paths
+
+
+def external_sections(external: Mapping[str, Any], comparison: Mapping[str, Any]) -> list[ReportSection]:
+    """The external validation: internal beside external, what was scored and how, one-vs-rest figures."""
+    from cxrcore.evaluate.external import LARGE_DROP_REASON
+
+    kind = comparison["reference"]
+    internal_column = f"internal ({kind})" if kind else "internal"
+    rows = [
+        {"metric": name, internal_column: row["internal"], "external": row["external"], "drop": row["drop"]}
+        for name, row in comparison["figures"].items()
+    ]
+    overlap = external["overlap_with_training_data"]
+    if not overlap.get("checked"):
+        overlap_text = f"not checked: {overlap.get('reason')}"
+    elif overlap["total"]:
+        counts = ", ".join(f"{count} in {split}" for split, count in overlap["in_split"].items() if count)
+        overlap_text = f"{counts} of the model's dataset {overlap['dataset']} (pixel-exact copies)"
+    else:
+        overlap_text = f"none of these images is in the model's dataset {overlap['dataset']}"
+    trained_on = external["trained_on"]
+    point = external["operating_point"]
+    facts = [
+        ("Data", f"{external['dataset']} (fingerprint {external['fingerprint'] or 'unknown'}), split "
+         f"{external['split']}: {external['n']} images"),
+        ("Model trained on", f"{trained_on.get('dataset') or 'unknown'} "
+         f"(fingerprint {trained_on.get('fingerprint') or 'unknown'})"),
+        ("Overlap with the model's data", overlap_text),
+        ("Classes present", ", ".join(external["classes_present"])),
+        ("Classes absent", ", ".join(external["classes_absent"]) or "none"),
+        ("Predicted although absent",
+         ", ".join(f"{name}: {count}" for name, count in external["predicted_absent"].items()) or "none"),
+        ("Operating point", f"{point['rule']}; temperature {format_number(point['temperature'])}"),
+        ("Lung masks", external["masks"]),
+        ("Internal figures", comparison["source"] or "none on the card"),
+        ("Internal figures over", f"the {comparison['restricted_n']} internal images of "
+         f"{', '.join(comparison['restricted_to'])}" if comparison["restricted_to"] else "every class"),
+        ("Large drop", LARGE_DROP_REASON),
+    ]  # fmt: skip
+    items = "".join(f"<li><b>{html.escape(k)}:</b> {html.escape(str(v))}</li>" for k, v in facts)
+    per_class = [
+        {
+            "class": name,
+            "positives": stats["positives"],
+            "sensitivity": stats["sensitivity"],
+            "sensitivity 95% CI": _interval_text(stats["sensitivity_ci95"]),
+            "negatives": stats["negatives"],
+            "specificity": stats["specificity"],
+            "specificity 95% CI": _interval_text(stats["specificity_ci95"]),
+        }
+        for name, stats in external["one_vs_rest"].items()
+    ]
+    return [
+        ReportSection("External validation", html=html_table(rows) + f"<ul>{items}</ul>"),
+        ReportSection(
+            "Sensitivity and specificity (one vs rest, at the served operating point)",
+            html="<p>Each class present against every other image of this dataset.</p>",
+            table=per_class,
+        ),
+    ]
+
+
+def evaluation_lead(evaluated: Mapping[str, Any], comparison: Mapping[str, Any] | None) -> str:
+    """The warnings and verdict put under the title: red where the figures must not be trusted as they are."""
+    parts = []
+    if evaluated.get("note"):
+        note = html.escape(f"This evaluation {evaluated['note']}.")
+        parts.append(f'<p class="lead alert">{note}</p>')
+    if comparison:
+        alert = " alert" if comparison["large_drop"] else ""
+        parts.append(f'<p class="lead{alert}">{html.escape(comparison["verdict"])}</p>')
+    return "\n".join(parts)
+
+
+def _interval_text(bounds: Sequence[float] | None) -> str:
+    return "-" if bounds is None else f"{bounds[0]:.2f}–{bounds[1]:.2f}"
 
 
 def _save(fig: Figure, path: str | Path) -> Path:

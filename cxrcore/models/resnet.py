@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import timm
-import torch
 from timm.models import adapt_input_conv
 from torch import nn
 
+from cxrcore.checkpoint import read_weights
 from cxrcore.labels import NUM_CLASSES
 from cxrcore.models.registry import register_model
 from cxrcore.models.spec import InputSpec
@@ -22,16 +22,15 @@ logger = logging.getLogger(__name__)
 HUB = "hub"
 """The `pretrained` value that downloads timm's ImageNet weights."""
 
-_STATE_DICT_SUFFIXES = (".pth", ".pt", ".bin")
-
 
 def load_pretrained(model: nn.Module, path: str | Path) -> list[str]:
     """Load a state_dict file into a timm model; return the keys skipped because the head differs.
 
-    Reads .safetensors, or .pth/.pt/.bin with `weights_only=True` (never unpickles). A 3-channel
-    first conv is summed over RGB to fit a 1-channel model; classifier tensors of another shape (a
-    1000-class ImageNet head) are skipped. Any other mismatch means the file is for another
-    architecture and raises ValueError.
+    Reads .safetensors, or .pth/.pt/.bin with `weights_only=True` (never unpickles: a file that would
+    run code on load raises cxrcore.checkpoint.UnsafeWeightsError, a ValueError). A 3-channel first
+    conv is summed over RGB to fit a 1-channel model; classifier tensors of another shape (a 1000-class
+    ImageNet head) are skipped. Any other mismatch means the file is for another architecture and
+    raises ValueError.
     """
     path = Path(path)
     if not path.is_file():
@@ -39,7 +38,7 @@ def load_pretrained(model: nn.Module, path: str | Path) -> list[str]:
             f"pretrained weights file {path} does not exist; pass an existing .safetensors/.pth file, "
             f"{HUB!r} to download, or None to train from scratch"
         )
-    state = _read_state_dict(path)
+    state = read_weights(path)
     own = model.state_dict()
     first_conv = f"{_pretrained_cfg(model, 'first_conv', 'conv1')}.weight"
     classifier = _pretrained_cfg(model, "classifier", "fc")
@@ -79,21 +78,6 @@ def load_pretrained(model: nn.Module, path: str | Path) -> list[str]:
     else:
         logger.info("loaded %s", path)
     return skipped
-
-
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(path, device="cpu")
-    if path.suffix in _STATE_DICT_SUFFIXES:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise ValueError(f"{path} is not a plain state_dict (a mapping of names to tensors)")
-        return state
-    raise ValueError(
-        f"unsupported weights file {path}: expected .safetensors or {', '.join(_STATE_DICT_SUFFIXES)}"
-    )
 
 
 def _create_resnet(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +36,8 @@ class EpochResult:
     count: int = 0
     correct: int = 0
     seconds: float = 0.0
+    data_seconds: float = 0.0
+    """of `seconds`, the time spent waiting for the next batch: the input pipeline not keeping up."""
     labels: list[np.ndarray] = field(default_factory=list)
     outputs: list[np.ndarray] = field(default_factory=list)
     """class probabilities (classifiers) or mask probabilities (segmenters)."""
@@ -115,7 +117,7 @@ def run_epoch(
     model.train(training)
     result = EpochResult()
     started = time.perf_counter()
-    for batch in batches:
+    for batch in _timed(batches, result):
         inputs, mask = prepare_batch(batch, spec, augmentation if training else None, mask_source, generator)
         device_type = inputs.device.type
         with (
@@ -154,6 +156,18 @@ def run_epoch(
                 result.labels.append(labels.cpu().numpy())
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _timed(batches: Iterable[Batch], result: EpochResult) -> Iterator[Batch]:
+    """`batches`, adding the time spent waiting for each one to `result.data_seconds`."""
+    iterator = iter(batches)
+    while True:
+        started = time.perf_counter()
+        batch = next(iterator, None)
+        result.data_seconds += time.perf_counter() - started
+        if batch is None:
+            return
+        yield batch
 
 
 def recalibrate_batchnorm(
@@ -222,13 +236,15 @@ def _on_cuda(model: nn.Module) -> bool:
 
 
 def combine(results: list[EpochResult]) -> dict[str, Any]:
-    """Loss, accuracy, throughput and concatenated outputs over all ranks' results."""
+    """Loss, accuracy, throughput, the share of time spent waiting for data, and concatenated outputs over
+    all ranks' results."""
     count = sum(r.count for r in results)
     summary: dict[str, Any] = {
         "loss": sum(r.loss_sum for r in results) / max(count, 1),
         "accuracy": sum(r.correct for r in results) / max(count, 1),
         "count": count,
         "images_per_s": count / max(max(r.seconds for r in results), 1e-9),
+        "data_wait_share": sum(r.data_seconds for r in results) / max(sum(r.seconds for r in results), 1e-9),
     }
     outputs = [o for r in results for o in r.outputs]
     if outputs:

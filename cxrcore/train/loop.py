@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cxrcore import telemetry
 from cxrcore.calibration import calibration_report, fit_temperature
 from cxrcore.checkpoint import ModelCard, load_train_state, save_checkpoint
 from cxrcore.config import TrainConfig, from_dict
@@ -127,6 +128,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             calibration = calibration_report(log_probs, val["labels"], temperature)
             metrics.update(temperature=temperature, val_ece=calibration["ece_after"])
         history.append({k: v for k, v in metrics.items() if not isinstance(v, dict | list)})
+        if rank == 0:
+            run = context.get_experiment_name()
+            telemetry.record_epoch(run, config.model, epoch + 1, metrics["train_images_per_s"])
 
         with tempfile.TemporaryDirectory() as directory:
             reported = None
@@ -165,6 +169,7 @@ def epoch_metrics(
         "epoch": epoch + 1,
         "train_loss": trained["loss"],
         "train_images_per_s": trained["images_per_s"],
+        "train_data_wait_share": trained["data_wait_share"],
         "val_loss": validated["loss"],
     }
     if segmenting:

@@ -25,6 +25,7 @@ class RayCluster:
     address: str  # the dashboard / job API address, http://127.0.0.1:PORT
     env: dict[str, str]  # what a client needs: RAY_AUTH_MODE=token and the token
     token: str
+    metrics_url: str  # the head node's Prometheus endpoint, where cxr's metrics are exported
 
 
 def free_port() -> int:
@@ -59,12 +60,13 @@ def ray_cluster() -> Iterator[RayCluster]:
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     env.pop("RAY_ADDRESS", None)
-    dashboard_port = free_port()
+    dashboard_port, metrics_port = free_port(), free_port()
     # A short temp dir: Ray's Unix socket paths must stay under ~107 bytes.
     temp_dir = tempfile.mkdtemp(prefix="cxr-e2e-", dir="/tmp")
     command = [
         str(BIN / "ray"), "start", "--head", "--block", f"--port={free_port()}",
         f"--dashboard-port={dashboard_port}", "--dashboard-host=127.0.0.1", "--num-cpus=4",
+        f"--metrics-export-port={metrics_port}",
         f"--temp-dir={temp_dir}", "--disable-usage-stats", "--include-dashboard=true",
     ]  # fmt: skip
     # --block keeps `ray start` in the foreground; its own process group lets teardown stop exactly
@@ -83,7 +85,9 @@ def ray_cluster() -> Iterator[RayCluster]:
             timeout=90,
             what="the Ray dashboard to answer",
         )
-        yield RayCluster(address=address, env=env, token=token)
+        yield RayCluster(
+            address=address, env=env, token=token, metrics_url=f"http://127.0.0.1:{metrics_port}/metrics"
+        )
     finally:
         # SIGTERM reaches every Ray process in the group; `ray start --block` itself ignores it.
         os.killpg(process.pid, signal.SIGTERM)

@@ -8,14 +8,17 @@ change it (and put it back).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
+import math
 import os
 import shutil
 import signal
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +35,7 @@ from cxrcore.data.transforms import decode_gray, scale_to_uint8
 from cxrcore.decode import decode_upload
 from cxrcore.inference import Predictor
 from cxrcore.registry import ModelRegistry
+from cxrcore.telemetry import LATENCY_MS_BOUNDARIES
 from tests.e2e.conftest import BIN, RayCluster, free_port, wait_until
 from tests.e2e.uploads import (
     chest,
@@ -42,6 +46,7 @@ from tests.e2e.uploads import (
     write_registry,
     xray_dicom,
 )
+from tests.scrape import scrape, total, wait_for
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).parents[2]
@@ -59,6 +64,7 @@ TEST_ARGS: dict[str, Any] = {
     "look_back_period_s": 2,
     "max_batch_size": 8,
     "max_ongoing_requests": 8,
+    "max_queued_requests": 16,  # more than the 12 clients of the autoscaling test: none is refused
     "max_upload_mb": MAX_UPLOAD_MB,
 }
 METRICS_ENV = {
@@ -211,7 +217,9 @@ def test_app_composes_ingress_classifier_and_segmenter(server: Server) -> None:
     )
     openapi = httpx.get(f"{server.url}/openapi.json").json()
     assert "multipart/form-data" in openapi["paths"]["/v1/predict"]["post"]["requestBody"]["content"]
-    assert httpx.get(f"{server.url}/docs").status_code == 200
+    docs = httpx.get(f"{server.url}/docs")
+    assert docs.status_code == 200 and "http://" not in docs.text and "https://" not in docs.text  # offline
+    assert httpx.get(f"{server.url}/docs-assets/swagger-ui-bundle.js").status_code == 200
 
 
 FORMATS = {
@@ -291,11 +299,12 @@ def _multipart(data: bytes, content_type: str, field: str = "file") -> dict[str,
 
 
 TOO_LARGE = GOOD_PNG + b"\0" * (MAX_UPLOAD_MB * 1024 * 1024)
+NOISE = np.random.default_rng(0).bytes(4096)  # seeded: never starts like a format it would name
 DICOM_BOMB = dicom_bytes(np.zeros((4, 4), np.uint16), rows=60_000, columns=60_000)
 BAD_INPUTS = {
     "empty": (_raw(b""), 400, "undecodable_image"),
     "truncated-png": (_raw(GOOD_PNG[:300]), 400, "undecodable_image"),
-    "garbage": (_raw(os.urandom(4096), "application/octet-stream"), 400, "undecodable_image"),
+    "garbage": (_raw(NOISE, "application/octet-stream"), 400, "undecodable_image"),
     "text": (_raw(b"hello", "text/plain"), 415, "unsupported_media_type"),
     "gif": (_multipart(_gif(), "image/gif"), 415, "unsupported_media_type"),
     "pdf": (_raw(b"%PDF-1.4\n" + b"0" * 100, "application/pdf"), 415, "unsupported_media_type"),
@@ -317,6 +326,34 @@ def test_bad_input_gets_its_status_and_a_json_error_then_serving_goes_on(server:
     body = response.json()
     assert body["error"] == error and body["detail"]
     assert server.predict(GOOD_PNG).status_code == 200
+
+
+def test_predictions_errors_latency_and_batches_reach_the_metrics_endpoint(server: Server) -> None:
+    """cxr's serving metrics on the head node's Prometheus endpoint, with the labels the dashboard sums by."""
+    model = {"model": "tiny_dual_cnn", "version": "1"}  # the production alias, pinned at build time
+    before = scrape(server.cluster.metrics_url)
+    labels = {server.predict(GOOD_PNG).json()["label"] for _ in range(2)}
+    assert len(labels) == 1  # the same image twice
+    errors = [BAD_INPUTS[name] for name in ("text", "garbage", "too-large")]
+    for request, status, _ in errors:
+        assert httpx.post(f"{server.url}/v1/predict", timeout=60, **request).status_code == status
+    expected = [
+        ("ray_cxr_predictions_total", {**model, "label": labels.pop()}, 2),
+        ("ray_cxr_predict_latency_ms_count", {**model, "explain": "false"}, 2),
+        ("ray_cxr_batch_size_count", model, 2),  # one at a time: a batch of 1 each
+        ("ray_cxr_batch_size_sum", model, 2),  # the buckets' midpoints are the sizes
+        *(("ray_cxr_request_errors_total", {"error": e, "status": str(s)}, 1) for _, s, e in errors),
+    ]
+
+    def grown(samples: list[Any]) -> list[Any] | None:
+        def growth(name: str, labels: dict[str, str]) -> float:
+            return (total(samples, name, **labels) or 0) - (total(before, name, **labels) or 0)
+
+        return samples if all(growth(name, labels) >= n for name, labels, n in expected) else None
+
+    samples = wait_for(server.cluster.metrics_url, grown, 30, "the serving metrics to count the requests")
+    buckets = {float(s.labels["le"]) for s in samples if s.name == "ray_cxr_predict_latency_ms_bucket"}
+    assert buckets == {*LATENCY_MS_BOUNDARIES, math.inf}
 
 
 def test_cxr_predict_prints_a_table(
@@ -418,3 +455,31 @@ def test_model_swap_in_place_without_failed_requests(server: Server) -> None:
     assert httpx.get(f"{server.url}/v1/model").json()["swap_error"] is None
     # Swapped in place: the replicas that served before still run (the load may have added one).
     assert set(before) <= set(server.replicas("Classifier"))
+
+
+def test_a_burst_beyond_capacity_gets_fast_json_503s_and_serving_goes_on(server: Server) -> None:
+    """128 explanations at once (one at a time per replica, unbatched) against at most 2 replicas × 8
+    running + 16 queued: the rest are refused at once with 503 `overloaded` and Retry-After."""
+
+    async def one(client: httpx.AsyncClient) -> tuple[int, float, httpx.Response]:
+        start = time.perf_counter()
+        response = await client.post(
+            "/v1/predict", content=GOOD_PNG, headers={"content-type": "image/png"}, params={"explain": "true"}
+        )
+        return response.status_code, time.perf_counter() - start, response
+
+    async def burst() -> list[tuple[int, float, httpx.Response]]:
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        async with httpx.AsyncClient(base_url=server.url, timeout=25, limits=limits) as client:
+            return await asyncio.gather(*(one(client) for _ in range(128)))
+
+    results = asyncio.run(asyncio.wait_for(burst(), timeout=28))
+    statuses = [status for status, _, _ in results]
+    assert set(statuses) == {200, 503}, statuses
+    for status, _, response in results:
+        if status == 503:
+            assert response.json()["error"] == "overloaded" and response.headers["retry-after"] == "1"
+    accepted = sorted(seconds for status, seconds, _ in results if status == 200)
+    refused = sorted(seconds for status, seconds, _ in results if status == 503)
+    assert refused[len(refused) // 2] < accepted[len(accepted) // 2]  # refusals do not wait for the model
+    assert server.predict(GOOD_PNG).status_code == 200

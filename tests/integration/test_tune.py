@@ -38,6 +38,13 @@ def test_tiny_comparison_registers_all_three_and_promotes_the_best(
     production = registry.get("production")
     assert f"production (*): {production.ref}" in out and out.count("Winner: ") == 1
     assert registry.get("tiny_dual_cnn").card.segmenter  # servable without ground-truth masks
+    assert registry.get("tiny_unet").card.metrics["val_dice"] > 0.3  # the segmenter segments
+
+    # The registered dual-channel model, scored through its registered segmenter's masks.
+    evaluate = ["evaluate", "--model", "tiny_dual_cnn", "--registry", "reg", "--data", "ds", "--out", "ev"]
+    assert main(evaluate) == 0
+    scored = json.loads(Path("ev/metrics.json").read_text())
+    assert scored["evaluated"]["split"] == "test" and "with predicted masks" in json.dumps(scored)
 
     experiment = tmp_path / "cxr-runs/compare"  # the default --out, under the shell's directory
     comparison = json.loads((experiment / "comparison.json").read_text())

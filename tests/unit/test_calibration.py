@@ -69,9 +69,9 @@ def test_fit_is_the_same_on_log_probabilities_and_deterministic() -> None:
     assert fit_temperature(logits + 7.0, labels) == pytest.approx(fitted, rel=1e-6)  # per-row shift
 
 
-def test_fit_minimises_the_nll() -> None:
+def test_without_the_prior_the_fit_minimises_the_nll() -> None:
     logits, labels = overconfident(n=500, seed=3)
-    fitted = fit_temperature(logits, labels)
+    fitted = fit_temperature(logits, labels, prior_log_sd=None)
     best = calibration_report(logits, labels, fitted)["nll_after"]
     for t in (fitted * 0.9, fitted * 1.1, 1.0):
         assert calibration_report(logits, labels, t)["nll_after"] >= best - 1e-9
@@ -91,9 +91,22 @@ def test_fit_returns_one_on_degenerate_input(logits: np.ndarray, labels: np.ndar
     assert fit_temperature(logits, labels) == 1.0
 
 
+def test_a_small_error_free_validation_set_does_not_drive_the_temperature_to_its_bound() -> None:
+    """24 images all right: the NLL alone says "sharper", down to the bound; the prior keeps T moderate."""
+    logits, labels = overconfident(n=24, scale=0.5, seed=5)
+    logits[np.arange(24), labels] += 4.0  # every prediction right
+    assert fit_temperature(logits, labels, prior_log_sd=None) == pytest.approx(MIN_TEMPERATURE)
+    assert 0.5 < fit_temperature(logits, labels) < 1.0
+    # On thousands of images the prior is negligible: the fit is the NLL's.
+    many, many_labels = overconfident(n=4000, scale=2.0, seed=6)
+    assert fit_temperature(many, many_labels) == pytest.approx(
+        fit_temperature(many, many_labels, prior_log_sd=None), rel=0.02
+    )
+
+
 def test_fit_stays_within_bounds_and_finite() -> None:
     separable = np.eye(4)[np.arange(40) % 4] * 5.0  # every prediction right: sharper is always better
-    fitted = fit_temperature(separable, np.arange(40) % 4)
+    fitted = fit_temperature(separable, np.arange(40) % 4, prior_log_sd=None)
     assert fitted == pytest.approx(MIN_TEMPERATURE)
     noise = np.random.default_rng(1).normal(size=(400, 4)) * 50.0  # logits unrelated to the labels
     fitted = fit_temperature(noise, np.arange(400) % 4)

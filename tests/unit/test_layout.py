@@ -1,4 +1,5 @@
-"""Scanning and checking the raw Kaggle layout, with the quirks of the real data."""
+"""Scanning and checking raw datasets: the Kaggle layout with the quirks of the real data, class folders
+and flat folders with a label file as other hospitals send them, and the label mapping."""
 
 from __future__ import annotations
 
@@ -9,8 +10,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxrcore.data.layout import LayoutError, check_layout, scan_layout, source_of
+from cxrcore.cli import main
+from cxrcore.config import ConfigError, IngestConfig, parse_label_map
+from cxrcore.data.layout import LabelFile, LayoutError, check_layout, decode_image, scan_layout, source_of
+from cxrcore.decode import decode_upload
 from tests.conftest import lung_mask, write_png, xray
+from tests.e2e.uploads import chest, dicom_bytes
 
 
 def _metadata(path: Path, names: list[str], url: str) -> None:
@@ -37,7 +42,8 @@ def raw(tmp_path: Path) -> Path:
         root / "Viral Pneumonia.metadata.xlsx", ["VIRAL PNEUMONIA-1", "viral pneumonia-2"], "https://x.org/y"
     )
     write_png(root / "normal/images/Normal-1.png", xray(20))
-    write_png(root / "Cats/images/cat-1.png", xray(30))
+    write_png(root / "Cats/images/cat-1.png", xray(30))  # a label that maps to no class
+    (root / "notes").mkdir()  # neither a class nor images
     return root
 
 
@@ -50,7 +56,8 @@ def test_scan_pairs_images_with_masks_and_metadata(raw: Path) -> None:
     assert (covid.metadata_matched, covid.metadata_unmatched) == (3, 1)
     viral = scan.classes["Viral Pneumonia"]
     assert (viral.images, viral.pairs, viral.images_without_mask, viral.metadata_matched) == (2, 1, 1, 2)
-    assert scan.unknown_folders == [str(raw / "Cats")]
+    assert scan.unmapped == {"Cats": [str(raw / "Cats/images/cat-1.png")]}
+    assert scan.unknown_folders == [str(raw / "notes")]
     by_file = {e.file: e for e in scan.entries}
     assert by_file["COVID-1.png"].source == "github.com/a"
     assert by_file["Viral Pneumonia-2.png"].mask_path is None
@@ -118,3 +125,204 @@ def test_real_sample_layout(real_sample: Path) -> None:
     assert scan.classes["COVID"].pairs == 30
     assert all(r.metadata_unmatched == 0 and r.unreadable == 0 for r in scan.classes.values())
     assert np.mean([e.source != "unknown" for e in scan.entries]) == 1.0
+
+
+def _chest_dicom(seed: int, preamble: bool = True) -> bytes:
+    return dicom_bytes(np.round(chest(seed, 120, 100) * 4000).astype(np.uint16), preamble=preamble)
+
+
+def test_class_folders_holding_images_directly_a_subset_of_classes_and_dicom(tmp_path: Path) -> None:
+    root = tmp_path / "hospital"
+    write_png(root / "covid/a.png", xray(1))
+    write_png(root / "covid/b.jpg", xray(2))
+    normal = root / "NORMAL"
+    normal.mkdir()
+    (normal / "c.dcm").write_bytes(_chest_dicom(0))
+    (normal / "d.dcm").write_bytes(_chest_dicom(1, preamble=False))  # known as DICOM by its name only
+    (normal / "e.dcm").write_bytes(b"not a dicom")
+    scan = check_layout(root)
+    assert {label: report.images for label, report in scan.classes.items()} == {"COVID": 2, "Normal": 3}
+    assert all(entry.mask_path is None and entry.source == "unknown" for entry in scan.entries)
+    [unreadable] = scan.unreadable
+    assert Path(unreadable["path"]).name == "e.dcm" and "DICOM" in unreadable["reason"]
+    # Ingest reads a DICOM exactly as `cxr serve` decodes the same file uploaded.
+    data = (normal / "c.dcm").read_bytes()
+    np.testing.assert_array_equal(decode_image(data, "c.dcm"), decode_upload(data, "application/dicom"))
+    headless = (normal / "d.dcm").read_bytes()
+    assert decode_image(headless, "d.dcm").shape == (120, 100)
+
+
+def test_folder_names_map_like_labels_and_a_folder_that_maps_to_none_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "export"
+    write_png(root / "COVID-19/a.png", xray(1))
+    for i in range(2):
+        write_png(root / f"Tuberculosis/t{i}.png", xray(10 + i))
+    scan = scan_layout(root, label_map={"covid-19": "COVID"})
+    assert [entry.label for entry in scan.entries] == ["COVID"]
+    assert scan.unmapped == {
+        "Tuberculosis": [str(root / "Tuberculosis/t0.png"), str(root / "Tuberculosis/t1.png")]
+    }
+    refusal = scan.refusal()
+    assert refusal is not None
+    assert "label 'Tuberculosis' maps to no class (2): Tuberculosis/t0.png, Tuberculosis/t1.png" in refusal
+    assert '--map "LABEL=CLASS,..."' in refusal and "--skip-unmapped" in refusal
+    with pytest.raises(LayoutError, match=r"(?s)'COVID-19' maps to no class.*'Tuberculosis'"):
+        scan_layout(root)  # nothing maps without --map: the error is the list, not "no images"
+
+
+@pytest.fixture
+def export(tmp_path: Path) -> tuple[Path, Path]:
+    """A hospital's export: one folder of images and a CSV that labels them in its own words."""
+    root = tmp_path / "export"
+    for i in range(5):
+        write_png(root / f"img{i}.png", xray(i))
+    (root / "scan5.dcm").write_bytes(_chest_dicom(5))
+    write_png(root / "extra.png", xray(9))  # not in the label file
+    rows = [
+        ("IMG0", "COVID-19", "https://www.hosp-a.org/case/1"),  # no extension, other case
+        ("img1.png", "No finding", "https://hosp-b.org/2"),
+        ("img2.png", "Viral Pneumonia", ""),  # a class name already
+        ("img3.png", "Tuberculosis", ""),
+        ("img4.png", "covid-19", ""),  # the same label, spelled in another case
+        ("scan5.dcm", "No finding", ""),
+        ("scan5.dcm", "No finding", ""),  # named twice, alike: fine
+        ("gone.png", "COVID-19", ""),
+    ]
+    labels = tmp_path / "labels.csv"
+    pd.DataFrame(rows, columns=["File Name", "finding", "URL"]).to_csv(labels, index=False)
+    return root, labels
+
+
+HOSPITAL_MAP = {"COVID-19": "COVID", "No finding": "Normal"}
+
+
+def test_flat_folder_labelled_by_a_csv(export: tuple[Path, Path]) -> None:
+    root, labels = export
+    scan = check_layout(root, LabelFile(str(labels), label_column="finding"), HOSPITAL_MAP)
+    by_file = {entry.file: entry for entry in scan.entries}
+    assert {name: entry.label for name, entry in by_file.items()} == {
+        "img0.png": "COVID", "img1.png": "Normal", "img2.png": "Viral Pneumonia", "img4.png": "COVID",
+        "scan5.dcm": "Normal",
+    }  # fmt: skip
+    assert list(scan.classes) == ["COVID", "Normal", "Viral Pneumonia"]
+    assert (by_file["img0.png"].source, by_file["img1.png"].source, by_file["img2.png"].source) == (
+        "hosp-a.org",
+        "hosp-b.org",
+        "unknown",
+    )
+    assert scan.label_file == {
+        "path": str(labels), "file_column": "File Name", "label_column": "finding", "url_column": "URL"
+    }  # fmt: skip
+    assert scan.unmapped == {"Tuberculosis": [str(root / "img3.png")]}
+    assert scan.missing_files == ["gone.png"]
+    assert scan.unlabelled == [str(root / "extra.png")]
+    assert scan.unreadable == []  # the DICOM decodes
+    assert "label 'Tuberculosis' maps to no class (1): img3.png" in (scan.refusal() or "")
+
+
+def test_xlsx_label_file_with_paths_and_conflicting_labels(tmp_path: Path) -> None:
+    root = tmp_path / "export"
+    write_png(root / "batch1/a.png", xray(1))
+    write_png(root / "b.png", xray(2))
+    write_png(root / "c.png", xray(3))
+    labels = tmp_path / "labels.xlsx"
+    rows = [("batch1/a.png", "Normal"), ("b.png", "Normal"), ("b.png", "COVID"), ("c.png", "COVID")]
+    pd.DataFrame(rows, columns=["Path", "Label"]).to_excel(labels, index=False)
+    scan = scan_layout(root, LabelFile(str(labels)))  # both columns found by their names
+    assert scan.label_file is not None and scan.label_file["url_column"] is None
+    assert {(entry.file, entry.label) for entry in scan.entries} == {("a.png", "Normal"), ("c.png", "COVID")}
+    assert scan.conflicting_labels == {str(root / "b.png"): ["Normal", "COVID"]}
+    assert "b.png has labels of different classes: 'Normal', 'COVID'" in (scan.refusal() or "")
+
+
+@pytest.mark.parametrize(
+    ("label_file", "message"),
+    [
+        (LabelFile("missing.csv"), "--labels: .*missing.csv does not exist"),
+        (LabelFile("a.json"), "is neither CSV nor XLSX"),
+        (LabelFile("a.csv", label_column="findng"), r"--label-column: .* 'findng' \(did you mean 'finding'"),
+        (
+            LabelFile("a.csv", file_column="x"),
+            "--file-column: .* no column 'x'; its columns: filename, finding",
+        ),
+        (LabelFile("b.csv"), "no column is recognisably the label column; name it with --label-column"),
+        (LabelFile("a.csv", file_column="finding"), "no image in .* is named in column 'finding'"),
+    ],
+)
+def test_label_file_problems_name_the_flag_to_fix_them(
+    tmp_path: Path, label_file: LabelFile, message: str
+) -> None:
+    write_png(tmp_path / "raw/img.png", xray(0))
+    (tmp_path / "a.csv").write_text("filename,finding\nimg.png,COVID\n")
+    (tmp_path / "b.csv").write_text("filename,what\nimg.png,COVID\n")
+    (tmp_path / "a.json").write_text("{}")
+    located = LabelFile(str(tmp_path / label_file.path), label_file.label_column, label_file.file_column)
+    with pytest.raises(LayoutError, match=message):
+        scan_layout(tmp_path / "raw", located)
+    with pytest.raises(LayoutError, match="pass --labels FILE too"):
+        LabelFile.from_flags(None, label_column="finding")
+
+
+def test_label_map_flag() -> None:
+    assert parse_label_map('COVID-19=covid, No finding = Normal, "Pneumonia, viral=Viral Pneumonia"') == {
+        "COVID-19": "COVID",
+        "No finding": "Normal",
+        "Pneumonia, viral": "Viral Pneumonia",
+    }
+    with pytest.raises(ConfigError, match=r"--map: 'Tuberculosis' .* is not a class; classes: COVID"):
+        parse_label_map("TB=Tuberculosis")
+    with pytest.raises(ConfigError, match="--map: expected LABEL=CLASS pairs"):
+        parse_label_map("COVID-19")
+
+
+def test_check_and_ingest_refuse_unmapped_labels_with_their_files(
+    export: tuple[Path, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from cxrcore.data.ingest import ingest_dataset
+
+    monkeypatch.chdir(tmp_path)  # relative paths, as a user types them
+    args = ["data", "check", "export", "--labels", "labels.csv", "--map", "COVID-19=COVID,No finding=Normal"]
+    assert main(args) == 1
+    out, err = capsys.readouterr()
+    assert "label 'Tuberculosis' maps to no class (1): img3.png" in out
+    assert "named in the label file but not found (1): gone.png" in out
+    assert "not in the label file, skipped (1): extra.png" in out
+    assert "--skip-unmapped" in err
+    assert main([*args, "--skip-unmapped"]) == 0
+    assert "left out, label 'Tuberculosis' maps to no class (1): img3.png" in capsys.readouterr().out
+
+    # Ingest stops before decoding anything (no Ray needed to get here), and writes nothing.
+    config = IngestConfig(raw="export", out="ds", labels="labels.csv", map="COVID-19=COVID,No finding=Normal")
+    with pytest.raises(
+        LayoutError, match=r"(?s)'Tuberculosis' maps to no class \(1\): img3.png.*--skip-unmapped"
+    ):
+        ingest_dataset(config)
+    assert not (tmp_path / "ds").exists()
+
+
+def test_real_sample_as_a_flat_folder_with_a_csv(real_sample: Path, tmp_path: Path) -> None:
+    labels = write_flat_copy(real_sample, tmp_path / "flat", {"COVID": "COVID-19", "Normal": "No finding"})
+    scan = scan_layout(tmp_path / "flat", LabelFile(str(labels), "finding"), HOSPITAL_MAP)
+    assert {label: report.images for label, report in scan.classes.items()} == {
+        "COVID": 50,
+        "Normal": 40,
+        "Viral Pneumonia": 40,
+    }
+    assert scan.refusal() is None and not scan.missing_files and not scan.unlabelled
+    assert scan.sources["data.mendeley.com"] == 80 and "unknown" not in scan.sources
+
+
+def write_flat_copy(raw: Path, out: Path, labels: dict[str, str]) -> Path:
+    """Lay a Kaggle-layout dataset out as a hospital would send it: symlinked images in one folder and a
+    CSV (filename, finding, url) whose labels are `labels[class]` or the class name; returns the CSV."""
+    out.mkdir(parents=True)
+    rows = []
+    for entry in scan_layout(raw).entries:
+        (out / entry.file).symlink_to(entry.image_path)
+        rows.append((entry.file, labels.get(entry.label, entry.label), entry.url))
+    path = out.parent / f"{out.name}.csv"
+    pd.DataFrame(rows, columns=["filename", "finding", "url"]).to_csv(path, index=False)
+    return path

@@ -7,10 +7,19 @@ import warnings
 
 import numpy as np
 import pytest
+from scipy.stats import binomtest
 from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 
 from cxrcore.labels import CLASSES
-from cxrcore.metrics import classification_metrics, reliability_bins, roc_curves, segmentation_metrics
+from cxrcore.metrics import (
+    classification_metrics,
+    confusion_scores,
+    one_vs_rest,
+    reliability_bins,
+    roc_curves,
+    segmentation_metrics,
+    wilson_interval,
+)
 
 
 def _predictions(
@@ -91,7 +100,9 @@ def test_absent_class_keeps_its_row_and_column_without_warnings() -> None:
     defined = [metrics["per_class"][name]["auroc"] for name in CLASSES if name != "Lung_Opacity"]
     assert metrics["macro_auroc"] == pytest.approx(np.mean(defined))
     predicted = probs.argmax(axis=1)
-    assert metrics["macro_f1"] == pytest.approx(f1_score(labels, predicted, average="macro"))
+    assert matrix[:, 1].sum() > 0  # the model predicts the absent class: its column shows it ...
+    present = [0, 2, 3]  # ... but the macro averages run over the classes the labels hold
+    assert metrics["macro_f1"] == pytest.approx(f1_score(labels, predicted, labels=present, average="macro"))
     assert metrics["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(labels, predicted))
 
 
@@ -109,6 +120,55 @@ def test_class_never_predicted_nor_present_is_left_out_of_macro_averages() -> No
         "auroc": None,
     }
     assert metrics["macro_f1"] == pytest.approx(f1_score(labels, probs.argmax(axis=1), average="macro"))
+
+
+def test_confusion_scores_agree_with_classification_metrics_and_restrict_rows() -> None:
+    labels, probs = _predictions(300, seed=4)
+    metrics = classification_metrics(labels, probs)
+    scores = confusion_scores(metrics["confusion_matrix"])
+    for key in ("n", "accuracy", "balanced_accuracy", "macro_f1"):
+        assert scores[key] == pytest.approx(metrics[key])
+    assert scores["classes"] == list(CLASSES)
+    # Restricting the rows scores the images of those classes as if the set held only them.
+    keep = np.isin(labels, [0, 2])
+    subset = classification_metrics(labels[keep], probs[keep])
+    restricted = confusion_scores(metrics["confusion_matrix"], rows=["COVID", "Normal"])
+    for key in ("n", "accuracy", "balanced_accuracy", "macro_f1"):
+        assert restricted[key] == pytest.approx(subset[key])
+    assert restricted["classes"] == ["COVID", "Normal"]
+    assert set(restricted["per_class_f1"]) == {"COVID", "Normal"}
+    with pytest.raises(ValueError, match="not among the classes"):
+        confusion_scores(metrics["confusion_matrix"], rows=["Pneumothorax"])
+    with pytest.raises(ValueError, match="empty"):
+        confusion_scores(np.zeros((4, 4), dtype=int))
+
+
+def test_one_vs_rest_sensitivity_and_specificity() -> None:
+    # Rows true, columns predicted; Lung_Opacity absent but predicted twice, Viral Pneumonia absent.
+    matrix = [[8, 2, 0, 0], [0, 0, 0, 0], [3, 0, 7, 0], [0, 0, 0, 0]]
+    result = one_vs_rest(matrix)
+    assert set(result) == {"COVID", "Normal"}
+    covid = result["COVID"]
+    assert (covid["true_positives"], covid["false_negatives"]) == (8, 2)
+    assert (covid["true_negatives"], covid["false_positives"]) == (7, 3)
+    assert covid["sensitivity"] == 0.8 and covid["specificity"] == 0.7
+    assert covid["sensitivity_ci95"] == pytest.approx(wilson_interval(8, 10))
+    normal = result["Normal"]
+    assert normal["sensitivity"] == 0.7 and normal["specificity"] == 1.0  # never called Normal wrongly
+    only_one = one_vs_rest([[5, 1, 0, 0], [0] * 4, [0] * 4, [0] * 4])["COVID"]
+    assert only_one["specificity"] is None and only_one["specificity_ci95"] is None  # no negatives
+
+
+@pytest.mark.parametrize(("successes", "n"), [(8, 10), (0, 10), (10, 10), (57, 100), (1, 3)])
+def test_wilson_interval_agrees_with_scipy(successes: int, n: int) -> None:
+    expected = binomtest(successes, n).proportion_ci(confidence_level=0.95, method="wilson")
+    assert wilson_interval(successes, n) == pytest.approx([expected.low, expected.high], abs=1e-6)
+
+
+def test_wilson_interval_edge_cases() -> None:
+    assert wilson_interval(0, 0) is None
+    with pytest.raises(ValueError, match="successes"):
+        wilson_interval(11, 10)
 
 
 def test_single_class_labels_give_no_auroc() -> None:

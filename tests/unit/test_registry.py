@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
+import queue
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pyarrow.fs as pafs
 import pytest
@@ -16,6 +20,7 @@ from cxrcore.cli import main
 from cxrcore.data.storage import resolve
 from cxrcore.models import create_model, get_build_args, get_input_spec
 from cxrcore.registry import ModelRegistry, RegistryError
+from tests.unit.registry_race import TIMEOUT, register_and_promote, watch_registry
 
 NAME = "tiny_cnn_lstm"
 
@@ -207,6 +212,63 @@ def test_racing_registrations_get_distinct_versions(
     versions = registry.versions()
     assert [v.version for v in versions] == numbers
     assert all(v.card.version == v.ref and Path(v.uri).name == f"v{v.version}" for v in versions)
+
+
+def test_processes_registering_and_promoting_at_once(tmp_path: Path, checkpoint: Path) -> None:
+    """4 processes × 5 registrations, each followed by two promotions, while a reader polls."""
+    writers, count = 4, 5
+    root = tmp_path / "reg"
+    context = multiprocessing.get_context("spawn")
+    start, stop, results = context.Barrier(writers + 1), context.Event(), context.Queue()
+    processes = [
+        context.Process(
+            target=register_and_promote, args=(str(root), str(checkpoint), w, count, start, results)
+        )
+        for w in range(writers)
+    ]
+    processes.append(context.Process(target=watch_registry, args=(str(root), start, stop, results)))
+    for process in processes:
+        process.start()
+    finished = False
+    try:
+        numbers = dict(_collect(results, processes, writers))
+        stop.set()
+        [(_, reads, problems)] = _collect(results, processes, 1)
+        finished = True
+    finally:
+        stop.set()
+        for process in processes:
+            process.join(timeout=TIMEOUT if finished else 0)  # after a failure the rest wait at `start`
+            if process.is_alive():
+                process.kill()
+                process.join()
+    assert [p.exitcode for p in processes] == [0] * (writers + 1)
+
+    assert sorted(n for mine in numbers.values() for n in mine) == list(range(1, writers * count + 1))
+    assert all(mine == sorted(mine) for mine in numbers.values())
+    assert reads > 0 and problems == []  # never torn, never pointing at a half-written version
+    registry = ModelRegistry(root)
+    last = {w: f"{NAME}:{mine[-1]}" for w, mine in numbers.items()}
+    aliases = registry.aliases()
+    assert {a: t for a, t in aliases.items() if a != "production"} == {f"writer-{w}": last[w] for w in last}
+    assert aliases["production"] in last.values()  # each writer's last move was to promote its last version
+    assert [v.ref for v in registry.versions()] == [f"{NAME}:{n}" for n in range(1, writers * count + 1)]
+    assert all(v.card.version == v.ref for v in registry.versions())
+    assert not list(root.rglob("*.tmp-*"))
+
+
+def _collect(results: Any, processes: list[Any], count: int) -> list[Any]:
+    """`count` results from the queue; fails as soon as a process dies with an error, or at TIMEOUT."""
+    collected: list[Any] = []
+    deadline = time.monotonic() + TIMEOUT
+    while len(collected) < count:
+        try:
+            collected.append(results.get(timeout=0.5))
+        except queue.Empty:
+            failed = [p.exitcode for p in processes if p.exitcode not in (None, 0)]
+            assert not failed, f"a registry process failed (exit codes {failed}); its traceback is above"
+            assert time.monotonic() < deadline, f"no result after {TIMEOUT:.0f} s"
+    return collected
 
 
 def test_cli_models_list_show_promote(

@@ -13,9 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cxrcore.evaluate.external import DatasetRelation, compare_with_internal, external_block
 from cxrcore.evaluate.report import (
     ReportSection,
     confusion_matrix_figure,
+    evaluation_lead,
+    external_sections,
     format_number,
     html_table,
     metrics_table,
@@ -123,6 +126,31 @@ def test_report_needs_curves_and_distinct_extra_names(tmp_path: Path) -> None:
         write_evaluation_report(tmp_path, cheap)
     with pytest.raises(ValueError, match="clash"):
         write_evaluation_report(tmp_path, _metrics(3), extra={"accuracy": {"n": 1}})
+    with pytest.raises(ValueError, match="clash"):
+        write_evaluation_report(tmp_path, _metrics(3), extra={"evaluated": {}}, evaluated={"split": "all"})
+
+
+def test_external_sections_escape_and_lead_with_the_verdict() -> None:
+    """The external validation's HTML without plotting, from the blocks cxrcore.evaluate.external writes."""
+    metrics = classification_metrics(np.array([0, 0, 2, 2]), np.eye(4)[[0, 1, 2, 2]])
+    relation = DatasetRelation("external", "f00", {"dataset": "own", "fingerprint": "abc"})
+    overlap = {"checked": False, "reason": "cannot read it here: <gone>"}
+    external = external_block(
+        metrics, dataset="/data/<hospital>", split="all", relation=relation, overlap=overlap,
+        temperature=1.5, masks="none",
+    )  # fmt: skip
+    reference = {"kind": "test", "source": "report", "accuracy": 0.99, "macro_f1": 0.99, "ece": 0.02}
+    comparison = compare_with_internal(external, reference, CLASSES, ece=metrics["ece"])
+    text = "".join(section.html for section in external_sections(external, comparison))
+    assert "/data/&lt;hospital&gt;" in text and "&lt;gone&gt;" in text and "<gone>" not in text
+    assert "Lung_Opacity: 1" in text  # predicted although absent
+    assert "<th>internal (test)</th>" in text
+    lead = evaluation_lead({"note": None}, comparison)
+    assert lead.startswith('<p class="lead alert">Large drop') and lead.count("<p") == 1
+    calm = compare_with_internal(external, {**reference, "accuracy": 0.8, "macro_f1": 0.7}, CLASSES, ece=0.1)
+    note, verdict = evaluation_lead({"note": "includes <training> images"}, calm).split("\n")
+    assert note.startswith('<p class="lead alert">This evaluation includes &lt;training&gt; images.')
+    assert verdict.startswith('<p class="lead">Accuracy 0.80 internal (test)')
 
 
 def test_metrics_table_rows() -> None:

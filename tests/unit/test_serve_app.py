@@ -25,6 +25,7 @@ def test_config_file_is_a_valid_serve_deploy_config_with_valid_args() -> None:
     assert app.import_path == "serve.app:build_app"
     args = ServeArgs.model_validate(app.args)
     assert args.model == "production" and args.max_ongoing_requests >= args.max_batch_size
+    assert "max_queued_requests" in app.args and "retry_after_s" in app.args  # the overload bound, visible
 
 
 @pytest.mark.parametrize(
@@ -35,6 +36,8 @@ def test_config_file_is_a_valid_serve_deploy_config_with_valid_args() -> None:
         ({"num_cpus": 0}, "num_cpus"),
         ({"max_upload_mb": -1}, "max_upload_mb"),
         ({"modle": "x"}, "modle"),
+        ({"max_queued_requests": 0}, "max_queued_requests"),
+        ({"retry_after_s": -1}, "retry_after_s"),
     ],
 )
 def test_bad_args_are_refused_naming_the_field(overrides: dict, match: str) -> None:
@@ -55,6 +58,22 @@ def test_build_app_refuses_a_mask_model_without_a_segmenter(tmp_path: Path) -> N
     orphan = write_checkpoint(tmp_path / "orphan", "tiny_dual_cnn", 5)
     with pytest.raises(ValueError, match="names no segmenter"):
         build_app(ServeArgs(model=str(orphan)))
+
+
+def test_build_app_bounds_the_classifier_queue_and_the_ingress(tmp_path: Path) -> None:
+    from serve.app import INGRESS_HEADROOM
+    from serve.ingress import ApiLimits
+
+    checkpoint = write_checkpoint(tmp_path / "cnn_lstm", "tiny_cnn_lstm", 2)
+    args = ServeArgs(model=str(checkpoint), max_replicas=3, max_ongoing_requests=16, max_queued_requests=7)
+    api = build_app(args.model_copy(update={"retry_after_s": 2.5}))._bound_deployment
+    classifier = api.init_args[0]._bound_deployment
+    assert classifier.name == "Classifier" and classifier.max_queued_requests == 7
+    assert classifier.backpressure_config.retry_after_s == 2.5
+    # The ingress holds all the classifier can (3 × 16 running + 7 queued) and room to refuse the rest.
+    assert api.max_ongoing_requests == 3 * 16 + 7 + INGRESS_HEADROOM
+    assert api.max_queued_requests == INGRESS_HEADROOM and api.backpressure_config.retry_after_s == 2.5
+    assert api.init_args[1] == ApiLimits(args.max_upload_bytes, args.min_image_side, 2.5)
 
 
 def test_registry_references_pin_to_a_version(tmp_path: Path) -> None:

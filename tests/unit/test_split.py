@@ -1,12 +1,14 @@
-"""Duplicate grouping and the stratified, deterministic, duplicate-aware split."""
+"""Duplicate grouping, the stratified, deterministic, duplicate-aware split, and held-out sources."""
 
 from __future__ import annotations
 
 from collections import Counter
 
 import numpy as np
+import pytest
 
-from cxrcore.data.split import assign_splits, duplicate_groups
+from cxrcore.config import ConfigError
+from cxrcore.data.split import assign_splits, choose_test_sources, duplicate_groups
 
 FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
 
@@ -67,3 +69,35 @@ def test_duplicate_groups_stay_in_one_split_and_split_depends_on_content_and_see
         [labels[i] for i in order], renumbered_groups, renumbered_keys, FRACTIONS, seed=0
     )
     assert renumbered == [splits[i] for i in order]
+
+
+def test_held_out_rows_and_their_duplicates_all_go_to_test_and_the_rest_split_as_alone() -> None:
+    labels = ["A"] * 60 + ["B"] * 40
+    groups = [i - i % 2 if i < 20 else i for i in range(100)]  # rows 0..19 in pairs of duplicates
+    keys = {g: f"k{g}" for g in set(groups)}
+    held = [i % 5 == 0 for i in range(100)]  # every fifth row's source is held out; row 0 pairs with 1
+    splits = assign_splits(labels, groups, keys, FRACTIONS, seed=0, held_out=held)
+    test_groups = {groups[i] for i in range(100) if held[i]}
+    assert all(splits[i] == "test" for i in range(100) if groups[i] in test_groups)
+    assert splits[1] == "test"  # a duplicate of a held-out image never reaches train or val
+    rest = [i for i in range(100) if groups[i] not in test_groups]
+    alone = assign_splits([labels[i] for i in rest], [groups[i] for i in rest], keys, FRACTIONS, seed=0)
+    assert [splits[i] for i in rest] == alone
+    assert assign_splits(labels, groups, keys, FRACTIONS, 0, [False] * 100) == assign_splits(
+        labels, groups, keys, FRACTIONS, 0
+    )
+
+
+def test_test_sources_are_names_from_the_scan() -> None:
+    known = {"site-a.synthetic.cxr": 40, "site-b.synthetic.cxr": 38, "nejm.org": 10}
+    assert choose_test_sources(["WWW.Site-B.synthetic.cxr/", "nejm.org"], known) == {
+        "site-b.synthetic.cxr",
+        "nejm.org",
+    }
+    assert choose_test_sources([], known) == set()
+    with pytest.raises(ConfigError, match=r"unknown source 'site-c.synthetic.cxr' \(did you mean 'site-"):
+        choose_test_sources(["site-c.synthetic.cxr"], known)
+    with pytest.raises(ConfigError, match=r"sources are: site-a.synthetic.cxr \(40 images\), site-b"):
+        choose_test_sources(["nowhere"], known)
+    with pytest.raises(ConfigError, match="every source of the dataset"):
+        choose_test_sources(list(known), known)

@@ -15,10 +15,13 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
+from cxrcore.cli import main
 from cxrcore.data.synthetic import (
+    MARKER_STYLES,
     METADATA_COLUMNS,
     SOURCES_PER_CLASS,
     render_phantom,
+    site_url,
     source_url,
     write_synthetic_dataset,
 )
@@ -102,6 +105,33 @@ def test_same_seed_same_pixels_and_smaller_sets_are_prefixes(tmp_path: Path) -> 
     assert not any(np.array_equal(a[k], d[k]) for k in images)
     meta = [pd.read_excel(tmp_path / x / "COVID.metadata.xlsx") for x in "ac"]
     pd.testing.assert_frame_equal(meta[0], meta[1].head(3))
+
+
+def test_with_two_sites_the_marker_follows_the_class_at_site_a_only(tmp_path: Path) -> None:
+    per_class = 24
+    write_synthetic_dataset(tmp_path, per_class, seed=4, image_size=64, mask_size=32, sites=2)
+    frames = np.array([style.frame for style in MARKER_STYLES])
+    agreement: dict[str, list[bool]] = {site_url(0): [], site_url(1): []}
+    for index, name in enumerate(CLASSES):
+        metadata = pd.read_excel(tmp_path / f"{name}.metadata.xlsx", engine="openpyxl")
+        assert set(metadata["URL"]) == set(agreement)  # every class at both sites
+        for i, url in enumerate(metadata["URL"], start=1):
+            image = _pixels(tmp_path / name / "images" / f"{name}-{i}.png")
+            edge = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]]).astype(float)
+            style = int(np.abs(frames - np.median(edge)).argmin())  # the frame's gray level reads the style
+            agreement[url].append(style == index)
+    assert np.mean(agreement[site_url(0)]) > 0.8  # the shortcut: at site a the marker names the class
+    assert np.mean(agreement[site_url(1)]) < 0.45  # at site b it is chance (0.25)
+
+
+def test_synth_sites_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["data", "synth", str(tmp_path / "raw"), "--per-class", "1", "--sites", "2"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "sites: site-a.synthetic.cxr (marker follows the class), site-b.synthetic.cxr (marker random)" in out
+    )
+    assert "--test-sources site-b.synthetic.cxr" in out
+    assert main(["data", "synth", str(tmp_path / "raw"), "--sites", "0"]) == 2
 
 
 def test_render_phantom_shapes_determinism_and_errors() -> None:

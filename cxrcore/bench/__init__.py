@@ -1,0 +1,80 @@
+"""Benchmarks (`python -m jobs.benchmark`): each stage beside its plain baseline, measured in one run.
+
+Sections: `ingest` (Ray Data vs one process), `train` (Ray Train vs a plain PyTorch loop), `serve` (HTTP
+vs direct `predict_proba`) and `gpu` (ResNet50: the limit, cxr's Ray path, DDP, inference). Figures
+are never asserted in tests; the tests check that `--quick` runs write a well-formed report.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import time
+from collections.abc import Callable
+
+from cxrcore.bench.gpu import benchmark_gpu, check_device
+from cxrcore.bench.ingest import benchmark_ingest
+from cxrcore.bench.report import Report, Section, load_average, machine_info
+from cxrcore.bench.serve import benchmark_serve
+from cxrcore.bench.train import benchmark_train
+from cxrcore.config import BenchmarkConfig, to_dict
+
+log = logging.getLogger(__name__)
+
+TITLES = {
+    "ingest": "Ingest: Ray Data vs one process",
+    "train": "Training: Ray Train vs plain PyTorch",
+    "serve": "Serving: Ray Serve HTTP vs direct predict_proba",
+    "gpu": "GPU: ResNet50 at 224 px",
+}
+
+
+def run_benchmarks(config: BenchmarkConfig) -> Report:
+    """Run the sections `config` asks for, rewriting OUT/benchmark.{json,md} after each, so a long run keeps
+    what it has measured whatever happens later."""
+    import ray
+    import torch
+
+    if config.what == "gpu":
+        check_device(config.device)  # before anything runs
+    report = Report(machine_info(), {"command": command(config), **to_dict(config)})
+    started_ray = not ray.is_initialized()
+    for name in config.sections():
+        if name == "gpu" and config.device == "cuda" and not torch.cuda.is_available():
+            section = Section(name, TITLES[name], skipped="no CUDA device visible on this machine")
+        else:
+            if name == "serve" and started_ray and ray.is_initialized():
+                # serve.benchmark starts a Ray of its own; two on one machine would share its cores.
+                ray.shutdown()
+            section = _run_section(name, config)
+        report.sections.append(section)
+        report.write(config.out)
+    return report
+
+
+def _run_section(name: str, config: BenchmarkConfig) -> Section:
+    """One section, timed; a section that fails says why in the report, and the others still run."""
+    started = time.perf_counter()
+    try:
+        section = RUNNERS[name](config)
+    except Exception as exc:
+        log.exception("benchmark section %s failed", name)
+        section = Section(name, TITLES[name], error=f"{type(exc).__name__}: {exc}")
+    section.seconds = time.perf_counter() - started
+    section.load_average = load_average()
+    return section
+
+
+def command(config: BenchmarkConfig) -> str:
+    """The command line that repeats this run's choices (every setting is in benchmark.json)."""
+    words = ["python", "-m", "jobs.benchmark", config.what, "--out", config.out]
+    words += ["--quick"] * config.quick + (["--raw", config.raw] if config.raw else [])
+    return shlex.join(words)
+
+
+RUNNERS: dict[str, Callable[[BenchmarkConfig], Section]] = {
+    "ingest": benchmark_ingest,
+    "train": benchmark_train,
+    "serve": benchmark_serve,
+    "gpu": benchmark_gpu,
+}

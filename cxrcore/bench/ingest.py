@@ -1,0 +1,213 @@
+"""Ingest: cxr's Ray Data pipeline vs one process doing the same work with the same functions.
+
+The baseline calls what the pipeline calls (`scan_layout`, `decode_pair_batch`, `duplicate_groups`,
+`assign_splits`) and writes the same columns to Parquet partitioned by split, so the ratio says what Ray
+adds on these cores. Decode alone (read and decode image and mask) is the limit of one core.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxrcore.bench.data import write_phantoms
+from cxrcore.bench.report import Row, Section, Target
+from cxrcore.config import BenchmarkConfig, IngestConfig
+
+TARGET = Target("ratio", 1.6)
+"""Issue 9: Ray Data ingest at least 1.6× one process doing the same work."""
+
+
+def benchmark_ingest(config: BenchmarkConfig) -> Section:
+    """Time decode alone, the one-process ingest and cxr's Ray Data ingest on the same raw folder."""
+    from cxrcore.data.ingest import ingest_dataset
+    from cxrcore.runtime import init_ray
+
+    with tempfile.TemporaryDirectory(prefix="cxr-bench-ingest-", dir=config.work_dir) as work:
+        if config.raw:
+            raw, described = Path(config.raw), f"raw folder {config.raw}"
+        else:
+            raw = Path(work) / "raw"
+            written = write_phantoms(raw, config.images, processes=1 if config.quick else os.cpu_count() or 1)
+            described = f"{written} synthetic 299 px PNGs with 256 px masks"
+        # Decode alone runs first and reads every file, so every measurement below finds them in the page
+        # cache alike.
+        decode = decode_alone(raw)
+        one = ingest_in_one_process(raw, Path(work) / "one-process", config.size)
+
+        started = time.perf_counter()
+        was_running = _ray_running()
+        init_ray(config.address)
+        ray_start = time.perf_counter() - started
+        started = time.perf_counter()
+        report = ingest_dataset(IngestConfig(raw=str(raw), out=str(Path(work) / "ray"), size=config.size))
+        ray_seconds = time.perf_counter() - started
+
+    images = one["images"]
+    cpus = _ray_cpus()
+    ray_rate = images / ray_seconds
+    one_rate = images / one["seconds"]
+    decode_rate = images / decode["seconds"]
+    stages = report["seconds_by_stage"]
+    decode_stage = stages.get("scan_and_decode")
+    rows = [
+        Row("Ray Data ingest, whole", ray_rate, "images/s", "one process, the same work", one_rate, TARGET),
+        Row(
+            "Ray Data scan + decode stage",
+            images / decode_stage if decode_stage else None,
+            "images/s",
+            "one process, scan + decode",
+            images / (one["stages"]["scan"] + one["stages"]["decode"]),
+        ),
+        Row("one process, the same work", one_rate, "images/s", "decode alone, one process (the limit)",
+            decode_rate),
+        Row("Ray Data ingest, against the cores' decoding", ray_rate, "images/s",
+            f"decode alone × {os.cpu_count()} cores (the limit here)", decode_rate * (os.cpu_count() or 1)),
+        Row("Ray start-up" + (" (already running)" * was_running), None if was_running else ray_start, "s"),
+    ]  # fmt: skip
+    breakdown_rows: list[list[Any]] = [
+        ["one process", stage, seconds, images / seconds if seconds else None]
+        for stage, seconds in one["stages"].items()
+    ]
+    breakdown_rows += [
+        ["Ray Data", stage, seconds, images / seconds if seconds else None]
+        for stage, seconds in stages.items()
+    ]
+    notes = [
+        f"Data: {described}, {images} found, {report['ingested']} ingested, resized to {config.size} px; "
+        f"Ray Data with {cpus} logical CPUs on {os.cpu_count()} cores.",
+        "Same work: the baseline calls the pipeline's own functions (scan_layout, decode_pair_batch: decode, "
+        "validate, resize image and mask, SHA-256 and perceptual hash; duplicate_groups, assign_splits) "
+        "and writes the same columns to Parquet (Snappy) partitioned by split.",
+        "Ray's figure excludes its start-up"
+        + (" (Ray was already running)." if was_running else f" ({ray_start:.1f} s, its own row)."),
+        "Stages: Ray's `seconds_by_stage` from the ingest report; scan + decode there includes Ray Data "
+        "planning and task start-up.",
+    ]
+    return Section(
+        name="ingest",
+        title=f"Ingest: Ray Data vs one process ({images} images → {config.size} px)",
+        rows=rows,
+        breakdown=(["pipeline", "stage", "seconds", "images/s"], breakdown_rows),
+        notes=notes,
+        details={
+            "images": images,
+            "ingested": report["ingested"],
+            "size": config.size,
+            "raw": str(config.raw) if config.raw else None,
+            "ray_logical_cpus": cpus,
+            "ray_already_running": was_running,
+            "ray_start_s": ray_start,
+            "ray_seconds": ray_seconds,
+            "ray_seconds_by_stage": stages,
+            "one_process_seconds": one["seconds"],
+            "one_process_seconds_by_stage": one["stages"],
+            "decode_alone_seconds": decode["seconds"],
+        },
+    )
+
+
+def decode_alone(raw: Path) -> dict[str, float]:
+    """Read and decode every image and mask of `raw` in this process: the most one core can ingest."""
+    from cxrcore.data.layout import decode_image, scan_layout
+
+    entries = scan_layout(raw).entries
+    started = time.perf_counter()
+    for entry in entries:
+        for path in (entry.image_path, entry.mask_path):
+            if path:
+                decode_image(Path(path).read_bytes(), path)
+    return {"images": len(entries), "seconds": time.perf_counter() - started}
+
+
+def ingest_in_one_process(raw: Path, out: Path, size: int) -> dict[str, Any]:
+    """The ingest's work in one process, with its functions: scan, decode, dedupe, split, write Parquet."""
+    import pyarrow.parquet as pq
+
+    from cxrcore.data.ingest import DECODE_BATCH_SIZE, decode_pair_batch
+    from cxrcore.data.layout import scan_layout
+    from cxrcore.data.split import SPLITS, assign_splits, duplicate_groups
+    from cxrcore.data.transforms import hash_words
+
+    defaults = IngestConfig(raw=str(raw), out=str(out), size=size)
+    stages: dict[str, float] = {}
+    started = time.perf_counter()
+    entries = scan_layout(raw).entries
+    columns = {
+        "image_path": np.asarray([e.image_path for e in entries]),
+        "mask_path": np.asarray([e.mask_path or "" for e in entries]),
+        "label": np.asarray([e.label for e in entries]),
+        "source": np.asarray([e.source for e in entries]),
+        "url": np.asarray([e.url or "" for e in entries]),
+        "file": np.asarray([e.file for e in entries]),
+    }
+    stages["scan"] = time.perf_counter() - started
+
+    mark = time.perf_counter()
+    batches = [
+        decode_pair_batch(
+            {k: v[i : i + DECODE_BATCH_SIZE] for k, v in columns.items()}, size, defaults.min_side
+        )
+        for i in range(0, len(entries), DECODE_BATCH_SIZE)
+    ]
+    decoded = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]} if batches else {}
+    stages["decode"] = time.perf_counter() - mark
+
+    mark = time.perf_counter()
+    keep = decoded["error"] == ""
+    kept = {k: v[keep] for k, v in decoded.items()}
+    sha256 = list(kept["sha256"])
+    groups = duplicate_groups(sha256, hash_words(list(kept["phash"])), defaults.near_duplicate_bits)
+    group_keys: dict[int, str] = {}
+    for group, sha in zip(groups, sha256, strict=True):
+        group_keys[group] = min(sha, group_keys.get(group, sha))
+    fractions = {
+        "train": 1.0 - defaults.val_fraction - defaults.test_fraction,
+        "val": defaults.val_fraction,
+        "test": defaults.test_fraction,
+    }
+    splits = assign_splits(list(kept["label"]), groups, group_keys, fractions, defaults.seed)
+    stages["dedupe_and_split"] = time.perf_counter() - mark
+
+    mark = time.perf_counter()
+    in_split = np.asarray(splits)
+    for split in SPLITS:  # one file per split in split=NAME/ folders, as the pipeline writes them
+        rows = {name: values[in_split == split] for name, values in kept.items()}
+        if len(rows["image"]):
+            folder = out / f"split={split}"
+            folder.mkdir(parents=True, exist_ok=True)
+            pq.write_table(_parquet_table(rows, size), folder / "part-0.parquet")
+    stages["write"] = time.perf_counter() - mark
+    return {"images": len(entries), "seconds": time.perf_counter() - started, "stages": stages}
+
+
+def _parquet_table(rows: dict[str, np.ndarray], size: int) -> Any:
+    """The dataset's columns as a pyarrow Table; images and masks stored as Ray stores its tensor columns
+    (`large_list<uint8>` underneath its extension type), size² bytes each."""
+    import pyarrow as pa
+
+    def pixels(arrays: np.ndarray) -> Any:
+        offsets = np.arange(0, (len(arrays) + 1) * size * size, size * size, dtype=np.int64)
+        return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(arrays.reshape(-1)))
+
+    columns = ("has_mask", "label", "source", "url", "file", "sha256", "phash")
+    return pa.table(
+        {"image": pixels(rows["image"]), "mask": pixels(rows["mask"]), **{c: rows[c] for c in columns}}
+    )
+
+
+def _ray_running() -> bool:
+    import ray
+
+    return bool(ray.is_initialized())
+
+
+def _ray_cpus() -> int:
+    import ray
+
+    return int(ray.cluster_resources().get("CPU", 0))

@@ -1,0 +1,260 @@
+"""The benchmark report: each figure beside its baseline from the same run, their ratio, issue 9's target."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+JSON_NAME = "benchmark.json"
+MARKDOWN_NAME = "benchmark.md"
+
+
+@dataclass(frozen=True)
+class Target:
+    """A bound on a row: on its ratio, on its figure, or on how much the figure adds to the baseline.
+
+    >>> Target("ratio", 1.6).describe("images/s"), Target("added", 10, at_most=True).describe("ms")
+    ('≥ 1.6×', 'added ≤ 10 ms')
+    """
+
+    on: str
+    """"ratio" (figure / baseline), "figure", or "added" (figure − baseline)."""
+    bound: float
+    at_most: bool = False
+
+    def describe(self, unit: str) -> str:
+        sign = "≤" if self.at_most else "≥"
+        if self.on == "ratio":
+            return f"{sign} {self.bound:g}×"
+        return f"{'added ' if self.on == 'added' else ''}{sign} {self.bound:g} {unit}"
+
+    def met(self, row: Row) -> bool | None:
+        measured = {"ratio": row.ratio, "figure": row.value, "added": row.added}[self.on]
+        if measured is None:
+            return None
+        return measured <= self.bound if self.at_most else measured >= self.bound
+
+
+@dataclass
+class Row:
+    """One measurement of a section's table; the ratio is always computed here, from the two figures."""
+
+    measure: str
+    """what was measured, in words."""
+    value: float | None
+    unit: str
+    baseline: str = ""
+    """what the figure is compared with, in words."""
+    baseline_value: float | None = None
+    target: Target | None = None
+
+    @property
+    def ratio(self) -> float | None:
+        if self.value is None or not self.baseline_value:
+            return None
+        return self.value / self.baseline_value
+
+    @property
+    def added(self) -> float | None:
+        if self.value is None or self.baseline_value is None:
+            return None
+        return self.value - self.baseline_value
+
+    @property
+    def met(self) -> bool | None:
+        return self.target.met(self) if self.target else None
+
+    def to_dict(self) -> dict[str, Any]:
+        ratio = self.ratio
+        return {
+            "measure": self.measure,
+            "value": self.value,
+            "unit": self.unit,
+            "baseline": self.baseline,
+            "baseline_value": self.baseline_value,
+            "ratio": round(ratio, 3) if ratio is not None else None,
+            "target": self.target.describe(self.unit) if self.target else None,
+            "met": self.met,
+        }
+
+
+@dataclass
+class Section:
+    """One stage's measurements: the comparison table, a breakdown table, and what a reader should know."""
+
+    name: str
+    title: str
+    rows: list[Row] = field(default_factory=list)
+    breakdown: tuple[list[str], list[list[Any]]] | None = None
+    """(header, rows) of a second table, where the time goes; a column named "... %" holds fractions."""
+    notes: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+    """everything else measured (JSON only), e.g. per-epoch figures."""
+    seconds: float = 0.0
+    load_average: float | None = None
+    """the machine's 1-minute load average when the section ended: above its cores, figures are noisy."""
+    skipped: str | None = None
+    """why the section did not run (e.g. no CUDA)."""
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        header, rows = self.breakdown or ([], [])
+        return {
+            "name": self.name,
+            "title": self.title,
+            "rows": [row.to_dict() for row in self.rows],
+            "breakdown": [dict(zip(header, row, strict=True)) for row in rows],
+            "notes": self.notes,
+            "details": self.details,
+            "seconds": round(self.seconds, 1),
+            "load_average": self.load_average,
+            "skipped": self.skipped,
+            "error": self.error,
+        }
+
+
+@dataclass
+class Report:
+    """What `python -m jobs.benchmark` writes: the machine, the settings and every section."""
+
+    machine: dict[str, Any]
+    settings: dict[str, Any]
+    sections: list[Section] = field(default_factory=list)
+    started: str = field(default_factory=lambda: time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+
+    @property
+    def failed(self) -> list[str]:
+        return [section.name for section in self.sections if section.error]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "started": self.started,
+            "machine": self.machine,
+            "settings": self.settings,
+            "sections": {section.name: section.to_dict() for section in self.sections},
+        }
+
+    def write(self, out: str | Path) -> tuple[Path, Path]:
+        """OUT/benchmark.json and OUT/benchmark.md; returns their paths."""
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        json_path, markdown_path = folder / JSON_NAME, folder / MARKDOWN_NAME
+        json_path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        markdown_path.write_text(self.markdown())
+        return json_path, markdown_path
+
+    def markdown(self) -> str:
+        machine = self.machine
+        gpu = f"{machine['gpu_count']}× {machine['gpu']}" if machine["gpu"] else "no GPU"
+        lines = [
+            "# cxr benchmark",
+            "",
+            f"Run {self.started}: `{self.settings['command']}`.",
+            "",
+            f"Machine: {machine['cores']} CPU cores, torch {machine['torch_threads']} threads, {gpu}; "
+            f"Python {machine['python']}, torch {machine['torch']}, Ray {machine['ray']}; load average "
+            f"{machine['load_average']} at the start (other work on the machine makes figures noisy).",
+            "",
+            "Every figure was measured in this run next to its baseline, on the same data and cores; "
+            "ratio = figure / baseline. Targets are those of issue 9.",
+        ]
+        if self.settings.get("quick"):
+            lines += ["", "**--quick run**: tiny sizes; the figures show that the code runs, not how fast."]
+        for section in self.sections:
+            lines += ["", f"## {section.title}", ""]
+            if section.skipped:
+                lines.append(f"Skipped: {section.skipped}")
+                continue
+            if section.error:
+                lines += [f"Failed: {section.error}", ""]
+            if section.rows:
+                lines += _markdown_table(
+                    ["measure", "figure", "baseline", "ratio", "target", "met?"],
+                    [_cells(row) for row in section.rows],
+                )
+            if section.breakdown:
+                header, rows = section.breakdown
+                cells = [[_plain(cell, name) for cell, name in zip(row, header, strict=True)] for row in rows]
+                lines += ["", *_markdown_table(header, cells)]
+            if section.notes:
+                lines += ["", *(f"- {note}" for note in section.notes)]
+            lines += [
+                "",
+                f"Section time: {section.seconds:.0f} s; load average {section.load_average} at its end.",
+            ]
+        return "\n".join(lines) + "\n"
+
+
+def machine_info() -> dict[str, Any]:
+    """What the figures depend on: cores, threads, GPU, versions, and how busy the machine was."""
+    import ray
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return {
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if cuda else None,
+        "gpu_count": torch.cuda.device_count() if cuda else 0,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+        "platform": platform.platform(),
+        "load_average": load_average(),
+    }
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (runnable processes); None where the platform has none."""
+    return round(os.getloadavg()[0], 1) if hasattr(os, "getloadavg") else None
+
+
+def format_number(value: float | None, unit: str = "") -> str:
+    """3 significant figures, thousands separated: 0.281, 23.6, 853, 2,470."""
+    if value is None:
+        return "n/a"
+    if unit == "%":
+        return f"{value:.0%}"
+    if abs(value) >= 100:
+        text = f"{value:,.0f}"
+    elif abs(value) >= 10:
+        text = f"{value:.1f}"
+    else:
+        text = f"{value:.3g}"
+    return f"{text} {unit}".rstrip()
+
+
+def _cells(row: Row) -> list[str]:
+    met = {True: "yes", False: "**no**", None: ""}[row.met]
+    ratio = row.ratio
+    baseline = row.baseline
+    if row.baseline_value is not None:
+        baseline = f"{baseline}: {format_number(row.baseline_value, row.unit)}" if baseline else ""
+    return [
+        row.measure,
+        format_number(row.value, row.unit),
+        baseline or "—",
+        f"{ratio:.2f}×" if ratio is not None else "—",
+        row.target.describe(row.unit) if row.target else "—",
+        met,
+    ]
+
+
+def _plain(cell: Any, column: str) -> str:
+    """A breakdown cell; a column named "... %" holds fractions, printed as percentages."""
+    if isinstance(cell, float):
+        return format_number(cell, "%" if column.endswith("%") else "")
+    return "—" if cell is None else str(cell)
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    return [line(header), line(["---"] * len(header)), *(line(row) for row in rows)]

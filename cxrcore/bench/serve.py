@@ -1,0 +1,115 @@
+"""Serving: HTTP through Ray Serve vs the Predictor's direct `predict_proba`, from `serve/benchmark.py`.
+
+The library never imports serve/ (it builds on cxrcore), so this section runs `python -m serve.benchmark`
+in a child process, as `cxr serve` loads serve/ by name, and reads the JSON line it prints last: HTTP
+figures per batching setting and client concurrency, and the direct figures per batch size with the
+threads of one replica (the limit).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from typing import Any
+
+from cxrcore.bench.report import Row, Section, Target
+from cxrcore.config import BenchmarkConfig
+
+CONCURRENCY = (1, 8, 32)
+MAX_BATCH_SIZE = 16
+REPLICA_CPUS = 1
+TIMEOUT_S = {False: 1800.0, True: 300.0}
+"""The child process's time limit: full run, --quick."""
+THROUGHPUT_TARGET = Target("ratio", 0.8)
+"""Issue 9: at concurrency 32, HTTP throughput at least 0.8× direct predict_proba at its best batch."""
+LATENCY_TARGET = Target("added", 10.0, at_most=True)
+"""Issue 9: at concurrency 1, at most 10 ms added to the direct forward of one image."""
+
+
+def serve_command(model: str, size: int, requests: int, port: int) -> list[str]:
+    """The `serve.benchmark` run: one replica, batching on (max_batch_size 16) then off, at 1, 8, 32."""
+    return [
+        sys.executable, "-m", "serve.benchmark", "--arch", model, "--image-size", str(size),
+        "--requests", str(requests), "--concurrency", ",".join(map(str, CONCURRENCY)),
+        "--batch-size", str(MAX_BATCH_SIZE), "--num-cpus", str(REPLICA_CPUS), "--port", str(port),
+    ]  # fmt: skip
+
+
+def benchmark_serve(config: BenchmarkConfig) -> Section:
+    """Run `serve.benchmark` in a child process (it starts its own Ray) and tabulate what it printed."""
+    model, size, requests = config.serve_model, config.serve_size, config.requests
+    command = serve_command(model, size, requests, _free_port())
+    timeout = TIMEOUT_S[config.quick]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
+        raise RuntimeError(f"`{' '.join(command[1:])}` exited {done.returncode}: " + " / ".join(tail))
+    section = serve_section(parse_serve_output(done.stdout), model, size, requests)
+    section.details["command"] = " ".join(command[1:])
+    return section
+
+
+def parse_serve_output(stdout: str) -> dict[str, Any]:
+    """The JSON object `serve.benchmark` prints on its last line starting with '{'."""
+    for line in reversed(stdout.strip().splitlines()):
+        if line.startswith("{"):
+            parsed: dict[str, Any] = json.loads(line)
+            return parsed
+    raise RuntimeError("serve.benchmark printed no JSON summary line")
+
+
+def serve_section(result: dict[str, Any], model: str, size: int, requests: int) -> Section:
+    """Rows from serve.benchmark's summary: throughput vs direct at its best batch, p50 vs one forward."""
+    direct = {int(batch): float(rate) for batch, rate in result["direct"]["images_per_s"].items()}
+    best = max(direct, key=direct.__getitem__)
+    one_image_ms = 1000.0 / direct[1] if 1 in direct else None
+    limit = f"direct predict_proba, batch {best}, {REPLICA_CPUS} thread"
+    rows, breakdown = [], []
+    for http in result["http"]:
+        batching = "batching on" if http["max_batch_size"] > 1 else "batching off"
+        concurrency = int(http["concurrency"])
+        rows.append(
+            Row(f"HTTP, concurrency {concurrency}, {batching}", http["requests_per_s"], "images/s", limit,
+                direct[best], THROUGHPUT_TARGET if concurrency == max(CONCURRENCY) else None)
+        )  # fmt: skip
+        if concurrency == 1:
+            rows.append(
+                Row(f"HTTP p50, concurrency 1, {batching}", http["p50_ms"], "ms",
+                    "direct predict_proba of one image", one_image_ms, LATENCY_TARGET)
+            )  # fmt: skip
+        breakdown.append(
+            [
+                batching,
+                concurrency,
+                http["requests_per_s"],
+                http["p50_ms"],
+                http.get("p95_ms"),
+                http["p99_ms"],
+            ]
+        )
+    notes = [
+        f"Model: untrained {model} at {size} px (a trained one costs the same), one classifier replica with "
+        f"{REPLICA_CPUS} CPU, {requests} requests per measurement from threads each waiting for its answer; "
+        f"uploads are 299 px PNGs. Batching on: max_batch_size {MAX_BATCH_SIZE}.",
+        f"The limit: `Predictor.predict_proba` in one process with {REPLICA_CPUS} thread, as a replica has; "
+        "images/s per batch size: " + ", ".join(f"{b}: {r:.0f}" for b, r in sorted(direct.items())) + ".",
+        "p95 is shown where serve/benchmark.py reports it (`p95_ms`).",
+    ]
+    return Section(
+        name="serve",
+        title=f"Serving: Ray Serve HTTP vs direct predict_proba ({model}, {size} px)",
+        rows=rows,
+        breakdown=(["batching", "concurrency", "requests/s", "p50 ms", "p95 ms", "p99 ms"], breakdown),
+        notes=notes,
+        details={"serve_benchmark": result, "best_direct_batch": best, "one_image_ms": one_image_ms},
+    )
+
+
+def _free_port() -> int:
+    """A port nothing listens on now, so the benchmark never collides with a server (or test) running."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port

@@ -1,0 +1,301 @@
+"""External validation: how a model scores on data it was not trained on, beside its own internal figures.
+
+A model that scores 0.93 on a random split of its own database can still be reading the hospital rather
+than the lungs, and collapse on another hospital's images. `cxr evaluate` tells the two situations apart
+by the dataset fingerprint on the model's card, and on other data writes two blocks into metrics.json:
+
+- `external`: which dataset and images, the classes present, predictions of classes the data does not
+  hold, one-vs-rest sensitivity and specificity at the served operating point, and whether any image is
+  a pixel-exact copy of one in the model's own dataset;
+- `internal_comparison`: the model's internal figures (its registered test report, else its card's
+  validation metrics) beside the external ones, and `large_drop` when they fall by LARGE_DROP or more.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from cxrcore.metrics import confusion_scores, one_vs_rest, wilson_interval
+
+if TYPE_CHECKING:
+    from cxrcore.checkpoint import ModelCard
+
+LARGE_DROP = 0.10
+"""The absolute fall in accuracy or macro-F1, internal to external, that the report calls large.
+
+A flag to look at, not a statistical test. On a few hundred internal test images the sampling error of
+an accuracy near 0.9 is about ±0.03, and a model that reads the lungs typically moves a few points
+between sites; a tenth more of the cases misclassified is beyond both, and is the scale of the collapses
+published for COVID-19 X-ray models on other hospitals' data (DeGrave et al. 2021). The external
+accuracy's 95% interval is printed beside it, because external sets are often small.
+"""
+LARGE_DROP_REASON = (
+    f"A fall of {LARGE_DROP:.2f} or more (absolute) in accuracy or macro-F1 is called large. Sampling "
+    "error on a few hundred internal test images is about ±0.03, and a model that reads the lungs "
+    "typically moves a few points between sites; a tenth more of the cases misclassified is beyond both, "
+    "and is the scale of the collapses published for COVID-19 X-ray models on other hospitals' data."
+)
+"""LARGE_DROP's reason, as the report states it."""
+COMPARED = ("accuracy", "macro_f1")
+"""The figures whose drop is flagged: what a reader of "internal 0.93 → external 0.61" compares."""
+_FLOAT_SLACK = 1e-9
+
+
+@dataclass(frozen=True)
+class DatasetRelation:
+    """How the evaluated dataset relates to the one the model was trained on (by ingest fingerprint).
+
+    kind is "internal" (the same dataset), "external" (another one) or "unknown" (the card records no
+    fingerprint, so nothing tells them apart: treated as external, evaluated on its test split).
+    """
+
+    kind: str
+    fingerprint: str | None
+    trained_on: Mapping[str, Any]
+
+    def split(self, requested: str) -> str:
+        """What `auto` means: the test split of the model's own dataset (or if unknown), else every image."""
+        if requested != "auto":
+            return requested
+        return "all" if self.kind == "external" else "test"
+
+    def note(self, split: str) -> str | None:
+        """A warning when the images scored on the model's own dataset are not unseen ones."""
+        if self.kind != "internal":
+            return None
+        if split in ("all", "train"):
+            return "includes images the model was trained on: not a measure of how it generalises"
+        if split == "val":
+            return "scores the validation split, which chose this checkpoint and its temperature: optimistic"
+        return None
+
+
+def dataset_relation(data: str, card: ModelCard) -> DatasetRelation:
+    """Compare the fingerprint of `data` (its ingest report) with the one on the model's card."""
+    trained_on = dict(card.data)
+    if not trained_on.get("fingerprint"):
+        return DatasetRelation("unknown", None, trained_on)
+    from cxrcore.data.ingest import read_report
+
+    fingerprint = str(read_report(data)["fingerprint"])
+    kind = "internal" if fingerprint == trained_on["fingerprint"] else "external"
+    return DatasetRelation(kind, fingerprint, trained_on)
+
+
+def training_overlap(card: ModelCard, data: str, split: str) -> dict[str, Any]:
+    """How many evaluated images are pixel-exact copies of images in the model's own dataset, per split.
+
+    Ingest hashes the decoded pixels before resizing, so the check holds across base sizes, splits and
+    file names. A copy in train or val means the external figures are not external for that image.
+    """
+    from cxrcore.data.ingest import read_table
+
+    source = card.data.get("dataset")
+    if not source:
+        return {"checked": False, "reason": "the model's card names no training dataset"}
+    try:
+        own = read_table(str(source), ["sha256", "split"]).to_pandas()
+        rows = read_table(data, ["sha256"], split=None if split == "all" else split)
+    except (OSError, ValueError) as exc:  # missing here (trained elsewhere), unreadable, no sha256
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return {"checked": False, "dataset": source, "reason": f"cannot read it here: {reason}"}
+    evaluated = set(rows["sha256"].to_pylist())
+    counts = {
+        name: len(evaluated & set(own["sha256"][own["split"] == name])) for name in ("train", "val", "test")
+    }
+    return {"checked": True, "dataset": source, "in_split": counts, "total": sum(counts.values())}
+
+
+def external_block(
+    metrics: Mapping[str, Any],
+    *,
+    dataset: str,
+    split: str,
+    relation: DatasetRelation,
+    overlap: Mapping[str, Any],
+    temperature: float,
+    masks: str,
+) -> dict[str, Any]:
+    """metrics.json's `external` block: the data, its classes, the operating point, one-vs-rest figures."""
+    classes = list(metrics["classes"])
+    matrix = metrics["confusion_matrix"]
+    present = [name for name in classes if metrics["per_class"][name]["support"] > 0]
+    predicted_absent = {
+        name: sum(row[k] for row in matrix)
+        for k, name in enumerate(classes)
+        if name not in present and any(row[k] for row in matrix)
+    }
+    correct = sum(matrix[k][k] for k in range(len(classes)))
+    return {
+        "dataset": dataset,
+        "fingerprint": relation.fingerprint,
+        "split": split,
+        "n": metrics["n"],
+        "relation": relation.kind,
+        "trained_on": {key: relation.trained_on.get(key) for key in ("dataset", "fingerprint")},
+        "overlap_with_training_data": dict(overlap),
+        "classes_present": present,
+        "classes_absent": [name for name in classes if name not in present],
+        "predicted_absent": predicted_absent,
+        "accuracy": metrics["accuracy"],
+        "accuracy_ci95": wilson_interval(correct, metrics["n"]),
+        "macro_f1": metrics["macro_f1"],
+        "operating_point": {
+            "rule": "argmax of softmax(logits / temperature): the class Serve answers",
+            "temperature": temperature,
+        },
+        "masks": masks,
+        "one_vs_rest": one_vs_rest(matrix, classes),
+    }
+
+
+def internal_reference(
+    card: ModelCard, report_metrics: Mapping[str, Any] | None, *, predicted_masks: bool = False
+) -> dict[str, Any] | None:
+    """The model's own figures to compare with: its registered test report, else its card's validation.
+
+    A report counts only when it scored the test split of the model's own dataset. With predicted_masks
+    (the external figures used the segmenter's masks, as Serve does) the report's "with predicted masks"
+    result is taken where it has one. None when neither source has figures.
+    """
+    report = dict(report_metrics or {})
+    evaluated = report.get("evaluated") or {}
+    if evaluated:
+        is_test = evaluated.get("relation") == "internal" and evaluated.get("split") == "test"
+    else:  # reports written before the `evaluated` block: the calibration block names the split
+        is_test = (report.get("calibration") or {}).get("split") == "test" and "external" not in report
+    if is_test and report.get("accuracy") is not None:
+        served = report.get("with predicted masks") if predicted_masks else None
+        figures = served or report
+        return {
+            "kind": "test",
+            "source": "the test split report registered with the model"
+            + (" (with predicted masks)" if served else ""),
+            "accuracy": figures["accuracy"],
+            "macro_f1": figures.get("macro_f1"),
+            "ece": figures.get("ece"),
+            "confusion_matrix": figures.get("confusion_matrix"),
+        }
+    metrics = card.metrics
+    if metrics.get("val_accuracy") is None:
+        return None
+    return {
+        "kind": "validation",
+        "source": f"the validation metrics on the model's card (epoch {card.epoch + 1}; no test figures)",
+        "accuracy": metrics["val_accuracy"],
+        "macro_f1": metrics.get("val_macro_f1"),
+        "ece": card.calibration.get("ece_after", metrics.get("val_ece")),
+        "confusion_matrix": metrics.get("val_confusion_matrix"),
+    }
+
+
+def compare_with_internal(
+    external: Mapping[str, Any], reference: Mapping[str, Any] | None, classes: Sequence[str], ece: float
+) -> dict[str, Any]:
+    """metrics.json's `internal_comparison` block: internal → external per figure, the drop, a verdict.
+
+    Where the reference has a confusion matrix, its accuracy and macro-F1 are recomputed over the images
+    of the classes the external set holds (confusion_scores' rows), so both sides score the same task.
+    """
+    present = list(external["classes_present"])
+    block: dict[str, Any] = {
+        "reference": None,
+        "source": None,
+        "restricted_to": None,
+        "restricted_n": None,
+        "drop_threshold": LARGE_DROP,
+        "large_drop": None,
+        "figures": {
+            "accuracy": {"internal": None, "external": external["accuracy"], "drop": None},
+            "macro_f1": {"internal": None, "external": external["macro_f1"], "drop": None},
+            "ece": {"internal": None, "external": ece, "drop": None},
+        },
+    }
+    if reference is None:
+        block["verdict"] = _verdict(block, external)
+        return block
+    internal = {key: reference.get(key) for key in COMPARED}
+    matrix = reference.get("confusion_matrix")
+    if matrix is not None and len(present) < len(classes) and _has_rows(matrix, classes, present):
+        restricted = confusion_scores(matrix, classes, rows=present)
+        internal = {key: restricted[key] for key in COMPARED}
+        block.update(restricted_to=present, restricted_n=restricted["n"])
+    block.update(reference=reference["kind"], source=reference["source"])
+    block["figures"]["ece"]["internal"] = reference.get("ece")
+    for key in COMPARED:
+        row = block["figures"][key]
+        row["internal"] = internal[key]
+        if internal[key] is not None:
+            row["drop"] = internal[key] - row["external"]
+    drops = [block["figures"][key]["drop"] for key in COMPARED if block["figures"][key]["drop"] is not None]
+    block["large_drop"] = any(drop >= LARGE_DROP - _FLOAT_SLACK for drop in drops)
+    block["verdict"] = _verdict(block, external)
+    return block
+
+
+def _verdict(block: Mapping[str, Any], external: Mapping[str, Any]) -> str:
+    """The plain-words summary the report leads with and the CLI prints."""
+    figures = block["figures"]
+    kind = block["reference"]
+    if kind is None:
+        sentences = [
+            "The model's card records no internal test or validation figures, so there is nothing to compare "
+            f"with. External: accuracy {_fixed(external['accuracy'])}{_interval(external['accuracy_ci95'])}, "
+            f"macro-F1 {_fixed(external['macro_f1'])}."
+        ]
+        return " ".join(sentences + _caveats(external))
+    sides = ", ".join(
+        f"{label} {_fixed(figures[key]['internal'])} internal ({kind}) → {_fixed(figures[key]['external'])} "
+        f"external" + (_interval(external["accuracy_ci95"]) if key == "accuracy" else "")
+        for key, label in (("accuracy", "accuracy"), ("macro_f1", "macro-F1"))
+        if figures[key]["internal"] is not None
+    )
+    if block["large_drop"]:
+        sentences = [
+            f"Large drop on external data: {sides}. A fall of {LARGE_DROP:.2f} or more means the model does "
+            "not carry over to this data: it may have learned the sources it was trained on (hospital, "
+            "scanner, patient age) rather than the disease. Do not rely on it for data like this."
+        ]
+    else:
+        sentences = [f"{sides[0].upper()}{sides[1:]}: within {LARGE_DROP:.2f} of the internal figures."]
+    if block["restricted_to"]:
+        present = ", ".join(block["restricted_to"])
+        sentences.append(
+            f"Internal figures are over the {block['restricted_n']} internal images of the classes present "
+            f"here ({present})."
+        )
+    if kind == "validation":
+        sentences.append(
+            "They are validation figures, which chose this checkpoint and its temperature: optimistic."
+        )
+    return " ".join(sentences + _caveats(external))
+
+
+def _caveats(external: Mapping[str, Any]) -> list[str]:
+    """What makes the external figures mean less than they seem: absent classes predicted, seen images."""
+    sentences = []
+    for name, count in external["predicted_absent"].items():
+        sentences.append(f"The model called {count} image(s) {name}, a class this dataset does not hold.")
+    overlap = external["overlap_with_training_data"]
+    seen = overlap.get("in_split", {})
+    if seen.get("train") or seen.get("val"):
+        copies = seen.get("train", 0) + seen.get("val", 0)
+        sentences.append(
+            "Not a clean external validation: the model was trained or validated on pixel-exact copies of "
+            f"{copies} of these {external['n']} images."
+        )
+    return sentences
+
+
+def _has_rows(matrix: Sequence[Sequence[int]], classes: Sequence[str], rows: Sequence[str]) -> bool:
+    return any(sum(matrix[k]) for k, name in enumerate(classes) if name in rows)
+
+
+def _fixed(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _interval(bounds: Sequence[float] | None) -> str:
+    return "" if bounds is None else f" (95% CI {bounds[0]:.2f}–{bounds[1]:.2f})"

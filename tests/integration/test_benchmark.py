@@ -1,0 +1,55 @@
+"""`python -m jobs.benchmark ingest|train --quick` on the session's Ray: a well-formed report whose ratios
+come from the figures of the same run. Never a speed assertion."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cxrcore.bench import run_benchmarks
+from cxrcore.config import BenchmarkConfig
+from tests.unit.test_benchmark import check_report, one_torch_thread
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_session")]
+
+
+def test_ingest_quick_writes_the_report(tmp_path: Path) -> None:
+    config = BenchmarkConfig(
+        "ingest", quick=True, images=16, out=str(tmp_path / "out"), work_dir=str(tmp_path)
+    )
+    report = run_benchmarks(config)
+    data = json.loads((tmp_path / "out/benchmark.json").read_text())
+    check_report(data, ["ingest"])
+    section = data["sections"]["ingest"]
+    whole = section["rows"][0]
+    assert whole["measure"] == "Ray Data ingest, whole" and whole["target"] == "≥ 1.6×"
+    assert whole["baseline_value"] == pytest.approx(16 / section["details"]["one_process_seconds"])
+    assert set(section["details"]["ray_seconds_by_stage"]) >= {"scan_and_decode", "write"}
+    assert section["details"]["ray_already_running"] is True  # the session's Ray: no start-up to count
+    assert {row["pipeline"] for row in section["breakdown"]} == {"one process", "Ray Data"}
+    assert "## Ingest" in (tmp_path / "out/benchmark.md").read_text() and not report.failed
+
+
+def test_train_quick_writes_the_report(tmp_path: Path, synthetic_dataset: str) -> None:
+    """One tiny model; Ray Train's local mode (workers 0) keeps the test to seconds: the same fit()."""
+    config = BenchmarkConfig(
+        "train", quick=True, train_data=synthetic_dataset, models="tiny_cnn_lstm", workers="0",
+        plain_threads=1, out=str(tmp_path / "out"), work_dir=str(tmp_path),
+    )  # fmt: skip
+    with one_torch_thread():  # local mode trains in this process, with its threads
+        run_benchmarks(config)
+    data = json.loads((tmp_path / "out/benchmark.json").read_text())
+    check_report(data, ["train"])
+    section = data["sections"]["train"]
+    (row,) = section["rows"]
+    runs = section["details"]["runs"]
+    assert row["measure"] == "tiny_cnn_lstm: Ray Train, local mode" and row["target"] == "≥ 0.9×"
+    assert (row["value"], row["baseline_value"]) == (
+        runs["tiny_cnn_lstm/ray_0w"]["images_per_s"],
+        runs["tiny_cnn_lstm/plain"]["images_per_s"],
+    )
+    plain = runs["tiny_cnn_lstm/plain"]
+    assert len(plain["epochs"]) == config.epochs and 0 <= plain["data_wait_share"] <= 1
+    assert [r["run"] for r in section["breakdown"]] == ["plain PyTorch, 1 process", "Ray Train, local mode"]

@@ -1,0 +1,248 @@
+"""The benchmark harness without Ray: report structure, ratios from the run's own figures, settings, the
+gpu section's code path on the CPU, serve.benchmark's output read back, and the engine's data-wait timer.
+
+Never a speed assertion: figures are whatever this machine gives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from cxrcore.bench.gpu import benchmark_gpu, check_device
+from cxrcore.bench.report import Report, Row, Section, Target, format_number, machine_info
+from cxrcore.bench.serve import parse_serve_output, serve_command, serve_section
+from cxrcore.bench.train import _summary, memory_batches
+from cxrcore.cli import main
+from cxrcore.config import BenchmarkConfig, ConfigError
+from cxrcore.models import create_model, get_input_spec
+from cxrcore.train.engine import combine, run_epoch
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Tests check code paths, not speed: on a busy 2-core machine 2 torch threads can run 30× slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def check_report(data: dict[str, Any], sections: list[str]) -> None:
+    """benchmark.json as every reader may rely on it; each ratio is its own row's figure / baseline."""
+    assert set(data) == {"started", "machine", "settings", "sections"}
+    assert {"cores", "torch_threads", "gpu", "ray", "torch", "python"} <= set(data["machine"])
+    assert list(data["sections"]) == sections
+    for section in data["sections"].values():
+        assert section["error"] is None, section["error"]
+        for row in section["rows"]:
+            assert set(row) == {
+                "measure",
+                "value",
+                "unit",
+                "baseline",
+                "baseline_value",
+                "ratio",
+                "target",
+                "met",
+            }
+            if row["value"] is not None and row["baseline_value"]:
+                assert row["ratio"] == pytest.approx(row["value"] / row["baseline_value"], abs=1e-3)
+            else:
+                assert row["ratio"] is None
+            assert (row["met"] is None) == (row["target"] is None or row["value"] is None)
+
+
+def test_rows_compute_ratio_added_and_target() -> None:
+    row = Row("Ray ingest", 300.0, "images/s", "one process", 200.0, Target("ratio", 1.6))
+    assert row.ratio == 1.5 and row.added == 100.0 and row.met is False
+    assert Row("x", 400.0, "images/s", "y", 200.0, Target("ratio", 1.6)).met is True
+    latency = Row("p50", 14.0, "ms", "one forward", 5.0, Target("added", 10, at_most=True))
+    assert latency.met is True and latency.to_dict()["target"] == "added ≤ 10 ms"
+    assert Row("alone", 3.0, "s").to_dict()["ratio"] is None
+    assert Row("no figure", None, "images/s", "y", 2.0, Target("figure", 1)).met is None
+    assert [format_number(v) for v in (0.2812, 23.61, 853.2, 2470.0)] == ["0.281", "23.6", "853", "2,470"]
+    assert format_number(0.25, "%") == "25%" and format_number(None) == "n/a"
+
+
+def test_report_writes_json_and_a_markdown_table_per_section(tmp_path: Path) -> None:
+    rows = [Row("Ray Data ingest", 236.0, "images/s", "one process", 853.0, Target("ratio", 1.6))]
+    sections = [
+        Section(
+            "ingest", "Ingest", rows, (["stage", "seconds", "wait %"], [["decode", 1.5, 0.25]]), ["a note"]
+        ),
+        Section("gpu", "GPU", skipped="no CUDA device visible on this machine"),
+    ]
+    report = Report(machine_info(), {"command": "python -m jobs.benchmark all", "quick": True}, sections)
+    json_path, markdown_path = report.write(tmp_path / "out")
+    data = json.loads(json_path.read_text())
+    check_report(data, ["ingest", "gpu"])
+    assert data["sections"]["ingest"]["rows"][0]["ratio"] == 0.277
+    assert data["sections"]["ingest"]["breakdown"] == [{"stage": "decode", "seconds": 1.5, "wait %": 0.25}]
+    markdown = markdown_path.read_text()
+    assert "| measure | figure | baseline | ratio | target | met? |" in markdown
+    assert (
+        "| Ray Data ingest | 236 images/s | one process: 853 images/s | 0.28× | ≥ 1.6× | **no** |" in markdown
+    )
+    assert "| decode | 1.5 | 25% |" in markdown
+    assert "Skipped: no CUDA device" in markdown and "--quick run" in markdown and "- a note" in markdown
+
+
+def test_quick_presets_and_settings_errors_name_the_flag() -> None:
+    full, quick = BenchmarkConfig(), BenchmarkConfig(quick=True)
+    assert (full.images, full.models, full.train_size, full.epochs) == (
+        2000,
+        "cnn_lstm,dual_cnn,resnet18",
+        128,
+        3,
+    )
+    assert quick.images < full.images and quick.model_names()[0].startswith("tiny_")
+    assert BenchmarkConfig(quick=True, images=500).images == 500  # a flag given wins over the preset
+    assert full.sections() == ["ingest", "train", "serve", "gpu"] and BenchmarkConfig("serve").sections() == [
+        "serve"
+    ]
+    assert BenchmarkConfig(workers="0,2").worker_counts() == [0, 2]
+    for bad, flag in [
+        ({"what": "everything"}, "WHAT"), ({"workers": "two"}, "--workers"), ({"epochs": 1}, "--epochs"),
+        ({"device": "cpu"}, "--device"), ({"train_size": 8}, "--train-size"),
+    ]:  # fmt: skip
+        with pytest.raises(ConfigError, match=flag.replace("WHAT", "--what")):
+            BenchmarkConfig(**bad)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_gpu_section_without_cuda_fails_at_once_saying_why(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(ConfigError, match="no CUDA device"):
+        check_device("cuda")
+    assert main(["benchmark", "gpu", "--out", str(tmp_path)]) == 2
+    assert "--device cpu --quick" in capsys.readouterr().err
+    assert not (tmp_path / "benchmark.json").exists()
+
+
+def test_gpu_section_code_path_on_cpu(tmp_path: Path) -> None:
+    """The gpu section's limit, compile and inference code on a tiny model (its Ray path is train's)."""
+    config = BenchmarkConfig("gpu", quick=True, device="cpu", out=str(tmp_path), work_dir=str(tmp_path))
+    with one_torch_thread():
+        section = benchmark_gpu(config, through_ray=False)
+    report = Report(machine_info(), {"command": "test", "quick": True}, [section])
+    check_report(json.loads(report.write(tmp_path)[0].read_text()), ["gpu"])
+    limit = section.details["limit"]
+    assert set(limit) == {"eager", "eager, no augmentation", "compiled", "compiled, no augmentation"}
+    assert all(figures["images_per_s"] > 0 for figures in limit.values())
+    assert [row.measure.split(",")[0].split(":")[0] for row in section.rows] == ["training", "inference"]
+    assert section.rows[0].target is None  # 4,000 images/s is a GPU's target
+    assert section.details["inference"]["predictor_images_per_s"] > 0
+
+
+def _http(batch: int, concurrency: int, p50: float, rate: float, **more: float) -> dict[str, float]:
+    return {"max_batch_size": batch, "concurrency": concurrency, "p50_ms": p50, "p99_ms": 2 * p50,
+            "requests_per_s": rate, **more}  # fmt: skip
+
+
+SERVE_SUMMARY = {  # the shape of the JSON line serve/benchmark.py prints last (int keys become strings)
+    "model": "/tmp/x/tiny_dual_cnn",
+    "direct": {
+        "images_per_s": {"1": 100.0, "8": 220.0, "16": 200.0},
+        "best": "220.0 images/s at batch size 8",
+    },
+    "http": [
+        _http(16, 1, 24.0, 38.0),
+        _http(16, 32, 180.0, 180.0),
+        _http(1, 1, 14.0, 60.0, p95_ms=16.0),
+        _http(1, 32, 400.0, 80.0),
+    ],
+    "burst": None,
+}
+SERVE_OUTPUT = "model ...: direct predict_proba, 1 thread(s): 220.0 images/s\n" + json.dumps(SERVE_SUMMARY)
+
+
+def test_serve_section_reads_serve_benchmark_output() -> None:
+    section = serve_section(parse_serve_output(SERVE_OUTPUT), "tiny_dual_cnn", 64, 16)
+    by_measure = {row.measure: row for row in section.rows}
+    at_32 = by_measure["HTTP, concurrency 32, batching on"]
+    assert (at_32.value, at_32.baseline_value, at_32.ratio, at_32.met) == (180.0, 220.0, 180.0 / 220.0, True)
+    assert by_measure["HTTP, concurrency 32, batching off"].met is False
+    assert by_measure["HTTP, concurrency 1, batching on"].target is None  # issue 9 sets it at 32
+    p50 = by_measure["HTTP p50, concurrency 1, batching off"]
+    assert (p50.value, p50.baseline_value, p50.added, p50.met) == (14.0, 10.0, 4.0, True)
+    assert by_measure["HTTP p50, concurrency 1, batching on"].met is False
+    assert section.breakdown is not None
+    assert [row[4] for row in section.breakdown[1]] == [None, None, 16.0, None]  # p95 where reported
+    with pytest.raises(RuntimeError, match="no JSON"):
+        parse_serve_output("Traceback ...\n")
+    command = serve_command("cnn_lstm", 128, 200, 8123)
+    assert command[1:3] == ["-m", "serve.benchmark"] and "1,8,32" in command and "8123" in command
+
+
+def test_run_epoch_measures_the_wait_for_data() -> None:
+    model = create_model("tiny_cnn_lstm")
+    spec = get_input_spec(model)
+    arrays = {
+        "image": np.random.default_rng(0).integers(0, 256, (8, 64, 64), dtype=np.uint8),
+        "mask": np.zeros((8, 64, 64), dtype=np.uint8),
+        "has_mask": np.zeros(8, dtype=bool),
+        "label_index": np.arange(8) % 4,
+    }
+
+    def slow(batches: Iterator[Any]) -> Iterator[Any]:
+        for batch in batches:
+            time.sleep(0.05)
+            yield batch
+
+    batches = list(memory_batches(arrays, 4, np.random.default_rng(0)))
+    assert [len(b["label_index"]) for b in batches] == [4, 4]
+    assert sorted(torch.cat([b["label_index"] for b in batches]).tolist()) == sorted(arrays["label_index"])
+    optimizer = torch.optim.AdamW(model.parameters())
+    result = run_epoch(model, slow(iter(batches)), spec, optimizer=optimizer)
+    assert result.count == 8 and 0.1 <= result.data_seconds <= result.seconds
+    summary = combine([result, result])
+    assert summary["data_wait_share"] == pytest.approx(result.data_seconds / result.seconds)
+    epochs = [
+        {"images_per_s": rate, "data_wait_share": wait}
+        for rate, wait in [(10.0, 0.9), (20.0, 0.1), (30.0, None)]
+    ]
+    run = _summary(epochs, 1.0)
+    assert run["images_per_s"] == pytest.approx(24.0) and run["data_wait_share"] == 0.1  # epoch 1 not counted
+    assert _summary([{"images_per_s": 5.0, "data_wait_share": None}], 1.0)["images_per_s"] == 5.0
+
+
+def test_all_runs_every_section_records_failures_and_skips_gpu_without_cuda(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The harness itself, with stand-in sections: a failure is reported and the run goes on."""
+    from cxrcore import bench
+
+    def measured(config: BenchmarkConfig) -> Section:
+        return Section(
+            "ingest", "Ingest", [Row("Ray", 3.0, "images/s", "one process", 2.0, Target("ratio", 1.6))]
+        )
+
+    def failing(config: BenchmarkConfig) -> Section:
+        raise RuntimeError("no workers")
+
+    monkeypatch.setitem(bench.RUNNERS, "ingest", measured)
+    monkeypatch.setitem(bench.RUNNERS, "train", failing)
+    monkeypatch.setitem(bench.RUNNERS, "serve", lambda config: Section("serve", "Serving"))
+    monkeypatch.setitem(bench.RUNNERS, "gpu", lambda config: Section("gpu", "GPU"))
+    assert main(["benchmark", "all", "--quick", "--out", str(tmp_path)]) == 1
+    assert "section(s) failed: train" in capsys.readouterr().err
+    data = json.loads((tmp_path / "benchmark.json").read_text())
+    assert list(data["sections"]) == ["ingest", "train", "serve", "gpu"]
+    assert data["sections"]["train"]["error"] == "RuntimeError: no workers"
+    assert data["sections"]["ingest"]["rows"][0]["ratio"] == 1.5
+    assert data["settings"]["command"] == f"python -m jobs.benchmark all --out {tmp_path} --quick"
+    if not torch.cuda.is_available():
+        assert data["sections"]["gpu"]["skipped"] == "no CUDA device visible on this machine"
+    assert "Failed: RuntimeError: no workers" in (tmp_path / "benchmark.md").read_text()

@@ -1,0 +1,291 @@
+"""External validation in `cxr evaluate`: the drop flag, the internal reference, registry references,
+the split, and one evaluation end to end on Parquet datasets written here (no Ray)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pytest
+import torch
+
+from cxrcore.checkpoint import ModelCard, save_checkpoint
+from cxrcore.cli import main
+from cxrcore.config import ConfigError, EvaluateConfig
+from cxrcore.evaluate.evaluation import resolve_model
+from cxrcore.evaluate.external import (
+    LARGE_DROP,
+    DatasetRelation,
+    compare_with_internal,
+    internal_reference,
+)
+from cxrcore.inference import Predictor
+from cxrcore.labels import CLASSES
+from cxrcore.metrics import classification_metrics
+from cxrcore.models import create_model, get_build_args, get_input_spec
+from cxrcore.registry import ModelRegistry, RegistryError
+from tests.conftest import xray
+
+SIZE = 64
+PERFECT = np.diag([10, 10, 10, 10]).tolist()
+"""An internal test confusion matrix: every image right."""
+
+
+def write_dataset(root: Path, rows: list[tuple[str, str, int]], fingerprint: str) -> str:
+    """A finished dataset as ingest writes it: hive split folders of Parquet and ingest_report.json.
+
+    rows are (class, split, image seed); the same seed gives the same pixels, hence the same sha256.
+    """
+    images = [xray(seed, size=SIZE) for _, _, seed in rows]
+    table = pa.table(
+        {
+            "image": [image.ravel() for image in images],
+            "mask": [np.zeros(SIZE * SIZE, dtype=np.uint8)] * len(rows),
+            "has_mask": [False] * len(rows),
+            "label": [label for label, _, _ in rows],
+            "label_index": np.array([CLASSES.index(label) for label, _, _ in rows], dtype=np.int64),
+            "source": ["site"] * len(rows),
+            "file": [f"{i}.png" for i in range(len(rows))],
+            "sha256": [hashlib.sha256(image.tobytes()).hexdigest() for image in images],
+            "split": [split for _, split, _ in rows],
+        }
+    )
+    pads.write_dataset(table, root, format="parquet", partitioning=["split"], partitioning_flavor="hive")
+    report = {"fingerprint": fingerprint, "config": {"size": SIZE}}
+    (root / "ingest_report.json").write_text(json.dumps(report))
+    return str(root)
+
+
+def write_biased_checkpoint(directory: Path, own_dataset: str, favourite: str = "Lung_Opacity") -> Path:
+    """A tiny classifier that answers `favourite` for every image: its external figures are known."""
+    torch.manual_seed(0)
+    model = create_model("tiny_cnn_lstm")
+    head = model.head
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.copy_(torch.tensor([6.0 if name == favourite else 0.0 for name in CLASSES]))
+    card = ModelCard(
+        model=get_build_args(model),
+        input_spec=get_input_spec(model).to_dict(),
+        data={"dataset": own_dataset, "fingerprint": "own", "size": SIZE},
+        metrics={"val_accuracy": 0.9, "val_macro_f1": 0.88, "val_confusion_matrix": PERFECT},
+        temperature=2.0,
+        calibration={"temperature": 2.0, "ece_after": 0.04},
+    )
+    return save_checkpoint(directory, model, card)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The model's own dataset, an external one with two classes (one image copied from the model's
+    training split), the biased checkpoint, and a registry holding it with a test-split report."""
+    root = tmp_path_factory.mktemp("world")
+    own_rows = [(name, split, 100 + 10 * k + i) for k, name in enumerate(CLASSES) for i, split in
+                enumerate(["train", "train", "val", "test"])]  # fmt: skip
+    own = write_dataset(root / "own", own_rows, "own")
+    external_rows = [("COVID", "train", 1), ("COVID", "test", 2), ("COVID", "val", 3)]
+    external_rows += [("Normal", "train", 4), ("Normal", "test", 5), ("Normal", "train", 100)]  # 100: a copy
+    external = write_dataset(root / "external", external_rows, "elsewhere")
+    checkpoint = write_biased_checkpoint(root / "checkpoint", own)
+    report = root / "report"
+    report.mkdir()
+    test_figures = {
+        "n": 40, "accuracy": 0.95, "macro_f1": 0.95, "ece": 0.03, "confusion_matrix": PERFECT,
+        "calibration": {"split": "test"}, "evaluated": {"relation": "internal", "split": "test"},
+    }  # fmt: skip
+    (report / "metrics.json").write_text(json.dumps(test_figures))
+    registry = root / "registry"
+    ModelRegistry(registry).register(checkpoint, report=report, alias="production")
+    return {"root": root, "own": own, "external": external, "checkpoint": checkpoint, "registry": registry}
+
+
+def test_external_evaluation_of_a_registry_version_from_another_folder(
+    world: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(world["root"])
+    monkeypatch.setenv("CXR_REGISTRY", "registry")  # relative, as a user types it
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", "production", "--data", "external", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+
+    evaluated = metrics["evaluated"]
+    assert evaluated["model"] == "tiny_cnn_lstm:1" and evaluated["relation"] == "external"
+    assert evaluated["split"] == "all" and metrics["n"] == 6  # auto: every image of data from elsewhere
+    external = metrics["external"]
+    assert external["classes_present"] == ["COVID", "Normal"]
+    assert external["classes_absent"] == ["Lung_Opacity", "Viral Pneumonia"]
+    # The model answers Lung_Opacity, a class the data does not hold: the column and the count show it.
+    assert [row[1] for row in metrics["confusion_matrix"]] == [3, 0, 3, 0]
+    assert external["predicted_absent"] == {"Lung_Opacity": 6}
+    assert metrics["accuracy"] == 0.0 and metrics["macro_f1"] == 0.0  # over COVID and Normal only
+    covid = external["one_vs_rest"]["COVID"]
+    assert (covid["sensitivity"], covid["specificity"]) == (0.0, 1.0)
+    assert (covid["positives"], covid["negatives"]) == (3, 3)
+    assert set(external["one_vs_rest"]) == {"COVID", "Normal"}
+    assert external["operating_point"]["temperature"] == 2.0 == metrics["calibration"]["temperature"]
+    assert external["overlap_with_training_data"]["in_split"] == {"train": 1, "val": 0, "test": 0}
+    # Scored as served: the same probabilities as the Predictor rebuilt from the registered card.
+    predictor = Predictor.from_checkpoint(ModelRegistry(world["registry"]).local_checkpoint("production"))
+    images = [xray(seed, size=SIZE) for seed in (1, 2, 3, 4, 5, 100)]
+    labels = np.array([0, 0, 0, 2, 2, 2])
+    served = classification_metrics(labels, predictor.predict_proba(images))
+    assert metrics["nll"] == pytest.approx(served["nll"], rel=1e-5)
+
+    comparison = metrics["internal_comparison"]
+    assert comparison["reference"] == "test" and comparison["restricted_to"] == ["COVID", "Normal"]
+    assert comparison["figures"]["accuracy"] == {"internal": 1.0, "external": 0.0, "drop": 1.0}
+    assert comparison["figures"]["ece"]["internal"] == 0.03
+    assert comparison["large_drop"] is True and comparison["drop_threshold"] == LARGE_DROP
+    assert comparison["verdict"].startswith("Large drop on external data: accuracy 1.00 internal (test)")
+    assert "validated on pixel-exact copies of 1 of these 6 images" in comparison["verdict"]
+    html = (out / "report.html").read_text()
+    assert '<p class="lead alert">Large drop' in html and "<h2>External validation</h2>" in html
+    assert "Sensitivity and specificity" in html
+    assert "internal (test)" in printed and "WARNING: Large drop" in printed
+
+
+def test_own_dataset_is_scored_on_its_test_split_without_an_external_block(
+    world: dict[str, Any], tmp_path: Path
+) -> None:
+    out = tmp_path / "own"
+    args = ["evaluate", "--checkpoint", str(world["checkpoint"]), "--data", world["own"], "--out", str(out)]
+    assert main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["evaluated"]["split"] == "test" and metrics["evaluated"]["relation"] == "internal"
+    assert metrics["n"] == 4 and "external" not in metrics and "internal_comparison" not in metrics
+    assert metrics["evaluated"]["note"] is None
+
+
+def test_split_all_on_the_own_dataset_warns_that_it_includes_training_images() -> None:
+    relation = DatasetRelation("internal", "own", {"fingerprint": "own"})
+    assert relation.split("auto") == "test" and relation.split("all") == "all"
+    assert "trained on" in str(relation.note("all")) and relation.note("test") is None
+    assert DatasetRelation("external", "x", {}).split("auto") == "all"
+    assert DatasetRelation("unknown", None, {}).split("auto") == "test"
+
+
+def test_references_resolve_like_cxr_models_show(world: dict[str, Any]) -> None:
+    registry = str(world["registry"])
+    for ref in ("production", "tiny_cnn_lstm", "tiny_cnn_lstm:1"):
+        model = resolve_model(EvaluateConfig(model=ref, registry=registry, data="d", out="o"))
+        assert model.ref == "tiny_cnn_lstm:1" and (model.checkpoint / "card.json").is_file()
+        assert model.report is not None and model.report.endswith("report")
+
+
+@pytest.mark.parametrize("ref", ["tiny_cnn_lstm:7", "staging", "resnet18"])
+def test_an_unknown_reference_names_the_registry_and_its_versions(world: dict[str, Any], ref: str) -> None:
+    registry = str(world["registry"])
+    with pytest.raises(RegistryError) as error:
+        resolve_model(EvaluateConfig(model=ref, registry=registry, data="d", out="o"))
+    message = str(error.value)
+    assert message.startswith(f"--model {ref}: ")
+    assert f"The registry {registry} holds tiny_cnn_lstm:1 (production)" in message
+
+
+def test_cli_errors_are_one_line_and_say_what_to_do(
+    world: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CXR_REGISTRY", raising=False)
+    out = str(tmp_path)
+    cases = [
+        (["--model", "nope", "--registry", str(world["registry"])], "holds tiny_cnn_lstm:1 (production)"),
+        (["--checkpoint", "production"], "name a registry version with --model REF --registry REG"),
+        (["--model", "production"], "--registry: --model production names a registry version"),
+        ([], "--checkpoint: name the model"),
+        (["--checkpoint", "c", "--model", "m", "--registry", "r"], "--model: --checkpoint and --model are"),
+        (["--checkpoint", "c", "--registry", "r"], "--registry: a registry goes with --model REF"),
+        (["--checkpoint", "c", "--split", "every"], "--split: must be one of auto, all, train, val, test"),
+    ]
+    for flags, expected in cases:
+        assert main(["evaluate", "--data", world["external"], "--out", out, *flags]) == 2, flags
+        err = capsys.readouterr().err
+        assert expected in err and err.count("\n") == 1, (flags, err)
+
+
+def test_drop_flag_threshold_and_verdict() -> None:
+    external = {
+        "classes_present": list(CLASSES), "accuracy": 0.80, "accuracy_ci95": [0.7, 0.88], "macro_f1": 0.79,
+        "predicted_absent": {}, "overlap_with_training_data": {"checked": False},
+    }  # fmt: skip
+    just_under = {"kind": "test", "source": "report", "accuracy": 0.8999, "macro_f1": 0.85, "ece": 0.02}
+    block = compare_with_internal(external, just_under, CLASSES, ece=0.1)
+    assert block["large_drop"] is False
+    assert block["figures"]["accuracy"]["drop"] == pytest.approx(0.0999)
+    assert block["verdict"].startswith("Accuracy 0.90 internal (test) → 0.80 external (95% CI 0.70–0.88)")
+    assert "within 0.10 of the internal figures" in block["verdict"]
+    at_threshold = {**just_under, "accuracy": 0.90}
+    assert compare_with_internal(external, at_threshold, CLASSES, ece=0.1)["large_drop"] is True
+    f1_only = {**just_under, "macro_f1": 0.90}
+    assert compare_with_internal(external, f1_only, CLASSES, ece=0.1)["large_drop"] is True
+    validation = {**just_under, "kind": "validation"}
+    assert "optimistic" in compare_with_internal(external, validation, CLASSES, ece=0.1)["verdict"]
+
+
+def test_without_internal_figures_the_comparison_says_so() -> None:
+    external = {
+        "classes_present": ["COVID"], "accuracy": 0.5, "accuracy_ci95": [0.2, 0.8], "macro_f1": 0.5, "n": 10,
+        "predicted_absent": {"Normal": 5},
+        "overlap_with_training_data": {"checked": True, "in_split": {"val": 2}},
+    }  # fmt: skip
+    block = compare_with_internal(external, None, CLASSES, ece=0.2)
+    assert block["reference"] is None and block["large_drop"] is None
+    assert block["figures"]["accuracy"] == {"internal": None, "external": 0.5, "drop": None}
+    assert block["verdict"].startswith("The model's card records no internal test or validation figures")
+    assert "accuracy 0.50 (95% CI 0.20–0.80)" in block["verdict"]
+    assert "called 5 image(s) Normal" in block["verdict"]
+    assert "copies of 2 of these 10 images" in block["verdict"]
+
+
+def test_internal_figures_are_restricted_to_the_classes_present() -> None:
+    # Internally, COVID and Normal are perfect and the other two classes are always wrong.
+    matrix = [[10, 0, 0, 0], [0, 0, 10, 0], [0, 0, 10, 0], [0, 0, 10, 0]]
+    reference = {"kind": "test", "source": "r", "accuracy": 0.5, "macro_f1": 0.4, "confusion_matrix": matrix}
+    external = {
+        "classes_present": ["COVID", "Normal"], "accuracy": 0.95, "accuracy_ci95": [0.8, 1.0],
+        "macro_f1": 0.95, "predicted_absent": {}, "overlap_with_training_data": {"checked": False},
+    }  # fmt: skip
+    block = compare_with_internal(external, reference, CLASSES, ece=0.1)
+    assert block["restricted_to"] == ["COVID", "Normal"] and block["restricted_n"] == 20
+    assert block["figures"]["accuracy"]["internal"] == 1.0  # the 20 COVID and Normal images, all right
+    assert block["figures"]["macro_f1"]["internal"] == 1.0
+    assert block["large_drop"] is False
+
+
+def _card(**metrics: Any) -> ModelCard:
+    return ModelCard(model={"name": "tiny_cnn_lstm"}, input_spec={}, metrics=metrics, epoch=4)
+
+
+def test_internal_reference_prefers_the_registered_test_report() -> None:
+    card = _card(val_accuracy=0.9, val_macro_f1=0.85, val_confusion_matrix=PERFECT)
+    test_report = {"accuracy": 0.8, "macro_f1": 0.7, "calibration": {"split": "test"}, "n": 40}
+    reference = internal_reference(card, test_report)
+    assert reference is not None and reference["kind"] == "test" and reference["accuracy"] == 0.8
+    served = {**test_report, "with predicted masks": {"accuracy": 0.75, "macro_f1": 0.6, "n": 40}}
+    reference = internal_reference(card, served, predicted_masks=True)
+    assert reference is not None and reference["accuracy"] == 0.75
+    assert "predicted masks" in reference["source"]
+    for not_internal_test in (
+        {**test_report, "calibration": {"split": "val"}},
+        {**test_report, "evaluated": {"relation": "external", "split": "all"}},
+        {**test_report, "external": {}},
+    ):
+        reference = internal_reference(card, not_internal_test)
+        assert reference is not None and reference["kind"] == "validation", not_internal_test
+    reference = internal_reference(card, None)
+    assert reference is not None and reference["accuracy"] == 0.9 and "epoch 5" in reference["source"]
+    assert internal_reference(_card(), None) is None
+
+
+def test_config_takes_the_registry_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CXR_REGISTRY", "s3://bucket/registry")
+    config = EvaluateConfig(model="production", data="d", out="o")
+    assert config.registry == "s3://bucket/registry" and config.split == "auto"
+    assert EvaluateConfig(checkpoint="c", data="d", out="o").registry is None  # a folder needs none
+    with pytest.raises(ConfigError, match="--split"):
+        EvaluateConfig(checkpoint="c", data="d", out="o", split="testing")

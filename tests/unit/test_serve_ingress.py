@@ -1,0 +1,134 @@
+"""The FastAPI ingress in-process: overload and model failures as JSON 503/500, an OpenAPI spec that
+declares what the API answers, and /docs and /redoc that load nothing from the internet."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from ray.exceptions import RayTaskError
+from ray.serve.exceptions import BackPressureError
+
+from cxrcore.labels import CLASSES
+from tests.bad_inputs import GOOD_PNG, LocalClassifier, api_client
+from tests.e2e.uploads import write_checkpoint
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory: pytest.TempPathFactory) -> LocalClassifier:
+    return LocalClassifier(write_checkpoint(tmp_path_factory.mktemp("model"), "tiny_cnn_lstm", 2))
+
+
+@pytest.fixture(scope="module")
+def client(classifier: LocalClassifier) -> Iterator[httpx.Client]:
+    with api_client(classifier) as client:
+        yield client
+
+
+class Failing:
+    """A classifier handle whose every call raises `exc`, as Serve's handle raises it in the ingress."""
+
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+        self.predict = self.explain = self.info = self
+
+    async def remote(self, *args: Any) -> Any:
+        raise self.exc
+
+
+def _in_a_replica(exc: Exception) -> Exception:
+    """`exc` as it reaches the ingress when it was raised inside the Classifier replica."""
+    return RayTaskError("Classifier.predict", "Traceback: ...", exc).as_instanceof_cause()
+
+
+def _post(client: httpx.Client, **params: str) -> httpx.Response:
+    return client.post("/v1/predict", content=GOOD_PNG, headers={"content-type": "image/png"}, params=params)
+
+
+@pytest.mark.parametrize("where", ["ingress-queue", "segmenter-queue"])
+def test_a_full_queue_answers_503_overloaded_json_with_retry_after(where: str) -> None:
+    full = BackPressureError(num_queued_requests=8, max_queued_requests=8, retry_after_s=2.5)
+    exc = full if where == "ingress-queue" else _in_a_replica(full)
+    with api_client(Failing(exc), retry_after_s=2.5) as client:
+        for response in (_post(client), _post(client, explain="true")):
+            assert response.status_code == 503
+            assert response.headers["retry-after"] == "3"  # whole seconds, rounded up
+            body = response.json()
+            assert body["error"] == "overloaded" and "max_queued_requests=8" in body["detail"]
+        assert client.get("/healthz").json() == {"status": "ok"}  # the API itself still answers
+
+
+@pytest.mark.parametrize(
+    ("exc", "status", "error", "words"),
+    [
+        (_in_a_replica(ValueError("shapes do not match")), 500, "prediction_failed", "shapes do not match"),
+        (RuntimeError("no replica could be reached"), 503, "model_unavailable", "no replica"),
+    ],
+    ids=["bug-in-the-model", "classifier-unreachable"],
+)
+def test_model_failures_answer_json_that_names_them(
+    exc: Exception, status: int, error: str, words: str
+) -> None:
+    with api_client(Failing(exc)) as client:
+        for response in (_post(client), client.get("/v1/model")):
+            assert response.status_code == status, response.text
+            body = response.json()
+            assert body["error"] == error and words in body["detail"], body
+            assert ("retry-after" in response.headers) == (status == 503)
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["error"] == "not_ready"
+        assert ready.headers["retry-after"] == "1"
+
+
+def test_health_readiness_and_model_answer_their_declared_schemas(client: httpx.Client) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz").json()
+    assert ready["status"] == "ready" and ready["model"]["name"] == "tiny_cnn_lstm"
+    model = client.get("/v1/model").json()
+    assert model["model"] == ready["model"] and model["card"]["classes"] == list(CLASSES)
+
+
+def test_openapi_declares_every_answer_and_nothing_else(client: httpx.Client) -> None:
+    spec = client.get("/openapi.json").json()
+    predict = spec["paths"]["/v1/predict"]["post"]
+    assert set(predict["responses"]) == {"200", "400", "413", "415", "4XX", "500", "503"}
+    ok = spec["components"]["schemas"]["Prediction"]["properties"]
+    assert ok["label"]["enum"] == list(CLASSES)
+    assert ok["probabilities"]["required"] == list(CLASSES)
+    assert ok["probabilities"]["additionalProperties"] is False
+    assert "Retry-After" in predict["responses"]["503"]["headers"]
+    assert set(predict["requestBody"]["content"]) >= {"multipart/form-data", "image/png", "application/dicom"}
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            assert "422" not in operation["responses"], (method, path)  # validation errors answer 400
+            for status, response in operation["responses"].items():
+                if status != "200":
+                    schema = response["content"]["application/json"]["schema"]
+                    assert schema == {"$ref": "#/components/schemas/ErrorBody"}, (method, path, status)
+    assert "HTTPValidationError" not in spec["components"]["schemas"]
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_docs_load_every_asset_from_the_app_itself(client: httpx.Client, page: str) -> None:
+    response = client.get(page)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
+    html = response.text
+    assert not re.findall(r"https?://", html), "the page must work offline"
+    assets = re.findall(r'(?:src|href)="([^"]+)"', html)
+    assert any(asset.endswith(".js") for asset in assets), assets
+    for asset in assets:
+        served = client.get(asset)
+        assert served.status_code == 200 and len(served.content) > 1000, asset
+    spec_url = re.search(r"""(?:url: '|spec-url=")([^'"]+)""", html)
+    assert spec_url and client.get(spec_url.group(1)).json()["info"]["title"] == "cxr"
+
+
+def test_unknown_routes_and_methods_answer_json(client: httpx.Client) -> None:
+    missing = client.get("/v2/predict")
+    assert missing.status_code == 404 and missing.json()["error"] == "not_found"
+    wrong = client.get("/v1/predict")
+    assert wrong.status_code == 405 and wrong.json()["error"] == "method_not_allowed"
+    assert wrong.headers["allow"] == "POST"

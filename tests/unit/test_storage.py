@@ -1,0 +1,72 @@
+"""Publishing a finished folder over an older one: whole or not at all, and what a killed run left."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+
+from cxrcore.data import storage
+
+MARKER = "report.json"
+
+
+def folder(path: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_text(text)
+    return path
+
+
+def contents(path: Path) -> dict[str, str]:
+    return {str(p.relative_to(path)): p.read_text() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+OLD = {MARKER: "old", "split=train/a.parquet": "old a", "split=val/b.parquet": "old b"}
+NEW = {MARKER: "new", "split=train/c.parquet": "new c"}
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two renames"])
+def test_publish_replaces_the_folder_whole(
+    tmp_path: Path, exchange: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not exchange:  # a kernel, filesystem or OS without RENAME_EXCHANGE
+        monkeypatch.setattr(storage, "_exchange", lambda first, second: False)
+    final = folder(tmp_path / "dataset", OLD)
+    folder(Path(storage.staging_paths(str(final))[0]), NEW)
+    storage.publish(pafs.LocalFileSystem(), str(final), MARKER)
+    assert contents(final) == NEW
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset"]  # no staging, no trash left
+
+
+def test_publish_into_a_new_place(tmp_path: Path) -> None:
+    final = tmp_path / "deep" / "dataset"
+    folder(Path(storage.staging_paths(str(final))[0]), NEW)
+    storage.publish(pafs.LocalFileSystem(), str(final), MARKER)
+    assert contents(final) == NEW
+
+
+def test_clear_staging_puts_back_what_a_killed_publish_moved_away(tmp_path: Path) -> None:
+    """Killed between the two renames of the fallback: the old dataset waits in the trash folder."""
+    final = tmp_path / "dataset"
+    staging, trash = map(Path, storage.staging_paths(str(final)))
+    folder(trash, OLD)
+    folder(staging, {"split=train/half.parquet": "half"})
+    storage.clear_staging(pafs.LocalFileSystem(), str(final), MARKER)
+    assert contents(final) == OLD and not staging.exists() and not trash.exists()
+
+    folder(trash, {"split=train/a.parquet": "deleted halfway"})  # its marker went first: not complete
+    folder(staging, NEW)
+    storage.clear_staging(pafs.LocalFileSystem(), str(final), MARKER)
+    assert contents(final) == OLD and not staging.exists() and not trash.exists()
+
+
+def test_publish_on_an_object_store_copies_the_marker_last(tmp_path: Path) -> None:
+    """No rename there: files are copied, the marker last (an object store seen through SubTreeFileSystem)."""
+    store = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())
+    folder(tmp_path / "dataset", OLD)
+    folder(tmp_path / "dataset.partial", NEW)
+    storage.publish(store, "dataset", MARKER)
+    assert contents(tmp_path / "dataset") == NEW
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset"]
