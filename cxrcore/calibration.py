@@ -14,13 +14,14 @@ MIN_TEMPERATURE = 0.25
 MAX_TEMPERATURE = 10.0
 """The search range of fit_temperature."""
 PRIOR_LOG_SD = 0.5
-"""Standard deviation of the prior on log T, centred on T = 1 (the cross-entropy training already aims at).
+"""Standard deviation of the prior on log T, centred on T = 1: what cross-entropy training aims for.
 
 A validation split of a few dozen images is often classified without a mistake, and then the NLL alone
 keeps falling as T → 0: the fit would make the served probabilities overconfident on everything else.
 Measured on synthetic phantoms, a dual_cnn whose 24 validation images were all right got T = 0.25 from
-the NLL alone, and its NLL on 600 other images rose from 0.26 to 0.42. The prior weighs like one image
-per unit of (log T / PRIOR_LOG_SD)²: it decides on 24 images and is negligible on thousands.
+the NLL alone, and its NLL on 600 other images rose from 0.26 to 0.42. The prior adds
+(log T / PRIOR_LOG_SD)² / 2 to the NLL summed over the images: it decides on 24 images and is
+negligible on thousands.
 """
 _GRID_POINTS = 97
 """Coarse grid over log T that brackets the minimum before the golden-section refinement."""
