@@ -155,6 +155,22 @@ def _add_models_commands(commands: Any) -> None:
     _add_registry_argument(promote)
     promote.add_argument("--alias", default="production", help="alias to move (default: %(default)s)")
     promote.set_defaults(run=_run_promote)
+    import_weights = models_commands.add_parser(
+        "import-weights",
+        help="write a ResNet's ImageNet weights for one channel, without the classifier, as safetensors "
+        "(for --pretrained FILE on workers without internet)",
+    )
+    import_weights.add_argument(
+        "arch", metavar="ARCH", help="a timm ResNet: resnet18, resnet34, resnet50, ..."
+    )
+    import_weights.add_argument("--out", required=True, help="the .safetensors file to write")
+    import_weights.add_argument(
+        "--from",
+        dest="source",
+        metavar="SOURCE",
+        help="a local 3-channel state_dict (.safetensors/.pth/.pt/.bin) instead of the model hub",
+    )
+    import_weights.set_defaults(run=_run_import_weights)
 
 
 def _add_registry_argument(parser: argparse.ArgumentParser) -> None:
@@ -346,6 +362,21 @@ def _run_promote(args: argparse.Namespace) -> int:
     version = registry.promote(args.ref, args.alias)
     unchanged = " (unchanged)" if old == version.ref else ""
     print(f"{args.alias}: {old or '(none)'} -> {version.ref}{unchanged}")
+    return 0
+
+
+def _run_import_weights(args: argparse.Namespace) -> int:
+    from cxrcore.models.resnet import import_weights
+
+    try:
+        written = import_weights(args.arch, args.out, args.source)
+    except (ValueError, RuntimeError) as exc:  # not a ResNet, weights that do not fit, hub unreachable
+        raise ConfigError(str(exc)) from exc
+    print(
+        f"wrote {written['path']}: {written['arch']} on one channel, no classifier, "
+        f"{written['tensors']} tensors, {written['bytes'] / 2**20:.1f} MiB, from {written['source']}"
+    )
+    print(f"use it with: cxr train --model {written['arch']} --pretrained {written['path']}")
     return 0
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,7 @@ from cxrcore.labels import NUM_CLASSES
 from cxrcore.models.registry import register_model
 from cxrcore.models.spec import InputSpec
 
-__all__ = ["load_pretrained"]
+__all__ = ["import_weights", "load_pretrained"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +80,74 @@ def load_pretrained(model: nn.Module, path: str | Path) -> list[str]:
     else:
         logger.info("loaded %s", path)
     return skipped
+
+
+def import_weights(arch: str, out: str | Path, source: str | Path | None = None) -> dict[str, Any]:
+    """Write `arch`'s ImageNet weights for one input channel, without the classifier, as safetensors.
+
+    The weights come from the hub (`source=None`: timm's pretrained `arch`, so this needs internet) or
+    from a local 3-channel state_dict file (.safetensors, or .pth/.pt/.bin read with weights_only=True).
+    The first conv is summed over RGB with timm's `adapt_input_conv` and the classifier is dropped, so
+    `create_model(arch, pretrained=out)` loads the file offline; that is checked before `out` is written.
+    Returns what was written: path, tensors, bytes, source. Raises ValueError for an arch that is not a
+    timm ResNet or weights that do not fit it, RuntimeError when the hub cannot be reached.
+    """
+    from safetensors.torch import save_file
+
+    from cxrcore.models.registry import create_model, get_model_entry, list_models
+
+    choices = [name for name in list_models() if get_model_entry(name).family == "resnet"]
+    if arch not in choices:
+        raise ValueError(f"{arch!r} is not a timm ResNet; choices: {', '.join(choices)}")
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out {out}: the weights are written as safetensors; name the file *.safetensors")
+    if source is None:
+        if arch == "tiny_resnet":
+            raise ValueError(
+                "tiny_resnet has no hub weights; pass a local 3-channel weights file with --from"
+            )
+        try:
+            state = timm.create_model(arch, pretrained=True).state_dict()
+        except Exception as exc:
+            raise RuntimeError(
+                f"could not fetch pretrained {arch} weights from the model hub (offline or unreachable?): "
+                f"{str(exc).rstrip('.')}. Run this on a machine with internet, or pass --from <local "
+                "3-channel .safetensors/.pth file>."
+            ) from exc
+        described = f"hub (timm {arch}, pretrained)"
+    else:
+        source = Path(source)
+        if not source.is_file():
+            raise FileNotFoundError(f"--from {source} does not exist")
+        state = read_weights(source)
+        described = str(source)
+
+    target = create_model(arch)
+    first_conv = f"{_pretrained_cfg(target, 'first_conv', 'conv1')}.weight"
+    classifier = f"{_pretrained_cfg(target, 'classifier', 'fc')}."
+    in_chans = target.state_dict()[first_conv].shape[1]
+    if first_conv in state and state[first_conv].shape[1] != in_chans:
+        state[first_conv] = adapt_input_conv(in_chans, state[first_conv])
+    state = {key: value.contiguous() for key, value in state.items() if not key.startswith(classifier)}
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    handle, staged = tempfile.mkstemp(suffix=".safetensors", dir=out.parent, prefix=f".{out.name}.")
+    os.close(handle)
+    try:
+        save_file(state, staged)
+        load_pretrained(target, staged)  # raises ValueError if the file does not fit `arch`
+        os.replace(staged, out)
+    finally:
+        if os.path.exists(staged):
+            os.unlink(staged)
+    return {
+        "path": str(out),
+        "arch": arch,
+        "tensors": len(state),
+        "bytes": out.stat().st_size,
+        "source": described,
+    }
 
 
 def _create_resnet(

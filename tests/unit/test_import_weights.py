@@ -1,0 +1,88 @@
+"""`cxr models import-weights`: one-channel, headless safetensors that load offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from cxrcore.cli import main
+from cxrcore.models import create_model
+
+
+@pytest.fixture
+def rgb_weights(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A tiny_resnet-shaped timm ResNet on RGB with a 1000-class head, saved as a .pth state_dict."""
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "resnet18", pretrained=False, in_chans=3, num_classes=1000,
+        layers=(1, 1, 1, 1), channels=(8, 16, 32, 64), stem_width=8,
+    )  # fmt: skip
+    state = model.state_dict()
+    path = tmp_path / "rgb.pth"
+    torch.save(state, path)
+    return path, state
+
+
+def test_import_weights_from_a_local_file(
+    tmp_path: Path, rgb_weights: tuple[Path, dict[str, torch.Tensor]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    source, state = rgb_weights
+    out = tmp_path / "w.safetensors"
+    status = main(["models", "import-weights", "tiny_resnet", "--from", str(source), "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert status == 0
+    assert str(out) in printed and str(source) in printed and "tensors" in printed
+    written = load_file(out)
+    assert written["conv1.weight"].shape[1] == 1
+    torch.testing.assert_close(written["conv1.weight"], state["conv1.weight"].sum(dim=1, keepdim=True))
+    assert not [key for key in written if key.startswith("fc.")]
+    model = create_model("tiny_resnet", pretrained=out)
+    torch.testing.assert_close(model.state_dict()["conv1.weight"], written["conv1.weight"])
+    assert not list(tmp_path.glob(".w.safetensors.*"))  # no staged file left behind
+
+
+def test_import_weights_rejects_an_unknown_arch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "w.safetensors"
+    status = main(["models", "import-weights", "cnn_lstm", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert "resnet18" in err and "resnet50" in err and "tiny_resnet" in err
+    assert not out.exists()
+
+
+def test_import_weights_rejects_weights_for_another_arch(
+    tmp_path: Path, rgb_weights: tuple[Path, dict[str, torch.Tensor]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    source, _ = rgb_weights
+    out = tmp_path / "w.safetensors"
+    status = main(["models", "import-weights", "resnet18", "--from", str(source), "--out", str(out)])
+    assert status == 2
+    assert "do not fit" in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.glob(".w.safetensors.*"))
+
+
+def test_import_weights_says_tiny_resnet_has_no_hub_weights(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status = main(["models", "import-weights", "tiny_resnet", "--out", str(tmp_path / "w.safetensors")])
+    assert status == 2
+    assert "tiny_resnet has no hub weights" in capsys.readouterr().err
+
+
+def test_import_weights_hub_unreachable_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub.constants
+
+    # Offline: the hub fails at once instead of retrying for 45 s (the constant is read at import time).
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    out = tmp_path / "w.safetensors"
+    status = main(["models", "import-weights", "resnet18", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert "could not fetch pretrained resnet18" in err and "--from" in err
+    assert not out.exists()
