@@ -19,8 +19,10 @@ from serve.deployments import Classifier, Segmenter, resolve_model, resolve_segm
 from serve.ingress import Api, ApiLimits
 from serve.schemas import ClassifierConfig, ServeArgs
 
-# Requests the ingress handles (or queues) beyond what the classifier holds: quick 503 answers.
-INGRESS_HEADROOM = 64
+# Requests the ingress handles (or queues) beyond what the classifier holds: quick 503 answers. The
+# ingress answers the excess in milliseconds, so its own bound can be generous; at 64, a burst of 128 on
+# 2 busy cores filled the ingress queue before it drained, and Serve's proxy refused in plain text.
+INGRESS_HEADROOM = 256
 
 
 def build_app(args: ServeArgs) -> Application:
