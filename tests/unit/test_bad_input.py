@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import io
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -26,8 +25,8 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 from cxrcore.decode import ImageDecodeError, UnsupportedImageTypeError, decode_upload
 from cxrcore.labels import CLASSES
 from serve.ingress import ApiLimits
-from tests.bad_inputs import CORPUS, GOOD_PNG, MAX_UPLOAD_BYTES, Case, LocalClassifier, api_client
-from tests.e2e.uploads import dicom_bytes, jpeg_bytes, png_bytes, write_checkpoint
+from tests.bad_inputs import CORPUS, GOOD_PNG, MAX_UPLOAD_BYTES, Case, LocalClassifier
+from tests.e2e.uploads import dicom_bytes, jpeg_bytes, png_bytes
 
 # Bounded and reproducible: the same examples on every run, and nothing written to .hypothesis/.
 FUZZ = settings(
@@ -37,17 +36,6 @@ FUZZ = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
-
-
-@pytest.fixture(scope="module")
-def classifier(tmp_path_factory: pytest.TempPathFactory) -> LocalClassifier:
-    return LocalClassifier(write_checkpoint(tmp_path_factory.mktemp("model"), "tiny_cnn_lstm", 2))
-
-
-@pytest.fixture(scope="module")
-def client(classifier: LocalClassifier) -> Iterator[httpx.Client]:
-    with api_client(classifier) as client:
-        yield client
 
 
 @pytest.fixture(scope="module")

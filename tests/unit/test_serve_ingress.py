@@ -4,7 +4,6 @@ declares what the API answers, and /docs and /redoc that load nothing from the i
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -13,19 +12,7 @@ from ray.exceptions import RayTaskError
 from ray.serve.exceptions import BackPressureError
 
 from cxrcore.labels import CLASSES
-from tests.bad_inputs import GOOD_PNG, LocalClassifier, api_client
-from tests.e2e.uploads import write_checkpoint
-
-
-@pytest.fixture(scope="module")
-def classifier(tmp_path_factory: pytest.TempPathFactory) -> LocalClassifier:
-    return LocalClassifier(write_checkpoint(tmp_path_factory.mktemp("model"), "tiny_cnn_lstm", 2))
-
-
-@pytest.fixture(scope="module")
-def client(classifier: LocalClassifier) -> Iterator[httpx.Client]:
-    with api_client(classifier) as client:
-        yield client
+from tests.bad_inputs import GOOD_PNG, api_client
 
 
 class Failing:
