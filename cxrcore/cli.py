@@ -8,13 +8,13 @@ import importlib
 import json
 import logging
 import os
-import re
 import shlex
 import sys
 import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from cxrcore import plan
 from cxrcore.config import (
     BenchmarkConfig,
     ConfigError,
@@ -30,9 +30,9 @@ from cxrcore.config import (
 )
 from cxrcore.data.layout import LayoutError, LayoutScan
 from cxrcore.registry import ModelRegistry, RegistryError
+from cxrcore.tables import format_table
 
 Command = Callable[[argparse.Namespace], int]
-_NUMERIC = re.compile(r"-?[\d.,]+%?|None|-+")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -72,10 +72,21 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="print the report as JSON")
     check.set_defaults(run=_run_check)
     _add_config_command(data_commands, "synth", SynthConfig, _run_synth, "write synthetic chest X-rays")
-    _add_config_command(data_commands, "ingest", IngestConfig, _run_ingest, "ingest a raw dataset to Parquet")
+    _add_config_command(
+        data_commands,
+        "ingest",
+        IngestConfig,
+        _run_ingest,
+        "ingest a raw dataset to Parquet",
+        plan.ingest_plan,
+    )
 
-    _add_config_command(commands, "train", TrainConfig, _run_train, "train a model with Ray Train (DDP)")
-    _add_config_command(commands, "tune", TuneConfig, _run_tune, "compare architectures with Ray Tune")
+    _add_config_command(
+        commands, "train", TrainConfig, _run_train, "train a model with Ray Train (DDP)", plan.train_plan
+    )
+    _add_config_command(
+        commands, "tune", TuneConfig, _run_tune, "compare architectures with Ray Tune", plan.tune_plan
+    )
     _add_config_command(
         commands, "evaluate", EvaluateConfig, _run_evaluate, "score a model on a dataset, its own or another"
     )
@@ -112,14 +123,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_config_command(
-    commands: Any, name: str, config_cls: type, run: Command, help_text: str
+    commands: Any,
+    name: str,
+    config_cls: type,
+    run: Command,
+    help_text: str,
+    planner: Callable[[Any], str] | None = None,
 ) -> argparse.ArgumentParser:
+    """A command whose flags are `config_cls`'s fields; with a `planner`, also `--dry-run`."""
     parser: argparse.ArgumentParser = commands.add_parser(
         name, help=help_text, description=(config_cls.__doc__ or help_text).split("\n")[0]
     )
     add_config_arguments(parser, config_cls)
+    if planner is not None:
+        parser.add_argument(
+            "--dry-run",
+            action="store_true",
+            help="check the settings, resolve every name and print the plan; starts no Ray, reads no data",
+        )
+        run = _run_or_plan(run, planner)
     parser.set_defaults(run=run, config_cls=config_cls)
     return parser
+
+
+def _run_or_plan(run: Command, planner: Callable[[Any], str]) -> Command:
+    """`run`, or under --dry-run the plan of the config it would run (invalid settings: exit 2, as a run)."""
+
+    def run_or_plan(args: argparse.Namespace) -> int:
+        if not args.dry_run:
+            return run(args)
+        print(planner(config_from_args(args.config_cls, args)))
+        return 0
+
+    return run_or_plan
 
 
 def _add_ingest_arguments(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
@@ -483,22 +519,6 @@ def _run_benchmark(args: argparse.Namespace) -> int:
         print(f"cxr: error: benchmark section(s) failed: {', '.join(report.failed)}", file=sys.stderr)
         return 1
     return 0
-
-
-def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A plain-text table with right-aligned numbers."""
-    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    lines = []
-    for n, row in enumerate(cells):
-        padded = [row[0].ljust(widths[0])] + [
-            c.rjust(w) if _NUMERIC.fullmatch(c) else c.ljust(w)
-            for c, w in zip(row[1:], widths[1:], strict=True)
-        ]
-        lines.append("  ".join(padded).rstrip())
-        if n == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def _number(value: Any) -> str:

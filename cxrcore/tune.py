@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 
 RESNET_DEPTHS = ("resnet18", "resnet34", "resnet50")
 TRIAL_DRIVER_CPUS = 0.1  # the driver only waits on its TorchTrainer; its workers hold the real CPUs
+ASHA_REDUCTION_FACTOR = 2
+"""ASHA keeps about one trial in this many at each of its rungs (grace epochs, twice that, ...)."""
 SEARCH = {"lr": (7e-4, 4e-3), "weight_decay": (1e-5, 1e-3)}
 """Log-uniform ranges around the training defaults, from which trials after the first are sampled."""
 
@@ -89,7 +91,7 @@ def trial_train_config(
         lr=float(trial["lr"]),
         weight_decay=float(trial["weight_decay"]),
         pretrained=config.pretrained if model.startswith("resnet") else "none",
-        segmenter=segmenter if _needs_mask(model) else None,
+        segmenter=segmenter if needs_mask(model) else None,
         out=_trials_root(config),
         name=trial_id,
         seed=config.seed,
@@ -117,22 +119,45 @@ def preflight(config: TuneConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]
     the dataset report and the search plan.
     """
     from cxrcore.data.ingest import read_report
-    from cxrcore.models import get_model_entry
     from cxrcore.train.trainer import check_dataset, check_pretrained
 
     _local(config.out)  # the comparison reads trial checkpoints from a filesystem path
-    for name in config.model_names():
-        if name != "resnet":
-            try:
-                get_model_entry(name)
-            except ValueError as exc:  # an unknown name, with a "did you mean"
-                raise ConfigError(f"--models: {exc}") from exc
+    check_models(config)
     report = read_report(config.data)
     check_dataset(config.data)
     plan = search_plan(config, report["by_split"]["train"])
     for model in sorted({trial["model"] for trial in plan}):
         check_pretrained(model, config.pretrained if model.startswith("resnet") else "none")
     return report, plan
+
+
+def check_models(config: TuneConfig) -> None:
+    """Every name in --models is registered, or is 'resnet' (which steps through RESNET_DEPTHS)."""
+    from cxrcore.models import get_model_entry
+
+    for name in config.model_names():
+        if name != "resnet":
+            try:
+                get_model_entry(name)
+            except ValueError as exc:  # an unknown name, with a "did you mean"
+                raise ConfigError(f"--models: {exc}") from exc
+
+
+def segmenter_model(config: TuneConfig) -> str | None:
+    """The U-Net trained before the trials when a compared model takes a lung mask (tiny when the compared
+    models all are), or None: at serving time there is no ground-truth mask, so the segmenter supplies it."""
+    if not any(needs_mask(m) for m in config.model_names() if m != "resnet"):
+        return None
+    return "tiny_unet" if all(m.startswith("tiny_") for m in config.model_names()) else "unet"
+
+
+def segmenter_train_config(config: TuneConfig, model: str) -> TrainConfig:
+    """The segmenter's training run: on one trial's workers, with the segmentation recipe."""
+    return TrainConfig(
+        data=config.data, model=model, epochs=config.segmenter_epochs or 1, workers=config.workers_per_trial,
+        gpu=config.gpu, image_size=config.image_size, lr=1e-3, batch_size=16, out=_trials_root(config),
+        name="segmenter", seed=config.seed,
+    )  # fmt: skip
 
 
 def experiment_settings(config: TuneConfig, report: dict[str, Any]) -> dict[str, Any]:
@@ -160,10 +185,10 @@ def run_comparison(config: TuneConfig) -> dict[str, Any]:
 
     report, plan = preflight(config)
     registry = ModelRegistry(config.registry)
-    experiment_dir = Path(_local(config.out)) / config.name
+    experiment_dir = experiment_path(config)
     check_same_experiment(str(experiment_dir), experiment_settings(config, report), "a Tune experiment")
-    needs_segmenter = any(_needs_mask(m) for m in config.model_names() if m != "resnet")
-    segmenter = _segmenter(config, registry) if needs_segmenter else None
+    segmenter_name = segmenter_model(config)
+    segmenter = _segmenter(config, registry, segmenter_name) if segmenter_name else None
 
     space = {
         **planned_space(plan),
@@ -184,14 +209,14 @@ def run_comparison(config: TuneConfig) -> dict[str, Any]:
                 mode="max",
                 num_samples=config.trials,
                 max_concurrent_trials=config.max_concurrent
-                or _max_concurrent(config, ray.cluster_resources()),
+                or max_concurrent_trials(config, ray.cluster_resources()),
                 scheduler=ASHAScheduler(
                     # The epoch each report names, not Tune's count of reports: a trial restored after the
                     # driver was killed resumes its Train run mid-way, and Tune counts its reports from 1.
                     time_attr="epoch",
                     max_t=config.epochs,
                     grace_period=config.grace_epochs or 1,  # resolved by TuneConfig
-                    reduction_factor=2,
+                    reduction_factor=ASHA_REDUCTION_FACTOR,
                 ),
                 search_alg=None,
             ),
@@ -226,19 +251,19 @@ def run_comparison(config: TuneConfig) -> dict[str, Any]:
     return comparison
 
 
-def _segmenter(config: TuneConfig, registry: Any) -> dict[str, Any]:
-    """Train the U-Net once (tiny when the compared models are tiny), register it, return its record.
+def experiment_path(config: TuneConfig) -> Path:
+    """The experiment's folder, a filesystem path: the comparison reads the trials' checkpoints from it."""
+    return Path(_local(config.out)) / config.name
+
+
+def _segmenter(config: TuneConfig, registry: Any, model: str) -> dict[str, Any]:
+    """Train the U-Net `model` once, register it, return its record.
 
     A re-run after the driver was killed uses the segmenter run as it finished, without starting it again.
     """
     from cxrcore.train.trainer import fit
 
-    model = "tiny_unet" if all(m.startswith("tiny_") for m in config.model_names()) else "unet"
-    train_config = TrainConfig(
-        data=config.data, model=model, epochs=config.segmenter_epochs or 1, workers=config.workers_per_trial,
-        gpu=config.gpu, image_size=config.image_size, lr=1e-3, batch_size=16, out=_trials_root(config),
-        name="segmenter", seed=config.seed,
-    )  # fmt: skip
+    train_config = segmenter_train_config(config, model)
     kept = _kept_checkpoints(Path(_local(train_config.out)) / train_config.run_name())
     if not kept or kept[-1][1]["epoch"] + 1 < train_config.epochs:
         fit(train_config)
@@ -396,18 +421,27 @@ def _best_per_architecture(
     return summary
 
 
-def _needs_mask(model: str) -> bool:
+def needs_mask(model: str) -> bool:
+    """Whether `model` takes a lung mask beside the image."""
     from cxrcore.models import get_model_entry
 
     return "mask" in get_model_entry(model).input_spec.channels
 
 
-def _max_concurrent(config: TuneConfig, resources: dict[str, float]) -> int:
-    """As many trials as the cluster can give workers to at once (idle drivers waiting would only queue)."""
+def trial_resources(config: TuneConfig) -> dict[str, float]:
+    """What one running trial holds: its driver's CPU share and its Train workers (Ray Train asks a GPU
+    worker for its GPU alone, a CPU worker for one CPU)."""
     if config.gpu:
-        return max(1, int(resources.get("GPU", 0) // config.workers_per_trial))
-    per_trial = config.workers_per_trial + TRIAL_DRIVER_CPUS
-    return max(1, int(resources.get("CPU", 1) // per_trial))
+        return {"CPU": TRIAL_DRIVER_CPUS, "GPU": config.workers_per_trial}
+    return {"CPU": config.workers_per_trial + TRIAL_DRIVER_CPUS, "GPU": 0}
+
+
+def max_concurrent_trials(config: TuneConfig, resources: dict[str, float]) -> int:
+    """As many trials as the cluster can give workers to at once (idle drivers waiting would only queue)."""
+    held = trial_resources(config)
+    if config.gpu:
+        return max(1, int(resources.get("GPU", 0) // held["GPU"]))
+    return max(1, int(resources.get("CPU", 1) // held["CPU"]))
 
 
 def _trials_root(config: TuneConfig) -> str:

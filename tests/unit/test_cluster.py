@@ -1,4 +1,4 @@
-"""The cluster manifests parse, pin the Ray version we test with, and name entrypoints that exist."""
+"""The cluster manifests parse, pin the Ray version we test with, name entrypoints and configs that exist."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ from pathlib import Path
 import ray
 import yaml
 
-CLUSTER = Path(__file__).parents[2] / "cluster"
+from cxrcore.config import IngestConfig, TuneConfig, load_config
+
+ROOT = Path(__file__).parents[2]
+CLUSTER = ROOT / "cluster"
 
 
 def _documents() -> dict[str, dict]:
@@ -43,3 +46,24 @@ def test_rayservice_runs_the_serve_application() -> None:
     from serve.schemas import ServeArgs
 
     ServeArgs.model_validate(app["args"])  # the manifest's args are valid ServeArgs
+
+
+def test_tune_rayjob_runs_the_checked_in_configs_on_one_4_gpu_node() -> None:
+    job = _documents()["kuberay/rayjob-tune.yaml"]
+    entrypoint = job["spec"]["entrypoint"]
+    workdir = re.search(r"^WORKDIR (\S+)", (CLUSTER / "Dockerfile").read_text(), re.MULTILINE)
+    assert workdir and entrypoint.startswith(f"cd {workdir[1]} &&")  # where the image has jobs/configs/
+    steps = re.findall(r"python -m jobs\.(\w+) --config (\S+)", entrypoint)
+    assert [name for name, _ in steps] == ["ingest", "tune"]
+    ingest = load_config(IngestConfig, ROOT / dict(steps)["ingest"])
+    tune = load_config(TuneConfig, ROOT / dict(steps)["tune"])
+    assert tune.data == ingest.out
+    (group,) = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    (container,) = group["template"]["spec"]["containers"]
+    gpus = int(container["resources"]["limits"]["nvidia.com/gpu"])
+    assert gpus == 4 and group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 1
+    assert tune.gpu and tune.max_concurrent is not None
+    assert tune.max_concurrent * tune.workers_per_trial == gpus  # one trial per GPU, none waiting for one
+    # Everything the job reads and writes is on the volume every pod mounts at /data.
+    assert {"mountPath": "/data", "name": "data"} in container["volumeMounts"]
+    assert all(path.startswith("/data/") for path in (ingest.raw, ingest.out, tune.registry, tune.pretrained))

@@ -1,0 +1,121 @@
+"""The configs a user runs on the full database (jobs/configs/) and `--dry-run`: parse, resolve, plan."""
+
+from __future__ import annotations
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cxrcore.cli import main
+from cxrcore.config import IngestConfig, TuneConfig, load_config
+from cxrcore.models import get_model_entry
+from cxrcore.plan import expected_epochs_per_trial
+from cxrcore.tune import max_concurrent_trials, search_plan
+
+CONFIGS = Path(__file__).parents[2] / "jobs" / "configs"
+CONFIG_CLASSES: dict[str, type] = {"ingest.yaml": IngestConfig, "tune.yaml": TuneConfig}
+"""Each file in jobs/configs/ and the config class of the job that reads it."""
+
+
+def test_every_config_parses_into_its_class() -> None:
+    assert sorted(path.name for path in CONFIGS.glob("*.yaml")) == sorted(CONFIG_CLASSES)
+    for name, cls in CONFIG_CLASSES.items():
+        assert isinstance(load_config(cls, CONFIGS / name), cls), name
+
+
+def test_tune_config_names_registered_models_on_one_gpu_each() -> None:
+    config = load_config(TuneConfig, CONFIGS / "tune.yaml")
+    assert config.model_names() == ["cnn_lstm", "dual_cnn", "resnet50"]
+    for name in config.model_names():
+        get_model_entry(name)  # raises for a name the registry does not know
+    assert config.gpu and config.workers_per_trial == 1 and config.image_size == 224
+    assert config.pretrained.endswith(".safetensors")  # written by `cxr models import-weights`
+    batch_sizes = {trial["batch_size"] for trial in search_plan(config, 16_933)}
+    assert batch_sizes <= {16, 32, 64}  # what the config's comments promise a 16 GB GPU holds
+
+
+def test_tune_dry_run_prints_trials_gpus_and_epochs(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["tune", "--config", str(CONFIGS / "tune.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "16,933 (assumed: no ingest_report.json here" in out
+    assert "trials:              12 (cnn_lstm 4, dual_cnn 4, resnet50 4)" in out
+    assert "1 Train worker (1 GPU), 0.1 CPU reserved" in out
+    assert "4 trials at once (set by max_concurrent) → 3 waves" in out
+    assert "up to 30 per trial; ASHA may stop a trial after 15" in out
+    assert "≈270 expected" in out and "180 if it stopped every trial at grace, 360 if none" in out
+    assert "unet, 8 epochs on 1 Train worker (1 GPU), batch 16" in out
+    assert "output:              /data/cxr/runs/radiography-full (comparison.html" in out
+    assert "weights file /data/cxr/weights/resnet50-1ch.safetensors (not on this machine" in out
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] and line.split()[0].isdigit()]
+    assert len(rows) == 12 and {int(row[4]) for row in rows} <= {16, 32, 64}
+
+
+def test_ingest_dry_run_through_the_job_entrypoint(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(sys, "argv", ["jobs.ingest", "--config", str(CONFIGS / "ingest.yaml"), "--dry-run"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module("jobs.ingest", run_name="__main__")
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "source:   /data/COVID-19_Radiography_Dataset (not on this machine)" in out
+    assert "256×256 px" in out and "train 80% / val 10% / test 10%" in out
+    assert "about 16,933 train / 2,116 val / 2,116 test" in out
+
+
+def test_train_dry_run_reads_the_dataset_report_when_present(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    report = {"by_split": {"train": 100, "val": 12, "test": 12}, "config": {"size": 64}}
+    (tmp_path / "ingest_report.json").write_text(json.dumps(report))
+    argv = ["train", "--data", str(tmp_path), "--model", "dual_cnn", "--workers", "2", "--dry-run"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "train images: 100 (from its ingest_report.json)" in out
+    assert "2 Train workers, 1 CPU each (gloo)" in out
+    assert "4 per worker (automatic" in out and "≈13 steps per epoch" in out
+    assert "image size:   64 px, the dataset's base size" in out
+
+
+def test_gpu_tune_plan_without_max_concurrent_states_its_cluster(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["tune", "--data", "/nowhere", "--registry", "/nowhere/reg", "--models", "resnet", "--trials", "3"]
+    assert main([*argv, "--gpu", "--workers-per-trial", "2", "--pretrained", "none", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "2 trials at once (assumed cluster: one node with 4 GPUs" in out
+    assert "trials:              3 (resnet18 1, resnet34 1, resnet50 1)" in out
+    assert "segmenter" not in out
+
+
+def test_wrong_names_fail_with_exit_2_naming_them(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    settings = yaml.safe_load((CONFIGS / "tune.yaml").read_text())
+    bad = tmp_path / "tune.yaml"
+    bad.write_text(yaml.safe_dump({**settings, "models": "cnn_lstm,dual_cnn,resnet05"}))
+    assert main(["tune", "--config", str(bad), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cxr: error: --models: unknown model 'resnet05'") and "did you mean" in err
+    assert (
+        main(["tune", "--config", str(CONFIGS / "tune.yaml"), "--out", "s3://bucket/runs", "--dry-run"]) == 2
+    )
+    assert "cxr: error: --out s3://bucket/runs: the comparison reads" in capsys.readouterr().err
+
+    assert (
+        main(["train", "--data", "ds", "--model", "cnn_lstm", "--pretrained", "w.safetensors", "--dry-run"])
+        == 2
+    )
+    assert "--pretrained: model 'cnn_lstm' takes no pretrained weights" in capsys.readouterr().err
+    assert main(["data", "ingest", "raw", "out", "--map", "COVID-19=Covid19", "--dry-run"]) == 2
+    assert "cxr: error: --map: 'Covid19' (for 'COVID-19') is not a class" in capsys.readouterr().err
+
+
+def test_expected_epochs_and_concurrency_arithmetic() -> None:
+    assert expected_epochs_per_trial(30, 15, 2) == 22.5  # rungs at 15 (half go on to 30)
+    assert expected_epochs_per_trial(30, 10, 2) == 17.5  # rungs at 10 and 20
+    assert expected_epochs_per_trial(8, 8, 2) == 8
+    one_gpu = TuneConfig(data="d", registry="r", gpu=True)
+    assert max_concurrent_trials(one_gpu, {"GPU": 4, "CPU": 32}) == 4
+    two_cpus = TuneConfig(data="d", registry="r", workers_per_trial=2)
+    assert max_concurrent_trials(two_cpus, {"CPU": 8}) == 3  # 2 workers + 0.1 for the trial's driver
