@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+DASHBOARD_PORT = 8265
+"""Ray's usual dashboard port, used when free."""
 
 
-def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> str | None:
+def init_ray(
+    address: str | None = None, *, num_cpus: int | None = None, object_store_memory: int | None = None
+) -> str | None:
     """Connect to (or start) Ray once per process and return the dashboard URL, if there is one.
 
     `address` (or RAY_ADDRESS) joins a running cluster, as `ray job submit` entrypoints do; without
@@ -21,15 +29,55 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> str 
         if address:
             ray.init(address=address, logging_level=logging.WARNING)
         else:
-            ray.init(
-                # At least 4 logical CPUs: a Tune trial's driver, its Train workers and Ray Data's read
-                # tasks must all fit at once, even on a 2-core laptop (they take turns on the cores).
-                num_cpus=num_cpus or max(4, os.cpu_count() or 1),
-                include_dashboard=True,
-                dashboard_host="127.0.0.1",
-                logging_level=logging.WARNING,
-            )
+            port = _free_port()
+            with _environment(RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{port}"):
+                ray.init(
+                    # At least 4 logical CPUs: a Tune trial's driver, its Train workers and Ray Data's read
+                    # tasks must all fit at once, even on a 2-core laptop (they take turns on the cores).
+                    num_cpus=num_cpus or max(4, os.cpu_count() or 1),
+                    include_dashboard=True,
+                    dashboard_host="127.0.0.1",
+                    dashboard_port=port,
+                    object_store_memory=object_store_memory,
+                    logging_level=logging.WARNING,
+                )
     from ray._private.worker import get_dashboard_url  # the public API has no getter for an existing session
 
     url: str | None = get_dashboard_url()
     return f"http://{url}" if url and not url.startswith("http") else url
+
+
+@contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    """Set environment variables for the processes a local Ray starts (its raylet passes them on to every
+    worker), unless the user set them; this process's environment is restored afterwards.
+
+    Why RAY_API_SERVER_ADDRESS: Ray Train's PlacementGroupCleaner, which frees a stopped Tune trial's
+    workers, finds its cluster's State API through it or RAY_ADDRESS, else by looking for running clusters.
+    With two Ray clusters on one machine that lookup fails, the cleaner never frees anything, and every
+    trial ASHA stopped keeps its CPUs: the demo's Serve replicas then waited forever for one.
+    """
+    saved = {name: os.environ.get(name) for name in values}
+    for name, value in values.items():
+        if saved[name] is None and not os.environ.get("RAY_ADDRESS"):
+            os.environ[name] = value
+    try:
+        yield
+    finally:
+        for name, previous in saved.items():
+            if previous is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = previous
+
+
+def _free_port(preferred: int = DASHBOARD_PORT) -> int:
+    """`preferred` if it is free on loopback now, else a port that is, for the local cluster's dashboard."""
+    for port in (preferred, 0):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(sock.getsockname()[1])
+    raise OSError("no free TCP port on 127.0.0.1 for the Ray dashboard")

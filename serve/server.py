@@ -9,6 +9,8 @@ from serve.app import build_app
 from serve.schemas import ServeArgs
 
 APP_NAME = "cxr"
+START_TIMEOUT_S = 300.0
+"""How long `cxr serve` and the demo wait for the app's replicas before saying why they are not up."""
 
 
 def serve_foreground(
@@ -27,7 +29,7 @@ def serve_foreground(
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         serve.start(http_options={"host": host, "port": port})
-        serve.run(app, name=APP_NAME, route_prefix="/")
+        run_app(app)
         print(
             f"serving {args.model} at http://{host}:{port} (API docs: /docs; Ray dashboard: {dashboard}); "
             "Ctrl-C to stop",
@@ -55,7 +57,7 @@ def demo_predictions(
     args = ServeArgs.model_validate(app_args)
     serve.start(http_options={"host": host, "port": port})
     try:
-        serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+        run_app(build_app(args))
         answers = []
         with httpx.Client(base_url=f"http://{host}:{port}", timeout=60) as client:
             for path in files:
@@ -67,3 +69,32 @@ def demo_predictions(
         return answers
     finally:
         serve.shutdown()
+
+
+def run_app(app: Any, timeout_s: float = START_TIMEOUT_S) -> None:
+    """Deploy `app` as APP_NAME and wait until it runs; raise, naming each deployment's state, when it
+    failed or is not up after `timeout_s` (a replica that no node has room for would wait forever)."""
+    import time
+
+    from ray import serve
+
+    target = serve.RunTarget(app, name=APP_NAME, route_prefix="/")
+    serve.run_many([target], wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = serve.status().applications.get(APP_NAME)
+        state = str(status.status) if status else "NOT_STARTED"
+        if state.endswith("RUNNING"):
+            return
+        if state.endswith("DEPLOY_FAILED") or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    deployments = "; ".join(
+        f"{name}: {str(d.status).rsplit('.', 1)[-1]}" + (f" ({d.message})" if d.message else "")
+        for name, d in (status.deployments.items() if status else [])
+    )
+    why = "failed to deploy" if state.endswith("DEPLOY_FAILED") else f"is not running after {timeout_s:.0f} s"
+    raise RuntimeError(
+        f"Serve application {APP_NAME!r} {why}: {deployments or state}. `ray status` shows what the "
+        "cluster has free; a replica needs a CPU (or GPU) that no Train run or Tune trial holds."
+    )

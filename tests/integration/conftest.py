@@ -1,7 +1,7 @@
 """One local Ray cluster for all integration tests (ray.init costs ~4 s).
 
-Package-scoped, so it is gone before the e2e tests start their own cluster: with two Ray instances on
-one machine, Train's placement-group cleaner cannot tell which to use and stopped trials leak.
+Package-scoped, so it is gone before the e2e tests start their own clusters (cores, not correctness:
+`init_ray` tells Train's placement-group cleaner which of several clusters on a machine is its own).
 """
 
 from __future__ import annotations
@@ -15,13 +15,11 @@ import pytest
 def ray_session() -> Iterator[None]:
     import ray
 
-    ray.init(
-        num_cpus=4,  # logical CPUs: Tune drivers, Train workers and Serve replicas must fit on 2 cores
-        include_dashboard=True,  # Train's placement-group cleanup and the job API need it
-        dashboard_host="127.0.0.1",
-        object_store_memory=512 * 1024**2,
-        logging_level="WARNING",
-    )
+    from cxrcore.runtime import init_ray
+
+    # As `cxr` starts one: dashboard on loopback (Train's placement-group cleanup and the job API need
+    # it); 4 logical CPUs so that Tune drivers, Train workers and Serve replicas fit on 2 cores.
+    init_ray(num_cpus=4, object_store_memory=512 * 1024**2)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
     ray.shutdown()

@@ -1,0 +1,42 @@
+"""The local cluster `cxr` starts: its workers know their own State API when other clusters run beside it."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_session")]
+
+
+def test_workers_find_their_own_clusters_state_api_and_the_driver_environment_is_untouched() -> None:
+    import ray
+    from ray._private.worker import get_dashboard_url
+
+    @ray.remote(num_cpus=0)
+    def api_address() -> str | None:
+        return os.environ.get("RAY_API_SERVER_ADDRESS")
+
+    # Ray Train's PlacementGroupCleaner (a detached actor) reads this to find the State API; without it, a
+    # second cluster on the machine made its lookup fail and every stopped Tune trial kept its CPUs.
+    assert ray.get(api_address.remote()) == f"http://{get_dashboard_url()}"
+    assert "RAY_API_SERVER_ADDRESS" not in os.environ  # subprocesses the driver starts may join another
+
+
+def test_a_serve_app_whose_replica_fits_nowhere_fails_in_bounded_time_naming_the_deployment() -> None:
+    from ray import serve
+
+    from serve.server import run_app
+    from tests.e2e.conftest import free_port
+
+    @serve.deployment(ray_actor_options={"num_cpus": 64})  # the session cluster has 4
+    class Oversized:
+        def __call__(self, request: object) -> str:
+            return "never"
+
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+    try:
+        with pytest.raises(RuntimeError, match=r"is not running after 3 s: Oversized: UPDATING"):
+            run_app(Oversized.bind(), timeout_s=3)
+    finally:
+        serve.shutdown()
