@@ -181,24 +181,17 @@ def ingest_in_one_process(raw: Path, out: Path, size: int) -> dict[str, Any]:
         if len(rows["image"]):
             folder = out / f"split={split}"
             folder.mkdir(parents=True, exist_ok=True)
-            pq.write_table(_parquet_table(rows, size), folder / "part-0.parquet")
+            pq.write_table(_parquet_table(rows), folder / "part-0.parquet")
     stages["write"] = time.perf_counter() - mark
     return {"images": len(entries), "seconds": time.perf_counter() - started, "stages": stages}
 
 
-def _parquet_table(rows: dict[str, np.ndarray], size: int) -> Any:
-    """The dataset's columns as a pyarrow Table; images and masks stored as Ray stores its tensor columns
-    (`large_list<uint8>` underneath its extension type), size² bytes each."""
-    import pyarrow as pa
+def _parquet_table(rows: dict[str, np.ndarray]) -> Any:
+    """The dataset's columns as a pyarrow Table, pixels packed as the pipeline packs them."""
+    from cxrcore.data.ingest import table_with_packed_pixels
 
-    def pixels(arrays: np.ndarray) -> Any:
-        offsets = np.arange(0, (len(arrays) + 1) * size * size, size * size, dtype=np.int64)
-        return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(arrays.reshape(-1)))
-
-    columns = ("has_mask", "label", "source", "url", "file", "sha256", "phash")
-    return pa.table(
-        {"image": pixels(rows["image"]), "mask": pixels(rows["mask"]), **{c: rows[c] for c in columns}}
-    )
+    columns = ("image", "mask", "has_mask", "label", "source", "url", "file", "sha256", "phash")
+    return table_with_packed_pixels({c: rows[c] for c in columns})
 
 
 def _ray_running() -> bool:

@@ -1,0 +1,36 @@
+"""Pixels in the Parquet dataset: raw bytes per image, read back as arrays, older datasets too."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cxrcore.data.ingest import _unpack_pixels, table_with_packed_pixels, tensor_column
+
+
+def test_pixels_round_trip_through_parquet_as_one_binary_value_per_image(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, 8, 8), dtype=np.uint8)
+    masks = (rng.random((3, 8, 8)) > 0.5).astype(np.uint8) * 255
+    table = table_with_packed_pixels({"image": images, "mask": masks, "label": np.asarray(["a", "b", "c"])})
+    pq.write_table(table, tmp_path / "part.parquet")
+
+    back = pq.read_table(tmp_path / "part.parquet")
+    assert back.schema.field("image").type == pa.binary() and back.schema.field("label").type == pa.string()
+    np.testing.assert_array_equal(tensor_column(back.column("image").to_pylist()), images)
+    np.testing.assert_array_equal(tensor_column(back.to_pandas()["mask"]), masks)
+    assert tensor_column(back.column("image").to_pylist()).flags.writeable  # torch.from_numpy takes it
+
+
+def test_datasets_written_with_tensor_columns_still_read() -> None:
+    images = np.arange(2 * 4 * 4, dtype=np.uint8).reshape(2, 4, 4)
+    as_lists = [row.reshape(-1).tolist() for row in images]  # what pyarrow gives for Ray's tensor type
+    np.testing.assert_array_equal(tensor_column(as_lists), images)
+    # Through Ray, a tensor column arrives as an array already: the read step leaves it alone.
+    batch = {"image": images, "label_index": np.asarray([0, 1])}
+    assert _unpack_pixels(dict(batch))["image"] is images
+    packed = {"image": np.asarray([row.tobytes() for row in images], dtype=object)}
+    np.testing.assert_array_equal(_unpack_pixels(packed)["image"], images)
