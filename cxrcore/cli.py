@@ -337,6 +337,9 @@ def _run_evaluate(args: argparse.Namespace) -> int:
                 for name, row in comparison["figures"].items()]  # fmt: skip
         print(format_table(["metric", column, "external", "drop"], rows))
         print(("WARNING: " if comparison["large_drop"] else "") + comparison["verdict"])
+    holdout = metrics.get("source_holdout")
+    if holdout:
+        print(format_holdout(holdout))
     print(f"report: {paths['report']}")
     return 0
 
@@ -525,6 +528,21 @@ def _number(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
+def _cell(value: Any) -> str:
+    """A table cell: a dash where there is no value."""
+    return "-" if value is None else _number(value)
+
+
+def format_holdout(holdout: dict[str, Any]) -> str:
+    """The random split beside the held-out sources, as report.html's table, then the verdict."""
+    from cxrcore.evaluate.report import holdout_rows
+
+    rows = holdout_rows(holdout)
+    cells = [[_cell(value) for value in row.values()] for row in rows]
+    verdict = ("WARNING: " if holdout["large_drop"] else "") + holdout["verdict"]
+    return "\n".join([format_table(list(rows[0]), cells), verdict])
+
+
 def format_train_result(result: Any) -> str:
     """Human-readable end of `cxr train`: where the run and its best checkpoint are, and how it scored."""
     keys = ["epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1", "val_macro_auroc", "val_dice"]
@@ -543,17 +561,26 @@ def format_train_result(result: Any) -> str:
 
 
 def format_comparison(comparison: dict[str, Any]) -> str:
-    """The winner, the best of each architecture side by side, failed trials, and where the reports are."""
-    from cxrcore.evaluate.comparison import winner_line
+    """The winner, the best of each architecture side by side, failed trials, and where the reports are.
 
+    Where ingest held sources out, the random-split and held-out-source test accuracies stand beside the
+    others, and each architecture whose held-out figures fall by LARGE_DROP or more gets a warning."""
+    from cxrcore.evaluate.comparison import holdout_columns, holdout_warnings, winner_line
+
+    best = comparison["best"]
+    held_out = any(row.get("source_holdout") for row in best.values())
     rows = [
         [model, row["ref"] + (" *" if row.get("production") else ""), _number(row["val_score"]),
          _number(row["test_accuracy"]), _number(row["test_macro_f1"]), row["parameters"],
          f"{row['train_images_per_s'] or 0:.0f}", row["epochs_run"]]
-        for model, row in comparison["best"].items()
+        + ([_cell(holdout_columns(row)[k]) for k in ("random-split accuracy", "held-out accuracy")]
+           if held_out else [])
+        for model, row in best.items()
     ]  # fmt: skip
     header = ["architecture", "registered", "val F1", "test acc", "test F1", "params", "img/s", "epochs"]
-    lines = [winner_line(comparison["best"]), format_table(header, rows)]
+    header += ["random-split acc", "held-out acc"] if held_out else []
+    lines = [winner_line(best), format_table(header, rows)]
+    lines += [f"WARNING: {line}" for line in holdout_warnings(best)]
     lines.append(f"production (*): {comparison['production']}")
     stopped = sum(1 for t in comparison["trials"] if t["stopped_early"])
     failed = [t for t in comparison["trials"] if t["error"]]

@@ -9,12 +9,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
 from cxrcore.config import ConfigError, EvaluateConfig, TrainConfig, TuneConfig, from_dict, to_dict
 from cxrcore.experiment import check_same_experiment
+from cxrcore.metrics import validation_rank
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +231,7 @@ def run_comparison(config: TuneConfig) -> dict[str, Any]:
     trials = [_trial_record(config, results[i]) for i in range(len(results))]
     best = _best_per_architecture(config, trials, registry, experiment_dir)
     if best:
-        winner = max(best.values(), key=lambda b: b["val_score"])
+        winner = max(best.values(), key=validation_rank)
         registry.promote(winner["ref"], "production")
         winner["production"] = True
     comparison = {
@@ -270,7 +270,7 @@ def _segmenter(config: TuneConfig, registry: Any, model: str) -> dict[str, Any]:
         kept = _kept_checkpoints(Path(_local(train_config.out)) / train_config.run_name())
     if not kept:
         raise RuntimeError("the lung segmenter produced no checkpoint")
-    checkpoint, card = max(kept, key=_val_score)
+    checkpoint, card = max(kept, key=_checkpoint_rank)
     report = Path(_local(config.out)) / config.name / "reports" / model
     version = _evaluate_and_register(config, registry, checkpoint, report)
     return {
@@ -288,7 +288,7 @@ def _trial_record(config: TuneConfig, result: Any) -> dict[str, Any]:
     trial_id = metrics.get("trial_id") or Path(result.path).name
     train = trial_train_config(config, params, trial_id, None)
     checkpoints = _kept_checkpoints(Path(_local(train.out)) / trial_id)
-    checkpoint, card = max(checkpoints, key=_val_score, default=(None, None))
+    checkpoint, card = max(checkpoints, key=_checkpoint_rank, default=(None, None))
     # The last epoch reported (a restored trial's Train run resumes mid-way; Tune counts its reports from 1).
     epochs_run = int(metrics.get("epoch") or 0)
     return {
@@ -303,6 +303,7 @@ def _trial_record(config: TuneConfig, result: Any) -> dict[str, Any]:
         "val_accuracy": metrics.get("val_accuracy"),
         "val_macro_f1": metrics.get("val_macro_f1"),
         "val_score": card["metrics"]["val_score"] if card else None,
+        "val_loss": card["metrics"].get("val_loss") if card else None,
         "train_images_per_s": metrics.get("train_images_per_s"),
         "best_checkpoint": str(checkpoint) if checkpoint else None,
         "best_epoch": card["epoch"] + 1 if card else None,
@@ -342,9 +343,8 @@ def _kept_checkpoints(run_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
     return sorted(kept, key=lambda item: int(item[1]["epoch"]))
 
 
-def _val_score(item: tuple[Path, dict[str, Any]]) -> float:
-    score = item[1]["metrics"].get("val_score")
-    return -math.inf if score is None else float(score)
+def _checkpoint_rank(item: tuple[Path, dict[str, Any]]) -> tuple[float, float]:
+    return validation_rank(item[1]["metrics"])
 
 
 def _evaluate_and_register(config: TuneConfig, registry: Any, checkpoint: Path, report: Path) -> Any:
@@ -379,7 +379,11 @@ def _evaluate_and_register(config: TuneConfig, registry: Any, checkpoint: Path, 
 def _best_per_architecture(
     config: TuneConfig, trials: list[dict[str, Any]], registry: Any, experiment_dir: Path
 ) -> dict[str, dict[str, Any]]:
-    """Evaluate each architecture's best trial on the test split and register it with its report."""
+    """Evaluate each architecture's best trial on the test split and register it with its report.
+
+    Where ingest held sources out, the test report's `source_holdout` block comes along: the comparison
+    shows the held-out-source figures beside the random-split ones.
+    """
     from cxrcore.models import create_model
 
     best: dict[str, dict[str, Any]] = {}
@@ -387,7 +391,7 @@ def _best_per_architecture(
         if trial["best_checkpoint"] is None:
             continue
         current = best.get(trial["model"])
-        if current is None or trial["val_score"] > current["val_score"]:
+        if current is None or validation_rank(trial) > validation_rank(current):
             best[trial["model"]] = trial
     summary: dict[str, dict[str, Any]] = {}
     for model, trial in sorted(best.items()):
@@ -401,6 +405,7 @@ def _best_per_architecture(
                 k: trial[k]
                 for k in ("trial_id", "lr", "weight_decay", "batch_size", "epochs_run", "val_score")
             },
+            "val_loss": trial.get("val_loss"),  # ranks ties on val_score (absent from older records)
             "ref": version.ref,
             "report": str(report / "report.html"),
             "parameters": parameters,
@@ -417,6 +422,7 @@ def _best_per_architecture(
             "test_nll_uncalibrated": calibration.get("nll_before"),
             "best_epoch": trial["best_epoch"],
             "history": trial["history"],
+            **({"source_holdout": test["source_holdout"]} if "source_holdout" in test else {}),
         }
     return summary
 

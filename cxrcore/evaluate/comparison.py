@@ -17,6 +17,7 @@ from cxrcore.evaluate.report import (
     write_html_report,
 )
 from cxrcore.labels import CLASSES
+from cxrcore.metrics import validation_rank
 
 CURVES = ("val_macro_f1", "val_loss", "val_accuracy", "train_loss")
 CALIBRATION = {
@@ -26,6 +27,14 @@ CALIBRATION = {
     "test_nll_uncalibrated": "test NLL before",
     "test_nll": "test NLL after",
 }
+HOLDOUT_COLUMNS = (
+    "random-split accuracy",
+    "held-out accuracy",
+    "random-split macro-F1",
+    "held-out macro-F1",
+    "large drop",
+)
+"""The best-of-each table's columns where ingest held sources out (`source_holdout` in the test reports)."""
 _CURVE_WIDTH = 540
 _MATRIX_WIDTH = 360
 
@@ -77,25 +86,25 @@ def write_comparison_report(out_dir: str | Path, comparison: dict[str, Any]) -> 
                 image_width=_CURVE_WIDTH,
             ),
         ]
-    trials = sorted(comparison["trials"], key=lambda trial: -_score(trial.get("val_score")))
+    trials = sorted(comparison["trials"], key=validation_rank, reverse=True)
     sections.append(ReportSection("All trials", table=[_trial_row(trial) for trial in trials]))
     failed = [trial for trial in trials if trial.get("error")]
     if failed:
         rows = [{"trial": t["trial_id"], "model": t["model"], "error": t["error"]} for t in failed]
         sections.append(ReportSection(f"Failed trials ({len(failed)})", table=rows))
-    lead = html.escape(winner_line(comparison["best"]))
+    leads = [(winner_line(comparison["best"]), "lead" if ranked else "lead alert")]
+    leads += [(line, "lead alert") for line in holdout_warnings(comparison["best"])]
+    lead = "\n".join(f'<p class="{kind}">{html.escape(text)}</p>' for text, kind in leads)
     paths["html"] = write_html_report(
-        out / "comparison.html",
-        f"Architecture comparison: {comparison['dataset']}",
-        sections,
-        lead=f'<p class="{"lead" if ranked else "lead alert"}">{lead}</p>',
+        out / "comparison.html", f"Architecture comparison: {comparison['dataset']}", sections, lead=lead
     )
     return paths
 
 
 def ranked_architectures(best: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, Mapping[str, Any]]]:
-    """(model, row) pairs of the best of each architecture, by validation macro-F1 (val_score), best first."""
-    return sorted(best.items(), key=lambda item: -_score(item[1].get("val_score")))
+    """(model, row) pairs of the best of each architecture, by validation macro-F1 (val_score) then the lower
+    validation loss, best first: the order in which the production model is chosen."""
+    return sorted(best.items(), key=lambda item: validation_rank(item[1]), reverse=True)
 
 
 def winner_line(best: Mapping[str, Mapping[str, Any]]) -> str:
@@ -110,14 +119,42 @@ def winner_line(best: Mapping[str, Mapping[str, Any]]) -> str:
     if others:
         runner_up, other = others[0]
         margin = _score(row["val_score"]) - _score(other["val_score"])
-        side = "ahead of" if margin >= 0 else "behind"
-        line += f", {_fixed(abs(margin))} {side} {runner_up} ({_fixed(other['val_score'])})"
+        if margin == 0 and row.get("val_loss") is not None and other.get("val_loss") is not None:
+            line += (
+                f", tied with {runner_up}; chosen for its lower validation loss "
+                f"({row['val_loss']:.3f} vs {other['val_loss']:.3f})"
+            )
+        else:
+            side = "ahead of" if margin >= 0 else "behind"
+            line += f", {_fixed(abs(margin))} {side} {runner_up} ({_fixed(other['val_score'])})"
     line += f"; test accuracy {_fixed(row['test_accuracy'])}."
     return ("Winner: " if others else "Only one architecture produced a checkpoint: ") + line
 
 
+def holdout_columns(row: Mapping[str, Any]) -> dict[str, Any]:
+    """An architecture's random-split and held-out-source test figures (None where its test report has none,
+    so that a table with some keeps the columns together)."""
+    holdout = row.get("source_holdout")
+    if not holdout:
+        return dict.fromkeys(HOLDOUT_COLUMNS)
+    seen, held = holdout["random_split"], holdout["held_out"]
+    values = (seen["accuracy"], held["accuracy"], seen["macro_f1"], held["macro_f1"], holdout["large_drop"])
+    return dict(zip(HOLDOUT_COLUMNS, values, strict=True))
+
+
+def holdout_warnings(best: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The verdict of each architecture whose held-out-source figures fell by LARGE_DROP or more."""
+    return [
+        f"{model}: {row['source_holdout']['verdict']}"
+        for model, row in ranked_architectures(best)
+        if (row.get("source_holdout") or {}).get("large_drop")
+    ]
+
+
 def _best_tables(ranked: list[tuple[str, Mapping[str, Any]]]) -> str:
-    """Test scores, calibration (when any row has it) and training setup of each architecture's best trial."""
+    """Test scores (held-out sources beside when any row has them), calibration (when any row has it) and
+    training setup of each architecture's best trial."""
+    held_out = any(row.get("source_holdout") for _, row in ranked)
     scores = [
         {
             "architecture": model,
@@ -125,6 +162,7 @@ def _best_tables(ranked: list[tuple[str, Mapping[str, Any]]]) -> str:
             "val macro-F1": row["val_score"],
             "test accuracy": row["test_accuracy"],
             "test macro-F1": row["test_macro_f1"],
+            **(holdout_columns(row) if held_out else {}),
             "test AUROC": row["test_macro_auroc"],
             **{f"test F1 {name}": f1 for name, f1 in row["test_per_class_f1"].items()},
         }

@@ -69,7 +69,8 @@ def evaluate_checkpoint(config: EvaluateConfig) -> dict[str, Path]:
 
     On data other than the model's own (by the dataset fingerprint on its card) this is an external
     validation: every image by default, masks from the segmenter as Serve makes them, and the
-    `external` and `internal_comparison` blocks of cxrcore.evaluate.external.
+    `external` and `internal_comparison` blocks of cxrcore.evaluate.external. On the test split of its
+    own dataset with sources held out at ingest, the `source_holdout` block scores those apart.
     """
     from cxrcore.data.ingest import read_table
     from cxrcore.evaluate.external import dataset_relation
@@ -146,6 +147,7 @@ def _classification_report(
         "temperature %.3f: ECE %.3f -> %.3f, NLL %.3f -> %.3f",
         cal["temperature"], cal["ece_before"], cal["ece_after"], cal["nll_before"], cal["nll_after"],
     )  # fmt: skip
+    holdout = _source_holdout(config.data, relation, split, frame, probs, classes)
     blocks = None
     if relation.kind != "internal":
         masks_used = _masks_used(needs_mask, as_served, int(has_mask.sum()))
@@ -163,8 +165,30 @@ def _classification_report(
     return write_evaluation_report(
         config.out, metrics, history=predictor.card.history, card=_card_summary(predictor.card.to_dict()),
         extra=extra, title=f"{name} on {_dataset_name(config.data)} ({split})", evaluated=evaluated,
-        external=blocks,
+        external=blocks, holdout=holdout,
     )  # fmt: skip
+
+
+def _source_holdout(
+    data: str, relation: DatasetRelation, split: str, frame: Any, probs: np.ndarray, classes: list[str]
+) -> dict[str, Any] | None:
+    """The `source_holdout` block where ingest held sources out of the model's own dataset and its test split
+    is scored, else None.
+
+    Only the model's own dataset: another dataset's held-out sources say nothing of what this model saw.
+    """
+    if relation.kind != "internal" or split != "test":
+        return None
+    from cxrcore.data.ingest import read_report
+    from cxrcore.evaluate.external import source_holdout
+
+    test_sources = read_report(data).get("test_sources")
+    if not test_sources:
+        return None
+    labels, sources = frame["label_index"].to_numpy(), frame["source"].to_numpy()
+    block = source_holdout(labels, probs, sources, test_sources, classes)
+    log.info("%s", block["verdict"])
+    return block
 
 
 def _external_blocks(

@@ -9,6 +9,10 @@ by the dataset fingerprint on the model's card, and on other data writes two blo
   a pixel-exact copy of one in the model's own dataset;
 - `internal_comparison`: the model's internal figures (its registered test report, else its card's
   validation metrics) beside the external ones, and `large_drop` when they fall by LARGE_DROP or more.
+
+On its own dataset, when ingest held sources out (`--test-sources`), the test split holds both kinds of
+image, and `source_holdout` scores them apart: the random split (sources training saw) beside the held-out
+sources, with the same LARGE_DROP flag.
 """
 
 from __future__ import annotations
@@ -17,9 +21,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from cxrcore.metrics import confusion_scores, one_vs_rest, wilson_interval
+import numpy as np
+
+from cxrcore.metrics import classification_metrics, confusion_scores, one_vs_rest, wilson_interval
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from cxrcore.checkpoint import ModelCard
 
 LARGE_DROP = 0.10
@@ -41,6 +49,8 @@ LARGE_DROP_REASON = (
 COMPARED = ("accuracy", "macro_f1")
 """The figures whose drop is flagged: what a reader of "internal 0.93 → external 0.61" compares."""
 _FLOAT_SLACK = 1e-9
+_SIDE_FIGURES = ("accuracy", "accuracy_ci95", "macro_f1", "confusion_matrix")
+"""What each side of a source hold-out records beside its sources and counts (None on an empty side)."""
 
 
 @dataclass(frozen=True)
@@ -127,7 +137,6 @@ def external_block(
         for k, name in enumerate(classes)
         if name not in present and any(row[k] for row in matrix)
     }
-    correct = sum(matrix[k][k] for k in range(len(classes)))
     return {
         "dataset": dataset,
         "fingerprint": relation.fingerprint,
@@ -140,7 +149,7 @@ def external_block(
         "classes_absent": [name for name in classes if name not in present],
         "predicted_absent": predicted_absent,
         "accuracy": metrics["accuracy"],
-        "accuracy_ci95": wilson_interval(correct, metrics["n"]),
+        "accuracy_ci95": _accuracy_interval(metrics),
         "macro_f1": metrics["macro_f1"],
         "operating_point": {
             "rule": "argmax of softmax(logits / temperature): the class Serve answers",
@@ -229,8 +238,7 @@ def compare_with_internal(
         row["internal"] = internal[key]
         if internal[key] is not None:
             row["drop"] = internal[key] - row["external"]
-    drops = [block["figures"][key]["drop"] for key in COMPARED if block["figures"][key]["drop"] is not None]
-    block["large_drop"] = any(drop >= LARGE_DROP - _FLOAT_SLACK for drop in drops)
+    block["large_drop"] = _is_large(block["figures"][key]["drop"] for key in COMPARED)
     block["verdict"] = _verdict(block, external)
     return block
 
@@ -287,6 +295,111 @@ def _caveats(external: Mapping[str, Any]) -> list[str]:
             f"{copies} of these {external['n']} images."
         )
     return sentences
+
+
+def source_holdout(
+    labels: np.ndarray,
+    probs: np.ndarray,
+    sources: np.ndarray,
+    test_sources: Sequence[str],
+    classes: Sequence[str],
+) -> dict[str, Any]:
+    """metrics.json's `source_holdout` block: a test split's random-split images beside its held-out sources'.
+
+    A random split shares its sites with training, so it rewards a model that reads the site (scanner,
+    burned-in text, patient age) as much as one that reads the lungs; the sources ingest held out do not.
+    The random-split side keeps only the classes the held-out images hold, so that both sides score the
+    same task (compare_with_internal restricts the internal figures for the same reason).
+    """
+    held = np.isin(sources, list(test_sources))
+    present = np.unique(labels[held]) if held.any() else np.arange(len(classes))
+    seen = ~held & np.isin(labels, present)
+    restricted = bool((~held & ~seen).any())
+    block: dict[str, Any] = {
+        "test_sources": sorted(test_sources),
+        "random_split": _holdout_side(labels[seen], probs[seen], sources[seen], classes),
+        "held_out": _holdout_side(labels[held], probs[held], sources[held], classes),
+        "restricted_to": [classes[int(k)] for k in present] if restricted else None,
+        "drop_threshold": LARGE_DROP,
+    }
+    both = block["random_split"]["n"] and block["held_out"]["n"]
+    block["drop"] = {
+        key: block["random_split"][key] - block["held_out"][key] if both else None for key in COMPARED
+    }
+    block["large_drop"] = _is_large(block["drop"].values()) if both else None
+    block["verdict"] = _holdout_verdict(block)
+    return block
+
+
+def _holdout_side(
+    labels: np.ndarray, probs: np.ndarray, sources: np.ndarray, classes: Sequence[str]
+) -> dict[str, Any]:
+    """One side of the hold-out: its sources, images per class, accuracy with its 95% interval, macro-F1."""
+    if len(labels) == 0:
+        return {"sources": [], "n": 0, "by_class": {}, **dict.fromkeys(_SIDE_FIGURES)}
+    metrics = classification_metrics(labels, probs, classes)
+    return {
+        "sources": sorted(set(sources.tolist())),
+        "n": metrics["n"],
+        "by_class": {name: row["support"] for name, row in metrics["per_class"].items() if row["support"]},
+        "accuracy": metrics["accuracy"],
+        "accuracy_ci95": _accuracy_interval(metrics),
+        "macro_f1": metrics["macro_f1"],
+        "confusion_matrix": metrics["confusion_matrix"],
+    }
+
+
+def _holdout_verdict(block: Mapping[str, Any]) -> str:
+    """The plain-words summary of a source hold-out that the report leads with and the CLI prints."""
+    seen, held = block["random_split"], block["held_out"]
+    names = ", ".join(block["test_sources"])
+    if not held["n"]:
+        return f"No evaluated image comes from the held-out sources ({names}): there is no held-out figure."
+    if not seen["n"]:
+        return (
+            f"Held-out sources ({names}): accuracy {_side_figure(held, 'accuracy')}, macro-F1 "
+            f"{_side_figure(held, 'macro_f1')}. No test image of these classes comes from the sources seen "
+            "in training, so there is no random-split figure to compare with."
+        )
+    sides = "; ".join(
+        f"{label}: held-out sources {_side_figure(held, key)} vs random split {_side_figure(seen, key)}: "
+        + _change(block["drop"][key])
+        for key, label in (("accuracy", "accuracy"), ("macro_f1", "macro-F1"))
+    )
+    if block["large_drop"]:
+        sentences = [
+            f"Large drop on the held-out sources ({names}): {sides} — the model may be reading the site "
+            "(hospital, scanner, patient age), not the lungs. Expect the held-out figures, not the "
+            "random-split ones, on data from elsewhere."
+        ]
+    else:
+        sentences = [f"Held-out sources ({names}): {sides}; within {LARGE_DROP:.2f} of the random split."]
+    if block["restricted_to"]:
+        sentences.append(
+            f"The random split is scored over its {seen['n']} images of the classes the held-out sources "
+            f"hold ({', '.join(block['restricted_to'])})."
+        )
+    return " ".join(sentences)
+
+
+def _side_figure(side: Mapping[str, Any], key: str) -> str:
+    """One side's figure to 2 decimals; accuracy with its 95% interval."""
+    return _fixed(side[key]) + (_interval(side["accuracy_ci95"]) if key == "accuracy" else "")
+
+
+def _change(drop: float) -> str:
+    return f"a drop of {_fixed(drop)}" if drop >= 0 else f"a rise of {_fixed(-drop)}"
+
+
+def _accuracy_interval(metrics: Mapping[str, Any]) -> list[float] | None:
+    """The 95% Wilson interval of classification_metrics' accuracy, from its confusion matrix."""
+    matrix = metrics["confusion_matrix"]
+    return wilson_interval(sum(matrix[k][k] for k in range(len(matrix))), metrics["n"])
+
+
+def _is_large(drops: Iterable[float | None]) -> bool:
+    """Whether any figure fell by LARGE_DROP or more (with slack: 0.90 - 0.80 is 0.0999... in floats)."""
+    return any(drop >= LARGE_DROP - _FLOAT_SLACK for drop in drops if drop is not None)
 
 
 def _has_rows(matrix: Sequence[Sequence[int]], classes: Sequence[str], rows: Sequence[str]) -> bool:

@@ -312,6 +312,7 @@ def write_evaluation_report(
     title: str = "Evaluation report",
     evaluated: Mapping[str, Any] | None = None,
     external: Mapping[str, Mapping[str, Any]] | None = None,
+    holdout: Mapping[str, Any] | None = None,
 ) -> dict[str, Path]:
     """Write metrics.json, the plots and report.html into out_dir; returns file stem → path.
 
@@ -319,8 +320,9 @@ def write_evaluation_report(
     name (another evaluation of the same model: with predicted masks, a held-out source); each is saved
     under its name in metrics.json and gets its own section. training_curves.png needs a non-empty history.
     `evaluated` (which model, dataset and split) and `external` (the `external` and `internal_comparison`
-    blocks of cxrcore.evaluate.external) are saved under their names; the report leads with their
-    warnings and verdict, and an external validation section comes first.
+    blocks of cxrcore.evaluate.external) are saved under their names, as is `holdout` (its `source_holdout`
+    block) under source_holdout; the report leads with their warnings and verdicts, and an external
+    validation or source hold-out section comes first.
     """
     missing = [key for key in ("reliability", "roc") if key not in metrics]
     if missing:
@@ -329,7 +331,11 @@ def write_evaluation_report(
             "compute them with classification_metrics(..., with_curves=True)"
         )
     extra = dict(extra or {})
-    blocks = {**({"evaluated": dict(evaluated)} if evaluated else {}), **(external or {})}
+    blocks = {
+        **({"evaluated": dict(evaluated)} if evaluated else {}),
+        **(external or {}),
+        **({"source_holdout": dict(holdout)} if holdout else {}),
+    }
     clashes = sorted((set(extra) | set(blocks)) & set(metrics)) + sorted(set(extra) & set(blocks))
     if clashes:
         raise ValueError(f"extra result names {clashes} clash with metric or block names; rename them")
@@ -362,6 +368,8 @@ def write_evaluation_report(
         )
     if external:
         sections += external_sections(external["external"], external["internal_comparison"])
+    if holdout:
+        sections.append(holdout_section(holdout))
     if card:
         rows = [{"key": key, "value": _card_value(value)} for key, value in card.items()]
         sections.append(ReportSection("Model card", table=rows))
@@ -382,7 +390,7 @@ def write_evaluation_report(
     for name, result in extra.items():
         table = metrics_table(result) if "per_class" in result else None
         sections.append(ReportSection(name, html=html_table(_headline_rows(result)), table=table))
-    lead = evaluation_lead(evaluated or {}, (external or {}).get("internal_comparison"))
+    lead = evaluation_lead(evaluated or {}, (external or {}).get("internal_comparison"), holdout)
     paths["report"] = write_html_report(out / "report.html", title, sections, lead=lead)
     return paths
 
@@ -447,16 +455,60 @@ def external_sections(external: Mapping[str, Any], comparison: Mapping[str, Any]
     ]
 
 
-def evaluation_lead(evaluated: Mapping[str, Any], comparison: Mapping[str, Any] | None) -> str:
-    """The warnings and verdict put under the title: red where the figures must not be trusted as they are."""
+def holdout_section(holdout: Mapping[str, Any]) -> ReportSection:
+    """The source hold-out: the random split beside the held-out sources, and what each side holds."""
+    from cxrcore.evaluate.external import LARGE_DROP_REASON
+
+    facts = [(label.capitalize(), _side_text(side)) for label, side in _holdout_sides(holdout)]
+    if holdout["restricted_to"]:
+        classes = ", ".join(holdout["restricted_to"])
+        facts.append(("Random split over", f"the classes the held-out sources hold: {classes}"))
+    facts.append(("Large drop", LARGE_DROP_REASON))
+    items = "".join(f"<li><b>{html.escape(k)}:</b> {html.escape(v)}</li>" for k, v in facts)
+    intro = (
+        "<p>The test split scored apart: images from the sources training saw (a random split, which "
+        "shares their sites) and images from the sources ingest held out (sites the model never saw).</p>"
+    )
+    table = html_table(holdout_rows(holdout))
+    return ReportSection("Source hold-out", html=f"{intro}{table}<ul>{items}</ul>")
+
+
+def holdout_rows(holdout: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The source hold-out table of the report and `cxr evaluate`: each side, then the drop between them."""
+    columns = ("images", "n", "accuracy", "accuracy 95% CI", "macro-F1")
+    rows: list[tuple[Any, ...]] = [
+        (label, side["n"], side["accuracy"], _interval_text(side["accuracy_ci95"]), side["macro_f1"])
+        for label, side in _holdout_sides(holdout)
+    ]
+    rows.append(("drop", None, holdout["drop"]["accuracy"], None, holdout["drop"]["macro_f1"]))
+    return [dict(zip(columns, row, strict=True)) for row in rows]
+
+
+def evaluation_lead(
+    evaluated: Mapping[str, Any],
+    comparison: Mapping[str, Any] | None,
+    holdout: Mapping[str, Any] | None = None,
+) -> str:
+    """The warnings and verdicts put under the title: red where the figures must not be trusted as is."""
     parts = []
     if evaluated.get("note"):
         note = html.escape(f"This evaluation {evaluated['note']}.")
         parts.append(f'<p class="lead alert">{note}</p>')
-    if comparison:
-        alert = " alert" if comparison["large_drop"] else ""
-        parts.append(f'<p class="lead{alert}">{html.escape(comparison["verdict"])}</p>')
+    for block in (comparison, holdout):
+        if block:
+            alert = " alert" if block["large_drop"] else ""
+            parts.append(f'<p class="lead{alert}">{html.escape(block["verdict"])}</p>')
     return "\n".join(parts)
+
+
+def _holdout_sides(holdout: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+    return [("random split", holdout["random_split"]), ("held-out sources", holdout["held_out"])]
+
+
+def _side_text(side: Mapping[str, Any]) -> str:
+    """A hold-out side's sources and images per class, in words."""
+    counts = ", ".join(f"{name} {count}" for name, count in side["by_class"].items())
+    return f"{', '.join(side['sources']) or 'none'}; images per class: {counts or 'none'}"
 
 
 def _interval_text(bounds: Sequence[float] | None) -> str:

@@ -9,6 +9,7 @@ from typing import Any
 
 from cxrcore.config import ConfigError, TrainConfig, to_dict
 from cxrcore.labels import CLASSES
+from cxrcore.metrics import validation_rank
 
 log = logging.getLogger(__name__)
 
@@ -192,9 +193,9 @@ def fit(config: TrainConfig) -> TrainResult:
     """Train with a TorchTrainer; re-running with the same --name and --out resumes the run."""
     trainer = build_trainer(config)
     result = trainer.fit()
-    ranked = result.best_checkpoints or []
-    best = result.get_best_checkpoint("val_score", "max") if ranked else None
-    best_metrics: dict[str, Any] = next((m for c, m in ranked if best and c.path == best.path), {})
+    best, best_metrics = max(
+        result.best_checkpoints or [], key=lambda kept: validation_rank(kept[1]), default=(None, {})
+    )
     return TrainResult(
         run_dir=str(result.path),
         best_checkpoint=best.path if best else None,

@@ -1,4 +1,5 @@
-"""The Tune comparison report: winner line, readable numbers, titled matrices, whole curves, failures."""
+"""The Tune comparison report: winner line, readable numbers, titled matrices, whole curves, failures,
+held-out-source figures."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from cxrcore.cli import format_comparison
 from cxrcore.evaluate.comparison import ranked_architectures, winner_line, write_comparison_report
 from cxrcore.evaluate.report import confusion_matrix_figure, overlaid_curves_figure
 from cxrcore.labels import CLASSES
@@ -229,3 +231,46 @@ def test_no_checkpoint_says_so_prominently(tmp_path: Path) -> None:
     assert "Confusion matrices" not in text and "Training curves" not in text and "<img" not in text
     assert "<h2>All trials</h2>" in text and "<h2>Failed trials (1)</h2>" in text
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_held_out_sources_stand_beside_the_random_split_and_a_large_drop_is_flagged(tmp_path: Path) -> None:
+    comparison = _comparison()
+    verdict = "Large drop on the held-out sources (site-b.synthetic.cxr): accuracy: held-out sources 0.41"
+    comparison["best"]["cnn_lstm"]["source_holdout"] = {
+        "random_split": {"accuracy": 0.95, "macro_f1": 0.94},
+        "held_out": {"accuracy": 0.41, "macro_f1": 0.37},
+        "large_drop": True,
+        "verdict": verdict,
+    }
+    text = write_comparison_report(tmp_path, comparison)["html"].read_text()
+    scores = text.split("<h3>Test split</h3>")[1].split("</table>")[0]
+    headers = re.findall(r"<th>(.*?)</th>", scores)
+    held_out = ["random-split accuracy", "held-out accuracy", "random-split macro-F1", "held-out macro-F1"]
+    assert headers[5:10] == [*held_out, "large drop"]
+    assert '<td class="num">0.410</td>' in scores and "<td>yes</td>" in scores
+    assert f'<p class="lead alert">cnn_lstm: {verdict}</p>' in text
+    assert text.index(verdict) < text.index("<h2>")  # under the winner, before any section
+
+    printed = format_comparison({**comparison, "production": "dual_cnn:3", "reports": {}})
+    assert "random-split acc  held-out acc" in printed.splitlines()[1]
+    assert re.search(r"\ncnn_lstm .* 0\.9500 +0\.4100\n", printed)
+    assert re.search(r"\ndual_cnn .* - +-\n", printed)  # an architecture without the figures gets dashes
+    assert f"\nWARNING: cnn_lstm: {verdict}\n" in printed
+
+
+def test_without_held_out_sources_the_comparison_is_as_before(written: tuple[dict[str, Path], str]) -> None:
+    _, text = written
+    assert "held-out" not in text and "lead alert" not in text
+    printed = format_comparison({**_comparison(), "production": "dual_cnn:3", "reports": {}})
+    assert "held-out" not in printed and "WARNING" not in printed
+
+
+def test_a_tie_on_validation_f1_goes_to_the_lower_validation_loss_and_says_so() -> None:
+    best = {
+        "cnn_lstm": {"val_score": 1.0, "val_loss": 0.21, "ref": "cnn_lstm:1", "test_accuracy": 0.95},
+        "dual_cnn": {"val_score": 1.0, "val_loss": 0.08, "ref": "dual_cnn:1", "test_accuracy": 0.97},
+        "resnet18": {"val_score": 0.9, "val_loss": 0.30, "ref": "resnet18:1", "test_accuracy": 0.90},
+    }
+    assert [model for model, _ in ranked_architectures(best)] == ["dual_cnn", "cnn_lstm", "resnet18"]
+    best["dual_cnn"]["production"] = True
+    assert "tied with cnn_lstm; chosen for its lower validation loss (0.080 vs 0.210)" in winner_line(best)

@@ -36,10 +36,18 @@ PERFECT = np.diag([10, 10, 10, 10]).tolist()
 """An internal test confusion matrix: every image right."""
 
 
-def write_dataset(root: Path, rows: list[tuple[str, str, int]], fingerprint: str) -> str:
+def write_dataset(
+    root: Path,
+    rows: list[tuple[str, str, int]],
+    fingerprint: str,
+    sources: list[str] | None = None,
+    test_sources: list[str] | None = None,
+) -> str:
     """A finished dataset as ingest writes it: hive split folders of Parquet and ingest_report.json.
 
     rows are (class, split, image seed); the same seed gives the same pixels, hence the same sha256.
+    sources names each row's source ("site" for all by default); test_sources goes into the report, as
+    `--test-sources` puts it there.
     """
     images = [xray(seed, size=SIZE) for _, _, seed in rows]
     table = pa.table(
@@ -49,7 +57,7 @@ def write_dataset(root: Path, rows: list[tuple[str, str, int]], fingerprint: str
             "has_mask": [False] * len(rows),
             "label": [label for label, _, _ in rows],
             "label_index": np.array([CLASSES.index(label) for label, _, _ in rows], dtype=np.int64),
-            "source": ["site"] * len(rows),
+            "source": sources or ["site"] * len(rows),
             "file": [f"{i}.png" for i in range(len(rows))],
             "sha256": [hashlib.sha256(image.tobytes()).hexdigest() for image in images],
             "split": [split for _, split, _ in rows],
@@ -57,6 +65,8 @@ def write_dataset(root: Path, rows: list[tuple[str, str, int]], fingerprint: str
     )
     pads.write_dataset(table, root, format="parquet", partitioning=["split"], partitioning_flavor="hive")
     report = {"fingerprint": fingerprint, "config": {"size": SIZE}}
+    if test_sources:
+        report["test_sources"] = test_sources
     (root / "ingest_report.json").write_text(json.dumps(report))
     return str(root)
 
@@ -159,6 +169,7 @@ def test_own_dataset_is_scored_on_its_test_split_without_an_external_block(
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["evaluated"]["split"] == "test" and metrics["evaluated"]["relation"] == "internal"
     assert metrics["n"] == 4 and "external" not in metrics and "internal_comparison" not in metrics
+    assert "source_holdout" not in metrics  # ingest held no source out
     assert metrics["evaluated"]["note"] is None
 
 
