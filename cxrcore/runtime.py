@@ -59,7 +59,7 @@ def _environment(**values: str) -> Iterator[None]:
     """
     saved = {name: os.environ.get(name) for name in values}
     for name, value in values.items():
-        if saved[name] is None and not os.environ.get("RAY_ADDRESS"):
+        if saved[name] is None:
             os.environ[name] = value
     try:
         yield
