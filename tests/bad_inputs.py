@@ -10,8 +10,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from PIL import Image
 
 from cxrcore.data.transforms import scale_to_uint8
 from tests.e2e.uploads import chest, dicom_bytes, jpeg_bytes, png_bytes, png_header_only
+from tests.torch_threads import one_torch_thread
 
 MAX_UPLOAD_BYTES = 1024 * 1024  # the in-process app's limit, small so that 413s cost little
 GRAY = scale_to_uint8(chest(0))
@@ -195,20 +195,6 @@ def _corpus() -> list[Case]:
 CORPUS = _corpus()
 
 
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """Torch on one thread, as in a 1-CPU replica: a tiny model takes ms, not the 0.4 s that two threads
-    spinning on two busy cores take."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 class _Remote:
     """`handle.method` of a DeploymentHandle: `.remote(...)` gives an awaitable answer."""
 
@@ -239,7 +225,7 @@ class LocalClassifier:
 
     def _predict(self, image: np.ndarray) -> dict[str, Any]:
         self.images.append(image)
-        with _one_thread():
+        with one_torch_thread():
             (row,) = self.predictor.predict_proba([image])
         return {"probabilities": self._probabilities(row), "model": self.resolved.info.model_dump()}
 
@@ -247,7 +233,7 @@ class LocalClassifier:
         from cxrcore.explain import explain
 
         self.images.append(image)
-        with _one_thread():
+        with one_torch_thread():
             result = explain(self.predictor, image)
         return {
             "probabilities": self._probabilities(result.probabilities),

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 BIN = Path(sys.executable).parent
+REPO = Path(__file__).parents[2]
 
 
 @dataclass(frozen=True)
@@ -96,3 +98,25 @@ def ray_cluster() -> Iterator[RayCluster]:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+def deploy_shipped_config(
+    cluster: RayCluster, folder: Path, args: dict[str, object], runtime_env: dict[str, object] | None = None
+) -> tuple[int, dict[str, object]]:
+    """serve/config.yaml as shipped, with `args` for its application and a free loopback port, deployed with
+    the `serve deploy` CLI as an operator would; returns the port and the config deployed."""
+    config = yaml.safe_load((REPO / "serve/config.yaml").read_text())
+    port = free_port()
+    config["http_options"] = {"host": "127.0.0.1", "port": port}
+    (application,) = config["applications"]
+    application["args"] = args
+    if runtime_env is not None:
+        application["runtime_env"] = runtime_env
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    deploy = subprocess.run(
+        [str(BIN / "serve"), "deploy", str(path), "-a", cluster.address],
+        env=cluster.env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+    return port, config

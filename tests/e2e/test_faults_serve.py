@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -23,15 +22,13 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-import yaml
 
 from cxrcore.data.transforms import scale_to_uint8
 from cxrcore.registry import ModelRegistry
-from tests.e2e.conftest import BIN, RayCluster, free_port, wait_until
+from tests.e2e.conftest import RayCluster, deploy_shipped_config, wait_until
 from tests.e2e.uploads import chest, png_bytes, write_checkpoint
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.faults]
-REPO = Path(__file__).parents[2]
 APP = "cxr"
 REPLICAS = 2
 CLIENTS = 16
@@ -89,20 +86,11 @@ def replica_log(replica: dict[str, Any]) -> str | None:
 
 @pytest.fixture(scope="module")
 def app(ray_cluster: RayCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
-    config = yaml.safe_load((REPO / "serve/config.yaml").read_text())
-    port = free_port()
-    config["http_options"] = {"host": "127.0.0.1", "port": port}
-    (application,) = config["applications"]
     models = tmp_path_factory.mktemp("models")
     ModelRegistry(models / "registry").register(write_checkpoint(models / "cnn_lstm", "cnn_lstm", 5))
-    application["args"] = {"registry": str(models / "registry"), **ARGS}
-    path = tmp_path_factory.mktemp("serve") / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    deploy = subprocess.run(
-        [str(BIN / "serve"), "deploy", str(path), "-a", ray_cluster.address],
-        env=ray_cluster.env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+    port, _ = deploy_shipped_config(
+        ray_cluster, tmp_path_factory.mktemp("serve"), {"registry": str(models / "registry"), **ARGS}
+    )
     served = App(url=f"http://127.0.0.1:{port}", cluster=ray_cluster)
     try:
         wait_until(

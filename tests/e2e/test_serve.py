@@ -36,7 +36,7 @@ from cxrcore.decode import decode_upload
 from cxrcore.inference import Predictor
 from cxrcore.registry import ModelRegistry
 from cxrcore.telemetry import LATENCY_MS_BOUNDARIES
-from tests.e2e.conftest import BIN, RayCluster, free_port, wait_until
+from tests.e2e.conftest import BIN, RayCluster, deploy_shipped_config, free_port, wait_until
 from tests.e2e.uploads import (
     chest,
     dicom_bytes,
@@ -49,7 +49,6 @@ from tests.e2e.uploads import (
 from tests.scrape import scrape, total, wait_for
 
 pytestmark = pytest.mark.e2e
-REPO = Path(__file__).parents[2]
 APP = "cxr"
 PRODUCTION = "tiny_dual_cnn:1"  # what the `production` alias names, pinned when the app is built
 MAX_UPLOAD_MB = 1
@@ -132,19 +131,12 @@ def server(
     ray_cluster: RayCluster, registry: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
     """The shipped serve/config.yaml with test arguments, deployed with the `serve deploy` CLI."""
-    config = yaml.safe_load((REPO / "serve/config.yaml").read_text())
-    port = free_port()
-    config["http_options"] = {"host": "127.0.0.1", "port": port}
-    (app,) = config["applications"]
-    app["args"] = {"registry": str(registry), "model": "production", **TEST_ARGS}
-    app["runtime_env"] = {"env_vars": METRICS_ENV}
-    path = tmp_path_factory.mktemp("serve") / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    deploy = subprocess.run(
-        [str(BIN / "serve"), "deploy", str(path), "-a", ray_cluster.address],
-        env=ray_cluster.env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+    port, config = deploy_shipped_config(
+        ray_cluster,
+        tmp_path_factory.mktemp("serve"),
+        {"registry": str(registry), "model": "production", **TEST_ARGS},
+        {"env_vars": METRICS_ENV},
+    )
     server = Server(
         url=f"http://127.0.0.1:{port}",
         cluster=ray_cluster,

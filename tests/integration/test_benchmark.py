@@ -10,7 +10,8 @@ import pytest
 
 from cxrcore.bench import run_benchmarks
 from cxrcore.config import BenchmarkConfig
-from tests.unit.test_benchmark import check_report, one_torch_thread
+from tests.torch_threads import one_torch_thread
+from tests.unit.test_benchmark import check_report
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_session")]
 

@@ -6,7 +6,6 @@ Never a speed assertion: figures are whatever this machine gives.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from collections.abc import Iterator
@@ -25,17 +24,7 @@ from cxrcore.cli import main
 from cxrcore.config import BenchmarkConfig, ConfigError
 from cxrcore.models import create_model, get_input_spec
 from cxrcore.train.engine import combine, run_epoch
-
-
-@contextlib.contextmanager
-def one_torch_thread() -> Iterator[None]:
-    """Tests check code paths, not speed: on a busy 2-core machine 2 torch threads can run 30× slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+from tests.torch_threads import one_torch_thread
 
 
 def check_report(data: dict[str, Any], sections: list[str]) -> None:
