@@ -205,7 +205,7 @@ def read_split(dataset: str, split: str, columns: list[str] | None = None) -> An
         context.use_datasource_v2 = use_v2
     ds = ds.select_columns(columns) if columns else ds
     if columns is None or set(columns) & set(PIXEL_COLUMNS):
-        ds = ds.map_batches(_unpack_pixels, batch_format="numpy")  # fused into the read tasks
+        ds = ds.map_batches(_unpack_pixels, batch_format="numpy")  # bytes back to (N, S, S) uint8
     return ds
 
 
