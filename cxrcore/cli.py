@@ -28,6 +28,7 @@ from cxrcore.config import (
     config_from_args,
     flag_name,
 )
+from cxrcore.console import quiet_ray_console
 from cxrcore.data.layout import LayoutError, LayoutScan
 from cxrcore.registry import ModelRegistry, RegistryError
 from cxrcore.tables import format_table
@@ -45,6 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
+    if not args.verbose:
+        quiet_ray_console()
     try:
         status: int = args.run(args)
         return status

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from cxrcore.config import ConfigError, EvaluateConfig, TrainConfig, TuneConfig, from_dict, to_dict
+from cxrcore.console import is_quiet
 from cxrcore.experiment import check_same_experiment
-from cxrcore.metrics import validation_rank
+from cxrcore.metrics import best_by_validation
 
 log = logging.getLogger(__name__)
 
@@ -103,12 +104,13 @@ def tune_driver_per_trial(params: dict[str, Any]) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from cxrcore.train.trainer import build_trainer
+    from cxrcore.train.trainer import build_trainer, epoch_printer
 
     config = from_dict(TuneConfig, params["tune_config"])
     trial_id = ray.tune.get_context().get_trial_id()
     train_config = trial_train_config(config, params, trial_id, params.get("segmenter"))
-    build_trainer(train_config, callbacks=[TuneReportCallback()]).fit()
+    printer = epoch_printer(train_config, label=f"{train_config.model} (trial {trial_id})")
+    build_trainer(train_config, callbacks=[TuneReportCallback(), printer]).fit()
 
 
 def preflight(config: TuneConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -224,14 +226,17 @@ def run_comparison(config: TuneConfig) -> dict[str, Any]:
                 name=config.name,
                 storage_path=str(experiment_dir.parent),
                 failure_config=tune.FailureConfig(max_failures=1),
-                verbose=1,
+                # Each trial prints a line per epoch (epoch_printer) and the comparison its own summary;
+                # Tune's status tables repeat every metric of every trial each 30 s. -v brings them back.
+                verbose=0 if is_quiet() else 1,
             ),
         )
     results = tuner.fit()
     trials = [_trial_record(config, results[i]) for i in range(len(results))]
     best = _best_per_architecture(config, trials, registry, experiment_dir)
     if best:
-        winner = max(best.values(), key=validation_rank)
+        winner = best_by_validation(best.values(), dict)
+        assert winner is not None
         registry.promote(winner["ref"], "production")
         winner["production"] = True
     comparison = {
@@ -270,7 +275,7 @@ def _segmenter(config: TuneConfig, registry: Any, model: str) -> dict[str, Any]:
         kept = _kept_checkpoints(Path(_local(train_config.out)) / train_config.run_name())
     if not kept:
         raise RuntimeError("the lung segmenter produced no checkpoint")
-    checkpoint, card = max(kept, key=_checkpoint_rank)
+    checkpoint, card = best_by_validation(kept, lambda item: item[1]["metrics"]) or kept[-1]
     report = Path(_local(config.out)) / config.name / "reports" / model
     version = _evaluate_and_register(config, registry, checkpoint, report)
     return {
@@ -288,7 +293,7 @@ def _trial_record(config: TuneConfig, result: Any) -> dict[str, Any]:
     trial_id = metrics.get("trial_id") or Path(result.path).name
     train = trial_train_config(config, params, trial_id, None)
     checkpoints = _kept_checkpoints(Path(_local(train.out)) / trial_id)
-    checkpoint, card = max(checkpoints, key=_checkpoint_rank, default=(None, None))
+    checkpoint, card = best_by_validation(checkpoints, lambda kept: kept[1]["metrics"]) or (None, None)
     # The last epoch reported (a restored trial's Train run resumes mid-way; Tune counts its reports from 1).
     epochs_run = int(metrics.get("epoch") or 0)
     return {
@@ -304,6 +309,7 @@ def _trial_record(config: TuneConfig, result: Any) -> dict[str, Any]:
         "val_macro_f1": metrics.get("val_macro_f1"),
         "val_score": card["metrics"]["val_score"] if card else None,
         "val_loss": card["metrics"].get("val_loss") if card else None,
+        "val_count": card["metrics"].get("val_count") if card else None,
         "train_images_per_s": metrics.get("train_images_per_s"),
         "best_checkpoint": str(checkpoint) if checkpoint else None,
         "best_epoch": card["epoch"] + 1 if card else None,
@@ -341,10 +347,6 @@ def _kept_checkpoints(run_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
     folders = [Path(checkpoint.path) for checkpoint, _ in result.best_checkpoints or []]
     kept = [(folder, json.loads((folder / CARD_NAME).read_text())) for folder in folders]
     return sorted(kept, key=lambda item: int(item[1]["epoch"]))
-
-
-def _checkpoint_rank(item: tuple[Path, dict[str, Any]]) -> tuple[float, float]:
-    return validation_rank(item[1]["metrics"])
 
 
 def _evaluate_and_register(config: TuneConfig, registry: Any, checkpoint: Path, report: Path) -> Any:
@@ -387,12 +389,10 @@ def _best_per_architecture(
     from cxrcore.models import create_model
 
     best: dict[str, dict[str, Any]] = {}
-    for trial in trials:
-        if trial["best_checkpoint"] is None:
-            continue
-        current = best.get(trial["model"])
-        if current is None or validation_rank(trial) > validation_rank(current):
-            best[trial["model"]] = trial
+    for model in dict.fromkeys(trial["model"] for trial in trials if trial["best_checkpoint"] is not None):
+        chosen = best_by_validation([t for t in trials if t["model"] == model and t["best_checkpoint"]], dict)
+        assert chosen is not None
+        best[model] = chosen
     summary: dict[str, dict[str, Any]] = {}
     for model, trial in sorted(best.items()):
         report = experiment_dir / "reports" / model
@@ -405,7 +405,9 @@ def _best_per_architecture(
                 k: trial[k]
                 for k in ("trial_id", "lr", "weight_decay", "batch_size", "epochs_run", "val_score")
             },
-            "val_loss": trial.get("val_loss"),  # ranks ties on val_score (absent from older records)
+            # val_score ties within one validation image are ranked on the loss (absent from older records)
+            "val_loss": trial.get("val_loss"),
+            "val_count": trial.get("val_count"),
             "ref": version.ref,
             "report": str(report / "report.html"),
             "parameters": parameters,

@@ -17,7 +17,7 @@ from cxrcore.evaluate.report import (
     write_html_report,
 )
 from cxrcore.labels import CLASSES
-from cxrcore.metrics import validation_rank
+from cxrcore.metrics import rank_by_validation, score_resolution
 
 CURVES = ("val_macro_f1", "val_loss", "val_accuracy", "train_loss")
 CALIBRATION = {
@@ -86,7 +86,7 @@ def write_comparison_report(out_dir: str | Path, comparison: dict[str, Any]) -> 
                 image_width=_CURVE_WIDTH,
             ),
         ]
-    trials = sorted(comparison["trials"], key=validation_rank, reverse=True)
+    trials = rank_by_validation(comparison["trials"], dict)
     sections.append(ReportSection("All trials", table=[_trial_row(trial) for trial in trials]))
     failed = [trial for trial in trials if trial.get("error")]
     if failed:
@@ -102,9 +102,10 @@ def write_comparison_report(out_dir: str | Path, comparison: dict[str, Any]) -> 
 
 
 def ranked_architectures(best: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, Mapping[str, Any]]]:
-    """(model, row) pairs of the best of each architecture, by validation macro-F1 (val_score) then the lower
-    validation loss, best first: the order in which the production model is chosen."""
-    return sorted(best.items(), key=lambda item: validation_rank(item[1]), reverse=True)
+    """(model, row) pairs of the best of each architecture, best first, in the order the production model is
+    chosen (cxrcore.metrics.best_by_validation): validation macro-F1 (val_score), and among scores within one
+    validation image of each other, the lower validation loss."""
+    return rank_by_validation(best.items(), lambda item: item[1])
 
 
 def winner_line(best: Mapping[str, Mapping[str, Any]]) -> str:
@@ -119,9 +120,20 @@ def winner_line(best: Mapping[str, Mapping[str, Any]]) -> str:
     if others:
         runner_up, other = others[0]
         margin = _score(row["val_score"]) - _score(other["val_score"])
-        if margin == 0 and row.get("val_loss") is not None and other.get("val_loss") is not None:
+        by_loss = (
+            row.get("val_loss") is not None
+            and other.get("val_loss") is not None
+            and row["val_loss"] <= other["val_loss"]
+            and abs(margin) <= score_resolution(row) + 1e-9
+        )
+        if by_loss:
+            close = (
+                f"tied with {runner_up}"
+                if margin == 0
+                else f"within one validation image of {runner_up} ({_fixed(other['val_score'])})"
+            )
             line += (
-                f", tied with {runner_up}; chosen for its lower validation loss "
+                f", {close}; chosen for its lower validation loss "
                 f"({row['val_loss']:.3f} vs {other['val_loss']:.3f})"
             )
         else:

@@ -41,9 +41,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from safetensors.torch import load_file
 
     from cxrcore.checkpoint import WEIGHTS_NAME
+    from cxrcore.console import quiet_train_worker
     from cxrcore.inference import load_mask_source
     from cxrcore.models import create_model, get_build_args, get_input_spec
 
+    if loop_config.get("quiet_console"):
+        quiet_train_worker()
     config = from_dict(TrainConfig, loop_config["train"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -171,6 +174,7 @@ def epoch_metrics(
         "train_images_per_s": trained["images_per_s"],
         "train_data_wait_share": trained["data_wait_share"],
         "val_loss": validated["loss"],
+        "val_count": len(validated["outputs"]),
     }
     if segmenting:
         seg = segmentation_metrics(validated["outputs"][:, 0], validated["targets"][:, 0])

@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from cxrcore.config import ConfigError, TrainConfig, to_dict
+from cxrcore.console import is_quiet, train_log_level
 from cxrcore.labels import CLASSES
-from cxrcore.metrics import validation_rank
+from cxrcore.metrics import best_by_validation
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +146,8 @@ def loop_config(config: TrainConfig) -> dict[str, Any]:
             "fingerprint": report["fingerprint"],
             "size": report["config"]["size"],
         },
+        # Decided by the driver: the workers of a joined cluster lack its environment.
+        "quiet_console": is_quiet(),
     }
 
 
@@ -177,25 +180,62 @@ def build_trainer(config: TrainConfig, callbacks: list[Any] | None = None) -> An
         train_loop_config=settings,
         scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=config.gpu),
         datasets=datasets,
-        run_config=ray.train.RunConfig(
+        # Train V2's RunConfig (the runtime default); mypy resolves ray.train.RunConfig to V1's, which lacks
+        # logging_config.
+        run_config=ray.train.RunConfig(  # type: ignore[call-arg]
             name=config.run_name(),
             storage_path=storage_path,
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+            logging_config=ray.train.LoggingConfig(log_level=train_log_level()),
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=2, checkpoint_score_attribute="val_score", checkpoint_score_order="max"
+                num_to_keep=3, checkpoint_score_attribute="val_score", checkpoint_score_order="max"
             ),
             callbacks=callbacks,
         ),
     )
 
 
+def epoch_line(name: str, epochs: int, metrics: dict[str, Any]) -> str:
+    """One line per epoch for the console: losses, accuracy, the validation score and throughput.
+
+    >>> epoch_line("dual_cnn", 8, {"epoch": 2, "train_loss": 0.91, "train_accuracy": 0.62, "val_loss": 0.55,
+    ...     "val_accuracy": 0.83, "val_macro_f1": 0.81, "train_images_per_s": 52.3})
+    'dual_cnn epoch 2/8: train loss 0.910 acc 0.620 | val loss 0.550 acc 0.830 macro-F1 0.810 | 52 images/s'
+    """
+    parts = [f"{name} epoch {metrics.get('epoch', '?')}/{epochs}:"]
+    for side in ("train", "val"):
+        fields = [("loss", "loss"), ("accuracy", "acc"), ("macro_f1", "macro-F1"), ("dice", "dice")]
+        shown = [
+            f"{label} {metrics[f'{side}_{key}']:.3f}" for key, label in fields if f"{side}_{key}" in metrics
+        ]
+        if shown:
+            parts.append(f"{side} {' '.join(shown)}" if side == "train" else f"| {side} {' '.join(shown)}")
+    if "train_images_per_s" in metrics:
+        parts.append(f"| {metrics['train_images_per_s']:.0f} images/s")
+    return " ".join(parts)
+
+
+def epoch_printer(config: TrainConfig, label: str | None = None) -> Any:
+    """A Ray Train callback that prints epoch_line for every report, naming the run `label` (default: the
+    model). It runs in the Train controller, whose output Ray forwards to the driver's console."""
+    import ray.train
+
+    name = label or config.model
+
+    class EpochPrinter(ray.train.UserCallback):
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            if metrics:
+                print(epoch_line(name, config.epochs, metrics[0]), flush=True)
+
+    return EpochPrinter()
+
+
 def fit(config: TrainConfig) -> TrainResult:
-    """Train with a TorchTrainer; re-running with the same --name and --out resumes the run."""
-    trainer = build_trainer(config)
+    """Train with a TorchTrainer, printing a line per epoch; re-running with the same --name and --out
+    resumes the run."""
+    trainer = build_trainer(config, callbacks=[epoch_printer(config)])
     result = trainer.fit()
-    best, best_metrics = max(
-        result.best_checkpoints or [], key=lambda kept: validation_rank(kept[1]), default=(None, {})
-    )
+    best, best_metrics = best_by_validation(result.best_checkpoints or [], lambda kept: kept[1]) or (None, {})
     return TrainResult(
         run_dir=str(result.path),
         best_checkpoint=best.path if best else None,

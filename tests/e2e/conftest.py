@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -49,6 +50,14 @@ def wait_until(condition, timeout: float, what: str, interval: float = 0.5):  # 
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(interval)
+
+
+@pytest.fixture
+def scratch() -> Iterator[Path]:
+    """A short folder of its own under /tmp (Ray's Unix socket paths must stay under ~107 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="cxr-e2e-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="package")

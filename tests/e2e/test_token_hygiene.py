@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
-import tempfile
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -21,14 +18,6 @@ from tests.e2e.conftest import BIN, wait_until
 from tests.processes import command_line, group_of, listening, wait_until_gone
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def scratch() -> Iterator[Path]:
-    """A short folder of its own (Ray's Unix socket paths must stay under ~107 bytes)."""
-    path = Path(tempfile.mkdtemp(prefix="cxr-token-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def test_cxr_never_shows_the_token_and_its_dashboard_needs_it_on_loopback(scratch: Path) -> None:
@@ -86,6 +75,7 @@ def test_cxr_never_shows_the_token_and_its_dashboard_needs_it_on_loopback(scratc
     assert [line.split()[0] for line in command_lines if token in line] == []  # `ps` shows no token
     output = log.read_bytes()
     assert b"ingested 8 of 8 images" in output
+    assert b"Starting execution of Dataset" in output  # -v keeps Ray's own console lines (test_console.py)
     printed = token.encode() in output
     assert not printed, "cxr printed the token"
     files = [p for p in ray_dir.rglob("*") if p.is_file()]

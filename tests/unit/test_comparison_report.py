@@ -274,3 +274,40 @@ def test_a_tie_on_validation_f1_goes_to_the_lower_validation_loss_and_says_so() 
     assert [model for model, _ in ranked_architectures(best)] == ["dual_cnn", "cnn_lstm", "resnet18"]
     best["dual_cnn"]["production"] = True
     assert "tied with cnn_lstm; chosen for its lower validation loss (0.080 vs 0.210)" in winner_line(best)
+
+
+def test_a_score_within_one_validation_image_goes_to_the_lower_validation_loss() -> None:
+    # 40 validation images: 0.025 is one image; resnet18 is two images behind and stays behind.
+    best = {
+        "cnn_lstm": {
+            "val_score": 0.950,
+            "val_loss": 0.25,
+            "val_count": 40,
+            "ref": "cnn_lstm:1",
+            "test_accuracy": 0.85,
+        },
+        "dual_cnn": {
+            "val_score": 0.930,
+            "val_loss": 0.19,
+            "val_count": 40,
+            "ref": "dual_cnn:1",
+            "test_accuracy": 0.97,
+        },
+        "resnet18": {
+            "val_score": 0.900,
+            "val_loss": 0.05,
+            "val_count": 40,
+            "ref": "resnet18:1",
+            "test_accuracy": 0.90,
+        },
+    }
+    assert [model for model, _ in ranked_architectures(best)] == ["dual_cnn", "cnn_lstm", "resnet18"]
+    best["dual_cnn"]["production"] = True
+    assert winner_line(best).startswith(
+        "Winner: dual_cnn (registered dual_cnn:1, production) — validation macro-F1 0.930, within one"
+        " validation image of cnn_lstm (0.950); chosen for its lower validation loss (0.190 vs 0.250)"
+    )
+    # Without the image count only equal scores are ties: the score decides.
+    for row in best.values():
+        del row["val_count"]
+    assert [model for model, _ in ranked_architectures(best)] == ["cnn_lstm", "dual_cnn", "resnet18"]

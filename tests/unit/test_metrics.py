@@ -12,11 +12,14 @@ from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 
 from cxrcore.labels import CLASSES
 from cxrcore.metrics import (
+    best_by_validation,
     classification_metrics,
     confusion_scores,
     one_vs_rest,
+    rank_by_validation,
     reliability_bins,
     roc_curves,
+    score_resolution,
     segmentation_metrics,
     wilson_interval,
 )
@@ -271,3 +274,21 @@ def test_segmentation_metrics_reject_bad_shapes() -> None:
         segmentation_metrics(np.zeros((2, 4, 4)), np.zeros((2, 4, 5)))
     with pytest.raises(ValueError, match="at least one"):
         segmentation_metrics(np.zeros((0, 4, 4)), np.zeros((0, 4, 4)))
+
+
+def test_best_by_validation_prefers_the_lower_loss_among_scores_one_image_apart() -> None:
+    # A run's checkpoints as the demo saw them (41 validation images): the early epoch's macro-F1 was one
+    # image's luck; its loss was higher and it did worse on 600 other images (0.76 vs 0.87).
+    epochs = [
+        {"epoch": 2, "val_score": 0.9500, "val_loss": 0.252, "val_confusion_matrix": [[10, 0], [1, 30]]},
+        {"epoch": 5, "val_score": 0.9495, "val_loss": 0.198, "val_confusion_matrix": [[10, 0], [1, 30]]},
+        {"epoch": 8, "val_score": 0.9273, "val_loss": 0.194, "val_confusion_matrix": [[10, 0], [1, 30]]},
+    ]
+    assert score_resolution(epochs[0]) == pytest.approx(1 / 41)
+    assert best_by_validation(epochs, dict)["epoch"] == 8
+    assert [e["epoch"] for e in rank_by_validation(epochs, dict)] == [8, 5, 2]
+    clearly_better = {"epoch": 3, "val_score": 0.99, "val_loss": 0.40, "val_count": 41}
+    assert best_by_validation([*epochs, clearly_better], dict) is clearly_better
+    no_score = {"epoch": 1, "val_score": None, "val_loss": 0.01}
+    assert best_by_validation([no_score, *epochs], dict)["epoch"] == 8  # a missing score ranks last
+    assert best_by_validation([no_score], dict) is no_score and best_by_validation([], dict) is None

@@ -1,0 +1,65 @@
+"""What Ray prints to the console during a cxr command: warnings, errors and cxr's own lines.
+
+Left at their defaults, Ray Data and Ray Train print a progress bar per Train worker per epoch, each
+dataset's execution plan, and every epoch's full metrics dictionary from every worker: hundreds of lines
+in which `cxr demo`'s own summary is lost. Everything hidden here still reaches the Ray session's log
+files (ray-data.log, ray-train-*.log) and the dashboard. `cxr -v` keeps Ray's defaults; so does any of
+these variables set beforehand.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+RAY_DATA_LOGGING = Path(__file__).with_name("ray_data_logging.yaml")
+"""Ray Data's default logging configuration with the console at WARNING."""
+
+QUIET_ENVIRONMENT = {
+    "RAY_DATA_LOGGING_CONFIG": str(RAY_DATA_LOGGING),
+    # Tqdm bars, or, where stdout is not a terminal, a progress report logged every few seconds.
+    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+}
+"""Set in a cxr command's process before Ray Data is imported; a local Ray cluster it starts passes them on
+to every worker (a cluster joined by address keeps its own)."""
+
+TRAIN_LOG_LEVEL = "WARNING"
+"""Ray Train's console level (ray.train.LoggingConfig) in quiet mode: no resource requests, worker
+group start-up or "Checkpoint successfully created" lines."""
+
+
+class HideProgressNotice(logging.Filter):
+    """Drops Ray Data's "Progress bars disabled. To enable, ..." warning, which every process that runs a
+    dataset prints once when QUIET_ENVIRONMENT turned the bars off (used in ray_data_logging.yaml)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Progress bars disabled")
+
+
+def quiet_ray_console() -> None:
+    """Apply QUIET_ENVIRONMENT to this process, keeping any value already set."""
+    for name, value in QUIET_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
+
+
+def is_quiet() -> bool:
+    return os.environ.get("RAY_DATA_LOGGING_CONFIG") == str(RAY_DATA_LOGGING)
+
+
+def train_log_level() -> str:
+    return TRAIN_LOG_LEVEL if is_quiet() else "INFO"
+
+
+def quiet_train_worker() -> None:
+    """In a Train worker of a quiet run: drop Ray Train's per-report INFO line, which dumps the whole metrics
+    dictionary.
+
+    Ray 2.60 logs it under a logger named by its source file's path, which ray.train.LoggingConfig does
+    not reach; raising that logger's level is the only switch. The metrics are in the run's cards.
+    """
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray version: nothing to quiet
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
