@@ -27,6 +27,8 @@ from cxrcore.labels import CLASSES
 CARD_NAME = "card.json"
 WEIGHTS_NAME = "model.safetensors"
 TRAIN_STATE_NAME = "train_state.pt"
+CHECKPOINT_CACHE = Path("~/.cache/cxr/checkpoints")
+"""Where checkpoints named by URI are copied to be loaded (see local_checkpoint_dir)."""
 STATE_DICT_SUFFIXES = (".pth", ".pt", ".bin")
 """Files read as a torch state_dict (with `weights_only=True`); .safetensors is read as safetensors."""
 
@@ -105,8 +107,30 @@ def save_checkpoint(
     return directory
 
 
+def local_checkpoint_dir(location: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """A local folder holding the checkpoint at `location`: the folder itself, or for a URI (s3://,
+    gs://) a copy of its card and weights cached on this machine (under `cache_dir`), refreshed when
+    the checkpoint there changed."""
+    from cxrcore.data import storage
+
+    if not storage.is_remote(location):
+        return Path(storage.resolve(str(location))[1])
+    try:
+        return storage.cached_copy(str(location), [CARD_NAME, WEIGHTS_NAME], cache_dir or CHECKPOINT_CACHE)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{location} is not a cxr checkpoint ({exc})") from exc
+
+
 def load_card(directory: str | Path) -> ModelCard:
-    """The card of a checkpoint directory, with a clear error when it is not one."""
+    """The card of a checkpoint directory (a local folder or a URI), with a clear error when it is not one."""
+    from cxrcore.data import storage
+
+    if storage.is_remote(directory):
+        filesystem, root = storage.resolve(str(directory))
+        text = storage.read_text(filesystem, f"{root}/{CARD_NAME}")
+        if text is None:
+            raise FileNotFoundError(f"{directory} is not a cxr checkpoint (no {CARD_NAME})")
+        return ModelCard.from_dict(json.loads(text))
     path = Path(directory) / CARD_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{directory} is not a cxr checkpoint (no {CARD_NAME})")
@@ -114,9 +138,13 @@ def load_card(directory: str | Path) -> ModelCard:
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelCard]:
-    """Rebuild the model from its card and load its weights (safetensors: nothing is unpickled)."""
+    """Rebuild the model from its card and load its weights (safetensors: nothing is unpickled).
+
+    `directory` may be a URI: its card and weights are then fetched into this machine's cache first.
+    """
     from cxrcore.models import create_model
 
+    directory = local_checkpoint_dir(directory)
     card = load_card(directory)
     args = dict(card.model)
     model = create_model(args.pop("name"), **args)

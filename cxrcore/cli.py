@@ -343,7 +343,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     holdout = metrics.get("source_holdout")
     if holdout:
         print(format_holdout(holdout))
-    print(f"report: {paths['report']}")
+    remote = "://" in config.out and not config.out.startswith("file://")  # written there from a local copy
+    print(f"report: {config.out.rstrip('/') + '/' + paths['report'].name if remote else paths['report']}")
     return 0
 
 

@@ -7,6 +7,10 @@ The store is a local folder or a URI (s3://, gs://, file://), read and written t
     REG/<model name>/v<N>/report/...         optional: an evaluation report (report.html, metrics.json, PNGs)
     REG/aliases.json                         {"production": "dual_cnn:3", ...}
 
+A registered card whose segmenter is a version of this registry (named by its folder, its URI or this
+machine's cached copy of it) names it by its place in the registry, readable wherever the registry is;
+on an object store, a card naming its segmenter by a local path is refused.
+
 A version is written once and never changed. Several processes may register and promote at once:
 
 - Numbers: a new version takes the number after the highest folder present and claims that folder
@@ -47,11 +51,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
-from cxrcore.data.storage import exists, read_text, remove, resolve, write_text
+from cxrcore.data.storage import cache_key, exists, read_text, remove, resolve, write_text
+from cxrcore.data.storage import copy as _copy
 
 if TYPE_CHECKING:
     from cxrcore.checkpoint import ModelCard
@@ -126,6 +130,8 @@ class ModelRegistry:
         name = str(card_data["model"]["name"])
         if not _NAME.fullmatch(name):
             raise RegistryError(f"model name {name!r} cannot name a registry folder")
+        if card_data.get("segmenter"):
+            card_data["segmenter"] = self._segmenter_location(str(card_data["segmenter"]), checkpoint)
         report_fs, report_path = resolve(str(report)) if report is not None else (None, "")
         if report_fs is not None and report_fs.get_file_info(report_path).type != pafs.FileType.Directory:
             raise FileNotFoundError(f"report folder {report} not found")
@@ -242,7 +248,7 @@ class ModelRegistry:
         folder = f"{self._path}/{version.name}/v{version.version}"
         if self._local:
             return Path(folder)
-        target = self._cache.joinpath(*_cache_key(self.root), version.name, f"v{version.version}")
+        target = self._cache.joinpath(*cache_key(self.root), version.name, f"v{version.version}")
         if (target / CARD_NAME).is_file():
             return target  # versions never change, so a finished copy stays valid
         staging = target.with_name(f"{target.name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -258,6 +264,51 @@ class ModelRegistry:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return target
+
+    def _segmenter_location(self, segmenter: str, checkpoint: str | Path) -> str:
+        """Where a card being registered should say its segmenter is, readable wherever the registry is.
+
+        A version of this registry, named by its folder, its URI or this machine's cached copy of it
+        (what `local_checkpoint` returns, and so what a Tune run trains with), is recorded by its place
+        in the registry; a registry reference ("tiny_unet:1") or another URI is kept. A local path with a
+        registry on an object store is refused: no other machine could load that segmenter.
+        """
+        if ":" in segmenter and "/" not in segmenter:
+            return segmenter  # a registry reference, resolved by Serve and `cxr evaluate`
+        if "://" in segmenter and not segmenter.startswith("file://"):
+            inside = self._relative(segmenter.rstrip("/"), self.root.rstrip("/")) if not self._local else None
+        else:
+            local = Path(resolve(segmenter)[1]).resolve()
+            roots = [self._cache.joinpath(*cache_key(self.root))]
+            if self._local:
+                roots.append(Path(self._path))
+            inside = next(
+                (r for r in (self._relative(str(local), str(root.resolve())) for root in roots) if r), None
+            )
+            if inside is None and not self._local:
+                raise RegistryError(
+                    f"{checkpoint}'s card names its segmenter by the local path {segmenter}, which other "
+                    f"machines cannot read; register that segmenter in {self.root} first (a version of the "
+                    "registry is recorded by its place in it) or train with --segmenter pointing to a URI"
+                )
+        if inside is None:
+            return segmenter
+        from cxrcore.checkpoint import CARD_NAME
+
+        name, version = inside
+        if not exists(self._fs, f"{self._path}/{name}/v{version}/{CARD_NAME}"):
+            raise RegistryError(
+                f"{checkpoint}'s card names the segmenter {segmenter}, version {version} of {name}, "
+                f"which is not in the registry {self.root}"
+            )
+        return self._uri(name, f"v{version}")
+
+    @staticmethod
+    def _relative(location: str, root: str) -> tuple[str, int] | None:
+        """(name, N) when `location` is the folder of version N of a model `name` under `root`."""
+        parts = location[len(root) + 1 :].split("/") if location.startswith(f"{root}/") else []
+        match = _VERSION_DIR.fullmatch(parts[1]) if len(parts) == 2 and _NAME.fullmatch(parts[0]) else None
+        return (parts[0], int(match.group(1))) if match else None
 
     def _names(self) -> list[str]:
         return sorted(
@@ -363,20 +414,3 @@ def _check_alias(alias: str) -> None:
             f"bad alias {alias!r}: use lowercase letters, digits, '_' and '-', starting with a letter "
             "(e.g. production, staging)"
         )
-
-
-def _copy(source_fs: pafs.FileSystem, source: str, target_fs: pafs.FileSystem, target: str) -> None:
-    """Copy a file, or a folder recursively, across filesystems."""
-    if source_fs.get_file_info(source).type == pafs.FileType.Directory:
-        # copy_files does not create missing folders on the local filesystem.
-        for info in source_fs.get_file_info(pafs.FileSelector(source, recursive=True)):
-            if info.type == pafs.FileType.Directory:
-                target_fs.create_dir(target + info.path[len(source) :], recursive=True)
-        target_fs.create_dir(target, recursive=True)
-    pafs.copy_files(source, target, source_filesystem=source_fs, destination_filesystem=target_fs)
-
-
-def _cache_key(root: str) -> list[str]:
-    """Folders under the cache that keep registries apart: s3://bucket/reg → s3/bucket/reg."""
-    parts = urlsplit(root)
-    return [p for p in [parts.scheme, parts.netloc, *parts.path.split("/")] if p not in ("", ".", "..")]

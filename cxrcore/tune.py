@@ -12,8 +12,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
+
 from cxrcore.config import ConfigError, EvaluateConfig, TrainConfig, TuneConfig, from_dict, to_dict
 from cxrcore.console import is_quiet
+from cxrcore.data import storage
 from cxrcore.experiment import check_same_experiment
 from cxrcore.metrics import best_by_validation
 
@@ -123,7 +126,6 @@ def preflight(config: TuneConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]
     from cxrcore.data.ingest import read_report
     from cxrcore.train.trainer import check_dataset, check_pretrained
 
-    _local(config.out)  # the comparison reads trial checkpoints from a filesystem path
     check_models(config)
     report = read_report(config.data)
     check_dataset(config.data)
@@ -187,8 +189,9 @@ def run_comparison(config: TuneConfig) -> dict[str, Any]:
 
     report, plan = preflight(config)
     registry = ModelRegistry(config.registry)
-    experiment_dir = experiment_path(config)
-    check_same_experiment(str(experiment_dir), experiment_settings(config, report), "a Tune experiment")
+    experiment = experiment_path(config)
+    work = _work_dir(config)
+    check_same_experiment(experiment, experiment_settings(config, report), "a Tune experiment")
     segmenter_name = segmenter_model(config)
     segmenter = _segmenter(config, registry, segmenter_name) if segmenter_name else None
 
@@ -198,10 +201,9 @@ def run_comparison(config: TuneConfig) -> dict[str, Any]:
         "segmenter": segmenter["checkpoint"] if segmenter else None,
     }
     trainable = tune.with_resources(tune_driver_per_trial, {"cpu": TRIAL_DRIVER_CPUS})
-    path = str(experiment_dir)
-    if tune.Tuner.can_restore(path):
-        log.info("resuming experiment %s", path)
-        tuner = tune.Tuner.restore(path, trainable=trainable, param_space=space, resume_errored=True)
+    if tune.Tuner.can_restore(experiment):
+        log.info("resuming experiment %s", experiment)
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, param_space=space, resume_errored=True)
     else:
         tuner = tune.Tuner(
             trainable,
@@ -224,7 +226,7 @@ def run_comparison(config: TuneConfig) -> dict[str, Any]:
             ),
             run_config=tune.RunConfig(
                 name=config.name,
-                storage_path=str(experiment_dir.parent),
+                storage_path=config.out,
                 failure_config=tune.FailureConfig(max_failures=1),
                 # Each trial prints a line per epoch (epoch_printer) and the comparison its own summary;
                 # Tune's status tables repeat every metric of every trial each 30 s. -v brings them back.
@@ -233,14 +235,14 @@ def run_comparison(config: TuneConfig) -> dict[str, Any]:
         )
     results = tuner.fit()
     trials = [_trial_record(config, results[i]) for i in range(len(results))]
-    best = _best_per_architecture(config, trials, registry, experiment_dir)
+    best = _best_per_architecture(config, trials, registry, work, experiment)
     if best:
         winner = best_by_validation(best.values(), dict)
         assert winner is not None
         registry.promote(winner["ref"], "production")
         winner["production"] = True
     comparison = {
-        "experiment": str(experiment_dir),
+        "experiment": experiment,
         "dataset": config.data,
         "settings": to_dict(config),
         "segmenter": segmenter,
@@ -250,15 +252,32 @@ def run_comparison(config: TuneConfig) -> dict[str, Any]:
     }
     from cxrcore.evaluate.comparison import write_comparison_report
 
-    comparison["reports"] = {
-        k: str(v) for k, v in write_comparison_report(experiment_dir, comparison).items()
-    }
+    reports = write_comparison_report(work, comparison)
+    if work != Path(experiment):  # an object store: the reports were written to this machine's cache
+        storage.copy(pafs.LocalFileSystem(), str(work), *storage.resolve(experiment))
+    comparison["reports"] = {k: _published(v, work, experiment) for k, v in reports.items()}
     return comparison
 
 
-def experiment_path(config: TuneConfig) -> Path:
-    """The experiment's folder, a filesystem path: the comparison reads the trials' checkpoints from it."""
-    return Path(_local(config.out)) / config.name
+def experiment_path(config: TuneConfig) -> str:
+    """The experiment's folder: a local path, or a URI where --out is one."""
+    return f"{config.out.rstrip('/')}/{config.name}"
+
+
+EXPERIMENT_CACHE = Path("~/.cache/cxr/experiments")
+"""Where an experiment on an object store has its reports written before they are copied there."""
+
+
+def _work_dir(config: TuneConfig) -> Path:
+    """The local folder the reports are written into: the experiment's own, or a cache folder for a URI."""
+    if not storage.is_remote(config.out):
+        return Path(experiment_path(config))
+    return EXPERIMENT_CACHE.expanduser().joinpath(*storage.cache_key(experiment_path(config)))
+
+
+def _published(path: Path, work: Path, experiment: str) -> str:
+    """Where a file written under `work` is kept: the same file, or its copy under the URI `experiment`."""
+    return str(path) if work == Path(experiment) else f"{experiment}/{path.relative_to(work).as_posix()}"
 
 
 def _segmenter(config: TuneConfig, registry: Any, model: str) -> dict[str, Any]:
@@ -269,19 +288,22 @@ def _segmenter(config: TuneConfig, registry: Any, model: str) -> dict[str, Any]:
     from cxrcore.train.trainer import fit
 
     train_config = segmenter_train_config(config, model)
-    kept = _kept_checkpoints(Path(_local(train_config.out)) / train_config.run_name())
+    run = f"{train_config.out.rstrip('/')}/{train_config.run_name()}"
+    kept = _kept_checkpoints(run)
     if not kept or kept[-1][1]["epoch"] + 1 < train_config.epochs:
         fit(train_config)
-        kept = _kept_checkpoints(Path(_local(train_config.out)) / train_config.run_name())
+        kept = _kept_checkpoints(run)
     if not kept:
         raise RuntimeError("the lung segmenter produced no checkpoint")
     checkpoint, card = best_by_validation(kept, lambda item: item[1]["metrics"]) or kept[-1]
-    report = Path(_local(config.out)) / config.name / "reports" / model
+    report = _work_dir(config) / "reports" / model
     version = _evaluate_and_register(config, registry, checkpoint, report)
     return {
         "model": model,
         "ref": version.ref,
-        "checkpoint": str(registry.local_checkpoint(version.ref)),
+        # Where the version is kept, readable wherever the registry is: trial workers load it from there, and
+        # their cards name it (never this machine's cached copy).
+        "checkpoint": version.uri,
         "val_dice": card["metrics"].get("val_dice"),
         "test": json.loads((report / "metrics.json").read_text()),
     }
@@ -292,7 +314,7 @@ def _trial_record(config: TuneConfig, result: Any) -> dict[str, Any]:
     metrics = result.metrics or {}
     trial_id = metrics.get("trial_id") or Path(result.path).name
     train = trial_train_config(config, params, trial_id, None)
-    checkpoints = _kept_checkpoints(Path(_local(train.out)) / trial_id)
+    checkpoints = _kept_checkpoints(f"{train.out.rstrip('/')}/{trial_id}")
     checkpoint, card = best_by_validation(checkpoints, lambda kept: kept[1]["metrics"]) or (None, None)
     # The last epoch reported (a restored trial's Train run resumes mid-way; Tune counts its reports from 1).
     epochs_run = int(metrics.get("epoch") or 0)
@@ -330,37 +352,38 @@ def _history(card: dict[str, Any] | None) -> list[dict[str, Any]]:
     return [{key: row[key] for key in HISTORY_KEYS if key in row} for row in card["history"]]
 
 
-def _kept_checkpoints(run_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
-    """The checkpoints Ray Train kept for a run, oldest first, with their cards; [] before the first.
+def _kept_checkpoints(run_dir: str) -> list[tuple[str, dict[str, Any]]]:
+    """The checkpoints Ray Train kept for a run (a folder or URI), oldest first, as locations of the same
+    kind with their cards; [] before the first.
 
     Train's record, not the folder's listing: a worker killed during a report can leave the checkpoint
     folder of an epoch that the resumed run trained again, a checkpoint outside the run's history.
     """
     from ray.train import Result
 
-    from cxrcore.checkpoint import CARD_NAME
+    from cxrcore.checkpoint import load_card
 
     try:
-        result = Result.from_path(str(run_dir))
+        result = Result.from_path(run_dir)
     except RuntimeError:  # the trial failed before its Train run started
         return []
-    folders = [Path(checkpoint.path) for checkpoint, _ in result.best_checkpoints or []]
-    kept = [(folder, json.loads((folder / CARD_NAME).read_text())) for folder in folders]
+    folders = [storage.uri(c.filesystem, c.path) for c, _ in result.best_checkpoints or []]
+    kept = [(folder, load_card(folder).to_dict()) for folder in folders]
     return sorted(kept, key=lambda item: int(item[1]["epoch"]))
 
 
-def _evaluate_and_register(config: TuneConfig, registry: Any, checkpoint: Path, report: Path) -> Any:
+def _evaluate_and_register(config: TuneConfig, registry: Any, checkpoint: str | Path, report: Path) -> Any:
     """Evaluate `checkpoint` on the test split into `report` and register both, once per experiment.
 
     A re-run resumes an experiment whose driver may have been killed after registering some models: a
     version with the same card and weights is already there, and the checkpoint is not registered
     again (nor evaluated again, while its report is in place).
     """
-    from cxrcore.checkpoint import WEIGHTS_NAME, load_card
+    from cxrcore.checkpoint import WEIGHTS_NAME, load_card, local_checkpoint_dir
     from cxrcore.evaluate.evaluation import evaluate_checkpoint
 
     card = {**load_card(checkpoint).to_dict(), "version": None}
-    weights = (checkpoint / WEIGHTS_NAME).read_bytes()
+    weights = (local_checkpoint_dir(checkpoint) / WEIGHTS_NAME).read_bytes()
     registered = next(
         (
             version
@@ -379,9 +402,11 @@ def _evaluate_and_register(config: TuneConfig, registry: Any, checkpoint: Path, 
 
 
 def _best_per_architecture(
-    config: TuneConfig, trials: list[dict[str, Any]], registry: Any, experiment_dir: Path
+    config: TuneConfig, trials: list[dict[str, Any]], registry: Any, work: Path, experiment: str | None = None
 ) -> dict[str, dict[str, Any]]:
     """Evaluate each architecture's best trial on the test split and register it with its report.
+
+    Reports are written under `work`; `experiment` (default: `work`) is where they are kept.
 
     Where ingest held sources out, the test report's `source_holdout` block comes along: the comparison
     shows the held-out-source figures beside the random-split ones.
@@ -395,8 +420,8 @@ def _best_per_architecture(
         best[model] = chosen
     summary: dict[str, dict[str, Any]] = {}
     for model, trial in sorted(best.items()):
-        report = experiment_dir / "reports" / model
-        version = _evaluate_and_register(config, registry, Path(trial["best_checkpoint"]), report)
+        report = work / "reports" / model
+        version = _evaluate_and_register(config, registry, trial["best_checkpoint"], report)
         test = json.loads((report / "metrics.json").read_text())
         calibration = test.get("calibration") or {}
         parameters = sum(p.numel() for p in create_model(model).parameters())
@@ -409,7 +434,7 @@ def _best_per_architecture(
             "val_loss": trial.get("val_loss"),
             "val_count": trial.get("val_count"),
             "ref": version.ref,
-            "report": str(report / "report.html"),
+            "report": _published(report / "report.html", work, experiment or str(work)),
             "parameters": parameters,
             "train_images_per_s": trial["train_images_per_s"],
             "test_accuracy": test["accuracy"],
@@ -454,14 +479,3 @@ def max_concurrent_trials(config: TuneConfig, resources: dict[str, float]) -> in
 
 def _trials_root(config: TuneConfig) -> str:
     return f"{config.out.rstrip('/')}/{config.name}-trials"
-
-
-def _local(location: str) -> str:
-    from cxrcore.data import storage
-
-    if "://" in location and not location.startswith("file://"):
-        raise ConfigError(
-            f"--out {location}: the comparison reads trial checkpoints from a shared filesystem path; "
-            "mount the bucket (e.g. with a CSI driver or gcsfuse) and pass the mount point"
-        )
-    return storage.resolve(location)[1]

@@ -43,10 +43,12 @@ def build_app(args: ServeArgs) -> Application:
     if resolved.needs_mask:
         if not resolved.card.segmenter:
             raise ValueError(f"{resolved.ref} needs a lung mask but its card names no segmenter checkpoint")
+        # A segmenter that is nowhere fails here; each replica then finds its own copy of what the card names.
+        resolve_segmenter(registry, resolved.card.segmenter)
         segmenter = Segmenter.options(
             autoscaling_config={**autoscaling, "target_ongoing_requests": 2},
             ray_actor_options=actor_options,
-        ).bind(resolve_segmenter(registry, resolved.card.segmenter), args.device)
+        ).bind(resolved.card.segmenter, args.device, registry)
     user_config = ClassifierConfig(
         model=resolved.ref, max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_timeout_s
     )

@@ -13,7 +13,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from cxrcore import telemetry
-from cxrcore.checkpoint import ModelCard, load_card
+from cxrcore.checkpoint import ModelCard, load_card, local_checkpoint_dir
 from serve.schemas import ClassifierConfig, ModelInfo
 
 log = logging.getLogger("ray.serve")
@@ -43,11 +43,14 @@ class ResolvedModel:
 
 
 def resolve_model(registry: str | None, ref: str) -> ResolvedModel:
-    """Look `ref` up in the registry (alias, name:N or name), or read it as a checkpoint folder."""
+    """Look `ref` up in the registry (alias, name:N or name), or read it as a checkpoint folder or URI."""
     if registry is None:
-        path = Path(ref).expanduser().resolve()
+        remote = "://" in ref
+        path = local_checkpoint_dir(ref if remote else Path(ref).expanduser().resolve())
         card = load_card(path)
-        return ResolvedModel(ref=str(path), checkpoint=path, card=card, version=card.version)
+        return ResolvedModel(
+            ref=ref if remote else str(path), checkpoint=path, card=card, version=card.version
+        )
     from cxrcore.registry import ModelRegistry
 
     models = ModelRegistry(registry)
@@ -59,7 +62,10 @@ def resolve_model(registry: str | None, ref: str) -> ResolvedModel:
 
 
 def resolve_segmenter(registry: str | None, segmenter: str) -> str:
-    """A card's segmenter as a local checkpoint folder: a folder as it is, else a registry reference."""
+    """A card's segmenter as a local checkpoint folder: a folder as it is, a URI's cached copy, else a
+    registry reference."""
+    if "://" in segmenter:
+        return str(local_checkpoint_dir(segmenter))
     if registry is None or Path(segmenter).is_dir():
         return segmenter
     from cxrcore.registry import ModelRegistry
@@ -82,7 +88,8 @@ class SegmenterClient:
     """Stands in for a Predictor's segmenter: its masks come from the Segmenter deployment.
 
     `Predictor.predict_proba` calls `mask_source` from the classifier's model thread, so the same
-    code computes the mask offline and here; only the process differs.
+    code computes the mask offline and here; only the process differs. `checkpoint` is the segmenter as
+    the card names it: the Segmenter replica, maybe on another node, finds its own local copy.
     """
 
     def __init__(self, handle: DeploymentHandle, checkpoint: str) -> None:
@@ -100,10 +107,15 @@ class SegmenterClient:
     name="Segmenter", max_ongoing_requests=8, ray_actor_options={"num_cpus": 1}, health_check_period_s=10
 )
 class Segmenter:
-    """The lung U-Net: 0/1 masks for [0, 1] images at the classifier's input size."""
+    """The lung U-Net: 0/1 masks for [0, 1] images at the classifier's input size.
 
-    def __init__(self, checkpoint: str, device: str = "cpu") -> None:
+    Checkpoints are named as a card names them (a folder, a URI, or a version of `registry`) and
+    resolved to a local copy in this replica, wherever it runs.
+    """
+
+    def __init__(self, checkpoint: str, device: str = "cpu", registry: str | None = None) -> None:
         self._device = device
+        self._registry = registry
         self._thread = _ModelThread()
         self._predictors: dict[str, Any] = {}
         self._load(checkpoint)
@@ -123,7 +135,7 @@ class Segmenter:
     def _load(self, checkpoint: str) -> Any:
         from cxrcore.inference import Predictor
 
-        predictor = Predictor.from_checkpoint(checkpoint, self._device)
+        predictor = Predictor.from_checkpoint(resolve_segmenter(self._registry, checkpoint), self._device)
         if predictor.spec.task != "segment":
             raise ValueError(f"{checkpoint} holds a {predictor.spec.task} model, not a lung segmenter")
         self._predictors[checkpoint] = predictor
@@ -251,9 +263,9 @@ class Classifier:
         if predictor.needs_mask:
             if not card.segmenter:
                 raise ValueError(f"{resolved.ref} needs a lung mask but its card names no segmenter")
-            segmenter = resolve_segmenter(self._registry, card.segmenter)
-            if self._segmenter is not None:
-                predictor.segmenter = SegmenterClient(self._segmenter, segmenter)
+            segmenter = resolve_segmenter(self._registry, card.segmenter)  # one found nowhere fails the swap
+            if self._segmenter is not None:  # which resolves what the card names on its own node
+                predictor.segmenter = SegmenterClient(self._segmenter, card.segmenter)
             else:
                 predictor.segmenter = Predictor.from_checkpoint(segmenter, self._device)
         return _Served(requested=ref, resolved=resolved, predictor=predictor)

@@ -5,6 +5,10 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import shutil
+import uuid
+from pathlib import Path
+from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
@@ -17,6 +21,93 @@ def resolve(location: str) -> tuple[pafs.FileSystem, str]:
         filesystem, path = pafs.FileSystem.from_uri(location)
         return filesystem, path.rstrip("/")
     return pafs.LocalFileSystem(), resolve_location(location)
+
+
+def is_remote(location: str | Path) -> bool:
+    """Whether `location` is a URI of a store other than this machine's disk (s3://, gs://, ...)."""
+    return "://" in str(location) and not str(location).startswith("file://")
+
+
+def uri(filesystem: pafs.FileSystem, path: str) -> str:
+    """The location `resolve` turns into (filesystem, path): a local path, or a URI for an object store.
+
+    Ray reports checkpoints as a filesystem and a path within it (`cxr/runs/...` for s3://cxr/runs/...).
+    """
+    schemes = {"s3": "s3://", "gcs": "gs://"}
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        return path
+    scheme = schemes.get(filesystem.type_name)
+    if scheme is None:
+        raise ValueError(f"no URI scheme known for a {filesystem.type_name} filesystem (path {path})")
+    return scheme + path.lstrip("/")
+
+
+def cache_key(location: str) -> list[str]:
+    """Folders under a cache that keep locations apart: s3://bucket/reg → s3/bucket/reg."""
+    parts = urlsplit(location)
+    return [p for p in [parts.scheme, parts.netloc, *parts.path.split("/")] if p not in ("", ".", "..")]
+
+
+def copy(source_fs: pafs.FileSystem, source: str, target_fs: pafs.FileSystem, target: str) -> None:
+    """Copy a file, or a folder recursively, across filesystems."""
+    if source_fs.get_file_info(source).type == pafs.FileType.Directory:
+        # copy_files does not create missing folders on the local filesystem.
+        for info in source_fs.get_file_info(pafs.FileSelector(source, recursive=True)):
+            if info.type == pafs.FileType.Directory:
+                target_fs.create_dir(target + info.path[len(source) :], recursive=True)
+        target_fs.create_dir(target, recursive=True)
+    pafs.copy_files(source, target, source_filesystem=source_fs, destination_filesystem=target_fs)
+
+
+def upload(folder: str | Path, location: str) -> None:
+    """Replace the folder at `location` (a local path or a URI) with a copy of the local `folder`."""
+    filesystem, path = resolve(location)
+    remove(filesystem, path)
+    copy(pafs.LocalFileSystem(), str(Path(folder).resolve()), filesystem, path)
+
+
+def cached_copy(location: str, files: list[str], cache: str | Path) -> Path:
+    """A local folder holding `files` of the remote folder `location`, kept under `cache` by location.
+
+    A copy whose files have the sizes and, for the first file, the exact bytes of the remote ones is
+    reused; otherwise they are fetched again (into a staging folder, then swapped in whole, so a
+    reader never sees a half copy). Put a small file that changes with the others (a card) first.
+    """
+    filesystem, path = resolve(location)
+    infos = filesystem.get_file_info([f"{path}/{name}" for name in files])
+    missing = [name for name, info in zip(files, infos, strict=True) if info.type != pafs.FileType.File]
+    if missing:
+        raise FileNotFoundError(f"{location} has no {', '.join(missing)}")
+    target = Path(cache).expanduser().joinpath(*cache_key(location))
+    with filesystem.open_input_stream(infos[0].path) as stream:
+        first: bytes = stream.read()
+    if _same_copy(target, files, infos, first):
+        return target
+    staging = target.with_name(f"{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    staging.mkdir(parents=True)
+    local = pafs.LocalFileSystem()
+    try:
+        (staging / files[0]).write_bytes(first)
+        for name in files[1:]:
+            copy(filesystem, f"{path}/{name}", local, str(staging / name))
+        shutil.rmtree(target, ignore_errors=True)  # a stale copy
+        try:
+            os.replace(staging, target)
+        except OSError:
+            if not _same_copy(target, files, infos, first):  # not merely another process finishing first
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _same_copy(target: Path, files: list[str], infos: list[pafs.FileInfo], first: bytes) -> bool:
+    try:
+        return (target / files[0]).read_bytes() == first and all(
+            (target / name).stat().st_size == info.size for name, info in zip(files, infos, strict=True)
+        )
+    except OSError:
+        return False
 
 
 def exists(filesystem: pafs.FileSystem, path: str) -> bool:

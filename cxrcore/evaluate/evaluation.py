@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow.fs as pafs
 
 from cxrcore.config import ConfigError, EvaluateConfig
 from cxrcore.registry import ModelRegistry, RegistryError
@@ -22,6 +24,8 @@ log = logging.getLogger(__name__)
 # A source needs this many test images before its own results mean anything.
 MIN_SOURCE_IMAGES = 10
 _LISTED_VERSIONS = 30
+REPORT_CACHE = Path("~/.cache/cxr/reports")
+"""Where a report bound for a URI is written before it is copied there (and kept, as a local copy)."""
 """An unknown --model lists at most this many of the registry's versions."""
 
 
@@ -32,10 +36,13 @@ class EvaluatedModel:
     ref: str
     """"cnn_lstm:3" for a registry version, else the checkpoint folder."""
     checkpoint: Path
+    """a local copy: the folder itself, or this machine's cached copy of a remote one."""
     segmenter: str | None
     """the U-Net folder for missing masks (None: the Predictor takes the card's)."""
     report: str | None
     """the evaluation report registered with the version (folder or URI): its test figures."""
+    location: str = ""
+    """where the checkpoint is kept (the version's folder or URI, or --checkpoint): what reports name."""
 
 
 def resolve_model(config: EvaluateConfig) -> EvaluatedModel:
@@ -44,34 +51,56 @@ def resolve_model(config: EvaluateConfig) -> EvaluatedModel:
     A registry version's segmenter is resolved as Serve resolves it: the card's folder where it exists
     here, else a version of the same registry.
     """
+    from cxrcore.checkpoint import local_checkpoint_dir
+    from cxrcore.data import storage
     from cxrcore.registry import REPORT_NAME
 
     if config.model is None:
-        folder = Path(str(config.checkpoint))
-        if not folder.is_dir():
+        location = str(config.checkpoint)
+        filesystem, path = storage.resolve(location)
+        if filesystem.get_file_info(path).type != pafs.FileType.Directory:
             raise FileNotFoundError(
-                f"--checkpoint {folder}: no such folder (name a registry version with "
+                f"--checkpoint {location}: no such folder (name a registry version with "
                 "--model REF --registry REG, e.g. --model production)"
             )
-        report = folder / REPORT_NAME  # a registry version folder keeps its report beside the card
-        return EvaluatedModel(str(folder), folder, config.segmenter, str(report) if report.is_dir() else None)
+        # A registry version folder keeps its report beside the card.
+        report: str | None = f"{location.rstrip('/')}/{REPORT_NAME}"
+        if filesystem.get_file_info(f"{path}/{REPORT_NAME}").type != pafs.FileType.Directory:
+            report = None
+        return EvaluatedModel(location, local_checkpoint_dir(location), config.segmenter, report, location)
     registry = ModelRegistry(str(config.registry))
     try:
         version = registry.get(config.model)
     except RegistryError as exc:
         raise RegistryError(_unknown_model(registry, config.model, exc)) from exc
     segmenter = config.segmenter or _registry_segmenter(registry, version.ref, version.card.segmenter)
-    return EvaluatedModel(version.ref, registry.local_checkpoint(version.ref), segmenter, version.report)
+    checkpoint = registry.local_checkpoint(version.ref)
+    return EvaluatedModel(version.ref, checkpoint, segmenter, version.report, version.uri)
 
 
 def evaluate_checkpoint(config: EvaluateConfig) -> dict[str, Path]:
     """Write metrics.json, plots and report.html for the model `config` names on `config.data`.
+
+    The files are written to `config.out`; where that is a URI (s3://, gs://), to a folder in this
+    machine's cache first, then copied there. The paths returned are local either way.
 
     On data other than the model's own (by the dataset fingerprint on its card) this is an external
     validation: every image by default, masks from the segmenter as Serve makes them, and the
     `external` and `internal_comparison` blocks of cxrcore.evaluate.external. On the test split of its
     own dataset with sources held out at ingest, the `source_holdout` block scores those apart.
     """
+    from cxrcore.data import storage
+
+    if not storage.is_remote(config.out):
+        return _evaluate(config)
+    staging = REPORT_CACHE.expanduser().joinpath(*storage.cache_key(config.out))
+    shutil.rmtree(staging, ignore_errors=True)
+    paths = _evaluate(replace(config, out=str(staging)))
+    storage.upload(staging, config.out)
+    return paths
+
+
+def _evaluate(config: EvaluateConfig) -> dict[str, Path]:
     from cxrcore.data.ingest import read_table
     from cxrcore.evaluate.external import dataset_relation
     from cxrcore.inference import Predictor
@@ -154,7 +183,7 @@ def _classification_report(
         blocks = _external_blocks(config, model, predictor, relation, split, metrics, masks_used, as_served)
     evaluated = {
         "model": model.ref,
-        "checkpoint": str(model.checkpoint),
+        "checkpoint": model.location,
         "dataset": config.data,
         "fingerprint": relation.fingerprint,
         "split": split,
@@ -252,7 +281,13 @@ def _registered_metrics(report: str | None) -> dict[str, Any] | None:
 
 
 def _registry_segmenter(registry: ModelRegistry, ref: str, segmenter: str | None) -> str | None:
-    """A card's segmenter as a local folder: the folder itself, else a version of the same registry."""
+    """A card's segmenter as a local folder: the folder itself (a URI's cached copy), else a version of
+    the same registry."""
+    from cxrcore.checkpoint import local_checkpoint_dir
+    from cxrcore.data import storage
+
+    if segmenter is not None and storage.is_remote(segmenter):
+        return str(local_checkpoint_dir(segmenter))
     if segmenter is None or Path(segmenter).is_dir():
         return segmenter
     try:

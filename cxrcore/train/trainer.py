@@ -233,13 +233,18 @@ def epoch_printer(config: TrainConfig, label: str | None = None) -> Any:
 def fit(config: TrainConfig) -> TrainResult:
     """Train with a TorchTrainer, printing a line per epoch; re-running with the same --name and --out
     resumes the run."""
+    from cxrcore.data import storage
+
     trainer = build_trainer(config, callbacks=[epoch_printer(config)])
     result = trainer.fit()
     best, best_metrics = best_by_validation(result.best_checkpoints or [], lambda kept: kept[1]) or (None, {})
+    # Ray gives paths within the storage filesystem ("bucket/runs/..."): the URIs a user can pass on.
     return TrainResult(
-        run_dir=str(result.path),
-        best_checkpoint=best.path if best else None,
-        latest_checkpoint=result.checkpoint.path if result.checkpoint else None,
+        run_dir=storage.uri(result.filesystem, result.path),
+        best_checkpoint=storage.uri(best.filesystem, best.path) if best else None,
+        latest_checkpoint=storage.uri(result.checkpoint.filesystem, result.checkpoint.path)
+        if result.checkpoint
+        else None,
         metrics=dict(result.metrics or {}),
         best_metrics=dict(best_metrics),
     )

@@ -1,0 +1,250 @@
+"""Every location an s3:// URI on a local S3 server (moto), nothing on local disk but caches.
+
+The `cxr` commands run as a user types them, each in its own process with its own local Ray, from an
+empty working directory and with a HOME of their own: afterwards the working directory is still empty,
+HOME holds caches only, and what they wrote is in the bucket. Ingest, training and evaluation of a
+checkpoint run in the default suite, as does a registry on S3 (no Ray); `cxr tune` (segmenter first,
+then the dual-channel model, both registered), evaluation of the registered model and `cxr serve` from
+the S3 registry take minutes and are `slow`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pyarrow.fs as pafs
+import pytest
+
+from tests.e2e.conftest import BIN, free_port, wait_until
+
+moto_server = pytest.importorskip("moto.server", reason="needs moto[server] (the dev extra)")
+
+pytestmark = pytest.mark.e2e
+BUCKET = "cxr"
+S3 = f"s3://{BUCKET}"
+HOME_ENTRIES = {".cache", ".config", ".ray"}
+"""What the commands may leave in HOME: caches (cxr's copies of remote checkpoints and reports,
+matplotlib's font cache and config folder) and Ray's auth token."""
+
+
+@dataclass(frozen=True)
+class Storage:
+    """The S3 server, and where the commands run: an empty working directory and a HOME of their own."""
+
+    filesystem: pafs.S3FileSystem
+    env: dict[str, str]
+    root: Path
+    work: Path
+    home: Path
+
+    def objects(self, prefix: str) -> set[str]:
+        """Keys under `prefix` in the bucket, relative to it."""
+        selector = pafs.FileSelector(f"{BUCKET}/{prefix}", recursive=True, allow_not_found=True)
+        infos = self.filesystem.get_file_info(selector)
+        return {i.path[len(f"{BUCKET}/{prefix}/") :] for i in infos if i.type == pafs.FileType.File}
+
+    def read_json(self, key: str) -> Any:
+        with self.filesystem.open_input_stream(f"{BUCKET}/{key}") as stream:
+            return json.loads(stream.read())
+
+    def cxr(self, *args: str, timeout: float = 300) -> str:
+        """Run `cxr ARGS` from the empty working directory; its output, after checking it exited 0."""
+        result = subprocess.run(
+            [str(BIN / "cxr"), *args], cwd=self.work, env=self.env, capture_output=True, text=True,
+            timeout=timeout,
+        )  # fmt: skip
+        assert result.returncode == 0, (
+            f"cxr {' '.join(args)}:\n{result.stdout[-3000:]}\n{result.stderr[-4000:]}"
+        )
+        return result.stdout
+
+    def assert_only_caches_on_disk(self) -> None:
+        assert list(self.work.iterdir()) == []
+        assert {p.name for p in self.home.iterdir()} <= HOME_ENTRIES
+
+
+@pytest.fixture(scope="module")
+def storage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Storage]:
+    """A moto S3 server on a free loopback port with one bucket; this process and the commands reach it
+    through the standard AWS variables, which pyarrow (hence Ray Data, Train and Tune) honours."""
+    import boto3
+
+    port = free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    aws = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    root = tmp_path_factory.mktemp("object-storage")
+    work, home = root / "work", root / "home"
+    work.mkdir()
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "RAY_ADDRESS"}
+    env.update(aws, HOME=str(home), PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            for name, value in aws.items():
+                patch.setenv(name, value)
+            for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+                patch.delenv(name, raising=False)
+            boto3.client("s3", endpoint_url=aws["AWS_ENDPOINT_URL"]).create_bucket(Bucket=BUCKET)
+            filesystem = pafs.S3FileSystem(
+                endpoint_override=f"127.0.0.1:{port}", scheme="http", access_key="testing",
+                secret_key="testing", region="us-east-1",
+            )  # fmt: skip
+            yield Storage(filesystem, env, root, work, home)
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def dataset(storage: Storage) -> str:
+    """Phantoms written locally (raw input may be local), ingested at 64 px into the bucket."""
+    raw = storage.root / "raw"
+    storage.cxr("data", "synth", str(raw), "--per-class", "12", "--seed", "0")
+    out = storage.cxr("data", "ingest", str(raw), f"{S3}/ds", "--size", "64")
+    assert "ingested 48 of 48 images" in out
+    keys = storage.objects("ds")
+    assert "ingest_report.json" in keys and any(k.startswith("split=train/") for k in keys), keys
+    assert not storage.objects("ds.partial")  # the staging folder is gone
+    return f"{S3}/ds"
+
+
+def local_paths(document: Any, *roots: Path) -> list[str]:
+    """Every string in a JSON document that names a path on this machine."""
+    if isinstance(document, dict):
+        return [p for value in document.values() for p in local_paths(value, *roots)]
+    if isinstance(document, list):
+        return [p for value in document for p in local_paths(value, *roots)]
+    if isinstance(document, str) and (
+        document.startswith(("/", "~", "file:")) or any(str(root) in document for root in roots)
+    ):
+        return [document]
+    return []
+
+
+def test_a_registry_on_s3_names_the_segmenter_by_its_place_in_the_registry(
+    storage: Storage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Tune run trains the dual-channel model with this machine's cached copy of the registered U-Net;
+    the card registered records where the U-Net is in the registry, and loads from there anywhere."""
+    import cxrcore.checkpoint
+    from cxrcore.inference import Predictor
+    from cxrcore.registry import ModelRegistry, RegistryError
+    from tests.e2e.uploads import write_checkpoint
+
+    monkeypatch.setattr(cxrcore.checkpoint, "CHECKPOINT_CACHE", tmp_path / "checkpoints")
+    registry = ModelRegistry(f"{S3}/unit-registry", cache_dir=tmp_path / "registry-cache")
+    unet = registry.register(write_checkpoint(tmp_path / "unet", "tiny_unet", 0))
+    cached = registry.local_checkpoint(unet.ref)
+    assert cached.is_relative_to(tmp_path / "registry-cache")
+    dual = registry.register(write_checkpoint(tmp_path / "dual", "tiny_dual_cnn", 1, cached))
+    assert dual.card.segmenter == unet.uri == f"{S3}/unit-registry/tiny_unet/v1"
+    assert storage.read_json("unit-registry/tiny_dual_cnn/v1/card.json")["segmenter"] == unet.uri
+
+    # A folder only this machine has: refused, with no version number used up.
+    with pytest.raises(RegistryError, match="other machines cannot read"):
+        registry.register(write_checkpoint(tmp_path / "dual2", "tiny_dual_cnn", 2, tmp_path / "unet"))
+    assert [v.ref for v in registry.versions("tiny_dual_cnn")] == ["tiny_dual_cnn:1"]
+
+    predictor = Predictor.from_checkpoint(dual.uri)  # weights and segmenter fetched into the cache
+    assert predictor.segmenter is not None and predictor.segmenter.card.name == "tiny_unet"
+    image = np.random.default_rng(0).integers(0, 255, (96, 96), dtype=np.uint8)
+    assert predictor.predict_proba([image]).shape == (1, 4)
+    assert (tmp_path / "checkpoints/s3/cxr/unit-registry/tiny_unet/v1/model.safetensors").is_file()
+
+
+def test_ingest_train_and_evaluate_with_every_location_on_s3(storage: Storage, dataset: str) -> None:
+    trained = storage.cxr(
+        "train", "--data", dataset, "--model", "tiny_cnn_lstm", "--epochs", "1", "--workers", "1",
+        "--out", f"{S3}/runs",
+    )  # fmt: skip
+    kept = sorted(k for k in storage.objects("runs/tiny_cnn_lstm") if k.endswith("/card.json"))
+    assert len(kept) == 1 and f"{kept[0].rpartition('/')[0]}/model.safetensors" in storage.objects(
+        "runs/tiny_cnn_lstm"
+    )
+    checkpoint = f"{S3}/runs/tiny_cnn_lstm/{kept[0].rpartition('/')[0]}"
+    assert f"best checkpoint: {checkpoint}" in trained  # a URI the next command takes
+    card = storage.read_json(f"runs/tiny_cnn_lstm/{kept[0]}")
+    assert card["data"]["dataset"] == dataset and not local_paths(card, storage.root)
+
+    out = storage.cxr(
+        "evaluate", "--checkpoint", checkpoint, "--data", dataset, "--out", f"{S3}/eval/cnn_lstm"
+    )
+    assert f"report: {S3}/eval/cnn_lstm/report.html" in out
+    assert {"metrics.json", "report.html"} <= storage.objects("eval/cnn_lstm")
+    metrics = storage.read_json("eval/cnn_lstm/metrics.json")
+    assert metrics["evaluated"]["checkpoint"] == checkpoint and metrics["n"] > 0
+    assert not local_paths(metrics, storage.root)
+    storage.assert_only_caches_on_disk()
+
+
+@pytest.mark.slow
+def test_tune_registers_portable_cards_then_serves_from_s3(storage: Storage, dataset: str) -> None:
+    registry = f"{S3}/registry"
+    storage.cxr(
+        "tune", "--data", dataset, "--models", "tiny_dual_cnn", "--trials", "1", "--epochs", "1",
+        "--pretrained", "none", "--registry", registry, "--out", f"{S3}/tune", timeout=600,
+    )  # fmt: skip
+    keys = storage.objects("registry")
+    assert {"aliases.json", "tiny_dual_cnn/v1/card.json", "tiny_unet/v1/card.json"} <= keys, keys
+    assert "tiny_dual_cnn/v1/report/metrics.json" in keys
+    assert {"comparison.json", "comparison.html"} <= storage.objects("tune/compare")
+    card = storage.read_json("registry/tiny_dual_cnn/v1/card.json")
+    assert card["segmenter"] == f"{registry}/tiny_unet/v1"  # not the tuning machine's cached copy
+    assert not local_paths(card, storage.root, storage.home)
+    comparison = storage.read_json("tune/compare/comparison.json")
+    assert comparison["production"] == "tiny_dual_cnn:1"
+    assert not local_paths(comparison, storage.root, storage.home)
+
+    out = storage.cxr(
+        "evaluate", "--model", "production", "--registry", registry, "--data", dataset,
+        "--out", f"{S3}/eval/production",
+    )  # fmt: skip
+    assert "evaluated tiny_dual_cnn:1" in out and "metrics.json" in storage.objects("eval/production")
+
+    port = free_port()
+    command = [
+        str(BIN / "cxr"), "serve", "--registry", registry, "--model", "production", "--port", str(port),
+        "--arg", "num_cpus=0.25", "--arg", "max_replicas=1",
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        command, cwd=storage.work, env=storage.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(
+            lambda: process.poll() is None and httpx.get(f"{url}/readyz", timeout=5).status_code == 200,
+            timeout=240,
+            what="`cxr serve` from the S3 registry to become ready",
+        )
+        png = next((storage.root / "raw").rglob("*.png")).read_bytes()
+        response = httpx.post(f"{url}/v1/predict", files={"file": ("x.png", png, "image/png")}, timeout=60)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["model"]["ref"] == "tiny_dual_cnn:1" and len(body["probabilities"]) == 4
+        assert abs(sum(body["probabilities"].values()) - 1) < 1e-4
+        served = httpx.get(f"{url}/v1/model", timeout=10).json()
+        assert served["card"]["segmenter"] == f"{registry}/tiny_unet/v1"
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=90)
+        assert process.returncode == 0, output[-3000:]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    storage.assert_only_caches_on_disk()
