@@ -30,6 +30,7 @@ from cxrcore.config import (
 )
 from cxrcore.console import quiet_ray_console
 from cxrcore.data.layout import LayoutError, LayoutScan
+from cxrcore.labels import CLASSES
 from cxrcore.registry import ModelRegistry, RegistryError
 from cxrcore.tables import format_table
 
@@ -488,10 +489,14 @@ def _run_pipeline(args: argparse.Namespace) -> int:
         )
         return 1
     if config.serve and results.get("registry"):
-        # One image of each class from the raw folder, sent over HTTP like any client would.
+        # One image of each class sent over HTTP like any client would: the synthetic run's new clear
+        # examples (not in the dataset), else the first image of each class in the raw folder.
         firsts: dict[str, str] = {}
-        for entry in sorted(scan_layout(results["raw"]).entries, key=lambda e: e.file):
-            firsts.setdefault(entry.label, entry.image_path)
+        if results.get("examples"):
+            firsts = {c: os.path.join(results["examples"], f"{c}-example.png") for c in CLASSES}
+        else:
+            for entry in sorted(scan_layout(results["raw"]).entries, key=lambda e: e.file):
+                firsts.setdefault(entry.label, entry.image_path)
         print(
             f"\n== serving {results['production model']} with Ray Serve on 127.0.0.1:{config.port}",
             flush=True,
@@ -503,13 +508,16 @@ def _run_pipeline(args: argparse.Namespace) -> int:
         rows = [
             [
                 os.path.basename(a["file"]),
+                label,
                 a["label"],
                 f"{max(a['probabilities'].values()):.3f}",
                 f"{a['latency_ms']:.0f}",
             ]
-            for a in answers
+            for label, a in zip(firsts, answers, strict=True)
         ]
-        print(format_table(["file", "predicted", "probability", "latency ms"], rows))
+        print(format_table(["file", "class", "predicted", "probability", "latency ms"], rows))
+        right = sum(row[1] == row[2] for row in rows)
+        print(f"{right} of {len(rows)} examples classified as their class")
         print(f"Ray dashboard: {results['Ray dashboard']}")
     return 0
 

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 from cxrcore.config import IngestConfig, PipelineConfig, TuneConfig
+from cxrcore.labels import CLASSES
 
 
 def run_pipeline(config: PipelineConfig) -> dict[str, str]:
@@ -13,7 +14,7 @@ def run_pipeline(config: PipelineConfig) -> dict[str, str]:
     from cxrcore.cli import format_comparison, format_ingest_report, format_scan
     from cxrcore.data.ingest import ingest_dataset
     from cxrcore.data.layout import check_layout
-    from cxrcore.data.synthetic import write_synthetic_dataset
+    from cxrcore.data.synthetic import write_examples, write_synthetic_dataset
     from cxrcore.runtime import init_ray
 
     started = time.perf_counter()
@@ -44,6 +45,8 @@ def run_pipeline(config: PipelineConfig) -> dict[str, str]:
     report = ingest_dataset(IngestConfig(raw=raw, out=dataset, size=config.size, seed=config.seed))
     print(format_ingest_report(report))
     results = {"raw": raw, "dataset": dataset, "ingest report": f"{dataset}/ingest_report.json"}
+    if not config.real:  # what the served model is sent at the end: new images, one clear case per class
+        results["examples"] = str(write_examples(work / "examples", seed=config.seed)[CLASSES[0]].parent)
 
     if config.tune:
         from cxrcore.tune import run_comparison

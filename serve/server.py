@@ -54,8 +54,12 @@ def demo_predictions(
     import httpx
     from ray import serve
 
+    from cxrcore.console import is_quiet
+
     args = ServeArgs.model_validate(app_args)
-    serve.start(http_options={"host": host, "port": port})
+    # The demo's console shows its four answers, not Serve's INFO and access lines (they stay in the logs).
+    quiet = {"log_level": "WARNING", "enable_access_log": False} if is_quiet() else None
+    serve.start(http_options={"host": host, "port": port}, logging_config=quiet)
     try:
         run_app(build_app(args))
         answers = []

@@ -28,6 +28,7 @@ from cxrcore.data.transforms import (
     resize_mask,
 )
 from cxrcore.labels import CLASSES
+from cxrcore.runtime import local_core_limit
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,7 @@ def ingest_dataset(config: IngestConfig) -> dict[str, Any]:
         .map_batches(
             partial(decode_pair_batch, size=config.size, min_side=config.min_side),
             batch_size=DECODE_BATCH_SIZE,
+            concurrency=local_core_limit(),
         )
         .materialize()
     )
@@ -153,7 +155,7 @@ def ingest_dataset(config: IngestConfig) -> dict[str, Any]:
     staging, _ = storage.staging_paths(root)
     storage.clear_staging(filesystem, root, REPORT_NAME)
     # Hive-style split=train/ folders: readers can take one split without scanning the others.
-    decoded.map_batches(finish, batch_size=256).write_parquet(
+    decoded.map_batches(finish, batch_size=256, concurrency=local_core_limit()).write_parquet(
         staging, filesystem=filesystem, partition_cols=["split"]
     )
     timings["write"] = time.perf_counter() - started - sum(timings.values())

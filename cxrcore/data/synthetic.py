@@ -216,6 +216,25 @@ def write_synthetic_dataset(
     return SynthSummary(root, counts, seconds, total / seconds if seconds > 0 else 0.0)
 
 
+def write_examples(
+    out: str | os.PathLike[str], seed: int = 0, image_size: int = 299, classes: Sequence[str] = CLASSES
+) -> dict[str, Path]:
+    """One clear phantom per class (no subtle finding), as `<Class>-example.png` in `out`: {class: path}.
+
+    Drawn from the stream `[seed, class, 0]`, which write_synthetic_dataset (images 1 … per_class) never
+    uses, so an example is never an image of the dataset with the same seed: what a client would send.
+    """
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for name in (CLASSES[class_index(c)] for c in classes):
+        rng = np.random.default_rng([seed, CLASSES.index(name), 0])
+        image, _ = render_phantom(name, rng, image_size, image_size, subtle=False)
+        written[name] = root / f"{name}-example.png"
+        _save_png(image, written[name])
+    return written
+
+
 def source_url(label: str, source: int) -> str:
     """The stable fake URL of one synthetic source ("site") of a class; each source has its own host."""
     slug = CLASSES[class_index(label)].lower().replace("_", "-").replace(" ", "-")

@@ -23,6 +23,7 @@ from cxrcore.data.synthetic import (
     render_phantom,
     site_url,
     source_url,
+    write_examples,
     write_synthetic_dataset,
 )
 from cxrcore.labels import CLASSES
@@ -255,3 +256,17 @@ def test_global_intensity_statistics_do_not_reveal_the_class(
 
 def test_a_small_cnn_learns_the_classes(phantoms: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
     assert cnn_accuracy(*phantoms) > 0.85
+
+
+def test_examples_are_one_new_image_per_class_never_one_of_the_dataset(tmp_path: Path) -> None:
+    examples = write_examples(tmp_path / "examples", seed=3, image_size=64)
+    assert sorted(examples) == sorted(CLASSES)
+    write_synthetic_dataset(tmp_path / "raw", per_class=3, seed=3, image_size=64, mask_size=64)
+    for label, path in examples.items():
+        assert path.name == f"{label}-example.png"
+        example = np.asarray(Image.open(path))
+        assert example.shape == (64, 64)
+        dataset = [np.asarray(Image.open(p)) for p in (tmp_path / "raw" / label / "images").glob("*.png")]
+        assert len(dataset) == 3 and not any(np.array_equal(example, image) for image in dataset)
+    again = write_examples(tmp_path / "again", seed=3, image_size=64)
+    assert all(again[c].read_bytes() == examples[c].read_bytes() for c in CLASSES)  # reproducible
