@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -47,10 +48,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
-    if not args.verbose:
-        quiet_ray_console()
     try:
-        status: int = args.run(args)
+        with quiet_ray_console() if not args.verbose else contextlib.nullcontext():
+            status: int = args.run(args)
         return status
     except (ConfigError, LayoutError, RegistryError, FileNotFoundError) as exc:
         print(f"cxr: error: {exc}", file=sys.stderr)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 RAY_DATA_LOGGING = Path(__file__).with_name("ray_data_logging.yaml")
@@ -37,10 +39,14 @@ class HideProgressNotice(logging.Filter):
         return not str(record.msg).startswith("Progress bars disabled")
 
 
-def quiet_ray_console() -> None:
-    """Apply QUIET_ENVIRONMENT to this process, keeping any value already set."""
-    for name, value in QUIET_ENVIRONMENT.items():
-        os.environ.setdefault(name, value)
+@contextmanager
+def quiet_ray_console() -> Iterator[None]:
+    """QUIET_ENVIRONMENT in this process for the duration (values already set are kept), as it was
+    afterwards: a process that runs cxr's main in-process, as the tests do, keeps its own environment."""
+    from cxrcore.runtime import environment_defaults
+
+    with environment_defaults(**QUIET_ENVIRONMENT):
+        yield
 
 
 def is_quiet() -> bool:

@@ -35,7 +35,7 @@ def init_ray(
             global _local_cores
             _local_cores = os.cpu_count() or 1
             port = _free_port()
-            with _environment(RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{port}"):
+            with environment_defaults(RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{port}"):
                 ray.init(
                     # At least 4 logical CPUs: a Tune trial's driver, its Train workers and Ray Data's read
                     # tasks must all fit at once, even on a 2-core laptop (they take turns on the cores).
@@ -53,7 +53,7 @@ def init_ray(
 
 
 @contextmanager
-def _environment(**values: str) -> Iterator[None]:
+def environment_defaults(**values: str) -> Iterator[None]:
     """Set environment variables for the processes a local Ray starts (its raylet passes them on to every
     worker), unless the user set them; this process's environment is restored afterwards.
 

@@ -1,5 +1,6 @@
 """`cxr serve`: the application on a local (or joined) Ray cluster, in the foreground until a signal."""
 
+import logging
 import signal
 import sys
 import threading
@@ -59,9 +60,11 @@ def demo_predictions(
     args = ServeArgs.model_validate(app_args)
     # The demo's console shows its four answers, not Serve's INFO and access lines (they stay in the logs).
     quiet = {"log_level": "WARNING", "enable_access_log": False} if is_quiet() else None
+    if quiet:
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)  # this process's "Started Serve" lines
     serve.start(http_options={"host": host, "port": port}, logging_config=quiet)
     try:
-        run_app(build_app(args))
+        run_app(build_app(args), logging_config=quiet)
         answers = []
         with httpx.Client(base_url=f"http://{host}:{port}", timeout=60) as client:
             for path in files:
@@ -75,14 +78,17 @@ def demo_predictions(
         serve.shutdown()
 
 
-def run_app(app: Any, timeout_s: float = START_TIMEOUT_S) -> None:
+def run_app(
+    app: Any, timeout_s: float = START_TIMEOUT_S, logging_config: dict[str, Any] | None = None
+) -> None:
     """Deploy `app` as APP_NAME and wait until it runs; raise, naming each deployment's state, when it
-    failed or is not up after `timeout_s` (a replica that no node has room for would wait forever)."""
+    failed or is not up after `timeout_s` (a replica that no node has room for would wait forever).
+    `logging_config` (Serve's LoggingConfig fields) applies to every deployment of the app."""
     import time
 
     from ray import serve
 
-    target = serve.RunTarget(app, name=APP_NAME, route_prefix="/")
+    target = serve.RunTarget(app, name=APP_NAME, route_prefix="/", logging_config=logging_config)
     serve.run_many([target], wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
     deadline = time.monotonic() + timeout_s
     while True:

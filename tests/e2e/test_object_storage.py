@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +33,15 @@ moto_server = pytest.importorskip("moto.server", reason="needs moto[server] (the
 pytestmark = pytest.mark.e2e
 BUCKET = "cxr"
 S3 = f"s3://{BUCKET}"
+CHATTER = (
+    "Reporting training result",  # Ray Train: every epoch's metrics dictionary, from every worker
+    "Starting execution of Dataset",  # Ray Data: each dataset's start and execution plan
+    "Execution plan of Dataset",
+    "Progress bars disabled",
+    "split(",  # Ray Data: a progress bar per Train worker per epoch
+    "Checkpoint successfully created",  # Ray Train INFO
+)
+"""Console lines a quiet `cxr` (no -v) must leave to Ray's log files (cxrcore/console.py)."""
 HOME_ENTRIES = {".cache", ".config", ".ray"}
 """What the commands may leave in HOME: caches (cxr's copies of remote checkpoints and reports,
 matplotlib's font cache and config folder) and Ray's auth token."""
@@ -45,6 +56,7 @@ class Storage:
     root: Path
     work: Path
     home: Path
+    ray_dir: Path  # RAY_TMPDIR of the commands
 
     def objects(self, prefix: str) -> set[str]:
         """Keys under `prefix` in the bucket, relative to it."""
@@ -57,7 +69,8 @@ class Storage:
             return json.loads(stream.read())
 
     def cxr(self, *args: str, timeout: float = 300) -> str:
-        """Run `cxr ARGS` from the empty working directory; its output, after checking it exited 0."""
+        """Run `cxr ARGS` from the empty working directory; what it printed (stdout, then stderr), after
+        checking it exited 0 and printed none of Ray's per-dataset and per-worker chatter (CHATTER)."""
         result = subprocess.run(
             [str(BIN / "cxr"), *args], cwd=self.work, env=self.env, capture_output=True, text=True,
             timeout=timeout,
@@ -65,7 +78,9 @@ class Storage:
         assert result.returncode == 0, (
             f"cxr {' '.join(args)}:\n{result.stdout[-3000:]}\n{result.stderr[-4000:]}"
         )
-        return result.stdout
+        printed = result.stdout + result.stderr
+        assert [line for line in printed.splitlines() if any(c in line for c in CHATTER)] == []
+        return printed
 
     def assert_only_caches_on_disk(self) -> None:
         assert list(self.work.iterdir()) == []
@@ -92,8 +107,15 @@ def storage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Storage]:
     work, home = root / "work", root / "home"
     work.mkdir()
     home.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "RAY_ADDRESS"}
-    env.update(aws, HOME=str(home), PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    quiet = ("RAY_DATA_LOGGING_CONFIG", "RAY_DATA_DISABLE_PROGRESS_BARS")  # the defaults a user has
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k not in ("RAY_ADDRESS", *quiet)
+    }
+    # Ray's session files in a short folder of their own (its socket paths must stay under ~107 bytes).
+    ray_dir = Path(tempfile.mkdtemp(prefix="cxr-s3-ray-", dir="/tmp"))
+    env.update(
+        aws, HOME=str(home), RAY_TMPDIR=str(ray_dir), PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+    )
     try:
         with pytest.MonkeyPatch.context() as patch:
             for name, value in aws.items():
@@ -105,9 +127,10 @@ def storage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Storage]:
                 endpoint_override=f"127.0.0.1:{port}", scheme="http", access_key="testing",
                 secret_key="testing", region="us-east-1",
             )  # fmt: skip
-            yield Storage(filesystem, env, root, work, home)
+            yield Storage(filesystem, env, root, work, home, ray_dir)
     finally:
         server.stop()
+        shutil.rmtree(ray_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -178,6 +201,9 @@ def test_ingest_train_and_evaluate_with_every_location_on_s3(storage: Storage, d
     )
     checkpoint = f"{S3}/runs/tiny_cnn_lstm/{kept[0].rpartition('/')[0]}"
     assert f"best checkpoint: {checkpoint}" in trained  # a URI the next command takes
+    assert "tiny_cnn_lstm epoch 1/1: train loss" in trained  # cxr's own progress line, Ray's chatter not
+    data_logs = "".join(p.read_text(errors="replace") for p in storage.ray_dir.rglob("ray-data.log"))
+    assert "Starting execution of Dataset" in data_logs  # what the console left out is in the log files
     card = storage.read_json(f"runs/tiny_cnn_lstm/{kept[0]}")
     assert card["data"]["dataset"] == dataset and not local_paths(card, storage.root)
 

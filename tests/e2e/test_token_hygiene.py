@@ -35,6 +35,8 @@ def test_cxr_never_shows_the_token_and_its_dashboard_needs_it_on_loopback(scratc
         "RAY_AUTH_TOKEN": token,
         "RAY_USAGE_STATS_ENABLED": "0",
     }
+    for name in ("RAY_DATA_LOGGING_CONFIG", "RAY_DATA_DISABLE_PROGRESS_BARS"):
+        env.pop(name, None)  # the defaults a user has
     log = scratch / "output.txt"
     command = [str(BIN / "cxr"), "-v", "data", "ingest", str(scratch / "raw"), str(scratch / "out"),
                "--size", "32"]  # fmt: skip
@@ -75,7 +77,7 @@ def test_cxr_never_shows_the_token_and_its_dashboard_needs_it_on_loopback(scratc
     assert [line.split()[0] for line in command_lines if token in line] == []  # `ps` shows no token
     output = log.read_bytes()
     assert b"ingested 8 of 8 images" in output
-    assert b"Starting execution of Dataset" in output  # -v keeps Ray's own console lines (test_console.py)
+    assert b"Starting execution of Dataset" in output  # -v keeps Ray's own console lines
     printed = token.encode() in output
     assert not printed, "cxr printed the token"
     files = [p for p in ray_dir.rglob("*") if p.is_file()]

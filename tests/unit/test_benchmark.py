@@ -169,6 +169,9 @@ def test_serve_section_reads_serve_benchmark_output() -> None:
     assert by_measure["HTTP p50, concurrency 1, batching on"].met is False
     assert section.breakdown is not None
     assert [row[4] for row in section.breakdown[1]] == [None, None, 16.0, None]  # p95 where reported
+    haproxy = serve_section(parse_serve_output(SERVE_OUTPUT), "tiny_dual_cnn", 64, 16, proxy="HAProxy")
+    assert "HTTP via HAProxy, concurrency 32, batching on" in {row.measure for row in haproxy.rows}
+    assert haproxy.breakdown is not None and {row[-1] for row in haproxy.breakdown[1]} == {"HAProxy"}
     with pytest.raises(RuntimeError, match="no JSON"):
         parse_serve_output("Traceback ...\n")
     command = serve_command("cnn_lstm", 128, 200, 8123)
