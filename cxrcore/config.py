@@ -447,6 +447,11 @@ class TrainConfig:
         2, "Ray Train workers (DDP processes); 0 runs the loop in this process, saving no checkpoint"
     )
     gpu: bool = option(False, "one GPU per worker, NCCL and bf16 autocast")
+    cpus_per_worker: int | None = option(
+        None,
+        "CPUs (and torch threads) of each CPU worker (default: every core of this machine for a single "
+        "worker on the local cluster cxr starts, else 1)",
+    )
     image_size: int | None = option(None, "model input size (default: the dataset's base size)")
     batch_size: int | None = option(
         None, "batch size per worker (default: 32, smaller on small datasets so an epoch has 24+ steps)"
@@ -472,6 +477,11 @@ class TrainConfig:
             self.pretrained = resolve_location(self.pretrained)
         _require(self.epochs >= 1, "epochs", f"must be at least 1, got {self.epochs}")
         _require(self.workers >= 0, "workers", f"must be 0 or more, got {self.workers}")
+        _require(
+            self.cpus_per_worker is None or self.cpus_per_worker >= 1,
+            "cpus_per_worker",
+            f"must be at least 1, got {self.cpus_per_worker}",
+        )
         _require(
             self.batch_size is None or self.batch_size >= 1,
             "batch_size",

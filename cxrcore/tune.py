@@ -89,6 +89,7 @@ def trial_train_config(
         model=model,
         epochs=config.epochs,
         workers=config.workers_per_trial,
+        cpus_per_worker=1,  # trials share the cores: each takes what its resources say
         gpu=config.gpu,
         image_size=config.image_size,
         batch_size=int(trial["batch_size"]),

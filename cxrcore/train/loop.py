@@ -47,6 +47,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     if loop_config.get("quiet_console"):
         quiet_train_worker()
+    if not torch.cuda.is_available() and loop_config.get("cpus_per_worker"):
+        torch.set_num_threads(int(loop_config["cpus_per_worker"]))  # as Ray's OMP_NUM_THREADS says
     config = from_dict(TrainConfig, loop_config["train"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
