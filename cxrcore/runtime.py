@@ -33,13 +33,15 @@ def init_ray(
             ray.init(address=address, logging_level=logging.WARNING)
         else:
             global _local_cores
-            _local_cores = os.cpu_count() or 1
+            cores = os.cpu_count() or 1
+            # At least 4 logical CPUs: a Tune trial's driver, its Train workers and Ray Data's read tasks
+            # must all fit at once, even on a 2-core laptop (they take turns on the cores).
+            logical = num_cpus or max(4, cores)
+            _local_cores = min(cores, logical)  # never more than the cluster has to give
             port = _free_port()
             with environment_defaults(RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{port}"):
                 ray.init(
-                    # At least 4 logical CPUs: a Tune trial's driver, its Train workers and Ray Data's read
-                    # tasks must all fit at once, even on a 2-core laptop (they take turns on the cores).
-                    num_cpus=num_cpus or max(4, os.cpu_count() or 1),
+                    num_cpus=logical,
                     include_dashboard=True,
                     dashboard_host="127.0.0.1",
                     dashboard_port=port,

@@ -162,9 +162,15 @@ def loop_config(config: TrainConfig) -> dict[str, Any]:
     }
 
 
+DATA_CPUS = 2
+"""Logical CPUs a single worker leaves free on the local cluster: Ray Data's read and split tasks, which
+feed it, need CPUs of their own, and without any the run would wait forever."""
+
+
 def worker_cpus(config: TrainConfig) -> int:
-    """CPUs of each CPU worker: --cpus-per-worker, else this machine's cores for a single worker on the
-    local cluster init_ray started, else 1. Each worker runs torch with that many threads.
+    """CPUs of each CPU worker: --cpus-per-worker, else for a single worker on the local cluster init_ray
+    started this machine's cores, less what DATA_CPUS keeps free of the cluster's logical CPUs; else 1.
+    Each worker runs torch with that many threads.
 
     Ray gives a worker OMP_NUM_THREADS = its CPUs, so one worker of 1 CPU trained on one core of two:
     resnet18 at 128 px ran 23 images/s against 33 for a plain loop on both (README, Benchmarks).
@@ -173,9 +179,13 @@ def worker_cpus(config: TrainConfig) -> int:
 
     if config.cpus_per_worker:
         return config.cpus_per_worker
-    if config.gpu or config.workers != 1:
+    cores = local_core_limit()
+    if config.gpu or config.workers != 1 or cores is None:
         return 1
-    return local_core_limit() or 1
+    import ray
+
+    logical = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else cores
+    return max(1, min(cores, logical - DATA_CPUS))
 
 
 def build_trainer(config: TrainConfig, callbacks: list[Any] | None = None) -> Any:

@@ -115,3 +115,35 @@ def test_expected_epochs_and_concurrency_arithmetic() -> None:
     assert max_concurrent_trials(one_gpu, {"GPU": 4, "CPU": 32}) == 4
     two_cpus = TuneConfig(data="d", registry="r", workers_per_trial=2)
     assert max_concurrent_trials(two_cpus, {"CPU": 8}) == 3  # 2 workers + 0.1 for the trial's driver
+
+
+@pytest.mark.parametrize(
+    ("cores", "logical", "workers", "asked", "expected"),
+    [
+        (2, 4, 1, None, 2),  # the 2-core machine: the worker takes both cores, 2 logical CPUs stay free
+        (16, 16, 1, None, 14),  # a bigger one: Ray Data keeps DATA_CPUS for the reads that feed the worker
+        (16, 4, 1, None, 2),  # a cluster started with fewer logical CPUs than cores
+        (2, 4, 2, None, 1),  # DDP workers: one CPU each
+        (None, 8, 1, None, 1),  # a cluster joined by address: its CPUs are its cores
+        (2, 4, 1, 3, 3),  # --cpus-per-worker wins
+    ],
+)
+def test_a_single_cpu_worker_gets_the_cores_but_leaves_ray_data_some(
+    monkeypatch: pytest.MonkeyPatch,
+    cores: int | None,
+    logical: int,
+    workers: int,
+    asked: int | None,
+    expected: int,
+) -> None:
+    import ray
+
+    import cxrcore.runtime
+    from cxrcore.config import TrainConfig
+    from cxrcore.train.trainer import worker_cpus
+
+    monkeypatch.setattr(cxrcore.runtime, "_local_cores", cores)
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": float(logical)})
+    config = TrainConfig(data="ds", model="tiny_cnn_lstm", workers=workers, cpus_per_worker=asked)
+    assert worker_cpus(config) == expected
