@@ -9,6 +9,7 @@ threads of one replica (the limit).
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -47,8 +48,6 @@ it is measured here but not cxr's default: cxr serves on loopback unless told ot
 def benchmark_serve(config: BenchmarkConfig) -> Section:
     """Run `serve.benchmark` in a child process (it starts its own Ray) per proxy and tabulate what it
     printed; --quick measures the default proxy only."""
-    import os
-
     model, size, requests = config.serve_model, config.serve_size, config.requests
     sections = []
     for proxy, env in list(PROXIES.items())[: 1 if config.quick else None]:

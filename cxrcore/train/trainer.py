@@ -167,6 +167,24 @@ DATA_CPUS = 2
 feed it, need CPUs of their own, and without any the run would wait forever."""
 
 
+def _check_worker_cpus(config: TrainConfig, cpus: int) -> None:
+    """Refuse CPU workers that the local cluster cxr started can never place: Ray Train would wait for
+    them forever, and its "Requesting resources" line is hidden on a quiet console. A cluster joined by
+    address may autoscale, so it is left to Ray."""
+    import ray
+
+    from cxrcore.runtime import local_core_limit
+
+    if config.gpu or config.workers < 1 or local_core_limit() is None or not ray.is_initialized():
+        return
+    logical = int(ray.cluster_resources().get("CPU", 0))
+    if config.workers * cpus > logical:
+        raise ConfigError(
+            f"--workers {config.workers} × --cpus-per-worker {cpus} needs {config.workers * cpus} CPUs and "
+            f"the local Ray cluster has {logical}; ask for fewer"
+        )
+
+
 def worker_cpus(config: TrainConfig) -> int:
     """CPUs of each CPU worker: --cpus-per-worker, else for a single worker on the local cluster init_ray
     started this machine's cores, less what DATA_CPUS keeps free of the cluster's logical CPUs; else 1.
@@ -200,6 +218,7 @@ def build_trainer(config: TrainConfig, callbacks: list[Any] | None = None) -> An
     from cxrcore.train.loop import TRAIN_COLUMNS, train_loop_per_worker
 
     settings = loop_config(config)
+    _check_worker_cpus(config, settings["cpus_per_worker"])
     segmenting = get_model_entry(config.model).input_spec.task == "segment"
     datasets = {split: read_split(config.data, split, TRAIN_COLUMNS) for split in ("train", "val")}
     if segmenting:  # the segmenter learns from images that have a ground-truth mask

@@ -147,3 +147,21 @@ def test_a_single_cpu_worker_gets_the_cores_but_leaves_ray_data_some(
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": float(logical)})
     config = TrainConfig(data="ds", model="tiny_cnn_lstm", workers=workers, cpus_per_worker=asked)
     assert worker_cpus(config) == expected
+
+
+def test_workers_the_local_cluster_can_never_place_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray
+
+    import cxrcore.runtime
+    from cxrcore.config import ConfigError, TrainConfig
+    from cxrcore.train.trainer import _check_worker_cpus
+
+    monkeypatch.setattr(cxrcore.runtime, "_local_cores", 2)
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
+    config = TrainConfig(data="ds", model="tiny_cnn_lstm", workers=2, cpus_per_worker=3)
+    with pytest.raises(ConfigError, match="needs 6 CPUs and the local Ray cluster has 4"):
+        _check_worker_cpus(config, 3)
+    _check_worker_cpus(TrainConfig(data="ds", model="tiny_cnn_lstm", workers=2), 2)  # 4 of 4: placeable
+    monkeypatch.setattr(cxrcore.runtime, "_local_cores", None)  # a joined cluster may autoscale
+    _check_worker_cpus(config, 3)
