@@ -195,6 +195,20 @@ def _add_models_commands(commands: Any) -> None:
     _add_registry_argument(promote)
     promote.add_argument("--alias", default="production", help="alias to move (default: %(default)s)")
     promote.set_defaults(run=_run_promote)
+    clean = models_commands.add_parser(
+        "clean", help="free what registrations killed midway left (version folders without a card)"
+    )
+    _add_registry_argument(clean)
+    clean.add_argument(
+        "--older-than",
+        type=_duration,
+        default=_duration("1h"),
+        metavar="AGE",
+        help="only folders unchanged this long, so running registrations are safe: 90s, 30m, 1h, 0 "
+        "(default: 1h)",
+    )
+    clean.add_argument("--dry-run", action="store_true", help="list what would be freed, free nothing")
+    clean.set_defaults(run=_run_clean)
     import_weights = models_commands.add_parser(
         "import-weights",
         help="write a ResNet's ImageNet weights for one channel, without the classifier, as safetensors "
@@ -364,8 +378,12 @@ def _run_architectures(args: argparse.Namespace) -> int:
 def _run_list(args: argparse.Namespace) -> int:
     registry = _registry(args)
     versions = registry.versions(args.name)
+    unfinished = _interrupted_lines(registry.interrupted(args.name))
+    if unfinished:
+        unfinished = ["", *unfinished, "`cxr models clean` frees those an hour old (killed registrations)"]
     if not versions:
-        print(f"no versions of {args.name} in {registry.root}" if args.name else f"{registry.root} is empty")
+        empty = f"no versions of {args.name} in {registry.root}" if args.name else f"{registry.root} is empty"
+        print("\n".join([empty, *unfinished]))
         return 0
     scores = ("val_accuracy", "val_macro_f1", "val_dice")
     rows = [
@@ -375,7 +393,49 @@ def _run_list(args: argparse.Namespace) -> int:
         for v in versions
     ]  # fmt: skip
     header = ["ref", "aliases", "created", "val acc", "val F1", "val dice", "data fingerprint"]
-    print(format_table(header, rows))
+    print("\n".join([format_table(header, rows), *unfinished]))
+    return 0
+
+
+def _interrupted_lines(items: list[Any]) -> list[str]:
+    return [
+        f"{i.name}/v{i.version}: an unfinished registration ({i.files} files, {i.bytes / 2**20:.1f} MiB, "
+        f"{'age unknown' if i.age_s is None else _age(i.age_s) + ' old'})"
+        for i in items
+    ]
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def _duration(text: str) -> float:
+    """Seconds in "90", "90s", "30m", "1h" or "2d"."""
+    value, unit = (text[:-1], text[-1]) if text and text[-1] in "smhd" else (text, "s")
+    try:
+        seconds = float(value) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an age such as 90s, 30m or 1h, got {text!r}") from None
+    if not seconds >= 0 or seconds == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected an age of 0 or more, got {text!r}")
+    return seconds
+
+
+def _run_clean(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    cleaned = registry.clean(args.older_than, dry_run=args.dry_run)
+    freed = {(i.name, i.version) for i in cleaned}
+    left = [i for i in registry.interrupted() if (i.name, i.version) not in freed]
+    verb = "would free" if args.dry_run else "freed"
+    for line in _interrupted_lines(cleaned):
+        print(f"{verb} {line}")
+    total = sum(i.bytes for i in cleaned) / 2**20
+    print(f"{verb} {len(cleaned)} unfinished registration(s), {total:.1f} MiB; their numbers stay used")
+    for line in _interrupted_lines(left):
+        print(f"kept {line}: younger than --older-than, it may still be running")
     return 0
 
 

@@ -20,7 +20,8 @@ A version is written once and never changed. Several processes may register and 
   winners impossible). The loser of a race tries the next number, so numbers are never reused.
 - Visibility: card.json is written last (temporary name, then renamed), so readers skip a version
   folder without one: a registration still running, or one killed midway (its number stays used).
-  A failed registration removes its folder.
+  A failed registration removes its folder. A killed one cannot: `interrupted()` lists what such
+  registrations left and `clean()` frees it, keeping a small tombstone so that the number stays used.
 - Aliases: `promote` reads, changes and replaces aliases.json under an exclusive lock (flock on
   REG/.lock, released by the kernel even when the holder is killed) and replaces the file whole (a
   temporary file and a rename), so readers, who take no lock, see the old or the new aliases, never a
@@ -71,6 +72,8 @@ _ALIAS = re.compile(r"[a-z][a-z0-9_-]*")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _VERSION_DIR = re.compile(r"v(\d+)")
 _CLAIM_PREFIX = ".claim-"
+TOMBSTONE_NAME = ".interrupted"
+"""Left in a cleaned version folder: the number stays used, and the folder is not reported again."""
 _MAX_ATTEMPTS = 100
 _LIST_ATTEMPTS = 3
 
@@ -99,6 +102,19 @@ class ModelVersion:
     def ref(self) -> str:
         """The reference that names this version in every command: "dual_cnn:3"."""
         return f"{self.name}:{self.version}"
+
+
+@dataclass(frozen=True)
+class Interrupted:
+    """What a registration that never finished (killed midway) left in a version folder."""
+
+    name: str
+    version: int
+    uri: str
+    files: int
+    bytes: int
+    age_s: float | None
+    """seconds since anything in the folder last changed; None where the store gives no times."""
 
 
 class ModelRegistry:
@@ -190,6 +206,61 @@ class ModelRegistry:
                     )
                 )
         return found
+
+    def interrupted(self, name: str | None = None) -> list[Interrupted]:
+        """Version folders without a card and not yet cleaned: killed registrations, or running ones."""
+        from cxrcore.checkpoint import CARD_NAME
+
+        names = self._names() if name is None else [name] if _NAME.fullmatch(name) else []
+        now = time.time()
+        found: list[Interrupted] = []
+        for model in names:
+            folders: dict[int, list[pafs.FileInfo]] = {}
+            for info in self._list(f"{self._path}/{model}", recursive=True):
+                parts = info.path[len(self._path) :].lstrip("/").split("/")
+                match = _VERSION_DIR.fullmatch(parts[1]) if len(parts) >= 2 else None
+                if match:
+                    folders.setdefault(int(match.group(1)), []).append(info)
+            for number, infos in sorted(folders.items()):
+                relative = {info.path[len(self._path) :].lstrip("/") for info in infos}
+                if {f"{model}/v{number}/{CARD_NAME}", f"{model}/v{number}/{TOMBSTONE_NAME}"} & relative:
+                    continue  # finished, or already cleaned
+                stored = [i for i in infos if i.type == pafs.FileType.File]
+                times = [i.mtime.timestamp() for i in infos if i.mtime is not None]
+                found.append(
+                    Interrupted(
+                        name=model,
+                        version=number,
+                        uri=self._uri(model, f"v{number}"),
+                        files=len(stored),
+                        bytes=sum(i.size or 0 for i in stored),
+                        age_s=max(0.0, now - max(times)) if times else None,
+                    )
+                )
+        return found
+
+    def clean(self, older_than_s: float = 3600.0, *, dry_run: bool = False) -> list[Interrupted]:
+        """Free what registrations killed midway left, where nothing changed for `older_than_s` seconds.
+
+        Each such folder is emptied but for a tombstone, so its number stays used and no reference to it
+        can ever name other weights. Younger folders are left alone: a registration may still be writing
+        them. Returns the folders cleaned (or, with dry_run, those that would be).
+        """
+        if older_than_s < 0:
+            raise ValueError(f"older_than_s must be >= 0, got {older_than_s}")
+        stale = [i for i in self.interrupted() if i.age_s is not None and i.age_s >= older_than_s]
+        if dry_run:
+            return stale
+        for item in stale:
+            folder = f"{self._path}/{item.name}/v{item.version}"
+            self._write_atomic(
+                f"{folder}/{TOMBSTONE_NAME}",
+                json.dumps({"cleaned_at": time.time(), "files": item.files, "bytes": item.bytes}),
+            )
+            for info in self._list(folder):
+                if info.base_name != TOMBSTONE_NAME:
+                    remove(self._fs, info.path)
+        return stale
 
     def get(self, ref: str) -> ModelVersion:
         """The version an alias ("production"), a "name:N" or a model name (its latest version) names."""

@@ -165,6 +165,7 @@ def test_a_registry_on_s3_names_the_segmenter_by_its_place_in_the_registry(
     """A Tune run trains the dual-channel model with this machine's cached copy of the registered U-Net;
     the card registered records where the U-Net is in the registry, and loads from there anywhere."""
     import cxrcore.checkpoint
+    from cxrcore.data.storage import resolve, write_text
     from cxrcore.inference import Predictor
     from cxrcore.registry import ModelRegistry, RegistryError
     from tests.e2e.uploads import write_checkpoint
@@ -188,6 +189,19 @@ def test_a_registry_on_s3_names_the_segmenter_by_its_place_in_the_registry(
     image = np.random.default_rng(0).integers(0, 255, (96, 96), dtype=np.uint8)
     assert predictor.predict_proba([image]).shape == (1, 4)
     assert (tmp_path / "checkpoints/s3/cxr/unit-registry/tiny_unet/v1/model.safetensors").is_file()
+
+    # What a registration killed midway leaves on S3 (its claim marker, half the weights) is listed,
+    # then freed down to a tombstone, and its number stays used.
+    fs, path = resolve(f"{S3}/unit-registry/tiny_unet/v2")
+    write_text(fs, f"{path}/.claim-0123", "0123")
+    write_text(fs, f"{path}/model.safetensors", "x" * 1000)
+    [left] = registry.interrupted()
+    assert (left.uri, left.files, left.bytes) == (f"{S3}/unit-registry/tiny_unet/v2", 2, 1004)
+    assert left.age_s is not None and left.age_s < 600
+    assert registry.clean(3600) == [] and [i.uri for i in registry.clean(0)] == [left.uri]
+    assert registry.interrupted() == []
+    assert storage.objects("unit-registry/tiny_unet/v2") == {".interrupted"}
+    assert registry.register(write_checkpoint(tmp_path / "unet3", "tiny_unet", 3)).ref == "tiny_unet:3"
 
 
 def test_ingest_train_and_evaluate_with_every_location_on_s3(storage: Storage, dataset: str) -> None:

@@ -71,3 +71,18 @@ def _complete(folder: Path) -> bool:
         return False
     name, number = folder.parent.name, folder.name[1:]
     return card.get("version") == f"{name}:{number}" and (folder / "model.safetensors").is_file()
+
+
+def register_until_killed(root: str, checkpoint: str, copying: Event, never: Event) -> None:
+    """Register, stopping inside the weights copy with half the file written, until the test kills us."""
+    import cxrcore.registry
+
+    def copy_half_then_hang(source_fs: Any, source: str, target_fs: Any, target: str) -> None:
+        data = Path(source).read_bytes()
+        with target_fs.open_output_stream(target) as stream:
+            stream.write(data[: len(data) // 2])
+        copying.set()
+        never.wait(TIMEOUT)  # nobody sets it: the test SIGKILLs this process here
+
+    cxrcore.registry._copy = copy_half_then_hang
+    cxrcore.registry.ModelRegistry(root).register(checkpoint)

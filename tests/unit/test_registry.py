@@ -20,7 +20,7 @@ from cxrcore.cli import main
 from cxrcore.data.storage import resolve
 from cxrcore.models import create_model, get_build_args, get_input_spec
 from cxrcore.registry import ModelRegistry, RegistryError
-from tests.unit.registry_race import TIMEOUT, register_and_promote, watch_registry
+from tests.unit.registry_race import TIMEOUT, register_and_promote, register_until_killed, watch_registry
 
 NAME = "tiny_cnn_lstm"
 
@@ -136,6 +136,54 @@ def test_unfinished_version_is_skipped_and_its_number_not_reused(tmp_path: Path,
     (tmp_path / f"reg/{NAME}/v2").mkdir()  # a registration still being written (no card.json yet)
     assert [v.ref for v in registry.versions()] == [f"{NAME}:1"]
     assert registry.register(checkpoint).ref == f"{NAME}:3"
+
+
+def test_a_registration_killed_midway_is_listed_then_freed_and_its_number_stays_used(
+    tmp_path: Path, checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "reg"
+    registry = ModelRegistry(root)
+    registry.register(checkpoint)
+    context = multiprocessing.get_context("spawn")
+    copying, never = context.Event(), context.Event()
+    process = context.Process(target=register_until_killed, args=(str(root), str(checkpoint), copying, never))
+    process.start()
+    try:
+        assert copying.wait(TIMEOUT), "the registration never reached its weights copy"
+    finally:
+        process.kill()  # SIGKILL: no cleanup handler runs
+        process.join(TIMEOUT)
+    assert process.exitcode == -9
+    weights = (checkpoint / "model.safetensors").stat().st_size
+    assert (root / f"{NAME}/v2/model.safetensors").stat().st_size == weights // 2  # the debris
+
+    assert [v.ref for v in registry.versions()] == [f"{NAME}:1"]  # never visible as a version
+    [left] = registry.interrupted()
+    assert (left.name, left.version, left.files, left.bytes) == (NAME, 2, 1, weights // 2)
+    assert left.age_s is not None and 0 <= left.age_s < TIMEOUT
+    assert main(["models", "list", "--registry", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert f"{NAME}/v2: an unfinished registration (1 files" in out and "`cxr models clean`" in out
+
+    # The default age spares a registration that may still be running; --dry-run frees nothing.
+    assert main(["models", "clean", "--registry", str(root)]) == 0
+    assert "freed 0 unfinished" in capsys.readouterr().out
+    assert main(["models", "clean", "--registry", str(root), "--older-than", "0", "--dry-run"]) == 0
+    assert f"would free {NAME}/v2" in capsys.readouterr().out
+    assert (root / f"{NAME}/v2/model.safetensors").is_file()
+    assert main(["models", "clean", "--registry", str(root), "--older-than", "0s"]) == 0
+    assert f"freed {NAME}/v2" in capsys.readouterr().out
+    assert files(root / f"{NAME}/v2") == {".interrupted"}  # a tombstone keeps the number used
+    assert registry.interrupted() == [] and registry.clean(0) == []
+
+    assert registry.register(checkpoint).ref == f"{NAME}:3"
+    assert [v.ref for v in registry.versions()] == [f"{NAME}:1", f"{NAME}:3"]
+    assert main(["models", "list", "--registry", str(root)]) == 0
+    assert "unfinished" not in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        main(["models", "clean", "--registry", str(root), "--older-than", "soon"])
+    assert exit_.value.code == 2
+    assert "expected an age such as 90s, 30m or 1h, got 'soon'" in capsys.readouterr().err
 
 
 def test_local_checkpoint_loads_identical_weights(tmp_path: Path, checkpoint: Path) -> None:
