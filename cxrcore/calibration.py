@@ -82,8 +82,11 @@ def calibration_report(logits: np.ndarray, labels: np.ndarray, temperature: floa
     """ECE and NLL of softmax(logits) (before) and softmax(logits / temperature) (after), as plain floats.
 
     ECE and NLL are computed as classification_metrics computes `ece` and `nll` (same ECE_BINS binning,
-    same clipping), so `ece_after` equals metrics.json's `ece` of the calibrated probabilities. `logits`
-    may be log-probabilities, as for fit_temperature. An empty set gives None for every measurement.
+    same clipping), so `ece_after` equals metrics.json's `ece` of the calibrated probabilities.
+    `ece_floor_before` / `ece_floor_after` (with their `_sd`) are the ECE those probabilities would show
+    on this many images if they were perfectly calibrated (metrics.ece_floor): on a few dozen images
+    most of an ECE is sampling noise, and no calibration can take it below that. `logits` may be
+    log-probabilities, as for fit_temperature. An empty set gives None for every measurement.
     """
     temperature = _check_temperature(temperature)
     z, y = _check(logits, labels)
@@ -93,12 +96,18 @@ def calibration_report(logits: np.ndarray, labels: np.ndarray, temperature: floa
         "ece_after": None,
         "nll_before": None,
         "nll_after": None,
+        "ece_floor_before": None,
+        "ece_floor_sd_before": None,
+        "ece_floor_after": None,
+        "ece_floor_sd_after": None,
     }
     if len(y) == 0:
         return report
     for suffix, scaled in (("before", z), ("after", z / temperature)):
         probs = _softmax(scaled)
-        report[f"ece_{suffix}"] = float(reliability_bins(y, probs, ECE_BINS)["ece"])
+        bins = reliability_bins(y, probs, ECE_BINS)
+        for key in ("ece", "ece_floor", "ece_floor_sd"):
+            report[f"{key}_{suffix}"] = float(bins[key])
         report[f"nll_{suffix}"] = float(
             -np.log(np.clip(probs[np.arange(len(y)), y], NLL_EPSILON, 1.0)).mean()
         )

@@ -15,6 +15,8 @@ from cxrcore.labels import CLASSES
 T = TypeVar("T")
 
 ECE_BINS = 15
+ECE_FLOOR_DRAWS = 200
+"""Simulated label draws behind ece_floor."""
 NLL_EPSILON = 1e-12
 """Probabilities are clipped to at least this before the log, so one confident mistake stays finite."""
 _ROW_SUM_TOLERANCE = 1e-2
@@ -59,6 +61,7 @@ def classification_metrics(
         "weighted_f1": float((f1 * support).sum() / n),
         "macro_auroc": float(np.mean(defined_aurocs)) if defined_aurocs else None,
         "ece": _expected_calibration_error(*calibration_bins),
+        **ece_floor(probs),
         "nll": float(-np.log(np.clip(true_probs, NLL_EPSILON, 1.0)).mean()),
         "per_class": {
             name: {
@@ -185,7 +188,7 @@ def reliability_bins(labels: np.ndarray, probs: np.ndarray, n_bins: int = ECE_BI
         for k in range(n_bins)
     ]
     ece = _expected_calibration_error(counts, confidence_sums, correct_sums)
-    return {"n_bins": n_bins, "ece": ece, "bins": bins}
+    return {"n_bins": n_bins, "ece": ece, **ece_floor(probs, n_bins), "bins": bins}
 
 
 def roc_curves(
@@ -293,6 +296,28 @@ def _binary_auroc(positive: np.ndarray, scores: np.ndarray) -> float | None:
     ranks[order] = ((group_starts + group_ends + 1) / 2.0)[np.cumsum(starts_group) - 1]
     rank_sum = ranks[positive].sum()
     return float((rank_sum - n_positive * (n_positive + 1) / 2.0) / (n_positive * n_negative))
+
+
+def ece_floor(probs: np.ndarray, n_bins: int = ECE_BINS, draws: int = ECE_FLOOR_DRAWS) -> dict[str, float]:
+    """The ECE that perfectly calibrated probabilities would show on this many images: the sampling floor.
+
+    ECE's plug-in estimate is biased upwards: with few images per bin, |accuracy - confidence| is
+    positive even when every confidence is exact. Here each prediction is called right with exactly its
+    confidence, `draws` times (a fixed seed, so the figure is reproducible), and ECE measured as usual:
+    `ece_floor` is the mean, `ece_floor_sd` the spread. An ECE within a standard deviation or two of
+    the floor is as calibrated as this many images can show; on 24 images the floor is about 0.2.
+    """
+    confidence = np.asarray(probs, dtype=np.float64).max(axis=1)
+    n = len(confidence)
+    if n == 0:
+        raise ValueError("ece_floor needs at least one prediction")
+    index = np.clip(np.ceil(confidence * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
+    correct = np.random.default_rng(0).random((draws, n)) < confidence
+    gap = correct - confidence  # per draw and image; summed per bin, |sum| / N is that draw's ECE
+    cells = (np.arange(draws)[:, None] * n_bins + index).ravel()
+    per_bin = np.bincount(cells, weights=gap.ravel(), minlength=draws * n_bins).reshape(draws, n_bins)
+    eces = np.abs(per_bin).sum(axis=1) / n
+    return {"ece_floor": float(eces.mean()), "ece_floor_sd": float(eces.std())}
 
 
 def _confidence_bins(

@@ -446,6 +446,7 @@ def _best_per_architecture(
             "temperature": calibration.get("temperature"),
             "test_ece": calibration.get("ece_after"),
             "test_ece_uncalibrated": calibration.get("ece_before"),
+            "test_ece_floor": calibration.get("ece_floor_after"),
             "test_nll": calibration.get("nll_after"),
             "test_nll_uncalibrated": calibration.get("nll_before"),
             "best_epoch": trial["best_epoch"],

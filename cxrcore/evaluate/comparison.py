@@ -24,6 +24,7 @@ CALIBRATION = {
     "temperature": "temperature",
     "test_ece_uncalibrated": "test ECE before",
     "test_ece": "test ECE after",
+    "test_ece_floor": "ECE if perfectly calibrated",
     "test_nll_uncalibrated": "test NLL before",
     "test_nll": "test NLL after",
 }

@@ -26,6 +26,7 @@ HEADLINE_METRICS = (
     "weighted_f1",
     "macro_auroc",
     "ece",
+    "ece_floor",
     "nll",
 )
 PER_CLASS_COLUMNS = ("precision", "recall", "f1", "support", "auroc")
@@ -158,7 +159,12 @@ def plot_reliability_diagram(bins: Mapping[str, Any], path: str | Path) -> Path:
     ax.set_xlim(0.0, 1.0)
     ax.set_ylim(0.0, 1.0)
     ax.set_ylabel("Accuracy")
-    ax.set_title(f"Reliability (ECE {bins['ece']:.3f})")
+    floor = (
+        f"; {bins['ece_floor']:.3f} ± {bins['ece_floor_sd']:.3f} if perfectly calibrated"
+        if bins.get("ece_floor") is not None
+        else ""
+    )  # ECE's sampling floor at this many images (metrics.ece_floor)
+    ax.set_title(f"Reliability (ECE {bins['ece']:.3f}{floor})", fontsize="medium")
     ax.legend(loc="upper left", fontsize="small")
     count_ax.bar(
         lower, [row["count"] for row in rows], width=width, align="edge", color="grey", edgecolor="black"

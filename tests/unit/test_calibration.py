@@ -127,7 +127,8 @@ def test_report_halves_the_ece_and_agrees_with_classification_metrics() -> None:
     logits, labels = overconfident()
     temperature = fit_temperature(logits, labels)
     report = calibration_report(logits, labels, temperature)
-    assert set(report) == {"temperature", "ece_before", "ece_after", "nll_before", "nll_after"}
+    floors = {f"ece_floor{sd}_{when}" for sd in ("", "_sd") for when in ("before", "after")}
+    assert set(report) == {"temperature", "ece_before", "ece_after", "nll_before", "nll_after", *floors}
     assert report["temperature"] == temperature
     assert report["ece_after"] <= report["ece_before"] / 2
     assert report["nll_after"] < report["nll_before"]
@@ -137,6 +138,11 @@ def test_report_halves_the_ece_and_agrees_with_classification_metrics() -> None:
     assert report["nll_before"] == pytest.approx(before["nll"], abs=1e-9)
     assert report["ece_after"] == pytest.approx(after["ece"], abs=1e-9)
     assert report["nll_after"] == pytest.approx(after["nll"], abs=1e-9)
+    assert (
+        report["ece_floor_after"] == after["ece_floor"]
+        and report["ece_floor_sd_before"] == before["ece_floor_sd"]
+    )
+    assert report["ece_after"] < report["ece_floor_after"] + 3 * report["ece_floor_sd_after"]
     assert after["accuracy"] == before["accuracy"]  # temperature never changes the argmax
     json.dumps(report)  # plain types: it goes on the card
     with pytest.raises(ValueError, match="temperature"):

@@ -15,6 +15,7 @@ from cxrcore.metrics import (
     best_by_validation,
     classification_metrics,
     confusion_scores,
+    ece_floor,
     one_vs_rest,
     rank_by_validation,
     reliability_bins,
@@ -214,6 +215,32 @@ def test_reliability_bins() -> None:
         else:
             assert row["confidence"] is None and row["accuracy"] is None
     assert reliability_bins(labels, probs, n_bins=1)["bins"][0]["count"] == 500
+
+
+def test_ece_floor_is_what_perfectly_calibrated_probabilities_measure() -> None:
+    rng = np.random.default_rng(7)
+    _, probs = _predictions(600, seed=6)
+    floor = ece_floor(probs)
+    assert floor == ece_floor(probs)  # a fixed seed: the same figure every time
+    # Labels drawn from the probabilities themselves: calibrated by construction, yet their ECE is not 0.
+    eces = [
+        classification_metrics((rng.random((600, 1)) > probs.cumsum(axis=1)).sum(axis=1).clip(0, 3), probs)[
+            "ece"
+        ]
+        for _ in range(100)
+    ]
+    assert np.mean(eces) == pytest.approx(floor["ece_floor"], rel=0.1)
+    assert np.std(eces) == pytest.approx(floor["ece_floor_sd"], rel=0.3)
+    # Fewer images, a higher floor (about 1/sqrt(n)); 24 images show about 0.2 from noise alone.
+    assert ece_floor(probs[:24])["ece_floor"] > 3 * floor["ece_floor"]
+    # A miscalibrated model stands far above its floor.
+    labels = np.where(np.arange(1000) < 600, 0, 1)
+    metrics = classification_metrics(labels, _one_hot(np.zeros(1000, dtype=int), 0.9))
+    assert metrics["ece"] == pytest.approx(0.3) and metrics["ece_floor"] < 0.03
+    bins = reliability_bins(labels, _one_hot(np.zeros(1000, dtype=int), 0.9))
+    assert bins["ece_floor"] == metrics["ece_floor"] and bins["ece_floor_sd"] == metrics["ece_floor_sd"]
+    with pytest.raises(ValueError, match="at least one"):
+        ece_floor(np.zeros((0, 4)))
 
 
 def test_roc_curves() -> None:
