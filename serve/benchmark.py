@@ -75,11 +75,15 @@ def main(argv: list[str] | None = None) -> int:
             serve.shutdown()
             ray.shutdown()
     print(f"model {model}: direct predict_proba, {threads} thread(s): {direct['best']}")
-    print("max_batch_size  concurrency  p50_ms  p99_ms  req/s")
+    from cxrcore.bench.serve import CPU_PARTS as parts
+
+    print("max_batch_size  concurrency  p50_ms  p99_ms  req/s   CPU ms per request: " + " ".join(parts))
     for row in rows:
+        cpu = row["cpu_ms_per_request"]
         print(
             f"{row['max_batch_size']:>14}  {row['concurrency']:>11}  {row['p50_ms']:>6.1f}  "
-            f"{row['p99_ms']:>6.1f}  {row['requests_per_s']:>5.1f}"
+            f"{row['p99_ms']:>6.1f}  {row['requests_per_s']:>5.1f}   "
+            + " ".join(f"{part} {cpu[part]:.1f}" for part in parts if cpu.get(part) is not None)
         )
     if burst:
         print(
@@ -151,7 +155,75 @@ def _direct(checkpoint: Path, upload: bytes, threads: int) -> dict[str, Any]:
     return {"images_per_s": per_batch, "best": f"{per_batch[best]} images/s at batch size {best}"}
 
 
-def _load(url: str, upload: bytes, requests: int, concurrency: int) -> dict[str, float]:
+COMPONENTS = {"ProxyActor": "proxy", "Api": "ingress", "Classifier": "classifier", "Segmenter": "segmenter"}
+"""Serve's actors by the end of their class name, and what the CPU table calls them."""
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a process so far (Linux /proc); None where it cannot be read."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _busy_seconds() -> float | None:
+    """CPU seconds every core of the machine spent busy so far (Linux /proc/stat); None elsewhere."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _serve_pids() -> dict[str, list[int]]:
+    """Component name → pids of the live Serve actors (proxy, ingress, classifier, segmenter)."""
+    from ray._private.state import actors  # the GCS's actor table: no dashboard needed
+
+    found: dict[str, list[int]] = {}
+    for actor in actors(actor_state_name="ALIVE").values():
+        for suffix, component in COMPONENTS.items():
+            if str(actor.get("ActorClassName", "")).endswith(suffix) and actor.get("Pid"):
+                found.setdefault(component, []).append(int(actor["Pid"]))
+    return found
+
+
+class CpuMeter:
+    """CPU seconds per request that each part of the serving path spends over one measurement.
+
+    client: this process (the load generator's threads, and Ray's driver, which idles); proxy, ingress,
+    classifier, segmenter: their Serve actors; rest: everything else busy on the machine (raylet, GCS,
+    Serve's controller, other programs). The direct baseline pays for none of these but the model.
+    """
+
+    def __init__(self) -> None:
+        self.pids = {"client": [os.getpid()], **_serve_pids()}
+        self._start = self._read()
+
+    def _read(self) -> dict[str, float | None]:
+        read = {name: [_cpu_seconds(pid) for pid in pids] for name, pids in self.pids.items()}
+        totals: dict[str, float | None] = {
+            name: None if None in values else sum(v for v in values if v is not None)
+            for name, values in read.items()
+        }
+        totals["machine"] = _busy_seconds()
+        return totals
+
+    def per_request_ms(self, requests: int) -> dict[str, float | None]:
+        end = self._read()
+        used = {
+            name: None if end[name] is None or self._start[name] is None else end[name] - self._start[name]
+            for name in end
+        }
+        machine = used.pop("machine")
+        known = [v for v in used.values() if v is not None]
+        used["rest"] = None if machine is None else max(0.0, machine - sum(known))
+        return {name: None if v is None else round(1000 * v / requests, 2) for name, v in used.items()}
+
+
+def _load(url: str, upload: bytes, requests: int, concurrency: int) -> dict[str, Any]:
     """`requests` POSTs from `concurrency` threads, each waiting for its answer before the next."""
     import httpx
 
@@ -171,6 +243,7 @@ def _load(url: str, upload: bytes, requests: int, concurrency: int) -> dict[str,
                 with lock:
                     latencies.append((time.perf_counter() - start) * 1000)
 
+    meter = CpuMeter()
     start = time.perf_counter()
     workers = [threading.Thread(target=client) for _ in range(concurrency)]
     for worker in workers:
@@ -178,8 +251,15 @@ def _load(url: str, upload: bytes, requests: int, concurrency: int) -> dict[str,
     for worker in workers:
         worker.join()
     elapsed = time.perf_counter() - start
+    cpu_ms = meter.per_request_ms(len(latencies))
     cuts = statistics.quantiles(latencies, n=100)
-    return {"p50_ms": cuts[49], "p99_ms": cuts[98], "requests_per_s": len(latencies) / elapsed}
+    return {
+        "p50_ms": cuts[49],
+        "p95_ms": cuts[94],
+        "p99_ms": cuts[98],
+        "requests_per_s": len(latencies) / elapsed,
+        "cpu_ms_per_request": cpu_ms,
+    }
 
 
 def _burst(url: str, upload: bytes, requests: int) -> dict[str, Any]:

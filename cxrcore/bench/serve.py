@@ -25,6 +25,8 @@ TIMEOUT_S = {False: 1800.0, True: 300.0}
 """The child process's time limit: full run, --quick."""
 THROUGHPUT_TARGET = Target("ratio", 0.8)
 """Issue 9: at concurrency 32, HTTP throughput at least 0.8× direct predict_proba at its best batch."""
+CPU_PARTS = ("client", "proxy", "ingress", "classifier", "segmenter", "rest")
+"""serve.benchmark's CPU time per request, by process (`cpu_ms_per_request`)."""
 LATENCY_TARGET = Target("added", 10.0, at_most=True)
 """Issue 9: at concurrency 1, at most 10 ms added to the direct forward of one image."""
 
@@ -104,6 +106,7 @@ def serve_section(
                 Row(f"HTTP{via} p50, concurrency 1, {batching}", http["p50_ms"], "ms",
                     "direct predict_proba of one image", one_image_ms, LATENCY_TARGET)
             )  # fmt: skip
+        cpu = http.get("cpu_ms_per_request") or {}
         breakdown.append(
             [
                 batching,
@@ -113,6 +116,7 @@ def serve_section(
                 http.get("p95_ms"),
                 http["p99_ms"],
                 proxy,
+                *(cpu.get(part) for part in CPU_PARTS),
             ]
         )
     notes = [
@@ -121,14 +125,27 @@ def serve_section(
         f"uploads are 299 px PNGs. Batching on: max_batch_size {MAX_BATCH_SIZE}.",
         f"The limit: `Predictor.predict_proba` in one process with {REPLICA_CPUS} thread, as a replica has; "
         "images/s per batch size: " + ", ".join(f"{b}: {r:.0f}" for b, r in sorted(direct.items())) + ".",
-        "p95 is shown where serve/benchmark.py reports it (`p95_ms`).",
+        "CPU ms per request: CPU time each process spent over the measurement, per request answered "
+        "(/proc): client = the benchmark's own load generator; proxy, ingress (FastAPI: upload decode), "
+        "classifier (batching, model) and segmenter = their Serve replicas; rest = everything else busy "
+        "on the machine (raylet, GCS, Serve controller, other programs). The direct limit pays only the "
+        "model's share of `classifier`. With every core busy, requests/s ≈ cores × 1000 / their sum.",
     ]
     return Section(
         name="serve",
         title=f"Serving: Ray Serve HTTP vs direct predict_proba ({model}, {size} px)",
         rows=rows,
         breakdown=(
-            ["batching", "concurrency", "requests/s", "p50 ms", "p95 ms", "p99 ms", "proxy"],
+            [
+                "batching",
+                "concurrency",
+                "requests/s",
+                "p50 ms",
+                "p95 ms",
+                "p99 ms",
+                "proxy",
+                *(f"CPU ms: {part}" for part in CPU_PARTS),
+            ],
             breakdown,
         ),
         notes=notes,

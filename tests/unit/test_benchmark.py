@@ -18,7 +18,7 @@ import torch
 
 from cxrcore.bench.gpu import benchmark_gpu, check_device
 from cxrcore.bench.report import Report, Row, Section, Target, format_number, machine_info
-from cxrcore.bench.serve import parse_serve_output, serve_command, serve_section
+from cxrcore.bench.serve import CPU_PARTS, parse_serve_output, serve_command, serve_section
 from cxrcore.bench.train import _summary, memory_batches
 from cxrcore.cli import main
 from cxrcore.config import BenchmarkConfig, ConfigError
@@ -148,7 +148,13 @@ SERVE_SUMMARY = {  # the shape of the JSON line serve/benchmark.py prints last (
     },
     "http": [
         _http(16, 1, 24.0, 38.0),
-        _http(16, 32, 180.0, 180.0),
+        _http(
+            16,
+            32,
+            180.0,
+            180.0,
+            cpu_ms_per_request={"client": 1.5, "proxy": 4.0, "ingress": 6.0, "classifier": 9.0, "rest": 3.0},
+        ),
         _http(1, 1, 14.0, 60.0, p95_ms=16.0),
         _http(1, 32, 400.0, 80.0),
     ],
@@ -171,7 +177,10 @@ def test_serve_section_reads_serve_benchmark_output() -> None:
     assert [row[4] for row in section.breakdown[1]] == [None, None, 16.0, None]  # p95 where reported
     haproxy = serve_section(parse_serve_output(SERVE_OUTPUT), "tiny_dual_cnn", 64, 16, proxy="HAProxy")
     assert "HTTP via HAProxy, concurrency 32, batching on" in {row.measure for row in haproxy.rows}
-    assert haproxy.breakdown is not None and {row[-1] for row in haproxy.breakdown[1]} == {"HAProxy"}
+    assert haproxy.breakdown is not None and {row[6] for row in haproxy.breakdown[1]} == {"HAProxy"}
+    header, rows = section.breakdown
+    assert header[7:] == [f"CPU ms: {part}" for part in CPU_PARTS]
+    assert rows[1][7:] == [1.5, 4.0, 6.0, 9.0, None, 3.0] and rows[0][7:] == [None] * len(CPU_PARTS)
     with pytest.raises(RuntimeError, match="no JSON"):
         parse_serve_output("Traceback ...\n")
     command = serve_command("cnn_lstm", 128, 200, 8123)
