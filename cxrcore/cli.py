@@ -399,7 +399,8 @@ def _run_list(args: argparse.Namespace) -> int:
 
 def _interrupted_lines(items: list[Any]) -> list[str]:
     return [
-        f"{i.name}/v{i.version}: an unfinished registration ({i.files} files, {i.bytes / 2**20:.1f} MiB, "
+        f"{i.name}/v{i.version}: an unfinished registration ({i.files} file{'s' * (i.files != 1)}, "
+        f"{i.bytes / 2**20:.1f} MiB, "
         f"{'age unknown' if i.age_s is None else _age(i.age_s) + ' old'})"
         for i in items
     ]
@@ -433,7 +434,9 @@ def _run_clean(args: argparse.Namespace) -> int:
     for line in _interrupted_lines(cleaned):
         print(f"{verb} {line}")
     total = sum(i.bytes for i in cleaned) / 2**20
-    print(f"{verb} {len(cleaned)} unfinished registration(s), {total:.1f} MiB; their numbers stay used")
+    several = len(cleaned) != 1
+    count = f"{len(cleaned)} unfinished registration{'s' * several}"
+    print(f"{verb} {count}, {total:.1f} MiB; {'their numbers stay' if several else 'its number stays'} used")
     for line in _interrupted_lines(left):
         print(f"kept {line}: younger than --older-than, it may still be running")
     return 0

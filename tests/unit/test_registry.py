@@ -163,11 +163,11 @@ def test_a_registration_killed_midway_is_listed_then_freed_and_its_number_stays_
     assert left.age_s is not None and 0 <= left.age_s < TIMEOUT
     assert main(["models", "list", "--registry", str(root)]) == 0
     out = capsys.readouterr().out
-    assert f"{NAME}/v2: an unfinished registration (1 files" in out and "`cxr models clean`" in out
+    assert f"{NAME}/v2: an unfinished registration (1 file," in out and "`cxr models clean`" in out
 
     # The default age spares a registration that may still be running; --dry-run frees nothing.
     assert main(["models", "clean", "--registry", str(root)]) == 0
-    assert "freed 0 unfinished" in capsys.readouterr().out
+    assert "freed 0 unfinished registrations" in capsys.readouterr().out
     assert main(["models", "clean", "--registry", str(root), "--older-than", "0", "--dry-run"]) == 0
     assert f"would free {NAME}/v2" in capsys.readouterr().out
     assert (root / f"{NAME}/v2/model.safetensors").is_file()
