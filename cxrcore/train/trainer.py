@@ -297,7 +297,7 @@ def fit(config: TrainConfig) -> TrainResult:
 
     trainer = build_trainer(config, callbacks=[epoch_printer(config)])
     result = trainer.fit()
-    best, best_metrics = best_by_validation(result.best_checkpoints or [], lambda kept: kept[1]) or (None, {})
+    best, best_metrics = best_by_validation(kept_checkpoints(result), lambda kept: kept[1]) or (None, {})
     # Ray gives paths within the storage filesystem ("bucket/runs/..."): the URIs a user can pass on.
     return TrainResult(
         run_dir=storage.uri(result.filesystem, result.path),
@@ -308,6 +308,22 @@ def fit(config: TrainConfig) -> TrainResult:
         metrics=dict(result.metrics or {}),
         best_metrics=dict(best_metrics),
     )
+
+
+def kept_checkpoints(result: Any) -> list[tuple[Any, dict[str, Any]]]:
+    """Every checkpoint Ray Train kept for a finished run, with its metrics: the best `num_to_keep` by
+    val_score (`result.best_checkpoints`) and the latest, which Train keeps to resume from also when it
+    ranks lower and which `best_checkpoints` then leaves out.
+
+    The latest can be the best by validation: within one validation image of the top score and with the
+    lowest loss. `Result.from_path(run)` lists it too, so `cxr train` and `cxr tune` (which reads runs
+    back that way) choose the best checkpoint of a run among the same ones.
+    """
+    kept = [(checkpoint, dict(metrics)) for checkpoint, metrics in result.best_checkpoints or []]
+    latest = result.checkpoint
+    if latest is not None and all(checkpoint.path != latest.path for checkpoint, _ in kept):
+        kept.append((latest, dict(result.metrics or {})))
+    return kept
 
 
 def _check_segmenter(directory: str) -> None:

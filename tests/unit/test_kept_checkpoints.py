@@ -1,0 +1,51 @@
+"""`cxr train` chooses its best checkpoint among every checkpoint Ray Train kept, the latest included."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ray.train import Checkpoint, Result
+
+from cxrcore.metrics import best_by_validation
+from cxrcore.train.trainer import kept_checkpoints
+
+
+def _epoch(epoch: int, score: float, loss: float) -> dict[str, Any]:
+    return {"epoch": epoch, "val_score": score, "val_loss": loss, "val_count": 12}
+
+
+def test_the_latest_checkpoint_outside_the_top_scores_is_kept_and_can_be_the_best(tmp_path: Path) -> None:
+    # As a 20-epoch run with num_to_keep=3 ended (12 validation images): Train's best_checkpoints are the
+    # top 3 by val_score; the latest is kept to resume from, ranks 4th, and is within one image of the top
+    # with the lowest loss, so best_by_validation picks it, as it does from Result.from_path(run).
+    top = [(7, 0.368, 1.399), (9, 0.378, 1.431), (15, 0.375, 1.407)]
+    best = [(Checkpoint(str(tmp_path / f"checkpoint_{e}")), _epoch(e, s, loss)) for e, s, loss in top]
+    latest = Checkpoint(str(tmp_path / "checkpoint_20"))
+    result = Result(
+        metrics=_epoch(20, 0.296, 1.388),
+        checkpoint=latest,
+        error=None,
+        path=str(tmp_path),
+        best_checkpoints=best,
+    )
+    kept = kept_checkpoints(result)
+    assert [metrics["epoch"] for _, metrics in kept] == [7, 9, 15, 20]
+    checkpoint, metrics = best_by_validation(kept, lambda item: item[1])  # type: ignore[misc]
+    assert checkpoint.path == latest.path and metrics["epoch"] == 20
+    # Without it, the best of the top 3 (epoch 7, the lowest loss among them).
+    assert best_by_validation(result.best_checkpoints or [], lambda item: item[1])[1]["epoch"] == 7  # type: ignore[index]
+
+
+def test_a_latest_checkpoint_among_the_best_is_listed_once(tmp_path: Path) -> None:
+    best = [(Checkpoint(str(tmp_path / f"checkpoint_{e}")), _epoch(e, 0.5, 1.0)) for e in (3, 4)]
+    result = Result(
+        metrics=_epoch(4, 0.5, 1.0),
+        checkpoint=best[-1][0],
+        error=None,
+        path=str(tmp_path),
+        best_checkpoints=best,
+    )
+    assert [metrics["epoch"] for _, metrics in kept_checkpoints(result)] == [3, 4]
+    empty = Result(metrics={}, checkpoint=None, error=None, path=str(tmp_path), best_checkpoints=None)
+    assert kept_checkpoints(empty) == []
