@@ -65,9 +65,20 @@ def read_proc(path: str) -> str:
         return ""
 
 
+def session_of(pid: int) -> list[int]:
+    """The live processes of the session `pid` leads: it and everything started under it, also those in
+    process groups of their own (Ray's workers)."""
+    return live_processes(lambda other: _stat_field(other, 3) == pid)
+
+
 def _pgid(pid: int) -> int:
+    return _stat_field(pid, 2)
+
+
+def _stat_field(pid: int, index: int) -> int:
+    """A numeric field of /proc/PID/stat after the command name (0 is the state): 2 pgid, 3 session."""
     stat = read_proc(f"/proc/{pid}/stat")
-    return int(stat.rpartition(")")[2].split()[2]) if stat else -1
+    return int(stat.rpartition(")")[2].split()[index]) if stat else -1
 
 
 def _address(hex_address: str) -> str:

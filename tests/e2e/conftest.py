@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -29,6 +30,7 @@ class RayCluster:
     env: dict[str, str]  # what a client needs: RAY_AUTH_MODE=token and the token
     token: str
     metrics_url: str  # the head node's Prometheus endpoint, where cxr's metrics are exported
+    gcs_address: str  # 127.0.0.1:PORT, what `ray start --address` and `cxr --address` join
 
 
 def free_port() -> int:
@@ -60,9 +62,8 @@ def scratch() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.fixture(scope="package")
-def ray_cluster() -> Iterator[RayCluster]:
-    token = uuid.uuid4().hex
+def ray_env(token: str) -> dict[str, str]:
+    """The environment of a Ray node and of its clients: token auth with `token`, no usage stats."""
     env = {
         **os.environ,
         "RAY_AUTH_MODE": "token",
@@ -71,21 +72,54 @@ def ray_cluster() -> Iterator[RayCluster]:
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     env.pop("RAY_ADDRESS", None)
-    dashboard_port, metrics_port = free_port(), free_port()
+    return env
+
+
+def ray_start(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """`ray start --block ARGS`: --block keeps it in the foreground, and a session of its own lets a test
+    stop exactly this node (`ray stop` would also kill other Ray instances on the machine)."""
+    return subprocess.Popen(
+        [str(BIN / "ray"), "start", "--block", "--disable-usage-stats", *args],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def ray_stop(process: subprocess.Popen[bytes]) -> None:
+    """Stop a node `ray_start` started: SIGTERM reaches every Ray process in its group (`ray start --block`
+    itself ignores it), SIGKILL after 5 s."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+@contextlib.contextmanager
+def head_node(num_cpus: int = 4) -> Iterator[RayCluster]:
+    """A head node of its own (`ray start --head`, token auth with a fresh token, dashboard on loopback),
+    stopped and its temp dir removed on exit."""
+    token = uuid.uuid4().hex
+    dashboard_port, metrics_port, gcs_port = free_port(), free_port(), free_port()
+    address = f"http://127.0.0.1:{dashboard_port}"
+    # Where the cluster's own processes find its State API (Ray Train's placement-group cleaner): else they
+    # look for running clusters, and find more than one when another Ray runs on this machine.
+    env = {**ray_env(token), "RAY_API_SERVER_ADDRESS": address}
     # A short temp dir: Ray's Unix socket paths must stay under ~107 bytes.
     temp_dir = tempfile.mkdtemp(prefix="cxr-e2e-", dir="/tmp")
-    command = [
-        str(BIN / "ray"), "start", "--head", "--block", f"--port={free_port()}",
-        f"--dashboard-port={dashboard_port}", "--dashboard-host=127.0.0.1", "--num-cpus=4",
-        f"--metrics-export-port={metrics_port}",
-        f"--temp-dir={temp_dir}", "--disable-usage-stats", "--include-dashboard=true",
-    ]  # fmt: skip
-    # --block keeps `ray start` in the foreground; its own process group lets teardown stop exactly
-    # this cluster (`ray stop` would also kill other Ray instances on the machine).
-    process = subprocess.Popen(
-        command, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    address = f"http://127.0.0.1:{dashboard_port}"
+    process = ray_start(
+        [
+            "--head", f"--port={gcs_port}", f"--dashboard-port={dashboard_port}",
+            "--dashboard-host=127.0.0.1", f"--num-cpus={num_cpus}", f"--metrics-export-port={metrics_port}",
+            f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={temp_dir}",
+            "--include-dashboard=true",
+        ],
+        env,
+    )  # fmt: skip
     headers = {"Authorization": f"Bearer {token}"}
     try:
         wait_until(
@@ -97,23 +131,34 @@ def ray_cluster() -> Iterator[RayCluster]:
             what="the Ray dashboard to answer",
         )
         yield RayCluster(
-            address=address, env=env, token=token, metrics_url=f"http://127.0.0.1:{metrics_port}/metrics"
+            address=address,
+            env=env,
+            token=token,
+            metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
+            gcs_address=f"127.0.0.1:{gcs_port}",
         )
     finally:
-        # SIGTERM reaches every Ray process in the group; `ray start --block` itself ignores it.
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        ray_stop(process)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="package")
+def ray_cluster() -> Iterator[RayCluster]:
+    with head_node() as cluster:
+        yield cluster
 
 
 def deploy_shipped_config(
-    cluster: RayCluster, folder: Path, args: dict[str, object], runtime_env: dict[str, object] | None = None
+    cluster: RayCluster,
+    folder: Path,
+    args: dict[str, object],
+    runtime_env: dict[str, object] | None = None,
+    **changes: object,
 ) -> tuple[int, dict[str, object]]:
     """serve/config.yaml as shipped, with `args` for its application and a free loopback port, deployed with
-    the `serve deploy` CLI as an operator would; returns the port and the config deployed."""
+    the `serve deploy` CLI as an operator would; returns the port and the config deployed. `changes` set
+    keys of the application (`deployments`: per-deployment options) or, where the file has them at its
+    top (`proxy_location`), of the whole config."""
     config = yaml.safe_load((REPO / "serve/config.yaml").read_text())
     port = free_port()
     config["http_options"] = {"host": "127.0.0.1", "port": port}
@@ -121,6 +166,8 @@ def deploy_shipped_config(
     application["args"] = args
     if runtime_env is not None:
         application["runtime_env"] = runtime_env
+    for key, value in changes.items():
+        (config if key in config else application)[key] = value
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     deploy = subprocess.run(

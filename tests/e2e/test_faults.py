@@ -97,23 +97,29 @@ class Command:
         return live_processes(ours)
 
 
-def train_workers(command: Command) -> list[int]:
-    """The pids of the live RayTrainWorker actors, from the State API of the command's Ray (its REST form)."""
-    dashboard = command.dashboard()
-    if dashboard is None:
-        return []
+def alive_actors(dashboard: str, token: str, class_name: str) -> list[dict[str, Any]]:
+    """The live actors of a class (pid, node_id...), from the State API of a Ray dashboard (its REST form)."""
     response = httpx.get(
         f"{dashboard}/api/v0/actors",
         params={
             "filter_keys": ["class_name", "state"],
             "filter_predicates": ["=", "="],
-            "filter_values": ["RayTrainWorker", "ALIVE"],
+            "filter_values": [class_name, "ALIVE"],
         },
-        headers={"Authorization": f"Bearer {command.ray.token}"},
+        headers={"Authorization": f"Bearer {token}"},
         timeout=10,
     )
     response.raise_for_status()
-    return sorted(int(actor["pid"]) for actor in response.json()["data"]["result"]["result"])
+    actors: list[dict[str, Any]] = response.json()["data"]["result"]["result"]
+    return actors
+
+
+def train_workers(command: Command) -> list[int]:
+    """The pids of the live RayTrainWorker actors of the command's Ray."""
+    dashboard = command.dashboard()
+    if dashboard is None:
+        return []
+    return sorted(int(actor["pid"]) for actor in alive_actors(dashboard, command.ray.token, "RayTrainWorker"))
 
 
 def cards(run_dir: Path) -> dict[str, dict[str, Any]]:
@@ -159,19 +165,21 @@ def local_ray() -> Iterator[LocalRay]:
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def dataset(local_ray: LocalRay, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """120 synthetic phantoms ingested at 64 px by `cxr data synth` and `cxr data ingest`."""
-    root = tmp_path_factory.mktemp("faults-data")
+def synthetic_dataset(root: Path, env: dict[str, str], *ingest_args: str) -> str:
+    """120 synthetic phantoms ingested at 64 px by `cxr data synth` and `cxr data ingest [ingest_args]`
+    (e.g. --address) under `root`; the dataset's path."""
     for args in (
         ["data", "synth", str(root / "raw"), "--per-class", "30", "--seed", "3"],
-        ["data", "ingest", str(root / "raw"), str(root / "dataset"), "--size", "64"],
+        ["data", "ingest", str(root / "raw"), str(root / "dataset"), "--size", "64", *ingest_args],
     ):
-        done = subprocess.run(
-            [str(BIN / "cxr"), *args], env=local_ray.env, capture_output=True, text=True, timeout=300
-        )
+        done = subprocess.run([str(BIN / "cxr"), *args], env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return str(root / "dataset")
+
+
+@pytest.fixture(scope="module")
+def dataset(local_ray: LocalRay, tmp_path_factory: pytest.TempPathFactory) -> str:
+    return synthetic_dataset(tmp_path_factory.mktemp("faults-data"), local_ray.env)
 
 
 @pytest.mark.timeout(600)
@@ -217,16 +225,36 @@ def test_a_training_worker_killed_mid_run_resumes_from_the_last_checkpoint(
     finally:
         command.stop()
     wait_until(lambda: not command.leftovers(), timeout=60, what="the run's Ray processes to exit")
-    output = command.output()
     assert victim not in restarted and new_checkpoint
+    resumed = check_resumed_run(run_dir, before, epochs, command.output())
+    print(
+        f"FIGURE train-worker-kill: SIGKILL of RayTrainWorker pid {victim} after epoch "
+        f"{resumed.checkpointed} of {epochs}; resumed after epoch {resumed.after}; next checkpoint "
+        f"{recovered_s:.1f} s after the kill; epochs lost 0, counted twice 0; best epoch "
+        f"{resumed.best['epoch'] + 1} (val_score {resumed.best['metrics']['val_score']:.3f})"
+    )
 
+
+@dataclass(frozen=True)
+class Resumed:
+    checkpointed: int
+    """epochs the latest checkpoint before the fault had recorded"""
+    after: int
+    """the epoch the run resumed after"""
+    best: dict[str, Any]
+    """the card of the run's best checkpoint"""
+
+
+def check_resumed_run(run_dir: Path, before: dict[str, dict[str, Any]], epochs: int, output: str) -> Resumed:
+    """Check a run that a fault interrupted after the checkpoints `before` and that resumed: `epochs`
+    epochs in all, each once, none before its last checkpoint trained again, the best still the best."""
     kept = [cards(run_dir)[name] for name in kept_checkpoints(run_dir)]
     final = max(kept, key=lambda card: card["epoch"])
     history = final["history"]
-    # Every epoch once, in order: none lost to the kill, none counted twice by the restart.
+    # Every epoch once, in order: none lost to the fault, none counted twice by the restart.
     assert final["epoch"] == epochs - 1 and epochs_of(history) == list(range(1, epochs + 1))
     # Epochs before the checkpoint it resumed from were not trained again: their records are the ones
-    # written before the kill, to the last digit (throughput included).
+    # written before the fault, to the last digit (throughput included).
     latest_before = max(before.values(), key=lambda card: card["epoch"])["history"]
     resumed = next(
         (i for i, (old, new) in enumerate(zip(latest_before, history, strict=False)) if old != new),
@@ -243,12 +271,7 @@ def test_a_training_worker_killed_mid_run_resumes_from_the_last_checkpoint(
     assert best_card["metrics"]["val_score"] >= top - score_resolution(best_card["metrics"]) - 1e-9
     assert best_by_validation(kept, lambda card: card["metrics"])["epoch"] == best_card["epoch"]
     assert best_card["history"] == history[: best_card["epoch"] + 1]
-    print(
-        f"FIGURE train-worker-kill: SIGKILL of RayTrainWorker pid {victim} after epoch "
-        f"{len(latest_before)} of {epochs}; resumed after epoch {resumed}; next checkpoint "
-        f"{recovered_s:.1f} s after the kill; epochs lost 0, counted twice 0; best epoch "
-        f"{best_card['epoch'] + 1} (val_score {best_card['metrics']['val_score']:.3f})"
-    )
+    return Resumed(checkpointed=len(latest_before), after=resumed, best=best_card)
 
 
 def registry_folders(root: Path) -> dict[str, list[str]]:

@@ -10,6 +10,7 @@ requests answered 503. Slow: `pytest -m faults -rP` (-rP prints the measured fig
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import threading
@@ -109,9 +110,10 @@ def app(ray_cluster: RayCluster, tmp_path_factory: pytest.TempPathFactory) -> It
 
 @dataclass
 class Load:
-    """CLIENTS concurrent clients posting one X-ray in a loop (in a thread of their own) until stopped."""
+    """`clients` concurrent clients posting one X-ray in a loop (in a thread of their own) until stopped."""
 
     url: str
+    clients: int = CLIENTS
     results: list[tuple[float, float, int, str]] = field(default_factory=list)
     """(sent, answered) on time.monotonic(), status (0: no HTTP answer), error body."""
     stop: threading.Event = field(default_factory=threading.Event)
@@ -120,9 +122,9 @@ class Load:
         asyncio.run(self._clients())
 
     async def _clients(self) -> None:
-        limits = httpx.Limits(max_connections=CLIENTS)
+        limits = httpx.Limits(max_connections=self.clients)
         async with httpx.AsyncClient(base_url=self.url, timeout=30, limits=limits) as client:
-            await asyncio.gather(*(self._client(client) for _ in range(CLIENTS)))
+            await asyncio.gather(*(self._client(client) for _ in range(self.clients)))
 
     async def _client(self, client: httpx.AsyncClient) -> None:
         while not self.stop.is_set():
@@ -139,8 +141,31 @@ class Load:
     def answered_since(self, moment: float) -> int:
         return sum(1 for sent, _, status, _ in self.results if sent > moment and status == 200)
 
+    @contextlib.contextmanager
+    def running(self) -> Iterator[float]:
+        """The clients at work in a thread of their own for the `with` block; yields when they started."""
+        thread = threading.Thread(target=self.run, daemon=True)
+        started = time.monotonic()
+        thread.start()
+        try:
+            yield started
+        finally:
+            self.stop.set()
+            thread.join(timeout=60)
+        assert not thread.is_alive()
 
-def _percentiles(results: list[tuple[float, float, int, str]]) -> str:
+    def wait_answers(self, count: int, since: float, not_before: float, what: str) -> None:
+        """Poll until `count` requests sent after `since` were answered and time.monotonic() is past
+        `not_before`."""
+        wait_until(
+            lambda: time.monotonic() > not_before and self.answered_since(since) >= count,
+            timeout=120,
+            what=what,
+            interval=0.1,
+        )
+
+
+def percentiles(results: list[tuple[float, float, int, str]]) -> str:
     latencies = [(answered - sent) * 1000 for sent, answered, _, _ in results]
     if not latencies:
         return "none"
@@ -154,17 +179,9 @@ def test_a_classifier_replica_killed_under_load_fails_no_request(app: App) -> No
     assert len(before) == REPLICAS
     victim = before[0]
     load = Load(app.url)
-    thread = threading.Thread(target=load.run, daemon=True)
-    started = time.monotonic()
-    thread.start()
-    try:
+    with load.running() as started:
         # The kill lands once the load is steady: 8 s in and at least 100 answers.
-        wait_until(
-            lambda: time.monotonic() - started > 8 and load.answered_since(started) >= 100,
-            timeout=120,
-            what="100 answers under load",
-            interval=0.1,
-        )
+        load.wait_answers(100, since=started, not_before=started + 8, what="100 answers under load")
         os.kill(victim["pid"], signal.SIGKILL)
         killed_at = time.monotonic()
         recovered = wait_until(
@@ -180,16 +197,9 @@ def test_a_classifier_replica_killed_under_load_fails_no_request(app: App) -> No
         recovered_s = time.monotonic() - killed_at
         # The load goes on after the recovery: 25 s in all, and 100 more answers.
         recovered_at = time.monotonic()
-        wait_until(
-            lambda: time.monotonic() - started > 25 and load.answered_since(recovered_at) >= 100,
-            timeout=120,
-            what="100 answers after the recovery",
-            interval=0.1,
+        load.wait_answers(
+            100, since=recovered_at, not_before=started + 25, what="100 answers after the recovery"
         )
-    finally:
-        load.stop.set()
-        thread.join(timeout=60)
-    assert not thread.is_alive()
     results = list(load.results)
     load_s = max(answered for _, answered, _, _ in results) - started
     failed = [
@@ -208,7 +218,7 @@ def test_a_classifier_replica_killed_under_load_fails_no_request(app: App) -> No
         f"FIGURE serve-replica-kill: {CLIENTS} clients, {load_s:.0f} s, "
         f"{len(results)} requests, {len(failed)} failed; SIGKILL of Classifier replica pid {victim['pid']}: "
         f"{retried} retries by the ingress, {REPLICAS} replicas RUNNING again after "
-        f"{recovered_s:.1f} s; latency before {_percentiles([r for r in results if r[1] < killed_at])}, "
-        f"kill to recovery {_percentiles(window)}, "
-        f"after {_percentiles([r for r in results if r[0] > killed_at + recovered_s])}"
+        f"{recovered_s:.1f} s; latency before {percentiles([r for r in results if r[1] < killed_at])}, "
+        f"kill to recovery {percentiles(window)}, "
+        f"after {percentiles([r for r in results if r[0] > killed_at + recovered_s])}"
     )
