@@ -54,18 +54,29 @@ def benchmark_train(config: BenchmarkConfig) -> Section:
             plain = plain_loop(_train_config(config, dataset, model, 0, work), threads)
             runs[f"{model}/plain"] = plain
             breakdown.append([model, "plain PyTorch, 1 process", threads, *_figures(plain)])
+            measured: list[tuple[str, dict[str, Any], Any]] = []
             for workers in config.worker_counts():
                 train_config = _train_config(config, dataset, model, workers, work)
                 run = ray_train_run(train_config)
                 runs[f"{model}/ray_{workers}w"] = run
-                name = _run_name(workers)
-                baseline = f"plain PyTorch, 1 process, {threads} thread{'s' * (threads > 1)}"
-                rows.append(Row(f"{model}: {name}", run["images_per_s"], "images/s", baseline,
-                                plain["images_per_s"], TARGET))  # fmt: skip
                 worker_threads = (
                     f"{worker_cpus(train_config)} per worker" if workers else torch.get_num_threads()
                 )
+                measured.append((_run_name(workers), run, worker_threads))
+            baseline = f"plain PyTorch, 1 process, {threads} thread{'s' * (threads > 1)}"
+            reference, after = plain["images_per_s"], None
+            if not config.quick:  # the baseline again after the Ray runs: their mean cancels the drift
+                after = plain_loop(_train_config(config, dataset, model, 0, work), threads)
+                runs[f"{model}/plain_after"] = after
+                reference = statistics.fmean([plain["images_per_s"], after["images_per_s"]])
+                before_after = f"{plain['images_per_s']:.1f} before, {after['images_per_s']:.1f} after"
+                baseline += f" (mean of {before_after})"
+            for name, run, worker_threads in measured:
+                rows.append(Row(f"{model}: {name}", run["images_per_s"], "images/s", baseline, reference,
+                                TARGET))  # fmt: skip
                 breakdown.append([model, name, worker_threads, *_figures(run)])
+            if after is not None:
+                breakdown.append([model, "plain PyTorch, after the Ray runs", threads, *_figures(after)])
     notes = [
         f"Data: {described}, {report['by_split']['train']} in train; model input {config.train_size} px; "
         f"batch {config.batch_size} per worker; {config.epochs} epochs per run, the first not counted "
@@ -73,6 +84,8 @@ def benchmark_train(config: BenchmarkConfig) -> Section:
         "images/s: training images over the time of the training epochs only (validation, BatchNorm "
         "recalibration and checkpoints excluded). With N workers a step takes N batches (DDP). run s: the "
         "whole run, start-up, validation and checkpoints included.",
+        "The plain loop runs before and after the Ray runs (not with --quick), and the baseline is the "
+        "mean of the two: on a shared VM the same loop's speed drifts by up to 15 % between minutes.",
         "data wait: share of the training time spent waiting for the next batch (`run_epoch` measures it; "
         "Ray streams batches from its object store, the plain loop slices tensors in memory).",
         "Ray gives each worker OMP_NUM_THREADS = its CPUs: a single CPU worker on the local cluster gets "
