@@ -112,7 +112,7 @@ def ingest_dataset(config: IngestConfig) -> dict[str, Any]:
         .map_batches(
             partial(decode_pair_batch, size=config.size, min_side=config.min_side),
             batch_size=DECODE_BATCH_SIZE,
-            concurrency=local_core_limit(),
+            compute=_tasks_per_core(),
         )
         .materialize()
     )
@@ -155,7 +155,7 @@ def ingest_dataset(config: IngestConfig) -> dict[str, Any]:
     staging, _ = storage.staging_paths(root)
     storage.clear_staging(filesystem, root, REPORT_NAME)
     # Hive-style split=train/ folders: readers can take one split without scanning the others.
-    decoded.map_batches(finish, batch_size=256, concurrency=local_core_limit()).write_parquet(
+    decoded.map_batches(finish, batch_size=256, compute=_tasks_per_core()).write_parquet(
         staging, filesystem=filesystem, partition_cols=["split"]
     )
     timings["write"] = time.perf_counter() - started - sum(timings.values())
@@ -186,6 +186,15 @@ def read_report(dataset: str) -> dict[str, Any]:
         )
     report: dict[str, Any] = json.loads(text)
     return report
+
+
+def _tasks_per_core() -> Any:
+    """Ray Data's compute strategy for CPU-bound map tasks: at most one per core on the local cluster
+    (`local_core_limit`), Ray Data's default elsewhere."""
+    import ray.data
+
+    limit = local_core_limit()
+    return ray.data.TaskPoolStrategy(size=limit) if limit else None
 
 
 def read_split(dataset: str, split: str, columns: list[str] | None = None) -> Any:
