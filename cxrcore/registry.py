@@ -181,20 +181,10 @@ class ModelRegistry:
         aliases = self.aliases()
         found: list[ModelVersion] = []
         for model in sorted(names):
-            files = {
-                info.path[len(self._path) :].lstrip("/")
-                for info in self._list(f"{self._path}/{model}", recursive=True)
-            }
-            numbers = sorted(
-                int(match.group(1))
-                for match in (_VERSION_DIR.fullmatch(p.split("/")[1]) for p in files if p.count("/") == 1)
-                if match
-            )
-            for number in numbers:
-                folder = f"{model}/v{number}"
-                if f"{folder}/{CARD_NAME}" not in files:
-                    continue  # a registration still being written
-                ref = f"{model}:{number}"
+            for number, contents in sorted(self._version_folders(model).items()):
+                if CARD_NAME not in contents:
+                    continue  # a registration still being written, or one killed midway
+                folder, ref = f"{model}/v{number}", f"{model}:{number}"
                 found.append(
                     ModelVersion(
                         name=model,
@@ -202,7 +192,7 @@ class ModelRegistry:
                         uri=self._uri(model, f"v{number}"),
                         card=ModelCard.from_dict(self._read_json(f"{self._path}/{folder}/{CARD_NAME}")),
                         aliases=tuple(sorted(a for a, target in aliases.items() if target == ref)),
-                        report=self._uri(folder, REPORT_NAME) if f"{folder}/{REPORT_NAME}" in files else None,
+                        report=self._uri(folder, REPORT_NAME) if REPORT_NAME in contents else None,
                     )
                 )
         return found
@@ -215,18 +205,11 @@ class ModelRegistry:
         now = time.time()
         found: list[Interrupted] = []
         for model in names:
-            folders: dict[int, list[pafs.FileInfo]] = {}
-            for info in self._list(f"{self._path}/{model}", recursive=True):
-                parts = info.path[len(self._path) :].lstrip("/").split("/")
-                match = _VERSION_DIR.fullmatch(parts[1]) if len(parts) >= 2 else None
-                if match:
-                    folders.setdefault(int(match.group(1)), []).append(info)
-            for number, infos in sorted(folders.items()):
-                relative = {info.path[len(self._path) :].lstrip("/") for info in infos}
-                if {f"{model}/v{number}/{CARD_NAME}", f"{model}/v{number}/{TOMBSTONE_NAME}"} & relative:
+            for number, contents in sorted(self._version_folders(model).items()):
+                if CARD_NAME in contents or TOMBSTONE_NAME in contents:
                     continue  # finished, or already cleaned
-                stored = [i for i in infos if i.type == pafs.FileType.File]
-                times = [i.mtime.timestamp() for i in infos if i.mtime is not None]
+                stored = [i for i in contents.values() if i.type == pafs.FileType.File]
+                times = [i.mtime.timestamp() for i in contents.values() if i.mtime is not None]
                 found.append(
                     Interrupted(
                         name=model,
@@ -380,6 +363,17 @@ class ModelRegistry:
         parts = location[len(root) + 1 :].split("/") if location.startswith(f"{root}/") else []
         match = _VERSION_DIR.fullmatch(parts[1]) if len(parts) == 2 and _NAME.fullmatch(parts[0]) else None
         return (parts[0], int(match.group(1))) if match else None
+
+    def _version_folders(self, model: str) -> dict[int, dict[str, pafs.FileInfo]]:
+        """Version number → what one listing found in REG/<model>/v<N>/, by path within that folder ("" is
+        the folder itself, "report/metrics.json" a file of its report)."""
+        folders: dict[int, dict[str, pafs.FileInfo]] = {}
+        for info in self._list(f"{self._path}/{model}", recursive=True):
+            parts = info.path[len(self._path) :].lstrip("/").split("/")
+            match = _VERSION_DIR.fullmatch(parts[1]) if len(parts) >= 2 else None
+            if match:
+                folders.setdefault(int(match.group(1)), {})["/".join(parts[2:])] = info
+        return folders
 
     def _names(self) -> list[str]:
         return sorted(
