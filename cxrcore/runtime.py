@@ -39,7 +39,8 @@ def init_ray(
             logical = num_cpus or max(4, cores)
             _local_cores = min(cores, logical)  # never more than the cluster has to give
             port = _free_port()
-            with environment_defaults(RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{port}"):
+            api = f"http://127.0.0.1:{port}"
+            with environment_defaults(RAY_API_SERVER_ADDRESS=api, **local_serve_environment()):
                 ray.init(
                     num_cpus=logical,
                     include_dashboard=True,
@@ -52,6 +53,26 @@ def init_ray(
 
     url: str | None = get_dashboard_url()
     return f"http://{url}" if url and not url.startswith("http") else url
+
+
+def local_serve_environment() -> dict[str, str]:
+    """Serve's settings on a local cluster: HAProxy in front (Ray 2.60's `RAY_SERVE_ENABLE_HA_PROXY`).
+
+    Measured for this app on 2 cores (`python -m jobs.benchmark serve`), HAProxy served 1.1-1.4x the
+    requests/s of Serve's Python proxy at concurrency 32 and added half its latency at concurrency 1,
+    so it is the default; `RAY_SERVE_ENABLE_HA_PROXY=0` in the environment keeps the Python proxy. Its
+    stats page and Prometheus exporter bind every interface on fixed ports (8404, 9101), which a second
+    local cluster on the machine would collide with, so each local cluster gets free ones. The ingress
+    replica waits RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S (30 s) for outside load balancers
+    before it stops, which made Ctrl-C of `cxr serve` take 35 s; on one machine HAProxy is the only
+    balancer and it is told at once, so 5 s.
+    """
+    return {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port(0)),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port(0)),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
+    }
 
 
 @contextmanager

@@ -43,16 +43,19 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
+    from cxrcore.runtime import init_ray
     from serve.app import build_app
     from serve.deployments import resolve_model
     from serve.schemas import ServeArgs
+    from serve.server import stop_stray_haproxy
 
     with tempfile.TemporaryDirectory() as work:
         model = args.model or str(_untrained(Path(work), args.arch, args.image_size))
         upload = _chest_png()
         threads = max(1, int(args.num_cpus))  # Ray gives a replica OMP_NUM_THREADS = its whole CPUs
         direct = _direct(resolve_model(args.registry, model).checkpoint, upload, threads)
-        ray.init(num_cpus=max(os.cpu_count() or 1, 4), include_dashboard=False, logging_level="ERROR")
+        init_ray(num_cpus=max(os.cpu_count() or 1, 4))  # as `cxr serve` starts it: HAProxy unless told not
+        node_id = ray.get_runtime_context().get_node_id()
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})
         rows: list[dict[str, Any]] = []
         burst: dict[str, Any] | None = None
@@ -74,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             serve.shutdown()
             ray.shutdown()
+            stop_stray_haproxy(node_id)
     print(f"model {model}: direct predict_proba, {threads} thread(s): {direct['best']}")
     from cxrcore.bench.serve import CPU_PARTS as parts
 
@@ -155,7 +159,13 @@ def _direct(checkpoint: Path, upload: bytes, threads: int) -> dict[str, Any]:
     return {"images_per_s": per_batch, "best": f"{per_batch[best]} images/s at batch size {best}"}
 
 
-COMPONENTS = {"ProxyActor": "proxy", "Api": "ingress", "Classifier": "classifier", "Segmenter": "segmenter"}
+COMPONENTS = {
+    "ProxyActor": "proxy",
+    "HAProxyManager": "proxy",
+    "Api": "ingress",
+    "Classifier": "classifier",
+    "Segmenter": "segmenter",
+}
 """Serve's actors by the end of their class name, and what the CPU table calls them."""
 
 
@@ -187,13 +197,18 @@ def _serve_pids() -> dict[str, list[int]]:
         for suffix, component in COMPONENTS.items():
             if str(actor.get("ActorClassName", "")).endswith(suffix) and actor.get("Pid"):
                 found.setdefault(component, []).append(int(actor["Pid"]))
+    from serve.server import _haproxy_processes  # HAProxy itself: children of an HAProxyManager
+
+    managers = set(found.get("proxy", ()))
+    found.setdefault("proxy", []).extend(pid for pid, parent, _ in _haproxy_processes() if parent in managers)
     return found
 
 
 class CpuMeter:
     """CPU seconds per request that each part of the serving path spends over one measurement.
 
-    client: this process (the load generator's threads, and Ray's driver, which idles); proxy, ingress,
+    client: this process (the load generator's threads, and Ray's driver, which idles); proxy: Serve's
+    proxy actors and, in HAProxy mode, HAProxy and its managers; ingress,
     classifier, segmenter: their Serve actors; rest: everything else busy on the machine (raylet, GCS,
     Serve's controller, other programs). The direct baseline pays for none of these but the model.
     """

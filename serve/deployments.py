@@ -2,7 +2,7 @@
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +82,67 @@ class _ModelThread:
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+
+class _Batcher:
+    """Batches requests when the model is free, from what is queued by then: none waits at low load.
+
+    Serve's `@serve.batch` forms a batch when its first request arrives and waits up to
+    `batch_wait_timeout_s` for more, while the model may be idle; with a wait of 0 it forms batches of
+    one that queue for the model. Here a batch is formed when the model is ready for it (as Triton's
+    dynamic batcher does): a request that finds the model idle runs at once, and the requests that
+    arrive during a forward pass are the next batch, up to `max_batch_size`. `wait_s` > 0 additionally
+    holds a batch that is not full for up to that long for more requests.
+    """
+
+    def __init__(
+        self, run: Callable[[list[Any]], Awaitable[list[Any]]], max_batch_size: int, wait_s: float
+    ) -> None:
+        self._run = run
+        self.max_batch_size, self.wait_s = max_batch_size, wait_s
+        self._queue: asyncio.Queue[tuple[Any, asyncio.Future[Any]]] = asyncio.Queue()
+        self._worker: asyncio.Task[None] | None = None
+
+    async def submit(self, item: Any) -> Any:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((item, future))
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._serve())
+        return await future
+
+    async def _next_batch(self) -> list[tuple[Any, asyncio.Future[Any]]]:
+        batch = [await self._queue.get()]
+        deadline = asyncio.get_running_loop().time() + self.wait_s
+        while len(batch) < self.max_batch_size:
+            if not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+                continue
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self._queue.get(), left))
+            except TimeoutError:
+                break
+        return [(item, future) for item, future in batch if not future.done()]  # callers gone: skip
+
+    async def _serve(self) -> None:
+        while True:
+            batch = await self._next_batch()
+            if not batch:
+                continue
+            try:
+                results = await self._run([item for item, _ in batch])
+                if len(results) != len(batch):
+                    raise RuntimeError(f"{len(results)} results for a batch of {len(batch)}")
+            except Exception as exc:  # every request of the batch gets the error; the loop goes on
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future), result in zip(batch, results, strict=True):
+                if not future.done():
+                    future.set_result(result)
 
 
 class SegmenterClient:
@@ -170,7 +231,7 @@ class Classifier:
         segmenter: DeploymentHandle | None = None,
         device: str = "cpu",
         max_batch_size: int = 16,
-        batch_wait_timeout_s: float = 0.01,
+        batch_wait_timeout_s: float = 0.0,
     ) -> None:
         self._registry = registry
         self._segmenter = segmenter
@@ -180,6 +241,7 @@ class Classifier:
         self._served: _Served | None = None
         self._swap_error: str | None = None
         self._thread = _ModelThread()
+        self._batcher = _Batcher(self._predict_batch, max_batch_size, batch_wait_timeout_s)
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Runs at start and on every `user_config` change: loads a new model, then swaps it in.
@@ -188,8 +250,8 @@ class Classifier:
         reference must not take the service down); GET /v1/model reports the failure.
         """
         config = ClassifierConfig.model_validate({**self._defaults, **user_config})
-        self.predict.set_max_batch_size(config.max_batch_size)
-        self.predict.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        self._batcher.max_batch_size = config.max_batch_size
+        self._batcher.wait_s = config.batch_wait_timeout_s
         self._config = config
         if self._served is not None and self._served.requested == config.model:
             self._swap_error = None
@@ -209,8 +271,12 @@ class Classifier:
         if self._served is None:
             raise RuntimeError("no model loaded")
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def predict(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
+    async def predict(self, image: np.ndarray) -> dict[str, Any]:
+        """Class probabilities of one image, computed in a batch with the others queued meanwhile."""
+        result: dict[str, Any] = await self._batcher.submit(image)
+        return result
+
+    async def _predict_batch(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
         served = self._current()
         telemetry.record_batch(len(images), served.resolved.card.name, served.resolved.version)
         probabilities = await self._thread.run(served.predictor.predict_proba, images)

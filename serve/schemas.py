@@ -45,7 +45,10 @@ class ServeArgs(BaseModel):
         default=16, ge=1, description="images per forward pass (1 turns batching off)"
     )
     batch_wait_timeout_s: float = Field(
-        default=0.01, ge=0, description="how long a batch waits to fill before it runs anyway"
+        default=0.0,
+        ge=0,
+        description="how long a batch that is not full waits for more requests once the model is free "
+        "(0: the requests queued by then, so none waits while the model idles)",
     )
     max_ongoing_requests: int = Field(
         default=32, ge=1, description="requests one classifier replica accepts at once (>= max_batch_size)"
@@ -91,7 +94,7 @@ class ClassifierConfig(BaseModel):
 
     model: str = Field(description="registry reference (name:N or an alias) or checkpoint folder to serve")
     max_batch_size: int = Field(default=16, ge=1)
-    batch_wait_timeout_s: float = Field(default=0.01, ge=0)
+    batch_wait_timeout_s: float = Field(default=0.0, ge=0)
 
 
 class ModelInfo(BaseModel):

@@ -1,9 +1,12 @@
 """`cxr serve`: the application on a local (or joined) Ray cluster, in the foreground until a signal."""
 
 import logging
+import os
+import shutil
 import signal
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 from serve.app import build_app
@@ -12,6 +15,46 @@ from serve.schemas import ServeArgs
 APP_NAME = "cxr"
 START_TIMEOUT_S = 300.0
 """How long `cxr serve` and the demo wait for the app's replicas before saying why they are not up."""
+
+
+def _haproxy_processes() -> list[tuple[int, int, str]]:
+    """(pid, parent pid, command line) of every HAProxy that Ray Serve started on this machine."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile, or not ours to read
+        if "haproxy" in command.split(" ", 1)[0] and "haproxy-serve" in command:
+            found.append((int(entry.name), parent, command))
+    return found
+
+
+def stop_stray_haproxy(node_id: str | None = None) -> int:
+    """Stop the HAProxy processes Serve left behind; return how many.
+
+    Ray 2.60's HAProxyManager actor runs HAProxy as a child process and stops it on a clean shutdown,
+    but when Serve's controller gives up on that (or the cluster is killed) HAProxy outlives it as an
+    orphan still listening on the HTTP port, and the next `cxr serve` on that port fails. With
+    `node_id`, this cluster's (its files are under a folder named after the node) are stopped; without,
+    orphans of any earlier cluster (their manager is gone, so their parent is init).
+    """
+    stopped = 0
+    for pid, parent, command in _haproxy_processes():
+        if (f"/{node_id}/" in command) if node_id else parent == 1:
+            try:
+                os.kill(pid, signal.SIGKILL)  # a reload's old process ignores SIGTERM while it drains
+            except OSError:
+                continue
+            stopped += 1
+    if node_id:  # its config, admin socket and server state, one folder per node and cluster
+        from ray.serve._private.constants import RAY_SERVE_HAPROXY_CONFIG_FILE_LOC
+
+        shutil.rmtree(Path(RAY_SERVE_HAPROXY_CONFIG_FILE_LOC).parent / node_id, ignore_errors=True)
+    return stopped
 
 
 def serve_foreground(
@@ -25,7 +68,11 @@ def serve_foreground(
 
     args = ServeArgs.model_validate(app_args)
     app = build_app(args)  # fails here, before Ray starts, on a bad registry or model reference
+    local = not (address or os.environ.get("RAY_ADDRESS"))
+    if local and stop_stray_haproxy():
+        print("stopped an HAProxy that an earlier Serve left running", file=sys.stderr, flush=True)
     dashboard = init_ray(address)
+    node_id = ray.get_runtime_context().get_node_id()
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -43,6 +90,8 @@ def serve_foreground(
             signal.signal(sig, handler)
         serve.shutdown()
         ray.shutdown()
+        if local:
+            stop_stray_haproxy(node_id)
     return 0
 
 
@@ -53,6 +102,7 @@ def demo_predictions(
     from pathlib import Path
 
     import httpx
+    import ray
     from ray import serve
 
     from cxrcore.console import is_quiet
@@ -76,6 +126,7 @@ def demo_predictions(
         return answers
     finally:
         serve.shutdown()
+        stop_stray_haproxy(ray.get_runtime_context().get_node_id())
 
 
 def run_app(

@@ -40,11 +40,10 @@ def serve_command(model: str, size: int, requests: int, port: int) -> list[str]:
     ]  # fmt: skip
 
 
-DEFAULT_PROXY = "Python proxy"
-PROXIES = {DEFAULT_PROXY: {}, "HAProxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1"}}
-"""Serve's HTTP front ends measured, with the environment that selects each. Ray 2.60's HAProxy mode
-also binds every replica's HTTP port on all interfaces (ray/serve/_private/constants.py), which is why
-it is measured here but not cxr's default: cxr serves on loopback unless told otherwise."""
+DEFAULT_PROXY = "HAProxy"
+PROXIES = {DEFAULT_PROXY: {}, "Python proxy": {"RAY_SERVE_ENABLE_HA_PROXY": "0"}}
+"""Serve's HTTP front ends measured, with the environment that selects each: HAProxy, cxr's default on
+a local cluster (cxrcore.runtime.local_serve_environment), and Serve's Python proxy."""
 
 
 def benchmark_serve(config: BenchmarkConfig) -> Section:

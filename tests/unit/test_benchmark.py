@@ -175,9 +175,9 @@ def test_serve_section_reads_serve_benchmark_output() -> None:
     assert by_measure["HTTP p50, concurrency 1, batching on"].met is False
     assert section.breakdown is not None
     assert [row[4] for row in section.breakdown[1]] == [None, None, 16.0, None]  # p95 where reported
-    haproxy = serve_section(parse_serve_output(SERVE_OUTPUT), "tiny_dual_cnn", 64, 16, proxy="HAProxy")
-    assert "HTTP via HAProxy, concurrency 32, batching on" in {row.measure for row in haproxy.rows}
-    assert haproxy.breakdown is not None and {row[6] for row in haproxy.breakdown[1]} == {"HAProxy"}
+    python = serve_section(parse_serve_output(SERVE_OUTPUT), "tiny_dual_cnn", 64, 16, proxy="Python proxy")
+    assert "HTTP via Python proxy, concurrency 32, batching on" in {row.measure for row in python.rows}
+    assert python.breakdown is not None and {row[6] for row in python.breakdown[1]} == {"Python proxy"}
     header, rows = section.breakdown
     assert header[7:] == [f"CPU ms: {part}" for part in CPU_PARTS]
     assert rows[1][7:] == [1.5, 4.0, 6.0, 9.0, None, 3.0] and rows[0][7:] == [None] * len(CPU_PARTS)

@@ -1,0 +1,68 @@
+"""`stop_stray_haproxy`: what a local `cxr serve` stops of the HAProxy processes Serve started.
+
+Real processes stand in for HAProxy: a copy of `sleep` at the path layout Ray 2.60 uses
+(…/haproxy-serve/<node id>/…), one a child of this test and one an orphan whose parent is init, as
+HAProxy is once its Ray cluster was SIGKILLed.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from serve.server import _haproxy_processes, stop_stray_haproxy
+
+
+def _fake_haproxy(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    binary = folder / "haproxy"
+    shutil.copy(shutil.which("sleep") or "/bin/sleep", binary)
+    return binary
+
+
+def _alive(pid: int) -> bool:
+    return any(found == pid for found, _, _ in _haproxy_processes())
+
+
+def _wait_gone(pid: int, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_stops_this_clusters_haproxy_and_orphans_only(tmp_path: Path) -> None:
+    ours = _fake_haproxy(tmp_path / "haproxy-serve" / "node-a")
+    other = _fake_haproxy(tmp_path / "haproxy-serve" / "node-b")
+    child_a = subprocess.Popen([str(ours), "120"])
+    child_b = subprocess.Popen([str(other), "120"])
+    # An orphan: started by a shell that exits at once, so init adopts it.
+    subprocess.run(["sh", "-c", f"'{other}' 121 >/dev/null 2>&1 &"], check=True)
+    try:
+        deadline = time.monotonic() + 10
+        while not (orphans := [p for p, parent, cmd in _haproxy_processes() if " 121" in cmd]):
+            assert time.monotonic() < deadline, "the orphan did not start"
+            time.sleep(0.05)
+        (orphan,) = orphans
+        assert {p: parent for p, parent, _ in _haproxy_processes()}[orphan] == 1
+
+        # Without a node: orphans only; live clusters' HAProxy (a child of its manager) is left alone.
+        assert stop_stray_haproxy() == 1
+        assert _wait_gone(orphan)
+        assert child_a.poll() is None and child_b.poll() is None
+
+        # With a node: that node's processes only.
+        assert stop_stray_haproxy("node-a") == 1
+        assert child_a.wait(timeout=10) == -9
+        assert child_b.poll() is None
+    finally:
+        for child in (child_a, child_b):
+            child.kill()
+            child.wait()
