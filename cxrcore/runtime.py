@@ -65,13 +65,13 @@ def local_serve_environment() -> dict[str, str]:
     local cluster on the machine would collide with, so each local cluster gets free ones. The ingress
     replica waits RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S (30 s) for outside load balancers
     before it stops, which made Ctrl-C of `cxr serve` take 35 s; on one machine HAProxy is the only
-    balancer and it is told at once, so 5 s.
+    balancer, it is told at once, and it retries a connection refused on another replica, so 1 s.
     """
     return {
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port(0)),
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port(0)),
-        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
     }
 
 

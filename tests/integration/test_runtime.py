@@ -29,7 +29,9 @@ def test_a_serve_app_whose_replica_fits_nowhere_fails_in_bounded_time_naming_the
     from serve.server import run_app
     from tests.e2e.conftest import free_port
 
-    @serve.deployment(ray_actor_options={"num_cpus": 64})  # the session cluster has 4
+    # The session cluster has 4 CPUs. No grace period: Serve would wait 20 s for the replica that never
+    # started before stopping it at shutdown.
+    @serve.deployment(ray_actor_options={"num_cpus": 64}, graceful_shutdown_timeout_s=0)
     class Oversized:
         def __call__(self, request: object) -> str:
             return "never"
