@@ -112,7 +112,10 @@ def demo_predictions(
     quiet = {"log_level": "WARNING", "enable_access_log": False} if is_quiet() else None
     if quiet:
         logging.getLogger("ray.serve").setLevel(logging.WARNING)  # this process's "Started Serve" lines
-    serve.start(http_options={"host": host, "port": port}, logging_config=quiet)
+    # Serve's own actors (controller, proxies) only for errors: on one node their HAProxy warnings
+    # (cross-node routing, autoscaling bookkeeping of the ingress) say nothing the demo's user can act on.
+    system = {**quiet, "log_level": "ERROR"} if quiet else None
+    serve.start(http_options={"host": host, "port": port}, logging_config=system)
     try:
         run_app(build_app(args), logging_config=quiet)
         answers = []
