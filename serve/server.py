@@ -18,8 +18,11 @@ START_TIMEOUT_S = 300.0
 
 
 def _haproxy_processes() -> list[tuple[int, int, str]]:
-    """(pid, parent pid, command line) of every HAProxy that Ray Serve started on this machine."""
-    found = []
+    """(pid, parent pid, command line) of every HAProxy that Ray Serve started on this machine (Linux's
+    /proc; none found elsewhere, where ray[serve] bundles no HAProxy)."""
+    found: list[tuple[int, int, str]] = []
+    if not Path("/proc/self/stat").exists():
+        return found
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue

@@ -94,3 +94,11 @@ def test_stops_this_clusters_haproxy_and_orphans_only(tmp_path: Path) -> None:
         for child in (child_a, child_b):
             child.kill()
             child.wait()
+
+
+def test_without_proc_nothing_is_found_or_stopped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """macOS has no /proc (nor a bundled HAProxy): `cxr serve` starts as usual."""
+    import serve.server
+
+    monkeypatch.setattr(serve.server, "Path", lambda path: tmp_path / str(path).lstrip("/"))
+    assert serve.server._haproxy_processes() == [] and stop_stray_haproxy() == 0
