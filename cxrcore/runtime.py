@@ -59,7 +59,7 @@ def init_ray(
 def local_serve_environment() -> dict[str, str]:
     """Serve's settings on a local cluster: HAProxy in front (Ray 2.60's `RAY_SERVE_ENABLE_HA_PROXY`).
 
-    Measured for this app on 2 cores (`python -m jobs.benchmark serve`), HAProxy served 1.1-1.4x the
+    Measured for this app on 2 cores (`python -m jobs.benchmark serve`), HAProxy served 1.2-1.3x the
     requests/s of Serve's Python proxy at concurrency 32 and added half its latency at concurrency 1,
     so it is the default; `RAY_SERVE_ENABLE_HA_PROXY=0` in the environment keeps the Python proxy. Its
     stats page and Prometheus exporter bind every interface on fixed ports (8404, 9101), which a second

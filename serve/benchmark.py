@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     from serve.app import build_app
     from serve.deployments import resolve_model
     from serve.schemas import ServeArgs
-    from serve.server import stop_stray_haproxy
+    from serve.server import shutdown_serve
 
     with tempfile.TemporaryDirectory() as work:
         model = args.model or str(_untrained(Path(work), args.arch, args.image_size))
@@ -55,7 +55,6 @@ def main(argv: list[str] | None = None) -> int:
         threads = max(1, int(args.num_cpus))  # Ray gives a replica OMP_NUM_THREADS = its whole CPUs
         direct = _direct(resolve_model(args.registry, model).checkpoint, upload, threads)
         init_ray(num_cpus=max(os.cpu_count() or 1, 4))  # as `cxr serve` starts it: HAProxy unless told not
-        node_id = ray.get_runtime_context().get_node_id()
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})
         rows: list[dict[str, Any]] = []
         burst: dict[str, Any] | None = None
@@ -75,9 +74,8 @@ def main(argv: list[str] | None = None) -> int:
                 if args.burst and burst is None:
                     burst = {"max_batch_size": batch_size, **_burst(url, upload, args.burst)}
         finally:
-            serve.shutdown()
+            shutdown_serve()
             ray.shutdown()
-            stop_stray_haproxy(node_id)
     print(f"model {model}: direct predict_proba, {threads} thread(s): {direct['best']}")
     from cxrcore.bench.serve import CPU_PARTS as parts
 
@@ -197,10 +195,10 @@ def _serve_pids() -> dict[str, list[int]]:
         for suffix, component in COMPONENTS.items():
             if str(actor.get("ActorClassName", "")).endswith(suffix) and actor.get("Pid"):
                 found.setdefault(component, []).append(int(actor["Pid"]))
-    from serve.server import _haproxy_processes  # HAProxy itself: children of an HAProxyManager
+    from serve.server import haproxy_processes  # HAProxy itself: children of an HAProxyManager
 
     managers = set(found.get("proxy", ()))
-    found.setdefault("proxy", []).extend(pid for pid, parent, _ in _haproxy_processes() if parent in managers)
+    found.setdefault("proxy", []).extend(pid for pid, parent, _ in haproxy_processes() if parent in managers)
     return found
 
 

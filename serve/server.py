@@ -17,7 +17,7 @@ START_TIMEOUT_S = 300.0
 """How long `cxr serve` and the demo wait for the app's replicas before saying why they are not up."""
 
 
-def _haproxy_processes() -> list[tuple[int, int, str]]:
+def haproxy_processes() -> list[tuple[int, int, str]]:
     """(pid, parent pid, command line) of every HAProxy that Ray Serve started on this machine (Linux's
     /proc; none found elsewhere, where ray[serve] bundles no HAProxy)."""
     found: list[tuple[int, int, str]] = []
@@ -46,7 +46,7 @@ def stop_stray_haproxy(node_id: str | None = None) -> int:
     orphans of any earlier cluster (their manager is gone, so their parent is init).
     """
     stopped = 0
-    for pid, parent, command in _haproxy_processes():
+    for pid, parent, command in haproxy_processes():
         if (f"/{node_id}/" in command) if node_id else parent == 1:
             try:
                 os.kill(pid, signal.SIGKILL)  # a reload's old process ignores SIGTERM while it drains
@@ -58,6 +58,15 @@ def stop_stray_haproxy(node_id: str | None = None) -> int:
 
         shutil.rmtree(Path(RAY_SERVE_HAPROXY_CONFIG_FILE_LOC).parent / node_id, ignore_errors=True)
     return stopped
+
+
+def shutdown_serve() -> None:
+    """`serve.shutdown()`, then this node's HAProxy if Serve left it running (see stop_stray_haproxy)."""
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    stop_stray_haproxy(ray.get_runtime_context().get_node_id())
 
 
 def serve_foreground(
@@ -75,7 +84,6 @@ def serve_foreground(
     if local and stop_stray_haproxy():
         print("stopped an HAProxy that an earlier Serve left running", file=sys.stderr, flush=True)
     dashboard = init_ray(address)
-    node_id = ray.get_runtime_context().get_node_id()
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -91,10 +99,8 @@ def serve_foreground(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        serve.shutdown()
+        shutdown_serve()
         ray.shutdown()
-        if local:
-            stop_stray_haproxy(node_id)
     return 0
 
 
@@ -105,7 +111,6 @@ def demo_predictions(
     from pathlib import Path
 
     import httpx
-    import ray
     from ray import serve
 
     from cxrcore.console import is_quiet
@@ -131,8 +136,7 @@ def demo_predictions(
                 answers.append({"file": path, **response.json()})
         return answers
     finally:
-        serve.shutdown()
-        stop_stray_haproxy(ray.get_runtime_context().get_node_id())
+        shutdown_serve()
 
 
 def run_app(

@@ -26,7 +26,7 @@ def test_workers_find_their_own_clusters_state_api_and_the_driver_environment_is
 def test_a_serve_app_whose_replica_fits_nowhere_fails_in_bounded_time_naming_the_deployment() -> None:
     from ray import serve
 
-    from serve.server import run_app
+    from serve.server import run_app, shutdown_serve
     from tests.e2e.conftest import free_port
 
     # The session cluster has 4 CPUs. No grace period: Serve would wait 20 s for the replica that never
@@ -41,4 +41,4 @@ def test_a_serve_app_whose_replica_fits_nowhere_fails_in_bounded_time_naming_the
         with pytest.raises(RuntimeError, match=r"is not running after 3 s: Oversized: UPDATING"):
             run_app(Oversized.bind(), timeout_s=3)
     finally:
-        serve.shutdown()
+        shutdown_serve()

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from cxrcore.runtime import haproxy_binary, local_serve_environment
-from serve.server import _haproxy_processes, stop_stray_haproxy
+from serve.server import haproxy_processes, stop_stray_haproxy
 
 
 def test_haproxy_fronts_a_local_cluster_only_where_a_binary_is(
@@ -53,7 +53,7 @@ def _fake_haproxy(folder: Path) -> Path:
 
 
 def _alive(pid: int) -> bool:
-    return any(found == pid for found, _, _ in _haproxy_processes())
+    return any(found == pid for found, _, _ in haproxy_processes())
 
 
 def _wait_gone(pid: int, timeout: float = 10.0) -> bool:
@@ -75,11 +75,11 @@ def test_stops_this_clusters_haproxy_and_orphans_only(tmp_path: Path) -> None:
     subprocess.run(["sh", "-c", f"'{other}' 121 >/dev/null 2>&1 &"], check=True)
     try:
         deadline = time.monotonic() + 10
-        while not (orphans := [p for p, parent, cmd in _haproxy_processes() if " 121" in cmd]):
+        while not (orphans := [p for p, parent, cmd in haproxy_processes() if " 121" in cmd]):
             assert time.monotonic() < deadline, "the orphan did not start"
             time.sleep(0.05)
         (orphan,) = orphans
-        assert {p: parent for p, parent, _ in _haproxy_processes()}[orphan] == 1
+        assert {p: parent for p, parent, _ in haproxy_processes()}[orphan] == 1
 
         # Without a node: orphans only; live clusters' HAProxy (a child of its manager) is left alone.
         assert stop_stray_haproxy() == 1
@@ -101,4 +101,4 @@ def test_without_proc_nothing_is_found_or_stopped(tmp_path: Path, monkeypatch: p
     import serve.server
 
     monkeypatch.setattr(serve.server, "Path", lambda path: tmp_path / str(path).lstrip("/"))
-    assert serve.server._haproxy_processes() == [] and stop_stray_haproxy() == 0
+    assert serve.server.haproxy_processes() == [] and stop_stray_haproxy() == 0
