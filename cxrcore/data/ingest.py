@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import hashlib
 import json
@@ -9,6 +11,7 @@ import logging
 import math
 import time
 from collections import Counter
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -105,20 +108,16 @@ def ingest_dataset(config: IngestConfig) -> dict[str, Any]:
     ]
     log.info("found %d images in %d classes under %s", len(manifest), len(scan.classes), scan.root)
 
-    context = ray.data.DataContext.get_current()
-    context.execution_options.preserve_order = True  # the same inputs give the same files, row for row
-    decoded = (
-        ray.data.from_items(manifest, override_num_blocks=_num_blocks(len(manifest)))
-        .map_batches(
-            partial(decode_pair_batch, size=config.size, min_side=config.min_side),
-            batch_size=DECODE_BATCH_SIZE,
-            compute=_tasks_per_core(),
-        )
-        .materialize()
-    )
+    with _ingest_context():  # the dataset and those derived from it keep these settings
+        items = ray.data.from_items(manifest, override_num_blocks=_num_blocks(len(manifest)))
+    decoded = items.map_batches(
+        partial(decode_pair_batch, size=config.size, min_side=config.min_side),
+        batch_size=DECODE_BATCH_SIZE,
+        compute=_tasks_per_core(),
+    ).materialize()
     timings = {"scan_and_decode": time.perf_counter() - started}
-    index = decoded.select_columns(["row_id", "sha256", "phash", "error", "mask_error"]).to_pandas()
-    index = index.sort_values("row_id").reset_index(drop=True)
+    index = _index(decoded)
+    timings["index"] = time.perf_counter() - started - sum(timings.values())
 
     ok = index["error"] == ""
     rows = index[ok].reset_index(drop=True)
@@ -155,8 +154,10 @@ def ingest_dataset(config: IngestConfig) -> dict[str, Any]:
     staging, _ = storage.staging_paths(root)
     storage.clear_staging(filesystem, root, REPORT_NAME)
     # Hive-style split=train/ folders: readers can take one split without scanning the others.
+    # The same task pool for both steps, so Ray Data fuses them: packed tables go straight to the file.
+    cores = local_core_limit()
     decoded.map_batches(finish, batch_size=256, compute=_tasks_per_core()).write_parquet(
-        staging, filesystem=filesystem, partition_cols=["split"]
+        staging, filesystem=filesystem, partition_cols=["split"], concurrency=cores
     )
     timings["write"] = time.perf_counter() - started - sum(timings.values())
 
@@ -186,6 +187,43 @@ def read_report(dataset: str) -> dict[str, Any]:
         )
     report: dict[str, Any] = json.loads(text)
     return report
+
+
+@contextlib.contextmanager
+def _ingest_context() -> Iterator[None]:
+    """Ray Data settings for the datasets created inside: each dataset keeps a copy of the context it
+    was created in, so the process's own context is restored untouched (the demo trains next).
+
+    - preserve_order: the same inputs give the same files, row for row.
+    - op_resource_reservation_enabled off: Ray Data reserves a share of the cluster per operator and
+      hands out the rest only as it learns the tasks' output sizes. The ingest's decode runs alone and
+      materializes everything anyway; with the reservation its second task started 1.1 s after the
+      first on 2 cores (2,000 images to 128 px on a running local cluster: decode 2.85 s, without 2.28 s).
+    """
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    saved = context.execution_options, context.op_resource_reservation_enabled
+    context.execution_options = copy.deepcopy(saved[0])
+    context.execution_options.preserve_order = True
+    context.op_resource_reservation_enabled = False
+    try:
+        yield
+    finally:
+        context.execution_options, context.op_resource_reservation_enabled = saved
+
+
+def _index(decoded: Any) -> Any:
+    """The decoded rows' ids, hashes and errors as a DataFrame in row order, read from the materialized
+    blocks in the object store (zero-copy Arrow): no Ray Data execution, no pixels copied."""
+    import pandas as pd
+    import pyarrow as pa
+    import ray
+
+    columns = ["row_id", "sha256", "phash", "error", "mask_error"]
+    tables = [table.select(columns) for table in ray.get(decoded.to_arrow_refs())]
+    index: pd.DataFrame = pa.concat_tables(tables).to_pandas()
+    return index.sort_values("row_id").reset_index(drop=True)
 
 
 def _tasks_per_core() -> Any:
