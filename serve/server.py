@@ -60,6 +60,11 @@ def stop_stray_haproxy(node_id: str | None = None) -> int:
     return stopped
 
 
+def _haproxy_of(node_id: str) -> bool:
+    """Whether an HAProxy of this machine serves for `node_id` (Serve's front end there)."""
+    return any(f"/{node_id}/" in command for _, _, command in haproxy_processes())
+
+
 def shutdown_serve() -> None:
     """`serve.shutdown()`, then this node's HAProxy if Serve left it running (see stop_stray_haproxy)."""
     import ray
@@ -89,9 +94,10 @@ def serve_foreground(
     try:
         serve.start(http_options={"host": host, "port": port})
         run_app(app)
+        front = " through HAProxy" if _haproxy_of(ray.get_runtime_context().get_node_id()) else ""
         print(
-            f"serving {args.model} at http://{host}:{port} (API docs: /docs; Ray dashboard: {dashboard}); "
-            "Ctrl-C to stop",
+            f"serving {args.model} at http://{host}:{port}{front} (API docs: /docs; Ray dashboard: "
+            f"{dashboard}, replica logs on its Serve page); Ctrl-C to stop",
             flush=True,
         )
         stop.wait()

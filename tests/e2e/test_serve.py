@@ -185,7 +185,7 @@ def test_cxr_serve_runs_in_the_foreground_and_stops_cleanly(registry: Path) -> N
         output, _ = process.communicate(timeout=90)
         assert process.returncode == 0, output[-3000:]
         assert f"at http://127.0.0.1:{port}" in output and "shutting down" in output
-        assert "HAProxy is enabled" in output  # the local default front end (Serve's controller says so)
+        assert f"at http://127.0.0.1:{port} through HAProxy" in output  # the local default front end
         with pytest.raises(httpx.HTTPError):  # nothing, HAProxy included, listens on the port any more
             httpx.get(f"{url}/healthz", timeout=2)
     finally:

