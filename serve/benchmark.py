@@ -248,6 +248,7 @@ def _load(url: str, upload: bytes, requests: int, concurrency: int) -> dict[str,
 
     target = urlsplit(url)
     latencies: list[float] = []
+    failures: list[str] = []
     remaining = iter(range(requests))
     lock = threading.Lock()
     headers = {"content-type": "image/png"}
@@ -257,7 +258,7 @@ def _load(url: str, upload: bytes, requests: int, concurrency: int) -> dict[str,
         try:
             while True:
                 with lock:
-                    if next(remaining, None) is None:
+                    if failures or next(remaining, None) is None:
                         return
                 start = time.perf_counter()
                 session.request("POST", target.path, body=upload, headers=headers)
@@ -267,6 +268,9 @@ def _load(url: str, upload: bytes, requests: int, concurrency: int) -> dict[str,
                     raise RuntimeError(f"POST {url}: HTTP {response.status}: {body[:200]!r}")
                 with lock:
                     latencies.append((time.perf_counter() - start) * 1000)
+        except Exception as exc:  # the measurement is void; the main thread says why
+            with lock:
+                failures.append(f"{type(exc).__name__}: {exc}")
         finally:
             session.close()
 
@@ -278,6 +282,8 @@ def _load(url: str, upload: bytes, requests: int, concurrency: int) -> dict[str,
     for worker in workers:
         worker.join()
     elapsed = time.perf_counter() - start
+    if failures:
+        raise RuntimeError(f"{len(failures)} client(s) failed; the first: {failures[0]}")
     cpu_ms = meter.per_request_ms(len(latencies))
     cuts = statistics.quantiles(latencies, n=100)
     return {

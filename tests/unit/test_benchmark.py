@@ -247,3 +247,60 @@ def test_all_runs_every_section_records_failures_and_skips_gpu_without_cuda(
     if not torch.cuda.is_available():
         assert data["sections"]["gpu"]["skipped"] == "no CUDA device visible on this machine"
     assert "Failed: RuntimeError: no workers" in (tmp_path / "benchmark.md").read_text()
+
+
+class _Answers:
+    """A real HTTP server on loopback answering POSTs 200 until `fail_after` answers, then 500."""
+
+    def __init__(self, fail_after: int) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        answers = iter(range(10**6))
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # kept-alive connections, as the load generator uses them
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers["content-length"]))
+                status = 200 if next(answers) < fail_after else 500
+                body = b'{"label": "Normal"}'
+                self.send_response(status)
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/v1/predict"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_serve_load_generator_counts_answers_and_refuses_a_run_with_failures(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """serve.benchmark's load generator: real POSTs over kept-alive connections; one non-200 answer voids
+    the measurement instead of leaving it out of the figures."""
+    import serve.benchmark as serve_benchmark
+
+    monkeypatch.setattr(serve_benchmark, "_serve_pids", dict)  # no Serve here: the client's CPU only
+    ok = _Answers(fail_after=10**6)
+    try:
+        stats = serve_benchmark._load(ok.url, b"png bytes", requests=24, concurrency=3)
+    finally:
+        ok.close()
+    assert stats["requests_per_s"] > 0 and 0 < stats["p50_ms"] <= stats["p99_ms"]
+    assert stats["cpu_ms_per_request"]["client"] is not None
+
+    failing = _Answers(fail_after=5)
+    try:
+        with pytest.raises(RuntimeError, match="HTTP 500"):
+            serve_benchmark._load(failing.url, b"png bytes", requests=24, concurrency=3)
+    finally:
+        failing.close()
