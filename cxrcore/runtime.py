@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import shutil
 import socket
 from collections.abc import Iterator
@@ -78,7 +79,7 @@ def local_serve_environment() -> dict[str, str]:
       proxy. Where no HAProxy binary is found (ray[serve] bundles one on Linux only), the Python proxy
       stays. HAProxy's stats page and Prometheus exporter bind every interface on fixed ports (8404,
       9101), which a second local cluster on the machine would collide with, so each local cluster gets
-      free ones. The ingress replica waits RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S (30 s) for
+      free ones (`_listener_ports`). The ingress replica waits RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S (30 s) for
       outside load balancers before it stops, which made Ctrl-C of `cxr serve` take 35 s; on one
       machine HAProxy is the only balancer, it is told at once, and it retries a connection refused on
       another replica, so 1 s.
@@ -91,11 +92,12 @@ def local_serve_environment() -> dict[str, str]:
     }
     if haproxy_binary() is None:
         return throughput
+    stats, metrics = _listener_ports(2)
     return {
         **throughput,
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port(0)),
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port(0)),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(stats),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics),
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
     }
 
@@ -136,6 +138,31 @@ def environment_defaults(**values: str) -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = previous
+
+
+LISTENER_PORTS = range(20000, 30000)
+"""Where HAProxy's stats page and exporter listen on a local cluster: above Ray's worker ports (10002-19999),
+below Serve's direct-ingress ports (30000-31000, 40000-41000) and the kernel's ephemeral ports
+(32768-60999), from which Ray, its dashboard and anything else asking for a free port get theirs."""
+
+
+def _listener_ports(count: int) -> list[int]:
+    """`count` ports of LISTENER_PORTS free on every interface now, from a random start. A port picked
+    here and bound later is one nothing asking the OS for a free port can take in between; an e2e run
+    saw HAProxy's stats page fail to start on the dashboard's port when both came from that pool."""
+    start = random.randrange(len(LISTENER_PORTS))
+    ports: list[int] = []
+    for offset in range(len(LISTENER_PORTS)):
+        port = LISTENER_PORTS[(start + offset) % len(LISTENER_PORTS)]
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("0.0.0.0", port))  # HAProxy binds them on every interface
+            except OSError:
+                continue
+        ports.append(port)
+        if len(ports) == count:
+            return ports
+    raise OSError(f"no {count} free TCP ports in {LISTENER_PORTS.start}-{LISTENER_PORTS.stop - 1}")
 
 
 def _free_port(preferred: int = DASHBOARD_PORT) -> int:

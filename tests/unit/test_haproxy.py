@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from cxrcore.data.transforms import MAX_IMAGE_PIXELS
-from cxrcore.runtime import haproxy_binary, local_serve_environment
+from cxrcore.runtime import LISTENER_PORTS, haproxy_binary, local_serve_environment
 from serve.server import haproxy_processes, stop_stray_haproxy
 
 
@@ -37,6 +37,9 @@ def test_haproxy_fronts_a_local_cluster_only_where_a_binary_is(
     )
     ports = {int(env["RAY_SERVE_HAPROXY_STATS_PORT"]), int(env["RAY_SERVE_HAPROXY_METRICS_PORT"])}
     assert len(ports) == 2 and not ports & {8404, 9101}  # free ones, not the fixed ports a 2nd cluster shares
+    # ...and outside the kernel's pool of free ports, where the dashboard and the tests take theirs.
+    low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    assert all(port in LISTENER_PORTS and not low <= port <= high for port in ports)
 
     monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", str(tmp_path / "absent"))
     # The Python proxy stays, the throughput-optimized replicas too.
