@@ -79,10 +79,10 @@ def local_serve_environment() -> dict[str, str]:
       proxy. Where no HAProxy binary is found (ray[serve] bundles one on Linux only), the Python proxy
       stays. HAProxy's stats page and Prometheus exporter bind every interface on fixed ports (8404,
       9101), which a second local cluster on the machine would collide with, so each local cluster gets
-      free ones (`_listener_ports`). The ingress replica waits RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S (30 s) for
-      outside load balancers before it stops, which made Ctrl-C of `cxr serve` take 35 s; on one
-      machine HAProxy is the only balancer, it is told at once, and it retries a connection refused on
-      another replica, so 1 s.
+      free ones (`_listener_ports`). The ingress replica waits
+      RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S (30 s) for outside load balancers before it stops,
+      which made Ctrl-C of `cxr serve` take 35 s; on one machine HAProxy is the only balancer, it is
+      told at once, and it retries a connection refused on another replica, so 1 s.
     """
     from cxrcore.data.transforms import MAX_IMAGE_PIXELS
 
