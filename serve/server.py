@@ -47,7 +47,7 @@ def stop_stray_haproxy(node_id: str | None = None) -> int:
     """
     stopped = 0
     for pid, parent, command in haproxy_processes():
-        if (f"/{node_id}/" in command) if node_id else parent == 1:
+        if _of_node(command, node_id) if node_id else parent == 1:
             try:
                 os.kill(pid, signal.SIGKILL)  # a reload's old process ignores SIGTERM while it drains
             except OSError:
@@ -60,9 +60,14 @@ def stop_stray_haproxy(node_id: str | None = None) -> int:
     return stopped
 
 
+def _of_node(command: str, node_id: str) -> bool:
+    """Whether an HAProxy command line is `node_id`'s: its files are under a folder named after the node."""
+    return f"/{node_id}/" in command
+
+
 def _haproxy_of(node_id: str) -> bool:
     """Whether an HAProxy of this machine serves for `node_id` (Serve's front end there)."""
-    return any(f"/{node_id}/" in command for _, _, command in haproxy_processes())
+    return any(_of_node(command, node_id) for _, _, command in haproxy_processes())
 
 
 def shutdown_serve() -> None:
