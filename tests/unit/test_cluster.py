@@ -57,6 +57,20 @@ def test_rayservice_runs_the_serve_application() -> None:
         assert grpc_limit in container.get("env", [])  # the largest decoded upload passes between replicas
 
 
+def test_vm_launcher_starts_every_node_in_the_high_throughput_serving_mode() -> None:
+    launcher = _documents()["cluster.yaml"]
+    mode = {
+        "RAY_AUTH_MODE": "token",
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+        "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(2 * MAX_IMAGE_PIXELS),
+    }
+    for node in ("head_start_ray_commands", "worker_start_ray_commands"):
+        (start,) = [command for command in launcher[node] if "ray start" in command]
+        assignments = dict(re.findall(r"(\w+)=(\S+)\s", start.split("ray start")[0]))
+        assert assignments == mode, node  # the same settings on every node, before `ray start` reads them
+
+
 def test_tune_rayjob_runs_the_checked_in_configs_on_one_4_gpu_node() -> None:
     job = _documents()["kuberay/rayjob-tune.yaml"]
     entrypoint = job["spec"]["entrypoint"]
