@@ -8,7 +8,6 @@ from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
-from sklearn.metrics import roc_curve
 
 from cxrcore.labels import CLASSES
 
@@ -195,6 +194,8 @@ def roc_curves(
     labels: np.ndarray, probs: np.ndarray, classes: Sequence[str] = CLASSES
 ) -> dict[str, dict[str, Any]]:
     """One-vs-rest ROC curve (fpr, tpr) and AUC per class; classes without both outcomes are left out."""
+    from sklearn.metrics import roc_curve  # here: sklearn takes 1 s to import, and training never needs it
+
     labels, probs = _check_inputs(labels, probs, classes)
     curves: dict[str, dict[str, Any]] = {}
     for k, name in enumerate(classes):

@@ -42,7 +42,11 @@ def init_ray(
             _local_cores = min(cores, logical)  # never more than the cluster has to give
             port = _free_port()
             api = f"http://127.0.0.1:{port}"
-            with environment_defaults(RAY_API_SERVER_ADDRESS=api, **local_serve_environment()):
+            # Ray Train's preemption watcher, an actor per training run that polls for drained nodes, has
+            # nothing to watch on one machine: no autoscaler drains its only node. Off, each run (each Tune
+            # trial) starts one process less.
+            local = {"RAY_API_SERVER_ADDRESS": api, "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+            with environment_defaults(**local, **local_serve_environment()):
                 ray.init(
                     num_cpus=logical,
                     include_dashboard=True,

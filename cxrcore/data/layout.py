@@ -576,14 +576,13 @@ def _read_metadata(path: Path) -> dict[str, str | None]:
     if name_col is None:
         raise LayoutError(f"{path}: no 'FILE NAME' column (columns: {', '.join(map(str, frame.columns))})")
     urls: dict[str, str | None] = {}
-    for _, row in frame.iterrows():
-        name = row[name_col]
+    url_values = frame[url_col] if url_col is not None else [None] * len(frame)
+    for name, url in zip(frame[name_col], url_values, strict=True):  # iterrows took 0.1 ms a row
         if not isinstance(name, str) or not name.strip():
             continue
         stem = (
             Path(name.strip()).stem if Path(name.strip()).suffix.lower() in IMAGE_SUFFIXES else name.strip()
         )
-        url = row[url_col] if url_col is not None else None
         urls[stem.casefold()] = url.strip() if isinstance(url, str) and url.strip() else None
     return urls
 

@@ -8,8 +8,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import timm
-from timm.models import adapt_input_conv
 from torch import nn
 
 from cxrcore.checkpoint import read_weights
@@ -18,6 +16,11 @@ from cxrcore.models.registry import register_model
 from cxrcore.models.spec import InputSpec
 
 __all__ = ["import_weights", "load_pretrained"]
+
+# timm is imported where a ResNet is built or its weights adapted, not with the module: it brings
+# torchvision and torch._dynamo (1.6 of the 4.1 s a Ray worker took to import the training loop), and
+# every process that imports cxrcore.models (Train workers, Tune trials, Ray Data tasks, Serve replicas)
+# paid for it, whether it built a ResNet or not.
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +49,8 @@ def load_pretrained(model: nn.Module, path: str | Path) -> list[str]:
     classifier = _pretrained_cfg(model, "classifier", "fc")
 
     if first_conv in state and first_conv in own and state[first_conv].shape != own[first_conv].shape:
+        from timm.models import adapt_input_conv
+
         state[first_conv] = adapt_input_conv(own[first_conv].shape[1], state[first_conv])
     skipped = sorted(
         key
@@ -92,7 +97,9 @@ def import_weights(arch: str, out: str | Path, source: str | Path | None = None)
     Returns what was written: path, tensors, bytes, source. Raises ValueError for an arch that is not a
     timm ResNet or weights that do not fit it, RuntimeError when the hub cannot be reached.
     """
+    import timm
     from safetensors.torch import save_file
+    from timm.models import adapt_input_conv
 
     from cxrcore.models.registry import create_model, get_model_entry, list_models
 
@@ -167,6 +174,8 @@ def _create_resnet(
 
     Offline, huggingface_hub retries for about 45 s before the hub fails; HF_HUB_OFFLINE=1 fails at once.
     """
+    import timm
+
     kwargs.setdefault("zero_init_last", False)
     if pretrained == HUB:
         try:
