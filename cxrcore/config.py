@@ -343,8 +343,10 @@ class BenchmarkConfig:
     )
     out: str = option("cxr-bench", "folder for benchmark.json and benchmark.md")
     quick: bool = option(False, "tiny sizes: each section takes seconds (the figures are not comparable)")
-    images: int = option(
-        None, "ingest: synthetic images, spread over the four classes (unset: 2000, or 48 with --quick)"
+    images: int | None = option(
+        None,
+        "ingest: images, spread over the four classes (unset: 2000 synthetic ones, or 48 with --quick); "
+        "with --raw, that many of its images, its files repeated if it has fewer (unset: all, once)",
     )
     size: int = option(
         None, "ingest: base resolution the images are resized to (unset: 256, or 64 with --quick)"
@@ -393,9 +395,9 @@ class BenchmarkConfig:
             f"unknown benchmark {self.what!r}; choose {', '.join(BENCHMARK_SECTIONS)} or all",
         )
         for name, (full, quick) in _BENCHMARK_PRESETS.items():
-            if getattr(self, name) is None:
+            if getattr(self, name) is None and not (name == "images" and self.raw):
                 setattr(self, name, quick if self.quick else full)
-        _require(self.images >= 4, "images", f"must be at least 4, got {self.images}")
+        _require(self.images is None or self.images >= 4, "images", f"must be at least 4, got {self.images}")
         _require(self.train_images >= 16, "train_images", f"must be at least 16, got {self.train_images}")
         for name in ("size", "train_size", "serve_size"):
             value = getattr(self, name)

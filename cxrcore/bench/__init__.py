@@ -69,6 +69,7 @@ def command(config: BenchmarkConfig) -> str:
     """The command line that repeats this run's choices (every setting is in benchmark.json)."""
     words = ["python", "-m", "jobs.benchmark", config.what, "--out", config.out]
     words += ["--quick"] * config.quick + (["--raw", config.raw] if config.raw else [])
+    words += ["--images", str(config.images)] if config.raw and config.images else []
     return shlex.join(words)
 
 

@@ -1,7 +1,9 @@
-"""The data the benchmarks run on: synthetic phantoms in the Kaggle layout, written in parallel."""
+"""The data the benchmarks run on: synthetic phantoms in the Kaggle layout, written in parallel, or a sample
+of a raw folder."""
 
 from __future__ import annotations
 
+import shutil
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -33,3 +35,25 @@ def _write_class(job: tuple[Path, int, int, str]) -> None:
 
     raw, per_class, seed, name = job
     write_synthetic_dataset(raw, per_class, seed, classes=[name])
+
+
+def sample_raw(source: Path, dest: Path, images: int) -> tuple[int, int]:
+    """`images` images of the raw folder `source`, with their masks, copied into class folders under `dest`:
+    the first ones in path order if it holds more, all of them repeated (copies renamed `<stem>~<n>`) if
+    it holds fewer. Returns (images written, images found in `source`).
+
+    The copies are the files as they are (same encoding, size and masks), so decoding them costs what
+    the real dataset's cost. Metadata files are not copied: copies would match none of their rows.
+    """
+    from cxrcore.data.layout import scan_layout
+
+    entries = sorted(scan_layout(source).entries, key=lambda entry: entry.image_path)
+    for n in range(images):
+        entry, repeat = entries[n % len(entries)], n // len(entries)
+        stem = Path(entry.file).stem + (f"~{repeat}" if repeat else "")
+        for kind, path in (("images", entry.image_path), ("masks", entry.mask_path)):
+            if path:
+                target = dest / entry.label / kind / (stem + Path(path).suffix)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, target)
+    return images, len(entries)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from cxrcore.bench.data import write_phantoms
+from cxrcore.bench.data import sample_raw, write_phantoms
 from cxrcore.bench.report import Row, Section, Target
 from cxrcore.config import BenchmarkConfig, IngestConfig
 
@@ -29,11 +29,17 @@ def benchmark_ingest(config: BenchmarkConfig) -> Section:
     from cxrcore.runtime import init_ray
 
     with tempfile.TemporaryDirectory(prefix="cxr-bench-ingest-", dir=config.work_dir) as work:
-        if config.raw:
+        if config.raw and config.images:
+            raw = Path(work) / "raw"
+            written, found = sample_raw(Path(config.raw), raw, config.images)
+            how = f"its {found} images repeated" if found < written else "the first in path order"
+            described = f"{written} images of raw folder {config.raw} ({how}; copies of its files)"
+        elif config.raw:
             raw, described = Path(config.raw), f"raw folder {config.raw}"
         else:
             raw = Path(work) / "raw"
-            written = write_phantoms(raw, config.images, processes=1 if config.quick else os.cpu_count() or 1)
+            processes = 1 if config.quick else os.cpu_count() or 1
+            written = write_phantoms(raw, config.images or 0, processes=processes)
             described = f"{written} synthetic 299 px PNGs with 256 px masks"
         # Decode alone runs first and reads every file, so every measurement below finds them in the page
         # cache alike. Each side then ingests twice: its first run pays one-off costs (imports, memory

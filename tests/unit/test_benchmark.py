@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,12 +17,16 @@ import numpy as np
 import pytest
 import torch
 
+from cxrcore.bench.data import sample_raw
 from cxrcore.bench.gpu import benchmark_gpu, check_device
 from cxrcore.bench.report import Report, Row, Section, Target, format_number, machine_info
 from cxrcore.bench.serve import CPU_PARTS, parse_serve_output, serve_command, serve_section
 from cxrcore.bench.train import _summary, memory_batches
 from cxrcore.cli import main
 from cxrcore.config import BenchmarkConfig, ConfigError
+from cxrcore.data.layout import scan_layout
+from cxrcore.data.synthetic import write_synthetic_dataset
+from cxrcore.labels import CLASSES
 from cxrcore.models import create_model, get_input_spec
 from cxrcore.train.engine import combine, run_epoch
 from tests.torch_threads import one_torch_thread
@@ -101,12 +106,32 @@ def test_quick_presets_and_settings_errors_name_the_flag() -> None:
         "serve"
     ]
     assert BenchmarkConfig(workers="0,2").worker_counts() == [0, 2]
+    assert BenchmarkConfig(raw="raw").images is None  # a raw folder as it is, unless --images is given
+    assert BenchmarkConfig(raw="raw", images=2000).images == 2000
     for bad, flag in [
         ({"what": "everything"}, "WHAT"), ({"workers": "two"}, "--workers"), ({"epochs": 1}, "--epochs"),
         ({"device": "cpu"}, "--device"), ({"train_size": 8}, "--train-size"),
     ]:  # fmt: skip
         with pytest.raises(ConfigError, match=flag.replace("WHAT", "--what")):
             BenchmarkConfig(**bad)
+
+
+def test_raw_folder_sampled_or_repeated_to_the_images_asked_with_masks_paired(tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    write_synthetic_dataset(source, per_class=3, seed=0)  # 12 images, 12 masks
+    found = scan_layout(source).entries
+    more, fewer = tmp_path / "more", tmp_path / "fewer"
+    assert sample_raw(source, more, 30) == (30, 12)
+    assert sample_raw(source, fewer, 5) == (5, 12)
+    repeated = scan_layout(more).entries
+    assert len(repeated) == 30 and all(entry.mask_path for entry in repeated)
+    in_order = sorted(found, key=lambda entry: entry.image_path)
+    expected = Counter(entry.label for entry in in_order * 2 + in_order[:6])  # cycled: 12 + 12 + 6
+    assert Counter(entry.label for entry in repeated) == expected and set(expected) == set(CLASSES)
+    for entry in repeated:  # every copy is a file of the source, byte for byte, with its own mask
+        original = source / entry.label / "images" / (Path(entry.file).stem.split("~")[0] + ".png")
+        assert Path(entry.image_path).read_bytes() == original.read_bytes()
+    assert len(scan_layout(fewer).entries) == 5
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
