@@ -154,7 +154,8 @@ def ingest_dataset(config: IngestConfig) -> dict[str, Any]:
         import pyarrow as pa
         import pyarrow.compute as pc
 
-        kept = batch.filter(pc.equal(batch["error"], "")).select(list(_DATASET_COLUMNS))
+        ok = pc.equal(batch["error"], "")
+        kept = (batch if pc.all(ok).as_py() else batch.filter(ok)).select(list(_DATASET_COLUMNS))
         row_ids = kept["row_id"].to_pylist()
         return (
             kept.append_column(
@@ -311,13 +312,21 @@ def table_with_packed_pixels(batch: dict[str, np.ndarray]) -> Any:
     import pyarrow as pa
 
     return pa.table(
-        {
-            name: pa.array([a.tobytes() for a in values], type=pa.binary())
-            if name in PIXEL_COLUMNS
-            else values
-            for name, values in batch.items()
-        }
+        {name: _packed(values) if name in PIXEL_COLUMNS else values for name, values in batch.items()}
     )
+
+
+def _packed(images: np.ndarray) -> Any:
+    """(N, S, S) uint8 as an Arrow binary array of N values of S×S bytes, sharing the array's memory: no
+    per-image bytes objects, no copy (each cost a pass over the pixels, in every decode task)."""
+    import pyarrow as pa
+
+    images = np.ascontiguousarray(images, dtype=np.uint8)
+    count, size = len(images), int(np.prod(images.shape[1:], dtype=np.int64))
+    if count * size >= 2**31:  # past binary's 32-bit offsets: one value at a time, in chunks Arrow makes
+        return pa.array([image.tobytes() for image in images], type=pa.binary())
+    offsets = np.arange(count + 1, dtype=np.int32) * size
+    return pa.Array.from_buffers(pa.binary(), count, [None, pa.py_buffer(offsets), pa.py_buffer(images)])
 
 
 def _unpack_pixels(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

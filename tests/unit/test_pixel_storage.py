@@ -25,6 +25,16 @@ def test_pixels_round_trip_through_parquet_as_one_binary_value_per_image(tmp_pat
     assert tensor_column(back.column("image").to_pylist()).flags.writeable  # torch.from_numpy takes it
 
 
+def test_packing_shares_the_decoded_arrays_memory_and_handles_views() -> None:
+    images = np.arange(4 * 6 * 6, dtype=np.uint8).reshape(4, 6, 6)
+    packed = table_with_packed_pixels({"image": images})["image"].chunk(0)
+    assert packed.buffers()[2].address == images.ctypes.data  # no copy of the pixels
+    assert packed.to_pylist() == [image.tobytes() for image in images]
+    flipped = images[:, ::-1]  # not contiguous: packed from a contiguous copy, row for row
+    assert table_with_packed_pixels({"image": flipped})["image"].to_pylist() == [i.tobytes() for i in flipped]
+    assert table_with_packed_pixels({"image": images[1:3]})["image"].to_pylist()[0] == images[1].tobytes()
+
+
 def test_datasets_written_with_tensor_columns_still_read() -> None:
     images = np.arange(2 * 4 * 4, dtype=np.uint8).reshape(2, 4, 4)
     as_lists = [row.reshape(-1).tolist() for row in images]  # what pyarrow gives for Ray's tensor type
