@@ -231,6 +231,8 @@ def test_worker_imports_leave_out_what_only_some_need() -> None:
         "import sys, cxrcore.train.loop, cxrcore.tune, cxrcore.data.ingest, cxrcore.metrics, cxrcore.models; "
         "print(sorted(m for m in ('timm', 'torchvision', 'sklearn') if m in sys.modules))"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
     assert done.stdout.strip() == "[]", done.stdout + done.stderr
     assert create_model("tiny_resnet") is not None  # built on demand, timm imported then
