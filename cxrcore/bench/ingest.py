@@ -23,7 +23,7 @@ from cxrcore.config import BenchmarkConfig, IngestConfig
 TARGET = Target("ratio", 1.6)
 """Issue 9: Ray Data ingest at least 1.6× one process doing the same work."""
 STEADY_RUNS = 3
-"""Runs of each side after its first, taking turns; the target is on their medians."""
+"""Runs of each side after its first, one after another; the target is on their medians."""
 
 
 def benchmark_ingest(config: BenchmarkConfig) -> Section:
@@ -35,7 +35,11 @@ def benchmark_ingest(config: BenchmarkConfig) -> Section:
         if config.raw and config.images:
             raw = Path(work) / "raw"
             written, found = sample_raw(Path(config.raw), raw, config.images)
-            how = f"its {found} images repeated" if found < written else "the first in path order"
+            how = (
+                f"its {found} images repeated" if found < written
+                else "the first in path order" if found > written
+                else "all of them"
+            )  # fmt: skip
             described = f"{written} images of raw folder {config.raw} ({how}; copies of its files)"
         elif config.raw:
             raw, described = Path(config.raw), f"raw folder {config.raw}"
