@@ -22,6 +22,10 @@ QUIET_ENVIRONMENT = {
     "RAY_DATA_LOGGING_CONFIG": str(RAY_DATA_LOGGING),
     # Tqdm bars, or, where stdout is not a terminal, a progress report logged every few seconds.
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    # Tune's driver warns when handling a trial's result takes over 0.5 s ("... may be a performance
+    # bottleneck. Please consider reporting results less frequently"): on a laptop whose cores train
+    # three trials it sometimes does (1.2 s, four lines in `cxr demo`), and trials report once an epoch.
+    "TUNE_WARN_THRESHOLD_S": "5",
 }
 """Set in a cxr command's process before Ray Data is imported; a local Ray cluster it starts passes them on
 to every worker (a cluster joined by address keeps its own)."""
