@@ -14,13 +14,16 @@ def test_workers_find_their_own_clusters_state_api_and_the_driver_environment_is
     from ray._private.worker import get_dashboard_url
 
     @ray.remote(num_cpus=0)
-    def api_address() -> str | None:
-        return os.environ.get("RAY_API_SERVER_ADDRESS")
+    def worker_environment() -> tuple[str | None, str | None]:
+        return os.environ.get("RAY_API_SERVER_ADDRESS"), os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
 
+    api, preemption_watcher = ray.get(worker_environment.remote())
     # Ray Train's PlacementGroupCleaner (a detached actor) reads this to find the State API; without it, a
     # second cluster on the machine made its lookup fail and every stopped Tune trial kept its CPUs.
-    assert ray.get(api_address.remote()) == f"http://{get_dashboard_url()}"
+    assert api == f"http://{get_dashboard_url()}"
+    assert preemption_watcher == "0"  # one process less per training run: one machine has no drains
     assert "RAY_API_SERVER_ADDRESS" not in os.environ  # subprocesses the driver starts may join another
+    assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in os.environ
 
 
 def test_a_serve_app_whose_replica_fits_nowhere_fails_in_bounded_time_naming_the_deployment() -> None:
