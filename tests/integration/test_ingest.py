@@ -168,3 +168,15 @@ def test_real_sample(real_sample: Path, tmp_path: Path) -> None:
     frame = read_table(str(tmp_path / "real"), columns=["label", "has_mask", "source"]).to_pandas()
     assert frame[frame["label"] == "COVID"]["has_mask"].sum() == 30
     assert (frame["source"] != "unknown").all()
+
+
+def test_write_tasks_take_the_rows_one_task_per_core_within_a_memory_bound() -> None:
+    from cxrcore.runtime import local_core_limit
+
+    cores = local_core_limit() or int(ray.cluster_resources()["CPU"])
+    rows_per_task = ingest_module._write_batch_rows
+    assert rows_per_task(2000, 256) == -(-2000 // cores)  # one wave of write tasks
+    assert rows_per_task(1, 256) == 1 and rows_per_task(0, 256) == 1
+    # Large images: no task holds more than WRITE_BATCH_BYTES of pixels (image and mask).
+    capped = rows_per_task(10**6, 1024)
+    assert capped == ingest_module.WRITE_BATCH_BYTES // (2 * 1024 * 1024) and capped < 10**6 // cores
