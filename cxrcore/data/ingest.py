@@ -380,8 +380,8 @@ def _write_batch_rows(rows: int, size: int) -> int:
 
     Ray Data's executor learns that a task ended only when all its running tasks have or 0.1 s has
     passed, so every further wave of tasks leaves a core idle for up to that long. On 2 cores, 4 write
-    tasks of 500 rows (the decode blocks) took 0.64-0.97 s for 2,000 images at 256 px, 2 of 1,000 took
-    0.36-0.40; for 6,000 images, 12 tasks 2.0-2.2 s and 2 of 3,000 1.4-1.5 s (the one process: 1.4)."""
+    tasks of 500 rows (the decode blocks) took 0.42-0.67 s for 2,000 images at 256 px, 2 of 1,000 took
+    0.34-0.51; for 6,000 images, 12 tasks 2.0-2.2 s and 2 of 3,000 1.4-1.5 s (the one process: 1.4)."""
     import ray
 
     cores = local_core_limit() or int(ray.cluster_resources().get("CPU", 1))
