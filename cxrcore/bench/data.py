@@ -39,15 +39,17 @@ def _write_class(job: tuple[Path, int, int, str]) -> None:
 
 def sample_raw(source: Path, dest: Path, images: int) -> tuple[int, int]:
     """`images` images of the raw folder `source`, with their masks, copied into class folders under `dest`:
-    the first ones in path order if it holds more, all of them repeated (copies renamed `<stem>~<n>`) if
-    it holds fewer. Returns (images written, images found in `source`).
+    the first ones in the ingest's own row order (classes interleaved: path order would give a large
+    folder's first class only) if it holds more, all of them repeated (copies renamed `<stem>~<n>`) if it
+    holds fewer. Returns (images written, images found in `source`).
 
     The copies are the files as they are (same encoding, size and masks), so decoding them costs what
     the real dataset's cost. Metadata files are not copied: copies would match none of their rows.
     """
+    from cxrcore.data.ingest import _shuffle_key
     from cxrcore.data.layout import scan_layout
 
-    entries = sorted(scan_layout(source).entries, key=lambda entry: entry.image_path)
+    entries = sorted(scan_layout(source).entries, key=_shuffle_key)
     for n in range(images):
         entry, repeat = entries[n % len(entries)], n // len(entries)
         stem = Path(entry.file).stem + (f"~{repeat}" if repeat else "")

@@ -37,7 +37,7 @@ def benchmark_ingest(config: BenchmarkConfig) -> Section:
             written, found = sample_raw(Path(config.raw), raw, config.images)
             how = (
                 f"its {found} images repeated" if found < written
-                else "the first in path order" if found > written
+                else "a sample, classes interleaved" if found > written
                 else "all of them"
             )  # fmt: skip
             described = f"{written} images of raw folder {config.raw} ({how}; copies of its files)"

@@ -24,6 +24,7 @@ from cxrcore.bench.serve import CPU_PARTS, parse_serve_output, serve_command, se
 from cxrcore.bench.train import _summary, memory_batches
 from cxrcore.cli import main
 from cxrcore.config import BenchmarkConfig, ConfigError
+from cxrcore.data.ingest import _shuffle_key
 from cxrcore.data.layout import scan_layout
 from cxrcore.data.synthetic import write_synthetic_dataset
 from cxrcore.labels import CLASSES
@@ -125,13 +126,14 @@ def test_raw_folder_sampled_or_repeated_to_the_images_asked_with_masks_paired(tm
     assert sample_raw(source, fewer, 5) == (5, 12)
     repeated = scan_layout(more).entries
     assert len(repeated) == 30 and all(entry.mask_path for entry in repeated)
-    in_order = sorted(found, key=lambda entry: entry.image_path)
+    in_order = sorted(found, key=_shuffle_key)  # the ingest's row order: classes interleaved
     expected = Counter(entry.label for entry in in_order * 2 + in_order[:6])  # cycled: 12 + 12 + 6
     assert Counter(entry.label for entry in repeated) == expected and set(expected) == set(CLASSES)
     for entry in repeated:  # every copy is a file of the source, byte for byte, with its own mask
         original = source / entry.label / "images" / (Path(entry.file).stem.split("~")[0] + ".png")
         assert Path(entry.image_path).read_bytes() == original.read_bytes()
     assert len(scan_layout(fewer).entries) == 5
+    assert len({entry.label for entry in scan_layout(fewer).entries}) > 1  # not the first class only
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
