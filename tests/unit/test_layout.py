@@ -65,6 +65,12 @@ def test_scan_pairs_images_with_masks_and_metadata(raw: Path) -> None:
     assert by_file["Normal-1.png"].source == "unknown"  # no metadata sheet for Normal
 
 
+def test_an_unreadable_metadata_sheet_is_named_with_what_it_is_for(raw: Path) -> None:
+    (raw / "COVID.metadata.xlsx").write_bytes(b"PK\x03\x04 cut off")
+    with pytest.raises(LayoutError, match=r"COVID.metadata.xlsx as an Excel workbook: .*source URL"):
+        scan_layout(raw)
+
+
 def test_scan_accepts_parent_folder(raw: Path) -> None:
     assert scan_layout(raw.parent).root == str(raw)
 
@@ -240,6 +246,7 @@ def test_xlsx_label_file_with_paths_and_conflicting_labels(tmp_path: Path) -> No
     [
         (LabelFile("missing.csv"), "--labels: .*missing.csv does not exist"),
         (LabelFile("a.json"), "is neither CSV nor XLSX"),
+        (LabelFile("c.xlsx"), "--labels: cannot read .*c.xlsx as an Excel workbook"),
         (LabelFile("a.csv", label_column="findng"), r"--label-column: .* 'findng' \(did you mean 'finding'"),
         (
             LabelFile("a.csv", file_column="x"),
@@ -256,6 +263,7 @@ def test_label_file_problems_name_the_flag_to_fix_them(
     (tmp_path / "a.csv").write_text("filename,finding\nimg.png,COVID\n")
     (tmp_path / "b.csv").write_text("filename,what\nimg.png,COVID\n")
     (tmp_path / "a.json").write_text("{}")
+    (tmp_path / "c.xlsx").write_text("filename,finding\nimg.png,COVID\n")  # a CSV named .xlsx
     located = LabelFile(str(tmp_path / label_file.path), label_file.label_column, label_file.file_column)
     with pytest.raises(LayoutError, match=message):
         scan_layout(tmp_path / "raw", located)

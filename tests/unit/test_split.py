@@ -42,6 +42,57 @@ def test_near_duplicates_are_found_wherever_the_differing_bits_are() -> None:
     assert groups == [i - i % 2 for i in range(200)]
 
 
+def _all_pairs_groups(digests: list[str], words: np.ndarray, max_bits: int) -> list[int]:
+    """The definition, pair by pair: rows join when their contents match or hashes are within max_bits."""
+    n = len(digests)
+    group = list(range(n))
+
+    def root(i: int) -> int:
+        while group[i] != i:
+            i = group[i]
+        return i
+
+    for i in range(n):
+        for j in range(i + 1, n):
+            distance = int(np.bitwise_count(words[i] ^ words[j]).sum())
+            if digests[i] == digests[j] or (max_bits > 0 and distance <= max_bits):
+                low, high = sorted((root(i), root(j)))
+                group[high] = low
+    return [root(i) for i in range(n)]
+
+
+def _clustered(rng: np.random.Generator, n: int, centres: int, flips: int) -> np.ndarray:
+    """n hashes around a few centres, each up to `flips` random bits away: chains of near duplicates."""
+    words = _hashes(rng, centres)[rng.integers(0, centres, size=n)]
+    for row in words:
+        for bit in rng.choice(256, size=int(rng.integers(0, flips + 1)), replace=False):
+            row[bit // 64] ^= np.uint64(1 << int(bit % 64))
+    return words
+
+
+@pytest.mark.parametrize("max_bits", [0, 3, 12])
+@pytest.mark.parametrize("pairs_per_chunk", [1 << 20, 7])
+def test_duplicate_groups_match_the_all_pairs_definition(
+    max_bits: int, pairs_per_chunk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A tiny chunk makes every bucket take the row-block path that very large buckets take.
+    monkeypatch.setattr("cxrcore.data.split.PAIRS_PER_CHUNK", pairs_per_chunk)
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        words = _clustered(rng, 150, centres=12, flips=2 * max_bits + 2)
+        words[rng.integers(0, 150, size=20)] = words[rng.integers(0, 150, size=20)]  # identical hashes
+        digests = [str(d) for d in rng.integers(0, 130, size=150)]  # some exact copies by content
+        assert duplicate_groups(digests, words, max_bits) == _all_pairs_groups(digests, words, max_bits)
+
+
+def test_many_identical_hashes_form_one_group_and_max_bits_0_groups_by_content_only() -> None:
+    words = np.repeat(_hashes(np.random.default_rng(2), 1), 3000, axis=0)
+    digests = [str(i % 5) for i in range(3000)]
+    assert duplicate_groups(digests, words, max_bits=6) == [0] * 3000
+    assert duplicate_groups(digests, words, max_bits=0) == [i % 5 for i in range(3000)]
+    assert duplicate_groups([], np.zeros((0, 4), dtype=np.uint64), max_bits=6) == []
+
+
 def test_split_is_stratified_and_close_to_the_fractions() -> None:
     labels = ["A"] * 500 + ["B"] * 50 + ["C"] * 7
     groups = list(range(len(labels)))

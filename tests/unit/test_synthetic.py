@@ -104,7 +104,7 @@ def test_same_seed_same_pixels_and_smaller_sets_are_prefixes(tmp_path: Path) -> 
     assert len(c) == 20
     images = [k for k in a if "/images/" in k]
     assert not any(np.array_equal(a[k], d[k]) for k in images)
-    meta = [pd.read_excel(tmp_path / x / "COVID.metadata.xlsx") for x in "ac"]
+    meta = [pd.read_excel(tmp_path / x / "COVID.metadata.xlsx", engine="calamine") for x in "ac"]
     pd.testing.assert_frame_equal(meta[0], meta[1].head(3))
 
 
