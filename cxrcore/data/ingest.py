@@ -119,12 +119,13 @@ def ingest_dataset(config: IngestConfig) -> dict[str, Any]:
     ]
     log.info("found %d images in %d classes under %s", len(manifest), len(scan.classes), scan.root)
 
+    blocks = _num_blocks(len(manifest))
     with _ingest_context():  # the dataset and those derived from it keep these settings
-        items = ray.data.from_items(manifest, override_num_blocks=_num_blocks(len(manifest)))
+        items = ray.data.from_items(manifest, override_num_blocks=blocks)
     decoded = items.map_batches(
         partial(decode_and_pack, size=config.size, min_side=config.min_side),
         batch_size=DECODE_BATCH_SIZE,
-        compute=_tasks_per_core(),
+        compute=_tasks_per_core(blocks),
     ).materialize()
     timings = {"scan_and_decode": time.perf_counter() - started}
     index = _index(decoded)
@@ -176,14 +177,13 @@ def ingest_dataset(config: IngestConfig) -> dict[str, Any]:
     storage.clear_staging(filesystem, root, REPORT_NAME)
     # Hive-style split=train/ folders: readers can take one split without scanning the others.
     # The same task pool for both steps, so Ray Data fuses them: packed tables go straight to the file.
+    write_rows = _write_batch_rows(len(rows), config.size)
+    write_tasks = min(decoded.num_blocks(), math.ceil(len(rows) / write_rows))
     finished = decoded.map_batches(
-        finish,
-        batch_size=_write_batch_rows(len(rows), config.size),
-        batch_format="pyarrow",
-        compute=_tasks_per_core(),
+        finish, batch_size=write_rows, batch_format="pyarrow", compute=_tasks_per_core(write_tasks)
     )
     finished.write_parquet(
-        staging, filesystem=filesystem, partition_cols=["split"], concurrency=local_core_limit()
+        staging, filesystem=filesystem, partition_cols=["split"], concurrency=_task_limit(write_tasks)
     )
     timings["write"] = time.perf_counter() - started - sum(timings.values())
 
@@ -252,13 +252,20 @@ def _index(decoded: Any) -> Any:
     return index.sort_values("row_id").reset_index(drop=True)
 
 
-def _tasks_per_core() -> Any:
-    """Ray Data's compute strategy for CPU-bound map tasks: at most one per core on the local cluster
-    (`local_core_limit`), Ray Data's default elsewhere."""
+def _tasks_per_core(tasks: int) -> Any:
+    """Ray Data's compute strategy for `tasks` CPU-bound map tasks (see _task_limit)."""
     import ray.data
 
-    limit = local_core_limit()
+    limit = _task_limit(tasks)
     return ray.data.TaskPoolStrategy(size=limit) if limit else None
+
+
+def _task_limit(tasks: int) -> int | None:
+    """Tasks at once: one per core on the local cluster (`local_core_limit`), but never more than there
+    are tasks (Ray Data warns the user about a limit above its inputs: a small folder is one block);
+    None, Ray Data's default, elsewhere."""
+    limit = local_core_limit()
+    return max(1, min(limit, tasks)) if limit else None
 
 
 def read_split(dataset: str, split: str, columns: list[str] | None = None) -> Any:
