@@ -240,6 +240,7 @@ def build_trainer(config: TrainConfig, callbacks: list[Any] | None = None) -> An
             resources_per_worker=None if config.gpu else {"CPU": settings["cpus_per_worker"]},
         ),
         datasets=datasets,
+        dataset_config=ray.train.DataConfig(execution_options=_shard_options()),
         # Train V2's RunConfig (the runtime default); mypy resolves ray.train.RunConfig to V1's, which lacks
         # logging_config.
         run_config=ray.train.RunConfig(  # type: ignore[call-arg]
@@ -253,6 +254,23 @@ def build_trainer(config: TrainConfig, callbacks: list[Any] | None = None) -> An
             callbacks=callbacks,
         ),
     )
+
+
+def _shard_options() -> Any:
+    """Ray Train's default execution options for the workers' dataset shards (DataConfig's
+    default_ingest_options, from this process's DataContext) without `exclude_resources` where it is
+    unset: Ray 2.60 passes it always, and every training run printed a RayDeprecationWarning about it."""
+    from ray.data import DataContext, ExecutionOptions
+
+    current = DataContext.get_current().execution_options
+    options = ExecutionOptions(
+        resource_limits=current.resource_limits,
+        preserve_order=current.preserve_order,
+        verbose_progress=current.verbose_progress,
+    )
+    if not current.exclude_resources.is_zero():
+        options.exclude_resources = current.exclude_resources  # set by the user: warned already
+    return options
 
 
 def epoch_line(name: str, epochs: int, metrics: dict[str, Any]) -> str:

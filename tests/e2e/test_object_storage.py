@@ -80,6 +80,7 @@ class Storage:
         )
         printed = result.stdout + result.stderr
         assert [line for line in printed.splitlines() if any(c in line for c in CHATTER)] == []
+        assert "DeprecationWarning" not in printed  # e.g. Train's shard options (trainer._shard_options)
         return printed
 
     def assert_only_caches_on_disk(self) -> None:
