@@ -177,13 +177,17 @@ def ingest_dataset(config: IngestConfig) -> dict[str, Any]:
     storage.clear_staging(filesystem, root, REPORT_NAME)
     # Hive-style split=train/ folders: readers can take one split without scanning the others.
     # The same task pool for both steps, so Ray Data fuses them: packed tables go straight to the file.
-    write_rows = _write_batch_rows(len(rows), config.size)
-    write_tasks = min(decoded.num_blocks(), math.ceil(len(rows) / write_rows))
     finished = decoded.map_batches(
-        finish, batch_size=write_rows, batch_format="pyarrow", compute=_tasks_per_core(write_tasks)
+        finish,
+        batch_size=_write_batch_rows(len(rows), config.size),
+        batch_format="pyarrow",
+        compute=_tasks_per_core(decoded.num_blocks()),
     )
     finished.write_parquet(
-        staging, filesystem=filesystem, partition_cols=["split"], concurrency=_task_limit(write_tasks)
+        staging,
+        filesystem=filesystem,
+        partition_cols=["split"],
+        concurrency=_task_limit(decoded.num_blocks()),
     )
     timings["write"] = time.perf_counter() - started - sum(timings.values())
 
@@ -252,20 +256,20 @@ def _index(decoded: Any) -> Any:
     return index.sort_values("row_id").reset_index(drop=True)
 
 
-def _tasks_per_core(tasks: int) -> Any:
-    """Ray Data's compute strategy for `tasks` CPU-bound map tasks (see _task_limit)."""
+def _tasks_per_core(input_blocks: int) -> Any:
+    """Ray Data's compute strategy for a CPU-bound map over `input_blocks` blocks (see _task_limit)."""
     import ray.data
 
-    limit = _task_limit(tasks)
+    limit = _task_limit(input_blocks)
     return ray.data.TaskPoolStrategy(size=limit) if limit else None
 
 
-def _task_limit(tasks: int) -> int | None:
-    """Tasks at once: one per core on the local cluster (`local_core_limit`), but never more than there
-    are tasks (Ray Data warns the user about a limit above its inputs: a small folder is one block);
-    None, Ray Data's default, elsewhere."""
+def _task_limit(input_blocks: int) -> int | None:
+    """Tasks at once: one per core on the local cluster (`local_core_limit`), but never more than the
+    input blocks (Ray Data warns the user about a limit above them: a small folder is one block); None,
+    Ray Data's default, elsewhere."""
     limit = local_core_limit()
-    return max(1, min(limit, tasks)) if limit else None
+    return max(1, min(limit, input_blocks)) if limit else None
 
 
 def read_split(dataset: str, split: str, columns: list[str] | None = None) -> Any:
