@@ -505,7 +505,7 @@ def _read_label_frame(path: Path) -> Any:
 
 def _read_xlsx(path: Path, prefix: str = "", hint: str = "", **options: Any) -> Any:
     """A workbook's first sheet as strings. calamine reads it ten times faster than openpyxl (pandas'
-    default until pandas 4): the scan runs in the driver, on sheets of up to 10,000 rows."""
+    default until pandas 4): the scan runs in the driver, on sheets of 10,000 rows and more."""
     import pandas as pd
     from python_calamine import CalamineError
 
