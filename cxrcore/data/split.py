@@ -43,11 +43,8 @@ def duplicate_groups(
     if max_bits > 0 and n > 1:
         words = np.ascontiguousarray(perceptual_hashes, dtype=np.uint64).reshape(n, -1)
         distinct, same_hash = np.unique(words, axis=0, return_inverse=True)
-        same_hash = same_hash.ravel()
         near = _near_groups(distinct, max_bits)  # a group per distinct hash, in distinct's indices
-        first_row = np.full(len(distinct), n, dtype=np.int64)
-        np.minimum.at(first_row, same_hash, np.arange(n))
-        groups = _merged(groups, np.arange(n), first_row[near[same_hash]])
+        groups = _merged(groups, *_to_first(near[same_hash.ravel()]))
     return [int(group) for group in groups]
 
 
