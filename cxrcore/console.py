@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 RAY_DATA_LOGGING = Path(__file__).with_name("ray_data_logging.yaml")
 """Ray Data's default logging configuration with the console at WARNING."""
@@ -33,6 +35,54 @@ to every worker (a cluster joined by address keeps its own)."""
 TRAIN_LOG_LEVEL = "WARNING"
 """Ray Train's console level (ray.train.LoggingConfig) in quiet mode: no resource requests, worker
 group start-up or "Checkpoint successfully created" lines."""
+
+
+ROUTINE_RAY_LINES: tuple[tuple[str, re.Pattern[str]], ...] = (
+    # The raylet, each time the worker processes reach another multiple of the cores: a Tune trial starts
+    # about nine (its driver, Train's controller, worker, cleaner and dataset actors), so a comparison on a
+    # laptop passes 4× at once. Its advice (fewer actors, no fractional CPUs) is about a design that
+    # is Ray's own here.
+    ("raylet", re.compile(r"WARNING: \d+ PYTHON worker processes have been started on node")),
+    # Serve's shutdown: the controller kills itself while its own graceful_shutdown call is in flight.
+    ("raylet", re.compile(r"Task ServeController\.graceful_shutdown failed")),
+    # Ray Train, after every run that ended normally (each Tune trial): its cleaner removing the run's
+    # placement group.
+    ("PlacementGroupCleaner", re.compile(r"Detected that the Ray Train controller actor \S+ is dead")),
+    # Serve's controller, at start, before its logging settings apply: the settings of the throughput
+    # mode that cxr turns on (runtime.local_serve_environment), one line each.
+    ("ServeController", re.compile(r"Throughput optimized Ray Serve enabled|^\s+• |^\s*$")),
+)
+"""What a quiet cxr command keeps off its console of the lines Ray forwards to the driver, by the process
+they come from: routine notices that ask nothing of the user. They stay in the session's log files."""
+
+
+def is_routine(data: dict[str, Any], line: str) -> bool:
+    """Whether `line`, forwarded by Ray with `data` (its process: "raylet", or an actor's name), is one of
+    ROUTINE_RAY_LINES."""
+    source = data.get("actor_name") or data.get("pid")
+    return any(source == name and pattern.search(line) for name, pattern in ROUTINE_RAY_LINES)
+
+
+def filter_routine_ray_lines() -> None:
+    """Drop ROUTINE_RAY_LINES from what this driver prints of Ray's forwarded output: the raylet's messages
+    and the workers' logs. Call before `ray.init`, which binds the printer for the workers' logs.
+
+    Ray has no switch for these (its printer takes every line); the filter wraps that printer, and
+    another Ray version without it is left as it is.
+    """
+    import ray._private.worker as ray_worker
+
+    printer: Callable[..., None] | None = getattr(ray_worker, "print_to_stdstream", None)
+    if printer is None or getattr(printer, "routine_lines_dropped", False):
+        return
+
+    def print_to_stdstream(data: dict[str, Any], ignore_prefix: bool) -> None:
+        lines = [line for line in data.get("lines", []) if not is_routine(data, line)]
+        if lines:
+            printer({**data, "lines": lines}, ignore_prefix=ignore_prefix)
+
+    print_to_stdstream.routine_lines_dropped = True  # type: ignore[attr-defined]
+    ray_worker.print_to_stdstream = print_to_stdstream
 
 
 class HideProgressNotice(logging.Filter):

@@ -29,7 +29,11 @@ def init_ray(
     """
     import ray
 
+    from cxrcore.console import filter_routine_ray_lines, is_quiet
+
     if not ray.is_initialized():
+        if is_quiet():
+            filter_routine_ray_lines()
         address = address or os.environ.get("RAY_ADDRESS")
         if address:
             ray.init(address=address, logging_level=logging.WARNING)

@@ -40,6 +40,8 @@ CHATTER = (
     "Progress bars disabled",
     "split(",  # Ray Data: a progress bar per Train worker per epoch
     "Checkpoint successfully created",  # Ray Train INFO
+    "Cleaning up placement group",  # Ray Train's cleaner after each run (console.ROUTINE_RAY_LINES)
+    "PYTHON worker processes have been started",  # the raylet (console.ROUTINE_RAY_LINES)
 )
 """Console lines a quiet `cxr` (no -v) must leave to Ray's log files (cxrcore/console.py)."""
 HOME_ENTRIES = {".cache", ".config", ".ray"}

@@ -1,0 +1,73 @@
+"""What a quiet `cxr` command prints of the lines Ray forwards to its driver (cxrcore/console.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from cxrcore.console import filter_routine_ray_lines
+
+WORKER_POOL = (
+    "WARNING: 14 PYTHON worker processes have been started on node: bbbce99b with address: 192.0.2.2, "
+    "which is 7x the maximum expected startup concurrency (2). This could be a result of using a large "
+    "number of actors, tasks blocked in ray.get() calls, or tasks with fractional CPU requests"
+)
+SERVE_SHUTDOWN = (
+    "Task ServeController.graceful_shutdown failed. There are infinite retries remaining, so the task will "
+    "be retried. Error: The actor is dead because it was killed by `ray.kill`."
+)
+CLEANER = (
+    "Detected that the Ray Train controller actor (6dc20ccb099d9fd4e7e4d58e01000000) is dead. Cleaning up "
+    "placement group = [PlacementGroupID(5d7714eda6bda241172094e8757a01000000)] created by this run."
+)
+SERVE_MODE = [
+    "INFO 2026-12-01 05:37:30,974 serve 21011 -- Throughput optimized Ray Serve enabled with the following "
+    "configurations:",
+    "  • Direct ingress enabled",
+    "  • gRPC communication enabled",
+    "",
+]
+
+
+@pytest.fixture
+def printed(monkeypatch: pytest.MonkeyPatch) -> list[tuple[dict[str, Any], bool]]:
+    """What reaches Ray's own printer once the filter wraps it (Ray's printer replaced by a recorder)."""
+    import ray._private.worker as ray_worker
+
+    calls: list[tuple[dict[str, Any], bool]] = []
+    monkeypatch.setattr(
+        ray_worker, "print_to_stdstream", lambda data, ignore_prefix: calls.append((data, ignore_prefix))
+    )
+    filter_routine_ray_lines()
+    filter_routine_ray_lines()  # a second driver start in the same process wraps nothing twice
+    return calls
+
+
+def _forward(lines: list[str], **source: Any) -> None:
+    import ray._private.worker as ray_worker
+
+    ray_worker.print_to_stdstream(
+        {"lines": lines, "ip": "192.0.2.2", "is_err": False, **source}, ignore_prefix=False
+    )
+
+
+def test_routine_notices_are_dropped_and_everything_else_is_printed(
+    printed: list[tuple[dict[str, Any], bool]],
+) -> None:
+    _forward([WORKER_POOL], pid="raylet")
+    _forward([SERVE_SHUTDOWN], pid="raylet")
+    _forward([CLEANER], pid=19382, actor_name="PlacementGroupCleaner")
+    _forward(SERVE_MODE, pid=21011, actor_name="ServeController")
+    assert printed == []
+
+    epoch = "cnn_lstm (trial f1625_00000) epoch 1/8: train loss 1.287 acc 0.354 | val loss 0.980"
+    oom = "Task RayTrainWorker.run failed. Error: the worker was killed: out of memory"
+    serve_warning = (
+        "WARNING 2026-12-01 05:37:31 serve 21011 -- Deployment 'Classifier' has 1 replica unhealthy"
+    )
+    _forward([CLEANER, epoch], pid=19275, actor_name="TrainController")  # the same words, another process
+    _forward([oom], pid="raylet")
+    _forward([*SERVE_MODE, serve_warning], pid=21011, actor_name="ServeController")
+    assert [data["lines"] for data, _ in printed] == [[CLEANER, epoch], [oom], [serve_warning]]
+    assert printed[0][0]["actor_name"] == "TrainController" and printed[0][1] is False
