@@ -7,14 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from cxrcore.calibration import apply_temperature
 from cxrcore.checkpoint import ModelCard, load_model
-from cxrcore.data.batches import masks_to_unit, model_inputs, normalize_image, to_unit
+from cxrcore.data.batches import masks_to_unit, model_inputs, to_unit
+from cxrcore.data.spec import InputSpec
 from cxrcore.data.transforms import resize_image, resize_mask
-from cxrcore.models.spec import InputSpec
-from cxrcore.train.engine import MaskSource
+from cxrcore.segmenter import predict_masks
 
 
 class Predictor:
@@ -107,16 +106,7 @@ class Predictor:
 
     def mask_source(self, unit_images: torch.Tensor) -> torch.Tensor:
         """0/1 masks (B, 1, S, S) for [0, 1] images (B, 1, S, S) of any size S."""
-        size = unit_images.shape[-1]
-        x = unit_images
-        if size != self.spec.image_size:
-            x = F.interpolate(
-                x, size=self.spec.image_size, mode="bilinear", antialias=True, align_corners=False
-            )
-        probs = torch.sigmoid(self.model(normalize_image(self.spec, x)).float())
-        if size != self.spec.image_size:
-            probs = F.interpolate(probs, size=size, mode="bilinear", align_corners=False)
-        return (probs > 0.5).float()
+        return predict_masks(self.model, self.spec, unit_images)
 
     def _masks(
         self, unit: torch.Tensor, images: Sequence[np.ndarray], masks: Sequence[np.ndarray | None] | None
@@ -135,16 +125,3 @@ class Predictor:
                 )
             out[missing] = self.segmenter.mask_source(unit[missing])
         return out
-
-
-def load_mask_source(directory: str | Path, device: str | torch.device = "cpu") -> MaskSource:
-    """The segmenter fallback for training: a U-Net checkpoint as a function of [0, 1] images."""
-    predictor = Predictor.from_checkpoint(directory, device)
-    if predictor.spec.task != "segment":
-        raise ValueError(f"{directory} holds a {predictor.spec.task} model, not a lung segmenter")
-
-    @torch.no_grad()
-    def source(unit_images: torch.Tensor) -> torch.Tensor:
-        return predictor.mask_source(unit_images)
-
-    return source

@@ -7,11 +7,11 @@ from pathlib import Path
 
 from cxrcore.config import IngestConfig, PipelineConfig, TuneConfig
 from cxrcore.labels import CLASSES
+from cxrcore.summaries import format_comparison, format_ingest_report, format_scan
 
 
 def run_pipeline(config: PipelineConfig) -> dict[str, str]:
     """Data, check, ingest, Tune comparison, registry; print each step and where its results are."""
-    from cxrcore.cli import format_comparison, format_ingest_report, format_scan
     from cxrcore.data.ingest import ingest_dataset
     from cxrcore.data.layout import check_layout
     from cxrcore.data.synthetic import write_examples, write_synthetic_dataset

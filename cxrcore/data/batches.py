@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from cxrcore.models.spec import InputSpec
+from cxrcore.data.spec import InputSpec
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """Model families behind one registry; importing this package registers them all."""
 
+from cxrcore.data.spec import InputSpec
 from cxrcore.models import cnn_lstm, dual_cnn, resnet, unet  # noqa: F401  (registration)
 from cxrcore.models.registry import (
     ModelEntry,
@@ -12,7 +13,6 @@ from cxrcore.models.registry import (
 )
 from cxrcore.models.resnet import load_pretrained
 from cxrcore.models.segmentation import dice_score, iou_score
-from cxrcore.models.spec import InputSpec
 
 __all__ = [
     "InputSpec",

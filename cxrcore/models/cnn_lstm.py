@@ -8,10 +8,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from cxrcore.data.spec import InputSpec
 from cxrcore.labels import NUM_CLASSES
 from cxrcore.models.layers import conv_block
 from cxrcore.models.registry import register_model
-from cxrcore.models.spec import InputSpec
 
 __all__ = ["CnnLstm"]
 

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from torch import nn
 
-from cxrcore.models.spec import InputSpec
+from cxrcore.data.spec import InputSpec
 
 Builder = TypeVar("Builder", bound=Callable[..., nn.Module])
 

@@ -11,9 +11,9 @@ from typing import Any
 from torch import nn
 
 from cxrcore.checkpoint import read_weights
+from cxrcore.data.spec import InputSpec
 from cxrcore.labels import NUM_CLASSES
 from cxrcore.models.registry import register_model
-from cxrcore.models.spec import InputSpec
 
 __all__ = ["import_weights", "load_pretrained"]
 

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cxrcore.data.spec import InputSpec
 from cxrcore.models.layers import conv_block
 from cxrcore.models.registry import register_model
-from cxrcore.models.spec import InputSpec
 
 __all__ = ["UNet"]
 

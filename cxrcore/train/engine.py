@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,11 +21,10 @@ from cxrcore.data.batches import (
     normalize_image,
     to_unit,
 )
-from cxrcore.models.spec import InputSpec
+from cxrcore.data.spec import InputSpec
+from cxrcore.segmenter import MaskSource
 
 Batch = dict[str, torch.Tensor]
-MaskSource = Callable[[torch.Tensor], torch.Tensor]
-"""Predicts 0/1 masks (B, 1, S, S) from [0, 1] images (B, 1, S, S): the segmenter fallback."""
 
 
 @dataclass

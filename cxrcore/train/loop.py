@@ -42,8 +42,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     from cxrcore.checkpoint import WEIGHTS_NAME
     from cxrcore.console import quiet_train_worker
-    from cxrcore.inference import load_mask_source
     from cxrcore.models import create_model, get_build_args, get_input_spec
+    from cxrcore.segmenter import load_mask_source
 
     if loop_config.get("quiet_console"):
         quiet_train_worker()

@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cxrcore.cli import format_ingest_report
 from cxrcore.config import IngestConfig
 from cxrcore.data.ingest import ingest_dataset, read_table, tensor_column
 from cxrcore.data.synthetic import write_synthetic_dataset
 from cxrcore.data.transforms import resize_image
 from cxrcore.decode import decode_upload
+from cxrcore.summaries import format_ingest_report
 from tests.e2e.uploads import xray_dicom
 from tests.unit.test_layout import write_flat_copy
 

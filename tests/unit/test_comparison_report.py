@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from cxrcore.cli import format_comparison
 from cxrcore.evaluate.comparison import ranked_architectures, winner_line, write_comparison_report
 from cxrcore.evaluate.report import confusion_matrix_figure, overlaid_curves_figure
 from cxrcore.labels import CLASSES
+from cxrcore.summaries import format_comparison
 
 EPOCHS = {"cnn_lstm": 2, "resnet18": 2, "dual_cnn": 6}
 VAL_SCORE = {"cnn_lstm": 0.921, "resnet18": 0.874, "dual_cnn": 0.962}

@@ -1,0 +1,169 @@
+"""What the `cxr` commands print when they finish: the summaries of a folder check, an ingest, a training run,
+a comparison and a source hold-out, shared by the single commands and `cxr pipeline`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cxrcore.data.layout import LayoutScan
+from cxrcore.tables import format_table
+
+
+def format_number(value: Any) -> str:
+    """A figure as the summaries print it: floats to 4 decimals."""
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def format_cell(value: Any) -> str:
+    """A table cell: a dash where there is no value."""
+    return "-" if value is None else format_number(value)
+
+
+def format_holdout(holdout: dict[str, Any]) -> str:
+    """The random split beside the held-out sources, as report.html's table, then the verdict."""
+    from cxrcore.evaluate.report import holdout_rows
+
+    rows = holdout_rows(holdout)
+    cells = [[format_cell(value) for value in row.values()] for row in rows]
+    verdict = ("WARNING: " if holdout["large_drop"] else "") + holdout["verdict"]
+    return "\n".join([format_table(list(rows[0]), cells), verdict])
+
+
+def format_train_result(result: Any) -> str:
+    """Human-readable end of `cxr train`: where the run and its best checkpoint are, and how it scored."""
+    keys = ["epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1", "val_macro_auroc", "val_dice"]
+    rows = [
+        [key, format_number(result.metrics.get(key)), format_number(result.best_metrics.get(key))]
+        for key in keys
+        if key in result.metrics
+    ]
+    return "\n".join(
+        [
+            format_table(["metric", "last epoch", "best checkpoint"], rows),
+            f"run directory:   {result.run_dir}",
+            f"best checkpoint: {result.best_checkpoint}",
+        ]
+    )
+
+
+def format_comparison(comparison: dict[str, Any]) -> str:
+    """The winner, the best of each architecture side by side, failed trials, and where the reports are.
+
+    Where ingest held sources out, the random-split and held-out-source test accuracies stand beside the
+    others, and each architecture whose held-out figures fall by LARGE_DROP or more gets a warning."""
+    from cxrcore.evaluate.comparison import holdout_columns, holdout_warnings, winner_line
+
+    best = comparison["best"]
+    held_out = any(row.get("source_holdout") for row in best.values())
+    rows = [
+        [model, row["ref"] + (" *" if row.get("production") else ""), format_number(row["val_score"]),
+         format_number(row["test_accuracy"]), format_number(row["test_macro_f1"]), row["parameters"],
+         f"{row['train_images_per_s'] or 0:.0f}", row["epochs_run"]]
+        + ([format_cell(holdout_columns(row)[k]) for k in ("random-split accuracy", "held-out accuracy")]
+           if held_out else [])
+        for model, row in best.items()
+    ]  # fmt: skip
+    header = ["architecture", "registered", "val F1", "test acc", "test F1", "params", "img/s", "epochs"]
+    header += ["random-split acc", "held-out acc"] if held_out else []
+    lines = [winner_line(best), format_table(header, rows)]
+    lines += [f"WARNING: {line}" for line in holdout_warnings(best)]
+    lines.append(f"production (*): {comparison['production']}")
+    stopped = sum(1 for t in comparison["trials"] if t["stopped_early"])
+    failed = [t for t in comparison["trials"] if t["error"]]
+    lines.append(
+        f"trials: {len(comparison['trials'])} ({stopped} stopped early by ASHA, {len(failed)} failed)"
+    )
+    lines += [f"failed trial {t['trial_id']} ({t['model']}): {t['error']}" for t in failed]
+    lines += [f"{name}: {path}" for name, path in comparison["reports"].items()]
+    return "\n".join(lines)
+
+
+def format_scan(scan: LayoutScan, skip_unmapped: bool = False) -> str:
+    """Human-readable `cxr data check` output; images without a class close it, as ingest would treat them
+    (stop, or with `skip_unmapped` leave them out)."""
+    data = scan.to_dict()
+    columns = [
+        ("images", "images"), ("masks", "masks"), ("pairs", "pairs"), ("no mask", "images_without_mask"),
+        ("orphan masks", "masks_without_image"), ("unreadable", "unreadable"),
+        ("duplicates", "exact_duplicates"), ("meta ok", "metadata_matched"),
+        ("meta unmatched", "metadata_unmatched"),
+    ]  # fmt: skip
+    rows = [[name] + [report[key] for _, key in columns] for name, report in data["classes"].items()]
+    rows.append(["total"] + [data["totals"][key] for _, key in columns])
+    out = [f"dataset: {scan.root}", format_table(["class"] + [title for title, _ in columns], rows)]
+    out.append("sources (images): " + ", ".join(f"{name} {n}" for name, n in scan.sources.items()))
+    out += _label_file_lines(data, scan.root)
+    for folder in scan.unknown_folders:
+        out.append(f"folder with no class and no images (skipped): {folder}")
+    for item in scan.unreadable:
+        out.append(f"unreadable: {item['path']}: {item['reason']}")
+    for group in scan.duplicate_groups:
+        out.append("identical files: " + ", ".join(group))
+    for path in scan.orphan_masks[:20]:
+        out.append(f"mask without image: {path}")
+    for sheet, names in scan.unmatched_metadata.items():
+        out.append(f"{sheet}: {len(names)} rows name no image (e.g. {', '.join(names[:3])})")
+    refusal = scan.refusal()
+    if refusal and not skip_unmapped:
+        out.append(refusal)
+    elif refusal:
+        out += _left_out_lines(data, scan.root)
+    return "\n".join(out)
+
+
+def format_ingest_report(report: dict[str, Any]) -> str:
+    """Human-readable summary of an ingest report."""
+    rows = [
+        [label, *counts.values(), sum(counts.values())] for label, counts in report["by_class_split"].items()
+    ]
+    lines = [
+        f"ingested {report['ingested']} of {report['found']} images into {report['out']} "
+        f"in {report['seconds']:.1f}s (fingerprint {report['fingerprint']})",
+        format_table(["class", "train", "val", "test", "total"], rows),
+        f"without mask: {report['without_mask']}; duplicate groups: {report['duplicates']['groups']} "
+        f"({report['duplicates']['images_in_groups']} images, each group kept within one split)",
+    ]
+    held_out = set(report["test_sources"])
+    rows = [
+        [source + (" (held out)" if source in held_out else ""), *counts.values(), sum(counts.values())]
+        for source, counts in report["by_source_split"].items()
+    ]
+    lines.append(format_table(["source", "train", "val", "test", "total"], rows))
+    labels, raw = report["labels"], report["raw"]
+    lines += _left_out_lines(labels, raw) + _label_file_lines(labels, raw)
+    for item in report["rejected"]:
+        lines.append(f"rejected: {item['path']}: {item['reason']}")
+    for item in report["mask_problems"]:
+        lines.append(f"mask ignored: {item['path']}: {item['reason']}")
+    lines += [f"warning: {warning}" for warning in report["warnings"]]
+    return "\n".join(lines)
+
+
+def _left_out_lines(labels: dict[str, Any], root: str) -> list[str]:
+    """The images --skip-unmapped leaves out: labels mapping to no class, or to two."""
+    from cxrcore.data.layout import format_paths
+
+    lines = [
+        f"left out, label {label!r} maps to no class ({len(paths)}): {format_paths(paths, root)}"
+        for label, paths in labels["unmapped"].items()
+    ]
+    if conflicting := list(labels["conflicting_labels"]):
+        lines.append(f"left out, labels of 2 classes ({len(conflicting)}): {format_paths(conflicting, root)}")
+    return lines
+
+
+def _label_file_lines(labels: dict[str, Any], root: str) -> list[str]:
+    """Which label file and columns were read, its files not in RAW, and RAW's images it does not name."""
+    from cxrcore.data.layout import format_paths
+
+    used = labels["label_file"]
+    if not used:
+        return []
+    source = f"sources from {used['url_column']!r}" if used["url_column"] else "no URL column: source unknown"
+    columns = f"files from {used['file_column']!r}, labels from {used['label_column']!r}, {source}"
+    lines = [f"label file: {used['path']} ({columns})"]
+    if missing := labels["missing_files"]:
+        lines.append(f"named in the label file but not found ({len(missing)}): {format_paths(missing, root)}")
+    if unlabelled := labels["unlabelled"]:
+        lines.append(f"not in the label file, skipped ({len(unlabelled)}): {format_paths(unlabelled, root)}")
+    return lines
