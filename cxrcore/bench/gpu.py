@@ -70,13 +70,15 @@ def benchmark_gpu(config: BenchmarkConfig, through_ray: bool = True) -> Section:
     backend = "inductor" if device.type == "cuda" else "eager"
     with tempfile.TemporaryDirectory(prefix="cxr-bench-gpu-", dir=config.work_dir) as work:
         with torch.backends.cudnn.flags(enabled=True, benchmark=True):  # the limit: cuDNN picks its kernels
-            limit, checkpoint = train_limit(plan, device, backend, Path(work) / "limit")
+            limit, checkpoint, compile_error = train_limit(plan, device, backend, Path(work) / "limit")
         if device.type == "cuda":
             torch.cuda.empty_cache()  # leave the GPU's memory to the Ray Train workers
         ray = train_through_ray(config, plan, Path(work)) if through_ray else None
         with torch.backends.cudnn.flags(enabled=True, benchmark=True):
-            inference = measure_inference(checkpoint, plan, device, backend)
-    return gpu_section(plan, device.type, backend, limit, ray, inference)
+            inference = measure_inference(
+                checkpoint, plan, device, backend if compile_error is None else None
+            )
+    return gpu_section(plan, device.type, backend, limit, ray, inference, compile_error)
 
 
 def gpu_section(
@@ -86,8 +88,9 @@ def gpu_section(
     limit: dict[str, dict[str, float]],
     ray: dict[str, Any] | None,
     inference: dict[str, Any],
+    compile_error: str | None = None,
 ) -> Section:
-    """The gpu section's tables from its measurements."""
+    """The gpu section's tables from its measurements; `compile_error` says why torch.compile failed."""
     best = max(limit, key=lambda name: limit[name]["images_per_s"])
     target = TARGET if device == "cuda" else None
     rows = [Row(f"training, data on the {device}, best ({best})", limit[best]["images_per_s"], "images/s",
@@ -128,6 +131,12 @@ def gpu_section(
         "Inference: `Predictor.predict_proba` as Serve calls it (uint8 images resized on the CPU, fp32) vs "
         "the bare model forward on a batch already on the device.",
     ]
+    if compile_error:
+        notes.append(f"torch.compile failed, so every figure is eager: {compile_error}")
+    elif inference.get("compile_error"):
+        notes.append(
+            f"torch.compile failed for the inference forward, which is eager: {inference['compile_error']}"
+        )
     if ray is None:
         notes.append("The Ray Data → Ray Train path was not run here (its code is the train section's).")
     elif ray["ddp"] is None:
@@ -141,6 +150,7 @@ def gpu_section(
         details={
             "plan": dataclasses.asdict(plan),
             "compile_backend": backend,
+            "compile_error": compile_error,
             "limit": limit,
             "ray": ray,
             "inference": inference,
@@ -150,10 +160,12 @@ def gpu_section(
 
 def train_limit(
     plan: GpuPlan, device: Any, backend: str, checkpoint_dir: Path
-) -> tuple[dict[str, dict[str, float]], Path]:
+) -> tuple[dict[str, dict[str, float]], Path, str | None]:
     """Images/s of cxr's training step on batches already on `device`: eager and compiled, augmented or not.
 
-    Returns the figures and a checkpoint of the trained model (for the inference measurement).
+    Returns the figures, a checkpoint of the trained model (for the inference measurement) and, where
+    `torch.compile` failed (inductor needs Triton and a C compiler on the machine), why: the figures are
+    then the eager ones, and one missing tool does not cost the whole table.
     """
     import torch
 
@@ -168,6 +180,7 @@ def train_limit(
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     batches = _device_batches(plan, device)
     figures: dict[str, dict[str, float]] = {}
+    compile_error = None
     for compiled in (False, True):
         net = torch.compile(model, backend=backend) if compiled else model
         for augmented in (True, False):
@@ -180,12 +193,18 @@ def train_limit(
                 )  # fmt: skip
 
             started = time.perf_counter()
-            epoch(plan.warmup_steps)
+            try:
+                epoch(plan.warmup_steps)
+            except Exception as error:
+                if not compiled:
+                    raise
+                compile_error = _failure(error)
+                break
             warmup = time.perf_counter() - started
             result = epoch(plan.steps)
             figures[name] = {"images_per_s": result.count / result.seconds, "warmup_s": warmup}
     card = ModelCard(model=get_build_args(model), input_spec=spec.to_dict(), data={"size": plan.size})
-    return figures, save_checkpoint(checkpoint_dir, model, card)
+    return figures, save_checkpoint(checkpoint_dir, model, card), compile_error
 
 
 def train_through_ray(config: BenchmarkConfig, plan: GpuPlan, work: Path) -> dict[str, Any]:
@@ -211,8 +230,9 @@ def train_through_ray(config: BenchmarkConfig, plan: GpuPlan, work: Path) -> dic
     return {"devices": devices, "one_worker": one, "ddp": ddp}
 
 
-def measure_inference(checkpoint: Path, plan: GpuPlan, device: Any, backend: str) -> dict[str, Any]:
-    """Images/s of `Predictor.predict_proba` on uint8 images vs the bare bf16 forward, at one batch size."""
+def measure_inference(checkpoint: Path, plan: GpuPlan, device: Any, backend: str | None) -> dict[str, Any]:
+    """Images/s of `Predictor.predict_proba` on uint8 images vs the bare bf16 forward (eager, and compiled
+    with `backend` unless it is None), at one batch size."""
     import numpy as np
     import torch
 
@@ -225,21 +245,27 @@ def measure_inference(checkpoint: Path, plan: GpuPlan, device: Any, backend: str
     model = predictor.model.to(memory_format=torch.channels_last)
     inputs = torch.randn(plan.inference_batch, 1, plan.size, plan.size, device=device)
     inputs = inputs.to(memory_format=torch.channels_last)
-    forwards = {"eager": model, "compiled": torch.compile(model, backend=backend)}
-    rates = {}
+    forwards = {"eager": model, **({"compiled": torch.compile(model, backend=backend)} if backend else {})}
+    rates, compile_error = {}, None
     for name, net in forwards.items():
 
         def forward(net: Any = net) -> Any:
             with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16):
                 return net(inputs)
 
-        rates[name] = _rate(forward, plan, device)
+        try:
+            rates[name] = _rate(forward, plan, device)
+        except Exception as error:
+            if name == "eager":
+                raise
+            compile_error = _failure(error)
     best = max(rates, key=rates.__getitem__)
     return {
         "predictor_images_per_s": predictor_rate,
         "forward_images_per_s": rates[best],
         "forward_images_per_s_by_mode": rates,
         "compiled": best == "compiled",
+        "compile_error": compile_error,
     }
 
 
@@ -255,6 +281,12 @@ def _rate(call: Callable[[], Any], plan: GpuPlan, device: Any) -> float:
         calls += 1
     _sync(device)
     return calls * plan.inference_batch / (time.perf_counter() - started)
+
+
+def _failure(error: BaseException) -> str:
+    """One line on why a step failed: the exception's type and the first line of its message."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {first[:300]}"
 
 
 def _device_batches(plan: GpuPlan, device: Any, count: int = 4) -> list[dict[str, Any]]:

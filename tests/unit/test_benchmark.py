@@ -162,6 +162,35 @@ def test_gpu_section_code_path_on_cpu(tmp_path: Path) -> None:
     assert section.details["inference"]["predictor_images_per_s"] > 0
 
 
+def test_gpu_section_reports_eager_figures_when_torch_compile_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A GPU machine without a C compiler (inductor's need) still gets its table, saying why it is eager."""
+    import torch
+
+    class Uncompiled(torch.nn.Module):
+        """What torch.compile returns on such a machine: a module whose first call fails to compile."""
+
+        def __init__(self, model: torch.nn.Module, **_: Any) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, *args: Any) -> Any:
+            raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.\nmore")
+
+    monkeypatch.setattr(torch, "compile", Uncompiled)
+    config = BenchmarkConfig("gpu", quick=True, device="cpu", out=str(tmp_path), work_dir=str(tmp_path))
+    with one_torch_thread():
+        section = benchmark_gpu(config, through_ray=False)
+    why = "RuntimeError: Failed to find C compiler. Please specify via CC environment variable."
+    assert set(section.details["limit"]) == {"eager", "eager, no augmentation"}
+    assert section.details["compile_error"] == why
+    assert section.details["inference"]["compiled"] is False
+    assert set(section.details["inference"]["forward_images_per_s_by_mode"]) == {"eager"}
+    assert f"torch.compile failed, so every figure is eager: {why}" in section.notes
+    assert section.rows[0].measure.startswith("training, data on the cpu, best (eager")
+
+
 def _http(batch: int, concurrency: int, p50: float, rate: float, **more: float) -> dict[str, float]:
     return {"max_batch_size": batch, "concurrency": concurrency, "p50_ms": p50, "p99_ms": 2 * p50,
             "requests_per_s": rate, **more}  # fmt: skip
