@@ -12,7 +12,7 @@ import shlex
 import time
 from collections.abc import Callable
 
-from cxrcore.bench.gpu import benchmark_gpu, check_device
+from cxrcore.bench.gpu import benchmark_gpu, check_device, ray_installed
 from cxrcore.bench.ingest import benchmark_ingest
 from cxrcore.bench.report import Report, Section, load_average, machine_info
 from cxrcore.bench.serve import benchmark_serve
@@ -32,24 +32,31 @@ TITLES = {
 def run_benchmarks(config: BenchmarkConfig) -> Report:
     """Run the sections `config` asks for, rewriting OUT/benchmark.{json,md} after each, so a long run keeps
     what it has measured whatever happens later."""
-    import ray
     import torch
 
     if config.what == "gpu":
         check_device(config.device)  # before anything runs
     report = Report(machine_info(), {"command": command(config), **to_dict(config)})
-    started_ray = not ray.is_initialized()
+    started_ray = ray_installed() and not _ray_running()
     for name in config.sections():
         if name == "gpu" and config.device == "cuda" and not torch.cuda.is_available():
             section = Section(name, TITLES[name], skipped="no CUDA device visible on this machine")
         else:
-            if name == "serve" and started_ray and ray.is_initialized():
+            if name == "serve" and started_ray and _ray_running():
                 # serve.benchmark starts a Ray of its own; two on one machine would share its cores.
+                import ray
+
                 ray.shutdown()
             section = _run_section(name, config)
         report.sections.append(section)
         report.write(config.out)
     return report
+
+
+def _ray_running() -> bool:
+    import ray
+
+    return bool(ray.is_initialized())
 
 
 def _run_section(name: str, config: BenchmarkConfig) -> Section:

@@ -61,10 +61,16 @@ def check_device(device: str) -> None:
 
 
 def benchmark_gpu(config: BenchmarkConfig, through_ray: bool = True) -> Section:
-    """The limit, cxr's Ray path (skipped when `through_ray` is False) and inference, as one section."""
+    """The limit, cxr's Ray path (skipped when `through_ray` is False, or Ray is not installed) and
+    inference, as one section."""
     import torch
 
     check_device(config.device)
+    without_ray = None if through_ray else "its code is the train section's"
+    if through_ray and not ray_installed():
+        # A GPU machine lent with torch but not Ray (its wheel is larger than what such a machine can be
+        # sent) still measures the limit, which is the target, and inference.
+        without_ray = "Ray is not installed on this machine"
     plan = QUICK if config.quick else FULL
     device = torch.device(config.device)
     backend = "inductor" if device.type == "cuda" else "eager"
@@ -73,12 +79,12 @@ def benchmark_gpu(config: BenchmarkConfig, through_ray: bool = True) -> Section:
             limit, checkpoint, compile_error = train_limit(plan, device, backend, Path(work) / "limit")
         if device.type == "cuda":
             torch.cuda.empty_cache()  # leave the GPU's memory to the Ray Train workers
-        ray = train_through_ray(config, plan, Path(work)) if through_ray else None
+        ray = train_through_ray(config, plan, Path(work)) if without_ray is None else None
         with torch.backends.cudnn.flags(enabled=True, benchmark=True):
             inference = measure_inference(
                 checkpoint, plan, device, backend if compile_error is None else None
             )
-    return gpu_section(plan, device.type, backend, limit, ray, inference, compile_error)
+    return gpu_section(plan, device.type, backend, limit, ray, inference, compile_error, without_ray)
 
 
 def gpu_section(
@@ -89,8 +95,10 @@ def gpu_section(
     ray: dict[str, Any] | None,
     inference: dict[str, Any],
     compile_error: str | None = None,
+    without_ray: str | None = None,
 ) -> Section:
-    """The gpu section's tables from its measurements; `compile_error` says why torch.compile failed."""
+    """The gpu section's tables from its measurements; `compile_error` says why torch.compile failed, and
+    `without_ray` why the Ray path was not run (where `ray` is None)."""
     best = max(limit, key=lambda name: limit[name]["images_per_s"])
     target = TARGET if device == "cuda" else None
     rows = [Row(f"training, data on the {device}, best ({best})", limit[best]["images_per_s"], "images/s",
@@ -138,7 +146,7 @@ def gpu_section(
             f"torch.compile failed for the inference forward, which is eager: {inference['compile_error']}"
         )
     if ray is None:
-        notes.append("The Ray Data → Ray Train path was not run here (its code is the train section's).")
+        notes.append(f"The Ray Data → Ray Train path was not run here: {without_ray or 'not asked for'}.")
     elif ray["ddp"] is None:
         notes.append(f"DDP: {ray['devices']} GPU(s) visible, nothing to spread over; not measured.")
     return Section(
@@ -205,6 +213,15 @@ def train_limit(
             figures[name] = {"images_per_s": result.count / result.seconds, "warmup_s": warmup}
     card = ModelCard(model=get_build_args(model), input_spec=spec.to_dict(), data={"size": plan.size})
     return figures, save_checkpoint(checkpoint_dir, model, card), compile_error
+
+
+def ray_installed() -> bool:
+    """Whether Ray can be imported here."""
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def train_through_ray(config: BenchmarkConfig, plan: GpuPlan, work: Path) -> dict[str, Any]:

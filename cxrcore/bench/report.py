@@ -192,8 +192,14 @@ class Report:
 
 def machine_info() -> dict[str, Any]:
     """What the figures depend on: cores, threads, GPU, versions, and how busy the machine was."""
-    import ray
+    import importlib.metadata
+
     import torch
+
+    try:
+        ray = importlib.metadata.version("ray")
+    except importlib.metadata.PackageNotFoundError:  # a GPU machine with torch alone (the gpu section)
+        ray = "not installed"
 
     cuda = torch.cuda.is_available()
     return {
@@ -204,7 +210,7 @@ def machine_info() -> dict[str, Any]:
         "gpu_count": torch.cuda.device_count() if cuda else 0,
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "ray": ray.__version__,
+        "ray": ray,
         "platform": platform.platform(),
         "load_average": load_average(),
     }

@@ -191,6 +191,26 @@ def test_gpu_section_reports_eager_figures_when_torch_compile_fails(
     assert section.rows[0].measure.startswith("training, data on the cpu, best (eager")
 
 
+def test_gpu_section_runs_its_torch_parts_where_ray_is_not_installed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The lent GPU machine has torch but not Ray: the limit (the target) and inference are still measured."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now fails, as where it is not installed
+    with one_torch_thread():
+        assert main(["benchmark", "gpu", "--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "benchmark.json").read_text())
+    gpu = data["sections"]["gpu"]
+    assert gpu["details"]["ray"] is None and gpu["details"]["limit"]["eager"]["images_per_s"] > 0
+    assert (
+        "The Ray Data → Ray Train path was not run here: Ray is not installed on this machine."
+        in gpu["notes"]
+    )
+    assert [row["measure"].split(",")[0] for row in gpu["rows"]] == ["training", "inference"]  # none via Ray
+    check_report(data, ["gpu"])
+
+
 def _http(batch: int, concurrency: int, p50: float, rate: float, **more: float) -> dict[str, float]:
     return {"max_batch_size": batch, "concurrency": concurrency, "p50_ms": p50, "p99_ms": 2 * p50,
             "requests_per_s": rate, **more}  # fmt: skip
