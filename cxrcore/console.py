@@ -38,15 +38,15 @@ group start-up or "Checkpoint successfully created" lines."""
 
 
 ROUTINE_RAY_LINES: tuple[tuple[str, re.Pattern[str]], ...] = (
-    # The raylet, each time the worker processes reach another multiple of the cores: a Tune trial starts
-    # about nine (its driver, Train's controller, worker, cleaner and dataset actors), so a comparison on a
-    # laptop passes 4× at once. Its advice (fewer actors, no fractional CPUs) is about a design that
-    # is Ray's own here.
+    # The raylet, each time its worker processes pass another multiple (from 4×) of its startup
+    # concurrency, the number of cores: a Tune trial starts about nine (its driver, Train's controller,
+    # worker, cleaner and dataset actors), so a comparison on a 2-core laptop passes 4× in its first
+    # seconds. Its advice (fewer actors, no fractional CPUs) is about a design that is Ray's own here.
     ("raylet", re.compile(r"WARNING: \d+ PYTHON worker processes have been started on node")),
     # Serve's shutdown: the controller kills itself while its own graceful_shutdown call is in flight.
     ("raylet", re.compile(r"Task ServeController\.graceful_shutdown failed")),
-    # Ray Train, after every run that ended normally (each Tune trial): its cleaner removing the run's
-    # placement group.
+    # Ray Train, after every run (each Tune trial): its cleaner removing the run's placement group; a
+    # run that failed says so itself.
     ("PlacementGroupCleaner", re.compile(r"Detected that the Ray Train controller actor \S+ is dead")),
     # Serve's controller, at start, before its logging settings apply: the settings of the throughput
     # mode that cxr turns on (runtime.local_serve_environment), one line each.
