@@ -76,10 +76,10 @@ def filter_routine_ray_lines() -> None:
     if printer is None or getattr(printer, "routine_lines_dropped", False):
         return
 
-    def print_to_stdstream(data: dict[str, Any], ignore_prefix: bool) -> None:
+    def print_to_stdstream(data: dict[str, Any], *args: Any, **kwargs: Any) -> None:
         lines = [line for line in data.get("lines", []) if not is_routine(data, line)]
-        if lines:
-            printer({**data, "lines": lines}, ignore_prefix=ignore_prefix)
+        if lines:  # whatever else Ray passes goes through as it came
+            printer({**data, "lines": lines}, *args, **kwargs)
 
     print_to_stdstream.routine_lines_dropped = True  # type: ignore[attr-defined]
     ray_worker.print_to_stdstream = print_to_stdstream
