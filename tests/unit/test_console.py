@@ -71,3 +71,30 @@ def test_routine_notices_are_dropped_and_everything_else_is_printed(
     _forward([*SERVE_MODE, serve_warning], pid=21011, actor_name="ServeController")
     assert [data["lines"] for data, _ in printed] == [[CLEANER, epoch], [oom], [serve_warning]]
     assert printed[0][0]["actor_name"] == "TrainController" and printed[0][1] is False
+
+
+@pytest.mark.parametrize("quiet", [True, False])
+def test_init_ray_installs_the_filter_before_ray_init_only_when_quiet(
+    quiet: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A quiet cxr command filters from its first line on; `cxr -v` keeps everything Ray prints."""
+    import ray
+    import ray._private.worker as ray_worker
+
+    from cxrcore.console import quiet_ray_console
+    from cxrcore.runtime import init_ray
+
+    def ray_print(data: dict[str, Any], ignore_prefix: bool) -> None: ...
+
+    monkeypatch.setattr(ray_worker, "print_to_stdstream", ray_print)
+    bound: list[Any] = []  # the printer ray.init would bind for the workers' logs
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **_: bound.append(ray_worker.print_to_stdstream))
+    monkeypatch.setattr(ray_worker, "get_dashboard_url", lambda: "127.0.0.1:8265")
+    monkeypatch.delenv("RAY_DATA_LOGGING_CONFIG", raising=False)  # not quiet until quiet_ray_console
+    if quiet:
+        with quiet_ray_console():
+            init_ray("127.0.0.1:6379")
+    else:
+        init_ray("127.0.0.1:6379")
+    assert len(bound) == 1 and (bound[0] is not ray_print) == quiet
