@@ -34,6 +34,7 @@ from cxrcore.data.layout import LayoutError
 from cxrcore.labels import CLASSES
 from cxrcore.registry import ModelRegistry, RegistryError
 from cxrcore.summaries import (
+    format_cell,
     format_comparison,
     format_holdout,
     format_ingest_report,
@@ -359,7 +360,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     if comparison:
         column = f"internal ({comparison['reference']})" if comparison["reference"] else "internal"
         sides = ("internal", "external", "drop")
-        rows = [[name, *(format_number(row[k]) if row[k] is not None else "-" for k in sides)]
+        rows = [[name, *(format_cell(row[k]) for k in sides)]
                 for name, row in comparison["figures"].items()]  # fmt: skip
         print(format_table(["metric", column, "external", "drop"], rows))
         print(("WARNING: " if comparison["large_drop"] else "") + comparison["verdict"])
@@ -396,7 +397,7 @@ def _run_list(args: argparse.Namespace) -> int:
     scores = ("val_accuracy", "val_macro_f1", "val_dice")
     rows = [
         [v.ref, ",".join(v.aliases), v.card.created_at,
-         *(format_number(v.card.metrics[k]) if v.card.metrics.get(k) is not None else "-" for k in scores),
+         *(format_cell(v.card.metrics.get(k)) for k in scores),
          v.card.data.get("fingerprint") or "-"]
         for v in versions
     ]  # fmt: skip
