@@ -12,9 +12,9 @@ import shlex
 import time
 from collections.abc import Callable
 
-from cxrcore.bench.gpu import benchmark_gpu, check_device, ray_installed
+from cxrcore.bench.gpu import benchmark_gpu, check_device
 from cxrcore.bench.ingest import benchmark_ingest
-from cxrcore.bench.report import Report, Section, load_average, machine_info
+from cxrcore.bench.report import Report, Section, load_average, machine_info, ray_installed, ray_running
 from cxrcore.bench.serve import benchmark_serve
 from cxrcore.bench.train import benchmark_train
 from cxrcore.config import BenchmarkConfig, to_dict
@@ -37,12 +37,12 @@ def run_benchmarks(config: BenchmarkConfig) -> Report:
     if config.what == "gpu":
         check_device(config.device)  # before anything runs
     report = Report(machine_info(), {"command": command(config), **to_dict(config)})
-    started_ray = ray_installed() and not _ray_running()
+    started_ray = ray_installed() and not ray_running()
     for name in config.sections():
         if name == "gpu" and config.device == "cuda" and not torch.cuda.is_available():
             section = Section(name, TITLES[name], skipped="no CUDA device visible on this machine")
         else:
-            if name == "serve" and started_ray and _ray_running():
+            if name == "serve" and started_ray and ray_running():
                 # serve.benchmark starts a Ray of its own; two on one machine would share its cores.
                 import ray
 
@@ -51,12 +51,6 @@ def run_benchmarks(config: BenchmarkConfig) -> Report:
         report.sections.append(section)
         report.write(config.out)
     return report
-
-
-def _ray_running() -> bool:
-    import ray
-
-    return bool(ray.is_initialized())
 
 
 def _run_section(name: str, config: BenchmarkConfig) -> Section:

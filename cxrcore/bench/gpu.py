@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cxrcore.bench.data import write_phantoms
-from cxrcore.bench.report import Row, Section, Target
+from cxrcore.bench.report import Row, Section, Target, ray_installed
 from cxrcore.bench.train import ray_train_run
 from cxrcore.config import BenchmarkConfig, ConfigError, IngestConfig, TrainConfig
 
@@ -213,15 +213,6 @@ def train_limit(
             figures[name] = {"images_per_s": result.count / result.seconds, "warmup_s": warmup}
     card = ModelCard(model=get_build_args(model), input_spec=spec.to_dict(), data={"size": plan.size})
     return figures, save_checkpoint(checkpoint_dir, model, card), compile_error
-
-
-def ray_installed() -> bool:
-    """Whether Ray can be imported here."""
-    try:
-        import ray  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def train_through_ray(config: BenchmarkConfig, plan: GpuPlan, work: Path) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from cxrcore.bench.data import sample_raw, write_phantoms
-from cxrcore.bench.report import Row, Section, Target
+from cxrcore.bench.report import Row, Section, Target, ray_running
 from cxrcore.config import BenchmarkConfig, IngestConfig
 
 TARGET = Target("ratio", 1.6)
@@ -60,7 +60,7 @@ def benchmark_ingest(config: BenchmarkConfig) -> Section:
         # another's writeback.
         decode = decode_alone(raw)
         started = time.perf_counter()
-        was_running = _ray_running()
+        was_running = ray_running()
         init_ray(config.address)
         ray_start = time.perf_counter() - started
 
@@ -278,12 +278,6 @@ T = TypeVar("T")
 def _median_run(runs: list[T], key: Callable[[T], float]) -> T:
     """The run with the median time (the lower middle one of an even count)."""
     return sorted(runs, key=key)[(len(runs) - 1) // 2]
-
-
-def _ray_running() -> bool:
-    import ray
-
-    return bool(ray.is_initialized())
 
 
 def _ray_cpus() -> int:

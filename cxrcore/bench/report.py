@@ -216,6 +216,22 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def ray_installed() -> bool:
+    """Whether Ray can be imported here (a GPU machine may have torch alone)."""
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def ray_running() -> bool:
+    """Whether this process is connected to a Ray cluster."""
+    import ray
+
+    return bool(ray.is_initialized())
+
+
 def load_average() -> float | None:
     """The 1-minute load average (runnable processes); None where the platform has none."""
     return round(os.getloadavg()[0], 1) if hasattr(os, "getloadavg") else None
