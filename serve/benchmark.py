@@ -2,7 +2,8 @@
 
 HTTP p50/p99 and requests/s at each client concurrency, with batching on and off (one classifier
 replica, so autoscaling does not blur it), next to the model's direct `predict_proba` throughput at
-its best batch size with the threads of one replica:
+its best batch size with the threads of one replica, measured again just before and after each HTTP
+measurement:
 
     python -m serve.benchmark --registry REG --model production
     python -m serve.benchmark --arch dual_cnn --image-size 128   # untrained weights cost the same
@@ -17,6 +18,8 @@ import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         model = args.model or str(_untrained(Path(work), args.arch, args.image_size))
         upload = _chest_png()
         threads = max(1, int(args.num_cpus))  # Ray gives a replica OMP_NUM_THREADS = its whole CPUs
-        direct = _direct(resolve_model(args.registry, model).checkpoint, upload, threads)
+        limit = DirectLimit(resolve_model(args.registry, model).checkpoint, upload, threads)
+        direct = limit.sweep()
         init_ray(num_cpus=max(os.cpu_count() or 1, 4))  # as `cxr serve` starts it: HAProxy unless told not
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})
         rows: list[dict[str, Any]] = []
@@ -69,8 +73,11 @@ def main(argv: list[str] | None = None) -> int:
                 url = f"http://127.0.0.1:{args.port}/v1/predict"
                 _load(url, upload, requests=20, concurrency=4)  # warm up
                 for concurrency in (int(c) for c in args.concurrency.split(",")):
-                    stats = _load(url, upload, args.requests, concurrency)
-                    rows.append({"max_batch_size": batch_size, "concurrency": concurrency, **stats})
+                    figures = _beside_the_limit(
+                        limit, direct["best_batch"], concurrency == 1,
+                        partial(_load, url, upload, args.requests, concurrency),
+                    )  # fmt: skip
+                    rows.append({"max_batch_size": batch_size, "concurrency": concurrency, **figures})
                 if args.burst and burst is None:
                     burst = {"max_batch_size": batch_size, **_burst(url, upload, args.burst)}
         finally:
@@ -79,12 +86,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model {model}: direct predict_proba, {threads} thread(s): {direct['best']}")
     from cxrcore.bench.serve import CPU_PARTS as parts
 
-    print("max_batch_size  concurrency  p50_ms  p99_ms  req/s   CPU ms per request: " + " ".join(parts))
+    print(
+        "max_batch_size  concurrency  p50_ms  p99_ms  req/s  direct img/s   CPU ms per request: "
+        + " ".join(parts)
+    )
     for row in rows:
         cpu = row["cpu_ms_per_request"]
         print(
             f"{row['max_batch_size']:>14}  {row['concurrency']:>11}  {row['p50_ms']:>6.1f}  "
-            f"{row['p99_ms']:>6.1f}  {row['requests_per_s']:>5.1f}   "
+            f"{row['p99_ms']:>6.1f}  {row['requests_per_s']:>5.1f}  "
+            f"{row['direct_around']['images_per_s']:>12.1f}   "
             + " ".join(f"{part} {cpu[part]:.1f}" for part in parts if cpu.get(part) is not None)
         )
     if burst:
@@ -134,27 +145,65 @@ def _chest_png(size: int = 299) -> bytes:
     return buffer.getvalue()
 
 
-def _direct(checkpoint: Path, upload: bytes, threads: int) -> dict[str, Any]:
-    """Images/s of `Predictor.predict_proba` (segmenter included) per batch size, in this process."""
-    import torch
+class DirectLimit:
+    """`Predictor.predict_proba` (segmenter included) in this process, with the threads of one replica:
+    the limit Serve is measured against.
 
-    from cxrcore.decode import decode_upload
-    from cxrcore.inference import Predictor
+    `sweep` finds the best batch size once; `rate` measures one batch size again, just before and after
+    each HTTP measurement, so that every ratio compares figures taken seconds apart. On a shared 2-core
+    VM the same forward's speed drifts by ±15 % over minutes; a limit measured only at the start of a run
+    put that drift into the ratios.
+    """
 
-    torch.set_num_threads(threads)
-    predictor = Predictor.from_checkpoint(checkpoint)
-    image = decode_upload(upload, "image/png")
-    per_batch: dict[int, float] = {}
-    for batch_size in BATCH_SIZES:
-        images = [image] * batch_size
-        predictor.predict_proba(images)
+    def __init__(self, checkpoint: Path, upload: bytes, threads: int) -> None:
+        import torch
+
+        from cxrcore.decode import decode_upload
+        from cxrcore.inference import Predictor
+
+        torch.set_num_threads(threads)
+        self.predictor = Predictor.from_checkpoint(checkpoint)
+        self.image = decode_upload(upload, "image/png")
+
+    def rate(self, batch_size: int, seconds: float = 1.0) -> float:
+        """Images/s at `batch_size` over about `seconds` (at least 3 batches) after one warm-up batch."""
+        images = [self.image] * batch_size
+        self.predictor.predict_proba(images)
         runs, start = 0, time.perf_counter()
-        while runs < 3 or time.perf_counter() - start < 1.0:
-            predictor.predict_proba(images)
+        while runs < 3 or time.perf_counter() - start < seconds:
+            self.predictor.predict_proba(images)
             runs += 1
-        per_batch[batch_size] = round(runs * batch_size / (time.perf_counter() - start), 1)
-    best = max(per_batch, key=per_batch.__getitem__)
-    return {"images_per_s": per_batch, "best": f"{per_batch[best]} images/s at batch size {best}"}
+        return round(runs * batch_size / (time.perf_counter() - start), 1)
+
+    def sweep(self) -> dict[str, Any]:
+        """Images/s per batch size of BATCH_SIZES, the best of them and where it was reached."""
+        per_batch = {batch_size: self.rate(batch_size) for batch_size in BATCH_SIZES}
+        best = max(per_batch, key=per_batch.__getitem__)
+        return {
+            "images_per_s": per_batch,
+            "best_batch": best,
+            "best": f"{per_batch[best]} images/s at batch size {best}",
+        }
+
+
+def _beside_the_limit(
+    limit: DirectLimit, best: int, one_image: bool, measure: Callable[[], dict[str, Any]]
+) -> dict[str, Any]:
+    """`measure()`'s figures with the limit at batch `best` measured just before and just after it
+    (`direct_around`), and with `one_image` the forward of one image likewise (`direct_one_image_ms`)."""
+    batches = (best, 1) if one_image and best != 1 else (best,)
+    before = {batch: limit.rate(batch) for batch in batches}
+    figures = measure()
+    after = {batch: limit.rate(batch) for batch in batches}
+    figures["direct_around"] = {
+        "batch": best,
+        "before": before[best],
+        "after": after[best],
+        "images_per_s": round((before[best] + after[best]) / 2, 1),
+    }
+    if one_image:
+        figures["direct_one_image_ms"] = round(2000 / (before[1] + after[1]), 2)
+    return figures
 
 
 COMPONENTS = {

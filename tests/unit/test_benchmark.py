@@ -211,16 +211,20 @@ def test_gpu_section_runs_its_torch_parts_where_ray_is_not_installed(
     check_report(data, ["gpu"])
 
 
-def _http(batch: int, concurrency: int, p50: float, rate: float, **more: float) -> dict[str, float]:
+def _http(batch: int, concurrency: int, p50: float, rate: float, **more: Any) -> dict[str, Any]:
+    """One HTTP row; the limit measured around it ran at 210 images/s (and one image in 10 ms)."""
+    around = {"batch": 8, "before": 200.0, "after": 220.0, "images_per_s": 210.0}
+    one_image = {"direct_one_image_ms": 10.0} if concurrency == 1 else {}
     return {"max_batch_size": batch, "concurrency": concurrency, "p50_ms": p50, "p99_ms": 2 * p50,
-            "requests_per_s": rate, **more}  # fmt: skip
+            "requests_per_s": rate, "direct_around": around, **one_image, **more}  # fmt: skip
 
 
 SERVE_SUMMARY = {  # the shape of the JSON line serve/benchmark.py prints last (int keys become strings)
     "model": "/tmp/x/tiny_dual_cnn",
     "direct": {
-        "images_per_s": {"1": 100.0, "8": 220.0, "16": 200.0},
-        "best": "220.0 images/s at batch size 8",
+        "images_per_s": {"1": 125.0, "8": 240.0, "16": 200.0},
+        "best_batch": 8,
+        "best": "240.0 images/s at batch size 8",
     },
     "http": [
         _http(16, 1, 24.0, 38.0),
@@ -243,7 +247,8 @@ def test_serve_section_reads_serve_benchmark_output() -> None:
     section = serve_section(parse_serve_output(SERVE_OUTPUT), "tiny_dual_cnn", 64, 16)
     by_measure = {row.measure: row for row in section.rows}
     at_32 = by_measure["HTTP, concurrency 32, batching on"]
-    assert (at_32.value, at_32.baseline_value, at_32.ratio, at_32.met) == (180.0, 220.0, 180.0 / 220.0, True)
+    # The baseline is the limit measured around the row (210), not the sweep at the start (240).
+    assert (at_32.value, at_32.baseline_value, at_32.ratio, at_32.met) == (180.0, 210.0, 180.0 / 210.0, True)
     assert by_measure["HTTP, concurrency 32, batching off"].met is False
     assert by_measure["HTTP, concurrency 1, batching on"].target is None  # issue 9 sets it at 32
     p50 = by_measure["HTTP p50, concurrency 1, batching off"]
@@ -261,6 +266,31 @@ def test_serve_section_reads_serve_benchmark_output() -> None:
         parse_serve_output("Traceback ...\n")
     command = serve_command("cnn_lstm", 128, 200, 8123)
     assert command[1:3] == ["-m", "serve.benchmark"] and "1,8,32" in command and "8123" in command
+
+
+def test_each_http_figure_has_the_limit_measured_just_before_and_after_it() -> None:
+    from serve.benchmark import _beside_the_limit
+
+    events: list[str] = []
+    rates = {8: iter([200.0, 220.0]), 1: iter([90.0, 110.0])}
+
+    class Limit:
+        def rate(self, batch_size: int) -> float:
+            events.append(f"limit {batch_size}")
+            return next(rates[batch_size])
+
+    def measure() -> dict[str, Any]:
+        events.append("http")
+        return {"requests_per_s": 150.0}
+
+    figures = _beside_the_limit(Limit(), 8, True, measure)  # type: ignore[arg-type]
+    assert events == ["limit 8", "limit 1", "http", "limit 8", "limit 1"]
+    assert figures["direct_around"] == {"batch": 8, "before": 200.0, "after": 220.0, "images_per_s": 210.0}
+    assert figures["direct_one_image_ms"] == 10.0 and figures["requests_per_s"] == 150.0
+    events.clear()
+    rates[8] = iter([100.0, 100.0])
+    assert "direct_one_image_ms" not in _beside_the_limit(Limit(), 8, False, measure)  # type: ignore[arg-type]
+    assert events == ["limit 8", "http", "limit 8"]
 
 
 def test_run_epoch_measures_the_wait_for_data() -> None:
