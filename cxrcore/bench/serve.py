@@ -90,7 +90,6 @@ def serve_section(
     via = "" if proxy == DEFAULT_PROXY else f" via {proxy}"
     direct = {int(batch): float(rate) for batch, rate in result["direct"]["images_per_s"].items()}
     best = max(direct, key=direct.__getitem__)
-    one_image_ms = 1000.0 / direct[1] if 1 in direct else None
     limit = f"direct predict_proba, batch {best}, {REPLICA_CPUS} thread, just before and after"
     rows, breakdown = [], []
     for http in result["http"]:
@@ -157,7 +156,6 @@ def serve_section(
         details={
             "serve_benchmark": result,
             "best_direct_batch": best,
-            "one_image_ms": one_image_ms,
             "proxy": proxy,
         },
     )
