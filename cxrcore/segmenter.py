@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from cxrcore.checkpoint import load_model
 from cxrcore.data.batches import normalize_image
@@ -22,9 +21,11 @@ MaskSource = Callable[[torch.Tensor], torch.Tensor]
 """Predicts 0/1 masks (B, 1, S, S) from [0, 1] images (B, 1, S, S): the segmenter fallback."""
 
 
-def predict_masks(model: nn.Module, spec: InputSpec, unit_images: torch.Tensor) -> torch.Tensor:
+def predict_masks(
+    model: Callable[[torch.Tensor], torch.Tensor], spec: InputSpec, unit_images: torch.Tensor
+) -> torch.Tensor:
     """0/1 masks (B, 1, S, S) for [0, 1] images (B, 1, S, S) of any size S, from a segmentation model in
-    eval mode: the images resized to its input size, its masks back to S."""
+    eval mode (or its graph): the images resized to its input size, its masks back to S."""
     size = unit_images.shape[-1]
     x = unit_images
     if size != spec.image_size:

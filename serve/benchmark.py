@@ -162,7 +162,7 @@ class DirectLimit:
         from cxrcore.inference import Predictor
 
         torch.set_num_threads(threads)
-        self.predictor = Predictor.from_checkpoint(checkpoint)
+        self.predictor = Predictor.from_checkpoint(checkpoint, graph=True)
         self.image = decode_upload(upload, "image/png")
 
     def rate(self, batch_size: int, seconds: float = 1.0) -> float:

@@ -218,7 +218,9 @@ class Segmenter:
     def _load(self, checkpoint: str) -> Any:
         from cxrcore.inference import Predictor
 
-        predictor = Predictor.from_checkpoint(resolve_segmenter(self._registry, checkpoint), self._device)
+        predictor = Predictor.from_checkpoint(
+            resolve_segmenter(self._registry, checkpoint), self._device, graph=True
+        )
         if predictor.spec.task != "segment":
             raise ValueError(f"{checkpoint} holds a {predictor.spec.task} model, not a lung segmenter")
         self._predictors[checkpoint] = predictor
@@ -345,7 +347,7 @@ class Classifier:
 
         resolved = resolve_model(self._registry, ref)
         model, card = load_model(resolved.checkpoint, self._device)
-        predictor = Predictor(model, card, self._device)
+        predictor = Predictor(model, card, self._device, graph=True)
         if predictor.spec.task != "classify":
             raise ValueError(f"{resolved.ref} is a {predictor.spec.task} model, not a classifier")
         if predictor.needs_mask:
@@ -355,5 +357,5 @@ class Classifier:
             if self._segmenter is not None:  # which resolves what the card names on its own node
                 predictor.segmenter = SegmenterClient(self._segmenter, card.segmenter, loop)
             else:
-                predictor.segmenter = Predictor.from_checkpoint(segmenter, self._device)
+                predictor.segmenter = Predictor.from_checkpoint(segmenter, self._device, graph=True)
         return _Served(requested=ref, resolved=resolved, predictor=predictor)
