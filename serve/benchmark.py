@@ -36,7 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, help="input size of the untrained model (default: its own)")
     parser.add_argument("--requests", type=int, default=200, help="requests per measurement")
     parser.add_argument("--concurrency", default="1,16", help="client threads, comma-separated")
-    parser.add_argument("--batch-size", type=int, default=16, help="max_batch_size when batching is on")
+    parser.add_argument(
+        "--batch-size", type=int, default=0, help="max_batch_size when batching is on (default: the app's)"
+    )
     parser.add_argument("--num-cpus", type=float, default=1.0, help="CPUs of each model replica")
     parser.add_argument("--port", type=int, default=8011)
     parser.add_argument("--burst", type=int, default=0, help="then send this many requests at once")
@@ -49,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     from cxrcore.runtime import init_ray
     from serve.app import build_app
     from serve.deployments import resolve_model
-    from serve.schemas import ServeArgs
+    from serve.schemas import MAX_BATCH_SIZE, ServeArgs
     from serve.server import shutdown_serve
 
     with tempfile.TemporaryDirectory() as work:
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         rows: list[dict[str, Any]] = []
         burst: dict[str, Any] | None = None
         try:
-            for batch_size in (args.batch_size, 1):
+            for batch_size in (args.batch_size or MAX_BATCH_SIZE["cpu"], 1):
                 app_args = ServeArgs(
                     registry=args.registry, model=model, num_cpus=args.num_cpus, max_replicas=1,
                     max_batch_size=batch_size, max_ongoing_requests=max(32, batch_size),

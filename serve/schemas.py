@@ -8,12 +8,22 @@ from cxrcore.labels import CLASSES
 
 _PROBABILITY = {"type": "number", "minimum": 0, "maximum": 1}
 
+MAX_BATCH_SIZE = {"cpu": 8, "cuda": 16}
+"""The default max_batch_size by the replica's device. On a CPU thread a convolution's activations
+outgrow the core's cache as the batch grows, so images/s fall past a few images a batch (cnn_lstm at
+128 px, one thread: 102-107 images/s at batch 1-2, 97 at 4 and 8, 87 at 16, 68 at 32), while each
+batch saves Serve's per-call work. One cnn_lstm replica at concurrency 32 answered 69.7-75.8 requests/s
+with batches of up to 8, 57.3-64.3 with 4 and 48.6-60.1 with 16 (53-55 with batching off in the same
+runs); dual_cnn with its U-Net 8.9 with 8, 7.8-8.4 with 4 and 8.4-9.0 with 16 (cxrcore/bench/README.md).
+A GPU is left at 16, as before: unmeasured here, and it wants larger batches."""
+
 
 class ServeArgs(BaseModel):
     """Arguments of `serve.app:build_app`: `args:` in serve/config.yaml, or the flags of `cxr serve`.
 
-    >>> ServeArgs(registry="cxr-demo/registry", model="dual_cnn:3").max_upload_mb
-    20.0
+    >>> args = ServeArgs(registry="cxr-demo/registry", model="dual_cnn:3")
+    >>> args.max_upload_mb, args.max_batch_size, ServeArgs(num_gpus=1).max_batch_size
+    (20.0, 8, 16)
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -42,7 +52,10 @@ class ServeArgs(BaseModel):
     )
     look_back_period_s: float = Field(default=30.0, gt=0, description="window the load is averaged over")
     max_batch_size: int = Field(
-        default=16, ge=1, description="images per forward pass (1 turns batching off)"
+        default=0,
+        ge=0,
+        description="images per forward pass at most (1 turns batching off; 0: 8 on a CPU replica, "
+        "16 on a GPU)",
     )
     batch_wait_timeout_s: float = Field(
         default=0.0,
@@ -67,6 +80,8 @@ class ServeArgs(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "ServeArgs":
+        if not self.max_batch_size:
+            self.max_batch_size = MAX_BATCH_SIZE[self.device]
         if self.max_replicas < self.min_replicas:
             raise ValueError(
                 f"max_replicas ({self.max_replicas}) must be >= min_replicas ({self.min_replicas})"

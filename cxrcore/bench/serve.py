@@ -19,7 +19,8 @@ from cxrcore.bench.report import Row, Section, Target
 from cxrcore.config import BenchmarkConfig
 
 CONCURRENCY = (1, 8, 32)
-MAX_BATCH_SIZE = 16
+MAX_BATCH_SIZE = 8
+"""max_batch_size when batching is on: a CPU replica's default (serve.schemas.MAX_BATCH_SIZE)."""
 REPLICA_CPUS = 1
 TIMEOUT_S = {False: 1800.0, True: 300.0}
 """The child process's time limit: full run, --quick."""
@@ -32,7 +33,7 @@ LATENCY_TARGET = Target("added", 10.0, at_most=True)
 
 
 def serve_command(model: str, size: int, requests: int, port: int) -> list[str]:
-    """The `serve.benchmark` run: one replica, batching on (max_batch_size 16) then off, at 1, 8, 32."""
+    """The `serve.benchmark` run: one replica, batching on (max_batch_size 8) then off, at 1, 8, 32."""
     return [
         sys.executable, "-m", "serve.benchmark", "--arch", model, "--image-size", str(size),
         "--requests", str(requests), "--concurrency", ",".join(map(str, CONCURRENCY)),

@@ -45,6 +45,18 @@ def test_bad_args_are_refused_naming_the_field(overrides: dict, match: str) -> N
         ServeArgs.model_validate(overrides)
 
 
+def test_max_batch_size_defaults_by_device_and_a_given_one_is_kept() -> None:
+    from cxrcore.bench.serve import MAX_BATCH_SIZE as BENCHMARKED
+    from serve.schemas import MAX_BATCH_SIZE
+
+    assert ServeArgs().max_batch_size == MAX_BATCH_SIZE["cpu"] == BENCHMARKED  # the benchmark measures it
+    assert ServeArgs(num_gpus=0.5).max_batch_size == MAX_BATCH_SIZE["cuda"]
+    assert ServeArgs(max_batch_size=1).max_batch_size == 1  # batching off stays off
+    assert ServeArgs(max_batch_size=24).max_batch_size == 24
+    with pytest.raises(ValidationError, match="max_batch_size"):
+        ServeArgs(max_batch_size=-1)
+
+
 def test_checkpoint_folders_resolve_without_a_registry(tmp_path: Path) -> None:
     checkpoints = write_checkpoints(tmp_path)
     dual = resolve_model(None, str(checkpoints.dual))
