@@ -11,7 +11,7 @@ _PROBABILITY = {"type": "number", "minimum": 0, "maximum": 1}
 MAX_BATCH_SIZE = {"cpu": 8, "cuda": 16}
 """The default max_batch_size by the replica's device. On a CPU thread a convolution's activations
 outgrow the core's cache as the batch grows, so images/s fall past a few images a batch (cnn_lstm at
-128 px, one thread: 102-107 images/s at batch 1-2, 97 at 4 and 8, 87 at 16, 68 at 32), while each
+128 px, one thread, one run: 102-107 images/s at batch 1-2, 97 at 4 and 8, 87 at 16, 68 at 32), while each
 batch saves Serve's per-call work. One cnn_lstm replica at concurrency 32 answered 69.7-75.8 requests/s
 with batches of up to 8, 57.3-64.3 with 4 and 48.6-60.1 with 16 (53-55 with batching off in the same
 runs); dual_cnn with its U-Net 8.9 with 8, 7.8-8.4 with 4 and 8.4-9.0 with 16 (cxrcore/bench/README.md).
