@@ -124,7 +124,10 @@ def serve_section(
     notes = [
         f"Model: untrained {model} at {size} px (a trained one costs the same), one classifier replica with "
         f"{REPLICA_CPUS} CPU, {requests} requests per measurement from threads each waiting for its answer; "
-        f"uploads are 299 px PNGs. Batching on: max_batch_size {MAX_BATCH_SIZE}.",
+        f"uploads are 299 px PNGs. Batching on: max_batch_size {MAX_BATCH_SIZE}. Requests/s are taken while "
+        "every client has a request in flight: from the answer after the first `concurrency` to the last "
+        "`concurrency` (`serve.benchmark.steady_rate`; the JSON keeps `requests_per_s_overall`, first "
+        "request to last answer), as the limit runs full batches throughout.",
         f"The limit: `Predictor.predict_proba` in one process with {REPLICA_CPUS} thread, as a replica has; "
         f"images/s per batch size at the start: {sweep}. Each HTTP figure's baseline is the best of them "
         f"(batch {best}; batch 1 for the p50 rows) measured again for a second just before and just after "

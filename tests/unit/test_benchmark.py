@@ -388,6 +388,18 @@ class _Answers:
         self.server.server_close()
 
 
+def test_serve_throughput_is_taken_while_every_client_has_a_request_in_flight() -> None:
+    """The answers of the queue's filling and of the part-full tail are left out of requests/s."""
+    from serve.benchmark import steady_rate
+
+    # Concurrency 4: the first four answers and the last four come 1 s apart, the rest 0.1 s apart.
+    ends = [1.0, 2.0, 3.0, 4.0, *(4.0 + 0.1 * i for i in range(1, 11)), 6.0, 7.0, 8.0, 9.0]
+    assert steady_rate(ends, 4, start=0.0) == pytest.approx(10.0)  # 10 answers in the 1 s between
+    assert steady_rate(list(reversed(ends)), 4, start=0.0) == pytest.approx(10.0)  # in any order
+    assert steady_rate(ends, 1, start=0.0) == pytest.approx(16 / 7.0)  # 1: the 1st to the 17th
+    assert steady_rate([1.0, 2.0, 3.0], 4, start=0.0) == pytest.approx(1.0)  # too few: all, from the start
+
+
 def test_serve_load_generator_counts_answers_and_refuses_a_run_with_failures(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -402,6 +414,7 @@ def test_serve_load_generator_counts_answers_and_refuses_a_run_with_failures(
     finally:
         ok.close()
     assert stats["requests_per_s"] > 0 and 0 < stats["p50_ms"] <= stats["p99_ms"]
+    assert stats["requests_per_s_overall"] > 0
     assert stats["cpu_ms_per_request"]["client"] is not None
 
     failing = _Answers(fail_after=5)
