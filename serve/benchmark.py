@@ -358,7 +358,7 @@ def steady_rate(ends: list[float], concurrency: int, start: float) -> float:
     last `concurrency` answers then arrive with ever fewer requests in flight (at 32 the final batches
     run part-full), and the first ones while the server's queue first fills. The direct limit runs
     full batches throughout, so the HTTP figure is taken over the same steady state. With too few
-    requests for a window (2 × concurrency + 1 or fewer), all of them from `start`.
+    requests for a window (2 × concurrency or fewer), all of them from `start`.
     """
     ends = sorted(ends)
     first, last = concurrency - 1, len(ends) - concurrency - 1
