@@ -19,8 +19,6 @@ from cxrcore.bench.report import Row, Section, Target
 from cxrcore.config import BenchmarkConfig
 
 CONCURRENCY = (1, 8, 32)
-MAX_BATCH_SIZE = 8
-"""max_batch_size when batching is on: a CPU replica's default (serve.schemas.MAX_BATCH_SIZE)."""
 REPLICA_CPUS = 1
 TIMEOUT_S = {False: 1800.0, True: 300.0}
 """The child process's time limit: full run, --quick."""
@@ -33,11 +31,12 @@ LATENCY_TARGET = Target("added", 10.0, at_most=True)
 
 
 def serve_command(model: str, size: int, requests: int, port: int) -> list[str]:
-    """The `serve.benchmark` run: one replica, batching on (max_batch_size 8) then off, at 1, 8, 32."""
+    """The `serve.benchmark` run: one replica, batching on (the app's default max_batch_size for a CPU
+    replica) then off, at 1, 8, 32."""
     return [
         sys.executable, "-m", "serve.benchmark", "--arch", model, "--image-size", str(size),
         "--requests", str(requests), "--concurrency", ",".join(map(str, CONCURRENCY)),
-        "--batch-size", str(MAX_BATCH_SIZE), "--num-cpus", str(REPLICA_CPUS), "--port", str(port),
+        "--num-cpus", str(REPLICA_CPUS), "--port", str(port),
     ]  # fmt: skip
 
 
@@ -121,10 +120,11 @@ def serve_section(
             ]
         )
     sweep = ", ".join(f"{b}: {r:.0f}" for b, r in sorted(direct.items()))
+    batch_on = max(int(http["max_batch_size"]) for http in result["http"])
     notes = [
         f"Model: untrained {model} at {size} px (a trained one costs the same), one classifier replica with "
         f"{REPLICA_CPUS} CPU, {requests} requests per measurement from threads each waiting for its answer; "
-        f"uploads are 299 px PNGs. Batching on: max_batch_size {MAX_BATCH_SIZE}. Requests/s are taken while "
+        f"uploads are 299 px PNGs. Batching on: max_batch_size {batch_on}. Requests/s are taken while "
         "every client has a request in flight: from the answer after the first `concurrency` to the last "
         "`concurrency` (`serve.benchmark.steady_rate`; the JSON keeps `requests_per_s_overall`, first "
         "request to last answer), as the limit runs full batches throughout.",

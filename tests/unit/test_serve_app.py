@@ -46,10 +46,9 @@ def test_bad_args_are_refused_naming_the_field(overrides: dict, match: str) -> N
 
 
 def test_max_batch_size_defaults_by_device_and_a_given_one_is_kept() -> None:
-    from cxrcore.bench.serve import MAX_BATCH_SIZE as BENCHMARKED
     from serve.schemas import MAX_BATCH_SIZE
 
-    assert ServeArgs().max_batch_size == MAX_BATCH_SIZE["cpu"] == BENCHMARKED  # the benchmark measures it
+    assert ServeArgs().max_batch_size == MAX_BATCH_SIZE["cpu"]
     assert ServeArgs(num_gpus=0.5).max_batch_size == MAX_BATCH_SIZE["cuda"]
     assert ServeArgs(max_batch_size=1).max_batch_size == 1  # batching off stays off
     assert ServeArgs(max_batch_size=24).max_batch_size == 24
