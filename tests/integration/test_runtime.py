@@ -33,15 +33,24 @@ def test_a_serve_app_whose_replica_fits_nowhere_fails_in_bounded_time_naming_the
     from tests.e2e.conftest import free_port
 
     # The session cluster has 4 CPUs. No grace period: Serve would wait 20 s for the replica that never
-    # started before stopping it at shutdown.
+    # started before stopping it at shutdown. Behind an ingress, as the app's model deployments are: Serve
+    # gives an ingress at least its drain period plus 5 s to stop, even one that never started.
     @serve.deployment(ray_actor_options={"num_cpus": 64}, graceful_shutdown_timeout_s=0)
     class Oversized:
-        def __call__(self, request: object) -> str:
+        def predict(self) -> str:
             return "never"
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    class Front:
+        def __init__(self, model: object) -> None:
+            self.model = model
+
+        def __call__(self, request: object) -> str:
+            return "up"
 
     serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
     try:
-        with pytest.raises(RuntimeError, match=r"is not running after 3 s: Oversized: UPDATING"):
-            run_app(Oversized.bind(), timeout_s=3)
+        with pytest.raises(RuntimeError, match=r"is not running after 3 s: .*Oversized: UPDATING"):
+            run_app(Front.bind(Oversized.bind()), timeout_s=3)
     finally:
         shutdown_serve()

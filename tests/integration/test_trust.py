@@ -47,10 +47,12 @@ def _accuracies(checkpoint: str, dataset: str) -> tuple[float, float]:
 def test_eval_mode_model_is_the_trained_model(
     elsewhere: Path, synthetic_dataset: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """After a short, fast-moving run the eval-mode accuracy matches the batch-statistics accuracy.
+    """After a short, fast-moving run the eval-mode accuracy is no worse than the batch-statistics one.
 
     Before BatchNorm statistics were recomputed for the final weights, this run scored 0.25 in eval
-    mode (every image one class) and about 0.7 with batch statistics.
+    mode (every image one class) and about 0.7 with batch statistics. The two need not agree exactly
+    (the recomputed statistics average those of training-sized batches, the check's come from the whole
+    split in one batch), and eval mode scoring higher is no failure: it scored 0.83 against 0.77 once.
     """
     command = [
         "train",
@@ -70,7 +72,7 @@ def test_eval_mode_model_is_the_trained_model(
     cards = sorted((elsewhere / "cxr-runs/bn").glob("checkpoint_*/card.json"))
     assert cards, "the run's checkpoints belong under ./cxr-runs of the shell's directory"
     eval_mode, batch_stats = _accuracies(str(cards[-1].parent), synthetic_dataset)
-    assert abs(eval_mode - batch_stats) <= 0.05, (eval_mode, batch_stats)
+    assert eval_mode >= batch_stats - 0.05, (eval_mode, batch_stats)
     assert eval_mode > 0.4  # chance is 0.25
 
     # The same --name with another recipe would mix two experiments: refused, saying what differs.
