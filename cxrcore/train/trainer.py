@@ -165,6 +165,11 @@ def loop_config(config: TrainConfig) -> dict[str, Any]:
 DATA_CPUS = 2
 """Logical CPUs a single worker leaves free on the local cluster: Ray Data's read and split tasks, which
 feed it, need CPUs of their own, and without any the run would wait forever."""
+DRIVER_READ_BYTES = 64 * 2**20
+"""Training data (train and val pixels, image and mask) up to this size is read by the driver and given to
+Ray Train as in-memory blocks: a Ray Data read first samples files, then reads and unpacks them, in tasks
+that each need a worker process (about 1 s of a tiny run's start here, 3-4 s in a Tune trial beside
+others). Past it the read is Ray Data's, in parallel and streamed, as a driver should not hold the data."""
 
 
 def _check_worker_cpus(config: TrainConfig, cpus: int) -> None:
@@ -220,12 +225,17 @@ def build_trainer(config: TrainConfig, callbacks: list[Any] | None = None) -> An
     settings = loop_config(config)
     _check_worker_cpus(config, settings["cpus_per_worker"])
     segmenting = get_model_entry(config.model).input_spec.task == "segment"
-    datasets = {split: read_split(config.data, split, TRAIN_COLUMNS) for split in ("train", "val")}
-    if segmenting:  # the segmenter learns from images that have a ground-truth mask
-        datasets = {split: ds.map_batches(_with_mask, batch_format="numpy") for split, ds in datasets.items()}
-    if _fits_in_object_store(settings["train_rows"], settings["data"]["size"]):
-        # Streaming re-reads Parquet every epoch; a dataset this small is cheaper to keep in memory.
-        datasets = {split: ds.materialize() for split, ds in datasets.items()}
+    splits = ("train", "val")
+    if _pixel_bytes(config.data, splits) <= DRIVER_READ_BYTES:
+        blocks = 2 * max(config.workers, 1)
+        datasets = {split: _in_memory_split(config.data, split, segmenting, blocks) for split in splits}
+    else:
+        datasets = {split: read_split(config.data, split, TRAIN_COLUMNS) for split in splits}
+        if segmenting:  # the segmenter learns from images that have a ground-truth mask
+            datasets = {n: ds.map_batches(_with_mask, batch_format="numpy") for n, ds in datasets.items()}
+        if _fits_in_object_store(settings["train_rows"], settings["data"]["size"]):
+            # Streaming re-reads Parquet every epoch; a dataset this small is cheaper to keep in memory.
+            datasets = {split: ds.materialize() for split, ds in datasets.items()}
 
     storage_path = config.out if "://" in config.out else storage.resolve(config.out)[1]
     check_same_experiment(
@@ -353,6 +363,46 @@ def _check_segmenter(directory: str) -> None:
         raise ConfigError(f"--segmenter: {exc}") from exc
     if task != "segment":
         raise ConfigError(f"--segmenter: {directory} holds a {task} model, not a lung segmenter (unet)")
+
+
+def _pixel_bytes(dataset: str, splits: tuple[str, ...]) -> int:
+    """Bytes of image and mask pixels in `splits` of a finished dataset, from its report."""
+    from cxrcore.data.ingest import read_report
+
+    report = read_report(dataset)
+    rows = sum(int(report["by_split"].get(split, 0)) for split in splits)
+    return rows * 2 * int(report["config"]["size"]) ** 2
+
+
+def _in_memory_split(dataset: str, split: str, segmenting: bool, blocks: int) -> Any:
+    """One split read by this process (pyarrow, no Ray tasks) and handed to Ray Data as `blocks` in-memory
+    blocks: the rows and columns `read_split` gives, with masked rows only for a segmenter."""
+    import itertools
+
+    import numpy as np
+    import ray
+    from ray.data.block import BlockAccessor
+
+    from cxrcore.data.ingest import PIXEL_COLUMNS, read_table, tensor_column
+    from cxrcore.train.loop import TRAIN_COLUMNS
+
+    table = read_table(dataset, TRAIN_COLUMNS, split=split)
+    batch = {
+        name: tensor_column(table.column(name).to_pylist())
+        if name in PIXEL_COLUMNS
+        else table.column(name).to_numpy()
+        for name in TRAIN_COLUMNS
+    }
+    if segmenting:
+        batch = _with_mask(batch)
+    rows = len(batch["label_index"])
+    bounds = np.linspace(0, rows, max(1, min(blocks, rows)) + 1).astype(int)
+    return ray.data.from_arrow(
+        [
+            BlockAccessor.batch_to_block({name: column[start:end] for name, column in batch.items()})
+            for start, end in itertools.pairwise(bounds)
+        ]
+    )
 
 
 def _fits_in_object_store(rows: int, size: int) -> bool:

@@ -103,6 +103,35 @@ def test_rerun_with_the_same_name_resumes_after_the_last_epoch(
     assert history[9]["val_loss"] == ddp_run.metrics["val_loss"]
 
 
+def test_a_small_dataset_read_by_the_driver_has_the_rows_ray_data_reads(synthetic_dataset: str) -> None:
+    """Training data under DRIVER_READ_BYTES (as every test run's is) reaches Ray Train as in-memory blocks
+    read by the driver: the same rows and arrays as the Ray Data read it replaces."""
+    import hashlib
+
+    from cxrcore.data.ingest import read_split
+    from cxrcore.train.loop import TRAIN_COLUMNS
+    from cxrcore.train.trainer import DRIVER_READ_BYTES, _in_memory_split, _pixel_bytes, _with_mask
+
+    assert 0 < _pixel_bytes(synthetic_dataset, ("train", "val")) <= DRIVER_READ_BYTES
+
+    def rows(dataset: object) -> dict[str, np.ndarray]:
+        batch = dataset.take_batch(batch_size=10_000, batch_format="numpy")  # type: ignore[attr-defined]
+        order = np.argsort([hashlib.sha256(image.tobytes()).hexdigest() for image in batch["image"]])
+        return {name: batch[name][order] for name in TRAIN_COLUMNS}
+
+    for split, segmenting in [("train", False), ("val", True)]:
+        memory = _in_memory_split(synthetic_dataset, split, segmenting, blocks=4)
+        streamed = read_split(synthetic_dataset, split, TRAIN_COLUMNS)
+        if segmenting:
+            streamed = streamed.map_batches(_with_mask, batch_format="numpy")
+        assert memory.num_blocks() == 4
+        expected, got = rows(streamed), rows(memory)
+        assert len(got["label_index"]) == read_report(synthetic_dataset)["by_split"][split]
+        for name in TRAIN_COLUMNS:
+            assert got[name].dtype == expected[name].dtype and np.array_equal(got[name], expected[name]), name
+        assert got["image"].shape[1:] == (64, 64)
+
+
 @pytest.mark.gpu
 def test_gpu_training_runs_on_cuda(synthetic_dataset: str, runs: Path) -> None:
     import torch
