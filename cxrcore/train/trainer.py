@@ -168,8 +168,8 @@ feed it, need CPUs of their own, and without any the run would wait forever."""
 DRIVER_READ_BYTES = 64 * 2**20
 """Training data (train and val pixels, image and mask) up to this size is read by the driver and given to
 Ray Train as in-memory blocks: a Ray Data read first samples files, then reads and unpacks them, in tasks
-that each need a worker process (about 1 s of a tiny run's start here, 3-4 s in a Tune trial beside
-others). Past it the read is Ray Data's, in parallel and streamed, as a driver should not hold the data."""
+that each need a worker process (about 1 s of a tiny run's start here, 6–7 s in a Tune trial beside
+two others). Past it the read is Ray Data's, parallel and streamed: a driver should not hold the data."""
 
 
 def _check_worker_cpus(config: TrainConfig, cpus: int) -> None:
