@@ -187,8 +187,9 @@ def stats_accuracy(images: np.ndarray, labels: np.ndarray, train: np.ndarray) ->
     return float(model.score(features[~train], labels[~train]))
 
 
-def cnn_accuracy(images: np.ndarray, labels: np.ndarray, train: np.ndarray, epochs: int = 30) -> float:
-    """Held-out accuracy of a small CNN trained on 64 px downsampled images, deterministically."""
+def cnn_accuracy(images: np.ndarray, labels: np.ndarray, train: np.ndarray, epochs: int = 16) -> float:
+    """Held-out accuracy of a small CNN trained on 64 px downsampled images, deterministically (0.91 after 12
+    or 16 epochs, 0.935 after 30, at about 0.4 s an epoch)."""
     small = np.stack([np.asarray(Image.fromarray(a).resize((64, 64), Image.Resampling.BOX)) for a in images])
     x = small.astype(np.float32)
     # Per-image standardisation: the exposure is random by design, so undo its linear part.
@@ -198,7 +199,7 @@ def cnn_accuracy(images: np.ndarray, labels: np.ndarray, train: np.ndarray, epoc
     batch = 32
     threads = torch.get_num_threads()
     # One thread: on a busy 2-core machine two OpenMP threads spin-waited for each other and this
-    # took 150 s instead of 6 s; one thread takes about 7 s however busy the machine is.
+    # took 150 s instead of 6 s; one thread takes seconds however busy the machine is.
     torch.set_num_threads(1)
     try:
         torch.manual_seed(0)
