@@ -146,8 +146,9 @@ def _classification_report(
         )
     truth = [m if ok else None for m, ok in zip(masks, has_mask, strict=True)] if needs_mask else None
     segmented: list[Any] | None = [None] * len(images) if needs_mask else None
-    # Serve never receives a mask: on data from elsewhere, score the model the way it is served.
-    as_served = relation.kind != "internal" and needs_mask and has_segmenter
+    # Serve never receives a mask: score the model the way it is served, the segmenter's mask for every
+    # image, on the model's own test split as on data from elsewhere (the ground truth is scored apart).
+    as_served = needs_mask and has_segmenter
     # One forward pass: the served (calibrated) probabilities are predict_proba's softmax(logits / T).
     logits = _predict(predictor.predict_logits, images, segmented if as_served else truth, config.batch_size)
     probs = apply_temperature(torch.from_numpy(logits), predictor.temperature).numpy()
@@ -156,10 +157,7 @@ def _classification_report(
         # ECE and NLL on this split before (T = 1) and after the card's temperature (fitted on validation).
         "calibration": {"split": split, **calibration_report(logits, labels, predictor.temperature)}
     }
-    if needs_mask and has_segmenter and not as_served:
-        predicted = _predict(predictor.predict_proba, images, segmented, config.batch_size)
-        extra["with predicted masks"] = classification_metrics(labels, predicted, classes)
-    elif as_served and has_mask.any():
+    if as_served and has_mask.any():
         with_truth = _predict(predictor.predict_proba, images, truth, config.batch_size)
         extra["with ground-truth masks"] = classification_metrics(labels, with_truth, classes)
     sources = frame["source"].to_numpy()
@@ -177,9 +175,9 @@ def _classification_report(
         cal["temperature"], cal["ece_before"], cal["ece_after"], cal["nll_before"], cal["nll_after"],
     )  # fmt: skip
     holdout = _source_holdout(config.data, relation, split, frame, probs, classes)
+    masks_used = _masks_used(needs_mask, as_served, int(has_mask.sum()))
     blocks = None
     if relation.kind != "internal":
-        masks_used = _masks_used(needs_mask, as_served, int(has_mask.sum()))
         blocks = _external_blocks(config, model, predictor, relation, split, metrics, masks_used, as_served)
     evaluated = {
         "model": model.ref,
@@ -189,6 +187,8 @@ def _classification_report(
         "split": split,
         "relation": relation.kind,
         "note": relation.note(split),
+        "masks": masks_used,
+        "mask_source": ("segmenter" if as_served else "dataset") if needs_mask else None,
     }
     name = model.ref if config.model else predictor.card.name
     return write_evaluation_report(
@@ -255,7 +255,7 @@ def _external_blocks(
 
 
 def _masks_used(needs_mask: bool, as_served: bool, with_mask: int) -> str:
-    """Which lung masks the external figures were computed with, in words for the report."""
+    """Which lung masks the headline figures were computed with, in words for the report."""
     if not needs_mask:
         return "none: the model reads the image alone"
     if not as_served:

@@ -165,9 +165,11 @@ def internal_reference(
 ) -> dict[str, Any] | None:
     """The model's own figures to compare with: its registered test report, else its card's validation.
 
-    A report counts only when it scored the test split of the model's own dataset. With predicted_masks
-    (the external figures used the segmenter's masks, as Serve does) the report's "with predicted masks"
-    result is taken where it has one. None when neither source has figures.
+    A report counts only when it scored the test split of the model's own dataset. Its figures are taken
+    with the masks the external ones used: the segmenter's with predicted_masks (as Serve makes them),
+    else the dataset's; a report's headline is the segmenter's where the model has one (the dataset's in
+    reports written before `evaluated.mask_source`), the other kind an extra result where it holds one.
+    None when neither source has figures.
     """
     report = dict(report_metrics or {})
     evaluated = report.get("evaluated") or {}
@@ -176,12 +178,16 @@ def internal_reference(
     else:  # reports written before the `evaluated` block: the calibration block names the split
         is_test = (report.get("calibration") or {}).get("split") == "test" and "external" not in report
     if is_test and report.get("accuracy") is not None:
-        served = report.get("with predicted masks") if predicted_masks else None
-        figures = served or report
+        legacy = "dataset" if "with predicted masks" in report else None  # the GT masks' figures first
+        headline = evaluated.get("mask_source", legacy)
+        wanted = "segmenter" if predicted_masks else "dataset"
+        other = report.get("with predicted masks" if predicted_masks else "with ground-truth masks")
+        figures = other if headline not in (None, wanted) and other else report
+        masks = (headline if figures is report else wanted) if headline else None
+        named = {"segmenter": " (with predicted masks)", "dataset": " (with ground-truth masks)"}
         return {
             "kind": "test",
-            "source": "the test split report registered with the model"
-            + (" (with predicted masks)" if served else ""),
+            "source": "the test split report registered with the model" + named.get(masks or "", ""),
             "accuracy": figures["accuracy"],
             "macro_f1": figures.get("macro_f1"),
             "ece": figures.get("ece"),

@@ -323,7 +323,7 @@ def write_evaluation_report(
     """Write metrics.json, the plots and report.html into out_dir; returns file stem → path.
 
     `metrics` comes from classification_metrics(..., with_curves=True). `extra` holds further results by
-    name (another evaluation of the same model: with predicted masks, a held-out source); each is saved
+    name (another evaluation of the same model: with ground-truth masks, a held-out source); each is saved
     under its name in metrics.json and gets its own section. training_curves.png needs a non-empty history.
     `evaluated` (which model, dataset and split) and `external` (the `external` and `internal_comparison`
     blocks of cxrcore.evaluate.external) are saved under their names, as is `holdout` (its `source_holdout`

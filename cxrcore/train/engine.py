@@ -71,14 +71,21 @@ def prepare_batch(
     augmentation: AugmentConfig | None,
     mask_source: MaskSource | None = None,
     generator: torch.Generator | None = None,
+    *,
+    served_masks: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Model input and the [0, 1] mask used (resized, masks filled in, augmented when training)."""
+    """Model input and the [0, 1] mask used (resized, masks filled in, augmented when training).
+
+    A classifier's missing masks come from `mask_source`; with `served_masks` every mask does, the
+    dataset's own ignored, as Serve makes them (it never receives one).
+    """
     image = to_unit(batch["image"], spec.image_size)
     needs_mask = "mask" in spec.channels or spec.task == "segment"
     mask = masks_to_unit(batch["mask"], spec.image_size) if needs_mask else None
     if mask is not None and mask_source is not None and spec.task == "classify":
-        missing = ~batch["has_mask"].bool()
-        if missing.any():
+        if served_masks:
+            mask = mask_source(image)
+        elif (missing := ~batch["has_mask"].bool()).any():
             mask = mask.clone()
             mask[missing] = mask_source(image[missing])
     if augmentation is not None:
@@ -110,14 +117,20 @@ def run_epoch(
     autocast_dtype: torch.dtype | None = None,
     generator: torch.Generator | None = None,
     keep_outputs: bool = False,
+    served_masks: bool = False,
 ) -> EpochResult:
-    """Train (when an optimizer is given) or evaluate over `batches`; returns sums for combining ranks."""
+    """Train (when an optimizer is given) or evaluate over `batches`; returns sums for combining ranks.
+
+    `served_masks`: a dual-channel classifier reads `mask_source`'s mask for every image (prepare_batch).
+    """
     training = optimizer is not None
     model.train(training)
     result = EpochResult()
     started = time.perf_counter()
     for batch in _timed(batches, result):
-        inputs, mask = prepare_batch(batch, spec, augmentation if training else None, mask_source, generator)
+        inputs, mask = prepare_batch(
+            batch, spec, augmentation if training else None, mask_source, generator, served_masks=served_masks
+        )
         device_type = inputs.device.type
         with (
             torch.set_grad_enabled(training),

@@ -108,7 +108,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             generator=generator,
         )
         # Validation, checkpoint ranking, ASHA and Serve all see the eval-mode model: give it statistics
-        # that describe the current weights, identical on every rank.
+        # that describe the current weights, identical on every rank. Validation feeds it what Serve
+        # does: a dual-channel model's masks all come from its segmenter (the ground truth is for training).
         recalibrate_batchnorm(
             _unwrap(model), kept, spec, mask_source=mask_source, autocast_dtype=autocast_dtype
         )
@@ -122,6 +123,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             mask_source=mask_source,
             autocast_dtype=autocast_dtype,
             keep_outputs=True,
+            served_masks=True,
         )
         val = _gather(validated, world)
         metrics = epoch_metrics(epoch, _gather(trained, world), val, segmenting)

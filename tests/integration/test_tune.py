@@ -45,7 +45,18 @@ def test_tiny_comparison_registers_all_three_and_promotes_the_best(
     evaluate = ["evaluate", "--model", "tiny_dual_cnn", "--registry", "reg", "--data", "ds", "--out", "ev"]
     assert main(evaluate) == 0
     scored = json.loads(Path("ev/metrics.json").read_text())
-    assert scored["evaluated"]["split"] == "test" and "with predicted masks" in json.dumps(scored)
+    assert scored["evaluated"]["split"] == "test" and scored["evaluated"]["mask_source"] == "segmenter"
+    assert scored["with ground-truth masks"]["n"] == scored["n"]  # the dataset's masks, scored apart
+    # Its card's validation figures (which ranked it) are the served model's: the segmenter's masks,
+    # the registered weights and temperature, through the Predictor Serve uses.
+    assert main([*evaluate[:-1], "ev-val", "--split", "val"]) == 0
+    on_val = json.loads(Path("ev-val/metrics.json").read_text())
+    card = registry.get("tiny_dual_cnn").card
+    assert on_val["n"] == card.metrics["val_count"]
+    assert abs(on_val["accuracy"] - card.metrics["val_accuracy"]) <= 1.01 / on_val["n"], on_val
+    # The log loss tells masks apart where accuracy may not: the ground truth's would differ.
+    nll_served, nll_card = on_val["calibration"]["nll_after"], card.calibration["nll_after"]
+    assert nll_served == pytest.approx(nll_card, rel=1e-3), (nll_served, nll_card)
 
     experiment = tmp_path / "cxr-runs/compare"  # the default --out, under the shell's directory
     comparison = json.loads((experiment / "comparison.json").read_text())

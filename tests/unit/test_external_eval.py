@@ -281,6 +281,20 @@ def test_internal_reference_prefers_the_registered_test_report() -> None:
     reference = internal_reference(card, served, predicted_masks=True)
     assert reference is not None and reference["accuracy"] == 0.75
     assert "predicted masks" in reference["source"]
+    # Reports since `evaluated.mask_source` lead with the segmenter's masks, the dataset's as the extra.
+    internal = {"relation": "internal", "split": "test", "mask_source": "segmenter"}
+    as_served = {
+        **test_report, "evaluated": internal, "with ground-truth masks": {"accuracy": 0.95, "n": 40}
+    }  # fmt: skip
+    reference = internal_reference(card, as_served, predicted_masks=True)
+    assert reference is not None and reference["accuracy"] == 0.8
+    assert reference["source"].endswith("(with predicted masks)")
+    reference = internal_reference(card, as_served, predicted_masks=False)
+    assert reference is not None and reference["accuracy"] == 0.95
+    assert reference["source"].endswith("(with ground-truth masks)")
+    no_mask = {**test_report, "evaluated": {**internal, "mask_source": None}}
+    reference = internal_reference(card, no_mask)
+    assert reference is not None and reference["source"] == "the test split report registered with the model"
     for not_internal_test in (
         {**test_report, "calibration": {"split": "val"}},
         {**test_report, "evaluated": {"relation": "external", "split": "all"}},
