@@ -7,8 +7,13 @@ Package-scoped, so it is gone before the e2e tests start their own clusters (cor
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from cxrcore.train.trainer import TrainResult
 
 
 @pytest.fixture(scope="package")
@@ -37,3 +42,28 @@ def synthetic_dataset(ray_session: None, tmp_path_factory: pytest.TempPathFactor
     out = str(root / "dataset")
     ingest_dataset(IngestConfig(raw=str(root / "raw"), out=out, size=64))
     return out
+
+
+@pytest.fixture(scope="package")
+def ddp_work(synthetic_dataset: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A user's working directory: the dataset at the relative path `ds`, runs under ./cxr-runs."""
+    work = tmp_path_factory.mktemp("work")
+    (work / "ds").symlink_to(synthetic_dataset)
+    return work
+
+
+@pytest.fixture(scope="package")
+def ddp_run(ddp_work: Path) -> TrainResult:
+    """The shared Ray Train run: dual_cnn, 2 DDP workers, 2 epochs of the default recipe, named `ddp`,
+    started from `ddp_work` with relative paths.
+
+    Short and fast-moving, so BatchNorm's running statistics lag the weights (tests/integration/test_trust.py
+    checks that the eval-mode model is the trained one); a real run with checkpoints, cards and a resumable
+    state (tests/integration/test_train.py, whose resume test adds a third epoch on one worker).
+    """
+    from cxrcore.config import TrainConfig
+    from cxrcore.train.trainer import fit
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(ddp_work)
+        return fit(TrainConfig(data="ds", model="dual_cnn", epochs=2, workers=2, name="ddp"))

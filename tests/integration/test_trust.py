@@ -16,6 +16,7 @@ import torch
 from cxrcore.cli import main
 from cxrcore.data.ingest import read_table, tensor_column
 from cxrcore.inference import Predictor
+from cxrcore.train.trainer import TrainResult
 
 pytestmark = pytest.mark.integration
 
@@ -45,39 +46,28 @@ def _accuracies(checkpoint: str, dataset: str) -> tuple[float, float]:
 
 
 def test_eval_mode_model_is_the_trained_model(
-    elsewhere: Path, synthetic_dataset: str, capsys: pytest.CaptureFixture[str]
-) -> None:
+    ddp_run: TrainResult, ddp_work: Path, synthetic_dataset: str, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
     """After a short, fast-moving run the eval-mode accuracy is no worse than the batch-statistics one.
 
-    Before BatchNorm statistics were recomputed for the final weights, this run scored 0.25 in eval
-    mode (every image one class) and about 0.7 with batch statistics. The two need not agree exactly
-    (the recomputed statistics average those of training-sized batches, the check's come from the whole
-    split in one batch), and eval mode scoring higher is no failure: it scored 0.83 against 0.77 once.
+    Before BatchNorm statistics were recomputed for the final weights, such a run (dual_cnn, 2 workers,
+    2 epochs: the shared `ddp_run`) scored 0.25 in eval mode (every image one class) and about 0.7 with
+    batch statistics. The two need not agree exactly (the recomputed statistics average those of
+    training-sized batches, the check's come from the whole split in one batch), and eval mode scoring
+    higher is no failure: it scored 0.83 against 0.77 once.
     """
-    command = [
-        "train",
-        "--data",
-        "ds",
-        "--model",
-        "dual_cnn",
-        "--epochs",
-        "2",
-        "--workers",
-        "2",
-        "--name",
-        "bn",
-    ]
-    status = main(command)
-    assert status == 0, capsys.readouterr().err
-    cards = sorted((elsewhere / "cxr-runs/bn").glob("checkpoint_*/card.json"))
+    cards = sorted((ddp_work / "cxr-runs/ddp").glob("checkpoint_*/card.json"))
     assert cards, "the run's checkpoints belong under ./cxr-runs of the shell's directory"
     eval_mode, batch_stats = _accuracies(str(cards[-1].parent), synthetic_dataset)
     assert eval_mode >= batch_stats - 0.05, (eval_mode, batch_stats)
     assert eval_mode > 0.4  # chance is 0.25
 
-    # The same --name with another recipe would mix two experiments: refused, saying what differs.
-    capsys.readouterr()
-    assert main([*command, "--lr", "0.01"]) == 2
+    # The same --name with another recipe, typed in that directory, would mix two experiments: refused,
+    # saying what differs.
+    monkeypatch.chdir(ddp_work)
+    command = ["train", "--data", "ds", "--model", "dual_cnn", "--epochs", "2", "--workers", "2"]
+    assert main([*command, "--name", "ddp", "--lr", "0.01"]) == 2
     err = capsys.readouterr().err
     assert "lr 0.002 → 0.01" in err and "another --name" in err
 
