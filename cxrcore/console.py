@@ -104,7 +104,14 @@ def quiet_ray_console() -> Iterator[None]:
 
 
 def is_quiet() -> bool:
-    return os.environ.get("RAY_DATA_LOGGING_CONFIG") == str(RAY_DATA_LOGGING)
+    """Whether this process runs under a quiet cxr command: its Ray Data logging configuration is cxr's.
+
+    Compared by the file's place in the package, not its whole path: a Ray worker may import cxrcore from
+    another copy than its driver did (Ray puts the driver's working directory on the workers' path, so a
+    driver run from a source checkout, cxr installed elsewhere, has workers importing the checkout's).
+    """
+    value = os.environ.get("RAY_DATA_LOGGING_CONFIG")
+    return value is not None and Path(value).parts[-2:] == RAY_DATA_LOGGING.parts[-2:]
 
 
 def train_log_level() -> str:

@@ -98,3 +98,16 @@ def test_init_ray_installs_the_filter_before_ray_init_only_when_quiet(
     else:
         init_ray("127.0.0.1:6379")
     assert len(bound) == 1 and (bound[0] is not ray_print) == quiet
+
+
+def test_a_worker_importing_another_copy_of_cxr_is_quiet_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The driver's setting names its own copy of cxrcore; a Ray worker run from a source checkout imports
+    the checkout's (Ray puts the driver's directory on the workers' path), and is quiet all the same."""
+    from cxrcore.console import RAY_DATA_LOGGING, is_quiet
+
+    monkeypatch.setenv("RAY_DATA_LOGGING_CONFIG", "/elsewhere/site-packages/cxrcore/ray_data_logging.yaml")
+    assert str(RAY_DATA_LOGGING.parent.parent) != "/elsewhere/site-packages" and is_quiet()
+    monkeypatch.setenv("RAY_DATA_LOGGING_CONFIG", "/home/me/my_ray_data_logging.yaml")  # the user's own
+    assert not is_quiet()
+    monkeypatch.delenv("RAY_DATA_LOGGING_CONFIG")
+    assert not is_quiet()
