@@ -172,6 +172,9 @@ def epoch_metrics(
     """The per-epoch report: losses, accuracy, throughput, and the validation metrics that matter."""
     from cxrcore.metrics import classification_metrics, segmentation_metrics
 
+    if not validated["count"]:  # the driver refuses an empty val split; a segmenter reads masked rows only
+        what = "with a ground-truth lung mask " if segmenting else ""
+        raise ValueError(f"the val split holds no image {what}to score epoch {epoch + 1} on")
     metrics: dict[str, Any] = {
         "epoch": epoch + 1,
         "train_loss": trained["loss"],

@@ -67,14 +67,22 @@ def check_pretrained(model: str, choice: str) -> str | None:
 
 
 def check_dataset(data: str) -> None:
-    """Fail before training when `data` is not a finished dataset or lacks a column training reads."""
+    """Fail before training when `data` is not a finished dataset, has no train or val image, or lacks a
+    column training reads."""
     import pyarrow.dataset as pads
 
     from cxrcore.data import storage
     from cxrcore.data.ingest import read_report
     from cxrcore.train.loop import TRAIN_COLUMNS
 
-    read_report(data)
+    by_split = read_report(data)["by_split"]
+    if not by_split.get("train"):
+        raise ConfigError(f"--data: {data} has no image in its train split; re-ingest it (`cxr data ingest`)")
+    if not by_split.get("val"):
+        raise ConfigError(
+            f"--data: {data} has no image in its val split, on which every epoch is scored (checkpoint "
+            "ranking, ASHA, calibration); re-ingest it with `cxr data ingest --val-fraction` above 0"
+        )
     filesystem, root = storage.resolve(data)
     schema = pads.dataset(
         root, filesystem=filesystem, format="parquet", partitioning="hive", exclude_invalid_files=True
@@ -221,6 +229,7 @@ def build_trainer(config: TrainConfig, callbacks: list[Any] | None = None) -> An
     from cxrcore.experiment import check_same_experiment
     from cxrcore.models import get_model_entry
     from cxrcore.train.loop import TRAIN_COLUMNS, train_loop_per_worker
+    from cxrcore.train.sharding import WholeValidation
 
     settings = loop_config(config)
     _check_worker_cpus(config, settings["cpus_per_worker"])
@@ -250,7 +259,7 @@ def build_trainer(config: TrainConfig, callbacks: list[Any] | None = None) -> An
             resources_per_worker=None if config.gpu else {"CPU": settings["cpus_per_worker"]},
         ),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(execution_options=_shard_options()),
+        dataset_config=WholeValidation(execution_options=_shard_options()),
         # Train V2's RunConfig (the runtime default); mypy resolves ray.train.RunConfig to V1's, which lacks
         # logging_config.
         run_config=ray.train.RunConfig(  # type: ignore[call-arg]

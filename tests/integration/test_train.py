@@ -45,6 +45,7 @@ def test_two_worker_ddp_beats_chance_and_writes_checkpoint_and_card(
     assert card.classes == ["COVID", "Lung_Opacity", "Normal", "Viral Pneumonia"]
     assert card.data["fingerprint"] == read_report(synthetic_dataset)["fingerprint"]
     assert card.training["workers"] == 2
+    assert card.metrics["val_count"] == read_report(synthetic_dataset)["by_split"]["val"]  # every image
     assert [h["epoch"] for h in card.history] == list(range(1, card.epoch + 2))
     assert card.metrics["val_score"] == pytest.approx(ddp_run.best_metrics["val_score"])
 
@@ -139,3 +140,23 @@ def test_gpu_training_runs_on_cuda(synthetic_dataset: str, runs: Path) -> None:
         synthetic_dataset, runs, "gpu", "tiny_cnn_lstm", workers=torch.cuda.device_count(), gpu=True
     )
     assert result.metrics["epoch"] == 1 and load_card(result.best_checkpoint).training["gpu"]
+
+
+def test_validation_is_shared_among_workers_without_dropping_a_row(ray_session: None) -> None:
+    """Training shards stay equal (DDP steps in lockstep); validation scores every row of its split."""
+    import ray
+
+    from cxrcore.train.sharding import WholeValidation
+    from cxrcore.train.trainer import _shard_options
+
+    datasets = {name: ray.data.range(41, override_num_blocks=6) for name in ("train", "val")}
+    shards = WholeValidation(execution_options=_shard_options()).configure(datasets, 2, None, None)
+
+    @ray.remote(num_cpus=0)
+    def ids(iterator: object) -> list[int]:
+        return [int(i) for batch in iterator.iter_batches() for i in batch["id"]]  # type: ignore[attr-defined]
+
+    train = ray.get([ids.remote(shard["train"]) for shard in shards])
+    val = ray.get([ids.remote(shard["val"]) for shard in shards])
+    assert len(train[0]) == len(train[1]) == 20  # one row dropped so that both take as many steps
+    assert sorted(val[0] + val[1]) == list(range(41))

@@ -1,7 +1,12 @@
-"""The training engine's batch preparation: which lung masks a dual-channel model reads."""
+"""The training engine's batch preparation (which lung masks a dual-channel model reads) and the data a
+run refuses before it starts."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import pytest
 import torch
 
 from cxrcore.models import create_model, get_input_spec
@@ -35,3 +40,24 @@ def test_masks_come_from_the_data_in_training_and_from_the_segmenter_as_served()
     # Without a segmenter there is nothing else to read: the dataset's masks stay.
     _, mask = prepare_batch(_batch(32), spec, None, None, served_masks=True)
     assert mask is not None and mask[:2].min() == 1.0
+
+
+@pytest.mark.parametrize(
+    ("by_split", "message"),
+    [
+        ({"train": 0, "val": 4, "test": 4}, "no image in its train split"),
+        ({"train": 32, "val": 0, "test": 4}, "no image in its val split, on which every epoch is scored"),
+    ],
+)
+def test_a_dataset_without_training_or_validation_images_is_refused_before_training(
+    tmp_path: Path, by_split: dict[str, int], message: str
+) -> None:
+    """Found before Ray Train starts, rather than as a KeyError in a worker after the first epoch."""
+    from cxrcore.config import ConfigError
+    from cxrcore.data.ingest import REPORT_NAME
+    from cxrcore.train.trainer import check_dataset
+
+    (tmp_path / REPORT_NAME).write_text(json.dumps({"by_split": by_split}))
+    with pytest.raises(ConfigError, match=message) as error:
+        check_dataset(str(tmp_path))
+    assert "cxr data ingest" in str(error.value)
