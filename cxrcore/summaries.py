@@ -40,8 +40,8 @@ def format_train_result(result: Any) -> str:
     return "\n".join(
         [
             format_table(["metric", "last epoch", "best checkpoint"], rows),
-            f"run directory:   {result.run_dir}",
-            f"best checkpoint: {result.best_checkpoint}",
+            f"run directory:   {result.run_dir or 'none (--workers 0 keeps no run)'}",
+            f"best checkpoint: {result.best_checkpoint or 'none'}",
         ]
     )
 

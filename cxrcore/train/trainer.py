@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 class TrainResult:
     """Where a finished run lives and how its best epoch scored."""
 
-    run_dir: str
+    run_dir: str | None
+    """None in Ray Train's local mode (--workers 0), which keeps nothing; so are the checkpoints."""
     best_checkpoint: str | None
     latest_checkpoint: str | None
     metrics: dict[str, Any]
@@ -335,6 +336,10 @@ def fit(config: TrainConfig) -> TrainResult:
     trainer = build_trainer(config, callbacks=[epoch_printer(config)])
     result = trainer.fit()
     best, best_metrics = best_by_validation(kept_checkpoints(result), lambda kept: kept[1]) or (None, {})
+    if config.workers < 1:
+        # Ray Train's local mode ran the loop in this process; the folders its reports name are temporary
+        # and gone by now, so there is no checkpoint to hand on (the metrics stand).
+        return TrainResult(None, None, None, dict(result.metrics or {}), dict(best_metrics))
     # Ray gives paths within the storage filesystem ("bucket/runs/..."): the URIs a user can pass on.
     return TrainResult(
         run_dir=storage.uri(result.filesystem, result.path),

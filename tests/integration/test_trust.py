@@ -125,3 +125,15 @@ def test_relative_locations_are_resolved_where_they_are_typed(elsewhere: Path) -
     assert train.data == "s3://bucket/ds" and train.pretrained == os.path.join(elsewhere, "w.safetensors")
     assert TrainConfig(data="ds", model="cnn_lstm", pretrained="auto").pretrained == "auto"
     assert np.isclose(TuneConfig(data="ds", registry="r", epochs=10).grace_epochs or 0, 5)
+
+
+def test_train_in_local_mode_names_no_checkpoint_and_fails(
+    elsewhere: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--workers 0` trains in this process and keeps nothing: no temporary folder passed off as the best
+    checkpoint (it printed one that was gone when the command ended), and a non-zero exit."""
+    status = main(["train", "--data", "ds", "--model", "tiny_cnn_lstm", "--epochs", "1", "--workers", "0"])
+    captured = capsys.readouterr()
+    assert status == 1, captured.err
+    assert "best checkpoint: none" in captured.out and "val_accuracy" in captured.out
+    assert "--workers 0 keeps none" in captured.err
