@@ -130,6 +130,13 @@ def preflight(config: TuneConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]
     check_models(config)
     report = read_report(config.data)
     check_dataset(config.data)
+    if segmenter_model(config) and report["without_mask"] >= report["ingested"]:
+        readers = [m for m in config.model_names() if m != "resnet" and needs_mask(m)]
+        raise ConfigError(
+            f"--models: {', '.join(readers)} read{'s' * (len(readers) == 1)} a lung mask beside the image, "
+            f"which Serve gets from a segmenter that Tune trains on the dataset's masks, and {config.data} "
+            "has none; ingest the masks with the images, or compare models that read the image alone"
+        )
     plan = search_plan(config, report["by_split"]["train"])
     for model in sorted({trial["model"] for trial in plan}):
         check_pretrained(model, config.pretrained if model.startswith("resnet") else "none")

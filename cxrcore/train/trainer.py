@@ -142,6 +142,8 @@ def loop_config(config: TrainConfig) -> dict[str, Any]:
     pretrained = check_pretrained(config.model, config.pretrained)
     if config.segmenter:
         _check_segmenter(config.segmenter)
+    if segmenting and report["without_mask"] >= report["ingested"]:
+        raise ConfigError(f"--model {config.model}: {config.data} has no lung mask to learn segmenting from")
     if "mask" in entry.input_spec.channels and report["without_mask"] and not config.segmenter:
         log.warning(
             "%d images have no lung mask and %s needs one: they get an empty mask. "

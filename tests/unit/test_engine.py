@@ -61,3 +61,37 @@ def test_a_dataset_without_training_or_validation_images_is_refused_before_train
     with pytest.raises(ConfigError, match=message) as error:
         check_dataset(str(tmp_path))
     assert "cxr data ingest" in str(error.value)
+
+
+def _maskless_dataset(root: Path) -> str:
+    """A dataset as far as the checks before training read one: its report and its Parquet schema."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cxrcore.data.ingest import REPORT_NAME
+
+    report = {
+        "by_split": {"train": 32, "val": 4, "test": 4}, "by_class_split": {}, "ingested": 40,
+        "without_mask": 40, "config": {"size": 32},
+    }  # fmt: skip
+    (root / REPORT_NAME).write_text(json.dumps(report))
+    (root / "split=train").mkdir()
+    columns = {"image": pa.binary(), "mask": pa.binary(), "has_mask": pa.bool_(), "label_index": pa.int64()}
+    pq.write_table(pa.schema(columns).empty_table(), root / "split=train/part-0.parquet")
+    return str(root)
+
+
+def test_models_that_need_masks_are_refused_on_a_dataset_without_any(tmp_path: Path) -> None:
+    """The segmenter that dual-channel models are served with learns from the dataset's masks: without
+    masks, Tune and the segmenter's own run stop before training (they failed after its first epoch)."""
+    from cxrcore.config import ConfigError, TrainConfig, TuneConfig
+    from cxrcore.train.trainer import loop_config
+    from cxrcore.tune import preflight
+
+    data = _maskless_dataset(tmp_path)
+    tune = TuneConfig(data=data, registry=str(tmp_path / "reg"), models="tiny_dual_cnn,tiny_cnn_lstm")
+    with pytest.raises(ConfigError, match=r"tiny_dual_cnn reads a lung mask.*has none"):
+        preflight(tune)
+    preflight(TuneConfig(data=data, registry=str(tmp_path / "reg"), models="tiny_cnn_lstm"))  # image alone
+    with pytest.raises(ConfigError, match="no lung mask to learn segmenting from"):
+        loop_config(TrainConfig(data=data, model="tiny_unet"))
