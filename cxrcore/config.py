@@ -23,6 +23,8 @@ from cxrcore.labels import CLASSES, canonical_class
 
 C = TypeVar("C")
 PRETRAINED_CHOICES = ("auto", "hub", "none")
+TRAIN_MASKS = ("segmenter", "dataset")
+"""Values of `cxr train --train-masks`: where a dual-channel model's training masks come from."""
 """Keyword values of --pretrained; anything else is a weights file."""
 EVALUATE_SPLITS = ("auto", "all", "train", "val", "test")
 """Values of `cxr evaluate --split`: a split of the dataset, every image, or auto (see EvaluateConfig)."""
@@ -467,6 +469,11 @@ class TrainConfig:
         "auto", "initial weights: a local file, 'hub', 'none' (scratch) or 'auto' (hub for ResNets)"
     )
     segmenter: str | None = option(None, "U-Net checkpoint that supplies masks where the data has none")
+    train_masks: str = option(
+        "segmenter",
+        "with --segmenter, the masks a dual-channel model trains on: 'segmenter' (its mask for every image, "
+        "as Serve makes them) or 'dataset' (the dataset's where it has one)",
+    )
     out: str = option("cxr-runs", "storage path for runs and checkpoints (local folder or URI)")
     name: str | None = option(None, "run name; re-running with the same name resumes (default: model name)")
     seed: int = option(0, "random seed")
@@ -479,6 +486,11 @@ class TrainConfig:
             self.pretrained = resolve_location(self.pretrained)
         _require(self.epochs >= 1, "epochs", f"must be at least 1, got {self.epochs}")
         _require(self.workers >= 0, "workers", f"must be 0 or more, got {self.workers}")
+        _require(
+            self.train_masks in TRAIN_MASKS,
+            "train_masks",
+            f"must be one of {', '.join(TRAIN_MASKS)}, got {self.train_masks!r}",
+        )
         _require(
             self.cpus_per_worker is None or self.cpus_per_worker >= 1,
             "cpus_per_worker",

@@ -189,14 +189,16 @@ def recalibrate_batchnorm(
     *,
     mask_source: MaskSource | None = None,
     autocast_dtype: torch.dtype | None = None,
+    served_masks: bool = False,
 ) -> int:
     """Recompute every BatchNorm's running statistics for the current weights; returns images used.
 
     Running statistics are an exponential average over past batches, so after few steps with fast-moving
     weights they describe an earlier model, and the eval-mode model (the one validated, ranked and
     served) is not the one that was trained. This replaces them with the exact average over
-    `batches` (un-augmented training images, as evaluation sees them), taken with the weights as
-    they are now ("precise BN"). Only BatchNorm layers run in training mode; dropout stays off.
+    `batches` (un-augmented training images, as evaluation sees them, with the masks training used:
+    `served_masks` as in prepare_batch), taken with the weights as they are now ("precise BN"). Only
+    BatchNorm layers run in training mode; dropout stays off.
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     norms = [m for m in norms if m.track_running_stats]
@@ -216,7 +218,7 @@ def recalibrate_batchnorm(
                        enabled=autocast_dtype is not None),
     ):  # fmt: skip
         for batch in batches:
-            inputs, _ = prepare_batch(batch, spec, None, mask_source)
+            inputs, _ = prepare_batch(batch, spec, None, mask_source, served_masks=served_masks)
             model(inputs)
             seen += inputs.shape[0]
     for norm, momentum in zip(norms, momenta, strict=True):

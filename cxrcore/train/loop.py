@@ -71,6 +71,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     )
     loss_weights = torch.tensor(loop_config["class_weights"]) if loop_config.get("class_weights") else None
     mask_source = load_mask_source(config.segmenter, device) if config.segmenter else None
+    # Train on the masks Serve will compute (the segmenter's) rather than the dataset's: on 400 new
+    # phantoms, dual_cnn scored 0.958 / 0.940 as served (two seeds) against 0.865 / 0.933 when it had
+    # trained on the dataset's masks, and as well with ground-truth masks either way (README).
+    served_masks = config.train_masks == "segmenter"
     autocast_dtype = torch.bfloat16 if config.gpu else None
     augmentation = AugmentConfig() if config.augment else None
 
@@ -106,13 +110,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             mask_source=mask_source,
             autocast_dtype=autocast_dtype,
             generator=generator,
+            served_masks=served_masks,
         )
         # Validation, checkpoint ranking, ASHA and Serve all see the eval-mode model: give it statistics
         # that describe the current weights, identical on every rank. Validation feeds it what Serve
-        # does: a dual-channel model's masks all come from its segmenter (the ground truth is for training).
+        # does: a dual-channel model's masks all come from its segmenter, whatever it trained on.
         recalibrate_batchnorm(
-            _unwrap(model), kept, spec, mask_source=mask_source, autocast_dtype=autocast_dtype
-        )
+            _unwrap(model), kept, spec, mask_source=mask_source, autocast_dtype=autocast_dtype,
+            served_masks=served_masks,
+        )  # fmt: skip
         average_batchnorm_across_ranks(_unwrap(model))
         del kept
         validated = run_epoch(

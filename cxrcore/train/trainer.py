@@ -108,6 +108,8 @@ def run_settings(config: TrainConfig, settings: dict[str, Any]) -> dict[str, Any
         "address",
         "data",
     }
+    if not settings["train"].get("segmenter"):
+        ignored.add("train_masks")  # no segmenter, no choice: runs from before the setting resume as well
     train = {k: v for k, v in settings["train"].items() if k not in ignored}
     data = settings["data"]["fingerprint"]
     return {"data_fingerprint": data, "image_size": settings["image_size"], **train}

@@ -39,6 +39,7 @@ def test_tiny_comparison_registers_all_three_and_promotes_the_best(
     production = registry.get("production")
     assert f"production (*): {production.ref}" in out and out.count("Winner: ") == 1
     assert registry.get("tiny_dual_cnn").card.segmenter  # servable without ground-truth masks
+    assert registry.get("tiny_dual_cnn").card.training["train_masks"] == "segmenter"  # trained as served
     assert registry.get("tiny_unet").card.metrics["val_dice"] > 0.3  # the segmenter segments
 
     # The registered dual-channel model, scored through its registered segmenter's masks.

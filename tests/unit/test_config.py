@@ -11,6 +11,7 @@ import pytest
 from cxrcore.config import (
     ConfigError,
     IngestConfig,
+    TrainConfig,
     add_config_arguments,
     config_from_args,
     from_dict,
@@ -24,6 +25,22 @@ def test_validation_names_the_flag() -> None:
         IngestConfig(raw="r", out="o", size=8)
     with pytest.raises(ConfigError, match="--val-fraction"):
         IngestConfig(raw="r", out="o", val_fraction=0.5, test_fraction=0.5)
+    with pytest.raises(ConfigError, match="--train-masks: must be one of segmenter, dataset, got 'truth'"):
+        TrainConfig(data="d", model="dual_cnn", train_masks="truth")
+
+
+def test_training_masks_shape_a_run_only_where_there_is_a_segmenter() -> None:
+    """Re-running a run with the other --train-masks is another experiment; without a segmenter the
+    setting changes nothing, and runs recorded before it existed resume."""
+    from cxrcore.train.trainer import run_settings
+
+    def settings(**train: object) -> dict[str, object]:
+        config = TrainConfig(data="d", model="dual_cnn", **train)  # type: ignore[arg-type]
+        loop = {"train": to_dict(config), "data": {"fingerprint": "f"}, "image_size": 64}
+        return run_settings(config, loop)
+
+    assert settings(segmenter="u", train_masks="dataset") != settings(segmenter="u")
+    assert settings(train_masks="dataset") == settings() and "train_masks" not in settings()
 
 
 def test_unknown_and_missing_settings() -> None:
