@@ -74,7 +74,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # Train on the masks Serve will compute (the segmenter's) rather than the dataset's: on 400 new
     # phantoms, dual_cnn scored 0.958 / 0.940 as served (two seeds) against 0.865 / 0.933 when it had
     # trained on the dataset's masks, and as well with ground-truth masks either way (README).
-    served_masks = config.train_masks == "segmenter"
+    # The driver may have put them in the data already (trainer._segments_once): then read the data's.
+    precomputed = bool(loop_config.get("masks_from_segmenter"))
+    served_masks = config.train_masks == "segmenter" and not precomputed
     autocast_dtype = torch.bfloat16 if config.gpu else None
     augmentation = AugmentConfig() if config.augment else None
 
@@ -129,7 +131,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             mask_source=mask_source,
             autocast_dtype=autocast_dtype,
             keep_outputs=True,
-            served_masks=True,
+            served_masks=not precomputed,
         )
         val = _gather(validated, world)
         metrics = epoch_metrics(epoch, _gather(trained, world), val, segmenting)

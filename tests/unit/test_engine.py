@@ -95,3 +95,37 @@ def test_models_that_need_masks_are_refused_on_a_dataset_without_any(tmp_path: P
     preflight(TuneConfig(data=data, registry=str(tmp_path / "reg"), models="tiny_cnn_lstm"))  # image alone
     with pytest.raises(ConfigError, match="no lung mask to learn segmenting from"):
         loop_config(TrainConfig(data=data, model="tiny_unet"))
+
+
+def test_masks_made_once_by_the_driver_are_the_masks_the_workers_would_make(tmp_path: Path) -> None:
+    """On CPU a small dataset's segmenter masks are computed once before training (trainer._segments_once);
+    read as the dataset's, they must be the masks prepare_batch makes each epoch with served_masks."""
+    import numpy as np
+
+    from cxrcore.config import TrainConfig
+    from cxrcore.segmenter import load_mask_source
+    from cxrcore.train.trainer import _segments_once
+    from tests.e2e.uploads import write_checkpoint
+
+    unet = str(write_checkpoint(tmp_path / "unet", "tiny_unet", 0))
+    config = TrainConfig(data="d", model="tiny_dual_cnn", segmenter=unet, image_size=48)
+    segment = _segments_once(config, 48)
+    assert segment is not None
+    for other in ({"train_masks": "dataset"}, {"gpu": True}, {"model": "tiny_cnn_lstm"}, {"segmenter": None}):
+        assert _segments_once(TrainConfig(**{**vars(config), **other}), 48) is None, other  # type: ignore[arg-type]
+
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": rng.integers(0, 256, (5, 64, 64), dtype=np.uint8),
+        "mask": np.zeros((5, 64, 64), dtype=np.uint8),
+        "has_mask": np.array([True, False, True, False, True]),
+        "label_index": np.arange(5) % 4,
+    }
+    made = segment(batch)
+    assert made["mask"].shape == (5, 48, 48) and made["mask"].dtype == np.uint8 and made["has_mask"].all()
+    spec = get_input_spec(create_model("tiny_dual_cnn", image_size=48))
+    torch_batch = {name: torch.from_numpy(column) for name, column in batch.items()}
+    _, each_epoch = prepare_batch(torch_batch, spec, None, load_mask_source(unet), served_masks=True)
+    made_batch = {name: torch.from_numpy(column) for name, column in made.items()}
+    _, read = prepare_batch(made_batch, spec, None, None)
+    assert read is not None and each_epoch is not None and torch.equal(read, each_epoch)
