@@ -115,14 +115,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             served_masks=served_masks,
         )
         # Validation, checkpoint ranking, ASHA and Serve all see the eval-mode model: give it statistics
-        # that describe the current weights, identical on every rank. Validation feeds it what Serve
-        # does: a dual-channel model's masks all come from its segmenter, whatever it trained on.
+        # that describe the current weights, identical on every rank.
         recalibrate_batchnorm(
             _unwrap(model), kept, spec, mask_source=mask_source, autocast_dtype=autocast_dtype,
             served_masks=served_masks,
         )  # fmt: skip
         average_batchnorm_across_ranks(_unwrap(model))
         del kept
+        # Validation feeds it what Serve does: a dual-channel model's masks all come from its segmenter
+        # (already in the data where the driver made them), whatever it trained on.
         validated = run_epoch(
             model,
             val_shard.iter_torch_batches(**batch_options),
