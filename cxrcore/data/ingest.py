@@ -43,6 +43,11 @@ PIXEL_COLUMNS = ("image", "mask")
 """Stored as raw bytes, one Parquet value per image (row-major size×size uint8), not as Ray's tensor type,
 which Parquet holds as a list with one value per pixel: at 256 px that wrote 14× and read 35× slower.
 `read_split` and `tensor_column` give them back as arrays, also from datasets written as tensors."""
+PIXEL_CODECS = {"image": "none", "mask": "zstd"}
+"""Parquet codecs of the pixel columns. An X-ray's 8-bit pixels are noise to a byte-level codec: Snappy
+saved 6 % of 130 real X-rays at 256 px and doubled the time to write them and tripled the time to read
+them; a lung mask is two runs of 0 and 1 per row and shrinks 100× under zstd. The small columns keep
+Snappy. See `parquet_options`."""
 DECODE_BATCH_SIZE = 32
 WRITE_BATCH_BYTES = 512 * 2**20
 """The most pixel bytes (image and mask) one write task takes: its rows are held while Parquet is written."""
@@ -100,6 +105,19 @@ def decode_pair_batch(batch: dict[str, np.ndarray], size: int, min_side: int) ->
         "phash": np.asarray(phash),
         "error": np.asarray(errors),
         "mask_error": np.asarray(mask_errors),
+    }
+
+
+def parquet_options(columns: list[str]) -> dict[str, Any]:
+    """pyarrow.parquet write options for a table of dataset `columns`: the pixel columns with their own
+    codecs (PIXEL_CODECS), and without dictionary encoding and min/max statistics, which no reader uses
+    for them and which hash and compare every 64 KB value. For 500 phantoms at 256 px this wrote 2.8×
+    and read 4.8× faster than pyarrow's defaults, in a file 1.5 % larger."""
+    small = [column for column in columns if column not in PIXEL_CODECS]
+    return {
+        "compression": {**dict.fromkeys(small, "snappy"), **PIXEL_CODECS},
+        "use_dictionary": small,
+        "write_statistics": small,
     }
 
 
@@ -191,6 +209,7 @@ def ingest_dataset(config: IngestConfig) -> dict[str, Any]:
         filesystem=filesystem,
         partition_cols=["split"],
         concurrency=_task_limit(decoded.num_blocks()),
+        **parquet_options([*_DATASET_COLUMNS, "label_index", "duplicate_group"]),
     )
     timings["write"] = time.perf_counter() - started - sum(timings.values())
 

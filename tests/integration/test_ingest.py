@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import ray
 from PIL import Image
@@ -114,6 +115,19 @@ def test_dataset_columns_shapes_and_counts(ingested: tuple[str, dict]) -> None:
     assert report["without_mask"] == 5
     assert sum(report["by_split"].values()) == report["ingested"]
     assert sum(report["by_class"].values()) == report["ingested"]
+
+
+def test_pixel_columns_are_written_with_their_own_codecs(ingested: tuple[str, dict]) -> None:
+    """The Ray write passes `parquet_options` on: pixels uncompressed or zstd, no statistics on them."""
+    out, _ = ingested
+    files = sorted(Path(out).glob("split=*/*.parquet"))
+    assert files
+    for file in files:
+        group = pq.ParquetFile(file).metadata.row_group(0)
+        columns = {group.column(i).path_in_schema: group.column(i) for i in range(group.num_columns)}
+        assert columns["image"].compression == "UNCOMPRESSED" and not columns["image"].is_stats_set
+        assert columns["mask"].compression == "ZSTD" and not columns["mask"].is_stats_set
+        assert columns["sha256"].compression == "SNAPPY" and columns["sha256"].is_stats_set
 
 
 def test_duplicates_are_counted_and_share_a_split(ingested: tuple[str, dict]) -> None:

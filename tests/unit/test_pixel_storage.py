@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cxrcore.data.ingest import _unpack_pixels, table_with_packed_pixels, tensor_column
+from cxrcore.data.ingest import _unpack_pixels, parquet_options, table_with_packed_pixels, tensor_column
 
 
 def test_pixels_round_trip_through_parquet_as_one_binary_value_per_image(tmp_path: Path) -> None:
@@ -23,6 +23,25 @@ def test_pixels_round_trip_through_parquet_as_one_binary_value_per_image(tmp_pat
     np.testing.assert_array_equal(tensor_column(back.column("image").to_pylist()), images)
     np.testing.assert_array_equal(tensor_column(back.to_pandas()["mask"]), masks)
     assert tensor_column(back.column("image").to_pylist()).flags.writeable  # torch.from_numpy takes it
+
+
+def test_pixel_columns_get_their_codecs_and_no_dictionary_or_statistics(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (4, 32, 32), dtype=np.uint8)
+    masks = np.zeros((4, 32, 32), dtype=np.uint8)
+    masks[:, 8:24, 8:24] = 255
+    table = table_with_packed_pixels({"image": images, "mask": masks, "label": np.asarray(["a"] * 4)})
+    pq.write_table(table, tmp_path / "part.parquet", **parquet_options(table.column_names))
+
+    group = pq.ParquetFile(tmp_path / "part.parquet").metadata.row_group(0)
+    image, mask, label = (group.column(i) for i in range(3))
+    assert (image.compression, mask.compression, label.compression) == ("UNCOMPRESSED", "ZSTD", "SNAPPY")
+    assert not image.is_stats_set and not mask.is_stats_set and label.is_stats_set
+    assert "RLE_DICTIONARY" not in image.encodings and "RLE_DICTIONARY" in label.encodings
+    assert mask.total_compressed_size < masks.nbytes / 20  # a mask is runs of 0 and 255
+    back = pq.read_table(tmp_path / "part.parquet")
+    np.testing.assert_array_equal(tensor_column(back.column("image").to_pylist()), images)
+    np.testing.assert_array_equal(tensor_column(back.column("mask").to_pylist()), masks)
 
 
 def test_packing_shares_the_decoded_arrays_memory_and_handles_views() -> None:
