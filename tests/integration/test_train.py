@@ -142,15 +142,24 @@ def test_gpu_training_runs_on_cuda(synthetic_dataset: str, runs: Path) -> None:
     assert result.metrics["epoch"] == 1 and load_card(result.best_checkpoint).training["gpu"]
 
 
-def test_validation_is_shared_among_workers_without_dropping_a_row(ray_session: None) -> None:
-    """Training shards stay equal (DDP steps in lockstep); validation scores every row of its split."""
+@pytest.mark.parametrize("in_memory", [False, True], ids=["streamed", "in-memory"])
+def test_validation_is_shared_among_workers_without_dropping_a_row(
+    ray_session: None, in_memory: bool
+) -> None:
+    """Training shards stay equal (DDP steps in lockstep); validation scores every row of its split. Data
+    in memory is divided without a SplitCoordinator actor."""
     import ray
+    from ray.data._internal.iterator.stream_split_iterator import StreamSplitDataIterator
 
     from cxrcore.train.sharding import WholeValidation
     from cxrcore.train.trainer import _shard_options
 
     datasets = {name: ray.data.range(41, override_num_blocks=6) for name in ("train", "val")}
+    if in_memory:
+        datasets = {name: dataset.materialize() for name, dataset in datasets.items()}
     shards = WholeValidation(execution_options=_shard_options()).configure(datasets, 2, None, None)
+    streamed = [isinstance(shard[name], StreamSplitDataIterator) for shard in shards for name in shard]
+    assert streamed == [not in_memory] * 4
 
     @ray.remote(num_cpus=0)
     def ids(iterator: object) -> list[int]:
@@ -160,3 +169,9 @@ def test_validation_is_shared_among_workers_without_dropping_a_row(ray_session: 
     val = ray.get([ids.remote(shard["val"]) for shard in shards])
     assert len(train[0]) == len(train[1]) == 20  # one row dropped so that both take as many steps
     assert sorted(val[0] + val[1]) == list(range(41))
+    (alone,) = WholeValidation(execution_options=_shard_options()).configure(datasets, 1, None, None)
+    assert (
+        sorted(ray.get(ids.remote(alone["train"])))
+        == sorted(ray.get(ids.remote(alone["val"])))
+        == list(range(41))
+    )
