@@ -242,7 +242,7 @@ def build_trainer(config: TrainConfig, callbacks: list[Any] | None = None) -> An
     splits = ("train", "val")
     if _pixel_bytes(config.data, splits) <= DRIVER_READ_BYTES:
         blocks = 2 * max(config.workers, 1)
-        # On CPU, the segmenter's masks for a small dataset are computed here once, not every epoch.
+        # On CPU, the segmenter's masks for data kept in memory are computed once, not every epoch.
         segment = _segments_once(config, settings["image_size"])
         datasets = {
             split: _in_memory_split(config.data, split, segmenting, blocks, segment) for split in splits
@@ -253,7 +253,12 @@ def build_trainer(config: TrainConfig, callbacks: list[Any] | None = None) -> An
         if segmenting:  # the segmenter learns from images that have a ground-truth mask
             datasets = {n: ds.map_batches(_with_mask, batch_format="numpy") for n, ds in datasets.items()}
         if _fits_in_object_store(settings["train_rows"], settings["data"]["size"]):
-            # Streaming re-reads Parquet every epoch; a dataset this small is cheaper to keep in memory.
+            # Streaming re-reads Parquet every epoch; a dataset this small is cheaper to keep in memory,
+            # and the segmenter's masks are then made once, by Ray Data tasks, as for small data.
+            segment = _segments_once(config, settings["image_size"])
+            if segment is not None:
+                datasets = {n: ds.map_batches(segment, batch_format="numpy") for n, ds in datasets.items()}
+            settings["masks_from_segmenter"] = segment is not None
             datasets = {split: ds.materialize() for split, ds in datasets.items()}
 
     storage_path = config.out if "://" in config.out else storage.resolve(config.out)[1]
@@ -420,7 +425,7 @@ def _segments_once(config: TrainConfig, image_size: int) -> Any:
     source = load_mask_source(config.segmenter)
 
     def segment(batch: dict[str, Any]) -> dict[str, Any]:
-        images = torch.from_numpy(batch["image"])
+        images = torch.tensor(batch["image"])  # a copy: Ray Data's batches may be read-only
         masks = [
             (source(to_unit(images[start : start + 64], image_size))[:, 0] * 255).to(torch.uint8).numpy()
             for start in range(0, len(images), 64)

@@ -121,6 +121,31 @@ def test_rerun_with_the_same_name_resumes_after_the_last_epoch(
     assert history[1]["val_loss"] == ddp_run.metrics["val_loss"]
 
 
+def test_data_kept_in_the_object_store_gets_the_segmenters_masks_once(
+    synthetic_dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Data too large for the driver that fits the object store is read by Ray Data and materialized;
+    on CPU the segmenter's masks are made then, once (not by the workers every epoch), as for small data."""
+    from ray.data.dataset import MaterializedDataset
+
+    from cxrcore.train import trainer
+    from tests.e2e.uploads import write_checkpoint
+
+    monkeypatch.setattr(trainer, "DRIVER_READ_BYTES", 0)
+    unet = str(write_checkpoint(tmp_path / "unet", "tiny_unet", 0))
+    config = TrainConfig(
+        data=synthetic_dataset, model="tiny_dual_cnn", segmenter=unet, image_size=48, out=str(tmp_path)
+    )
+    built = trainer.build_trainer(config)
+    assert built.train_loop_config["masks_from_segmenter"]
+    for split in ("train", "val"):
+        dataset = built.datasets[split]
+        assert isinstance(dataset, MaterializedDataset)
+        batch = dataset.take_batch(batch_size=10_000, batch_format="numpy")
+        assert len(batch["label_index"]) == read_report(synthetic_dataset)["by_split"][split]
+        assert batch["mask"].shape[1:] == (48, 48) and batch["has_mask"].all()  # the segmenter's, at 48 px
+
+
 def test_a_small_dataset_read_by_the_driver_has_the_rows_ray_data_reads(synthetic_dataset: str) -> None:
     """Training data under DRIVER_READ_BYTES (as every test run's is) reaches Ray Train as in-memory blocks
     read by the driver: the same rows and arrays as the Ray Data read it replaces."""
