@@ -21,7 +21,8 @@ class WholeValidation(ray.train.DataConfig):
     A streaming split also starts a SplitCoordinator actor per dataset, which imports Ray Data and plans
     every epoch's execution: about 3 CPU-seconds each to start on the 2-core machine, twice per run. A
     materialized dataset (the small data the driver reads, or data that fits the object store) has its
-    blocks already; `Dataset.split` gives each worker its share of them, which the worker reads itself.
+    blocks already; each worker gets a consecutive share of its rows (`split_at_indices`, slices of the
+    blocks, no copy) and reads it itself.
     Each worker then sees the same rows every epoch, in an order its shuffle buffer draws anew.
     """
 
