@@ -12,12 +12,13 @@ from typing import Any
 from cxrcore.evaluate.report import (
     ReportSection,
     html_table,
+    interval_text,
     plot_confusion_matrix,
     plot_overlaid_curves,
     write_html_report,
 )
 from cxrcore.labels import CLASSES
-from cxrcore.metrics import rank_by_validation, score_resolution
+from cxrcore.metrics import rank_by_validation, score_resolution, wilson_interval
 
 CURVES = ("val_macro_f1", "val_loss", "val_accuracy", "train_loss")
 CALIBRATION = {
@@ -140,8 +141,23 @@ def winner_line(best: Mapping[str, Mapping[str, Any]]) -> str:
         else:
             side = "ahead of" if margin >= 0 else "behind"
             line += f", {_fixed(abs(margin))} {side} {runner_up} ({_fixed(other['val_score'])})"
-    line += f"; test accuracy {_fixed(row['test_accuracy'])}."
+    line += f"; test accuracy {_fixed(row['test_accuracy'])}"
+    interval = accuracy_interval(row)
+    if interval is not None:  # a small test split cannot tell close models apart: say how small
+        images = sum(map(sum, row["confusion_matrix"]))
+        line += f" (95% CI {interval_text(interval)}, {images} images)"
+    line += "."
     return ("Winner: " if others else "Only one architecture produced a checkpoint: ") + line
+
+
+def accuracy_interval(row: Mapping[str, Any]) -> list[float] | None:
+    """The Wilson 95% interval of an architecture's test accuracy, over its test images (the confusion
+    matrix's count); None without either."""
+    matrix, accuracy = row.get("confusion_matrix"), row.get("test_accuracy")
+    if not matrix or accuracy is None:
+        return None
+    images = int(sum(map(sum, matrix)))
+    return wilson_interval(round(accuracy * images), images)
 
 
 def holdout_columns(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -174,6 +190,7 @@ def _best_tables(ranked: list[tuple[str, Mapping[str, Any]]]) -> str:
             "registered as": row["ref"] + (" (production)" if row.get("production") else ""),
             "val macro-F1": row["val_score"],
             "test accuracy": row["test_accuracy"],
+            "test accuracy 95% CI": interval_text(accuracy_interval(row)),
             "test macro-F1": row["test_macro_f1"],
             **(holdout_columns(row) if held_out else {}),
             "test AUROC": row["test_macro_auroc"],

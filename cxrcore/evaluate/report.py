@@ -444,10 +444,10 @@ def external_sections(external: Mapping[str, Any], comparison: Mapping[str, Any]
             "class": name,
             "positives": stats["positives"],
             "sensitivity": stats["sensitivity"],
-            "sensitivity 95% CI": _interval_text(stats["sensitivity_ci95"]),
+            "sensitivity 95% CI": interval_text(stats["sensitivity_ci95"]),
             "negatives": stats["negatives"],
             "specificity": stats["specificity"],
-            "specificity 95% CI": _interval_text(stats["specificity_ci95"]),
+            "specificity 95% CI": interval_text(stats["specificity_ci95"]),
         }
         for name, stats in external["one_vs_rest"].items()
     ]
@@ -483,7 +483,7 @@ def holdout_rows(holdout: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The source hold-out table of the report and `cxr evaluate`: each side, then the drop between them."""
     columns = ("images", "n", "accuracy", "accuracy 95% CI", "macro-F1")
     rows: list[tuple[Any, ...]] = [
-        (label, side["n"], side["accuracy"], _interval_text(side["accuracy_ci95"]), side["macro_f1"])
+        (label, side["n"], side["accuracy"], interval_text(side["accuracy_ci95"]), side["macro_f1"])
         for label, side in _holdout_sides(holdout)
     ]
     rows.append(("drop", None, holdout["drop"]["accuracy"], None, holdout["drop"]["macro_f1"]))
@@ -517,7 +517,8 @@ def _side_text(side: Mapping[str, Any]) -> str:
     return f"{', '.join(side['sources']) or 'none'}; images per class: {counts or 'none'}"
 
 
-def _interval_text(bounds: Sequence[float] | None) -> str:
+def interval_text(bounds: Sequence[float] | None) -> str:
+    """An interval as `low–high` to 2 decimals, or a dash when there is none."""
     return "-" if bounds is None else f"{bounds[0]:.2f}–{bounds[1]:.2f}"
 
 

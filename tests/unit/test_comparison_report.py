@@ -11,9 +11,15 @@ from typing import Any
 
 import pytest
 
-from cxrcore.evaluate.comparison import ranked_architectures, winner_line, write_comparison_report
+from cxrcore.evaluate.comparison import (
+    accuracy_interval,
+    ranked_architectures,
+    winner_line,
+    write_comparison_report,
+)
 from cxrcore.evaluate.report import confusion_matrix_figure, overlaid_curves_figure
 from cxrcore.labels import CLASSES
+from cxrcore.metrics import wilson_interval
 from cxrcore.summaries import format_comparison
 
 EPOCHS = {"cnn_lstm": 2, "resnet18": 2, "dual_cnn": 6}
@@ -113,8 +119,11 @@ def written(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Path], 
 def test_winner_line_names_the_production_model_and_its_margin() -> None:
     assert winner_line(_comparison()["best"]) == (
         "Winner: dual_cnn (registered dual_cnn:3, production) — validation macro-F1 0.962, "
-        "0.041 ahead of cnn_lstm (0.921); test accuracy 0.950."
+        "0.041 ahead of cnn_lstm (0.921); test accuracy 0.950 (95% CI 0.84–0.98, 52 images)."
     )
+    # 49 of the 52 test images: the Wilson interval, which a 40-image demo split makes about ±0.08 wide.
+    assert accuracy_interval(_comparison()["best"]["dual_cnn"]) == pytest.approx(wilson_interval(49, 52))
+    assert accuracy_interval({"test_accuracy": 0.9}) is None  # no test count, no interval
 
 
 def test_winner_line_with_one_architecture_and_with_none() -> None:
@@ -157,6 +166,7 @@ def test_html_reads_well(written: tuple[dict[str, Path], str]) -> None:
     assert '<td class="num">0.962</td>' in text and ">0.000<" not in text
     assert "A ring marks the epoch whose checkpoint was kept." in text
     assert "test ECE after" in text and '<td class="num">1.370</td>' in text  # calibration shown
+    assert "<th>test accuracy 95% CI</th>" in text and "<td>0.84–0.98</td>" in text
     assert text.count('<div class="table-wrap">') == 5  # scores, calibration, training, trials, failed
     assert len(re.findall(r'<img alt="confusion_matrix_\w+" style="width:360px"', text)) == 3
     assert "http" not in text.replace("<!DOCTYPE html>", "")
@@ -246,7 +256,7 @@ def test_held_out_sources_stand_beside_the_random_split_and_a_large_drop_is_flag
     scores = text.split("<h3>Test split</h3>")[1].split("</table>")[0]
     headers = re.findall(r"<th>(.*?)</th>", scores)
     held_out = ["random-split accuracy", "held-out accuracy", "random-split macro-F1", "held-out macro-F1"]
-    assert headers[5:10] == [*held_out, "large drop"]
+    assert headers[6:11] == [*held_out, "large drop"]
     assert '<td class="num">0.410</td>' in scores and "<td>yes</td>" in scores
     assert f'<p class="lead alert">cnn_lstm: {verdict}</p>' in text
     assert text.index(verdict) < text.index("<h2>")  # under the winner, before any section
