@@ -340,6 +340,8 @@ def _run_tune(args: argparse.Namespace) -> int:
 
 def _run_evaluate(args: argparse.Namespace) -> int:
     from cxrcore.evaluate.evaluation import evaluate_checkpoint
+    from cxrcore.evaluate.report import interval_text
+    from cxrcore.metrics import wilson_interval
 
     config: EvaluateConfig = config_from_args(EvaluateConfig, args)
     paths = evaluate_checkpoint(config)
@@ -355,7 +357,11 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         print(f"evaluated {evaluated['model']} on {evaluated['dataset']} ({where})")
         if evaluated["note"]:
             print(f"warning: this evaluation {evaluated['note']}")
-    print(format_table(["metric", "value"], [[k, format_number(v)] for k, v in headline.items()]))
+    rows = [[k, format_number(v)] for k, v in headline.items()]
+    if "accuracy" in headline and headline.get("n"):  # how far a small test set pins the accuracy down
+        interval = wilson_interval(round(headline["accuracy"] * headline["n"]), headline["n"])
+        rows.insert(list(headline).index("accuracy") + 1, ["accuracy 95% CI", interval_text(interval)])
+    print(format_table(["metric", "value"], rows))
     comparison = metrics.get("internal_comparison")
     if comparison:
         column = f"internal ({comparison['reference']})" if comparison["reference"] else "internal"

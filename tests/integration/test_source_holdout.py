@@ -5,12 +5,14 @@ the class at site a only, site b held out at ingest, a tiny model trained briefl
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from cxrcore.cli import main
 from cxrcore.data.synthetic import write_synthetic_dataset
+from cxrcore.metrics import wilson_interval
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_session")]
 SITE_A, SITE_B = "site-a.synthetic.cxr", "site-b.synthetic.cxr"
@@ -44,5 +46,10 @@ def test_a_model_reading_the_site_is_high_on_the_random_split_and_flagged_on_the
     assert block["drop"]["accuracy"] >= 0.3 and block["large_drop"] is True
     assert f"WARNING: Large drop on the held-out sources ({SITE_B})" in printed
     assert "the model may be reading the site" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    interval = wilson_interval(round(metrics["accuracy"] * metrics["n"]), metrics["n"])
+    assert interval is not None
+    low, high = interval
+    assert re.search(rf"accuracy 95% CI +{low:.2f}–{high:.2f}\n", printed), printed  # beside the accuracy
     html = (out / "report.html").read_text()
     assert f'<p class="lead alert">Large drop on the held-out sources ({SITE_B})' in html
