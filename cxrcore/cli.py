@@ -341,7 +341,7 @@ def _run_tune(args: argparse.Namespace) -> int:
 def _run_evaluate(args: argparse.Namespace) -> int:
     from cxrcore.evaluate.evaluation import evaluate_checkpoint
     from cxrcore.evaluate.report import interval_text
-    from cxrcore.metrics import wilson_interval
+    from cxrcore.metrics import accuracy_interval
 
     config: EvaluateConfig = config_from_args(EvaluateConfig, args)
     paths = evaluate_checkpoint(config)
@@ -358,9 +358,9 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         if evaluated["note"]:
             print(f"warning: this evaluation {evaluated['note']}")
     rows = [[k, format_number(v)] for k, v in headline.items()]
-    if "accuracy" in headline and headline.get("n"):  # how far a small test set pins the accuracy down
-        interval = wilson_interval(round(headline["accuracy"] * headline["n"]), headline["n"])
-        rows.insert(list(headline).index("accuracy") + 1, ["accuracy 95% CI", interval_text(interval)])
+    if "accuracy" in headline and metrics.get("confusion_matrix"):  # how far the test set pins it down
+        interval = interval_text(accuracy_interval(metrics["confusion_matrix"]))
+        rows.insert(list(headline).index("accuracy") + 1, ["accuracy 95% CI", interval])
     print(format_table(["metric", "value"], rows))
     comparison = metrics.get("internal_comparison")
     if comparison:

@@ -149,6 +149,13 @@ def one_vs_rest(matrix: npt.ArrayLike, classes: Sequence[str] = CLASSES) -> dict
     return result
 
 
+def accuracy_interval(confusion_matrix: Sequence[Sequence[int]]) -> list[float] | None:
+    """The Wilson 95% interval of the accuracy a confusion matrix records (None when it counts nothing):
+    how far a small test set pins the accuracy down (40 images at 0.975: 0.87-1.00)."""
+    correct = sum(row[k] for k, row in enumerate(confusion_matrix))
+    return wilson_interval(int(correct), int(sum(map(sum, confusion_matrix))))
+
+
 def wilson_interval(successes: int, n: int, z: float = WILSON_Z) -> list[float] | None:
     """The Wilson score interval [low, high] of a proportion successes / n (None when n is 0).
 

@@ -18,7 +18,7 @@ from cxrcore.evaluate.report import (
     write_html_report,
 )
 from cxrcore.labels import CLASSES
-from cxrcore.metrics import rank_by_validation, score_resolution, wilson_interval
+from cxrcore.metrics import accuracy_interval, rank_by_validation, score_resolution
 
 CURVES = ("val_macro_f1", "val_loss", "val_accuracy", "train_loss")
 CALIBRATION = {
@@ -142,22 +142,11 @@ def winner_line(best: Mapping[str, Mapping[str, Any]]) -> str:
             side = "ahead of" if margin >= 0 else "behind"
             line += f", {_fixed(abs(margin))} {side} {runner_up} ({_fixed(other['val_score'])})"
     line += f"; test accuracy {_fixed(row['test_accuracy'])}"
-    interval = accuracy_interval(row)
-    if interval is not None:  # a small test split cannot tell close models apart: say how small
-        images = sum(map(sum, row["confusion_matrix"]))
-        line += f" (95% CI {interval_text(interval)}, {images} images)"
+    matrix = row.get("confusion_matrix")
+    if matrix:  # a small test split cannot tell close models apart: say how small
+        line += f" (95% CI {interval_text(accuracy_interval(matrix))}, {sum(map(sum, matrix))} images)"
     line += "."
     return ("Winner: " if others else "Only one architecture produced a checkpoint: ") + line
-
-
-def accuracy_interval(row: Mapping[str, Any]) -> list[float] | None:
-    """The Wilson 95% interval of an architecture's test accuracy, over its test images (the confusion
-    matrix's count); None without either."""
-    matrix, accuracy = row.get("confusion_matrix"), row.get("test_accuracy")
-    if not matrix or accuracy is None:
-        return None
-    images = int(sum(map(sum, matrix)))
-    return wilson_interval(round(accuracy * images), images)
 
 
 def holdout_columns(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -190,7 +179,9 @@ def _best_tables(ranked: list[tuple[str, Mapping[str, Any]]]) -> str:
             "registered as": row["ref"] + (" (production)" if row.get("production") else ""),
             "val macro-F1": row["val_score"],
             "test accuracy": row["test_accuracy"],
-            "test accuracy 95% CI": interval_text(accuracy_interval(row)),
+            "test accuracy 95% CI": interval_text(
+                accuracy_interval(row["confusion_matrix"]) if row.get("confusion_matrix") else None
+            ),
             "test macro-F1": row["test_macro_f1"],
             **(holdout_columns(row) if held_out else {}),
             "test AUROC": row["test_macro_auroc"],

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cxrcore.metrics import classification_metrics, confusion_scores, one_vs_rest, wilson_interval
+from cxrcore.metrics import accuracy_interval, classification_metrics, confusion_scores, one_vs_rest
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -149,7 +149,7 @@ def external_block(
         "classes_absent": [name for name in classes if name not in present],
         "predicted_absent": predicted_absent,
         "accuracy": metrics["accuracy"],
-        "accuracy_ci95": _accuracy_interval(metrics),
+        "accuracy_ci95": accuracy_interval(metrics["confusion_matrix"]),
         "macro_f1": metrics["macro_f1"],
         "operating_point": {
             "rule": "argmax of softmax(logits / temperature): the class Serve answers",
@@ -349,7 +349,7 @@ def _holdout_side(
         "n": metrics["n"],
         "by_class": {name: row["support"] for name, row in metrics["per_class"].items() if row["support"]},
         "accuracy": metrics["accuracy"],
-        "accuracy_ci95": _accuracy_interval(metrics),
+        "accuracy_ci95": accuracy_interval(metrics["confusion_matrix"]),
         "macro_f1": metrics["macro_f1"],
         "confusion_matrix": metrics["confusion_matrix"],
     }
@@ -395,12 +395,6 @@ def _side_figure(side: Mapping[str, Any], key: str) -> str:
 
 def _change(drop: float) -> str:
     return f"a drop of {_fixed(drop)}" if drop >= 0 else f"a rise of {_fixed(-drop)}"
-
-
-def _accuracy_interval(metrics: Mapping[str, Any]) -> list[float] | None:
-    """The 95% Wilson interval of classification_metrics' accuracy, from its confusion matrix."""
-    matrix = metrics["confusion_matrix"]
-    return wilson_interval(sum(matrix[k][k] for k in range(len(matrix))), metrics["n"])
 
 
 def _is_large(drops: Iterable[float | None]) -> bool:
