@@ -18,6 +18,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from cxrcore.metrics import accuracy_interval
+
 HEADLINE_METRICS = (
     "n",
     "accuracy",
@@ -560,8 +562,18 @@ def _plot_keys(ax: Axes, history: Sequence[Mapping[str, Any]], keys: Sequence[st
 
 
 def _headline_rows(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """One row of the headline metrics; for a result without them (e.g. segmentation), its scalar values."""
+    """One row of the headline metrics, the accuracy's 95% interval beside it; for a result without them
+    (e.g. segmentation), its scalar values."""
     row = {key: metrics[key] for key in HEADLINE_METRICS if key in metrics}
+    if "accuracy" in row and metrics.get("confusion_matrix"):
+        interval = interval_text(accuracy_interval(metrics["confusion_matrix"]))
+        keys = list(row)
+        at = keys.index("accuracy") + 1
+        row = {
+            **{k: row[k] for k in keys[:at]},
+            "accuracy 95% CI": interval,
+            **{k: row[k] for k in keys[at:]},
+        }
     return [
         row or {key: value for key, value in metrics.items() if _is_number(value) or isinstance(value, str)}
     ]

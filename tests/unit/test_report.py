@@ -21,6 +21,7 @@ from cxrcore.evaluate.report import (
     external_sections,
     format_number,
     html_table,
+    interval_text,
     metrics_table,
     plot_overlaid_curves,
     plot_training_curves,
@@ -28,7 +29,7 @@ from cxrcore.evaluate.report import (
     write_html_report,
 )
 from cxrcore.labels import CLASSES
-from cxrcore.metrics import classification_metrics, segmentation_metrics
+from cxrcore.metrics import accuracy_interval, classification_metrics, segmentation_metrics
 
 PLOTS = {"confusion_matrix", "confusion_matrix_normalized", "roc_curves", "reliability"}
 CARD = {
@@ -104,6 +105,10 @@ def test_html_is_self_contained_and_escaped(report: dict[str, Path]) -> None:
     assert "&quot;channels&quot;" in text  # nested card values as JSON
     assert "held-out source: &lt;kermany&gt;" in text and "lung masks" in text
     assert "No ROC curve for Viral Pneumonia" not in text  # the main metrics have every class
+    headers = re.findall(r"<th>(.*?)</th>", text)
+    assert headers[headers.index("accuracy") + 1] == "accuracy 95% CI"  # beside the accuracy
+    matrix = _metrics(0)["confusion_matrix"]
+    assert f"<td>{interval_text(accuracy_interval(matrix))}</td>" in text
     sources = re.findall(r'<img [^>]*src="([^"]+)"', text)
     assert len(sources) == 5 and all(src.startswith("data:image/png;base64,") for src in sources)
     assert base64.b64decode(sources[0].split(",", 1)[1]).startswith(b"\x89PNG")
