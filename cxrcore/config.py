@@ -23,9 +23,9 @@ from cxrcore.labels import CLASSES, canonical_class
 
 C = TypeVar("C")
 PRETRAINED_CHOICES = ("auto", "hub", "none")
+"""Keyword values of --pretrained; anything else is a weights file."""
 TRAIN_MASKS = ("segmenter", "dataset")
 """Values of `cxr train --train-masks`: where a dual-channel model's training masks come from."""
-"""Keyword values of --pretrained; anything else is a weights file."""
 EVALUATE_SPLITS = ("auto", "all", "train", "val", "test")
 """Values of `cxr evaluate --split`: a split of the dataset, every image, or auto (see EvaluateConfig)."""
 
