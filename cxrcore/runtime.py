@@ -48,8 +48,13 @@ def init_ray(
             api = f"http://127.0.0.1:{port}"
             # Ray Train's preemption watcher, an actor per training run that polls for drained nodes, has
             # nothing to watch on one machine: no autoscaler drains its only node. Off, each run (each Tune
-            # trial) starts one process less.
-            local = {"RAY_API_SERVER_ADDRESS": api, "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+            # trial) starts one process less. Its controller polls the workers every 2 s by default, and a
+            # run's end waits for the next poll: every 0.5 s instead, a 1-epoch run ended 1.6-6.7 s sooner.
+            local = {
+                "RAY_API_SERVER_ADDRESS": api,
+                "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+                "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+            }
             with environment_defaults(**local, **local_serve_environment()):
                 ray.init(
                     num_cpus=logical,

@@ -93,15 +93,31 @@ def ray_start(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
 
 
 def ray_stop(process: subprocess.Popen[bytes]) -> None:
-    """Stop a node `ray_start` started: SIGTERM reaches every Ray process in its group (`ray start --block`
-    itself ignores it), SIGKILL after 5 s."""
+    """Stop a node `ray_start` started: SIGTERM reaches every Ray process in its group; once they are gone
+    (usually within 1 s), or after 5 s, SIGKILL ends the rest and `ray start --block`, which ignores it."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=5)
-    except subprocess.TimeoutExpired:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and set(_process_group(process.pid)) - {process.pid}:
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+    process.wait()
+
+
+def _process_group(pgid: int) -> list[int]:
+    """The live (not zombie) processes of process group `pgid`, from /proc."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            state, _, group = (entry / "stat").read_text().rpartition(")")[2].split()[:3]
+        except (OSError, ValueError):
+            continue  # gone meanwhile
+        if int(group) == pgid and state != "Z":
+            members.append(int(entry.name))
+    return members
 
 
 @contextlib.contextmanager

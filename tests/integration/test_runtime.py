@@ -7,6 +7,7 @@ import os
 import pytest
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_session")]
+HEALTH_CHECK = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 
 
 def test_workers_find_their_own_clusters_state_api_and_the_driver_environment_is_untouched() -> None:
@@ -14,14 +15,17 @@ def test_workers_find_their_own_clusters_state_api_and_the_driver_environment_is
     from ray._private.worker import get_dashboard_url
 
     @ray.remote(num_cpus=0)
-    def worker_environment() -> tuple[str | None, str | None]:
-        return os.environ.get("RAY_API_SERVER_ADDRESS"), os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
+    def worker_environment() -> tuple[str | None, ...]:
+        names = ("RAY_API_SERVER_ADDRESS", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", HEALTH_CHECK)
+        return tuple(os.environ.get(name) for name in names)
 
-    api, preemption_watcher = ray.get(worker_environment.remote())
+    api, preemption_watcher, health_check = ray.get(worker_environment.remote())
     # Ray Train's PlacementGroupCleaner (a detached actor) reads this to find the State API; without it, a
     # second cluster on the machine made its lookup fail and every stopped Tune trial kept its CPUs.
     assert api == f"http://{get_dashboard_url()}"
     assert preemption_watcher == "0"  # one process less per training run: one machine has no drains
+    # cxr polls Train's workers every 0.5 s on its own cluster, unless set: tests/conftest.py sets 0.2.
+    assert health_check == os.environ[HEALTH_CHECK]
     assert "RAY_API_SERVER_ADDRESS" not in os.environ  # subprocesses the driver starts may join another
     assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in os.environ
 
