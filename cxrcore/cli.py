@@ -340,8 +340,7 @@ def _run_tune(args: argparse.Namespace) -> int:
 
 def _run_evaluate(args: argparse.Namespace) -> int:
     from cxrcore.evaluate.evaluation import evaluate_checkpoint
-    from cxrcore.evaluate.report import interval_text
-    from cxrcore.metrics import accuracy_interval
+    from cxrcore.evaluate.report import with_accuracy_interval
 
     config: EvaluateConfig = config_from_args(EvaluateConfig, args)
     paths = evaluate_checkpoint(config)
@@ -357,10 +356,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         print(f"evaluated {evaluated['model']} on {evaluated['dataset']} ({where})")
         if evaluated["note"]:
             print(f"warning: this evaluation {evaluated['note']}")
-    rows = [[k, format_number(v)] for k, v in headline.items()]
-    if "accuracy" in headline and metrics.get("confusion_matrix"):  # how far the test set pins it down
-        interval = interval_text(accuracy_interval(metrics["confusion_matrix"]))
-        rows.insert(list(headline).index("accuracy") + 1, ["accuracy 95% CI", interval])
+    rows = [[k, format_number(v)] for k, v in with_accuracy_interval(headline, metrics).items()]
     print(format_table(["metric", "value"], rows))
     comparison = metrics.get("internal_comparison")
     if comparison:

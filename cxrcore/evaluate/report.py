@@ -519,6 +519,18 @@ def _side_text(side: Mapping[str, Any]) -> str:
     return f"{', '.join(side['sources']) or 'none'}; images per class: {counts or 'none'}"
 
 
+def with_accuracy_interval(row: Mapping[str, Any], metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """`row` with "accuracy 95% CI" right after its accuracy, from the Wilson interval of `metrics`'
+    confusion matrix (how far the test set pins the accuracy down); `row` as it is without either."""
+    matrix = metrics.get("confusion_matrix")
+    out: dict[str, Any] = {}
+    for key, value in row.items():
+        out[key] = value
+        if key == "accuracy" and matrix:
+            out["accuracy 95% CI"] = interval_text(accuracy_interval(matrix))
+    return out
+
+
 def interval_text(bounds: Sequence[float] | None) -> str:
     """An interval as `low–high` to 2 decimals, or a dash when there is none."""
     return "-" if bounds is None else f"{bounds[0]:.2f}–{bounds[1]:.2f}"
@@ -564,16 +576,7 @@ def _plot_keys(ax: Axes, history: Sequence[Mapping[str, Any]], keys: Sequence[st
 def _headline_rows(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
     """One row of the headline metrics, the accuracy's 95% interval beside it; for a result without them
     (e.g. segmentation), its scalar values."""
-    row = {key: metrics[key] for key in HEADLINE_METRICS if key in metrics}
-    if "accuracy" in row and metrics.get("confusion_matrix"):
-        interval = interval_text(accuracy_interval(metrics["confusion_matrix"]))
-        keys = list(row)
-        at = keys.index("accuracy") + 1
-        row = {
-            **{k: row[k] for k in keys[:at]},
-            "accuracy 95% CI": interval,
-            **{k: row[k] for k in keys[at:]},
-        }
+    row = with_accuracy_interval({key: metrics[key] for key in HEADLINE_METRICS if key in metrics}, metrics)
     return [
         row or {key: value for key, value in metrics.items() if _is_number(value) or isinstance(value, str)}
     ]
