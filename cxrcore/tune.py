@@ -191,7 +191,6 @@ def run_comparison(config: TuneConfig) -> dict[str, Any]:
     """Train the segmenter if needed, run the sweep, evaluate and register the best of each architecture."""
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
     from cxrcore.registry import ModelRegistry
 
@@ -222,14 +221,7 @@ def run_comparison(config: TuneConfig) -> dict[str, Any]:
                 num_samples=config.trials,
                 max_concurrent_trials=config.max_concurrent
                 or max_concurrent_trials(config, ray.cluster_resources()),
-                scheduler=ASHAScheduler(
-                    # The epoch each report names, not Tune's count of reports: a trial restored after the
-                    # driver was killed resumes its Train run mid-way, and Tune counts its reports from 1.
-                    time_attr="epoch",
-                    max_t=config.epochs,
-                    grace_period=config.grace_epochs or 1,  # resolved by TuneConfig
-                    reduction_factor=ASHA_REDUCTION_FACTOR,
-                ),
+                scheduler=asha_scheduler(config),
                 search_alg=None,
             ),
             run_config=tune.RunConfig(
@@ -265,6 +257,34 @@ def run_comparison(config: TuneConfig) -> dict[str, Any]:
         storage.copy(pafs.LocalFileSystem(), str(work), *storage.resolve(experiment))
     comparison["reports"] = {k: _published(v, work, experiment) for k, v in reports.items()}
     return comparison
+
+
+def asha_scheduler(config: TuneConfig) -> Any:
+    """ASHA over the epochs each trial reports, which lets a trial end on its own after its last epoch.
+
+    Tune's ASHA stops a trial whose report reaches max_t, and a stop kills the trial's actor: Ray Train's
+    run, still finishing the epoch it just reported, then loses its workers, and the console shows its
+    controller's "[FailurePolicy] RETRY ... Training failed due to worker errors" on a trial that did
+    everything it was asked. A trial's last report comes from a Train run about to return, so here it
+    does not stop the trial; ASHA records it in its rungs when the trial completes. (Tune pickles the
+    scheduler with the experiment; cloudpickle takes this class along.)
+    """
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    class LastEpochEndsOnItsOwn(ASHAScheduler):
+        def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
+            if result.get(self._time_attr, 0) >= self._max_t:
+                return str(TrialScheduler.CONTINUE)
+            return str(super().on_trial_result(tune_controller, trial, result))
+
+    return LastEpochEndsOnItsOwn(
+        # The epoch each report names, not Tune's count of reports: a trial restored after the driver was
+        # killed resumes its Train run mid-way, and Tune counts its reports from 1.
+        time_attr="epoch",
+        max_t=config.epochs,
+        grace_period=config.grace_epochs or 1,  # resolved by TuneConfig
+        reduction_factor=ASHA_REDUCTION_FACTOR,
+    )
 
 
 def experiment_path(config: TuneConfig) -> str:

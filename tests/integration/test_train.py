@@ -110,8 +110,9 @@ def test_rerun_with_the_same_name_resumes_after_the_last_epoch(
     real_read_split = ingest.read_split
     monkeypatch.setattr(ingest, "read_split", read_split)
     config = TrainConfig(
-        data=str(ddp_work / "ds"), model="dual_cnn", out=str(ddp_work / "cxr-runs"), name="ddp", epochs=3
-    )
+        data=str(ddp_work / "ds"), model="dual_cnn", out=str(ddp_work / "cxr-runs"), name="ddp", epochs=3,
+        workers=1, batch_size=4,  # the batch size is the run's: the automatic one would grow with 1 worker
+    )  # fmt: skip
     second = fit(config)
     assert streamed == ["train", "val"]
     assert second.metrics["epoch"] == 3
