@@ -15,8 +15,9 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/cxr demo $(ARGS)
 
+# The unit tests in a second pytest beside the Ray tests (tests/run.py); with PYTEST_ARGS, one pytest.
 test: setup lint
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/python -m tests.run $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .
