@@ -1,0 +1,30 @@
+"""`make test`'s two pytest processes (tests/run.py): both reports printed, either failure fails it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests import run
+
+
+def test_both_reports_are_printed_and_a_failure_beside_fails_the_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "test_beside.py").write_text("def test_beside():\n    assert 1 == 2\n")
+    (tmp_path / "test_shared.py").write_text("def test_shared():\n    pass\n")
+    monkeypatch.setattr(run, "UNIT", str(tmp_path / "test_beside.py"))
+    monkeypatch.setattr(run, "WITH_RAY", (str(tmp_path / "test_shared.py"),))
+    assert run.main([]) == 1
+    out = capfd.readouterr().out
+    shared, beside = out.index("1 passed"), out.index("1 failed")
+    assert shared < out.index("(run beside the above)") < beside  # the second run's report comes last
+    assert out.rstrip().endswith(f"FAILED: {tmp_path / 'test_beside.py'}")
+
+
+def test_with_arguments_it_is_one_pytest(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "test_one.py").write_text("def test_one():\n    pass\n")
+    assert run.main([str(tmp_path / "test_one.py")]) == 0
+    out = capfd.readouterr().out
+    assert "1 passed" in out and "run beside" not in out
