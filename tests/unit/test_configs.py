@@ -14,7 +14,7 @@ from cxrcore.cli import main
 from cxrcore.config import IngestConfig, TuneConfig, load_config
 from cxrcore.models import get_model_entry
 from cxrcore.plan import expected_epochs_per_trial
-from cxrcore.tune import max_concurrent_trials, search_plan
+from cxrcore.tune import max_concurrent_trials, planned_space, search_plan, tune_settings
 
 CONFIGS = Path(__file__).parents[2] / "jobs" / "configs"
 CONFIG_CLASSES: dict[str, type] = {"ingest.yaml": IngestConfig, "tune.yaml": TuneConfig}
@@ -25,6 +25,19 @@ def test_every_config_parses_into_its_class() -> None:
     assert sorted(path.name for path in CONFIGS.glob("*.yaml")) == sorted(CONFIG_CLASSES)
     for name, cls in CONFIG_CLASSES.items():
         assert isinstance(load_config(cls, CONFIGS / name), cls), name
+
+
+def test_tune_runs_each_planned_trial_once() -> None:
+    """The shipped sweep (4 trials of each of 3 architectures) is 12 trials, as planned and documented:
+    Tune runs a grid search num_samples times over, and had run each planned trial 4 times (48)."""
+    from ray.tune.search.variant_generator import _count_variants
+
+    config = load_config(TuneConfig, CONFIGS / "tune.yaml")
+    plan = search_plan(config, 16_933)
+    settings = tune_settings(config, {"CPU": 32.0, "GPU": 4.0})
+    assert len(plan) == config.trials * len(config.model_names()) == 12
+    assert _count_variants({"config": planned_space(plan), "num_samples": settings.num_samples}, []) == 12
+    assert settings.max_concurrent_trials == 4  # one trial per GPU
 
 
 def test_tune_config_names_registered_models_on_one_gpu_each() -> None:
