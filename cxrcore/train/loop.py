@@ -44,7 +44,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from cxrcore.console import quiet_train_worker
     from cxrcore.models import create_model, get_build_args, get_input_spec
     from cxrcore.segmenter import load_mask_source
+    from cxrcore.train.exit import exit_without_finalizing_while_training
 
+    exit_without_finalizing_while_training()  # a stopped trial's worker must not abort on its way out
     if loop_config.get("quiet_console"):
         quiet_train_worker()
     if not torch.cuda.is_available() and loop_config.get("cpus_per_worker"):

@@ -1,0 +1,69 @@
+"""A process that exits while its training thread is inside torch ends cleanly instead of aborting.
+
+Each test runs a real Python process: a daemon thread trains a small convolution in a loop, the main
+thread exits as Ray's SIGTERM handler makes a Train worker exit (`sys.exit`). Without
+`exit_without_finalizing_while_training` that process aborts (status 134, "terminate called without an
+active exception") in every run tried.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cxrcore.train.exit import EXIT_CODE
+
+CHILD = """
+import atexit, sys, threading
+import torch
+from cxrcore.train.exit import exit_without_finalizing_while_training
+
+mode = sys.argv[1]
+atexit.register(print, "the other exit handlers ran", flush=True)
+stepped = threading.Event()
+
+def train():
+    exit_without_finalizing_while_training()
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 16, 3), torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 3))
+    images = torch.randn(16, 1, 64, 64)
+    model(images).sum().backward()
+    stepped.set()
+    while mode == "killed":
+        model(images).sum().backward()
+
+thread = threading.Thread(target=train, daemon=True)
+thread.start()
+assert stepped.wait(60), "the training thread never took a step"
+if mode == "finished":
+    thread.join(60)
+print("exiting", flush=True)
+sys.exit(3)
+"""
+
+
+def _run(tmp_path: Path, mode: str) -> subprocess.CompletedProcess[str]:
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    repo = Path(__file__).resolve().parents[2]
+    return subprocess.run(
+        [sys.executable, str(script), mode], cwd=repo, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("attempt", range(2))
+def test_an_exit_during_a_training_step_ends_the_process_cleanly(tmp_path: Path, attempt: int) -> None:
+    done = _run(tmp_path, "killed")
+    assert "terminate called" not in done.stderr and "Fatal Python error" not in done.stderr, done.stderr
+    assert done.returncode == EXIT_CODE, (done.returncode, done.stderr)
+    assert "exiting" in done.stdout  # printed output is flushed before the process ends
+
+
+def test_after_training_finished_the_process_exits_as_usual(tmp_path: Path) -> None:
+    done = _run(tmp_path, "finished")
+    assert done.returncode == 3, (done.returncode, done.stderr)
+    assert "the other exit handlers ran" in done.stdout
