@@ -43,8 +43,11 @@ def exit_without_finalizing_while_training() -> None:
 
 
 def _exit_if_training() -> None:
-    if not any(thread.is_alive() for thread in list(_training)):
-        return  # training finished (or never started): exit as usual, every exit handler run
+    # Only a daemon thread is at risk: Python joins the others before the exit handlers run, and the
+    # main thread, where Ray Train's local mode (`--workers 0`) trains, is running them.
+    here = threading.current_thread()
+    if not any(thread.daemon and thread.is_alive() and thread is not here for thread in list(_training)):
+        return  # training finished: exit as usual, every exit handler run
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):  # a closed or broken stream must not stop the exit
             stream.flush()

@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from cxrcore.train.exit import EXIT_CODE
 
 CHILD = """
@@ -33,11 +35,14 @@ def train():
     while mode == "killed":
         model(images).sum().backward()
 
-thread = threading.Thread(target=train, daemon=True)
-thread.start()
-assert stepped.wait(60), "the training thread never took a step"
-if mode == "finished":
-    thread.join(60)
+if mode == "main":  # Ray Train's local mode (`--workers 0`) trains in the main thread
+    train()
+else:
+    thread = threading.Thread(target=train, daemon=True)
+    thread.start()
+    assert stepped.wait(60), "the training thread never took a step"
+    if mode == "finished":
+        thread.join(60)
 print("exiting", flush=True)
 sys.exit(3)
 """
@@ -60,7 +65,8 @@ def test_an_exit_during_a_training_step_ends_the_process_cleanly(tmp_path: Path)
     assert "exiting" in done.stdout  # printed output is flushed before the process ends
 
 
-def test_after_training_finished_the_process_exits_as_usual(tmp_path: Path) -> None:
-    done = _run(tmp_path, "finished")
+@pytest.mark.parametrize("mode", ["finished", "main"])
+def test_after_training_finished_the_process_exits_as_usual(tmp_path: Path, mode: str) -> None:
+    done = _run(tmp_path, mode)
     assert done.returncode == 3, (done.returncode, done.stderr)
     assert "the other exit handlers ran" in done.stdout
