@@ -22,8 +22,9 @@ from cxrcore.config import BenchmarkConfig, IngestConfig
 
 TARGET = Target("ratio", 1.6)
 """Issue 9: Ray Data ingest at least 1.6× one process doing the same work."""
-STEADY_RUNS = 3
-"""Runs of each side after its first, one after another; the target is on their medians."""
+STEADY_PAIRS = 5
+"""Runs of each side after its first, taken in pairs (one process and Ray, in turns); the target is on the
+pair with the median ratio."""
 
 
 def benchmark_ingest(config: BenchmarkConfig) -> Section:
@@ -50,14 +51,15 @@ def benchmark_ingest(config: BenchmarkConfig) -> Section:
             described = f"{written} synthetic 299 px PNGs with 256 px masks"
         # Decode alone runs first and reads every file, so every measurement below finds them in the page
         # cache alike. Each side's first run pays one-off costs (imports, memory first touched; for Ray,
-        # Ray Data's actors and the job's workers starting); STEADY_RUNS more follow it, and the target is
-        # on their medians: the steady state of a cluster that is already running. One side's runs follow
-        # each other: on the 2-core VM a one-process run right after a Ray run took 6-7 s against 4.5-5.6
-        # (its write stage 2.2 s against 0.9-1.4, with other processes below 0.15 CPU-s/s meanwhile),
-        # so taking turns charged the one-process side with a cost that is not Ray's speed.
-        # Ray is up during the one-process runs (idle, it changed them by less than their spread). Before
-        # every run the previous outputs are deleted and the disk cache flushed, so no run pays for
-        # another's writeback.
+        # Ray Data's actors and the job's workers starting); STEADY_PAIRS pairs follow, one run of each
+        # side in turns (one process first, then Ray first, ...), and the target is on the pair with the
+        # median ratio: the steady state of a cluster that is already running. The 2-core VM's speed
+        # drifts by up to a third within minutes (the same 1,000-image decode took 2.16-3.65 CPU-s), so
+        # a side measured in one block of runs could land on a slow minute the other side missed; a pair
+        # sees the same minute. Taking turns costs neither side: a one-process run right after a Ray run
+        # took 7.13 s on average, right after another one-process run 7.04 (five cycles). Ray is up during
+        # the one-process runs (idle, it changed them by less than their spread). Before every run the
+        # previous outputs are deleted and the disk cache flushed, so no run pays for another's writeback.
         decode = decode_alone(raw)
         started = time.perf_counter()
         was_running = ray_running()
@@ -76,13 +78,20 @@ def benchmark_ingest(config: BenchmarkConfig) -> Section:
             )
             return time.perf_counter() - started, report
 
-        later = range(1, 1 + (1 if config.quick else STEADY_RUNS))
-        one_first, one_runs = one_process(0), [one_process(run) for run in later]
-        (first_seconds, first_report), ray_runs = on_ray(0), [on_ray(run) for run in later]
+        one_first, (first_seconds, first_report) = one_process(0), on_ray(0)
+        pairs = []
+        for run in range(1, 1 + (1 if config.quick else STEADY_PAIRS)):
+            if run % 2:
+                one_run = one_process(run)
+                pairs.append((one_run, on_ray(run)))
+            else:
+                ray_run = on_ray(run)
+                pairs.append((one_process(run), ray_run))
         _settle(Path(work))
 
-    one = _median_run(one_runs, key=lambda run: run["seconds"])
-    ray_seconds, report = _median_run(ray_runs, key=lambda run: run[0])
+    ratios = [one_run["seconds"] / ray_run[0] for one_run, ray_run in pairs]
+    one, (ray_seconds, report) = _median_run(pairs, key=lambda pair: pair[0]["seconds"] / pair[1][0])
+    one_runs, ray_runs = [one_run for one_run, _ in pairs], [ray_run for _, ray_run in pairs]
     images = one["images"]
     cpus = _ray_cpus()
     ray_rate = images / ray_seconds
@@ -130,11 +139,12 @@ def benchmark_ingest(config: BenchmarkConfig) -> Section:
         "and writes the same columns to Parquet, partitioned by split, with the same `parquet_options`.",
         "Ray's figures exclude its start-up"
         + (" (Ray was already running)." if was_running else f" ({ray_start:.1f} s, its own row).")
-        + f" Each side ingests {1 + len(ray_runs)} times in a row; the target is on the medians of the "
-        "runs after the first (their seconds: one process "
-        + " / ".join(f"{run['seconds']:.2f}" for run in one_runs)
-        + ", Ray "
-        + " / ".join(f"{seconds:.2f}" for seconds, _ in ray_runs)
+        + f" Each side ingests {1 + len(pairs)} times: a first run each, then {len(pairs)} pairs, one run of "
+        "each side in turns (the machine's speed drifts within minutes; a pair sees the same minute). The "
+        "target is on the pair with the median ratio (seconds of each pair, one process / Ray: "
+        + ", ".join(f"{one_run['seconds']:.2f} / {ray_run[0]:.2f}" for one_run, ray_run in pairs)
+        + "; ratios "
+        + " / ".join(f"{ratio:.2f}" for ratio in ratios)
         + "). The first run on Ray also starts Ray Data's stats and autoscaling actors and the job's workers "
         "(a job submitted to a running cluster pays the workers again), the one-process first run its "
         "imports and first memory use. Before each run the previous outputs are deleted and the disk "
@@ -159,6 +169,7 @@ def benchmark_ingest(config: BenchmarkConfig) -> Section:
             "ray_seconds": ray_seconds,
             "ray_steady_seconds": [seconds for seconds, _ in ray_runs],
             "one_process_steady_seconds": [run["seconds"] for run in one_runs],
+            "pair_ratios": ratios,
             "ray_first_seconds": first_seconds,
             "ray_first_seconds_by_stage": first_report["seconds_by_stage"],
             "one_process_first_seconds": one_first["seconds"],
@@ -277,7 +288,7 @@ T = TypeVar("T")
 
 
 def _median_run(runs: list[T], key: Callable[[T], float]) -> T:
-    """The run with the median time (the lower middle one of an even count)."""
+    """The run with the median key (the lower middle one of an even count)."""
     return sorted(runs, key=key)[(len(runs) - 1) // 2]
 
 
