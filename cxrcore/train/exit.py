@@ -7,11 +7,11 @@ still inside a torch op with the GIL released. Python 3.11 ends a daemon thread 
 after finalization began with `pthread_exit`, whose forced unwind through torch's C++ frames calls
 `std::terminate`: the console then shows a C++ stack trace, "SIGABRT received" and "Fatal Python error:
 Aborted" for a trial that nothing went wrong with (2 of the 10 trials ASHA stopped in one `cxr tune`;
-every one of 3 in a loop that sends SIGTERM to an actor training in a thread, tests/unit/test_exit.py).
+3 of 3 actors sent SIGTERM while they trained in a thread; tests/unit/test_exit.py shows it without Ray).
 
-Exit handlers run before finalization, while the training thread still holds on: the one registered
-here ends the process there with `os._exit` if a training thread is still running, as Ray's own forced
-exit does. The thread's work is abandoned either way; only the crash report is spared.
+Exit handlers run before finalization, while the training thread still runs: the one registered here
+ends the process there with `os._exit` if a training thread is still running, as Ray's own forced exit
+does. The thread's work is abandoned either way; only the crash report is spared.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ def exit_without_finalizing_while_training() -> None:
     """Called from the training thread: if the process exits while this thread still runs, end it at
     the first exit handler, before Python's finalization can abort it."""
     global _registered
-    _training.add(threading.current_thread())
     with _lock:
+        _training.add(threading.current_thread())
         if not _registered:
             atexit.register(_exit_if_training)
             _registered = True
