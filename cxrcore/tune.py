@@ -282,13 +282,13 @@ def asha_scheduler(config: TuneConfig) -> Any:
     """
     from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-    class LastEpochEndsOnItsOwn(ASHAScheduler):
+    class ASHAStopsBeforeLastEpoch(ASHAScheduler):  # the name Tune's console shows as the scheduler
         def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
             if result.get(self._time_attr, 0) >= self._max_t:
                 return str(TrialScheduler.CONTINUE)
             return str(super().on_trial_result(tune_controller, trial, result))
 
-    return LastEpochEndsOnItsOwn(
+    return ASHAStopsBeforeLastEpoch(
         # The epoch each report names, not Tune's count of reports: a trial restored after the driver was
         # killed resumes its Train run mid-way, and Tune counts its reports from 1.
         time_attr="epoch",
