@@ -30,7 +30,8 @@ QUIET_ENVIRONMENT = {
     "TUNE_WARN_THRESHOLD_S": "5",
 }
 """Set in a cxr command's process before Ray Data is imported; a local Ray cluster it starts passes them on
-to every worker (a cluster joined by address keeps its own)."""
+to every worker. A cluster joined by address keeps its own environment: there the command's quietness
+travels with the run (the training loop's `quiet_console`, each Tune trial's parameters)."""
 
 TRAIN_LOG_LEVEL = "WARNING"
 """Ray Train's console level (ray.train.LoggingConfig) in quiet mode: no resource requests, worker
@@ -120,13 +121,29 @@ def train_log_level() -> str:
 
 def quiet_train_worker() -> None:
     """In a Train worker of a quiet run: drop Ray Train's per-report INFO line, which dumps the whole metrics
-    dictionary.
+    dictionary, and keep Ray Data's console as a quiet command has it.
 
-    Ray 2.60 logs it under a logger named by its source file's path, which ray.train.LoggingConfig does
-    not reach; raising that logger's level is the only switch. The metrics are in the run's cards.
+    Ray 2.60 logs the report under a logger named by its source file's path, which ray.train.LoggingConfig
+    does not reach; raising that logger's level is the only switch. The metrics are in the run's cards.
     """
+    quiet_ray_data_console()
     try:
         from ray.train.v2._internal.execution import context
     except ImportError:  # another Ray version: nothing to quiet
         return
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def quiet_ray_data_console() -> None:
+    """Ray Data's console in this process as RAY_DATA_LOGGING has it (warnings and errors, less the progress
+    notice), also where the process started with Ray Data's defaults: the workers and Tune trials of a
+    cluster joined by address, which do not get the command's QUIET_ENVIRONMENT. Its log file is left as
+    it is; a second call changes nothing.
+
+    Without this, each Train worker of a quiet `cxr train` on a cluster printed "Progress bars disabled.
+    To enable, ..." (the driver's Ray Data context, bars off, travels with the datasets)."""
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(max(handler.level, logging.WARNING))
+            if not any(isinstance(f, HideProgressNotice) for f in handler.filters):
+                handler.addFilter(HideProgressNotice())

@@ -6,6 +6,7 @@ Train metrics reach Tune through TuneReportCallback, so ASHA can stop weak trial
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -15,7 +16,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from cxrcore.config import ConfigError, EvaluateConfig, TrainConfig, TuneConfig, from_dict, to_dict
-from cxrcore.console import is_quiet
+from cxrcore.console import is_quiet, quiet_ray_console, quiet_ray_data_console
 from cxrcore.data import storage
 from cxrcore.experiment import check_same_experiment
 from cxrcore.metrics import best_by_validation
@@ -114,7 +115,12 @@ def tune_driver_per_trial(params: dict[str, Any]) -> None:
     trial_id = ray.tune.get_context().get_trial_id()
     train_config = trial_train_config(config, params, trial_id, params.get("segmenter"))
     printer = epoch_printer(train_config, label=f"{train_config.model} (trial {trial_id})")
-    build_trainer(train_config, callbacks=[TuneReportCallback(), printer]).fit()
+    # Quiet as the command that started the experiment is: on a cluster joined by address this process
+    # lacks its environment, and the Train run built here takes its console settings from this process.
+    with quiet_ray_console() if params.get("quiet_console") else contextlib.nullcontext():
+        if params.get("quiet_console"):
+            quiet_ray_data_console()
+        build_trainer(train_config, callbacks=[TuneReportCallback(), printer]).fit()
 
 
 def preflight(config: TuneConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -206,6 +212,7 @@ def run_comparison(config: TuneConfig) -> dict[str, Any]:
         **planned_space(plan),
         "tune_config": to_dict(config),
         "segmenter": segmenter["checkpoint"] if segmenter else None,
+        "quiet_console": is_quiet(),  # decided here: trials on a joined cluster lack this environment
     }
     trainable = tune.with_resources(tune_driver_per_trial, {"cpu": TRIAL_DRIVER_CPUS})
     if tune.Tuner.can_restore(experiment):

@@ -124,17 +124,20 @@ def _process_group(pgid: int) -> list[int]:
 
 
 @contextlib.contextmanager
-def head_node(num_cpus: int = 4) -> Iterator[RayCluster]:
+def head_node(
+    num_cpus: int = 4, node_env: dict[str, str] | None = None, temp_dir: Path | None = None
+) -> Iterator[RayCluster]:
     """A head node of its own (`ray start --head`, token auth with a fresh token, dashboard on loopback),
-    stopped and its temp dir removed on exit."""
+    stopped and its temp dir removed on exit. `node_env`: more environment for the node's processes (what a
+    cluster's nodes are given, such as storage credentials); `temp_dir`: its session files there."""
     token = uuid.uuid4().hex
     dashboard_port, metrics_port, gcs_port = free_port(), free_port(), free_port()
     address = f"http://127.0.0.1:{dashboard_port}"
     # Where the cluster's own processes find its State API (Ray Train's placement-group cleaner): else they
     # look for running clusters, and find more than one when another Ray runs on this machine.
-    env = {**ray_env(token), "RAY_API_SERVER_ADDRESS": address}
+    env = {**ray_env(token), **(node_env or {}), "RAY_API_SERVER_ADDRESS": address}
     # A short temp dir: Ray's Unix socket paths must stay under ~107 bytes.
-    temp_dir = tempfile.mkdtemp(prefix="cxr-e2e-", dir="/tmp")
+    temp_dir = temp_dir or Path(tempfile.mkdtemp(prefix="cxr-e2e-", dir="/tmp"))
     process = ray_start(
         [
             "--head", f"--port={gcs_port}", f"--dashboard-port={dashboard_port}",

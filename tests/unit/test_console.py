@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
+import logging
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from cxrcore.console import filter_routine_ray_lines
+from cxrcore.console import filter_routine_ray_lines, quiet_ray_data_console
 
 WORKER_POOL = (
     "WARNING: 14 PYTHON worker processes have been started on node: bbbce99b with address: 192.0.2.2, "
@@ -111,3 +114,37 @@ def test_a_worker_importing_another_copy_of_cxr_is_quiet_too(monkeypatch: pytest
     assert not is_quiet()
     monkeypatch.delenv("RAY_DATA_LOGGING_CONFIG")
     assert not is_quiet()
+
+
+def test_a_process_started_with_ray_datas_defaults_gets_a_quiet_console_and_keeps_its_log_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A worker or Tune trial on a cluster joined by address: Ray Data's console handler as Ray sets it
+    (INFO, no notice filter) is made quiet, its file handler keeps every line, and a second call (the trial,
+    then its Train worker in one process) adds nothing."""
+    console, log_file = io.StringIO(), tmp_path / "ray-data.log"
+    handlers = [logging.StreamHandler(console), logging.FileHandler(log_file)]
+    for handler in handlers:
+        handler.setLevel(logging.INFO)
+    logger = logging.getLogger("ray.data")
+    monkeypatch.setattr(logger, "handlers", handlers)
+    monkeypatch.setattr(logger, "level", logging.DEBUG)
+    monkeypatch.setattr(logger, "propagate", False)
+
+    quiet_ray_data_console()
+    quiet_ray_data_console()
+    notice = (
+        "Progress bars disabled. To enable, set `ray.data.DataContext.get_current().enable_progress_bars`."
+    )
+    logging.getLogger("ray.data._internal.progress").warning(notice)
+    logging.getLogger("ray.data").info("Starting execution of Dataset dataset_1")
+    logging.getLogger("ray.data").warning("a block was too large")
+    handlers[1].flush()
+
+    assert console.getvalue() == "a block was too large\n"
+    assert log_file.read_text().splitlines() == [
+        notice,
+        "Starting execution of Dataset dataset_1",
+        "a block was too large",
+    ]
+    assert len(handlers[0].filters) == 1 and handlers[1].filters == []
