@@ -49,6 +49,13 @@ ROUTINE_RAY_LINES: tuple[tuple[str, re.Pattern[str]], ...] = (
     # Ray Train, after every run (each Tune trial): its cleaner removing the run's placement group; a
     # run that failed says so itself.
     ("PlacementGroupCleaner", re.compile(r"Detected that the Ray Train controller actor \S+ is dead")),
+    # Ray Train's controller, at each run's start on a cluster (the local one runs no preemption watcher):
+    # Ray core's notice that an actor it restarts takes arguments from the object store, about Ray's own
+    # design (ray-project/ray#53727), logged at error level.
+    (
+        "TrainController",
+        re.compile(r"Actor with class name: 'PreemptionWatcher' .* has constructor arguments"),
+    ),
     # Serve's controller, at start, before its logging settings apply: the settings of the throughput
     # mode that cxr turns on (runtime.local_serve_environment), one line each.
     ("ServeController", re.compile(r"Throughput optimized Ray Serve enabled|^\s+• |^\s*$")),
@@ -132,6 +139,17 @@ def quiet_train_worker() -> None:
     except ImportError:  # another Ray version: nothing to quiet
         return
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def quiet_tune_trial() -> None:
+    """In a Tune trial of a quiet command: Ray Data's console as quiet_ray_data_console leaves it, and no
+    progress bars in the datasets the trial builds for its Train run. A dataset carries the Ray Data context
+    it was built in to the Train workers that run it, and on a cluster joined by address the trial's
+    context was made with Ray's defaults: each worker drew a bar per dataset per epoch."""
+    import ray.data
+
+    quiet_ray_data_console()
+    ray.data.DataContext.get_current().enable_progress_bars = False
 
 
 def quiet_ray_data_console() -> None:

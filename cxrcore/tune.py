@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from cxrcore.config import ConfigError, EvaluateConfig, TrainConfig, TuneConfig, from_dict, to_dict
-from cxrcore.console import is_quiet, quiet_ray_console, quiet_ray_data_console
+from cxrcore.console import is_quiet, quiet_ray_console, quiet_tune_trial
 from cxrcore.data import storage
 from cxrcore.experiment import check_same_experiment
 from cxrcore.metrics import best_by_validation
@@ -117,9 +117,10 @@ def tune_driver_per_trial(params: dict[str, Any]) -> None:
     printer = epoch_printer(train_config, label=f"{train_config.model} (trial {trial_id})")
     # Quiet as the command that started the experiment is: on a cluster joined by address this process
     # lacks its environment, and the Train run built here takes its console settings from this process.
-    with quiet_ray_console() if params.get("quiet_console") else contextlib.nullcontext():
-        if params.get("quiet_console"):
-            quiet_ray_data_console()
+    quiet = bool(params.get("quiet_console"))
+    with quiet_ray_console() if quiet else contextlib.nullcontext():
+        if quiet:
+            quiet_tune_trial()
         build_trainer(train_config, callbacks=[TuneReportCallback(), printer]).fit()
 
 

@@ -40,6 +40,8 @@ CHATTER = (
     "Execution plan of Dataset",
     "Progress bars disabled",
     "split(",  # Ray Data: a progress bar per Train worker per epoch
+    "Running Dataset",  # the same bar in Ray 2.60
+    "has constructor arguments",  # Ray core, once per Train run on a cluster (console.ROUTINE_RAY_LINES)
     "Checkpoint successfully created",  # Ray Train INFO
     "Cleaning up placement group",  # Ray Train's cleaner after each run (console.ROUTINE_RAY_LINES)
     "PYTHON worker processes have been started",  # the raylet (console.ROUTINE_RAY_LINES)

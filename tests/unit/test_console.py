@@ -24,6 +24,12 @@ CLEANER = (
     "Detected that the Ray Train controller actor (6dc20ccb099d9fd4e7e4d58e01000000) is dead. Cleaning up "
     "placement group = [PlacementGroupID(5d7714eda6bda241172094e8757a01000000)] created by this run."
 )
+WATCHER = (
+    "[2026-12-02 03:57:20,792 E 17904 17981] core_worker.cc:2465: Actor with class name: "
+    "'PreemptionWatcher' and ID: '0ac6f9c03c33d0628fd2c7d002000000' has constructor arguments in the "
+    "object store and max_restarts > 0. If the arguments in the object store go out of scope or are lost, "
+    "the actor restart will fail. See https://github.com/ray-project/ray/issues/53727 for more details."
+)
 SERVE_MODE = [
     "INFO 2026-12-01 05:37:30,974 serve 21011 -- Throughput optimized Ray Serve enabled with the following "
     "configurations:",
@@ -61,6 +67,7 @@ def test_routine_notices_are_dropped_and_everything_else_is_printed(
     _forward([WORKER_POOL], pid="raylet")
     _forward([SERVE_SHUTDOWN], pid="raylet")
     _forward([CLEANER], pid=19382, actor_name="PlacementGroupCleaner")
+    _forward([WATCHER], pid=17904, actor_name="TrainController")
     _forward(SERVE_MODE, pid=21011, actor_name="ServeController")
     assert printed == []
 
@@ -72,7 +79,10 @@ def test_routine_notices_are_dropped_and_everything_else_is_printed(
     _forward([CLEANER, epoch], pid=19275, actor_name="TrainController")  # the same words, another process
     _forward([oom], pid="raylet")
     _forward([*SERVE_MODE, serve_warning], pid=21011, actor_name="ServeController")
-    assert [data["lines"] for data, _ in printed] == [[CLEANER, epoch], [oom], [serve_warning]]
+    _forward([WATCHER.replace("PreemptionWatcher", "Classifier")], pid=21012, actor_name="ServeController")
+    assert [data["lines"] for data, _ in printed] == [
+        [CLEANER, epoch], [oom], [serve_warning], [WATCHER.replace("PreemptionWatcher", "Classifier")]
+    ]  # fmt: skip
     assert printed[0][0]["actor_name"] == "TrainController" and printed[0][1] is False
 
 
