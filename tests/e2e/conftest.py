@@ -26,6 +26,21 @@ BIN = Path(sys.executable).parent
 REPO = Path(__file__).parents[2]
 
 
+CHATTER = (
+    "Reporting training result",  # Ray Train: every epoch's metrics dictionary, from every worker
+    "Starting execution of Dataset",  # Ray Data: each dataset's start and execution plan
+    "Execution plan of Dataset",
+    "Progress bars disabled",
+    "split(",  # Ray Data: a progress bar per Train worker per epoch
+    "Running Dataset",  # the same bar in Ray 2.60
+    "has constructor arguments",  # Ray core, once per Train run on a cluster (console.ROUTINE_RAY_LINES)
+    "Checkpoint successfully created",  # Ray Train INFO
+    "Cleaning up placement group",  # Ray Train's cleaner after each run (console.ROUTINE_RAY_LINES)
+    "PYTHON worker processes have been started",  # the raylet (console.ROUTINE_RAY_LINES)
+)
+"""Console lines a quiet `cxr` (no -v) must leave to Ray's log files (cxrcore/console.py)."""
+
+
 @dataclass(frozen=True)
 class RayCluster:
     address: str  # the dashboard / job API address, http://127.0.0.1:PORT

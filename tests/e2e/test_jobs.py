@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.conftest import BIN, RayCluster
+from tests.e2e.conftest import BIN, CHATTER, RayCluster
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).parents[2]
@@ -47,6 +47,8 @@ def test_pipeline_job_runs_on_the_cluster(ray_cluster: RayCluster, tmp_path: Pat
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "succeeded" in result.stdout.lower()
     assert "ingested 24 of 24 images" in result.stdout
+    # The job's driver joined the cluster: a quiet cxr command there too (Ray's chatter is in its log files).
+    assert [line for line in result.stdout.splitlines() if any(c in line for c in CHATTER)] == []
     report = json.loads((work / "dataset/ingest_report.json").read_text())
     assert report["found"] == report["ingested"] == 24
     assert sum(report["by_split"].values()) == 24

@@ -27,26 +27,13 @@ import numpy as np
 import pyarrow.fs as pafs
 import pytest
 
-from tests.e2e.conftest import BIN, free_port, head_node, wait_until
+from tests.e2e.conftest import BIN, CHATTER, free_port, head_node, wait_until
 
 moto_server = pytest.importorskip("moto.server", reason="needs moto[server] (the dev extra)")
 
 pytestmark = pytest.mark.e2e
 BUCKET = "cxr"
 S3 = f"s3://{BUCKET}"
-CHATTER = (
-    "Reporting training result",  # Ray Train: every epoch's metrics dictionary, from every worker
-    "Starting execution of Dataset",  # Ray Data: each dataset's start and execution plan
-    "Execution plan of Dataset",
-    "Progress bars disabled",
-    "split(",  # Ray Data: a progress bar per Train worker per epoch
-    "Running Dataset",  # the same bar in Ray 2.60
-    "has constructor arguments",  # Ray core, once per Train run on a cluster (console.ROUTINE_RAY_LINES)
-    "Checkpoint successfully created",  # Ray Train INFO
-    "Cleaning up placement group",  # Ray Train's cleaner after each run (console.ROUTINE_RAY_LINES)
-    "PYTHON worker processes have been started",  # the raylet (console.ROUTINE_RAY_LINES)
-)
-"""Console lines a quiet `cxr` (no -v) must leave to Ray's log files (cxrcore/console.py)."""
 HOME_ENTRIES = {".cache", ".config", ".ray"}
 """What the commands may leave in HOME: caches (cxr's copies of remote checkpoints and reports,
 matplotlib's font cache and config folder) and Ray's auth token."""
