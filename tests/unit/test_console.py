@@ -79,10 +79,9 @@ def test_routine_notices_are_dropped_and_everything_else_is_printed(
     _forward([CLEANER, epoch], pid=19275, actor_name="TrainController")  # the same words, another process
     _forward([oom], pid="raylet")
     _forward([*SERVE_MODE, serve_warning], pid=21011, actor_name="ServeController")
-    _forward([WATCHER.replace("PreemptionWatcher", "Classifier")], pid=21012, actor_name="ServeController")
-    assert [data["lines"] for data, _ in printed] == [
-        [CLEANER, epoch], [oom], [serve_warning], [WATCHER.replace("PreemptionWatcher", "Classifier")]
-    ]  # fmt: skip
+    other_actor = WATCHER.replace("PreemptionWatcher", "MyActor")  # the same notice about another actor
+    _forward([other_actor], pid=17904, actor_name="TrainController")
+    assert [data["lines"] for data, _ in printed] == [[CLEANER, epoch], [oom], [serve_warning], [other_actor]]
     assert printed[0][0]["actor_name"] == "TrainController" and printed[0][1] is False
 
 
