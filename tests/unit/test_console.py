@@ -157,3 +157,19 @@ def test_a_process_started_with_ray_datas_defaults_gets_a_quiet_console_and_keep
         "a block was too large",
     ]
     assert len(handlers[0].filters) == 1 and handlers[1].filters == []
+
+
+def test_a_quiet_tune_trial_builds_its_datasets_without_progress_bars(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A trial's Ray Data context travels with the datasets it builds to its Train workers: on a joined
+    cluster it was made with bars on, and each worker drew one per dataset per epoch."""
+    import ray.data
+
+    from cxrcore.console import quiet_tune_trial
+
+    context = ray.data.DataContext.get_current()
+    monkeypatch.setattr(context, "enable_progress_bars", True)
+    monkeypatch.setattr(logging.getLogger("ray.data"), "handlers", [])
+    quiet_tune_trial()
+    assert context.enable_progress_bars is False
