@@ -16,6 +16,11 @@ os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 # Ray exports metrics every 10 s by default; tests that scrape them wait at most 2 s (1 s cost more CPU).
 os.environ.setdefault("RAY_metrics_report_interval_ms", "2000")
+# Torch's OpenMP threads sleep rather than spin while they wait for work. The unit tests run beside the Ray
+# tests (tests/run.py), so a Train worker's two threads share their cores: under a one-core load,
+# test_source_holdout took 31-33 s with this and 60-66 s without (two runs each). Set before torch loads
+# OpenMP, and passed on to the session cluster's workers and to every command a test starts.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 REAL_SAMPLE = Path(os.environ.get("CXR_REAL_SAMPLE", Path(__file__).parents[2] / "shared/data/real_sample"))
 
