@@ -28,15 +28,19 @@ CPU_PARTS = ("client", "proxy", "ingress", "classifier", "segmenter", "rest")
 """serve.benchmark's CPU time per request, by process (`cpu_ms_per_request`)."""
 LATENCY_TARGET = Target("added", 10.0, at_most=True)
 """Issue 9: at concurrency 1, at most 10 ms added to the direct forward of one image."""
+SWEEP_ROUNDS = 3
+"""Rounds of the limit's batch-size sweep (one with --quick): each size's figure is its median."""
 
 
-def serve_command(model: str, size: int, requests: int, port: int) -> list[str]:
+def serve_command(
+    model: str, size: int, requests: int, port: int, sweep_rounds: int = SWEEP_ROUNDS
+) -> list[str]:
     """The `serve.benchmark` run: one replica, batching on (the app's default max_batch_size for a CPU
     replica) then off, at 1, 8, 32."""
     return [
         sys.executable, "-m", "serve.benchmark", "--arch", model, "--image-size", str(size),
         "--requests", str(requests), "--concurrency", ",".join(map(str, CONCURRENCY)),
-        "--num-cpus", str(REPLICA_CPUS), "--port", str(port),
+        "--num-cpus", str(REPLICA_CPUS), "--port", str(port), "--sweep-rounds", str(sweep_rounds),
     ]  # fmt: skip
 
 
@@ -52,7 +56,7 @@ def benchmark_serve(config: BenchmarkConfig) -> Section:
     model, size, requests = config.serve_model, config.serve_size, config.requests
     sections = []
     for proxy, env in list(PROXIES.items())[: 1 if config.quick else None]:
-        command = serve_command(model, size, requests, _free_port())
+        command = serve_command(model, size, requests, _free_port(), 1 if config.quick else SWEEP_ROUNDS)
         done = subprocess.run(
             command, capture_output=True, text=True, timeout=TIMEOUT_S[config.quick], check=False,
             env={**os.environ, **env},
@@ -120,6 +124,8 @@ def serve_section(
             ]
         )
     sweep = ", ".join(f"{b}: {r:.0f}" for b, r in sorted(direct.items()))
+    taken = len(next(iter(result["direct"].get("rounds", {}).values()), []))
+    rounds = f" (each the median of {taken} rounds taken in turns)" if taken > 1 else ""
     batch_on = max(int(http["max_batch_size"]) for http in result["http"])
     notes = [
         f"Model: untrained {model} at {size} px (a trained one costs the same), one classifier replica with "
@@ -129,10 +135,10 @@ def serve_section(
         "`concurrency` (`serve.benchmark.steady_rate`; the JSON keeps `requests_per_s_overall`, first "
         "request to last answer), as the limit runs full batches throughout.",
         f"The limit: `Predictor.predict_proba` in one process with {REPLICA_CPUS} thread, as a replica has; "
-        f"images/s per batch size at the start: {sweep}. Each HTTP figure's baseline is the best of them "
-        f"(batch {best}; batch 1 for the p50 rows) measured again for a second just before and just after "
-        "it, the mean of the two: the same forward drifts by ±15 % over minutes on a shared VM, and a limit "
-        "measured once at the start put that drift into the ratios.",
+        f"images/s per batch size at the start{rounds}: {sweep}. Each HTTP figure's baseline is the best of "
+        f"them (batch {best}; batch 1 for the p50 rows) measured again for a second just before and just "
+        "after it, the mean of the two: the same forward drifts by ±15 % over minutes on a shared VM, and a "
+        "limit measured once at the start put that drift into the ratios.",
         "CPU ms per request: CPU time each process spent over the measurement, per request answered "
         "(/proc): client = the benchmark's own load generator; proxy, ingress (FastAPI: upload decode), "
         "classifier (batching, model) and segmenter = their Serve replicas; rest = everything else busy "

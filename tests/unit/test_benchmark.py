@@ -266,6 +266,38 @@ def test_serve_section_reads_serve_benchmark_output() -> None:
         parse_serve_output("Traceback ...\n")
     command = serve_command("cnn_lstm", 128, 200, 8123)
     assert command[1:3] == ["-m", "serve.benchmark"] and "1,8,32" in command and "8123" in command
+    assert command[command.index("--sweep-rounds") + 1] == "3"
+
+
+def test_the_limit_sweep_takes_the_batch_sizes_in_turns_and_keeps_each_ones_median(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One lucky measurement of a batch size does not make it the best: 16 ran 89 images/s once and 60 twice,
+    8 ran 75 every time."""
+    from serve import benchmark
+
+    monkeypatch.setattr(benchmark, "BATCH_SIZES", (8, 16))
+    rates = {8: iter([75.0, 75.0, 75.0]), 16: iter([89.0, 60.0, 60.0])}
+    taken: list[int] = []
+
+    class Limit(benchmark.DirectLimit):
+        def __init__(self) -> None:  # no model: the rates above
+            pass
+
+        def rate(self, batch_size: int, seconds: float = 1.0) -> float:
+            taken.append(batch_size)
+            return next(rates[batch_size])
+
+    sweep = Limit().sweep(rounds=3)
+    assert taken == [8, 16, 8, 16, 8, 16]
+    assert sweep["images_per_s"] == {8: 75.0, 16: 60.0} and sweep["best_batch"] == 8
+    assert sweep["rounds"][16] == [89.0, 60.0, 60.0]
+    rates.update({8: iter([75.0]), 16: iter([89.0])})
+    assert Limit().sweep(rounds=1)["best_batch"] == 16  # one round: the lucky measurement wins
+    summary = {**SERVE_SUMMARY, "direct": {**SERVE_SUMMARY["direct"], "rounds": {"8": [1, 2, 3]}}}
+    notes = " ".join(serve_section(summary, "tiny_dual_cnn", 64, 16).notes)
+    assert "each the median of 3 rounds taken in turns" in notes
+    assert "rounds taken" not in " ".join(serve_section(SERVE_SUMMARY, "tiny_dual_cnn", 64, 16).notes)
 
 
 def test_each_http_figure_has_the_limit_measured_just_before_and_after_it() -> None:
