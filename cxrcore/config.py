@@ -453,8 +453,8 @@ class TrainConfig:
     gpu: bool = option(False, "one GPU per worker, NCCL and bf16 autocast")
     cpus_per_worker: int | None = option(
         None,
-        "CPUs (and torch threads) of each CPU worker (default: every core of this machine for a single "
-        "worker on the local cluster cxr starts, else 1)",
+        "CPUs (and torch threads) of each CPU worker (default: on the local cluster cxr starts, this "
+        "machine's cores shared among the workers, 2 of its CPUs kept for Ray Data; else 1)",
     )
     image_size: int | None = option(None, "model input size (default: the dataset's base size)")
     batch_size: int | None = option(

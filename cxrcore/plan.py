@@ -80,8 +80,13 @@ def train_plan(config: TrainConfig) -> str:
         placement = "none: the loop runs in this process and saves no checkpoint"
     elif config.gpu:
         placement = f"{config.workers} Train workers, 1 GPU each (NCCL, bf16 autocast)"
+    elif config.cpus_per_worker:
+        placement = f"{config.workers} Train workers, {config.cpus_per_worker} CPUs each (gloo)"
     else:
-        placement = f"{config.workers} Train workers, 1 CPU each (gloo)"
+        placement = (
+            f"{config.workers} Train workers on CPUs (gloo): on a local cluster they share the machine's "
+            "cores (2 CPUs kept for Ray Data), on a cluster joined by address 1 CPU each (--cpus-per-worker)"
+        )
     rows = [
         (
             "model",

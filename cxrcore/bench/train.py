@@ -88,8 +88,9 @@ def benchmark_train(config: BenchmarkConfig) -> Section:
         "mean of the two: on a shared VM the same loop's speed drifts by up to 15 % between minutes.",
         "data wait: share of the training time spent waiting for the next batch (`run_epoch` measures it; "
         "Ray streams batches from its object store, the plain loop slices tensors in memory).",
-        "Ray gives each worker OMP_NUM_THREADS = its CPUs: a single CPU worker on the local cluster gets "
-        "every core of the machine (`worker_cpus`), more workers 1 each. Issue 9 asks ≥ 0.9× at the best "
+        "Ray gives each worker OMP_NUM_THREADS = its CPUs: on the local cluster the workers share the "
+        "machine's cores, 2 of the cluster's logical CPUs kept for Ray Data (`worker_cpus`): one worker "
+        "gets every core of a 2-core machine, two get one each. Issue 9 asks ≥ 0.9× at the best "
         "worker count.",
     ]
     if 0 in config.worker_counts():

@@ -204,24 +204,26 @@ def _check_worker_cpus(config: TrainConfig, cpus: int) -> None:
 
 
 def worker_cpus(config: TrainConfig) -> int:
-    """CPUs of each CPU worker: --cpus-per-worker, else for a single worker on the local cluster init_ray
-    started this machine's cores, less what DATA_CPUS keeps free of the cluster's logical CPUs; else 1.
-    Each worker runs torch with that many threads.
+    """CPUs of each CPU worker: --cpus-per-worker, else on the local cluster init_ray started this
+    machine's cores, less what DATA_CPUS keeps free of the cluster's logical CPUs, shared evenly among
+    the workers (at least 1 each); else 1 (a cluster joined by address: Ray Train's default). Each worker
+    runs torch with that many threads.
 
     Ray gives a worker OMP_NUM_THREADS = its CPUs, so one worker of 1 CPU trained on one core of two:
-    resnet18 at 128 px ran 23 images/s against 33 for a plain loop on both (README, Benchmarks).
+    resnet18 at 128 px ran 23 images/s against 33 for a plain loop on both (README, Benchmarks). With 1
+    CPU each, 2 DDP workers on a 16-core workstation would train on 2 of its cores.
     """
     from cxrcore.runtime import local_core_limit
 
     if config.cpus_per_worker:
         return config.cpus_per_worker
     cores = local_core_limit()
-    if config.gpu or config.workers != 1 or cores is None:
+    if config.gpu or config.workers < 1 or cores is None:
         return 1
     import ray
 
     logical = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else cores
-    return max(1, min(cores, logical - DATA_CPUS))
+    return max(1, min(cores, logical - DATA_CPUS) // config.workers)
 
 
 def build_trainer(config: TrainConfig, callbacks: list[Any] | None = None) -> Any:

@@ -89,7 +89,9 @@ def test_train_dry_run_reads_the_dataset_report_when_present(
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "train images: 100 (from its ingest_report.json)" in out
-    assert "2 Train workers, 1 CPU each (gloo)" in out
+    assert "2 Train workers on CPUs (gloo): on a local cluster they share the machine's cores" in out
+    assert main([*argv, "--cpus-per-worker", "3"]) == 0
+    assert "2 Train workers, 3 CPUs each (gloo)" in capsys.readouterr().out
     assert "4 per worker (automatic" in out and "≈13 steps per epoch" in out
     assert "image size:   64 px, the dataset's base size" in out
 
@@ -136,12 +138,15 @@ def test_expected_epochs_and_concurrency_arithmetic() -> None:
         (2, 4, 1, None, 2),  # the 2-core machine: the worker takes both cores, 2 logical CPUs stay free
         (16, 16, 1, None, 14),  # a bigger one: Ray Data keeps DATA_CPUS for the reads that feed the worker
         (16, 4, 1, None, 2),  # a cluster started with fewer logical CPUs than cores
-        (2, 4, 2, None, 1),  # DDP workers: one CPU each
+        (2, 4, 2, None, 1),  # DDP workers on 2 cores: one CPU each
+        (16, 16, 2, None, 7),  # on 16: the 14 a single worker would get, shared
+        (16, 16, 5, None, 2),
+        (2, 4, 3, None, 1),  # never under 1
         (None, 8, 1, None, 1),  # a cluster joined by address: its CPUs are its cores
         (2, 4, 1, 3, 3),  # --cpus-per-worker wins
     ],
 )
-def test_a_single_cpu_worker_gets_the_cores_but_leaves_ray_data_some(
+def test_cpu_workers_share_the_cores_but_leave_ray_data_some(
     monkeypatch: pytest.MonkeyPatch,
     cores: int | None,
     logical: int,
