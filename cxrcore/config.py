@@ -454,7 +454,7 @@ class TrainConfig:
     cpus_per_worker: int | None = option(
         None,
         "CPUs (and torch threads) of each CPU worker (default: on the local cluster cxr starts, this "
-        "machine's cores shared among the workers, 2 of its CPUs kept for Ray Data; else 1)",
+        "machine's cores shared among the workers; else 1)",
     )
     image_size: int | None = option(None, "model input size (default: the dataset's base size)")
     batch_size: int | None = option(

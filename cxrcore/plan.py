@@ -85,7 +85,7 @@ def train_plan(config: TrainConfig) -> str:
     else:
         placement = (
             f"{config.workers} Train workers on CPUs (gloo): on a local cluster they share the machine's "
-            "cores (2 CPUs kept for Ray Data), on a cluster joined by address 1 CPU each (--cpus-per-worker)"
+            "cores, on a cluster joined by address 1 CPU each (--cpus-per-worker)"
         )
     rows = [
         (

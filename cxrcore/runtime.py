@@ -13,6 +13,12 @@ from contextlib import contextmanager
 DASHBOARD_PORT = 8265
 """Ray's usual dashboard port, used when free."""
 
+DATA_CPUS = 2
+"""Logical CPUs a local cluster counts beyond the machine's cores, which a training run leaves free for the
+Ray Data tasks that feed its workers (without any, the run would wait forever): the workers can then take
+every core (`cxrcore.train.trainer.worker_cpus`), as a plain PyTorch loop would, and those tasks share the
+cores with them."""
+
 _local_cores: int | None = None
 """This machine's cores when init_ray started the local cluster (which counts more logical CPUs)."""
 
@@ -40,9 +46,10 @@ def init_ray(
         else:
             global _local_cores
             cores = os.cpu_count() or 1
-            # At least 4 logical CPUs: a Tune trial's driver, its Train workers and Ray Data's read tasks
-            # must all fit at once, even on a 2-core laptop (they take turns on the cores).
-            logical = num_cpus or max(4, cores)
+            # At least 4 logical CPUs, and DATA_CPUS more than the cores: a Tune trial's driver, its Train
+            # workers and Ray Data's read tasks must all fit at once, even on a 2-core laptop (they take
+            # turns on the cores), and a training run's workers get every core.
+            logical = num_cpus or max(4, cores + DATA_CPUS)
             _local_cores = min(cores, logical)  # never more than the cluster has to give
             port = _free_port()
             api = f"http://127.0.0.1:{port}"

@@ -89,8 +89,8 @@ def benchmark_train(config: BenchmarkConfig) -> Section:
         "data wait: share of the training time spent waiting for the next batch (`run_epoch` measures it; "
         "Ray streams batches from its object store, the plain loop slices tensors in memory).",
         "Ray gives each worker OMP_NUM_THREADS = its CPUs: on the local cluster the workers share the "
-        "machine's cores, 2 of the cluster's logical CPUs kept for Ray Data (`worker_cpus`): one worker "
-        "gets every core of a 2-core machine, two get one each. Issue 9 asks ≥ 0.9× at the best "
+        "machine's cores (`worker_cpus`; the cluster counts 2 logical CPUs more for Ray Data): one worker "
+        "gets every core, two get half each. Issue 9 asks ≥ 0.9× at the best "
         "worker count.",
     ]
     if 0 in config.worker_counts():

@@ -11,6 +11,7 @@ from cxrcore.config import ConfigError, TrainConfig, to_dict
 from cxrcore.console import is_quiet, train_log_level
 from cxrcore.labels import CLASSES
 from cxrcore.metrics import best_by_validation
+from cxrcore.runtime import DATA_CPUS
 
 log = logging.getLogger(__name__)
 
@@ -175,9 +176,6 @@ def loop_config(config: TrainConfig) -> dict[str, Any]:
     }
 
 
-DATA_CPUS = 2
-"""Logical CPUs a single worker leaves free on the local cluster: Ray Data's read and split tasks, which
-feed it, need CPUs of their own, and without any the run would wait forever."""
 DRIVER_READ_BYTES = 64 * 2**20
 """Training data (train and val pixels, image and mask) up to this size is read by the driver and given to
 Ray Train as in-memory blocks: a Ray Data read first samples files, then reads and unpacks them, in tasks
@@ -205,13 +203,13 @@ def _check_worker_cpus(config: TrainConfig, cpus: int) -> None:
 
 def worker_cpus(config: TrainConfig) -> int:
     """CPUs of each CPU worker: --cpus-per-worker, else on the local cluster init_ray started this
-    machine's cores, less what DATA_CPUS keeps free of the cluster's logical CPUs, shared evenly among
-    the workers (at least 1 each); else 1 (a cluster joined by address: Ray Train's default). Each worker
-    runs torch with that many threads.
+    machine's cores (at most the cluster's logical CPUs less the DATA_CPUS it keeps for Ray Data), shared
+    evenly among the workers (at least 1 each); else 1 (a cluster joined by address: Ray Train's default).
+    Each worker runs torch with that many threads.
 
     Ray gives a worker OMP_NUM_THREADS = its CPUs, so one worker of 1 CPU trained on one core of two:
     resnet18 at 128 px ran 23 images/s against 33 for a plain loop on both (README, Benchmarks). With 1
-    CPU each, 2 DDP workers on a 16-core workstation would train on 2 of its cores.
+    CPU each, 2 DDP workers on a 16-core workstation would train on 2 of its cores; now 8 each.
     """
     from cxrcore.runtime import local_core_limit
 

@@ -136,11 +136,12 @@ def test_expected_epochs_and_concurrency_arithmetic() -> None:
     ("cores", "logical", "workers", "asked", "expected"),
     [
         (2, 4, 1, None, 2),  # the 2-core machine: the worker takes both cores, 2 logical CPUs stay free
-        (16, 16, 1, None, 14),  # a bigger one: Ray Data keeps DATA_CPUS for the reads that feed the worker
+        (16, 18, 1, None, 16),  # a bigger one: the cluster counts DATA_CPUS more for Ray Data's reads
+        (16, 16, 1, None, 14),  # one started with no more logical CPUs than cores: Ray Data keeps 2
         (16, 4, 1, None, 2),  # a cluster started with fewer logical CPUs than cores
         (2, 4, 2, None, 1),  # DDP workers on 2 cores: one CPU each
-        (16, 16, 2, None, 7),  # on 16: the 14 a single worker would get, shared
-        (16, 16, 5, None, 2),
+        (16, 18, 2, None, 8),  # on 16: the 16 a single worker would get, shared
+        (16, 18, 5, None, 3),
         (2, 4, 3, None, 1),  # never under 1
         (None, 8, 1, None, 1),  # a cluster joined by address: its CPUs are its cores
         (2, 4, 1, 3, 3),  # --cpus-per-worker wins
