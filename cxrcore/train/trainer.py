@@ -220,7 +220,7 @@ def worker_cpus(config: TrainConfig) -> int:
         return 1
     import ray
 
-    logical = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else cores
+    logical = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else cores + DATA_CPUS
     return max(1, min(cores, logical - DATA_CPUS) // config.workers)
 
 
