@@ -46,10 +46,7 @@ def init_ray(
         else:
             global _local_cores
             cores = os.cpu_count() or 1
-            # At least 4 logical CPUs, and DATA_CPUS more than the cores: a Tune trial's driver, its Train
-            # workers and Ray Data's read tasks must all fit at once, even on a 2-core laptop (they take
-            # turns on the cores), and a training run's workers get every core.
-            logical = num_cpus or max(4, cores + DATA_CPUS)
+            logical = num_cpus or local_logical_cpus(cores)
             _local_cores = min(cores, logical)  # never more than the cluster has to give
             port = _free_port()
             api = f"http://127.0.0.1:{port}"
@@ -76,6 +73,13 @@ def init_ray(
 
     url: str | None = get_dashboard_url()
     return f"http://{url}" if url and not url.startswith("http") else url
+
+
+def local_logical_cpus(cores: int) -> int:
+    """The logical CPUs a local cluster on `cores` cores counts: at least 4, so that a Tune trial's driver,
+    its Train workers and Ray Data's read tasks fit at once even on a 2-core laptop (they take turns on the
+    cores), and DATA_CPUS more than the cores, so that a training run's workers get every core."""
+    return max(4, cores + DATA_CPUS)
 
 
 def local_serve_environment() -> dict[str, str]:

@@ -168,6 +168,13 @@ def test_cpu_workers_share_the_cores_but_leave_ray_data_some(
     assert worker_cpus(config) == expected
 
 
+def test_a_local_cluster_counts_cpus_for_ray_data_beyond_the_cores() -> None:
+    from cxrcore.runtime import DATA_CPUS, local_logical_cpus
+
+    assert [local_logical_cpus(cores) for cores in (1, 2, 4, 16)] == [4, 4, 6, 18]
+    assert local_logical_cpus(16) - DATA_CPUS == 16  # a single worker can take every core
+
+
 def test_workers_the_local_cluster_can_never_place_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     import ray
 
