@@ -90,7 +90,7 @@ def trial_train_config(
         model=model,
         epochs=config.epochs,
         workers=config.workers_per_trial,
-        cpus_per_worker=1,  # trials share the cores: each takes what its resources say
+        cpus_per_worker=int(params.get("cpus_per_worker") or 1),  # trial_worker_cpus, by the driver
         gpu=config.gpu,
         image_size=config.image_size,
         batch_size=int(trial["batch_size"]),
@@ -214,6 +214,7 @@ def run_comparison(config: TuneConfig) -> dict[str, Any]:
         "tune_config": to_dict(config),
         "segmenter": segmenter["checkpoint"] if segmenter else None,
         "quiet_console": is_quiet(),  # decided here: trials on a joined cluster lack this environment
+        "cpus_per_worker": trial_worker_cpus(config, ray.cluster_resources(), len(plan)),
     }
     trainable = tune.with_resources(tune_driver_per_trial, {"cpu": TRIAL_DRIVER_CPUS})
     if tune.Tuner.can_restore(experiment):
@@ -515,6 +516,21 @@ def trial_resources(config: TuneConfig) -> dict[str, float]:
     if config.gpu:
         return {"CPU": TRIAL_DRIVER_CPUS, "GPU": config.workers_per_trial}
     return {"CPU": config.workers_per_trial + TRIAL_DRIVER_CPUS, "GPU": 0}
+
+
+def trial_worker_cpus(config: TuneConfig, resources: dict[str, float], trials: int) -> int:
+    """CPUs (and torch threads) of each trial's Train worker: 1, except on the local cluster cxr started
+    when fewer trials run at once than the cores allow, which then share the cores (3 trials of 1 worker
+    on 16 cores: 5 each; on 2 cores, 1). Every trial's workers still fit at once: concurrent trials ×
+    workers × CPUs ≤ cores, and the cluster counts more logical CPUs than cores. GPU sweeps and clusters
+    joined by address keep 1."""
+    from cxrcore.runtime import local_core_limit
+
+    cores = local_core_limit()
+    if config.gpu or cores is None or trials < 1:
+        return 1
+    concurrent = min(config.max_concurrent or max_concurrent_trials(config, resources), trials)
+    return max(1, cores // (concurrent * config.workers_per_trial))
 
 
 def max_concurrent_trials(config: TuneConfig, resources: dict[str, float]) -> int:

@@ -14,7 +14,7 @@ from cxrcore.cli import main
 from cxrcore.config import IngestConfig, TuneConfig, load_config
 from cxrcore.models import get_model_entry
 from cxrcore.plan import expected_epochs_per_trial
-from cxrcore.tune import max_concurrent_trials, planned_space, search_plan, tune_settings
+from cxrcore.tune import max_concurrent_trials, planned_space, search_plan, trial_worker_cpus, tune_settings
 
 CONFIGS = Path(__file__).parents[2] / "jobs" / "configs"
 CONFIG_CLASSES: dict[str, type] = {"ingest.yaml": IngestConfig, "tune.yaml": TuneConfig}
@@ -166,6 +166,25 @@ def test_cpu_workers_share_the_cores_but_leave_ray_data_some(
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": float(logical)})
     config = TrainConfig(data="ds", model="tiny_cnn_lstm", workers=workers, cpus_per_worker=asked)
     assert worker_cpus(config) == expected
+
+
+def test_trials_fewer_than_the_cores_share_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    import cxrcore.runtime
+
+    demo = TuneConfig(data="d", registry="r")  # 1 worker per trial
+    monkeypatch.setattr(cxrcore.runtime, "_local_cores", 16)
+    assert trial_worker_cpus(demo, {"CPU": 18.0}, trials=3) == 5  # 3 at once, 15 of 16 cores
+    assert trial_worker_cpus(demo, {"CPU": 18.0}, trials=12) == 1  # 12 at once: one core each
+    assert trial_worker_cpus(demo, {"CPU": 18.0}, trials=40) == 1  # more than fit: queued, one each
+    pairs = TuneConfig(data="d", registry="r", workers_per_trial=2)
+    assert trial_worker_cpus(pairs, {"CPU": 18.0}, trials=3) == 2  # 3 trials × 2 workers × 2 = 12
+    capped = TuneConfig(data="d", registry="r", max_concurrent=2)
+    assert trial_worker_cpus(capped, {"CPU": 18.0}, trials=12) == 8  # 2 at once (--max-concurrent)
+    assert trial_worker_cpus(TuneConfig(data="d", registry="r", gpu=True), {"CPU": 18.0, "GPU": 1}, 3) == 1
+    monkeypatch.setattr(cxrcore.runtime, "_local_cores", 2)
+    assert trial_worker_cpus(demo, {"CPU": 4.0}, trials=3) == 1  # this 2-core machine: as before
+    monkeypatch.setattr(cxrcore.runtime, "_local_cores", None)  # a cluster joined by address
+    assert trial_worker_cpus(demo, {"CPU": 64.0}, trials=3) == 1
 
 
 def test_a_local_cluster_counts_cpus_for_ray_data_beyond_the_cores() -> None:
