@@ -224,6 +224,7 @@ def _epochs_total(config: TuneConfig, trials: int) -> str:
 
 def _concurrency(config: TuneConfig) -> tuple[int, str]:
     """Trials at once, and what that number rests on."""
+    from cxrcore.runtime import local_logical_cpus
     from cxrcore.tune import max_concurrent_trials
 
     if config.max_concurrent:
@@ -231,8 +232,13 @@ def _concurrency(config: TuneConfig) -> tuple[int, str]:
     if config.gpu:
         resources, cluster = {"GPU": float(ASSUMED_NODE_GPUS)}, f"one node with {ASSUMED_NODE_GPUS} GPUs"
     else:
-        cpus = os.cpu_count() or 1
-        resources, cluster = {"CPU": float(cpus)}, f"this machine's {cpus} CPUs, as a local Ray cluster has"
+        cores = os.cpu_count() or 1
+        logical = local_logical_cpus(cores)
+        resources = {"CPU": float(logical)}
+        cluster = (
+            f"the local one cxr starts on this machine's {cores} cores, counting {logical} CPUs; trials "
+            "fewer than the cores share them"
+        )
     return max_concurrent_trials(config, resources), f"assumed cluster: {cluster}; max_concurrent sets it"
 
 

@@ -168,6 +168,28 @@ def test_cpu_workers_share_the_cores_but_leave_ray_data_some(
     assert worker_cpus(config) == expected
 
 
+def test_cpu_tune_plan_assumes_the_local_cluster_cxr_starts(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    argv = [
+        "tune",
+        "--data",
+        "/nowhere",
+        "--registry",
+        "/nowhere/reg",
+        "--models",
+        "cnn_lstm",
+        "--trials",
+        "6",
+    ]
+    assert main([*argv, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    # 2 cores count 4 logical CPUs: 3 trials of 1.1 CPUs at once, as a real local run places them
+    assert "3 trials at once (assumed cluster: the local one cxr starts on this machine's 2 cores" in out
+    assert "→ 2 waves" in out
+
+
 def test_trials_fewer_than_the_cores_share_them(monkeypatch: pytest.MonkeyPatch) -> None:
     import cxrcore.runtime
 
