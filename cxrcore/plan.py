@@ -141,7 +141,7 @@ def tune_plan(config: TuneConfig) -> str:
         rows.append(("segmenter", f"{what}, before the trials (it makes {masked}'s lung masks when served)"))
     rows += [
         ("trials", f"{len(trials)} ({', '.join(f'{model} {n}' for model, n in per_model.items())})"),
-        ("per trial", f"{_workers(config)}, {_cpus_per_trial(config)}"),
+        ("per trial", _per_trial(config, len(trials))),
         ("image size", _image_size(config.image_size, data)),
         (
             "concurrency",
@@ -246,6 +246,24 @@ def _workers(config: TuneConfig) -> str:
     n = config.workers_per_trial
     device = f"{n} GPU{'s' if n > 1 else ''}" if config.gpu else f"{n} CPU{'s' if n > 1 else ''}"
     return f"{n} Train worker{'s' if n > 1 else ''} ({device})"
+
+
+def _per_trial(config: TuneConfig, trials: int) -> str:
+    """A trial's workers and the CPUs it holds; on the assumed local cluster, trials fewer than the cores
+    share them (`tune.trial_worker_cpus`)."""
+    from cxrcore.runtime import local_logical_cpus
+    from cxrcore.tune import TRIAL_DRIVER_CPUS, trial_worker_cpus
+
+    cores = os.cpu_count() or 1
+    share = trial_worker_cpus(config, {"CPU": float(local_logical_cpus(cores))}, trials, cores=cores)
+    if config.gpu or share == 1:
+        return f"{_workers(config)}, {_cpus_per_trial(config)}"
+    n = config.workers_per_trial
+    held = n * share + TRIAL_DRIVER_CPUS
+    return (
+        f"{n} Train worker{'s' if n > 1 else ''} ({share} CPUs each: fewer trials than this machine's "
+        f"{cores} cores share them), {held:g} CPU reserved (workers and driver)"
+    )
 
 
 def _cpus_per_trial(config: TuneConfig) -> str:

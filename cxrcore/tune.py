@@ -518,15 +518,17 @@ def trial_resources(config: TuneConfig) -> dict[str, float]:
     return {"CPU": config.workers_per_trial + TRIAL_DRIVER_CPUS, "GPU": 0}
 
 
-def trial_worker_cpus(config: TuneConfig, resources: dict[str, float], trials: int) -> int:
+def trial_worker_cpus(
+    config: TuneConfig, resources: dict[str, float], trials: int, cores: int | None = None
+) -> int:
     """CPUs (and torch threads) of each trial's Train worker: 1, except on the local cluster cxr started
     when fewer trials run at once than the cores allow, which then share the cores (3 trials of 1 worker
     on 16 cores: 5 each; on 2 cores, 1). Every trial's workers still fit at once: concurrent trials ×
     workers × CPUs ≤ cores, and the cluster counts more logical CPUs than cores. GPU sweeps and clusters
-    joined by address keep 1."""
+    joined by address keep 1. `cores`: those of the local cluster assumed (a dry run, which starts none)."""
     from cxrcore.runtime import local_core_limit
 
-    cores = local_core_limit()
+    cores = cores or local_core_limit()
     if config.gpu or cores is None or trials < 1:
         return 1
     concurrent = min(config.max_concurrent or max_concurrent_trials(config, resources), trials)

@@ -188,6 +188,12 @@ def test_cpu_tune_plan_assumes_the_local_cluster_cxr_starts(
     # 2 cores count 4 logical CPUs: 3 trials of 1.1 CPUs at once, as a real local run places them
     assert "3 trials at once (assumed cluster: the local one cxr starts on this machine's 2 cores" in out
     assert "→ 2 waves" in out
+    assert "1 Train worker (1 CPU), 1.1 CPU reserved" in out
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert main([*argv[:-1], "2", "--dry-run"]) == 0  # 2 trials on 16 cores: 8 threads each
+    out = capsys.readouterr().out
+    assert "1 Train worker (8 CPUs each: fewer trials than this machine's 16 cores share them)" in out
+    assert "share them), 8.1 CPU reserved (workers and driver)" in out
 
 
 def test_trials_fewer_than_the_cores_share_them(monkeypatch: pytest.MonkeyPatch) -> None:
