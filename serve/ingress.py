@@ -35,6 +35,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 import cxrcore
 from cxrcore import telemetry
 from cxrcore.decode import SUPPORTED_TYPES, ImageDecodeError, UnsupportedImageTypeError, decode_upload
+from serve.deployments import replica_handle
 from serve.schemas import ErrorBody, Explanation, Health, ModelDetails, ModelInfo, Prediction, Readiness
 
 log = logging.getLogger("ray.serve")
@@ -392,7 +393,7 @@ class Api:
     """Decodes uploads, asks the Classifier deployment, answers JSON."""
 
     def __init__(self, classifier: DeploymentHandle, limits: ApiLimits | None = None) -> None:
-        self._api = create_api(classifier, limits)
+        self._api = create_api(replica_handle(classifier), limits)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return self._api

@@ -110,3 +110,26 @@ def test_cxr_serve_refuses_bad_arguments_before_starting_ray(
     assert "KEY=VALUE" in capsys.readouterr().err
     assert main(["serve", "--registry", registry, "--arg", "max_replica=3"]) == 2
     assert "max_replica" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("grpc", [True, False])
+def test_a_handle_built_in_the_driver_calls_as_the_replica_is_set_to(
+    grpc: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`serve.run` in a driver that imported Serve outside high-throughput mode pickles handles that
+    call by Ray actor calls; in a replica of that mode they must call over gRPC, and the other way round."""
+    import pickle
+
+    import ray.serve._private.constants as constants
+    from ray.serve.handle import DeploymentHandle
+
+    from serve.deployments import replica_handle
+
+    driver = pickle.loads(pickle.dumps(DeploymentHandle("Classifier", "cxr")))
+    driver.handle_options = driver.handle_options.copy_and_update(_by_reference=grpc)  # the other mode
+    monkeypatch.setattr(constants, "RAY_SERVE_USE_GRPC_BY_DEFAULT", grpc)
+    handle = replica_handle(driver)
+    assert handle.handle_options._by_reference is (not grpc)
+    assert handle.deployment_id == driver.deployment_id and not handle.is_initialized
+    assert pickle.loads(pickle.dumps(handle)).handle_options._by_reference is (not grpc)
+    assert replica_handle(handle) is handle  # already right: kept as it is
