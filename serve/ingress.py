@@ -34,6 +34,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 import cxrcore
 from cxrcore import telemetry
+from cxrcore.data.transforms import resize_image
 from cxrcore.decode import SUPPORTED_TYPES, ImageDecodeError, UnsupportedImageTypeError, decode_upload
 from serve.deployments import replica_handle
 from serve.schemas import ErrorBody, Explanation, Health, ModelDetails, ModelInfo, Prediction, Readiness
@@ -170,6 +171,7 @@ class _Routes:
     def __init__(self, classifier: Any, limits: ApiLimits) -> None:
         self._classifier = classifier
         self._limits = limits
+        self._input_size: int | None = None  # the model's base size, from the classifier's answers
 
     async def predict(
         self,
@@ -179,8 +181,11 @@ class _Routes:
         """Class probabilities of one chest X-ray; 503 `overloaded` with Retry-After when at capacity."""
         start = time.perf_counter()
         data, content_type = await self._read_upload(request)
-        image = await asyncio.to_thread(self._decode, data, content_type)
-        result = await self._ask("explain" if explain else "predict", image)
+        if explain:
+            image = await asyncio.to_thread(self._decode, data, content_type)
+            result = await self._ask("explain", image)
+        else:
+            result = await self._predict(data, content_type)
         probabilities = result["probabilities"]
         explanation = None
         if explain:
@@ -199,6 +204,27 @@ class _Routes:
             latency_ms=latency_ms,
             explanation=explanation,
         )
+
+    async def _predict(self, data: bytes, content_type: str | None) -> Any:
+        """The classifier's answer for an upload, sent at the model's base size once that is known.
+
+        The size is learnt from the answers (`serve.deployments.classify`); after a swap to a model of
+        another size, the one stale answer makes the ingress send the original upload instead.
+        """
+        size = self._input_size
+        image, sent = await asyncio.to_thread(self._decode_for, data, content_type, size)
+        result = await self._ask("predict", sent, size if sent is not image else None)
+        if "probabilities" not in result:  # resized for a model no longer served
+            result = await self._ask("predict", image, None)
+        self._input_size = result["input_size"]
+        return result
+
+    def _decode_for(
+        self, data: bytes, content_type: str | None, size: int | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The decoded upload, and the same resized to `size` as the classifier would resize it."""
+        image = self._decode(data, content_type)
+        return image, image if size is None else resize_image(image, size)
 
     async def model(self) -> ModelDetails:
         """The serving model and its card."""

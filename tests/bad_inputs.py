@@ -223,11 +223,13 @@ class LocalClassifier:
     def _probabilities(self, row: np.ndarray) -> dict[str, float]:
         return dict(zip(self.resolved.card.classes, map(float, row), strict=True))
 
-    def _predict(self, image: np.ndarray) -> dict[str, Any]:
+    def _predict(self, image: np.ndarray, resized_to: int | None = None) -> dict[str, Any]:
+        from serve.deployments import classify
+
         self.images.append(image)
         with one_torch_thread():
-            (row,) = self.predictor.predict_proba([image])
-        return {"probabilities": self._probabilities(row), "model": self.resolved.info.model_dump()}
+            (answer,) = classify(self.predictor, self.resolved.info.model_dump(), [(image, resized_to)])
+        return answer
 
     def _explain(self, image: np.ndarray) -> dict[str, Any]:
         from cxrcore.explain import explain

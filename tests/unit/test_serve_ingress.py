@@ -4,15 +4,19 @@ declares what the API answers, and /docs and /redoc that load nothing from the i
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from ray.exceptions import RayTaskError
 from ray.serve.exceptions import BackPressureError
 
+from cxrcore.decode import decode_upload
 from cxrcore.labels import CLASSES
-from tests.bad_inputs import GOOD_PNG, api_client
+from tests.bad_inputs import GOOD_PNG, LocalClassifier, api_client
+from tests.e2e.uploads import write_checkpoint
 
 
 class Failing:
@@ -119,3 +123,26 @@ def test_unknown_routes_and_methods_answer_json(client: httpx.Client) -> None:
     wrong = client.get("/v1/predict")
     assert wrong.status_code == 405 and wrong.json()["error"] == "method_not_allowed"
     assert wrong.headers["allow"] == "POST"
+
+
+def test_uploads_reach_the_model_at_its_base_size_and_score_as_the_original_does(tmp_path: Path) -> None:
+    """The ingress resizes uploads to the model's base size (learnt from the first answer), also after a
+    swap to a model of another size, and every answer is what the Predictor gives for the original."""
+    classifier = LocalClassifier(write_checkpoint(tmp_path, "tiny_cnn_lstm", 2))
+    original = decode_upload(GOOD_PNG, "image/png")
+    assert original.shape == (300, 250) and classifier.predictor.base_size == 64
+
+    def served() -> np.ndarray:
+        response = _post(client)
+        assert response.status_code == 200, response.text
+        return np.array(list(response.json()["probabilities"].values()))
+
+    with api_client(classifier) as client:
+        for _ in range(3):
+            np.testing.assert_array_equal(served(), classifier.predictor.predict_proba([original])[0])
+        assert [image.shape for image in classifier.images] == [(300, 250), (64, 64), (64, 64)]
+        classifier.predictor.base_size = 80  # a swap to a model trained at 80 px
+        for _ in range(2):
+            np.testing.assert_array_equal(served(), classifier.predictor.predict_proba([original])[0])
+        # The image sized for the old model is refused and the original sent; then the new size is used.
+        assert [image.shape for image in classifier.images[3:]] == [(64, 64), (300, 250), (80, 80)]
