@@ -137,7 +137,7 @@ def tune_plan(config: TuneConfig) -> str:
     if segmenter:
         run = segmenter_train_config(config, segmenter)
         masked = ", ".join(model for model in per_model if needs_mask(model))
-        what = f"{segmenter}, {run.epochs} epochs on {_workers(config)}, batch {run.batch_size}"
+        what = f"{segmenter}, {run.epochs} epochs on {_segmenter_workers(config)}, batch {run.batch_size}"
         rows.append(("segmenter", f"{what}, before the trials (it makes {masked}'s lung masks when served)"))
     rows += [
         ("trials", f"{len(trials)} ({', '.join(f'{model} {n}' for model, n in per_model.items())})"),
@@ -264,6 +264,20 @@ def _per_trial(config: TuneConfig, trials: int) -> str:
         f"{n} Train worker{'s' if n > 1 else ''} ({share} CPUs each: fewer trials than this machine's "
         f"{cores} cores share them), {held:g} CPU reserved (workers and driver)"
     )
+
+
+def _segmenter_workers(config: TuneConfig) -> str:
+    """The segmenter's workers: a trial's, each with its share of the assumed local cluster's cores, as
+    `trainer.worker_cpus` gives them (it trains alone, before the trials)."""
+    from cxrcore.runtime import DATA_CPUS, local_logical_cpus
+
+    cores = os.cpu_count() or 1
+    n = config.workers_per_trial
+    share = max(1, min(cores, local_logical_cpus(cores) - DATA_CPUS) // n)
+    if config.gpu or share == 1:
+        return _workers(config)
+    each = " each" if n > 1 else ""
+    return f"{n} Train worker{'s' if n > 1 else ''} ({share} CPUs{each}: this machine's {cores} cores)"
 
 
 def _cpus_per_trial(config: TuneConfig) -> str:

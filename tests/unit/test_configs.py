@@ -238,3 +238,22 @@ def test_workers_the_local_cluster_can_never_place_are_refused(monkeypatch: pyte
     _check_worker_cpus(TrainConfig(data="ds", model="tiny_cnn_lstm", workers=2), 2)  # 4 of 4: placeable
     monkeypatch.setattr(cxrcore.runtime, "_local_cores", None)  # a joined cluster may autoscale
     _check_worker_cpus(config, 3)
+
+
+@pytest.mark.parametrize(("cores", "workers", "expected"), [(2, 1, 2), (16, 2, 8)])
+def test_cpu_tune_plan_gives_the_segmenter_the_cores_it_trains_on(
+    cores: int,
+    workers: int,
+    expected: int,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The segmenter trains alone before the trials, its workers sharing the local cluster's cores, as
+    `trainer.worker_cpus` gives them in the run."""
+    monkeypatch.setattr("os.cpu_count", lambda: cores)
+    argv = ["tune", "--data", "/nowhere", "--registry", "/nowhere/reg", "--models", "dual_cnn"]
+    assert main([*argv, "--workers-per-trial", str(workers), "--dry-run"]) == 0
+    worker, each = (f"{workers} Train workers", " each") if workers > 1 else ("1 Train worker", "")
+    assert f"epochs on {worker} ({expected} CPUs{each}: this machine's {cores} cores), batch 16" in (
+        capsys.readouterr().out
+    )
