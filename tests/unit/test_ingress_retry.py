@@ -16,6 +16,7 @@ from tests.bad_inputs import GOOD_PNG, api_client
 ANSWER = {
     "probabilities": dict.fromkeys(CLASSES, 0.25),
     "model": {"name": "tiny_cnn_lstm", "version": "1", "ref": "tiny_cnn_lstm:1"},
+    "input_size": 64,
 }
 
 
