@@ -106,10 +106,9 @@ def classify(
     classifier replica, which every request waits on, runs only the model, and a detector-sized upload
     crosses to it as 64 KB, not 7.5 MB. At concurrency 32, cnn_lstm at 128 px, three pairs of apps taken
     in turns: 299 px uploads 91-101 requests/s against 69-85 when the classifier resized them, 1024 px
-    uploads 77-98 against 72-74. Every answer
-    carries `input_size`, from which the ingress learns the size. An image resized for another size (the
-    model was swapped in between) is answered with `input_size` alone, and the ingress asks again with
-    the original upload.
+    uploads 77-98 against 72-74. Every answer carries `input_size`, from which the ingress learns the
+    size. An image resized for another size (the model was swapped in between) is answered with
+    `input_size` alone, and the ingress asks again with the original upload.
     """
     size = predictor.base_size
     current = [i for i, (_, resized_to) in enumerate(requests) if resized_to in (None, size)]
