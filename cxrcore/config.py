@@ -324,6 +324,7 @@ _BENCHMARK_PRESETS: dict[str, tuple[Any, Any]] = {
     "batch_size": (32, 8),
     "serve_model": ("cnn_lstm", "tiny_dual_cnn"),
     "serve_size": (128, 64),
+    "serve_upload": (299, 299),
     "requests": (200, 32),
 }
 
@@ -382,6 +383,11 @@ class BenchmarkConfig:
         "with --quick)",
     )
     serve_size: int = option(None, "serve: the model's input size (unset: 128, or 64 with --quick)")
+    serve_upload: int = option(
+        None,
+        "serve: side of the PNG uploads in px (unset: 299, the Kaggle database's; a hospital's X-rays are "
+        "1,000-3,000)",
+    )
     requests: int = option(None, "serve: HTTP requests per measurement (unset: 200, or 32 with --quick)")
     device: str = option(
         "cuda", "gpu: torch device; cpu runs the section's code path on a tiny model (with --quick)"
@@ -408,6 +414,11 @@ class BenchmarkConfig:
         _require(self.batch_size >= 1, "batch_size", f"must be at least 1, got {self.batch_size}")
         _require(self.plain_threads is None or self.plain_threads >= 1, "plain_threads", "must be at least 1")
         _require(self.requests >= 4, "requests", f"must be at least 4, got {self.requests}")
+        _require(
+            64 <= self.serve_upload <= 4096,
+            "serve_upload",
+            f"must be between 64 and 4096, got {self.serve_upload}",
+        )
         _require(bool(self.model_names()), "models", "name at least one architecture")
         try:
             counts = self.worker_counts()

@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--num-cpus", type=float, default=1.0, help="CPUs of each model replica")
     parser.add_argument("--port", type=int, default=8011)
+    parser.add_argument("--upload-size", type=int, default=299, help="side of the PNG uploads in px")
     parser.add_argument("--burst", type=int, default=0, help="then send this many requests at once")
     parser.add_argument("--max-queued", type=int, default=64, help="the classifier's max_queued_requests")
     parser.add_argument(
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as work:
         model = args.model or str(_untrained(Path(work), args.arch, args.image_size))
-        upload = _chest_png()
+        upload = _chest_png(args.upload_size)
         threads = max(1, int(args.num_cpus))  # Ray gives a replica OMP_NUM_THREADS = its whole CPUs
         limit = DirectLimit(resolve_model(args.registry, model).checkpoint, upload, threads)
         direct = limit.sweep(args.sweep_rounds)
@@ -114,7 +115,14 @@ def main(argv: list[str] | None = None) -> int:
             f"{burst['refused']} refused with 503 (p50 {burst['refused_p50_ms']:.0f} ms, "
             f"max {burst['refused_max_ms']:.0f} ms), {burst['other']} other"
         )
-    print(json.dumps({"model": model, "direct": direct, "http": rows, "burst": burst}))
+    summary = {
+        "model": model,
+        "upload_size": args.upload_size,
+        "direct": direct,
+        "http": rows,
+        "burst": burst,
+    }
+    print(json.dumps(summary))
     return 0
 
 
@@ -143,7 +151,7 @@ def _untrained(directory: Path, arch: str, image_size: int | None) -> Path:
 
 
 def _chest_png(size: int = 299) -> bytes:
-    """A 299×299 grayscale PNG like the dataset's: a gradient with noise."""
+    """A size×size grayscale PNG like the dataset's (299 px): a gradient with noise."""
     from PIL import Image
 
     rng = np.random.default_rng(0)

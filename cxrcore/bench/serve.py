@@ -33,7 +33,7 @@ SWEEP_ROUNDS = 3
 
 
 def serve_command(
-    model: str, size: int, requests: int, port: int, sweep_rounds: int = SWEEP_ROUNDS
+    model: str, size: int, requests: int, port: int, sweep_rounds: int = SWEEP_ROUNDS, upload: int = 299
 ) -> list[str]:
     """The `serve.benchmark` run: one replica, batching on (the app's default max_batch_size for a CPU
     replica) then off, at 1, 8, 32."""
@@ -41,6 +41,7 @@ def serve_command(
         sys.executable, "-m", "serve.benchmark", "--arch", model, "--image-size", str(size),
         "--requests", str(requests), "--concurrency", ",".join(map(str, CONCURRENCY)),
         "--num-cpus", str(REPLICA_CPUS), "--port", str(port), "--sweep-rounds", str(sweep_rounds),
+        "--upload-size", str(upload),
     ]  # fmt: skip
 
 
@@ -56,7 +57,8 @@ def benchmark_serve(config: BenchmarkConfig) -> Section:
     model, size, requests = config.serve_model, config.serve_size, config.requests
     sections = []
     for proxy, env in list(PROXIES.items())[: 1 if config.quick else None]:
-        command = serve_command(model, size, requests, _free_port(), 1 if config.quick else SWEEP_ROUNDS)
+        rounds = 1 if config.quick else SWEEP_ROUNDS
+        command = serve_command(model, size, requests, _free_port(), rounds, config.serve_upload)
         done = subprocess.run(
             command, capture_output=True, text=True, timeout=TIMEOUT_S[config.quick], check=False,
             env={**os.environ, **env},
@@ -130,7 +132,8 @@ def serve_section(
     notes = [
         f"Model: untrained {model} at {size} px (a trained one costs the same), one classifier replica with "
         f"{REPLICA_CPUS} CPU, {requests} requests per measurement from threads each waiting for its answer; "
-        f"uploads are 299 px PNGs. Batching on: max_batch_size {batch_on}. Requests/s are taken while "
+        f"uploads are {result.get('upload_size', 299)} px PNGs. Batching on: max_batch_size {batch_on}. "
+        "Requests/s are taken while "
         "every client has a request in flight: from the answer after the first `concurrency` to the last "
         "`concurrency` (`serve.benchmark.steady_rate`; the JSON keeps `requests_per_s_overall`, first "
         "request to last answer), as the limit runs full batches throughout.",

@@ -267,6 +267,11 @@ def test_serve_section_reads_serve_benchmark_output() -> None:
     command = serve_command("cnn_lstm", 128, 200, 8123)
     assert command[1:3] == ["-m", "serve.benchmark"] and "1,8,32" in command and "8123" in command
     assert command[command.index("--sweep-rounds") + 1] == "3"
+    assert command[command.index("--upload-size") + 1] == "299"  # the Kaggle database's images
+    big = serve_command("cnn_lstm", 128, 200, 8123, upload=2048)
+    assert big[big.index("--upload-size") + 1] == "2048"
+    notes = " ".join(serve_section({**SERVE_SUMMARY, "upload_size": 2048}, "tiny_dual_cnn", 64, 16).notes)
+    assert "uploads are 2048 px PNGs" in notes
 
 
 def test_the_limit_sweep_takes_the_batch_sizes_in_turns_and_keeps_each_ones_median(
