@@ -269,11 +269,12 @@ def _per_trial(config: TuneConfig, trials: int) -> str:
 def _segmenter_workers(config: TuneConfig) -> str:
     """The segmenter's workers: a trial's, each with its share of the assumed local cluster's cores, as
     `trainer.worker_cpus` gives them (it trains alone, before the trials)."""
-    from cxrcore.runtime import DATA_CPUS, local_logical_cpus
+    from cxrcore.runtime import local_logical_cpus
+    from cxrcore.train.trainer import local_worker_cpus
 
     cores = os.cpu_count() or 1
     n = config.workers_per_trial
-    share = max(1, min(cores, local_logical_cpus(cores) - DATA_CPUS) // n)
+    share = local_worker_cpus(cores, local_logical_cpus(cores), n)
     if config.gpu or share == 1:
         return _workers(config)
     each = " each" if n > 1 else ""

@@ -221,7 +221,13 @@ def worker_cpus(config: TrainConfig) -> int:
     import ray
 
     logical = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else cores + DATA_CPUS
-    return max(1, min(cores, logical - DATA_CPUS) // config.workers)
+    return local_worker_cpus(cores, logical, config.workers)
+
+
+def local_worker_cpus(cores: int, logical: int, workers: int) -> int:
+    """Each of `workers` CPU workers' share of a local cluster on `cores` cores that counts `logical` CPUs:
+    the cores, at most the logical CPUs less the DATA_CPUS kept for Ray Data, split evenly (at least 1)."""
+    return max(1, min(cores, logical - DATA_CPUS) // workers)
 
 
 def build_trainer(config: TrainConfig, callbacks: list[Any] | None = None) -> Any:
