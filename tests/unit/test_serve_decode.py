@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -65,6 +67,76 @@ def test_dicom_window_is_applied_when_present() -> None:
     windowed = decode_upload(buffer.getvalue(), None)
     raw = decode_upload(buffer.getvalue(), None, window=False)
     assert (windowed == 0).mean() > (raw == 0).mean()  # values below the window clip to black
+
+
+def _with(data: bytes, **attributes: Any) -> bytes:
+    """The DICOM `data` with `attributes` set (None deletes one), saved again."""
+    from pydicom import dcmread
+    from pydicom.filebase import DicomBytesIO
+
+    ds = dcmread(DicomBytesIO(data))
+    for name, value in attributes.items():
+        if value is None:
+            delattr(ds, name)
+        else:
+            setattr(ds, name, value)
+    buffer = DicomBytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _lut_item(entries: list[int], first: int = 0, bits: int = 16) -> Any:
+    from pydicom.dataset import Dataset
+
+    item = Dataset()
+    item.add_new(0x00283002, "US", [len(entries), first, bits])  # LUTDescriptor
+    item.add_new(0x00283006, "US", entries)  # LUTData, as numbers (US), not bytes (OW)
+    return item
+
+
+_STORED = np.random.default_rng(3).integers(0, 4096, (96, 80)).astype(np.uint16)
+_SIGNED = np.random.default_rng(4).integers(-2000, 2000, (96, 80)).astype(np.int16)
+_DICOMS = {
+    "rescaled": xray_dicom(1, "MONOCHROME2"),
+    "rescaled, MONOCHROME1": xray_dicom(1),
+    "window": _with(dicom_bytes(_STORED, slope=2.0, intercept=-1024), WindowCenter=1500, WindowWidth=2000),
+    "window, sigmoid": _with(
+        dicom_bytes(_STORED), WindowCenter=2000, WindowWidth=1200, VOILUTFunction="SIGMOID"
+    ),
+    "window, linear exact": _with(
+        dicom_bytes(_STORED), WindowCenter=900, WindowWidth=300, VOILUTFunction="LINEAR_EXACT"
+    ),
+    "VOI LUT, not monotonic": _with(
+        dicom_bytes(_STORED), VOILUTSequence=[_lut_item([(i * 7919) % 65536 for i in range(4096)])]
+    ),
+    "modality LUT": _with(
+        dicom_bytes(_STORED),
+        RescaleSlope=None, RescaleIntercept=None,
+        ModalityLUTSequence=[_lut_item([4095 - i // 2 for i in range(3000)], first=500)],
+    ),
+    "signed": _with(
+        dicom_bytes(_SIGNED.view(np.uint16), slope=0.5, intercept=100), PixelRepresentation=1
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(_DICOMS), ids=list(_DICOMS))
+def test_dicom_display_is_computed_per_level_with_the_bytes_of_every_pixel(name: str) -> None:
+    """decode_dicom maps stored levels through pydicom's modality and VOI LUTs once each, not every pixel."""
+    from pydicom import dcmread
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    data = _DICOMS[name]
+    ds = dcmread(DicomBytesIO(data))
+    values = apply_modality_lut(ds.pixel_array, ds)
+    if "WindowCenter" in ds or "VOILUTSequence" in ds:
+        values = apply_voi_lut(values, ds)
+    expected = scale_to_uint8(np.asarray(values, dtype=np.float64))  # float input: per pixel
+    if ds.PhotometricInterpretation == "MONOCHROME1":
+        expected = 255 - expected
+    assert len(np.unique(expected)) > 2  # the mapping keeps detail: a wrong range would not
+    np.testing.assert_array_equal(decode_upload(data, None), expected)
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from cxrcore.data.transforms import (
     perceptual_hash,
     resize_image,
     resize_mask,
+    scale_levels_to_uint8,
     scale_to_uint8,
 )
 from tests.conftest import xray
@@ -81,6 +83,59 @@ def test_resize_and_mask_binarisation() -> None:
 
 def test_scale_to_uint8_constant_input() -> None:
     assert scale_to_uint8(np.full((3, 3), 7.0)).max() == 0
+    assert scale_to_uint8(np.full((3, 3), 7, np.uint16)).max() == 0
+
+
+def _per_pixel(arr: np.ndarray, transform: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+    """What scale_levels_to_uint8 replaces: every pixel through float64, then the range onto 0..255."""
+    values = np.asarray(transform(arr) if transform else arr, dtype=np.float64)
+    lo, hi = float(values.min()), float(values.max())
+    if hi <= lo:
+        return np.zeros(values.shape, dtype=np.uint8)
+    return np.round((values - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+
+
+_RNG = np.random.default_rng(7)
+_IMAGES = {
+    "12-bit": _RNG.integers(0, 4096, (120, 100)).astype(np.uint16),
+    "16-bit, narrow": _RNG.integers(30_000, 30_900, (64, 80)).astype(np.uint16),
+    "signed, negative": _RNG.integers(-2048, 2047, (90, 70)).astype(np.int16),
+    "signed, full span": np.array([[-32768, 32767], [0, -1]], np.int16),
+    "8-bit": _RNG.integers(3, 250, (50, 40)).astype(np.uint8),
+    "int32, narrow": _RNG.integers(-70_000, -69_000, (40, 40)).astype(np.int32),
+    "int32, wider than the table": np.array([[0, 1 << 20], [5, 7]], np.int32),
+    "two levels": np.array([[9, 9], [9, 10]], np.uint16),
+    "one level": np.full((5, 5), 300, np.uint16),
+}
+_TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray] | None] = {
+    "none": None,
+    "rescale, negative slope": lambda levels: levels.astype(np.float64) * -0.37 + 1024.0,
+    "window": lambda levels: np.clip((levels.astype(np.float64) - 1500.5) / 999 + 0.5, 0, 1) * 255,
+    "not monotonic": lambda levels: np.sin(levels.astype(np.float64) / 37.0) * 1000,
+    "a lookup table": lambda levels: (levels.astype(np.int64) * 7919) % 4093,
+}
+
+
+@pytest.mark.parametrize("transform", list(_TRANSFORMS), ids=list(_TRANSFORMS))
+@pytest.mark.parametrize("image", list(_IMAGES), ids=list(_IMAGES))
+def test_levels_through_a_table_give_the_bytes_of_every_pixel_through_float64(
+    image: str, transform: str
+) -> None:
+    arr, function = _IMAGES[image], _TRANSFORMS[transform]
+    expected = _per_pixel(arr, function)
+    np.testing.assert_array_equal(scale_levels_to_uint8(arr, function), expected)
+    if function is None:
+        np.testing.assert_array_equal(scale_to_uint8(arr), expected)
+    assert expected.max() in (0, 255)  # the cases reach both ends (or are constant), so the range is used
+
+
+def test_levels_not_in_the_image_do_not_stretch_its_range() -> None:
+    """A table that maps an absent level (5) far outside what the image's own levels reach."""
+    arr = np.array([[4, 6], [6, 4]], np.uint16)
+    table = np.array([0, 0, 0, 0, 100.0, 9_999.0, 200.0])
+    np.testing.assert_array_equal(
+        scale_levels_to_uint8(arr, lambda levels: table[levels]), [[0, 255], [255, 0]]
+    )
 
 
 def test_perceptual_hash_is_stable_under_resize_and_far_for_other_images() -> None:
