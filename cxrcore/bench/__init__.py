@@ -14,7 +14,16 @@ from collections.abc import Callable
 
 from cxrcore.bench.gpu import benchmark_gpu, check_device
 from cxrcore.bench.ingest import benchmark_ingest
-from cxrcore.bench.report import Report, Section, load_average, machine_info, ray_installed, ray_running
+from cxrcore.bench.report import (
+    QUIET_MAX_WAIT_S,
+    Report,
+    Section,
+    load_average,
+    machine_info,
+    ray_installed,
+    ray_running,
+    wait_for_quiet,
+)
 from cxrcore.bench.serve import benchmark_serve
 from cxrcore.bench.train import benchmark_train
 from cxrcore.config import BenchmarkConfig, to_dict
@@ -47,7 +56,11 @@ def run_benchmarks(config: BenchmarkConfig) -> Report:
                 import ray
 
                 ray.shutdown()
+            # Each section starts on a quiet machine (bounded): not while the last one's processes wind down.
+            # A --quick run (the tests) only looks, briefly.
+            quiet = wait_for_quiet(0.0, window_s=0.2) if config.quick else wait_for_quiet(QUIET_MAX_WAIT_S)
             section = _run_section(name, config)
+            section.quiet = quiet
         report.sections.append(section)
         report.write(config.out)
     return report

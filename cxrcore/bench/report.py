@@ -98,6 +98,8 @@ class Section:
     seconds: float = 0.0
     load_average: float | None = None
     """the machine's 1-minute load average when the section ended: above its cores, figures are noisy."""
+    quiet: Quiet | None = None
+    """how the section waited for the machine to go quiet before it started (`wait_for_quiet`)."""
     skipped: str | None = None
     """why the section did not run (e.g. no CUDA)."""
     error: str | None = None
@@ -113,6 +115,7 @@ class Section:
             "details": self.details,
             "seconds": round(self.seconds, 1),
             "load_average": self.load_average,
+            "quiet": self.quiet.to_dict() if self.quiet else None,
             "skipped": self.skipped,
             "error": self.error,
         }
@@ -183,11 +186,88 @@ class Report:
                 lines += ["", *_markdown_table(header, cells)]
             if section.notes:
                 lines += ["", *(f"- {note}" for note in section.notes)]
+            started = f" {section.quiet.describe()}" if section.quiet else ""
             lines += [
                 "",
-                f"Section time: {section.seconds:.0f} s; load average {section.load_average} at its end.",
+                f"Section time: {section.seconds:.0f} s; load average {section.load_average} at its end."
+                + started,
             ]
         return "\n".join(lines) + "\n"
+
+
+QUIET_BUSY = 0.15
+"""The share of all cores busy below which the machine counts as quiet (an idle local Ray with a Serve app
+keeps about 12 % of 2 cores busy: its controller, GCS, dashboard and replicas)."""
+QUIET_WINDOW_S = 3.0
+QUIET_MAX_WAIT_S = 90.0
+
+
+@dataclass(frozen=True)
+class Quiet:
+    """What `wait_for_quiet` saw: how long it waited and how busy the cores were over its last window."""
+
+    waited_s: float
+    busy: float | None
+    """share of all cores busy over the last window (None: no /proc/stat here, nothing waited for)."""
+    quiet: bool
+    window_s: float = QUIET_WINDOW_S
+
+    def describe(self) -> str:
+        if self.busy is None:
+            return "Started at once (no /proc/stat to tell how busy the machine was)."
+        busy = f"{self.busy:.0%} of the cores busy over {self.window_s:g} s"
+        if self.quiet:
+            return f"Started after {self.waited_s:.0f} s of waiting for a quiet machine ({busy})."
+        return (
+            f"Started after {self.waited_s:.0f} s with the machine still busy ({busy}): figures may be low."
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        busy = round(self.busy, 3) if self.busy is not None else None
+        return {
+            "waited_s": round(self.waited_s, 1),
+            "busy": busy,
+            "quiet": self.quiet,
+            "window_s": self.window_s,
+        }
+
+
+def wait_for_quiet(
+    max_wait_s: float = QUIET_MAX_WAIT_S, busy_below: float = QUIET_BUSY, window_s: float = QUIET_WINDOW_S
+) -> Quiet:
+    """Wait (at most `max_wait_s`) until the cores were less than `busy_below` busy over `window_s`.
+
+    A section that starts while the previous one winds down (a training cluster stopping, Ray's workers
+    exiting) measures its first figures on cores that are not all its own; `make bench`'s serve section
+    once saw 12 ms of other processes' CPU per request at concurrency 1 that way. Polls /proc/stat."""
+    started = time.monotonic()
+    busy = _busy_share(window_s)
+    while busy is not None and busy >= busy_below and time.monotonic() - started < max_wait_s:
+        busy = _busy_share(window_s)
+    quiet = busy is None or busy < busy_below
+    return Quiet(time.monotonic() - started, busy, quiet, window_s)
+
+
+def _busy_share(window_s: float) -> float | None:
+    """The share of all cores' time spent busy over the next `window_s` seconds (None without /proc/stat)."""
+
+    def read() -> tuple[int, int] | None:
+        try:
+            fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields[:8]), idle  # user..steal; guest time is already counted in user
+
+    before = read()
+    if before is None:
+        return None
+    time.sleep(window_s)  # the measurement window itself, not a wait for another process
+    after = read()
+    if after is None or after[0] <= before[0]:
+        return None
+    total, idle = after[0] - before[0], after[1] - before[1]
+    return max(0.0, 1.0 - idle / total)
 
 
 def machine_info() -> dict[str, Any]:

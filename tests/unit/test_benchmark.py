@@ -7,6 +7,7 @@ Never a speed assertion: figures are whatever this machine gives.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ import torch
 
 from cxrcore.bench.data import sample_raw
 from cxrcore.bench.gpu import benchmark_gpu, check_device
-from cxrcore.bench.report import Report, Row, Section, Target, format_number, machine_info
+from cxrcore.bench.report import Report, Row, Section, Target, format_number, machine_info, wait_for_quiet
 from cxrcore.bench.serve import CPU_PARTS, parse_serve_output, serve_command, serve_section
 from cxrcore.bench.train import _summary, memory_batches
 from cxrcore.cli import main
@@ -208,7 +209,27 @@ def test_gpu_section_runs_its_torch_parts_where_ray_is_not_installed(
         in gpu["notes"]
     )
     assert [row["measure"].split(",")[0] for row in gpu["rows"]] == ["training", "inference"]  # none via Ray
+    assert gpu["quiet"]["window_s"] == 0.2 and gpu["quiet"]["waited_s"] < 5  # --quick only looks
     check_report(data, ["gpu"])
+
+
+def test_a_section_waits_for_a_quiet_machine_no_longer_than_it_is_told() -> None:
+    import subprocess
+    import sys
+
+    never = wait_for_quiet(max_wait_s=0.3, busy_below=0.0, window_s=0.1)  # no machine is under 0 % busy
+    assert not never.quiet and 0.3 <= never.waited_s < 3 and never.busy is not None
+    assert "still busy" in never.describe() and "figures may be low" in never.describe()
+    at_once = wait_for_quiet(max_wait_s=30, busy_below=1.01, window_s=0.1)  # every machine is under 101 %
+    assert at_once.quiet and at_once.waited_s < 3 and "waiting for a quiet machine" in at_once.describe()
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        spinning = wait_for_quiet(max_wait_s=0.0, busy_below=0.0, window_s=1.0)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    cores = os.cpu_count() or 1
+    assert spinning.busy is not None and spinning.busy >= 0.5 / cores  # one busy core (at least half of it)
 
 
 def _http(batch: int, concurrency: int, p50: float, rate: float, **more: Any) -> dict[str, Any]:
