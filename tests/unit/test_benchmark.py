@@ -242,6 +242,8 @@ def _http(batch: int, concurrency: int, p50: float, rate: float, **more: Any) ->
 
 SERVE_SUMMARY = {  # the shape of the JSON line serve/benchmark.py prints last (int keys become strings)
     "model": "/tmp/x/tiny_dual_cnn",
+    "upload_size": 299,
+    "upload_format": "png",
     "direct": {
         "images_per_s": {"1": 125.0, "8": 240.0, "16": 200.0},
         "best_batch": 8,
@@ -288,11 +290,32 @@ def test_serve_section_reads_serve_benchmark_output() -> None:
     command = serve_command("cnn_lstm", 128, 200, 8123)
     assert command[1:3] == ["-m", "serve.benchmark"] and "1,8,32" in command and "8123" in command
     assert command[command.index("--sweep-rounds") + 1] == "3"
-    assert command[command.index("--upload-size") + 1] == "299"  # the Kaggle database's images
+    from serve.benchmark import UPLOAD_SIZE
+
+    assert "--upload-size" not in command and UPLOAD_SIZE == 299  # serve.benchmark's: the Kaggle database's
     big = serve_command("cnn_lstm", 128, 200, 8123, upload=2048)
     assert big[big.index("--upload-size") + 1] == "2048"
     notes = " ".join(serve_section({**SERVE_SUMMARY, "upload_size": 2048}, "tiny_dual_cnn", 64, 16).notes)
     assert "uploads are 2048 px PNGs" in notes
+    assert command[command.index("--upload-format") + 1] == "png"
+    dicom = serve_command("cnn_lstm", 128, 200, 8123, upload=1024, upload_format="dicom")
+    assert dicom[dicom.index("--upload-format") + 1] == "dicom"
+    summary = {**SERVE_SUMMARY, "upload_size": 1024, "upload_format": "dicom"}
+    assert "uploads are 1024 px 12-bit DICOMs" in " ".join(
+        serve_section(summary, "tiny_dual_cnn", 64, 16).notes
+    )
+
+
+@pytest.mark.parametrize("fmt", ["png", "dicom"])
+def test_serve_benchmark_uploads_decode_to_the_size_asked_with_detail(fmt: str) -> None:
+    """The DICOM goes through both LUTs (rescale, window) as a hospital's would, and keeps its gradient."""
+    from cxrcore.decode import decode_upload
+    from serve.benchmark import make_upload
+
+    upload = make_upload(fmt, 96)
+    image = decode_upload(upload.data, upload.content_type)
+    assert image.shape == (96, 96) and len(np.unique(image)) > 64
+    assert image[:, :10].mean() < image[:, -10:].mean()  # dark to bright, left to right
 
 
 def test_the_limit_sweep_takes_the_batch_sizes_in_turns_and_keeps_each_ones_median(
@@ -468,7 +491,9 @@ def test_serve_load_generator_counts_answers_and_refuses_a_run_with_failures(
     monkeypatch.setattr(serve_benchmark, "_serve_pids", dict)  # no Serve here: the client's CPU only
     ok = _Answers(fail_after=10**6)
     try:
-        stats = serve_benchmark._load(ok.url, b"png bytes", requests=24, concurrency=3)
+        stats = serve_benchmark._load(
+            ok.url, serve_benchmark.Upload(b"png bytes", "image/png"), requests=24, concurrency=3
+        )
     finally:
         ok.close()
     assert stats["requests_per_s"] > 0 and 0 < stats["p50_ms"] <= stats["p99_ms"]
@@ -478,6 +503,8 @@ def test_serve_load_generator_counts_answers_and_refuses_a_run_with_failures(
     failing = _Answers(fail_after=5)
     try:
         with pytest.raises(RuntimeError, match="HTTP 500"):
-            serve_benchmark._load(failing.url, b"png bytes", requests=24, concurrency=3)
+            serve_benchmark._load(
+                failing.url, serve_benchmark.Upload(b"png bytes", "image/png"), requests=24, concurrency=3
+            )
     finally:
         failing.close()
