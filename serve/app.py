@@ -69,6 +69,7 @@ def build_app(args: ServeArgs) -> Application:
     capacity = args.max_replicas * args.max_ongoing_requests + args.max_queued_requests
     limits = ApiLimits(args.max_upload_bytes, args.min_image_side, args.retry_after_s)
     return Api.options(
+        num_replicas=args.ingress_replicas,
         max_ongoing_requests=capacity + INGRESS_HEADROOM,
         max_queued_requests=INGRESS_HEADROOM,
         backpressure_config=backpressure,

@@ -41,6 +41,13 @@ class ServeArgs(BaseModel):
     num_gpus: float = Field(default=0.0, ge=0, description="GPUs per classifier and segmenter replica")
     min_replicas: int = Field(default=1, ge=0, description="autoscaling floor of the model deployments")
     max_replicas: int = Field(default=2, ge=1, description="autoscaling ceiling of the model deployments")
+    ingress_replicas: int = Field(
+        default=1,
+        ge=1,
+        description="replicas of the HTTP ingress (Api), which reads and decodes every upload before the "
+        "model sees it; on a cluster, more of them for large uploads (a 2048 px DICOM costs it 60-70 ms of "
+        "CPU, and the event loop's share of that does not spread over a node's cores)",
+    )
     target_ongoing_requests: float = Field(
         default=8.0,
         gt=0,

@@ -85,6 +85,10 @@ def test_build_app_bounds_the_classifier_queue_and_the_ingress(tmp_path: Path) -
     assert api.max_ongoing_requests == 3 * 16 + 7 + INGRESS_HEADROOM
     assert api.max_queued_requests == INGRESS_HEADROOM and api.backpressure_config.retry_after_s == 2.5
     assert api.init_args[1] == ApiLimits(args.max_upload_bytes, args.min_image_side, 2.5)
+    assert api.num_replicas == 1
+    more = build_app(args.model_copy(update={"ingress_replicas": 3}))._bound_deployment
+    assert more.name == "Api" and more.num_replicas == 3
+    assert more.init_args[0]._bound_deployment._deployment_config.autoscaling_config.max_replicas == 3
 
 
 def test_registry_references_pin_to_a_version(tmp_path: Path) -> None:
