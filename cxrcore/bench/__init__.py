@@ -7,6 +7,7 @@ are never asserted in tests; the tests check that `--quick` runs write a well-fo
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shlex
 import time
@@ -26,7 +27,7 @@ from cxrcore.bench.report import (
 )
 from cxrcore.bench.serve import benchmark_serve
 from cxrcore.bench.train import benchmark_train
-from cxrcore.config import BenchmarkConfig, to_dict
+from cxrcore.config import BenchmarkConfig, flag_name, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +81,22 @@ def _run_section(name: str, config: BenchmarkConfig) -> Section:
 
 
 def command(config: BenchmarkConfig) -> str:
-    """The command line that repeats this run's choices (every setting is in benchmark.json)."""
-    words = ["python", "-m", "jobs.benchmark", config.what, "--out", config.out]
-    words += ["--quick"] * config.quick + (["--raw", config.raw] if config.raw else [])
-    words += ["--images", str(config.images)] if config.raw and config.images else []
+    """The command line that repeats this run's choices: every setting that differs from what the same
+    section with the same --quick takes unset (benchmark.json holds every setting, also the unset ones).
+
+    >>> command(BenchmarkConfig("serve", out="/b", serve_upload=1024, serve_upload_format="dicom"))
+    'python -m jobs.benchmark serve --out /b --serve-upload 1024 --serve-upload-format dicom'
+    """
+    words = ["python", "-m", "jobs.benchmark", config.what, "--out", config.out] + ["--quick"] * config.quick
+    unset = BenchmarkConfig(config.what, quick=config.quick)
+    for setting in dataclasses.fields(config):
+        value = getattr(config, setting.name)
+        if setting.name in ("what", "out", "quick") or value is None or value == getattr(unset, setting.name):
+            continue  # None: what a preset leaves to the data (--raw's images: all of them)
+        if isinstance(value, bool):
+            words.append(flag_name(setting.name) if value else f"--no-{flag_name(setting.name)[2:]}")
+        else:
+            words += [flag_name(setting.name), str(value)]
     return shlex.join(words)
 
 

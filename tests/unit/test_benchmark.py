@@ -6,8 +6,10 @@ Never a speed assertion: figures are whatever this machine gives.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import shlex
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -434,6 +436,34 @@ def test_all_runs_every_section_records_failures_and_skips_gpu_without_cuda(
     if not torch.cuda.is_available():
         assert data["sections"]["gpu"]["skipped"] == "no CUDA device visible on this machine"
     assert "Failed: RuntimeError: no workers" in (tmp_path / "benchmark.md").read_text()
+
+
+def test_the_reports_command_line_repeats_every_choice_of_the_run(tmp_path: Path) -> None:
+    from cxrcore.bench import command
+    from cxrcore.config import add_config_arguments, config_from_args
+
+    chosen = BenchmarkConfig(
+        "all", out=str(tmp_path), quick=True, raw=str(tmp_path), images=300, serve_upload=2048,
+        serve_upload_format="dicom", workers="2", train_size=96,
+    )  # fmt: skip
+    line = command(chosen)
+    assert line.startswith(f"python -m jobs.benchmark all --out {tmp_path} --quick ")
+    for flag in (
+        "--raw",
+        "--images 300",
+        "--serve-upload 2048",
+        "--serve-upload-format dicom",
+        "--workers 2",
+    ):
+        assert flag in line
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, BenchmarkConfig)
+    again = config_from_args(BenchmarkConfig, parser.parse_args(shlex.split(line)[3:]))
+    assert again == chosen  # the line gives back the run's settings, presets and all
+    assert (
+        command(BenchmarkConfig("train", out=str(tmp_path)))
+        == f"python -m jobs.benchmark train --out {tmp_path}"
+    )
 
 
 class _Answers:
