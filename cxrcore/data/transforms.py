@@ -84,11 +84,17 @@ def scale_levels_to_uint8(
     monotonic, as rescale and window are; counted otherwise, as a lookup table may not be). Images with
     more than LEVEL_TABLE_MAX levels, and float images, are computed per pixel.
     """
-    if arr.dtype.kind not in "iu" or arr.size == 0:
-        return _scale_values_to_uint8(np.asarray(transform(arr) if transform else arr, dtype=np.float64))
-    lo, hi = int(arr.min()), int(arr.max())
-    if hi - lo >= LEVEL_TABLE_MAX:
-        return _scale_values_to_uint8(np.asarray(transform(arr) if transform else arr, dtype=np.float64))
+    if arr.dtype.kind in "iu" and arr.size:
+        lo, hi = int(arr.min()), int(arr.max())
+        if hi - lo < LEVEL_TABLE_MAX:
+            return _scale_through_table(arr, lo, hi, transform)
+    return _scale_values_to_uint8(np.asarray(transform(arr) if transform else arr, dtype=np.float64))
+
+
+def _scale_through_table(
+    arr: np.ndarray, lo: int, hi: int, transform: Callable[[np.ndarray], np.ndarray] | None
+) -> np.ndarray:
+    """scale_levels_to_uint8 for an integer image whose levels run from `lo` to `hi`."""
     levels = np.arange(lo, hi + 1, dtype=arr.dtype)
     values = np.asarray(transform(levels) if transform else levels, dtype=np.float64)
     # Each pixel's offset from the lowest level, in the unsigned type of the same width: the subtraction
