@@ -21,7 +21,14 @@ import numpy as np
 from cxrcore import telemetry
 from cxrcore.config import IngestConfig
 from cxrcore.data import storage
-from cxrcore.data.layout import LabelFile, LayoutError, LayoutScan, decode_image, scan_layout
+from cxrcore.data.layout import (
+    LabelFile,
+    LayoutError,
+    LayoutScan,
+    ManifestEntry,
+    decode_image,
+    scan_layout,
+)
 from cxrcore.data.split import SPLITS, assign_splits, choose_test_sources, duplicate_groups
 from cxrcore.data.transforms import (
     ImageDecodeError,
@@ -133,11 +140,7 @@ def ingest_dataset(config: IngestConfig) -> dict[str, Any]:
 
     started = time.perf_counter()
     scan, test_sources = _scan(config)
-    # Empty strings, not None: a block whose rows all lack a mask or URL must keep the string type.
-    manifest = [
-        {"row_id": i, **dataclasses.asdict(entry), "mask_path": entry.mask_path or "", "url": entry.url or ""}
-        for i, entry in enumerate(sorted(scan.entries, key=_shuffle_key))
-    ]
+    manifest = _manifest(scan.entries)
     log.info("found %d images in %d classes under %s", len(manifest), len(scan.classes), scan.root)
 
     blocks = _num_blocks(len(manifest), config.size)
@@ -393,6 +396,20 @@ def _decode_file(path: str) -> np.ndarray:
     except OSError as exc:
         raise ImageDecodeError(f"cannot read file: {exc.strerror or exc}") from exc
     return decode_image(data, path)
+
+
+def _manifest(entries: list[ManifestEntry]) -> list[dict[str, Any]]:
+    """The decode's input rows: every entry's fields and its row id, in the shuffled row order.
+
+    Empty strings, not None: a block whose rows all lack a mask or URL must keep the string type. Fields
+    by name, not `dataclasses.asdict`, which deep-copies each entry (0.03 of 0.04 s for 2,000 images)."""
+    return [
+        {
+            "row_id": i, "image_path": entry.image_path, "mask_path": entry.mask_path or "",
+            "label": entry.label, "file": entry.file, "url": entry.url or "", "source": entry.source,
+        }
+        for i, entry in enumerate(sorted(entries, key=_shuffle_key))
+    ]  # fmt: skip
 
 
 def _shuffle_key(entry: Any) -> str:

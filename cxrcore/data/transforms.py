@@ -39,7 +39,9 @@ def decode_gray(data: bytes) -> np.ndarray:
 
 def to_gray_uint8(img: Image.Image) -> np.ndarray:
     """Convert a PIL image of any mode to uint8 grayscale, scaling 16-bit and float data by range."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    if img.mode == "I;16":
+        return scale_to_uint8(_uint16_pixels(img))
+    if img.mode in ("I;16B", "I;16L", "I", "F"):
         return scale_to_uint8(np.asarray(img))
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         # Composite on black: transparent padding should read as "no tissue", not as white.
@@ -47,6 +49,25 @@ def to_gray_uint8(img: Image.Image) -> np.ndarray:
         background = Image.new("RGBA", img.size, (0, 0, 0, 255))
         img = Image.alpha_composite(background, img)
     return np.asarray(img.convert("L"), dtype=np.uint8)
+
+
+def _uint16_pixels(img: Image.Image) -> np.ndarray:
+    """A 16-bit ("I;16", little-endian) image's pixels as a uint16 array, without copying them where Pillow
+    holds the image in one block of memory (most X-rays: up to its 16 MiB block size, 4096×2048 pixels).
+
+    `np.asarray` copies the pixels through Pillow's raw encoder: 14-35 ms for a 3000×2500 PNG from a
+    detector, a sixth of its decode. Pillow's Arrow export hands over its memory, kept alive by the
+    array; an image spread over several blocks cannot be exported and is copied as before."""
+    import pyarrow as pa
+
+    try:
+        flat = pa.array(img)
+    except ValueError:  # "Image rows are not contiguous in memory"
+        return np.asarray(img)
+    data = flat.buffers()[1]
+    return np.frombuffer(data, dtype="<u2", count=len(flat), offset=flat.offset * 2).reshape(
+        img.height, img.width
+    )
 
 
 LEVEL_TABLE_MAX = 1 << 16

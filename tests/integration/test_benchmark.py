@@ -4,6 +4,7 @@ come from the figures of the same run. Never a speed assertion."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,10 @@ def test_ingest_quick_writes_the_report(tmp_path: Path) -> None:
     for stages in (details["ray_seconds_by_stage"], details["ray_first_seconds_by_stage"]):
         assert set(stages) >= {"scan_and_decode", "index", "write"}
     assert details["ray_already_running"] is True  # the session's Ray: no start-up to count
+    # The machine's own limit: the per-image work split across as many processes as cores, no Ray.
+    limit = next(row for row in section["rows"] if "processes at once" in row["measure"])
+    assert len(details["side_by_side_each_seconds"]) == details["side_by_side_processes"] == os.cpu_count()
+    assert limit["value"] == pytest.approx(16 / max(details["side_by_side_each_seconds"]))
     assert {row["pipeline"] for row in section["breakdown"]} == {"one process", "Ray Data, first", "Ray Data"}
     assert "## Ingest" in (tmp_path / "out/benchmark.md").read_text() and not report.failed
 

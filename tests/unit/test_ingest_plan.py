@@ -43,3 +43,18 @@ def test_task_limits_never_exceed_the_input_blocks_and_are_ray_datas_on_a_cluste
     assert [ingest._task_limit(blocks) for blocks in (0, 1, 2, 6)] == [1, 1, 2, 2]
     monkeypatch.setattr(ingest, "local_core_limit", lambda: None)
     assert ingest._task_limit(6) is None and ingest._tasks_per_core(6) is None
+
+
+def test_the_manifest_carries_every_field_of_an_entry_and_no_none() -> None:
+    import dataclasses
+
+    from cxrcore.data.layout import ManifestEntry
+
+    with_all = ManifestEntry("/r/COVID/images/a.png", "/r/COVID/masks/a.png", "COVID", "a.png", "u", "s")
+    without = dataclasses.replace(with_all, image_path="/r/Normal/images/b.png", mask_path=None, url=None)
+    rows = ingest._manifest([with_all, without])
+    assert [row["row_id"] for row in rows] == [0, 1]
+    for row in rows:
+        entry = with_all if row["image_path"] == with_all.image_path else without
+        expected = {k: v if v is not None else "" for k, v in dataclasses.asdict(entry).items()}
+        assert row == {"row_id": row["row_id"], **expected}  # a field added to ManifestEntry must reach it

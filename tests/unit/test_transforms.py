@@ -44,6 +44,34 @@ def test_decode_16_bit_uses_the_full_range() -> None:
     assert np.all(np.diff(decoded.flatten().astype(int)) >= 0)  # monotonic, not clipped at 255
 
 
+@pytest.mark.parametrize(
+    ("height", "width", "shared"),
+    [
+        (300, 250, True),  # within Pillow's block: its memory, not a copy
+        (2048, 4096, True),  # exactly one 16 MiB block
+        (2049, 4096, False),  # one row over: spread over blocks, copied
+    ],
+)
+def test_a_16_bit_image_decodes_to_the_same_bytes_whether_its_pixels_are_shared_or_copied(
+    height: int, width: int, shared: bool
+) -> None:
+    from cxrcore.data.transforms import _uint16_pixels
+
+    pixels = np.random.default_rng(height).integers(0, 4096, (height, width)).astype(np.uint16)
+    pixels[0, :3] = [0, 65535, 1]  # the whole 16-bit range, little-endian bytes that differ
+    data = _encode(Image.fromarray(pixels))
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        assert img.mode == "I;16"
+        read = _uint16_pixels(img)
+    assert read.dtype == np.uint16 and np.array_equal(read, pixels)  # still valid after the image closed
+    owner = read
+    while isinstance(owner, np.ndarray) and owner.base is not None:
+        owner = owner.base
+    assert (type(owner).__name__ == "Buffer") is shared  # pyarrow's Buffer over Pillow's memory
+    assert np.array_equal(decode_gray(data), scale_to_uint8(pixels))
+
+
 def test_decode_rgba_composites_on_black() -> None:
     rgba = np.zeros((8, 8, 4), dtype=np.uint8)
     rgba[..., :3] = 200
