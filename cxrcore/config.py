@@ -389,7 +389,9 @@ class BenchmarkConfig:
         "1,000-3,000)",
     )
     serve_upload_format: str = option(
-        "png", "serve: png (8-bit, as the Kaggle database's) or dicom (12-bit, rescale and window, as a DX's)"
+        "png",
+        "serve: png (8-bit, as the Kaggle database's), png16 (16-bit holding 12 bits) or dicom (12-bit, "
+        "rescale and window, as a DX's)",
     )
     requests: int = option(None, "serve: HTTP requests per measurement (unset: 200, or 32 with --quick)")
     device: str = option(
@@ -423,9 +425,9 @@ class BenchmarkConfig:
             f"must be between 64 and 4096, got {self.serve_upload}",
         )
         _require(
-            self.serve_upload_format in ("png", "dicom"),
+            self.serve_upload_format in ("png", "png16", "dicom"),
             "serve_upload_format",
-            f"must be png or dicom, got {self.serve_upload_format!r}",
+            f"must be png, png16 or dicom, got {self.serve_upload_format!r}",
         )
         _require(bool(self.model_names()), "models", "name at least one architecture")
         try:

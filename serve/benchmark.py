@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         "--upload-format",
         choices=sorted(UPLOAD_FORMATS),
         default="png",
-        help="8-bit PNGs, as the Kaggle database's, or 12-bit DICOMs with rescale and window, as a "
-        "hospital's digital X-rays",
+        help="8-bit PNGs, as the Kaggle database's; 16-bit PNGs holding 12 bits; or 12-bit DICOMs with "
+        "rescale and window, as a hospital's digital X-rays",
     )
     parser.add_argument("--burst", type=int, default=0, help="then send this many requests at once")
     parser.add_argument("--max-queued", type=int, default=64, help="the classifier's max_queued_requests")
@@ -186,6 +186,15 @@ def _chest_png(size: int = UPLOAD_SIZE) -> bytes:
     return buffer.getvalue()
 
 
+def _chest_png16(size: int = UPLOAD_SIZE) -> bytes:
+    """A size×size 16-bit grayscale PNG holding a detector's 12 bits, as a hospital's export may be."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.round(_chest(size) * 4095).astype(np.uint16)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def _chest_dicom(size: int = UPLOAD_SIZE) -> bytes:
     """A size×size digital X-ray as a detector writes it: 12 bits stored in 16, a rescale to Hounsfield-like
     values and a window, so the server applies both LUTs as it would to a hospital's file."""
@@ -210,7 +219,11 @@ def _chest_dicom(size: int = UPLOAD_SIZE) -> bytes:
     return buffer.getvalue()
 
 
-UPLOAD_FORMATS = {"png": (_chest_png, "image/png"), "dicom": (_chest_dicom, "application/dicom")}
+UPLOAD_FORMATS = {
+    "png": (_chest_png, "image/png"),
+    "png16": (_chest_png16, "image/png"),
+    "dicom": (_chest_dicom, "application/dicom"),
+}
 
 
 def make_upload(fmt: str, size: int = UPLOAD_SIZE) -> Upload:

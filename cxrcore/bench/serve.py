@@ -195,4 +195,6 @@ def _uploads(result: dict[str, Any]) -> str:
     size = result["upload_size"]
     if result.get("upload_format") == "dicom":
         return f"{size} px 12-bit DICOMs (rescale and window applied by the server)"
+    if result.get("upload_format") == "png16":
+        return f"{size} px 16-bit PNGs (12 bits used)"
     return f"{size} px PNGs"

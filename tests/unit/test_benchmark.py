@@ -306,9 +306,13 @@ def test_serve_section_reads_serve_benchmark_output() -> None:
     assert "uploads are 1024 px 12-bit DICOMs" in " ".join(
         serve_section(summary, "tiny_dual_cnn", 64, 16).notes
     )
+    summary = {**SERVE_SUMMARY, "upload_size": 2048, "upload_format": "png16"}
+    assert "uploads are 2048 px 16-bit PNGs" in " ".join(
+        serve_section(summary, "tiny_dual_cnn", 64, 16).notes
+    )
 
 
-@pytest.mark.parametrize("fmt", ["png", "dicom"])
+@pytest.mark.parametrize("fmt", ["png", "png16", "dicom"])
 def test_serve_benchmark_uploads_decode_to_the_size_asked_with_detail(fmt: str) -> None:
     """The DICOM goes through both LUTs (rescale, window) as a hospital's would, and keeps its gradient."""
     from cxrcore.decode import decode_upload
