@@ -72,6 +72,19 @@ def test_a_16_bit_image_decodes_to_the_same_bytes_whether_its_pixels_are_shared_
     assert np.array_equal(decode_gray(data), scale_to_uint8(pixels))
 
 
+def test_a_16_bit_image_is_copied_where_pillow_has_no_arrow_export(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pyarrow as pa
+
+    from cxrcore.data.transforms import _uint16_pixels
+
+    def no_export(obj: object) -> None:
+        raise TypeError(f"Could not convert {obj!r}")  # what pyarrow says of an object it cannot read
+
+    pixels = np.random.default_rng(3).integers(0, 65536, (40, 30)).astype(np.uint16)
+    monkeypatch.setattr(pa, "array", no_export)
+    assert np.array_equal(_uint16_pixels(Image.fromarray(pixels)), pixels)
+
+
 def test_decode_rgba_composites_on_black() -> None:
     rgba = np.zeros((8, 8, 4), dtype=np.uint8)
     rgba[..., :3] = 200
