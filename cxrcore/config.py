@@ -329,6 +329,10 @@ _BENCHMARK_PRESETS: dict[str, tuple[Any, Any]] = {
 }
 
 
+SERVE_UPLOAD_FORMATS = ("png", "png16", "dicom")
+"""What the serve benchmark can send (serve.benchmark.UPLOAD_FORMATS makes each)."""
+
+
 @dataclass
 class BenchmarkConfig:
     """Measure each stage against its plain baseline, side by side in one run, into OUT/benchmark.{json,md}.
@@ -425,9 +429,9 @@ class BenchmarkConfig:
             f"must be between 64 and 4096, got {self.serve_upload}",
         )
         _require(
-            self.serve_upload_format in ("png", "png16", "dicom"),
+            self.serve_upload_format in SERVE_UPLOAD_FORMATS,
             "serve_upload_format",
-            f"must be png, png16 or dicom, got {self.serve_upload_format!r}",
+            f"must be one of {', '.join(SERVE_UPLOAD_FORMATS)}, got {self.serve_upload_format!r}",
         )
         _require(bool(self.model_names()), "models", "name at least one architecture")
         try:

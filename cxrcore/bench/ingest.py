@@ -237,13 +237,29 @@ def decode_side_by_side(raw: Path, size: int, processes: int) -> dict[str, Any]:
     try:
         barrier.wait(timeout=120)
         started = time.perf_counter()  # CLOCK_MONOTONIC: the same clock in every process
-        each = sorted(ends.get(timeout=600) - started for _ in children)
+        each = sorted(_end_of_share(ends, children) - started for _ in children)
     finally:
         for child in children:
             child.join(timeout=10)
             if child.is_alive():
                 child.kill()
     return {"processes": processes, "seconds": each[-1], "each": each}
+
+
+def _end_of_share(ends: Any, children: list[Any]) -> float:
+    """The next share's end time; an error naming the exit code if a process died without one."""
+    import queue
+
+    while True:
+        try:
+            end: float = ends.get(timeout=1)
+            return end
+        except queue.Empty:
+            failed = [child.exitcode for child in children if child.exitcode not in (None, 0)]
+            if failed:
+                raise RuntimeError(
+                    f"a decode process of the machine's-limit measurement exited {failed[0]}"
+                ) from None
 
 
 def _decode_share(share: list[tuple[str, str]], size: int, min_side: int, barrier: Any, ends: Any) -> None:

@@ -26,7 +26,7 @@ from cxrcore.bench.report import Report, Row, Section, Target, format_number, ma
 from cxrcore.bench.serve import CPU_PARTS, parse_serve_output, serve_command, serve_section
 from cxrcore.bench.train import _summary, memory_batches
 from cxrcore.cli import main
-from cxrcore.config import BenchmarkConfig, ConfigError
+from cxrcore.config import SERVE_UPLOAD_FORMATS, BenchmarkConfig, ConfigError
 from cxrcore.data.ingest import _shuffle_key
 from cxrcore.data.layout import scan_layout
 from cxrcore.data.synthetic import write_synthetic_dataset
@@ -312,7 +312,15 @@ def test_serve_section_reads_serve_benchmark_output() -> None:
     )
 
 
-@pytest.mark.parametrize("fmt", ["png", "png16", "dicom"])
+def test_the_benchmark_accepts_every_upload_format_the_serve_benchmark_makes() -> None:
+    from serve.benchmark import UPLOAD_FORMATS
+
+    assert set(SERVE_UPLOAD_FORMATS) == set(UPLOAD_FORMATS)
+    with pytest.raises(ConfigError, match="--serve-upload-format: must be one of png, png16, dicom"):
+        BenchmarkConfig("serve", serve_upload_format="tiff")
+
+
+@pytest.mark.parametrize("fmt", sorted(SERVE_UPLOAD_FORMATS))
 def test_serve_benchmark_uploads_decode_to_the_size_asked_with_detail(fmt: str) -> None:
     """The DICOM goes through both LUTs (rescale, window) as a hospital's would, and keeps its gradient."""
     from cxrcore.decode import decode_upload
