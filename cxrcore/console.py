@@ -145,11 +145,16 @@ def quiet_tune_trial() -> None:
     """In a Tune trial of a quiet command: Ray Data's console as quiet_ray_data_console leaves it, and no
     progress bars in the datasets the trial builds for its Train run. A dataset carries the Ray Data context
     it was built in to the Train workers that run it, and on a cluster joined by address the trial's
-    context was made with Ray's defaults: each worker drew a bar per dataset per epoch."""
+    context was made with Ray's defaults: each worker drew a bar per dataset per epoch.
+
+    A trial that trains in its own process (`tune.trains_in_trial`) reports its checkpoints to Tune, whose
+    storage logs "Checkpoint successfully created at: ..." for each at INFO: the checkpoints are in the
+    comparison's report and the trial's folder."""
     import ray.data
 
     quiet_ray_data_console()
     ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
 
 
 def quiet_ray_data_console() -> None:

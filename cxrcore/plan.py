@@ -262,7 +262,7 @@ def _per_trial(config: TuneConfig, trials: int) -> str:
     held = n * share + TRIAL_DRIVER_CPUS
     return (
         f"{n} Train worker{'s' if n > 1 else ''} ({share} CPUs each: fewer trials than this machine's "
-        f"{cores} cores share them), {held:g} CPU reserved (workers and driver)"
+        f"{cores} cores share them), {held:g} CPU reserved ({_held_by(config)})"
     )
 
 
@@ -285,10 +285,19 @@ def _cpus_per_trial(config: TuneConfig) -> str:
     from cxrcore.tune import trial_resources
 
     cpus = trial_resources(config)["CPU"]
-    held = (
+    return f"{cpus:g} CPU reserved ({_held_by(config)})"
+
+
+def _held_by(config: TuneConfig) -> str:
+    """Who holds a trial's reserved CPUs: the trial's one process where it trains there
+    (`tune.trains_in_trial`), else its driver and its Train workers."""
+    from cxrcore.tune import trains_in_trial
+
+    if trains_in_trial(config):
+        return "the trial's process, which trains" + (" on its GPU" if config.gpu else "")
+    return (
         "the trial's driver; Ray Train asks a GPU worker for no CPU" if config.gpu else "workers and driver"
     )
-    return f"{cpus:g} CPU reserved ({held})"
 
 
 def _pretrained(model: str, choice: str) -> str:

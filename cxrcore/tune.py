@@ -1,7 +1,9 @@
 """Ray Tune comparison of architectures × hyperparameters; best of each evaluated, registered, compared.
 
-Each trial is a small driver that builds and fits a TorchTrainer (the Tune + Train V2 pattern); its
-Train metrics reach Tune through TuneReportCallback, so ASHA can stop weak trials after any epoch.
+A trial of one worker runs the training loop in its own process (`trains_in_trial`, `TrialSession`) and
+reports each epoch to Tune, which keeps its checkpoints. A trial of several workers is a small driver that
+builds and fits a TorchTrainer (the Tune + Train V2 pattern), whose metrics reach Tune through
+TuneReportCallback. Either way ASHA can stop weak trials after any epoch.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from cxrcore.metrics import best_by_validation
 log = logging.getLogger(__name__)
 
 RESNET_DEPTHS = ("resnet18", "resnet34", "resnet50")
-TRIAL_DRIVER_CPUS = 0.1  # the driver only waits on its TorchTrainer; its workers hold the real CPUs
+TRIAL_DRIVER_CPUS = 0.1  # a trial's driver share: it waits on its TorchTrainer, or feeds its own loop
 ASHA_REDUCTION_FACTOR = 2
 """ASHA keeps about one trial in this many at each of its rungs (grace epochs, twice that, ...)."""
 SEARCH = {"lr": (7e-4, 4e-3), "weight_decay": (1e-5, 1e-3)}
@@ -105,23 +107,42 @@ def trial_train_config(
 
 
 def tune_driver_per_trial(params: dict[str, Any]) -> None:
-    """One Tune trial: fit a TorchTrainer whose per-epoch metrics are forwarded to Tune."""
+    """One Tune trial: its Train loop in this process (one worker), or a TorchTrainer (several), whose
+    per-epoch metrics reach Tune either way."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from cxrcore.train.trainer import build_trainer, epoch_printer
+    from cxrcore.train.loop import TrialSession, run_training
+    from cxrcore.train.trainer import build_trainer, epoch_line, epoch_printer, training_inputs
 
     config = from_dict(TuneConfig, params["tune_config"])
     trial_id = ray.tune.get_context().get_trial_id()
     train_config = trial_train_config(config, params, trial_id, params.get("segmenter"))
-    printer = epoch_printer(train_config, label=f"{train_config.model} (trial {trial_id})")
+    label = f"{train_config.model} (trial {trial_id})"
     # Quiet as the command that started the experiment is: on a cluster joined by address this process
     # lacks its environment, and the Train run built here takes its console settings from this process.
     quiet = bool(params.get("quiet_console"))
     with quiet_ray_console() if quiet else contextlib.nullcontext():
         if quiet:
             quiet_tune_trial()
-        build_trainer(train_config, callbacks=[TuneReportCallback(), printer]).fit()
+        if not trains_in_trial(config):
+            build_trainer(
+                train_config, callbacks=[TuneReportCallback(), epoch_printer(train_config, label)]
+            ).fit()
+            return
+        settings, datasets = training_inputs(train_config)
+
+        def print_epoch(metrics: dict[str, Any]) -> None:
+            print(epoch_line(label, train_config.epochs, metrics), flush=True)
+
+        run_training(settings, TrialSession(datasets, gpu=train_config.gpu, print_epoch=print_epoch))
+
+
+def trains_in_trial(config: TuneConfig) -> bool:
+    """Whether each trial trains in its own process (`TrialSession`): with one worker per trial there is
+    nothing to distribute, and a TorchTrainer's controller, worker and helper actors only cost start-up.
+    Several workers per trial train with DDP in a TorchTrainer the trial starts."""
+    return config.workers_per_trial == 1
 
 
 def preflight(config: TuneConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -209,14 +230,15 @@ def run_comparison(config: TuneConfig) -> dict[str, Any]:
     segmenter_name = segmenter_model(config)
     segmenter = _segmenter(config, registry, segmenter_name) if segmenter_name else None
 
+    cpus_per_worker = trial_worker_cpus(config, ray.cluster_resources(), len(plan))
     space = {
         **planned_space(plan),
         "tune_config": to_dict(config),
         "segmenter": segmenter["checkpoint"] if segmenter else None,
         "quiet_console": is_quiet(),  # decided here: trials on a joined cluster lack this environment
-        "cpus_per_worker": trial_worker_cpus(config, ray.cluster_resources(), len(plan)),
+        "cpus_per_worker": cpus_per_worker,
     }
-    trainable = tune.with_resources(tune_driver_per_trial, {"cpu": TRIAL_DRIVER_CPUS})
+    trainable = tune.with_resources(tune_driver_per_trial, trial_request(config, cpus_per_worker))
     if tune.Tuner.can_restore(experiment):
         log.info("resuming experiment %s", experiment)
         tuner = tune.Tuner.restore(experiment, trainable=trainable, param_space=space, resume_errored=True)
@@ -232,6 +254,11 @@ def run_comparison(config: TuneConfig) -> dict[str, Any]:
                 # Each trial prints a line per epoch (epoch_printer) and the comparison its own summary;
                 # Tune's status tables repeat every metric of every trial each 30 s. -v brings them back.
                 verbose=0 if is_quiet() else 1,
+                # Kept by Tune for trials that train in their own process (`trains_in_trial`), as Ray Train
+                # keeps a TorchTrainer's: the best three by validation score, and the latest.
+                checkpoint_config=tune.CheckpointConfig(
+                    num_to_keep=3, checkpoint_score_attribute="val_score", checkpoint_score_order="max"
+                ),
             ),
         )
     results = tuner.fit()
@@ -362,7 +389,7 @@ def _trial_record(config: TuneConfig, result: Any) -> dict[str, Any]:
     metrics = result.metrics or {}
     trial_id = metrics.get("trial_id") or Path(result.path).name
     train = trial_train_config(config, params, trial_id, None)
-    checkpoints = _kept_checkpoints(f"{train.out.rstrip('/')}/{trial_id}")
+    checkpoints = _tune_checkpoints(result) or _kept_checkpoints(f"{train.out.rstrip('/')}/{trial_id}")
     checkpoint, card = best_by_validation(checkpoints, lambda kept: kept[1]["metrics"]) or (None, None)
     # The last epoch reported (a restored trial's Train run resumes mid-way; Tune counts its reports from 1).
     epochs_run = int(metrics.get("epoch") or 0)
@@ -398,6 +425,18 @@ def _history(card: dict[str, Any] | None) -> list[dict[str, Any]]:
     if card is None:
         return []
     return [{key: row[key] for key in HISTORY_KEYS if key in row} for row in card["history"]]
+
+
+def _tune_checkpoints(result: Any) -> list[tuple[str, dict[str, Any]]]:
+    """The checkpoints Tune kept for a trial that trained in its own process (`trains_in_trial`), oldest
+    first, as locations with their cards; [] for a trial whose TorchTrainer kept them (`_kept_checkpoints`)
+    or that checkpointed nothing."""
+    from cxrcore.checkpoint import load_card
+    from cxrcore.train.trainer import kept_checkpoints
+
+    folders = [storage.uri(c.filesystem, c.path) for c, _ in kept_checkpoints(result)]
+    kept = [(folder, load_card(folder).to_dict()) for folder in folders]
+    return sorted(kept, key=lambda item: int(item[1]["epoch"]))
 
 
 def _kept_checkpoints(run_dir: str) -> list[tuple[str, dict[str, Any]]]:
@@ -511,11 +550,25 @@ def needs_mask(model: str) -> bool:
 
 
 def trial_resources(config: TuneConfig) -> dict[str, float]:
-    """What one running trial holds: its driver's CPU share and its Train workers (Ray Train asks a GPU
-    worker for its GPU alone, a CPU worker for one CPU)."""
+    """What one running trial holds with one CPU per worker: its workers (Ray Train asks a GPU worker for
+    its GPU alone, a CPU worker for one CPU) and a driver's CPU share, whether the trial fits a TorchTrainer
+    or trains its one worker's loop in its own process (`trains_in_trial`), where the share pays for the
+    data iterator and the reports. On the local cluster (its cores plus DATA_CPUS logical CPUs) that keeps
+    the trials at once near the cores: 3 on 2 cores, 16 on 16."""
     if config.gpu:
         return {"CPU": TRIAL_DRIVER_CPUS, "GPU": config.workers_per_trial}
     return {"CPU": config.workers_per_trial + TRIAL_DRIVER_CPUS, "GPU": 0}
+
+
+def trial_request(config: TuneConfig, cpus_per_worker: int) -> dict[str, float]:
+    """The resources Tune reserves for each trial's own process (`tune.with_resources`): all the trial
+    holds where it trains there (its worker's CPUs and the driver's share, or its GPU), else the driver's
+    share (its TorchTrainer's workers reserve their own)."""
+    if not trains_in_trial(config):
+        return {"cpu": TRIAL_DRIVER_CPUS}
+    if config.gpu:
+        return {"cpu": TRIAL_DRIVER_CPUS, "gpu": config.workers_per_trial}
+    return {"cpu": cpus_per_worker * config.workers_per_trial + TRIAL_DRIVER_CPUS}
 
 
 def trial_worker_cpus(

@@ -34,10 +34,96 @@ PRECISE_BN_IMAGES = 1024
 """Training images per worker over which BatchNorm statistics are recomputed before each validation."""
 
 
+class TrainSession:
+    """What the training loop asks of the process it runs in: its rank among the workers, its device, its
+    data, the checkpoint to resume from, and where each epoch's metrics and checkpoint go.
+
+    This one is a Ray Train worker's (`ray.train`): a TorchTrainer's DDP workers, each with its shard.
+    `TrialSession` is a Ray Tune trial's that trains in the trial's own process.
+    """
+
+    def __init__(self) -> None:
+        import ray.train
+        import ray.train.torch
+
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.run_name = context.get_experiment_name()
+        self.device = ray.train.torch.get_device()
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)
+
+    def get_checkpoint(self) -> Any:
+        import ray.train
+
+        return ray.train.get_checkpoint()
+
+    def dataset(self, split: str) -> Any:
+        import ray.train
+
+        return ray.train.get_dataset_shard(split)
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        """Every rank reports every epoch (a barrier); rank 0 with the checkpoint it wrote."""
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+class TrialSession(TrainSession):
+    """A Ray Tune trial that trains one worker's loop in its own process, without a TorchTrainer.
+
+    A TorchTrainer in a trial starts a controller, its workers and four helper actors, each a process
+    importing Ray and torch: on a 2-core machine a one-epoch trial of a tiny model spent about a minute of
+    CPU on them against seconds of training. With one worker there is nothing to distribute, so the trial
+    runs the same loop (`run_training`) on the same datasets, reporting to Tune, which keeps the
+    checkpoints (`tune.RunConfig`'s checkpoint policy) and resumes a restored trial from the latest.
+    `print_epoch` prints each epoch's line, as the Train run's `epoch_printer` does.
+    """
+
+    def __init__(self, datasets: dict[str, Any], gpu: bool, print_epoch: Any = None) -> None:
+        import ray.tune
+
+        self.rank, self.world = 0, 1
+        self.run_name = ray.tune.get_context().get_trial_id()
+        # Ray shows the trial only its own GPU (CUDA_VISIBLE_DEVICES), as it does a Train worker.
+        self.device = torch.device("cuda", 0) if gpu and torch.cuda.is_available() else torch.device("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self._datasets = datasets
+        self._print_epoch = print_epoch
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.to(self.device)
+
+    def get_checkpoint(self) -> Any:
+        import ray.tune
+
+        return ray.tune.get_checkpoint()
+
+    def dataset(self, split: str) -> Any:
+        return self._datasets[split]
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        import ray.tune
+
+        if self._print_epoch is not None:
+            self._print_epoch(metrics)
+        checkpoint = ray.tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.tune.report(metrics, checkpoint=checkpoint)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Train `loop_config["train"]` (a TrainConfig dict) on this worker's shard; rank 0 checkpoints."""
-    import ray.train
-    import ray.train.torch
+    """Ray Train's worker function: `run_training` on this worker's shard; rank 0 checkpoints."""
+    run_training(loop_config, TrainSession())
+
+
+def run_training(loop_config: dict[str, Any], session: TrainSession) -> None:
+    """Train `loop_config["train"]` (a TrainConfig dict) on the session's data; rank 0 checkpoints."""
     from safetensors.torch import load_file
 
     from cxrcore.checkpoint import WEIGHTS_NAME
@@ -52,9 +138,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if not torch.cuda.is_available() and loop_config.get("cpus_per_worker"):
         torch.set_num_threads(int(loop_config["cpus_per_worker"]))  # as Ray's OMP_NUM_THREADS says
     config = from_dict(TrainConfig, loop_config["train"])
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
+    rank, world, device = session.rank, session.world, session.device
     torch.manual_seed(config.seed + rank)
     generator = torch.Generator().manual_seed(config.seed * 1000 + rank)
 
@@ -62,7 +146,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     pretrained = loop_config["pretrained"] if rank == 0 else None
     model = create_model(config.model, image_size=loop_config["image_size"], pretrained=pretrained)
     spec, build_args = get_input_spec(model), get_build_args(model)
-    model = ray.train.torch.prepare_model(model)
+    model = session.prepare_model(model)
     segmenting = spec.task == "segment"
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -83,7 +167,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     augmentation = AugmentConfig() if config.augment else None
 
     start_epoch, history = 0, []
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = session.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             _unwrap(model).load_state_dict(load_file(f"{directory}/{WEIGHTS_NAME}", device=str(device)))
@@ -94,8 +178,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 start_epoch, history = int(state["epoch"]) + 1, list(state["history"])
         log.info("rank %d resumed after epoch %d of %d", rank, start_epoch, config.epochs)
 
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
+    train_shard, val_shard = session.dataset("train"), session.dataset("val")
     batch_options = {"batch_size": batch_size, "device": device, "drop_last": False}
     for epoch in range(start_epoch, config.epochs):
         kept: list[Batch] = []  # the first training batches, reused to recompute BatchNorm statistics
@@ -147,11 +230,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             metrics.update(temperature=temperature, val_ece=calibration["ece_after"])
         history.append({k: v for k, v in metrics.items() if not isinstance(v, dict | list)})
         if rank == 0:
-            run = context.get_experiment_name()
-            telemetry.record_epoch(run, config.model, epoch + 1, metrics["train_images_per_s"])
+            telemetry.record_epoch(session.run_name, config.model, epoch + 1, metrics["train_images_per_s"])
 
         with tempfile.TemporaryDirectory() as directory:
-            reported = None
             if rank == 0:
                 card = ModelCard(
                     model=build_args,
@@ -173,8 +254,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     "history": history,
                 }
                 save_checkpoint(directory, _unwrap(model), card, train_state)
-                reported = ray.train.Checkpoint.from_directory(directory)
-            ray.train.report(metrics, checkpoint=reported)  # a barrier: every rank reports every epoch
+            session.report(metrics, directory if rank == 0 else None)
 
 
 def epoch_metrics(

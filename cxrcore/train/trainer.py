@@ -230,17 +230,13 @@ def local_worker_cpus(cores: int, logical: int, workers: int) -> int:
     return max(1, min(cores, logical - DATA_CPUS) // workers)
 
 
-def build_trainer(config: TrainConfig, callbacks: list[Any] | None = None) -> Any:
-    """The TorchTrainer for `config`: datasets, scaling, storage, failure and checkpoint policy."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from cxrcore.data import storage
+def training_inputs(config: TrainConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The worker loop's settings (`loop_config`) and its train and val Ray Datasets: small data read
+    here and kept in memory (DRIVER_READ_BYTES), larger data streamed from Parquet, or materialized
+    where it fits in the object store."""
     from cxrcore.data.ingest import read_split
-    from cxrcore.experiment import check_same_experiment
     from cxrcore.models import get_model_entry
-    from cxrcore.train.loop import TRAIN_COLUMNS, train_loop_per_worker
-    from cxrcore.train.sharding import WholeValidation
+    from cxrcore.train.loop import TRAIN_COLUMNS
 
     settings = loop_config(config)
     _check_worker_cpus(config, settings["cpus_per_worker"])
@@ -266,7 +262,20 @@ def build_trainer(config: TrainConfig, callbacks: list[Any] | None = None) -> An
                 datasets = {n: ds.map_batches(segment, batch_format="numpy") for n, ds in datasets.items()}
             settings["masks_from_segmenter"] = segment is not None
             datasets = {split: ds.materialize() for split, ds in datasets.items()}
+    return settings, datasets
 
+
+def build_trainer(config: TrainConfig, callbacks: list[Any] | None = None) -> Any:
+    """The TorchTrainer for `config`: datasets, scaling, storage, failure and checkpoint policy."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from cxrcore.data import storage
+    from cxrcore.experiment import check_same_experiment
+    from cxrcore.train.loop import train_loop_per_worker
+    from cxrcore.train.sharding import WholeValidation
+
+    settings, datasets = training_inputs(config)
     storage_path = config.out if "://" in config.out else storage.resolve(config.out)[1]
     check_same_experiment(
         f"{storage_path.rstrip('/')}/{config.run_name()}", run_settings(config, settings), "a training run"

@@ -46,13 +46,13 @@ class LocalRay:
 class Command:
     """A `cxr` command in its own session, so that its process group can be killed whole; output to a file."""
 
-    def __init__(self, args: list[str], ray: LocalRay, log: Path) -> None:
+    def __init__(self, args: list[str], ray: LocalRay, log: Path, env: dict[str, str] | None = None) -> None:
         self.log = log
         self.ray = ray
         with log.open("w") as out:
             self.process = subprocess.Popen(
                 [str(BIN / "cxr"), *args],
-                env=ray.env,
+                env={**ray.env, **(env or {})},
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -142,6 +142,44 @@ def kept_checkpoints(run_dir: Path) -> list[str]:
     except RuntimeError:  # no snapshot yet
         return []
     return sorted(Path(checkpoint.path).name for checkpoint, _ in kept)
+
+
+def tune_trials(experiment: Path) -> dict[str, Path]:
+    """Trial id → folder, for the trials of a Tune experiment that train in their own process (one worker
+    each, `tune.trains_in_trial`): Tune keeps their checkpoints in folders named
+    `<trainable>_<experiment id>_<number>_<index>_<parameters>_<time>`."""
+    found = {}
+    for folder in experiment.glob("tune_driver_per_trial_*"):
+        experiment_id, number = folder.name.removeprefix("tune_driver_per_trial_").split("_")[:2]
+        found[f"{experiment_id}_{number}"] = folder
+    return found
+
+
+def tune_kept_checkpoints(experiment: Path) -> dict[str, list[str]]:
+    """Trial id → the checkpoint folders Tune itself recorded for it (its experiment state), oldest
+    first; {} before Tune saved its state."""
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        trials = ExperimentAnalysis(str(experiment)).trials
+    except (ValueError, FileNotFoundError):  # no experiment state yet
+        return {}
+    return {
+        trial.trial_id: sorted(
+            Path(result.checkpoint.path).name
+            for result in trial.run_metadata.checkpoint_manager.best_checkpoint_results
+        )
+        for trial in trials
+    }
+
+
+def tune_recorded_a_checkpoint(experiment: Path) -> bool:
+    """Whether Tune's saved experiment state names a trial checkpoint (read as text: cheap to poll)."""
+    for state in experiment.glob("experiment_state-*.json"):
+        with contextlib.suppress(OSError):
+            if "checkpoint_dir_name" in state.read_text():
+                return True
+    return False
 
 
 def epochs_of(history: list[dict[str, Any]]) -> list[int]:
@@ -293,20 +331,22 @@ def test_a_killed_tune_driver_resumes_the_same_trials_and_registers_each_model_o
         "--trials", "1", "--epochs", "4", "--grace-epochs", "4", "--segmenter-epochs", "1",
         "--pretrained", "none", "--out", str(out), "--name", "sweep",
     ]  # fmt: skip
-    trials_root = out / "sweep-trials"
+    experiment = out / "sweep"
 
     def trial_checkpoints() -> dict[str, dict[str, dict[str, Any]]]:
-        runs = [d for d in trials_root.glob("*") if d.is_dir() and d.name != "segmenter"]
-        return {run.name: cards(run) for run in runs}
+        return {trial: cards(folder) for trial, folder in tune_trials(experiment).items()}
 
     started = time.monotonic()
-    first = Command(args, local_ray, tmp_path / "tune-1.log")
+    # Tune saves its experiment state, where a restored trial finds its latest checkpoint, every 10 s or
+    # more; these trials take seconds. A trial resumes from the last checkpoint Tune recorded.
+    first = Command(args, local_ray, tmp_path / "tune-1.log", env={"TUNE_GLOBAL_CHECKPOINT_S": "1"})
     try:
-        # Mid-sweep: the segmenter is trained and registered, a trial has checkpointed, nothing compared.
+        # Mid-sweep: the segmenter is trained and registered, a trial has checkpointed and Tune recorded it
+        # in its experiment state, nothing compared.
         wait_until(
-            lambda: first.running() and any(trial_checkpoints().values()),
+            lambda: first.running() and tune_recorded_a_checkpoint(experiment),
             timeout=600,
-            what="a trial's first checkpoint",
+            what="Tune's record of a trial's first checkpoint",
             interval=0.2,
         )
         first.kill()
@@ -316,7 +356,8 @@ def test_a_killed_tune_driver_resumes_the_same_trials_and_registers_each_model_o
     wait_until(lambda: not first.leftovers(), timeout=60, what="the killed driver's Ray processes to exit")
     assert not (out / "sweep" / "comparison.json").exists()
     trials_before = set(trial_checkpoints())
-    kept_before = {trial: kept_checkpoints(trials_root / trial) for trial in trials_before}
+    recorded = tune_kept_checkpoints(experiment)
+    kept_before = {trial: recorded.get(trial, []) for trial in trials_before}
     cards_before = trial_checkpoints()
     assert registry_folders(registry) == {"tiny_unet": ["v1"]}, registry_folders(registry)
 
@@ -340,7 +381,8 @@ def test_a_killed_tune_driver_resumes_the_same_trials_and_registers_each_model_o
     for trial_id, trial in trials.items():
         assert trial["error"] is None and trial["epochs_run"] == 4 and not trial["stopped_early"], trial
         assert epochs_of(trial["history"]) == [1, 2, 3, 4], trial["history"]
-        final = max(cards(trials_root / trial_id).values(), key=lambda card: card["epoch"])["history"]
+        folder = tune_trials(experiment)[trial_id]
+        final = max(cards(folder).values(), key=lambda card: card["epoch"])["history"]
         for name in kept_before.get(trial_id, []):  # checkpointed before the kill: not trained again
             kept = cards_before[trial_id][name]["history"]
             assert final[: len(kept)] == kept, (trial_id, name)

@@ -1,12 +1,17 @@
 """Ray Tune comparison, typed as a user would: defaults, relative paths, another working directory.
 
 One trial per architecture ends with all three registered and the best promoted; a re-run with another
-search is refused rather than mixed into the same experiment.
+search is refused rather than mixed into the same experiment. A trial of one worker trains in Tune's own
+process, a trial of two in a TorchTrainer: both give the comparison the same record.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,21 +22,37 @@ from cxrcore.registry import ModelRegistry
 
 pytestmark = pytest.mark.integration
 MODELS = ("tiny_cnn_lstm", "tiny_dual_cnn", "tiny_resnet")
+COMMAND = ["tune", "--data", "ds", "--registry", "reg", "--models", ",".join(MODELS), "--trials", "1"]
+
+
+@contextlib.contextmanager
+def working_directory(path: Path) -> Iterator[None]:
+    before = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
+@pytest.fixture(scope="module")
+def comparison(synthetic_dataset: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int, str]:
+    """`cxr tune` of the three tiny architectures, `--out` and `--grace-epochs` omitted, `--epochs 1`,
+    relative paths from another directory: (that directory, the exit status, the console output)."""
+    work = tmp_path_factory.mktemp("tune")
+    (work / "ds").symlink_to(synthetic_dataset)
+    out = io.StringIO()
+    with working_directory(work), contextlib.redirect_stdout(out):
+        status = main([*COMMAND, "--epochs", "1", "--pretrained", "none"])
+    return work, status, out.getvalue()
 
 
 def test_tiny_comparison_registers_all_three_and_promotes_the_best(
-    synthetic_dataset: str,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
+    comparison: tuple[Path, int, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`--out` and `--grace-epochs` omitted, `--epochs 1`, relative paths from another directory."""
-    monkeypatch.chdir(tmp_path)
-    Path("ds").symlink_to(synthetic_dataset)
-    command = ["tune", "--data", "ds", "--registry", "reg", "--models", ",".join(MODELS), "--trials", "1"]
-    status = main([*command, "--epochs", "1", "--pretrained", "none"])
-    out = capsys.readouterr().out
+    tmp_path, status, out = comparison
     assert status == 0, out
+    monkeypatch.chdir(tmp_path)
 
     registry = ModelRegistry(str(tmp_path / "reg"))
     registered = {v.name for v in registry.versions()}
@@ -74,5 +95,50 @@ def test_tiny_comparison_registers_all_three_and_promotes_the_best(
         assert row["temperature"] > 0 and row["test_ece"] is not None
 
     # Another search under the same --name is a different experiment: refused, not mixed in.
-    assert main([*command, "--epochs", "2", "--pretrained", "none"]) == 2
+    capsys.readouterr()
+    assert main([*COMMAND, "--epochs", "2", "--pretrained", "none"]) == 2
     assert "epochs 1 → 2" in capsys.readouterr().err
+
+
+def test_a_trial_of_two_workers_trains_in_a_torchtrainer_and_is_recorded_alike(
+    comparison: tuple[Path, int, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A one-worker trial trains in Tune's own process and Tune keeps its checkpoints in the trial's folder;
+    `--workers-per-trial 2` fits a TorchTrainer (DDP) in each trial, whose checkpoints Ray Train keeps under
+    `<out>/<name>-trials/<trial id>`. The comparison sees the same record either way: the same trial fields,
+    card, metrics, history and checkpoint files."""
+    from cxrcore.checkpoint import load_card
+
+    work, status, out = comparison
+    assert status == 0, out
+    monkeypatch.chdir(work)
+    command = [
+        "tune", "--data", "ds", "--registry", "reg-ddp", "--models", "tiny_cnn_lstm", "--trials", "1",
+        "--epochs", "1", "--pretrained", "none", "--workers-per-trial", "2", "--name", "ddp",
+    ]  # fmt: skip
+    assert main(command) == 0
+
+    def record(name: str) -> tuple[dict, dict, set[str]]:
+        compared = json.loads((work / "cxr-runs" / name / "comparison.json").read_text())
+        (trial,) = [t for t in compared["trials"] if t["model"] == "tiny_cnn_lstm"]
+        return (
+            trial,
+            load_card(trial["best_checkpoint"]).to_dict(),
+            {p.name for p in Path(trial["best_checkpoint"]).iterdir()},
+        )
+
+    in_trial, in_trial_card, in_trial_files = record("compare")
+    ddp, ddp_card, ddp_files = record("ddp")
+    assert Path(in_trial["best_checkpoint"]).parent.parent == work / "cxr-runs/compare"  # Tune's trial folder
+    assert (
+        Path(ddp["best_checkpoint"]).parent == work / "cxr-runs/ddp-trials" / ddp["trial_id"]
+    )  # Train's run
+    assert in_trial_card["training"]["workers"] == 1 and ddp_card["training"]["workers"] == 2
+    assert in_trial["error"] is None and ddp["error"] is None
+    assert set(in_trial) == set(ddp) and in_trial_files == ddp_files
+    assert set(in_trial_card) == set(ddp_card) and set(in_trial_card["metrics"]) == set(ddp_card["metrics"])
+    assert [row["epoch"] for row in in_trial["history"]] == [row["epoch"] for row in ddp["history"]] == [1]
+    for trial, card in ((in_trial, in_trial_card), (ddp, ddp_card)):  # the record is its checkpoint's card
+        assert trial["val_score"] == card["metrics"]["val_score"] and trial["best_epoch"] == card["epoch"] + 1
+        assert card["metrics"]["val_count"] > 0 and 0 <= card["metrics"]["val_accuracy"] <= 1
+    assert ModelRegistry(str(work / "reg-ddp")).get("production").name == "tiny_cnn_lstm"

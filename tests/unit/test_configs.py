@@ -193,7 +193,7 @@ def test_cpu_tune_plan_assumes_the_local_cluster_cxr_starts(
     assert main([*argv[:-1], "2", "--dry-run"]) == 0  # 2 trials on 16 cores: 8 threads each
     out = capsys.readouterr().out
     assert "1 Train worker (8 CPUs each: fewer trials than this machine's 16 cores share them)" in out
-    assert "share them), 8.1 CPU reserved (workers and driver)" in out
+    assert "share them), 8.1 CPU reserved (the trial's process, which trains)" in out
 
 
 def test_trials_fewer_than_the_cores_share_them(monkeypatch: pytest.MonkeyPatch) -> None:
