@@ -4,10 +4,10 @@ Ray Train runs the training function in a daemon thread of the worker actor, and
 trainable in a daemon thread of the trial actor (where a one-worker trial trains, `tune.trains_in_trial`).
 When the worker is terminated gracefully (Ray sends SIGTERM to the workers of a Train run whose owner went
 away, as when Tune's ASHA stops a trial), its main thread raises SystemExit and Python finalizes while
-that thread is still inside a torch op with the GIL released. Python 3.11 ends a daemon thread that asks for the GIL
-after finalization began with `pthread_exit`, whose forced unwind through torch's C++ frames calls
-`std::terminate`: the console then shows a C++ stack trace, "SIGABRT received" and "Fatal Python error:
-Aborted" for a trial that nothing went wrong with (2 of the 10 trials ASHA stopped in one `cxr tune`;
+that thread is still inside a torch op with the GIL released. Python 3.11 ends a daemon thread that asks
+for the GIL after finalization began with `pthread_exit`, whose forced unwind through torch's C++ frames
+calls `std::terminate`: the console then shows a C++ stack trace, "SIGABRT received" and "Fatal Python
+error: Aborted" for a trial that nothing went wrong with (2 of the 10 trials ASHA stopped in one `cxr tune`;
 3 of 3 actors sent SIGTERM while they trained in a thread; tests/unit/test_exit.py shows it without Ray).
 
 Exit handlers run before finalization, while the training thread still runs: the one registered here
