@@ -14,7 +14,16 @@ from cxrcore.cli import main
 from cxrcore.config import IngestConfig, TuneConfig, load_config
 from cxrcore.models import get_model_entry
 from cxrcore.plan import expected_epochs_per_trial
-from cxrcore.tune import max_concurrent_trials, planned_space, search_plan, trial_worker_cpus, tune_settings
+from cxrcore.tune import (
+    max_concurrent_trials,
+    planned_space,
+    search_plan,
+    trains_in_trial,
+    trial_request,
+    trial_resources,
+    trial_worker_cpus,
+    tune_settings,
+)
 
 CONFIGS = Path(__file__).parents[2] / "jobs" / "configs"
 CONFIG_CLASSES: dict[str, type] = {"ingest.yaml": IngestConfig, "tune.yaml": TuneConfig}
@@ -257,3 +266,20 @@ def test_cpu_tune_plan_gives_the_segmenter_the_cores_it_trains_on(
     assert f"epochs on {worker} ({expected} CPUs{each}: this machine's {cores} cores), batch 16" in (
         capsys.readouterr().out
     )
+
+
+def test_a_one_worker_trial_reserves_in_its_own_process_what_a_torchtrainer_trial_reserved_in_all() -> None:
+    """A one-worker trial trains in Tune's trial actor, which then reserves the worker's CPUs (or its GPU)
+    beside the driver's share; a trial of several workers reserves only the driver's share, its
+    TorchTrainer's workers their own. Either way a trial holds what `trial_resources` counts, so as many
+    trials run at once as before."""
+    one = TuneConfig(data="d", registry="r")
+    assert trains_in_trial(one) and trial_request(one, cpus_per_worker=1) == {"cpu": 1.1}
+    assert trial_request(one, cpus_per_worker=5) == {"cpu": 5.1}  # fewer trials than cores share them
+    assert trial_resources(one) == {"CPU": 1.1, "GPU": 0}
+    gpu = TuneConfig(data="d", registry="r", gpu=True)
+    assert trial_request(gpu, cpus_per_worker=1) == {"cpu": 0.1, "gpu": 1}
+    assert trial_resources(gpu) == {"CPU": 0.1, "GPU": 1}
+    pairs = TuneConfig(data="d", registry="r", workers_per_trial=2)
+    assert not trains_in_trial(pairs) and trial_request(pairs, cpus_per_worker=1) == {"cpu": 0.1}
+    assert trial_resources(pairs) == {"CPU": 2.1, "GPU": 0}
