@@ -252,17 +252,24 @@ def _per_trial(config: TuneConfig, trials: int) -> str:
     """A trial's workers and the CPUs it holds; on the assumed local cluster, trials fewer than the cores
     share them (`tune.trial_worker_cpus`)."""
     from cxrcore.runtime import local_logical_cpus
-    from cxrcore.tune import TRIAL_DRIVER_CPUS, trial_worker_cpus
+    from cxrcore.tune import TRIAL_DRIVER_CPUS, trains_in_trial, trial_request, trial_worker_cpus
 
     cores = os.cpu_count() or 1
     share = trial_worker_cpus(config, {"CPU": float(local_logical_cpus(cores))}, trials, cores=cores)
+    if trains_in_trial(config):
+        if config.gpu or share == 1:
+            what = "1 GPU" if config.gpu else "1 CPU"
+        else:
+            what = f"{share} CPUs: fewer trials than this machine's {cores} cores share them"
+        reserved = trial_request(config, share)["cpu"]
+        return f"1 worker in the trial's own process, no TorchTrainer ({what}), {reserved:g} CPU reserved"
     if config.gpu or share == 1:
         return f"{_workers(config)}, {_cpus_per_trial(config)}"
     n = config.workers_per_trial
     held = n * share + TRIAL_DRIVER_CPUS
     return (
-        f"{n} Train worker{'s' if n > 1 else ''} ({share} CPUs each: fewer trials than this machine's "
-        f"{cores} cores share them), {held:g} CPU reserved ({_held_by(config)})"
+        f"{n} Train workers ({share} CPUs each: fewer trials than this machine's {cores} cores share "
+        f"them), {held:g} CPU reserved (workers and driver)"
     )
 
 
@@ -282,22 +289,14 @@ def _segmenter_workers(config: TuneConfig) -> str:
 
 
 def _cpus_per_trial(config: TuneConfig) -> str:
+    """The CPUs a trial of several workers reserves (a one-worker trial's: `_per_trial`)."""
     from cxrcore.tune import trial_resources
 
     cpus = trial_resources(config)["CPU"]
-    return f"{cpus:g} CPU reserved ({_held_by(config)})"
-
-
-def _held_by(config: TuneConfig) -> str:
-    """Who holds a trial's reserved CPUs: the trial's one process where it trains there
-    (`tune.trains_in_trial`), else its driver and its Train workers."""
-    from cxrcore.tune import trains_in_trial
-
-    if trains_in_trial(config):
-        return "the trial's process, which trains" + (" on its GPU" if config.gpu else "")
-    return (
+    held = (
         "the trial's driver; Ray Train asks a GPU worker for no CPU" if config.gpu else "workers and driver"
     )
+    return f"{cpus:g} CPU reserved ({held})"
 
 
 def _pretrained(model: str, choice: str) -> str:

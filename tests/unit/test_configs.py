@@ -65,7 +65,7 @@ def test_tune_dry_run_prints_trials_gpus_and_epochs(capsys: pytest.CaptureFixtur
     out = capsys.readouterr().out
     assert "16,933 (assumed: no ingest_report.json here" in out
     assert "trials:              12 (cnn_lstm 4, dual_cnn 4, resnet50 4)" in out
-    assert "1 Train worker (1 GPU), 0.1 CPU reserved" in out
+    assert "1 worker in the trial's own process, no TorchTrainer (1 GPU), 0.1 CPU reserved" in out
     assert "4 trials at once (set by max_concurrent) → 3 waves" in out
     assert "up to 30 per trial; ASHA may stop a trial after 15" in out
     assert "≈270 expected" in out and "180 if it stopped every trial at grace, 360 if none" in out
@@ -197,12 +197,15 @@ def test_cpu_tune_plan_assumes_the_local_cluster_cxr_starts(
     # 2 cores count 4 logical CPUs: 3 trials of 1.1 CPUs at once, as a real local run places them
     assert "3 trials at once (assumed cluster: the local one cxr starts on this machine's 2 cores" in out
     assert "→ 2 waves" in out
-    assert "1 Train worker (1 CPU), 1.1 CPU reserved" in out
+    assert "1 worker in the trial's own process, no TorchTrainer (1 CPU), 1.1 CPU reserved" in out
     monkeypatch.setattr("os.cpu_count", lambda: 16)
     assert main([*argv[:-1], "2", "--dry-run"]) == 0  # 2 trials on 16 cores: 8 threads each
     out = capsys.readouterr().out
-    assert "1 Train worker (8 CPUs each: fewer trials than this machine's 16 cores share them)" in out
-    assert "share them), 8.1 CPU reserved (the trial's process, which trains)" in out
+    assert "(8 CPUs: fewer trials than this machine's 16 cores share them), 8.1 CPU reserved" in out
+    assert main([*argv[:-1], "2", "--workers-per-trial", "2", "--dry-run"]) == 0  # a TorchTrainer per trial
+    out = capsys.readouterr().out
+    assert "2 Train workers (4 CPUs each: fewer trials than this machine's 16 cores share them)" in out
+    assert "share them), 8.1 CPU reserved (workers and driver)" in out
 
 
 def test_trials_fewer_than_the_cores_share_them(monkeypatch: pytest.MonkeyPatch) -> None:
