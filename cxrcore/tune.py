@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -431,12 +432,9 @@ def _tune_checkpoints(result: Any) -> list[tuple[str, dict[str, Any]]]:
     """The checkpoints Tune kept for a trial that trained in its own process (`trains_in_trial`), oldest
     first, as locations with their cards; [] for a trial whose TorchTrainer kept them (`_kept_checkpoints`)
     or that checkpointed nothing."""
-    from cxrcore.checkpoint import load_card
     from cxrcore.train.trainer import kept_checkpoints
 
-    folders = [storage.uri(c.filesystem, c.path) for c, _ in kept_checkpoints(result)]
-    kept = [(folder, load_card(folder).to_dict()) for folder in folders]
-    return sorted(kept, key=lambda item: int(item[1]["epoch"]))
+    return _with_cards(checkpoint for checkpoint, _ in kept_checkpoints(result))
 
 
 def _kept_checkpoints(run_dir: str) -> list[tuple[str, dict[str, Any]]]:
@@ -448,13 +446,19 @@ def _kept_checkpoints(run_dir: str) -> list[tuple[str, dict[str, Any]]]:
     """
     from ray.train import Result
 
-    from cxrcore.checkpoint import load_card
-
     try:
         result = Result.from_path(run_dir)
     except RuntimeError:  # the trial failed before its Train run started
         return []
-    folders = [storage.uri(c.filesystem, c.path) for c, _ in result.best_checkpoints or []]
+    return _with_cards(checkpoint for checkpoint, _ in result.best_checkpoints or [])
+
+
+def _with_cards(checkpoints: Iterable[Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Ray checkpoints as their locations (URIs where they are kept on an object store) with their cards,
+    oldest first."""
+    from cxrcore.checkpoint import load_card
+
+    folders = [storage.uri(c.filesystem, c.path) for c in checkpoints]
     kept = [(folder, load_card(folder).to_dict()) for folder in folders]
     return sorted(kept, key=lambda item: int(item[1]["epoch"]))
 
