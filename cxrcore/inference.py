@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import statistics
+import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +23,100 @@ from cxrcore.segmenter import predict_masks
 log = logging.getLogger(__name__)
 
 
+FORWARD_SWEEP_BUDGET_S = 3.0
+"""How long `Predictor.fit_forward_batch` may measure: about 1.5 s for cnn_lstm at 128 px on one thread,
+a fraction of that for the tiny test models; a model too slow to sweep in time keeps whole batches."""
+FORWARD_SWEEP_TOLERANCE = 0.03
+"""Batch sizes within this share of the fastest count as fast: the largest of them is taken (fewer calls)."""
+
+
+@dataclass(frozen=True)
+class ForwardSweep:
+    """`sweep_forward`'s images/s per batch size (median of the rounds) and the size chosen, if any."""
+
+    images_per_s: dict[int, float]
+    best: int | None
+    rounds: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "images_per_s": {str(size): rate for size, rate in self.images_per_s.items()},
+            "best": self.best,
+            "rounds": self.rounds,
+            "seconds": self.seconds,
+        }
+
+
+def batch_sizes(max_batch_size: int) -> list[int]:
+    """The sizes a sweep measures: the powers of two below `max_batch_size`, then itself.
+
+    >>> batch_sizes(8), batch_sizes(12), batch_sizes(1)
+    ([1, 2, 4, 8], [1, 2, 4, 8, 12], [1])
+    """
+    sizes = [
+        1 << power for power in range(max(1, max_batch_size).bit_length()) if 1 << power < max_batch_size
+    ]
+    return [*sizes, max(1, max_batch_size)]
+
+
+def fastest_batch(images_per_s: Mapping[int, float], tolerance: float = FORWARD_SWEEP_TOLERANCE) -> int:
+    """The largest batch size whose images/s is within `tolerance` of the best.
+
+    >>> fastest_batch({1: 89.0, 2: 93.0, 4: 95.0, 8: 77.0})
+    4
+    >>> fastest_batch({1: 89.0, 2: 93.0, 4: 95.0, 8: 94.0})
+    8
+    """
+    best = max(images_per_s.values())
+    return max(size for size, rate in images_per_s.items() if rate >= (1 - tolerance) * best)
+
+
+def sweep_forward(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    example: Callable[[int], torch.Tensor],
+    sizes: Sequence[int],
+    *,
+    rounds: int = 3,
+    budget_s: float = FORWARD_SWEEP_BUDGET_S,
+    min_s: float = 0.03,
+    clock: Callable[[], float] = time.perf_counter,
+) -> ForwardSweep:
+    """Images/s of `forward` at each of `sizes` (inputs from `example(size)`), measured in turns.
+
+    Each size is warmed up once, then timed over at least two calls and `min_s`, `rounds` times in
+    turns; each keeps its median, as a shared machine's speed drifts within seconds. Rounds after the
+    first stop once `budget_s` is spent; a first round that cannot finish in it chooses nothing.
+    """
+    start = clock()
+    inputs = {size: example(size) for size in sizes}
+    times: dict[int, list[float]] = {size: [] for size in sizes}
+    with torch.inference_mode():
+        for size in sizes:
+            if clock() - start > budget_s:
+                return ForwardSweep({}, None, 0, round(clock() - start, 3))
+            _sync(forward(inputs[size]))
+        done = 0
+        while done < rounds and (done == 0 or clock() - start <= budget_s):
+            for size in sizes:
+                if done == 0 and clock() - start > budget_s:
+                    return ForwardSweep({}, None, 0, round(clock() - start, 3))
+                calls, began = 0, clock()
+                while calls < 2 or clock() - began < min_s:
+                    _sync(forward(inputs[size]))
+                    calls += 1
+                times[size].append((clock() - began) / (calls * size))
+            done += 1
+    rates = {size: round(1 / statistics.median(per_image), 1) for size, per_image in times.items()}
+    return ForwardSweep(rates, fastest_batch(rates), done, round(clock() - start, 3))
+
+
+def _sync(output: torch.Tensor) -> None:
+    """Wait for the device to finish `output` (a no-op on a CPU)."""
+    if output.device.type == "cuda":
+        torch.cuda.synchronize(output.device)
+
+
 class Predictor:
     """Class probabilities (or lung masks) for uint8 grayscale images of any size.
 
@@ -28,6 +125,9 @@ class Predictor:
 
     With `graph`, the forward passes run as a frozen TorchScript graph of the model (`as_graph`), checked
     at load to give its outputs; `model` stays the eager module (Grad-CAM hooks into it).
+
+    `forward_batch_size`, when set, splits a larger batch into forward passes of at most that many
+    images (`fit_forward_batch` measures the size at which this process's forward runs fastest).
     """
 
     def __init__(
@@ -43,6 +143,7 @@ class Predictor:
         self.forward: Callable[[torch.Tensor], torch.Tensor] = (
             as_graph(self.model, self.spec, self.device, card.name) if graph else self.model
         )
+        self.forward_batch_size: int | None = None
 
     @classmethod
     def from_checkpoint(
@@ -106,7 +207,7 @@ class Predictor:
         mask = None
         if self.needs_mask:
             mask = self._masks(unit, images, masks)
-        return self.forward(model_inputs(self.spec, unit, mask)).float()
+        return self._forward(model_inputs(self.spec, unit, mask)).float()
 
     @torch.inference_mode()
     def segment(self, images: Sequence[np.ndarray]) -> np.ndarray:
@@ -117,7 +218,36 @@ class Predictor:
 
     def mask_source(self, unit_images: torch.Tensor) -> torch.Tensor:
         """0/1 masks (B, 1, S, S) for [0, 1] images (B, 1, S, S) of any size S."""
-        return predict_masks(self.forward, self.spec, unit_images)
+        return predict_masks(self._forward, self.spec, unit_images)
+
+    def _forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        size = self.forward_batch_size
+        if size is None or len(inputs) <= size:
+            return self.forward(inputs)
+        return torch.cat([self.forward(part) for part in inputs.split(size)])
+
+    def fit_forward_batch(
+        self, max_batch_size: int, budget_s: float = FORWARD_SWEEP_BUDGET_S
+    ) -> ForwardSweep:
+        """Measure the forward at batch sizes up to `max_batch_size` and split larger batches into forward
+        passes of the fastest (`forward_batch_size`); a sweep cut short by `budget_s` leaves batches whole.
+
+        On a CPU a convolution's activations outgrow the core's caches as the batch grows, and where that
+        happens depends on the model, the image size, the threads and the machine: one thread, 128 px,
+        images/s at batch 2 / 8 / 16 (interleaved, median of 3): cnn_lstm 94 / 96 / 79, dual_cnn 37 / 30 /
+        28, unet 12.3 / 11.0 / 9.4; batch 16 as four passes of 4 ran at the batch-4 speed (96, 31, 11.4).
+        So a server can batch as many requests as its callers send, which spreads its per-call work,
+        while each forward pass runs at the size this process runs fastest. The measurement also warms
+        the forward up at every size, which a frozen graph's first calls need.
+        """
+        sweep = sweep_forward(self.forward, self._example, batch_sizes(max_batch_size), budget_s=budget_s)
+        self.forward_batch_size = sweep.best
+        return sweep
+
+    def _example(self, batch_size: int) -> torch.Tensor:
+        channels, size = len(self.spec.channels), self.spec.image_size
+        generator = torch.Generator().manual_seed(batch_size)
+        return torch.rand(batch_size, channels, size, size, generator=generator).to(self.device)
 
     def _masks(
         self, unit: torch.Tensor, images: Sequence[np.ndarray], masks: Sequence[np.ndarray | None] | None

@@ -48,9 +48,12 @@ def build_app(args: ServeArgs) -> Application:
         segmenter = Segmenter.options(
             autoscaling_config={**autoscaling, "target_ongoing_requests": 2},
             ray_actor_options=actor_options,
-        ).bind(resolved.card.segmenter, args.device, registry)
+        ).bind(resolved.card.segmenter, args.device, registry, args.max_batch_size, args.forward_batch_size)
     user_config = ClassifierConfig(
-        model=resolved.ref, max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_timeout_s
+        model=resolved.ref,
+        max_batch_size=args.max_batch_size,
+        forward_batch_size=args.forward_batch_size,
+        batch_wait_timeout_s=args.batch_wait_timeout_s,
     )
     # Overload: once every classifier replica holds max_ongoing_requests and the ingress queues
     # max_queued_requests more, the handle raises BackPressureError at once and the ingress answers
@@ -63,7 +66,14 @@ def build_app(args: ServeArgs) -> Application:
         backpressure_config=backpressure,
         ray_actor_options=actor_options,
         user_config=user_config.model_dump(),
-    ).bind(registry, segmenter, args.device, args.max_batch_size, args.batch_wait_timeout_s)
+    ).bind(
+        registry,
+        segmenter,
+        args.device,
+        args.max_batch_size,
+        args.batch_wait_timeout_s,
+        args.forward_batch_size,
+    )
     # The ingress takes everything the classifier can hold, plus room to answer the excess with those
     # JSON 503s; past that, Serve's proxy refuses with its own plain-text 503 (and Retry-After).
     capacity = args.max_replicas * args.max_ongoing_requests + args.max_queued_requests

@@ -40,6 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--batch-size", type=int, default=0, help="max_batch_size when batching is on (default: the app's)"
     )
+    parser.add_argument(
+        "--forward-batch-size",
+        type=int,
+        default=0,
+        help="images per forward pass (default 0: the size each replica measures fastest at load)",
+    )
     parser.add_argument("--num-cpus", type=float, default=1.0, help="CPUs of each model replica")
     parser.add_argument("--port", type=int, default=8011)
     parser.add_argument("--upload-size", type=int, default=UPLOAD_SIZE, help="side of the uploads in px")
@@ -84,17 +90,21 @@ def main(argv: list[str] | None = None) -> int:
                 app_args = ServeArgs(
                     registry=args.registry, model=model, num_cpus=args.num_cpus, max_replicas=1,
                     max_batch_size=batch_size, max_ongoing_requests=max(32, batch_size),
+                    forward_batch_size=args.forward_batch_size,
                     max_queued_requests=args.max_queued,
                 )  # fmt: skip
                 serve.run(build_app(app_args), name="benchmark", route_prefix="/")
                 url = f"http://127.0.0.1:{args.port}/v1/predict"
                 _load(url, upload, requests=20, concurrency=4)  # warm up
+                forward = _forward_batching(f"http://127.0.0.1:{args.port}/v1/model")
                 for concurrency in (int(c) for c in args.concurrency.split(",")):
                     figures = _beside_the_limit(
                         limit, direct["best_batch"], concurrency == 1,
                         partial(_load, url, upload, args.requests, concurrency),
                     )  # fmt: skip
-                    rows.append({"max_batch_size": batch_size, "concurrency": concurrency, **figures})
+                    rows.append(
+                        {"max_batch_size": batch_size, "concurrency": concurrency, **forward, **figures}
+                    )
                 if args.burst and burst is None:
                     burst = {"max_batch_size": batch_size, **_burst(url, upload, args.burst)}
         finally:
@@ -104,13 +114,14 @@ def main(argv: list[str] | None = None) -> int:
     from cxrcore.bench.serve import CPU_PARTS as parts
 
     print(
-        "max_batch_size  concurrency  p50_ms  p99_ms  req/s  direct img/s   CPU ms per request: "
+        "max_batch_size  forward  concurrency  p50_ms  p99_ms  req/s  direct img/s   CPU ms per request: "
         + " ".join(parts)
     )
     for row in rows:
         cpu = row["cpu_ms_per_request"]
         print(
-            f"{row['max_batch_size']:>14}  {row['concurrency']:>11}  {row['p50_ms']:>6.1f}  "
+            f"{row['max_batch_size']:>14}  {row['forward_batch_size'] or '-':>7}  {row['concurrency']:>11}  "
+            f"{row['p50_ms']:>6.1f}  "
             f"{row['p99_ms']:>6.1f}  {row['requests_per_s']:>5.1f}  "
             f"{row['direct_around']['images_per_s']:>12.1f}   "
             + " ".join(f"{part} {cpu[part]:.1f}" for part in parts if cpu.get(part) is not None)
@@ -381,6 +392,15 @@ class CpuMeter:
         known = [v for v in used.values() if v is not None]
         used["rest"] = None if machine is None else max(0.0, machine - sum(known))
         return {name: None if v is None else round(1000 * v / requests, 2) for name, v in used.items()}
+
+
+def _forward_batching(url: str) -> dict[str, Any]:
+    """The classifier's images per forward pass and the sweep that chose it, from GET /v1/model."""
+    from urllib.request import urlopen
+
+    with urlopen(url, timeout=30) as answer:
+        info = json.load(answer)
+    return {"forward_batch_size": info.get("forward_batch_size"), "forward_sweep": info.get("forward_sweep")}
 
 
 def _load(url: str, upload: Upload, requests: int, concurrency: int) -> dict[str, Any]:

@@ -15,7 +15,9 @@ outgrow the core's cache as the batch grows, so images/s fall past a few images 
 batch saves Serve's per-call work. One cnn_lstm replica at concurrency 32 answered 69.7-75.8 requests/s
 with batches of up to 8, 57.3-64.3 with 4 and 48.6-60.1 with 16 (53-55 with batching off in the same
 runs); dual_cnn with its U-Net 8.9 with 8, 7.8-8.4 with 4 and 8.4-9.0 with 16 (cxrcore/bench/README.md).
-A GPU is left at 16, as before: unmeasured here, and it wants larger batches."""
+A GPU is left at 16, as before: unmeasured here, and it wants larger batches. Each replica now runs a
+batch as forward passes of the size it measures fastest at load (`forward_batch_size`), so the cap
+chiefly bounds how many requests share Serve's per-call work and how long the last of them waits."""
 
 
 class ServeArgs(BaseModel):
@@ -61,8 +63,14 @@ class ServeArgs(BaseModel):
     max_batch_size: int = Field(
         default=0,
         ge=0,
-        description="images per forward pass at most (1 turns batching off; 0: 8 on a CPU replica, "
-        "16 on a GPU)",
+        description="requests per batch at most (1 turns batching off; 0: 8 on a CPU replica, 16 on a GPU); "
+        "a batch runs as forward passes of forward_batch_size images",
+    )
+    forward_batch_size: int = Field(
+        default=0,
+        ge=0,
+        description="images per forward pass at most: a larger batch runs as several (0: measured when each "
+        "replica loads its model, the size up to max_batch_size at which its forward runs fastest per image)",
     )
     batch_wait_timeout_s: float = Field(
         default=0.0,
@@ -116,6 +124,9 @@ class ClassifierConfig(BaseModel):
 
     model: str = Field(description="registry reference (name:N or an alias) or checkpoint folder to serve")
     max_batch_size: int = Field(default=16, ge=1)
+    forward_batch_size: int = Field(
+        default=0, ge=0, description="0: measured at load (Predictor.fit_forward_batch)"
+    )
     batch_wait_timeout_s: float = Field(default=0.0, ge=0)
 
 
@@ -160,6 +171,15 @@ class Prediction(BaseModel):
         return probabilities
 
 
+class ForwardSweepInfo(BaseModel):
+    """What a replica measured at load to choose its images per forward pass (`fit_forward`)."""
+
+    images_per_s: dict[str, float] = Field(description="the forward's images/s by batch size (median)")
+    best: int | None = Field(description="the largest size within 3 % of the fastest; null: not measured")
+    rounds: int = Field(description="rounds measured in turns within the time budget")
+    seconds: float = Field(description="how long the measurement took")
+
+
 class ModelDetails(BaseModel):
     """The answer of GET /v1/model."""
 
@@ -167,6 +187,14 @@ class ModelDetails(BaseModel):
     card: dict = Field(description="the serving checkpoint's model card")
     max_batch_size: int
     batch_wait_timeout_s: float
+    forward_batch_size: int | None = Field(
+        default=None,
+        description="images per forward pass at most (a larger batch runs as several); null: whole batches",
+    )
+    forward_sweep: ForwardSweepInfo | None = Field(
+        default=None,
+        description="the load-time measurement that chose forward_batch_size; null if it was set",
+    )
     swap_error: str | None = Field(
         default=None,
         description="why the last requested model could not be loaded (the previous one serves on)",

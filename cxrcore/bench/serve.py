@@ -137,10 +137,20 @@ def serve_section(
     taken = len(next(iter(result["direct"].get("rounds", {}).values()), []))
     rounds = f" (each the median of {taken} rounds taken in turns)" if taken > 1 else ""
     batch_on = max(int(http["max_batch_size"]) for http in result["http"])
+    on = next(http for http in result["http"] if int(http["max_batch_size"]) == batch_on)
+    fitted = on.get("forward_sweep") or {}
+    forward = (
+        f", forward passes of up to {on['forward_batch_size']} images, the size the replica measured "
+        "fastest at load (images/s by size: "
+        + ", ".join(f"{b}: {r:.0f}" for b, r in fitted.get("images_per_s", {}).items())
+        + ")"
+        if fitted.get("best")
+        else ""
+    )
     notes = [
         f"Model: untrained {model} at {size} px (a trained one costs the same), one classifier replica with "
         f"{REPLICA_CPUS} CPU, {requests} requests per measurement from threads each waiting for its answer; "
-        f"uploads are {_uploads(result)}. Batching on: max_batch_size {batch_on}. "
+        f"uploads are {_uploads(result)}. Batching on: max_batch_size {batch_on}{forward}. "
         "Requests/s are taken while "
         "every client has a request in flight: from the answer after the first `concurrency` to the last "
         "`concurrency` (`serve.benchmark.steady_rate`; the JSON keeps `requests_per_s_overall`, first "

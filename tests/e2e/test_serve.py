@@ -208,6 +208,10 @@ def test_app_composes_ingress_classifier_and_segmenter(server: Server) -> None:
         and model["max_batch_size"] == 8
         and model["swap_error"] is None
     )
+    # The replica measured its forward at 1-8 images at load and runs passes of the fastest size.
+    sweep = model["forward_sweep"]
+    assert set(sweep["images_per_s"]) == {"1", "2", "4", "8"} and sweep["rounds"] >= 1
+    assert model["forward_batch_size"] == sweep["best"] in (1, 2, 4, 8)
     openapi = httpx.get(f"{server.url}/openapi.json").json()
     assert "multipart/form-data" in openapi["paths"]["/v1/predict"]["post"]["requestBody"]["content"]
     docs = httpx.get(f"{server.url}/docs")

@@ -363,6 +363,22 @@ def test_the_limit_sweep_takes_the_batch_sizes_in_turns_and_keeps_each_ones_medi
     assert "rounds taken" not in " ".join(serve_section(SERVE_SUMMARY, "tiny_dual_cnn", 64, 16).notes)
 
 
+def test_the_serve_notes_say_what_forward_batch_the_replica_measured_and_chose() -> None:
+    sweep = {
+        "images_per_s": {"1": 80.0, "2": 95.0, "4": 96.0, "8": 77.0},
+        "best": 4,
+        "rounds": 3,
+        "seconds": 1.3,
+    }
+    http = [
+        {**row, "forward_batch_size": 4 if row["max_batch_size"] > 1 else 1, "forward_sweep": sweep}
+        for row in SERVE_SUMMARY["http"]
+    ]
+    notes = " ".join(serve_section({**SERVE_SUMMARY, "http": http}, "tiny_dual_cnn", 64, 16).notes)
+    assert "forward passes of up to 4 images" in notes and "1: 80, 2: 95, 4: 96, 8: 77" in notes
+    assert "forward passes" not in " ".join(serve_section(SERVE_SUMMARY, "tiny_dual_cnn", 64, 16).notes)
+
+
 def test_each_http_figure_has_the_limit_measured_just_before_and_after_it() -> None:
     from serve.benchmark import _beside_the_limit
 

@@ -1,0 +1,120 @@
+"""Forward passes at the batch size a process runs fastest: the sweep that measures it, the choice, and a
+Predictor (and a Serve replica's model) that splits larger batches into passes of that size."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cxrcore.inference import Predictor, batch_sizes, fastest_batch, sweep_forward
+from serve.deployments import fit_forward
+from serve.schemas import ModelDetails
+from tests.e2e.uploads import chest, write_checkpoints
+
+
+class _Costed:
+    """A forward whose calls advance a fake clock by a set cost per image at each batch size."""
+
+    def __init__(self, ms_per_image: dict[int, float]) -> None:
+        self.ms_per_image = ms_per_image
+        self.now = 0.0
+        self.calls: list[int] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        size = len(inputs)
+        self.calls.append(size)
+        self.now += self.ms_per_image[size] * size / 1000
+        return inputs
+
+
+def _example(size: int) -> torch.Tensor:
+    return torch.zeros(size, 1, 4, 4)
+
+
+def test_the_sweep_measures_every_size_in_turns_and_takes_the_largest_near_the_fastest() -> None:
+    costs = _Costed({1: 11.0, 2: 10.4, 4: 10.0, 8: 10.2, 16: 13.0})  # batch 8 within 3 % of batch 4
+    sweep = sweep_forward(costs.forward, _example, [1, 2, 4, 8, 16], clock=costs.clock, min_s=0.05)
+    assert sweep.rounds == 3 and sweep.best == 8
+    assert sweep.images_per_s == {1: 90.9, 2: 96.2, 4: 100.0, 8: 98.0, 16: 76.9}
+    # One warm-up call per size, then the sizes timed in turns, three times.
+    turns = [size for i, size in enumerate(costs.calls[5:]) if i == 0 or costs.calls[4 + i] != size]
+    assert costs.calls[:5] == [1, 2, 4, 8, 16] and turns == [1, 2, 4, 8, 16] * 3
+
+
+def test_a_sweep_past_its_budget_keeps_the_rounds_it_finished_or_chooses_nothing() -> None:
+    costs = _Costed({1: 100.0, 2: 100.0, 4: 90.0})  # warm-ups 0.66 s, then 1.32 s a round
+    sweep = sweep_forward(costs.forward, _example, [1, 2, 4], clock=costs.clock, budget_s=1.9)
+    assert sweep.rounds == 1 and sweep.best == 4
+    slow = _Costed({1: 1000.0, 2: 1000.0, 4: 1000.0})
+    cut = sweep_forward(slow.forward, _example, [1, 2, 4], clock=slow.clock, budget_s=2.0)
+    assert cut.best is None and cut.images_per_s == {} and cut.rounds == 0
+    assert max(slow.calls) <= 2  # it stopped before the largest size
+
+
+def test_sizes_and_the_choice() -> None:
+    assert batch_sizes(16) == [1, 2, 4, 8, 16] and batch_sizes(6) == [1, 2, 4, 6] and batch_sizes(0) == [1]
+    assert fastest_batch({1: 50.0, 2: 100.0, 4: 96.0}) == 2
+    assert fastest_batch({1: 50.0, 2: 100.0, 4: 97.0}) == 4
+    assert fastest_batch({1: 10.0}, tolerance=0.0) == 1
+
+
+def _predictors(tmp_path: Path) -> tuple[Predictor, Predictor]:
+    checkpoint = write_checkpoints(tmp_path).dual
+    return Predictor.from_checkpoint(checkpoint, graph=True), Predictor.from_checkpoint(
+        checkpoint, graph=True
+    )
+
+
+def _recording(predictor: Predictor) -> list[int]:
+    sizes: list[int] = []
+    forward: Callable[[torch.Tensor], torch.Tensor] = predictor.forward
+
+    def record(inputs: torch.Tensor) -> torch.Tensor:
+        sizes.append(len(inputs))
+        return forward(inputs)
+
+    predictor.forward = record
+    return sizes
+
+
+def test_a_batch_runs_as_passes_of_the_forward_batch_size_with_the_same_answers(tmp_path: Path) -> None:
+    whole, split = _predictors(tmp_path)
+    assert split.segmenter is not None
+    split.forward_batch_size, split.segmenter.forward_batch_size = 2, 3
+    classifier, segmenter = _recording(split), _recording(split.segmenter)
+    images = [np.round(chest(seed, 160, 150) * 255).astype(np.uint8) for seed in range(7)]
+    np.testing.assert_allclose(split.predict_proba(images), whole.predict_proba(images), atol=1e-6)
+    assert classifier == [2, 2, 2, 1] and segmenter == [3, 3, 1]
+
+
+def test_a_replica_fits_its_model_and_segmenter_or_takes_the_size_it_is_given(tmp_path: Path) -> None:
+    measured, fixed = _predictors(tmp_path)
+    assert measured.segmenter is not None and fixed.segmenter is not None
+    answer = fit_forward(measured, 4)
+    sweep = answer["forward_sweep"]
+    assert sweep["best"] in (1, 2, 4) and answer["forward_batch_size"] == sweep["best"]
+    assert set(sweep["images_per_s"]) == {"1", "2", "4"} and sweep["rounds"] >= 1
+    assert measured.segmenter.forward_batch_size in (1, 2, 4)
+    assert fit_forward(fixed, 8, forward_batch_size=3) == {"forward_batch_size": 3, "forward_sweep": None}
+    assert fixed.segmenter.forward_batch_size == 3
+    # What GET /v1/model answers with validates as its schema says.
+    details = ModelDetails.model_validate(
+        {"model": {"name": "x", "version": "1", "ref": "x:1"}, "card": {}, "max_batch_size": 4,
+         "batch_wait_timeout_s": 0.0, **answer}
+    )  # fmt: skip
+    assert details.forward_sweep is not None and details.forward_sweep.best == answer["forward_batch_size"]
+
+
+@pytest.mark.parametrize("size", [1, 5])
+def test_a_predictor_takes_whole_batches_unless_told(tmp_path: Path, size: int) -> None:
+    predictor, _ = _predictors(tmp_path)
+    sizes = _recording(predictor)
+    predictor.predict_proba([np.full((70, 70), 100, np.uint8)] * size)
+    assert predictor.forward_batch_size is None and sizes == [size]
