@@ -3,8 +3,10 @@ Predictor (and a Serve replica's model) that splits larger batches into passes o
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -118,3 +120,30 @@ def test_a_predictor_takes_whole_batches_unless_told(tmp_path: Path, size: int) 
     sizes = _recording(predictor)
     predictor.predict_proba([np.full((70, 70), 100, np.uint8)] * size)
     assert predictor.forward_batch_size is None and sizes == [size]
+
+
+def test_a_classifier_replica_fits_at_load_and_again_when_its_batch_sizes_change(tmp_path: Path) -> None:
+    """The Classifier deployment's class itself (no Serve): `reconfigure` as Serve calls it with each
+    `user_config`, and the figures GET /v1/model shows."""
+    from serve.deployments import Classifier
+
+    checkpoint = str(write_checkpoints(tmp_path).cnn_lstm)
+    replica = Classifier.func_or_class(None, None, "cpu", 8)
+
+    async def reconfigure_and_info(user_config: dict[str, Any]) -> dict[str, Any]:
+        await replica.reconfigure(user_config)
+        info: dict[str, Any] = await replica.info()
+        return info
+
+    loaded = asyncio.run(reconfigure_and_info({"model": checkpoint}))
+    assert set(loaded["forward_sweep"]["images_per_s"]) == {"1", "2", "4", "8"}
+    assert loaded["forward_batch_size"] == loaded["forward_sweep"]["best"]
+    served = replica._served
+    wider = asyncio.run(reconfigure_and_info({"model": checkpoint, "max_batch_size": 16}))
+    assert set(wider["forward_sweep"]["images_per_s"]) == {"1", "2", "4", "8", "16"}
+    assert replica._served.predictor is served.predictor  # the same model, measured again, not reloaded
+    fixed = asyncio.run(
+        reconfigure_and_info({"model": checkpoint, "max_batch_size": 16, "forward_batch_size": 3})
+    )
+    assert (fixed["forward_batch_size"], fixed["forward_sweep"]) == (3, None)
+    assert replica._served.predictor.forward_batch_size == 3
