@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -132,6 +131,7 @@ def _classification_report(
     from cxrcore.calibration import apply_temperature, calibration_report
     from cxrcore.data.ingest import tensor_column
     from cxrcore.evaluate.report import write_evaluation_report
+    from cxrcore.inference import BatchedPredictions
     from cxrcore.metrics import classification_metrics
 
     classes = predictor.card.classes
@@ -150,7 +150,8 @@ def _classification_report(
     # image, on the model's own test split as on data from elsewhere (the ground truth is scored apart).
     as_served = needs_mask and has_segmenter
     # One forward pass: the served (calibrated) probabilities are predict_proba's softmax(logits / T).
-    logits = _predict(predictor.predict_logits, images, segmented if as_served else truth, config.batch_size)
+    batches = BatchedPredictions(predictor, config.batch_size)
+    logits = batches.run(predictor.predict_logits, images, segmented if as_served else truth)
     probs = apply_temperature(torch.from_numpy(logits), predictor.temperature).numpy()
     metrics = classification_metrics(labels, probs, classes, with_curves=True)
     extra: dict[str, dict[str, Any]] = {
@@ -158,7 +159,7 @@ def _classification_report(
         "calibration": {"split": split, **calibration_report(logits, labels, predictor.temperature)}
     }
     if as_served and has_mask.any():
-        with_truth = _predict(predictor.predict_proba, images, truth, config.batch_size)
+        with_truth = batches.run(predictor.predict_proba, images, truth)
         extra["with ground-truth masks"] = classification_metrics(labels, with_truth, classes)
     sources = frame["source"].to_numpy()
     if len(set(sources)) > 1:
@@ -315,18 +316,6 @@ def _dataset_name(location: str) -> str:
     return location.rstrip("/").rpartition("/")[2] or location
 
 
-def _predict(
-    predict: Callable[..., np.ndarray], images: np.ndarray, masks: list[Any] | None, batch_size: int
-) -> np.ndarray:
-    """predict(images, masks) (a Predictor's predict_proba or predict_logits) over batches, concatenated."""
-    return np.concatenate(
-        [
-            predict(images[i : i + batch_size], masks[i : i + batch_size] if masks else None)
-            for i in range(0, len(images), batch_size)
-        ]
-    )
-
-
 def _segmentation_report(
     config: EvaluateConfig, split: str, predictor: Predictor, frame: Any
 ) -> dict[str, Path]:
@@ -338,12 +327,9 @@ def _segmentation_report(
     images, masks = tensor_column(frame["image"])[has_mask], tensor_column(frame["mask"])[has_mask]
     if len(images) == 0:
         raise ValueError(f"no image in the {split} split has a ground-truth mask to compare against")
-    predicted = np.concatenate(
-        [
-            predictor.segment(images[i : i + config.batch_size])
-            for i in range(0, len(images), config.batch_size)
-        ]
-    )
+    from cxrcore.inference import BatchedPredictions
+
+    predicted = BatchedPredictions(predictor, config.batch_size).run(predictor.segment, images)
     metrics = segmentation_metrics(predicted, masks, threshold=127)
     card = predictor.card.to_dict()
     out = Path(config.out)

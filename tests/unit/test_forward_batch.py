@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from cxrcore.inference import Predictor, batch_sizes, fastest_batch, sweep_forward
+from cxrcore.inference import BatchedPredictions, Predictor, batch_sizes, fastest_batch, sweep_forward
 from serve.deployments import fit_forward
 from serve.schemas import ModelDetails
 from tests.e2e.uploads import chest, write_checkpoints
@@ -147,3 +147,37 @@ def test_a_classifier_replica_fits_at_load_and_again_when_its_batch_sizes_change
     )
     assert (fixed["forward_batch_size"], fixed["forward_sweep"]) == (3, None)
     assert replica._served.predictor.forward_batch_size == 3
+
+
+def test_batched_predictions_try_each_pass_size_on_real_batches_then_keep_the_fastest(tmp_path: Path) -> None:
+    """Evaluation's batches: the first full ones run as passes of 8, 4 and 2 in turns, twice, and their
+    outputs are kept; then every batch, the partial last one too, runs as passes of the fastest."""
+    whole, tuned = _predictors(tmp_path)
+    assert tuned.segmenter is not None
+    now = [0.0]
+    ms_per_image = {8: 10.0, 4: 6.0, 2: 6.1, 3: 6.0}  # 4 and 2 within 3 %: the larger is kept
+    sizes: list[int] = []
+    forward = tuned.forward
+
+    def costed(inputs: torch.Tensor) -> torch.Tensor:
+        sizes.append(len(inputs))
+        now[0] += ms_per_image[len(inputs)] * len(inputs) / 1000
+        return forward(inputs)
+
+    tuned.forward = costed
+    images = [np.round(chest(seed, 160, 150) * 255).astype(np.uint8) for seed in range(8 * 7 + 3)]
+    batches = BatchedPredictions(tuned, 8, clock=lambda: now[0])
+    probabilities = batches.run(tuned.predict_proba, images, None)
+    np.testing.assert_allclose(probabilities, whole.predict_proba(images), atol=1e-6)
+    assert sizes == [8, 4, 4, 2, 2, 2, 2] * 2 + [4, 4] + [3]  # six trials, one full batch, the rest (3)
+    assert batches.chosen == 4 and tuned.segmenter.forward_batch_size == 4
+    assert batches.seconds_per_image == pytest.approx({8: 0.01, 4: 0.006, 2: 0.0061})
+
+
+def test_batched_predictions_of_fewer_images_than_a_batch_take_them_whole(tmp_path: Path) -> None:
+    predictor, _ = _predictors(tmp_path)
+    sizes = _recording(predictor)
+    images = [np.full((70, 70), 100, np.uint8)] * 5
+    batches = BatchedPredictions(predictor, 8)
+    assert batches.run(predictor.predict_proba, images, [None] * 5).shape == (5, 4)
+    assert sizes == [5] and batches.chosen is None and predictor.forward_batch_size is None
