@@ -9,7 +9,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from cxrcore.data.transforms import resize_image, resize_mask
 from cxrcore.segmenter import predict_masks
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 FORWARD_SWEEP_BUDGET_S = 3.0
@@ -112,17 +113,54 @@ def sweep_forward(
     return ForwardSweep(rates, fastest_batch(rates), done, round(clock() - start, 3))
 
 
-class BatchedPredictions:
-    """A Predictor's outputs over many images, batch by batch, with the images per forward pass chosen
-    from the batches themselves, as cudnn.benchmark chooses kernels: the first full batches run as
-    passes of each candidate size in turns (`rounds` times; their outputs are kept, no work is wasted),
-    then every batch as passes of the fastest (`fastest_batch` of each size's best time). The size is the
-    Predictor's and its segmenter's (`forward_batch_size`).
+class PassSizes:
+    """Images per forward pass chosen from timed passes over real batches, as cudnn.benchmark chooses
+    kernels: the first full batches run as passes of each candidate size in turns, `rounds` times (their
+    outputs are kept, no work is wasted), then every batch as passes of the fastest (`fastest_batch` of
+    each size's best time).
 
-    Offline evaluation runs batches of 64 in eager mode with every core; on 2 cores, 128 px, images/s
-    as one pass of 64 against passes of 8: cnn_lstm 108 / 156, the U-Net 18.5 / 23.4, dual_cnn 53 / 58;
-    resnet18 104 against its best, 107 at 16. Where these are measured nothing is assumed.
+    On a CPU a forward slows per image once a batch's activations outgrow the caches, at a size that
+    depends on the model, the image size, the threads and the machine (128 px, images/s as one pass of 64
+    against passes of 8: on 2 threads cnn_lstm 108 / 156, the U-Net 18.5 / 23.4, dual_cnn 53 / 58,
+    resnet18 104 / 102, its best 107 at 16; the U-Net on one thread 8.4 / 10.9, 11.5 at 2).
     """
+
+    def __init__(
+        self, batch_size: int, rounds: int = 2, clock: Callable[[], float] = time.perf_counter
+    ) -> None:
+        self.batch_size = batch_size
+        self._clock = clock
+        # One image a pass is never the fastest for these models and costs most to try.
+        candidates = [size for size in batch_sizes(batch_size) if size > 1 or batch_size == 1][::-1]
+        self._trials = candidates * rounds
+        self._tried = 0
+        self.seconds_per_image: dict[int, float] = {}
+        self.chosen: int | None = None
+
+    def run(self, passes: Callable[[int], T], images: int) -> T:
+        """`passes(size)`: a batch of `images` as passes of `size` images: a size on trial and timed for a
+        full batch while trials are left; else the chosen size (None before any: the batch whole)."""
+        if images < self.batch_size or self._tried == len(self._trials):
+            return passes(self.chosen or self.batch_size)
+        size = self._trials[self._tried]
+        began = self._clock()
+        result = passes(size)
+        per_image = (self._clock() - began) / images
+        self.seconds_per_image[size] = min(per_image, self.seconds_per_image.get(size, per_image))
+        self._tried += 1
+        if self._tried == len(self._trials):
+            rates = {size: 1 / max(seconds, 1e-9) for size, seconds in self.seconds_per_image.items()}
+            self.chosen = fastest_batch(rates)
+            log.info(
+                "forward passes of %d images (images/s by size %s)",
+                self.chosen, {size: round(rate, 1) for size, rate in sorted(rates.items())},
+            )  # fmt: skip
+        return result
+
+
+class BatchedPredictions:
+    """A Predictor's outputs over many images in batches of `batch_size`, each run as forward passes of
+    the size `PassSizes` finds fastest (the Predictor's and its segmenter's `forward_batch_size`)."""
 
     def __init__(
         self,
@@ -133,13 +171,15 @@ class BatchedPredictions:
     ) -> None:
         self.predictor = predictor
         self.batch_size = batch_size
-        self._clock = clock
-        # One image a pass is never the fastest for these models and costs most to try.
-        candidates = [size for size in batch_sizes(batch_size) if size > 1 or batch_size == 1][::-1]
-        self._trials = candidates * rounds
-        self._tried = 0
-        self.seconds_per_image: dict[int, float] = {}
-        self.chosen: int | None = None
+        self.sizes = PassSizes(batch_size, rounds, clock)
+
+    @property
+    def chosen(self) -> int | None:
+        return self.sizes.chosen
+
+    @property
+    def seconds_per_image(self) -> dict[int, float]:
+        return self.sizes.seconds_per_image
 
     def run(
         self, predict: Callable[..., np.ndarray], *inputs: Sequence[Any] | np.ndarray | None
@@ -150,28 +190,13 @@ class BatchedPredictions:
         outputs = []
         for start in range(0, count, self.batch_size):
             batch = [None if item is None else item[start : start + self.batch_size] for item in inputs]
-            if count - start < self.batch_size or self._tried == len(self._trials):
-                outputs.append(predict(*batch))  # a partial batch, or the size is chosen
-                continue
-            size = self._trials[self._tried]
-            self._set(size)
-            began = self._clock()
-            outputs.append(predict(*batch))
-            per_image = (self._clock() - began) / self.batch_size
-            self.seconds_per_image[size] = min(per_image, self.seconds_per_image.get(size, per_image))
-            self._tried += 1
-            if self._tried == len(self._trials):
-                self._choose()
-        return np.concatenate(outputs)
 
-    def _choose(self) -> None:
-        rates = {size: 1 / max(seconds, 1e-9) for size, seconds in self.seconds_per_image.items()}
-        self.chosen = fastest_batch(rates)
-        self._set(self.chosen)
-        log.info(
-            "%s: forward passes of %d images (images/s by size %s)", self.predictor.card.name, self.chosen,
-            {size: round(rate, 1) for size, rate in sorted(rates.items())},
-        )  # fmt: skip
+            def passes(size: int, batch: list[Any] = batch) -> np.ndarray:
+                self._set(size)
+                return predict(*batch)
+
+            outputs.append(self.sizes.run(passes, min(self.batch_size, count - start)))
+        return np.concatenate(outputs)
 
     def _set(self, size: int) -> None:
         self.predictor.forward_batch_size = size

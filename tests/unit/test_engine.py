@@ -103,6 +103,7 @@ def test_masks_made_once_by_the_driver_are_the_masks_the_workers_would_make(tmp_
     import numpy as np
 
     from cxrcore.config import TrainConfig
+    from cxrcore.data.batches import to_unit
     from cxrcore.segmenter import load_mask_source
     from cxrcore.train.trainer import _segments_once
     from tests.e2e.uploads import write_checkpoint
@@ -129,3 +130,10 @@ def test_masks_made_once_by_the_driver_are_the_masks_the_workers_would_make(tmp_
     made_batch = {name: torch.from_numpy(column) for name, column in made.items()}
     _, read = prepare_batch(made_batch, spec, None, None)
     assert read is not None and each_epoch is not None and torch.equal(read, each_epoch)
+
+    # A block of more than 64 images: the first full 64 go as passes of 64, 32 ... 2 on trial, the rest
+    # as passes of the fastest; every mask is the one a single pass over the block makes.
+    many = {"image": rng.integers(0, 256, (64 * 3 + 5, 64, 64), dtype=np.uint8)}
+    masks = segment(many)["mask"]
+    whole = load_mask_source(unet)(to_unit(torch.from_numpy(many["image"]), 48))
+    assert masks.shape == (197, 48, 48) and np.array_equal(masks, (whole[:, 0] * 255).to(torch.uint8).numpy())

@@ -180,4 +180,4 @@ def test_batched_predictions_of_fewer_images_than_a_batch_take_them_whole(tmp_pa
     images = [np.full((70, 70), 100, np.uint8)] * 5
     batches = BatchedPredictions(predictor, 8)
     assert batches.run(predictor.predict_proba, images, [None] * 5).shape == (5, 4)
-    assert sizes == [5] and batches.chosen is None and predictor.forward_batch_size is None
+    assert sizes == [5] and batches.chosen is None  # no full batch: nothing tried, nothing chosen
