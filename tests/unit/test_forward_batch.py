@@ -1,5 +1,6 @@
-"""Forward passes at the batch size a process runs fastest: the sweep that measures it, the choice, and a
-Predictor (and a Serve replica's model) that splits larger batches into passes of that size."""
+"""Forward passes at the batch size a process runs fastest: the load-time sweep that measures it (Serve
+replicas), the choice, a Predictor that splits larger batches into passes of that size, and the tuning
+on real batches that offline evaluation uses (BatchedPredictions)."""
 
 from __future__ import annotations
 
