@@ -113,6 +113,15 @@ def sweep_forward(
     return ForwardSweep(rates, fastest_batch(rates), done, round(clock() - start, 3))
 
 
+def in_passes(
+    forward: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, size: int | None
+) -> torch.Tensor:
+    """`forward(inputs)` as passes of at most `size` inputs, concatenated (None: one pass)."""
+    if size is None or len(inputs) <= size:
+        return forward(inputs)
+    return torch.cat([forward(part) for part in inputs.split(size)])
+
+
 class PassSizes:
     """Images per forward pass chosen from timed passes over real batches, as cudnn.benchmark chooses
     kernels: the first full batches run as passes of each candidate size in turns, `rounds` times (their
@@ -314,10 +323,7 @@ class Predictor:
         return predict_masks(self._forward, self.spec, unit_images)
 
     def _forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        size = self.forward_batch_size
-        if size is None or len(inputs) <= size:
-            return self.forward(inputs)
-        return torch.cat([self.forward(part) for part in inputs.split(size)])
+        return in_passes(self.forward, inputs, self.forward_batch_size)
 
     def fit_forward_batch(
         self, max_batch_size: int, budget_s: float = FORWARD_SWEEP_BUDGET_S

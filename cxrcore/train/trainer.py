@@ -440,7 +440,7 @@ def _segments_once(config: TrainConfig, image_size: int) -> Any:
     import torch
 
     from cxrcore.data.batches import to_unit
-    from cxrcore.inference import PassSizes
+    from cxrcore.inference import PassSizes, in_passes
     from cxrcore.segmenter import load_mask_source
 
     source = load_mask_source(config.segmenter)
@@ -453,7 +453,7 @@ def _segments_once(config: TrainConfig, image_size: int) -> Any:
             units = to_unit(images[start : start + SEGMENT_BATCH], image_size)
 
             def passes(size: int, units: torch.Tensor = units) -> torch.Tensor:
-                return torch.cat([source(part) for part in units.split(size)])
+                return in_passes(source, units, size)
 
             masks.append((sizes.run(passes, len(units))[:, 0] * 255).to(torch.uint8).numpy())
         return {**batch, "mask": np.concatenate(masks), "has_mask": np.ones(len(images), dtype=bool)}
