@@ -188,7 +188,6 @@ def recalibrate_batchnorm(
     spec: InputSpec,
     *,
     mask_source: MaskSource | None = None,
-    autocast_dtype: torch.dtype | None = None,
     served_masks: bool = False,
 ) -> int:
     """Recompute every BatchNorm's running statistics for the current weights; returns images used.
@@ -197,8 +196,9 @@ def recalibrate_batchnorm(
     weights they describe an earlier model, and the eval-mode model (the one validated, ranked and
     served) is not the one that was trained. This replaces them with the exact average over
     `batches` (un-augmented training images, as evaluation sees them, with the masks training used:
-    `served_masks` as in prepare_batch), taken with the weights as they are now ("precise BN"). Only
-    BatchNorm layers run in training mode; dropout stays off.
+    `served_masks` as in prepare_batch), taken with the weights as they are now ("precise BN"), in float32
+    as the model is served (a bf16 run's training steps do not). Only BatchNorm layers run in training
+    mode; dropout stays off.
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     norms = [m for m in norms if m.track_running_stats]
@@ -212,11 +212,7 @@ def recalibrate_batchnorm(
         norm.momentum = None  # a cumulative average over all the batches below
         norm.train()
     seen = 0
-    with (
-        torch.no_grad(),
-        torch.autocast("cuda" if _on_cuda(model) else "cpu", dtype=autocast_dtype or torch.bfloat16,
-                       enabled=autocast_dtype is not None),
-    ):  # fmt: skip
+    with torch.no_grad():
         for batch in batches:
             inputs, _ = prepare_batch(batch, spec, None, mask_source, served_masks=served_masks)
             model(inputs)
@@ -243,10 +239,6 @@ def average_batchnorm_across_ranks(model: nn.Module) -> None:
             moments /= world
             norm.running_mean.copy_(moments[0])
             norm.running_var.copy_(moments[1] - moments[0] ** 2)
-
-
-def _on_cuda(model: nn.Module) -> bool:
-    return next(model.parameters()).device.type == "cuda"
 
 
 def combine(results: list[EpochResult]) -> dict[str, Any]:

@@ -13,6 +13,12 @@ error: Aborted" for a trial that nothing went wrong with (2 of the 10 trials ASH
 Exit handlers run before finalization, while the training thread still runs: the one registered here
 ends the process there with `os._exit` if a training thread is still running, as Ray's own forced exit
 does. The thread's work is abandoned either way; only the crash report is spared.
+
+The SIGTERM can also land while the main thread runs a callback Python cannot raise out of (a weak
+reference's, as when a finished training thread is collected). Python then prints the SystemExit as
+"Exception ignored in ..." with a traceback through Ray's handler and goes on running, until Ray kills the
+process: seen once when Tune ended a finished trial's actor in `cxr demo`. The `sys.unraisablehook`
+installed here honours such an exit at once, with its status, and without the traceback.
 """
 
 from __future__ import annotations
@@ -23,6 +29,9 @@ import os
 import sys
 import threading
 import weakref
+from collections.abc import Callable
+from functools import partial
+from typing import Any
 
 EXIT_CODE = 1
 """The status Ray's SIGTERM handler exits a worker with (`sys.exit(1)`)."""
@@ -40,7 +49,25 @@ def exit_without_finalizing_while_training() -> None:
         _training.add(threading.current_thread())
         if not _registered:
             atexit.register(_exit_if_training)
+            sys.unraisablehook = partial(_exit_if_exit_was_swallowed, previous=sys.unraisablehook)
             _registered = True
+
+
+def _exit_if_exit_was_swallowed(unraisable: Any, previous: Callable[[Any], object]) -> None:
+    """`sys.unraisablehook`: a SystemExit raised where Python could not propagate it ends the process with
+    its status; anything else is reported as before."""
+    if unraisable.exc_type is None or not issubclass(unraisable.exc_type, SystemExit):
+        previous(unraisable)
+        return
+    code = getattr(unraisable.exc_value, "code", EXIT_CODE)
+    _flush()
+    os._exit(code if isinstance(code, int) else EXIT_CODE)
+
+
+def _flush() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a closed or broken stream must not stop the exit
+            stream.flush()
 
 
 def _exit_if_training() -> None:
@@ -49,7 +76,5 @@ def _exit_if_training() -> None:
     here = threading.current_thread()
     if not any(thread.daemon and thread.is_alive() and thread is not here for thread in list(_training)):
         return  # training finished: exit as usual, every exit handler run
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):  # a closed or broken stream must not stop the exit
-            stream.flush()
+    _flush()
     os._exit(EXIT_CODE)

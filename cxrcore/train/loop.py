@@ -200,11 +200,9 @@ def run_training(loop_config: dict[str, Any], session: TrainSession) -> None:
             served_masks=served_masks,
         )
         # Validation, checkpoint ranking, ASHA and Serve all see the eval-mode model: give it statistics
-        # that describe the current weights, identical on every rank.
-        recalibrate_batchnorm(
-            _unwrap(model), kept, spec, mask_source=mask_source, autocast_dtype=autocast_dtype,
-            served_masks=served_masks,
-        )  # fmt: skip
+        # that describe the current weights, identical on every rank. Both this and validation run in
+        # float32, as the Predictor serves the model; only the training steps run under bf16 autocast.
+        recalibrate_batchnorm(_unwrap(model), kept, spec, mask_source=mask_source, served_masks=served_masks)
         average_batchnorm_across_ranks(_unwrap(model))
         del kept
         # Validation feeds it what Serve does: a dual-channel model's masks all come from its segmenter
@@ -215,7 +213,6 @@ def run_training(loop_config: dict[str, Any], session: TrainSession) -> None:
             spec,
             loss_weights=loss_weights,
             mask_source=mask_source,
-            autocast_dtype=autocast_dtype,
             keep_outputs=True,
             served_masks=not precomputed,
         )

@@ -6,16 +6,19 @@ The segmenter is trained, registered and used in tests/integration/test_tune.py.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from cxrcore.checkpoint import CARD_NAME, WEIGHTS_NAME, load_card
 from cxrcore.config import EvaluateConfig, TrainConfig
 from cxrcore.data.ingest import read_report, read_table, tensor_column
 from cxrcore.evaluate.evaluation import evaluate_checkpoint
 from cxrcore.inference import Predictor
+from cxrcore.train.loop import TrainSession
 from cxrcore.train.trainer import TrainResult, fit
 
 pytestmark = pytest.mark.integration
@@ -219,3 +222,54 @@ def test_validation_is_shared_among_workers_without_dropping_a_row(
         == sorted(ray.get(ids.remote(alone["val"])))
         == list(range(41))
     )
+
+
+class _InThisProcess(TrainSession):
+    """The worker loop's session as one CPU worker in the test's process; keeps the reported checkpoint."""
+
+    def __init__(self, datasets: dict[str, object], keep: Path) -> None:
+        self.rank, self.world, self.run_name, self.device = 0, 1, "bf16", torch.device("cpu")
+        self._datasets, self._keep, self.metrics = datasets, keep, {}
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def get_checkpoint(self) -> None:
+        return None
+
+    def dataset(self, split: str) -> object:
+        return self._datasets[split]
+
+    def report(self, metrics: dict[str, object], checkpoint_dir: str | None) -> None:
+        assert checkpoint_dir is not None
+        shutil.copytree(checkpoint_dir, self._keep, dirs_exist_ok=True)
+        self.metrics = metrics
+
+
+def test_a_bf16_run_validates_the_float32_model_that_is_served(
+    synthetic_dataset: str, tmp_path: Path
+) -> None:
+    """A `--gpu` run trains under bf16 autocast (here on the CPU, which has it too), but validation, which
+    ranks checkpoints and drives ASHA, scores the model as the Predictor serves it: in float32. The
+    validation loss is the served model's on the validation split, to float32 rounding; validated under
+    bf16 it was 4e-5 off (relative) for this tiny model, whose few convolutions are most of what autocast
+    changes."""
+    import torch.nn.functional as F
+
+    from cxrcore.train.loop import run_training
+    from cxrcore.train.trainer import training_inputs
+
+    config = TrainConfig(
+        data=synthetic_dataset, model="tiny_cnn_lstm", epochs=1, workers=1, batch_size=16, gpu=True,
+        class_weights=False, out=str(tmp_path), name="bf16",
+    )  # fmt: skip
+    settings, datasets = training_inputs(config)
+    session = _InThisProcess(datasets, tmp_path / "checkpoint")
+    run_training(settings, session)
+
+    predictor = Predictor.from_checkpoint(tmp_path / "checkpoint")
+    frame = read_table(synthetic_dataset, ["image", "label_index"], split="val").to_pandas()
+    logits = torch.from_numpy(predictor.predict_logits(tensor_column(frame["image"])))
+    served_loss = float(F.cross_entropy(logits, torch.from_numpy(frame["label_index"].to_numpy())))
+    assert session.metrics["val_count"] == len(frame)
+    assert session.metrics["val_loss"] == pytest.approx(served_loss, rel=3e-6)
