@@ -134,7 +134,7 @@ def gpu_section(
         f"torch.compile backend: {backend}{tracing}.",
         f"Data on the {device}: uint8 batches already there, timed over {plan.steps} steps after "
         f"{plan.warmup_steps} warm-up step(s) (warm-up s includes compiling), cuDNN autotuning on. cxr's "
-        "own loop sets neither channels_last nor cuDNN autotuning, and does not compile.",
+        "own loop has the same channels_last model and cuDNN autotuning on a GPU, and does not compile.",
         "data wait %: share of the training time spent waiting for the next batch; the GPU idles then.",
         "Inference: `Predictor.predict_proba` as Serve calls it (uint8 images resized on the CPU, fp32) vs "
         "the bare model forward on a batch already on the device.",

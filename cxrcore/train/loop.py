@@ -139,6 +139,8 @@ def run_training(loop_config: dict[str, Any], session: TrainSession) -> None:
         torch.set_num_threads(int(loop_config["cpus_per_worker"]))  # as Ray's OMP_NUM_THREADS says
     config = from_dict(TrainConfig, loop_config["train"])
     rank, world, device = session.rank, session.world, session.device
+    if device.type == "cuda":  # training batches keep one shape: cuDNN times its kernels for it once
+        torch.backends.cudnn.benchmark = True
     torch.manual_seed(config.seed + rank)
     generator = torch.Generator().manual_seed(config.seed * 1000 + rank)
 

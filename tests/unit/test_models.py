@@ -75,6 +75,44 @@ def test_tiny_models_are_small_and_train(name: str) -> None:
     assert all(param.grad is not None for param in model.parameters())
 
 
+@pytest.mark.parametrize("name", ["cnn_lstm", "dual_cnn", "resnet18", "unet", *TINY_MODELS])
+def test_models_are_built_channels_last_and_compute_what_the_usual_layout_does(
+    name: str, tmp_path: Path
+) -> None:
+    """Every convolution weight is NHWC (the layout oneDNN and cuDNN run fastest), the outputs and the
+    gradients are those of the same weights in the usual layout, and a checkpoint keeps the layout."""
+    from cxrcore.checkpoint import ModelCard, load_model, save_checkpoint
+
+    torch.manual_seed(0)
+    model = create_model(name)
+    convs = [p for p in model.parameters() if p.ndim == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    usual = create_model(name)
+    usual.load_state_dict(model.state_dict())
+    usual = usual.to(memory_format=torch.contiguous_format)
+    assert all(p.is_contiguous() for p in usual.parameters())
+    # Continuous inputs: a binary mask's flat regions tie in max pooling, where either layout may route
+    # the gradient to a different one of the equal inputs (both are gradients of the same function).
+    inputs = torch.rand(3, get_input_spec(name).num_channels, 64, 64)
+    for net in (model, usual):
+        torch.manual_seed(1)  # the same dropout masks
+        net.train()
+        net(inputs).square().mean().backward()
+    torch.testing.assert_close(model.eval()(inputs), usual.eval()(inputs), rtol=1e-4, atol=1e-5)
+    # As one vector: a bias whose gradient a later BatchNorm all but cancels is float noise on its own.
+    ours, theirs = (
+        torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])
+        for net in (model, usual)
+    )
+    assert ours.shape == theirs.shape == (_num_params(model),)
+    assert float((ours - theirs).norm() / theirs.norm()) < 2e-3
+
+    card = ModelCard(model=get_build_args(model), input_spec=get_input_spec(model).to_dict())
+    loaded, _ = load_model(save_checkpoint(tmp_path / "ckpt", model, card))
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in loaded.parameters() if p.ndim == 4)
+    torch.testing.assert_close(loaded(inputs), model(inputs))
+
+
 def test_unet_handles_sizes_not_divisible_by_its_depth() -> None:
     with torch.no_grad():
         out = create_model("tiny_unet").eval()(torch.rand(1, 1, 50, 44))
@@ -167,7 +205,7 @@ def test_pretrained_file_adapts_first_conv_and_skips_head(
 
 def test_pretrained_file_for_another_architecture_is_rejected(tmp_path: Path) -> None:
     path = tmp_path / "tiny.safetensors"
-    save_file(create_model("tiny_resnet").state_dict(), str(path))
+    save_file({k: v.contiguous() for k, v in create_model("tiny_resnet").state_dict().items()}, str(path))
     with pytest.raises(ValueError, match="do not fit"):
         create_model("resnet18", pretrained=str(path))
     with pytest.raises(FileNotFoundError, match="train from scratch"):
