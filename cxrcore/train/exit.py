@@ -61,7 +61,7 @@ def _exit_if_exit_was_swallowed(unraisable: Any, previous: Callable[[Any], objec
         return
     code = getattr(unraisable.exc_value, "code", EXIT_CODE)
     _flush()
-    os._exit(code if isinstance(code, int) else EXIT_CODE)
+    os._exit(0 if code is None else code if isinstance(code, int) else EXIT_CODE)  # as sys.exit's statuses
 
 
 def _flush() -> None:
