@@ -183,7 +183,7 @@ def train_limit(
     from cxrcore.train.engine import run_epoch
 
     torch.manual_seed(0)
-    model = create_model(plan.model, image_size=plan.size).to(device).to(memory_format=torch.channels_last)
+    model = create_model(plan.model, image_size=plan.size).to(device)  # built channels_last
     spec = get_input_spec(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     batches = _device_batches(plan, device)
@@ -250,7 +250,7 @@ def measure_inference(checkpoint: Path, plan: GpuPlan, device: Any, backend: str
     images = list(np.random.default_rng(0).integers(0, 256, (plan.inference_batch, plan.size, plan.size),
                                                     dtype=np.uint8))  # fmt: skip
     predictor_rate = _rate(lambda: predictor.predict_proba(images), plan, device)
-    model = predictor.model.to(memory_format=torch.channels_last)
+    model = predictor.model  # channels_last, as every model is built
     inputs = torch.randn(plan.inference_batch, 1, plan.size, plan.size, device=device)
     inputs = inputs.to(memory_format=torch.channels_last)
     forwards = {"eager": model, **({"compiled": torch.compile(model, backend=backend)} if backend else {})}
