@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import dataclasses
 import importlib
+import io
 import json
 import logging
 import os
@@ -49,6 +50,9 @@ Command = Callable[[argparse.Namespace], int]
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse arguments, run one command, return its exit status (errors become a one-line message)."""
+    for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 prints with escapes, not a crash
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -310,9 +314,12 @@ def _run_on_ray(
 
 
 def _run_ingest(args: argparse.Namespace) -> int:
-    from cxrcore.data.ingest import ingest_dataset
+    from cxrcore.data.ingest import ingest_dataset, scan_ingest_input
 
-    _run_on_ray(args, ingest_dataset, format_ingest_report)
+    config = config_from_args(args.config_cls, args)
+    scanned = scan_ingest_input(config)  # a folder it refuses costs no Ray start
+    _connect(config.address)
+    print(format_ingest_report(ingest_dataset(config, scanned)))
     return 0
 
 

@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -22,11 +23,13 @@ from cxrcore import telemetry
 from cxrcore.config import IngestConfig
 from cxrcore.data import storage
 from cxrcore.data.layout import (
+    LISTED,
     LabelFile,
     LayoutError,
     LayoutScan,
     ManifestEntry,
     decode_image,
+    format_paths,
     scan_layout,
 )
 from cxrcore.data.split import SPLITS, assign_splits, choose_test_sources, duplicate_groups
@@ -66,6 +69,7 @@ WRITE_BATCH_BYTES = 512 * 2**20
 LOCAL_BLOCK_BYTES = 128 * 2**20
 """The most pixel bytes (image and mask) of one decode block on the local cluster, Ray Data's default
 target block size: 1,024 rows at 256 px."""
+_MASK_EXPECTED = "a lung mask marks the lungs white (or 1) on black"
 # Aspect ratios of an image and its mask may differ this much before the pair is considered mismatched.
 MASK_ASPECT_TOLERANCE = 0.05
 
@@ -107,7 +111,12 @@ def decode_pair_batch(batch: dict[str, np.ndarray], size: int, min_side: int) ->
                 mask_errors[i] = str(exc)
             else:
                 masks[i] = resize_mask(mask, size)
-                has_mask[i] = True
+                if masks[i].min() == masks[i].max():  # every pixel lung, or none: no outline to learn from
+                    marked = "every pixel" if masks[i].max() else "no pixel"
+                    mask_errors[i] = f"mask marks {marked} as lung; {_MASK_EXPECTED}"
+                    masks[i] = 0
+                else:
+                    has_mask[i] = True
     return {
         **batch,
         "image": images,
@@ -139,18 +148,24 @@ def decode_and_pack(batch: dict[str, np.ndarray], size: int, min_side: int) -> p
     return table_with_packed_pixels(decode_pair_batch(batch, size, min_side))
 
 
-def ingest_dataset(config: IngestConfig) -> dict[str, Any]:
-    """Run the ingest pipeline described by `config` and return its report (also written to OUT)."""
+def ingest_dataset(
+    config: IngestConfig, scanned: tuple[LayoutScan, set[str]] | None = None
+) -> dict[str, Any]:
+    """Run the ingest pipeline described by `config` and return its report (also written to OUT).
+
+    `scanned` is `scan_ingest_input(config)` when the caller ran it already (`cxr data ingest` does, so a
+    folder it refuses costs no Ray start). Raises LayoutError when no image can be used: nothing is written.
+    """
     import ray
 
     started = time.perf_counter()
-    scan, test_sources = _scan(config)
+    scan, test_sources = scanned or scan_ingest_input(config)
     manifest = _manifest(scan.entries)
     log.info("found %d images in %d classes under %s", len(manifest), len(scan.classes), scan.root)
 
     blocks = _num_blocks(len(manifest), config.size)
     with _ingest_context():  # the dataset and those derived from it keep these settings
-        items = ray.data.from_items(manifest, override_num_blocks=blocks)
+        items = ray.data.from_items(_task_rows(manifest), override_num_blocks=blocks)
     decoded = items.map_batches(
         partial(decode_and_pack, size=config.size, min_side=config.min_side),
         batch_size=max(1, math.ceil(len(manifest) / blocks)),  # a block at a time (DECODE_BATCH_SIZE)
@@ -161,6 +176,8 @@ def ingest_dataset(config: IngestConfig) -> dict[str, Any]:
     timings["index"] = time.perf_counter() - started - sum(timings.values())
 
     ok = index["error"] == ""
+    if not ok.any():
+        raise LayoutError(_nothing_usable(scan.root, manifest, index))
     rows = index[ok].reset_index(drop=True)
     labels = [manifest[r]["label"] for r in rows["row_id"]]
     groups = duplicate_groups(
@@ -222,6 +239,7 @@ def ingest_dataset(config: IngestConfig) -> dict[str, Any]:
     timings["write"] = time.perf_counter() - started - sum(timings.values())
 
     report = _report(config, scan.root, manifest, index, labels, splits, groups, started)
+    report["duplicates"]["across_classes"] = _across_classes(rows, labels, manifest)
     report.update(_source_report(sources, splits, test_sources), labels=_label_report(scan))
     report["warnings"] = _warnings(report)
     report["seconds_by_stage"] = {stage: round(seconds, 2) for stage, seconds in timings.items()}
@@ -385,8 +403,9 @@ def _unpack_pixels(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return batch
 
 
-def _scan(config: IngestConfig) -> tuple[LayoutScan, set[str]]:
-    """Scan RAW and settle what the flags ask of it before any decoding: labels, held-out sources."""
+def scan_ingest_input(config: IngestConfig) -> tuple[LayoutScan, set[str]]:
+    """Scan RAW and settle what the flags ask of it before any decoding (and without Ray): labels, held-out
+    sources. Raises LayoutError for a folder the ingest would refuse."""
     label_file = LabelFile.from_flags(config.labels, config.label_column, config.file_column)
     scan = scan_layout(config.raw, label_file, config.label_map())
     refusal = scan.refusal()
@@ -395,7 +414,20 @@ def _scan(config: IngestConfig) -> tuple[LayoutScan, set[str]]:
     return scan, choose_test_sources(config.test_source_names(), scan.sources)
 
 
-def _decode_file(path: str) -> np.ndarray:
+def _nothing_usable(root: str, manifest: list[dict[str, Any]], index: Any) -> str:
+    """Why an ingest whose every image was rejected wrote nothing: each file and its reason."""
+    reasons = [
+        (manifest[r]["image_path"], reason) for r, reason in zip(index["row_id"], index["error"], strict=True)
+    ]
+    lines = [f"none of the {len(reasons)} images under {root} could be used; nothing was written:"]
+    lines += [f"  {format_paths([path], root)}: {reason}" for path, reason in reasons[:LISTED]]
+    if len(reasons) > LISTED:
+        lines.append(f"  and {len(reasons) - LISTED} more (`cxr data check {root}` lists every file)")
+    return "\n".join(lines)
+
+
+def _decode_file(path: str | bytes) -> np.ndarray:
+    path = os.fsdecode(path)
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
@@ -417,9 +449,30 @@ def _manifest(entries: list[ManifestEntry]) -> list[dict[str, Any]]:
     ]  # fmt: skip
 
 
+def _task_rows(manifest: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The manifest as the decode tasks' input: paths as the file system's bytes (`os.fsencode`), so a name
+    that is not UTF-8 (Latin-1 names from a Windows zip, say) reaches its task, where Arrow holds only
+    UTF-8 text; and each file name as text, such a name's odd bytes written as escapes (\\xe9)."""
+    return [
+        {
+            **row,
+            "image_path": os.fsencode(row["image_path"]),
+            "mask_path": os.fsencode(row["mask_path"]),
+            "file": printable_name(row["file"]),
+        }
+        for row in manifest
+    ]
+
+
+def printable_name(name: str) -> str:
+    """A file name as UTF-8 text: the bytes of a name that is not UTF-8 as escapes (b'caf\\xe9.png' reads
+    'caf\\xe9.png'); any other name unchanged."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _shuffle_key(entry: Any) -> str:
     """A fixed pseudo-random row order, so classes are interleaved in every file and training shard."""
-    return hashlib.sha256(f"{entry.label}/{entry.file}".encode()).hexdigest()
+    return hashlib.sha256(f"{entry.label}/{entry.file}".encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def _content_hash(image: np.ndarray) -> str:
@@ -537,13 +590,33 @@ def _label_report(scan: LayoutScan) -> dict[str, Any]:
     }
 
 
+def _across_classes(
+    rows: Any, labels: list[str], manifest: list[dict[str, Any]]
+) -> list[list[dict[str, str]]]:
+    """The pictures found under more than one class (the same decoded pixels): each as its files and their
+    classes. Ingest keeps them, in one split; one of the labels is wrong."""
+    files: dict[str, list[dict[str, str]]] = {}
+    for row_id, sha, label in zip(rows["row_id"], rows["sha256"], labels, strict=True):
+        files.setdefault(sha, []).append({"path": manifest[row_id]["image_path"], "label": label})
+    return [group for group in files.values() if len({item["label"] for item in group}) > 1]
+
+
 def _warnings(report: dict[str, Any]) -> list[str]:
-    """Classes that nothing in train teaches: too few images, or all of them from held-out sources."""
-    return [
+    """Classes that nothing in train teaches (too few images, or all of them from held-out sources), and
+    pictures labelled with two classes."""
+    warnings = [
         f"{label} has no training images ({counts['val']} in val, {counts['test']} in test)"
         for label, counts in report["by_class_split"].items()
         if counts["train"] == 0
     ]
+    if groups := report["duplicates"].get("across_classes"):
+        root = report["raw"]
+        example = " = ".join(f"{format_paths([item['path']], root)} ({item['label']})" for item in groups[0])
+        warnings.append(
+            f"{len(groups)} pictures are under two classes or more (the same pixels), e.g. {example}: one of "
+            f"the labels is wrong; every one is listed under duplicates.across_classes in {REPORT_NAME}"
+        )
+    return warnings
 
 
 def _fingerprint(index: Any, labels: list[str], splits: list[str]) -> str:

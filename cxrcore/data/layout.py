@@ -28,7 +28,7 @@ from cxrcore.labels import CLASSES, canonical_class, class_index
 if TYPE_CHECKING:
     import numpy as np
 
-DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
+DICOM_SUFFIXES = frozenset({".dcm", ".dicom", ".ima"})
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}) | DICOM_SUFFIXES
 LABEL_FILE_SUFFIXES = (".csv", ".xlsx")
 # Label file columns tried in order when --file-column / --label-column are not given; compared without
@@ -219,9 +219,11 @@ def check_layout(
     scan = scan_layout(root, label_file, label_map)
 
     def inspect(path: str) -> tuple[str, str | None, str | None]:
-        data = Path(path).read_bytes()
         try:
+            data = Path(path).read_bytes()
             decode_image(data, path)
+        except OSError as exc:
+            return path, None, f"cannot read file: {exc.strerror or exc}"
         except ImageDecodeError as exc:
             return path, None, str(exc)
         return path, hashlib.sha256(data).hexdigest(), None
@@ -258,12 +260,16 @@ def decode_image(data: bytes, name: str = "") -> np.ndarray:
     from cxrcore.data.transforms import ImageDecodeError, decode_gray
     from cxrcore.decode import UnsupportedImageTypeError, decode_upload, sniff_format
 
-    if sniff_format(data) != "dicom" and Path(name).suffix.lower() not in DICOM_SUFFIXES:
-        return decode_gray(data)
     try:
+        if sniff_format(data) != "dicom" and Path(name).suffix.lower() not in DICOM_SUFFIXES:
+            return decode_gray(data)
         return decode_upload(data, "application/dicom")
+    except ImageDecodeError:
+        raise
     except UnsupportedImageTypeError as exc:  # multi-frame or compressed beyond the installed plugins
         raise ImageDecodeError(str(exc)) from exc
+    except Exception as exc:  # a decoder's own failure on an odd file: that file is unreadable, not the run
+        raise ImageDecodeError(f"cannot decode: {type(exc).__name__}: {exc}") from exc
 
 
 def class_mapper(label_map: Mapping[str, str]) -> ClassMapper:
@@ -329,9 +335,9 @@ def _scan_class_folders(base: Path, to_class: ClassMapper) -> LayoutScan:
 
 def _note_unknown_folder(folder: Path, scan: LayoutScan) -> None:
     """A folder named like no class: its images have an unmapped label; without images it is only noted."""
-    images = _image_files(_subfolder(folder, "images") or folder)
-    if images and folder.name.casefold() not in _CLASS_SUBFOLDERS:
-        scan.unmapped[folder.name] = [str(p) for p in images.values()]
+    images = _class_images(folder) if folder.name.casefold() not in _CLASS_SUBFOLDERS else []
+    if images:
+        scan.unmapped[folder.name] = [str(path) for _, path in images]
     else:
         scan.unknown_folders.append(str(folder))
 
@@ -355,11 +361,55 @@ def _image_paths(folder: Path) -> list[Path]:
     )
 
 
-def _image_files(folder: Path) -> dict[str, Path]:
-    """Image files in a folder keyed by case-folded stem."""
-    if not folder.is_dir():
-        return {}
-    return {p.stem.casefold(): p for p in _image_paths(folder)}
+def _is_image_file(path: Path) -> bool:
+    """An image by its suffix; a file without one, or with a number for one (a UID such as
+    1.2.840.113619.2.55.3.1234), is a DICOM when its bytes say so, as PACS exports name them."""
+    suffix = path.suffix.lower()
+    if suffix in IMAGE_SUFFIXES:
+        return True
+    if suffix and not suffix[1:].isdigit():
+        return False
+    try:
+        with path.open("rb") as file:
+            return file.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def _images_under(folder: Path, skip: frozenset[str] = frozenset()) -> list[tuple[str, Path]]:
+    """Image files in `folder` and every folder below it (one per patient or study, as exports nest them),
+    but not in hidden folders or, directly in `folder`, those named in `skip` (case-folded); each with its
+    key, its path from `folder` without the suffix, case-folded: an image and its mask share one. Sorted."""
+    found: list[tuple[str, Path]] = []
+    seen: set[str] = set()  # folders already walked, by real path: a link to a parent is walked once
+    for here, folders, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(here)
+        if real in seen:
+            folders[:] = []
+            continue
+        seen.add(real)
+        top = Path(here) == folder
+        folders[:] = sorted(
+            name for name in folders if not name.startswith(".") and not (top and name.casefold() in skip)
+        )
+        for name in sorted(files):
+            path = Path(here, name)
+            if not name.startswith(".") and _is_image_file(path):
+                found.append((_pairing_key(path.relative_to(folder)), path))
+    return found
+
+
+def _pairing_key(relative: Path) -> str:
+    return relative.with_suffix("").as_posix().casefold()
+
+
+def _class_images(folder: Path) -> list[tuple[str, Path]]:
+    """A class folder's images with their keys: those in `images/` (keyed from there) and any elsewhere in
+    the folder, but not in `masks/`."""
+    images_dir = _subfolder(folder, "images")
+    if images_dir is None:
+        return _images_under(folder, skip=frozenset({"masks"}))
+    return _images_under(images_dir) + _images_under(folder, skip=_CLASS_SUBFOLDERS)
 
 
 def _subfolder(folder: Path, name: str) -> Path | None:
@@ -369,35 +419,41 @@ def _subfolder(folder: Path, name: str) -> Path | None:
 def _scan_class(
     folder: Path, label: str, report: ClassReport, scan: LayoutScan, metadata_path: Path | None
 ) -> None:
-    images_dir = _subfolder(folder, "images") or folder
+    images = _class_images(folder)
     masks_dir = _subfolder(folder, "masks")
-    images = _image_files(images_dir)
-    masks = _image_files(masks_dir) if masks_dir else {}
+    masks: dict[str, Path] = {}
+    for key, found in _images_under(masks_dir) if masks_dir else []:
+        masks.setdefault(key, found)
     urls = _read_metadata(metadata_path) if metadata_path else {}
+    images_dir = _subfolder(folder, "images")
 
-    for stem, image in images.items():
-        mask = masks.get(stem)
-        url = urls.get(stem)
+    for key, image in images:
+        mask = masks.get(key)
+        url = urls.get(image.stem.casefold())
+        base = images_dir if images_dir is not None and image.is_relative_to(images_dir) else folder
         scan.entries.append(
             ManifestEntry(
                 image_path=str(image),
                 mask_path=str(mask) if mask else None,
                 label=label,
-                file=image.name,
+                file=image.relative_to(base).as_posix(),
                 url=url,
                 source=source_of(url),
             )
         )
+    keys = {key for key, _ in images}
+    paired = sum(1 for key, _ in images if key in masks)
     report.images += len(images)
     report.masks += len(masks)
-    report.pairs += len(images.keys() & masks.keys())
-    report.images_without_mask += len(images.keys() - masks.keys())
-    orphans = sorted(str(masks[s]) for s in masks.keys() - images.keys())
+    report.pairs += paired
+    report.images_without_mask += len(images) - paired
+    orphans = sorted(str(masks[key]) for key in masks.keys() - keys)
     report.masks_without_image += len(orphans)
     scan.orphan_masks.extend(orphans)
     if metadata_path is not None:
-        report.metadata_matched += len(images.keys() & urls.keys())
-        unmatched = sorted(urls.keys() - images.keys())
+        stems = {image.stem.casefold() for _, image in images}
+        report.metadata_matched += sum(1 for _, image in images if image.stem.casefold() in urls)
+        unmatched = sorted(urls.keys() - stems)
         report.metadata_unmatched += len(unmatched)
         if unmatched:
             scan.unmatched_metadata[str(metadata_path)] = unmatched
@@ -549,6 +605,12 @@ def _nothing_found(scan: LayoutScan) -> str:
     base = Path(scan.root)
     folders = sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
     if scan.label_file is None:
+        if scan.classes:  # class folders, all without an image
+            named = ", ".join(name for name in folders if str(base / name) not in scan.unknown_folders)
+            return (
+                f"the class folders under {base} ({named}) hold no image files: expected PNG, JPEG, BMP, "
+                "TIFF or DICOM files in them, in images/ or in folders below (masks/ holds masks)"
+            )
         found = ", ".join(folders) or "no folders"
         if loose := _image_paths(base):
             found += f", and {len(loose)} images directly inside: pass --labels FILE to label those"

@@ -7,7 +7,7 @@ import warnings
 from collections.abc import Callable
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Refuse decompression bombs: a chest X-ray is at most a few thousand pixels a side.
 MAX_IMAGE_PIXELS = 8192 * 8192
@@ -19,7 +19,8 @@ class ImageDecodeError(ValueError):
 
 
 def decode_gray(data: bytes) -> np.ndarray:
-    """Decode PNG/JPEG/... bytes into a uint8 H×W grayscale array (8/16-bit, gray/RGB/RGBA, palette)."""
+    """Decode PNG/JPEG/... bytes into a uint8 H×W grayscale array (8/16-bit, gray/RGB/RGBA, palette),
+    upright as a viewer shows it: an EXIF orientation (phones, some scanners' JPEGs) is applied."""
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
     try:
@@ -28,6 +29,7 @@ def decode_gray(data: bytes) -> np.ndarray:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:
                 img.load()
+                ImageOps.exif_transpose(img, in_place=True)
                 return to_gray_uint8(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError(f"image too large: {exc}") from exc
@@ -109,6 +111,8 @@ def scale_levels_to_uint8(
     more than LEVEL_TABLE_MAX levels, and float images, are computed per pixel.
     """
     if arr.dtype.kind in "iu" and arr.size:
+        if not arr.dtype.isnative:  # big-endian files ("I;16B" TIFFs, Explicit VR Big Endian DICOM)
+            arr = arr.astype(arr.dtype.newbyteorder("="))
         lo, hi = int(arr.min()), int(arr.max())
         if hi - lo < LEVEL_TABLE_MAX:
             return _scale_through_table(arr, lo, hi, transform)
@@ -146,8 +150,12 @@ def resize_image(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    """Resize a lung mask to size×size and binarise it to {0, 255}."""
-    binary = np.where(mask > 127, 255, 0).astype(np.uint8)
+    """Resize a lung mask to size×size and binarise it to {0, 255}.
+
+    Lung is above mid-grey (> 127), as in 0/255 masks and their JPEG copies; in a mask whose every value
+    is below 128 (0/1 masks, 1/2 labelling each lung, lungs in pure red), every non-zero pixel is lung."""
+    threshold = 127 if mask.size and int(mask.max()) > 127 else 0
+    binary = np.where(mask > threshold, 255, 0).astype(np.uint8)
     if binary.shape != (size, size):
         binary = np.asarray(Image.fromarray(binary).resize((size, size), Image.Resampling.NEAREST))
     return binary

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -17,7 +18,9 @@ from PIL import Image
 from cxrcore.config import IngestConfig
 from cxrcore.data import ingest as ingest_module
 from cxrcore.data.ingest import ingest_dataset, read_report, read_split, read_table
+from cxrcore.data.layout import LayoutError
 from cxrcore.data.synthetic import write_synthetic_dataset
+from cxrcore.data.transforms import resize_image, scale_to_uint8
 from tests.conftest import lung_mask, write_png, xray
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_session")]
@@ -177,6 +180,62 @@ def test_rerun_gives_the_same_dataset_and_a_failed_run_never_looks_complete(
     with pytest.raises(KeyboardInterrupt):  # an interrupted re-run leaves the finished dataset intact
         ingest_dataset(IngestConfig(raw=str(root), out=again, size=SIZE, seed=2))
     assert read_report(again)["fingerprint"] == report["fingerprint"]
+
+
+def test_another_hospitals_oddities_are_ingested_or_named_and_an_all_bad_folder_writes_nothing(
+    tmp_path: Path,
+) -> None:
+    """A name that is not UTF-8, a big-endian 16-bit TIFF, a patient folder, a 0/1 mask, an empty mask and
+    one picture under two classes: each ingested as a viewer shows it, or named in the report."""
+    root = tmp_path / "hospital"
+    normal = root / "Normal"
+    latin1 = write_png(normal / os.fsdecode(b"caf\xe9.png"), xray(1))
+    levels = (xray(2).astype(np.uint16) * 16).astype(">u2")
+    Image.fromarray(levels).save(normal / "scanner.tif")
+    write_png(normal / "patient_7/study/n1.png", xray(3))
+    write_png(root / "Viral Pneumonia/again.png", xray(3))  # n1.png's picture, labelled otherwise
+    write_png(root / "COVID/images/c1.png", xray(4))
+    write_png(root / "COVID/masks/c1.png", lung_mask() // 255)
+    write_png(root / "COVID/images/c2.png", xray(5))
+    write_png(root / "COVID/masks/c2.png", np.zeros((80, 80), np.uint8))
+    out = tmp_path / "dataset"
+    report = ingest_dataset(IngestConfig(raw=str(root), out=str(out), size=SIZE))
+
+    assert (report["found"], report["ingested"], report["rejected"]) == (6, 6, [])
+    table = read_table(str(out), ["file", "image", "has_mask"]).to_pandas().set_index("file")
+    assert sorted(table.index) == [
+        "again.png",
+        "c1.png",
+        "c2.png",
+        "caf\\xe9.png",
+        "patient_7/study/n1.png",
+        "scanner.tif",
+    ]
+    np.testing.assert_array_equal(  # the TIFF's values, not its bytes read in the wrong order
+        np.frombuffer(table.loc["scanner.tif", "image"], np.uint8).reshape(SIZE, SIZE),
+        resize_image(scale_to_uint8(levels.astype(np.uint16)), SIZE),
+    )
+    assert table.loc["c1.png", "has_mask"] and not table.loc["c2.png", "has_mask"]
+    assert [(Path(p["path"]).name, "no pixel as lung" in p["reason"]) for p in report["mask_problems"]] == [
+        ("c2.png", True)
+    ]
+    [pair] = report["duplicates"]["across_classes"]
+    assert sorted((Path(item["path"]).name, item["label"]) for item in pair) == [
+        ("again.png", "Viral Pneumonia"),
+        ("n1.png", "Normal"),
+    ]
+    assert any("under two classes or more" in warning for warning in report["warnings"])
+
+    # Nothing usable: a clear error naming each file and why, and no dataset.
+    for path in (latin1, normal / "scanner.tif"):
+        path.write_bytes(b"")
+    for folder in ("patient_7", "../Viral Pneumonia", "../COVID"):
+        shutil.rmtree(normal / folder)
+    with pytest.raises(
+        LayoutError, match=r"(?s)none of the 2 images .* nothing was written:\n  Normal/.*empty file"
+    ):
+        ingest_dataset(IngestConfig(raw=str(root), out=str(tmp_path / "none"), size=SIZE))
+    assert not (tmp_path / "none").exists()
 
 
 def test_real_sample(real_sample: Path, tmp_path: Path) -> None:

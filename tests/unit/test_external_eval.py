@@ -42,6 +42,7 @@ def write_dataset(
     fingerprint: str,
     sources: list[str] | None = None,
     test_sources: list[str] | None = None,
+    size: int = SIZE,
 ) -> str:
     """A finished dataset as ingest writes it: hive split folders of Parquet and ingest_report.json.
 
@@ -49,11 +50,11 @@ def write_dataset(
     sources names each row's source ("site" for all by default); test_sources goes into the report, as
     `--test-sources` puts it there.
     """
-    images = [xray(seed, size=SIZE) for _, _, seed in rows]
+    images = [xray(seed, size=size) for _, _, seed in rows]
     table = pa.table(
         {
             "image": [image.ravel() for image in images],
-            "mask": [np.zeros(SIZE * SIZE, dtype=np.uint8)] * len(rows),
+            "mask": [np.zeros(size * size, dtype=np.uint8)] * len(rows),
             "has_mask": [False] * len(rows),
             "label": [label for label, _, _ in rows],
             "label_index": np.array([CLASSES.index(label) for label, _, _ in rows], dtype=np.int64),
@@ -64,7 +65,7 @@ def write_dataset(
         }
     )
     pads.write_dataset(table, root, format="parquet", partitioning=["split"], partitioning_flavor="hive")
-    report = {"fingerprint": fingerprint, "config": {"size": SIZE}}
+    report = {"fingerprint": fingerprint, "config": {"size": size}}
     if test_sources:
         report["test_sources"] = test_sources
     (root / "ingest_report.json").write_text(json.dumps(report))
@@ -171,6 +172,27 @@ def test_own_dataset_is_scored_on_its_test_split_without_an_external_block(
     assert metrics["n"] == 4 and "external" not in metrics and "internal_comparison" not in metrics
     assert "source_holdout" not in metrics  # ingest held no source out
     assert metrics["evaluated"]["note"] is None
+
+
+def test_data_ingested_at_another_size_is_refused_naming_the_size_to_ingest_it_at(
+    world: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Serve resizes an upload once, from its original: images stored at another size would be scored
+    resized twice, an input the served model never sees."""
+    other = write_dataset(tmp_path / "wide", [("COVID", "test", 1), ("Normal", "test", 2)], "other", size=96)
+    args = [
+        "evaluate",
+        "--checkpoint",
+        str(world["checkpoint"]),
+        "--data",
+        other,
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "holds images ingested at 96 px" in err and f"--size {SIZE}" in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
 
 
 def test_split_all_on_the_own_dataset_warns_that_it_includes_training_images() -> None:

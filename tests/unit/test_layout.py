@@ -158,6 +158,44 @@ def test_class_folders_holding_images_directly_a_subset_of_classes_and_dicom(tmp
     assert decode_image(headless, "d.dcm").shape == (120, 100)
 
 
+def test_exports_nested_per_patient_with_extensionless_dicoms_are_read_whole(tmp_path: Path) -> None:
+    """A PACS export: a folder per patient and study, DICOMs named by number or UID, masks nested alike;
+    images loose beside images/, and two files of one name in two formats, are all kept."""
+    root = tmp_path / "pacs"
+    covid = root / "COVID"
+    for patient in ("p1/study1", "p2"):
+        (covid / "images" / patient).mkdir(parents=True)
+        (covid / "images" / patient / "IM0001").write_bytes(_chest_dicom(len(patient)))
+    (covid / "images/p2/1.2.840.113619.2.55.3.1234").write_bytes(_chest_dicom(5))
+    write_png(covid / "masks/p1/study1/IM0001.png", lung_mask())
+    write_png(covid / "loose.png", xray(1))
+    (covid / "images/p2/notes.txt").write_text("not an image")
+    (covid / "images/p2/IM0002").write_bytes(b"no DICOM signature")
+    write_png(root / "Normal/same.png", xray(2))
+    write_png(root / "Normal/same.jpg", xray(3))
+    scan = scan_layout(root)
+    files = {
+        entry.label: sorted(e.file for e in scan.entries if e.label == entry.label) for entry in scan.entries
+    }
+    assert files == {
+        "COVID": ["loose.png", "p1/study1/IM0001", "p2/1.2.840.113619.2.55.3.1234", "p2/IM0001"],
+        "Normal": ["same.jpg", "same.png"],
+    }
+    masks = {entry.file: entry.mask_path for entry in scan.entries}
+    assert masks["p1/study1/IM0001"] == str(covid / "masks/p1/study1/IM0001.png")
+    assert masks["p2/IM0001"] is None  # same name, another patient: not its mask
+    assert (scan.classes["COVID"].images, scan.classes["COVID"].pairs, scan.orphan_masks) == (4, 1, [])
+    assert check_layout(root).unreadable == []  # each extensionless file kept is a readable DICOM
+
+
+def test_class_folders_without_an_image_file_are_named_in_the_error(tmp_path: Path) -> None:
+    (tmp_path / "raw/COVID/images").mkdir(parents=True)
+    (tmp_path / "raw/Normal").mkdir()
+    (tmp_path / "raw/Normal/readme.txt").write_text("exported 2026-11-30")
+    with pytest.raises(LayoutError, match=r"class folders under .*raw \(COVID, Normal\) hold no image files"):
+        scan_layout(tmp_path / "raw")
+
+
 def test_folder_names_map_like_labels_and_a_folder_that_maps_to_none_is_refused(tmp_path: Path) -> None:
     root = tmp_path / "export"
     write_png(root / "COVID-19/a.png", xray(1))
@@ -308,6 +346,11 @@ def test_check_and_ingest_refuse_unmapped_labels_with_their_files(
         LayoutError, match=r"(?s)'Tuberculosis' maps to no class \(1\): img3.png.*--skip-unmapped"
     ):
         ingest_dataset(config)
+    assert not (tmp_path / "ds").exists()
+    # `cxr data ingest` refuses it before it starts Ray.
+    monkeypatch.setattr("cxrcore.cli._connect", lambda address: pytest.fail("Ray started"))
+    assert main(["data", "ingest", "export", "ds", *args[3:]]) == 2
+    assert "'Tuberculosis' maps to no class (1): img3.png" in capsys.readouterr().err
     assert not (tmp_path / "ds").exists()
 
 

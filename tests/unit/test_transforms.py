@@ -44,6 +44,29 @@ def test_decode_16_bit_uses_the_full_range() -> None:
     assert np.all(np.diff(decoded.flatten().astype(int)) >= 0)  # monotonic, not clipped at 255
 
 
+def test_a_big_endian_16_bit_file_decodes_as_its_little_endian_twin() -> None:
+    """Scanners write TIFFs in Motorola byte order ("MM", Pillow's "I;16B"): the values, not the bytes."""
+    levels = (np.arange(64 * 80).reshape(64, 80) * 7 % 4000).astype(np.uint16)
+    big = _encode(Image.fromarray(levels.astype(">u2")), "TIFF")
+    assert big[:2] == b"MM"
+    decoded = decode_gray(big)
+    np.testing.assert_array_equal(decoded, decode_gray(_encode(Image.fromarray(levels))))
+    np.testing.assert_array_equal(scale_levels_to_uint8(levels.astype(">u2")), scale_levels_to_uint8(levels))
+
+
+@pytest.mark.parametrize(("orientation", "turn"), [(3, 2), (6, -1), (8, 1)])
+def test_a_jpeg_is_decoded_upright_as_its_exif_orientation_says(orientation: int, turn: int) -> None:
+    """A phone or scanner JPEG stored sideways with an EXIF orientation: every viewer shows it upright."""
+    image = np.zeros((40, 60), np.uint8)
+    image[:10, :10] = 255  # a marker in the top-left corner
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, "JPEG", exif=exif, quality=95)
+    stored = np.asarray(Image.open(io.BytesIO(buffer.getvalue())))
+    np.testing.assert_array_equal(decode_gray(buffer.getvalue()), np.rot90(stored, turn))
+
+
 @pytest.mark.parametrize(
     ("height", "width", "shared"),
     [
@@ -120,6 +143,19 @@ def test_resize_and_mask_binarisation() -> None:
     small = resize_mask(mask, 64)
     assert small.shape == (64, 64) and set(np.unique(small)) == {0, 255}
     assert small[32, 16] == 255 and small[0, 0] == 0
+
+
+@pytest.mark.parametrize(
+    ("lung", "background"), [(1, 0), (2, 0), (76, 0)], ids=["0/1", "label 2", "red lungs' luma"]
+)
+def test_a_mask_whose_values_all_lie_below_mid_grey_marks_every_non_zero_pixel(
+    lung: int, background: int
+) -> None:
+    mask = np.full((128, 128), background, np.uint8)
+    mask[32:96, 16:48] = lung
+    mask[32:96, 80:112] = 1  # the other lung labelled 1
+    binary = resize_mask(mask, 64)
+    np.testing.assert_array_equal(binary, np.where(mask[::2, ::2] > 0, 255, 0))
 
 
 def test_scale_to_uint8_constant_input() -> None:

@@ -1,0 +1,83 @@
+"""The ingest's decode of one block, without Ray: every file ends as pixels or as a reason, never a crash."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cxrcore.data import transforms
+from cxrcore.data.ingest import _task_rows, decode_pair_batch, printable_name
+from tests.conftest import lung_mask, write_png, xray
+
+SIZE = 32
+
+
+def _decode(pairs: list[tuple[Path | bytes, Path | str]]) -> dict[str, np.ndarray]:
+    return decode_pair_batch(
+        {
+            "image_path": np.asarray([os.fsencode(image) for image, _ in pairs], dtype=object),
+            "mask_path": np.asarray([os.fsencode(mask) for _, mask in pairs], dtype=object),
+        },
+        SIZE,
+        16,
+    )
+
+
+def test_masks_that_mark_no_lung_or_only_lung_are_reported_and_a_0_1_mask_is_kept(tmp_path: Path) -> None:
+    masks = {
+        "empty": np.zeros((80, 80), np.uint8),
+        "full": np.full((80, 80), 255, np.uint8),
+        "zero-one": lung_mask() // 255,
+        "usual": lung_mask(),
+    }
+    pairs = []
+    for i, (name, mask) in enumerate(masks.items()):
+        pairs.append(
+            (
+                write_png(tmp_path / f"images/{name}.png", xray(i)),
+                write_png(tmp_path / f"masks/{name}.png", mask),
+            )
+        )
+    decoded = _decode(pairs)
+    assert list(decoded["error"]) == [""] * 4
+    assert list(decoded["has_mask"]) == [False, False, True, True]
+    assert (
+        "no pixel as lung" in decoded["mask_error"][0] and "every pixel as lung" in decoded["mask_error"][1]
+    )
+    assert list(decoded["mask_error"][2:]) == ["", ""]
+    assert not decoded["mask"][:2].any()  # a refused mask is stored as none
+    np.testing.assert_array_equal(decoded["mask"][2], decoded["mask"][3])  # 0/1 reads as 0/255 does
+
+
+def test_a_decoder_failing_on_one_file_costs_that_file_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    good = write_png(tmp_path / "good.png", xray(1))
+    odd = write_png(tmp_path / "odd.png", xray(2, size=90))
+    to_gray = transforms.to_gray_uint8
+
+    def crashes_on_the_odd_one(img: object) -> np.ndarray:
+        if getattr(img, "width", 0) == 90:
+            raise IndexError("index 37657 is out of bounds for axis 0 with size 3500")
+        return to_gray(img)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(transforms, "to_gray_uint8", crashes_on_the_odd_one)
+    decoded = _decode([(good, ""), (odd, "")])
+    assert decoded["error"][0] == "" and decoded["image"][0].any()
+    assert (
+        decoded["error"][1]
+        == "cannot decode: IndexError: index 37657 is out of bounds for axis 0 with size 3500"
+    )
+
+
+def test_a_file_name_that_is_not_utf8_is_read_and_stored_as_printable_text(tmp_path: Path) -> None:
+    latin1 = os.fsdecode(b"caf\xe9.png")  # as `unzip` leaves a Windows zip's names
+    path = write_png(tmp_path / latin1, xray(3))
+    decoded = _decode([(path, "")])
+    assert decoded["error"][0] == "" and decoded["image"][0].any()
+    assert printable_name(latin1) == "caf\\xe9.png" and printable_name("Lunge_ß.png") == "Lunge_ß.png"
+    [row] = _task_rows([{"image_path": str(path), "mask_path": "", "file": latin1}])
+    assert row["image_path"] == os.fsencode(path) and row["file"].encode("utf-8") == b"caf\\xe9.png"
