@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from cxrcore.data.layout import MIN_SIDE
 from cxrcore.labels import CLASSES, canonical_class
 
 C = TypeVar("C")
@@ -92,7 +93,7 @@ class IngestConfig:
     near_duplicate_bits: int = option(
         12, "perceptual-hash distance (bits of 256) up to which two images count as near duplicates"
     )
-    min_side: int = option(64, "images smaller than this (pixels, either side) are rejected")
+    min_side: int = option(MIN_SIDE, "images smaller than this (pixels, either side) are rejected")
     labels: str | None = option(
         None, "CSV or XLSX naming each image and its label; RAW is then a flat folder of images"
     )

@@ -84,7 +84,7 @@ def format_scan(scan: LayoutScan, skip_unmapped: bool = False) -> str:
     data = scan.to_dict()
     columns = [
         ("images", "images"), ("masks", "masks"), ("pairs", "pairs"), ("no mask", "images_without_mask"),
-        ("orphan masks", "masks_without_image"), ("unreadable", "unreadable"),
+        ("orphan masks", "masks_without_image"), ("unusable", "unreadable"),
         ("duplicates", "exact_duplicates"), ("meta ok", "metadata_matched"),
         ("meta unmatched", "metadata_unmatched"),
     ]  # fmt: skip
@@ -96,7 +96,9 @@ def format_scan(scan: LayoutScan, skip_unmapped: bool = False) -> str:
     for folder in scan.unknown_folders:
         out.append(f"folder with no class and no images (skipped): {folder}")
     for item in scan.unreadable:
-        out.append(f"unreadable: {item['path']}: {item['reason']}")
+        out.append(f"unusable: {item['path']}: {item['reason']}")
+    for item in scan.mask_problems:
+        out.append(f"mask ignored: {item['path']}: {item['reason']}")
     for group in scan.duplicate_groups:
         out.append("identical files: " + ", ".join(group))
     for path in scan.orphan_masks[:20]:

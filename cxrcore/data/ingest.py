@@ -30,6 +30,8 @@ from cxrcore.data.layout import (
     ManifestEntry,
     decode_image,
     format_paths,
+    image_problem,
+    mask_problem,
     scan_layout,
 )
 from cxrcore.data.split import SPLITS, assign_splits, choose_test_sources, duplicate_groups
@@ -69,9 +71,6 @@ WRITE_BATCH_BYTES = 512 * 2**20
 LOCAL_BLOCK_BYTES = 128 * 2**20
 """The most pixel bytes (image and mask) of one decode block on the local cluster, Ray Data's default
 target block size: 1,024 rows at 256 px."""
-_MASK_EXPECTED = "a lung mask marks the lungs white (or 1) on black"
-# Aspect ratios of an image and its mask may differ this much before the pair is considered mismatched.
-MASK_ASPECT_TOLERANCE = 0.05
 
 
 def decode_pair_batch(batch: dict[str, np.ndarray], size: int, min_side: int) -> dict[str, np.ndarray]:
@@ -88,13 +87,11 @@ def decode_pair_batch(batch: dict[str, np.ndarray], size: int, min_side: int) ->
     for i in range(n):
         try:
             original = _decode_file(batch["image_path"][i])
-            height, width = original.shape
-            if min(height, width) < min_side:
-                raise ImageDecodeError(f"image too small ({width}×{height}, minimum side {min_side})")
-            if original.min() == original.max():
-                raise ImageDecodeError(f"blank image (every pixel is {original.min()})")
         except ImageDecodeError as exc:
             errors[i] = str(exc)
+            continue
+        if problem := image_problem(original, min_side):
+            errors[i] = problem
             continue
         sha256[i] = _content_hash(original)
         images[i] = resize_image(original, size)
@@ -103,20 +100,14 @@ def decode_pair_batch(batch: dict[str, np.ndarray], size: int, min_side: int) ->
         if mask_path:
             try:
                 mask = _decode_file(mask_path)
-                if abs(mask.shape[1] / mask.shape[0] - width / height) > MASK_ASPECT_TOLERANCE:
-                    raise ImageDecodeError(
-                        f"mask shape {mask.shape[1]}×{mask.shape[0]} does not match image {width}×{height}"
-                    )
             except ImageDecodeError as exc:
                 mask_errors[i] = str(exc)
+                continue
+            if problem := mask_problem(mask, original.shape):
+                mask_errors[i] = problem
             else:
                 masks[i] = resize_mask(mask, size)
-                if masks[i].min() == masks[i].max():  # every pixel lung, or none: no outline to learn from
-                    marked = "every pixel" if masks[i].max() else "no pixel"
-                    mask_errors[i] = f"mask marks {marked} as lung; {_MASK_EXPECTED}"
-                    masks[i] = 0
-                else:
-                    has_mask[i] = True
+                has_mask[i] = True
     return {
         **batch,
         "image": images,

@@ -36,6 +36,10 @@ LABEL_FILE_SUFFIXES = (".csv", ".xlsx")
 FILE_COLUMNS = ("filename", "file", "imagefile", "imagename", "image", "imageid", "imageindex", "path",
                 "filepath", "imagepath")  # fmt: skip
 LABEL_COLUMNS = ("label", "class", "finding", "diagnosis")
+MIN_SIDE = 64
+"""Images smaller than this on either side are refused (`cxr data ingest --min-side`)."""
+MASK_ASPECT_TOLERANCE = 0.05
+"""How much the aspect ratios of an image and its mask may differ before the pair is mismatched."""
 LISTED = 20
 """Files named per problem in messages; the JSON reports keep every one."""
 
@@ -125,6 +129,9 @@ class LayoutScan:
     orphan_masks: list[str] = field(default_factory=list)
     unmatched_metadata: dict[str, list[str]] = field(default_factory=dict)
     unreadable: list[dict[str, str]] = field(default_factory=list)
+    """Images ingest would refuse (undecodable, too small, blank), each with why."""
+    mask_problems: list[dict[str, str]] = field(default_factory=list)
+    """Masks ingest would leave out (undecodable, another shape, no lung or only lung), each with why."""
     duplicate_groups: list[list[str]] = field(default_factory=list)
     checked_files: bool = False
 
@@ -180,6 +187,7 @@ class LayoutScan:
             "orphan_masks": self.orphan_masks,
             "unmatched_metadata": self.unmatched_metadata,
             "unreadable": self.unreadable,
+            "mask_problems": self.mask_problems,
             "duplicate_groups": self.duplicate_groups,
         }
 
@@ -212,45 +220,79 @@ def check_layout(
     label_map: Mapping[str, str] | None = None,
     *,
     workers: int | None = None,
+    min_side: int = MIN_SIDE,
 ) -> LayoutScan:
-    """scan_layout plus a full decode of every image and mask and exact-duplicate detection."""
+    """scan_layout plus a full decode of every image and mask with ingest's checks (`image_problem`,
+    `mask_problem`), and exact-duplicate detection."""
     from cxrcore.data.transforms import ImageDecodeError
 
     scan = scan_layout(root, label_file, label_map)
 
-    def inspect(path: str) -> tuple[str, str | None, str | None]:
+    def inspect(entry: ManifestEntry) -> tuple[str | None, str | None, str | None]:
+        """The image's digest, or why ingest would refuse it; why it would leave its mask out."""
         try:
-            data = Path(path).read_bytes()
-            decode_image(data, path)
+            data = Path(entry.image_path).read_bytes()
+            image = decode_image(data, entry.image_path)
         except OSError as exc:
-            return path, None, f"cannot read file: {exc.strerror or exc}"
+            return None, f"cannot read file: {exc.strerror or exc}", None
         except ImageDecodeError as exc:
-            return path, None, str(exc)
-        return path, hashlib.sha256(data).hexdigest(), None
+            return None, str(exc), None
+        problem = image_problem(image, min_side)
+        if problem or not entry.mask_path:
+            return (None if problem else hashlib.sha256(data).hexdigest()), problem, None
+        try:
+            mask = decode_image(Path(entry.mask_path).read_bytes(), entry.mask_path)
+        except OSError as exc:
+            return hashlib.sha256(data).hexdigest(), None, f"cannot read file: {exc.strerror or exc}"
+        except ImageDecodeError as exc:
+            return hashlib.sha256(data).hexdigest(), None, str(exc)
+        return hashlib.sha256(data).hexdigest(), None, mask_problem(mask, image.shape)
 
-    paths = [e.image_path for e in scan.entries] + [e.mask_path for e in scan.entries if e.mask_path]
-    label_of = {e.image_path: e.label for e in scan.entries}
-    label_of.update({e.mask_path: e.label for e in scan.entries if e.mask_path})
     with ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 1) * 2)) as pool:
-        results = list(pool.map(inspect, paths))
+        results = list(pool.map(inspect, scan.entries))
 
-    by_digest: dict[str, list[str]] = defaultdict(list)
-    image_paths = {e.image_path for e in scan.entries}
-    for path, digest, error in results:
-        if error is not None:
-            scan.unreadable.append({"path": path, "reason": error})
-            if path in image_paths:
-                scan.classes[label_of[path]].unreadable += 1
-        elif path in image_paths and digest is not None:
-            by_digest[digest].append(path)
-    for paths_with_digest in by_digest.values():
-        if len(paths_with_digest) > 1:
-            scan.duplicate_groups.append(sorted(paths_with_digest))
-            for path in paths_with_digest[1:]:
-                scan.classes[label_of[path]].exact_duplicates += 1
+    by_digest: dict[str, list[ManifestEntry]] = defaultdict(list)
+    for entry, (digest, problem, mask_trouble) in zip(scan.entries, results, strict=True):
+        if problem is not None:
+            scan.unreadable.append({"path": entry.image_path, "reason": problem})
+            scan.classes[entry.label].unreadable += 1
+        elif digest is not None:
+            by_digest[digest].append(entry)
+        if mask_trouble is not None and entry.mask_path:
+            scan.mask_problems.append({"path": entry.mask_path, "reason": mask_trouble})
+    for same in by_digest.values():
+        if len(same) > 1:
+            ordered = sorted(same, key=lambda entry: entry.image_path)
+            scan.duplicate_groups.append([entry.image_path for entry in ordered])
+            for entry in ordered[1:]:
+                scan.classes[entry.label].exact_duplicates += 1
     scan.duplicate_groups.sort()
     scan.checked_files = True
     return scan
+
+
+def image_problem(image: np.ndarray, min_side: int) -> str | None:
+    """Why a decoded image is no use for training (too small, blank), or None."""
+    height, width = image.shape
+    if min(height, width) < min_side:
+        return f"image too small ({width}×{height}, minimum side {min_side})"
+    if image.min() == image.max():
+        return f"blank image (every pixel is {image.min()})"
+    return None
+
+
+def mask_problem(mask: np.ndarray, image_shape: tuple[int, ...]) -> str | None:
+    """Why a decoded lung mask is no use for its image (another shape, no lung or only lung), or None."""
+    from cxrcore.data.transforms import lung_pixels
+
+    height, width = image_shape[:2]
+    if abs(mask.shape[1] / mask.shape[0] - width / height) > MASK_ASPECT_TOLERANCE:
+        return f"mask shape {mask.shape[1]}×{mask.shape[0]} does not match image {width}×{height}"
+    lung = lung_pixels(mask)
+    if lung.all() or not lung.any():
+        marked = "every pixel" if lung.all() else "no pixel"
+        return f"mask marks {marked} as lung; a lung mask marks the lungs white (or 1) on black"
+    return None
 
 
 def decode_image(data: bytes, name: str = "") -> np.ndarray:

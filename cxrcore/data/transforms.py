@@ -149,13 +149,17 @@ def resize_image(image: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
 
 
-def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    """Resize a lung mask to size×size and binarise it to {0, 255}.
-
-    Lung is above mid-grey (> 127), as in 0/255 masks and their JPEG copies; in a mask whose every value
-    is below 128 (0/1 masks, 1/2 labelling each lung, lungs in pure red), every non-zero pixel is lung."""
+def lung_pixels(mask: np.ndarray) -> np.ndarray:
+    """Where a decoded lung mask marks lung: above mid-grey (> 127), as in 0/255 masks and their JPEG
+    copies; in a mask whose every value is below 128 (0/1 masks, 1/2 labelling each lung, lungs in pure
+    red), every non-zero pixel."""
     threshold = 127 if mask.size and int(mask.max()) > 127 else 0
-    binary = np.where(mask > threshold, 255, 0).astype(np.uint8)
+    return np.asarray(mask > threshold)
+
+
+def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """Resize a lung mask to size×size and binarise it to {0, 255} (`lung_pixels`)."""
+    binary = np.where(lung_pixels(mask), 255, 0).astype(np.uint8)
     if binary.shape != (size, size):
         binary = np.asarray(Image.fromarray(binary).resize((size, size), Image.Resampling.NEAREST))
     return binary

@@ -99,6 +99,31 @@ def test_check_finds_unreadable_files_and_exact_duplicates(raw: Path) -> None:
     assert scan.usable
 
 
+def test_check_refuses_and_leaves_out_what_ingest_would(
+    raw: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`cxr data check` answers for `cxr data ingest`: an image too small or blank, a mask of another
+    shape or marking no lung, are named by both, with the same reasons."""
+    write_png(raw / "COVID/images/COVID-6.png", xray(6, size=8))
+    write_png(raw / "COVID/images/COVID-7.png", np.full((96, 96), 40, np.uint8))
+    write_png(raw / "COVID/masks/COVID-2.png", np.zeros((80, 80), np.uint8))
+    write_png(raw / "COVID/masks/COVID-3.png", np.full((80, 40), 255, np.uint8))
+    scan = check_layout(raw)
+    reasons = {Path(item["path"]).name: item["reason"] for item in scan.unreadable}
+    assert reasons == {
+        "COVID-6.png": "image too small (8×8, minimum side 64)",
+        "COVID-7.png": "blank image (every pixel is 40)",
+    }
+    masks = {Path(item["path"]).name: item["reason"] for item in scan.mask_problems}
+    assert masks.keys() == {"COVID-2.png", "COVID-3.png"}
+    assert masks["COVID-2.png"].startswith("mask marks no pixel as lung")
+    assert masks["COVID-3.png"] == "mask shape 40×80 does not match image 96×96"
+    assert scan.classes["COVID"].unreadable == 2
+    assert main(["data", "check", str(raw), "--skip-unmapped"]) == 0
+    printed = capsys.readouterr().out
+    assert "unusable: " in printed and "image too small" in printed and "mask ignored: " in printed
+
+
 def test_check_reports_unusable_when_nothing_decodes(tmp_path: Path) -> None:
     (tmp_path / "COVID/images").mkdir(parents=True)
     (tmp_path / "COVID/images/COVID-1.png").write_text("not a png")
