@@ -19,8 +19,8 @@ __all__ = ["DualCnn"]
 class DualCnn(nn.Module):
     """Conv stages (2× max pool between them), global average pool, dropout, linear head.
 
-    Input is (B, 2, H, W): the normalised image, then the 0/1 lung mask (ground truth in training,
-    predicted by the UNet at serving time).
+    Input is (B, 2, H, W): the normalised image, then the 0/1 lung mask: the U-Net segmenter's in
+    training, validation and serving alike (`--train-masks dataset` trains on the ground truth).
     """
 
     def __init__(
