@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import urlparse
 
 from cxrcore.labels import CLASSES, canonical_class, class_index
@@ -379,7 +379,7 @@ def _note_unknown_folder(folder: Path, scan: LayoutScan) -> None:
     """A folder named like no class: its images have an unmapped label; without images it is only noted."""
     images = _class_images(folder) if folder.name.casefold() not in _CLASS_SUBFOLDERS else []
     if images:
-        scan.unmapped[folder.name] = [str(path) for _, path in images]
+        scan.unmapped[folder.name] = [image.path for image in images]
     else:
         scan.unknown_folders.append(str(folder))
 
@@ -403,51 +403,70 @@ def _image_paths(folder: Path) -> list[Path]:
     )
 
 
-def _is_image_file(path: Path) -> bool:
+class _ImageFile(NamedTuple):
+    """An image file found below a folder."""
+
+    key: str
+    """Its path from the folder without the suffix, case-folded: an image and its mask share one."""
+    path: str
+    relative: str
+    """Its path from the folder, with `/` between folders."""
+    stem: str
+    """Its name without the suffix, case-folded: what a metadata sheet names."""
+
+
+def _is_image_file(name: str, path: str) -> bool:
     """An image by its suffix; a file without one, or with a number for one (a UID such as
     1.2.840.113619.2.55.3.1234), is a DICOM when its bytes say so, as PACS exports name them."""
-    suffix = path.suffix.lower()
+    suffix = os.path.splitext(name)[1].lower()
     if suffix in IMAGE_SUFFIXES:
         return True
     if suffix and not suffix[1:].isdigit():
         return False
     try:
-        with path.open("rb") as file:
+        with open(path, "rb") as file:
             return file.read(132)[128:] == b"DICM"
     except OSError:
         return False
 
 
-def _images_under(folder: Path, skip: frozenset[str] = frozenset()) -> list[tuple[str, Path]]:
+def _images_under(folder: Path, skip: frozenset[str] = frozenset()) -> list[_ImageFile]:
     """Image files in `folder` and every folder below it (one per patient or study, as exports nest them),
-    but not in hidden folders or, directly in `folder`, those named in `skip` (case-folded); each with its
-    key, its path from `folder` without the suffix, case-folded: an image and its mask share one. Sorted."""
-    found: list[tuple[str, Path]] = []
+    but not in hidden folders or, directly in `folder`, those named in `skip` (case-folded). In name
+    order, a folder's files before its sub-folders'."""
+    found: list[_ImageFile] = []
     seen: set[str] = set()  # folders already walked, by real path: a link to a parent is walked once
-    for here, folders, files in os.walk(folder, followlinks=True):
-        real = os.path.realpath(here)
+
+    def walk(directory: str, prefix: str) -> None:
+        real = os.path.realpath(directory)
         if real in seen:
-            folders[:] = []
-            continue
+            return
         seen.add(real)
-        top = Path(here) == folder
-        folders[:] = sorted(
-            name for name in folders if not name.startswith(".") and not (top and name.casefold() in skip)
-        )
-        for name in sorted(files):
-            path = Path(here, name)
-            if not name.startswith(".") and _is_image_file(path):
-                found.append((_pairing_key(path.relative_to(folder)), path))
+        with os.scandir(directory) as listing:
+            entries = sorted(listing, key=lambda entry: entry.name)
+        below = []
+        for entry in entries:
+            name = entry.name
+            if name.startswith("."):  # hidden, macOS `._*` forks among them
+                continue
+            if entry.is_dir():  # through links too
+                if prefix or name.casefold() not in skip:
+                    below.append(entry)
+            elif _is_image_file(name, entry.path):
+                stem = os.path.splitext(name)[0]
+                found.append(
+                    _ImageFile((prefix + stem).casefold(), entry.path, prefix + name, stem.casefold())
+                )
+        for entry in below:
+            walk(entry.path, f"{prefix}{entry.name}/")
+
+    walk(str(folder), "")
     return found
 
 
-def _pairing_key(relative: Path) -> str:
-    return relative.with_suffix("").as_posix().casefold()
-
-
-def _class_images(folder: Path) -> list[tuple[str, Path]]:
-    """A class folder's images with their keys: those in `images/` (keyed from there) and any elsewhere in
-    the folder, but not in `masks/`."""
+def _class_images(folder: Path) -> list[_ImageFile]:
+    """A class folder's images: those in `images/` (keyed from there) and any elsewhere in the folder, but
+    not in `masks/`."""
     images_dir = _subfolder(folder, "images")
     if images_dir is None:
         return _images_under(folder, skip=frozenset({"masks"}))
@@ -463,39 +482,35 @@ def _scan_class(
 ) -> None:
     images = _class_images(folder)
     masks_dir = _subfolder(folder, "masks")
-    masks: dict[str, Path] = {}
-    for key, found in _images_under(masks_dir) if masks_dir else []:
-        masks.setdefault(key, found)
+    masks: dict[str, str] = {}
+    for mask in _images_under(masks_dir) if masks_dir else []:
+        masks.setdefault(mask.key, mask.path)
     urls = _read_metadata(metadata_path) if metadata_path else {}
-    images_dir = _subfolder(folder, "images")
 
-    for key, image in images:
-        mask = masks.get(key)
-        url = urls.get(image.stem.casefold())
-        base = images_dir if images_dir is not None and image.is_relative_to(images_dir) else folder
+    for image in images:
+        url = urls.get(image.stem)
         scan.entries.append(
             ManifestEntry(
-                image_path=str(image),
-                mask_path=str(mask) if mask else None,
+                image_path=image.path,
+                mask_path=masks.get(image.key),
                 label=label,
-                file=image.relative_to(base).as_posix(),
+                file=image.relative,
                 url=url,
                 source=source_of(url),
             )
         )
-    keys = {key for key, _ in images}
-    paired = sum(1 for key, _ in images if key in masks)
+    keys = {image.key for image in images}
+    paired = sum(1 for image in images if image.key in masks)
     report.images += len(images)
     report.masks += len(masks)
     report.pairs += paired
     report.images_without_mask += len(images) - paired
-    orphans = sorted(str(masks[key]) for key in masks.keys() - keys)
+    orphans = sorted(masks[key] for key in masks.keys() - keys)
     report.masks_without_image += len(orphans)
     scan.orphan_masks.extend(orphans)
     if metadata_path is not None:
-        stems = {image.stem.casefold() for _, image in images}
-        report.metadata_matched += sum(1 for _, image in images if image.stem.casefold() in urls)
-        unmatched = sorted(urls.keys() - stems)
+        report.metadata_matched += sum(1 for image in images if image.stem in urls)
+        unmatched = sorted(urls.keys() - {image.stem for image in images})
         report.metadata_unmatched += len(unmatched)
         if unmatched:
             scan.unmatched_metadata[str(metadata_path)] = unmatched
