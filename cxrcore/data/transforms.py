@@ -30,13 +30,36 @@ def decode_gray(data: bytes) -> np.ndarray:
             with Image.open(io.BytesIO(data)) as img:
                 img.load()
                 ImageOps.exif_transpose(img, in_place=True)
-                return to_gray_uint8(img)
+                gray = to_gray_uint8(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError(f"image too large: {exc}") from exc
     except UnidentifiedImageError as exc:
         raise ImageDecodeError("not an image (unrecognised format)") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageDecodeError(f"corrupt or truncated image: {exc}") from exc
+    if _is_16_bit_colour_png(data) and int(gray.max()) - int(gray.min()) < COLOUR_16_MIN_LEVELS:
+        raise ImageDecodeError(
+            f"16-bit colour PNG whose values lie in its low bits: Pillow reads the top 8 bits of "
+            f"each channel, which hold {int(gray.max()) - int(gray.min()) + 1} levels here; save it as "
+            "16-bit grayscale (mode I;16), which is read whole"
+        )
+    return gray
+
+
+COLOUR_16_MIN_LEVELS = 64
+"""Pillow reads a 16-bit RGB or gray+alpha PNG as 8 bits per channel, the high bytes: fine for values
+spread over the 16 bits, a few levels for 12-bit detector data kept in the low bits (0-15). Such an image
+spanning fewer levels than this is refused rather than trained on as a near-black picture."""
+
+
+def _is_16_bit_colour_png(data: bytes) -> bool:
+    """A PNG with 16 bits per sample and colour or alpha (IHDR colour type 2, 4 or 6)."""
+    return (
+        data[:8] == b"\x89PNG\r\n\x1a\n"
+        and data[12:16] == b"IHDR"
+        and data[24] == 16
+        and data[25] in (2, 4, 6)
+    )
 
 
 def to_gray_uint8(img: Image.Image) -> np.ndarray:

@@ -54,6 +54,37 @@ def test_a_big_endian_16_bit_file_decodes_as_its_little_endian_twin() -> None:
     np.testing.assert_array_equal(scale_levels_to_uint8(levels.astype(">u2")), scale_levels_to_uint8(levels))
 
 
+def _png_16_bit(pixels: np.ndarray, colour_type: int) -> bytes:
+    """A 16-bit PNG of (H, W, C) uint16 pixels, which Pillow cannot write for colour."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    height, width = pixels.shape[:2]
+    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in pixels)
+    header = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_a_16_bit_colour_png_of_detector_values_is_refused_and_one_of_full_range_read() -> None:
+    """Pillow reads 8 of a colour PNG's 16 bits a channel: 12-bit values would be a near-black picture."""
+    twelve = (np.linspace(0, 4095, 64 * 64).reshape(64, 64, 1) * [1, 1, 1]).astype(np.uint16)
+    with pytest.raises(ImageDecodeError, match="16-bit colour PNG whose values lie in its low bits"):
+        decode_gray(_png_16_bit(twelve, 2))
+    grey_alpha = np.concatenate([twelve[..., :1], np.full_like(twelve[..., :1], 65535)], axis=-1)
+    with pytest.raises(ImageDecodeError, match="16 levels here"):
+        decode_gray(_png_16_bit(grey_alpha, 4))
+    full = twelve * 16  # the same picture over the 16 bits
+    np.testing.assert_array_equal(decode_gray(_png_16_bit(full, 2)), (full[..., 0] >> 8).astype(np.uint8))
+
+
 @pytest.mark.parametrize(("orientation", "turn"), [(3, 2), (6, -1), (8, 1)])
 def test_a_jpeg_is_decoded_upright_as_its_exif_orientation_says(orientation: int, turn: int) -> None:
     """A phone or scanner JPEG stored sideways with an EXIF orientation: every viewer shows it upright."""
