@@ -593,13 +593,21 @@ def _across_classes(
 
 
 def _warnings(report: dict[str, Any]) -> list[str]:
-    """Classes that nothing in train teaches (too few images, or all of them from held-out sources), and
-    pictures labelled with two classes."""
-    warnings = [
-        f"{label} has no training images ({counts['val']} in val, {counts['test']} in test)"
-        for label, counts in report["by_class_split"].items()
-        if counts["train"] == 0
-    ]
+    """Classes that nothing in train teaches (too few images, or all of them from held-out sources), or
+    that validation or the test cannot score, and pictures labelled with two classes."""
+    warnings = []
+    for label, counts in report["by_class_split"].items():
+        if counts["train"] == 0:
+            warnings.append(
+                f"{label} has no training images ({counts['val']} in val, {counts['test']} in test)"
+            )
+            continue
+        if missing := [split for split in ("val", "test") if counts[split] == 0]:
+            warnings.append(
+                f"{label} has no {' and no '.join(missing)} images ({sum(counts.values())} in all): no score "
+                f"will say how the model does on it there; more images, or a larger --{missing[0]}-fraction, "
+                "give it some"
+            )
     if groups := report["duplicates"].get("across_classes"):
         root = report["raw"]
         example = " = ".join(f"{format_paths([item['path']], root)} ({item['label']})" for item in groups[0])

@@ -81,3 +81,22 @@ def test_a_file_name_that_is_not_utf8_is_read_and_stored_as_printable_text(tmp_p
     assert printable_name(latin1) == "caf\\xe9.png" and printable_name("Lunge_ß.png") == "Lunge_ß.png"
     [row] = _task_rows([{"image_path": str(path), "mask_path": "", "file": latin1}])
     assert row["image_path"] == os.fsencode(path) and row["file"].encode("utf-8") == b"caf\\xe9.png"
+
+
+def test_the_report_warns_of_classes_no_split_can_score() -> None:
+    from cxrcore.data.ingest import _warnings
+
+    by_class_split = {
+        "COVID": {"train": 3, "val": 0, "test": 0},
+        "Normal": {"train": 8, "val": 1, "test": 0},
+        "Lung_Opacity": {"train": 0, "val": 1, "test": 1},
+        "Viral Pneumonia": {"train": 8, "val": 1, "test": 1},
+    }
+    warnings = _warnings({"by_class_split": by_class_split, "duplicates": {}, "raw": "raw"})
+    assert warnings == [
+        "COVID has no val and no test images (3 in all): no score will say how the model does on it there; "
+        "more images, or a larger --val-fraction, give it some",
+        "Normal has no test images (9 in all): no score will say how the model does on it there; more "
+        "images, or a larger --test-fraction, give it some",
+        "Lung_Opacity has no training images (1 in val, 1 in test)",
+    ]
