@@ -126,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     serve.set_defaults(run=_run_serve)
     predict = commands.add_parser("predict", help="classify image files with a running `cxr serve` endpoint")
-    predict.add_argument("files", nargs="+", metavar="FILE", help="PNG, JPEG or DICOM files")
+    predict.add_argument(
+        "files", nargs="+", metavar="PATH", help="PNG, JPEG or DICOM files, or folders of them (read whole)"
+    )
     predict.add_argument("--url", default="http://127.0.0.1:8000", help="server URL (default: %(default)s)")
     predict.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
     predict.set_defaults(run=_run_predict)
@@ -527,35 +529,60 @@ def _run_predict(args: argparse.Namespace) -> int:
 
     url = args.url.rstrip("/")
     endpoint = url if url.endswith("/v1/predict") else f"{url}/v1/predict"
+    with httpx.Client(timeout=args.timeout) as client:
+        table, problems = predict_files(client, endpoint, args.files)
+    print(table)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    return 1 if problems else 0
+
+
+def predict_files(client: Any, endpoint: str, names: Sequence[str]) -> tuple[str, list[str]]:
+    """`cxr predict`: POST each file (each image below a folder named) to `endpoint`; a table of the
+    answers, and a line for each file that got none (its status and the server's reason)."""
+    from cxrcore.data.layout import image_files
+
     rows: list[list[Any]] = []
     classes: list[str] = []
-    failed = 0
-    with httpx.Client(timeout=args.timeout) as client:
-        for name in args.files:
-            try:
-                with open(name, "rb") as file:
-                    response = client.post(endpoint, files={"file": (os.path.basename(name), file)})
-                body = response.json()
-            except (OSError, httpx.HTTPError, ValueError) as exc:
-                failed += 1
-                rows.append([name, "error", f"{type(exc).__name__}: {exc}"])
+    problems: list[str] = []
+    for given in names:
+        files = image_files(given) if os.path.isdir(given) else [given]
+        if not files:
+            problems.append(f"{given}: no PNG, JPEG or DICOM file in this folder")
+        for name in files:
+            status, body = _post_file(client, endpoint, name)
+            if status != 200:
+                rows.append([name, "error" if status is None else f"error {status}"])
+                problems.append(f"{name}: {body}")
                 continue
-            if response.status_code != 200:
-                failed += 1
-                rows.append(
-                    [name, f"error {response.status_code}", f"{body.get('error')}: {body.get('detail')}"]
-                )
-                continue
-            probabilities = body["probabilities"]
+            probabilities, model = body["probabilities"], body["model"]
             classes = classes or list(probabilities)
-            model = body["model"]
+            version = "" if model.get("version") is None else f":{model['version']}"
             rows.append(
                 [name, body["label"], *(f"{probabilities[c]:.3f}" for c in probabilities),
-                 f"{model['name']}:{model['version']}", f"{body['latency_ms']:.1f}"]
+                 f"{model['name']}{version}", f"{body['latency_ms']:.1f}"]
             )  # fmt: skip
-    header = ["file", "label", *classes, "model", "ms"] if classes else ["file", "label", "detail"]
-    print(format_table(header, [row + [""] * (len(header) - len(row)) for row in rows]))
-    return 1 if failed else 0
+    header = ["file", "label", *classes, "model", "ms"] if classes else ["file", "label"]
+    return format_table(header, [row + [""] * (len(header) - len(row)) for row in rows]), problems
+
+
+def _post_file(client: Any, endpoint: str, name: str) -> tuple[int | None, Any]:
+    """(HTTP status, the answer's JSON) for one file; for no answer or an error, (status or None, why)."""
+    import httpx
+
+    try:
+        with open(name, "rb") as file:
+            response = client.post(endpoint, files={"file": (os.path.basename(name), file)})
+    except (OSError, httpx.HTTPError) as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+    try:
+        body = response.json()
+    except ValueError:  # not JSON: a proxy's own answer (Serve's plain-text 503), or not cxr at all
+        text = " ".join(response.text.split())[:200] or "(empty body)"
+        return response.status_code, f"HTTP {response.status_code}: {text}"
+    if response.status_code != 200:
+        return response.status_code, f"HTTP {response.status_code} {body.get('error')}: {body.get('detail')}"
+    return 200, body
 
 
 def _run_pipeline(args: argparse.Namespace) -> int:
@@ -563,6 +590,10 @@ def _run_pipeline(args: argparse.Namespace) -> int:
     from cxrcore.pipeline import run_pipeline
 
     config: PipelineConfig = config_from_args(PipelineConfig, args)
+    if config.serve and not (config.address or os.environ.get("RAY_ADDRESS")):
+        from cxrcore.runtime import check_port_free
+
+        check_port_free("127.0.0.1", config.port)  # now, not after the training it would serve
     results = run_pipeline(config)
     if config.tune and results.get("production model") == "none":
         print(

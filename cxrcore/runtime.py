@@ -107,7 +107,9 @@ def local_serve_environment() -> dict[str, str]:
       free ones (`_listener_ports`). The ingress replica waits
       RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S (30 s) for outside load balancers before it stops,
       which made Ctrl-C of `cxr serve` take 35 s; on one machine HAProxy is the only balancer, it is
-      told at once, and it retries a connection refused on another replica, so 1 s.
+      told at once, and it retries a connection refused on another replica, so 1 s. HAProxy waits
+      RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S (3,600 s) for a client that stops sending: 60 s (the ingress
+      itself answers an upload that stalls for `upload_idle_timeout_s` with 408 and frees its place).
     """
     from cxrcore.data.transforms import MAX_IMAGE_PIXELS
 
@@ -124,6 +126,7 @@ def local_serve_environment() -> dict[str, str]:
         "RAY_SERVE_HAPROXY_STATS_PORT": str(stats),
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics),
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
+        "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S": "60",
     }
 
 
@@ -188,6 +191,24 @@ def _listener_ports(count: int) -> list[int]:
         if len(ports) == count:
             return ports
     raise OSError(f"no {count} free TCP ports in {LISTENER_PORTS.start}-{LISTENER_PORTS.stop - 1}")
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise ConfigError, saying what to do, when something already listens on host:port (the HTTP port
+    `cxr serve` and the demo would give Serve, found busy before anything starts)."""
+    from cxrcore.config import ConfigError
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(
+            socket.SOL_SOCKET, socket.SO_REUSEADDR, 1
+        )  # a closed server's TIME_WAIT is no conflict
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(
+                f"--port: {host}:{port} is in use ({exc.strerror or exc}); stop what listens there, or "
+                "choose another port with --port"
+            ) from exc
 
 
 def _free_port(preferred: int = DASHBOARD_PORT) -> int:

@@ -77,7 +77,14 @@ def build_app(args: ServeArgs) -> Application:
     # The ingress takes everything the classifier can hold, plus room to answer the excess with those
     # JSON 503s; past that, Serve's proxy refuses with its own plain-text 503 (and Retry-After).
     capacity = args.max_replicas * args.max_ongoing_requests + args.max_queued_requests
-    limits = ApiLimits(args.max_upload_bytes, args.min_image_side, args.retry_after_s)
+    limits = ApiLimits(
+        args.max_upload_bytes,
+        args.min_image_side,
+        args.retry_after_s,
+        args.upload_idle_timeout_s,
+        args.upload_timeout_s,
+        tuple(origin.strip() for origin in args.cors_origins.split(",") if origin.strip()),
+    )
     return Api.options(
         num_replicas=args.ingress_replicas,
         max_ongoing_requests=capacity + INGRESS_HEADROOM,

@@ -20,6 +20,7 @@ import fastapi_offline
 import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
@@ -64,6 +65,14 @@ class ApiLimits:
     max_upload_bytes: int = 20 * 1024**2
     min_image_side: int = 64
     retry_after_s: float = 1.0
+    upload_idle_timeout_s: float = 15.0
+    """An upload that sends nothing for this long is refused (408): a stalled or trickling client must
+    not hold one of the ingress's places, which are bounded, for as long as its connection lasts."""
+    upload_timeout_s: float = 120.0
+    """An upload still arriving after this long is refused (408): 20 MB takes 12 s at 14 Mbit/s."""
+    cors_origins: tuple[str, ...] = ()
+    """Web origins whose pages may call the API from a browser (CORS; "*" for any): a viewer served from
+    another host than the API. None by default: a browser then keeps every answer from such a page."""
 
     @property
     def accepted(self) -> str:
@@ -136,6 +145,7 @@ _RETRY_AFTER = {
 }
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "undecodable image, image too small or a malformed request"},
+    408: {"model": ErrorBody, "description": "`upload_timeout`: the upload stalled or took too long"},
     413: {"model": ErrorBody, "description": "upload larger than the configured limit"},
     415: {"model": ErrorBody, "description": "not a PNG, JPEG or DICOM file"},
     # Declaring the class of client errors also keeps FastAPI from adding a 422 this API never sends.
@@ -292,11 +302,23 @@ class _Routes:
         # per 8 MB upload (a detector's DICOM) against 0.6 ms.
         chunks: list[bytes] = []
         received = 0
-        async for chunk in request.stream():
-            chunks.append(chunk)
-            received += len(chunk)
-            if received > body_limit:
-                raise self._too_large(received)
+        loop = asyncio.get_running_loop()
+        idle, whole = self._limits.upload_idle_timeout_s, self._limits.upload_timeout_s
+        end = loop.time() + whole
+        try:
+            async with asyncio.timeout(min(end, loop.time() + idle)) as deadline:
+                async for chunk in request.stream():
+                    deadline.reschedule(min(end, loop.time() + idle))
+                    chunks.append(chunk)
+                    received += len(chunk)
+                    if received > body_limit:
+                        raise self._too_large(received, exact=False)
+        except TimeoutError:
+            late = loop.time() >= end
+            what = f"took longer than {whole:g} s" if late else f"sent nothing for {idle:g} s"
+            raise ApiError(
+                408, "upload_timeout", f"the upload {what} ({received} bytes received); send it again"
+            ) from None
         body = b"".join(chunks)
         if not multipart:
             return body, content_type
@@ -316,8 +338,10 @@ class _Routes:
             raise self._too_large(len(data))
         return data, upload.content_type
 
-    def _too_large(self, size: int) -> ApiError:
-        what = f"upload of {size} bytes exceeds the limit of {self._limits.max_upload_bytes} bytes"
+    def _too_large(self, size: int, exact: bool = True) -> ApiError:
+        """413; `exact` False when `size` is what arrived before the limit was passed, not the whole."""
+        upload = f"upload of {size} bytes" if exact else f"upload of more than {size} bytes"
+        what = f"{upload} exceeds the limit of {self._limits.max_upload_bytes} bytes"
         return self._upload_error(413, "payload_too_large", what)
 
     def _decode(self, data: bytes, content_type: str | None) -> np.ndarray:
@@ -410,6 +434,15 @@ def create_api(classifier: Any, limits: ApiLimits | None = None) -> FastAPI:
         "/readyz", routes.readyz, methods=["GET"], response_model=Readiness, responses={503: _ERRORS[503]}
     )
     _add_docs(api)
+    if limits.cors_origins:
+        api.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(limits.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["*"],
+            expose_headers=["Retry-After"],
+            max_age=600,
+        )
     return api
 
 

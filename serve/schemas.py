@@ -92,6 +92,19 @@ class ServeArgs(BaseModel):
     )
     max_upload_mb: float = Field(default=20.0, gt=0, description="larger uploads are refused with HTTP 413")
     min_image_side: int = Field(default=64, ge=1, description="smaller images are refused with HTTP 400")
+    upload_idle_timeout_s: float = Field(
+        default=15.0,
+        gt=0,
+        description="an upload that sends no byte for this long is refused with HTTP 408, freeing its place",
+    )
+    upload_timeout_s: float = Field(
+        default=120.0, gt=0, description="an upload still arriving after this long is refused with HTTP 408"
+    )
+    cors_origins: str = Field(
+        default="",
+        description="web origins, comma-separated (or *), whose pages may call the API from a browser "
+        "(CORS); none by default",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "ServeArgs":

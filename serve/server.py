@@ -86,13 +86,15 @@ def serve_foreground(
     import ray
     from ray import serve
 
-    from cxrcore.runtime import init_ray
+    from cxrcore.runtime import check_port_free, init_ray
 
     args = ServeArgs.model_validate(app_args)
     app = build_app(args)  # fails here, before Ray starts, on a bad registry or model reference
     local = not (address or os.environ.get("RAY_ADDRESS"))
     if local and stop_stray_haproxy():
         print("stopped an HAProxy that an earlier Serve left running", file=sys.stderr, flush=True)
+    if local:
+        check_port_free(host, port)  # before Ray starts, not as HAProxy's crash after it
     dashboard = init_ray(address)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}

@@ -464,6 +464,11 @@ def _images_under(folder: Path, skip: frozenset[str] = frozenset()) -> list[_Ima
     return found
 
 
+def image_files(folder: str | os.PathLike[str]) -> list[str]:
+    """Every image file below `folder` as the scan finds them (by suffix, or DICOM by its bytes), sorted."""
+    return [image.path for image in _images_under(Path(folder))]
+
+
 def _class_images(folder: Path) -> list[_ImageFile]:
     """A class folder's images: those in `images/` (keyed from there) and any elsewhere in the folder, but
     not in `masks/`."""

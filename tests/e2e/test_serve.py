@@ -364,11 +364,12 @@ def test_cxr_predict_prints_a_table(
     (tmp_path / "notes.txt").write_text("not an image")
     files = [str(tmp_path / name) for name in ("a.png", "b.dcm", "notes.txt")]
     assert main(["predict", "--url", server.url, *files]) == 1  # one file failed
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     header, _, *rows = out.splitlines()
     assert header.split()[:3] == ["file", "label", "COVID"]
     assert "tiny_dual_cnn:1" in rows[0] and "tiny_dual_cnn:1" in rows[1]
-    assert "error 415" in rows[2]
+    assert rows[2].split() == [files[2], "error", "415"]  # the reason below the table, not in its columns
+    assert err.startswith(f"{files[2]}: HTTP 415 unsupported_media_type: ")
 
 
 class Load:

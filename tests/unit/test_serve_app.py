@@ -116,6 +116,26 @@ def test_cxr_serve_refuses_bad_arguments_before_starting_ray(
     assert "max_replica" in capsys.readouterr().err
 
 
+def test_a_port_in_use_is_named_before_ray_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr("cxrcore.runtime.init_ray", lambda *args, **kwargs: pytest.fail("Ray started"))
+    registry = str(write_registry(tmp_path))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--registry", registry, "--model", "production", "--port", str(port)]) == 2
+        err = capsys.readouterr().err
+        assert f"--port: 127.0.0.1:{port} is in use (Address already in use)" in err and err.count("\n") == 1
+        assert main(["demo", "--work-dir", str(tmp_path / "demo"), "--port", str(port)]) == 2
+        assert f"127.0.0.1:{port} is in use" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()
+
+
 @pytest.mark.parametrize("grpc", [True, False])
 def test_a_handle_built_in_the_driver_calls_as_the_replica_is_set_to(
     grpc: bool, monkeypatch: pytest.MonkeyPatch

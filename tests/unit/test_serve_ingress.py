@@ -85,7 +85,7 @@ def test_health_readiness_and_model_answer_their_declared_schemas(client: httpx.
 def test_openapi_declares_every_answer_and_nothing_else(client: httpx.Client) -> None:
     spec = client.get("/openapi.json").json()
     predict = spec["paths"]["/v1/predict"]["post"]
-    assert set(predict["responses"]) == {"200", "400", "413", "415", "4XX", "500", "503"}
+    assert set(predict["responses"]) == {"200", "400", "408", "413", "415", "4XX", "500", "503"}
     ok = spec["components"]["schemas"]["Prediction"]["properties"]
     assert ok["label"]["enum"] == list(CLASSES)
     assert ok["probabilities"]["required"] == list(CLASSES)
@@ -146,3 +146,117 @@ def test_uploads_reach_the_model_at_its_base_size_and_score_as_the_original_does
             np.testing.assert_array_equal(served(), classifier.predictor.predict_proba([original])[0])
         # The image sized for the old model is refused and the original sent; then the new size is used.
         assert [image.shape for image in classifier.images[3:]] == [(64, 64), (300, 250), (80, 80)]
+
+
+def _post_stalling(api: Any, first: bytes, headers: list[tuple[bytes, bytes]]) -> tuple[int, dict[str, Any]]:
+    """POST /v1/predict straight through ASGI, from a client that sends `first`, then nothing."""
+    import asyncio
+    import json
+
+    async def call() -> tuple[int, dict[str, Any]]:
+        sent = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": first, "more_body": True}
+            await asyncio.sleep(3600)  # the client stalls
+            raise AssertionError("the ingress waited for a stalled upload")
+
+        answer: dict[str, Any] = {"body": b""}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                answer["status"] = message["status"]
+            else:
+                answer["body"] += message.get("body", b"")
+
+        scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+            "scheme": "http", "path": "/v1/predict", "raw_path": b"/v1/predict", "query_string": b"",
+            "root_path": "", "headers": headers, "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 8000),
+        }  # fmt: skip
+        await asyncio.wait_for(api(scope, receive, send), timeout=10)
+        return answer["status"], json.loads(answer["body"])
+
+    return asyncio.run(call())
+
+
+@pytest.mark.parametrize("multipart", [False, True])
+def test_a_stalled_upload_is_answered_408_and_frees_its_place(
+    classifier: LocalClassifier, multipart: bool
+) -> None:
+    """A client that stops sending mid-upload (a dropped network, a slow-loris) must not hold one of the
+    ingress's bounded places for as long as its connection lasts."""
+    from serve.ingress import ApiLimits, create_api
+
+    api = create_api(classifier, ApiLimits(upload_idle_timeout_s=0.2))
+    kind = b"multipart/form-data; boundary=x" if multipart else b"image/png"
+    headers = [(b"content-type", kind), (b"content-length", b"1000000")]
+    status, body = _post_stalling(api, GOOD_PNG[:100], headers)
+    assert status == 408 and body["error"] == "upload_timeout"
+    assert body["detail"] == "the upload sent nothing for 0.2 s (100 bytes received); send it again"
+    trickle = create_api(classifier, ApiLimits(upload_idle_timeout_s=60, upload_timeout_s=0.2))
+    status, body = _post_stalling(trickle, GOOD_PNG[:100], headers)
+    assert (status, body["detail"]) == (
+        408,
+        "the upload took longer than 0.2 s (100 bytes received); send it again",
+    )
+
+
+def test_cxr_predict_reads_folders_and_names_each_failure_below_its_table(
+    client: httpx.Client, tmp_path: Path
+) -> None:
+    from cxrcore.cli import predict_files
+
+    (tmp_path / "study/series").mkdir(parents=True)
+    (tmp_path / "study/series/IM0001.png").write_bytes(GOOD_PNG)
+    (tmp_path / "study/notes.txt").write_text("not sent: not an image")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "broken.png").write_bytes(GOOD_PNG[:40])
+    names = [str(tmp_path / "study"), str(tmp_path / "broken.png"), str(tmp_path / "empty")]
+    table, problems = predict_files(client, "/v1/predict", names)
+    header, _, sent, broken = table.splitlines()
+    assert header.split()[:3] == ["file", "label", "COVID"] and header.split()[-2:] == ["model", "ms"]
+    image = str(tmp_path / "study/series/IM0001.png")
+    assert sent.startswith(image) and any(sent[len(image) :].strip().startswith(c) for c in CLASSES)
+    assert broken.split() == [str(tmp_path / "broken.png"), "error", "400"]
+    assert problems[0].startswith(f"{tmp_path / 'broken.png'}: HTTP 400 undecodable_image: ")
+    assert problems[1] == f"{tmp_path / 'empty'}: no PNG, JPEG or DICOM file in this folder"
+
+    # A proxy's own answer is not JSON (Serve's plain-text 503 when even the ingress is full).
+    overloaded = httpx.MockTransport(
+        lambda request: httpx.Response(503, text="Request dropped due to backpressure")
+    )
+    with httpx.Client(transport=overloaded) as busy:
+        table, problems = predict_files(busy, "http://server/v1/predict", [str(tmp_path / "study")])
+    assert table.splitlines()[2].split()[1:] == ["error", "503"]
+    assert problems == [
+        f"{tmp_path / 'study/series/IM0001.png'}: HTTP 503: Request dropped due to backpressure"
+    ]
+
+
+def test_browsers_of_the_origins_allowed_read_answers_and_others_do_not(classifier: LocalClassifier) -> None:
+    """A web viewer served from another host calls the API across origins: only with cors_origins."""
+    viewer = "https://viewer.hospital.example"
+    preflight = {
+        "origin": viewer,
+        "access-control-request-method": "POST",
+        "access-control-request-headers": "content-type",
+    }
+    with api_client(classifier) as closed:
+        refused = closed.options("/v1/predict", headers=preflight)
+        assert refused.status_code == 405 and refused.json()["error"] == "method_not_allowed"
+        assert "access-control-allow-origin" not in _post(closed).headers
+    with api_client(classifier, cors_origins=(viewer,)) as open_to_viewer:
+        allowed = open_to_viewer.options("/v1/predict", headers=preflight)
+        assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == viewer
+        answer = open_to_viewer.post(
+            "/v1/predict", content=GOOD_PNG, headers={"content-type": "image/png", "origin": viewer}
+        )
+        assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == viewer
+        other = open_to_viewer.options(
+            "/v1/predict", headers={**preflight, "origin": "https://elsewhere.example"}
+        )
+        assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
