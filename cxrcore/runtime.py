@@ -10,6 +10,7 @@ import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+log = logging.getLogger(__name__)
 DASHBOARD_PORT = 8265
 """Ray's usual dashboard port, used when free."""
 
@@ -48,31 +49,58 @@ def init_ray(
             cores = os.cpu_count() or 1
             logical = num_cpus or local_logical_cpus(cores)
             _local_cores = min(cores, logical)  # never more than the cluster has to give
-            port = _free_port()
-            api = f"http://127.0.0.1:{port}"
-            # Ray Train's preemption watcher, an actor per training run that polls for drained nodes, has
-            # nothing to watch on one machine: no autoscaler drains its only node. Off, each run (each Tune
-            # trial) starts one process less. Its controller polls the workers every 2 s by default, and a
-            # run's end waits for the next poll: every 0.5 s instead (alternated one-epoch `cxr train`
-            # runs took 27.3 and 29.1 s against 34.0 and 30.7 s, a spread as wide as the gain).
-            local = {
-                "RAY_API_SERVER_ADDRESS": api,
-                "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-                "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
-            }
-            with environment_defaults(**local, **local_serve_environment()):
-                ray.init(
-                    num_cpus=logical,
-                    include_dashboard=True,
-                    dashboard_host="127.0.0.1",
-                    dashboard_port=port,
-                    object_store_memory=object_store_memory,
-                    logging_level=logging.WARNING,
-                )
+            _start_local(logical, object_store_memory)
     from ray._private.worker import get_dashboard_url  # the public API has no getter for an existing session
 
     url: str | None = get_dashboard_url()
     return f"http://{url}" if url and not url.startswith("http") else url
+
+
+DASHBOARD_PORT_ATTEMPTS = 3
+
+
+def _start_local(logical: int, object_store_memory: int | None) -> None:
+    """Start the local cluster, its dashboard on a port free now: 8265, Ray's, when it is. Another process
+    may take that port between the check and the dashboard's start (two `cxr` commands started at once),
+    and Ray, given a port, tries no other: the start is then tried again on another free one."""
+    import ray
+
+    for attempt in range(1, DASHBOARD_PORT_ATTEMPTS + 1):
+        port = _free_port(DASHBOARD_PORT if attempt == 1 else 0)
+        try:
+            _init_local(logical, object_store_memory, port)
+            return
+        except Exception as exc:
+            if "valid port for dashboard" not in str(exc) or attempt == DASHBOARD_PORT_ATTEMPTS:
+                raise
+            log.warning("the dashboard's port %d was taken as Ray started; starting again on another", port)
+            ray.shutdown()
+
+
+def _init_local(logical: int, object_store_memory: int | None, port: int) -> None:
+    """`ray.init` of the local cluster, its dashboard (and job API) on `port` of loopback."""
+    import ray
+
+    api = f"http://127.0.0.1:{port}"
+    # Ray Train's preemption watcher, an actor per training run that polls for drained nodes, has
+    # nothing to watch on one machine: no autoscaler drains its only node. Off, each run (each Tune
+    # trial) starts one process less. Its controller polls the workers every 2 s by default, and a
+    # run's end waits for the next poll: every 0.5 s instead (alternated one-epoch `cxr train`
+    # runs took 27.3 and 29.1 s against 34.0 and 30.7 s, a spread as wide as the gain).
+    local = {
+        "RAY_API_SERVER_ADDRESS": api,
+        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    }
+    with environment_defaults(**local, **local_serve_environment()):
+        ray.init(
+            num_cpus=logical,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=port,
+            object_store_memory=object_store_memory,
+            logging_level=logging.WARNING,
+        )
 
 
 def local_logical_cpus(cores: int) -> int:

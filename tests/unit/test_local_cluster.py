@@ -1,0 +1,33 @@
+"""The local cluster `init_ray` starts: what it does when its dashboard's port is taken meanwhile."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def test_a_dashboard_port_taken_as_ray_starts_is_left_for_another(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two `cxr` commands started at once may both find 8265 free; Ray, given a port, tries no other."""
+    import ray
+
+    from cxrcore import runtime
+
+    ports: list[int] = []
+
+    def init(logical: int, object_store_memory: int | None, port: int) -> None:
+        ports.append(port)
+        if len(ports) == 1:
+            raise RuntimeError(f"Failed to find a valid port for dashboard after 0 retries: {port} in use")
+
+    shutdowns: list[bool] = []
+    monkeypatch.setattr(runtime, "_init_local", init)
+    monkeypatch.setattr(ray, "shutdown", lambda: shutdowns.append(True))
+    runtime._start_local(4, None)
+    assert len(ports) == 2 and ports[0] != ports[1] and shutdowns == [True]
+
+    def broken(logical: int, object_store_memory: int | None, port: int) -> None:
+        raise RuntimeError("the raylet died")
+
+    monkeypatch.setattr(runtime, "_init_local", broken)
+    with pytest.raises(RuntimeError, match="raylet died"):  # anything else is not retried
+        runtime._start_local(4, None)
+    assert shutdowns == [True]
