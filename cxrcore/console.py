@@ -46,6 +46,8 @@ ROUTINE_RAY_LINES: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("raylet", re.compile(r"WARNING: \d+ PYTHON worker processes have been started on node")),
     # Serve's shutdown: the controller kills itself while its own graceful_shutdown call is in flight.
     ("raylet", re.compile(r"Task ServeController\.graceful_shutdown failed")),
+    # ... and the long poll of the handle `cxr serve` drained the ingress with, cut by the same.
+    ("raylet", re.compile(r"Task ServeController\.listen_for_change failed")),
     # Ray Train, after every run (each Tune trial): its cleaner removing the run's placement group; a
     # run that failed says so itself.
     ("PlacementGroupCleaner", re.compile(r"Detected that the Ray Train controller actor \S+ is dead")),

@@ -153,7 +153,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     500: {"model": ErrorBody, "description": "a bug in the server; the body says what failed"},
     503: {
         "model": ErrorBody,
-        "description": "`overloaded` (the queue for the model is full) or no model replica could answer",
+        "description": "`overloaded` (the queue for the model is full), no model replica could answer, or "
+        "`shutting_down` (the server is stopping)",
         "headers": _RETRY_AFTER,
     },
 }
@@ -182,6 +183,8 @@ class _Routes:
         self._classifier = classifier
         self._limits = limits
         self._input_size: int | None = None  # the model's base size, from the classifier's answers
+        self._in_flight = 0
+        self._draining = False
 
     async def predict(
         self,
@@ -189,6 +192,30 @@ class _Routes:
         explain: bool = Query(False, description="add a Grad-CAM heatmap and the lung mask used"),
     ) -> Prediction:
         """Class probabilities of one chest X-ray; 503 `overloaded` with Retry-After when at capacity."""
+        if self._draining:
+            raise ApiError(
+                503,
+                "shutting_down",
+                "the server is shutting down and takes no new request; send it again to a server that runs",
+                {**self._limits.retry_after, "Connection": "close"},
+            )
+        self._in_flight += 1  # one event loop: no lock needed
+        try:
+            return await self._answer(request, explain)
+        finally:
+            self._in_flight -= 1
+
+    async def drain(self, timeout_s: float) -> int:
+        """Refuse new predictions (503 `shutting_down`, and /readyz 503) and wait, at most `timeout_s`, for
+        those in flight to be answered; return how many still are. `cxr serve` calls it on Ctrl-C or
+        SIGTERM before Serve stops, which drops the connections of requests still in flight."""
+        self._draining = True
+        deadline = time.monotonic() + timeout_s
+        while self._in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return self._in_flight
+
+    async def _answer(self, request: Request, explain: bool) -> Prediction:
         start = time.perf_counter()
         data, content_type = await self._read_upload(request)
         if explain:
@@ -246,6 +273,8 @@ class _Routes:
 
     async def readyz(self) -> Readiness:
         """A classifier replica answers with a loaded model."""
+        if self._draining:
+            raise ApiError(503, "not_ready", "the server is shutting down", self._limits.retry_after)
         try:
             info = await asyncio.wait_for(self._classifier.info.remote(), READY_TIMEOUT_S)
         except Exception as exc:
@@ -434,6 +463,7 @@ def create_api(classifier: Any, limits: ApiLimits | None = None) -> FastAPI:
         "/readyz", routes.readyz, methods=["GET"], response_model=Readiness, responses={503: _ERRORS[503]}
     )
     _add_docs(api)
+    api.state.routes = routes  # the Api deployment drains them (`Api.drain`)
     if limits.cors_origins:
         api.add_middleware(
             CORSMiddleware,
@@ -459,3 +489,9 @@ class Api:
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return self._api
+
+    async def drain(self, timeout_s: float) -> dict[str, Any]:
+        """This replica's predictions drained (see `_Routes.drain`): its id, and how many are still in
+        flight after `timeout_s`."""
+        left = await self._api.state.routes.drain(timeout_s)
+        return {"replica": serve.get_replica_context().replica_id.unique_id, "in_flight": left}

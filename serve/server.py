@@ -12,7 +12,11 @@ from typing import Any
 from serve.app import build_app
 from serve.schemas import ServeArgs
 
+log = logging.getLogger(__name__)
+
 APP_NAME = "cxr"
+DRAIN_TIMEOUT_S = 10.0
+"""How long `cxr serve`, told to stop, waits for the predictions in flight to be answered."""
 START_TIMEOUT_S = 300.0
 """How long `cxr serve` and the demo wait for the app's replicas before saying why they are not up."""
 
@@ -108,13 +112,42 @@ def serve_foreground(
             flush=True,
         )
         stop.wait()
-        print("shutting down Serve", file=sys.stderr, flush=True)
+        print("shutting down Serve: answering the requests in flight first", file=sys.stderr, flush=True)
+        left = drain_ingress(args.ingress_replicas)
+        if left:
+            print(f"{left} requests still in flight after {DRAIN_TIMEOUT_S:g} s are cut off", file=sys.stderr)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         shutdown_serve()
         ray.shutdown()
     return 0
+
+
+def drain_ingress(replicas: int, timeout_s: float = DRAIN_TIMEOUT_S) -> int:
+    """Have every ingress replica refuse new predictions (503 `shutting_down`, /readyz 503) and answer
+    those in flight, for at most `timeout_s`; return how many were still in flight then. Serve's
+    shutdown stops HAProxy first, which would cut their connections.
+
+    A handle call reaches one replica, so calls go out until each of the `replicas` has answered: one
+    still draining holds its call, and the router sends the next to another."""
+    import time
+
+    from ray import serve
+
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # not the handle's router start-up, at exit
+    handle = serve.get_app_handle(APP_NAME)
+    deadline = time.monotonic() + timeout_s
+    left: dict[str, int] = {}
+    while len(left) < replicas and (remaining := deadline - time.monotonic()) > 0:
+        calls = [handle.drain.remote(remaining) for _ in range(replicas - len(left))]
+        try:
+            answers = [call.result(timeout_s=remaining + 5) for call in calls]
+        except Exception as exc:  # a replica gone, or the app already down: nothing more to wait for
+            log.warning("draining the ingress: %s", exc)
+            break
+        left.update((answer["replica"], answer["in_flight"]) for answer in answers)
+    return sum(left.values())
 
 
 def demo_predictions(

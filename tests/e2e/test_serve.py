@@ -158,6 +158,12 @@ def server(
         httpx.delete(f"{ray_cluster.address}/api/serve/applications/", headers=_auth(ray_cluster), timeout=60)
 
 
+def _post(url: str) -> httpx.Response:
+    return httpx.post(
+        f"{url}/v1/predict", content=GOOD_PNG, headers={"content-type": "image/png"}, timeout=60
+    )
+
+
 def test_cxr_serve_runs_in_the_foreground_and_stops_cleanly(registry: Path) -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -181,10 +187,38 @@ def test_cxr_serve_runs_in_the_foreground_and_stops_cleanly(registry: Path) -> N
         )
         assert response.status_code == 200, response.text
         assert response.json()["model"]["name"] == "tiny_cnn_lstm"
+
+        # A request in flight when the server is told to stop is answered; one that comes after is refused
+        # in JSON, and /readyz says so, until Serve stops.
+        on_the_wire, release, answers = threading.Event(), threading.Event(), []
+
+        def upload() -> Iterator[bytes]:
+            yield GOOD_PNG[:100]
+            on_the_wire.set()
+            release.wait(60)
+            yield GOOD_PNG[100:]
+
+        def slow_client() -> None:
+            headers = {"content-type": "image/png"}
+            answers.append(httpx.post(f"{url}/v1/predict", content=upload(), headers=headers, timeout=60))
+
+        slow = threading.Thread(target=slow_client)
+        slow.start()
+        assert on_the_wire.wait(30)
+        assert _post(url).status_code == 200  # a request behind it went through: it has reached the ingress
         process.send_signal(signal.SIGTERM)
+        wait_until(
+            lambda: httpx.get(f"{url}/readyz", timeout=5).status_code == 503, timeout=30, what="draining"
+        )
+        refused = _post(url)
+        assert refused.status_code == 503 and refused.json()["error"] == "shutting_down"
+        release.set()
+        slow.join(60)
+        assert answers and answers[0].status_code == 200, answers and answers[0].text
         output, _ = process.communicate(timeout=90)
         assert process.returncode == 0, output[-3000:]
-        assert f"at http://127.0.0.1:{port}" in output and "shutting down" in output
+        assert f"at http://127.0.0.1:{port}" in output and "answering the requests in flight first" in output
+        assert "still in flight" not in output and "Traceback" not in output
         assert f"at http://127.0.0.1:{port} through HAProxy" in output  # the local default front end
         with pytest.raises(httpx.HTTPError):  # nothing, HAProxy included, listens on the port any more
             httpx.get(f"{url}/healthz", timeout=2)

@@ -20,6 +20,10 @@ SERVE_SHUTDOWN = (
     "Task ServeController.graceful_shutdown failed. There are infinite retries remaining, so the task will "
     "be retried. Error: The actor is dead because it was killed by `ray.kill`."
 )
+HANDLE_AT_SHUTDOWN = (
+    "Task ServeController.listen_for_change failed. There are infinite retries remaining, so the task will "
+    "be retried. Error: The actor is dead because it was killed by `ray.kill`."
+)
 CLEANER = (
     "Detected that the Ray Train controller actor (6dc20ccb099d9fd4e7e4d58e01000000) is dead. Cleaning up "
     "placement group = [PlacementGroupID(5d7714eda6bda241172094e8757a01000000)] created by this run."
@@ -66,6 +70,7 @@ def test_routine_notices_are_dropped_and_everything_else_is_printed(
 ) -> None:
     _forward([WORKER_POOL], pid="raylet")
     _forward([SERVE_SHUTDOWN], pid="raylet")
+    _forward([HANDLE_AT_SHUTDOWN], pid="raylet")
     _forward([CLEANER], pid=19382, actor_name="PlacementGroupCleaner")
     _forward([WATCHER], pid=17904, actor_name="TrainController")
     _forward(SERVE_MODE, pid=21011, actor_name="ServeController")
