@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow.fs as pafs
 
 from cxrcore import telemetry
 from cxrcore.config import IngestConfig
@@ -251,6 +252,13 @@ def read_report(dataset: str) -> dict[str, Any]:
     filesystem, root = storage.resolve(dataset)
     text = storage.read_text(filesystem, f"{root}/{REPORT_NAME}")
     if text is None:
+        folder = Path(root)
+        if not storage.is_remote(dataset) and folder.is_dir() and any(folder.glob("*/*")):
+            raise FileNotFoundError(
+                f"{dataset} is not a cxr dataset (no {REPORT_NAME}); if it holds raw images, ingest them "
+                f"into a folder of their own first: `cxr data ingest {dataset} {folder.name}-dataset`, "
+                "then pass that"
+            )
         raise FileNotFoundError(
             f"{dataset} is not a finished cxr dataset (no {REPORT_NAME}); run `cxr data ingest RAW {dataset}`"
         )
@@ -397,12 +405,44 @@ def _unpack_pixels(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def scan_ingest_input(config: IngestConfig) -> tuple[LayoutScan, set[str]]:
     """Scan RAW and settle what the flags ask of it before any decoding (and without Ray): labels, held-out
     sources. Raises LayoutError for a folder the ingest would refuse."""
+    check_output_folder(config.raw, config.out)
     label_file = LabelFile.from_flags(config.labels, config.label_column, config.file_column)
     scan = scan_layout(config.raw, label_file, config.label_map())
     refusal = scan.refusal()
     if refusal and not config.skip_unmapped:
         raise LayoutError(refusal)
     return scan, choose_test_sources(config.test_source_names(), scan.sources)
+
+
+def check_output_folder(raw: str, out: str) -> None:
+    """Refuse an OUT that ingest would destroy: it replaces OUT whole, so OUT must be new, empty, or a
+    dataset (its `split=*` folders and report, or what a killed run left of them), never RAW, a folder
+    holding RAW, or a folder of other files."""
+    filesystem, root = storage.resolve(out)
+    if not storage.is_remote(out):
+        here, source = Path(root).resolve(), Path(raw).resolve()
+        if here == source or here in source.parents:
+            what = "is RAW" if here == source else "holds RAW"
+            raise LayoutError(
+                f"OUT {out} {what}: ingest replaces OUT whole with the dataset; write it to a folder of its "
+                f"own, e.g. `cxr data ingest {raw} {here.name}-dataset`"
+            )
+    info = filesystem.get_file_info(root)
+    if info.type == pafs.FileType.File:
+        raise LayoutError(f"OUT {out} is a file; name a folder for the dataset")
+    if info.type != pafs.FileType.Directory:
+        return
+    others = sorted(
+        Path(entry.path).name
+        for entry in filesystem.get_file_info(pafs.FileSelector(root, recursive=False))
+        if Path(entry.path).name != REPORT_NAME and not Path(entry.path).name.startswith("split=")
+    )
+    if others:
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise LayoutError(
+            f"OUT {out} holds files that are not a cxr dataset's ({shown}); ingest replaces OUT whole, so "
+            "it writes only to a new folder, an empty one, or a dataset it wrote before"
+        )
 
 
 def _nothing_usable(root: str, manifest: list[dict[str, Any]], index: Any) -> str:

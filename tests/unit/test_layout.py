@@ -402,3 +402,39 @@ def write_flat_copy(raw: Path, out: Path, labels: dict[str, str]) -> Path:
     path = out.parent / f"{out.name}.csv"
     pd.DataFrame(rows, columns=["filename", "finding", "url"]).to_csv(path, index=False)
     return path
+
+
+def test_ingest_never_writes_over_raw_or_a_folder_of_other_files(raw: Path, tmp_path: Path) -> None:
+    """Ingest replaces OUT whole: RAW itself, a folder holding RAW, or one of other files would be lost."""
+    from cxrcore.data.ingest import scan_ingest_input
+
+    def scan(out: Path | str) -> object:
+        return scan_ingest_input(IngestConfig(raw=str(raw), out=str(out), skip_unmapped=True))
+
+    with pytest.raises(LayoutError, match=r"is RAW: ingest replaces OUT whole .*cxr data ingest .*-dataset`"):
+        scan(raw)
+    with pytest.raises(LayoutError, match="holds RAW"):
+        scan(raw.parent)
+    notes = tmp_path / "project"
+    notes.mkdir()
+    (notes / "keep.txt").write_text("important")
+    with pytest.raises(LayoutError, match=r"holds files that are not a cxr dataset's \(keep.txt\)"):
+        scan(notes)
+    with pytest.raises(LayoutError, match="is a file"):
+        scan(notes / "keep.txt")
+    assert (notes / "keep.txt").read_text() == "important"
+    empty, dataset = tmp_path / "empty", tmp_path / "dataset"
+    empty.mkdir()
+    (dataset / "split=train").mkdir(parents=True)
+    (dataset / "ingest_report.json").write_text("{}")
+    for out in (empty, dataset, tmp_path / "new"):  # a new folder, an empty one, a dataset: written over
+        scan(out)
+
+
+def test_a_raw_folder_given_as_a_dataset_is_told_to_be_ingested_elsewhere(raw: Path) -> None:
+    from cxrcore.data.ingest import read_report
+
+    with pytest.raises(
+        FileNotFoundError, match=rf"cxr data ingest {raw} {raw.name}-dataset`, then pass that"
+    ):
+        read_report(str(raw))
