@@ -34,6 +34,7 @@ from cxrcore.console import quiet_ray_console
 from cxrcore.data.layout import LayoutError
 from cxrcore.labels import CLASSES
 from cxrcore.registry import ModelRegistry, RegistryError
+from cxrcore.runtime import Interrupted
 from cxrcore.summaries import (
     format_cell,
     format_comparison,
@@ -68,6 +69,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, LayoutError, RegistryError, FileNotFoundError) as exc:
         print(f"cxr: error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        print(f"cxr: interrupted: {exc}", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # `cxr ... | head`
         sys.stderr.close()
         return 0

@@ -20,6 +20,12 @@ Ray Data tasks that feed its workers (without any, the run would wait forever): 
 every core (`cxrcore.train.trainer.worker_cpus`), as a plain PyTorch loop would, and those tasks share the
 cores with them."""
 
+
+class Interrupted(Exception):
+    """A run stopped by Ctrl-C before its end; the message says what it kept and how to resume. `cxr`
+    exits 130 on it, as a shell does for a command ended by SIGINT."""
+
+
 _local_cores: int | None = None
 """This machine's cores when init_ray started the local cluster (which counts more logical CPUs)."""
 

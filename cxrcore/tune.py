@@ -12,6 +12,9 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
+import signal
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,7 @@ from cxrcore.console import is_quiet, quiet_ray_console, quiet_tune_trial
 from cxrcore.data import storage
 from cxrcore.experiment import check_same_experiment
 from cxrcore.metrics import best_by_validation
+from cxrcore.runtime import Interrupted
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +266,14 @@ def run_comparison(config: TuneConfig) -> dict[str, Any]:
                 ),
             ),
         )
-    results = tuner.fit()
+    before = signal.getsignal(signal.SIGINT)
+    with _without_tunes_resume_advice():
+        results = tuner.fit()
+    if _tune_was_interrupted(before):
+        raise Interrupted(
+            f"nothing was registered or promoted; run the same command again to resume the experiment "
+            f"({experiment}): trials go on from their last checkpoints"
+        )
     trials = [_trial_record(config, results[i]) for i in range(len(results))]
     best = _best_per_architecture(config, trials, registry, work, experiment)
     if best:
@@ -286,6 +297,35 @@ def run_comparison(config: TuneConfig) -> dict[str, Any]:
         storage.copy(pafs.LocalFileSystem(), str(work), *storage.resolve(experiment))
     comparison["reports"] = {k: _published(v, work, experiment) for k, v in reports.items()}
     return comparison
+
+
+def _tune_was_interrupted(before: Any) -> bool:
+    """Whether Ctrl-C ended the last `Tuner.fit`, whose results then look like finished trials' (each
+    TERMINATED, at the epoch it had reached). Tune replaces the SIGINT handler for the fit and puts back
+    the one from before (`before`) only when a SIGINT stops the experiment (Ray 2.60's
+    `tune._setup_signal_catching`); it installs none outside the main thread or with
+    TUNE_DISABLE_SIGINT_HANDLER, where a SIGINT raises KeyboardInterrupt instead."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    if os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") not in ("", "0"):
+        return False
+    return signal.getsignal(signal.SIGINT) is before
+
+
+@contextlib.contextmanager
+def _without_tunes_resume_advice() -> Any:
+    """Tune's warning on Ctrl-C names its Python API (`Tuner.restore(path=...)`); cxr says to run the
+    same command again instead (`Interrupted`)."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "has been interrupted" not in str(record.msg)
+
+    logger = logging.getLogger("ray.tune.tune")
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 def tune_settings(config: TuneConfig, resources: dict[str, float]) -> Any:

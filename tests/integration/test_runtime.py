@@ -58,3 +58,36 @@ def test_a_serve_app_whose_replica_fits_nowhere_fails_in_bounded_time_naming_the
             run_app(Front.bind(Oversized.bind()), timeout_s=3)
     finally:
         shutdown_serve()
+
+
+def _reports(config: dict) -> None:
+    """A trainable of three reports; with `interrupt`, it sends the driver a SIGINT after its first, as
+    Ctrl-C would mid-experiment (from the trial: the driver is then inside `Tuner.fit` for sure)."""
+    import signal
+    import threading
+
+    from ray import tune
+
+    for step in range(3):
+        tune.report({"step": step})
+        if config["interrupt"] and step == 0:
+            os.kill(config["driver"], signal.SIGINT)
+            threading.Event().wait(60)  # no more reports: Tune stops the trial
+
+
+def test_ctrl_c_during_a_tune_experiment_is_told_from_its_end(tmp_path: object) -> None:
+    """Ctrl-C leaves Tune's results looking like finished trials': `cxr tune` must not register them. (An
+    experiment that ends is told apart by every `cxr tune` of test_tune, which would raise Interrupted.)"""
+    import signal
+
+    from ray import tune
+
+    from cxrcore.tune import _tune_was_interrupted
+
+    before = signal.getsignal(signal.SIGINT)
+    space = {"interrupt": True, "driver": os.getpid()}
+    run = tune.RunConfig(storage_path=str(tmp_path), name="interrupt", verbose=0)
+    results = tune.Tuner(_reports, param_space=space, run_config=run).fit()
+    assert _tune_was_interrupted(before)
+    assert results[0].metrics["step"] == 0  # TERMINATED at its first report, like a trial ASHA stopped
+    signal.signal(signal.SIGINT, before)

@@ -66,3 +66,20 @@ def test_synth_writes_the_layout(tmp_path: Path, capsys: pytest.CaptureFixture[s
         "Viral Pneumonia-1.png",
         "Viral Pneumonia-2.png",
     ]
+
+
+def test_an_interrupted_run_exits_130_saying_what_it_kept(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import cxrcore.cli as cli
+    from cxrcore.runtime import Interrupted
+
+    def interrupted(args: object) -> int:
+        raise Interrupted("nothing was registered; run the same command again to resume")
+
+    monkeypatch.setattr(cli, "_run_check", interrupted)
+    assert main(["data", "check", "anywhere"]) == 130
+    assert (
+        capsys.readouterr().err
+        == "cxr: interrupted: nothing was registered; run the same command again to resume\n"
+    )
