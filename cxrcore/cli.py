@@ -255,6 +255,11 @@ def _add_registry_argument(parser: argparse.ArgumentParser) -> None:
 def _registry(args: argparse.Namespace) -> ModelRegistry:
     if not args.registry:
         raise ConfigError("--registry: no model registry given (pass --registry or set CXR_REGISTRY)")
+    if "://" not in args.registry and not os.path.isdir(args.registry):
+        raise ConfigError(
+            f"--registry: no registry at {args.registry} (no such folder here); `cxr tune` and the demo "
+            "create one where they register"
+        )
     return ModelRegistry(args.registry)
 
 

@@ -158,9 +158,11 @@ def preflight(config: TuneConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]
     the dataset report and the search plan.
     """
     from cxrcore.data.ingest import read_report
-    from cxrcore.train.trainer import check_dataset, check_pretrained
+    from cxrcore.train.trainer import check_dataset, check_local_gpus, check_pretrained
 
     check_models(config)
+    if config.gpu:
+        check_local_gpus(config.workers_per_trial)
     report = read_report(config.data)
     check_dataset(config.data)
     if segmenter_model(config) and report["without_mask"] >= report["ingested"]:

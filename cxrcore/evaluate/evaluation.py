@@ -104,6 +104,7 @@ def _evaluate(config: EvaluateConfig) -> dict[str, Path]:
     from cxrcore.evaluate.external import dataset_relation
     from cxrcore.inference import Predictor
 
+    _check_device(config.device)
     model = resolve_model(config)
     predictor = Predictor.from_checkpoint(model.checkpoint, config.device, segmenter=model.segmenter)
     relation = dataset_relation(config.data, predictor.card)
@@ -117,6 +118,18 @@ def _evaluate(config: EvaluateConfig) -> dict[str, Path]:
     if predictor.spec.task == "segment":
         return _segmentation_report(config, split, predictor, frame)
     return _classification_report(config, model, predictor, relation, split, frame)
+
+
+def _check_device(device: str) -> None:
+    """Refuse a torch device that is not one, or CUDA where none is visible, before any model loads."""
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as exc:
+        raise ConfigError(f"--device: {device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from exc
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: no CUDA device is visible here; use --device cpu")
 
 
 def _check_stored_size(data: str, first_image: Any, predictor: Any) -> None:

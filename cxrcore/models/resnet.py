@@ -183,8 +183,8 @@ def _create_resnet(
         except Exception as exc:
             raise RuntimeError(
                 f"could not fetch pretrained {variant} weights from the model hub (offline or unreachable?): "
-                f"{str(exc).rstrip('.')}. Pass pretrained=<path to a local .safetensors/.pth file>, "
-                "or pretrained=None to train from scratch."
+                f"{str(exc).rstrip('.')}. Pass --pretrained PATH (pretrained=PATH in Python) to a local "
+                ".safetensors/.pth file, or --pretrained none (pretrained=None) to train from scratch."
             ) from exc
     else:
         model = timm.create_model(variant, pretrained=False, in_chans=1, num_classes=num_classes, **kwargs)

@@ -60,12 +60,38 @@ def check_pretrained(model: str, choice: str) -> str | None:
     from cxrcore.models import create_model
 
     pretrained = resolve_pretrained(model, choice)
+    if pretrained == "hub" and (unreachable := _hub_unreachable()):
+        raise ConfigError(
+            f"--pretrained {choice}: {model} weights come from the model hub, which is unreachable from "
+            f"here ({unreachable}); pass --pretrained PATH to a local .safetensors or .pth file, "
+            "--pretrained none to train from scratch, or set HF_HUB_OFFLINE=1 to use weights already in the "
+            "hub's cache"
+        )
     if pretrained is not None:
         try:
             create_model(model, pretrained=pretrained)
         except (RuntimeError, ValueError) as exc:
             raise ConfigError(f"--pretrained {choice}: {exc}") from exc
     return pretrained
+
+
+def _hub_unreachable(timeout_s: float = 3.0) -> str | None:
+    """Why the Hugging Face hub (HF_ENDPOINT) cannot be reached, or None when it can or when HF_HUB_OFFLINE
+    says to use the local cache. Without this, huggingface_hub retries for about 45 s before failing."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return None
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host = endpoint.hostname or "huggingface.co"
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as exc:
+        return f"{host}:{port}: {exc.strerror or exc}"
+    return None
 
 
 def check_dataset(data: str) -> None:
@@ -138,7 +164,10 @@ def loop_config(config: TrainConfig) -> dict[str, Any]:
     from cxrcore.models import get_model_entry
 
     report = read_report(config.data)
-    entry = get_model_entry(config.model)
+    try:
+        entry = get_model_entry(config.model)
+    except ValueError as exc:  # an unknown name, with a "did you mean"
+        raise ConfigError(f"--model: {exc}") from exc
     segmenting = entry.input_spec.task == "segment"
     train_counts = [report["by_class_split"].get(c, {}).get("train", 0) for c in CLASSES]
     check_dataset(config.data)
@@ -201,6 +230,23 @@ def _check_worker_cpus(config: TrainConfig, cpus: int) -> None:
         )
 
 
+def check_local_gpus(workers: int) -> None:
+    """Refuse `--gpu` where the local cluster cxr started has fewer GPUs than `workers`: Ray would wait for
+    them forever. A cluster joined by address may add GPU nodes as it autoscales, so it is left to Ray."""
+    import ray
+
+    from cxrcore.runtime import local_core_limit
+
+    if local_core_limit() is None or not ray.is_initialized():
+        return
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if gpus < max(workers, 1):
+        raise ConfigError(
+            f"--gpu: the local Ray cluster has {gpus} GPU(s) for {max(workers, 1)} GPU worker(s); train on "
+            "the CPU (without --gpu), or on a cluster with GPUs (--address)"
+        )
+
+
 def worker_cpus(config: TrainConfig) -> int:
     """CPUs of each CPU worker: --cpus-per-worker, else on the local cluster init_ray started this
     machine's cores (at most the cluster's logical CPUs less the DATA_CPUS it keeps for Ray Data), shared
@@ -240,6 +286,8 @@ def training_inputs(config: TrainConfig) -> tuple[dict[str, Any], dict[str, Any]
 
     settings = loop_config(config)
     _check_worker_cpus(config, settings["cpus_per_worker"])
+    if config.gpu:
+        check_local_gpus(config.workers)
     segmenting = get_model_entry(config.model).input_spec.task == "segment"
     splits = ("train", "val")
     if _pixel_bytes(config.data, splits) <= DRIVER_READ_BYTES:

@@ -65,3 +65,31 @@ def test_round_trip_and_yaml_with_flag_overrides(tmp_path: Path) -> None:
     assert (config.raw, config.size, config.seed) == (os.path.abspath("data/raw"), 96, 3)
     args = parser.parse_args(["a", "b", "--near-duplicate-bits", "0"])
     assert config_from_args(IngestConfig, args) == IngestConfig(raw="a", out="b", near_duplicate_bits=0)
+
+
+def test_an_unknown_model_is_a_one_line_error_naming_the_flag(tmp_path: Path) -> None:
+    from cxrcore.config import TrainConfig
+    from cxrcore.train.trainer import loop_config
+    from tests.unit.test_external_eval import write_dataset
+
+    data = write_dataset(tmp_path / "ds", [("COVID", "train", 1), ("COVID", "val", 2)], "f")
+    with pytest.raises(ConfigError, match=r"^--model: unknown model 'bogus'.* Available models: "):
+        loop_config(TrainConfig(data=data, model="bogus"))
+
+
+def test_gpu_workers_the_local_cluster_lacks_are_refused_before_ray_waits_for_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import ray
+
+    from cxrcore import runtime
+    from cxrcore.train.trainer import check_local_gpus
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0, "GPU": 1.0})
+    monkeypatch.setattr(runtime, "_local_cores", 2)  # the local cluster init_ray started
+    check_local_gpus(1)
+    with pytest.raises(ConfigError, match=r"^--gpu: the local Ray cluster has 1 GPU\(s\) for 2 GPU worker"):
+        check_local_gpus(2)
+    monkeypatch.setattr(runtime, "_local_cores", None)  # a cluster joined by address may autoscale
+    check_local_gpus(8)

@@ -234,7 +234,15 @@ def test_cli_errors_are_one_line_and_say_what_to_do(
         (["--checkpoint", "c", "--model", "m", "--registry", "r"], "--model: --checkpoint and --model are"),
         (["--checkpoint", "c", "--registry", "r"], "--registry: a registry goes with --model REF"),
         (["--checkpoint", "c", "--split", "every"], "--split: must be one of auto, all, train, val, test"),
+        (
+            ["--checkpoint", str(world["checkpoint"]), "--device", "gpu"],
+            "--device: 'gpu' is not a torch device",
+        ),
     ]
+    if not torch.cuda.is_available():
+        cases.append(
+            (["--checkpoint", str(world["checkpoint"]), "--device", "cuda"], "no CUDA device is visible")
+        )
     for flags, expected in cases:
         assert main(["evaluate", "--data", world["external"], "--out", out, *flags]) == 2, flags
         err = capsys.readouterr().err

@@ -224,7 +224,7 @@ def test_hub_offline_raises_actionable_error(monkeypatch: pytest.MonkeyPatch) ->
     with pytest.raises(RuntimeError, match="model hub") as info:
         create_model("resnet18", pretrained="hub")
     message = str(info.value)
-    assert "pretrained=None" in message and "local" in message
+    assert "--pretrained none (pretrained=None)" in message and "local" in message
     assert isinstance(info.value.__cause__, OSError)
     with pytest.raises(ValueError, match="no hub weights"):
         create_model("tiny_resnet", pretrained="hub")
@@ -274,3 +274,25 @@ def test_worker_imports_leave_out_what_only_some_need() -> None:
     )
     assert done.stdout.strip() == "[]", done.stdout + done.stderr
     assert create_model("tiny_resnet") is not None  # built on demand, timm imported then
+
+
+def test_an_unreachable_hub_fails_at_once_saying_which_flags_to_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """huggingface_hub retries an unreachable hub for about 45 s; the driver's check asks the hub once."""
+    import socket
+    import time
+
+    from cxrcore.config import ConfigError
+    from cxrcore.train.trainer import check_pretrained
+
+    with socket.socket() as closed:  # a port nothing listens on: connection refused at once
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    started = time.monotonic()
+    with pytest.raises(
+        ConfigError, match=rf"unreachable from here \(127.0.0.1:{port}: Connection refused\)"
+    ) as info:
+        check_pretrained("resnet18", "auto")
+    assert time.monotonic() - started < 10
+    assert "--pretrained PATH" in str(info.value) and "--pretrained none" in str(info.value)

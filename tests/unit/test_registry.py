@@ -323,6 +323,9 @@ def test_cli_models_list_show_promote(
     tmp_path: Path, checkpoint: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     reg = str(tmp_path / "reg")
+    assert main(["models", "list", "--registry", reg]) == 2  # a mistyped path is not an empty registry
+    assert f"--registry: no registry at {reg} (no such folder here)" in capsys.readouterr().err
+    (tmp_path / "reg").mkdir()
     assert main(["models", "list", "--registry", reg]) == 0
     assert "is empty" in capsys.readouterr().out
     registry = ModelRegistry(reg)
