@@ -11,7 +11,7 @@ from cxrcore.config import ConfigError, TrainConfig, to_dict
 from cxrcore.console import is_quiet, train_log_level
 from cxrcore.labels import CLASSES
 from cxrcore.metrics import best_by_validation
-from cxrcore.runtime import DATA_CPUS
+from cxrcore.runtime import DATA_CPUS, Interrupted
 
 log = logging.getLogger(__name__)
 
@@ -411,7 +411,20 @@ def fit(config: TrainConfig) -> TrainResult:
     from cxrcore.data import storage
 
     trainer = build_trainer(config, callbacks=[epoch_printer(config)])
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except SystemExit as exc:  # Ray Train's SIGINT handler aborts the run, then exits the driver
+        raise Interrupted(
+            "training stopped; run the same command again to resume it after its last saved checkpoint"
+        ) from exc
+    reached = (result.metrics or {}).get("epoch", 0)
+    if config.workers >= 1 and result.error is None and reached < config.epochs:
+        # Ray Train's SIGINT handler also ends a run this way: aborted, its result that of the last
+        # checkpoint, no error.
+        raise Interrupted(
+            f"training stopped after epoch {reached} of {config.epochs}; run the same command again to "
+            "resume it after its last saved checkpoint"
+        )
     best, best_metrics = best_by_validation(kept_checkpoints(result), lambda kept: kept[1]) or (None, {})
     if config.workers < 1:
         # Ray Train's local mode ran the loop in this process; the folders its reports name are temporary

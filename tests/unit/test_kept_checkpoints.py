@@ -49,3 +49,34 @@ def test_a_latest_checkpoint_among_the_best_is_listed_once(tmp_path: Path) -> No
     assert [metrics["epoch"] for _, metrics in kept_checkpoints(result)] == [3, 4]
     empty = Result(metrics={}, checkpoint=None, error=None, path=str(tmp_path), best_checkpoints=None)
     assert kept_checkpoints(empty) == []
+
+
+def test_a_run_that_ctrl_c_ended_is_reported_interrupted_not_finished(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """Ray Train's SIGINT handler aborts the run; its trainer then either returns the last checkpoint's
+    result, with no error, or exits the driver. `cxr train` says which epoch it reached either way."""
+    import pytest
+
+    from cxrcore.config import TrainConfig
+    from cxrcore.runtime import Interrupted
+    from cxrcore.train import trainer as trainer_module
+
+    class Aborted:
+        def __init__(self, outcome: Any) -> None:
+            self.outcome = outcome
+
+        def fit(self) -> Any:
+            if isinstance(self.outcome, BaseException):
+                raise self.outcome
+            return self.outcome
+
+    config = TrainConfig(data=str(tmp_path), model="tiny_cnn_lstm", epochs=30)
+    after_3 = Result(metrics=_epoch(3, 0.3, 1.3), checkpoint=None, error=None, path=str(tmp_path))
+    for outcome, said in [
+        (after_3, "training stopped after epoch 3 of 30"),
+        (SystemExit(0), "training stopped;"),
+    ]:
+        monkeypatch.setattr(trainer_module, "build_trainer", lambda config, callbacks, o=outcome: Aborted(o))
+        with pytest.raises(Interrupted, match=said):
+            trainer_module.fit(config)
