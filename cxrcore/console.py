@@ -28,6 +28,9 @@ QUIET_ENVIRONMENT = {
     # bottleneck. Please consider reporting results less frequently"): on a laptop whose cores train
     # three trials it sometimes does (1.2 s, four lines in `cxr demo`), and trials report once an epoch.
     "TUNE_WARN_THRESHOLD_S": "5",
+    # Ray prints a line that another process printed with other numbers only once, the rest as "[repeated
+    # 2x across cluster]" seconds later: two trials of one architecture lost every other epoch line.
+    "RAY_DEDUP_LOGS": "0",
 }
 """Set in a cxr command's process before Ray Data is imported; a local Ray cluster it starts passes them on
 to every worker. A cluster joined by address keeps its own environment: there the command's quietness

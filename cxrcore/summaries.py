@@ -68,6 +68,11 @@ def format_comparison(comparison: dict[str, Any]) -> str:
     lines = [winner_line(best), format_table(header, rows)]
     lines += [f"WARNING: {line}" for line in holdout_warnings(best)]
     lines.append(f"production (*): {comparison['production']}")
+    before = comparison.get("production_before")
+    if before and before != comparison["production"]:
+        lines.append(
+            f"production moved from {before} to {comparison['production']} (`cxr models promote` moves it)"
+        )
     stopped = sum(1 for t in comparison["trials"] if t["stopped_early"])
     failed = [t for t in comparison["trials"] if t["error"]]
     lines.append(

@@ -278,6 +278,7 @@ def run_comparison(config: TuneConfig) -> dict[str, Any]:
         )
     trials = [_trial_record(config, results[i]) for i in range(len(results))]
     best = _best_per_architecture(config, trials, registry, work, experiment)
+    previous = registry.aliases().get("production")
     if best:
         winner = best_by_validation(best.values(), dict)
         assert winner is not None
@@ -291,6 +292,7 @@ def run_comparison(config: TuneConfig) -> dict[str, Any]:
         "trials": trials,
         "best": best,
         "production": next((b["ref"] for b in best.values() if b.get("production")), None),
+        "production_before": previous,
     }
     from cxrcore.evaluate.comparison import write_comparison_report
 

@@ -270,6 +270,11 @@ def test_without_held_out_sources_the_comparison_is_as_before(written: tuple[dic
     assert "held-out" not in text and "lead alert" not in text
     printed = format_comparison({**_comparison(), "production": "dual_cnn:3", "reports": {}})
     assert "held-out" not in printed and "WARNING" not in printed
+    assert "production moved" not in printed
+    moved = format_comparison(
+        {**_comparison(), "production": "dual_cnn:3", "production_before": "resnet18:1", "reports": {}}
+    )  # a re-run after `cxr models promote resnet18:1`: the user is told, not surprised later
+    assert "\nproduction moved from resnet18:1 to dual_cnn:3 (`cxr models promote` moves it)\n" in moved
 
 
 def test_a_tie_on_validation_f1_goes_to_the_lower_validation_loss_and_says_so() -> None:
