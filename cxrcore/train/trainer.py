@@ -286,8 +286,6 @@ def training_inputs(config: TrainConfig) -> tuple[dict[str, Any], dict[str, Any]
 
     settings = loop_config(config)
     _check_worker_cpus(config, settings["cpus_per_worker"])
-    if config.gpu:
-        check_local_gpus(config.workers)
     segmenting = get_model_entry(config.model).input_spec.task == "segment"
     splits = ("train", "val")
     if _pixel_bytes(config.data, splits) <= DRIVER_READ_BYTES:
@@ -410,6 +408,8 @@ def fit(config: TrainConfig) -> TrainResult:
     resumes the run."""
     from cxrcore.data import storage
 
+    if config.gpu:
+        check_local_gpus(config.workers)
     trainer = build_trainer(config, callbacks=[epoch_printer(config)])
     try:
         result = trainer.fit()
