@@ -199,7 +199,7 @@ class _Routes:
                 "the server is shutting down and takes no new request; send it again to a server that runs",
                 {**self._limits.retry_after, "Connection": "close"},
             )
-        self._in_flight += 1  # one event loop: no lock needed
+        self._in_flight += 1  # changed only by the handlers, on the app's event loop; drain only reads it
         try:
             return await self._answer(request, explain)
         finally:
