@@ -274,7 +274,9 @@ def _run_check(args: argparse.Namespace) -> int:
     else:
         print(format_scan(scan, args.skip_unmapped))
     if not scan.usable:
-        print(f"cxr: error: no readable images under {scan.root}", file=sys.stderr)
+        print(
+            f"cxr: error: no usable image under {scan.root} (each is listed above with why)", file=sys.stderr
+        )
         return 1
     if scan.refusal() and not args.skip_unmapped:
         print(

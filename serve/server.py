@@ -136,7 +136,11 @@ def drain_ingress(replicas: int, timeout_s: float = DRAIN_TIMEOUT_S) -> int:
     from ray import serve
 
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # not the handle's router start-up, at exit
-    handle = serve.get_app_handle(APP_NAME)
+    try:
+        handle = serve.get_app_handle(APP_NAME)
+    except Exception as exc:  # the app is gone already (a failed replica, Serve shut down): nothing to drain
+        log.warning("draining the ingress: %s", exc)
+        return 0
     deadline = time.monotonic() + timeout_s
     left: dict[str, int] = {}
     while len(left) < replicas and (remaining := deadline - time.monotonic()) > 0:

@@ -237,16 +237,18 @@ def check_layout(
             return None, f"cannot read file: {exc.strerror or exc}", None
         except ImageDecodeError as exc:
             return None, str(exc), None
-        problem = image_problem(image, min_side)
-        if problem or not entry.mask_path:
-            return (None if problem else hashlib.sha256(data).hexdigest()), problem, None
+        if problem := image_problem(image, min_side):
+            return None, problem, None
+        digest = hashlib.sha256(data).hexdigest()
+        if not entry.mask_path:
+            return digest, None, None
         try:
             mask = decode_image(Path(entry.mask_path).read_bytes(), entry.mask_path)
         except OSError as exc:
-            return hashlib.sha256(data).hexdigest(), None, f"cannot read file: {exc.strerror or exc}"
+            return digest, None, f"cannot read file: {exc.strerror or exc}"
         except ImageDecodeError as exc:
-            return hashlib.sha256(data).hexdigest(), None, str(exc)
-        return hashlib.sha256(data).hexdigest(), None, mask_problem(mask, image.shape)
+            return digest, None, str(exc)
+        return digest, None, mask_problem(mask, image.shape)
 
     with ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 1) * 2)) as pool:
         results = list(pool.map(inspect, scan.entries))

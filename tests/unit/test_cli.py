@@ -43,7 +43,7 @@ def test_check_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     (tmp_path / "COVID/images").mkdir(parents=True)
     (tmp_path / "COVID/images/COVID-1.png").write_bytes(b"")
     assert main(["data", "check", str(tmp_path)]) == 1
-    assert "no readable images" in capsys.readouterr().err
+    assert "no usable image" in capsys.readouterr().err
 
     write_png(tmp_path / "COVID/images/COVID-2.png", xray(0))
     assert main(["data", "check", str(tmp_path), "--json"]) == 0
