@@ -117,8 +117,7 @@ def tune_driver_per_trial(params: dict[str, Any]) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from cxrcore.train.loop import TrialSession, run_training
-    from cxrcore.train.trainer import build_trainer, epoch_line, epoch_printer, training_inputs
+    from cxrcore.train.trainer import build_trainer, epoch_printer
 
     config = from_dict(TuneConfig, params["tune_config"])
     trial_id = ray.tune.get_context().get_trial_id()
@@ -135,12 +134,31 @@ def tune_driver_per_trial(params: dict[str, Any]) -> None:
                 train_config, callbacks=[TuneReportCallback(), epoch_printer(train_config, label)]
             ).fit()
             return
-        settings, datasets = training_inputs(train_config)
+        _train_here(train_config, label)
 
-        def print_epoch(metrics: dict[str, Any]) -> None:
-            print(epoch_line(label, train_config.epochs, metrics), flush=True)
 
-        run_training(settings, TrialSession(datasets, gpu=train_config.gpu, print_epoch=print_epoch))
+def segmenter_per_trial(params: dict[str, Any]) -> None:
+    """The lung segmenter's training, a Tune trial of its own before the sweep: one worker's loop in this
+    process, as the sweep's trials of one worker train (`_segmenter_in_trial`)."""
+    train_config = from_dict(TrainConfig, params["train_config"])
+    quiet = bool(params.get("quiet_console"))
+    with quiet_ray_console() if quiet else contextlib.nullcontext():
+        if quiet:
+            quiet_tune_trial()
+        _train_here(train_config, train_config.model)
+
+
+def _train_here(train_config: TrainConfig, label: str) -> None:
+    """One worker's Train loop in this Tune trial's process (`TrialSession`), a line printed per epoch."""
+    from cxrcore.train.loop import TrialSession, run_training
+    from cxrcore.train.trainer import epoch_line, training_inputs
+
+    settings, datasets = training_inputs(train_config)
+
+    def print_epoch(metrics: dict[str, Any]) -> None:
+        print(epoch_line(label, train_config.epochs, metrics), flush=True)
+
+    run_training(settings, TrialSession(datasets, gpu=train_config.gpu, print_epoch=print_epoch))
 
 
 def trains_in_trial(config: TuneConfig) -> bool:
@@ -235,6 +253,7 @@ def run_comparison(config: TuneConfig) -> dict[str, Any]:
     work = _work_dir(config)
     check_same_experiment(experiment, experiment_settings(config, report), "a Tune experiment")
     segmenter_name = segmenter_model(config)
+    _start_ray_data_actors()
     segmenter = _segmenter(config, registry, segmenter_name) if segmenter_name else None
 
     cpus_per_worker = trial_worker_cpus(config, ray.cluster_resources(), len(plan))
@@ -246,36 +265,11 @@ def run_comparison(config: TuneConfig) -> dict[str, Any]:
         "cpus_per_worker": cpus_per_worker,
     }
     trainable = tune.with_resources(tune_driver_per_trial, trial_request(config, cpus_per_worker))
-    if tune.Tuner.can_restore(experiment):
-        log.info("resuming experiment %s", experiment)
-        tuner = tune.Tuner.restore(experiment, trainable=trainable, param_space=space, resume_errored=True)
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space=space,
-            tune_config=tune_settings(config, ray.cluster_resources()),
-            run_config=tune.RunConfig(
-                name=config.name,
-                storage_path=config.out,
-                failure_config=tune.FailureConfig(max_failures=1),
-                # Each trial prints a line per epoch (epoch_printer) and the comparison its own summary;
-                # Tune's status tables repeat every metric of every trial each 30 s. -v brings them back.
-                verbose=0 if is_quiet() else 1,
-                # Kept by Tune for trials that train in their own process (`trains_in_trial`), as Ray Train
-                # keeps a TorchTrainer's: the best three by validation score, and the latest.
-                checkpoint_config=tune.CheckpointConfig(
-                    num_to_keep=3, checkpoint_score_attribute="val_score", checkpoint_score_order="max"
-                ),
-            ),
-        )
-    before = signal.getsignal(signal.SIGINT)
-    with _without_tunes_resume_advice():
-        results = tuner.fit()
-    if _tune_was_interrupted(before):
-        raise Interrupted(
-            f"nothing was registered or promoted; run the same command again to resume the experiment "
-            f"({experiment}): trials go on from their last checkpoints"
-        )
+    results = _fit_experiment(
+        trainable, space, config.out, config.name, tune_settings(config, ray.cluster_resources()),
+        interrupted="nothing was registered or promoted; run the same command again to resume the "
+        f"experiment ({experiment}): trials go on from their last checkpoints",
+    )  # fmt: skip
     trials = [_trial_record(config, results[i]) for i in range(len(results))]
     best = _best_per_architecture(config, trials, registry, work, experiment)
     previous = registry.aliases().get("production")
@@ -301,6 +295,58 @@ def run_comparison(config: TuneConfig) -> dict[str, Any]:
         storage.copy(pafs.LocalFileSystem(), str(work), *storage.resolve(experiment))
     comparison["reports"] = {k: _published(v, work, experiment) for k, v in reports.items()}
     return comparison
+
+
+def _start_ray_data_actors() -> None:
+    """Have Ray Data start its cluster-wide actors (its stats actor, its autoscaling coordinator) from this
+    driver, before any trial reads data.
+
+    The first Ray Data execution on a cluster creates them, detached; run from a trial, the stats actor is
+    placed in the trial's placement group (Tune's trials capture what they start) and killed with it when
+    the trial ends, with Ray's "unexpected system state" stack trace on the console if it was still being
+    created. A one-row execution here takes a fraction of a second and starts no task."""
+    import ray.data
+
+    ray.data.from_items([{"row": 0}]).limit(1).materialize()
+
+
+def _fit_experiment(
+    trainable: Any, space: dict[str, Any], storage_path: str, name: str, tune_config: Any, interrupted: str
+) -> Any:
+    """Run the Tune experiment `name` under `storage_path` (a folder or URI), restored if it was started
+    before (a finished trial is not run again, an interrupted or errored one goes on from its last
+    checkpoint); its ResultGrid. Ctrl-C raises Interrupted(`interrupted`)."""
+    from ray import tune
+
+    experiment = f"{storage_path.rstrip('/')}/{name}"
+    if tune.Tuner.can_restore(experiment):
+        log.info("resuming experiment %s", experiment)
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, param_space=space, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space,
+            tune_config=tune_config,
+            run_config=tune.RunConfig(
+                name=name,
+                storage_path=storage_path,
+                failure_config=tune.FailureConfig(max_failures=1),
+                # Each trial prints a line per epoch (epoch_printer) and the comparison its own summary;
+                # Tune's status tables repeat every metric of every trial each 30 s. -v brings them back.
+                verbose=0 if is_quiet() else 1,
+                # Kept by Tune for trials that train in their own process (`trains_in_trial`), as Ray Train
+                # keeps a TorchTrainer's: the best three by validation score, and the latest.
+                checkpoint_config=tune.CheckpointConfig(
+                    num_to_keep=3, checkpoint_score_attribute="val_score", checkpoint_score_order="max"
+                ),
+            ),
+        )
+    before = signal.getsignal(signal.SIGINT)
+    with _without_tunes_resume_advice():
+        results = tuner.fit()
+    if _tune_was_interrupted(before):
+        raise Interrupted(interrupted)
+    return results
 
 
 def _tune_was_interrupted(before: Any) -> bool:
@@ -408,11 +454,14 @@ def _segmenter(config: TuneConfig, registry: Any, model: str) -> dict[str, Any]:
     from cxrcore.train.trainer import fit
 
     train_config = segmenter_train_config(config, model)
-    run = f"{train_config.out.rstrip('/')}/{train_config.run_name()}"
-    kept = _kept_checkpoints(run)
-    if not kept or kept[-1][1]["epoch"] + 1 < train_config.epochs:
-        fit(train_config)
+    if trains_in_trial(config):
+        kept = _segmenter_in_trial(config, train_config)
+    else:
+        run = f"{train_config.out.rstrip('/')}/{train_config.run_name()}"
         kept = _kept_checkpoints(run)
+        if not kept or kept[-1][1]["epoch"] + 1 < train_config.epochs:
+            fit(train_config)
+            kept = _kept_checkpoints(run)
     if not kept:
         raise RuntimeError("the lung segmenter produced no checkpoint")
     checkpoint, card = best_by_validation(kept, lambda item: item[1]["metrics"]) or kept[-1]
@@ -427,6 +476,36 @@ def _segmenter(config: TuneConfig, registry: Any, model: str) -> dict[str, Any]:
         "val_dice": card["metrics"].get("val_dice"),
         "test": json.loads((report / "metrics.json").read_text()),
     }
+
+
+SEGMENTER_EXPERIMENT = "segmenter-trial"
+"""The Tune experiment, under the trials' folder, in which the segmenter of one worker trains."""
+
+
+def _segmenter_in_trial(config: TuneConfig, train_config: TrainConfig) -> list[tuple[str, dict[str, Any]]]:
+    """Train the segmenter of one worker as the sweep's trials of one worker train: a Tune trial running
+    its loop in its own process. A TorchTrainer would add a controller, a worker and helper actors, each a
+    process importing Ray and torch. On 2 cores the tiny U-Net's one epoch took 20 s from the start of its
+    TorchTrainer to its epoch line, and 11 s in a trial; `cxr tune` of the three tiny models 66 s and
+    58-61 s. A re-run restores the experiment: a finished trial is not run again, an interrupted one goes
+    on from its last checkpoint. Returns its kept checkpoints with their cards."""
+    from ray import tune
+
+    from cxrcore.train.trainer import worker_cpus
+
+    cpus = worker_cpus(train_config)
+    train_config = dataclasses.replace(train_config, cpus_per_worker=cpus)
+    trainable = tune.with_resources(segmenter_per_trial, trial_request(config, cpus))
+    space = {"train_config": to_dict(train_config), "quiet_console": is_quiet()}
+    results = _fit_experiment(
+        trainable, space, _trials_root(config), SEGMENTER_EXPERIMENT, None,
+        interrupted=f"the lung segmenter's training stopped; nothing was registered or promoted. Run the "
+        f"same command again to resume the experiment ({experiment_path(config)})",
+    )  # fmt: skip
+    (result,) = [results[i] for i in range(len(results))]
+    if result.error is not None:
+        raise RuntimeError(f"the lung segmenter's training failed: {str(result.error).splitlines()[0]}")
+    return _tune_checkpoints(result)
 
 
 def _trial_record(config: TuneConfig, result: Any) -> dict[str, Any]:

@@ -13,12 +13,12 @@ import base64
 import io
 import math
 import os
-import shutil
+import re
 import signal
 import subprocess
-import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +46,7 @@ from tests.e2e.uploads import (
     write_registry,
     xray_dicom,
 )
+from tests.processes import command_line, group_of, listening, wait_until_gone
 from tests.scrape import scrape, total, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -164,17 +165,32 @@ def _post(url: str) -> httpx.Response:
     )
 
 
-def test_cxr_serve_runs_in_the_foreground_and_stops_cleanly(registry: Path) -> None:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="cxr-serve-", dir="/tmp")  # its own Ray, short socket paths
+def test_cxr_serve_runs_in_the_foreground_and_stops_cleanly(registry: Path, scratch: Path) -> None:
+    """`cxr serve` as the README has it, on a local Ray of its own started with a known auth token: it
+    serves, drains on SIGTERM and stops with nothing left behind; the token is never printed, logged or on a
+    command line, and the dashboard (and job API) it starts answers only with it, on loopback only."""
+    port, token = free_port(), uuid.uuid4().hex
+    ray_dir, home, log = scratch / "ray", scratch / "home", scratch / "output.txt"
+    ray_dir.mkdir()
+    home.mkdir()
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},  # a local cluster of its own
+        "RAY_TMPDIR": str(ray_dir),  # short socket paths
+        "HOME": str(home),  # keep ~/.ray/auth_token out of it
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": token,
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    for name in ("RAY_DATA_LOGGING_CONFIG", "RAY_DATA_DISABLE_PROGRESS_BARS"):
+        env.pop(name, None)  # the defaults a user has
     command = [
         str(BIN / "cxr"), "serve", "--registry", str(registry), "--model", "tiny_cnn_lstm",
         "--port", str(port), "--arg", "num_cpus=0.25", "--arg", "max_replicas=1",
     ]  # fmt: skip
-    process = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            command, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
         url = f"http://127.0.0.1:{port}"
         wait_until(
@@ -187,6 +203,18 @@ def test_cxr_serve_runs_in_the_foreground_and_stops_cleanly(registry: Path) -> N
         )
         assert response.status_code == 200, response.text
         assert response.json()["model"]["name"] == "tiny_cnn_lstm"
+
+        # The dashboard it started: the token or 401, on loopback only; no process shows the token.
+        dashboard = re.search(r"Ray dashboard: (http://127\.0\.0\.1:\d+)", log.read_text(errors="replace"))
+        assert dashboard, log.read_text(errors="replace")
+        without = httpx.get(f"{dashboard[1]}/api/version", timeout=5)
+        with_token = httpx.get(
+            f"{dashboard[1]}/api/version", headers={"Authorization": f"Bearer {token}"}, timeout=5
+        )
+        assert (without.status_code, with_token.status_code) == (401, 200)
+        group = group_of(process.pid)
+        assert len(group) > 5 and listening(group).get(int(dashboard[1].rsplit(":", 1)[1])) == "127.0.0.1"
+        assert [command_line(pid).split()[0] for pid in group if token in command_line(pid)] == []
 
         # A request in flight when the server is told to stop is answered; one that comes after is refused
         # in JSON, and /readyz says so, until Serve stops.
@@ -215,18 +243,25 @@ def test_cxr_serve_runs_in_the_foreground_and_stops_cleanly(registry: Path) -> N
         release.set()
         slow.join(60)
         assert answers and answers[0].status_code == 200, answers and answers[0].text
-        output, _ = process.communicate(timeout=90)
-        assert process.returncode == 0, output[-3000:]
-        assert f"at http://127.0.0.1:{port}" in output and "answering the requests in flight first" in output
-        assert "still in flight" not in output and "Traceback" not in output
-        assert f"at http://127.0.0.1:{port} through HAProxy" in output  # the local default front end
-        with pytest.raises(httpx.HTTPError):  # nothing, HAProxy included, listens on the port any more
-            httpx.get(f"{url}/healthz", timeout=2)
+        assert process.wait(timeout=90) == 0, log.read_text(errors="replace")[-3000:]
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-        shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+    output = log.read_text(errors="replace")
+    assert f"at http://127.0.0.1:{port}" in output and "answering the requests in flight first" in output
+    assert "still in flight" not in output and "Traceback" not in output
+    assert f"at http://127.0.0.1:{port} through HAProxy" in output  # the local default front end
+    with pytest.raises(httpx.HTTPError):  # nothing, HAProxy included, listens on the port any more
+        httpx.get(f"{url}/healthz", timeout=2)
+    assert wait_until_gone(str(ray_dir)) == []  # its Ray stopped with it
+    # Where the token shows up, never the token itself: not printed, not in any of the session's files
+    # (gcs, raylet, dashboard, Serve's controller, proxy and replicas, HAProxy's configuration).
+    assert token not in output
+    files = [p for p in ray_dir.rglob("*") if p.is_file()]
+    assert len(files) > 10
+    assert [str(p) for p in files if token.encode() in p.read_bytes()] == []
+    assert not (home / ".ray").exists()  # a token from the environment is not saved anywhere
 
 
 def test_app_composes_ingress_classifier_and_segmenter(server: Server) -> None:

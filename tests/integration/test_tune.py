@@ -62,6 +62,9 @@ def test_tiny_comparison_registers_all_three_and_promotes_the_best(
     assert registry.get("tiny_dual_cnn").card.segmenter  # servable without ground-truth masks
     assert registry.get("tiny_dual_cnn").card.training["train_masks"] == "segmenter"  # trained as served
     assert registry.get("tiny_unet").card.metrics["val_dice"] > 0.3  # the segmenter segments
+    # With one worker per trial the segmenter trains as the trials do, in a Tune trial's own process.
+    trials_root = tmp_path / "cxr-runs/compare-trials"
+    assert (trials_root / "segmenter-trial").is_dir() and not (trials_root / "segmenter").exists()
 
     # The registered dual-channel model, scored through its registered segmenter's masks.
     evaluate = ["evaluate", "--model", "tiny_dual_cnn", "--registry", "reg", "--data", "ds", "--out", "ev"]

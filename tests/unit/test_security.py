@@ -124,7 +124,7 @@ def test_registry_version_and_segmenter_refuse_a_pickle(tmp_path: Path, marker: 
 def test_what_cxr_starts_listens_on_loopback_with_token_auth() -> None:
     """Serve's HTTP and the cluster launcher's dashboard bind 127.0.0.1 unless told otherwise.
 
-    The dashboard `cxr` itself starts is checked for real in tests/e2e/test_token_hygiene.py.
+    The dashboard `cxr` itself starts is checked for real in tests/e2e/test_serve.py (the foreground serve).
     """
     from serve.server import demo_predictions, serve_foreground
 
