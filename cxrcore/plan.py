@@ -275,13 +275,24 @@ def _per_trial(config: TuneConfig, trials: int) -> str:
 
 def _segmenter_workers(config: TuneConfig) -> str:
     """The segmenter's workers: a trial's, each with its share of the assumed local cluster's cores, as
-    `trainer.worker_cpus` gives them (it trains alone, before the trials)."""
+    `trainer.worker_cpus` gives them (it trains alone, before the trials); one worker trains in a Tune
+    trial's own process, as one-worker trials do (`tune._segmenter_in_trial`)."""
     from cxrcore.runtime import local_logical_cpus
     from cxrcore.train.trainer import local_worker_cpus
+    from cxrcore.tune import trains_in_trial
 
     cores = os.cpu_count() or 1
     n = config.workers_per_trial
     share = local_worker_cpus(cores, local_logical_cpus(cores), n)
+    if trains_in_trial(config):
+        what = (
+            "1 GPU"
+            if config.gpu
+            else "1 CPU"
+            if share == 1
+            else f"{share} CPUs: this machine's {cores} cores"
+        )
+        return f"1 worker in a Tune trial's own process, no TorchTrainer ({what})"
     if config.gpu or share == 1:
         return _workers(config)
     each = " each" if n > 1 else ""

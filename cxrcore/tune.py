@@ -298,30 +298,42 @@ def run_comparison(config: TuneConfig) -> dict[str, Any]:
 
 
 def _start_ray_data_actors() -> None:
-    """Have Ray Data start its cluster-wide actors (its stats actor, its autoscaling coordinator) from this
-    driver, before any trial reads data.
+    """Have Ray Data's stats actor, one per cluster, start from this driver before any trial reads data.
 
-    The first Ray Data execution on a cluster creates them, detached; run from a trial, the stats actor is
-    placed in the trial's placement group (Tune's trials capture what they start) and killed with it when
-    the trial ends, with Ray's "unexpected system state" stack trace on the console if it was still being
-    created. A one-row execution here takes a fraction of a second and starts no task."""
-    import ray.data
-
-    ray.data.from_items([{"row": 0}]).limit(1).materialize()
+    The first Ray Data execution on a cluster creates it, detached and with no scheduling strategy of its
+    own; from a trial, Tune's placement group (which captures what a trial starts) took it in, and it was
+    killed with the trial, with Ray's "unexpected system state" stack trace on the console when that
+    happened while it was being created. Its getter is Ray Data's internal one: on a Ray without it, the
+    first trial creates the actor as before."""
+    try:
+        from ray.data._internal.stats import get_or_create_stats_actor
+    except ImportError:
+        return
+    get_or_create_stats_actor()
 
 
 def _fit_experiment(
-    trainable: Any, space: dict[str, Any], storage_path: str, name: str, tune_config: Any, interrupted: str
+    trainable: Any,
+    space: dict[str, Any],
+    storage_path: str,
+    name: str,
+    tune_config: Any,
+    interrupted: str,
+    max_failures: int = 1,
+    restore_space: bool = True,
 ) -> Any:
     """Run the Tune experiment `name` under `storage_path` (a folder or URI), restored if it was started
     before (a finished trial is not run again, an interrupted or errored one goes on from its last
-    checkpoint); its ResultGrid. Ctrl-C raises Interrupted(`interrupted`)."""
+    checkpoint; `restore_space` False keeps the space it was started with, whose keys a later cxr's
+    configuration may not match); its ResultGrid. Ctrl-C raises Interrupted(`interrupted`)."""
     from ray import tune
 
     experiment = f"{storage_path.rstrip('/')}/{name}"
     if tune.Tuner.can_restore(experiment):
         log.info("resuming experiment %s", experiment)
-        tuner = tune.Tuner.restore(experiment, trainable=trainable, param_space=space, resume_errored=True)
+        tuner = tune.Tuner.restore(
+            experiment, trainable=trainable, param_space=space if restore_space else None, resume_errored=True
+        )
     else:
         tuner = tune.Tuner(
             trainable,
@@ -330,7 +342,7 @@ def _fit_experiment(
             run_config=tune.RunConfig(
                 name=name,
                 storage_path=storage_path,
-                failure_config=tune.FailureConfig(max_failures=1),
+                failure_config=tune.FailureConfig(max_failures=max_failures),
                 # Each trial prints a line per epoch (epoch_printer) and the comparison its own summary;
                 # Tune's status tables repeat every metric of every trial each 30 s. -v brings them back.
                 verbose=0 if is_quiet() else 1,
@@ -454,14 +466,17 @@ def _segmenter(config: TuneConfig, registry: Any, model: str) -> dict[str, Any]:
     from cxrcore.train.trainer import fit
 
     train_config = segmenter_train_config(config, model)
-    if trains_in_trial(config):
+    run = f"{train_config.out.rstrip('/')}/{train_config.run_name()}"
+    in_trial, in_run = _segmenter_trial_checkpoints(config), _kept_checkpoints(run)
+    # A segmenter that reached its last epoch is used wherever it trained: one of a re-run with another
+    # --workers-per-trial, or of an experiment started before one-worker segmenters trained in a trial, is
+    # what the trials restored with it read their masks from.
+    kept = next((k for k in (in_trial, in_run) if k and k[-1][1]["epoch"] + 1 >= train_config.epochs), [])
+    if not kept and trains_in_trial(config):
         kept = _segmenter_in_trial(config, train_config)
-    else:
-        run = f"{train_config.out.rstrip('/')}/{train_config.run_name()}"
+    elif not kept:
+        fit(train_config)
         kept = _kept_checkpoints(run)
-        if not kept or kept[-1][1]["epoch"] + 1 < train_config.epochs:
-            fit(train_config)
-            kept = _kept_checkpoints(run)
     if not kept:
         raise RuntimeError("the lung segmenter produced no checkpoint")
     checkpoint, card = best_by_validation(kept, lambda item: item[1]["metrics"]) or kept[-1]
@@ -501,11 +516,24 @@ def _segmenter_in_trial(config: TuneConfig, train_config: TrainConfig) -> list[t
         trainable, space, _trials_root(config), SEGMENTER_EXPERIMENT, None,
         interrupted=f"the lung segmenter's training stopped; nothing was registered or promoted. Run the "
         f"same command again to resume the experiment ({experiment_path(config)})",
+        max_failures=train_config.max_failures, restore_space=False,
     )  # fmt: skip
     (result,) = [results[i] for i in range(len(results))]
     if result.error is not None:
         raise RuntimeError(f"the lung segmenter's training failed: {str(result.error).splitlines()[0]}")
     return _tune_checkpoints(result)
+
+
+def _segmenter_trial_checkpoints(config: TuneConfig) -> list[tuple[str, dict[str, Any]]]:
+    """The checkpoints, with their cards, of the segmenter's Tune trial (`_segmenter_in_trial`) as its
+    experiment recorded them; [] where it has none. Reads the experiment's state; runs nothing."""
+    from ray import tune
+
+    experiment = f"{_trials_root(config).rstrip('/')}/{SEGMENTER_EXPERIMENT}"
+    if not tune.Tuner.can_restore(experiment):
+        return []
+    results = tune.Tuner.restore(experiment, trainable=segmenter_per_trial).get_results()
+    return _tune_checkpoints(results[0]) if len(results) else []
 
 
 def _trial_record(config: TuneConfig, result: Any) -> dict[str, Any]:

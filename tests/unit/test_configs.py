@@ -69,7 +69,9 @@ def test_tune_dry_run_prints_trials_gpus_and_epochs(capsys: pytest.CaptureFixtur
     assert "4 trials at once (set by max_concurrent) → 3 waves" in out
     assert "up to 30 per trial; ASHA may stop a trial after 15" in out
     assert "≈270 expected" in out and "180 if it stopped every trial at grace, 360 if none" in out
-    assert "unet, 8 epochs on 1 Train worker (1 GPU), batch 16" in out
+    assert (
+        "unet, 8 epochs on 1 worker in a Tune trial's own process, no TorchTrainer (1 GPU), batch 16" in out
+    )
     assert "output:              /data/cxr/runs/radiography-full (comparison.html" in out
     assert "weights file /data/cxr/weights/resnet50-1ch.safetensors (not on this machine" in out
     rows = [line.split() for line in out.splitlines() if line.split()[:1] and line.split()[0].isdigit()]
@@ -265,10 +267,12 @@ def test_cpu_tune_plan_gives_the_segmenter_the_cores_it_trains_on(
     monkeypatch.setattr("os.cpu_count", lambda: cores)
     argv = ["tune", "--data", "/nowhere", "--registry", "/nowhere/reg", "--models", "dual_cnn"]
     assert main([*argv, "--workers-per-trial", str(workers), "--dry-run"]) == 0
-    worker, each = (f"{workers} Train workers", " each") if workers > 1 else ("1 Train worker", "")
-    assert f"epochs on {worker} ({expected} CPUs{each}: this machine's {cores} cores), batch 16" in (
-        capsys.readouterr().out
-    )
+    if workers > 1:
+        where = f"{workers} Train workers ({expected} CPUs each: this machine's {cores} cores)"
+    else:  # as one-worker trials train
+        where = "1 worker in a Tune trial's own process, no TorchTrainer"
+        where += f" ({expected} CPUs: this machine's {cores} cores)"
+    assert f"epochs on {where}, batch 16" in capsys.readouterr().out
 
 
 def test_a_one_worker_trial_reserves_in_its_own_process_what_a_torchtrainer_trial_reserved_in_all() -> None:

@@ -52,3 +52,58 @@ def test_a_rerun_finds_the_version_it_registered_and_registers_a_new_checkpoint(
     other = write_checkpoint(tmp_path / "epoch-4", "tiny_cnn_lstm", seed=2)
     assert _evaluate_and_register(config, registry, other, report).ref == "tiny_cnn_lstm:2"
     assert [v.ref for v in registry.versions()] == ["tiny_cnn_lstm:1", "tiny_cnn_lstm:2"]
+
+
+@pytest.mark.parametrize(
+    ("workers", "in_trial_epochs", "in_run_epochs", "trained_by"),
+    [
+        (1, [], [], "trial"),  # nothing yet: a one-worker segmenter trains in a Tune trial
+        (2, [], [], "fit"),  # several workers: in a TorchTrainer
+        (1, [], [0, 1], None),  # finished in a Train run (another --workers-per-trial, or an older cxr)
+        (2, [0, 1], [], None),  # finished in a trial
+        (1, [], [0], "trial"),  # a Train run that stopped short, now of one worker: trained in a trial
+        (2, [], [0], "fit"),  # the same with several workers: the Train run resumes
+    ],
+)
+def test_a_finished_segmenter_is_used_wherever_it_trained_and_trained_otherwise(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    workers: int,
+    in_trial_epochs: list[int],
+    in_run_epochs: list[int],
+    trained_by: str | None,
+) -> None:
+    """The trials a re-run restores read their masks from the segmenter they trained with: a segmenter run
+    that reached its last epoch is registered as it is, wherever it trained, never trained again."""
+    import cxrcore.train.trainer
+    import cxrcore.tune as tune
+
+    def kept(place: str, epochs: list[int]) -> list[tuple[str, dict[str, Any]]]:
+        cards = [{"epoch": e, "metrics": {"val_score": 0.5 + e / 10}} for e in epochs]  # the last is the best
+        return [(f"{place}/checkpoint_{card['epoch']}", card) for card in cards]
+
+    trained: list[str] = []
+    registered: list[str] = []
+    done = kept("trained", [0, 1])
+    monkeypatch.setattr(tune, "_segmenter_trial_checkpoints", lambda config: kept("trial", in_trial_epochs))
+    monkeypatch.setattr(
+        tune, "_kept_checkpoints", lambda run: done if "fit" in trained else kept("run", in_run_epochs)
+    )
+    monkeypatch.setattr(tune, "_segmenter_in_trial", lambda config, train: trained.append("trial") or done)
+    monkeypatch.setattr(cxrcore.train.trainer, "fit", lambda train: trained.append("fit"))
+
+    def register(config: Any, registry: Any, checkpoint: str, report: Path) -> Any:
+        registered.append(checkpoint)
+        report.mkdir(parents=True, exist_ok=True)
+        (report / "metrics.json").write_text("{}")
+        return type("Version", (), {"ref": "tiny_unet:1", "uri": "reg/tiny_unet/v1"})()
+
+    monkeypatch.setattr(tune, "_evaluate_and_register", register)
+    config = TuneConfig(
+        data="d", registry="r", out=str(tmp_path), models="tiny_dual_cnn", segmenter_epochs=2,
+        workers_per_trial=workers,
+    )  # fmt: skip
+    record = tune._segmenter(config, None, "tiny_unet")
+    assert trained == ([trained_by] if trained_by else [])
+    where = "trained" if trained_by else "trial" if in_trial_epochs else "run"
+    assert registered == [f"{where}/checkpoint_1"] and record["ref"] == "tiny_unet:1"
