@@ -205,8 +205,11 @@ def test_cxr_serve_runs_in_the_foreground_and_stops_cleanly(registry: Path, scra
         assert response.json()["model"]["name"] == "tiny_cnn_lstm"
 
         # The dashboard it started: the token or 401, on loopback only; no process shows the token.
-        dashboard = re.search(r"Ray dashboard: (http://127\.0\.0\.1:\d+)", log.read_text(errors="replace"))
-        assert dashboard, log.read_text(errors="replace")
+        dashboard = wait_until(  # named in the line `cxr serve` prints once its app answers
+            lambda: re.search(r"Ray dashboard: (http://127\.0\.0\.1:\d+)", log.read_text(errors="replace")),
+            timeout=60,
+            what="`cxr serve` to print where it serves",
+        )
         without = httpx.get(f"{dashboard[1]}/api/version", timeout=5)
         with_token = httpx.get(
             f"{dashboard[1]}/api/version", headers={"Authorization": f"Bearer {token}"}, timeout=5
