@@ -355,6 +355,14 @@ def _run_tune(args: argparse.Namespace) -> int:
     if not comparison["best"]:
         print("cxr: error: no architecture produced a checkpoint; nothing was registered", file=sys.stderr)
         return 1
+    missing = sorted({trial["model"] for trial in comparison["trials"]} - set(comparison["best"]))
+    if missing:  # a job that compared fewer architectures than asked must not read SUCCEEDED
+        print(
+            f"cxr: error: {', '.join(missing)} produced no checkpoint (every trial failed; see the trials "
+            f"above), so the comparison and production cover {', '.join(sorted(comparison['best']))} only",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

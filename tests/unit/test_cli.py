@@ -83,3 +83,28 @@ def test_an_interrupted_run_exits_130_saying_what_it_kept(
         capsys.readouterr().err
         == "cxr: interrupted: nothing was registered; run the same command again to resume\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("best", "status", "said"),
+    [
+        ({"tiny_cnn_lstm": {}, "tiny_resnet": {}}, 0, None),
+        ({"tiny_cnn_lstm": {}}, 1, "tiny_resnet produced no checkpoint"),
+        ({}, 1, "no architecture produced a checkpoint"),
+    ],
+)
+def test_tune_exits_non_zero_when_an_architecture_it_was_asked_to_compare_produced_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    best: dict[str, object],
+    status: int,
+    said: str | None,
+) -> None:
+    """A `ray job submit` of a comparison whose resnet trials all failed must not read SUCCEEDED."""
+    import cxrcore.cli as cli
+
+    trials = [{"model": "tiny_cnn_lstm"}, {"model": "tiny_resnet"}, {"model": "tiny_resnet"}]
+    monkeypatch.setattr(cli, "_run_on_ray", lambda args, run, show: {"trials": trials, "best": best})
+    assert main(["tune", "--data", "ds", "--models", "tiny_cnn_lstm,tiny_resnet"]) == status
+    err = capsys.readouterr().err
+    assert (said in err) if said else err == ""

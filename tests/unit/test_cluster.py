@@ -22,8 +22,14 @@ def _documents() -> dict[str, dict]:
 
 def test_kuberay_manifests_pin_the_installed_ray_and_enable_token_auth() -> None:
     docs = _documents()
-    kuberay = {name: doc for name, doc in docs.items() if name.startswith("kuberay/")}
+    kuberay = {
+        name: doc for name, doc in docs.items() if name.startswith("kuberay/") and name != "kuberay/pvc.yaml"
+    }
     assert kuberay
+    # The shared volume they all mount, writable from pods on different nodes.
+    pvc = docs["kuberay/pvc.yaml"]
+    assert pvc["kind"] == "PersistentVolumeClaim" and pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert all(f"claimName: {pvc['metadata']['name']}" in (CLUSTER / name).read_text() for name in kuberay)
     for name, doc in kuberay.items():
         assert doc["apiVersion"] == "ray.io/v1", name
         spec = doc["spec"].get("rayClusterSpec") or doc["spec"].get("rayClusterConfig") or doc["spec"]
