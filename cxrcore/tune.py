@@ -554,8 +554,9 @@ def _trial_record(config: TuneConfig, result: Any) -> dict[str, Any]:
         "epochs_run": epochs_run,
         "stopped_early": result.error is None and epochs_run < config.epochs,
         "error": str(result.error).splitlines()[0] if result.error else None,
-        "val_accuracy": metrics.get("val_accuracy"),
-        "val_macro_f1": metrics.get("val_macro_f1"),
+        # The kept checkpoint's validation figures, as val_score and val_loss (the last epoch's may be lower).
+        "val_accuracy": (card["metrics"] if card else metrics).get("val_accuracy"),
+        "val_macro_f1": (card["metrics"] if card else metrics).get("val_macro_f1"),
         "val_score": card["metrics"]["val_score"] if card else None,
         "val_loss": card["metrics"].get("val_loss") if card else None,
         "val_count": card["metrics"].get("val_count") if card else None,

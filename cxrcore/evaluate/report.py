@@ -112,6 +112,13 @@ def plot_training_curves(history: Sequence[Mapping[str, Any]], path: str | Path)
     loss_ax.set_title("Loss")
     score_ax.set_title("Accuracy and macro-F1")
     score_ax.set_ylim(0.0, 1.02)
+    for ax in (loss_ax, score_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs: one point reads 0.95-1.05 otherwise
+    if history:
+        # A card carries its run's history up to its own epoch: a run that went on past the kept checkpoint
+        # (a later epoch scored lower) has more epochs than this shows.
+        last = history[-1].get("epoch", len(history))
+        fig.suptitle(f"Training history up to the evaluated checkpoint (epoch {last})")
     return _save(fig, path)
 
 

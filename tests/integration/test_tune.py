@@ -143,5 +143,6 @@ def test_a_trial_of_two_workers_trains_in_a_torchtrainer_and_is_recorded_alike(
     assert [row["epoch"] for row in in_trial["history"]] == [row["epoch"] for row in ddp["history"]] == [1]
     for trial, card in ((in_trial, in_trial_card), (ddp, ddp_card)):  # the record is its checkpoint's card
         assert trial["val_score"] == card["metrics"]["val_score"] and trial["best_epoch"] == card["epoch"] + 1
+        assert trial["val_macro_f1"] == card["metrics"]["val_macro_f1"]  # the kept checkpoint's, not the last
         assert card["metrics"]["val_count"] > 0 and 0 <= card["metrics"]["val_accuracy"] <= 1
     assert ModelRegistry(str(work / "reg-ddp")).get("production").name == "tiny_cnn_lstm"
