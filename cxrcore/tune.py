@@ -683,7 +683,10 @@ def _best_per_architecture(
             "test_accuracy": test["accuracy"],
             "test_macro_f1": test["macro_f1"],
             "test_macro_auroc": test["macro_auroc"],
-            "test_per_class_f1": {name: row["f1"] for name, row in test["per_class"].items()},
+            # A class with no test image has no F1 (None: a dash in the report, not 0.000).
+            "test_per_class_f1": {
+                name: row["f1"] if row["support"] else None for name, row in test["per_class"].items()
+            },
             "confusion_matrix": test["confusion_matrix"],
             "temperature": calibration.get("temperature"),
             "test_ece": calibration.get("ece_after"),

@@ -173,6 +173,21 @@ def test_metrics_table_rows() -> None:
     assert sum(row["support"] for row in rows[:-1]) == 300
 
 
+def test_a_class_without_images_shows_no_recall_or_f1_and_the_macro_row_averages_the_others() -> None:
+    """The real sample has no Lung_Opacity: its recall and F1 are undefined (a dash), not 0.000, and the
+    macro row averages the three rows shown with figures."""
+    labels = np.array([0, 0, 2, 2, 3, 3])
+    probs = np.full((6, 4), 0.1)
+    probs[np.arange(6), [0, 1, 2, 1, 3, 3]] = 0.7  # two images called Lung_Opacity, which has none here
+    metrics = classification_metrics(labels, probs)
+    rows = {row["class"]: row for row in metrics_table(metrics)}
+    absent = rows["Lung_Opacity (no images here)"]
+    assert absent["support"] == 0 and absent["recall"] is None and absent["f1"] is None
+    assert absent["precision"] == 0.0  # both predictions of it were wrong
+    shown = [rows[name]["f1"] for name in ("COVID", "Normal", "Viral Pneumonia")]
+    assert rows["macro"]["f1"] == pytest.approx(np.mean(shown))
+
+
 def test_html_table_formats_and_escapes() -> None:
     table = html_table([{"a": 0.12345, "b": 7, "c": None, "e": True}, {"a": "<b>", "d": [1, 2], "e": False}])
     assert table.startswith('<div class="table-wrap"><table>')  # wide tables scroll, not the page
