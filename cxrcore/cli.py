@@ -321,9 +321,35 @@ def _run_on_ray(
     """The shape of every cluster command: typed config from the flags, connect, run, summarise."""
     config = config_from_args(args.config_cls, args)
     _connect(config.address)
+    _note_local_paths(config)
     result = action(config)
     print(formatter(result))
     return result
+
+
+def _note_local_paths(config: Any) -> None:
+    """On a cluster joined by address, name the locations that are paths of this machine: a relative or
+    local --out under `ray job submit` lands on the head, while workers on other nodes write their
+    checkpoints to their own disks. Every node must see such a path (a shared filesystem, as the KubeRay
+    manifests' /data), or it belongs on object storage."""
+    from cxrcore.data import storage
+    from cxrcore.runtime import local_core_limit
+
+    if local_core_limit() is not None:  # the local cluster cxr started: this machine alone
+        return
+    local = [
+        f"--{name} {value}"
+        for name in ("data", "out", "registry")
+        if isinstance(value := getattr(config, name, None), str) and value and not storage.is_remote(value)
+    ]
+    if local:
+        print(
+            f"note: {', '.join(local)}: on a cluster of several nodes, every node must see "
+            f"{'this path' if len(local) == 1 else 'these paths'} at the same place (a shared filesystem), "
+            "or use s3:// or gs:// URIs",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _run_ingest(args: argparse.Namespace) -> int:

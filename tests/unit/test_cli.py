@@ -108,3 +108,30 @@ def test_tune_exits_non_zero_when_an_architecture_it_was_asked_to_compare_produc
     assert main(["tune", "--data", "ds", "--models", "tiny_cnn_lstm,tiny_resnet"]) == status
     err = capsys.readouterr().err
     assert (said in err) if said else err == ""
+
+
+@pytest.mark.parametrize("joined", [True, False])
+def test_a_cluster_joined_by_address_is_told_which_locations_are_paths_of_this_machine(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path, joined: bool
+) -> None:
+    """`ray job submit` of `cxr train --out runs`: on a cluster of several nodes the workers would write
+    their checkpoints to their own disks. The local cluster cxr starts is one machine: nothing to say."""
+    import cxrcore.cli as cli
+    import cxrcore.runtime
+    import cxrcore.train.trainer
+
+    monkeypatch.setattr(cli, "_connect", lambda address: None)
+    monkeypatch.setattr(cxrcore.runtime, "_local_cores", None if joined else 2)
+    monkeypatch.setattr(cxrcore.train.trainer, "fit", lambda config: None)
+    monkeypatch.setattr(cli, "format_train_result", lambda result: "trained")
+    monkeypatch.setattr(cli, "_run_train", lambda args: cli._run_on_ray(args, cxrcore.train.trainer.fit, str))
+    monkeypatch.chdir(tmp_path)
+    main(["train", "--data", "s3://bucket/ds", "--model", "tiny_cnn_lstm", "--out", "runs"])
+    err = capsys.readouterr().err
+    if joined:  # the path as the workers would get it: this machine's absolute one
+        assert err.startswith(
+            f"note: --out {tmp_path / 'runs'}: on a cluster of several nodes, every node must"
+        )
+        assert "s3://bucket/ds" not in err  # object storage is every node's
+    else:
+        assert "note:" not in err
