@@ -378,5 +378,9 @@ def _segmentation_report(
 
 
 def _card_summary(card: dict[str, Any]) -> dict[str, Any]:
-    """The card without its bulky parts (history is plotted, metrics are tabulated)."""
-    return {k: v for k, v in card.items() if k not in ("history", "metrics")}
+    """The card without its bulky parts (history is plotted, metrics are tabulated). Its `epoch` counts
+    from 0 in card.json; shown from 1, as the history, the training curves and the epoch lines count."""
+    summary = {k: v for k, v in card.items() if k not in ("history", "metrics")}
+    if isinstance(summary.get("epoch"), int):
+        summary["epoch"] = f"{summary['epoch'] + 1} (card.json: {summary['epoch']}, counted from 0)"
+    return summary

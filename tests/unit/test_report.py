@@ -255,3 +255,10 @@ def test_overlaid_curves(tmp_path: Path) -> None:
     path = plot_overlaid_curves(histories, "val_accuracy", tmp_path / "overlay.png")
     with Image.open(path) as image:
         assert image.format == "PNG"
+
+
+def test_the_reports_model_card_counts_epochs_from_1_as_its_history_does() -> None:
+    from cxrcore.evaluate.evaluation import _card_summary
+
+    summary = _card_summary({"epoch": 2, "history": [{"epoch": 3}], "metrics": {}, "classes": ["a"]})
+    assert summary == {"epoch": "3 (card.json: 2, counted from 0)", "classes": ["a"]}
