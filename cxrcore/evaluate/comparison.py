@@ -195,7 +195,8 @@ def _best_tables(ranked: list[tuple[str, Mapping[str, Any]]]) -> str:
         for model, row in ranked
     ]
     if any(len(row) > 1 for row in calibration):
-        parts += ["<h3>Calibration (temperature fitted on the validation split, measured on the test split)</h3>", html_table(calibration)]
+        heading = "Calibration (temperature fitted on the validation split, measured on the test split)"
+        parts += [f"<h3>{heading}</h3>", html_table(calibration)]
     training = [
         {
             "architecture": model,
