@@ -96,3 +96,12 @@ def test_tune_rayjob_runs_the_checked_in_configs_on_one_4_gpu_node() -> None:
     # Everything the job reads and writes is on the volume every pod mounts at /data.
     assert {"mountPath": "/data", "name": "data"} in container["volumeMounts"]
     assert all(path.startswith("/data/") for path in (ingest.raw, ingest.out, tune.registry, tune.pretrained))
+
+
+def test_a_submitted_job_ships_nothing_git_ignores() -> None:
+    """`ray job submit --runtime-env cluster/runtime_env.yaml` uploads the working directory: not the venv,
+    the caches (mypy's ~70 MB after `make lint`) or the outputs of local runs."""
+    excludes = set(yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())["excludes"])
+    lines = (ROOT / ".gitignore").read_text().splitlines()
+    ignored = {line.strip().rstrip("/") for line in lines if line.strip() and not line.startswith("#")}
+    assert ignored | {".git"} <= excludes, sorted(ignored - excludes)

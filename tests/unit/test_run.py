@@ -23,6 +23,16 @@ def test_both_reports_are_printed_and_a_failure_beside_fails_the_command(
     assert out.rstrip().endswith(f"FAILED: {tmp_path / 'test_beside.py'}")
 
 
+def test_bytecode_is_written_even_where_the_environment_says_not_to(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "test_flag.py").write_text(
+        "import sys\ndef test_flag():\n    assert not sys.dont_write_bytecode\n"
+    )
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    assert run.main([str(tmp_path / "test_flag.py")]) == 0, capfd.readouterr().out
+
+
 def test_with_arguments_it_is_one_pytest(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "test_one.py").write_text("def test_one():\n    pass\n")
     assert run.main([str(tmp_path / "test_one.py")]) == 0
