@@ -354,7 +354,7 @@ def _fit_experiment(
             ),
         )
     before = signal.getsignal(signal.SIGINT)
-    with _without_tunes_resume_advice():
+    with _without_tunes_resume_advice(), _tunes_own_output():
         results = tuner.fit()
     if _tune_was_interrupted(before):
         raise Interrupted(interrupted)
@@ -372,6 +372,17 @@ def _tune_was_interrupted(before: Any) -> bool:
     if os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") not in ("", "0"):
         return False
     return signal.getsignal(signal.SIGINT) is before
+
+
+def _tunes_own_output() -> contextlib.AbstractContextManager[None]:
+    """In a quiet command, nothing of Tune's own output engine. At verbosity 0 it still printed a table of
+    each experiment's search algorithm, scheduler and trial count, its folder and a TensorBoard command:
+    twice in a quiet `cxr tune`, the first time for the segmenter's experiment, a folder of cxr's own. The
+    legacy engine (RAY_AIR_NEW_OUTPUT=0, read by `Tuner.fit`) prints nothing at verbosity 0; the trials'
+    epoch lines and the comparison's summary are cxr's."""
+    from cxrcore.runtime import environment_defaults
+
+    return environment_defaults(RAY_AIR_NEW_OUTPUT="0") if is_quiet() else contextlib.nullcontext()
 
 
 @contextlib.contextmanager

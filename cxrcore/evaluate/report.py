@@ -14,6 +14,7 @@ from typing import Any, TypeGuard
 
 import numpy as np
 import numpy.typing as npt
+from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -80,21 +81,30 @@ def plot_confusion_matrix(
 def confusion_matrix_figure(
     matrix: npt.ArrayLike, classes: Sequence[str], normalized: bool, title: str | None = None
 ) -> Figure:
-    """Annotated heatmap of a confusion matrix (rows true, columns predicted): counts or row fractions."""
+    """Annotated heatmap of a confusion matrix (rows true, columns predicted): counts or row fractions.
+
+    Row-normalised, a class with no image in the set has no fractions: its row is grey, each cell a dash, and
+    its label says "(no images)" (a row of 0.00s would read as a class the model never gets right)."""
     values = np.asarray(matrix, dtype=np.float64)
     size = len(classes)
+    empty = (values.sum(axis=1) == 0) if normalized else np.zeros(size, dtype=bool)
     fig = Figure(figsize=(0.8 * size + 1.6, 0.7 * size + 1.5), layout="constrained")
     ax = fig.subplots()
     vmax = 1.0 if normalized else max(float(values.max(initial=0.0)), 1.0)
-    image = ax.imshow(values, cmap="Blues", vmin=0.0, vmax=vmax)
+    cmap = colormaps["Blues"].with_extremes(bad="#e6e6e6")
+    shown = np.ma.masked_array(values, mask=np.repeat(empty[:, None], size, axis=1))
+    image = ax.imshow(shown, cmap=cmap, vmin=0.0, vmax=vmax)
     fig.colorbar(image, ax=ax, shrink=0.85)
     tick_labels = [textwrap.fill(name, width=10, break_long_words=False) for name in classes]
     ax.set_xticks(range(size), tick_labels, fontsize=9, rotation=30, ha="right", rotation_mode="anchor")
-    ax.set_yticks(range(size), tick_labels, fontsize=9)
+    row_labels = [
+        f"{name}\n(no images)" if none else name for name, none in zip(tick_labels, empty, strict=True)
+    ]
+    ax.set_yticks(range(size), row_labels, fontsize=9)
     ax.set_xlabel("Predicted")
     ax.set_ylabel("True")
     for (row, col), value in np.ndenumerate(values):
-        text = f"{value:.2f}" if normalized else f"{int(value)}"
+        text = "–" if empty[row] else f"{value:.2f}" if normalized else f"{int(value)}"
         color = "white" if value > vmax / 2 else "black"
         ax.text(col, row, text, ha="center", va="center", color=color, fontsize=11)
     default_title = "Confusion matrix (row-normalised)" if normalized else "Confusion matrix (counts)"

@@ -59,6 +59,10 @@ def test_tiny_comparison_registers_all_three_and_promotes_the_best(
     assert registered == {*MODELS, "tiny_unet"}  # the segmenter is registered beside the dual-channel model
     production = registry.get("production")
     assert f"production (*): {production.ref}" in out and out.count("Winner: ") == 1
+    # Quiet: none of Tune's own banners (a table per experiment, its folder, a TensorBoard command).
+    assert not [
+        line for line in out.splitlines() if "Configuration for experiment" in line or "View detailed" in line
+    ]
     assert registry.get("tiny_dual_cnn").card.segmenter  # servable without ground-truth masks
     assert registry.get("tiny_dual_cnn").card.training["train_masks"] == "segmenter"  # trained as served
     assert registry.get("tiny_unet").card.metrics["val_dice"] > 0.3  # the segmenter segments

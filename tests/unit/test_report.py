@@ -247,6 +247,22 @@ def test_confusion_matrix_title() -> None:
     assert titled.axes[0].get_title() == "dual_cnn — test, counts"
 
 
+def test_a_class_with_no_image_has_no_fractions_in_the_normalised_matrix() -> None:
+    counts = np.array([[5, 1, 0, 0], [0, 0, 0, 0], [0, 2, 4, 0], [0, 0, 0, 3]])
+    normalized = counts / np.maximum(counts.sum(axis=1), 1)[:, None]  # as classification_metrics writes it
+    ax = confusion_matrix_figure(normalized, CLASSES, True).axes[0]
+    texts = [text.get_text() for text in ax.texts]
+    assert texts[4:8] == ["–"] * 4 and texts[:4] == ["0.83", "0.17", "0.00", "0.00"]
+    labels = [label.get_text() for label in ax.get_yticklabels()]
+    assert labels[1].endswith("(no images)") and not any(
+        "no images" in label for label in labels[:1] + labels[2:]
+    )
+    # The counts are counts: an absent class's row is its zeros.
+    counted = confusion_matrix_figure(counts, CLASSES, False).axes[0]
+    assert [text.get_text() for text in counted.texts][4:8] == ["0"] * 4
+    assert not any("no images" in label.get_text() for label in counted.get_yticklabels())
+
+
 def test_overlaid_curves(tmp_path: Path) -> None:
     histories = {
         "cnn_lstm": HISTORY,
