@@ -35,11 +35,34 @@ class ResolvedModel:
 
     @property
     def info(self) -> ModelInfo:
-        return ModelInfo(name=self.card.name, version=self.version, ref=self.ref)
+        """Which model answers, as the HTTP API says it: a checkpoint folder by its last components."""
+        return ModelInfo(name=self.card.name, version=self.version, ref=public_location(self.ref))
+
+    def public_card(self) -> dict[str, Any]:
+        """The card as GET /v1/model shows it: every location in it (the dataset, the run's folder, the
+        segmenter's checkpoint) by its last components (`public_location`)."""
+        return _public_locations(self.card.to_dict())
 
     @property
     def needs_mask(self) -> bool:
         return "mask" in self.card.input_spec.get("channels", ())
+
+
+def public_location(value: str) -> str:
+    """A location as the HTTP API shows it: a folder or URI by its last two components ("…/tiny_unet/v1",
+    "…/runs/ddp"), anything else (a registry reference) as it is. Clients learn which model answered, not
+    the server's folders or buckets; `cxr models show` on the cluster gives the whole path."""
+    if not value.startswith(("/", "~", "file:")) and "://" not in value:
+        return value
+    return "…/" + "/".join([part for part in value.split("/") if part][-2:])
+
+
+def _public_locations(document: Any) -> Any:
+    if isinstance(document, dict):
+        return {key: _public_locations(value) for key, value in document.items()}
+    if isinstance(document, list):
+        return [_public_locations(value) for value in document]
+    return public_location(document) if isinstance(document, str) else document
 
 
 def resolve_model(registry: str | None, ref: str) -> ResolvedModel:
@@ -427,7 +450,7 @@ class Classifier:
         assert self._config is not None
         return {
             "model": served.resolved.info.model_dump(),
-            "card": served.resolved.card.to_dict(),
+            "card": served.resolved.public_card(),
             "max_batch_size": self._config.max_batch_size,
             "batch_wait_timeout_s": self._config.batch_wait_timeout_s,
             **served.forward,

@@ -148,7 +148,9 @@ class ModelInfo(BaseModel):
 
     name: str = Field(description="architecture name from the model card")
     version: str | None = Field(description="registry version number, or the card's version")
-    ref: str = Field(description="registry reference (name:N) or checkpoint folder")
+    ref: str = Field(
+        description="registry reference (name:N), or the checkpoint's folder by its last two components"
+    )
 
 
 class Explanation(BaseModel):
@@ -197,7 +199,9 @@ class ModelDetails(BaseModel):
     """The answer of GET /v1/model."""
 
     model: ModelInfo
-    card: dict = Field(description="the serving checkpoint's model card")
+    card: dict = Field(
+        description="the serving checkpoint's model card, each location in it by its last two components"
+    )
     max_batch_size: int
     batch_wait_timeout_s: float
     forward_batch_size: int | None = Field(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import math
 import os
 import re
@@ -274,12 +275,11 @@ def test_app_composes_ingress_classifier_and_segmenter(server: Server) -> None:
     assert ready["status"] == "ready" and ready["model"]["ref"] == PRODUCTION
     model = httpx.get(f"{server.url}/v1/model").json()
     assert model["model"] == {"name": "tiny_dual_cnn", "version": "1", "ref": PRODUCTION}
-    unet = ModelRegistry(server.registry).local_checkpoint("tiny_unet")
-    assert (
-        model["card"]["segmenter"] == str(unet)
-        and model["max_batch_size"] == 8
-        and model["swap_error"] is None
-    )
+    # The card names its segmenter, dataset and run folder by their last components: no server path.
+    unet = Path(ModelRegistry(server.registry).local_checkpoint("tiny_unet"))
+    assert model["card"]["segmenter"] == f"…/{unet.parent.name}/{unet.name}"
+    assert str(server.registry) not in json.dumps(model, ensure_ascii=False)
+    assert model["max_batch_size"] == 8 and model["swap_error"] is None
     # The replica measured its forward at 1-8 images at load and runs passes of the fastest size.
     sweep = model["forward_sweep"]
     assert set(sweep["images_per_s"]) == {"1", "2", "4", "8"} and sweep["rounds"] >= 1

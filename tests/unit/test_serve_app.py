@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from cxrcore.cli import main
 from serve.app import build_app
-from serve.deployments import resolve_model, resolve_segmenter
+from serve.deployments import public_location, resolve_model, resolve_segmenter
 from serve.schemas import ServeArgs
 from tests.e2e.uploads import write_checkpoint, write_checkpoints, write_registry
 
@@ -157,3 +157,24 @@ def test_a_handle_built_in_the_driver_calls_as_the_replica_is_set_to(
     assert handle.deployment_id == driver.deployment_id and not handle.is_initialized
     assert pickle.loads(pickle.dumps(handle)).handle_options._by_reference is (not grpc)
     assert replica_handle(handle) is handle  # already right: kept as it is
+
+
+def test_the_http_api_names_locations_by_their_last_components(tmp_path: Path) -> None:
+    """What a client sees of the server: which checkpoint, segmenter and dataset, not the folders (or bucket)
+    they are in; `cxr models show` on the cluster gives the whole path."""
+    from tests.e2e.uploads import write_checkpoint
+
+    assert public_location("/srv/cxr/registry/tiny_unet/v1") == "…/tiny_unet/v1"
+    assert public_location("s3://hospital-bucket/registry/tiny_unet/v1/") == "…/tiny_unet/v1"
+    assert public_location("file:///srv/data/ds") == "…/data/ds"
+    assert public_location("tiny_dual_cnn:1") == "tiny_dual_cnn:1"  # a registry reference as it is
+    assert public_location("2026-12-03T15:06:11+00:00") == "2026-12-03T15:06:11+00:00"
+
+    unet = write_checkpoint(tmp_path / "site" / "unet", "tiny_unet", 0)
+    folder = write_checkpoint(tmp_path / "site" / "runs" / "dual", "tiny_dual_cnn", 1, segmenter=unet)
+    resolved = resolve_model(None, str(folder))
+    assert resolved.ref == str(folder)  # the server's own logs keep the path
+    assert resolved.info.ref == "…/runs/dual"
+    card = resolved.public_card()
+    assert card["segmenter"] == "…/site/unet" and card["model"] == resolved.card.to_dict()["model"]
+    assert str(tmp_path) not in repr(card)
