@@ -3,7 +3,7 @@
 The unit tests (no Ray) keep one core busy for about a minute and a half, while the integration and e2e
 tests leave the cores idle for a sixth of their time (Ray's process starts, Serve's waits). The unit tests
 run at a lower priority (UNIT_NICENESS): they take what the Ray tests leave, and a training run's two torch
-threads no longer wait for a core the unit tests hold. The unit tests' report is printed after the Ray
+threads wait less for a core the unit tests hold. The unit tests' report is printed after the Ray
 tests' own, and the exit status is non-zero if either run failed.
 
 With arguments (`make test PYTEST_ARGS="-x -k serve"`) it is one pytest with them, as `pytest` itself is.

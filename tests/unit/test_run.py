@@ -23,6 +23,24 @@ def test_both_reports_are_printed_and_a_failure_beside_fails_the_command(
     assert out.rstrip().endswith(f"FAILED: {tmp_path / 'test_beside.py'}")
 
 
+def test_the_unit_tests_run_at_a_lower_priority_than_the_ray_tests(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    import os
+
+    for name in ("unit", "ray"):
+        (tmp_path / f"test_{name}.py").write_text(
+            f"import os\nfrom pathlib import Path\ndef test_{name}():\n"
+            f"    Path({str(tmp_path / name)!r}).write_text(str(os.nice(0)))\n"
+        )
+    monkeypatch.setattr(run, "UNIT", str(tmp_path / "test_unit.py"))
+    monkeypatch.setattr(run, "WITH_RAY", (str(tmp_path / "test_ray.py"),))
+    assert run.main([]) == 0, capfd.readouterr().out
+    here = os.nice(0)
+    assert int((tmp_path / "ray").read_text()) == here
+    assert int((tmp_path / "unit").read_text()) == min(here + run.UNIT_NICENESS, 19)
+
+
 def test_bytecode_is_written_even_where_the_environment_says_not_to(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:
