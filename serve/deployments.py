@@ -407,8 +407,11 @@ class Classifier:
         except Exception as exc:
             if self._served is None:
                 raise
-            self._swap_error = f"could not load {config.model!r}: {type(exc).__name__}: {exc}"
-            log.exception("still serving %s: %s", self._served.resolved.ref, self._swap_error)
+            log.exception("still serving %s: could not load %r", self._served.resolved.ref, config.model)
+            # As /v1/model shows it: a checkpoint folder by its last components (the log has the whole path).
+            self._swap_error = (
+                f"could not load {public_location(config.model)!r}: {type(exc).__name__}: {exc}"
+            )
             return
         self._swap_error = None
         log.info("serving %s from %s", self._served.resolved.ref, self._served.resolved.checkpoint)

@@ -162,8 +162,6 @@ def test_a_handle_built_in_the_driver_calls_as_the_replica_is_set_to(
 def test_the_http_api_names_locations_by_their_last_components(tmp_path: Path) -> None:
     """What a client sees of the server: which checkpoint, segmenter and dataset, not the folders (or bucket)
     they are in; `cxr models show` on the cluster gives the whole path."""
-    from tests.e2e.uploads import write_checkpoint
-
     assert public_location("/srv/cxr/registry/tiny_unet/v1") == "…/tiny_unet/v1"
     assert public_location("s3://hospital-bucket/registry/tiny_unet/v1/") == "…/tiny_unet/v1"
     assert public_location("file:///srv/data/ds") == "…/data/ds"
