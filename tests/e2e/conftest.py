@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +48,14 @@ class RayCluster:
     token: str
     metrics_url: str  # the head node's Prometheus endpoint, where cxr's metrics are exported
     gcs_address: str  # 127.0.0.1:PORT, what `ray start --address` and `cxr --address` join
+    temp_dir: Path  # the head node's session files and logs
+
+
+@dataclass(frozen=True)
+class ObjectStorage:
+    """A local S3 server (moto) on a free loopback port, and the standard AWS variables that reach it."""
+
+    env: dict[str, str]
 
 
 def free_port() -> int:
@@ -140,17 +148,22 @@ def _process_group(pgid: int) -> list[int]:
 
 @contextlib.contextmanager
 def head_node(
-    num_cpus: int = 4, node_env: dict[str, str] | None = None, temp_dir: Path | None = None
+    num_cpus: int = 4,
+    node_env: dict[str, str] | None = None,
+    temp_dir: Path | None = None,
+    unset: Collection[str] = (),
 ) -> Iterator[RayCluster]:
     """A head node of its own (`ray start --head`, token auth with a fresh token, dashboard on loopback),
     stopped and its temp dir removed on exit. `node_env`: more environment for the node's processes (what a
-    cluster's nodes are given, such as storage credentials); `temp_dir`: its session files there."""
+    cluster's nodes are given, such as storage credentials); `unset`: variables of this process's
+    environment they do not get; `temp_dir`: its session files there."""
     token = uuid.uuid4().hex
     dashboard_port, metrics_port, gcs_port = free_port(), free_port(), free_port()
     address = f"http://127.0.0.1:{dashboard_port}"
     # Where the cluster's own processes find its State API (Ray Train's placement-group cleaner): else they
     # look for running clusters, and find more than one when another Ray runs on this machine.
     env = {**ray_env(token), **(node_env or {}), "RAY_API_SERVER_ADDRESS": address}
+    env = {name: value for name, value in env.items() if name not in unset}
     # A short temp dir: Ray's Unix socket paths must stay under ~107 bytes.
     temp_dir = temp_dir or Path(tempfile.mkdtemp(prefix="cxr-e2e-", dir="/tmp"))
     process = ray_start(
@@ -178,15 +191,55 @@ def head_node(
             token=token,
             metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
             gcs_address=f"127.0.0.1:{gcs_port}",
+            temp_dir=temp_dir,
         )
     finally:
         ray_stop(process)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+CONSOLE_SETTINGS = ("RAY_DATA_LOGGING_CONFIG", "RAY_DATA_DISABLE_PROGRESS_BARS")
+"""What a `cxr` command sets in its own environment to quiet Ray's console (cxrcore/console.py). The
+integration tests' in-process commands leave them in this process's environment; a user's shell has none."""
+
+
 @pytest.fixture(scope="package")
-def ray_cluster() -> Iterator[RayCluster]:
-    with head_node() as cluster:
+def object_storage() -> Iterator[ObjectStorage | None]:
+    """A moto S3 server for the package's tests; None without moto[server] (the dev extra)."""
+    try:
+        from moto.server import ThreadedMotoServer
+    except ImportError:
+        yield None
+        return
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield ObjectStorage(
+            env={
+                "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+                "AWS_ACCESS_KEY_ID": "testing",
+                "AWS_SECRET_ACCESS_KEY": "testing",
+                "AWS_DEFAULT_REGION": "us-east-1",
+                "AWS_EC2_METADATA_DISABLED": "true",
+            }
+        )
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="package")
+def ray_cluster(
+    object_storage: ObjectStorage | None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RayCluster]:
+    """The e2e tests' cluster. Its node gets what a cluster's nodes are given: credentials for the object
+    storage (the S3 server, through the standard AWS variables pyarrow honours, and no other AWS setting of
+    this machine) and a HOME of its own; and not the console settings a `cxr` command makes for itself
+    (CONSOLE_SETTINGS), so that the commands run on it as they would from a user's shell."""
+    storage_env = object_storage.env if object_storage else {}
+    unset = [*CONSOLE_SETTINGS, *(n for n in os.environ if n.startswith("AWS_") and n not in storage_env)]
+    home = tmp_path_factory.mktemp("home")
+    with head_node(node_env={**storage_env, "HOME": str(home)}, unset=unset) as cluster:
         yield cluster
 
 

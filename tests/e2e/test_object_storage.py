@@ -1,7 +1,8 @@
 """Every location an s3:// URI on a local S3 server (moto), nothing on local disk but caches.
 
-The `cxr` commands run as a user types them, each in its own process, on a Ray cluster (`ray start --head`,
-its nodes holding the credentials), from an empty working directory and with a HOME of their own:
+The `cxr` commands run as a user types them, each in its own process, on the e2e tests' Ray cluster
+(`ray start --head`, its node holding the credentials), from an empty working directory and with the node's
+HOME, a folder of its own:
 afterwards the working directory is still empty, HOME holds caches only, and what they wrote is in the
 bucket. Ingest, training and evaluation of a checkpoint run in the default suite, as does a registry on
 S3 (no Ray); `cxr tune` (segmenter first, then the dual-channel model, both registered), evaluation of
@@ -12,10 +13,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +25,9 @@ import numpy as np
 import pyarrow.fs as pafs
 import pytest
 
-from tests.e2e.conftest import BIN, CHATTER, free_port, head_node, wait_until
+from tests.e2e.conftest import BIN, CHATTER, ObjectStorage, RayCluster, free_port, wait_until
 
-moto_server = pytest.importorskip("moto.server", reason="needs moto[server] (the dev extra)")
+pytest.importorskip("moto.server", reason="needs moto[server] (the dev extra)")
 
 pytestmark = pytest.mark.e2e
 BUCKET = "cxr"
@@ -48,6 +47,7 @@ class Storage:
     work: Path
     home: Path
     ray_dir: Path  # the session files of the cluster the commands join
+    data_logs: dict[Path, str]  # Ray Data's log files there, as the module's first command found them
 
     def objects(self, prefix: str) -> set[str]:
         """Keys under `prefix` in the bucket, relative to it."""
@@ -79,49 +79,41 @@ class Storage:
         assert {p.name for p in self.home.iterdir()} <= HOME_ENTRIES
 
 
+def data_logs(ray_dir: Path, since: dict[Path, str]) -> dict[Path, str]:
+    """Ray Data's log files in a cluster's session folder: what each holds beyond its text in `since`."""
+    return {p: p.read_text(errors="replace")[len(since.get(p, "")) :] for p in ray_dir.rglob("ray-data.log")}
+
+
 @pytest.fixture(scope="module")
-def storage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Storage]:
-    """A moto S3 server on a free loopback port with one bucket; this process and the commands reach it
-    through the standard AWS variables, which pyarrow (hence Ray Data, Train and Tune) honours."""
+def storage(
+    ray_cluster: RayCluster, object_storage: ObjectStorage | None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Storage]:
+    """A bucket on the e2e cluster's S3 server, which this process and the commands reach through the
+    standard AWS variables, as the cluster's node does; the commands join that cluster, with its HOME.
+
+    The module once had a cluster of its own (a second `ray start` and its daemons beside the package's
+    idle one): on the package's, the setup takes about 10 s less."""
     import boto3
 
-    port = free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    aws = {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_EC2_METADATA_DISABLED": "true",
-    }
+    assert object_storage is not None  # moto is importable: this module would have been skipped
+    aws = object_storage.env
     root = tmp_path_factory.mktemp("object-storage")
-    work, home = root / "work", root / "home"
+    work, home = root / "work", Path(ray_cluster.env["HOME"])
     work.mkdir()
-    home.mkdir()
-    # Ray's session files in a short folder of their own (its socket paths must stay under ~107 bytes).
-    ray_dir = Path(tempfile.mkdtemp(prefix="cxr-s3-ray-", dir="/tmp"))
-    quiet = ("RAY_DATA_LOGGING_CONFIG", "RAY_DATA_DISABLE_PROGRESS_BARS")  # the defaults a user has
-    try:
-        with pytest.MonkeyPatch.context() as patch:
-            for name, value in aws.items():
-                patch.setenv(name, value)
-            for name in [k for k in os.environ if k.startswith("AWS_") and k not in aws] + list(quiet):
-                patch.delenv(name, raising=False)
-            boto3.client("s3", endpoint_url=aws["AWS_ENDPOINT_URL"]).create_bucket(Bucket=BUCKET)
-            filesystem = pafs.S3FileSystem(
-                endpoint_override=f"127.0.0.1:{port}", scheme="http", access_key="testing",
-                secret_key="testing", region="us-east-1",
-            )  # fmt: skip
-            # One cluster for the module's commands, its node given the credentials (from this environment)
-            # as a cluster's nodes are. Each command joins it rather than starting a local Ray of its own:
-            # the module took 54 s against 64 with three local starts.
-            with head_node(node_env={"HOME": str(home)}, temp_dir=ray_dir) as cluster:
-                env = {**cluster.env, "HOME": str(home), "RAY_ADDRESS": cluster.gcs_address}
-                yield Storage(filesystem, env, root, work, home, ray_dir)
-    finally:
-        server.stop()
-        shutil.rmtree(ray_dir, ignore_errors=True)
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in aws.items():
+            patch.setenv(name, value)
+        for name in [k for k in os.environ if k.startswith("AWS_") and k not in aws]:
+            patch.delenv(name)
+        boto3.client("s3", endpoint_url=aws["AWS_ENDPOINT_URL"]).create_bucket(Bucket=BUCKET)
+        host = aws["AWS_ENDPOINT_URL"].removeprefix("http://")
+        filesystem = pafs.S3FileSystem(
+            endpoint_override=host, scheme="http", access_key="testing", secret_key="testing",
+            region="us-east-1",
+        )  # fmt: skip
+        env = {**ray_cluster.env, "RAY_ADDRESS": ray_cluster.gcs_address}
+        ray_dir = ray_cluster.temp_dir
+        yield Storage(filesystem, env, root, work, home, ray_dir, data_logs(ray_dir, {}))
 
 
 @pytest.fixture(scope="module")
@@ -207,8 +199,8 @@ def test_ingest_train_and_evaluate_with_every_location_on_s3(storage: Storage, d
     checkpoint = f"{S3}/runs/tiny_cnn_lstm/{kept[0].rpartition('/')[0]}"
     assert f"best checkpoint: {checkpoint}" in trained  # a URI the next command takes
     assert "tiny_cnn_lstm epoch 1/1: train loss" in trained  # cxr's own progress line, Ray's chatter not
-    data_logs = "".join(p.read_text(errors="replace") for p in storage.ray_dir.rglob("ray-data.log"))
-    assert "Starting execution of Dataset" in data_logs  # what the console left out is in the log files
+    # What the console left out (of the ingest and the training) is in the cluster's log files.
+    assert "Starting execution of Dataset" in "".join(data_logs(storage.ray_dir, storage.data_logs).values())
     card = storage.read_json(f"runs/tiny_cnn_lstm/{kept[0]}")
     assert card["data"]["dataset"] == dataset and not local_paths(card, storage.root)
 
