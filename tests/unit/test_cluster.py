@@ -46,6 +46,17 @@ def test_job_entrypoints_name_modules_that_exist() -> None:
     assert ray.__version__ in (CLUSTER / "Dockerfile").read_text()
 
 
+def test_the_image_pins_the_torch_the_tests_run_with() -> None:
+    import torch
+    import torchvision
+
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    pinned = dict(re.findall(r"^ARG (TORCH|TORCHVISION)=(\S+)$", dockerfile, re.MULTILINE))
+    local = {"TORCH": torch.__version__, "TORCHVISION": torchvision.__version__}
+    assert pinned == {name: version.split("+")[0] for name, version in local.items()}  # no local "+cpu"
+    assert '"torch==${TORCH}" "torchvision==${TORCHVISION}"' in dockerfile
+
+
 def test_rayservice_runs_the_serve_application() -> None:
     service = _documents()["kuberay/rayservice.yaml"]
     (app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
