@@ -57,9 +57,10 @@ def ddp_run(ddp_work: Path) -> TrainResult:
     """The shared Ray Train run: dual_cnn, 2 DDP workers, 2 epochs of the default recipe, named `ddp`,
     started from `ddp_work` with relative paths.
 
-    Short and fast-moving, so BatchNorm's running statistics lag the weights (tests/integration/test_trust.py
-    checks that the eval-mode model is the trained one); a real run with checkpoints, cards and a resumable
-    state (tests/integration/test_train.py, whose resume test adds a third epoch on one worker).
+    Short and fast-moving, so BatchNorm's running statistics lag the weights, in its first epoch most
+    (tests/integration/test_trust.py checks that each epoch's eval-mode model is the trained one); a real
+    run with checkpoints, cards and a resumable state (tests/integration/test_train.py, whose resume test
+    adds a third epoch on one worker).
     """
     from cxrcore.config import TrainConfig
     from cxrcore.train.trainer import fit
