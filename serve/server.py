@@ -141,6 +141,13 @@ def drain_ingress(replicas: int, timeout_s: float = DRAIN_TIMEOUT_S) -> int:
     except Exception as exc:  # the app is gone already (a failed replica, Serve shut down): nothing to drain
         log.warning("draining the ingress: %s", exc)
         return 0
+    if not handle.is_initialized:
+        # Its router on a loop of its own, as a handle outside any event loop needs. In Serve's
+        # throughput-optimized mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1, which the cluster manifests set on
+        # every node) a handle's router runs on its caller's loop by default, and the first call failed
+        # with "No event loop running": `cxr serve` on such a node ended in a traceback at Ctrl-C, draining
+        # nothing.
+        handle._init(_run_router_in_separate_loop=True)
     deadline = time.monotonic() + timeout_s
     left: dict[str, int] = {}
     while len(left) < replicas and (remaining := deadline - time.monotonic()) > 0:

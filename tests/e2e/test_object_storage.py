@@ -1,12 +1,12 @@
 """Every location an s3:// URI on a local S3 server (moto), nothing on local disk but caches.
 
 The `cxr` commands run as a user types them, each in its own process, on the e2e tests' Ray cluster
-(`ray start --head`, its node holding the credentials), from an empty working directory and with the node's
-HOME, a folder of its own:
-afterwards the working directory is still empty, HOME holds caches only, and what they wrote is in the
-bucket. Ingest, training and evaluation of a checkpoint run in the default suite, as does a registry on
-S3 (no Ray); `cxr tune` (segmenter first, then the dual-channel model, both registered), evaluation of
-the registered model and `cxr serve` from the S3 registry take minutes and are `slow`.
+(`ray start --head`, its node holding the credentials), from an empty working directory and with the
+node's HOME, a folder of its own: afterwards the working directory is still empty, HOME holds caches
+only, and what they wrote is in the bucket. Ingest, training and evaluation of a checkpoint run in the
+default suite, as does a registry on S3 (no Ray); `cxr tune` (segmenter first, then the dual-channel model,
+both registered), evaluation of the registered model and `cxr serve` from the S3 registry take minutes
+and are `slow`.
 """
 
 from __future__ import annotations
