@@ -57,6 +57,11 @@ class ObjectStorage:
 
     env: dict[str, str]
 
+    def foreign_settings(self) -> list[str]:
+        """The other AWS variables of this process's environment (a profile, another endpoint), which the
+        commands and the cluster's node must not get."""
+        return [name for name in os.environ if name.startswith("AWS_") and name not in self.env]
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -237,7 +242,7 @@ def ray_cluster(
     this machine) and a HOME of its own; and not the console settings a `cxr` command makes for itself
     (CONSOLE_SETTINGS), so that the commands run on it as they would from a user's shell."""
     storage_env = object_storage.env if object_storage else {}
-    unset = [*CONSOLE_SETTINGS, *(n for n in os.environ if n.startswith("AWS_") and n not in storage_env)]
+    unset = [*CONSOLE_SETTINGS, *(object_storage.foreign_settings() if object_storage else ())]
     home = tmp_path_factory.mktemp("home")
     with head_node(node_env={**storage_env, "HOME": str(home)}, unset=unset) as cluster:
         yield cluster

@@ -103,7 +103,7 @@ def storage(
     with pytest.MonkeyPatch.context() as patch:
         for name, value in aws.items():
             patch.setenv(name, value)
-        for name in [k for k in os.environ if k.startswith("AWS_") and k not in aws]:
+        for name in object_storage.foreign_settings():
             patch.delenv(name)
         boto3.client("s3", endpoint_url=aws["AWS_ENDPOINT_URL"]).create_bucket(Bucket=BUCKET)
         host = aws["AWS_ENDPOINT_URL"].removeprefix("http://")

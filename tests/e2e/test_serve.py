@@ -37,7 +37,7 @@ from cxrcore.decode import decode_upload
 from cxrcore.inference import Predictor
 from cxrcore.registry import ModelRegistry
 from cxrcore.telemetry import LATENCY_MS_BOUNDARIES
-from tests.e2e.conftest import BIN, RayCluster, deploy_shipped_config, free_port, wait_until
+from tests.e2e.conftest import BIN, CONSOLE_SETTINGS, RayCluster, deploy_shipped_config, free_port, wait_until
 from tests.e2e.uploads import (
     chest,
     dicom_bytes,
@@ -182,7 +182,7 @@ def test_cxr_serve_runs_in_the_foreground_and_stops_cleanly(registry: Path, scra
         "RAY_AUTH_TOKEN": token,
         "RAY_USAGE_STATS_ENABLED": "0",
     }
-    for name in ("RAY_DATA_LOGGING_CONFIG", "RAY_DATA_DISABLE_PROGRESS_BARS"):
+    for name in CONSOLE_SETTINGS:
         env.pop(name, None)  # the defaults a user has
     command = [
         str(BIN / "cxr"), "serve", "--registry", str(registry), "--model", "tiny_cnn_lstm",
