@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -55,6 +56,17 @@ def public_location(value: str) -> str:
     if not value.startswith(("/", "~", "file:")) and "://" not in value:
         return value
     return "…/" + "/".join([part for part in value.split("/") if part][-2:])
+
+
+_LOCATION_IN_TEXT = re.compile(r"(?<![\w.…/~])(?:[A-Za-z][\w+.-]*://|file:|~/|/)[^\s'\"]+")
+"""An absolute path or URI inside a sentence: from a slash, `~/` or a scheme that starts a word, to the next
+blank or quote ("/srv/reg/x/v1/card.json", 's3://bucket/reg/x/v1'), not a relative one ("runs/ddp", "1/2")."""
+
+
+def public_text(text: str) -> str:
+    """A message as the HTTP API shows it, such as an exception's text: every absolute path or URI in it
+    named by its last two components, as `public_location` names one location."""
+    return _LOCATION_IN_TEXT.sub(lambda match: public_location(match.group()), text)
 
 
 def _public_locations(document: Any) -> Any:
@@ -408,10 +420,10 @@ class Classifier:
             if self._served is None:
                 raise
             log.exception("still serving %s: could not load %r", self._served.resolved.ref, config.model)
-            # As /v1/model shows it: a checkpoint folder by its last components (the log has the whole path).
-            self._swap_error = (
-                f"could not load {public_location(config.model)!r}: {type(exc).__name__}: {exc}"
-            )
+            # As /v1/model shows it: a checkpoint folder by its last components, in the exception's text too
+            # (a missing file's whole path); the log above has the whole paths.
+            reason = f"{type(exc).__name__}: {public_text(str(exc))}"
+            self._swap_error = f"could not load {public_location(config.model)!r}: {reason}"
             return
         self._swap_error = None
         log.info("serving %s from %s", self._served.resolved.ref, self._served.resolved.checkpoint)

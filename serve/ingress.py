@@ -37,7 +37,7 @@ import cxrcore
 from cxrcore import telemetry
 from cxrcore.data.transforms import resize_image
 from cxrcore.decode import SUPPORTED_TYPES, ImageDecodeError, UnsupportedImageTypeError, decode_upload
-from serve.deployments import replica_handle
+from serve.deployments import public_text, replica_handle
 from serve.schemas import ErrorBody, Explanation, Health, ModelDetails, ModelInfo, Prediction, Readiness
 
 log = logging.getLogger("ray.serve")
@@ -130,7 +130,8 @@ async def _once(data: bytes) -> AsyncGenerator[bytes, None]:
 
 
 def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+    """An exception as an error answer tells it: its first line, with the server's paths shortened."""
+    return public_text(f"{type(exc).__name__}: {exc}".splitlines()[0][:500])
 
 
 def _png_base64(array: np.ndarray) -> str:

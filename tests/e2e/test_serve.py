@@ -509,14 +509,15 @@ def test_model_swap_in_place_without_failed_requests(server: Server) -> None:
             wait_until(lambda ref=ref: (200, ref) in load.results, timeout=30, what=f"an answer from {ref}")
         broken = yaml.safe_load(yaml.safe_dump(server.config))
         broken["applications"][0]["deployments"] = [
-            {"name": "Classifier", "user_config": {"model": "nope:1"}}
+            {"name": "Classifier", "user_config": {"model": f"{server.registry}/nope/v1"}}
         ]
         server.deploy(broken)  # a mistyped reference: the serving model stays
-        wait_until(
-            lambda: "nope" in (httpx.get(f"{server.url}/v1/model").json()["swap_error"] or ""),
+        failed = wait_until(
+            lambda: re.search("nope", httpx.get(f"{server.url}/v1/model").json()["swap_error"] or ""),
             timeout=60,
             what="the classifier to report the failed swap",
         )
+        assert str(server.registry) not in failed.string, failed.string  # the server's folders stay its own
         assert serving("tiny_cnn_lstm:1")
         server.deploy(server.config)  # back to the version the app was built with
         wait_until(

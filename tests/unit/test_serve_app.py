@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from cxrcore.cli import main
 from serve.app import build_app
-from serve.deployments import public_location, resolve_model, resolve_segmenter
+from serve.deployments import public_location, public_text, resolve_model, resolve_segmenter
 from serve.schemas import ServeArgs
 from tests.e2e.uploads import write_checkpoint, write_checkpoints, write_registry
 
@@ -167,6 +167,14 @@ def test_the_http_api_names_locations_by_their_last_components(tmp_path: Path) -
     assert public_location("file:///srv/data/ds") == "…/data/ds"
     assert public_location("tiny_dual_cnn:1") == "tiny_dual_cnn:1"  # a registry reference as it is
     assert public_location("2026-12-03T15:06:11+00:00") == "2026-12-03T15:06:11+00:00"
+    # In a sentence, such as the text of the exception that kept a model from loading (GET /v1/model).
+    missing = "[Errno 2] No such file or directory: '/srv/cxr/registry/tiny_unet/v1/card.json'"
+    assert public_text(missing) == "[Errno 2] No such file or directory: '…/v1/card.json'"
+    remote = "no card at s3://hospital-bucket/reg/x/v3 (or file:///srv/reg/x/v3, ~/reg/x/v3)"
+    assert public_text(remote) == "no card at …/x/v3 (or …/x/v3, …/x/v3)"
+    assert public_text("directory:/srv/reg/x") == "directory:…/reg/x"
+    kept = "expected 4 classes, got 3 in runs/ddp; lr 1/2; at 15:06:11; see …/x/v3"
+    assert public_text(kept) == kept  # relative paths, ratios, times and named locations as they are
 
     unet = write_checkpoint(tmp_path / "site" / "unet", "tiny_unet", 0)
     folder = write_checkpoint(tmp_path / "site" / "runs" / "dual", "tiny_dual_cnn", 1, segmenter=unet)

@@ -35,6 +35,10 @@ def _in_a_replica(exc: Exception) -> Exception:
     return RayTaskError("Classifier.predict", "Traceback: ...", exc).as_instanceof_cause()
 
 
+MISSING_FILE = FileNotFoundError(2, "No such file", "/srv/reg/x/v1/model.pt")
+"""A replica's error that names a file on the server."""
+
+
 def _post(client: httpx.Client, **params: str) -> httpx.Response:
     return client.post("/v1/predict", content=GOOD_PNG, headers={"content-type": "image/png"}, params=params)
 
@@ -57,8 +61,9 @@ def test_a_full_queue_answers_503_overloaded_json_with_retry_after(where: str) -
     [
         (_in_a_replica(ValueError("shapes do not match")), 500, "prediction_failed", "shapes do not match"),
         (RuntimeError("no replica could be reached"), 503, "model_unavailable", "no replica"),
+        (_in_a_replica(MISSING_FILE), 500, "prediction_failed", "No such file: '…/v1/model.pt'"),
     ],
-    ids=["bug-in-the-model", "classifier-unreachable"],
+    ids=["bug-in-the-model", "classifier-unreachable", "a-servers-path"],
 )
 def test_model_failures_answer_json_that_names_them(
     exc: Exception, status: int, error: str, words: str
@@ -68,6 +73,7 @@ def test_model_failures_answer_json_that_names_them(
             assert response.status_code == status, response.text
             body = response.json()
             assert body["error"] == error and words in body["detail"], body
+            assert "/srv" not in body["detail"]  # the server's folders by their last components only
             assert ("retry-after" in response.headers) == (status == 503)
         ready = client.get("/readyz")
         assert ready.status_code == 503 and ready.json()["error"] == "not_ready"
