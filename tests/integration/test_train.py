@@ -114,7 +114,7 @@ def test_rerun_with_the_same_name_resumes_after_the_last_epoch(
     monkeypatch.setattr(ingest, "read_split", read_split)
     config = TrainConfig(
         data=str(ddp_work / "ds"), model="dual_cnn", out=str(ddp_work / "cxr-runs"), name="ddp", epochs=3,
-        workers=1, batch_size=4,  # the batch size is the run's: the automatic one would grow with 1 worker
+        workers=1, batch_size=8,  # the batch size is the run's: the automatic one would grow with 1 worker
     )  # fmt: skip
     second = fit(config)
     assert streamed == ["train", "val"]
