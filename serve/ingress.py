@@ -129,9 +129,14 @@ async def _once(data: bytes) -> AsyncGenerator[bytes, None]:
     yield data
 
 
+def _first_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+
+
 def _describe(exc: BaseException) -> str:
-    """An exception as an error answer tells it: its first line, with the server's paths shortened."""
-    return public_text(f"{type(exc).__name__}: {exc}".splitlines()[0][:500])
+    """An exception as an error answer tells it: its first line, with the server's paths shortened (the
+    server's log keeps them whole)."""
+    return public_text(_first_line(exc))
 
 
 def _png_base64(array: np.ndarray) -> str:
@@ -294,7 +299,7 @@ class _Routes:
                     raise self._model_error(exc) from exc
                 log.warning(
                     "%s: a replica died (%s); asking again (%d of %d)",
-                    method, _describe(exc), attempt + 1, REPLICA_ATTEMPTS,
+                    method, _first_line(exc), attempt + 1, REPLICA_ATTEMPTS,
                 )  # fmt: skip
                 await asyncio.sleep(REPLICA_RETRY_BACKOFF_S * 2 ** (attempt - 1))
                 attempt += 1

@@ -511,7 +511,7 @@ def test_model_swap_in_place_without_failed_requests(server: Server) -> None:
         broken["applications"][0]["deployments"] = [
             {"name": "Classifier", "user_config": {"model": f"{server.registry}/nope/v1"}}
         ]
-        server.deploy(broken)  # a mistyped reference: the serving model stays
+        server.deploy(broken)  # a folder that is not there: the serving model stays
         failed = wait_until(
             lambda: re.search("nope", httpx.get(f"{server.url}/v1/model").json()["swap_error"] or ""),
             timeout=60,

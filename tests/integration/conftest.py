@@ -55,8 +55,8 @@ def ddp_work(synthetic_dataset: str, tmp_path_factory: pytest.TempPathFactory) -
 @pytest.fixture(scope="package")
 def ddp_run(ddp_work: Path) -> TrainResult:
     """The shared Ray Train run: dual_cnn, 2 DDP workers, 2 epochs of the default recipe at 8 images per
-    worker (half the steps of the automatic 4 at this size: 4–12 s less of it and of the resume test's
-    epoch), named `ddp`, started from `ddp_work` with relative paths.
+    worker (half the steps of the automatic 4 at this size: about 5 s less of it, and 4 s of the resume
+    test's epoch, each measured alone), named `ddp`, started from `ddp_work` with relative paths.
 
     Short and fast-moving, so BatchNorm's running statistics lag the weights, in its first epoch most
     (tests/integration/test_trust.py checks that each epoch's eval-mode model is the trained one); a real
