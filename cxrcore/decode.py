@@ -2,7 +2,8 @@
 
 Serving decodes here; PNG and JPEG go through `decode_gray`, the function ingest uses, so an upload and
 a training image of the same file give the same pixels. What the bytes are decides the format; the
-declared content type only matters when the bytes are not recognised.
+declared content type only matters when the bytes are not recognised. DICOM pixel data that only GDCM
+decodes (JPEG Lossless, JPEG-LS) are decoded in a child process (`cxrcore.decoder_process`).
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ def decode_dicom(data: bytes, *, window: bool = True) -> np.ndarray:
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if photometric not in ("MONOCHROME1", "MONOCHROME2", "RGB", "YBR_FULL", "YBR_FULL_422"):
         raise UnsupportedImageTypeError(f"DICOM photometric interpretation {photometric} is not supported")
-    pixels = _dicom_pixels(ds)
+    pixels = _dicom_pixels(ds, data)
     if pixels.ndim == 3:  # colour: pydicom converts YBR to RGB
         return scale_to_uint8(pixels[..., :3].astype(np.float64) @ _LUMA)
     if pixels.ndim != 2:
@@ -153,23 +154,54 @@ def decode_dicom(data: bytes, *, window: bool = True) -> np.ndarray:
     return image
 
 
-def _dicom_pixels(ds: Any) -> np.ndarray:
+_IN_PROCESS_PLUGINS = ("pydicom", "pillow")
+"""pydicom's decoders that read untrusted bytes in this process: its own (RLE) and Pillow's (JPEG baseline and
+extended, JPEG 2000). A compression only GDCM decodes here (JPEG Lossless, JPEG-LS) is decoded in a child
+process (cxrcore.decoder_process): GDCM can abort the process on a corrupt stream."""
+IN_A_CHILD = "child process"
+
+
+def pixel_decoder(syntax: Any) -> str | None:
+    """How pixel data of transfer syntax `syntax` (a pydicom UID, or None when the file names none) are
+    decoded: None when uncompressed, else the pydicom plugin that decodes them here, or IN_A_CHILD.
+
+    Raises UnsupportedImageTypeError for a compression no installed plugin decodes (HTJ2K, say)."""
     from pydicom.pixels import get_decoder
 
-    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    if syntax is not None and syntax.is_compressed:
-        try:
-            decodable = get_decoder(syntax).is_available
-        except NotImplementedError:  # a compression pydicom has no decoder class for at all
-            decodable = False
-        if not decodable:
-            raise UnsupportedImageTypeError(
-                f"DICOM transfer syntax {syntax} ({syntax.name}) has no decoder installed here; send an "
-                "uncompressed DICOM, or a PNG"
-            )
+    if syntax is None or not syntax.is_compressed:
+        return None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return np.asarray(ds.pixel_array)
+        plugins = set(get_decoder(syntax).available_plugins)
+    except NotImplementedError:  # a compression pydicom has no decoder class for at all
+        plugins = set()
+    if not plugins:
+        raise UnsupportedImageTypeError(
+            f"DICOM transfer syntax {syntax} ({syntax.name}) has no decoder installed here; send an "
+            "uncompressed DICOM, or a PNG"
+        )
+    return next((plugin for plugin in _IN_PROCESS_PLUGINS if plugin in plugins), IN_A_CHILD)
+
+
+def _dicom_pixels(ds: Any, data: bytes) -> np.ndarray:
+    from cxrcore.decoder_process import decode_in_child
+
+    decoder = pixel_decoder(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None))
+    try:
+        if decoder == IN_A_CHILD:
+            pixels = decode_in_child(data)
+        else:
+            if decoder is not None:
+                ds.pixel_array_options(decoding_plugin=decoder)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                pixels = np.asarray(ds.pixel_array)
+    except ImageDecodeError:
+        raise
     except Exception as exc:  # the decoder is there (checked above): the pixel data are broken
         raise ImageDecodeError(f"corrupt DICOM pixel data: {type(exc).__name__}: {exc}") from exc
+    expected = (int(ds.Rows), int(ds.Columns))
+    if pixels.shape[:2] != expected:
+        raise ImageDecodeError(
+            f"corrupt DICOM pixel data: decoded {pixels.shape[:2]} pixels, the header says {expected}"
+        )
+    return pixels

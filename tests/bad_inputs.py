@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from cxrcore.data.transforms import scale_to_uint8
-from tests.e2e.uploads import chest, dicom_bytes, jpeg_bytes, png_bytes, png_header_only
+from tests.e2e.uploads import ABORTS_GDCM, chest, dicom_bytes, jpeg_bytes, png_bytes, png_header_only
 from tests.torch_threads import one_torch_thread
 
 MAX_UPLOAD_BYTES = 1024 * 1024  # the in-process app's limit, small so that 413s cost little
@@ -77,14 +77,14 @@ def png_text_bomb(megabytes: int = 64) -> bytes:
 
 
 def dicom_compressed_without_decoder() -> bytes:
-    """A DICOM whose pixel data are JPEG-LS, which no installed pydicom plugin decodes."""
+    """A DICOM whose pixel data are High-Throughput JPEG 2000, which no installed pydicom plugin decodes."""
     from pydicom import dcmread
     from pydicom.encaps import encapsulate
     from pydicom.filebase import DicomBytesIO
-    from pydicom.uid import JPEGLSLossless
+    from pydicom.uid import HTJ2KLossless
 
     ds = dcmread(DicomBytesIO(dicom_bytes(np.zeros((64, 64), np.uint16))))
-    ds.file_meta.TransferSyntaxUID = JPEGLSLossless
+    ds.file_meta.TransferSyntaxUID = HTJ2KLossless
     ds.PixelData = encapsulate([b"\xff\xd8\xff\xf7" + bytes(60) + b"\xff\xd9"])
     buffer = DicomBytesIO()
     ds.save_as(buffer, enforce_file_format=True)
@@ -162,7 +162,8 @@ def _corpus() -> list[Case]:
         # DICOM that is not an image or cannot be decoded here.
         Case("dicom-without-pixel-data", raw(dicom_without_pixels(), "application/dicom"), 400, bad),
         Case("dicom-short-pixel-data", raw(dicom_bytes(np.zeros((4, 4), np.uint16), rows=64, columns=64), None), 400, bad),  # noqa: E501
-        Case("dicom-jpeg-ls-without-decoder", raw(dicom_compressed_without_decoder(), "application/dicom"), 415, unsupported),  # noqa: E501
+        Case("dicom-htj2k-without-decoder", raw(dicom_compressed_without_decoder(), "application/dicom"), 415, unsupported),  # noqa: E501
+        Case("dicom-jpeg-lossless-aborting-the-decoder", raw(ABORTS_GDCM.read_bytes(), "application/dicom"), 400, bad),  # noqa: E501
         Case("dicom-multiframe", raw(dicom_multiframe(), "application/dicom"), 415, unsupported),
         # Odd but valid PNG/JPEG: answered.
         Case("png-16-bit", raw(png_bytes((chest(1) * 65535).astype(np.uint16))), 200),

@@ -30,6 +30,7 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
+from pydicom.uid import JPEGLosslessSV1
 
 from cxrcore.cli import main
 from cxrcore.data.transforms import decode_gray, scale_to_uint8
@@ -39,7 +40,9 @@ from cxrcore.registry import ModelRegistry
 from cxrcore.telemetry import LATENCY_MS_BOUNDARIES
 from tests.e2e.conftest import BIN, CONSOLE_SETTINGS, RayCluster, deploy_shipped_config, free_port, wait_until
 from tests.e2e.uploads import (
+    ABORTS_GDCM,
     chest,
+    compressed_dicom,
     dicom_bytes,
     jpeg_bytes,
     png_bytes,
@@ -303,6 +306,8 @@ FORMATS = {
     "jpeg": (jpeg_bytes(scale_to_uint8(chest(5))), "image/jpeg"),
     "dicom-monochrome1": (xray_dicom(6, "MONOCHROME1"), "application/dicom"),
     "dicom-monochrome2": (xray_dicom(7, "MONOCHROME2"), "application/octet-stream"),
+    # As a hospital's PACS exports an X-ray; decoded in the replica's decoder process.
+    "dicom-jpeg-lossless": (compressed_dicom(xray_dicom(9), JPEGLosslessSV1), "application/dicom"),
 }
 
 
@@ -382,6 +387,8 @@ BAD_INPUTS = {
     "pdf": (_raw(b"%PDF-1.4\n" + b"0" * 100, "application/pdf"), 415, "unsupported_media_type"),
     "png-bomb": (_raw(png_header_only(30_000, 30_000)), 400, "undecodable_image"),
     "dicom-bomb": (_raw(DICOM_BOMB, None), 400, "undecodable_image"),
+    # GDCM aborts its process on this file: the replica's decoder process, not the replica.
+    "dicom-aborting-the-decoder": (_raw(ABORTS_GDCM.read_bytes(), None), 400, "undecodable_image"),
     "too-small": (_raw(png_bytes(GRAY[:16, :16])), 400, "image_too_small"),
     "too-large": (_raw(TOO_LARGE), 413, "payload_too_large"),
     "too-large-multipart": (_multipart(TOO_LARGE, "image/png"), 413, "payload_too_large"),

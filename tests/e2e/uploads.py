@@ -124,6 +124,35 @@ def xray_dicom(seed: int, photometric: str = "MONOCHROME1") -> bytes:
     return dicom_bytes(np.round(stored * 4000).astype(np.uint16), photometric, slope=0.5, intercept=-1024)
 
 
+ABORTS_GDCM = Path(__file__).parents[1] / "data/jpeg-lossless-gdcm-abort.dcm"
+"""A corrupt JPEG Lossless DICOM on which GDCM aborts its process (tests/data/README.md)."""
+
+
+def compressed_dicom(data: bytes, syntax: str) -> bytes:
+    """The DICOM file `data` with its pixel data compressed to transfer syntax `syntax` (a UID: JPEG
+    Lossless, JPEG-LS, ...) by GDCM, as a hospital's PACS exports X-rays; the other attributes kept."""
+    import tempfile
+
+    import gdcm
+
+    with tempfile.TemporaryDirectory() as folder:
+        source, target = Path(folder, "in.dcm"), Path(folder, "out.dcm")
+        source.write_bytes(data)
+        reader = gdcm.ImageReader()
+        reader.SetFileName(str(source))
+        assert reader.Read(), "GDCM cannot read the DICOM to compress"
+        change = gdcm.ImageChangeTransferSyntax()
+        change.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.GetTSType(syntax)))
+        change.SetInput(reader.GetImage())
+        assert change.Change(), f"GDCM cannot compress to {syntax}"
+        writer = gdcm.ImageWriter()
+        writer.SetFileName(str(target))
+        writer.SetFile(reader.GetFile())
+        writer.SetImage(change.GetOutput())
+        assert writer.Write()
+        return target.read_bytes()
+
+
 def png_header_only(width: int, height: int) -> bytes:
     """A valid PNG signature and header claiming width×height, with one tiny IDAT: a decompression bomb."""
 

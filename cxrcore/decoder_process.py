@@ -1,0 +1,183 @@
+"""DICOM pixel data decoded in a process of its own, for the codecs that may crash on crafted bytes.
+
+JPEG Lossless (Process 14, the usual lossless syntax of a hospital's CR and DX exports) and JPEG-LS are
+decoded by GDCM (python-gdcm). On corrupt JPEG Lossless streams GDCM can throw a C++ exception that
+nothing catches: of 400 randomly corrupted 12-bit files, one aborted the Python process (`terminate
+called after throwing an instance of 'gdcm::Exception'`). In a Serve replica that would be one upload
+taking the replica down, and in ingest a Ray worker. Here the decoding runs in a child process: a crash,
+or a decode that does not finish within its time, ends that child, the caller gets ImageDecodeError,
+and the next file starts a fresh child.
+
+One child per process, started on first use (about half a second: Python, NumPy, pydicom, GDCM) and
+kept; decodes through it take turns. The caller has checked the image's size (rows × columns) first:
+the child decodes what the file's header declares.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import os
+import select
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cxrcore.data.transforms import ImageDecodeError
+
+DECODE_TIMEOUT_S = 30.0
+"""The longest one file's pixel data may take to decode (a 3000×2500 JPEG Lossless X-ray takes well
+under a second); past it the child is killed and the file is refused as unreadable."""
+
+_LENGTH = struct.Struct(">Q")
+
+
+def _read_exactly(stream: object, size: int) -> bytes:
+    data = stream.read(size)  # type: ignore[attr-defined]
+    if len(data) != size:
+        raise EOFError
+    return bytes(data)
+
+
+def serve_forever() -> None:
+    """The child's loop: a DICOM file in (length, bytes) on stdin; on stdout either b"A" + length + a JSON
+    header line (dtype, shape) and the array's bytes, or b"E" + length + the error's text."""
+    import io
+    import warnings
+
+    import pydicom
+
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    while True:
+        try:
+            (size,) = _LENGTH.unpack(_read_exactly(stdin, _LENGTH.size))
+            data = _read_exactly(stdin, size)
+        except EOFError:  # the parent has gone
+            return
+        try:
+            ds = pydicom.dcmread(io.BytesIO(data), force=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                pixels = np.ascontiguousarray(ds.pixel_array)
+            header = json.dumps({"dtype": pixels.dtype.str, "shape": list(pixels.shape)}).encode() + b"\n"
+            reply = b"A" + _LENGTH.pack(len(header) + pixels.nbytes) + header + pixels.tobytes()
+        except Exception as exc:  # the pixel data are broken: said in words, the child lives on
+            text = f"{type(exc).__name__}: {exc}".encode()
+            reply = b"E" + _LENGTH.pack(len(text)) + text
+        stdout.write(reply)
+        stdout.flush()
+
+
+class DecoderProcess:
+    """A child process that decodes DICOM pixel data (`decode`), restarted after a crash or a timeout."""
+
+    def __init__(self, timeout_s: float = DECODE_TIMEOUT_S) -> None:
+        self.timeout_s = timeout_s
+        self._child: subprocess.Popen[bytes] | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def pid(self) -> int | None:
+        """The running child's process id (None before the first decode or after a failure)."""
+        return self._child.pid if self._child is not None and self._child.poll() is None else None
+
+    def decode(self, data: bytes) -> np.ndarray:
+        """The stored pixel values of the DICOM file `data`, as pydicom's `pixel_array` gives them.
+
+        Raises ImageDecodeError when the pixel data cannot be decoded, when the decoder crashed on them
+        (the child's signal is named), or when it took longer than `timeout_s`."""
+        with self._lock:
+            child = self._running_child()
+            deadline = time.monotonic() + self.timeout_s
+            try:
+                assert child.stdin is not None and child.stdout is not None
+                child.stdin.write(_LENGTH.pack(len(data)) + data)
+                child.stdin.flush()
+                kind = self._read(child, 1, deadline)
+                (size,) = _LENGTH.unpack(self._read(child, _LENGTH.size, deadline))
+                payload = self._read(child, size, deadline)
+            except TimeoutError:
+                self._stop()
+                raise ImageDecodeError(
+                    f"DICOM pixel data did not decode within {self.timeout_s:g} s; they are likely corrupt"
+                ) from None
+            except (EOFError, BrokenPipeError, OSError):
+                status = self._stop()
+                how = f"signal {signal.Signals(-status).name}" if status < 0 else f"status {status}"
+                raise ImageDecodeError(
+                    f"corrupt DICOM pixel data: the decoder crashed on them ({how})"
+                ) from None
+        if kind == b"E":
+            raise ImageDecodeError(f"corrupt DICOM pixel data: {payload.decode(errors='replace')}")
+        header, _, pixels = payload.partition(b"\n")
+        described = json.loads(header)
+        return np.frombuffer(pixels, dtype=np.dtype(described["dtype"])).reshape(described["shape"])
+
+    def close(self) -> None:
+        with self._lock:
+            self._stop()
+
+    def _running_child(self) -> subprocess.Popen[bytes]:
+        if self._child is None or self._child.poll() is not None:
+            root = str(Path(__file__).resolve().parents[1])  # where cxrcore is, installed or not
+            path = os.environ.get("PYTHONPATH")
+            env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{path}" if path else root}
+            self._child = subprocess.Popen(
+                [sys.executable, "-c", "from cxrcore.decoder_process import serve_forever; serve_forever()"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,  # codecs' own warnings about the file; the reply says what matters
+                env=env,
+            )
+        return self._child
+
+    @staticmethod
+    def _read(child: subprocess.Popen[bytes], size: int, deadline: float) -> bytes:
+        assert child.stdout is not None
+        fd, chunks, left = child.stdout.fileno(), [], size
+        while left:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+                raise TimeoutError
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                raise EOFError
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+
+    def _stop(self) -> int:
+        """Kill the child (if it is still there) and return its exit status."""
+        child, self._child = self._child, None
+        if child is None:
+            return 0
+        if child.poll() is None:
+            child.kill()
+        status = child.wait()
+        for stream in (child.stdin, child.stdout):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+        return status
+
+
+_shared: DecoderProcess | None = None
+_shared_lock = threading.Lock()
+
+
+def decode_in_child(data: bytes) -> np.ndarray:
+    """`DecoderProcess.decode` with this process's one decoder child, started on first use."""
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            _shared = DecoderProcess()
+            atexit.register(_shared.close)
+        decoder = _shared
+    return decoder.decode(data)

@@ -1,0 +1,88 @@
+"""Compressed DICOM as hospitals export it: JPEG Lossless and JPEG-LS decode to the uncompressed pixels,
+in a child process that a decoder crash or hang takes down alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.uid import (
+    JPEG2000,
+    ExplicitVRLittleEndian,
+    HTJ2KLossless,
+    JPEGBaseline8Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+
+from cxrcore.data.layout import decode_image
+from cxrcore.data.transforms import ImageDecodeError
+from cxrcore.decode import IN_A_CHILD, UnsupportedImageTypeError, decode_upload, pixel_decoder
+from cxrcore.decoder_process import DecoderProcess
+from tests.e2e.uploads import ABORTS_GDCM, compressed_dicom, xray_dicom
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME1", "MONOCHROME2"])
+@pytest.mark.parametrize("syntax", [JPEGLosslessSV1, JPEGLossless, JPEGLSLossless], ids=lambda s: s.keyword)
+def test_lossless_compressed_dicom_gives_the_uncompressed_files_pixels(syntax: str, photometric: str) -> None:
+    """As served and as ingested: the rescale, MONOCHROME1's inversion and the scaling all apply alike."""
+    plain = xray_dicom(11, photometric)
+    compressed = compressed_dicom(plain, syntax)
+    assert len(compressed) < len(plain)  # it is compressed
+    expected = decode_upload(plain, "application/dicom")
+    np.testing.assert_array_equal(decode_upload(compressed, "application/dicom"), expected)
+    np.testing.assert_array_equal(decode_image(compressed, "x.dcm"), expected)
+
+
+def test_jpeg_ls_from_another_encoder_matches_its_uncompressed_original() -> None:
+    """pydicom's own test files: an MR slice stored uncompressed and as JPEG-LS by another toolkit."""
+    plain = Path(get_testdata_file("MR_small.dcm")).read_bytes()  # type: ignore[arg-type]
+    jpeg_ls = Path(get_testdata_file("MR_small_jpeg_ls_lossless.dcm")).read_bytes()  # type: ignore[arg-type]
+    np.testing.assert_array_equal(decode_upload(jpeg_ls), decode_upload(plain))
+
+
+def test_only_what_pydicom_and_pillow_cannot_decode_goes_to_a_child_process() -> None:
+    assert pixel_decoder(None) is None and pixel_decoder(ExplicitVRLittleEndian) is None
+    assert pixel_decoder(RLELossless) == "pydicom"
+    assert pixel_decoder(JPEGBaseline8Bit) == pixel_decoder(JPEG2000) == "pillow"  # as before GDCM came
+    for syntax in (JPEGLossless, JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless):
+        assert pixel_decoder(syntax) == IN_A_CHILD
+    with pytest.raises(UnsupportedImageTypeError, match="no decoder installed here"):
+        pixel_decoder(HTJ2KLossless)
+
+
+def test_a_decoder_crash_refuses_that_file_and_the_next_file_decodes() -> None:
+    """GDCM aborts on the test file: in a child process that is one corrupt file, not a lost replica."""
+    good = compressed_dicom(xray_dicom(12), JPEGLosslessSV1)
+    decoder = DecoderProcess()
+    try:
+        first = decoder.decode(good)
+        pid = decoder.pid
+        with pytest.raises(ImageDecodeError, match=r"the decoder crashed on them \(signal SIGABRT\)"):
+            decoder.decode(ABORTS_GDCM.read_bytes())
+        assert decoder.pid is None  # the crashed child is gone
+        np.testing.assert_array_equal(decoder.decode(good), first)
+        assert decoder.pid not in (None, pid)
+    finally:
+        decoder.close()
+    with pytest.raises(ImageDecodeError, match="corrupt DICOM pixel data"):  # and through decode_upload
+        decode_upload(ABORTS_GDCM.read_bytes())
+
+
+def test_a_decode_past_its_time_is_refused_and_its_child_killed() -> None:
+    good = compressed_dicom(xray_dicom(13), JPEGLSLossless)
+    decoder = DecoderProcess(timeout_s=0.01)  # a child's start alone takes longer
+    try:
+        with pytest.raises(ImageDecodeError, match=r"did not decode within 0\.01 s"):
+            decoder.decode(good)
+        assert decoder.pid is None
+        decoder.timeout_s = 60
+        assert decoder.decode(good).shape == (300, 250)
+    finally:
+        decoder.close()
+    assert decoder.pid is None
