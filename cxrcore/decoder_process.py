@@ -109,8 +109,7 @@ class DecoderProcess:
                     f"DICOM pixel data did not decode within {self.timeout_s:g} s; they are likely corrupt"
                 ) from None
             except (EOFError, BrokenPipeError, OSError):
-                status = self._stop()
-                how = f"signal {signal.Signals(-status).name}" if status < 0 else f"status {status}"
+                how = _ending(self._stop())
                 raise ImageDecodeError(
                     f"corrupt DICOM pixel data: the decoder crashed on them ({how})"
                 ) from None
@@ -166,6 +165,16 @@ class DecoderProcess:
                 with contextlib.suppress(OSError):
                     stream.close()
         return status
+
+
+def _ending(status: int) -> str:
+    """A child's exit status in words: 'signal SIGABRT', 'status 1'."""
+    if status >= 0:
+        return f"status {status}"
+    try:
+        return f"signal {signal.Signals(-status).name}"
+    except ValueError:
+        return f"signal {-status}"
 
 
 _shared: DecoderProcess | None = None
