@@ -23,11 +23,13 @@ from cxrcore.data.transforms import (
 )
 
 __all__ = [
+    "IN_A_CHILD",
     "SUPPORTED_TYPES",
     "ImageDecodeError",
     "UnsupportedImageTypeError",
     "decode_dicom",
     "decode_upload",
+    "pixel_decoder",
     "sniff_format",
 ]
 
