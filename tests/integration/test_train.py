@@ -194,7 +194,8 @@ def test_validation_is_shared_among_workers_without_dropping_a_row(
     ray_session: None, in_memory: bool
 ) -> None:
     """Training shards stay equal (DDP steps in lockstep); validation scores every row of its split. Data
-    in memory is divided without a SplitCoordinator actor."""
+    in memory is divided without a SplitCoordinator actor, and one worker gets every dataset whole,
+    without one either (streamed data then runs in the worker)."""
     import ray
     from ray.data._internal.iterator.stream_split_iterator import StreamSplitDataIterator
 
@@ -217,6 +218,7 @@ def test_validation_is_shared_among_workers_without_dropping_a_row(
     assert len(train[0]) == len(train[1]) == 20  # one row dropped so that both take as many steps
     assert sorted(val[0] + val[1]) == list(range(41))
     (alone,) = WholeValidation(execution_options=_shard_options()).configure(datasets, 1, None, None)
+    assert not [name for name in alone if isinstance(alone[name], StreamSplitDataIterator)]
     assert (
         sorted(ray.get(ids.remote(alone["train"])))
         == sorted(ray.get(ids.remote(alone["val"])))
