@@ -16,6 +16,7 @@ import numpy as np
 
 from cxrcore.data.transforms import (
     MAX_IMAGE_PIXELS,
+    DecoderUnavailableError,
     ImageDecodeError,
     decode_gray,
     scale_levels_to_uint8,
@@ -25,6 +26,7 @@ from cxrcore.data.transforms import (
 __all__ = [
     "IN_A_CHILD",
     "SUPPORTED_TYPES",
+    "DecoderUnavailableError",
     "ImageDecodeError",
     "UnsupportedImageTypeError",
     "decode_dicom",
@@ -81,8 +83,9 @@ def decode_upload(data: bytes, content_type: str | None = None, *, window: bool 
     Raises UnsupportedImageTypeError for another kind of file (GIF, PDF, text, a content type
     other than PNG/JPEG/DICOM with bytes that are none of them) and ImageDecodeError for a PNG,
     JPEG or DICOM that cannot be read, an empty body, or one too large to decode (a decompression
-    bomb); never anything else, whatever the bytes. `window` applies a DICOM's VOI LUT / window when
-    it has one.
+    bomb); whatever the bytes, nothing else but DecoderUnavailableError, which says the machine could
+    not start the decoder of a compressed DICOM, not that the file is bad. `window` applies a DICOM's
+    VOI LUT / window when it has one.
     """
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
@@ -102,7 +105,7 @@ def decode_upload(data: bytes, content_type: str | None = None, *, window: bool 
         fmt = "dicom"
     try:
         return decode_dicom(data, window=window) if fmt == "dicom" else decode_gray(data)
-    except (ImageDecodeError, UnsupportedImageTypeError):
+    except (ImageDecodeError, UnsupportedImageTypeError, DecoderUnavailableError):
         raise
     except Exception as exc:  # Pillow and pydicom raise many kinds on crafted files; all mean "unreadable"
         raise ImageDecodeError(f"corrupt {fmt.upper()} file: {type(exc).__name__}: {exc}") from exc
@@ -197,7 +200,7 @@ def _dicom_pixels(ds: Any, data: bytes) -> np.ndarray:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 pixels = np.asarray(ds.pixel_array)
-    except ImageDecodeError:
+    except (ImageDecodeError, DecoderUnavailableError):
         raise
     except Exception as exc:  # the decoder is there (checked above): the pixel data are broken
         raise ImageDecodeError(f"corrupt DICOM pixel data: {type(exc).__name__}: {exc}") from exc

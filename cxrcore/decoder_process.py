@@ -6,7 +6,8 @@ nothing catches: of 400 randomly corrupted 12-bit files, one aborted the Python 
 called after throwing an instance of 'gdcm::Exception'`). In a Serve replica that would be one upload
 taking the replica down, and in ingest a Ray worker. Here the decoding runs in a child process: a crash,
 or a decode that does not finish within its time, ends that child, the caller gets ImageDecodeError,
-and the next file starts a fresh child.
+and the next file starts a fresh child. A child that cannot be started (the machine is out of processes
+or file descriptors) is the machine's fault, not the file's: DecoderUnavailableError.
 
 One child per process, started on first use (about half a second: Python, NumPy, pydicom, GDCM) and
 kept; decodes through it take turns. The caller has checked the image's size (rows × columns) first:
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cxrcore.data.transforms import ImageDecodeError
+from cxrcore.data.transforms import DecoderUnavailableError, ImageDecodeError
 
 DECODE_TIMEOUT_S = 30.0
 """The longest one file's pixel data may take to decode (a 3000×2500 JPEG Lossless X-ray takes well
@@ -92,7 +93,8 @@ class DecoderProcess:
         """The stored pixel values of the DICOM file `data`, as pydicom's `pixel_array` gives them.
 
         Raises ImageDecodeError when the pixel data cannot be decoded, when the decoder crashed on them
-        (the child's signal is named), or when it took longer than `timeout_s`."""
+        (the child's signal is named), or when it took longer than `timeout_s`; DecoderUnavailableError
+        when no child could be started."""
         with self._lock:
             child = self._running_child()
             deadline = time.monotonic() + self.timeout_s
@@ -128,13 +130,22 @@ class DecoderProcess:
             root = str(Path(__file__).resolve().parents[1])  # where cxrcore is, installed or not
             path = os.environ.get("PYTHONPATH")
             env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{path}" if path else root}
-            self._child = subprocess.Popen(
-                [sys.executable, "-c", "from cxrcore.decoder_process import serve_forever; serve_forever()"],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,  # codecs' own warnings about the file; the reply says what matters
-                env=env,
-            )
+            try:
+                self._child = subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-c",
+                        "from cxrcore.decoder_process import serve_forever; serve_forever()",
+                    ],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.DEVNULL,  # codecs' warnings; the reply says what matters
+                    env=env,
+                )
+            except OSError as exc:  # no process or file descriptor left: not the file's fault
+                raise DecoderUnavailableError(
+                    f"the DICOM decoder's process could not be started: {exc.strerror or exc}"
+                ) from exc
         return self._child
 
     @staticmethod

@@ -36,7 +36,13 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 import cxrcore
 from cxrcore import telemetry
 from cxrcore.data.transforms import resize_image
-from cxrcore.decode import SUPPORTED_TYPES, ImageDecodeError, UnsupportedImageTypeError, decode_upload
+from cxrcore.decode import (
+    SUPPORTED_TYPES,
+    DecoderUnavailableError,
+    ImageDecodeError,
+    UnsupportedImageTypeError,
+    decode_upload,
+)
 from serve.deployments import public_text, replica_handle
 from serve.schemas import ErrorBody, Explanation, Health, ModelDetails, ModelInfo, Prediction, Readiness
 
@@ -159,7 +165,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     500: {"model": ErrorBody, "description": "a bug in the server; the body says what failed"},
     503: {
         "model": ErrorBody,
-        "description": "`overloaded` (the queue for the model is full), no model replica could answer, or "
+        "description": "`overloaded` (the queue for the model is full), no model replica could answer, "
+        "`decoder_unavailable` (the server could not start the decoder of a compressed DICOM) or "
         "`shutting_down` (the server is stopping)",
         "headers": _RETRY_AFTER,
     },
@@ -386,6 +393,8 @@ class _Routes:
             raise self._upload_error(415, "unsupported_media_type", str(exc)) from exc
         except ImageDecodeError as exc:
             raise self._upload_error(400, "undecodable_image", str(exc)) from exc
+        except DecoderUnavailableError as exc:  # the server's trouble, not the file's: try again later
+            raise ApiError(503, "decoder_unavailable", str(exc), self._limits.retry_after) from exc
         height, width = image.shape
         side = self._limits.min_image_side
         if min(height, width) < side:

@@ -78,7 +78,9 @@ def decode_pair_batch(batch: dict[str, np.ndarray], size: int, min_side: int) ->
     """Decode, validate and resize a batch of image/mask pairs (a Ray Data `map_batches` function).
 
     Never raises for bad files: a row whose image cannot be used gets an `error`, a row whose mask
-    cannot be used gets a `mask_error` and no mask, so one bad file never loses a batch.
+    cannot be used gets a `mask_error` and no mask, so one bad file never loses a batch. A machine that
+    cannot start the DICOM decoder's process (DecoderUnavailableError) fails the batch: rejecting good
+    files as unreadable would lose them from the dataset.
     """
     n = len(batch["image_path"])
     images = np.zeros((n, size, size), dtype=np.uint8)

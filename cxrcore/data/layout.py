@@ -300,15 +300,16 @@ def mask_problem(mask: np.ndarray, image_shape: tuple[int, ...]) -> str | None:
 def decode_image(data: bytes, name: str = "") -> np.ndarray:
     """A dataset file as uint8 grayscale: DICOM exactly as `cxr serve` decodes an upload, anything else
     with `decode_gray`. DICOM is told by its bytes, or by a .dcm/.dicom name (files without a preamble).
-    Raises ImageDecodeError for every file that cannot be used, naming why."""
-    from cxrcore.data.transforms import ImageDecodeError, decode_gray
+    Raises ImageDecodeError for every file that cannot be used, naming why, and DecoderUnavailableError
+    when the machine cannot start the decoder of a compressed DICOM (no fault of the file)."""
+    from cxrcore.data.transforms import DecoderUnavailableError, ImageDecodeError, decode_gray
     from cxrcore.decode import UnsupportedImageTypeError, decode_upload, sniff_format
 
     try:
         if sniff_format(data) != "dicom" and Path(name).suffix.lower() not in DICOM_SUFFIXES:
             return decode_gray(data)
         return decode_upload(data, "application/dicom")
-    except ImageDecodeError:
+    except (ImageDecodeError, DecoderUnavailableError):
         raise
     except UnsupportedImageTypeError as exc:  # multi-frame or compressed beyond the installed plugins
         raise ImageDecodeError(str(exc)) from exc

@@ -18,6 +18,11 @@ class ImageDecodeError(ValueError):
     """Raised when bytes are not a usable image; the message says why in plain words."""
 
 
+class DecoderUnavailableError(RuntimeError):
+    """Raised when this machine cannot decode right now (the decoder's process could not be started: no
+    process or file descriptor left): the file is not at fault, and the same file may decode later."""
+
+
 def decode_gray(data: bytes) -> np.ndarray:
     """Decode PNG/JPEG/... bytes into a uint8 H×W grayscale array (8/16-bit, gray/RGB/RGBA, palette),
     upright as a viewer shows it: an EXIF orientation (phones, some scanners' JPEGs) is applied."""

@@ -20,8 +20,10 @@ from pydicom.uid import (
     RLELossless,
 )
 
+from cxrcore import decoder_process
+from cxrcore.data.ingest import decode_pair_batch
 from cxrcore.data.layout import decode_image
-from cxrcore.data.transforms import ImageDecodeError
+from cxrcore.data.transforms import DecoderUnavailableError, ImageDecodeError
 from cxrcore.decode import IN_A_CHILD, UnsupportedImageTypeError, decode_upload, pixel_decoder
 from cxrcore.decoder_process import DecoderProcess
 from tests.e2e.uploads import ABORTS_GDCM, compressed_dicom, xray_dicom
@@ -86,3 +88,37 @@ def test_a_decode_past_its_time_is_refused_and_its_child_killed() -> None:
     finally:
         decoder.close()
     assert decoder.pid is None
+
+
+def test_a_decoder_that_cannot_start_is_the_machines_fault_not_the_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Out of processes (fork refused, EAGAIN): not "corrupt DICOM", which would have the server answer
+    400 and ingest reject a good file, but DecoderUnavailableError, through decode_upload and ingest alike;
+    once the machine has room again the same file decodes."""
+    import subprocess
+
+    good = compressed_dicom(xray_dicom(14), JPEGLosslessSV1)
+    real_popen = subprocess.Popen
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(decoder_process, "_shared", None)  # this test's own child, not an earlier test's
+    monkeypatch.setattr(subprocess, "Popen", refused)
+    with pytest.raises(
+        DecoderUnavailableError, match="could not be started: Resource temporarily unavailable"
+    ):
+        decode_upload(good, "application/dicom")
+    path = tmp_path / "COVID/images/a.dcm"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(good)
+    batch = {"image_path": np.array([str(path)]), "mask_path": np.array([""])}
+    with pytest.raises(DecoderUnavailableError):  # the ingest fails, naming why, rather than reject it
+        decode_pair_batch(batch, size=64, min_side=64)
+    monkeypatch.setattr(subprocess, "Popen", real_popen)
+    try:
+        assert decode_upload(good, "application/dicom").shape == (300, 250)
+    finally:
+        if decoder_process._shared is not None:
+            decoder_process._shared.close()

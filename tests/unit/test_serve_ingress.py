@@ -80,6 +80,38 @@ def test_model_failures_answer_json_that_names_them(
         assert ready.headers["retry-after"] == "1"
 
 
+def test_a_dicom_decoder_that_cannot_start_answers_503_and_the_next_upload_is_served(
+    classifier: LocalClassifier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The machine out of processes when a compressed DICOM needs the decoder's child: the server's
+    trouble, not the upload's, so 503 with Retry-After (a client tries again), not 400 "corrupt"."""
+    import subprocess
+
+    from cxrcore import decoder_process
+    from tests.e2e.uploads import compressed_dicom, xray_dicom
+
+    dicom = compressed_dicom(xray_dicom(15), "1.2.840.10008.1.2.4.70")  # JPEG Lossless SV1
+    real_popen = subprocess.Popen
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(decoder_process, "_shared", None)
+    with api_client(classifier) as client:
+        monkeypatch.setattr(subprocess, "Popen", refused)
+        response = client.post("/v1/predict", content=dicom, headers={"content-type": "application/dicom"})
+        assert response.status_code == 503 and "retry-after" in response.headers, response.text
+        body = response.json()
+        assert body["error"] == "decoder_unavailable" and "could not be started" in body["detail"], body
+        monkeypatch.setattr(subprocess, "Popen", real_popen)
+        try:
+            again = client.post("/v1/predict", content=dicom, headers={"content-type": "application/dicom"})
+            assert again.status_code == 200, again.text
+        finally:
+            if decoder_process._shared is not None:
+                decoder_process._shared.close()
+
+
 def test_health_readiness_and_model_answer_their_declared_schemas(client: httpx.Client) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz").json()
