@@ -126,20 +126,16 @@ def _probabilities(body: dict[str, Any]) -> np.ndarray:
     return np.array(list(body["probabilities"].values()))
 
 
-@pytest.fixture(scope="package")
+@pytest.fixture(scope="module")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_registry(tmp_path_factory.mktemp("models"))
 
 
-@pytest.fixture(scope="package")
+@pytest.fixture(scope="module")
 def server(
     ray_cluster: RayCluster, registry: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
-    """The shipped serve/config.yaml with test arguments, deployed with the `serve deploy` CLI.
-
-    It lives as long as the e2e cluster and goes with its node: deleting the app first took 8.7-9 s (Serve
-    gives the ingress its drain period plus 5 s to stop) for a node stopped right after. An e2e module that
-    runs after this one and needs the cluster's CPUs deletes the app itself."""
+    """The shipped serve/config.yaml with test arguments, deployed with the `serve deploy` CLI."""
     port, config = deploy_shipped_config(
         ray_cluster,
         tmp_path_factory.mktemp("serve"),
@@ -160,8 +156,11 @@ def server(
             pytest.fail(f"deploy failed: {server.details().get('message')}")
         return status == "RUNNING"
 
-    wait_until(running, timeout=240, what="the cxr app to be RUNNING")  # `serve deploy` returns first
-    yield server
+    try:
+        wait_until(running, timeout=240, what="the cxr app to be RUNNING")  # `serve deploy` returns first
+        yield server
+    finally:
+        httpx.delete(f"{ray_cluster.address}/api/serve/applications/", headers=_auth(ray_cluster), timeout=60)
 
 
 def _post(url: str) -> httpx.Response:
