@@ -125,7 +125,11 @@ def ray_stop(process: subprocess.Popen[bytes]) -> None:
     (within 1 s on a node that only trained), or after 2 s, SIGKILL ends the rest and `ray start --block`,
     which ignores it. On a node that served, the GCS, raylet, autoscaler monitor and runtime-env agent
     were all still there 5 s after the SIGTERM; the node's folder is deleted next, and nothing of it is
-    checked after the stop."""
+    checked after the stop.
+
+    Processes the node started outside its group go too: Serve's HAProxy, a child of a worker that is
+    not in the node's group, would otherwise outlive it as an orphan on the served port."""
+    descendants = _descendants(process.pid)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGTERM)
     deadline = time.monotonic() + 2
@@ -133,7 +137,30 @@ def ray_stop(process: subprocess.Popen[bytes]) -> None:
         time.sleep(0.1)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
+    for pid in descendants:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     process.wait()
+
+
+def _stat(entry: Path) -> list[str]:
+    """A /proc/PID/stat's fields after the command name: state, parent pid, process group, ..."""
+    return (entry / "stat").read_text().rpartition(")")[2].split()
+
+
+def _descendants(root: int) -> list[int]:
+    """Every live process under `root` (children, their children, ...), from /proc."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                parents[int(entry.name)] = int(_stat(entry)[1])
+    found, frontier = [], [root]
+    while frontier:
+        children = [pid for pid, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
 
 
 def _process_group(pgid: int) -> list[int]:
@@ -143,7 +170,7 @@ def _process_group(pgid: int) -> list[int]:
         if not entry.name.isdigit():
             continue
         try:
-            state, _, group = (entry / "stat").read_text().rpartition(")")[2].split()[:3]
+            state, _, group = _stat(entry)[:3]
         except (OSError, ValueError):
             continue  # gone meanwhile
         if int(group) == pgid and state != "Z":
