@@ -10,6 +10,7 @@ import io
 import json
 import logging
 import os
+import re
 import shlex
 import sys
 import typing
@@ -75,6 +76,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `cxr ... | head`
         sys.stderr.close()
         return 0
+    except Exception as exc:
+        if (why := decoder_unavailable(exc)) is None:
+            raise
+        print(
+            f"cxr: error: this machine cannot decode compressed DICOM right now ({why}); no file is at "
+            "fault and nothing was written: run the same command again once processes are free",
+            file=sys.stderr,
+        )
+        return 1
+
+
+_DECODER_UNAVAILABLE = re.compile(r"^cxrcore\.data\.transforms\.DecoderUnavailableError: (.+)$", re.MULTILINE)
+
+
+def decoder_unavailable(exc: BaseException) -> str | None:
+    """Why the DICOM decoder's process could not be started, if that is what `exc` is about: raised here
+    (`data check`), or in a Ray Data task (`data ingest`), which reaches the driver as Ray's
+    RayTaskError(UserCodeException) holding the original only as traceback text."""
+    from cxrcore.data.transforms import DecoderUnavailableError
+
+    if isinstance(exc, DecoderUnavailableError):
+        return str(exc)
+    if exc.__class__.__module__.startswith("ray.") and (found := _DECODER_UNAVAILABLE.search(str(exc))):
+        return found.group(1)
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,6 +21,7 @@ from pydicom.uid import (
 )
 
 from cxrcore import decoder_process
+from cxrcore.cli import main
 from cxrcore.data.ingest import decode_pair_batch
 from cxrcore.data.layout import decode_image
 from cxrcore.data.transforms import DecoderUnavailableError, ImageDecodeError
@@ -91,7 +92,7 @@ def test_a_decode_past_its_time_is_refused_and_its_child_killed() -> None:
 
 
 def test_a_decoder_that_cannot_start_is_the_machines_fault_not_the_files(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Out of processes (fork refused, EAGAIN): not "corrupt DICOM", which would have the server answer
     400 and ingest reject a good file, but DecoderUnavailableError, through decode_upload and ingest alike;
@@ -116,6 +117,11 @@ def test_a_decoder_that_cannot_start_is_the_machines_fault_not_the_files(
     batch = {"image_path": np.array([str(path)]), "mask_path": np.array([""])}
     with pytest.raises(DecoderUnavailableError):  # the ingest fails, naming why, rather than reject it
         decode_pair_batch(batch, size=64, min_side=64)
+    # `cxr data check` says so in one line and exits 1, without calling the file unreadable.
+    assert main(["data", "check", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("cxr: error: this machine cannot decode compressed DICOM right now (the DICOM")
+    assert "Resource temporarily unavailable" in err and len(err.splitlines()) == 1
     monkeypatch.setattr(subprocess, "Popen", real_popen)
     try:
         assert decode_upload(good, "application/dicom").shape == (300, 250)
