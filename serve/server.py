@@ -90,6 +90,7 @@ def serve_foreground(
     import ray
     from ray import serve
 
+    from cxrcore.console import is_quiet
     from cxrcore.runtime import check_port_free, init_ray
 
     args = ServeArgs.model_validate(app_args)
@@ -102,6 +103,8 @@ def serve_foreground(
     dashboard = init_ray(address)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    if is_quiet():  # "Started Serve", then serve.run's "New http_options ... will not be applied", which
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)  # reads as if --port had been ignored
     try:
         serve.start(http_options={"host": host, "port": port})
         run_app(app)

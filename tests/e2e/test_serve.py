@@ -259,6 +259,7 @@ def test_cxr_serve_runs_in_the_foreground_and_stops_cleanly(registry: Path, scra
     output = log.read_text(errors="replace")
     assert f"at http://127.0.0.1:{port}" in output and "answering the requests in flight first" in output
     assert "still in flight" not in output and "Traceback" not in output
+    assert "will not be applied" not in output  # Serve's notice that read as if --port had been ignored
     assert f"at http://127.0.0.1:{port} through HAProxy" in output  # the local default front end
     with pytest.raises(httpx.HTTPError):  # nothing, HAProxy included, listens on the port any more
         httpx.get(f"{url}/healthz", timeout=2)
