@@ -657,7 +657,6 @@ def _post_file(client: Any, endpoint: str, name: str) -> tuple[int | None, Any]:
 
 
 def _run_pipeline(args: argparse.Namespace) -> int:
-    from cxrcore.data.layout import scan_layout
     from cxrcore.pipeline import run_pipeline
 
     config: PipelineConfig = config_from_args(PipelineConfig, args)
@@ -672,16 +671,18 @@ def _run_pipeline(args: argparse.Namespace) -> int:
         )
         return 1
     if config.serve and results.get("registry"):
-        # One image of each class sent over HTTP like any client would: the synthetic run's new clear
-        # examples (not in the dataset), else the first image of each class in the raw folder.
+        # One image of each class sent over HTTP like any client would, never one the model trained on:
+        # the synthetic run's new clear examples (not in the dataset), else the first image of each class
+        # in the raw folder that ingest put in the test split.
         firsts: dict[str, str] = {}
         if results.get("examples"):
             firsts = {c: os.path.join(results["examples"], f"{c}-example.png") for c in CLASSES}
+            sent = "one new image per class"
         else:
-            for entry in sorted(scan_layout(results["raw"]).entries, key=lambda e: e.file):
-                firsts.setdefault(entry.label, entry.image_path)
+            firsts = _held_out_firsts(results["raw"], results["dataset"])
+            sent = "the first test-split image of each class"
         print(
-            f"\n== serving {results['production model']} with Ray Serve on 127.0.0.1:{config.port}",
+            f"\n== serving {results['production model']} with Ray Serve on 127.0.0.1:{config.port}: {sent}",
             flush=True,
         )
         server = importlib.import_module("serve.server")  # serve/ builds on cxrcore, never the reverse
@@ -703,6 +704,20 @@ def _run_pipeline(args: argparse.Namespace) -> int:
         print(f"{right} of {len(rows)} examples classified as their class")
         print(f"Ray dashboard: {results['Ray dashboard']}")
     return 0
+
+
+def _held_out_firsts(raw: str, dataset: str) -> dict[str, str]:
+    """class → path in `raw` of its first image (by file name) that ingest put in `dataset`'s test split."""
+    from cxrcore.data.ingest import printable_name, read_table
+    from cxrcore.data.layout import scan_layout
+
+    test = read_table(dataset, columns=["label", "file"], split="test").to_pylist()
+    held_out = {(row["label"], row["file"]) for row in test}
+    firsts: dict[str, str] = {}
+    for entry in sorted(scan_layout(raw).entries, key=lambda e: e.file):
+        if (entry.label, printable_name(entry.file)) in held_out:
+            firsts.setdefault(entry.label, entry.image_path)
+    return firsts
 
 
 def _run_benchmark(args: argparse.Namespace) -> int:

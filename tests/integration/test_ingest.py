@@ -258,3 +258,21 @@ def test_write_tasks_take_the_rows_one_task_per_core_within_a_memory_bound() -> 
     # Large images: no task holds more than WRITE_BATCH_BYTES of pixels (image and mask).
     capped = rows_per_task(10**6, 1024)
     assert capped == ingest_module.WRITE_BATCH_BYTES // (2 * 1024 * 1024) and capped < 10**6 // cores
+
+
+def test_the_real_data_demo_serves_only_images_of_the_test_split(synthetic_dataset: str) -> None:
+    """`cxr demo --real` ends by sending one image per class to the served model: the first, by file name,
+    of those ingest held out for testing, never one the model trained or was chosen on."""
+    from cxrcore.cli import _held_out_firsts
+    from cxrcore.labels import CLASSES
+
+    raw = Path(synthetic_dataset).parent / "raw"
+    firsts = _held_out_firsts(str(raw), synthetic_dataset)
+    rows = read_table(synthetic_dataset, columns=["label", "file", "split"]).to_pylist()
+    split_of = {(row["label"], row["file"]): row["split"] for row in rows}
+    assert set(firsts) == set(CLASSES)
+    for label, path in firsts.items():
+        assert Path(path).is_file() and split_of[(label, Path(path).name)] == "test"
+        tested = [file for (of, file), split in split_of.items() if of == label and split == "test"]
+        assert Path(path).name == min(tested)
+    assert {split for split in split_of.values()} == {"train", "val", "test"}  # there were others to pick
