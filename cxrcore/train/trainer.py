@@ -323,9 +323,16 @@ def build_trainer(config: TrainConfig, callbacks: list[Any] | None = None) -> An
 
     settings, datasets = training_inputs(config)
     storage_path = config.out if "://" in config.out else storage.resolve(config.out)[1]
-    check_same_experiment(
-        f"{storage_path.rstrip('/')}/{config.run_name()}", run_settings(config, settings), "a training run"
-    )
+    run_dir = f"{storage_path.rstrip('/')}/{config.run_name()}"
+    check_same_experiment(run_dir, run_settings(config, settings), "a training run")
+    if dropped := drop_unrecorded_checkpoints(run_dir):
+        log.warning(
+            "removed %d checkpoint folder(s) of %s that the interrupted run wrote after its last recorded "
+            "epoch (those epochs train again): %s",
+            len(dropped),
+            run_dir,
+            ", ".join(dropped),
+        )
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=settings,
@@ -349,6 +356,60 @@ def build_trainer(config: TrainConfig, callbacks: list[Any] | None = None) -> An
             callbacks=callbacks,
         ),
     )
+
+
+CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
+"""Ray Train V2's record of a run's checkpoints, which a run of the same name resumes from."""
+
+
+def drop_unrecorded_checkpoints(run_dir: str) -> list[str]:
+    """Remove the checkpoint folders of the run in `run_dir` that Ray Train's record of it does not name;
+    return their names.
+
+    A run stopped by Ctrl-C (or a lost driver) may have had its workers write a checkpoint or two that the
+    controller never recorded. Resuming starts after the last recorded one and trains those epochs again;
+    the folders stayed behind, never pruned by `num_to_keep` (a ResNet50's is about 300 MB). Nothing runs
+    under `run_dir` when this is called (before the run starts), so every folder the record does not name
+    is such a leftover. A record in a format this code does not know removes nothing."""
+    import json
+
+    import pyarrow.fs as pafs
+
+    from cxrcore.data import storage
+
+    filesystem, root = storage.resolve(run_dir)
+    text = storage.read_text(filesystem, f"{root}/{CHECKPOINT_SNAPSHOT}")
+    try:
+        snapshot = json.loads(text) if text is not None else None
+    except ValueError:
+        return []
+    if not isinstance(snapshot, dict) or not isinstance(snapshot.get("checkpoint_results"), list):
+        return []
+    recorded: set[str] = set()
+
+    def collect(value: Any) -> None:  # wherever the record names a folder: kept, latest, pending
+        if isinstance(value, dict):
+            name = value.get("checkpoint_dir_name")
+            if isinstance(name, str):
+                recorded.add(name)
+            for item in value.values():
+                collect(item)
+        elif isinstance(value, list):
+            for item in value:
+                collect(item)
+
+    collect(snapshot)
+    folders = filesystem.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    dropped = sorted(
+        info.base_name
+        for info in folders
+        if info.type == pafs.FileType.Directory
+        and info.base_name.startswith("checkpoint_")
+        and info.base_name not in recorded
+    )
+    for name in dropped:
+        storage.remove(filesystem, f"{root}/{name}")
+    return dropped
 
 
 def _shard_options() -> Any:

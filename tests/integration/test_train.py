@@ -116,7 +116,13 @@ def test_rerun_with_the_same_name_resumes_after_the_last_epoch(
         data=str(ddp_work / "ds"), model="dual_cnn", out=str(ddp_work / "cxr-runs"), name="ddp", epochs=3,
         workers=1, batch_size=8,  # the batch size is the run's: the automatic one would grow with 1 worker
     )  # fmt: skip
+    # What Ctrl-C can leave: a checkpoint the workers wrote that the controller never recorded.
+    run = ddp_work / "cxr-runs" / "ddp"
+    recorded = sorted(p for p in run.glob("checkpoint_*") if p.is_dir())
+    unrecorded = run / "checkpoint_2099-01-01_00-00-00.000000"
+    shutil.copytree(recorded[-1], unrecorded)
     second = fit(config)
+    assert not unrecorded.exists() and all(folder.exists() for folder in recorded[-2:])
     assert streamed == ["train", "val"]
     assert second.metrics["epoch"] == 3
     history = load_card(second.latest_checkpoint).history

@@ -1,14 +1,16 @@
-"""`cxr train` chooses its best checkpoint among every checkpoint Ray Train kept, the latest included."""
+"""`cxr train` chooses its best checkpoint among every checkpoint Ray Train kept, the latest included, and
+a resumed run drops the checkpoints an interrupted one wrote but never recorded."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from ray.train import Checkpoint, Result
 
 from cxrcore.metrics import best_by_validation
-from cxrcore.train.trainer import kept_checkpoints
+from cxrcore.train.trainer import CHECKPOINT_SNAPSHOT, drop_unrecorded_checkpoints, kept_checkpoints
 
 
 def _epoch(epoch: int, score: float, loss: float) -> dict[str, Any]:
@@ -80,3 +82,38 @@ def test_a_run_that_ctrl_c_ended_is_reported_interrupted_not_finished(
         monkeypatch.setattr(trainer_module, "build_trainer", lambda config, callbacks, o=outcome: Aborted(o))
         with pytest.raises(Interrupted, match=said):
             trainer_module.fit(config)
+
+
+def test_a_resumed_run_drops_the_checkpoints_its_interrupted_run_never_recorded(tmp_path: Path) -> None:
+    run = tmp_path / "cxr-runs" / "ddp"
+    names = [f"checkpoint_2026-12-04_05-38-4{i}.000000" for i in range(6)]
+    for name in names:
+        (run / name).mkdir(parents=True)
+        (run / name / "model.safetensors").write_bytes(b"weights")
+    (run / "checkpoint_notes.txt").write_text("a file, not a checkpoint")
+    (run / "cxr_settings.json").write_text("{}")
+    record = {
+        "ray_version": "2.60.0",
+        "checkpoint_results": [
+            {"checkpoint_dir_name": names[0], "metrics": {}},
+            {"checkpoint_dir_name": names[2]},
+        ],
+        "latest_checkpoint_result": {"checkpoint_dir_name": names[3]},
+        "pending_training_results": [{"checkpoint_dir_name": names[1]}],  # a validation in flight
+    }
+    snapshot = run / CHECKPOINT_SNAPSHOT
+    snapshot.write_text(json.dumps(record))
+
+    # A record this code cannot read, or of another format, removes nothing.
+    for text in ("{not json", json.dumps({"checkpoints": []}), json.dumps([names[0]])):
+        snapshot.write_text(text)
+        assert drop_unrecorded_checkpoints(str(run)) == []
+    assert all((run / name).is_dir() for name in names)
+    assert drop_unrecorded_checkpoints(str(tmp_path / "no-such-run")) == []
+
+    snapshot.write_text(json.dumps(record))
+    assert drop_unrecorded_checkpoints(str(run)) == names[4:]
+    assert sorted(p.name for p in run.iterdir()) == sorted(
+        [*names[:4], "checkpoint_notes.txt", "cxr_settings.json", CHECKPOINT_SNAPSHOT]
+    )
+    assert drop_unrecorded_checkpoints(str(run)) == []  # and again: nothing more
