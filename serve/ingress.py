@@ -32,6 +32,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 
 import cxrcore
 from cxrcore import telemetry
@@ -117,14 +118,24 @@ async def _api_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+    detail = "; ".join(
+        f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+        + (" (true or false)" if e["type"] == "bool_parsing" else "")
+        for e in exc.errors()
+    )
     return _error_response(400, "invalid_request", detail)
+
+
+ROUTES = "POST /v1/predict, GET /v1/model, GET /healthz, GET /readyz and the API's docs at GET /docs"
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
     error = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return _error_response(exc.status_code, error, str(exc.detail), exc.headers)
+    detail = str(exc.detail)
+    if exc.status_code == 404:  # a trailing slash or a typo: say what there is
+        detail = f"no route {request.method} {request.url.path}; this API answers {ROUTES}"
+    return _error_response(exc.status_code, error, detail, exc.headers)
 
 
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -133,6 +144,26 @@ async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _once(data: bytes) -> AsyncGenerator[bytes, None]:
     yield data
+
+
+class _UploadParser(MultiPartParser):
+    """Starlette's multipart parser, keeping each field's bytes as sent (`fields`: name → bytes and the
+    part's Content-Type): a file part without a filename, as `curl -F 'file=<x.png'`, Go's `CreateFormField`
+    or OkHttp's `addFormDataPart(name, value)` send it, is a text field to Starlette, decoded to text."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields: dict[str, tuple[bytes, str | None]] = {}
+
+    def on_part_end(self) -> None:
+        part = self._current_part
+        if part.file is None:
+            declared = dict(part.item_headers).get(b"content-type")
+            self.fields[part.field_name] = (
+                bytes(part.data),
+                declared.decode("latin-1") if declared else None,
+            )
+        super().on_part_end()
 
 
 def _first_line(exc: BaseException) -> str:
@@ -355,6 +386,14 @@ class _Routes:
                     received += len(chunk)
                     if received > body_limit:
                         raise self._too_large(received, exact=False)
+        except (
+            ClientDisconnect
+        ):  # the client's choice (a cancelled upload, a dropped network), not a fault here
+            raise ApiError(
+                499,
+                "client_disconnected",
+                f"the client closed the connection mid-upload ({received} bytes received)",
+            ) from None
         except TimeoutError:
             late = loop.time() >= end
             what = f"took longer than {whole:g} s" if late else f"sent nothing for {idle:g} s"
@@ -364,21 +403,25 @@ class _Routes:
         body = b"".join(chunks)
         if not multipart:
             return body, content_type
+        parser = _UploadParser(request.headers, _once(body), max_files=1, max_fields=8, max_part_size=limit)
         try:
-            form = await MultiPartParser(request.headers, _once(body), max_files=1, max_fields=8).parse()
+            form = await parser.parse()
         except MultiPartException as exc:
             what = f"malformed multipart body: {exc.message}"
             raise self._upload_error(400, "invalid_multipart", what) from exc
         upload = form.get("file")
-        if not isinstance(upload, UploadFile):
+        if isinstance(upload, UploadFile):
+            data, declared_type = await upload.read(), upload.content_type
+        elif "file" in parser.fields:  # sent without a filename: `curl -F file=<x.png`, Go's CreateFormField
+            data, declared_type = parser.fields["file"]
+        else:
             await form.close()
             what = "the multipart body has no file in a field named 'file'"
             raise self._upload_error(400, "missing_file", what)
-        data = await upload.read()
         await form.close()
         if len(data) > limit:
             raise self._too_large(len(data))
-        return data, upload.content_type
+        return data, declared_type
 
     def _too_large(self, size: int, exact: bool = True) -> ApiError:
         """413; `exact` False when `size` is what arrived before the limit was passed, not the whole."""
@@ -450,6 +493,9 @@ def create_api(classifier: Any, limits: ApiLimits | None = None) -> FastAPI:
         f"Serve. Uploads: {limits.accepted} Every error is JSON `{{error, detail}}`.",
         docs_url=None,
         redoc_url=None,
+        # A 307 to the path without its slash answers a whole upload with an empty body that httpx and curl
+        # do not follow by default (and names http:// behind a TLS terminator): a JSON 404 says what to call.
+        redirect_slashes=False,
         exception_handlers={
             ApiError: _api_error,
             RequestValidationError: _validation_error,
@@ -477,6 +523,13 @@ def create_api(classifier: Any, limits: ApiLimits | None = None) -> FastAPI:
     api.add_api_route(
         "/readyz", routes.readyz, methods=["GET"], response_model=Readiness, responses={503: _ERRORS[503]}
     )
+    # HEAD, as uptime monitors and `curl -I` ask (the server sends the headers only).
+    for path, endpoint in (
+        ("/healthz", routes.healthz),
+        ("/readyz", routes.readyz),
+        ("/v1/model", routes.model),
+    ):
+        api.add_api_route(path, endpoint, methods=["HEAD"], include_in_schema=False)
     _add_docs(api)
     api.state.routes = routes  # the Api deployment drains them (`Api.drain`)
     if limits.cors_origins:

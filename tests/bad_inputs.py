@@ -158,7 +158,7 @@ def _corpus() -> list[Case]:
         Case("multipart-unterminated", raw(unterminated, boundary), 400, "missing_file"),
         Case("multipart-two-files", two_files, 400, "invalid_multipart"),
         Case("multipart-without-file-field", multipart(GOOD_PNG, field="image"), 400, "missing_file"),
-        Case("multipart-file-as-text-field", {"data": {"file": "not a file"}, "files": {"x": ("x", b"x")}}, 400, "missing_file"),  # noqa: E501
+        Case("multipart-file-as-text-field", {"data": {"file": "not a file"}, "files": {"x": ("x", b"x")}}, 400, bad),  # noqa: E501
         # DICOM that is not an image or cannot be decoded here.
         Case("dicom-without-pixel-data", raw(dicom_without_pixels(), "application/dicom"), 400, bad),
         Case("dicom-short-pixel-data", raw(dicom_bytes(np.zeros((4, 4), np.uint16), rows=64, columns=64), None), 400, bad),  # noqa: E501

@@ -117,6 +117,21 @@ def dicom_bytes(
     return buffer.getvalue()
 
 
+def rgb_dicom(rgb: np.ndarray) -> bytes:
+    """An 8-bit colour (RGB, interleaved) secondary-capture DICOM of the H×W×3 uint8 `rgb`."""
+    from pydicom import dcmread
+    from pydicom.filebase import DicomBytesIO
+
+    ds = dcmread(DicomBytesIO(dicom_bytes(np.zeros(rgb.shape[:2], np.uint16))))
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    del ds.RescaleSlope, ds.RescaleIntercept
+    ds.PixelData = np.ascontiguousarray(rgb, dtype=np.uint8).tobytes()
+    buffer = DicomBytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
 def xray_dicom(seed: int, photometric: str = "MONOCHROME1") -> bytes:
     """`chest(seed)` as a 12-bit DICOM with a rescale; MONOCHROME1 stores it inverted, as some DX do."""
     values = chest(seed)

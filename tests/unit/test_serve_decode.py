@@ -9,7 +9,15 @@ import pytest
 
 from cxrcore.data.transforms import decode_gray, scale_to_uint8
 from cxrcore.decode import ImageDecodeError, UnsupportedImageTypeError, decode_upload, sniff_format
-from tests.e2e.uploads import chest, dicom_bytes, jpeg_bytes, png_bytes, png_header_only, xray_dicom
+from tests.e2e.uploads import (
+    chest,
+    dicom_bytes,
+    jpeg_bytes,
+    png_bytes,
+    png_header_only,
+    rgb_dicom,
+    xray_dicom,
+)
 
 GRAY = scale_to_uint8(chest(0))
 TINY = np.zeros((4, 4), np.uint16)
@@ -45,6 +53,33 @@ def test_dicom_rescaled_and_inverted_to_look_like_the_png(photometric: str) -> N
     # Bone (the bright frame) stays bright whichever way the file stores it.
     expected = (chest(0) - chest(0).min()) / np.ptp(chest(0)) * 255
     assert np.abs(image - expected).max() <= 1.0
+
+
+def test_colour_dicom_reads_as_the_same_colour_png_does() -> None:
+    rgb = np.stack([GRAY, 255 - GRAY, GRAY // 2], axis=-1)
+    from PIL import Image
+
+    as_png = scale_to_uint8(np.asarray(Image.fromarray(rgb).convert("L")))  # the DICOM's range is stretched
+    assert np.abs(decode_upload(rgb_dicom(rgb), None).astype(int) - as_png).max() <= 1
+
+
+def test_a_large_colour_dicom_decodes_within_a_few_bytes_a_pixel() -> None:
+    """An 8192² RGB DICOM of 3 MB (RLE) once took 2.3 GB to decode: its luma was computed whole in float64."""
+    import tracemalloc
+
+    side = 2048
+    rgb = np.zeros((side, side, 3), np.uint8)
+    rgb[: side // 2, :, 0] = 255
+    data = rgb_dicom(rgb)
+    tracemalloc.start()
+    try:
+        image = decode_upload(data, None)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert image.shape == (side, side) and image[0, 0] == 255 and image[-1, -1] == 0
+    # 41 bytes a pixel in float64; the pixels themselves are 3
+    assert peak < 12 * side * side, f"{peak / side / side:.1f} bytes a pixel"
 
 
 def test_dicom_without_preamble_needs_its_content_type() -> None:

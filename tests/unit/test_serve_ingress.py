@@ -16,7 +16,7 @@ from ray.serve.exceptions import BackPressureError
 from cxrcore.decode import decode_upload
 from cxrcore.labels import CLASSES
 from tests.bad_inputs import GOOD_PNG, LocalClassifier, api_client
-from tests.e2e.uploads import write_checkpoint
+from tests.e2e.uploads import dicom_bytes, write_checkpoint
 
 
 class Failing:
@@ -186,8 +186,11 @@ def test_uploads_reach_the_model_at_its_base_size_and_score_as_the_original_does
         assert [image.shape for image in classifier.images[3:]] == [(64, 64), (300, 250), (80, 80)]
 
 
-def _post_stalling(api: Any, first: bytes, headers: list[tuple[bytes, bytes]]) -> tuple[int, dict[str, Any]]:
-    """POST /v1/predict straight through ASGI, from a client that sends `first`, then nothing."""
+def _post_stalling(
+    api: Any, first: bytes, headers: list[tuple[bytes, bytes]], then: str = "stall"
+) -> tuple[int, dict[str, Any]]:
+    """POST /v1/predict straight through ASGI, from a client that sends `first`, then nothing (`then`
+    "stall") or closes its connection ("disconnect")."""
     import asyncio
     import json
 
@@ -199,6 +202,8 @@ def _post_stalling(api: Any, first: bytes, headers: list[tuple[bytes, bytes]]) -
             if not sent:
                 sent = True
                 return {"type": "http.request", "body": first, "more_body": True}
+            if then == "disconnect":
+                return {"type": "http.disconnect"}
             await asyncio.sleep(3600)  # the client stalls
             raise AssertionError("the ingress waited for a stalled upload")
 
@@ -241,6 +246,68 @@ def test_a_stalled_upload_is_answered_408_and_frees_its_place(
         408,
         "the upload took longer than 0.2 s (100 bytes received); send it again",
     )
+
+
+@pytest.mark.parametrize("multipart", [False, True])
+def test_a_client_gone_mid_upload_is_not_a_server_error(
+    classifier: LocalClassifier, multipart: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancelled upload (a closed browser tab, Ctrl-C in `cxr predict`) was answered, logged and counted
+    as a 500 `internal_error`, which error-rate alerts read as the server failing."""
+    from cxrcore import telemetry
+    from serve.ingress import create_api
+
+    counted: list[tuple[str, int]] = []
+    monkeypatch.setattr(
+        telemetry, "record_request_error", lambda error, status: counted.append((error, status))
+    )
+    kind = b"multipart/form-data; boundary=x" if multipart else b"image/png"
+    headers = [(b"content-type", kind), (b"content-length", b"1000000")]
+    status, body = _post_stalling(create_api(classifier), GOOD_PNG[:100], headers, then="disconnect")
+    assert (status, body["error"]) == (499, "client_disconnected")
+    assert body["detail"] == "the client closed the connection mid-upload (100 bytes received)"
+    assert counted == [("client_disconnected", 499)]
+
+
+@pytest.mark.parametrize(
+    "part",
+    [
+        {"files": {"file": (None, GOOD_PNG, "image/png")}},  # requests/httpx: a file part without a filename
+        {"files": {"file": (None, GOOD_PNG)}},  # nor a type: `curl -F 'file=<x.png'`
+    ],
+    ids=["typed", "untyped"],
+)
+def test_a_file_sent_as_a_form_field_without_a_filename_is_read(
+    client: httpx.Client, classifier: LocalClassifier, part: dict[str, Any]
+) -> None:
+    """Starlette reads such a part as text (and refused one over 1 MB as a malformed body): its bytes are
+    the upload all the same."""
+    original = decode_upload(GOOD_PNG, "image/png")
+    expected = classifier.predictor.predict_proba([original])[0]
+    answer = client.post("/v1/predict", **part)
+    assert answer.status_code == 200, answer.text
+    np.testing.assert_allclose(list(answer.json()["probabilities"].values()), expected, atol=1e-6)
+    large = GOOD_PNG + bytes(2 << 20)  # trailing bytes after IEND: still the same PNG, over Starlette's 1 MB
+    with api_client(classifier, max_upload_bytes=4 << 20) as roomy:
+        assert roomy.post("/v1/predict", files={"file": (None, large, "image/png")}).status_code == 200
+
+
+def test_clients_calling_the_routes_other_ways_are_answered(client: httpx.Client) -> None:
+    """A trailing slash was a 307 with an empty body (httpx and curl do not follow it by default); HEAD, as
+    uptime monitors send it, a 405; a bare `?explain` a message that did not say what is accepted."""
+    slash = client.post("/v1/predict/", content=GOOD_PNG, headers={"content-type": "image/png"})
+    assert slash.status_code == 404 and slash.json()["error"] == "not_found"
+    assert "no route POST /v1/predict/; this API answers POST /v1/predict" in slash.json()["detail"]
+    for path in ("/healthz", "/readyz", "/v1/model"):
+        head = client.head(path)
+        assert head.status_code == 200 and head.headers["content-type"] == "application/json", path
+    bare = client.post("/v1/predict?explain", content=GOOD_PNG, headers={"content-type": "image/png"})
+    assert bare.status_code == 400 and bare.json()["detail"].endswith("(true or false)")
+    spec = client.get("/openapi.json").json()
+    assert "head" not in spec["paths"]["/healthz"]
+    dicom = dicom_bytes(np.arange(64 * 80, dtype=np.uint16).reshape(64, 80) % 4096, preamble=False)
+    legacy = client.post("/v1/predict", content=dicom, headers={"content-type": "application/x-dicom"})
+    assert legacy.status_code == 200, legacy.text
 
 
 def test_cxr_predict_reads_folders_and_names_each_failure_below_its_table(
