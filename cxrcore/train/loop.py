@@ -8,11 +8,10 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-import numpy as np
 import torch
 
 from cxrcore import telemetry
-from cxrcore.calibration import calibration_report, fit_temperature
+from cxrcore.calibration import apply_temperature, calibration_report, fit_temperature
 from cxrcore.checkpoint import ModelCard, load_train_state, save_checkpoint
 from cxrcore.config import TrainConfig, from_dict
 from cxrcore.data.batches import AugmentConfig
@@ -210,7 +209,9 @@ def run_training(loop_config: dict[str, Any], session: TrainSession) -> None:
         # Validation feeds it what Serve does: a dual-channel model's masks all come from its segmenter
         # (already in the data where the driver made them), whatever it trained on.
         validated = run_epoch(
-            model,
+            # Unwrapped: DDP's forward after a training step broadcasts rank 0's buffers, a collective a rank
+            # with no validation images never joins, and the run would hang until the backend's timeout.
+            _unwrap(model),
             val_shard.iter_torch_batches(**batch_options),
             spec,
             loss_weights=loss_weights,
@@ -219,13 +220,14 @@ def run_training(loop_config: dict[str, Any], session: TrainSession) -> None:
             served_masks=not precomputed,
         )
         val = _gather(validated, world)
-        metrics = epoch_metrics(epoch, _gather(trained, world), val, segmenting)
-        metrics["lr"] = scheduler.get_last_lr()[0]
         temperature, calibration = 1.0, {}
-        if not segmenting:  # temperature scaling on the validation split, so probabilities mean what they say
-            log_probs = np.log(val["outputs"] + 1e-12)
-            temperature = fit_temperature(log_probs, val["labels"])
-            calibration = calibration_report(log_probs, val["labels"], temperature)
+        if not segmenting and val["count"]:  # temperature scaling on the validation split, so probabilities
+            # mean what they say; the validation scores are then those of the calibrated model, as served.
+            temperature = fit_temperature(val["outputs"], val["labels"])
+            calibration = calibration_report(val["outputs"], val["labels"], temperature)
+        metrics = epoch_metrics(epoch, _gather(trained, world), val, segmenting, temperature)
+        metrics["lr"] = scheduler.get_last_lr()[0]
+        if not segmenting:
             metrics.update(temperature=temperature, val_ece=calibration["ece_after"])
         history.append({k: v for k, v in metrics.items() if not isinstance(v, dict | list)})
         if rank == 0:
@@ -257,9 +259,10 @@ def run_training(loop_config: dict[str, Any], session: TrainSession) -> None:
 
 
 def epoch_metrics(
-    epoch: int, trained: dict[str, Any], validated: dict[str, Any], segmenting: bool
+    epoch: int, trained: dict[str, Any], validated: dict[str, Any], segmenting: bool, temperature: float = 1.0
 ) -> dict[str, Any]:
-    """The per-epoch report: losses, accuracy, throughput, and the validation metrics that matter."""
+    """The per-epoch report: losses, accuracy, throughput, and the validation metrics that matter, a
+    classifier's scored on its probabilities at `temperature` (its validation outputs: log-probabilities)."""
     from cxrcore.metrics import classification_metrics, segmentation_metrics
 
     if not validated["count"]:  # the driver refuses an empty val split; a segmenter reads masked rows only
@@ -278,7 +281,8 @@ def epoch_metrics(
         metrics.update(val_dice=seg["dice"], val_iou=seg["iou"], val_score=seg["dice"])
         return metrics
     metrics["train_accuracy"] = trained["accuracy"]
-    val = classification_metrics(validated["labels"], validated["outputs"])
+    probs = apply_temperature(torch.from_numpy(validated["outputs"]), temperature).numpy()
+    val = classification_metrics(validated["labels"], probs)
     metrics.update(
         val_accuracy=val["accuracy"],
         val_macro_f1=val["macro_f1"],

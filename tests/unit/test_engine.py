@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -137,3 +138,41 @@ def test_masks_made_once_by_the_driver_are_the_masks_the_workers_would_make(tmp_
     masks = segment(many)["mask"]
     whole = load_mask_source(unet)(to_unit(torch.from_numpy(many["image"]), 48))
     assert masks.shape == (197, 48, 48) and np.array_equal(masks, (whole[:, 0] * 255).to(torch.uint8).numpy())
+
+
+def test_validation_keeps_the_log_probabilities_the_temperature_is_fitted_on() -> None:
+    """A confident model's wrong answers sit 40 nats below its choice: kept as float32 probabilities they
+    rounded to 0, their log was clipped at -27.6, and the temperature fitted on them came out too low, so
+    the served probabilities were overconfident while the card's calibration figures said otherwise."""
+    from cxrcore.calibration import fit_temperature
+    from cxrcore.train.engine import combine, run_epoch
+
+    labels = np.arange(40) % 4
+    wrong = np.random.default_rng(0).random(40) < 0.1
+    logits = 40.0 * np.eye(4)[np.where(wrong, (labels + 1) % 4, labels)]
+
+    class Replay(torch.nn.Module):
+        """Answers `logits`, batch after batch."""
+
+        served = 0
+
+        def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+            start, self.served = self.served, self.served + len(inputs)
+            return torch.tensor(logits[start : self.served], dtype=torch.float32)
+
+    spec = get_input_spec(create_model("tiny_cnn_lstm", image_size=32))
+    batches = [
+        {
+            "image": torch.zeros((4, 32, 32), dtype=torch.uint8),
+            "mask": torch.zeros((4, 32, 32), dtype=torch.uint8),
+            "has_mask": torch.zeros(4, dtype=torch.bool),
+            "label_index": torch.from_numpy(labels[i : i + 4]),
+        }
+        for i in range(0, 40, 4)
+    ]
+    outputs = combine([run_epoch(Replay(), batches, spec, keep_outputs=True)])["outputs"]
+    expected = torch.log_softmax(torch.tensor(logits), dim=1).numpy()
+    np.testing.assert_allclose(outputs, expected, atol=1e-4)
+    assert fit_temperature(outputs, labels) == pytest.approx(fit_temperature(logits, labels), rel=1e-3)
+    clipped = np.log(np.exp(expected.astype(np.float32)) + 1e-12)  # as validation kept them before
+    assert fit_temperature(clipped, labels) < 0.8 * fit_temperature(outputs, labels)
