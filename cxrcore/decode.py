@@ -143,6 +143,7 @@ def decode_dicom(data: bytes, *, window: bool = True) -> np.ndarray:
         raise ImageDecodeError(f"corrupt DICOM file: {exc}") from exc
     if "PixelData" not in ds:
         raise ImageDecodeError("DICOM file has no pixel data (not an image)")
+    _name_the_encoding(ds)
     rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if rows < 1 or columns < 1:
@@ -175,6 +176,24 @@ def decode_dicom(data: bytes, *, window: bool = True) -> np.ndarray:
     return image
 
 
+def _name_the_encoding(ds: Any) -> None:
+    """Give a dataset written without its file meta information (no transfer syntax: a bare dataset, as
+    some tools write a `.dcm`) the one it was read with; such a file cannot hold compressed pixels."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return
+    implicit, little = ds.original_encoding
+    if meta is None:
+        ds.file_meta = meta = FileMetaDataset()
+    if implicit:
+        meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    else:
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+
+
 _IN_PROCESS_PLUGINS = ("pydicom", "pillow")
 """pydicom's decoders that read untrusted bytes in this process: its own (RLE) and Pillow's (JPEG baseline and
 extended, JPEG 2000). A compression only GDCM decodes here (JPEG Lossless, JPEG-LS) is decoded in a child
@@ -182,15 +201,24 @@ process (cxrcore.decoder_process): GDCM can abort the process on a corrupt strea
 IN_A_CHILD = "child process"
 
 
-def pixel_decoder(syntax: Any) -> str | None:
+def pixel_decoder(syntax: Any, bits_stored: int = 8) -> str | None:
     """How pixel data of transfer syntax `syntax` (a pydicom UID, or None when the file names none) are
     decoded: None when uncompressed, else the pydicom plugin that decodes them here, or IN_A_CHILD.
 
     Raises UnsupportedImageTypeError for a compression no installed plugin decodes (HTJ2K, say)."""
     from pydicom.pixels import get_decoder
+    from pydicom.uid import JPEGExtended12Bit
 
     if syntax is None or not syntax.is_compressed:
         return None
+    if syntax == JPEGExtended12Bit and bits_stored > 8:
+        # Lossy 12-bit JPEG (Process 4), as older PACS export CR and DX: Pillow reads 8-bit JPEG only, and
+        # pydicom refuses GDCM for it, which decodes it (the DCMTK's pixels, python-gdcm issue 35).
+        if not _gdcm_installed():
+            raise UnsupportedImageTypeError(
+                "DICOM 12-bit JPEG Extended needs python-gdcm, not installed here; send an uncompressed DICOM"
+            )
+        return IN_A_CHILD
     try:
         plugins = set(get_decoder(syntax).available_plugins)
     except NotImplementedError:  # a compression pydicom has no decoder class for at all
@@ -203,10 +231,17 @@ def pixel_decoder(syntax: Any) -> str | None:
     return next((plugin for plugin in _IN_PROCESS_PLUGINS if plugin in plugins), IN_A_CHILD)
 
 
+def _gdcm_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("gdcm") is not None
+
+
 def _dicom_pixels(ds: Any, data: bytes) -> np.ndarray:
     from cxrcore.decoder_process import decode_in_child
 
-    decoder = pixel_decoder(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None))
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    decoder = pixel_decoder(syntax, int(ds.get("BitsStored", 8) or 8))
     try:
         if decoder == IN_A_CHILD:
             pixels = decode_in_child(data)

@@ -13,6 +13,7 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     HTJ2KLossless,
     JPEGBaseline8Bit,
+    JPEGExtended12Bit,
     JPEGLossless,
     JPEGLosslessSV1,
     JPEGLSLossless,
@@ -49,12 +50,44 @@ def test_jpeg_ls_from_another_encoder_matches_its_uncompressed_original() -> Non
     np.testing.assert_array_equal(decode_upload(jpeg_ls), decode_upload(plain))
 
 
+def test_lossy_12_bit_jpeg_dicom_decodes_close_to_its_original() -> None:
+    """JPEG Extended (Process 4) at 12 bits, as older PACS export CR and DX lossy: Pillow reads 8-bit JPEG
+    only and pydicom refuses GDCM for it, so such files were refused as corrupt."""
+    plain = xray_dicom(12, "MONOCHROME2")
+    lossy = compressed_dicom(plain, JPEGExtended12Bit)
+    assert b"1.2.840.10008.1.2.4.51" in lossy[:1024] and len(lossy) < len(plain)
+    expected = decode_upload(plain, "application/dicom").astype(int)
+    for image in (decode_upload(lossy, "application/dicom"), decode_image(lossy, "x.dcm")):
+        assert image.shape == expected.shape and np.abs(image - expected).mean() < 1.0  # of 255 levels
+
+
+def test_a_dicom_written_without_its_file_meta_reads_as_the_same_file_with_it() -> None:
+    """A bare dataset (no preamble, no file meta, so no transfer syntax), as some tools write a `.dcm`."""
+    from pydicom import dcmread
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import dcmwrite
+
+    plain = xray_dicom(13, "MONOCHROME1")
+    ds = dcmread(DicomBytesIO(plain))
+    ds.file_meta, ds.preamble = FileMetaDataset(), None
+    for implicit in (
+        True,
+        False,
+    ):  # big endian too is read so, but pydicom cannot write its pixels to test it
+        bare = DicomBytesIO()
+        dcmwrite(bare, ds, implicit_vr=implicit, little_endian=True, force_encoding=True)  # no file meta
+        assert b"DICM" not in bare.getvalue()[:200]
+        np.testing.assert_array_equal(decode_image(bare.getvalue(), "x.dcm"), decode_upload(plain))
+
+
 def test_only_what_pydicom_and_pillow_cannot_decode_goes_to_a_child_process() -> None:
     assert pixel_decoder(None) is None and pixel_decoder(ExplicitVRLittleEndian) is None
     assert pixel_decoder(RLELossless) == "pydicom"
     assert pixel_decoder(JPEGBaseline8Bit) == pixel_decoder(JPEG2000) == "pillow"  # as before GDCM came
     for syntax in (JPEGLossless, JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless):
         assert pixel_decoder(syntax) == IN_A_CHILD
+    assert pixel_decoder(JPEGExtended12Bit) == "pillow" and pixel_decoder(JPEGExtended12Bit, 12) == IN_A_CHILD
     with pytest.raises(UnsupportedImageTypeError, match="no decoder installed here"):
         pixel_decoder(HTJ2KLossless)
 
