@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import logging
 import os
 import re
 from collections import Counter, defaultdict
@@ -27,6 +28,8 @@ from cxrcore.labels import CLASSES, canonical_class, class_index
 
 if TYPE_CHECKING:
     import numpy as np
+
+log = logging.getLogger(__name__)
 
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom", ".ima"})
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}) | DICOM_SUFFIXES
@@ -46,8 +49,6 @@ LISTED = 20
 # Hosts that serve many unrelated collections: the first path segment names the collection.
 _COLLECTION_HOSTS = frozenset({"github.com", "kaggle.com", "gitlab.com", "huggingface.co"})
 _METADATA_SUFFIX = ".metadata.xlsx"
-# Sub-folders of a class folder; never labels themselves, even when RAW points one level too deep.
-_CLASS_SUBFOLDERS = frozenset({"images", "masks"})
 _COLUMN_SEPARATORS = re.compile(r"[\s_\-]+")
 
 ClassMapper = Callable[[str], str | None]
@@ -379,8 +380,9 @@ def _scan_class_folders(base: Path, to_class: ClassMapper) -> LayoutScan:
 
 
 def _note_unknown_folder(folder: Path, scan: LayoutScan) -> None:
-    """A folder named like no class: its images have an unmapped label; without images it is only noted."""
-    images = _class_images(folder) if folder.name.casefold() not in _CLASS_SUBFOLDERS else []
+    """A folder named like no class: its images have an unmapped label; without images it is only noted.
+    `images/` and mask folders are never labels themselves, even when RAW points one level too deep."""
+    images = [] if _is_class_subfolder(folder.name) else _class_files(folder).images
     if images:
         scan.unmapped[folder.name] = [image.path for image in images]
     else:
@@ -398,11 +400,12 @@ def _metadata_files(base: Path, to_class: ClassMapper) -> dict[str, Path]:
 
 
 def _image_paths(folder: Path) -> list[Path]:
-    """Image files directly in a folder, sorted; hidden files (macOS `._*` forks among them) skipped."""
+    """Image files directly in a folder, sorted, told as the class folders' scan tells them (a DICOM named
+    by UID or without an extension by its bytes); hidden files (macOS `._*` forks among them) skipped."""
     return sorted(
         p
         for p in folder.iterdir()
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+        if not p.name.startswith(".") and p.is_file() and _is_image_file(p.name, str(p))
     )
 
 
@@ -410,12 +413,39 @@ class _ImageFile(NamedTuple):
     """An image file found below a folder."""
 
     key: str
-    """Its path from the folder without the suffix, case-folded: an image and its mask share one."""
+    """Its path from the folder without the suffix, `images/` and its mask folder, case-folded: an image and
+    its mask share one."""
     path: str
     relative: str
     """Its path from the folder, with `/` between folders."""
     stem: str
     """Its name without the suffix, case-folded: what a metadata sheet names."""
+
+
+class _Found(NamedTuple):
+    """The image files below a folder, and the masks among them."""
+
+    images: list[_ImageFile]
+    masks: list[_ImageFile]
+
+
+def _file_stem(name: str) -> str:
+    """A file name without its image suffix. A name whose last dot starts no image suffix is its own stem:
+    a DICOM named by UID (1.2.840.113619.2.55.3.1000) has no extension, and cutting `.1000` would give it
+    the stem of every image of that study, to pair with their masks and metadata rows."""
+    stem, suffix = os.path.splitext(name)
+    return stem if suffix.lower() in IMAGE_SUFFIXES else name
+
+
+def _is_mask_folder(name: str) -> bool:
+    """A folder of masks, however a dataset names it: `masks` (the Kaggle database), `lung masks`
+    (COVID-QU-Ex, by the same authors), `mask`, `Masks`, `lung_masks`. Its files are never X-rays, at any
+    depth."""
+    return "mask" in name.casefold()
+
+
+def _is_class_subfolder(name: str) -> bool:
+    return name.casefold() == "images" or _is_mask_folder(name)
 
 
 def _is_image_file(name: str, path: str) -> bool:
@@ -433,14 +463,19 @@ def _is_image_file(name: str, path: str) -> bool:
         return False
 
 
-def _images_under(folder: Path, skip: frozenset[str] = frozenset()) -> list[_ImageFile]:
+def _images_under(folder: Path, skip: frozenset[str] = frozenset(), masks_apart: bool = False) -> _Found:
     """Image files in `folder` and every folder below it (one per patient or study, as exports nest them),
     but not in hidden folders or, directly in `folder`, those named in `skip` (case-folded). In name
-    order, a folder's files before its sub-folders'."""
-    found: list[_ImageFile] = []
+    order, a folder's files before its sub-folders'.
+
+    With `masks_apart` (a class folder), a mask folder at any depth holds masks, not images: those of one
+    per folder (`_mask_folder`) are keyed as if they sat beside it, and `images/` adds nothing to keys
+    either, so `masks/p1/x.png`, `p1/masks/x.png` and `p1/lung masks/x.png` each pair with `p1/x.png` and
+    `p1/images/x.png`. Without it (`cxr predict`), every folder holds images."""
+    found = _Found([], [])
     seen: set[str] = set()  # folders already walked, by real path: a link to a parent is walked once
 
-    def walk(directory: str, prefix: str) -> None:
+    def walk(directory: str, prefix: str, key_prefix: str, into: list[_ImageFile]) -> None:
         real = os.path.realpath(directory)
         if real in seen:
             return
@@ -456,29 +491,51 @@ def _images_under(folder: Path, skip: frozenset[str] = frozenset()) -> list[_Ima
                 if prefix or name.casefold() not in skip:
                     below.append(entry)
             elif _is_image_file(name, entry.path):
-                stem = os.path.splitext(name)[0]
-                found.append(
-                    _ImageFile((prefix + stem).casefold(), entry.path, prefix + name, stem.casefold())
+                stem = _file_stem(name)
+                into.append(
+                    _ImageFile((key_prefix + stem).casefold(), entry.path, prefix + name, stem.casefold())
                 )
+        in_images = masks_apart and into is found.images
         for entry in below:
-            walk(entry.path, f"{prefix}{entry.name}/")
+            if not (in_images and _is_mask_folder(entry.name)):
+                key = "" if entry.name.casefold() == "images" else f"{entry.name}/"
+                walk(entry.path, f"{prefix}{entry.name}/", key_prefix + key, into)
+        if in_images and (masks := _mask_folder(directory, below)):
+            walk(masks.path, f"{prefix}{masks.name}/", key_prefix, found.masks)
 
-    walk(str(folder), "")
+    walk(str(folder), "", "", found.images)
     return found
+
+
+def _mask_folder(directory: str, folders: list[os.DirEntry[str]]) -> os.DirEntry[str] | None:
+    """The mask folder among a folder's sub-folders whose masks are read. Where there are several, a lung
+    mask folder first (COVID-QU-Ex puts `infection masks` beside `lung masks`, and cxr's masks are lungs),
+    then one named `masks`, then the first by name; the warning names the others, which are not read."""
+    candidates = [entry for entry in folders if _is_mask_folder(entry.name)]
+    if len(candidates) <= 1:
+        return candidates[0] if candidates else None
+    chosen = min(
+        candidates, key=lambda e: ("lung" not in e.name.casefold(), e.name.casefold() != "masks", e.name)
+    )
+    others = ", ".join(repr(entry.name) for entry in candidates if entry is not chosen)
+    log.warning("%s: masks read from %r only, not from %s", directory, chosen.name, others)
+    return chosen
 
 
 def image_files(folder: str | os.PathLike[str]) -> list[str]:
     """Every image file below `folder` as the scan finds them (by suffix, or DICOM by its bytes), sorted."""
-    return [image.path for image in _images_under(Path(folder))]
+    return [image.path for image in _images_under(Path(folder)).images]
 
 
-def _class_images(folder: Path) -> list[_ImageFile]:
-    """A class folder's images: those in `images/` (keyed from there) and any elsewhere in the folder, but
-    not in `masks/`."""
+def _class_files(folder: Path) -> _Found:
+    """A class folder's images, those in `images/` (keyed from there) and any elsewhere in the folder, and
+    its masks, from mask folders at any depth."""
     images_dir = _subfolder(folder, "images")
     if images_dir is None:
-        return _images_under(folder, skip=frozenset({"masks"}))
-    return _images_under(images_dir) + _images_under(folder, skip=_CLASS_SUBFOLDERS)
+        return _images_under(folder, masks_apart=True)
+    inside = _images_under(images_dir, masks_apart=True)
+    beside = _images_under(folder, skip=frozenset({"images"}), masks_apart=True)
+    return _Found(inside.images + beside.images, inside.masks + beside.masks)
 
 
 def _subfolder(folder: Path, name: str) -> Path | None:
@@ -488,10 +545,9 @@ def _subfolder(folder: Path, name: str) -> Path | None:
 def _scan_class(
     folder: Path, label: str, report: ClassReport, scan: LayoutScan, metadata_path: Path | None
 ) -> None:
-    images = _class_images(folder)
-    masks_dir = _subfolder(folder, "masks")
+    images, mask_files = _class_files(folder)
     masks: dict[str, str] = {}
-    for mask in _images_under(masks_dir) if masks_dir else []:
+    for mask in mask_files:
         masks.setdefault(mask.key, mask.path)
     urls = _read_metadata(metadata_path) if metadata_path else {}
 
@@ -574,16 +630,16 @@ def _image_finder(root: Path, images: list[Path]) -> Callable[[str], Path | None
     """How a label file's file value finds its image: a path relative to RAW (or absolute) that exists,
     else the file name in RAW, with or without its extension, compared without case."""
     by_name = {p.name.casefold(): p for p in images}
-    stems = Counter(p.stem.casefold() for p in images)
-    by_stem = {p.stem.casefold(): p for p in images if stems[p.stem.casefold()] == 1}  # x.png + x.dcm: ask
+    stems = {p: _file_stem(p.name).casefold() for p in images}
+    counts = Counter(stems.values())
+    by_stem = {stem: p for p, stem in stems.items() if counts[stem] == 1}  # x.png + x.dcm: ask
 
     def find(value: str) -> Path | None:
         posix = PurePosixPath(value.replace("\\", "/"))
         if len(posix.parts) > 1 and (root / posix).is_file():
             return root / posix
         name = posix.name.casefold()
-        stem = PurePosixPath(name).stem if PurePosixPath(name).suffix in IMAGE_SUFFIXES else name
-        return by_name.get(name) or by_stem.get(stem)
+        return by_name.get(name) or by_stem.get(_file_stem(name))
 
     return find
 
@@ -624,7 +680,7 @@ def _read_label_frame(path: Path) -> Any:
         raise LayoutError(f"--labels: cannot read {path}: {exc}") from exc
 
 
-def _read_xlsx(path: Path, prefix: str = "", hint: str = "", **options: Any) -> Any:
+def _read_xlsx(path: Path, prefix: str = "", **options: Any) -> Any:
     """A workbook's first sheet as strings. calamine reads it ten times faster than openpyxl (pandas'
     default until pandas 4): the scan runs in the driver, on sheets of 10,000 rows and more."""
     import pandas as pd
@@ -633,7 +689,7 @@ def _read_xlsx(path: Path, prefix: str = "", hint: str = "", **options: Any) -> 
     try:
         return pd.read_excel(path, dtype=str, engine="calamine", **options)
     except (ValueError, OSError, CalamineError) as exc:
-        raise LayoutError(f"{prefix}cannot read {path} as an Excel workbook: {exc}{hint}") from exc
+        raise LayoutError(f"{prefix}cannot read {path} as an Excel workbook: {exc}") from exc
 
 
 def _column_key(name: str) -> str:
@@ -674,7 +730,8 @@ def _nothing_found(scan: LayoutScan) -> str:
             named = ", ".join(name for name in folders if str(base / name) not in scan.unknown_folders)
             return (
                 f"the class folders under {base} ({named}) hold no image files: expected PNG, JPEG, BMP, "
-                "TIFF or DICOM files in them, in images/ or in folders below (masks/ holds masks)"
+                "TIFF or DICOM files in them, in images/ or in folders below (a folder whose name says "
+                "mask holds masks)"
             )
         found = ", ".join(folders) or "no folders"
         if loose := _image_paths(base):
@@ -699,26 +756,71 @@ def _nothing_found(scan: LayoutScan) -> str:
     )
 
 
-_NAME_COLUMN = re.compile(r"file\s*_?name", re.IGNORECASE)
+_URL_COLUMNS = ("url", "sourceurl", "link", "source")
+"""A metadata sheet's URL column, tried in order and compared like FILE_COLUMNS."""
+_HEADER_ROWS = 10
+"""Rows of each metadata sheet searched for its header: a title or a note may sit above it."""
 
 
 def _read_metadata(path: Path) -> dict[str, str | None]:
-    """FILE NAME (case-folded stem) → URL from a `<Class>.metadata.xlsx`."""
-    frame = _read_xlsx(path, hint="; it gives each image's source URL: replace it, or move it away")
-    name_col = next((c for c in frame.columns if _NAME_COLUMN.fullmatch(str(c).strip())), None)
-    url_col = next((c for c in frame.columns if str(c).strip().upper() == "URL"), None)
-    if name_col is None:
-        raise LayoutError(f"{path}: no 'FILE NAME' column (columns: {', '.join(map(str, frame.columns))})")
+    """FILE NAME (case-folded stem) → URL from a `<Class>.metadata.xlsx`; empty when it names no files.
+    The file column is found as a label file's is (FILE_COLUMNS), the URL column by its usual names."""
+    table = _metadata_table(path)
+    if table is None:
+        return {}
+    header, rows = table
+    name_at = _column_at(header, FILE_COLUMNS)
+    url_at = _column_at(header, _URL_COLUMNS)
     urls: dict[str, str | None] = {}
-    url_values = frame[url_col] if url_col is not None else [None] * len(frame)
-    for name, url in zip(frame[name_col], url_values, strict=True):  # iterrows took 0.1 ms a row
+    url_values = rows[url_at] if url_at is not None else [None] * len(rows)
+    for name, url in zip(rows[name_at], url_values, strict=True):  # iterrows took 0.1 ms a row
         if not isinstance(name, str) or not name.strip():
             continue
-        stem = (
-            Path(name.strip()).stem if Path(name.strip()).suffix.lower() in IMAGE_SUFFIXES else name.strip()
-        )
+        stem = _file_stem(Path(name.strip()).name)
         urls[stem.casefold()] = url.strip() if isinstance(url, str) and url.strip() else None
     return urls
+
+
+def _metadata_table(path: Path) -> tuple[list[Any], Any] | None:
+    """The header cells and the rows below them (columns by position) of the first sheet of a metadata
+    workbook with a file name column: the first row of the Kaggle sheets; other workbooks put a note sheet
+    first, or a title above the header. None, with a warning naming what the sheets hold, when none has
+    one: metadata only gives sources, and without it they are `unknown`, as for a class without a sheet.
+    Each sheet is read once, whole (calamine parses a whole sheet even for its first rows), as strings. A
+    workbook that cannot be read at all stops the scan, naming what it is for."""
+    import pandas as pd
+    from python_calamine import CalamineError
+
+    found = []
+    try:
+        with pd.ExcelFile(path, engine="calamine") as workbook:
+            for sheet in workbook.sheet_names:
+                rows = pd.read_excel(workbook, sheet_name=sheet, header=None, dtype=str)
+                for at, cells in enumerate(rows.head(_HEADER_ROWS).itertuples(index=False)):
+                    if _column_at(cells, FILE_COLUMNS) is not None:
+                        return list(cells), rows.iloc[at + 1 :]
+                first = [cell for cell in rows.iloc[0] if isinstance(cell, str)] if len(rows) else []
+                found.append(f"sheet {sheet!r}: {', '.join(first) or 'empty'}")
+    except (ValueError, OSError, CalamineError) as exc:
+        raise LayoutError(
+            f"cannot read {path} as an Excel workbook: {exc}; it gives each image's source URL: replace it, "
+            "or move it away"
+        ) from exc
+    log.warning(
+        "%s: no sheet has a file name column (FILE NAME, filename, image, path, ...) in its first %d rows "
+        "(%s): the source of its images is unknown",
+        path, _HEADER_ROWS, "; ".join(found),
+    )  # fmt: skip
+    return None
+
+
+def _column_at(cells: Iterable[Any], keys: tuple[str, ...]) -> int | None:
+    """Where the header cell named like the first of `keys` there is sits (compared like FILE_COLUMNS)."""
+    at: dict[str, int] = {}
+    for index, cell in enumerate(cells):
+        if isinstance(cell, str):
+            at.setdefault(_column_key(cell), index)
+    return next((at[key] for key in keys if key in at), None)
 
 
 def _sum_reports(reports: Iterable[ClassReport]) -> ClassReport:

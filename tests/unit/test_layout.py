@@ -4,6 +4,7 @@ and flat folders with a label file as other hospitals send them, and the label m
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -438,3 +439,171 @@ def test_a_raw_folder_given_as_a_dataset_is_told_to_be_ingested_elsewhere(raw: P
         FileNotFoundError, match=rf"cxr data ingest {raw} {raw.name}-dataset`, then pass that"
     ):
         read_report(str(raw))
+
+
+@pytest.mark.parametrize(
+    ("image", "mask"),
+    [
+        ("images/a.png", "lung masks/a.png"),  # COVID-QU-Ex
+        ("a.png", "mask/a.png"),
+        ("images/a.png", "Masks/a.png"),
+        ("images/p1/a.png", "lung_masks/p1/a.png"),
+        ("p1/a.png", "p1/masks/a.png"),  # a mask folder per patient
+        ("p1/images/a.png", "p1/masks/a.png"),
+        ("images/p1/a.png", "images/p1/masks/a.jpg"),  # any extension, as in masks/
+    ],
+)
+def test_mask_folders_are_told_by_name_at_any_depth_and_never_read_as_images(
+    tmp_path: Path, image: str, mask: str
+) -> None:
+    covid = tmp_path / "raw/COVID"
+    write_png(covid / image, xray(1))
+    write_png(covid / mask, lung_mask())
+    write_png(tmp_path / "raw/Normal/n.png", xray(2))
+    scan = scan_layout(tmp_path / "raw")
+    assert [(entry.file, entry.mask_path) for entry in scan.entries if entry.label == "COVID"] == [
+        (image.removeprefix("images/"), str(covid / mask))
+    ]
+    report = scan.classes["COVID"]
+    assert (report.images, report.masks, report.pairs, report.masks_without_image) == (1, 1, 1, 0)
+
+
+def test_covid_qu_ex_lung_masks_are_counted_as_masks_by_check(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """COVID-QU-Ex (by the Kaggle database's authors): `<class>/images` and `<class>/lung masks`."""
+    root = tmp_path / "qu-ex"
+    for i in range(2):
+        write_png(root / f"COVID-19/images/covid_{i}.png", xray(i))
+        write_png(root / f"COVID-19/lung masks/covid_{i}.png", lung_mask())
+    write_png(root / "COVID-19/lung masks/covid_9.png", lung_mask())  # mask without image
+    write_png(root / "Normal/images/normal_0.png", xray(5))
+    (root / "Normal/lung masks").mkdir()
+    assert main(["data", "check", str(root), "--map", "COVID-19=COVID"]) == 0
+    rows = {line.split()[0]: line.split()[1:6] for line in capsys.readouterr().out.splitlines()}
+    # images, masks, pairs, no mask, orphan masks
+    assert rows["COVID"] == ["2", "3", "2", "0", "1"] and rows["Normal"] == ["1", "0", "0", "1", "0"]
+
+
+def test_of_several_mask_folders_side_by_side_the_lung_masks_are_read_and_the_rest_named(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    covid = tmp_path / "raw/COVID"
+    write_png(covid / "images/a.png", xray(1))
+    write_png(covid / "infection masks/a.png", lung_mask(40))
+    write_png(covid / "lung masks/a.png", lung_mask())
+    write_png(covid / "masks/a.png", lung_mask(60))
+    scan = scan_layout(tmp_path / "raw")
+    assert [(entry.file, entry.mask_path) for entry in scan.entries] == [
+        ("a.png", str(covid / "lung masks/a.png"))
+    ]
+    assert (scan.classes["COVID"].masks, scan.orphan_masks) == (1, [])
+    [warning] = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert warning == f"{covid}: masks read from 'lung masks' only, not from 'infection masks', 'masks'"
+
+
+UID = "1.2.840.113619.2.55.3"
+
+
+def test_dicoms_named_by_uid_pair_with_masks_and_metadata_by_their_whole_name(tmp_path: Path) -> None:
+    """`.1000` in `<UID>.1000` is no extension: the stem is the whole name, so `<UID>.png` is no image's
+    mask and `<UID>.1000.png` is that one image's."""
+    covid = tmp_path / "raw/COVID"
+    (covid / "pat1").mkdir(parents=True)
+    for i, number in enumerate(("1000", "1001")):
+        (covid / f"pat1/{UID}.{number}").write_bytes(_chest_dicom(i))
+    write_png(covid / f"masks/pat1/{UID}.1000.png", lung_mask())
+    write_png(covid / f"masks/pat1/{UID}.png", lung_mask())
+    pd.DataFrame(
+        {"FILE NAME": [f"{UID}.1000", f"{UID}.1001"], "URL": ["https://a.org/1", "https://b.org/2"]}
+    ).to_excel(tmp_path / "raw/COVID.metadata.xlsx", index=False)
+    scan = scan_layout(tmp_path / "raw")
+    by_file = {entry.file: (entry.mask_path, entry.source) for entry in scan.entries}
+    assert by_file == {
+        f"pat1/{UID}.1000": (str(covid / f"masks/pat1/{UID}.1000.png"), "a.org"),
+        f"pat1/{UID}.1001": (None, "b.org"),
+    }
+    assert scan.orphan_masks == [str(covid / f"masks/pat1/{UID}.png")]
+    assert (scan.classes["COVID"].metadata_matched, scan.classes["COVID"].metadata_unmatched) == (2, 0)
+
+
+def test_flat_folder_finds_dicoms_named_without_an_extension_or_by_uid(tmp_path: Path) -> None:
+    root = tmp_path / "export"
+    root.mkdir()
+    for i, name in enumerate(("IM0001", f"{UID}.1000", f"{UID}.1001", f"{UID}.1002")):
+        (root / name).write_bytes(_chest_dicom(i))
+    write_png(root / "a.png", xray(9))
+    (root / "README").write_text("not an image")
+    labels = tmp_path / "labels.csv"
+    rows = [
+        ("IM0001", "COVID-19"),
+        (f"{UID}.1000", "No finding"),
+        (f"{UID}.1001.dcm", "No finding"),
+        ("a.png", "COVID-19"),
+    ]
+    pd.DataFrame(rows, columns=["filename", "finding"]).to_csv(labels, index=False)
+    scan = check_layout(root, LabelFile(str(labels)), HOSPITAL_MAP)
+    assert {entry.file: entry.label for entry in scan.entries} == {
+        "IM0001": "COVID", f"{UID}.1000": "Normal", f"{UID}.1001": "Normal", "a.png": "COVID"
+    }  # fmt: skip
+    assert scan.missing_files == [] and scan.unlabelled == [str(root / f"{UID}.1002")]
+    assert scan.unreadable == []
+
+
+def _kaggle_metadata() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "FILE NAME": ["COVID-1", "COVID-2"],
+            "FORMAT": "PNG",
+            "URL": ["https://a.org/1", "https://github.com/b/c"],
+        }
+    )
+
+
+def _renamed_columns(path: Path) -> None:
+    _kaggle_metadata().rename(columns={"FILE NAME": "Image", "URL": "Source URL"}).to_excel(path, index=False)
+
+
+def _note_sheet_first(path: Path) -> None:
+    with pd.ExcelWriter(path) as writer:
+        pd.DataFrame({"note": ["see the next sheet"]}).to_excel(writer, sheet_name="Info", index=False)
+        _kaggle_metadata().to_excel(writer, sheet_name="Sheet1", index=False)
+
+
+def _title_above_header(path: Path) -> None:
+    with pd.ExcelWriter(path) as writer:
+        _kaggle_metadata().rename(columns={"URL": "link"}).to_excel(writer, index=False, startrow=2)
+        pd.DataFrame([["Metadata for the COVID class"]]).to_excel(writer, index=False, header=False)
+
+
+@pytest.mark.parametrize("write", [_renamed_columns, _note_sheet_first, _title_above_header])
+def test_metadata_sheets_laid_out_otherwise_still_give_sources(
+    tmp_path: Path, write: Callable[[Path], None]
+) -> None:
+    for i in (1, 2):
+        write_png(tmp_path / f"raw/COVID/images/COVID-{i}.png", xray(i))
+    write(tmp_path / "raw/COVID.metadata.xlsx")
+    scan = scan_layout(tmp_path / "raw")
+    assert {entry.file: entry.source for entry in scan.entries} == {
+        "COVID-1.png": "a.org",
+        "COVID-2.png": "github.com/b",
+    }
+    assert scan.classes["COVID"].metadata_matched == 2
+
+
+def test_metadata_naming_no_files_is_warned_about_once_and_the_sources_are_unknown(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Metadata only gives sources: a sheet without a file name column is no reason to stop."""
+    write_png(tmp_path / "raw/COVID/images/COVID-1.png", xray(1))
+    with pd.ExcelWriter(tmp_path / "raw/COVID.metadata.xlsx") as writer:
+        pd.DataFrame({"note": ["exported 2026-11-30"]}).to_excel(writer, sheet_name="Info", index=False)
+        pd.DataFrame({"patient": ["p1"], "age": ["61"]}).to_excel(writer, sheet_name="Patients", index=False)
+    assert main(["data", "check", str(tmp_path / "raw")]) == 0
+    assert "sources (images): unknown 1" in capsys.readouterr().out
+    [warning] = [record.getMessage() for record in caplog.records if record.name == "cxrcore.data.layout"]
+    assert warning == (
+        f"{tmp_path / 'raw/COVID.metadata.xlsx'}: no sheet has a file name column (FILE NAME, filename, "
+        "image, path, ...) in its first 10 rows (sheet 'Info': note; sheet 'Patients': patient, age): the "
+        "source of its images is unknown"
+    )
