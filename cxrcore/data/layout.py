@@ -673,11 +673,22 @@ def _read_label_frame(path: Path) -> Any:
         raise LayoutError(f"--labels: {path} is neither CSV nor XLSX (expected a .csv or .xlsx file)")
     if path.suffix.lower() != ".csv":
         return _read_xlsx(path, "--labels: ", na_filter=False)
-    try:
-        # sep=None sniffs the delimiter: spreadsheets export ';' where ',' is the decimal mark.
-        return pd.read_csv(path, dtype=str, na_filter=False, sep=None, engine="python", encoding="utf-8-sig")
-    except (ValueError, OSError) as exc:
-        raise LayoutError(f"--labels: cannot read {path}: {exc}") from exc
+    # UTF-8 (with Excel's byte-order mark or without), else Windows-1252: what Excel's plain "CSV" saves
+    # in Western European locales, an accented name (`Pneumonie virale`, `café.png`) a byte not UTF-8.
+    for encoding in ("utf-8-sig", "cp1252"):
+        try:
+            # sep=None sniffs the delimiter: spreadsheets export ';' where ',' is the decimal mark.
+            frame = pd.read_csv(
+                path, dtype=str, na_filter=False, sep=None, engine="python", encoding=encoding
+            )
+        except UnicodeDecodeError:
+            continue
+        except (ValueError, OSError) as exc:
+            raise LayoutError(f"--labels: cannot read {path}: {exc}") from exc
+        if encoding != "utf-8-sig":
+            log.warning("%s is not UTF-8: read as Windows-1252 (Excel's CSV in Western locales)", path)
+        return frame
+    raise LayoutError(f"--labels: {path} is neither UTF-8 nor Windows-1252 text: save it as CSV UTF-8")
 
 
 def _read_xlsx(path: Path, prefix: str = "", **options: Any) -> Any:

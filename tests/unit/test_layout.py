@@ -290,6 +290,27 @@ def test_flat_folder_labelled_by_a_csv(export: tuple[Path, Path]) -> None:
     assert "label 'Tuberculosis' maps to no class (1): img3.png" in (scan.refusal() or "")
 
 
+def test_a_csv_saved_by_excel_in_a_western_locale_is_read(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Excel's plain "CSV" in a French locale: Windows-1252 text, ';' between the columns."""
+    root = tmp_path / "export"
+    write_png(root / "café.png", xray(1))
+    write_png(root / "b.png", xray(2))
+    labels = tmp_path / "labels.csv"
+    labels.write_bytes("Fichier;Diagnostic\ncafé.png;Pneumonie virale\nb.png;Normal\n".encode("cp1252"))
+    scan = check_layout(
+        root,
+        LabelFile(str(labels), label_column="Diagnostic", file_column="Fichier"),
+        {"Pneumonie virale": "Viral Pneumonia"},
+    )
+    assert {entry.file: entry.label for entry in scan.entries} == {
+        "café.png": "Viral Pneumonia",
+        "b.png": "Normal",
+    }
+    assert "not UTF-8: read as Windows-1252" in caplog.text
+
+
 def test_xlsx_label_file_with_paths_and_conflicting_labels(tmp_path: Path) -> None:
     root = tmp_path / "export"
     write_png(root / "batch1/a.png", xray(1))
