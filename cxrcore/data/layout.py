@@ -463,15 +463,14 @@ def _is_image_file(name: str, path: str) -> bool:
         return False
 
 
-def _images_under(folder: Path, skip: frozenset[str] = frozenset(), masks_apart: bool = False) -> _Found:
+def _images_under(folder: Path, skip: frozenset[str] = frozenset()) -> _Found:
     """Image files in `folder` and every folder below it (one per patient or study, as exports nest them),
     but not in hidden folders or, directly in `folder`, those named in `skip` (case-folded). In name
     order, a folder's files before its sub-folders'.
 
-    With `masks_apart` (a class folder), a mask folder at any depth holds masks, not images: those of one
-    per folder (`_mask_folder`) are keyed as if they sat beside it, and `images/` adds nothing to keys
-    either, so `masks/p1/x.png`, `p1/masks/x.png` and `p1/lung masks/x.png` each pair with `p1/x.png` and
-    `p1/images/x.png`. Without it (`cxr predict`), every folder holds images."""
+    A mask folder at any depth holds masks, not images: those of one per folder (`_mask_folder`) are keyed
+    as if they sat beside it, and `images/` adds nothing to keys either, so `masks/p1/x.png`,
+    `p1/masks/x.png` and `p1/lung masks/x.png` each pair with `p1/x.png` and `p1/images/x.png`."""
     found = _Found([], [])
     seen: set[str] = set()  # folders already walked, by real path: a link to a parent is walked once
 
@@ -495,7 +494,7 @@ def _images_under(folder: Path, skip: frozenset[str] = frozenset(), masks_apart:
                 into.append(
                     _ImageFile((key_prefix + stem).casefold(), entry.path, prefix + name, stem.casefold())
                 )
-        in_images = masks_apart and into is found.images
+        in_images = into is found.images
         for entry in below:
             if not (in_images and _is_mask_folder(entry.name)):
                 key = "" if entry.name.casefold() == "images" else f"{entry.name}/"
@@ -523,7 +522,8 @@ def _mask_folder(directory: str, folders: list[os.DirEntry[str]]) -> os.DirEntry
 
 
 def image_files(folder: str | os.PathLike[str]) -> list[str]:
-    """Every image file below `folder` as the scan finds them (by suffix, or DICOM by its bytes), sorted."""
+    """Every image file below `folder` as the scan finds them (by suffix, or DICOM by its bytes), sorted,
+    but those in mask folders below it (`cxr predict COVID/` sends the X-rays, not their masks)."""
     return [image.path for image in _images_under(Path(folder)).images]
 
 
@@ -532,9 +532,9 @@ def _class_files(folder: Path) -> _Found:
     its masks, from mask folders at any depth."""
     images_dir = _subfolder(folder, "images")
     if images_dir is None:
-        return _images_under(folder, masks_apart=True)
-    inside = _images_under(images_dir, masks_apart=True)
-    beside = _images_under(folder, skip=frozenset({"images"}), masks_apart=True)
+        return _images_under(folder)
+    inside = _images_under(images_dir)
+    beside = _images_under(folder, skip=frozenset({"images"}))
     return _Found(inside.images + beside.images, inside.masks + beside.masks)
 
 

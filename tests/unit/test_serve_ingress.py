@@ -318,6 +318,8 @@ def test_cxr_predict_reads_folders_and_names_each_failure_below_its_table(
     (tmp_path / "study/series").mkdir(parents=True)
     (tmp_path / "study/series/IM0001.png").write_bytes(GOOD_PNG)
     (tmp_path / "study/notes.txt").write_text("not sent: not an image")
+    (tmp_path / "study/series/lung masks").mkdir()
+    (tmp_path / "study/series/lung masks/IM0001.png").write_bytes(GOOD_PNG)  # not sent: a mask, not an X-ray
     (tmp_path / "empty").mkdir()
     (tmp_path / "broken.png").write_bytes(GOOD_PNG[:40])
     names = [str(tmp_path / "study"), str(tmp_path / "broken.png"), str(tmp_path / "empty")]
