@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import shlex
 from pathlib import Path
 
 import ray
@@ -100,8 +101,13 @@ def test_tune_rayjob_runs_the_checked_in_configs_on_one_4_gpu_node() -> None:
     job = _documents()["kuberay/rayjob-tune.yaml"]
     entrypoint = job["spec"]["entrypoint"]
     workdir = re.search(r"^WORKDIR (\S+)", (CLUSTER / "Dockerfile").read_text(), re.MULTILINE)
-    assert workdir and entrypoint.startswith(f"cd {workdir[1]} &&")  # where the image has jobs/configs/
-    steps = re.findall(r"python -m jobs\.(\w+) --config (\S+)", entrypoint)
+    # KubeRay runs `bash -c "ray job submit ... -- <entrypoint>"` in its submitter pod, the entrypoint pasted
+    # unquoted: a shell operator outside quotes would run what follows it there, not as the Ray job.
+    words = shlex.split(entrypoint)
+    assert not {"&&", "||", ";", "|", "&"} & set(words), words
+    assert words[:2] == ["bash", "-c"] and len(words) == 3
+    assert workdir and words[2].startswith(f"cd {workdir[1]} &&")  # where the image has jobs/configs/
+    steps = re.findall(r"python -m jobs\.(\w+) --config (\S+)", words[2])
     assert [name for name, _ in steps] == ["ingest", "tune"]
     ingest = load_config(IngestConfig, ROOT / dict(steps)["ingest"])
     tune = load_config(TuneConfig, ROOT / dict(steps)["tune"])
