@@ -462,7 +462,11 @@ def _run_architectures(args: argparse.Namespace) -> int:
         entry = get_model_entry(name)
         spec = entry.input_spec
         rows.append([name, spec.task, "+".join(spec.channels), spec.image_size, entry.description])
-    print(format_table(["model", "task", "channels", "size", "description"], rows))
+    print(format_table(["model", "task", "channels", "default size", "description"], rows))
+    print(
+        "default size: the input size a model is built at without data; cxr train and cxr tune build it at "
+        "the dataset's (cxr data ingest --size, 256 unless given)"
+    )
     return 0
 
 
@@ -548,6 +552,8 @@ def _run_show(args: argparse.Namespace) -> int:
     lines += [f"{key}: {path or '-'}" for key, path in paths.items()]
     lines.append("card:")
     for key, value in card.items():
+        if key == "epoch" and isinstance(value, int):  # as the history, the epoch lines and the reports count
+            value = f"{value + 1} (card.json: {value}, counted from 0)"
         lines.append(f"  {key}: {json.dumps(value) if isinstance(value, dict | list) else value}")
     lines.append(f"  history: {len(history)} epochs")
     print("\n".join(lines))

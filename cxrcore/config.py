@@ -254,7 +254,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
                 flag_name(f.name),
                 action=argparse.BooleanOptionalAction,
                 default=argparse.SUPPRESS,
-                help=f"{help_text} (default: {default})",
+                help=_with_default(help_text, default),
             )
         else:
             parser.add_argument(
@@ -262,8 +262,16 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
                 type=kind,
                 default=argparse.SUPPRESS,
                 metavar=f.name.upper(),
-                help=f"{help_text} (default: {default})",
+                help=_with_default(help_text, default),
             )
+
+
+def _with_default(help_text: str, default: Any) -> str:
+    """An option's help with its default, unless the help says it in words (`the dataset's base size`) or
+    there is none to say (a required setting, or one left to the data: "(default: None)" told nothing)."""
+    if default is None or "default" in help_text:
+        return help_text
+    return f"{help_text} (default: {default})"
 
 
 def config_from_args(cls: type[C], args: argparse.Namespace) -> C:

@@ -51,7 +51,12 @@ def format_comparison(comparison: dict[str, Any]) -> str:
 
     Where ingest held sources out, the random-split and held-out-source test accuracies stand beside the
     others, and each architecture whose held-out figures fall by LARGE_DROP or more gets a warning."""
-    from cxrcore.evaluate.comparison import holdout_columns, holdout_warnings, winner_line
+    from cxrcore.evaluate.comparison import (
+        architectures_asked,
+        holdout_columns,
+        holdout_warnings,
+        winner_line,
+    )
 
     best = comparison["best"]
     held_out = any(row.get("source_holdout") for row in best.values())
@@ -65,7 +70,7 @@ def format_comparison(comparison: dict[str, Any]) -> str:
     ]  # fmt: skip
     header = ["architecture", "registered", "val F1", "test acc", "test F1", "params", "img/s", "epochs"]
     header += ["random-split acc", "held-out acc"] if held_out else []
-    lines = [winner_line(best), format_table(header, rows)]
+    lines = [winner_line(best, architectures_asked(comparison)), format_table(header, rows)]
     lines += [f"WARNING: {line}" for line in holdout_warnings(best)]
     lines.append(f"production (*): {comparison['production']}")
     before = comparison.get("production_before")

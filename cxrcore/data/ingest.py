@@ -255,7 +255,15 @@ def read_report(dataset: str) -> dict[str, Any]:
     text = storage.read_text(filesystem, f"{root}/{REPORT_NAME}")
     if text is None:
         folder = Path(root)
-        if not storage.is_remote(dataset) and folder.is_dir() and any(folder.glob("*/*")):
+        local = not storage.is_remote(dataset)
+        if local and not folder.exists():
+            what = "one is what `cxr data ingest RAW OUT` writes"
+            raise FileNotFoundError(f"{dataset}: no such folder, so not a finished cxr dataset ({what})")
+        if local and folder.name.startswith("split=") and (folder.parent / REPORT_NAME).is_file():
+            raise FileNotFoundError(
+                f"{dataset} is one split of the dataset {folder.parent}: pass {folder.parent}"
+            )
+        if local and folder.is_dir() and any(folder.glob("*/*")):
             raise FileNotFoundError(
                 f"{dataset} is not a cxr dataset (no {REPORT_NAME}); if it holds raw images, ingest them "
                 f"into a folder of their own first: `cxr data ingest {dataset} {folder.name}-dataset`, "

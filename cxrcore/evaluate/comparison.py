@@ -24,11 +24,15 @@ CURVES = ("val_macro_f1", "val_loss", "val_accuracy", "train_loss")
 CALIBRATION = {
     "temperature": "temperature",
     "test_ece_uncalibrated": "test ECE before",
+    "test_ece_floor_uncalibrated": "its floor ± sd",
     "test_ece": "test ECE after",
-    "test_ece_floor": "ECE if perfectly calibrated",
+    "test_ece_floor": "its floor ± sd (after)",
     "test_nll_uncalibrated": "test NLL before",
     "test_nll": "test NLL after",
 }
+"""The calibration table's columns. Each ECE's floor is the ECE its own probabilities would show on this
+many images if they were perfectly calibrated (metrics.ece_floor), with its sampling sd: an ECE within two
+sd of its floor is as calibrated as this test split can tell."""
 HOLDOUT_COLUMNS = (
     "random-split accuracy",
     "held-out accuracy",
@@ -94,7 +98,9 @@ def write_comparison_report(out_dir: str | Path, comparison: dict[str, Any]) -> 
     if failed:
         rows = [{"trial": t["trial_id"], "model": t["model"], "error": t["error"]} for t in failed]
         sections.append(ReportSection(f"Failed trials ({len(failed)})", table=rows))
-    leads = [(winner_line(comparison["best"]), "lead" if ranked else "lead alert")]
+    leads = [
+        (winner_line(comparison["best"], architectures_asked(comparison)), "lead" if ranked else "lead alert")
+    ]
     leads += [(line, "lead alert") for line in holdout_warnings(comparison["best"])]
     lead = "\n".join(f'<p class="{kind}">{html.escape(text)}</p>' for text, kind in leads)
     paths["html"] = write_html_report(
@@ -110,8 +116,10 @@ def ranked_architectures(best: Mapping[str, Mapping[str, Any]]) -> list[tuple[st
     return rank_by_validation(best.items(), lambda item: item[1])
 
 
-def winner_line(best: Mapping[str, Mapping[str, Any]]) -> str:
-    """One sentence: which architecture won (the production one), on what score, by how much over the next."""
+def winner_line(best: Mapping[str, Mapping[str, Any]], asked: int | None = None) -> str:
+    """One sentence: which architecture won (the production one), on what score, by how much over the next.
+    `asked`: how many architectures the comparison was asked for (the settings' `models`); one alone is
+    not said to be the only one that "produced a checkpoint", as if others had failed."""
     ranked = ranked_architectures(best)
     if not ranked:
         return "No architecture produced a checkpoint: nothing was evaluated, registered or promoted."
@@ -146,7 +154,23 @@ def winner_line(best: Mapping[str, Mapping[str, Any]]) -> str:
     if matrix:  # a small test split cannot tell close models apart: say how small
         line += f" (95% CI {interval_text(accuracy_interval(matrix))}, {sum(map(sum, matrix))} images)"
     line += "."
-    return ("Winner: " if others else "Only one architecture produced a checkpoint: ") + line
+    if others:
+        return "Winner: " + line
+    return (
+        "One architecture compared: " if asked == 1 else "Only one architecture produced a checkpoint: "
+    ) + line
+
+
+def _with_sd(row: Mapping[str, Any], key: str) -> Any:
+    """`row[key]`, as "value ± sd" where the row has `key`_sd beside it."""
+    value, sd = row[key], row.get(f"{key}_sd")
+    return f"{value:.3f} ± {sd:.3f}" if value is not None and sd is not None else value
+
+
+def architectures_asked(comparison: Mapping[str, Any]) -> int | None:
+    """How many architectures a comparison was asked for, from its settings (None where it has none)."""
+    models = (comparison.get("settings") or {}).get("models")
+    return len([name for name in models.split(",") if name.strip()]) if isinstance(models, str) else None
 
 
 def holdout_columns(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -191,7 +215,10 @@ def _best_tables(ranked: list[tuple[str, Mapping[str, Any]]]) -> str:
     ]
     parts = ["<h3>Test split</h3>", html_table(scores)]
     calibration = [
-        {"architecture": model, **{label: row[key] for key, label in CALIBRATION.items() if key in row}}
+        {
+            "architecture": model,
+            **{label: _with_sd(row, key) for key, label in CALIBRATION.items() if key in row},
+        }
         for model, row in ranked
     ]
     if any(len(row) > 1 for row in calibration):

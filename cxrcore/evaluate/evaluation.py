@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -220,6 +221,7 @@ def _classification_report(
         "note": relation.note(split),
         "masks": masks_used,
         "mask_source": ("segmenter" if as_served else "dataset") if needs_mask else None,
+        "per_source": _per_source_note(sources),
     }
     name = model.ref if config.model else predictor.card.name
     return write_evaluation_report(
@@ -227,6 +229,22 @@ def _classification_report(
         extra=extra, title=f"{name} on {_dataset_name(config.data)} ({split})", evaluated=evaluated,
         external=blocks, holdout=holdout,
     )  # fmt: skip
+
+
+def _per_source_note(sources: np.ndarray) -> str | None:
+    """Which sources have a section of their own (MIN_SOURCE_IMAGES or more images) and which are too few to
+    score apart, by name; None for a split of one source."""
+    counts = Counter(sources.tolist())
+    if len(counts) < 2:
+        return None
+    scored = {source: n for source, n in sorted(counts.items()) if n >= MIN_SOURCE_IMAGES}
+    small = {source: n for source, n in sorted(counts.items()) if n < MIN_SOURCE_IMAGES}
+    parts = [f"{len(scored)} source(s) scored apart below ({sum(scored.values())} images)"]
+    if small:
+        listed = ", ".join(f"{source} {n}" for source, n in small.items())
+        few = f"{len(small)} with fewer than {MIN_SOURCE_IMAGES} images each not"
+        parts.append(f"{few} ({sum(small.values())} images: {listed})")
+    return "; ".join(parts)
 
 
 def _source_holdout(

@@ -308,19 +308,26 @@ def write_html_report(
     return target
 
 
-def _per_class_row(name: str, stats: Mapping[str, Any]) -> dict[str, Any]:
+def _per_class_row(name: str, stats: Mapping[str, Any], predicted: int) -> dict[str, Any]:
     """One class's row. A class with no image in the evaluated split has no recall or F1 (a dash, not 0.000,
     and left out of the macro averages, as classification_metrics leaves it), only the precision of the
-    predictions made of it, if any were."""
+    `predicted` predictions made of it; a class never predicted has no precision (a dash: 0.000 would read
+    as every such call wrong; the macro average counts it 0, as scikit-learn does)."""
     row = {"class": name, **{column: stats[column] for column in PER_CLASS_COLUMNS}}
     if stats["support"] == 0:
         row.update({"class": f"{name} (no images here)", "recall": None, "f1": None, "auroc": None})
+    if predicted == 0:
+        row["precision"] = None
     return row
 
 
 def metrics_table(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Per-class rows (class, precision, recall, f1, support, auroc) and a macro row, for the report."""
-    rows = [_per_class_row(name, stats) for name, stats in metrics["per_class"].items()]
+    predicted = [sum(column) for column in zip(*metrics["confusion_matrix"], strict=True)]
+    rows = [
+        _per_class_row(name, stats, count)
+        for (name, stats), count in zip(metrics["per_class"].items(), predicted, strict=True)
+    ]
     rows.append(
         {
             "class": "macro",

@@ -11,7 +11,12 @@ from typing import Any
 
 import pytest
 
-from cxrcore.evaluate.comparison import ranked_architectures, winner_line, write_comparison_report
+from cxrcore.evaluate.comparison import (
+    architectures_asked,
+    ranked_architectures,
+    winner_line,
+    write_comparison_report,
+)
 from cxrcore.evaluate.report import confusion_matrix_figure, overlaid_curves_figure
 from cxrcore.labels import CLASSES
 from cxrcore.metrics import accuracy_interval, wilson_interval
@@ -72,6 +77,10 @@ def _comparison() -> dict[str, Any]:
         test_ece_uncalibrated=0.087,
         test_nll=0.18,
         test_nll_uncalibrated=0.25,
+        test_ece_floor=0.062,
+        test_ece_floor_sd=0.018,
+        test_ece_floor_uncalibrated=0.071,
+        test_ece_floor_uncalibrated_sd=0.02,
     )
     trials = [
         {
@@ -126,6 +135,10 @@ def test_winner_line_names_the_production_model_and_its_margin() -> None:
 def test_winner_line_with_one_architecture_and_with_none() -> None:
     only = {"dual_cnn": _comparison()["best"]["dual_cnn"]}
     assert winner_line(only).startswith("Only one architecture produced a checkpoint: dual_cnn (")
+    assert winner_line(only, asked=3).startswith("Only one architecture produced a checkpoint: dual_cnn (")
+    assert winner_line(only, asked=1).startswith("One architecture compared: dual_cnn (")  # none failed
+    assert architectures_asked({"settings": {"models": "dual_cnn"}}) == 1
+    assert architectures_asked({"settings": {"models": "cnn_lstm, dual_cnn"}}) == 2
     assert "ahead" not in winner_line(only)
     assert winner_line({}).startswith("No architecture produced a checkpoint")
 
@@ -163,6 +176,12 @@ def test_html_reads_well(written: tuple[dict[str, Path], str]) -> None:
     assert '<td class="num">0.962</td>' in text and ">0.000<" not in text
     assert "A ring marks the epoch whose checkpoint was kept." in text
     assert "test ECE after" in text and '<td class="num">1.370</td>' in text  # calibration shown
+    # Each ECE beside its own floor, with the sd that says how far from it is still calibrated.
+    assert (
+        "<th>its floor ± sd</th>" in text
+        and "<td>0.071 ± 0.020</td>" in text
+        and "<td>0.062 ± 0.018</td>" in text
+    )
     assert "<th>test accuracy 95% CI</th>" in text and "<td>0.83–0.99</td>" in text
     assert text.count('<div class="table-wrap">') == 5  # scores, calibration, training, trials, failed
     assert len(re.findall(r'<img alt="confusion_matrix_\w+" style="width:360px"', text)) == 3

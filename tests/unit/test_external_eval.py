@@ -249,6 +249,21 @@ def test_cli_errors_are_one_line_and_say_what_to_do(
         assert expected in err and err.count("\n") == 1, (flags, err)
 
 
+def test_a_wrong_data_path_is_told_for_what_it_is(
+    world: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A typo was told to `cxr data ingest RAW` into it, and a split folder to be ingested into as well."""
+    base = ["evaluate", "--checkpoint", str(world["checkpoint"]), "--out", str(tmp_path / "out")]
+    missing = str(tmp_path / "nope")
+    assert main([*base, "--data", missing]) == 2
+    assert f"{missing}: no such folder, so not a finished cxr dataset" in capsys.readouterr().err
+    split = str(Path(world["own"]) / "split=test")
+    assert main([*base, "--data", split]) == 2
+    assert (
+        f"{split} is one split of the dataset {world['own']}: pass {world['own']}" in capsys.readouterr().err
+    )
+
+
 def test_drop_flag_threshold_and_verdict() -> None:
     external = {
         "classes_present": list(CLASSES), "accuracy": 0.80, "accuracy_ci95": [0.7, 0.88], "macro_f1": 0.79,
@@ -364,3 +379,16 @@ def test_a_large_drop_that_sampling_could_make_says_so_and_one_it_could_not_stay
     reference = {"kind": "test", "source": "r", "accuracy": 0.91, "macro_f1": 0.91, "confusion_matrix": many}
     block = compare_with_internal(external, reference, CLASSES, ece=0.1)
     assert block["drop_beyond_sampling"] is True and "Do not rely on it" in block["verdict"]
+
+
+def test_the_report_names_the_sources_too_few_to_score_apart() -> None:
+    """A split of many sources scored per source only where one has MIN_SOURCE_IMAGES: the others were left
+    out without a word, and a reader took the sections shown for the whole split."""
+    from cxrcore.evaluate.evaluation import MIN_SOURCE_IMAGES, _per_source_note
+
+    sources = np.array(["a.org"] * 12 + ["b.org"] * 3 + ["c.org"])
+    assert _per_source_note(sources) == (
+        f"1 source(s) scored apart below (12 images); 2 with fewer than {MIN_SOURCE_IMAGES} images each not "
+        "(4 images: b.org 3, c.org 1)"
+    )
+    assert _per_source_note(np.array(["a.org"] * 3)) is None

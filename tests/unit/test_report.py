@@ -184,6 +184,11 @@ def test_a_class_without_images_shows_no_recall_or_f1_and_the_macro_row_averages
     absent = rows["Lung_Opacity (no images here)"]
     assert absent["support"] == 0 and absent["recall"] is None and absent["f1"] is None
     assert absent["precision"] == 0.0  # both predictions of it were wrong
+    labels, probs = labels[[0, 2, 4]], probs[[0, 2, 4]]  # now no image is called Lung_Opacity either
+    absent = {row["class"]: row for row in metrics_table(classification_metrics(labels, probs))}[
+        "Lung_Opacity (no images here)"
+    ]
+    assert absent["precision"] is None  # no call of it to be right or wrong: a dash, not 0.000
     shown = [rows[name]["f1"] for name in ("COVID", "Normal", "Viral Pneumonia")]
     assert rows["macro"]["f1"] == pytest.approx(np.mean(shown))
 
