@@ -477,8 +477,12 @@ def _run_list(args: argparse.Namespace) -> int:
     if unfinished:
         unfinished = ["", *unfinished, "`cxr models clean` frees those an hour old (killed registrations)"]
     if not versions:
-        empty = f"no versions of {args.name} in {registry.root}" if args.name else f"{registry.root} is empty"
-        print("\n".join([empty, *unfinished]))
+        if args.name:  # a name that matches nothing is a mistake to say, as `ls` says one, not a listing
+            held = sorted({version.name for version in registry.versions()})
+            holds = f"; it holds {', '.join(held)}" if held else ", which is empty"
+            print("\n".join([f"no versions of {args.name} in {registry.root}{holds}", *unfinished]))
+            return 1
+        print("\n".join([f"{registry.root} is empty", *unfinished]))
         return 0
     scores = ("val_accuracy", "val_macro_f1", "val_dice")
     rows = [
