@@ -53,6 +53,7 @@ def classification_metrics(
         "n": n,
         "classes": list(classes),
         "accuracy": float(true_positives.sum() / n),
+        "accuracy_ci95": wilson_interval(int(true_positives.sum()), n),  # what n images can tell apart
         "balanced_accuracy": float(recall[scored].mean()),
         "macro_precision": float(precision[scored].mean()),
         "macro_recall": float(recall[scored].mean()),
@@ -110,6 +111,7 @@ def confusion_scores(
         "n": n,
         "classes": [name for name, kept in zip(classes, scored, strict=True) if kept],
         "accuracy": float(true_positives.sum() / n),
+        "accuracy_ci95": wilson_interval(int(true_positives.sum()), n),  # what n images can tell apart
         "balanced_accuracy": float(recall[scored].mean()),
         "macro_f1": float(f1[scored].mean()),
         "per_class_f1": {name: float(f1[k]) for k, name in enumerate(classes) if scored[k]},

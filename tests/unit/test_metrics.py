@@ -51,6 +51,7 @@ def test_metrics_agree_with_each_other_and_with_sklearn() -> None:
     matrix = np.array(metrics["confusion_matrix"])
     assert matrix.shape == (4, 4) and matrix.sum() == metrics["n"] == 600
     assert metrics["accuracy"] == pytest.approx(np.trace(matrix) / matrix.sum())
+    assert metrics["accuracy_ci95"] == wilson_interval(int(np.trace(matrix)), 600)  # for scripts, as shown
     for k, name in enumerate(CLASSES):
         stats = metrics["per_class"][name]
         assert stats["support"] == matrix[k].sum()
