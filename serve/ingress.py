@@ -386,9 +386,8 @@ class _Routes:
                     received += len(chunk)
                     if received > body_limit:
                         raise self._too_large(received, exact=False)
-        except (
-            ClientDisconnect
-        ):  # the client's choice (a cancelled upload, a dropped network), not a fault here
+        except ClientDisconnect:
+            # The client's choice (a cancelled upload, a dropped network), not a fault here.
             raise ApiError(
                 499,
                 "client_disconnected",
