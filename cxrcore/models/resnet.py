@@ -228,8 +228,14 @@ def resnet50(pretrained: str | Path | None = None, **kwargs: Any) -> nn.Module:
 
 @register_model(_TINY_SPEC)
 def tiny_resnet(pretrained: str | Path | None = None, **kwargs: Any) -> nn.Module:
-    """Tiny ResNet for tests and smoke runs: one basic block per stage, 8–64 channels."""
+    """Tiny ResNet for tests and smoke runs: one basic block per stage, 8–64 channels.
+
+    Its shortcuts downsample by average pooling before their 1×1 convolution (ResNet-D's `avg_down`), not by
+    a 1×1 convolution of stride 2: on AVX-512 CPUs (an AMD EPYC here) torch 2.14's oneDNN crashes the
+    process (SIGSEGV or SIGABRT) computing the weight gradient of an 8→16 1×1 stride-2 channels-last
+    convolution for an odd batch size, as a training set's last batch often is. Wider ones
+    (64→128 in ResNet-18) do not."""
     if pretrained == HUB:
         raise ValueError("tiny_resnet has no hub weights; pass a local weights file or None")
-    model_args = dict(layers=(1, 1, 1, 1), channels=(8, 16, 32, 64), stem_width=8)
+    model_args = dict(layers=(1, 1, 1, 1), channels=(8, 16, 32, 64), stem_width=8, avg_down=True)
     return _create_resnet("resnet18", pretrained=pretrained, **{**model_args, **kwargs})

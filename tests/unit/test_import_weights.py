@@ -19,7 +19,7 @@ def rgb_weights(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     torch.manual_seed(0)
     model = timm.create_model(
         "resnet18", pretrained=False, in_chans=3, num_classes=1000,
-        layers=(1, 1, 1, 1), channels=(8, 16, 32, 64), stem_width=8,
+        layers=(1, 1, 1, 1), channels=(8, 16, 32, 64), stem_width=8, avg_down=True,
     )  # fmt: skip
     state = model.state_dict()
     path = tmp_path / "rgb.pth"
