@@ -115,6 +115,7 @@ def format_scan(scan: LayoutScan, skip_unmapped: bool = False) -> str:
         out.append(f"mask without image: {path}")
     for sheet, names in scan.unmatched_metadata.items():
         out.append(f"{sheet}: {len(names)} rows name no image (e.g. {', '.join(names[:3])})")
+    out += [f"warning: {warning}" for warning in scan.warnings]
     refusal = scan.refusal()
     if refusal and not skip_unmapped:
         out.append(refusal)

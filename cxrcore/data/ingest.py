@@ -32,6 +32,7 @@ from cxrcore.data.layout import (
     decode_image,
     format_paths,
     image_problem,
+    log_warnings,
     mask_problem,
     scan_layout,
 )
@@ -171,6 +172,7 @@ def ingest_dataset(
 
     ok = index["error"] == ""
     if not ok.any():
+        log_warnings(scan.warnings)
         raise LayoutError(_nothing_usable(scan.root, manifest, index))
     rows = index[ok].reset_index(drop=True)
     labels = [manifest[r]["label"] for r in rows["row_id"]]
@@ -235,7 +237,7 @@ def ingest_dataset(
     report = _report(config, scan.root, manifest, index, labels, splits, groups, started)
     report["duplicates"]["across_classes"] = _across_classes(rows, labels, manifest)
     report.update(_source_report(sources, splits, test_sources), labels=_label_report(scan))
-    report["warnings"] = _warnings(report)
+    report["warnings"] = scan.warnings + _warnings(report)
     report["seconds_by_stage"] = {stage: round(seconds, 2) for stage, seconds in timings.items()}
     storage.write_text(filesystem, f"{staging}/{REPORT_NAME}", json.dumps(report, indent=2))
     storage.publish(filesystem, root, marker=REPORT_NAME)
@@ -420,6 +422,7 @@ def scan_ingest_input(config: IngestConfig) -> tuple[LayoutScan, set[str]]:
     scan = scan_layout(config.raw, label_file, config.label_map())
     refusal = scan.refusal()
     if refusal and not config.skip_unmapped:
+        log_warnings(scan.warnings)
         raise LayoutError(refusal)
     return scan, choose_test_sources(config.test_source_names(), scan.sources)
 

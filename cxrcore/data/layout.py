@@ -17,8 +17,9 @@ import logging
 import os
 import re
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -134,6 +135,9 @@ class LayoutScan:
     mask_problems: list[dict[str, str]] = field(default_factory=list)
     """Masks ingest would leave out (undecodable, another shape, no lung or only lung), each with why."""
     duplicate_groups: list[list[str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    """What the scan read otherwise than a user may expect: mask folders not read, a label CSV read as
+    Windows-1252, a metadata workbook without a file name column."""
     checked_files: bool = False
 
     @property
@@ -190,6 +194,7 @@ class LayoutScan:
             "unreadable": self.unreadable,
             "mask_problems": self.mask_problems,
             "duplicate_groups": self.duplicate_groups,
+            "warnings": self.warnings,
         }
 
 
@@ -206,13 +211,44 @@ def scan_layout(
     `label_map` maps the dataset's own labels (or folder names), compared without case, to classes.
     """
     to_class = class_mapper(label_map or {})
-    if label_file is None:
-        scan = _scan_class_folders(_find_dataset_root(Path(root), to_class), to_class)
-    else:
-        scan = _scan_flat_folder(Path(root), label_file, to_class)
-    if not scan.entries:
-        raise LayoutError(scan.refusal() or _nothing_found(scan))
+    warnings: list[str] = []
+    try:
+        with _warnings_kept(warnings):
+            if label_file is None:
+                scan = _scan_class_folders(_find_dataset_root(Path(root), to_class), to_class)
+            else:
+                scan = _scan_flat_folder(Path(root), label_file, to_class)
+        if not scan.entries:
+            raise LayoutError(scan.refusal() or _nothing_found(scan))
+    except BaseException:
+        log_warnings(warnings)  # no report will carry them
+        raise
+    scan.warnings = warnings
     return scan
+
+
+def log_warnings(warnings: Iterable[str]) -> None:
+    """Log a scan's warnings: for a run that stops before the report that would have carried them."""
+    for warning in warnings:
+        log.warning("%s", warning)
+
+
+@contextmanager
+def _warnings_kept(into: list[str]) -> Iterator[None]:
+    """The warnings this module logs while the block runs, kept in `into` rather than logged: the scan's
+    report carries them (`cxr data check`, its --json, ingest_report.json), printed once, with the rest."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        if record.levelno != logging.WARNING:
+            return True
+        into.append(record.getMessage())
+        return False
+
+    log.addFilter(keep)
+    try:
+        yield
+    finally:
+        log.removeFilter(keep)
 
 
 def check_layout(
@@ -546,9 +582,7 @@ def _scan_class(
     folder: Path, label: str, report: ClassReport, scan: LayoutScan, metadata_path: Path | None
 ) -> None:
     images, mask_files = _class_files(folder)
-    masks: dict[str, str] = {}
-    for mask in mask_files:
-        masks.setdefault(mask.key, mask.path)
+    masks = _masks_by_image_key(mask_files, {image.key for image in images})
     urls = _read_metadata(metadata_path) if metadata_path else {}
 
     for image in images:
@@ -578,6 +612,28 @@ def _scan_class(
         report.metadata_unmatched += len(unmatched)
         if unmatched:
             scan.unmatched_metadata[str(metadata_path)] = unmatched
+
+
+_MASK_SUFFIX = re.compile(r"[ _.-]?(lungs?[ _-]?)?mask$")
+"""How a mask's name may end where its image's does not: `CHNCXR_0001_0_mask.png` (the Shenzhen set),
+`a-mask.png`, `a_lung_mask.png`."""
+
+
+def _masks_by_image_key(masks: list[_ImageFile], image_keys: set[str]) -> dict[str, str]:
+    """Each mask's path by the key of the image it pairs with: the same key, or, for a mask whose name adds
+    `_mask` (or the like) to its image's, the key without it, where no mask has that image's name. A mask
+    that pairs with no image keeps its own key: the scan reports it as an orphan."""
+    paired: dict[str, str] = {}
+    renamed = []
+    for mask in masks:
+        stripped = _MASK_SUFFIX.sub("", mask.key)
+        if mask.key not in image_keys and stripped != mask.key and stripped in image_keys:
+            renamed.append((stripped, mask))
+        else:
+            paired.setdefault(mask.key, mask.path)
+    for key, mask in renamed:
+        paired.setdefault(key if key not in paired else mask.key, mask.path)
+    return paired
 
 
 def _scan_flat_folder(root: Path, label_file: LabelFile, to_class: ClassMapper) -> LayoutScan:

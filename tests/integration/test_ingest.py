@@ -198,6 +198,7 @@ def test_another_hospitals_oddities_are_ingested_or_named_and_an_all_bad_folder_
     write_png(root / "COVID/masks/c1.png", lung_mask() // 255)
     write_png(root / "COVID/images/c2.png", xray(5))
     write_png(root / "COVID/masks/c2.png", np.zeros((80, 80), np.uint8))
+    write_png(root / "COVID/infection masks/c1.png", lung_mask(30))  # COVID-QU-Ex's other masks
     out = tmp_path / "dataset"
     report = ingest_dataset(IngestConfig(raw=str(root), out=str(out), size=SIZE))
 
@@ -225,6 +226,8 @@ def test_another_hospitals_oddities_are_ingested_or_named_and_an_all_bad_folder_
         ("n1.png", "Normal"),
     ]
     assert any("under two classes or more" in warning for warning in report["warnings"])
+    assert f"{root / 'COVID'}: masks read from 'masks' only, not from 'infection masks'" in report["warnings"]
+    assert read_report(str(out))["warnings"] == report["warnings"]
 
     # Nothing usable: a clear error naming each file and why, and no dataset.
     for path in (latin1, normal / "scanner.tif"):

@@ -3,6 +3,7 @@ and flat folders with a label file as other hospitals send them, and the label m
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -290,9 +291,7 @@ def test_flat_folder_labelled_by_a_csv(export: tuple[Path, Path]) -> None:
     assert "label 'Tuberculosis' maps to no class (1): img3.png" in (scan.refusal() or "")
 
 
-def test_a_csv_saved_by_excel_in_a_western_locale_is_read(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_a_csv_saved_by_excel_in_a_western_locale_is_read(tmp_path: Path) -> None:
     """Excel's plain "CSV" in a French locale: Windows-1252 text, ';' between the columns."""
     root = tmp_path / "export"
     write_png(root / "café.png", xray(1))
@@ -308,6 +307,18 @@ def test_a_csv_saved_by_excel_in_a_western_locale_is_read(
         "café.png": "Viral Pneumonia",
         "b.png": "Normal",
     }
+    assert scan.warnings == [f"{labels} is not UTF-8: read as Windows-1252 (Excel's CSV in Western locales)"]
+
+
+def test_a_scan_that_stops_logs_its_warnings_as_no_report_will_carry_them(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = tmp_path / "export"
+    write_png(root / "b.png", xray(2))
+    labels = tmp_path / "labels.csv"
+    labels.write_bytes("Fichier;Diagnostic\ncafé.png;Normal\n".encode("cp1252"))
+    with pytest.raises(LayoutError, match=r"café\.png"):
+        scan_layout(root, LabelFile(str(labels), label_column="Diagnostic", file_column="Fichier"))
     assert "not UTF-8: read as Windows-1252" in caplog.text
 
 
@@ -472,6 +483,9 @@ def test_a_raw_folder_given_as_a_dataset_is_told_to_be_ingested_elsewhere(raw: P
         ("p1/a.png", "p1/masks/a.png"),  # a mask folder per patient
         ("p1/images/a.png", "p1/masks/a.png"),
         ("images/p1/a.png", "images/p1/masks/a.jpg"),  # any extension, as in masks/
+        ("images/CHNCXR_0001_0.png", "masks/CHNCXR_0001_0_mask.png"),  # the Shenzhen set's names
+        ("images/a.png", "masks/a-Mask.png"),
+        ("images/p1/a.png", "masks/p1/a_lung_mask.png"),
     ],
 )
 def test_mask_folders_are_told_by_name_at_any_depth_and_never_read_as_images(
@@ -487,6 +501,21 @@ def test_mask_folders_are_told_by_name_at_any_depth_and_never_read_as_images(
     ]
     report = scan.classes["COVID"]
     assert (report.images, report.masks, report.pairs, report.masks_without_image) == (1, 1, 1, 0)
+
+
+def test_a_mask_named_as_its_image_pairs_before_one_named_with_mask_added(tmp_path: Path) -> None:
+    covid = tmp_path / "raw/COVID"
+    write_png(covid / "images/a.png", xray(1))
+    write_png(covid / "images/b_mask.png", xray(2))  # an X-ray whose name ends in _mask
+    for name in ("a.png", "a_mask.png", "b_mask.png"):
+        write_png(covid / "masks" / name, lung_mask())
+    scan = scan_layout(tmp_path / "raw")
+    assert {entry.file: entry.mask_path for entry in scan.entries} == {
+        "a.png": str(covid / "masks/a.png"),
+        "b_mask.png": str(covid / "masks/b_mask.png"),
+    }
+    assert scan.orphan_masks == [str(covid / "masks/a_mask.png")]  # a second mask for a.png
+    assert (scan.classes["COVID"].masks, scan.classes["COVID"].pairs) == (3, 2)
 
 
 def test_covid_qu_ex_lung_masks_are_counted_as_masks_by_check(
@@ -507,8 +536,10 @@ def test_covid_qu_ex_lung_masks_are_counted_as_masks_by_check(
 
 
 def test_of_several_mask_folders_side_by_side_the_lung_masks_are_read_and_the_rest_named(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
+    """The warning is the scan's, in its report (`cxr data check`, its --json, ingest_report.json), not a log
+    line printed as the scan goes."""
     covid = tmp_path / "raw/COVID"
     write_png(covid / "images/a.png", xray(1))
     write_png(covid / "infection masks/a.png", lung_mask(40))
@@ -519,8 +550,13 @@ def test_of_several_mask_folders_side_by_side_the_lung_masks_are_read_and_the_re
         ("a.png", str(covid / "lung masks/a.png"))
     ]
     assert (scan.classes["COVID"].masks, scan.orphan_masks) == (1, [])
-    [warning] = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
-    assert warning == f"{covid}: masks read from 'lung masks' only, not from 'infection masks', 'masks'"
+    warning = f"{covid}: masks read from 'lung masks' only, not from 'infection masks', 'masks'"
+    assert scan.warnings == [warning]
+    assert main(["data", "check", str(tmp_path / "raw"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["warnings"] == [warning]
+    assert main(["data", "check", str(tmp_path / "raw")]) == 0
+    assert f"warning: {warning}" in capsys.readouterr().out.splitlines()
+    assert not [record for record in caplog.records if record.levelname == "WARNING"]
 
 
 UID = "1.2.840.113619.2.55.3"
@@ -613,7 +649,7 @@ def test_metadata_sheets_laid_out_otherwise_still_give_sources(
 
 
 def test_metadata_naming_no_files_is_warned_about_once_and_the_sources_are_unknown(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Metadata only gives sources: a sheet without a file name column is no reason to stop."""
     write_png(tmp_path / "raw/COVID/images/COVID-1.png", xray(1))
@@ -621,10 +657,11 @@ def test_metadata_naming_no_files_is_warned_about_once_and_the_sources_are_unkno
         pd.DataFrame({"note": ["exported 2026-11-30"]}).to_excel(writer, sheet_name="Info", index=False)
         pd.DataFrame({"patient": ["p1"], "age": ["61"]}).to_excel(writer, sheet_name="Patients", index=False)
     assert main(["data", "check", str(tmp_path / "raw")]) == 0
-    assert "sources (images): unknown 1" in capsys.readouterr().out
-    [warning] = [record.getMessage() for record in caplog.records if record.name == "cxrcore.data.layout"]
+    out = capsys.readouterr().out
+    assert "sources (images): unknown 1" in out
+    [warning] = [line for line in out.splitlines() if line.startswith("warning: ")]
     assert warning == (
-        f"{tmp_path / 'raw/COVID.metadata.xlsx'}: no sheet has a file name column (FILE NAME, filename, "
-        "image, path, ...) in its first 10 rows (sheet 'Info': note; sheet 'Patients': patient, age): the "
-        "source of its images is unknown"
+        f"warning: {tmp_path / 'raw/COVID.metadata.xlsx'}: no sheet has a file name column (FILE NAME, "
+        "filename, image, path, ...) in its first 10 rows (sheet 'Info': note; sheet 'Patients': patient, "
+        "age): the source of its images is unknown"
     )
