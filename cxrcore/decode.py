@@ -21,6 +21,7 @@ from cxrcore.data.transforms import (
     decode_gray,
     scale_levels_to_uint8,
     scale_to_uint8,
+    unreadable_jpeg,
 )
 
 __all__ = [
@@ -119,6 +120,8 @@ def decode_upload(data: bytes, content_type: str | None = None, *, window: bool 
             said = f" (declared {declared})" if declared else ""
             raise ImageDecodeError(f"not an image: unrecognised bytes{said}, not a PNG, JPEG or DICOM file")
         fmt = "dicom"
+    if fmt == "jpeg" and (unreadable := unreadable_jpeg(data)):
+        raise UnsupportedImageTypeError(unreadable)
     try:
         return decode_dicom(data, window=window) if fmt == "dicom" else decode_gray(data)
     except (ImageDecodeError, UnsupportedImageTypeError, DecoderUnavailableError):

@@ -39,7 +39,7 @@ def decode_gray(data: bytes) -> np.ndarray:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError(f"image too large: {exc}") from exc
     except UnidentifiedImageError as exc:
-        raise ImageDecodeError("not an image (unrecognised format)") from exc
+        raise ImageDecodeError(unreadable_jpeg(data) or "not an image (unrecognised format)") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageDecodeError(f"corrupt or truncated image: {exc}") from exc
     if _is_16_bit_colour_png(data) and int(gray.max()) - int(gray.min()) < COLOUR_16_MIN_LEVELS:
@@ -49,6 +49,41 @@ def decode_gray(data: bytes) -> np.ndarray:
             "16-bit grayscale (mode I;16), which is read whole"
         )
     return gray
+
+
+_JPEG_FRAMES = {
+    0xC3: "lossless JPEG", 0xC7: "lossless JPEG", 0xCB: "lossless JPEG", 0xCF: "lossless JPEG",
+    0xF7: "JPEG-LS",
+}  # fmt: skip
+"""Start-of-frame markers of the JPEG processes Pillow does not read (it reads 8-bit baseline, extended and
+progressive), by the name a PACS export gives them."""
+
+
+def unreadable_jpeg(data: bytes) -> str | None:
+    """Why a JPEG stream is one Pillow cannot read, from its frame header: lossless, JPEG-LS, or more than
+    8 bits a sample (12-bit extended, as older CR and DX units write). None for any other bytes. A DICOM
+    wrapping such a stream is read (GDCM); the stream on its own is not."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    at = 2
+    while at + 4 < len(data) and data[at] == 0xFF:
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        if marker == 0xDA:  # start of scan: no frame header before it
+            return None
+        if (0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC)) or marker == 0xF7:
+            precision = data[at + 4]
+            kind = _JPEG_FRAMES.get(marker) or (f"{precision}-bit JPEG" if precision > 8 else None)
+            if kind is None:
+                return None
+            return (
+                f"{kind} is not supported as a file of its own (Pillow reads 8-bit JPEG): send it as the "
+                "DICOM it came in, or export a 16-bit PNG"
+            )
+        at += 2 + int.from_bytes(data[at + 2 : at + 4], "big")
+    return None
 
 
 COLOUR_16_MIN_LEVELS = 64

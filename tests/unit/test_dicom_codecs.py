@@ -3,10 +3,13 @@ in a child process that a decoder crash or hang takes down alone."""
 
 from __future__ import annotations
 
+import io
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.uid import (
     JPEG2000,
@@ -161,3 +164,42 @@ def test_a_decoder_that_cannot_start_is_the_machines_fault_not_the_files(
     finally:
         if decoder_process._shared is not None:
             decoder_process._shared.close()
+
+
+@pytest.mark.parametrize(
+    ("dicom", "kind"),
+    [
+        (lambda: compressed_dicom(xray_dicom(12, "MONOCHROME2"), JPEGLosslessSV1), "lossless JPEG"),
+        (lambda: compressed_dicom(xray_dicom(12, "MONOCHROME2"), JPEGLSLossless), "JPEG-LS"),
+        (lambda: Path(get_testdata_file("JPGExtended.dcm")).read_bytes(), "12-bit JPEG"),  # type: ignore[arg-type]
+    ],
+    ids=["lossless", "jpeg-ls", "extended-12-bit"],
+)
+def test_a_jpeg_stream_pillow_cannot_read_is_named_as_unsupported(
+    dicom: Callable[[], bytes], kind: str
+) -> None:
+    """The JPEG stream of a compressed DICOM, saved as a file of its own: an image, not "unrecognised"
+    bytes; the upload is refused as a type (415), and ingest names what it is and what to send."""
+    from pydicom import dcmread
+    from pydicom.encaps import generate_frames
+
+    data = dicom()
+    [stream] = generate_frames(dcmread(io.BytesIO(data)).PixelData, number_of_frames=1)
+    expected = f"{kind} is not supported as a file of its own"
+    with pytest.raises(UnsupportedImageTypeError, match=expected):
+        decode_upload(stream, "image/jpeg")
+    with pytest.raises(ImageDecodeError, match=expected):
+        decode_image(stream, "x.jpg")
+    assert decode_image(data, "x.dcm").ndim == 2  # the DICOM it came in is read
+
+
+def test_an_ordinary_jpeg_is_not_taken_for_an_unsupported_one() -> None:
+    from cxrcore.data.transforms import unreadable_jpeg
+
+    streams = []
+    for progressive in (False, True):
+        buffer = io.BytesIO()
+        Image.fromarray(np.full((40, 40), 7, np.uint8)).save(buffer, "JPEG", progressive=progressive)
+        streams.append(buffer.getvalue())
+    for data in (*streams, b"\xff\xd8\xff", b"\xff\xd8", b"not a jpeg"):
+        assert unreadable_jpeg(data) is None
