@@ -128,6 +128,11 @@ def run_epoch(
     result = EpochResult()
     started = time.perf_counter()
     for batch in _timed(batches, result):
+        if training and result.count and len(batch["image"]) == 1:
+            # A last batch of one image: BatchNorm cannot train on it where a feature map has shrunk to
+            # 1×1 (a ResNet at 32 px raises), and elsewhere it would normalise by one image's statistics.
+            # Training shards hold as many rows on every rank, so each rank leaves its own out alike.
+            continue
         inputs, mask = prepare_batch(
             batch, spec, augmentation if training else None, mask_source, generator, served_masks=served_masks
         )

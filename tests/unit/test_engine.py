@@ -176,3 +176,16 @@ def test_validation_keeps_the_log_probabilities_the_temperature_is_fitted_on() -
     assert fit_temperature(outputs, labels) == pytest.approx(fit_temperature(logits, labels), rel=1e-3)
     clipped = np.log(np.exp(expected.astype(np.float32)) + 1e-12)  # as validation kept them before
     assert fit_temperature(clipped, labels) < 0.8 * fit_temperature(outputs, labels)
+
+
+def test_a_last_training_batch_of_one_image_is_left_out() -> None:
+    """A ResNet at 32 px has 1×1 feature maps in its last stage, where BatchNorm cannot train on one image;
+    evaluation scores every image."""
+    from cxrcore.train.engine import run_epoch
+
+    model = create_model("tiny_resnet", image_size=32)
+    spec = get_input_spec(model)
+    batches = [{key: value[:n] for key, value in _batch(32).items()} for n in (4, 1)]
+    optimizer = torch.optim.AdamW(model.parameters())
+    assert run_epoch(model, batches, spec, optimizer=optimizer).count == 4
+    assert run_epoch(model, batches, spec).count == 5
