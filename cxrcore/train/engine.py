@@ -209,6 +209,8 @@ def recalibrate_batchnorm(
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     norms = [m for m in norms if m.track_running_stats]
+    # Each batch weighs alike in the average, and one image raises where a map has shrunk to 1×1.
+    batches = [batch for batch in batches if len(batch["image"]) > 1] or batches
     if not norms or not batches:
         return 0
     was_training = model.training

@@ -179,9 +179,9 @@ def test_validation_keeps_the_log_probabilities_the_temperature_is_fitted_on() -
 
 
 def test_a_last_training_batch_of_one_image_is_left_out() -> None:
-    """A ResNet at 32 px has 1×1 feature maps in its last stage, where BatchNorm cannot train on one image;
-    evaluation scores every image."""
-    from cxrcore.train.engine import run_epoch
+    """A ResNet at 32 px has 1×1 feature maps in its last stage, where BatchNorm cannot train on one image,
+    nor recompute its statistics from one; evaluation scores every image."""
+    from cxrcore.train.engine import recalibrate_batchnorm, run_epoch
 
     model = create_model("tiny_resnet", image_size=32)
     spec = get_input_spec(model)
@@ -189,3 +189,4 @@ def test_a_last_training_batch_of_one_image_is_left_out() -> None:
     optimizer = torch.optim.AdamW(model.parameters())
     assert run_epoch(model, batches, spec, optimizer=optimizer).count == 4
     assert run_epoch(model, batches, spec).count == 5
+    assert recalibrate_batchnorm(model, batches, spec) == 4
