@@ -159,7 +159,8 @@ class Report:
             "",
             f"Run {self.started}: `{self.settings['command']}`.",
             "",
-            f"Machine: {machine['cores']} CPU cores, torch {machine['torch_threads']} threads, {gpu}; "
+            f"Machine: {machine['cores']} CPU cores ({machine.get('cpu', 'CPU unknown')}, torch's kernels "
+            f"{machine.get('cpu_capability', 'unknown')}), torch {machine['torch_threads']} threads, {gpu}; "
             f"Python {machine['python']}, torch {machine['torch']}, Ray {machine['ray']}; load average "
             f"{machine['load_average']} at the start (other work on the machine makes figures noisy).",
             "",
@@ -292,8 +293,23 @@ def machine_info() -> dict[str, Any]:
         "torch": torch.__version__,
         "ray": ray,
         "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "load_average": load_average(),
     }
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux, else what `platform` knows): the VM behind this
+    machine has changed between runs (an AMD EPYC with AVX-512 since session 38), and the figures with it."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def ray_installed() -> bool:

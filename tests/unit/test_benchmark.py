@@ -39,7 +39,9 @@ from tests.torch_threads import one_torch_thread
 def check_report(data: dict[str, Any], sections: list[str]) -> None:
     """benchmark.json as every reader may rely on it; each ratio is its own row's figure / baseline."""
     assert set(data) == {"started", "machine", "settings", "sections"}
-    assert {"cores", "torch_threads", "gpu", "ray", "torch", "python"} <= set(data["machine"])
+    assert {"cores", "cpu", "cpu_capability", "torch_threads", "gpu", "ray", "torch", "python"} <= set(
+        data["machine"]
+    )
     assert list(data["sections"]) == sections
     for section in data["sections"].values():
         assert section["error"] is None, section["error"]
