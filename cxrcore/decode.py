@@ -120,11 +120,14 @@ def decode_upload(data: bytes, content_type: str | None = None, *, window: bool 
             said = f" (declared {declared})" if declared else ""
             raise ImageDecodeError(f"not an image: unrecognised bytes{said}, not a PNG, JPEG or DICOM file")
         fmt = "dicom"
-    if fmt == "jpeg" and (unreadable := unreadable_jpeg(data)):
-        raise UnsupportedImageTypeError(unreadable)
     try:
         return decode_dicom(data, window=window) if fmt == "dicom" else decode_gray(data)
-    except (ImageDecodeError, UnsupportedImageTypeError, DecoderUnavailableError):
+    except ImageDecodeError as exc:
+        # A JPEG process Pillow does not read (lossless, JPEG-LS, 12-bit) is a kind of file, not a broken one.
+        if fmt == "jpeg" and (unreadable := unreadable_jpeg(data)):
+            raise UnsupportedImageTypeError(unreadable) from exc
+        raise
+    except (UnsupportedImageTypeError, DecoderUnavailableError):
         raise
     except Exception as exc:  # Pillow and pydicom raise many kinds on crafted files; all mean "unreadable"
         raise ImageDecodeError(f"corrupt {fmt.upper()} file: {type(exc).__name__}: {exc}") from exc

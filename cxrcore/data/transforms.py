@@ -41,7 +41,7 @@ def decode_gray(data: bytes) -> np.ndarray:
     except UnidentifiedImageError as exc:
         raise ImageDecodeError(unreadable_jpeg(data) or "not an image (unrecognised format)") from exc
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageDecodeError(f"corrupt or truncated image: {exc}") from exc
+        raise ImageDecodeError(unreadable_jpeg(data) or f"corrupt or truncated image: {exc}") from exc
     if _is_16_bit_colour_png(data) and int(gray.max()) - int(gray.min()) < COLOUR_16_MIN_LEVELS:
         raise ImageDecodeError(
             f"16-bit colour PNG whose values lie in its low bits: Pillow reads the top 8 bits of "
