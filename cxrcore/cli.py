@@ -71,6 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cxr: error: {exc}", file=sys.stderr)
         return 2
     except Interrupted as exc:
+        _disconnect_ray()  # the line that ends the run is the last one printed
         print(f"cxr: interrupted: {exc}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `cxr ... | head`
@@ -85,6 +86,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+
+
+def _disconnect_ray() -> None:
+    """Disconnect from Ray now, as the exit would (a local cluster stops), rather than after the last
+    message: a trial's epoch line still on its way from the workers would otherwise print after it."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 _DECODER_UNAVAILABLE = re.compile(r"^cxrcore\.data\.transforms\.DecoderUnavailableError: (.+)$", re.MULTILINE)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -77,12 +78,24 @@ def test_an_interrupted_run_exits_130_saying_what_it_kept(
     def interrupted(args: object) -> int:
         raise Interrupted("nothing was registered; run the same command again to resume")
 
+    class Ray:
+        """Ray as the run left it connected; its workers' lines print until it is shut down."""
+
+        connected = True
+
+        def is_initialized(self) -> bool:
+            return self.connected
+
+        def shutdown(self) -> None:
+            print("a trial's last epoch line")
+            self.connected = False
+
     monkeypatch.setattr(cli, "_run_check", interrupted)
+    monkeypatch.setitem(sys.modules, "ray", Ray())
     assert main(["data", "check", "anywhere"]) == 130
-    assert (
-        capsys.readouterr().err
-        == "cxr: interrupted: nothing was registered; run the same command again to resume\n"
-    )
+    out = capsys.readouterr()
+    assert out.out == "a trial's last epoch line\n"  # before the message, which is the last line
+    assert out.err == "cxr: interrupted: nothing was registered; run the same command again to resume\n"
 
 
 def test_an_ingest_whose_dicom_decoder_could_not_start_is_one_line_not_a_ray_traceback(
