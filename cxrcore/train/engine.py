@@ -32,6 +32,10 @@ class EpochResult:
     """What one pass over the data produced (per rank; the loop combines ranks)."""
 
     loss_sum: float = 0.0
+    """each batch's mean loss times its weight (`loss_weight`'s share of that batch)."""
+    loss_weight: float = 0.0
+    """images counted by their class's loss weight (every image 1 without class weights): the epoch's loss is
+    loss_sum / loss_weight, the weighted mean over every image, as one batch of all of them would give."""
     count: int = 0
     correct: int = 0
     seconds: float = 0.0
@@ -159,7 +163,13 @@ def run_epoch(
             if scheduler is not None:
                 scheduler.step()
         n = inputs.shape[0]
-        result.loss_sum += float(loss.detach()) * n
+        # cross_entropy's weighted mean divides by the batch's summed weights, which differ from batch to
+        # batch: weigh each batch by them, or a batch of a rare class would count for less than its images.
+        # A batch whose classes all weigh 0 (absent from training) has a loss of 0/0: it counts for nothing.
+        weight = float(weights[labels].sum()) if spec.task != "segment" and weights is not None else float(n)
+        if weight > 0:
+            result.loss_sum += float(loss.detach()) * weight
+            result.loss_weight += weight
         result.count += n
         if spec.task == "segment":
             if keep_outputs:
@@ -255,7 +265,7 @@ def combine(results: list[EpochResult]) -> dict[str, Any]:
     all ranks' results."""
     count = sum(r.count for r in results)
     summary: dict[str, Any] = {
-        "loss": sum(r.loss_sum for r in results) / max(count, 1),
+        "loss": sum(r.loss_sum for r in results) / max(sum(r.loss_weight for r in results), 1e-12),
         "accuracy": sum(r.correct for r in results) / max(count, 1),
         "count": count,
         "images_per_s": count / max(max(r.seconds for r in results), 1e-9),

@@ -190,3 +190,39 @@ def test_a_last_training_batch_of_one_image_is_left_out() -> None:
     assert run_epoch(model, batches, spec, optimizer=optimizer).count == 4
     assert run_epoch(model, batches, spec).count == 5
     assert recalibrate_batchnorm(model, batches, spec) == 4
+
+
+def test_a_class_weighted_loss_over_an_epoch_is_the_weighted_mean_over_every_image() -> None:
+    """cross_entropy's weighted mean divides by each batch's own summed weights: averaged by image count,
+    a batch of rare-class images (weight 3) counted as much as a batch of common ones, and the epoch's
+    val_loss (the tie-break between checkpoints and trials) depended on how the split fell into batches."""
+    from cxrcore.train.engine import class_weights, combine, run_epoch
+
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0] * 9 + [1] * 3 + [2] * 3 + [3] * 3)  # one batch of the common class first
+    logits = torch.randn(len(labels), 4, generator=generator) * 3
+    weights = class_weights([9, 3, 3, 3])
+
+    class Replay(torch.nn.Module):
+        served = 0
+
+        def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+            start, self.served = self.served, self.served + len(inputs)
+            return logits[start : self.served]
+
+    spec = get_input_spec(create_model("tiny_cnn_lstm", image_size=32))
+    batches = [
+        {
+            "image": torch.zeros((len(part), 32, 32), dtype=torch.uint8),
+            "mask": torch.zeros((len(part), 32, 32), dtype=torch.uint8),
+            "has_mask": torch.zeros(len(part), dtype=torch.bool),
+            "label_index": part,
+        }
+        for part in labels.split([9, 9])
+    ]
+    whole = torch.nn.functional.cross_entropy(logits, labels, weight=weights)
+    assert combine([run_epoch(Replay(), batches, spec, loss_weights=weights)])["loss"] == pytest.approx(
+        float(whole), rel=1e-5
+    )
+    unweighted = torch.nn.functional.cross_entropy(logits, labels)
+    assert combine([run_epoch(Replay(), batches, spec)])["loss"] == pytest.approx(float(unweighted), rel=1e-5)
