@@ -101,27 +101,85 @@ def dataset_relation(data: str, card: ModelCard) -> DatasetRelation:
 
 
 def training_overlap(card: ModelCard, data: str, split: str) -> dict[str, Any]:
-    """How many evaluated images are pixel-exact copies of images in the model's own dataset, per split.
+    """How many evaluated images are copies of images in the model's own dataset, per split of it.
 
-    Ingest hashes the decoded pixels before resizing, so the check holds across base sizes, splits and
-    file names. A copy in train or val means the external figures are not external for that image.
+    A copy is pixel-exact (ingest hashes the decoded pixels before resizing, so this holds across base
+    sizes, splits and file names) or near: within the perceptual-hash distance ingest keeps in one split
+    (`near_duplicate_bits` of the model's dataset), which finds the same X-ray re-encoded as a JPEG,
+    resized, re-windowed or exported by another viewer. Public sets share images that way: the Kaggle
+    database took its Viral Pneumonia images and part of its Normal ones from the pediatric (Kermany) set,
+    which ships them as JPEG. A copy in train or val means the external figures are not external for it.
     """
-    from cxrcore.data.ingest import read_table
+    from cxrcore.data.ingest import read_report, read_table
 
     source = card.data.get("dataset")
     if not source:
         return {"checked": False, "reason": "the model's card names no training dataset"}
     try:
-        own = read_table(str(source), ["sha256", "split"]).to_pandas()
-        rows = read_table(data, ["sha256"], split=None if split == "all" else split)
+        own = _hashes(read_table, str(source), None)
+        rows = _hashes(read_table, data, None if split == "all" else split)
+        bits = int(read_report(str(source)).get("config", {}).get("near_duplicate_bits", NEAR_DUPLICATE_BITS))
     except (OSError, ValueError) as exc:  # missing here (trained elsewhere), unreadable, no sha256
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return {"checked": False, "dataset": source, "reason": f"cannot read it here: {reason}"}
-    evaluated = set(rows["sha256"].to_pylist())
-    counts = {
-        name: len(evaluated & set(own["sha256"][own["split"] == name])) for name in ("train", "val", "test")
+    exact, near = _copies(own, rows, bits)
+    counts = {name: int((exact[name] | near[name]).sum()) for name in ("train", "val", "test")}
+    copied = np.logical_or.reduce([exact[name] | near[name] for name in counts])
+    pixel_exact = np.logical_or.reduce([exact[name] for name in counts])
+    return {
+        "checked": True,
+        "dataset": source,
+        "in_split": counts,
+        "total": int(copied.sum()),
+        "pixel_exact": int(pixel_exact.sum()),
+        "near": int((copied & ~pixel_exact).sum()),
+        "near_duplicate_bits": bits if "phash" in own and "phash" in rows else None,
     }
-    return {"checked": True, "dataset": source, "in_split": counts, "total": sum(counts.values())}
+
+
+NEAR_DUPLICATE_BITS = 12
+"""IngestConfig's default, for a dataset whose report does not record its own."""
+
+
+def _hashes(read_table: Any, dataset: str, split: str | None) -> dict[str, np.ndarray]:
+    """sha256, phash (where the dataset has it: every dataset ingest writes) and split of each row."""
+    columns = ["sha256", "phash", "split"] if split is None else ["sha256", "phash"]
+    try:
+        table = read_table(dataset, columns, split=split)
+    except ValueError:  # written without perceptual hashes (hand-made datasets): pixel-exact copies only
+        table = read_table(dataset, [c for c in columns if c != "phash"], split=split)
+    return {name: np.asarray(table[name].to_pylist()) for name in table.column_names}
+
+
+def _copies(
+    own: dict[str, np.ndarray], rows: dict[str, np.ndarray], bits: int
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Per split of the model's dataset, which evaluated rows copy one of its images: (exact, near).
+
+    Near pairs are found as ingest groups duplicates (banded LSH over both datasets), and each kept only
+    when the row lies within `bits` of an image of that split itself, not through a chain of other
+    evaluated images that are alike."""
+    from cxrcore.data.split import duplicate_groups
+    from cxrcore.data.transforms import hash_words
+
+    n = len(rows["sha256"])
+    exact = {
+        name: np.isin(rows["sha256"], own["sha256"][own["split"] == name])
+        for name in ("train", "val", "test")
+    }
+    near = {name: np.zeros(n, dtype=bool) for name in exact}
+    if bits <= 0 or "phash" not in own or "phash" not in rows or not n or not len(own["sha256"]):
+        return exact, near
+    words = hash_words([*own["phash"], *rows["phash"]])
+    groups = np.asarray(duplicate_groups([*own["sha256"], *rows["sha256"]], words, bits))
+    own_groups, row_groups = groups[: len(own["sha256"])], groups[len(own["sha256"]) :]
+    own_words, row_words = words[: len(own_groups)], words[len(own_groups) :]
+    for row in np.flatnonzero(np.isin(row_groups, own_groups)):
+        members = np.flatnonzero(own_groups == row_groups[row])
+        close = members[np.bitwise_count(own_words[members] ^ row_words[row]).sum(axis=1) <= bits]
+        for name in near:
+            near[name][row] = bool((own["split"][close] == name).any())
+    return exact, near
 
 
 def external_block(
@@ -322,8 +380,9 @@ def _caveats(external: Mapping[str, Any]) -> list[str]:
     seen = overlap.get("in_split", {})
     if seen.get("train") or seen.get("val"):
         copies = seen.get("train", 0) + seen.get("val", 0)
+        kind = "copies" if overlap.get("near_duplicate_bits") is not None else "pixel-exact copies"
         sentences.append(
-            "Not a clean external validation: the model was trained or validated on pixel-exact copies of "
+            f"Not a clean external validation: the model was trained or validated on {kind} of "
             f"{copies} of these {external['n']} images."
         )
     return sentences

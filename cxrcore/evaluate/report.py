@@ -449,9 +449,20 @@ def external_sections(external: Mapping[str, Any], comparison: Mapping[str, Any]
         overlap_text = f"not checked: {overlap.get('reason')}"
     elif overlap["total"]:
         counts = ", ".join(f"{count} in {split}" for split, count in overlap["in_split"].items() if count)
-        overlap_text = f"{counts} of the model's dataset {overlap['dataset']} (pixel-exact copies)"
+        named = (("pixel_exact", "pixel-exact"), ("near", "near"))
+        kinds = [f"{overlap[kind]} {name}" for kind, name in named if overlap.get(kind)]
+        near = overlap.get("near_duplicate_bits") is not None
+        what = f"copies: {', '.join(kinds)}" if near else "pixel-exact copies"
+        overlap_text = f"{counts} of the model's dataset {overlap['dataset']} ({what})"
+    elif overlap.get("near_duplicate_bits") is not None:
+        overlap_text = (
+            f"none of these images, nor a near copy of one (within {overlap['near_duplicate_bits']} bits of "
+            f"perceptual hash), is in the model's dataset {overlap['dataset']}"
+        )
     else:
-        overlap_text = f"none of these images is in the model's dataset {overlap['dataset']}"
+        overlap_text = (
+            f"none of these images is in the model's dataset {overlap['dataset']} (pixel-exact check)"
+        )
     trained_on = external["trained_on"]
     point = external["operating_point"]
     facts = [

@@ -17,12 +17,14 @@ import torch
 from cxrcore.checkpoint import ModelCard, save_checkpoint
 from cxrcore.cli import main
 from cxrcore.config import ConfigError, EvaluateConfig
+from cxrcore.data.transforms import perceptual_hash
 from cxrcore.evaluate.evaluation import resolve_model
 from cxrcore.evaluate.external import (
     LARGE_DROP,
     DatasetRelation,
     compare_with_internal,
     internal_reference,
+    training_overlap,
 )
 from cxrcore.inference import Predictor
 from cxrcore.labels import CLASSES
@@ -43,14 +45,17 @@ def write_dataset(
     sources: list[str] | None = None,
     test_sources: list[str] | None = None,
     size: int = SIZE,
+    images: list[np.ndarray] | None = None,
 ) -> str:
     """A finished dataset as ingest writes it: hive split folders of Parquet and ingest_report.json.
 
     rows are (class, split, image seed); the same seed gives the same pixels, hence the same sha256.
     sources names each row's source ("site" for all by default); test_sources goes into the report, as
-    `--test-sources` puts it there.
+    `--test-sources` puts it there. `images` replaces the seeds' pixels, and adds ingest's perceptual hashes.
     """
-    images = [xray(seed, size=size) for _, _, seed in rows]
+    hashed = images is not None
+    images = images if images is not None else [xray(seed, size=size) for _, _, seed in rows]
+    phash = {"phash": [perceptual_hash(image) for image in images]} if hashed else {}
     table = pa.table(
         {
             "image": [image.ravel() for image in images],
@@ -61,6 +66,7 @@ def write_dataset(
             "source": sources or ["site"] * len(rows),
             "file": [f"{i}.png" for i in range(len(rows))],
             "sha256": [hashlib.sha256(image.tobytes()).hexdigest() for image in images],
+            **phash,
             "split": [split for _, split, _ in rows],
         }
     )
@@ -392,3 +398,36 @@ def test_the_report_names_the_sources_too_few_to_score_apart() -> None:
         "(4 images: b.org 3, c.org 1)"
     )
     assert _per_source_note(np.array(["a.org"] * 3)) is None
+
+
+def test_a_film_re_encoded_as_jpeg_counts_as_a_copy_of_the_training_image_it_is(tmp_path: Path) -> None:
+    """Public sets share films re-encoded (the Kaggle database's Viral Pneumonia images are the pediatric
+    set's JPEGs): a check by pixel hash alone called such an external set clean."""
+    import io
+
+    from PIL import Image
+
+    def jpeg(image: np.ndarray) -> np.ndarray:
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="JPEG", quality=90)
+        return np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("L"))
+
+    films = [xray(seed, size=SIZE) for seed in range(8)]
+    own_rows = [
+        ("Normal", split, seed) for seed, split in enumerate(["train"] * 4 + ["val", "val", "test", "test"])
+    ]
+    own = write_dataset(tmp_path / "own", own_rows, "own", images=films)
+    # A train film and a val film as JPEGs, a train film pixel for pixel, and two films the model never saw.
+    copies = [jpeg(films[0]), jpeg(films[4]), films[1], xray(100, size=SIZE), xray(101, size=SIZE)]
+    assert not any(np.array_equal(copies[i], films[j]) for i, j in ((0, 0), (1, 4)))
+    rows = [("Normal", "test", seed) for seed in range(len(copies))]
+    external = write_dataset(tmp_path / "external", rows, "elsewhere", images=copies)
+    card = ModelCard(model={}, input_spec={}, data={"dataset": own, "fingerprint": "own"})
+
+    overlap = training_overlap(card, external, "all")
+    assert overlap["in_split"] == {"train": 2, "val": 1, "test": 0}
+    assert (overlap["total"], overlap["pixel_exact"], overlap["near"]) == (3, 1, 2)
+    assert overlap["near_duplicate_bits"] == 12  # IngestConfig's default: the report here records none
+    # Datasets without perceptual hashes are still checked, pixel for pixel.
+    plain = write_dataset(tmp_path / "plain", rows, "elsewhere")
+    assert training_overlap(card, plain, "all")["near_duplicate_bits"] is None
