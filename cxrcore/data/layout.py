@@ -473,11 +473,16 @@ def _file_stem(name: str) -> str:
     return stem if suffix.lower() in IMAGE_SUFFIXES else name
 
 
+_MASK_WORDS = frozenset({"mask", "masks", "lungmask", "lungmasks", "segmask", "segmasks"})
+
+
 def _is_mask_folder(name: str) -> bool:
     """A folder of masks, however a dataset names it: `masks` (the Kaggle database), `lung masks`
-    (COVID-QU-Ex, by the same authors), `mask`, `Masks`, `lung_masks`. Its files are never X-rays, at any
-    depth."""
-    return "mask" in name.casefold()
+    (COVID-QU-Ex, by the same authors), `mask`, `Masks`, `lung_masks`, `LungMasks`. Its files are never
+    X-rays, at any depth. A word of its name, not a part of one: `DAMASKE^HANS`, a patient folder as a
+    PACS export names it, holds X-rays."""
+    words = re.findall(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+", name)
+    return any(word.casefold() in _MASK_WORDS for word in words)
 
 
 def _is_class_subfolder(name: str) -> bool:

@@ -503,6 +503,26 @@ def test_mask_folders_are_told_by_name_at_any_depth_and_never_read_as_images(
     assert (report.images, report.masks, report.pairs, report.masks_without_image) == (1, 1, 1, 0)
 
 
+@pytest.mark.parametrize("folder", ["lung masks", "Lung_Masks", "LungMasks", "MASK", "segmentation-masks"])
+def test_a_mask_folder_is_told_by_a_word_of_its_name(tmp_path: Path, folder: str) -> None:
+    write_png(tmp_path / "raw/COVID/images/a.png", xray(1))
+    write_png(tmp_path / "raw/COVID" / folder / "a.png", lung_mask())
+    scan = scan_layout(tmp_path / "raw")
+    assert [(entry.file, entry.mask_path) for entry in scan.entries] == [
+        ("a.png", str(tmp_path / "raw/COVID" / folder / "a.png"))
+    ]
+
+
+def test_patient_folders_whose_names_hold_mask_keep_their_x_rays(tmp_path: Path) -> None:
+    """PACS exports name patient folders `FAMILY^GIVEN`: `DAMASKE^HANS` holds X-rays, not masks."""
+    normal = tmp_path / "raw/Normal"
+    for i, patient in enumerate(["DAMASKE^HANS", "TOMASKOVA^JANA", "SMITH^ANN"]):
+        write_png(normal / patient / "study1" / "IM0001.png", xray(i))
+    scan = scan_layout(tmp_path / "raw")
+    assert scan.classes["Normal"].images == 3 and scan.classes["Normal"].masks_without_image == 0
+    assert not scan.warnings and not scan.orphan_masks
+
+
 def test_a_mask_named_as_its_image_pairs_before_one_named_with_mask_added(tmp_path: Path) -> None:
     covid = tmp_path / "raw/COVID"
     write_png(covid / "images/a.png", xray(1))
