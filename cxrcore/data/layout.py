@@ -205,7 +205,8 @@ def scan_layout(
 ) -> LayoutScan:
     """Scan a raw dataset folder without decoding any image.
 
-    Without a label file, `root` holds class folders (or is a parent holding exactly one folder of them):
+    Without a label file, `root` holds class folders (or wraps exactly one folder of them, up to three levels
+    down):
     spelled with spaces, underscores or another case, images in `<Class>/images/` or directly in
     `<Class>/`, masks in `<Class>/masks/` paired by file stem. With one, `root` is a flat folder of images.
     `label_map` maps the dataset's own labels (or folder names), compared without case, to classes.
@@ -387,19 +388,41 @@ def format_paths(paths: Iterable[str], root: str, limit: int = LISTED) -> str:
     return ", ".join(shown) + more
 
 
+_ROOT_DEPTH = 3
+"""Folders below RAW searched for the one holding the class folders: archives wrap a dataset in one or two
+(`chest_xray/train/NORMAL`, as the pediatric set unpacks)."""
+_ROOT_WIDTH = 200
+"""More folders than this at one depth are a patient tree, not wrappers: the search stops there."""
+
+
 def _find_dataset_root(root: Path, to_class: ClassMapper) -> Path:
+    """RAW, or the one folder below it (up to _ROOT_DEPTH levels) that holds class folders; several such
+    folders (a dataset's own train/test/val) are refused, naming them."""
     if not root.is_dir():
         raise LayoutError(f"{root} is not a folder")
-    children = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    if any(to_class(p.name) for p in children):
-        return root
-    candidates = [p for p in children if any(to_class(c.name) for c in p.iterdir() if c.is_dir())]
-    if len(candidates) == 1:
-        return candidates[0]
-    if len(candidates) > 1:
-        names = ", ".join(sorted(p.name for p in candidates))
-        raise LayoutError(f"{root} holds several datasets ({names}); point at one of them")
+    level = [root]
+    for _ in range(_ROOT_DEPTH + 1):
+        holding = [folder for folder in level if any(to_class(child.name) for child in _folders(folder))]
+        if len(holding) == 1:
+            return holding[0]
+        if len(holding) > 1:
+            names = ", ".join(sorted(folder.relative_to(root).as_posix() for folder in holding))
+            raise LayoutError(f"{root} holds several datasets ({names}); point at one of them")
+        level = [child for folder in level for child in _folders(folder)]
+        if not level or len(level) > _ROOT_WIDTH:
+            break
     return root
+
+
+def _folders(folder: Path) -> list[Path]:
+    """A folder's sub-folders but hidden ones, and never mask folders or `images/`: they hold no classes."""
+    try:
+        children = list(folder.iterdir())
+    except OSError:
+        return []
+    return [
+        p for p in children if p.is_dir() and not p.name.startswith(".") and not _is_class_subfolder(p.name)
+    ]
 
 
 def _scan_class_folders(base: Path, to_class: ClassMapper) -> LayoutScan:
@@ -411,7 +434,7 @@ def _scan_class_folders(base: Path, to_class: ClassMapper) -> LayoutScan:
             _note_unknown_folder(folder, scan)
             continue
         report = scan.classes.setdefault(label, ClassReport())
-        _scan_class(folder, label, report, scan, metadata_files.get(label))
+        _scan_class(folder, label, report, scan, metadata_files.get(label), to_class)
     return scan
 
 
@@ -584,9 +607,15 @@ def _subfolder(folder: Path, name: str) -> Path | None:
 
 
 def _scan_class(
-    folder: Path, label: str, report: ClassReport, scan: LayoutScan, metadata_path: Path | None
+    folder: Path,
+    label: str,
+    report: ClassReport,
+    scan: LayoutScan,
+    metadata_path: Path | None,
+    to_class: ClassMapper,
 ) -> None:
     images, mask_files = _class_files(folder)
+    _refuse_nested_classes(folder, label, images, to_class)
     masks = _masks_by_image_key(mask_files, {image.key for image in images})
     urls = _read_metadata(metadata_path) if metadata_path else {}
 
@@ -617,6 +646,27 @@ def _scan_class(
         report.metadata_unmatched += len(unmatched)
         if unmatched:
             scan.unmatched_metadata[str(metadata_path)] = unmatched
+
+
+def _refuse_nested_classes(folder: Path, label: str, images: list[_ImageFile], to_class: ClassMapper) -> None:
+    """Stop where a folder below a class folder is named as another class: its images would all be
+    labelled `label`. It happens when RAW wraps a dataset's splits, `chest_xray/{train,test}/{NORMAL,
+    PNEUMONIA}`, and `chest_xray` is mapped to a class to get past "maps to no class"."""
+    nested: dict[str, str] = {}
+    for parent in sorted({PurePosixPath(image.relative).parent for image in images}):
+        for depth in range(1, len(parent.parts) + 1):
+            name = parent.parts[depth - 1]
+            other = None if name.casefold() == "images" else to_class(name)
+            if other is not None and other != label:
+                nested.setdefault(PurePosixPath(*parent.parts[:depth]).as_posix(), other)
+                break
+    if nested:
+        named = format_paths([f"{path}/ ({other})" for path, other in nested.items()], "")
+        raise LayoutError(
+            f"{folder}, read as class {label}, holds folders named as other classes: {named}; each image "
+            f"below it would be labelled {label}. Point RAW at the folder that holds the class folders "
+            "(one split of a dataset that has several), or rename those folders"
+        )
 
 
 _MASK_SUFFIX = re.compile(r"[ _.-]?(lungs?[ _-]?)?mask$")

@@ -685,3 +685,36 @@ def test_metadata_naming_no_files_is_warned_about_once_and_the_sources_are_unkno
         "filename, image, path, ...) in its first 10 rows (sheet 'Info': note; sheet 'Patients': patient, "
         "age): the source of its images is unknown"
     )
+
+
+def _pediatric_set(root: Path) -> None:
+    """The pediatric (Kermany) set as it unpacks: `chest_xray/{train,test,val}/{NORMAL,PNEUMONIA}`."""
+    for i, split in enumerate(["train", "test", "val"]):
+        write_png(root / "chest_xray" / split / "NORMAL" / f"n{i}.png", xray(i))
+        write_png(root / "chest_xray" / split / "PNEUMONIA" / f"p{i}.png", xray(10 + i))
+
+
+def test_a_dataset_wrapped_twice_is_found_and_its_splits_are_named(tmp_path: Path) -> None:
+    _pediatric_set(tmp_path / "kermany")
+    with pytest.raises(
+        LayoutError, match=r"several datasets \(chest_xray/test, chest_xray/train, chest_xray/val\)"
+    ):
+        scan_layout(tmp_path / "kermany", label_map={"PNEUMONIA": "Viral Pneumonia"})
+    write_png(tmp_path / "zip/download/data/COVID/a.png", xray(1))
+    write_png(tmp_path / "zip/download/data/Normal/b.png", xray(2))
+    scan = scan_layout(tmp_path / "zip")
+    assert scan.root == str(tmp_path / "zip/download/data") and scan.classes["COVID"].images == 1
+
+
+def test_a_folder_mapped_to_a_class_that_holds_other_classes_is_refused(tmp_path: Path) -> None:
+    """Mapping the wrapper `chest_xray` to Normal labelled every pneumonia film below it Normal."""
+    _pediatric_set(tmp_path / "kermany")
+    with pytest.raises(LayoutError) as refused:
+        scan_layout(tmp_path / "kermany", label_map={"chest_xray": "Normal", "PNEUMONIA": "Viral Pneumonia"})
+    message = str(refused.value)
+    assert "read as class Normal" in message and "train/PNEUMONIA/ (Viral Pneumonia)" in message
+    assert "NORMAL/ (" not in message  # a folder of its own class is only a folder
+    # A folder named as its own class, as a zip doubles it, is harmless.
+    write_png(tmp_path / "raw/COVID/COVID/a.png", xray(1))
+    write_png(tmp_path / "raw/Normal/b.png", xray(2))
+    assert scan_layout(tmp_path / "raw").classes["COVID"].images == 1
