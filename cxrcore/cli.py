@@ -660,9 +660,16 @@ def _post_file(client: Any, endpoint: str, name: str) -> tuple[int | None, Any]:
     """(HTTP status, the answer's JSON) for one file; for no answer or an error, (status or None, why)."""
     import httpx
 
+    from cxrcore.decode import ImageDecodeError, upload_bytes
+
     try:
         with open(name, "rb") as file:
-            response = client.post(endpoint, files={"file": (os.path.basename(name), file)})
+            data, content_type = upload_bytes(file.read())  # a TIFF or BMP as the PNG of its pixels
+        filename = os.path.basename(name)
+        upload = (filename, data) if content_type is None else (f"{filename}.png", data, content_type)
+        response = client.post(endpoint, files={"file": upload})
+    except ImageDecodeError as exc:
+        return None, f"not sent: {exc}"
     except (OSError, httpx.HTTPError) as exc:
         return None, f"{type(exc).__name__}: {exc}"
     try:

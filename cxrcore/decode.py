@@ -34,6 +34,7 @@ __all__ = [
     "decode_upload",
     "pixel_decoder",
     "sniff_format",
+    "upload_bytes",
 ]
 
 SUPPORTED_TYPES: dict[str, str] = {
@@ -82,6 +83,32 @@ def _luma(pixels: np.ndarray) -> np.ndarray:
     return out
 
 
+_INGEST_ONLY = frozenset({"BMP", "TIFF"})
+"""Formats ingest reads (a dataset may be TIFF) that the API refuses, to keep libtiff's and the BMP
+decoder's attack surface off the server: a client sends them as PNG (`upload_bytes`)."""
+
+
+def upload_bytes(data: bytes) -> tuple[bytes, str | None]:
+    """The bytes to POST for a file, and their content type: the file itself (None: the type its name
+    says), or for a format ingest reads but the API does not (TIFF, BMP), the 8-bit grayscale PNG of what
+    ingest decodes from it. The server decodes that PNG to the same
+    pixels, so the file is scored as `cxr evaluate` scored it. Raises ImageDecodeError for such a file
+    that cannot be read."""
+    kind = next((name for sig, at, name in _OTHER_SIGNATURES if data[at : at + len(sig)] == sig), None)
+    if kind not in _INGEST_ONLY:
+        return data, None
+    from PIL import Image
+
+    try:
+        gray = decode_gray(data)
+    except Exception as exc:  # Pillow raises many kinds on crafted files
+        why = str(exc) if isinstance(exc, ImageDecodeError) else f"{type(exc).__name__}: {exc}"
+        raise ImageDecodeError(f"unreadable {kind} file: {why}") from exc
+    buffer = io.BytesIO()
+    Image.fromarray(gray).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue(), "image/png"
+
+
 class UnsupportedImageTypeError(ValueError):
     """The upload is a kind of file this service does not read (HTTP 415, unlike a broken image's 400)."""
 
@@ -111,7 +138,10 @@ def decode_upload(data: bytes, content_type: str | None = None, *, window: bool 
     if fmt is None:
         for signature, offset, name in _OTHER_SIGNATURES:
             if data[offset : offset + len(signature)] == signature:
-                raise UnsupportedImageTypeError(f"{name} files are not supported; send PNG, JPEG or DICOM")
+                convert = " (`cxr predict` converts it)" if name in _INGEST_ONLY else ""
+                raise UnsupportedImageTypeError(
+                    f"{name} files are not supported; send PNG, JPEG or DICOM{convert}"
+                )
         if declared not in SUPPORTED_TYPES and declared not in _GENERIC_TYPES:
             raise UnsupportedImageTypeError(
                 f"unsupported content type {declared!r}; send {', '.join(sorted(SUPPORTED_TYPES))}"
@@ -177,7 +207,11 @@ def decode_dicom(data: bytes, *, window: bool = True) -> np.ndarray:
     # Per stored level, not per pixel, with the same bytes: a 3000×2500 12-bit X-ray with rescale and window
     # took 309-324 ms of CPU per pixel, 38 ms per level (without a window 103-108 ms, 34 ms).
     image = scale_levels_to_uint8(pixels, display)
-    if photometric == "MONOCHROME1":  # 0 is white
+    # MONOCHROME1: 0 is white. A MONOCHROME2 image is shown inverted too where its Presentation LUT Shape
+    # says INVERSE (some CR units write it so); on MONOCHROME1, which DX requires to say INVERSE, the two
+    # state one inversion, not two.
+    inverse = str(ds.get("PresentationLUTShape", "") or "").strip().upper() == "INVERSE"
+    if photometric == "MONOCHROME1" or (photometric == "MONOCHROME2" and inverse):
         image = 255 - image
     return image
 

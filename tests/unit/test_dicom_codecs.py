@@ -203,3 +203,28 @@ def test_an_ordinary_jpeg_is_not_taken_for_an_unsupported_one() -> None:
         streams.append(buffer.getvalue())
     for data in (*streams, b"\xff\xd8\xff", b"\xff\xd8", b"not a jpeg"):
         assert unreadable_jpeg(data) is None
+
+
+def test_presentation_lut_shape_inverse_inverts_a_monochrome2_image_once_and_a_monochrome1_not_twice() -> (
+    None
+):
+    """Some CR units write MONOCHROME2 with Presentation LUT Shape INVERSE: a viewer shows it inverted. DX
+    requires INVERSE on every MONOCHROME1 image: one inversion, stated twice."""
+    from pydicom import dcmread
+    from pydicom.filebase import DicomBytesIO
+
+    def with_shape(data: bytes, shape: str) -> bytes:
+        ds = dcmread(DicomBytesIO(data))
+        ds.PresentationLUTShape = shape
+        out = DicomBytesIO()
+        ds.save_as(out, enforce_file_format=True)
+        return out.getvalue()
+
+    for photometric in ("MONOCHROME1", "MONOCHROME2"):
+        plain = xray_dicom(14, photometric)
+        shown = decode_upload(plain, "application/dicom")
+        assert np.array_equal(decode_upload(with_shape(plain, "IDENTITY"), "application/dicom"), shown)
+        inverse = with_shape(plain, "INVERSE")
+        expected = shown if photometric == "MONOCHROME1" else 255 - shown
+        np.testing.assert_array_equal(decode_upload(inverse, "application/dicom"), expected)
+        np.testing.assert_array_equal(decode_image(inverse, "x.dcm"), expected)

@@ -344,6 +344,45 @@ def test_cxr_predict_reads_folders_and_names_each_failure_below_its_table(
     ]
 
 
+def test_cxr_predict_sends_a_tiff_or_bmp_as_the_pixels_ingest_reads_from_it(
+    client: httpx.Client, classifier: LocalClassifier, tmp_path: Path
+) -> None:
+    """Ingest reads TIFF and BMP datasets, the API refuses them (415): `cxr predict` sends their pixels as
+    a PNG, so a file is scored as served as `cxr evaluate` scored it."""
+    import io
+
+    from PIL import Image
+
+    from cxrcore.cli import predict_files
+    from cxrcore.data.layout import decode_image
+    from cxrcore.data.transforms import resize_image
+
+    levels = (np.arange(96 * 80, dtype=np.uint16).reshape(96, 80) * 7) % 4096  # 12 bits in 16
+    files = {"deep.tif": (levels, "TIFF"), "flat.bmp": ((levels >> 4).astype(np.uint8), "BMP")}
+    for name, (pixels, kind) in files.items():
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format=kind)
+        (tmp_path / name).write_bytes(buffer.getvalue())
+        assert client.post("/v1/predict", content=buffer.getvalue()).status_code == 415
+    (tmp_path / "torn.tif").write_bytes(b"II*\x00" + bytes(40))
+    before = len(classifier.images)
+    table, problems = predict_files(client, "/v1/predict", [str(tmp_path)])
+    received = classifier.images[before:]
+    assert len(received) == 2 and [line.split()[1] for line in table.splitlines()[2:4]] != ["error"] * 2
+    for image, name in zip(received, sorted(files), strict=True):
+        buffer = io.BytesIO()  # the PNG of what ingest decodes from the file, as a client could send it
+        Image.fromarray(decode_image((tmp_path / name).read_bytes(), name)).save(buffer, format="PNG")
+        assert client.post("/v1/predict", content=buffer.getvalue()).status_code == 200
+        # The ingress sends the model's base size once it has learnt it, the original before.
+        base = classifier.predictor.base_size
+        np.testing.assert_array_equal(
+            *(x if len(x) == base else resize_image(x, base) for x in (image, classifier.images[-1]))
+        )
+    assert len(problems) == 1 and problems[0].startswith(
+        f"{tmp_path / 'torn.tif'}: not sent: unreadable TIFF file: "
+    )
+
+
 def test_browsers_of_the_origins_allowed_read_answers_and_others_do_not(classifier: LocalClassifier) -> None:
     """A web viewer served from another host calls the API across origins: only with cors_origins."""
     viewer = "https://viewer.hospital.example"
