@@ -138,7 +138,10 @@ def local_serve_environment() -> dict[str, str]:
       proxy. Where no HAProxy binary is found (ray[serve] bundles one on Linux only), the Python proxy
       stays. HAProxy's stats page and Prometheus exporter bind every interface on fixed ports (8404,
       9101), which a second local cluster on the machine would collide with, so each local cluster gets
-      free ones (`_listener_ports`). The ingress replica waits
+      free ones (`_listener_ports`). So does the Serve proxy HAProxy falls back to while the cluster's
+      own ingress replica is not up (8500, gRPC 9500): Serve's proxies bind with SO_REUSEPORT, so a second
+      local cluster's bound the same port beside the first's, the kernel shared connections between
+      them, and a `cxr serve` starting beside another answered 37 requests with the other's model. The ingress replica waits
       RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S (30 s) for outside load balancers before it stops,
       which made Ctrl-C of `cxr serve` take 35 s; on one machine HAProxy is the only balancer, it is
       told at once, and it retries a connection refused on another replica, so 1 s. HAProxy waits
@@ -153,12 +156,14 @@ def local_serve_environment() -> dict[str, str]:
     }
     if haproxy_binary() is None:
         return throughput
-    stats, metrics = _listener_ports(2)
+    stats, metrics, fallback_http, fallback_grpc = _listener_ports(4)
     return {
         **throughput,
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_HAPROXY_STATS_PORT": str(stats),
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics),
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(fallback_http),
+        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(fallback_grpc),
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
         "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S": "60",
     }

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from ray.serve._private import constants as serve_constants
 
 from cxrcore.data.transforms import MAX_IMAGE_PIXELS
 from cxrcore.runtime import LISTENER_PORTS, haproxy_binary, local_serve_environment
@@ -35,8 +36,13 @@ def test_haproxy_fronts_a_local_cluster_only_where_a_binary_is(
         and env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
         and int(env["RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"]) >= MAX_IMAGE_PIXELS  # any decoded upload
     )
-    ports = {int(env["RAY_SERVE_HAPROXY_STATS_PORT"]), int(env["RAY_SERVE_HAPROXY_METRICS_PORT"])}
-    assert len(ports) == 2 and not ports & {8404, 9101}  # free ones, not the fixed ports a 2nd cluster shares
+    # Free ones, not the fixed ports a second cluster on the machine shares: Serve's proxy binds with
+    # SO_REUSEPORT, so two clusters' fallback proxies on 8500 shared its connections, and answered each
+    # other's requests with their models.
+    listeners = ("HAPROXY_STATS", "HAPROXY_METRICS", "FALLBACK_PROXY_HTTP", "FALLBACK_PROXY_GRPC")
+    ports = {int(env[f"RAY_SERVE_{name}_PORT"]) for name in listeners}
+    assert len(ports) == 4 and not ports & {8404, 9101, 8500, 9500}
+    assert all(hasattr(serve_constants, f"RAY_SERVE_{name}_PORT") for name in listeners)  # names Ray reads
     # ...and outside the kernel's pool of free ports, where the dashboard and the tests take theirs.
     low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
     assert all(port in LISTENER_PORTS and not low <= port <= high for port in ports)
