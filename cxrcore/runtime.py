@@ -141,10 +141,10 @@ def local_serve_environment() -> dict[str, str]:
       free ones (`_listener_ports`). So does the Serve proxy HAProxy falls back to while the cluster's
       own ingress replica is not up (8500, gRPC 9500): Serve's proxies bind with SO_REUSEPORT, so a second
       local cluster's bound the same port beside the first's, the kernel shared connections between
-      them, and a `cxr serve` starting beside another answered 37 requests with the other's model. The ingress replica waits
-      RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S (30 s) for outside load balancers before it stops,
-      which made Ctrl-C of `cxr serve` take 35 s; on one machine HAProxy is the only balancer, it is
-      told at once, and it retries a connection refused on another replica, so 1 s. HAProxy waits
+      them, and a `cxr serve` starting beside another answered 37 requests with the other's model.
+      The ingress replica waits RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S (30 s) for outside load
+      balancers before it stops, which made Ctrl-C of `cxr serve` take 35 s; on one machine HAProxy is the
+      only balancer, it is told at once, and it retries a connection refused on another replica, so 1 s. HAProxy waits
       RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S (3,600 s) for a client that stops sending: 60 s (the ingress
       itself answers an upload that stalls for `upload_idle_timeout_s` with 408 and frees its place).
     """
