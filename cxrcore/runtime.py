@@ -144,9 +144,10 @@ def local_serve_environment() -> dict[str, str]:
       them, and a `cxr serve` starting beside another answered 37 requests with the other's model.
       The ingress replica waits RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S (30 s) for outside load
       balancers before it stops, which made Ctrl-C of `cxr serve` take 35 s; on one machine HAProxy is the
-      only balancer, it is told at once, and it retries a connection refused on another replica, so 1 s. HAProxy waits
-      RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S (3,600 s) for a client that stops sending: 60 s (the ingress
-      itself answers an upload that stalls for `upload_idle_timeout_s` with 408 and frees its place).
+      only balancer, it is told at once, and it retries a connection refused on another replica, so 1 s.
+      HAProxy waits RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S (3,600 s) for a client that stops sending: 60 s
+      (the ingress itself answers an upload that stalls for `upload_idle_timeout_s` with 408 and frees
+      its place).
     """
     from cxrcore.data.transforms import MAX_IMAGE_PIXELS
 
