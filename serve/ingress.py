@@ -379,7 +379,9 @@ class _Routes:
         idle, whole = self._limits.upload_idle_timeout_s, self._limits.upload_timeout_s
         end = loop.time() + whole
         try:
-            async with asyncio.timeout(min(end, loop.time() + idle)) as deadline:
+            # timeout_at: a point in time, as reschedule takes (asyncio.timeout's delay of loop.time() + idle,
+            # hours, let a client that sent its headers and then nothing hold its place without end).
+            async with asyncio.timeout_at(min(end, loop.time() + idle)) as deadline:
                 async for chunk in request.stream():
                     deadline.reschedule(min(end, loop.time() + idle))
                     chunks.append(chunk)

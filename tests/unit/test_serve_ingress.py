@@ -187,10 +187,10 @@ def test_uploads_reach_the_model_at_its_base_size_and_score_as_the_original_does
 
 
 def _post_stalling(
-    api: Any, first: bytes, headers: list[tuple[bytes, bytes]], then: str = "stall"
+    api: Any, first: bytes | None, headers: list[tuple[bytes, bytes]], then: str = "stall"
 ) -> tuple[int, dict[str, Any]]:
-    """POST /v1/predict straight through ASGI, from a client that sends `first`, then nothing (`then`
-    "stall") or closes its connection ("disconnect")."""
+    """POST /v1/predict straight through ASGI, from a client that sends `first` (None: no body at all),
+    then nothing (`then` "stall") or closes its connection ("disconnect")."""
     import asyncio
     import json
 
@@ -199,7 +199,7 @@ def _post_stalling(
 
         async def receive() -> dict[str, Any]:
             nonlocal sent
-            if not sent:
+            if not sent and first is not None:
                 sent = True
                 return {"type": "http.request", "body": first, "more_body": True}
             if then == "disconnect":
@@ -240,6 +240,12 @@ def test_a_stalled_upload_is_answered_408_and_frees_its_place(
     status, body = _post_stalling(api, GOOD_PNG[:100], headers)
     assert status == 408 and body["error"] == "upload_timeout"
     assert body["detail"] == "the upload sent nothing for 0.2 s (100 bytes received); send it again"
+    # A client that sends its headers and then no byte of the body: the slow-loris's first move.
+    status, body = _post_stalling(api, None, headers)
+    assert (status, body["detail"]) == (
+        408,
+        "the upload sent nothing for 0.2 s (0 bytes received); send it again",
+    )
     trickle = create_api(classifier, ApiLimits(upload_idle_timeout_s=60, upload_timeout_s=0.2))
     status, body = _post_stalling(trickle, GOOD_PNG[:100], headers)
     assert (status, body["detail"]) == (
