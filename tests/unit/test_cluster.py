@@ -12,6 +12,7 @@ import yaml
 
 from cxrcore.config import IngestConfig, TuneConfig, load_config
 from cxrcore.data.transforms import MAX_IMAGE_PIXELS
+from cxrcore.runtime import LOG_BUFFER_SIZE
 
 ROOT = Path(__file__).parents[2]
 CLUSTER = ROOT / "cluster"
@@ -81,6 +82,8 @@ def test_rayservice_runs_the_serve_application() -> None:
         assert {"name": "RAY_SERVE_THROUGHPUT_OPTIMIZED", "value": "1"} in container.get("env", [])
         grpc_limit = {"name": "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH", "value": str(2 * MAX_IMAGE_PIXELS)}
         assert grpc_limit in container.get("env", [])  # the largest decoded upload passes between replicas
+        log_buffer = {"name": "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE", "value": LOG_BUFFER_SIZE}
+        assert log_buffer in container.get("env", [])  # replicas' warnings reach their logs as they happen
 
 
 def test_vm_launcher_starts_every_node_in_the_high_throughput_serving_mode() -> None:
@@ -90,6 +93,7 @@ def test_vm_launcher_starts_every_node_in_the_high_throughput_serving_mode() -> 
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
         "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(2 * MAX_IMAGE_PIXELS),
+        "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": LOG_BUFFER_SIZE,
     }
     for node in ("head_start_ray_commands", "worker_start_ray_commands"):
         (start,) = [command for command in launcher[node] if "ray start" in command]

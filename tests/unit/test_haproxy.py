@@ -51,7 +51,11 @@ def test_haproxy_fronts_a_local_cluster_only_where_a_binary_is(
     # The Python proxy stays, the throughput-optimized replicas too.
     no_haproxy = {
         key: env[key]
-        for key in ("RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH")
+        for key in (
+            "RAY_SERVE_THROUGHPUT_OPTIMIZED",
+            "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH",
+            "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE",
+        )
     }
     assert haproxy_binary() is None and local_serve_environment() == no_haproxy
 
