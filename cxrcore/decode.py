@@ -142,6 +142,11 @@ def decode_upload(data: bytes, content_type: str | None = None, *, window: bool 
                 raise UnsupportedImageTypeError(
                     f"{name} files are not supported; send PNG, JPEG or DICOM{convert}"
                 )
+        if declared == "application/x-www-form-urlencoded":  # what `curl --data @x.png` sends
+            raise UnsupportedImageTypeError(
+                "a form-encoded body: `curl --data @file` (or -d) sends this, and strips the file's line "
+                "breaks, which corrupts an image; send the file with `--data-binary @file` or `-F file=@file`"
+            )
         if declared not in SUPPORTED_TYPES and declared not in _GENERIC_TYPES:
             raise UnsupportedImageTypeError(
                 f"unsupported content type {declared!r}; send {', '.join(sorted(SUPPORTED_TYPES))}"

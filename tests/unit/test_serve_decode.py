@@ -38,6 +38,16 @@ def test_png_variants_decode_to_the_same_pixels(data: bytes, content_type: str |
     np.testing.assert_array_equal(decode_upload(data, content_type), GRAY)
 
 
+def test_a_png_curl_sent_with_data_is_told_to_use_data_binary() -> None:
+    """`curl --data @x.png` strips the file's line breaks (the PNG signature holds one) and sends it form-
+    encoded: the answer names the mistake, not only the content type."""
+    from cxrcore.decode import UnsupportedImageTypeError
+
+    stripped = png_bytes(GRAY).replace(b"\r", b"").replace(b"\n", b"")
+    with pytest.raises(UnsupportedImageTypeError, match=r"--data-binary @file"):
+        decode_upload(stripped, "application/x-www-form-urlencoded")
+
+
 def test_jpeg_decodes_like_ingest() -> None:
     data = jpeg_bytes(GRAY)
     image = decode_upload(data, "image/jpeg")
