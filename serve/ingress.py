@@ -146,6 +146,15 @@ async def _once(data: bytes) -> AsyncGenerator[bytes, None]:
     yield data
 
 
+def _multipart_boundary(content_type: str) -> str | None:
+    """The boundary parameter of a multipart/form-data content type (quoted or not), or None."""
+    for parameter in content_type.split(";")[1:]:
+        name, _, value = parameter.strip().partition("=")
+        if name.strip().lower() == "boundary" and value.strip():
+            return value.strip().strip('"')
+    return None
+
+
 class _UploadParser(MultiPartParser):
     """Starlette's multipart parser, keeping each field's bytes as sent (`fields`: name → bytes and the
     part's Content-Type): a file part without a filename, as `curl -F 'file=<x.png'`, Go's `CreateFormField`
@@ -417,6 +426,12 @@ class _Routes:
             data, declared_type = parser.fields["file"]
         else:
             await form.close()
+            boundary = _multipart_boundary(content_type)
+            if boundary and f"--{boundary}--".encode() not in body:
+                # A body cut short (a client that stopped mid-upload and closed cleanly) loses its last
+                # part, the file among them: say so, rather than that no file was sent.
+                what = "malformed multipart body: it ends before its closing boundary (cut short?)"
+                raise self._upload_error(400, "invalid_multipart", what)
             what = "the multipart body has no file in a field named 'file'"
             raise self._upload_error(400, "missing_file", what)
         await form.close()

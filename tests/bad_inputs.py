@@ -155,7 +155,7 @@ def _corpus() -> list[Case]:
         # Multipart that is malformed or lacks the file.
         Case("multipart-garbage", raw(noise, boundary), 400, "invalid_multipart"),
         Case("multipart-without-boundary", raw(GOOD_PNG, "multipart/form-data"), 400, "invalid_multipart"),
-        Case("multipart-unterminated", raw(unterminated, boundary), 400, "missing_file"),
+        Case("multipart-unterminated", raw(unterminated, boundary), 400, "invalid_multipart"),
         Case("multipart-two-files", two_files, 400, "invalid_multipart"),
         Case("multipart-without-file-field", multipart(GOOD_PNG, field="image"), 400, "missing_file"),
         Case("multipart-file-as-text-field", {"data": {"file": "not a file"}, "files": {"x": ("x", b"x")}}, 400, bad),  # noqa: E501
