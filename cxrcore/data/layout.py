@@ -179,7 +179,11 @@ class LayoutScan:
             "root": self.root,
             "usable": self.usable,
             "checked_files": self.checked_files,
-            "classes": {name: dataclasses.asdict(report) for name, report in self.classes.items()},
+            # In the classes' own order (COVID, Lung_Opacity, Normal, Viral Pneumonia), whatever the folders'.
+            "classes": {
+                name: dataclasses.asdict(self.classes[name])
+                for name in sorted(self.classes, key=lambda name: CLASSES.index(name))
+            },
             "totals": dataclasses.asdict(_sum_reports(self.classes.values())),
             "sources": self.sources,
             "label_file": self.label_file,

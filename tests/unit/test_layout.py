@@ -718,3 +718,11 @@ def test_a_folder_mapped_to_a_class_that_holds_other_classes_is_refused(tmp_path
     write_png(tmp_path / "raw/COVID/COVID/a.png", xray(1))
     write_png(tmp_path / "raw/Normal/b.png", xray(2))
     assert scan_layout(tmp_path / "raw").classes["COVID"].images == 1
+
+
+def test_the_report_lists_classes_in_their_own_order_whatever_the_folders_sort_as(tmp_path: Path) -> None:
+    write_png(tmp_path / "raw/NORMAL/a.png", xray(1))
+    write_png(tmp_path / "raw/VIRAL/b.png", xray(2))
+    write_png(tmp_path / "raw/covid19/c.png", xray(3))  # sorts after the others, by case
+    scan = scan_layout(tmp_path / "raw", label_map={"covid19": "COVID", "VIRAL": "Viral Pneumonia"})
+    assert list(scan.to_dict()["classes"]) == ["COVID", "Normal", "Viral Pneumonia"]
