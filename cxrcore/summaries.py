@@ -136,8 +136,14 @@ def format_scan(scan: LayoutScan, skip_unmapped: bool = False) -> str:
         out.append(f"unusable: {item['path']}: {item['reason']}")
     for item in scan.mask_problems:
         out.append(f"mask ignored: {item['path']}: {item['reason']}")
+    label_of = {entry.image_path: entry.label for entry in scan.entries} if scan.duplicate_groups else {}
     for group in scan.duplicate_groups:
-        out.append("identical files: " + ", ".join(group))
+        labels = {label_of.get(path) for path in group}
+        if len(labels) > 1:  # one of the labels is wrong: ingest warns too, and keeps them in one split
+            named = ", ".join(f"{path} ({label_of.get(path)})" for path in group)
+            out.append(f"identical files under different classes (one label is wrong): {named}")
+        else:
+            out.append("identical files: " + ", ".join(group))
     for path in scan.orphan_masks[:20]:
         out.append(f"mask without image: {path}")
     for sheet, names in scan.unmatched_metadata.items():

@@ -726,3 +726,17 @@ def test_the_report_lists_classes_in_their_own_order_whatever_the_folders_sort_a
     write_png(tmp_path / "raw/covid19/c.png", xray(3))  # sorts after the others, by case
     scan = scan_layout(tmp_path / "raw", label_map={"covid19": "COVID", "VIRAL": "Viral Pneumonia"})
     assert list(scan.to_dict()["classes"]) == ["COVID", "Normal", "Viral Pneumonia"]
+
+
+def test_check_names_the_classes_of_identical_files_filed_under_two(tmp_path: Path) -> None:
+    from cxrcore.summaries import format_scan
+
+    for path in ("raw/COVID/a.png", "raw/Normal/a_copy.png", "raw/Normal/b.png", "raw/Normal/b2.png"):
+        write_png(tmp_path / path, xray(1 if "a" in Path(path).stem else 2))
+    printed = format_scan(check_layout(tmp_path / "raw"))
+    covid, normal = tmp_path / "raw/COVID/a.png", tmp_path / "raw/Normal/a_copy.png"
+    assert (
+        f"identical files under different classes (one label is wrong): {covid} (COVID), {normal} (Normal)"
+        in printed
+    )
+    assert f"identical files: {tmp_path / 'raw/Normal/b.png'}, {tmp_path / 'raw/Normal/b2.png'}" in printed
