@@ -168,6 +168,11 @@ def decode_upload(data: bytes, content_type: str | None = None, *, window: bool 
         raise ImageDecodeError(f"corrupt {fmt.upper()} file: {type(exc).__name__}: {exc}") from exc
 
 
+_LATERAL_VIEWS = frozenset({"LL", "RL", "LAT", "LATERAL"})
+"""DICOM ViewPosition values of a lateral projection (the standard's LL and RL, and what some units write).
+A chest study exported from a PACS holds its lateral beside its PA; a decubitus (LLD, RLD) is frontal."""
+
+
 def decode_dicom(data: bytes, *, window: bool = True) -> np.ndarray:
     """A single-frame grayscale (or RGB) DICOM image as uint8, the way a reader would see it.
 
@@ -198,6 +203,12 @@ def decode_dicom(data: bytes, *, window: bool = True) -> np.ndarray:
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if photometric not in ("MONOCHROME1", "MONOCHROME2", "RGB", "YBR_FULL", "YBR_FULL_422"):
         raise UnsupportedImageTypeError(f"DICOM photometric interpretation {photometric} is not supported")
+    view = str(ds.get("ViewPosition", "") or "").strip().upper()
+    if view in _LATERAL_VIEWS:
+        raise UnsupportedImageTypeError(
+            f"a lateral view (ViewPosition {view}): the models read frontal chest X-rays (PA or AP), and "
+            "score a lateral as confidently as a frontal, wrongly; send the study's frontal image"
+        )
     pixels = _dicom_pixels(ds, data)
     if pixels.ndim == 3:  # colour: pydicom converts YBR to RGB
         return scale_to_uint8(_luma(pixels))

@@ -228,3 +228,28 @@ def test_presentation_lut_shape_inverse_inverts_a_monochrome2_image_once_and_a_m
         expected = shown if photometric == "MONOCHROME1" else 255 - shown
         np.testing.assert_array_equal(decode_upload(inverse, "application/dicom"), expected)
         np.testing.assert_array_equal(decode_image(inverse, "x.dcm"), expected)
+
+
+def test_a_lateral_view_is_refused_by_serve_and_reported_by_ingest() -> None:
+    """A PACS export holds a study's lateral beside its PA: the models read frontal images only."""
+    from pydicom import dcmread
+    from pydicom.filebase import DicomBytesIO
+
+    def with_view(view: str) -> bytes:
+        ds = dcmread(DicomBytesIO(xray_dicom(15, "MONOCHROME2")))
+        ds.ViewPosition = view
+        out = DicomBytesIO()
+        ds.save_as(out, enforce_file_format=True)
+        return out.getvalue()
+
+    for view in ("PA", "AP", "LLD", ""):
+        assert decode_upload(with_view(view), "application/dicom").ndim == 2
+    for view in ("LL", "RL", "lateral"):
+        with pytest.raises(
+            UnsupportedImageTypeError, match=r"a lateral view .*send the study's frontal image"
+        ):
+            decode_upload(with_view(view), "application/dicom")
+        with pytest.raises(
+            ImageDecodeError, match=r"a lateral view"
+        ):  # ingest: unusable, named, the rest kept
+            decode_image(with_view(view), "IM0002.dcm")
