@@ -100,6 +100,10 @@ def _init_local(logical: int, object_store_memory: int | None, port: int) -> Non
     }
     with environment_defaults(**local, **local_serve_environment()):
         ray.init(
+            # "local": a cluster of its own. Without an address Ray joins the cluster recorded in
+            # /tmp/ray/ray_current_cluster, a `ray start` running beside it or one killed long ago, and
+            # refused num_cpus ("When connecting to an existing cluster, num_cpus ... must not be provided").
+            address="local",
             num_cpus=logical,
             include_dashboard=True,
             dashboard_host="127.0.0.1",

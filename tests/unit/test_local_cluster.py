@@ -31,3 +31,17 @@ def test_a_dashboard_port_taken_as_ray_starts_is_left_for_another(monkeypatch: p
     with pytest.raises(RuntimeError, match="raylet died"):  # anything else is not retried
         runtime._start_local(4, None)
     assert shutdowns == [True]
+
+
+def test_the_local_cluster_is_its_own_not_the_one_ray_last_recorded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without an address, Ray joins the cluster in /tmp/ray/ray_current_cluster: a `ray start` running
+    beside cxr, or one killed long ago whose record stayed, and then refuses num_cpus. Every command that
+    starts Ray failed with "When connecting to an existing cluster, num_cpus ... must not be provided"."""
+    import ray
+
+    from cxrcore import runtime
+
+    calls: list[dict[str, object]] = []
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    runtime._init_local(4, None, 8265)
+    assert calls and calls[0]["address"] == "local" and calls[0]["num_cpus"] == 4
