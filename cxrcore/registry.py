@@ -65,6 +65,8 @@ if TYPE_CHECKING:
 # module for RegistryError and should start in a blink.
 
 ALIASES_NAME = "aliases.json"
+PRODUCTION = "production"
+"""The alias `cxr serve` answers with by default, and `cxr tune` points at its winner."""
 LOCK_NAME = ".lock"
 REPORT_NAME = "report"
 DEFAULT_CACHE = Path("~/.cache/cxr/registry")
@@ -270,10 +272,17 @@ class ModelRegistry:
         known = ", ".join(str(v.version) for v in found)
         raise RegistryError(f"{name} has no version {number}{via}; its versions: {known}")
 
-    def promote(self, ref: str, alias: str = "production") -> ModelVersion:
+    def promote(self, ref: str, alias: str = PRODUCTION) -> ModelVersion:
         """Point `alias` at the version `ref` names (pinned: promoting "dual_cnn" pins its latest version)."""
         _check_alias(alias)
-        self.get(ref)  # an unknown reference fails here, before the lock creates anything
+        target = self.get(ref)  # an unknown reference fails here, before the lock creates anything
+        task = target.card.input_spec.get("task", "classify")
+        if alias == PRODUCTION and task != "classify":
+            raise RegistryError(
+                f"{target.ref} is a {task} model (the lung segmenter), not a classifier: {PRODUCTION} is "
+                "what `cxr serve` answers with, and a dual-channel classifier brings its segmenter along; "
+                f"promote a classifier, or give {target.ref} another alias"
+            )
         with self._locked():
             if alias in self._names():
                 raise RegistryError(

@@ -31,6 +31,12 @@ def build_app(args: ServeArgs) -> Application:
     if registry is not None and "://" not in registry:
         registry = str(Path(registry).expanduser().resolve())  # every replica must read the same folder
     resolved = resolve_model(registry, args.model)
+    task = resolved.card.input_spec.get("task", "classify")
+    if task != "classify":  # refused here, before Ray starts, not by every replica after it
+        raise ValueError(
+            f"{resolved.ref} is a {task} model (a lung segmenter), not a classifier: serve a classifier "
+            "(--model NAME:N or an alias); a dual-channel one brings its segmenter along"
+        )
     autoscaling = {
         "min_replicas": args.min_replicas,
         "max_replicas": args.max_replicas,

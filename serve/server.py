@@ -49,19 +49,38 @@ def stop_stray_haproxy(node_id: str | None = None) -> int:
     `node_id`, this cluster's (its files are under a folder named after the node) are stopped; without,
     orphans of any earlier cluster (their manager is gone, so their parent is init).
     """
-    stopped = 0
+    killed = []
     for pid, parent, command in haproxy_processes():
         if _of_node(command, node_id) if node_id else parent == 1:
             try:
                 os.kill(pid, signal.SIGKILL)  # a reload's old process ignores SIGTERM while it drains
             except OSError:
                 continue
-            stopped += 1
+            killed.append(pid)
+    _wait_gone(killed)  # SIGKILL returns before the process lets go of its port: the next check saw it taken
     if node_id:  # its config, admin socket and server state, one folder per node and cluster
         from ray.serve._private.constants import RAY_SERVE_HAPROXY_CONFIG_FILE_LOC
 
         shutil.rmtree(Path(RAY_SERVE_HAPROXY_CONFIG_FILE_LOC).parent / node_id, ignore_errors=True)
-    return stopped
+    return len(killed)
+
+
+def _wait_gone(pids: list[int], timeout_s: float = 5.0) -> None:
+    """Wait (bounded) until each process in `pids` has exited: gone, or a zombie (its sockets closed) that
+    its parent has yet to reap."""
+    import time
+
+    def running(pid: int) -> bool:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return False
+        return stat.rpartition(")")[2].split()[:1] != ["Z"]
+
+    deadline = time.monotonic() + timeout_s
+    for pid in pids:
+        while time.monotonic() < deadline and running(pid):
+            time.sleep(0.02)
 
 
 def _of_node(command: str, node_id: str) -> bool:

@@ -371,3 +371,19 @@ def test_cli_models_list_show_promote(
     monkeypatch.delenv("CXR_REGISTRY")
     assert main(["models", "list"]) == 2
     assert "pass --registry or set CXR_REGISTRY" in capsys.readouterr().err
+
+
+def test_the_lung_segmenter_cannot_become_production(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`cxr models promote tiny_unet:1` exited 0, and `cxr serve` then failed its deployment three times with
+    a 48-line traceback: production is the classifier Serve answers with."""
+    model = create_model("tiny_unet")
+    card = ModelCard(model=get_build_args(model), input_spec=get_input_spec(model).to_dict())
+    registry = ModelRegistry(tmp_path / "registry")
+    registry.register(save_checkpoint(tmp_path / "unet", model, card))
+    assert main(["models", "promote", "tiny_unet:1", "--registry", str(tmp_path / "registry")]) == 2
+    error = capsys.readouterr().err
+    assert "tiny_unet:1 is a segment model (the lung segmenter), not a classifier" in error
+    assert registry.aliases() == {}
+    assert registry.promote("tiny_unet:1", "segmenter").aliases == ("segmenter",)  # another alias is its own

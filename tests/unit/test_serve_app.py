@@ -71,6 +71,15 @@ def test_build_app_refuses_a_mask_model_without_a_segmenter(tmp_path: Path) -> N
         build_app(ServeArgs(model=str(orphan)))
 
 
+def test_serving_the_lung_segmenter_is_refused_before_ray_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every replica failed on it, three deployments over, and the traceback ended in a hint about CPUs."""
+    unet = write_checkpoints(tmp_path).unet
+    assert main(["serve", "--model", str(unet), "--port", "0"]) == 2
+    assert "is a segment model (a lung segmenter), not a classifier" in capsys.readouterr().err
+
+
 def test_build_app_bounds_the_classifier_queue_and_the_ingress(tmp_path: Path) -> None:
     from serve.app import INGRESS_HEADROOM
     from serve.ingress import ApiLimits
