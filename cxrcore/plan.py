@@ -145,7 +145,8 @@ def tune_plan(config: TuneConfig) -> str:
         ("image size", _image_size(config.image_size, data)),
         (
             "concurrency",
-            f"{concurrent} trials at once ({assumption}) → {math.ceil(len(trials) / concurrent)} waves",
+            f"{concurrent} trials at once ({assumption}) → "
+            f"{_count(math.ceil(len(trials) / concurrent), 'wave')}",
         ),
         ("epochs", f"up to {config.epochs} per trial; ASHA may stop a trial after {grace} (grace epochs)"),
         ("epochs total", _epochs_total(config, len(trials))),
@@ -370,3 +371,8 @@ def _plan(command: str, rows: Sequence[tuple[str, str]]) -> str:
     lines = [f"plan of {command} ({NOTHING_STARTED})"]
     lines += [f"{key + ':':<{width}} {value}" for key, value in rows]
     return "\n".join(lines)
+
+
+def _count(n: int, noun: str) -> str:
+    """`n` and `noun`, plural but for one: "1 wave", "3 waves"."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"

@@ -471,6 +471,11 @@ class ModelRegistry:
 
     def _unknown(self, ref: str, aliases: dict[str, str]) -> str:
         every = self.versions()
+        if not every and self._local and not os.path.isdir(self._path):  # most often a mistyped --registry
+            return (
+                f"no model {ref!r}: no registry at {self.root} (no such folder here); `cxr tune` and the "
+                "demo create one where they register"
+            )
         if not every:
             return f"no model {ref!r}: the registry {self.root} is empty (nothing registered yet)"
         names = sorted({v.name for v in every})

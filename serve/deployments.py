@@ -81,6 +81,12 @@ def resolve_model(registry: str | None, ref: str) -> ResolvedModel:
     """Look `ref` up in the registry (alias, name:N or name), or read it as a checkpoint folder or URI."""
     if registry is None:
         remote = "://" in ref
+        if not remote and not Path(ref).expanduser().exists() and "/" not in ref:
+            # `cxr serve` with neither: the default --model is an alias, which only a registry resolves.
+            raise ValueError(
+                f"--model {ref}: no registry to look it up in (pass --registry REG or set CXR_REGISTRY), "
+                "and no such checkpoint folder"
+            )
         path = local_checkpoint_dir(ref if remote else Path(ref).expanduser().resolve())
         card = load_card(path)
         return ResolvedModel(

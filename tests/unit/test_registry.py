@@ -97,6 +97,9 @@ def test_get_promote_and_aliases(tmp_path: Path, checkpoint: Path) -> None:
 def test_unknown_refs_and_bad_aliases_explain_themselves(tmp_path: Path, checkpoint: Path) -> None:
     registry = ModelRegistry(tmp_path / "nowhere")
     assert registry.versions() == [] and registry.aliases() == {}
+    with pytest.raises(RegistryError, match=r"no registry at .*nowhere \(no such folder here\)"):
+        registry.get("production")
+    (tmp_path / "nowhere").mkdir()
     with pytest.raises(RegistryError, match=r"registry .*nowhere is empty"):
         registry.get("production")
 

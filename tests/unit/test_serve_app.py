@@ -193,3 +193,14 @@ def test_the_http_api_names_locations_by_their_last_components(tmp_path: Path) -
     card = resolved.public_card()
     assert card["segmenter"] == "…/site/unet" and card["model"] == resolved.card.to_dict()["model"]
     assert str(tmp_path) not in repr(card)
+
+
+def test_serve_without_a_registry_or_with_a_mistyped_one_says_which(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CXR_REGISTRY", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert main(["serve", "--port", "0"]) == 2
+    assert "--model production: no registry to look it up in (pass --registry REG" in capsys.readouterr().err
+    assert main(["serve", "--registry", "regsitry", "--port", "0"]) == 2
+    assert f"no registry at {tmp_path / 'regsitry'} (no such folder here)" in capsys.readouterr().err
