@@ -618,8 +618,16 @@ def _run_predict(args: argparse.Namespace) -> int:
     import httpx
 
     url = args.url.rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(f"--url: expected http://HOST:PORT (as `cxr serve` prints it), got {args.url!r}")
     endpoint = url if url.endswith("/v1/predict") else f"{url}/v1/predict"
     with httpx.Client(timeout=args.timeout) as client:
+        try:  # once, not a connection error per file of a folder
+            client.get(f"{endpoint.removesuffix('/v1/predict')}/healthz")
+        except httpx.TransportError as exc:
+            why = f"{type(exc).__name__}: {exc}"
+            print(f"cxr: error: cannot reach {url} ({why}); is `cxr serve` running there?", file=sys.stderr)
+            return 1
         table, problems = predict_files(client, endpoint, args.files)
     print(table)
     for problem in problems:

@@ -412,3 +412,23 @@ def test_browsers_of_the_origins_allowed_read_answers_and_others_do_not(classifi
             "/v1/predict", headers={**preflight, "origin": "https://elsewhere.example"}
         )
         assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+
+
+def test_cxr_predict_without_a_server_says_so_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A folder of 40 files printed 40 ConnectErrors and no hint."""
+    import socket
+
+    from cxrcore.cli import main
+
+    for i in range(3):
+        (tmp_path / f"{i}.png").write_bytes(GOOD_PNG)
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    assert main(["predict", "--url", f"http://127.0.0.1:{port}", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot reach" in err[0] and "is `cxr serve` running there?" in err[0]
+    assert main(["predict", "--url", f"127.0.0.1:{port}", str(tmp_path)]) == 2
+    assert "--url: expected http://HOST:PORT" in capsys.readouterr().err
