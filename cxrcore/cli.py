@@ -372,6 +372,18 @@ def _note_local_paths(config: Any) -> None:
 
     if local_core_limit() is not None:  # the local cluster cxr started: this machine alone
         return
+    package = _job_package(os.getcwd())
+    inside = [
+        f"--{name} {value}"
+        for name in ("out", "registry")
+        if isinstance(value := getattr(config, name, None), str) and package and _is_under(value, package)
+    ]
+    if inside:  # a relative default, resolved in the copy of --working-dir that Ray deletes with its session
+        raise ConfigError(
+            f"{', '.join(inside)}: inside this job's copy of its working_dir ({package}), which Ray deletes "
+            "when the cluster's session ends: give an absolute path every node sees (e.g. /data/cxr-runs) "
+            "or an s3:// or gs:// URI"
+        )
     local = [
         f"--{name} {value}"
         for name in ("data", "out", "registry")
@@ -385,6 +397,19 @@ def _note_local_paths(config: Any) -> None:
             file=sys.stderr,
             flush=True,
         )
+
+
+def _job_package(cwd: str) -> str | None:
+    """The `_ray_pkg_*` folder a Ray job's driver runs in (its --working-dir, unpacked), or None."""
+    parts = cwd.split(os.sep)
+    at = next((i for i, part in enumerate(parts) if part.startswith("_ray_pkg_")), None)
+    return os.sep.join(parts[: at + 1]) if at is not None else None
+
+
+def _is_under(path: str, folder: str) -> bool:
+    if "://" in path:
+        return False
+    return os.path.commonpath([os.path.abspath(path), folder]) == folder
 
 
 def _run_ingest(args: argparse.Namespace) -> int:

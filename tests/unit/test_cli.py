@@ -191,3 +191,27 @@ def test_a_cluster_joined_by_address_is_told_which_locations_are_paths_of_this_m
         assert "s3://bucket/ds" not in err  # object storage is every node's
     else:
         assert "note:" not in err
+
+
+def test_outputs_inside_a_jobs_working_dir_copy_are_refused(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """`ray job submit --working-dir . -- cxr tune ...` runs in Ray's unpacked copy of the working dir: the
+    default relative --out wrote comparison.html there, deleted with the cluster's session."""
+    import cxrcore.cli as cli
+    import cxrcore.runtime
+    import cxrcore.train.trainer
+
+    package = tmp_path / "runtime_resources/working_dir_files/_ray_pkg_0123abcd"
+    package.mkdir(parents=True)
+    ran: list[object] = []
+    monkeypatch.setattr(cli, "_connect", lambda address: None)
+    monkeypatch.setattr(cxrcore.runtime, "_local_cores", None)  # joined by address, as a job's driver is
+    monkeypatch.setattr(cxrcore.train.trainer, "fit", ran.append)
+    monkeypatch.setattr(cli, "_run_train", lambda args: cli._run_on_ray(args, cxrcore.train.trainer.fit, str))
+    monkeypatch.chdir(package)
+    assert main(["train", "--data", "s3://bucket/ds", "--model", "tiny_cnn_lstm", "--out", "runs"]) == 2
+    assert f"--out {package / 'runs'}: inside this job's copy of its working_dir" in capsys.readouterr().err
+    assert not ran
+    main(["train", "--data", "s3://b/ds", "--model", "tiny_cnn_lstm", "--out", str(tmp_path / "r")])
+    assert len(ran) == 1  # an absolute path outside the copy runs
