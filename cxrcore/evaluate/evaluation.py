@@ -142,8 +142,9 @@ def _check_stored_size(data: str, first_image: Any, predictor: Any) -> None:
     stored = tensor_column(first_image).shape[1]
     if stored != predictor.base_size:
         raise ConfigError(
-            f"{data} holds images ingested at {stored} px; {predictor.card.name} reads them at "
-            f"{predictor.base_size} px, resized once from each original as Serve does. Ingest the data "
+            f"{data} holds images ingested at {stored} px; {predictor.card.name} was trained on data "
+            f"ingested at {predictor.base_size} px (then resized to its {predictor.spec.image_size} px "
+            "input), and Serve resizes each upload once from its original to that base size. Ingest the data "
             f"again at that size to score the model that is served: cxr data ingest RAW OUT --size "
             f"{predictor.base_size}"
         )

@@ -198,6 +198,7 @@ def test_data_ingested_at_another_size_is_refused_naming_the_size_to_ingest_it_a
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "holds images ingested at 96 px" in err and f"--size {SIZE}" in err and err.count("\n") == 1
+    assert f"was trained on data ingested at {SIZE} px (then resized to its 64 px input)" in err
     assert not (tmp_path / "o").exists()
 
 
