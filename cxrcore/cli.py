@@ -177,7 +177,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_command(
         commands, "benchmark", BenchmarkConfig, _run_benchmark, "measure each stage against its baseline"
     )
+    _describe_subcommands(parser)
     return parser
+
+
+def _describe_subcommands(parser: argparse.ArgumentParser) -> None:
+    """Give each subcommand made with only a `help` that line as its description too, so that its own
+    --help says what it does (`cxr serve --help` began with the usage alone)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {choice.dest: choice.help for choice in action._choices_actions}
+            for name, sub in action.choices.items():
+                if not sub.description and helps.get(name):
+                    sub.description = helps[name]
+                _describe_subcommands(sub)
 
 
 def _add_config_command(

@@ -215,3 +215,21 @@ def test_outputs_inside_a_jobs_working_dir_copy_are_refused(
     assert not ran
     main(["train", "--data", "s3://b/ds", "--model", "tiny_cnn_lstm", "--out", str(tmp_path / "r")])
     assert len(ran) == 1  # an absolute path outside the copy runs
+
+
+def test_every_subcommand_says_what_it_does_in_its_own_help() -> None:
+    """`cxr serve --help` began with the usage alone: its one-line help was only in `cxr --help`."""
+    import argparse
+
+    from cxrcore.cli import build_parser
+
+    def undescribed(parser: argparse.ArgumentParser, path: str) -> list[str]:
+        found = []
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    found += [] if sub.description else [f"{path} {name}"]
+                    found += undescribed(sub, f"{path} {name}")
+        return found
+
+    assert undescribed(build_parser(), "cxr") == []
