@@ -233,3 +233,26 @@ def test_every_subcommand_says_what_it_does_in_its_own_help() -> None:
         return found
 
     assert undescribed(build_parser(), "cxr") == []
+
+
+@pytest.mark.parametrize(
+    ("command", "said"),
+    [
+        (["train", "--data", "ds", "--model", "tiny_cnn_lstmm"], "--model: unknown model 'tiny_cnn_lstmm'"),
+        (
+            ["tune", "--data", "ds", "--models", "dual_cn", "--registry", "reg"],
+            "--models: unknown model 'dual_cn'",
+        ),
+    ],
+)
+def test_a_mistyped_architecture_is_refused_before_ray_starts(
+    command: list[str], said: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import cxrcore.cli as cli
+
+    def started(address: str | None) -> None:
+        raise AssertionError("Ray started for a command that cannot run")
+
+    monkeypatch.setattr(cli, "_connect", started)
+    assert main(command) == 2
+    assert said in capsys.readouterr().err
