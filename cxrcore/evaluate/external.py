@@ -133,7 +133,7 @@ def training_overlap(card: ModelCard, data: str, split: str) -> dict[str, Any]:
         "total": int(copied.sum()),
         "pixel_exact": int(pixel_exact.sum()),
         "near": int((copied & ~pixel_exact).sum()),
-        "near_duplicate_bits": bits if "phash" in own and "phash" in rows else None,
+        "near_duplicate_bits": bits if _comparable_hashes(own, rows) else None,
     }
 
 
@@ -149,6 +149,15 @@ def _hashes(read_table: Any, dataset: str, split: str | None) -> dict[str, np.nd
     except ValueError:  # written without perceptual hashes (hand-made datasets): pixel-exact copies only
         table = read_table(dataset, [c for c in columns if c != "phash"], split=split)
     return {name: np.asarray(table[name].to_pylist()) for name in table.column_names}
+
+
+def _comparable_hashes(own: dict[str, np.ndarray], rows: dict[str, np.ndarray]) -> bool:
+    """Both datasets hold perceptual hashes, every one of them, all of one size (pixel-exact copies only
+    otherwise: a hand-made dataset, or one an ingest of another hash size wrote)."""
+    if "phash" not in own or "phash" not in rows:
+        return False
+    sizes = {len(h) for h in [*own["phash"], *rows["phash"]]}
+    return len(sizes) == 1 and 0 not in sizes
 
 
 def _copies(
@@ -168,7 +177,7 @@ def _copies(
         for name in ("train", "val", "test")
     }
     near = {name: np.zeros(n, dtype=bool) for name in exact}
-    if bits <= 0 or "phash" not in own or "phash" not in rows or not n or not len(own["sha256"]):
+    if bits <= 0 or not n or not len(own["sha256"]) or not _comparable_hashes(own, rows):
         return exact, near
     words = hash_words([*own["phash"], *rows["phash"]])
     groups = np.asarray(duplicate_groups([*own["sha256"], *rows["sha256"]], words, bits))
