@@ -88,13 +88,18 @@ _INGEST_ONLY = frozenset({"BMP", "TIFF"})
 decoder's attack surface off the server: a client sends them as PNG (`upload_bytes`)."""
 
 
+def _other_format(data: bytes) -> str | None:
+    """The name of the other format the leading bytes are (GIF, TIFF, PDF, ...), or None."""
+    return next((name for sig, at, name in _OTHER_SIGNATURES if data[at : at + len(sig)] == sig), None)
+
+
 def upload_bytes(data: bytes) -> tuple[bytes, str | None]:
     """The bytes to POST for a file, and their content type: the file itself (None: the type its name
     says), or for a format ingest reads but the API does not (TIFF, BMP), the 8-bit grayscale PNG of what
     ingest decodes from it. The server decodes that PNG to the same
     pixels, so the file is scored as `cxr evaluate` scored it. Raises ImageDecodeError for such a file
     that cannot be read."""
-    kind = next((name for sig, at, name in _OTHER_SIGNATURES if data[at : at + len(sig)] == sig), None)
+    kind = _other_format(data)
     if kind not in _INGEST_ONLY:
         return data, None
     from PIL import Image
@@ -136,12 +141,11 @@ def decode_upload(data: bytes, content_type: str | None = None, *, window: bool 
     declared = (content_type or "").split(";")[0].strip().lower()
     fmt = sniff_format(data)
     if fmt is None:
-        for signature, offset, name in _OTHER_SIGNATURES:
-            if data[offset : offset + len(signature)] == signature:
-                convert = " (`cxr predict` converts it)" if name in _INGEST_ONLY else ""
-                raise UnsupportedImageTypeError(
-                    f"{name} files are not supported; send PNG, JPEG or DICOM{convert}"
-                )
+        if name := _other_format(data):
+            convert = " (`cxr predict` converts it)" if name in _INGEST_ONLY else ""
+            raise UnsupportedImageTypeError(
+                f"{name} files are not supported; send PNG, JPEG or DICOM{convert}"
+            )
         if declared == "application/x-www-form-urlencoded":  # what `curl --data @x.png` sends
             raise UnsupportedImageTypeError(
                 "a form-encoded body: `curl --data @file` (or -d) sends this, and strips the file's line "
