@@ -86,7 +86,14 @@ def _start_local(logical: int, object_store_memory: int | None) -> None:
 def _init_local(logical: int, object_store_memory: int | None, port: int) -> None:
     """`ray.init` of the local cluster, its dashboard (and job API) on `port` of loopback."""
     import ray
+    from ray._private.utils import get_dashboard_dependency_error
 
+    # Minimal Ray (`pip install ray`, no [default]) has no dashboard, and `include_dashboard=True` would
+    # refuse to start: then the cluster starts without it, said once. cxr's own install has it.
+    missing = get_dashboard_dependency_error()
+    if missing is not None:
+        log.warning("Ray's dashboard is not installed (%s): starting without it; `pip install "
+                    "'ray[default]'` adds it", missing)  # fmt: skip
     api = f"http://127.0.0.1:{port}"
     # Ray Train's preemption watcher, an actor per training run that polls for drained nodes, has
     # nothing to watch on one machine: no autoscaler drains its only node. Off, each run (each Tune
@@ -105,7 +112,7 @@ def _init_local(logical: int, object_store_memory: int | None, port: int) -> Non
             # refused num_cpus ("When connecting to an existing cluster, num_cpus ... must not be provided").
             address="local",
             num_cpus=logical,
-            include_dashboard=True,
+            include_dashboard=missing is None,
             dashboard_host="127.0.0.1",
             dashboard_port=port,
             object_store_memory=object_store_memory,

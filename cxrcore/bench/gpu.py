@@ -13,6 +13,7 @@ import dataclasses
 import os
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,7 +80,13 @@ def benchmark_gpu(config: BenchmarkConfig, through_ray: bool = True) -> Section:
             limit, checkpoint, compile_error = train_limit(plan, device, backend, Path(work) / "limit")
         if device.type == "cuda":
             torch.cuda.empty_cache()  # leave the GPU's memory to the Ray Train workers
-        ray = train_through_ray(config, plan, Path(work)) if without_ray is None else None
+        ray = None
+        if without_ray is None:
+            try:
+                ray = train_through_ray(config, plan, Path(work))
+            except Exception as error:  # the limit and inference measured above still make a table
+                traceback.print_exc()
+                without_ray = f"it failed, {_failure(error)}"
         with torch.backends.cudnn.flags(enabled=True, benchmark=True):
             inference = measure_inference(
                 checkpoint, plan, device, backend if compile_error is None else None

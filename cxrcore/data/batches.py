@@ -1,8 +1,8 @@
 """Model inputs from uint8 image/mask batches, on the training or serving device, plus augmentation.
 
 Training, evaluation and Serve all call `model_inputs`, so what a model sees never depends on where
-it runs. Augmentation works on whole batches on the device (affine warps via `grid_sample`), because
-per-image CPU augmentation cannot keep a GPU fed.
+it runs. Augmentation works on whole batches on the device (affine warps via `grid_sample`, noise drawn
+there), because per-image CPU augmentation cannot keep a GPU fed.
 """
 
 from __future__ import annotations
@@ -55,22 +55,32 @@ def augment(
     config: AugmentConfig,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Randomly augment a batch of [0, 1] images (B, 1, S, S) and, with the same warp, their masks."""
+    """Randomly augment a batch of [0, 1] images (B, 1, S, S) and, with the same warp, their masks.
+
+    Each image's parameters are drawn on the CPU, from `generator` where one is given, so a seeded run
+    repeats on any device; they reach the device in one copy that does not wait for it. The noise, one
+    number per pixel, is drawn on the device: drawn on the CPU and copied, it held a GPU's ResNet50 step to
+    a third of its speed (1,648 against 4,438 images/s at 224 px on an H200, README's Performance).
+    """
     b, device = image.shape[0], image.device
 
     def uniform(low: float, high: float) -> torch.Tensor:
-        return torch.rand(b, generator=generator, device="cpu").mul_(high - low).add_(low).to(device)
+        return torch.rand(b, generator=generator).mul_(high - low).add_(low)
 
     angle = uniform(-config.rotate_degrees, config.rotate_degrees) * (math.pi / 180.0)
     scale = uniform(*config.scale)
     tx, ty = uniform(-config.translate, config.translate), uniform(-config.translate, config.translate)
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    flip = torch.ones(b, device=device)
+    flip = torch.ones(b)
     if config.hflip:
         flip = torch.where(uniform(0, 1) < 0.5, -1.0, 1.0)
-    theta = torch.stack(
-        [torch.stack([cos * flip, -sin, tx], dim=1), torch.stack([sin * flip, cos, ty], dim=1)], dim=1
+    gamma = torch.exp(uniform(-config.gamma, config.gamma))
+    contrast = uniform(1 - config.contrast, 1 + config.contrast)
+    brightness = uniform(-config.brightness, config.brightness)
+    parameters = _to_device(
+        torch.stack([cos * flip, -sin, tx, sin * flip, cos, ty, gamma, contrast, brightness], dim=1), device
     )
+    theta = parameters[:, :6].reshape(b, 2, 3)
     grid = F.affine_grid(theta, list(image.shape), align_corners=False)
     image = F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=False)
     if mask is not None:
@@ -78,17 +88,35 @@ def augment(
             F.grid_sample(mask, grid, mode="bilinear", padding_mode="zeros", align_corners=False) > 0.5
         ).float()
 
-    view = (b, 1, 1, 1)
-    gamma = torch.exp(uniform(-config.gamma, config.gamma)).view(view)
+    gamma, contrast, brightness = (parameters[:, i].reshape(b, 1, 1, 1) for i in (6, 7, 8))
     image = image.clamp(1e-6, 1.0).pow(gamma)
     mean = image.mean(dim=(1, 2, 3), keepdim=True)
-    contrast = uniform(1 - config.contrast, 1 + config.contrast).view(view)
-    brightness = uniform(-config.brightness, config.brightness).view(view)
     image = (image - mean) * contrast + mean + brightness
     if config.noise_std > 0:
-        noise = torch.randn(image.shape, generator=generator, device="cpu").to(device)
+        if device.type == "cpu":
+            noise = torch.randn(image.shape, generator=generator)
+        else:
+            noise = torch.randn(image.shape, generator=_device_generator(generator, device), device=device)
         image = image + noise * config.noise_std
     return image.clamp_(0.0, 1.0), mask
+
+
+def _to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """CPU `values` on `device`; to a GPU from pinned memory, so the copy is queued and the CPU goes on."""
+    if device.type == "cpu":
+        return values
+    if device.type == "cuda":
+        return values.pin_memory().to(device, non_blocking=True)
+    return values.to(device)
+
+
+def _device_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
+    """A generator on `device` seeded from the CPU `generator` (a seeded run draws the same there again), or
+    None, the device's own, without one."""
+    if generator is None:
+        return None
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def normalize_image(spec: InputSpec, image: torch.Tensor) -> torch.Tensor:

@@ -130,6 +130,13 @@ def run_epoch(
     training = optimizer is not None
     model.train(training)
     result = EpochResult()
+    # Each step's loss, weight and correct count stay on the device until the epoch ends: reading one
+    # (`float(loss)`) makes the CPU wait for the GPU's step, which then idles while the next batch is
+    # fetched and prepared.
+    losses: list[torch.Tensor] = []
+    step_weights: list[torch.Tensor | float] = []
+    corrects: list[torch.Tensor] = []
+    weights: torch.Tensor | None = None
     started = time.perf_counter()
     for batch in _timed(batches, result):
         if training and result.count and len(batch["image"]) == 1:
@@ -153,7 +160,8 @@ def run_epoch(
                 loss = segmentation_loss(output, mask)
             else:
                 labels = batch["label_index"].long()
-                weights = loss_weights.to(output.device) if loss_weights is not None else None
+                if loss_weights is not None and weights is None:
+                    weights = loss_weights.to(output.device)
                 loss = F.cross_entropy(output, labels, weight=weights)
         if training:
             assert optimizer is not None
@@ -165,11 +173,10 @@ def run_epoch(
         n = inputs.shape[0]
         # cross_entropy's weighted mean divides by the batch's summed weights, which differ from batch to
         # batch: weigh each batch by them, or a batch of a rare class would count for less than its images.
-        # A batch whose classes all weigh 0 (absent from training) has a loss of 0/0: it counts for nothing.
-        weight = float(weights[labels].sum()) if spec.task != "segment" and weights is not None else float(n)
-        if weight > 0:
-            result.loss_sum += float(loss.detach()) * weight
-            result.loss_weight += weight
+        losses.append(loss.detach())
+        step_weights.append(
+            weights[labels].sum() if spec.task != "segment" and weights is not None else float(n)
+        )
         result.count += n
         if spec.task == "segment":
             if keep_outputs:
@@ -177,14 +184,37 @@ def run_epoch(
                 result.outputs.append(torch.sigmoid(output).detach().cpu().numpy())
                 result.targets.append(mask.cpu().numpy())
         else:
-            result.correct += int((output.argmax(dim=1) == labels).sum())
+            corrects.append((output.argmax(dim=1) == labels).sum())
             if keep_outputs:
                 # Log-probabilities, which keep what softmax rounds to 0 or 1 in float32: the temperature is
                 # fitted on them, and log(p + 1e-12) capped a confident error's loss at 27.6 (T came out low).
                 result.outputs.append(torch.log_softmax(output.detach(), dim=1).cpu().numpy())
                 result.labels.append(labels.cpu().numpy())
+    _tally(result, losses, step_weights, corrects)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _tally(
+    result: EpochResult,
+    losses: list[torch.Tensor],
+    weights: list[torch.Tensor | float],
+    corrects: list[torch.Tensor],
+) -> None:
+    """Add the steps' losses (each weighted), weights and correct counts to `result`, read from the device
+    at once. A batch whose classes all weigh 0 (absent from training) has a loss of 0/0: it counts for
+    nothing."""
+    if not losses:
+        return
+    step_losses = torch.stack(losses).float().cpu().tolist()
+    if isinstance(weights[0], torch.Tensor):
+        weights = torch.stack([torch.as_tensor(w) for w in weights]).float().cpu().tolist()
+    for loss, weight in zip(step_losses, weights, strict=True):
+        if weight > 0:
+            result.loss_sum += loss * float(weight)
+            result.loss_weight += float(weight)
+    if corrects:
+        result.correct += int(torch.stack(corrects).sum())
 
 
 def _timed(batches: Iterable[Batch], result: EpochResult) -> Iterator[Batch]:

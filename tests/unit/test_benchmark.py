@@ -568,3 +568,26 @@ def test_serve_load_generator_counts_answers_and_refuses_a_run_with_failures(
             )
     finally:
         failing.close()
+
+
+def test_gpu_section_keeps_its_table_when_the_ray_path_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A lent GPU machine is lent for minutes: a Ray path that fails there (a package missing from a bare
+    image) must not cost the limit and inference measured before it, and the notes say what failed."""
+    from cxrcore.bench import gpu
+
+    def broken(*_: Any) -> Any:
+        raise ModuleNotFoundError("No module named 'openpyxl'")
+
+    monkeypatch.setattr(gpu, "ray_installed", lambda: True)
+    monkeypatch.setattr(gpu, "train_through_ray", broken)
+    config = BenchmarkConfig("gpu", quick=True, device="cpu", out=str(tmp_path), work_dir=str(tmp_path))
+    with one_torch_thread():
+        section = benchmark_gpu(config)
+    assert section.details["ray"] is None and section.details["limit"]["eager"]["images_per_s"] > 0
+    assert (
+        "The Ray Data → Ray Train path was not run here: it failed, "
+        "ModuleNotFoundError: No module named 'openpyxl'." in section.notes
+    )
+    assert "Traceback" in capsys.readouterr().err  # the whole error, for whoever reads the run's log

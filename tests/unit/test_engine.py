@@ -140,6 +140,18 @@ def test_masks_made_once_by_the_driver_are_the_masks_the_workers_would_make(tmp_
     assert masks.shape == (197, 48, 48) and np.array_equal(masks, (whole[:, 0] * 255).to(torch.uint8).numpy())
 
 
+class _Replay(torch.nn.Module):
+    """A classifier that answers each batch with the next rows of fixed `logits`."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.logits, self.served = logits, 0
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        start, self.served = self.served, self.served + len(inputs)
+        return self.logits[start : self.served]
+
+
 def test_validation_keeps_the_log_probabilities_the_temperature_is_fitted_on() -> None:
     """A confident model's wrong answers sit 40 nats below its choice: kept as float32 probabilities they
     rounded to 0, their log was clipped at -27.6, and the temperature fitted on them came out too low, so
@@ -151,15 +163,6 @@ def test_validation_keeps_the_log_probabilities_the_temperature_is_fitted_on() -
     wrong = np.random.default_rng(0).random(40) < 0.1
     logits = 40.0 * np.eye(4)[np.where(wrong, (labels + 1) % 4, labels)]
 
-    class Replay(torch.nn.Module):
-        """Answers `logits`, batch after batch."""
-
-        served = 0
-
-        def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-            start, self.served = self.served, self.served + len(inputs)
-            return torch.tensor(logits[start : self.served], dtype=torch.float32)
-
     spec = get_input_spec(create_model("tiny_cnn_lstm", image_size=32))
     batches = [
         {
@@ -170,7 +173,9 @@ def test_validation_keeps_the_log_probabilities_the_temperature_is_fitted_on() -
         }
         for i in range(0, 40, 4)
     ]
-    outputs = combine([run_epoch(Replay(), batches, spec, keep_outputs=True)])["outputs"]
+    outputs = combine(
+        [run_epoch(_Replay(torch.tensor(logits, dtype=torch.float32)), batches, spec, keep_outputs=True)]
+    )["outputs"]
     expected = torch.log_softmax(torch.tensor(logits), dim=1).numpy()
     np.testing.assert_allclose(outputs, expected, atol=1e-4)
     assert fit_temperature(outputs, labels) == pytest.approx(fit_temperature(logits, labels), rel=1e-3)
@@ -203,13 +208,6 @@ def test_a_class_weighted_loss_over_an_epoch_is_the_weighted_mean_over_every_ima
     logits = torch.randn(len(labels), 4, generator=generator) * 3
     weights = class_weights([9, 3, 3, 3])
 
-    class Replay(torch.nn.Module):
-        served = 0
-
-        def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-            start, self.served = self.served, self.served + len(inputs)
-            return logits[start : self.served]
-
     spec = get_input_spec(create_model("tiny_cnn_lstm", image_size=32))
     batches = [
         {
@@ -221,8 +219,54 @@ def test_a_class_weighted_loss_over_an_epoch_is_the_weighted_mean_over_every_ima
         for part in labels.split([9, 9])
     ]
     whole = torch.nn.functional.cross_entropy(logits, labels, weight=weights)
-    assert combine([run_epoch(Replay(), batches, spec, loss_weights=weights)])["loss"] == pytest.approx(
-        float(whole), rel=1e-5
-    )
+    assert combine([run_epoch(_Replay(logits), batches, spec, loss_weights=weights)])[
+        "loss"
+    ] == pytest.approx(float(whole), rel=1e-5)
     unweighted = torch.nn.functional.cross_entropy(logits, labels)
-    assert combine([run_epoch(Replay(), batches, spec)])["loss"] == pytest.approx(float(unweighted), rel=1e-5)
+    assert combine([run_epoch(_Replay(logits), batches, spec)])["loss"] == pytest.approx(
+        float(unweighted), rel=1e-5
+    )
+
+
+def test_a_batch_whose_classes_all_weigh_nothing_counts_for_nothing() -> None:
+    """A class absent from training weighs 0: a batch of only that class has a loss of 0/0, which must not
+    turn the epoch's loss into NaN now that the steps' losses are read at the epoch's end."""
+    from cxrcore.train.engine import class_weights, combine, run_epoch
+
+    labels = torch.tensor([0, 1, 3, 0, 2, 2])
+    logits = torch.randn(len(labels), 4, generator=torch.Generator().manual_seed(1))
+    weights = class_weights([2, 1, 0, 1])
+    assert float(weights[2]) == 0.0
+
+    spec = get_input_spec(create_model("tiny_cnn_lstm", image_size=32))
+    batches = [
+        {"image": torch.zeros((len(part), 32, 32), dtype=torch.uint8), "label_index": part}
+        for part in labels.split([4, 2])  # the second batch: class 2 alone
+    ]
+    result = run_epoch(_Replay(logits), batches, spec, loss_weights=weights)
+    expected = torch.nn.functional.cross_entropy(logits[:4], labels[:4], weight=weights)
+    assert combine([result])["loss"] == pytest.approx(float(expected), rel=1e-5)
+    assert result.count == 6 and result.correct == int((logits.argmax(1) == labels).sum())
+
+
+def _augmented(device: str, seed: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    from cxrcore.data.batches import AugmentConfig, augment
+
+    images = torch.linspace(0, 1, 64).expand(8, 1, 64, 64).contiguous().to(device)
+    masks = (images > 0.5).float()
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    return augment(images, masks, AugmentConfig(), generator)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_augmentation_repeats_with_its_seed_on_every_device(device: str) -> None:
+    """Parameters are drawn on the CPU and the noise on the device, from a generator seeded by the CPU one:
+    a seeded run augments alike again, another seed differently, and masks stay 0/1."""
+    image, mask = _augmented(device, 7)
+    again, _ = _augmented(device, 7)
+    other, _ = _augmented(device, 8)
+    assert image.device.type == device and torch.equal(image, again) and not torch.equal(image, other)
+    assert float(image.min()) >= 0.0 and float(image.max()) <= 1.0
+    assert mask is not None and set(mask.unique().tolist()) <= {0.0, 1.0}
+    unseeded, _ = _augmented(device, None)  # the device's own generator
+    assert unseeded.shape == image.shape and not torch.equal(unseeded, image)

@@ -45,3 +45,28 @@ def test_the_local_cluster_is_its_own_not_the_one_ray_last_recorded(monkeypatch:
     monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
     runtime._init_local(4, None, 8265)
     assert calls and calls[0]["address"] == "local" and calls[0]["num_cpus"] == 4
+
+
+def test_minimal_ray_starts_without_its_dashboard_and_says_so(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`pip install ray` without [default] has no dashboard, and `include_dashboard=True` refuses to start
+    ("Cannot include dashboard with missing packages"): a bare GPU machine's cluster had no way to start.
+    Checked for real on one, with Ray's dashboard packages missing (README, GPU run)."""
+    import ray
+    import ray._private.utils as ray_utils
+
+    from cxrcore import runtime
+
+    calls: list[dict[str, object]] = []
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    runtime._init_local(4, None, 8265)
+    assert calls[-1]["include_dashboard"] is True  # cxr's own install has it
+    monkeypatch.setattr(
+        ray_utils, "get_dashboard_dependency_error", lambda: ImportError("No module named 'aiohttp_cors'")
+    )
+    with caplog.at_level("WARNING", logger="cxrcore.runtime"):
+        runtime._init_local(4, None, 8265)
+    assert calls[-1]["include_dashboard"] is False
+    assert "dashboard is not installed (No module named 'aiohttp_cors')" in caplog.text
+    assert "ray[default]" in caplog.text
