@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,8 +50,11 @@ def grad_cam(
     captured: list[torch.Tensor] = []
     hook = layer.register_forward_hook(lambda _module, _args, output: captured.append(output))
     try:
-        # cuDNN's RNN kernels refuse backward in eval mode (the CNN-LSTM); the native ones do not.
-        with torch.enable_grad(), torch.backends.cudnn.flags(enabled=False):
+        # cuDNN's RNN kernels refuse backward in eval mode (the CNN-LSTM); the native ones do not. Other
+        # models keep cuDNN's convolutions, many times faster on a GPU than the native ones.
+        recurrent = any(isinstance(module, torch.nn.RNNBase) for module in model.modules())
+        without_cudnn = torch.backends.cudnn.flags(enabled=False) if recurrent else contextlib.nullcontext()
+        with torch.enable_grad(), without_cudnn:
             logits = model(inputs.detach().requires_grad_(True))
             targets = logits.argmax(dim=1) if target is None else torch.full_like(logits[:, 0], target).long()
             score = logits.gather(1, targets[:, None]).sum()

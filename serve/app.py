@@ -25,11 +25,44 @@ from serve.schemas import ClassifierConfig, ServeArgs
 INGRESS_HEADROOM = 256
 
 
-def build_app(args: ServeArgs) -> Application:
-    """The cxr application for `args`; the segmenter gets its own deployment when the model needs masks."""
+def check_gpus(args: ServeArgs, cluster_gpus: float) -> None:
+    """Refuse, at once, an app whose model replicas at their autoscaling floor need more GPUs than a
+    cluster that cannot grow has: its replicas would wait for them until the start times out (300 s).
+
+    A dual-channel model's segmenter deployment holds `num_gpus` per replica beside the classifier's, so on
+    one GPU both fit with `num_gpus=0.5`. A cluster with an autoscaler adds GPU nodes instead: this is for
+    `cxr serve`'s own local cluster.
+    """
+    if args.num_gpus <= 0:
+        return
+    dual = resolve_model(_registry(args), args.model).needs_mask
+    needed = args.num_gpus * args.min_replicas * (2 if dual else 1)
+    if needed <= cluster_gpus + 1e-9:
+        return
+    what = (
+        f"a classifier and a lung segmenter replica (a dual-channel model), each num_gpus={args.num_gpus:g}"
+        if dual
+        else f"a classifier replica of num_gpus={args.num_gpus:g}"
+    )
+    share = cluster_gpus / (args.min_replicas * (2 if dual else 1)) if args.min_replicas else 0
+    fix = f"--arg num_gpus={share:g}" if share > 0 else "run it where there is a GPU, or without num_gpus"
+    raise ValueError(
+        f"the app needs {needed:g} GPU(s) to start (min_replicas={args.min_replicas} × {what}); this cluster "
+        f"has {cluster_gpus:g}: {fix}"
+    )
+
+
+def _registry(args: ServeArgs) -> str | None:
+    """The registry as every replica reads it: a local folder made absolute."""
     registry = args.registry
     if registry is not None and "://" not in registry:
-        registry = str(Path(registry).expanduser().resolve())  # every replica must read the same folder
+        registry = str(Path(registry).expanduser().resolve())
+    return registry
+
+
+def build_app(args: ServeArgs) -> Application:
+    """The cxr application for `args`; the segmenter gets its own deployment when the model needs masks."""
+    registry = _registry(args)  # every replica must read the same folder
     resolved = resolve_model(registry, args.model)
     task = resolved.card.input_spec.get("task", "classify")
     if task != "classify":  # refused here, before Ray starts, not by every replica after it

@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from serve.app import build_app
+from serve.app import build_app, check_gpus
 from serve.schemas import ServeArgs
 
 log = logging.getLogger(__name__)
@@ -120,6 +120,12 @@ def serve_foreground(
     if local:
         check_port_free(host, port)  # before Ray starts, not as HAProxy's crash after it
     dashboard = init_ray(address)
+    if local:  # nothing adds GPUs to it: an app that needs more than it has would wait out its start
+        try:
+            check_gpus(args, ray.cluster_resources().get("GPU", 0.0))
+        except ValueError:
+            ray.shutdown()
+            raise
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     if is_quiet():  # "Started Serve", then serve.run's "New http_options ... will not be applied", which

@@ -204,3 +204,26 @@ def test_serve_without_a_registry_or_with_a_mistyped_one_says_which(
     assert "--model production: no registry to look it up in (pass --registry REG" in capsys.readouterr().err
     assert main(["serve", "--registry", "regsitry", "--port", "0"]) == 2
     assert f"no registry at {tmp_path / 'regsitry'} (no such folder here)" in capsys.readouterr().err
+
+
+def test_an_app_that_needs_more_gpus_than_the_local_cluster_has_is_refused_saying_how_to_fit(
+    tmp_path: Path,
+) -> None:
+    """A dual-channel model's segmenter holds num_gpus beside the classifier: with num_gpus=1 on a one-GPU
+    machine one deployment waited for a second GPU until the start timed out, 300 s later."""
+    from serve.app import check_gpus
+
+    checkpoints = write_checkpoints(tmp_path)
+    dual, single = str(checkpoints.dual), str(checkpoints.cnn_lstm)
+    check_gpus(ServeArgs(model=dual), 0)  # on the CPU: no GPU needed
+    check_gpus(ServeArgs(model=single, num_gpus=1), 1)
+    check_gpus(ServeArgs(model=dual, num_gpus=0.5), 1)  # both fit on one GPU
+    check_gpus(ServeArgs(model=dual, num_gpus=1, min_replicas=0), 0)  # nothing held until requests come
+    with pytest.raises(ValueError) as refused:
+        check_gpus(ServeArgs(model=dual, num_gpus=1), 1)
+    assert "needs 2 GPU(s) to start" in str(refused.value) and "a lung segmenter replica" in str(refused.value)
+    assert str(refused.value).endswith("this cluster has 1: --arg num_gpus=0.5")
+    with pytest.raises(ValueError, match=r"has 0: run it where there is a GPU, or without num_gpus"):
+        check_gpus(ServeArgs(model=single, num_gpus=1, min_replicas=2), 0)
+    with pytest.raises(ValueError, match=r"needs 2 GPU\(s\).*has 1: --arg num_gpus=0.5"):
+        check_gpus(ServeArgs(model=single, num_gpus=1, min_replicas=2), 1)
