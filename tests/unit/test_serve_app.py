@@ -221,8 +221,9 @@ def test_an_app_that_needs_more_gpus_than_the_local_cluster_has_is_refused_sayin
     check_gpus(ServeArgs(model=dual, num_gpus=1, min_replicas=0), 0)  # nothing held until requests come
     with pytest.raises(ValueError) as refused:
         check_gpus(ServeArgs(model=dual, num_gpus=1), 1)
-    assert "needs 2 GPU(s) to start" in str(refused.value) and "a lung segmenter replica" in str(refused.value)
-    assert str(refused.value).endswith("this cluster has 1: --arg num_gpus=0.5")
+    message = str(refused.value)
+    assert "needs 2 GPU(s) to start" in message and "a lung segmenter replica" in message
+    assert message.endswith("this cluster has 1: --arg num_gpus=0.5")
     with pytest.raises(ValueError, match=r"has 0: run it where there is a GPU, or without num_gpus"):
         check_gpus(ServeArgs(model=single, num_gpus=1, min_replicas=2), 0)
     with pytest.raises(ValueError, match=r"needs 2 GPU\(s\).*has 1: --arg num_gpus=0.5"):
