@@ -134,10 +134,16 @@ def run_training(loop_config: dict[str, Any], session: TrainSession) -> None:
     exit_without_finalizing_while_training()  # a stopped trial's worker must not abort on its way out
     if loop_config.get("quiet_console"):
         quiet_train_worker()
-    if not torch.cuda.is_available() and loop_config.get("cpus_per_worker"):
-        torch.set_num_threads(int(loop_config["cpus_per_worker"]))  # as Ray's OMP_NUM_THREADS says
     config = from_dict(TrainConfig, loop_config["train"])
     rank, world, device = session.rank, session.world, session.device
+    # Ray Train's local mode (--workers 0) runs the loop in the driver and hands it a visible GPU whatever
+    # use_gpu says: without --gpu it is a CPU run there too, as it is in CPU workers (where Ray hides the
+    # GPUs), not an fp32 run on the GPU without the CPU threads it was given.
+    on_cpu_anyway = device.type != "cpu" and not config.gpu
+    if on_cpu_anyway:
+        device = torch.device("cpu")
+    if device.type == "cpu" and loop_config.get("cpus_per_worker"):
+        torch.set_num_threads(int(loop_config["cpus_per_worker"]))  # as Ray's OMP_NUM_THREADS says
     if device.type == "cuda":  # training batches keep one shape: cuDNN times its kernels for it once
         torch.backends.cudnn.benchmark = True
     torch.manual_seed(config.seed + rank)
@@ -147,7 +153,7 @@ def run_training(loop_config: dict[str, Any], session: TrainSession) -> None:
     pretrained = loop_config["pretrained"] if rank == 0 else None
     model = create_model(config.model, image_size=loop_config["image_size"], pretrained=pretrained)
     spec, build_args = get_input_spec(model), get_build_args(model)
-    model = session.prepare_model(model)
+    model = model.to(device) if on_cpu_anyway else session.prepare_model(model)  # local mode: one process
     segmenting = spec.task == "segment"
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)

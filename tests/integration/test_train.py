@@ -254,6 +254,28 @@ class _InThisProcess(TrainSession):
         self.metrics = metrics
 
 
+def test_local_mode_without_gpu_trains_on_the_cpu_where_ray_hands_it_a_gpu(
+    synthetic_dataset: str, tmp_path: Path
+) -> None:
+    """Ray Train's local mode (--workers 0) gives the loop a visible GPU whatever use_gpu says; without
+    --gpu the run stays on the CPU. The session here claims CUDA, which this machine does not have: a loop
+    that followed it would fail at its first `.to("cuda")`."""
+    from cxrcore.train.loop import run_training
+    from cxrcore.train.trainer import training_inputs
+
+    config = TrainConfig(
+        data=synthetic_dataset, model="tiny_cnn_lstm", epochs=1, workers=1, batch_size=16,
+        class_weights=False, out=str(tmp_path), name="local",
+    )  # fmt: skip
+    settings, datasets = training_inputs(config)
+    session = _InThisProcess(datasets, tmp_path / "checkpoint")
+    session.device = torch.device("cuda", 0)
+    session.prepare_model = lambda model: pytest.fail("Ray's prepare_model would move it to the GPU")  # type: ignore[method-assign]
+    run_training(settings, session)
+    assert session.metrics["epoch"] == 1 and session.metrics["val_count"] > 0
+    assert not load_card(tmp_path / "checkpoint").training["gpu"]
+
+
 def test_a_bf16_run_validates_the_float32_model_that_is_served(
     synthetic_dataset: str, tmp_path: Path
 ) -> None:
