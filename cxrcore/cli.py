@@ -369,6 +369,7 @@ def _run_on_ray(
     """The shape of every cluster command: typed config from the flags, connect, run, summarise."""
     config = config_from_args(args.config_cls, args)
     _check_architectures(config)  # a typo fails at once, not after Ray's start (12 s here)
+    _refuse_outputs_in_job_copy(config)
     _connect(config.address)
     _note_local_paths(config)
     result = action(config)
@@ -401,18 +402,6 @@ def _note_local_paths(config: Any) -> None:
 
     if local_core_limit() is not None:  # the local cluster cxr started: this machine alone
         return
-    package = _job_package(os.getcwd())
-    inside = [
-        f"--{name} {value}"
-        for name in ("out", "registry")
-        if isinstance(value := getattr(config, name, None), str) and package and _is_under(value, package)
-    ]
-    if inside:  # a relative default, resolved in the copy of --working-dir that Ray deletes with its session
-        raise ConfigError(
-            f"{', '.join(inside)}: inside this job's copy of its working_dir ({package}), which Ray deletes "
-            "when the cluster's session ends: give an absolute path every node sees (e.g. /data/cxr-runs) "
-            "or an s3:// or gs:// URI"
-        )
     local = [
         f"--{name} {value}"
         for name in ("data", "out", "registry")
@@ -425,6 +414,28 @@ def _note_local_paths(config: Any) -> None:
             "or use s3:// or gs:// URIs",
             file=sys.stderr,
             flush=True,
+        )
+
+
+def _refuse_outputs_in_job_copy(config: Any) -> None:
+    """Under `ray job submit --working-dir`, refuse an output (--out, --registry; ingest's OUT) inside the
+    job's unpacked copy of its working dir, as a relative path is: Ray deletes that copy with the cluster's
+    session, and shares it with every later job whose code hashes the same. Before Ray starts."""
+    package = _job_package(os.getcwd())
+    if package is None:
+        return
+    label = {"out": "OUT" if isinstance(config, IngestConfig) else "--out", "registry": "--registry"}
+    outputs = ("out",) if isinstance(config, EvaluateConfig) else ("out", "registry")  # evaluate reads one
+    inside = [
+        f"{label[name]} {value}"
+        for name in outputs
+        if isinstance(value := getattr(config, name, None), str) and value and _is_under(value, package)
+    ]
+    if inside:  # a relative default, resolved in the copy of --working-dir that Ray deletes with its session
+        raise ConfigError(
+            f"{', '.join(inside)}: inside this job's copy of its working_dir ({package}), which Ray deletes "
+            "when the cluster's session ends: give an absolute path every node sees (e.g. /data/cxr-runs) "
+            "or an s3:// or gs:// URI"
         )
 
 
@@ -445,6 +456,7 @@ def _run_ingest(args: argparse.Namespace) -> int:
     from cxrcore.data.ingest import ingest_dataset, scan_ingest_input
 
     config = config_from_args(args.config_cls, args)
+    _refuse_outputs_in_job_copy(config)
     scanned = scan_ingest_input(config)  # a folder it refuses costs no Ray start
     _connect(config.address)
     print(format_ingest_report(ingest_dataset(config, scanned)))
@@ -486,6 +498,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from cxrcore.evaluate.report import with_accuracy_interval
 
     config: EvaluateConfig = config_from_args(EvaluateConfig, args)
+    _refuse_outputs_in_job_copy(config)
     paths = evaluate_checkpoint(config)
     metrics = json.loads(paths["metrics"].read_text())
     headline = {

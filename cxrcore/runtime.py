@@ -47,9 +47,10 @@ def init_ray(
     if not ray.is_initialized():
         if is_quiet():
             filter_routine_ray_lines()
+        given = address
         address = address or os.environ.get("RAY_ADDRESS")
         if address:
-            ray.init(address=address, logging_level=logging.WARNING)
+            _join(address, "--address" if given else "RAY_ADDRESS")
         else:
             global _local_cores
             cores = os.cpu_count() or 1
@@ -60,6 +61,33 @@ def init_ray(
 
     url: str | None = get_dashboard_url()
     return f"http://{url}" if url and not url.startswith("http") else url
+
+
+def _join(address: str, source: str) -> None:
+    """`ray.init` of the running cluster at `address` (given by `source`), its failures as one line that says
+    what to check: the address's kind, the cluster being up, the token."""
+    import ray
+    from ray.exceptions import AuthenticationError
+
+    from cxrcore.config import ConfigError
+
+    if address.startswith(("http://", "https://")):
+        raise ConfigError(
+            f"{source} {address}: that is the dashboard's and job API's HTTP address (`ray job submit "
+            "--address`); a driver joins the cluster at its GCS address, HOST:6379"
+        )
+    token = (
+        "with token authentication (Ray 2.60's default) a client needs RAY_AUTH_MODE=token and the cluster's "
+        "token in RAY_AUTH_TOKEN or ~/.ray/auth_token (copied from the head node)"
+    )
+    try:
+        ray.init(address=address, logging_level=logging.WARNING)
+    except AuthenticationError as exc:
+        raise ConfigError(f"{source} {address}: {str(exc).strip()}") from None
+    except ConnectionError as exc:
+        raise ConfigError(
+            f"{source} {address}: {exc}; is the cluster up there, and this client's token its token? {token}"
+        ) from None
 
 
 DASHBOARD_PORT_ATTEMPTS = 3

@@ -197,7 +197,9 @@ def preflight(config: TuneConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]
 
 
 def check_models(config: TuneConfig) -> None:
-    """Every name in --models is registered, or is 'resnet' (which steps through RESNET_DEPTHS)."""
+    """Every name in --models is registered, or is 'resnet' (which steps through RESNET_DEPTHS); and the
+    experiment's settings make a valid training run for each (a trial would refuse --image-size 8 only
+    after Ray and Tune had started, and a dry run passed it)."""
     from cxrcore.models import get_model_entry
 
     for name in config.model_names():
@@ -206,6 +208,11 @@ def check_models(config: TuneConfig) -> None:
                 get_model_entry(name)
             except ValueError as exc:  # an unknown name, with a "did you mean"
                 raise ConfigError(f"--models: {exc}") from exc
+    model = next((name for name in config.model_names() if name != "resnet"), "resnet18")
+    sample = {"model": model, "batch_size": 16, "lr": 1e-3, "weight_decay": 0.0}  # within any search space
+    trial_train_config(config, {"trial": sample}, "check", None)  # raises ConfigError, naming the setting
+    if segmenter_model(config):
+        segmenter_train_config(config, segmenter_model(config) or "unet")
 
 
 def segmenter_model(config: TuneConfig) -> str | None:

@@ -215,6 +215,13 @@ def test_outputs_inside_a_jobs_working_dir_copy_are_refused(
     assert not ran
     main(["train", "--data", "s3://b/ds", "--model", "tiny_cnn_lstm", "--out", str(tmp_path / "r")])
     assert len(ran) == 1  # an absolute path outside the copy runs
+    # Ingest's OUT and evaluate's --out were written there too, and the job SUCCEEDED.
+    assert main(["data", "ingest", str(tmp_path / "raw"), "ds_rel", "--size", "64"]) == 2
+    assert f"OUT {package / 'ds_rel'}: inside this job's copy" in capsys.readouterr().err
+    evaluate = ["evaluate", "--checkpoint", str(tmp_path / "ck"), "--data", str(tmp_path / "ds")]
+    assert main([*evaluate, "--out", "eval-rel"]) == 2
+    assert f"--out {package / 'eval-rel'}: inside this job's copy" in capsys.readouterr().err
+    assert not (package / "ds_rel").exists() and not (package / "eval-rel").exists()
 
 
 def test_every_subcommand_says_what_it_does_in_its_own_help() -> None:

@@ -78,6 +78,16 @@ def test_tune_dry_run_prints_trials_gpus_and_epochs(capsys: pytest.CaptureFixtur
     assert len(rows) == 12 and {int(row[4]) for row in rows} <= {16, 32, 64}
 
 
+def test_tune_dry_run_refuses_a_setting_its_trials_would_refuse(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--image-size 8` passed the dry run (exit 0, a full plan); submitted, the trials raised it after Ray
+    and Tune had started."""
+    tune = ["tune", "--data", "d", "--registry", "r", "--models", "tiny_cnn_lstm,tiny_dual_cnn"]
+    assert main([*tune, "--image-size", "8", "--dry-run"]) == 2
+    assert "--image-size: must be between 32 and 2048, got 8" in capsys.readouterr().err
+    assert main([*tune, "--image-size", "8"]) == 2  # before Ray starts, too
+    assert "--image-size: must be between 32 and 2048, got 8" in capsys.readouterr().err
+
+
 def test_ingest_dry_run_through_the_job_entrypoint(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -70,3 +70,34 @@ def test_minimal_ray_starts_without_its_dashboard_and_says_so(
     assert calls[-1]["include_dashboard"] is False
     assert "dashboard is not installed (No module named 'aiohttp_cors')" in caplog.text
     assert "ray[default]" in caplog.text
+
+
+def test_joining_a_cluster_fails_in_one_line_that_says_what_to_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the cluster's token `cxr train --address` ended in a traceback after 20 s of Ray's
+    InvalidAuthToken lines; the dashboard's http:// address was blamed on RAY_ADDRESS. Checked for real
+    against a `RAY_AUTH_MODE=token ray start --head` (session 40's bench log)."""
+    import ray
+    from ray.exceptions import AuthenticationError
+
+    from cxrcore import runtime
+    from cxrcore.config import ConfigError
+
+    def refused(**_: object) -> None:
+        raise ConnectionError("Failed to connect to Ray cluster at 10.0.0.5:6379")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refused)
+    with pytest.raises(
+        ConfigError, match=r"^--address 10.0.0.5:6379: Failed to connect .*RAY_AUTH_MODE=token"
+    ):
+        runtime.init_ray("10.0.0.5:6379")
+    monkeypatch.setenv("RAY_ADDRESS", "http://10.0.0.5:8265")
+    with pytest.raises(ConfigError, match=r"^RAY_ADDRESS http://10.0.0.5:8265: that is the dashboard's"):
+        runtime.init_ray()
+
+    def unauthenticated(**_: object) -> None:
+        raise AuthenticationError("no token found")
+
+    monkeypatch.setattr(ray, "init", unauthenticated)
+    with pytest.raises(ConfigError, match=r"^--address h:6379: .*no token found"):
+        runtime.init_ray("h:6379")
