@@ -328,6 +328,28 @@ class ModelRegistry:
             shutil.rmtree(staging, ignore_errors=True)
         return target
 
+    def segmenter_checkpoint(self, segmenter: str) -> Path:
+        """A card's segmenter (what its `segmenter` field holds) as a local checkpoint folder: a folder as it
+        is, a URI's cached copy, a version of this registry by reference, and a version folder of a registry
+        that has since moved or been copied (`OLD/<name>/v<N>`, gone from there) as this registry's version
+        N of <name>: a card records a local registry's segmenter by its folder, and `mv REG REG2` or an
+        rsync to a serving node at another path otherwise broke every dual-channel version in it."""
+        from cxrcore.checkpoint import local_checkpoint_dir
+        from cxrcore.data import storage
+
+        if storage.is_remote(segmenter):
+            return local_checkpoint_dir(segmenter)
+        if Path(segmenter).is_dir():
+            return Path(segmenter)
+        parts = segmenter.rstrip("/").split("/")
+        moved = len(parts) >= 2 and _NAME.fullmatch(parts[-2]) and _VERSION_DIR.fullmatch(parts[-1])
+        ref = f"{parts[-2]}:{parts[-1][1:]}" if moved else segmenter
+        try:
+            return self.local_checkpoint(ref)
+        except RegistryError as exc:
+            where = f"nor a version in the registry {self.root}"
+            raise RegistryError(f"the segmenter {segmenter} is neither a folder here {where}") from exc
+
     def _segmenter_location(self, segmenter: str, checkpoint: str | Path) -> str:
         """Where a card being registered should say its segmenter is, readable wherever the registry is.
 

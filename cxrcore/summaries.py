@@ -77,8 +77,14 @@ def format_comparison(comparison: dict[str, Any]) -> str:
             comparison["segmenter"], comparison.get("settings", {}).get("segmenter_epochs")
         )
     lines.append(f"production (*): {comparison['production']}")
-    before = comparison.get("production_before")
-    if before and before != comparison["production"]:
+    before, kept = comparison.get("production_before"), comparison.get("production_kept")
+    if kept:
+        lines.append(
+            f"production stays {comparison['production']}: it was moved there after this experiment's "
+            f"earlier run promoted {kept['left_by_earlier_run']}; `cxr models promote {kept['winner']}` "
+            "serves this run's winner"
+        )
+    elif before and before != comparison["production"]:
         lines.append(
             f"production moved from {before} to {comparison['production']} (`cxr models promote` moves it)"
         )

@@ -274,17 +274,33 @@ def run_comparison(config: TuneConfig) -> dict[str, Any]:
     trainable = tune.with_resources(tune_driver_per_trial, trial_request(config, cpus_per_worker))
     results = _fit_experiment(
         trainable, space, config.out, config.name, tune_settings(config, ray.cluster_resources()),
-        interrupted="nothing was registered or promoted; run the same command again to resume the "
-        f"experiment ({experiment}): trials go on from their last checkpoints",
+        interrupted=(
+            f"only the lung segmenter was registered ({segmenter['ref']}; the re-run reuses it) and nothing "
+            "was promoted"
+            if segmenter
+            else "nothing was registered or promoted"
+        )
+        + f"; run the same command again to resume the experiment ({experiment}): trials go on from their "
+        "last checkpoints",
     )  # fmt: skip
     trials = [_trial_record(config, results[i]) for i in range(len(results))]
+    left = _production_left_by_earlier_run(experiment)
     best = _best_per_architecture(config, trials, registry, work, experiment)
     previous = registry.aliases().get("production")
+    kept = None
     if best:
         winner = best_by_validation(best.values(), dict)
         assert winner is not None
-        registry.promote(winner["ref"], "production")
-        winner["production"] = True
+        if left is not None and previous is not None and previous != left:
+            # This experiment finished before and promoted `left`; production was moved since (a rollback,
+            # another experiment's winner). Re-running it, to resume or to remake its reports, must not
+            # undo that: an operator's rollback came back on a CI retry.
+            kept = {"left_by_earlier_run": left, "winner": winner["ref"]}
+            for row in best.values():
+                row["production"] = row["ref"] == previous  # starred where the kept version is one of them
+        else:
+            registry.promote(winner["ref"], "production")
+            winner["production"] = True
     comparison = {
         "experiment": experiment,
         "dataset": config.data,
@@ -292,8 +308,9 @@ def run_comparison(config: TuneConfig) -> dict[str, Any]:
         "segmenter": segmenter,
         "trials": trials,
         "best": best,
-        "production": next((b["ref"] for b in best.values() if b.get("production")), None),
+        "production": next((b["ref"] for b in best.values() if b.get("production")), None) or previous,
         "production_before": previous,
+        "production_kept": kept,
     }
     from cxrcore.evaluate.comparison import write_comparison_report
 
@@ -302,6 +319,16 @@ def run_comparison(config: TuneConfig) -> dict[str, Any]:
         storage.copy(pafs.LocalFileSystem(), str(work), *storage.resolve(experiment))
     comparison["reports"] = {k: _published(v, work, experiment) for k, v in reports.items()}
     return comparison
+
+
+def _production_left_by_earlier_run(experiment: str) -> str | None:
+    """The production version this experiment's earlier, finished run promoted (its comparison.json), or
+    None: a first run, or one stopped before it promoted anything."""
+    text = storage.read_text(*storage.resolve(f"{experiment.rstrip('/')}/comparison.json"))
+    if not text:
+        return None
+    production = json.loads(text).get("production")
+    return production if isinstance(production, str) else None
 
 
 def _start_ray_data_actors() -> None:

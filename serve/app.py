@@ -83,7 +83,12 @@ def build_app(args: ServeArgs) -> Application:
         if not resolved.card.segmenter:
             raise ValueError(f"{resolved.ref} needs a lung mask but its card names no segmenter checkpoint")
         # A segmenter that is nowhere fails here; each replica then finds its own copy of what the card names.
-        resolve_segmenter(registry, resolved.card.segmenter)
+        try:
+            resolve_segmenter(registry, resolved.card.segmenter)
+        except (KeyError, FileNotFoundError) as exc:  # RegistryError is a KeyError too
+            raise ValueError(
+                f"{resolved.ref}'s card names a lung segmenter that cannot be found: {exc}"
+            ) from exc
         segmenter = Segmenter.options(
             autoscaling_config={**autoscaling, "target_ongoing_requests": 2},
             ray_actor_options=actor_options,
@@ -112,6 +117,7 @@ def build_app(args: ServeArgs) -> Application:
         args.max_batch_size,
         args.batch_wait_timeout_s,
         args.forward_batch_size,
+        app_model=resolved.ref,
     )
     # The ingress takes everything the classifier can hold, plus room to answer the excess with those
     # JSON 503s; past that, Serve's proxy refuses with its own plain-text 503 (and Retry-After).

@@ -111,7 +111,7 @@ def resolve_segmenter(registry: str | None, segmenter: str) -> str:
         return segmenter
     from cxrcore.registry import ModelRegistry
 
-    return str(ModelRegistry(registry).local_checkpoint(segmenter))
+    return str(ModelRegistry(registry).segmenter_checkpoint(segmenter))
 
 
 def replica_handle(handle: DeploymentHandle) -> DeploymentHandle:
@@ -387,8 +387,10 @@ class Classifier:
         max_batch_size: int = 16,
         batch_wait_timeout_s: float = 0.0,
         forward_batch_size: int = 0,
+        app_model: str | None = None,
     ) -> None:
         self._registry = registry
+        self._app_model = app_model  # the version build_app pinned: a new replica's fallback
         self._segmenter = None if segmenter is None else replica_handle(segmenter)
         self._device = device
         self._defaults = {
@@ -406,7 +408,11 @@ class Classifier:
         """Runs at start and on every `user_config` change: loads a new model, then swaps it in.
 
         A model that fails to load while another is serving leaves that one serving (a mistyped
-        reference must not take the service down); GET /v1/model reports the failure.
+        reference must not take the service down); GET /v1/model reports the failure. A new replica has
+        none yet: one started with a `user_config` it cannot load (a `serve deploy` that changed the app's
+        args, so Serve replaced every replica, and named a bad version) serves the app's own model, the
+        version build_app pinned, and reports the failure alike; before, no replica started and every
+        prediction got 503 `model_unavailable` until a corrected deploy.
         """
         config = ClassifierConfig.model_validate({**self._defaults, **user_config})
         self._batcher.max_batch_size = config.max_batch_size
@@ -424,8 +430,14 @@ class Classifier:
             self._served = await self._thread.run(self._load, config, asyncio.get_running_loop())
         except Exception as exc:
             if self._served is None:
-                raise
-            log.exception("still serving %s: could not load %r", self._served.resolved.ref, config.model)
+                fallback = self._app_model
+                if fallback is None or fallback == config.model:
+                    raise
+                pinned = config.model_copy(update={"model": fallback})
+                self._served = await self._thread.run(self._load, pinned, asyncio.get_running_loop())
+                log.exception("serving the app's model %s: could not load %r", fallback, config.model)
+            else:
+                log.exception("still serving %s: could not load %r", self._served.resolved.ref, config.model)
             # As /v1/model shows it: a checkpoint folder by its last components, in the exception's text too
             # (a missing file's whole path); the log above has the whole paths.
             reason = f"{type(exc).__name__}: {public_text(str(exc))}"

@@ -333,15 +333,10 @@ def _registered_metrics(report: str | None) -> dict[str, Any] | None:
 def _registry_segmenter(registry: ModelRegistry, ref: str, segmenter: str | None) -> str | None:
     """A card's segmenter as a local folder: the folder itself (a URI's cached copy), else a version of
     the same registry."""
-    from cxrcore.checkpoint import local_checkpoint_dir
-    from cxrcore.data import storage
-
-    if segmenter is not None and storage.is_remote(segmenter):
-        return str(local_checkpoint_dir(segmenter))
-    if segmenter is None or Path(segmenter).is_dir():
-        return segmenter
+    if segmenter is None:
+        return None
     try:
-        return str(registry.local_checkpoint(segmenter))
+        return str(registry.segmenter_checkpoint(segmenter))
     except RegistryError as exc:
         raise FileNotFoundError(
             f"{ref}'s card names the segmenter {segmenter}, which is neither a folder here nor a version "

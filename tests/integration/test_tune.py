@@ -106,6 +106,18 @@ def test_tiny_comparison_registers_all_three_and_promotes_the_best(
     assert main([*COMMAND, "--epochs", "2", "--pretrained", "none"]) == 2
     assert "epochs 1 → 2" in capsys.readouterr().err
 
+    # A rollback by hand, then the same command again (a CI retry, or to remake the reports): the
+    # experiment's registrations are reused and production stays where the operator put it.
+    rollback = next(v.ref for v in registry.versions() if v.name in MODELS and v.ref != production.ref)
+    registry.promote(rollback, "production")
+    versions = [v.ref for v in registry.versions()]
+    assert main([*COMMAND, "--epochs", "1", "--pretrained", "none"]) == 0
+    again = capsys.readouterr().out
+    assert registry.get("production").ref == rollback
+    assert f"production stays {rollback}: it was moved there after this experiment's earlier" in again
+    assert f"`cxr models promote {production.ref}` serves this run's winner" in again
+    assert [v.ref for v in registry.versions()] == versions  # nothing registered twice
+
 
 def test_a_trial_of_two_workers_trains_in_a_torchtrainer_and_is_recorded_alike(
     comparison: tuple[Path, int, str], monkeypatch: pytest.MonkeyPatch

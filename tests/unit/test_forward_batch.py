@@ -182,3 +182,26 @@ def test_batched_predictions_of_fewer_images_than_a_batch_take_them_whole(tmp_pa
     batches = BatchedPredictions(predictor, 8)
     assert batches.run(predictor.predict_proba, images, [None] * 5).shape == (5, 4)
     assert sizes == [5] and batches.chosen is None  # no full batch: nothing tried, nothing chosen
+
+
+def test_a_new_replica_that_cannot_load_its_user_config_serves_the_apps_own_model(tmp_path: Path) -> None:
+    """`serve deploy` with changed args replaces every replica; with a user_config naming a version that
+    does not exist, none started and every prediction got 503 `model_unavailable` until a corrected deploy.
+    A new replica now serves the version build_app pinned, and says why in GET /v1/model."""
+    from serve.deployments import Classifier
+    from tests.e2e.uploads import write_registry
+
+    registry = str(write_registry(tmp_path))
+    replica = Classifier.func_or_class(registry, None, "cpu", 8, app_model="tiny_cnn_lstm:1")
+
+    async def reconfigure_and_info(user_config: dict[str, Any]) -> dict[str, Any]:
+        await replica.reconfigure(user_config)
+        info: dict[str, Any] = await replica.info()
+        return info
+
+    info = asyncio.run(reconfigure_and_info({"model": "tiny_cnn_lstm:99", "forward_batch_size": 1}))
+    assert replica._served is not None and replica._served.resolved.ref == "tiny_cnn_lstm:1"
+    assert "could not load 'tiny_cnn_lstm:99'" in info["swap_error"] and "no version 99" in info["swap_error"]
+    alone = Classifier.func_or_class(registry, None, "cpu", 8)  # no app model to fall back on: it fails
+    with pytest.raises(Exception, match="no version 99"):
+        asyncio.run(alone.reconfigure({"model": "tiny_cnn_lstm:99"}))

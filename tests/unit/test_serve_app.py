@@ -113,6 +113,28 @@ def test_registry_references_pin_to_a_version(tmp_path: Path) -> None:
         resolve_model(registry, "nope")
 
 
+def test_a_moved_registry_still_finds_its_dual_channel_versions_segmenter(tmp_path: Path) -> None:
+    """A card records a local registry's segmenter by its folder: after `mv REG REG2` (or an rsync to a
+    serving node at another path) `cxr serve` and `cxr evaluate` refused every dual-channel version."""
+    import shutil
+
+    from cxrcore.evaluate.evaluation import _registry_segmenter
+    from cxrcore.registry import ModelRegistry
+
+    old = write_registry(tmp_path / "a")
+    moved = shutil.move(old, tmp_path / "moved")
+    card = resolve_model(str(moved), "production").card
+    assert card.segmenter is not None and card.segmenter.startswith(str(old))  # the old place, gone
+    unet = str(ModelRegistry(str(moved)).local_checkpoint("tiny_unet:1"))
+    assert resolve_segmenter(str(moved), card.segmenter) == unet
+    assert _registry_segmenter(ModelRegistry(str(moved)), "tiny_dual_cnn:1", card.segmenter) == unet
+    build_app(ServeArgs(registry=str(moved), model="production"))
+    # A segmenter that is nowhere is named with the version whose card names it.
+    shutil.rmtree(moved / "tiny_unet")
+    with pytest.raises(ValueError, match=r"^tiny_dual_cnn:1's card names a lung segmenter that cannot be"):
+        build_app(ServeArgs(registry=str(moved), model="production"))
+
+
 def test_cxr_serve_refuses_bad_arguments_before_starting_ray(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
