@@ -283,6 +283,7 @@ class ModelRegistry:
                 "what `cxr serve` answers with, and a dual-channel classifier brings its segmenter along; "
                 f"promote a classifier, or give {target.ref} another alias"
             )
+        self._check_servable(target)
         with self._locked():
             if alias in self._names():
                 raise RegistryError(
@@ -295,6 +296,29 @@ class ModelRegistry:
                 f"{self._path}/{ALIASES_NAME}", json.dumps(dict(sorted(aliases.items())), indent=2)
             )
         return replace(version, aliases=tuple(sorted(a for a, t in aliases.items() if t == version.ref)))
+
+    def _check_servable(self, version: ModelVersion) -> None:
+        """A dual-channel version's segmenter is somewhere: an alias moved to one whose segmenter had moved
+        away was accepted, and `cxr serve` then failed on a path nobody had named."""
+        if "mask" not in version.card.input_spec.get("channels", []):
+            return
+        segmenter = version.card.segmenter
+        problem = None if segmenter else "its card names none"
+        if segmenter and "://" in segmenter and not segmenter.startswith("file://"):
+            from cxrcore.checkpoint import CARD_NAME
+
+            if not exists(*resolve(f"{segmenter.rstrip('/')}/{CARD_NAME}")):
+                problem = f"{segmenter} holds no checkpoint"
+        elif segmenter:
+            try:
+                self.segmenter_checkpoint(segmenter)
+            except RegistryError as exc:
+                problem = str(exc)
+        if problem:
+            raise RegistryError(
+                f"{version.ref} is a dual-channel model whose lung segmenter cannot be found ({problem}): "
+                "it could not be served; register its segmenter here and the model again with it"
+            )
 
     def aliases(self) -> dict[str, str]:
         """Alias → "name:N"; empty when nothing was promoted yet."""

@@ -129,10 +129,14 @@ def test_a_moved_registry_still_finds_its_dual_channel_versions_segmenter(tmp_pa
     assert resolve_segmenter(str(moved), card.segmenter) == unet
     assert _registry_segmenter(ModelRegistry(str(moved)), "tiny_dual_cnn:1", card.segmenter) == unet
     build_app(ServeArgs(registry=str(moved), model="production"))
-    # A segmenter that is nowhere is named with the version whose card names it.
+    ModelRegistry(str(moved)).promote("tiny_dual_cnn:2", "staging")
+    # A segmenter that is nowhere is named with the version whose card names it, and no alias moves to it.
     shutil.rmtree(moved / "tiny_unet")
     with pytest.raises(ValueError, match=r"^tiny_dual_cnn:1's card names a lung segmenter that cannot be"):
         build_app(ServeArgs(registry=str(moved), model="production"))
+    with pytest.raises(KeyError, match=r"tiny_dual_cnn:2 is a dual-channel model whose lung segmenter cannot"):
+        ModelRegistry(str(moved)).promote("tiny_dual_cnn:2", "staging")
+    ModelRegistry(str(moved)).promote("tiny_cnn_lstm:1", "staging")  # one channel: nothing to find
 
 
 def test_cxr_serve_refuses_bad_arguments_before_starting_ray(
