@@ -262,6 +262,15 @@ def _add_models_commands(commands: Any) -> None:
     _add_registry_argument(promote)
     promote.add_argument("--alias", default="production", help="alias to move (default: %(default)s)")
     promote.set_defaults(run=_run_promote)
+    register = models_commands.add_parser(
+        "register",
+        help="register a checkpoint (`cxr train`'s best) as its model's next version, with its segmenter",
+    )
+    register.add_argument("checkpoint", help="checkpoint folder or URI: `cxr train` prints its best")
+    _add_registry_argument(register)
+    register.add_argument("--report", help="an evaluation folder to keep with it (`cxr evaluate --out`)")
+    register.add_argument("--alias", help="an alias to point at it (e.g. staging; production to serve it)")
+    register.set_defaults(run=_run_register)
     clean = models_commands.add_parser(
         "clean", help="free what registrations killed midway left (version folders without a card)"
     )
@@ -637,6 +646,42 @@ def _run_show(args: argparse.Namespace) -> int:
         lines.append(f"  {key}: {json.dumps(value) if isinstance(value, dict | list) else value}")
     lines.append(f"  history: {len(history)} epochs")
     print("\n".join(lines))
+    return 0
+
+
+def _run_register(args: argparse.Namespace) -> int:
+    """A checkpoint registered once: found where it already is; a dual-channel one's segmenter registered
+    first (or found), so that the version names a segmenter the registry holds, wherever it is read."""
+    from cxrcore.checkpoint import load_card
+
+    if not args.registry:
+        raise ConfigError("--registry: no model registry given (pass --registry or set CXR_REGISTRY)")
+    try:
+        card = load_card(args.checkpoint)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{args.checkpoint}: {exc}") from exc
+    registry = ModelRegistry(args.registry)  # a new one is created
+    segmenter = None
+    if "mask" in card.input_spec.get("channels", []) and card.segmenter:
+        try:
+            unet = registry.registered_as(registry.segmenter_checkpoint(card.segmenter))
+        except (RegistryError, FileNotFoundError) as exc:
+            raise ConfigError(f"{args.checkpoint}'s lung segmenter: {exc}") from exc
+        if unet is None:
+            unet = registry.register(registry.segmenter_checkpoint(card.segmenter))
+            print(f"registered its lung segmenter {card.segmenter} as {unet.ref}")
+        segmenter = unet.ref
+    found = registry.registered_as(args.checkpoint, segmenter)
+    if found is not None:
+        print(f"{args.checkpoint} is registered already, as {found.ref}")
+        version = registry.promote(found.ref, args.alias) if args.alias else found
+    else:
+        version = registry.register(
+            args.checkpoint, report=args.report, alias=args.alias, segmenter=segmenter
+        )
+        print(f"registered {args.checkpoint} as {version.ref}")
+    if args.alias:
+        print(f"{args.alias}: {version.ref}")
     return 0
 
 

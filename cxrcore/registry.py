@@ -131,10 +131,36 @@ class ModelRegistry:
     def __repr__(self) -> str:
         return f"ModelRegistry({self.root!r})"
 
+    def registered_as(self, checkpoint: str | Path, segmenter: str | None = None) -> ModelVersion | None:
+        """The version holding `checkpoint` already (the same card but for its version, the same weights), or
+        None: registering a checkpoint twice, as a resumed `cxr tune` or a repeated `cxr models register`
+        would, then finds the first. `segmenter`: as `register` takes it."""
+        from cxrcore.checkpoint import WEIGHTS_NAME, load_card, local_checkpoint_dir
+
+        card = {**load_card(checkpoint).to_dict(), "version": None}
+        if segmenter is not None:
+            card["segmenter"] = self._segmenter_location(str(self.local_checkpoint(segmenter)), checkpoint)
+        weights = (local_checkpoint_dir(checkpoint) / WEIGHTS_NAME).read_bytes()
+        return next(
+            (
+                version
+                for version in self.versions(card["model"]["name"])
+                if {**version.card.to_dict(), "version": None} == card
+                and (self.local_checkpoint(version.ref) / WEIGHTS_NAME).read_bytes() == weights
+            ),
+            None,
+        )
+
     def register(
-        self, checkpoint: str | Path, *, report: str | Path | None = None, alias: str | None = None
+        self,
+        checkpoint: str | Path,
+        *,
+        report: str | Path | None = None,
+        alias: str | None = None,
+        segmenter: str | None = None,
     ) -> ModelVersion:
-        """Store a checkpoint (card and weights, plus an evaluation report folder) as the next version."""
+        """Store a checkpoint (card and weights, plus an evaluation report folder) as the next version;
+        `segmenter` (a version of this registry) replaces the lung segmenter its card names."""
         from cxrcore.checkpoint import CARD_NAME, WEIGHTS_NAME, ModelCard
 
         if alias is not None:
@@ -148,6 +174,8 @@ class ModelRegistry:
         name = str(card_data["model"]["name"])
         if not _NAME.fullmatch(name):
             raise RegistryError(f"model name {name!r} cannot name a registry folder")
+        if segmenter is not None:
+            card_data["segmenter"] = str(self.local_checkpoint(segmenter))
         if card_data.get("segmenter"):
             card_data["segmenter"] = self._segmenter_location(str(card_data["segmenter"]), checkpoint)
         report_fs, report_path = resolve(str(report)) if report is not None else (None, "")

@@ -667,20 +667,9 @@ def _evaluate_and_register(config: TuneConfig, registry: Any, checkpoint: str | 
     version with the same card and weights is already there, and the checkpoint is not registered
     again (nor evaluated again, while its report is in place).
     """
-    from cxrcore.checkpoint import WEIGHTS_NAME, load_card, local_checkpoint_dir
     from cxrcore.evaluate.evaluation import evaluate_checkpoint
 
-    card = {**load_card(checkpoint).to_dict(), "version": None}
-    weights = (local_checkpoint_dir(checkpoint) / WEIGHTS_NAME).read_bytes()
-    registered = next(
-        (
-            version
-            for version in registry.versions(card["model"]["name"])
-            if {**version.card.to_dict(), "version": None} == card
-            and (registry.local_checkpoint(version.ref) / WEIGHTS_NAME).read_bytes() == weights
-        ),
-        None,
-    )
+    registered = registry.registered_as(checkpoint)
     if registered is None or not (report / "metrics.json").is_file():
         evaluate_checkpoint(EvaluateConfig(checkpoint=str(checkpoint), data=config.data, out=str(report)))
     if registered is not None:

@@ -390,3 +390,33 @@ def test_the_lung_segmenter_cannot_become_production(
     assert "tiny_unet:1 is a segment model (the lung segmenter), not a classifier" in error
     assert registry.aliases() == {}
     assert registry.promote("tiny_unet:1", "segmenter").aliases == ("segmenter",)  # another alias is its own
+
+
+def test_cxr_models_register_brings_a_dual_channel_checkpoints_segmenter_along(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """There was no command to register a `cxr train` checkpoint; through the Python API a dual-channel one
+    kept its training run's segmenter path, and serving it failed once that run was cleaned up."""
+    import shutil
+
+    from cxrcore.cli import main
+    from tests.e2e.uploads import write_checkpoints
+
+    checkpoints = write_checkpoints(tmp_path / "runs")
+    reg = str(tmp_path / "reg")
+    assert main(["models", "register", str(checkpoints.dual), "--registry", reg]) == 0
+    out = capsys.readouterr().out
+    assert "registered its lung segmenter" in out and "as tiny_unet:1" in out and "as tiny_dual_cnn:1" in out
+    registry = ModelRegistry(reg)
+    assert registry.get("tiny_dual_cnn:1").card.segmenter == str(registry.local_checkpoint("tiny_unet:1"))
+    # Again: found, not registered twice; an alias moves to it.
+    register = ["models", "register", str(checkpoints.dual), "--registry", reg]
+    assert main([*register, "--alias", "production"]) == 0
+    assert "registered already, as tiny_dual_cnn:1" in capsys.readouterr().out
+    assert [v.ref for v in registry.versions()] == ["tiny_dual_cnn:1", "tiny_unet:1"]
+    assert registry.get("production").ref == "tiny_dual_cnn:1"
+    shutil.rmtree(checkpoints.unet)  # the training run's segmenter, cleaned up: the registry has its own
+    registry.promote("tiny_dual_cnn:1", "staging")
+    assert main(["models", "register", str(checkpoints.cnn_lstm), "--registry", reg, "--report", "nope"]) == 2
+    assert "report folder nope not found" in capsys.readouterr().err
+    assert main(["models", "register", str(tmp_path / "none"), "--registry", reg]) == 2
