@@ -172,6 +172,11 @@ def decode_upload(data: bytes, content_type: str | None = None, *, window: bool 
         raise ImageDecodeError(f"corrupt {fmt.upper()} file: {type(exc).__name__}: {exc}") from exc
 
 
+_DEFLATED = b"1.2.840.10008.1.2.1.99"
+"""The Deflated Explicit VR Little Endian transfer syntax UID, as a file's meta information holds it."""
+_FILE_META_BYTES = 4096
+"""Where a DICOM file's meta information (preamble, DICM, group 0002) lies: a few hundred bytes."""
+
 _LATERAL_VIEWS = frozenset({"LL", "RL", "LAT", "LATERAL"})
 """DICOM ViewPosition values of a lateral projection (the standard's LL and RL, and what some units write).
 A chest study exported from a PACS holds its lateral beside its PA; a decubitus (LLD, RLD) is frontal."""
@@ -187,6 +192,12 @@ def decode_dicom(data: bytes, *, window: bool = True) -> np.ndarray:
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
+    if _DEFLATED in data[:_FILE_META_BYTES]:
+        raise UnsupportedImageTypeError(
+            "DICOM in the Deflated Explicit VR Little Endian transfer syntax is not supported: it inflates "
+            "in memory without a bound (6.3 MB to 6 GB in an outside review); send it uncompressed "
+            "(`dcmconv +te`) or JPEG-compressed"
+        )
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=sniff_format(data) != "dicom")
     except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError) as exc:

@@ -460,6 +460,13 @@ class _Routes:
             raise self._upload_error(
                 400, "image_too_small", f"image is {width}×{height}; each side needs {side}+ pixels"
             )
+        if image.min() == image.max():  # as ingest refuses it: no model output would mean anything
+            raise self._upload_error(
+                400,
+                "blank_image",
+                f"blank image: every pixel is {image.min()} after decoding (an empty exposure, or a DICOM "
+                "whose rescale or window is not a finite number)",
+            )
         return image
 
 

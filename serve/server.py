@@ -88,6 +88,26 @@ def _of_node(command: str, node_id: str) -> bool:
     return f"/{node_id}/" in command
 
 
+def restrict_haproxy_files(node_id: str) -> bool:
+    """Make this node's HAProxy folder (its config, server state and admin socket) its owner's alone; True
+    when there was one to restrict.
+
+    Ray writes the admin socket `mode 666 level admin`: any local user could point HAProxy's backends at a
+    listener of their own and receive every upload, answering with forged predictions (an outside review
+    did, as `nobody`). A socket in a folder only its owner may enter is out of their reach, also after
+    HAProxy's reloads recreate it; Serve's manager and HAProxy run as that owner."""
+    from ray.serve._private.constants import RAY_SERVE_HAPROXY_SOCKET_PATH
+
+    folder = Path(RAY_SERVE_HAPROXY_SOCKET_PATH).parent / node_id
+    if not folder.is_dir():
+        return False
+    os.chmod(folder, 0o700)
+    for entry in folder.iterdir():
+        if entry.is_socket():
+            os.chmod(entry, 0o600)
+    return True
+
+
 def _haproxy_of(node_id: str) -> bool:
     """Whether an HAProxy of this machine serves for `node_id` (Serve's front end there)."""
     return any(_of_node(command, node_id) for _, _, command in haproxy_processes())
@@ -133,7 +153,9 @@ def serve_foreground(
     try:
         serve.start(http_options={"host": host, "port": port})
         run_app(app)
-        front = " through HAProxy" if _haproxy_of(ray.get_runtime_context().get_node_id()) else ""
+        node = ray.get_runtime_context().get_node_id()
+        restrict_haproxy_files(node)
+        front = " through HAProxy" if _haproxy_of(node) else ""
         print(
             f"serving {args.model} at http://{host}:{port}{front} (API docs: /docs; Ray dashboard: "
             f"{dashboard}, replica logs on its Serve page); Ctrl-C to stop",
@@ -196,6 +218,7 @@ def demo_predictions(
     from pathlib import Path
 
     import httpx
+    import ray
     from ray import serve
 
     from cxrcore.console import is_quiet
@@ -211,6 +234,7 @@ def demo_predictions(
     serve.start(http_options={"host": host, "port": port}, logging_config=system)
     try:
         run_app(build_app(args), logging_config=quiet)
+        restrict_haproxy_files(ray.get_runtime_context().get_node_id())
         answers = []
         with httpx.Client(base_url=f"http://{host}:{port}", timeout=60) as client:
             for path in files:

@@ -56,6 +56,25 @@ def pil_bytes(array: np.ndarray, fmt: str, mode: str | None = None, **options: A
     return buffer.getvalue()
 
 
+def jpeg_scan_bomb(repeats: int = 60) -> bytes:
+    """A small progressive JPEG whose last scan is repeated: each repeat decodes the whole image again."""
+    data = pil_bytes(GRAY, "JPEG", progressive=True)
+    last, end = data.rindex(b"\xff\xda"), data.rindex(b"\xff\xd9")
+    return data[:end] + data[last:end] * repeats + data[end:]
+
+
+def dicom_deflated() -> bytes:
+    """A DICOM X-ray in the Deflated Explicit VR Little Endian transfer syntax."""
+    from pydicom import dcmread
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    ds = dcmread(io.BytesIO(dicom_bytes((chest(3) * 4095).astype(np.uint16))))
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
 def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -176,6 +195,12 @@ def _corpus() -> list[Case]:
         Case("jpeg-cmyk", raw(pil_bytes(rgb, "JPEG", "CMYK")), 200),
         Case("jpeg-progressive", raw(pil_bytes(GRAY, "JPEG", progressive=True), "image/jpeg"), 200),
         Case("png-1x1", raw(png_bytes(GRAY[:1, :1])), 400, "image_too_small"),
+        # Found by an outside review: a scan bomb held a decode thread for minutes, a deflated DICOM grew
+        # to gigabytes in memory, and a blank image (a DICOM rescale of NaN) got a prediction.
+        Case("jpeg-scan-bomb", raw(jpeg_scan_bomb(), "image/jpeg"), 400, bad),
+        Case("dicom-deflated", raw(dicom_deflated(), "application/dicom"), 415, unsupported),
+        Case("png-blank", raw(png_bytes(np.full((300, 300), 128, np.uint8))), 400, "blank_image"),
+        Case("dicom-rescale-nan", raw(dicom_bytes((chest(3) * 4095).astype(np.uint16), slope=float("nan")), "application/dicom"), 400, "blank_image"),  # noqa: E501
         Case("png-63x300", raw(png_bytes(GRAY[:, :63])), 400, "image_too_small"),
         # Other image formats: refused by name.
         Case("gif", multipart(pil_bytes(GRAY, "GIF"), "image/gif"), 415, unsupported),

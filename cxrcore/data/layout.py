@@ -806,12 +806,47 @@ def _read_label_frame(path: Path) -> Any:
     raise LayoutError(f"--labels: {path} is neither UTF-8 nor Windows-1252 text: save it as CSV UTF-8")
 
 
+MAX_SHEET_CELLS = 50_000_000
+"""Cells a workbook's sheet may span (rows × columns up to its farthest cell): calamine builds the whole
+grid, so a 4.9 KB workbook with one cell at XFD1048576 asked for 550 GB and aborted the process (an
+outside review). Kaggle's sheets span 21,000 × 4."""
+_CELL_REF = re.compile(rb'<c r="([A-Z]{1,3})([0-9]{1,7})"')
+
+
+def _check_sheet_sizes(path: Path, prefix: str = "") -> None:
+    """Refuse a workbook whose sheets span more than MAX_SHEET_CELLS, before calamine reads it."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return  # .xls, or not a workbook: calamine says what it is
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if not (info.filename.startswith("xl/worksheets/") and info.filename.endswith(".xml")):
+                continue
+            if info.file_size > 512 * 1024**2:
+                raise LayoutError(
+                    f"{prefix}{path}: a sheet of {info.file_size:,} bytes unpacked is no metadata"
+                )
+            rows = columns = 0
+            for letters, number in _CELL_REF.findall(archive.read(info)):
+                column = 0
+                for letter in letters:
+                    column = column * 26 + letter - 64
+                rows, columns = max(rows, int(number)), max(columns, column)
+            if rows * columns > MAX_SHEET_CELLS:
+                raise LayoutError(
+                    f"{prefix}{path}: a sheet spans {rows:,} rows × {columns:,} columns (a cell far out, "
+                    f"as at XFD1048576): over {MAX_SHEET_CELLS:,} cells; delete the stray cells or the sheet"
+                )
+
+
 def _read_xlsx(path: Path, prefix: str = "", **options: Any) -> Any:
     """A workbook's first sheet as strings. calamine reads it ten times faster than openpyxl (pandas'
     default until pandas 4): the scan runs in the driver, on sheets of 10,000 rows and more."""
     import pandas as pd
     from python_calamine import CalamineError
 
+    _check_sheet_sizes(path, prefix)
     try:
         return pd.read_excel(path, dtype=str, engine="calamine", **options)
     except (ValueError, OSError, CalamineError) as exc:
@@ -918,6 +953,7 @@ def _metadata_table(path: Path) -> tuple[list[Any], Any] | None:
     from python_calamine import CalamineError
 
     found = []
+    _check_sheet_sizes(path)
     try:
         with pd.ExcelFile(path, engine="calamine") as workbook:
             for sheet in workbook.sheet_names:

@@ -23,11 +23,23 @@ class DecoderUnavailableError(RuntimeError):
     process or file descriptor left): the file is not at fault, and the same file may decode later."""
 
 
+MAX_JPEG_SCANS = 64
+"""Scans a JPEG may hold (a progressive one has about 10): each scan makes the decoder go over the whole
+image again, so an 8192² progressive JPEG of 1.25 MB repeating its last scan 10,000 times held a decode
+thread for many minutes, and a few of them every upload behind them (an outside review)."""
+
+
 def decode_gray(data: bytes) -> np.ndarray:
     """Decode PNG/JPEG/... bytes into a uint8 H×W grayscale array (8/16-bit, gray/RGB/RGBA, palette),
     upright as a viewer shows it: an EXIF orientation (phones, some scanners' JPEGs) is applied."""
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
+    # In JPEG data a 0xFF byte is always followed by 0x00 or a restart marker: 0xFFDA is a start of scan.
+    if data[:2] == b"\xff\xd8" and (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
+        raise ImageDecodeError(
+            f"JPEG of {scans} scans (at most {MAX_JPEG_SCANS}; a progressive JPEG has about 10): each scan "
+            "decodes the whole image again"
+        )
     try:
         with warnings.catch_warnings():
             # PIL only warns between MAX_IMAGE_PIXELS and twice that; refuse those too.

@@ -223,6 +223,17 @@ def test_cxr_serve_runs_in_the_foreground_and_stops_cleanly(registry: Path, scra
         group = group_of(process.pid)
         assert len(group) > 5 and listening(group).get(int(dashboard[1].rsplit(":", 1)[1])) == "127.0.0.1"
         assert [command_line(pid).split()[0] for pid in group if token in command_line(pid)] == []
+        # HAProxy's admin socket, which Ray writes mode 666 (level admin), lies in a folder only this
+        # user may enter: no other local user can point its backends at a listener of their own.
+        from serve.server import haproxy_processes
+
+        def session(pid: int) -> int:  # Ray's actors lead process groups of their own, in this session
+            return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[3])
+
+        ours = [command for pid, _, command in haproxy_processes() if session(pid) == process.pid]
+        configs = [re.search(r" -f (\S+)", command) for command in ours]
+        assert configs and all(found for found in configs)
+        assert {oct(Path(found[1]).parent.stat().st_mode & 0o777) for found in configs if found} == {"0o700"}
 
         # A request in flight when the server is told to stop is answered; one that comes after is refused
         # in JSON, and /readyz says so, until Serve stops.

@@ -73,6 +73,26 @@ def test_an_unreadable_metadata_sheet_is_named_with_what_it_is_for(raw: Path) ->
         scan_layout(raw)
 
 
+def test_a_workbook_with_a_far_away_cell_is_refused_not_a_crash(raw: Path, tmp_path: Path) -> None:
+    """calamine builds a sheet's whole grid: a 4.9 KB workbook with a cell at XFD1048576 asked for 550 GB
+    and aborted the process (exit 134, no message), as a class's metadata sheet or as --labels."""
+    import openpyxl
+
+    from cxrcore.data.layout import _read_label_frame
+
+    workbook = openpyxl.Workbook()
+    sheet = workbook.active
+    sheet.append(["FILE NAME", "URL"])
+    sheet.append(["COVID-1", "https://github.com/a/b"])
+    sheet["XFD1048576"] = "stray"
+    workbook.save(raw / "COVID.metadata.xlsx")
+    with pytest.raises(LayoutError, match=r"COVID.metadata.xlsx: a sheet spans 1,048,576 rows × 16,384"):
+        scan_layout(raw)
+    workbook.save(tmp_path / "labels.xlsx")
+    with pytest.raises(LayoutError, match=r"^--labels: .*labels.xlsx: a sheet spans .*delete the stray"):
+        _read_label_frame(tmp_path / "labels.xlsx")
+
+
 def test_scan_accepts_parent_folder(raw: Path) -> None:
     assert scan_layout(raw.parent).root == str(raw)
 
