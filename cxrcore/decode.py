@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from cxrcore.data.transforms import (
+    MAX_DECODED_BYTES,
     MAX_IMAGE_PIXELS,
     DecoderUnavailableError,
     ImageDecodeError,
@@ -212,6 +213,13 @@ def decode_dicom(data: bytes, *, window: bool = True) -> np.ndarray:
     if rows * columns * frames > MAX_IMAGE_PIXELS:
         raise ImageDecodeError(
             f"image too large: {columns}×{rows}×{frames} pixels exceeds the limit of {MAX_IMAGE_PIXELS}"
+        )
+    samples, bits = int(ds.get("SamplesPerPixel", 1) or 1), int(ds.get("BitsAllocated", 8) or 8)
+    decoded = rows * columns * frames * samples * max(1, (bits + 7) // 8)
+    if decoded > MAX_DECODED_BYTES:
+        raise ImageDecodeError(
+            f"image too large: {columns}×{rows}×{frames} pixels of {samples} × {bits} bits decode to "
+            f"{decoded:,} bytes, over the limit of {MAX_DECODED_BYTES:,}"
         )
     if frames > 1:
         raise UnsupportedImageTypeError(f"multi-frame DICOM ({frames} frames) is not supported")

@@ -63,6 +63,24 @@ def jpeg_scan_bomb(repeats: int = 60) -> bytes:
     return data[:end] + data[last:end] * repeats + data[end:]
 
 
+def png_rgba16_header(side: int) -> bytes:
+    """A PNG header claiming side² pixels of 16-bit RGBA (8 bytes a pixel), and nothing after it."""
+    header = struct.pack(">IIBBBBB", side, side, 16, 6, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IEND", b"")
+
+
+def dicom_wide_samples(side: int) -> bytes:
+    """A DICOM header claiming side² pixels of 3 × 32-bit samples (12 bytes a pixel) over small pixel data."""
+    from pydicom import dcmread
+
+    ds = dcmread(io.BytesIO(dicom_bytes((chest(3) * 4095).astype(np.uint16))))
+    ds.Rows = ds.Columns = side
+    ds.SamplesPerPixel, ds.BitsAllocated, ds.PhotometricInterpretation = 3, 32, "RGB"
+    out = io.BytesIO()
+    ds.save_as(out)
+    return out.getvalue()
+
+
 def dicom_deflated() -> bytes:
     """A DICOM X-ray in the Deflated Explicit VR Little Endian transfer syntax."""
     from pydicom import dcmread
@@ -199,6 +217,8 @@ def _corpus() -> list[Case]:
         # to gigabytes in memory, and a blank image (a DICOM rescale of NaN) got a prediction.
         Case("jpeg-scan-bomb", raw(jpeg_scan_bomb(), "image/jpeg"), 400, bad),
         Case("dicom-deflated", raw(dicom_deflated(), "application/dicom"), 415, unsupported),
+        Case("png-16-bit-rgba-8192", raw(png_rgba16_header(8192)), 400, bad),  # 0.5 GB decoded
+        Case("dicom-rgb-32-bit-8192", raw(dicom_wide_samples(8192), "application/dicom"), 400, bad),
         Case("png-blank", raw(png_bytes(np.full((300, 300), 128, np.uint8))), 400, "blank_image"),
         Case("dicom-rescale-nan", raw(dicom_bytes((chest(3) * 4095).astype(np.uint16), slope=float("nan")), "application/dicom"), 400, "blank_image"),  # noqa: E501
         Case("png-63x300", raw(png_bytes(GRAY[:, :63])), 400, "image_too_small"),

@@ -23,6 +23,13 @@ class DecoderUnavailableError(RuntimeError):
     process or file descriptor left): the file is not at fault, and the same file may decode later."""
 
 
+MAX_DECODED_BYTES = 2 * MAX_IMAGE_PIXELS
+"""Bytes a decoded image may take: the largest 16-bit grayscale image (134 MB). The pixel limit alone let a
+0.5 MB 16-bit RGBA PNG of 8192² pixels take 1 GB to decode, and a 12.6 MB RLE DICOM of 3 × 32-bit samples
+800 MB (an outside review: eight at once took the API's replica to 8 GB)."""
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+"""Samples per pixel of each PNG colour type (gray, RGB, palette, gray + alpha, RGBA)."""
+
 MAX_JPEG_SCANS = 64
 """Scans a JPEG may hold (a progressive one has about 10): each scan makes the decoder go over the whole
 image again, so an 8192² progressive JPEG of 1.25 MB repeating its last scan 10,000 times held a decode
@@ -34,6 +41,14 @@ def decode_gray(data: bytes) -> np.ndarray:
     upright as a viewer shows it: an EXIF orientation (phones, some scanners' JPEGs) is applied."""
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) >= 26:
+        width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+        decoded = width * height * _PNG_CHANNELS.get(data[25], 4) * max(1, data[24] // 8)
+        if decoded > MAX_DECODED_BYTES:
+            raise ImageDecodeError(
+                f"image too large: {width}×{height} pixels of {data[24]}-bit colour type {data[25]} decode "
+                f"to {decoded:,} bytes, over the limit of {MAX_DECODED_BYTES:,}"
+            )
     # In JPEG data a 0xFF byte is always followed by 0x00 or a restart marker: 0xFFDA is a start of scan.
     if data[:2] == b"\xff\xd8" and (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
         raise ImageDecodeError(
