@@ -77,8 +77,9 @@ def _join(address: str, source: str) -> None:
             "--address`); a driver joins the cluster at its GCS address, HOST:6379"
         )
     token = (
-        "with token authentication (Ray 2.60's default) a client needs RAY_AUTH_MODE=token and the cluster's "
-        "token in RAY_AUTH_TOKEN or ~/.ray/auth_token (copied from the head node)"
+        "a cluster with token authentication (`RAY_AUTH_MODE=token`, as cxr's manifests start theirs) "
+        "needs RAY_AUTH_MODE=token here too, and its token in RAY_AUTH_TOKEN or ~/.ray/auth_token (from "
+        "its head node)"
     )
     try:
         ray.init(address=address, logging_level=logging.WARNING)
