@@ -136,6 +136,7 @@ def run_epoch(
     losses: list[torch.Tensor] = []
     step_weights: list[torch.Tensor | float] = []
     corrects: list[torch.Tensor] = []
+    kept: list[tuple[torch.Tensor, torch.Tensor]] = []  # a classifier's log-probabilities and labels
     weights: torch.Tensor | None = None
     started = time.perf_counter()
     for batch in _timed(batches, result):
@@ -188,9 +189,11 @@ def run_epoch(
             if keep_outputs:
                 # Log-probabilities, which keep what softmax rounds to 0 or 1 in float32: the temperature is
                 # fitted on them, and log(p + 1e-12) capped a confident error's loss at 27.6 (T came out low).
-                result.outputs.append(torch.log_softmax(output.detach(), dim=1).cpu().numpy())
-                result.labels.append(labels.cpu().numpy())
+                kept.append((torch.log_softmax(output.detach(), dim=1), labels))
     _tally(result, losses, step_weights, corrects)
+    if kept:  # read from the device once, as the losses are
+        result.outputs.append(torch.cat([o for o, _ in kept]).cpu().numpy())
+        result.labels.append(torch.cat([label for _, label in kept]).cpu().numpy())
     result.seconds = time.perf_counter() - started
     return result
 
