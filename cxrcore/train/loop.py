@@ -220,7 +220,10 @@ def run_training(loop_config: dict[str, Any], session: TrainSession) -> None:
             _unwrap(model),
             val_shard.iter_torch_batches(**batch_options),
             spec,
-            loss_weights=loss_weights,
+            # Unweighted: the validation loss is the model's plain NLL (the card's calibration
+            # nll_before), which breaks near-ties of macro-F1 between checkpoints. Weighted by the
+            # training classes' inverse frequency, one rare-class image held half of it.
+            loss_weights=None,
             mask_source=mask_source,
             keep_outputs=True,
             served_masks=not precomputed,
