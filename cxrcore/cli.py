@@ -530,7 +530,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         rows = [[name, *(format_cell(row[k]) for k in sides)]
                 for name, row in comparison["figures"].items()]  # fmt: skip
         print(format_table(["metric", column, "external", "drop"], rows))
-        print(("WARNING: " if comparison["large_drop"] else "") + comparison["verdict"])
+        alarming = comparison["large_drop"] or comparison.get("clean") is False
+        print(("WARNING: " if alarming else "") + comparison["verdict"])
     holdout = metrics.get("source_holdout")
     if holdout:
         print(format_holdout(holdout))

@@ -174,6 +174,30 @@ def wilson_interval(successes: int, n: int, z: float = WILSON_Z) -> list[float] 
     return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
+def difference_interval(
+    successes_a: int, n_a: int, successes_b: int, n_b: int, z: float = WILSON_Z
+) -> list[float] | None:
+    """The 95% interval [low, high] of the difference of two independent proportions, a - b (Newcombe's
+    hybrid score interval, built from each side's Wilson interval); None when either side counts nothing.
+
+    Whether two accuracies differ beyond sampling is whether this interval excludes 0. Reading it from
+    the two accuracies' own intervals overlapping is far too cautious: 32/45 internal against 66/130
+    external overlap (0.57-0.82 and 0.42-0.59), yet the difference, 0.20, lies in 0.04-0.34 (Fisher's
+    p = 0.023).
+
+    >>> [round(x, 3) for x in difference_interval(32, 45, 66, 130)]
+    [0.036, 0.344]
+    """
+    a, b = wilson_interval(successes_a, n_a, z), wilson_interval(successes_b, n_b, z)
+    if a is None or b is None:
+        return None
+    p_a, p_b = successes_a / n_a, successes_b / n_b
+    difference = p_a - p_b
+    low = difference - math.sqrt((p_a - a[0]) ** 2 + (b[1] - p_b) ** 2)
+    high = difference + math.sqrt((a[1] - p_a) ** 2 + (p_b - b[0]) ** 2)
+    return [max(-1.0, low), min(1.0, high)]
+
+
 def reliability_bins(labels: np.ndarray, probs: np.ndarray, n_bins: int = ECE_BINS) -> dict[str, Any]:
     """Accuracy against mean confidence in equal-width confidence bins, for the reliability diagram.
 

@@ -211,7 +211,10 @@ def _classification_report(
     masks_used = _masks_used(needs_mask, as_served, int(has_mask.sum()))
     blocks = None
     if relation.kind != "internal":
-        blocks = _external_blocks(config, model, predictor, relation, split, metrics, masks_used, as_served)
+        scored = (labels, probs)
+        blocks = _external_blocks(
+            config, model, predictor, relation, split, metrics, scored, masks_used, as_served
+        )
     evaluated = {
         "model": model.ref,
         "checkpoint": model.location,
@@ -277,27 +280,35 @@ def _external_blocks(
     relation: DatasetRelation,
     split: str,
     metrics: dict[str, Any],
+    scored: tuple[np.ndarray, np.ndarray],
     masks_used: str,
     as_served: bool,
 ) -> dict[str, dict[str, Any]]:
-    """metrics.json's `external` and `internal_comparison` blocks for an evaluation on data from elsewhere."""
+    """metrics.json's `external` and `internal_comparison` blocks for an evaluation on data from elsewhere.
+
+    `scored`: the labels and served probabilities of the evaluated rows, in read_table's order; where
+    some copy the model's train or val images, the others are scored apart (`external.unseen`)."""
     from cxrcore.evaluate.external import (
         compare_with_internal,
         external_block,
         internal_reference,
-        training_overlap,
+        training_overlap_rows,
+        unseen_figures,
     )
 
     card = predictor.card
+    overlap, seen = training_overlap_rows(card, config.data, split)
     external = external_block(
         metrics,
         dataset=config.data,
         split=split,
         relation=relation,
-        overlap=training_overlap(card, config.data, split),
+        overlap=overlap,
         temperature=predictor.temperature,
         masks=masks_used,
     )
+    if seen is not None and seen.any():
+        external["unseen"] = unseen_figures(*scored, seen, card.classes)
     reference = internal_reference(card, _registered_metrics(model.report), predicted_masks=as_served)
     comparison = compare_with_internal(external, reference, card.classes, metrics["ece"])
     log.info("%s", comparison["verdict"])

@@ -437,6 +437,7 @@ def write_evaluation_report(
 def external_sections(external: Mapping[str, Any], comparison: Mapping[str, Any]) -> list[ReportSection]:
     """The external validation: internal beside external, what was scored and how, one-vs-rest figures."""
     from cxrcore.evaluate.external import LARGE_DROP_REASON
+    from cxrcore.evaluate.external import _fixed as fixed
 
     kind = comparison["reference"]
     internal_column = f"internal ({kind})" if kind else "internal"
@@ -454,6 +455,13 @@ def external_sections(external: Mapping[str, Any], comparison: Mapping[str, Any]
         near = overlap.get("near_duplicate_bits") is not None
         what = f"copies: {', '.join(kinds)}" if near else "pixel-exact copies"
         overlap_text = f"{counts} of the model's dataset {overlap['dataset']} ({what})"
+        unseen = external.get("unseen")
+        if unseen is not None:
+            overlap_text += (
+                f"; the {unseen['n']} images that copy none of its train or val images: accuracy "
+                f"{fixed(unseen['accuracy'])} (95% CI {interval_text(unseen['accuracy_ci95'])}), "
+                f"macro-F1 {fixed(unseen['macro_f1'])}"
+            )
     elif overlap.get("near_duplicate_bits") is not None:
         overlap_text = (
             f"none of these images, nor a near copy of one (within {overlap['near_duplicate_bits']} bits of "
@@ -546,7 +554,7 @@ def evaluation_lead(
         parts.append(f'<p class="lead alert">{note}</p>')
     for block in (comparison, holdout):
         if block:
-            alert = " alert" if block["large_drop"] else ""
+            alert = " alert" if block["large_drop"] or block.get("clean") is False else ""
             parts.append(f'<p class="lead{alert}">{html.escape(block["verdict"])}</p>')
     return "\n".join(parts)
 

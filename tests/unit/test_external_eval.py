@@ -28,7 +28,7 @@ from cxrcore.evaluate.external import (
 )
 from cxrcore.inference import Predictor
 from cxrcore.labels import CLASSES
-from cxrcore.metrics import classification_metrics
+from cxrcore.metrics import classification_metrics, wilson_interval
 from cxrcore.models import create_model, get_build_args, get_input_spec
 from cxrcore.registry import ModelRegistry, RegistryError
 from tests.conftest import xray
@@ -159,12 +159,22 @@ def test_external_evaluation_of_a_registry_version_from_another_folder(
     assert comparison["figures"]["accuracy"] == {"internal": 1.0, "external": 0.0, "drop": 1.0}
     assert comparison["figures"]["ece"]["internal"] == 0.03
     assert comparison["large_drop"] is True and comparison["drop_threshold"] == LARGE_DROP
-    assert comparison["verdict"].startswith("Large drop on external data: accuracy 1.00 internal (test)")
-    assert "validated on pixel-exact copies of 1 of these 6 images" in comparison["verdict"]
+    # One image copies a training image: the verdict says so first, with the figures on the five others.
+    assert external["unseen"] == {
+        "n": 5,
+        "accuracy": 0.0,
+        "accuracy_ci95": wilson_interval(0, 5),
+        "macro_f1": 0.0,
+    }
+    assert comparison["clean"] is False and comparison["verdict"].startswith(
+        "Not a clean external validation: the model was trained or validated on pixel-exact copies of 1 of "
+        "these 6 images, so the figures that follow flatter it; on the 5 others: accuracy 0.00 (95% CI "
+    )
+    assert "Large drop on external data: accuracy 1.00 internal (test)" in comparison["verdict"]
     html = (out / "report.html").read_text()
-    assert '<p class="lead alert">Large drop' in html and "<h2>External validation</h2>" in html
-    assert "Sensitivity and specificity" in html
-    assert "internal (test)" in printed and "WARNING: Large drop" in printed
+    assert '<p class="lead alert">Not a clean' in html and "<h2>External validation</h2>" in html
+    assert "Sensitivity and specificity" in html and "the 5 images that copy none of" in html
+    assert "internal (test)" in printed and "WARNING: Not a clean" in printed
 
 
 def test_own_dataset_is_scored_on_its_test_split_without_an_external_block(
@@ -299,10 +309,14 @@ def test_without_internal_figures_the_comparison_says_so() -> None:
     block = compare_with_internal(external, None, CLASSES, ece=0.2)
     assert block["reference"] is None and block["large_drop"] is None
     assert block["figures"]["accuracy"] == {"internal": None, "external": 0.5, "drop": None}
-    assert block["verdict"].startswith("The model's card records no internal test or validation figures")
+    assert "The model's card records no internal test or validation figures" in block["verdict"]
     assert "accuracy 0.50 (95% CI 0.20–0.80)" in block["verdict"]
     assert "called 5 image(s) Normal" in block["verdict"]
-    assert "copies of 2 of these 10 images" in block["verdict"]
+    assert block["verdict"].startswith("Not a clean external validation")
+    assert "copies of 2 of these 10 images" in block["verdict"] and block["clean"] is False
+    clean = {**external, "overlap_with_training_data": {"checked": True, "in_split": {"test": 2}}}
+    block = compare_with_internal(clean, None, CLASSES, ece=0.2)
+    assert block["clean"] is True and "clean" not in block["verdict"]
 
 
 def test_internal_figures_are_restricted_to_the_classes_present() -> None:
@@ -369,10 +383,13 @@ def test_config_takes_the_registry_from_the_environment(monkeypatch: pytest.Monk
 
 
 def test_a_large_drop_that_sampling_could_make_says_so_and_one_it_could_not_stays_a_warning() -> None:
-    """0.33 on 18 internal images against 0.19 on 130 external ones is a fall of 0.14, but the two 95%
-    intervals overlap: the verdict says the figures cannot tell, not that the model fails to carry over."""
+    """0.33 on 18 internal images against 0.19 on 130 external ones is a fall of 0.14, but the drop's 95%
+    interval holds 0: the verdict says the figures cannot tell, not that the model fails to carry over.
+    0.71 on 45 against 0.51 on 130 is beyond sampling (Fisher's p = 0.023), though the two accuracies'
+    own intervals overlap: overlapping intervals called it chance."""
     external = {
-        "classes_present": list(CLASSES), "accuracy": 0.19, "accuracy_ci95": [0.13, 0.27], "macro_f1": 0.19,
+        "classes_present": list(CLASSES), "accuracy": 25 / 130, "accuracy_ci95": [0.13, 0.27], "n": 130,
+        "macro_f1": 0.19,
         "predicted_absent": {}, "overlap_with_training_data": {"checked": False},
     }  # fmt: skip
     few = [[2, 1, 1, 1], [1, 1, 1, 1], [1, 1, 2, 1], [1, 1, 1, 1]]  # 6 of 18 right
@@ -382,6 +399,19 @@ def test_a_large_drop_that_sampling_could_make_says_so_and_one_it_could_not_stay
     assert block["internal_n"] == 18 and block["internal_accuracy_ci95"][0] < 0.27
     assert "rests on 18 images (95% CI 0.16–0.56)" in block["verdict"]
     assert "may be chance" in block["verdict"] and "Do not rely" not in block["verdict"]
+    low, high = block["accuracy_drop_ci95"]
+    assert low < 0 < 6 / 18 - 25 / 130 < high and f"95% CI {low:.2f} to {high:.2f}" in block["verdict"]
+    fair = [[8, 1, 1, 1], [1, 8, 1, 1], [1, 1, 8, 1], [1, 1, 1, 8]]  # 32 of 44 right; external 66 of 130
+    reference = {
+        "kind": "test",
+        "source": "r",
+        "accuracy": 32 / 44,
+        "macro_f1": 0.73,
+        "confusion_matrix": fair,
+    }
+    block = compare_with_internal({**external, "accuracy": 66 / 130}, reference, CLASSES, ece=0.1)
+    assert block["drop_beyond_sampling"] is True and block["accuracy_drop_ci95"][0] > 0
+    assert "Do not rely on it" in block["verdict"]
     many = [[45, 2, 2, 1], [2, 45, 2, 1], [1, 2, 46, 1], [2, 1, 1, 46]]  # 182 of 200 right: 0.87-0.94
     reference = {"kind": "test", "source": "r", "accuracy": 0.91, "macro_f1": 0.91, "confusion_matrix": many}
     block = compare_with_internal(external, reference, CLASSES, ece=0.1)

@@ -16,7 +16,7 @@ from cxrcore.config import TuneConfig
 from cxrcore.evaluate.comparison import holdout_warnings
 from cxrcore.evaluate.external import LARGE_DROP, source_holdout
 from cxrcore.labels import CLASSES
-from cxrcore.metrics import wilson_interval
+from cxrcore.metrics import difference_interval, wilson_interval
 from cxrcore.registry import ModelRegistry
 from cxrcore.tune import _best_per_architecture
 from tests.unit.test_external_eval import write_biased_checkpoint, write_dataset
@@ -55,6 +55,8 @@ def test_a_model_reading_the_site_is_flagged() -> None:
     assert block["random_split"]["accuracy_ci95"] == wilson_interval(20, 20)
     assert block["drop"] == {"accuracy": 0.75, "macro_f1": pytest.approx(0.9)}
     assert block["large_drop"] is True and block["drop_threshold"] == LARGE_DROP
+    assert block["accuracy_drop_ci95"] == difference_interval(20, 20, 10, 40)
+    assert block["accuracy_drop_ci95"][0] > 0 and "chance" not in block["verdict"]
     assert block["verdict"].startswith(
         f"Large drop on the held-out sources ({HELD}): accuracy: held-out sources 0.25 (95% CI 0.14–0.40) "
         "vs random split 1.00 (95% CI 0.84–1.00): a drop of 0.75; macro-F1: held-out sources 0.10 vs random "
@@ -69,6 +71,8 @@ def test_the_flag_starts_at_the_threshold() -> None:
     at_threshold = [(k + 1) % 4 if i % 10 == 0 else k for i, k in enumerate(truth)]
     block = _holdout(seen, _scored(truth, at_threshold, HELD))
     assert block["drop"]["accuracy"] == pytest.approx(LARGE_DROP) and block["large_drop"] is True
+    low, high = block["accuracy_drop_ci95"]  # 20 of 20 against 36 of 40: a drop sampling could make
+    assert f"(the accuracy's drop, 95% CI {low:.2f} to {high:.2f}, may be chance)" in block["verdict"]
     just_under = [(k + 1) % 4 if i in (0, 10) else k for i, k in enumerate(truth)]
     block = _holdout(seen, _scored(truth, just_under, HELD))
     assert block["large_drop"] is False
