@@ -41,7 +41,6 @@ from cxrcore.summaries import (
     format_comparison,
     format_holdout,
     format_ingest_report,
-    format_number,
     format_scan,
     format_train_result,
 )
@@ -521,8 +520,10 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         print(f"evaluated {evaluated['model']} on {evaluated['dataset']} ({where})")
         if evaluated["note"]:
             print(f"warning: this evaluation {evaluated['note']}")
-    rows = [[k, format_number(v)] for k, v in with_accuracy_interval(headline, metrics).items()]
+    rows = [[k, format_cell(v)] for k, v in with_accuracy_interval(headline, metrics).items()]
     print(format_table(["metric", "value"], rows))
+    if evaluated and evaluated.get("classes_note"):
+        print(f"note: {evaluated['classes_note']}")
     comparison = metrics.get("internal_comparison")
     if comparison:
         column = f"internal ({comparison['reference']})" if comparison["reference"] else "internal"

@@ -6,6 +6,7 @@ import json
 import logging
 import shutil
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -226,13 +227,65 @@ def _classification_report(
         "masks": masks_used,
         "mask_source": ("segmenter" if as_served else "dataset") if needs_mask else None,
         "per_source": _per_source_note(sources),
+        "classes_note": classes_note(metrics["per_class"]),
     }
     name = model.ref if config.model else predictor.card.name
-    return write_evaluation_report(
+    paths = write_evaluation_report(
         config.out, metrics, history=predictor.card.history, card=_card_summary(predictor.card.to_dict()),
         extra=extra, title=f"{name} on {_dataset_name(config.data)} ({split})", evaluated=evaluated,
         external=blocks, holdout=holdout,
     )  # fmt: skip
+    paths["predictions"] = write_predictions(Path(config.out) / "predictions.csv", frame, probs, classes)
+    return paths
+
+
+def write_predictions(path: Path, frame: Any, probs: np.ndarray, classes: Sequence[str]) -> Path:
+    """predictions.csv: each evaluated image's file, source, true and predicted class, and the served
+    (calibrated) probability of every class, in the split's order: every figure of metrics.json can be
+    recomputed, or audited image by image, without running the model again."""
+    import pandas as pd
+
+    labels = frame["label_index"].to_numpy()
+    predicted = probs.argmax(axis=1)
+    table = pd.DataFrame(
+        {
+            "file": frame["file"].to_numpy(),
+            "source": frame["source"].to_numpy(),
+            "label": [classes[k] for k in labels],
+            "predicted": [classes[k] for k in predicted],
+            "correct": predicted == labels,
+            **{f"p_{name}": probs[:, k] for k, name in enumerate(classes)},
+        }
+    )
+    table.to_csv(path, index=False, float_format="%.6g")
+    return path
+
+
+def classes_note(per_class: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """What the macro averages mean where the split lacks a class (None where it holds every class).
+
+    They average the classes present (an absent class has no recall, and a model that never predicts it
+    should not be marked down for it), so a reader comparing them with a full split's must be told. With
+    one class present, precision is 1 by construction (no image of another class can be called this one)
+    and macro-F1 is only 2·recall / (1 + recall): the recall is the figure.
+
+    >>> classes_note({"A": {"support": 3, "recall": 0.5}, "B": {"support": 0, "recall": 0.0}})[:34]
+    'Only A images here: its precision '
+    """
+    present = [name for name, row in per_class.items() if row["support"]]
+    absent = [name for name, row in per_class.items() if not row["support"]]
+    if not absent or not present:
+        return None
+    if len(present) == 1:
+        recall = per_class[present[0]]["recall"]
+        return (
+            f"Only {present[0]} images here: its precision is 1 by construction and macro-F1 is "
+            f"2·recall / (1 + recall); read the recall (sensitivity), {recall:.2f}."
+        )
+    return (
+        f"Macro averages (precision, recall, F1, AUROC) are over the {len(present)} of {len(per_class)} "
+        f"classes this split holds: it has no {', '.join(absent)} image."
+    )
 
 
 def _per_source_note(sources: np.ndarray) -> str | None:
@@ -385,7 +438,7 @@ def _segmentation_report(
     from cxrcore.inference import BatchedPredictions
 
     predicted = BatchedPredictions(predictor, config.batch_size).run(predictor.segment, images)
-    metrics = segmentation_metrics(predicted, masks, threshold=127)
+    metrics = segmentation_metrics(predicted, masks, threshold=127) | {"split": split, "dataset": config.data}
     card = predictor.card.to_dict()
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)

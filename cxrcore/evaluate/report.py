@@ -552,6 +552,8 @@ def evaluation_lead(
     if evaluated.get("note"):
         note = html.escape(f"This evaluation {evaluated['note']}.")
         parts.append(f'<p class="lead alert">{note}</p>')
+    if evaluated.get("classes_note"):
+        parts.append(f'<p class="lead">{html.escape(evaluated["classes_note"])}</p>')
     for block in (comparison, holdout):
         if block:
             alert = " alert" if block["large_drop"] or block.get("clean") is False else ""

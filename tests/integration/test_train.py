@@ -68,6 +68,7 @@ def test_evaluation_numbers_agree_with_each_other(
         "reliability",
         "training_curves",
         "report",
+        "predictions",
     }
     assert set(paths) == expected and all(p.is_file() for p in paths.values())
     metrics = json.loads(paths["metrics"].read_text())
@@ -77,6 +78,15 @@ def test_evaluation_numbers_agree_with_each_other(
     assert metrics["accuracy"] == pytest.approx(np.trace(matrix) / matrix.sum())
     for i, name in enumerate(metrics["classes"]):
         assert metrics["per_class"][name]["support"] == matrix[i].sum()
+    # predictions.csv gives back the matrix, and the served probabilities of every image.
+    import pandas as pd
+
+    rows = pd.read_csv(paths["predictions"])
+    classes = metrics["classes"]
+    recounted = pd.crosstab(rows["label"], rows["predicted"]).reindex(index=classes, columns=classes)
+    assert (recounted.fillna(0).to_numpy() == matrix).all() and rows["correct"].mean() == metrics["accuracy"]
+    probs = rows[[f"p_{name}" for name in classes]].to_numpy()
+    assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-4) and rows["file"].is_unique
     assert "dual_cnn" in paths["report"].read_text()
 
 

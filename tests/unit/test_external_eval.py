@@ -18,7 +18,7 @@ from cxrcore.checkpoint import ModelCard, save_checkpoint
 from cxrcore.cli import main
 from cxrcore.config import ConfigError, EvaluateConfig
 from cxrcore.data.transforms import perceptual_hash
-from cxrcore.evaluate.evaluation import resolve_model
+from cxrcore.evaluate.evaluation import classes_note, resolve_model
 from cxrcore.evaluate.external import (
     LARGE_DROP,
     DatasetRelation,
@@ -175,6 +175,19 @@ def test_external_evaluation_of_a_registry_version_from_another_folder(
     assert '<p class="lead alert">Not a clean' in html and "<h2>External validation</h2>" in html
     assert "Sensitivity and specificity" in html and "the 5 images that copy none of" in html
     assert "internal (test)" in printed and "WARNING: Not a clean" in printed
+    # Macro averages over COVID and Normal only: said on the console, in the report and in metrics.json.
+    note = "Macro averages (precision, recall, F1, AUROC) are over the 2 of 4 classes this split holds"
+    assert evaluated["classes_note"].startswith(note) and "Lung_Opacity, Viral Pneumonia" in printed
+    assert f"note: {note}" in printed and f'<p class="lead">{note}' in html
+
+
+def test_a_split_missing_classes_says_what_its_macro_averages_cover() -> None:
+    row, empty = {"support": 4, "recall": 0.75}, {"support": 0, "recall": 0.0}
+    assert classes_note({name: row for name in CLASSES}) is None
+    assert classes_note({name: empty for name in CLASSES}) is None
+    one = classes_note({**{name: empty for name in CLASSES}, "Normal": row})
+    assert one is not None and one.startswith("Only Normal images here: its precision is 1 by construction")
+    assert one.endswith("read the recall (sensitivity), 0.75.")
 
 
 def test_own_dataset_is_scored_on_its_test_split_without_an_external_block(
