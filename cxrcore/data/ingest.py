@@ -356,6 +356,12 @@ def read_split(dataset: str, split: str, columns: list[str] | None = None) -> An
 
 def read_table(dataset: str, columns: list[str] | None = None, split: str | None = None) -> Any:
     """A finished dataset (or one split) as a pyarrow Table, without Ray: for notebooks and reports."""
+    parquet, where = _finished_dataset(dataset, split)
+    return parquet.to_table(columns=columns, filter=where)
+
+
+def _finished_dataset(dataset: str, split: str | None) -> tuple[Any, Any]:
+    """A finished dataset's Parquet files as a pyarrow Dataset, and the filter for one split (None: all)."""
     import pyarrow.dataset as pads
 
     read_report(dataset)
@@ -363,8 +369,33 @@ def read_table(dataset: str, columns: list[str] | None = None, split: str | None
     parquet = pads.dataset(
         root, filesystem=filesystem, format="parquet", partitioning="hive", exclude_invalid_files=True
     )
-    where = pads.field("split") == split if split else None
-    return parquet.to_table(columns=columns, filter=where)
+    return parquet, pads.field("split") == split if split else None
+
+
+def read_chunks(
+    dataset: str, columns: list[str], split: str | None = None, rows: int = 2048
+) -> Iterator[Any]:
+    """read_table's rows as pyarrow Tables of `rows` rows each (the last fewer), in read_table's order: a
+    split of any size read in bounded memory."""
+    import pyarrow as pa
+    import pyarrow.dataset as pads
+
+    parquet, where = _finished_dataset(dataset, split)
+    pending = parquet.schema.empty_table().select(columns)
+    # One row group decoded at a time, none read ahead: with pyarrow's defaults (16 batches and 4 files
+    # ahead, threads, pre-buffering) the memory held grew with the dataset (mimalloc's peak: 449 MB at 12,000
+    # images of 256 px, row groups of 800); this way it stays at about 300 MB, whatever the dataset's size.
+    options = pads.ParquetFragmentScanOptions(pre_buffer=False)
+    for batch in parquet.to_batches(
+        columns=columns, filter=where, batch_size=rows, batch_readahead=0, fragment_readahead=0,
+        use_threads=False, fragment_scan_options=options,
+    ):  # fmt: skip
+        pending = pa.concat_tables([pending, pa.Table.from_batches([batch])])
+        while pending.num_rows >= rows:
+            yield pending.slice(0, rows)
+            pending = pending.slice(rows)
+    if pending.num_rows:
+        yield pending
 
 
 def tensor_column(values: Any) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -214,6 +215,11 @@ def test_evaluation_reports_calibration_before_and_after(
         }
     )
     monkeypatch.setattr(cxrcore.data.ingest, "read_table", lambda *args, **kwargs: table)
+
+    def chunks(data: str, columns: list[str], split: str | None = None, rows: int = 0) -> Iterator[pa.Table]:
+        yield from (table.slice(start, 5).select(columns) for start in range(0, n, 5))  # 3 chunks: 5, 5, 2
+
+    monkeypatch.setattr(cxrcore.data.ingest, "read_chunks", chunks)
     out = tmp_path / "eval"
     paths = evaluate_checkpoint(EvaluateConfig(checkpoint=str(checkpoint), data="unused", out=str(out)))
 
