@@ -56,9 +56,10 @@ def class_weights(counts: list[int]) -> torch.Tensor:
 
 
 def warmup_cosine(
-    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, start_step: int = 0
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup to the peak learning rate, then cosine decay to zero at total_steps."""
+    """Linear warmup to the peak learning rate, then cosine decay to zero at total_steps; from `start_step`
+    (a resumed run whose plan changed: the optimizer's param groups hold `initial_lr`)."""
 
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -66,7 +67,17 @@ def warmup_cosine(
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=start_step - 1)
+
+
+def epoch_seed(seed: int, rank: int, epoch: int) -> int:
+    """The seed of one rank's epoch: its shuffle, augmentation and dropout. Drawn afresh each epoch, so that
+    a run resumed after epoch k trains epoch k + 1 as the uninterrupted run did.
+
+    >>> epoch_seed(0, 0, 1) == epoch_seed(0, 0, 1) != epoch_seed(0, 1, 1)
+    True
+    """
+    return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0])
 
 
 def prepare_batch(

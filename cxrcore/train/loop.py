@@ -21,6 +21,7 @@ from cxrcore.train.engine import (
     EpochResult,
     average_batchnorm_across_ranks,
     combine,
+    epoch_seed,
     recalibrate_batchnorm,
     run_epoch,
     warmup_cosine,
@@ -146,8 +147,8 @@ def run_training(loop_config: dict[str, Any], session: TrainSession) -> None:
         torch.set_num_threads(int(loop_config["cpus_per_worker"]))  # as Ray's OMP_NUM_THREADS says
     if device.type == "cuda":  # training batches keep one shape: cuDNN times its kernels for it once
         torch.backends.cudnn.benchmark = True
-    torch.manual_seed(config.seed + rank)
-    generator = torch.Generator().manual_seed(config.seed * 1000 + rank)
+    torch.manual_seed(config.seed + rank)  # the initial weights (rank 0's, which DDP broadcasts)
+    generator = torch.Generator()  # augmentation's; seeded each epoch
 
     # DDP broadcasts rank 0's weights at wrap time, so only rank 0 loads pretrained ones.
     pretrained = loop_config["pretrained"] if rank == 0 else None
@@ -159,9 +160,11 @@ def run_training(loop_config: dict[str, Any], session: TrainSession) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     batch_size = int(loop_config["train"]["batch_size"])  # resolved by the driver (auto for small data)
     steps_per_epoch = max(1, math.ceil(loop_config["train_rows"] / (batch_size * max(world, 1))))
-    scheduler = warmup_cosine(
-        optimizer, round(config.warmup_epochs * steps_per_epoch), config.epochs * steps_per_epoch
-    )
+    plan = {
+        "warmup_steps": round(config.warmup_epochs * steps_per_epoch),
+        "total_steps": config.epochs * steps_per_epoch,
+    }
+    scheduler = warmup_cosine(optimizer, plan["warmup_steps"], plan["total_steps"])
     loss_weights = torch.tensor(loop_config["class_weights"]) if loop_config.get("class_weights") else None
     mask_source = load_mask_source(config.segmenter, device) if config.segmenter else None
     # Train on the masks Serve will compute (the segmenter's) rather than the dataset's: on 400 new
@@ -181,18 +184,25 @@ def run_training(loop_config: dict[str, Any], session: TrainSession) -> None:
             state = load_train_state(directory)
             if state is not None:
                 optimizer.load_state_dict(state["optimizer"])
-                scheduler.load_state_dict(state["scheduler"])
                 start_epoch, history = int(state["epoch"]) + 1, list(state["history"])
+                scheduler = _resumed_schedule(
+                    optimizer, scheduler, state, plan, start_epoch * steps_per_epoch
+                )
         log.info("rank %d resumed after epoch %d of %d", rank, start_epoch, config.epochs)
 
     train_shard, val_shard = session.dataset("train"), session.dataset("val")
     batch_options = {"batch_size": batch_size, "device": device, "drop_last": False}
     for epoch in range(start_epoch, config.epochs):
+        # The same --seed and workers give the same run, resumed or not (on CPU; cuDNN's kernels vary).
+        seed = epoch_seed(config.seed, rank, epoch)
+        torch.manual_seed(seed)
+        generator.manual_seed(seed)
+        shuffle = {"local_shuffle_buffer_size": batch_size * 8, "local_shuffle_seed": seed}
         kept: list[Batch] = []  # the first training batches, reused to recompute BatchNorm statistics
         trained = run_epoch(
             model,
             _keep_first(
-                train_shard.iter_torch_batches(**batch_options, local_shuffle_buffer_size=batch_size * 8),
+                train_shard.iter_torch_batches(**batch_options, **shuffle),
                 kept,
                 PRECISE_BN_IMAGES,
             ),
@@ -260,6 +270,7 @@ def run_training(loop_config: dict[str, Any], session: TrainSession) -> None:
                 train_state = {
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
+                    "plan": plan,
                     "epoch": epoch,
                     "history": history,
                 }
@@ -301,6 +312,27 @@ def epoch_metrics(
         val_confusion_matrix=val["confusion_matrix"],
     )
     return metrics
+
+
+def _resumed_schedule(
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    state: dict[str, Any],
+    plan: dict[str, int],
+    step: int,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning-rate schedule of a resumed run: where it stood, under the same plan; under another
+    (other --workers or --epochs: steps of another count), at `step` of the new plan, as if the run had been
+    planned so. Its saved step count, read under the new plan, trained a run resumed from 1 worker onto 2
+    at a learning rate of 0 from half-way, and restarted a finished run given more --epochs warm."""
+    if state.get("plan") == plan:
+        scheduler.load_state_dict(state["scheduler"])
+        return scheduler
+    log.warning(
+        "the learning-rate schedule continues at step %d of %d: the run was planned with other --workers, "
+        "--epochs or --batch-size", step, plan["total_steps"],
+    )  # fmt: skip
+    return warmup_cosine(optimizer, plan["warmup_steps"], plan["total_steps"], start_step=step)
 
 
 def _gather(result: EpochResult, world: int) -> dict[str, Any]:

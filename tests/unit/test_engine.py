@@ -270,3 +270,46 @@ def test_augmentation_repeats_with_its_seed_on_every_device(device: str) -> None
     assert mask is not None and set(mask.unique().tolist()) <= {0.0, 1.0}
     unseeded, _ = _augmented(device, None)  # the device's own generator
     assert unseeded.shape == image.shape and not torch.equal(unseeded, image)
+
+
+def test_a_resumed_run_keeps_its_schedule_or_takes_the_new_plans_place_in_it() -> None:
+    """Resumed under the same plan, the schedule goes on where it stood; under another (1 worker's 10 steps
+    an epoch, resumed on 2 workers' 5), at the new plan's step for that epoch. Read under the new plan, the
+    saved count (20 of 30 steps) put it at 2/3 of the way at 1/3, and half the rest trained at 0."""
+    from cxrcore.train.engine import warmup_cosine
+    from cxrcore.train.loop import _resumed_schedule
+
+    def optimizer() -> torch.optim.Optimizer:
+        return torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+
+    first = optimizer()
+    old = warmup_cosine(first, 10, 60)  # 6 epochs of 10 steps, one of warmup
+    for _ in range(20):  # two epochs
+        first.step()
+        old.step()
+    state = {
+        "optimizer": first.state_dict(),
+        "scheduler": old.state_dict(),
+        "plan": {"warmup_steps": 10, "total_steps": 60},
+    }
+
+    same = optimizer()
+    fresh = warmup_cosine(same, 10, 60)  # as the loop does: the schedule, then the optimizer's saved state
+    same.load_state_dict(state["optimizer"])
+    resumed = _resumed_schedule(same, fresh, state, state["plan"], 20)
+    assert resumed.last_epoch == 20 and same.param_groups[0]["lr"] == pytest.approx(old.get_last_lr()[0])
+
+    other = optimizer()
+    fresh = warmup_cosine(other, 5, 30)  # 6 epochs of 5 steps
+    other.load_state_dict(state["optimizer"])
+    plan = {"warmup_steps": 5, "total_steps": 30}
+    resumed = _resumed_schedule(other, fresh, state, plan, 10)
+    expected = 0.5 * (1 + np.cos(np.pi * (10 - 5) / (30 - 5)))  # the new plan's, after two epochs
+    assert resumed.last_epoch == 10 and other.param_groups[0]["lr"] == pytest.approx(expected)
+    lrs = []
+    for _ in range(20):  # the four epochs left: the rate falls to 0 at the last step, not half-way
+        other.step()
+        resumed.step()
+        lrs.append(other.param_groups[0]["lr"])
+    assert all(lr > 0 for lr in lrs[:-1]) and lrs[-1] == pytest.approx(0.0, abs=1e-12)
+    assert other.param_groups[0]["initial_lr"] == 1.0
