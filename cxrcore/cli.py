@@ -69,10 +69,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, LayoutError, RegistryError, FileNotFoundError) as exc:
         print(f"cxr: error: {exc}", file=sys.stderr)
         return 2
-    except Interrupted as exc:
+    except (Interrupted, KeyboardInterrupt) as exc:
+        from cxrcore.runtime import sigterm_received
+
         _disconnect_ray()  # the line that ends the run is the last one printed
-        print(f"cxr: interrupted: {exc}", file=sys.stderr)
-        return 130
+        signal_name = "SIGTERM" if sigterm_received() else "Ctrl-C"
+        said = f": {exc}" if isinstance(exc, Interrupted) else f" by {signal_name}"
+        print(f"cxr: interrupted{said}", file=sys.stderr)
+        return 143 if sigterm_received() else 130
     except BrokenPipeError:  # `cxr ... | head`
         sys.stderr.close()
         return 0

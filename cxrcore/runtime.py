@@ -9,6 +9,7 @@ import shutil
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 log = logging.getLogger(__name__)
 DASHBOARD_PORT = 8265
@@ -22,8 +23,8 @@ cores with them."""
 
 
 class Interrupted(Exception):
-    """A run stopped by Ctrl-C before its end; the message says what it kept and how to resume. `cxr`
-    exits 130 on it, as a shell does for a command ended by SIGINT."""
+    """A run stopped by Ctrl-C (or SIGTERM) before its end; the message says what it kept and how to resume.
+    `cxr` exits 130 on it, as a shell does for a command ended by SIGINT (143 for SIGTERM)."""
 
 
 _local_cores: int | None = None
@@ -57,10 +58,38 @@ def init_ray(
             logical = num_cpus or local_logical_cpus(cores)
             _local_cores = min(cores, logical)  # never more than the cluster has to give
             _start_local(logical, object_store_memory)
+        _sigterm_as_ctrl_c()
     from ray._private.worker import get_dashboard_url  # the public API has no getter for an existing session
 
     url: str | None = get_dashboard_url()
     return f"http://{url}" if url and not url.startswith("http") else url
+
+
+_sigterm_received = False
+
+
+def _sigterm_as_ctrl_c() -> None:
+    """From now on, SIGTERM stops this process as Ctrl-C does. Kubernetes, Slurm and `ray job stop` send
+    it; the handler ray.init installs printed a C++ stack and aborted the driver (exit status 134, read as
+    a crash). Raised as a SIGINT, it goes through Ray Train's and Tune's handlers, which stop the run at
+    its last checkpoint, and ends in `cxr: interrupted` with exit status 143 (sigterm_received)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        global _sigterm_received
+        _sigterm_received = True
+        signal.raise_signal(signal.SIGINT)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
+def sigterm_received() -> bool:
+    """Whether a SIGTERM stopped this process (see _sigterm_as_ctrl_c)."""
+    return _sigterm_received
 
 
 def _join(address: str, source: str) -> None:

@@ -273,6 +273,33 @@ def test_a_training_worker_killed_mid_run_resumes_from_the_last_checkpoint(
     )
 
 
+def test_sigterm_stops_a_training_run_as_ctrl_c_does(
+    dataset: str, local_ray: LocalRay, tmp_path: Path
+) -> None:
+    """Kubernetes, Slurm and `ray job stop` end a driver with SIGTERM. Ray's own handler printed a C++ stack
+    and aborted it (exit status 134, read as a crash); now the run stops at its last checkpoint, says so,
+    and exits 143, as a shell reports SIGTERM."""
+    run_dir = tmp_path / "runs" / "stopped"
+    command = Command(
+        [
+            "train", "--data", dataset, "--model", "tiny_cnn_lstm", "--epochs", "30", "--workers", "1",
+            "--out", str(tmp_path / "runs"), "--name", "stopped", "--pretrained", "none",
+        ],
+        local_ray,
+        tmp_path / "train.log",
+    )  # fmt: skip
+    try:
+        wait_until(lambda: command.running() and cards(run_dir), timeout=300, what="the first checkpoint")
+        command.process.send_signal(signal.SIGTERM)  # the driver alone, as a pod's stop does first
+        status = command.process.wait(timeout=120)
+    finally:
+        command.stop()
+    output = command.output()
+    assert status == 143, output[-3000:]
+    assert "cxr: interrupted: training stopped" in output and "resume it" in output
+    assert "SIGTERM received" not in output and "*** " not in output, output[-3000:]
+
+
 @dataclass(frozen=True)
 class Resumed:
     checkpointed: int

@@ -98,6 +98,25 @@ def test_an_interrupted_run_exits_130_saying_what_it_kept(
     assert out.err == "cxr: interrupted: nothing was registered; run the same command again to resume\n"
 
 
+def test_ctrl_c_or_sigterm_elsewhere_exits_130_or_143_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A command with no interruption path of its own (an ingest, which stages its output) ends in one line,
+    not a KeyboardInterrupt traceback; after a SIGTERM (raised as a SIGINT once Ray is up) with 143."""
+    import cxrcore.cli as cli
+    import cxrcore.runtime as runtime
+
+    def stopped(args: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_run_check", stopped)
+    assert main(["data", "check", "anywhere"]) == 130
+    assert capsys.readouterr().err == "cxr: interrupted by Ctrl-C\n"
+    monkeypatch.setattr(runtime, "_sigterm_received", True)
+    assert main(["data", "check", "anywhere"]) == 143
+    assert capsys.readouterr().err == "cxr: interrupted by SIGTERM\n"
+
+
 def test_an_ingest_whose_dicom_decoder_could_not_start_is_one_line_not_a_ray_traceback(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
