@@ -123,7 +123,7 @@ def winner_line(best: Mapping[str, Mapping[str, Any]], asked: int | None = None)
     ranked = ranked_architectures(best)
     if not ranked:
         return "No architecture produced a checkpoint: nothing was evaluated, registered or promoted."
-    model, row = next(((m, r) for m, r in ranked if r.get("production")), ranked[0])
+    model, row = ranked[0]  # the winner by validation, also where production was moved to another since
     registered = f"registered {row['ref']}" + (", production" if row.get("production") else "")
     line = f"{model} ({registered}) — validation macro-F1 {_fixed(row['val_score'])}"
     others = [(m, r) for m, r in ranked if m != model]
@@ -154,6 +154,12 @@ def winner_line(best: Mapping[str, Mapping[str, Any]], asked: int | None = None)
     if matrix:  # a small test split cannot tell close models apart: say how small
         line += f" (95% CI {interval_text(accuracy_interval(matrix))}, {sum(map(sum, matrix))} images)"
     line += "."
+    kept = next((r["ref"] for m, r in ranked if r.get("production") and m != model), None)
+    if kept:  # a re-run keeps production where it was moved since the experiment's first run promoted
+        line += (
+            f" Production stays {kept}, where it was moved since; `cxr models promote {row['ref']}` serves "
+            "the winner."
+        )
     if others:
         return "Winner: " + line
     return (

@@ -128,6 +128,20 @@ def test_winner_line_names_the_production_model_and_its_margin() -> None:
         "Winner: dual_cnn (registered dual_cnn:3, production) — validation macro-F1 0.962, "
         "0.041 ahead of cnn_lstm (0.921); test accuracy 0.950 (95% CI 0.83–0.99, 40 images)."
     )
+    # A re-run that kept production where it was rolled back to: the winner is still the winner.
+    best = _comparison()["best"]
+    kept = {
+        "dual_cnn": {**best["dual_cnn"], "production": False},
+        "cnn_lstm": {**best["cnn_lstm"], "production": True},
+    }
+    line = winner_line(kept)
+    assert line.startswith(
+        "Winner: dual_cnn (registered dual_cnn:3) — validation macro-F1 0.962, 0.041 ahead"
+    )
+    assert line.endswith(
+        f"Production stays {best['cnn_lstm']['ref']}, where it was moved since; "
+        "`cxr models promote dual_cnn:3` serves the winner."
+    )
     assert accuracy_interval([[38, 1], [1, 0]]) == pytest.approx(wilson_interval(38, 40))
     assert accuracy_interval([[0, 0], [0, 0]]) is None  # no test images, no interval
 
