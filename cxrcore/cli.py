@@ -15,6 +15,7 @@ import shlex
 import sys
 import typing
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from cxrcore import plan
@@ -352,6 +353,12 @@ def _run_synth(args: argparse.Namespace) -> int:
     from cxrcore.data.synthetic import write_synthetic_dataset
 
     config: SynthConfig = config_from_args(SynthConfig, args)
+    out = Path(config.out)
+    if out.is_dir() and any(out.iterdir()):
+        raise ConfigError(
+            f"{config.out} already holds files: a second set of phantoms would mix with them (the images of "
+            "both runs, the metadata of the last only). Write to a new folder, or delete this one first"
+        )
     summary = write_synthetic_dataset(config.out, config.per_class, config.seed, sites=config.sites)
     print(
         f"wrote {sum(summary.counts.values())} synthetic images to {summary.root} "

@@ -93,12 +93,33 @@ def evaluate_checkpoint(config: EvaluateConfig) -> dict[str, Path]:
     from cxrcore.data import storage
 
     if not storage.is_remote(config.out):
+        _clear_previous_evaluation(Path(config.out))
         return _evaluate(config)
     staging = REPORT_CACHE.expanduser().joinpath(*storage.cache_key(config.out))
     shutil.rmtree(staging, ignore_errors=True)
     paths = _evaluate(replace(config, out=str(staging)))
     storage.upload(staging, config.out)
     return paths
+
+
+EVALUATION_FILES = ("metrics.json", "report.html", "predictions.csv", "*.png")
+"""What an evaluation writes into its folder (the plots' names vary with the model's task)."""
+
+
+def _clear_previous_evaluation(out: Path) -> None:
+    """Make `out` ready for an evaluation: absent, empty, or an earlier evaluation, whose files are removed
+    (a plot the new one does not draw would stay beside it). A folder holding anything else is refused:
+    its files would be overwritten or mixed with the evaluation's."""
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not ((out / "metrics.json").is_file() and (out / "report.html").is_file()):
+        raise ConfigError(
+            f"--out {out} holds files that are not an evaluation's; write the evaluation to a new or empty "
+            "folder (an earlier evaluation's folder is replaced)"
+        )
+    for pattern in EVALUATION_FILES:
+        for path in out.glob(pattern):
+            path.unlink()
 
 
 def _evaluate(config: EvaluateConfig) -> dict[str, Path]:

@@ -67,6 +67,11 @@ def test_synth_writes_the_layout(tmp_path: Path, capsys: pytest.CaptureFixture[s
         "Viral Pneumonia-1.png",
         "Viral Pneumonia-2.png",
     ]
+    # A second run into the same folder would mix two sets of phantoms under one run's metadata.
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "raw").rglob("*"))
+    assert main(["data", "synth", str(tmp_path / "raw"), "--per-class", "1", "--seed", "0"]) == 2
+    assert "already holds files" in capsys.readouterr().err
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "raw").rglob("*")) == before
 
 
 def test_an_interrupted_run_exits_130_saying_what_it_kept(

@@ -205,6 +205,25 @@ def test_a_split_read_in_chunks_scores_as_one_read_whole(
     assert json.loads(chunked["metrics"].read_text()) == json.loads(whole["metrics"].read_text())
 
 
+def test_an_evaluation_replaces_an_earlier_one_and_refuses_a_folder_of_other_files(
+    world: dict[str, Any], tmp_path: Path
+) -> None:
+    config = EvaluateConfig(
+        checkpoint=str(world["checkpoint"]), data=world["external"], out=str(tmp_path / "e")
+    )
+    evaluate_checkpoint(config)
+    stale = tmp_path / "e" / "roc_curves_of_an_older_model.png"
+    stale.write_bytes(b"png")
+    paths = evaluate_checkpoint(config)
+    assert not stale.exists() and all(path.is_file() for path in paths.values())
+    own = tmp_path / "mine"
+    own.mkdir()
+    (own / "metrics.json").write_text("{}")  # a user's file, not an evaluation's (no report.html)
+    with pytest.raises(ConfigError, match="not an evaluation's"):
+        evaluate_checkpoint(replace(config, out=str(own)))
+    assert (own / "metrics.json").read_text() == "{}" and len(list(own.iterdir())) == 1
+
+
 def test_a_split_missing_classes_says_what_its_macro_averages_cover() -> None:
     row, empty = {"support": 4, "recall": 0.75}, {"support": 0, "recall": 0.0}
     assert classes_note({name: row for name in CLASSES}) is None
