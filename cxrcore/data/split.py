@@ -131,8 +131,12 @@ def assign_splits(
     """A split name per row: stratified by label, whole duplicate groups together, reproducible.
 
     Each group (labelled by its most common label) is ordered by a seeded hash of its content key, so
-    the assignment depends on image content and the seed, never on file names or scan order. Groups
-    then go, in that order, to whichever split is furthest below its target share of the class.
+    the assignment depends on image content and the seed, never on file names or scan order. The class's
+    groups, in that order, are then cut into consecutive runs of the target shares (a group goes where its
+    middle row falls). Images added to a folder, or taken from it, land at random places in that order
+    and move only the groups beside a cut: when every group went to the split furthest below its share,
+    in turn, one added image shifted every assignment after it (a folder grown from 40 to 50 images a
+    class moved 55 of its 160 unchanged images, 14 of 16 test images to train).
     A row marked `held_out` (its source is held out) takes its whole group to test, so that no copy of a
     held-out image reaches train or val; the other groups share the fractions among themselves.
     """
@@ -151,15 +155,17 @@ def assign_splits(
         return hashlib.sha256(f"{seed}:{group_keys[group]}".encode()).hexdigest()
 
     names = list(fractions)
-    targets = np.array([fractions[s] for s in names])
+    shares = np.cumsum([fractions[s] for s in names])
+    shares /= shares[-1]
     assignment = ["test" if group in test_groups else "" for group in groups]
     for label in sorted(by_class):
-        assigned = np.zeros(len(names))
-        for group in sorted(by_class[label], key=order):
+        ordered = sorted(by_class[label], key=order)
+        cuts = shares * sum(len(members[group]) for group in ordered)
+        start = 0
+        for group in ordered:
             size = len(members[group])
-            deficit = targets * (assigned.sum() + size) - assigned
-            choice = int(np.argmax(deficit))
-            assigned[choice] += size
+            choice = min(int(np.searchsorted(cuts, start + size / 2, side="right")), len(names) - 1)
+            start += size
             for row in members[group]:
                 assignment[row] = names[choice]
     return assignment
