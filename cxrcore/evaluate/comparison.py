@@ -125,7 +125,8 @@ def winner_line(best: Mapping[str, Mapping[str, Any]], asked: int | None = None)
         return "No architecture produced a checkpoint: nothing was evaluated, registered or promoted."
     model, row = ranked[0]  # the winner by validation, also where production was moved to another since
     registered = f"registered {row['ref']}" + (", production" if row.get("production") else "")
-    line = f"{model} ({registered}) — validation macro-F1 {_fixed(row['val_score'])}"
+    images = f" ({row['val_count']} images)" if row.get("val_count") else ""  # what one image weighs
+    line = f"{model} ({registered}) — validation macro-F1 {_fixed(row['val_score'])}{images}"
     others = [(m, r) for m, r in ranked if m != model]
     if others:
         runner_up, other = others[0]

@@ -128,6 +128,8 @@ def test_winner_line_names_the_production_model_and_its_margin() -> None:
         "Winner: dual_cnn (registered dual_cnn:3, production) — validation macro-F1 0.962, "
         "0.041 ahead of cnn_lstm (0.921); test accuracy 0.950 (95% CI 0.83–0.99, 40 images)."
     )
+    counted = {name: {**row, "val_count": 41} for name, row in _comparison()["best"].items()}
+    assert "validation macro-F1 0.962 (41 images), 0.041 ahead" in winner_line(counted)
     # A re-run that kept production where it was rolled back to: the winner is still the winner.
     best = _comparison()["best"]
     kept = {
@@ -349,7 +351,7 @@ def test_a_score_within_one_validation_image_goes_to_the_lower_validation_loss()
     assert [model for model, _ in ranked_architectures(best)] == ["dual_cnn", "cnn_lstm", "resnet18"]
     best["dual_cnn"]["production"] = True
     assert winner_line(best).startswith(
-        "Winner: dual_cnn (registered dual_cnn:1, production) — validation macro-F1 0.930, within one"
+        "Winner: dual_cnn (registered dual_cnn:1, production) — validation macro-F1 0.930 (40 images), within one"
         " validation image of cnn_lstm (0.950); chosen for its lower validation loss (0.190 vs 0.250)"
     )
     # Without the image count only equal scores are ties: the score decides.
