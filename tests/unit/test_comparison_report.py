@@ -352,7 +352,8 @@ def test_a_score_within_one_validation_image_goes_to_the_lower_validation_loss()
     best["dual_cnn"]["production"] = True
     assert winner_line(best).startswith(
         "Winner: dual_cnn (registered dual_cnn:1, production) — validation macro-F1 0.930 (40 images), "
-        "within one validation image of cnn_lstm (0.950); chosen for its lower validation loss (0.190 vs 0.250)"
+        "within one validation image of cnn_lstm (0.950); chosen for its lower validation loss "
+        "(0.190 vs 0.250)"
     )
     # Without the image count only equal scores are ties: the score decides.
     for row in best.values():
