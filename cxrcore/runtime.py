@@ -82,6 +82,8 @@ def _sigterm_as_ctrl_c() -> None:
     def stop(signum: int, frame: Any) -> None:
         global _sigterm_received
         _sigterm_received = True
+        if not callable(signal.getsignal(signal.SIGINT)):  # ignored, as in a shell's background job
+            raise KeyboardInterrupt
         signal.raise_signal(signal.SIGINT)
 
     signal.signal(signal.SIGTERM, stop)

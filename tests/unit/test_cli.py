@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -287,3 +288,23 @@ def test_a_mistyped_architecture_is_refused_before_ray_starts(
     monkeypatch.setattr(cli, "_connect", started)
     assert main(command) == 2
     assert said in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("sigint", ["handled", "ignored"])
+def test_sigterm_is_raised_as_ctrl_c_also_where_sigint_is_ignored(sigint: str) -> None:
+    """Once Ray is up, SIGTERM stops the process as Ctrl-C does: through the SIGINT handler (Ray Train's and
+    Tune's stop the run at its checkpoint), or where SIGINT is ignored, as in a shell's background job (a
+    `ray job` entrypoint), as a KeyboardInterrupt; raising an ignored SIGINT would have done nothing."""
+    script = f"""
+import os, signal, threading
+from cxrcore.runtime import _sigterm_as_ctrl_c, sigterm_received
+signal.signal(signal.SIGINT, signal.SIG_IGN if {sigint == "ignored"} else signal.default_int_handler)
+_sigterm_as_ctrl_c()
+threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM)).start()
+try:
+    threading.Event().wait(30)
+except KeyboardInterrupt:
+    print("stopped", sigterm_received())
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.stdout == "stopped True\n", done.stderr
