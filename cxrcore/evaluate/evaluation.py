@@ -538,4 +538,6 @@ def _card_summary(card: dict[str, Any]) -> dict[str, Any]:
     summary = {k: v for k, v in card.items() if k not in ("history", "metrics")}
     if isinstance(summary.get("epoch"), int):
         summary["epoch"] = f"{summary['epoch'] + 1} (card.json: {summary['epoch']}, counted from 0)"
+    if "calibration" in summary:  # the fit's figures, on the split it was fitted on: not this evaluation's
+        summary["calibration (fitted on the validation split)"] = summary.pop("calibration")
     return summary
