@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
@@ -93,8 +94,7 @@ def evaluate_checkpoint(config: EvaluateConfig) -> dict[str, Path]:
     from cxrcore.data import storage
 
     if not storage.is_remote(config.out):
-        _clear_previous_evaluation(Path(config.out))
-        return _evaluate(config)
+        return _evaluate_into(Path(os.path.abspath(config.out)), config)
     staging = REPORT_CACHE.expanduser().joinpath(*storage.cache_key(config.out))
     shutil.rmtree(staging, ignore_errors=True)
     paths = _evaluate(replace(config, out=str(staging)))
@@ -106,20 +106,30 @@ EVALUATION_FILES = ("metrics.json", "report.html", "predictions.csv", "*.png")
 """What an evaluation writes into its folder (the plots' names vary with the model's task)."""
 
 
-def _clear_previous_evaluation(out: Path) -> None:
-    """Make `out` ready for an evaluation: absent, empty, or an earlier evaluation, whose files are removed
-    (a plot the new one does not draw would stay beside it). A folder holding anything else is refused:
-    its files would be overwritten or mixed with the evaluation's."""
-    if not out.is_dir() or not any(out.iterdir()):
-        return
-    if not ((out / "metrics.json").is_file() and (out / "report.html").is_file()):
+def _evaluate_into(out: Path, config: EvaluateConfig) -> dict[str, Path]:
+    """The evaluation written beside `out` first, then put in its place: `out` is absent, empty, or an
+    earlier evaluation, whose files are replaced only once the new one is complete (an unknown model, a
+    wrong device or Ctrl-C leaves it as it was; a plot the new one does not draw goes). A folder holding
+    anything else is refused: its files would be overwritten or mixed with the evaluation's."""
+    earlier = out.is_dir() and any(out.iterdir())
+    if earlier and not ((out / "metrics.json").is_file() and (out / "report.html").is_file()):
         raise ConfigError(
             f"--out {out} holds files that are not an evaluation's; write the evaluation to a new or empty "
             "folder (an earlier evaluation's folder is replaced)"
         )
-    for pattern in EVALUATION_FILES:
-        for path in out.glob(pattern):
-            path.unlink()
+    staging = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        paths = _evaluate(replace(config, out=str(staging)))
+        out.mkdir(parents=True, exist_ok=True)
+        for pattern in EVALUATION_FILES:
+            for path in out.glob(pattern):
+                path.unlink()
+        for path in paths.values():
+            path.replace(out / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return {name: out / path.name for name, path in paths.items()}
 
 
 def _evaluate(config: EvaluateConfig) -> dict[str, Path]:

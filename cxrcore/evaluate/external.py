@@ -124,12 +124,25 @@ def training_overlap_rows(card: ModelCard, data: str, split: str) -> tuple[dict[
     if not source:
         return {"checked": False, "reason": "the model's card names no training dataset"}, None
     try:
+        report = read_report(str(source))
         own = _hashes(read_table, str(source), None)
         rows = _hashes(read_table, data, None if split == "all" else split)
-        bits = int(read_report(str(source)).get("config", {}).get("near_duplicate_bits", NEAR_DUPLICATE_BITS))
+        bits = int(report.get("config", {}).get("near_duplicate_bits", NEAR_DUPLICATE_BITS))
     except (OSError, ValueError) as exc:  # missing here (trained elsewhere), unreadable, no sha256
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return {"checked": False, "dataset": source, "reason": f"cannot read it here: {reason}"}, None
+    trained_on = card.data.get("fingerprint")
+    if trained_on and report.get("fingerprint") != trained_on:
+        # Ingested again since (a later cxr splits otherwise, or the folder changed): its splits are not
+        # the ones the model saw, so which images it trained on cannot be told from them.
+        return {
+            "checked": False,
+            "dataset": source,
+            "reingested": True,
+            "reason": f"it was ingested again since the model was trained on it (fingerprint "
+            f"{report.get('fingerprint')}, the model's {trained_on}): its splits are not the ones the "
+            "model saw",
+        }, None
     exact, near = _copies(own, rows, bits)
     counts = {name: int((exact[name] | near[name]).sum()) for name in ("train", "val", "test")}
     copied = np.logical_or.reduce([exact[name] | near[name] for name in counts])
@@ -326,7 +339,7 @@ def compare_with_internal(
         "internal_n": None,
         "accuracy_drop_ci95": None,
         "drop_beyond_sampling": None,
-        "clean": not _seen_in_training(external),
+        "clean": _clean(external),
         "figures": {
             "accuracy": {"internal": None, "external": external["accuracy"], "drop": None},
             "macro_f1": {"internal": None, "external": external["macro_f1"], "drop": None},
@@ -420,9 +433,31 @@ def _verdict(block: Mapping[str, Any], external: Mapping[str, Any]) -> str:
     return " ".join(_not_clean(external) + sentences + _caveats(external))
 
 
+def _clean(external: Mapping[str, Any]) -> bool | None:
+    """False where the model saw some of these images (or may have), True where none, None unchecked."""
+    if _seen_in_training(external):
+        return False
+    return True if external["overlap_with_training_data"].get("checked") else None
+
+
 def _seen_in_training(external: Mapping[str, Any]) -> bool:
-    seen = external["overlap_with_training_data"].get("in_split", {})
-    return bool(seen.get("train") or seen.get("val"))
+    """Whether the model was trained or validated on some of these images, or may have been: a copy in its
+    dataset's train or val split, or these are its dataset's images, ingested again since."""
+    overlap = external["overlap_with_training_data"]
+    seen = overlap.get("in_split", {})
+    return bool(seen.get("train") or seen.get("val") or _own_data_again(external))
+
+
+def _own_data_again(external: Mapping[str, Any]) -> bool:
+    """The evaluated dataset is the one the model trained on, at the same place, ingested again since."""
+    overlap = external["overlap_with_training_data"]
+    return bool(overlap.get("reingested")) and _same_place(external["dataset"], overlap.get("dataset"))
+
+
+def _same_place(a: str, b: Any) -> bool:
+    import os
+
+    return isinstance(b, str) and os.path.abspath(a.rstrip("/")) == os.path.abspath(b.rstrip("/"))
 
 
 def _not_clean(external: Mapping[str, Any]) -> list[str]:
@@ -431,6 +466,12 @@ def _not_clean(external: Mapping[str, Any]) -> list[str]:
     if not _seen_in_training(external):
         return []
     overlap = external["overlap_with_training_data"]
+    if _own_data_again(external):
+        return [
+            "Not a clean external validation: this is the dataset the model was trained on "
+            f"({external['dataset']}), ingested again since; the model trained on many of these images, "
+            "and which cannot be told."
+        ]
     seen = overlap["in_split"]
     copies = seen.get("train", 0) + seen.get("val", 0)
     kind = "copies" if overlap.get("near_duplicate_bits") is not None else "pixel-exact copies"

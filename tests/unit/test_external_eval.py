@@ -216,12 +216,43 @@ def test_an_evaluation_replaces_an_earlier_one_and_refuses_a_folder_of_other_fil
     stale.write_bytes(b"png")
     paths = evaluate_checkpoint(config)
     assert not stale.exists() and all(path.is_file() for path in paths.values())
+    before = {path.name: path.read_bytes() for path in (tmp_path / "e").iterdir()}
+    with pytest.raises(FileNotFoundError):  # a failed evaluation leaves the earlier one as it was
+        evaluate_checkpoint(replace(config, checkpoint=str(tmp_path / "no-such-checkpoint")))
+    assert {path.name: path.read_bytes() for path in (tmp_path / "e").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]  # no staging folder left
     own = tmp_path / "mine"
     own.mkdir()
     (own / "metrics.json").write_text("{}")  # a user's file, not an evaluation's (no report.html)
     with pytest.raises(ConfigError, match="not an evaluation's"):
         evaluate_checkpoint(replace(config, out=str(own)))
     assert (own / "metrics.json").read_text() == "{}" and len(list(own.iterdir())) == 1
+
+
+def test_the_models_own_dataset_ingested_again_is_not_a_clean_external_set(
+    world: dict[str, Any], tmp_path: Path
+) -> None:
+    """Re-ingested in place (another cxr's splits, or a changed folder), the model's own dataset has another
+    fingerprint, so it is scored as data from elsewhere; but the model trained on its images, and its
+    new splits no longer say which: the verdict opens with that, in red, not with a clean figure."""
+    checkpoint = write_biased_checkpoint(tmp_path / "checkpoint", world["own"])
+    card = json.loads((checkpoint / "card.json").read_text())
+    card["data"]["fingerprint"] = "before-the-upgrade"
+    (checkpoint / "card.json").write_text(json.dumps(card))
+    paths = evaluate_checkpoint(
+        EvaluateConfig(checkpoint=str(checkpoint), data=world["own"], out=str(tmp_path / "e"))
+    )
+    metrics = json.loads(paths["metrics"].read_text())
+    overlap = metrics["external"]["overlap_with_training_data"]
+    assert (
+        overlap["checked"] is False
+        and overlap["reingested"] is True
+        and "ingested again" in overlap["reason"]
+    )
+    comparison = metrics["internal_comparison"]
+    assert comparison["clean"] is False
+    assert comparison["verdict"].startswith("Not a clean external validation: this is the dataset the model")
+    assert '<p class="lead alert">Not a clean' in paths["report"].read_text()
 
 
 def test_a_split_missing_classes_says_what_its_macro_averages_cover() -> None:
