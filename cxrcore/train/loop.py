@@ -325,8 +325,13 @@ def _resumed_schedule(
     (other --workers or --epochs: steps of another count), at `step` of the new plan, as if the run had been
     planned so. Its saved step count, read under the new plan, trained a run resumed from 1 worker onto 2
     at a learning rate of 0 from half-way, and restarted a finished run given more --epochs warm."""
-    if state.get("plan") == plan:
-        scheduler.load_state_dict(state["scheduler"])
+    saved = state["scheduler"]
+    # A checkpoint of an earlier cxr records no plan: its own step count tells whether the plan is this one
+    # (each epoch steps steps_per_epoch times, or once fewer where its last batch held one image).
+    epochs = int(state["epoch"]) + 1
+    same = state.get("plan") == plan if "plan" in state else 0 <= step - int(saved["last_epoch"]) <= epochs
+    if same:
+        scheduler.load_state_dict(saved)
         return scheduler
     log.warning(
         "the learning-rate schedule continues at step %d of %d: the run was planned with other --workers, "

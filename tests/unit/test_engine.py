@@ -291,6 +291,7 @@ def test_a_resumed_run_keeps_its_schedule_or_takes_the_new_plans_place_in_it() -
         "optimizer": first.state_dict(),
         "scheduler": old.state_dict(),
         "plan": {"warmup_steps": 10, "total_steps": 60},
+        "epoch": 1,  # two epochs done
     }
 
     same = optimizer()
@@ -313,3 +314,16 @@ def test_a_resumed_run_keeps_its_schedule_or_takes_the_new_plans_place_in_it() -
         lrs.append(other.param_groups[0]["lr"])
     assert all(lr > 0 for lr in lrs[:-1]) and lrs[-1] == pytest.approx(0.0, abs=1e-12)
     assert other.param_groups[0]["initial_lr"] == 1.0
+    # A checkpoint of an earlier cxr has no plan: its step count tells whether the plan is the same.
+    earlier = {key: value for key, value in state.items() if key != "plan"}
+    for plan, step, expected_step in (({"warmup_steps": 10, "total_steps": 60}, 20, 20), (plan, 10, 10)):
+        again = optimizer()
+        fresh = warmup_cosine(again, plan["warmup_steps"], plan["total_steps"])
+        again.load_state_dict(state["optimizer"])
+        assert _resumed_schedule(again, fresh, earlier, plan, step).last_epoch == expected_step
+    two_to_one = {**earlier, "scheduler": {**earlier["scheduler"], "last_epoch": 10}}  # 5 steps an epoch
+    again = optimizer()
+    fresh = warmup_cosine(again, 10, 60)
+    again.load_state_dict(state["optimizer"])
+    resumed = _resumed_schedule(again, fresh, two_to_one, {"warmup_steps": 10, "total_steps": 60}, 20)
+    assert resumed.last_epoch == 20  # repositioned: 10 steps behind is not one short batch an epoch
