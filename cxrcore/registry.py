@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import difflib
 import fcntl
+import hashlib
 import json
 import os
 import random
@@ -181,6 +182,8 @@ class ModelRegistry:
         report_fs, report_path = resolve(str(report)) if report is not None else (None, "")
         if report_fs is not None and report_fs.get_file_info(report_path).type != pafs.FileType.Directory:
             raise FileNotFoundError(f"report folder {report} not found")
+        if report_fs is not None:
+            _check_report_describes(report_fs, report_path, report, source_fs, source, name)
 
         number, folder, token = self._claim_next(name)
         try:
@@ -559,6 +562,42 @@ class ModelRegistry:
         latest = {v.name: v.ref for v in every}
         listing = ", ".join([*(f"{a} -> {aliases[a]}" for a in sorted(aliases)), *(latest[n] for n in names)])
         return f"unknown model reference {ref!r}{hint} (aliases and latest versions: {listing})"
+
+
+def _check_report_describes(
+    report_fs: pafs.FileSystem,
+    report_path: str,
+    report: Any,
+    source_fs: pafs.FileSystem,
+    source: str,
+    name: str,
+) -> None:
+    """Refuse an evaluation report of another model: its figures would become this version's test
+    figures, which `cxr evaluate` compares external data with. The report names the weights it scored
+    (`evaluated.weights_sha256`; reports of an earlier cxr, only the model)."""
+    from cxrcore.checkpoint import WEIGHTS_NAME
+
+    text = read_text(report_fs, f"{report_path}/metrics.json")
+    evaluated = (json.loads(text) if text else {}).get("evaluated") or {}
+    scored = evaluated.get("weights_sha256")
+    if scored is not None:
+        digest = hashlib.sha256()
+        with source_fs.open_input_stream(f"{source}/{WEIGHTS_NAME}") as weights:
+            while block := weights.read(1 << 20):
+                digest.update(block)
+        if digest.hexdigest() == scored:
+            return
+        what = f"other weights than {source}'s"
+    else:
+        model = str(evaluated.get("model") or "")
+        ref = re.fullmatch(r"([A-Za-z0-9_.-]+):\d+", model)  # a registry version; a folder names no model
+        if ref is None or ref.group(1) == name:
+            return
+        what = f"{model}, not this {name}"
+    raise RegistryError(
+        f"--report {report} evaluates {what} (its metrics.json, `evaluated`): register the checkpoint with "
+        f"its own evaluation (cxr evaluate --checkpoint CKPT --data DATASET --out DIR)"
+    )
 
 
 def _check_alias(alias: str) -> None:

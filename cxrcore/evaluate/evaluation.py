@@ -295,6 +295,7 @@ def _classification_report(
     evaluated = {
         "model": model.ref,
         "checkpoint": model.location,
+        "weights_sha256": weights_digest(model.checkpoint),
         "dataset": config.data,
         "fingerprint": relation.fingerprint,
         "split": split,
@@ -335,6 +336,19 @@ def write_predictions(path: Path, frame: Any, probs: np.ndarray, classes: Sequen
     )
     table.to_csv(path, index=False, float_format="%.6g")
     return path
+
+
+def weights_digest(checkpoint: Path) -> str:
+    """The sha256 of a checkpoint's weights file: which model a report describes, wherever it is kept."""
+    import hashlib
+
+    from cxrcore.checkpoint import WEIGHTS_NAME
+
+    digest = hashlib.sha256()
+    with (checkpoint / WEIGHTS_NAME).open("rb") as weights:
+        while block := weights.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def classes_note(per_class: Mapping[str, Mapping[str, Any]]) -> str | None:

@@ -255,6 +255,28 @@ def test_the_models_own_dataset_ingested_again_is_not_a_clean_external_set(
     assert '<p class="lead alert">Not a clean' in paths["report"].read_text()
 
 
+def test_a_version_is_registered_only_with_its_own_evaluation(world: dict[str, Any], tmp_path: Path) -> None:
+    """An evaluation report's figures become the version's test figures, which external evaluations are
+    compared with: one of other weights is refused (it was taken, and a cnn_lstm carried a dual model's)."""
+    config = EvaluateConfig(
+        checkpoint=str(world["checkpoint"]), data=world["own"], out=str(tmp_path / "eval")
+    )
+    evaluate_checkpoint(config)
+    registry = ModelRegistry(tmp_path / "registry")
+    other = write_biased_checkpoint(tmp_path / "other", world["own"], favourite="Normal")
+    with pytest.raises(RegistryError, match="evaluates other weights"):
+        registry.register(other, report=tmp_path / "eval")
+    assert registry.register(world["checkpoint"], report=tmp_path / "eval").ref == "tiny_cnn_lstm:1"
+    # An earlier cxr's report names the model only: a version of another one is refused too.
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "metrics.json").write_text(json.dumps({"evaluated": {"model": "tiny_dual_cnn:1"}}))
+    with pytest.raises(RegistryError, match="evaluates tiny_dual_cnn:1, not this tiny_cnn_lstm"):
+        registry.register(other, report=earlier)
+    (earlier / "metrics.json").write_text(json.dumps({"evaluated": {"model": "s3://bucket/runs/r/ckpt"}}))
+    assert registry.register(other, report=earlier).ref == "tiny_cnn_lstm:2"  # a folder names no model
+
+
 def test_a_split_missing_classes_says_what_its_macro_averages_cover() -> None:
     row, empty = {"support": 4, "recall": 0.75}, {"support": 0, "recall": 0.0}
     assert classes_note({name: row for name in CLASSES}) is None
