@@ -188,6 +188,15 @@ def format_ingest_report(report: dict[str, Any]) -> str:
     for item in report["mask_problems"]:
         lines.append(f"mask ignored: {item['path']}: {item['reason']}")
     lines += [f"warning: {warning}" for warning in report["warnings"]]
+    replaced = report.get("replaced")
+    if replaced:
+        lines.append(
+            f"replaced the dataset of fingerprint {replaced['fingerprint']} there: "
+            f"{replaced['changed_split']} of the {replaced['shared_images']} images both hold changed split. "
+            "Runs and Tune experiments "
+            "on the old one refuse this one (another --name starts afresh), and a model trained on the old "
+            "one scores this one as external data, not clean"
+        )
     return "\n".join(lines)
 
 

@@ -239,11 +239,36 @@ def ingest_dataset(
     report.update(_source_report(sources, splits, test_sources), labels=_label_report(scan))
     report["warnings"] = scan.warnings + _warnings(report)
     report["seconds_by_stage"] = {stage: round(seconds, 2) for stage, seconds in timings.items()}
+    report["replaced"] = _replaced(config.out, report["fingerprint"], list(rows["sha256"]), splits)
     storage.write_text(filesystem, f"{staging}/{REPORT_NAME}", json.dumps(report, indent=2))
     storage.publish(filesystem, root, marker=REPORT_NAME)
     log.info("ingested %d of %d images into %s", report["ingested"], report["found"], config.out)
     telemetry.record_ingest(config.out, report["ingested"], [row["reason"] for row in report["rejected"]])
     return report
+
+
+def _replaced(out: str, fingerprint: str, hashes: list[str], splits: list[str]) -> dict[str, Any] | None:
+    """What replacing the dataset at `out` changes, where one of another fingerprint is there: its
+    fingerprint, the images both hold (by content) and how many of them changed split. Runs, experiments
+    and models made on it no longer match the new one; the output says so. None where there is none."""
+    try:
+        before = read_report(out).get("fingerprint")
+        if before == fingerprint:
+            return None
+        old = read_table(out, ["sha256", "split"])
+    except (OSError, ValueError, KeyError):  # none there, or one this code cannot read: nothing to compare
+        return None
+    now = dict(zip(hashes, splits, strict=True))
+    shared = [
+        (now[sha], split)
+        for sha, split in zip(old["sha256"].to_pylist(), old["split"].to_pylist(), strict=True)
+        if sha in now
+    ]
+    return {
+        "fingerprint": before,
+        "shared_images": len(shared),
+        "changed_split": sum(1 for new, old_split in shared if new != old_split),
+    }
 
 
 _DATASET_COLUMNS = (

@@ -21,6 +21,7 @@ from cxrcore.data.ingest import ingest_dataset, read_report, read_split, read_ta
 from cxrcore.data.layout import LayoutError
 from cxrcore.data.synthetic import write_synthetic_dataset
 from cxrcore.data.transforms import resize_image, scale_to_uint8
+from cxrcore.summaries import format_ingest_report
 from tests.conftest import lung_mask, write_png, xray
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_session")]
@@ -180,6 +181,17 @@ def test_rerun_gives_the_same_dataset_and_a_failed_run_never_looks_complete(
     with pytest.raises(KeyboardInterrupt):  # an interrupted re-run leaves the finished dataset intact
         ingest_dataset(IngestConfig(raw=str(root), out=again, size=SIZE, seed=2))
     assert read_report(again)["fingerprint"] == report["fingerprint"]
+    # Replaced by one of other splits (another seed here; a later cxr's splits, or a changed folder): the
+    # report and the output say what changed, for the runs and models made on the old one.
+    monkeypatch.undo()
+    assert second["replaced"] is None
+    third = ingest_dataset(IngestConfig(raw=str(root), out=again, size=SIZE, seed=2))
+    replaced = third["replaced"]
+    assert replaced["fingerprint"] == report["fingerprint"] != third["fingerprint"]
+    assert (
+        replaced["shared_images"] == third["ingested"] and 0 < replaced["changed_split"] < third["ingested"]
+    )
+    assert f"replaced the dataset of fingerprint {report['fingerprint']}" in format_ingest_report(third)
 
 
 def test_another_hospitals_oddities_are_ingested_or_named_and_an_all_bad_folder_writes_nothing(
