@@ -31,8 +31,20 @@ def check_same_experiment(location: str, settings: dict[str, Any], what: str) ->
         if recorded.get(key) != settings.get(key)
     ]
     if differ:
+        if {key.split(" ")[0] for key in differ} == {"data_fingerprint"}:
+            # Only the data differs: another dataset, or this one ingested again (by a cxr that splits
+            # otherwise, or from a changed folder); recorded settings cannot bring the old one back.
+            advice = (
+                "The dataset is not the one it started on: --data names another, or it was ingested again "
+                f"since (its images or splits changed), so {what} cannot go on. Start a fresh one with "
+                "another --name (or --out)"
+            )
+        else:
+            advice = (
+                "Re-run with the recorded settings to resume it, or start a fresh one with another --name "
+                "(or --out)"
+            )
         raise ConfigError(
             f"--name: {location} already holds {what} started with other settings "
-            f"({'; '.join(differ)}). Re-run with the recorded settings to resume it, or start a fresh one "
-            f"with another --name (or --out), or delete {location}."
+            f"({'; '.join(differ)}). {advice}, or delete {location}."
         )

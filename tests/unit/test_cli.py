@@ -308,3 +308,20 @@ except KeyboardInterrupt:
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.stdout == "stopped True\n", done.stderr
+
+
+def test_a_rerun_on_other_settings_or_other_data_is_refused_saying_what_to_do(tmp_path: Path) -> None:
+    """Other settings can be put back; another dataset (or the same folder ingested again, whose splits
+    moved) cannot, and the advice says so rather than "re-run with the recorded settings"."""
+    from cxrcore.config import ConfigError
+    from cxrcore.experiment import check_same_experiment
+
+    run = str(tmp_path / "run")
+    check_same_experiment(run, {"data_fingerprint": "aaa", "lr": 0.001}, "a training run")
+    check_same_experiment(run, {"data_fingerprint": "aaa", "lr": 0.001}, "a training run")  # resumes
+    with pytest.raises(ConfigError, match="Re-run with the recorded settings") as settings:
+        check_same_experiment(run, {"data_fingerprint": "aaa", "lr": 0.01}, "a training run")
+    assert "lr 0.001 → 0.01" in str(settings.value)
+    with pytest.raises(ConfigError, match="ingested again") as data:
+        check_same_experiment(run, {"data_fingerprint": "bbb", "lr": 0.001}, "a training run")
+    assert "Re-run with the recorded" not in str(data.value) and "another --name" in str(data.value)
