@@ -1,3 +1,3 @@
 """cxr: train, compare and serve chest X-ray classifiers on a Ray cluster."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
