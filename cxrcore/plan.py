@@ -100,7 +100,11 @@ def train_plan(config: TrainConfig) -> str:
         ("batch size", _batch_line(config.batch_size, batch_size, workers, data.train_images)),
         ("image size", _image_size(config.image_size, data)),
         ("segmenter", f"{config.segmenter}{_where(config.segmenter)}" if config.segmenter else "none"),
-        ("output", f"{config.out}/{config.run_name()} (an earlier run there is resumed)"),
+        (
+            "output",
+            f"{config.out}/{config.run_name()} (an earlier run there is resumed if it started on the same "
+            "data and settings, and refused otherwise)",
+        ),
     ]
     return _plan("cxr train", rows)
 
