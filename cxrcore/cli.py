@@ -63,6 +63,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
+    from cxrcore.runtime import forget_sigterm
+
+    forget_sigterm()
     try:
         with quiet_ray_console() if not args.verbose else contextlib.nullcontext():
             status: int = args.run(args)

@@ -89,6 +89,30 @@ def _sigterm_as_ctrl_c() -> None:
     signal.signal(signal.SIGTERM, stop)
 
 
+@contextmanager
+def sigint_handler_kept() -> Iterator[None]:
+    """Put this thread's SIGINT handler back after the block: Ray Train's `fit` and Tune's leave theirs
+    installed when they end, and a later Ctrl-C (or SIGTERM, raised as one) would go to a finished run
+    (Tune's logs and carries on, Train's exits 0 at the third) while `cxr tune` registers its winners."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def forget_sigterm() -> None:
+    """A new command in this process: a SIGTERM that stopped an earlier one does not name the next stop."""
+    global _sigterm_received
+    _sigterm_received = False
+
+
 def sigterm_received() -> bool:
     """Whether a SIGTERM stopped this process (see _sigterm_as_ctrl_c)."""
     return _sigterm_received

@@ -26,7 +26,7 @@ from cxrcore.console import is_quiet, quiet_ray_console, quiet_tune_trial
 from cxrcore.data import storage
 from cxrcore.experiment import check_same_experiment
 from cxrcore.metrics import best_by_validation
-from cxrcore.runtime import Interrupted
+from cxrcore.runtime import Interrupted, sigint_handler_kept
 
 log = logging.getLogger(__name__)
 
@@ -388,9 +388,11 @@ def _fit_experiment(
             ),
         )
     before = signal.getsignal(signal.SIGINT)
-    with _without_tunes_resume_advice(), _tunes_own_output():
-        results = tuner.fit()
-    if _tune_was_interrupted(before):
+    with sigint_handler_kept():  # Tune leaves its handler behind when the experiment ends
+        with _without_tunes_resume_advice(), _tunes_own_output():
+            results = tuner.fit()
+        stopped = _tune_was_interrupted(before)
+    if stopped:
         raise Interrupted(interrupted)
     return results
 

@@ -107,28 +107,32 @@ EVALUATION_FILES = ("metrics.json", "report.html", "predictions.csv", "*.png")
 
 
 def _evaluate_into(out: Path, config: EvaluateConfig) -> dict[str, Path]:
-    """The evaluation written beside `out` first, then put in its place: `out` is absent, empty, or an
-    earlier evaluation, whose files are replaced only once the new one is complete (an unknown model, a
-    wrong device or Ctrl-C leaves it as it was; a plot the new one does not draw goes). A folder holding
-    anything else is refused: its files would be overwritten or mixed with the evaluation's."""
-    earlier = out.is_dir() and any(out.iterdir())
-    if earlier and not ((out / "metrics.json").is_file() and (out / "report.html").is_file()):
+    """The evaluation written into `out/.partial` first, then moved into `out`: `out` is absent, empty, or
+    an earlier evaluation, whose files are replaced only once the new one is complete (an unknown model, a
+    wrong device or Ctrl-C leaves it as it was; a plot the new one does not draw goes). Staged inside
+    `out`, the moves stay on its filesystem (a volume mounted there, a link to another disk). A folder
+    holding anything else is refused: its files would be overwritten or mixed with the evaluation's."""
+    staging = out / ".partial"
+    held = [path for path in out.iterdir() if path != staging] if out.is_dir() else []
+    if held and not ((out / "metrics.json").is_file() and (out / "report.html").is_file()):
         raise ConfigError(
             f"--out {out} holds files that are not an evaluation's; write the evaluation to a new or empty "
             "folder (an earlier evaluation's folder is replaced)"
         )
-    staging = out.with_name(f".{out.name}.partial")
+    created = not out.exists()
     shutil.rmtree(staging, ignore_errors=True)
     try:
         paths = _evaluate(replace(config, out=str(staging)))
-        out.mkdir(parents=True, exist_ok=True)
-        for pattern in EVALUATION_FILES:
-            for path in out.glob(pattern):
-                path.unlink()
         for path in paths.values():
             path.replace(out / path.name)
+        for pattern in EVALUATION_FILES:
+            for path in out.glob(pattern):
+                if path.name not in {written.name for written in paths.values()}:
+                    path.unlink()
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
     return {name: out / path.name for name, path in paths.items()}
 
 

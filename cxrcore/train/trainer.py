@@ -11,7 +11,7 @@ from cxrcore.config import ConfigError, TrainConfig, to_dict
 from cxrcore.console import is_quiet, train_log_level
 from cxrcore.labels import CLASSES
 from cxrcore.metrics import best_by_validation
-from cxrcore.runtime import DATA_CPUS, Interrupted
+from cxrcore.runtime import DATA_CPUS, Interrupted, sigint_handler_kept
 
 log = logging.getLogger(__name__)
 
@@ -473,7 +473,8 @@ def fit(config: TrainConfig) -> TrainResult:
         check_local_gpus(config.workers)
     trainer = build_trainer(config, callbacks=[epoch_printer(config)])
     try:
-        result = trainer.fit()
+        with sigint_handler_kept():
+            result = trainer.fit()
     except SystemExit as exc:  # Ray Train's SIGINT handler aborts the run, then exits the driver
         raise Interrupted(
             "training stopped; run the same command again to resume it after its last saved checkpoint"

@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,8 +43,12 @@ def comparison(synthetic_dataset: str, tmp_path_factory: pytest.TempPathFactory)
     work = tmp_path_factory.mktemp("tune")
     (work / "ds").symlink_to(synthetic_dataset)
     out = io.StringIO()
+    handler = signal.getsignal(signal.SIGINT)
     with working_directory(work), contextlib.redirect_stdout(out):
         status = main([*COMMAND, "--epochs", "1", "--pretrained", "none"])
+    # Tune's SIGINT handler does not outlive the sweep: a Ctrl-C or SIGTERM while the winners are
+    # registered stops the command, not a finished experiment.
+    assert signal.getsignal(signal.SIGINT) is handler
     return work, status, out.getvalue()
 
 

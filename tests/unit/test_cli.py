@@ -118,9 +118,30 @@ def test_ctrl_c_or_sigterm_elsewhere_exits_130_or_143_in_one_line(
     monkeypatch.setattr(cli, "_run_check", stopped)
     assert main(["data", "check", "anywhere"]) == 130
     assert capsys.readouterr().err == "cxr: interrupted by Ctrl-C\n"
-    monkeypatch.setattr(runtime, "_sigterm_received", True)
+
+    def terminated(args: object) -> int:
+        runtime._sigterm_received = True  # as the SIGTERM handler records it, then raises a Ctrl-C
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_run_check", terminated)
     assert main(["data", "check", "anywhere"]) == 143
     assert capsys.readouterr().err == "cxr: interrupted by SIGTERM\n"
+    monkeypatch.setattr(cli, "_run_check", stopped)  # the next command in this process: Ctrl-C again
+    assert main(["data", "check", "anywhere"]) == 130
+    assert capsys.readouterr().err == "cxr: interrupted by Ctrl-C\n"
+
+
+def test_the_sigint_handler_a_run_installs_goes_when_it_ends() -> None:
+    """Ray Train's and Tune's `fit` leave their SIGINT handlers installed; a SIGTERM after the sweep (while
+    `cxr tune` registers the winners) went to a finished run and was lost."""
+    import signal
+
+    from cxrcore.runtime import sigint_handler_kept
+
+    before = signal.getsignal(signal.SIGINT)
+    with sigint_handler_kept():
+        signal.signal(signal.SIGINT, lambda *_: None)  # as Tune's fit does
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_an_ingest_whose_dicom_decoder_could_not_start_is_one_line_not_a_ray_traceback(

@@ -219,8 +219,14 @@ def test_an_evaluation_replaces_an_earlier_one_and_refuses_a_folder_of_other_fil
     before = {path.name: path.read_bytes() for path in (tmp_path / "e").iterdir()}
     with pytest.raises(FileNotFoundError):  # a failed evaluation leaves the earlier one as it was
         evaluate_checkpoint(replace(config, checkpoint=str(tmp_path / "no-such-checkpoint")))
-    assert {path.name: path.read_bytes() for path in (tmp_path / "e").iterdir()} == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]  # no staging folder left
+    assert {path.name: path.read_bytes() for path in (tmp_path / "e").iterdir()} == before  # no staging left
+    (tmp_path / "e" / ".partial").mkdir()  # what a killed evaluation leaves: cleared, not refused
+    (tmp_path / "e" / ".partial" / "metrics.json").write_text("{}")
+    assert set(evaluate_checkpoint(config)) == set(paths)
+    assert sorted(p.name for p in (tmp_path / "e").iterdir()) == sorted(before)
+    with pytest.raises(FileNotFoundError):  # a failed first evaluation leaves no folder behind
+        evaluate_checkpoint(replace(config, checkpoint=str(tmp_path / "none"), out=str(tmp_path / "new")))
+    assert not (tmp_path / "new").exists()
     own = tmp_path / "mine"
     own.mkdir()
     (own / "metrics.json").write_text("{}")  # a user's file, not an evaluation's (no report.html)
