@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import difflib
 import fcntl
-import hashlib
 import json
 import os
 import random
@@ -56,7 +55,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow.fs as pafs
 
-from cxrcore.data.storage import cache_key, exists, read_text, remove, resolve, write_text
+from cxrcore.data.storage import cache_key, exists, file_sha256, read_text, remove, resolve, write_text
 from cxrcore.data.storage import copy as _copy
 
 if TYPE_CHECKING:
@@ -581,11 +580,7 @@ def _check_report_describes(
     evaluated = (json.loads(text) if text else {}).get("evaluated") or {}
     scored = evaluated.get("weights_sha256")
     if scored is not None:
-        digest = hashlib.sha256()
-        with source_fs.open_input_stream(f"{source}/{WEIGHTS_NAME}") as weights:
-            while block := weights.read(1 << 20):
-                digest.update(block)
-        if digest.hexdigest() == scored:
+        if file_sha256(source_fs, f"{source}/{WEIGHTS_NAME}") == scored:
             return
         what = f"other weights than {source}'s"
     else:

@@ -70,7 +70,10 @@ def format_comparison(comparison: dict[str, Any]) -> str:
     ]  # fmt: skip
     header = ["architecture", "registered", "val F1", "test acc", "test F1", "params", "img/s", "epochs"]
     header += ["random-split acc", "held-out acc"] if held_out else []
-    lines = [winner_line(best, architectures_asked(comparison)), format_table(header, rows)]
+    lines = [
+        winner_line(best, architectures_asked(comparison), production_note=False),
+        format_table(header, rows),
+    ]
     lines += [f"WARNING: {line}" for line in holdout_warnings(best)]
     if comparison.get("segmenter"):
         lines += _segmenter_lines(

@@ -116,10 +116,13 @@ def ranked_architectures(best: Mapping[str, Mapping[str, Any]]) -> list[tuple[st
     return rank_by_validation(best.items(), lambda item: item[1])
 
 
-def winner_line(best: Mapping[str, Mapping[str, Any]], asked: int | None = None) -> str:
+def winner_line(
+    best: Mapping[str, Mapping[str, Any]], asked: int | None = None, *, production_note: bool = True
+) -> str:
     """One sentence: which architecture won (the production one), on what score, by how much over the next.
     `asked`: how many architectures the comparison was asked for (the settings' `models`); one alone is
-    not said to be the only one that "produced a checkpoint", as if others had failed."""
+    not said to be the only one that "produced a checkpoint", as if others had failed. `production_note`:
+    say where production stays if a re-run kept it elsewhere (the console says it on a line of its own)."""
     ranked = ranked_architectures(best)
     if not ranked:
         return "No architecture produced a checkpoint: nothing was evaluated, registered or promoted."
@@ -156,7 +159,7 @@ def winner_line(best: Mapping[str, Mapping[str, Any]], asked: int | None = None)
         line += f" (95% CI {interval_text(accuracy_interval(matrix))}, {sum(map(sum, matrix))} images)"
     line += "."
     kept = next((r["ref"] for m, r in ranked if r.get("production") and m != model), None)
-    if kept:  # a re-run keeps production where it was moved since the experiment's first run promoted
+    if kept and production_note:  # a re-run keeps production where it was moved since the first run put it
         line += (
             f" Production stays {kept}, where it was moved since; `cxr models promote {row['ref']}` serves "
             "the winner."

@@ -235,6 +235,8 @@ def _classification_report(
     import torch
 
     from cxrcore.calibration import apply_temperature, calibration_report
+    from cxrcore.checkpoint import WEIGHTS_NAME
+    from cxrcore.data import storage
     from cxrcore.evaluate.report import write_evaluation_report
     from cxrcore.inference import BatchedPredictions
     from cxrcore.metrics import classification_metrics
@@ -299,7 +301,8 @@ def _classification_report(
     evaluated = {
         "model": model.ref,
         "checkpoint": model.location,
-        "weights_sha256": weights_digest(model.checkpoint),
+        # which weights these figures describe: `cxr models register --report` refuses them for others
+        "weights_sha256": storage.file_sha256(pafs.LocalFileSystem(), str(model.checkpoint / WEIGHTS_NAME)),
         "dataset": config.data,
         "fingerprint": relation.fingerprint,
         "split": split,
@@ -340,19 +343,6 @@ def write_predictions(path: Path, frame: Any, probs: np.ndarray, classes: Sequen
     )
     table.to_csv(path, index=False, float_format="%.6g")
     return path
-
-
-def weights_digest(checkpoint: Path) -> str:
-    """The sha256 of a checkpoint's weights file: which model a report describes, wherever it is kept."""
-    import hashlib
-
-    from cxrcore.checkpoint import WEIGHTS_NAME
-
-    digest = hashlib.sha256()
-    with (checkpoint / WEIGHTS_NAME).open("rb") as weights:
-        while block := weights.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def classes_note(per_class: Mapping[str, Mapping[str, Any]]) -> str | None:

@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -121,6 +122,9 @@ def test_tiny_comparison_registers_all_three_and_promotes_the_best(
     assert registry.get("production").ref == rollback
     assert f"production stays {rollback}: it was moved there after this experiment's earlier" in again
     assert f"`cxr models promote {production.ref}` serves this run's winner" in again
+    assert "Production stays" not in again  # said once on the console; the report's winner line says it
+    html = Path(re.search(r"^html: (\S+)$", again, re.MULTILINE).group(1)).read_text()  # type: ignore[union-attr]
+    assert f"Production stays {rollback}, where it was moved since" in html
     assert [v.ref for v in registry.versions()] == versions  # nothing registered twice
 
 
