@@ -100,6 +100,7 @@ def calibration_report(logits: np.ndarray, labels: np.ndarray, temperature: floa
         "ece_floor_sd_before": None,
         "ece_floor_after": None,
         "ece_floor_sd_after": None,
+        "note": None,
     }
     if len(y) == 0:
         return report
@@ -111,7 +112,25 @@ def calibration_report(logits: np.ndarray, labels: np.ndarray, temperature: floa
         report[f"nll_{suffix}"] = float(
             -np.log(np.clip(probs[np.arange(len(y)), y], NLL_EPSILON, 1.0)).mean()
         )
+    report["note"] = _worse_note(report, len(y))
     return report
+
+
+def _worse_note(report: dict[str, Any], n: int) -> str | None:
+    """Why the scaled probabilities may be the worse ones here, or None where T helped or was 1.
+
+    On the split T was fitted on, the NLL cannot rise (fit_temperature keeps T = 1 unless it lowers the
+    NLL plus the prior). Elsewhere it can: the validation split was too small to fit T, or this split's
+    images differ from it. Served probabilities are the scaled ones either way, so the report says so.
+    """
+    if report["temperature"] == 1.0 or report["nll_after"] <= report["nll_before"]:
+        return None
+    return (
+        f"the temperature {report['temperature']:.2f}, fitted on the validation split, made the NLL on these "
+        f"{n} images worse ({report['nll_before']:.3f} -> {report['nll_after']:.3f}); the served "
+        "probabilities are the scaled ones. On a few dozen images this can be chance; on more, the "
+        "validation split was too small to fit T, or unlike these images"
+    )
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -290,6 +290,8 @@ def _classification_report(
         "temperature %.3f: ECE %.3f -> %.3f, NLL %.3f -> %.3f",
         cal["temperature"], cal["ece_before"], cal["ece_after"], cal["nll_before"], cal["nll_after"],
     )  # fmt: skip
+    if cal["note"]:
+        log.warning("calibration: %s", cal["note"])
     holdout = _source_holdout(config.data, relation, split, frame, probs, classes)
     masks_used = _masks_used(needs_mask, as_served, int(has_mask.sum()))
     blocks = None

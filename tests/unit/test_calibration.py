@@ -129,8 +129,16 @@ def test_report_halves_the_ece_and_agrees_with_classification_metrics() -> None:
     temperature = fit_temperature(logits, labels)
     report = calibration_report(logits, labels, temperature)
     floors = {f"ece_floor{sd}_{when}" for sd in ("", "_sd") for when in ("before", "after")}
-    assert set(report) == {"temperature", "ece_before", "ece_after", "nll_before", "nll_after", *floors}
-    assert report["temperature"] == temperature
+    assert set(report) == {
+        "temperature",
+        "ece_before",
+        "ece_after",
+        "nll_before",
+        "nll_after",
+        "note",
+        *floors,
+    }
+    assert report["temperature"] == temperature and report["note"] is None
     assert report["ece_after"] <= report["ece_before"] / 2
     assert report["nll_after"] < report["nll_before"]
     before = classification_metrics(labels, softmax(logits))
@@ -148,6 +156,15 @@ def test_report_halves_the_ece_and_agrees_with_classification_metrics() -> None:
     json.dumps(report)  # plain types: it goes on the card
     with pytest.raises(ValueError, match="temperature"):
         calibration_report(logits, labels, 0.0)
+
+
+def test_report_says_when_the_validation_temperature_made_a_split_worse() -> None:
+    logits, labels = overconfident()
+    report = calibration_report(logits, labels, 0.5)  # sharpening probabilities already too confident
+    assert report["nll_after"] > report["nll_before"]
+    assert report["note"].startswith("the temperature 0.50, fitted on the validation split, made the NLL")
+    assert f"{report['nll_before']:.3f} -> {report['nll_after']:.3f}" in report["note"]
+    assert calibration_report(logits, labels, 1.0)["note"] is None
 
 
 def test_apply_temperature() -> None:
