@@ -475,6 +475,7 @@ class Classifier:
             "model": served.resolved.info.model_dump(),
             "target": classes[result.target],
             "heatmap": result.heatmap,
+            "heatmap_empty": result.empty,
             "mask": result.mask,
         }
 

@@ -282,6 +282,7 @@ class _Routes:
             explanation = Explanation(
                 target=result["target"],
                 heatmap_png=_png_base64(result["heatmap"]),
+                heatmap_empty=result["heatmap_empty"],
                 mask_png=None if result["mask"] is None else _png_base64(result["mask"]),
             )
         model, label = ModelInfo(**result["model"]), max(probabilities, key=probabilities.__getitem__)

@@ -162,8 +162,18 @@ class Explanation(BaseModel):
     """Why the model said what it said, at the model's input size."""
 
     target: str = Field(description="the class the heatmap explains (the predicted one)")
-    heatmap_png: str = Field(description="Grad-CAM heatmap of the last conv layer, base64 grayscale PNG")
-    mask_png: str | None = Field(description="lung mask fed to the model, base64 PNG; null if it takes none")
+    heatmap_png: str = Field(
+        description="Grad-CAM heatmap of the last convolutional block, base64 grayscale PNG, 255 where the "
+        "evidence for `target` is strongest. It is the model's input size, a square: the upload was resized "
+        "to it without padding, so stretch the map to the upload's width and height to overlay it"
+    )
+    heatmap_empty: bool = Field(
+        description="true where no region adds to the target's score: the heatmap is blank because Grad-CAM "
+        "found nothing to show, not because the image holds no evidence"
+    )
+    mask_png: str | None = Field(
+        description="lung mask fed to the model, base64 PNG at the heatmap's size; null if it takes none"
+    )
 
 
 class Prediction(BaseModel):

@@ -288,6 +288,7 @@ class LocalClassifier:
             "model": self.resolved.info.model_dump(),
             "target": self.resolved.card.classes[result.target],
             "heatmap": result.heatmap,
+            "heatmap_empty": result.empty,
             "mask": result.mask,
         }
 

@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
-from cxrcore.explain import explain, grad_cam, last_conv_layer
+from cxrcore.explain import explain, grad_cam
 from cxrcore.inference import Predictor
 from cxrcore.models import create_model
 from tests.e2e.uploads import chest, write_checkpoints
@@ -26,7 +27,30 @@ def test_grad_cam_maps_are_normalised_and_input_sized(name: str) -> None:
     with torch.no_grad():
         torch.testing.assert_close(logits, model(inputs))
     assert not any(p.grad is not None for p in model.parameters())  # nothing accumulates between requests
-    assert not last_conv_layer(model)._forward_hooks  # the hook is gone
+    assert not any(module._forward_hooks for module in model.modules())  # the hooks are gone
+
+
+def test_grad_cam_weighs_the_block_output_after_batchnorm_not_the_raw_convolution() -> None:
+    # The convolution's output is negative everywhere; BatchNorm shifts it positive and the class reads it.
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(2, 4),
+    ).eval()  # fmt: skip
+    with torch.no_grad():
+        model[0].weight.mul_(0.1)
+        model[0].bias.fill_(-5.0)
+        model[1].running_mean.fill_(-5.0)
+        model[1].bias.fill_(1.0)
+        model[5].weight.zero_()
+        model[5].weight[0] = 1.0
+        model[5].bias.zero_()
+    inputs = torch.rand(2, 1, 16, 16)
+    maps, logits = grad_cam(model, inputs)
+    assert (logits.argmax(dim=1) == 0).all()
+    assert torch.allclose(maps.flatten(1).amax(dim=1), torch.ones(2))  # evidence where the class reads it
+    raw, _ = grad_cam(model, inputs, layer=model[0])
+    assert raw.max() == 0  # the raw convolution's map: blank, what the served heatmaps were
 
 
 def test_explain_matches_predict_proba_and_returns_the_mask_used(tmp_path: Path) -> None:
@@ -39,7 +63,8 @@ def test_explain_matches_predict_proba_and_returns_the_mask_used(tmp_path: Path)
     assert (
         result.heatmap.shape == (64, 64)
         and result.heatmap.dtype == np.uint8
-        and result.heatmap.max() in (0, 255)
+        and result.heatmap.max() == 255
+        and not result.empty
     )
     assert result.mask is not None and set(np.unique(result.mask)) <= {0, 255}
 
