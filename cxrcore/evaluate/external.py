@@ -418,6 +418,13 @@ def _verdict(block: Mapping[str, Any], external: Mapping[str, Any]) -> str:
             "model does not carry over to this data: it may have learned the sources it was trained on "
             "(hospital, scanner, patient age) rather than the disease. Do not rely on it for data like this."
         ]
+    elif _is_large(-figures[key]["drop"] for key in COMPARED if figures[key]["drop"] is not None):
+        sentences = [
+            f"{sides[0].upper()}{sides[1:]}: higher than the internal figures by {LARGE_DROP:.2f} or more, "
+            "which data from elsewhere seldom is. These images may be easier, hold another mix of classes or "
+            "copy images the model trained on, or the internal figures rest on few images: find out which "
+            "before reading this as the model carrying over."
+        ]
     else:
         sentences = [f"{sides[0].upper()}{sides[1:]}: within {LARGE_DROP:.2f} of the internal figures."]
     if block["restricted_to"]:
@@ -582,6 +589,11 @@ def _holdout_verdict(block: Mapping[str, Any]) -> str:
             f"Large drop on the held-out sources ({names}): {sides}{chance.format(low, high)} — the model "
             "may be reading the site (hospital, scanner, patient age), not the lungs. Expect the held-out "
             "figures, not the random-split ones, on data from elsewhere."
+        ]
+    elif _is_large(-drop for drop in block["drop"].values() if drop is not None):
+        sentences = [
+            f"Held-out sources ({names}): {sides}; higher than the random split by {LARGE_DROP:.2f} or more: "
+            "the held-out sources' images may be easier, or either side rests on few images."
         ]
     else:
         sentences = [f"Held-out sources ({names}): {sides}; within {LARGE_DROP:.2f} of the random split."]

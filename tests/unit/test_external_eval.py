@@ -413,6 +413,10 @@ def test_drop_flag_threshold_and_verdict() -> None:
     assert compare_with_internal(external, f1_only, CLASSES, ece=0.1)["large_drop"] is True
     validation = {**just_under, "kind": "validation"}
     assert "optimistic" in compare_with_internal(external, validation, CLASSES, ece=0.1)["verdict"]
+    rise = compare_with_internal(external, {**just_under, "accuracy": 0.70}, CLASSES, ece=0.1)
+    assert rise["large_drop"] is False and rise["figures"]["accuracy"]["drop"] == pytest.approx(-0.10)
+    assert "higher than the internal figures by 0.10 or more" in rise["verdict"]
+    assert "within" not in rise["verdict"]
 
 
 def test_without_internal_figures_the_comparison_says_so() -> None:

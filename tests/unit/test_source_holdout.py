@@ -79,6 +79,9 @@ def test_the_flag_starts_at_the_threshold() -> None:
     assert block["verdict"].startswith(f"Held-out sources ({HELD}): accuracy: held-out sources 0.95")
     assert block["verdict"].endswith(f"; within {LARGE_DROP:.2f} of the random split.")
     assert "reading the site" not in block["verdict"]
+    block = _holdout(_scored(truth, at_threshold, SEEN), _scored(truth, truth, HELD))  # 0.90 against 1.00
+    assert block["drop"]["accuracy"] == pytest.approx(-LARGE_DROP) and block["large_drop"] is False
+    assert f"higher than the random split by {LARGE_DROP:.2f} or more" in block["verdict"]
 
 
 def test_the_random_split_is_scored_over_the_classes_the_held_out_sources_hold() -> None:
