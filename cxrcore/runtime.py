@@ -147,6 +147,9 @@ def _join(address: str, source: str) -> None:
 
 
 DASHBOARD_PORT_ATTEMPTS = 3
+_PORT_TAKEN = ("valid port for dashboard", "because it's already occupied")
+"""Ray 2.60's words for a dashboard port taken: by its dashboard, and by `ray._private.services`' own check
+(`ValueError: Failed to bind to 127.0.0.1:8265 because it's already occupied`)."""
 
 
 def _start_local(logical: int, object_store_memory: int | None) -> None:
@@ -161,7 +164,8 @@ def _start_local(logical: int, object_store_memory: int | None) -> None:
             _init_local(logical, object_store_memory, port)
             return
         except Exception as exc:
-            if "valid port for dashboard" not in str(exc) or attempt == DASHBOARD_PORT_ATTEMPTS:
+            taken = any(words in str(exc) for words in _PORT_TAKEN)
+            if not taken or attempt == DASHBOARD_PORT_ATTEMPTS:
                 raise
             log.warning("the dashboard's port %d was taken as Ray started; starting again on another", port)
             ray.shutdown()

@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 
 
-def test_a_dashboard_port_taken_as_ray_starts_is_left_for_another(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "error",
+    [
+        "RuntimeError: Failed to find a valid port for dashboard after 0 retries: {port} in use",
+        "ValueError: Failed to bind to 127.0.0.1:{port} because it's already occupied. You can use ...",
+    ],
+)
+def test_a_dashboard_port_taken_as_ray_starts_is_left_for_another(
+    monkeypatch: pytest.MonkeyPatch, error: str
+) -> None:
     """Two `cxr` commands started at once may both find 8265 free; Ray, given a port, tries no other."""
     import ray
 
@@ -16,7 +25,8 @@ def test_a_dashboard_port_taken_as_ray_starts_is_left_for_another(monkeypatch: p
     def init(logical: int, object_store_memory: int | None, port: int) -> None:
         ports.append(port)
         if len(ports) == 1:
-            raise RuntimeError(f"Failed to find a valid port for dashboard after 0 retries: {port} in use")
+            kind, words = error.split(": ", 1)
+            raise {"RuntimeError": RuntimeError, "ValueError": ValueError}[kind](words.format(port=port))
 
     shutdowns: list[bool] = []
     monkeypatch.setattr(runtime, "_init_local", init)
