@@ -236,7 +236,7 @@ def ingest_dataset(
 
     report = _report(config, scan.root, manifest, index, labels, splits, groups, started)
     report["duplicates"]["across_classes"] = _across_classes(rows, labels, manifest)
-    report.update(_source_report(sources, splits, test_sources), labels=_label_report(scan))
+    report.update(_source_report(sources, splits, labels, test_sources), labels=_label_report(scan))
     report["warnings"] = scan.warnings + _warnings(report)
     report["seconds_by_stage"] = {stage: round(seconds, 2) for stage, seconds in timings.items()}
     report["replaced"] = _replaced(config.out, report["fingerprint"], list(rows["sha256"]), splits)
@@ -671,12 +671,48 @@ def _report(
     }
 
 
-def _source_report(sources: list[str], splits: list[str], test_sources: set[str]) -> dict[str, Any]:
-    """The images of each source in each split, and which sources were held out for testing."""
+def _source_report(
+    sources: list[str], splits: list[str], labels: list[str], test_sources: set[str]
+) -> dict[str, Any]:
+    """The images of each source in each split and of each class, which sources were held out for
+    testing, and the pairs of classes no source holds both of (`source_separates`)."""
     by_source_split: dict[str, dict[str, int]] = {}
-    for source, split in zip(sources, splits, strict=True):
+    by_source_class: dict[str, Counter[str]] = {}
+    for source, split, label in zip(sources, splits, labels, strict=True):
         by_source_split.setdefault(source, dict.fromkeys(SPLITS, 0))[split] += 1
-    return {"test_sources": sorted(test_sources), "by_source_split": dict(sorted(by_source_split.items()))}
+        by_source_class.setdefault(source, Counter())[label] += 1
+    return {
+        "test_sources": sorted(test_sources),
+        "by_source_split": dict(sorted(by_source_split.items())),
+        "by_source_class": {
+            source: dict(sorted(by_source_class[source].items())) for source in sorted(by_source_class)
+        },
+        "source_separates": _separated_classes(by_source_class),
+    }
+
+
+def _separated_classes(by_source_class: dict[str, Counter[str]]) -> list[list[str]]:
+    """The pairs of classes that no source holds both of, where the sources are known (two or more).
+
+    A model can tell such classes apart by what their sources leave on the image (hospital, scanner,
+    patient age, text burned in) and not by the lungs, and a random split cannot show it: its test images
+    come from the same sources. The Kaggle database is so made: its Normal and Viral Pneumonia images
+    share a source, the paediatric set of data.mendeley.com, which holds no COVID image.
+    """
+    known = {source: classes for source, classes in by_source_class.items() if source != "unknown"}
+    if len(known) < 2:
+        return []
+    sources_of: dict[str, set[str]] = {}
+    for source, classes in known.items():
+        for label in classes:
+            sources_of.setdefault(label, set()).add(source)
+    names = sorted(sources_of)
+    return [
+        [first, second]
+        for i, first in enumerate(names)
+        for second in names[i + 1 :]
+        if not sources_of[first] & sources_of[second]
+    ]
 
 
 def _label_report(scan: LayoutScan) -> dict[str, Any]:
@@ -703,7 +739,8 @@ def _across_classes(
 
 def _warnings(report: dict[str, Any]) -> list[str]:
     """Classes that nothing in train teaches (too few images, or all of them from held-out sources), or
-    that validation or the test cannot score, and pictures labelled with two classes."""
+    that validation or the test cannot score, classes their sources tell apart, and pictures labelled
+    with two classes."""
     warnings = []
     for label, counts in report["by_class_split"].items():
         if counts["train"] == 0:
@@ -717,6 +754,18 @@ def _warnings(report: dict[str, Any]) -> list[str]:
                 f"will say how the model does on it there; more images, or a larger --{missing[0]}-fraction, "
                 "give it some"
             )
+    if pairs := report.get("source_separates"):
+        named = (
+            "every source holds one class only"
+            if len(pairs) == len(report["by_class"]) * (len(report["by_class"]) - 1) // 2
+            else "no source holds both " + ", nor ".join(" and ".join(pair) for pair in pairs)
+        )
+        warnings.append(
+            f"{named}: a model can tell these classes apart by their sources (hospital, scanner, patient "
+            "age, text burned in) and not by the lungs, and a random test split, from the same sources, "
+            "would not show it. Hold sources out (--test-sources; see the README's section on holding "
+            "sources out) or validate on another hospital's data before trusting the scores"
+        )
     if groups := report["duplicates"].get("across_classes"):
         root = report["raw"]
         example = " = ".join(f"{format_paths([item['path']], root)} ({item['label']})" for item in groups[0])

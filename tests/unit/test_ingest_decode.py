@@ -100,3 +100,32 @@ def test_the_report_warns_of_classes_no_split_can_score() -> None:
         "images, or a larger --test-fraction, give it some",
         "Lung_Opacity has no training images (1 in val, 1 in test)",
     ]
+
+
+def test_the_report_warns_of_classes_their_sources_tell_apart() -> None:
+    from cxrcore.data.ingest import _source_report, _warnings
+
+    # The Kaggle database's shape: Normal and Viral Pneumonia from one paediatric source, COVID elsewhere.
+    labels = ["COVID"] * 3 + ["Normal"] * 2 + ["Viral Pneumonia"] * 2 + ["Normal"]
+    sources = ["nejm.org", "github.com/ieee8023", "unknown"] + ["data.mendeley.com"] * 4 + ["unknown"]
+    report = _source_report(sources, ["train"] * len(labels), labels, set())
+    assert report["by_source_class"]["data.mendeley.com"] == {"Normal": 2, "Viral Pneumonia": 2}
+    assert report["source_separates"] == [["COVID", "Normal"], ["COVID", "Viral Pneumonia"]]
+    by_class = {"COVID": 3, "Normal": 3, "Viral Pneumonia": 2}
+    [warning] = _warnings({**report, "by_class": by_class, "by_class_split": {}, "duplicates": {}})
+    assert warning.startswith("no source holds both COVID and Normal, nor COVID and Viral Pneumonia: a model")
+    assert "--test-sources" in warning
+
+    # One source per class, as `cxr data synth` writes without --sites: every pair, said once.
+    report = _source_report(
+        ["a.org", "b.org", "c.org"], ["train"] * 3, ["COVID", "Normal", "Lung_Opacity"], set()
+    )
+    assert len(report["source_separates"]) == 3
+    [warning] = _warnings({**report, "by_class": dict.fromkeys(["COVID", "Normal", "Lung_Opacity"], 1),
+                           "by_class_split": {}, "duplicates": {}})  # fmt: skip
+    assert warning.startswith("every source holds one class only: ")
+
+    # A source that holds every class, or sources unknown: nothing to say.
+    for shared in (["a.org", "a.org", "b.org"], ["unknown"] * 3):
+        report = _source_report(shared, ["train"] * 3, ["COVID", "Normal", "Normal"], set())
+        assert report["source_separates"] == []
