@@ -275,7 +275,12 @@ def _classification_report(
     }
     if truth_parts:
         with_truth = np.concatenate([probs[rows] if part is None else part for rows, part in truth_parts])
-        extra["with ground-truth masks"] = classification_metrics(labels, with_truth, classes)
+        own = int(has_mask.sum())
+        extra["with ground-truth masks"] = {
+            **classification_metrics(labels, with_truth, classes),
+            "note": f"{own} of the {len(labels)} images with the dataset's lung mask"
+            + ("" if own == len(labels) else "; the rest with the segmenter's, as served"),
+        }
     sources = frame["source"].to_numpy()
     if len(set(sources)) > 1:
         for source in sorted(set(sources)):

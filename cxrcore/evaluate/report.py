@@ -428,7 +428,8 @@ def write_evaluation_report(
         sections.append(ReportSection("Training curves", images=[paths["training_curves"]]))
     for name, result in extra.items():
         table = metrics_table(result) if "per_class" in result else None
-        sections.append(ReportSection(name, html=html_table(_headline_rows(result)), table=table))
+        note = f"<p>{html.escape(str(result['note']))}</p>" if table and result.get("note") else ""
+        sections.append(ReportSection(name, html=note + html_table(_headline_rows(result)), table=table))
     lead = evaluation_lead(evaluated or {}, (external or {}).get("internal_comparison"), holdout)
     paths["report"] = write_html_report(out / "report.html", title, sections, lead=lead)
     return paths

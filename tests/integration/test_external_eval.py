@@ -68,6 +68,9 @@ def test_real_sample_as_external_data_for_a_registered_dual_channel_model(
     # Serve never receives a mask: the headline uses the segmenter's; the 30 real masks are scored apart.
     assert block["masks"].startswith("from the model's segmenter for every image")
     assert metrics["with ground-truth masks"]["n"] == 130
+    assert metrics["with ground-truth masks"]["note"] == (
+        "30 of the 130 images with the dataset's lung mask; the rest with the segmenter's, as served"
+    )
     comparison = metrics["internal_comparison"]
     assert comparison["reference"] == "validation" and comparison["restricted_to"] is None  # no matrix
     assert comparison["figures"]["accuracy"]["internal"] == 0.95
