@@ -588,13 +588,42 @@ def _run_list(args: argparse.Namespace) -> int:
     scores = ("val_accuracy", "val_macro_f1", "val_dice")
     rows = [
         [v.ref, ",".join(v.aliases), v.card.created_at,
-         *(format_cell(v.card.metrics.get(k)) for k in scores),
+         *(format_cell(v.card.metrics.get(k)) for k in scores), _test_accuracy(v),
          v.card.data.get("fingerprint") or "-"]
         for v in versions
     ]  # fmt: skip
-    header = ["ref", "aliases", "created", "val acc", "val F1", "val dice", "data fingerprint"]
+    header = [
+        "ref",
+        "aliases",
+        "created",
+        "val acc",
+        "val F1",
+        "val dice",
+        "test acc (n)",
+        "data fingerprint",
+    ]
     print("\n".join([format_table(header, rows), *unfinished]))
     return 0
+
+
+def _test_accuracy(version: Any) -> str:
+    """The accuracy of the test report registered with `version`, with its image count; "-" without one
+    (or with a report of another split or dataset)."""
+    from cxrcore.data import storage
+
+    if version.report is None:
+        return "-"
+    filesystem, path = storage.resolve(version.report)
+    text = storage.read_text(filesystem, f"{path}/metrics.json")
+    metrics = json.loads(text) if text else {}
+    evaluated = metrics.get("evaluated") or {}
+    if (
+        evaluated.get("split") != "test"
+        or evaluated.get("relation") != "internal"
+        or "accuracy" not in metrics
+    ):
+        return "-"
+    return f"{metrics['accuracy']:.3f} ({metrics['n']})"
 
 
 def _interrupted_lines(items: list[Any]) -> list[str]:
