@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import signal
 import threading
 from collections.abc import Iterable
@@ -202,12 +203,23 @@ def check_models(config: TuneConfig) -> None:
     after Ray and Tune had started, and a dry run passed it)."""
     from cxrcore.models import get_model_entry
 
-    for name in config.model_names():
+    names = config.model_names()
+    if repeated := sorted({name for name in names if names.count(name) > 1}):
+        raise ConfigError(
+            f"--models: {', '.join(repeated)} named twice; each architecture is searched once (--trials sets "
+            "how many configurations)"
+        )
+    for name in names:
         if name != "resnet":
             try:
-                get_model_entry(name)
+                entry = get_model_entry(name)
             except ValueError as exc:  # an unknown name, with a "did you mean"
                 raise ConfigError(f"--models: {exc}") from exc
+            if entry.input_spec.task != "classify":
+                raise ConfigError(
+                    f"--models: {name} is a lung segmenter, not a classifier to compare; Tune trains one "
+                    "itself where a compared model reads a lung mask (--segmenter-epochs)"
+                )
     model = next((name for name in config.model_names() if name != "resnet"), "resnet18")
     sample = {"model": model, "batch_size": 16, "lr": 1e-3, "weight_decay": 0.0}  # within any search space
     trial_train_config(config, {"trial": sample}, "check", None)  # raises ConfigError, naming the setting
@@ -287,7 +299,7 @@ def run_comparison(config: TuneConfig) -> dict[str, Any]:
     left = _production_left_by_earlier_run(experiment)
     best = _best_per_architecture(config, trials, registry, work, experiment)
     previous = registry.aliases().get("production")
-    kept = None
+    kept, promoted = None, left
     if best:
         winner = best_by_validation(best.values(), dict)
         assert winner is not None
@@ -301,6 +313,7 @@ def run_comparison(config: TuneConfig) -> dict[str, Any]:
         else:
             registry.promote(winner["ref"], "production")
             winner["production"] = True
+            promoted = winner["ref"]
     comparison = {
         "experiment": experiment,
         "dataset": config.data,
@@ -311,6 +324,9 @@ def run_comparison(config: TuneConfig) -> dict[str, Any]:
         "production": next((b["ref"] for b in best.values() if b.get("production")), None) or previous,
         "production_before": previous,
         "production_kept": kept,
+        # what this experiment made production, in this run or an earlier one: a third run after a
+        # rollback must still see that the rollback moved it away (production names the kept version)
+        "promoted": promoted,
     }
     from cxrcore.evaluate.comparison import write_comparison_report
 
@@ -321,14 +337,37 @@ def run_comparison(config: TuneConfig) -> dict[str, Any]:
     return comparison
 
 
+def error_line(error: BaseException) -> str:
+    """What went wrong in a trial, in one line: the exception raised in the trial ("ValueError: the val
+    split holds no image ..."), not Ray's header for the actor it ran in ("ray::ImplicitFunc.train() (pid=,
+    ip=, actor_id=)", in terminal colours), which is the first line of a RayTaskError's text."""
+    cause: BaseException = error
+    for _ in range(8):  # RayTaskError keeps the trial's exception as `cause`; Tune may wrap it again
+        inner = getattr(cause, "cause", None) or cause.__cause__
+        if not isinstance(inner, BaseException) or inner is cause:
+            break
+        cause = inner
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(cause)).strip()
+    if cause is error and "\n" in text:  # no cause kept: the text's last line is the exception's own
+        return text.splitlines()[-1].strip()
+    first = text.splitlines()[0] if text else ""
+    return f"{type(cause).__name__}: {first}" if first else type(cause).__name__
+
+
 def _production_left_by_earlier_run(experiment: str) -> str | None:
-    """The production version this experiment's earlier, finished run promoted (its comparison.json), or
+    """The production version this experiment's earlier, finished runs promoted (its comparison.json), or
     None: a first run, or one stopped before it promoted anything."""
     text = storage.read_text(*storage.resolve(f"{experiment.rstrip('/')}/comparison.json"))
     if not text:
         return None
-    production = json.loads(text).get("production")
-    return production if isinstance(production, str) else None
+    earlier = json.loads(text)
+    if "promoted" in earlier:
+        promoted = earlier["promoted"]
+    elif earlier.get("production_kept"):  # written before `promoted` was: the kept run promoted nothing
+        promoted = earlier["production_kept"].get("left_by_earlier_run")
+    else:
+        promoted = earlier.get("production")
+    return promoted if isinstance(promoted, str) else None
 
 
 def _start_ray_data_actors() -> None:
@@ -465,10 +504,24 @@ def asha_scheduler(config: TuneConfig) -> Any:
     everything it was asked. A trial's last report comes from a Train run about to return, so here it
     does not stop the trial; ASHA records it in its rungs when the trial completes. (Tune pickles the
     scheduler with the experiment; cloudpickle takes this class along.)
+
+    Tune pickles it as it was when the experiment started, with empty rungs, and restores it so when a
+    killed or interrupted experiment resumes: a trial resumed at epoch 3 was then judged at the epoch-2
+    rung on its epoch-3 score, against no one, and the best trial of a review's run was stopped where the
+    uninterrupted run had kept it. So each trial added to it replays the scores it reported before
+    (its result.json) into the rungs, as they were recorded the first time.
     """
     from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
     class ASHAStopsBeforeLastEpoch(ASHAScheduler):  # the name Tune's console shows as the scheduler
+        def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+            super().on_trial_add(tune_controller, trial)
+            bracket, metric, sign = self._trial_info[trial.trial_id], self._metric, self._metric_op
+            if metric is None or sign is None:  # on_trial_add above refuses a scheduler without them
+                return
+            for epoch, score in reported_scores(trial, self._time_attr, metric):
+                bracket.on_result(trial, epoch, sign * score)
+
         def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
             if result.get(self._time_attr, 0) >= self._max_t:
                 return str(TrialScheduler.CONTINUE)
@@ -482,6 +535,34 @@ def asha_scheduler(config: TuneConfig) -> Any:
         grace_period=config.grace_epochs or 1,  # resolved by TuneConfig
         reduction_factor=ASHA_REDUCTION_FACTOR,
     )
+
+
+def reported_scores(trial: Any, time_attr: str, metric: str) -> list[tuple[int, float]]:
+    """(epoch, score) of each result a restored trial reported before, in order, from its result.json in
+    the experiment's storage (or the driver's copy); [] for a trial that has reported nothing."""
+    from ray.air.constants import EXPR_RESULT_FILE
+
+    places = (
+        lambda: (trial.storage.storage_filesystem, trial.storage.trial_fs_path),
+        lambda: (pafs.LocalFileSystem(), trial.local_path),
+    )
+    for place in places:
+        try:
+            filesystem, folder = place()
+            text = storage.read_text(filesystem, f"{folder}/{EXPR_RESULT_FILE}") if folder else None
+        except (AttributeError, RuntimeError, OSError):  # a new trial: no folder named yet, nothing reported
+            continue
+        if text:
+            rows = []
+            for line in text.splitlines():
+                with contextlib.suppress(ValueError):  # a line cut short by the kill
+                    rows.append(json.loads(line))
+            return [
+                (int(row[time_attr]), float(row[metric]))
+                for row in rows
+                if row.get(time_attr) is not None and row.get(metric) is not None
+            ]
+    return []
 
 
 def experiment_path(config: TuneConfig) -> str:
@@ -567,7 +648,7 @@ def _segmenter_in_trial(config: TuneConfig, train_config: TrainConfig) -> list[t
     )  # fmt: skip
     (result,) = [results[i] for i in range(len(results))]
     if result.error is not None:
-        raise RuntimeError(f"the lung segmenter's training failed: {str(result.error).splitlines()[0]}")
+        raise RuntimeError(f"the lung segmenter's training failed: {error_line(result.error)}")
     return _tune_checkpoints(result)
 
 
@@ -600,7 +681,7 @@ def _trial_record(config: TuneConfig, result: Any) -> dict[str, Any]:
         "batch_size": train.batch_size,
         "epochs_run": epochs_run,
         "stopped_early": result.error is None and epochs_run < config.epochs,
-        "error": str(result.error).splitlines()[0] if result.error else None,
+        "error": error_line(result.error) if result.error else None,
         # The kept checkpoint's validation figures, as val_score and val_loss (the last epoch's may be lower).
         "val_accuracy": (card["metrics"] if card else metrics).get("val_accuracy"),
         "val_macro_f1": (card["metrics"] if card else metrics).get("val_macro_f1"),

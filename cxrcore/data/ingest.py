@@ -12,7 +12,7 @@ import math
 import os
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from cxrcore import telemetry
-from cxrcore.config import IngestConfig
+from cxrcore.config import ConfigError, IngestConfig
 from cxrcore.data import storage
 from cxrcore.data.layout import (
     LISTED,
@@ -385,16 +385,80 @@ def read_table(dataset: str, columns: list[str] | None = None, split: str | None
     return parquet.to_table(columns=columns, filter=where)
 
 
+class DatasetError(ConfigError):
+    """A finished dataset whose Parquet files cannot be read, or hold other rows than ingest wrote: the
+    command stops with the message, as for a bad setting (exit 2)."""
+
+
 def _finished_dataset(dataset: str, split: str | None) -> tuple[Any, Any]:
-    """A finished dataset's Parquet files as a pyarrow Dataset, and the filter for one split (None: all)."""
+    """A finished dataset's Parquet files as a pyarrow Dataset, and the filter for one split (None: all).
+
+    Raises DatasetError where a file cannot be read or the split holds other rows than the ingest report
+    counts (a file deleted, truncated or added since): a damaged dataset is not read in part.
+    """
     import pyarrow.dataset as pads
 
-    read_report(dataset)
+    report = read_report(dataset)
+    parquet = parquet_files(dataset)
+    where = pads.field("split") == split if split else None
+    _check_rows(dataset, parquet, report, [split] if split else list(SPLITS))
+    return parquet, where
+
+
+def verify_dataset(dataset: str, splits: Sequence[str] = SPLITS) -> dict[str, Any]:
+    """The ingest report of `dataset`, once every Parquet file of `splits` is read (footers only) and each
+    split holds the rows the report counts; DatasetError otherwise."""
+    report = read_report(dataset)
+    _check_rows(dataset, parquet_files(dataset), report, list(splits))
+    return report
+
+
+def parquet_files(dataset: str) -> Any:
+    """Every .parquet file under the dataset's root, hive-partitioned by split; files and folders named
+    with a leading '.' or '_' (staging, markers) are not the dataset's, as pyarrow's own discovery has it."""
+    import pyarrow.dataset as pads
+
     filesystem, root = storage.resolve(dataset)
-    parquet = pads.dataset(
-        root, filesystem=filesystem, format="parquet", partitioning="hive", exclude_invalid_files=True
+    selector = pafs.FileSelector(root, recursive=True)
+    files = sorted(
+        info.path
+        for info in filesystem.get_file_info(selector)
+        if info.type == pafs.FileType.File
+        and info.path.endswith(".parquet")
+        and not any(part[:1] in "._" for part in info.path[len(root) :].strip("/").split("/"))
     )
-    return parquet, pads.field("split") == split if split else None
+    return pads.dataset(
+        files, filesystem=filesystem, format="parquet", partitioning="hive", partition_base_dir=root
+    )
+
+
+def _check_rows(dataset: str, parquet: Any, report: dict[str, Any], splits: list[str]) -> None:
+    import pyarrow as pa
+    import pyarrow.dataset as pads
+
+    counted: Counter[str] = Counter()
+    for fragment in parquet.get_fragments():
+        split = pads.get_partition_keys(fragment.partition_expression).get("split")
+        if split not in splits:
+            continue
+        try:
+            counted[split] += fragment.count_rows()
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise DatasetError(
+                f"{dataset}: {fragment.path} cannot be read ({str(exc).splitlines()[0]}): the dataset is "
+                "damaged; ingest it again (`cxr data ingest RAW OUT`)"
+            ) from None
+    expected = report.get("by_split") or {}
+    wrong = [
+        f"{split} {counted[split]} rows where ingest wrote {expected[split]}"
+        for split in splits
+        if split in expected and counted[split] != int(expected[split])
+    ]
+    if wrong:
+        raise DatasetError(
+            f"{dataset}: {'; '.join(wrong)} ({REPORT_NAME}): a Parquet file was removed, cut or added since; "
+            "the dataset is damaged: ingest it again (`cxr data ingest RAW OUT`)"
+        )
 
 
 def read_chunks(

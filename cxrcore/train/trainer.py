@@ -95,12 +95,9 @@ def _hub_unreachable(timeout_s: float = 3.0) -> str | None:
 
 
 def check_dataset(data: str) -> None:
-    """Fail before training when `data` is not a finished dataset, has no train or val image, or lacks a
-    column training reads."""
-    import pyarrow.dataset as pads
-
-    from cxrcore.data import storage
-    from cxrcore.data.ingest import read_report
+    """Fail before training when `data` is not a finished dataset, has no train or val image, has files
+    that cannot be read or other rows than its report counts, or lacks a column training reads."""
+    from cxrcore.data.ingest import parquet_files, read_report, verify_dataset
     from cxrcore.train.loop import TRAIN_COLUMNS
 
     by_split = read_report(data)["by_split"]
@@ -111,10 +108,8 @@ def check_dataset(data: str) -> None:
             f"--data: {data} has no image in its val split, on which every epoch is scored (checkpoint "
             "ranking, ASHA, calibration); re-ingest it with `cxr data ingest --val-fraction` above 0"
         )
-    filesystem, root = storage.resolve(data)
-    schema = pads.dataset(
-        root, filesystem=filesystem, format="parquet", partitioning="hive", exclude_invalid_files=True
-    ).schema
+    verify_dataset(data)  # every file read, and the rows the report counts: a damaged dataset stops here
+    schema = parquet_files(data).schema
     missing = [column for column in TRAIN_COLUMNS if column not in schema.names]
     if missing:
         raise ConfigError(

@@ -370,7 +370,7 @@ def test_explain_adds_a_heatmap_and_the_lung_mask_used(server: Server) -> None:
     heatmap = np.asarray(Image.open(io.BytesIO(base64.b64decode(explanation["heatmap_png"]))))
     mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(explanation["mask_png"]))))
     assert heatmap.shape == mask.shape == (64, 64)  # the model's input size
-    assert explanation["heatmap_empty"] is (heatmap.max() == 0)
+    assert explanation["heatmap_empty"] is bool(heatmap.max() == 0) and heatmap.max() == 255
     assert set(np.unique(mask)) <= {0, 255}
 
 

@@ -51,6 +51,7 @@ def test_two_worker_ddp_beats_chance_and_writes_checkpoint_and_card(
     assert card.metrics["val_count"] == read_report(synthetic_dataset)["by_split"]["val"]  # every image
     assert [h["epoch"] for h in card.history] == list(range(1, card.epoch + 2))
     assert card.metrics["val_score"] == pytest.approx(ddp_run.best_metrics["val_score"])
+    assert card.metrics["val_score"] == card.metrics["val_macro_f1"]  # checkpoints rank on macro-F1 (README)
 
 
 def test_evaluation_numbers_agree_with_each_other(
@@ -88,6 +89,20 @@ def test_evaluation_numbers_agree_with_each_other(
     probs = rows[[f"p_{name}" for name in classes]].to_numpy()
     assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-4) and rows["file"].is_unique
     assert "dual_cnn" in paths["report"].read_text()
+
+    # The card's validation figures describe the saved model: two workers each validated half the split,
+    # with BatchNorm statistics pooled across them, which is what one evaluation of the weights gives.
+    on_val = out / "val"
+    evaluate_checkpoint(
+        EvaluateConfig(
+            checkpoint=ddp_run.best_checkpoint, data=synthetic_dataset, out=str(on_val), split="val"
+        )
+    )
+    scored, card = json.loads((on_val / "metrics.json").read_text()), load_card(ddp_run.best_checkpoint)
+    assert scored["n"] == card.metrics["val_count"]
+    assert abs(scored["accuracy"] - card.metrics["val_accuracy"]) <= 1.01 / scored["n"], scored
+    nll_served, nll_card = scored["calibration"]["nll_after"], card.calibration["nll_after"]
+    assert nll_served == pytest.approx(nll_card, rel=1e-3), (nll_served, nll_card)
 
 
 def test_predictor_matches_training_preprocessing(ddp_run: TrainResult, synthetic_dataset: str) -> None:
@@ -158,6 +173,13 @@ def test_data_kept_in_the_object_store_gets_the_segmenters_masks_once(
     )
     built = trainer.build_trainer(config)
     assert built.train_loop_config["masks_from_segmenter"]
+    kept = built.run_config.checkpoint_config  # the three best by validation score, highest first
+    assert (kept.num_to_keep, kept.checkpoint_score_attribute, kept.checkpoint_score_order) == (
+        3,
+        "val_score",
+        "max",
+    )
+    assert built.run_config.failure_config.max_failures == config.max_failures >= 1
     for split in ("train", "val"):
         dataset = built.datasets[split]
         assert isinstance(dataset, MaterializedDataset)

@@ -126,6 +126,8 @@ def test_tiny_comparison_registers_all_three_and_promotes_the_best(
     html = Path(re.search(r"^html: (\S+)$", again, re.MULTILINE).group(1)).read_text()  # type: ignore[union-attr]
     assert f"Production stays {rollback}, where it was moved since" in html
     assert [v.ref for v in registry.versions()] == versions  # nothing registered twice
+    # what the experiment promoted stays on record, so that a third run keeps the rollback too
+    assert json.loads((experiment / "comparison.json").read_text())["promoted"] == production.ref
 
 
 def test_a_trial_of_two_workers_trains_in_a_torchtrainer_and_is_recorded_alike(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import ray.cloudpickle
 from ray.tune.schedulers import TrialScheduler
@@ -59,3 +61,58 @@ def test_the_scheduler_survives_the_experiments_pickle() -> None:
     restored = ray.cloudpickle.loads(ray.cloudpickle.dumps(scheduler))
     restored.on_trial_add(None, Trial("a"))
     assert _report(restored, Trial("a"), 3, 0.1) == TrialScheduler.CONTINUE
+
+
+@dataclass
+class _Storage:
+    storage_filesystem: object
+    trial_fs_path: str
+
+
+@dataclass
+class RestoredTrial:
+    trial_id: str
+    storage: _Storage
+    local_path: str | None = None
+
+
+def test_a_resumed_experiment_judges_its_trials_on_the_rungs_recorded_before(tmp_path: Path) -> None:
+    """Tune restores the scheduler as it was pickled at the start: empty rungs. Uninterrupted, `best`
+    (0.57 at epoch 2) goes on and `late` (0.31 at epoch 2) stops at the epoch-2 rung; resumed with empty
+    rungs, `best` was judged there on its epoch-3 score against no one, and `late` passed an empty rung."""
+    import pyarrow.fs as pafs
+
+    def trial(name: str, scores: list[float]) -> RestoredTrial:
+        folder = tmp_path / name
+        folder.mkdir()
+        rows = [json.dumps({"epoch": e + 1, "val_score": s, "config": {}}) for e, s in enumerate(scores)]
+        (folder / "result.json").write_text("\n".join([*rows, '{"epoch": 9, "val_sc']))  # a cut last line
+        return RestoredTrial(name, _Storage(pafs.LocalFileSystem(), str(folder)))
+
+    scheduler = asha_scheduler(TuneConfig(data="ds", registry="reg", epochs=4, grace_epochs=2))
+    scheduler.set_search_properties("val_score", "max")  # type: ignore[attr-defined]
+    best, other, late = trial("best", [0.24, 0.57]), trial("other", [0.3, 0.45]), trial("late", [0.12])
+    for each in (best, other, late):
+        scheduler.on_trial_add(None, each)  # type: ignore[attr-defined]
+    assert _report(scheduler, other, 3, 0.5) == TrialScheduler.CONTINUE
+    assert _report(scheduler, best, 3, 0.21) == TrialScheduler.CONTINUE  # it passed the epoch-2 rung before
+    assert _report(scheduler, late, 2, 0.31) == TrialScheduler.STOP  # below the recorded 0.57 and 0.45
+    new = Trial("new")  # a trial that starts after the resume: no result.json, judged on the same rungs
+    scheduler.on_trial_add(None, new)  # type: ignore[attr-defined]
+    assert _report(scheduler, new, 2, 0.6) == TrialScheduler.CONTINUE
+
+
+def test_tune_ranks_on_the_highest_validation_score() -> None:
+    from cxrcore.tune import tune_settings
+
+    settings = tune_settings(TuneConfig(data="ds", registry="reg", epochs=4), {"CPU": 4.0})
+    assert (settings.metric, settings.mode) == ("val_score", "max")
+    scheduler = settings.scheduler
+    scheduler.set_search_properties(settings.metric, settings.mode)
+    for name, score in (("a", 0.5), ("b", 0.8)):
+        scheduler.on_trial_add(None, Trial(name))
+        assert _report(scheduler, Trial(name), 2, score) == TrialScheduler.CONTINUE
+    scheduler.on_trial_add(None, Trial("weak"))
+    assert (
+        _report(scheduler, Trial("weak"), 2, 0.1) == TrialScheduler.STOP
+    )  # the low score stops, not the high

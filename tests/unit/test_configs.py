@@ -133,6 +133,11 @@ def test_wrong_names_fail_with_exit_2_naming_them(tmp_path: Path, capsys: pytest
     assert main(["tune", "--config", str(bad), "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("cxr: error: --models: unknown model 'resnet05'") and "did you mean" in err
+    tune = ["tune", "--data", "ds", "--registry", "reg", "--dry-run", "--models"]
+    assert main([*tune, "tiny_cnn_lstm,tiny_unet"]) == 2  # ASHA would have ranked Dice beside macro-F1
+    assert capsys.readouterr().err.startswith("cxr: error: --models: tiny_unet is a lung segmenter, not a")
+    assert main([*tune, "tiny_cnn_lstm,tiny_resnet,tiny_cnn_lstm"]) == 2
+    assert "--models: tiny_cnn_lstm named twice" in capsys.readouterr().err
 
     assert (
         main(["train", "--data", "ds", "--model", "cnn_lstm", "--pretrained", "w.safetensors", "--dry-run"])

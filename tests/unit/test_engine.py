@@ -76,9 +76,15 @@ def _maskless_dataset(root: Path) -> str:
         "without_mask": 40, "config": {"size": 32},
     }  # fmt: skip
     (root / REPORT_NAME).write_text(json.dumps(report))
-    (root / "split=train").mkdir()
-    columns = {"image": pa.binary(), "mask": pa.binary(), "has_mask": pa.bool_(), "label_index": pa.int64()}
-    pq.write_table(pa.schema(columns).empty_table(), root / "split=train/part-0.parquet")
+    for split, rows in report["by_split"].items():
+        (root / f"split={split}").mkdir()
+        columns = {
+            "image": [b""] * rows,
+            "mask": [b""] * rows,
+            "has_mask": [False] * rows,
+            "label_index": [0] * rows,
+        }
+        pq.write_table(pa.table(columns), root / f"split={split}/part-0.parquet")
     return str(root)
 
 

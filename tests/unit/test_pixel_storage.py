@@ -63,3 +63,46 @@ def test_datasets_written_with_tensor_columns_still_read() -> None:
     assert _unpack_pixels(dict(batch))["image"] is images
     packed = {"image": np.asarray([row.tobytes() for row in images], dtype=object)}
     np.testing.assert_array_equal(_unpack_pixels(packed)["image"], images)
+
+
+def _dataset(root: Path) -> Path:
+    """A finished dataset by hand: two train files and one val file, and the report that counts them."""
+    import json
+
+    rows = {"train": [3, 2], "val": [2]}
+    for split, files in rows.items():
+        (root / f"split={split}").mkdir(parents=True)
+        for k, n in enumerate(files):
+            pq.write_table(pa.table({"label": ["COVID"] * n}), root / f"split={split}/part-{k}.parquet")
+    (root / "split=train/_SUCCESS").write_bytes(b"")  # markers and hidden files are not the dataset's
+    (root / ".staging").mkdir()
+    (root / ".staging/part.parquet").write_bytes(b"not parquet")
+    report = {"by_split": {"train": 5, "val": 2, "test": 0}}
+    (root / "ingest_report.json").write_text(json.dumps(report))
+    return root
+
+
+def test_a_damaged_dataset_is_refused_with_the_file_not_read_in_part(tmp_path: Path) -> None:
+    import pytest
+
+    from cxrcore.config import ConfigError
+    from cxrcore.data.ingest import DatasetError, read_table, verify_dataset
+
+    whole = _dataset(tmp_path / "whole")
+    assert read_table(str(whole), ["label"], split="train").num_rows == 5
+    assert (
+        read_table(str(whole), ["label"]).num_rows == 7 and verify_dataset(str(whole))["by_split"]["val"] == 2
+    )
+
+    cut = whole / "split=train/part-1.parquet"
+    cut.write_bytes(cut.read_bytes()[:40])  # half a file: unreadable, where it was skipped before
+    with pytest.raises(
+        DatasetError, match=f"{cut} cannot be read .*: the dataset is damaged; ingest it again"
+    ):
+        read_table(str(whole), ["label"], split="train")
+    assert read_table(str(whole), ["label"], split="val").num_rows == 2  # the other splits still read
+    assert issubclass(DatasetError, ConfigError)  # a one-line `cxr: error:` and exit 2
+
+    cut.unlink()  # a file gone: fewer rows than the report counts
+    with pytest.raises(DatasetError, match=r"train 3 rows where ingest wrote 5 \(ingest_report.json\)"):
+        verify_dataset(str(whole))

@@ -156,7 +156,9 @@ def test_the_tune_comparison_carries_the_held_out_figures(
         "best_epoch": 1, "history": [],
     }  # fmt: skip
     registry = ModelRegistry(tmp_path / "registry")
-    best = _best_per_architecture(config, [trial], registry, tmp_path / "experiment")
+    weaker = {**trial, "trial_id": "t0", "val_score": 0.5, "best_checkpoint": str(tmp_path / "t0-checkpoint")}
+    best = _best_per_architecture(config, [weaker, trial], registry, tmp_path / "experiment")
+    assert best["tiny_cnn_lstm"]["trial_id"] == "t1"  # the higher validation score, wherever it is listed
     holdout = best["tiny_cnn_lstm"]["source_holdout"]
     assert (holdout["random_split"]["accuracy"], holdout["held_out"]["accuracy"]) == (1.0, 0.25)
     assert holdout_warnings(best) == [f"tiny_cnn_lstm: {holdout['verdict']}"]

@@ -107,3 +107,44 @@ def test_a_finished_segmenter_is_used_wherever_it_trained_and_trained_otherwise(
     assert trained == ([trained_by] if trained_by else [])
     where = "trained" if trained_by else "trial" if in_trial_epochs else "run"
     assert registered == [f"{where}/checkpoint_1"] and record["ref"] == "tiny_unet:1"
+
+
+def test_what_an_earlier_run_promoted_survives_a_run_that_kept_a_rollback(tmp_path: Path) -> None:
+    """Run 1 promotes dual:1; an operator rolls back to lstm:1; run 2 keeps lstm:1 and writes production
+    lstm:1. Run 3 must still see that the experiment promoted dual:1, or it takes lstm:1 for its own and
+    promotes over the rollback."""
+    from cxrcore.tune import _production_left_by_earlier_run
+
+    experiment = tmp_path / "exp"
+    experiment.mkdir()
+    assert _production_left_by_earlier_run(str(experiment)) is None  # a first run
+
+    def earlier(**comparison: Any) -> str | None:
+        (experiment / "comparison.json").write_text(json.dumps(comparison))
+        return _production_left_by_earlier_run(str(experiment))
+
+    kept = {"left_by_earlier_run": "dual:1", "winner": "dual:1"}
+    assert earlier(production="lstm:1", production_kept=kept, promoted="dual:1") == "dual:1"
+    assert earlier(production="lstm:1", production_kept=kept) == "dual:1"  # written before `promoted`
+    assert earlier(production="dual:1", production_kept=None) == "dual:1"
+    assert earlier(production="lstm:1", production_kept=None, promoted=None) is None  # promoted nothing
+
+
+def test_a_failed_trial_is_reported_by_its_exception_not_rays_actor_header() -> None:
+    import traceback
+
+    from ray.exceptions import RayTaskError
+
+    from cxrcore.tune import error_line
+
+    try:
+        raise ValueError("the val split holds no image to score epoch 1 on\nre-ingest it")
+    except ValueError as exc:
+        raised = RayTaskError(
+            "ImplicitFunc.train", traceback.format_exc(), exc, proctitle="ray::ImplicitFunc.train()", pid=7,
+            ip="192.0.2.2", actor_id="f00",
+        ).as_instanceof_cause()  # fmt: skip
+    assert str(raised).splitlines()[0].startswith("\x1b[36mray::ImplicitFunc.train()")  # what was reported
+    assert error_line(raised) == "ValueError: the val split holds no image to score epoch 1 on"
+    assert error_line(RuntimeError("out of memory")) == "RuntimeError: out of memory"
+    assert error_line(RuntimeError("header\n  File x\nKeyError: 'accuracy'")) == "KeyError: 'accuracy'"
