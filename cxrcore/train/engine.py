@@ -72,10 +72,13 @@ def warmup_cosine(
 
 def epoch_seed(seed: int, rank: int, epoch: int) -> int:
     """The seed of one rank's epoch: its shuffle, augmentation and dropout. Drawn afresh each epoch, so that
-    a run resumed after epoch k trains epoch k + 1 as the uninterrupted run did.
+    a run resumed after epoch k trains epoch k + 1 as the uninterrupted run did; each epoch, rank and seed
+    draws its own.
 
-    >>> epoch_seed(0, 0, 1) == epoch_seed(0, 0, 1) != epoch_seed(0, 1, 1)
+    >>> epoch_seed(0, 0, 1) == epoch_seed(0, 0, 1)
     True
+    >>> len({epoch_seed(0, 0, 1), epoch_seed(0, 0, 2), epoch_seed(0, 1, 1), epoch_seed(1, 0, 1)})
+    4
     """
     return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0])
 

@@ -267,15 +267,17 @@ def test_validation_is_shared_among_workers_without_dropping_a_row(
 class _InThisProcess(TrainSession):
     """The worker loop's session as one CPU worker in the test's process; keeps the reported checkpoint."""
 
-    def __init__(self, datasets: dict[str, object], keep: Path) -> None:
+    def __init__(self, datasets: dict[str, object], keep: Path, resume: Path | None = None) -> None:
         self.rank, self.world, self.run_name, self.device = 0, 1, "bf16", torch.device("cpu")
-        self._datasets, self._keep, self.metrics = datasets, keep, {}
+        self._datasets, self._keep, self._resume, self.metrics = datasets, keep, resume, {}
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
 
-    def get_checkpoint(self) -> None:
-        return None
+    def get_checkpoint(self) -> object:
+        from ray.train import Checkpoint
+
+        return None if self._resume is None else Checkpoint.from_directory(str(self._resume))
 
     def dataset(self, split: str) -> object:
         return self._datasets[split]
@@ -283,6 +285,7 @@ class _InThisProcess(TrainSession):
     def report(self, metrics: dict[str, object], checkpoint_dir: str | None) -> None:
         assert checkpoint_dir is not None
         shutil.copytree(checkpoint_dir, self._keep, dirs_exist_ok=True)
+        shutil.copytree(checkpoint_dir, f"{self._keep}-epoch{metrics['epoch']}")  # each epoch's, kept
         self.metrics = metrics
 
 
@@ -365,3 +368,14 @@ def test_the_same_seed_trains_the_same_model_and_another_seed_another(
     first, again, other = weights("a", 0), weights("b", 0), weights("c", 1)
     assert all(torch.equal(first[key], again[key]) for key in first)
     assert not all(torch.equal(first[key], other[key]) for key in first)
+
+    # Resumed after epoch 1, the run trains epoch 2 as the uninterrupted one did: the optimizer's state
+    # comes back, and epoch 2's shuffle, augmentation and dropout are drawn afresh from the seed.
+    config = TrainConfig(
+        data=synthetic_dataset, model="tiny_cnn_lstm", epochs=2, workers=1, batch_size=8, seed=0,
+        out=str(tmp_path), name="resumed",
+    )  # fmt: skip
+    settings, datasets = training_inputs(config)
+    run_training(settings, _InThisProcess(datasets, tmp_path / "resumed", resume=tmp_path / "a-epoch1"))
+    resumed = load_file(str(tmp_path / "resumed" / WEIGHTS_NAME))
+    assert all(torch.equal(first[key], resumed[key]) for key in first)
