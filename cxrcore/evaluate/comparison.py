@@ -156,7 +156,15 @@ def winner_line(
     line += f"; test accuracy {_fixed(row['test_accuracy'])}"
     matrix = row.get("confusion_matrix")
     if matrix:  # a small test split cannot tell close models apart: say how small
-        line += f" (95% CI {interval_text(accuracy_interval(matrix))}, {sum(map(sum, matrix))} images)"
+        interval = accuracy_interval(matrix)
+        line += f" (95% CI {interval_text(interval)}, {sum(map(sum, matrix))} images)"
+        # what a model that always answers one class scores on this split
+        commonest = max(map(sum, matrix)) / max(1, sum(map(sum, matrix)))
+        if interval and interval[0] <= commonest:
+            line += (
+                f", an interval that reaches {_fixed(commonest)}, the score of always answering the test "
+                "split's commonest class: not shown to beat it"
+            )
     line += "."
     kept = next((r["ref"] for m, r in ranked if r.get("production") and m != model), None)
     if kept and production_note:  # a re-run keeps production where it was moved since the first run put it

@@ -314,6 +314,10 @@ def _per_class_row(name: str, stats: Mapping[str, Any], predicted: int) -> dict[
     `predicted` predictions made of it; a class never predicted has no precision (a dash: 0.000 would read
     as every such call wrong; the macro average counts it 0, as scikit-learn does)."""
     row = {"class": name, **{column: stats[column] for column in PER_CLASS_COLUMNS}}
+    if "recall_ci95" in stats:  # beside the recall (evaluations written before it have none)
+        row = {**{k: v for k, v in row.items() if k not in ("f1", "support", "auroc")},
+               "recall 95% CI": interval_text(stats["recall_ci95"]),
+               **{k: row[k] for k in ("f1", "support", "auroc")}}  # fmt: skip
     if stats["support"] == 0:
         row.update({"class": f"{name} (no images here)", "recall": None, "f1": None, "auroc": None})
     if predicted == 0:

@@ -123,6 +123,10 @@ def written(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Path], 
     return paths, paths["html"].read_text(encoding="utf-8")
 
 
+def best_rows() -> list[tuple[str, dict[str, Any]]]:
+    return list(_comparison()["best"].items())
+
+
 def test_winner_line_names_the_production_model_and_its_margin() -> None:
     assert winner_line(_comparison()["best"]) == (
         "Winner: dual_cnn (registered dual_cnn:3, production) — validation macro-F1 0.962, "
@@ -130,6 +134,15 @@ def test_winner_line_names_the_production_model_and_its_margin() -> None:
     )
     counted = {name: {**row, "val_count": 41} for name, row in _comparison()["best"].items()}
     assert "validation macro-F1 0.962 (41 images), 0.041 ahead" in winner_line(counted)
+    # 3 of 12 right, where 4 of the 12 are one class: the test split cannot tell it from a constant answer.
+    near_chance = [[1, 0, 2, 1], [1, 1, 0, 0], [1, 1, 1, 1], [0, 1, 1, 0]]
+    weak = {
+        name: {**row, "test_accuracy": 0.25, "confusion_matrix": near_chance} for name, row in best_rows()
+    }
+    assert winner_line(weak).endswith(
+        "test accuracy 0.250 (95% CI 0.09–0.53, 12 images), an interval that reaches 0.333, the score of "
+        "always answering the test split's commonest class: not shown to beat it."
+    )
     # A re-run that kept production where it was rolled back to: the winner is still the winner.
     best = _comparison()["best"]
     kept = {

@@ -120,10 +120,14 @@ def test_class_never_predicted_nor_present_is_left_out_of_macro_averages() -> No
     assert metrics["per_class"]["Viral Pneumonia"] == {
         "precision": 0.0,
         "recall": 0.0,
+        "recall_ci95": None,
         "f1": 0.0,
         "support": 0,
         "auroc": None,
     }
+    # 1 of the 2 COVID images found: the sensitivity's Wilson interval, as statsmodels' proportion_confint
+    low, high = metrics["per_class"]["COVID"]["recall_ci95"]
+    assert (round(low, 4), round(high, 4)) == (0.0945, 0.9055)
     assert metrics["macro_f1"] == pytest.approx(f1_score(labels, probs.argmax(axis=1), average="macro"))
 
 
