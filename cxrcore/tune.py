@@ -401,6 +401,10 @@ def _fit_experiment(
     configuration may not match); its ResultGrid. Ctrl-C raises Interrupted(`interrupted`)."""
     from ray import tune
 
+    # Tune snapshots the experiment whenever a trial has saved num_to_keep checkpoints since the last one,
+    # every few epochs of short trials, and then warned, four times in a review's small comparison, that
+    # snapshots "may become a bottleneck": a snapshot is a few files here. The variable still decides.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     experiment = f"{storage_path.rstrip('/')}/{name}"
     if tune.Tuner.can_restore(experiment):
         log.info("resuming experiment %s", experiment)
