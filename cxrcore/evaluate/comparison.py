@@ -247,7 +247,7 @@ def _best_tables(ranked: list[tuple[str, Mapping[str, Any]]]) -> str:
             "architecture": model,
             "trial": row["trial_id"],
             "parameters": row["parameters"],
-            "train images/s": row["train_images_per_s"],
+            "train images/s (last epoch)": row["train_images_per_s"],
             "epochs run": row["epochs_run"],
             "kept epoch": row.get("best_epoch"),
             "lr": row["lr"],
@@ -256,7 +256,12 @@ def _best_tables(ranked: list[tuple[str, Mapping[str, Any]]]) -> str:
         }
         for model, row in ranked
     ]
-    parts += ["<h3>Training</h3>", html_table(training)]
+    note = (
+        "<p>Images/s is the kept trial's last epoch as it ran, sharing the cluster with the trials beside it: "
+        "not a speed comparison of the architectures, which <code>python -m jobs.benchmark train</code> "
+        "makes on its own.</p>"
+    )
+    parts += ["<h3>Training</h3>", note, html_table(training)]
     return "\n".join(parts)
 
 
