@@ -257,8 +257,8 @@ def _best_tables(ranked: list[tuple[str, Mapping[str, Any]]]) -> str:
         for model, row in ranked
     ]
     note = (
-        "<p>Images/s is the kept trial's last epoch as it ran, sharing the cluster with the trials beside it: "
-        "not a speed comparison of the architectures, which <code>python -m jobs.benchmark train</code> "
+        "<p>Images/s is the kept trial's last epoch as it ran, sharing the cluster with the trials beside "
+        "it: not a speed comparison of the architectures, which <code>python -m jobs.benchmark train</code> "
         "makes on its own.</p>"
     )
     parts += ["<h3>Training</h3>", note, html_table(training)]
