@@ -74,6 +74,12 @@ def format_comparison(comparison: dict[str, Any]) -> str:
         winner_line(best, architectures_asked(comparison), production_note=False),
         format_table(header, rows),
     ]
+    if comparison.get("finished_before"):  # a re-run of a finished experiment trains nothing: say so
+        lines.insert(
+            0,
+            f"{comparison['experiment']} had finished (its comparison.json): no trial was trained again; "
+            "the comparison below is made again from its checkpoints and registrations.",
+        )
     lines += [f"WARNING: {line}" for line in holdout_warnings(best)]
     if comparison.get("segmenter"):
         lines += _segmenter_lines(

@@ -271,6 +271,7 @@ def run_comparison(config: TuneConfig) -> dict[str, Any]:
     experiment = experiment_path(config)
     work = _work_dir(config)
     check_same_experiment(experiment, experiment_settings(config, report), "a Tune experiment")
+    finished_before = _finished_before(experiment)
     segmenter_name = segmenter_model(config)
     _start_ray_data_actors()
     segmenter = _segmenter(config, registry, segmenter_name) if segmenter_name else None
@@ -324,6 +325,7 @@ def run_comparison(config: TuneConfig) -> dict[str, Any]:
         "production": next((b["ref"] for b in best.values() if b.get("production")), None) or previous,
         "production_before": previous,
         "production_kept": kept,
+        "finished_before": finished_before,
         # what this experiment made production, in this run or an earlier one: a third run after a
         # rollback must still see that the rollback moved it away (production names the kept version)
         "promoted": promoted,
@@ -352,6 +354,16 @@ def error_line(error: BaseException) -> str:
         return text.splitlines()[-1].strip()
     first = text.splitlines()[0] if text else ""
     return f"{type(cause).__name__}: {first}" if first else type(cause).__name__
+
+
+def _finished_before(experiment: str) -> bool:
+    """Whether an earlier run of this experiment finished with every trial done (its comparison.json has
+    no failed trial): a re-run then trains nothing. A failed trial is retried by a re-run."""
+    text = storage.read_text(*storage.resolve(f"{experiment.rstrip('/')}/comparison.json"))
+    if not text:
+        return False
+    trials = json.loads(text).get("trials") or []
+    return bool(trials) and all(trial.get("error") is None for trial in trials)
 
 
 def _production_left_by_earlier_run(experiment: str) -> str | None:

@@ -119,6 +119,7 @@ def test_tiny_comparison_registers_all_three_and_promotes_the_best(
     versions = [v.ref for v in registry.versions()]
     assert main([*COMMAND, "--epochs", "1", "--pretrained", "none"]) == 0
     again = capsys.readouterr().out
+    assert f"{experiment} had finished (its comparison.json): no trial was trained again" in again
     assert registry.get("production").ref == rollback
     assert f"production stays {rollback}: it was moved there after this experiment's earlier" in again
     assert f"`cxr models promote {production.ref}` serves this run's winner" in again
