@@ -402,10 +402,12 @@ def _run_on_ray(
 def _check_before_ray(config: Any) -> None:
     """What fails a train or tune command whatever the cluster, checked before Ray's start (12 s here): the
     architecture names (a "did you mean" otherwise), the dataset (finished, its files whole) and, for
-    train, the --pretrained weights."""
+    train, that a --pretrained file is there (the run loads it, once, after Ray's start)."""
     if not isinstance(config, TuneConfig | TrainConfig):
         return
-    from cxrcore.train.trainer import check_dataset, check_pretrained
+    from cxrcore.config import PRETRAINED_CHOICES
+    from cxrcore.data import storage
+    from cxrcore.train.trainer import check_dataset
 
     if isinstance(config, TuneConfig):
         from cxrcore.tune import check_models
@@ -418,12 +420,12 @@ def _check_before_ray(config: Any) -> None:
             get_model_entry(config.model)
         except ValueError as exc:
             raise ConfigError(f"--model: {exc}") from exc
-    from cxrcore.data import storage
-
     if not storage.is_remote(config.data):  # object storage is read where the run starts, once
         check_dataset(config.data)
-    if isinstance(config, TrainConfig):
-        check_pretrained(config.model, config.pretrained)
+    weights = config.pretrained
+    named = weights.strip().lower() not in PRETRAINED_CHOICES and not storage.is_remote(weights)
+    if named and not Path(weights).is_file():
+        raise ConfigError(f"--pretrained: no weights file at {weights}")
 
 
 def _note_local_paths(config: Any) -> None:
@@ -620,22 +622,22 @@ def _run_list(args: argparse.Namespace) -> int:
 
 def _test_accuracy(version: Any) -> str:
     """The accuracy of the test report registered with `version`, with its image count; "-" without one
-    (or with a report of another split or dataset)."""
+    (or with a report of another split or dataset), "?" where its metrics.json cannot be read."""
     from cxrcore.data import storage
+    from cxrcore.evaluate.external import is_test_report
 
     if version.report is None:
         return "-"
-    filesystem, path = storage.resolve(version.report)
-    text = storage.read_text(filesystem, f"{path}/metrics.json")
-    metrics = json.loads(text) if text else {}
-    evaluated = metrics.get("evaluated") or {}
-    if (
-        evaluated.get("split") != "test"
-        or evaluated.get("relation") != "internal"
-        or "accuracy" not in metrics
-    ):
+    try:
+        filesystem, path = storage.resolve(version.report)
+        text = storage.read_text(filesystem, f"{path}/metrics.json")
+        metrics = json.loads(text) if text else {}
+    except (OSError, ValueError):  # a report cut short or unreadable: the listing goes on
+        return "?"
+    if not isinstance(metrics, dict) or not is_test_report(metrics) or metrics.get("accuracy") is None:
         return "-"
-    return f"{metrics['accuracy']:.3f} ({metrics['n']})"
+    n = metrics.get("n")
+    return f"{metrics['accuracy']:.3f}" + (f" ({n})" if n is not None else "")
 
 
 def _interrupted_lines(items: list[Any]) -> list[str]:

@@ -33,14 +33,6 @@ class Explanation:
     says Grad-CAM found nothing to show, not that the image has no evidence."""
 
 
-def last_conv_layer(model: nn.Module) -> nn.Conv2d:
-    """The last 2-D convolution in module order."""
-    convs = [module for module in model.modules() if isinstance(module, nn.Conv2d)]
-    if not convs:
-        raise ValueError(f"{type(model).__name__} has no Conv2d layer for Grad-CAM")
-    return convs[-1]
-
-
 def _feature_map(fired: list[tuple[nn.Module, Any]]) -> torch.Tensor:
     """The last convolutional block's output, from the modules' outputs in the order they ran.
 

@@ -209,6 +209,11 @@ def check_models(config: TuneConfig) -> None:
             f"--models: {', '.join(repeated)} named twice; each architecture is searched once (--trials sets "
             "how many configurations)"
         )
+    if "resnet" in names and (depths := [name for name in names if name in RESNET_DEPTHS]):
+        raise ConfigError(
+            f"--models: 'resnet' already searches {', '.join(RESNET_DEPTHS)}; {', '.join(depths)} beside it "
+            "would train the same trials twice"
+        )
     for name in names:
         if name != "resnet":
             try:
@@ -350,10 +355,15 @@ def error_line(error: BaseException) -> str:
             break
         cause = inner
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(cause)).strip()
-    if cause is error and "\n" in text:  # no cause kept: the text's last line is the exception's own
-        return text.splitlines()[-1].strip()
+    last = text.splitlines()[-1].strip() if text else ""
+    if cause is error and _RAISED.match(last):  # no cause kept, a traceback's text: its last line raised
+        return last
     first = text.splitlines()[0] if text else ""
     return f"{type(cause).__name__}: {first}" if first else type(cause).__name__
+
+
+_RAISED = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b.*:")
+"""A traceback's last line: the exception's type and message ("KeyError: 'accuracy'")."""
 
 
 def _finished_before(experiment: str) -> bool:

@@ -273,6 +273,15 @@ def external_block(
     }
 
 
+def is_test_report(report: Mapping[str, Any]) -> bool:
+    """Whether an evaluation's metrics.json scored the test split of the model's own dataset."""
+    evaluated = report.get("evaluated") or {}
+    if evaluated:
+        return bool(evaluated.get("relation") == "internal" and evaluated.get("split") == "test")
+    # reports written before the `evaluated` block: the calibration block names the split
+    return (report.get("calibration") or {}).get("split") == "test" and "external" not in report
+
+
 def internal_reference(
     card: ModelCard, report_metrics: Mapping[str, Any] | None, *, predicted_masks: bool = False
 ) -> dict[str, Any] | None:
@@ -286,11 +295,7 @@ def internal_reference(
     """
     report = dict(report_metrics or {})
     evaluated = report.get("evaluated") or {}
-    if evaluated:
-        is_test = evaluated.get("relation") == "internal" and evaluated.get("split") == "test"
-    else:  # reports written before the `evaluated` block: the calibration block names the split
-        is_test = (report.get("calibration") or {}).get("split") == "test" and "external" not in report
-    if is_test and report.get("accuracy") is not None:
+    if is_test_report(report) and report.get("accuracy") is not None:
         legacy = "dataset" if "with predicted masks" in report else None  # the GT masks' figures first
         headline = evaluated.get("mask_source", legacy)
         wanted = "segmenter" if predicted_masks else "dataset"

@@ -326,7 +326,8 @@ def _per_class_row(name: str, stats: Mapping[str, Any], predicted: int) -> dict[
 
 
 def metrics_table(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Per-class rows (class, precision, recall, f1, support, auroc) and a macro row, for the report."""
+    """Per-class rows (class, precision, recall and its 95% interval, f1, support, auroc) and a macro row,
+    for the report."""
     predicted = [sum(column) for column in zip(*metrics["confusion_matrix"], strict=True)]
     rows = [
         _per_class_row(name, stats, count)

@@ -346,3 +346,30 @@ def test_a_rerun_on_other_settings_or_other_data_is_refused_saying_what_to_do(tm
     with pytest.raises(ConfigError, match="ingested again") as data:
         check_same_experiment(run, {"data_fingerprint": "bbb", "lr": 0.001}, "a training run")
     assert "Re-run with the recorded" not in str(data.value) and "another --name" in str(data.value)
+
+
+def test_a_missing_pretrained_file_fails_before_ray_starts(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """It failed after Ray's start (25 s in a review); a file that is there is loaded once, by the run."""
+    import cxrcore.cli as cli
+
+    def no_ray(address: str | None) -> None:
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(cli, "_connect", no_ray)
+    missing = tmp_path / "w.safetensors"
+    train = ["train", "--data", "s3://bucket/ds", "--model", "tiny_resnet", "--out", str(tmp_path)]
+    assert main([*train, "--pretrained", str(missing)]) == 2
+    assert capsys.readouterr().err.strip() == f"cxr: error: --pretrained: no weights file at {missing}"
+    tune = [
+        "tune",
+        "--data",
+        "s3://bucket/ds",
+        "--registry",
+        str(tmp_path / "reg"),
+        "--models",
+        "tiny_resnet",
+    ]
+    assert main([*tune, "--pretrained", str(missing)]) == 2
+    assert "--pretrained: no weights file at" in capsys.readouterr().err

@@ -138,6 +138,11 @@ def test_wrong_names_fail_with_exit_2_naming_them(tmp_path: Path, capsys: pytest
     assert capsys.readouterr().err.startswith("cxr: error: --models: tiny_unet is a lung segmenter, not a")
     assert main([*tune, "tiny_cnn_lstm,tiny_resnet,tiny_cnn_lstm"]) == 2
     assert "--models: tiny_cnn_lstm named twice" in capsys.readouterr().err
+    assert main([*tune, "resnet,resnet18", "--pretrained", "none"]) == 2
+    assert (
+        "--models: 'resnet' already searches resnet18, resnet34, resnet50; resnet18 beside"
+        in capsys.readouterr().err
+    )
 
     assert (
         main(["train", "--data", "ds", "--model", "cnn_lstm", "--pretrained", "w.safetensors", "--dry-run"])

@@ -125,6 +125,14 @@ def test_the_report_warns_of_classes_their_sources_tell_apart() -> None:
                            "by_class_split": {}, "duplicates": {}})  # fmt: skip
     assert warning.startswith("every source holds one class only: ")
 
+    # Sources unknown that mix the classes: the pairs are named, not "every source holds one class".
+    report = _source_report(["a.org", "b.org", "unknown", "unknown"], ["train"] * 4,
+                            ["COVID", "Normal", "COVID", "Normal"], set())  # fmt: skip
+    [warning] = _warnings(
+        {**report, "by_class": {"COVID": 2, "Normal": 2}, "by_class_split": {}, "duplicates": {}}
+    )
+    assert warning.startswith("no source holds both COVID and Normal: ")
+
     # A source that holds every class, or sources unknown: nothing to say.
     for shared in (["a.org", "a.org", "b.org"], ["unknown"] * 3):
         report = _source_report(shared, ["train"] * 3, ["COVID", "Normal", "Normal"], set())

@@ -96,13 +96,20 @@ def test_a_damaged_dataset_is_refused_with_the_file_not_read_in_part(tmp_path: P
 
     cut = whole / "split=train/part-1.parquet"
     cut.write_bytes(cut.read_bytes()[:40])  # half a file: unreadable, where it was skipped before
-    with pytest.raises(
-        DatasetError, match=f"{cut} cannot be read .*: the dataset is damaged; ingest it again"
-    ):
+    with pytest.raises(DatasetError) as error:  # a file verified whole before, changed since: read again
         read_table(str(whole), ["label"], split="train")
+    assert str(error.value).startswith(f"{whole}: split=train/part-1.parquet cannot be read (")
+    assert str(error.value).endswith("): the dataset is damaged; ingest it again (`cxr data ingest RAW OUT`)")
+    assert str(error.value).count("part-1.parquet") == 1  # named once, not in pyarrow's words again
     assert read_table(str(whole), ["label"], split="val").num_rows == 2  # the other splits still read
     assert issubclass(DatasetError, ConfigError)  # a one-line `cxr: error:` and exit 2
 
     cut.unlink()  # a file gone: fewer rows than the report counts
     with pytest.raises(DatasetError, match=r"train 3 rows where ingest wrote 5 \(ingest_report.json\)"):
         verify_dataset(str(whole))
+
+    # The first file, whose schema pyarrow reads when the dataset is opened: the same error, for any split.
+    first = _dataset(tmp_path / "first") / "split=train/part-0.parquet"
+    first.write_bytes(b"")
+    with pytest.raises(DatasetError, match=r"split=train/part-0\.parquet cannot be read"):
+        read_table(str(first.parents[1]), ["label"], split="val")

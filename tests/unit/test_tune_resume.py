@@ -148,3 +148,5 @@ def test_a_failed_trial_is_reported_by_its_exception_not_rays_actor_header() -> 
     assert error_line(raised) == "ValueError: the val split holds no image to score epoch 1 on"
     assert error_line(RuntimeError("out of memory")) == "RuntimeError: out of memory"
     assert error_line(RuntimeError("header\n  File x\nKeyError: 'accuracy'")) == "KeyError: 'accuracy'"
+    oom = MemoryError("Task was killed due to the node running low on memory.\nRefer to the documentation")
+    assert error_line(oom) == "MemoryError: Task was killed due to the node running low on memory."
