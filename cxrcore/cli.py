@@ -167,6 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000, help="HTTP port (default: %(default)s)")
     serve.add_argument("--address", help="join this Ray cluster instead of starting a local one")
     serve.add_argument(
+        "--grace-s", type=float, default=3.0,
+        help="on Ctrl-C or SIGTERM, after the requests in flight are answered, seconds of 503 "
+        "shutting_down (and /readyz 503) before the port closes, for load balancers to look elsewhere; a "
+        "second signal ends them (default: %(default)s)",
+    )  # fmt: skip
+    serve.add_argument(
         "--arg", action="append", default=[], metavar="KEY=VALUE",
         help="another field of serve.schemas.ServeArgs, e.g. --arg max_replicas=4 (repeatable)",
     )  # fmt: skip
@@ -779,7 +785,9 @@ def _run_serve(args: argparse.Namespace) -> int:
             raise ConfigError(f"--arg: expected KEY=VALUE, got {item!r}")
         app_args[key.strip()] = value.strip()
     try:
-        status: int = server.serve_foreground(app_args, host=args.host, port=args.port, address=args.address)
+        status: int = server.serve_foreground(
+            app_args, host=args.host, port=args.port, address=args.address, grace_s=args.grace_s
+        )
     except ValueError as exc:  # pydantic's ValidationError, an unknown registry reference
         raise ConfigError(str(exc)) from exc
     return status

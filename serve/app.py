@@ -129,6 +129,7 @@ def build_app(args: ServeArgs) -> Application:
         args.upload_idle_timeout_s,
         args.upload_timeout_s,
         tuple(origin.strip() for origin in args.cors_origins.split(",") if origin.strip()),
+        args.model_timeout_s,
     )
     return Api.options(
         num_replicas=args.ingress_replicas,

@@ -80,6 +80,10 @@ class ApiLimits:
     cors_origins: tuple[str, ...] = ()
     """Web origins whose pages may call the API from a browser (CORS; "*" for any): a viewer served from
     another host than the API. None by default: a browser then keeps every answer from such a page."""
+    model_timeout_s: float = 30.0
+    """A request the classifier has not answered after this long gets 503 `model_unavailable`: with no
+    replica running (one failing to start, say its registry gone) a request waited for one without end,
+    and a review's clients all ran into their own 60 s timeouts without an answer."""
 
     @property
     def accepted(self) -> str:
@@ -337,7 +341,22 @@ class _Routes:
         return Readiness(model=ModelInfo(**info["model"]))
 
     async def _ask(self, method: str, *args: Any) -> Any:
-        """The classifier's `method(*args)`, asked again (REPLICA_ATTEMPTS in all) while replicas die."""
+        """The classifier's `method(*args)`, asked again (REPLICA_ATTEMPTS in all) while replicas die, for
+        at most `model_timeout_s`: then 503 `model_unavailable`."""
+        timeout = self._limits.model_timeout_s
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._ask_replicas(method, *args)
+        except TimeoutError as exc:
+            raise ApiError(
+                503,
+                "model_unavailable",
+                f"the model did not answer within {timeout:g} s: its replicas are starting (after a failure, "
+                "see /readyz) or too busy; retry later",
+                self._limits.retry_after,
+            ) from exc
+
+    async def _ask_replicas(self, method: str, *args: Any) -> Any:
         attempt = 1
         while True:
             try:
@@ -361,8 +380,8 @@ class _Routes:
             return ApiError(
                 503,
                 "overloaded",
-                f"the model is at capacity and its queue is full; retry after "
-                f"{self._limits.retry_after['Retry-After']} s ({exc.message})",
+                f"the model's queue is full (its replicas are busy, or not running: see /readyz); retry "
+                f"after {self._limits.retry_after['Retry-After']} s ({exc.message})",
                 self._limits.retry_after,
             )
         if isinstance(exc, RayTaskError) and not isinstance(exc, RayActorError):

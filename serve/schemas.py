@@ -105,6 +105,12 @@ class ServeArgs(BaseModel):
     upload_timeout_s: float = Field(
         default=120.0, gt=0, description="an upload still arriving after this long is refused with HTTP 408"
     )
+    model_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="a request the model has not answered after this long gets HTTP 503 model_unavailable "
+        "(no replica running, or one too busy), rather than waiting without end",
+    )
     cors_origins: str = Field(
         default="",
         description="web origins, comma-separated (or *), whose pages may call the API from a browser "

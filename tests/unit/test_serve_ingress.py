@@ -432,3 +432,29 @@ def test_cxr_predict_without_a_server_says_so_once(
     assert len(err) == 1 and "cannot reach" in err[0] and "is `cxr serve` running there?" in err[0]
     assert main(["predict", "--url", f"127.0.0.1:{port}", str(tmp_path)]) == 2
     assert "--url: expected http://HOST:PORT" in capsys.readouterr().err
+
+
+class Silent:
+    """A classifier handle with no replica to run on: every call waits, as Serve's handle then waits."""
+
+    def __init__(self) -> None:
+        self.predict = self.explain = self.info = self
+
+    async def remote(self, *args: Any) -> Any:
+        import asyncio
+
+        await asyncio.Event().wait()
+
+
+def test_a_model_with_no_replica_answers_503_model_unavailable_in_bounded_time() -> None:
+    """A replica that cannot start (its registry gone) left predictions and /v1/model waiting until the
+    client gave up; the queue then filled and the rest were told the model was at capacity."""
+    with api_client(Silent(), model_timeout_s=0.2, retry_after_s=2.0) as client:
+        for response in (_post(client), _post(client, explain="true"), client.get("/v1/model")):
+            assert response.status_code == 503 and response.headers["retry-after"] == "2"
+            body = response.json()
+            assert body["error"] == "model_unavailable"
+            assert body["detail"].startswith(
+                "the model did not answer within 0.2 s: its replicas are starting"
+            )
+        assert client.get("/healthz").json() == {"status": "ok"}
