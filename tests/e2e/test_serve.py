@@ -272,6 +272,9 @@ def test_cxr_serve_runs_in_the_foreground_and_stops_cleanly(registry: Path, scra
     assert "still in flight" not in output and "Traceback" not in output
     assert "will not be applied" not in output  # Serve's notice that read as if --port had been ignored
     assert f"at http://127.0.0.1:{port} through HAProxy" in output  # the local default front end
+    # the name resolved at start, and that a promotion will not reach this server
+    assert f"serving tiny_cnn_lstm (tiny_cnn_lstm:1) at http://127.0.0.1:{port}" in output
+    assert "promoting another version later does not change what this server answers with" in output
     with pytest.raises(httpx.HTTPError):  # nothing, HAProxy included, listens on the port any more
         httpx.get(f"{url}/healthz", timeout=2)
     assert wait_until_gone(str(ray_dir)) == []  # its Ray stopped with it
