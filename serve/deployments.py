@@ -426,6 +426,7 @@ class Classifier:
                 forward = await self._thread.run(fit_forward, served.predictor, *sizes)
                 self._served = replace(served, forward=forward, fitted_for=sizes)
             return
+        fell_back = ""
         try:
             self._served = await self._thread.run(self._load, config, asyncio.get_running_loop())
         except Exception as exc:
@@ -436,12 +437,18 @@ class Classifier:
                 pinned = config.model_copy(update={"model": fallback})
                 self._served = await self._thread.run(self._load, pinned, asyncio.get_running_loop())
                 log.exception("serving the app's model %s: could not load %r", fallback, config.model)
+                # A replica restarted after a failed swap: the last good model is not known here, and
+                # replicas that kept it serve another version than this one. Said where clients look.
+                fell_back = (
+                    "; this replica started since and serves the app's own model "
+                    f"{public_location(fallback)}, which other replicas may not"
+                )
             else:
                 log.exception("still serving %s: could not load %r", self._served.resolved.ref, config.model)
             # As /v1/model shows it: a checkpoint folder by its last components, in the exception's text too
             # (a missing file's whole path); the log above has the whole paths.
             reason = f"{type(exc).__name__}: {public_text(str(exc))}"
-            self._swap_error = f"could not load {public_location(config.model)!r}: {reason}"
+            self._swap_error = f"could not load {public_location(config.model)!r}: {reason}{fell_back}"
             return
         self._swap_error = None
         log.info("serving %s from %s", self._served.resolved.ref, self._served.resolved.checkpoint)

@@ -202,6 +202,10 @@ def test_a_new_replica_that_cannot_load_its_user_config_serves_the_apps_own_mode
     info = asyncio.run(reconfigure_and_info({"model": "tiny_cnn_lstm:99", "forward_batch_size": 1}))
     assert replica._served is not None and replica._served.resolved.ref == "tiny_cnn_lstm:1"
     assert "could not load 'tiny_cnn_lstm:99'" in info["swap_error"] and "no version 99" in info["swap_error"]
+    assert info["swap_error"].endswith(
+        "; this replica started since and serves the app's own model tiny_cnn_lstm:1, which other "
+        "replicas may not"
+    )
     alone = Classifier.func_or_class(registry, None, "cpu", 8)  # no app model to fall back on: it fails
     with pytest.raises(Exception, match="no version 99"):
         asyncio.run(alone.reconfigure({"model": "tiny_cnn_lstm:99"}))
