@@ -63,6 +63,12 @@ METRICS: dict[str, MetricSpec] = {
         ("model", "version"),
         BATCH_SIZE_BOUNDARIES,
     ),
+    "cxr_model_loads": MetricSpec(
+        "counter",
+        "Models a classifier replica loaded or failed to load, by reference and outcome: loaded, failed "
+        "(the model it served stays), fallback (a replica started since a failed swap serves the app's own)",
+        ("model", "outcome"),
+    ),
     "cxr_ingest_images": MetricSpec("counter", "Images ingested into a dataset", ("dataset",)),
     "cxr_ingest_rejects": MetricSpec(
         "counter", "Images an ingest refused, by reason (see the report's `rejected`)", ("dataset", "reason")
@@ -105,6 +111,10 @@ def record_request_error(error: str, status: int) -> None:
 def record_batch(size: int, model: str, version: str | None) -> None:
     """One batch the classifier ran, of `size` images."""
     _record("cxr_batch_size", size, {"model": model, "version": version or "none"})
+
+
+def record_model_load(model: str, outcome: Literal["loaded", "failed", "fallback"]) -> None:
+    _record("cxr_model_loads", 1, {"model": model, "outcome": outcome})
 
 
 def record_ingest(dataset: str, ingested: int, rejected: Iterable[str]) -> None:

@@ -437,6 +437,7 @@ class Classifier:
                 pinned = config.model_copy(update={"model": fallback})
                 self._served = await self._thread.run(self._load, pinned, asyncio.get_running_loop())
                 log.exception("serving the app's model %s: could not load %r", fallback, config.model)
+                telemetry.record_model_load(public_location(fallback), "fallback")
                 # A replica restarted after a failed swap: the last good model is not known here, and
                 # replicas that kept it serve another version than this one. Said where clients look.
                 fell_back = (
@@ -447,10 +448,12 @@ class Classifier:
                 log.exception("still serving %s: could not load %r", self._served.resolved.ref, config.model)
             # As /v1/model shows it: a checkpoint folder by its last components, in the exception's text too
             # (a missing file's whole path); the log above has the whole paths.
+            telemetry.record_model_load(public_location(config.model), "failed")
             reason = f"{type(exc).__name__}: {public_text(str(exc))}"
             self._swap_error = f"could not load {public_location(config.model)!r}: {reason}{fell_back}"
             return
         self._swap_error = None
+        telemetry.record_model_load(self._served.resolved.ref, "loaded")
         log.info("serving %s from %s", self._served.resolved.ref, self._served.resolved.checkpoint)
 
     def check_health(self) -> None:

@@ -184,13 +184,18 @@ def test_batched_predictions_of_fewer_images_than_a_batch_take_them_whole(tmp_pa
     assert sizes == [5] and batches.chosen is None  # no full batch: nothing tried, nothing chosen
 
 
-def test_a_new_replica_that_cannot_load_its_user_config_serves_the_apps_own_model(tmp_path: Path) -> None:
+def test_a_new_replica_that_cannot_load_its_user_config_serves_the_apps_own_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`serve deploy` with changed args replaces every replica; with a user_config naming a version that
     does not exist, none started and every prediction got 503 `model_unavailable` until a corrected deploy.
     A new replica now serves the version build_app pinned, and says why in GET /v1/model."""
+    from cxrcore import telemetry
     from serve.deployments import Classifier
     from tests.e2e.uploads import write_registry
 
+    loads: list[tuple[str, str]] = []
+    monkeypatch.setattr(telemetry, "record_model_load", lambda model, outcome: loads.append((model, outcome)))
     registry = str(write_registry(tmp_path))
     replica = Classifier.func_or_class(registry, None, "cpu", 8, app_model="tiny_cnn_lstm:1")
 
@@ -206,6 +211,7 @@ def test_a_new_replica_that_cannot_load_its_user_config_serves_the_apps_own_mode
         "; this replica started since and serves the app's own model tiny_cnn_lstm:1, which other "
         "replicas may not"
     )
+    assert loads == [("tiny_cnn_lstm:1", "fallback"), ("tiny_cnn_lstm:99", "failed")]  # cxr_model_loads
     alone = Classifier.func_or_class(registry, None, "cpu", 8)  # no app model to fall back on: it fails
     with pytest.raises(Exception, match="no version 99"):
         asyncio.run(alone.reconfigure({"model": "tiny_cnn_lstm:99"}))
