@@ -112,6 +112,8 @@ def _error_response(
     status: int, error: str, detail: str, headers: dict[str, str] | None = None
 ) -> JSONResponse:
     telemetry.record_request_error(error, status)
+    # Serve's access line gives the status and the request id; this, in the same replica log, says why.
+    log.info("answered %d %s: %s", status, error, detail)
     return JSONResponse(status_code=status, content={"error": error, "detail": detail}, headers=headers)
 
 

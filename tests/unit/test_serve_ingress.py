@@ -458,3 +458,15 @@ def test_a_model_with_no_replica_answers_503_model_unavailable_in_bounded_time()
                 "the model did not answer within 0.2 s: its replicas are starting"
             )
         assert client.get("/healthz").json() == {"status": "ok"}
+
+
+def test_an_error_answer_is_logged_with_its_code_and_reason(caplog: pytest.LogCaptureFixture) -> None:
+    """Serve's access line has the status and the request id only: a complaint traced by its id found a
+    400 and not why."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="ray.serve"), api_client(Silent()) as client:
+        response = client.post("/v1/predict", content=b"not an image", headers={"content-type": "image/png"})
+    assert response.status_code == 400
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("answered 400")]
+    assert logged == [f"answered 400 {response.json()['error']}: {response.json()['detail']}"]
