@@ -7,6 +7,7 @@ classifier and call it through httpx's ASGI transport.
 
 import asyncio
 import base64
+import contextlib
 import io
 import logging
 import math
@@ -252,6 +253,10 @@ class _Routes:
     ) -> Prediction:
         """Class probabilities of one chest X-ray; 503 `overloaded` with Retry-After when at capacity."""
         if self._draining:
+            # The upload is read first: a server that answers and closes while its client still sends the
+            # body may reset the connection, and the client then sees no 503 at all.
+            with contextlib.suppress(ApiError):
+                await self._read_upload(request)
             raise ApiError(
                 503,
                 "shutting_down",

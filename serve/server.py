@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 APP_NAME = "cxr"
 DRAIN_TIMEOUT_S = 10.0
 SHUTDOWN_GRACE_S = 3.0
+MAX_GRACE_S = 3600.0
 """Seconds of 503 `shutting_down` after the drain, before the port closes (`cxr serve --grace-s`)."""
 """How long `cxr serve`, told to stop, waits for the predictions in flight to be answered."""
 START_TIMEOUT_S = 300.0
@@ -141,6 +142,8 @@ def serve_foreground(
     from cxrcore.console import is_quiet
     from cxrcore.runtime import check_port_free, init_ray
 
+    if not 0 <= grace_s <= MAX_GRACE_S:  # NaN too; Event.wait overflows on inf
+        raise ValueError(f"--grace-s: expected 0 to {MAX_GRACE_S:g} seconds, got {grace_s}")
     args = ServeArgs.model_validate(app_args)
     app = build_app(args)  # fails here, before Ray starts, on a bad registry or model reference
     pinned = resolve_model(_registry(args), args.model).ref  # what the app serves until a swap
@@ -156,8 +159,13 @@ def serve_foreground(
         except ValueError:
             ray.shutdown()
             raise
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    stop, signals = threading.Event(), []
+
+    def on_signal(*_: Any) -> None:
+        signals.append(1)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     if is_quiet():  # "Started Serve", then serve.run's "New http_options ... will not be applied", which
         logging.getLogger("ray.serve").setLevel(logging.WARNING)  # reads as if --port had been ignored
     try:
@@ -187,7 +195,8 @@ def serve_foreground(
         # /readyz: stopping Serve at once reset them. A review's SIGTERM under 32 clients cut 14 of the 32
         # requests in flight and 33 of the 38 sent after it, whose 503s the ingress had already made.
         stop.clear()
-        stop.wait(max(0.0, grace_s))  # a second Ctrl-C or SIGTERM ends it at once
+        if len(signals) < 2:  # a second Ctrl-C or SIGTERM, during the drain or the grace, ends it at once
+            stop.wait(grace_s)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

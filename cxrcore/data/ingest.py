@@ -381,8 +381,13 @@ def read_split(dataset: str, split: str, columns: list[str] | None = None) -> An
 
 def read_table(dataset: str, columns: list[str] | None = None, split: str | None = None) -> Any:
     """A finished dataset (or one split) as a pyarrow Table, without Ray: for notebooks and reports."""
+    import pyarrow as pa
+
     parquet, where = _finished_dataset(dataset, split)
-    return parquet.to_table(columns=columns, filter=where)
+    try:
+        return parquet.to_table(columns=columns, filter=where)
+    except (pa.ArrowInvalid, OSError) as exc:  # a data page damaged where the footer and counts are whole
+        raise _unreadable(dataset, exc) from None
 
 
 class DatasetError(ConfigError):
@@ -415,6 +420,7 @@ def parquet_files(dataset: str) -> Any:
     return _parquet_dataset(dataset, *_listing(dataset))
 
 
+_SPLIT_FOLDERS = {f"split={split}" for split in SPLITS}
 _VERIFIED: dict[tuple[str, tuple[str, ...]], tuple[Any, ...]] = {}
 """What this process found whole: (dataset, splits) → the report's fingerprint and every file's path, size
 and time then. A command reads a split three or four times (`cxr evaluate`: the labels, the image size, the
@@ -442,6 +448,8 @@ def _listing(dataset: str) -> tuple[Any, str, list[Any]]:
             if info.type == pafs.FileType.File
             and info.path.endswith(".parquet")
             and not any(part[:1] in "._" for part in info.path[len(root) :].strip("/").split("/"))
+            # the three split folders only: a file beside them, or in another split=, is not the dataset's
+            and info.path[len(root) :].strip("/").split("/")[0] in _SPLIT_FOLDERS
         ),
         key=lambda info: info.path,
     )
@@ -459,6 +467,14 @@ def _parquet_dataset(dataset: str, filesystem: Any, root: str, infos: list[Any])
         )  # fmt: skip
     except (pa.ArrowInvalid, OSError) as exc:
         raise _damaged(dataset, root, infos[0].path if infos else root, exc) from None
+
+
+def _unreadable(dataset: str, exc: Exception) -> DatasetError:
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return DatasetError(
+        f"{dataset}: a Parquet file cannot be read ({reason}): the dataset is damaged; ingest it again "
+        "(`cxr data ingest RAW OUT`)"
+    )
 
 
 def _damaged(dataset: str, root: str, path: str, exc: Exception) -> DatasetError:
@@ -513,10 +529,17 @@ def read_chunks(
     # ahead, threads, pre-buffering) the memory held grew with the dataset (mimalloc's peak: 449 MB at 12,000
     # images of 256 px, row groups of 800); this way it stays at about 300 MB, whatever the dataset's size.
     options = pads.ParquetFragmentScanOptions(pre_buffer=False)
-    for batch in parquet.to_batches(
+    batches = parquet.to_batches(
         columns=columns, filter=where, batch_size=rows, batch_readahead=0, fragment_readahead=0,
         use_threads=False, fragment_scan_options=options,
-    ):  # fmt: skip
+    )  # fmt: skip
+    while True:
+        try:
+            batch = next(batches, None)
+        except (pa.ArrowInvalid, OSError) as exc:  # a data page damaged where the footer and counts are whole
+            raise _unreadable(dataset, exc) from None
+        if batch is None:
+            break
         pending = pa.concat_tables([pending, pa.Table.from_batches([batch])])
         while pending.num_rows >= rows:
             yield pending.slice(0, rows)

@@ -373,3 +373,12 @@ def test_a_missing_pretrained_file_fails_before_ray_starts(
     ]
     assert main([*tune, "--pretrained", str(missing)]) == 2
     assert "--pretrained: no weights file at" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("grace", ["-1", "inf", "nan", "1e300"])
+def test_a_grace_that_cannot_be_waited_is_refused_before_anything_starts(
+    grace: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """`--grace-s inf` or 1e300 ended in an OverflowError traceback at SIGTERM, after no grace at all."""
+    assert main(["serve", "--registry", str(tmp_path), "--grace-s", grace]) == 2
+    assert capsys.readouterr().err.startswith("cxr: error: --grace-s: expected 0 to 3600 seconds, got ")

@@ -113,3 +113,33 @@ def test_a_damaged_dataset_is_refused_with_the_file_not_read_in_part(tmp_path: P
     first.write_bytes(b"")
     with pytest.raises(DatasetError, match=r"split=train/part-0\.parquet cannot be read"):
         read_table(str(first.parents[1]), ["label"], split="val")
+
+
+def test_files_beside_the_split_folders_are_not_read_and_a_damaged_page_is_a_dataset_error(
+    tmp_path: Path,
+) -> None:
+    import pytest
+
+    from cxrcore.data.ingest import DatasetError, read_chunks, read_table
+
+    whole = _dataset(tmp_path / "whole")
+    stray = whole / "split=train/part-0.parquet"
+    (whole / "split=foo").mkdir()
+    (whole / "split=foo/part.parquet").write_bytes(stray.read_bytes())
+    (whole / "extra.parquet").write_bytes(stray.read_bytes())
+    assert read_table(str(whole), ["label"]).num_rows == 7  # not 13: only train, val and test are read
+
+    # A page damaged inside a file whose footer and row count are whole: the footers pass, the read fails.
+    paged = tmp_path / "paged"
+    paged.mkdir()
+    rng = np.random.default_rng(0)
+    rows = {"label": [f"label-{i}-{rng.integers(1 << 60)}" for i in range(2000)]}
+    (paged / "split=train").mkdir()
+    pq.write_table(pa.table(rows), paged / "split=train/part-0.parquet", compression="snappy")
+    data = bytearray((paged / "split=train/part-0.parquet").read_bytes())
+    data[len(data) // 3 : len(data) // 3 + 2000] = rng.integers(0, 256, 2000, dtype=np.uint8).tobytes()
+    (paged / "split=train/part-0.parquet").write_bytes(bytes(data))
+    (paged / "ingest_report.json").write_text('{"by_split": {"train": 2000, "val": 0, "test": 0}}')
+    for read in (lambda: read_table(str(paged), ["label"]), lambda: list(read_chunks(str(paged), ["label"]))):
+        with pytest.raises(DatasetError, match="a Parquet file cannot be read .*: the dataset is damaged"):
+            read()
