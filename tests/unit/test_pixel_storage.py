@@ -141,5 +141,5 @@ def test_files_beside_the_split_folders_are_not_read_and_a_damaged_page_is_a_dat
     (paged / "split=train/part-0.parquet").write_bytes(bytes(data))
     (paged / "ingest_report.json").write_text('{"by_split": {"train": 2000, "val": 0, "test": 0}}')
     for read in (lambda: read_table(str(paged), ["label"]), lambda: list(read_chunks(str(paged), ["label"]))):
-        with pytest.raises(DatasetError, match="a Parquet file cannot be read .*: the dataset is damaged"):
+        with pytest.raises(DatasetError, match=r"a Parquet file cannot be read .*: the dataset is damaged"):
             read()
