@@ -174,13 +174,15 @@ def serve_foreground(
         node = ray.get_runtime_context().get_node_id()
         restrict_haproxy_files(node)
         front = " through HAProxy" if _haproxy_of(node) else ""
-        named = pinned if pinned == args.model else f"{args.model} ({pinned})"
+        # an alias or a name stands for the version it names now; a checkpoint folder is itself
+        moving = pinned != args.model and "/" not in args.model and ":" not in args.model
+        named = f"{args.model} ({pinned})" if moving else args.model
         print(
             f"serving {named} at http://{host}:{port}{front} (API docs: /docs; Ray dashboard: "
             f"{dashboard}, replica logs on its Serve page); Ctrl-C to stop",
             flush=True,
         )
-        if pinned != args.model:
+        if moving:
             print(
                 f"  {args.model} is resolved now: promoting another version later does not change what this "
                 "server answers with (serve/README.md: Swapping the model without downtime)",
