@@ -407,31 +407,26 @@ def _run_on_ray(
 
 def _check_before_ray(config: Any) -> None:
     """What fails a train or tune command whatever the cluster, checked before Ray's start (12 s here): the
-    architecture names (a "did you mean" otherwise), the dataset (finished, its files whole) and, for
-    train, that a --pretrained file is there (the run loads it, once, after Ray's start)."""
+    architecture names (a "did you mean" otherwise), the dataset (finished, its files whole) and the
+    --pretrained choice, a file there (`resolve_pretrained`; the run loads the weights, once, after)."""
     if not isinstance(config, TuneConfig | TrainConfig):
         return
-    from cxrcore.config import PRETRAINED_CHOICES
     from cxrcore.data import storage
-    from cxrcore.train.trainer import check_dataset
+    from cxrcore.train.trainer import check_dataset, resolve_pretrained
 
     if isinstance(config, TuneConfig):
-        from cxrcore.tune import check_models
+        from cxrcore.tune import RESNET_DEPTHS, check_models
 
         check_models(config)
+        resnets = {
+            RESNET_DEPTHS[0] if n == "resnet" else n for n in config.model_names() if n.startswith("resnet")
+        }
+        for name in sorted(resnets):  # Tune gives the weights to its ResNets only
+            resolve_pretrained(name, config.pretrained)
     else:
-        from cxrcore.models import get_model_entry
-
-        try:
-            get_model_entry(config.model)
-        except ValueError as exc:
-            raise ConfigError(f"--model: {exc}") from exc
+        resolve_pretrained(config.model, config.pretrained)  # the name too ("did you mean")
     if not storage.is_remote(config.data):  # object storage is read where the run starts, once
         check_dataset(config.data)
-    weights = config.pretrained
-    named = weights.strip().lower() not in PRETRAINED_CHOICES and not storage.is_remote(weights)
-    if named and not Path(weights).is_file():
-        raise ConfigError(f"--pretrained: no weights file at {weights}")
 
 
 def _note_local_paths(config: Any) -> None:

@@ -369,7 +369,7 @@ def test_a_missing_pretrained_file_fails_before_ray_starts(
         "--registry",
         str(tmp_path / "reg"),
         "--models",
-        "tiny_resnet",
+        "resnet",
     ]
     assert main([*tune, "--pretrained", str(missing)]) == 2
     assert "--pretrained: no weights file at" in capsys.readouterr().err
