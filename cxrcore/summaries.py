@@ -10,8 +10,9 @@ from cxrcore.tables import format_table
 
 
 def format_number(value: Any) -> str:
-    """A figure as the summaries print it: floats to 4 decimals."""
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
+    """A figure as the summaries print it: floats to 3 decimals, as the reports (a fourth would claim a
+    precision that a split of a few hundred images does not have)."""
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
 def format_cell(value: Any) -> str:

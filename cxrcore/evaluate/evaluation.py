@@ -518,7 +518,13 @@ def _dataset_name(location: str) -> str:
 def _segmentation_report(
     config: EvaluateConfig, split: str, predictor: Predictor, frame: Any, pixels: PixelChunks
 ) -> dict[str, Path]:
-    from cxrcore.evaluate.report import ReportSection, html_table, plot_training_curves, write_html_report
+    from cxrcore.evaluate.report import (
+        ReportSection,
+        facts_table,
+        html_table,
+        plot_training_curves,
+        write_html_report,
+    )
     from cxrcore.inference import BatchedPredictions
     from cxrcore.metrics import segmentation_metrics
 
@@ -547,7 +553,7 @@ def _segmentation_report(
     paths = {"metrics": out / "metrics.json"}
     paths["metrics"].write_text(json.dumps(metrics, indent=2) + "\n")
     sections = [
-        ReportSection("Model card", table=[{"key": k, "value": v} for k, v in _card_summary(card).items()]),
+        ReportSection("Model card", table=facts_table(_card_summary(card))),
         ReportSection("Segmentation", html=html_table([metrics])),
     ]
     if card["history"]:

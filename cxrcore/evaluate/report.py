@@ -407,16 +407,13 @@ def write_evaluation_report(
 
     sections = []
     if evaluated:
-        sections.append(
-            ReportSection("Evaluated", table=[{"key": k, "value": v} for k, v in evaluated.items()])
-        )
+        sections.append(ReportSection("Evaluated", table=facts_table(evaluated)))
     if external:
         sections += external_sections(external["external"], external["internal_comparison"])
     if holdout:
         sections.append(holdout_section(holdout))
     if card:
-        rows = [{"key": key, "value": _card_value(value)} for key, value in card.items()]
-        sections.append(ReportSection("Model card", table=rows))
+        sections.append(ReportSection("Model card", table=facts_table(card)))
     sections += [
         ReportSection("Headline metrics", table=_headline_rows(metrics)),
         ReportSection("Per-class metrics", table=metrics_table(metrics)),
@@ -665,11 +662,78 @@ def _table_cell(value: Any) -> str:
     return f"<td>{html.escape(str(value))}</td>"
 
 
-def _card_value(value: Any) -> Any:
-    """Card values shown exactly as JSON (a recorded 3e-4 reads 0.0003), not rounded; strings as they are."""
-    if isinstance(value, str | Mapping | list | tuple) or value is None:
+FACT_LABELS = {
+    "model": "model",
+    "checkpoint": "checkpoint folder",
+    "weights_sha256": "weights (SHA-256)",
+    "fingerprint": "dataset fingerprint",
+    "relation": "relation to the training data",
+    "mask_source": "mask source",
+    "per_source": "per source",
+    "classes_note": "classes",
+    "input_spec": "input",
+    "image_size": "image size (px)",
+    "data": "training data",
+    "lr": "learning rate",
+    "weight_decay": "weight decay",
+    "warmup_epochs": "warmup epochs",
+    "batch_size": "batch size",
+    "class_weights": "class weights",
+    "cpus_per_worker": "CPUs per worker",
+    "train_masks": "training masks",
+    "max_failures": "max failures",
+    "created_at": "created",
+    "ece_before": "ECE before",
+    "ece_after": "ECE after",
+    "nll_before": "NLL before",
+    "nll_after": "NLL after",
+    "ece_floor_before": "ECE floor before",
+    "ece_floor_sd_before": "ECE floor SD before",
+    "ece_floor_after": "ECE floor after",
+    "ece_floor_sd_after": "ECE floor SD after",
+    "gpu": "GPU",
+}
+"""Words for the keys of a card or an `evaluated` block in the report's fact tables; a key not named here
+shows with its underscores as spaces."""
+
+
+def facts_table(facts: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Rows of a two-column table (field, value) for a card or an `evaluated` block, to be read by a person:
+    keys in words (FACT_LABELS), a nested mapping one row per entry ("training › learning rate"), a list of
+    plain values joined by commas, a float to 6 significant figures (a recorded 3e-4 reads 0.0003, a
+    temperature 0.751419), and no row for a missing value. metrics.json and card.json keep every figure.
+
+    >>> facts_table({"input_spec": {"channels": ["image", "mask"]}, "note": None, "lr": 3e-4})
+    [{'field': 'input › channels', 'value': 'image, mask'}, {'field': 'learning rate', 'value': '0.0003'}]
+    """
+    rows: list[dict[str, Any]] = []
+
+    def add(label: str, value: Any, depth: int) -> None:
+        if value is None:
+            return
+        if isinstance(value, Mapping) and value and depth < 2:
+            for key, inner in value.items():
+                add(f"{label} › {_fact_label(key)}", inner, depth + 1)
+            return
+        rows.append({"field": label, "value": _fact_value(value)})
+
+    for key, value in facts.items():
+        add(_fact_label(key), value, 1)
+    return rows
+
+
+def _fact_label(key: Any) -> str:
+    return FACT_LABELS.get(str(key), str(key).replace("_", " "))
+
+
+def _fact_value(value: Any) -> Any:
+    if isinstance(value, bool | np.bool_ | str):
         return value
-    return json.dumps(value, default=_display_default)
+    if _is_number(value):
+        return f"{int(value):,}" if isinstance(value, int | np.integer) else f"{float(value):.6g}"
+    if isinstance(value, list | tuple) and all(isinstance(item, str | int | float) for item in value):
+        return ", ".join(str(_fact_value(item)) for item in value)
+    return value
 
 
 def _embedded_image(path: Path, width: int | None) -> str:

@@ -308,7 +308,7 @@ def test_held_out_sources_stand_beside_the_random_split_and_a_large_drop_is_flag
 
     printed = format_comparison({**comparison, "production": "dual_cnn:3", "reports": {}})
     assert "random-split acc  held-out acc" in printed.splitlines()[1]
-    assert re.search(r"\ncnn_lstm .* 0\.9500 +0\.4100\n", printed)
+    assert re.search(r"\ncnn_lstm .* 0\.950 +0\.410\n", printed)
     assert re.search(r"\ndual_cnn .* - +-\n", printed)  # an architecture without the figures gets dashes
     assert f"\nWARNING: cnn_lstm: {verdict}\n" in printed
 
@@ -380,7 +380,7 @@ def test_a_poor_lung_segmenter_is_named_with_a_warning() -> None:
     segmenter = {"ref": "unet:2", "test": {"dice": 0.496}}
     comparison = {**_comparison(), "production": "dual_cnn:3", "reports": {}, "segmenter": segmenter}
     printed = format_comparison({**comparison, "settings": {"segmenter_epochs": 1}})
-    assert "\nlung segmenter: unet:2, test Dice 0.4960 (dual-channel models' masks)\n" in printed
+    assert "\nlung segmenter: unet:2, test Dice 0.496 (dual-channel models' masks)\n" in printed
     assert "\nWARNING: the lung segmenter's test Dice is 0.50 after 1 epoch, under 0.85: " in printed
     good = format_comparison({**comparison, "segmenter": {"ref": "unet:2", "test": {"dice": 0.96}}})
-    assert "lung segmenter: unet:2, test Dice 0.9600" in good and "WARNING" not in good
+    assert "lung segmenter: unet:2, test Dice 0.960" in good and "WARNING" not in good

@@ -10,9 +10,9 @@ import pytest
 
 MODULES = (
     "cxrcore.bench", "cxrcore.bench.report", "cxrcore.config", "cxrcore.data.spec",
-    "cxrcore.evaluate.evaluation", "cxrcore.inference", "cxrcore.metrics", "cxrcore.models.registry",
-    "cxrcore.plan", "cxrcore.telemetry", "cxrcore.train.engine", "cxrcore.train.trainer",
-    "serve.schemas",
+    "cxrcore.evaluate.evaluation", "cxrcore.evaluate.report", "cxrcore.inference", "cxrcore.metrics",
+    "cxrcore.models.registry", "cxrcore.plan", "cxrcore.telemetry", "cxrcore.train.engine",
+    "cxrcore.train.trainer", "serve.schemas",
 )  # fmt: skip
 
 

@@ -345,14 +345,14 @@ def test_cli_models_list_show_promote(
     assert lines[0].split() == ["ref", "aliases", "created", "val", "acc", "val", "F1", "val", "dice", "test",
                                 "acc", "(n)", "data", "fingerprint"]  # fmt: skip
     assert lines[2].split()[0] == f"{NAME}:1" and lines[2].split()[-6:] == [
-        "0.7500",
-        "0.6500",
+        "0.750",
+        "0.650",
         "-",
         "0.700",
         "(40)",
         "f1n93rpr1n7",
     ]
-    assert lines[3].split()[:2] == [f"{NAME}:2", "production"] and "0.8750" in lines[3]
+    assert lines[3].split()[:2] == [f"{NAME}:2", "production"] and "0.875" in lines[3]
     assert lines[3].split()[-2] == "-"  # registered without a test report
 
     monkeypatch.setenv("CXR_REGISTRY", reg)

@@ -101,8 +101,9 @@ def test_html_is_self_contained_and_escaped(report: dict[str, Path]) -> None:
     for name in CLASSES:
         assert html.escape(name) in text
     assert "<script" not in text and "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; more" in text
-    assert "tiny_dual_cnn" in text and "0.0003" in text  # card numbers shown exactly
-    assert "&quot;channels&quot;" in text  # nested card values as JSON
+    assert "tiny_dual_cnn" in text and "0.0003" in text  # card numbers to 6 significant figures
+    # the card in words, one row per nested entry, lists joined
+    assert "<td>input › channels</td><td>image, mask</td>" in text and "&quot;channels&quot;" not in text
     assert "held-out source: &lt;kermany&gt;" in text and "lung masks" in text
     assert "No ROC curve for Viral Pneumonia" not in text  # the main metrics have every class
     headers = re.findall(r"<th>(.*?)</th>", text)

@@ -134,9 +134,9 @@ def test_evaluate_prints_and_records_both_figures_and_the_flag(
     block = metrics["source_holdout"]
     assert (block["random_split"]["accuracy"], block["held_out"]["accuracy"]) == (1.0, 0.25)
     assert block["large_drop"] is True
-    assert re.search(r"\nrandom split +4 +1\.0000 +0\.51–1\.00 +1\.0000\n", printed)
-    assert re.search(r"\nheld-out sources +4 +0\.2500 +0\.05–0\.70 +0\.1000\n", printed)
-    assert re.search(r"\ndrop +- +0\.7500 +- +0\.9000\n", printed)
+    assert re.search(r"\nrandom split +4 +1\.000 +0\.51–1\.00 +1\.000\n", printed)
+    assert re.search(r"\nheld-out sources +4 +0\.250 +0\.05–0\.70 +0\.100\n", printed)
+    assert re.search(r"\ndrop +- +0\.750 +- +0\.900\n", printed)
     assert f"WARNING: Large drop on the held-out sources ({HELD})" in printed
     html = (out / "report.html").read_text()
     assert f'<p class="lead alert">Large drop on the held-out sources ({HELD})' in html
