@@ -69,6 +69,12 @@ METRICS: dict[str, MetricSpec] = {
         "(the model it served stays), fallback (a replica started since a failed swap serves the app's own)",
         ("model", "outcome"),
     ),
+    "cxr_model_served": MetricSpec(
+        "gauge",
+        "1 for each classifier replica, labelled with the model version it serves; set at each health check "
+        "(every 10 s), so a replica swapped to another version leaves the old label within two exports",
+        ("model", "version"),
+    ),
     "cxr_ingest_images": MetricSpec("counter", "Images ingested into a dataset", ("dataset",)),
     "cxr_ingest_rejects": MetricSpec(
         "counter", "Images an ingest refused, by reason (see the report's `rejected`)", ("dataset", "reason")
@@ -115,6 +121,11 @@ def record_batch(size: int, model: str, version: str | None) -> None:
 
 def record_model_load(model: str, outcome: Literal["loaded", "failed", "fallback"]) -> None:
     _record("cxr_model_loads", 1, {"model": model, "outcome": outcome})
+
+
+def record_model_served(model: str, version: str | None) -> None:
+    """A classifier replica's health check: the version it serves now (summed over replicas, a count)."""
+    _record("cxr_model_served", 1, {"model": model, "version": version or "none"})
 
 
 def record_ingest(dataset: str, ingested: int, rejected: Iterable[str]) -> None:

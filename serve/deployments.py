@@ -459,6 +459,8 @@ class Classifier:
     def check_health(self) -> None:
         if self._served is None:
             raise RuntimeError("no model loaded")
+        # between requests too, which version each replica serves (cxr_predictions says so only under traffic)
+        telemetry.record_model_served(self._served.resolved.card.name, self._served.resolved.version)
 
     async def predict(self, image: np.ndarray, resized_to: int | None = None) -> dict[str, Any]:
         """Class probabilities of one image, computed in a batch with the others queued meanwhile.

@@ -510,7 +510,9 @@ def external_sections(external: Mapping[str, Any], comparison: Mapping[str, Any]
         ReportSection("External validation", html=html_table(rows) + f"<ul>{items}</ul>"),
         ReportSection(
             "Sensitivity and specificity (one vs rest, at the served operating point)",
-            html="<p>Each class present against every other image of this dataset.</p>",
+            html="<p>Each class present against every other image of this dataset. A class's sensitivity is "
+            "its recall in the per-class table, interval included; its specificity is the figure added "
+            "here.</p>",
             table=per_class,
         ),
     ]

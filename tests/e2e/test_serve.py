@@ -445,7 +445,9 @@ def test_predictions_errors_latency_and_batches_reach_the_metrics_endpoint(serve
         def growth(name: str, labels: dict[str, str]) -> float:
             return (total(samples, name, **labels) or 0) - (total(before, name, **labels) or 0)
 
-        return samples if all(growth(name, labels) >= n for name, labels, n in expected) else None
+        # every classifier replica says which version it serves, at its health check (every 10 s)
+        served = (total(samples, "ray_cxr_model_served", **model) or 0) >= 1
+        return samples if served and all(growth(name, labels) >= n for name, labels, n in expected) else None
 
     samples = wait_for(server.cluster.metrics_url, grown, 30, "the serving metrics to count the requests")
     buckets = {float(s.labels["le"]) for s in samples if s.name == "ray_cxr_predict_latency_ms_bucket"}
