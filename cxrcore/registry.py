@@ -30,7 +30,7 @@ A version is written once and never changed. Several processes may register and 
   two moves (last writer wins), so promote from one process at a time there.
 
 >>> registry = ModelRegistry("cxr-runs/registry")  # doctest: +SKIP
->>> registry.register("cxr-runs/dual/checkpoint_000009", report="reports/dual").ref  # doctest: +SKIP
+>>> registry.register("cxr-runs/dual/checkpoint_epoch_009", report="reports/dual").ref  # doctest: +SKIP
 'dual_cnn:1'
 >>> registry.promote("dual_cnn:1").aliases, registry.local_checkpoint("production")  # doctest: +SKIP
 (('production',), PosixPath('.../cxr-runs/registry/dual_cnn/v1'))

@@ -67,11 +67,14 @@ class TrainSession:
         return ray.train.get_dataset_shard(split)
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
-        """Every rank reports every epoch (a barrier); rank 0 with the checkpoint it wrote."""
+        """Every rank reports every epoch (a barrier); rank 0 with the checkpoint it wrote, which Ray Train
+        stores in the run's folder as `checkpoint_epoch_007` for the 7th epoch (counted from 1, as the epoch
+        lines and the history are), rather than by the time of day."""
         import ray.train
 
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint)
+        name = checkpoint_name(metrics["epoch"])
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
 
 
 class TrialSession(TrainSession):
@@ -115,6 +118,15 @@ class TrialSession(TrainSession):
             self._print_epoch(metrics)
         checkpoint = ray.tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.tune.report(metrics, checkpoint=checkpoint)
+
+
+def checkpoint_name(epoch: int) -> str:
+    """The folder of a Ray Train run's checkpoint of `epoch` (counted from 1).
+
+    >>> checkpoint_name(7), checkpoint_name(1200)
+    ('checkpoint_epoch_007', 'checkpoint_epoch_1200')
+    """
+    return f"checkpoint_epoch_{epoch:03d}"
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:

@@ -144,10 +144,13 @@ def test_rerun_with_the_same_name_resumes_after_the_last_epoch(
     # What Ctrl-C can leave: a checkpoint the workers wrote that the controller never recorded.
     run = ddp_work / "cxr-runs" / "ddp"
     recorded = sorted(p for p in run.glob("checkpoint_*") if p.is_dir())
-    unrecorded = run / "checkpoint_2099-01-01_00-00-00.000000"
+    assert [folder.name for folder in recorded] == ["checkpoint_epoch_001", "checkpoint_epoch_002"]
+    unrecorded = run / "checkpoint_epoch_003"  # the epoch being trained, written, never recorded
     shutil.copytree(recorded[-1], unrecorded)
+    (unrecorded / "leftover").touch()
     second = fit(config)
-    assert not unrecorded.exists() and all(folder.exists() for folder in recorded[-2:])
+    assert not (unrecorded / "leftover").exists() and all(folder.exists() for folder in recorded[-2:])
+    assert second.latest_checkpoint is not None and second.latest_checkpoint.endswith("/checkpoint_epoch_003")
     assert streamed == ["train", "val"]
     assert second.metrics["epoch"] == 3
     history = load_card(second.latest_checkpoint).history
