@@ -415,13 +415,11 @@ def _check_before_ray(config: Any) -> None:
     from cxrcore.train.trainer import check_dataset, resolve_pretrained
 
     if isinstance(config, TuneConfig):
-        from cxrcore.tune import RESNET_DEPTHS, check_models
+        from cxrcore.tune import RESNET_DEPTHS, check_models, takes_pretrained
 
         check_models(config)
-        resnets = {
-            RESNET_DEPTHS[0] if n == "resnet" else n for n in config.model_names() if n.startswith("resnet")
-        }
-        for name in sorted(resnets):  # Tune gives the weights to its ResNets only
+        names = {RESNET_DEPTHS[0] if n == "resnet" else n for n in config.model_names()}
+        for name in sorted(filter(takes_pretrained, names)):  # Tune gives the weights to those alone
             resolve_pretrained(name, config.pretrained)
     else:
         resolve_pretrained(config.model, config.pretrained)  # the name too ("did you mean")

@@ -304,7 +304,9 @@ class PipelineConfig:
         "epochs every trial gets before ASHA may stop it (default: three quarters of --epochs, so that "
         "architectures that start slowly are judged on what they learn, not on how fast they start)",
     )
-    pretrained: str = option("none", "ResNet initial weights: a local file, 'hub' or 'none'")
+    pretrained: str = option(
+        "none", "initial weights of the models with hub weights (the ResNets): a local file, 'hub' or 'none'"
+    )
     tune: bool = option(True, "compare the architectures (off: stop after ingest)")
     serve: bool = option(True, "serve the production model and send it a few HTTP predictions")
     port: int = option(8000, "HTTP port of the demo's Serve endpoint (on 127.0.0.1)")
@@ -500,7 +502,9 @@ class TrainConfig:
     class_weights: bool = option(True, "weight the loss by inverse class frequency (imbalanced data)")
     augment: bool = option(True, "anatomy-respecting augmentation (small affine, contrast, noise)")
     pretrained: str = option(
-        "auto", "initial weights: a local file, 'hub', 'none' (scratch) or 'auto' (hub for ResNets)"
+        "auto",
+        "initial weights: a local file, 'hub', 'none' (scratch) or 'auto' (hub for models with hub weights, "
+        "the ResNets)",
     )
     segmenter: str | None = option(None, "U-Net checkpoint that supplies masks where the data has none")
     train_masks: str = option(
@@ -635,7 +639,11 @@ class TuneConfig:
     workers_per_trial: int = option(1, "Ray Train workers per trial")
     gpu: bool = option(False, "one GPU per Train worker")
     image_size: int | None = option(None, "model input size (default: the dataset's base size)")
-    pretrained: str = option("auto", "ResNet initial weights: a local file, 'hub', 'none' or 'auto' (hub)")
+    pretrained: str = option(
+        "auto",
+        "initial weights of the models with hub weights (the ResNets): a local file, 'hub', 'none' or "
+        "'auto' (hub)",
+    )
     max_concurrent: int | None = option(None, "trials at once (default: what the cluster's CPUs/GPUs allow)")
     out: str = option("cxr-runs", "storage path for the experiment, its trials and reports")
     name: str = option("compare", "experiment name; re-running with the same name resumes it")

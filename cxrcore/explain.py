@@ -59,12 +59,14 @@ def grad_cam(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Grad-CAM maps (B, H, W) in [0, 1] at the input size, and the (B, num_classes) logits.
 
-    The map is ReLU(Σ_c mean(∂score/∂A_c) · A_c) over the last convolutional block's output A (see
-    _feature_map), or `layer`'s output; upsampled and scaled to its maximum, or all 0 where no region adds
+    The map is ReLU(Σ_c mean(∂score/∂A_c) · A_c) over `layer`'s output A; by default the module the
+    model's registry entry names (`cam_layer`), else the last convolutional block's output (see
+    _feature_map); upsampled and scaled to its maximum, or all 0 where no region adds
     to the score. `target` defaults to each image's predicted class. Not thread-safe with other calls on
     the same model (the hooks see every forward while they are registered).
     """
     fired: list[tuple[nn.Module, Any]] = []
+    layer = layer if layer is not None else declared_cam_layer(model)
     watched = [layer] if layer is not None else list(model.modules())
     hooks = [
         module.register_forward_hook(lambda module, _args, output: fired.append((module, output)))
@@ -91,6 +93,18 @@ def grad_cam(
     cam = F.interpolate(cam, size=inputs.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
     peak = cam.flatten(1).amax(dim=1).clamp_min(1e-12)[:, None, None]
     return cam / peak, logits.detach()
+
+
+def declared_cam_layer(model: nn.Module) -> nn.Module | None:
+    """The module the registry entry of a model built by create_model names for Grad-CAM, if it names one
+    (`register_model(..., cam_layer=)`); None for any other model."""
+    from cxrcore.models import get_build_args, get_model_entry
+
+    try:
+        name = get_model_entry(get_build_args(model)["name"]).cam_layer
+    except ValueError:  # not built by create_model
+        return None
+    return model.get_submodule(name) if name else None
 
 
 def explain(predictor: Predictor, image: np.ndarray) -> Explanation:

@@ -118,6 +118,7 @@ def tune_plan(config: TuneConfig) -> str:
         search_plan,
         segmenter_model,
         segmenter_train_config,
+        takes_pretrained,
     )
 
     check_models(config)
@@ -135,7 +136,7 @@ def tune_plan(config: TuneConfig) -> str:
     rows += [
         (f"pretrained {model}", _pretrained(model, config.pretrained))
         for model in per_model
-        if model.startswith("resnet")
+        if takes_pretrained(model)
     ]
     segmenter = segmenter_model(config)
     if segmenter:

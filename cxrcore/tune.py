@@ -104,7 +104,7 @@ def trial_train_config(
         batch_size=int(trial["batch_size"]),
         lr=float(trial["lr"]),
         weight_decay=float(trial["weight_decay"]),
-        pretrained=config.pretrained if model.startswith("resnet") else "none",
+        pretrained=config.pretrained if takes_pretrained(model) else "none",
         segmenter=segmenter if needs_mask(model) else None,
         out=_trials_root(config),
         name=trial_id,
@@ -193,7 +193,7 @@ def preflight(config: TuneConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]
         )
     plan = search_plan(config, report["by_split"]["train"])
     for model in sorted({trial["model"] for trial in plan}):
-        check_pretrained(model, config.pretrained if model.startswith("resnet") else "none")
+        check_pretrained(model, config.pretrained if takes_pretrained(model) else "none")
     return report, plan
 
 
@@ -852,6 +852,14 @@ def needs_mask(model: str) -> bool:
     from cxrcore.models import get_model_entry
 
     return "mask" in get_model_entry(model).input_spec.channels
+
+
+def takes_pretrained(model: str) -> bool:
+    """Whether a trial of `model` starts from the experiment's --pretrained weights: those with published
+    ImageNet weights (the ResNets) do; the others, tiny_resnet among them, train from scratch."""
+    from cxrcore.models import get_model_entry
+
+    return get_model_entry(model).hub_weights
 
 
 def trial_resources(config: TuneConfig) -> dict[str, float]:

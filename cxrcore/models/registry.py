@@ -32,13 +32,27 @@ class ModelEntry:
     description: str
     """First line of the builder's docstring."""
     accepts_pretrained: bool
+    """The builder takes initial weights (a `pretrained` parameter: a local file, or "hub")."""
+    hub_weights: bool = False
+    """Published ImageNet weights exist for it: `--pretrained auto` fetches them, and `cxr tune` hands its
+    --pretrained to it (a model without them, e.g. tiny_resnet, trains from scratch there)."""
+    cam_layer: str | None = None
+    """The dotted name of the module whose output Grad-CAM weighs (`model.get_submodule`); None: the
+    output of the last convolutional block, after its normalisation and activation (explain._feature_map)."""
 
 
 _entries: dict[str, ModelEntry] = {}
 
 
-def register_model(input_spec: InputSpec) -> Callable[[Builder], Builder]:
-    """Register the decorated builder under its function name, with the spec its models expect."""
+def register_model(
+    input_spec: InputSpec, *, hub_weights: bool = False, cam_layer: str | None = None
+) -> Callable[[Builder], Builder]:
+    """Register the decorated builder under its function name, with the spec its models expect.
+
+    `hub_weights`: timm publishes ImageNet weights under that name (the builder takes `pretrained`).
+    `cam_layer`: the module Grad-CAM reads, where the last convolutional block's output is not the right
+    one (a pre-activation architecture, whose blocks end before their normalisation).
+    """
 
     def decorate(builder: Builder) -> Builder:
         name = builder.__name__
@@ -54,7 +68,12 @@ def register_model(input_spec: InputSpec) -> Callable[[Builder], Builder]:
             input_spec=input_spec,
             description=doc.splitlines()[0],
             accepts_pretrained="pretrained" in inspect.signature(builder).parameters,
+            hub_weights=hub_weights,
+            cam_layer=cam_layer,
         )
+        if hub_weights and not _entries[name].accepts_pretrained:
+            del _entries[name]
+            raise ValueError(f"model {name!r} has hub weights but its builder takes no `pretrained`")
         return builder
 
     return decorate

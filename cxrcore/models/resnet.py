@@ -94,8 +94,8 @@ def import_weights(arch: str, out: str | Path, source: str | Path | None = None)
     from a local 3-channel state_dict file (.safetensors, or .pth/.pt/.bin read with weights_only=True).
     The first conv is summed over RGB with timm's `adapt_input_conv` and the classifier is dropped, so
     `create_model(arch, pretrained=out)` loads the file offline; that is checked before `out` is written.
-    Returns what was written: path, tensors, bytes, source. Raises ValueError for an arch that is not a
-    timm ResNet or weights that do not fit it, RuntimeError when the hub cannot be reached.
+    Returns what was written: path, tensors, bytes, source. Raises ValueError for an arch that takes no
+    pretrained weights or weights that do not fit it, RuntimeError when the hub cannot be reached.
     """
     import timm
     from safetensors.torch import save_file
@@ -103,17 +103,15 @@ def import_weights(arch: str, out: str | Path, source: str | Path | None = None)
 
     from cxrcore.models.registry import create_model, get_model_entry, list_models
 
-    choices = [name for name in list_models() if get_model_entry(name).family == "resnet"]
+    choices = [name for name in list_models() if get_model_entry(name).accepts_pretrained]
     if arch not in choices:
-        raise ValueError(f"{arch!r} is not a timm ResNet; choices: {', '.join(choices)}")
+        raise ValueError(f"{arch!r} takes no pretrained weights; choices: {', '.join(choices)}")
     out = Path(out)
     if out.suffix != ".safetensors":
         raise ValueError(f"--out {out}: the weights are written as safetensors; name the file *.safetensors")
     if source is None:
-        if arch == "tiny_resnet":
-            raise ValueError(
-                "tiny_resnet has no hub weights; pass a local 3-channel weights file with --from"
-            )
+        if not get_model_entry(arch).hub_weights:
+            raise ValueError(f"{arch} has no hub weights; pass a local 3-channel weights file with --from")
         try:
             state = timm.create_model(arch, pretrained=True).state_dict()
         except Exception as exc:
@@ -208,19 +206,19 @@ _SPEC = InputSpec(channels=("image",), image_size=224, mean=0.449, std=0.226, no
 _TINY_SPEC = InputSpec(channels=("image",), image_size=64, mean=0.449, std=0.226)
 
 
-@register_model(_SPEC)
+@register_model(_SPEC, hub_weights=True)
 def resnet18(pretrained: str | Path | None = None, **kwargs: Any) -> nn.Module:
     """ResNet-18 (11M parameters); `pretrained` is None, a local weights file or "hub"."""
     return _create_resnet("resnet18", pretrained=pretrained, **kwargs)
 
 
-@register_model(_SPEC)
+@register_model(_SPEC, hub_weights=True)
 def resnet34(pretrained: str | Path | None = None, **kwargs: Any) -> nn.Module:
     """ResNet-34 (21M parameters); `pretrained` is None, a local weights file or "hub"."""
     return _create_resnet("resnet34", pretrained=pretrained, **kwargs)
 
 
-@register_model(_SPEC)
+@register_model(_SPEC, hub_weights=True)
 def resnet50(pretrained: str | Path | None = None, **kwargs: Any) -> nn.Module:
     """ResNet-50 (24M parameters, bottleneck blocks); `pretrained` is None, a local file or "hub"."""
     return _create_resnet("resnet50", pretrained=pretrained, **kwargs)

@@ -41,7 +41,7 @@ def resolve_pretrained(model: str, choice: str) -> str | None:
     if choice.lower() == "none":
         return None
     if choice.lower() == "auto":
-        return "hub" if entry.accepts_pretrained and not entry.name.startswith("tiny_") else None
+        return "hub" if entry.hub_weights else None
     if not entry.accepts_pretrained:
         raise ConfigError(f"--pretrained: model {model!r} takes no pretrained weights; use 'none'")
     if choice.lower() == "hub":

@@ -13,14 +13,14 @@ from torch import nn
 
 from cxrcore.data.spec import InputSpec
 from cxrcore.inference import Predictor, as_graph
-from cxrcore.models import create_model
+from cxrcore.models import create_model, list_models
 from tests.e2e.uploads import chest, write_checkpoints
 
 CPU = torch.device("cpu")
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-@pytest.mark.parametrize("name", ["tiny_cnn_lstm", "tiny_dual_cnn", "tiny_resnet", "tiny_unet"])
+@pytest.mark.parametrize("name", list_models("tiny_*"))
 def test_the_graph_gives_the_models_outputs_at_any_batch_size(name: str, device: str) -> None:
     """On a GPU too, whose TF32 convolutions would tell a graph with BatchNorm folded into them apart from
     the model (as_graph keeps the model's own arithmetic there)."""

@@ -296,3 +296,25 @@ def test_an_unreachable_hub_fails_at_once_saying_which_flags_to_pass(monkeypatch
         check_pretrained("resnet18", "auto")
     assert time.monotonic() - started < 10
     assert "--pretrained PATH" in str(info.value) and "--pretrained none" in str(info.value)
+
+
+def test_which_models_have_hub_weights_and_take_tunes_pretrained() -> None:
+    """Declared on the registry entry, not read from the name: `--pretrained auto` fetches hub weights for
+    those models alone, and Tune hands its --pretrained to them alone."""
+    from cxrcore.models import registry
+    from cxrcore.train.trainer import resolve_pretrained
+    from cxrcore.tune import takes_pretrained
+
+    hub = [name for name in list_models() if get_model_entry(name).hub_weights]
+    assert hub == ["resnet18", "resnet34", "resnet50"]
+    assert [name for name in list_models() if takes_pretrained(name)] == hub
+    assert resolve_pretrained("resnet18", "auto") == "hub"
+    assert resolve_pretrained("tiny_resnet", "auto") is None
+    with pytest.raises(ValueError, match="takes no `pretrained`"):
+
+        @registry.register_model(get_input_spec("tiny_cnn_lstm"), hub_weights=True)
+        def weightless_test_net() -> torch.nn.Module:
+            """Claims hub weights it cannot load."""
+            return torch.nn.Identity()
+
+    assert "weightless_test_net" not in list_models()

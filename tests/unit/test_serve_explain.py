@@ -11,16 +11,15 @@ from torch import nn
 
 from cxrcore.explain import explain, grad_cam
 from cxrcore.inference import Predictor
-from cxrcore.models import create_model
+from cxrcore.models import create_model, list_models
 from tests.e2e.uploads import chest, write_checkpoints
 
 
-@pytest.mark.parametrize("name", ["tiny_cnn_lstm", "tiny_dual_cnn", "tiny_resnet"])
+@pytest.mark.parametrize("name", list_models("tiny_*", task="classify"))
 def test_grad_cam_maps_are_normalised_and_input_sized(name: str) -> None:
     torch.manual_seed(0)
     model = create_model(name).eval()
-    channels = 2 if "dual" in name else 1
-    inputs = torch.randn(3, channels, 64, 64)
+    inputs = torch.randn(3, model.input_spec.num_channels, 64, 64)
     heatmaps, logits = grad_cam(model, inputs)
     assert heatmaps.shape == (3, 64, 64) and logits.shape == (3, 4)
     assert heatmaps.min() >= 0 and heatmaps.max() <= 1 + 1e-6
@@ -70,3 +69,31 @@ def test_explain_matches_predict_proba_and_returns_the_mask_used(tmp_path: Path)
 
     image_only = explain(Predictor.from_checkpoint(checkpoints.cnn_lstm), image)
     assert image_only.mask is None and image_only.heatmap.shape == (64, 64)
+
+
+def test_grad_cam_reads_the_layer_a_model_declares() -> None:
+    """A pre-activation architecture's blocks end before their normalisation, so the last block's output
+    is not the feature map to weigh: its registry entry names the module instead (`cam_layer`)."""
+    from cxrcore.data.spec import InputSpec
+    from cxrcore.models import registry
+
+    spec = InputSpec(channels=("image",), image_size=64, mean=0.5, std=0.25)
+
+    @registry.register_model(spec, cam_layer="0.1")
+    def preactivation_test_net() -> nn.Module:
+        """A test network whose Grad-CAM layer is declared."""
+        return nn.Sequential(
+            nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3)),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 4),
+        )  # fmt: skip
+
+    try:
+        model = create_model("preactivation_test_net").eval()
+        inputs = torch.randn(2, 1, 64, 64)
+        declared, _ = grad_cam(model, inputs)
+        named, _ = grad_cam(model, inputs, layer=model[0][1])  # the BatchNorm the entry names
+        last_block, _ = grad_cam(model, inputs, layer=model[0][3])  # what _feature_map would pick
+        torch.testing.assert_close(declared, named)
+        assert not torch.allclose(declared, last_block)
+    finally:
+        registry._entries.pop("preactivation_test_net", None)
