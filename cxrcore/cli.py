@@ -412,7 +412,8 @@ def _check_before_ray(config: Any) -> None:
     if not isinstance(config, TuneConfig | TrainConfig):
         return
     from cxrcore.data import storage
-    from cxrcore.train.trainer import check_dataset, resolve_pretrained
+    from cxrcore.data.ingest import read_report
+    from cxrcore.train.trainer import check_dataset, resolve_pretrained, unscored_classes
 
     if isinstance(config, TuneConfig):
         from cxrcore.tune import RESNET_DEPTHS, check_models, takes_pretrained
@@ -425,6 +426,9 @@ def _check_before_ray(config: Any) -> None:
         resolve_pretrained(config.model, config.pretrained)  # the name too ("did you mean")
     if not storage.is_remote(config.data):  # object storage is read where the run starts, once
         check_dataset(config.data)
+        unscored = unscored_classes(read_report(config.data))
+        if unscored:
+            print(f"warning: {unscored}", file=sys.stderr)
 
 
 def _note_local_paths(config: Any) -> None:
@@ -529,8 +533,8 @@ def _run_tune(args: argparse.Namespace) -> int:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from cxrcore.evaluate.evaluation import evaluate_checkpoint
-    from cxrcore.evaluate.report import with_accuracy_interval
+    from cxrcore.evaluate.evaluation import evaluate_checkpoint, missed_classes
+    from cxrcore.evaluate.report import metrics_table, with_accuracy_interval
 
     config: EvaluateConfig = config_from_args(EvaluateConfig, args)
     _refuse_outputs_in_job_copy(config)
@@ -538,7 +542,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     metrics = json.loads(paths["metrics"].read_text())
     headline = {
         k: metrics[k]
-        for k in ("n", "accuracy", "macro_f1", "macro_auroc", "ece", "dice", "iou")
+        for k in ("n", "accuracy", "balanced_accuracy", "macro_f1", "macro_auroc", "ece", "dice", "iou")
         if k in metrics
     }
     evaluated = metrics.get("evaluated")
@@ -549,6 +553,15 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             print(f"warning: this evaluation {evaluated['note']}")
     rows = [[k, format_cell(v)] for k, v in with_accuracy_interval(headline, metrics).items()]
     print(format_table(["metric", "value"], rows))
+    if "per_class" in metrics:  # a classifier: what accuracy hides on an imbalanced split
+        per_class = metrics_table(metrics)
+        columns = list(dict.fromkeys(key for row in per_class for key in row))
+        print(format_table(columns, [[format_cell(row.get(c)) for c in columns] for row in per_class]))
+        missed = missed_classes(metrics)
+        if missed:
+            print(f"WARNING: the model {missed}; the accuracy does not show it, the recalls above do")
+        if (metrics.get("calibration") or {}).get("prior_note"):
+            print(f"note: {metrics['calibration']['prior_note']}")
     if evaluated and evaluated.get("classes_note"):
         print(f"note: {evaluated['classes_note']}")
     comparison = metrics.get("internal_comparison")
@@ -601,7 +614,7 @@ def _run_list(args: argparse.Namespace) -> int:
     scores = ("val_accuracy", "val_macro_f1", "val_dice")
     rows = [
         [v.ref, ",".join(v.aliases), v.card.created_at,
-         *(format_cell(v.card.metrics.get(k)) for k in scores), _test_accuracy(v),
+         *(format_cell(v.card.metrics.get(k)) for k in scores), *_test_figures(v),
          v.card.data.get("fingerprint") or "-"]
         for v in versions
     ]  # fmt: skip
@@ -613,30 +626,33 @@ def _run_list(args: argparse.Namespace) -> int:
         "val F1",
         "val dice",
         "test acc (n)",
+        "test F1",
         "data fingerprint",
     ]
     print("\n".join([format_table(header, rows), *unfinished]))
     return 0
 
 
-def _test_accuracy(version: Any) -> str:
-    """The accuracy of the test report registered with `version`, with its image count; "-" without one
-    (or with a report of another split or dataset), "?" where its metrics.json cannot be read."""
+def _test_figures(version: Any) -> tuple[str, str]:
+    """The accuracy (with its image count) and macro-F1 of the test report registered with `version`;
+    dashes without one (or with a report of another split or dataset), "?" where its metrics.json cannot be
+    read. On an imbalanced test split the macro-F1 tells apart a model that misses a rare class."""
     from cxrcore.data import storage
     from cxrcore.evaluate.external import is_test_report
 
     if version.report is None:
-        return "-"
+        return "-", "-"
     try:
         filesystem, path = storage.resolve(version.report)
         text = storage.read_text(filesystem, f"{path}/metrics.json")
         metrics = json.loads(text) if text else {}
     except (OSError, ValueError):  # a report cut short or unreadable: the listing goes on
-        return "?"
+        return "?", "?"
     if not isinstance(metrics, dict) or not is_test_report(metrics) or metrics.get("accuracy") is None:
-        return "-"
+        return "-", "-"
     n = metrics.get("n")
-    return f"{metrics['accuracy']:.3f}" + (f" ({n})" if n is not None else "")
+    accuracy = f"{metrics['accuracy']:.3f}" + (f" ({n})" if n is not None else "")
+    return accuracy, format_cell(metrics.get("macro_f1"))
 
 
 def _interrupted_lines(items: list[Any]) -> list[str]:

@@ -72,6 +72,9 @@ def classification_metrics(
                 "f1": float(f1[k]),
                 "support": int(support[k]),
                 "auroc": aurocs[k],
+                # beside the class's share of the images: a model trained with class weights lifts the
+                # rare classes' probabilities (evaluation.prior_note)
+                "mean_probability": float(probs[:, k].mean()) if n else None,
             }
             for k, name in enumerate(classes)
         },

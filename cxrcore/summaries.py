@@ -82,6 +82,8 @@ def format_comparison(comparison: dict[str, Any]) -> str:
             "the comparison below is made again from its checkpoints and registrations.",
         )
     lines += [f"WARNING: {line}" for line in holdout_warnings(best)]
+    if comparison.get("val_unscored"):
+        lines.append(f"WARNING: {comparison['val_unscored']}")
     if comparison.get("segmenter"):
         lines += _segmenter_lines(
             comparison["segmenter"], comparison.get("settings", {}).get("segmenter_epochs")

@@ -270,6 +270,7 @@ def run_comparison(config: TuneConfig) -> dict[str, Any]:
     from ray import tune
 
     from cxrcore.registry import ModelRegistry
+    from cxrcore.train.trainer import unscored_classes
 
     report, plan = preflight(config)
     registry = ModelRegistry(config.registry)
@@ -331,6 +332,7 @@ def run_comparison(config: TuneConfig) -> dict[str, Any]:
         "production_before": previous,
         "production_kept": kept,
         "finished_before": finished_before,
+        "val_unscored": unscored_classes(report),  # a class without a val image chose nothing
         # what this experiment made production, in this run or an earlier one: a third run after a
         # rollback must still see that the rollback moved it away (production names the kept version)
         "promoted": promoted,

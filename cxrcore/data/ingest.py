@@ -876,8 +876,8 @@ def _warnings(report: dict[str, Any]) -> list[str]:
         if missing := [split for split in ("val", "test") if counts[split] == 0]:
             warnings.append(
                 f"{label} has no {' and no '.join(missing)} images ({sum(counts.values())} in all): no score "
-                f"will say how the model does on it there; more images, or a larger --{missing[0]}-fraction, "
-                "give it some"
+                f"will say how the model does on it there; more images, or a larger "
+                f"{' and '.join(f'--{split}-fraction' for split in missing)}, give it some"
             )
     if pairs := report.get("source_separates"):
         mixed = any(len(classes) > 1 for classes in (report.get("by_source_class") or {}).values())

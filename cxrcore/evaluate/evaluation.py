@@ -297,6 +297,7 @@ def _classification_report(
     )  # fmt: skip
     if cal["note"]:
         log.warning("calibration: %s", cal["note"])
+    cal["prior_note"] = prior_note(metrics, bool(predictor.card.training.get("class_weights")))
     holdout = _source_holdout(config.data, relation, split, frame, probs, classes)
     masks_used = _masks_used(needs_mask, as_served, int(has_mask.sum()))
     blocks = None
@@ -377,6 +378,72 @@ def classes_note(per_class: Mapping[str, Mapping[str, Any]]) -> str | None:
         f"Macro averages (precision, recall, F1, AUROC) are over the {len(present)} of {len(per_class)} "
         f"classes this split holds: it has no {', '.join(absent)} image."
     )
+
+
+PRIOR_RATIO = 1.5
+"""A class whose mean served probability is this many times its share of the images (or as many times
+below it), and at least PRIOR_GAP apart, gets prior_note's sentence."""
+PRIOR_GAP = 0.03
+
+
+def prior_note(metrics: Mapping[str, Any], class_weights: bool) -> str | None:
+    """Where a model trained with class weights serves probabilities that stand far from the classes'
+    shares of the evaluated images: which classes, and why. None otherwise.
+
+    The weighted loss trains the model as if every class were equally common, so a rare class's
+    probabilities come out higher than its share of the data makes it (about weight times), a common one's
+    lower: good for finding the rare class, misleading if read as the chance at the data's own mix. One
+    temperature cannot undo a per-class lift.
+
+    >>> prior_note({"n": 100, "per_class": {"A": {"support": 94, "mean_probability": 0.84},
+    ...             "B": {"support": 6, "mean_probability": 0.16}}}, class_weights=True)[:72]
+    'B: served probability 0.160 on average against a share of 0.060 (2.7×); '
+    """
+    if not class_weights or not metrics.get("n"):
+        return None
+    n = int(metrics["n"])
+    apart = []
+    for name, row in metrics["per_class"].items():
+        share, mean = row["support"] / n, row.get("mean_probability")
+        if mean is None or not row["support"]:
+            continue
+        ratio = mean / share
+        if abs(mean - share) >= PRIOR_GAP and not 1 / PRIOR_RATIO < ratio < PRIOR_RATIO:
+            apart.append(f"{name}: served probability {mean:.3f} on average against a share of {share:.3f} "
+                         f"({ratio:.1f}×)")  # fmt: skip
+    if not apart:
+        return None
+    return (
+        "; ".join(apart) + "; trained with class weights (the default), the model answers as if every class "
+        "were equally common, which lifts a rare class's probabilities and lowers a common one's. Read them "
+        "as scores for a balanced mix, or train with --no-class-weights for probabilities at the data's own "
+        "mix (README: Class weights and probabilities)"
+    )
+
+
+def missed_classes(metrics: Mapping[str, Any]) -> str | None:
+    """The classes the split holds that the model never finds (recall 0) or never answers, in a sentence;
+    None where it finds some of each. On an imbalanced split a model can score a fair accuracy while
+    missing a rare class entirely.
+
+    >>> missed_classes({"per_class": {"A": {"support": 9, "recall": 1.0}, "B": {"support": 4, "recall": 0.0}},
+    ...                 "confusion_matrix": [[9, 0], [4, 0]]})
+    'finds no image of B (0 of 4), and never answers B'
+    """
+    predicted = [sum(column) for column in zip(*metrics["confusion_matrix"], strict=True)]
+    missed = [
+        (name, int(row["support"]), count == 0)
+        for (name, row), count in zip(metrics["per_class"].items(), predicted, strict=True)
+        if row["support"] and not row["recall"]
+    ]
+    if not missed:
+        return None
+    found = ", ".join(f"{name} (0 of {support})" for name, support, _ in missed)
+    text = f"finds no image of {found}"
+    never = [name for name, _, never in missed if never]
+    if never:
+        text += f", and never answers {' or '.join(never)}"
+    return text
 
 
 def _per_source_note(sources: np.ndarray) -> str | None:

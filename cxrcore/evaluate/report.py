@@ -308,16 +308,19 @@ def write_html_report(
     return target
 
 
-def _per_class_row(name: str, stats: Mapping[str, Any], predicted: int) -> dict[str, Any]:
+def _per_class_row(name: str, stats: Mapping[str, Any], predicted: int, total: int = 0) -> dict[str, Any]:
     """One class's row. A class with no image in the evaluated split has no recall or F1 (a dash, not 0.000,
     and left out of the macro averages, as classification_metrics leaves it), only the precision of the
     `predicted` predictions made of it; a class never predicted has no precision (a dash: 0.000 would read
-    as every such call wrong; the macro average counts it 0, as scikit-learn does)."""
+    as every such call wrong; the macro average counts it 0, as scikit-learn does). With `total`, the
+    images evaluated: the class's share of them beside its mean served probability ("mean p")."""
     row = {"class": name, **{column: stats[column] for column in PER_CLASS_COLUMNS}}
     if "recall_ci95" in stats:  # beside the recall (evaluations written before it have none)
         row = {**{k: v for k, v in row.items() if k not in ("f1", "support", "auroc")},
                "recall 95% CI": interval_text(stats["recall_ci95"]),
                **{k: row[k] for k in ("f1", "support", "auroc")}}  # fmt: skip
+    if stats.get("mean_probability") is not None and total:  # what the probabilities say beside the share
+        row.update({"share": stats["support"] / total, "mean p": stats["mean_probability"]})
     if stats["support"] == 0:
         row.update({"class": f"{name} (no images here)", "recall": None, "f1": None, "auroc": None})
     if predicted == 0:
@@ -330,7 +333,7 @@ def metrics_table(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
     for the report."""
     predicted = [sum(column) for column in zip(*metrics["confusion_matrix"], strict=True)]
     rows = [
-        _per_class_row(name, stats, count)
+        _per_class_row(name, stats, count, int(metrics["n"]))
         for (name, stats), count in zip(metrics["per_class"].items(), predicted, strict=True)
     ]
     rows.append(

@@ -117,6 +117,28 @@ def check_dataset(data: str) -> None:
         )
 
 
+def unscored_classes(report: dict[str, Any]) -> str | None:
+    """A sentence where the dataset's val split lacks a class (None where it holds every class it has).
+
+    Every epoch is scored on the val split: its macro-F1 averages the classes present, so a class without
+    a val image plays no part in which checkpoint is kept, in ASHA's stops or in Tune's winner.
+
+    >>> unscored_classes({"by_class_split": {"COVID": {"val": 1}, "Viral Pneumonia": {"train": 4}}})
+    "the val split holds no Viral Pneumonia image: validation macro-F1, and with it the checkpoint kept, ..."
+    """
+    by_class = report.get("by_class_split") or {}
+    missing = [name for name, splits in by_class.items() if sum(splits.values()) and not splits.get("val")]
+    if not missing:
+        return None
+    scored = sum(1 for splits in by_class.values() if splits.get("val"))
+    return (
+        f"the val split holds no {' or '.join(missing)} image: validation macro-F1, and with it the "
+        f"checkpoint kept, ASHA's stops and the winner, is over the other {scored} "
+        f"class{'es' * (scored != 1)}; ingest again with a larger --val-fraction to score "
+        f"{'it' if len(missing) == 1 else 'them'}"
+    )
+
+
 def run_settings(config: TrainConfig, settings: dict[str, Any]) -> dict[str, Any]:
     """What makes two runs the same run: the data and every setting but length, workers and place."""
     ignored = {

@@ -375,6 +375,35 @@ def test_a_missing_pretrained_file_fails_before_ray_starts(
     assert "--pretrained: no weights file at" in capsys.readouterr().err
 
 
+def test_a_class_without_a_val_image_is_named_before_training(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Five Viral Pneumonia images split 4/0/1: no epoch score, checkpoint or winner saw the class, and
+    only ingest had said so. Train and tune say it too, and the comparison's summary (in its JSON)."""
+    import cxrcore.cli as cli
+    from tests.unit.test_external_eval import write_dataset
+
+    class Stop(Exception):
+        pass
+
+    def no_ray(address: str | None) -> None:
+        raise Stop
+
+    monkeypatch.setattr(cli, "_connect", no_ray)
+    rows = [("COVID", "train", 4), ("COVID", "val", 2), ("Normal", "train", 4), ("Normal", "val", 2),
+            ("Viral Pneumonia", "train", 4), ("Viral Pneumonia", "test", 1)]  # fmt: skip
+    data = write_dataset(tmp_path / "ds", rows, "f")
+    with pytest.raises(Stop):
+        main(["train", "--data", data, "--model", "tiny_cnn_lstm", "--out", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert "warning: the val split holds no Viral Pneumonia image" in err
+    assert "is over the other 2 classes" in err and "--val-fraction" in err
+    whole = write_dataset(tmp_path / "whole", [*rows, ("Viral Pneumonia", "val", 1)], "g")
+    with pytest.raises(Stop):
+        main(["train", "--data", whole, "--model", "tiny_cnn_lstm", "--out", str(tmp_path / "runs")])
+    assert "val split holds no" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("grace", ["-1", "inf", "nan", "1e300"])
 def test_a_grace_that_cannot_be_waited_is_refused_before_anything_starts(
     grace: str, capsys: pytest.CaptureFixture[str], tmp_path: Path

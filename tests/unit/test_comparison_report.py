@@ -323,6 +323,11 @@ def test_without_held_out_sources_the_comparison_is_as_before(written: tuple[dic
         {**_comparison(), "production": "dual_cnn:3", "production_before": "resnet18:1", "reports": {}}
     )  # a re-run after `cxr models promote resnet18:1`: the user is told, not surprised later
     assert "\nproduction moved from resnet18:1 to dual_cnn:3 (`cxr models promote` moves it)\n" in moved
+    unscored = "the val split holds no Viral Pneumonia image"  # what unscored_classes begins with
+    printed = format_comparison(
+        {**_comparison(), "production": "x:1", "reports": {}, "val_unscored": unscored}
+    )
+    assert f"\nWARNING: {unscored}\n" in printed
 
 
 def test_a_tie_on_validation_f1_goes_to_the_lower_validation_loss_and_says_so() -> None:

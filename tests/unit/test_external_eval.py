@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -72,7 +74,12 @@ def write_dataset(
         }
     )
     pads.write_dataset(table, root, format="parquet", partitioning=["split"], partitioning_flavor="hive")
-    report = {"fingerprint": fingerprint, "config": {"size": size}}
+    report: dict[str, Any] = {"fingerprint": fingerprint, "config": {"size": size}}
+    report["by_split"] = dict(Counter(split for _, split, _ in rows))
+    report["by_class_split"] = {
+        name: dict(Counter(split for label, split, _ in rows if label == name))
+        for name in dict.fromkeys(label for label, _, _ in rows)
+    }
     if test_sources:
         report["test_sources"] = test_sources
     (root / "ingest_report.json").write_text(json.dumps(report))
@@ -293,16 +300,50 @@ def test_a_split_missing_classes_says_what_its_macro_averages_cover() -> None:
 
 
 def test_own_dataset_is_scored_on_its_test_split_without_an_external_block(
-    world: dict[str, Any], tmp_path: Path
+    world: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "own"
     args = ["evaluate", "--checkpoint", str(world["checkpoint"]), "--data", world["own"], "--out", str(out)]
     assert main(args) == 0
     metrics = json.loads((out / "metrics.json").read_text())
+    # the console shows each class's recall beside the accuracy, and names a class the model never finds
+    printed = capsys.readouterr().out
+    assert re.search(r"\nbalanced_accuracy +\d\.\d{3}\n", printed)
+    lines = {line.split()[0]: line for line in printed.splitlines() if line.split()}
+    assert all(name.split()[0] in lines for name in CLASSES)
+    missed = [name for name, row in metrics["per_class"].items() if row["support"] and not row["recall"]]
+    assert all(f"{name} (0 of" in printed for name in missed)
+    assert ("WARNING: the model finds no" in printed) == bool(missed)
     assert metrics["evaluated"]["split"] == "test" and metrics["evaluated"]["relation"] == "internal"
     assert metrics["n"] == 4 and "external" not in metrics and "internal_comparison" not in metrics
     assert "source_holdout" not in metrics  # ingest held no source out
     assert metrics["evaluated"]["note"] is None
+
+
+def test_a_class_weighted_models_lifted_probabilities_are_named(
+    world: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The biased model puts most of every image's probability on Lung_Opacity, a quarter of the images:
+    trained with class weights, that is what the weights do to a rare class, and evaluate says so."""
+    import shutil
+
+    from cxrcore.evaluate.evaluation import prior_note
+
+    weighted = tmp_path / "weighted"
+    shutil.copytree(world["checkpoint"], weighted)
+    card = json.loads((weighted / "card.json").read_text())
+    (weighted / "card.json").write_text(json.dumps({**card, "training": {"class_weights": True}}))
+    args = ["evaluate", "--checkpoint", str(weighted), "--data", world["own"], "--out", str(tmp_path / "o")]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    note = next(line for line in printed.splitlines() if line.startswith("note: ") and "weights" in line)
+    assert "Lung_Opacity: served probability " in note and "against a share of 0.250" in note
+    assert "--no-class-weights" in printed
+    metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert note == f"note: {metrics['calibration']['prior_note']}"
+    assert prior_note(metrics, class_weights=False) is None  # without weights the cause is another
+    even = {"n": 4, "per_class": {name: {"support": 1, "mean_probability": 0.25} for name in CLASSES}}
+    assert prior_note(even, class_weights=True) is None
 
 
 def test_data_ingested_at_another_size_is_refused_naming_the_size_to_ingest_it_at(

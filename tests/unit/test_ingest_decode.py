@@ -95,7 +95,7 @@ def test_the_report_warns_of_classes_no_split_can_score() -> None:
     warnings = _warnings({"by_class_split": by_class_split, "duplicates": {}, "raw": "raw"})
     assert warnings == [
         "COVID has no val and no test images (3 in all): no score will say how the model does on it there; "
-        "more images, or a larger --val-fraction, give it some",
+        "more images, or a larger --val-fraction and --test-fraction, give it some",
         "Normal has no test images (9 in all): no score will say how the model does on it there; more "
         "images, or a larger --test-fraction, give it some",
         "Lung_Opacity has no training images (1 in val, 1 in test)",

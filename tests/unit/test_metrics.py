@@ -124,7 +124,9 @@ def test_class_never_predicted_nor_present_is_left_out_of_macro_averages() -> No
         "f1": 0.0,
         "support": 0,
         "auroc": None,
+        "mean_probability": pytest.approx(0.1),  # the 0.3 left over from 0.7, split among three
     }
+    assert metrics["per_class"]["COVID"]["mean_probability"] == pytest.approx(probs[:, 0].mean())
     # 1 of the 2 COVID images found: the sensitivity's Wilson interval, as statsmodels' proportion_confint
     low, high = metrics["per_class"]["COVID"]["recall_ci95"]
     assert (round(low, 4), round(high, 4)) == (0.0945, 0.9055)

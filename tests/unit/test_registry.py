@@ -335,7 +335,8 @@ def test_cli_models_list_show_promote(
     assert "is empty" in capsys.readouterr().out
     registry = ModelRegistry(reg)
     report = make_report(tmp_path / "eval")
-    tested = {"accuracy": 0.7, "n": 40, "evaluated": {"split": "test", "relation": "internal"}}
+    tested = {"accuracy": 0.7, "macro_f1": 0.55, "n": 40}
+    tested["evaluated"] = {"split": "test", "relation": "internal"}
     (report / "metrics.json").write_text(json.dumps(tested))
     registry.register(checkpoint, report=report)
     registry.register(make_checkpoint(tmp_path / "other", seed=1, accuracy=0.875), alias="production")
@@ -343,17 +344,12 @@ def test_cli_models_list_show_promote(
     assert main(["models", "list", "--registry", reg]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["ref", "aliases", "created", "val", "acc", "val", "F1", "val", "dice", "test",
-                                "acc", "(n)", "data", "fingerprint"]  # fmt: skip
-    assert lines[2].split()[0] == f"{NAME}:1" and lines[2].split()[-6:] == [
-        "0.750",
-        "0.650",
-        "-",
-        "0.700",
-        "(40)",
-        "f1n93rpr1n7",
-    ]
+                                "acc", "(n)", "test", "F1", "data", "fingerprint"]  # fmt: skip
+    assert lines[2].split()[0] == f"{NAME}:1" and lines[2].split()[-7:] == [
+        "0.750", "0.650", "-", "0.700", "(40)", "0.550", "f1n93rpr1n7",
+    ]  # fmt: skip
     assert lines[3].split()[:2] == [f"{NAME}:2", "production"] and "0.875" in lines[3]
-    assert lines[3].split()[-2] == "-"  # registered without a test report
+    assert lines[3].split()[-3:-1] == ["-", "-"]  # registered without a test report
 
     monkeypatch.setenv("CXR_REGISTRY", reg)
     assert main(["models", "promote", f"{NAME}:1"]) == 0
