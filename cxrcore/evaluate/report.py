@@ -32,6 +32,9 @@ HEADLINE_METRICS = (
     "ece_floor",
     "nll",
 )
+NOTE_KEYS = ("note", "prior_note")
+"""Sentences in an extra result (the calibration block, a source's figures), shown as paragraphs above its
+table rather than as columns of it."""
 PER_CLASS_COLUMNS = ("precision", "recall", "f1", "support", "auroc")
 _DPI = 110
 _IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".svg": "image/svg+xml"}
@@ -433,8 +436,11 @@ def write_evaluation_report(
         sections.append(ReportSection("Training curves", images=[paths["training_curves"]]))
     for name, result in extra.items():
         table = metrics_table(result) if "per_class" in result else None
-        note = f"<p>{html.escape(str(result['note']))}</p>" if table and result.get("note") else ""
-        sections.append(ReportSection(name, html=note + html_table(_headline_rows(result)), table=table))
+        notes = "".join(
+            f"<p>{html.escape(result[key])}</p>" for key in NOTE_KEYS if isinstance(result.get(key), str)
+        )
+        figures = {key: value for key, value in result.items() if key not in NOTE_KEYS}
+        sections.append(ReportSection(name, html=notes + html_table(_headline_rows(figures)), table=table))
     lead = evaluation_lead(evaluated or {}, (external or {}).get("internal_comparison"), holdout)
     paths["report"] = write_html_report(out / "report.html", title, sections, lead=lead)
     return paths

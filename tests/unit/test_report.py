@@ -62,6 +62,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     extra = {
         "held-out source: <kermany>": _metrics(1, drop_class=3),
         "lung masks": segmentation_metrics(np.ones((2, 8, 8)), np.ones((2, 8, 8))),
+        "calibration": {"temperature": 1.5, "ece_after": 0.04, "note": None, "prior_note": "B: lifted <2.7×>"},
     }
     return write_evaluation_report(tmp_path_factory.mktemp("report"), _metrics(0), HISTORY, CARD, extra)
 
@@ -105,6 +106,8 @@ def test_html_is_self_contained_and_escaped(report: dict[str, Path]) -> None:
     # the card in words, one row per nested entry, lists joined
     assert "<td>input › channels</td><td>image, mask</td>" in text and "&quot;channels&quot;" not in text
     assert "held-out source: &lt;kermany&gt;" in text and "lung masks" in text
+    # a block's sentences are paragraphs above its figures, not columns of them
+    assert "<p>B: lifted &lt;2.7×&gt;</p>" in text and "<th>prior_note</th>" not in text
     assert "No ROC curve for Viral Pneumonia" not in text  # the main metrics have every class
     headers = re.findall(r"<th>(.*?)</th>", text)
     assert headers[headers.index("accuracy") + 1] == "accuracy 95% CI"  # beside the accuracy
