@@ -62,7 +62,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     extra = {
         "held-out source: <kermany>": _metrics(1, drop_class=3),
         "lung masks": segmentation_metrics(np.ones((2, 8, 8)), np.ones((2, 8, 8))),
-        "calibration": {"temperature": 1.5, "ece_after": 0.04, "note": None, "prior_note": "B: lifted <2.7×>"},
+        "calibration": {"temperature": 1.5, "note": None, "prior_note": "B: lifted <2.7×>"},
     }
     return write_evaluation_report(tmp_path_factory.mktemp("report"), _metrics(0), HISTORY, CARD, extra)
 
