@@ -286,9 +286,9 @@ def _classification_report(
         for source in sorted(set(sources)):
             rows = sources == source
             if rows.sum() >= MIN_SOURCE_IMAGES:
-                scored = classification_metrics(labels[rows], probs[rows], classes)
+                figures = classification_metrics(labels[rows], probs[rows], classes)
                 # a source of one class: precision 1 by construction, macro-F1 above the accuracy
-                extra[f"source: {source}"] = {**scored, "note": classes_note(scored["per_class"])}
+                extra[f"source: {source}"] = {**figures, "note": classes_note(figures["per_class"])}
     log.info(
         "accuracy %.3f, macro-F1 %.3f on %d images", metrics["accuracy"], metrics["macro_f1"], len(labels)
     )
