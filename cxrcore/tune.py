@@ -265,7 +265,15 @@ def experiment_settings(config: TuneConfig, report: dict[str, Any]) -> dict[str,
 
 
 def run_comparison(config: TuneConfig) -> dict[str, Any]:
-    """Train the segmenter if needed, run the sweep, evaluate and register the best of each architecture."""
+    """Train the segmenter if needed, run the sweep, evaluate and register the best of each architecture.
+
+    Raises storage.InUse while another process runs the same experiment: it would "resume" the running
+    one, train its trials again in the same folders and register them twice."""
+    with storage.exclusive(experiment_path(config), "a Tune experiment", "another --name or --out"):
+        return _run_comparison(config)
+
+
+def _run_comparison(config: TuneConfig) -> dict[str, Any]:
     import ray
     from ray import tune
 

@@ -149,8 +149,14 @@ def ingest_dataset(
     """Run the ingest pipeline described by `config` and return its report (also written to OUT).
 
     `scanned` is `scan_ingest_input(config)` when the caller ran it already (`cxr data ingest` does, so a
-    folder it refuses costs no Ray start). Raises LayoutError when no image can be used: nothing is written.
+    folder it refuses costs no Ray start). Raises LayoutError when no image can be used: nothing is written;
+    storage.InUse when another ingest is writing OUT (its staging folder is that run's, not debris).
     """
+    with storage.exclusive(config.out, "an ingest", "another OUT"):
+        return _ingest(config, scanned)
+
+
+def _ingest(config: IngestConfig, scanned: tuple[LayoutScan, set[str]] | None) -> dict[str, Any]:
     import ray
 
     started = time.perf_counter()

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
 import shutil
+import socket
+import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
-from cxrcore.config import resolve_location
+from cxrcore.config import ConfigError, resolve_location
 
 
 def resolve(location: str) -> tuple[pafs.FileSystem, str]:
@@ -214,3 +219,44 @@ def read_text(filesystem: pafs.FileSystem, path: str) -> str | None:
     with filesystem.open_input_stream(path) as stream:
         data: bytes = stream.read()
     return data.decode()
+
+
+class InUse(ConfigError):
+    """Another process is writing the same output (a dataset, a training run, a Tune experiment)."""
+
+
+@contextmanager
+def exclusive(location: str, what: str, elsewhere: str) -> Iterator[None]:
+    """Held while this process writes `location`: a second command writing the same place fails at once
+    with InUse, naming the first (`what`, e.g. "a training run") and how to write elsewhere (`elsewhere`,
+    e.g. "another --name"), rather than both running to "success" over each other's files (two
+    ingests into one OUT left a dataset that no longer read; two runs of one name, interleaved checkpoints).
+
+    An advisory lock (flock) on a hidden file beside `location` (`.NAME.lock`), which the kernel releases
+    when the process ends, however it ends: a killed or stopped run leaves no lock to clear, and the next
+    run resumes or replaces what it left, as before. Local paths only (a shared filesystem's flock is as
+    good as its NFS); an object store has no lock, and nothing is held there.
+    """
+    if is_remote(location):
+        yield
+        return
+    path = os.path.abspath(resolve(location)[1].rstrip("/"))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    lock = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.lock")
+    descriptor = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(descriptor, 4096, 0).decode(errors="replace").strip() or "another process"
+            raise InUse(
+                f"{location} is being written by {holder}; wait for it to finish or stop it, or use "
+                f"{elsewhere}"
+            ) from None
+        os.ftruncate(descriptor, 0)
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
+        holder = f"{what} (pid {os.getpid()} on {socket.gethostname()}, since {since})"
+        os.pwrite(descriptor, holder.encode(), 0)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock

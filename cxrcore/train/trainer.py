@@ -483,11 +483,21 @@ def epoch_printer(config: TrainConfig, label: str | None = None) -> Any:
 
 def fit(config: TrainConfig) -> TrainResult:
     """Train with a TorchTrainer, printing a line per epoch; re-running with the same --name and --out
-    resumes the run."""
+    resumes the run. Raises storage.InUse while another process trains the same run (its checkpoints
+    would interleave with this one's, and what this one took for an interrupted run's debris is the
+    other's work)."""
     from cxrcore.data import storage
 
     if config.gpu:
         check_local_gpus(config.workers)
+    run_dir = f"{config.out.rstrip('/')}/{config.run_name()}"
+    with storage.exclusive(run_dir, "a training run", "another --name or --out"):
+        return _fit(config)
+
+
+def _fit(config: TrainConfig) -> TrainResult:
+    from cxrcore.data import storage
+
     trainer = build_trainer(config, callbacks=[epoch_printer(config)])
     try:
         with sigint_handler_kept():

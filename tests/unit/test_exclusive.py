@@ -1,0 +1,87 @@
+"""One writer per output: a second ingest, training run or Tune experiment writing the same place fails at
+once, naming the first, and a killed writer's lock goes with its process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cxrcore.config import IngestConfig, TrainConfig, TuneConfig
+from cxrcore.data import storage
+
+HOLD = """
+import sys
+from cxrcore.data import storage
+with storage.exclusive(sys.argv[1], "a test writer", "elsewhere"):
+    print("held", flush=True)
+    sys.stdin.read()  # until the test closes stdin or kills this process
+"""
+
+
+@pytest.fixture
+def holder(tmp_path: Path) -> Iterator[subprocess.Popen[str]]:
+    """A process holding the lock of tmp_path/out until the test ends it."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(tmp_path / "out")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None and process.stdout.readline().strip() == "held"
+    yield process
+    process.kill()
+    process.wait(timeout=30)
+
+
+def test_a_second_writer_fails_naming_the_first_until_the_first_is_gone(
+    holder: subprocess.Popen[str], tmp_path: Path
+) -> None:
+    out = str(tmp_path / "out")
+    with pytest.raises(storage.InUse) as refused, storage.exclusive(out, "a training run", "another --name"):
+        pass
+    message = str(refused.value)
+    assert message.startswith(f"{out} is being written by a test writer (pid {holder.pid} on ")
+    assert message.endswith("; wait for it to finish or stop it, or use another --name")
+    holder.kill()  # killed, not finished: the kernel releases its lock
+    holder.wait(timeout=30)
+    with (
+        storage.exclusive(out, "a training run", "another --name"),
+        pytest.raises(storage.InUse, match="a training run \\(pid "),
+        storage.exclusive(out, "a second", "x"),  # held by this process now: refused too
+    ):
+        pass
+    with storage.exclusive(out, "a training run", "another --name"):  # released on leaving
+        pass
+    assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".")] == [".out.lock"]
+
+
+def test_an_object_store_location_holds_no_lock() -> None:
+    with (
+        storage.exclusive("s3://bucket/ds", "an ingest", "another OUT"),
+        storage.exclusive("s3://bucket/ds", "an ingest", "another OUT"),
+    ):
+        pass
+
+
+def test_ingest_train_and_tune_refuse_an_output_being_written(
+    holder: subprocess.Popen[str], tmp_path: Path
+) -> None:
+    """Each checks before any work (and before Ray: the lock comes first)."""
+    from cxrcore.data.ingest import ingest_dataset
+    from cxrcore.train.trainer import fit
+    from cxrcore.tune import run_comparison
+
+    out = tmp_path / "out"
+    with pytest.raises(storage.InUse, match=r"or use another OUT$"):
+        ingest_dataset(IngestConfig(raw=str(tmp_path / "raw"), out=str(out)))
+    with pytest.raises(storage.InUse, match=r"or use another --name or --out$"):
+        fit(TrainConfig(data=str(tmp_path / "ds"), model="tiny_cnn_lstm", out=str(tmp_path), name="out"))
+    with pytest.raises(storage.InUse, match=r"or use another --name or --out$"):
+        run_comparison(
+            TuneConfig(data=str(tmp_path / "ds"), registry=str(tmp_path / "r"), out=str(tmp_path), name="out")
+        )
+    assert not (tmp_path / "out").exists()  # nothing was written meanwhile
