@@ -287,10 +287,12 @@ def _run_comparison(config: TuneConfig) -> dict[str, Any]:
     check_same_experiment(experiment, experiment_settings(config, report), "a Tune experiment")
     finished_before = _finished_before(experiment)
     segmenter_name = segmenter_model(config)
+    cpus_per_worker = trial_worker_cpus(config, ray.cluster_resources(), len(plan))
+    waiting = trial_fit_note(config, cpus_per_worker, ray.cluster_resources(), ray.available_resources())
+    if waiting:
+        print(f"note: {waiting}", flush=True)
     _start_ray_data_actors()
     segmenter = _segmenter(config, registry, segmenter_name) if segmenter_name else None
-
-    cpus_per_worker = trial_worker_cpus(config, ray.cluster_resources(), len(plan))
     space = {
         **planned_space(plan),
         "tune_config": to_dict(config),
@@ -909,6 +911,44 @@ def trial_worker_cpus(
         return 1
     concurrent = min(config.max_concurrent or max_concurrent_trials(config, resources), trials)
     return max(1, cores // (concurrent * config.workers_per_trial))
+
+
+def trial_fit_note(
+    config: TuneConfig, cpus_per_worker: int, total: dict[str, float], free: dict[str, float]
+) -> str | None:
+    """Where no trial can start now: a sentence saying why and what to do; None where one can. Raises
+    ConfigError where a trial needs more than the local cluster cxr started will ever have.
+
+    A trial the cluster cannot place waits, and Ray's "requesting resources" lines are off a quiet
+    console: a tune job whose trial needed 2.1 CPUs of a 2-CPU cluster stayed RUNNING for good, printing
+    nothing of it, and one beside a Serve app that held a CPU waited 3 minutes without a word.
+    """
+    from cxrcore.runtime import local_core_limit
+
+    kind = "GPU" if config.gpu else "CPU"
+    need = (
+        float(config.workers_per_trial)
+        if config.gpu
+        else config.workers_per_trial * cpus_per_worker + TRIAL_DRIVER_CPUS
+    )
+    has, idle = float(total.get(kind, 0)), float(free.get(kind, 0))
+    wanted = f"each trial needs {need:g} {kind}s ({config.workers_per_trial} worker(s) per trial"
+    wanted += ")" if config.gpu else f" and its driver's {TRIAL_DRIVER_CPUS:g})"
+    if need > has + 1e-9:
+        if local_core_limit() is not None:
+            raise ConfigError(
+                f"{wanted} and the local Ray cluster has {has:g}; use fewer --workers-per-trial"
+            )
+        return (
+            f"{wanted} and the cluster has {has:g}: the trials wait until the autoscaler adds a node; on a "
+            "cluster of fixed size they never start (stop this, and use fewer --workers-per-trial)"
+        )
+    if need > idle + 1e-9:
+        return (
+            f"{wanted} and {idle:g} of the cluster's {has:g} are free now (a Serve app or other jobs hold "
+            "the rest): the first trial starts when enough are freed"
+        )
+    return None
 
 
 def max_concurrent_trials(config: TuneConfig, resources: dict[str, float]) -> int:

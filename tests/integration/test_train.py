@@ -48,6 +48,13 @@ def test_two_worker_ddp_beats_chance_and_writes_checkpoint_and_card(
     assert card.classes == ["COVID", "Lung_Opacity", "Normal", "Viral Pneumonia"]
     assert card.data["fingerprint"] == read_report(synthetic_dataset)["fingerprint"]
     assert card.training["workers"] == 2
+    # recorded for the dashboard's Train view (RAY_TRAIN_ENABLE_STATE_TRACKING, off in Ray by default)
+    import ray
+    from ray.train.v2._internal.state.state_actor import get_state_actor
+
+    tracker = get_state_actor()
+    assert tracker is not None, "no Train run was recorded for the dashboard"
+    assert "ddp" in {run.name for run in ray.get(tracker.get_train_runs.remote()).values()}
     assert card.metrics["val_count"] == read_report(synthetic_dataset)["by_split"]["val"]  # every image
     assert [h["epoch"] for h in card.history] == list(range(1, card.epoch + 2))
     assert card.metrics["val_score"] == pytest.approx(ddp_run.best_metrics["val_score"])

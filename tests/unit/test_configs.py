@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from cxrcore.cli import main
-from cxrcore.config import IngestConfig, TuneConfig, load_config
+from cxrcore.config import ConfigError, IngestConfig, TuneConfig, load_config
 from cxrcore.models import get_model_entry
 from cxrcore.plan import expected_epochs_per_trial
 from cxrcore.tune import (
@@ -310,3 +310,27 @@ def test_a_one_worker_trial_reserves_in_its_own_process_what_a_torchtrainer_tria
     pairs = TuneConfig(data="d", registry="r", workers_per_trial=2)
     assert not trains_in_trial(pairs) and trial_request(pairs, cpus_per_worker=1) == {"cpu": 0.1}
     assert trial_resources(pairs) == {"CPU": 2.1, "GPU": 0}
+
+
+def test_a_trial_the_cluster_cannot_place_is_said_or_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tune job whose trial needed 2.1 CPUs of a 2-CPU cluster stayed RUNNING for good, and one beside a
+    Serve app holding a CPU waited minutes, both without a word on the console."""
+    from cxrcore import runtime
+    from cxrcore.tune import trial_fit_note
+
+    two = TuneConfig(data="ds", registry="reg", workers_per_trial=2)
+    one = TuneConfig(data="ds", registry="reg")
+    cluster, idle = {"CPU": 2.0}, {"CPU": 2.0}
+    monkeypatch.setattr(runtime, "local_core_limit", lambda: None)  # a cluster joined by address
+    note = trial_fit_note(two, 1, cluster, idle)
+    assert note is not None and note.startswith("each trial needs 2.1 CPUs (2 worker(s) per trial and its")
+    assert "the cluster has 2: the trials wait until the autoscaler adds a node" in note
+    assert trial_fit_note(one, 1, cluster, idle) is None
+    busy = trial_fit_note(one, 1, cluster, {"CPU": 0.9})  # Serve holds a CPU
+    assert busy is not None and "0.9 of the cluster's 2 are free now" in busy
+    monkeypatch.setattr(runtime, "local_core_limit", lambda: 2)  # the local cluster cxr started: never
+    with pytest.raises(ConfigError, match="the local Ray cluster has 2; use fewer --workers-per-trial"):
+        trial_fit_note(two, 1, cluster, idle)
+    gpu = TuneConfig(data="ds", registry="reg", gpu=True, workers_per_trial=2)
+    with pytest.raises(ConfigError, match="each trial needs 2 GPUs"):
+        trial_fit_note(gpu, 1, {"CPU": 16.0, "GPU": 1.0}, {"CPU": 16.0, "GPU": 1.0})
