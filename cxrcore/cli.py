@@ -9,6 +9,7 @@ import importlib
 import io
 import json
 import logging
+import math
 import os
 import re
 import shlex
@@ -73,6 +74,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, LayoutError, RegistryError, FileNotFoundError) as exc:
         print(f"cxr: error: {exc}", file=sys.stderr)
         return 2
+    except (NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError) as exc:
+        # a path given where the other kind is, or one this user may not write: the path and why
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"cxr: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
     except (Interrupted, KeyboardInterrupt) as exc:
         from cxrcore.runtime import sigterm_received
 
@@ -119,6 +125,17 @@ def decoder_unavailable(exc: BaseException) -> str | None:
     return None
 
 
+def _positive_seconds(value: str) -> float:
+    """An argparse type: a finite number of seconds above 0 (`--timeout -1` ended in a traceback)."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {value!r}") from None
+    if not 0 < seconds < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, got {value}")
+    return seconds
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cxr", description="Train, compare and serve chest X-ray classifiers on a Ray cluster."
@@ -158,7 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="serve a model over HTTP with Ray Serve (foreground; Ctrl-C stops it)"
     )
     serve.add_argument(
-        "--registry", help="model registry (folder or URI); without one, --model is a checkpoint"
+        "--registry",
+        default=os.environ.get("CXR_REGISTRY"),
+        help="model registry (folder or URI; default: $CXR_REGISTRY); without one, --model is a checkpoint",
     )
     serve.add_argument(
         "--model", default="production", help="registry alias, name:N or name; or a checkpoint folder"
@@ -182,7 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
         "files", nargs="+", metavar="PATH", help="PNG, JPEG or DICOM files, or folders of them (read whole)"
     )
     predict.add_argument("--url", default="http://127.0.0.1:8000", help="server URL (default: %(default)s)")
-    predict.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    predict.add_argument(
+        "--timeout", type=_positive_seconds, default=60.0, help="seconds per request (default: 60)"
+    )
     predict.set_defaults(run=_run_predict)
     _add_config_command(
         commands, "demo", PipelineConfig, _run_pipeline, "run the whole pipeline on a local Ray cluster"
@@ -506,10 +527,11 @@ def _run_train(args: argparse.Namespace) -> int:
     from cxrcore.train.trainer import fit
 
     result = _run_on_ray(args, fit, format_train_result)
+    if result.run_dir is None:  # --workers 0, as asked: the loop in this process, its figures only
+        print("note: --workers 0 trained in this process and keeps no checkpoint; use 1 or more to keep one")
+        return 0
     if result.best_checkpoint is None:
-        print(
-            "cxr: error: the run saved no checkpoint (--workers 0 keeps none; use 1 or more)", file=sys.stderr
-        )
+        print("cxr: error: the run saved no checkpoint", file=sys.stderr)
         return 1
     return 0
 

@@ -210,24 +210,89 @@ def from_dict(cls: type[C], values: dict[str, Any]) -> C:
         if key not in names:
             close = difflib.get_close_matches(key, names, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(names)}"
-            raise ConfigError(f"unknown setting {key!r} for {cls.__name__}{hint}")
+            raise _setting_error(key, f"unknown setting {key!r} for {cls.__name__}{hint}")
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         if f.default is dataclasses.MISSING and f.name not in values:
             what = f.metadata.get("help", "")
             raise ConfigError(f"missing setting {f.name!r} ({what})")
-    return cls(**values)
+    hints = typing.get_type_hints(cls)
+    return cls(**{key: _typed(key, value, hints[key]) for key, value in values.items()})
+
+
+def _setting_error(key: str, message: str) -> ConfigError:
+    """A ConfigError about the setting `key` (load_config names the file where the file set it)."""
+    error = ConfigError(message)
+    error.setting = key  # type: ignore[attr-defined]
+    return error
+
+
+_TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
+
+
+def _typed(key: str, value: Any, annotation: Any) -> Any:
+    """`value` as the setting's type, or a ConfigError naming the setting: a YAML file's values come as YAML
+    reads them (`lr: 1e-3` is a string to PyYAML, `gpu: "false"` a string that Python takes for true).
+
+    >>> _typed("lr", "1e-3", float), _typed("gpu", "false", bool), _typed("epochs", 8.0, int)
+    (0.001, False, 8)
+    >>> _typed("epochs", 2.5, int)
+    Traceback (most recent call last):
+    cxrcore.config.ConfigError: epochs: expected a whole number, got 2.5
+    """
+    kind = _scalar_type(annotation)
+    if value is None and kind is not annotation:  # `int | None`: None stands
+        return None
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise _setting_error(key, f"{key}: expected true or false, got {value!r}")
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)  # `name: 2024`
+        raise _setting_error(key, f"{key}: expected text, got {value!r}")
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            raise _setting_error(key, f"{key}: expected a number, got {value!r}") from None
+    if isinstance(number, bool) or not isinstance(number, int | float):
+        raise _setting_error(key, f"{key}: expected a number, got {value!r}")
+    if kind is int:
+        if float(number) != int(number):
+            raise _setting_error(key, f"{key}: expected a whole number, got {value!r}")
+        return int(number)
+    return float(number)
 
 
 def load_config(cls: type[C], path: str | Path | None = None, **overrides: Any) -> C:
     """Read a YAML config file (if any) and apply keyword overrides on top."""
     values: dict[str, Any] = {}
     if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as exc:
+            raise ConfigError(f"--config {path}: {exc.strerror or exc}") from None
+        except yaml.YAMLError as exc:
+            where = getattr(exc, "problem_mark", None)
+            line = f" (line {where.line + 1})" if where is not None else ""
+            problem = getattr(exc, "problem", exc)
+            raise ConfigError(f"--config {path}: not valid YAML{line}: {problem}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of settings, got {type(loaded).__name__}")
         values.update(loaded)
+    from_file = {key for key in values if key not in overrides}
     values.update(overrides)
-    return from_dict(cls, values)
+    try:
+        return from_dict(cls, values)
+    except ConfigError as exc:
+        if path is not None and getattr(exc, "setting", None) in from_file:
+            raise ConfigError(f"--config {path}: {exc}") from None  # the file's line, not a flag
+        raise
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -623,7 +688,9 @@ class TuneConfig:
     """Compare architectures and hyperparameters with Ray Tune (ASHA), register the best of each."""
 
     data: str = option(help="dataset written by `cxr data ingest`")
-    registry: str = option(help="model registry (folder or URI) that receives the best of each architecture")
+    registry: str = option(
+        "", "model registry (folder or URI) that receives the best of each architecture; unset: $CXR_REGISTRY"
+    )
     models: str = option(
         "cnn_lstm,dual_cnn,resnet18",
         "architectures to compare, comma-separated ('resnet' also searches depth)",
@@ -651,6 +718,9 @@ class TuneConfig:
     address: str | None = option(None, "Ray cluster address; default: RAY_ADDRESS or a local cluster")
 
     def __post_init__(self) -> None:
+        self.registry = self.registry or os.environ.get("CXR_REGISTRY", "")
+        if not self.registry:
+            raise ConfigError("--registry: no model registry given (pass --registry REG or set CXR_REGISTRY)")
         _resolve_fields(self, "data", "registry", "out")
         if self.pretrained.strip().lower() not in PRETRAINED_CHOICES:
             self.pretrained = resolve_location(self.pretrained)

@@ -61,6 +61,14 @@ ROUTINE_RAY_LINES: tuple[tuple[str, re.Pattern[str]], ...] = (
         "TrainController",
         re.compile(r"Actor with class name: 'PreemptionWatcher' .* has constructor arguments"),
     ),
+    # Ray Train's controller, once per run: the dashboard's run record (RAY_TRAIN_ENABLE_STATE_TRACKING,
+    # which cxr turns on) reads a Ray Data option Ray itself deprecated; the warning and its source line.
+    (
+        "TrainController",
+        re.compile(
+            r"RayDeprecationWarning: `ExecutionOptions\.exclude_resources`|^\s*self\.exclude_resources = "
+        ),
+    ),
     # Serve's controller, at start, before its logging settings apply: the settings of the throughput
     # mode that cxr turns on (runtime.local_serve_environment), one line each.
     ("ServeController", re.compile(r"Throughput optimized Ray Serve enabled|^\s+• |^\s*$")),

@@ -357,6 +357,8 @@ def check_port_free(host: str, port: int) -> None:
     `cxr serve` and the demo would give Serve, found busy before anything starts)."""
     from cxrcore.config import ConfigError
 
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"--port {port}: a TCP port is a number from 1 to 65535")
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(
             socket.SOL_SOCKET, socket.SO_REUSEADDR, 1

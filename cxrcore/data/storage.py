@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -232,31 +233,62 @@ def exclusive(location: str, what: str, elsewhere: str) -> Iterator[None]:
     e.g. "another --name"), rather than both running to "success" over each other's files (two
     ingests into one OUT left a dataset that no longer read; two runs of one name, interleaved checkpoints).
 
-    An advisory lock (flock) on a hidden file beside `location` (`.NAME.lock`), which the kernel releases
-    when the process ends, however it ends: a killed or stopped run leaves no lock to clear, and the next
-    run resumes or replaces what it left, as before. Local paths only (a shared filesystem's flock is as
-    good as its NFS); an object store has no lock, and nothing is held there.
+    An advisory lock (flock) on a hidden file beside `location` (`.NAME.lock`), removed when the block
+    ends; the kernel releases the lock when the process ends, however it ends, so a killed run's file
+    blocks nothing and the next run resumes or replaces what it left, as before. A folder made only to
+    hold the lock goes with it. Local paths only (a shared filesystem's flock is as good as its NFS); an
+    object store has no lock, and nothing is held there.
     """
     if is_remote(location):
         yield
         return
     path = os.path.abspath(resolve(location)[1].rstrip("/"))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    lock = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.lock")
-    descriptor = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    parent = os.path.dirname(path)
+    made = [] if os.path.isdir(parent) else _missing_folders(parent)
+    os.makedirs(parent, exist_ok=True)
+    lock = os.path.join(parent, f".{os.path.basename(path)}.lock")
+    descriptor = _locked_file(lock, location, elsewhere)
     try:
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(descriptor, 4096, 0).decode(errors="replace").strip() or "another process"
-            raise InUse(
-                f"{location} is being written by {holder}; wait for it to finish or stop it, or use "
-                f"{elsewhere}"
-            ) from None
-        os.ftruncate(descriptor, 0)
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
         holder = f"{what} (pid {os.getpid()} on {socket.gethostname()}, since {since})"
         os.pwrite(descriptor, holder.encode(), 0)
         yield
     finally:
-        os.close(descriptor)  # releases the lock
+        # Removed while still held: a process that opened it meanwhile finds it gone (_locked_file).
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
+        os.close(descriptor)
+        for folder in made:  # deepest first; one the run wrote into stays
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+
+
+def _locked_file(lock: str, location: str, elsewhere: str) -> int:
+    """A descriptor of `lock`, flocked by this process, and still the file at that path."""
+    while True:
+        descriptor = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(descriptor, 4096, 0).decode(errors="replace").strip() or "another process"
+            os.close(descriptor)
+            raise InUse(
+                f"{location} is being written by {holder}; wait for it to finish or stop it, or use "
+                f"{elsewhere}"
+            ) from None
+        try:
+            if os.stat(lock).st_ino == os.fstat(descriptor).st_ino:
+                os.ftruncate(descriptor, 0)
+                return descriptor
+        except FileNotFoundError:
+            pass
+        os.close(descriptor)  # its holder removed it as it finished: take the new one
+
+
+def _missing_folders(folder: str) -> list[str]:
+    """The folders that do not exist yet, from `folder` up, deepest first."""
+    missing = []
+    while folder and not os.path.exists(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    return missing

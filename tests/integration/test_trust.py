@@ -146,13 +146,14 @@ def test_relative_locations_are_resolved_where_they_are_typed(elsewhere: Path) -
     assert np.isclose(TuneConfig(data="ds", registry="r", epochs=10).grace_epochs or 0, 5)
 
 
-def test_train_in_local_mode_names_no_checkpoint_and_fails(
+def test_train_in_local_mode_names_no_checkpoint_and_says_so(
     elsewhere: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`--workers 0` trains in this process and keeps nothing: no temporary folder passed off as the best
-    checkpoint (it printed one that was gone when the command ended), and a non-zero exit."""
+    checkpoint (it printed one that was gone when the command ended). What it was asked for, the loop's
+    figures, it gives: exit 0, with a note that no checkpoint is kept (exit 1 read as a failed run)."""
     status = main(["train", "--data", "ds", "--model", "tiny_cnn_lstm", "--epochs", "1", "--workers", "0"])
     captured = capsys.readouterr()
-    assert status == 1, captured.err
+    assert status == 0, captured.err
     assert "best checkpoint: none" in captured.out and "val_accuracy" in captured.out
-    assert "--workers 0 keeps none" in captured.err
+    assert "note: --workers 0 trained in this process and keeps no checkpoint" in captured.out

@@ -93,3 +93,36 @@ def test_gpu_workers_the_local_cluster_lacks_are_refused_before_ray_waits_for_th
         check_local_gpus(2)
     monkeypatch.setattr(runtime, "_local_cores", None)  # a cluster joined by address may autoscale
     check_local_gpus(8)
+
+
+def test_a_config_files_values_are_read_as_their_settings_types(tmp_path: Path) -> None:
+    """PyYAML reads `lr: 1e-3` as text (a traceback deep in training followed) and `gpu: "false"` as text
+    that Python takes for true (the plan said GPUs); both are settings of a known type."""
+    from cxrcore.config import ConfigError, TrainConfig, load_config
+
+    good = tmp_path / "good.yaml"
+    good.write_text('data: ds\nmodel: cnn_lstm\nlr: 1e-3\ngpu: "false"\naugment: "no"\nepochs: 8.0\n')
+    good.write_text(good.read_text() + "name: 2024\n")
+    config = load_config(TrainConfig, good)
+    read = (config.lr, config.gpu, config.augment, config.epochs, config.name)
+    assert read == (0.001, False, False, 8, "2024")
+    bad = tmp_path / "bad.yaml"
+    for line, message in [
+        ("epochs: 2.5", "epochs: expected a whole number, got 2.5"),
+        ("epochs: three", "epochs: expected a number, got 'three'"),
+        ("gpu: maybe", "gpu: expected true or false, got 'maybe'"),
+        ("lr: [1]", "lr: expected a number, got [1]"),
+        ("epoch: 3", "unknown setting 'epoch' for TrainConfig; did you mean 'epochs'?"),
+    ]:
+        bad.write_text(f"data: ds\nmodel: cnn_lstm\n{line}\n")
+        with pytest.raises(ConfigError) as error:
+            load_config(TrainConfig, bad)
+        assert str(error.value) == f"--config {bad}: {message}"
+    # a flag that overrides the file is named as the flag's value, not the file's
+    with pytest.raises(ConfigError, match=r"^epochs: expected a whole number"):
+        load_config(TrainConfig, good, epochs=2.5)
+    bad.write_text("data: [ds\n")
+    with pytest.raises(ConfigError, match=r"^--config .*bad.yaml: not valid YAML \(line 2\)"):
+        load_config(TrainConfig, bad)
+    with pytest.raises(ConfigError, match=r"^--config .*: Is a directory$"):
+        load_config(TrainConfig, tmp_path)

@@ -334,3 +334,19 @@ def test_a_trial_the_cluster_cannot_place_is_said_or_refused(monkeypatch: pytest
     gpu = TuneConfig(data="ds", registry="reg", gpu=True, workers_per_trial=2)
     with pytest.raises(ConfigError, match="each trial needs 2 GPUs"):
         trial_fit_note(gpu, 1, {"CPU": 16.0, "GPU": 1.0}, {"CPU": 16.0, "GPU": 1.0})
+
+
+def test_cxr_registry_stands_for_registry_in_tune_and_serve(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The README says CXR_REGISTRY may replace --registry: `cxr tune` said "missing setting 'registry'"
+    and `cxr serve` "no registry to look it up in" with it set."""
+    from cxrcore.cli import build_parser
+
+    monkeypatch.delenv("CXR_REGISTRY", raising=False)
+    with pytest.raises(ConfigError, match="no model registry given"):
+        TuneConfig(data="ds")
+    monkeypatch.setenv("CXR_REGISTRY", str(tmp_path / "reg"))
+    assert TuneConfig(data="ds").registry == str(tmp_path / "reg")
+    assert TuneConfig(data="ds", registry="other").registry.endswith("/other")  # the flag wins
+    assert build_parser().parse_args(["serve"]).registry == str(tmp_path / "reg")

@@ -57,6 +57,14 @@ def printed(monkeypatch: pytest.MonkeyPatch) -> list[tuple[dict[str, Any], bool]
     return calls
 
 
+DEPRECATED_OPTION = [
+    "/venv/lib/python3.11/site-packages/ray/data/_internal/execution/interfaces/execution_options.py:436: "
+    "RayDeprecationWarning: `ExecutionOptions.exclude_resources` is deprecated and will be removed after "
+    "January 2027. Use `ExecutionOptions.label_selector` to constrain Ray Data work to labeled nodes.",
+    "  self.exclude_resources = exclude_resources",
+]
+
+
 def _forward(lines: list[str], **source: Any) -> None:
     import ray._private.worker as ray_worker
 
@@ -73,6 +81,7 @@ def test_routine_notices_are_dropped_and_everything_else_is_printed(
     _forward([HANDLE_AT_SHUTDOWN], pid="raylet")
     _forward([CLEANER], pid=19382, actor_name="PlacementGroupCleaner")
     _forward([WATCHER], pid=17904, actor_name="TrainController")
+    _forward(DEPRECATED_OPTION, pid=18509, actor_name="TrainController")
     _forward(SERVE_MODE, pid=21011, actor_name="ServeController")
     assert printed == []
 

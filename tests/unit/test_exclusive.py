@@ -56,7 +56,17 @@ def test_a_second_writer_fails_naming_the_first_until_the_first_is_gone(
         pass
     with storage.exclusive(out, "a training run", "another --name"):  # released on leaving
         pass
-    assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".")] == [".out.lock"]
+    assert not [path.name for path in tmp_path.iterdir() if path.name.startswith(".")]  # the lock goes
+
+
+def test_a_folder_made_for_the_lock_alone_goes_with_it(tmp_path: Path) -> None:
+    """A run refused before it wrote anything leaves no `cxr-runs` behind; one that wrote keeps it."""
+    with storage.exclusive(str(tmp_path / "a/b/run"), "a training run", "x"):
+        assert (tmp_path / "a/b/.run.lock").is_file()
+    assert not (tmp_path / "a").exists()
+    with storage.exclusive(str(tmp_path / "a/b/run"), "a training run", "x"):
+        (tmp_path / "a/b/run").mkdir()
+    assert (tmp_path / "a/b/run").is_dir() and not (tmp_path / "a/b/.run.lock").exists()
 
 
 def test_an_object_store_location_holds_no_lock() -> None:
