@@ -437,12 +437,9 @@ def _check_before_ray(config: Any) -> None:
     from cxrcore.train.trainer import check_dataset, resolve_pretrained, unscored_classes
 
     if isinstance(config, TuneConfig):
-        from cxrcore.tune import RESNET_DEPTHS, check_models, takes_pretrained
+        from cxrcore.tune import check_settings
 
-        check_models(config)
-        names = {RESNET_DEPTHS[0] if n == "resnet" else n for n in config.model_names()}
-        for name in sorted(filter(takes_pretrained, names)):  # Tune gives the weights to those alone
-            resolve_pretrained(name, config.pretrained)
+        check_settings(config)
     else:
         resolve_pretrained(config.model, config.pretrained)  # the name too ("did you mean")
     if not storage.is_remote(config.data):  # object storage is read where the run starts, once
@@ -901,9 +898,10 @@ def _post_file(client: Any, endpoint: str, name: str) -> tuple[int | None, Any]:
 
 
 def _run_pipeline(args: argparse.Namespace) -> int:
-    from cxrcore.pipeline import run_pipeline
+    from cxrcore.pipeline import check_pipeline, run_pipeline
 
     config: PipelineConfig = config_from_args(PipelineConfig, args)
+    check_pipeline(config)  # a typo fails now, not after the synthesis and the ingest
     if config.serve and not (config.address or os.environ.get("RAY_ADDRESS")):
         from cxrcore.runtime import check_port_free
 
@@ -946,7 +944,9 @@ def _run_pipeline(args: argparse.Namespace) -> int:
         print(format_table(["file", "class", "predicted", "probability", "latency ms"], rows))
         right = sum(row[1] == row[2] for row in rows)
         print(f"{right} of {len(rows)} examples classified as their class")
-        print(f"Ray dashboard: {results['Ray dashboard']}")
+        local = not (config.address or os.environ.get("RAY_ADDRESS"))
+        gone = " (up while the demo ran: its local Ray cluster stops with it; --address keeps one)"
+        print(f"Ray dashboard: {results['Ray dashboard']}{gone if local else ''}")
     return 0
 
 

@@ -382,7 +382,8 @@ class PipelineConfig:
         _resolve_fields(self, "work_dir", "real")
         _require(self.per_class >= 1, "per_class", f"must be at least 1, got {self.per_class}")
         _require(32 <= self.size <= 2048, "size", f"must be between 32 and 2048, got {self.size}")
-        _require(self.trials >= 1 and self.epochs >= 1, "trials", "trials and epochs must be at least 1")
+        _require(self.trials >= 1, "trials", f"must be at least 1, got {self.trials}")
+        _require(self.epochs >= 1, "epochs", f"must be at least 1, got {self.epochs}")
         if self.grace_epochs is None:
             self.grace_epochs = max(1, self.epochs * 3 // 4)
 

@@ -5,9 +5,31 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from cxrcore.config import IngestConfig, PipelineConfig, TuneConfig
+from cxrcore.config import ConfigError, IngestConfig, PipelineConfig, TuneConfig
 from cxrcore.labels import CLASSES
 from cxrcore.summaries import format_comparison, format_ingest_report, format_scan
+
+
+def comparison_config(config: PipelineConfig) -> TuneConfig:
+    """The Tune comparison the pipeline runs, on the dataset it ingests into its work folder."""
+    work = Path(config.work_dir)
+    return TuneConfig(
+        data=str(work / "dataset"), registry=str(work / "registry"), models=config.models,
+        trials=config.trials, epochs=config.epochs, grace_epochs=config.grace_epochs,
+        pretrained=config.pretrained, out=str(work / "runs"), name="demo", seed=config.seed,
+    )  # fmt: skip
+
+
+def check_pipeline(config: PipelineConfig) -> None:
+    """What would fail the pipeline after minutes of synthesis and ingest, checked before Ray starts: the
+    --real folder, the architectures and the --pretrained choice (as `cxr tune` checks them)."""
+    from cxrcore.data import storage
+    from cxrcore.tune import check_settings
+
+    if config.real and not storage.is_remote(config.real) and not Path(config.real).is_dir():
+        raise ConfigError(f"--real: no folder at {config.real}")
+    if config.tune:
+        check_settings(comparison_config(config))
 
 
 def run_pipeline(config: PipelineConfig) -> dict[str, str]:
@@ -53,14 +75,9 @@ def run_pipeline(config: PipelineConfig) -> dict[str, str]:
 
         each = f"{config.trials} trial(s) each, up to {config.epochs} epochs"
         step(f"comparing {config.models} with Ray Tune ({each})")
-        registry = str(work / "registry")
-        comparison = run_comparison(
-            TuneConfig(
-                data=dataset, registry=registry, models=config.models, trials=config.trials,
-                epochs=config.epochs, grace_epochs=config.grace_epochs, pretrained=config.pretrained,
-                out=str(work / "runs"), name="demo", seed=config.seed,
-            )
-        )  # fmt: skip
+        tune_config = comparison_config(config)
+        registry = tune_config.registry
+        comparison = run_comparison(tune_config)
         print(format_comparison(comparison))
         results.update({"registry": registry, "production model": comparison["production"] or "none"})
         results.update({f"comparison {k}": v for k, v in comparison["reports"].items()})

@@ -232,6 +232,17 @@ def check_models(config: TuneConfig) -> None:
         segmenter_train_config(config, segmenter_model(config) or "unet")
 
 
+def check_settings(config: TuneConfig) -> None:
+    """What fails a comparison whatever the cluster, checked before Ray starts: the architectures
+    (check_models) and, for those Tune gives it to, the --pretrained choice (a file there)."""
+    from cxrcore.train.trainer import resolve_pretrained
+
+    check_models(config)
+    names = {RESNET_DEPTHS[0] if n == "resnet" else n for n in config.model_names()}
+    for name in sorted(filter(takes_pretrained, names)):
+        resolve_pretrained(name, config.pretrained)
+
+
 def segmenter_model(config: TuneConfig) -> str | None:
     """The U-Net trained before the trials when a compared model takes a lung mask (tiny when the compared
     models all are), or None: at serving time there is no ground-truth mask, so the segmenter supplies it."""

@@ -350,3 +350,26 @@ def test_cxr_registry_stands_for_registry_in_tune_and_serve(
     assert TuneConfig(data="ds").registry == str(tmp_path / "reg")
     assert TuneConfig(data="ds", registry="other").registry.endswith("/other")  # the flag wins
     assert build_parser().parse_args(["serve"]).registry == str(tmp_path / "reg")
+
+
+def test_the_demo_checks_its_settings_before_ray_and_the_synthesis(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """`cxr demo --models foo` failed after Ray's start, the synthesis and the ingest (70 s here)."""
+    from cxrcore import runtime
+    from cxrcore.cli import main
+
+    def no_ray(*args: object, **kwargs: object) -> None:
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(runtime, "init_ray", no_ray)
+    demo = ["demo", "--work-dir", str(tmp_path / "w"), "--no-serve"]
+    for flags, message in [
+        (["--models", "cnn_lstm,foo"], "--models: unknown model 'foo'"),
+        (["--pretrained", str(tmp_path / "w.safetensors")], "--pretrained: no weights file at"),
+        (["--real", str(tmp_path / "nowhere")], "--real: no folder at"),
+        (["--epochs", "0"], "--epochs: must be at least 1, got 0"),
+    ]:
+        assert main([*demo, *flags]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
