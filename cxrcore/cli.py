@@ -62,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     if not hasattr(args, "run"):
-        parser.print_help()
+        getattr(args, "help_of", parser).print_help()
         return 2
     from cxrcore.runtime import forget_sigterm
 
@@ -144,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     data = commands.add_parser("data", help="inspect, synthesise and ingest datasets")
+    data.set_defaults(help_of=data)  # `cxr data` alone: its own commands, not the top level's
     data_commands = data.add_subparsers(title="data commands", metavar="COMMAND")
     check = data_commands.add_parser(
         "check", help="report what a raw dataset folder holds and what is wrong with it"
@@ -279,6 +280,7 @@ def _add_ingest_arguments(parser: argparse.ArgumentParser, names: Sequence[str])
 
 def _add_models_commands(commands: Any) -> None:
     models = commands.add_parser("models", help="model architectures; versions and aliases in a registry")
+    models.set_defaults(help_of=models)
     models_commands = models.add_subparsers(title="models commands", metavar="COMMAND")
     architectures = models_commands.add_parser("architectures", help="list the model architectures")
     architectures.set_defaults(run=_run_architectures)
@@ -626,7 +628,9 @@ def _run_list(args: argparse.Namespace) -> int:
         if args.name:  # a name that matches nothing is a mistake to say, as `ls` says one, not a listing
             held = sorted({version.name for version in registry.versions()})
             holds = f"; it holds {', '.join(held)}" if held else ", which is empty"
-            print("\n".join([f"no versions of {args.name} in {registry.root}{holds}", *unfinished]))
+            print(f"cxr: error: no versions of {args.name} in {registry.root}{holds}", file=sys.stderr)
+            if unfinished:
+                print("\n".join(unfinished[1:]))
             return 1
         print("\n".join([f"{registry.root} is empty", *unfinished]))
         return 0

@@ -189,8 +189,10 @@ class SynthConfig:
     seed: int = option(0, "random seed; the same seed writes the same images")
     sites: int = option(
         1,
-        "hospitals the images come from, each its metadata URL host (site-a.synthetic.cxr, ...); with 2 or "
-        "more, a burned-in site marker follows the class at site a and is random at the others",
+        "hospitals the images come from. With 1, each class has two sources of its own (hosts such as "
+        "site-a.covid.synthetic.cxr), as the Kaggle database's classes each come from their own sites; with "
+        "2 or more, every site images every class (site-a.synthetic.cxr, ...), and a burned-in site marker "
+        "follows the class at site a and is random at the others",
     )
 
     def __post_init__(self) -> None:

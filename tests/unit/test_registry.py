@@ -184,7 +184,7 @@ def test_a_registration_killed_midway_is_listed_then_freed_and_its_number_stays_
     assert main(["models", "list", "--registry", str(root)]) == 0
     assert "unfinished" not in capsys.readouterr().out
     assert main(["models", "list", "--registry", str(root), "--name", "nosuch"]) == 1  # a typo, not a listing
-    assert f"no versions of nosuch in {root}; it holds {NAME}" in capsys.readouterr().out
+    assert f"cxr: error: no versions of nosuch in {root}; it holds {NAME}" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:
         main(["models", "clean", "--registry", str(root), "--older-than", "soon"])
     assert exit_.value.code == 2
