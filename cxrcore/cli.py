@@ -16,6 +16,7 @@ import shlex
 import sys
 import typing
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -415,15 +416,20 @@ def _connect(address: str | None) -> None:
 
 
 def _run_on_ray(
-    args: argparse.Namespace, action: Callable[[Any], Any], formatter: Callable[[Any], str]
+    args: argparse.Namespace,
+    action: Callable[[Any], Any],
+    formatter: Callable[[Any], str],
+    writing: Callable[[Any], AbstractContextManager[None]],
 ) -> Any:
-    """The shape of every cluster command: typed config from the flags, connect, run, summarise."""
+    """The shape of every cluster command: typed config from the flags, connect, run, summarise; `writing`
+    holds the output for the whole command, so a second one writing it fails before Ray starts."""
     config = config_from_args(args.config_cls, args)
     _check_before_ray(config)  # a typo or a damaged dataset fails at once, not after Ray's start
     _refuse_outputs_in_job_copy(config)
-    _connect(config.address)
-    _note_local_paths(config)
-    result = action(config)
+    with writing(config):
+        _connect(config.address)
+        _note_local_paths(config)
+        result = action(config)
     print(formatter(result))
     return result
 
@@ -446,7 +452,7 @@ def _check_before_ray(config: Any) -> None:
         resolve_pretrained(config.model, config.pretrained)  # the name too ("did you mean")
     if not storage.is_remote(config.data):  # object storage is read where the run starts, once
         check_dataset(config.data)
-        unscored = unscored_classes(read_report(config.data))
+        unscored = unscored_classes(read_report(config.data), tuning=isinstance(config, TuneConfig))
         if unscored:
             print(f"warning: {unscored}", file=sys.stderr)
 
@@ -512,20 +518,21 @@ def _is_under(path: str, folder: str) -> bool:
 
 
 def _run_ingest(args: argparse.Namespace) -> int:
-    from cxrcore.data.ingest import ingest_dataset, scan_ingest_input
+    from cxrcore.data.ingest import ingest_dataset, scan_ingest_input, writing
 
     config = config_from_args(args.config_cls, args)
     _refuse_outputs_in_job_copy(config)
     scanned = scan_ingest_input(config)  # a folder it refuses costs no Ray start
-    _connect(config.address)
-    print(format_ingest_report(ingest_dataset(config, scanned)))
+    with writing(config):  # another ingest into OUT: refused before Ray starts too
+        _connect(config.address)
+        print(format_ingest_report(ingest_dataset(config, scanned)))
     return 0
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from cxrcore.train.trainer import fit
+    from cxrcore.train.trainer import fit, writing
 
-    result = _run_on_ray(args, fit, format_train_result)
+    result = _run_on_ray(args, fit, format_train_result, writing)
     if result.run_dir is None:  # --workers 0, as asked: the loop in this process, its figures only
         print("note: --workers 0 trained in this process and keeps no checkpoint; use 1 or more to keep one")
         return 0
@@ -536,9 +543,9 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _run_tune(args: argparse.Namespace) -> int:
-    from cxrcore.tune import run_comparison
+    from cxrcore.tune import run_comparison, writing
 
-    comparison = _run_on_ray(args, run_comparison, format_comparison)
+    comparison = _run_on_ray(args, run_comparison, format_comparison, writing)
     if not comparison["best"]:
         print("cxr: error: no architecture produced a checkpoint; nothing was registered", file=sys.stderr)
         return 1
@@ -554,7 +561,7 @@ def _run_tune(args: argparse.Namespace) -> int:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from cxrcore.evaluate.evaluation import evaluate_checkpoint, missed_classes
+    from cxrcore.evaluate.evaluation import evaluate_checkpoint
     from cxrcore.evaluate.report import metrics_table, with_accuracy_interval
 
     config: EvaluateConfig = config_from_args(EvaluateConfig, args)
@@ -578,7 +585,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         per_class = metrics_table(metrics)
         columns = list(dict.fromkeys(key for row in per_class for key in row))
         print(format_table(columns, [[format_cell(row.get(c)) for c in columns] for row in per_class]))
-        missed = missed_classes(metrics)
+        missed = (evaluated or {}).get("missed")
         if missed:
             print(f"WARNING: the model {missed}; the accuracy does not show it, the recalls above do")
         if (metrics.get("calibration") or {}).get("prior_note"):

@@ -17,6 +17,7 @@ import re
 import signal
 import threading
 from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from cxrcore.runtime import Interrupted, sigint_handler_kept
 log = logging.getLogger(__name__)
 
 RESNET_DEPTHS = ("resnet18", "resnet34", "resnet50")
+DATA_TASK_CPUS = 1.0  # what a Ray Data read task asks for: a trial's workers wait on such tasks for data
 TRIAL_DRIVER_CPUS = 0.1  # a trial's driver share: it waits on its TorchTrainer, or feeds its own loop
 ASHA_REDUCTION_FACTOR = 2
 """ASHA keeps about one trial in this many at each of its rungs (grace epochs, twice that, ...)."""
@@ -280,8 +282,13 @@ def run_comparison(config: TuneConfig) -> dict[str, Any]:
 
     Raises storage.InUse while another process runs the same experiment: it would "resume" the running
     one, train its trials again in the same folders and register them twice."""
-    with storage.exclusive(experiment_path(config), "a Tune experiment", "another --name or --out"):
+    with writing(config):
         return _run_comparison(config)
+
+
+def writing(config: TuneConfig) -> AbstractContextManager[None]:
+    """Held while an experiment runs: another run of it fails at once."""
+    return storage.exclusive(experiment_path(config), "a Tune experiment", "another --name or --out")
 
 
 def _run_comparison(config: TuneConfig) -> dict[str, Any]:
@@ -353,7 +360,7 @@ def _run_comparison(config: TuneConfig) -> dict[str, Any]:
         "production_before": previous,
         "production_kept": kept,
         "finished_before": finished_before,
-        "val_unscored": unscored_classes(report),  # a class without a val image chose nothing
+        "val_unscored": unscored_classes(report, tuning=True),  # a class without a val image chose nothing
         # what this experiment made production, in this run or an earlier one: a third run after a
         # rollback must still see that the rollback moved it away (production names the kept version)
         "promoted": promoted,
@@ -945,6 +952,12 @@ def trial_fit_note(
     has, idle = float(total.get(kind, 0)), float(free.get(kind, 0))
     wanted = f"each trial needs {need:g} {kind}s ({config.workers_per_trial} worker(s) per trial"
     wanted += ")" if config.gpu else f" and its driver's {TRIAL_DRIVER_CPUS:g})"
+    if not config.gpu and local_core_limit() is not None and need + DATA_TASK_CPUS > has + 1e-9:
+        # it would start, then wait for good: its workers' data comes from Ray Data tasks that need a CPU
+        raise ConfigError(
+            f"{wanted} and the local Ray cluster has {has:g}, which leaves its data reads no CPU; use fewer "
+            "--workers-per-trial"
+        )
     if need > has + 1e-9:
         if local_core_limit() is not None:
             raise ConfigError(

@@ -13,6 +13,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -152,8 +153,13 @@ def ingest_dataset(
     folder it refuses costs no Ray start). Raises LayoutError when no image can be used: nothing is written;
     storage.InUse when another ingest is writing OUT (its staging folder is that run's, not debris).
     """
-    with storage.exclusive(config.out, "an ingest", "another OUT"):
+    with writing(config):
         return _ingest(config, scanned)
+
+
+def writing(config: IngestConfig) -> AbstractContextManager[None]:
+    """Held while an ingest writes OUT: another one writing it fails at once (storage.exclusive)."""
+    return storage.exclusive(config.out, "an ingest", "another OUT")
 
 
 def _ingest(config: IngestConfig, scanned: tuple[LayoutScan, set[str]] | None) -> dict[str, Any]:

@@ -236,24 +236,30 @@ def exclusive(location: str, what: str, elsewhere: str) -> Iterator[None]:
     An advisory lock (flock) on a hidden file beside `location` (`.NAME.lock`), removed when the block
     ends; the kernel releases the lock when the process ends, however it ends, so a killed run's file
     blocks nothing and the next run resumes or replaces what it left, as before. A folder made only to
-    hold the lock goes with it. Local paths only (a shared filesystem's flock is as good as its NFS); an
-    object store has no lock, and nothing is held there.
+    hold the lock goes with it. Re-entrant within a process: a command takes it before Ray starts, and
+    the library call it makes takes it again. Local paths only (a shared filesystem's flock is as good
+    as its NFS); an object store has no lock, and nothing is held there.
     """
     if is_remote(location):
         yield
         return
-    path = os.path.abspath(resolve(location)[1].rstrip("/"))
+    path = os.path.realpath(resolve(location)[1].rstrip("/"))  # a link and its target: one lock
+    if path in _held:  # taken by this process already (a command first, then the library call)
+        yield
+        return
     parent = os.path.dirname(path)
     made = [] if os.path.isdir(parent) else _missing_folders(parent)
     os.makedirs(parent, exist_ok=True)
     lock = os.path.join(parent, f".{os.path.basename(path)}.lock")
     descriptor = _locked_file(lock, location, elsewhere)
+    _held.add(path)
     try:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
         holder = f"{what} (pid {os.getpid()} on {socket.gethostname()}, since {since})"
         os.pwrite(descriptor, holder.encode(), 0)
         yield
     finally:
+        _held.discard(path)
         # Removed while still held: a process that opened it meanwhile finds it gone (_locked_file).
         with contextlib.suppress(OSError):
             os.unlink(lock)
@@ -261,6 +267,10 @@ def exclusive(location: str, what: str, elsewhere: str) -> Iterator[None]:
         for folder in made:  # deepest first; one the run wrote into stays
             with contextlib.suppress(OSError):
                 os.rmdir(folder)
+
+
+_held: set[str] = set()
+"""The outputs this process holds the lock of (`exclusive` is re-entrant within a process)."""
 
 
 def _locked_file(lock: str, location: str, elsewhere: str) -> int:

@@ -322,6 +322,7 @@ def _classification_report(
         "mask_source": ("segmenter" if as_served else "dataset") if needs_mask else None,
         "per_source": _per_source_note(sources),
         "classes_note": classes_note(metrics["per_class"]),
+        "missed": missed_classes(metrics),  # what the accuracy hides on an imbalanced split
     }
     name = model.ref if config.model else predictor.card.name
     paths = write_evaluation_report(

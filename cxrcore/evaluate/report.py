@@ -568,6 +568,9 @@ def evaluation_lead(
         parts.append(f'<p class="lead alert">{note}</p>')
     if evaluated.get("classes_note"):
         parts.append(f'<p class="lead">{html.escape(evaluated["classes_note"])}</p>')
+    if evaluated.get("missed"):
+        missed = html.escape(f"The model {evaluated['missed']}: the accuracy does not show it.")
+        parts.append(f'<p class="lead alert">{missed}</p>')
     for block in (comparison, holdout):
         if block:
             alert = " alert" if block["large_drop"] or block.get("clean") is False else ""
@@ -682,6 +685,7 @@ FACT_LABELS = {
     "mask_source": "mask source",
     "per_source": "per source",
     "classes_note": "classes",
+    "missed": "the model",
     "input_spec": "input",
     "image_size": "image size (px)",
     "data": "training data",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,13 +118,13 @@ def check_dataset(data: str) -> None:
         )
 
 
-def unscored_classes(report: dict[str, Any]) -> str | None:
+def unscored_classes(report: dict[str, Any], tuning: bool = False) -> str | None:
     """A sentence where the dataset's val split lacks a class (None where it holds every class it has).
 
     Every epoch is scored on the val split: its macro-F1 averages the classes present, so a class without
-    a val image plays no part in which checkpoint is kept, in ASHA's stops or in Tune's winner.
+    a val image plays no part in which checkpoint is kept (`tuning`: nor in ASHA's stops or Tune's winner).
 
-    >>> unscored_classes({"by_class_split": {"COVID": {"val": 1}, "Viral Pneumonia": {"train": 4}}})
+    >>> unscored_classes({"by_class_split": {"COVID": {"val": 1}, "Viral Pneumonia": {"train": 4}}}, True)
     "the val split holds no Viral Pneumonia image: validation macro-F1, and with it the checkpoint kept, ..."
     """
     by_class = report.get("by_class_split") or {}
@@ -131,9 +132,10 @@ def unscored_classes(report: dict[str, Any]) -> str | None:
     if not missing:
         return None
     scored = sum(1 for splits in by_class.values() if splits.get("val"))
+    chosen = "the checkpoint kept, ASHA's stops and the winner" if tuning else "the checkpoint kept"
     return (
-        f"the val split holds no {' or '.join(missing)} image: validation macro-F1, and with it the "
-        f"checkpoint kept, ASHA's stops and the winner, is over the other {scored} "
+        f"the val split holds no {' or '.join(missing)} image: validation macro-F1, and with it {chosen}, "
+        f"is over the other {scored} "
         f"class{'es' * (scored != 1)}; ingest again with a larger --val-fraction to score "
         f"{'it' if len(missing) == 1 else 'them'}"
     )
@@ -486,13 +488,19 @@ def fit(config: TrainConfig) -> TrainResult:
     resumes the run. Raises storage.InUse while another process trains the same run (its checkpoints
     would interleave with this one's, and what this one took for an interrupted run's debris is the
     other's work)."""
-    from cxrcore.data import storage
 
     if config.gpu:
         check_local_gpus(config.workers)
-    run_dir = f"{config.out.rstrip('/')}/{config.run_name()}"
-    with storage.exclusive(run_dir, "a training run", "another --name or --out"):
+    with writing(config):
         return _fit(config)
+
+
+def writing(config: TrainConfig) -> AbstractContextManager[None]:
+    """Held while a run trains into its folder: another one of that folder fails at once."""
+    from cxrcore.data import storage
+
+    run_dir = f"{config.out.rstrip('/')}/{config.run_name()}"
+    return storage.exclusive(run_dir, "a training run", "another --name or --out")
 
 
 def _fit(config: TrainConfig) -> TrainResult:

@@ -206,7 +206,7 @@ def test_tune_exits_non_zero_when_an_architecture_it_was_asked_to_compare_produc
     import cxrcore.cli as cli
 
     trials = [{"model": "tiny_cnn_lstm"}, {"model": "tiny_resnet"}, {"model": "tiny_resnet"}]
-    monkeypatch.setattr(cli, "_run_on_ray", lambda args, run, show: {"trials": trials, "best": best})
+    monkeypatch.setattr(cli, "_run_on_ray", lambda args, run, show, writing: {"trials": trials, "best": best})
     assert main(["tune", "--data", "ds", "--models", "tiny_cnn_lstm,tiny_resnet"]) == status
     err = capsys.readouterr().err
     assert (said in err) if said else err == ""
@@ -226,7 +226,11 @@ def test_a_cluster_joined_by_address_is_told_which_locations_are_paths_of_this_m
     monkeypatch.setattr(cxrcore.runtime, "_local_cores", None if joined else 2)
     monkeypatch.setattr(cxrcore.train.trainer, "fit", lambda config: None)
     monkeypatch.setattr(cli, "format_train_result", lambda result: "trained")
-    monkeypatch.setattr(cli, "_run_train", lambda args: cli._run_on_ray(args, cxrcore.train.trainer.fit, str))
+    monkeypatch.setattr(
+        cli,
+        "_run_train",
+        lambda args: cli._run_on_ray(args, cxrcore.train.trainer.fit, str, cxrcore.train.trainer.writing),
+    )
     monkeypatch.chdir(tmp_path)
     main(["train", "--data", "s3://bucket/ds", "--model", "tiny_cnn_lstm", "--out", "runs"])
     err = capsys.readouterr().err
@@ -254,7 +258,11 @@ def test_outputs_inside_a_jobs_working_dir_copy_are_refused(
     monkeypatch.setattr(cli, "_connect", lambda address: None)
     monkeypatch.setattr(cxrcore.runtime, "_local_cores", None)  # joined by address, as a job's driver is
     monkeypatch.setattr(cxrcore.train.trainer, "fit", ran.append)
-    monkeypatch.setattr(cli, "_run_train", lambda args: cli._run_on_ray(args, cxrcore.train.trainer.fit, str))
+    monkeypatch.setattr(
+        cli,
+        "_run_train",
+        lambda args: cli._run_on_ray(args, cxrcore.train.trainer.fit, str, cxrcore.train.trainer.writing),
+    )
     monkeypatch.chdir(package)
     assert main(["train", "--data", "s3://bucket/ds", "--model", "tiny_cnn_lstm", "--out", "runs"]) == 2
     assert f"--out {package / 'runs'}: inside this job's copy of its working_dir" in capsys.readouterr().err

@@ -329,8 +329,11 @@ def test_a_trial_the_cluster_cannot_place_is_said_or_refused(monkeypatch: pytest
     busy = trial_fit_note(one, 1, cluster, {"CPU": 0.9})  # Serve holds a CPU
     assert busy is not None and "0.9 of the cluster's 2 are free now" in busy
     monkeypatch.setattr(runtime, "local_core_limit", lambda: 2)  # the local cluster cxr started: never
-    with pytest.raises(ConfigError, match="the local Ray cluster has 2; use fewer --workers-per-trial"):
-        trial_fit_note(two, 1, cluster, idle)
+    local = {"CPU": 4.0}  # 2 cores and DATA_CPUS
+    assert trial_fit_note(two, 1, local, local) is None  # 2.1 CPUs, and one left for the data reads
+    three = TuneConfig(data="ds", registry="reg", workers_per_trial=3)  # 3.1: started, then hung for good
+    with pytest.raises(ConfigError, match="has 4, which leaves its data reads no CPU; use fewer --workers"):
+        trial_fit_note(three, 1, local, local)
     gpu = TuneConfig(data="ds", registry="reg", gpu=True, workers_per_trial=2)
     with pytest.raises(ConfigError, match="each trial needs 2 GPUs"):
         trial_fit_note(gpu, 1, {"CPU": 16.0, "GPU": 1.0}, {"CPU": 16.0, "GPU": 1.0})

@@ -48,14 +48,15 @@ def test_a_second_writer_fails_naming_the_first_until_the_first_is_gone(
     assert message.endswith("; wait for it to finish or stop it, or use another --name")
     holder.kill()  # killed, not finished: the kernel releases its lock
     holder.wait(timeout=30)
-    with (
-        storage.exclusive(out, "a training run", "another --name"),
-        pytest.raises(storage.InUse, match="a training run \\(pid "),
-        storage.exclusive(out, "a second", "x"),  # held by this process now: refused too
-    ):
-        pass
-    with storage.exclusive(out, "a training run", "another --name"):  # released on leaving
-        pass
+    with storage.exclusive(out, "a training run", "another --name"):
+        # re-entrant: the command took it before Ray started, its library call takes it again
+        with storage.exclusive(out, "the library call", "x"):
+            pass
+        assert (tmp_path / ".out.lock").read_text().startswith("a training run (pid ")  # still held
+        other = subprocess.run([sys.executable, "-c", HOLD, out], capture_output=True, text=True, input="")
+        assert other.returncode != 0 and "is being written by a training run" in other.stderr
+    other = subprocess.run([sys.executable, "-c", HOLD, out], capture_output=True, text=True, input="")
+    assert other.returncode == 0 and other.stdout.strip() == "held"  # released on leaving
     assert not [path.name for path in tmp_path.iterdir() if path.name.startswith(".")]  # the lock goes
 
 
@@ -95,3 +96,36 @@ def test_ingest_train_and_tune_refuse_an_output_being_written(
             TuneConfig(data=str(tmp_path / "ds"), registry=str(tmp_path / "r"), out=str(tmp_path), name="out")
         )
     assert not (tmp_path / "out").exists()  # nothing was written meanwhile
+
+
+def test_the_commands_refuse_before_ray_starts(
+    holder: subprocess.Popen[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A second command waited for a whole local Ray cluster (13-39 s) before the library call refused."""
+    import cxrcore.cli as cli
+    from cxrcore.cli import main
+    from tests.unit.test_external_eval import write_dataset
+
+    def no_ray(address: str | None) -> None:
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(cli, "_connect", no_ray)
+    data = write_dataset(tmp_path / "ds", [("COVID", "train", 1), ("COVID", "val", 2)], "f")
+    train = ["train", "--data", data, "--model", "tiny_cnn_lstm", "--out", str(tmp_path), "--name", "out"]
+    assert main(train) == 2
+    refused = f"{tmp_path / 'out'} is being written by a test writer (pid {holder.pid}"
+    assert refused in capsys.readouterr().err
+    raw = tmp_path / "raw"
+    (raw / "COVID").mkdir(parents=True)
+    assert main(["data", "ingest", str(raw), str(tmp_path / "out")]) != 0  # refused by the folder or the lock
+    assert "Ray was started" not in capsys.readouterr().err
+
+
+def test_a_link_and_its_target_share_one_lock(holder: subprocess.Popen[str], tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "out")
+    with pytest.raises(storage.InUse), storage.exclusive(str(tmp_path / "link"), "a second", "x"):
+        pass

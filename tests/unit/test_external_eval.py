@@ -314,6 +314,10 @@ def test_own_dataset_is_scored_on_its_test_split_without_an_external_block(
     missed = [name for name, row in metrics["per_class"].items() if row["support"] and not row["recall"]]
     assert all(f"{name} (0 of" in printed for name in missed)
     assert ("WARNING: the model finds no" in printed) == bool(missed)
+    # and in metrics.json and the report's lead, not on the console alone
+    assert (metrics["evaluated"]["missed"] is not None) == bool(missed)
+    report = (out / "report.html").read_text()
+    assert ('<p class="lead alert">The model finds no image of' in report) == bool(missed)
     assert metrics["evaluated"]["split"] == "test" and metrics["evaluated"]["relation"] == "internal"
     assert metrics["n"] == 4 and "external" not in metrics and "internal_comparison" not in metrics
     assert "source_holdout" not in metrics  # ingest held no source out
