@@ -10,6 +10,7 @@ import argparse
 import csv
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -253,8 +254,8 @@ def _typed(key: str, value: Any, annotation: Any) -> Any:
     if kind is str:
         if isinstance(value, str):
             return value
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return str(value)  # `name: 2024`
+        if isinstance(value, int | float | os.PathLike) and not isinstance(value, bool):
+            return os.fspath(value) if isinstance(value, os.PathLike) else str(value)  # `name: 2024`
         raise _setting_error(key, f"{key}: expected text, got {value!r}")
     number = value
     if isinstance(value, str):
@@ -265,7 +266,7 @@ def _typed(key: str, value: Any, annotation: Any) -> Any:
     if isinstance(number, bool) or not isinstance(number, int | float):
         raise _setting_error(key, f"{key}: expected a number, got {value!r}")
     if kind is int:
-        if float(number) != int(number):
+        if not math.isfinite(number) or float(number) != int(number):
             raise _setting_error(key, f"{key}: expected a whole number, got {value!r}")
         return int(number)
     return float(number)

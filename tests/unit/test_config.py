@@ -118,6 +118,10 @@ def test_a_config_files_values_are_read_as_their_settings_types(tmp_path: Path) 
         with pytest.raises(ConfigError) as error:
             load_config(TrainConfig, bad)
         assert str(error.value) == f"--config {bad}: {message}"
+    bad.write_text("data: ds\nmodel: cnn_lstm\nepochs: .inf\n")  # YAML's infinity: no whole number
+    with pytest.raises(ConfigError, match=r"epochs: expected a whole number, got inf$"):
+        load_config(TrainConfig, bad)
+    assert load_config(TrainConfig, good, out=tmp_path / "runs").out == str(tmp_path / "runs")  # a Path
     # a flag that overrides the file is named as the flag's value, not the file's
     with pytest.raises(ConfigError, match=r"^epochs: expected a whole number"):
         load_config(TrainConfig, good, epochs=2.5)
