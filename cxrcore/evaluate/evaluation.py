@@ -299,7 +299,9 @@ def _classification_report(
     )  # fmt: skip
     if cal["note"]:
         log.warning("calibration: %s", cal["note"])
-    cal["prior_note"] = prior_note(metrics, bool(predictor.card.training.get("class_weights")))
+    # on the model's own data, whose class mix it trained on: elsewhere another mix moves the shares too
+    weighted = bool(predictor.card.training.get("class_weights"))
+    cal["prior_note"] = prior_note(metrics, weighted) if relation.kind == "internal" else None
     holdout = _source_holdout(config.data, relation, split, frame, probs, classes)
     masks_used = _masks_used(needs_mask, as_served, int(has_mask.sum()))
     blocks = None
