@@ -22,6 +22,7 @@ from typing import Any
 
 from cxrcore import plan
 from cxrcore.config import (
+    PRETRAINED_CHOICES,
     BenchmarkConfig,
     ConfigError,
     EvaluateConfig,
@@ -161,13 +162,26 @@ def build_parser() -> argparse.ArgumentParser:
         _run_ingest,
         "ingest a raw dataset to Parquet",
         plan.ingest_plan,
+        _check_ingest,
     )
 
     _add_config_command(
-        commands, "train", TrainConfig, _run_train, "train a model with Ray Train (DDP)", plan.train_plan
+        commands,
+        "train",
+        TrainConfig,
+        _run_train,
+        "train a model with Ray Train (DDP)",
+        plan.train_plan,
+        _check_train_or_tune,
     )
     _add_config_command(
-        commands, "tune", TuneConfig, _run_tune, "compare architectures with Ray Tune", plan.tune_plan
+        commands,
+        "tune",
+        TuneConfig,
+        _run_tune,
+        "compare architectures with Ray Tune",
+        plan.tune_plan,
+        _check_train_or_tune,
     )
     _add_config_command(
         commands, "evaluate", EvaluateConfig, _run_evaluate, "score a model on a dataset, its own or another"
@@ -236,8 +250,10 @@ def _add_config_command(
     run: Command,
     help_text: str,
     planner: Callable[[Any], str] | None = None,
+    checks: Callable[[Any], list[str]] | None = None,
 ) -> argparse.ArgumentParser:
-    """A command whose flags are `config_cls`'s fields; with a `planner`, also `--dry-run`."""
+    """A command whose flags are `config_cls`'s fields; with a `planner`, also `--dry-run`, which prints
+    the plan and then runs `checks`: what the run checks before Ray starts."""
     parser: argparse.ArgumentParser = commands.add_parser(
         name, help=help_text, description=(config_cls.__doc__ or help_text).split("\n")[0]
     )
@@ -246,20 +262,27 @@ def _add_config_command(
         parser.add_argument(
             "--dry-run",
             action="store_true",
-            help="check the settings, resolve every name and print the plan; starts no Ray, reads no data",
+            help="print the plan, then check what the run checks before Ray starts (the settings, every "
+            "name, the input, the output free); starts no Ray, decodes no image",
         )
-        run = _run_or_plan(run, planner)
+        run = _run_or_plan(run, planner, checks or (lambda config: []))
     parser.set_defaults(run=run, config_cls=config_cls)
     return parser
 
 
-def _run_or_plan(run: Command, planner: Callable[[Any], str]) -> Command:
-    """`run`, or under --dry-run the plan of the config it would run (invalid settings: exit 2, as a run)."""
+def _run_or_plan(run: Command, planner: Callable[[Any], str], checks: Callable[[Any], list[str]]) -> Command:
+    """`run`, or under --dry-run the plan of the config it would run, then the run's own checks before Ray.
+    A wrong setting, or a refusal of what is on this machine (a damaged dataset, an output another run is
+    writing), exits 2 as the run would. What this machine lacks (a dataset or GPUs the plan may be for) is
+    a note: the plan stands for the machine that has them, and here the run would stop."""
 
     def run_or_plan(args: argparse.Namespace) -> int:
         if not args.dry_run:
             return run(args)
-        print(planner(config_from_args(args.config_cls, args)))
+        config = config_from_args(args.config_cls, args)
+        print(planner(config), flush=True)
+        for note in checks(config):
+            print(f"note: on this machine the run would stop: {note}", file=sys.stderr)
         return 0
 
     return run_or_plan
@@ -425,7 +448,6 @@ def _run_on_ray(
     holds the output for the whole command, so a second one writing it fails before Ray starts."""
     config = config_from_args(args.config_cls, args)
     _check_before_ray(config)  # a typo or a damaged dataset fails at once, not after Ray's start
-    _refuse_outputs_in_job_copy(config)
     with writing(config):
         _connect(config.address)
         _note_local_paths(config)
@@ -434,23 +456,82 @@ def _run_on_ray(
     return result
 
 
-def _check_before_ray(config: Any) -> None:
-    """What fails a train or tune command whatever the cluster, checked before Ray's start (12 s here): the
-    architecture names (a "did you mean" otherwise), the dataset (finished, its files whole) and the
-    --pretrained choice, a file there (`resolve_pretrained`; the run loads the weights, once, after)."""
+def _check_train_or_tune(config: TrainConfig | TuneConfig) -> list[str]:
+    """`--dry-run`'s checks: the run's own before Ray starts, and its output free of another run. What this
+    machine lacks (the dataset, a weights file, GPUs) is returned as notes: a plan may be for elsewhere."""
+    from cxrcore.train import trainer
+    from cxrcore.tune import writing
+
+    notes: list[str] = []
+    _check_before_ray(config, notes)
+    if _is_here(config.out):  # where the run's lock is (no folder yet: no run writing there)
+        with writing(config) if isinstance(config, TuneConfig) else trainer.writing(config):
+            pass
+    return notes
+
+
+def _check_ingest(config: IngestConfig) -> list[str]:
+    """`--dry-run`'s checks of an ingest: the run's own before Ray starts (RAW scanned, no image decoded),
+    and OUT free of another ingest; a RAW not on this machine is a note (a plan may be for elsewhere)."""
+    from cxrcore.data.ingest import check_output_folder, scan_ingest_input, writing
+
+    _refuse_outputs_in_job_copy(config)
+    if not _is_here(config.raw):
+        if _is_here(config.out):
+            check_output_folder(config.raw, config.out)
+        return [] if "://" in config.raw else [f"{config.raw} is not a folder"]
+    scan_ingest_input(config)
+    if _is_here(os.path.dirname(os.path.abspath(config.out))):  # where OUT's lock is: makes no folder
+        with writing(config):
+            pass
+    return []
+
+
+def _is_here(location: str) -> bool:
+    """A path that exists on this machine (a dry run never reaches out to object storage)."""
+    return "://" not in location and os.path.exists(location)
+
+
+def _check_before_ray(config: Any, notes: list[str] | None = None) -> None:
+    """What fails a train or tune command whatever the cluster, checked before Ray's start (12 s here): an
+    output inside a job's working dir, the architecture names (a "did you mean" otherwise), the dataset
+    (finished, its files whole), the --pretrained choice, a file there (`resolve_pretrained`; the run loads
+    the weights, once, after), and --gpu on the local cluster of a machine without enough GPUs.
+
+    A dry run gives `notes`: it may plan a run for another machine, so what this one lacks (the dataset
+    folder, the weights file, GPUs) goes there, while what it has is checked as the run checks it."""
+    _refuse_outputs_in_job_copy(config)
     if not isinstance(config, TuneConfig | TrainConfig):
         return
     from cxrcore.data import storage
     from cxrcore.data.ingest import read_report
-    from cxrcore.train.trainer import check_dataset, resolve_pretrained, unscored_classes
+    from cxrcore.train.trainer import check_dataset, check_local_gpus, resolve_pretrained, unscored_classes
 
+    dry_run, lacking = notes is not None, notes if notes is not None else []
+
+    def lacks(location: str) -> bool:
+        return dry_run and "://" not in location and not os.path.exists(location)
+
+    if lacks(config.pretrained) and config.pretrained.strip().lower() not in PRETRAINED_CHOICES:
+        lacking.append(f"--pretrained: no weights file at {config.pretrained}")
+        config = dataclasses.replace(config, pretrained="hub")  # still: does the model take weights?
     if isinstance(config, TuneConfig):
         from cxrcore.tune import check_settings
 
         check_settings(config)
     else:
         resolve_pretrained(config.model, config.pretrained)  # the name too ("did you mean")
-    if not storage.is_remote(config.data):  # object storage is read where the run starts, once
+    if config.gpu:
+        workers = config.workers if isinstance(config, TrainConfig) else config.workers_per_trial
+        try:
+            check_local_gpus(workers, config.address)
+        except ConfigError as error:
+            if not dry_run:
+                raise
+            lacking.append(str(error))
+    if lacks(config.data):
+        lacking.append(f"--data {config.data}: no such folder")
+    elif not storage.is_remote(config.data):  # object storage is read where the run starts, once
         check_dataset(config.data)
         unscored = unscored_classes(read_report(config.data), tuning=isinstance(config, TuneConfig))
         if unscored:

@@ -24,7 +24,7 @@ FULL_DATABASE_IMAGES = 21_165
 ASSUMED_NODE_GPUS = 4
 """The cluster a GPU Tune plan assumes without --max-concurrent: one 4-GPU node, as in
 cluster/kuberay/rayjob-tune.yaml."""
-NOTHING_STARTED = "dry run: nothing started, no data read"
+NOTHING_STARTED = "dry run: no Ray started, no image decoded"
 """The first line of every plan says what a dry run does not do."""
 
 

@@ -384,6 +384,11 @@ def _free_port(preferred: int = DASHBOARD_PORT) -> int:
     raise OSError("no free TCP port on 127.0.0.1 for the Ray dashboard")
 
 
+def joins_cluster(address: str | None) -> bool:
+    """Whether init_ray(address) joins a running cluster (`address` or RAY_ADDRESS), not starts one here."""
+    return bool(address or os.environ.get("RAY_ADDRESS"))
+
+
 def local_core_limit() -> int | None:
     """How many CPU-bound tasks to run at once on the local cluster init_ray started: its cores, not the
     logical CPUs it counts (at least 4, so that Tune's trials fit). None on a cluster joined by address,

@@ -249,20 +249,28 @@ def _check_worker_cpus(config: TrainConfig, cpus: int) -> None:
         )
 
 
-def check_local_gpus(workers: int) -> None:
-    """Refuse `--gpu` where the local cluster cxr started has fewer GPUs than `workers`: Ray would wait for
-    them forever. A cluster joined by address may add GPU nodes as it autoscales, so it is left to Ray."""
+def check_local_gpus(workers: int, address: str | None = None) -> None:
+    """Refuse `--gpu` where the local cluster cxr started (or, before Ray starts, would start: the GPUs
+    torch sees here) has fewer GPUs than `workers`: Ray would wait for them forever. A cluster joined by
+    address may add GPU nodes as it autoscales, so it is left to Ray."""
     import ray
 
-    from cxrcore.runtime import local_core_limit
+    from cxrcore.runtime import joins_cluster, local_core_limit
 
-    if local_core_limit() is None or not ray.is_initialized():
+    if ray.is_initialized():
+        if local_core_limit() is None:
+            return
+        gpus, where = int(ray.cluster_resources().get("GPU", 0)), "the local Ray cluster has"
+    elif joins_cluster(address):
         return
-    gpus = int(ray.cluster_resources().get("GPU", 0))
+    else:
+        import torch
+
+        gpus, where = torch.cuda.device_count(), "this machine, where cxr starts a local Ray cluster, has"
     if gpus < max(workers, 1):
         raise ConfigError(
-            f"--gpu: the local Ray cluster has {gpus} GPU(s) for {max(workers, 1)} GPU worker(s); train on "
-            "the CPU (without --gpu), or on a cluster with GPUs (--address)"
+            f"--gpu: {where} {gpus} GPU(s) for {max(workers, 1)} GPU worker(s); train on the CPU (without "
+            "--gpu), or on a cluster with GPUs (--address)"
         )
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import runpy
 import sys
 from pathlib import Path
@@ -104,9 +103,12 @@ def test_ingest_dry_run_through_the_job_entrypoint(
 def test_train_dry_run_reads_the_dataset_report_when_present(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    report = {"by_split": {"train": 100, "val": 12, "test": 12}, "config": {"size": 64}}
-    (tmp_path / "ingest_report.json").write_text(json.dumps(report))
-    argv = ["train", "--data", str(tmp_path), "--model", "dual_cnn", "--workers", "2", "--dry-run"]
+    from tests.unit.test_external_eval import write_dataset
+
+    splits = {"train": 100, "val": 12, "test": 12}
+    rows = [("COVID", split, i) for split, n in splits.items() for i in range(n)]
+    data = write_dataset(tmp_path / "ds", rows, "f", size=64)
+    argv = ["train", "--data", data, "--model", "dual_cnn", "--workers", "2", "--dry-run"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "train images: 100 (from its ingest_report.json)" in out
@@ -376,3 +378,57 @@ def test_the_demo_checks_its_settings_before_ray_and_the_synthesis(
         assert main([*demo, *flags]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "w").exists()
+
+
+def test_a_dry_run_notes_what_this_machine_lacks_and_refuses_what_it_has_wrong(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A dry run plans anywhere (the shipped configs name the cluster's /data), so a dataset, a weights file
+    or GPUs missing here are notes, exit 0; a dataset here that the run would refuse exits 2 as it does."""
+    import torch
+
+    from tests.unit.test_external_eval import write_dataset
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.chdir(tmp_path)
+    train = ["train", "--model", "tiny_resnet", "--dry-run"]
+    assert main([*train, "--data", "typo", "--gpu", "--pretrained", "w.safetensors"]) == 0
+    captured = capsys.readouterr()
+    assert "plan of cxr train" in captured.out
+    notes = [line for line in captured.err.splitlines() if line.startswith("note: on this machine the run")]
+    assert len(notes) == 3, captured.err
+    assert notes[0].endswith(f"--pretrained: no weights file at {tmp_path / 'w.safetensors'}")
+    assert "--gpu: this machine, where cxr starts a local Ray cluster, has 0 GPU(s)" in notes[1]
+    assert notes[2].endswith(f"--data {tmp_path / 'typo'}: no such folder")
+    data = write_dataset(tmp_path / "ds", [("COVID", "train", 1), ("COVID", "val", 2)], "f")
+    assert main([*train, "--data", data]) == 0 and "note:" not in capsys.readouterr().err
+    next((tmp_path / "ds").rglob("*.parquet")).unlink()  # damaged here: the run would refuse it
+    assert main([*train, "--data", data]) == 2
+    captured = capsys.readouterr()
+    assert "plan of cxr train" in captured.out and captured.err.startswith("cxr: error:")
+
+
+def test_gpu_workers_this_machine_lacks_are_refused_before_ray_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--gpu` on a machine without a GPU waited for a local Ray cluster's start (12 s) to be refused."""
+    import torch
+
+    import cxrcore.cli as cli
+    from tests.unit.test_external_eval import write_dataset
+
+    def no_ray(address: str | None) -> None:
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(cli, "_connect", no_ray)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    data = write_dataset(tmp_path / "ds", [("COVID", "train", 1), ("COVID", "val", 2)], "f")
+    train = ["train", "--data", data, "--model", "tiny_cnn_lstm", "--out", str(tmp_path), "--gpu"]
+    assert main([*train, "--workers", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--gpu: this machine, where cxr starts a local Ray cluster, has 1 GPU(s) for 2 GPU worker" in err
+    tune = ["tune", "--data", data, "--registry", str(tmp_path / "r"), "--models", "tiny_cnn_lstm", "--gpu"]
+    assert main([*tune, "--workers-per-trial", "2"]) == 2
+    assert "has 1 GPU(s) for 2 GPU worker(s)" in capsys.readouterr().err

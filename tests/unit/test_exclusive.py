@@ -129,3 +129,24 @@ def test_a_link_and_its_target_share_one_lock(holder: subprocess.Popen[str], tmp
     (tmp_path / "link").symlink_to(tmp_path / "out")
     with pytest.raises(storage.InUse), storage.exclusive(str(tmp_path / "link"), "a second", "x"):
         pass
+
+
+def test_a_dry_run_says_when_the_output_is_being_written(
+    holder: subprocess.Popen[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A dry run checks what the run checks before Ray starts, the output's lock included."""
+    from cxrcore.cli import main
+    from tests.conftest import write_png, xray
+    from tests.unit.test_external_eval import write_dataset
+
+    data = write_dataset(tmp_path / "ds", [("COVID", "train", 1), ("COVID", "val", 2)], "f")
+    train = ["train", "--data", data, "--model", "tiny_cnn_lstm", "--out", str(tmp_path), "--name", "out"]
+    assert main([*train, "--dry-run"]) == 2
+    captured = capsys.readouterr()
+    assert "plan of cxr train" in captured.out and "is being written by a test writer" in captured.err
+    for cls in ("COVID", "Normal"):
+        write_png(tmp_path / "raw" / cls / f"{cls}-1.png", xray(1, 64))
+    assert main(["data", "ingest", str(tmp_path / "raw"), str(tmp_path / "out"), "--dry-run"]) == 2
+    assert "is being written by a test writer" in capsys.readouterr().err
+    assert main([*train, "--name", "other", "--dry-run"]) == 0
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".") and "other" in p.name]
