@@ -245,7 +245,7 @@ def html_table(rows: Sequence[Mapping[str, Any]]) -> str:
     Numbers are shown as format_number does; None as a dash; booleans as yes / no; lists and dicts as JSON.
     """
     columns = list(dict.fromkeys(key for row in rows for key in row))
-    head = "".join(f"<th>{html.escape(str(column))}</th>" for column in columns)
+    head = "".join(f"<th>{html.escape(column_label(column))}</th>" for column in columns)
     body = "".join(
         "<tr>" + "".join(_table_cell(row.get(column)) for column in columns) + "</tr>\n" for row in rows
     )
@@ -253,6 +253,31 @@ def html_table(rows: Sequence[Mapping[str, Any]]) -> str:
         f'<div class="table-wrap"><table>\n<thead><tr>{head}</tr></thead>\n'
         f"<tbody>\n{body}</tbody>\n</table></div>\n"
     )
+
+
+COLUMN_LABELS = {"n": "images", "macro_f1": "macro-F1", "mean_probability": "mean p"}
+"""Metric keys whose words are not their parts'; the rest read by LABEL_WORDS."""
+LABEL_WORDS = {
+    "ece": "ECE",
+    "nll": "NLL",
+    "f1": "F1",
+    "auroc": "AUROC",
+    "auc": "AUC",
+    "iou": "IoU",
+    "dice": "Dice",
+}
+
+
+def column_label(key: Any) -> str:
+    """A table's column in words: a metric key as a reader writes it, a label already in words as it is.
+
+    >>> [column_label(k) for k in ("balanced_accuracy", "ece_floor_sd_before", "n", "accuracy 95% CI")]
+    ['balanced accuracy', 'ECE floor sd before', 'images', 'accuracy 95% CI']
+    """
+    text = str(key)
+    if " " in text:
+        return text
+    return COLUMN_LABELS.get(text) or " ".join(LABEL_WORDS.get(word, word) for word in text.split("_"))
 
 
 def format_number(value: float | np.integer[Any] | np.floating[Any]) -> str:
@@ -645,10 +670,11 @@ def _plot_keys(ax: Axes, history: Sequence[Mapping[str, Any]], keys: Sequence[st
 def _headline_rows(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
     """One row of the headline metrics, the accuracy's 95% interval beside it; for a result without them
     (e.g. segmentation), its scalar values."""
-    row = with_accuracy_interval({key: metrics[key] for key in HEADLINE_METRICS if key in metrics}, metrics)
-    return [
-        row or {key: value for key, value in metrics.items() if _is_number(value) or isinstance(value, str)}
-    ]
+    if "accuracy" in metrics:
+        return [
+            with_accuracy_interval({key: metrics[key] for key in HEADLINE_METRICS if key in metrics}, metrics)
+        ]
+    return [{key: value for key, value in metrics.items() if _is_number(value) or isinstance(value, str)}]
 
 
 def _missing_roc_note(classes: Sequence[str], curves: Mapping[str, Any]) -> str:

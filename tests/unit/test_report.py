@@ -111,6 +111,8 @@ def test_html_is_self_contained_and_escaped(report: dict[str, Path]) -> None:
     assert "No ROC curve for Viral Pneumonia" not in text  # the main metrics have every class
     headers = re.findall(r"<th>(.*?)</th>", text)
     assert headers[headers.index("accuracy") + 1] == "accuracy 95% CI"  # beside the accuracy
+    assert {"balanced accuracy", "macro-F1", "ECE", "images", "F1", "Dice"} <= set(headers)
+    assert not [header for header in headers if "_" in header]  # in words, not metric keys
     matrix = _metrics(0)["confusion_matrix"]
     assert f"<td>{interval_text(accuracy_interval(matrix))}</td>" in text
     sources = re.findall(r'<img [^>]*src="([^"]+)"', text)
