@@ -56,6 +56,7 @@ def format_comparison(comparison: dict[str, Any]) -> str:
         architectures_asked,
         holdout_columns,
         holdout_warnings,
+        kept_better_line,
         winner_line,
     )
 
@@ -90,7 +91,9 @@ def format_comparison(comparison: dict[str, Any]) -> str:
         )
     lines.append(f"production (*): {comparison['production']}")
     before, kept = comparison.get("production_before"), comparison.get("production_kept")
-    if kept:
+    if kept and "better_on_this_data" in kept:
+        lines.append(kept_better_line(kept))
+    elif kept:
         lines.append(
             f"production stays {comparison['production']}: it was moved there after this experiment's "
             f"earlier run promoted {kept['left_by_earlier_run']}; `cxr models promote {kept['winner']}` "

@@ -334,21 +334,7 @@ def _run_comparison(config: TuneConfig) -> dict[str, Any]:
     left = _production_left_by_earlier_run(experiment)
     best = _best_per_architecture(config, trials, registry, work, experiment)
     previous = registry.aliases().get("production")
-    kept, promoted = None, left
-    if best:
-        winner = best_by_validation(best.values(), dict)
-        assert winner is not None
-        if left is not None and previous is not None and previous != left:
-            # This experiment finished before and promoted `left`; production was moved since (a rollback,
-            # another experiment's winner). Re-running it, to resume or to remake its reports, must not
-            # undo that: an operator's rollback came back on a CI retry.
-            kept = {"left_by_earlier_run": left, "winner": winner["ref"]}
-            for row in best.values():
-                row["production"] = row["ref"] == previous  # starred where the kept version is one of them
-        else:
-            registry.promote(winner["ref"], "production")
-            winner["production"] = True
-            promoted = winner["ref"]
+    kept, promoted = _promote_winner(registry, best, previous, left, report["fingerprint"])
     comparison = {
         "experiment": experiment,
         "dataset": config.data,
@@ -404,6 +390,63 @@ def _finished_before(experiment: str) -> bool:
         return False
     trials = json.loads(text).get("trials") or []
     return bool(trials) and all(trial.get("error") is None for trial in trials)
+
+
+def _promote_winner(
+    registry: Any, best: dict[str, dict[str, Any]], previous: str | None, left: str | None, fingerprint: str
+) -> tuple[dict[str, Any] | None, str | None]:
+    """Make the winner production, unless production should stay: a re-run of this experiment after
+    production was moved from what the experiment promoted (`left`), or a production version that ranks
+    above the winner on the same validation images (_better_production). Stars the production row of
+    `best`; returns why production stayed (None: promoted) and what this experiment has promoted."""
+    if not best:
+        return None, left
+    winner = best_by_validation(best.values(), dict)
+    assert winner is not None
+    if left is not None and previous is not None and previous != left:
+        # This experiment finished before and promoted `left`; production was moved since (a rollback,
+        # another experiment's winner). Re-running it, to resume or to remake its reports, must not
+        # undo that: an operator's rollback came back on a CI retry.
+        kept: dict[str, Any] = {"left_by_earlier_run": left, "winner": winner["ref"]}
+    elif previous != left and (better := _better_production(registry, previous, winner, fingerprint)):
+        kept = {"better_on_this_data": better, "winner": _ranked_figures(winner)}
+    else:
+        registry.promote(winner["ref"], "production")
+        winner["production"] = True
+        return None, winner["ref"]
+    for row in best.values():
+        row["production"] = row["ref"] == previous  # starred where the kept version is one of them
+    return kept, left
+
+
+def _better_production(
+    registry: Any, production: str | None, winner: dict[str, Any], fingerprint: str
+) -> dict[str, Any] | None:
+    """The production version's validation figures where they rank above this experiment's winner on the
+    same validation images: it was trained on this dataset (its fingerprint), and best_by_validation puts it
+    first (a better macro-F1 by more than one image, or within one image a lower loss). None otherwise: no
+    production, one of this experiment's own versions, one trained on other data (scores on other images
+    do not compare: the winner of an experiment on new data is promoted), or the winner ahead.
+
+    A shared registry's production had been replaced by any later experiment's winner, even one a whole
+    class of images below it on the very same validation split."""
+    from cxrcore.registry import RegistryError
+
+    if production is None or production in {winner["ref"]}:
+        return None
+    try:
+        version = registry.get(production)
+    except (RegistryError, FileNotFoundError, ValueError):  # an alias left dangling: nothing to keep
+        return None
+    if version.card.data.get("fingerprint") != fingerprint or version.card.metrics.get("val_score") is None:
+        return None
+    held = {"ref": version.ref, **_ranked_figures(version.card.metrics)}
+    return held if best_by_validation([_ranked_figures(winner), held], dict) is held else None
+
+
+def _ranked_figures(row: dict[str, Any]) -> dict[str, Any]:
+    """What best_by_validation ranks a version on, with its reference where the row has one."""
+    return {k: row[k] for k in ("ref", "val_score", "val_loss", "val_count") if row.get(k) is not None}
 
 
 def _production_left_by_earlier_run(experiment: str) -> str | None:

@@ -101,6 +101,9 @@ def write_comparison_report(out_dir: str | Path, comparison: dict[str, Any]) -> 
     leads = [
         (winner_line(comparison["best"], architectures_asked(comparison)), "lead" if ranked else "lead alert")
     ]
+    kept = comparison.get("production_kept") or {}
+    if "better_on_this_data" in kept:
+        leads.append((kept_better_line(kept), "lead alert"))
     leads += [(line, "lead alert") for line in holdout_warnings(comparison["best"])]
     lead = "\n".join(f'<p class="{kind}">{html.escape(text)}</p>' for text, kind in leads)
     paths["html"] = write_html_report(
@@ -114,6 +117,31 @@ def ranked_architectures(best: Mapping[str, Mapping[str, Any]]) -> list[tuple[st
     chosen (cxrcore.metrics.best_by_validation): validation macro-F1 (val_score), and among scores within one
     validation image of each other, the lower validation loss."""
     return rank_by_validation(best.items(), lambda item: item[1])
+
+
+def kept_better_line(kept: Mapping[str, Any]) -> str:
+    """Why production stayed where it was: on the same validation images it ranks above the winner.
+
+    >>> import textwrap
+    >>> held = {"ref": "dual_cnn:2", "val_score": 0.95, "val_loss": 0.2, "val_count": 40}
+    >>> winner = {**held, "ref": "cnn_lstm:1", "val_score": 0.8, "val_loss": 0.5}
+    >>> print(textwrap.fill(kept_better_line({"better_on_this_data": held, "winner": winner}), 100))
+    Production stays dual_cnn:2: trained on this dataset, it scores validation macro-F1 0.950 (loss
+    0.200) on the same 40 images, against the winner's 0.800 (loss 0.500); `cxr models promote
+    cnn_lstm:1` serves the winner.
+    """
+    held, winner = kept["better_on_this_data"], kept["winner"]
+
+    def figures(row: Mapping[str, Any]) -> str:
+        loss = row.get("val_loss")
+        return _fixed(row["val_score"]) + ("" if loss is None else f" (loss {loss:.3f})")
+
+    images = f" {held['val_count']}" if held.get("val_count") else ""
+    return (
+        f"Production stays {held['ref']}: trained on this dataset, it scores validation macro-F1 "
+        f"{figures(held)} on the same{images} images, against the winner's {figures(winner)}; "
+        f"`cxr models promote {winner['ref']}` serves the winner."
+    )
 
 
 def winner_line(

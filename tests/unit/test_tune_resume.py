@@ -150,3 +150,57 @@ def test_a_failed_trial_is_reported_by_its_exception_not_rays_actor_header() -> 
     assert error_line(RuntimeError("header\n  File x\nKeyError: 'accuracy'")) == "KeyError: 'accuracy'"
     oom = MemoryError("Task was killed due to the node running low on memory.\nRefer to the documentation")
     assert error_line(oom) == "MemoryError: Task was killed due to the node running low on memory."
+
+
+def test_production_better_on_the_same_validation_images_stays_and_says_so(tmp_path: Path) -> None:
+    """A shared registry's production was replaced by any later experiment's winner, even one 0.15 of
+    macro-F1 below it on the very same validation split. Scores on other data do not compare."""
+    import torch
+
+    from cxrcore.checkpoint import ModelCard, save_checkpoint
+    from cxrcore.evaluate.comparison import kept_better_line
+    from cxrcore.models import create_model, get_build_args, get_input_spec
+    from cxrcore.tune import _promote_winner
+
+    registry = ModelRegistry(tmp_path / "registry")
+
+    def version(name: str, fingerprint: str, score: float, loss: float = 0.3) -> dict[str, Any]:
+        model = create_model(name)
+        card = ModelCard(
+            model=get_build_args(model),
+            input_spec=get_input_spec(model).to_dict(),
+            data={"fingerprint": fingerprint, "size": 64},
+            metrics={"val_score": score, "val_loss": loss, "val_count": 40},
+            version=str(torch.initial_seed() + len(registry.versions())),
+        )
+        ref = registry.register(save_checkpoint(tmp_path / f"{name}-{score}-{loss}", model, card)).ref
+        return {"ref": ref, "val_score": score, "val_loss": loss, "val_count": 40}
+
+    champion = version("tiny_cnn_lstm", "same", 0.95)
+    registry.promote(champion["ref"], "production")
+    winner = version("tiny_resnet", "same", 0.80)
+    best = {"tiny_resnet": dict(winner)}
+    kept, promoted = _promote_winner(registry, best, champion["ref"], None, "same")
+    assert registry.aliases()["production"] == champion["ref"] and promoted is None
+    assert kept == {"better_on_this_data": champion, "winner": winner}
+    assert best["tiny_resnet"]["production"] is False
+    assert kept_better_line(kept).startswith(f"Production stays {champion['ref']}: trained on this dataset")
+    # within one validation image (1/40) and a lower loss: the winner ranks first, as between epochs
+    best = {"tiny_resnet": version("tiny_resnet", "same", 0.94, loss=0.1)}
+    assert _promote_winner(registry, best, champion["ref"], None, "same") == (
+        None,
+        best["tiny_resnet"]["ref"],
+    )
+    assert registry.aliases()["production"] == best["tiny_resnet"]["ref"]
+    # a production trained on other data: the new experiment's winner is promoted
+    registry.promote(champion["ref"], "production")
+    best = {"tiny_resnet": version("tiny_resnet", "other", 0.50)}
+    assert _promote_winner(registry, best, champion["ref"], None, "other") == (
+        None,
+        best["tiny_resnet"]["ref"],
+    )
+    # a re-run of the experiment that promoted production: no comparison with its own winner
+    registry.promote(champion["ref"], "production")
+    best = {"tiny_resnet": version("tiny_resnet", "same", 0.50)}
+    assert _promote_winner(registry, best, champion["ref"], champion["ref"], "same")[0] is None
+    assert registry.aliases()["production"] == best["tiny_resnet"]["ref"]
