@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -137,3 +138,28 @@ def test_the_report_warns_of_classes_their_sources_tell_apart() -> None:
     for shared in (["a.org", "a.org", "b.org"], ["unknown"] * 3):
         report = _source_report(shared, ["train"] * 3, ["COVID", "Normal", "Normal"], set())
         assert report["source_separates"] == []
+
+
+def test_the_report_warns_of_a_near_duplicate_group_large_enough_to_move_the_split_shares() -> None:
+    """Hashes each within the threshold of the next chain into one group (44 of 633 phantoms, pairs up to 46
+    bits apart), and a group goes to one split whole."""
+    from collections import Counter
+
+    from cxrcore.data.ingest import _largest_group, _warnings
+
+    groups = [0] * 30 + list(range(30, 300))
+    labels = ["COVID"] * 10 + ["Normal"] * 20 + ["Normal"] * 270
+    splits = ["val"] * 30 + ["train"] * 270
+    largest = _largest_group(Counter(groups), groups, labels, splits)
+    assert largest == {"images": 30, "by_class": {"COVID": 10, "Normal": 20}, "split": "val"}
+    report: dict[str, Any] = {
+        "by_class_split": {},
+        "ingested": 300,
+        "config": {"near_duplicate_bits": 12},
+        "duplicates": {"largest_group": largest},
+    }
+    [warning] = _warnings(report)
+    assert warning.startswith("30 images (10%; COVID 10, Normal 20) form one near-duplicate group, each")
+    assert "went to val together" in warning and "lower --near-duplicate-bits" in warning
+    assert _warnings({**report, "ingested": 3000}) == []  # 1% of the images: a few patients' copies
+    assert _largest_group(Counter(range(5)), list(range(5)), ["COVID"] * 5, ["train"] * 5) is None
