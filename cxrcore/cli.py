@@ -835,8 +835,7 @@ def _run_show(args: argparse.Namespace) -> int:
 
 
 def _run_register(args: argparse.Namespace) -> int:
-    """A checkpoint registered once: found where it already is; a dual-channel one's segmenter registered
-    first (or found), so that the version names a segmenter the registry holds, wherever it is read."""
+    """A checkpoint registered once, its lung segmenter with it (ModelRegistry.register_once)."""
     from cxrcore.checkpoint import load_card
 
     if not args.registry:
@@ -846,27 +845,15 @@ def _run_register(args: argparse.Namespace) -> int:
     except FileNotFoundError as exc:
         raise ConfigError(f"{args.checkpoint}: {exc}") from exc
     registry = ModelRegistry(args.registry)  # a new one is created
-    segmenter = None
-    if "mask" in card.input_spec.get("channels", []) and card.segmenter:
-        try:
-            unet = registry.registered_as(registry.segmenter_checkpoint(card.segmenter))
-        except (RegistryError, FileNotFoundError) as exc:
-            raise ConfigError(f"{args.checkpoint}'s lung segmenter: {exc}") from exc
-        if unet is None:
-            unet = registry.register(registry.segmenter_checkpoint(card.segmenter))
-            print(f"registered its lung segmenter {card.segmenter} as {unet.ref}")
-        segmenter = unet.ref
-    found = registry.registered_as(args.checkpoint, segmenter)
-    if found is not None:
-        print(f"{args.checkpoint} is registered already, as {found.ref}")
-        version = registry.promote(found.ref, args.alias) if args.alias else found
+    done = registry.register_once(args.checkpoint, report=args.report, alias=args.alias)
+    if done.segmenter_registered and done.segmenter:
+        print(f"registered its lung segmenter {card.segmenter} as {done.segmenter.ref}")
+    if done.found:
+        print(f"{args.checkpoint} is registered already, as {done.version.ref}")
     else:
-        version = registry.register(
-            args.checkpoint, report=args.report, alias=args.alias, segmenter=segmenter
-        )
-        print(f"registered {args.checkpoint} as {version.ref}")
+        print(f"registered {args.checkpoint} as {done.version.ref}")
     if args.alias:
-        print(f"{args.alias}: {version.ref}")
+        print(f"{args.alias}: {done.version.ref}")
     return 0
 
 

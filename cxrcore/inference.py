@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import statistics
 import time
 import warnings
@@ -18,11 +19,15 @@ from cxrcore.calibration import apply_temperature
 from cxrcore.checkpoint import ModelCard, load_model
 from cxrcore.data.batches import masks_to_unit, model_inputs, to_unit
 from cxrcore.data.spec import InputSpec
-from cxrcore.data.transforms import resize_image, resize_mask
+from cxrcore.data.transforms import resize_image, resize_mask, scale_to_uint8, to_gray_uint8
 from cxrcore.segmenter import predict_masks
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+ImageLike = Any
+"""What a Predictor takes as one image (`gray_image`): a uint8 (H, W) array as `cxr serve` decodes an
+upload, or a file path, a PIL image, another array or a tensor, read as ingest reads such a file."""
 
 
 FORWARD_SWEEP_BUDGET_S = 3.0
@@ -219,6 +224,74 @@ def _sync(output: torch.Tensor) -> None:
         torch.cuda.synchronize(output.device)
 
 
+def gray_image(image: ImageLike) -> np.ndarray:
+    """One image as the uint8 (H, W) grayscale a model reads, as ingest and `cxr serve` make it.
+
+    A file path (PNG, JPEG, TIFF, BMP, DICOM) is decoded as ingest decodes it, a PIL image of any mode as
+    ingest converts it. An array or tensor of (H, W), (H, W, 1) or (1, H, W): uint8 as it is; values
+    0–255 of another integer type as those levels; uint16 (a 16-bit file read with numpy) and other
+    integers mapped from their range onto 0–255, as ingest does a 16-bit file; floats within [0, 1] scaled
+    by 255, other floats mapped from their range. An (H, W, 3 or 4) uint8 array is taken for RGB(A).
+    Anything else raises ValueError saying what it got: a cast to uint8 had wrapped 16-bit values modulo
+    256 and read a [0, 1] float image as black, both scored without a word.
+
+    >>> gray_image(np.array([[0.0, 0.5], [1.0, 0.25]])).tolist()
+    [[0, 128], [255, 64]]
+    >>> gray_image(np.array([[1000, 3000], [2000, 1000]], dtype=np.uint16)).tolist()
+    [[0, 255], [128, 0]]
+    >>> gray_image(np.zeros((8, 8, 2)))
+    Traceback (most recent call last):
+    ...
+    ValueError: an image of shape (8, 8, 2): give one grayscale image of (H, W), or RGB(A) of (H, W, 3 or 4)
+    """
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 2:
+        return image  # what serving decodes: no copy, no check beyond these
+    if isinstance(image, str | os.PathLike):
+        from cxrcore.data.layout import decode_image
+
+        return decode_image(Path(image).read_bytes(), str(image))
+    if hasattr(image, "mode") and hasattr(image, "getbands"):  # a PIL image
+        return to_gray_uint8(image)
+    pixels = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    if pixels.ndim == 3 and 1 in (pixels.shape[0], pixels.shape[-1]):
+        pixels = pixels.reshape(pixels.shape[1:] if pixels.shape[0] == 1 else pixels.shape[:2])
+    if pixels.ndim == 3 and pixels.shape[-1] in (3, 4) and pixels.dtype == np.uint8:
+        from PIL import Image as PILImage
+
+        return to_gray_uint8(PILImage.fromarray(pixels, "RGB" if pixels.shape[-1] == 3 else "RGBA"))
+    if pixels.ndim != 2 or pixels.dtype.kind not in "biuf":
+        raise ValueError(
+            f"an image of shape {pixels.shape}"
+            + ("" if pixels.dtype.kind in "biuf" else f" and dtype {pixels.dtype}")
+            + ": give one grayscale image of (H, W), or RGB(A) of (H, W, 3 or 4)"
+            + (" as uint8" if pixels.ndim == 3 and pixels.shape[-1] in (3, 4) else "")
+        )
+    if pixels.size == 0:
+        raise ValueError(f"an empty image (shape {pixels.shape})")
+    if pixels.dtype.kind == "f":
+        if not np.isfinite(pixels).all():
+            raise ValueError("an image with NaN or infinite values")
+        if pixels.min() >= 0 and pixels.max() <= 1:
+            return np.round(pixels * 255.0).astype(np.uint8)
+        return scale_to_uint8(pixels)
+    if pixels.dtype.kind == "b":
+        return pixels.astype(np.uint8) * np.uint8(255)
+    if pixels.dtype != np.uint16 and pixels.min() >= 0 and pixels.max() <= 255:
+        return pixels.astype(np.uint8)
+    return scale_to_uint8(pixels)
+
+
+def _batch(images: Sequence[ImageLike]) -> list[np.ndarray]:
+    """A batch's images as `gray_image` makes them; one image alone is refused, as it would be read as a
+    batch of its rows (a (299, 299) array scored as 299 images)."""
+    alone = isinstance(images, str | os.PathLike) or hasattr(images, "getbands")
+    if alone or (isinstance(images, np.ndarray | torch.Tensor) and images.ndim < 3):
+        raise ValueError("a Predictor takes a batch of images: pass one image as [image]")
+    if len(images) == 0:
+        raise ValueError("no images to predict")
+    return [gray_image(image) for image in images]
+
+
 class Predictor:
     """Class probabilities (or lung masks) for uint8 grayscale images of any size.
 
@@ -261,15 +334,29 @@ class Predictor:
             helper = cls.from_checkpoint(segmenter_dir, device, graph=graph)
         return cls(model, card, device, helper, graph=graph)
 
+    @classmethod
+    def from_registry(
+        cls, registry: str | Path | Any, ref: str = "production", device: str | torch.device = "cpu",
+        *, graph: bool = False,
+    ) -> Predictor:  # fmt: skip
+        """A registered version (an alias, NAME:N, or NAME for its latest) of a registry (its location or a
+        ModelRegistry), with its lung segmenter found as `cxr serve` finds it: in that registry, also after
+        the registry was moved or copied, where the card's own folder for it no longer exists."""
+        from cxrcore.registry import ModelRegistry
+
+        models = registry if isinstance(registry, ModelRegistry) else ModelRegistry(str(registry))
+        version = models.get(ref)
+        segmenter = version.card.segmenter
+        helper = models.segmenter_checkpoint(segmenter) if segmenter else None
+        return cls.from_checkpoint(models.local_checkpoint(version.ref), device, helper, graph=graph)
+
     @property
     def needs_mask(self) -> bool:
         return "mask" in self.spec.channels
 
-    def base_images(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        """uint8 (B, base, base) on the device: each image resized as ingest does."""
-        stacked = np.stack(
-            [resize_image(np.asarray(image, dtype=np.uint8), self.base_size) for image in images]
-        )
+    def base_images(self, images: Sequence[ImageLike]) -> torch.Tensor:
+        """uint8 (B, base, base) on the device: each image (`gray_image`) resized as ingest does."""
+        stacked = np.stack([resize_image(image, self.base_size) for image in _batch(images)])
         return torch.from_numpy(stacked).to(self.device)
 
     @property
@@ -280,12 +367,13 @@ class Predictor:
     @torch.inference_mode()
     def predict_proba(
         self,
-        images: Sequence[np.ndarray],
+        images: Sequence[ImageLike],
         masks: Sequence[np.ndarray | None] | None = None,
         *,
         calibrated: bool = True,
     ) -> np.ndarray:
-        """(B, num_classes) probabilities; missing masks come from the segmenter for dual-channel models.
+        """(B, num_classes) probabilities of a batch of images (each as `gray_image` reads it: a uint8 (H, W)
+        array, a file path, a PIL image, ...); missing masks come from the segmenter for dual-channel models.
 
         Calibrated by the card's temperature unless `calibrated` is False (plain softmax of the logits);
         the most probable class is the same either way.
@@ -295,14 +383,12 @@ class Predictor:
 
     @torch.inference_mode()
     def predict_logits(
-        self, images: Sequence[np.ndarray], masks: Sequence[np.ndarray | None] | None = None
+        self, images: Sequence[ImageLike], masks: Sequence[np.ndarray | None] | None = None
     ) -> np.ndarray:
         """(B, num_classes) raw float32 logits, before temperature scaling."""
         return self._logits(images, masks).cpu().numpy()
 
-    def _logits(
-        self, images: Sequence[np.ndarray], masks: Sequence[np.ndarray | None] | None
-    ) -> torch.Tensor:
+    def _logits(self, images: Sequence[ImageLike], masks: Sequence[np.ndarray | None] | None) -> torch.Tensor:
         if self.spec.task != "classify":
             raise ValueError(f"{self.card.name} is a {self.spec.task} model; use segment()")
         unit = to_unit(self.base_images(images), self.spec.image_size)
@@ -312,7 +398,7 @@ class Predictor:
         return self._forward(model_inputs(self.spec, unit, mask)).float()
 
     @torch.inference_mode()
-    def segment(self, images: Sequence[np.ndarray]) -> np.ndarray:
+    def segment(self, images: Sequence[ImageLike]) -> np.ndarray:
         """uint8 0/255 lung masks (B, base, base) for a segmentation model."""
         unit = to_unit(self.base_images(images), self.base_size)
         masks = self.mask_source(unit)
@@ -349,7 +435,7 @@ class Predictor:
         return torch.rand(batch_size, channels, size, size, generator=generator).to(self.device)
 
     def _masks(
-        self, unit: torch.Tensor, images: Sequence[np.ndarray], masks: Sequence[np.ndarray | None] | None
+        self, unit: torch.Tensor, images: Sequence[ImageLike], masks: Sequence[np.ndarray | None] | None
     ) -> torch.Tensor:
         given = list(masks) if masks is not None else [None] * len(images)
         out = torch.zeros_like(unit)

@@ -107,6 +107,17 @@ class ModelVersion:
 
 
 @dataclass(frozen=True)
+class Registration:
+    """What `ModelRegistry.register_once` did: the version holding the checkpoint, whether it was there
+    already, and the lung segmenter version it names (with whether that was registered now)."""
+
+    version: ModelVersion
+    found: bool
+    segmenter: ModelVersion | None = None
+    segmenter_registered: bool = False
+
+
+@dataclass(frozen=True)
 class Interrupted:
     """What a registration that never finished (killed midway) left in a version folder."""
 
@@ -150,6 +161,32 @@ class ModelRegistry:
             ),
             None,
         )
+
+    def register_once(
+        self, checkpoint: str | Path, *, report: str | Path | None = None, alias: str | None = None
+    ) -> Registration:
+        """`cxr models register`: a checkpoint registered once, found where it already is (`alias` then
+        moved to it); a dual-channel one's lung segmenter registered first, or found, so that the version
+        names a segmenter this registry holds, wherever the registry is read or moved to. `register` stores
+        what it is given as the next version, and keeps the segmenter's folder as the card names it."""
+        from cxrcore.checkpoint import load_card
+
+        card = load_card(checkpoint)
+        unet, unet_new = None, False
+        if "mask" in card.input_spec.get("channels", []) and card.segmenter:
+            try:
+                unet = self.registered_as(self.segmenter_checkpoint(card.segmenter))
+                if unet is None:
+                    unet, unet_new = self.register(self.segmenter_checkpoint(card.segmenter)), True
+            except (RegistryError, FileNotFoundError) as exc:
+                raise RegistryError(f"{checkpoint}'s lung segmenter: {exc}") from exc
+        segmenter = unet.ref if unet else None
+        found = self.registered_as(checkpoint, segmenter)
+        if found is None:
+            version = self.register(checkpoint, report=report, alias=alias, segmenter=segmenter)
+        else:
+            version = self.promote(found.ref, alias) if alias else found
+        return Registration(version, found is not None, unet, unet_new)
 
     def register(
         self,

@@ -337,7 +337,7 @@ def _listener_ports(count: int) -> list[int]:
     """`count` ports of LISTENER_PORTS free on every interface now, from a random start. A port picked
     here and bound later is one nothing asking the OS for a free port can take in between; an e2e run
     saw HAProxy's stats page fail to start on the dashboard's port when both came from that pool."""
-    start = random.randrange(len(LISTENER_PORTS))
+    start = random.SystemRandom().randrange(len(LISTENER_PORTS))  # not the caller's seeded stream
     ports: list[int] = []
     for offset in range(len(LISTENER_PORTS)):
         port = LISTENER_PORTS[(start + offset) % len(LISTENER_PORTS)]

@@ -282,7 +282,10 @@ def run_comparison(config: TuneConfig) -> dict[str, Any]:
 
     Raises storage.InUse while another process runs the same experiment: it would "resume" the running
     one, train its trials again in the same folders and register them twice."""
+    from cxrcore.runtime import init_ray
+
     with writing(config):
+        init_ray(config.address)  # a library caller's too: cxr's local cluster (a no-op once Ray runs)
         return _run_comparison(config)
 
 

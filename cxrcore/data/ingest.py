@@ -153,7 +153,11 @@ def ingest_dataset(
     folder it refuses costs no Ray start). Raises LayoutError when no image can be used: nothing is written;
     storage.InUse when another ingest is writing OUT (its staging folder is that run's, not debris).
     """
+    from cxrcore.runtime import init_ray
+
     with writing(config):
+        scanned = scanned or scan_ingest_input(config)  # a folder it refuses costs no Ray start
+        init_ray(config.address)  # a library caller's too: cxr's local cluster (a no-op once Ray runs)
         return _ingest(config, scanned)
 
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -497,10 +498,30 @@ def fit(config: TrainConfig) -> TrainResult:
     would interleave with this one's, and what this one took for an interrupted run's debris is the
     other's work)."""
 
+    from cxrcore.runtime import init_ray
+
     if config.gpu:
-        check_local_gpus(config.workers)
+        check_local_gpus(config.workers, config.address)
     with writing(config):
-        return _fit(config)
+        init_ray(config.address)  # a library caller's too: cxr's local cluster (a no-op once Ray runs)
+        if config.workers >= 1:
+            return _fit(config)
+        with torch_state_kept():  # the loop runs in this process: a notebook keeps its threads and seed
+            return _fit(config)
+
+
+@contextmanager
+def torch_state_kept() -> Iterator[None]:
+    """Restore torch's thread count and random state after training in this process (--workers 0), which
+    sets both as a worker does: a notebook's later inference had run on one thread."""
+    import torch
+
+    threads, state = torch.get_num_threads(), torch.get_rng_state()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_rng_state(state)
 
 
 def writing(config: TrainConfig) -> AbstractContextManager[None]:

@@ -20,3 +20,12 @@ def classifier(tmp_path_factory: pytest.TempPathFactory) -> LocalClassifier:
 def client(classifier: LocalClassifier) -> Iterator[httpx.Client]:
     with api_client(classifier) as client:
         yield client
+
+
+@pytest.fixture(autouse=True)
+def _no_ray_started() -> Iterator[None]:
+    """A unit test starts no Ray (a local cluster costs 12 s here; the Ray tests share one)."""
+    yield
+    import ray
+
+    assert not ray.is_initialized(), "this unit test left Ray running: the Ray tests belong in integration/"

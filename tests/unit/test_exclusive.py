@@ -150,3 +150,44 @@ def test_a_dry_run_says_when_the_output_is_being_written(
     assert "is being written by a test writer" in capsys.readouterr().err
     assert main([*train, "--name", "other", "--dry-run"]) == 0
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".") and "other" in p.name]
+
+
+def test_the_library_calls_start_cxrs_ray_themselves_once_they_hold_the_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`ingest_dataset` from a notebook failed ("Ray has not been started yet") and `fit` started a plain
+    Ray of its own; each now joins or starts Ray as the commands do (a no-op once Ray runs)."""
+    import torch
+
+    from cxrcore import runtime
+    from cxrcore.data.ingest import ingest_dataset
+    from cxrcore.train.trainer import fit, torch_state_kept
+    from cxrcore.tune import run_comparison
+    from tests.conftest import write_png, xray
+
+    class Started(Exception):
+        pass
+
+    def init_ray(address: str | None = None) -> None:
+        assert any(p.name.endswith(".lock") for p in tmp_path.rglob(".*")), "Ray before the output's lock"
+        raise Started(address)
+
+    monkeypatch.setattr(runtime, "init_ray", init_ray)
+    for cls in ("COVID", "Normal"):  # a folder ingest takes: one it refuses is refused before Ray starts
+        write_png(tmp_path / "raw" / cls / f"{cls}-1.png", xray(1, 64))
+    calls = [
+        lambda: ingest_dataset(
+            IngestConfig(raw=str(tmp_path / "raw"), out=str(tmp_path / "ds"), address="a")
+        ),
+        lambda: fit(TrainConfig(data="d", model="tiny_cnn_lstm", out=str(tmp_path), address="a")),
+        lambda: run_comparison(TuneConfig(data="d", registry="r", out=str(tmp_path), address="a")),
+    ]
+    for call in calls:
+        with pytest.raises(Started, match=r"^a$"):
+            call()
+    threads = torch.get_num_threads()
+    torch.manual_seed(123)
+    with torch_state_kept():
+        torch.set_num_threads(1)
+        torch.manual_seed(0)
+    assert torch.get_num_threads() == threads and torch.rand(1).item() == pytest.approx(0.2961, abs=1e-4)

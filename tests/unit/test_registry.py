@@ -422,3 +422,27 @@ def test_cxr_models_register_brings_a_dual_channel_checkpoints_segmenter_along(
     assert main(["models", "register", str(checkpoints.cnn_lstm), "--registry", reg, "--report", "nope"]) == 2
     assert "report folder nope not found" in capsys.readouterr().err
     assert main(["models", "register", str(tmp_path / "none"), "--registry", reg]) == 2
+
+
+def test_from_python_a_checkpoint_registers_once_and_a_moved_registry_still_serves(tmp_path: Path) -> None:
+    """`register` stores what it is given (a second call, a second version; the card's training-run
+    segmenter folder kept); `register_once` does what `cxr models register` does, and `from_registry` finds
+    a dual-channel version's segmenter in a registry moved elsewhere, as `cxr serve` does."""
+    import shutil
+
+    from cxrcore.inference import Predictor
+    from tests.conftest import xray
+    from tests.e2e.uploads import write_checkpoints
+
+    checkpoints = write_checkpoints(tmp_path / "runs")
+    registry = ModelRegistry(tmp_path / "reg")
+    done = registry.register_once(checkpoints.dual, alias="production")
+    assert (done.version.ref, done.found, done.segmenter_registered) == ("tiny_dual_cnn:1", False, True)
+    assert done.segmenter is not None and done.segmenter.ref == "tiny_unet:1"
+    again = registry.register_once(checkpoints.dual)
+    assert (again.version.ref, again.found, again.segmenter_registered) == ("tiny_dual_cnn:1", True, False)
+    shutil.rmtree(checkpoints.unet)
+    shutil.move(tmp_path / "reg", tmp_path / "moved")
+    predictor = Predictor.from_registry(tmp_path / "moved")
+    assert predictor.card.name == "tiny_dual_cnn" and predictor.segmenter is not None
+    assert predictor.predict_proba([xray(1, 64)]).shape == (1, 4)
