@@ -80,6 +80,11 @@ _MAX_ATTEMPTS = 100
 _LIST_ATTEMPTS = 3
 
 
+DATA_REPORT_FILES = ("predictions.csv",)
+"""Files of an evaluation report that a registered version leaves out: each names the dataset's files, as
+a hospital's names may identify a patient, and a registry is copied to serving nodes and shared."""
+
+
 class RegistryError(KeyError, ValueError):
     """An unknown model reference or a bad alias (a KeyError to lookups, a ValueError to input checks)."""
 
@@ -226,6 +231,8 @@ class ModelRegistry:
             _copy(source_fs, f"{source}/{WEIGHTS_NAME}", self._fs, f"{folder}/{WEIGHTS_NAME}")
             if report_fs is not None:
                 _copy(report_fs, report_path, self._fs, f"{folder}/{REPORT_NAME}")
+                for private in DATA_REPORT_FILES:  # a registry travels to serving nodes; these stay
+                    remove(self._fs, f"{folder}/{REPORT_NAME}/{private}")
             card_data["version"] = f"{name}:{number}"
             self._write_atomic(f"{folder}/{CARD_NAME}", json.dumps(card_data, indent=2))
         except BaseException:

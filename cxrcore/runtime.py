@@ -6,6 +6,7 @@ import logging
 import os
 import random
 import shutil
+import signal
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -59,14 +60,23 @@ def init_ray(
         os.environ.setdefault(TRAIN_STATE_TRACKING, "1")
         given = address
         address = address or os.environ.get("RAY_ADDRESS")
-        if address:
-            _join(address, "--address" if given else "RAY_ADDRESS")
-        else:
-            global _local_cores
-            cores = os.cpu_count() or 1
-            logical = num_cpus or local_logical_cpus(cores)
-            _local_cores = min(cores, logical)  # never more than the cluster has to give
-            _start_local(logical, object_store_memory)
+        try:
+            if address:
+                _join(address, "--address" if given else "RAY_ADDRESS")
+            else:
+                global _local_cores
+                cores = os.cpu_count() or 1
+                logical = num_cpus or local_logical_cpus(cores)
+                _local_cores = min(cores, logical)  # never more than the cluster has to give
+                _start_local(logical, object_store_memory)
+        except SystemExit as exc:
+            # ray.init's own SIGTERM handler is `sys.exit(15)`: a SIGTERM while Ray starts ended the
+            # command with status 15 and not a word; it stops as a SIGTERM does once Ray runs (143).
+            if exc.code != signal.SIGTERM:
+                raise
+            global _sigterm_received
+            _sigterm_received = True
+            raise Interrupted("stopped by SIGTERM while Ray was starting; nothing had run") from exc
         _sigterm_as_ctrl_c()
     from ray._private.worker import get_dashboard_url  # the public API has no getter for an existing session
 
@@ -82,7 +92,6 @@ def _sigterm_as_ctrl_c() -> None:
     it; the handler ray.init installs printed a C++ stack and aborted the driver (exit status 134, read as
     a crash). Raised as a SIGINT, it goes through Ray Train's and Tune's handlers, which stop the run at
     its last checkpoint, and ends in `cxr: interrupted` with exit status 143 (sigterm_received)."""
-    import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread():
@@ -103,7 +112,6 @@ def sigint_handler_kept() -> Iterator[None]:
     """Put this thread's SIGINT handler back after the block: Ray Train's `fit` and Tune's leave theirs
     installed when they end, and a later Ctrl-C (or SIGTERM, raised as one) would go to a finished run
     (Tune's logs and carries on, Train's exits 0 at the third) while `cxr tune` registers its winners."""
-    import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread():

@@ -139,10 +139,18 @@ ROUTES = "POST /v1/predict, GET /v1/model, GET /healthz, GET /readyz and the API
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
     error = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    detail = str(exc.detail)
+    detail, headers = str(exc.detail), exc.headers
     if exc.status_code == 404:  # a trailing slash or a typo: say what there is
         detail = f"no route {request.method} {request.url.path}; this API answers {ROUTES}"
-    return _error_response(exc.status_code, error, detail, exc.headers)
+    if exc.status_code == 405:  # every method of the path: HEAD is a route of its own beside GET
+        allowed = {
+            method
+            for route in request.app.router.routes
+            if (match := getattr(route, "path_regex", None)) and match.match(request.url.path)
+            for method in getattr(route, "methods", None) or ()
+        }
+        headers = {**(headers or {}), "Allow": ", ".join(sorted(allowed))} if allowed else headers
+    return _error_response(exc.status_code, error, detail, headers)
 
 
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:

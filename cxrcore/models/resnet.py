@@ -87,6 +87,26 @@ def load_pretrained(model: nn.Module, path: str | Path) -> list[str]:
     return skipped
 
 
+def hub_unreachable(timeout_s: float = 3.0) -> str | None:
+    """Why the Hugging Face hub (HF_ENDPOINT) cannot be reached, or None when it can or when HF_HUB_OFFLINE
+    says to use the local cache. Without this, huggingface_hub retries for about 45 s before failing (a
+    minute for `import-weights`' two files)."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return None
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host = endpoint.hostname or "huggingface.co"
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as exc:
+        return f"{host}:{port}: {exc.strerror or exc}"
+    return None
+
+
 def import_weights(arch: str, out: str | Path, source: str | Path | None = None) -> dict[str, Any]:
     """Write `arch`'s ImageNet weights for one input channel, without the classifier, as safetensors.
 
@@ -113,6 +133,8 @@ def import_weights(arch: str, out: str | Path, source: str | Path | None = None)
         if not get_model_entry(arch).hub_weights:
             raise ValueError(f"{arch} has no hub weights; pass a local 3-channel weights file with --from")
         try:
+            if unreachable := hub_unreachable():  # asked once, 3 s at most: not the hub client's minute
+                raise OSError(f"unreachable: {unreachable}")
             state = timm.create_model(arch, pretrained=True).state_dict()
         except Exception as exc:
             raise RuntimeError(

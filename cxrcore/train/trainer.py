@@ -60,9 +60,10 @@ def check_pretrained(model: str, choice: str) -> str | None:
     do instead, once, rather than in every worker and every Tune trial after minutes of start-up.
     """
     from cxrcore.models import create_model
+    from cxrcore.models.resnet import hub_unreachable
 
     pretrained = resolve_pretrained(model, choice)
-    if pretrained == "hub" and (unreachable := _hub_unreachable()):
+    if pretrained == "hub" and (unreachable := hub_unreachable()):
         raise ConfigError(
             f"--pretrained {choice}: {model} weights come from the model hub, which is unreachable from "
             f"here ({unreachable}); pass --pretrained PATH to a local .safetensors or .pth file, "
@@ -75,25 +76,6 @@ def check_pretrained(model: str, choice: str) -> str | None:
         except (RuntimeError, ValueError) as exc:
             raise ConfigError(f"--pretrained {choice}: {exc}") from exc
     return pretrained
-
-
-def _hub_unreachable(timeout_s: float = 3.0) -> str | None:
-    """Why the Hugging Face hub (HF_ENDPOINT) cannot be reached, or None when it can or when HF_HUB_OFFLINE
-    says to use the local cache. Without this, huggingface_hub retries for about 45 s before failing."""
-    import os
-    import socket
-    from urllib.parse import urlparse
-
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
-        return None
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    host = endpoint.hostname or "huggingface.co"
-    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
-    try:
-        socket.create_connection((host, port), timeout=timeout_s).close()
-    except OSError as exc:
-        return f"{host}:{port}: {exc.strerror or exc}"
-    return None
 
 
 def check_dataset(data: str) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 
@@ -111,3 +113,25 @@ def test_joining_a_cluster_fails_in_one_line_that_says_what_to_check(monkeypatch
     monkeypatch.setattr(ray, "init", unauthenticated)
     with pytest.raises(ConfigError, match=r"^--address h:6379: .*no token found"):
         runtime.init_ray("h:6379")
+
+
+def test_a_sigterm_while_ray_starts_stops_the_command_as_one_afterwards_does(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """ray.init's SIGTERM handler is `sys.exit(15)`: `cxr train` killed as Ray started ended with status
+    15 and not a word, where one killed a moment later says it was interrupted and exits 143."""
+    from cxrcore import runtime
+    from cxrcore.cli import main
+    from tests.conftest import write_png, xray
+
+    def killed(logical: int, object_store_memory: int | None) -> None:
+        raise SystemExit(15)  # what Ray's handler raises in the main thread
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(runtime, "_start_local", killed)
+    raw = tmp_path / "raw"
+    for cls in ("COVID", "Normal"):
+        write_png(raw / cls / f"{cls}-1.png", xray(1, 64))
+    assert main(["data", "ingest", str(raw), str(raw.parent / "ds")]) == 143
+    assert "cxr: interrupted: stopped by SIGTERM while Ray was starting" in capsys.readouterr().err
+    assert not (raw.parent / "ds").exists()

@@ -43,6 +43,7 @@ def make_report(directory: Path) -> Path:
     (directory / "report.html").write_text("<html></html>")
     (directory / "metrics.json").write_text('{"accuracy": 0.7}')
     (directory / "plots/roc.png").write_bytes(b"\x89PNG")
+    (directory / "predictions.csv").write_text("file,label\npatient-0042.png,COVID\n")  # stays with the data
     return directory
 
 

@@ -307,6 +307,8 @@ def test_clients_calling_the_routes_other_ways_are_answered(client: httpx.Client
     for path in ("/healthz", "/readyz", "/v1/model"):
         head = client.head(path)
         assert head.status_code == 200 and head.headers["content-type"] == "application/json", path
+        refused = client.delete(path)  # the Allow header names HEAD too, a route of its own
+        assert refused.status_code == 405 and refused.headers["allow"] == "GET, HEAD", path
     bare = client.post("/v1/predict?explain", content=GOOD_PNG, headers={"content-type": "image/png"})
     assert bare.status_code == 400 and bare.json()["detail"].endswith("(true or false)")
     spec = client.get("/openapi.json").json()
