@@ -15,8 +15,11 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/cxr demo $(ARGS)
 
-# The unit tests in a second pytest beside the Ray tests (tests/run.py); with PYTEST_ARGS, one pytest.
-test: setup lint
+# Ruff first (a second); the unit tests and mypy beside the Ray tests (tests/run.py); with PYTEST_ARGS,
+# one pytest.
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m tests.run $(PYTEST_ARGS)
 
 lint: setup

@@ -1,4 +1,4 @@
-"""`make test`'s pytest: the unit tests in a process of their own beside the tests that run Ray.
+"""`make test`'s pytest: the unit tests, and mypy, in processes of their own beside the tests that run Ray.
 
 The unit tests (no Ray) keep one core busy for about a minute and a half, while the integration and e2e
 tests leave the cores idle for a sixth of their time (Ray's process starts, Serve's waits). The unit tests
@@ -23,6 +23,8 @@ import tempfile
 from pathlib import Path
 
 PYTEST = [sys.executable, "-m", "pytest"]
+MYPY = [sys.executable, "-m", "mypy"]
+"""`make lint`'s type check, run beside the Ray tests too: 25 s of one core from a fresh clone (no cache)."""
 UNIT = "tests/unit"
 UNIT_NICENESS = 10
 """The unit run's niceness: the Ray tests' processes get a core first, the unit tests what is left."""
@@ -35,29 +37,35 @@ def main(argv: list[str]) -> int:
     if argv:
         return subprocess.call([*PYTEST, *argv], env=env)
     root = Path(__file__).parents[1]
-    with tempfile.TemporaryFile() as log:
-        print(f"{UNIT}: running beside the Ray tests; their report follows the Ray tests' one\n", flush=True)
+    with tempfile.TemporaryFile() as log, tempfile.TemporaryFile() as types:
+        print(f"{UNIT} and mypy: running beside the Ray tests; their reports follow\n", flush=True)
         # Its own cache folder: two pytest runs writing one .pytest_cache at once would drop failures.
         command = [*PYTEST, UNIT, "-o", "cache_dir=.pytest_cache/unit"]
-        unit = subprocess.Popen(
-            command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
-            preexec_fn=lambda: os.nice(UNIT_NICENESS),
-        )  # fmt: skip
+        beside = [
+            subprocess.Popen(
+                args, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT,
+                preexec_fn=lambda: os.nice(UNIT_NICENESS),
+            )  # fmt: skip
+            for args, out in ((command, log), (MYPY, types))
+        ]
         try:
             with_ray = subprocess.call([*PYTEST, *WITH_RAY], cwd=root, env=env)
-            unit_status = unit.wait()
+            unit_status, types_status = (process.wait() for process in beside)
         finally:
-            if unit.poll() is None:  # interrupted: the unit run goes with the rest
-                unit.kill()
-                unit.wait()
-        log.seek(0)
-        print(f"\n{'=' * 30} {UNIT} (run beside the above) {'=' * 30}", flush=True)
-        sys.stdout.buffer.write(log.read())
-        sys.stdout.flush()
-    failed = [name for name, status in ((UNIT, unit_status), (" ".join(WITH_RAY), with_ray)) if status]
+            for process in beside:
+                if process.poll() is None:  # interrupted: the runs beside go with the rest
+                    process.kill()
+                    process.wait()
+        for name, output in ((UNIT, log), ("mypy", types)):
+            output.seek(0)
+            print(f"\n{'=' * 30} {name} (run beside the above) {'=' * 30}", flush=True)
+            sys.stdout.buffer.write(output.read())
+            sys.stdout.flush()
+    runs = ((UNIT, unit_status), ("mypy", types_status), (" ".join(WITH_RAY), with_ray))
+    failed = [name for name, status in runs if status]
     if failed:
         print(f"\nFAILED: {'; '.join(failed)}", flush=True)
-        return unit_status or with_ray
+        return unit_status or types_status or with_ray
     return 0
 
 

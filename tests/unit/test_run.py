@@ -1,12 +1,17 @@
-"""`make test`'s two pytest processes (tests/run.py): both reports printed, either failure fails it."""
+"""`make test`'s runs (tests/run.py): the Ray tests, with the unit tests and mypy beside them; every
+report printed, any failure fails it."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 
 from tests import run
+
+PASSING_MYPY = [sys.executable, "-c", "print('Success: no issues found')"]
+"""Stands for mypy where a test runs the lanes (the real one takes 25 s)."""
 
 
 def test_both_reports_are_printed_and_a_failure_beside_fails_the_command(
@@ -16,11 +21,20 @@ def test_both_reports_are_printed_and_a_failure_beside_fails_the_command(
     (tmp_path / "test_shared.py").write_text("def test_shared():\n    pass\n")
     monkeypatch.setattr(run, "UNIT", str(tmp_path / "test_beside.py"))
     monkeypatch.setattr(run, "WITH_RAY", (str(tmp_path / "test_shared.py"),))
+    monkeypatch.setattr(run, "MYPY", PASSING_MYPY)
     assert run.main([]) == 1
     out = capfd.readouterr().out
     shared, beside = out.index("1 passed"), out.index("1 failed")
     assert shared < out.index("(run beside the above)") < beside  # the second run's report comes last
+    assert "Success: no issues found" in out
     assert out.rstrip().endswith(f"FAILED: {tmp_path / 'test_beside.py'}")
+    # a type error fails the command too, its report printed with the others
+    (tmp_path / "test_beside.py").write_text("def test_beside():\n    pass\n")
+    failing = "print('cxrcore/x.py:1: error: Incompatible types'); raise SystemExit(1)"
+    monkeypatch.setattr(run, "MYPY", [sys.executable, "-c", failing])
+    assert run.main([]) == 1
+    out = capfd.readouterr().out
+    assert "error: Incompatible types" in out and out.rstrip().endswith("FAILED: mypy")
 
 
 def test_the_unit_tests_run_at_a_lower_priority_than_the_ray_tests(
@@ -35,6 +49,7 @@ def test_the_unit_tests_run_at_a_lower_priority_than_the_ray_tests(
         )
     monkeypatch.setattr(run, "UNIT", str(tmp_path / "test_unit.py"))
     monkeypatch.setattr(run, "WITH_RAY", (str(tmp_path / "test_ray.py"),))
+    monkeypatch.setattr(run, "MYPY", PASSING_MYPY)
     assert run.main([]) == 0, capfd.readouterr().out
     here = os.nice(0)
     assert int((tmp_path / "ray").read_text()) == here
