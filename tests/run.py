@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 PYTEST = [sys.executable, "-m", "pytest"]
 MYPY = [sys.executable, "-m", "mypy"]
@@ -41,13 +42,7 @@ def main(argv: list[str]) -> int:
         print(f"{UNIT} and mypy: running beside the Ray tests; their reports follow\n", flush=True)
         # Its own cache folder: two pytest runs writing one .pytest_cache at once would drop failures.
         command = [*PYTEST, UNIT, "-o", "cache_dir=.pytest_cache/unit"]
-        beside = [
-            subprocess.Popen(
-                args, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT,
-                preexec_fn=lambda: os.nice(UNIT_NICENESS),
-            )  # fmt: skip
-            for args, out in ((command, log), (MYPY, types))
-        ]
+        beside = [_beside(args, root, env, out) for args, out in ((command, log), (MYPY, types))]
         try:
             with_ray = subprocess.call([*PYTEST, *WITH_RAY], cwd=root, env=env)
             unit_status, types_status = (process.wait() for process in beside)
@@ -67,6 +62,18 @@ def main(argv: list[str]) -> int:
         print(f"\nFAILED: {'; '.join(failed)}", flush=True)
         return unit_status or types_status or with_ray
     return 0
+
+
+def _beside(args: list[str], root: Path, env: dict[str, str], out: Any) -> subprocess.Popen[bytes]:
+    """A run beside the Ray tests, at UNIT_NICENESS, its output kept in `out` until they end."""
+    return subprocess.Popen(
+        args,
+        cwd=root,
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        preexec_fn=lambda: os.nice(UNIT_NICENESS),
+    )
 
 
 if __name__ == "__main__":
