@@ -116,6 +116,10 @@ def calibration_report(logits: np.ndarray, labels: np.ndarray, temperature: floa
     return report
 
 
+WORSE_NLL = 0.001
+"""The least rise in NLL after temperature scaling that the calibration note reports: what 3 decimals show."""
+
+
 def _worse_note(report: dict[str, Any], n: int) -> str | None:
     """Why the scaled probabilities may be the worse ones here, or None where T helped or was 1.
 
@@ -123,7 +127,8 @@ def _worse_note(report: dict[str, Any], n: int) -> str | None:
     NLL plus the prior). Elsewhere it can: the validation split was too small to fit T, or this split's
     images differ from it. Served probabilities are the scaled ones either way, so the report says so.
     """
-    if report["temperature"] == 1.0 or report["nll_after"] <= report["nll_before"]:
+    # a rise that rounds away (1.3749 -> 1.3754) is no news; one the three decimals show is
+    if report["temperature"] == 1.0 or report["nll_after"] - report["nll_before"] < WORSE_NLL:
         return None
     return (
         f"the temperature {report['temperature']:.2f}, fitted on the validation split, made the NLL on these "

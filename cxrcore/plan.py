@@ -153,7 +153,14 @@ def tune_plan(config: TuneConfig) -> str:
             f"{concurrent} trials at once ({assumption}) → "
             f"{_count(math.ceil(len(trials) / concurrent), 'wave')}",
         ),
-        ("epochs", f"up to {config.epochs} per trial; ASHA may stop a trial after {grace} (grace epochs)"),
+        (
+            "epochs",
+            f"{config.epochs} per trial: one trial per architecture, so ASHA, which ranks an architecture's "
+            "trials among themselves, stops none"
+            if config.trials == 1
+            else f"up to {config.epochs} per trial; ASHA may stop a trial after {grace} (grace epochs), "
+            "ranked among its architecture's trials",
+        ),
         ("epochs total", _epochs_total(config, len(trials))),
         ("output", f"{experiment} (comparison.html; re-running resumes it); registry {config.registry}"),
     ]
@@ -220,11 +227,14 @@ def _epochs_total(config: TuneConfig, trials: int) -> str:
     from cxrcore.tune import ASHA_REDUCTION_FACTOR, segmenter_model
 
     grace = config.grace_epochs or 1
-    expected = trials * expected_epochs_per_trial(config.epochs, grace, ASHA_REDUCTION_FACTOR)
-    total = (
-        f"≈{expected:,.0f} expected (ASHA keeping 1 in {ASHA_REDUCTION_FACTOR} at each rung); "
-        f"{trials * grace:,} if it stopped every trial at grace, {trials * config.epochs:,} if none"
-    )
+    if config.trials == 1:  # an architecture's only trial: no other to be ranked against
+        total = f"{trials * config.epochs:,}"
+    else:
+        expected = trials * expected_epochs_per_trial(config.epochs, grace, ASHA_REDUCTION_FACTOR)
+        total = (
+            f"≈{expected:,.0f} expected (ASHA keeping 1 in {ASHA_REDUCTION_FACTOR} at each rung); "
+            f"{trials * grace:,} if it stopped every trial at grace, {trials * config.epochs:,} if none"
+        )
     return total + (f"; plus {config.segmenter_epochs} of the segmenter" if segmenter_model(config) else "")
 
 

@@ -27,7 +27,7 @@ from cxrcore.config import ConfigError, EvaluateConfig, TrainConfig, TuneConfig,
 from cxrcore.console import is_quiet, quiet_ray_console, quiet_tune_trial
 from cxrcore.data import storage
 from cxrcore.experiment import check_same_experiment
-from cxrcore.metrics import best_by_validation
+from cxrcore.metrics import best_by_validation, mcnemar_exact
 from cxrcore.runtime import Interrupted, sigint_handler_kept
 
 log = logging.getLogger(__name__)
@@ -336,6 +336,7 @@ def _run_comparison(config: TuneConfig) -> dict[str, Any]:
     trials = [_trial_record(config, results[i]) for i in range(len(results))]
     left = _production_left_by_earlier_run(experiment)
     best = _best_per_architecture(config, trials, registry, work, experiment)
+    _pair_with_runner_up(best, work)
     previous = registry.aliases().get("production")
     kept, promoted = _promote_winner(registry, best, previous, left, report["fingerprint"])
     comparison = {
@@ -449,7 +450,8 @@ def _better_production(
 
 def _ranked_figures(row: dict[str, Any]) -> dict[str, Any]:
     """What best_by_validation ranks a version on, with its reference where the row has one."""
-    return {k: row[k] for k in ("ref", "val_score", "val_loss", "val_count") if row.get(k) is not None}
+    keys = ("ref", "val_score", "val_loss", "val_count", "val_confusion_matrix")
+    return {k: row[k] for k in keys if row.get(k) is not None}
 
 
 def _production_left_by_earlier_run(experiment: str) -> str | None:
@@ -598,7 +600,13 @@ def tune_settings(config: TuneConfig, resources: dict[str, float]) -> Any:
 
 
 def asha_scheduler(config: TuneConfig) -> Any:
-    """ASHA over the epochs each trial reports, which lets a trial end on its own after its last epoch.
+    """ASHA over the epochs each trial reports, within each architecture, which lets a trial end on its own
+    after its last epoch.
+
+    An architecture's trials are ranked among themselves: ASHA searches its hyperparameters, and every
+    architecture gets the same budget to be compared on. With one trial each (`--trials 1`, the demo) no
+    trial is stopped: a slow starter (resnet18 in the demo) had been cut at the grace epoch whenever it
+    reached it after a faster one, and compared on fewer epochs than the others.
 
     Tune's ASHA stops a trial whose report reaches max_t, and a stop kills the trial's actor: Ray Train's
     run, still finishing the epoch it just reported, then loses its workers, and the console shows its
@@ -614,10 +622,19 @@ def asha_scheduler(config: TuneConfig) -> Any:
     (its result.json) into the rungs, as they were recorded the first time.
     """
     from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+    from ray.tune.schedulers.async_hyperband import _Bracket
 
     class ASHAStopsBeforeLastEpoch(ASHAScheduler):  # the name Tune's console shows as the scheduler
         def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
             super().on_trial_add(tune_controller, trial)
+            # Each architecture's own rungs: its trials compete with one another, never with another
+            # architecture's. In one bracket for all, with one trial each, whichever reached the grace
+            # epoch second was judged against the first's score alone and stopped on arrival order.
+            model = (getattr(trial, "config", None) or {}).get("trial", {}).get("model")
+            brackets = self.__dict__.setdefault("_by_model", {})  # made on first use, pickled with the rest
+            if model not in brackets:
+                brackets[model] = _Bracket(grace, config.epochs, ASHA_REDUCTION_FACTOR, 0)
+            self._trial_info[trial.trial_id] = brackets[model]
             bracket, metric, sign = self._trial_info[trial.trial_id], self._metric, self._metric_op
             if metric is None or sign is None:  # on_trial_add above refuses a scheduler without them
                 return
@@ -629,12 +646,13 @@ def asha_scheduler(config: TuneConfig) -> Any:
                 return str(TrialScheduler.CONTINUE)
             return str(super().on_trial_result(tune_controller, trial, result))
 
+    grace = config.grace_epochs or 1  # resolved by TuneConfig
     return ASHAStopsBeforeLastEpoch(
         # The epoch each report names, not Tune's count of reports: a trial restored after the driver was
         # killed resumes its Train run mid-way, and Tune counts its reports from 1.
         time_attr="epoch",
         max_t=config.epochs,
-        grace_period=config.grace_epochs or 1,  # resolved by TuneConfig
+        grace_period=grace,
         reduction_factor=ASHA_REDUCTION_FACTOR,
     )
 
@@ -790,6 +808,8 @@ def _trial_record(config: TuneConfig, result: Any) -> dict[str, Any]:
         "val_score": card["metrics"]["val_score"] if card else None,
         "val_loss": card["metrics"].get("val_loss") if card else None,
         "val_count": card["metrics"].get("val_count") if card else None,
+        # what one validation image is worth in val_score (score_resolution), on this split's class mix
+        "val_confusion_matrix": card["metrics"].get("val_confusion_matrix") if card else None,
         "train_images_per_s": metrics.get("train_images_per_s"),
         "best_checkpoint": str(checkpoint) if checkpoint else None,
         "best_epoch": card["epoch"] + 1 if card else None,
@@ -863,6 +883,38 @@ def _evaluate_and_register(config: TuneConfig, registry: Any, checkpoint: str | 
     return registry.register(checkpoint, report=report)
 
 
+def _pair_with_runner_up(best: dict[str, dict[str, Any]], work: Path) -> None:
+    """Set the winner's `versus_runner_up`: on the test images both were scored on (their evaluations'
+    predictions.csv, row for row), how many each got right that the other missed, and the exact McNemar
+    p-value of that split. The winner is chosen on validation; this says whether the test split, which
+    chose nothing, tells the two apart. Nothing is set where either file is missing or they differ in
+    their images (an evaluation of an earlier version kept its report)."""
+    import pandas as pd
+
+    from cxrcore.evaluate.comparison import ranked_architectures
+
+    ranked = ranked_architectures(best)
+    if len(ranked) < 2:
+        return
+    (winner, _), (runner_up, _) = ranked[0], ranked[1]
+    paths = [work / "reports" / model / "predictions.csv" for model in (winner, runner_up)]
+    if not all(path.is_file() for path in paths):
+        return
+    a, b = (pd.read_csv(path, usecols=["file", "source", "label", "correct"]) for path in paths)
+    same = ["file", "source", "label"]
+    if len(a) != len(b) or not a[same].equals(b[same]):
+        return
+    right_a, right_b = a["correct"].astype(bool).to_numpy(), b["correct"].astype(bool).to_numpy()
+    only_winner, only_runner_up = int((right_a & ~right_b).sum()), int((right_b & ~right_a).sum())
+    best[winner]["versus_runner_up"] = {
+        "model": runner_up,
+        "n": len(a),
+        "only_this": only_winner,
+        "only_other": only_runner_up,
+        "mcnemar_p": mcnemar_exact(only_winner, only_runner_up),
+    }
+
+
 def _best_per_architecture(
     config: TuneConfig, trials: list[dict[str, Any]], registry: Any, work: Path, experiment: str | None = None
 ) -> dict[str, dict[str, Any]]:
@@ -895,6 +947,7 @@ def _best_per_architecture(
             # val_score ties within one validation image are ranked on the loss (absent from older records)
             "val_loss": trial.get("val_loss"),
             "val_count": trial.get("val_count"),
+            "val_confusion_matrix": trial.get("val_confusion_matrix"),
             "ref": version.ref,
             "report": _published(report / "report.html", work, experiment or str(work)),
             "parameters": parameters,

@@ -119,6 +119,39 @@ def ranked_architectures(best: Mapping[str, Mapping[str, Any]]) -> list[tuple[st
     return rank_by_validation(best.items(), lambda item: item[1])
 
 
+PAIRED_ALPHA = 0.05
+"""The exact McNemar p-value under which the winner and runner-up are said to differ on the test split."""
+
+
+def _versus_line(model: str, paired: Mapping[str, Any] | None) -> str:
+    """The winner beside the runner-up on the same test images (tune's `versus_runner_up`), or "".
+
+    >>> import textwrap
+    >>> paired = {"model": "dual", "n": 48, "only_this": 9, "only_other": 7, "mcnemar_p": 0.804}
+    >>> print(textwrap.fill(_versus_line("resnet", paired).strip(), 100))
+    On the same 48 test images, resnet got 9 right that dual missed and dual 7 that resnet missed (exact
+    McNemar p = 0.80): the test split does not tell them apart.
+    """
+    if not paired:
+        return ""
+    other, p, this_n, other_n = (
+        paired["model"],
+        paired["mcnemar_p"],
+        paired["only_this"],
+        paired["only_other"],
+    )
+    ahead = model if this_n > other_n else other
+    verdict = (
+        f"a difference beyond chance, in {ahead}'s favour"
+        if p < PAIRED_ALPHA
+        else "the test split does not tell them apart"
+    )
+    return (
+        f" On the same {paired['n']} test images, {model} got {this_n} right that {other} missed and "
+        f"{other} {other_n} that {model} missed (exact McNemar p = {p:.2f}): {verdict}."
+    )
+
+
 def kept_better_line(kept: Mapping[str, Any]) -> str:
     """Why production stayed where it was: on the same validation images it ranks above the winner.
 
@@ -193,7 +226,7 @@ def winner_line(
                 f", an interval that reaches {_fixed(commonest)}, the score of always answering the test "
                 "split's commonest class: not shown to beat it"
             )
-    line += "."
+    line += "." + _versus_line(model, row.get("versus_runner_up"))
     kept = next((r["ref"] for m, r in ranked if r.get("production") and m != model), None)
     if kept and production_note:  # a re-run keeps production where it was moved since the first run put it
         line += (

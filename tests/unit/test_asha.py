@@ -116,3 +116,26 @@ def test_tune_ranks_on_the_highest_validation_score() -> None:
     assert (
         _report(scheduler, Trial("weak"), 2, 0.1) == TrialScheduler.STOP
     )  # the low score stops, not the high
+
+
+@dataclass
+class ModelTrial:
+    trial_id: str
+    config: dict[str, object]
+
+
+def test_each_architecture_is_ranked_among_its_own_trials_only() -> None:
+    """In one bracket for all, the second architecture to reach the grace epoch was judged against the
+    first's score alone and stopped on arrival order; with one trial each, an architecture is never cut."""
+    scheduler = _scheduler(epochs=4)
+
+    def trial(name: str, model: str) -> ModelTrial:
+        added = ModelTrial(name, {"trial": {"model": model}})
+        scheduler.on_trial_add(None, added)  # type: ignore[attr-defined]
+        return added
+
+    fast, slow = trial("fast", "tiny_dual_cnn"), trial("slow", "tiny_resnet")
+    assert _report(scheduler, fast, 1, 0.8) == TrialScheduler.CONTINUE
+    assert _report(scheduler, slow, 1, 0.1) == TrialScheduler.CONTINUE  # had been STOP, behind `fast`
+    assert _report(scheduler, trial("dual-2", "tiny_dual_cnn"), 1, 0.2) == TrialScheduler.STOP  # its own
+    assert _report(scheduler, trial("resnet-2", "tiny_resnet"), 1, 0.5) == TrialScheduler.CONTINUE

@@ -389,3 +389,37 @@ def test_a_poor_lung_segmenter_is_named_with_a_warning() -> None:
     assert "\nWARNING: the lung segmenter's test Dice is 0.50 after 1 epoch, under 0.85: " in printed
     good = format_comparison({**comparison, "segmenter": {"ref": "unet:2", "test": {"dice": 0.96}}})
     assert "lung segmenter: unet:2, test Dice 0.960" in good and "WARNING" not in good
+
+
+def test_the_winner_is_set_beside_the_runner_up_on_the_same_test_images(tmp_path: Path) -> None:
+    """The winner line gave the validation margin and the winner's own interval only: in three seeded
+    runs the test split never told the first two apart, and once reversed them."""
+    from cxrcore.tune import _pair_with_runner_up
+
+    def predictions(model: str, correct: list[bool]) -> None:
+        folder = tmp_path / "reports" / model
+        folder.mkdir(parents=True)
+        rows = [f"{i}.png,site,COVID,COVID,{right}" for i, right in enumerate(correct)]
+        (folder / "predictions.csv").write_text("file,source,label,predicted,correct\n" + "\n".join(rows))
+
+    predictions("tiny_resnet", [True] * 30 + [True] * 9 + [False] * 7 + [False] * 2)
+    predictions("tiny_dual_cnn", [True] * 30 + [False] * 9 + [True] * 7 + [False] * 2)
+    best = {
+        "tiny_resnet": {"val_score": 0.50, "val_loss": 1.0, "val_count": 48},
+        "tiny_dual_cnn": {"val_score": 0.35, "val_loss": 1.1, "val_count": 48},
+    }
+    _pair_with_runner_up(best, tmp_path)
+    paired = best["tiny_resnet"]["versus_runner_up"]
+    assert paired == {
+        "model": "tiny_dual_cnn", "n": 48, "only_this": 9, "only_other": 7,
+        "mcnemar_p": pytest.approx(0.804, abs=1e-3),
+    }  # fmt: skip
+    line = winner_line(
+        {name: {**row, "ref": f"{name}:1", "test_accuracy": 0.8} for name, row in best.items()}
+    )
+    assert "(exact McNemar p = 0.80): the test split does not tell them apart." in line
+    # other images in the runner-up's file (an earlier version's report): no pairing, rather than a wrong one
+    (tmp_path / "reports/tiny_dual_cnn/predictions.csv").write_text("file,source,label,predicted,correct\n")
+    del best["tiny_resnet"]["versus_runner_up"]
+    _pair_with_runner_up(best, tmp_path)
+    assert "versus_runner_up" not in best["tiny_resnet"]

@@ -10,7 +10,8 @@ import pytest
 
 MODULES = (
     "cxrcore.bench", "cxrcore.bench.report", "cxrcore.config", "cxrcore.data.spec",
-    "cxrcore.evaluate.comparison", "cxrcore.evaluate.evaluation", "cxrcore.evaluate.report",
+    "cxrcore.evaluate.comparison", "cxrcore.evaluate.evaluation", "cxrcore.evaluate.external",
+    "cxrcore.evaluate.report",
     "cxrcore.inference", "cxrcore.metrics",
     "cxrcore.models.registry", "cxrcore.plan", "cxrcore.telemetry", "cxrcore.train.engine",
     "cxrcore.train.loop", "cxrcore.train.trainer", "serve.schemas",
