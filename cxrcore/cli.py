@@ -533,9 +533,24 @@ def _check_before_ray(config: Any, notes: list[str] | None = None) -> None:
         lacking.append(f"--data {config.data}: no such folder")
     elif not storage.is_remote(config.data):  # object storage is read where the run starts, once
         check_dataset(config.data)
-        unscored = unscored_classes(read_report(config.data), tuning=isinstance(config, TuneConfig))
+        report = read_report(config.data)
+        if isinstance(config, TuneConfig):
+            from cxrcore.tune import check_masks
+
+            check_masks(config, report)
+        unscored = unscored_classes(report, tuning=isinstance(config, TuneConfig))
         if unscored:
             print(f"warning: {unscored}", file=sys.stderr)
+    if dry_run and os.path.isfile(config.pretrained):  # loaded once the run starts; a dry run loads it now
+        from cxrcore.train.trainer import check_pretrained
+        from cxrcore.tune import search_plan, takes_pretrained
+
+        if isinstance(config, TrainConfig):
+            check_pretrained(config.model, config.pretrained)
+        else:  # the models the trials build ("resnet" steps through depths), as tune's preflight loads them
+            for name in sorted({trial["model"] for trial in search_plan(config, 1)}):
+                if takes_pretrained(name):
+                    check_pretrained(name, config.pretrained)
 
 
 def _note_local_paths(config: Any) -> None:
@@ -643,7 +658,7 @@ def _run_tune(args: argparse.Namespace) -> int:
 
 def _run_evaluate(args: argparse.Namespace) -> int:
     from cxrcore.evaluate.evaluation import evaluate_checkpoint
-    from cxrcore.evaluate.report import metrics_table, with_accuracy_interval
+    from cxrcore.evaluate.report import column_label, metrics_table, with_accuracy_interval
 
     config: EvaluateConfig = config_from_args(EvaluateConfig, args)
     _refuse_outputs_in_job_copy(config)
@@ -660,12 +675,13 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         print(f"evaluated {evaluated['model']} on {evaluated['dataset']} ({where})")
         if evaluated["note"]:
             print(f"warning: this evaluation {evaluated['note']}")
-    rows = [[k, format_cell(v)] for k, v in with_accuracy_interval(headline, metrics).items()]
+    rows = [[column_label(k), format_cell(v)] for k, v in with_accuracy_interval(headline, metrics).items()]
     print(format_table(["metric", "value"], rows))
     if "per_class" in metrics:  # a classifier: what accuracy hides on an imbalanced split
         per_class = metrics_table(metrics)
         columns = list(dict.fromkeys(key for row in per_class for key in row))
-        print(format_table(columns, [[format_cell(row.get(c)) for c in columns] for row in per_class]))
+        cells = [[format_cell(row.get(c)) for c in columns] for row in per_class]
+        print(format_table([column_label(c) for c in columns], cells))
         missed = (evaluated or {}).get("missed")
         if missed:
             print(f"WARNING: the model {missed}; the accuracy does not show it, the recalls above do")

@@ -369,8 +369,8 @@ class PipelineConfig:
     epochs: int = option(8, "maximum epochs per trial")
     grace_epochs: int | None = option(
         None,
-        "epochs every trial gets before ASHA may stop it (default: three quarters of --epochs, so that "
-        "architectures that start slowly are judged on what they learn, not on how fast they start)",
+        "epochs every trial gets before ASHA may stop it, ranked among its architecture's trials (default: "
+        "three quarters of --epochs; with --trials 1 no trial is stopped)",
     )
     pretrained: str = option(
         "none", "initial weights of the models with hub weights (the ResNets): a local file, 'hub' or 'none'"
@@ -702,7 +702,9 @@ class TuneConfig:
     trials: int = option(2, "sampled configurations per architecture")
     epochs: int = option(10, "maximum epochs per trial (ASHA stops weak trials earlier)")
     grace_epochs: int | None = option(
-        None, "epochs every trial gets before ASHA may stop it (default: half of --epochs, at least 1)"
+        None,
+        "epochs every trial gets before ASHA may stop it, ranked among its architecture's trials (default: "
+        "half of --epochs, at least 1)",
     )
     segmenter_epochs: int | None = option(
         None, "epochs of the lung segmenter trained first for dual-channel models (default: --epochs / 4)"

@@ -283,9 +283,12 @@ def gray_image(image: ImageLike) -> np.ndarray:
 
 def _batch(images: Sequence[ImageLike]) -> list[np.ndarray]:
     """A batch's images as `gray_image` makes them; one image alone is refused, as it would be read as a
-    batch of its rows (a (299, 299) array scored as 299 images)."""
+    batch of its rows (a (299, 299) array scored as 299 images, a (299, 299, 3) one as 299 of 299 × 3). A
+    (B, H, W) array is a batch; so is a (B, H, C) one only where C is not 1, 3 or 4, which no X-ray is."""
     alone = isinstance(images, str | os.PathLike) or hasattr(images, "getbands")
-    if alone or (isinstance(images, np.ndarray | torch.Tensor) and images.ndim < 3):
+    if isinstance(images, np.ndarray | torch.Tensor):  # (H, W), or (H, W, C) of a gray or RGB(A) image
+        alone = images.ndim < 3 or (images.ndim == 3 and images.shape[-1] in (1, 3, 4))
+    if alone:
         raise ValueError("a Predictor takes a batch of images: pass one image as [image]")
     if len(images) == 0:
         raise ValueError("no images to predict")

@@ -186,6 +186,16 @@ def preflight(config: TuneConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]
         check_local_gpus(config.workers_per_trial)
     report = read_report(config.data)
     check_dataset(config.data)
+    check_masks(config, report)
+    plan = search_plan(config, report["by_split"]["train"])
+    for model in sorted({trial["model"] for trial in plan}):
+        check_pretrained(model, config.pretrained if takes_pretrained(model) else "none")
+    return report, plan
+
+
+def check_masks(config: TuneConfig, report: dict[str, Any]) -> None:
+    """Refuse comparing mask-reading models on a dataset without a lung mask: Serve gets their masks from a
+    segmenter that Tune trains on the dataset's own."""
     if segmenter_model(config) and report["without_mask"] >= report["ingested"]:
         readers = [m for m in config.model_names() if m != "resnet" and needs_mask(m)]
         raise ConfigError(
@@ -193,10 +203,6 @@ def preflight(config: TuneConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]
             f"which Serve gets from a segmenter that Tune trains on the dataset's masks, and {config.data} "
             "has none; ingest the masks with the images, or compare models that read the image alone"
         )
-    plan = search_plan(config, report["by_split"]["train"])
-    for model in sorted({trial["model"] for trial in plan}):
-        check_pretrained(model, config.pretrained if takes_pretrained(model) else "none")
-    return report, plan
 
 
 def check_models(config: TuneConfig) -> None:

@@ -315,7 +315,17 @@ def read_report(dataset: str) -> dict[str, Any]:
         raise FileNotFoundError(
             f"{dataset} is not a finished cxr dataset (no {REPORT_NAME}); run `cxr data ingest RAW {dataset}`"
         )
-    report: dict[str, Any] = json.loads(text)
+    try:
+        report: dict[str, Any] = json.loads(text)
+    except ValueError as exc:  # cut short or edited by hand: the dataset cannot be trusted as it stands
+        raise ConfigError(
+            f"{dataset}: its {REPORT_NAME} is not valid JSON ({exc}); the dataset is damaged: ingest it "
+            "again (`cxr data ingest RAW OUT`)"
+        ) from exc
+    if not isinstance(report, dict) or not isinstance(report.get("by_split"), dict):
+        raise ConfigError(
+            f"{dataset}: its {REPORT_NAME} is not an ingest report (no by_split); ingest the dataset again"
+        )
     return report
 
 

@@ -494,16 +494,23 @@ def fit(config: TrainConfig) -> TrainResult:
 
 @contextmanager
 def torch_state_kept() -> Iterator[None]:
-    """Restore torch's thread count and random state after training in this process (--workers 0), which
-    sets both as a worker does: a notebook's later inference had run on one thread."""
+    """Restore torch's thread count and the random states (torch's, numpy's, Python's) after training in
+    this process (--workers 0), which sets them as a worker does: a notebook's later inference had run on
+    one thread, and its seeded draws came out otherwise."""
+    import random
+
+    import numpy as np
     import torch
 
     threads, state = torch.get_num_threads(), torch.get_rng_state()
+    numpy_state, python_state = np.random.get_state(), random.getstate()
     try:
         yield
     finally:
         torch.set_num_threads(threads)
         torch.set_rng_state(state)
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)
 
 
 def writing(config: TrainConfig) -> AbstractContextManager[None]:

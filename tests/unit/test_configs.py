@@ -432,3 +432,31 @@ def test_gpu_workers_this_machine_lacks_are_refused_before_ray_starts(
     tune = ["tune", "--data", data, "--registry", str(tmp_path / "r"), "--models", "tiny_cnn_lstm", "--gpu"]
     assert main([*tune, "--workers-per-trial", "2"]) == 2
     assert "has 1 GPU(s) for 2 GPU worker(s)" in capsys.readouterr().err
+
+
+def test_a_dry_run_refuses_here_what_the_run_refused_only_after_ray_started(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A mask-reading comparison on a dataset without masks, and a weights file that is no weights file,
+    passed the dry run (exit 0); the runs refused them once Ray had started. A damaged report was a
+    traceback."""
+    import json
+
+    from tests.unit.test_external_eval import write_dataset
+
+    rows = [("COVID", "train", 1), ("Normal", "train", 2), ("COVID", "val", 3), ("Normal", "val", 4)]
+    data = write_dataset(tmp_path / "ds", rows, "f")
+    report = json.loads((tmp_path / "ds/ingest_report.json").read_text())
+    (tmp_path / "ds/ingest_report.json").write_text(json.dumps({**report, "ingested": 4, "without_mask": 4}))
+    tune = ["tune", "--data", data, "--registry", str(tmp_path / "r"), "--dry-run"]
+    assert main([*tune, "--models", "tiny_dual_cnn"]) == 2
+    assert "tiny_dual_cnn reads a lung mask" in capsys.readouterr().err
+    assert main([*tune, "--models", "tiny_cnn_lstm"]) == 0
+    junk = tmp_path / "w.safetensors"
+    junk.write_bytes(b"not weights")
+    train = ["train", "--data", data, "--model", "tiny_resnet", "--pretrained", str(junk), "--dry-run"]
+    assert main(train) == 2
+    assert capsys.readouterr().err.startswith("cxr: error: --pretrained")
+    (tmp_path / "ds/ingest_report.json").write_text("{cut sho")
+    assert main([*train[:-3], "--dry-run"]) == 2
+    assert "ingest_report.json is not valid JSON" in capsys.readouterr().err

@@ -185,9 +185,18 @@ def test_the_library_calls_start_cxrs_ray_themselves_once_they_hold_the_output(
     for call in calls:
         with pytest.raises(Started, match=r"^a$"):
             call()
+    import random
+
+    import numpy as np
+
     threads = torch.get_num_threads()
     torch.manual_seed(123)
+    np.random.seed(1)
+    random.seed(2)
     with torch_state_kept():
         torch.set_num_threads(1)
         torch.manual_seed(0)
+        np.random.seed(0)
+        random.seed(0)
     assert torch.get_num_threads() == threads and torch.rand(1).item() == pytest.approx(0.2961, abs=1e-4)
+    assert np.random.rand() == pytest.approx(0.417022) and random.random() == pytest.approx(0.956034)

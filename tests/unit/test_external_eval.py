@@ -308,7 +308,7 @@ def test_own_dataset_is_scored_on_its_test_split_without_an_external_block(
     metrics = json.loads((out / "metrics.json").read_text())
     # the console shows each class's recall beside the accuracy, and names a class the model never finds
     printed = capsys.readouterr().out
-    assert re.search(r"\nbalanced_accuracy +\d\.\d{3}\n", printed)
+    assert re.search(r"\nbalanced accuracy +\d\.\d{3}\n", printed)
     lines = {line.split()[0]: line for line in printed.splitlines() if line.split()}
     assert all(name.split()[0] in lines for name in CLASSES)
     missed = [name for name, row in metrics["per_class"].items() if row["support"] and not row["recall"]]

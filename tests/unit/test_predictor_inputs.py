@@ -68,8 +68,9 @@ def test_what_is_not_a_batch_of_images_is_refused_saying_what_it_got(predictor: 
     gray = xray(5, size=64)
     with pytest.raises(ValueError, match=r"takes a batch of images: pass one image as \[image\]"):
         predictor.predict_proba(gray)  # had been scored as 64 images, one per row
-    with pytest.raises(ValueError, match=r"pass one image as \[image\]"):
-        predictor.predict_proba("x.png")  # type: ignore[arg-type]
+    for alone in ("x.png", np.repeat(gray[..., None], 3, axis=2), gray[..., None], torch.from_numpy(gray)):
+        with pytest.raises(ValueError, match=r"pass one image as \[image\]"):
+            predictor.predict_proba(alone)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="no images to predict"):
         predictor.predict_proba([])
     with pytest.raises(ValueError, match=r"an image of shape \(64, 64, 3\): .* as uint8"):
