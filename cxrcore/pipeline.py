@@ -2,22 +2,37 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import time
 from pathlib import Path
+from typing import Any
 
 from cxrcore.config import ConfigError, IngestConfig, PipelineConfig, TuneConfig
 from cxrcore.labels import CLASSES
 from cxrcore.summaries import format_comparison, format_ingest_report, format_scan
 
 
-def comparison_config(config: PipelineConfig) -> TuneConfig:
-    """The Tune comparison the pipeline runs, on the dataset it ingests into its work folder."""
+def comparison_config(config: PipelineConfig, report: dict[str, Any] | None = None) -> TuneConfig:
+    """The Tune comparison the pipeline runs, on the dataset it ingests into its work folder.
+
+    With the ingest `report`, the experiment is named by what makes it one (the data and the search
+    settings, `experiment_settings`): the same demo again resumes its experiment (a finished one trains
+    nothing), and `--seed 2` after `--seed 1` in one folder starts its own, where one name for all had
+    refused it as "started with other settings" after synthesis and ingest."""
+    from cxrcore.tune import experiment_settings
+
     work = Path(config.work_dir)
-    return TuneConfig(
+    tune = TuneConfig(
         data=str(work / "dataset"), registry=str(work / "registry"), models=config.models,
         trials=config.trials, epochs=config.epochs, grace_epochs=config.grace_epochs,
         pretrained=config.pretrained, out=str(work / "runs"), name="demo", seed=config.seed,
     )  # fmt: skip
+    if report is None:
+        return tune
+    settings = json.dumps(experiment_settings(tune, report), sort_keys=True, default=str)
+    return dataclasses.replace(tune, name=f"demo-{hashlib.sha256(settings.encode()).hexdigest()[:8]}")
 
 
 def check_pipeline(config: PipelineConfig) -> None:
@@ -73,9 +88,13 @@ def run_pipeline(config: PipelineConfig) -> dict[str, str]:
     if config.tune:
         from cxrcore.tune import run_comparison
 
-        each = f"{config.trials} trial(s) each, up to {config.epochs} epochs"
+        each = (
+            f"1 trial each, {config.epochs} epochs"  # ASHA ranks an architecture's trials: none to stop
+            if config.trials == 1
+            else f"{config.trials} trials each, up to {config.epochs} epochs"
+        )
         step(f"comparing {config.models} with Ray Tune ({each})")
-        tune_config = comparison_config(config)
+        tune_config = comparison_config(config, report)
         registry = tune_config.registry
         comparison = run_comparison(tune_config)
         print(format_comparison(comparison))

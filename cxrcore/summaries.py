@@ -205,10 +205,15 @@ def format_ingest_report(report: dict[str, Any]) -> str:
     lines += [f"warning: {warning}" for warning in report["warnings"]]
     replaced = report.get("replaced")
     if replaced:
+        shared, moved = replaced["shared_images"], replaced["changed_split"]
         lines.append(
             f"replaced the dataset of fingerprint {replaced['fingerprint']} there: "
-            f"{replaced['changed_split']} of the {replaced['shared_images']} images both hold changed split. "
-            "Runs and Tune experiments "
+            + (
+                f"{moved} of the {shared} images both hold changed split. "
+                if shared
+                else "none of its images is in this one. "
+            )
+            + "Runs and Tune experiments "
             "on the old one refuse this one (another --name starts afresh), and a model trained on the old "
             "one scores this one as external data, not clean"
         )

@@ -460,3 +460,20 @@ def test_a_dry_run_refuses_here_what_the_run_refused_only_after_ray_started(
     (tmp_path / "ds/ingest_report.json").write_text("{cut sho")
     assert main([*train[:-3], "--dry-run"]) == 2
     assert "ingest_report.json is not valid JSON" in capsys.readouterr().err
+
+
+def test_each_demo_of_other_data_or_settings_has_its_own_experiment_and_the_same_one_resumes(
+    tmp_path: Path,
+) -> None:
+    """`cxr demo --seed 2` after `--seed 1` in one folder failed after synthesis and ingest: the single
+    experiment name "demo" held one "started with other settings"."""
+    from cxrcore.config import PipelineConfig
+    from cxrcore.pipeline import comparison_config
+
+    report = {"fingerprint": "5920404495ea8990", "by_split": {"train": 320}}
+    seed_1 = PipelineConfig(work_dir=str(tmp_path), seed=1)
+    name = comparison_config(seed_1, report).name
+    assert name.startswith("demo-") and name == comparison_config(seed_1, report).name
+    assert comparison_config(PipelineConfig(work_dir=str(tmp_path), seed=2), report).name != name
+    assert comparison_config(seed_1, {**report, "fingerprint": "75fb80985de1457c"}).name != name
+    assert comparison_config(PipelineConfig(work_dir=str(tmp_path), seed=1, epochs=4), report).name != name
