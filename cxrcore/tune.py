@@ -442,7 +442,7 @@ def _better_production(
     class of images below it on the very same validation split."""
     from cxrcore.registry import RegistryError
 
-    if production is None or production in {winner["ref"]}:
+    if production is None or production == winner["ref"]:
         return None
     try:
         version = registry.get(production)
