@@ -54,6 +54,7 @@ def format_comparison(comparison: dict[str, Any]) -> str:
     others, and each architecture whose held-out figures fall by LARGE_DROP or more gets a warning."""
     from cxrcore.evaluate.comparison import (
         architectures_asked,
+        chance_warnings,
         holdout_columns,
         holdout_warnings,
         kept_better_line,
@@ -82,7 +83,7 @@ def format_comparison(comparison: dict[str, Any]) -> str:
             f"{comparison['experiment']} had finished (its comparison.json): no trial was trained again; "
             "the comparison below is made again from its checkpoints and registrations.",
         )
-    lines += [f"WARNING: {line}" for line in holdout_warnings(best)]
+    lines += [f"WARNING: {line}" for line in holdout_warnings(best) + chance_warnings(best)]
     if comparison.get("val_unscored"):
         lines.append(f"WARNING: {comparison['val_unscored']}")
     if comparison.get("segmenter"):

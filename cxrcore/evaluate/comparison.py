@@ -105,6 +105,7 @@ def write_comparison_report(out_dir: str | Path, comparison: dict[str, Any]) -> 
     if "better_on_this_data" in kept:
         leads.append((kept_better_line(kept), "lead alert"))
     leads += [(line, "lead alert") for line in holdout_warnings(comparison["best"])]
+    leads += [(line, "lead alert") for line in chance_warnings(comparison["best"])]
     lead = "\n".join(f'<p class="{kind}">{html.escape(text)}</p>' for text, kind in leads)
     paths["html"] = write_html_report(
         out / "comparison.html", f"Architecture comparison: {comparison['dataset']}", sections, lead=lead
@@ -270,6 +271,31 @@ def holdout_warnings(best: Mapping[str, Mapping[str, Any]]) -> list[str]:
         for model, row in ranked_architectures(best)
         if (row.get("source_holdout") or {}).get("large_drop")
     ]
+
+
+def chance_warnings(best: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Each architecture but the winner (whose line says it) whose test accuracy's 95% interval reaches the
+    score of always answering the test split's commonest class: not shown to have learned the task.
+
+    >>> [line] = chance_warnings({"a": {"val_score": 0.9, "confusion_matrix": [[9, 1], [1, 9]]},
+    ...                           "b": {"val_score": 0.5, "confusion_matrix": [[3, 7], [2, 8]]}})
+    >>> line.split(", the score")[0]
+    'b: test accuracy 0.550 (95% CI 0.34–0.74) reaches 0.500'
+    """
+    lines = []
+    for model, row in ranked_architectures(best)[1:]:
+        matrix = row.get("confusion_matrix")
+        if not matrix or not (n := sum(map(sum, matrix))):
+            continue
+        interval, commonest = accuracy_interval(matrix), max(map(sum, matrix)) / n
+        if interval and interval[0] <= commonest:
+            accuracy = sum(matrix[k][k] for k in range(len(matrix))) / n
+            lines.append(
+                f"{model}: test accuracy {_fixed(accuracy)} (95% CI {interval_text(interval)}) reaches "
+                f"{_fixed(commonest)}, the score of always answering the test split's commonest class: not "
+                "shown to beat it"
+            )
+    return lines
 
 
 def _best_tables(ranked: list[tuple[str, Mapping[str, Any]]]) -> str:

@@ -423,3 +423,16 @@ def test_the_winner_is_set_beside_the_runner_up_on_the_same_test_images(tmp_path
     del best["tiny_resnet"]["versus_runner_up"]
     _pair_with_runner_up(best, tmp_path)
     assert "versus_runner_up" not in best["tiny_resnet"]
+
+
+def test_an_architecture_not_shown_to_beat_the_commonest_class_is_warned_of(tmp_path: Path) -> None:
+    """The winner line checked the winner alone: a runner-up at exactly the commonest class's rate (0.250
+    on a balanced test split) stood in the table without a word."""
+    comparison = _comparison()
+    loser = min(comparison["best"], key=lambda model: comparison["best"][model]["val_score"])
+    comparison["best"][loser]["confusion_matrix"] = [[3, 3, 3, 3]] * 4  # 12 of 48: a quarter
+    printed = format_comparison({**comparison, "production": "dual_cnn:3", "reports": {}})
+    warning = f"WARNING: {loser}: test accuracy 0.250 (95% CI 0.15–0.39) reaches 0.250, the score of always"
+    assert warning in printed
+    text = write_comparison_report(tmp_path, comparison)["html"].read_text()
+    assert f'<p class="lead alert">{loser}: test accuracy 0.250' in text
