@@ -693,7 +693,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     if comparison:
         column = f"internal ({comparison['reference']})" if comparison["reference"] else "internal"
         sides = ("internal", "external", "drop")
-        rows = [[name, *(format_cell(row[k]) for k in sides)]
+        rows = [[column_label(name), *(format_cell(row[k]) for k in sides)]
                 for name, row in comparison["figures"].items()]  # fmt: skip
         print(format_table(["metric", column, "external", "drop"], rows))
         alarming = comparison["large_drop"] or comparison.get("clean") is False

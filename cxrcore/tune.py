@@ -637,6 +637,7 @@ def asha_scheduler(config: TuneConfig) -> Any:
             # architecture's. In one bracket for all, with one trial each, whichever reached the grace
             # epoch second was judged against the first's score alone and stopped on arrival order.
             model = (getattr(trial, "config", None) or {}).get("trial", {}).get("model")
+            model = searched.get(model, model)  # `--models resnet`'s depths are one architecture's trials
             brackets = self.__dict__.setdefault("_by_model", {})  # made on first use, pickled with the rest
             if model not in brackets:
                 brackets[model] = _Bracket(grace, config.epochs, ASHA_REDUCTION_FACTOR, 0)
@@ -653,6 +654,8 @@ def asha_scheduler(config: TuneConfig) -> Any:
             return str(super().on_trial_result(tune_controller, trial, result))
 
     grace = config.grace_epochs or 1  # resolved by TuneConfig
+    named = config.model_names()
+    searched = {depth: "resnet" for depth in RESNET_DEPTHS if "resnet" in named and depth not in named}
     return ASHAStopsBeforeLastEpoch(
         # The epoch each report names, not Tune's count of reports: a trial restored after the driver was
         # killed resumes its Train run mid-way, and Tune counts its reports from 1.

@@ -18,7 +18,7 @@ from cxrcore.evaluate.report import (
     write_html_report,
 )
 from cxrcore.labels import CLASSES
-from cxrcore.metrics import accuracy_interval, rank_by_validation, score_resolution
+from cxrcore.metrics import accuracy_interval, rank_by_validation, within_one_image
 
 CURVES = ("val_macro_f1", "val_loss", "val_accuracy", "train_loss")
 CALIBRATION = {
@@ -200,7 +200,7 @@ def winner_line(
             row.get("val_loss") is not None
             and other.get("val_loss") is not None
             and row["val_loss"] <= other["val_loss"]
-            and abs(margin) <= score_resolution(row) + 1e-9
+            and (within_one_image(row, other) if margin <= 0 else within_one_image(other, row))
         )
         if by_loss:
             close = (

@@ -139,3 +139,16 @@ def test_each_architecture_is_ranked_among_its_own_trials_only() -> None:
     assert _report(scheduler, slow, 1, 0.1) == TrialScheduler.CONTINUE  # had been STOP, behind `fast`
     assert _report(scheduler, trial("dual-2", "tiny_dual_cnn"), 1, 0.2) == TrialScheduler.STOP  # its own
     assert _report(scheduler, trial("resnet-2", "tiny_resnet"), 1, 0.5) == TrialScheduler.CONTINUE
+
+
+def test_the_depths_of_models_resnet_are_one_architectures_trials() -> None:
+    """`--models resnet` steps its trials through depths 18/34/50: one architecture searched, so its trials
+    share rungs (each depth alone in its own had made the plan's "ASHA may stop a trial" untrue)."""
+    config = TuneConfig(data="ds", registry="reg", models="resnet", trials=2, epochs=4, grace_epochs=1)
+    scheduler = asha_scheduler(config)
+    scheduler.set_search_properties("val_score", "max")  # type: ignore[attr-defined]
+    first, second = (ModelTrial(name, {"trial": {"model": name}}) for name in ("resnet18", "resnet34"))
+    for trial in (first, second):
+        scheduler.on_trial_add(None, trial)  # type: ignore[attr-defined]
+    assert _report(scheduler, first, 1, 0.8) == TrialScheduler.CONTINUE
+    assert _report(scheduler, second, 1, 0.1) == TrialScheduler.STOP
