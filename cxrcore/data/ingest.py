@@ -155,10 +155,11 @@ def ingest_dataset(
     """
     from cxrcore.runtime import init_ray
 
+    started = time.perf_counter()  # the report's seconds: the scan included, as before Ray started here
     with writing(config):
         scanned = scanned or scan_ingest_input(config)  # a folder it refuses costs no Ray start
         init_ray(config.address)  # a library caller's too: cxr's local cluster (a no-op once Ray runs)
-        return _ingest(config, scanned)
+        return _ingest(config, scanned, started)
 
 
 def writing(config: IngestConfig) -> AbstractContextManager[None]:
@@ -166,11 +167,10 @@ def writing(config: IngestConfig) -> AbstractContextManager[None]:
     return storage.exclusive(config.out, "an ingest", "another OUT")
 
 
-def _ingest(config: IngestConfig, scanned: tuple[LayoutScan, set[str]] | None) -> dict[str, Any]:
+def _ingest(config: IngestConfig, scanned: tuple[LayoutScan, set[str]], started: float) -> dict[str, Any]:
     import ray
 
-    started = time.perf_counter()
-    scan, test_sources = scanned or scan_ingest_input(config)
+    scan, test_sources = scanned
     manifest = _manifest(scan.entries)
     log.info("found %d images in %d classes under %s", len(manifest), len(scan.classes), scan.root)
 
