@@ -366,6 +366,7 @@ class PipelineConfig:
     size: int = option(64, "base resolution of the ingested dataset (and the models' input size)")
     models: str = option("cnn_lstm,dual_cnn,resnet18", "architectures to compare")
     trials: int = option(1, "sampled configurations per architecture")
+    repeats: int = option(1, "times each configuration is trained, with seeds --seed, --seed+1, ...")
     epochs: int = option(8, "maximum epochs per trial")
     grace_epochs: int | None = option(
         None,
@@ -386,6 +387,7 @@ class PipelineConfig:
         _require(self.per_class >= 1, "per_class", f"must be at least 1, got {self.per_class}")
         _require(32 <= self.size <= 2048, "size", f"must be between 32 and 2048, got {self.size}")
         _require(self.trials >= 1, "trials", f"must be at least 1, got {self.trials}")
+        _require(self.repeats >= 1, "repeats", f"must be at least 1, got {self.repeats}")
         _require(self.epochs >= 1, "epochs", f"must be at least 1, got {self.epochs}")
         if self.grace_epochs is None:
             self.grace_epochs = max(1, self.epochs * 3 // 4)
@@ -700,6 +702,11 @@ class TuneConfig:
         "architectures to compare, comma-separated ('resnet' also searches depth)",
     )
     trials: int = option(2, "sampled configurations per architecture")
+    repeats: int = option(
+        1,
+        "times each configuration is trained, with seeds --seed, --seed+1, ...: how far each architecture's "
+        "validation score moves with the seed, and in how many seeds it ranks first",
+    )
     epochs: int = option(10, "maximum epochs per trial (ASHA stops weak trials earlier)")
     grace_epochs: int | None = option(
         None,
@@ -732,6 +739,7 @@ class TuneConfig:
             self.pretrained = resolve_location(self.pretrained)
         _require(bool(self.model_names()), "models", "name at least one architecture")
         _require(self.trials >= 1, "trials", f"must be at least 1, got {self.trials}")
+        _require(self.repeats >= 1, "repeats", f"must be at least 1, got {self.repeats}")
         _require(self.epochs >= 1, "epochs", f"must be at least 1, got {self.epochs}")
         if self.grace_epochs is None:
             self.grace_epochs = max(1, self.epochs // 2)

@@ -350,7 +350,7 @@ class Predictor:
         models = registry if isinstance(registry, ModelRegistry) else ModelRegistry(str(registry))
         version = models.get(ref)
         segmenter = version.card.segmenter
-        helper = models.segmenter_checkpoint(segmenter) if segmenter else None
+        helper = models.segmenter_checkpoint(segmenter, of=version.ref) if segmenter else None
         return cls.from_checkpoint(models.local_checkpoint(version.ref), device, helper, graph=graph)
 
     @property

@@ -26,7 +26,7 @@ def comparison_config(config: PipelineConfig, report: dict[str, Any] | None = No
     work = Path(config.work_dir)
     tune = TuneConfig(
         data=str(work / "dataset"), registry=str(work / "registry"), models=config.models,
-        trials=config.trials, epochs=config.epochs, grace_epochs=config.grace_epochs,
+        trials=config.trials, repeats=config.repeats, epochs=config.epochs, grace_epochs=config.grace_epochs,
         pretrained=config.pretrained, out=str(work / "runs"), name="demo", seed=config.seed,
     )  # fmt: skip
     if report is None:
@@ -92,7 +92,7 @@ def run_pipeline(config: PipelineConfig) -> dict[str, str]:
             f"1 trial each, {config.epochs} epochs"  # ASHA ranks an architecture's trials: none to stop
             if config.trials == 1
             else f"{config.trials} trials each, up to {config.epochs} epochs"
-        )
+        ) + (f", each trained with {config.repeats} seeds" if config.repeats > 1 else "")
         step(f"comparing {config.models} with Ray Tune ({each})")
         tune_config = comparison_config(config, report)
         registry = tune_config.registry

@@ -144,8 +144,14 @@ def tune_plan(config: TuneConfig) -> str:
         masked = ", ".join(model for model in per_model if needs_mask(model))
         what = f"{segmenter}, {run.epochs} epochs on {_segmenter_workers(config)}, batch {run.batch_size}"
         rows.append(("segmenter", f"{what}, before the trials (it makes {masked}'s lung masks when served)"))
+    repeats = (
+        f"; each configuration trained {config.repeats} times, seeds {config.seed} to "
+        f"{config.seed + config.repeats - 1}"
+        if config.repeats > 1
+        else ""
+    )
     rows += [
-        ("trials", f"{len(trials)} ({', '.join(f'{model} {n}' for model, n in per_model.items())})"),
+        ("trials", f"{len(trials)} ({', '.join(f'{model} {n}' for model, n in per_model.items())}){repeats}"),
         ("per trial", _per_trial(config, len(trials))),
         ("image size", _image_size(config.image_size, data)),
         (
@@ -155,20 +161,21 @@ def tune_plan(config: TuneConfig) -> str:
         ),
         (
             "epochs",
-            f"{config.epochs} per trial: one trial per architecture, so ASHA, which ranks an architecture's "
-            "trials among themselves, stops none"
+            f"{config.epochs} per trial: one configuration per architecture, so ASHA, which ranks the "
+            f"trials of {'one architecture and seed' if repeats else 'an architecture'} among themselves, "
+            "stops none"
             if config.trials == 1
             else f"up to {config.epochs} per trial; ASHA may stop a trial after {grace} (grace epochs), "
-            "ranked among its architecture's trials",
+            f"ranked among the trials of its architecture{' and seed' if repeats else ''}",
         ),
         ("epochs total", _epochs_total(config, len(trials))),
         ("output", f"{experiment} (comparison.html; re-running resumes it); registry {config.registry}"),
     ]
     table = format_table(
-        ["trial", "model", "lr", "weight decay", "batch/worker", "steps/epoch"],
+        ["trial", "model", "lr", "weight decay", "batch/worker", "steps/epoch", "seed"],
         [
             [n, trial["model"], f"{trial['lr']:.2e}", f"{trial['weight_decay']:.1e}", trial["batch_size"],
-             _steps(data.train_images, trial["batch_size"], config.workers_per_trial)]
+             _steps(data.train_images, trial["batch_size"], config.workers_per_trial), trial["seed"]]
             for n, trial in enumerate(trials)
         ],
     )  # fmt: skip

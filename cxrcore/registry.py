@@ -385,7 +385,7 @@ class ModelRegistry:
                 problem = f"{segmenter} holds no checkpoint"
         elif segmenter:
             try:
-                self.segmenter_checkpoint(segmenter)
+                self.segmenter_checkpoint(segmenter, of=version.ref)
             except RegistryError as exc:
                 problem = str(exc)
         if problem:
@@ -426,27 +426,50 @@ class ModelRegistry:
             shutil.rmtree(staging, ignore_errors=True)
         return target
 
-    def segmenter_checkpoint(self, segmenter: str) -> Path:
+    def segmenter_checkpoint(self, segmenter: str, of: str | None = None) -> Path:
         """A card's segmenter (what its `segmenter` field holds) as a local checkpoint folder: a folder as it
         is, a URI's cached copy, a version of this registry by reference, and a version folder of a registry
-        that has since moved or been copied (`OLD/<name>/v<N>`, gone from there) as this registry's version
-        N of <name>: a card records a local registry's segmenter by its folder, and `mv REG REG2` or an
-        rsync to a serving node at another path otherwise broke every dual-channel version in it."""
+        that has since moved or been copied (`OLD/<name>/v<N>`) as this registry's version N of <name>: a
+        card records a local registry's segmenter by its folder, and `mv REG REG2` or an rsync to a serving
+        node at another path otherwise broke every dual-channel version in it.
+
+        That folder is read as it is only while this registry lacks the version or holds a different one
+        (its card not the same byte for byte): a copy beside its original had read the original's. And
+        where `of`, the version whose card this is, was registered in OLD too (this registry a copy of it),
+        a copy without the segmenter is refused although OLD still holds it: it had been promoted and
+        served here, and failed on the node it was copied to for, or once OLD was cleaned up."""
         from cxrcore.checkpoint import local_checkpoint_dir
         from cxrcore.data import storage
 
         if storage.is_remote(segmenter):
             return local_checkpoint_dir(segmenter)
-        if Path(segmenter).is_dir():
-            return Path(segmenter)
         parts = segmenter.rstrip("/").split("/")
         moved = len(parts) >= 2 and _NAME.fullmatch(parts[-2]) and _VERSION_DIR.fullmatch(parts[-1])
         ref = f"{parts[-2]}:{parts[-1][1:]}" if moved else segmenter
+        named = Path(segmenter)
+        if moved and self._local and named.is_dir():
+            origin, ours = named.parent.parent, Path(self._path, parts[-2], parts[-1])
+            if not ours.exists() or not ours.samefile(named):
+                if _same_card(named, ours):
+                    return ours
+                if of is not None and not ours.exists() and self._copy_of(origin, of):
+                    raise RegistryError(
+                        f"the segmenter {segmenter} is a version of {origin}, of which the registry "
+                        f"{self.root} is a copy without it: copy {parts[-2]}/{parts[-1]} into it too"
+                    )
+        if named.is_dir():
+            return named
         try:
             return self.local_checkpoint(ref)
         except RegistryError as exc:
             where = f"nor a version in the registry {self.root}"
             raise RegistryError(f"the segmenter {segmenter} is neither a folder here {where}") from exc
+
+    def _copy_of(self, origin: Path, ref: str) -> bool:
+        """Whether the local registry `origin` holds `ref`'s version as this one does (this one its copy)."""
+        version = self.get(ref)
+        folder = f"v{version.version}"
+        return _same_card(origin / version.name / folder, Path(self._path, version.name, folder))
 
     def _segmenter_location(self, segmenter: str, checkpoint: str | Path) -> str:
         """Where a card being registered should say its segmenter is, readable wherever the registry is.
@@ -637,6 +660,16 @@ def _check_report_describes(
         f"--report {report} evaluates {what} (its metrics.json, `evaluated`): register the checkpoint with "
         f"its own evaluation (cxr evaluate --checkpoint CKPT --data DATASET --out DIR)"
     )
+
+
+def _same_card(a: Path, b: Path) -> bool:
+    """Whether two local version folders hold the same card, byte for byte (a registry and its copy)."""
+    from cxrcore.checkpoint import CARD_NAME
+
+    try:
+        return (a / CARD_NAME).read_bytes() == (b / CARD_NAME).read_bytes()
+    except OSError:
+        return False
 
 
 def _check_alias(alias: str) -> None:

@@ -58,6 +58,8 @@ def format_comparison(comparison: dict[str, Any]) -> str:
         holdout_columns,
         holdout_warnings,
         kept_better_line,
+        seed_warnings,
+        seeds_line,
         winner_line,
     )
 
@@ -84,6 +86,9 @@ def format_comparison(comparison: dict[str, Any]) -> str:
             "the comparison below is made again from its checkpoints and registrations.",
         )
     lines += [f"WARNING: {line}" for line in holdout_warnings(best) + chance_warnings(best)]
+    if comparison.get("seeds"):
+        lines.append(seeds_line(comparison["seeds"]))
+        lines += [f"WARNING: {line}" for line in seed_warnings(best, comparison["seeds"])]
     if comparison.get("val_unscored"):
         lines.append(f"WARNING: {comparison['val_unscored']}")
     if comparison.get("segmenter"):

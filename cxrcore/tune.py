@@ -49,7 +49,8 @@ def search_plan(config: TuneConfig, train_rows: int) -> list[dict[str, Any]]:
     and `--trials 1` compares architectures, not lucky draws. Further trials sample learning rate and
     weight decay log-uniformly in SEARCH, and batch size from the automatic one, its double and (when
     at least 8) its half. Trials are ordered round by round, so the first wave covers every architecture;
-    'resnet' steps through RESNET_DEPTHS.
+    'resnet' steps through RESNET_DEPTHS. With --repeats N each configuration is trained N times, with
+    seeds --seed to --seed + N - 1 (the first wave: every architecture at --seed).
     """
     import numpy as np
 
@@ -61,6 +62,7 @@ def search_plan(config: TuneConfig, train_rows: int) -> list[dict[str, Any]]:
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     plan = []
     for round_ in range(config.trials):
+        drawn = []
         for name in config.model_names():
             model = RESNET_DEPTHS[round_ % len(RESNET_DEPTHS)] if name == "resnet" else name
             if round_ == 0:
@@ -68,7 +70,10 @@ def search_plan(config: TuneConfig, train_rows: int) -> list[dict[str, Any]]:
             else:
                 lr, weight_decay = (float(np.exp(rng.uniform(*np.log(SEARCH[k])))) for k in SEARCH)
                 batch_size = int(rng.choice(batch_sizes))
-            plan.append({"model": model, "lr": lr, "weight_decay": weight_decay, "batch_size": batch_size})
+            drawn.append({"model": model, "lr": lr, "weight_decay": weight_decay, "batch_size": batch_size})
+        plan += [
+            {**trial, "seed": config.seed + repeat} for repeat in range(config.repeats) for trial in drawn
+        ]
     return plan
 
 
@@ -110,7 +115,7 @@ def trial_train_config(
         segmenter=segmenter if needs_mask(model) else None,
         out=_trials_root(config),
         name=trial_id,
-        seed=config.seed,
+        seed=int(trial.get("seed", config.seed)),  # an experiment started before --repeats: --seed
     )
 
 
@@ -280,7 +285,8 @@ def experiment_settings(config: TuneConfig, report: dict[str, Any]) -> dict[str,
         "pretrained",
         "seed",
     )
-    return {"data_fingerprint": report["fingerprint"], **{k: getattr(config, k) for k in shaping}}
+    repeats = {"repeats": config.repeats} if config.repeats != 1 else {}  # older experiments' settings stay
+    return {"data_fingerprint": report["fingerprint"], **{k: getattr(config, k) for k in shaping}, **repeats}
 
 
 def run_comparison(config: TuneConfig) -> dict[str, Any]:
@@ -304,6 +310,7 @@ def _run_comparison(config: TuneConfig) -> dict[str, Any]:
     import ray
     from ray import tune
 
+    from cxrcore.evaluate.comparison import seed_spread, write_comparison_report
     from cxrcore.registry import ModelRegistry
     from cxrcore.train.trainer import unscored_classes
 
@@ -352,6 +359,7 @@ def _run_comparison(config: TuneConfig) -> dict[str, Any]:
         "segmenter": segmenter,
         "trials": trials,
         "best": best,
+        "seeds": seed_spread(trials),  # None with one seed
         "production": next((b["ref"] for b in best.values() if b.get("production")), None) or previous,
         "production_before": previous,
         "production_kept": kept,
@@ -361,8 +369,6 @@ def _run_comparison(config: TuneConfig) -> dict[str, Any]:
         # rollback must still see that the rollback moved it away (production names the kept version)
         "promoted": promoted,
     }
-    from cxrcore.evaluate.comparison import write_comparison_report
-
     reports = write_comparison_report(work, comparison)
     if work != Path(experiment):  # an object store: the reports were written to this machine's cache
         storage.copy(pafs.LocalFileSystem(), str(work), *storage.resolve(experiment))
@@ -636,12 +642,15 @@ def asha_scheduler(config: TuneConfig) -> Any:
             # Each architecture's own rungs: its trials compete with one another, never with another
             # architecture's. In one bracket for all, with one trial each, whichever reached the grace
             # epoch second was judged against the first's score alone and stopped on arrival order.
-            model = (getattr(trial, "config", None) or {}).get("trial", {}).get("model")
-            model = searched.get(model, model)  # `--models resnet`'s depths are one architecture's trials
+            planned = (getattr(trial, "config", None) or {}).get("trial", {})
+            model = searched.get(planned.get("model"), planned.get("model"))  # resnet's depths: one's trials
+            # With --repeats, one seed's trials of an architecture: a configuration is compared with the
+            # others on the same seed, and a seed's draw is never stopped for another seed's.
+            key = (model, planned.get("seed")) if config.repeats > 1 else model
             brackets = self.__dict__.setdefault("_by_model", {})  # made on first use, pickled with the rest
-            if model not in brackets:
-                brackets[model] = _Bracket(grace, config.epochs, ASHA_REDUCTION_FACTOR, 0)
-            self._trial_info[trial.trial_id] = brackets[model]
+            if key not in brackets:
+                brackets[key] = _Bracket(grace, config.epochs, ASHA_REDUCTION_FACTOR, 0)
+            self._trial_info[trial.trial_id] = brackets[key]
             bracket, metric, sign = self._trial_info[trial.trial_id], self._metric, self._metric_op
             if metric is None or sign is None:  # on_trial_add above refuses a scheduler without them
                 return
@@ -805,6 +814,7 @@ def _trial_record(config: TuneConfig, result: Any) -> dict[str, Any]:
     return {
         "trial_id": trial_id,
         "model": train.model,
+        "seed": train.seed,
         "lr": train.lr,
         "weight_decay": train.weight_decay,
         "batch_size": train.batch_size,

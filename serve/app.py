@@ -84,7 +84,7 @@ def build_app(args: ServeArgs) -> Application:
             raise ValueError(f"{resolved.ref} needs a lung mask but its card names no segmenter checkpoint")
         # A segmenter that is nowhere fails here; each replica then finds its own copy of what the card names.
         try:
-            resolve_segmenter(registry, resolved.card.segmenter)
+            resolve_segmenter(registry, resolved.card.segmenter, resolved.ref)
         except (KeyError, FileNotFoundError) as exc:  # RegistryError is a KeyError too
             raise ValueError(
                 f"{resolved.ref}'s card names a lung segmenter that cannot be found: {exc}"

@@ -102,16 +102,17 @@ def resolve_model(registry: str | None, ref: str) -> ResolvedModel:
     )
 
 
-def resolve_segmenter(registry: str | None, segmenter: str) -> str:
+def resolve_segmenter(registry: str | None, segmenter: str, of: str | None = None) -> str:
     """A card's segmenter as a local checkpoint folder: a folder as it is, a URI's cached copy, else a
-    registry reference."""
+    registry reference; with a registry, as `ModelRegistry.segmenter_checkpoint` finds it for the version
+    `of` (the registry's own where the card names its original's folder)."""
     if "://" in segmenter:
         return str(local_checkpoint_dir(segmenter))
-    if registry is None or Path(segmenter).is_dir():
+    if registry is None:
         return segmenter
     from cxrcore.registry import ModelRegistry
 
-    return str(ModelRegistry(registry).segmenter_checkpoint(segmenter))
+    return str(ModelRegistry(registry).segmenter_checkpoint(segmenter, of=of))
 
 
 def replica_handle(handle: DeploymentHandle) -> DeploymentHandle:
@@ -521,7 +522,8 @@ class Classifier:
         if predictor.needs_mask:
             if not card.segmenter:
                 raise ValueError(f"{resolved.ref} needs a lung mask but its card names no segmenter")
-            segmenter = resolve_segmenter(self._registry, card.segmenter)  # one found nowhere fails the swap
+            # one found nowhere fails the swap
+            segmenter = resolve_segmenter(self._registry, card.segmenter, resolved.ref)
             if self._segmenter is not None:  # which resolves what the card names on its own node
                 predictor.segmenter = SegmenterClient(self._segmenter, card.segmenter, loop)
             else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from cxrcore.evaluate.report import (
     write_html_report,
 )
 from cxrcore.labels import CLASSES
-from cxrcore.metrics import accuracy_interval, rank_by_validation, within_one_image
+from cxrcore.metrics import accuracy_interval, best_by_validation, rank_by_validation, within_one_image
 
 CURVES = ("val_macro_f1", "val_loss", "val_accuracy", "train_loss")
 CALIBRATION = {
@@ -92,6 +92,18 @@ def write_comparison_report(out_dir: str | Path, comparison: dict[str, Any]) -> 
                 image_width=_CURVE_WIDTH,
             ),
         ]
+    spread = comparison.get("seeds")
+    if spread:
+        note = (
+            "For each seed, each architecture's best trial of that seed, ranked as the winner is chosen: "
+            "how far a score moves with the seed alone, and whether another seed would have chosen "
+            "another architecture."
+        )
+        sections.append(
+            ReportSection(
+                "Over seeds (validation macro-F1)", html=f"<p>{note}</p>", table=_seed_table(spread)
+            )
+        )
     trials = rank_by_validation(comparison["trials"], dict)
     sections.append(ReportSection("All trials", table=[_trial_row(trial) for trial in trials]))
     failed = [trial for trial in trials if trial.get("error")]
@@ -106,6 +118,8 @@ def write_comparison_report(out_dir: str | Path, comparison: dict[str, Any]) -> 
         leads.append((kept_better_line(kept), "lead alert"))
     leads += [(line, "lead alert") for line in holdout_warnings(comparison["best"])]
     leads += [(line, "lead alert") for line in chance_warnings(comparison["best"])]
+    leads += [(seeds_line(spread), "lead")] if spread else []
+    leads += [(line, "lead alert") for line in seed_warnings(comparison["best"], spread)]
     lead = "\n".join(f'<p class="{kind}">{html.escape(text)}</p>' for text, kind in leads)
     paths["html"] = write_html_report(
         out / "comparison.html", f"Architecture comparison: {comparison['dataset']}", sections, lead=lead
@@ -241,6 +255,115 @@ def winner_line(
     ) + line
 
 
+def seed_spread(trials: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """Each architecture over the seeds `--repeats` trained it with, or None for one seed.
+
+    For every seed, the comparison as that seed alone would have made it: each architecture's best trial
+    of the seed (best_by_validation, as the comparison picks), the architectures ranked as the winner is
+    chosen. Per architecture: its validation macro-F1 in each seed, their mean and sample sd, and in how
+    many seeds it ranked first. A trial that kept no checkpoint has no score; its architecture's seed is
+    then missing.
+
+    >>> runs = [("a", 0, 0.9), ("b", 0, 0.8), ("a", 1, 0.7), ("b", 1, 0.85), ("a", 2, 0.95), ("b", 2, 0.6)]
+    >>> trials = [{"model": m, "seed": s, "val_score": v, "best_checkpoint": "c"} for m, s, v in runs]
+    >>> spread = seed_spread(trials)
+    >>> spread["seeds"], spread["by_model"]["a"]["first"], round(spread["by_model"]["a"]["sd"], 3)
+    ([0, 1, 2], 2, 0.132)
+    >>> seed_spread(trials[:2]) is None
+    True
+    """
+    scored = [t for t in trials if t.get("seed") is not None and t.get("best_checkpoint")]
+    seeds = sorted({int(t["seed"]) for t in scored})
+    if len(seeds) < 2:
+        return None
+    by_model: dict[str, dict[str, Any]] = {}
+    for seed in seeds:
+        of_seed = [t for t in scored if t["seed"] == seed]
+        models = dict.fromkeys(t["model"] for t in of_seed)
+        bests = {m: best_by_validation([t for t in of_seed if t["model"] == m], dict) for m in models}
+        for place, (model, row) in enumerate(rank_by_validation(bests.items(), lambda item: item[1] or {})):
+            entry = by_model.setdefault(model, {"scores": {}, "first": 0})
+            entry["scores"][seed] = None if row is None else row.get("val_score")
+            entry["first"] += place == 0
+    for entry in by_model.values():
+        values = [v for v in entry["scores"].values() if v is not None]
+        mean = sum(values) / len(values) if values else None
+        sd = (
+            math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+            if mean is not None and len(values) > 1
+            else None
+        )
+        entry.update(mean=mean, sd=sd, low=min(values, default=None), high=max(values, default=None))
+    return {"seeds": seeds, "by_model": dict(sorted(by_model.items(), key=lambda i: -_score(i[1]["mean"])))}
+
+
+def seeds_line(spread: Mapping[str, Any]) -> str:
+    """The architectures over the seeds, as one sentence.
+
+    >>> by_model = {"a": {"mean": 0.85, "sd": 0.132, "low": 0.7, "high": 0.95, "first": 2, "scores": {}},
+    ...             "b": {"mean": 0.75, "sd": 0.13, "low": 0.6, "high": 0.85, "first": 1, "scores": {}}}
+    >>> import textwrap
+    >>> print(textwrap.fill(seeds_line({"seeds": [0, 1, 2], "by_model": by_model}), 100))
+    Over 3 seeds (0–2), validation macro-F1 mean ± sd (range): a 0.850 ± 0.132 (0.700–0.950), first in 2
+    of 3; b 0.750 ± 0.130 (0.600–0.850), first in 1 of 3.
+    """
+    seeds = spread["seeds"]
+    named = (
+        f"{seeds[0]}–{seeds[-1]}"
+        if seeds == list(range(seeds[0], seeds[-1] + 1))
+        else ", ".join(map(str, seeds))
+    )
+    parts = []
+    for model, row in spread["by_model"].items():
+        sd = "" if row["sd"] is None else f" ± {row['sd']:.3f}"
+        parts.append(
+            f"{model} {_fixed(row['mean'])}{sd} ({_fixed(row['low'])}–{_fixed(row['high'])}), first in "
+            f"{row['first']} of {len(seeds)}"
+        )
+    return (
+        f"Over {len(seeds)} seeds ({named}), validation macro-F1 mean ± sd (range): " + "; ".join(parts) + "."
+    )
+
+
+def seed_warnings(best: Mapping[str, Mapping[str, Any]], spread: Mapping[str, Any] | None) -> list[str]:
+    """A warning where the winner ranked first in at most half of the seeds: another seed would likely
+    have chosen another architecture.
+
+    >>> spread = {"seeds": [0, 1, 2], "by_model": {"a": {"first": 1}, "b": {"first": 2}}}
+    >>> seed_warnings({"a": {"val_score": 0.9}, "b": {"val_score": 0.8}}, spread)[0][:58]
+    'the winner, a, ranked first in 1 of 3 seeds only (b in 2):'
+    """
+    ranked = ranked_architectures(best)
+    if not spread or len(ranked) < 2:
+        return []
+    winner, seeds = ranked[0][0], len(spread["seeds"])
+    firsts = {model: row["first"] for model, row in spread["by_model"].items()}
+    if 2 * firsts.get(winner, 0) > seeds:
+        return []
+    others = ", ".join(
+        f"{m} in {n}" for m, n in sorted(firsts.items(), key=lambda i: -i[1]) if m != winner and n
+    )
+    return [
+        f"the winner, {winner}, ranked first in {firsts.get(winner, 0)} of {seeds} seeds only"
+        + (f" ({others})" if others else "")
+        + ": which architecture wins depends on the seed; compare them on more data, or more epochs"
+    ]
+
+
+def _seed_table(spread: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One row per architecture: its validation macro-F1 in each seed, their mean ± sd, its first places."""
+    return [
+        {
+            "architecture": model,
+            **{f"seed {seed}": row["scores"].get(seed) for seed in spread["seeds"]},
+            "mean": row["mean"],
+            "sd": row["sd"],
+            "ranked first": f"{row['first']} of {len(spread['seeds'])}",
+        }
+        for model, row in spread["by_model"].items()
+    ]
+
+
 def _with_sd(row: Mapping[str, Any], key: str) -> Any:
     """`row[key]`, as "value ± sd" where the row has `key`_sd beside it."""
     value, sd = row[key], row.get(f"{key}_sd")
@@ -363,6 +486,7 @@ def _trial_row(trial: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "trial": trial["trial_id"],
         "model": trial["model"],
+        **({"seed": trial["seed"]} if "seed" in trial else {}),
         "lr": trial["lr"],
         "weight decay": trial["weight_decay"],
         "batch": trial["batch_size"],

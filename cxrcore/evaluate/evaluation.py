@@ -563,7 +563,7 @@ def _registry_segmenter(registry: ModelRegistry, ref: str, segmenter: str | None
     if segmenter is None:
         return None
     try:
-        return str(registry.segmenter_checkpoint(segmenter))
+        return str(registry.segmenter_checkpoint(segmenter, of=ref))
     except RegistryError as exc:
         raise FileNotFoundError(
             f"{ref}'s card names the segmenter {segmenter}, which is neither a folder here nor a version "

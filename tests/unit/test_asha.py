@@ -152,3 +152,25 @@ def test_the_depths_of_models_resnet_are_one_architectures_trials() -> None:
         scheduler.on_trial_add(None, trial)  # type: ignore[attr-defined]
     assert _report(scheduler, first, 1, 0.8) == TrialScheduler.CONTINUE
     assert _report(scheduler, second, 1, 0.1) == TrialScheduler.STOP
+
+
+def test_with_repeats_a_configuration_is_ranked_among_its_own_seeds_trials() -> None:
+    """`--repeats` trains each configuration once per seed: a seed's trial is compared with the same seed's
+    other configurations only, so an unlucky seed is not cut for another seed's luck (the spread over seeds
+    is what --repeats measures)."""
+    config = TuneConfig(
+        data="ds", registry="reg", models="tiny_cnn", trials=2, repeats=2, epochs=4, grace_epochs=1
+    )
+    scheduler = asha_scheduler(config)
+    scheduler.set_search_properties("val_score", "max")  # type: ignore[attr-defined]
+    trials = {
+        (name, seed): ModelTrial(f"{name}-{seed}", {"trial": {"model": "tiny_cnn", "seed": seed}})
+        for name in ("a", "b")
+        for seed in (0, 1)
+    }
+    for trial in trials.values():
+        scheduler.on_trial_add(None, trial)  # type: ignore[attr-defined]
+    assert _report(scheduler, trials["a", 0], 1, 0.9) == TrialScheduler.CONTINUE
+    assert _report(scheduler, trials["a", 1], 1, 0.3) == TrialScheduler.CONTINUE  # alone in seed 1's rung
+    assert _report(scheduler, trials["b", 0], 1, 0.2) == TrialScheduler.STOP  # behind seed 0's other
+    assert _report(scheduler, trials["b", 1], 1, 0.1) == TrialScheduler.STOP

@@ -436,3 +436,50 @@ def test_an_architecture_not_shown_to_beat_the_commonest_class_is_warned_of(tmp_
     assert warning in printed
     text = write_comparison_report(tmp_path, comparison)["html"].read_text()
     assert f'<p class="lead alert">{loser}: test accuracy 0.250' in text
+
+
+def test_repeats_show_each_architecture_over_the_seeds_and_warn_when_the_winner_is_seed_luck(
+    tmp_path: Path,
+) -> None:
+    """With --repeats, each seed makes its own comparison (its best trial of each architecture, ranked as the
+    winner is chosen): the console and report give every architecture's spread and first places, and warn
+    where the winner ranked first in at most half of the seeds."""
+    from cxrcore.evaluate.comparison import seed_spread
+
+    comparison = _comparison()
+    scores = {
+        "dual_cnn": (0.962, 0.80, 0.85),
+        "cnn_lstm": (0.90, 0.921, 0.88),
+        "resnet18": (0.87, 0.874, 0.89),
+    }
+    trials = [
+        {"trial_id": f"{model}-{seed}", "model": model, "seed": seed, "lr": 1e-3, "weight_decay": 1e-4,
+         "batch_size": 32, "epochs_run": 6, "stopped_early": False, "error": None, "val_score": score,
+         "best_checkpoint": "/nowhere/checkpoint", "history": []}
+        for model, values in scores.items()
+        for seed, score in enumerate(values)
+    ]  # fmt: skip
+    spread = seed_spread(trials)
+    assert spread is not None and spread["seeds"] == [0, 1, 2]
+    firsts = {model: row["first"] for model, row in spread["by_model"].items()}
+    assert firsts == {"dual_cnn": 1, "cnn_lstm": 1, "resnet18": 1}
+    assert spread["by_model"]["dual_cnn"]["scores"] == {0: 0.962, 1: 0.80, 2: 0.85}
+    assert spread["by_model"]["dual_cnn"]["mean"] == pytest.approx(0.870667, abs=1e-6)
+    assert spread["by_model"]["dual_cnn"]["sd"] == pytest.approx(0.082954, abs=1e-6)
+    comparison.update(trials=trials, seeds=spread)
+    printed = format_comparison({**comparison, "production": "dual_cnn:3", "reports": {}})
+    assert "Over 3 seeds (0–2), validation macro-F1 mean ± sd (range): cnn_lstm 0.900 ± 0.021" in printed
+    assert "dual_cnn 0.871 ± 0.083 (0.800–0.962), first in 1 of 3" in printed
+    assert (
+        "WARNING: the winner, dual_cnn, ranked first in 1 of 3 seeds only (cnn_lstm in 1, resnet18 in 1)"
+        in printed
+    )
+    text = write_comparison_report(tmp_path, comparison)["html"].read_text()
+    assert "Over seeds (validation macro-F1)" in text and ">1 of 3<" in text
+    assert '<p class="lead alert">the winner, dual_cnn, ranked first in 1 of 3 seeds only' in text
+    # A winner first in most seeds is not warned of; one seed makes no spread.
+    trials[1]["val_score"] = trials[2]["val_score"] = 0.99
+    assert "WARNING: the winner" not in format_comparison(
+        {**comparison, "seeds": seed_spread(trials), "production": "dual_cnn:3", "reports": {}}
+    )
+    assert seed_spread([t for t in trials if t["seed"] == 0]) is None

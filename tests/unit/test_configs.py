@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import runpy
 import sys
 from pathlib import Path
@@ -477,3 +478,32 @@ def test_each_demo_of_other_data_or_settings_has_its_own_experiment_and_the_same
     assert comparison_config(PipelineConfig(work_dir=str(tmp_path), seed=2), report).name != name
     assert comparison_config(seed_1, {**report, "fingerprint": "75fb80985de1457c"}).name != name
     assert comparison_config(PipelineConfig(work_dir=str(tmp_path), seed=1, epochs=4), report).name != name
+
+
+def test_repeats_train_each_configuration_once_per_seed(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--repeats 3` trains each planned configuration with seeds --seed .. --seed+2: the same hyperparameters
+    each time, the first wave every architecture at --seed; an experiment without it keeps its settings."""
+    from cxrcore.tune import experiment_settings, trial_train_config
+
+    once = TuneConfig(data="ds", registry="reg", models="cnn_lstm,dual_cnn", trials=2, seed=5)
+    thrice = dataclasses.replace(once, repeats=3)
+    plan, repeated = search_plan(once, 1000), search_plan(thrice, 1000)
+    assert [t["seed"] for t in plan] == [5, 5, 5, 5]
+    assert [t["seed"] for t in repeated] == [5, 5, 6, 6, 7, 7] * 2  # round by round, each seed in turn
+    drawn = [{k: v for k, v in t.items() if k != "seed"} for t in plan]
+    assert [{k: v for k, v in t.items() if k != "seed"} for t in repeated] == [  # one draw, trained per seed
+        drawn[(i // 6) * 2 + i % 2] for i in range(12)
+    ]
+    params = {"trial": repeated[3]}
+    assert trial_train_config(thrice, params, "t", None).seed == repeated[3]["seed"]
+    assert (
+        trial_train_config(once, {"trial": drawn[0]}, "t", None).seed == 5
+    )  # a trial planned before --repeats
+    report = {"fingerprint": "f"}
+    assert "repeats" not in experiment_settings(once, report)  # experiments from before --repeats resume
+    assert experiment_settings(thrice, report)["repeats"] == 3
+    assert main(["tune", "--data", "ds", "--registry", "reg", "--models", "cnn_lstm", "--trials", "1",
+                 "--repeats", "3", "--dry-run"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "3 (cnn_lstm 3); each configuration trained 3 times, seeds 0 to 2\n" in out
+    assert "ranks the trials of one architecture and seed among themselves, stops none" in out

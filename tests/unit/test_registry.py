@@ -447,3 +447,37 @@ def test_from_python_a_checkpoint_registers_once_and_a_moved_registry_still_serv
     predictor = Predictor.from_registry(tmp_path / "moved")
     assert predictor.card.name == "tiny_dual_cnn" and predictor.segmenter is not None
     assert predictor.predict_proba([xray(1, 64)]).shape == (1, 4)
+
+
+def test_a_copied_registry_reads_its_own_segmenter_and_refuses_one_without_it(tmp_path: Path) -> None:
+    """A copy beside its original read the original's segmenter folder (the card names it by its place), so
+    a copy without the segmenter was promoted and served here, and failed where it was copied to."""
+    import shutil
+
+    from cxrcore.inference import Predictor
+    from tests.e2e.uploads import write_checkpoints
+
+    checkpoints = write_checkpoints(tmp_path / "runs")
+    original = ModelRegistry(tmp_path / "reg")
+    original.register_once(checkpoints.dual, alias="production")
+    shutil.copytree(tmp_path / "reg", tmp_path / "copy")
+    copy = ModelRegistry(tmp_path / "copy")
+    named = copy.get("production").card.segmenter
+    assert named == str(tmp_path / "reg" / "tiny_unet" / "v1")  # the original's folder, by its place
+    assert copy.segmenter_checkpoint(named, of="tiny_dual_cnn:1") == tmp_path / "copy" / "tiny_unet" / "v1"
+    assert original.segmenter_checkpoint(named, of="tiny_dual_cnn:1") == Path(named)
+    assert Predictor.from_registry(copy).segmenter is not None
+
+    shutil.rmtree(tmp_path / "copy" / "tiny_unet")  # a copy without its segmenter, the original beside it
+    refused = r"of which the registry \S*copy is a copy without it: copy tiny_unet/v1"
+    with pytest.raises(RegistryError, match=refused):
+        copy.promote("tiny_dual_cnn:1", "staging")
+    with pytest.raises(RegistryError, match="a copy without it"):
+        Predictor.from_registry(copy)
+    assert Predictor.from_registry(original).segmenter is not None  # the original is as it was
+    # A card naming another registry's different version of that name reads that folder, as it names.
+    other = ModelRegistry(tmp_path / "other")
+    other.register(make_checkpoint(tmp_path / "c1"))
+    shutil.copytree(tmp_path / "reg" / "tiny_unet", tmp_path / "other" / "tiny_unet")
+    (tmp_path / "other" / "tiny_unet" / "v1" / "card.json").write_text("{}")  # not the same version
+    assert other.segmenter_checkpoint(named, of="tiny_dual_cnn:1") == Path(named)
