@@ -230,9 +230,8 @@ class ModelRegistry:
         try:
             _copy(source_fs, f"{source}/{WEIGHTS_NAME}", self._fs, f"{folder}/{WEIGHTS_NAME}")
             if report_fs is not None:
-                _copy(report_fs, report_path, self._fs, f"{folder}/{REPORT_NAME}")
-                for private in DATA_REPORT_FILES:  # a registry travels to serving nodes; these stay
-                    remove(self._fs, f"{folder}/{REPORT_NAME}/{private}")
+                # a registry travels to serving nodes and is shared; DATA_REPORT_FILES stay with the data
+                _copy(report_fs, report_path, self._fs, f"{folder}/{REPORT_NAME}", skip=DATA_REPORT_FILES)
             card_data["version"] = f"{name}:{number}"
             self._write_atomic(f"{folder}/{CARD_NAME}", json.dumps(card_data, indent=2))
         except BaseException:

@@ -11,7 +11,7 @@ import shutil
 import socket
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -54,14 +54,33 @@ def cache_key(location: str) -> list[str]:
     return [p for p in [parts.scheme, parts.netloc, *parts.path.split("/")] if p not in ("", ".", "..")]
 
 
-def copy(source_fs: pafs.FileSystem, source: str, target_fs: pafs.FileSystem, target: str) -> None:
-    """Copy a file, or a folder recursively, across filesystems."""
+def copy(
+    source_fs: pafs.FileSystem,
+    source: str,
+    target_fs: pafs.FileSystem,
+    target: str,
+    skip: Collection[str] = (),
+) -> None:
+    """Copy a file, or a folder recursively, across filesystems; `skip`: a folder's files left out, by their
+    paths within it (never copied, rather than deleted after, so no copy ever holds them)."""
     if source_fs.get_file_info(source).type == pafs.FileType.Directory:
         # copy_files does not create missing folders on the local filesystem.
-        for info in source_fs.get_file_info(pafs.FileSelector(source, recursive=True)):
+        infos = source_fs.get_file_info(pafs.FileSelector(source, recursive=True))
+        for info in infos:
             if info.type == pafs.FileType.Directory:
                 target_fs.create_dir(target + info.path[len(source) :], recursive=True)
         target_fs.create_dir(target, recursive=True)
+        if skip:
+            for info in infos:
+                inside = info.path[len(source) :].lstrip("/")
+                if info.type == pafs.FileType.File and inside not in skip:
+                    pafs.copy_files(
+                        info.path,
+                        f"{target}/{inside}",
+                        source_filesystem=source_fs,
+                        destination_filesystem=target_fs,
+                    )
+            return
     pafs.copy_files(source, target, source_filesystem=source_fs, destination_filesystem=target_fs)
 
 
