@@ -432,10 +432,10 @@ def _run_synth(args: argparse.Namespace) -> int:
 
 def _connect(address: str | None) -> None:
     """Join (or start) Ray and say where its dashboard is, before a long-running command."""
-    from cxrcore.runtime import init_ray
+    from cxrcore.runtime import dashboard_text, init_ray
 
     dashboard = init_ray(address)
-    print(f"Ray dashboard: {dashboard or 'not available'}", flush=True)
+    print(f"Ray dashboard: {dashboard_text(dashboard)}", flush=True)
 
 
 def _run_on_ray(

@@ -52,7 +52,7 @@ def run_pipeline(config: PipelineConfig) -> dict[str, str]:
     from cxrcore.data.ingest import ingest_dataset
     from cxrcore.data.layout import check_layout
     from cxrcore.data.synthetic import write_examples, write_synthetic_dataset
-    from cxrcore.runtime import init_ray
+    from cxrcore.runtime import dashboard_text, init_ray
 
     started = time.perf_counter()
     work = Path(config.work_dir)  # absolute: the config resolved it where it was typed
@@ -62,7 +62,7 @@ def run_pipeline(config: PipelineConfig) -> dict[str, str]:
 
     step("Ray")
     dashboard = init_ray(config.address)
-    print(f"Ray dashboard: {dashboard or 'not available'}")
+    print(f"Ray dashboard: {dashboard_text(dashboard)}")
 
     if config.real:
         raw = config.real

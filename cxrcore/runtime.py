@@ -10,6 +10,7 @@ import signal
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -21,6 +22,8 @@ DATA_CPUS = 2
 Ray Data tasks that feed its workers (without any, the run would wait forever): the workers can then take
 every core (`cxrcore.train.trainer.worker_cpus`), as a plain PyTorch loop would, and those tasks share the
 cores with them."""
+DATA_TASK_CPUS = 1.0
+"""What one Ray Data task asks for: Train workers (a Tune trial's too) wait on such tasks for their data."""
 
 
 class Interrupted(Exception):
@@ -38,14 +41,20 @@ TorchTrainer (one detached actor per cluster, no CPU); Ray 2.60 leaves it off.""
 
 
 def init_ray(
-    address: str | None = None, *, num_cpus: int | None = None, object_store_memory: int | None = None
+    address: str | None = None,
+    *,
+    num_cpus: int | None = None,
+    object_store_memory: int | None = None,
+    cluster_logs: bool = True,
 ) -> str | None:
     """Connect to (or start) Ray once per process and return the dashboard URL, if there is one.
 
     `address` (or RAY_ADDRESS) joins a running cluster, as `ray job submit` entrypoints do; without
     one a local cluster is started in-process with the dashboard on (Tune's cleanup of stopped
-    trials needs it) and bound to loopback. Token authentication is left as Ray 2.60 sets it (on,
-    token from RAY_AUTH_TOKEN or ~/.ray/auth_token); cxr never reads, prints or logs the token.
+    trials needs it) and bound to loopback. `cluster_logs=False` keeps a joined cluster's workers' and
+    actors' logs off this console (they stay in the cluster's log files). Token authentication is left as
+    Ray 2.60 sets it (on, token from RAY_AUTH_TOKEN or ~/.ray/auth_token); cxr never reads, prints or logs
+    the token.
     """
     import ray
 
@@ -62,7 +71,7 @@ def init_ray(
         address = address or os.environ.get("RAY_ADDRESS")
         try:
             if address:
-                _join(address, "--address" if given else "RAY_ADDRESS")
+                _join(address, "--address" if given else "RAY_ADDRESS", cluster_logs)
             else:
                 global _local_cores
                 cores = os.cpu_count() or 1
@@ -135,7 +144,7 @@ def sigterm_received() -> bool:
     return _sigterm_received
 
 
-def _join(address: str, source: str) -> None:
+def _join(address: str, source: str, cluster_logs: bool = True) -> None:
     """`ray.init` of the running cluster at `address` (given by `source`), its failures as one line that says
     what to check: the address's kind, the cluster being up, the token."""
     import ray
@@ -154,7 +163,7 @@ def _join(address: str, source: str) -> None:
         "its head node)"
     )
     try:
-        ray.init(address=address, logging_level=logging.WARNING)
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=cluster_logs)
     except AuthenticationError as exc:
         raise ConfigError(f"{source} {address}: {str(exc).strip()}") from None
     except ConnectionError as exc:
@@ -179,6 +188,7 @@ def _start_local(logical: int, object_store_memory: int | None) -> None:
         port = _free_port(DASHBOARD_PORT if attempt == 1 else 0)
         try:
             _init_local(logical, object_store_memory, port)
+            keep_token_private()
             return
         except Exception as exc:
             taken = any(words in str(exc) for words in _PORT_TAKEN)
@@ -186,6 +196,27 @@ def _start_local(logical: int, object_store_memory: int | None) -> None:
                 raise
             log.warning("the dashboard's port %d was taken as Ray started; starting again on another", port)
             ray.shutdown()
+
+
+def keep_token_private(path: Path | None = None) -> None:
+    """Make the token file Ray 2.60 writes for a new local cluster (`~/.ray/auth_token`, created with the
+    process's umask: -rw-r--r--) readable by its owner alone. Readable by every user of the machine, it let
+    any of them submit jobs, as this user, to the cluster's job API on loopback."""
+    token = path or Path.home() / ".ray" / "auth_token"
+    try:
+        info = token.stat()
+        if info.st_uid == os.getuid() and info.st_mode & 0o077:
+            token.chmod(0o600)
+    except OSError:  # none (token auth off), or not ours to change: left as it is
+        pass
+
+
+def dashboard_text(url: str | None) -> str:
+    """The dashboard's URL as the commands print it, with where its token is when token auth is on."""
+    if not url:
+        return "not available"
+    token = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
+    return f"{url} (it asks for the cluster's token: `ray get-auth-token` prints it)" if token else url
 
 
 def _init_local(logical: int, object_store_memory: int | None, port: int) -> None:

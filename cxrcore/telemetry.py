@@ -65,9 +65,9 @@ METRICS: dict[str, MetricSpec] = {
     ),
     "cxr_model_loads": MetricSpec(
         "counter",
-        "Models a classifier replica loaded or failed to load, by reference and outcome: loaded, failed "
+        "Models a classifier replica loaded or failed to load, by model, version and outcome: loaded, failed "
         "(the model it served stays), fallback (a replica started since a failed swap serves the app's own)",
-        ("model", "outcome"),
+        ("model", "version", "outcome"),
     ),
     "cxr_model_served": MetricSpec(
         "gauge",
@@ -119,8 +119,13 @@ def record_batch(size: int, model: str, version: str | None) -> None:
     _record("cxr_batch_size", size, {"model": model, "version": version or "none"})
 
 
-def record_model_load(model: str, outcome: Literal["loaded", "failed", "fallback"]) -> None:
-    _record("cxr_model_loads", 1, {"model": model, "outcome": outcome})
+def record_model_load(ref: str, outcome: Literal["loaded", "failed", "fallback"]) -> None:
+    """A model a replica loaded, or failed to: a registry's "name:N" as the model and version labels the
+    other serving metrics carry (which the dashboard joins on), any other reference (an alias that did not
+    resolve, a checkpoint's location) whole as the model, version "none"."""
+    name, colon, number = ref.rpartition(":")
+    model, version = (name, number) if colon and number.isdigit() and "/" not in ref else (ref, "none")
+    _record("cxr_model_loads", 1, {"model": model, "version": version, "outcome": outcome})
 
 
 def record_model_served(model: str, version: str | None) -> None:

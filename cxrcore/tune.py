@@ -28,12 +28,11 @@ from cxrcore.console import is_quiet, quiet_ray_console, quiet_tune_trial
 from cxrcore.data import storage
 from cxrcore.experiment import check_same_experiment
 from cxrcore.metrics import best_by_validation, mcnemar_exact
-from cxrcore.runtime import Interrupted, sigint_handler_kept
+from cxrcore.runtime import DATA_TASK_CPUS, Interrupted, sigint_handler_kept
 
 log = logging.getLogger(__name__)
 
 RESNET_DEPTHS = ("resnet18", "resnet34", "resnet50")
-DATA_TASK_CPUS = 1.0  # what a Ray Data read task asks for: a trial's workers wait on such tasks for data
 TRIAL_DRIVER_CPUS = 0.1  # a trial's driver share: it waits on its TorchTrainer, or feeds its own loop
 ASHA_REDUCTION_FACTOR = 2
 """ASHA keeps about one trial in this many at each of its rungs (grace epochs, twice that, ...)."""

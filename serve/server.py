@@ -140,7 +140,7 @@ def serve_foreground(
     from ray import serve
 
     from cxrcore.console import is_quiet
-    from cxrcore.runtime import check_port_free, init_ray
+    from cxrcore.runtime import check_port_free, dashboard_text, init_ray
 
     if not 0 <= grace_s <= MAX_GRACE_S:  # NaN too; Event.wait overflows on inf
         raise ValueError(f"--grace-s: expected 0 to {MAX_GRACE_S:g} seconds, got {grace_s}")
@@ -152,7 +152,10 @@ def serve_foreground(
         print("stopped an HAProxy that an earlier Serve left running", file=sys.stderr, flush=True)
     if local:
         check_port_free(host, port)  # before Ray starts, not as HAProxy's crash after it
-    dashboard = init_ray(address)
+    # On a cluster joined by address, Serve's controller, proxies and replicas log to this console whatever
+    # they log to their files: 52 of a review's 57 lines were their INFO and access lines. A quiet `cxr
+    # serve` leaves them in the files (the dashboard's Serve page), as its local cluster's replicas do.
+    dashboard = init_ray(address, cluster_logs=not is_quiet())
     if local:  # nothing adds GPUs to it: an app that needs more than it has would wait out its start
         try:
             check_gpus(args, ray.cluster_resources().get("GPU", 0.0))
@@ -179,7 +182,7 @@ def serve_foreground(
         named = f"{args.model} ({pinned})" if moving else args.model
         print(
             f"serving {named} at http://{host}:{port}{front} (API docs: /docs; Ray dashboard: "
-            f"{dashboard}, replica logs on its Serve page); Ctrl-C to stop",
+            f"{dashboard_text(dashboard)}, replica logs on its Serve page); Ctrl-C to stop",
             flush=True,
         )
         if moving:

@@ -13,7 +13,7 @@ from cxrcore.config import ConfigError, TrainConfig, to_dict
 from cxrcore.console import is_quiet, train_log_level
 from cxrcore.labels import CLASSES
 from cxrcore.metrics import best_by_validation
-from cxrcore.runtime import DATA_CPUS, Interrupted, sigint_handler_kept
+from cxrcore.runtime import DATA_CPUS, DATA_TASK_CPUS, Interrupted, sigint_handler_kept
 
 log = logging.getLogger(__name__)
 
@@ -215,9 +215,11 @@ two others). Past it the read is Ray Data's, parallel and streamed: a driver sho
 
 
 def _check_worker_cpus(config: TrainConfig, cpus: int) -> None:
-    """Refuse CPU workers that the local cluster cxr started can never place: Ray Train would wait for
-    them forever, and its "Requesting resources" line is hidden on a quiet console. A cluster joined by
-    address may autoscale, so it is left to Ray."""
+    """Refuse CPU workers that the local cluster cxr started can never place, or that would take all of its
+    CPUs: the Ray Data tasks that feed them need one, and without it the run waited for good, printing
+    nothing of its own (a review's `--workers 2 --cpus-per-worker 2` on 4 logical CPUs). Ray Train's
+    "Requesting resources" line is hidden on a quiet console. A cluster joined by address may autoscale:
+    `fit` notes it there (`worker_fit_note`)."""
     import ray
 
     from cxrcore.runtime import local_core_limit
@@ -225,11 +227,48 @@ def _check_worker_cpus(config: TrainConfig, cpus: int) -> None:
     if config.gpu or config.workers < 1 or local_core_limit() is None or not ray.is_initialized():
         return
     logical = int(ray.cluster_resources().get("CPU", 0))
-    if config.workers * cpus > logical:
-        raise ConfigError(
-            f"--workers {config.workers} × --cpus-per-worker {cpus} needs {config.workers * cpus} CPUs and "
-            f"the local Ray cluster has {logical}; ask for fewer"
+    need = config.workers * cpus
+    if need + DATA_TASK_CPUS > logical:
+        has = (
+            f" and the local Ray cluster has {logical}"
+            if need > logical
+            else f", all the local Ray cluster's {logical}, which leaves the Ray Data tasks feeding them none"
         )
+        raise ConfigError(
+            f"--workers {config.workers} × --cpus-per-worker {cpus} needs {need} CPUs{has}; ask for fewer"
+        )
+
+
+def worker_fit_note(config: TrainConfig, total: dict[str, float], free: dict[str, float]) -> str | None:
+    """On a cluster joined by address, where the run's workers cannot start now: a sentence saying why and
+    what to do; None where they can (or on the local cluster, which `_check_worker_cpus` guards).
+
+    A run whose workers and data tasks the cluster cannot place waits, RUNNING, and Ray's own lines about
+    it are off a quiet console: `ray job submit ... jobs.train --workers 2` on a 2-CPU cluster stayed
+    RUNNING for 11 minutes, with one warning of Ray Data's as the only hint.
+    """
+    from cxrcore.runtime import local_core_limit
+
+    if config.workers < 1 or local_core_limit() is not None:
+        return None
+    kind = "GPU" if config.gpu else "CPU"
+    need = float(config.workers if config.gpu else config.workers * worker_cpus(config))
+    has, idle = float(total.get(kind, 0)), float(free.get(kind, 0))
+    data = 0.0 if config.gpu else DATA_TASK_CPUS  # Ray Data's tasks run on the CPUs beside GPU workers
+    what = f"{config.workers} Train worker(s) need {need:g} {kind}s"
+    if not config.gpu:
+        what += f", and the Ray Data tasks that feed them {data:g} more"
+    if need + data > has + 1e-9:
+        return (
+            f"{what}; the cluster has {has:g}: training waits until the autoscaler adds a node, and on a "
+            "cluster of fixed size it never starts (stop it, and use fewer --workers or --cpus-per-worker)"
+        )
+    if need + data > idle + 1e-9:
+        return (
+            f"{what}; {idle:g} of the cluster's {has:g} are free now (a Serve app or other jobs hold the "
+            "rest): training starts when enough are freed"
+        )
+    return None
 
 
 def check_local_gpus(workers: int, address: str | None = None) -> None:
@@ -487,6 +526,10 @@ def fit(config: TrainConfig) -> TrainResult:
     with writing(config):
         init_ray(config.address)  # a library caller's too: cxr's local cluster (a no-op once Ray runs)
         if config.workers >= 1:
+            import ray
+
+            if note := worker_fit_note(config, ray.cluster_resources(), ray.available_resources()):
+                print(f"note: {note}", flush=True)
             return _fit(config)
         with torch_state_kept():  # the loop runs in this process: a notebook keeps its threads and seed
             return _fit(config)

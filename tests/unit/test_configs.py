@@ -272,9 +272,36 @@ def test_workers_the_local_cluster_can_never_place_are_refused(monkeypatch: pyte
     config = TrainConfig(data="ds", model="tiny_cnn_lstm", workers=2, cpus_per_worker=3)
     with pytest.raises(ConfigError, match="needs 6 CPUs and the local Ray cluster has 4"):
         _check_worker_cpus(config, 3)
-    _check_worker_cpus(TrainConfig(data="ds", model="tiny_cnn_lstm", workers=2), 2)  # 4 of 4: placeable
+    # 4 of 4 CPUs: placeable, but the Ray Data tasks that feed the workers get none, and the run waited
+    every = "needs 4 CPUs, all the local Ray cluster's 4, which leaves the Ray Data tasks feeding them none"
+    with pytest.raises(ConfigError, match=every):
+        _check_worker_cpus(TrainConfig(data="ds", model="tiny_cnn_lstm", workers=2), 2)
+    _check_worker_cpus(TrainConfig(data="ds", model="tiny_cnn_lstm", workers=2), 1)  # 3 of 4
     monkeypatch.setattr(cxrcore.runtime, "_local_cores", None)  # a joined cluster may autoscale
     _check_worker_cpus(config, 3)
+
+
+def test_on_a_joined_cluster_workers_it_cannot_feed_or_place_now_are_noted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`ray job submit ... jobs.train --workers 2` on a 2-CPU cluster stayed RUNNING for good, saying nothing:
+    a cluster joined by address may autoscale, so the run goes on, with a note of what it waits for."""
+    import cxrcore.runtime
+    from cxrcore.config import TrainConfig
+    from cxrcore.train.trainer import worker_fit_note
+
+    monkeypatch.setattr(cxrcore.runtime, "_local_cores", None)
+    two = TrainConfig(data="ds", model="tiny_cnn_lstm", workers=2)
+    note = worker_fit_note(two, {"CPU": 2.0}, {"CPU": 2.0})
+    assert note is not None and note.startswith("2 Train worker(s) need 2 CPUs, and the Ray Data tasks that")
+    assert "the cluster has 2: training waits until the autoscaler adds a node" in note
+    busy = worker_fit_note(two, {"CPU": 8.0}, {"CPU": 2.0})
+    assert busy is not None and "2 of the cluster's 8 are free now" in busy
+    assert worker_fit_note(two, {"CPU": 8.0}, {"CPU": 8.0}) is None
+    gpus = TrainConfig(data="ds", model="tiny_cnn_lstm", workers=2, gpu=True)
+    assert "need 2 GPUs; the cluster has 1" in (worker_fit_note(gpus, {"CPU": 8.0, "GPU": 1.0}, {}) or "")
+    monkeypatch.setattr(cxrcore.runtime, "_local_cores", 2)  # the local cluster: _check_worker_cpus refuses
+    assert worker_fit_note(two, {"CPU": 2.0}, {"CPU": 2.0}) is None
 
 
 @pytest.mark.parametrize(("cores", "workers", "expected"), [(2, 1, 2), (16, 2, 8)])

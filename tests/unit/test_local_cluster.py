@@ -114,6 +114,20 @@ def test_joining_a_cluster_fails_in_one_line_that_says_what_to_check(monkeypatch
     with pytest.raises(ConfigError, match=r"^--address h:6379: .*no token found"):
         runtime.init_ray("h:6379")
 
+    # `cxr serve` on a joined cluster keeps its Serve actors' INFO and access lines off its console (52 of a
+    # review's 57 lines); a command that runs jobs keeps them, as its trials' epoch lines come that way.
+    joined: list[dict[str, object]] = []
+
+    def record(**kwargs: object) -> None:
+        joined.append(kwargs)
+        raise ConnectionError("recorded")
+
+    monkeypatch.setattr(ray, "init", record)
+    for logs in (False, True):
+        with pytest.raises(ConfigError):
+            runtime.init_ray("h:6379", cluster_logs=logs)
+    assert [call["log_to_driver"] for call in joined] == [False, True]
+
 
 def test_a_sigterm_while_ray_starts_stops_the_command_as_one_afterwards_does(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -135,3 +149,23 @@ def test_a_sigterm_while_ray_starts_stops_the_command_as_one_afterwards_does(
     assert main(["data", "ingest", str(raw), str(raw.parent / "ds")]) == 143
     assert "cxr: interrupted: stopped by SIGTERM while Ray was starting" in capsys.readouterr().err
     assert not (raw.parent / "ds").exists()
+
+
+def test_the_token_ray_writes_for_a_local_cluster_is_kept_private(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ray 2.60 writes ~/.ray/auth_token with the umask's -rw-r--r--: every user of the machine could read
+    it and submit jobs, as this user, to the local cluster. The dashboard line says where the token is."""
+    from cxrcore import runtime
+
+    token = tmp_path / "auth_token"
+    token.write_text("0" * 64)
+    token.chmod(0o644)
+    runtime.keep_token_private(token)
+    assert token.stat().st_mode & 0o777 == 0o600
+    runtime.keep_token_private(tmp_path / "none")  # token auth off: no file, nothing to do
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    assert runtime.dashboard_text("http://127.0.0.1:8265").endswith("`ray get-auth-token` prints it)")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert runtime.dashboard_text("http://127.0.0.1:8265") == "http://127.0.0.1:8265"
+    assert runtime.dashboard_text(None) == "not available"

@@ -95,3 +95,21 @@ def test_the_grafana_dashboard_charts_every_metric_by_its_exported_name_and_labe
         used |= set(re.findall(r"(\w+)=~?\"", expr))
         assert used <= tags, (expr, used - tags)
     assert charted == METRICS.keys()
+
+
+def test_a_model_load_carries_the_model_and_version_labels_the_other_serving_metrics_carry(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`cxr_model_loads` put "name:N" in its model label, where every other serving metric has model and
+    version apart: the two could not be joined, nor filtered by the dashboard's $model."""
+    recorded: list[tuple[str, float, dict[str, str]]] = []
+    monkeypatch.setattr(telemetry, "_record", lambda name, value, tags: recorded.append((name, value, tags)))
+    telemetry.record_model_load("tiny_dual_cnn:12", "loaded")
+    telemetry.record_model_load("production", "failed")  # an alias that did not resolve
+    telemetry.record_model_load("s3://bucket/runs/checkpoint_000003", "fallback")
+    assert [tags for _, _, tags in recorded] == [
+        {"model": "tiny_dual_cnn", "version": "12", "outcome": "loaded"},
+        {"model": "production", "version": "none", "outcome": "failed"},
+        {"model": "s3://bucket/runs/checkpoint_000003", "version": "none", "outcome": "fallback"},
+    ]
+    assert set(METRICS["cxr_model_loads"].tags) >= set(METRICS["cxr_model_served"].tags)
