@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import importlib
 import io
 import json
@@ -53,6 +54,11 @@ from cxrcore.tables import format_table
 Command = Callable[[argparse.Namespace], int]
 
 
+STORAGE_ERRNOS = frozenset({errno.EROFS, errno.ENOSPC, errno.EDQUOT})
+"""OSErrors of where a command writes, said in one line: a read-only filesystem (exit 2, as a folder this
+user may not write), no space left or a quota reached (exit 1)."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse arguments, run one command, return its exit status (errors become a one-line message)."""
     for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 prints with escapes, not a crash
@@ -79,7 +85,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError) as exc:
         # a path given where the other kind is, or one this user may not write: the path and why
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"cxr: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        reason = exc.strerror or str(exc)
+        if isinstance(exc, FileExistsError) and exc.filename and os.path.isfile(exc.filename):
+            reason = "a file is there, where a folder is needed"  # os.makedirs said "File exists"
+        print(f"cxr: error: {where}{reason}", file=sys.stderr)
         return 2
     except (Interrupted, KeyboardInterrupt) as exc:
         from cxrcore.runtime import sigterm_received
@@ -92,6 +101,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `cxr ... | head`
         sys.stderr.close()
         return 0
+    except OSError as exc:
+        # A read-only mount (NFS, a container's volume), a full disk or quota: the path and why, not a
+        # traceback. What the run wrote is staged beside its output, which stays as it was.
+        if exc.errno not in STORAGE_ERRNOS:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"cxr: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2 if exc.errno == errno.EROFS else 1
     except Exception as exc:
         if (why := decoder_unavailable(exc)) is None:
             raise
@@ -372,7 +389,10 @@ def _add_registry_argument(parser: argparse.ArgumentParser) -> None:
 def _registry(args: argparse.Namespace) -> ModelRegistry:
     if not args.registry:
         raise ConfigError("--registry: no model registry given (pass --registry or set CXR_REGISTRY)")
-    if "://" not in args.registry and not os.path.isdir(args.registry):
+    local = os.path.expanduser(args.registry)  # '~/reg' quoted, or from CXR_REGISTRY: as register takes it
+    if "://" not in args.registry and os.path.exists(local) and not os.path.isdir(local):
+        raise ConfigError(f"--registry: {args.registry} is a file, not a registry folder")
+    if "://" not in args.registry and not os.path.isdir(local):
         raise ConfigError(
             f"--registry: no registry at {args.registry} (no such folder here); `cxr tune` and the demo "
             "create one where they register"
@@ -384,8 +404,10 @@ def _run_check(args: argparse.Namespace) -> int:
     from cxrcore.config import parse_label_map
     from cxrcore.data.layout import LabelFile, check_layout
 
-    label_file = LabelFile.from_flags(args.labels, args.label_column, args.file_column)
-    scan = check_layout(args.raw, label_file, parse_label_map(args.map))
+    label_file = LabelFile.from_flags(
+        args.labels and os.path.expanduser(args.labels), args.label_column, args.file_column
+    )
+    scan = check_layout(os.path.expanduser(args.raw), label_file, parse_label_map(args.map))
     if args.json:
         print(json.dumps(scan.to_dict(), indent=2))
     else:
@@ -844,7 +866,9 @@ def _run_show(args: argparse.Namespace) -> int:
     for key, value in card.items():
         if key == "epoch" and isinstance(value, int):  # as the history, the epoch lines and the reports count
             value = f"{value + 1} (card.json: {value}, counted from 0)"
-        lines.append(f"  {key}: {json.dumps(value) if isinstance(value, dict | list) else value}")
+        lines.append(
+            f"  {key}: {json.dumps(value, ensure_ascii=False) if isinstance(value, dict | list) else value}"
+        )
     lines.append(f"  history: {len(history)} epochs")
     print("\n".join(lines))
     return 0
@@ -975,7 +999,9 @@ def _post_file(client: Any, endpoint: str, name: str) -> tuple[int | None, Any]:
     try:
         with open(name, "rb") as file:
             data, content_type = upload_bytes(file.read())  # a TIFF or BMP as the PNG of its pixels
-        filename = os.path.basename(name)
+        # A name that is not UTF-8 (a Latin-1 `caf\xe9.png`) as its UTF-8 reading: httpx could not encode it,
+        # and the traceback ended the run before any other file was sent.
+        filename = os.fsencode(os.path.basename(name)).decode("utf-8", "replace")
         upload = (filename, data) if content_type is None else (f"{filename}.png", data, content_type)
         response = client.post(endpoint, files={"file": upload})
     except ImageDecodeError as exc:

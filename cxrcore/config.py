@@ -124,6 +124,11 @@ class IngestConfig:
 
     def __post_init__(self) -> None:
         _resolve_fields(self, "raw", "out", "labels")
+        # OUT is published by swapping a finished folder beside it in: a symlink was swapped out itself,
+        # the dataset landing beside it, and its target's old dataset left without its report. Through
+        # the link, the swap is made at its target, on the target's filesystem, and the link stays.
+        if "://" not in self.out and os.path.islink(self.out):
+            self.out = os.path.realpath(self.out)
         self.label_map()  # a malformed --map fails here, before any work starts
         _require(
             self.test_sources is None or bool(self.test_source_names()),
@@ -619,6 +624,18 @@ class TrainConfig:
         )
         _require(self.warmup_epochs >= 0, "warmup_epochs", "must not be negative")
         _require(self.max_failures >= -1, "max_failures", "must be -1 (unlimited) or more")
+        if self.name is not None:
+            # Ray Train 2.60's controller fails on a run name outside ASCII ("'ascii' codec can't encode
+            # character"), after the run's folder was made; the folder itself may be named anyhow (--out).
+            odd = "".join(sorted({c for c in self.name if not c.isascii() or not c.isprintable()}))
+            _require(
+                not odd,
+                "name",
+                f"{self.name!r}: Ray Train cannot run a name with {odd!r} in it; name the run in ASCII",
+            )
+            _require(
+                bool(self.name.strip()) and "/" not in self.name, "name", "one folder's name, not a path"
+            )
 
     def run_name(self) -> str:
         return self.name or self.model

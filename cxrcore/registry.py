@@ -322,6 +322,8 @@ class ModelRegistry:
 
     def get(self, ref: str) -> ModelVersion:
         """The version an alias ("production"), a "name:N" or a model name (its latest version) names."""
+        if self._local and os.path.isfile(self._path):  # not pyarrow's "Cannot list directory ... errno 20"
+            raise RegistryError(f"the registry {self.root} is a file, not a registry folder")
         aliases = self.aliases()
         target = aliases.get(ref, ref)
         name, colon, number = target.partition(":")

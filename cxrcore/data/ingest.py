@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -307,13 +308,14 @@ def read_report(dataset: str) -> dict[str, Any]:
                 f"{dataset} is one split of the dataset {folder.parent}: pass {folder.parent}"
             )
         if local and folder.is_dir() and any(folder.glob("*/*")):
+            command = f"cxr data ingest {shlex.quote(dataset)} {shlex.quote(folder.name + '-dataset')}"
             raise FileNotFoundError(
                 f"{dataset} is not a cxr dataset (no {REPORT_NAME}); if it holds raw images, ingest them "
-                f"into a folder of their own first: `cxr data ingest {dataset} {folder.name}-dataset`, "
-                "then pass that"
+                f"into a folder of their own first: `{command}`, then pass that"
             )
         raise FileNotFoundError(
-            f"{dataset} is not a finished cxr dataset (no {REPORT_NAME}); run `cxr data ingest RAW {dataset}`"
+            f"{dataset} is not a finished cxr dataset (no {REPORT_NAME}); run `cxr data ingest RAW "
+            f"{shlex.quote(dataset)}`"
         )
     try:
         report: dict[str, Any] = json.loads(text)
@@ -645,7 +647,7 @@ def check_output_folder(raw: str, out: str) -> None:
             what = "is RAW" if here == source else "holds RAW"
             raise LayoutError(
                 f"OUT {out} {what}: ingest replaces OUT whole with the dataset; write it to a folder of its "
-                f"own, e.g. `cxr data ingest {raw} {here.name}-dataset`"
+                f"own, e.g. `cxr data ingest {shlex.quote(raw)} {shlex.quote(here.name + '-dataset')}`"
             )
     info = filesystem.get_file_info(root)
     if info.type == pafs.FileType.File:
@@ -673,7 +675,9 @@ def _nothing_usable(root: str, manifest: list[dict[str, Any]], index: Any) -> st
     lines = [f"none of the {len(reasons)} images under {root} could be used; nothing was written:"]
     lines += [f"  {format_paths([path], root)}: {reason}" for path, reason in reasons[:LISTED]]
     if len(reasons) > LISTED:
-        lines.append(f"  and {len(reasons) - LISTED} more (`cxr data check {root}` lists every file)")
+        lines.append(
+            f"  and {len(reasons) - LISTED} more (`cxr data check {shlex.quote(root)}` lists every file)"
+        )
     return "\n".join(lines)
 
 

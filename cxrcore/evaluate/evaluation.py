@@ -122,6 +122,7 @@ def _evaluate_into(out: Path, config: EvaluateConfig) -> dict[str, Path]:
     created = not out.exists()
     shutil.rmtree(staging, ignore_errors=True)
     try:
+        staging.mkdir(parents=True)  # a folder that cannot be written fails now, not after the evaluation
         paths = _evaluate(replace(config, out=str(staging)))
         for path in paths.values():
             path.replace(out / path.name)

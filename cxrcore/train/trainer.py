@@ -528,7 +528,9 @@ def fit(config: TrainConfig) -> TrainResult:
         if config.workers >= 1:
             import ray
 
-            if note := worker_fit_note(config, ray.cluster_resources(), ray.available_resources()):
+            if ray.is_initialized() and (
+                note := worker_fit_note(config, ray.cluster_resources(), ray.available_resources())
+            ):
                 print(f"note: {note}", flush=True)
             return _fit(config)
         with torch_state_kept():  # the loop runs in this process: a notebook keeps its threads and seed

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -419,3 +421,68 @@ def test_a_grace_that_cannot_be_waited_is_refused_before_anything_starts(
     """`--grace-s inf` or 1e300 ended in an OverflowError traceback at SIGTERM, after no grace at all."""
     assert main(["serve", "--registry", str(tmp_path), "--grace-s", grace]) == 2
     assert capsys.readouterr().err.startswith("cxr: error: --grace-s: expected 0 to 3600 seconds, got ")
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "words"),
+    [(errno.EROFS, 2, "Read-only file system"), (errno.ENOSPC, 1, "No space left on device")],
+)
+def test_a_read_only_or_full_disk_is_one_line_naming_the_path(
+    code: int, status: int, words: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """A read-only mount (NFS, a container's volume) ended `cxr data ingest`, `cxr train` and `cxr models
+    promote` in a traceback (`OSError: [Errno 30] Read-only file system: '.../.out.lock'`)."""
+    import cxrcore.data.storage
+
+    def refused(path: str, *_: object) -> None:
+        raise OSError(code, os.strerror(code), f"{path}.lock")
+
+    monkeypatch.setattr(cxrcore.data.storage, "exclusive", refused)
+    raw = tmp_path / "raw"
+    write_png(raw / "COVID" / "images" / "COVID-1.png", xray(1))
+    assert main(["data", "ingest", str(raw), str(tmp_path / "out")]) == status
+    err = capsys.readouterr().err
+    assert err == f"cxr: error: {tmp_path / 'out'}.lock: {words}\n"
+    monkeypatch.setattr(
+        cxrcore.data.storage, "exclusive", lambda *_: (_ for _ in ()).throw(OSError(errno.EIO, "io"))
+    )
+    with pytest.raises(OSError):  # any other OSError is a bug to see whole
+        main(["data", "ingest", str(raw), str(tmp_path / "out")])
+
+
+def test_a_quoted_home_path_reads_in_every_command_as_register_writes_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`cxr models register ... --registry '~/reg'` wrote to $HOME/reg, then `cxr models list --registry
+    '~/reg'` said "no registry at ~/reg"; `cxr data check '~/raw'` said it was no folder. A registry path
+    that is a file said "no such folder" too."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_png(tmp_path / "raw" / "COVID" / "images" / "COVID-1.png", xray(1))
+    assert main(["data", "check", "~/raw"]) == 0
+    (tmp_path / "reg").mkdir()
+    assert main(["models", "list", "--registry", "~/reg"]) == 0
+    assert "no registry at" not in capsys.readouterr().err
+    (tmp_path / "afile.txt").write_text("x")
+    assert main(["models", "list", "--registry", str(tmp_path / "afile.txt")]) == 2
+    assert (
+        capsys.readouterr().err
+        == f"cxr: error: --registry: {tmp_path / 'afile.txt'} is a file, not a registry folder\n"
+    )
+
+
+def test_an_output_that_is_a_file_is_named_as_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`cxr train --out afile.txt` said "afile.txt: File exists" (os.makedirs' words)."""
+    import cxrcore.cli
+
+    def makes(args: object) -> int:
+        os.makedirs(tmp_path / "afile.txt")
+        return 0
+
+    (tmp_path / "afile.txt").write_text("x")
+    monkeypatch.setattr(cxrcore.cli, "_run_synth", makes)
+    assert main(["data", "synth", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"cxr: error: {tmp_path / 'afile.txt'}: a file is there, where a folder is needed\n"

@@ -130,3 +130,32 @@ def test_a_config_files_values_are_read_as_their_settings_types(tmp_path: Path) 
         load_config(TrainConfig, bad)
     with pytest.raises(ConfigError, match=r"^--config .*: Is a directory$"):
         load_config(TrainConfig, tmp_path)
+
+
+def test_an_ingest_into_a_symlink_writes_through_it(tmp_path: Path) -> None:
+    """OUT is published by swapping a finished folder in beside it: a symlinked OUT was swapped out itself,
+    the dataset written beside the link (on the link's disk) and the target's dataset left without its
+    report. Through the link the swap happens at the target, and the link stays."""
+    from cxrcore.config import IngestConfig
+
+    target = tmp_path / "big disk" / "ds"
+    target.mkdir(parents=True)
+    (tmp_path / "ds-link").symlink_to(target)
+    (tmp_path / "new-link").symlink_to(tmp_path / "big disk" / "not yet")  # a link to a folder to be made
+    assert IngestConfig(raw=str(tmp_path), out=str(tmp_path / "ds-link") + "/").out == str(target)
+    assert IngestConfig(raw=str(tmp_path), out=str(tmp_path / "new-link")).out == str(
+        tmp_path / "big disk" / "not yet"
+    )
+    assert IngestConfig(raw=str(tmp_path), out=str(tmp_path / "plain")).out == str(tmp_path / "plain")
+
+
+def test_a_run_name_ray_train_cannot_run_is_refused_before_anything_starts() -> None:
+    """`cxr train --name "essai é"` failed in Ray Train's controller ("'ascii' codec can't encode character")
+    after its run folder was made, and its dry run passed; a non-ASCII --out works and stays allowed."""
+    from cxrcore.config import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError, match=r"^--name: 'essai é': Ray Train cannot run a name with 'é' in it"):
+        TrainConfig(data="ds", model="tiny_cnn_lstm", name="essai é")
+    with pytest.raises(ConfigError, match="one folder's name, not a path"):
+        TrainConfig(data="ds", model="tiny_cnn_lstm", name="runs/a")
+    assert TrainConfig(data="ds", model="tiny_cnn_lstm", name="essai-1", out="runs é").run_name() == "essai-1"

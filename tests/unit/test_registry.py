@@ -481,3 +481,10 @@ def test_a_copied_registry_reads_its_own_segmenter_and_refuses_one_without_it(tm
     shutil.copytree(tmp_path / "reg" / "tiny_unet", tmp_path / "other" / "tiny_unet")
     (tmp_path / "other" / "tiny_unet" / "v1" / "card.json").write_text("{}")  # not the same version
     assert other.segmenter_checkpoint(named, of="tiny_dual_cnn:1") == Path(named)
+
+
+def test_a_registry_that_is_a_file_says_so(tmp_path: Path) -> None:
+    """`cxr serve --registry afile.txt` answered pyarrow's "Cannot list directory ... [errno 20]"."""
+    (tmp_path / "afile.txt").write_text("x")
+    with pytest.raises(RegistryError, match=r"afile.txt is a file, not a registry folder$"):
+        ModelRegistry(tmp_path / "afile.txt").get("production")

@@ -472,3 +472,27 @@ def test_an_error_answer_is_logged_with_its_code_and_reason(caplog: pytest.LogCa
     assert response.status_code == 400
     logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("answered 400")]
     assert logged == [f"answered 400 {response.json()['error']}: {response.json()['detail']}"]
+
+
+def test_cxr_predict_sends_a_file_whose_name_is_not_utf8(tmp_path: Path) -> None:
+    """A Latin-1 name (`caf\\xe9-7.png`, as old Windows exports write them) ended `cxr predict` of a folder in
+    httpx's UnicodeEncodeError before any other file was sent; ingest and evaluate read such names."""
+    import os
+
+    import httpx
+
+    from cxrcore.cli import _post_file
+
+    sent: list[bytes] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        sent.append(request.read())
+        return httpx.Response(200, json={"label": "COVID"})
+
+    name = os.path.join(os.fsencode(tmp_path), b"caf\xe9-7.png")
+    with open(name, "wb") as file:
+        file.write(GOOD_PNG)
+    with httpx.Client(transport=httpx.MockTransport(answer), base_url="http://cxr") as client:
+        status, body = _post_file(client, "/v1/predict", os.fsdecode(name))
+    assert (status, body) == (200, {"label": "COVID"})
+    assert b'filename="caf\xef\xbf\xbd-7.png"' in sent[0] and GOOD_PNG in sent[0]
