@@ -527,7 +527,13 @@ def _check_before_ray(config: Any, notes: list[str] | None = None) -> None:
         return
     from cxrcore.data import storage
     from cxrcore.data.ingest import read_report
-    from cxrcore.train.trainer import check_dataset, check_local_gpus, resolve_pretrained, unscored_classes
+    from cxrcore.train.trainer import (
+        check_dataset,
+        check_local_gpus,
+        check_local_worker_cpus,
+        resolve_pretrained,
+        unscored_classes,
+    )
 
     dry_run, lacking = notes is not None, notes if notes is not None else []
 
@@ -543,6 +549,12 @@ def _check_before_ray(config: Any, notes: list[str] | None = None) -> None:
         check_settings(config)
     else:
         resolve_pretrained(config.model, config.pretrained)  # the name too ("did you mean")
+        try:
+            check_local_worker_cpus(config)  # as --gpu below: a plan may be for a bigger machine
+        except ConfigError as error:
+            if not dry_run:
+                raise
+            lacking.append(str(error))
     if config.gpu:
         workers = config.workers if isinstance(config, TrainConfig) else config.workers_per_trial
         try:
@@ -975,15 +987,16 @@ def predict_files(client: Any, endpoint: str, names: Sequence[str]) -> tuple[str
             problems.append(f"{given}: no PNG, JPEG or DICOM file in this folder")
         for name in files:
             status, body = _post_file(client, endpoint, name)
+            shown = os.fsencode(name).decode("utf-8", "backslashreplace")  # `caf\xe9.png`, as ls -b shows it
             if status != 200:
-                rows.append([name, "error" if status is None else f"error {status}"])
-                problems.append(f"{name}: {body}")
+                rows.append([shown, "error" if status is None else f"error {status}"])
+                problems.append(f"{shown}: {body}")
                 continue
             probabilities, model = body["probabilities"], body["model"]
             classes = classes or list(probabilities)
             version = "" if model.get("version") is None else f":{model['version']}"
             rows.append(
-                [name, body["label"], *(f"{probabilities[c]:.3f}" for c in probabilities),
+                [shown, body["label"], *(f"{probabilities[c]:.3f}" for c in probabilities),
                  f"{model['name']}{version}", f"{body['latency_ms']:.1f}"]
             )  # fmt: skip
     header = ["file", "label", *classes, "model", "ms"] if classes else ["file", "label"]

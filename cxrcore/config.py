@@ -634,7 +634,9 @@ class TrainConfig:
                 f"{self.name!r}: Ray Train cannot run a name with {odd!r} in it; name the run in ASCII",
             )
             _require(
-                bool(self.name.strip()) and "/" not in self.name, "name", "one folder's name, not a path"
+                self.name.strip() not in ("", ".", "..") and "/" not in self.name,
+                "name",
+                "one folder's name, not a path",
             )
 
     def run_name(self) -> str:
@@ -758,6 +760,8 @@ class TuneConfig:
         _require(self.trials >= 1, "trials", f"must be at least 1, got {self.trials}")
         _require(self.repeats >= 1, "repeats", f"must be at least 1, got {self.repeats}")
         _require(self.epochs >= 1, "epochs", f"must be at least 1, got {self.epochs}")
+        # `..` wrote the experiment beside --out, into its parent
+        _require(self.name.strip() not in ("", ".", ".."), "name", "one folder's name, not a path")
         if self.grace_epochs is None:
             self.grace_epochs = max(1, self.epochs // 2)
         if self.segmenter_epochs is None:

@@ -11,8 +11,11 @@ from cxrcore.data import storage
 SETTINGS_NAME = "cxr_settings.json"
 
 
-def check_same_experiment(location: str, settings: dict[str, Any], what: str) -> None:
-    """Record `settings` in the run folder `location`, or check a re-run against the recorded ones.
+def check_same_experiment(
+    location: str, settings: dict[str, Any], what: str, defaults: dict[str, Any] | None = None
+) -> None:
+    """Record `settings` in the run folder `location`, or check a re-run against the recorded ones;
+    `defaults`: what a setting recorded by neither side stands for (one added since the run started).
 
     Re-running with the same --name and --out resumes; that is only right when the data and the settings
     that shape the result are the same. Otherwise raise ConfigError saying which differ and how to
@@ -25,10 +28,11 @@ def check_same_experiment(location: str, settings: dict[str, Any], what: str) ->
         storage.write_text(filesystem, path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
         return
     recorded: dict[str, Any] = json.loads(text)
+    unset = defaults or {}
     differ = [
-        f"{key} {recorded.get(key)!r} → {settings.get(key)!r}"
+        f"{key} {recorded.get(key, unset.get(key))!r} → {settings.get(key, unset.get(key))!r}"
         for key in sorted(set(recorded) | set(settings))
-        if recorded.get(key) != settings.get(key)
+        if recorded.get(key, unset.get(key)) != settings.get(key, unset.get(key))
     ]
     if differ:
         if {key.split(" ")[0] for key in differ} == {"data_fingerprint"}:

@@ -175,7 +175,8 @@ def tune_plan(config: TuneConfig) -> str:
         ["trial", "model", "lr", "weight decay", "batch/worker", "steps/epoch", "seed"],
         [
             [n, trial["model"], f"{trial['lr']:.2e}", f"{trial['weight_decay']:.1e}", trial["batch_size"],
-             _steps(data.train_images, trial["batch_size"], config.workers_per_trial), trial["seed"]]
+             _steps(data.train_images, trial["batch_size"], config.workers_per_trial),
+             trial.get("seed", config.seed)]
             for n, trial in enumerate(trials)
         ],
     )  # fmt: skip

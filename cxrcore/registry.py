@@ -390,9 +390,14 @@ class ModelRegistry:
             except RegistryError as exc:
                 problem = str(exc)
         if problem:
+            remedy = (
+                ""
+                if "a copy without it" in problem
+                else "; register its segmenter here and the model again with it"
+            )
             raise RegistryError(
                 f"{version.ref} is a dual-channel model whose lung segmenter cannot be found ({problem}): "
-                "it could not be served; register its segmenter here and the model again with it"
+                f"it could not be served{remedy}"
             )
 
     def aliases(self) -> dict[str, str]:

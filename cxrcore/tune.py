@@ -70,6 +70,9 @@ def search_plan(config: TuneConfig, train_rows: int) -> list[dict[str, Any]]:
                 lr, weight_decay = (float(np.exp(rng.uniform(*np.log(SEARCH[k])))) for k in SEARCH)
                 batch_size = int(rng.choice(batch_sizes))
             drawn.append({"model": model, "lr": lr, "weight_decay": weight_decay, "batch_size": batch_size})
+        if config.repeats == 1:  # no seed key: an experiment started before --repeats resumes with this plan
+            plan += drawn
+            continue
         plan += [
             {**trial, "seed": config.seed + repeat} for repeat in range(config.repeats) for trial in drawn
         ]
@@ -317,7 +320,9 @@ def _run_comparison(config: TuneConfig) -> dict[str, Any]:
     registry = ModelRegistry(config.registry)
     experiment = experiment_path(config)
     work = _work_dir(config)
-    check_same_experiment(experiment, experiment_settings(config, report), "a Tune experiment")
+    check_same_experiment(
+        experiment, experiment_settings(config, report), "a Tune experiment", {"repeats": 1}
+    )
     finished_before = _finished_before(experiment)
     segmenter_name = segmenter_model(config)
     cpus_per_worker = trial_worker_cpus(config, ray.cluster_resources(), len(plan))
@@ -328,7 +333,9 @@ def _run_comparison(config: TuneConfig) -> dict[str, Any]:
     segmenter = _segmenter(config, registry, segmenter_name) if segmenter_name else None
     space = {
         **planned_space(plan),
-        "tune_config": to_dict(config),
+        # Tune restores a resumed experiment with this space only where its keys are the ones it started
+        # with: `repeats` at its default is left out, as experiments from before it have none.
+        "tune_config": {k: v for k, v in to_dict(config).items() if k != "repeats" or config.repeats != 1},
         "segmenter": segmenter["checkpoint"] if segmenter else None,
         "quiet_console": is_quiet(),  # decided here: trials on a joined cluster lack this environment
         "cpus_per_worker": cpus_per_worker,
@@ -519,9 +526,18 @@ def _fit_experiment(
     experiment = f"{storage_path.rstrip('/')}/{name}"
     if tune.Tuner.can_restore(experiment):
         log.info("resuming experiment %s", experiment)
-        tuner = tune.Tuner.restore(
-            experiment, trainable=trainable, param_space=space if restore_space else None, resume_errored=True
-        )
+        try:
+            tuner = tune.Tuner.restore(
+                experiment,
+                trainable=trainable,
+                param_space=space if restore_space else None,
+                resume_errored=True,
+            )
+        except ValueError as exc:  # a space of other keys than it started with (a cxr of another version)
+            if "param_space" not in str(exc):
+                raise
+            log.info("resuming %s with the search space it started with (%s)", experiment, exc)
+            tuner = tune.Tuner.restore(experiment, trainable=trainable, param_space=None, resume_errored=True)
     else:
         tuner = tune.Tuner(
             trainable,
@@ -964,6 +980,9 @@ def _best_per_architecture(
             },
             # val_score ties within one validation image are ranked on the loss (absent from older records)
             "val_loss": trial.get("val_loss"),
+            # --repeats: the kept trial's seed, of how many its architecture was trained with
+            "seed": trial.get("seed"),
+            "seeds_trained": len({t.get("seed") for t in trials if t["model"] == model}),
             "val_count": trial.get("val_count"),
             "val_confusion_matrix": trial.get("val_confusion_matrix"),
             "ref": version.ref,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -226,7 +227,20 @@ def _check_worker_cpus(config: TrainConfig, cpus: int) -> None:
 
     if config.gpu or config.workers < 1 or local_core_limit() is None or not ray.is_initialized():
         return
-    logical = int(ray.cluster_resources().get("CPU", 0))
+    _refuse_worker_cpus(config, cpus, int(ray.cluster_resources().get("CPU", 0)))
+
+
+def check_local_worker_cpus(config: TrainConfig) -> None:
+    """`_check_worker_cpus` before Ray starts (and in a dry run), for --cpus-per-worker on the local
+    cluster cxr would start: its CPUs are known (`local_logical_cpus`), and the refusal came after 26 s."""
+    from cxrcore.runtime import joins_cluster, local_logical_cpus
+
+    if config.gpu or config.workers < 1 or not config.cpus_per_worker or joins_cluster(config.address):
+        return
+    _refuse_worker_cpus(config, config.cpus_per_worker, local_logical_cpus(os.cpu_count() or 1))
+
+
+def _refuse_worker_cpus(config: TrainConfig, cpus: int, logical: int) -> None:
     need = config.workers * cpus
     if need + DATA_TASK_CPUS > logical:
         has = (

@@ -486,3 +486,16 @@ def test_an_output_that_is_a_file_is_named_as_one(
     assert main(["data", "synth", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert err == f"cxr: error: {tmp_path / 'afile.txt'}: a file is there, where a folder is needed\n"
+
+
+def test_a_setting_added_since_an_experiment_started_reads_as_its_default(tmp_path: Path) -> None:
+    """An experiment from before --repeats records none: the same command resumes it, and --repeats 2 is
+    refused as "repeats 1 → 2", not "None → 2"."""
+    from cxrcore.config import ConfigError
+    from cxrcore.experiment import check_same_experiment
+
+    old = {"data_fingerprint": "f", "trials": 1}
+    check_same_experiment(str(tmp_path), old, "a Tune experiment", {"repeats": 1})
+    check_same_experiment(str(tmp_path), old, "a Tune experiment", {"repeats": 1})
+    with pytest.raises(ConfigError, match=r"started with other settings \(repeats 1 → 2\)"):
+        check_same_experiment(str(tmp_path), {**old, "repeats": 2}, "a Tune experiment", {"repeats": 1})

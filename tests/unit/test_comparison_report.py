@@ -444,7 +444,7 @@ def test_repeats_show_each_architecture_over_the_seeds_and_warn_when_the_winner_
     """With --repeats, each seed makes its own comparison (its best trial of each architecture, ranked as the
     winner is chosen): the console and report give every architecture's spread and first places, and warn
     where the winner ranked first in at most half of the seeds."""
-    from cxrcore.evaluate.comparison import seed_spread
+    from cxrcore.evaluate.comparison import seed_spread, seeds_line
 
     comparison = _comparison()
     scores = {
@@ -467,7 +467,14 @@ def test_repeats_show_each_architecture_over_the_seeds_and_warn_when_the_winner_
     assert spread["by_model"]["dual_cnn"]["mean"] == pytest.approx(0.870667, abs=1e-6)
     assert spread["by_model"]["dual_cnn"]["sd"] == pytest.approx(0.082954, abs=1e-6)
     comparison.update(trials=trials, seeds=spread)
+    for model, row in comparison["best"].items():  # as tune records them: the kept trial's seed, of 3
+        row.update(seed=scores[model].index(max(scores[model])), seeds_trained=3)
     printed = format_comparison({**comparison, "production": "dual_cnn:3", "reports": {}})
+    # The winner line's figures are each architecture's best seed: it says so, and which seed
+    assert (
+        "validation macro-F1 0.962, its best of 3 seeds (seed 0), 0.041 ahead of cnn_lstm (0.921, its best "
+        "of 3)" in printed
+    )
     assert "Over 3 seeds (0–2), validation macro-F1 mean ± sd (range): cnn_lstm 0.900 ± 0.021" in printed
     assert "dual_cnn 0.871 ± 0.083 (0.800–0.962), first in 1 of 3" in printed
     assert (
@@ -483,3 +490,7 @@ def test_repeats_show_each_architecture_over_the_seeds_and_warn_when_the_winner_
         {**comparison, "seeds": seed_spread(trials), "production": "dual_cnn:3", "reports": {}}
     )
     assert seed_spread([t for t in trials if t["seed"] == 0]) is None
+    # With several configurations per seed, each seed's figure is the best of them, and the line says so
+    second = [{**t, "trial_id": t["trial_id"] + "-b", "val_score": 0.1} for t in trials]
+    two = seed_spread(trials + second)
+    assert two is not None and "(0–2; each seed's figure the best of its 2 configurations)" in seeds_line(two)

@@ -152,10 +152,13 @@ def test_an_ingest_into_a_symlink_writes_through_it(tmp_path: Path) -> None:
 def test_a_run_name_ray_train_cannot_run_is_refused_before_anything_starts() -> None:
     """`cxr train --name "essai é"` failed in Ray Train's controller ("'ascii' codec can't encode character")
     after its run folder was made, and its dry run passed; a non-ASCII --out works and stays allowed."""
-    from cxrcore.config import ConfigError, TrainConfig
+    from cxrcore.config import ConfigError, TrainConfig, TuneConfig
 
     with pytest.raises(ConfigError, match=r"^--name: 'essai é': Ray Train cannot run a name with 'é' in it"):
         TrainConfig(data="ds", model="tiny_cnn_lstm", name="essai é")
-    with pytest.raises(ConfigError, match="one folder's name, not a path"):
-        TrainConfig(data="ds", model="tiny_cnn_lstm", name="runs/a")
+    for path in ("runs/a", "..", "."):  # `..` wrote the run's checkpoints beside --out, into its parent
+        with pytest.raises(ConfigError, match="one folder's name, not a path"):
+            TrainConfig(data="ds", model="tiny_cnn_lstm", name=path)
+    with pytest.raises(ConfigError, match=r"^--name: one folder's name, not a path"):
+        TuneConfig(data="ds", registry="reg", name="..")
     assert TrainConfig(data="ds", model="tiny_cnn_lstm", name="essai-1", out="runs é").run_name() == "essai-1"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import runpy
 import sys
 from pathlib import Path
@@ -115,7 +116,11 @@ def test_train_dry_run_reads_the_dataset_report_when_present(
     assert "train images: 100 (from its ingest_report.json)" in out
     assert "2 Train workers on CPUs (gloo): on a local cluster they share the machine's cores" in out
     assert main([*argv, "--cpus-per-worker", "3"]) == 0
-    assert "2 Train workers, 3 CPUs each (gloo)" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "2 Train workers, 3 CPUs each (gloo)" in captured.out
+    if (os.cpu_count() or 1) < 4:  # what this machine's local cluster could not place: a note, as --gpu's
+        note = "note: on this machine the run would stop: --workers 2 × --cpus-per-worker 3 needs 6"
+        assert note in captured.out + captured.err
     assert "4 per worker (automatic" in out and "≈13 steps per epoch" in out
     assert "image size:   64 px, the dataset's base size" in out
 
@@ -277,6 +282,15 @@ def test_workers_the_local_cluster_can_never_place_are_refused(monkeypatch: pyte
     with pytest.raises(ConfigError, match=every):
         _check_worker_cpus(TrainConfig(data="ds", model="tiny_cnn_lstm", workers=2), 2)
     _check_worker_cpus(TrainConfig(data="ds", model="tiny_cnn_lstm", workers=2), 1)  # 3 of 4
+    # Before Ray starts (and in a dry run): the local cluster's CPUs are known; it had taken 26 s to refuse
+    from cxrcore.train.trainer import check_local_worker_cpus
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    every_cpu = TrainConfig(data="ds", model="tiny_cnn_lstm", workers=2, cpus_per_worker=2)
+    with pytest.raises(ConfigError, match=every):
+        check_local_worker_cpus(every_cpu)
+    check_local_worker_cpus(dataclasses.replace(every_cpu, cpus_per_worker=1))
+    check_local_worker_cpus(dataclasses.replace(every_cpu, address="head:6379"))  # a cluster may autoscale
     monkeypatch.setattr(cxrcore.runtime, "_local_cores", None)  # a joined cluster may autoscale
     _check_worker_cpus(config, 3)
 
@@ -515,7 +529,9 @@ def test_repeats_train_each_configuration_once_per_seed(capsys: pytest.CaptureFi
     once = TuneConfig(data="ds", registry="reg", models="cnn_lstm,dual_cnn", trials=2, seed=5)
     thrice = dataclasses.replace(once, repeats=3)
     plan, repeated = search_plan(once, 1000), search_plan(thrice, 1000)
-    assert [t["seed"] for t in plan] == [5, 5, 5, 5]
+    # One seed plans as before --repeats (no seed key, no repeats in the trials' config): Tune restores an
+    # experiment started then only with a space of the same keys.
+    assert all(set(t) == {"model", "lr", "weight_decay", "batch_size"} for t in plan)
     assert [t["seed"] for t in repeated] == [5, 5, 6, 6, 7, 7] * 2  # round by round, each seed in turn
     drawn = [{k: v for k, v in t.items() if k != "seed"} for t in plan]
     assert [{k: v for k, v in t.items() if k != "seed"} for t in repeated] == [  # one draw, trained per seed
