@@ -188,7 +188,8 @@ def serve_foreground(
         if moving:
             print(
                 f"  {args.model} is resolved now: promoting another version later does not change what this "
-                "server answers with (serve/README.md: Swapping the model without downtime)",
+                f"server answers with; to swap it, `serve deploy` with `model: {pinned}` in its args "
+                "(serve/README.md: Swapping the model without downtime)",
                 flush=True,
             )
         stop.wait()
