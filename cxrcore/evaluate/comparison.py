@@ -284,12 +284,18 @@ def seed_spread(trials: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
         of_seed = [t for t in scored if t["seed"] == seed]
         models = dict.fromkeys(t["model"] for t in of_seed)
         bests = {m: best_by_validation([t for t in of_seed if t["model"] == m], dict) for m in models}
-        for place, (model, row) in enumerate(rank_by_validation(bests.items(), lambda item: item[1] or {})):
-            entry = by_model.setdefault(model, {"scores": {}, "first": 0, "configurations": 1})
+        ranked = rank_by_validation(bests.items(), lambda item: item[1] or {})
+        # a first place within one validation image of the second was decided by the validation loss
+        close = len(ranked) > 1 and within_one_image(ranked[1][1] or {}, ranked[0][1] or {})
+        for place, (model, row) in enumerate(ranked):
+            entry = by_model.setdefault(
+                model, {"scores": {}, "first": 0, "first_close": 0, "configurations": 1}
+            )
             tried = sum(1 for t in of_seed if t["model"] == model)
             entry["configurations"] = max(entry["configurations"], tried)
             entry["scores"][seed] = None if row is None else row.get("val_score")
             entry["first"] += place == 0
+            entry["first_close"] += place == 0 and close
     for entry in by_model.values():
         values = [v for v in entry["scores"].values() if v is not None]
         mean = sum(values) / len(values) if values else None
@@ -321,9 +327,11 @@ def seeds_line(spread: Mapping[str, Any]) -> str:
     parts = []
     for model, row in spread["by_model"].items():
         sd = "" if row["sd"] is None else f" ± {row['sd']:.3f}"
+        close = row.get("first_close") or 0
+        tie = f" ({close} of them within one image of the second, on the loss)" if close else ""
         parts.append(
             f"{model} {_fixed(row['mean'])}{sd} ({_fixed(row['low'])}–{_fixed(row['high'])}), first in "
-            f"{row['first']} of {len(seeds)}"
+            f"{row['first']} of {len(seeds)}{tie}"
         )
     tried = max((row.get("configurations", 1) for row in spread["by_model"].values()), default=1)
     each = f"; each seed's figure the best of its {tried} configurations" if tried > 1 else ""

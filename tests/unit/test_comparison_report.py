@@ -494,3 +494,12 @@ def test_repeats_show_each_architecture_over_the_seeds_and_warn_when_the_winner_
     second = [{**t, "trial_id": t["trial_id"] + "-b", "val_score": 0.1} for t in trials]
     two = seed_spread(trials + second)
     assert two is not None and "(0–2; each seed's figure the best of its 2 configurations)" in seeds_line(two)
+    # A first place the loss decided (the same score as the second) is said to be one
+    tied = [
+        {"model": m, "seed": s, "val_score": 0.9, "val_loss": loss, "best_checkpoint": "c"}
+        for m, loss in (("a", 0.2), ("b", 0.3))
+        for s in (0, 1)
+    ]
+    tied[1]["val_score"] = 0.95  # seed 1: a ahead outright
+    line = seeds_line(seed_spread(tied) or {})
+    assert "a 0.925 ± 0.035 (0.900–0.950), first in 2 of 2 (1 of them within one image of the second" in line
