@@ -409,7 +409,9 @@ def _run_check(args: argparse.Namespace) -> int:
     )
     scan = check_layout(os.path.expanduser(args.raw), label_file, parse_label_map(args.map))
     if args.json:
-        print(json.dumps(scan.to_dict(), indent=2))
+        from cxrcore.data.ingest import printable_json
+
+        print(json.dumps(printable_json(scan.to_dict()), indent=2))
     else:
         print(format_scan(scan, args.skip_unmapped))
     if not scan.usable:

@@ -257,7 +257,7 @@ def _ingest(config: IngestConfig, scanned: tuple[LayoutScan, set[str]], started:
     report["warnings"] = scan.warnings + _warnings(report)
     report["seconds_by_stage"] = {stage: round(seconds, 2) for stage, seconds in timings.items()}
     report["replaced"] = _replaced(config.out, report["fingerprint"], list(rows["sha256"]), splits)
-    storage.write_text(filesystem, f"{staging}/{REPORT_NAME}", json.dumps(report, indent=2))
+    storage.write_text(filesystem, f"{staging}/{REPORT_NAME}", json.dumps(printable_json(report), indent=2))
     storage.publish(filesystem, root, marker=REPORT_NAME)
     log.info("ingested %d of %d images into %s", report["ingested"], report["found"], config.out)
     telemetry.record_ingest(config.out, report["ingested"], [row["reason"] for row in report["rejected"]])
@@ -717,6 +717,23 @@ def _task_rows(manifest: list[dict[str, Any]]) -> list[dict[str, Any]]:
         }
         for row in manifest
     ]
+
+
+def printable_json(value: Any) -> Any:
+    """`value` with every string as `printable_name` writes it: a name that is not UTF-8 went into the report
+    as an unpaired surrogate escape ("\\udcff"), which duckdb and polars refuse and jq reads as U+FFFD, and
+    unlike the Parquet's `file` column, which spells it `\\xff`.
+
+    >>> printable_json({"rejected": [{"path": "raw/caf\\udce9.png"}]})
+    {'rejected': [{'path': 'raw/caf\\\\xe9.png'}]}
+    """
+    if isinstance(value, str):
+        return printable_name(value)
+    if isinstance(value, dict):
+        return {printable_json(key): printable_json(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [printable_json(item) for item in value]
+    return value
 
 
 def printable_name(name: str) -> str:

@@ -305,14 +305,17 @@ def seed_spread(trials: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
             else None
         )
         entry.update(mean=mean, sd=sd, low=min(values, default=None), high=max(values, default=None))
+        # in the order of `seeds`, None where the seed kept no checkpoint: a dict keyed by seed came back
+        # from comparison.json keyed by strings
+        entry["scores"] = [entry["scores"].get(seed) for seed in seeds]
     return {"seeds": seeds, "by_model": dict(sorted(by_model.items(), key=lambda i: -_score(i[1]["mean"])))}
 
 
 def seeds_line(spread: Mapping[str, Any]) -> str:
     """The architectures over the seeds, as one sentence.
 
-    >>> by_model = {"a": {"mean": 0.85, "sd": 0.132, "low": 0.7, "high": 0.95, "first": 2, "scores": {}},
-    ...             "b": {"mean": 0.75, "sd": 0.13, "low": 0.6, "high": 0.85, "first": 1, "scores": {}}}
+    >>> by_model = {"a": {"mean": 0.85, "sd": 0.132, "low": 0.7, "high": 0.95, "first": 2, "scores": []},
+    ...             "b": {"mean": 0.75, "sd": 0.13, "low": 0.6, "high": 0.85, "first": 1, "scores": []}}
     >>> import textwrap
     >>> print(textwrap.fill(seeds_line({"seeds": [0, 1, 2], "by_model": by_model}), 100))
     Over 3 seeds (0–2), validation macro-F1 mean ± sd (range): a 0.850 ± 0.132 (0.700–0.950), first in 2
@@ -373,7 +376,10 @@ def _seed_table(spread: Mapping[str, Any]) -> list[dict[str, Any]]:
         {
             "architecture": model,
             # as the console prints them (an sd of 0.0036 read "3.6e-03" in the table's own format)
-            **{f"seed {seed}": _fixed(row["scores"].get(seed)) for seed in spread["seeds"]},
+            **{
+                f"seed {seed}": _fixed(score)
+                for seed, score in zip(spread["seeds"], row["scores"], strict=True)
+            },
             "mean": _fixed(row["mean"]),
             "sd": _fixed(row["sd"]),
             "ranked first": f"{row['first']} of {len(spread['seeds'])}",

@@ -499,3 +499,18 @@ def test_a_setting_added_since_an_experiment_started_reads_as_its_default(tmp_pa
     check_same_experiment(str(tmp_path), old, "a Tune experiment", {"repeats": 1})
     with pytest.raises(ConfigError, match=r"started with other settings \(repeats 1 → 2\)"):
         check_same_experiment(str(tmp_path), {**old, "repeats": 2}, "a Tune experiment", {"repeats": 1})
+
+
+def test_check_json_spells_a_name_that_is_not_utf8_as_the_dataset_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`cxr data check --json` and ingest_report.json wrote a non-UTF-8 name as an unpaired surrogate escape
+    ("\\udce9"), which duckdb and polars refuse; the Parquet's `file` column spells it `caf\\xe9.png`."""
+    write_png(tmp_path / "raw" / "COVID" / "images" / "COVID-1.png", xray(1))
+    bad = os.path.join(os.fsencode(tmp_path / "raw" / "COVID" / "images"), b"caf\xe9.png")
+    with open(bad, "wb") as file:
+        file.write(b"not a png")
+    main(["data", "check", str(tmp_path / "raw"), "--json"])
+    out = capsys.readouterr().out
+    assert "\\udce9" not in out and "caf\\\\xe9.png" in out
+    json.loads(out)

@@ -463,7 +463,7 @@ def test_repeats_show_each_architecture_over_the_seeds_and_warn_when_the_winner_
     assert spread is not None and spread["seeds"] == [0, 1, 2]
     firsts = {model: row["first"] for model, row in spread["by_model"].items()}
     assert firsts == {"dual_cnn": 1, "cnn_lstm": 1, "resnet18": 1}
-    assert spread["by_model"]["dual_cnn"]["scores"] == {0: 0.962, 1: 0.80, 2: 0.85}
+    assert spread["by_model"]["dual_cnn"]["scores"] == [0.962, 0.80, 0.85]  # in the order of spread["seeds"]
     assert spread["by_model"]["dual_cnn"]["mean"] == pytest.approx(0.870667, abs=1e-6)
     assert spread["by_model"]["dual_cnn"]["sd"] == pytest.approx(0.082954, abs=1e-6)
     comparison.update(trials=trials, seeds=spread)
