@@ -34,6 +34,11 @@ PRECISE_BN_IMAGES = 1024
 """Training images per worker over which BatchNorm statistics are recomputed before each validation."""
 
 
+class TrainingDiverged(ValueError):
+    """An epoch's loss is not a number: the weights have blown up (most often a learning rate too high), and
+    every later epoch, retry or score would be of a broken model."""
+
+
 class TrainSession:
     """What the training loop asks of the process it runs in: its rank among the workers, its device, its
     data, the checkpoint to resume from, and where each epoch's metrics and checkpoint go.
@@ -251,12 +256,14 @@ def run_training(loop_config: dict[str, Any], session: TrainSession) -> None:
             served_masks=not precomputed,
         )
         val = _gather(validated, world)
+        gathered = _gather(trained, world)
+        check_finite(epoch, gathered["loss"], val["loss"])
         temperature, calibration = 1.0, {}
         if not segmenting and val["count"]:  # temperature scaling on the validation split, so probabilities
             # mean what they say; the validation scores are then those of the calibrated model, as served.
             temperature = fit_temperature(val["outputs"], val["labels"])
             calibration = calibration_report(val["outputs"], val["labels"], temperature)
-        metrics = epoch_metrics(epoch, _gather(trained, world), val, segmenting, temperature)
+        metrics = epoch_metrics(epoch, gathered, val, segmenting, temperature)
         metrics["lr"] = scheduler.get_last_lr()[0]
         if not segmenting:
             metrics.update(temperature=temperature, val_ece=calibration["ece_after"])
@@ -290,6 +297,17 @@ def run_training(loop_config: dict[str, Any], session: TrainSession) -> None:
             session.report(metrics, directory if rank == 0 else None)
 
 
+def check_finite(epoch: int, train_loss: float, val_loss: float) -> None:
+    """Raise TrainingDiverged where an epoch's loss is not a number: its calibration and scores then failed
+    on the model's NaN probabilities ("probs must be finite"), a traceback after every retry."""
+    for split, loss in (("training", train_loss), ("validation", val_loss)):
+        if not math.isfinite(loss):
+            raise TrainingDiverged(
+                f"training diverged in epoch {epoch + 1}: its {split} loss is {loss}; train again with a "
+                "lower --lr"
+            )
+
+
 def epoch_metrics(
     epoch: int, trained: dict[str, Any], validated: dict[str, Any], segmenting: bool, temperature: float = 1.0
 ) -> dict[str, Any]:
@@ -300,6 +318,7 @@ def epoch_metrics(
     if not validated["count"]:  # the driver refuses an empty val split; a segmenter reads masked rows only
         what = "with a ground-truth lung mask " if segmenting else ""
         raise ValueError(f"the val split holds no image {what}to score epoch {epoch + 1} on")
+    check_finite(epoch, trained["loss"], validated["loss"])
     metrics: dict[str, Any] = {
         "epoch": epoch + 1,
         "train_loss": trained["loss"],

@@ -580,8 +580,21 @@ def writing(config: TrainConfig) -> AbstractContextManager[None]:
     return storage.exclusive(run_dir, "a training run", "another --name or --out")
 
 
+def _cause(error: BaseException) -> BaseException:
+    """The exception a worker raised, inside the RayTaskError (or others) Ray wraps it in."""
+    for _ in range(8):
+        inner = getattr(error, "cause", None) or error.__cause__
+        if not isinstance(inner, BaseException) or inner is error:
+            break
+        error = inner
+    return error
+
+
 def _fit(config: TrainConfig) -> TrainResult:
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
     from cxrcore.data import storage
+    from cxrcore.train.loop import TrainingDiverged
 
     trainer = build_trainer(config, callbacks=[epoch_printer(config)])
     try:
@@ -591,6 +604,13 @@ def _fit(config: TrainConfig) -> TrainResult:
         raise Interrupted(
             "training stopped; run the same command again to resume it after its last saved checkpoint"
         ) from exc
+    except WorkerGroupError as exc:  # a blown-up run: its one line, not Ray's traceback of every worker
+        diverged = [e for e in exc.worker_failures.values() if isinstance(_cause(e), TrainingDiverged)]
+        if not diverged:
+            raise
+        raise ConfigError(f"{_cause(diverged[0])} (this run's: {config.lr:g})") from exc
+    except TrainingDiverged as exc:  # --workers 0: the loop ran in this process
+        raise ConfigError(f"{exc} (this run's: {config.lr:g})") from exc
     reached = (result.metrics or {}).get("epoch", 0)
     if config.workers >= 1 and result.error is None and reached < config.epochs:
         # Ray Train's SIGINT handler also ends a run this way: aborted, its result that of the last

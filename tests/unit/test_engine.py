@@ -339,3 +339,29 @@ def test_a_resumed_run_keeps_its_schedule_or_takes_the_new_plans_place_in_it() -
     again.load_state_dict(state["optimizer"])
     resumed = _resumed_schedule(again, fresh, two_to_one, {"warmup_steps": 10, "total_steps": 60}, 20)
     assert resumed.last_epoch == 20  # repositioned: 10 steps behind is not one short batch an epoch
+
+
+def test_a_diverged_epoch_is_named_as_one_not_scored(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`cxr train --lr 1e12` ended, after its retries, in a traceback from scoring NaN probabilities
+    ("probs must be finite"); the epoch's loss is checked first, and the command says what to change."""
+    from ray.exceptions import RayTaskError
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from cxrcore.config import ConfigError, TrainConfig
+    from cxrcore.train import trainer
+    from cxrcore.train.loop import TrainingDiverged, check_finite
+
+    check_finite(0, 1.2, 1.4)
+    with pytest.raises(TrainingDiverged, match=r"^training diverged in epoch 3: its validation loss is inf"):
+        check_finite(2, 1.2, float("inf"))
+    wrapped = RayTaskError("train_fn", "traceback text", TrainingDiverged("training diverged in epoch 1: x"))
+    failed = WorkerGroupError("worker group failed", {0: wrapped})
+
+    class Fails:
+        def fit(self) -> None:
+            raise failed
+
+    monkeypatch.setattr(trainer, "build_trainer", lambda config, callbacks: Fails())
+    config = TrainConfig(data="ds", model="tiny_cnn_lstm", lr=1e12)
+    with pytest.raises(ConfigError, match=r"^training diverged in epoch 1: x \(this run's: 1e\+12\)$"):
+        trainer._fit(config)
