@@ -866,10 +866,18 @@ def _run_clean(args: argparse.Namespace) -> int:
 def _run_show(args: argparse.Namespace) -> int:
     from cxrcore.checkpoint import WEIGHTS_NAME
 
-    version = _registry(args).get(args.ref)
+    registry = _registry(args)
+    version = registry.get(args.ref)
     card = version.card.to_dict()
     history = card.pop("history")
     paths = {"folder": version.uri, "weights": f"{version.uri}/{WEIGHTS_NAME}", "report": version.report}
+    if (
+        version.card.segmenter
+    ):  # the card names it where it was registered; a moved or copied registry reads its own
+        try:
+            paths["segmenter"] = str(registry.segmenter_checkpoint(version.card.segmenter, of=version.ref))
+        except RegistryError as exc:
+            paths["segmenter"] = f"not found: {exc}"
     if args.json:
         shown = {"ref": version.ref, "aliases": list(version.aliases), "paths": paths}
         print(json.dumps({**shown, "card": card, "history_length": len(history)}, indent=2))

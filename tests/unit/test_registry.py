@@ -449,7 +449,9 @@ def test_from_python_a_checkpoint_registers_once_and_a_moved_registry_still_serv
     assert predictor.predict_proba([xray(1, 64)]).shape == (1, 4)
 
 
-def test_a_copied_registry_reads_its_own_segmenter_and_refuses_one_without_it(tmp_path: Path) -> None:
+def test_a_copied_registry_reads_its_own_segmenter_and_refuses_one_without_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A copy beside its original read the original's segmenter folder (the card names it by its place), so
     a copy without the segmenter was promoted and served here, and failed where it was copied to."""
     import shutil
@@ -467,6 +469,8 @@ def test_a_copied_registry_reads_its_own_segmenter_and_refuses_one_without_it(tm
     assert copy.segmenter_checkpoint(named, of="tiny_dual_cnn:1") == tmp_path / "copy" / "tiny_unet" / "v1"
     assert original.segmenter_checkpoint(named, of="tiny_dual_cnn:1") == Path(named)
     assert Predictor.from_registry(copy).segmenter is not None
+    assert main(["models", "show", "production", "--registry", str(tmp_path / "copy")]) == 0
+    assert f"segmenter: {tmp_path / 'copy' / 'tiny_unet' / 'v1'}\n" in capsys.readouterr().out  # the one read
 
     shutil.rmtree(tmp_path / "copy" / "tiny_unet")  # a copy without its segmenter, the original beside it
     refused = r"of which the registry \S*copy is a copy without it: copy tiny_unet/v1"
