@@ -871,9 +871,8 @@ def _run_show(args: argparse.Namespace) -> int:
     card = version.card.to_dict()
     history = card.pop("history")
     paths = {"folder": version.uri, "weights": f"{version.uri}/{WEIGHTS_NAME}", "report": version.report}
-    if (
-        version.card.segmenter
-    ):  # the card names it where it was registered; a moved or copied registry reads its own
+    # the card names its segmenter where it was registered; a moved or copied registry reads its own
+    if version.card.segmenter:
         try:
             paths["segmenter"] = str(registry.segmenter_checkpoint(version.card.segmenter, of=version.ref))
         except RegistryError as exc:
@@ -986,6 +985,7 @@ def _run_predict(args: argparse.Namespace) -> int:
 def predict_files(client: Any, endpoint: str, names: Sequence[str]) -> tuple[str, list[str]]:
     """`cxr predict`: POST each file (each image below a folder named) to `endpoint`; a table of the
     answers, and a line for each file that got none (its status and the server's reason)."""
+    from cxrcore.data.ingest import printable_name
     from cxrcore.data.layout import image_files
 
     rows: list[list[Any]] = []
@@ -997,7 +997,7 @@ def predict_files(client: Any, endpoint: str, names: Sequence[str]) -> tuple[str
             problems.append(f"{given}: no PNG, JPEG or DICOM file in this folder")
         for name in files:
             status, body = _post_file(client, endpoint, name)
-            shown = os.fsencode(name).decode("utf-8", "backslashreplace")  # `caf\xe9.png`, as ls -b shows it
+            shown = printable_name(name)  # `caf\xe9.png`, as the dataset and the reports spell it
             if status != 200:
                 rows.append([shown, "error" if status is None else f"error {status}"])
                 problems.append(f"{shown}: {body}")

@@ -198,6 +198,17 @@ def _start_local(logical: int, object_store_memory: int | None) -> None:
             ray.shutdown()
 
 
+def root_cause(error: BaseException) -> BaseException:
+    """The exception raised where the work ran, inside the RayTaskError (`cause`) or others (`__cause__`)
+    Ray and Tune wrap it in."""
+    for _ in range(8):
+        inner = getattr(error, "cause", None) or error.__cause__
+        if not isinstance(inner, BaseException) or inner is error:
+            break
+        error = inner
+    return error
+
+
 def keep_token_private(path: Path | None = None) -> None:
     """Make the token file Ray 2.60 writes for a new local cluster (`~/.ray/auth_token`, created with the
     process's umask: -rw-r--r--) readable by its owner alone. Readable by every user of the machine, it let

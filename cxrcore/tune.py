@@ -28,7 +28,7 @@ from cxrcore.console import is_quiet, quiet_ray_console, quiet_tune_trial
 from cxrcore.data import storage
 from cxrcore.experiment import check_same_experiment
 from cxrcore.metrics import best_by_validation, mcnemar_exact
-from cxrcore.runtime import DATA_TASK_CPUS, Interrupted, sigint_handler_kept
+from cxrcore.runtime import DATA_TASK_CPUS, Interrupted, root_cause, sigint_handler_kept
 
 log = logging.getLogger(__name__)
 
@@ -386,12 +386,7 @@ def error_line(error: BaseException) -> str:
     """What went wrong in a trial, in one line: the exception raised in the trial ("ValueError: the val
     split holds no image ..."), not Ray's header for the actor it ran in ("ray::ImplicitFunc.train() (pid=,
     ip=, actor_id=)", in terminal colours), which is the first line of a RayTaskError's text."""
-    cause: BaseException = error
-    for _ in range(8):  # RayTaskError keeps the trial's exception as `cause`; Tune may wrap it again
-        inner = getattr(cause, "cause", None) or cause.__cause__
-        if not isinstance(inner, BaseException) or inner is cause:
-            break
-        cause = inner
+    cause = root_cause(error)  # RayTaskError keeps the trial's exception as `cause`; Tune may wrap it again
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(cause)).strip()
     last = text.splitlines()[-1].strip() if text else ""
     if cause is error and _RAISED.match(last):  # no cause kept, a traceback's text: its last line raised

@@ -318,7 +318,6 @@ def epoch_metrics(
     if not validated["count"]:  # the driver refuses an empty val split; a segmenter reads masked rows only
         what = "with a ground-truth lung mask " if segmenting else ""
         raise ValueError(f"the val split holds no image {what}to score epoch {epoch + 1} on")
-    check_finite(epoch, trained["loss"], validated["loss"])
     metrics: dict[str, Any] = {
         "epoch": epoch + 1,
         "train_loss": trained["loss"],

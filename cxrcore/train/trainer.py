@@ -14,7 +14,7 @@ from cxrcore.config import ConfigError, TrainConfig, to_dict
 from cxrcore.console import is_quiet, train_log_level
 from cxrcore.labels import CLASSES
 from cxrcore.metrics import best_by_validation
-from cxrcore.runtime import DATA_CPUS, DATA_TASK_CPUS, Interrupted, sigint_handler_kept
+from cxrcore.runtime import DATA_CPUS, DATA_TASK_CPUS, Interrupted, root_cause, sigint_handler_kept
 
 log = logging.getLogger(__name__)
 
@@ -580,16 +580,6 @@ def writing(config: TrainConfig) -> AbstractContextManager[None]:
     return storage.exclusive(run_dir, "a training run", "another --name or --out")
 
 
-def _cause(error: BaseException) -> BaseException:
-    """The exception a worker raised, inside the RayTaskError (or others) Ray wraps it in."""
-    for _ in range(8):
-        inner = getattr(error, "cause", None) or error.__cause__
-        if not isinstance(inner, BaseException) or inner is error:
-            break
-        error = inner
-    return error
-
-
 def _fit(config: TrainConfig) -> TrainResult:
     from ray.train.v2.api.exceptions import WorkerGroupError
 
@@ -605,10 +595,10 @@ def _fit(config: TrainConfig) -> TrainResult:
             "training stopped; run the same command again to resume it after its last saved checkpoint"
         ) from exc
     except WorkerGroupError as exc:  # a blown-up run: its one line, not Ray's traceback of every worker
-        diverged = [e for e in exc.worker_failures.values() if isinstance(_cause(e), TrainingDiverged)]
+        diverged = [e for e in exc.worker_failures.values() if isinstance(root_cause(e), TrainingDiverged)]
         if not diverged:
             raise
-        raise ConfigError(f"{_cause(diverged[0])} (this run's: {config.lr:g})") from exc
+        raise ConfigError(f"{root_cause(diverged[0])} (this run's: {config.lr:g})") from exc
     except TrainingDiverged as exc:  # --workers 0: the loop ran in this process
         raise ConfigError(f"{exc} (this run's: {config.lr:g})") from exc
     reached = (result.metrics or {}).get("epoch", 0)
