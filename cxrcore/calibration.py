@@ -78,11 +78,16 @@ def fit_temperature(
     return float(min(max(math.exp(best_log_t), MIN_TEMPERATURE), MAX_TEMPERATURE))  # exp(log) rounds
 
 
-def calibration_report(logits: np.ndarray, labels: np.ndarray, temperature: float) -> dict[str, Any]:
+def calibration_report(
+    logits: np.ndarray, labels: np.ndarray, temperature: float, calibrated: np.ndarray | None = None
+) -> dict[str, Any]:
     """ECE and NLL of softmax(logits) (before) and softmax(logits / temperature) (after), as plain floats.
 
     ECE and NLL are computed as classification_metrics computes `ece` and `nll` (same ECE_BINS binning,
-    same clipping), so `ece_after` equals metrics.json's `ece` of the calibrated probabilities.
+    same clipping). `calibrated` is softmax(logits / temperature) as the caller scored it (the served
+    float32 probabilities): given, the `_after` figures are computed from it, so `ece_after` and
+    `nll_after` are the very `ece` and `nll` of metrics.json, not a float64 recomputation that differs in
+    the 8th decimal.
     `ece_floor_before` / `ece_floor_after` (with their `_sd`) are the ECE those probabilities would show
     on this many images if they were perfectly calibrated (metrics.ece_floor): on a few dozen images
     most of an ECE is sampling noise, and no calibration can take it below that. `logits` may be
@@ -104,8 +109,10 @@ def calibration_report(logits: np.ndarray, labels: np.ndarray, temperature: floa
     }
     if len(y) == 0:
         return report
-    for suffix, scaled in (("before", z), ("after", z / temperature)):
-        probs = _softmax(scaled)
+    after = _softmax(z / temperature) if calibrated is None else np.asarray(calibrated, dtype=np.float64)
+    if after.shape != z.shape:
+        raise ValueError(f"calibrated must have the logits' shape {z.shape}, got {after.shape}")
+    for suffix, probs in (("before", _softmax(z)), ("after", after)):
         bins = reliability_bins(y, probs, ECE_BINS)
         for key in ("ece", "ece_floor", "ece_floor_sd"):
             report[f"{key}_{suffix}"] = float(bins[key])

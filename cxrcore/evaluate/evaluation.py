@@ -149,7 +149,9 @@ def _evaluate(config: EvaluateConfig) -> dict[str, Path]:
     split = relation.split(config.split)
     # The rows' labels and names here; their pixels stream by in chunks (PixelChunks), never all at once.
     where = None if split == "all" else split
-    frame = read_table(config.data, ["has_mask", "label_index", "source", "file"], split=where).to_pandas()
+    frame = read_table(
+        config.data, ["has_mask", "label_index", "source", "file", "split", "sha256"], split=where
+    ).to_pandas()
     if frame.empty:
         hint = "" if split == "all" else " (--split all scores every image of a dataset)"
         raise ConfigError(f"--split: the {split} split of {config.data} holds no image{hint}")
@@ -272,7 +274,7 @@ def _classification_report(
     metrics = classification_metrics(labels, probs, classes, with_curves=True)
     extra: dict[str, dict[str, Any]] = {
         # ECE and NLL on this split before (T = 1) and after the card's temperature (fitted on validation).
-        "calibration": {"split": split, **calibration_report(logits, labels, predictor.temperature)}
+        "calibration": {"split": split, **calibration_report(logits, labels, predictor.temperature, probs)}
     }
     if truth_parts:
         with_truth = np.concatenate([probs[rows] if part is None else part for rows, part in truth_parts])
@@ -338,9 +340,11 @@ def _classification_report(
 
 
 def write_predictions(path: Path, frame: Any, probs: np.ndarray, classes: Sequence[str]) -> Path:
-    """predictions.csv: each evaluated image's file, source, true and predicted class, and the served
-    (calibrated) probability of every class, in the split's order: every figure of metrics.json can be
-    recomputed, or audited image by image, without running the model again."""
+    """predictions.csv: each evaluated image's file, source, split and sha256, true and predicted class,
+    and the served (calibrated) probability of every class, in the split's order: every figure of
+    metrics.json can be recomputed, or audited image by image, without running the model again. `split`
+    tells the splits of `--split all` apart; `sha256` (the dataset's content hash) joins the rows to the
+    dataset or to another model's predictions, where a file name may repeat across classes or sources."""
     import pandas as pd
 
     labels = frame["label_index"].to_numpy()
@@ -349,6 +353,7 @@ def write_predictions(path: Path, frame: Any, probs: np.ndarray, classes: Sequen
         {
             "file": frame["file"].to_numpy(),
             "source": frame["source"].to_numpy(),
+            **{key: frame[key].to_numpy() for key in ("split", "sha256") if key in frame},
             "label": [classes[k] for k in labels],
             "predicted": [classes[k] for k in predicted],
             "correct": predicted == labels,

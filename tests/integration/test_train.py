@@ -95,6 +95,10 @@ def test_evaluation_numbers_agree_with_each_other(
     assert (recounted.fillna(0).to_numpy() == matrix).all() and rows["correct"].mean() == metrics["accuracy"]
     probs = rows[[f"p_{name}" for name in classes]].to_numpy()
     assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-4) and rows["file"].is_unique
+    assert set(rows["split"]) == {"test"} and rows["sha256"].str.fullmatch("[0-9a-f]{64}").all()
+    # the calibration block and the top-level figures are one computation on the served probabilities
+    calibration = metrics["calibration"]
+    assert (calibration["ece_after"], calibration["nll_after"]) == (metrics["ece"], metrics["nll"])
     assert "dual_cnn" in paths["report"].read_text()
 
     # The card's validation figures describe the saved model: two workers each validated half the split,
