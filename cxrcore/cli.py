@@ -858,8 +858,14 @@ def _run_clean(args: argparse.Namespace) -> int:
     several = len(cleaned) != 1
     count = f"{len(cleaned)} unfinished registration{'s' * several}"
     print(f"{verb} {count}, {total:.1f} MiB; {'their numbers stay' if several else 'its number stays'} used")
-    for line in _interrupted_lines(left):
-        print(f"kept {line}: younger than --older-than, it may still be running")
+    for item, line in zip(left, _interrupted_lines(left), strict=True):
+        old = item.age_s is not None and item.age_s >= args.older_than  # old enough, yet locked
+        why = (
+            "a registration is writing it now"
+            if old
+            else "younger than --older-than, it may still be running"
+        )
+        print(f"kept {line}: {why}")
     return 0
 
 
@@ -1042,10 +1048,19 @@ def _post_file(client: Any, endpoint: str, name: str) -> tuple[int | None, Any]:
 
 
 def _run_pipeline(args: argparse.Namespace) -> int:
-    from cxrcore.pipeline import check_pipeline, run_pipeline
+    from cxrcore.data import storage
+    from cxrcore.pipeline import check_pipeline
 
     config: PipelineConfig = config_from_args(PipelineConfig, args)
     check_pipeline(config)  # a typo fails now, not after the synthesis and the ingest
+    # One demo per folder: two at once wrote their phantoms over each other before ingest's lock parted them
+    with storage.exclusive(config.work_dir, "a demo", "another --work-dir"):
+        return _run_demo(config)
+
+
+def _run_demo(config: PipelineConfig) -> int:
+    from cxrcore.pipeline import run_pipeline
+
     if config.serve and not (config.address or os.environ.get("RAY_ADDRESS")):
         from cxrcore.runtime import check_port_free
 

@@ -22,6 +22,11 @@ A version is written once and never changed. Several processes may register and 
   folder without one: a registration still running, or one killed midway (its number stays used).
   A failed registration removes its folder. A killed one cannot: `interrupted()` lists what such
   registrations left and `clean()` frees it, keeping a small tombstone so that the number stays used.
+  A local registration holds a flock on its version folder until its card is written, and `clean()`
+  leaves a folder it cannot lock alone, whatever its age (`--older-than 0` had emptied one still being
+  copied, and the registration then published a card without weights). `register_once` looks for the
+  checkpoint and registers it under REG/.register.lock, so two processes registering one checkpoint at
+  the same moment make one version, not two.
 - Aliases: `promote` reads, changes and replaces aliases.json under an exclusive lock (flock on
   REG/.lock, released by the kernel even when the holder is killed) and replaces the file whole (a
   temporary file and a rename), so readers, who take no lock, see the old or the new aliases, never a
@@ -68,6 +73,7 @@ ALIASES_NAME = "aliases.json"
 PRODUCTION = "production"
 """The alias `cxr serve` answers with by default, and `cxr tune` points at its winner."""
 LOCK_NAME = ".lock"
+REGISTER_LOCK_NAME = ".register.lock"
 REPORT_NAME = "report"
 DEFAULT_CACHE = Path("~/.cache/cxr/registry")
 _ALIAS = re.compile(r"[a-z][a-z0-9_-]*")
@@ -176,21 +182,27 @@ class ModelRegistry:
         what it is given as the next version, and keeps the segmenter's folder as the card names it."""
         from cxrcore.checkpoint import load_card
 
+        if alias is not None:
+            _check_alias(alias)  # before anything is copied
         card = load_card(checkpoint)
         unet, unet_new = None, False
         if "mask" in card.input_spec.get("channels", []) and card.segmenter:
             try:
-                unet = self.registered_as(self.segmenter_checkpoint(card.segmenter))
-                if unet is None:
-                    unet, unet_new = self.register(self.segmenter_checkpoint(card.segmenter)), True
+                with self._locked(REGISTER_LOCK_NAME):
+                    unet = self.registered_as(self.segmenter_checkpoint(card.segmenter))
+                    if unet is None:
+                        unet, unet_new = self.register(self.segmenter_checkpoint(card.segmenter)), True
             except (RegistryError, FileNotFoundError) as exc:
                 raise RegistryError(f"{checkpoint}'s lung segmenter: {exc}") from exc
         segmenter = unet.ref if unet else None
-        found = self.registered_as(checkpoint, segmenter)
-        if found is None:
-            version = self.register(checkpoint, report=report, alias=alias, segmenter=segmenter)
-        else:
-            version = self.promote(found.ref, alias) if alias else found
+        with self._locked(REGISTER_LOCK_NAME):  # the lookup and the registration as one step
+            found = self.registered_as(checkpoint, segmenter)
+            if found is None:
+                version = self.register(checkpoint, report=report, segmenter=segmenter)
+        if found is not None:
+            version = found
+        # promoted outside the registration lock: promote takes the aliases' own
+        version = self.promote(version.ref, alias) if alias else version
         return Registration(version, found is not None, unet, unet_new)
 
     def register(
@@ -226,7 +238,7 @@ class ModelRegistry:
         if report_fs is not None:
             _check_report_describes(report_fs, report_path, report, source_fs, source, name)
 
-        number, folder, token = self._claim_next(name)
+        number, folder, token, held = self._claim_next(name)
         try:
             _copy(source_fs, f"{source}/{WEIGHTS_NAME}", self._fs, f"{folder}/{WEIGHTS_NAME}")
             if report_fs is not None:
@@ -237,6 +249,9 @@ class ModelRegistry:
         except BaseException:
             remove(self._fs, folder)
             raise
+        finally:
+            if held is not None:
+                os.close(held)  # releases the folder's lock: clean() may look at it now
         if not self._local:
             remove(self._fs, f"{folder}/{_CLAIM_PREFIX}{token}")
         version = ModelVersion(
@@ -307,18 +322,45 @@ class ModelRegistry:
         if older_than_s < 0:
             raise ValueError(f"older_than_s must be >= 0, got {older_than_s}")
         stale = [i for i in self.interrupted() if i.age_s is not None and i.age_s >= older_than_s]
-        if dry_run:
-            return stale
+        cleaned = []
         for item in stale:
             folder = f"{self._path}/{item.name}/v{item.version}"
-            self._write_atomic(
-                f"{folder}/{TOMBSTONE_NAME}",
-                json.dumps({"cleaned_at": time.time(), "files": item.files, "bytes": item.bytes}),
-            )
-            for info in self._list(folder):
-                if info.base_name != TOMBSTONE_NAME:
-                    remove(self._fs, info.path)
-        return stale
+            with self._folder_unless_registering(folder) as free:
+                if not free:
+                    continue  # a registration is writing it now, however long it has been at it
+                cleaned.append(item)
+                if dry_run:
+                    continue
+                self._write_atomic(
+                    f"{folder}/{TOMBSTONE_NAME}",
+                    json.dumps({"cleaned_at": time.time(), "files": item.files, "bytes": item.bytes}),
+                )
+                for info in self._list(folder):
+                    if info.base_name != TOMBSTONE_NAME:
+                        remove(self._fs, info.path)
+        return cleaned
+
+    @contextmanager
+    def _folder_unless_registering(self, folder: str) -> Iterator[bool]:
+        """True, holding the version folder's lock, where no registration holds it (False: one does).
+        Object stores have no lock: True there (clean's age is what guards a running registration)."""
+        if not self._local:
+            yield True
+            return
+        try:
+            descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            yield False
+            return
+        try:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(descriptor)
 
     def get(self, ref: str) -> ModelVersion:
         """The version an alias ("production"), a "name:N" or a model name (its latest version) names."""
@@ -550,8 +592,9 @@ class ModelRegistry:
                 pass  # arrow's local listing fails when a folder appears or vanishes meanwhile: look again
         return list(self._fs.get_file_info(selector))
 
-    def _claim_next(self, name: str) -> tuple[int, str, str]:
-        """(number, folder, claim token) of a version folder that this registration alone owns."""
+    def _claim_next(self, name: str) -> tuple[int, str, str, int | None]:
+        """(number, folder, claim token, descriptor holding the folder's flock: local registries only) of
+        a version folder that this registration alone owns."""
         token = uuid.uuid4().hex
         tried = 0
         for attempt in range(_MAX_ATTEMPTS):
@@ -559,7 +602,12 @@ class ModelRegistry:
             number = max([tried, *(int(m.group(1)) for m in present if m)]) + 1
             folder = f"{self._path}/{name}/v{number}"
             if self._claim(folder, token):
-                return number, folder, token
+                held = self._hold(folder)
+                if held is None or not os.listdir(folder):
+                    return number, folder, token, held
+                os.close(held)  # cleaned between its claim and its lock (`--older-than 0`): the next one
+                tried = number
+                continue
             tried = number
             if not self._local:  # both racers may withdraw: part them before the next try
                 time.sleep(random.uniform(0, 0.02 * (attempt + 1)))
@@ -582,14 +630,24 @@ class ModelRegistry:
             remove(self._fs, marker)
         return not others
 
+    def _hold(self, folder: str) -> int | None:
+        """A descriptor holding the flock of a version folder just claimed (None on an object store).
+        clean() locks a folder before it empties it and skips one it cannot lock."""
+        if not self._local:
+            return None
+        descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        return descriptor
+
     @contextmanager
-    def _locked(self) -> Iterator[None]:
-        """Exclusive among processes for a read-modify-write of aliases.json (local registries only)."""
+    def _locked(self, lock_name: str = LOCK_NAME) -> Iterator[None]:
+        """Exclusive among processes for a read-modify-write of aliases.json (local registries only), or,
+        named REGISTER_LOCK_NAME, for register_once's lookup and registration."""
         if not self._local:
             yield  # object stores have no lock: see the module docstring
             return
         os.makedirs(self._path, exist_ok=True)
-        descriptor = os.open(os.path.join(self._path, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
+        descriptor = os.open(os.path.join(self._path, lock_name), os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX)
             yield

@@ -296,9 +296,10 @@ def run_comparison(config: TuneConfig) -> dict[str, Any]:
 
     Raises storage.InUse while another process runs the same experiment: it would "resume" the running
     one, train its trials again in the same folders and register them twice."""
+    from cxrcore.data.ingest import reading
     from cxrcore.runtime import init_ray
 
-    with writing(config):
+    with writing(config), reading(config.data):  # an ingest into --data is refused until it ends
         init_ray(config.address)  # a library caller's too: cxr's local cluster (a no-op once Ray runs)
         return _run_comparison(config)
 
@@ -900,12 +901,27 @@ def _evaluate_and_register(config: TuneConfig, registry: Any, checkpoint: str | 
     A re-run resumes an experiment whose driver may have been killed after registering some models: a
     version with the same card and weights is already there, and the checkpoint is not registered
     again (nor evaluated again, while its report is in place).
+
+    The test split is the one the checkpoint's trial held out: a dataset that changed since (`--data`
+    ingested again, elsewhere than this machine's lock reaches) is refused, not scored as new data.
     """
+    from cxrcore.checkpoint import load_card
+    from cxrcore.data.ingest import read_report
     from cxrcore.evaluate.evaluation import evaluate_checkpoint
 
+    trained_on = load_card(checkpoint).data.get("fingerprint")
+    if trained_on and trained_on != (now := read_report(config.data)["fingerprint"]):
+        raise ConfigError(
+            f"{config.data} changed during this experiment: its trials trained on the dataset of fingerprint "
+            f"{trained_on}, and it now holds {now} (ingested again?), whose test split is not the images "
+            "they held out; nothing was evaluated or registered. Run the experiment again on the new data "
+            "(another --name)"
+        )
     registered = registry.registered_as(checkpoint)
     if registered is None or not (report / "metrics.json").is_file():
-        evaluate_checkpoint(EvaluateConfig(checkpoint=str(checkpoint), data=config.data, out=str(report)))
+        evaluate_checkpoint(
+            EvaluateConfig(checkpoint=str(checkpoint), data=config.data, out=str(report), split="test")
+        )
     if registered is not None:
         log.info("%s was registered as %s before this run", checkpoint, registered.ref)
         return registered

@@ -6,6 +6,8 @@ import shutil
 import signal
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -172,8 +174,9 @@ def serve_foreground(
     if is_quiet():  # "Started Serve", then serve.run's "New http_options ... will not be applied", which
         logging.getLogger("ray.serve").setLevel(logging.WARNING)  # reads as if --port had been ignored
     try:
-        serve.start(http_options={"host": host, "port": port})
-        run_app(app)
+        with refused_if_taken(host, port, check=local):
+            serve.start(http_options={"host": host, "port": port})
+            run_app(app)
         node = ray.get_runtime_context().get_node_id()
         restrict_haproxy_files(node)
         front = " through HAProxy" if _haproxy_of(node) else ""
@@ -268,9 +271,10 @@ def demo_predictions(
     # Serve's own actors (controller, proxies) only for errors: on one node their HAProxy warnings
     # (cross-node routing, autoscaling bookkeeping of the ingress) say nothing the demo's user can act on.
     system = {**quiet, "log_level": "ERROR"} if quiet else None
-    serve.start(http_options={"host": host, "port": port}, logging_config=system)
     try:
-        run_app(build_app(args), logging_config=quiet)
+        with refused_if_taken(host, port, check=False):
+            serve.start(http_options={"host": host, "port": port}, logging_config=system)
+            run_app(build_app(args), logging_config=quiet)
         restrict_haproxy_files(ray.get_runtime_context().get_node_id())
         answers = []
         with httpx.Client(base_url=f"http://{host}:{port}", timeout=60) as client:
@@ -283,6 +287,39 @@ def demo_predictions(
         return answers
     finally:
         shutdown_serve()
+
+
+@contextmanager
+def refused_if_taken(host: str, port: int, check: bool) -> Iterator[None]:
+    """Around Serve's start on host:port: where another process took the port while Ray started (two
+    `cxr serve` or demos started together pass the check made before Ray, ~20 s earlier), a ConfigError
+    saying so, not HAProxy's 47-line traceback after the training. `check`: look again first (the port
+    is on this machine, a local cluster's)."""
+    from cxrcore.config import ConfigError
+    from cxrcore.runtime import check_port_free
+
+    if check:
+        check_port_free(host, port)
+    try:
+        yield
+    except Exception as exc:
+        if not _address_in_use(exc):
+            raise
+        raise ConfigError(
+            f"--port: {host}:{port} was taken while Ray started (by a server started at the same moment?); "
+            "stop what listens there, or choose another port with --port"
+        ) from exc
+
+
+def _address_in_use(exc: BaseException | None) -> bool:
+    """Whether `exc`, or an exception it was raised from, says a socket's address is in use."""
+    seen = 0
+    while exc is not None and seen < 20:
+        text = str(exc)
+        if "address already in use" in text.lower():
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 def run_app(

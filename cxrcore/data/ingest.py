@@ -14,7 +14,7 @@ import shlex
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -163,9 +163,20 @@ def ingest_dataset(
         return _ingest(config, scanned, started)
 
 
-def writing(config: IngestConfig) -> AbstractContextManager[None]:
-    """Held while an ingest writes OUT: another one writing it fails at once (storage.exclusive)."""
-    return storage.exclusive(config.out, "an ingest", "another OUT")
+@contextmanager
+def writing(config: IngestConfig) -> Iterator[None]:
+    """Held while an ingest writes OUT: another one writing it fails at once (storage.exclusive), and so
+    does this one while a run reads the dataset there (storage.replacing, checked again at the swap)."""
+    with storage.exclusive(config.out, "an ingest", "another OUT"):
+        with storage.replacing(config.out, REPORT_NAME, "another OUT"):  # now, not after the decoding
+            pass
+        yield
+
+
+def reading(data: str) -> AbstractContextManager[None]:
+    """Held while a run reads the dataset `data`: an ingest into that folder is refused meanwhile
+    (storage.reading)."""
+    return storage.reading(data, REPORT_NAME)
 
 
 def _ingest(config: IngestConfig, scanned: tuple[LayoutScan, set[str]], started: float) -> dict[str, Any]:
@@ -258,7 +269,10 @@ def _ingest(config: IngestConfig, scanned: tuple[LayoutScan, set[str]], started:
     report["seconds_by_stage"] = {stage: round(seconds, 2) for stage, seconds in timings.items()}
     report["replaced"] = _replaced(config.out, report["fingerprint"], list(rows["sha256"]), splits)
     storage.write_text(filesystem, f"{staging}/{REPORT_NAME}", json.dumps(printable_json(report), indent=2))
-    storage.publish(filesystem, root, marker=REPORT_NAME)
+    with storage.replacing(
+        config.out, REPORT_NAME, "another OUT"
+    ):  # a run that started meanwhile reads the old one
+        storage.publish(filesystem, root, marker=REPORT_NAME)
     log.info("ingested %d of %d images into %s", report["ingested"], report["found"], config.out)
     telemetry.record_ingest(config.out, report["ingested"], [row["reason"] for row in report["rejected"]])
     return report
@@ -657,7 +671,8 @@ def check_output_folder(raw: str, out: str) -> None:
     others = sorted(
         Path(entry.path).name
         for entry in filesystem.get_file_info(pafs.FileSelector(root, recursive=False))
-        if Path(entry.path).name != REPORT_NAME and not Path(entry.path).name.startswith("split=")
+        if Path(entry.path).name not in (REPORT_NAME, storage.READ_LOCK_NAME)
+        and not Path(entry.path).name.startswith("split=")
     )
     if others:
         shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")

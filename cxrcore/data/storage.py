@@ -291,6 +291,79 @@ def exclusive(location: str, what: str, elsewhere: str) -> Iterator[None]:
 _held: set[str] = set()
 """The outputs this process holds the lock of (`exclusive` is re-entrant within a process)."""
 
+READ_LOCK_NAME = ".readers.lock"
+"""The file inside a dataset folder that runs reading it hold a shared flock on (`reading`); hidden, so
+Parquet readers skip it, and it leaves with the folder when an ingest replaces it."""
+
+
+class BeingRead(InUse):
+    """An ingest would replace a dataset that a run is reading."""
+
+
+@contextmanager
+def reading(dataset: str, marker: str) -> Iterator[None]:
+    """Held while this process reads the dataset folder `dataset` (a training run, a Tune experiment, an
+    evaluation): an ingest into that folder refuses to replace it meanwhile (`replacing`). Ray Data reads
+    the Parquet files again every epoch, and a run whose files were swapped under it failed mid-epoch with
+    FileNotFoundError, or (a Tune experiment) scored its winners on the new data as if it were theirs.
+
+    A shared flock on READ_LOCK_NAME inside the folder, so any number of runs read at once. Waits the
+    moment an ingest takes to swap the folder, then locks the new one. Nothing is held for an object
+    store, a folder without the file `marker` (not a dataset: the run fails on it itself, and no lock
+    file is left in it) or one this user cannot write (no ingest by this user can replace it either): a
+    run on a shared filesystem is guarded as far as its flock is.
+    """
+    path = _local_folder(dataset, marker)
+    descriptor = None
+    while path is not None:
+        lock = os.path.join(path, READ_LOCK_NAME)
+        try:
+            descriptor = os.open(lock, os.O_RDONLY | os.O_CREAT, 0o644)
+        except OSError:  # read-only, another user's, or replaced this instant (no longer a folder)
+            break
+        fcntl.flock(descriptor, fcntl.LOCK_SH)  # blocks only while an ingest swaps the folder
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(lock).st_ino == os.fstat(descriptor).st_ino:
+                break  # still the folder at that path: held
+        os.close(descriptor)  # the folder was replaced while this waited: lock the new one
+        descriptor = None
+    try:
+        yield
+    finally:
+        if descriptor is not None:
+            os.close(descriptor)
+
+
+@contextmanager
+def replacing(dataset: str, marker: str, elsewhere: str) -> Iterator[None]:
+    """Held while an ingest swaps a new dataset in at `dataset`: BeingRead, at once, while a run reads
+    the one there (`reading`); runs that start meanwhile wait for the swap and read the new one. Nothing
+    to hold where no dataset (a folder with the file `marker`) is there."""
+    path = _local_folder(dataset, marker)
+    if path is None:
+        yield
+        return
+    descriptor = os.open(os.path.join(path, READ_LOCK_NAME), os.O_RDONLY | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BeingRead(
+                f"{dataset} is being read by a run on it (a cxr train, tune or evaluate, until it ends); "
+                f"replacing it would pull its files from under it: wait for it to end, or use {elsewhere}"
+            ) from None
+        yield
+    finally:
+        os.close(descriptor)
+
+
+def _local_folder(location: str, marker: str) -> str | None:
+    """The real path of a local folder holding the file `marker`, else None (an object store too)."""
+    if is_remote(location):
+        return None
+    path = os.path.realpath(resolve(location)[1].rstrip("/") or "/")
+    return path if os.path.isfile(os.path.join(path, marker)) else None
+
 
 def _locked_file(lock: str, location: str, elsewhere: str) -> int:
     """A descriptor of `lock`, flocked by this process, and still the file at that path."""

@@ -90,15 +90,22 @@ def evaluate_checkpoint(config: EvaluateConfig) -> dict[str, Path]:
     validation: every image by default, masks from the segmenter as Serve makes them, and the
     `external` and `internal_comparison` blocks of cxrcore.evaluate.external. On the test split of its
     own dataset with sources held out at ingest, the `source_holdout` block scores those apart.
+
+    One evaluation at a time writes a folder: a second into the same `--out` (or, for a URI, the same
+    local staging folder) fails at once, naming the first (two at once had mixed one's report.html with
+    the other's metrics.json, which `cxr models register --report` then accepted).
     """
     from cxrcore.data import storage
 
     if not storage.is_remote(config.out):
-        return _evaluate_into(Path(os.path.abspath(config.out)), config)
+        out = Path(os.path.abspath(config.out))
+        with storage.exclusive(str(out), "an evaluation", "another --out"):
+            return _evaluate_into(out, config)
     staging = REPORT_CACHE.expanduser().joinpath(*storage.cache_key(config.out))
-    shutil.rmtree(staging, ignore_errors=True)
-    paths = _evaluate(replace(config, out=str(staging)))
-    storage.upload(staging, config.out)
+    with storage.exclusive(str(staging), "an evaluation", "another --out"):
+        shutil.rmtree(staging, ignore_errors=True)
+        paths = _evaluate(replace(config, out=str(staging)))
+        storage.upload(staging, config.out)
     return paths
 
 
@@ -138,6 +145,13 @@ def _evaluate_into(out: Path, config: EvaluateConfig) -> dict[str, Path]:
 
 
 def _evaluate(config: EvaluateConfig) -> dict[str, Path]:
+    from cxrcore.data.ingest import reading
+
+    with reading(config.data):  # an ingest into --data is refused until the evaluation ends
+        return _evaluate_read(config)
+
+
+def _evaluate_read(config: EvaluateConfig) -> dict[str, Path]:
     from cxrcore.data.ingest import read_table
     from cxrcore.evaluate.external import dataset_relation
     from cxrcore.inference import Predictor

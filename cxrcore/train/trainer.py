@@ -533,11 +533,12 @@ def fit(config: TrainConfig) -> TrainResult:
     would interleave with this one's, and what this one took for an interrupted run's debris is the
     other's work)."""
 
+    from cxrcore.data.ingest import reading
     from cxrcore.runtime import init_ray
 
     if config.gpu:
         check_local_gpus(config.workers, config.address)
-    with writing(config):
+    with writing(config), reading(config.data):  # an ingest into --data is refused until the run ends
         init_ray(config.address)  # a library caller's too: cxr's local cluster (a no-op once Ray runs)
         if config.workers >= 1:
             import ray

@@ -86,3 +86,16 @@ def register_until_killed(root: str, checkpoint: str, copying: Event, never: Eve
 
     cxrcore.registry._copy = copy_half_then_hang
     cxrcore.registry.ModelRegistry(root).register(checkpoint)
+
+
+def register_once_at_once(
+    root: str, checkpoint: str, writer: int, start: Barrier, results: Queue[Any]
+) -> None:
+    """`register_once` of one checkpoint, released with the other processes at the same moment."""
+    import cxrcore.checkpoint  # noqa: F401  (torch) imported before the start line: the writers race
+    from cxrcore.registry import ModelRegistry
+
+    registry = ModelRegistry(root)
+    start.wait(TIMEOUT)
+    registration = registry.register_once(checkpoint)
+    results.put((writer, registration.version.ref, registration.found))

@@ -200,3 +200,71 @@ def test_the_library_calls_start_cxrs_ray_themselves_once_they_hold_the_output(
         random.seed(0)
     assert torch.get_num_threads() == threads and torch.rand(1).item() == pytest.approx(0.2961, abs=1e-4)
     assert np.random.rand() == pytest.approx(0.417022) and random.random() == pytest.approx(0.956034)
+
+
+READ = """
+import sys
+from cxrcore.data.ingest import reading
+with reading(sys.argv[1]):
+    print("reading", flush=True)
+    sys.stdin.read()  # until the test closes stdin or kills this process
+"""
+
+
+def test_an_ingest_refuses_to_replace_a_dataset_that_a_run_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ray Data reads the Parquet files again every epoch: a dataset swapped under a run failed it
+    mid-epoch (FileNotFoundError), and a Tune experiment scored its winners on the new data."""
+    import cxrcore.cli as cli
+    from cxrcore.cli import main
+    from cxrcore.data.ingest import REPORT_NAME, reading
+    from tests.conftest import write_png, xray
+    from tests.unit.test_external_eval import write_dataset
+
+    def no_ray(address: str | None) -> None:
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(cli, "_connect", no_ray)
+    data = write_dataset(tmp_path / "ds", [("COVID", "train", 1), ("COVID", "val", 2)], "f")
+    for cls in ("COVID", "Normal"):
+        write_png(tmp_path / "raw" / cls / f"{cls}-1.png", xray(1, 64))
+    reader = subprocess.Popen(
+        [sys.executable, "-c", READ, data], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert reader.stdout is not None and reader.stdout.readline().strip() == "reading"
+        with reading(data):  # any number of runs read at once
+            pass
+        refused = r"is being read by a run on it .* or use x OUT$"
+        with pytest.raises(storage.BeingRead, match=refused), storage.replacing(data, REPORT_NAME, "x OUT"):
+            pass
+        before = sorted(p.relative_to(data) for p in Path(data).rglob("*"))
+        assert main(["data", "ingest", str(tmp_path / "raw"), data]) == 2  # before Ray, before decoding
+        assert f"{data} is being read by a run on it" in capsys.readouterr().err
+        assert sorted(p.relative_to(data) for p in Path(data).rglob("*")) == before  # the dataset is intact
+    finally:
+        reader.kill()  # killed: the kernel releases its lock
+        reader.wait(timeout=30)
+    with storage.replacing(data, REPORT_NAME, "another OUT"):
+        pass
+    with reading(str(tmp_path / "raw")):  # not a dataset: nothing held, no lock file left there
+        pass
+    assert not (tmp_path / "raw" / storage.READ_LOCK_NAME).exists()
+
+
+def test_evaluate_and_the_demo_refuse_a_folder_being_written(
+    holder: subprocess.Popen[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two evaluations into one --out mixed one's report.html with the other's metrics.json; two demos in
+    one --work-dir wrote their phantoms over each other."""
+    from cxrcore.cli import main
+    from cxrcore.config import EvaluateConfig
+    from cxrcore.evaluate.evaluation import evaluate_checkpoint
+
+    out = str(tmp_path / "out")
+    with pytest.raises(storage.InUse, match=r"being written by a test writer .* or use another --out$"):
+        evaluate_checkpoint(EvaluateConfig(checkpoint=str(tmp_path / "ck"), data=str(tmp_path), out=out))
+    assert main(["demo", "--work-dir", out, "--no-serve"]) == 2
+    assert f"{out} is being written by a test writer (pid {holder.pid}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing was written meanwhile

@@ -20,7 +20,13 @@ from cxrcore.cli import main
 from cxrcore.data.storage import resolve
 from cxrcore.models import create_model, get_build_args, get_input_spec
 from cxrcore.registry import ModelRegistry, RegistryError
-from tests.unit.registry_race import TIMEOUT, register_and_promote, register_until_killed, watch_registry
+from tests.unit.registry_race import (
+    TIMEOUT,
+    register_and_promote,
+    register_once_at_once,
+    register_until_killed,
+    watch_registry,
+)
 
 NAME = "tiny_cnn_lstm"
 
@@ -154,6 +160,12 @@ def test_a_registration_killed_midway_is_listed_then_freed_and_its_number_stays_
     process.start()
     try:
         assert copying.wait(TIMEOUT), "the registration never reached its weights copy"
+        # While it copies, no age makes clean take its folder: it holds the folder's lock.
+        assert registry.clean(0) == [] and registry.clean(0, dry_run=True) == []
+        assert main(["models", "clean", "--registry", str(root), "--older-than", "0"]) == 0
+        assert f"kept {NAME}/v2: an unfinished registration" in (out := capsys.readouterr().out)
+        assert "a registration is writing it now" in out
+        assert not (root / f"{NAME}/v2/.interrupted").exists()
     finally:
         process.kill()  # SIGKILL: no cleanup handler runs
         process.join(TIMEOUT)
@@ -266,6 +278,31 @@ def test_racing_registrations_get_distinct_versions(
     versions = registry.versions()
     assert [v.version for v in versions] == numbers
     assert all(v.card.version == v.ref and Path(v.uri).name == f"v{v.version}" for v in versions)
+
+
+def test_processes_registering_one_checkpoint_at_once_make_one_version(
+    tmp_path: Path, checkpoint: Path
+) -> None:
+    writers, root = 4, tmp_path / "reg"
+    context = multiprocessing.get_context("spawn")
+    start, results = context.Barrier(writers), context.Queue()
+    processes = [
+        context.Process(target=register_once_at_once, args=(str(root), str(checkpoint), w, start, results))
+        for w in range(writers)
+    ]
+    for process in processes:
+        process.start()
+    try:
+        outcomes = sorted(_collect(results, processes, writers))
+    finally:
+        for process in processes:
+            process.join(timeout=TIMEOUT)
+            if process.is_alive():
+                process.kill()
+                process.join()
+    assert {ref for _, ref, _ in outcomes} == {f"{NAME}:1"}  # without the lock: 1, 2, 3 and 4
+    assert sorted(found for _, _, found in outcomes) == [False] + [True] * (writers - 1)
+    assert [v.ref for v in ModelRegistry(root).versions()] == [f"{NAME}:1"]
 
 
 def test_processes_registering_and_promoting_at_once(tmp_path: Path, checkpoint: Path) -> None:

@@ -54,6 +54,42 @@ def test_a_rerun_finds_the_version_it_registered_and_registers_a_new_checkpoint(
     assert [v.ref for v in registry.versions()] == ["tiny_cnn_lstm:1", "tiny_cnn_lstm:2"]
 
 
+def test_winners_are_scored_on_the_test_split_of_the_data_they_trained_on_or_not_at_all(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--data` ingested again during an experiment: its evaluation had scored the winners on every image
+    of the new dataset as external data, and printed that as their test accuracy."""
+    from cxrcore.config import ConfigError
+    from tests.unit.test_external_eval import write_dataset
+
+    splits: list[str] = []
+
+    def evaluate(config: Any) -> None:
+        splits.append(config.split)
+        Path(config.out).mkdir(parents=True, exist_ok=True)
+        (Path(config.out) / "metrics.json").write_text("{}")
+
+    def trained_on(fingerprint: str) -> None:
+        card = json.loads((checkpoint / "card.json").read_text())
+        card["data"]["fingerprint"] = fingerprint
+        (checkpoint / "card.json").write_text(json.dumps(card))
+
+    monkeypatch.setattr(cxrcore.evaluate.evaluation, "evaluate_checkpoint", evaluate)
+    data = write_dataset(tmp_path / "data", [("COVID", "test", 1)], "new")
+    config = TuneConfig(data=data, registry=str(tmp_path / "registry"))
+    registry, report = ModelRegistry(tmp_path / "registry"), tmp_path / "reports" / "tiny_cnn_lstm"
+    checkpoint = write_checkpoint(tmp_path / "epoch-3", "tiny_cnn_lstm", seed=1)
+    trained_on("old")
+    changed = r"changed during this experiment: .* fingerprint old, .* holds new"
+    with pytest.raises(ConfigError, match=changed):
+        _evaluate_and_register(config, registry, checkpoint, report)
+    assert splits == [] and registry.versions() == []  # nothing evaluated or registered
+
+    trained_on("new")
+    assert _evaluate_and_register(config, registry, checkpoint, report).ref == "tiny_cnn_lstm:1"
+    assert splits == ["test"]  # the split its trial held out, never "auto"
+
+
 @pytest.mark.parametrize(
     ("workers", "in_trial_epochs", "in_run_epochs", "trained_by"),
     [
