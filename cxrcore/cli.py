@@ -155,11 +155,28 @@ def _positive_seconds(value: str) -> float:
     return seconds
 
 
+def _version_line() -> str:
+    """cxr's version, with Ray's and torch's as installed (without importing them: `--version` is quick)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import cxrcore
+
+    def of(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "not installed"
+
+    python = sys.version.split()[0]
+    return f"cxr {cxrcore.__version__} (ray {of('ray')}, torch {of('torch')}, Python {python})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cxr", description="Train, compare and serve chest X-ray classifiers on a Ray cluster."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
+    parser.add_argument("--version", action="version", version=_version_line())
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     data = commands.add_parser("data", help="inspect, synthesise and ingest datasets")
@@ -964,6 +981,9 @@ def _run_serve(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:  # pydantic's ValidationError, an unknown registry reference
         raise ConfigError(str(exc)) from exc
+    except server.ServeStartError as exc:  # what failed and where to read why, not a traceback
+        print(f"cxr: error: {exc}", file=sys.stderr)
+        return 1
     return status
 
 

@@ -40,6 +40,41 @@ TRAIN_STATE_TRACKING = "RAY_TRAIN_ENABLE_STATE_TRACKING"
 TorchTrainer (one detached actor per cluster, no CPU); Ray 2.60 leaves it off."""
 
 
+WORKER_IMPORTS = ("cxrcore", "serve")
+"""The top-level packages of cxr that Ray's workers import (trainers, trials, Serve's replicas)."""
+
+
+def check_no_shadowing_modules(folder: str | Path | None = None) -> None:
+    """ConfigError where the folder cxr runs from (`folder`, default the current one) holds a module or
+    package named like one that Ray's workers import from cxr (WORKER_IMPORTS) and is not cxr's own.
+
+    Ray puts the driver's current folder first on every worker's import path (unless the job has a
+    working_dir): a user's own `serve.py` or `serve/` beside their data made every Serve replica of an
+    installed cxr fail to start (`No module named 'serve.deployments'`), and `cxr serve` blamed the
+    cluster's CPUs. A folder without `__init__.py` is a namespace package, which hides nothing; a copy of
+    cxr (its checkout, a job's working_dir) is cxr's own.
+    """
+    from cxrcore.config import ConfigError
+
+    here, root = Path(folder or os.getcwd()), Path(__file__).resolve().parent.parent
+    for name in WORKER_IMPORTS:
+        for candidate in (here / name / "__init__.py", here / f"{name}.py"):
+            if candidate.is_file() and not _same_file_contents(candidate, root / name / "__init__.py"):
+                shown = candidate.parent if candidate.name == "__init__.py" else candidate
+                raise ConfigError(
+                    f"{shown} would stand in for cxr's own `{name}` package on Ray's workers (Ray puts the "
+                    "folder it is started from first on their import path): run cxr from another folder, "
+                    "or rename it"
+                )
+
+
+def _same_file_contents(a: Path, b: Path) -> bool:
+    try:
+        return a.read_bytes() == b.read_bytes()
+    except OSError:
+        return False
+
+
 def init_ray(
     address: str | None = None,
     *,
@@ -61,6 +96,7 @@ def init_ray(
     from cxrcore.console import filter_routine_ray_lines, is_quiet
 
     if not ray.is_initialized():
+        check_no_shadowing_modules()
         if is_quiet():
             filter_routine_ray_lines()
         # The dashboard's Train view lists a run only when its driver records it (off by default in Ray

@@ -347,8 +347,17 @@ def run_app(
         f"{name}: {str(d.status).rsplit('.', 1)[-1]}" + (f" ({d.message})" if d.message else "")
         for name, d in (status.deployments.items() if status else [])
     )
-    why = "failed to deploy" if state.endswith("DEPLOY_FAILED") else f"is not running after {timeout_s:.0f} s"
-    raise RuntimeError(
-        f"Serve application {APP_NAME!r} {why}: {deployments or state}. `ray status` shows what the "
-        "cluster has free; a replica needs a CPU (or GPU) that no Train run or Tune trial holds."
+    if state.endswith("DEPLOY_FAILED"):  # a replica raised: its log has the traceback, not the cluster
+        raise ServeStartError(
+            f"Serve application {APP_NAME!r} failed to deploy: {deployments or state}. The replica's own "
+            "log says why (the dashboard's Serve page, or the replica's file under the session's logs/serve)"
+        )
+    raise ServeStartError(
+        f"Serve application {APP_NAME!r} is not running after {timeout_s:.0f} s: {deployments or state}. "
+        "`ray status` shows what the cluster has free; a replica needs a CPU (or GPU) that no Train run or "
+        "Tune trial holds."
     )
+
+
+class ServeStartError(RuntimeError):
+    """The application did not come up: a replica failed, or none found room within the start timeout."""
