@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import cxrcore
+from cxrcore.config import UnsafeWeightsError  # its home is torch-free: the CLI catches it
 from cxrcore.labels import CLASSES
 
 CARD_NAME = "card.json"
@@ -31,10 +32,6 @@ CHECKPOINT_CACHE = Path("~/.cache/cxr/checkpoints")
 """Where checkpoints named by URI are copied to be loaded (see local_checkpoint_dir)."""
 STATE_DICT_SUFFIXES = (".pth", ".pt", ".bin")
 """Files read as a torch state_dict (with `weights_only=True`); .safetensors is read as safetensors."""
-
-
-class UnsafeWeightsError(ValueError):
-    """A weights file that is not plain tensors in a safe format: refused instead of unpickled."""
 
 
 @dataclass
@@ -184,6 +181,36 @@ def read_weights(path: str | Path, device: str = "cpu") -> dict[str, torch.Tenso
     raise UnsafeWeightsError(
         f"unsupported weights file {path}: expected .safetensors or {', '.join(STATE_DICT_SUFFIXES)}"
     )
+
+
+SAFETENSORS_MAX_HEADER = 100 * 2**20
+"""The largest header safetensors itself reads (its own limit): a longer one is not a safetensors file."""
+
+
+def safetensors_problem(stream: Any, size: int) -> str | None:
+    """Why the .safetensors file read through `stream` (a binary file object of `size` bytes, local or an
+    object store's) cannot be loaded, or None: its header checked against its length, without reading
+    the tensors. A checkpoint copy killed midway (`cp`, rsync, a sync to storage) leaves a file cut short,
+    which the registry had stored and promoted, and `cxr serve` failed on 30 s later.
+    """
+    import struct
+
+    head = stream.read(8)
+    if len(head) < 8:
+        return f"{size} bytes, too short to hold a safetensors header"
+    (length,) = struct.unpack("<Q", head)
+    if length > min(SAFETENSORS_MAX_HEADER, size - 8):
+        return f"its header claims {length:,} bytes of a {size:,}-byte file: damaged, or not safetensors"
+    try:
+        header = json.loads(stream.read(length))
+        ends = [int(entry["data_offsets"][1]) for key, entry in header.items() if key != "__metadata__"]
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return "its header is not a safetensors header"
+    expected = 8 + length + max(ends, default=0)
+    if size != expected:
+        what = "cut short" if size < expected else "longer than its header says"
+        return f"{what}: {size:,} of the {expected:,} bytes its header describes"
+    return None
 
 
 def _load_weights_only(path: Path, device: str = "cpu") -> Any:

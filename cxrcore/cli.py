@@ -32,6 +32,7 @@ from cxrcore.config import (
     SynthConfig,
     TrainConfig,
     TuneConfig,
+    UnsafeWeightsError,
     add_config_arguments,
     config_from_args,
     flag_name,
@@ -75,11 +76,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from cxrcore.runtime import forget_sigterm
 
     forget_sigterm()
+    ray_before = _ray_running()
     try:
         with quiet_ray_console() if not args.verbose else contextlib.nullcontext():
             status: int = args.run(args)
+        if not ray_before:
+            _stop_ray_undisturbed()
         return status
-    except (ConfigError, LayoutError, RegistryError, FileNotFoundError) as exc:
+    except (ConfigError, LayoutError, RegistryError, FileNotFoundError, UnsafeWeightsError) as exc:
         print(f"cxr: error: {exc}", file=sys.stderr)
         return 2
     except (NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError) as exc:
@@ -118,6 +122,31 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+
+
+def _ray_running() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and bool(ray.is_initialized())
+
+
+def _stop_ray_undisturbed() -> None:
+    """Stop the Ray this command started, once it has finished, with Ctrl-C held off meanwhile. Left to
+    the exit, a Ctrl-C pressed as the local cluster stopped (a moment after the last line, as users do)
+    ended a finished ingest in Ray's traceback with exit status 1, and left Ray's agents running. A
+    caller's own Ray (a notebook, the tests' session) is left as it was."""
+    if not _ray_running():
+        return
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        _disconnect_ray()
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        _disconnect_ray()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _disconnect_ray() -> None:

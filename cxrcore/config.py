@@ -36,6 +36,11 @@ class ConfigError(ValueError):
     """A setting is missing, unknown or out of range; the message names the flag."""
 
 
+class UnsafeWeightsError(ValueError):
+    """A weights file that is not plain tensors in a safe format: refused instead of unpickled (here, not
+    in cxrcore.checkpoint, so that the CLI catches it without importing torch)."""
+
+
 def option(default: Any = dataclasses.MISSING, help: str = "", positional: bool = False) -> Any:
     """A dataclass field that documents itself as a CLI flag (or positional argument)."""
     metadata = {"help": help, "positional": positional}

@@ -27,7 +27,14 @@ def check_same_experiment(
     if text is None:
         storage.write_text(filesystem, path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
         return
-    recorded: dict[str, Any] = json.loads(text)
+    try:
+        recorded: dict[str, Any] = json.loads(text)
+    except ValueError:
+        raise ConfigError(
+            f"{path}, where {what} recorded its settings, is damaged (empty or cut short: a kill or a power "
+            "cut while it was written?): delete it to go on with this command's settings, or start a fresh "
+            "one with another --name (or --out)"
+        ) from None
     unset = defaults or {}
     differ = [
         f"{key} {recorded.get(key, unset.get(key))!r} → {settings.get(key, unset.get(key))!r}"

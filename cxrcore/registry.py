@@ -225,6 +225,7 @@ class ModelRegistry:
             missing = CARD_NAME if text is None else WEIGHTS_NAME
             raise FileNotFoundError(f"{checkpoint} is not a cxr checkpoint (no {missing})")
         card_data: dict[str, Any] = json.loads(text)
+        self._check_weights(source_fs, f"{source}/{WEIGHTS_NAME}", str(checkpoint), "registered")
         name = str(card_data["model"]["name"])
         if not _NAME.fullmatch(name):
             raise RegistryError(f"model name {name!r} cannot name a registry folder")
@@ -401,6 +402,10 @@ class ModelRegistry:
                 f"promote a classifier, or give {target.ref} another alias"
             )
         self._check_servable(target)
+        from cxrcore.checkpoint import WEIGHTS_NAME
+
+        self._check_weights(self._fs, f"{self._path}/{target.name}/v{target.version}/{WEIGHTS_NAME}",
+                            target.ref, "promoted")  # fmt: skip
         with self._locked():
             if alias in self._names():
                 raise RegistryError(
@@ -413,6 +418,27 @@ class ModelRegistry:
                 f"{self._path}/{ALIASES_NAME}", json.dumps(dict(sorted(aliases.items())), indent=2)
             )
         return replace(version, aliases=tuple(sorted(a for a, t in aliases.items() if t == version.ref)))
+
+    @staticmethod
+    def _check_weights(filesystem: pafs.FileSystem, path: str, what: str, verb: str) -> None:
+        """RegistryError where the weights at `path` could not be loaded (cut short, not safetensors):
+        checked before a checkpoint is registered and before a version is promoted."""
+        from cxrcore.checkpoint import safetensors_problem
+
+        if not path.endswith(".safetensors"):
+            return
+        size = filesystem.get_file_info(path).size or 0
+        with filesystem.open_input_stream(path) as stream:
+            problem = safetensors_problem(stream, size)
+        if problem:
+            raise RegistryError(
+                f"{what}'s weights {path} cannot be loaded ({problem}), so they are not {verb}; "
+                + (
+                    "copy the checkpoint again from where it was saved"
+                    if verb == "registered"
+                    else "register the checkpoint again (`cxr models register`) and promote the new version"
+                )
+            )
 
     def _check_servable(self, version: ModelVersion) -> None:
         """A dual-channel version's segmenter is somewhere: an alias moved to one whose segmenter had moved

@@ -403,11 +403,25 @@ _RAISED = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b.*:")
 def _finished_before(experiment: str) -> bool:
     """Whether an earlier run of this experiment finished with every trial done (its comparison.json has
     no failed trial): a re-run then trains nothing. A failed trial is retried by a re-run."""
-    text = storage.read_text(*storage.resolve(f"{experiment.rstrip('/')}/comparison.json"))
-    if not text:
-        return False
-    trials = json.loads(text).get("trials") or []
+    earlier = _earlier_comparison(experiment)
+    trials = (earlier or {}).get("trials") or []
     return bool(trials) and all(trial.get("error") is None for trial in trials)
+
+
+def _earlier_comparison(experiment: str) -> dict[str, Any] | None:
+    """The comparison.json an earlier run of this experiment wrote, or None: none, or one damaged (then
+    the experiment is taken as unfinished: Tune restores what its trials had done, and it is written
+    again)."""
+    path = f"{experiment.rstrip('/')}/comparison.json"
+    text = storage.read_text(*storage.resolve(path))
+    if not text:
+        return None
+    try:
+        earlier = json.loads(text)
+    except ValueError:
+        log.warning("%s is damaged (empty or cut short); it is written again when this run ends", path)
+        return None
+    return earlier if isinstance(earlier, dict) else None
 
 
 def _promote_winner(
@@ -471,10 +485,9 @@ def _ranked_figures(row: dict[str, Any]) -> dict[str, Any]:
 def _production_left_by_earlier_run(experiment: str) -> str | None:
     """The production version this experiment's earlier, finished runs promoted (its comparison.json), or
     None: a first run, or one stopped before it promoted anything."""
-    text = storage.read_text(*storage.resolve(f"{experiment.rstrip('/')}/comparison.json"))
-    if not text:
+    earlier = _earlier_comparison(experiment)
+    if earlier is None:
         return None
-    earlier = json.loads(text)
     if "promoted" in earlier:
         promoted = earlier["promoted"]
     elif earlier.get("production_kept"):  # written before `promoted` was: the kept run promoted nothing

@@ -321,6 +321,12 @@ def read_report(dataset: str) -> dict[str, Any]:
             raise FileNotFoundError(
                 f"{dataset} is one split of the dataset {folder.parent}: pass {folder.parent}"
             )
+        if local and folder.name.endswith((".partial", ".old")) and folder.is_dir():
+            final = folder.with_name(folder.name.rsplit(".", 1)[0])
+            raise FileNotFoundError(
+                f"{dataset} is what an unfinished ingest into {final} left (its staging folder, "
+                f"never a dataset): pass {final}, or run that ingest again, which clears it"
+            )
         if local and folder.is_dir() and any(folder.glob("*/*")):
             command = f"cxr data ingest {shlex.quote(dataset)} {shlex.quote(folder.name + '-dataset')}"
             raise FileNotFoundError(

@@ -216,9 +216,26 @@ def _exchange(first: str, second: str) -> bool:
 
 
 def write_text(filesystem: pafs.FileSystem, path: str, text: str) -> None:
+    """Write `text` to `path` whole or not at all: locally through a temporary file beside it, flushed to
+    disk and renamed over it (a run's settings and an experiment's comparison.json, written in place,
+    were left empty or cut short by a kill or a power cut, and every re-run then failed on them); an
+    object store's write is one object, whole already."""
     filesystem.create_dir(os.path.dirname(path), recursive=True)
-    with filesystem.open_output_stream(path) as stream:
-        stream.write(text.encode())
+    if not isinstance(filesystem, pafs.LocalFileSystem):
+        with filesystem.open_output_stream(path) as stream:
+            stream.write(text.encode())
+        return
+    temporary = f"{os.path.dirname(path)}/.{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        with open(temporary, "wb") as stream:
+            stream.write(text.encode())
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
 
 
 def file_sha256(filesystem: pafs.FileSystem, path: str) -> str:

@@ -9,6 +9,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
+
+from cxrcore.data import storage
 from cxrcore.evaluate.report import (
     ReportSection,
     html_table,
@@ -50,7 +53,10 @@ def write_comparison_report(out_dir: str | Path, comparison: dict[str, Any]) -> 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "comparison.json"}
-    paths["json"].write_text(json.dumps(comparison, indent=2, default=str) + "\n")
+    # whole or not at all: a re-run of the experiment reads it to tell whether it had finished
+    storage.write_text(
+        pafs.LocalFileSystem(), str(paths["json"]), json.dumps(comparison, indent=2, default=str) + "\n"
+    )
     ranked = ranked_architectures(comparison["best"])
     sections = []
     segmenter = comparison.get("segmenter")

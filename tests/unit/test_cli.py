@@ -514,3 +514,24 @@ def test_check_json_spells_a_name_that_is_not_utf8_as_the_dataset_does(
     out = capsys.readouterr().out
     assert "\\udce9" not in out and "caf\\\\xe9.png" in out
     json.loads(out)
+
+
+def test_a_ctrl_c_while_the_finished_commands_ray_stops_is_held_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pressed as the local cluster stopped, after the last line, it ended a finished ingest in Ray's
+    traceback with exit status 1."""
+    import os
+    import signal
+
+    import cxrcore.cli as cli
+
+    stopped: list[bool] = []
+
+    def stop_ray_while_interrupted() -> None:
+        os.kill(os.getpid(), signal.SIGINT)  # delivered now, in this thread: ignored, not a KeyboardInterrupt
+        stopped.append(True)
+
+    monkeypatch.setattr(cli, "_ray_running", lambda: True)
+    monkeypatch.setattr(cli, "_disconnect_ray", stop_ray_while_interrupted)
+    before = signal.getsignal(signal.SIGINT)
+    cli._stop_ray_undisturbed()
+    assert stopped == [True] and signal.getsignal(signal.SIGINT) is before

@@ -439,6 +439,10 @@ def test_a_wrong_data_path_is_told_for_what_it_is(
     assert (
         f"{split} is one split of the dataset {world['own']}: pass {world['own']}" in capsys.readouterr().err
     )
+    staging = tmp_path / "ds.partial"  # what a killed ingest into ds left
+    (staging / "split=train").mkdir(parents=True)
+    assert main([*base, "--data", str(staging)]) == 2
+    assert f"left (its staging folder, never a dataset): pass {tmp_path / 'ds'}" in capsys.readouterr().err
 
 
 def test_drop_flag_threshold_and_verdict() -> None:

@@ -529,3 +529,41 @@ def test_a_registry_that_is_a_file_says_so(tmp_path: Path) -> None:
     (tmp_path / "afile.txt").write_text("x")
     with pytest.raises(RegistryError, match=r"afile.txt is a file, not a registry folder$"):
         ModelRegistry(tmp_path / "afile.txt").get("production")
+
+
+def test_weights_cut_short_are_neither_registered_nor_promoted(
+    tmp_path: Path, checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A checkpoint copy killed midway leaves its weights cut short: registered and promoted, production
+    pointed at a model `cxr serve` failed on 30 s later."""
+    import shutil
+
+    from cxrcore.checkpoint import safetensors_problem
+
+    root, damaged = tmp_path / "reg", tmp_path / "damaged"
+    shutil.copytree(checkpoint, damaged)
+    weights = damaged / "model.safetensors"
+    size = weights.stat().st_size
+    with weights.open("rb") as stream:
+        assert safetensors_problem(stream, size) is None
+    with weights.open("r+b") as stream:
+        stream.truncate(size // 2)
+    registry = ModelRegistry(root)
+    with pytest.raises(
+        RegistryError, match=rf"weights .* cannot be loaded \(cut short: {size // 2:,} of the"
+    ):
+        registry.register(damaged)
+    assert registry.versions() == [] and registry.interrupted() == []  # refused before a number is taken
+    assert main(["models", "register", str(damaged), "--registry", str(root)]) == 2
+    assert "so they are not registered; copy the checkpoint again" in capsys.readouterr().err
+
+    good = registry.register(checkpoint)
+    version_weights = root / NAME / f"v{good.version}" / "model.safetensors"
+    version_weights.write_bytes(version_weights.read_bytes()[:-1])  # damaged in the registry since
+    with pytest.raises(RegistryError, match="so they are not promoted; register the checkpoint again"):
+        registry.promote(good.ref)
+    assert registry.aliases() == {}
+    for junk in (b"", b"\x10\x00\x00\x00\x00\x00\x00\x00{}", b"\xff" * 8 + b"x"):
+        weights.write_bytes(junk)
+        with weights.open("rb") as stream:
+            assert safetensors_problem(stream, len(junk)) is not None

@@ -28,7 +28,7 @@ from cxrcore.config import ConfigError
 from cxrcore.inference import Predictor
 from cxrcore.models import create_model, get_build_args, get_input_spec
 from cxrcore.models.resnet import load_pretrained
-from cxrcore.registry import ModelRegistry
+from cxrcore.registry import ModelRegistry, RegistryError
 from cxrcore.train.trainer import check_pretrained
 
 REPO = Path(__file__).parents[2]
@@ -105,13 +105,16 @@ def test_pretrained_file_refuses_a_pickle(tmp_path: Path, marker: Path, suffix: 
 
 
 def test_registry_version_and_segmenter_refuse_a_pickle(tmp_path: Path, marker: Path) -> None:
-    """A registry stores files without loading them; loading the version (as Serve does) refuses."""
+    """The registry refuses a pickle under a .safetensors name (its header is none: read, not loaded), and
+    loading it (as Serve does) refuses too."""
     checkpoint = tiny_checkpoint(tmp_path / "checkpoint", "tiny_cnn_lstm")
     write_malicious(checkpoint / WEIGHTS_NAME, marker, "torch.save")
     registry = ModelRegistry(tmp_path / "registry")
-    registry.register(checkpoint, alias="production")
+    with pytest.raises(RegistryError, match=r"cannot be loaded \(its header claims .*not safetensors\)"):
+        registry.register(checkpoint, alias="production")
+    assert registry.versions() == []
     with pytest.raises(UnsafeWeightsError, match="refusing to load"):
-        load_model(registry.local_checkpoint("production"))
+        load_model(checkpoint)
 
     segmenter = tiny_checkpoint(tmp_path / "segmenter", "tiny_unet")
     write_malicious(segmenter / WEIGHTS_NAME, marker, "pickle")

@@ -70,3 +70,24 @@ def test_publish_on_an_object_store_copies_the_marker_last(tmp_path: Path) -> No
     storage.publish(store, "dataset", MARKER)
     assert contents(tmp_path / "dataset") == NEW
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset"]
+
+
+def test_a_state_file_is_replaced_whole_and_a_damaged_one_is_named(tmp_path: Path) -> None:
+    """A run's settings and an experiment's comparison.json, written in place, were left empty or cut
+    short by a kill or a power cut, and every re-run failed on them with a JSONDecodeError traceback."""
+    from cxrcore.config import ConfigError
+    from cxrcore.experiment import SETTINGS_NAME, check_same_experiment
+    from cxrcore.tune import _finished_before, _production_left_by_earlier_run
+
+    local = pafs.LocalFileSystem()
+    path = tmp_path / "run" / "state.json"
+    storage.write_text(local, str(path), "one")
+    storage.write_text(local, str(path), "two")
+    assert path.read_text() == "two" and [p.name for p in path.parent.iterdir()] == ["state.json"]
+
+    run = tmp_path / "run"
+    (run / SETTINGS_NAME).write_text("")  # what a crash soon after an in-place write leaves
+    with pytest.raises(ConfigError, match=r"is damaged \(empty or cut short.*\): delete it to go on"):
+        check_same_experiment(str(run), {"epochs": 2}, "the run")
+    (run / "comparison.json").write_text('{"trials": [{"model": "a", "err')
+    assert _finished_before(str(run)) is False and _production_left_by_earlier_run(str(run)) is None
