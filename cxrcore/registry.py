@@ -388,6 +388,12 @@ class ModelRegistry:
                 return version
         via = f" (alias {ref!r} points to it)" if ref in aliases else ""
         known = ", ".join(str(v.version) for v in found)
+        unfinished = [i for i in self.interrupted(name) if i.version == int(number)]
+        if unfinished:  # `cxr models list` names it: say what it is, not only that it is missing
+            via += (
+                " (its folder holds an unfinished registration: one still running, or killed midway, "
+                "which `cxr models clean` frees)"
+            )
         raise RegistryError(f"{name} has no version {number}{via}; its versions: {known}")
 
     def promote(self, ref: str, alias: str = PRODUCTION) -> ModelVersion:

@@ -174,6 +174,8 @@ def test_a_registration_killed_midway_is_listed_then_freed_and_its_number_stays_
     assert (root / f"{NAME}/v2/model.safetensors").stat().st_size == weights // 2  # the debris
 
     assert [v.ref for v in registry.versions()] == [f"{NAME}:1"]  # never visible as a version
+    with pytest.raises(RegistryError, match=r"no version 2 \(its folder holds an unfinished registration"):
+        registry.get(f"{NAME}:2")
     [left] = registry.interrupted()
     assert (left.name, left.version, left.files, left.bytes) == (NAME, 2, 1, weights // 2)
     assert left.age_s is not None and 0 <= left.age_s < TIMEOUT
