@@ -127,11 +127,24 @@ def load_card(directory: str | Path) -> ModelCard:
         text = storage.read_text(filesystem, f"{root}/{CARD_NAME}")
         if text is None:
             raise FileNotFoundError(f"{directory} is not a cxr checkpoint (no {CARD_NAME})")
-        return ModelCard.from_dict(json.loads(text))
+        return _card_from_text(text, directory)
     path = Path(directory) / CARD_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{directory} is not a cxr checkpoint (no {CARD_NAME})")
-    return ModelCard.from_dict(json.loads(path.read_text()))
+    return _card_from_text(path.read_text(), directory)
+
+
+def _card_from_text(text: str, directory: str | Path) -> ModelCard:
+    """The card, or ConfigError naming a damaged one (a checkpoint copy killed midway cuts it short)."""
+    from cxrcore.config import ConfigError
+
+    try:
+        return ModelCard.from_dict(json.loads(text))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ConfigError(
+            f"{directory}/{CARD_NAME} is damaged ({type(exc).__name__}: {exc}); it cannot say what the "
+            "checkpoint is: copy the checkpoint again from where it was saved"
+        ) from None
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelCard]:

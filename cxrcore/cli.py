@@ -124,6 +124,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+SERVE_IMPORTS = ("cxrcore", "serve")
+"""What Serve's replicas import of cxr: `cxr serve` and the demo check the folder for both."""
+
+
 def _ray_running() -> bool:
     ray = sys.modules.get("ray")
     return ray is not None and bool(ray.is_initialized())
@@ -995,6 +999,9 @@ def _run_import_weights(args: argparse.Namespace) -> int:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
+    from cxrcore.runtime import check_no_shadowing_modules
+
+    check_no_shadowing_modules(SERVE_IMPORTS)  # before `serve` is imported: `python -m` puts `.` first
     # The Serve application lives in serve/ and is loaded by module name, as `serve run` loads
     # `serve.app:build_app`: the library keeps no import of it.
     server = importlib.import_module("serve.server")
@@ -1099,9 +1106,12 @@ def _post_file(client: Any, endpoint: str, name: str) -> tuple[int | None, Any]:
 def _run_pipeline(args: argparse.Namespace) -> int:
     from cxrcore.data import storage
     from cxrcore.pipeline import check_pipeline
+    from cxrcore.runtime import check_no_shadowing_modules
 
     config: PipelineConfig = config_from_args(PipelineConfig, args)
     check_pipeline(config)  # a typo fails now, not after the synthesis and the ingest
+    if config.serve:
+        check_no_shadowing_modules(SERVE_IMPORTS)
     # One demo per folder: two at once wrote their phantoms over each other before ingest's lock parted them
     with storage.exclusive(config.work_dir, "a demo", "another --work-dir"):
         return _run_demo(config)
@@ -1136,9 +1146,15 @@ def _run_demo(config: PipelineConfig) -> int:
             flush=True,
         )
         server = importlib.import_module("serve.server")  # serve/ builds on cxrcore, never the reverse
-        answers = server.demo_predictions(
-            {"registry": results["registry"], "model": "production"}, list(firsts.values()), port=config.port
-        )
+        try:
+            answers = server.demo_predictions(
+                {"registry": results["registry"], "model": "production"},
+                list(firsts.values()),
+                port=config.port,
+            )
+        except server.ServeStartError as exc:  # what failed and where to read why, not a traceback
+            print(f"cxr: error: {exc}", file=sys.stderr)
+            return 1
         rows = [
             [
                 os.path.basename(a["file"]),

@@ -50,6 +50,8 @@ import os
 import random
 import re
 import shutil
+import socket
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -327,7 +329,9 @@ class ModelRegistry:
         for item in stale:
             folder = f"{self._path}/{item.name}/v{item.version}"
             with self._folder_unless_registering(folder) as free:
-                if not free:
+                # Listed before its lock was taken: a registration may have finished it since (its card)
+                # or another clean freed it (its tombstone). Either way it is not debris now.
+                if not free or not self._still_unfinished(folder):
                     continue  # a registration is writing it now, however long it has been at it
                 cleaned.append(item)
                 if dry_run:
@@ -340,6 +344,12 @@ class ModelRegistry:
                     if info.base_name != TOMBSTONE_NAME:
                         remove(self._fs, info.path)
         return cleaned
+
+    def _still_unfinished(self, folder: str) -> bool:
+        from cxrcore.checkpoint import CARD_NAME
+
+        names = {info.base_name for info in self._list(folder)}
+        return CARD_NAME not in names and TOMBSTONE_NAME not in names
 
     @contextmanager
     def _folder_unless_registering(self, folder: str) -> Iterator[bool]:
@@ -674,14 +684,30 @@ class ModelRegistry:
     @contextmanager
     def _locked(self, lock_name: str = LOCK_NAME) -> Iterator[None]:
         """Exclusive among processes for a read-modify-write of aliases.json (local registries only), or,
-        named REGISTER_LOCK_NAME, for register_once's lookup and registration."""
+        named REGISTER_LOCK_NAME, for register_once's lookup and registration: registrations into one
+        registry take turns, and one that has to wait for another's copy says so."""
         if not self._local:
             yield  # object stores have no lock: see the module docstring
             return
         os.makedirs(self._path, exist_ok=True)
         descriptor = os.open(os.path.join(self._path, lock_name), os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if lock_name == REGISTER_LOCK_NAME:
+                    holder = (
+                        os.pread(descriptor, 200, 0).decode(errors="replace").strip() or "another process"
+                    )
+                    print(
+                        f"waiting for a registration into {self.root} by {holder} to finish copying",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                fcntl.flock(descriptor, fcntl.LOCK_EX)
+            if lock_name == REGISTER_LOCK_NAME:  # who holds it, for the next one's message
+                os.ftruncate(descriptor, 0)
+                os.pwrite(descriptor, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
             yield
         finally:
             os.close(descriptor)  # releases the lock

@@ -40,13 +40,13 @@ TRAIN_STATE_TRACKING = "RAY_TRAIN_ENABLE_STATE_TRACKING"
 TorchTrainer (one detached actor per cluster, no CPU); Ray 2.60 leaves it off."""
 
 
-WORKER_IMPORTS = ("cxrcore", "serve")
-"""The top-level packages of cxr that Ray's workers import (trainers, trials, Serve's replicas)."""
-
-
-def check_no_shadowing_modules(folder: str | Path | None = None) -> None:
+def check_no_shadowing_modules(
+    names: tuple[str, ...] = ("cxrcore",), folder: str | Path | None = None
+) -> None:
     """ConfigError where the folder cxr runs from (`folder`, default the current one) holds a module or
-    package named like one that Ray's workers import from cxr (WORKER_IMPORTS) and is not cxr's own.
+    package named like one of cxr's that Ray's workers import (`names`: cxrcore for every worker, serve
+    as well for Serve's replicas) and is not cxr's own: the same .py files, as a checkout of this version
+    or a job's working_dir has.
 
     Ray puts the driver's current folder first on every worker's import path (unless the job has a
     working_dir): a user's own `serve.py` or `serve/` beside their data made every Serve replica of an
@@ -57,9 +57,11 @@ def check_no_shadowing_modules(folder: str | Path | None = None) -> None:
     from cxrcore.config import ConfigError
 
     here, root = Path(folder or os.getcwd()), Path(__file__).resolve().parent.parent
-    for name in WORKER_IMPORTS:
+    for name in names:
         for candidate in (here / name / "__init__.py", here / f"{name}.py"):
-            if candidate.is_file() and not _same_file_contents(candidate, root / name / "__init__.py"):
+            if candidate.is_file() and not (
+                candidate.name == "__init__.py" and _same_sources(candidate.parent, root / name)
+            ):
                 shown = candidate.parent if candidate.name == "__init__.py" else candidate
                 raise ConfigError(
                     f"{shown} would stand in for cxr's own `{name}` package on Ray's workers (Ray puts the "
@@ -68,9 +70,16 @@ def check_no_shadowing_modules(folder: str | Path | None = None) -> None:
                 )
 
 
-def _same_file_contents(a: Path, b: Path) -> bool:
+def _same_sources(package: Path, ours: Path) -> bool:
+    """Whether the package folder `package` holds the same .py files as cxr's own `ours` (itself, a copy)."""
+    if package.resolve() == ours.resolve():
+        return True
+
+    def sources(folder: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*.py"))}
+
     try:
-        return a.read_bytes() == b.read_bytes()
+        return sources(package) == sources(ours)
     except OSError:
         return False
 

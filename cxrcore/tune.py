@@ -408,6 +408,9 @@ def _finished_before(experiment: str) -> bool:
     return bool(trials) and all(trial.get("error") is None for trial in trials)
 
 
+_DAMAGED_SEEN: set[str] = set()
+
+
 def _earlier_comparison(experiment: str) -> dict[str, Any] | None:
     """The comparison.json an earlier run of this experiment wrote, or None: none, or one damaged (then
     the experiment is taken as unfinished: Tune restores what its trials had done, and it is written
@@ -419,7 +422,9 @@ def _earlier_comparison(experiment: str) -> dict[str, Any] | None:
     try:
         earlier = json.loads(text)
     except ValueError:
-        log.warning("%s is damaged (empty or cut short); it is written again when this run ends", path)
+        if path not in _DAMAGED_SEEN:  # read twice by a re-run: said once
+            _DAMAGED_SEEN.add(path)
+            log.warning("%s is damaged (empty or cut short); it is written again when this run ends", path)
         return None
     return earlier if isinstance(earlier, dict) else None
 

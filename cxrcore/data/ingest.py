@@ -166,7 +166,8 @@ def ingest_dataset(
 @contextmanager
 def writing(config: IngestConfig) -> Iterator[None]:
     """Held while an ingest writes OUT: another one writing it fails at once (storage.exclusive), and so
-    does this one while a run reads the dataset there (storage.replacing, checked again at the swap)."""
+    does this one while a run reads the dataset there (storage.replacing; one that starts reading it during
+    the ingest makes the swap wait for it)."""
     with storage.exclusive(config.out, "an ingest", "another OUT"):
         with storage.replacing(config.out, REPORT_NAME, "another OUT"):  # now, not after the decoding
             pass
@@ -269,9 +270,8 @@ def _ingest(config: IngestConfig, scanned: tuple[LayoutScan, set[str]], started:
     report["seconds_by_stage"] = {stage: round(seconds, 2) for stage, seconds in timings.items()}
     report["replaced"] = _replaced(config.out, report["fingerprint"], list(rows["sha256"]), splits)
     storage.write_text(filesystem, f"{staging}/{REPORT_NAME}", json.dumps(printable_json(report), indent=2))
-    with storage.replacing(
-        config.out, REPORT_NAME, "another OUT"
-    ):  # a run that started meanwhile reads the old one
+    # A run that started reading OUT since the check at the start: the dataset is made, so wait for it
+    with storage.replacing(config.out, REPORT_NAME, "another OUT", wait=True):
         storage.publish(filesystem, root, marker=REPORT_NAME)
     log.info("ingested %d of %d images into %s", report["ingested"], report["found"], config.out)
     telemetry.record_ingest(config.out, report["ingested"], [row["reason"] for row in report["rejected"]])

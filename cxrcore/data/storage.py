@@ -9,6 +9,7 @@ import fcntl
 import os
 import shutil
 import socket
+import sys
 import time
 import uuid
 from collections.abc import Collection, Iterator
@@ -352,10 +353,11 @@ def reading(dataset: str, marker: str) -> Iterator[None]:
 
 
 @contextmanager
-def replacing(dataset: str, marker: str, elsewhere: str) -> Iterator[None]:
-    """Held while an ingest swaps a new dataset in at `dataset`: BeingRead, at once, while a run reads
-    the one there (`reading`); runs that start meanwhile wait for the swap and read the new one. Nothing
-    to hold where no dataset (a folder with the file `marker`) is there."""
+def replacing(dataset: str, marker: str, elsewhere: str, wait: bool = False) -> Iterator[None]:
+    """Held while an ingest swaps a new dataset in at `dataset`, while no run reads the one there
+    (`reading`): BeingRead at once where one does, or, with `wait` (the new dataset is made by then),
+    a line saying so and a wait for them to end. Runs that start meanwhile wait for the swap and read the
+    new one. Nothing to hold where no dataset (a folder with the file `marker`) is there."""
     path = _local_folder(dataset, marker)
     if path is None:
         yield
@@ -365,10 +367,18 @@ def replacing(dataset: str, marker: str, elsewhere: str) -> Iterator[None]:
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise BeingRead(
-                f"{dataset} is being read by a run on it (a cxr train, tune or evaluate, until it ends); "
-                f"replacing it would pull its files from under it: wait for it to end, or use {elsewhere}"
-            ) from None
+            if not wait:
+                raise BeingRead(
+                    f"{dataset} is being read by a run on it (a cxr train, tune or evaluate, until it ends); "
+                    f"replacing it would pull its files from under it: wait for it to end, or use {elsewhere}"
+                ) from None
+            print(
+                f"waiting for the runs reading {dataset} to end before the new dataset replaces it (it is "
+                "made; Ctrl-C leaves the old one in place, and the next ingest makes the new one again)",
+                file=sys.stderr,
+                flush=True,
+            )
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
         yield
     finally:
         os.close(descriptor)

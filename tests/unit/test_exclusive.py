@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +17,8 @@ from cxrcore.data import storage
 
 HOLD = """
 import sys
+import threading
+import time
 from cxrcore.data import storage
 with storage.exclusive(sys.argv[1], "a test writer", "elsewhere"):
     print("held", flush=True)
@@ -204,6 +208,8 @@ def test_the_library_calls_start_cxrs_ray_themselves_once_they_hold_the_output(
 
 READ = """
 import sys
+import threading
+import time
 from cxrcore.data.ingest import reading
 with reading(sys.argv[1]):
     print("reading", flush=True)
@@ -243,9 +249,26 @@ def test_an_ingest_refuses_to_replace_a_dataset_that_a_run_reads(
         assert main(["data", "ingest", str(tmp_path / "raw"), data]) == 2  # before Ray, before decoding
         assert f"{data} is being read by a run on it" in capsys.readouterr().err
         assert sorted(p.relative_to(data) for p in Path(data).rglob("*")) == before  # the dataset is intact
+
+        # A run that starts reading during an ingest: the ingest's swap, its dataset made, waits for it.
+        swapped: list[bool] = []
+
+        def swap() -> None:
+            with storage.replacing(data, REPORT_NAME, "another OUT", wait=True):
+                swapped.append(True)
+
+        thread = threading.Thread(target=swap)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while f"waiting for the runs reading {data} to end" not in capsys.readouterr().err:
+            assert time.monotonic() < deadline and not swapped, "the swap neither waited nor said so"
+            time.sleep(0.05)
+        assert not swapped
     finally:
         reader.kill()  # killed: the kernel releases its lock
         reader.wait(timeout=30)
+    thread.join(30)
+    assert swapped == [True]
     with storage.replacing(data, REPORT_NAME, "another OUT"):
         pass
     with reading(str(tmp_path / "raw")):  # not a dataset: nothing held, no lock file left there

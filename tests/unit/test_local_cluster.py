@@ -174,21 +174,25 @@ def test_the_token_ray_writes_for_a_local_cluster_is_kept_private(
 def test_a_users_module_named_like_cxrs_own_is_refused_before_ray_starts(tmp_path: Path) -> None:
     """Ray puts the driver's folder first on its workers' import path: a user's serve.py beside their data
     made every Serve replica of an installed cxr fail (`No module named 'serve.deployments'`)."""
+    import shutil
+
     from cxrcore.config import ConfigError
     from cxrcore.runtime import check_no_shadowing_modules
 
+    both = ("cxrcore", "serve")
     repo = Path(__file__).resolve().parents[2]
-    check_no_shadowing_modules(repo)  # cxr's checkout is its own
-    check_no_shadowing_modules(tmp_path)
+    check_no_shadowing_modules(both, repo)  # cxr's checkout is its own
+    check_no_shadowing_modules(both, tmp_path)
     (tmp_path / "serve").mkdir()
-    check_no_shadowing_modules(tmp_path)  # a namespace package hides nothing
-    (tmp_path / "serve" / "__init__.py").write_text((repo / "serve" / "__init__.py").read_text())
-    check_no_shadowing_modules(tmp_path)  # a copy of cxr (a job's working_dir)
-    (tmp_path / "serve" / "__init__.py").write_text("# the user's own")
+    check_no_shadowing_modules(both, tmp_path)  # a namespace package hides nothing
+    shutil.copytree(repo / "serve", tmp_path / "serve", dirs_exist_ok=True)
+    check_no_shadowing_modules(both, tmp_path)  # a copy of this cxr (a job's working_dir)
+    (tmp_path / "serve" / "app.py").write_text("# an older cxr's, or the user's own")
     with pytest.raises(ConfigError, match=rf"^{tmp_path / 'serve'} would stand in for cxr's own `serve` "):
-        check_no_shadowing_modules(tmp_path)
-    (tmp_path / "serve" / "__init__.py").unlink()
-    (tmp_path / "cxrcore.py").write_text("")
+        check_no_shadowing_modules(both, tmp_path)
+    check_no_shadowing_modules(("cxrcore",), tmp_path)  # an ingest's or a training's workers never import it
+    shutil.rmtree(tmp_path / "serve")
     shadow = tmp_path / "cxrcore.py"
+    shadow.write_text("")
     with pytest.raises(ConfigError, match=rf"^{shadow} would stand in for cxr's own `cxrcore`"):
-        check_no_shadowing_modules(tmp_path)
+        check_no_shadowing_modules(folder=tmp_path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import queue
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,7 +20,7 @@ from cxrcore.checkpoint import ModelCard, load_card, load_model, save_checkpoint
 from cxrcore.cli import main
 from cxrcore.data.storage import resolve
 from cxrcore.models import create_model, get_build_args, get_input_spec
-from cxrcore.registry import ModelRegistry, RegistryError
+from cxrcore.registry import Interrupted, ModelRegistry, RegistryError
 from tests.unit.registry_race import (
     TIMEOUT,
     register_and_promote,
@@ -569,3 +570,53 @@ def test_weights_cut_short_are_neither_registered_nor_promoted(
         weights.write_bytes(junk)
         with weights.open("rb") as stream:
             assert safetensors_problem(stream, len(junk)) is not None
+
+
+def test_clean_never_frees_a_version_finished_after_it_was_listed(
+    tmp_path: Path, checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """clean lists the unfinished folders, then locks each: a registration that finished in between (a
+    wide gap behind 1,200 leftovers) had its version emptied while both commands said they succeeded."""
+    registry = ModelRegistry(tmp_path / "reg")
+    version = registry.register(checkpoint)
+    listed_before = [
+        Interrupted(name=NAME, version=version.version, uri=version.uri, files=1, bytes=1, age_s=9e9)
+    ]
+    monkeypatch.setattr(registry, "interrupted", lambda name=None: listed_before)
+    assert registry.clean(0) == []
+    assert [v.ref for v in registry.versions()] == [version.ref]
+    assert files(tmp_path / "reg" / NAME / "v1") == {"card.json", "model.safetensors"}
+
+
+def test_a_registration_waiting_for_anothers_copy_says_so(
+    tmp_path: Path, checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Registrations into one registry take turns; one waiting for a 600 MB copy ahead had said nothing."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "reg"
+    hold = (
+        "import fcntl, os, sys; os.makedirs(sys.argv[1], exist_ok=True); "
+        "d = os.open(os.path.join(sys.argv[1], '.register.lock'), os.O_RDWR | os.O_CREAT); "
+        "fcntl.flock(d, fcntl.LOCK_EX); os.pwrite(d, b'pid 4242 on elsewhere', 0); "
+        "print('held', flush=True); sys.stdin.read()"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold, str(root)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        done: list[Any] = []
+        thread = threading.Thread(target=lambda: done.append(ModelRegistry(root).register_once(checkpoint)))
+        thread.start()
+        deadline = time.monotonic() + TIMEOUT
+        while "waiting for a registration" not in capsys.readouterr().err:
+            assert time.monotonic() < deadline and not done, "it neither waited nor said so"
+            time.sleep(0.05)
+        assert not done  # still waiting
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    thread.join(TIMEOUT)
+    assert done and done[0].version.ref == f"{NAME}:1"
