@@ -1060,6 +1060,10 @@ def predict_files(client: Any, endpoint: str, names: Sequence[str]) -> tuple[str
         for name in files:
             status, body = _post_file(client, endpoint, name)
             shown = printable_name(name)  # `caf\xe9.png`, as the dataset and the reports spell it
+            if status == 200 and not _is_prediction(body):  # another server on that port, or a proxy's page
+                rows.append([shown, "error"])
+                problems.append(f"{shown}: the answer is not a cxr prediction: {str(body)[:200]!r}")
+                continue
             if status != 200:
                 rows.append([shown, "error" if status is None else f"error {status}"])
                 problems.append(f"{shown}: {body}")
@@ -1073,6 +1077,18 @@ def predict_files(client: Any, endpoint: str, names: Sequence[str]) -> tuple[str
             )  # fmt: skip
     header = ["file", "label", *classes, "model", "ms"] if classes else ["file", "label"]
     return format_table(header, [row + [""] * (len(header) - len(row)) for row in rows]), problems
+
+
+def _is_prediction(body: Any) -> bool:
+    """Whether a 200's body is what cxr's /v1/predict answers (its label, probabilities and model)."""
+    return (
+        isinstance(body, dict)
+        and isinstance(body.get("probabilities"), dict)
+        and isinstance(body.get("model"), dict)
+        and "name" in body["model"]
+        and isinstance(body.get("label"), str)
+        and isinstance(body.get("latency_ms"), int | float)
+    )
 
 
 def _post_file(client: Any, endpoint: str, name: str) -> tuple[int | None, Any]:

@@ -62,7 +62,16 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow.fs as pafs
 
-from cxrcore.data.storage import cache_key, exists, file_sha256, read_text, remove, resolve, write_text
+from cxrcore.data.storage import (
+    cache_key,
+    exists,
+    file_sha256,
+    open_lock_file,
+    read_text,
+    remove,
+    resolve,
+    write_text,
+)
 from cxrcore.data.storage import copy as _copy
 
 if TYPE_CHECKING:
@@ -690,7 +699,7 @@ class ModelRegistry:
             yield  # object stores have no lock: see the module docstring
             return
         os.makedirs(self._path, exist_ok=True)
-        descriptor = os.open(os.path.join(self._path, lock_name), os.O_RDWR | os.O_CREAT, 0o644)
+        descriptor, writable = open_lock_file(os.path.join(self._path, lock_name))  # shared by a group
         try:
             try:
                 fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -705,7 +714,7 @@ class ModelRegistry:
                         flush=True,
                     )
                 fcntl.flock(descriptor, fcntl.LOCK_EX)
-            if lock_name == REGISTER_LOCK_NAME:  # who holds it, for the next one's message
+            if lock_name == REGISTER_LOCK_NAME and writable:  # who holds it, for the next one's message
                 os.ftruncate(descriptor, 0)
                 os.pwrite(descriptor, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
             yield

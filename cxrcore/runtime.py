@@ -8,6 +8,7 @@ import random
 import shutil
 import signal
 import socket
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -229,6 +230,7 @@ def _start_local(logical: int, object_store_memory: int | None) -> None:
     and Ray, given a port, tries no other: the start is then tried again on another free one."""
     import ray
 
+    make_private_token()  # before Ray writes one readable by every user of the machine
     for attempt in range(1, DASHBOARD_PORT_ATTEMPTS + 1):
         port = _free_port(DASHBOARD_PORT if attempt == 1 else 0)
         try:
@@ -252,6 +254,32 @@ def root_cause(error: BaseException) -> BaseException:
             break
         error = inner
     return error
+
+
+def make_private_token(path: Path | None = None) -> None:
+    """Write the token a new local cluster uses (`~/.ray/auth_token`, where Ray 2.60 looks) readable by this
+    user alone, before Ray would write it with the process's umask (-rw-r--r--): between Ray's write and
+    `keep_token_private`, another user of the machine read it (a review, as a second account) and, the file
+    being kept, used it on the cluster's job API for good (HTTP 200, where their own token got 403). The
+    same 256 random bits Ray makes (`secrets.token_hex(32)`). Left alone: token auth turned off, a token
+    given by RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH, or a token file already there."""
+    import secrets
+
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled" or any(
+        os.environ.get(name) for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+    ):
+        return
+    token = path or Path.home() / ".ray" / "auth_token"
+    try:
+        token.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        descriptor = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        keep_token_private(token)
+        return
+    except OSError:  # a home folder this process cannot write: Ray says so itself
+        return
+    with os.fdopen(descriptor, "w") as stream:
+        stream.write(secrets.token_hex(32))
 
 
 def keep_token_private(path: Path | None = None) -> None:
@@ -368,8 +396,10 @@ def local_serve_environment() -> dict[str, str]:
     if haproxy_binary() is None:
         return throughput
     stats, metrics, fallback_http, fallback_grpc = _listener_ports(4)
+    folder = haproxy_folder()
     return {
         **throughput,
+        **haproxy_paths(folder),
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_HAPROXY_STATS_PORT": str(stats),
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics),
@@ -377,6 +407,47 @@ def local_serve_environment() -> dict[str, str]:
         "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(fallback_grpc),
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
         "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S": "60",
+    }
+
+
+def haproxy_folder(create: bool = True) -> Path:
+    """The folder of this user's HAProxy files (config, admin and metrics sockets, server state), made
+    theirs alone (0700) before HAProxy exists: RAY_SERVE_HAPROXY_CONFIG_FILE_LOC's where the user set it,
+    else `/tmp/haproxy-serve-<uid>`. Ray's default, `/tmp/haproxy-serve`, is one folder for every user:
+    the first to serve owned it and every other user's `cxr serve` failed (PermissionError), and its
+    admin socket (mode 666) stayed open to any user until cxr closed the folder once Serve was up, long
+    enough for another account to point HAProxy at a listener of its own (a review received a user's
+    uploads and answered with forged predictions). In /tmp, not TMPDIR: HAProxy refuses a socket path over
+    97 characters, and the node's id adds 57."""
+    from cxrcore.config import ConfigError
+
+    explicit = os.environ.get("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC")
+    folder = Path(explicit).parent if explicit else Path(f"/tmp/haproxy-serve-{os.getuid()}")
+    if not create:
+        return folder
+    try:
+        folder.mkdir(mode=0o700, parents=True)
+    except FileExistsError:
+        info = folder.lstat()
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+            raise ConfigError(
+                f"{folder}, where this user's HAProxy keeps its admin socket, is not a folder of this "
+                "user's (another account made it?); remove it, or set RAY_SERVE_HAPROXY_CONFIG_FILE_LOC to a "
+                "file in a folder of your own"
+            ) from None
+        if info.st_mode & 0o077:
+            folder.chmod(0o700)
+    return folder
+
+
+def haproxy_paths(folder: Path) -> dict[str, str]:
+    """Serve's HAProxy file settings, all in `folder` (Ray adds a folder per node under it)."""
+    return {
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(folder / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(folder / "admin.sock"),
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(folder / "metrics.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(folder),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(folder / "server-state"),
     }
 
 

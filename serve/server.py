@@ -57,6 +57,8 @@ def stop_stray_haproxy(node_id: str | None = None) -> int:
     """
     killed = []
     for pid, parent, command in haproxy_processes():
+        if not _owned(pid):  # root's cleanup never stops another user's server, orphaned or not
+            continue
         if _of_node(command, node_id) if node_id else parent == 1:
             try:
                 os.kill(pid, signal.SIGKILL)  # a reload's old process ignores SIGTERM while it drains
@@ -65,10 +67,16 @@ def stop_stray_haproxy(node_id: str | None = None) -> int:
             killed.append(pid)
     _wait_gone(killed)  # SIGKILL returns before the process lets go of its port: the next check saw it taken
     if node_id:  # its config, admin socket and server state, one folder per node and cluster
-        from ray.serve._private.constants import RAY_SERVE_HAPROXY_CONFIG_FILE_LOC
-
-        shutil.rmtree(Path(RAY_SERVE_HAPROXY_CONFIG_FILE_LOC).parent / node_id, ignore_errors=True)
+        for base in _haproxy_bases():
+            shutil.rmtree(base / node_id, ignore_errors=True)
     return len(killed)
+
+
+def _owned(pid: int) -> bool:
+    try:
+        return os.stat(f"/proc/{pid}").st_uid == os.getuid()
+    except OSError:
+        return False
 
 
 def _wait_gone(pids: list[int], timeout_s: float = 5.0) -> None:
@@ -102,16 +110,27 @@ def restrict_haproxy_files(node_id: str) -> bool:
     listener of their own and receive every upload, answering with forged predictions (an outside review
     did, as `nobody`). A socket in a folder only its owner may enter is out of their reach, also after
     HAProxy's reloads recreate it; Serve's manager and HAProxy run as that owner."""
-    from ray.serve._private.constants import RAY_SERVE_HAPROXY_SOCKET_PATH
-
-    folder = Path(RAY_SERVE_HAPROXY_SOCKET_PATH).parent / node_id
-    if not folder.is_dir():
+    folders = [base / node_id for base in _haproxy_bases() if (base / node_id).is_dir()]
+    if not folders:
         return False
+    folder = folders[0]
     os.chmod(folder, 0o700)
     for entry in folder.iterdir():
         if entry.is_socket():
             os.chmod(entry, 0o600)
     return True
+
+
+def _haproxy_bases() -> list[Path]:
+    """Where this user's HAProxy files may be: cxr's per-user folder (a local cluster's), then Ray's default
+    (a cluster started otherwise). Read here, not from Ray's constants, which this process imported with
+    its own environment, not the one its local cluster was started with."""
+    from ray.serve._private.constants import RAY_SERVE_HAPROXY_SOCKET_PATH
+
+    from cxrcore.runtime import haproxy_folder
+
+    bases = [haproxy_folder(create=False), Path(RAY_SERVE_HAPROXY_SOCKET_PATH).parent]
+    return list(dict.fromkeys(bases))
 
 
 def _haproxy_of(node_id: str) -> bool:

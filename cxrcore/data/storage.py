@@ -288,12 +288,13 @@ def exclusive(location: str, what: str, elsewhere: str) -> Iterator[None]:
     made = [] if os.path.isdir(parent) else _missing_folders(parent)
     os.makedirs(parent, exist_ok=True)
     lock = os.path.join(parent, f".{os.path.basename(path)}.lock")
-    descriptor = _locked_file(lock, location, elsewhere)
+    descriptor, writable = _locked_file(lock, location, elsewhere)
     _held.add(path)
     try:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
         holder = f"{what} (pid {os.getpid()} on {socket.gethostname()}, since {since})"
-        os.pwrite(descriptor, holder.encode(), 0)
+        if writable:
+            os.pwrite(descriptor, holder.encode(), 0)
         yield
     finally:
         _held.discard(path)
@@ -336,7 +337,7 @@ def reading(dataset: str, marker: str) -> Iterator[None]:
     while path is not None:
         lock = os.path.join(path, READ_LOCK_NAME)
         try:
-            descriptor = os.open(lock, os.O_RDONLY | os.O_CREAT, 0o644)
+            descriptor = os.open(lock, os.O_RDONLY | os.O_CREAT, 0o666)
         except OSError:  # read-only, another user's, or replaced this instant (no longer a folder)
             break
         fcntl.flock(descriptor, fcntl.LOCK_SH)  # blocks only while an ingest swaps the folder
@@ -362,7 +363,7 @@ def replacing(dataset: str, marker: str, elsewhere: str, wait: bool = False) -> 
     if path is None:
         yield
         return
-    descriptor = os.open(os.path.join(path, READ_LOCK_NAME), os.O_RDONLY | os.O_CREAT, 0o644)
+    descriptor = os.open(os.path.join(path, READ_LOCK_NAME), os.O_RDONLY | os.O_CREAT, 0o666)
     try:
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -392,10 +393,21 @@ def _local_folder(location: str, marker: str) -> str | None:
     return path if os.path.isfile(os.path.join(path, marker)) else None
 
 
-def _locked_file(lock: str, location: str, elsewhere: str) -> int:
-    """A descriptor of `lock`, flocked by this process, and still the file at that path."""
+def open_lock_file(path: str) -> tuple[int, bool]:
+    """(descriptor, writable) of a lock file, made if missing. Mode 0666 less the umask, so a group that
+    shares a folder shares its locks (0644 locked every other user out of a shared registry or data folder
+    for good, `Permission denied`, once one user had made them); a lock file another user made and this one
+    may only read is opened read-only, which flock takes as well (only the holder's line is not written)."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o666), True
+    except PermissionError:
+        return os.open(path, os.O_RDONLY), False
+
+
+def _locked_file(lock: str, location: str, elsewhere: str) -> tuple[int, bool]:
+    """(descriptor, writable) of `lock`, flocked by this process, and still the file at that path."""
     while True:
-        descriptor = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        descriptor, writable = open_lock_file(lock)
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -407,8 +419,9 @@ def _locked_file(lock: str, location: str, elsewhere: str) -> int:
             ) from None
         try:
             if os.stat(lock).st_ino == os.fstat(descriptor).st_ino:
-                os.ftruncate(descriptor, 0)
-                return descriptor
+                if writable:
+                    os.ftruncate(descriptor, 0)
+                return descriptor, writable
         except FileNotFoundError:
             pass
         os.close(descriptor)  # its holder removed it as it finished: take the new one

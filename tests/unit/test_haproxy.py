@@ -8,6 +8,7 @@ init, as HAProxy is once its Ray cluster was SIGKILLed.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -101,6 +102,12 @@ def test_stops_this_clusters_haproxy_and_orphans_only(
             time.sleep(0.05)
         (orphan,) = orphans
         assert {p: parent for p, parent, _ in haproxy_processes()}[orphan] == 1
+
+        # Another user's orphan is theirs: root's cleanup stopped any user's.
+        with monkeypatch.context() as other_user:
+            uid = os.getuid()
+            other_user.setattr(serve.server.os, "getuid", lambda: uid + 1)
+            assert stop_stray_haproxy() == 0 and _alive(orphan)
 
         # Without a node: orphans only; live clusters' HAProxy (a child of its manager) is left alone.
         assert stop_stray_haproxy() == 1

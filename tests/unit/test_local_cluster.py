@@ -196,3 +196,84 @@ def test_a_users_module_named_like_cxrs_own_is_refused_before_ray_starts(tmp_pat
     shadow.write_text("")
     with pytest.raises(ConfigError, match=rf"^{shadow} would stand in for cxr's own `cxrcore`"):
         check_no_shadowing_modules(folder=tmp_path)
+
+
+def test_the_token_a_local_cluster_uses_is_its_users_alone_from_the_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ray wrote it -rw-r--r--, and another account read it before cxr closed it, then used it for good."""
+    from cxrcore.runtime import make_private_token
+
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    token = tmp_path / ".ray" / "auth_token"
+    make_private_token(token)
+    assert token.stat().st_mode & 0o777 == 0o600 and token.parent.stat().st_mode & 0o777 == 0o700
+    first = token.read_text()
+    assert len(first) == 64 and int(first, 16) >= 0  # 256 bits, as Ray makes them
+    token.chmod(0o644)
+    make_private_token(token)  # one already there is kept, and closed
+    assert token.read_text() == first and token.stat().st_mode & 0o777 == 0o600
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    make_private_token(other := tmp_path / "off" / "auth_token")
+    assert not other.exists()
+
+
+def test_each_users_haproxy_files_are_in_a_folder_of_their_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ray's one /tmp/haproxy-serve for every user: the first to serve owned it, every other user's Serve
+    failed, and its admin socket was open to all until cxr closed the folder once Serve was up."""
+    import os
+
+    from cxrcore.config import ConfigError
+    from cxrcore.runtime import haproxy_folder, haproxy_paths
+
+    config = tmp_path / "haproxy-serve-me" / "haproxy.cfg"
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", str(config))
+    folder = haproxy_folder()
+    assert folder == tmp_path / "haproxy-serve-me" and folder.stat().st_mode & 0o777 == 0o700
+    folder.chmod(0o755)
+    assert haproxy_folder().stat().st_mode & 0o777 == 0o700
+    paths = haproxy_paths(folder)
+    assert all(value.startswith(str(folder)) for value in paths.values())
+    assert {"RAY_SERVE_HAPROXY_SOCKET_PATH", "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH"} <= set(paths)
+    monkeypatch.delenv("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC")
+    assert haproxy_folder(create=False) == Path(f"/tmp/haproxy-serve-{os.getuid()}")
+    if os.getuid() == 0:  # a folder another account made in its place is refused, not used
+        os.chown(folder, 12345, 12345)
+        monkeypatch.setenv("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", str(folder / "haproxy.cfg"))
+        with pytest.raises(ConfigError, match="is not a folder of this user's"):
+            haproxy_folder()
+
+
+def test_a_lock_file_another_user_made_is_taken_read_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Made 0644 by the first user of a shared folder, it refused every other user for good."""
+    import os
+
+    from cxrcore.data import storage
+
+    lock = tmp_path / ".out.lock"
+    descriptor, writable = storage.open_lock_file(str(lock))
+    os.close(descriptor)
+    assert writable and lock.stat().st_mode & 0o777 == 0o666 & ~_umask()
+    real_open = os.open
+
+    def not_ours(path: str, flags: int, *mode: int) -> int:
+        if path == str(lock) and flags & os.O_RDWR:
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(path, flags, *mode)
+
+    monkeypatch.setattr(storage.os, "open", not_ours)
+    with storage.exclusive(str(tmp_path / "out"), "an ingest", "another OUT"):  # held, read-only
+        pass
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -351,6 +351,13 @@ def test_cxr_predict_reads_folders_and_names_each_failure_below_its_table(
         f"{tmp_path / 'study/series/IM0001.png'}: HTTP 503: Request dropped due to backpressure"
     ]
 
+    # Another server on that port answers 200 with something else: named, not a KeyError traceback.
+    other = httpx.MockTransport(lambda request: httpx.Response(200, json={"label": "Normal", "forged": 1}))
+    with httpx.Client(transport=other) as impostor:
+        table, problems = predict_files(impostor, "http://server/v1/predict", [str(tmp_path / "study")])
+    assert table.splitlines()[2].split()[1:] == ["error"]
+    assert problems[0].endswith("the answer is not a cxr prediction: \"{'label': 'Normal', 'forged': 1}\"")
+
 
 def test_cxr_predict_sends_a_tiff_or_bmp_as_the_pixels_ingest_reads_from_it(
     client: httpx.Client, classifier: LocalClassifier, tmp_path: Path
