@@ -418,26 +418,46 @@ def haproxy_folder(create: bool = True) -> Path:
     admin socket (mode 666) stayed open to any user until cxr closed the folder once Serve was up, long
     enough for another account to point HAProxy at a listener of its own (a review received a user's
     uploads and answered with forged predictions). In /tmp, not TMPDIR: HAProxy refuses a socket path over
-    97 characters, and the node's id adds 57."""
-    from cxrcore.config import ConfigError
+    97 characters, and the node's id adds 57.
 
+    Where that path is taken by something not this user's own folder (another account can make it: its
+    name is known), a new private folder `/tmp/hsrvUID-XXXXXXXX` is used instead, with a warning; nothing
+    fails, since every local cluster starts with these settings. A folder the user names is used as it
+    is (never chmodded: it may be their home or a team's). `create=False`: the folder chosen, unmade.
+    """
+    global _haproxy_folder_used
     explicit = os.environ.get("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC")
-    folder = Path(explicit).parent if explicit else Path(f"/tmp/haproxy-serve-{os.getuid()}")
+    if explicit:
+        folder = Path(explicit).parent
+        if create:
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return folder
+    folder = _haproxy_folder_used or Path(HAPROXY_FOLDER.format(uid=os.getuid()))
     if not create:
         return folder
     try:
-        folder.mkdir(mode=0o700, parents=True)
+        folder.mkdir(mode=0o700)
     except FileExistsError:
         info = folder.lstat()
         if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
-            raise ConfigError(
-                f"{folder}, where this user's HAProxy keeps its admin socket, is not a folder of this "
-                "user's (another account made it?); remove it, or set RAY_SERVE_HAPROXY_CONFIG_FILE_LOC to a "
-                "file in a folder of your own"
-            ) from None
-        if info.st_mode & 0o077:
+            import tempfile
+
+            log.warning(
+                "%s is not a folder of this user's (another account made it?): HAProxy's files go to a new "
+                "private folder instead",
+                folder,
+            )
+            folder = Path(tempfile.mkdtemp(prefix=f"hsrv{os.getuid()}-", dir="/tmp"))  # 0700
+        elif info.st_mode & 0o077:
             folder.chmod(0o700)
+    _haproxy_folder_used = folder
     return folder
+
+
+HAPROXY_FOLDER = "/tmp/haproxy-serve-{uid}"
+"""This user's HAProxy folder (see haproxy_folder)."""
+_haproxy_folder_used: Path | None = None
+"""The folder haproxy_folder chose for this process's local cluster (its fallback, where it took one)."""
 
 
 def haproxy_paths(folder: Path) -> dict[str, str]:

@@ -41,7 +41,7 @@ def haproxy_processes() -> list[tuple[int, int, str]]:
             parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
         except (OSError, IndexError, ValueError):
             continue  # gone meanwhile, or not ours to read
-        if "haproxy" in command.split(" ", 1)[0] and "haproxy-serve" in command:
+        if "haproxy" in command.split(" ", 1)[0] and ("haproxy-serve" in command or "/hsrv" in command):
             found.append((int(entry.name), parent, command))
     return found
 
@@ -72,6 +72,28 @@ def stop_stray_haproxy(node_id: str | None = None) -> int:
     return len(killed)
 
 
+PORT_RELEASE_S = 5.0
+"""How long `cxr serve` waits for the port of an orphaned HAProxy it stopped to be free."""
+
+
+def _port_free_soon(host: str, port: int, within_s: float) -> None:
+    """check_port_free, tried again for at most `within_s` seconds while the port is taken."""
+    import time
+
+    from cxrcore.config import ConfigError
+    from cxrcore.runtime import check_port_free
+
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            check_port_free(host, port)
+            return
+        except ConfigError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.1)
+
+
 def _owned(pid: int) -> bool:
     try:
         return os.stat(f"/proc/{pid}").st_uid == os.getuid()
@@ -87,9 +109,13 @@ def _wait_gone(pids: list[int], timeout_s: float = 5.0) -> None:
     def running(pid: int) -> bool:
         try:
             stat = Path(f"/proc/{pid}/stat").read_text()
+            if stat.rpartition(")")[2].split()[:1] != ["Z"]:
+                return True
+            # A zombie main thread: HAProxy's other threads may still hold the port (a review's next
+            # `cxr serve` found it taken a moment after the orphan was stopped)
+            return len(os.listdir(f"/proc/{pid}/task")) > 1
         except OSError:
             return False
-        return stat.rpartition(")")[2].split()[:1] != ["Z"]
 
     deadline = time.monotonic() + timeout_s
     for pid in pids:
@@ -161,7 +187,7 @@ def serve_foreground(
     from ray import serve
 
     from cxrcore.console import is_quiet
-    from cxrcore.runtime import check_port_free, dashboard_text, init_ray
+    from cxrcore.runtime import dashboard_text, init_ray
 
     if not 0 <= grace_s <= MAX_GRACE_S:  # NaN too; Event.wait overflows on inf
         raise ValueError(f"--grace-s: expected 0 to {MAX_GRACE_S:g} seconds, got {grace_s}")
@@ -169,10 +195,11 @@ def serve_foreground(
     app = build_app(args)  # fails here, before Ray starts, on a bad registry or model reference
     pinned = resolve_model(_registry(args), args.model).ref  # what the app serves until a swap
     local = not (address or os.environ.get("RAY_ADDRESS"))
-    if local and stop_stray_haproxy():
+    stopped = local and stop_stray_haproxy()
+    if stopped:
         print("stopped an HAProxy that an earlier Serve left running", file=sys.stderr, flush=True)
-    if local:
-        check_port_free(host, port)  # before Ray starts, not as HAProxy's crash after it
+    if local:  # before Ray starts, not as HAProxy's crash after it; a port the stray held, freed in a moment
+        _port_free_soon(host, port, PORT_RELEASE_S if stopped else 0.0)
     # On a cluster joined by address, Serve's controller, proxies and replicas log to this console whatever
     # they log to their files: 52 of a review's 57 lines were their INFO and access lines. A quiet `cxr
     # serve` leaves them in the files (the dashboard's Serve page), as its local cluster's replicas do.

@@ -225,26 +225,40 @@ def test_each_users_haproxy_files_are_in_a_folder_of_their_own(
     """Ray's one /tmp/haproxy-serve for every user: the first to serve owned it, every other user's Serve
     failed, and its admin socket was open to all until cxr closed the folder once Serve was up."""
     import os
+    import shutil
 
-    from cxrcore.config import ConfigError
+    import cxrcore.runtime as runtime
     from cxrcore.runtime import haproxy_folder, haproxy_paths
 
-    config = tmp_path / "haproxy-serve-me" / "haproxy.cfg"
-    monkeypatch.setenv("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", str(config))
+    monkeypatch.delenv("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", raising=False)
+    monkeypatch.setattr(runtime, "HAPROXY_FOLDER", str(tmp_path / "haproxy-serve-{uid}"))
+    monkeypatch.setattr(runtime, "_haproxy_folder_used", None)
     folder = haproxy_folder()
-    assert folder == tmp_path / "haproxy-serve-me" and folder.stat().st_mode & 0o777 == 0o700
-    folder.chmod(0o755)
-    assert haproxy_folder().stat().st_mode & 0o777 == 0o700
+    assert folder == tmp_path / f"haproxy-serve-{os.getuid()}" and folder.stat().st_mode & 0o777 == 0o700
+    assert haproxy_folder(create=False) == folder
     paths = haproxy_paths(folder)
     assert all(value.startswith(str(folder)) for value in paths.values())
     assert {"RAY_SERVE_HAPROXY_SOCKET_PATH", "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH"} <= set(paths)
-    monkeypatch.delenv("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC")
-    assert haproxy_folder(create=False) == Path(f"/tmp/haproxy-serve-{os.getuid()}")
-    if os.getuid() == 0:  # a folder another account made in its place is refused, not used
+    folder.chmod(0o755)
+    monkeypatch.setattr(runtime, "_haproxy_folder_used", None)
+    assert haproxy_folder() == folder and folder.stat().st_mode & 0o777 == 0o700  # its own: closed again
+
+    if os.getuid() == 0:  # another account made the folder first (its name is known): a private one instead
         os.chown(folder, 12345, 12345)
-        monkeypatch.setenv("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", str(folder / "haproxy.cfg"))
-        with pytest.raises(ConfigError, match="is not a folder of this user's"):
-            haproxy_folder()
+        monkeypatch.setattr(runtime, "_haproxy_folder_used", None)
+        fallback = haproxy_folder()
+        try:
+            assert fallback != folder and fallback.name.startswith(f"hsrv{os.getuid()}-")
+            assert fallback.stat().st_mode & 0o777 == 0o700 and fallback.stat().st_uid == os.getuid()
+            assert len(str(fallback / ("n" * 56) / "admin.sock")) <= 97  # HAProxy's limit for a socket path
+        finally:
+            shutil.rmtree(fallback)
+
+    shared = tmp_path / "team"  # a folder the user names is used as it is, never closed
+    shared.mkdir(mode=0o775)
+    shared.chmod(0o775)
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", str(shared / "haproxy.cfg"))
+    assert haproxy_folder() == shared and shared.stat().st_mode & 0o777 == 0o775
 
 
 def test_a_lock_file_another_user_made_is_taken_read_only(
