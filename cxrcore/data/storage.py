@@ -233,9 +233,11 @@ def write_text(filesystem: pafs.FileSystem, path: str, text: str) -> None:
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
+        if isinstance(exc, OSError) and exc.filename == temporary:
+            exc.filename = path  # the error names the file the user knows (read-only, full, not theirs)
         raise
 
 
@@ -360,10 +362,15 @@ def replacing(dataset: str, marker: str, elsewhere: str, wait: bool = False) -> 
     a line saying so and a wait for them to end. Runs that start meanwhile wait for the swap and read the
     new one. Nothing to hold where no dataset (a folder with the file `marker`) is there."""
     path = _local_folder(dataset, marker)
-    if path is None:
+    try:
+        descriptor = (
+            None if path is None else os.open(f"{path}/{READ_LOCK_NAME}", os.O_RDONLY | os.O_CREAT, 0o666)
+        )
+    except OSError:  # a folder this user may not write: the swap itself fails on it, saying so
+        descriptor = None
+    if descriptor is None:
         yield
         return
-    descriptor = os.open(os.path.join(path, READ_LOCK_NAME), os.O_RDONLY | os.O_CREAT, 0o666)
     try:
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
