@@ -257,7 +257,7 @@ class ModelRegistry:
                 # a registry travels to serving nodes and is shared; DATA_REPORT_FILES stay with the data
                 _copy(report_fs, report_path, self._fs, f"{folder}/{REPORT_NAME}", skip=DATA_REPORT_FILES)
             card_data["version"] = f"{name}:{number}"
-            self._write_atomic(f"{folder}/{CARD_NAME}", json.dumps(card_data, indent=2))
+            write_text(self._fs, f"{folder}/{CARD_NAME}", json.dumps(card_data, indent=2))
         except BaseException:
             remove(self._fs, folder)
             raise
@@ -345,7 +345,8 @@ class ModelRegistry:
                 cleaned.append(item)
                 if dry_run:
                     continue
-                self._write_atomic(
+                write_text(
+                    self._fs,
                     f"{folder}/{TOMBSTONE_NAME}",
                     json.dumps({"cleaned_at": time.time(), "files": item.files, "bytes": item.bytes}),
                 )
@@ -439,8 +440,8 @@ class ModelRegistry:
             version = self.get(ref)  # again under the lock: an alias `ref` may have moved meanwhile
             aliases = self.aliases()
             aliases[alias] = version.ref
-            self._write_atomic(
-                f"{self._path}/{ALIASES_NAME}", json.dumps(dict(sorted(aliases.items())), indent=2)
+            write_text(
+                self._fs, f"{self._path}/{ALIASES_NAME}", json.dumps(dict(sorted(aliases.items())), indent=2)
             )
         return replace(version, aliases=tuple(sorted(a for a, t in aliases.items() if t == version.ref)))
 
@@ -720,14 +721,6 @@ class ModelRegistry:
             yield
         finally:
             os.close(descriptor)  # releases the lock
-
-    def _write_atomic(self, path: str, text: str) -> None:
-        if not self._local:
-            write_text(self._fs, path, text)  # an object appears whole or not at all
-            return
-        temporary = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        write_text(self._fs, temporary, text)
-        os.replace(temporary, path)
 
     def _read_json(self, path: str) -> dict[str, Any]:
         text = read_text(self._fs, path)
