@@ -344,3 +344,22 @@ def test_within_one_image_counts_the_images_two_models_differ_on() -> None:
             [0, 1, 1, 1], [0, 0, 2, 1]]}  # fmt: skip
     assert images_apart(good, near) == 1
     assert best_by_validation([good, near], dict) is near  # one image apart: the lower loss
+
+
+def test_as_many_images_right_and_a_score_under_one_image_apart_is_a_tie() -> None:
+    """Seed 0 of the demo (41 validation images): two models each missed two images, different ones. The
+    matrices are two images apart, and macro-F1 0.00006 had picked the one with the higher validation loss."""
+    from cxrcore.metrics import images_apart, within_one_image
+
+    resnet = {"val_score": 0.95227, "val_loss": 0.188, "val_confusion_matrix": [[10, 0, 0, 0], [0, 9, 1, 0],
+              [0, 0, 11, 0], [0, 0, 1, 9]]}  # fmt: skip
+    dual = {"val_score": 0.95221, "val_loss": 0.101, "val_confusion_matrix": [[10, 0, 0, 0], [0, 9, 1, 0],
+            [0, 1, 10, 0], [0, 0, 0, 10]]}  # fmt: skip
+    assert images_apart(resnet, dual) == 2
+    assert best_by_validation([resnet, dual], dict) is dual
+    assert [m["val_loss"] for m in rank_by_validation([resnet, dual], dict)] == [0.101, 0.188]
+    # One more image wrong is not a tie, however close the score; nor is a score a whole image behind.
+    fewer = {**dual, "val_confusion_matrix": [[10, 0, 0, 0], [0, 9, 1, 0], [0, 1, 9, 1], [0, 0, 0, 10]]}
+    assert not within_one_image(fewer, resnet) and best_by_validation([resnet, fewer], dict) is resnet
+    behind = {**dual, "val_score": 0.95227 - 1.5 / 41}
+    assert not within_one_image(behind, resnet) and best_by_validation([resnet, behind], dict) is resnet
