@@ -41,7 +41,7 @@ from cxrcore.console import quiet_ray_console
 from cxrcore.data.layout import LayoutError
 from cxrcore.labels import CLASSES
 from cxrcore.registry import ModelRegistry, RegistryError
-from cxrcore.runtime import Interrupted
+from cxrcore.runtime import Interrupted, storage_error, storage_reason
 from cxrcore.summaries import (
     format_cell,
     format_comparison,
@@ -53,11 +53,6 @@ from cxrcore.summaries import (
 from cxrcore.tables import format_table
 
 Command = Callable[[argparse.Namespace], int]
-
-
-STORAGE_ERRNOS = frozenset({errno.EROFS, errno.ENOSPC, errno.EDQUOT})
-"""OSErrors of where a command writes, said in one line: a read-only filesystem (exit 2, as a folder this
-user may not write), no space left or a quota reached (exit 1)."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -105,15 +100,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `cxr ... | head`
         sys.stderr.close()
         return 0
-    except OSError as exc:
-        # A read-only mount (NFS, a container's volume), a full disk or quota: the path and why, not a
-        # traceback. What the run wrote is staged beside its output, which stays as it was.
-        if exc.errno not in STORAGE_ERRNOS:
-            raise
-        where = f"{exc.filename}: " if exc.filename else ""
-        print(f"cxr: error: {where}{exc.strerror or exc}", file=sys.stderr)
-        return 2 if exc.errno == errno.EROFS else 1
     except Exception as exc:
+        if (full := storage_error(exc)) is not None:
+            # A read-only mount (NFS, a container's volume; exit 2, as a folder this user may not write), a
+            # full disk, a quota or `ulimit -f` (exit 1), here or in a Ray task, worker or trial: the path
+            # and why, not a traceback. What the run wrote is staged beside its output, which stays as it was.
+            where = f"{full.filename}: " if full.filename else ""
+            print(f"cxr: error: {where}{storage_reason(full)}", file=sys.stderr)
+            return 2 if full.errno == errno.EROFS else 1
         if (why := decoder_unavailable(exc)) is None:
             raise
         print(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -114,6 +115,21 @@ class HideProgressNotice(logging.Filter):
         return not str(record.msg).startswith("Progress bars disabled")
 
 
+class HideStorageErrors(logging.Filter):
+    """Drops Ray Data's console records of a full disk, a quota, a file-size limit or a read-only filesystem
+    (`runtime.storage_error`), which cxr says in one line naming the folder: an ingest into a full disk
+    printed 275 lines, two tracebacks and "Exception occurred in Ray Data or Ray Core internal code ...
+    please open an issue on the Ray project". That record carries no exception; Ray Data logs it while
+    handling one, which `sys.exc_info` then holds. The records stay in ray-data.log (used in
+    ray_data_logging.yaml)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from cxrcore.runtime import storage_error
+
+        error = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
+        return error is None or storage_error(error) is None
+
+
 @contextmanager
 def quiet_ray_console() -> Iterator[None]:
     """QUIET_ENVIRONMENT in this process for the duration (values already set are kept), as it was
@@ -141,12 +157,16 @@ def train_log_level() -> str:
 
 def quiet_train_worker() -> None:
     """In a Train worker of a quiet run: drop Ray Train's per-report INFO line, which dumps the whole metrics
-    dictionary, and keep Ray Data's console as a quiet command has it.
+    dictionary, and its traceback of a full disk, and keep Ray Data's console as a quiet command has it.
 
     Ray 2.60 logs the report under a logger named by its source file's path, which ray.train.LoggingConfig
     does not reach; raising that logger's level is the only switch. The metrics are in the run's cards.
     """
     quiet_ray_data_console()
+    # Its "Error in training function" traceback of a full disk, once per attempt: cxr says it in one line.
+    errors = logging.getLogger("ray.train.v2._internal.util")
+    if not any(isinstance(kept, HideStorageErrors) for kept in errors.filters):
+        errors.addFilter(HideStorageErrors())
     try:
         from ray.train.v2._internal.execution import context
     except ImportError:  # another Ray version: nothing to quiet

@@ -66,6 +66,7 @@ from cxrcore.data.storage import (
     cache_key,
     exists,
     file_sha256,
+    name_the_place,
     open_lock_file,
     read_text,
     remove,
@@ -258,8 +259,9 @@ class ModelRegistry:
                 _copy(report_fs, report_path, self._fs, f"{folder}/{REPORT_NAME}", skip=DATA_REPORT_FILES)
             card_data["version"] = f"{name}:{number}"
             write_text(self._fs, f"{folder}/{CARD_NAME}", json.dumps(card_data, indent=2))
-        except BaseException:
+        except BaseException as exc:
             remove(self._fs, folder)
+            name_the_place(exc, self._uri(name, f"v{number}"))
             raise
         finally:
             if held is not None:

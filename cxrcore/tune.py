@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import os
 import re
+import shutil
 import signal
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -538,6 +540,7 @@ def _fit_experiment(
     # snapshots "may become a bottleneck": a snapshot is a few files here. The variable still decides.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     experiment = f"{storage_path.rstrip('/')}/{name}"
+    check_experiment_state(experiment)
     if tune.Tuner.can_restore(experiment):
         log.info("resuming experiment %s", experiment)
         try:
@@ -573,12 +576,98 @@ def _fit_experiment(
         )
     before = signal.getsignal(signal.SIGINT)
     with sigint_handler_kept():  # Tune leaves its handler behind when the experiment ends
-        with _without_tunes_resume_advice(), _tunes_own_output():
+        with _without_tunes_resume_advice(), _tunes_own_output(), _said_if_full(experiment):
             results = tuner.fit()
         stopped = _tune_was_interrupted(before)
     if stopped:
         raise Interrupted(interrupted)
     return results
+
+
+@contextlib.contextmanager
+def _said_if_full(experiment: str) -> Iterator[None]:
+    """An experiment that fails on a full disk (or quota, or `ulimit -f`) raises that OSError, naming the
+    experiment's folder. Tune's controller may fail on what the full disk did rather than on the disk: it
+    wrote a trial's error.pkl empty and died reading it back (`EOFError: Ran out of input`, 335 lines);
+    a local folder with under FULL_DISK_BYTES free after a failure is taken as full. Meanwhile Tune's own
+    tracebacks of it (each trial's failure and each failed save of the experiment's state) stay off the
+    console."""
+    from cxrcore.console import HideStorageErrors
+    from cxrcore.runtime import storage_error, storage_reason
+
+    loggers = [logging.getLogger(f"ray.tune.execution.{name}") for name in TUNE_LOGGERS]
+    hidden = HideStorageErrors()
+    for logger in loggers:
+        logger.addFilter(hidden)
+    try:
+        yield
+    except Exception as exc:
+        full = storage_error(exc)
+        if full is None and "://" not in experiment:
+            with contextlib.suppress(OSError):
+                if shutil.disk_usage(_existing_parent(experiment)).free < FULL_DISK_BYTES:
+                    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        if full is None:
+            raise
+        then = (
+            f"Tune's record of the experiment was cut short by it: once there is room, run with another "
+            f"--name, or delete {experiment} and run again"
+            if _damaged_state(experiment)
+            else "once there is room, run the same command again: finished trials are kept, the others go "
+            "on from their last checkpoint"
+        )
+        reason = f"{storage_reason(full)} while the experiment ran; {then}"
+        raise OSError(full.errno, reason, experiment) from exc
+    finally:
+        for logger in loggers:
+            logger.removeFilter(hidden)
+
+
+TUNE_LOGGERS = ("tune_controller", "experiment_state")
+"""Ray Tune's modules (under ray.tune.execution) that log a trial's failure and a failed save with their
+tracebacks."""
+FULL_DISK_BYTES = 4 * 1024**2
+"""Free space under which a failed experiment's folder is taken to have been full (`_said_if_full`)."""
+
+
+def _existing_parent(path: str) -> str:
+    while path and not os.path.exists(path):
+        path = os.path.dirname(path.rstrip("/")) or "."
+    return path or "."
+
+
+TUNE_STATE_FILES = ("experiment_state-*.json",)
+"""Ray Tune's record of an experiment, JSON, the newest of which it resumes from: its trials and their
+states. (Its search algorithm's `basic-variant-state-*.json` is a pickle, which Tune writes whole.)"""
+
+
+def check_experiment_state(experiment: str) -> None:
+    """Raise ConfigError, naming the file and what to do, where the newest of Tune's state files of
+    `experiment` (TUNE_STATE_FILES) does not parse. Tune copies them in place: a disk that filled left one
+    empty, and a re-run then logged "Failed to restore the run state", trained every trial again and exited
+    0, leaving the old trials' checkpoints beside the new ones on the disk that had filled."""
+    if damaged := _damaged_state(experiment):
+        raise ConfigError(
+            f"{damaged}, Ray Tune's record of this experiment, is damaged (empty or cut short: a full disk "
+            "or a kill while Tune wrote it), so its trials cannot resume: run with another --name, or delete "
+            f"{experiment} to train them again from the start"
+        )
+
+
+def _damaged_state(experiment: str) -> str | None:
+    """The newest of `experiment`'s state files of a kind (TUNE_STATE_FILES) that does not parse, if one."""
+    import fnmatch
+
+    filesystem, root = storage.resolve(experiment)
+    listed = filesystem.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    names = [info.base_name for info in listed if info.type == pafs.FileType.File]
+    for pattern in TUNE_STATE_FILES:
+        if matching := fnmatch.filter(names, pattern):
+            try:
+                json.loads(storage.read_text(filesystem, f"{root}/{max(matching)}") or "")
+            except ValueError:
+                return f"{experiment.rstrip('/')}/{max(matching)}"
+    return None
 
 
 def _tune_was_interrupted(before: Any) -> bool:

@@ -47,7 +47,7 @@ from cxrcore.data.transforms import (
     resize_mask,
 )
 from cxrcore.labels import CLASSES
-from cxrcore.runtime import local_core_limit
+from cxrcore.runtime import local_core_limit, storage_error, storage_reason
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -246,36 +246,58 @@ def _ingest(config: IngestConfig, scanned: tuple[LayoutScan, set[str]], started:
     # the report last; one swap then publishes it, so OUT holds the previous dataset or this one, whole.
     staging, _ = storage.staging_paths(root)
     storage.clear_staging(filesystem, root, REPORT_NAME)
-    # Hive-style split=train/ folders: readers can take one split without scanning the others.
-    # The same task pool for both steps, so Ray Data fuses them: packed tables go straight to the file.
-    finished = decoded.map_batches(
-        finish,
-        batch_size=_write_batch_rows(len(rows), config.size),
-        batch_format="pyarrow",
-        compute=_tasks_per_core(decoded.num_blocks()),
-    )
-    finished.write_parquet(
-        staging,
-        filesystem=filesystem,
-        partition_cols=["split"],
-        concurrency=_task_limit(decoded.num_blocks()),
-        **parquet_options([*_DATASET_COLUMNS, "label_index", "duplicate_group"]),
-    )
-    timings["write"] = time.perf_counter() - started - sum(timings.values())
+    with _staging_removed_if_full(filesystem, root, config.out):
+        # Hive-style split=train/ folders: readers can take one split without scanning the others.
+        # The same task pool for both steps, so Ray Data fuses them: packed tables go straight to the file.
+        finished = decoded.map_batches(
+            finish,
+            batch_size=_write_batch_rows(len(rows), config.size),
+            batch_format="pyarrow",
+            compute=_tasks_per_core(decoded.num_blocks()),
+        )
+        finished.write_parquet(
+            staging,
+            filesystem=filesystem,
+            partition_cols=["split"],
+            concurrency=_task_limit(decoded.num_blocks()),
+            **parquet_options([*_DATASET_COLUMNS, "label_index", "duplicate_group"]),
+        )
+        timings["write"] = time.perf_counter() - started - sum(timings.values())
 
-    report = _report(config, scan.root, manifest, index, labels, splits, groups, started)
-    report["duplicates"]["across_classes"] = _across_classes(rows, labels, manifest)
-    report.update(_source_report(sources, splits, labels, test_sources), labels=_label_report(scan))
-    report["warnings"] = scan.warnings + _warnings(report)
-    report["seconds_by_stage"] = {stage: round(seconds, 2) for stage, seconds in timings.items()}
-    report["replaced"] = _replaced(config.out, report["fingerprint"], list(rows["sha256"]), splits)
-    storage.write_text(filesystem, f"{staging}/{REPORT_NAME}", json.dumps(printable_json(report), indent=2))
+        report = _report(config, scan.root, manifest, index, labels, splits, groups, started)
+        report["duplicates"]["across_classes"] = _across_classes(rows, labels, manifest)
+        report.update(_source_report(sources, splits, labels, test_sources), labels=_label_report(scan))
+        report["warnings"] = scan.warnings + _warnings(report)
+        report["seconds_by_stage"] = {stage: round(seconds, 2) for stage, seconds in timings.items()}
+        report["replaced"] = _replaced(config.out, report["fingerprint"], list(rows["sha256"]), splits)
+        storage.write_text(
+            filesystem, f"{staging}/{REPORT_NAME}", json.dumps(printable_json(report), indent=2)
+        )
     # A run that started reading OUT since the check at the start: the dataset is made, so wait for it
     with storage.replacing(config.out, REPORT_NAME, "another OUT", wait=True):
         storage.publish(filesystem, root, marker=REPORT_NAME)
     log.info("ingested %d of %d images into %s", report["ingested"], report["found"], config.out)
     telemetry.record_ingest(config.out, report["ingested"], [row["reason"] for row in report["rejected"]])
     return report
+
+
+@contextmanager
+def _staging_removed_if_full(filesystem: pafs.FileSystem, root: str, out: str) -> Iterator[None]:
+    """Writes into the staging folder beside `out` (at `root` of `filesystem`); one that fills the disk,
+    a quota or `ulimit -f` (`runtime.storage_error`, however deep in Ray Data's tasks) removes what it
+    wrote, which would hold the space until the next ingest into `out`, and is said in one line naming
+    `out` (Ray Data's own 275 lines of it had ended in "please open an issue on the Ray project")."""
+    try:
+        yield
+    except Exception as exc:
+        if (full := storage_error(exc)) is None:
+            raise
+        with contextlib.suppress(OSError):
+            storage.clear_staging(filesystem, root, REPORT_NAME)
+        raise OSError(
+            full.errno, f"{storage_reason(full)} while the dataset was written; what it had written is "
+            f"removed, and {out} is as it was", out,
+        ) from exc  # fmt: skip
 
 
 def _replaced(out: str, fingerprint: str, hashes: list[str], splits: list[str]) -> dict[str, Any] | None:

@@ -21,6 +21,18 @@ import pyarrow.fs as pafs
 
 from cxrcore.config import ConfigError, resolve_location
 
+STORAGE_ERRNOS = frozenset({errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+"""OSErrors of where a command writes, said in one line: a read-only filesystem, no space left, a quota
+reached, a file larger than `ulimit -f` allows."""
+
+
+def name_the_place(error: BaseException, where: str) -> None:
+    """Give a storage OSError (STORAGE_ERRNOS) that names no file the place being written: a failed
+    write() or fsync(), or pyarrow's copy, name none, and `cxr: error: No space left on device` said not
+    which disk."""
+    if isinstance(error, OSError) and error.errno in STORAGE_ERRNOS and not error.filename:
+        error.filename = where
+
 
 def resolve(location: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path within it) for a local path or a URI."""
@@ -236,7 +248,7 @@ def write_text(filesystem: pafs.FileSystem, path: str, text: str) -> None:
     except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
-        if isinstance(exc, OSError) and exc.filename == temporary:
+        if isinstance(exc, OSError) and exc.filename in (None, temporary):
             exc.filename = path  # the error names the file the user knows (read-only, full, not theirs)
         raise
 
@@ -296,7 +308,11 @@ def exclusive(location: str, what: str, elsewhere: str) -> Iterator[None]:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
         holder = f"{what} (pid {os.getpid()} on {socket.gethostname()}, since {since})"
         if writable:
-            os.pwrite(descriptor, holder.encode(), 0)
+            try:
+                os.pwrite(descriptor, holder.encode(), 0)
+            except OSError as exc:
+                name_the_place(exc, lock)
+                raise
         yield
     finally:
         _held.discard(path)

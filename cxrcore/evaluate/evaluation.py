@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from cxrcore.config import ConfigError, EvaluateConfig
+from cxrcore.data.storage import name_the_place
 from cxrcore.registry import ModelRegistry, RegistryError
 
 if TYPE_CHECKING:
@@ -137,6 +138,9 @@ def _evaluate_into(out: Path, config: EvaluateConfig) -> dict[str, Path]:
             for path in out.glob(pattern):
                 if path.name not in {written.name for written in paths.values()}:
                     path.unlink()
+    except OSError as exc:
+        name_the_place(exc, str(out))
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         if created and out.is_dir() and not any(out.iterdir()):

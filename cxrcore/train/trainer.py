@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -14,7 +16,15 @@ from cxrcore.config import ConfigError, TrainConfig, to_dict
 from cxrcore.console import is_quiet, train_log_level
 from cxrcore.labels import CLASSES
 from cxrcore.metrics import best_by_validation
-from cxrcore.runtime import DATA_CPUS, DATA_TASK_CPUS, Interrupted, root_cause, sigint_handler_kept
+from cxrcore.runtime import (
+    DATA_CPUS,
+    DATA_TASK_CPUS,
+    Interrupted,
+    root_cause,
+    sigint_handler_kept,
+    storage_error,
+    storage_reason,
+)
 
 log = logging.getLogger(__name__)
 
@@ -388,6 +398,14 @@ def build_trainer(config: TrainConfig, callbacks: list[Any] | None = None) -> An
     storage_path = config.out if "://" in config.out else storage.resolve(config.out)[1]
     run_dir = f"{storage_path.rstrip('/')}/{config.run_name()}"
     check_same_experiment(run_dir, run_settings(config, settings), "a training run")
+    if (restored := restore_checkpoint_record(run_dir)) is not None:
+        log.warning(
+            "%s/%s, Ray Train's record of the run's checkpoints, was damaged (cut short: a full disk or a "
+            "kill while Ray wrote it): put back as it was after epoch %s, from which the run resumes",
+            run_dir,
+            CHECKPOINT_SNAPSHOT,
+            restored,
+        )
     if dropped := drop_unrecorded_checkpoints(run_dir):
         log.warning(
             "removed %d checkpoint folder(s) of %s that the interrupted run wrote after its last recorded "
@@ -416,13 +434,106 @@ def build_trainer(config: TrainConfig, callbacks: list[Any] | None = None) -> An
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=3, checkpoint_score_attribute="val_score", checkpoint_score_order="max"
             ),
-            callbacks=callbacks,
+            callbacks=[*(callbacks or []), record_keeper(run_dir)],
         ),
     )
 
 
 CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
 """Ray Train V2's record of a run's checkpoints, which a run of the same name resumes from."""
+RECORD_COPY = "cxr_checkpoint_record.json"
+"""A copy of CHECKPOINT_SNAPSHOT as it was after the last epoch whose checkpoint Ray recorded, written
+whole or not at all (`storage.write_text`). Ray writes its record in place: a disk that filled as it did
+left it cut short (4,096 bytes of JSON), and every re-run then failed in Ray's CheckpointManager."""
+
+
+def record_keeper(run_dir: str) -> Any:
+    """A Ray Train callback that copies the run's checkpoint record (RECORD_COPY) after each report with a
+    checkpoint. It runs in the Train controller after Ray's CheckpointManager has recorded the report and
+    written its record; a record Ray could not write whole is never copied (it does not parse)."""
+    import ray.train
+
+    class RecordKeeper(ray.train.UserCallback):
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            if checkpoint is not None:
+                copy_checkpoint_record(run_dir)
+
+    return RecordKeeper()
+
+
+def copy_checkpoint_record(run_dir: str) -> None:
+    """Copy CHECKPOINT_SNAPSHOT to RECORD_COPY where it is whole; a copy that cannot be written (the disk
+    full) leaves the one before, and the run goes on to meet the full disk itself."""
+    from cxrcore.data import storage
+
+    filesystem, root = storage.resolve(run_dir)
+    text = storage.read_text(filesystem, f"{root}/{CHECKPOINT_SNAPSHOT}")
+    if text is None or _checkpoint_record(text) is None:
+        return
+    try:
+        storage.write_text(filesystem, f"{root}/{RECORD_COPY}", text)
+    except OSError as exc:
+        log.warning("could not keep a copy of %s/%s: %s", run_dir, CHECKPOINT_SNAPSHOT, exc)
+
+
+def restore_checkpoint_record(run_dir: str) -> int | None:
+    """Put back the run's checkpoint record from RECORD_COPY where Ray's own is damaged (it does not
+    parse) and the copy is whole, with every checkpoint it names still there; return the last epoch the
+    copy recorded (None where nothing was restored). Raises ConfigError, naming the file and what to do,
+    where the record is damaged and no usable copy is kept.
+
+    Ray writes its record before it deletes the checkpoints it no longer keeps, and deletes none when the
+    write fails: the record of the epoch before names folders that are all still there.
+    """
+    from cxrcore.data import storage
+
+    filesystem, root = storage.resolve(run_dir)
+    live = f"{root}/{CHECKPOINT_SNAPSHOT}"
+    text = storage.read_text(filesystem, live)
+    if text is None or _checkpoint_record(text) is not None:
+        return None
+    copy = storage.read_text(filesystem, f"{root}/{RECORD_COPY}")
+    record = _checkpoint_record(copy) if copy is not None else None
+    folders = _recorded_folders(record) if record is not None else set()
+    if record is None or copy is None or not all(storage.exists(filesystem, f"{root}/{f}") for f in folders):
+        raise ConfigError(
+            f"{run_dir}/{CHECKPOINT_SNAPSHOT}, Ray Train's record of this run's checkpoints, is damaged (cut "
+            "short: a full disk or a kill while Ray wrote it) and no whole copy of it is kept: train again "
+            f"with another --name, or delete {run_dir} to start this run over"
+        )
+    storage.write_text(filesystem, live, copy)
+    named = (re.fullmatch(r"checkpoint_epoch_(\d+)", folder) for folder in folders)
+    return max((int(match[1]) for match in named if match), default=0)
+
+
+def _checkpoint_record(text: str) -> dict[str, Any] | None:
+    """Ray Train V2's checkpoint record parsed, or None for one that does not parse or is not one."""
+    try:
+        record = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("checkpoint_results"), list):
+        return None
+    return record
+
+
+def _recorded_folders(record: dict[str, Any]) -> set[str]:
+    """Every checkpoint folder the record names: kept, latest, pending."""
+    recorded: set[str] = set()
+
+    def collect(value: Any) -> None:
+        if isinstance(value, dict):
+            name = value.get("checkpoint_dir_name")
+            if isinstance(name, str):
+                recorded.add(name)
+            for item in value.values():
+                collect(item)
+        elif isinstance(value, list):
+            for item in value:
+                collect(item)
+
+    collect(record)
+    return recorded
 
 
 def drop_unrecorded_checkpoints(run_dir: str) -> list[str]:
@@ -434,34 +545,16 @@ def drop_unrecorded_checkpoints(run_dir: str) -> list[str]:
     the folders stayed behind, never pruned by `num_to_keep` (a ResNet50's is about 300 MB). Nothing runs
     under `run_dir` when this is called (before the run starts), so every folder the record does not name
     is such a leftover. A record in a format this code does not know removes nothing."""
-    import json
-
     import pyarrow.fs as pafs
 
     from cxrcore.data import storage
 
     filesystem, root = storage.resolve(run_dir)
     text = storage.read_text(filesystem, f"{root}/{CHECKPOINT_SNAPSHOT}")
-    try:
-        snapshot = json.loads(text) if text is not None else None
-    except ValueError:
+    snapshot = _checkpoint_record(text) if text is not None else None
+    if snapshot is None:
         return []
-    if not isinstance(snapshot, dict) or not isinstance(snapshot.get("checkpoint_results"), list):
-        return []
-    recorded: set[str] = set()
-
-    def collect(value: Any) -> None:  # wherever the record names a folder: kept, latest, pending
-        if isinstance(value, dict):
-            name = value.get("checkpoint_dir_name")
-            if isinstance(name, str):
-                recorded.add(name)
-            for item in value.values():
-                collect(item)
-        elif isinstance(value, list):
-            for item in value:
-                collect(item)
-
-    collect(snapshot)
+    recorded = _recorded_folders(snapshot)
     folders = filesystem.get_file_info(pafs.FileSelector(root, allow_not_found=True))
     dropped = sorted(
         info.base_name
@@ -582,7 +675,7 @@ def writing(config: TrainConfig) -> AbstractContextManager[None]:
 
 
 def _fit(config: TrainConfig) -> TrainResult:
-    from ray.train.v2.api.exceptions import WorkerGroupError
+    from ray.train.v2.api.exceptions import TrainingFailedError
 
     from cxrcore.data import storage
     from cxrcore.train.loop import TrainingDiverged
@@ -595,8 +688,15 @@ def _fit(config: TrainConfig) -> TrainResult:
         raise Interrupted(
             "training stopped; run the same command again to resume it after its last saved checkpoint"
         ) from exc
-    except WorkerGroupError as exc:  # a blown-up run: its one line, not Ray's traceback of every worker
-        diverged = [e for e in exc.worker_failures.values() if isinstance(root_cause(e), TrainingDiverged)]
+    except TrainingFailedError as exc:  # its one line, not Ray's traceback of every worker
+        if (full := storage_error(exc)) is not None:  # a full disk, quota or `ulimit -f`
+            where = full.filename or f"{config.out.rstrip('/')}/{config.run_name()}"  # pyarrow's name none
+            raise OSError(
+                full.errno, f"{storage_reason(full)} while the run trained; once there is room, run the "
+                "same command again: it resumes after its last recorded epoch", where,
+            ) from exc  # fmt: skip
+        failures = getattr(exc, "worker_failures", None) or {}  # a WorkerGroupError's; a blown-up run
+        diverged = [e for e in failures.values() if isinstance(root_cause(e), TrainingDiverged)]
         if not diverged:
             raise
         raise ConfigError(f"{root_cause(diverged[0])} (this run's: {config.lr:g})") from exc

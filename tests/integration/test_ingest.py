@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -291,3 +292,40 @@ def test_the_real_data_demo_serves_only_images_of_the_test_split(synthetic_datas
         tested = [file for (of, file), split in split_of.items() if of == label and split == "test"]
         assert Path(path).name == min(tested)
     assert {split for split in split_of.values()} == {"train", "val", "test"}  # there were others to pick
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 100 KB filesystem of its own (tmpfs), where this process may mount one (root, as CI runs)."""
+    import subprocess
+
+    disk = tmp_path / "small"
+    disk.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=100k", "tmpfs", str(disk)], capture_output=True, check=False
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small filesystem here: {mounted.stderr.decode().strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_an_ingest_that_fills_the_disk_is_one_line_and_leaves_nothing_behind(
+    planted: tuple[Path, dict[str, str]], small_disk: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A review's ingest into a full tmpfs: 275 lines, two of Ray Data's tracebacks ending in "please open
+    an issue on the Ray project", and the staging folder left holding the space until the next ingest."""
+    from cxrcore.cli import main
+
+    root, _ = planted
+    out = small_disk / "ds"
+    assert main(["data", "ingest", str(root), str(out), "--size", "128"]) == 1
+    err = capfd.readouterr().err
+    assert err.endswith(
+        f"cxr: error: {out}: No space left on device while the dataset was written; what it had written is "
+        f"removed, and {out} is as it was\n"
+    )
+    assert "Traceback" not in err and "Ray Data or Ray Core internal code" not in err
+    assert os.listdir(small_disk) == []  # no ds.partial holding the space

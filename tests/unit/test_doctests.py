@@ -13,7 +13,7 @@ MODULES = (
     "cxrcore.evaluate.comparison", "cxrcore.evaluate.evaluation", "cxrcore.evaluate.external",
     "cxrcore.evaluate.report",
     "cxrcore.inference", "cxrcore.metrics",
-    "cxrcore.models.registry", "cxrcore.plan", "cxrcore.telemetry", "cxrcore.train.engine",
+    "cxrcore.models.registry", "cxrcore.plan", "cxrcore.runtime", "cxrcore.telemetry", "cxrcore.train.engine",
     "cxrcore.train.loop", "cxrcore.train.trainer", "serve.schemas",
 )  # fmt: skip
 
