@@ -535,7 +535,25 @@ def _check_train_or_tune(config: TrainConfig | TuneConfig) -> list[str]:
     if _is_here(config.out):  # where the run's lock is (no folder yet: no run writing there)
         with writing(config) if isinstance(config, TuneConfig) else trainer.writing(config):
             pass
+        _check_resumable(config)
     return notes
+
+
+def _check_resumable(config: TrainConfig | TuneConfig) -> None:
+    """`--dry-run`'s check of what an earlier run of this name left, as the run reads it once Ray has
+    started: its recorded settings, and Ray Train's or Tune's record of its progress, whole (a kill or a
+    full disk may have cut one short)."""
+    from cxrcore.experiment import recorded_settings
+    from cxrcore.train import trainer
+    from cxrcore.tune import check_experiment_state, experiment_path
+
+    if isinstance(config, TuneConfig):
+        recorded_settings(experiment_path(config), "a Tune experiment")
+        check_experiment_state(experiment_path(config))
+    else:
+        run_dir = f"{config.out.rstrip('/')}/{config.run_name()}"
+        recorded_settings(run_dir, "a training run")
+        trainer.restore_checkpoint_record(run_dir, write=False)
 
 
 def _check_ingest(config: IngestConfig) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any
 
@@ -9,6 +10,26 @@ from cxrcore.config import ConfigError
 from cxrcore.data import storage
 
 SETTINGS_NAME = "cxr_settings.json"
+
+
+def recorded_settings(location: str, what: str) -> dict[str, Any] | None:
+    """The settings {what} recorded in the run folder `location`, None where it recorded none; raises
+    ConfigError, saying what to do, where the file is damaged (`--dry-run` checks this too)."""
+    filesystem, root = storage.resolve(location)
+    path = f"{root}/{SETTINGS_NAME}"
+    text = storage.read_text(filesystem, path)
+    if text is None:
+        return None
+    recorded: Any = None
+    with contextlib.suppress(ValueError):
+        recorded = json.loads(text)
+    if not isinstance(recorded, dict):
+        raise ConfigError(
+            f"{path}, where {what} recorded its settings, is damaged (empty or cut short: a kill or a power "
+            "cut while it was written?): delete it to go on with this command's settings, or start a fresh "
+            "one with another --name (or --out)"
+        )
+    return recorded
 
 
 def check_same_experiment(
@@ -23,18 +44,10 @@ def check_same_experiment(
     """
     filesystem, root = storage.resolve(location)
     path = f"{root}/{SETTINGS_NAME}"
-    text = storage.read_text(filesystem, path)
-    if text is None:
+    recorded = recorded_settings(location, what)
+    if recorded is None:
         storage.write_text(filesystem, path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
         return
-    try:
-        recorded: dict[str, Any] = json.loads(text)
-    except ValueError:
-        raise ConfigError(
-            f"{path}, where {what} recorded its settings, is damaged (empty or cut short: a kill or a power "
-            "cut while it was written?): delete it to go on with this command's settings, or start a fresh "
-            "one with another --name (or --out)"
-        ) from None
     unset = defaults or {}
     differ = [
         f"{key} {recorded.get(key, unset.get(key))!r} → {settings.get(key, unset.get(key))!r}"

@@ -476,11 +476,11 @@ def copy_checkpoint_record(run_dir: str) -> None:
         log.warning("could not keep a copy of %s/%s: %s", run_dir, CHECKPOINT_SNAPSHOT, exc)
 
 
-def restore_checkpoint_record(run_dir: str) -> int | None:
+def restore_checkpoint_record(run_dir: str, *, write: bool = True) -> int | None:
     """Put back the run's checkpoint record from RECORD_COPY where Ray's own is damaged (it does not
     parse) and the copy is whole, with every checkpoint it names still there; return the last epoch the
     copy recorded (None where nothing was restored). Raises ConfigError, naming the file and what to do,
-    where the record is damaged and no usable copy is kept.
+    where the record is damaged and no usable copy is kept. `write=False` (`--dry-run`) only checks.
 
     Ray writes its record before it deletes the checkpoints it no longer keeps, and deletes none when the
     write fails: the record of the epoch before names folders that are all still there.
@@ -501,7 +501,8 @@ def restore_checkpoint_record(run_dir: str) -> int | None:
             "short: a full disk or a kill while Ray wrote it) and no whole copy of it is kept: train again "
             f"with another --name, or delete {run_dir} to start this run over"
         )
-    storage.write_text(filesystem, live, copy)
+    if write:
+        storage.write_text(filesystem, live, copy)
     named = (re.fullmatch(r"checkpoint_epoch_(\d+)", folder) for folder in folders)
     return max((int(match[1]) for match in named if match), default=0)
 

@@ -504,6 +504,51 @@ def test_a_dry_run_refuses_here_what_the_run_refused_only_after_ray_started(
     assert "ingest_report.json is not valid JSON" in capsys.readouterr().err
 
 
+def test_a_dry_run_refuses_what_an_earlier_run_left_damaged(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cut `cxr_settings.json`, Ray Train's checkpoint record or Tune's experiment state: the dry run
+    passed (exit 0) and the run refused it in one line once Ray had started."""
+    from tests.unit.test_external_eval import write_dataset
+
+    rows = [("COVID", "train", 1), ("Normal", "train", 2), ("COVID", "val", 3), ("Normal", "val", 4)]
+    data = write_dataset(tmp_path / "ds", rows, "f")
+    monkeypatch.chdir(tmp_path)
+    train = ["train", "--data", data, "--model", "tiny_cnn_lstm", "--name", "r", "--dry-run"]
+    assert main(train) == 0
+    run = tmp_path / "cxr-runs" / "r"
+    run.mkdir(parents=True)
+    (run / "cxr_settings.json").write_text("")
+    assert main(train) == 2
+    assert (
+        "cxr_settings.json, where a training run recorded its settings, is damaged" in capsys.readouterr().err
+    )
+    (run / "cxr_settings.json").write_text("{}")
+    (run / "checkpoint_manager_snapshot.json").write_text('{"checkpoint_res')
+    assert main(train) == 2
+    assert "Ray Train's record of this run's checkpoints, is damaged" in capsys.readouterr().err
+    assert (
+        run / "checkpoint_manager_snapshot.json"
+    ).read_text() == '{"checkpoint_res'  # a dry run writes nothing
+    tune = [
+        "tune",
+        "--data",
+        data,
+        "--registry",
+        "reg",
+        "--models",
+        "tiny_cnn_lstm",
+        "--name",
+        "c",
+        "--dry-run",
+    ]
+    assert main(tune) == 0
+    (tmp_path / "cxr-runs" / "c").mkdir()
+    (tmp_path / "cxr-runs" / "c" / "experiment_state-2026-12-05_10-00-00.json").write_text("")
+    assert main(tune) == 2
+    assert "Ray Tune's record of this experiment, is damaged" in capsys.readouterr().err
+
+
 def test_each_demo_of_other_data_or_settings_has_its_own_experiment_and_the_same_one_resumes(
     tmp_path: Path,
 ) -> None:
