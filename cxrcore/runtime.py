@@ -263,8 +263,9 @@ def storage_error(error: BaseException) -> OSError | None:
         if isinstance(current, OSError) and current.errno in STORAGE_ERRNOS:
             return current
         failures = getattr(current, "worker_failures", None)
-        pending += [getattr(current, "cause", None), current.__cause__, current.__context__]
-        pending += [getattr(current, "controller_failure", None), *(failures or {}).values()]
+        pending += [getattr(current, "cause", None), current.__cause__]  # not __context__: a later error's
+        pending += [getattr(current, "controller_failure", None), getattr(current, "_base_exc", None)]
+        pending += [*(failures or {}).values()]
     return None
 
 

@@ -50,6 +50,13 @@ def test_a_full_disk_is_found_however_deep_ray_wraps_it() -> None:
             raise RuntimeError("Ray Data's SystemException") from exc
     except RuntimeError as wrapped:
         assert storage_error(wrapped) is full
+    try:
+        try:
+            raise full
+        except OSError:
+            raise ValueError("a bug in the handler")  # noqa: B904
+    except ValueError as later:
+        assert storage_error(later) is None  # raised while handling it, not caused by it
     big = OSError(errno.EFBIG, "File too large")
     assert storage_error(RayTaskLike(big)) is big  # `ulimit -f`
     assert storage_error(OSError(errno.EIO, "I/O error")) is None  # a failing disk is a bug to see whole
