@@ -6,7 +6,9 @@ would need general unpickling (which can run any code it names) is refused with 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
 import math
 import pickle
@@ -34,6 +36,41 @@ STATE_DICT_SUFFIXES = (".pth", ".pt", ".bin")
 """Files read as a torch state_dict (with `weights_only=True`); .safetensors is read as safetensors."""
 
 
+@functools.cache
+def software_versions() -> dict[str, str]:
+    """The versions a card records (ModelCard.software), found once per process."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"cxr": cxrcore.__version__, "torch": torch.__version__, "python": platform.python_version()}
+    if commit := _source_commit():
+        found["cxr_commit"] = commit
+    for package in ("ray", "timm", "torchvision", "numpy", "safetensors", "pyarrow"):
+        with contextlib.suppress(PackageNotFoundError):
+            found[package] = version(package)
+    if torch.version.cuda:
+        found["cuda"] = str(torch.version.cuda)
+    found["machine"] = platform.machine()
+    return found
+
+
+def _source_commit() -> str | None:
+    """The git commit cxr runs from (`-dirty` where its files differ from it), where it runs from a checkout;
+    None for an installed package, or without git."""
+    import subprocess
+
+    source = Path(cxrcore.__file__).resolve().parents[1]
+    if not (source / ".git").exists():
+        return None
+    try:
+        described = subprocess.run(
+            ["git", "-C", str(source), "describe", "--always", "--dirty", "--abbrev=12"],
+            capture_output=True, text=True, timeout=10, check=False,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return described.stdout.strip() or None
+
+
 @dataclass
 class ModelCard:
     """Everything needed to rebuild, judge and serve a checkpoint, without the code that trained it."""
@@ -58,13 +95,15 @@ class ModelCard:
     """checkpoint of the U-Net that supplies lung masks when a request has none (dual-channel models)."""
     version: str | None = None
     created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
-    software: dict[str, str] = field(
-        default_factory=lambda: {
-            "cxr": cxrcore.__version__,
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-        }
-    )
+    software: dict[str, str] = field(default_factory=lambda: dict(software_versions()))
+    """What trained it: cxr (and its source's commit, where it ran from a git checkout), the libraries whose
+    versions change the result, Python, and the machine's architecture."""
+    weights_sha256: str | None = None
+    """sha256 of model.safetensors, recorded when the registry stored this version: whoever loads the version
+    (`cxr serve`'s replicas, `cxr evaluate`, a promote) checks the file against it, and each HTTP answer
+    names it. None on a checkpoint not registered, and on versions an earlier cxr registered."""
+    registered_at: str | None = None
+    """When the registry stored this version (UTC); `created_at` is when training saved the checkpoint."""
 
     def __post_init__(self) -> None:
         # A card edited by hand or written as null must not serve NaN or negative-temperature probabilities.
@@ -97,7 +136,8 @@ def save_checkpoint(
     directory.mkdir(parents=True, exist_ok=True)
     module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    save_file(state, directory / WEIGHTS_NAME, metadata={"format": "pt", "model": card.name})
+    # One key: safetensors writes a map of several in a random order, and the same weights hashed otherwise.
+    save_file(state, directory / WEIGHTS_NAME, metadata={"format": "pt"})
     (directory / CARD_NAME).write_text(json.dumps(card.to_dict(), indent=2, default=_json_default))
     if train_state is not None:
         torch.save(train_state, directory / TRAIN_STATE_NAME)

@@ -57,6 +57,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -92,6 +93,8 @@ _ALIAS = re.compile(r"[a-z][a-z0-9_-]*")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _VERSION_DIR = re.compile(r"v(\d+)")
 _CLAIM_PREFIX = ".claim-"
+_REGISTRATION_FIELDS = {"version": None, "weights_sha256": None, "registered_at": None}
+"""What the registry adds to a checkpoint's card: set aside to tell whether a version holds a checkpoint."""
 TOMBSTONE_NAME = ".interrupted"
 """Left in a cleaned version folder: the number stays used, and the folder is not reported again."""
 _MAX_ATTEMPTS = 100
@@ -171,19 +174,25 @@ class ModelRegistry:
         would, then finds the first. `segmenter`: as `register` takes it."""
         from cxrcore.checkpoint import WEIGHTS_NAME, load_card, local_checkpoint_dir
 
-        card = {**load_card(checkpoint).to_dict(), "version": None}
+        card = {**load_card(checkpoint).to_dict(), **_REGISTRATION_FIELDS}
         if segmenter is not None:
             card["segmenter"] = self._segmenter_location(str(self.local_checkpoint(segmenter)), checkpoint)
-        weights = (local_checkpoint_dir(checkpoint) / WEIGHTS_NAME).read_bytes()
+        weights = file_sha256(pafs.LocalFileSystem(), str(local_checkpoint_dir(checkpoint) / WEIGHTS_NAME))
         return next(
             (
                 version
                 for version in self.versions(card["model"]["name"])
-                if {**version.card.to_dict(), "version": None} == card
-                and (self.local_checkpoint(version.ref) / WEIGHTS_NAME).read_bytes() == weights
+                if {**version.card.to_dict(), **_REGISTRATION_FIELDS} == card
+                and self._weights_sha256(version) == weights
             ),
             None,
         )
+
+    def _weights_sha256(self, version: ModelVersion) -> str:
+        """The sha256 of `version`'s weights as stored (checked against its card by `local_checkpoint`)."""
+        from cxrcore.checkpoint import WEIGHTS_NAME
+
+        return file_sha256(pafs.LocalFileSystem(), str(self.local_checkpoint(version.ref) / WEIGHTS_NAME))
 
     def register_once(
         self, checkpoint: str | Path, *, report: str | Path | None = None, alias: str | None = None
@@ -258,6 +267,9 @@ class ModelRegistry:
                 # a registry travels to serving nodes and is shared; DATA_REPORT_FILES stay with the data
                 _copy(report_fs, report_path, self._fs, f"{folder}/{REPORT_NAME}", skip=DATA_REPORT_FILES)
             card_data["version"] = f"{name}:{number}"
+            # the weights as stored here, which every load checks (`local_checkpoint`)
+            card_data["weights_sha256"] = file_sha256(self._fs, f"{folder}/{WEIGHTS_NAME}")
+            card_data["registered_at"] = datetime.now(UTC).isoformat(timespec="seconds")
             write_text(self._fs, f"{folder}/{CARD_NAME}", json.dumps(card_data, indent=2))
         except BaseException as exc:
             remove(self._fs, folder)
@@ -434,6 +446,7 @@ class ModelRegistry:
 
         self._check_weights(self._fs, f"{self._path}/{target.name}/v{target.version}/{WEIGHTS_NAME}",
                             target.ref, "promoted")  # fmt: skip
+        self.local_checkpoint(target.ref)  # the weights it was registered with (`_unchanged`)
         with self._locked():
             if alias in self._names():
                 raise RegistryError(
@@ -510,10 +523,13 @@ class ModelRegistry:
         version = self.get(ref)
         folder = f"{self._path}/{version.name}/v{version.version}"
         if self._local:
-            return Path(folder)
+            return self._unchanged(version, Path(folder))
         target = self._cache.joinpath(*cache_key(self.root), version.name, f"v{version.version}")
         if (target / CARD_NAME).is_file():
-            return target  # versions never change, so a finished copy stays valid
+            cached = json.loads((target / CARD_NAME).read_text()).get("weights_sha256")
+            if cached == version.card.weights_sha256:
+                return self._unchanged(version, target)  # a version is stored once: its copy stays valid
+            shutil.rmtree(target, ignore_errors=True)  # a registry emptied and filled again: not this one
         staging = target.with_name(f"{target.name}.tmp-{uuid.uuid4().hex[:8]}")
         staging.mkdir(parents=True)
         local = pafs.LocalFileSystem()
@@ -526,7 +542,26 @@ class ModelRegistry:
                 raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        return target
+        return self._unchanged(version, target)
+
+    def _unchanged(self, version: ModelVersion, folder: Path) -> Path:
+        """`folder`, where its weights are the ones `version` was registered with (its card's
+        weights_sha256; a version an earlier cxr registered records none): a registry's versions are
+        stored once, and weights replaced under one (by hand, a bad copy, a sync gone wrong) were served
+        under its name with nothing said. Raises RegistryError naming both hashes otherwise."""
+        from cxrcore.checkpoint import WEIGHTS_NAME
+
+        expected = version.card.weights_sha256
+        if expected is None:
+            return folder
+        found = file_sha256(pafs.LocalFileSystem(), str(folder / WEIGHTS_NAME))
+        if found != expected:
+            raise RegistryError(
+                f"{version.ref}'s weights ({folder / WEIGHTS_NAME}, sha256 {found[:12]}…) are not the ones "
+                f"it was registered with (sha256 {expected[:12]}…): they were replaced or damaged since; "
+                "register the checkpoint again (`cxr models register`) and promote the new version"
+            )
+        return folder
 
     def segmenter_checkpoint(self, segmenter: str, of: str | None = None) -> Path:
         """A card's segmenter (what its `segmenter` field holds) as a local checkpoint folder: a folder as it

@@ -10,11 +10,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+import pyarrow.fs as pafs
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from cxrcore import telemetry
-from cxrcore.checkpoint import ModelCard, load_card, local_checkpoint_dir
+from cxrcore.checkpoint import WEIGHTS_NAME, ModelCard, load_card, local_checkpoint_dir
+from cxrcore.data.storage import file_sha256
 from serve.schemas import ClassifierConfig, ModelInfo
 
 log = logging.getLogger("ray.serve")
@@ -37,7 +39,12 @@ class ResolvedModel:
     @property
     def info(self) -> ModelInfo:
         """Which model answers, as the HTTP API says it: a checkpoint folder by its last components."""
-        return ModelInfo(name=self.card.name, version=self.version, ref=public_location(self.ref))
+        return ModelInfo(
+            name=self.card.name,
+            version=self.version,
+            ref=public_location(self.ref),
+            weights_sha256=self.card.weights_sha256,
+        )
 
     def public_card(self) -> dict[str, Any]:
         """The card as GET /v1/model shows it: every location in it (the dataset, the run's folder, the
@@ -88,7 +95,7 @@ def resolve_model(registry: str | None, ref: str) -> ResolvedModel:
                 "and no such checkpoint folder"
             )
         path = local_checkpoint_dir(ref if remote else Path(ref).expanduser().resolve())
-        card = load_card(path)
+        card = _hashed(load_card(path), path)
         return ResolvedModel(
             ref=ref if remote else str(path), checkpoint=path, card=card, version=card.version
         )
@@ -96,10 +103,17 @@ def resolve_model(registry: str | None, ref: str) -> ResolvedModel:
 
     models = ModelRegistry(registry)
     version = models.get(ref)
-    path = Path(models.local_checkpoint(version.ref))
-    return ResolvedModel(
-        ref=version.ref, checkpoint=path, card=load_card(path), version=version.ref.rpartition(":")[2]
-    )
+    path = Path(models.local_checkpoint(version.ref))  # its weights checked against the card
+    card, number = _hashed(load_card(path), path), version.ref.rpartition(":")[2]
+    return ResolvedModel(ref=version.ref, checkpoint=path, card=card, version=number)
+
+
+def _hashed(card: ModelCard, checkpoint: Path) -> ModelCard:
+    """`card` with its weights' sha256: as the registry recorded it, else (a checkpoint folder, a version an
+    earlier cxr registered) hashed now, as the replica loads them."""
+    if card.weights_sha256 is None:
+        card.weights_sha256 = file_sha256(pafs.LocalFileSystem(), str(checkpoint / WEIGHTS_NAME))
+    return card
 
 
 def resolve_segmenter(registry: str | None, segmenter: str, of: str | None = None) -> str:

@@ -162,6 +162,12 @@ class ModelInfo(BaseModel):
     ref: str = Field(
         description="registry reference (name:N), or the checkpoint's folder by its last two components"
     )
+    weights_sha256: str | None = Field(
+        default=None,
+        description="sha256 of the weights file that answered: the one the registry recorded when it stored "
+        "the version, which the replica checked when it loaded it (a prediction stored today traces back to "
+        "these exact weights)",
+    )
 
 
 class Explanation(BaseModel):

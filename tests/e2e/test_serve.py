@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import io
 import json
 import math
@@ -293,7 +294,13 @@ def test_app_composes_ingress_classifier_and_segmenter(server: Server) -> None:
     ready = httpx.get(f"{server.url}/readyz").json()
     assert ready["status"] == "ready" and ready["model"]["ref"] == PRODUCTION
     model = httpx.get(f"{server.url}/v1/model").json()
-    assert model["model"] == {"name": "tiny_dual_cnn", "version": "1", "ref": PRODUCTION}
+    # The weights that answer, as the registry recorded them when it stored the version: a prediction
+    # kept in a hospital's records traces back to one file.
+    weights = Path(ModelRegistry(server.registry).local_checkpoint(PRODUCTION)) / "model.safetensors"
+    sha256 = hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert ModelRegistry(server.registry).get(PRODUCTION).card.weights_sha256 == sha256
+    served = {"name": "tiny_dual_cnn", "version": "1", "ref": PRODUCTION, "weights_sha256": sha256}
+    assert model["model"] == served
     # The card names its segmenter, dataset and run folder by their last components: no server path.
     unet = Path(ModelRegistry(server.registry).local_checkpoint("tiny_unet"))
     assert model["card"]["segmenter"] == f"…/{unet.parent.name}/{unet.name}"

@@ -620,3 +620,29 @@ def test_a_registration_waiting_for_anothers_copy_says_so(
         holder.wait(timeout=30)
     thread.join(TIMEOUT)
     assert done and done[0].version.ref == f"{NAME}:1"
+
+
+def test_a_version_records_its_weights_and_refuses_weights_replaced_under_it(tmp_path: Path) -> None:
+    """An audit (session 47): weights copied over a version's were served under its name, promoted and
+    evaluated with nothing said; the HTTP answer named the version, not the weights."""
+    import hashlib
+    import shutil
+
+    registry = ModelRegistry(tmp_path / "reg")
+    version = registry.register(make_checkpoint(tmp_path / "a", seed=0))
+    stored = Path(registry.local_checkpoint(version.ref)) / "model.safetensors"
+    assert version.card.weights_sha256 == hashlib.sha256(stored.read_bytes()).hexdigest()
+    assert version.card.registered_at is not None and version.card.software["ray"]
+    assert registry.register_once(tmp_path / "a").found  # the same checkpoint is still found as v1
+    shutil.copy(make_checkpoint(tmp_path / "b", seed=1) / "model.safetensors", stored)
+    for load in (lambda: registry.local_checkpoint(version.ref), lambda: registry.promote(version.ref)):
+        with pytest.raises(RegistryError, match=r"are not the ones it was registered with .* register the"):
+            load()
+    assert registry.aliases() == {}
+
+
+def test_the_same_weights_are_the_same_file(tmp_path: Path) -> None:
+    """Two saves of equal weights hashed otherwise about half the time: safetensors wrote its metadata map in
+    a random order, and a faithful retrain failed a hash comparison."""
+    folders = [make_checkpoint(tmp_path / str(i), seed=3) for i in range(6)]
+    assert len({(folder / "model.safetensors").read_bytes() for folder in folders}) == 1
