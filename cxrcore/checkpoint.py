@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import json
 import math
+import os
 import pickle
 import platform
+import shutil
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -136,12 +139,30 @@ def save_checkpoint(
     directory.mkdir(parents=True, exist_ok=True)
     module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    # One key: safetensors writes a map of several in a random order, and the same weights hashed otherwise.
-    save_file(state, directory / WEIGHTS_NAME, metadata={"format": "pt"})
-    (directory / CARD_NAME).write_text(json.dumps(card.to_dict(), indent=2, default=_json_default))
-    if train_state is not None:
-        torch.save(train_state, directory / TRAIN_STATE_NAME)
+    try:
+        # One key: safetensors writes a map of several in a random order, and equal weights hashed otherwise.
+        save_file(state, directory / WEIGHTS_NAME, metadata={"format": "pt"})
+        (directory / CARD_NAME).write_text(json.dumps(card.to_dict(), indent=2, default=_json_default))
+        if train_state is not None:
+            torch.save(train_state, directory / TRAIN_STATE_NAME)
+    except (SafetensorError, RuntimeError) as exc:  # neither says it is the disk as an OSError would
+        if not _out_of_space(exc, directory, sum(t.numel() * t.element_size() for t in state.values())):
+            raise
+        reason = f"{os.strerror(errno.ENOSPC)} (saving a checkpoint: {type(exc).__name__})"
+        raise OSError(errno.ENOSPC, reason, str(directory)) from exc
     return directory
+
+
+def _out_of_space(error: BaseException, directory: Path, needed: int) -> bool:
+    """Whether saving into `directory` failed on a full disk: safetensors says so in its message ("No space
+    left on device (os error 28)"); torch's writer only that the file came out short ("unexpected pos ..."),
+    where the disk has no room for the weights."""
+    if "os error 28" in str(error) or "No space left" in str(error):
+        return True
+    try:
+        return shutil.disk_usage(directory).free < needed
+    except OSError:
+        return False
 
 
 def local_checkpoint_dir(location: str | Path, cache_dir: str | Path | None = None) -> Path:

@@ -130,6 +130,13 @@ class HideStorageErrors(logging.Filter):
         return error is None or storage_error(error) is None
 
 
+def hide_storage_errors(logger: str) -> None:
+    """Keep `logger`'s records of a full disk (HideStorageErrors) off this process's console, once."""
+    found = logging.getLogger(logger)
+    if not any(isinstance(kept, HideStorageErrors) for kept in found.filters):
+        found.addFilter(HideStorageErrors())
+
+
 @contextmanager
 def quiet_ray_console() -> Iterator[None]:
     """QUIET_ENVIRONMENT in this process for the duration (values already set are kept), as it was
@@ -164,9 +171,7 @@ def quiet_train_worker() -> None:
     """
     quiet_ray_data_console()
     # Its "Error in training function" traceback of a full disk, once per attempt: cxr says it in one line.
-    errors = logging.getLogger("ray.train.v2._internal.util")
-    if not any(isinstance(kept, HideStorageErrors) for kept in errors.filters):
-        errors.addFilter(HideStorageErrors())
+    hide_storage_errors("ray.train.v2._internal.util")
     try:
         from ray.train.v2._internal.execution import context
     except ImportError:  # another Ray version: nothing to quiet

@@ -285,6 +285,9 @@ RAY_TEMP_FREE_BYTES = 256 * 1024**2
 """Free space a local cluster's temporary folder needs: Ray writes its logs, sockets and spilled objects
 there. With 1 MB free Ray's dashboard failed after 60 s in 64 lines naming no disk; with 1.9 MB a training
 run's workers died and it hung without a word (a review, RAY_TMPDIR on a small tmpfs)."""
+FILE_SIZE_FLOOR = 1024**3
+"""The file-size limit (`ulimit -f`, soft) under which a local cluster is not started: Ray's dashboard
+writes a 216 KB file as it starts, its object store a file of its size, and checkpoints are 100 MB."""
 OPEN_FILES_FLOOR = 128
 """The hard open-file limit (`ulimit -Hn`) under which a local cluster is not started: at 64 Ray failed
 to register its first worker ("IOError: End of file", 22 s in); at 128 an ingest of 320 images and a
@@ -306,9 +309,12 @@ def check_local_resources() -> None:
     from cxrcore.config import ConfigError
 
     folder = ray_temp_folder()
+    existing = Path(folder).absolute()
+    while not existing.exists() and existing != existing.parent:  # a folder not there yet: Ray makes it
+        existing = existing.parent
     try:
-        free = shutil.disk_usage(folder).free
-    except OSError:  # a folder not there yet: Ray makes it, and says what it cannot
+        free = shutil.disk_usage(existing).free
+    except OSError:
         free = RAY_TEMP_FREE_BYTES
     if free < RAY_TEMP_FREE_BYTES:
         raise OSError(
@@ -317,6 +323,13 @@ def check_local_resources() -> None:
             "objects here (RAY_TMPDIR, else TMPDIR or /tmp): free space, or point RAY_TMPDIR at a folder "
             f"with {RAY_TEMP_FREE_BYTES // 1024**2} MiB or more free",
             folder,
+        )
+    largest = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if largest != resource.RLIM_INFINITY and largest < FILE_SIZE_FLOOR:
+        raise ConfigError(
+            f"this shell limits files to {largest / 1024**2:.1f} MiB (`ulimit -f`), and Ray's local cluster "
+            "writes larger ones (its dashboard failed after 60 s under a 300 KB limit): raise the limit "
+            "(`ulimit -f unlimited` in a new shell) and run again"
         )
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     if hard != resource.RLIM_INFINITY and hard < OPEN_FILES_FLOOR:

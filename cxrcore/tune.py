@@ -14,6 +14,8 @@ import errno
 import json
 import logging
 import os
+import pickle
+import pickletools
 import re
 import shutil
 import signal
@@ -541,6 +543,7 @@ def _fit_experiment(
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     experiment = f"{storage_path.rstrip('/')}/{name}"
     check_experiment_state(experiment)
+    drop_empty_error_files(experiment)
     if tune.Tuner.can_restore(experiment):
         log.info("resuming experiment %s", experiment)
         try:
@@ -595,7 +598,7 @@ def _said_if_full(experiment: str) -> Iterator[None]:
     from cxrcore.console import HideStorageErrors
     from cxrcore.runtime import storage_error, storage_reason
 
-    loggers = [logging.getLogger(f"ray.tune.execution.{name}") for name in TUNE_LOGGERS]
+    loggers = [logging.getLogger(name) for name in TUNE_LOGGERS]
     hidden = HideStorageErrors()
     for logger in loggers:
         logger.addFilter(hidden)
@@ -603,8 +606,8 @@ def _said_if_full(experiment: str) -> Iterator[None]:
         yield
     except Exception as exc:
         full = storage_error(exc)
-        if full is None and "://" not in experiment:
-            with contextlib.suppress(OSError):
+        if full is None and isinstance(exc, EOFError | pickle.UnpicklingError) and "://" not in experiment:
+            with contextlib.suppress(OSError):  # an empty error.pkl, on a disk that is full
                 if shutil.disk_usage(_existing_parent(experiment)).free < FULL_DISK_BYTES:
                     full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         if full is None:
@@ -623,11 +626,15 @@ def _said_if_full(experiment: str) -> Iterator[None]:
             logger.removeFilter(hidden)
 
 
-TUNE_LOGGERS = ("tune_controller", "experiment_state")
-"""Ray Tune's modules (under ray.tune.execution) that log a trial's failure and a failed save with their
-tracebacks."""
+TUNE_LOGGERS = (
+    "ray.tune.execution.tune_controller",
+    "ray.tune.execution.experiment_state",
+    "ray.train._internal.syncer",
+)
+"""Ray Tune's modules that log a trial's failure, a failed save and a failed sync with their tracebacks."""
 FULL_DISK_BYTES = 4 * 1024**2
-"""Free space under which a failed experiment's folder is taken to have been full (`_said_if_full`)."""
+"""Free space under which an experiment that died reading an empty pickle of Tune's (a trial's error.pkl)
+is taken to have filled its disk (`_said_if_full`)."""
 
 
 def _existing_parent(path: str) -> str:
@@ -636,9 +643,10 @@ def _existing_parent(path: str) -> str:
     return path or "."
 
 
-TUNE_STATE_FILES = ("experiment_state-*.json",)
-"""Ray Tune's record of an experiment, JSON, the newest of which it resumes from: its trials and their
-states. (Its search algorithm's `basic-variant-state-*.json` is a pickle, which Tune writes whole.)"""
+TUNE_STATE_FILES = ("experiment_state-*.json", "basic-variant-state-*.json")
+"""Ray Tune's record of an experiment, the newest of each kind being what it resumes from: its trials and
+their states (JSON), and its search algorithm's (a pickle despite its name). A full disk left either
+empty or cut short."""
 
 
 def check_experiment_state(experiment: str) -> None:
@@ -654,6 +662,23 @@ def check_experiment_state(experiment: str) -> None:
         )
 
 
+def drop_empty_error_files(experiment: str) -> list[str]:
+    """Remove the empty `error.pkl` files a full disk left in `experiment`'s trial folders; return them. Tune
+    keeps a failed trial's exception there and unpickles it as it restores the experiment: an empty one
+    failed every re-run (`EOFError: Ran out of input`). The trial is still recorded as failed, and a re-run
+    goes on with it from its last checkpoint."""
+    filesystem, root = storage.resolve(experiment)
+    selector = pafs.FileSelector(root, allow_not_found=True, recursive=True)
+    empty = [
+        info.path
+        for info in filesystem.get_file_info(selector)
+        if info.base_name == "error.pkl" and info.type == pafs.FileType.File and info.size == 0
+    ]
+    for path in empty:
+        filesystem.delete_file(path)
+    return empty
+
+
 def _damaged_state(experiment: str) -> str | None:
     """The newest of `experiment`'s state files of a kind (TUNE_STATE_FILES) that does not parse, if one."""
     import fnmatch
@@ -663,8 +688,10 @@ def _damaged_state(experiment: str) -> str | None:
     names = [info.base_name for info in listed if info.type == pafs.FileType.File]
     for pattern in TUNE_STATE_FILES:
         if matching := fnmatch.filter(names, pattern):
-            try:
-                json.loads(storage.read_text(filesystem, f"{root}/{max(matching)}") or "")
+            with filesystem.open_input_stream(f"{root}/{max(matching)}") as stream:
+                data = stream.readall()
+            try:  # the pickle's opcodes read to its end, nothing built from them
+                json.loads(data) if pattern.startswith("experiment_state") else list(pickletools.genops(data))
             except ValueError:
                 return f"{experiment.rstrip('/')}/{max(matching)}"
     return None
@@ -914,9 +941,18 @@ def _segmenter_trial_checkpoints(config: TuneConfig) -> list[tuple[str, dict[str
     from ray import tune
 
     experiment = f"{_trials_root(config).rstrip('/')}/{SEGMENTER_EXPERIMENT}"
+    check_experiment_state(experiment)
+    drop_empty_error_files(experiment)
     if not tune.Tuner.can_restore(experiment):
         return []
-    results = tune.Tuner.restore(experiment, trainable=segmenter_per_trial).get_results()
+    try:
+        results = tune.Tuner.restore(experiment, trainable=segmenter_per_trial).get_results()
+    except (EOFError, pickle.UnpicklingError) as exc:  # a trial's error.pkl a full disk left empty
+        raise ConfigError(
+            f"{experiment}, the lung segmenter's Tune experiment, holds a file a full disk (or a kill) left "
+            f"empty or cut short ({exc or type(exc).__name__}): delete {experiment} to train the segmenter "
+            "again, or run with another --name"
+        ) from exc
     return _tune_checkpoints(results[0]) if len(results) else []
 
 

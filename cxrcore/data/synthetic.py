@@ -292,7 +292,15 @@ def _metadata_name(stem: str) -> str:
 
 
 def _save_png(array: np.ndarray, path: Path) -> None:
-    Image.fromarray(array).save(path, format="PNG", **_PNG_OPTIONS)
+    try:
+        Image.fromarray(array).save(path, format="PNG", **_PNG_OPTIONS)
+    except OSError as exc:  # a full disk: named, and what is there said (a folder of some classes only)
+        from cxrcore.data.storage import STORAGE_ERRNOS
+
+        if exc.errno in STORAGE_ERRNOS and not exc.filename:
+            exc.filename = str(path)
+            exc.strerror = f"{exc.strerror}; the images written before it are left where they are"
+        raise
 
 
 def _random_pose(rng: np.random.Generator, size: int) -> _Pose:

@@ -454,11 +454,22 @@ def record_keeper(run_dir: str) -> Any:
     import ray.train
 
     class RecordKeeper(ray.train.UserCallback):
+        def __init__(self, run_dir: str) -> None:
+            self.run_dir = run_dir  # state to unpickle, which calls __setstate__
+
+        def __setstate__(self, state: dict[str, Any]) -> None:
+            # Unpickled in the Train controller's process, which logs its failed record write ("Error in
+            # control loop iteration", 30 lines) before cxr says it in one line.
+            from cxrcore.console import hide_storage_errors
+
+            self.__dict__.update(state)
+            hide_storage_errors("ray.train.v2._internal.execution.controller.controller")
+
         def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
             if checkpoint is not None:
-                copy_checkpoint_record(run_dir)
+                copy_checkpoint_record(self.run_dir)
 
-    return RecordKeeper()
+    return RecordKeeper(run_dir)
 
 
 def copy_checkpoint_record(run_dir: str) -> None:
@@ -495,11 +506,17 @@ def restore_checkpoint_record(run_dir: str, *, write: bool = True) -> int | None
     copy = storage.read_text(filesystem, f"{root}/{RECORD_COPY}")
     record = _checkpoint_record(copy) if copy is not None else None
     folders = _recorded_folders(record) if record is not None else set()
-    if record is None or copy is None or not all(storage.exists(filesystem, f"{root}/{f}") for f in folders):
+    gone = sorted(f for f in folders if not storage.exists(filesystem, f"{root}/{f}"))
+    if record is None or copy is None or gone:
+        kept = (
+            f"its copy ({RECORD_COPY}) names checkpoints that are gone ({', '.join(gone)})"
+            if gone
+            else "no whole copy of it is kept"
+        )
         raise ConfigError(
             f"{run_dir}/{CHECKPOINT_SNAPSHOT}, Ray Train's record of this run's checkpoints, is damaged (cut "
-            "short: a full disk or a kill while Ray wrote it) and no whole copy of it is kept: train again "
-            f"with another --name, or delete {run_dir} to start this run over"
+            f"short: a full disk or a kill while Ray wrote it) and {kept}: train again with another --name, "
+            f"or delete {run_dir} to start this run over"
         )
     if write:
         storage.write_text(filesystem, live, copy)

@@ -8,6 +8,7 @@ import errno
 import json
 import logging
 import os
+import pickle
 import sys
 from pathlib import Path
 
@@ -176,7 +177,7 @@ def test_a_damaged_checkpoint_record_without_a_usable_copy_is_one_line_saying_wh
         restore_checkpoint_record(str(run))
     (run / RECORD_COPY).write_text(whole)
     os.rmdir(run / "checkpoint_epoch_001")  # a copy naming a checkpoint that is gone would fail in Ray
-    with pytest.raises(ConfigError, match=f"delete {run} to start this run over"):
+    with pytest.raises(ConfigError, match=r"checkpoints that are gone \(checkpoint_epoch_001\).* delete"):
         restore_checkpoint_record(str(run))
 
 
@@ -189,8 +190,13 @@ def test_a_tune_experiment_whose_record_is_damaged_is_refused_in_one_line(tmp_pa
     check_experiment_state(str(experiment))  # none yet: a new experiment
     experiment.mkdir()
     (experiment / "experiment_state-2026-12-05_10-00-00.json").write_text('{"trial_data": []}')
-    (experiment / "basic-variant-state-2026-12-05_10-00-00.json").write_text("{}")
+    search = experiment / "basic-variant-state-2026-12-05_10-00-00.json"  # a pickle, despite its name
+    search.write_bytes(pickle.dumps({"_iterators": [], "_finished": False}))
     check_experiment_state(str(experiment))
+    search.write_bytes(b"")  # as a verifier's full disk left it: the re-run had started over, exit 0
+    with pytest.raises(ConfigError, match=r"basic-variant-state-2026-12-05_10-00-00.json, Ray Tune's record"):
+        check_experiment_state(str(experiment))
+    search.write_bytes(pickle.dumps({"_iterators": [], "_finished": False}))
     (experiment / "experiment_state-2026-12-05_11-00-00.json").write_text('{"trial_da')  # the newest, cut
     with pytest.raises(ConfigError, match=r"experiment_state-2026-12-05_11-00-00.json, Ray Tune's record"):
         check_experiment_state(str(experiment))
@@ -215,8 +221,14 @@ def test_a_local_cluster_is_not_started_where_it_could_not_run(
     assert "2.0 MiB free" in str(raised.value.strerror) and "RAY_TMPDIR" in str(raised.value.strerror)
     monkeypatch.setattr(shutil, "disk_usage", lambda _: usage._replace(free=10 * 1024**3))
     runtime.check_local_resources()
-    monkeypatch.setattr(resource, "getrlimit", lambda _: (64, 64))
+    real = resource.getrlimit
+    monkeypatch.setattr(resource, "getrlimit", lambda r: (64, 64) if r == resource.RLIMIT_NOFILE else real(r))
     with pytest.raises(ConfigError, match=r"allows 64 open files .*needs at least 128: .*`ulimit -n 4096`"):
+        runtime.check_local_resources()
+    small = 300 * 1024  # `ulimit -f 300`: Ray's dashboard failed after 60 s
+    fsize = resource.RLIMIT_FSIZE
+    monkeypatch.setattr(resource, "getrlimit", lambda r: (small, small) if r == fsize else real(r))
+    with pytest.raises(ConfigError, match=r"limits files to 0.3 MiB \(`ulimit -f`\)"):
         runtime.check_local_resources()
 
 
@@ -242,3 +254,47 @@ def test_a_write_that_fills_the_disk_names_its_file(tmp_path: Path, monkeypatch:
     other = OSError(errno.EIO, "I/O error")
     storage.name_the_place(other, "REG")
     assert other.filename is None
+
+
+def test_a_checkpoint_saved_into_a_full_temporary_folder_is_said_to_be_the_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker stages each checkpoint in TMPDIR: a full one ended the run in safetensors' SafetensorError
+    or torch's "unexpected pos" RuntimeError, 53-73 lines, some naming no disk (a verifier, session 47)."""
+    from safetensors import SafetensorError
+
+    from cxrcore import checkpoint
+    from tests.unit.test_registry import make_checkpoint
+
+    def full(*_: object, **__: object) -> None:
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    with pytest.raises(OSError) as raised:
+        make_checkpoint(tmp_path / "ckpt")
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(tmp_path / "ckpt")
+    assert storage_error(RayTaskLike(raised.value)) is raised.value
+
+    def broken(*_: object, **__: object) -> None:
+        raise SafetensorError("a bug, not the disk")
+
+    monkeypatch.setattr(checkpoint, "save_file", broken)
+    with pytest.raises(SafetensorError):
+        make_checkpoint(tmp_path / "other")
+
+
+def test_a_failed_trials_empty_error_file_is_dropped_before_tune_reads_it(tmp_path: Path) -> None:
+    """Tune wrote a failed trial's error.pkl empty on a full disk, and every re-run died unpickling it
+    (`EOFError: Ran out of input`) although its record was whole (a verifier, session 47)."""
+    from cxrcore.tune import drop_empty_error_files
+
+    trial = tmp_path / "exp" / "segmenter_per_trial_c1aa8_00000"
+    trial.mkdir(parents=True)
+    (trial / "error.pkl").write_bytes(b"")
+    (trial / "error.txt").write_text("")
+    kept = tmp_path / "exp" / "other_trial" / "error.pkl"
+    kept.parent.mkdir()
+    kept.write_bytes(pickle.dumps(ValueError("a trial's own failure")))
+    assert drop_empty_error_files(str(tmp_path / "exp")) == [str(trial / "error.pkl")]
+    assert not (trial / "error.pkl").exists() and kept.exists() and (trial / "error.txt").exists()
+    assert drop_empty_error_files(str(tmp_path / "none")) == []
