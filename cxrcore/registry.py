@@ -6,6 +6,7 @@ The store is a local folder or a URI (s3://, gs://, file://), read and written t
     REG/<model name>/v<N>/model.safetensors  the weights (a checkpoint's train_state.pt is not kept)
     REG/<model name>/v<N>/report/...         optional: an evaluation report (report.html, metrics.json, PNGs)
     REG/aliases.json                         {"production": "dual_cnn:3", ...}
+    REG/aliases.log.jsonl                    every move of an alias: when, from, to, by whom
 
 A registered card whose segmenter is a version of this registry (named by its folder, its URI or this
 machine's cached copy of it) names it by its place in the registry, readable wherever the registry is;
@@ -43,6 +44,7 @@ A version is written once and never changed. Several processes may register and 
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import fcntl
 import json
@@ -83,6 +85,9 @@ if TYPE_CHECKING:
 # module for RegistryError and should start in a blink.
 
 ALIASES_NAME = "aliases.json"
+HISTORY_NAME = "aliases.log.jsonl"
+"""Every move of an alias, one JSON line each, appended under the registry's lock: when, which alias, from
+which version to which, by whom (user, host, pid) and with which cxr. aliases.json holds only the present."""
 PRODUCTION = "production"
 """The alias `cxr serve` answers with by default, and `cxr tune` points at its winner."""
 LOCK_NAME = ".lock"
@@ -454,10 +459,13 @@ class ModelRegistry:
                 )
             version = self.get(ref)  # again under the lock: an alias `ref` may have moved meanwhile
             aliases = self.aliases()
+            before = aliases.get(alias)
             aliases[alias] = version.ref
             write_text(
                 self._fs, f"{self._path}/{ALIASES_NAME}", json.dumps(dict(sorted(aliases.items())), indent=2)
             )
+            if before != version.ref:
+                self._record_move(alias, before, version.ref)
         return replace(version, aliases=tuple(sorted(a for a, t in aliases.items() if t == version.ref)))
 
     @staticmethod
@@ -663,6 +671,44 @@ class ModelRegistry:
             if match:
                 folders.setdefault(int(match.group(1)), {})["/".join(parts[2:])] = info
         return folders
+
+    def _record_move(self, alias: str, before: str | None, after: str) -> None:
+        """Append an alias's move to HISTORY_NAME (held by the caller's lock; an object store's file is
+        written again whole). A history that cannot be written does not undo the move: it is warned of."""
+        import getpass
+
+        import cxrcore
+
+        path = f"{self._path}/{HISTORY_NAME}"
+        try:
+            entry = {
+                "time": datetime.now(UTC).isoformat(timespec="seconds"),
+                "alias": alias,
+                "from": before,
+                "to": after,
+                "user": getpass.getuser(),
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "cxr": cxrcore.__version__,
+            }
+            if self._local:
+                with open(path, "a", encoding="utf-8") as stream:
+                    stream.write(json.dumps(entry) + "\n")
+            else:
+                write_text(self._fs, path, (read_text(self._fs, path) or "") + json.dumps(entry) + "\n")
+        except (OSError, KeyError) as exc:  # getpass without a user name raises KeyError / OSError
+            print(f"warning: the move of {alias} to {after} is not in {self.root}/{HISTORY_NAME}: {exc}",
+                  file=sys.stderr)  # fmt: skip
+
+    def history(self) -> list[dict[str, Any]]:
+        """Every move of an alias this registry recorded (HISTORY_NAME), oldest first; lines cut short by a
+        kill are left out."""
+        text = read_text(self._fs, f"{self._path}/{HISTORY_NAME}") or ""
+        moves = []
+        for line in text.splitlines():
+            with contextlib.suppress(ValueError):
+                moves.append(json.loads(line))
+        return moves
 
     def _names(self) -> list[str]:
         return sorted(

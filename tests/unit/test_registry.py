@@ -646,3 +646,22 @@ def test_the_same_weights_are_the_same_file(tmp_path: Path) -> None:
     a random order, and a faithful retrain failed a hash comparison."""
     folders = [make_checkpoint(tmp_path / str(i), seed=3) for i in range(6)]
     assert len({(folder / "model.safetensors").read_bytes() for folder in folders}) == 1
+
+
+def test_every_move_of_an_alias_is_kept_with_when_and_by_whom(tmp_path: Path) -> None:
+    """An audit (session 47): a rollback left no trace; aliases.json holds only the present."""
+    registry = ModelRegistry(tmp_path / "reg")
+    first = registry.register(make_checkpoint(tmp_path / "a", seed=0))
+    second = registry.register(make_checkpoint(tmp_path / "b", seed=1))
+    for ref in (first.ref, second.ref, second.ref, first.ref):  # a promotion, an update, a repeat, a rollback
+        registry.promote(ref)
+    moves = [(m["alias"], m["from"], m["to"]) for m in registry.history()]
+    assert moves == [
+        ("production", None, first.ref),
+        ("production", first.ref, second.ref),
+        ("production", second.ref, first.ref),
+    ]  # the repeat moved nothing
+    assert all(m["time"] and m["user"] and m["host"] and m["cxr"] for m in registry.history())
+    with open(tmp_path / "reg" / "aliases.log.jsonl", "a") as stream:
+        stream.write('{"time": "2026-12-05T15:')  # a line a kill cut short is left out
+    assert len(registry.history()) == 3
