@@ -583,6 +583,18 @@ def _check_rows(dataset: str, root: str, parquet: Any, report: dict[str, Any], s
             f"{dataset}: {'; '.join(wrong)} ({REPORT_NAME}): a Parquet file was removed, cut or added since; "
             "the dataset is damaged: ingest it again (`cxr data ingest RAW OUT`)"
         )
+    recorded = report.get("fingerprint")
+    try:  # every split's rows: the fingerprint covers them all
+        rows = parquet.to_table(columns=["sha256", "label", "split"]) if recorded else None
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise _damaged(dataset, root, root, exc) from None
+    if rows is not None and (found := _digest(rows["sha256"], rows["label"], rows["split"])) != recorded:
+        raise DatasetError(
+            f"{dataset}: its rows' images, labels and splits (fingerprint {found}) are not those ingest "
+            f"recorded (fingerprint {recorded}, {REPORT_NAME}): a Parquet file was changed or replaced "
+            "since, and runs, models and reports that name this fingerprint would describe other data; "
+            "ingest it again (`cxr data ingest RAW OUT`)"
+        )
 
 
 def read_chunks(
@@ -1027,7 +1039,18 @@ def _warnings(report: dict[str, Any]) -> list[str]:
 def _fingerprint(index: Any, labels: list[str], splits: list[str]) -> str:
     """A digest of the dataset's content, labels and split: equal fingerprints mean equal data."""
     ok = index[index["error"] == ""]
+    return _digest(ok["sha256"], labels, splits)
+
+
+def _digest(hashes: Any, labels: Any, splits: Any) -> str:
+    """The fingerprint of rows given as their images' sha256, class names and splits (any iterables, Arrow
+    columns included): what ingest records, and what a reader recomputes from the Parquet files."""
     digest = hashlib.sha256()
-    for sha, label, split in sorted(zip(ok["sha256"], labels, splits, strict=True)):
+    columns = (_as_list(column) for column in (hashes, labels, splits))
+    for sha, label, split in sorted(zip(*columns, strict=True)):
         digest.update(f"{sha}:{label}:{split}\n".encode())
     return digest.hexdigest()[:16]
+
+
+def _as_list(column: Any) -> list[Any]:
+    return column.to_pylist() if hasattr(column, "to_pylist") else list(column)

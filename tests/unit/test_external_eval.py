@@ -20,6 +20,7 @@ import torch
 from cxrcore.checkpoint import ModelCard, save_checkpoint
 from cxrcore.cli import main
 from cxrcore.config import ConfigError, EvaluateConfig
+from cxrcore.data.ingest import _digest, read_report
 from cxrcore.data.transforms import perceptual_hash
 from cxrcore.evaluate.evaluation import classes_note, evaluate_checkpoint, resolve_model
 from cxrcore.evaluate.external import (
@@ -39,6 +40,10 @@ from tests.conftest import xray
 SIZE = 64
 PERFECT = np.diag([10, 10, 10, 10]).tolist()
 """An internal test confusion matrix: every image right."""
+
+
+FINGERPRINTS: dict[str, str] = {}
+"""A test's name for a dataset write_dataset wrote → its fingerprint (the last written under that name)."""
 
 
 def write_dataset(
@@ -74,7 +79,11 @@ def write_dataset(
         }
     )
     pads.write_dataset(table, root, format="parquet", partitioning=["split"], partitioning_flavor="hive")
-    report: dict[str, Any] = {"fingerprint": fingerprint, "config": {"size": size}}
+    # The fingerprint of these rows, as ingest computes it and every reader checks it: `fingerprint` names the
+    # dataset for the test (the digest it stands for: `FINGERPRINTS[fingerprint]`).
+    digest = _digest(table["sha256"], table["label"], table["split"])
+    FINGERPRINTS[fingerprint] = digest
+    report: dict[str, Any] = {"fingerprint": digest, "config": {"size": size}}
     report["by_split"] = dict(Counter(split for _, split, _ in rows))
     report["by_class_split"] = {
         name: dict(Counter(split for label, split, _ in rows if label == name))
@@ -97,7 +106,7 @@ def write_biased_checkpoint(directory: Path, own_dataset: str, favourite: str = 
     card = ModelCard(
         model=get_build_args(model),
         input_spec=get_input_spec(model).to_dict(),
-        data={"dataset": own_dataset, "fingerprint": "own", "size": SIZE},
+        data={"dataset": own_dataset, "fingerprint": read_report(own_dataset)["fingerprint"], "size": SIZE},
         metrics={"val_accuracy": 0.9, "val_macro_f1": 0.88, "val_confusion_matrix": PERFECT},
         temperature=2.0,
         calibration={"temperature": 2.0, "ece_after": 0.04},
@@ -621,7 +630,7 @@ def test_a_film_re_encoded_as_jpeg_counts_as_a_copy_of_the_training_image_it_is(
     assert not any(np.array_equal(copies[i], films[j]) for i, j in ((0, 0), (1, 4)))
     rows = [("Normal", "test", seed) for seed in range(len(copies))]
     external = write_dataset(tmp_path / "external", rows, "elsewhere", images=copies)
-    card = ModelCard(model={}, input_spec={}, data={"dataset": own, "fingerprint": "own"})
+    card = ModelCard(model={}, input_spec={}, data={"dataset": own, "fingerprint": FINGERPRINTS["own"]})
 
     overlap = training_overlap(card, external, "all")
     assert overlap["in_split"] == {"train": 2, "val": 1, "test": 0}
@@ -630,3 +639,27 @@ def test_a_film_re_encoded_as_jpeg_counts_as_a_copy_of_the_training_image_it_is(
     # Datasets without perceptual hashes are still checked, pixel for pixel.
     plain = write_dataset(tmp_path / "plain", rows, "elsewhere")
     assert training_overlap(card, plain, "all")["near_duplicate_bits"] is None
+
+
+def test_a_dataset_whose_rows_were_changed_since_ingest_is_refused(tmp_path: Path) -> None:
+    """An audit (session 47): three test rows relabelled in place, the row counts unchanged; `cxr evaluate`
+    scored the model on them and reported the dataset's original fingerprint, with nothing said."""
+    import pyarrow.parquet as pq
+
+    from cxrcore.data.ingest import DatasetError, verify_dataset
+
+    rows = [(label, split, i) for i, (label, split) in enumerate([("COVID", "train"), ("Normal", "train"),
+            ("COVID", "test"), ("Normal", "test"), ("Viral Pneumonia", "test")])]  # fmt: skip
+    data = write_dataset(tmp_path / "ds", rows, "ds")
+    assert verify_dataset(data)["fingerprint"] == FINGERPRINTS["ds"]
+    (test_file,) = (tmp_path / "ds" / "split=test").glob("*.parquet")
+    table = pq.read_table(test_file)
+    labels = table["label"].to_pylist()
+    relabelled = table.set_column(
+        table.schema.get_field_index("label"), "label", pa.array(labels[1:] + labels[:1])
+    )
+    pq.write_table(relabelled, test_file)
+    with pytest.raises(
+        DatasetError, match=r"images, labels and splits \(fingerprint [0-9a-f]{16}\) are not those"
+    ):
+        verify_dataset(data)

@@ -60,7 +60,7 @@ def test_winners_are_scored_on_the_test_split_of_the_data_they_trained_on_or_not
     """`--data` ingested again during an experiment: its evaluation had scored the winners on every image
     of the new dataset as external data, and printed that as their test accuracy."""
     from cxrcore.config import ConfigError
-    from tests.unit.test_external_eval import write_dataset
+    from tests.unit.test_external_eval import FINGERPRINTS, write_dataset
 
     splits: list[str] = []
 
@@ -80,12 +80,12 @@ def test_winners_are_scored_on_the_test_split_of_the_data_they_trained_on_or_not
     registry, report = ModelRegistry(tmp_path / "registry"), tmp_path / "reports" / "tiny_cnn_lstm"
     checkpoint = write_checkpoint(tmp_path / "epoch-3", "tiny_cnn_lstm", seed=1)
     trained_on("old")
-    changed = r"changed during this experiment: .* fingerprint old, .* holds new"
+    changed = rf"changed during this experiment: .* fingerprint old, .* holds {FINGERPRINTS['new']}"
     with pytest.raises(ConfigError, match=changed):
         _evaluate_and_register(config, registry, checkpoint, report)
     assert splits == [] and registry.versions() == []  # nothing evaluated or registered
 
-    trained_on("new")
+    trained_on(FINGERPRINTS["new"])
     assert _evaluate_and_register(config, registry, checkpoint, report).ref == "tiny_cnn_lstm:1"
     assert splits == ["test"]  # the split its trial held out, never "auto"
 
