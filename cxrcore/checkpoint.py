@@ -6,7 +6,6 @@ would need general unpickling (which can run any code it names) is refused with 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import errno
 import functools
@@ -14,7 +13,6 @@ import json
 import math
 import os
 import pickle
-import platform
 import shutil
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -26,7 +24,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-import cxrcore
 from cxrcore.config import UnsafeWeightsError  # its home is torch-free: the CLI catches it
 from cxrcore.labels import CLASSES
 
@@ -42,36 +39,13 @@ STATE_DICT_SUFFIXES = (".pth", ".pt", ".bin")
 @functools.cache
 def software_versions() -> dict[str, str]:
     """The versions a card records (ModelCard.software), found once per process."""
-    from importlib.metadata import PackageNotFoundError, version
+    from cxrcore.provenance import versions
 
-    found = {"cxr": cxrcore.__version__, "torch": torch.__version__, "python": platform.python_version()}
-    if commit := _source_commit():
-        found["cxr_commit"] = commit
-    for package in ("ray", "timm", "torchvision", "numpy", "safetensors", "pyarrow"):
-        with contextlib.suppress(PackageNotFoundError):
-            found[package] = version(package)
+    found = versions("ray", "timm", "torchvision", "numpy", "safetensors", "pyarrow")
+    found["torch"] = torch.__version__
     if torch.version.cuda:
         found["cuda"] = str(torch.version.cuda)
-    found["machine"] = platform.machine()
     return found
-
-
-def _source_commit() -> str | None:
-    """The git commit cxr runs from (`-dirty` where its files differ from it), where it runs from a checkout;
-    None for an installed package, or without git."""
-    import subprocess
-
-    source = Path(cxrcore.__file__).resolve().parents[1]
-    if not (source / ".git").exists():
-        return None
-    try:
-        described = subprocess.run(
-            ["git", "-C", str(source), "describe", "--always", "--dirty", "--abbrev=12"],
-            capture_output=True, text=True, timeout=10, check=False,
-        )  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return described.stdout.strip() or None
 
 
 @dataclass
@@ -107,6 +81,8 @@ class ModelCard:
     names it. None on a checkpoint not registered, and on versions an earlier cxr registered."""
     registered_at: str | None = None
     """When the registry stored this version (UTC); `created_at` is when training saved the checkpoint."""
+    registered_from: str | None = None
+    """The checkpoint the registry stored (a `cxr train` run's, a Tune trial's folder): its run's record."""
 
     def __post_init__(self) -> None:
         # A card edited by hand or written as null must not serve NaN or negative-temperature probabilities.

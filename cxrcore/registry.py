@@ -59,12 +59,12 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow.fs as pafs
 
+from cxrcore import provenance
 from cxrcore.data.storage import (
     cache_key,
     exists,
@@ -98,7 +98,12 @@ _ALIAS = re.compile(r"[a-z][a-z0-9_-]*")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _VERSION_DIR = re.compile(r"v(\d+)")
 _CLAIM_PREFIX = ".claim-"
-_REGISTRATION_FIELDS = {"version": None, "weights_sha256": None, "registered_at": None}
+_REGISTRATION_FIELDS = {
+    "version": None,
+    "weights_sha256": None,
+    "registered_at": None,
+    "registered_from": None,
+}
 """What the registry adds to a checkpoint's card: set aside to tell whether a version holds a checkpoint."""
 TOMBSTONE_NAME = ".interrupted"
 """Left in a cleaned version folder: the number stays used, and the folder is not reported again."""
@@ -274,7 +279,9 @@ class ModelRegistry:
             card_data["version"] = f"{name}:{number}"
             # the weights as stored here, which every load checks (`local_checkpoint`)
             card_data["weights_sha256"] = file_sha256(self._fs, f"{folder}/{WEIGHTS_NAME}")
-            card_data["registered_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+            card_data["registered_at"] = provenance.now()
+            came_from = str(checkpoint)  # the run's (or Tune trial's) checkpoint
+            card_data["registered_from"] = came_from if "://" in came_from else os.path.abspath(came_from)
             write_text(self._fs, f"{folder}/{CARD_NAME}", json.dumps(card_data, indent=2))
         except BaseException as exc:
             remove(self._fs, folder)
@@ -682,7 +689,7 @@ class ModelRegistry:
         path = f"{self._path}/{HISTORY_NAME}"
         try:
             entry = {
-                "time": datetime.now(UTC).isoformat(timespec="seconds"),
+                "time": provenance.now(),
                 "alias": alias,
                 "from": before,
                 "to": after,

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow.fs as pafs
 
-from cxrcore import telemetry
+from cxrcore import provenance, telemetry
 from cxrcore.config import ConfigError, IngestConfig
 from cxrcore.data import storage
 from cxrcore.data.layout import (
@@ -896,6 +896,8 @@ def _report(
         "mask_problems": mask_problems,
         "fingerprint": _fingerprint(index, labels, splits),
         "seconds": round(time.perf_counter() - started, 2),
+        "created_at": provenance.now(),
+        "software": provenance.versions("ray", "pyarrow", "pillow", "numpy", "pydicom"),
     }
 
 

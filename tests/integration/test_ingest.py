@@ -100,6 +100,8 @@ def test_dataset_columns_shapes_and_counts(ingested: tuple[str, dict]) -> None:
     out, report = ingested
     table = read_table(out)
     assert table.num_rows == report["ingested"]
+    # What made it, for an audit: when, and the versions whose changes move splits and pixels.
+    assert report["created_at"] and {"cxr", "ray", "pyarrow", "pillow", "python"} <= set(report["software"])
     assert {"image", "mask", "has_mask", "label", "label_index", "split", "source", "file", "sha256"} <= set(
         table.column_names
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import queue
 import threading
 import time
@@ -633,6 +634,7 @@ def test_a_version_records_its_weights_and_refuses_weights_replaced_under_it(tmp
     stored = Path(registry.local_checkpoint(version.ref)) / "model.safetensors"
     assert version.card.weights_sha256 == hashlib.sha256(stored.read_bytes()).hexdigest()
     assert version.card.registered_at is not None and version.card.software["ray"]
+    assert version.card.registered_from == os.path.abspath(tmp_path / "a")  # its run's checkpoint
     assert registry.register_once(tmp_path / "a").found  # the same checkpoint is still found as v1
     shutil.copy(make_checkpoint(tmp_path / "b", seed=1) / "model.safetensors", stored)
     for load in (lambda: registry.local_checkpoint(version.ref), lambda: registry.promote(version.ref)):
