@@ -199,9 +199,12 @@ class ModelRegistry:
         )
 
     def _weights_sha256(self, version: ModelVersion) -> str:
-        """The sha256 of `version`'s weights as stored (checked against its card by `local_checkpoint`)."""
+        """The sha256 of `version`'s weights: as its card records it (every load checks the file against it,
+        `local_checkpoint`), else, for a version an earlier cxr registered, of the file."""
         from cxrcore.checkpoint import WEIGHTS_NAME
 
+        if version.card.weights_sha256:
+            return version.card.weights_sha256
         return file_sha256(pafs.LocalFileSystem(), str(self.local_checkpoint(version.ref) / WEIGHTS_NAME))
 
     def register_once(
