@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from cxrcore.config import UnsafeWeightsError  # its home is torch-free: the CLI catches it
+from cxrcore.config import ConfigError, UnsafeWeightsError  # their home is torch-free: the CLI catches them
 from cxrcore.labels import CLASSES
 
 CARD_NAME = "card.json"
@@ -193,10 +193,36 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tup
 
     directory = local_checkpoint_dir(directory)
     card = load_card(directory)
+    check_weights_recorded(card, Path(directory))
     args = dict(card.model)
     model = create_model(args.pop("name"), **args)
     model.load_state_dict(read_weights(Path(directory) / WEIGHTS_NAME, device=str(device)))
     return model.to(device).eval(), card
+
+
+class WeightsChangedError(ConfigError):
+    """A checkpoint's weights are not the ones its card records (`weights_sha256`)."""
+
+
+def check_weights_recorded(card: ModelCard, directory: Path) -> None:
+    """Raise WeightsChangedError where `directory`'s weights are not those its card records: a registry
+    version's folder, served or evaluated as a checkpoint folder, had answered with other weights copied
+    over it while the HTTP answer named the recorded ones. A card that records none (a training run's
+    checkpoint) is not checked."""
+    import hashlib
+
+    if not card.weights_sha256:
+        return
+    digest = hashlib.sha256()
+    with open(directory / WEIGHTS_NAME, "rb") as stream:
+        while block := stream.read(1 << 20):
+            digest.update(block)
+    if digest.hexdigest() != card.weights_sha256:
+        raise WeightsChangedError(
+            f"{directory / WEIGHTS_NAME} (sha256 {digest.hexdigest()[:12]}…) are not the weights its card "
+            f"records (sha256 {card.weights_sha256[:12]}…): they were replaced or damaged since it was "
+            f"registered{f' from {card.registered_from}' if card.registered_from else ''}"
+        )
 
 
 def load_train_state(directory: str | Path) -> dict[str, Any] | None:

@@ -545,15 +545,17 @@ class ModelRegistry:
         target = self._cache.joinpath(*cache_key(self.root), version.name, f"v{version.version}")
         if (target / CARD_NAME).is_file():
             cached = json.loads((target / CARD_NAME).read_text()).get("weights_sha256")
-            if cached == version.card.weights_sha256:
-                return self._unchanged(version, target)  # a version is stored once: its copy stays valid
-            shutil.rmtree(target, ignore_errors=True)  # a registry emptied and filled again: not this one
+            with contextlib.suppress(RegistryError):  # a copy gone bad: fetched again below
+                if cached == version.card.weights_sha256:
+                    return self._unchanged(version, target)  # a version is stored once: its copy stays valid
+            shutil.rmtree(target, ignore_errors=True)  # or a registry emptied and filled again: not this one
         staging = target.with_name(f"{target.name}.tmp-{uuid.uuid4().hex[:8]}")
         staging.mkdir(parents=True)
         local = pafs.LocalFileSystem()
         try:
             for file in (WEIGHTS_NAME, CARD_NAME):  # the card last: it marks a finished copy
                 _copy(self._fs, f"{folder}/{file}", local, str(staging / file))
+            self._unchanged(version, staging, f"{self.root}/{version.name}/v{version.version}")  # before use
             os.replace(staging, target)
         except OSError:
             if not (target / CARD_NAME).is_file():  # not merely another process finishing first
@@ -562,11 +564,12 @@ class ModelRegistry:
             shutil.rmtree(staging, ignore_errors=True)
         return self._unchanged(version, target)
 
-    def _unchanged(self, version: ModelVersion, folder: Path) -> Path:
+    def _unchanged(self, version: ModelVersion, folder: Path, where: str | None = None) -> Path:
         """`folder`, where its weights are the ones `version` was registered with (its card's
         weights_sha256; a version an earlier cxr registered records none): a registry's versions are
         stored once, and weights replaced under one (by hand, a bad copy, a sync gone wrong) were served
-        under its name with nothing said. Raises RegistryError naming both hashes otherwise."""
+        under its name with nothing said. Raises RegistryError naming both hashes otherwise, and the
+        registry's file (`where`) when `folder` holds a copy just fetched from it."""
         from cxrcore.checkpoint import WEIGHTS_NAME
 
         expected = version.card.weights_sha256
@@ -574,10 +577,16 @@ class ModelRegistry:
             return folder
         found = file_sha256(pafs.LocalFileSystem(), str(folder / WEIGHTS_NAME))
         if found != expected:
+            source = f" ({where}/{WEIGHTS_NAME}, as fetched" if where else f" ({folder / WEIGHTS_NAME}"
+            came_from = version.card.registered_from
+            remedy = (
+                f"copy them back from {came_from}/{WEIGHTS_NAME}, where they were registered from"
+                if came_from
+                else "remove the version's folder and register its checkpoint again"
+            )
             raise RegistryError(
-                f"{version.ref}'s weights ({folder / WEIGHTS_NAME}, sha256 {found[:12]}…) are not the ones "
-                f"it was registered with (sha256 {expected[:12]}…): they were replaced or damaged since; "
-                "register the checkpoint again (`cxr models register`) and promote the new version"
+                f"{version.ref}'s weights{source}, sha256 {found[:12]}…) are not the ones it was registered "
+                f"with (sha256 {expected[:12]}…): they were replaced or damaged since; {remedy}"
             )
         return folder
 

@@ -15,7 +15,13 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from cxrcore import telemetry
-from cxrcore.checkpoint import WEIGHTS_NAME, ModelCard, load_card, local_checkpoint_dir
+from cxrcore.checkpoint import (
+    WEIGHTS_NAME,
+    ModelCard,
+    check_weights_recorded,
+    load_card,
+    local_checkpoint_dir,
+)
 from cxrcore.data.storage import file_sha256
 from serve.schemas import ClassifierConfig, ModelInfo
 
@@ -109,8 +115,10 @@ def resolve_model(registry: str | None, ref: str) -> ResolvedModel:
 
 
 def _hashed(card: ModelCard, checkpoint: Path) -> ModelCard:
-    """`card` with its weights' sha256: as the registry recorded it, else (a checkpoint folder, a version an
-    earlier cxr registered) hashed now, as the replica loads them."""
+    """`card` with its weights' sha256: as the registry recorded it, the file checked against it (a version's
+    folder served as a checkpoint folder, other weights copied over it, had answered naming the recorded
+    ones), else (a training run's checkpoint, a version an earlier cxr registered) hashed now."""
+    check_weights_recorded(card, checkpoint)
     if card.weights_sha256 is None:
         card.weights_sha256 = file_sha256(pafs.LocalFileSystem(), str(checkpoint / WEIGHTS_NAME))
     return card

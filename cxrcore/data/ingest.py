@@ -584,16 +584,22 @@ def _check_rows(dataset: str, root: str, parquet: Any, report: dict[str, Any], s
             "the dataset is damaged: ingest it again (`cxr data ingest RAW OUT`)"
         )
     recorded = report.get("fingerprint")
+    if not recorded:
+        return
     try:  # every split's rows: the fingerprint covers them all
-        rows = parquet.to_table(columns=["sha256", "label", "split"]) if recorded else None
+        rows = parquet.to_table(columns=["sha256", "label", "label_index", "split"])
     except (pa.ArrowInvalid, OSError) as exc:
         raise _damaged(dataset, root, root, exc) from None
-    if rows is not None and (found := _digest(rows["sha256"], rows["label"], rows["split"])) != recorded:
+    found = _digest(rows["sha256"], rows["label"], rows["split"])
+    # What training and scoring read is label_index: one per label, as ingest numbered them
+    pairs = set(zip(rows["label"].to_pylist(), rows["label_index"].to_pylist(), strict=True))
+    numbered = len(pairs) == len({label for label, _ in pairs}) == len({index for _, index in pairs})
+    if found != recorded or not numbered:
         raise DatasetError(
-            f"{dataset}: its rows' images, labels and splits (fingerprint {found}) are not those ingest "
-            f"recorded (fingerprint {recorded}, {REPORT_NAME}): a Parquet file was changed or replaced "
-            "since, and runs, models and reports that name this fingerprint would describe other data; "
-            "ingest it again (`cxr data ingest RAW OUT`)"
+            f"{dataset}: its rows' image hashes, labels, label numbers and splits (fingerprint {found}) are "
+            f"not those ingest recorded (fingerprint {recorded}, {REPORT_NAME}): a Parquet file was changed "
+            "or replaced since, and runs, models and reports that name this fingerprint would describe other "
+            "data; ingest it again (`cxr data ingest RAW OUT`)"
         )
 
 

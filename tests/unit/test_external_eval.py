@@ -659,7 +659,12 @@ def test_a_dataset_whose_rows_were_changed_since_ingest_is_refused(tmp_path: Pat
         table.schema.get_field_index("label"), "label", pa.array(labels[1:] + labels[:1])
     )
     pq.write_table(relabelled, test_file)
-    with pytest.raises(
-        DatasetError, match=r"images, labels and splits \(fingerprint [0-9a-f]{16}\) are not those"
-    ):
+    with pytest.raises(DatasetError, match=r"and splits \(fingerprint [0-9a-f]{16}\) are not those ingest"):
         verify_dataset(data)
+    # What training and scoring read, label_index, changed alone (a verifier: every test row made Normal)
+    pq.write_table(table.set_column(table.schema.get_field_index("label_index"), "label_index",
+                                    pa.array([2] * table.num_rows, pa.int64())), test_file)  # fmt: skip
+    with pytest.raises(DatasetError, match=r"label numbers and splits"):
+        verify_dataset(data)
+    pq.write_table(table, test_file)  # as it was: read again
+    assert verify_dataset(data)["fingerprint"] == FINGERPRINTS["ds"]

@@ -638,9 +638,15 @@ def test_a_version_records_its_weights_and_refuses_weights_replaced_under_it(tmp
     assert registry.register_once(tmp_path / "a").found  # the same checkpoint is still found as v1
     shutil.copy(make_checkpoint(tmp_path / "b", seed=1) / "model.safetensors", stored)
     for load in (lambda: registry.local_checkpoint(version.ref), lambda: registry.promote(version.ref)):
-        with pytest.raises(RegistryError, match=r"are not the ones it was registered with .* register the"):
+        with pytest.raises(RegistryError, match=r"not the ones it was registered with .* copy them back"):
             load()
     assert registry.aliases() == {}
+    # The version's folder served or evaluated as a checkpoint folder, without the registry (a verifier:
+    # it answered with the copied weights while the HTTP answer named the recorded ones).
+    from cxrcore.checkpoint import WeightsChangedError
+
+    with pytest.raises(WeightsChangedError, match=r"are not the weights its card records .* registered from"):
+        load_model(stored.parent)
 
 
 def test_the_same_weights_are_the_same_file(tmp_path: Path) -> None:
