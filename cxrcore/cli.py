@@ -383,6 +383,13 @@ def _add_models_commands(commands: Any) -> None:
     _add_registry_argument(promote)
     promote.add_argument("--alias", default="production", help="alias to move (default: %(default)s)")
     promote.set_defaults(run=_run_promote)
+    history = models_commands.add_parser(
+        "history", help="every move of an alias: when, from which version to which, by whom"
+    )
+    _add_registry_argument(history)
+    history.add_argument("--alias", help="only the moves of this alias")
+    history.add_argument("--json", action="store_true", help="print them as JSON lines")
+    history.set_defaults(run=_run_history)
     register = models_commands.add_parser(
         "register",
         help="register a checkpoint (`cxr train`'s best) as its model's next version, with its segmenter",
@@ -928,6 +935,23 @@ def _run_clean(args: argparse.Namespace) -> int:
             else "younger than --older-than, it may still be running"
         )
         print(f"kept {line}: {why}")
+    return 0
+
+
+def _run_history(args: argparse.Namespace) -> int:
+    """Every recorded move of an alias, oldest first (REG/aliases.log.jsonl); exit 1 where none is."""
+    moves = [m for m in _registry(args).history() if args.alias in (None, m.get("alias"))]
+    if args.json:
+        for move in moves:
+            print(json.dumps(move))
+    elif moves:
+        columns = ("time", "alias", "from", "to", "user", "host", "cxr")
+        rows = [[str(move.get(column) or "-") for column in columns] for move in moves]
+        print(format_table(list(columns), rows))
+    if not moves:
+        which = f" of {args.alias}" if args.alias else ""
+        print(f"no move{which} of an alias is recorded in {args.registry}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -673,3 +673,19 @@ def test_every_move_of_an_alias_is_kept_with_when_and_by_whom(tmp_path: Path) ->
     with open(tmp_path / "reg" / "aliases.log.jsonl", "a") as stream:
         stream.write('{"time": "2026-12-05T15:')  # a line a kill cut short is left out
     assert len(registry.history()) == 3
+
+
+def test_cxr_models_history_prints_every_move(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    registry = ModelRegistry(tmp_path / "reg")
+    first = registry.register(make_checkpoint(tmp_path / "a", seed=0))
+    assert main(["models", "history", "--registry", str(tmp_path / "reg")]) == 1  # none yet
+    assert "no move of an alias is recorded" in capsys.readouterr().err
+    registry.promote(first.ref)
+    registry.promote(first.ref, "staging")
+    assert main(["models", "history", "--registry", str(tmp_path / "reg"), "--alias", "production"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["time", "alias", "from", "to", "user", "host", "cxr"] and len(lines) == 3
+    assert lines[2].split()[1:4] == ["production", "-", first.ref]
+    assert main(["models", "history", "--registry", str(tmp_path / "reg"), "--json"]) == 0
+    moves = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [move["alias"] for move in moves] == ["production", "staging"]
