@@ -209,19 +209,19 @@ def check_weights_recorded(card: ModelCard, directory: Path) -> None:
     version's folder, served or evaluated as a checkpoint folder, had answered with other weights copied
     over it while the HTTP answer named the recorded ones. A card that records none (a training run's
     checkpoint) is not checked."""
-    import hashlib
+    import pyarrow.fs as pafs
+
+    from cxrcore.data.storage import file_sha256
 
     if not card.weights_sha256:
         return
-    digest = hashlib.sha256()
-    with open(directory / WEIGHTS_NAME, "rb") as stream:
-        while block := stream.read(1 << 20):
-            digest.update(block)
-    if digest.hexdigest() != card.weights_sha256:
+    found = file_sha256(pafs.LocalFileSystem(), str(directory / WEIGHTS_NAME))
+    if found != card.weights_sha256:
         raise WeightsChangedError(
-            f"{directory / WEIGHTS_NAME} (sha256 {digest.hexdigest()[:12]}…) are not the weights its card "
+            f"{directory / WEIGHTS_NAME} (sha256 {found[:12]}…) are not the weights its card "
             f"records (sha256 {card.weights_sha256[:12]}…): they were replaced or damaged since it was "
-            f"registered{f' from {card.registered_from}' if card.registered_from else ''}"
+            "registered"
+            + (f"; copy them back from {card.registered_from}/{WEIGHTS_NAME}" if card.registered_from else "")
         )
 
 

@@ -949,8 +949,8 @@ def _run_history(args: argparse.Namespace) -> int:
         rows = [[str(move.get(column) or "-") for column in columns] for move in moves]
         print(format_table(list(columns), rows))
     if not moves:
-        which = f" of {args.alias}" if args.alias else ""
-        print(f"no move{which} of an alias is recorded in {args.registry}", file=sys.stderr)
+        which = f"the alias {args.alias}" if args.alias else "an alias"
+        print(f"no move of {which} is recorded in {args.registry}", file=sys.stderr)
         return 1
     return 0
 

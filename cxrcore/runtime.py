@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from cxrcore.data.storage import STORAGE_ERRNOS
+from cxrcore.data.storage import STORAGE_ERRNOS, existing_folder
 
 log = logging.getLogger(__name__)
 DASHBOARD_PORT = 8265
@@ -309,11 +309,8 @@ def check_local_resources() -> None:
     from cxrcore.config import ConfigError
 
     folder = ray_temp_folder()
-    existing = Path(folder).absolute()
-    while not existing.exists() and existing != existing.parent:  # a folder not there yet: Ray makes it
-        existing = existing.parent
-    try:
-        free = shutil.disk_usage(existing).free
+    try:  # a folder not there yet: Ray makes it, on the disk of the nearest one that is
+        free = shutil.disk_usage(existing_folder(folder)).free
     except OSError:
         free = RAY_TEMP_FREE_BYTES
     if free < RAY_TEMP_FREE_BYTES:

@@ -608,7 +608,7 @@ def _said_if_full(experiment: str) -> Iterator[None]:
         full = storage_error(exc)
         if full is None and isinstance(exc, EOFError | pickle.UnpicklingError) and "://" not in experiment:
             with contextlib.suppress(OSError):  # an empty error.pkl, on a disk that is full
-                if shutil.disk_usage(_existing_parent(experiment)).free < FULL_DISK_BYTES:
+                if shutil.disk_usage(storage.existing_folder(experiment)).free < FULL_DISK_BYTES:
                     full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         if full is None:
             raise
@@ -635,12 +635,6 @@ TUNE_LOGGERS = (
 FULL_DISK_BYTES = 4 * 1024**2
 """Free space under which an experiment that died reading an empty pickle of Tune's (a trial's error.pkl)
 is taken to have filled its disk (`_said_if_full`)."""
-
-
-def _existing_parent(path: str) -> str:
-    while path and not os.path.exists(path):
-        path = os.path.dirname(path.rstrip("/")) or "."
-    return path or "."
 
 
 TUNE_STATE_FILES = ("experiment_state-*.json", "basic-variant-state-*.json")

@@ -101,7 +101,9 @@ def resolve_model(registry: str | None, ref: str) -> ResolvedModel:
                 "and no such checkpoint folder"
             )
         path = local_checkpoint_dir(ref if remote else Path(ref).expanduser().resolve())
-        card = _hashed(load_card(path), path)
+        card = load_card(path)
+        check_weights_recorded(card, path)  # a version's folder served directly: before Ray starts
+        card = _hashed(card, path)
         return ResolvedModel(
             ref=ref if remote else str(path), checkpoint=path, card=card, version=card.version
         )
@@ -115,10 +117,9 @@ def resolve_model(registry: str | None, ref: str) -> ResolvedModel:
 
 
 def _hashed(card: ModelCard, checkpoint: Path) -> ModelCard:
-    """`card` with its weights' sha256: as the registry recorded it, the file checked against it (a version's
-    folder served as a checkpoint folder, other weights copied over it, had answered naming the recorded
-    ones), else (a training run's checkpoint, a version an earlier cxr registered) hashed now."""
-    check_weights_recorded(card, checkpoint)
+    """`card` with its weights' sha256: as the registry recorded it (the file checked against it by whoever
+    found it: `ModelRegistry.local_checkpoint`, `check_weights_recorded`, and `load_model` as the replica
+    loads it), else (a training run's checkpoint, a version an earlier cxr registered) hashed now."""
     if card.weights_sha256 is None:
         card.weights_sha256 = file_sha256(pafs.LocalFileSystem(), str(checkpoint / WEIGHTS_NAME))
     return card

@@ -26,6 +26,14 @@ STORAGE_ERRNOS = frozenset({errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG
 reached, a file larger than `ulimit -f` allows."""
 
 
+def existing_folder(path: str | Path) -> Path:
+    """`path`, or the nearest folder above it that exists: where a folder not made yet would be made."""
+    found = Path(path).absolute()
+    while not found.exists() and found != found.parent:
+        found = found.parent
+    return found
+
+
 def name_the_place(error: BaseException, where: str) -> None:
     """Give a storage OSError (STORAGE_ERRNOS) that names no file the place being written: a failed
     write() or fsync(), or pyarrow's copy, name none, and `cxr: error: No space left on device` said not

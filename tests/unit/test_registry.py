@@ -645,7 +645,7 @@ def test_a_version_records_its_weights_and_refuses_weights_replaced_under_it(tmp
     # it answered with the copied weights while the HTTP answer named the recorded ones).
     from cxrcore.checkpoint import WeightsChangedError
 
-    with pytest.raises(WeightsChangedError, match=r"are not the weights its card records .* registered from"):
+    with pytest.raises(WeightsChangedError, match=r"not the weights its card records .* copy them back"):
         load_model(stored.parent)
 
 
