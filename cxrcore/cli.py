@@ -39,6 +39,7 @@ from cxrcore.config import (
 )
 from cxrcore.console import quiet_ray_console
 from cxrcore.data.layout import LayoutError
+from cxrcore.data.split import SPLITS
 from cxrcore.labels import CLASSES
 from cxrcore.registry import ModelRegistry, RegistryError
 from cxrcore.runtime import Interrupted, storage_error, storage_reason
@@ -1005,9 +1006,21 @@ def _run_register(args: argparse.Namespace) -> int:
         print(f"{args.checkpoint} is registered already, as {done.version.ref}")
     else:
         print(f"registered {args.checkpoint} as {done.version.ref}")
+        print(_manifest_line(done.version.card.data))
     if args.alias:
         print(f"{args.alias}: {done.version.ref}")
     return 0
+
+
+def _manifest_line(data: dict[str, Any]) -> str:
+    """What a registration kept of the model's dataset (cxrcore.data.manifest), in one line."""
+    block = data.get("manifest") or {}
+    if not block.get("file"):
+        return f"no data manifest: {block.get('missing', 'not made')}"
+    splits = ", ".join(
+        f"{split} {block['by_split'][split]}" for split in SPLITS if split in block["by_split"]
+    )
+    return f"data manifest: {block['images']} images ({splits}) of {data.get('dataset')}, kept with it"
 
 
 def _run_promote(args: argparse.Namespace) -> int:

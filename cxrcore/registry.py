@@ -74,6 +74,7 @@ from cxrcore.data.storage import (
     read_text,
     remove,
     resolve,
+    write_bytes,
     write_text,
 )
 from cxrcore.data.storage import copy as _copy
@@ -104,7 +105,8 @@ _REGISTRATION_FIELDS = {
     "registered_at": None,
     "registered_from": None,
 }
-"""What the registry adds to a checkpoint's card: set aside to tell whether a version holds a checkpoint."""
+"""What the registry adds to a checkpoint's card: set aside to tell whether a version holds a checkpoint
+(`_as_checkpoint`), with `data.manifest`."""
 TOMBSTONE_NAME = ".interrupted"
 """Left in a cleaned version folder: the number stays used, and the folder is not reported again."""
 _MAX_ATTEMPTS = 100
@@ -184,7 +186,7 @@ class ModelRegistry:
         would, then finds the first. `segmenter`: as `register` takes it."""
         from cxrcore.checkpoint import WEIGHTS_NAME, load_card, local_checkpoint_dir
 
-        card = {**load_card(checkpoint).to_dict(), **_REGISTRATION_FIELDS}
+        card = _as_checkpoint(load_card(checkpoint))
         if segmenter is not None:
             card["segmenter"] = self._segmenter_location(str(self.local_checkpoint(segmenter)), checkpoint)
         weights = file_sha256(pafs.LocalFileSystem(), str(local_checkpoint_dir(checkpoint) / WEIGHTS_NAME))
@@ -192,8 +194,7 @@ class ModelRegistry:
             (
                 version
                 for version in self.versions(card["model"]["name"])
-                if {**version.card.to_dict(), **_REGISTRATION_FIELDS} == card
-                and self._weights_sha256(version) == weights
+                if _as_checkpoint(version.card) == card and self._weights_sha256(version) == weights
             ),
             None,
         )
@@ -279,6 +280,10 @@ class ModelRegistry:
             if report_fs is not None:
                 # a registry travels to serving nodes and is shared; DATA_REPORT_FILES stay with the data
                 _copy(report_fs, report_path, self._fs, f"{folder}/{REPORT_NAME}", skip=DATA_REPORT_FILES)
+            card_data["data"] = {
+                **card_data.get("data", {}),
+                "manifest": self._keep_manifest(folder, card_data),
+            }
             card_data["version"] = f"{name}:{number}"
             # the weights as stored here, which every load checks (`local_checkpoint`)
             card_data["weights_sha256"] = file_sha256(self._fs, f"{folder}/{WEIGHTS_NAME}")
@@ -303,6 +308,25 @@ class ModelRegistry:
             report=self._uri(name, f"v{number}", REPORT_NAME) if report_fs is not None else None,
         )
         return self.promote(version.ref, alias) if alias is not None else version
+
+    def _keep_manifest(self, folder: str, card_data: dict[str, Any]) -> dict[str, Any]:
+        """Write the data manifest of the card's dataset into the version's `folder`; the card's
+        `data.manifest` block, which says why there is none where none could be made."""
+        from cxrcore.data.manifest import (
+            MANIFEST_NAME,
+            ManifestError,
+            dataset_manifest,
+            manifest_block,
+            manifest_bytes,
+        )
+
+        data = card_data.get("data", {})
+        try:
+            table, bits = dataset_manifest(str(data.get("dataset") or ""), data.get("fingerprint"))
+        except ManifestError as exc:
+            return {"missing": str(exc)}
+        write_bytes(self._fs, f"{folder}/{MANIFEST_NAME}", manifest_bytes(table))
+        return manifest_block(table, bits)
 
     def versions(self, name: str | None = None) -> list[ModelVersion]:
         """Every finished version (of one model when `name` is given), sorted by name and version."""
@@ -553,7 +577,9 @@ class ModelRegistry:
         staging.mkdir(parents=True)
         local = pafs.LocalFileSystem()
         try:
-            for file in (WEIGHTS_NAME, CARD_NAME):  # the card last: it marks a finished copy
+            manifest = version.card.data.get("manifest") or {}
+            files = [WEIGHTS_NAME, *([str(manifest["file"])] if manifest.get("file") else []), CARD_NAME]
+            for file in files:  # the card last: it marks a finished copy
                 _copy(self._fs, f"{folder}/{file}", local, str(staging / file))
             self._unchanged(version, staging, f"{self.root}/{version.name}/v{version.version}")  # before use
             os.replace(staging, target)
@@ -896,6 +922,13 @@ def _same_card(a: Path, b: Path) -> bool:
         return (a / CARD_NAME).read_bytes() == (b / CARD_NAME).read_bytes()
     except OSError:
         return False
+
+
+def _as_checkpoint(card: ModelCard) -> dict[str, Any]:
+    """A card as a checkpoint's, without what registering it added."""
+    data = card.to_dict()
+    data["data"] = {key: value for key, value in data.get("data", {}).items() if key != "manifest"}
+    return {**data, **_REGISTRATION_FIELDS}
 
 
 def _check_alias(alias: str) -> None:

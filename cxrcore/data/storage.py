@@ -241,15 +241,20 @@ def write_text(filesystem: pafs.FileSystem, path: str, text: str) -> None:
     disk and renamed over it (a run's settings and an experiment's comparison.json, written in place,
     were left empty or cut short by a kill or a power cut, and every re-run then failed on them); an
     object store's write is one object, whole already."""
+    write_bytes(filesystem, path, text.encode())
+
+
+def write_bytes(filesystem: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write `data` to `path` whole or not at all, as write_text does."""
     filesystem.create_dir(os.path.dirname(path), recursive=True)
     if not isinstance(filesystem, pafs.LocalFileSystem):
         with filesystem.open_output_stream(path) as stream:
-            stream.write(text.encode())
+            stream.write(data)
         return
     temporary = f"{os.path.dirname(path)}/.{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         with open(temporary, "wb") as stream:
-            stream.write(text.encode())
+            stream.write(data)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, path)

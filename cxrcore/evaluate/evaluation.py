@@ -537,7 +537,7 @@ def _external_blocks(
     )
 
     card = predictor.card
-    overlap, seen = training_overlap_rows(card, config.data, split)
+    overlap, seen = training_overlap_rows(card, config.data, split, model.checkpoint)
     external = external_block(
         metrics,
         dataset=config.data,

@@ -34,6 +34,7 @@ from cxrcore.metrics import (
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
+    from pathlib import Path
 
     from cxrcore.checkpoint import ModelCard
 
@@ -101,15 +102,24 @@ def dataset_relation(data: str, card: ModelCard) -> DatasetRelation:
     return DatasetRelation(kind, fingerprint, trained_on)
 
 
-def training_overlap(card: ModelCard, data: str, split: str) -> dict[str, Any]:
+def training_overlap(
+    card: ModelCard, data: str, split: str, checkpoint: str | Path | None = None
+) -> dict[str, Any]:
     """How many evaluated images are copies of images in the model's own dataset, per split of it
     (training_overlap_rows without the rows)."""
-    return training_overlap_rows(card, data, split)[0]
+    return training_overlap_rows(card, data, split, checkpoint)[0]
 
 
-def training_overlap_rows(card: ModelCard, data: str, split: str) -> tuple[dict[str, Any], np.ndarray | None]:
+def training_overlap_rows(
+    card: ModelCard, data: str, split: str, checkpoint: str | Path | None = None
+) -> tuple[dict[str, Any], np.ndarray | None]:
     """How many evaluated images are copies of images in the model's own dataset, per split of it, and
     which rows (in read_table's order) copy one of its train or val images: None where not checked.
+
+    The model's images are read from the data manifest its registry version keeps (in `checkpoint`, the
+    version's folder or its local copy; cxrcore.data.manifest), which holds wherever the model is taken
+    and however its dataset changed since; else from the dataset its card names, where it is readable
+    here and has not been ingested again since.
 
     A copy is pixel-exact (ingest hashes the decoded pixels before resizing, so this holds across base
     sizes, splits and file names) or near: within the perceptual-hash distance ingest keeps in one split
@@ -119,8 +129,22 @@ def training_overlap_rows(card: ModelCard, data: str, split: str) -> tuple[dict[
     which ships them as JPEG. A copy in train or val means the external figures are not external for it.
     """
     from cxrcore.data.ingest import read_report, read_table
+    from cxrcore.data.manifest import ManifestError, read_manifest
 
     source = card.data.get("dataset")
+    try:
+        manifest = read_manifest(checkpoint, card.data) if checkpoint is not None else None
+    except ManifestError as exc:
+        return {"checked": False, "dataset": source, "reason": f"its data manifest: {exc}"}, None
+    if manifest is not None:
+        own = {
+            name: np.asarray(manifest[name].to_pylist())
+            for name in ("sha256", "phash", "split")
+            if name in manifest.column_names
+        }
+        rows = _hashes(read_table, data, None if split == "all" else split)
+        bits = int(card.data["manifest"].get("near_duplicate_bits", NEAR_DUPLICATE_BITS))
+        return _overlap_summary(source, own, rows, bits, manifest=True)
     if not source:
         return {"checked": False, "reason": "the model's card names no training dataset"}, None
     try:
@@ -143,6 +167,13 @@ def training_overlap_rows(card: ModelCard, data: str, split: str) -> tuple[dict[
             f"{report.get('fingerprint')}, the model's {trained_on}): its splits are not the ones the "
             "model saw",
         }, None
+    return _overlap_summary(str(source), own, rows, bits, manifest=False)
+
+
+def _overlap_summary(
+    source: str | None, own: dict[str, np.ndarray], rows: dict[str, np.ndarray], bits: int, manifest: bool
+) -> tuple[dict[str, Any], np.ndarray]:
+    """training_overlap_rows' answer, the model's images (`own`) read from its manifest or its dataset."""
     exact, near = _copies(own, rows, bits)
     counts = {name: int((exact[name] | near[name]).sum()) for name in ("train", "val", "test")}
     copied = np.logical_or.reduce([exact[name] | near[name] for name in counts])
@@ -151,6 +182,7 @@ def training_overlap_rows(card: ModelCard, data: str, split: str) -> tuple[dict[
     summary = {
         "checked": True,
         "dataset": source,
+        "read_from": "the data manifest of the model's registry version" if manifest else "the dataset",
         "in_split": counts,
         "total": int(copied.sum()),
         "pixel_exact": int(pixel_exact.sum()),

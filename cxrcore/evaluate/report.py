@@ -508,6 +508,8 @@ def external_sections(external: Mapping[str, Any], comparison: Mapping[str, Any]
         overlap_text = (
             f"none of these images is in the model's dataset {overlap['dataset']} (pixel-exact check)"
         )
+    if overlap.get("checked") and overlap.get("read_from", "the dataset") != "the dataset":
+        overlap_text += f"; its images read from {overlap['read_from']}"
     trained_on = external["trained_on"]
     point = external["operating_point"]
     facts = [

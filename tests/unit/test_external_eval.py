@@ -668,3 +668,80 @@ def test_a_dataset_whose_rows_were_changed_since_ingest_is_refused(tmp_path: Pat
         verify_dataset(data)
     pq.write_table(table, test_file)  # as it was: read again
     assert verify_dataset(data)["fingerprint"] == FINGERPRINTS["ds"]
+
+
+def test_a_registered_model_knows_its_training_images_where_its_dataset_is_not(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Another hospital gets a model through a registry, not its dataset: `cxr evaluate` there said the
+    overlap with the training images was "not checked: cannot read it here", and of the model's own
+    dataset ingested again in place, that which images it had trained on "cannot be told". The version
+    keeps a manifest of its dataset's rows (no pixels), which the card's fingerprint vouches for."""
+    import shutil
+
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from cxrcore.data.manifest import MANIFEST_NAME
+
+    films = [xray(seed, size=SIZE) for seed in range(8)]
+    own_rows = [
+        ("Normal", split, seed) for seed, split in enumerate(["train"] * 4 + ["val"] * 2 + ["test"] * 2)
+    ]
+    own = write_dataset(tmp_path / "own", own_rows, "own", images=films)
+    checkpoint = write_biased_checkpoint(tmp_path / "checkpoint", own)
+    registry = ModelRegistry(tmp_path / "registry")
+    assert main(["models", "register", str(checkpoint), "--registry", str(tmp_path / "registry")]) == 0
+    assert "data manifest: 8 images (train 4, val 2, test 2) of " in capsys.readouterr().out
+    version = registry.get("tiny_cnn_lstm:1")
+    block = version.card.data["manifest"]
+    # near_duplicate_bits: where the dataset's report records it (ingest's do; this hand-made one does not)
+    assert block == {"file": MANIFEST_NAME, "images": 8, "by_split": {"test": 2, "train": 4, "val": 2}}
+    manifest = pq.read_table(Path(version.uri) / MANIFEST_NAME)
+    assert manifest.column_names == ["sha256", "phash", "label", "split", "source"] and manifest.num_rows == 8
+    # A re-registration finds the version (the manifest is the registry's, not the checkpoint's).
+    assert registry.register_once(checkpoint).found
+
+    shutil.rmtree(own)  # the dataset stays where the model was trained
+    rows = [("Normal", "test", seed) for seed in range(4)]
+    external = write_dataset(tmp_path / "external", rows, "elsewhere", images=[films[0], films[4], *(
+        xray(100 + i, size=SIZE) for i in range(2))])  # fmt: skip
+    assert "cannot read it here" in training_overlap(version.card, external, "all")["reason"]
+    folder = registry.local_checkpoint(version.ref)
+    overlap = training_overlap(version.card, external, "all", folder)
+    assert overlap["checked"] and overlap["in_split"] == {"train": 1, "val": 1, "test": 0}
+    assert overlap["read_from"] == "the data manifest of the model's registry version"
+
+    # Evaluated through the registry, as the other hospital runs it: the copies are found and scored apart.
+    out = tmp_path / "eval"
+    args = ["evaluate", "--model", "tiny_cnn_lstm:1", "--registry", str(tmp_path / "registry")]
+    assert main([*args, "--data", external, "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["external"]["overlap_with_training_data"]["total"] == 2
+    assert metrics["external"]["unseen"]["n"] == 2
+    assert "its images read from the data manifest" in (out / "report.html").read_text()
+
+    # A manifest edited since (one training image relabelled) describes another dataset: refused, named.
+    relabelled = manifest.set_column(
+        manifest.column_names.index("label"),
+        "label",
+        pc.if_else(pc.equal(manifest["sha256"], manifest["sha256"][0]), "COVID", manifest["label"]),
+    )
+    pq.write_table(relabelled, Path(version.uri) / MANIFEST_NAME)
+    overlap = training_overlap(version.card, external, "all", folder)
+    assert overlap["checked"] is False and "changed since the model was registered" in overlap["reason"]
+
+
+def test_a_model_registered_away_from_its_dataset_says_it_has_no_manifest(
+    world: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkpoint = write_biased_checkpoint(tmp_path / "checkpoint", world["own"])
+    card = json.loads((checkpoint / "card.json").read_text())
+    card["data"]["dataset"] = str(tmp_path / "elsewhere")
+    (checkpoint / "card.json").write_text(json.dumps(card))
+    assert main(["models", "register", str(checkpoint), "--registry", str(tmp_path / "registry")]) == 0
+    printed = capsys.readouterr().out
+    assert f"no data manifest: its dataset {tmp_path / 'elsewhere'} cannot be read here" in printed
+    version = ModelRegistry(tmp_path / "registry").get("tiny_cnn_lstm:1")
+    assert "cannot be read here" in version.card.data["manifest"]["missing"]
+    assert not (Path(version.uri) / "data_manifest.parquet").exists()

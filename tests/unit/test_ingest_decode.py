@@ -163,3 +163,18 @@ def test_the_report_warns_of_a_near_duplicate_group_large_enough_to_move_the_spl
     assert "went to val together" in warning and "lower --near-duplicate-bits" in warning
     assert _warnings({**report, "ingested": 3000}) == []  # 1% of the images: a few patients' copies
     assert _largest_group(Counter(range(5)), list(range(5)), ["COVID"] * 5, ["train"] * 5) is None
+
+
+def test_the_hashes_that_decide_the_split_do_not_depend_on_the_stored_size(tmp_path: Path) -> None:
+    # The split groups near duplicates by perceptual hash: taken on the resized image, the same folder
+    # ingested at 32 and 64 px grouped (and so split) 9 of 200 phantoms otherwise.
+    paths = [write_png(tmp_path / f"{i}.png", xray(i, size=120)) for i in range(6)]
+    batch = {
+        "image_path": np.asarray([os.fsencode(p) for p in paths], dtype=object),
+        "mask_path": np.asarray([b""] * len(paths), dtype=object),
+    }
+    small, large = (decode_pair_batch(dict(batch), size, 16) for size in (32, 64))
+    assert small["image"].shape[1:] == (32, 32) and large["image"].shape[1:] == (64, 64)
+    assert list(small["sha256"]) == list(large["sha256"])
+    assert list(small["phash"]) == list(large["phash"])
+    assert len(set(small["phash"])) == len(paths)
