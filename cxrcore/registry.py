@@ -322,11 +322,11 @@ class ModelRegistry:
 
         data = card_data.get("data", {})
         try:
-            table, bits = dataset_manifest(str(data.get("dataset") or ""), data.get("fingerprint"))
+            table, dataset = dataset_manifest(str(data.get("dataset") or ""), data.get("fingerprint"))
         except ManifestError as exc:
             return {"missing": str(exc)}
         write_bytes(self._fs, f"{folder}/{MANIFEST_NAME}", manifest_bytes(table))
-        return manifest_block(table, bits)
+        return manifest_block(table, dataset)
 
     def versions(self, name: str | None = None) -> list[ModelVersion]:
         """Every finished version (of one model when `name` is given), sorted by name and version."""

@@ -211,19 +211,29 @@ def format_ingest_report(report: dict[str, Any]) -> str:
     lines += [f"warning: {warning}" for warning in report["warnings"]]
     replaced = report.get("replaced")
     if replaced:
-        shared, moved = replaced["shared_images"], replaced["changed_split"]
         lines.append(
             f"replaced the dataset of fingerprint {replaced['fingerprint']} there: "
-            + (
-                f"{moved} of the {shared} images both hold changed split. "
-                if shared
-                else "none of its images is in this one. "
-            )
-            + "Runs and Tune experiments "
+            f"{_what_changed(replaced)}. "
+            "Runs and Tune experiments "
             "on the old one refuse this one (another --name starts afresh), and a model trained on the old "
             "one scores this one as external data, not clean"
         )
     return "\n".join(lines)
+
+
+def _what_changed(replaced: dict[str, Any]) -> str:
+    """An ingest report's `replaced` block in words: what changed for the images both datasets hold."""
+    shared = replaced["shared_images"]
+    if not shared:
+        return "none of its images is in this one"
+    changed = [f"{replaced['changed_split']} changed split"]
+    if replaced.get("changed_class"):
+        changed.append(f"{replaced['changed_class']} class")
+    if replaced.get("changed_mask") is not None:
+        changed.append(f"{replaced['changed_mask']} lung mask")
+    else:
+        changed.append("their lung masks not compared (an earlier cxr's fingerprint covered none)")
+    return f"of the {shared} images both hold, {', '.join(changed)}"
 
 
 def _left_out_lines(labels: dict[str, Any], root: str) -> list[str]:

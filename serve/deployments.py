@@ -23,7 +23,7 @@ from cxrcore.checkpoint import (
     local_checkpoint_dir,
 )
 from cxrcore.data.storage import file_sha256
-from serve.schemas import ClassifierConfig, ModelInfo
+from serve.schemas import ClassifierConfig, ModelInfo, SegmenterInfo
 
 log = logging.getLogger("ray.serve")
 T = TypeVar("T")
@@ -41,6 +41,8 @@ class ResolvedModel:
     checkpoint: Path
     card: ModelCard
     version: str | None
+    segmenter: SegmenterInfo | None = None
+    """the lung segmenter a dual-channel model reads the masks of, once resolved (`Classifier._load`)"""
 
     @property
     def info(self) -> ModelInfo:
@@ -50,6 +52,7 @@ class ResolvedModel:
             version=self.version,
             ref=public_location(self.ref),
             weights_sha256=self.card.weights_sha256,
+            segmenter=self.segmenter,
         )
 
     def public_card(self) -> dict[str, Any]:
@@ -114,6 +117,15 @@ def resolve_model(registry: str | None, ref: str) -> ResolvedModel:
     path = Path(models.local_checkpoint(version.ref))  # its weights checked against the card
     card, number = _hashed(load_card(path), path), version.ref.rpartition(":")[2]
     return ResolvedModel(ref=version.ref, checkpoint=path, card=card, version=number)
+
+
+def segmenter_info(checkpoint: str) -> SegmenterInfo:
+    """The segmenter whose folder is `checkpoint` (resolve_segmenter's), as an answer names it: by its
+    registry reference where it is a version, and the sha256 of its weights. The Segmenter deployment
+    loads the same version, checking those weights (`load_model`)."""
+    card = _hashed(load_card(checkpoint), Path(checkpoint))
+    ref = card.version if card.version and ":" in card.version else public_location(str(checkpoint))
+    return SegmenterInfo(ref=ref, weights_sha256=card.weights_sha256)
 
 
 def _hashed(card: ModelCard, checkpoint: Path) -> ModelCard:
@@ -547,6 +559,7 @@ class Classifier:
                 raise ValueError(f"{resolved.ref} needs a lung mask but its card names no segmenter")
             # one found nowhere fails the swap
             segmenter = resolve_segmenter(self._registry, card.segmenter, resolved.ref)
+            resolved = replace(resolved, segmenter=segmenter_info(segmenter))
             if self._segmenter is not None:  # which resolves what the card names on its own node
                 predictor.segmenter = SegmenterClient(self._segmenter, card.segmenter, loop)
             else:

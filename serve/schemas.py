@@ -154,6 +154,17 @@ class ClassifierConfig(BaseModel):
     batch_wait_timeout_s: float = Field(default=0.0, ge=0)
 
 
+class SegmenterInfo(BaseModel):
+    """The lung segmenter whose mask a dual-channel classifier read."""
+
+    ref: str = Field(
+        description="its registry reference (name:N), or its checkpoint folder by its last two components"
+    )
+    weights_sha256: str | None = Field(
+        default=None, description="sha256 of its weights file, as for the model"
+    )
+
+
 class ModelInfo(BaseModel):
     """Which model answered."""
 
@@ -167,6 +178,11 @@ class ModelInfo(BaseModel):
         description="sha256 of the weights file that answered: the one the registry recorded when it stored "
         "the version, which the replica checked when it loaded it (a prediction stored today traces back to "
         "these exact weights)",
+    )
+    segmenter: SegmenterInfo | None = Field(
+        default=None,
+        description="the lung segmenter that drew the mask the model read (dual-channel models); null for a "
+        "model that reads the image alone",
     )
 
 
@@ -201,6 +217,10 @@ class Prediction(BaseModel):
         },
     )
     model: ModelInfo
+    input_sha256: str = Field(
+        description="sha256 of the uploaded file's bytes as the server received them (`sha256sum FILE`): "
+        "with `model`, what a record of this answer needs to trace it to its image and weights"
+    )
     latency_ms: float = Field(description="time spent in the server, from request to answer")
     explanation: Explanation | None = Field(default=None, description="with ?explain=true")
 

@@ -350,7 +350,18 @@ def _parquet_table(rows: dict[str, np.ndarray]) -> Any:
     """The dataset's columns as a pyarrow Table, pixels packed as the pipeline packs them."""
     from cxrcore.data.ingest import table_with_packed_pixels
 
-    columns = ("image", "mask", "has_mask", "label", "source", "url", "file", "sha256", "phash")
+    columns = (
+        "image",
+        "mask",
+        "has_mask",
+        "label",
+        "source",
+        "url",
+        "file",
+        "sha256",
+        "phash",
+        "mask_sha256",
+    )
     return table_with_packed_pixels({c: rows[c] for c in columns})
 
 

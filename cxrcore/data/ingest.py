@@ -13,7 +13,7 @@ import os
 import shlex
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from functools import partial
 from pathlib import Path
@@ -41,10 +41,11 @@ from cxrcore.data.layout import (
 from cxrcore.data.split import SPLITS, assign_splits, choose_test_sources, duplicate_groups
 from cxrcore.data.transforms import (
     ImageDecodeError,
+    binary_mask,
     hash_words,
     perceptual_hash,
+    resize_binary_mask,
     resize_image,
-    resize_mask,
 )
 from cxrcore.labels import CLASSES
 from cxrcore.runtime import local_core_limit, storage_error, storage_reason
@@ -89,7 +90,7 @@ def decode_pair_batch(batch: dict[str, np.ndarray], size: int, min_side: int) ->
     images = np.zeros((n, size, size), dtype=np.uint8)
     masks = np.zeros((n, size, size), dtype=np.uint8)
     has_mask = np.zeros(n, dtype=bool)
-    sha256, phash, errors, mask_errors = ([""] * n for _ in range(4))
+    sha256, phash, mask_sha256, errors, mask_errors = ([""] * n for _ in range(5))
     for i in range(n):
         try:
             original = _decode_file(batch["image_path"][i])
@@ -114,7 +115,9 @@ def decode_pair_batch(batch: dict[str, np.ndarray], size: int, min_side: int) ->
             if problem := mask_problem(mask, original.shape):
                 mask_errors[i] = problem
             else:
-                masks[i] = resize_mask(mask, size)
+                binary = binary_mask(mask)
+                mask_sha256[i] = _content_hash(binary)  # as sha256: the same lungs in any encoding or size
+                masks[i] = resize_binary_mask(binary, size)
                 has_mask[i] = True
     return {
         **batch,
@@ -123,6 +126,7 @@ def decode_pair_batch(batch: dict[str, np.ndarray], size: int, min_side: int) ->
         "has_mask": has_mask,
         "sha256": np.asarray(sha256),
         "phash": np.asarray(phash),
+        "mask_sha256": np.asarray(mask_sha256),
         "error": np.asarray(errors),
         "mask_error": np.asarray(mask_errors),
     }
@@ -271,7 +275,11 @@ def _ingest(config: IngestConfig, scanned: tuple[LayoutScan, set[str]], started:
         report.update(_source_report(sources, splits, labels, test_sources), labels=_label_report(scan))
         report["warnings"] = scan.warnings + _warnings(report)
         report["seconds_by_stage"] = {stage: round(seconds, 2) for stage, seconds in timings.items()}
-        report["replaced"] = _replaced(config.out, report["fingerprint"], list(rows["sha256"]), splits)
+        report["replaced"] = _replaced(
+            config.out,
+            report["fingerprint"],
+            list(zip(rows["sha256"], labels, splits, rows["mask_sha256"], strict=True)),
+        )
         storage.write_text(
             filesystem, f"{staging}/{REPORT_NAME}", json.dumps(printable_json(report), indent=2)
         )
@@ -302,32 +310,48 @@ def _staging_removed_if_full(filesystem: pafs.FileSystem, root: str, out: str) -
         ) from exc  # fmt: skip
 
 
-def _replaced(out: str, fingerprint: str, hashes: list[str], splits: list[str]) -> dict[str, Any] | None:
+def _replaced(out: str, fingerprint: str, rows: list[tuple[str, str, str, str]]) -> dict[str, Any] | None:
     """What replacing the dataset at `out` changes, where one of another fingerprint is there: its
-    fingerprint, the images both hold (by content) and how many of them changed split. Runs, experiments
-    and models made on it no longer match the new one; the output says so. None where there is none."""
+    fingerprint, the images both hold (by content) and how many of them changed split, class or mask
+    (`rows`: each new row's sha256, label, split and mask_sha256). Runs, experiments and models made on it
+    no longer match the new one; the output says so. None where there is none."""
     try:
-        before = read_report(out).get("fingerprint")
+        report = read_report(out)
+        before = report.get("fingerprint")
         if before == fingerprint:
             return None
-        old = read_table(out, ["sha256", "split"])
+        masks = "mask_sha256" in fingerprint_columns(report)
+        old = read_table(out, ["sha256", "label", "split", *(["mask_sha256"] if masks else [])])
     except (OSError, ValueError, KeyError):  # none there, or one this code cannot read: nothing to compare
         return None
-    now = dict(zip(hashes, splits, strict=True))
-    shared = [
-        (now[sha], split)
-        for sha, split in zip(old["sha256"].to_pylist(), old["split"].to_pylist(), strict=True)
-        if sha in now
-    ]
+    old_masks = old["mask_sha256"].to_pylist() if masks else [""] * old.num_rows
+    old_rows = zip(*(old[name].to_pylist() for name in ("sha256", "label", "split")), old_masks, strict=True)
+    # By picture: copies of one (exact duplicates, kept in one split) may differ in class and mask.
+    now, was = _by_picture(rows), _by_picture(old_rows)
+    shared = [sha for sha in was if sha in now]
     return {
         "fingerprint": before,
-        "shared_images": len(shared),
-        "changed_split": sum(1 for new, old_split in shared if new != old_split),
+        "shared_images": sum(len(was[sha][0]) for sha in shared),
+        "changed_split": sum(len(was[sha][0]) for sha in shared if was[sha][1] != now[sha][1]),
+        "changed_class": sum(1 for sha in shared if was[sha][0] != now[sha][0]),
+        # None: the old dataset's fingerprint covered no masks (an earlier cxr's), so they cannot be compared
+        "changed_mask": sum(1 for sha in shared if was[sha][2] != now[sha][2]) if masks else None,
     }
 
 
+def _by_picture(rows: Iterable[tuple[str, str, str, str]]) -> dict[str, tuple[list[str], str, list[str]]]:
+    """(sha256, label, split, mask_sha256) rows by sha256: the labels of its rows, its split (copies of a
+    picture share one) and its rows' mask hashes, the lists sorted."""
+    grouped: dict[str, tuple[list[str], str, list[str]]] = {}
+    for sha, label, split, mask in rows:
+        labels, _, masks = grouped.setdefault(sha, ([], split, []))
+        labels.append(label)
+        masks.append(mask)
+    return {sha: (sorted(labels), split, sorted(masks)) for sha, (labels, split, masks) in grouped.items()}
+
+
 _DATASET_COLUMNS = (
-    "row_id", "image", "mask", "has_mask", "label", "source", "url", "file", "sha256", "phash",
+    "row_id", "image", "mask", "has_mask", "label", "source", "url", "file", "sha256", "phash", "mask_sha256",
 )  # fmt: skip
 
 
@@ -406,7 +430,7 @@ def _index(decoded: Any) -> Any:
     import pyarrow as pa
     import ray
 
-    columns = ["row_id", "sha256", "phash", "error", "mask_error"]
+    columns = ["row_id", "sha256", "phash", "mask_sha256", "error", "mask_error"]
     tables = [table.select(columns) for table in ray.get(decoded.to_arrow_refs())]
     index: pd.DataFrame = pa.concat_tables(tables).to_pandas()
     return index.sort_values("row_id").reset_index(drop=True)
@@ -588,20 +612,21 @@ def _check_rows(dataset: str, root: str, parquet: Any, report: dict[str, Any], s
     recorded = report.get("fingerprint")
     if not recorded:
         return
+    covered = fingerprint_columns(report)
     try:  # every split's rows: the fingerprint covers them all
-        rows = parquet.to_table(columns=["sha256", "label", "label_index", "split"])
+        rows = parquet.to_table(columns=list(dict.fromkeys([*covered, "label_index"])))
     except (pa.ArrowInvalid, OSError) as exc:
         raise _damaged(dataset, root, root, exc) from None
-    found = _digest(rows["sha256"], rows["label"], rows["split"])
+    found = table_digest(rows, covered)
     # What training and scoring read is label_index: one per label, as ingest numbered them
     pairs = set(zip(rows["label"].to_pylist(), rows["label_index"].to_pylist(), strict=True))
     numbered = len(pairs) == len({label for label, _ in pairs}) == len({index for _, index in pairs})
     if found != recorded or not numbered:
         raise DatasetError(
-            f"{dataset}: its rows' image hashes, labels, label numbers and splits (fingerprint {found}) are "
-            f"not those ingest recorded (fingerprint {recorded}, {REPORT_NAME}): a Parquet file was changed "
-            "or replaced since, and runs, models and reports that name this fingerprint would describe other "
-            "data; ingest it again (`cxr data ingest RAW OUT`)"
+            f"{dataset}: its rows' image and mask hashes, labels, label numbers and splits (fingerprint "
+            f"{found}) are not those ingest recorded (fingerprint {recorded}, {REPORT_NAME}): a Parquet file "
+            "was changed or replaced since, and runs, models and reports that name this fingerprint would "
+            "describe other data; ingest it again (`cxr data ingest RAW OUT`)"
         )
 
 
@@ -903,6 +928,7 @@ def _report(
         "rejected": rejected,
         "mask_problems": mask_problems,
         "fingerprint": _fingerprint(index, labels, splits),
+        "fingerprint_columns": list(FINGERPRINT_COLUMNS),
         "seconds": round(time.perf_counter() - started, 2),
         "created_at": provenance.now(),
         "software": provenance.versions("ray", "pyarrow", "pillow", "numpy", "pydicom"),
@@ -1046,19 +1072,37 @@ def _warnings(report: dict[str, Any]) -> list[str]:
     return warnings
 
 
+FINGERPRINT_COLUMNS = ("sha256", "label", "split", "mask_sha256")
+"""What a dataset's fingerprint covers of each row: its image, class, split and lung mask (`mask_sha256`, ""
+without one), each image and mask by the hash of its decoded pixels at full resolution, so that one folder
+ingested at two sizes has one fingerprint. The report records them (`fingerprint_columns`)."""
+EARLIER_FINGERPRINT_COLUMNS = ("sha256", "label", "split")
+"""What the fingerprint of a dataset an earlier cxr wrote covers (its report records no columns): a mask
+deleted or redrawn left it as it was."""
+
+
+def fingerprint_columns(report: dict[str, Any]) -> tuple[str, ...]:
+    """The columns the fingerprint in a dataset's report (or a manifest's card block) covers."""
+    return tuple(report.get("fingerprint_columns") or EARLIER_FINGERPRINT_COLUMNS)
+
+
+def table_digest(table: Any, columns: Sequence[str]) -> str:
+    """The fingerprint of a pyarrow Table's rows over `columns` (fingerprint_columns)."""
+    return _digest(*(table[name] for name in columns))
+
+
 def _fingerprint(index: Any, labels: list[str], splits: list[str]) -> str:
-    """A digest of the dataset's content, labels and split: equal fingerprints mean equal data."""
+    """A digest of the dataset's content, labels, split and masks: equal fingerprints mean equal data."""
     ok = index[index["error"] == ""]
-    return _digest(ok["sha256"], labels, splits)
+    return _digest(ok["sha256"], labels, splits, ok["mask_sha256"])
 
 
-def _digest(hashes: Any, labels: Any, splits: Any) -> str:
-    """The fingerprint of rows given as their images' sha256, class names and splits (any iterables, Arrow
+def _digest(*columns: Any) -> str:
+    """The fingerprint of rows given column by column, in FINGERPRINT_COLUMNS' order (any iterables, Arrow
     columns included): what ingest records, and what a reader recomputes from the Parquet files."""
     digest = hashlib.sha256()
-    columns = (_as_list(column) for column in (hashes, labels, splits))
-    for sha, label, split in sorted(zip(*columns, strict=True)):
-        digest.update(f"{sha}:{label}:{split}\n".encode())
+    for values in sorted(zip(*(_as_list(column) for column in columns), strict=True)):
+        digest.update(f"{':'.join(values)}\n".encode())
     return digest.hexdigest()[:16]
 
 

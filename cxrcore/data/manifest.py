@@ -22,8 +22,9 @@ from typing import Any
 
 MANIFEST_NAME = "data_manifest.parquet"
 """The manifest's file in a registry version's folder."""
-COLUMNS = ("sha256", "phash", "label", "split", "source")
-"""What the manifest keeps of each row: no pixels. phash and source where the dataset has them."""
+COLUMNS = ("sha256", "phash", "label", "split", "source", "mask_sha256")
+"""What the manifest keeps of each row: no pixels. All but sha256, label and split where the dataset has
+them (mask_sha256: datasets an earlier cxr wrote have none)."""
 
 
 class ManifestError(ValueError):
@@ -31,14 +32,15 @@ class ManifestError(ValueError):
     found does not match its card: the message says which, in a clause that follows "no data manifest: "."""
 
 
-def dataset_manifest(dataset: str, fingerprint: str | None) -> tuple[Any, int | None]:
+def dataset_manifest(dataset: str, fingerprint: str | None) -> tuple[Any, dict[str, Any]]:
     """The manifest of `dataset` (a pyarrow Table sorted by split, label and sha256, so that one dataset
-    always gives the same bytes) and its near-duplicate distance (`near_duplicate_bits` of its ingest,
-    what `cxr evaluate` counts as a near copy), where its fingerprint is `fingerprint`, the card's.
+    always gives the same bytes) and what the card's block records of its dataset: the columns its
+    fingerprint covers, and its near-duplicate distance (`near_duplicate_bits` of its ingest, what `cxr
+    evaluate` counts as a near copy) where recorded, when its fingerprint is `fingerprint`, the card's.
     Raises ManifestError saying why not."""
     import pyarrow.compute as pc
 
-    from cxrcore.data.ingest import _digest, parquet_files, read_report, read_table
+    from cxrcore.data.ingest import fingerprint_columns, parquet_files, read_report, read_table, table_digest
 
     if not dataset or not fingerprint:
         raise ManifestError(f"the card records no {'fingerprint' if dataset else 'dataset'}")
@@ -50,7 +52,8 @@ def dataset_manifest(dataset: str, fingerprint: str | None) -> tuple[Any, int | 
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ManifestError(f"its dataset {dataset} cannot be read here: {reason}") from None
     found = report.get("fingerprint")
-    if found != fingerprint or _digest(table["sha256"], table["label"], table["split"]) != fingerprint:
+    covered = fingerprint_columns(report)
+    if found != fingerprint or table_digest(table, covered) != fingerprint:
         raise ManifestError(
             f"its dataset {dataset} was ingested again since the model was trained on it (fingerprint "
             f"{found}, the card's {fingerprint})"
@@ -58,7 +61,10 @@ def dataset_manifest(dataset: str, fingerprint: str | None) -> tuple[Any, int | 
     order = pc.sort_indices(table, [("split", "ascending"), ("label", "ascending"), ("sha256", "ascending")])
     table = table.take(order).combine_chunks()
     bits = report.get("config", {}).get("near_duplicate_bits")
-    return table, int(bits) if bits is not None else None
+    return table, {
+        "fingerprint_columns": list(covered),
+        **({"near_duplicate_bits": int(bits)} if bits is not None else {}),
+    }
 
 
 def manifest_bytes(table: Any) -> bytes:
@@ -70,19 +76,18 @@ def manifest_bytes(table: Any) -> bytes:
     return sink.getvalue()
 
 
-def manifest_block(table: Any, bits: int | None) -> dict[str, Any]:
-    """What a card's `data.manifest` records of a manifest written beside it."""
+def manifest_block(table: Any, dataset: dict[str, Any]) -> dict[str, Any]:
+    """What a card's `data.manifest` records of a manifest written beside it (`dataset`: what
+    dataset_manifest gave with it)."""
     import pyarrow.compute as pc
 
     counts = pc.value_counts(table["split"]).to_pylist()
-    block: dict[str, Any] = {
+    return {
         "file": MANIFEST_NAME,
         "images": table.num_rows,
         "by_split": {str(item["values"]): int(item["counts"]) for item in sorted(counts, key=str)},
+        **dataset,
     }
-    if bits is not None:
-        block["near_duplicate_bits"] = bits
-    return block
 
 
 def read_manifest(folder: str | Path, data: dict[str, Any]) -> Any | None:
@@ -91,7 +96,7 @@ def read_manifest(folder: str | Path, data: dict[str, Any]) -> Any | None:
     the card's fingerprint (edited, damaged or swapped since registration)."""
     import pyarrow.parquet as pq
 
-    from cxrcore.data.ingest import _digest
+    from cxrcore.data.ingest import fingerprint_columns, table_digest
 
     block = data.get("manifest")
     if not isinstance(block, dict) or not block.get("file"):
@@ -99,7 +104,7 @@ def read_manifest(folder: str | Path, data: dict[str, Any]) -> Any | None:
     path = Path(folder) / str(block["file"])
     try:
         table = pq.read_table(path)
-        digest = _digest(table["sha256"], table["label"], table["split"])
+        digest = table_digest(table, fingerprint_columns(block))
     except (OSError, ValueError, KeyError) as exc:  # gone, cut, not Parquet, a column missing
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ManifestError(f"{path} cannot be read: {reason}") from None

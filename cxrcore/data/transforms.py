@@ -247,9 +247,18 @@ def lung_pixels(mask: np.ndarray) -> np.ndarray:
     return np.asarray(mask > threshold)
 
 
+def binary_mask(mask: np.ndarray) -> np.ndarray:
+    """A decoded lung mask as {0, 255} uint8 (`lung_pixels`): what ingest stores and hashes of it."""
+    return np.where(lung_pixels(mask), 255, 0).astype(np.uint8)
+
+
 def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
     """Resize a lung mask to size×size and binarise it to {0, 255} (`lung_pixels`)."""
-    binary = np.where(lung_pixels(mask), 255, 0).astype(np.uint8)
+    return resize_binary_mask(binary_mask(mask), size)
+
+
+def resize_binary_mask(binary: np.ndarray, size: int) -> np.ndarray:
+    """Resize a {0, 255} mask (`binary_mask`) to size×size, nearest neighbour: it stays {0, 255}."""
     if binary.shape != (size, size):
         binary = np.asarray(Image.fromarray(binary).resize((size, size), Image.Resampling.NEAREST))
     return binary

@@ -299,8 +299,11 @@ def test_app_composes_ingress_classifier_and_segmenter(server: Server) -> None:
     weights = Path(ModelRegistry(server.registry).local_checkpoint(PRODUCTION)) / "model.safetensors"
     sha256 = hashlib.sha256(weights.read_bytes()).hexdigest()
     assert ModelRegistry(server.registry).get(PRODUCTION).card.weights_sha256 == sha256
+    # and the segmenter whose masks it reads, likewise
+    unet_version = ModelRegistry(server.registry).get("tiny_unet")
+    segmenter = {"ref": unet_version.ref, "weights_sha256": unet_version.card.weights_sha256}
     served = {"name": "tiny_dual_cnn", "version": "1", "ref": PRODUCTION, "weights_sha256": sha256}
-    assert model["model"] == served
+    assert model["model"] == {**served, "segmenter": segmenter} and segmenter["weights_sha256"]
     # The card names its segmenter, dataset and run folder by their last components: no server path.
     unet = Path(ModelRegistry(server.registry).local_checkpoint("tiny_unet"))
     assert model["card"]["segmenter"] == f"…/{unet.parent.name}/{unet.name}"
@@ -352,6 +355,7 @@ def test_every_format_predicts_exactly_what_the_offline_predictor_does(
     np.testing.assert_allclose(_probabilities(body), expected, atol=1e-5)
     assert body["label"] == max(body["probabilities"], key=body["probabilities"].get)
     assert body["model"]["ref"] == PRODUCTION and body["latency_ms"] > 0
+    assert body["input_sha256"] == hashlib.sha256(data).hexdigest()  # the file as sent, multipart or not
     assert body["explanation"] is None
 
 

@@ -194,7 +194,17 @@ def test_rerun_gives_the_same_dataset_and_a_failed_run_never_looks_complete(
     assert (
         replaced["shared_images"] == third["ingested"] and 0 < replaced["changed_split"] < third["ingested"]
     )
+    assert (replaced["changed_class"], replaced["changed_mask"]) == (0, 0)
     assert f"replaced the dataset of fingerprint {report['fingerprint']}" in format_ingest_report(third)
+    # The fingerprint covers the lung masks: one mask deleted from the folder is another dataset, and said.
+    copy = shutil.copytree(root, tmp_path / "raw")  # the folder is the module's
+    (copy / "COVID/masks/COVID-1.png").unlink()
+    fourth = ingest_dataset(IngestConfig(raw=str(copy), out=again, size=SIZE, seed=2))
+    assert (
+        fourth["fingerprint"] != third["fingerprint"] and fourth["without_mask"] == third["without_mask"] + 1
+    )
+    assert fourth["replaced"]["changed_split"] == 0 and fourth["replaced"]["changed_mask"] == 1
+    assert ", 0 changed split, 1 lung mask." in format_ingest_report(fourth)
 
 
 def test_another_hospitals_oddities_are_ingested_or_named_and_an_all_bad_folder_writes_nothing(

@@ -695,8 +695,10 @@ def test_a_registered_model_knows_its_training_images_where_its_dataset_is_not(
     assert "data manifest: 8 images (train 4, val 2, test 2) of " in capsys.readouterr().out
     version = registry.get("tiny_cnn_lstm:1")
     block = version.card.data["manifest"]
-    # near_duplicate_bits: where the dataset's report records it (ingest's do; this hand-made one does not)
-    assert block == {"file": MANIFEST_NAME, "images": 8, "by_split": {"test": 2, "train": 4, "val": 2}}
+    # near_duplicate_bits: where the dataset's report records it (ingest's do; this hand-made one does not),
+    # and the columns of an earlier cxr's fingerprint, as its report records none
+    assert block == {"file": MANIFEST_NAME, "images": 8, "by_split": {"test": 2, "train": 4, "val": 2},
+                     "fingerprint_columns": ["sha256", "label", "split"]}  # fmt: skip
     manifest = pq.read_table(Path(version.uri) / MANIFEST_NAME)
     assert manifest.column_names == ["sha256", "phash", "label", "split", "source"] and manifest.num_rows == 8
     # A re-registration finds the version (the manifest is the registry's, not the checkpoint's).

@@ -178,3 +178,38 @@ def test_the_hashes_that_decide_the_split_do_not_depend_on_the_stored_size(tmp_p
     assert list(small["sha256"]) == list(large["sha256"])
     assert list(small["phash"]) == list(large["phash"])
     assert len(set(small["phash"])) == len(paths)
+
+
+def test_the_fingerprint_covers_the_lung_masks_by_content(tmp_path: Path) -> None:
+    # A mask deleted or redrawn left the fingerprint as it was: runs resumed, and models were scored as
+    # on their own data, on other masks than they were trained with.
+    import pandas as pd
+
+    from cxrcore.data.ingest import _fingerprint
+
+    image = write_png(tmp_path / "images/a.png", xray(1, size=120))
+    lungs = lung_mask(120)
+    pairs = [
+        (image, write_png(tmp_path / "masks/a.png", lungs)),
+        (image, write_png(tmp_path / "masks/a01.png", lungs // 255)),  # the same lungs, marked 0/1
+        (image, write_png(tmp_path / "masks/b.png", np.roll(lungs, 9, axis=1))),  # redrawn
+        (image, ""),
+    ]
+    decoded = _decode(pairs)
+    hashes = list(decoded["mask_sha256"])
+    assert hashes[0] == hashes[1] and hashes[2] not in ("", hashes[0]) and hashes[3] == ""
+    larger = decode_pair_batch(
+        {
+            "image_path": np.asarray([os.fsencode(image)], dtype=object),
+            "mask_path": np.asarray([os.fsencode(pairs[0][1])], dtype=object),
+        },
+        2 * SIZE,
+        16,
+    )
+    assert list(larger["mask_sha256"]) == hashes[:1]  # of the decoded mask, not of the stored size
+
+    def fingerprint(mask_sha256: str) -> str:
+        index = pd.DataFrame({"sha256": [decoded["sha256"][0]], "mask_sha256": [mask_sha256], "error": [""]})
+        return _fingerprint(index, ["Normal"], ["train"])
+
+    assert len({fingerprint(h) for h in (hashes[0], hashes[2], "")}) == 3
