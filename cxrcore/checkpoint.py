@@ -83,6 +83,9 @@ class ModelCard:
     """When the registry stored this version (UTC); `created_at` is when training saved the checkpoint."""
     registered_from: str | None = None
     """The checkpoint the registry stored (a `cxr train` run's, a Tune trial's folder): its run's record."""
+    sealed_at: str | None = None
+    """When `cxr models seal` recorded weights_sha256 of a version an earlier cxr registered: the file as
+    it was then (trust on first use)."""
 
     def __post_init__(self) -> None:
         # A card edited by hand or written as null must not serve NaN or negative-temperature probabilities.

@@ -391,6 +391,14 @@ def _add_models_commands(commands: Any) -> None:
     history.add_argument("--alias", help="only the moves of this alias")
     history.add_argument("--json", action="store_true", help="print them as JSON lines")
     history.set_defaults(run=_run_history)
+    seal = models_commands.add_parser(
+        "seal",
+        help="record the weights' sha256 and the data manifest in versions an earlier cxr registered",
+    )
+    seal.add_argument("ref", nargs="?", help="alias, NAME:N, or NAME for its latest version (default: all)")
+    _add_registry_argument(seal)
+    seal.add_argument("--dry-run", action="store_true", help="say what would be recorded; write nothing")
+    seal.set_defaults(run=_run_seal)
     register = models_commands.add_parser(
         "register",
         help="register a checkpoint (`cxr train`'s best) as its model's next version, with its segmenter",
@@ -1009,6 +1017,26 @@ def _run_register(args: argparse.Namespace) -> int:
         print(_manifest_line(done.version.card.data))
     if args.alias:
         print(f"{args.alias}: {done.version.ref}")
+    return 0
+
+
+def _run_seal(args: argparse.Namespace) -> int:
+    """ModelRegistry.seal: one line per version given what it lacked."""
+    registry = _registry(args)
+    sealed = registry.seal(args.ref, dry_run=args.dry_run)
+    verb = "would record" if args.dry_run else "recorded"
+    for item in sealed:
+        parts = []
+        if item.weights_sha256:
+            parts.append(f"weights sha256 {item.weights_sha256[:12]}… (the file as it is now)")
+        if item.manifest is not None:
+            parts.append(_manifest_line({**registry.get(item.ref).card.data, "manifest": item.manifest}))
+        print(f"{item.ref}: {verb} {'; '.join(parts)}")
+    if not sealed:
+        which = args.ref or "every version"
+        print(
+            f"{which} in {args.registry}: its weights' hash and its data manifest (or why none) are recorded"
+        )
     return 0
 
 

@@ -104,6 +104,7 @@ _REGISTRATION_FIELDS = {
     "weights_sha256": None,
     "registered_at": None,
     "registered_from": None,
+    "sealed_at": None,
 }
 """What the registry adds to a checkpoint's card: set aside to tell whether a version holds a checkpoint
 (`_as_checkpoint`), with `data.manifest`."""
@@ -153,6 +154,17 @@ class Registration:
     found: bool
     segmenter: ModelVersion | None = None
     segmenter_registered: bool = False
+
+
+@dataclass(frozen=True)
+class Sealed:
+    """What `ModelRegistry.seal` added to a version an earlier cxr registered."""
+
+    ref: str
+    weights_sha256: str | None
+    """the hash recorded now, None where the card had one already"""
+    manifest: dict[str, Any] | None
+    """the card's new `data.manifest` block (`missing` says why none could be made), None where it had one"""
 
 
 @dataclass(frozen=True)
@@ -309,9 +321,9 @@ class ModelRegistry:
         )
         return self.promote(version.ref, alias) if alias is not None else version
 
-    def _keep_manifest(self, folder: str, card_data: dict[str, Any]) -> dict[str, Any]:
-        """Write the data manifest of the card's dataset into the version's `folder`; the card's
-        `data.manifest` block, which says why there is none where none could be made."""
+    def _keep_manifest(self, folder: str, card_data: dict[str, Any], write: bool = True) -> dict[str, Any]:
+        """Write the data manifest of the card's dataset into the version's `folder` (unless not `write`);
+        the card's `data.manifest` block, which says why there is none where none could be made."""
         from cxrcore.data.manifest import (
             MANIFEST_NAME,
             ManifestError,
@@ -325,7 +337,8 @@ class ModelRegistry:
             table, dataset = dataset_manifest(str(data.get("dataset") or ""), data.get("fingerprint"))
         except ManifestError as exc:
             return {"missing": str(exc)}
-        write_bytes(self._fs, f"{folder}/{MANIFEST_NAME}", manifest_bytes(table))
+        if write:
+            write_bytes(self._fs, f"{folder}/{MANIFEST_NAME}", manifest_bytes(table))
         return manifest_block(table, dataset)
 
     def versions(self, name: str | None = None) -> list[ModelVersion]:
@@ -376,6 +389,49 @@ class ModelRegistry:
                     )
                 )
         return found
+
+    def seal(self, ref: str | None = None, *, dry_run: bool = False) -> list[Sealed]:
+        """Record what an earlier cxr did not in the cards of its versions (all, or `ref`'s): the sha256 of
+        the weights as they are now (`weights_sha256`, with `sealed_at`: every later use checks them), and
+        the data manifest, where the dataset the card names is readable here and was not ingested again
+        since. A version that lacks neither is left as it is; a manifest that could not be made before is
+        tried again. Returns what was added (with dry_run: what would be, nothing written).
+
+        Trust on first use: the hash describes the file as it is when sealed, whatever happened to it
+        before; `registered_at` stays unknown."""
+        from cxrcore.checkpoint import CARD_NAME, WEIGHTS_NAME
+
+        versions = [self.get(ref)] if ref is not None else self.versions()
+        sealed = []
+        with self._locked(REGISTER_LOCK_NAME):
+            for version in versions:
+                folder = f"{self._path}/{version.name}/v{version.version}"
+                card_data = self._read_json(f"{folder}/{CARD_NAME}")
+                data = card_data.setdefault("data", {})
+                weights = None
+                if not card_data.get("weights_sha256"):
+                    weights = file_sha256(self._fs, f"{folder}/{WEIGHTS_NAME}")
+                block = data.get("manifest") or {}
+                manifest = None
+                if not block.get("file"):
+                    manifest = self._keep_manifest(folder, card_data, write=not dry_run)
+                    if manifest == block:
+                        manifest = None  # still missing, for the same reason
+                if weights is None and manifest is None:
+                    continue
+                sealed.append(Sealed(version.ref, weights, manifest))
+                if dry_run:
+                    continue
+                if weights is not None:
+                    card_data["weights_sha256"], card_data["sealed_at"] = weights, provenance.now()
+                if manifest is not None:
+                    data["manifest"] = manifest
+                try:
+                    write_text(self._fs, f"{folder}/{CARD_NAME}", json.dumps(card_data, indent=2))
+                except BaseException as exc:
+                    name_the_place(exc, self._uri(version.name, f"v{version.version}"))
+                    raise
+        return sealed
 
     def clean(self, older_than_s: float = 3600.0, *, dry_run: bool = False) -> list[Interrupted]:
         """Free what registrations killed midway left, where nothing changed for `older_than_s` seconds.

@@ -747,3 +747,41 @@ def test_a_model_registered_away_from_its_dataset_says_it_has_no_manifest(
     version = ModelRegistry(tmp_path / "registry").get("tiny_cnn_lstm:1")
     assert "cannot be read here" in version.card.data["manifest"]["missing"]
     assert not (Path(version.uri) / "data_manifest.parquet").exists()
+
+
+def test_cxr_models_seal_brings_an_earlier_cxrs_versions_under_the_checks(
+    world: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Versions an earlier cxr registered record neither their weights' hash nor a data manifest, so they
+    were served unchecked and could not tell their training images elsewhere."""
+    from cxrcore.data.manifest import MANIFEST_NAME
+
+    reg = tmp_path / "registry"
+    version = ModelRegistry(reg).register(world["checkpoint"])
+    folder = Path(version.uri)
+    card = json.loads((folder / "card.json").read_text())
+    for key in ("weights_sha256", "registered_at", "registered_from"):
+        card.pop(key)
+    card["data"].pop("manifest")
+    (folder / "card.json").write_text(json.dumps(card))  # as an earlier cxr left it
+    (folder / MANIFEST_NAME).unlink()
+    before = (folder / "card.json").read_bytes()
+
+    args = ["models", "seal", "--registry", str(reg)]
+    assert main([*args, "--dry-run"]) == 0
+    weights = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    printed = capsys.readouterr().out
+    assert f"tiny_cnn_lstm:1: would record weights sha256 {weights[:12]}" in printed
+    assert "data manifest: 16 images (train 8, val 4, test 4) of " in printed
+    assert (folder / "card.json").read_bytes() == before and not (folder / MANIFEST_NAME).exists()
+
+    assert main(args) == 0
+    assert "tiny_cnn_lstm:1: recorded weights sha256" in capsys.readouterr().out
+    sealed = ModelRegistry(reg).get("tiny_cnn_lstm:1").card
+    assert sealed.weights_sha256 == weights and sealed.sealed_at and sealed.registered_at is None
+    assert sealed.data["manifest"]["images"] == 16 and (folder / MANIFEST_NAME).is_file()
+    assert main(args) == 0 and "are recorded" in capsys.readouterr().out  # nothing left to add
+    assert ModelRegistry(reg).register_once(world["checkpoint"]).found  # still the same checkpoint's
+    (folder / "model.safetensors").write_bytes(b"other weights")
+    with pytest.raises(RegistryError, match="not the ones it was registered with"):
+        ModelRegistry(reg).local_checkpoint("tiny_cnn_lstm:1")
