@@ -617,6 +617,7 @@ class ModelRegistry:
     def local_checkpoint(self, ref: str) -> Path:
         """A local folder holding `ref`'s checkpoint: the version folder, or a cached copy of a remote one."""
         from cxrcore.checkpoint import CARD_NAME, WEIGHTS_NAME
+        from cxrcore.data.manifest import MANIFEST_NAME
 
         version = self.get(ref)
         folder = f"{self._path}/{version.name}/v{version.version}"
@@ -633,8 +634,9 @@ class ModelRegistry:
         staging.mkdir(parents=True)
         local = pafs.LocalFileSystem()
         try:
-            manifest = version.card.data.get("manifest") or {}
-            files = [WEIGHTS_NAME, *([str(manifest["file"])] if manifest.get("file") else []), CARD_NAME]
+            # the manifest by its own name, never by what a card says: a card naming "../x" wrote outside
+            manifest = [MANIFEST_NAME] if (version.card.data.get("manifest") or {}).get("file") else []
+            files = [WEIGHTS_NAME, *manifest, CARD_NAME]
             for file in files:  # the card last: it marks a finished copy
                 _copy(self._fs, f"{folder}/{file}", local, str(staging / file))
             self._unchanged(version, staging, f"{self.root}/{version.name}/v{version.version}")  # before use

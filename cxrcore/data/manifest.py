@@ -101,7 +101,7 @@ def read_manifest(folder: str | Path, data: dict[str, Any]) -> Any | None:
     block = data.get("manifest")
     if not isinstance(block, dict) or not block.get("file"):
         return None
-    path = Path(folder) / str(block["file"])
+    path = Path(folder) / MANIFEST_NAME  # by its own name: `file` is what the card says, not a path to follow
     try:
         table = pq.read_table(path)
         digest = table_digest(table, fingerprint_columns(block))

@@ -713,6 +713,10 @@ def test_a_registered_model_knows_its_training_images_where_its_dataset_is_not(
     overlap = training_overlap(version.card, external, "all", folder)
     assert overlap["checked"] and overlap["in_split"] == {"train": 1, "val": 1, "test": 0}
     assert overlap["read_from"] == "the data manifest of the model's registry version"
+    # The card's `file` is not a path to follow: a card naming another file still reads the manifest.
+    elsewhere = ModelCard.from_dict(version.card.to_dict())
+    elsewhere.data["manifest"]["file"] = "../../../etc/passwd"
+    assert training_overlap(elsewhere, external, "all", folder)["in_split"] == overlap["in_split"]
 
     # Evaluated through the registry, as the other hospital runs it: the copies are found and scored apart.
     out = tmp_path / "eval"
