@@ -810,7 +810,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         rows = [[column_label(name), *(format_cell(row[k]) for k in sides)]
                 for name, row in comparison["figures"].items()]  # fmt: skip
         print(format_table(["metric", column, "external", "drop"], rows))
-        alarming = comparison["large_drop"] or comparison.get("clean") is False
+        # not clean, or not known to be: the model may have trained on these images
+        alarming = comparison["large_drop"] or comparison.get("clean") is not True
         print(("WARNING: " if alarming else "") + comparison["verdict"])
     holdout = metrics.get("source_holdout")
     if holdout:
@@ -1012,6 +1013,8 @@ def _run_register(args: argparse.Namespace) -> int:
         print(f"registered its lung segmenter {card.segmenter} as {done.segmenter.ref}")
     if done.found:
         print(f"{args.checkpoint} is registered already, as {done.version.ref}")
+        if not (done.version.card.data.get("manifest") or {}).get("file"):
+            print(f"{_manifest_line(done.version.card.data)} (`cxr models seal` makes it once it can)")
     else:
         print(f"registered {args.checkpoint} as {done.version.ref}")
         print(_manifest_line(done.version.card.data))

@@ -337,9 +337,10 @@ class ModelRegistry:
             table, dataset = dataset_manifest(str(data.get("dataset") or ""), data.get("fingerprint"))
         except ManifestError as exc:
             return {"missing": str(exc)}
+        content = manifest_bytes(table)
         if write:
-            write_bytes(self._fs, f"{folder}/{MANIFEST_NAME}", manifest_bytes(table))
-        return manifest_block(table, dataset)
+            write_bytes(self._fs, f"{folder}/{MANIFEST_NAME}", content)
+        return manifest_block(table, dataset, content)
 
     def versions(self, name: str | None = None) -> list[ModelVersion]:
         """Every finished version (of one model when `name` is given), sorted by name and version."""
@@ -400,6 +401,7 @@ class ModelRegistry:
         Trust on first use: the hash describes the file as it is when sealed, whatever happened to it
         before; `registered_at` stays unknown."""
         from cxrcore.checkpoint import CARD_NAME, WEIGHTS_NAME
+        from cxrcore.data.manifest import MANIFEST_NAME
 
         versions = [self.get(ref)] if ref is not None else self.versions()
         sealed = []
@@ -413,9 +415,10 @@ class ModelRegistry:
                     weights = file_sha256(self._fs, f"{folder}/{WEIGHTS_NAME}")
                 block = data.get("manifest") or {}
                 manifest = None
-                if not block.get("file"):
+                lost = bool(block.get("file")) and not exists(self._fs, f"{folder}/{MANIFEST_NAME}")
+                if not block.get("file") or lost:
                     manifest = self._keep_manifest(folder, card_data, write=not dry_run)
-                    if manifest == block:
+                    if manifest == block and not lost:
                         manifest = None  # still missing, for the same reason
                 if weights is None and manifest is None:
                     continue
@@ -638,7 +641,13 @@ class ModelRegistry:
             manifest = [MANIFEST_NAME] if (version.card.data.get("manifest") or {}).get("file") else []
             files = [WEIGHTS_NAME, *manifest, CARD_NAME]
             for file in files:  # the card last: it marks a finished copy
-                _copy(self._fs, f"{folder}/{file}", local, str(staging / file))
+                try:
+                    _copy(self._fs, f"{folder}/{file}", local, str(staging / file))
+                except FileNotFoundError:
+                    if file != MANIFEST_NAME:
+                        raise
+                    # lost from the registry (a sync of cards and weights only): the version still serves;
+                    # `cxr evaluate` says so and reads the model's dataset instead, and `seal` makes it again
             self._unchanged(version, staging, f"{self.root}/{version.name}/v{version.version}")  # before use
             os.replace(staging, target)
         except OSError:

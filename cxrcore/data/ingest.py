@@ -333,21 +333,24 @@ def _replaced(out: str, fingerprint: str, rows: list[tuple[str, str, str, str]])
         "fingerprint": before,
         "shared_images": sum(len(was[sha][0]) for sha in shared),
         "changed_split": sum(len(was[sha][0]) for sha in shared if was[sha][1] != now[sha][1]),
-        "changed_class": sum(1 for sha in shared if was[sha][0] != now[sha][0]),
+        "changed_class": sum(len(was[sha][0]) for sha in shared if set(was[sha][0]) != set(now[sha][0])),
         # None: the old dataset's fingerprint covered no masks (an earlier cxr's), so they cannot be compared
-        "changed_mask": sum(1 for sha in shared if was[sha][2] != now[sha][2]) if masks else None,
+        "changed_mask": (
+            sum(len(was[sha][0]) for sha in shared if set(was[sha][2]) != set(now[sha][2])) if masks else None
+        ),
     }
 
 
 def _by_picture(rows: Iterable[tuple[str, str, str, str]]) -> dict[str, tuple[list[str], str, list[str]]]:
-    """(sha256, label, split, mask_sha256) rows by sha256: the labels of its rows, its split (copies of a
-    picture share one) and its rows' mask hashes, the lists sorted."""
+    """(sha256, label, split, mask_sha256) rows by sha256: its rows' labels, its split (copies of a picture
+    share one) and its rows' mask hashes. Each count of `_replaced` is of the old dataset's rows, and a
+    picture's classes and masks are compared as sets: one copy fewer changed neither."""
     grouped: dict[str, tuple[list[str], str, list[str]]] = {}
     for sha, label, split, mask in rows:
         labels, _, masks = grouped.setdefault(sha, ([], split, []))
         labels.append(label)
         masks.append(mask)
-    return {sha: (sorted(labels), split, sorted(masks)) for sha, (labels, split, masks) in grouped.items()}
+    return grouped
 
 
 _DATASET_COLUMNS = (
@@ -929,6 +932,7 @@ def _report(
         "mask_problems": mask_problems,
         "fingerprint": _fingerprint(index, labels, splits),
         "fingerprint_columns": list(FINGERPRINT_COLUMNS),
+        "phash_of": "decoded",  # the picture as decoded, not as stored (cxrcore.evaluate.external)
         "seconds": round(time.perf_counter() - started, 2),
         "created_at": provenance.now(),
         "software": provenance.versions("ray", "pyarrow", "pillow", "numpy", "pydicom"),

@@ -63,6 +63,7 @@ def dataset_manifest(dataset: str, fingerprint: str | None) -> tuple[Any, dict[s
     bits = report.get("config", {}).get("near_duplicate_bits")
     return table, {
         "fingerprint_columns": list(covered),
+        "phash_of": report.get("phash_of", "resized"),  # how its ingest took the perceptual hashes
         **({"near_duplicate_bits": int(bits)} if bits is not None else {}),
     }
 
@@ -76,14 +77,17 @@ def manifest_bytes(table: Any) -> bytes:
     return sink.getvalue()
 
 
-def manifest_block(table: Any, dataset: dict[str, Any]) -> dict[str, Any]:
-    """What a card's `data.manifest` records of a manifest written beside it (`dataset`: what
+def manifest_block(table: Any, dataset: dict[str, Any], content: bytes) -> dict[str, Any]:
+    """What a card's `data.manifest` records of a manifest written beside it as `content` (`dataset`: what
     dataset_manifest gave with it)."""
+    import hashlib
+
     import pyarrow.compute as pc
 
     counts = pc.value_counts(table["split"]).to_pylist()
     return {
         "file": MANIFEST_NAME,
+        "sha256": hashlib.sha256(content).hexdigest(),
         "images": table.num_rows,
         "by_split": {str(item["values"]): int(item["counts"]) for item in sorted(counts, key=str)},
         **dataset,
@@ -92,8 +96,12 @@ def manifest_block(table: Any, dataset: dict[str, Any]) -> dict[str, Any]:
 
 def read_manifest(folder: str | Path, data: dict[str, Any]) -> Any | None:
     """The manifest kept in a checkpoint `folder` whose card's `data` block is `data` (a pyarrow Table),
-    None where its card records none. Raises ManifestError where the file is missing or does not give
-    the card's fingerprint (edited, damaged or swapped since registration)."""
+    None where its card records none. Raises ManifestError where the file is missing, is not the file
+    registered (its sha256, where the card records it) or does not give the card's fingerprint: edited,
+    damaged, swapped or lost since registration."""
+    import hashlib
+
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from cxrcore.data.ingest import fingerprint_columns, table_digest
@@ -103,9 +111,23 @@ def read_manifest(folder: str | Path, data: dict[str, Any]) -> Any | None:
         return None
     path = Path(folder) / MANIFEST_NAME  # by its own name: `file` is what the card says, not a path to follow
     try:
-        table = pq.read_table(path)
+        content = path.read_bytes()
+    except FileNotFoundError:
+        raise ManifestError(
+            f"{path} is missing (the card records one of {block.get('images')} images)"
+        ) from None
+    except OSError as exc:
+        raise ManifestError(f"{path} cannot be read: {exc.strerror or exc}") from None
+    found = hashlib.sha256(content).hexdigest()
+    if block.get("sha256") and found != block["sha256"]:
+        raise ManifestError(
+            f"{path} is not the file registered (sha256 {found[:12]}…, the card's "
+            f"{str(block['sha256'])[:12]}…): it was changed or damaged since the model was registered"
+        )
+    try:
+        table = pq.read_table(pa.BufferReader(content))
         digest = table_digest(table, fingerprint_columns(block))
-    except (OSError, ValueError, KeyError) as exc:  # gone, cut, not Parquet, a column missing
+    except (OSError, ValueError, KeyError) as exc:  # cut, not Parquet, a column missing
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ManifestError(f"{path} cannot be read: {reason}") from None
     if digest != data.get("fingerprint"):

@@ -132,48 +132,69 @@ def training_overlap_rows(
     from cxrcore.data.manifest import ManifestError, read_manifest
 
     source = card.data.get("dataset")
+    problem = None  # the manifest's, where one is recorded but cannot be used: the dataset is read instead
     try:
         manifest = read_manifest(checkpoint, card.data) if checkpoint is not None else None
     except ManifestError as exc:
-        return {"checked": False, "dataset": source, "reason": f"its data manifest: {exc}"}, None
+        manifest, problem = None, f"its data manifest {exc}"
     if manifest is not None:
         own = {
             name: np.asarray(manifest[name].to_pylist())
             for name in ("sha256", "phash", "split")
             if name in manifest.column_names
         }
-        rows = _hashes(read_table, data, None if split == "all" else split)
-        bits = int(card.data["manifest"].get("near_duplicate_bits", NEAR_DUPLICATE_BITS))
-        return _overlap_summary(source, own, rows, bits, manifest=True)
+        block = card.data["manifest"]
+        bits = int(block.get("near_duplicate_bits", NEAR_DUPLICATE_BITS))
+        own_hashing = str(block.get("phash_of", EARLIER_PHASH_OF))
+        return _overlap_summary(card, source, own, own_hashing, data, split, bits, manifest=True)
+    unchecked: dict[str, Any] = {"checked": False, "dataset": source}
+    if problem:
+        unchecked["manifest_problem"] = problem
     if not source:
-        return {"checked": False, "reason": "the model's card names no training dataset"}, None
+        reason = "the model's card names no training dataset"
+        return {**unchecked, "reason": f"{problem}; and {reason}" if problem else reason}, None
     try:
         report = read_report(str(source))
         own = _hashes(read_table, str(source), None)
-        rows = _hashes(read_table, data, None if split == "all" else split)
         bits = int(report.get("config", {}).get("near_duplicate_bits", NEAR_DUPLICATE_BITS))
     except (OSError, ValueError) as exc:  # missing here (trained elsewhere), unreadable, no sha256
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return {"checked": False, "dataset": source, "reason": f"cannot read it here: {reason}"}, None
+        reason = f"its dataset {source} cannot be read here: {reason}"
+        return {**unchecked, "reason": f"{problem}; and {reason}" if problem else reason}, None
     trained_on = card.data.get("fingerprint")
     if trained_on and report.get("fingerprint") != trained_on:
         # Ingested again since (a later cxr splits otherwise, or the folder changed): its splits are not
         # the ones the model saw, so which images it trained on cannot be told from them.
-        return {
-            "checked": False,
-            "dataset": source,
-            "reingested": True,
-            "reason": f"it was ingested again since the model was trained on it (fingerprint "
+        reason = (
+            f"its dataset {source} was ingested again since the model was trained on it (fingerprint "
             f"{report.get('fingerprint')}, the model's {trained_on}): its splits are not the ones the "
-            "model saw",
-        }, None
-    return _overlap_summary(str(source), own, rows, bits, manifest=False)
+            "model saw"
+        )
+        reason = f"{problem}; and {reason}" if problem else reason
+        return {**unchecked, "reingested": True, "reason": reason}, None
+    own_hashing = str(report.get("phash_of", EARLIER_PHASH_OF))
+    summary, seen = _overlap_summary(card, str(source), own, own_hashing, data, split, bits, manifest=False)
+    if problem:
+        summary["manifest_problem"] = problem
+    return summary, seen
 
 
 def _overlap_summary(
-    source: str | None, own: dict[str, np.ndarray], rows: dict[str, np.ndarray], bits: int, manifest: bool
+    card: ModelCard,
+    source: str | None,
+    own: dict[str, np.ndarray],
+    own_hashing: str,
+    data: str,
+    split: str,
+    bits: int,
+    manifest: bool,
 ) -> tuple[dict[str, Any], np.ndarray]:
-    """training_overlap_rows' answer, the model's images (`own`) read from its manifest or its dataset."""
+    """training_overlap_rows' answer, the model's images (`own`, their perceptual hashes taken as
+    `own_hashing` says) read from its manifest or its dataset, against the rows of `data`."""
+    from cxrcore.data.ingest import read_report, read_table
+
+    rows = _hashes(read_table, data, None if split == "all" else split)
+    note = _same_hashing(rows, own_hashing, read_report(data), data, split, card.data.get("size"))
     exact, near = _copies(own, rows, bits)
     counts = {name: int((exact[name] | near[name]).sum()) for name in ("train", "val", "test")}
     copied = np.logical_or.reduce([exact[name] | near[name] for name in counts])
@@ -189,7 +210,49 @@ def _overlap_summary(
         "near": int((copied & ~pixel_exact).sum()),
         "near_duplicate_bits": bits if _comparable_hashes(own, rows) else None,
     }
+    if note:
+        summary["near_note"] = note
     return summary, seen
+
+
+EARLIER_PHASH_OF = "resized"
+"""How an earlier cxr took a dataset's perceptual hashes (its report records no `phash_of`): of each image
+as stored, resized to the dataset's size. Ingest now takes them of the decoded picture (`"decoded"`)."""
+
+
+def _same_hashing(
+    rows: dict[str, np.ndarray], own_hashing: str, report: dict[str, Any], data: str, split: str, size: Any
+) -> str | None:
+    """Make the evaluated rows' perceptual hashes comparable with the model's (taken as `own_hashing`), or
+    say why near copies may be missed. Hashes of the same X-ray taken two ways lie apart: of 130 real
+    X-rays re-encoded as JPEGs, one side hashed from the decoded picture and the other from its 32 px
+    resize found 75 (130 either way alike). The model's hashed as stored by an earlier cxr: the rows' are
+    taken again from their stored images, of the same size as `cxr evaluate` requires."""
+    if "phash" not in rows:
+        return None
+    hashing = str(report.get("phash_of", EARLIER_PHASH_OF))
+    if hashing == own_hashing:
+        return None
+    stored = report.get("config", {}).get("size")
+    if own_hashing == EARLIER_PHASH_OF and stored is not None and stored == size:
+        rows["phash"] = _stored_hashes(data, split)
+        return None
+    return (
+        "the two datasets' perceptual hashes were taken in two ways (one by an earlier cxr, of its resized "
+        "images): near copies may be missed; ingest both with this cxr for a full check"
+    )
+
+
+def _stored_hashes(data: str, split: str) -> np.ndarray:
+    """The perceptual hash of each stored image of `data` (read_table's order), as an earlier ingest took
+    them, a chunk of rows at a time."""
+    from cxrcore.data.ingest import read_chunks, tensor_column
+    from cxrcore.data.transforms import perceptual_hash
+
+    hashes = []
+    for chunk in read_chunks(data, ["image"], None if split == "all" else split):
+        hashes += [perceptual_hash(image) for image in tensor_column(chunk["image"])]
+    return np.asarray(hashes)
 
 
 def unseen_figures(
@@ -430,7 +493,7 @@ def _verdict(block: Mapping[str, Any], external: Mapping[str, Any]) -> str:
             f"with. External: accuracy {_fixed(external['accuracy'])}{_interval(external['accuracy_ci95'])}, "
             f"macro-F1 {_fixed(external['macro_f1'])}."
         ]
-        return " ".join(_not_clean(external) + sentences + _caveats(external))
+        return " ".join(_not_clean(external) + sentences + _overlap_caveats(external) + _caveats(external))
     sides = ", ".join(
         f"{label} {_fixed(figures[key]['internal'])} internal ({kind}) → {_fixed(figures[key]['external'])} "
         f"external" + (_interval(external["accuracy_ci95"]) if key == "accuracy" else "")
@@ -477,7 +540,7 @@ def _verdict(block: Mapping[str, Any], external: Mapping[str, Any]) -> str:
         sentences.append(
             "They are validation figures, which chose this checkpoint and its temperature: optimistic."
         )
-    return " ".join(_not_clean(external) + sentences + _caveats(external))
+    return " ".join(_not_clean(external) + sentences + _overlap_caveats(external) + _caveats(external))
 
 
 def _clean(external: Mapping[str, Any]) -> bool | None:
@@ -535,6 +598,24 @@ def _not_clean(external: Mapping[str, Any]) -> list[str]:
     elif unseen:
         sentence += "; none of them is new to it"
     return [sentence + "."]
+
+
+def _overlap_caveats(external: Mapping[str, Any]) -> list[str]:
+    """What the verdict says where the check for the model's own images fell short: not made (the figures
+    may then be on images it trained on), made from its dataset because its manifest failed (a registry
+    copy damaged or edited), or made with perceptual hashes taken two ways."""
+    overlap = external["overlap_with_training_data"]
+    if not overlap.get("checked"):
+        return [
+            f"Whether the model trained on any of these images was not checked ({overlap.get('reason')}), "
+            "so the figures may flatter it."
+        ]
+    said = []
+    if overlap.get("manifest_problem"):
+        said.append(f"{overlap['manifest_problem']}: the model's images were read from its dataset instead.")
+    if overlap.get("near_note"):
+        said.append(f"Near copies: {overlap['near_note']}.")
+    return [sentence[0].upper() + sentence[1:] for sentence in said]
 
 
 def _caveats(external: Mapping[str, Any]) -> list[str]:

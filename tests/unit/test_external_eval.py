@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -697,8 +698,11 @@ def test_a_registered_model_knows_its_training_images_where_its_dataset_is_not(
     block = version.card.data["manifest"]
     # near_duplicate_bits: where the dataset's report records it (ingest's do; this hand-made one does not),
     # and the columns of an earlier cxr's fingerprint, as its report records none
+    # and how its perceptual hashes were taken (an earlier cxr's way: of the resized images)
+    stored = hashlib.sha256((Path(version.uri) / MANIFEST_NAME).read_bytes()).hexdigest()
     assert block == {"file": MANIFEST_NAME, "images": 8, "by_split": {"test": 2, "train": 4, "val": 2},
-                     "fingerprint_columns": ["sha256", "label", "split"]}  # fmt: skip
+                     "fingerprint_columns": ["sha256", "label", "split"], "phash_of": "resized",
+                     "sha256": stored}  # fmt: skip
     manifest = pq.read_table(Path(version.uri) / MANIFEST_NAME)
     assert manifest.column_names == ["sha256", "phash", "label", "split", "source"] and manifest.num_rows == 8
     # A re-registration finds the version (the manifest is the registry's, not the checkpoint's).
@@ -708,7 +712,7 @@ def test_a_registered_model_knows_its_training_images_where_its_dataset_is_not(
     rows = [("Normal", "test", seed) for seed in range(4)]
     external = write_dataset(tmp_path / "external", rows, "elsewhere", images=[films[0], films[4], *(
         xray(100 + i, size=SIZE) for i in range(2))])  # fmt: skip
-    assert "cannot read it here" in training_overlap(version.card, external, "all")["reason"]
+    assert "cannot be read here" in training_overlap(version.card, external, "all")["reason"]
     folder = registry.local_checkpoint(version.ref)
     overlap = training_overlap(version.card, external, "all", folder)
     assert overlap["checked"] and overlap["in_split"] == {"train": 1, "val": 1, "test": 0}
@@ -735,7 +739,9 @@ def test_a_registered_model_knows_its_training_images_where_its_dataset_is_not(
     )
     pq.write_table(relabelled, Path(version.uri) / MANIFEST_NAME)
     overlap = training_overlap(version.card, external, "all", folder)
-    assert overlap["checked"] is False and "changed since the model was registered" in overlap["reason"]
+    assert overlap["checked"] is False and "since the model was registered" in overlap["reason"]
+    assert "is not the file registered" in overlap["manifest_problem"]  # and its dataset is gone: both said
+    assert "cannot be read here" in overlap["reason"]
 
 
 def test_a_model_registered_away_from_its_dataset_says_it_has_no_manifest(
@@ -789,3 +795,126 @@ def test_cxr_models_seal_brings_an_earlier_cxrs_versions_under_the_checks(
     (folder / "model.safetensors").write_bytes(b"other weights")
     with pytest.raises(RegistryError, match="not the ones it was registered with"):
         ModelRegistry(reg).local_checkpoint("tiny_cnn_lstm:1")
+
+
+def test_a_version_whose_manifest_is_lost_is_checked_against_its_dataset_and_says_so(
+    world: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A registry copied without its manifests (a sync of cards and weights only): the overlap check had
+    stopped at the manifest, reported "not checked" on the console with nothing said, and so called the
+    external figures clean, where the model's dataset beside it still told the copies."""
+    import shutil
+
+    from cxrcore.data.manifest import MANIFEST_NAME
+
+    registry = shutil.copytree(world["registry"], tmp_path / "registry")
+    (registry / "tiny_cnn_lstm/v1" / MANIFEST_NAME).unlink()
+    args = ["evaluate", "--model", "production", "--registry", str(registry), "--data", world["external"]]
+    assert main([*args, "--out", str(tmp_path / "e")]) == 0
+    printed = capsys.readouterr().out
+    overlap = json.loads((tmp_path / "e/metrics.json").read_text())["external"]["overlap_with_training_data"]
+    assert overlap["checked"] and overlap["read_from"] == "the dataset" and overlap["in_split"]["train"] == 1
+    assert overlap["manifest_problem"].endswith("is missing (the card records one of 16 images)")
+    assert "WARNING: Not a clean external validation" in printed
+    assert "the model's images were read from its dataset instead" in printed
+
+    # Neither manifest nor dataset: the console warns that the figures may be on the model's own images.
+    card = json.loads((registry / "tiny_cnn_lstm/v1/card.json").read_text())
+    card["data"]["dataset"] = str(tmp_path / "gone")
+    (registry / "tiny_cnn_lstm/v1/card.json").write_text(json.dumps(card))
+    assert main([*args, "--out", str(tmp_path / "f")]) == 0
+    printed = capsys.readouterr().out
+    assert (
+        "WARNING: " in printed
+        and "Whether the model trained on any of these images was not checked" in printed
+    )
+
+
+def test_a_remote_registrys_manifest_travels_with_its_version_and_its_loss_stops_nothing(
+    world: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A serving node's copy of a version from object storage: the manifest comes with it; a bucket that
+    lost it (a sync of cards and weights only) had failed serve, promote and evaluate on the missing file."""
+    from cxrcore.data.manifest import MANIFEST_NAME
+    from tests.unit.test_registry import remote_root
+
+    registry = ModelRegistry(remote_root(tmp_path, monkeypatch), cache_dir=tmp_path / "cache")
+    version = registry.register(world["checkpoint"], alias="production")
+    assert (registry.local_checkpoint("production") / MANIFEST_NAME).is_file()
+    (tmp_path / "store/reg/tiny_cnn_lstm/v1" / MANIFEST_NAME).unlink()
+    fresh = ModelRegistry(registry.root, cache_dir=tmp_path / "other-node")
+    folder = fresh.local_checkpoint("production")  # served, promoted and evaluated all the same
+    assert (folder / "model.safetensors").is_file() and not (folder / MANIFEST_NAME).exists()
+    overlap = training_overlap(version.card, world["external"], "all", folder)
+    assert overlap["checked"] and "is missing" in overlap["manifest_problem"]  # its dataset, read instead
+    assert fresh.promote("tiny_cnn_lstm:1", "staging").ref == "tiny_cnn_lstm:1"
+    # `cxr models seal` makes it again where the dataset is readable
+    assert [item.ref for item in fresh.seal()] == ["tiny_cnn_lstm:1"]
+    assert (tmp_path / "store/reg/tiny_cnn_lstm/v1" / MANIFEST_NAME).is_file()
+
+
+def test_near_copies_are_found_across_the_two_ways_perceptual_hashes_were_taken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ingest now hashes the decoded picture; an earlier cxr hashed the stored (resized) image. A model of
+    an earlier dataset scored on data ingested now compared the two as one, and missed 2 of 6 JPEG copies
+    of its training images (55 of 130 real X-rays at 32 px): the evaluated rows are hashed again from their
+    stored images, as the model's were; the other way round, the report says near copies may be missed."""
+    import io
+
+    from PIL import Image
+
+    def jpeg(image: np.ndarray) -> np.ndarray:
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="JPEG", quality=75)
+        return np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("L"))
+
+    films = [xray(seed, size=SIZE) for seed in range(6)]
+    own = write_dataset(
+        tmp_path / "own", [("Normal", "train", seed) for seed in range(6)], "own", images=films
+    )
+    data = {"dataset": own, "fingerprint": FINGERPRINTS["own"], "size": SIZE}
+    card = ModelCard(model={}, input_spec={}, data=data)
+    rows = [("Normal", "test", seed) for seed in range(4)]
+    copies = [jpeg(films[0]), jpeg(films[1]), xray(100, size=SIZE), xray(101, size=SIZE)]
+    # Hashes unlike the stored images' (as the decoded pictures' are unlike their resized copies')
+    with monkeypatch.context() as patch:
+        original = perceptual_hash
+        patch.setattr(sys.modules[__name__], "perceptual_hash", lambda image: original(image.T))
+        external = write_dataset(tmp_path / "external", rows, "elsewhere", images=copies)
+    assert training_overlap(card, external, "all")["in_split"]["train"] == 0  # compared as one: missed
+    report_path = tmp_path / "external/ingest_report.json"
+    report = json.loads(report_path.read_text())
+    report_path.write_text(json.dumps({**report, "phash_of": "decoded"}))
+    overlap = training_overlap(card, external, "all")
+    assert overlap["in_split"]["train"] == 2 and overlap["near"] == 2 and "near_note" not in overlap
+    # The model's hashed from decoded pictures, the evaluated data's as stored: said, not hidden.
+    own_report = tmp_path / "own/ingest_report.json"
+    own_report.write_text(json.dumps({**json.loads(own_report.read_text()), "phash_of": "decoded"}))
+    report_path.write_text(json.dumps(report))
+    assert "near copies may be missed" in training_overlap(card, external, "all")["near_note"]
+
+
+def test_a_reingest_that_drops_a_copy_changes_no_class_or_mask(tmp_path: Path) -> None:
+    """One of two identical files removed from RAW was reported as "1 class, 1 lung mask" changed."""
+    from cxrcore.data.ingest import _replaced
+
+    rows = [("COVID", "train", 1), ("COVID", "train", 1), ("Normal", "val", 2)]
+    old = write_dataset(tmp_path / "ds", rows, "old")
+    table = read_table_sorted(old)
+    covid = next(i for i, row in enumerate(table) if row[1] == "COVID")
+    new_rows = [(sha, label, split, "") for i, (sha, label, split) in enumerate(table) if i != covid]
+    replaced = _replaced(old, "another", new_rows)
+    assert replaced is not None and replaced["shared_images"] == 3
+    assert (replaced["changed_split"], replaced["changed_class"], replaced["changed_mask"]) == (0, 0, None)
+    relabelled = [
+        (sha, "Lung_Opacity" if label == "Normal" else label, split, m) for sha, label, split, m in new_rows
+    ]
+    assert _replaced(old, "another", relabelled)["changed_class"] == 1
+
+
+def read_table_sorted(dataset: str) -> list[tuple[str, str, str]]:
+    from cxrcore.data.ingest import read_table
+
+    table = read_table(dataset, ["sha256", "label", "split"])
+    return sorted(zip(*(table[name].to_pylist() for name in ("sha256", "label", "split")), strict=True))
