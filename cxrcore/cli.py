@@ -759,11 +759,26 @@ def _run_tune(args: argparse.Namespace) -> int:
     if not comparison["best"]:
         print("cxr: error: no architecture produced a checkpoint; nothing was registered", file=sys.stderr)
         return 1
-    missing = sorted({trial["model"] for trial in comparison["trials"]} - set(comparison["best"]))
+    from cxrcore.tune import architecture
+
+    models = (comparison.get("settings") or {}).get("models") or getattr(args, "models", None) or ""
+    named = [name.strip() for name in str(models).split(",")]
+    missing = sorted(
+        {architecture(t["model"], named) for t in comparison["trials"]}
+        - {architecture(model, named) for model in comparison["best"]}
+    )
     if missing:  # a job that compared fewer architectures than asked must not read SUCCEEDED
         print(
             f"cxr: error: {', '.join(missing)} produced no checkpoint (every trial failed; see the trials "
             f"above), so the comparison and production cover {', '.join(sorted(comparison['best']))} only",
+            file=sys.stderr,
+        )
+        return 1
+    crashed = sorted(model for model, row in comparison["best"].items() if row.get("failed"))
+    if crashed:  # its figures are of a run that did not finish
+        print(
+            f"cxr: error: every trial of {', '.join(crashed)} failed (see the trials above): registered from "
+            "the checkpoints made before the failure, not promoted",
             file=sys.stderr,
         )
         return 1

@@ -97,7 +97,13 @@ def format_comparison(comparison: dict[str, Any]) -> str:
         )
     lines.append(f"production (*): {comparison['production']}")
     before, kept = comparison.get("production_before"), comparison.get("production_kept")
-    if kept and "better_on_this_data" in kept:
+    if kept and "failed" in kept:
+        lines.append(
+            f"production stays {comparison['production'] or '(none)'}: every architecture's trials failed, "
+            f"so none is promoted; `cxr models promote {kept['failed']}` serves the best checkpoint made "
+            "before the failure anyway"
+        )
+    elif kept and "better_on_this_data" in kept:
         lines.append(kept_better_line(kept))
     elif kept:
         lines.append(

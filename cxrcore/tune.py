@@ -40,8 +40,11 @@ RESNET_DEPTHS = ("resnet18", "resnet34", "resnet50")
 TRIAL_DRIVER_CPUS = 0.1  # a trial's driver share: it waits on its TorchTrainer, or feeds its own loop
 ASHA_REDUCTION_FACTOR = 2
 """ASHA keeps about one trial in this many at each of its rungs (grace epochs, twice that, ...)."""
-SEARCH = {"lr": (7e-4, 4e-3), "weight_decay": (1e-5, 1e-3)}
-"""Log-uniform ranges around the training defaults, from which trials after the first are sampled."""
+SEARCH = {"lr": (3e-4, 4e-3), "weight_decay": (1e-4, 1e-1)}
+"""Log-uniform ranges from which trials after the first are sampled, around the training defaults (lr 2e-3,
+weight decay 1e-4). AdamW's weight decay shrinks the weights by lr × weight decay a step: under 1e-3 it did
+nothing one could measure in a few thousand steps (2e-6 a step at most), so the range reaches the 1e-2 to
+1e-1 where it regularises; the learning rate reaches down to where pretrained ResNets are fine-tuned."""
 
 
 def search_plan(config: TuneConfig, train_rows: int) -> list[dict[str, Any]]:
@@ -51,9 +54,11 @@ def search_plan(config: TuneConfig, train_rows: int) -> list[dict[str, Any]]:
     the batch size it would pick for this dataset), so every comparison includes a known-good recipe
     and `--trials 1` compares architectures, not lucky draws. Further trials sample learning rate and
     weight decay log-uniformly in SEARCH, and batch size from the automatic one, its double and (when
-    at least 8) its half. Trials are ordered round by round, so the first wave covers every architecture;
-    'resnet' steps through RESNET_DEPTHS. With --repeats N each configuration is trained N times, with
-    seeds --seed to --seed + N - 1 (the first wave: every architecture at --seed).
+    at least 8) its half, once a round: every architecture gets the same configurations, whatever the
+    order of --models and whichever others are compared (drawn in turn, `--models a,b` and `b,a` had
+    given a and b each other's draws). Trials are ordered round by round, so the first wave covers every
+    architecture; 'resnet' steps through RESNET_DEPTHS. With --repeats N each configuration is trained N
+    times, with seeds --seed to --seed + N - 1 (the first wave: every architecture at --seed).
     """
     import numpy as np
 
@@ -65,15 +70,20 @@ def search_plan(config: TuneConfig, train_rows: int) -> list[dict[str, Any]]:
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     plan = []
     for round_ in range(config.trials):
-        drawn = []
-        for name in config.model_names():
-            model = RESNET_DEPTHS[round_ % len(RESNET_DEPTHS)] if name == "resnet" else name
-            if round_ == 0:
-                lr, weight_decay, batch_size = defaults["lr"], defaults["weight_decay"], auto
-            else:
-                lr, weight_decay = (float(np.exp(rng.uniform(*np.log(SEARCH[k])))) for k in SEARCH)
-                batch_size = int(rng.choice(batch_sizes))
-            drawn.append({"model": model, "lr": lr, "weight_decay": weight_decay, "batch_size": batch_size})
+        if round_ == 0:
+            lr, weight_decay, batch_size = defaults["lr"], defaults["weight_decay"], auto
+        else:
+            lr, weight_decay = (float(np.exp(rng.uniform(*np.log(SEARCH[k])))) for k in SEARCH)
+            batch_size = int(rng.choice(batch_sizes))
+        drawn = [
+            {
+                "model": RESNET_DEPTHS[round_ % len(RESNET_DEPTHS)] if name == "resnet" else name,
+                "lr": lr,
+                "weight_decay": weight_decay,
+                "batch_size": batch_size,
+            }
+            for name in config.model_names()
+        ]
         if config.repeats == 1:  # no seed key: an experiment started before --repeats resumes with this plan
             plan += drawn
             continue
@@ -440,10 +450,19 @@ def _promote_winner(
     production was moved from what the experiment promoted (`left`), or a production version that ranks
     above the winner on the same validation images (_better_production). Stars the production row of
     `best`; returns why production stayed (None: promoted) and what this experiment has promoted."""
+    from cxrcore.evaluate.comparison import ranked_architectures
+
     if not best:
         return None, left
-    winner = best_by_validation(best.values(), dict)
-    assert winner is not None
+    winner = best[
+        ranked_architectures(best)[0][0]
+    ]  # by validation, a failed trial's after every finished one
+    if winner.get("failed"):
+        # every architecture's trials failed: their checkpoints from before the failure are registered, and
+        # production is not moved to any of them (a crashed run had been promoted with exit status 0)
+        for row in best.values():
+            row["production"] = row["ref"] == previous
+        return {"failed": winner["ref"]}, left
     if left is not None and previous is not None and previous != left:
         # This experiment finished before and promoted `left`; production was moved since (a rollback,
         # another experiment's winner). Re-running it, to resume or to remake its reports, must not
@@ -1109,11 +1128,19 @@ def _best_per_architecture(
     """
     from cxrcore.models import create_model
 
+    # 'resnet' searches its depths as one architecture, as ASHA compares them (its best depth stands for
+    # it): ranked apart, the depths ASHA had stopped at the grace epoch for the first's sake were
+    # registered and compared with the others as rival architectures trained on half the epochs.
+    named = config.model_names()
     best: dict[str, dict[str, Any]] = {}
-    for model in dict.fromkeys(trial["model"] for trial in trials if trial["best_checkpoint"] is not None):
-        chosen = best_by_validation([t for t in trials if t["model"] == model and t["best_checkpoint"]], dict)
+    done = [trial for trial in trials if trial["best_checkpoint"] is not None]
+    for name in dict.fromkeys(architecture(trial["model"], named) for trial in done):
+        mine = [t for t in done if architecture(t["model"], named) == name]
+        # a trial that failed keeps the checkpoints it made before: its architecture's best only where
+        # none of its trials finished (said, registered, never promoted)
+        chosen = best_by_validation([t for t in mine if not t.get("error")] or mine, dict)
         assert chosen is not None
-        best[model] = chosen
+        best[chosen["model"]] = chosen
     summary: dict[str, dict[str, Any]] = {}
     for model, trial in sorted(best.items()):
         report = work / "reports" / model
@@ -1128,6 +1155,8 @@ def _best_per_architecture(
             },
             # val_score ties within one validation image are ranked on the loss (absent from older records)
             "val_loss": trial.get("val_loss"),
+            # what stopped the trial, where every trial of the architecture failed: ranked last, not promoted
+            "failed": trial.get("error"),
             # --repeats: the kept trial's seed, of how many its architecture was trained with
             "seed": trial.get("seed"),
             "seeds_trained": len({t.get("seed") for t in trials if t["model"] == model}),
@@ -1159,6 +1188,12 @@ def _best_per_architecture(
             **({"source_holdout": test["source_holdout"]} if "source_holdout" in test else {}),
         }
     return summary
+
+
+def architecture(model: str, named: list[str]) -> str:
+    """The architecture a trial's model is compared as: a depth of 'resnet' where --models named 'resnet'
+    (its depths are one architecture's trials, as ASHA compares them), else the model itself."""
+    return "resnet" if model in RESNET_DEPTHS and "resnet" in named and model not in named else model
 
 
 def needs_mask(model: str) -> bool:

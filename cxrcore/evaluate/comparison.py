@@ -136,8 +136,12 @@ def write_comparison_report(out_dir: str | Path, comparison: dict[str, Any]) -> 
 def ranked_architectures(best: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, Mapping[str, Any]]]:
     """(model, row) pairs of the best of each architecture, best first, in the order the production model is
     chosen (cxrcore.metrics.best_by_validation): validation macro-F1 (val_score), and among scores within one
-    validation image of each other, the lower validation loss."""
-    return rank_by_validation(best.items(), lambda item: item[1])
+    validation image of each other, the lower validation loss. An architecture whose trials all failed
+    (its best checkpoint from before the failure, `failed`) ranks after every one whose trial finished."""
+    ranked = rank_by_validation(best.items(), lambda item: item[1])
+    return [item for item in ranked if not item[1].get("failed")] + [
+        item for item in ranked if item[1].get("failed")
+    ]
 
 
 PAIRED_ALPHA = 0.05
@@ -210,6 +214,8 @@ def winner_line(
         return "No architecture produced a checkpoint: nothing was evaluated, registered or promoted."
     model, row = ranked[0]  # the winner by validation, also where production was moved to another since
     registered = f"registered {row['ref']}" + (", production" if row.get("production") else "")
+    if row.get("failed"):
+        registered += f"; not promoted: its trial failed ({row['failed']})"
     images = f" ({row['val_count']} images)" if row.get("val_count") else ""  # what one image weighs
     seeds = row.get("seeds_trained") or 1  # --repeats: the figure is the best seed's, not a typical one
     best_seed = f", its best of {seeds} seeds (seed {row.get('seed')})" if seeds > 1 else ""

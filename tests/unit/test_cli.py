@@ -195,6 +195,7 @@ def test_an_ingest_whose_dicom_decoder_could_not_start_is_one_line_not_a_ray_tra
         ({"tiny_cnn_lstm": {}, "tiny_resnet": {}}, 0, None),
         ({"tiny_cnn_lstm": {}}, 1, "tiny_resnet produced no checkpoint"),
         ({}, 1, "no architecture produced a checkpoint"),
+        ({"tiny_cnn_lstm": {}, "tiny_resnet": {"failed": "boom"}}, 1, "every trial of tiny_resnet failed"),
     ],
 )
 def test_tune_exits_non_zero_when_an_architecture_it_was_asked_to_compare_produced_nothing(

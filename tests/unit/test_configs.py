@@ -595,3 +595,29 @@ def test_repeats_train_each_configuration_once_per_seed(capsys: pytest.CaptureFi
     out = capsys.readouterr().out
     assert "3 (cnn_lstm 3); each configuration trained 3 times, seeds 0 to 2\n" in out
     assert "ranks the trials of one architecture and seed among themselves, stops none" in out
+
+
+def test_every_architecture_is_searched_on_the_same_draws_whatever_the_order_of_models() -> None:
+    """Drawn in turn from one stream, `--models a,b` and `b,a` gave a and b each other's configurations,
+    and adding an architecture changed the others'."""
+    from cxrcore.tune import SEARCH
+
+    def configurations(models: str) -> dict[str, list[tuple[float, float, int]]]:
+        plan = search_plan(TuneConfig(data="ds", registry="reg", models=models, trials=3, seed=4), 1000)
+        by_model: dict[str, list[tuple[float, float, int]]] = {}
+        for trial in plan:
+            by_model.setdefault(trial["model"], []).append(
+                (trial["lr"], trial["weight_decay"], trial["batch_size"])
+            )
+        return by_model
+
+    ab, ba = configurations("cnn_lstm,dual_cnn"), configurations("dual_cnn,cnn_lstm")
+    assert ab == ba and ab["cnn_lstm"] == ab["dual_cnn"]
+    assert configurations("cnn_lstm,dual_cnn,resnet18")["cnn_lstm"] == ab["cnn_lstm"]
+    drawn = ab["cnn_lstm"][1:]  # the first is the training defaults
+    assert len(set(drawn)) == 2
+    assert all(
+        SEARCH["lr"][0] <= lr <= SEARCH["lr"][1]
+        and SEARCH["weight_decay"][0] <= wd <= SEARCH["weight_decay"][1]
+        for lr, wd, _ in drawn
+    )

@@ -240,3 +240,44 @@ def test_production_better_on_the_same_validation_images_stays_and_says_so(tmp_p
     best = {"tiny_resnet": version("tiny_resnet", "same", 0.50)}
     assert _promote_winner(registry, best, champion["ref"], champion["ref"], "same")[0] is None
     assert registry.aliases()["production"] == best["tiny_resnet"]["ref"]
+
+
+def test_a_trial_that_failed_is_ranked_after_those_that_finished_and_never_promoted(tmp_path: Path) -> None:
+    """A review's run: the only trial of an architecture crashed at epoch 3, and its epoch-2 checkpoint
+    became production with exit status 0, the winner line not saying the trial had failed."""
+    from cxrcore.evaluate.comparison import ranked_architectures, winner_line
+    from cxrcore.tune import _promote_winner
+
+    registry = ModelRegistry(tmp_path / "registry")
+    crashed = {"ref": "tiny_resnet:1", "val_score": 0.9, "val_loss": 0.2, "failed": "RuntimeError: boom",
+               "test_accuracy": 0.9}  # fmt: skip
+    finished = {
+        "ref": "tiny_cnn_lstm:1",
+        "val_score": 0.6,
+        "val_loss": 0.9,
+        "failed": None,
+        "test_accuracy": 0.6,
+    }
+    best = {"tiny_resnet": crashed, "tiny_cnn_lstm": finished}
+    assert [model for model, _ in ranked_architectures(best)] == ["tiny_cnn_lstm", "tiny_resnet"]
+    promoted: list[str] = []
+    registry.promote = lambda ref, alias: promoted.append(ref)  # type: ignore[method-assign]
+    assert _promote_winner(registry, best, None, None, "same") == (None, "tiny_cnn_lstm:1")
+    assert promoted == ["tiny_cnn_lstm:1"] and crashed.get("production") is None
+    # every architecture's trials failed: registered, nothing promoted, and the winner line says why
+    alone = {"tiny_resnet": dict(crashed)}
+    assert _promote_winner(registry, alone, "old:1", None, "same") == ({"failed": "tiny_resnet:1"}, None)
+    assert promoted == ["tiny_cnn_lstm:1"] and alone["tiny_resnet"]["production"] is False
+    assert "not promoted: its trial failed (RuntimeError: boom)" in winner_line(alone)
+
+
+def test_resnet_depths_are_one_architecture_when_resnet_is_named() -> None:
+    """`--models resnet`: ASHA compares its depths as one architecture's trials, and the depths it stopped
+    at the grace epoch for the first's sake were registered and ranked as rival architectures."""
+    from cxrcore.tune import architecture
+
+    assert {
+        architecture(depth, ["resnet", "cnn_lstm"]) for depth in ("resnet18", "resnet34", "resnet50")
+    } == {"resnet"}
+    assert architecture("resnet18", ["resnet18", "cnn_lstm"]) == "resnet18"
+    assert architecture("cnn_lstm", ["resnet", "cnn_lstm"]) == "cnn_lstm"
