@@ -68,12 +68,13 @@ def format_comparison(comparison: dict[str, Any]) -> str:
     rows = [
         [model, row["ref"] + (" *" if row.get("production") else ""), format_number(row["val_score"]),
          format_number(row["test_accuracy"]), format_number(row["test_macro_f1"]), row["parameters"],
-         f"{row['train_images_per_s'] or 0:.0f}", row["epochs_run"]]
+         f"{row['train_images_per_s'] or 0:.0f}", f"{row.get('best_epoch') or '-'} of {row['epochs_run']}"]
         + ([format_cell(holdout_columns(row)[k]) for k in ("random-split accuracy", "held-out accuracy")]
            if held_out else [])
         for model, row in best.items()
     ]  # fmt: skip
-    header = ["architecture", "registered", "val F1", "test acc", "test F1", "params", "img/s", "epochs"]
+    # img/s: the kept trial's last epoch, beside the trials running with it; epoch: the kept one, of those run
+    header = ["architecture", "registered", "val F1", "test acc", "test F1", "params", "img/s", "epoch"]
     header += ["random-split acc", "held-out acc"] if held_out else []
     lines = [
         winner_line(best, architectures_asked(comparison), production_note=False),

@@ -319,6 +319,11 @@ def test_without_held_out_sources_the_comparison_is_as_before(written: tuple[dic
     printed = format_comparison({**_comparison(), "production": "dual_cnn:3", "reports": {}})
     assert "held-out" not in printed and "WARNING" not in printed
     assert "production moved" not in printed
+    # the kept epoch of those run: "epochs 4" had read as the kept checkpoint's
+    header = next(line for line in printed.splitlines() if line.startswith("architecture"))
+    assert header.split()[-1] == "epoch" and all(
+        " of " in line for line in printed.splitlines() if line.split()[:1] in (["cnn_lstm"], ["dual_cnn"])
+    )
     moved = format_comparison(
         {**_comparison(), "production": "dual_cnn:3", "production_before": "resnet18:1", "reports": {}}
     )  # a re-run after `cxr models promote resnet18:1`: the user is told, not surprised later
