@@ -143,8 +143,16 @@ def quiet_ray_console() -> Iterator[None]:
     afterwards: a process that runs cxr's main in-process, as the tests do, keeps its own environment."""
     from cxrcore.runtime import environment_defaults
 
-    with environment_defaults(**QUIET_ENVIRONMENT):
-        yield
+    # Tune's TensorBoard logger says at INFO, seven times a trial an epoch, that a metric named after a
+    # class with a space ("Viral Pneumonia") is renamed: shown in any notebook that logs at INFO.
+    renames = logging.getLogger("tensorboardX.summary")
+    level = renames.level
+    renames.setLevel(max(level, logging.WARNING))
+    try:
+        with environment_defaults(**QUIET_ENVIRONMENT):
+            yield
+    finally:
+        renames.setLevel(level)
 
 
 def is_quiet() -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -118,23 +119,24 @@ def init_ray(
         os.environ.setdefault(TRAIN_STATE_TRACKING, "1")
         given = address
         address = address or os.environ.get("RAY_ADDRESS")
-        try:
-            if address:
-                _join(address, "--address" if given else "RAY_ADDRESS", cluster_logs)
-            else:
-                global _local_cores
-                cores = os.cpu_count() or 1
-                logical = num_cpus or local_logical_cpus(cores)
-                _local_cores = min(cores, logical)  # never more than the cluster has to give
-                _start_local(logical, object_store_memory)
-        except SystemExit as exc:
-            # ray.init's own SIGTERM handler is `sys.exit(15)`: a SIGTERM while Ray starts ended the
-            # command with status 15 and not a word; it stops as a SIGTERM does once Ray runs (143).
-            if exc.code != signal.SIGTERM:
-                raise
-            global _sigterm_received
-            _sigterm_received = True
-            raise Interrupted("stopped by SIGTERM while Ray was starting; nothing had run") from exc
+        with _caller_state_kept(), _half_start_stopped(local=not address):
+            try:
+                if address:
+                    _join(address, "--address" if given else "RAY_ADDRESS", cluster_logs)
+                else:
+                    global _local_cores
+                    cores = os.cpu_count() or 1
+                    logical = num_cpus or local_logical_cpus(cores)
+                    _local_cores = min(cores, logical)  # never more than the cluster has to give
+                    _start_local(logical, object_store_memory)
+            except SystemExit as exc:
+                # ray.init's own SIGTERM handler is `sys.exit(15)`: a SIGTERM while Ray starts ended the
+                # command with status 15 and not a word; it stops as a SIGTERM does once Ray runs (143).
+                if exc.code != signal.SIGTERM:
+                    raise
+                global _sigterm_received
+                _sigterm_received = True
+                raise Interrupted("stopped by SIGTERM while Ray was starting; nothing had run") from exc
         _sigterm_as_ctrl_c()
     from ray._private.worker import get_dashboard_url  # the public API has no getter for an existing session
 
@@ -143,6 +145,74 @@ def init_ray(
 
 
 _sigterm_received = False
+
+
+@contextmanager
+def _caller_state_kept() -> Iterator[None]:
+    """Put back what starting Ray changes of the calling process and a notebook's user would notice:
+    Python's `random` stream (Ray draws from it as it starts, 56 `getrandbits` and more: a seeded notebook
+    drew other numbers after its first cxr call than before) and `PYTHONBREAKPOINT`, which Ray points at
+    its own remote debugger (`breakpoint()` in the user's code then printed a debugpy error and went on)."""
+    state, hook = random.getstate(), os.environ.get("PYTHONBREAKPOINT")
+    try:
+        yield
+    finally:
+        random.setstate(state)
+        if hook is None:
+            os.environ.pop("PYTHONBREAKPOINT", None)
+        else:
+            os.environ["PYTHONBREAKPOINT"] = hook
+
+
+@contextmanager
+def _half_start_stopped(local: bool) -> Iterator[None]:
+    """Where a local cluster's start fails or is interrupted (Ctrl-C, SIGTERM), stop what it had started:
+    its GCS, raylet, dashboard and workers, children of this process, outlived the failed call. A command
+    ends and takes them with it; a notebook's kernel kept about 20 processes and 200 MB a try, and the
+    dashboard's port, for its whole life."""
+    if not local:
+        yield
+        return
+    before = _children()
+    try:
+        yield
+    except BaseException:
+        import ray
+
+        with contextlib.suppress(Exception):
+            ray.shutdown()  # where ray.init had got as far as recording its node
+        started = _children() - before
+        for pid in _descendants(started):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        for pid in started:  # reaped: no zombie left for the kernel's life
+            with contextlib.suppress(OSError):
+                os.waitpid(pid, 0)
+        raise
+
+
+def _parents() -> dict[int, int]:
+    """Every process's parent, from /proc (empty where there is no /proc: nothing is stopped there)."""
+    parents = {}
+    for entry in Path("/proc").glob("[0-9]*/stat") if Path("/proc").is_dir() else []:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            # "pid (comm) state ppid ...": the command may hold spaces and parentheses
+            parents[int(entry.parent.name)] = int(entry.read_text().rsplit(")", 1)[1].split()[1])
+    return parents
+
+
+def _children() -> set[int]:
+    return {pid for pid, parent in _parents().items() if parent == os.getpid()}
+
+
+def _descendants(roots: set[int]) -> list[int]:
+    """`roots` and every process below them, children before their parents."""
+    parents, found, frontier = _parents(), [], list(roots)
+    while frontier:
+        pid = frontier.pop()
+        found.append(pid)
+        frontier += [child for child, parent in parents.items() if parent == pid]
+    return found[::-1]
 
 
 def _sigterm_as_ctrl_c() -> None:

@@ -12,6 +12,7 @@ the shortcut by which real COVID models learned the hospital instead of the lung
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import time
@@ -170,6 +171,28 @@ def render_phantom(
     return _add_noise(rng, image), np.asarray(mask)
 
 
+def _check_nothing_left_over(root: Path, names: Sequence[str], per_class: int) -> None:
+    """Refuse to write where the class folders hold files this synthesis would not replace: written
+    again with fewer images or into a dataset of other files, the folder had mixed them (an ingest of a
+    12-image synthesis re-run with 5 found 12 a class, 7 of them from the first), and nothing of anyone's
+    is ever deleted here."""
+    written = {f"{name}-{i}.png" for name in names for i in range(1, per_class + 1)}
+    for name in names:
+        for kind in ("images", "masks"):
+            folder = root / name / kind
+            others = (
+                sorted(p.name for p in folder.iterdir() if p.name not in written) if folder.is_dir() else []
+            )
+            if others:
+                raise FileExistsError(
+                    errno.EEXIST,
+                    f"{len(others)} file(s) this synthesis would not replace, such as {others[0]} (a "
+                    "synthesis of more images, or another dataset): write into an empty folder, or remove "
+                    f"{root} first",
+                    str(folder),
+                )
+
+
 def write_synthetic_dataset(
     out: str | os.PathLike[str],
     per_class: int,
@@ -193,6 +216,7 @@ def write_synthetic_dataset(
     _check_sizes(image_size, mask_size)
     names = [CLASSES[class_index(c)] for c in classes]
     root = Path(out)
+    _check_nothing_left_over(root, names, per_class)
     start = time.perf_counter()
     counts: dict[str, int] = {}
     for name in names:

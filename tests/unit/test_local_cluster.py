@@ -291,3 +291,53 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_a_start_interrupted_stops_what_it_started_and_the_callers_random_stream_is_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A notebook: Ctrl-C while the first cell started Ray raised KeyboardInterrupt and left the cluster's
+    20 processes (GCS, raylet, dashboard, workers) running for the kernel's life, one cluster a try; and
+    Ray's start drew from Python's `random`, so a seeded notebook drew other numbers after it."""
+    import os
+    import random
+    import subprocess
+    import sys
+    import time
+
+    from cxrcore import runtime
+
+    sleeper = "import time; time.sleep(60)"
+    # a "raylet" with a "worker" of its own, as Ray's processes are
+    raylet = (
+        f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {sleeper!r}]); time.sleep(60)"
+    )
+    started: list[int] = []
+
+    def interrupted(logical: int, object_store_memory: int | None) -> None:
+        random.random()  # as Ray's start does
+        os.environ["PYTHONBREAKPOINT"] = "ray.util.rpdb._driver_set_trace"
+        child = subprocess.Popen([sys.executable, "-c", raylet]).pid
+        deadline = time.monotonic() + 30
+        while not (below := [p for p, parent in runtime._parents().items() if parent == child]):
+            assert time.monotonic() < deadline, "the child's own child never started"
+            time.sleep(0.05)
+        started.extend([child, *below])
+        raise KeyboardInterrupt
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("PYTHONBREAKPOINT", raising=False)
+    monkeypatch.setattr(runtime, "_start_local", interrupted)
+    random.seed(5)
+    expected = random.Random(5).random()
+    with pytest.raises(KeyboardInterrupt):
+        runtime.init_ray()
+    assert random.random() == expected and "PYTHONBREAKPOINT" not in os.environ
+
+    def running(pid: int) -> bool:  # a zombie waits for its (new) parent to reap it: it runs nothing
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    assert len(started) == 2 and [pid for pid in started if running(pid)] == []

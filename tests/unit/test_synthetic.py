@@ -271,3 +271,15 @@ def test_examples_are_one_new_image_per_class_never_one_of_the_dataset(tmp_path:
         assert len(dataset) == 3 and not any(np.array_equal(example, image) for image in dataset)
     again = write_examples(tmp_path / "again", seed=3, image_size=64)
     assert all(again[c].read_bytes() == examples[c].read_bytes() for c in CLASSES)  # reproducible
+
+
+def test_a_synthesis_never_mixes_with_files_it_would_not_replace(tmp_path: Path) -> None:
+    """From Python, a re-run with fewer images kept the first run's others: an ingest found 12 a class
+    where the second run wrote 5 (its metadata listing 5)."""
+    write_synthetic_dataset(tmp_path / "raw", per_class=3, seed=0, image_size=64, mask_size=64)
+    write_synthetic_dataset(tmp_path / "raw", per_class=3, seed=1, image_size=64, mask_size=64)  # replaced
+    with pytest.raises(
+        FileExistsError, match=r"1 file\(s\) this synthesis would not replace, such as COVID-3\.png"
+    ):
+        write_synthetic_dataset(tmp_path / "raw", per_class=2, seed=1, image_size=64, mask_size=64)
+    assert len(list((tmp_path / "raw/COVID/images").iterdir())) == 3  # nothing written, nothing deleted
