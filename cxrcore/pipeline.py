@@ -47,6 +47,24 @@ def check_pipeline(config: PipelineConfig) -> None:
         check_settings(comparison_config(config))
 
 
+def _own_raw(raw: Path) -> Path:
+    """The demo's folder of phantoms, emptied where an earlier demo's synthesis marked it as its own (a
+    re-run with another --per-class or --seed writes it afresh); one holding files no synthesis marked is
+    refused, never deleted."""
+    import shutil
+
+    from cxrcore.data.synthetic import MARKER_NAME
+
+    if (raw / MARKER_NAME).is_file():
+        shutil.rmtree(raw)
+    elif raw.is_dir() and any(raw.iterdir()):
+        raise ConfigError(
+            f"{raw} holds files no synthesis of this cxr marked as its own (an earlier cxr's demo phantoms, "
+            "or other files): remove it, or pass another --work-dir"
+        )
+    return raw
+
+
 def run_pipeline(config: PipelineConfig) -> dict[str, str]:
     """Data, check, ingest, Tune comparison, registry; print each step and where its results are."""
     from cxrcore.data.ingest import ingest_dataset
@@ -68,7 +86,9 @@ def run_pipeline(config: PipelineConfig) -> dict[str, str]:
         raw = config.real
     else:
         step(f"synthesising {config.per_class} phantoms per class")
-        summary = write_synthetic_dataset(work / "raw", per_class=config.per_class, seed=config.seed)
+        summary = write_synthetic_dataset(
+            _own_raw(work / "raw"), per_class=config.per_class, seed=config.seed
+        )
         raw = str(summary.root)
         print(
             f"wrote {sum(summary.counts.values())} images to {raw} ({summary.images_per_second:.0f} images/s)"

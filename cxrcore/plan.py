@@ -131,7 +131,16 @@ def tune_plan(config: TuneConfig) -> str:
     rows = [
         ("dataset", f"{config.data}{_where(config.data)}"),
         ("train images", f"{data.train_images:,} ({data.source})"),
-        ("architectures", f"{', '.join(per_model)} (all registered)"),
+        (
+            "architectures",
+            f"{', '.join(per_model)} ("
+            + (
+                "the best of each registered; resnet's depths are one architecture, its best depth registered"
+                if "resnet" in config.model_names()
+                else "all registered"
+            )
+            + ")",
+        ),
     ]
     rows += [
         (f"pretrained {model}", _pretrained(model, config.pretrained))

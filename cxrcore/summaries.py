@@ -96,7 +96,7 @@ def format_comparison(comparison: dict[str, Any]) -> str:
         lines += _segmenter_lines(
             comparison["segmenter"], comparison.get("settings", {}).get("segmenter_epochs")
         )
-    lines.append(f"production (*): {comparison['production']}")
+    lines.append(f"production (*): {comparison['production'] or '(none)'}")
     before, kept = comparison.get("production_before"), comparison.get("production_kept")
     if kept and "failed" in kept:
         lines.append(

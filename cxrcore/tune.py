@@ -380,7 +380,9 @@ def _run_comparison(config: TuneConfig) -> dict[str, Any]:
         "segmenter": segmenter,
         "trials": trials,
         "best": best,
-        "seeds": seed_spread(trials),  # None with one seed
+        "seeds": seed_spread(
+            trials, lambda model: architecture(model, config.model_names())
+        ),  # None: one seed
         "production": next((b["ref"] for b in best.values() if b.get("production")), None) or previous,
         "production_before": previous,
         "production_kept": kept,

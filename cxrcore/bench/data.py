@@ -24,6 +24,11 @@ def write_phantoms(raw: Path, images: int, processes: int = 1, seed: int = 0) ->
     if processes <= 1:
         write_synthetic_dataset(raw, per_class, seed)
     else:
+        from cxrcore.data.synthetic import MARKER_NAME
+
+        # marked as a synthesis's before the class writers start: each one's check finds the others' folders
+        Path(raw).mkdir(parents=True, exist_ok=True)
+        (Path(raw) / MARKER_NAME).touch()
         jobs = [(raw, per_class, seed, name) for name in CLASSES]
         with ProcessPoolExecutor(min(processes, len(CLASSES)), mp_context=get_context("spawn")) as pool:
             list(pool.map(_write_class, jobs))

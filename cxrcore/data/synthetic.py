@@ -171,23 +171,35 @@ def render_phantom(
     return _add_noise(rng, image), np.asarray(mask)
 
 
+MARKER_NAME = ".cxr-synthetic"
+"""Left in every folder a synthesis writes: what marks it as phantoms that a synthesis may write again."""
+
+
 def _check_nothing_left_over(root: Path, names: Sequence[str], per_class: int) -> None:
-    """Refuse to write where the class folders hold files this synthesis would not replace: written
-    again with fewer images or into a dataset of other files, the folder had mixed them (an ingest of a
-    12-image synthesis re-run with 5 found 12 a class, 7 of them from the first), and nothing of anyone's
-    is ever deleted here."""
+    """Refuse to write into a folder holding files no synthesis marked (MARKER_NAME), or, in one it did,
+    files this synthesis would not replace. The Kaggle layout names its X-rays as a synthesis names its
+    phantoms (`COVID-1.png`): a synthesis into a copy of the real database had replaced its X-rays and its
+    metadata; re-run with fewer images, it had kept the first run's others (an ingest of a 12-image
+    synthesis re-run with 5 found 12 a class, 7 of them from the first). Nothing is ever deleted here."""
+    if not root.is_dir() or not any(root.iterdir()):
+        return
+    if not (root / MARKER_NAME).is_file():
+        raise FileExistsError(
+            errno.EEXIST,
+            f"it holds files, and no synthesis wrote them (no {MARKER_NAME}): phantoms would replace or mix "
+            "with them; write into an empty folder",
+            str(root),
+        )
     written = {f"{name}-{i}.png" for name in names for i in range(1, per_class + 1)}
     for name in names:
         for kind in ("images", "masks"):
             folder = root / name / kind
-            others = (
-                sorted(p.name for p in folder.iterdir() if p.name not in written) if folder.is_dir() else []
-            )
-            if others:
+            found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+            if others := [name for name in found if name not in written]:
                 raise FileExistsError(
                     errno.EEXIST,
                     f"{len(others)} file(s) this synthesis would not replace, such as {others[0]} (a "
-                    "synthesis of more images, or another dataset): write into an empty folder, or remove "
+                    "synthesis of more images): write into an empty folder, or remove "
                     f"{root} first",
                     str(folder),
                 )
@@ -217,6 +229,10 @@ def write_synthetic_dataset(
     names = [CLASSES[class_index(c)] for c in classes]
     root = Path(out)
     _check_nothing_left_over(root, names, per_class)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / MARKER_NAME).write_text(
+        "phantoms written by cxrcore.data.synthetic; a synthesis may replace them\n"
+    )
     start = time.perf_counter()
     counts: dict[str, int] = {}
     for name in names:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -270,7 +270,9 @@ def winner_line(
     ) + line
 
 
-def seed_spread(trials: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+def seed_spread(
+    trials: Sequence[Mapping[str, Any]], architecture: Callable[[str], str] | None = None
+) -> dict[str, Any] | None:
     """Each architecture over the seeds `--repeats` trained it with, or None for one seed.
 
     For every seed, the comparison as that seed alone would have made it: each architecture's best trial
@@ -287,6 +289,7 @@ def seed_spread(trials: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
     >>> seed_spread(trials[:2]) is None
     True
     """
+    name = architecture or (lambda model: model)  # tune's: 'resnet' for its depths where it was named
     scored = [t for t in trials if t.get("seed") is not None and t.get("best_checkpoint")]
     seeds = sorted({int(t["seed"]) for t in scored})
     if len(seeds) < 2:
@@ -294,16 +297,23 @@ def seed_spread(trials: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
     by_model: dict[str, dict[str, Any]] = {}
     for seed in seeds:
         of_seed = [t for t in scored if t["seed"] == seed]
-        models = dict.fromkeys(t["model"] for t in of_seed)
-        bests = {m: best_by_validation([t for t in of_seed if t["model"] == m], dict) for m in models}
+        models = dict.fromkeys(name(t["model"]) for t in of_seed)
+        bests = {}
+        for m in models:
+            mine = [t for t in of_seed if name(t["model"]) == m]
+            # as the comparison picks: a finished trial before one that failed
+            bests[m] = best_by_validation([t for t in mine if not t.get("error")] or mine, dict)
         ranked = rank_by_validation(bests.items(), lambda item: item[1] or {})
+        ranked = [i for i in ranked if not (i[1] or {}).get("error")] + [
+            i for i in ranked if (i[1] or {}).get("error")
+        ]
         # a first place within one validation image of the second was decided by the validation loss
         close = len(ranked) > 1 and within_one_image(ranked[1][1] or {}, ranked[0][1] or {})
         for place, (model, row) in enumerate(ranked):
             entry = by_model.setdefault(
                 model, {"scores": {}, "first": 0, "first_close": 0, "configurations": 1}
             )
-            tried = sum(1 for t in of_seed if t["model"] == model)
+            tried = sum(1 for t in of_seed if name(t["model"]) == model)
             entry["configurations"] = max(entry["configurations"], tried)
             entry["scores"][seed] = None if row is None else row.get("val_score")
             entry["first"] += place == 0

@@ -508,3 +508,20 @@ def test_repeats_show_each_architecture_over_the_seeds_and_warn_when_the_winner_
     tied[1]["val_score"] = 0.95  # seed 1: a ahead outright
     line = seeds_line(seed_spread(tied) or {})
     assert "a 0.925 ± 0.035 (0.900–0.950), first in 2 of 2 (1 of them within one image of the second" in line
+
+
+def test_the_seed_spread_ranks_as_the_comparison_does() -> None:
+    """--repeats: the seeds line counted resnet's depths as rivals and a failed trial as a seed's winner,
+    where the comparison had ranked them otherwise (a verifier, session 48)."""
+    from cxrcore.evaluate.comparison import seed_spread
+
+    def trial(model: str, seed: int, score: float, error: str | None = None) -> dict[str, Any]:
+        return {"model": model, "seed": seed, "val_score": score, "best_checkpoint": "c", "error": error}
+
+    trials = [trial("a", s, 0.9, error="boom") for s in (0, 1)] + [trial("b", s, 0.5) for s in (0, 1)]
+    trials += [trial("resnet18", 0, 0.6), trial("resnet34", 0, 0.7), trial("resnet18", 1, 0.4)]
+    spread = seed_spread(trials, lambda model: "resnet" if model.startswith("resnet") else model)
+    assert spread is not None and set(spread["by_model"]) == {"a", "b", "resnet"}
+    assert spread["by_model"]["a"]["first"] == 0  # failed in both seeds: never a seed's winner
+    assert spread["by_model"]["resnet"]["scores"] == [0.7, 0.4]  # its best depth in each seed
+    assert spread["by_model"]["resnet"]["first"] == 1 and spread["by_model"]["b"]["first"] == 1

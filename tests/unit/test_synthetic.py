@@ -27,6 +27,7 @@ from cxrcore.data.synthetic import (
     write_synthetic_dataset,
 )
 from cxrcore.labels import CLASSES
+from tests.conftest import write_png, xray
 
 PER_CLASS = 3
 TRAIN_PER_CLASS, TEST_PER_CLASS = 150, 50
@@ -48,7 +49,7 @@ def _pixels(path: Path) -> np.ndarray:
 
 
 def test_files_are_laid_out_like_the_kaggle_dataset(written: Path) -> None:
-    expected = {f"{c}.metadata.xlsx" for c in CLASSES} | set(CLASSES)
+    expected = {f"{c}.metadata.xlsx" for c in CLASSES} | set(CLASSES) | {".cxr-synthetic"}  # hidden: no class
     assert {p.name for p in written.iterdir()} == expected
     for name in CLASSES:
         stems = [f"{name}-{i}" for i in range(1, PER_CLASS + 1)]
@@ -283,3 +284,26 @@ def test_a_synthesis_never_mixes_with_files_it_would_not_replace(tmp_path: Path)
     ):
         write_synthetic_dataset(tmp_path / "raw", per_class=2, seed=1, image_size=64, mask_size=64)
     assert len(list((tmp_path / "raw/COVID/images").iterdir())) == 3  # nothing written, nothing deleted
+    # A folder no synthesis marked, as a copy of the real database, whose X-rays are named as phantoms are:
+    # a synthesis of as many images had replaced them and their metadata.
+    real = tmp_path / "real"
+    write_png(real / "COVID/images/COVID-1.png", xray(1, 64))
+    before = (real / "COVID/images/COVID-1.png").read_bytes()
+    with pytest.raises(FileExistsError, match="no synthesis wrote them"):
+        write_synthetic_dataset(real, per_class=50, seed=0, image_size=64, mask_size=64)
+    assert (real / "COVID/images/COVID-1.png").read_bytes() == before and not (
+        real / "COVID.metadata.xlsx"
+    ).exists()
+
+
+def test_the_demo_writes_its_phantoms_afresh_and_never_over_files_it_did_not_mark(tmp_path: Path) -> None:
+    from cxrcore.config import ConfigError
+    from cxrcore.pipeline import _own_raw
+
+    raw = tmp_path / "cxr-demo/raw"
+    write_synthetic_dataset(raw, per_class=3, seed=0, image_size=64, mask_size=64)
+    assert _own_raw(raw) == raw and not raw.exists()  # its own: written again with any --per-class
+    write_png(raw / "COVID/images/COVID-1.png", xray(1, 64))  # an earlier cxr's demo, or anyone's files
+    with pytest.raises(ConfigError, match="no synthesis of this cxr marked as its own"):
+        _own_raw(raw)
+    assert (raw / "COVID/images/COVID-1.png").is_file()
