@@ -195,7 +195,7 @@ def _check_nothing_left_over(root: Path, names: Sequence[str], per_class: int) -
         for kind in ("images", "masks"):
             folder = root / name / kind
             found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-            if others := [name for name in found if name not in written]:
+            if others := [file for file in found if file not in written]:
                 raise FileExistsError(
                     errno.EEXIST,
                     f"{len(others)} file(s) this synthesis would not replace, such as {others[0]} (a "
