@@ -181,8 +181,9 @@ def _half_start_stopped(local: bool) -> Iterator[None]:
 
         with contextlib.suppress(Exception):
             ray.shutdown()  # where ray.init had got as far as recording its node
-        started = _children() - before
-        for pid in _descendants(started):
+        parents = _parents()
+        started = {pid for pid, parent in parents.items() if parent == os.getpid()} - before
+        for pid in _descendants(started, parents):
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
         for pid in started:  # reaped: no zombie left for the kernel's life
@@ -205,9 +206,9 @@ def _children() -> set[int]:
     return {pid for pid, parent in _parents().items() if parent == os.getpid()}
 
 
-def _descendants(roots: set[int]) -> list[int]:
-    """`roots` and every process below them, children before their parents."""
-    parents, found, frontier = _parents(), [], list(roots)
+def _descendants(roots: set[int], parents: dict[int, int]) -> list[int]:
+    """`roots` and every process below them (`parents`: _parents()), children before their parents."""
+    found, frontier = [], list(roots)
     while frontier:
         pid = frontier.pop()
         found.append(pid)

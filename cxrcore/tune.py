@@ -803,7 +803,7 @@ def asha_scheduler(config: TuneConfig) -> Any:
             # architecture's. In one bracket for all, with one trial each, whichever reached the grace
             # epoch second was judged against the first's score alone and stopped on arrival order.
             planned = (getattr(trial, "config", None) or {}).get("trial", {})
-            model = searched.get(planned.get("model"), planned.get("model"))  # resnet's depths: one's trials
+            model = architecture(str(planned.get("model")), named)  # resnet's depths: one architecture
             # With --repeats, one seed's trials of an architecture: a configuration is compared with the
             # others on the same seed, and a seed's draw is never stopped for another seed's.
             key = (model, planned.get("seed")) if config.repeats > 1 else model
@@ -824,7 +824,6 @@ def asha_scheduler(config: TuneConfig) -> Any:
 
     grace = config.grace_epochs or 1  # resolved by TuneConfig
     named = config.model_names()
-    searched = {depth: "resnet" for depth in RESNET_DEPTHS if "resnet" in named and depth not in named}
     return ASHAStopsBeforeLastEpoch(
         # The epoch each report names, not Tune's count of reports: a trial restored after the driver was
         # killed resumes its Train run mid-way, and Tune counts its reports from 1.

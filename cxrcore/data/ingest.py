@@ -932,7 +932,7 @@ def _report(
         "mask_problems": mask_problems,
         "fingerprint": _fingerprint(index, labels, splits),
         "fingerprint_columns": list(FINGERPRINT_COLUMNS),
-        "phash_of": "decoded",  # the picture as decoded, not as stored (cxrcore.evaluate.external)
+        "phash_of": PHASH_OF,
         "seconds": round(time.perf_counter() - started, 2),
         "created_at": provenance.now(),
         "software": provenance.versions("ray", "pyarrow", "pillow", "numpy", "pydicom"),
@@ -1083,6 +1083,18 @@ ingested at two sizes has one fingerprint. The report records them (`fingerprint
 EARLIER_FINGERPRINT_COLUMNS = ("sha256", "label", "split")
 """What the fingerprint of a dataset an earlier cxr wrote covers (its report records no columns): a mask
 deleted or redrawn left it as it was."""
+
+
+PHASH_OF = "decoded"
+"""What ingest takes each perceptual hash of (the report's `phash_of`): the picture as decoded, as sha256."""
+EARLIER_PHASH_OF = "resized"
+"""What an earlier cxr took them of (its report records no `phash_of`): the image as stored, resized to the
+dataset's size. Hashes taken two ways lie apart (cxrcore.evaluate.external)."""
+
+
+def phash_of(report: dict[str, Any]) -> str:
+    """What the perceptual hashes of a dataset's report (or a manifest's card block) were taken of."""
+    return str(report.get("phash_of") or EARLIER_PHASH_OF)
 
 
 def fingerprint_columns(report: dict[str, Any]) -> tuple[str, ...]:

@@ -40,7 +40,7 @@ def dataset_manifest(dataset: str, fingerprint: str | None) -> tuple[Any, dict[s
     Raises ManifestError saying why not."""
     import pyarrow.compute as pc
 
-    from cxrcore.data.ingest import fingerprint_columns, parquet_files, read_report, read_table, table_digest
+    from cxrcore.data.ingest import fingerprint_columns, parquet_files, phash_of, read_report, read_table
 
     if not dataset or not fingerprint:
         raise ManifestError(f"the card records no {'fingerprint' if dataset else 'dataset'}")
@@ -51,9 +51,8 @@ def dataset_manifest(dataset: str, fingerprint: str | None) -> tuple[Any, dict[s
     except (OSError, ValueError) as exc:  # gone, unreadable, changed since its ingest (DatasetError)
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ManifestError(f"its dataset {dataset} cannot be read here: {reason}") from None
-    found = report.get("fingerprint")
-    covered = fingerprint_columns(report)
-    if found != fingerprint or table_digest(table, covered) != fingerprint:
+    found = report.get("fingerprint")  # its rows' own, which read_table checked them against
+    if found != fingerprint:
         raise ManifestError(
             f"its dataset {dataset} was ingested again since the model was trained on it (fingerprint "
             f"{found}, the card's {fingerprint})"
@@ -62,8 +61,8 @@ def dataset_manifest(dataset: str, fingerprint: str | None) -> tuple[Any, dict[s
     table = table.take(order).combine_chunks()
     bits = report.get("config", {}).get("near_duplicate_bits")
     return table, {
-        "fingerprint_columns": list(covered),
-        "phash_of": report.get("phash_of", "resized"),  # how its ingest took the perceptual hashes
+        "fingerprint_columns": list(fingerprint_columns(report)),
+        "phash_of": phash_of(report),
         **({"near_duplicate_bits": int(bits)} if bits is not None else {}),
     }
 

@@ -128,7 +128,7 @@ def training_overlap_rows(
     database took its Viral Pneumonia images and part of its Normal ones from the pediatric (Kermany) set,
     which ships them as JPEG. A copy in train or val means the external figures are not external for it.
     """
-    from cxrcore.data.ingest import read_report, read_table
+    from cxrcore.data.ingest import phash_of, read_report, read_table
     from cxrcore.data.manifest import ManifestError, read_manifest
 
     source = card.data.get("dataset")
@@ -145,7 +145,7 @@ def training_overlap_rows(
         }
         block = card.data["manifest"]
         bits = int(block.get("near_duplicate_bits", NEAR_DUPLICATE_BITS))
-        own_hashing = str(block.get("phash_of", EARLIER_PHASH_OF))
+        own_hashing = phash_of(block)
         return _overlap_summary(card, source, own, own_hashing, data, split, bits, manifest=True)
     unchecked: dict[str, Any] = {"checked": False, "dataset": source}
     if problem:
@@ -172,7 +172,7 @@ def training_overlap_rows(
         )
         reason = f"{problem}; and {reason}" if problem else reason
         return {**unchecked, "reingested": True, "reason": reason}, None
-    own_hashing = str(report.get("phash_of", EARLIER_PHASH_OF))
+    own_hashing = phash_of(report)
     summary, seen = _overlap_summary(card, str(source), own, own_hashing, data, split, bits, manifest=False)
     if problem:
         summary["manifest_problem"] = problem
@@ -215,11 +215,6 @@ def _overlap_summary(
     return summary, seen
 
 
-EARLIER_PHASH_OF = "resized"
-"""How an earlier cxr took a dataset's perceptual hashes (its report records no `phash_of`): of each image
-as stored, resized to the dataset's size. Ingest now takes them of the decoded picture (`"decoded"`)."""
-
-
 def _same_hashing(
     rows: dict[str, np.ndarray], own_hashing: str, report: dict[str, Any], data: str, split: str, size: Any
 ) -> str | None:
@@ -230,7 +225,9 @@ def _same_hashing(
     taken again from their stored images, of the same size as `cxr evaluate` requires."""
     if "phash" not in rows:
         return None
-    hashing = str(report.get("phash_of", EARLIER_PHASH_OF))
+    from cxrcore.data.ingest import EARLIER_PHASH_OF, phash_of
+
+    hashing = phash_of(report)
     if hashing == own_hashing:
         return None
     stored = report.get("config", {}).get("size")
