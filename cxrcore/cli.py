@@ -743,9 +743,8 @@ def _run_train(args: argparse.Namespace) -> int:
     from cxrcore.train.trainer import fit, writing
 
     result = _run_on_ray(args, fit, format_train_result, writing)
-    if result.run_dir is None:  # --workers 0, as asked: the loop in this process, its figures only
-        print("note: --workers 0 trained in this process and keeps no checkpoint; use 1 or more to keep one")
-        return 0
+    if result.run_dir is None:  # --workers 0, as asked: the loop in this process, its figures only (fit
+        return 0  # said so)
     if result.best_checkpoint is None:
         print("cxr: error: the run saved no checkpoint", file=sys.stderr)
         return 1

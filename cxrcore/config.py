@@ -128,6 +128,7 @@ class IngestConfig:
     address: str | None = option(None, "Ray cluster address; default: RAY_ADDRESS or a local cluster")
 
     def __post_init__(self) -> None:
+        _typed_fields(self)
         _resolve_fields(self, "raw", "out", "labels")
         # OUT is published by swapping a finished folder beside it in: a symlink was swapped out itself,
         # the dataset landing beside it, and its target's old dataset left without its report. Through
@@ -207,6 +208,7 @@ class SynthConfig:
     )
 
     def __post_init__(self) -> None:
+        _typed_fields(self)
         _require(self.per_class >= 1, "per_class", f"must be at least 1, got {self.per_class}")
         _require(1 <= self.sites <= 26, "sites", f"must be between 1 and 26, got {self.sites}")
 
@@ -228,8 +230,7 @@ def from_dict(cls: type[C], values: dict[str, Any]) -> C:
         if f.default is dataclasses.MISSING and f.name not in values:
             what = f.metadata.get("help", "")
             raise ConfigError(f"missing setting {f.name!r} ({what})")
-    hints = typing.get_type_hints(cls)
-    return cls(**{key: _typed(key, value, hints[key]) for key, value in values.items()})
+    return cls(**values)  # __post_init__ types each value (_typed_fields)
 
 
 def _setting_error(key: str, message: str) -> ConfigError:
@@ -280,6 +281,17 @@ def _typed(key: str, value: Any, annotation: Any) -> Any:
             raise _setting_error(key, f"{key}: expected a whole number, got {value!r}")
         return int(number)
     return float(number)
+
+
+def _typed_fields(config: Any) -> None:
+    """Each setting of `config` as its declared type, as a YAML file's are: from Python, `size="32"` was
+    compared with numbers and raised a bare TypeError, and a `pathlib.Path` stayed one. A default stands
+    as it is (BenchmarkConfig's None: "unset", which its __post_init__ fills in)."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if value is not f.default:
+            setattr(config, f.name, _typed(f.name, value, hints[f.name]))
 
 
 def load_config(cls: type[C], path: str | Path | None = None, **overrides: Any) -> C:
@@ -393,6 +405,7 @@ class PipelineConfig:
     address: str | None = option(None, "Ray cluster address; default: RAY_ADDRESS or a local cluster")
 
     def __post_init__(self) -> None:
+        _typed_fields(self)
         _resolve_fields(self, "work_dir", "real")
         _require(self.per_class >= 1, "per_class", f"must be at least 1, got {self.per_class}")
         _require(32 <= self.size <= 2048, "size", f"must be between 32 and 2048, got {self.size}")
@@ -497,6 +510,7 @@ class BenchmarkConfig:
     address: str | None = option(None, "Ray cluster address; default: RAY_ADDRESS or a local cluster")
 
     def __post_init__(self) -> None:
+        _typed_fields(self)
         _resolve_fields(self, "out", "raw", "train_data", "work_dir")
         _require(
             self.what in (*BENCHMARK_SECTIONS, "all"),
@@ -600,6 +614,7 @@ class TrainConfig:
     address: str | None = option(None, "Ray cluster address; default: RAY_ADDRESS or a local cluster")
 
     def __post_init__(self) -> None:
+        _typed_fields(self)
         _resolve_fields(self, "data", "out", "segmenter")
         if self.pretrained.strip().lower() not in PRETRAINED_CHOICES:
             self.pretrained = resolve_location(self.pretrained)
@@ -682,6 +697,7 @@ class EvaluateConfig:
     device: str = option("cpu", "torch device, e.g. cpu or cuda")
 
     def __post_init__(self) -> None:
+        _typed_fields(self)
         if self.model is not None and self.registry is None:
             self.registry = os.environ.get("CXR_REGISTRY") or None
         _resolve_fields(self, "checkpoint", "registry", "data", "out", "segmenter")
@@ -755,6 +771,7 @@ class TuneConfig:
     address: str | None = option(None, "Ray cluster address; default: RAY_ADDRESS or a local cluster")
 
     def __post_init__(self) -> None:
+        _typed_fields(self)
         self.registry = self.registry or os.environ.get("CXR_REGISTRY", "")
         if not self.registry:
             raise ConfigError("--registry: no model registry given (pass --registry REG or set CXR_REGISTRY)")

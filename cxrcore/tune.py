@@ -204,7 +204,7 @@ def preflight(config: TuneConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]
 
     check_models(config)
     if config.gpu:
-        check_local_gpus(config.workers_per_trial)
+        check_local_gpus(config.workers_per_trial, config.address)  # a joined cluster may add GPU nodes
     report = read_report(config.data)
     check_dataset(config.data)
     check_masks(config, report)
@@ -314,8 +314,9 @@ def run_comparison(config: TuneConfig) -> dict[str, Any]:
     from cxrcore.runtime import init_ray
 
     with writing(config), reading(config.data):  # an ingest into --data is refused until it ends
+        checked = preflight(config)  # before Ray's start (seconds): a notebook's wrong --data fails at once
         init_ray(config.address)  # a library caller's too: cxr's local cluster (a no-op once Ray runs)
-        return _run_comparison(config)
+        return _run_comparison(config, *checked)
 
 
 def writing(config: TuneConfig) -> AbstractContextManager[None]:
@@ -323,7 +324,7 @@ def writing(config: TuneConfig) -> AbstractContextManager[None]:
     return storage.exclusive(experiment_path(config), "a Tune experiment", "another --name or --out")
 
 
-def _run_comparison(config: TuneConfig) -> dict[str, Any]:
+def _run_comparison(config: TuneConfig, report: dict[str, Any], plan: list[dict[str, Any]]) -> dict[str, Any]:
     import ray
     from ray import tune
 
@@ -331,7 +332,6 @@ def _run_comparison(config: TuneConfig) -> dict[str, Any]:
     from cxrcore.registry import ModelRegistry
     from cxrcore.train.trainer import unscored_classes
 
-    report, plan = preflight(config)
     registry = ModelRegistry(config.registry)
     experiment = experiment_path(config)
     work = _work_dir(config)

@@ -644,23 +644,30 @@ def fit(config: TrainConfig) -> TrainResult:
     would interleave with this one's, and what this one took for an interrupted run's debris is the
     other's work)."""
 
+    import ray
+
     from cxrcore.data.ingest import reading
     from cxrcore.runtime import init_ray
 
     if config.gpu:
         check_local_gpus(config.workers, config.address)
     with writing(config), reading(config.data):  # an ingest into --data is refused until the run ends
+        if not ray.is_initialized():  # a notebook's first call: a wrong --data fails before Ray's start
+            check_dataset(config.data)
         init_ray(config.address)  # a library caller's too: cxr's local cluster (a no-op once Ray runs)
         if config.workers >= 1:
-            import ray
-
             if ray.is_initialized() and (
                 note := worker_fit_note(config, ray.cluster_resources(), ray.available_resources())
             ):
                 print(f"note: {note}", flush=True)
             return _fit(config)
         with torch_state_kept():  # the loop runs in this process: a notebook keeps its threads and seed
-            return _fit(config)
+            result = _fit(config)
+        print(f"note: {IN_PROCESS_NOTE}", flush=True)  # said by `cxr train` and a notebook's fit alike
+        return result
+
+
+IN_PROCESS_NOTE = "--workers 0 trained in this process and keeps no checkpoint; use 1 or more to keep one"
 
 
 @contextmanager

@@ -132,6 +132,18 @@ def test_a_config_files_values_are_read_as_their_settings_types(tmp_path: Path) 
         load_config(TrainConfig, tmp_path)
 
 
+def test_a_config_built_in_python_reads_its_values_as_a_files_are(tmp_path: Path) -> None:
+    """A notebook's `IngestConfig(size="32")` raised a bare TypeError from a comparison, and a Path stayed
+    a Path; built in Python, a config reads each value as a YAML file's is, and refuses one by name."""
+    config = IngestConfig(raw=tmp_path / "raw", out="ds", size="32", val_fraction="0.2")
+    assert (config.size, config.val_fraction, config.raw) == (32, 0.2, str(tmp_path / "raw"))
+    with pytest.raises(ConfigError, match=r"^epochs: expected a number, got 'two'$"):
+        TrainConfig(data="ds", model="tiny_cnn_lstm", epochs="two")
+    with pytest.raises(ConfigError, match=r"^gpu: expected true or false, got 'maybe'$"):
+        TrainConfig(data="ds", model="tiny_cnn_lstm", gpu="maybe")
+    assert TrainConfig(data="ds", model="tiny_cnn_lstm", gpu="false").gpu is False
+
+
 def test_an_ingest_into_a_symlink_writes_through_it(tmp_path: Path) -> None:
     """OUT is published by swapping a finished folder in beside it: a symlinked OUT was swapped out itself,
     the dataset written beside the link (on the link's disk) and the target's dataset left without its

@@ -3,6 +3,7 @@ once, naming the first, and a killed writer's lock goes with its process."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -163,8 +164,9 @@ def test_the_library_calls_start_cxrs_ray_themselves_once_they_hold_the_output(
     Ray of its own; each now joins or starts Ray as the commands do (a no-op once Ray runs)."""
     import torch
 
-    from cxrcore import runtime
+    from cxrcore import runtime, tune
     from cxrcore.data.ingest import ingest_dataset
+    from cxrcore.train import trainer
     from cxrcore.train.trainer import fit, torch_state_kept
     from cxrcore.tune import run_comparison
     from tests.conftest import write_png, xray
@@ -177,6 +179,9 @@ def test_the_library_calls_start_cxrs_ray_themselves_once_they_hold_the_output(
         raise Started(address)
 
     monkeypatch.setattr(runtime, "init_ray", init_ray)
+    checked: list[str] = []  # the dataset is checked before Ray's start too: "d" is none, and passes here
+    monkeypatch.setattr(trainer, "check_dataset", lambda data: checked.append(data))
+    monkeypatch.setattr(tune, "preflight", lambda config: checked.append(config.data))
     for cls in ("COVID", "Normal"):  # a folder ingest takes: one it refuses is refused before Ray starts
         write_png(tmp_path / "raw" / cls / f"{cls}-1.png", xray(1, 64))
     calls = [
@@ -189,6 +194,9 @@ def test_the_library_calls_start_cxrs_ray_themselves_once_they_hold_the_output(
     for call in calls:
         with pytest.raises(Started, match=r"^a$"):
             call()
+    assert (
+        checked == [os.path.abspath("d")] * 2
+    )  # fit's and run_comparison's, each inside the lock and before Ray
     import random
 
     import numpy as np

@@ -74,6 +74,7 @@ def test_a_run_that_ctrl_c_ended_is_reported_interrupted_not_finished(
             return self.outcome
 
     monkeypatch.setattr("cxrcore.runtime.init_ray", lambda address=None: None)  # no Ray to start here
+    monkeypatch.setattr(trainer_module, "check_dataset", lambda data: None)  # nor a dataset
     config = TrainConfig(data=str(tmp_path), model="tiny_cnn_lstm", epochs=30)
     after_3 = Result(metrics=_epoch(3, 0.3, 1.3), checkpoint=None, error=None, path=str(tmp_path))
     for outcome, said in [
