@@ -424,13 +424,18 @@ def _add_models_commands(commands: Any) -> None:
     clean.set_defaults(run=_run_clean)
     import_weights = models_commands.add_parser(
         "import-weights",
-        help="write a ResNet's ImageNet weights for one channel, without the classifier, as safetensors "
-        "(for --pretrained FILE on workers without internet)",
+        help="write an architecture's ImageNet weights for one channel, without the classifier, as "
+        "safetensors (for --pretrained FILE or FOLDER on workers without internet)",
     )
     import_weights.add_argument(
-        "arch", metavar="ARCH", help="a timm ResNet: resnet18, resnet34, resnet50, ..."
+        "arch", metavar="ARCH", help="an architecture with hub weights: resnet18, resnet34, resnet50, ..."
     )
-    import_weights.add_argument("--out", required=True, help="the .safetensors file to write")
+    import_weights.add_argument(
+        "--out",
+        required=True,
+        help="the .safetensors file to write, or a folder: ARCH-1ch.safetensors there, as `--pretrained "
+        "FOLDER` reads it",
+    )
     import_weights.add_argument(
         "--from",
         dest="source",
@@ -609,6 +614,7 @@ def _check_before_ray(config: Any, notes: list[str] | None = None) -> None:
     from cxrcore.data.ingest import read_report
     from cxrcore.train.trainer import (
         check_dataset,
+        check_hub,
         check_local_gpus,
         check_local_worker_cpus,
         resolve_pretrained,
@@ -620,29 +626,36 @@ def _check_before_ray(config: Any, notes: list[str] | None = None) -> None:
     def lacks(location: str) -> bool:
         return dry_run and "://" not in location and not os.path.exists(location)
 
-    if lacks(config.pretrained) and config.pretrained.strip().lower() not in PRETRAINED_CHOICES:
+    def here(check: Callable[..., Any], *args: Any) -> bool:
+        """A check of what this machine has: it fails a run, and is a note of a dry run (False)."""
+        try:
+            check(*args)
+        except ConfigError as error:
+            if not dry_run:
+                raise
+            lacking.append(str(error))
+            return False
+        return True
+
+    no_file = lacks(config.pretrained) and config.pretrained.strip().lower() not in PRETRAINED_CHOICES
+    if no_file:
         lacking.append(f"--pretrained: no weights file at {config.pretrained}")
         config = dataclasses.replace(config, pretrained="hub")  # still: does the model take weights?
     if isinstance(config, TuneConfig):
-        from cxrcore.tune import check_settings
+        from cxrcore.tune import check_settings, search_plan, takes_pretrained
 
         check_settings(config)
+        hub_models = [m for m in sorted({t["model"] for t in search_plan(config, 1)}) if takes_pretrained(m)]
     else:
         resolve_pretrained(config.model, config.pretrained)  # the name too ("did you mean")
-        try:
-            check_local_worker_cpus(config)  # as --gpu below: a plan may be for a bigger machine
-        except ConfigError as error:
-            if not dry_run:
-                raise
-            lacking.append(str(error))
+        hub_models = [config.model]
+        here(check_local_worker_cpus, config)  # as --gpu below: a plan may be for a bigger machine
+    for model in [] if no_file else hub_models:  # a hub this machine cannot reach: refused before Ray
+        if not here(check_hub, model, config.pretrained):
+            break
     if config.gpu:
         workers = config.workers if isinstance(config, TrainConfig) else config.workers_per_trial
-        try:
-            check_local_gpus(workers, config.address)
-        except ConfigError as error:
-            if not dry_run:
-                raise
-            lacking.append(str(error))
+        here(check_local_gpus, workers, config.address)
     if lacks(config.data):
         lacking.append(f"--data {config.data}: no such folder")
     elif not storage.is_remote(config.data):  # object storage is read where the run starts, once
@@ -1078,17 +1091,23 @@ def _run_promote(args: argparse.Namespace) -> int:
 
 
 def _run_import_weights(args: argparse.Namespace) -> int:
-    from cxrcore.models.resnet import import_weights
+    from cxrcore.models.pretrained import import_weights
+    from cxrcore.train.trainer import weights_file_name
 
+    folder = os.path.isdir(args.out) or args.out.endswith(("/", os.sep))  # `--out weights/`: made here
+    out = os.path.join(args.out, weights_file_name(args.arch)) if folder else args.out
+    if folder:
+        os.makedirs(args.out, exist_ok=True)
     try:
-        written = import_weights(args.arch, args.out, args.source)
+        written = import_weights(args.arch, out, args.source)
     except (ValueError, RuntimeError) as exc:  # not a ResNet, weights that do not fit, hub unreachable
         raise ConfigError(str(exc)) from exc
     print(
         f"wrote {written['path']}: {written['arch']} on one channel, no classifier, "
         f"{written['tensors']} tensors, {written['bytes'] / 2**20:.1f} MiB, from {written['source']}"
     )
-    print(f"use it with: cxr train --model {written['arch']} --pretrained {written['path']}")
+    given = args.out if folder else written["path"]  # a folder serves every architecture it holds
+    print(f"use it with: cxr train --model {written['arch']} --pretrained {given}")
     return 0
 
 

@@ -396,7 +396,9 @@ class PipelineConfig:
         "three quarters of --epochs; with --trials 1 no trial is stopped)",
     )
     pretrained: str = option(
-        "none", "initial weights of the models with hub weights (the ResNets): a local file, 'hub' or 'none'"
+        "none",
+        "initial weights of the models with hub weights (the ResNets): a local file, a folder of "
+        "ARCH-1ch.safetensors files, 'hub' or 'none'",
     )
     tune: bool = option(True, "compare the architectures (off: stop after ingest)")
     serve: bool = option(True, "serve the production model and send it a few HTTP predictions")
@@ -598,8 +600,8 @@ class TrainConfig:
     augment: bool = option(True, "anatomy-respecting augmentation (small affine, contrast, noise)")
     pretrained: str = option(
         "auto",
-        "initial weights: a local file, 'hub', 'none' (scratch) or 'auto' (hub for models with hub weights, "
-        "the ResNets)",
+        "initial weights: a local file, a folder of ARCH-1ch.safetensors files, 'hub', 'none' (scratch) or "
+        "'auto' (hub for models with hub weights, the ResNets)",
     )
     segmenter: str | None = option(None, "U-Net checkpoint that supplies masks where the data has none")
     train_masks: str = option(
@@ -761,7 +763,8 @@ class TuneConfig:
     image_size: int | None = option(None, "model input size (default: the dataset's base size)")
     pretrained: str = option(
         "auto",
-        "initial weights of the models with hub weights (the ResNets): a local file, 'hub', 'none' or "
+        "initial weights of the models with hub weights (the ResNets): a local file, a folder of "
+        "ARCH-1ch.safetensors files (one per architecture: `cxr models import-weights`), 'hub', 'none' or "
         "'auto' (hub)",
     )
     max_concurrent: int | None = option(None, "trials at once (default: what the cluster's CPUs/GPUs allow)")

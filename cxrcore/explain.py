@@ -61,9 +61,10 @@ def grad_cam(
 
     The map is ReLU(Σ_c mean(∂score/∂A_c) · A_c) over `layer`'s output A; by default the module the
     model's registry entry names (`cam_layer`), else the last convolutional block's output (see
-    _feature_map); upsampled and scaled to its maximum, or all 0 where no region adds
-    to the score. `target` defaults to each image's predicted class. Not thread-safe with other calls on
-    the same model (the hooks see every forward while they are registered).
+    _feature_map); upsampled and scaled to its maximum, or all 0 where no region adds to the score more
+    than another (none does, or the feature map is one cell). `target` defaults to each image's predicted
+    class. Not thread-safe with other calls on the same model (the hooks see every forward while they are
+    registered).
     """
     fired: list[tuple[nn.Module, Any]] = []
     layer = layer if layer is not None else declared_cam_layer(model)
@@ -90,6 +91,10 @@ def grad_cam(
     activations = features.detach()
     weights = grads.mean(dim=(2, 3), keepdim=True)
     cam = F.relu((weights * activations).sum(dim=1, keepdim=True))
+    # A map without any spatial variation places nothing: a 1×1 feature map (a small input through a deep
+    # network) came out as 255 everywhere, read as "evidence everywhere" with heatmap_empty false.
+    flat = cam.flatten(1)
+    cam = cam * (flat.amax(dim=1) > flat.amin(dim=1))[:, None, None, None]
     cam = F.interpolate(cam, size=inputs.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
     peak = cam.flatten(1).amax(dim=1).clamp_min(1e-12)[:, None, None]
     return cam / peak, logits.detach()

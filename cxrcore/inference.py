@@ -10,7 +10,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -295,6 +295,13 @@ def _batch(images: Sequence[ImageLike]) -> list[np.ndarray]:
     return [gray_image(image) for image in images]
 
 
+class MaskDrawer(Protocol):
+    """What a Predictor's segmenter is to it: another Predictor, or Serve's SegmenterClient, whose masks
+    come from the Segmenter deployment."""
+
+    def mask_source(self, unit_images: torch.Tensor) -> torch.Tensor: ...
+
+
 class Predictor:
     """Class probabilities (or lung masks) for uint8 grayscale images of any size.
 
@@ -310,14 +317,14 @@ class Predictor:
 
     def __init__(
         self, model: torch.nn.Module, card: ModelCard, device: str | torch.device = "cpu",
-        segmenter: Predictor | None = None, *, graph: bool = False,
+        segmenter: MaskDrawer | None = None, *, graph: bool = False,
     ) -> None:  # fmt: skip
         self.model = model.to(device).eval()
         self.card = card
         self.device = torch.device(device)
         self.spec = InputSpec.from_dict(card.input_spec)
         self.base_size = int(card.data.get("size") or self.spec.image_size)
-        self.segmenter = segmenter
+        self.segmenter: MaskDrawer | None = segmenter
         self.forward: Callable[[torch.Tensor], torch.Tensor] = (
             as_graph(self.model, self.spec, self.device, card.name) if graph else self.model
         )

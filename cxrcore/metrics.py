@@ -43,6 +43,7 @@ def classification_metrics(
         num_classes, num_classes
     )
     true_positives, support, precision, recall, f1 = _per_class(matrix)
+    true_negatives, negatives = _negatives(matrix)
     scored = support > 0
     aurocs = [_binary_auroc(labels == k, probs[:, k]) for k in range(num_classes)]
     defined_aurocs = [auroc for auroc in aurocs if auroc is not None]
@@ -69,6 +70,9 @@ def classification_metrics(
                 "recall": float(recall[k]),
                 # the sensitivity's Wilson 95% interval: 4 of 5 COVID images found is 0.38-0.96
                 "recall_ci95": wilson_interval(int(true_positives[k]), int(support[k])),
+                # one vs rest, at the argmax: the share of the other classes' images not called this one
+                "specificity": float(true_negatives[k] / negatives[k]) if negatives[k] else None,
+                "specificity_ci95": wilson_interval(int(true_negatives[k]), int(negatives[k])),
                 "f1": float(f1[k]),
                 "support": int(support[k]),
                 "auroc": aurocs[k],
@@ -131,16 +135,15 @@ def one_vs_rest(matrix: npt.ArrayLike, classes: Sequence[str] = CLASSES) -> dict
     negatives is 0.33 give or take 0.2. Specificity is None when the set holds no other class.
     """
     counts = np.asarray(matrix, dtype=np.int64)
-    total = int(counts.sum())
+    all_true_negatives, all_negatives = _negatives(counts)
     result: dict[str, dict[str, Any]] = {}
     for k, name in enumerate(classes):
         positives = int(counts[k].sum())
         if positives == 0:
             continue
         true_positives = int(counts[k, k])
-        false_positives = int(counts[:, k].sum()) - true_positives
-        negatives = total - positives
-        true_negatives = negatives - false_positives
+        negatives, true_negatives = int(all_negatives[k]), int(all_true_negatives[k])
+        false_positives = negatives - true_negatives
         result[name] = {
             "positives": positives,
             "true_positives": true_positives,
@@ -325,6 +328,14 @@ def _per_class(matrix: np.ndarray) -> tuple[np.ndarray, ...]:
     recall = _safe_divide(true_positives, support)
     f1 = _safe_divide(2 * true_positives, support + predicted_count)
     return true_positives, support, precision, recall, f1
+
+
+def _negatives(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per class of a confusion matrix (rows true), one vs rest: the true negatives (other classes' images
+    not called this one) and the negatives (every other class's images), specificity's two counts."""
+    negatives = matrix.sum() - matrix.sum(axis=1)
+    false_positives = matrix.sum(axis=0) - np.diag(matrix)
+    return negatives - false_positives, negatives
 
 
 def _safe_divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:

@@ -165,7 +165,8 @@ def tune_plan(config: TuneConfig) -> str:
         ("image size", _image_size(config.image_size, data)),
         (
             "concurrency",
-            f"{concurrent} trials at once ({assumption}) → "
+            f"{_count(min(concurrent, len(trials)), 'trial')} at once ({assumption}"
+            f"{f': room for {concurrent}' if concurrent > len(trials) else ''}) → "
             f"{_count(math.ceil(len(trials) / concurrent), 'wave')}",
         ),
         (

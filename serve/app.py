@@ -89,7 +89,7 @@ def build_app(args: ServeArgs) -> Application:
             raise ValueError(
                 f"{resolved.ref}'s card names a lung segmenter that cannot be found: {exc}"
             ) from exc
-        segmenter = Segmenter.options(
+        segmenter = Segmenter.options(  # type: ignore[attr-defined]  # a serve.deployment
             autoscaling_config={**autoscaling, "target_ongoing_requests": 2},
             ray_actor_options=actor_options,
         ).bind(resolved.card.segmenter, args.device, registry, args.max_batch_size, args.forward_batch_size)
@@ -103,7 +103,7 @@ def build_app(args: ServeArgs) -> Application:
     # max_queued_requests more, the handle raises BackPressureError at once and the ingress answers
     # 503 `overloaded` JSON with Retry-After, so a burst costs neither unbounded latency nor memory.
     backpressure = {"retry_after_s": args.retry_after_s}
-    classifier = Classifier.options(
+    classifier = Classifier.options(  # type: ignore[attr-defined]  # a serve.deployment
         autoscaling_config={**autoscaling, "target_ongoing_requests": args.target_ongoing_requests},
         max_ongoing_requests=args.max_ongoing_requests,
         max_queued_requests=args.max_queued_requests,
@@ -131,7 +131,7 @@ def build_app(args: ServeArgs) -> Application:
         tuple(origin.strip() for origin in args.cors_origins.split(",") if origin.strip()),
         args.model_timeout_s,
     )
-    return Api.options(
+    return Api.options(  # type: ignore[attr-defined]  # a serve.deployment
         num_replicas=args.ingress_replicas,
         max_ongoing_requests=capacity + INGRESS_HEADROOM,
         max_queued_requests=INGRESS_HEADROOM,

@@ -155,7 +155,8 @@ def _untrained(directory: Path, arch: str, image_size: int | None) -> Path:
 
     def save(name: str, segmenter: Path | None = None) -> Path:
         torch.manual_seed(0)
-        model = create_model(name, **({"image_size": image_size} if image_size else {}))
+        sized: dict[str, Any] = {"image_size": image_size} if image_size else {}
+        model = create_model(name, **sized)
         spec = get_input_spec(model)
         card = ModelCard(
             model=get_build_args(model),
@@ -210,10 +211,10 @@ def _chest_dicom(size: int = UPLOAD_SIZE) -> bytes:
     """A size×size digital X-ray as a detector writes it: 12 bits stored in 16, a rescale to Hounsfield-like
     values and a window, so the server applies both LUTs as it would to a hospital's file."""
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage
+    meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.1.1")  # Digital X-Ray Image Storage
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
@@ -360,6 +361,11 @@ def _serve_pids() -> dict[str, list[int]]:
     return found
 
 
+def _less(end: float | None, start: float | None) -> float | None:
+    """end - start, or None where either was not read."""
+    return None if end is None or start is None else end - start
+
+
 class CpuMeter:
     """CPU seconds per request that each part of the serving path spends over one measurement.
 
@@ -384,10 +390,7 @@ class CpuMeter:
 
     def per_request_ms(self, requests: int) -> dict[str, float | None]:
         end = self._read()
-        used = {
-            name: None if end[name] is None or self._start[name] is None else end[name] - self._start[name]
-            for name in end
-        }
+        used = {name: _less(end[name], self._start[name]) for name in end}
         machine = used.pop("machine")
         known = [v for v in used.values() if v is not None]
         used["rest"] = None if machine is None else max(0.0, machine - sum(known))

@@ -164,7 +164,8 @@ def replica_handle(handle: DeploymentHandle) -> DeploymentHandle:
     from ray.serve._private.constants import RAY_SERVE_USE_GRPC_BY_DEFAULT
 
     by_reference = not RAY_SERVE_USE_GRPC_BY_DEFAULT
-    if handle.is_initialized or handle.handle_options._by_reference == by_reference:
+    options: Any = handle.handle_options  # `_by_reference` is the dynamic options' own, not the base's
+    if handle.is_initialized or options._by_reference == by_reference:
         return handle
     # What unpickling the handle does, with the replica's transport: `options()` would also start the
     # handle's router, which belongs on the replica's event loop at its first call, not in a constructor.

@@ -13,7 +13,7 @@ import io
 import logging
 import math
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,7 +111,7 @@ class ApiError(Exception):
 
 
 def _error_response(
-    status: int, error: str, detail: str, headers: dict[str, str] | None = None
+    status: int, error: str, detail: str, headers: Mapping[str, str] | None = None
 ) -> JSONResponse:
     telemetry.record_request_error(error, status)
     # Serve's access line gives the status and the request id; this, in the same replica log, says why.

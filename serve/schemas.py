@@ -1,12 +1,12 @@
 """Typed arguments of the Serve application and the JSON the HTTP API answers with."""
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cxrcore.labels import CLASSES
 
-_PROBABILITY = {"type": "number", "minimum": 0, "maximum": 1}
+_PROBABILITY: dict[str, Any] = {"type": "number", "minimum": 0, "maximum": 1}
 
 MAX_BATCH_SIZE = {"cpu": 8, "cuda": 16}
 """The default max_batch_size by the replica's device. On a CPU thread a convolution's activations
@@ -196,8 +196,9 @@ class Explanation(BaseModel):
         "to it without padding, so stretch the map to the upload's width and height to overlay it"
     )
     heatmap_empty: bool = Field(
-        description="true where no region adds to the target's score: the heatmap is blank because Grad-CAM "
-        "found nothing to show, not because the image holds no evidence"
+        description="true where no region adds to the target's score more than another: the heatmap is blank "
+        "because Grad-CAM found nothing to show, or because the model's last feature map is one cell (a "
+        "small input through a deep network), not because the image holds no evidence"
     )
     mask_png: str | None = Field(
         description="lung mask fed to the model, base64 PNG at the heatmap's size; null if it takes none"

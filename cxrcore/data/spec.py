@@ -26,9 +26,10 @@ class InputSpec:
     image_size: int
     """Side of the square input in pixels."""
     mean: float
-    """Mean subtracted from the image scaled to [0, 1]; the mask channel stays 0/1."""
+    """Under 'fixed' normalisation, the mean subtracted from the image scaled to [0, 1] (under 'per_image'
+    unused: each image's own is); the mask channel stays 0/1."""
     std: float
-    """Divisor applied to the image after subtracting the mean."""
+    """Under 'fixed' normalisation, the divisor applied to the image after subtracting the mean."""
     task: str = "classify"
     """'classify' (logits of shape (B, num_classes)) or 'segment' (mask logits of shape (B, 1, H, W))."""
     normalization: str = "fixed"

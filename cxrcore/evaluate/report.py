@@ -346,6 +346,7 @@ def _per_class_row(name: str, stats: Mapping[str, Any], predicted: int, total: i
     if "recall_ci95" in stats:  # beside the recall (evaluations written before it have none)
         row = {**{k: v for k, v in row.items() if k not in ("f1", "support", "auroc")},
                "recall 95% CI": interval_text(stats["recall_ci95"]),
+               **({"specificity": stats["specificity"]} if "specificity" in stats else {}),
                **{k: row[k] for k in ("f1", "support", "auroc")}}  # fmt: skip
     if stats.get("mean_probability") is not None and total:  # what the probabilities say beside the share
         row.update({"share": stats["support"] / total, "mean p": stats["mean_probability"]})
@@ -357,8 +358,8 @@ def _per_class_row(name: str, stats: Mapping[str, Any], predicted: int, total: i
 
 
 def metrics_table(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Per-class rows (class, precision, recall and its 95% interval, f1, support, auroc) and a macro row,
-    for the report."""
+    """Per-class rows (class, precision, recall and its 95% interval, specificity, f1, support, auroc, and
+    with the probabilities the class's share and mean p) and a macro row, for the report."""
     predicted = [sum(column) for column in zip(*metrics["confusion_matrix"], strict=True)]
     rows = [
         _per_class_row(name, stats, count, int(metrics["n"]))
@@ -547,8 +548,8 @@ def external_sections(external: Mapping[str, Any], comparison: Mapping[str, Any]
         ReportSection(
             "Sensitivity and specificity (one vs rest, at the served operating point)",
             html="<p>Each class present against every other image of this dataset. A class's sensitivity is "
-            "its recall in the per-class table, interval included; its specificity is the figure added "
-            "here.</p>",
+            "its recall in the per-class table and its specificity the table's too; here with their counts "
+            "and both intervals.</p>",
             table=per_class,
         ),
     ]

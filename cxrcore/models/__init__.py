@@ -2,6 +2,7 @@
 
 from cxrcore.data.spec import InputSpec
 from cxrcore.models import cnn_lstm, dual_cnn, resnet, unet  # noqa: F401  (registration)
+from cxrcore.models.pretrained import load_pretrained
 from cxrcore.models.registry import (
     ModelEntry,
     create_model,
@@ -11,7 +12,6 @@ from cxrcore.models.registry import (
     list_models,
     register_model,
 )
-from cxrcore.models.resnet import load_pretrained
 from cxrcore.models.segmentation import dice_score, iou_score
 
 __all__ = [

@@ -167,14 +167,14 @@ def create_model(
 
 
 def _built_attr(model: nn.Module, attr: str, kind: type) -> Any:
-    inner = _unwrap(model)
+    inner = unwrap(model)
     value = getattr(inner, attr, None)
     if not isinstance(value, kind):
         raise ValueError(f"{type(inner).__name__} has no {attr}; build it with cxrcore.models.create_model")
     return value
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap(model: nn.Module) -> nn.Module:
     """The model inside DistributedDataParallel / DataParallel / torch.compile wrappers."""
     while True:
         if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):

@@ -1,229 +1,30 @@
-"""ResNets from timm on one input channel, with transfer learning from a local file or the hub."""
+"""ResNets from timm on one input channel, for transfer learning (`pretrained.py` builds and loads them)."""
 
 from __future__ import annotations
 
-import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from cxrcore.checkpoint import read_weights
 from cxrcore.data.spec import InputSpec
-from cxrcore.labels import NUM_CLASSES
+from cxrcore.models.pretrained import HUB, create_timm
 from cxrcore.models.registry import register_model
 
-__all__ = ["import_weights", "load_pretrained"]
 
-# timm is imported where a ResNet is built or its weights adapted, not with the module: it brings
-# torchvision and torch._dynamo (1.6 of the 4.1 s a Ray worker took to import the training loop), and
-# every process that imports cxrcore.models (Train workers, Tune trials, Ray Data tasks, Serve replicas)
-# paid for it, whether it built a ResNet or not.
-
-logger = logging.getLogger(__name__)
-
-HUB = "hub"
-"""The `pretrained` value that downloads timm's ImageNet weights."""
-
-
-def load_pretrained(model: nn.Module, path: str | Path) -> list[str]:
-    """Load a state_dict file into a timm model; return the keys skipped because the head differs.
-
-    Reads .safetensors, or .pth/.pt/.bin with `weights_only=True` (never unpickles: a file that would
-    run code on load raises cxrcore.checkpoint.UnsafeWeightsError, a ValueError). A 3-channel first
-    conv is summed over RGB to fit a 1-channel model; classifier tensors of another shape (a 1000-class
-    ImageNet head) are skipped. Any other mismatch means the file is for another architecture and
-    raises ValueError.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"pretrained weights file {path} does not exist; pass an existing .safetensors/.pth file, "
-            f"{HUB!r} to download, or None to train from scratch"
-        )
-    state = read_weights(path)
-    own = model.state_dict()
-    first_conv = f"{_pretrained_cfg(model, 'first_conv', 'conv1')}.weight"
-    classifier = _pretrained_cfg(model, "classifier", "fc")
-
-    if first_conv in state and first_conv in own and state[first_conv].shape != own[first_conv].shape:
-        from timm.models import adapt_input_conv
-
-        state[first_conv] = adapt_input_conv(own[first_conv].shape[1], state[first_conv])
-    skipped = sorted(
-        key
-        for key, value in state.items()
-        if key.startswith(f"{classifier}.") and key in own and value.shape != own[key].shape
-    )
-    for key in skipped:
-        del state[key]
-
-    mismatched = [
-        f"{key} {tuple(value.shape)} vs {tuple(own[key].shape)}"
-        for key, value in state.items()
-        if key in own and value.shape != own[key].shape
-    ]
-    # Older files lack BN's num_batches_tracked; the head is re-initialised on purpose.
-    missing = [
-        key
-        for key in own
-        if key not in state
-        and not key.endswith("num_batches_tracked")
-        and not key.startswith(f"{classifier}.")
-    ]
-    unexpected = [key for key in state if key not in own]
-    if mismatched or missing or unexpected:
-        raise ValueError(
-            f"weights in {path} do not fit {type(model).__name__}: "
-            f"shape mismatches {mismatched[:5]}, missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
-    model.load_state_dict(state, strict=False)
-    if skipped:
-        logger.info("loaded %s; kept the new classifier, skipping %s", path, ", ".join(skipped))
-    else:
-        logger.info("loaded %s", path)
-    return skipped
-
-
-def hub_unreachable(timeout_s: float = 3.0) -> str | None:
-    """Why the Hugging Face hub (HF_ENDPOINT) cannot be reached, or None when it can or when HF_HUB_OFFLINE
-    says to use the local cache. Without this, huggingface_hub retries for about 45 s before failing (a
-    minute for `import-weights`' two files)."""
-    import os
-    import socket
-    from urllib.parse import urlparse
-
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
-        return None
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    host = endpoint.hostname or "huggingface.co"
-    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
-    try:
-        socket.create_connection((host, port), timeout=timeout_s).close()
-    except OSError as exc:
-        return f"{host}:{port}: {exc.strerror or exc}"
-    return None
-
-
-def import_weights(arch: str, out: str | Path, source: str | Path | None = None) -> dict[str, Any]:
-    """Write `arch`'s ImageNet weights for one input channel, without the classifier, as safetensors.
-
-    The weights come from the hub (`source=None`: timm's pretrained `arch`, so this needs internet) or
-    from a local 3-channel state_dict file (.safetensors, or .pth/.pt/.bin read with weights_only=True).
-    The first conv is summed over RGB with timm's `adapt_input_conv` and the classifier is dropped, so
-    `create_model(arch, pretrained=out)` loads the file offline; that is checked before `out` is written.
-    Returns what was written: path, tensors, bytes, source. Raises ValueError for an arch that takes no
-    pretrained weights or weights that do not fit it, RuntimeError when the hub cannot be reached.
-    """
-    import timm
-    from safetensors.torch import save_file
-    from timm.models import adapt_input_conv
-
-    from cxrcore.models.registry import create_model, get_model_entry, list_models
-
-    choices = [name for name in list_models() if get_model_entry(name).accepts_pretrained]
-    if arch not in choices:
-        raise ValueError(f"{arch!r} takes no pretrained weights; choices: {', '.join(choices)}")
-    out = Path(out)
-    if out.suffix != ".safetensors":
-        raise ValueError(f"--out {out}: the weights are written as safetensors; name the file *.safetensors")
-    if source is None:
-        if not get_model_entry(arch).hub_weights:
-            raise ValueError(f"{arch} has no hub weights; pass a local 3-channel weights file with --from")
-        try:
-            if unreachable := hub_unreachable():  # asked once, 3 s at most: not the hub client's minute
-                raise OSError(f"unreachable: {unreachable}")
-            state = timm.create_model(arch, pretrained=True).state_dict()
-        except Exception as exc:
-            raise RuntimeError(
-                f"could not fetch pretrained {arch} weights from the model hub (offline or unreachable?): "
-                f"{str(exc).rstrip('.')}. Run this on a machine with internet, or pass --from <local "
-                "3-channel .safetensors/.pth file>."
-            ) from exc
-        described = f"hub (timm {arch}, pretrained)"
-    else:
-        source = Path(source)
-        if not source.is_file():
-            raise FileNotFoundError(f"--from {source} does not exist")
-        state = read_weights(source)
-        described = str(source)
-
-    target = create_model(arch)
-    first_conv = f"{_pretrained_cfg(target, 'first_conv', 'conv1')}.weight"
-    classifier = f"{_pretrained_cfg(target, 'classifier', 'fc')}."
-    in_chans = target.state_dict()[first_conv].shape[1]
-    if first_conv in state and state[first_conv].shape[1] != in_chans:
-        state[first_conv] = adapt_input_conv(in_chans, state[first_conv])
-    state = {key: value.contiguous() for key, value in state.items() if not key.startswith(classifier)}
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    handle, staged = tempfile.mkstemp(suffix=".safetensors", dir=out.parent, prefix=f".{out.name}.")
-    os.close(handle)
-    try:
-        save_file(state, staged)
-        load_pretrained(target, staged)  # raises ValueError if the file does not fit `arch`
-        os.replace(staged, out)
-    finally:
-        if os.path.exists(staged):
-            os.unlink(staged)
-    return {
-        "path": str(out),
-        "arch": arch,
-        "tensors": len(state),
-        "bytes": out.stat().st_size,
-        "source": described,
-    }
-
-
-def _create_resnet(
-    variant: str,
-    *,
-    num_classes: int = NUM_CLASSES,
-    pretrained: str | Path | None = None,
-    freeze_backbone: bool = False,
-    **kwargs: Any,
-) -> nn.Module:
-    """timm's `variant` on one input channel, initialised randomly, from a file or from the hub.
-
-    A random initialisation keeps every residual block's last BatchNorm at weight 1 (timm zeroes it by
-    default, so each block starts as the identity). Zeroed, the blocks barely switch on in a short run
+def _create_resnet(variant: str, *, pretrained: str | Path | None = None, **kwargs: Any) -> nn.Module:
+    """timm's ResNet `variant`, with every residual block's last BatchNorm at weight 1 where timm zeroes it
+    by default (so each block starts as the identity). Zeroed, the blocks barely switch on in a short run
     from scratch: 4 epochs on 192 phantoms at 64 px reached 0.45-0.47 accuracy on 600 independent
-    phantoms, against 0.62-0.68 with the weight at 1 (seeds 0-2). Pretrained weights overwrite it anyway.
-
-    Offline, huggingface_hub retries for about 45 s before the hub fails; HF_HUB_OFFLINE=1 fails at once.
-    """
-    import timm
-
+    phantoms, against 0.62-0.68 with the weight at 1 (seeds 0-2). Pretrained weights overwrite it anyway."""
     kwargs.setdefault("zero_init_last", False)
-    if pretrained == HUB:
-        try:
-            model = timm.create_model(variant, pretrained=True, in_chans=1, num_classes=num_classes, **kwargs)
-        except Exception as exc:
-            raise RuntimeError(
-                f"could not fetch pretrained {variant} weights from the model hub (offline or unreachable?): "
-                f"{str(exc).rstrip('.')}. Pass --pretrained PATH (pretrained=PATH in Python) to a local "
-                ".safetensors/.pth file, or --pretrained none (pretrained=None) to train from scratch."
-            ) from exc
-    else:
-        model = timm.create_model(variant, pretrained=False, in_chans=1, num_classes=num_classes, **kwargs)
-        if pretrained is not None:
-            load_pretrained(model, pretrained)
-    if freeze_backbone:
-        head = f"{_pretrained_cfg(model, 'classifier', 'fc')}."
-        for name, param in model.named_parameters():
-            param.requires_grad = name.startswith(head)
-    return model
+    return create_timm(variant, pretrained=pretrained, **kwargs)
 
 
-def _pretrained_cfg(model: nn.Module, key: str, default: str) -> str:
-    """A module name from timm's pretrained_cfg, e.g. the first conv or the classifier."""
-    return str(getattr(model, "pretrained_cfg", {}).get(key, default))
-
-
-# Grayscale equivalent of ImageNet normalisation: the mean of the RGB means and stds, which is what
-# a first conv summed over RGB expects.
+# Each image standardised by its own mean and std (per_image), which the first conv summed over ImageNet's
+# RGB weights takes as well as ImageNet's normalised inputs. The mean and std, the grayscale equivalent of
+# ImageNet's (the mean of its RGB means and stds), play no part there; the tiny model's fixed
+# normalisation uses them.
 _SPEC = InputSpec(channels=("image",), image_size=224, mean=0.449, std=0.226, normalization="per_image")
 _TINY_SPEC = InputSpec(channels=("image",), image_size=64, mean=0.449, std=0.226)
 

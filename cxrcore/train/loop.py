@@ -16,6 +16,7 @@ from cxrcore.checkpoint import ModelCard, load_train_state, save_checkpoint
 from cxrcore.config import TrainConfig, from_dict
 from cxrcore.data.batches import AugmentConfig
 from cxrcore.labels import CLASSES
+from cxrcore.models.registry import unwrap
 from cxrcore.train.engine import (
     Batch,
     EpochResult,
@@ -197,7 +198,7 @@ def run_training(loop_config: dict[str, Any], session: TrainSession) -> None:
     checkpoint = session.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            _unwrap(model).load_state_dict(load_file(f"{directory}/{WEIGHTS_NAME}", device=str(device)))
+            unwrap(model).load_state_dict(load_file(f"{directory}/{WEIGHTS_NAME}", device=str(device)))
             state = load_train_state(directory)
             if state is not None:
                 optimizer.load_state_dict(state["optimizer"])
@@ -236,15 +237,15 @@ def run_training(loop_config: dict[str, Any], session: TrainSession) -> None:
         # Validation, checkpoint ranking, ASHA and Serve all see the eval-mode model: give it statistics
         # that describe the current weights, identical on every rank. Both this and validation run in
         # float32, as the Predictor serves the model; only the training steps run under bf16 autocast.
-        recalibrate_batchnorm(_unwrap(model), kept, spec, mask_source=mask_source, served_masks=served_masks)
-        average_batchnorm_across_ranks(_unwrap(model))
+        recalibrate_batchnorm(unwrap(model), kept, spec, mask_source=mask_source, served_masks=served_masks)
+        average_batchnorm_across_ranks(unwrap(model))
         del kept
         # Validation feeds it what Serve does: a dual-channel model's masks all come from its segmenter
         # (already in the data where the driver made them), whatever it trained on.
         validated = run_epoch(
             # Unwrapped: DDP's forward after a training step broadcasts rank 0's buffers, a collective a rank
             # with no validation images never joins, and the run would hang until the backend's timeout.
-            _unwrap(model),
+            unwrap(model),
             val_shard.iter_torch_batches(**batch_options),
             spec,
             # Unweighted: the validation loss is the model's plain NLL (the card's calibration
@@ -293,7 +294,7 @@ def run_training(loop_config: dict[str, Any], session: TrainSession) -> None:
                     "epoch": epoch,
                     "history": history,
                 }
-                save_checkpoint(directory, _unwrap(model), card, train_state)
+                save_checkpoint(directory, unwrap(model), card, train_state)
             session.report(metrics, directory if rank == 0 else None)
 
 
@@ -387,7 +388,3 @@ def _keep_first(batches: Iterable[Batch], kept: list[Batch], images: int) -> Ite
             kept.append(batch)
             count += len(batch["label_index"])
         yield batch
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model

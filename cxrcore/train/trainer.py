@@ -43,7 +43,9 @@ class TrainResult:
 
 
 def resolve_pretrained(model: str, choice: str) -> str | None:
-    """The initial weights to load: a local file, "hub", or None for random initialisation."""
+    """The initial weights to load: a local file, "hub", or None for random initialisation. A folder holds
+    one file per architecture, `<model>-1ch.safetensors` (as `cxr models import-weights` writes them): one
+    file given to a comparison of resnet18 and resnet50 fitted only one of them."""
     from cxrcore.models import get_model_entry
 
     try:
@@ -59,19 +61,29 @@ def resolve_pretrained(model: str, choice: str) -> str | None:
         raise ConfigError(f"--pretrained: model {model!r} takes no pretrained weights; use 'none'")
     if choice.lower() == "hub":
         return "hub"
+    if Path(choice).is_dir():
+        weights = Path(choice) / weights_file_name(model)
+        if not weights.is_file():
+            raise ConfigError(
+                f"--pretrained {choice}: no {weights.name} for {model} in that folder; write it with "
+                f"`cxr models import-weights {model} --out {choice}`"
+            )
+        return str(weights)
     if not Path(choice).is_file():
         raise ConfigError(f"--pretrained: no weights file at {choice}")
     return choice
 
 
-def check_pretrained(model: str, choice: str) -> str | None:
-    """resolve_pretrained, then load those weights once, in the driver, before any worker starts.
+def weights_file_name(model: str) -> str:
+    """The name `model`'s weights go by in a --pretrained folder."""
+    return f"{model}-1ch.safetensors"
 
-    A hub that cannot be reached or a file that does not fit the architecture fails here with what to
-    do instead, once, rather than in every worker and every Tune trial after minutes of start-up.
-    """
-    from cxrcore.models import create_model
-    from cxrcore.models.resnet import hub_unreachable
+
+def check_hub(model: str, choice: str) -> str | None:
+    """resolve_pretrained, refusing weights from a model hub that this machine cannot reach (a probe of a
+    few seconds at most): the driver loads them once before the workers do. Checked before Ray starts, as
+    `--dry-run` checks it: the run refused only after Ray's start (20 s), and the dry run passed."""
+    from cxrcore.models.pretrained import hub_unreachable
 
     pretrained = resolve_pretrained(model, choice)
     if pretrained == "hub" and (unreachable := hub_unreachable()):
@@ -81,11 +93,26 @@ def check_pretrained(model: str, choice: str) -> str | None:
             "--pretrained none to train from scratch, or set HF_HUB_OFFLINE=1 to use weights already in the "
             "hub's cache"
         )
+    return pretrained
+
+
+def check_pretrained(model: str, choice: str) -> str | None:
+    """resolve_pretrained, then load those weights once, in the driver, before any worker starts.
+
+    A hub that cannot be reached or a file that does not fit the architecture fails here with what to
+    do instead, once, rather than in every worker and every Tune trial after minutes of start-up.
+    """
+    from cxrcore.models import create_model
+
+    pretrained = check_hub(model, choice)
     if pretrained is not None:
         try:
             create_model(model, pretrained=pretrained)
         except (RuntimeError, ValueError) as exc:
-            raise ConfigError(f"--pretrained {choice}: {exc}") from exc
+            hint = ""
+            if "do not fit" in str(exc) and pretrained == choice:  # one file given to several architectures?
+                hint = f" (for {model}; a folder holds one file per architecture, {weights_file_name(model)})"
+            raise ConfigError(f"--pretrained {choice}: {exc}{hint}") from exc
     return pretrained
 
 

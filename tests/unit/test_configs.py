@@ -227,6 +227,12 @@ def test_cpu_tune_plan_assumes_the_local_cluster_cxr_starts(
     # 2 cores count 4 logical CPUs: 3 trials of 1.1 CPUs at once, as a real local run places them
     assert "3 trials at once (assumed cluster: the local one cxr starts on this machine's 2 cores" in out
     assert "→ 2 waves" in out
+    assert main([*argv[:-1], "2", "--dry-run"]) == 0  # fewer trials than room: what runs, and the room
+    assert (
+        "2 trials at once (assumed cluster: the local one cxr starts on this machine's 2 cores"
+        in (out := capsys.readouterr().out)
+        and ": room for 3) → 1 wave" in out
+    )
     assert "1 worker in the trial's own process, no TorchTrainer (1 CPU), 1.1 CPU reserved" in out
     monkeypatch.setattr("os.cpu_count", lambda: 16)
     assert main([*argv[:-1], "2", "--dry-run"]) == 0  # 2 trials on 16 cores: 8 threads each

@@ -86,3 +86,57 @@ def test_import_weights_hub_unreachable_is_a_clear_error(
     assert status == 2
     assert "could not fetch pretrained resnet18" in err and "--from" in err
     assert not out.exists()
+
+
+def test_a_folder_of_weights_serves_each_architecture_its_own(
+    tmp_path: Path, rgb_weights: tuple[Path, dict[str, torch.Tensor]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One `--pretrained FILE` for a comparison of resnet18 and resnet50 fitted one of them, and the other's
+    trials failed on a shape mismatch; a folder holds one file per architecture, by its name."""
+    from cxrcore.config import ConfigError
+    from cxrcore.train.trainer import check_pretrained, resolve_pretrained
+
+    source, _ = rgb_weights
+    folder = tmp_path / "weights"
+    status = main(["models", "import-weights", "tiny_resnet", "--from", str(source), "--out", f"{folder}/"])
+    assert status == 0, capsys.readouterr().err
+    assert f"--pretrained {folder}/" in capsys.readouterr().out
+    assert resolve_pretrained("tiny_resnet", str(folder)) == str(folder / "tiny_resnet-1ch.safetensors")
+    assert check_pretrained("tiny_resnet", str(folder)) == str(folder / "tiny_resnet-1ch.safetensors")
+    with pytest.raises(ConfigError, match=r"no resnet18-1ch.safetensors for resnet18 in that folder.*"
+                       r"`cxr models import-weights resnet18 --out .*weights`$"):  # fmt: skip
+        resolve_pretrained("resnet18", str(folder))
+    with pytest.raises(ConfigError, match=r"tiny_resnet-1ch.safetensors: .* \(for resnet18; a folder holds"):
+        check_pretrained("resnet18", str(folder / "tiny_resnet-1ch.safetensors"))  # a file for another one
+
+
+def test_an_unreachable_hub_is_refused_before_ray_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`cxr train --model resnet18` offline printed the dashboard's address and refused 20 s later, while
+    its `--dry-run` passed: both now say it before Ray starts (the dry run as a note: it may plan for a
+    cluster that reaches the hub)."""
+    import cxrcore.cli as cli
+    import cxrcore.models.pretrained as pretrained
+    from tests.unit.test_external_eval import write_dataset
+
+    def no_ray(address: str | None) -> None:
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(cli, "_connect", no_ray)
+    monkeypatch.setattr(
+        pretrained, "hub_unreachable", lambda: "huggingface.co:443: Name or service not known"
+    )
+    data = write_dataset(tmp_path / "ds", [("COVID", "train", 1), ("COVID", "val", 2)], "f")
+    for command in (
+        ["train", "--data", data, "--model", "resnet18", "--out", str(tmp_path / "runs")],
+        ["tune", "--data", data, "--models", "resnet,tiny_cnn_lstm", "--registry", str(tmp_path / "reg")],
+    ):
+        assert main(command) == 2
+        assert "resnet18 weights come from the model hub, which is unreachable" in capsys.readouterr().err
+        assert main([*command, "--dry-run"]) == 0
+        assert (
+            "note: on this machine the run would stop: --pretrained auto: resnet18" in capsys.readouterr().err
+        )
+        with pytest.raises(AssertionError, match="Ray was started"):  # from scratch: no hub to reach
+            main([*command, "--pretrained", "none"])

@@ -121,6 +121,8 @@ def test_class_never_predicted_nor_present_is_left_out_of_macro_averages() -> No
         "precision": 0.0,
         "recall": 0.0,
         "recall_ci95": None,
+        "specificity": 1.0,  # none of the 4 other images called Viral Pneumonia
+        "specificity_ci95": pytest.approx([0.5101, 1.0], abs=1e-4),
         "f1": 0.0,
         "support": 0,
         "auroc": None,

@@ -27,7 +27,7 @@ from cxrcore.cli import build_parser
 from cxrcore.config import ConfigError
 from cxrcore.inference import Predictor
 from cxrcore.models import create_model, get_build_args, get_input_spec
-from cxrcore.models.resnet import load_pretrained
+from cxrcore.models.pretrained import load_pretrained
 from cxrcore.registry import ModelRegistry, RegistryError
 from cxrcore.train.trainer import check_pretrained
 

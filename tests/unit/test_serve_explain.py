@@ -29,6 +29,17 @@ def test_grad_cam_maps_are_normalised_and_input_sized(name: str) -> None:
     assert not any(module._forward_hooks for module in model.modules())  # the hooks are gone
 
 
+def test_a_feature_map_of_one_cell_places_nothing_and_is_said_to_be_empty() -> None:
+    """A ResNet's last feature map at 32 px is 1×1: its map, stretched and scaled to its maximum, was 255
+    everywhere with heatmap_empty false, read as evidence everywhere. At 64 px (2×2) it places something."""
+    torch.manual_seed(0)
+    model = create_model("tiny_resnet").eval()
+    heatmaps, _ = grad_cam(model, torch.randn(2, 1, 32, 32))
+    assert heatmaps.abs().max() == 0  # blank: `explain` says empty
+    heatmaps, _ = grad_cam(model, torch.randn(2, 1, 64, 64))
+    assert heatmaps.amax(dim=(1, 2)).tolist() == [1.0, 1.0] and heatmaps.amin() < 1
+
+
 def test_grad_cam_weighs_the_block_output_after_batchnorm_not_the_raw_convolution() -> None:
     # The convolution's output is negative everywhere; BatchNorm shifts it positive and the class reads it.
     torch.manual_seed(0)
