@@ -72,6 +72,47 @@ def stop_stray_haproxy(node_id: str | None = None) -> int:
     return len(killed)
 
 
+STALE_FOLDER_S = 60.0
+"""How old an HAProxy folder no process names must be before `cxr serve` removes it (one being set up is
+named by its node's raylet, `--node_id=`, from before Serve makes it)."""
+
+
+def prune_haproxy_folders(min_age_s: float = STALE_FOLDER_S) -> int:
+    """Remove this user's HAProxy folders (config, server state, admin socket) whose node no process on the
+    machine names; return how many. A clean stop removes its own (stop_stray_haproxy with the node); a
+    `cxr serve` killed outright (an OOM kill, SIGKILL) left its folder for good, one more per kill: a
+    review found 26 on this machine. Without /proc nothing is read and nothing removed."""
+    import time
+
+    if not Path("/proc/self/cmdline").exists():
+        return 0
+    named = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                named.add((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+            except OSError:
+                continue  # gone meanwhile, or not ours to read
+    command_lines = "\n".join(named)
+    removed = 0
+    for base in _haproxy_bases():
+        for folder in base.iterdir() if base.is_dir() else ():
+            try:
+                info = folder.lstat()
+            except OSError:
+                continue
+            if (
+                folder.is_dir()
+                and not folder.is_symlink()
+                and info.st_uid == os.getuid()
+                and time.time() - info.st_mtime >= min_age_s
+                and folder.name not in command_lines
+            ):
+                shutil.rmtree(folder, ignore_errors=True)
+                removed += 1
+    return removed
+
+
 PORT_RELEASE_S = 5.0
 """How long `cxr serve` waits for the port of an orphaned HAProxy it stopped to be free."""
 
@@ -196,6 +237,8 @@ def serve_foreground(
     pinned = resolve_model(_registry(args), args.model).ref  # what the app serves until a swap
     local = not (address or os.environ.get("RAY_ADDRESS"))
     stopped = local and stop_stray_haproxy()
+    if local:
+        prune_haproxy_folders()  # after the strays: their folders go with them
     if stopped:
         print("stopped an HAProxy that an earlier Serve left running", file=sys.stderr, flush=True)
     if local:  # before Ray starts, not as HAProxy's crash after it; a port the stray held, freed in a moment

@@ -130,3 +130,35 @@ def test_without_proc_nothing_is_found_or_stopped(tmp_path: Path, monkeypatch: p
 
     monkeypatch.setattr(serve.server, "Path", lambda path: tmp_path / str(path).lstrip("/"))
     assert serve.server.haproxy_processes() == [] and stop_stray_haproxy() == 0
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_the_folders_of_killed_servers_are_pruned_and_live_ones_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A `cxr serve` killed outright left its HAProxy folder (config, admin socket) for good: 26 of them on
+    the review's machine. The next start removes those no process names, past a minute's age."""
+    import serve.server
+    from serve.server import prune_haproxy_folders
+
+    base = tmp_path / "haproxy-serve"
+    monkeypatch.setattr(serve.server, "_haproxy_bases", lambda: [base])
+    live = _fake_haproxy(base / "node-live")  # named by a running process's command line
+    (base / "node-killed").mkdir()
+    (base / "node-killed" / "haproxy.cfg").write_text("global\n")
+    (base / "node-starting").mkdir()  # new: its raylet may not show yet
+    old = time.time() - 3600
+    for name in ("node-live", "node-killed"):
+        os.utime(base / name, (old, old))
+    running = subprocess.Popen([str(live), "120"])
+    try:
+        with monkeypatch.context() as other_user:  # another user's folders are theirs
+            uid = os.getuid()
+            other_user.setattr(serve.server.os, "getuid", lambda: uid + 1)
+            assert prune_haproxy_folders() == 0
+        assert prune_haproxy_folders() == 1
+        assert sorted(p.name for p in base.iterdir()) == ["node-live", "node-starting"]
+    finally:
+        running.kill()
+        running.wait()
+    assert prune_haproxy_folders() == 1 and [p.name for p in base.iterdir()] == ["node-starting"]
