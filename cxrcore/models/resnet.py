@@ -8,8 +8,19 @@ from typing import Any
 from torch import nn
 
 from cxrcore.data.spec import InputSpec
-from cxrcore.models.pretrained import HUB, create_timm
+from cxrcore.models.pretrained import HUB, create_timm, hub_unreachable, import_weights, load_pretrained
 from cxrcore.models.registry import register_model
+
+# The builders, and the weights' helpers that lived here until `pretrained.py` took them (imports kept).
+__all__ = [
+    "hub_unreachable",
+    "import_weights",
+    "load_pretrained",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "tiny_resnet",
+]
 
 
 def _create_resnet(variant: str, *, pretrained: str | Path | None = None, **kwargs: Any) -> nn.Module:
