@@ -213,7 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     check = data_commands.add_parser(
         "check", help="report what a raw dataset folder holds and what is wrong with it"
     )
-    _add_ingest_arguments(check, ("raw", "labels", "label_column", "file_column", "map", "skip_unmapped"))
+    _add_ingest_arguments(
+        check, ("raw", "labels", "label_column", "file_column", "patient_column", "map", "skip_unmapped")
+    )
     check.add_argument("--json", action="store_true", help="print the report as JSON")
     check.set_defaults(run=_run_check)
     _add_config_command(data_commands, "synth", SynthConfig, _run_synth, "write synthetic chest X-rays")
@@ -469,9 +471,8 @@ def _run_check(args: argparse.Namespace) -> int:
     from cxrcore.config import parse_label_map
     from cxrcore.data.layout import LabelFile, check_layout
 
-    label_file = LabelFile.from_flags(
-        args.labels and os.path.expanduser(args.labels), args.label_column, args.file_column
-    )
+    labels = args.labels and os.path.expanduser(args.labels)
+    label_file = LabelFile.from_flags(labels, args.label_column, args.file_column, args.patient_column)
     scan = check_layout(os.path.expanduser(args.raw), label_file, parse_label_map(args.map))
     if args.json:
         from cxrcore.data.ingest import printable_json
@@ -638,8 +639,8 @@ def _check_before_ray(config: Any, notes: list[str] | None = None) -> None:
         return True
 
     no_file = lacks(config.pretrained) and config.pretrained.strip().lower() not in PRETRAINED_CHOICES
-    if no_file:
-        lacking.append(f"--pretrained: no weights file at {config.pretrained}")
+    if no_file:  # noted below where a model takes it
+        missing_weights = f"--pretrained: no weights file at {config.pretrained}"
         config = dataclasses.replace(config, pretrained="hub")  # still: does the model take weights?
     if isinstance(config, TuneConfig):
         from cxrcore.tune import check_settings, search_plan, takes_pretrained
@@ -650,6 +651,8 @@ def _check_before_ray(config: Any, notes: list[str] | None = None) -> None:
         resolve_pretrained(config.model, config.pretrained)  # the name too ("did you mean")
         hub_models = [config.model]
         here(check_local_worker_cpus, config)  # as --gpu below: a plan may be for a bigger machine
+    if no_file and hub_models:  # a comparison of models that take no weights never reads it
+        lacking.append(missing_weights)
     for model in [] if no_file else hub_models:  # a hub this machine cannot reach: refused before Ray
         if not here(check_hub, model, config.pretrained):
             break
@@ -668,7 +671,7 @@ def _check_before_ray(config: Any, notes: list[str] | None = None) -> None:
         unscored = unscored_classes(report, tuning=isinstance(config, TuneConfig))
         if unscored:
             print(f"warning: {unscored}", file=sys.stderr)
-    if dry_run and os.path.isfile(config.pretrained):  # loaded once the run starts; a dry run loads it now
+    if dry_run and os.path.exists(config.pretrained):  # loaded once the run starts; a dry run loads it now
         from cxrcore.train.trainer import check_pretrained
         from cxrcore.tune import search_plan, takes_pretrained
 

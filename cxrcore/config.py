@@ -111,6 +111,12 @@ class IngestConfig:
         "label file column naming the image, as a file name (extension optional) or a path relative to RAW "
         "(default: the first of filename, file, FILE NAME, image, path, ...)",
     )
+    patient_column: str | None = option(
+        None,
+        "label file column naming each image's patient, whose images all go to one split (default: a "
+        "column named like Patient ID, subject_id or patient, where there is one, else a DICOM's PatientID; "
+        "none: no grouping)",
+    )
     map: str | None = option(
         None,
         'labels (or class folder names) to classes, e.g. "COVID-19=COVID,No finding=Normal" (labels compared '
@@ -256,6 +262,8 @@ def _typed(key: str, value: Any, annotation: Any) -> Any:
     kind = _scalar_type(annotation)
     if value is None and kind is not annotation:  # `int | None`: None stands
         return None
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:
+        value = value.item()  # a notebook's np.int64(32) or np.bool_(False), as the Python scalar
     if kind is bool:
         if isinstance(value, bool):
             return value

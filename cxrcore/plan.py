@@ -348,7 +348,7 @@ def _pretrained(model: str, choice: str) -> str:
     """How `model` starts, checked as far as possible without loading weights (a dry run builds no model)."""
     from cxrcore.train.trainer import resolve_pretrained
 
-    if choice.strip().lower() not in PRETRAINED_CHOICES and not Path(choice).is_file():
+    if choice.strip().lower() not in PRETRAINED_CHOICES and not Path(choice).exists():  # a file or folder
         resolve_pretrained(model, "hub")  # the model takes weights at all; the file is checked where it lives
         return f"weights file {choice} (not on this machine: the run loads and checks it before training)"
     weights = resolve_pretrained(model, choice)

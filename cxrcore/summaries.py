@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cxrcore.data.layout import LayoutScan
+from cxrcore.data.layout import LISTED, LayoutScan
 from cxrcore.tables import format_table
 
 
@@ -178,8 +178,10 @@ def format_scan(scan: LayoutScan, skip_unmapped: bool = False) -> str:
             out.append(f"identical files under different classes (one label is wrong): {named}")
         else:
             out.append("identical files: " + ", ".join(group))
-    for path in scan.orphan_masks[:20]:
+    for path in scan.orphan_masks[:LISTED]:
         out.append(f"mask without image: {path}")
+    if len(scan.orphan_masks) > LISTED:  # the count stood in the table above, the list cut without a word
+        out.append(f"and {len(scan.orphan_masks) - LISTED} more masks without an image (--json lists them)")
     for sheet, names in scan.unmatched_metadata.items():
         out.append(f"{sheet}: {len(names)} rows name no image (e.g. {', '.join(names[:3])})")
     out += [f"warning: {warning}" for warning in scan.warnings]
@@ -203,6 +205,18 @@ def format_ingest_report(report: dict[str, Any]) -> str:
         f"without mask: {report['without_mask']}; duplicate groups: {report['duplicates']['groups']} "
         f"({report['duplicates']['images_in_groups']} images, each group kept within one split)",
     ]
+    patients = report.get("patients") or {}
+    if patients.get("column"):
+        lines.append(
+            f"patients ({patients['column']!r} of the label file): {patients['patients']} for "
+            f"{patients['images']} images, each patient's images within one split"
+            + (f" but {patients['across_splits']} (held-out sources)" if patients["across_splits"] else "")
+        )
+    for placeholder, count in (patients.get("placeholders") or {}).items():
+        lines.append(
+            f"warning: patient id {placeholder!r} names {count} images, read as an anonymised placeholder, "
+            "not a patient: those images are split as if they named none"
+        )
     held_out = set(report["test_sources"])
     rows = [
         [source + (" (held out)" if source in held_out else ""), *counts.values(), sum(counts.values())]
@@ -265,6 +279,8 @@ def _label_file_lines(labels: dict[str, Any], root: str) -> list[str]:
         return []
     source = f"sources from {used['url_column']!r}" if used["url_column"] else "no URL column: source unknown"
     columns = f"files from {used['file_column']!r}, labels from {used['label_column']!r}, {source}"
+    if used.get("patient_column"):  # a label file's report from before has none
+        columns += f", patients from {used['patient_column']!r} (a patient's images in one split)"
     lines = [f"label file: {used['path']} ({columns})"]
     if missing := labels["missing_files"]:
         lines.append(f"named in the label file but not found ({len(missing)}): {format_paths(missing, root)}")

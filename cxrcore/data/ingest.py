@@ -32,13 +32,14 @@ from cxrcore.data.layout import (
     LayoutScan,
     ManifestEntry,
     decode_image,
+    dicom_patient,
     format_paths,
     image_problem,
     log_warnings,
     mask_problem,
     scan_layout,
 )
-from cxrcore.data.split import SPLITS, assign_splits, choose_test_sources, duplicate_groups
+from cxrcore.data.split import SPLITS, assign_splits, choose_test_sources, duplicate_groups, patient_groups
 from cxrcore.data.transforms import (
     ImageDecodeError,
     binary_mask,
@@ -90,10 +91,10 @@ def decode_pair_batch(batch: dict[str, np.ndarray], size: int, min_side: int) ->
     images = np.zeros((n, size, size), dtype=np.uint8)
     masks = np.zeros((n, size, size), dtype=np.uint8)
     has_mask = np.zeros(n, dtype=bool)
-    sha256, phash, mask_sha256, errors, mask_errors = ([""] * n for _ in range(5))
+    sha256, phash, mask_sha256, errors, mask_errors, patients = ([""] * n for _ in range(6))
     for i in range(n):
         try:
-            original = _decode_file(batch["image_path"][i])
+            original, patients[i] = _decode_file(batch["image_path"][i])
         except ImageDecodeError as exc:
             errors[i] = str(exc)
             continue
@@ -108,7 +109,7 @@ def decode_pair_batch(batch: dict[str, np.ndarray], size: int, min_side: int) ->
         mask_path = batch["mask_path"][i]
         if mask_path:
             try:
-                mask = _decode_file(mask_path)
+                mask, _ = _decode_file(mask_path)
             except ImageDecodeError as exc:
                 mask_errors[i] = str(exc)
                 continue
@@ -129,6 +130,7 @@ def decode_pair_batch(batch: dict[str, np.ndarray], size: int, min_side: int) ->
         "mask_sha256": np.asarray(mask_sha256),
         "error": np.asarray(errors),
         "mask_error": np.asarray(mask_errors),
+        "dicom_patient": np.asarray(patients),  # for the split alone (the driver's _index), never stored
     }
 
 
@@ -211,12 +213,16 @@ def _ingest(config: IngestConfig, scanned: tuple[LayoutScan, set[str]], started:
         raise LayoutError(_nothing_usable(scan.root, manifest, index))
     rows = index[ok].reset_index(drop=True)
     labels = [manifest[r]["label"] for r in rows["row_id"]]
-    groups = duplicate_groups(
+    duplicates = duplicate_groups(
         list(rows["sha256"]), hash_words(list(rows["phash"])), config.near_duplicate_bits
     )
-    group_keys: dict[int, str] = {}
-    for group, sha in zip(groups, rows["sha256"], strict=True):
-        group_keys[group] = min(sha, group_keys.get(group, sha))
+    # The label file's patient, else the DICOM's PatientID: a patient's films share a split either way
+    dicom = (
+        rows["dicom_patient"] if (config.patient_column or "").strip().lower() != "none" else [""] * len(rows)
+    )
+    patients = [manifest[r]["patient"] or p for r, p in zip(rows["row_id"], dicom, strict=True)]
+    groups, placeholders = patient_groups(duplicates, patients)  # what goes to one split together
+    duplicate_keys, group_keys = _group_keys(duplicates, rows["sha256"]), _group_keys(groups, rows["sha256"])
     fractions = {
         "train": 1.0 - config.val_fraction - config.test_fraction,
         "val": config.val_fraction,
@@ -226,7 +232,7 @@ def _ingest(config: IngestConfig, scanned: tuple[LayoutScan, set[str]], started:
     held_out = [source in test_sources for source in sources]
     splits = assign_splits(labels, groups, group_keys, fractions, config.seed, held_out)
     split_of = {int(r): split for r, split in zip(rows["row_id"], splits, strict=True)}
-    group_of = {int(r): group_keys[g] for r, g in zip(rows["row_id"], groups, strict=True)}
+    group_of = {int(r): duplicate_keys[g] for r, g in zip(rows["row_id"], duplicates, strict=True)}
 
     def finish(batch: pa.Table) -> pa.Table:
         """The decoded rows that were kept, with their class index, split and duplicate group (Arrow in
@@ -270,7 +276,8 @@ def _ingest(config: IngestConfig, scanned: tuple[LayoutScan, set[str]], started:
         )
         timings["write"] = time.perf_counter() - started - sum(timings.values())
 
-        report = _report(config, scan.root, manifest, index, labels, splits, groups, started)
+        report = _report(config, scan.root, manifest, index, labels, splits, duplicates, started)
+        report["patients"] = _patient_report(scan, patients, splits, placeholders)
         report["duplicates"]["across_classes"] = _across_classes(rows, labels, manifest)
         report.update(_source_report(sources, splits, labels, test_sources), labels=_label_report(scan))
         report["warnings"] = scan.warnings + _warnings(report)
@@ -289,6 +296,36 @@ def _ingest(config: IngestConfig, scanned: tuple[LayoutScan, set[str]], started:
     log.info("ingested %d of %d images into %s", report["ingested"], report["found"], config.out)
     telemetry.record_ingest(config.out, report["ingested"], [row["reason"] for row in report["rejected"]])
     return report
+
+
+def _group_keys(groups: list[int], hashes: Any) -> dict[int, str]:
+    """Each group's key: the smallest content hash among its images (it orders the groups in the split)."""
+    keys: dict[int, str] = {}
+    for group, sha in zip(groups, hashes, strict=True):
+        keys[group] = min(sha, keys.get(group, sha))
+    return keys
+
+
+def _patient_report(
+    scan: LayoutScan, patients: list[str], splits: list[str], placeholders: dict[str, int]
+) -> dict[str, Any]:
+    """The label file's patient column, the images and patients it names, the ids read as anonymised
+    placeholders, and how many patients have images in more than one split (0 by construction, but for a
+    held-out source's: its images go to test whatever their patient)."""
+    column = (scan.label_file or {}).get("patient_column")
+    if not column and any(patients):  # none from a label file: every one is a DICOM's own
+        column = "PatientID (DICOM)"
+    named = [(p, s) for p, s in zip(patients, splits, strict=True) if p and p not in placeholders]
+    splits_of: dict[str, set[str]] = {}
+    for patient, split in named:
+        splits_of.setdefault(patient, set()).add(split)
+    return {
+        "column": column,
+        "images": len(named),
+        "patients": len(splits_of),
+        "across_splits": sum(1 for found in splits_of.values() if len(found) > 1),
+        "placeholders": placeholders,
+    }
 
 
 @contextmanager
@@ -433,7 +470,7 @@ def _index(decoded: Any) -> Any:
     import pyarrow as pa
     import ray
 
-    columns = ["row_id", "sha256", "phash", "mask_sha256", "error", "mask_error"]
+    columns = ["row_id", "sha256", "phash", "mask_sha256", "error", "mask_error", "dicom_patient"]
     tables = [table.select(columns) for table in ray.get(decoded.to_arrow_refs())]
     index: pd.DataFrame = pa.concat_tables(tables).to_pandas()
     return index.sort_values("row_id").reset_index(drop=True)
@@ -717,7 +754,9 @@ def scan_ingest_input(config: IngestConfig) -> tuple[LayoutScan, set[str]]:
     """Scan RAW and settle what the flags ask of it before any decoding (and without Ray): labels, held-out
     sources. Raises LayoutError for a folder the ingest would refuse."""
     check_output_folder(config.raw, config.out)
-    label_file = LabelFile.from_flags(config.labels, config.label_column, config.file_column)
+    label_file = LabelFile.from_flags(
+        config.labels, config.label_column, config.file_column, config.patient_column
+    )
     scan = scan_layout(config.raw, label_file, config.label_map())
     refusal = scan.refusal()
     if refusal and not config.skip_unmapped:
@@ -772,13 +811,14 @@ def _nothing_usable(root: str, manifest: list[dict[str, Any]], index: Any) -> st
     return "\n".join(lines)
 
 
-def _decode_file(path: str | bytes) -> np.ndarray:
+def _decode_file(path: str | bytes) -> tuple[np.ndarray, str]:
+    """A file's picture, and the PatientID (0010,0020) a DICOM names ("" for any other file, or none)."""
     path = os.fsdecode(path)
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
         raise ImageDecodeError(f"cannot read file: {exc.strerror or exc}") from exc
-    return decode_image(data, path)
+    return decode_image(data, path), dicom_patient(data, path)
 
 
 def _manifest(entries: list[ManifestEntry]) -> list[dict[str, Any]]:
@@ -790,6 +830,7 @@ def _manifest(entries: list[ManifestEntry]) -> list[dict[str, Any]]:
         {
             "row_id": i, "image_path": entry.image_path, "mask_path": entry.mask_path or "",
             "label": entry.label, "file": entry.file, "url": entry.url or "", "source": entry.source,
+            "patient": entry.patient,
         }
         for i, entry in enumerate(sorted(entries, key=_shuffle_key))
     ]  # fmt: skip
@@ -801,7 +842,7 @@ def _task_rows(manifest: list[dict[str, Any]]) -> list[dict[str, Any]]:
     UTF-8 text; and each file name as text, such a name's odd bytes written as escapes (\\xe9)."""
     return [
         {
-            **row,
+            **{key: value for key, value in row.items() if key != "patient"},  # the driver's: never stored
             "image_path": os.fsencode(row["image_path"]),
             "mask_path": os.fsencode(row["mask_path"]),
             "file": printable_name(row["file"]),

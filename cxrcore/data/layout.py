@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import io
 import logging
 import os
 import re
@@ -33,13 +34,19 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom", ".ima"})
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}) | DICOM_SUFFIXES
+IMAGE_SUFFIXES = (
+    frozenset({".png", ".jpg", ".jpeg", ".jfif", ".jpe", ".bmp", ".tif", ".tiff", ".webp", ".jp2"})
+    | DICOM_SUFFIXES
+)  # .jfif: a JPEG as Windows names it; .webp and .jp2 as some viewers export (Pillow reads both)
 LABEL_FILE_SUFFIXES = (".csv", ".xlsx")
 # Label file columns tried in order when --file-column / --label-column are not given; compared without
 # case, spaces, underscores or hyphens, so "FILE NAME", "file_name" and "Filename" all read "filename".
 FILE_COLUMNS = ("filename", "file", "imagefile", "imagename", "image", "imageid", "imageindex", "path",
                 "filepath", "imagepath")  # fmt: skip
 LABEL_COLUMNS = ("label", "class", "finding", "diagnosis")
+PATIENT_COLUMNS = ("patientid", "patient", "subjectid", "subject", "patientnumber")
+"""Label file columns taken for the patient, compared like FILE_COLUMNS (NIH's "Patient ID", MIMIC's
+subject_id)."""
 MIN_SIDE = 64
 """Images smaller than this on either side are refused (`cxr data ingest --min-side`)."""
 MASK_ASPECT_TOLERANCE = 0.05
@@ -53,7 +60,7 @@ _METADATA_SUFFIX = ".metadata.xlsx"
 _COLUMN_SEPARATORS = re.compile(r"[\s_\-]+")
 
 ClassMapper = Callable[[str], str | None]
-_LabelRow = tuple[str, str, str | None]  # file, label, URL: one row of a label file
+_LabelRow = tuple[str, str, str | None, str]  # file, label, URL, patient: one row of a label file
 
 
 class LayoutError(ValueError):
@@ -70,29 +77,38 @@ class ManifestEntry:
     file: str
     url: str | None
     source: str
+    patient: str = ""
+    """The patient the label file names ("" where it names none): a patient's images share a split."""
 
 
 @dataclass(frozen=True)
 class LabelFile:
     """A CSV or XLSX naming each image of a flat folder and its label; a column left None is found by name
-    (FILE_COLUMNS, LABEL_COLUMNS). A URL column, when there is one, gives each image's source."""
+    (FILE_COLUMNS, LABEL_COLUMNS, PATIENT_COLUMNS). A URL column, when there is one, gives each image's
+    source; a patient column its patient ("none": no patient column)."""
 
     path: str
     label_column: str | None = None
     file_column: str | None = None
+    patient_column: str | None = None
 
     @classmethod
     def from_flags(
-        cls, labels: str | None, label_column: str | None = None, file_column: str | None = None
+        cls,
+        labels: str | None,
+        label_column: str | None = None,
+        file_column: str | None = None,
+        patient_column: str | None = None,
     ) -> LabelFile | None:
-        """The label file that --labels, --label-column and --file-column describe; None for class folders."""
+        """The label file that --labels and its column flags describe; None for class folders."""
         if labels is None:
-            if label_column is not None or file_column is not None:
+            if label_column is not None or file_column is not None or patient_column is not None:
                 raise LayoutError(
-                    "--label-column and --file-column name columns of a label file: pass --labels FILE too"
+                    "--label-column, --file-column and --patient-column name columns of a label file: pass "
+                    "--labels FILE too"
                 )
             return None
-        return cls(labels, label_column, file_column)
+        return cls(labels, label_column, file_column, patient_column)
 
 
 @dataclass
@@ -118,7 +134,8 @@ class LayoutScan:
     entries: list[ManifestEntry] = field(default_factory=list)
     classes: dict[str, ClassReport] = field(default_factory=dict)
     label_file: dict[str, str | None] | None = None
-    """The label file and the columns read from it (path, file_column, label_column, url_column)."""
+    """The label file and the columns read from it (path, file_column, label_column, url_column,
+    patient_column)."""
     unmapped: dict[str, list[str]] = field(default_factory=dict)
     """Label (or class folder name) → the images it labels, for labels that map to no class."""
     conflicting_labels: dict[str, list[str]] = field(default_factory=dict)
@@ -168,10 +185,14 @@ class LayoutScan:
             lines.append(f"  {format_paths([path], self.root)} has labels of different classes: {named}")
         if len(conflicting) > LISTED:
             lines.append(f"  and {len(conflicting) - LISTED} more images with labels of different classes")
-        lines.append(
-            f'map each label to a class with --map "LABEL=CLASS,..." (classes: {", ".join(CLASSES)}), '
-            "or leave these images out with --skip-unmapped"
-        )
+        advice = []
+        if self.unmapped:
+            advice.append(
+                f'map each label to a class with --map "LABEL=CLASS,..." (classes: {", ".join(CLASSES)})'
+            )
+        if conflicting:  # no --map mends two rows that disagree: the label file must
+            advice.append("give each image one label in the label file (its rows above disagree)")
+        lines.append(f"{', or '.join(advice)}, or leave these images out with --skip-unmapped")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -336,19 +357,44 @@ def mask_problem(mask: np.ndarray, image_shape: tuple[int, ...]) -> str | None:
     if lung.all() or not lung.any():
         marked = "every pixel" if lung.all() else "no pixel"
         return f"mask marks {marked} as lung; a lung mask marks the lungs white (or 1) on black"
+    if _border_share(lung) > INVERTED_BORDER_SHARE:
+        return (
+            f"mask marks {_border_share(lung):.0%} of the image's border as lung, as an inverted mask does "
+            "(lungs black on white); a lung mask marks the lungs white (or 1) on black"
+        )
     return None
+
+
+INVERTED_BORDER_SHARE = 0.5
+"""The share of an image's outer frame (BORDER_FRACTION of each side) a mask may mark as lung: a lung mask
+marks little of it (the real sample's 30 masks: 2 % on average, 16 % at most), an inverted one almost all."""
+BORDER_FRACTION = 0.05
+
+
+def _border_share(lung: np.ndarray) -> float:
+    """The share of the frame around `lung` (BORDER_FRACTION of each side, at least a pixel) marked lung."""
+    import numpy as np
+
+    height, width = lung.shape
+    rows, columns = max(1, round(height * BORDER_FRACTION)), max(1, round(width * BORDER_FRACTION))
+    frame = np.ones_like(lung, dtype=bool)
+    frame[rows:-rows, columns:-columns] = False
+    return float(lung[frame].mean())
 
 
 def decode_image(data: bytes, name: str = "") -> np.ndarray:
     """A dataset file as uint8 grayscale: DICOM exactly as `cxr serve` decodes an upload, anything else
-    with `decode_gray`. DICOM is told by its bytes, or by a .dcm/.dicom name (files without a preamble).
+    with `decode_gray`. DICOM is told by its bytes, by a .dcm/.dicom name (files without a preamble), or,
+    for a name without an image suffix, by bytes that start as a bare dataset does.
     Raises ImageDecodeError for every file that cannot be used, naming why, and DecoderUnavailableError
     when the machine cannot start the decoder of a compressed DICOM (no fault of the file)."""
     from cxrcore.data.transforms import DecoderUnavailableError, ImageDecodeError, decode_gray
     from cxrcore.decode import UnsupportedImageTypeError, decode_upload, sniff_format
 
+    suffix = Path(name).suffix.lower()
+    bare = (not suffix or suffix[1:].isdigit()) and _bare_dicom(data[:8])  # as _is_image_file found it
     try:
-        if sniff_format(data) != "dicom" and Path(name).suffix.lower() not in DICOM_SUFFIXES:
+        if sniff_format(data) != "dicom" and suffix not in DICOM_SUFFIXES and not bare:
             return decode_gray(data)
         return decode_upload(data, "application/dicom")
     except (ImageDecodeError, DecoderUnavailableError):
@@ -357,6 +403,24 @@ def decode_image(data: bytes, name: str = "") -> np.ndarray:
         raise ImageDecodeError(str(exc)) from exc
     except Exception as exc:  # a decoder's own failure on an odd file: that file is unreadable, not the run
         raise ImageDecodeError(f"cannot decode: {type(exc).__name__}: {exc}") from exc
+
+
+def dicom_patient(data: bytes, name: str = "") -> str:
+    """The PatientID (0010,0020) of DICOM bytes, as decode_image tells DICOM, stripped; "" for any other
+    file, a DICOM without one, or a header that cannot be read (the pixels' decode says why)."""
+    from cxrcore.decode import sniff_format
+
+    suffix = Path(name).suffix.lower()
+    bare = (not suffix or suffix[1:].isdigit()) and _bare_dicom(data[:8])
+    if sniff_format(data) != "dicom" and suffix not in DICOM_SUFFIXES and not bare:
+        return ""
+    import pydicom
+
+    try:
+        header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+        return str(header.get("PatientID", "") or "").strip()
+    except Exception:
+        return ""
 
 
 def class_mapper(label_map: Mapping[str, str]) -> ClassMapper:
@@ -518,7 +582,9 @@ def _is_class_subfolder(name: str) -> bool:
 
 def _is_image_file(name: str, path: str) -> bool:
     """An image by its suffix; a file without one, or with a number for one (a UID such as
-    1.2.840.113619.2.55.3.1234), is a DICOM when its bytes say so, as PACS exports name them."""
+    1.2.840.113619.2.55.3.1234), is a DICOM when its bytes say so, as PACS exports name them: "DICM" after
+    the preamble, or a bare dataset (no preamble, as `dcmwrite` without file meta and older modalities
+    write it) starting with a tag of group 0002 or 0008, which were skipped without a word."""
     suffix = os.path.splitext(name)[1].lower()
     if suffix in IMAGE_SUFFIXES:
         return True
@@ -526,9 +592,16 @@ def _is_image_file(name: str, path: str) -> bool:
         return False
     try:
         with open(path, "rb") as file:
-            return file.read(132)[128:] == b"DICM"
+            head = file.read(132)
     except OSError:
         return False
+    return head[128:] == b"DICM" or _bare_dicom(head)
+
+
+def _bare_dicom(head: bytes) -> bool:
+    """Whether bytes start as a DICOM dataset without its preamble: a tag of group 0002 (file meta) or 0008
+    (identification), little endian, as every dataset's first element is."""
+    return len(head) >= 8 and head[:2] in (b"\x02\x00", b"\x08\x00")
 
 
 def _images_under(folder: Path, skip: frozenset[str] = frozenset()) -> _Found:
@@ -559,9 +632,7 @@ def _images_under(folder: Path, skip: frozenset[str] = frozenset()) -> _Found:
                     below.append(entry)
             elif _is_image_file(name, entry.path):
                 stem = _file_stem(name)
-                into.append(
-                    _ImageFile((key_prefix + stem).casefold(), entry.path, prefix + name, stem.casefold())
-                )
+                into.append(_ImageFile(fold(key_prefix + stem), entry.path, prefix + name, fold(stem)))
         in_images = into is found.images
         for entry in below:
             if not (in_images and _is_mask_folder(entry.name)):
@@ -705,16 +776,18 @@ def _scan_flat_folder(root: Path, label_file: LabelFile, to_class: ClassMapper) 
     find = _image_finder(root, images)
     labels_of: dict[Path, list[str]] = {}
     url_of: dict[Path, str | None] = {}
+    patient_of: dict[Path, str] = {}
     missing: dict[str, None] = {}
-    for name, label, url in rows:
+    for name, label, url, patient in rows:
         path = find(name)
         if path is None:
             missing[name] = None
             continue
         labels_of.setdefault(path, []).append(label)
         url_of.setdefault(path, url)
+        patient_of.setdefault(path, patient)
     for path, labels in labels_of.items():
-        _add_labelled_image(scan, path, labels, url_of[path], to_class)
+        _add_labelled_image(scan, path, labels, url_of[path], to_class, patient_of[path])
     scan.classes = {name: scan.classes[name] for name in CLASSES if name in scan.classes}
     scan.unmapped = dict(sorted(scan.unmapped.items()))
     scan.missing_files = list(missing)
@@ -723,7 +796,7 @@ def _scan_flat_folder(root: Path, label_file: LabelFile, to_class: ClassMapper) 
 
 
 def _add_labelled_image(
-    scan: LayoutScan, path: Path, labels: list[str], url: str | None, to_class: ClassMapper
+    scan: LayoutScan, path: Path, labels: list[str], url: str | None, to_class: ClassMapper, patient: str = ""
 ) -> None:
     """Enter one image the label file names: a manifest entry when its labels give exactly one class."""
     distinct = list(dict.fromkeys(labels))
@@ -735,17 +808,26 @@ def _add_labelled_image(
     if label is None:
         scan.unmapped.setdefault(distinct[0], []).append(str(path))
         return
-    scan.entries.append(ManifestEntry(str(path), None, label, path.name, url, source_of(url)))
+    scan.entries.append(ManifestEntry(str(path), None, label, path.name, url, source_of(url), patient))
     report = scan.classes.setdefault(label, ClassReport())
     report.images += 1
     report.images_without_mask += 1
 
 
+def fold(name: str) -> str:
+    """A file name as names are compared: without case, and composed (NFC). A name copied from macOS often
+    arrives decomposed (NFD: "Mu\u0308ller"), and a label file's, typed, composed: they looked the same in
+    the error that said no image was named."""
+    import unicodedata
+
+    return unicodedata.normalize("NFC", name).casefold()
+
+
 def _image_finder(root: Path, images: list[Path]) -> Callable[[str], Path | None]:
     """How a label file's file value finds its image: a path relative to RAW (or absolute) that exists,
     else the file name in RAW, with or without its extension, compared without case."""
-    by_name = {p.name.casefold(): p for p in images}
-    stems = {p: _file_stem(p.name).casefold() for p in images}
+    by_name = {fold(p.name): p for p in images}
+    stems = {p: fold(_file_stem(p.name)) for p in images}
     counts = Counter(stems.values())
     by_stem = {stem: p for p, stem in stems.items() if counts[stem] == 1}  # x.png + x.dcm: ask
 
@@ -753,7 +835,7 @@ def _image_finder(root: Path, images: list[Path]) -> Callable[[str], Path | None
         posix = PurePosixPath(value.replace("\\", "/"))
         if len(posix.parts) > 1 and (root / posix).is_file():
             return root / posix
-        name = posix.name.casefold()
+        name = fold(posix.name)
         return by_name.get(name) or by_stem.get(_file_stem(name))
 
     return find
@@ -762,7 +844,7 @@ def _image_finder(root: Path, images: list[Path]) -> Callable[[str], Path | None
 def _read_label_rows(label_file: LabelFile) -> tuple[list[_LabelRow], dict[str, str | None]]:
     """(file, label, URL) per row with a file name, and the columns they were read from."""
     path = label_file.path
-    frame = _read_label_frame(Path(path))
+    frame = _read_label_frame(Path(path), label_file.file_column)
     columns = [str(c) for c in frame.columns]
     file_column = _pick_column(columns, label_file.file_column, FILE_COLUMNS, "--file-column", "file", path)
     label_column = _pick_column(
@@ -770,16 +852,35 @@ def _read_label_rows(label_file: LabelFile) -> tuple[list[_LabelRow], dict[str, 
     )
     url_column = next((c for c in columns if _column_key(c) == "url"), None)
     urls = frame[url_column] if url_column else [""] * len(frame)
+    patient_column = _patient_column(columns, label_file.patient_column, path)
+    patients = frame[patient_column] if patient_column else [""] * len(frame)
     rows = [
-        (str(name).strip(), str(label).strip(), str(url).strip() or None)
-        for name, label, url in zip(frame[file_column], frame[label_column], urls, strict=True)
+        (str(name).strip(), str(label).strip(), str(url).strip() or None, str(patient).strip())
+        for name, label, url, patient in zip(
+            frame[file_column], frame[label_column], urls, patients, strict=True
+        )
         if str(name).strip()
     ]
     used = {"path": path, "file_column": file_column, "label_column": label_column, "url_column": url_column}
-    return rows, used
+    return rows, {**used, "patient_column": patient_column}
 
 
-def _read_label_frame(path: Path) -> Any:
+def _patient_column(columns: list[str], wanted: str | None, path: str) -> str | None:
+    """The label file's patient column: the one --patient-column names, else one named like a patient's
+    (PATIENT_COLUMNS), else None; "none" takes none."""
+    if wanted is not None and wanted.strip().lower() == "none":
+        return None
+    if wanted is not None:
+        return _pick_column(columns, wanted, PATIENT_COLUMNS, "--patient-column", "patient", path)
+    keys = {_column_key(column): column for column in reversed(columns)}
+    return next((keys[key] for key in PATIENT_COLUMNS if key in keys), None)
+
+
+HEADER_ROWS = 10
+"""Rows of a label workbook searched for its header: an export puts a title and a date above it."""
+
+
+def _read_label_frame(path: Path, file_column: str | None = None) -> Any:
     import pandas as pd
 
     if not path.is_file():
@@ -787,7 +888,20 @@ def _read_label_frame(path: Path) -> Any:
     if path.suffix.lower() not in LABEL_FILE_SUFFIXES:
         raise LayoutError(f"--labels: {path} is neither CSV nor XLSX (expected a .csv or .xlsx file)")
     if path.suffix.lower() != ".csv":
-        return _read_xlsx(path, "--labels: ", na_filter=False)
+        sheet = _read_xlsx(path, "--labels: ", na_filter=False, header=None)
+        if sheet.empty:
+            return sheet
+        # The header: the first row among the top ones holding the file column (by --file-column's name or
+        # a FILE_COLUMNS one), else the first row, read as before.
+        wanted = {_column_key(file_column)} if file_column else set(FILE_COLUMNS)
+        at = next(
+            (row for row in range(min(HEADER_ROWS, len(sheet)))
+             if any(_column_key(str(cell)) in wanted for cell in sheet.iloc[row])),
+            0,
+        )  # fmt: skip
+        cells = [str(cell) for cell in sheet.iloc[at]]
+        header = [cell if cell.strip() else f"Unnamed: {i}" for i, cell in enumerate(cells)]
+        return sheet.iloc[at + 1 :].set_axis(header, axis=1).reset_index(drop=True)
     # UTF-8 (with Excel's byte-order mark or without), else Windows-1252: what Excel's plain "CSV" saves
     # in Western European locales, an accented name (`Pneumonie virale`, `café.png`) a byte not UTF-8.
     for encoding in ("utf-8-sig", "cp1252"):
@@ -940,7 +1054,7 @@ def _read_metadata(path: Path) -> dict[str, str | None]:
         if not isinstance(name, str) or not name.strip():
             continue
         stem = _file_stem(Path(name.strip()).name)
-        urls[stem.casefold()] = url.strip() if isinstance(url, str) and url.strip() else None
+        urls[fold(stem)] = url.strip() if isinstance(url, str) and url.strip() else None
     return urls
 
 

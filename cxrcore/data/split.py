@@ -105,6 +105,29 @@ def _bucket_pairs(
             yield members[rows[first]], members[second]
 
 
+ANONYMISED_SHARE = 0.25
+"""A patient id that names more than this share of the images (and more than ANONYMISED_MIN of them) is
+read as an anonymised placeholder ("ANONYMOUS", "0"), not a patient: grouping by it would put them all in
+one split. NIH's largest patient holds 184 of its 112,120 images."""
+ANONYMISED_MIN = 10
+
+
+def patient_groups(groups: Sequence[int], patients: Sequence[str]) -> tuple[list[int], dict[str, int]]:
+    """`groups` (duplicate_groups') joined along shared patients: a patient's images, follow-up films and
+    other views, all in one group, so one split. "" is no patient. Returns the groups and the ids left out as
+    placeholders (ANONYMISED_SHARE), with their counts."""
+    counts = Counter(patient for patient in patients if patient)
+    limit = max(ANONYMISED_MIN, ANONYMISED_SHARE * len(patients))
+    placeholders = {patient: count for patient, count in counts.items() if count > limit}
+    kept = [row for row, patient in enumerate(patients) if patient and patient not in placeholders]
+    merged = np.asarray(groups, dtype=np.int64)
+    if kept:
+        _, same = np.unique(np.asarray([patients[row] for row in kept]), return_inverse=True)
+        rows, first = _to_first(same.ravel())
+        merged = _merged(merged, np.asarray(kept)[rows], np.asarray(kept)[first])
+    return [int(group) for group in merged], dict(sorted(placeholders.items()))
+
+
 def _merged(groups: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """`groups` (each row's smallest groupmate: a fixed point) joined along the edges a–b."""
     while True:

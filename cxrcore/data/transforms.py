@@ -60,13 +60,20 @@ def decode_gray(data: bytes) -> np.ndarray:
             # PIL only warns between MAX_IMAGE_PIXELS and twice that; refuse those too.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:
+                _check_one_page(img)
                 img.load()
                 ImageOps.exif_transpose(img, in_place=True)
                 gray = to_gray_uint8(img)
+                if _min_is_white(img):
+                    gray = 255 - gray
+    except ImageDecodeError:
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError(f"image too large: {exc}") from exc
     except UnidentifiedImageError as exc:
-        raise ImageDecodeError(unreadable_jpeg(data) or "not an image (unrecognised format)") from exc
+        raise ImageDecodeError(
+            unreadable_jpeg(data) or _unreadable_tiff(data) or "not an image (unrecognised format)"
+        ) from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageDecodeError(unreadable_jpeg(data) or f"corrupt or truncated image: {exc}") from exc
     if _is_16_bit_colour_png(data) and int(gray.max()) - int(gray.min()) < COLOUR_16_MIN_LEVELS:
@@ -76,6 +83,39 @@ def decode_gray(data: bytes) -> np.ndarray:
             "16-bit grayscale (mode I;16), which is read whole"
         )
     return gray
+
+
+def _check_one_page(img: Image.Image) -> None:
+    """Refuse a TIFF of several pages (a label sheet, then the X-ray, say): its first page was taken, which
+    may not be the X-ray. Pages marked as reduced-resolution copies of the first (NewSubfileType bit 0, a
+    pyramid's) are not other pictures."""
+    pages = getattr(img, "n_frames", 1)
+    if img.format != "TIFF" or pages <= 1:
+        return
+    try:
+        for page in range(1, pages):
+            img.seek(page)
+            if not int(getattr(img, "tag_v2", {}).get(254, 0)) & 1:  # a TiffImageFile's tags
+                raise ImageDecodeError(
+                    f"TIFF of {pages} pages: which one is the X-ray cannot be told (the first was read "
+                    "before); export the X-ray alone, as a PNG or a one-page TIFF"
+                )
+    finally:
+        img.seek(0)
+
+
+def _min_is_white(img: Image.Image) -> bool:
+    """A TIFF whose 0 is white (PhotometricInterpretation 0, as some CR/DR exports write): Pillow inverts
+    it to a viewer's picture in 1- and 8-bit modes, not in 16-bit ones, which were stored as negatives."""
+    tags = getattr(img, "tag_v2", None)
+    return img.format == "TIFF" and tags is not None and tags.get(262) == 0 and img.mode not in ("1", "L")
+
+
+def _unreadable_tiff(data: bytes) -> str | None:
+    """Why TIFF bytes did not open: a variant Pillow does not read (a big-endian 16-bit, say)."""
+    if data[:4] not in (b"II*\x00", b"MM\x00*"):
+        return None
+    return "a TIFF variant Pillow cannot read (a big-endian 16-bit one, say): export a 16-bit PNG"
 
 
 _JPEG_FRAMES = {

@@ -93,6 +93,7 @@ def hub_unreachable(timeout_s: float = 3.0) -> str | None:
     minute for `import-weights`' two files)."""
     import os
     import socket
+    import urllib.request
     from urllib.parse import urlparse
 
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
@@ -100,6 +101,10 @@ def hub_unreachable(timeout_s: float = 3.0) -> str | None:
     endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     host = endpoint.hostname or "huggingface.co"
     port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    proxies = urllib.request.getproxies()
+    proxied = proxies.get(endpoint.scheme or "https") or proxies.get("all")
+    if proxied and not urllib.request.proxy_bypass(host):
+        return None  # through a proxy (a hospital's network): the hub client goes that way, not a socket
     try:
         socket.create_connection((host, port), timeout=timeout_s).close()
     except OSError as exc:
@@ -163,7 +168,16 @@ def import_weights(arch: str, out: str | Path, source: str | Path | None = None)
     os.close(handle)
     try:
         save_file(state, staged)
-        load_pretrained(target, staged)  # raises ValueError if the file does not fit `arch`
+        try:
+            load_pretrained(target, staged)
+        except ValueError as exc:  # named by its source, not by the staged file's temporary name
+            raise ValueError(
+                f"weights from {described} do not fit {arch} (another architecture's?): "
+                f"{str(exc).split(': ', 1)[-1]}"
+            ) from None
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staged, 0o666 & ~umask)  # as open() makes a file: mkstemp's 0600 kept other users out
         os.replace(staged, out)
     finally:
         if os.path.exists(staged):

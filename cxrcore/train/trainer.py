@@ -679,8 +679,9 @@ def fit(config: TrainConfig) -> TrainResult:
     if config.gpu:
         check_local_gpus(config.workers, config.address)
     with writing(config), reading(config.data):  # an ingest into --data is refused until the run ends
-        if not ray.is_initialized():  # a notebook's first call: a wrong --data fails before Ray's start
+        if not ray.is_initialized():  # a notebook's first call: what fails it fails before Ray's start
             check_dataset(config.data)
+            check_hub(config.model, config.pretrained)
         init_ray(config.address)  # a library caller's too: cxr's local cluster (a no-op once Ray runs)
         if config.workers >= 1:
             if ray.is_initialized() and (

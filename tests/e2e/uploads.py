@@ -94,6 +94,7 @@ def dicom_bytes(
     preamble: bool = True,
     rows: int | None = None,
     columns: int | None = None,
+    patient: str | None = None,
 ) -> bytes:
     """A 16-bit (12 stored) DICOM digital X-ray; rows/columns may lie about the pixel data's size."""
     from pydicom.dataset import Dataset, FileMetaDataset
@@ -107,6 +108,8 @@ def dicom_bytes(
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
     ds.Modality = "DX"
+    if patient is not None:
+        ds.PatientID = patient
     ds.Rows, ds.Columns = rows or pixels.shape[0], columns or pixels.shape[1]
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0

@@ -266,6 +266,62 @@ def test_another_hospitals_oddities_are_ingested_or_named_and_an_all_bad_folder_
     assert not (tmp_path / "none").exists()
 
 
+def test_a_patients_images_share_a_split_and_a_placeholder_id_groups_nothing(tmp_path: Path) -> None:
+    """A patient's follow-up films were split across train, val and test (6 of 10 patients in a hospital's
+    review): a label file's patient column keeps each patient's images in one split. An id that names a
+    third of the images ("ANON") is an anonymised placeholder: grouping by it would have put them all in one
+    split, so they are split as if they named no patient, and the report says so."""
+    root = tmp_path / "export"
+    rows = ["file;Finding;Patient ID"]
+    for i in range(36):
+        patient = "ANON" if i >= 24 else f"PT{i // 3:03d}"
+        write_png(root / f"{patient}_{i}.png", xray(100 + i))
+        rows.append(f"{patient}_{i}.png;{'COVID-19' if i % 2 else 'No finding'};{patient}")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("\n".join(rows) + "\n", encoding="utf-8-sig")  # Excel's BOM, ';' between columns
+    config = IngestConfig(
+        raw=str(root), out=str(tmp_path / "ds"), size=SIZE, labels=str(labels),
+        map="COVID-19=COVID,No finding=Normal", val_fraction=0.2, test_fraction=0.2,
+    )  # fmt: skip
+    report = ingest_dataset(config)
+    table = read_table(str(tmp_path / "ds"), ["file", "split"]).to_pandas()
+    splits_of = table.assign(patient=table["file"].str.split("_").str[0]).groupby("patient")["split"]
+    named = {p: set(s) for p, s in splits_of if p != "ANON"}
+    assert len(named) == 8 and all(len(found) == 1 for found in named.values())
+    assert len({*table["split"]}) == 3  # the groups still fill every split
+    assert len(set(splits_of.get_group("ANON"))) > 1  # the placeholder grouped nothing
+    assert report["patients"] == {
+        "column": "Patient ID", "images": 24, "patients": 8, "across_splits": 0, "placeholders": {"ANON": 12}
+    }  # fmt: skip
+    text = format_ingest_report(report)
+    assert "patients ('Patient ID' of the label file): 8 for 24 images, each patient's images within" in text
+    assert "patient id 'ANON' names 12 images, read as an anonymised placeholder" in text
+    assert "patient" not in read_table(str(tmp_path / "ds")).column_names  # used for the split, not stored
+
+
+def test_a_pacs_exports_patients_are_read_from_its_dicoms(tmp_path: Path) -> None:
+    """Class folders of DICOMs and no label file: each DICOM's PatientID keeps its patient in one split."""
+    from tests.e2e.uploads import dicom_bytes
+
+    root = tmp_path / "pacs"
+    for i in range(24):
+        folder = root / ("COVID" if i % 2 else "Normal") / f"patient{i // 4}"
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = (xray(200 + i, 64).astype(np.uint16) * 16).astype(np.uint16)
+        (folder / f"IM{i:04d}").write_bytes(dicom_bytes(pixels, patient=f"PAT{i // 4}"))
+    report = ingest_dataset(
+        IngestConfig(
+            raw=str(root), out=str(tmp_path / "ds"), size=SIZE, val_fraction=0.25, test_fraction=0.25
+        )
+    )
+    table = read_table(str(tmp_path / "ds"), ["file", "split"]).to_pandas()
+    by_patient = table.groupby(table["file"].str.split("/").str[0])["split"].nunique()
+    assert len(by_patient) == 6 and (by_patient == 1).all()
+    assert report["patients"] == {
+        "column": "PatientID (DICOM)", "images": 24, "patients": 6, "across_splits": 0, "placeholders": {}
+    }  # fmt: skip
+
+
 def test_real_sample(real_sample: Path, tmp_path: Path) -> None:
     report = ingest_dataset(IngestConfig(raw=str(real_sample), out=str(tmp_path / "real"), size=SIZE))
     assert (report["found"], report["ingested"], report["rejected"]) == (130, 130, [])

@@ -142,6 +142,13 @@ def test_a_config_built_in_python_reads_its_values_as_a_files_are(tmp_path: Path
     with pytest.raises(ConfigError, match=r"^gpu: expected true or false, got 'maybe'$"):
         TrainConfig(data="ds", model="tiny_cnn_lstm", gpu="maybe")
     assert TrainConfig(data="ds", model="tiny_cnn_lstm", gpu="false").gpu is False
+    import numpy as np  # a notebook's sweep: np.arange's numbers are its settings too
+
+    swept = TrainConfig(data="ds", model="tiny_cnn_lstm", lr=np.float32(1e-3), augment=np.bool_(False))
+    assert (swept.lr, swept.augment, IngestConfig(raw="r", out="o", size=np.int64(32)).size) == (
+        pytest.approx(1e-3), False, 32
+    )  # fmt: skip
+    assert type(swept.lr) is float and type(swept.augment) is bool
 
 
 def test_an_ingest_into_a_symlink_writes_through_it(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,9 @@ def test_import_weights_from_a_local_file(
     model = create_model("tiny_resnet", pretrained=out)
     torch.testing.assert_close(model.state_dict()["conv1.weight"], written["conv1.weight"])
     assert not list(tmp_path.glob(".w.safetensors.*"))  # no staged file left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # as any file: workers of another user read it
 
 
 def test_import_weights_rejects_an_unknown_arch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -61,7 +65,7 @@ def test_import_weights_rejects_weights_for_another_arch(
     out = tmp_path / "w.safetensors"
     status = main(["models", "import-weights", "resnet18", "--from", str(source), "--out", str(out)])
     assert status == 2
-    assert "do not fit" in capsys.readouterr().err
+    assert f"weights from {source} do not fit resnet18 (another architecture's?)" in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.glob(".w.safetensors.*"))
 
 
@@ -95,6 +99,7 @@ def test_a_folder_of_weights_serves_each_architecture_its_own(
     trials failed on a shape mismatch; a folder holds one file per architecture, by its name."""
     from cxrcore.config import ConfigError
     from cxrcore.train.trainer import check_pretrained, resolve_pretrained
+    from tests.unit.test_external_eval import write_dataset
 
     source, _ = rgb_weights
     folder = tmp_path / "weights"
@@ -106,8 +111,42 @@ def test_a_folder_of_weights_serves_each_architecture_its_own(
     with pytest.raises(ConfigError, match=r"no resnet18-1ch.safetensors for resnet18 in that folder.*"
                        r"`cxr models import-weights resnet18 --out .*weights`$"):  # fmt: skip
         resolve_pretrained("resnet18", str(folder))
+    (folder / "tiny_resnet-1ch.safetensors").rename(folder / "resnet18-1ch.safetensors")  # misnamed
+    data = write_dataset(tmp_path / "ds", [("COVID", "train", 1), ("COVID", "val", 2)], "f")
+    dry_run = ["train", "--data", data, "--model", "resnet18", "--pretrained", str(folder), "--dry-run"]
+    assert main(dry_run) == 2  # the dry run loads the folder's file as the run would: it does not fit
+    assert "resnet18-1ch.safetensors do not fit ResNet" in capsys.readouterr().err
+    (folder / "resnet18-1ch.safetensors").rename(folder / "tiny_resnet-1ch.safetensors")
     with pytest.raises(ConfigError, match=r"tiny_resnet-1ch.safetensors: .* \(for resnet18; a folder holds"):
         check_pretrained("resnet18", str(folder / "tiny_resnet-1ch.safetensors"))  # a file for another one
+
+
+def test_behind_a_proxy_the_hub_is_left_to_its_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hospital's network reaches the hub through its proxy alone: the probe's direct socket failed, and
+    weights the hub client would have fetched through the proxy were refused. NO_PROXY is honoured."""
+    import socket
+
+    import cxrcore.models.pretrained as pretrained
+
+    def no_route(address: tuple[str, int], timeout: float) -> None:
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", no_route)
+    for name in (
+        "HF_HUB_OFFLINE",
+        "NO_PROXY",
+        "no_proxy",
+        "HTTPS_PROXY",
+        "https_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    assert "Name or service not known" in (pretrained.hub_unreachable() or "")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.hospital.example:3128")
+    assert pretrained.hub_unreachable() is None
+    monkeypatch.setenv("NO_PROXY", "huggingface.co")
+    assert "Name or service not known" in (pretrained.hub_unreachable() or "")
 
 
 def test_an_unreachable_hub_is_refused_before_ray_starts(

@@ -33,6 +33,7 @@ def test_masks_that_mark_no_lung_or_only_lung_are_reported_and_a_0_1_mask_is_kep
         "full": np.full((80, 80), 255, np.uint8),
         "zero-one": lung_mask() // 255,
         "usual": lung_mask(),
+        "inverted": 255 - lung_mask(),  # lungs black on white: was kept as a good mask
     }
     pairs = []
     for i, (name, mask) in enumerate(masks.items()):
@@ -43,14 +44,31 @@ def test_masks_that_mark_no_lung_or_only_lung_are_reported_and_a_0_1_mask_is_kep
             )
         )
     decoded = _decode(pairs)
-    assert list(decoded["error"]) == [""] * 4
-    assert list(decoded["has_mask"]) == [False, False, True, True]
+    assert list(decoded["error"]) == [""] * 5
+    assert list(decoded["has_mask"]) == [False, False, True, True, False]
     assert (
         "no pixel as lung" in decoded["mask_error"][0] and "every pixel as lung" in decoded["mask_error"][1]
     )
-    assert list(decoded["mask_error"][2:]) == ["", ""]
+    assert list(decoded["mask_error"][2:4]) == ["", ""]
+    assert "of the image's border as lung, as an inverted mask does" in decoded["mask_error"][4]
     assert not decoded["mask"][:2].any()  # a refused mask is stored as none
     np.testing.assert_array_equal(decoded["mask"][2], decoded["mask"][3])  # 0/1 reads as 0/255 does
+
+
+def test_a_dicoms_patient_id_is_read_for_the_split_and_other_files_name_none(tmp_path: Path) -> None:
+    """A PACS export's patient is in each DICOM (0010,0020): its films then share a split without a label
+    file. Read for every DICOM, with a preamble or without, and "" for a PNG or a DICOM naming none."""
+    from tests.e2e.uploads import dicom_bytes
+
+    pixels = (xray(1, 64).astype(np.uint16) * 16).astype(np.uint16)
+    files = []
+    for name, patient, preamble in [("a.dcm", "P7 ", True), ("IM0002", "P8", False), ("b.dcm", None, True)]:
+        (tmp_path / name).write_bytes(dicom_bytes(pixels, preamble=preamble, patient=patient))
+        files.append((tmp_path / name, ""))
+    files.append((write_png(tmp_path / "c.png", xray(2)), ""))
+    decoded = _decode(files)
+    assert list(decoded["error"]) == [""] * 4
+    assert list(decoded["dicom_patient"]) == ["P7", "P8", "", ""]
 
 
 def test_a_decoder_failing_on_one_file_costs_that_file_alone(

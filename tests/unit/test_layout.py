@@ -218,20 +218,24 @@ def test_exports_nested_per_patient_with_extensionless_dicoms_are_read_whole(tmp
     write_png(covid / "loose.png", xray(1))
     (covid / "images/p2/notes.txt").write_text("not an image")
     (covid / "images/p2/IM0002").write_bytes(b"no DICOM signature")
+    (covid / "images/p2/BARE0005").write_bytes(_chest_dicom(6, preamble=False))  # no preamble, no suffix
     write_png(root / "Normal/same.png", xray(2))
     write_png(root / "Normal/same.jpg", xray(3))
+    (root / "Normal/same.jpg").rename(root / "Normal/same.jfif")  # a JPEG as Windows names it
     scan = scan_layout(root)
     files = {
         entry.label: sorted(e.file for e in scan.entries if e.label == entry.label) for entry in scan.entries
     }
     assert files == {
-        "COVID": ["loose.png", "p1/study1/IM0001", "p2/1.2.840.113619.2.55.3.1234", "p2/IM0001"],
-        "Normal": ["same.jpg", "same.png"],
-    }
+        "COVID": [
+            "loose.png", "p1/study1/IM0001", "p2/1.2.840.113619.2.55.3.1234", "p2/BARE0005", "p2/IM0001"
+        ],
+        "Normal": ["same.jfif", "same.png"],
+    }  # fmt: skip
     masks = {entry.file: entry.mask_path for entry in scan.entries}
     assert masks["p1/study1/IM0001"] == str(covid / "masks/p1/study1/IM0001.png")
     assert masks["p2/IM0001"] is None  # same name, another patient: not its mask
-    assert (scan.classes["COVID"].images, scan.classes["COVID"].pairs, scan.orphan_masks) == (4, 1, [])
+    assert (scan.classes["COVID"].images, scan.classes["COVID"].pairs, scan.orphan_masks) == (5, 1, [])
     assert check_layout(root).unreadable == []  # each extensionless file kept is a readable DICOM
 
 
@@ -302,7 +306,8 @@ def test_flat_folder_labelled_by_a_csv(export: tuple[Path, Path]) -> None:
         "unknown",
     )
     assert scan.label_file == {
-        "path": str(labels), "file_column": "File Name", "label_column": "finding", "url_column": "URL"
+        "path": str(labels), "file_column": "File Name", "label_column": "finding", "url_column": "URL",
+        "patient_column": None,
     }  # fmt: skip
     assert scan.unmapped == {"Tuberculosis": [str(root / "img3.png")]}
     assert scan.missing_files == ["gone.png"]
@@ -330,6 +335,43 @@ def test_a_csv_saved_by_excel_in_a_western_locale_is_read(tmp_path: Path) -> Non
     assert scan.warnings == [f"{labels} is not UTF-8: read as Windows-1252 (Excel's CSV in Western locales)"]
 
 
+def test_names_decomposed_on_disk_match_the_label_files_composed_ones(tmp_path: Path) -> None:
+    """Files copied from macOS often arrive with decomposed names (NFD: "u" and a combining diaeresis), the
+    label file typed composed (NFC): no image was found, in an error whose two lists looked the same."""
+    import unicodedata
+
+    root = tmp_path / "export"
+    for i, name in enumerate(["Müller_Zoë_0.png", "Müller_Zoë_1.png"]):
+        write_png(root / unicodedata.normalize("NFD", name), xray(i))
+    labels = tmp_path / "labels.csv"
+    labels.write_text("file,label\nMüller_Zoë_0.png,Normal\nMüller_Zoë_1,COVID\n", encoding="utf-8")
+    scan = check_layout(root, LabelFile(str(labels)), {})
+    found = {unicodedata.normalize("NFC", entry.file): entry.label for entry in scan.entries}
+    assert found == {"Müller_Zoë_0.png": "Normal", "Müller_Zoë_1.png": "COVID"}
+    assert scan.missing_files == [] and scan.unlabelled == []
+
+
+def test_a_label_files_patient_column_is_found_named_or_declined(tmp_path: Path) -> None:
+    """The patient of each image (its images then share a split): a column named like one is taken, one
+    named by --patient-column, none with `none`; a name the file lacks is refused with its columns."""
+    root = tmp_path / "export"
+    write_png(root / "a.png", xray(1))
+    write_png(root / "b.png", xray(2))
+    labels = tmp_path / "labels.csv"
+    labels.write_text("file,label,Patient ID,MRN\na.png,Normal,P1,77\nb.png,COVID,P1,78\n")
+    scan = check_layout(root, LabelFile(str(labels)), {})
+    assert [entry.patient for entry in scan.entries] == ["P1", "P1"]
+    assert scan.label_file is not None and scan.label_file["patient_column"] == "Patient ID"
+    scan = check_layout(root, LabelFile(str(labels), patient_column="mrn"), {})
+    assert sorted(entry.patient for entry in scan.entries) == ["77", "78"]
+    scan = check_layout(root, LabelFile(str(labels), patient_column="none"), {})
+    assert [entry.patient for entry in scan.entries] == ["", ""]
+    with pytest.raises(LayoutError, match=r"^--patient-column: .* has no column 'subject'; its columns"):
+        check_layout(root, LabelFile(str(labels), patient_column="subject"), {})
+    with pytest.raises(LayoutError, match=r"--patient-column name columns of a label file: pass --labels"):
+        LabelFile.from_flags(None, patient_column="Patient ID")
+
+
 def test_a_scan_that_stops_logs_its_warnings_as_no_report_will_carry_them(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -354,7 +396,14 @@ def test_xlsx_label_file_with_paths_and_conflicting_labels(tmp_path: Path) -> No
     assert scan.label_file is not None and scan.label_file["url_column"] is None
     assert {(entry.file, entry.label) for entry in scan.entries} == {("a.png", "Normal"), ("c.png", "COVID")}
     assert scan.conflicting_labels == {str(root / "b.png"): ["Normal", "COVID"]}
-    assert "b.png has labels of different classes: 'Normal', 'COVID'" in (scan.refusal() or "")
+    assert "b.png has labels of different classes: 'Normal', 'COVID'" in (refusal := scan.refusal() or "")
+    assert "give each image one label in the label file" in refusal and "--map" not in refusal  # no mend
+    # An export's title and date above the header: the header is found below them.
+    with pd.ExcelWriter(labels) as writer:
+        pd.DataFrame([["Radiology export"], ["2026-12-01"]]).to_excel(writer, index=False, header=False)
+        pd.DataFrame(rows, columns=["Path", "Label"]).to_excel(writer, index=False, startrow=3)
+    scan = scan_layout(root, LabelFile(str(labels)))
+    assert {(entry.file, entry.label) for entry in scan.entries} == {("a.png", "Normal"), ("c.png", "COVID")}
 
 
 @pytest.mark.parametrize(

@@ -169,3 +169,15 @@ def test_test_sources_are_names_from_the_scan() -> None:
         choose_test_sources(["nowhere"], known)
     with pytest.raises(ConfigError, match="every source of the dataset"):
         choose_test_sources(list(known), known)
+
+
+def test_patients_join_their_groups_and_a_placeholder_id_joins_nothing() -> None:
+    from cxrcore.data.split import patient_groups
+
+    duplicates = [0, 1, 1, 3, 4, 5]  # rows 1 and 2 are copies of one picture
+    patients = ["P1", "", "P2", "P1", "P2", ""]
+    groups, placeholders = patient_groups(duplicates, patients)
+    assert groups == [0, 1, 1, 0, 1, 5] and placeholders == {}  # P2 joins row 4 to the copies' group
+    many = ["ANON"] * 12 + ["P3", "P3"] + [""] * 6  # 12 of 20: a placeholder, not a patient
+    groups, placeholders = patient_groups(list(range(20)), many)
+    assert placeholders == {"ANON": 12} and groups == [*range(12), 12, 12, *range(14, 20)]

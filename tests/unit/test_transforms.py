@@ -54,6 +54,33 @@ def test_a_big_endian_16_bit_file_decodes_as_its_little_endian_twin() -> None:
     np.testing.assert_array_equal(scale_levels_to_uint8(levels.astype(">u2")), scale_levels_to_uint8(levels))
 
 
+def test_a_16_bit_tiff_whose_zero_is_white_decodes_as_a_viewer_shows_it() -> None:
+    """PhotometricInterpretation 0 (MinIsWhite), as some CR/DR exports write: Pillow inverts 8-bit ones,
+    not 16-bit ones, which were stored as negatives (correlation -1 with the viewer's picture)."""
+    from PIL import TiffImagePlugin
+
+    levels = (np.arange(64 * 80).reshape(64, 80) * 7 % 4000).astype(np.uint16)
+    white_is_zero = TiffImagePlugin.ImageFileDirectory_v2()
+    white_is_zero[262] = 0
+    stored = io.BytesIO()
+    Image.fromarray((4095 - levels).astype(np.uint16)).save(stored, format="TIFF", tiffinfo=white_is_zero)
+    decoded = decode_gray(stored.getvalue()).astype(np.float64)
+    assert np.corrcoef(decoded.ravel(), levels.ravel())[0, 1] > 0.99
+
+
+def test_a_tiff_of_several_pages_is_refused_and_its_pyramid_is_not_another_page() -> None:
+    """A label sheet, then the X-ray: the first page was taken, silently. A reduced-resolution copy
+    (NewSubfileType 1, a pyramid's level) is the same picture, and the file is read."""
+    picture, sheet = Image.fromarray(xray(0, 64)), Image.new("L", (64, 64), 128)
+    pages = io.BytesIO()
+    sheet.save(pages, format="TIFF", save_all=True, append_images=[picture])
+    with pytest.raises(ImageDecodeError, match=r"^TIFF of 2 pages: which one is the X-ray cannot be told"):
+        decode_gray(pages.getvalue())
+    assert decode_gray(_encode(picture, "TIFF")).shape == (64, 64)
+    with pytest.raises(ImageDecodeError, match=r"^a TIFF variant Pillow cannot read"):
+        decode_gray(b"MM\x00*" + b"\x00" * 64)
+
+
 def _png_16_bit(pixels: np.ndarray, colour_type: int) -> bytes:
     """A 16-bit PNG of (H, W, C) uint16 pixels, which Pillow cannot write for colour."""
     import struct
