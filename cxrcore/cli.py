@@ -841,7 +841,11 @@ def _run_evaluate(args: argparse.Namespace) -> int:
                 for name, row in comparison["figures"].items()]  # fmt: skip
         print(format_table(["metric", column, "external", "drop"], rows))
         # not clean, or not known to be: the model may have trained on these images
-        alarming = comparison["large_drop"] or comparison.get("clean") is not True
+        alarming = (
+            comparison["large_drop"]
+            or comparison.get("clean") is not True
+            or comparison.get("no_better_than_chance")
+        )
         print(("WARNING: " if alarming else "") + comparison["verdict"])
     holdout = metrics.get("source_holdout")
     if holdout:

@@ -181,6 +181,13 @@ _FILE_META_BYTES = 4096
 _LATERAL_VIEWS = frozenset({"LL", "RL", "LAT", "LATERAL"})
 """DICOM ViewPosition values of a lateral projection (the standard's LL and RL, and what some units write).
 A chest study exported from a PACS holds its lateral beside its PA; a decubitus (LLD, RLD) is frontal."""
+_NOT_RADIOGRAPHS = frozenset({"CT", "MR", "US", "NM", "PT", "MG", "XA", "RF", "OCT", "OP", "OPT", "IVUS",
+                              "ES", "SM", "IO", "PX", "BMD", "TG"})  # fmt: skip
+"""DICOM Modality values of what is not a projection radiograph of the chest: a CT slice, an MRI, a
+mammogram (MG), an angiogram (XA), a dental image (IO, PX)... each was scored as confidently as an X-ray.
+CR, DX and DR are radiographs; OT and SC (secondary capture) are what many exports write for any image."""
+_CHEST_PARTS = ("CHEST", "THORAX", "LUNG", "TORSO")
+"""Words of a BodyPartExamined that covers the chest; another body part (ABDOMEN, SKULL, HAND) is refused."""
 
 
 def decode_dicom(data: bytes, *, window: bool = True) -> np.ndarray:
@@ -226,6 +233,18 @@ def decode_dicom(data: bytes, *, window: bool = True) -> np.ndarray:
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if photometric not in ("MONOCHROME1", "MONOCHROME2", "RGB", "YBR_FULL", "YBR_FULL_422"):
         raise UnsupportedImageTypeError(f"DICOM photometric interpretation {photometric} is not supported")
+    modality = str(ds.get("Modality", "") or "").strip().upper()
+    if modality in _NOT_RADIOGRAPHS:
+        raise UnsupportedImageTypeError(
+            f"not a chest X-ray (DICOM Modality {modality}): the models read chest radiographs (CR, DX), and "
+            "score any other image as confidently as one, wrongly"
+        )
+    part = str(ds.get("BodyPartExamined", "") or "").strip().upper()
+    if part and not any(word in part for word in _CHEST_PARTS):
+        raise UnsupportedImageTypeError(
+            f"not a chest X-ray (DICOM BodyPartExamined {part}): the models read the chest, and score any "
+            "other body part as confidently, wrongly"
+        )
     view = str(ds.get("ViewPosition", "") or "").strip().upper()
     if view in _LATERAL_VIEWS:
         raise UnsupportedImageTypeError(

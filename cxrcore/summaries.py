@@ -207,15 +207,17 @@ def format_ingest_report(report: dict[str, Any]) -> str:
     ]
     patients = report.get("patients") or {}
     if patients.get("column"):
+        origin = "the DICOMs' PatientID" if patients["column"] == "PatientID (DICOM)" else (
+            f"{patients['column']!r} of the label file"
+        )  # fmt: skip
         lines.append(
-            f"patients ({patients['column']!r} of the label file): {patients['patients']} for "
-            f"{patients['images']} images, each patient's images within one split"
-            + (f" but {patients['across_splits']} (held-out sources)" if patients["across_splits"] else "")
+            f"patients ({origin}): {patients['patients']} for {patients['images']} images, each patient's "
+            "images within one split"
         )
-    for placeholder, count in (patients.get("placeholders") or {}).items():
+    elif (report.get("labels") or {}).get("label_file"):  # a label file that names no patient: say so
         lines.append(
-            f"warning: patient id {placeholder!r} names {count} images, read as an anonymised placeholder, "
-            "not a patient: those images are split as if they named none"
+            "patients: the label file names none (no column like Patient ID, MRN or subject_id): images are "
+            "split one by one, a patient's films maybe across splits; --patient-column NAME groups them"
         )
     held_out = set(report["test_sources"])
     rows = [

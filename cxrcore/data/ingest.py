@@ -231,6 +231,15 @@ def _ingest(config: IngestConfig, scanned: tuple[LayoutScan, set[str]], started:
     sources = [manifest[r]["source"] for r in rows["row_id"]]
     held_out = [source in test_sources for source in sources]
     splits = assign_splits(labels, groups, group_keys, fractions, config.seed, held_out)
+    # A held-out image takes its group to test: its copies, and now its patient's other films too
+    held_groups = {group for group, held in zip(groups, held_out, strict=True) if held}
+    pulled = sum(1 for group, held in zip(groups, held_out, strict=True) if group in held_groups and not held)
+    if test_sources and "train" not in splits:
+        raise LayoutError(
+            f"holding out {', '.join(sorted(test_sources))} leaves no image to train on: every other image "
+            f"({pulled}) went to test with its patient or a copy held out there; hold out fewer sources, or "
+            "--patient-column none to split patients across them"
+        )
     split_of = {int(r): split for r, split in zip(rows["row_id"], splits, strict=True)}
     group_of = {int(r): duplicate_keys[g] for r, g in zip(rows["row_id"], duplicates, strict=True)}
 
@@ -278,9 +287,10 @@ def _ingest(config: IngestConfig, scanned: tuple[LayoutScan, set[str]], started:
 
         report = _report(config, scan.root, manifest, index, labels, splits, duplicates, started)
         report["patients"] = _patient_report(scan, patients, splits, placeholders)
+        report["patients"]["pulled_to_test"] = pulled
         report["duplicates"]["across_classes"] = _across_classes(rows, labels, manifest)
         report.update(_source_report(sources, splits, labels, test_sources), labels=_label_report(scan))
-        report["warnings"] = scan.warnings + _warnings(report)
+        report["warnings"] = scan.warnings + _warnings(report) + _patient_warnings(report["patients"])
         report["seconds_by_stage"] = {stage: round(seconds, 2) for stage, seconds in timings.items()}
         report["replaced"] = _replaced(
             config.out,
@@ -306,15 +316,34 @@ def _group_keys(groups: list[int], hashes: Any) -> dict[int, str]:
     return keys
 
 
+DICOM_PATIENT = "PatientID (DICOM)"
+"""The `patients` block's column where the patients are the DICOMs' own (0010,0020)."""
+
+
+def _patient_warnings(patients: dict[str, Any]) -> list[str]:
+    """The ids read as placeholders, and the images a held-out source took to test with their patients."""
+    warnings = [
+        f"patient id {placeholder!r} names {count} images, read as an anonymised placeholder, not a "
+        "patient: those images are split as if they named none"
+        for placeholder, count in patients["placeholders"].items()
+    ]
+    if patients.get("pulled_to_test"):
+        warnings.append(
+            f"{patients['pulled_to_test']} images of sources not held out went to test with their patient "
+            "or a copy held out there, so that no held-out patient is also trained on"
+        )
+    return warnings
+
+
 def _patient_report(
     scan: LayoutScan, patients: list[str], splits: list[str], placeholders: dict[str, int]
 ) -> dict[str, Any]:
-    """The label file's patient column, the images and patients it names, the ids read as anonymised
-    placeholders, and how many patients have images in more than one split (0 by construction, but for a
-    held-out source's: its images go to test whatever their patient)."""
+    """The label file's patient column (DICOM_PATIENT where the DICOMs name them), the images and patients it
+    names, the ids read as anonymised placeholders, and how many patients have images in more than one split
+    (0: a patient's images are one group, which a held-out image takes to test whole)."""
     column = (scan.label_file or {}).get("patient_column")
     if not column and any(patients):  # none from a label file: every one is a DICOM's own
-        column = "PatientID (DICOM)"
+        column = DICOM_PATIENT
     named = [(p, s) for p, s in zip(patients, splits, strict=True) if p and p not in placeholders]
     splits_of: dict[str, set[str]] = {}
     for patient, split in named:
@@ -1079,9 +1108,10 @@ def _warnings(report: dict[str, Any]) -> list[str]:
             )
             continue
         if missing := [split for split in ("val", "test") if counts[split] == 0]:
+            whole = " (the split cuts whole patients)" if (report.get("patients") or {}).get("column") else ""
             warnings.append(
-                f"{label} has no {' and no '.join(missing)} images ({sum(counts.values())} in all): no score "
-                f"will say how the model does on it there; more images, or a larger "
+                f"{label} has no {' and no '.join(missing)} images ({sum(counts.values())} in all{whole}): "
+                f"no score will say how the model does on it there; more images, or a larger "
                 f"{' and '.join(f'--{split}-fraction' for split in missing)}, give it some"
             )
     if pairs := report.get("source_separates"):

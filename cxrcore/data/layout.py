@@ -44,7 +44,8 @@ LABEL_FILE_SUFFIXES = (".csv", ".xlsx")
 FILE_COLUMNS = ("filename", "file", "imagefile", "imagename", "image", "imageid", "imageindex", "path",
                 "filepath", "imagepath")  # fmt: skip
 LABEL_COLUMNS = ("label", "class", "finding", "diagnosis")
-PATIENT_COLUMNS = ("patientid", "patient", "subjectid", "subject", "patientnumber")
+PATIENT_COLUMNS = ("patientid", "patient", "subjectid", "subject", "patientnumber", "mrn",
+                   "medicalrecordnumber", "patid")  # fmt: skip
 """Label file columns taken for the patient, compared like FILE_COLUMNS (NIH's "Patient ID", MIMIC's
 subject_id)."""
 MIN_SIDE = 64
@@ -101,8 +102,9 @@ class LabelFile:
         patient_column: str | None = None,
     ) -> LabelFile | None:
         """The label file that --labels and its column flags describe; None for class folders."""
-        if labels is None:
-            if label_column is not None or file_column is not None or patient_column is not None:
+        if labels is None:  # `--patient-column none` stands alone: it turns a DICOM's PatientID off
+            named = patient_column is not None and patient_column.strip().lower() != "none"
+            if label_column is not None or file_column is not None or named:
                 raise LayoutError(
                     "--label-column, --file-column and --patient-column name columns of a label file: pass "
                     "--labels FILE too"
@@ -418,7 +420,7 @@ def dicom_patient(data: bytes, name: str = "") -> str:
 
     try:
         header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
-        return str(header.get("PatientID", "") or "").strip()
+        return _patient_id(header.get("PatientID", "") or "")
     except Exception:
         return ""
 
@@ -855,7 +857,7 @@ def _read_label_rows(label_file: LabelFile) -> tuple[list[_LabelRow], dict[str, 
     patient_column = _patient_column(columns, label_file.patient_column, path)
     patients = frame[patient_column] if patient_column else [""] * len(frame)
     rows = [
-        (str(name).strip(), str(label).strip(), str(url).strip() or None, str(patient).strip())
+        (str(name).strip(), str(label).strip(), str(url).strip() or None, _patient_id(patient))
         for name, label, url, patient in zip(
             frame[file_column], frame[label_column], urls, patients, strict=True
         )
@@ -863,6 +865,13 @@ def _read_label_rows(label_file: LabelFile) -> tuple[list[_LabelRow], dict[str, 
     ]
     used = {"path": path, "file_column": file_column, "label_column": label_column, "url_column": url_column}
     return rows, {**used, "patient_column": patient_column}
+
+
+def _patient_id(value: Any) -> str:
+    """A patient id as ids are compared: stripped, composed (NFC: "Müller" typed and copied alike)."""
+    import unicodedata
+
+    return unicodedata.normalize("NFC", str(value).strip())
 
 
 def _patient_column(columns: list[str], wanted: str | None, path: str) -> str | None:

@@ -105,20 +105,28 @@ def _bucket_pairs(
             yield members[rows[first]], members[second]
 
 
-ANONYMISED_SHARE = 0.25
+ANONYMISED_SHARE = 0.1
 """A patient id that names more than this share of the images (and more than ANONYMISED_MIN of them) is
-read as an anonymised placeholder ("ANONYMOUS", "0"), not a patient: grouping by it would put them all in
-one split. NIH's largest patient holds 184 of its 112,120 images."""
-ANONYMISED_MIN = 10
+read as an anonymised placeholder, not a patient: grouping by it would put them all in one split. NIH's
+largest patient holds 184 of its 112,120 images (0.16 %)."""
+ANONYMISED_MIN = 20
+PLACEHOLDER_IDS = frozenset({"anonymous", "anonymised", "anonymized", "anon", "unknown", "none", "null",
+                             "na", "n/a", "removed", "redacted", "patient"})  # fmt: skip
+"""Ids that name no patient, whatever their count (compared without case); so do ids of zeros and masking
+characters alone ("0", "000000", "XXXX", "-")."""
 
 
 def patient_groups(groups: Sequence[int], patients: Sequence[str]) -> tuple[list[int], dict[str, int]]:
     """`groups` (duplicate_groups') joined along shared patients: a patient's images, follow-up films and
     other views, all in one group, so one split. "" is no patient. Returns the groups and the ids left out as
-    placeholders (ANONYMISED_SHARE), with their counts."""
+    placeholders (PLACEHOLDER_IDS, ANONYMISED_SHARE), with their counts."""
     counts = Counter(patient for patient in patients if patient)
     limit = max(ANONYMISED_MIN, ANONYMISED_SHARE * len(patients))
-    placeholders = {patient: count for patient, count in counts.items() if count > limit}
+    placeholders = {
+        patient: count
+        for patient, count in counts.items()
+        if count > limit or patient.casefold() in PLACEHOLDER_IDS or not patient.strip("0xX-_?*. ")
+    }
     kept = [row for row, patient in enumerate(patients) if patient and patient not in placeholders]
     merged = np.asarray(groups, dtype=np.int64)
     if kept:

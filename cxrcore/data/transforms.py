@@ -115,7 +115,7 @@ def _unreadable_tiff(data: bytes) -> str | None:
     """Why TIFF bytes did not open: a variant Pillow does not read (a big-endian 16-bit, say)."""
     if data[:4] not in (b"II*\x00", b"MM\x00*"):
         return None
-    return "a TIFF variant Pillow cannot read (a big-endian 16-bit one, say): export a 16-bit PNG"
+    return "a TIFF variant Pillow cannot read (a big-endian 16-bit one whose 0 is white, say): export a PNG"
 
 
 _JPEG_FRAMES = {

@@ -443,8 +443,9 @@ def holdout_warnings(best: Mapping[str, Mapping[str, Any]]) -> list[str]:
 
 
 def chance_warnings(best: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    """Each architecture but the winner (whose line says it) whose test accuracy's 95% interval reaches the
-    score of always answering the test split's commonest class: not shown to have learned the task.
+    """Each architecture whose test accuracy's 95% interval reaches the score of always answering the test
+    split's commonest class: not shown to have learned the task. The winner's too, as an alert of its own:
+    its line in the lead said so in a green box, and a model no better than that went to production.
 
     >>> [line] = chance_warnings({"a": {"val_score": 0.9, "confusion_matrix": [[9, 1], [1, 9]]},
     ...                           "b": {"val_score": 0.5, "confusion_matrix": [[3, 7], [2, 8]]}})
@@ -452,17 +453,19 @@ def chance_warnings(best: Mapping[str, Mapping[str, Any]]) -> list[str]:
     'b: test accuracy 0.550 (95% CI 0.34–0.74) reaches 0.500'
     """
     lines = []
-    for model, row in ranked_architectures(best)[1:]:
+    for place, (model, row) in enumerate(ranked_architectures(best)):
         matrix = row.get("confusion_matrix")
         if not matrix or not (n := sum(map(sum, matrix))):
             continue
         interval, commonest = accuracy_interval(matrix), max(map(sum, matrix)) / n
         if interval and interval[0] <= commonest:
             accuracy = sum(matrix[k][k] for k in range(len(matrix))) / n
+            role = (" (production)" if row.get("production") else " (the winner)") if place == 0 else ""
             lines.append(
-                f"{model}: test accuracy {_fixed(accuracy)} (95% CI {interval_text(interval)}) reaches "
+                f"{model}{role}: test accuracy {_fixed(accuracy)} (95% CI {interval_text(interval)}) reaches "
                 f"{_fixed(commonest)}, the score of always answering the test split's commonest class: not "
                 "shown to beat it"
+                + (f" on {n} test images; do not serve it on this evidence" if role else "")
             )
     return lines
 

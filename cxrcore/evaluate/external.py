@@ -356,6 +356,9 @@ def external_block(
         "accuracy": metrics["accuracy"],
         "accuracy_ci95": accuracy_interval(metrics["confusion_matrix"]),
         "macro_f1": metrics["macro_f1"],
+        # what always answering this set's commonest class scores, and the ranking's chance, 0.5
+        "commonest_class_accuracy": max(map(sum, matrix)) / max(1, metrics["n"]),
+        "macro_auroc": metrics.get("macro_auroc"),
         "operating_point": {
             "rule": "argmax of softmax(logits / temperature): the class Serve answers",
             "temperature": temperature,
@@ -443,6 +446,7 @@ def compare_with_internal(
             "ece": {"internal": None, "external": ece, "drop": None},
         },
     }
+    block["no_better_than_chance"] = no_better_than_chance(external) is not None  # the report's alert too
     if reference is None:
         block["verdict"] = _verdict(block, external)
         return block
@@ -480,8 +484,31 @@ def compare_with_internal(
     return block
 
 
+def no_better_than_chance(external: Mapping[str, Any]) -> str | None:
+    """A sentence where the external figures are not shown to beat chance, whatever the internal ones: the
+    accuracy's interval reaches what always answering the set's commonest class scores, or the macro AUROC
+    is 0.5 or less. A clinician's review read a model at chance (AUROC 0.48) under a green verdict that only
+    compared it with its internal figures."""
+    interval, commonest = external.get("accuracy_ci95"), external.get("commonest_class_accuracy")
+    auroc = external.get("macro_auroc")
+    reasons = []
+    if interval and commonest is not None and interval[0] <= commonest:
+        reasons.append(
+            f"accuracy {_fixed(external['accuracy'])}{_interval(interval)} reaches {_fixed(commonest)}, what "
+            "always answering the commonest class here scores"
+        )
+    if auroc is not None and auroc <= 0.5:
+        reasons.append(f"macro AUROC {_fixed(auroc)}, where 0.5 is chance")
+    if not reasons:
+        return None
+    said = "; ".join(reasons)
+    return f"Not shown to beat chance on these images: {said}. Do not rely on it for data like this."
+
+
 def _verdict(block: Mapping[str, Any], external: Mapping[str, Any]) -> str:
     """The plain-words summary the report leads with and the CLI prints."""
+    chance = no_better_than_chance(external)
+    lead = [chance] if chance else []
     figures = block["figures"]
     kind = block["reference"]
     if kind is None:
@@ -490,7 +517,9 @@ def _verdict(block: Mapping[str, Any], external: Mapping[str, Any]) -> str:
             f"with. External: accuracy {_fixed(external['accuracy'])}{_interval(external['accuracy_ci95'])}, "
             f"macro-F1 {_fixed(external['macro_f1'])}."
         ]
-        return " ".join(_not_clean(external) + sentences + _overlap_caveats(external) + _caveats(external))
+        return " ".join(
+            _not_clean(external) + sentences + lead + _overlap_caveats(external) + _caveats(external)
+        )
     sides = ", ".join(
         f"{label} {_fixed(figures[key]['internal'])} internal ({kind}) → {_fixed(figures[key]['external'])} "
         f"external" + (_interval(external["accuracy_ci95"]) if key == "accuracy" else "")
@@ -537,7 +566,7 @@ def _verdict(block: Mapping[str, Any], external: Mapping[str, Any]) -> str:
         sentences.append(
             "They are validation figures, which chose this checkpoint and its temperature: optimistic."
         )
-    return " ".join(_not_clean(external) + sentences + _overlap_caveats(external) + _caveats(external))
+    return " ".join(_not_clean(external) + sentences + lead + _overlap_caveats(external) + _caveats(external))
 
 
 def _clean(external: Mapping[str, Any]) -> bool | None:

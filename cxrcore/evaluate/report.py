@@ -601,7 +601,10 @@ def evaluation_lead(
         parts.append(f'<p class="lead alert">{missed}</p>')
     for block in (comparison, holdout):
         if block:
-            alert = " alert" if block["large_drop"] or block.get("clean") is False else ""
+            alarming = (
+                block["large_drop"] or block.get("clean") is False or block.get("no_better_than_chance")
+            )
+            alert = " alert" if alarming else ""
             parts.append(f'<p class="lead{alert}">{html.escape(block["verdict"])}</p>')
     return "\n".join(parts)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -268,15 +269,17 @@ def test_another_hospitals_oddities_are_ingested_or_named_and_an_all_bad_folder_
 
 def test_a_patients_images_share_a_split_and_a_placeholder_id_groups_nothing(tmp_path: Path) -> None:
     """A patient's follow-up films were split across train, val and test (6 of 10 patients in a hospital's
-    review): a label file's patient column keeps each patient's images in one split. An id that names a
-    third of the images ("ANON") is an anonymised placeholder: grouping by it would have put them all in one
-    split, so they are split as if they named no patient, and the report says so."""
+    review): a label file's patient column keeps each patient's images in one split. An anonymised
+    placeholder ("ANON") groups nothing: grouping by it would have put a third of the images in one split, so
+    they are split as if they named no patient, and the report says so. A patient with a film at a held-out
+    source goes to test whole, said in a warning, so that no held-out patient is also trained on."""
     root = tmp_path / "export"
-    rows = ["file;Finding;Patient ID"]
+    rows = ["file;Finding;Patient ID;URL"]
     for i in range(36):
         patient = "ANON" if i >= 24 else f"PT{i // 3:03d}"
         write_png(root / f"{patient}_{i}.png", xray(100 + i))
-        rows.append(f"{patient}_{i}.png;{'COVID-19' if i % 2 else 'No finding'};{patient}")
+        site = "siteb.example" if i == 2 else "sitea.example"  # PT000's third film, from another hospital
+        rows.append(f"{patient}_{i}.png;{'COVID-19' if i % 2 else 'No finding'};{patient};https://{site}/{i}")
     labels = tmp_path / "labels.csv"
     labels.write_text("\n".join(rows) + "\n", encoding="utf-8-sig")  # Excel's BOM, ';' between columns
     config = IngestConfig(
@@ -291,12 +294,26 @@ def test_a_patients_images_share_a_split_and_a_placeholder_id_groups_nothing(tmp
     assert len({*table["split"]}) == 3  # the groups still fill every split
     assert len(set(splits_of.get_group("ANON"))) > 1  # the placeholder grouped nothing
     assert report["patients"] == {
-        "column": "Patient ID", "images": 24, "patients": 8, "across_splits": 0, "placeholders": {"ANON": 12}
+        "column": "Patient ID", "images": 24, "patients": 8, "across_splits": 0, "placeholders": {"ANON": 12},
+        "pulled_to_test": 0,
     }  # fmt: skip
     text = format_ingest_report(report)
     assert "patients ('Patient ID' of the label file): 8 for 24 images, each patient's images within" in text
     assert "patient id 'ANON' names 12 images, read as an anonymised placeholder" in text
     assert "patient" not in read_table(str(tmp_path / "ds")).column_names  # used for the split, not stored
+
+    held = dataclasses.replace(config, out=str(tmp_path / "held"), test_sources="siteb.example")
+    report = ingest_dataset(held)
+    table = read_table(held.out, ["file", "split"]).to_pandas().set_index("file")
+    assert {table.loc[f"PT000_{i}.png", "split"] for i in range(3)} == {"test"}
+    assert report["patients"]["pulled_to_test"] == 2
+    assert any(
+        "2 images of sources not held out went to test with their patient" in w for w in report["warnings"]
+    )
+    # Held out the other way, site b's one film goes with its patient, and nothing is left to train on
+    with pytest.raises(LayoutError, match=r"holding out sitea.example leaves no image to train on"):
+        ingest_dataset(dataclasses.replace(held, out=str(tmp_path / "none"), test_sources="sitea.example"))
+    assert not (tmp_path / "none").exists()
 
 
 def test_a_pacs_exports_patients_are_read_from_its_dicoms(tmp_path: Path) -> None:
@@ -318,8 +335,10 @@ def test_a_pacs_exports_patients_are_read_from_its_dicoms(tmp_path: Path) -> Non
     by_patient = table.groupby(table["file"].str.split("/").str[0])["split"].nunique()
     assert len(by_patient) == 6 and (by_patient == 1).all()
     assert report["patients"] == {
-        "column": "PatientID (DICOM)", "images": 24, "patients": 6, "across_splits": 0, "placeholders": {}
+        "column": "PatientID (DICOM)", "images": 24, "patients": 6, "across_splits": 0, "placeholders": {},
+        "pulled_to_test": 0,
     }  # fmt: skip
+    assert "patients (the DICOMs' PatientID): 6 for 24 images" in format_ingest_report(report)
 
 
 def test_real_sample(real_sample: Path, tmp_path: Path) -> None:

@@ -441,6 +441,12 @@ def test_an_architecture_not_shown_to_beat_the_commonest_class_is_warned_of(tmp_
     assert warning in printed
     text = write_comparison_report(tmp_path, comparison)["html"].read_text()
     assert f'<p class="lead alert">{loser}: test accuracy 0.250' in text
+    # The winner too: its own line said it in the lead's green box, and production went to it all the same
+    winner = max(comparison["best"], key=lambda model: comparison["best"][model]["val_score"])
+    comparison["best"][winner] = {**comparison["best"][winner], "confusion_matrix": [[1, 1, 1, 1]] * 4}
+    printed = format_comparison({**comparison, "production": "dual_cnn:3", "reports": {}})
+    assert f"WARNING: {winner} (" in printed
+    assert "on 16 test images; do not serve it on this evidence" in printed
 
 
 def test_repeats_show_each_architecture_over_the_seeds_and_warn_when_the_winner_is_seed_luck(

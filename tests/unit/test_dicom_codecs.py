@@ -46,10 +46,23 @@ def test_lossless_compressed_dicom_gives_the_uncompressed_files_pixels(syntax: s
     np.testing.assert_array_equal(decode_image(compressed, "x.dcm"), expected)
 
 
+def as_radiograph(data: bytes) -> bytes:
+    """pydicom's test file `data` tagged a chest radiograph (Modality DX, BodyPartExamined CHEST), its pixel
+    data as it was: the codecs are tested on an MR's or NM's bytes, which cxr refuses as not a chest X-ray."""
+    from pydicom import dcmread
+    from pydicom.filebase import DicomBytesIO
+
+    ds = dcmread(DicomBytesIO(data))
+    ds.Modality, ds.BodyPartExamined = "DX", "CHEST"
+    out = DicomBytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
 def test_jpeg_ls_from_another_encoder_matches_its_uncompressed_original() -> None:
     """pydicom's own test files: an MR slice stored uncompressed and as JPEG-LS by another toolkit."""
-    plain = Path(get_testdata_file("MR_small.dcm")).read_bytes()  # type: ignore[arg-type]
-    jpeg_ls = Path(get_testdata_file("MR_small_jpeg_ls_lossless.dcm")).read_bytes()  # type: ignore[arg-type]
+    plain = as_radiograph(Path(get_testdata_file("MR_small.dcm")).read_bytes())  # type: ignore[arg-type]
+    jpeg_ls = as_radiograph(Path(get_testdata_file("MR_small_jpeg_ls_lossless.dcm")).read_bytes())  # type: ignore[arg-type]
     np.testing.assert_array_equal(decode_upload(jpeg_ls), decode_upload(plain))
 
 
@@ -171,7 +184,7 @@ def test_a_decoder_that_cannot_start_is_the_machines_fault_not_the_files(
     [
         (lambda: compressed_dicom(xray_dicom(12, "MONOCHROME2"), JPEGLosslessSV1), "lossless JPEG"),
         (lambda: compressed_dicom(xray_dicom(12, "MONOCHROME2"), JPEGLSLossless), "JPEG-LS"),
-        (lambda: Path(get_testdata_file("JPGExtended.dcm")).read_bytes(), "12-bit JPEG"),  # type: ignore[arg-type]
+        (lambda: as_radiograph(Path(get_testdata_file("JPGExtended.dcm")).read_bytes()), "12-bit JPEG"),  # type: ignore[arg-type]
     ],
     ids=["lossless", "jpeg-ls", "extended-12-bit"],
 )
@@ -253,3 +266,28 @@ def test_a_lateral_view_is_refused_by_serve_and_reported_by_ingest() -> None:
             ImageDecodeError, match=r"a lateral view"
         ):  # ingest: unusable, named, the rest kept
             decode_image(with_view(view), "IM0002.dcm")
+
+
+def test_a_dicom_of_another_modality_or_body_part_is_refused_and_a_chest_radiograph_read() -> None:
+    """A clinician's review: a DICOM tagged CT, or BodyPartExamined ABDOMEN, was answered COVID 0.969.
+    The header says what the image is: another modality or body part is refused, named, as a lateral is."""
+    from pydicom import dcmread
+    from pydicom.filebase import DicomBytesIO
+
+    def tagged(**tags: str) -> bytes:
+        ds = dcmread(DicomBytesIO(xray_dicom(15, "MONOCHROME2")))
+        for name, value in tags.items():
+            setattr(ds, name, value)
+        out = DicomBytesIO()
+        ds.save_as(out, enforce_file_format=True)
+        return out.getvalue()
+
+    for tags in ({"Modality": "CR"}, {"Modality": "DX", "BodyPartExamined": "CHEST"}, {"Modality": "OT"},
+                 {"BodyPartExamined": "Thorax"}, {"BodyPartExamined": "PORT CHEST"}):  # fmt: skip
+        assert decode_upload(tagged(**tags), "application/dicom").ndim == 2
+    for tags, named in (({"Modality": "CT"}, "Modality CT"), ({"Modality": "MG"}, "Modality MG"),
+                        ({"BodyPartExamined": "ABDOMEN"}, "BodyPartExamined ABDOMEN")):  # fmt: skip
+        with pytest.raises(UnsupportedImageTypeError, match=rf"^not a chest X-ray \(DICOM {named}\)"):
+            decode_upload(tagged(**tags), "application/dicom")
+        with pytest.raises(ImageDecodeError, match=r"not a chest X-ray"):  # ingest: unusable, named
+            decode_image(tagged(**tags), "IM0003.dcm")

@@ -370,6 +370,7 @@ def test_a_label_files_patient_column_is_found_named_or_declined(tmp_path: Path)
         check_layout(root, LabelFile(str(labels), patient_column="subject"), {})
     with pytest.raises(LayoutError, match=r"--patient-column name columns of a label file: pass --labels"):
         LabelFile.from_flags(None, patient_column="Patient ID")
+    assert LabelFile.from_flags(None, patient_column="none") is None  # a DICOM's PatientID off, no file
 
 
 def test_a_scan_that_stops_logs_its_warnings_as_no_report_will_carry_them(

@@ -161,7 +161,10 @@ def test_external_sections_escape_and_lead_with_the_verdict() -> None:
     calm = compare_with_internal(external, {**reference, "accuracy": 0.8, "macro_f1": 0.7}, CLASSES, ece=0.1)
     note, verdict = evaluation_lead({"note": "includes <training> images"}, calm).split("\n")
     assert note.startswith('<p class="lead alert">This evaluation includes &lt;training&gt; images.')
-    assert verdict.startswith('<p class="lead">Accuracy 0.80 internal (test)')
+    # within reach of the internal figures, but on 4 images not shown to beat chance: an alert all the same
+    assert verdict.startswith('<p class="lead alert">Accuracy 0.80 internal (test)')
+    assert "Not shown to beat chance on these images: accuracy 0.75 (95% CI 0.30–0.95) reaches" in verdict
+    assert calm["no_better_than_chance"] is True
 
 
 def test_metrics_table_rows() -> None:

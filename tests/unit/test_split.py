@@ -181,3 +181,8 @@ def test_patients_join_their_groups_and_a_placeholder_id_joins_nothing() -> None
     many = ["ANON"] * 12 + ["P3", "P3"] + [""] * 6  # 12 of 20: a placeholder, not a patient
     groups, placeholders = patient_groups(list(range(20)), many)
     assert placeholders == {"ANON": 12} and groups == [*range(12), 12, 12, *range(14, 20)]
+    masked = ["0000", "0000", "XXXX", "XXXX", "7", "7", "Unknown", "Unknown"]  # "7" is a patient
+    groups, placeholders = patient_groups(list(range(8)), masked)
+    assert groups == [0, 1, 2, 3, 4, 4, 6, 7] and placeholders == {"0000": 2, "Unknown": 2, "XXXX": 2}
+    common = ["P1"] * 25 + [f"Q{i}" for i in range(75)]  # a quarter under one id: more than a patient holds
+    assert patient_groups(list(range(100)), common)[1] == {"P1": 25}
