@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cxrcore.data.layout import LISTED, LayoutScan
+from cxrcore.data.layout import DICOM_PATIENT, LISTED, LayoutScan
 from cxrcore.tables import format_table
 
 
@@ -58,6 +58,7 @@ def format_comparison(comparison: dict[str, Any]) -> str:
         holdout_columns,
         holdout_warnings,
         kept_better_line,
+        kept_chance_line,
         seed_warnings,
         seeds_line,
         winner_line,
@@ -106,6 +107,8 @@ def format_comparison(comparison: dict[str, Any]) -> str:
         )
     elif kept and "better_on_this_data" in kept:
         lines.append(kept_better_line(kept))
+    elif kept and "not_above_chance" in kept:
+        lines.append(kept_chance_line(comparison["production"], kept))
     elif kept:
         lines.append(
             f"production stays {comparison['production']}: it was moved there after this experiment's "
@@ -207,7 +210,7 @@ def format_ingest_report(report: dict[str, Any]) -> str:
     ]
     patients = report.get("patients") or {}
     if patients.get("column"):
-        origin = "the DICOMs' PatientID" if patients["column"] == "PatientID (DICOM)" else (
+        origin = "the DICOMs' PatientID" if patients["column"] == DICOM_PATIENT else (
             f"{patients['column']!r} of the label file"
         )  # fmt: skip
         lines.append(

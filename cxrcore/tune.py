@@ -452,7 +452,7 @@ def _promote_winner(
     production was moved from what the experiment promoted (`left`), or a production version that ranks
     above the winner on the same validation images (_better_production). Stars the production row of
     `best`; returns why production stayed (None: promoted) and what this experiment has promoted."""
-    from cxrcore.evaluate.comparison import ranked_architectures
+    from cxrcore.evaluate.comparison import not_shown_above_chance, ranked_architectures
 
     if not best:
         return None, left
@@ -470,6 +470,11 @@ def _promote_winner(
         # another experiment's winner). Re-running it, to resume or to remake its reports, must not
         # undo that: an operator's rollback came back on a CI retry.
         kept: dict[str, Any] = {"left_by_earlier_run": left, "winner": winner["ref"]}
+    elif previous not in (None, winner["ref"]) and not_shown_above_chance(winner):
+        # a winner no better than answering the commonest class never unseats a production version (a
+        # clinician's review: a model at 0.25 on 4 test images replaced one at 1.000 on 40); where there is
+        # none it is promoted, with a red warning, so that `--model production` serves something
+        kept = {"not_above_chance": winner["ref"], "winner": winner["ref"]}
     elif previous != left and (better := _better_production(registry, previous, winner, fingerprint)):
         kept = {"better_on_this_data": better, "winner": _ranked_figures(winner)}
     else:

@@ -26,6 +26,7 @@ from cxrcore import provenance, telemetry
 from cxrcore.config import ConfigError, IngestConfig
 from cxrcore.data import storage
 from cxrcore.data.layout import (
+    DICOM_PATIENT,
     LISTED,
     LabelFile,
     LayoutError,
@@ -314,10 +315,6 @@ def _group_keys(groups: list[int], hashes: Any) -> dict[int, str]:
     for group, sha in zip(groups, hashes, strict=True):
         keys[group] = min(sha, keys.get(group, sha))
     return keys
-
-
-DICOM_PATIENT = "PatientID (DICOM)"
-"""The `patients` block's column where the patients are the DICOMs' own (0010,0020)."""
 
 
 def _patient_warnings(patients: dict[str, Any]) -> list[str]:

@@ -359,9 +359,9 @@ def mask_problem(mask: np.ndarray, image_shape: tuple[int, ...]) -> str | None:
     if lung.all() or not lung.any():
         marked = "every pixel" if lung.all() else "no pixel"
         return f"mask marks {marked} as lung; a lung mask marks the lungs white (or 1) on black"
-    if _border_share(lung) > INVERTED_BORDER_SHARE:
+    if (border := _border_share(lung)) > INVERTED_BORDER_SHARE:
         return (
-            f"mask marks {_border_share(lung):.0%} of the image's border as lung, as an inverted mask does "
+            f"mask marks {border:.0%} of the image's border as lung, as an inverted mask does "
             "(lungs black on white); a lung mask marks the lungs white (or 1) on black"
         )
     return None
@@ -391,12 +391,10 @@ def decode_image(data: bytes, name: str = "") -> np.ndarray:
     Raises ImageDecodeError for every file that cannot be used, naming why, and DecoderUnavailableError
     when the machine cannot start the decoder of a compressed DICOM (no fault of the file)."""
     from cxrcore.data.transforms import DecoderUnavailableError, ImageDecodeError, decode_gray
-    from cxrcore.decode import UnsupportedImageTypeError, decode_upload, sniff_format
+    from cxrcore.decode import UnsupportedImageTypeError, decode_upload
 
-    suffix = Path(name).suffix.lower()
-    bare = (not suffix or suffix[1:].isdigit()) and _bare_dicom(data[:8])  # as _is_image_file found it
     try:
-        if sniff_format(data) != "dicom" and suffix not in DICOM_SUFFIXES and not bare:
+        if not is_dicom(data, name):
             return decode_gray(data)
         return decode_upload(data, "application/dicom")
     except (ImageDecodeError, DecoderUnavailableError):
@@ -407,14 +405,26 @@ def decode_image(data: bytes, name: str = "") -> np.ndarray:
         raise ImageDecodeError(f"cannot decode: {type(exc).__name__}: {exc}") from exc
 
 
-def dicom_patient(data: bytes, name: str = "") -> str:
-    """The PatientID (0010,0020) of DICOM bytes, as decode_image tells DICOM, stripped; "" for any other
-    file, a DICOM without one, or a header that cannot be read (the pixels' decode says why)."""
+def is_dicom(data: bytes, name: str = "") -> bool:
+    """Whether a dataset file is DICOM: by its bytes ("DICM" after the preamble), by a .dcm/.dicom name (a
+    file without the preamble), or, named without an image suffix, by bytes that start as a bare dataset
+    does (as _is_image_file found it)."""
     from cxrcore.decode import sniff_format
 
     suffix = Path(name).suffix.lower()
-    bare = (not suffix or suffix[1:].isdigit()) and _bare_dicom(data[:8])
-    if sniff_format(data) != "dicom" and suffix not in DICOM_SUFFIXES and not bare:
+    if sniff_format(data) == "dicom" or suffix in DICOM_SUFFIXES:
+        return True
+    return (not suffix or suffix[1:].isdigit()) and _bare_dicom(data[:8])
+
+
+DICOM_PATIENT = "PatientID (DICOM)"
+"""An ingest report's patient column where the patients are the DICOMs' own (0010,0020)."""
+
+
+def dicom_patient(data: bytes, name: str = "") -> str:
+    """The PatientID (0010,0020) of DICOM bytes (is_dicom), stripped; "" for any other file, a DICOM without
+    one, or a header that cannot be read (the pixels' decode says why)."""
+    if not is_dicom(data, name):
         return ""
     import pydicom
 

@@ -122,6 +122,8 @@ def write_comparison_report(out_dir: str | Path, comparison: dict[str, Any]) -> 
     kept = comparison.get("production_kept") or {}
     if "better_on_this_data" in kept:
         leads.append((kept_better_line(kept), "lead alert"))
+    if "not_above_chance" in kept:
+        leads.append((kept_chance_line(comparison["production"], kept), "lead alert"))
     leads += [(line, "lead alert") for line in holdout_warnings(comparison["best"])]
     leads += [(line, "lead alert") for line in chance_warnings(comparison["best"])]
     leads += [(seeds_line(spread), "lead")] if spread else []
@@ -199,6 +201,15 @@ def kept_better_line(kept: Mapping[str, Any]) -> str:
         f"Production stays {held['ref']}: trained on this dataset, it scores validation macro-F1 "
         f"{figures(held)} on the same{images} images, against the winner's {figures(winner)}; "
         f"`cxr models promote {winner['ref']}` serves the winner."
+    )
+
+
+def kept_chance_line(production: str | None, kept: Mapping[str, Any]) -> str:
+    """Why production stayed where it was: the winner is not shown to beat answering the commonest class."""
+    return (
+        f"Production stays {production}: the winner, {kept['not_above_chance']}, is not shown to beat always "
+        "answering its test split's commonest class, and does not replace a production version on that; "
+        f"`cxr models promote {kept['not_above_chance']}` serves it anyway."
     )
 
 
@@ -442,6 +453,16 @@ def holdout_warnings(best: Mapping[str, Mapping[str, Any]]) -> list[str]:
     ]
 
 
+def not_shown_above_chance(row: Mapping[str, Any]) -> bool:
+    """Whether a comparison row's test accuracy interval reaches what always answering its test split's
+    commonest class scores (False without a confusion matrix: nothing to judge)."""
+    matrix = row.get("confusion_matrix")
+    if not matrix or not (n := sum(map(sum, matrix))):
+        return False
+    interval = accuracy_interval(matrix)
+    return bool(interval and interval[0] <= max(map(sum, matrix)) / n)
+
+
 def chance_warnings(best: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """Each architecture whose test accuracy's 95% interval reaches the score of always answering the test
     split's commonest class: not shown to have learned the task. The winner's too, as an alert of its own:
@@ -457,8 +478,8 @@ def chance_warnings(best: Mapping[str, Mapping[str, Any]]) -> list[str]:
         matrix = row.get("confusion_matrix")
         if not matrix or not (n := sum(map(sum, matrix))):
             continue
-        interval, commonest = accuracy_interval(matrix), max(map(sum, matrix)) / n
-        if interval and interval[0] <= commonest:
+        if not_shown_above_chance(row):
+            interval, commonest = accuracy_interval(matrix), max(map(sum, matrix)) / n
             accuracy = sum(matrix[k][k] for k in range(len(matrix))) / n
             role = (" (production)" if row.get("production") else " (the winner)") if place == 0 else ""
             lines.append(

@@ -486,13 +486,15 @@ def compare_with_internal(
 
 def no_better_than_chance(external: Mapping[str, Any]) -> str | None:
     """A sentence where the external figures are not shown to beat chance, whatever the internal ones: the
-    accuracy's interval reaches what always answering the set's commonest class scores, or the macro AUROC
-    is 0.5 or less. A clinician's review read a model at chance (AUROC 0.48) under a green verdict that only
-    compared it with its internal figures."""
+    accuracy's interval reaches what always answering the set's commonest class scores (a set of several
+    classes: one of a single class, a hospital's COVID cases, scores what it finds of them), or the macro
+    AUROC is 0.5 or less. A clinician's review read a model at chance (AUROC 0.48) under a green verdict
+    that only compared it with its internal figures."""
     interval, commonest = external.get("accuracy_ci95"), external.get("commonest_class_accuracy")
     auroc = external.get("macro_auroc")
     reasons = []
-    if interval and commonest is not None and interval[0] <= commonest:
+    several = len(external.get("classes_present") or ()) > 1  # one class: its accuracy is its sensitivity
+    if several and interval and commonest is not None and interval[0] <= commonest:
         reasons.append(
             f"accuracy {_fixed(external['accuracy'])}{_interval(interval)} reaches {_fixed(commonest)}, what "
             "always answering the commonest class here scores"

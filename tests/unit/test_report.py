@@ -292,3 +292,18 @@ def test_the_reports_model_card_counts_epochs_from_1_as_its_history_does() -> No
 
     summary = _card_summary({"epoch": 2, "history": [{"epoch": 3}], "metrics": {}, "classes": ["a"]})
     assert summary == {"epoch": "3 (card.json: 2, counted from 0)", "classes": ["a"]}
+
+
+def test_chance_is_judged_on_a_set_of_several_classes_and_by_the_ranking() -> None:
+    """A hospital's COVID cases alone: always answering COVID scores 1.0, and no accuracy reaches past it;
+    their accuracy is the sensitivity, not a score to hold against chance. An AUROC at 0.5 is chance."""
+    from cxrcore.evaluate.external import no_better_than_chance
+
+    one = {"classes_present": ["COVID"], "accuracy": 0.8, "accuracy_ci95": [0.6, 0.9],
+           "commonest_class_accuracy": 1.0, "macro_auroc": None}  # fmt: skip
+    assert no_better_than_chance(one) is None
+    several = {**one, "classes_present": ["COVID", "Normal"], "commonest_class_accuracy": 0.7}
+    assert "accuracy 0.80 (95% CI 0.60–0.90) reaches 0.70" in (no_better_than_chance(several) or "")
+    assert "macro AUROC 0.48, where 0.5 is chance" in (
+        no_better_than_chance({**one, "macro_auroc": 0.48}) or ""
+    )

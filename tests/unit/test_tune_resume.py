@@ -240,6 +240,19 @@ def test_production_better_on_the_same_validation_images_stays_and_says_so(tmp_p
     best = {"tiny_resnet": version("tiny_resnet", "same", 0.50)}
     assert _promote_winner(registry, best, champion["ref"], champion["ref"], "same")[0] is None
     assert registry.aliases()["production"] == best["tiny_resnet"]["ref"]
+    # A winner not shown to beat answering the commonest class (1 of 4 test images) never unseats a
+    # production version (a review's: 0.25 on 4 images replaced 1.000 on 40); with none, it is promoted
+    from cxrcore.evaluate.comparison import kept_chance_line
+
+    registry.promote(champion["ref"], "production")
+    chance = [[1, 0, 0, 0], [1, 0, 0, 0], [1, 0, 0, 0], [1, 0, 0, 0]]
+    best = {"tiny_resnet": {**version("tiny_resnet", "other", 0.5), "confusion_matrix": chance}}
+    kept, _ = _promote_winner(registry, best, champion["ref"], None, "other")
+    assert kept == {"not_above_chance": best["tiny_resnet"]["ref"], "winner": best["tiny_resnet"]["ref"]}
+    assert registry.aliases()["production"] == champion["ref"] and best["tiny_resnet"]["production"] is False
+    said = kept_chance_line(champion["ref"], kept)
+    assert said.startswith(f"Production stays {champion['ref']}: the winner")
+    assert _promote_winner(registry, best, None, None, "other") == (None, best["tiny_resnet"]["ref"])
 
 
 def test_a_trial_that_failed_is_ranked_after_those_that_finished_and_never_promoted(tmp_path: Path) -> None:
