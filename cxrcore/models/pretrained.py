@@ -112,6 +112,31 @@ def hub_unreachable(timeout_s: float = 3.0) -> str | None:
     return None
 
 
+def offline_cache_missing(arch: str) -> str | None:
+    """Why `arch`'s hub weights cannot load where HF_HUB_OFFLINE is set: the hub's cache holds none of them
+    (None where it does, where the variable is not set, or where timm names no hub repository to look
+    in). The refusal of an unreachable hub suggests HF_HUB_OFFLINE=1; with an empty cache the run then failed
+    only after Ray's start, in the hub client's words."""
+    import os
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("1", "true", "yes", "on"):
+        return None
+    try:
+        import huggingface_hub
+        import timm
+
+        config = timm.models.get_pretrained_cfg(arch)
+        repo = getattr(config, "hf_hub_id", None)
+        if not repo:
+            return None
+        names = [getattr(config, "hf_hub_filename", None), "model.safetensors", "pytorch_model.bin"]
+        if any(isinstance(huggingface_hub.try_to_load_from_cache(repo, name), str) for name in names if name):
+            return None
+    except Exception:
+        return None
+    return f"HF_HUB_OFFLINE is set and the hub's cache holds no {arch} weights ({repo})"
+
+
 def import_weights(arch: str, out: str | Path, source: str | Path | None = None) -> dict[str, Any]:
     """Write `arch`'s ImageNet weights for one input channel, without the classifier, as safetensors.
 

@@ -83,9 +83,15 @@ def check_hub(model: str, choice: str) -> str | None:
     """resolve_pretrained, refusing weights from a model hub that this machine cannot reach (a probe of a
     few seconds at most): the driver loads them once before the workers do. Checked before Ray starts, as
     `--dry-run` checks it: the run refused only after Ray's start (20 s), and the dry run passed."""
-    from cxrcore.models.pretrained import hub_unreachable
+    from cxrcore.models.pretrained import hub_unreachable, offline_cache_missing
 
     pretrained = resolve_pretrained(model, choice)
+    if pretrained == "hub" and (missing := offline_cache_missing(model)):
+        raise ConfigError(
+            f"--pretrained {choice}: {missing}; write them on a machine with internet (`cxr models "
+            f"import-weights {model} --out DIR/`) and pass --pretrained DIR, or unset HF_HUB_OFFLINE where "
+            "the hub is reachable"
+        )
     if pretrained == "hub" and (unreachable := hub_unreachable()):
         raise ConfigError(
             f"--pretrained {choice}: {model} weights come from the model hub, which is unreachable from "

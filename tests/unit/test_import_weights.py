@@ -179,3 +179,24 @@ def test_an_unreachable_hub_is_refused_before_ray_starts(
         )
         with pytest.raises(AssertionError, match="Ray was started"):  # from scratch: no hub to reach
             main([*command, "--pretrained", "none"])
+
+
+def test_offline_with_an_empty_hub_cache_is_refused_before_ray_starts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The unreachable hub's refusal suggests HF_HUB_OFFLINE=1; with no weights in the hub's cache the run
+    then failed only after Ray's start, in the hub client's words. It is refused first, saying so."""
+    import huggingface_hub
+
+    from cxrcore.config import ConfigError
+    from cxrcore.train.trainer import check_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, name: None)
+    with pytest.raises(
+        ConfigError, match=r"HF_HUB_OFFLINE is set and the hub's cache holds no resnet18 weights"
+    ):
+        check_hub("resnet18", "auto")
+    assert check_hub("tiny_cnn_lstm", "auto") is None  # no hub weights: nothing to look for
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, name: f"/cache/{repo}/{name}")
+    assert check_hub("resnet18", "auto") == "hub"  # cached: the run loads them offline
