@@ -1098,8 +1098,7 @@ def _run_promote(args: argparse.Namespace) -> int:
 
 
 def _run_import_weights(args: argparse.Namespace) -> int:
-    from cxrcore.models.pretrained import import_weights
-    from cxrcore.train.trainer import weights_file_name
+    from cxrcore.models.pretrained import import_weights, weights_file_name
 
     folder = os.path.isdir(args.out) or args.out.endswith(("/", os.sep))  # `--out weights/`: made here
     out = os.path.join(args.out, weights_file_name(args.arch)) if folder else args.out

@@ -217,7 +217,9 @@ def format_ingest_report(report: dict[str, Any]) -> str:
             f"patients ({origin}): {patients['patients']} for {patients['images']} images, each patient's "
             "images within one split"
         )
-    elif (report.get("labels") or {}).get("label_file"):  # a label file that names no patient: say so
+    elif (report.get("labels") or {}).get("label_file") and (
+        str((report.get("config") or {}).get("patient_column") or "").strip().lower() != "none"
+    ):  # a label file that names no patient, unless asked for none: say so
         lines.append(
             "patients: the label file names none (no column like Patient ID, MRN or subject_id): images are "
             "split one by one, a patient's films maybe across splits; --patient-column NAME groups them"

@@ -112,6 +112,12 @@ def hub_unreachable(timeout_s: float = 3.0) -> str | None:
     return None
 
 
+def weights_file_name(arch: str) -> str:
+    """The name `arch`'s weights go by in a --pretrained folder (as `cxr models import-weights ARCH --out
+    FOLDER/` writes them)."""
+    return f"{arch}-1ch.safetensors"
+
+
 def offline_cache_missing(arch: str) -> str | None:
     """Why `arch`'s hub weights cannot load where HF_HUB_OFFLINE is set: the hub's cache holds none of them
     (None where it does, where the variable is not set, or where timm names no hub repository to look

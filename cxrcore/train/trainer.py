@@ -47,6 +47,7 @@ def resolve_pretrained(model: str, choice: str) -> str | None:
     one file per architecture, `<model>-1ch.safetensors` (as `cxr models import-weights` writes them): one
     file given to a comparison of resnet18 and resnet50 fitted only one of them."""
     from cxrcore.models import get_model_entry
+    from cxrcore.models.pretrained import weights_file_name
 
     try:
         entry = get_model_entry(model)
@@ -72,11 +73,6 @@ def resolve_pretrained(model: str, choice: str) -> str | None:
     if not Path(choice).is_file():
         raise ConfigError(f"--pretrained: no weights file at {choice}")
     return choice
-
-
-def weights_file_name(model: str) -> str:
-    """The name `model`'s weights go by in a --pretrained folder."""
-    return f"{model}-1ch.safetensors"
 
 
 def check_hub(model: str, choice: str) -> str | None:
@@ -109,6 +105,7 @@ def check_pretrained(model: str, choice: str) -> str | None:
     do instead, once, rather than in every worker and every Tune trial after minutes of start-up.
     """
     from cxrcore.models import create_model
+    from cxrcore.models.pretrained import weights_file_name
 
     pretrained = check_hub(model, choice)
     if pretrained is not None:

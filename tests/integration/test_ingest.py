@@ -301,6 +301,10 @@ def test_a_patients_images_share_a_split_and_a_placeholder_id_groups_nothing(tmp
     assert "patients ('Patient ID' of the label file): 8 for 24 images, each patient's images within" in text
     assert "patient id 'ANON' names 12 images, read as an anonymised placeholder" in text
     assert "patient" not in read_table(str(tmp_path / "ds")).column_names  # used for the split, not stored
+    unnamed = {**report, "patients": {**report["patients"], "column": None}}  # a label file naming none
+    assert "patients: the label file names none" in format_ingest_report(unnamed)
+    declined = {**unnamed, "config": {**report["config"], "patient_column": "none"}}  # as asked: no word
+    assert "patients:" not in format_ingest_report(declined)
 
     held = dataclasses.replace(config, out=str(tmp_path / "held"), test_sources="siteb.example")
     report = ingest_dataset(held)
