@@ -41,7 +41,7 @@ from cxrcore.console import quiet_ray_console
 from cxrcore.data.layout import LayoutError
 from cxrcore.data.split import SPLITS
 from cxrcore.labels import CLASSES
-from cxrcore.registry import ModelRegistry, RegistryError
+from cxrcore.registry import ModelRegistry, RegistryError, report_metrics
 from cxrcore.runtime import Interrupted, storage_error, storage_reason
 from cxrcore.summaries import (
     format_cell,
@@ -802,7 +802,7 @@ def _run_tune(args: argparse.Namespace) -> int:
 
 def _run_evaluate(args: argparse.Namespace) -> int:
     from cxrcore.evaluate.evaluation import evaluate_checkpoint
-    from cxrcore.evaluate.report import column_label, metrics_table, with_accuracy_interval
+    from cxrcore.evaluate.report import column_label, metrics_table, with_intervals
 
     config: EvaluateConfig = config_from_args(EvaluateConfig, args)
     _refuse_outputs_in_job_copy(config)
@@ -819,7 +819,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         print(f"evaluated {evaluated['model']} on {evaluated['dataset']} ({where})")
         if evaluated["note"]:
             print(f"warning: this evaluation {evaluated['note']}")
-    rows = [[column_label(k), format_cell(v)] for k, v in with_accuracy_interval(headline, metrics).items()]
+    rows = [[column_label(k), format_cell(v)] for k, v in with_intervals(headline, metrics).items()]
     print(format_table(["metric", "value"], rows))
     if "per_class" in metrics:  # a classifier: what accuracy hides on an imbalanced split
         per_class = metrics_table(metrics)
@@ -831,6 +831,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             print(f"WARNING: the model {missed}; the accuracy does not show it, the recalls above do")
         if (metrics.get("calibration") or {}).get("prior_note"):
             print(f"note: {metrics['calibration']['prior_note']}")
+    if evaluated and evaluated.get("sources_separate_classes"):
+        print(f"WARNING: in the dataset, {evaluated['sources_separate_classes']}")
     if evaluated and evaluated.get("classes_note"):
         print(f"note: {evaluated['classes_note']}")
     comparison = metrics.get("internal_comparison")
@@ -913,22 +915,18 @@ def _test_figures(version: Any) -> tuple[str, str]:
     """The accuracy (with its image count) and macro-F1 of the test report registered with `version`;
     dashes without one (or with a report of another split or dataset), "?" where its metrics.json cannot be
     read. On an imbalanced test split the macro-F1 tells apart a model that misses a rare class."""
-    from cxrcore.data import storage
-    from cxrcore.evaluate.external import is_test_report
+    from cxrcore.metrics import brief_test_figures
 
-    if version.report is None:
-        return "-", "-"
     try:
-        filesystem, path = storage.resolve(version.report)
-        text = storage.read_text(filesystem, f"{path}/metrics.json")
-        metrics = json.loads(text) if text else {}
+        metrics = report_metrics(version.report)
     except (OSError, ValueError):  # a report cut short or unreadable: the listing goes on
         return "?", "?"
-    if not isinstance(metrics, dict) or not is_test_report(metrics) or metrics.get("accuracy") is None:
+    test = brief_test_figures(metrics) if isinstance(metrics, dict) else None
+    if test is None:
         return "-", "-"
-    n = metrics.get("n")
-    accuracy = f"{metrics['accuracy']:.3f}" + (f" ({n})" if n is not None else "")
-    return accuracy, format_cell(metrics.get("macro_f1"))
+    n = test["images"]
+    accuracy = f"{test['accuracy']:.3f}" + (f" ({n})" if n is not None else "")
+    return accuracy, format_cell(test["macro_f1"])
 
 
 def _interrupted_lines(items: list[Any]) -> list[str]:
@@ -1001,6 +999,7 @@ def _run_history(args: argparse.Namespace) -> int:
 
 def _run_show(args: argparse.Namespace) -> int:
     from cxrcore.checkpoint import WEIGHTS_NAME
+    from cxrcore.metrics import brief_test_figures
 
     registry = _registry(args)
     version = registry.get(args.ref)
@@ -1013,12 +1012,15 @@ def _run_show(args: argparse.Namespace) -> int:
             paths["segmenter"] = str(registry.segmenter_checkpoint(version.card.segmenter, of=version.ref))
         except RegistryError as exc:
             paths["segmenter"] = f"not found: {exc}"
+    metrics = report_metrics(version.report)
+    test = brief_test_figures(metrics) if metrics else None
     if args.json:
-        shown = {"ref": version.ref, "aliases": list(version.aliases), "paths": paths}
+        shown = {"ref": version.ref, "aliases": list(version.aliases), "paths": paths, "test": test}
         print(json.dumps({**shown, "card": card, "history_length": len(history)}, indent=2))
         return 0
     lines = [f"ref: {version.ref}", f"aliases: {', '.join(version.aliases) or '-'}"]
     lines += [f"{key}: {path or '-'}" for key, path in paths.items()]
+    lines.append(f"test: {_test_line(test)}")
     lines.append("card:")
     for key, value in card.items():
         if key == "epoch" and isinstance(value, int):  # as the history, the epoch lines and the reports count
@@ -1029,6 +1031,25 @@ def _run_show(args: argparse.Namespace) -> int:
     lines.append(f"  history: {len(history)} epochs")
     print("\n".join(lines))
     return 0
+
+
+def _test_line(test: dict[str, Any] | None) -> str:
+    """The registered test figures in a line, with whether they beat answering the commonest class."""
+    from cxrcore.evaluate.report import interval_text
+
+    if test is None:
+        return "- (registered without an evaluation report: the card's figures are validation ones)"
+    line = (
+        f"accuracy {test['accuracy']:.3f} (95% CI {interval_text(test['accuracy_ci95'])}) on "
+        f"{test['images'] or '?'} images of its dataset's test split, "
+        f"macro-F1 {format_cell(test['macro_f1'])}"
+    )
+    if test["beats_commonest_class"] is False:
+        line += (
+            f"; WARNING: not shown to beat always answering the commonest class "
+            f"({test['commonest_class_accuracy']:.3f})"
+        )
+    return line
 
 
 def _run_register(args: argparse.Namespace) -> int:

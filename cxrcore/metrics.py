@@ -47,6 +47,7 @@ def classification_metrics(
     scored = support > 0
     aurocs = [_binary_auroc(labels == k, probs[:, k]) for k in range(num_classes)]
     defined_aurocs = [auroc for auroc in aurocs if auroc is not None]
+    influences = [_auroc_influence(labels == k, probs[:, k]) for k in range(num_classes)]
     calibration_bins = _confidence_bins(labels, probs, ECE_BINS)
     true_probs = probs[np.arange(n), labels]
 
@@ -61,6 +62,7 @@ def classification_metrics(
         "macro_f1": float(f1[scored].mean()),
         "weighted_f1": float((f1 * support).sum() / n),
         "macro_auroc": float(np.mean(defined_aurocs)) if defined_aurocs else None,
+        "macro_auroc_ci95": _macro_auroc_interval(aurocs, influences),
         "ece": _expected_calibration_error(*calibration_bins),
         **ece_floor(probs),
         "nll": float(-np.log(np.clip(true_probs, NLL_EPSILON, 1.0)).mean()),
@@ -76,6 +78,7 @@ def classification_metrics(
                 "f1": float(f1[k]),
                 "support": int(support[k]),
                 "auroc": aurocs[k],
+                "auroc_ci95": _macro_auroc_interval([aurocs[k]], [influences[k]]),
                 # beside the class's share of the images: a model trained with class weights lifts the
                 # rare classes' probabilities (evaluation.prior_note)
                 "mean_probability": float(probs[:, k].mean()) if n else None,
@@ -164,6 +167,55 @@ def accuracy_interval(confusion_matrix: Sequence[Sequence[int]]) -> list[float] 
     how far a small test set pins the accuracy down (40 images at 0.975: 0.87-1.00)."""
     correct = sum(row[k] for k, row in enumerate(confusion_matrix))
     return wilson_interval(int(correct), int(sum(map(sum, confusion_matrix))))
+
+
+def beats_commonest_class(confusion_matrix: Sequence[Sequence[int]]) -> bool | None:
+    """Whether the accuracy a confusion matrix records is shown to beat always answering its commonest
+    class: the lower end of its 95% interval above that score (None when the matrix counts nothing). A
+    model at 0.75 on 4 images (interval 0.30-0.95) is not, where half of them are one class.
+
+    >>> beats_commonest_class([[9, 1], [1, 9]]), beats_commonest_class([[3, 1], [0, 0]])
+    (True, False)
+    """
+    interval = accuracy_interval(confusion_matrix) if confusion_matrix else None
+    if interval is None:
+        return None
+    total = sum(map(sum, confusion_matrix))
+    return bool(interval[0] > max(map(sum, confusion_matrix)) / total)
+
+
+def is_test_report(report: Mapping[str, Any]) -> bool:
+    """Whether an evaluation's metrics.json scored the test split of the model's own dataset."""
+    evaluated = report.get("evaluated") or {}
+    if evaluated:
+        return bool(evaluated.get("relation") == "internal" and evaluated.get("split") == "test")
+    # reports written before the `evaluated` block: the calibration block names the split
+    return (report.get("calibration") or {}).get("split") == "test" and "external" not in report
+
+
+def brief_test_figures(metrics: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The figures of a model's test report (its metrics.json) in brief, for what a served model says of
+    itself (GET /v1/model, `cxr models show`, `cxr models list`): the images they were measured on, the
+    accuracy with its interval, whether that beats always answering the commonest class, and each class's
+    recall. None for a report of anything but its own dataset's test split, or one without an accuracy."""
+    if not is_test_report(metrics) or metrics.get("accuracy") is None:
+        return None
+    matrix = metrics.get("confusion_matrix") or []
+    n = int(sum(map(sum, matrix))) or metrics.get("n")
+    evaluated = metrics.get("evaluated") or {}
+    per_class = metrics.get("per_class") or {}
+    return {
+        "dataset_fingerprint": evaluated.get("fingerprint"),
+        "images": n,
+        "accuracy": metrics["accuracy"],
+        "accuracy_ci95": accuracy_interval(matrix),
+        "commonest_class_accuracy": max(map(sum, matrix)) / n if matrix and n else None,
+        "beats_commonest_class": beats_commonest_class(matrix),
+        "balanced_accuracy": metrics.get("balanced_accuracy"),
+        "macro_f1": metrics.get("macro_f1"),
+        "macro_auroc": metrics.get("macro_auroc"),
+        "recall": {name: row.get("recall") for name, row in per_class.items()},
+    }
 
 
 def mcnemar_exact(only_a: int, only_b: int) -> float:
@@ -361,6 +413,51 @@ def _binary_auroc(positive: np.ndarray, scores: np.ndarray) -> float | None:
     ranks[order] = ((group_starts + group_ends + 1) / 2.0)[np.cumsum(starts_group) - 1]
     rank_sum = ranks[positive].sum()
     return float((rank_sum - n_positive * (n_positive + 1) / 2.0) / (n_positive * n_negative))
+
+
+def _midranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks, tied values sharing the mean of the ranks they occupy."""
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    return (ends - (counts - 1) / 2.0)[inverse]
+
+
+def _auroc_influence(positive: np.ndarray, scores: np.ndarray) -> np.ndarray | None:
+    """Each image's share of the one-vs-rest AUROC's DeLong variance, as a signed term whose squares sum to
+    it: a positive image's share of negatives it outscores (ties half), less the AUROC, over sqrt(m(m-1)),
+    and likewise a negative's share of positives that outscore it over sqrt(n(n-1)) (DeLong, DeLong and
+    Clarke-Pearson 1988; the midrank form of Sun and Xu 2014). Summed over classes image by image, the
+    terms give the macro AUROC's variance with the classes' covariance in it. None with fewer than two
+    images on either side."""
+    m = int(positive.sum())
+    n = len(positive) - m
+    if m < 2 or n < 2:
+        return None
+    ranks = _midranks(np.concatenate([scores[positive], scores[~positive]]))
+    outscored = (ranks[:m] - _midranks(scores[positive])) / n
+    outscoring = 1.0 - (ranks[m:] - _midranks(scores[~positive])) / m
+    auroc = outscored.mean()
+    terms = np.empty(len(positive), dtype=np.float64)
+    terms[positive] = (outscored - auroc) / math.sqrt(m * (m - 1))
+    terms[~positive] = (outscoring - auroc) / math.sqrt(n * (n - 1))
+    return terms
+
+
+def _macro_auroc_interval(
+    aurocs: Sequence[float | None], influences: Sequence[np.ndarray | None]
+) -> list[float] | None:
+    """The DeLong 95% interval of the mean of the defined AUROCs (one class: its own), clipped to [0, 1].
+    None where a class has one image on a side, or where the variance is 0: scores that separate the
+    classes perfectly (an interval of 1.00-1.00 would claim a certainty that a few images cannot give)."""
+    defined = [(auroc, terms) for auroc, terms in zip(aurocs, influences, strict=True) if auroc is not None]
+    shares = [terms for _, terms in defined if terms is not None]
+    if not defined or len(shares) < len(defined):
+        return None
+    spread = math.sqrt(float(np.square(np.mean(shares, axis=0)).sum()))
+    if spread == 0.0:
+        return None
+    centre = float(np.mean([auroc for auroc, _ in defined]))
+    return [max(0.0, centre - WILSON_Z * spread), min(1.0, centre + WILSON_Z * spread)]
 
 
 def ece_floor(probs: np.ndarray, n_bins: int = ECE_BINS, draws: int = ECE_FLOOR_DRAWS) -> dict[str, float]:

@@ -949,6 +949,16 @@ class ModelRegistry:
         return f"unknown model reference {ref!r}{hint} (aliases and latest versions: {listing})"
 
 
+def report_metrics(report: str | None) -> dict[str, Any] | None:
+    """metrics.json of the evaluation report registered with a version (`ModelVersion.report`), where it
+    has one."""
+    if report is None:
+        return None
+    filesystem, path = resolve(report)
+    text = read_text(filesystem, f"{path}/metrics.json")
+    return json.loads(text) if text else None
+
+
 def _check_report_describes(
     report_fs: pafs.FileSystem,
     report_path: str,

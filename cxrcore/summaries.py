@@ -88,6 +88,8 @@ def format_comparison(comparison: dict[str, Any]) -> str:
             "the comparison below is made again from its checkpoints and registrations.",
         )
     lines += [f"WARNING: {line}" for line in holdout_warnings(best) + chance_warnings(best)]
+    if comparison.get("sources_separate_classes"):
+        lines.append(f"WARNING: in the dataset, {comparison['sources_separate_classes']}")
     if comparison.get("seeds"):
         lines.append(seeds_line(comparison["seeds"]))
         lines += [f"WARNING: {line}" for line in seed_warnings(best, comparison["seeds"])]

@@ -328,6 +328,7 @@ def _run_comparison(config: TuneConfig, report: dict[str, Any], plan: list[dict[
     import ray
     from ray import tune
 
+    from cxrcore.data.ingest import sources_separate_classes
     from cxrcore.evaluate.comparison import seed_spread, write_comparison_report
     from cxrcore.registry import ModelRegistry
     from cxrcore.train.trainer import unscored_classes
@@ -388,6 +389,7 @@ def _run_comparison(config: TuneConfig, report: dict[str, Any], plan: list[dict[
         "production_kept": kept,
         "finished_before": finished_before,
         "val_unscored": unscored_classes(report, tuning=True),  # a class without a val image chose nothing
+        "sources_separate_classes": sources_separate_classes(report),  # test figures may measure sources
         # what this experiment made production, in this run or an earlier one: a third run after a
         # rollback must still see that the rollback moved it away (production names the kept version)
         "promoted": promoted,

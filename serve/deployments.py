@@ -43,6 +43,8 @@ class ResolvedModel:
     version: str | None
     segmenter: SegmenterInfo | None = None
     """the lung segmenter a dual-channel model reads the masks of, once resolved (`Classifier._load`)"""
+    test: dict[str, Any] | None = None
+    """the test figures of the evaluation report registered with the version (`brief_test_figures`), if any"""
 
     @property
     def info(self) -> ModelInfo:
@@ -110,13 +112,16 @@ def resolve_model(registry: str | None, ref: str) -> ResolvedModel:
         return ResolvedModel(
             ref=ref if remote else str(path), checkpoint=path, card=card, version=card.version
         )
-    from cxrcore.registry import ModelRegistry
+    from cxrcore.metrics import brief_test_figures
+    from cxrcore.registry import ModelRegistry, report_metrics
 
     models = ModelRegistry(registry)
     version = models.get(ref)
     path = Path(models.local_checkpoint(version.ref))  # its weights checked against the card
     card, number = _hashed(load_card(path), path), version.ref.rpartition(":")[2]
-    return ResolvedModel(ref=version.ref, checkpoint=path, card=card, version=number)
+    metrics = report_metrics(version.report)
+    test = brief_test_figures(metrics) if metrics else None
+    return ResolvedModel(ref=version.ref, checkpoint=path, card=card, version=number, test=test)
 
 
 def segmenter_info(checkpoint: str) -> SegmenterInfo:
@@ -534,6 +539,7 @@ class Classifier:
         return {
             "model": served.resolved.info.model_dump(),
             "card": served.resolved.public_card(),
+            "test": served.resolved.test,
             "max_batch_size": self._config.max_batch_size,
             "batch_wait_timeout_s": self._config.batch_wait_timeout_s,
             **served.forward,

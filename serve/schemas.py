@@ -243,12 +243,40 @@ class ForwardSweepInfo(BaseModel):
     seconds: float = Field(description="how long the measurement took")
 
 
+class TestEvidence(BaseModel):
+    """The test figures of the evaluation report registered with the served version: how well it did on
+    images it never trained on or was chosen by (the card's figures are validation ones)."""
+
+    dataset_fingerprint: str | None = Field(
+        description="the fingerprint of the dataset whose test split was scored"
+    )
+    images: int | None = Field(description="images scored")
+    accuracy: float
+    accuracy_ci95: list[float] | None = Field(description="its Wilson 95% interval [low, high]")
+    commonest_class_accuracy: float | None = Field(
+        description="the accuracy of always answering the split's commonest class"
+    )
+    beats_commonest_class: bool | None = Field(
+        description="whether the accuracy interval's low end lies above commonest_class_accuracy; false: "
+        "not shown to have learned the task on these images"
+    )
+    balanced_accuracy: float | None = None
+    macro_f1: float | None = None
+    macro_auroc: float | None = None
+    recall: dict[str, float | None] = Field(description="each class's recall (sensitivity)")
+
+
 class ModelDetails(BaseModel):
     """The answer of GET /v1/model."""
 
     model: ModelInfo
     card: dict = Field(
         description="the serving checkpoint's model card, each location in it by its last two components"
+    )
+    test: TestEvidence | None = Field(
+        default=None,
+        description="the test figures registered with the version (`cxr models register --report`, or a "
+        "Tune comparison's registration); null for a checkpoint folder or a version registered without one",
     )
     max_batch_size: int
     batch_wait_timeout_s: float

@@ -1026,6 +1026,28 @@ def _source_report(
     }
 
 
+def sources_separate_classes(report: dict[str, Any], *, held_out_too: bool = False) -> str | None:
+    """The warning of an ingest report whose sources separate classes (`source_separates`), where no
+    source was held out for testing (unless `held_out_too`): scores on its random test split may
+    measure the sources, not the lungs. Said at ingest, and again by every evaluation on the dataset's
+    own splits and by a Tune comparison on it, where the scores it warns of are read."""
+    pairs = report.get("source_separates")
+    if not pairs or (report.get("test_sources") and not held_out_too):
+        return None
+    mixed = any(len(classes) > 1 for classes in (report.get("by_source_class") or {}).values())
+    named = (
+        "every source holds one class only"
+        if not mixed
+        else "no source holds both " + ", nor ".join(" and ".join(pair) for pair in pairs)
+    )
+    return (
+        f"{named}: a model can tell these classes apart by their sources (hospital, scanner, patient "
+        "age, text burned in) and not by the lungs, and a random test split, from the same sources, "
+        "would not show it. Hold sources out (--test-sources; see the README's section on holding "
+        "sources out) or validate on another hospital's data before trusting the scores"
+    )
+
+
 def _separated_classes(by_source_class: dict[str, Counter[str]]) -> list[list[str]]:
     """The pairs of classes that no source holds both of, where the sources are known (two or more).
 
@@ -1111,19 +1133,8 @@ def _warnings(report: dict[str, Any]) -> list[str]:
                 f"no score will say how the model does on it there; more images, or a larger "
                 f"{' and '.join(f'--{split}-fraction' for split in missing)}, give it some"
             )
-    if pairs := report.get("source_separates"):
-        mixed = any(len(classes) > 1 for classes in (report.get("by_source_class") or {}).values())
-        named = (
-            "every source holds one class only"
-            if not mixed
-            else "no source holds both " + ", nor ".join(" and ".join(pair) for pair in pairs)
-        )
-        warnings.append(
-            f"{named}: a model can tell these classes apart by their sources (hospital, scanner, patient "
-            "age, text burned in) and not by the lungs, and a random test split, from the same sources, "
-            "would not show it. Hold sources out (--test-sources; see the README's section on holding "
-            "sources out) or validate on another hospital's data before trusting the scores"
-        )
+    if confound := sources_separate_classes(report, held_out_too=True):
+        warnings.append(confound)
     largest = report["duplicates"].get("largest_group")
     if largest and largest["images"] >= max(LARGE_GROUP[0], LARGE_GROUP[1] * report["ingested"]):
         images, bits = largest["images"], report["config"]["near_duplicate_bits"]

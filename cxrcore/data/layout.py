@@ -154,6 +154,9 @@ class LayoutScan:
     mask_problems: list[dict[str, str]] = field(default_factory=list)
     """Masks ingest would leave out (undecodable, another shape, no lung or only lung), each with why."""
     duplicate_groups: list[list[str]] = field(default_factory=list)
+    skipped_files: list[str] = field(default_factory=list)
+    """Files in the class folders (or the flat folder, but label files) that are not images by their
+    suffix, nor DICOMs by their bytes: not read (a GIF, a PDF report, a DICOM of another byte order)."""
     warnings: list[str] = field(default_factory=list)
     """What the scan read otherwise than a user may expect: mask folders not read, a label CSV read as
     Windows-1252, a metadata workbook without a file name column."""
@@ -221,6 +224,7 @@ class LayoutScan:
             "unreadable": self.unreadable,
             "mask_problems": self.mask_problems,
             "duplicate_groups": self.duplicate_groups,
+            "skipped_files": self.skipped_files,
             "warnings": self.warnings,
         }
 
@@ -515,7 +519,21 @@ def _scan_class_folders(base: Path, to_class: ClassMapper) -> LayoutScan:
             continue
         report = scan.classes.setdefault(label, ClassReport())
         _scan_class(folder, label, report, scan, metadata_files.get(label), to_class)
+    _warn_skipped(scan.skipped_files, base)
     return scan
+
+
+def _warn_skipped(paths: list[str], root: Path) -> None:
+    """One warning naming the files a scan did not read as images, by suffix, and the first of them."""
+    if not paths:
+        return
+    suffixes = Counter(os.path.splitext(path)[1].lower() or "(no suffix)" for path in paths)
+    kinds = ", ".join(f"{suffix} {n}" for suffix, n in suffixes.most_common())
+    log.warning(
+        "%d file(s) are not images and were not read (%s): %s; an image in another format is read once "
+        "converted to PNG (or DICOM with its preamble)",
+        len(paths), kinds, format_paths(paths, str(root), limit=5),
+    )  # fmt: skip
 
 
 def _note_unknown_folder(folder: Path, scan: LayoutScan) -> None:
@@ -562,10 +580,11 @@ class _ImageFile(NamedTuple):
 
 
 class _Found(NamedTuple):
-    """The image files below a folder, and the masks among them."""
+    """The image files below a folder, the masks among them, and the other files (paths), not read."""
 
     images: list[_ImageFile]
     masks: list[_ImageFile]
+    others: list[str]
 
 
 def _file_stem(name: str) -> str:
@@ -624,7 +643,7 @@ def _images_under(folder: Path, skip: frozenset[str] = frozenset()) -> _Found:
     A mask folder at any depth holds masks, not images: those of one per folder (`_mask_folder`) are keyed
     as if they sat beside it, and `images/` adds nothing to keys either, so `masks/p1/x.png`,
     `p1/masks/x.png` and `p1/lung masks/x.png` each pair with `p1/x.png` and `p1/images/x.png`."""
-    found = _Found([], [])
+    found = _Found([], [], [])
     seen: set[str] = set()  # folders already walked, by real path: a link to a parent is walked once
 
     def walk(directory: str, prefix: str, key_prefix: str, into: list[_ImageFile]) -> None:
@@ -645,6 +664,8 @@ def _images_under(folder: Path, skip: frozenset[str] = frozenset()) -> _Found:
             elif _is_image_file(name, entry.path):
                 stem = _file_stem(name)
                 into.append(_ImageFile(fold(key_prefix + stem), entry.path, prefix + name, fold(stem)))
+            else:
+                found.others.append(entry.path)
         in_images = into is found.images
         for entry in below:
             if not (in_images and _is_mask_folder(entry.name)):
@@ -686,7 +707,7 @@ def _class_files(folder: Path) -> _Found:
         return _images_under(folder)
     inside = _images_under(images_dir)
     beside = _images_under(folder, skip=frozenset({"images"}))
-    return _Found(inside.images + beside.images, inside.masks + beside.masks)
+    return _Found(inside.images + beside.images, inside.masks + beside.masks, inside.others + beside.others)
 
 
 def _subfolder(folder: Path, name: str) -> Path | None:
@@ -701,7 +722,8 @@ def _scan_class(
     metadata_path: Path | None,
     to_class: ClassMapper,
 ) -> None:
-    images, mask_files = _class_files(folder)
+    images, mask_files, others = _class_files(folder)
+    scan.skipped_files.extend(others)
     _refuse_nested_classes(folder, label, images, to_class)
     masks = _masks_by_image_key(mask_files, {image.key for image in images})
     urls = _read_metadata(metadata_path) if metadata_path else {}
@@ -785,6 +807,14 @@ def _scan_flat_folder(root: Path, label_file: LabelFile, to_class: ClassMapper) 
     rows, columns = _read_label_rows(label_file)
     scan = LayoutScan(root=str(root), label_file=columns)
     images = _image_paths(root)
+    read = set(images)
+    scan.skipped_files = [
+        str(p)
+        for p in sorted(root.iterdir())
+        if p not in read and not p.name.startswith(".") and p.suffix.lower() not in LABEL_FILE_SUFFIXES
+        and p.is_file()
+    ]  # fmt: skip
+    _warn_skipped(scan.skipped_files, root)
     find = _image_finder(root, images)
     labels_of: dict[Path, list[str]] = {}
     url_of: dict[Path, str | None] = {}

@@ -21,7 +21,13 @@ from cxrcore.evaluate.report import (
     write_html_report,
 )
 from cxrcore.labels import CLASSES
-from cxrcore.metrics import accuracy_interval, best_by_validation, rank_by_validation, within_one_image
+from cxrcore.metrics import (
+    accuracy_interval,
+    beats_commonest_class,
+    best_by_validation,
+    rank_by_validation,
+    within_one_image,
+)
 
 CURVES = ("val_macro_f1", "val_loss", "val_accuracy", "train_loss")
 CALIBRATION = {
@@ -126,6 +132,8 @@ def write_comparison_report(out_dir: str | Path, comparison: dict[str, Any]) -> 
         leads.append((kept_chance_line(comparison["production"], kept), "lead alert"))
     leads += [(line, "lead alert") for line in holdout_warnings(comparison["best"])]
     leads += [(line, "lead alert") for line in chance_warnings(comparison["best"])]
+    if comparison.get("sources_separate_classes"):
+        leads.append((f"In the dataset, {comparison['sources_separate_classes']}.", "lead alert"))
     leads += [(seeds_line(spread), "lead")] if spread else []
     leads += [(line, "lead alert") for line in seed_warnings(comparison["best"], spread)]
     lead = "\n".join(f'<p class="{kind}">{html.escape(text)}</p>' for text, kind in leads)
@@ -456,11 +464,7 @@ def holdout_warnings(best: Mapping[str, Mapping[str, Any]]) -> list[str]:
 def not_shown_above_chance(row: Mapping[str, Any]) -> bool:
     """Whether a comparison row's test accuracy interval reaches what always answering its test split's
     commonest class scores (False without a confusion matrix: nothing to judge)."""
-    matrix = row.get("confusion_matrix")
-    if not matrix or not (n := sum(map(sum, matrix))):
-        return False
-    interval = accuracy_interval(matrix)
-    return bool(interval and interval[0] <= max(map(sum, matrix)) / n)
+    return beats_commonest_class(row.get("confusion_matrix") or []) is False
 
 
 def chance_warnings(best: Mapping[str, Mapping[str, Any]]) -> list[str]:

@@ -17,7 +17,7 @@ import pyarrow.fs as pafs
 
 from cxrcore.config import ConfigError, EvaluateConfig
 from cxrcore.data.storage import name_the_place
-from cxrcore.registry import ModelRegistry, RegistryError
+from cxrcore.registry import ModelRegistry, RegistryError, report_metrics
 
 if TYPE_CHECKING:
     from cxrcore.evaluate.external import DatasetRelation
@@ -346,6 +346,8 @@ def _classification_report(
         "per_source": _per_source_note(sources),
         "classes_note": classes_note(metrics["per_class"]),
         "missed": missed_classes(metrics),  # what the accuracy hides on an imbalanced split
+        # the model's own dataset, whose sources separate classes: its random splits cannot show it
+        "sources_separate_classes": _sources_separate_classes(config.data, relation),
     }
     name = model.ref if config.model else predictor.card.name
     paths = write_evaluation_report(
@@ -491,6 +493,15 @@ def _per_source_note(sources: np.ndarray) -> str | None:
     return "; ".join(parts)
 
 
+def _sources_separate_classes(data: str, relation: DatasetRelation) -> str | None:
+    """The ingest's warning that the dataset's sources separate classes, for the model's own dataset."""
+    if relation.kind != "internal":
+        return None
+    from cxrcore.data.ingest import read_report, sources_separate_classes
+
+    return sources_separate_classes(read_report(data))
+
+
 def _source_holdout(
     data: str, relation: DatasetRelation, split: str, frame: Any, probs: np.ndarray, classes: list[str]
 ) -> dict[str, Any] | None:
@@ -549,7 +560,7 @@ def _external_blocks(
     )
     if seen is not None and seen.any():
         external["unseen"] = unseen_figures(*scored, seen, card.classes)
-    reference = internal_reference(card, _registered_metrics(model.report), predicted_masks=as_served)
+    reference = internal_reference(card, report_metrics(model.report), predicted_masks=as_served)
     comparison = compare_with_internal(external, reference, card.classes, metrics["ece"])
     log.info("%s", comparison["verdict"])
     return {"external": external, "internal_comparison": comparison}
@@ -568,17 +579,6 @@ def _masks_used(needs_mask: bool, as_served: bool, with_mask: int) -> str:
     return "from the model's segmenter for every image, as Serve makes them" + (
         scored_apart if with_mask else ""
     )
-
-
-def _registered_metrics(report: str | None) -> dict[str, Any] | None:
-    """metrics.json of the report registered with a version, where there is one."""
-    if report is None:
-        return None
-    from cxrcore.data import storage
-
-    filesystem, path = storage.resolve(report)
-    text = storage.read_text(filesystem, f"{path}/metrics.json")
-    return json.loads(text) if text else None
 
 
 def _registry_segmenter(registry: ModelRegistry, ref: str, segmenter: str | None) -> str | None:

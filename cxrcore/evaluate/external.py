@@ -28,6 +28,7 @@ from cxrcore.metrics import (
     classification_metrics,
     confusion_scores,
     difference_interval,
+    is_test_report,
     one_vs_rest,
     wilson_interval,
 )
@@ -359,6 +360,7 @@ def external_block(
         # what always answering this set's commonest class scores, and the ranking's chance, 0.5
         "commonest_class_accuracy": max(map(sum, matrix)) / max(1, metrics["n"]),
         "macro_auroc": metrics.get("macro_auroc"),
+        "macro_auroc_ci95": metrics.get("macro_auroc_ci95"),
         "operating_point": {
             "rule": "argmax of softmax(logits / temperature): the class Serve answers",
             "temperature": temperature,
@@ -366,15 +368,6 @@ def external_block(
         "masks": masks,
         "one_vs_rest": one_vs_rest(matrix, classes),
     }
-
-
-def is_test_report(report: Mapping[str, Any]) -> bool:
-    """Whether an evaluation's metrics.json scored the test split of the model's own dataset."""
-    evaluated = report.get("evaluated") or {}
-    if evaluated:
-        return bool(evaluated.get("relation") == "internal" and evaluated.get("split") == "test")
-    # reports written before the `evaluated` block: the calibration block names the split
-    return (report.get("calibration") or {}).get("split") == "test" and "external" not in report
 
 
 def internal_reference(
@@ -488,10 +481,10 @@ def no_better_than_chance(external: Mapping[str, Any]) -> str | None:
     """A sentence where the external figures are not shown to beat chance, whatever the internal ones: the
     accuracy's interval reaches what always answering the set's commonest class scores (a set of several
     classes: one of a single class, a hospital's COVID cases, scores what it finds of them), or the macro
-    AUROC is 0.5 or less. A clinician's review read a model at chance (AUROC 0.48) under a green verdict
-    that only compared it with its internal figures."""
+    AUROC's interval reaches 0.5 (the AUROC itself where it has none). A clinician's review read a model at
+    chance (AUROC 0.48) under a green verdict that only compared it with its internal figures."""
     interval, commonest = external.get("accuracy_ci95"), external.get("commonest_class_accuracy")
-    auroc = external.get("macro_auroc")
+    auroc, auroc_interval = external.get("macro_auroc"), external.get("macro_auroc_ci95")
     reasons = []
     several = len(external.get("classes_present") or ()) > 1  # one class: its accuracy is its sensitivity
     if several and interval and commonest is not None and interval[0] <= commonest:
@@ -499,8 +492,8 @@ def no_better_than_chance(external: Mapping[str, Any]) -> str | None:
             f"accuracy {_fixed(external['accuracy'])}{_interval(interval)} reaches {_fixed(commonest)}, what "
             "always answering the commonest class here scores"
         )
-    if auroc is not None and auroc <= 0.5:
-        reasons.append(f"macro AUROC {_fixed(auroc)}, where 0.5 is chance")
+    if auroc is not None and (auroc_interval[0] if auroc_interval else auroc) <= 0.5:
+        reasons.append(f"macro AUROC {_fixed(auroc)}{_interval(auroc_interval)}, where 0.5 is chance")
     if not reasons:
         return None
     said = "; ".join(reasons)

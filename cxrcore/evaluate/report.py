@@ -599,6 +599,9 @@ def evaluation_lead(
     if evaluated.get("missed"):
         missed = html.escape(f"The model {evaluated['missed']}: the accuracy does not show it.")
         parts.append(f'<p class="lead alert">{missed}</p>')
+    if evaluated.get("sources_separate_classes"):
+        confound = html.escape(f"In the dataset, {evaluated['sources_separate_classes']}.")
+        parts.append(f'<p class="lead alert">{confound}</p>')
     for block in (comparison, holdout):
         if block:
             alarming = (
@@ -619,15 +622,18 @@ def _side_text(side: Mapping[str, Any]) -> str:
     return f"{', '.join(side['sources']) or 'none'}; images per class: {counts or 'none'}"
 
 
-def with_accuracy_interval(row: Mapping[str, Any], metrics: Mapping[str, Any]) -> dict[str, Any]:
+def with_intervals(row: Mapping[str, Any], metrics: Mapping[str, Any]) -> dict[str, Any]:
     """`row` with "accuracy 95% CI" right after its accuracy, from the Wilson interval of `metrics`'
-    confusion matrix (how far the test set pins the accuracy down); `row` as it is without either."""
+    confusion matrix (how far the test set pins the accuracy down), and "macro AUROC 95% CI" after its
+    macro AUROC (DeLong's, `macro_auroc_ci95`), each where `metrics` has what it needs."""
     matrix = metrics.get("confusion_matrix")
     out: dict[str, Any] = {}
     for key, value in row.items():
         out[key] = value
         if key == "accuracy" and matrix:
             out["accuracy 95% CI"] = interval_text(accuracy_interval(matrix))
+        if key == "macro_auroc" and "macro_auroc_ci95" in metrics:
+            out["macro AUROC 95% CI"] = interval_text(metrics["macro_auroc_ci95"])
     return out
 
 
@@ -677,9 +683,7 @@ def _headline_rows(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
     """One row of the headline metrics, the accuracy's 95% interval beside it; for a result without them
     (e.g. segmentation), its scalar values."""
     if "accuracy" in metrics:
-        return [
-            with_accuracy_interval({key: metrics[key] for key in HEADLINE_METRICS if key in metrics}, metrics)
-        ]
+        return [with_intervals({key: metrics[key] for key in HEADLINE_METRICS if key in metrics}, metrics)]
     return [{key: value for key, value in metrics.items() if _is_number(value) or isinstance(value, str)}]
 
 
@@ -718,6 +722,7 @@ FACT_LABELS = {
     "per_source": "per source",
     "classes_note": "classes",
     "missed": "the model",
+    "sources_separate_classes": "the dataset's sources",
     "input_spec": "input",
     "image_size": "image size (px)",
     "data": "training data",

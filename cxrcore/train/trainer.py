@@ -203,7 +203,7 @@ def auto_batch_size(train_rows: int, workers: int, largest: int = 32, smallest: 
 
 def loop_config(config: TrainConfig) -> dict[str, Any]:
     """Everything the worker loop needs, resolved once in the driver (and JSON-plain for Ray)."""
-    from cxrcore.data.ingest import read_report
+    from cxrcore.data.ingest import read_report, sources_separate_classes
     from cxrcore.models import get_model_entry
 
     report = read_report(config.data)
@@ -231,6 +231,7 @@ def loop_config(config: TrainConfig) -> dict[str, Any]:
         train_rows = round(train_rows * (1 - report["without_mask"] / max(report["ingested"], 1)))
     train = to_dict(config)
     train["batch_size"] = config.batch_size or auto_batch_size(train_rows, max(config.workers, 1))
+    confound = sources_separate_classes(report)
     return {
         "train": train,
         "pretrained": pretrained,
@@ -241,6 +242,8 @@ def loop_config(config: TrainConfig) -> dict[str, Any]:
             "dataset": config.data,
             "fingerprint": report["fingerprint"],
             "size": report["config"]["size"],
+            # in the card, which GET /v1/model shows: the scores it carries may measure the sources
+            **({"sources_separate_classes": confound} if confound else {}),
         },
         # Decided by the driver: the workers of a joined cluster lack its environment.
         "quiet_console": is_quiet(),

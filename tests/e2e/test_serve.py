@@ -309,6 +309,12 @@ def test_app_composes_ingress_classifier_and_segmenter(server: Server) -> None:
     assert model["card"]["segmenter"] == f"…/{unet.parent.name}/{unet.name}"
     assert str(server.registry) not in json.dumps(model, ensure_ascii=False)
     assert model["max_batch_size"] == 8 and model["swap_error"] is None
+    # Its registered test figures, next to the card's validation ones: 12 of 20 (interval 0.39-0.78)
+    # does not beat answering the commonest class (8 of 20).
+    test = model["test"]
+    assert test["images"] == 20 and test["accuracy"] == 0.6 and test["dataset_fingerprint"] == "f1n93rpr1n7"
+    assert test["commonest_class_accuracy"] == 0.4 and test["beats_commonest_class"] is False
+    assert 0.38 < test["accuracy_ci95"][0] < 0.4 < 0.78 < test["accuracy_ci95"][1] < 0.8
     # The replica measured its forward at 1-8 images at load and runs passes of the fastest size.
     sweep = model["forward_sweep"]
     assert set(sweep["images_per_s"]) == {"1", "2", "4", "8"} and sweep["rounds"] >= 1

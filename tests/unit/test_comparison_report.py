@@ -531,3 +531,15 @@ def test_the_seed_spread_ranks_as_the_comparison_does() -> None:
     assert spread["by_model"]["a"]["first"] == 0  # failed in both seeds: never a seed's winner
     assert spread["by_model"]["resnet"]["scores"] == [0.7, 0.4]  # its best depth in each seed
     assert spread["by_model"]["resnet"]["first"] == 1 and spread["by_model"]["b"]["first"] == 1
+
+
+def test_a_dataset_whose_sources_separate_classes_is_warned_of(tmp_path: Path) -> None:
+    """Ingest's warning that no source holds both of two classes, where the test scores are read."""
+    confound = "no source holds both COVID and Normal: a model can tell these classes apart by their sources"
+    comparison = {**_comparison(), "sources_separate_classes": confound}
+    printed = format_comparison({**comparison, "production": "dual_cnn:3", "reports": {}})
+    assert f"WARNING: in the dataset, {confound}" in printed
+    text = write_comparison_report(tmp_path, comparison)["html"].read_text()
+    assert f'<p class="lead alert">In the dataset, {confound}.</p>' in text
+    printed = format_comparison({**_comparison(), "production": "dual_cnn:3", "reports": {}})
+    assert "in the dataset," not in printed

@@ -365,3 +365,25 @@ def test_a_diverged_epoch_is_named_as_one_not_scored(monkeypatch: pytest.MonkeyP
     config = TrainConfig(data="ds", model="tiny_cnn_lstm", lr=1e12)
     with pytest.raises(ConfigError, match=r"^training diverged in epoch 1: x \(this run's: 1e\+12\)$"):
         trainer._fit(config)
+
+
+def test_the_card_carries_the_warning_that_the_datasets_sources_separate_classes(tmp_path: Path) -> None:
+    """GET /v1/model shows the card: its scores, on a dataset whose sources separate classes, may measure
+    the sources; the warning ingest gave goes with them."""
+    from cxrcore.config import TrainConfig
+    from cxrcore.data.ingest import REPORT_NAME
+    from cxrcore.train.trainer import loop_config
+    from tests.unit.test_external_eval import write_dataset
+
+    rows = [(name, split, 10 * k + i) for k, name in enumerate(("COVID", "Normal")) for i, split in
+            enumerate(("train", "train", "val", "test"))]  # fmt: skip
+    data = write_dataset(tmp_path / "ds", rows, "separated", sources=["a"] * 4 + ["b"] * 4)
+    config = TrainConfig(data=data, model="tiny_cnn_lstm")
+    assert "sources_separate_classes" not in loop_config(config)["data"]
+    report_file = tmp_path / "ds" / REPORT_NAME
+    report = json.loads(report_file.read_text())
+    report["source_separates"] = [["COVID", "Normal"]]
+    report["by_source_class"] = {"a": {"COVID": 4}, "b": {"Normal": 4}}
+    report_file.write_text(json.dumps(report))
+    data_block = loop_config(config)["data"]
+    assert data_block["sources_separate_classes"].startswith("every source holds one class only: a model can")

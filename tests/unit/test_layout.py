@@ -810,3 +810,29 @@ def test_check_names_the_classes_of_identical_files_filed_under_two(tmp_path: Pa
         in printed
     )
     assert f"identical files: {tmp_path / 'raw/Normal/b.png'}, {tmp_path / 'raw/Normal/b2.png'}" in printed
+
+
+def test_files_that_are_not_images_are_named_not_skipped_without_a_word(tmp_path: Path) -> None:
+    """A GIF, a PDF report or a DICOM the bytes do not tell were left out of check and ingest silently."""
+    root = tmp_path / "raw"
+    write_png(root / "COVID/images/c1.png", xray(1))
+    write_png(root / "Normal/n1.png", xray(2))
+    (root / "COVID/images/c2.gif").write_bytes(b"GIF89a")
+    (root / "Normal/p7/report.pdf").parent.mkdir(parents=True)
+    (root / "Normal/p7/report.pdf").write_bytes(b"%PDF")
+    (root / "Normal/.DS_Store").write_bytes(b"\0")  # hidden: not the user's files
+    scan = scan_layout(root)
+    assert scan.skipped_files == [str(root / "COVID/images/c2.gif"), str(root / "Normal/p7/report.pdf")]
+    assert scan.warnings == [
+        "2 file(s) are not images and were not read (.gif 1, .pdf 1): COVID/images/c2.gif, "
+        "Normal/p7/report.pdf; "
+        "an image in another format is read once converted to PNG (or DICOM with its preamble)"
+    ]
+    assert scan.to_dict()["skipped_files"] == scan.skipped_files
+    # a flat folder: its label file is read, not skipped
+    flat = tmp_path / "flat"
+    write_png(flat / "a.png", xray(3))
+    (flat / "labels.csv").write_text("file,label\na.png,Normal\n")
+    (flat / "notes.txt").write_text("x")
+    scan = scan_layout(flat, LabelFile(str(flat / "labels.csv")))
+    assert scan.skipped_files == [str(flat / "notes.txt")] and "(.txt 1): notes.txt;" in scan.warnings[0]

@@ -13,6 +13,7 @@ from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 from cxrcore.labels import CLASSES
 from cxrcore.metrics import (
     best_by_validation,
+    brief_test_figures,
     classification_metrics,
     confusion_scores,
     ece_floor,
@@ -126,6 +127,7 @@ def test_class_never_predicted_nor_present_is_left_out_of_macro_averages() -> No
         "f1": 0.0,
         "support": 0,
         "auroc": None,
+        "auroc_ci95": None,
         "mean_probability": pytest.approx(0.1),  # the 0.3 left over from 0.7, split among three
     }
     assert metrics["per_class"]["COVID"]["mean_probability"] == pytest.approx(probs[:, 0].mean())
@@ -182,6 +184,64 @@ def test_wilson_interval_edge_cases() -> None:
     assert wilson_interval(0, 0) is None
     with pytest.raises(ValueError, match="successes"):
         wilson_interval(11, 10)
+
+
+def test_test_evidence_of_a_report_says_whether_it_beats_the_commonest_class() -> None:
+    labels, probs = _predictions(200, seed=3)
+    metrics = classification_metrics(labels, probs)
+    metrics["evaluated"] = {"split": "test", "relation": "internal", "fingerprint": "abc"}
+    evidence = brief_test_figures(metrics)
+    assert evidence is not None and evidence["images"] == 200 and evidence["dataset_fingerprint"] == "abc"
+    assert evidence["accuracy"] == metrics["accuracy"] and evidence["macro_f1"] == metrics["macro_f1"]
+    assert evidence["accuracy_ci95"] == wilson_interval(round(metrics["accuracy"] * 200), 200)
+    assert evidence["commonest_class_accuracy"] == np.bincount(labels).max() / 200
+    assert evidence["beats_commonest_class"] is True
+    assert evidence["recall"] == {c: metrics["per_class"][c]["recall"] for c in CLASSES}
+    # 3 of 4 right where 2 of the 4 are one class: the interval (0.30-0.95) reaches 0.5
+    small = classification_metrics(np.array([0, 0, 1, 2]), _one_hot(np.array([0, 0, 1, 0]), 0.9))
+    small["evaluated"] = {"split": "test", "relation": "internal"}
+    assert brief_test_figures(small)["beats_commonest_class"] is False  # type: ignore[index]
+    # figures of another split or of external data are not the model's test figures
+    assert brief_test_figures({**metrics, "evaluated": {"split": "val", "relation": "internal"}}) is None
+    assert brief_test_figures({**metrics, "evaluated": {"split": "all", "relation": "external"}}) is None
+
+
+def _delong_by_pairs(positive: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
+    """DeLong's AUROC and variance from every positive-negative pair (O(mn)), the textbook way."""
+    pos, neg = scores[positive], scores[~positive]
+    kernel = (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
+    v10, v01 = kernel.mean(axis=1), kernel.mean(axis=0)
+    return float(kernel.mean()), float(v10.var(ddof=1) / len(pos) + v01.var(ddof=1) / len(neg))
+
+
+def test_auroc_intervals_are_delongs() -> None:
+    labels, probs = _predictions(120, seed=5, signal=1.0)
+    probs[:, :3] = np.round(probs[:, :3] * 0.95, 2)  # ties count half, as in the AUROC itself
+    probs[:, 3] = 1 - probs[:, :3].sum(axis=1)
+    metrics = classification_metrics(labels, probs)
+    centres, shares = [], []
+    for k, name in enumerate(CLASSES):
+        auroc, variance = _delong_by_pairs(labels == k, probs[:, k])
+        row = metrics["per_class"][name]
+        assert row["auroc"] == pytest.approx(auroc)
+        half = 1.959964 * variance**0.5
+        assert row["auroc_ci95"] == pytest.approx([auroc - half, min(1.0, auroc + half)])
+        centres.append(auroc)
+        shares.append(half)
+    low, high = metrics["macro_auroc_ci95"]
+    assert low < metrics["macro_auroc"] < high and (low + high) / 2 == pytest.approx(np.mean(centres))
+    # the classes' errors are correlated: the macro interval is no wider than the mean of the per-class
+    # ones, and narrower than any single one only as far as averaging four classes allows
+    assert high - low < 2 * np.mean(shares)
+    # scores that separate a class perfectly leave DeLong no variance: no interval rather than 1.00-1.00;
+    # one image of a class gives none either
+    perfect = classification_metrics(np.array([0, 0, 1, 1]), _one_hot(np.array([0, 0, 1, 1]), 0.9))
+    assert (
+        perfect["per_class"]["COVID"]["auroc"] == 1.0 and perfect["per_class"]["COVID"]["auroc_ci95"] is None
+    )
+    assert perfect["macro_auroc_ci95"] is None
+    single = classification_metrics(np.array([0, 1, 1, 1]), _one_hot(np.array([1, 1, 0, 1]), 0.9))
+    assert single["per_class"]["COVID"]["auroc_ci95"] is None and single["macro_auroc_ci95"] is None
 
 
 def test_single_class_labels_give_no_auroc() -> None:

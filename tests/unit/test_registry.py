@@ -405,9 +405,17 @@ def test_cli_models_list_show_promote(
     assert shown["history_length"] == 2 and "history" not in shown["card"]
     assert shown["paths"]["report"] == str(tmp_path / f"reg/{NAME}/v1/report")
     assert shown["card"]["version"] == f"{NAME}:1" and shown["card"]["metrics"]["val_accuracy"] == 0.75
+    # the registered test figures beside the card's validation ones (a report without its matrix: no interval)
+    assert shown["test"]["accuracy"] == 0.7 and shown["test"]["images"] == 40
+    assert shown["test"]["accuracy_ci95"] is None and shown["test"]["beats_commonest_class"] is None
+    assert main(["models", "show", f"{NAME}:1"]) == 0
+    assert "test: accuracy 0.700 (95% CI -) on 40 images of its dataset's test split, macro-F1 0.550" in (
+        capsys.readouterr().out
+    )
     assert main(["models", "show", NAME]) == 0
     text = capsys.readouterr().out
     assert f"ref: {NAME}:2" in text and "history: 2 epochs" in text and "report: -" in text
+    assert "test: - (registered without an evaluation report" in text
 
     assert main(["models", "show", "prodution"]) == 2
     err = capsys.readouterr().err

@@ -307,3 +307,7 @@ def test_chance_is_judged_on_a_set_of_several_classes_and_by_the_ranking() -> No
     assert "macro AUROC 0.48, where 0.5 is chance" in (
         no_better_than_chance({**one, "macro_auroc": 0.48}) or ""
     )
+    # by its interval where it has one: 0.58 on a few images is not shown to beat 0.5; 0.58 on many is
+    wide = {**one, "macro_auroc": 0.58, "macro_auroc_ci95": [0.45, 0.71]}
+    assert "macro AUROC 0.58 (95% CI 0.45–0.71), where 0.5 is chance" in (no_better_than_chance(wide) or "")
+    assert no_better_than_chance({**wide, "macro_auroc_ci95": [0.55, 0.61]}) is None

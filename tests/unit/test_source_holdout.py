@@ -166,3 +166,34 @@ def test_the_tune_comparison_carries_the_held_out_figures(
     holdout = best["tiny_cnn_lstm"]["source_holdout"]
     assert (holdout["random_split"]["accuracy"], holdout["held_out"]["accuracy"]) == (1.0, 0.25)
     assert holdout_warnings(best) == [f"tiny_cnn_lstm: {holdout['verdict']}"]
+
+
+def test_evaluate_warns_where_the_datasets_sources_separate_classes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ingest warned that no source holds both COVID and Normal; an evaluation on the dataset's own test
+    split, where the scores that warning is about are read, said nothing of it."""
+    rows = [("COVID", "test", 0), ("COVID", "test", 1), ("Normal", "test", 2), ("Normal", "train", 3)]
+    own = write_dataset(tmp_path / "own", rows, "separated", sources=[SEEN, SEEN, HELD, HELD])
+    report_file = Path(own) / "ingest_report.json"
+    report = json.loads(report_file.read_text())
+    report["source_separates"] = [["COVID", "Normal"]]
+    report["by_source_class"] = {SEEN: {"COVID": 2}, HELD: {"Normal": 2}}
+    report_file.write_text(json.dumps(report))
+    checkpoint = write_biased_checkpoint(tmp_path / "checkpoint", own)
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", own, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    warning = "in the dataset, every source holds one class only: a model can tell these classes apart by"
+    assert f"WARNING: {warning}" in printed
+    evaluated = json.loads((out / "metrics.json").read_text())["evaluated"]
+    assert evaluated["sources_separate_classes"].startswith("every source holds one class only")
+    html = (out / "report.html").read_text()
+    assert '<p class="lead alert">In the dataset, every source holds one class only' in html
+    # a source held out for testing measures it instead (the source hold-out block): no second warning
+    report["test_sources"] = [HELD]
+    report_file.write_text(json.dumps(report))
+    assert (
+        main(["evaluate", "--checkpoint", str(checkpoint), "--data", own, "--out", str(tmp_path / "e2")]) == 0
+    )
+    assert "every source holds one class only" not in capsys.readouterr().out
