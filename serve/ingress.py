@@ -24,14 +24,14 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
-from starlette.datastructures import UploadFile
+from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
@@ -60,6 +60,9 @@ READY_TIMEOUT_S = 5.0
 # nothing, so the ingress asks again after a short backoff, and the router picks a live replica. Model
 # errors and a full queue are answered at once.
 REPLICA_ATTEMPTS = 3
+MAX_FORM_FIELDS = 64
+"""Text fields a multipart upload may carry beside its file (a viewer's study and series UIDs, an accession
+number); the file part's own size limit bounds the memory, these the parser's work."""
 REPLICA_RETRY_BACKOFF_S = 0.05
 # Swagger UI and ReDoc as files of the fastapi-offline package, served by the app: /docs and /redoc
 # work on a cluster without internet access.
@@ -144,13 +147,24 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     if exc.status_code == 404:  # a trailing slash or a typo: say what there is
         detail = f"no route {request.method} {request.url.path}; this API answers {ROUTES}"
     if exc.status_code == 405:  # every method of the path: HEAD is a route of its own beside GET
-        allowed = {
-            method
-            for route in request.app.router.routes
-            if (match := getattr(route, "path_regex", None)) and match.match(request.url.path)
-            for method in getattr(route, "methods", None) or ()
-        }
-        headers = {**(headers or {}), "Allow": ", ".join(sorted(allowed))} if allowed else headers
+        allowed = sorted(
+            {
+                method
+                for route in request.app.router.routes
+                if (match := getattr(route, "path_regex", None)) and match.match(request.url.path)
+                for method in getattr(route, "methods", None) or ()
+            }
+        )
+        headers = {**(headers or {}), "Allow": ", ".join(allowed)} if allowed else headers
+        # many clients show the body alone, not the Allow header
+        detail = f"{request.method} {request.url.path}: this path answers {', '.join(allowed)}"
+        origin = request.headers.get("origin")
+        if request.method == "OPTIONS" and origin and request.headers.get("access-control-request-method"):
+            # a browser's preflight to a server that allows no other origin: the page sees a network error
+            detail = (
+                f"a browser's cross-origin request from {origin}: this server allows none; start it with "
+                f"--arg cors_origins={origin} (serve/README.md, Browsers)"
+            )
     return _error_response(exc.status_code, error, detail, headers)
 
 
@@ -425,6 +439,10 @@ class _Routes:
         """The uploaded file's bytes and declared type; refuses more than the limit without reading it all."""
         limit = self._limits.max_upload_bytes
         content_type = request.headers.get("content-type", "")
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        if encoding != "identity":  # the bytes would be read as the image itself
+            what = f"Content-Encoding {encoding} is not supported; send the file uncompressed"
+            raise self._upload_error(415, "unsupported_media_type", what)
         multipart = content_type.split(";")[0].strip().lower() == "multipart/form-data"
         body_limit = limit + (MULTIPART_SLACK_BYTES if multipart else 0)
         declared = request.headers.get("content-length", "")
@@ -458,16 +476,30 @@ class _Routes:
             late = loop.time() >= end
             what = f"took longer than {whole:g} s" if late else f"sent nothing for {idle:g} s"
             raise ApiError(
-                408, "upload_timeout", f"the upload {what} ({received} bytes received); send it again"
+                408,
+                "upload_timeout",
+                f"the upload {what} ({received} bytes received); send it again",
+                {"Connection": "close"},  # the rest of its body would arrive as the next request
             ) from None
         body = b"".join(chunks)
+        if not body and not ({"content-length", "transfer-encoding"} & set(request.headers.keys())):
+            # an HTTP/1.0 client that ends its body by closing the connection: the server reads none of it
+            what = (
+                "no Content-Length and no chunked Transfer-Encoding, so no body could be read (a body ended "
+                "by closing the connection is not one); send the Content-Length header"
+            )
+            raise self._upload_error(411, "length_required", what)
         if not multipart:
             return body, content_type
-        parser = _UploadParser(request.headers, _once(body), max_files=1, max_fields=8, max_part_size=limit)
+        parser = _UploadParser(
+            request.headers, _once(body), max_files=1, max_fields=MAX_FORM_FIELDS, max_part_size=limit
+        )
         try:
             form = await parser.parse()
         except MultiPartException as exc:
-            what = f"malformed multipart body: {exc.message}"
+            many = exc.message.startswith("Too many")  # fields beside the file: a viewer's study UIDs
+            what = "multipart body with too many parts" if many else "malformed multipart body"
+            what = f"{what}: {exc.message}"
             raise self._upload_error(400, "invalid_multipart", what) from exc
         upload = form.get("file")
         if isinstance(upload, UploadFile):
@@ -482,7 +514,9 @@ class _Routes:
                 # part, the file among them: say so, rather than that no file was sent.
                 what = "malformed multipart body: it ends before its closing boundary (cut short?)"
                 raise self._upload_error(400, "invalid_multipart", what)
-            what = "the multipart body has no file in a field named 'file'"
+            sent = sorted({*form.keys(), *parser.fields})
+            named = f" (its fields: {', '.join(map(repr, sent))})" if sent else ""
+            what = f"the multipart body has no file in a field named 'file'{named}; name the image's 'file'"
             raise self._upload_error(400, "missing_file", what)
         await form.close()
         if len(data) > limit:
@@ -579,6 +613,7 @@ def create_api(classifier: Any, limits: ApiLimits | None = None) -> FastAPI:
     api.add_api_route(
         "/v1/predict",
         routes.predict,
+        operation_id="predict",
         methods=["POST"],
         response_model=Prediction,
         responses=_ERRORS,
@@ -588,13 +623,22 @@ def create_api(classifier: Any, limits: ApiLimits | None = None) -> FastAPI:
     api.add_api_route(
         "/v1/model",
         routes.model,
+        operation_id="model",
         methods=["GET"],
         response_model=ModelDetails,
         responses={status: _ERRORS[status] for status in ("4XX", 500, 503)},
     )
-    api.add_api_route("/healthz", routes.healthz, methods=["GET"], response_model=Health)
+    # operation ids by name: what a generated Java or .NET client calls its methods
     api.add_api_route(
-        "/readyz", routes.readyz, methods=["GET"], response_model=Readiness, responses={503: _ERRORS[503]}
+        "/healthz", routes.healthz, methods=["GET"], response_model=Health, operation_id="healthz"
+    )
+    api.add_api_route(
+        "/readyz",
+        routes.readyz,
+        methods=["GET"],
+        response_model=Readiness,
+        responses={503: _ERRORS[503]},
+        operation_id="readyz",
     )
     # HEAD, as uptime monitors and `curl -I` ask (the server sends the headers only).
     for path, endpoint in (
@@ -607,14 +651,33 @@ def create_api(classifier: Any, limits: ApiLimits | None = None) -> FastAPI:
     api.state.routes = routes  # the Api deployment drains them (`Api.drain`)
     if limits.cors_origins:
         api.add_middleware(
-            CORSMiddleware,
+            _JsonCors,
             allow_origins=list(limits.cors_origins),
             allow_methods=["GET", "POST"],
             allow_headers=["*"],
-            expose_headers=["Retry-After"],
+            expose_headers=["Retry-After", "X-Request-ID"],  # a page can quote the id Serve logs
             max_age=600,
         )
     return api
+
+
+class _JsonCors(CORSMiddleware):
+    """Starlette's CORS, whose refusal of a preflight (an origin or method not allowed) is this API's JSON,
+    naming what is allowed, not a line of plain text a page's error handler cannot parse."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code < 400:
+            return response
+        refused = bytes(response.body).decode("utf-8", "replace")
+        origin = request_headers.get("origin", "")
+        allowed = ", ".join(self.allow_origins) or "none"
+        detail = (
+            f"{refused} (origin {origin!r}; allowed: {allowed}, compared exactly, without a trailing slash); "
+            "start the server with --arg cors_origins=ORIGIN for a page served from another origin"
+        )
+        headers = {k: v for k, v in response.headers.items() if k.lower().startswith("access-control-")}
+        return _error_response(response.status_code, "cors_refused", detail, headers)
 
 
 # No CPU reserved, as for Serve's own proxies: the model replicas take the whole CPUs, so that a 2-core

@@ -294,10 +294,25 @@ class ModelDetails(BaseModel):
     )
 
 
+ERROR_CODES = (
+    "undecodable_image", "image_too_small", "blank_image", "unsupported_media_type", "invalid_multipart",
+    "missing_file", "length_required", "payload_too_large", "upload_timeout", "invalid_request",
+    "not_found", "method_not_allowed", "cors_refused", "http_error", "overloaded", "model_unavailable",
+    "not_ready", "decoder_unavailable", "shutting_down", "prediction_failed", "internal_error",
+    "client_disconnected",
+)  # fmt: skip
+"""Every `error` an answer of the API carries (client_disconnected is only counted and logged: the client
+has gone). A typed client may switch on them; a new one is an addition to the API."""
+
+
 class ErrorBody(BaseModel):
     """Every error answer: a short machine-readable code and a sentence for people."""
 
-    error: str = Field(description="e.g. undecodable_image, unsupported_media_type, payload_too_large")
+    error: str = Field(
+        description="what went wrong, one of a fixed set of codes: undecodable_image, "
+        "unsupported_media_type, payload_too_large, ...",
+        json_schema_extra={"enum": list(ERROR_CODES)},
+    )
     detail: str = Field(description="what was wrong and, for an upload, what is accepted")
 
 

@@ -3,6 +3,7 @@ declares what the API answers, and /docs and /redoc that load nothing from the i
 
 from __future__ import annotations
 
+import gzip
 import re
 from pathlib import Path
 from typing import Any
@@ -161,6 +162,17 @@ def test_unknown_routes_and_methods_answer_json(client: httpx.Client) -> None:
     wrong = client.get("/v1/predict")
     assert wrong.status_code == 405 and wrong.json()["error"] == "method_not_allowed"
     assert wrong.headers["allow"] == "POST"
+    assert wrong.json()["detail"] == "GET /v1/predict: this path answers POST"  # many clients show the body
+    # every error code the API answers is one its OpenAPI document lists, for a typed client to switch on
+    codes = client.get("/openapi.json").json()["components"]["schemas"]["ErrorBody"]["properties"]["error"]
+    source = (Path(__file__).parents[2] / "serve" / "ingress.py").read_text()
+    used = re.findall(r'(?:ApiError|_upload_error|_error_response)\(\s*\d+,\s*"([a-z_]+)"', source)
+    used += re.findall(r'\d{3}: "([a-z_]+)"', source)  # the 404 and 405 of _http_error
+    assert len(set(used)) >= 15 and set(used) <= set(codes["enum"]), set(used) - set(codes["enum"])
+    # and names its operations as a generated client's methods
+    paths = client.get("/openapi.json").json()["paths"]
+    assert paths["/v1/predict"]["post"]["operationId"] == "predict"
+    assert paths["/v1/model"]["get"]["operationId"] == "model"
 
 
 def test_uploads_reach_the_model_at_its_base_size_and_score_as_the_original_does(tmp_path: Path) -> None:
@@ -190,7 +202,7 @@ def _post_stalling(
     api: Any, first: bytes | None, headers: list[tuple[bytes, bytes]], then: str = "stall"
 ) -> tuple[int, dict[str, Any]]:
     """POST /v1/predict straight through ASGI, from a client that sends `first` (None: no body at all),
-    then nothing (`then` "stall") or closes its connection ("disconnect")."""
+    then nothing (`then` "stall"), closes its connection ("disconnect") or ends its body ("end")."""
     import asyncio
     import json
 
@@ -204,6 +216,8 @@ def _post_stalling(
                 return {"type": "http.request", "body": first, "more_body": True}
             if then == "disconnect":
                 return {"type": "http.disconnect"}
+            if then == "end":
+                return {"type": "http.request", "body": b"", "more_body": False}
             await asyncio.sleep(3600)  # the client stalls
             raise AssertionError("the ingress waited for a stalled upload")
 
@@ -296,6 +310,35 @@ def test_a_file_sent_as_a_form_field_without_a_filename_is_read(
     large = GOOD_PNG + bytes(2 << 20)  # trailing bytes after IEND: still the same PNG, over Starlette's 1 MB
     with api_client(classifier, max_upload_bytes=4 << 20) as roomy:
         assert roomy.post("/v1/predict", files={"file": (None, large, "image/png")}).status_code == 200
+
+
+def test_a_viewers_form_with_its_study_fields_is_read_and_a_misnamed_file_is_named(
+    client: httpx.Client,
+) -> None:
+    """A viewer plugin sends the study's UIDs beside the image (9 fields were "malformed"); a file in a field
+    of another name was "no file", not which field it came in; a gzip body was read as the image."""
+    fields = {f"uid{i}": f"1.2.840.{i}" for i in range(20)}
+    answer = client.post("/v1/predict", data=fields, files={"file": (None, GOOD_PNG, "image/png")})
+    assert answer.status_code == 200, answer.text
+    misnamed = client.post("/v1/predict", data={"uid": "1"}, files={"File": ("x.png", GOOD_PNG, "image/png")})
+    assert misnamed.status_code == 400 and misnamed.json()["error"] == "missing_file"
+    assert "no file in a field named 'file' (its fields: 'File', 'uid')" in misnamed.json()["detail"]
+    zipped = client.post(
+        "/v1/predict",
+        content=gzip.compress(GOOD_PNG),
+        headers={"content-type": "image/png", "content-encoding": "gzip"},
+    )
+    assert zipped.status_code == 415 and "Content-Encoding gzip is not supported" in zipped.json()["detail"]
+
+
+def test_a_body_without_its_length_is_told_so(classifier: LocalClassifier) -> None:
+    """An HTTP/1.0 client that ends its body by closing the connection: the server reads no body, and had
+    answered "empty file (0 bytes)" to 54 KB sent."""
+    from serve.ingress import create_api
+
+    status, body = _post_stalling(create_api(classifier), None, [(b"content-type", b"image/png")], then="end")
+    assert (status, body["error"]) == (411, "length_required")
+    assert "send the Content-Length header" in body["detail"]
 
 
 def test_clients_calling_the_routes_other_ways_are_answered(client: httpx.Client) -> None:
@@ -409,6 +452,8 @@ def test_browsers_of_the_origins_allowed_read_answers_and_others_do_not(classifi
     with api_client(classifier) as closed:
         refused = closed.options("/v1/predict", headers=preflight)
         assert refused.status_code == 405 and refused.json()["error"] == "method_not_allowed"
+        # the page sees a network error; the server's log and the answer say what to change
+        assert f"--arg cors_origins={viewer}" in refused.json()["detail"]
         assert "access-control-allow-origin" not in _post(closed).headers
     with api_client(classifier, cors_origins=(viewer,)) as open_to_viewer:
         allowed = open_to_viewer.options("/v1/predict", headers=preflight)
@@ -417,10 +462,13 @@ def test_browsers_of_the_origins_allowed_read_answers_and_others_do_not(classifi
             "/v1/predict", content=GOOD_PNG, headers={"content-type": "image/png", "origin": viewer}
         )
         assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == viewer
+        assert "x-request-id" in answer.headers["access-control-expose-headers"].lower()
         other = open_to_viewer.options(
             "/v1/predict", headers={**preflight, "origin": "https://elsewhere.example"}
         )
         assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+        assert other.json()["error"] == "cors_refused"  # JSON, as every error, naming what is allowed
+        assert f"allowed: {viewer}" in other.json()["detail"]
 
 
 def test_cxr_predict_without_a_server_says_so_once(
