@@ -115,7 +115,7 @@ class IngestConfig:
         None,
         "label file column naming each image's patient, whose images all go to one split (default: a "
         "column named like Patient ID, subject_id or patient, where there is one, else a DICOM's PatientID; "
-        "none: no grouping)",
+        "none: no grouping; folder: class folders hold a folder per patient, COVID/P0123/1.png)",
     )
     map: str | None = option(
         None,

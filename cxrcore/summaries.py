@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cxrcore.data.layout import DICOM_PATIENT, LISTED, LayoutScan
+from cxrcore.data.layout import DICOM_PATIENT, LISTED, PATIENT_FOLDER, LayoutScan
 from cxrcore.tables import format_table
 
 
@@ -212,9 +212,10 @@ def format_ingest_report(report: dict[str, Any]) -> str:
     ]
     patients = report.get("patients") or {}
     if patients.get("column"):
-        origin = "the DICOMs' PatientID" if patients["column"] == DICOM_PATIENT else (
-            f"{patients['column']!r} of the label file"
-        )  # fmt: skip
+        origin = {
+            DICOM_PATIENT: "the DICOMs' PatientID",
+            PATIENT_FOLDER: "the folders below each class folder",
+        }.get(patients["column"], f"{patients['column']!r} of the label file")
         lines.append(
             f"patients ({origin}): {patients['patients']} for {patients['images']} images, each patient's "
             "images within one split"

@@ -28,12 +28,14 @@ from cxrcore.data import storage
 from cxrcore.data.layout import (
     DICOM_PATIENT,
     LISTED,
+    PATIENT_FOLDER,
     LabelFile,
     LayoutError,
     LayoutScan,
     ManifestEntry,
     decode_image,
     dicom_patient,
+    folder_patient,
     format_paths,
     image_problem,
     log_warnings,
@@ -287,7 +289,7 @@ def _ingest(config: IngestConfig, scanned: tuple[LayoutScan, set[str]], started:
         timings["write"] = time.perf_counter() - started - sum(timings.values())
 
         report = _report(config, scan.root, manifest, index, labels, splits, duplicates, started)
-        report["patients"] = _patient_report(scan, patients, splits, placeholders)
+        report["patients"] = _patient_report(scan, patients, splits, placeholders, config.patient_column)
         report["patients"]["pulled_to_test"] = pulled
         report["duplicates"]["across_classes"] = _across_classes(rows, labels, manifest)
         report.update(_source_report(sources, splits, labels, test_sources), labels=_label_report(scan))
@@ -319,8 +321,12 @@ def _group_keys(groups: list[int], hashes: Any) -> dict[int, str]:
 
 def _patient_warnings(patients: dict[str, Any]) -> list[str]:
     """The ids read as placeholders, and the images a held-out source took to test with their patients."""
+    folders = patients.get("column") == PATIENT_FOLDER
     warnings = [
-        f"patient id {placeholder!r} names {count} images, read as an anonymised placeholder, not a "
+        f"the folder {placeholder!r} holds {count} images, too many for one patient's (over 20 and over a "
+        "tenth of them): read as a folder of many, its images split as if they named no patient"
+        if folders
+        else f"patient id {placeholder!r} names {count} images, read as an anonymised placeholder, not a "
         "patient: those images are split as if they named none"
         for placeholder, count in patients["placeholders"].items()
     ]
@@ -333,13 +339,20 @@ def _patient_warnings(patients: dict[str, Any]) -> list[str]:
 
 
 def _patient_report(
-    scan: LayoutScan, patients: list[str], splits: list[str], placeholders: dict[str, int]
+    scan: LayoutScan,
+    patients: list[str],
+    splits: list[str],
+    placeholders: dict[str, int],
+    asked: str | None = None,
 ) -> dict[str, Any]:
-    """The label file's patient column (DICOM_PATIENT where the DICOMs name them), the images and patients it
-    names, the ids read as anonymised placeholders, and how many patients have images in more than one split
-    (0: a patient's images are one group, which a held-out image takes to test whole)."""
+    """The label file's patient column (PATIENT_FOLDER where `asked` for the class folders' patient folders,
+    DICOM_PATIENT where the DICOMs name them), the images and patients it names, the ids read as anonymised
+    placeholders, and how many patients have images in more than one split (0: a patient's images are one
+    group, which a held-out image takes to test whole)."""
     column = (scan.label_file or {}).get("patient_column")
-    if not column and any(patients):  # none from a label file: every one is a DICOM's own
+    if (asked or "").strip().lower() == PATIENT_FOLDER:
+        column = PATIENT_FOLDER
+    elif not column and any(patients):  # none from a label file: every one is a DICOM's own
         column = DICOM_PATIENT
     named = [(p, s) for p, s in zip(patients, splits, strict=True) if p and p not in placeholders]
     splits_of: dict[str, set[str]] = {}
@@ -784,6 +797,10 @@ def scan_ingest_input(config: IngestConfig) -> tuple[LayoutScan, set[str]]:
         config.labels, config.label_column, config.file_column, config.patient_column
     )
     scan = scan_layout(config.raw, label_file, config.label_map())
+    if (config.patient_column or "").strip().lower() == PATIENT_FOLDER:  # `COVID/P0123/1.png`: P0123
+        scan.entries = [
+            dataclasses.replace(entry, patient=folder_patient(entry.file)) for entry in scan.entries
+        ]
     refusal = scan.refusal()
     if refusal and not config.skip_unmapped:
         log_warnings(scan.warnings)

@@ -102,8 +102,14 @@ class LabelFile:
         patient_column: str | None = None,
     ) -> LabelFile | None:
         """The label file that --labels and its column flags describe; None for class folders."""
-        if labels is None:  # `--patient-column none` stands alone: it turns a DICOM's PatientID off
-            named = patient_column is not None and patient_column.strip().lower() != "none"
+        chosen = (patient_column or "").strip().lower()
+        if labels is not None and chosen == PATIENT_FOLDER:
+            raise LayoutError(
+                "--patient-column folder: the patients are the folders below each class folder; a label "
+                "file's images lie in one folder, so name its patient column instead"
+            )
+        if labels is None:  # `--patient-column none` or `folder` stand alone (none: no DICOM PatientID)
+            named = patient_column is not None and chosen not in ("none", PATIENT_FOLDER)
             if label_column is not None or file_column is not None or named:
                 raise LayoutError(
                     "--label-column, --file-column and --patient-column name columns of a label file: pass "
@@ -423,6 +429,22 @@ def is_dicom(data: bytes, name: str = "") -> bool:
 
 DICOM_PATIENT = "PatientID (DICOM)"
 """An ingest report's patient column where the patients are the DICOMs' own (0010,0020)."""
+PATIENT_FOLDER = "folder"
+"""`--patient-column folder`: each image's patient is the first folder below its class folder (below its
+`images/`), as exports nest a patient's films (`COVID/P0123/1.png`); the report's column names it so."""
+
+
+def folder_patient(file: str) -> str:
+    """The patient a class folder's image is filed under (`PATIENT_FOLDER`): the first folder of its path
+    from the class folder, `images/` passed over; "" for an image directly in the class folder.
+
+    >>> folder_patient("P0123/study-1/a.png"), folder_patient("images/P7/a.png"), folder_patient("a.png")
+    ('P0123', 'P7', '')
+    """
+    folders = file.split("/")[:-1]
+    if folders and folders[0].casefold() == "images":
+        folders = folders[1:]
+    return _patient_id(folders[0]) if folders else ""
 
 
 def dicom_patient(data: bytes, name: str = "") -> str:

@@ -209,7 +209,14 @@ def run_training(loop_config: dict[str, Any], session: TrainSession) -> None:
         log.info("rank %d resumed after epoch %d of %d", rank, start_epoch, config.epochs)
 
     train_shard, val_shard = session.dataset("train"), session.dataset("val")
-    batch_options = {"batch_size": batch_size, "device": device, "drop_last": False}
+    # On a GPU, batches pinned by the prefetch threads: their non-blocking copies then overlap the step
+    # running on the stream, where copies from pageable memory wait for it (CUDA's rule).
+    batch_options = {
+        "batch_size": batch_size,
+        "device": device,
+        "drop_last": False,
+        "pin_memory": device.type == "cuda",
+    }
     for epoch in range(start_epoch, config.epochs):
         # The same --seed and workers give the same run, resumed or not (on CPU; cuDNN's kernels vary).
         seed = epoch_seed(config.seed, rank, epoch)

@@ -345,6 +345,32 @@ def test_a_pacs_exports_patients_are_read_from_its_dicoms(tmp_path: Path) -> Non
     assert "patients (the DICOMs' PatientID): 6 for 24 images" in format_ingest_report(report)
 
 
+def test_patient_folders_of_pngs_keep_each_patients_films_in_one_split(tmp_path: Path) -> None:
+    """A hospital's PNG export filed per patient (`COVID/P03/1.png`) had no way to say so: each film was
+    split on its own. `--patient-column folder` reads the folder below each class folder as the patient; a
+    folder of too many images for one patient groups nothing, and says so."""
+    root = tmp_path / "export"
+    for i in range(54):
+        label = "COVID" if i % 2 else "Normal"
+        folder = "batch" if i >= 32 else f"P{i // 4:02d}"  # a folder of 22 films: no one patient's
+        write_png(root / label / ("images" if i % 3 else "") / folder / f"{i}.png", xray(300 + i))
+    config = IngestConfig(
+        raw=str(root), out=str(tmp_path / "ds"), size=SIZE, val_fraction=0.25, test_fraction=0.25,
+        patient_column="folder", near_duplicate_bits=0,
+    )  # fmt: skip
+    report = ingest_dataset(config)
+    table = read_table(str(tmp_path / "ds"), ["file", "split"]).to_pandas()
+    folder = table["file"].str.removeprefix("images/").str.split("/").str[0]
+    by_patient = table[folder != "batch"].groupby(folder)["split"].nunique()
+    assert len(by_patient) == 8 and (by_patient == 1).all()
+    assert report["patients"]["column"] == "folder" and report["patients"]["patients"] == 8
+    assert report["patients"]["placeholders"] == {"batch": 22}
+    assert len(set(table[folder == "batch"]["split"])) > 1  # grouped nothing
+    text = format_ingest_report(report)
+    assert "patients (the folders below each class folder): 8 for 32 images" in text
+    assert "the folder 'batch' holds 22 images, too many for one patient's" in text
+
+
 def test_real_sample(real_sample: Path, tmp_path: Path) -> None:
     report = ingest_dataset(IngestConfig(raw=str(real_sample), out=str(tmp_path / "real"), size=SIZE))
     assert (report["found"], report["ingested"], report["rejected"]) == (130, 130, [])

@@ -836,3 +836,9 @@ def test_files_that_are_not_images_are_named_not_skipped_without_a_word(tmp_path
     (flat / "notes.txt").write_text("x")
     scan = scan_layout(flat, LabelFile(str(flat / "labels.csv")))
     assert scan.skipped_files == [str(flat / "notes.txt")] and "(.txt 1): notes.txt;" in scan.warnings[0]
+
+
+def test_patient_folders_are_asked_of_class_folders_only() -> None:
+    assert LabelFile.from_flags(None, patient_column="folder") is None  # class folders: no label file
+    with pytest.raises(LayoutError, match="--patient-column folder: the patients are the folders below each"):
+        LabelFile.from_flags("labels.csv", patient_column="folder")
