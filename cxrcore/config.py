@@ -739,6 +739,11 @@ class EvaluateConfig:
         _require(self.batch_size >= 1, "batch_size", "must be at least 1")
 
 
+PROMOTE_CHOICES = ("auto", "never")
+CANDIDATE = "candidate"
+"""The alias `cxr tune --promote never` gives its winner, in place of production."""
+
+
 @dataclass
 class TuneConfig:
     """Compare architectures and hyperparameters with Ray Tune (ASHA), register the best of each."""
@@ -776,6 +781,12 @@ class TuneConfig:
         "'auto' (hub)",
     )
     max_concurrent: int | None = option(None, "trials at once (default: what the cluster's CPUs/GPUs allow)")
+    promote: str = option(
+        "auto",
+        "whether the winner becomes production: auto (unless production ranks above it on the same data, "
+        "or it is not shown to beat always answering the commonest class), or never (it gets the alias "
+        "candidate alone, for `cxr models promote candidate` after a review)",
+    )
     out: str = option("cxr-runs", "storage path for the experiment, its trials and reports")
     name: str = option("compare", "experiment name; re-running with the same name resumes it")
     seed: int = option(0, "seed of the search")
@@ -806,6 +817,8 @@ class TuneConfig:
             f"must be between 1 and --epochs ({self.epochs}), got {self.grace_epochs}",
         )
         _require(self.workers_per_trial >= 1, "workers_per_trial", "must be at least 1")
+        self.promote = self.promote.strip().lower()
+        _require(self.promote in PROMOTE_CHOICES, "promote", f"auto or never, got {self.promote!r}")
         _require(
             self.max_concurrent is None or self.max_concurrent >= 1, "max_concurrent", "must be positive"
         )

@@ -180,6 +180,13 @@ def tune_plan(config: TuneConfig) -> str:
         ),
         ("epochs total", _epochs_total(config, len(trials))),
         ("output", f"{experiment} (comparison.html; re-running resumes it); registry {config.registry}"),
+        (
+            "winner",
+            "the alias candidate (--promote never); production stays"
+            if config.promote == "never"
+            else "production, unless production ranks above it on this data or it is not shown to beat "
+            "always answering the commonest class",
+        ),
     ]
     table = format_table(
         ["trial", "model", "lr", "weight decay", "batch/worker", "steps/epoch", "seed"],

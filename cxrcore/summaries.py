@@ -58,6 +58,7 @@ def format_comparison(comparison: dict[str, Any]) -> str:
         holdout_columns,
         holdout_warnings,
         kept_better_line,
+        kept_candidate_line,
         kept_chance_line,
         seed_warnings,
         seeds_line,
@@ -107,6 +108,8 @@ def format_comparison(comparison: dict[str, Any]) -> str:
             f"so none is promoted; `cxr models promote {kept['failed']}` serves the best checkpoint made "
             "before the failure anyway"
         )
+    elif kept and "not_asked" in kept:
+        lines.append(kept_candidate_line(comparison["production"], kept))
     elif kept and "better_on_this_data" in kept:
         lines.append(kept_better_line(kept))
     elif kept and "not_above_chance" in kept:

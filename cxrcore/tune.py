@@ -27,7 +27,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from cxrcore.config import ConfigError, EvaluateConfig, TrainConfig, TuneConfig, from_dict, to_dict
+from cxrcore.config import CANDIDATE, ConfigError, EvaluateConfig, TrainConfig, TuneConfig, from_dict, to_dict
 from cxrcore.console import is_quiet, quiet_ray_console, quiet_tune_trial
 from cxrcore.data import storage
 from cxrcore.experiment import check_same_experiment
@@ -373,7 +373,7 @@ def _run_comparison(config: TuneConfig, report: dict[str, Any], plan: list[dict[
     best = _best_per_architecture(config, trials, registry, work, experiment)
     _pair_with_runner_up(best, work)
     previous = registry.aliases().get("production")
-    kept, promoted = _promote_winner(registry, best, previous, left, report["fingerprint"])
+    kept, promoted = _promote_winner(registry, best, previous, left, report["fingerprint"], config.promote)
     comparison = {
         "experiment": experiment,
         "dataset": config.data,
@@ -448,10 +448,16 @@ def _earlier_comparison(experiment: str) -> dict[str, Any] | None:
 
 
 def _promote_winner(
-    registry: Any, best: dict[str, dict[str, Any]], previous: str | None, left: str | None, fingerprint: str
+    registry: Any,
+    best: dict[str, dict[str, Any]],
+    previous: str | None,
+    left: str | None,
+    fingerprint: str,
+    promote: str = "auto",
 ) -> tuple[dict[str, Any] | None, str | None]:
-    """Make the winner production, unless production should stay: a re-run of this experiment after
-    production was moved from what the experiment promoted (`left`), or a production version that ranks
+    """Make the winner production, unless production should stay: `promote` "never" (the winner is then
+    the alias candidate), a re-run of this experiment after production was moved from what the experiment
+    promoted (`left`), a winner not shown to beat the commonest class, or a production version that ranks
     above the winner on the same validation images (_better_production). Stars the production row of
     `best`; returns why production stayed (None: promoted) and what this experiment has promoted."""
     from cxrcore.evaluate.comparison import not_shown_above_chance, ranked_architectures
@@ -467,11 +473,14 @@ def _promote_winner(
         for row in best.values():
             row["production"] = row["ref"] == previous
         return {"failed": winner["ref"]}, left
-    if left is not None and previous is not None and previous != left:
+    if promote == "never":  # a review first: `cxr models promote candidate` serves it
+        registry.promote(winner["ref"], CANDIDATE)
+        kept: dict[str, Any] = {"not_asked": winner["ref"], "winner": winner["ref"]}
+    elif left is not None and previous is not None and previous != left:
         # This experiment finished before and promoted `left`; production was moved since (a rollback,
         # another experiment's winner). Re-running it, to resume or to remake its reports, must not
         # undo that: an operator's rollback came back on a CI retry.
-        kept: dict[str, Any] = {"left_by_earlier_run": left, "winner": winner["ref"]}
+        kept = {"left_by_earlier_run": left, "winner": winner["ref"]}
     elif previous not in (None, winner["ref"]) and not_shown_above_chance(winner):
         # a winner no better than answering the commonest class never unseats a production version (a
         # clinician's review: a model at 0.25 on 4 test images replaced one at 1.000 on 40); where there is

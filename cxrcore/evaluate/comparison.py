@@ -11,6 +11,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from cxrcore.config import CANDIDATE
 from cxrcore.data import storage
 from cxrcore.evaluate.report import (
     ReportSection,
@@ -130,6 +131,8 @@ def write_comparison_report(out_dir: str | Path, comparison: dict[str, Any]) -> 
         leads.append((kept_better_line(kept), "lead alert"))
     if "not_above_chance" in kept:
         leads.append((kept_chance_line(comparison["production"], kept), "lead alert"))
+    if "not_asked" in kept:
+        leads.append((kept_candidate_line(comparison["production"], kept), "lead"))
     leads += [(line, "lead alert") for line in holdout_warnings(comparison["best"])]
     leads += [(line, "lead alert") for line in chance_warnings(comparison["best"])]
     if comparison.get("sources_separate_classes"):
@@ -209,6 +212,15 @@ def kept_better_line(kept: Mapping[str, Any]) -> str:
         f"Production stays {held['ref']}: trained on this dataset, it scores validation macro-F1 "
         f"{figures(held)} on the same{images} images, against the winner's {figures(winner)}; "
         f"`cxr models promote {winner['ref']}` serves the winner."
+    )
+
+
+def kept_candidate_line(production: str | None, kept: Mapping[str, Any]) -> str:
+    """Why production stayed where it was: `cxr tune --promote never` asked it to."""
+    return (
+        f"Production stays {production or '(none)'}, as --promote never asks: the winner, "
+        f"{kept['not_asked']}, is the alias {CANDIDATE}; `cxr models promote {CANDIDATE}` serves it once "
+        "reviewed."
     )
 
 

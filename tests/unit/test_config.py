@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -181,3 +182,17 @@ def test_a_run_name_ray_train_cannot_run_is_refused_before_anything_starts() -> 
     with pytest.raises(ConfigError, match=r"^--name: one folder's name, not a path"):
         TuneConfig(data="ds", registry="reg", name="..")
     assert TrainConfig(data="ds", model="tiny_cnn_lstm", name="essai-1", out="runs é").run_name() == "essai-1"
+
+
+def test_tune_promotes_its_winner_or_only_names_it_a_candidate() -> None:
+    from cxrcore.config import ConfigError, TuneConfig
+    from cxrcore.plan import tune_plan
+
+    assert TuneConfig(data="ds", registry="reg").promote == "auto"
+    never = TuneConfig(data="ds", registry="reg", promote=" Never ")
+    assert never.promote == "never"
+    assert re.search(
+        r"\nwinner: +the alias candidate \(--promote never\); production stays\n", tune_plan(never)
+    )
+    with pytest.raises(ConfigError, match=r"^--promote: auto or never, got 'sometimes'"):
+        TuneConfig(data="ds", registry="reg", promote="sometimes")

@@ -253,6 +253,20 @@ def test_production_better_on_the_same_validation_images_stays_and_says_so(tmp_p
     said = kept_chance_line(champion["ref"], kept)
     assert said.startswith(f"Production stays {champion['ref']}: the winner")
     assert _promote_winner(registry, best, None, None, "other") == (None, best["tiny_resnet"]["ref"])
+    # --promote never: a review first; the winner is the alias candidate, production stays (none: none)
+    from cxrcore.evaluate.comparison import kept_candidate_line
+
+    registry.promote(champion["ref"], "production")
+    best = {"tiny_resnet": version("tiny_resnet", "other", 0.99)}
+    kept, promoted = _promote_winner(registry, best, champion["ref"], None, "other", "never")
+    assert kept == {"not_asked": best["tiny_resnet"]["ref"], "winner": best["tiny_resnet"]["ref"]}
+    assert promoted is None and registry.aliases()["production"] == champion["ref"]
+    assert registry.aliases()["candidate"] == best["tiny_resnet"]["ref"]
+    winner_ref = best["tiny_resnet"]["ref"]
+    assert kept_candidate_line(champion["ref"], kept) == (
+        f"Production stays {champion['ref']}, as --promote never asks: the winner, {winner_ref}, is the "
+        "alias candidate; `cxr models promote candidate` serves it once reviewed."
+    )
 
 
 def test_a_trial_that_failed_is_ranked_after_those_that_finished_and_never_promoted(tmp_path: Path) -> None:
