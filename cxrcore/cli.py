@@ -41,7 +41,7 @@ from cxrcore.console import quiet_ray_console
 from cxrcore.data.layout import LayoutError
 from cxrcore.data.split import SPLITS
 from cxrcore.labels import CLASSES
-from cxrcore.registry import ModelRegistry, RegistryError, report_metrics
+from cxrcore.registry import ModelRegistry, RegistryError, registered_test
 from cxrcore.runtime import Interrupted, storage_error, storage_reason
 from cxrcore.summaries import (
     format_cell,
@@ -915,15 +915,9 @@ def _test_figures(version: Any) -> tuple[str, str]:
     """The accuracy (with its image count) and macro-F1 of the test report registered with `version`;
     dashes without one (or with a report of another split or dataset), "?" where its metrics.json cannot be
     read. On an imbalanced test split the macro-F1 tells apart a model that misses a rare class."""
-    from cxrcore.metrics import brief_test_figures
-
-    try:
-        metrics = report_metrics(version.report)
-    except (OSError, ValueError):  # a report cut short or unreadable: the listing goes on
-        return "?", "?"
-    test = brief_test_figures(metrics) if isinstance(metrics, dict) else None
-    if test is None:
-        return "-", "-"
+    test, why = registered_test(version)
+    if test is None:  # "?": a report cut short or unreadable; the listing goes on
+        return ("?", "?") if why and "cannot be read" in why else ("-", "-")
     n = test["images"]
     accuracy = f"{test['accuracy']:.3f}" + (f" ({n})" if n is not None else "")
     return accuracy, format_cell(test["macro_f1"])
@@ -999,7 +993,6 @@ def _run_history(args: argparse.Namespace) -> int:
 
 def _run_show(args: argparse.Namespace) -> int:
     from cxrcore.checkpoint import WEIGHTS_NAME
-    from cxrcore.metrics import brief_test_figures
 
     registry = _registry(args)
     version = registry.get(args.ref)
@@ -1012,15 +1005,15 @@ def _run_show(args: argparse.Namespace) -> int:
             paths["segmenter"] = str(registry.segmenter_checkpoint(version.card.segmenter, of=version.ref))
         except RegistryError as exc:
             paths["segmenter"] = f"not found: {exc}"
-    metrics = report_metrics(version.report)
-    test = brief_test_figures(metrics) if metrics else None
+    test, why = registered_test(version)
     if args.json:
         shown = {"ref": version.ref, "aliases": list(version.aliases), "paths": paths, "test": test}
+        shown["test_missing"] = why
         print(json.dumps({**shown, "card": card, "history_length": len(history)}, indent=2))
         return 0
     lines = [f"ref: {version.ref}", f"aliases: {', '.join(version.aliases) or '-'}"]
     lines += [f"{key}: {path or '-'}" for key, path in paths.items()]
-    lines.append(f"test: {_test_line(test)}")
+    lines.append(f"test: {_test_line(test) if test else f'- ({why})'}")
     lines.append("card:")
     for key, value in card.items():
         if key == "epoch" and isinstance(value, int):  # as the history, the epoch lines and the reports count
@@ -1033,12 +1026,10 @@ def _run_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _test_line(test: dict[str, Any] | None) -> str:
+def _test_line(test: dict[str, Any]) -> str:
     """The registered test figures in a line, with whether they beat answering the commonest class."""
     from cxrcore.evaluate.report import interval_text
 
-    if test is None:
-        return "- (registered without an evaluation report: the card's figures are validation ones)"
     line = (
         f"accuracy {test['accuracy']:.3f} (95% CI {interval_text(test['accuracy_ci95'])}) on "
         f"{test['images'] or '?'} images of its dataset's test split, "

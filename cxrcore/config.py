@@ -494,7 +494,8 @@ class BenchmarkConfig:
         "train: Ray Train worker counts to measure, comma-separated (0: its local mode, in this process)",
     )
     plain_threads: int | None = option(
-        None, "train: torch threads of the plain PyTorch loop (unset: every core)"
+        None,
+        "train: torch threads of the plain PyTorch loop (unset: 1 and every usable core, the faster)",
     )
     serve_model: str = option(
         None,

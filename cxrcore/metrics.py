@@ -447,15 +447,14 @@ def _macro_auroc_interval(
     aurocs: Sequence[float | None], influences: Sequence[np.ndarray | None]
 ) -> list[float] | None:
     """The DeLong 95% interval of the mean of the defined AUROCs (one class: its own), clipped to [0, 1].
-    None where a class has one image on a side, or where the variance is 0: scores that separate the
-    classes perfectly (an interval of 1.00-1.00 would claim a certainty that a few images cannot give)."""
+    None where a class has one image on a side, or a variance of 0: scores that separate it perfectly (an
+    interval of 1.00-1.00 would claim a certainty that a few images cannot give, and in the mean it would
+    narrow the others' interval)."""
     defined = [(auroc, terms) for auroc, terms in zip(aurocs, influences, strict=True) if auroc is not None]
     shares = [terms for _, terms in defined if terms is not None]
-    if not defined or len(shares) < len(defined):
-        return None
+    if not defined or len(shares) < len(defined) or not all(np.any(terms) for terms in shares):
+        return None  # a class without a variance of its own would narrow the mean's interval without cause
     spread = math.sqrt(float(np.square(np.mean(shares, axis=0)).sum()))
-    if spread == 0.0:
-        return None
     centre = float(np.mean([auroc for auroc, _ in defined]))
     return [max(0.0, centre - WILSON_Z * spread), min(1.0, centre + WILSON_Z * spread)]
 

@@ -5,7 +5,6 @@ so it reads at most a dataset's small ingest report, and says what it assumes in
 from __future__ import annotations
 
 import math
-import os
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -265,7 +264,7 @@ def _epochs_total(config: TuneConfig, trials: int) -> str:
 
 def _concurrency(config: TuneConfig) -> tuple[int, str]:
     """Trials at once, and what that number rests on."""
-    from cxrcore.runtime import local_logical_cpus
+    from cxrcore.runtime import local_logical_cpus, usable_cores
     from cxrcore.tune import max_concurrent_trials
 
     if config.max_concurrent:
@@ -273,7 +272,7 @@ def _concurrency(config: TuneConfig) -> tuple[int, str]:
     if config.gpu:
         resources, cluster = {"GPU": float(ASSUMED_NODE_GPUS)}, f"one node with {ASSUMED_NODE_GPUS} GPUs"
     else:
-        cores = os.cpu_count() or 1
+        cores = usable_cores()
         logical = local_logical_cpus(cores)
         resources = {"CPU": float(logical)}
         cluster = (
@@ -292,10 +291,10 @@ def _workers(config: TuneConfig) -> str:
 def _per_trial(config: TuneConfig, trials: int) -> str:
     """A trial's workers and the CPUs it holds; on the assumed local cluster, trials fewer than the cores
     share them (`tune.trial_worker_cpus`)."""
-    from cxrcore.runtime import local_logical_cpus
+    from cxrcore.runtime import local_logical_cpus, usable_cores
     from cxrcore.tune import TRIAL_DRIVER_CPUS, trains_in_trial, trial_request, trial_worker_cpus
 
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     share = trial_worker_cpus(config, {"CPU": float(local_logical_cpus(cores))}, trials, cores=cores)
     if trains_in_trial(config):
         if config.gpu or share == 1:
@@ -318,11 +317,11 @@ def _segmenter_workers(config: TuneConfig) -> str:
     """The segmenter's workers: a trial's, each with its share of the assumed local cluster's cores, as
     `trainer.worker_cpus` gives them (it trains alone, before the trials); one worker trains in a Tune
     trial's own process, as one-worker trials do (`tune._segmenter_in_trial`)."""
-    from cxrcore.runtime import local_logical_cpus
+    from cxrcore.runtime import local_logical_cpus, usable_cores
     from cxrcore.train.trainer import local_worker_cpus
     from cxrcore.tune import trains_in_trial
 
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     n = config.workers_per_trial
     share = local_worker_cpus(cores, local_logical_cpus(cores), n)
     if trains_in_trial(config):

@@ -951,12 +951,38 @@ class ModelRegistry:
 
 def report_metrics(report: str | None) -> dict[str, Any] | None:
     """metrics.json of the evaluation report registered with a version (`ModelVersion.report`), where it
-    has one."""
+    has one. Raises OSError or ValueError where it cannot be read."""
     if report is None:
         return None
     filesystem, path = resolve(report)
     text = read_text(filesystem, f"{path}/metrics.json")
     return json.loads(text) if text else None
+
+
+def registered_test(version: ModelVersion) -> tuple[dict[str, Any] | None, str | None]:
+    """The test figures of the report registered with `version` (`brief_test_figures`), or None and why
+    there are none: no report, one that scored something else than its own dataset's test split, or one
+    that cannot be read. A damaged report never stops what reads it: the weights serve all the same."""
+    from cxrcore.metrics import brief_test_figures, is_test_report
+
+    if version.report is None:
+        return None, "registered without an evaluation report: the card's figures are validation ones"
+    try:
+        metrics = report_metrics(version.report)
+    except (OSError, ValueError) as exc:
+        return None, f"its report's metrics.json cannot be read ({type(exc).__name__}: {exc})"
+    if not isinstance(metrics, dict):
+        return None, "its report holds no metrics.json"
+    figures = brief_test_figures(metrics)
+    if figures is None:
+        evaluated = metrics.get("evaluated") or {}
+        what = (
+            f"the {evaluated.get('split')} split of {evaluated.get('relation')} data"
+            if evaluated and not is_test_report(metrics)
+            else "no accuracy"
+        )
+        return None, f"its registered report scores {what}, not the test split of its own dataset"
+    return figures, None
 
 
 def _check_report_describes(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import math
 import os
 import random
 import shutil
@@ -43,6 +44,30 @@ _local_cores: int | None = None
 TRAIN_STATE_TRACKING = "RAY_TRAIN_ENABLE_STATE_TRACKING"
 """Ray Train records each run for the dashboard's Train view where this is 1 in the process that builds the
 TorchTrainer (one detached actor per cluster, no CPU); Ray 2.60 leaves it off."""
+
+
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+"""cgroup v2's CPU quota ("QUOTA PERIOD", or "max PERIOD" for none) of this container or cgroup namespace."""
+
+
+def usable_cores(cpu_max: Path = CGROUP_CPU_MAX) -> int:
+    """The CPUs this process may use: those its affinity allows (os.cpu_count() where it cannot be read),
+    at most ceil(quota / period) of a cgroup v2 quota in `cpu_max`.
+
+    Under taskset, a cpuset or a Kubernetes CPU limit os.cpu_count() still counts every core of the host:
+    the plain loop's threads, the side-by-side processes and "× N cores" sized by it would oversubscribe.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError, ZeroDivisionError):
+        pass  # no cgroup v2 file here, or one this does not read: the affinity's count
+    return max(1, cores)
 
 
 def check_no_shadowing_modules(
@@ -125,7 +150,7 @@ def init_ray(
                     _join(address, "--address" if given else "RAY_ADDRESS", cluster_logs)
                 else:
                     global _local_cores
-                    cores = os.cpu_count() or 1
+                    cores = usable_cores()
                     logical = num_cpus or local_logical_cpus(cores)
                     _local_cores = min(cores, logical)  # never more than the cluster has to give
                     _start_local(logical, object_store_memory)

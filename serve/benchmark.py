@@ -1,9 +1,10 @@
 """Serving latency and throughput, measured side by side in one run on one machine.
 
 HTTP p50/p99 and requests/s at each client concurrency, with batching on and off (one classifier
-replica, so autoscaling does not blur it), next to the model's direct `predict_proba` throughput at
-its best batch size with the threads of one replica, measured again just before and after each HTTP
-measurement:
+replica, so autoscaling does not blur it), next to the model's direct `predict_proba` throughput with
+the threads of one replica at the batch the replica's forward passes run at that concurrency
+(min(concurrency, its forward batch size)) and at the sweep's best batch size, measured again just
+before and after each HTTP measurement:
 
     python -m serve.benchmark --registry REG --model production
     python -m serve.benchmark --arch dual_cnn --image-size 128   # untrained weights cost the same
@@ -18,7 +19,7 @@ import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -69,24 +70,31 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
+    from cxrcore.inference import batch_sizes
     from cxrcore.runtime import init_ray
     from serve.app import build_app
     from serve.deployments import resolve_model
     from serve.schemas import MAX_BATCH_SIZE, ServeArgs
     from serve.server import shutdown_serve
 
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    batching = args.batch_size or MAX_BATCH_SIZE["cpu"]
+    # Every batch size a row may be compared with, min(concurrency, the replica's forward batch): the
+    # replica's forward measures the sizes of batch_sizes(max_batch_size), or runs the size it was given.
+    swept = {*BATCH_SIZES, *batch_sizes(batching), *(c for c in concurrencies if c < batching)}
+    swept |= {args.forward_batch_size} if args.forward_batch_size else set()
     with tempfile.TemporaryDirectory() as work:
         model = args.model or str(_untrained(Path(work), args.arch, args.image_size))
         upload = make_upload(args.upload_format, args.upload_size)
         threads = max(1, int(args.num_cpus))  # Ray gives a replica OMP_NUM_THREADS = its whole CPUs
         limit = DirectLimit(resolve_model(args.registry, model).checkpoint, upload, threads)
-        direct = limit.sweep(args.sweep_rounds)
+        direct = limit.sweep(args.sweep_rounds, sizes=sorted(swept))
         init_ray(num_cpus=max(os.cpu_count() or 1, 4))  # as `cxr serve` starts it: HAProxy unless told not
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})
         rows: list[dict[str, Any]] = []
         burst: dict[str, Any] | None = None
         try:
-            for batch_size in (args.batch_size or MAX_BATCH_SIZE["cpu"], 1):
+            for batch_size in (batching, 1):
                 app_args = ServeArgs(
                     registry=args.registry, model=model, num_cpus=args.num_cpus, max_replicas=1,
                     max_batch_size=batch_size, max_ongoing_requests=max(32, batch_size),
@@ -97,10 +105,13 @@ def main(argv: list[str] | None = None) -> int:
                 url = f"http://127.0.0.1:{args.port}/v1/predict"
                 _load(url, upload, requests=20, concurrency=4)  # warm up
                 forward = _forward_batching(f"http://127.0.0.1:{args.port}/v1/model")
-                for concurrency in (int(c) for c in args.concurrency.split(",")):
+                per_pass = min(forward["forward_batch_size"] or batch_size, batch_size)
+                for concurrency in concurrencies:
+                    # The replica runs forward passes of at most min(concurrency, per_pass) images: the
+                    # direct forward at that batch is what it could give; the sweep's best rides along.
                     figures = _beside_the_limit(
-                        limit, direct["best_batch"], concurrency == 1,
-                        partial(_load, url, upload, args.requests, concurrency),
+                        limit, min(concurrency, per_pass), concurrency == 1,
+                        partial(_load, url, upload, args.requests, concurrency), best=direct["best_batch"],
                     )  # fmt: skip
                     rows.append(
                         {"max_batch_size": batch_size, "concurrency": concurrency, **forward, **figures}
@@ -248,10 +259,10 @@ class DirectLimit:
     """`Predictor.predict_proba` (segmenter included) in this process, with the threads of one replica:
     the limit Serve is measured against.
 
-    `sweep` finds the best batch size once; `rate` measures one batch size again, just before and after
-    each HTTP measurement, so that every ratio compares figures taken seconds apart. On a shared 2-core
-    VM the same forward's speed drifts by ±15 % over minutes; a limit measured only at the start of a run
-    put that drift into the ratios.
+    `sweep` measures the batch sizes at the start; `rate` measures the batch a row is compared with (and
+    the sweep's best) again, just before and after each HTTP measurement, so that every ratio compares
+    figures taken seconds apart. On a shared 2-core VM the same forward's speed drifts by ±15 % over
+    minutes; a limit measured only at the start of a run put that drift into the ratios.
     """
 
     def __init__(self, checkpoint: Path, upload: Upload, threads: int) -> None:
@@ -274,17 +285,20 @@ class DirectLimit:
             runs += 1
         return round(runs * batch_size / (time.perf_counter() - start), 1)
 
-    def sweep(self, rounds: int = 3, seconds: float = 0.5) -> dict[str, Any]:
-        """Images/s per batch size of BATCH_SIZES, the best of them and where it was reached.
+    def sweep(
+        self, rounds: int = 3, seconds: float = 0.5, sizes: Iterable[int] | None = None
+    ) -> dict[str, Any]:
+        """Images/s per batch size of `sizes` (BATCH_SIZES unless given), the best of them and where it was
+        reached.
 
         The sizes are measured in turns, `rounds` times, and each keeps its median: the forward's speed
         drifts within seconds, and with one measurement per size the drift picked the "best" (session 21:
         batch 16 at 89 images/s in the sweep, the others 68-79, then 58-68 when measured again around
         each HTTP figure).
         """
-        runs: dict[int, list[float]] = {batch_size: [] for batch_size in BATCH_SIZES}
+        runs: dict[int, list[float]] = {batch_size: [] for batch_size in sizes or BATCH_SIZES}
         for _ in range(max(1, rounds)):
-            for batch_size in BATCH_SIZES:
+            for batch_size in runs:
                 runs[batch_size].append(self.rate(batch_size, seconds))
         per_batch = {batch_size: statistics.median(rates) for batch_size, rates in runs.items()}
         best = max(per_batch, key=per_batch.__getitem__)
@@ -297,20 +311,29 @@ class DirectLimit:
 
 
 def _beside_the_limit(
-    limit: DirectLimit, best: int, one_image: bool, measure: Callable[[], dict[str, Any]]
+    limit: DirectLimit,
+    batch: int,
+    one_image: bool,
+    measure: Callable[[], dict[str, Any]],
+    best: int | None = None,
 ) -> dict[str, Any]:
-    """`measure()`'s figures with the limit at batch `best` measured just before and just after it
-    (`direct_around`), and with `one_image` the forward of one image likewise (`direct_one_image_ms`)."""
-    batches = (best, 1) if one_image and best != 1 else (best,)
-    before = {batch: limit.rate(batch) for batch in batches}
+    """`measure()`'s figures with the limit at batch `batch` measured just before and just after it
+    (`direct_around`; at the sweep's `best` batch too, where given, in `direct_around["best"]`), and with
+    `one_image` the forward of one image likewise (`direct_one_image_ms`)."""
+    batches = list(dict.fromkeys([batch, *([best] if best else []), *([1] if one_image else [])]))
+    before = {size: limit.rate(size) for size in batches}
     figures = measure()
-    after = {batch: limit.rate(batch) for batch in batches}
-    figures["direct_around"] = {
-        "batch": best,
-        "before": before[best],
-        "after": after[best],
-        "images_per_s": round((before[best] + after[best]) / 2, 1),
-    }
+    after = {size: limit.rate(size) for size in batches}
+
+    def around(size: int) -> dict[str, Any]:
+        return {
+            "batch": size,
+            "before": before[size],
+            "after": after[size],
+            "images_per_s": round((before[size] + after[size]) / 2, 1),
+        }
+
+    figures["direct_around"] = {**around(batch), **({"best": around(best)} if best else {})}
     if one_image:
         figures["direct_one_image_ms"] = round(2000 / (before[1] + after[1]), 2)
     return figures

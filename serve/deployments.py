@@ -112,15 +112,15 @@ def resolve_model(registry: str | None, ref: str) -> ResolvedModel:
         return ResolvedModel(
             ref=ref if remote else str(path), checkpoint=path, card=card, version=card.version
         )
-    from cxrcore.metrics import brief_test_figures
-    from cxrcore.registry import ModelRegistry, report_metrics
+    from cxrcore.registry import ModelRegistry, registered_test
 
     models = ModelRegistry(registry)
     version = models.get(ref)
     path = Path(models.local_checkpoint(version.ref))  # its weights checked against the card
     card, number = _hashed(load_card(path), path), version.ref.rpartition(":")[2]
-    metrics = report_metrics(version.report)
-    test = brief_test_figures(metrics) if metrics else None
+    test, why = registered_test(version)
+    if why and version.report is not None:  # a damaged report: the model serves, with test null
+        log.warning("%s: no test figures for GET /v1/model: %s", version.ref, why)
     return ResolvedModel(ref=version.ref, checkpoint=path, card=card, version=number, test=test)
 
 

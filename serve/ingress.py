@@ -662,8 +662,9 @@ def create_api(classifier: Any, limits: ApiLimits | None = None) -> FastAPI:
 
 
 class _JsonCors(CORSMiddleware):
-    """Starlette's CORS, whose refusal of a preflight (an origin or method not allowed) is this API's JSON,
-    naming what is allowed, not a line of plain text a page's error handler cannot parse."""
+    """Starlette's CORS, whose refusal of a preflight (an origin or method not allowed) is this API's JSON
+    naming what is allowed, as every error is (a browser keeps a refused preflight from the page: this is
+    for the developer's curl and the server's log)."""
 
     def preflight_response(self, request_headers: Headers) -> Response:
         response = super().preflight_response(request_headers)
@@ -671,11 +672,15 @@ class _JsonCors(CORSMiddleware):
             return response
         refused = bytes(response.body).decode("utf-8", "replace")
         origin = request_headers.get("origin", "")
-        allowed = ", ".join(self.allow_origins) or "none"
-        detail = (
-            f"{refused} (origin {origin!r}; allowed: {allowed}, compared exactly, without a trailing slash); "
-            "start the server with --arg cors_origins=ORIGIN for a page served from another origin"
-        )
+        if not self.is_allowed_origin(origin):
+            allowed = ", ".join(self.allow_origins) or "none"
+            detail = (
+                f"{refused} (origin {origin!r}; allowed: {allowed}, compared exactly, without a trailing "
+                "slash); start the server with --arg cors_origins=ORIGIN for a page from another origin"
+            )
+        else:  # the method or a header: this API answers GET and POST
+            method = request_headers.get("access-control-request-method", "")
+            detail = f"{refused} ({method or 'no method'} asked; this API answers GET and POST)"
         headers = {k: v for k, v in response.headers.items() if k.lower().startswith("access-control-")}
         return _error_response(response.status_code, "cors_refused", detail, headers)
 

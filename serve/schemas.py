@@ -276,7 +276,8 @@ class ModelDetails(BaseModel):
     test: TestEvidence | None = Field(
         default=None,
         description="the test figures registered with the version (`cxr models register --report`, or a "
-        "Tune comparison's registration); null for a checkpoint folder or a version registered without one",
+        "Tune comparison's registration); null for a checkpoint folder, a version registered without one, "
+        "or one whose report scored other data or cannot be read (`cxr models show` says which)",
     )
     max_batch_size: int
     batch_wait_timeout_s: float

@@ -1,9 +1,11 @@
 """Ingest: cxr's Ray Data pipeline vs one process doing the same work with the same functions.
 
 The baseline calls what the pipeline calls (`scan_layout`, `decode_pair_batch`, `duplicate_groups`,
-`assign_splits`) and writes the same columns to Parquet partitioned by split, so the ratio says what Ray
-adds on these cores. Decode alone (read and decode image and mask) is the limit of one core, and the
-pipeline's per-image work run in as many processes as cores, side by side, is the limit of the machine.
+`assign_splits`) and writes the dataset's image columns to Parquet partitioned by split; Ray's ingest also
+writes row_id, label_index and duplicate_group and its report, and groups patients, so it does slightly
+more, and the ratio says what Ray adds on these cores. Decode alone (read and decode image and mask) is
+the limit of one core, and the pipeline's per-image work run in as many processes as this process may use
+cores, side by side, against the same work in one such process, is how far this machine scales it.
 """
 
 from __future__ import annotations
@@ -18,14 +20,18 @@ from typing import Any, TypeVar
 import numpy as np
 
 from cxrcore.bench.data import sample_raw, write_phantoms
-from cxrcore.bench.report import Row, Section, Target, ray_running
+from cxrcore.bench.report import Row, Section, Target, ray_running, usable_cores
 from cxrcore.config import BenchmarkConfig, IngestConfig
 
 TARGET = Target("ratio", 1.6)
-"""Issue 9: Ray Data ingest at least 1.6× one process doing the same work."""
+"""Issue 9: Ray Data ingest at least 1.6× one process doing the same work; judged on repeated ingests into
+a running cluster (the first row), not on a user's first ingest, which also starts Ray (its own row)."""
 STEADY_PAIRS = 5
 """Runs of each side after its first, taken in pairs (one process and Ray, in turns); the target is on the
 pair with the median ratio."""
+SIDE_BY_SIDE_PAIRS = 3
+"""Pairs of the machine's limit (one decode process, then the side-by-side processes; one with --quick):
+its row is the pair with the median ratio."""
 
 
 def benchmark_ingest(config: BenchmarkConfig) -> Section:
@@ -47,7 +53,7 @@ def benchmark_ingest(config: BenchmarkConfig) -> Section:
             raw, described = Path(config.raw), f"raw folder {config.raw}"
         else:
             raw = Path(work) / "raw"
-            processes = 1 if config.quick else os.cpu_count() or 1
+            processes = 1 if config.quick else usable_cores()
             written = write_phantoms(raw, config.images or 0, processes=processes)
             described = f"{written} synthetic 299 px PNGs with 256 px masks"
         # Decode alone runs first and reads every file, so every measurement below finds them in the page
@@ -62,7 +68,13 @@ def benchmark_ingest(config: BenchmarkConfig) -> Section:
         # the one-process runs (idle, it changed them by less than their spread). Before every run the
         # previous outputs are deleted and the disk cache flushed, so no run pays for another's writeback.
         decode = decode_alone(raw)
-        side_by_side = decode_side_by_side(raw, config.size, os.cpu_count() or 1)
+        cores = usable_cores()
+        # The machine's limit, in pairs: the same spawned decode in one process, then in `cores` at once,
+        # so each ratio compares runs a few seconds apart (measured once, its divisor was another run's).
+        limit_pairs = [
+            (decode_side_by_side(raw, config.size, 1), decode_side_by_side(raw, config.size, cores))
+            for _ in range(1 if config.quick else SIDE_BY_SIDE_PAIRS)
+        ]
         started = time.perf_counter()
         was_running = ray_running()
         init_ray(config.address)
@@ -92,6 +104,8 @@ def benchmark_ingest(config: BenchmarkConfig) -> Section:
         _settle(Path(work))
 
     ratios = [one_run["seconds"] / ray_run[0] for one_run, ray_run in pairs]
+    limit_ratios = [alone["seconds"] / together["seconds"] for alone, together in limit_pairs]
+    alone, side_by_side = _median_run(limit_pairs, key=lambda pair: pair[0]["seconds"] / pair[1]["seconds"])
     one, (ray_seconds, report) = _median_run(pairs, key=lambda pair: pair[0]["seconds"] / pair[1][0])
     one_runs, ray_runs = [one_run for one_run, _ in pairs], [ray_run for _, ray_run in pairs]
     images = one["images"]
@@ -102,11 +116,16 @@ def benchmark_ingest(config: BenchmarkConfig) -> Section:
     one_off = one_first["seconds"] - one["seconds"]
     stages = report["seconds_by_stage"]
     decode_stage = stages.get("scan_and_decode")
+    first_baseline = "one process, its first run (after the decode-only runs warmed it)"
     rows = [
-        Row("Ray Data ingest, whole, on a running cluster", ray_rate, "images/s",
-            "one process, the same work", one_rate, TARGET),
+        Row("Ray Data ingest, whole, on a running cluster (repeated ingests; the target's row)", ray_rate,
+            "images/s", "one process, the same work", one_rate, TARGET),
         Row("Ray Data ingest, whole, first after Ray start", images / first_seconds, "images/s",
-            "one process, its first run", images / one_first["seconds"]),
+            first_baseline, images / one_first["seconds"]),
+        Row("cxr data ingest as a user runs it: Ray start + first ingest"
+            + (" (Ray was already running: not measured)" * was_running),
+            None if was_running else images / (ray_start + first_seconds), "images/s",
+            first_baseline, images / one_first["seconds"]),
         Row(
             "Ray Data scan + decode stage",
             images / decode_stage if decode_stage else None,
@@ -116,14 +135,15 @@ def benchmark_ingest(config: BenchmarkConfig) -> Section:
         ),
         Row("one process, the same work", one_rate, "images/s", "decode alone, one process (the limit)",
             decode_rate),
-        Row("Ray Data ingest, against the cores' decoding", ray_rate, "images/s",
-            f"decode alone × {os.cpu_count()} cores (the limit here)", decode_rate * (os.cpu_count() or 1)),
+        Row("Ray Data ingest, whole", ray_rate, "images/s",
+            f"decoding only × {cores} cores (no validation, resize, hashing or write; not the same work)",
+            decode_rate * cores),
         Row(
             f"the per-image work in {side_by_side['processes']} processes at once (this machine's limit)",
             images / side_by_side["seconds"],
             "images/s",
-            "one process, the same work (its decode stage)",
-            images / one["stages"]["decode"],
+            f"the same work in one process, just before it (the median-ratio pair of {len(limit_pairs)})",
+            images / alone["seconds"],
         ),
         Row("Ray start-up" + (" (already running)" * was_running), None if was_running else ray_start, "s"),
         # Seconds, not a ratio: the one process's own one-off cost is near zero once Ray's start has
@@ -142,10 +162,17 @@ def benchmark_ingest(config: BenchmarkConfig) -> Section:
         ]
     notes = [
         f"Data: {described}, {images} found, {report['ingested']} ingested, resized to {config.size} px; "
-        f"Ray Data with {cpus} logical CPUs on {os.cpu_count()} cores.",
-        "Same work: the baseline calls the pipeline's own functions (scan_layout, decode_pair_batch: decode, "
+        f"Ray Data with {cpus} logical CPUs on {cores} cores (those this process may use).",
+        f"The target ({TARGET.describe('images/s')}) is judged on the first row only: repeated ingests into "
+        "a cluster that is already running, Ray's start and each side's first run excluded. A user's one "
+        "`cxr data ingest` also starts Ray and pays the first run's one-off costs: the third row, against "
+        "the one process's first run.",
+        "The work: the baseline calls the pipeline's own functions (scan_layout, decode_pair_batch: decode, "
         "validate, resize image and mask, SHA-256 and perceptual hash; duplicate_groups, assign_splits) "
-        "and writes the same columns to Parquet, partitioned by split, with the same `parquet_options`.",
+        "and writes 10 columns (image, mask, has_mask, label, source, url, file, sha256, phash, "
+        "mask_sha256) to Parquet, partitioned by split, with the same `parquet_options`. Ray's ingest does "
+        "slightly more: it also writes row_id, label_index and duplicate_group, groups patients, and "
+        "writes its report with the dataset's fingerprint.",
         "Ray's figures exclude its start-up"
         + (" (Ray was already running)." if was_running else f" ({ray_start:.1f} s, its own row).")
         + f" Each side ingests {1 + len(pairs)} times: a first run each, then {len(pairs)} pairs, one run of "
@@ -156,16 +183,20 @@ def benchmark_ingest(config: BenchmarkConfig) -> Section:
         + " / ".join(f"{ratio:.2f}" for ratio in ratios)
         + "). The first run on Ray also starts Ray Data's stats and autoscaling actors and the job's workers "
         "(a job submitted to a running cluster pays the workers again), the one-process first run its "
-        "imports and first memory use. Before each run the previous outputs are deleted and the disk "
-        "cache flushed.",
+        "first memory use: its imports, PIL's plugins and the page cache were warmed by the decode-only "
+        "runs before it, while Ray's first run shares only the page cache (its workers are new "
+        "processes). Before each run the previous outputs are deleted and the disk cache flushed.",
         "Stages: Ray's `seconds_by_stage` from the ingest report; scan + decode there includes Ray Data "
         "planning and task start-up.",
         f"The machine's limit: `decode_pair_batch` on every image, split across {side_by_side['processes']} "
-        "processes (no Ray) that start together; the time is the last one's. Its ratio is how far these "
-        f"cores scale this work at best: {side_by_side['processes']}.00× on ideal cores (per process, "
+        "processes (no Ray, spawned before Ray started) that start together; the time is the last one's. "
+        "Its baseline is the same spawned work in one process, run just before it; "
+        f"{len(limit_pairs)} pair(s), the row the median ratio (ratios "
+        + " / ".join(f"{ratio:.2f}" for ratio in limit_ratios)
+        + f"). Its ratio is how far these cores scale this work at best: {side_by_side['processes']}.00× "
+        "on ideal cores (per process, "
         + ", ".join(f"{seconds:.2f}" for seconds in side_by_side["each"])
-        + f" s against {one['stages']['decode'] / side_by_side['processes']:.2f} s for its share in one "
-        "process).",
+        + f" s against {alone['seconds'] / side_by_side['processes']:.2f} s for its share in one process).",
     ]
     return Section(
         name="ingest",
@@ -195,6 +226,12 @@ def benchmark_ingest(config: BenchmarkConfig) -> Section:
             "side_by_side_processes": side_by_side["processes"],
             "side_by_side_seconds": side_by_side["seconds"],
             "side_by_side_each_seconds": side_by_side["each"],
+            "side_by_side_one_process_seconds": alone["seconds"],
+            "side_by_side_pairs": [
+                {"one_process": one_alone["seconds"], "side_by_side": together["seconds"]}
+                for one_alone, together in limit_pairs
+            ],
+            "side_by_side_ratios": limit_ratios,
         },
     )
 

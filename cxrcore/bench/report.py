@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cxrcore.runtime import usable_cores
+
 JSON_NAME = "benchmark.json"
 MARKDOWN_NAME = "benchmark.md"
 
@@ -167,8 +169,13 @@ class Report:
             "Every figure was measured in this run next to its baseline, on the same data and cores; "
             "ratio = figure / baseline. Targets are those of issue 9.",
         ]
-        if self.settings.get("quick"):
-            lines += ["", "**--quick run**: tiny sizes; the figures show that the code runs, not how fast."]
+        quick = bool(self.settings.get("quick"))
+        if quick:
+            lines += [
+                "",
+                "**--quick run**: tiny sizes; the figures show that the code runs, not how fast, so no "
+                "target is judged (the target and met? columns are left out).",
+            ]
         for section in self.sections:
             lines += ["", f"## {section.title}", ""]
             if section.skipped:
@@ -177,10 +184,9 @@ class Report:
             if section.error:
                 lines += [f"Failed: {section.error}", ""]
             if section.rows:
-                lines += _markdown_table(
-                    ["measure", "figure", "baseline", "ratio", "target", "met?"],
-                    [_cells(row) for row in section.rows],
-                )
+                header = ["measure", "figure", "baseline", "ratio", "target", "met?"]
+                keep = 4 if quick else len(header)  # a --quick figure is no measurement to judge
+                lines += _markdown_table(header[:keep], [_cells(row)[:keep] for row in section.rows])
             if section.breakdown:
                 header, rows = section.breakdown
                 cells = [[_plain(cell, name) for cell, name in zip(row, header, strict=True)] for row in rows]
@@ -271,6 +277,54 @@ def _busy_share(window_s: float) -> float | None:
     return max(0.0, 1.0 - idle / total)
 
 
+class CpuShare:
+    """The CPU time other processes took from this process's cores while a run in this process was timed.
+
+    Busy time of the cores in this process's affinity (/proc/stat's per-CPU lines) less this process's own
+    CPU time (os.times(), every thread). For runs in this process only (the plain loop): Ray's workers
+    exit with their run and the raylet, which ignores SIGCHLD, reaps them without adding their CPU time to
+    anyone's, so a Ray run's own CPU cannot be read back once it has ended. None where /proc cannot be
+    read."""
+
+    def __init__(self) -> None:
+        self.start = _cpu_now()
+
+    def others(self) -> float | None:
+        """The share of this process's cores that other processes kept busy since this was made."""
+        end = _cpu_now()
+        if self.start is None or end is None or end[2] <= self.start[2]:
+            return None
+        busy, own, wall = (e - s for e, s in zip(end, self.start, strict=True))
+        return max(0.0, busy - own) / (wall * len(_affinity()))
+
+
+OTHERS_BUSY = 0.25
+"""Other processes' share of the cores above which a run's figure is flagged as taken on a busy machine."""
+
+
+def _affinity() -> set[int]:
+    try:
+        return set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return set(range(os.cpu_count() or 1))
+
+
+def _cpu_now() -> tuple[float, float, float] | None:
+    """(busy CPU-s of this process's cores, this process's CPU-s, monotonic s); None without /proc/stat."""
+    cpus = {f"cpu{n}" for n in _affinity()}
+    try:
+        busy = 0
+        for line in Path("/proc/stat").read_text().splitlines():
+            name, *values = line.split()
+            if name in cpus:
+                fields = [int(v) for v in values]
+                busy += sum(fields[:8]) - fields[3] - fields[4]  # user..steal less idle and iowait
+    except (OSError, ValueError, IndexError):
+        return None
+    own = os.times()
+    return busy / os.sysconf("SC_CLK_TCK"), own.user + own.system, time.monotonic()
+
+
 def machine_info() -> dict[str, Any]:
     """What the figures depend on: cores, threads, GPU, versions, and how busy the machine was."""
     import importlib.metadata
@@ -284,7 +338,7 @@ def machine_info() -> dict[str, Any]:
 
     cuda = torch.cuda.is_available()
     return {
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cores": usable_cores(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(0) if cuda else None,

@@ -1,4 +1,5 @@
-"""Training: cxr's Ray Train with 1 and 2 workers vs a plain PyTorch loop in one process using every core.
+"""Training: cxr's Ray Train with 1 and 2 workers vs a plain PyTorch loop in one process, at 1 thread or
+on every core this process may use, whichever is faster.
 
 Both run the project's own step (`run_epoch`: batch preparation, augmentation, forward, backward, AdamW,
 schedule) on the same model, the same ingested images and the same batch size per worker; the plain loop
@@ -8,18 +9,18 @@ holds the decoded images in memory, so it waits for data only to slice a batch.
 from __future__ import annotations
 
 import math
-import os
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from cxrcore.bench.data import write_phantoms
-from cxrcore.bench.report import Row, Section, Target
+from cxrcore.bench.report import OTHERS_BUSY, CpuShare, Row, Section, Target, usable_cores
 from cxrcore.config import BenchmarkConfig, IngestConfig, TrainConfig
 
 TARGET = Target("ratio", 0.9)
@@ -27,7 +28,9 @@ TARGET = Target("ratio", 0.9)
 
 
 def benchmark_train(config: BenchmarkConfig) -> Section:
-    """Each architecture: the plain loop, then Ray Train with each worker count, on one ingested dataset."""
+    """Each architecture on one ingested dataset: the plain loop at 1 thread and on every core (the faster
+    is the baseline), then Ray Train with each worker count, each Ray run followed by the plain loop again
+    (not with --quick), so that every Ray figure sits between two plain ones."""
     import torch
 
     from cxrcore.data.ingest import ingest_dataset, read_report
@@ -35,7 +38,11 @@ def benchmark_train(config: BenchmarkConfig) -> Section:
     from cxrcore.train.trainer import worker_cpus
 
     init_ray(config.address)
-    threads = config.plain_threads or os.cpu_count() or 1
+    cores = usable_cores()
+    # The plain loop at 1 thread and on every core, the faster its baseline: on a shared 2-core VM the
+    # loop on 2 threads collapsed whenever anything else ran (16 images/s against Ray's 57), and alone it
+    # ran faster on 1 thread than on 2. --plain-threads fixes the count.
+    thread_counts = [config.plain_threads] if config.plain_threads else sorted({1, cores})
     rows: list[Row] = []
     breakdown: list[list[Any]] = []
     runs: dict[str, dict[str, Any]] = {}
@@ -45,38 +52,50 @@ def benchmark_train(config: BenchmarkConfig) -> Section:
             described = f"dataset {dataset} ({report['config']['size']} px)"
         else:
             raw, dataset = Path(work) / "raw", str(Path(work) / "dataset")
-            written = write_phantoms(
-                raw, config.train_images, processes=1 if config.quick else os.cpu_count() or 1
-            )
+            written = write_phantoms(raw, config.train_images, processes=1 if config.quick else cores)
             report = ingest_dataset(IngestConfig(raw=str(raw), out=dataset, size=config.train_size))
             described = f"{written} synthetic phantoms ingested at {config.train_size} px"
         for model in config.model_names():
-            plain = plain_loop(_train_config(config, dataset, model, 0, work), threads)
-            runs[f"{model}/plain"] = plain
-            breakdown.append([model, "plain PyTorch, 1 process", threads, *_figures(plain)])
-            measured: list[tuple[str, dict[str, Any], Any]] = []
+
+            def plain(threads: int, key: str, run_name: str, model: str = model) -> dict[str, Any]:
+                plain_config = _train_config(config, dataset, model, 0, work)
+                run = _measured(partial(plain_loop, plain_config, threads))
+                runs[f"{model}/{key}"] = run
+                breakdown.append([model, run_name, threads, *_figures(run)])
+                return run
+
+            first = {t: plain(t, f"plain_{t}t", "plain PyTorch, 1 process") for t in thread_counts}
+            threads = max(first, key=lambda t: first[t]["images_per_s"])
+            runs[f"{model}/plain"] = before = first[threads]
+            chosen = _threads(threads) + (
+                f", the faster of {' and '.join(map(str, thread_counts))}" if len(thread_counts) > 1 else ""
+            )
             for workers in config.worker_counts():
                 train_config = _train_config(config, dataset, model, workers, work)
-                run = ray_train_run(train_config)
+                run = ray_train_run(train_config)  # others' CPU not read: see CpuShare
                 runs[f"{model}/ray_{workers}w"] = run
                 worker_threads = (
                     f"{worker_cpus(train_config)} per worker" if workers else torch.get_num_threads()
                 )
-                measured.append((_run_name(workers), run, worker_threads))
-            baseline = f"plain PyTorch, 1 process, {threads} thread{'s' * (threads > 1)}"
-            reference, after = plain["images_per_s"], None
-            if not config.quick:  # the baseline again after the Ray runs: their mean cancels the drift
-                after = plain_loop(_train_config(config, dataset, model, 0, work), threads)
-                runs[f"{model}/plain_after"] = after
-                reference = statistics.fmean([plain["images_per_s"], after["images_per_s"]])
-                before_after = f"{plain['images_per_s']:.1f} before, {after['images_per_s']:.1f} after"
-                baseline += f" (mean of {before_after})"
-            for name, run, worker_threads in measured:
-                rows.append(Row(f"{model}: {name}", run["images_per_s"], "images/s", baseline, reference,
-                                TARGET))  # fmt: skip
-                breakdown.append([model, name, worker_threads, *_figures(run)])
-            if after is not None:
-                breakdown.append([model, "plain PyTorch, after the Ray runs", threads, *_figures(after)])
+                breakdown.append([model, _run_name(workers), worker_threads, *_figures(run)])
+                baseline = f"plain PyTorch, 1 process, {chosen}"
+                reference = before["images_per_s"]
+                if not config.quick:  # plain and Ray in turns: each Ray run between two plain runs
+                    after = plain(
+                        threads, f"plain_after_{workers}w", f"plain PyTorch, after {_run_name(workers)}"
+                    )
+                    reference = statistics.fmean([before["images_per_s"], after["images_per_s"]])
+                    baseline += (
+                        f" (mean of {before['images_per_s']:.1f} before, {after['images_per_s']:.1f} after)"
+                    )
+                    before = after
+                rows.append(Row(f"{model}: {_run_name(workers)}", run["images_per_s"], "images/s", baseline,
+                                reference, TARGET))  # fmt: skip
+    busy = [
+        f"{row[0]}, {row[1]} at {_threads(row[2])} ({row[-1]:.0%})"
+        for row in breakdown
+        if row[-1] is not None and row[-1] > OTHERS_BUSY
+    ]
     notes = [
         f"Data: {described}, {report['by_split']['train']} in train; model input {config.train_size} px; "
         f"batch {config.batch_size} per worker; {config.epochs} epochs per run, the first not counted "
@@ -84,8 +103,20 @@ def benchmark_train(config: BenchmarkConfig) -> Section:
         "images/s: training images over the time of the training epochs only (validation, BatchNorm "
         "recalibration and checkpoints excluded). With N workers a step takes N batches (DDP). run s: the "
         "whole run, start-up, validation and checkpoints included.",
-        "The plain loop runs before and after the Ray runs (not with --quick), and the baseline is the "
-        "mean of the two: on a shared VM the same loop's speed drifts by up to 15 % between minutes.",
+        f"The plain loop runs first at {' and at '.join(_threads(t) for t in thread_counts)}, and the faster "
+        "is the baseline (on a shared VM the loop on every core collapses when anything else runs, and "
+        "alone it ran faster on 1 thread than on 2). Not with --quick, plain and Ray runs then take turns "
+        "(plain, Ray, plain, ...) and each Ray row's baseline is the mean of the plain runs just before "
+        "and after it: on a shared VM the same loop's speed drifts by up to 15 % between minutes.",
+        f"others' CPU %: the share of this process's {cores} cores that other processes kept busy while a "
+        "plain run was timed (/proc/stat's busy time less this process's own CPU time). Not for Ray runs: "
+        "their workers exit with the run, and the raylet reaps them without their CPU time being added to "
+        "any process's, so what Ray's own processes used cannot be told from others' afterwards. "
+        + (
+            f"Above {OTHERS_BUSY:.0%} in {', '.join(busy)}: those figures were taken on a busy machine."
+            if busy
+            else f"No run above {OTHERS_BUSY:.0%}."
+        ),
         "data wait: share of the training time spent waiting for the next batch (`run_epoch` measures it; "
         "Ray streams batches from its object store, the plain loop slices tensors in memory).",
         "Ray gives each worker OMP_NUM_THREADS = its CPUs: on the local cluster the workers share the "
@@ -102,12 +133,16 @@ def benchmark_train(config: BenchmarkConfig) -> Section:
         name="train",
         title=f"Training: Ray Train vs plain PyTorch ({config.train_size} px, batch {config.batch_size})",
         rows=rows,
-        breakdown=(["model", "run", "torch threads", "images/s", "data wait %", "run s"], breakdown),
+        breakdown=(
+            ["model", "run", "torch threads", "images/s", "data wait %", "run s", "others' CPU %"],
+            breakdown,
+        ),
         notes=notes,
         details={
             "dataset": described,
             "size": config.train_size,
             "batch_size": config.batch_size,
+            "plain_threads_measured": thread_counts,
             "runs": runs,
         },
     )
@@ -206,12 +241,29 @@ def _summary(epochs: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
     }
 
 
+def _measured(run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """`run()`'s figures with the share of the cores other processes used meanwhile (`others_cpu_share`):
+    for a run in this process only (`CpuShare`)."""
+    others = CpuShare()
+    figures = run()
+    return {**figures, "others_cpu_share": others.others()}
+
+
+def _threads(count: int) -> str:
+    return f"{count} thread{'s' * (count > 1)}"
+
+
 def _run_name(workers: int) -> str:
     return f"Ray Train, {workers} worker{'s' * (workers > 1)}" if workers else "Ray Train, local mode"
 
 
 def _figures(run: dict[str, Any]) -> list[Any]:
-    return [run["images_per_s"], run["data_wait_share"], round(run["seconds"], 1)]
+    return [
+        run["images_per_s"],
+        run["data_wait_share"],
+        round(run["seconds"], 1),
+        run.get("others_cpu_share"),
+    ]
 
 
 def _train_config(config: BenchmarkConfig, dataset: str, model: str, workers: int, work: str) -> TrainConfig:

@@ -657,6 +657,10 @@ def _bare_dicom(head: bytes) -> bool:
     return len(head) >= 8 and head[:2] in (b"\x02\x00", b"\x08\x00")
 
 
+_SYSTEM_FILES = frozenset({"thumbs.db", "desktop.ini", "ehthumbs.db"})
+"""Files Windows' Explorer leaves in a folder of pictures: not the user's, never listed as skipped."""
+
+
 def _images_under(folder: Path, skip: frozenset[str] = frozenset()) -> _Found:
     """Image files in `folder` and every folder below it (one per patient or study, as exports nest them),
     but not in hidden folders or, directly in `folder`, those named in `skip` (case-folded). In name
@@ -678,7 +682,7 @@ def _images_under(folder: Path, skip: frozenset[str] = frozenset()) -> _Found:
         below = []
         for entry in entries:
             name = entry.name
-            if name.startswith("."):  # hidden, macOS `._*` forks among them
+            if name.startswith(".") or name.casefold() in _SYSTEM_FILES:  # hidden, macOS `._*` forks too
                 continue
             if entry.is_dir():  # through links too
                 if prefix or name.casefold() not in skip:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -276,11 +275,11 @@ def _check_worker_cpus(config: TrainConfig, cpus: int) -> None:
 def check_local_worker_cpus(config: TrainConfig) -> None:
     """`_check_worker_cpus` before Ray starts (and in a dry run), for --cpus-per-worker on the local
     cluster cxr would start: its CPUs are known (`local_logical_cpus`), and the refusal came after 26 s."""
-    from cxrcore.runtime import joins_cluster, local_logical_cpus
+    from cxrcore.runtime import joins_cluster, local_logical_cpus, usable_cores
 
     if config.gpu or config.workers < 1 or not config.cpus_per_worker or joins_cluster(config.address):
         return
-    _refuse_worker_cpus(config, config.cpus_per_worker, local_logical_cpus(os.cpu_count() or 1))
+    _refuse_worker_cpus(config, config.cpus_per_worker, local_logical_cpus(usable_cores()))
 
 
 def _refuse_worker_cpus(config: TrainConfig, cpus: int, logical: int) -> None:

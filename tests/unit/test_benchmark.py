@@ -22,7 +22,17 @@ import torch
 
 from cxrcore.bench.data import sample_raw
 from cxrcore.bench.gpu import benchmark_gpu, check_device
-from cxrcore.bench.report import Report, Row, Section, Target, format_number, machine_info, wait_for_quiet
+from cxrcore.bench.report import (
+    CpuShare,
+    Report,
+    Row,
+    Section,
+    Target,
+    format_number,
+    machine_info,
+    usable_cores,
+    wait_for_quiet,
+)
 from cxrcore.bench.serve import CPU_PARTS, parse_serve_output, serve_command, serve_section
 from cxrcore.bench.train import _summary, memory_batches
 from cxrcore.cli import main
@@ -83,7 +93,7 @@ def test_report_writes_json_and_a_markdown_table_per_section(tmp_path: Path) -> 
         ),
         Section("gpu", "GPU", skipped="no CUDA device visible on this machine"),
     ]
-    report = Report(machine_info(), {"command": "python -m jobs.benchmark all", "quick": True}, sections)
+    report = Report(machine_info(), {"command": "python -m jobs.benchmark all", "quick": False}, sections)
     json_path, markdown_path = report.write(tmp_path / "out")
     data = json.loads(json_path.read_text())
     check_report(data, ["ingest", "gpu"])
@@ -95,7 +105,70 @@ def test_report_writes_json_and_a_markdown_table_per_section(tmp_path: Path) -> 
         "| Ray Data ingest | 236 images/s | one process: 853 images/s | 0.28× | ≥ 1.6× | **no** |" in markdown
     )
     assert "| decode | 1.5 | 25% |" in markdown
-    assert "Skipped: no CUDA device" in markdown and "--quick run" in markdown and "- a note" in markdown
+    assert "Skipped: no CUDA device" in markdown and "--quick run" not in markdown and "- a note" in markdown
+
+
+def test_a_quick_report_judges_no_target(tmp_path: Path) -> None:
+    """A --quick figure shows that the code runs: its markdown has no target or met? column, no yes/**no**
+    (the JSON keeps both, beside settings.quick)."""
+    rows = [
+        Row("Ray Data ingest", 236.0, "images/s", "one process", 853.0, Target("ratio", 1.6)),
+        Row("Ray Train", 90.0, "images/s", "plain", 10.0, Target("ratio", 0.9)),
+    ]
+    report = Report(machine_info(), {"command": "x", "quick": True}, [Section("ingest", "Ingest", rows)])
+    json_path, markdown_path = report.write(tmp_path)
+    markdown = markdown_path.read_text()
+    assert "| measure | figure | baseline | ratio |\n" in markdown and "| met? |" not in markdown
+    assert "| Ray Data ingest | 236 images/s | one process: 853 images/s | 0.28× |\n" in markdown
+    assert "**no**" not in markdown and "| yes |" not in markdown and "no target is judged" in markdown
+    assert json.loads(json_path.read_text())["sections"]["ingest"]["rows"][0]["met"] is False
+
+
+def test_usable_cores_are_the_affinitys_capped_by_a_cgroup_quota(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """taskset/cpusets narrow the affinity, a Kubernetes CPU limit sets cgroup v2's cpu.max: os.cpu_count()
+    sees neither."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    cpu_max = tmp_path / "cpu.max"
+    assert usable_cores(cpu_max) == 4  # no cgroup file: the affinity's
+    cpu_max.write_text("max 100000\n")
+    assert usable_cores(cpu_max) == 4  # no quota
+    cpu_max.write_text("250000 100000\n")
+    assert usable_cores(cpu_max) == 3  # 2.5 CPUs of quota: 3 cores busy at once
+    cpu_max.write_text("50000 100000\n")
+    assert usable_cores(cpu_max) == 1
+    cpu_max.write_text("800000 100000\n")
+    assert usable_cores(cpu_max) == 4  # a quota above the affinity does not add cores
+    cpu_max.write_text("garbage")
+    assert usable_cores(cpu_max) == 4
+
+    def no_affinity(pid: int) -> set[int]:
+        raise OSError("not here")
+
+    monkeypatch.setattr(os, "sched_getaffinity", no_affinity, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    assert usable_cores(tmp_path / "none") == 6
+
+
+def test_others_cpu_share_is_busy_core_time_less_this_processs_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Busy core time less this process's CPU time, over the wall time of this process's cores."""
+    from cxrcore.bench import report
+
+    before = report._cpu_now()
+    if before is None:
+        pytest.skip("no /proc/stat here")
+    started = time.process_time()
+    while time.process_time() - started < 0.3:  # this process's own work is not others'
+        pass
+    after = report._cpu_now()
+    assert after is not None and after[1] - before[1] >= 0.25 and after[0] - before[0] >= 0.2
+    readings = iter([(10.0, 5.0, 100.0), (12.0, 6.0, 101.0)])
+    monkeypatch.setattr(report, "_cpu_now", lambda: next(readings))
+    monkeypatch.setattr(report, "_affinity", lambda: {0, 1})
+    assert CpuShare().others() == pytest.approx(0.5)  # 2 busy CPU-s, 1 of them ours, over 2 cores × 1 s
+    monkeypatch.setattr(report, "_cpu_now", lambda: None)
+    assert CpuShare().others() is None
 
 
 def test_quick_presets_and_settings_errors_name_the_flag() -> None:
@@ -238,7 +311,13 @@ def test_a_section_waits_for_a_quiet_machine_no_longer_than_it_is_told() -> None
 
 def _http(batch: int, concurrency: int, p50: float, rate: float, **more: Any) -> dict[str, Any]:
     """One HTTP row; the limit measured around it ran at 210 images/s (and one image in 10 ms)."""
-    around = {"batch": 8, "before": 200.0, "after": 220.0, "images_per_s": 210.0}
+    around = {
+        "batch": 8,
+        "before": 200.0,
+        "after": 220.0,
+        "images_per_s": 210.0,
+        "best": {"batch": 16, "before": 230.0, "after": 250.0, "images_per_s": 240.0},
+    }
     one_image = {"direct_one_image_ms": 10.0} if concurrency == 1 else {}
     return {"max_batch_size": batch, "concurrency": concurrency, "p50_ms": p50, "p99_ms": 2 * p50,
             "requests_per_s": rate, "direct_around": around, **one_image, **more}  # fmt: skip
@@ -287,8 +366,9 @@ def test_serve_section_reads_serve_benchmark_output() -> None:
     assert "HTTP via Python proxy, concurrency 32, batching on" in {row.measure for row in python.rows}
     assert python.breakdown is not None and {row[6] for row in python.breakdown[1]} == {"Python proxy"}
     header, rows = section.breakdown
-    assert header[7:] == [f"CPU ms: {part}" for part in CPU_PARTS]
-    assert rows[1][7:] == [1.5, 4.0, 6.0, 9.0, None, 3.0] and rows[0][7:] == [None] * len(CPU_PARTS)
+    assert header[7] == "direct at best batch" and rows[0][7] == "240 images/s (batch 16)"
+    assert header[8:] == [f"CPU ms: {part}" for part in CPU_PARTS]
+    assert rows[1][8:] == [1.5, 4.0, 6.0, 9.0, None, 3.0] and rows[0][8:] == [None] * len(CPU_PARTS)
     with pytest.raises(RuntimeError, match="no JSON"):
         parse_serve_output("Traceback ...\n")
     command = serve_command("cnn_lstm", 128, 200, 8123)
@@ -404,6 +484,43 @@ def test_each_http_figure_has_the_limit_measured_just_before_and_after_it() -> N
     rates[8] = iter([100.0, 100.0])
     assert "direct_one_image_ms" not in _beside_the_limit(Limit(), 8, False, measure)  # type: ignore[arg-type]
     assert events == ["limit 8", "http", "limit 8"]
+    events.clear()  # the sweep's best batch rides along, in its own entry
+    rates.update({4: iter([90.0, 94.0]), 8: iter([100.0, 104.0])})
+    figures = _beside_the_limit(Limit(), 4, False, measure, best=8)  # type: ignore[arg-type]
+    assert events == ["limit 4", "limit 8", "http", "limit 4", "limit 8"]
+    assert figures["direct_around"]["images_per_s"] == 92.0 and figures["direct_around"]["batch"] == 4
+    assert figures["direct_around"]["best"] == {
+        "batch": 8,
+        "before": 100.0,
+        "after": 104.0,
+        "images_per_s": 102.0,
+    }
+
+
+def test_each_http_row_is_compared_with_the_direct_forward_at_the_batch_the_replica_runs() -> None:
+    """max_batch_size 8 run as forward passes of 4: concurrency 1 runs passes of 1, 32 passes of 4; the
+    direct forward at the sweep's best batch (32) is no baseline for either."""
+    http = [
+        {**_http(8, 1, 24.0, 38.0), "forward_batch_size": 4},
+        {**_http(8, 32, 180.0, 180.0), "forward_batch_size": 4},
+    ]
+    http[0]["direct_around"] = {
+        "batch": 1,
+        "images_per_s": 100.0,
+        "best": {"batch": 32, "images_per_s": 300.0},
+    }
+    http[1]["direct_around"] = {
+        "batch": 4,
+        "images_per_s": 200.0,
+        "best": {"batch": 32, "images_per_s": 300.0},
+    }
+    direct = {"images_per_s": {"1": 100.0, "4": 200.0, "32": 300.0}, "best_batch": 32}
+    section = serve_section({**SERVE_SUMMARY, "direct": direct, "http": http}, "tiny_dual_cnn", 64, 16)
+    at_1, _, at_32 = section.rows
+    assert (at_1.baseline_value, at_32.baseline_value, at_32.ratio) == (100.0, 200.0, 0.9)
+    assert at_32.baseline.startswith("direct predict_proba, batch 4 = min(concurrency, forward batch 4)")
+    assert section.breakdown is not None
+    assert [row[7] for row in section.breakdown[1]] == ["300 images/s (batch 32)"] * 2
 
 
 def test_run_epoch_measures_the_wait_for_data() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import runpy
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from cxrcore.cli import main
 from cxrcore.config import ConfigError, IngestConfig, TuneConfig, load_config
 from cxrcore.models import get_model_entry
 from cxrcore.plan import expected_epochs_per_trial
+from cxrcore.runtime import usable_cores
 from cxrcore.tune import (
     max_concurrent_trials,
     planned_space,
@@ -118,7 +118,7 @@ def test_train_dry_run_reads_the_dataset_report_when_present(
     assert main([*argv, "--cpus-per-worker", "3"]) == 0
     captured = capsys.readouterr()
     assert "2 Train workers, 3 CPUs each (gloo)" in captured.out
-    if (os.cpu_count() or 1) < 4:  # what this machine's local cluster could not place: a note, as --gpu's
+    if usable_cores() < 4:  # what this machine's local cluster could not place: a note, as --gpu's
         note = "note: on this machine the run would stop: --workers 2 × --cpus-per-worker 3 needs 6"
         assert note in captured.out + captured.err
     assert "4 per worker (automatic" in out and "≈13 steps per epoch" in out
@@ -210,7 +210,7 @@ def test_cpu_workers_share_the_cores_but_leave_ray_data_some(
 def test_cpu_tune_plan_assumes_the_local_cluster_cxr_starts(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    monkeypatch.setattr("cxrcore.runtime.usable_cores", lambda *_: 2)
     argv = [
         "tune",
         "--data",
@@ -234,7 +234,7 @@ def test_cpu_tune_plan_assumes_the_local_cluster_cxr_starts(
         and ": room for 3) → 1 wave" in out
     )
     assert "1 worker in the trial's own process, no TorchTrainer (1 CPU), 1.1 CPU reserved" in out
-    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    monkeypatch.setattr("cxrcore.runtime.usable_cores", lambda *_: 16)
     assert main([*argv[:-1], "2", "--dry-run"]) == 0  # 2 trials on 16 cores: 8 threads each
     out = capsys.readouterr().out
     assert "(8 CPUs: fewer trials than this machine's 16 cores share them), 8.1 CPU reserved" in out
@@ -291,7 +291,7 @@ def test_workers_the_local_cluster_can_never_place_are_refused(monkeypatch: pyte
     # Before Ray starts (and in a dry run): the local cluster's CPUs are known; it had taken 26 s to refuse
     from cxrcore.train.trainer import check_local_worker_cpus
 
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr("cxrcore.runtime.usable_cores", lambda *_: 2)
     every_cpu = TrainConfig(data="ds", model="tiny_cnn_lstm", workers=2, cpus_per_worker=2)
     with pytest.raises(ConfigError, match=every):
         check_local_worker_cpus(every_cpu)
@@ -334,7 +334,7 @@ def test_cpu_tune_plan_gives_the_segmenter_the_cores_it_trains_on(
 ) -> None:
     """The segmenter trains alone before the trials, its workers sharing the local cluster's cores, as
     `trainer.worker_cpus` gives them in the run."""
-    monkeypatch.setattr("os.cpu_count", lambda: cores)
+    monkeypatch.setattr("cxrcore.runtime.usable_cores", lambda *_: cores)
     argv = ["tune", "--data", "/nowhere", "--registry", "/nowhere/reg", "--models", "dual_cnn"]
     assert main([*argv, "--workers-per-trial", str(workers), "--dry-run"]) == 0
     if workers > 1:

@@ -152,10 +152,15 @@ def test_the_folders_of_killed_servers_are_pruned_and_live_ones_kept(
     (base / "node-killed").mkdir()
     (base / "node-killed" / "haproxy.cfg").write_text("global\n")
     (base / "node-starting").mkdir()  # new: its raylet may not show yet
-    old = time.time() - 3 * YOUNG
+    old, new = time.time() - 3 * YOUNG, time.time() + 3 * YOUNG  # new: young however far the clock jumps
     for name in ("node-live", "node-killed"):
         os.utime(base / name, (old, old))
+    os.utime(base / "node-starting", (new, new))
     running = subprocess.Popen([str(live), "120"])
+    cmdline = Path(f"/proc/{running.pid}/cmdline")
+    deadline = time.monotonic() + 10  # its command line, once the process shows it
+    while b"node-live" not in cmdline.read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.01)
     try:
         with monkeypatch.context() as other_user:  # another user's folders are theirs
             uid = os.getuid()

@@ -821,6 +821,7 @@ def test_files_that_are_not_images_are_named_not_skipped_without_a_word(tmp_path
     (root / "Normal/p7/report.pdf").parent.mkdir(parents=True)
     (root / "Normal/p7/report.pdf").write_bytes(b"%PDF")
     (root / "Normal/.DS_Store").write_bytes(b"\0")  # hidden: not the user's files
+    (root / "Normal/Thumbs.db").write_bytes(b"\0")  # nor Windows' thumbnails
     scan = scan_layout(root)
     assert scan.skipped_files == [str(root / "COVID/images/c2.gif"), str(root / "Normal/p7/report.pdf")]
     assert scan.warnings == [

@@ -242,6 +242,13 @@ def test_auroc_intervals_are_delongs() -> None:
     assert perfect["macro_auroc_ci95"] is None
     single = classification_metrics(np.array([0, 1, 1, 1]), _one_hot(np.array([1, 1, 0, 1]), 0.9))
     assert single["per_class"]["COVID"]["auroc_ci95"] is None and single["macro_auroc_ci95"] is None
+    # one class separated perfectly, the others not: the mean has no interval either (it would narrow it)
+    probs = probs.copy()
+    probs[:, 0] = np.where(labels == 0, 0.9, 0.02)
+    probs[:, 1:] *= ((1 - probs[:, 0]) / probs[:, 1:].sum(axis=1))[:, None]
+    mixed = classification_metrics(labels, probs)
+    assert mixed["per_class"]["COVID"]["auroc_ci95"] is None and mixed["per_class"]["Normal"]["auroc_ci95"]
+    assert mixed["macro_auroc_ci95"] is None
 
 
 def test_single_class_labels_give_no_auroc() -> None:

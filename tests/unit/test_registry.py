@@ -697,3 +697,32 @@ def test_cxr_models_history_prints_every_move(tmp_path: Path, capsys: pytest.Cap
     assert main(["models", "history", "--registry", str(tmp_path / "reg"), "--json"]) == 0
     moves = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [move["alias"] for move in moves] == ["production", "staging"]
+
+
+def test_a_damaged_or_other_report_never_stops_a_version_serving_and_says_why_it_has_no_test_figures(
+    tmp_path: Path, checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A registered report's metrics.json cut short had stopped `cxr serve` ("Expecting ',' delimiter",
+    naming no file) and crashed `cxr models show`; one of external data was said not to be there at all."""
+    from serve.deployments import resolve_model
+
+    reg = str(tmp_path / "reg")
+    registry = ModelRegistry(reg)
+    external = make_report(tmp_path / "external")
+    tested = {"accuracy": 0.7, "n": 40, "evaluated": {"split": "all", "relation": "external"}}
+    (external / "metrics.json").write_text(json.dumps(tested))
+    first = registry.register(checkpoint, report=external)
+    assert main(["models", "show", first.ref, "--registry", reg]) == 0
+    assert "test: - (its registered report scores the all split of external data, not the test split of" in (
+        capsys.readouterr().out
+    )
+    (Path(first.report or "") / "metrics.json").write_text('{"accuracy": 0.7, "n"')  # cut short
+    assert main(["models", "show", first.ref, "--registry", reg]) == 0
+    assert "test: - (its report's metrics.json cannot be read (JSONDecodeError" in capsys.readouterr().out
+    assert main(["models", "show", first.ref, "--registry", reg, "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["test"] is None and shown["test_missing"].startswith("its report's metrics.json cannot")
+    assert main(["models", "list", "--registry", reg]) == 0
+    assert "?" in capsys.readouterr().out.splitlines()[2].split()
+    resolved = resolve_model(reg, first.ref)  # the weights serve; GET /v1/model says test null
+    assert resolved.test is None and resolved.checkpoint.is_dir()

@@ -469,6 +469,10 @@ def test_browsers_of_the_origins_allowed_read_answers_and_others_do_not(classifi
         assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
         assert other.json()["error"] == "cors_refused"  # JSON, as every error, naming what is allowed
         assert f"allowed: {viewer}" in other.json()["detail"]
+        put = open_to_viewer.options(
+            "/v1/predict", headers={**preflight, "access-control-request-method": "PUT"}
+        )  # an origin allowed, a method not: the method is named, not the origin blamed
+        assert put.status_code == 400 and "PUT asked; this API answers GET and POST" in put.json()["detail"]
 
 
 def test_cxr_predict_without_a_server_says_so_once(
