@@ -101,6 +101,30 @@ class ModelCard:
     def name(self) -> str:
         return str(self.model["name"])
 
+    @property
+    def probability_prior(self) -> dict[str, float] | None:
+        """The class mix a classifier's probabilities are made for: equal shares where it trained with
+        class weights (they weigh each class's images as if every class were as common), else its training
+        split's shares (`data.train_class_counts`). A site whose prevalence π differs reads a probability
+        p_k at π as p_k π_k / prior_k, renormalised. None for a segmenter, or a card that does not say.
+
+        >>> ModelCard(model={}, input_spec={}, classes=["a", "b"], training={"class_weights": True},
+        ...           data={"train_class_counts": {"a": 30, "b": 10}}).probability_prior
+        {'a': 0.5, 'b': 0.5}
+        >>> ModelCard(model={}, input_spec={}, classes=["a", "b"], training={"class_weights": False},
+        ...           data={"train_class_counts": {"a": 30, "b": 10}}).probability_prior
+        {'a': 0.75, 'b': 0.25}
+        """
+        if self.input_spec.get("task", "classify") != "classify" or not self.classes:
+            return None
+        if self.training.get("class_weights"):
+            return dict.fromkeys(self.classes, 1 / len(self.classes))
+        counts = self.data.get("train_class_counts") or {}
+        total = sum(counts.get(name, 0) for name in self.classes)
+        if not total:
+            return None
+        return {name: counts.get(name, 0) / total for name in self.classes}
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -540,6 +540,7 @@ class Classifier:
             "model": served.resolved.info.model_dump(),
             "card": served.resolved.public_card(),
             "test": served.resolved.test,
+            "probability_prior": served.resolved.card.probability_prior,
             "max_batch_size": self._config.max_batch_size,
             "batch_wait_timeout_s": self._config.batch_wait_timeout_s,
             **served.forward,

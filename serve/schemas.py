@@ -279,6 +279,12 @@ class ModelDetails(BaseModel):
         "Tune comparison's registration); null for a checkpoint folder, a version registered without one, "
         "or one whose report scored other data or cannot be read (`cxr models show` says which)",
     )
+    probability_prior: dict[str, float] | None = Field(
+        default=None,
+        description="the class mix the probabilities are made for: equal shares where the model trained "
+        "with class weights, else its training split's shares. At a site whose prevalence π differs, read "
+        "p_k as p_k·π_k/prior_k, renormalised over the classes; null where the card does not say",
+    )
     max_batch_size: int
     batch_wait_timeout_s: float
     forward_batch_size: int | None = Field(

@@ -243,6 +243,8 @@ def loop_config(config: TrainConfig) -> dict[str, Any]:
             "size": report["config"]["size"],
             # in the card, which GET /v1/model shows: the scores it carries may measure the sources
             **({"sources_separate_classes": confound} if confound else {}),
+            # the mix the probabilities are made for without class weights (ModelCard.probability_prior)
+            "train_class_counts": dict(zip(CLASSES, train_counts, strict=True)),
         },
         # Decided by the driver: the workers of a joined cluster lack its environment.
         "quiet_console": is_quiet(),

@@ -315,6 +315,7 @@ def test_app_composes_ingress_classifier_and_segmenter(server: Server) -> None:
     assert test["images"] == 20 and test["accuracy"] == 0.6 and test["dataset_fingerprint"] == "f1n93rpr1n7"
     assert test["commonest_class_accuracy"] == 0.4 and test["beats_commonest_class"] is False
     assert 0.38 < test["accuracy_ci95"][0] < 0.4 < 0.78 < test["accuracy_ci95"][1] < 0.8
+    assert model["probability_prior"] is None  # a card that says neither class weights nor its class mix
     # The replica measured its forward at 1-8 images at load and runs passes of the fastest size.
     sweep = model["forward_sweep"]
     assert set(sweep["images_per_s"]) == {"1", "2", "4", "8"} and sweep["rounds"] >= 1

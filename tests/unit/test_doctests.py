@@ -9,8 +9,8 @@ import importlib
 import pytest
 
 MODULES = (
-    "cxrcore.bench", "cxrcore.bench.report", "cxrcore.config", "cxrcore.data.ingest", "cxrcore.data.layout",
-    "cxrcore.data.spec",
+    "cxrcore.bench", "cxrcore.bench.report", "cxrcore.checkpoint", "cxrcore.config", "cxrcore.data.ingest",
+    "cxrcore.data.layout", "cxrcore.data.spec",
     "cxrcore.evaluate.comparison", "cxrcore.evaluate.evaluation", "cxrcore.evaluate.external",
     "cxrcore.evaluate.report",
     "cxrcore.inference", "cxrcore.metrics",

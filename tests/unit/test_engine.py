@@ -387,3 +387,10 @@ def test_the_card_carries_the_warning_that_the_datasets_sources_separate_classes
     report_file.write_text(json.dumps(report))
     data_block = loop_config(config)["data"]
     assert data_block["sources_separate_classes"].startswith("every source holds one class only: a model can")
+    # and the training split's class mix, which the probabilities are made for without class weights
+    assert data_block["train_class_counts"] == {
+        "COVID": 2,
+        "Lung_Opacity": 0,
+        "Normal": 2,
+        "Viral Pneumonia": 0,
+    }
