@@ -670,7 +670,7 @@ def _check_before_ray(config: Any, notes: list[str] | None = None) -> None:
             check_masks(config, report)
         unscored = unscored_classes(report, tuning=isinstance(config, TuneConfig))
         if unscored:
-            print(f"warning: {unscored}", file=sys.stderr)
+            print(f"WARNING: {unscored}", file=sys.stderr)
     if dry_run and os.path.exists(config.pretrained):  # loaded once the run starts; a dry run loads it now
         from cxrcore.train.trainer import check_pretrained
         from cxrcore.tune import search_plan, takes_pretrained
@@ -802,6 +802,7 @@ def _run_tune(args: argparse.Namespace) -> int:
 
 def _run_evaluate(args: argparse.Namespace) -> int:
     from cxrcore.evaluate.evaluation import evaluate_checkpoint
+    from cxrcore.evaluate.external import verdict_alarming
     from cxrcore.evaluate.report import column_label, metrics_table, with_intervals
 
     config: EvaluateConfig = config_from_args(EvaluateConfig, args)
@@ -818,7 +819,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         where = f"split {evaluated['split']}, {evaluated['relation']} data"
         print(f"evaluated {evaluated['model']} on {evaluated['dataset']} ({where})")
         if evaluated["note"]:
-            print(f"warning: this evaluation {evaluated['note']}")
+            print(f"WARNING: this evaluation {evaluated['note']}")
     rows = [[column_label(k), format_cell(v)] for k, v in with_intervals(headline, metrics).items()]
     print(format_table(["metric", "value"], rows))
     if "per_class" in metrics:  # a classifier: what accuracy hides on an imbalanced split
@@ -843,12 +844,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
                 for name, row in comparison["figures"].items()]  # fmt: skip
         print(format_table(["metric", column, "external", "drop"], rows))
         # not clean, or not known to be: the model may have trained on these images
-        alarming = (
-            comparison["large_drop"]
-            or comparison.get("clean") is not True
-            or comparison.get("no_better_than_chance")
-        )
-        print(("WARNING: " if alarming else "") + comparison["verdict"])
+        print(("WARNING: " if verdict_alarming(comparison) else "") + comparison["verdict"])
     holdout = metrics.get("source_holdout")
     if holdout:
         print(format_holdout(holdout))

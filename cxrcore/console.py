@@ -137,6 +137,15 @@ def hide_storage_errors(logger: str) -> None:
         found.addFilter(HideStorageErrors())
 
 
+def plain_prefix() -> dict[str, str]:
+    """RAY_COLOR_PREFIX=0 where the console takes no colour: NO_COLOR set (no-color.org), or output that is
+    not a terminal. Ray otherwise prints every worker line's "(TrainController pid=...)" in ANSI colour,
+    escape codes and all, into logs and screen readers."""
+    if os.environ.get("NO_COLOR") or not sys.stdout.isatty():
+        return {"RAY_COLOR_PREFIX": "0"}
+    return {}
+
+
 @contextmanager
 def quiet_ray_console() -> Iterator[None]:
     """QUIET_ENVIRONMENT in this process for the duration (values already set are kept), as it was
@@ -149,7 +158,7 @@ def quiet_ray_console() -> Iterator[None]:
     level = renames.level
     renames.setLevel(max(level, logging.WARNING))
     try:
-        with environment_defaults(**QUIET_ENVIRONMENT):
+        with environment_defaults(**QUIET_ENVIRONMENT, **plain_prefix()):
             yield
     finally:
         renames.setLevel(level)

@@ -809,7 +809,7 @@ class ModelRegistry:
             else:
                 write_text(self._fs, path, (read_text(self._fs, path) or "") + json.dumps(entry) + "\n")
         except (OSError, KeyError) as exc:  # getpass without a user name raises KeyError / OSError
-            print(f"warning: the move of {alias} to {after} is not in {self.root}/{HISTORY_NAME}: {exc}",
+            print(f"WARNING: the move of {alias} to {after} is not in {self.root}/{HISTORY_NAME}: {exc}",
                   file=sys.stderr)  # fmt: skip
 
     def history(self) -> list[dict[str, Any]]:

@@ -192,7 +192,7 @@ def format_scan(scan: LayoutScan, skip_unmapped: bool = False) -> str:
         out.append(f"and {len(scan.orphan_masks) - LISTED} more masks without an image (--json lists them)")
     for sheet, names in scan.unmatched_metadata.items():
         out.append(f"{sheet}: {len(names)} rows name no image (e.g. {', '.join(names[:3])})")
-    out += [f"warning: {warning}" for warning in scan.warnings]
+    out += [f"WARNING: {warning}" for warning in scan.warnings]
     refusal = scan.refusal()
     if refusal and not skip_unmapped:
         out.append(refusal)
@@ -242,7 +242,7 @@ def format_ingest_report(report: dict[str, Any]) -> str:
         lines.append(f"rejected: {item['path']}: {item['reason']}")
     for item in report["mask_problems"]:
         lines.append(f"mask ignored: {item['path']}: {item['reason']}")
-    lines += [f"warning: {warning}" for warning in report["warnings"]]
+    lines += [f"WARNING: {warning}" for warning in report["warnings"]]
     replaced = report.get("replaced")
     if replaced:
         lines.append(

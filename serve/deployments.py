@@ -47,6 +47,25 @@ class ResolvedModel:
     """the test figures of the evaluation report registered with the version (`brief_test_figures`), if any"""
 
     @property
+    def warnings(self) -> list[str]:
+        """What the registry knows against serving this model: registered test figures not shown to beat
+        always answering the commonest class, and a dataset whose sources separate classes (its scores may
+        measure the sources). `cxr tune` warned of both; a server started later said nothing."""
+        found = []
+        test = self.test or {}
+        if test.get("beats_commonest_class") is False:
+            low, high = test["accuracy_ci95"]  # there is one wherever it is judged
+            found.append(
+                f"its registered test accuracy, {test['accuracy']:.3f} (95% CI {low:.2f}–{high:.2f}) on "
+                f"{test['images']} images, is not shown to beat "
+                f"always answering the commonest class ({test['commonest_class_accuracy']:.3f}): do not "
+                "serve it on this evidence"
+            )
+        if confound := self.card.data.get("sources_separate_classes"):
+            found.append(f"in the dataset it trained on, {confound}")
+        return found
+
+    @property
     def info(self) -> ModelInfo:
         """Which model answers, as the HTTP API says it: a checkpoint folder by its last components."""
         return ModelInfo(
@@ -541,6 +560,7 @@ class Classifier:
             "card": served.resolved.public_card(),
             "test": served.resolved.test,
             "probability_prior": served.resolved.card.probability_prior,
+            "warnings": served.resolved.warnings,
             "max_batch_size": self._config.max_batch_size,
             "batch_wait_timeout_s": self._config.batch_wait_timeout_s,
             **served.forward,

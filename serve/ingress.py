@@ -554,6 +554,12 @@ class _Routes:
         return image
 
 
+def _in_english(page: HTMLResponse) -> HTMLResponse:
+    """A docs page whose <html> names its language, as a screen reader needs to pronounce it."""
+    body = bytes(page.body).replace(b"<html>", b'<html lang="en">', 1)
+    return HTMLResponse(body, status_code=page.status_code)
+
+
 def _add_docs(api: FastAPI) -> None:
     """Swagger UI at /docs and ReDoc at /redoc from files the app serves itself: no CDN, no fonts."""
     api.mount(DOCS_ASSETS_URL, StaticFiles(directory=DOCS_ASSETS), name="docs-assets")
@@ -563,24 +569,28 @@ def _add_docs(api: FastAPI) -> None:
 
     async def swagger_ui(request: Request) -> HTMLResponse:
         root = request.scope.get("root_path", "")
-        return get_swagger_ui_html(
-            openapi_url=f"{root}{api.openapi_url}",
-            title=f"{api.title} API",
-            swagger_js_url=f"{assets(request)}/swagger-ui-bundle.js",
-            swagger_css_url=f"{assets(request)}/swagger-ui.css",
-            swagger_favicon_url=f"{assets(request)}/favicon.png",
-            oauth2_redirect_url=None,
-            # Swagger UI would otherwise fetch a validity badge from validator.swagger.io.
-            swagger_ui_parameters={"validatorUrl": None},
+        return _in_english(
+            get_swagger_ui_html(
+                openapi_url=f"{root}{api.openapi_url}",
+                title=f"{api.title} API",
+                swagger_js_url=f"{assets(request)}/swagger-ui-bundle.js",
+                swagger_css_url=f"{assets(request)}/swagger-ui.css",
+                swagger_favicon_url=f"{assets(request)}/favicon.png",
+                oauth2_redirect_url=None,
+                # Swagger UI would otherwise fetch a validity badge from validator.swagger.io.
+                swagger_ui_parameters={"validatorUrl": None},
+            )
         )
 
     async def redoc(request: Request) -> HTMLResponse:
-        return get_redoc_html(
-            openapi_url=f"{request.scope.get('root_path', '')}{api.openapi_url}",
-            title=f"{api.title} API",
-            redoc_js_url=f"{assets(request)}/redoc.standalone.js",
-            redoc_favicon_url=f"{assets(request)}/favicon.png",
-            with_google_fonts=False,
+        return _in_english(
+            get_redoc_html(
+                openapi_url=f"{request.scope.get('root_path', '')}{api.openapi_url}",
+                title=f"{api.title} API",
+                redoc_js_url=f"{assets(request)}/redoc.standalone.js",
+                redoc_favicon_url=f"{assets(request)}/favicon.png",
+                with_google_fonts=False,
+            )
         )
 
     api.add_api_route("/docs", swagger_ui, methods=["GET"], include_in_schema=False)

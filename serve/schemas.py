@@ -285,6 +285,12 @@ class ModelDetails(BaseModel):
         "with class weights, else its training split's shares. At a site whose prevalence π differs, read "
         "p_k as p_k·π_k/prior_k, renormalised over the classes; null where the card does not say",
     )
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="what the registry knows against serving this model, in sentences: registered test "
+        "figures not shown to beat always answering the commonest class, a training dataset whose sources "
+        "separate classes; empty where nothing is known against it",
+    )
     max_batch_size: int
     batch_wait_timeout_s: float
     forward_batch_size: int | None = Field(

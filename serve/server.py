@@ -234,7 +234,8 @@ def serve_foreground(
         raise ValueError(f"--grace-s: expected 0 to {MAX_GRACE_S:g} seconds, got {grace_s}")
     args = ServeArgs.model_validate(app_args)
     app = build_app(args)  # fails here, before Ray starts, on a bad registry or model reference
-    pinned = resolve_model(_registry(args), args.model).ref  # what the app serves until a swap
+    resolved = resolve_model(_registry(args), args.model)
+    pinned = resolved.ref  # what the app serves until a swap
     local = not (address or os.environ.get("RAY_ADDRESS"))
     stopped = local and stop_stray_haproxy()
     if local:
@@ -277,6 +278,8 @@ def serve_foreground(
             f"{dashboard_text(dashboard)}, replica logs on its Serve page); Ctrl-C to stop",
             flush=True,
         )
+        for warning in resolved.warnings:  # as `cxr tune` said them, and GET /v1/model says them
+            print(f"WARNING: {pinned}: {warning}", flush=True)
         if moving:
             print(
                 f"  {args.model} is resolved now: promoting another version later does not change what this "

@@ -15,6 +15,7 @@ from cxrcore.config import CANDIDATE
 from cxrcore.data import storage
 from cxrcore.evaluate.report import (
     ReportSection,
+    column_label,
     html_table,
     interval_text,
     plot_confusion_matrix,
@@ -97,12 +98,26 @@ def write_comparison_report(out_dir: str | Path, comparison: dict[str, Any]) -> 
                     for model, row in ranked
                 ],
                 image_width=_MATRIX_WIDTH,
+                alts={
+                    f"confusion_matrix_{model}": f"{model}, test counts, rows the true class and columns the "
+                    "predicted one: "
+                    + "; ".join(
+                        f"{name} {', '.join(map(str, counts))}"
+                        for name, counts in zip(CLASSES, row["confusion_matrix"], strict=True)
+                    )
+                    for model, row in ranked
+                },
             ),
             ReportSection(
                 "Training curves of the best trials",
                 html=f"<p>{note}</p>",
                 images=_curves(out, ranked, kept),
                 image_width=_CURVE_WIDTH,
+                alts={
+                    f"curves_{metric}": f"{column_label(metric)} by epoch, one line per architecture's best "
+                    "trial (the figures are in comparison.json)"
+                    for metric in CURVES
+                },
             ),
         ]
     spread = comparison.get("seeds")
@@ -123,8 +138,13 @@ def write_comparison_report(out_dir: str | Path, comparison: dict[str, Any]) -> 
     if failed:
         rows = [{"trial": t["trial_id"], "model": t["model"], "error": t["error"]} for t in failed]
         sections.append(ReportSection(f"Failed trials ({len(failed)})", table=rows))
+    # red where there is no winner, or one not shown to beat always answering the commonest class
+    doubtful = not ranked or not_shown_above_chance(ranked[0][1])
     leads = [
-        (winner_line(comparison["best"], architectures_asked(comparison)), "lead" if ranked else "lead alert")
+        (
+            winner_line(comparison["best"], architectures_asked(comparison)),
+            "lead alert" if doubtful else "lead",
+        )
     ]
     kept = comparison.get("production_kept") or {}
     if "better_on_this_data" in kept:

@@ -477,6 +477,18 @@ def compare_with_internal(
     return block
 
 
+def verdict_alarming(block: Mapping[str, Any]) -> bool:
+    """Whether a verdict (external comparison or source hold-out) must be read as a warning: a large drop,
+    not shown to beat chance, or external images not known to be clean of the model's own (`clean` False,
+    or None where the overlap could not be checked). One rule for the console and the report: the report
+    had shown an unchecked overlap in green under a console WARNING."""
+    return bool(
+        block.get("large_drop")
+        or block.get("no_better_than_chance")
+        or ("clean" in block and block["clean"] is not True)
+    )
+
+
 def no_better_than_chance(external: Mapping[str, Any]) -> str | None:
     """A sentence where the external figures are not shown to beat chance, whatever the internal ones: the
     accuracy's interval reaches what always answering the set's commonest class scores (a set of several

@@ -19,7 +19,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from cxrcore.metrics import accuracy_interval
+from cxrcore.metrics import ECE_BINS, accuracy_interval
 
 HEADLINE_METRICS = (
     "n",
@@ -45,7 +45,7 @@ h1 { border-bottom: 2px solid #345; padding-bottom: .3em; }
 h2 { margin-top: 1.8em; color: #345; }
 h3 { margin: 1.2em 0 .3em; font-size: 1em; color: #345; }
 .lead { font-size: 1.1em; padding: .6em .9em; background: #eef6ee; border-left: 4px solid #4a8a4a; }
-.lead.alert { background: #fbeaea; border-left-color: #b33; font-weight: 600; }
+.lead.alert { background: #fbeaea; border-left: 6px dashed #b33; font-weight: 600; }
 .table-wrap { overflow-x: auto; max-width: 100%; margin: .6em 0; }
 table { border-collapse: collapse; font-size: .85em; }
 th, td { border: 1px solid #ccd; padding: .25em .55em; text-align: left; vertical-align: top; }
@@ -54,7 +54,17 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: now
 td pre { margin: 0; white-space: pre-wrap; font-size: .9em; }
 .images { display: flex; flex-wrap: wrap; gap: 1em; }
 .images img { max-width: 100%; height: auto; border: 1px solid #dde; }
+@media print {
+  .table-wrap { overflow: visible; }
+  table { font-size: 8pt; }
+  section { break-inside: avoid-page; }
+  .lead { border: 2px solid #000; }
+  .lead.alert { border: 3px dashed #000; }
+}
 """
+ALERT_OPEN = '<p class="lead alert" role="note"><strong>Warning:</strong> '
+"""How every red lead starts once written: in words as well as in colour, for a reader who cannot tell red
+from green, a screen reader, or a page printed without its backgrounds."""
 
 
 @dataclass
@@ -68,6 +78,9 @@ class ReportSection:
     table: list[dict[str, Any]] | None = None
     image_width: int | None = None
     """Display width of each image in CSS pixels (several then sit side by side); None: natural size."""
+    alts: dict[str, str] = field(default_factory=dict)
+    """Each image's text alternative, by file stem (what a screen reader says for it; also shown where an
+    image cannot be); an image without one is described by its stem's words."""
 
 
 def plot_confusion_matrix(
@@ -108,11 +121,24 @@ def confusion_matrix_figure(
     ax.set_ylabel("True")
     for (row, col), value in np.ndenumerate(values):
         text = "–" if empty[row] else f"{value:.2f}" if normalized else f"{int(value)}"
-        color = "white" if value > vmax / 2 else "black"
+        color = _text_on(cmap(value / vmax if vmax else 0.0))
         ax.text(col, row, text, ha="center", va="center", color=color, fontsize=11)
     default_title = "Confusion matrix (row-normalised)" if normalized else "Confusion matrix (counts)"
     ax.set_title(title or default_title)
     return fig
+
+
+def _luminance(rgb: Sequence[float]) -> float:
+    """WCAG's relative luminance of an sRGB colour given in [0, 1]."""
+    linear = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in rgb[:3]]
+    return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+
+
+def _text_on(background: Sequence[float]) -> str:
+    """Black or white, whichever contrasts more with `background` (WCAG's ratio): white above half the
+    scale read 2.5:1 on the mid blues, under the 4.5:1 text needs."""
+    light = _luminance(background)
+    return "white" if (1.05 / (light + 0.05)) > ((light + 0.05) / 0.05) else "black"
 
 
 def plot_training_curves(history: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
@@ -135,12 +161,28 @@ def plot_training_curves(history: Sequence[Mapping[str, Any]], path: str | Path)
     return _save(fig, path)
 
 
+OKABE_ITO = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442")
+"""Okabe and Ito's colours, told apart with every kind of colour blindness; each series also gets its own
+line style and marker (SERIES_STYLES), so that none is told by colour alone, nor in greyscale print."""
+SERIES_STYLES = (("-", "o"), ("--", "s"), ("-.", "^"), (":", "D"), ("-", "v"), ("--", "P"), ("-.", "X"))
+
+
+def _series_style(index: int) -> dict[str, Any]:
+    """The colour, line style and marker of a plot's index-th series."""
+    linestyle, marker = SERIES_STYLES[index % len(SERIES_STYLES)]
+    return {"color": OKABE_ITO[index % len(OKABE_ITO)], "linestyle": linestyle, "marker": marker}
+
+
 def plot_roc_curves(curves: Mapping[str, Mapping[str, Any]], path: str | Path) -> Path:
     """One-vs-rest ROC curve per class, AUC in the legend, against the chance diagonal."""
     fig = Figure(figsize=(5.6, 5.2), layout="constrained")
     ax = fig.subplots()
-    for name, curve in curves.items():
-        ax.plot(curve["fpr"], curve["tpr"], linewidth=1.8, label=f"{name} (AUC {curve['auc']:.3f})")
+    for index, (name, curve) in enumerate(curves.items()):
+        style = _series_style(index)
+        ax.plot(
+            curve["fpr"], curve["tpr"], linewidth=1.8, label=f"{name} (AUC {curve['auc']:.3f})",
+            color=style["color"], linestyle=style["linestyle"],
+        )  # fmt: skip
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="chance")
     if not curves:
         _no_data(ax, "no class has both positives and negatives")
@@ -173,7 +215,7 @@ def plot_reliability_diagram(bins: Mapping[str, Any], path: str | Path) -> Path:
         width=width[filled],
         align="edge",
         facecolor="none",
-        edgecolor="#c44e52",
+        edgecolor="black",  # the hatch: black on the blue bars, told apart in greyscale too
         hatch="///",
         label="gap to mean confidence",
     )
@@ -215,10 +257,13 @@ def overlaid_curves_figure(
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.subplots()
     kept_points = []
-    for name, history in histories.items():
+    for index, (name, history) in enumerate(histories.items()):
         epochs, values = _series(history, metric)
         if epochs:
-            ax.plot(epochs, values, marker="o" if len(epochs) <= 30 else None, markersize=4, label=name)
+            style = _series_style(index)
+            if len(epochs) > 30:
+                style["marker"] = None
+            ax.plot(epochs, values, markersize=4, label=name, **style)
         kept = (kept_epochs or {}).get(name)
         if kept in epochs:
             kept_points.append((kept, values[epochs.index(kept)]))
@@ -243,11 +288,16 @@ def html_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """A horizontally scrolling HTML table of list-of-dicts rows (columns as first seen), text escaped.
 
     Numbers are shown as format_number does; None as a dash; booleans as yes / no; lists and dicts as JSON.
+    Header cells are scoped, and each row's first cell is its header, so that a screen reader reading a
+    cell names its row (the class, the architecture) as well as its column.
     """
     columns = list(dict.fromkeys(key for row in rows for key in row))
-    head = "".join(f"<th>{html.escape(column_label(column))}</th>" for column in columns)
+    head = "".join(f'<th scope="col">{html.escape(column_label(column))}</th>' for column in columns)
     body = "".join(
-        "<tr>" + "".join(_table_cell(row.get(column)) for column in columns) + "</tr>\n" for row in rows
+        "<tr>"
+        + "".join(_table_cell(row.get(column), header=i == 0) for i, column in enumerate(columns))
+        + "</tr>\n"
+        for row in rows
     )
     return (
         f'<div class="table-wrap"><table>\n<thead><tr>{head}</tr></thead>\n'
@@ -310,6 +360,7 @@ def write_html_report(
         "<!DOCTYPE html>",
         '<html lang="en">',
         '<head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{html.escape(title)}</title>",
         f"<style>{_CSS}</style>",
         "</head>",
@@ -317,14 +368,17 @@ def write_html_report(
         f"<h1>{html.escape(title)}</h1>",
     ]
     if lead:
-        parts.append(lead)
+        parts.append(lead.replace('<p class="lead alert">', ALERT_OPEN))
     for section in sections:
         parts.append(f"<section>\n<h2>{html.escape(section.heading)}</h2>")
         if section.html:
             parts.append(section.html)
         if section.images:
             parts.append('<div class="images">')
-            parts.extend(_embedded_image(Path(image), section.image_width) for image in section.images)
+            parts.extend(
+                _embedded_image(Path(image), section.image_width, section.alts.get(Path(image).stem))
+                for image in section.images
+            )
             parts.append("</div>")
         if section.table is not None:
             parts.append(html_table(section.table))
@@ -444,22 +498,30 @@ def write_evaluation_report(
         sections += external_sections(external["external"], external["internal_comparison"])
     if holdout:
         sections.append(holdout_section(holdout))
-    if card:
-        sections.append(ReportSection("Model card", table=facts_table(card)))
     sections += [
         ReportSection("Headline metrics", table=_headline_rows(metrics)),
         ReportSection("Per-class metrics", table=metrics_table(metrics)),
         ReportSection(
-            "Confusion matrix", images=[paths["confusion_matrix"], paths["confusion_matrix_normalized"]]
+            "Confusion matrix",
+            images=[paths["confusion_matrix"], paths["confusion_matrix_normalized"]],
+            table=counts_table(matrix, classes),  # the counts as text too, for readers the picture fails
+            alts={
+                "confusion_matrix": "Confusion matrix of counts, rows the true class, columns the predicted "
+                "one; the counts are in the table below",
+                "confusion_matrix_normalized": "The same matrix with each row as fractions of its class",
+            },
         ),
         ReportSection(
             "ROC and calibration",
             html=_missing_roc_note(classes, metrics["roc"]),
             images=[paths["roc_curves"], paths["reliability"]],
+            alts={"roc_curves": _roc_alt(metrics["roc"]), "reliability": _reliability_alt(metrics)},
         ),
     ]
     if "training_curves" in paths:
-        sections.append(ReportSection("Training curves", images=[paths["training_curves"]]))
+        alt = "Training curves by epoch: losses, and validation accuracy and macro-F1; the card's history"
+        alts = {"training_curves": alt}
+        sections.append(ReportSection("Training curves", images=[paths["training_curves"]], alts=alts))
     for name, result in extra.items():
         table = metrics_table(result) if "per_class" in result else None
         notes = "".join(
@@ -467,6 +529,8 @@ def write_evaluation_report(
         )
         figures = {key: value for key, value in result.items() if key not in NOTE_KEYS}
         sections.append(ReportSection(name, html=notes + html_table(_headline_rows(figures)), table=table))
+    if card:  # last: the figures first, for a reader under pressure
+        sections.append(ReportSection("Model card", table=facts_table(card)))
     lead = evaluation_lead(evaluated or {}, (external or {}).get("internal_comparison"), holdout)
     paths["report"] = write_html_report(out / "report.html", title, sections, lead=lead)
     return paths
@@ -480,7 +544,12 @@ def external_sections(external: Mapping[str, Any], comparison: Mapping[str, Any]
     kind = comparison["reference"]
     internal_column = f"internal ({kind})" if kind else "internal"
     rows = [
-        {"metric": name, internal_column: row["internal"], "external": row["external"], "drop": row["drop"]}
+        {
+            "metric": column_label(name),
+            internal_column: row["internal"],
+            "external": row["external"],
+            "drop": row["drop"],
+        }
         for name, row in comparison["figures"].items()
     ]
     overlap = external["overlap_with_training_data"]
@@ -590,6 +659,8 @@ def evaluation_lead(
     holdout: Mapping[str, Any] | None = None,
 ) -> str:
     """The warnings and verdicts put under the title: red where the figures must not be trusted as is."""
+    from cxrcore.evaluate.external import verdict_alarming
+
     parts = []
     if evaluated.get("note"):
         note = html.escape(f"This evaluation {evaluated['note']}.")
@@ -604,10 +675,7 @@ def evaluation_lead(
         parts.append(f'<p class="lead alert">{confound}</p>')
     for block in (comparison, holdout):
         if block:
-            alarming = (
-                block["large_drop"] or block.get("clean") is False or block.get("no_better_than_chance")
-            )
-            alert = " alert" if alarming else ""
+            alert = " alert" if verdict_alarming(block) else ""
             parts.append(f'<p class="lead{alert}">{html.escape(block["verdict"])}</p>')
     return "\n".join(parts)
 
@@ -665,11 +733,13 @@ def _series(history: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float]
 
 
 def _plot_keys(ax: Axes, history: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> None:
-    for key in keys:
+    for index, key in enumerate(keys):
         epochs, values = _series(history, key)
         if epochs:
-            style = "--" if key.startswith("train") else "-"
-            ax.plot(epochs, values, style, marker="o" if len(epochs) <= 30 else None, markersize=3, label=key)
+            style = _series_style(index)
+            if len(epochs) > 30:
+                style["marker"] = None
+            ax.plot(epochs, values, markersize=3, label=column_label(key), **style)
     if ax.lines:
         ax.legend(fontsize="small")
     else:
@@ -699,17 +769,20 @@ def _is_number(value: Any) -> TypeGuard[int | float | np.integer[Any] | np.float
     return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
 
 
-def _table_cell(value: Any) -> str:
+def _table_cell(value: Any, header: bool = False) -> str:
+    """One cell; `header`: the row's header cell (`<th scope="row">`)."""
     if value is None:
-        return "<td>—</td>"
-    if isinstance(value, bool | np.bool_):
-        return f"<td>{'yes' if value else 'no'}</td>"
-    if _is_number(value):
-        return f'<td class="num">{format_number(value)}</td>'
-    if isinstance(value, Mapping | list | tuple):
+        cell = "<td>—</td>"
+    elif isinstance(value, bool | np.bool_):
+        cell = f"<td>{'yes' if value else 'no'}</td>"
+    elif _is_number(value):
+        cell = f'<td class="num">{format_number(value)}</td>'
+    elif isinstance(value, Mapping | list | tuple):
         dumped = json.dumps(value, indent=1, default=_display_default)
-        return f"<td><pre>{html.escape(dumped)}</pre></td>"
-    return f"<td>{html.escape(str(value))}</td>"
+        cell = f"<td><pre>{html.escape(dumped)}</pre></td>"
+    else:
+        cell = f"<td>{html.escape(str(value))}</td>"
+    return f'<th scope="row"{cell[3:-5]}</th>' if header else cell
 
 
 FACT_LABELS = {
@@ -788,13 +861,37 @@ def _fact_value(value: Any) -> Any:
     return value
 
 
-def _embedded_image(path: Path, width: int | None) -> str:
+def counts_table(matrix: Sequence[Sequence[int]], classes: Sequence[str]) -> list[dict[str, Any]]:
+    """A confusion matrix as table rows: each true class, its count predicted as each class."""
+    return [
+        {
+            "true class": name,
+            **{f"predicted {other}": int(count) for other, count in zip(classes, row, strict=True)},
+        }
+        for name, row in zip(classes, matrix, strict=True)
+    ]
+
+
+def _roc_alt(roc: Mapping[str, Mapping[str, Any]]) -> str:
+    aucs = "; ".join(f"{name} AUC {curve['auc']:.3f}" for name, curve in roc.items())
+    return f"ROC curves, each class against the rest: {aucs or 'none drawn'}"
+
+
+def _reliability_alt(metrics: Mapping[str, Any]) -> str:
+    return (
+        f"Reliability diagram: accuracy against confidence in {ECE_BINS} bins; ECE {metrics['ece']:.3f}, "
+        f"its floor on this many images {metrics['ece_floor']:.3f}"
+    )
+
+
+def _embedded_image(path: Path, width: int | None, alt: str | None = None) -> str:
+    alt = alt or column_label(path.stem).replace("_", " ")
     mime = _IMAGE_TYPES.get(path.suffix.lower())
     if mime is None:
         raise ValueError(f"cannot embed {path}: supported image types are {', '.join(_IMAGE_TYPES)}")
     data = base64.b64encode(path.read_bytes()).decode("ascii")
     style = f' style="width:{width}px"' if width else ""
-    return f'<img alt="{html.escape(path.stem)}"{style} src="data:{mime};base64,{data}">'
+    return f'<img alt="{html.escape(alt)}"{style} src="data:{mime};base64,{data}">'
 
 
 def _json_default(value: Any) -> Any:

@@ -316,6 +316,10 @@ def test_app_composes_ingress_classifier_and_segmenter(server: Server) -> None:
     assert test["commonest_class_accuracy"] == 0.4 and test["beats_commonest_class"] is False
     assert 0.38 < test["accuracy_ci95"][0] < 0.4 < 0.78 < test["accuracy_ci95"][1] < 0.8
     assert model["probability_prior"] is None  # a card that says neither class weights nor its class mix
+    assert model["warnings"] == [
+        "its registered test accuracy, 0.600 (95% CI 0.39–0.78) on 20 images, is not shown to beat always "
+        "answering the commonest class (0.400): do not serve it on this evidence"
+    ]
     # The replica measured its forward at 1-8 images at load and runs passes of the fastest size.
     sweep = model["forward_sweep"]
     assert set(sweep["images_per_s"]) == {"1", "2", "4", "8"} and sweep["rounds"] >= 1

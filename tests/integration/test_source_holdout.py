@@ -12,6 +12,7 @@ import pytest
 
 from cxrcore.cli import main
 from cxrcore.data.synthetic import write_synthetic_dataset
+from cxrcore.evaluate.report import ALERT_OPEN
 from cxrcore.metrics import wilson_interval
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_session")]
@@ -52,4 +53,4 @@ def test_a_model_reading_the_site_is_high_on_the_random_split_and_flagged_on_the
     low, high = interval
     assert re.search(rf"accuracy 95% CI +{low:.2f}–{high:.2f}\n", printed), printed  # beside the accuracy
     html = (out / "report.html").read_text()
-    assert f'<p class="lead alert">Large drop on the held-out sources ({SITE_B})' in html
+    assert f"{ALERT_OPEN}Large drop on the held-out sources ({SITE_B})" in html

@@ -258,4 +258,8 @@ def test_evaluation_reports_calibration_before_and_after(
     assert metrics["nll"] == pytest.approx(served["nll"], abs=1e-6)
     assert metrics["accuracy"] == served["accuracy"]
     html = paths["report"].read_text()
-    assert "<h2>calibration</h2>" in html and "<th>ECE before</th>" in html and "<th>NLL after</th>" in html
+    assert (
+        "<h2>calibration</h2>" in html
+        and '<th scope="col">ECE before</th>' in html
+        and '<th scope="col">NLL after</th>' in html
+    )

@@ -407,7 +407,7 @@ def test_a_class_without_a_val_image_is_named_before_training(
     with pytest.raises(Stop):
         main(["train", "--data", data, "--model", "tiny_cnn_lstm", "--out", str(tmp_path / "runs")])
     err = capsys.readouterr().err
-    assert "warning: the val split holds no Viral Pneumonia image" in err
+    assert "WARNING: the val split holds no Viral Pneumonia image" in err
     assert "is over the other 2 classes" in err and "--val-fraction" in err
     whole = write_dataset(tmp_path / "whole", [*rows, ("Viral Pneumonia", "val", 1)], "g")
     with pytest.raises(Stop):

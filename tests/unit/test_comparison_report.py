@@ -17,7 +17,7 @@ from cxrcore.evaluate.comparison import (
     winner_line,
     write_comparison_report,
 )
-from cxrcore.evaluate.report import confusion_matrix_figure, overlaid_curves_figure
+from cxrcore.evaluate.report import ALERT_OPEN, confusion_matrix_figure, overlaid_curves_figure
 from cxrcore.labels import CLASSES
 from cxrcore.metrics import accuracy_interval, wilson_interval
 from cxrcore.summaries import format_comparison
@@ -207,20 +207,24 @@ def test_html_reads_well(written: tuple[dict[str, Path], str]) -> None:
     assert "test ECE after" in text and '<td class="num">1.370</td>' in text  # calibration shown
     # Each ECE beside its own floor, with the sd that says how far from it is still calibrated.
     assert (
-        "<th>its floor ± sd</th>" in text
+        '<th scope="col">its floor ± sd</th>' in text
         and "<td>0.071 ± 0.020</td>" in text
         and "<td>0.062 ± 0.018</td>" in text
     )
-    assert "<th>test accuracy 95% CI</th>" in text and "<td>0.83–0.99</td>" in text
+    assert '<th scope="col">test accuracy 95% CI</th>' in text and "<td>0.83–0.99</td>" in text
     assert text.count('<div class="table-wrap">') == 5  # scores, calibration, training, trials, failed
-    assert len(re.findall(r'<img alt="confusion_matrix_\w+" style="width:360px"', text)) == 3
+    # each matrix described in words, its counts too, for a reader the picture fails
+    assert (
+        len(re.findall(r'<img alt="\w+, test counts, rows the true class[^"]*" style="width:360px"', text))
+        == 3
+    )
     assert "http" not in text.replace("<!DOCTYPE html>", "")
 
 
 def test_all_trials_table_has_only_the_useful_columns(written: tuple[dict[str, Path], str]) -> None:
     _, text = written
     trials = text.split("<h2>All trials</h2>")[1].split("</section>")[0]
-    headers = re.findall(r"<th>(.*?)</th>", trials)
+    headers = re.findall(r"<th scope=\"col\">(.*?)</th>", trials)
     assert headers == [
         "trial",
         "model",
@@ -272,7 +276,9 @@ def test_curves_draw_every_epoch_and_ring_the_kept_one() -> None:
         "dual_cnn": [1, 2, 3, 4, 5, 6],
         "kept checkpoint": [4],
     }
-    assert all(line.get_marker() == "o" for line in ax.lines)
+    # every epoch marked, each architecture by its own marker and line style, not by colour alone
+    markers = [(line.get_marker(), line.get_linestyle()) for line in ax.lines[:3]]
+    assert len(set(markers)) == 3 and all(marker not in (None, "None", "") for marker, _ in markers)
     assert all(float(tick).is_integer() for tick in ax.get_xticks())
     assert [text.get_text() for text in ax.get_legend().get_texts()][-1] == "kept checkpoint"
 
@@ -282,7 +288,7 @@ def test_no_checkpoint_says_so_prominently(tmp_path: Path) -> None:
     empty["best"] = {}
     paths = write_comparison_report(tmp_path, empty)
     text = paths["html"].read_text()
-    assert '<p class="lead alert">No architecture produced a checkpoint' in text
+    assert ALERT_OPEN + "No architecture produced a checkpoint" in text
     assert "Confusion matrices" not in text and "Training curves" not in text and "<img" not in text
     assert "<h2>All trials</h2>" in text and "<h2>Failed trials (1)</h2>" in text
     assert not list(tmp_path.glob("*.png"))
@@ -299,11 +305,11 @@ def test_held_out_sources_stand_beside_the_random_split_and_a_large_drop_is_flag
     }
     text = write_comparison_report(tmp_path, comparison)["html"].read_text()
     scores = text.split("<h3>Test split</h3>")[1].split("</table>")[0]
-    headers = re.findall(r"<th>(.*?)</th>", scores)
+    headers = re.findall(r"<th scope=\"col\">(.*?)</th>", scores)
     held_out = ["random-split accuracy", "held-out accuracy", "random-split macro-F1", "held-out macro-F1"]
     assert headers[6:11] == [*held_out, "large drop"]
     assert '<td class="num">0.410</td>' in scores and "<td>yes</td>" in scores
-    assert f'<p class="lead alert">cnn_lstm: {verdict}</p>' in text
+    assert f"{ALERT_OPEN}cnn_lstm: {verdict}</p>" in text
     assert text.index(verdict) < text.index("<h2>")  # under the winner, before any section
 
     printed = format_comparison({**comparison, "production": "dual_cnn:3", "reports": {}})
@@ -440,7 +446,7 @@ def test_an_architecture_not_shown_to_beat_the_commonest_class_is_warned_of(tmp_
     warning = f"WARNING: {loser}: test accuracy 0.250 (95% CI 0.15–0.39) reaches 0.250, the score of always"
     assert warning in printed
     text = write_comparison_report(tmp_path, comparison)["html"].read_text()
-    assert f'<p class="lead alert">{loser}: test accuracy 0.250' in text
+    assert f"{ALERT_OPEN}{loser}: test accuracy 0.250" in text
     # The winner too: its own line said it in the lead's green box, and production went to it all the same
     winner = max(comparison["best"], key=lambda model: comparison["best"][model]["val_score"])
     comparison["best"][winner] = {**comparison["best"][winner], "confusion_matrix": [[1, 1, 1, 1]] * 4}
@@ -494,7 +500,7 @@ def test_repeats_show_each_architecture_over_the_seeds_and_warn_when_the_winner_
     )
     text = write_comparison_report(tmp_path, comparison)["html"].read_text()
     assert "Over seeds (validation macro-F1)" in text and ">1 of 3<" in text
-    assert '<p class="lead alert">the winner, dual_cnn, ranked first in 1 of 3 seeds only' in text
+    assert ALERT_OPEN + "the winner, dual_cnn, ranked first in 1 of 3 seeds only" in text
     # A winner first in most seeds is not warned of; one seed makes no spread.
     trials[1]["val_score"] = trials[2]["val_score"] = 0.99
     assert "WARNING: the winner" not in format_comparison(
@@ -540,6 +546,6 @@ def test_a_dataset_whose_sources_separate_classes_is_warned_of(tmp_path: Path) -
     printed = format_comparison({**comparison, "production": "dual_cnn:3", "reports": {}})
     assert f"WARNING: in the dataset, {confound}" in printed
     text = write_comparison_report(tmp_path, comparison)["html"].read_text()
-    assert f'<p class="lead alert">In the dataset, {confound}.</p>' in text
+    assert f"{ALERT_OPEN}In the dataset, {confound}.</p>" in text
     printed = format_comparison({**_comparison(), "production": "dual_cnn:3", "reports": {}})
     assert "in the dataset," not in printed

@@ -187,3 +187,25 @@ def test_a_quiet_tune_trial_builds_its_datasets_without_progress_bars(
     monkeypatch.setattr(logging.getLogger("ray.data"), "handlers", [])
     quiet_tune_trial()
     assert context.enable_progress_bars is False
+
+
+def test_ray_prints_worker_lines_without_colour_where_the_console_takes_none(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`cxr train > log` wrote "^[[36m(TrainController pid=...)^[[0m" into the file, NO_COLOR or not."""
+    import io
+
+    from cxrcore.console import plain_prefix
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setattr("sys.stdout", Terminal())
+    assert plain_prefix() == {}
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert plain_prefix() == {"RAY_COLOR_PREFIX": "0"}
+    monkeypatch.delenv("NO_COLOR")
+    monkeypatch.setattr("sys.stdout", io.StringIO())  # a file or a pipe
+    assert plain_prefix() == {"RAY_COLOR_PREFIX": "0"}

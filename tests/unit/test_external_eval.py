@@ -31,6 +31,7 @@ from cxrcore.evaluate.external import (
     internal_reference,
     training_overlap,
 )
+from cxrcore.evaluate.report import ALERT_OPEN
 from cxrcore.inference import Predictor
 from cxrcore.labels import CLASSES
 from cxrcore.metrics import classification_metrics, wilson_interval
@@ -190,7 +191,7 @@ def test_external_evaluation_of_a_registry_version_from_another_folder(
     )
     assert "Large drop on external data: accuracy 1.00 internal (test)" in comparison["verdict"]
     html = (out / "report.html").read_text()
-    assert '<p class="lead alert">Not a clean' in html and "<h2>External validation</h2>" in html
+    assert ALERT_OPEN + "Not a clean" in html and "<h2>External validation</h2>" in html
     assert "Sensitivity and specificity" in html and "the 5 images that copy none of" in html
     assert "internal (test)" in printed and "WARNING: Not a clean" in printed
     # Macro averages over COVID and Normal only: said on the console, in the report and in metrics.json.
@@ -275,7 +276,7 @@ def test_the_models_own_dataset_ingested_again_is_not_a_clean_external_set(
     comparison = metrics["internal_comparison"]
     assert comparison["clean"] is False
     assert comparison["verdict"].startswith("Not a clean external validation: this is the dataset the model")
-    assert '<p class="lead alert">Not a clean' in paths["report"].read_text()
+    assert ALERT_OPEN + "Not a clean" in paths["report"].read_text()
 
 
 def test_a_version_is_registered_only_with_its_own_evaluation(world: dict[str, Any], tmp_path: Path) -> None:
@@ -327,7 +328,7 @@ def test_own_dataset_is_scored_on_its_test_split_without_an_external_block(
     # and in metrics.json and the report's lead, not on the console alone
     assert (metrics["evaluated"]["missed"] is not None) == bool(missed)
     report = (out / "report.html").read_text()
-    assert ('<p class="lead alert">The model finds no image of' in report) == bool(missed)
+    assert (ALERT_OPEN + "The model finds no image of" in report) == bool(missed)
     assert metrics["evaluated"]["split"] == "test" and metrics["evaluated"]["relation"] == "internal"
     assert metrics["n"] == 4 and "external" not in metrics and "internal_comparison" not in metrics
     assert "source_holdout" not in metrics  # ingest held no source out

@@ -645,7 +645,7 @@ def test_of_several_mask_folders_side_by_side_the_lung_masks_are_read_and_the_re
     assert main(["data", "check", str(tmp_path / "raw"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["warnings"] == [warning]
     assert main(["data", "check", str(tmp_path / "raw")]) == 0
-    assert f"warning: {warning}" in capsys.readouterr().out.splitlines()
+    assert f"WARNING: {warning}" in capsys.readouterr().out.splitlines()
     assert not [record for record in caplog.records if record.levelname == "WARNING"]
 
 
@@ -749,9 +749,9 @@ def test_metadata_naming_no_files_is_warned_about_once_and_the_sources_are_unkno
     assert main(["data", "check", str(tmp_path / "raw")]) == 0
     out = capsys.readouterr().out
     assert "sources (images): unknown 1" in out
-    [warning] = [line for line in out.splitlines() if line.startswith("warning: ")]
+    [warning] = [line for line in out.splitlines() if line.startswith("WARNING: ")]
     assert warning == (
-        f"warning: {tmp_path / 'raw/COVID.metadata.xlsx'}: no sheet has a file name column (FILE NAME, "
+        f"WARNING: {tmp_path / 'raw/COVID.metadata.xlsx'}: no sheet has a file name column (FILE NAME, "
         "filename, image, path, ...) in its first 10 rows (sheet 'Info': note; sheet 'Patients': patient, "
         "age): the source of its images is unknown"
     )

@@ -104,15 +104,21 @@ def test_html_is_self_contained_and_escaped(report: dict[str, Path]) -> None:
     assert "<script" not in text and "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; more" in text
     assert "tiny_dual_cnn" in text and "0.0003" in text  # card numbers to 6 significant figures
     # the card in words, one row per nested entry, lists joined
-    assert "<td>input › channels</td><td>image, mask</td>" in text and "&quot;channels&quot;" not in text
+    assert (
+        '<th scope="row">input › channels</th><td>image, mask</td>' in text
+        and "&quot;channels&quot;" not in text
+    )
     assert "held-out source: &lt;kermany&gt;" in text and "lung masks" in text
     # a block's sentences are paragraphs above its figures, not columns of them
     assert "<p>B: lifted &lt;2.7×&gt;</p>" in text and "<th>prior_note</th>" not in text
     assert "No ROC curve for Viral Pneumonia" not in text  # the main metrics have every class
-    headers = re.findall(r"<th>(.*?)</th>", text)
+    headers = re.findall(r"<th scope=\"col\">(.*?)</th>", text)
     assert headers[headers.index("accuracy") + 1] == "accuracy 95% CI"  # beside the accuracy
     assert {"balanced accuracy", "macro-F1", "ECE", "images", "F1", "Dice"} <= set(headers)
-    assert not [header for header in headers if "_" in header]  # in words, not metric keys
+    # in words, not metric keys (a class's own name aside)
+    assert not [header for header in headers if "_" in header.replace("Lung_Opacity", "")]
+    assert '<th scope="col">predicted COVID</th>' in text  # the confusion matrix as text too
+    assert 'alt="ROC curves, each class against the rest: COVID AUC' in text
     matrix = _metrics(0)["confusion_matrix"]
     assert f"<td>{interval_text(accuracy_interval(matrix))}</td>" in text
     sources = re.findall(r'<img [^>]*src="([^"]+)"', text)
@@ -155,7 +161,7 @@ def test_external_sections_escape_and_lead_with_the_verdict() -> None:
     text = "".join(section.html for section in external_sections(external, comparison))
     assert "/data/&lt;hospital&gt;" in text and "&lt;gone&gt;" in text and "<gone>" not in text
     assert "Lung_Opacity: 1" in text  # predicted although absent
-    assert "<th>internal (test)</th>" in text
+    assert '<th scope="col">internal (test)</th>' in text
     lead = evaluation_lead({"note": None}, comparison)
     assert lead.startswith('<p class="lead alert">Large drop') and lead.count("<p") == 1
     calm = compare_with_internal(external, {**reference, "accuracy": 0.8, "macro_f1": 0.7}, CLASSES, ece=0.1)
@@ -205,11 +211,12 @@ def test_a_class_without_images_shows_no_recall_or_f1_and_the_macro_row_averages
 def test_html_table_formats_and_escapes() -> None:
     table = html_table([{"a": 0.12345, "b": 7, "c": None, "e": True}, {"a": "<b>", "d": [1, 2], "e": False}])
     assert table.startswith('<div class="table-wrap"><table>')  # wide tables scroll, not the page
-    assert "<th>a</th><th>b</th><th>c</th><th>e</th><th>d</th>" in table
-    assert '<td class="num">0.123</td>' in table and '<td class="num">7</td>' in table
-    assert "<td>—</td>" in table and "<td>&lt;b&gt;</td>" in table and "<pre>[" in table
+    assert "".join(f'<th scope="col">{c}</th>' for c in "abced") in table
+    # each row's first cell is its header: a screen reader names the row with every cell it reads
+    assert '<th scope="row" class="num">0.123</th>' in table and '<td class="num">7</td>' in table
+    assert "<td>—</td>" in table and '<th scope="row">&lt;b&gt;</th>' in table and "<pre>[" in table
     assert "<td>yes</td>" in table and "<td>no</td>" in table
-    assert '<td class="num">3.2e-04</td>' in html_table([{"lr": 3.2e-4}])
+    assert '<td class="num">3.2e-04</td>' in html_table([{"k": "lr", "lr": 3.2e-4}])
 
 
 @pytest.mark.parametrize(

@@ -256,3 +256,18 @@ def test_an_app_that_needs_more_gpus_than_the_local_cluster_has_is_refused_sayin
         check_gpus(ServeArgs(model=single, num_gpus=1, min_replicas=2), 0)
     with pytest.raises(ValueError, match=r"needs 2 GPU\(s\).*has 1: --arg num_gpus=0.5"):
         check_gpus(ServeArgs(model=single, num_gpus=1, min_replicas=2), 1)
+
+
+def test_a_served_model_says_what_the_registry_knows_against_it(tmp_path: Path) -> None:
+    from cxrcore.checkpoint import ModelCard
+    from serve.deployments import ResolvedModel
+
+    card = ModelCard(model={"name": "tiny_cnn_lstm"}, input_spec={}, data={})
+    clean = ResolvedModel("m:1", tmp_path, card, "1", test={"beats_commonest_class": True})
+    assert clean.warnings == []
+    card.data["sources_separate_classes"] = "every source holds one class only: a model can tell"
+    test = {"beats_commonest_class": False, "accuracy": 0.5, "accuracy_ci95": [0.3, 0.7], "images": 20,
+            "commonest_class_accuracy": 0.5}  # fmt: skip
+    warned = ResolvedModel("m:1", tmp_path, card, "1", test=test).warnings
+    assert warned[0].startswith("its registered test accuracy, 0.500 (95% CI 0.30–0.70) on 20 images, is not")
+    assert warned[1] == "in the dataset it trained on, every source holds one class only: a model can tell"

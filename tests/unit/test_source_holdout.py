@@ -15,6 +15,7 @@ from cxrcore.cli import main
 from cxrcore.config import TuneConfig
 from cxrcore.evaluate.comparison import holdout_warnings
 from cxrcore.evaluate.external import LARGE_DROP, source_holdout
+from cxrcore.evaluate.report import ALERT_OPEN
 from cxrcore.labels import CLASSES
 from cxrcore.metrics import difference_interval, wilson_interval
 from cxrcore.registry import ModelRegistry
@@ -143,7 +144,7 @@ def test_evaluate_prints_and_records_both_figures_and_the_flag(
     assert re.search(r"\ndrop +- +0\.750 +- +0\.900\n", printed)
     assert f"WARNING: Large drop on the held-out sources ({HELD})" in printed
     html = (out / "report.html").read_text()
-    assert f'<p class="lead alert">Large drop on the held-out sources ({HELD})' in html
+    assert f"{ALERT_OPEN}Large drop on the held-out sources ({HELD})" in html
     assert "<h2>Source hold-out</h2>" in html and f"{SEEN}; images per class: Lung_Opacity 4" in html
 
 
@@ -189,7 +190,7 @@ def test_evaluate_warns_where_the_datasets_sources_separate_classes(
     evaluated = json.loads((out / "metrics.json").read_text())["evaluated"]
     assert evaluated["sources_separate_classes"].startswith("every source holds one class only")
     html = (out / "report.html").read_text()
-    assert '<p class="lead alert">In the dataset, every source holds one class only' in html
+    assert ALERT_OPEN + "In the dataset, every source holds one class only" in html
     # a source held out for testing measures it instead (the source hold-out block): no second warning
     report["test_sources"] = [HELD]
     report_file.write_text(json.dumps(report))
