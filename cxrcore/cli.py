@@ -1055,6 +1055,8 @@ def _run_register(args: argparse.Namespace) -> int:
         print(f"registered its lung segmenter {card.segmenter} as {done.segmenter.ref}")
     if done.found:
         print(f"{args.checkpoint} is registered already, as {done.version.ref}")
+        if args.report:  # registered first, evaluated after: the report is its test figures now
+            print(f"its report is {args.report} now (`cxr models show {done.version.ref}`)")
         if not (done.version.card.data.get("manifest") or {}).get("file"):
             print(f"{_manifest_line(done.version.card.data)} (`cxr models seal` makes it once it can)")
     else:
@@ -1143,11 +1145,25 @@ def _run_serve(args: argparse.Namespace) -> int:
             app_args, host=args.host, port=args.port, address=args.address, grace_s=args.grace_s
         )
     except ValueError as exc:  # pydantic's ValidationError, an unknown registry reference
-        raise ConfigError(str(exc)) from exc
+        raise ConfigError(_arg_errors(exc)) from exc
     except server.ServeStartError as exc:  # what failed and where to read why, not a traceback
         print(f"cxr: error: {exc}", file=sys.stderr)
         return 1
     return status
+
+
+def _arg_errors(exc: ValueError) -> str:
+    """An error of `cxr serve`'s settings in one line: pydantic's each as "--arg KEY: why" (its own text
+    ran over four lines with a URL), anything else as it is."""
+    errors = getattr(exc, "errors", None)
+    if not callable(errors):
+        return str(exc)
+    said = []
+    for error in errors():
+        key = ".".join(map(str, error.get("loc", ()))) or "settings"
+        why = "no such setting" if error.get("type") == "extra_forbidden" else error.get("msg", "")
+        said.append(f"{'--' + key if key in ('registry', 'model') else '--arg ' + key}: {why}")
+    return "; ".join(said) + " (serve/README.md lists the settings)"
 
 
 def _run_predict(args: argparse.Namespace) -> int:

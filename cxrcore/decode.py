@@ -84,9 +84,10 @@ def _luma(pixels: np.ndarray) -> np.ndarray:
     return out
 
 
-_INGEST_ONLY = frozenset({"BMP", "TIFF"})
-"""Formats ingest reads (a dataset may be TIFF) that the API refuses, to keep libtiff's and the BMP
-decoder's attack surface off the server: a client sends them as PNG (`upload_bytes`)."""
+_INGEST_ONLY = frozenset({"BMP", "TIFF", "WebP", "JPEG 2000"})
+"""Formats ingest reads (a dataset may be TIFF) that the API refuses, to keep libtiff's, libwebp's,
+OpenJPEG's and the BMP decoder's attack surface off the server: a client sends them as PNG
+(`upload_bytes`: `cxr predict` and `cxr demo --real` do)."""
 
 
 def _other_format(data: bytes) -> str | None:
@@ -97,7 +98,7 @@ def _other_format(data: bytes) -> str | None:
 def upload_bytes(data: bytes) -> tuple[bytes, str | None]:
     """The bytes to POST for a file, and their content type: the file itself (None: the type its name
     says), or for a format ingest reads but the API does not (TIFF, BMP), the 8-bit grayscale PNG of what
-    ingest decodes from it. The server decodes that PNG to the same
+    ingest decodes from it (WebP and JPEG 2000 too). The server decodes that PNG to the same
     pixels, so the file is scored as `cxr evaluate` scored it. Raises ImageDecodeError for such a file
     that cannot be read."""
     kind = _other_format(data)

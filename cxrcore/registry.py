@@ -247,10 +247,41 @@ class ModelRegistry:
             if found is None:
                 version = self.register(checkpoint, report=report, segmenter=segmenter)
         if found is not None:
-            version = found
+            version = found if report is None else self._attach_report(found, report, checkpoint)
         # promoted outside the registration lock: promote takes the aliases' own
         version = self.promote(version.ref, alias) if alias else version
         return Registration(version, found is not None, unet, unet_new)
+
+    def _attach_report(
+        self, version: ModelVersion, report: str | Path, checkpoint: str | Path
+    ) -> ModelVersion:
+        """`version`, registered without an evaluation report, with `report` (of the same weights) added:
+        register first, evaluate after, as the README's Python example does. A version that has a report
+        keeps it (its test figures are what was registered); another is refused, not dropped unsaid."""
+        if version.report is not None:
+            given_fs, given = resolve(str(report))
+            if read_text(given_fs, f"{given}/metrics.json") == read_text(
+                *resolve(f"{version.report}/metrics.json")
+            ):  # the same command again: done already
+                return version
+            raise RegistryError(
+                f"{checkpoint} is registered already, as {version.ref}, with its own report "
+                f"({version.report}): a version's report is not replaced"
+            )
+        report_fs, report_path = resolve(str(report))
+        if report_fs.get_file_info(report_path).type != pafs.FileType.Directory:
+            raise FileNotFoundError(f"report folder {report} not found")
+        source_fs, source = resolve(str(checkpoint))
+        _check_report_describes(report_fs, report_path, report, source_fs, source, version.name)
+        folder = f"{self._path}/{version.name}/v{version.version}"
+        staging = f"{folder}/{REPORT_NAME}.tmp-{uuid.uuid4().hex[:8]}"
+        try:  # whole or not at all: a report cut short would be read as the version's test figures
+            _copy(report_fs, report_path, self._fs, staging, skip=DATA_REPORT_FILES)
+            self._fs.move(staging, f"{folder}/{REPORT_NAME}")
+        except BaseException:
+            remove(self._fs, staging)
+            raise
+        return replace(version, report=self._uri(version.name, f"v{version.version}", REPORT_NAME))
 
     def register(
         self,

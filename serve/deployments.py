@@ -16,6 +16,7 @@ from ray.serve.handle import DeploymentHandle
 
 from cxrcore import telemetry
 from cxrcore.checkpoint import (
+    CARD_NAME,
     WEIGHTS_NAME,
     ModelCard,
     check_weights_recorded,
@@ -115,8 +116,11 @@ def _public_locations(document: Any) -> Any:
 
 
 def resolve_model(registry: str | None, ref: str) -> ResolvedModel:
-    """Look `ref` up in the registry (alias, name:N or name), or read it as a checkpoint folder or URI."""
-    if registry is None:
+    """Look `ref` up in the registry (alias, name:N or name), or read it as a checkpoint folder or URI. A
+    local checkpoint folder is one whatever the registry (`CXR_REGISTRY` set for every command had made
+    `cxr serve --model runs/x/checkpoint_epoch_003` an unknown reference)."""
+    folder = "://" not in ref and (Path(ref).expanduser() / CARD_NAME).is_file()
+    if registry is None or folder:
         remote = "://" in ref
         if not remote and not Path(ref).expanduser().exists() and "/" not in ref:
             # `cxr serve` with neither: the default --model is an alias, which only a registry resolves.

@@ -13,7 +13,7 @@ import io
 import logging
 import math
 import time
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -554,12 +554,6 @@ class _Routes:
         return image
 
 
-def _in_english(page: HTMLResponse) -> HTMLResponse:
-    """A docs page whose <html> names its language, as a screen reader needs to pronounce it."""
-    body = bytes(page.body).replace(b"<html>", b'<html lang="en">', 1)
-    return HTMLResponse(body, status_code=page.status_code)
-
-
 def _add_docs(api: FastAPI) -> None:
     """Swagger UI at /docs and ReDoc at /redoc from files the app serves itself: no CDN, no fonts."""
     api.mount(DOCS_ASSETS_URL, StaticFiles(directory=DOCS_ASSETS), name="docs-assets")
@@ -567,30 +561,32 @@ def _add_docs(api: FastAPI) -> None:
     def assets(request: Request) -> str:
         return f"{request.scope.get('root_path', '')}{DOCS_ASSETS_URL}"
 
-    async def swagger_ui(request: Request) -> HTMLResponse:
+    def page(request: Request, render: Callable[..., HTMLResponse], **files: Any) -> HTMLResponse:
+        """A docs page of the API's own schema and files, its <html> in English for screen readers."""
         root = request.scope.get("root_path", "")
-        return _in_english(
-            get_swagger_ui_html(
-                openapi_url=f"{root}{api.openapi_url}",
-                title=f"{api.title} API",
-                swagger_js_url=f"{assets(request)}/swagger-ui-bundle.js",
-                swagger_css_url=f"{assets(request)}/swagger-ui.css",
-                swagger_favicon_url=f"{assets(request)}/favicon.png",
-                oauth2_redirect_url=None,
-                # Swagger UI would otherwise fetch a validity badge from validator.swagger.io.
-                swagger_ui_parameters={"validatorUrl": None},
-            )
+        shown = render(openapi_url=f"{root}{api.openapi_url}", title=f"{api.title} API", **files)
+        body = bytes(shown.body).replace(b"<html>", b'<html lang="en">', 1)
+        return HTMLResponse(body, status_code=shown.status_code)
+
+    async def swagger_ui(request: Request) -> HTMLResponse:
+        return page(
+            request,
+            get_swagger_ui_html,
+            swagger_js_url=f"{assets(request)}/swagger-ui-bundle.js",
+            swagger_css_url=f"{assets(request)}/swagger-ui.css",
+            swagger_favicon_url=f"{assets(request)}/favicon.png",
+            oauth2_redirect_url=None,
+            # Swagger UI would otherwise fetch a validity badge from validator.swagger.io.
+            swagger_ui_parameters={"validatorUrl": None},
         )
 
     async def redoc(request: Request) -> HTMLResponse:
-        return _in_english(
-            get_redoc_html(
-                openapi_url=f"{request.scope.get('root_path', '')}{api.openapi_url}",
-                title=f"{api.title} API",
-                redoc_js_url=f"{assets(request)}/redoc.standalone.js",
-                redoc_favicon_url=f"{assets(request)}/favicon.png",
-                with_google_fonts=False,
-            )
+        return page(
+            request,
+            get_redoc_html,
+            redoc_js_url=f"{assets(request)}/redoc.standalone.js",
+            redoc_favicon_url=f"{assets(request)}/favicon.png",
+            with_google_fonts=False,
         )
 
     api.add_api_route("/docs", swagger_ui, methods=["GET"], include_in_schema=False)

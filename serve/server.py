@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from cxrcore.decode import upload_bytes
 from serve.app import _registry, build_app, check_gpus
 from serve.deployments import resolve_model
 from serve.schemas import ServeArgs
@@ -371,10 +372,14 @@ def demo_predictions(
         answers = []
         with httpx.Client(base_url=f"http://{host}:{port}", timeout=60) as client:
             for path in files:
-                response = client.post(
-                    "/v1/predict", files={"file": (Path(path).name, Path(path).read_bytes())}
-                )
-                response.raise_for_status()
+                # as `cxr predict` sends it: a TIFF, BMP, WebP or JPEG 2000 of the dataset as its PNG
+                data, content_type = upload_bytes(Path(path).read_bytes())
+                upload = (Path(path).name, data, content_type) if content_type else (Path(path).name, data)
+                response = client.post("/v1/predict", files={"file": upload})
+                if response.status_code != 200:  # a sentence, not an httpx traceback
+                    raise ExampleRefused(
+                        f"the served model refused {path}: HTTP {response.status_code} {response.text}"
+                    )
                 answers.append({"file": path, **response.json()})
         return answers
     finally:
@@ -453,3 +458,7 @@ def run_app(
 
 class ServeStartError(RuntimeError):
     """The application did not come up: a replica failed, or none found room within the start timeout."""
+
+
+class ExampleRefused(ServeStartError):
+    """The application came up, but refused an example the demo sent it (its error answer said why)."""

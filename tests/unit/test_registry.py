@@ -726,3 +726,27 @@ def test_a_damaged_or_other_report_never_stops_a_version_serving_and_says_why_it
     assert "?" in capsys.readouterr().out.splitlines()[2].split()
     resolved = resolve_model(reg, first.ref)  # the weights serve; GET /v1/model says test null
     assert resolved.test is None and resolved.checkpoint.is_dir()
+
+
+def test_a_report_given_for_a_version_registered_without_one_is_added_and_another_refused(
+    tmp_path: Path, checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Registered first, evaluated after (the README's Python example): `register --report` on the same
+    checkpoint had said "registered already" and dropped the report without a word."""
+    reg = str(tmp_path / "reg")
+    assert main(["models", "register", str(checkpoint), "--registry", reg]) == 0
+    report = make_report(tmp_path / "eval")
+    tested = {"accuracy": 0.7, "n": 40, "evaluated": {"split": "test", "relation": "internal"}}
+    (report / "metrics.json").write_text(json.dumps(tested))
+    capsys.readouterr()
+    assert main(["models", "register", str(checkpoint), "--registry", reg, "--report", str(report)]) == 0
+    assert "its report is" in capsys.readouterr().out
+    version = ModelRegistry(reg).get(f"{NAME}:1")
+    assert (
+        version.report and json.loads((Path(version.report) / "metrics.json").read_text())["accuracy"] == 0.7
+    )
+    assert not [p for p in (tmp_path / "reg").rglob("*.tmp-*")]
+    assert main(["models", "register", str(checkpoint), "--registry", reg, "--report", str(report)]) == 0
+    (report / "metrics.json").write_text(json.dumps({**tested, "accuracy": 0.9}))  # another evaluation
+    assert main(["models", "register", str(checkpoint), "--registry", reg, "--report", str(report)]) == 2
+    assert "with its own report" in capsys.readouterr().err

@@ -147,8 +147,11 @@ def test_cxr_serve_refuses_bad_arguments_before_starting_ray(
     assert "nope" in capsys.readouterr().err
     assert main(["serve", "--registry", registry, "--arg", "max_replicas"]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err
-    assert main(["serve", "--registry", registry, "--arg", "max_replica=3"]) == 2
-    assert "max_replica" in capsys.readouterr().err
+    assert main(["serve", "--registry", registry, "--arg", "max_replica=3", "--arg", "max_replicas=x"]) == 2
+    err = capsys.readouterr().err  # one line, each setting named (pydantic's own ran over eight)
+    assert err.startswith("cxr: error: --arg max_replicas: Input should be a valid integer")
+    assert "; --arg max_replica: no such setting (serve/README.md lists the settings)" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_a_port_in_use_is_named_before_ray_starts(
@@ -271,3 +274,13 @@ def test_a_served_model_says_what_the_registry_knows_against_it(tmp_path: Path) 
     warned = ResolvedModel("m:1", tmp_path, card, "1", test=test).warnings
     assert warned[0].startswith("its registered test accuracy, 0.500 (95% CI 0.30–0.70) on 20 images, is not")
     assert warned[1] == "in the dataset it trained on, every source holds one class only: a model can tell"
+
+
+def test_a_checkpoint_folder_is_served_as_one_with_a_registry_set(tmp_path: Path) -> None:
+    """With CXR_REGISTRY set for every command, `cxr serve --model runs/x/checkpoint_epoch_003` was an
+    unknown registry reference."""
+    registry = write_registry(tmp_path / "models")
+    folder = write_checkpoint(tmp_path / "runs" / "checkpoint_epoch_003", "tiny_cnn_lstm", 5)
+    resolved = resolve_model(str(registry), str(folder))
+    assert resolved.checkpoint == folder.resolve() and resolved.card.name == "tiny_cnn_lstm"
+    assert resolve_model(str(registry), "production").ref == "tiny_dual_cnn:1"  # references as before

@@ -147,6 +147,7 @@ def test_docs_load_every_asset_from_the_app_itself(client: httpx.Client, page: s
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
     html = response.text
     assert not re.findall(r"https?://", html), "the page must work offline"
+    assert '<html lang="en">' in html  # for a screen reader to pronounce it
     assets = re.findall(r'(?:src|href)="([^"]+)"', html)
     assert any(asset.endswith(".js") for asset in assets), assets
     for asset in assets:
@@ -405,8 +406,8 @@ def test_cxr_predict_reads_folders_and_names_each_failure_below_its_table(
 def test_cxr_predict_sends_a_tiff_or_bmp_as_the_pixels_ingest_reads_from_it(
     client: httpx.Client, classifier: LocalClassifier, tmp_path: Path
 ) -> None:
-    """Ingest reads TIFF and BMP datasets, the API refuses them (415): `cxr predict` sends their pixels as
-    a PNG, so a file is scored as served as `cxr evaluate` scored it."""
+    """Ingest reads TIFF, BMP, WebP and JPEG 2000 datasets, the API refuses them (415): `cxr predict` sends
+    their pixels as a PNG, so a file is scored as served as `cxr evaluate` scored it."""
     import io
 
     from PIL import Image
@@ -416,17 +417,24 @@ def test_cxr_predict_sends_a_tiff_or_bmp_as_the_pixels_ingest_reads_from_it(
     from cxrcore.data.transforms import resize_image
 
     levels = (np.arange(96 * 80, dtype=np.uint16).reshape(96, 80) * 7) % 4096  # 12 bits in 16
-    files = {"deep.tif": (levels, "TIFF"), "flat.bmp": ((levels >> 4).astype(np.uint8), "BMP")}
+    eight = (levels >> 4).astype(np.uint8)
+    files = {  # WebP and JPEG 2000 too, which ingest reads since session 49 (a demo --real crashed on them)
+        "deep.tif": (levels, "TIFF"), "flat.bmp": (eight, "BMP"), "web.webp": (eight, "WEBP"),
+        "wave.jp2": (eight, "JPEG2000"),
+    }  # fmt: skip
     for name, (pixels, kind) in files.items():
         buffer = io.BytesIO()
-        Image.fromarray(pixels).save(buffer, format=kind)
+        Image.fromarray(pixels).save(buffer, format=kind, **({"lossless": True} if kind == "WEBP" else {}))
         (tmp_path / name).write_bytes(buffer.getvalue())
         assert client.post("/v1/predict", content=buffer.getvalue()).status_code == 415
     (tmp_path / "torn.tif").write_bytes(b"II*\x00" + bytes(40))
     before = len(classifier.images)
     table, problems = predict_files(client, "/v1/predict", [str(tmp_path)])
     received = classifier.images[before:]
-    assert len(received) == 2 and [line.split()[1] for line in table.splitlines()[2:4]] != ["error"] * 2
+    answered = {line.split()[0]: line.split()[1] for line in table.splitlines()[2:]}
+    assert len(received) == 4 and [answered[name] == "error" for name in sorted(answered)] == [
+        False, False, True, False, False,  # torn.tif alone
+    ]  # fmt: skip
     for image, name in zip(received, sorted(files), strict=True):
         buffer = io.BytesIO()  # the PNG of what ingest decodes from the file, as a client could send it
         Image.fromarray(decode_image((tmp_path / name).read_bytes(), name)).save(buffer, format="PNG")
