@@ -41,7 +41,7 @@ from cxrcore.console import quiet_ray_console
 from cxrcore.data.layout import LayoutError
 from cxrcore.data.split import SPLITS
 from cxrcore.labels import CLASSES
-from cxrcore.registry import ModelRegistry, RegistryError, registered_test
+from cxrcore.registry import ModelRegistry, RegistryError, registered_test, serving_warnings
 from cxrcore.runtime import Interrupted, storage_error, storage_reason
 from cxrcore.summaries import (
     format_cell,
@@ -64,7 +64,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+        level=logging.INFO if args.verbose else logging.WARNING,
+        # "WARNING: ..." as every warning cxr prints; the module beside it where -v asks for the detail
+        format="%(levelname)s %(name)s: %(message)s" if args.verbose else "%(levelname)s: %(message)s",
     )
     if not hasattr(args, "run"):
         getattr(args, "help_of", parser).print_help()
@@ -278,7 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(run=_run_serve)
     predict = commands.add_parser("predict", help="classify image files with a running `cxr serve` endpoint")
     predict.add_argument(
-        "files", nargs="+", metavar="PATH", help="PNG, JPEG or DICOM files, or folders of them (read whole)"
+        "files",
+        nargs="+",
+        metavar="PATH",
+        help="image files (PNG, JPEG, DICOM; TIFF, BMP, WebP and JPEG 2000 sent as PNG), or folders of them",
     )
     predict.add_argument("--url", default="http://127.0.0.1:8000", help="server URL (default: %(default)s)")
     predict.add_argument(
@@ -1055,8 +1060,10 @@ def _run_register(args: argparse.Namespace) -> int:
         print(f"registered its lung segmenter {card.segmenter} as {done.segmenter.ref}")
     if done.found:
         print(f"{args.checkpoint} is registered already, as {done.version.ref}")
-        if args.report:  # registered first, evaluated after: the report is its test figures now
+        if done.report_added:  # registered first, evaluated after: the report is its test figures now
             print(f"its report is {args.report} now (`cxr models show {done.version.ref}`)")
+        elif args.report:
+            print("with this report already (its metrics.json is the registered one's)")
         if not (done.version.card.data.get("manifest") or {}).get("file"):
             print(f"{_manifest_line(done.version.card.data)} (`cxr models seal` makes it once it can)")
     else:
@@ -1104,6 +1111,10 @@ def _run_promote(args: argparse.Namespace) -> int:
     version = registry.promote(args.ref, args.alias)
     unchanged = " (unchanged)" if old == version.ref else ""
     print(f"{args.alias}: {old or '(none)'} -> {version.ref}{unchanged}")
+    if args.alias == "production":  # where a review signs a candidate off: what is known against it
+        test, _ = registered_test(version)
+        for warning in serving_warnings(test, version.card.data):
+            print(f"WARNING: {version.ref}: {warning}")
     return 0
 
 
@@ -1199,7 +1210,7 @@ def predict_files(client: Any, endpoint: str, names: Sequence[str]) -> tuple[str
     for given in names:
         files = image_files(given) if os.path.isdir(given) else [given]
         if not files:
-            problems.append(f"{given}: no PNG, JPEG or DICOM file in this folder")
+            problems.append(f"{given}: no image file in this folder")
         for name in files:
             status, body = _post_file(client, endpoint, name)
             shown = printable_name(name)  # `caf\xe9.png`, as the dataset and the reports spell it

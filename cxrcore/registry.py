@@ -154,6 +154,8 @@ class Registration:
     found: bool
     segmenter: ModelVersion | None = None
     segmenter_registered: bool = False
+    report_added: bool = False
+    """whether the version, found, got the report given now (it had none)"""
 
 
 @dataclass(frozen=True)
@@ -246,11 +248,12 @@ class ModelRegistry:
             found = self.registered_as(checkpoint, segmenter)
             if found is None:
                 version = self.register(checkpoint, report=report, segmenter=segmenter)
-        if found is not None:
-            version = found if report is None else self._attach_report(found, report, checkpoint)
+            else:  # a report given for it now: added where it has none (two at once add one)
+                version = found if report is None else self._attach_report(found, report, checkpoint)
+        added = found is not None and found.report is None and version.report is not None
         # promoted outside the registration lock: promote takes the aliases' own
         version = self.promote(version.ref, alias) if alias else version
-        return Registration(version, found is not None, unet, unet_new)
+        return Registration(version, found is not None, unet, unet_new, added)
 
     def _attach_report(
         self, version: ModelVersion, report: str | Path, checkpoint: str | Path
@@ -1014,6 +1017,24 @@ def registered_test(version: ModelVersion) -> tuple[dict[str, Any] | None, str |
         )
         return None, f"its registered report scores {what}, not the test split of its own dataset"
     return figures, None
+
+
+def serving_warnings(test: dict[str, Any] | None, data: dict[str, Any]) -> list[str]:
+    """What is known against serving a model, in sentences: its registered test figures (`registered_test`)
+    not shown to beat always answering the commonest class, and a training dataset (its card's `data`) whose
+    sources separate classes. Said by `cxr serve`, GET /v1/model and `cxr models promote`."""
+    found = []
+    test = test or {}
+    if test.get("beats_commonest_class") is False:
+        low, high = test["accuracy_ci95"]  # there is one wherever it is judged
+        found.append(
+            f"its registered test accuracy, {test['accuracy']:.3f} (95% CI {low:.2f}–{high:.2f}) on "
+            f"{test['images']} images, is not shown to beat always answering the commonest class "
+            f"({test['commonest_class_accuracy']:.3f}): do not serve it on this evidence"
+        )
+    if confound := data.get("sources_separate_classes"):
+        found.append(f"in the dataset it trained on, {confound}")
+    return found
 
 
 def _check_report_describes(

@@ -52,19 +52,9 @@ class ResolvedModel:
         """What the registry knows against serving this model: registered test figures not shown to beat
         always answering the commonest class, and a dataset whose sources separate classes (its scores may
         measure the sources). `cxr tune` warned of both; a server started later said nothing."""
-        found = []
-        test = self.test or {}
-        if test.get("beats_commonest_class") is False:
-            low, high = test["accuracy_ci95"]  # there is one wherever it is judged
-            found.append(
-                f"its registered test accuracy, {test['accuracy']:.3f} (95% CI {low:.2f}–{high:.2f}) on "
-                f"{test['images']} images, is not shown to beat "
-                f"always answering the commonest class ({test['commonest_class_accuracy']:.3f}): do not "
-                "serve it on this evidence"
-            )
-        if confound := self.card.data.get("sources_separate_classes"):
-            found.append(f"in the dataset it trained on, {confound}")
-        return found
+        from cxrcore.registry import serving_warnings
+
+        return serving_warnings(self.test, self.card.data)
 
     @property
     def info(self) -> ModelInfo:
@@ -119,7 +109,8 @@ def resolve_model(registry: str | None, ref: str) -> ResolvedModel:
     """Look `ref` up in the registry (alias, name:N or name), or read it as a checkpoint folder or URI. A
     local checkpoint folder is one whatever the registry (`CXR_REGISTRY` set for every command had made
     `cxr serve --model runs/x/checkpoint_epoch_003` an unknown reference)."""
-    folder = "://" not in ref and (Path(ref).expanduser() / CARD_NAME).is_file()
+    # a registry's references hold no "/" (name:N, aliases): one that does is a path, mistyped or not
+    folder = "://" not in ref and ("/" in ref or (Path(ref).expanduser() / CARD_NAME).is_file())
     if registry is None or folder:
         remote = "://" in ref
         if not remote and not Path(ref).expanduser().exists() and "/" not in ref:

@@ -330,6 +330,12 @@ def _patient_warnings(patients: dict[str, Any]) -> list[str]:
         "patient: those images are split as if they named none"
         for placeholder, count in patients["placeholders"].items()
     ]
+    loose = patients.get("without_patient", 0) - sum(patients["placeholders"].values())
+    if folders and loose:  # asked for patient folders, and these are in none
+        warnings.append(
+            f"{loose} images lie directly in their class folder (or its images/), in no patient's folder: "
+            "they are split one by one"
+        )
     if patients.get("pulled_to_test"):
         warnings.append(
             f"{patients['pulled_to_test']} images of sources not held out went to test with their patient "
@@ -364,6 +370,8 @@ def _patient_report(
         "patients": len(splits_of),
         "across_splits": sum(1 for found in splits_of.values() if len(found) > 1),
         "placeholders": placeholders,
+        # images no patient groups (none named, or a placeholder's): split one by one
+        "without_patient": len(patients) - len(named),
     }
 
 

@@ -237,6 +237,8 @@ def kept_better_line(kept: Mapping[str, Any]) -> str:
 
 def kept_candidate_line(production: str | None, kept: Mapping[str, Any]) -> str:
     """Why production stayed where it was: `cxr tune --promote never` asked it to."""
+    if production == kept["not_asked"]:  # promoted since, by a review
+        return f"The winner, {production}, is production already (--promote never moved nothing)."
     return (
         f"Production stays {production or '(none)'}, as --promote never asks: the winner, "
         f"{kept['not_asked']}, is the alias {CANDIDATE}; `cxr models promote {CANDIDATE}` serves it once "

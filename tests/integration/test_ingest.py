@@ -295,7 +295,7 @@ def test_a_patients_images_share_a_split_and_a_placeholder_id_groups_nothing(tmp
     assert len(set(splits_of.get_group("ANON"))) > 1  # the placeholder grouped nothing
     assert report["patients"] == {
         "column": "Patient ID", "images": 24, "patients": 8, "across_splits": 0, "placeholders": {"ANON": 12},
-        "pulled_to_test": 0,
+        "without_patient": 12, "pulled_to_test": 0,
     }  # fmt: skip
     text = format_ingest_report(report)
     assert "patients ('Patient ID' of the label file): 8 for 24 images, each patient's images within" in text
@@ -340,7 +340,7 @@ def test_a_pacs_exports_patients_are_read_from_its_dicoms(tmp_path: Path) -> Non
     assert len(by_patient) == 6 and (by_patient == 1).all()
     assert report["patients"] == {
         "column": "PatientID (DICOM)", "images": 24, "patients": 6, "across_splits": 0, "placeholders": {},
-        "pulled_to_test": 0,
+        "without_patient": 0, "pulled_to_test": 0,
     }  # fmt: skip
     assert "patients (the DICOMs' PatientID): 6 for 24 images" in format_ingest_report(report)
 
@@ -354,6 +354,8 @@ def test_patient_folders_of_pngs_keep_each_patients_films_in_one_split(tmp_path:
         label = "COVID" if i % 2 else "Normal"
         folder = "batch" if i >= 32 else f"P{i // 4:02d}"  # a folder of 22 films: no one patient's
         write_png(root / label / ("images" if i % 3 else "") / folder / f"{i}.png", xray(300 + i))
+    for i in (60, 61):  # in no patient's folder: split one by one, and said
+        write_png(root / "COVID" / f"{i}.png", xray(300 + i))
     config = IngestConfig(
         raw=str(root), out=str(tmp_path / "ds"), size=SIZE, val_fraction=0.25, test_fraction=0.25,
         patient_column="folder", near_duplicate_bits=0,
@@ -361,7 +363,8 @@ def test_patient_folders_of_pngs_keep_each_patients_films_in_one_split(tmp_path:
     report = ingest_dataset(config)
     table = read_table(str(tmp_path / "ds"), ["file", "split"]).to_pandas()
     folder = table["file"].str.removeprefix("images/").str.split("/").str[0]
-    by_patient = table[folder != "batch"].groupby(folder)["split"].nunique()
+    filed = table["file"].str.removeprefix("images/").str.contains("/")  # in a patient's folder
+    by_patient = table[filed & (folder != "batch")].groupby(folder)["split"].nunique()
     assert len(by_patient) == 8 and (by_patient == 1).all()
     assert report["patients"]["column"] == "folder" and report["patients"]["patients"] == 8
     assert report["patients"]["placeholders"] == {"batch": 22}
@@ -369,6 +372,7 @@ def test_patient_folders_of_pngs_keep_each_patients_films_in_one_split(tmp_path:
     text = format_ingest_report(report)
     assert "patients (the folders below each class folder): 8 for 32 images" in text
     assert "the folder 'batch' holds 22 images, too many for one patient's" in text
+    assert "2 images lie directly in their class folder (or its images/), in no patient's folder" in text
 
 
 def test_real_sample(real_sample: Path, tmp_path: Path) -> None:

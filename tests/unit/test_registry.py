@@ -750,3 +750,23 @@ def test_a_report_given_for_a_version_registered_without_one_is_added_and_anothe
     (report / "metrics.json").write_text(json.dumps({**tested, "accuracy": 0.9}))  # another evaluation
     assert main(["models", "register", str(checkpoint), "--registry", reg, "--report", str(report)]) == 2
     assert "with its own report" in capsys.readouterr().err
+
+
+def test_promoting_a_version_says_what_is_known_against_serving_it(
+    tmp_path: Path, checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`cxr models promote candidate` is where a review signs a model off: it moved production to one the
+    registry said not to serve without a word."""
+    reg = str(tmp_path / "reg")
+    report = make_report(tmp_path / "eval")
+    chance = [[1, 0, 0, 0], [1, 0, 0, 0], [1, 0, 0, 0], [1, 0, 0, 0]]  # 1 of 4: a quarter
+    tested = {"accuracy": 0.25, "n": 4, "confusion_matrix": chance}
+    tested["evaluated"] = {"split": "test", "relation": "internal"}
+    (report / "metrics.json").write_text(json.dumps(tested))
+    ModelRegistry(reg).register(checkpoint, report=report, alias="candidate")
+    assert main(["models", "promote", "candidate", "--registry", reg]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"production: (none) -> {NAME}:1"
+    assert out[1].startswith(
+        f"WARNING: {NAME}:1: its registered test accuracy, 0.250 (95% CI 0.05–0.70) on 4"
+    )

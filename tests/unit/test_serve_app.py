@@ -284,3 +284,5 @@ def test_a_checkpoint_folder_is_served_as_one_with_a_registry_set(tmp_path: Path
     resolved = resolve_model(str(registry), str(folder))
     assert resolved.checkpoint == folder.resolve() and resolved.card.name == "tiny_cnn_lstm"
     assert resolve_model(str(registry), "production").ref == "tiny_dual_cnn:1"  # references as before
+    with pytest.raises(FileNotFoundError, match="nosuch"):  # a mistyped path is said to be one
+        resolve_model(str(registry), str(tmp_path / "runs" / "nosuch" / "checkpoint_epoch_001"))

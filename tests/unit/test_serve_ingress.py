@@ -382,7 +382,7 @@ def test_cxr_predict_reads_folders_and_names_each_failure_below_its_table(
     assert sent.startswith(image) and any(sent[len(image) :].strip().startswith(c) for c in CLASSES)
     assert broken.split() == [str(tmp_path / "broken.png"), "error", "400"]
     assert problems[0].startswith(f"{tmp_path / 'broken.png'}: HTTP 400 undecodable_image: ")
-    assert problems[1] == f"{tmp_path / 'empty'}: no PNG, JPEG or DICOM file in this folder"
+    assert problems[1] == f"{tmp_path / 'empty'}: no image file in this folder"
 
     # A proxy's own answer is not JSON (Serve's plain-text 503 when even the ingress is full).
     overloaded = httpx.MockTransport(

@@ -267,6 +267,11 @@ def test_production_better_on_the_same_validation_images_stays_and_says_so(tmp_p
         f"Production stays {champion['ref']}, as --promote never asks: the winner, {winner_ref}, is the "
         "alias candidate; `cxr models promote candidate` serves it once reviewed."
     )
+    # promoted since by a review, and the experiment re-run: no claim that production stays elsewhere
+    assert (
+        kept_candidate_line(winner_ref, kept)
+        == f"The winner, {winner_ref}, is production already (--promote never moved nothing)."
+    )
 
 
 def test_a_trial_that_failed_is_ranked_after_those_that_finished_and_never_promoted(tmp_path: Path) -> None:
