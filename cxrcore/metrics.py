@@ -62,7 +62,7 @@ def classification_metrics(
         "macro_f1": float(f1[scored].mean()),
         "weighted_f1": float((f1 * support).sum() / n),
         "macro_auroc": float(np.mean(defined_aurocs)) if defined_aurocs else None,
-        "macro_auroc_ci95": _macro_auroc_interval(aurocs, influences),
+        "macro_auroc_ci95": _auroc_interval(aurocs, influences),
         "ece": _expected_calibration_error(*calibration_bins),
         **ece_floor(probs),
         "nll": float(-np.log(np.clip(true_probs, NLL_EPSILON, 1.0)).mean()),
@@ -78,7 +78,7 @@ def classification_metrics(
                 "f1": float(f1[k]),
                 "support": int(support[k]),
                 "auroc": aurocs[k],
-                "auroc_ci95": _macro_auroc_interval([aurocs[k]], [influences[k]]),
+                "auroc_ci95": _auroc_interval([aurocs[k]], [influences[k]]),
                 # beside the class's share of the images: a model trained with class weights lifts the
                 # rare classes' probabilities (evaluation.prior_note)
                 "mean_probability": float(probs[:, k].mean()) if n else None,
@@ -443,10 +443,11 @@ def _auroc_influence(positive: np.ndarray, scores: np.ndarray) -> np.ndarray | N
     return terms
 
 
-def _macro_auroc_interval(
+def _auroc_interval(
     aurocs: Sequence[float | None], influences: Sequence[np.ndarray | None]
 ) -> list[float] | None:
-    """The DeLong 95% interval of the mean of the defined AUROCs (one class: its own), clipped to [0, 1].
+    """The DeLong 95% interval of the mean of the defined AUROCs (one class's: its own AUROC's, clipped to
+    [0, 1]).
     None where a class has one image on a side, or a variance of 0: scores that separate it perfectly (an
     interval of 1.00-1.00 would claim a certainty that a few images cannot give, and in the mean it would
     narrow the others' interval)."""

@@ -439,10 +439,6 @@ class _Routes:
         """The uploaded file's bytes and declared type; refuses more than the limit without reading it all."""
         limit = self._limits.max_upload_bytes
         content_type = request.headers.get("content-type", "")
-        encoding = request.headers.get("content-encoding", "identity").strip().lower()
-        if encoding != "identity":  # the bytes would be read as the image itself
-            what = f"Content-Encoding {encoding} is not supported; send the file uncompressed"
-            raise self._upload_error(415, "unsupported_media_type", what)
         multipart = content_type.split(";")[0].strip().lower() == "multipart/form-data"
         body_limit = limit + (MULTIPART_SLACK_BYTES if multipart else 0)
         declared = request.headers.get("content-length", "")
@@ -482,6 +478,10 @@ class _Routes:
                 {"Connection": "close"},  # the rest of its body would arrive as the next request
             ) from None
         body = b"".join(chunks)
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        if encoding != "identity":  # the bytes would be read as the image itself; refused once read whole
+            what = f"Content-Encoding {encoding} is not supported; send the file uncompressed"
+            raise self._upload_error(415, "unsupported_media_type", what)
         if not body and not ({"content-length", "transfer-encoding"} & set(request.headers.keys())):
             # an HTTP/1.0 client that ends its body by closing the connection: the server reads none of it
             what = (

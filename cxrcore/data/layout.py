@@ -838,7 +838,7 @@ def _scan_flat_folder(root: Path, label_file: LabelFile, to_class: ClassMapper) 
         str(p)
         for p in sorted(root.iterdir())
         if p not in read and not p.name.startswith(".") and p.suffix.lower() not in LABEL_FILE_SUFFIXES
-        and p.is_file()
+        and p.name.casefold() not in _SYSTEM_FILES and p.is_file()
     ]  # fmt: skip
     _warn_skipped(scan.skipped_files, root)
     find = _image_finder(root, images)
