@@ -41,7 +41,13 @@ from cxrcore.console import quiet_ray_console
 from cxrcore.data.layout import LayoutError
 from cxrcore.data.split import SPLITS
 from cxrcore.labels import CLASSES
-from cxrcore.registry import ModelRegistry, RegistryError, registered_test, serving_warnings
+from cxrcore.registry import (
+    UNREADABLE_REPORT,
+    ModelRegistry,
+    RegistryError,
+    registered_test,
+    serving_warnings,
+)
 from cxrcore.runtime import Interrupted, storage_error, storage_reason
 from cxrcore.summaries import (
     format_cell,
@@ -918,7 +924,7 @@ def _test_figures(version: Any) -> tuple[str, str]:
     read. On an imbalanced test split the macro-F1 tells apart a model that misses a rare class."""
     test, why = registered_test(version)
     if test is None:  # "?": a report cut short or unreadable; the listing goes on
-        return ("?", "?") if why and "cannot be read" in why else ("-", "-")
+        return ("?", "?") if why and why.startswith(UNREADABLE_REPORT) else ("-", "-")
     n = test["images"]
     accuracy = f"{test['accuracy']:.3f}" + (f" ({n})" if n is not None else "")
     return accuracy, format_cell(test["macro_f1"])

@@ -993,6 +993,10 @@ def report_metrics(report: str | None) -> dict[str, Any] | None:
     return json.loads(text) if text else None
 
 
+UNREADABLE_REPORT = "its report's metrics.json cannot be read"
+"""How `registered_test` begins its reason for a report it could not read (`cxr models list` shows "?")."""
+
+
 def registered_test(version: ModelVersion) -> tuple[dict[str, Any] | None, str | None]:
     """The test figures of the report registered with `version` (`brief_test_figures`), or None and why
     there are none: no report, one that scored something else than its own dataset's test split, or one
@@ -1004,7 +1008,7 @@ def registered_test(version: ModelVersion) -> tuple[dict[str, Any] | None, str |
     try:
         metrics = report_metrics(version.report)
     except (OSError, ValueError) as exc:
-        return None, f"its report's metrics.json cannot be read ({type(exc).__name__}: {exc})"
+        return None, f"{UNREADABLE_REPORT} ({type(exc).__name__}: {exc})"
     if not isinstance(metrics, dict):
         return None, "its report holds no metrics.json"
     figures = brief_test_figures(metrics)

@@ -50,6 +50,14 @@ CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 """cgroup v2's CPU quota ("QUOTA PERIOD", or "max PERIOD" for none) of this container or cgroup namespace."""
 
 
+def usable_cpu_ids() -> set[int]:
+    """The CPUs this process's affinity allows (every one os.cpu_count() counts where it cannot be read)."""
+    try:
+        return set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return set(range(os.cpu_count() or 1))
+
+
 def usable_cores(cpu_max: Path = CGROUP_CPU_MAX) -> int:
     """The CPUs this process may use: those its affinity allows (os.cpu_count() where it cannot be read),
     at most ceil(quota / period) of a cgroup v2 quota in `cpu_max`.
@@ -57,10 +65,7 @@ def usable_cores(cpu_max: Path = CGROUP_CPU_MAX) -> int:
     Under taskset, a cpuset or a Kubernetes CPU limit os.cpu_count() still counts every core of the host:
     the plain loop's threads, the side-by-side processes and "× N cores" sized by it would oversubscribe.
     """
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
+    cores = len(usable_cpu_ids())
     try:
         quota, period = cpu_max.read_text().split()[:2]
         if quota != "max":

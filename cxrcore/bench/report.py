@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cxrcore.runtime import usable_cores
+from cxrcore.runtime import usable_cores, usable_cpu_ids
 
 JSON_NAME = "benchmark.json"
 MARKDOWN_NAME = "benchmark.md"
@@ -295,23 +295,16 @@ class CpuShare:
         if self.start is None or end is None or end[2] <= self.start[2]:
             return None
         busy, own, wall = (e - s for e, s in zip(end, self.start, strict=True))
-        return max(0.0, busy - own) / (wall * len(_affinity()))
+        return max(0.0, busy - own) / (wall * len(usable_cpu_ids()))
 
 
 OTHERS_BUSY = 0.25
 """Other processes' share of the cores above which a run's figure is flagged as taken on a busy machine."""
 
 
-def _affinity() -> set[int]:
-    try:
-        return set(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return set(range(os.cpu_count() or 1))
-
-
 def _cpu_now() -> tuple[float, float, float] | None:
     """(busy CPU-s of this process's cores, this process's CPU-s, monotonic s); None without /proc/stat."""
-    cpus = {f"cpu{n}" for n in _affinity()}
+    cpus = {f"cpu{n}" for n in usable_cpu_ids()}
     try:
         busy = 0
         for line in Path("/proc/stat").read_text().splitlines():

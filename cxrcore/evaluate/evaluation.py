@@ -258,6 +258,7 @@ def _classification_report(
     from cxrcore.calibration import apply_temperature, calibration_report
     from cxrcore.checkpoint import WEIGHTS_NAME
     from cxrcore.data import storage
+    from cxrcore.data.ingest import read_report, sources_separate_classes
     from cxrcore.evaluate.report import write_evaluation_report
     from cxrcore.inference import BatchedPredictions
     from cxrcore.metrics import classification_metrics
@@ -323,7 +324,9 @@ def _classification_report(
     # on the model's own data, whose class mix it trained on: elsewhere another mix moves the shares too
     weighted = bool(predictor.card.training.get("class_weights"))
     cal["prior_note"] = prior_note(metrics, weighted) if relation.kind == "internal" else None
-    holdout = _source_holdout(config.data, relation, split, frame, probs, classes)
+    # the model's own dataset's ingest report, read once: its held-out sources and its sources' warning
+    ingested = read_report(config.data) if relation.kind == "internal" else None
+    holdout = _source_holdout(ingested, split, frame, probs, classes)
     masks_used = _masks_used(needs_mask, as_served, int(has_mask.sum()))
     blocks = None
     if relation.kind != "internal":
@@ -347,7 +350,7 @@ def _classification_report(
         "classes_note": classes_note(metrics["per_class"]),
         "missed": missed_classes(metrics),  # what the accuracy hides on an imbalanced split
         # the model's own dataset, whose sources separate classes: its random splits cannot show it
-        "sources_separate_classes": _sources_separate_classes(config.data, relation),
+        "sources_separate_classes": sources_separate_classes(ingested) if ingested else None,
     }
     name = model.ref if config.model else predictor.card.name
     paths = write_evaluation_report(
@@ -493,29 +496,19 @@ def _per_source_note(sources: np.ndarray) -> str | None:
     return "; ".join(parts)
 
 
-def _sources_separate_classes(data: str, relation: DatasetRelation) -> str | None:
-    """The ingest's warning that the dataset's sources separate classes, for the model's own dataset."""
-    if relation.kind != "internal":
-        return None
-    from cxrcore.data.ingest import read_report, sources_separate_classes
-
-    return sources_separate_classes(read_report(data))
-
-
 def _source_holdout(
-    data: str, relation: DatasetRelation, split: str, frame: Any, probs: np.ndarray, classes: list[str]
+    own: dict[str, Any] | None, split: str, frame: Any, probs: np.ndarray, classes: list[str]
 ) -> dict[str, Any] | None:
-    """The `source_holdout` block where ingest held sources out of the model's own dataset and its test split
-    is scored, else None.
+    """The `source_holdout` block where ingest held sources out of the model's own dataset (`own`: its
+    ingest report; None for any other dataset) and its test split is scored, else None.
 
     Only the model's own dataset: another dataset's held-out sources say nothing of what this model saw.
     """
-    if relation.kind != "internal" or split != "test":
+    if own is None or split != "test":
         return None
-    from cxrcore.data.ingest import read_report
     from cxrcore.evaluate.external import source_holdout
 
-    test_sources = read_report(data).get("test_sources")
+    test_sources = own.get("test_sources")
     if not test_sources:
         return None
     labels, sources = frame["label_index"].to_numpy(), frame["source"].to_numpy()

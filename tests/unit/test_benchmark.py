@@ -165,7 +165,7 @@ def test_others_cpu_share_is_busy_core_time_less_this_processs_own(monkeypatch: 
     assert after is not None and after[1] - before[1] >= 0.25 and after[0] - before[0] >= 0.2
     readings = iter([(10.0, 5.0, 100.0), (12.0, 6.0, 101.0)])
     monkeypatch.setattr(report, "_cpu_now", lambda: next(readings))
-    monkeypatch.setattr(report, "_affinity", lambda: {0, 1})
+    monkeypatch.setattr(report, "usable_cpu_ids", lambda: {0, 1})
     assert CpuShare().others() == pytest.approx(0.5)  # 2 busy CPU-s, 1 of them ours, over 2 cores × 1 s
     monkeypatch.setattr(report, "_cpu_now", lambda: None)
     assert CpuShare().others() is None
