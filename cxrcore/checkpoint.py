@@ -32,6 +32,10 @@ WEIGHTS_NAME = "model.safetensors"
 TRAIN_STATE_NAME = "train_state.pt"
 CHECKPOINT_CACHE = Path("~/.cache/cxr/checkpoints")
 """Where checkpoints named by URI are copied to be loaded (see local_checkpoint_dir)."""
+NON_WEIGHT_PREFIX = "cxr."
+"""Tensors of the weights file named so are not the model's: they are stored beside its weights so that they
+travel and are checked with them (the input check's reference, `cxrcore.inputcheck`); `read_weights` leaves
+them out, `read_beside_weights` reads them."""
 STATE_DICT_SUFFIXES = (".pth", ".pt", ".bin")
 """Files read as a torch state_dict (with `weights_only=True`); .safetensors is read as safetensors."""
 
@@ -83,6 +87,10 @@ class ModelCard:
     """When the registry stored this version (UTC); `created_at` is when training saved the checkpoint."""
     registered_from: str | None = None
     """The checkpoint the registry stored (a `cxr train` run's, a Tune trial's folder): its run's record."""
+    input_reference: dict[str, Any] = field(default_factory=dict)
+    """How the input check's reference was fitted (`cxrcore.inputcheck`): its images, patterns and
+    threshold; the reference itself is in the weights file. Empty where there is none (a segmenter, a split
+    too small, a checkpoint an earlier cxr saved): no image is then checked."""
     sealed_at: str | None = None
     """When `cxr models seal` recorded weights_sha256 of a version an earlier cxr registered: the file as
     it was then (trust on first use)."""
@@ -135,13 +143,24 @@ class ModelCard:
 
 
 def save_checkpoint(
-    directory: str | Path, model: nn.Module, card: ModelCard, train_state: dict[str, Any] | None = None
+    directory: str | Path,
+    model: nn.Module,
+    card: ModelCard,
+    train_state: dict[str, Any] | None = None,
+    beside_weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write weights, card and (optionally) optimizer/scheduler state for resuming into `directory`."""
+    """Write weights, card and (optionally) optimizer/scheduler state for resuming into `directory`;
+    `beside_weights` (named NON_WEIGHT_PREFIX...) go into the weights file with the model's tensors."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    for name, tensor in (beside_weights or {}).items():
+        if not name.startswith(NON_WEIGHT_PREFIX) or name in state:
+            raise ValueError(
+                f"{name!r} cannot be stored beside the weights: not named {NON_WEIGHT_PREFIX}..."
+            )
+        state[name] = tensor.detach().cpu().contiguous()
     try:
         # One key: safetensors writes a map of several in a random order, and equal weights hashed otherwise.
         save_file(state, directory / WEIGHTS_NAME, metadata={"format": "pt"})
@@ -216,6 +235,21 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tup
 
     `directory` may be a URI: its card and weights are then fetched into this machine's cache first.
     """
+    loaded = load_checkpoint(directory, device)
+    return loaded.model, loaded.card
+
+
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    model: nn.Module
+    card: ModelCard
+    input_reference: Any
+    """its `cxrcore.inputcheck.InputReference`, or None where the checkpoint has none."""
+
+
+def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> LoadedCheckpoint:
+    """`load_model`'s model and card, with the input check's reference stored beside the weights."""
+    from cxrcore.inputcheck import InputReference
     from cxrcore.models import create_model
 
     directory = local_checkpoint_dir(directory)
@@ -224,7 +258,12 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tup
     args = dict(card.model)
     model = create_model(args.pop("name"), **args)
     model.load_state_dict(read_weights(Path(directory) / WEIGHTS_NAME, device=str(device)))
-    return model.to(device).eval(), card
+    reference = None
+    if card.input_reference:
+        reference = InputReference.from_tensors(
+            read_beside_weights(Path(directory) / WEIGHTS_NAME), card.input_reference
+        )
+    return LoadedCheckpoint(model.to(device).eval(), card, reference)
 
 
 class WeightsChangedError(ConfigError):
@@ -270,7 +309,8 @@ def read_weights(path: str | Path, device: str = "cpu") -> dict[str, torch.Tenso
     path = Path(path)
     if path.suffix == ".safetensors":
         try:
-            return load_file(path, device=device)
+            state = load_file(path, device=device)
+            return {k: v for k, v in state.items() if not k.startswith(NON_WEIGHT_PREFIX)}
         except SafetensorError as exc:
             raise UnsafeWeightsError(
                 f"refusing to load {path}: it is not a valid safetensors file ({exc}); it is damaged, "
@@ -284,6 +324,18 @@ def read_weights(path: str | Path, device: str = "cpu") -> dict[str, torch.Tenso
     raise UnsafeWeightsError(
         f"unsupported weights file {path}: expected .safetensors or {', '.join(STATE_DICT_SUFFIXES)}"
     )
+
+
+def read_beside_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors weights file that are not the model's (NON_WEIGHT_PREFIX), on the CPU;
+    none for another format."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return {}
+    with safe_open(str(path), framework="pt", device="cpu") as stored:
+        return {k: stored.get_tensor(k) for k in stored.keys() if k.startswith(NON_WEIGHT_PREFIX)}  # noqa: SIM118
 
 
 SAFETENSORS_MAX_HEADER = 100 * 2**20

@@ -845,6 +845,10 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             print(f"note: {metrics['calibration']['prior_note']}")
     if evaluated and evaluated.get("sources_separate_classes"):
         print(f"WARNING: in the dataset, {evaluated['sources_separate_classes']}")
+    if evaluated and evaluated.get("unusual_inputs"):
+        print(f"WARNING: {evaluated['unusual_inputs']}")
+    elif evaluated and evaluated.get("input_check"):
+        print(f"input check: {evaluated['input_check']}")
     if evaluated and evaluated.get("classes_note"):
         print(f"note: {evaluated['classes_note']}")
     comparison = metrics.get("internal_comparison")
@@ -1197,22 +1201,26 @@ def _run_predict(args: argparse.Namespace) -> int:
             why = f"{type(exc).__name__}: {exc}"
             print(f"cxr: error: cannot reach {url} ({why}); is `cxr serve` running there?", file=sys.stderr)
             return 1
-        table, problems = predict_files(client, endpoint, args.files)
+        table, problems, unusual = predict_files(client, endpoint, args.files)
     print(table)
+    for line in unusual:
+        print(f"WARNING: {line}", file=sys.stderr)
     for problem in problems:
         print(problem, file=sys.stderr)
     return 1 if problems else 0
 
 
-def predict_files(client: Any, endpoint: str, names: Sequence[str]) -> tuple[str, list[str]]:
+def predict_files(client: Any, endpoint: str, names: Sequence[str]) -> tuple[str, list[str], list[str]]:
     """`cxr predict`: POST each file (each image below a folder named) to `endpoint`; a table of the
-    answers, and a line for each file that got none (its status and the server's reason)."""
+    answers, a line for each file that got none (its status and the server's reason), and one for each
+    the server's input check found unlike the model's training images."""
     from cxrcore.data.ingest import printable_name
     from cxrcore.data.layout import image_files
 
     rows: list[list[Any]] = []
     classes: list[str] = []
     problems: list[str] = []
+    unusual: list[str] = []
     for given in names:
         files = image_files(given) if os.path.isdir(given) else [given]
         if not files:
@@ -1231,12 +1239,27 @@ def predict_files(client: Any, endpoint: str, names: Sequence[str]) -> tuple[str
             probabilities, model = body["probabilities"], body["model"]
             classes = classes or list(probabilities)
             version = "" if model.get("version") is None else f":{model['version']}"
+            check = body.get("input_check") or {}
+            if check.get("unusual"):
+                unusual.append(
+                    f"{shown}: unlike the images {model['name']} trained on "
+                    f"(input check {check['score']:.2f}, usual up to {check['threshold']:.2f}): its "
+                    "probabilities may mean nothing; is it a frontal chest X-ray of the kind the model "
+                    "was made for?"
+                )
             rows.append(
                 [shown, body["label"], *(f"{probabilities[c]:.3f}" for c in probabilities),
-                 f"{model['name']}{version}", f"{body['latency_ms']:.1f}"]
+                 _checked(check), f"{model['name']}{version}", f"{body['latency_ms']:.1f}"]
             )  # fmt: skip
-    header = ["file", "label", *classes, "model", "ms"] if classes else ["file", "label"]
-    return format_table(header, [row + [""] * (len(header) - len(row)) for row in rows]), problems
+    header = ["file", "label", *classes, "input", "model", "ms"] if classes else ["file", "label"]
+    return format_table(header, [row + [""] * (len(header) - len(row)) for row in rows]), problems, unusual
+
+
+def _checked(check: dict[str, Any]) -> str:
+    """The `input` column of `cxr predict`: what the server's input check said of the file."""
+    if not check:
+        return "-"  # a model whose checkpoint has no reference
+    return "UNUSUAL" if check.get("unusual") else "ok"
 
 
 def _is_prediction(body: Any) -> bool:
@@ -1337,11 +1360,12 @@ def _run_demo(config: PipelineConfig) -> int:
                 label,
                 a["label"],
                 f"{max(a['probabilities'].values()):.3f}",
+                _checked(a.get("input_check") or {}),
                 f"{a['latency_ms']:.0f}",
             ]
             for label, a in zip(firsts, answers, strict=True)
         ]
-        print(format_table(["file", "class", "predicted", "probability", "latency ms"], rows))
+        print(format_table(["file", "class", "predicted", "probability", "input", "latency ms"], rows))
         right = sum(row[1] == row[2] for row in rows)
         print(f"{right} of {len(rows)} examples classified as their class")
         local = not (config.address or os.environ.get("RAY_ADDRESS"))

@@ -16,10 +16,11 @@ import numpy as np
 import torch
 
 from cxrcore.calibration import apply_temperature
-from cxrcore.checkpoint import ModelCard, load_model
+from cxrcore.checkpoint import ModelCard, load_checkpoint
 from cxrcore.data.batches import masks_to_unit, model_inputs, to_unit
 from cxrcore.data.spec import InputSpec
 from cxrcore.data.transforms import resize_image, resize_mask, scale_to_uint8, to_gray_uint8
+from cxrcore.inputcheck import InputReference
 from cxrcore.segmenter import predict_masks
 
 log = logging.getLogger(__name__)
@@ -313,12 +314,17 @@ class Predictor:
 
     `forward_batch_size`, when set, splits a larger batch into forward passes of at most that many
     images (`fit_forward_batch` measures the size at which this process's forward runs fastest).
+
+    `input_reference` (`cxrcore.inputcheck`, stored in the checkpoint) checks how unlike the training
+    images each image is (`input_checks`); None: images are not checked.
     """
 
     def __init__(
         self, model: torch.nn.Module, card: ModelCard, device: str | torch.device = "cpu",
         segmenter: MaskDrawer | None = None, *, graph: bool = False,
+        input_reference: InputReference | None = None,
     ) -> None:  # fmt: skip
+        self.input_reference = input_reference
         self.model = model.to(device).eval()
         self.card = card
         self.device = torch.device(device)
@@ -336,13 +342,15 @@ class Predictor:
         *, graph: bool = False,
     ) -> Predictor:  # fmt: skip
         """Load a checkpoint; a dual-channel model also loads the segmenter named on its card (or given)."""
-        model, card = load_model(directory, device)
-        spec = InputSpec.from_dict(card.input_spec)
-        segmenter_dir = segmenter or card.segmenter
+        loaded = load_checkpoint(directory, device)
+        spec = InputSpec.from_dict(loaded.card.input_spec)
+        segmenter_dir = segmenter or loaded.card.segmenter
         helper = None
         if "mask" in spec.channels and segmenter_dir:
             helper = cls.from_checkpoint(segmenter_dir, device, graph=graph)
-        return cls(model, card, device, helper, graph=graph)
+        return cls(
+            loaded.model, loaded.card, device, helper, graph=graph, input_reference=loaded.input_reference
+        )
 
     @classmethod
     def from_registry(
@@ -366,8 +374,25 @@ class Predictor:
 
     def base_images(self, images: Sequence[ImageLike]) -> torch.Tensor:
         """uint8 (B, base, base) on the device: each image (`gray_image`) resized as ingest does."""
-        stacked = np.stack([resize_image(image, self.base_size) for image in _batch(images)])
-        return torch.from_numpy(stacked).to(self.device)
+        return torch.from_numpy(self.base_arrays(images)).to(self.device)
+
+    def base_arrays(self, images: Sequence[ImageLike]) -> np.ndarray:
+        """uint8 (B, base, base) numpy: each image (`gray_image`) resized as ingest does."""
+        return np.stack([resize_image(image, self.base_size) for image in _batch(images)])
+
+    def input_checks(self, images: Sequence[ImageLike]) -> list[dict[str, Any]] | None:
+        """Each image's input check (`InputReference.checks`: score, threshold, unusual) at the base size
+        the model sees it at; None where the checkpoint has no reference."""
+        if self.input_reference is None:
+            return None
+        return self.input_reference.checks(self.base_arrays(images))
+
+    @torch.inference_mode()
+    def predict_checked(self, images: Sequence[ImageLike]) -> tuple[np.ndarray, list[dict[str, Any]] | None]:
+        """`predict_proba` and `input_checks` of the same images, each resized once (what Serve answers)."""
+        base = self.base_arrays(images)
+        checks = self.input_reference.checks(base) if self.input_reference is not None else None
+        return self.predict_proba(list(base)), checks
 
     @property
     def temperature(self) -> float:

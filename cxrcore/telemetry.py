@@ -45,6 +45,13 @@ METRICS: dict[str, MetricSpec] = {
     "cxr_predictions": MetricSpec(
         "counter", "Predictions answered, by predicted class and model version", ("model", "version", "label")
     ),
+    "cxr_unusual_inputs": MetricSpec(
+        "counter",
+        "Predictions whose upload the input check found unlike the model's training images (input_check."
+        "unusual), by model version: about 1 in 100 of images like the validation ones, more when the inputs "
+        "changed",
+        ("model", "version"),
+    ),
     "cxr_predict_latency_ms": MetricSpec(
         "histogram",
         "Time from receiving a /v1/predict request to its answer, for answered predictions (ms)",
@@ -102,10 +109,15 @@ _failed: set[str] = set()
 _lock = threading.Lock()
 
 
-def record_prediction(model: str, version: str | None, label: str, latency_ms: float, explain: bool) -> None:
-    """One answered prediction: its class, and its latency from request to answer."""
+def record_prediction(
+    model: str, version: str | None, label: str, latency_ms: float, explain: bool, unusual: bool = False
+) -> None:
+    """One answered prediction: its class, its latency from request to answer, and whether the input check
+    found the upload unusual."""
     tags = {"model": model, "version": version or "none"}
     _record("cxr_predictions", 1, {**tags, "label": label})
+    if unusual:
+        _record("cxr_unusual_inputs", 1, tags)
     _record("cxr_predict_latency_ms", latency_ms, {**tags, "explain": str(explain).lower()})
 
 

@@ -211,11 +211,17 @@ def classify(
     current = [i for i, (_, resized_to) in enumerate(requests) if resized_to in (None, size)]
     answers: list[dict[str, Any]] = [{"input_size": size} for _ in requests]
     if current:
-        rows = predictor.predict_proba([requests[i][0] for i in current])
+        rows, checks = predictor.predict_checked([requests[i][0] for i in current])
         classes = predictor.card.classes
-        for i, row in zip(current, rows, strict=True):
+        for n, (i, row) in enumerate(zip(current, rows, strict=True)):
             probabilities = dict(zip(classes, map(float, row), strict=True))
-            answers[i] = {"probabilities": probabilities, "model": model, "input_size": size}
+            check = checks[n] if checks is not None else None
+            answers[i] = {
+                "probabilities": probabilities,
+                "model": model,
+                "input_size": size,
+                "input_check": check,
+            }
     return answers
 
 
@@ -537,10 +543,12 @@ class Classifier:
 
         served = self._current()
         result = await self._thread.run(explain, served.predictor, image)
+        checks = await self._thread.run(served.predictor.input_checks, [image])
         classes = served.resolved.card.classes
         return {
             "probabilities": dict(zip(classes, map(float, result.probabilities), strict=True)),
             "model": served.resolved.info.model_dump(),
+            "input_check": checks[0] if checks else None,
             "target": classes[result.target],
             "heatmap": result.heatmap,
             "heatmap_empty": result.empty,
@@ -568,13 +576,16 @@ class Classifier:
         return self._served
 
     def _load(self, config: ClassifierConfig, loop: asyncio.AbstractEventLoop) -> _Served:
-        from cxrcore.checkpoint import load_model
+        from cxrcore.checkpoint import load_checkpoint
         from cxrcore.inference import Predictor
 
         ref = config.model
         resolved = resolve_model(self._registry, ref)
-        model, card = load_model(resolved.checkpoint, self._device)
-        predictor = Predictor(model, card, self._device, graph=True)
+        loaded = load_checkpoint(resolved.checkpoint, self._device)
+        card = loaded.card
+        predictor = Predictor(
+            loaded.model, card, self._device, graph=True, input_reference=loaded.input_reference
+        )
         if predictor.spec.task != "classify":
             raise ValueError(f"{resolved.ref} is a {predictor.spec.task} model, not a classifier")
         if predictor.needs_mask:

@@ -334,7 +334,8 @@ class _Routes:
         model, label = ModelInfo(**result["model"]), max(probabilities, key=probabilities.__getitem__)
         digest = await _sha256(data)
         latency_ms = (time.perf_counter() - start) * 1000
-        telemetry.record_prediction(model.name, model.version, label, latency_ms, explain)
+        unusual = bool((result.get("input_check") or {}).get("unusual"))
+        telemetry.record_prediction(model.name, model.version, label, latency_ms, explain, unusual)
         return Prediction(
             label=label,
             probabilities=probabilities,
@@ -342,6 +343,7 @@ class _Routes:
             input_sha256=digest,
             latency_ms=latency_ms,
             explanation=explanation,
+            input_check=result.get("input_check"),
         )
 
     async def _predict(self, data: bytes, content_type: str | None) -> Any:

@@ -205,6 +205,25 @@ class Explanation(BaseModel):
     )
 
 
+class InputCheck(BaseModel):
+    """How unlike the model's training images the upload is (`cxrcore.inputcheck`): a photograph, a page, a
+    rotated or inverted film scores far above chest X-rays like the training ones."""
+
+    score: float = Field(
+        description="the share of the upload's 16×16 standardised thumbnail that the training images' "
+        "principal patterns leave unexplained: about 0.1–0.5 for chest X-rays, about 1 for a photograph, "
+        "noise or a blank image"
+    )
+    threshold: float = Field(
+        description="the 99th percentile of the validation images' scores: about 1 in 100 images like "
+        "them scores above it"
+    )
+    unusual: bool = Field(
+        description="score above threshold: the upload is unlike the images the model trained on, and its "
+        "probabilities may mean nothing; check it is a frontal chest X-ray of the kind the model was made for"
+    )
+
+
 class Prediction(BaseModel):
     """The answer of POST /v1/predict."""
 
@@ -224,6 +243,12 @@ class Prediction(BaseModel):
     )
     latency_ms: float = Field(description="time spent in the server, from request to answer")
     explanation: Explanation | None = Field(default=None, description="with ?explain=true")
+    input_check: InputCheck | None = Field(
+        default=None,
+        description="how unlike the training images the upload is; null where the model's checkpoint has "
+        "no reference to check against (a checkpoint an earlier cxr saved, or one trained on fewer than 20 "
+        "images)",
+    )
 
     @field_validator("probabilities")
     @classmethod

@@ -283,9 +283,11 @@ class LocalClassifier:
         self.images.append(image)
         with one_torch_thread():
             result = explain(self.predictor, image)
+            checks = self.predictor.input_checks([image])
         return {
             "probabilities": self._probabilities(result.probabilities),
             "model": self.resolved.info.model_dump(),
+            "input_check": checks[0] if checks else None,
             "target": self.resolved.card.classes[result.target],
             "heatmap": result.heatmap,
             "heatmap_empty": result.empty,

@@ -276,9 +276,12 @@ def _classification_report(
     # image, on the model's own test split as on data from elsewhere (the ground truth is scored apart).
     as_served = needs_mask and has_segmenter
     batches = BatchedPredictions(predictor, config.batch_size)
-    logits_parts, truth_parts = [], []
+    logits_parts, truth_parts, input_scores = [], [], []
+    reference = predictor.input_reference
     for rows, chunk in pixels:
         images, chunk_has_mask = chunk["image"], has_mask[rows]
+        if reference is not None:  # the images are at the model's base size, as Serve checks them
+            input_scores.append(reference.scores(images))
         truth = None
         if needs_mask:
             truth = [m if ok else None for m, ok in zip(chunk["mask"], chunk_has_mask, strict=True)]
@@ -351,6 +354,7 @@ def _classification_report(
         "missed": missed_classes(metrics),  # what the accuracy hides on an imbalanced split
         # the model's own dataset, whose sources separate classes: its random splits cannot show it
         "sources_separate_classes": sources_separate_classes(ingested) if ingested else None,
+        **input_check_notes(np.concatenate(input_scores) if input_scores else None, reference),
     }
     name = model.ref if config.model else predictor.card.name
     paths = write_evaluation_report(
@@ -358,11 +362,53 @@ def _classification_report(
         extra=extra, title=f"{name} on {_dataset_name(config.data)} ({split})", evaluated=evaluated,
         external=blocks, holdout=holdout,
     )  # fmt: skip
-    paths["predictions"] = write_predictions(Path(config.out) / "predictions.csv", frame, probs, classes)
+    scores = np.concatenate(input_scores) if input_scores else None
+    paths["predictions"] = write_predictions(
+        Path(config.out) / "predictions.csv", frame, probs, classes, scores
+    )
     return paths
 
 
-def write_predictions(path: Path, frame: Any, probs: np.ndarray, classes: Sequence[str]) -> Path:
+UNUSUAL_SHARE = 0.05
+"""The share of a dataset's images the input check finds unusual above which `cxr evaluate` warns: five
+times the 1 in 100 images like the validation ones that score above its threshold."""
+
+
+def input_check_notes(scores: np.ndarray | None, reference: Any) -> dict[str, str | None]:
+    """`evaluated`'s sentences on the input check (`cxrcore.inputcheck`): how many images scored above
+    the threshold, and a warning where more than UNUSUAL_SHARE of them (and at least 2) did.
+
+    >>> from types import SimpleNamespace
+    >>> notes = input_check_notes(np.array([0.1, 0.2, 0.9, 0.95]), SimpleNamespace(threshold=0.5))
+    >>> notes["input_check"]
+    '2 of 4 images (50.0 %) above the threshold 0.500 (about 1 in 100 images like the validation ones are)'
+    >>> notes["unusual_inputs"][:60]
+    '2 of 4 images (50.0 %) are unlike the images the model train'
+    >>> input_check_notes(None, None)
+    {'input_check': None, 'unusual_inputs': None}
+    """
+    if scores is None or reference is None or not len(scores):
+        return {"input_check": None, "unusual_inputs": None}
+    unusual = int((scores > reference.threshold).sum())
+    counted = f"{unusual} of {len(scores)} images ({100 * unusual / len(scores):.1f} %)"
+    warning = None
+    if unusual >= 2 and unusual / len(scores) > UNUSUAL_SHARE:
+        warning = (
+            f"{counted} are unlike the images the model trained on (its input check; about 1 in 100 images "
+            "like them would be): these figures describe pictures it was not made for (another view, "
+            "modality or processing, or not chest X-rays); the `input_score` column of predictions.csv "
+            "names them"
+        )
+    return {
+        "input_check": f"{counted} above the threshold {reference.threshold:.3f} (about 1 in 100 images like "
+        "the validation ones are)",
+        "unusual_inputs": warning,
+    }
+
+
+def write_predictions(
+    path: Path, frame: Any, probs: np.ndarray, classes: Sequence[str], input_scores: np.ndarray | None = None
+) -> Path:
     """predictions.csv: each evaluated image's file, source, split and sha256, true and predicted class,
     and the served (calibrated) probability of every class, in the split's order: every figure of
     metrics.json can be recomputed, or audited image by image, without running the model again. `split`
@@ -381,6 +427,8 @@ def write_predictions(path: Path, frame: Any, probs: np.ndarray, classes: Sequen
             "predicted": [classes[k] for k in predicted],
             "correct": predicted == labels,
             **{f"p_{name}": probs[:, k] for k, name in enumerate(classes)},
+            # the input check's score of each image (`cxrcore.inputcheck`), where the model has a reference
+            **({"input_score": input_scores} if input_scores is not None else {}),
         }
     )
     table.to_csv(path, index=False, float_format="%.6g")

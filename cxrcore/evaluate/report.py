@@ -673,6 +673,8 @@ def evaluation_lead(
     if evaluated.get("sources_separate_classes"):
         confound = html.escape(f"In the dataset, {evaluated['sources_separate_classes']}.")
         parts.append(f'<p class="lead alert">{confound}</p>')
+    if evaluated.get("unusual_inputs"):
+        parts.append(f'<p class="lead alert">{html.escape(evaluated["unusual_inputs"])}.</p>')
     for block in (comparison, holdout):
         if block:
             alert = " alert" if verdict_alarming(block) else ""
@@ -796,6 +798,8 @@ FACT_LABELS = {
     "classes_note": "classes",
     "missed": "the model",
     "sources_separate_classes": "the dataset's sources",
+    "input_check": "input check",
+    "unusual_inputs": "unusual images",
     "input_spec": "input",
     "image_size": "image size (px)",
     "data": "training data",

@@ -142,9 +142,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 def run_training(loop_config: dict[str, Any], session: TrainSession) -> None:
     """Train `loop_config["train"]` (a TrainConfig dict) on the session's data; rank 0 checkpoints."""
-    from safetensors.torch import load_file
-
-    from cxrcore.checkpoint import WEIGHTS_NAME
+    from cxrcore import inputcheck
+    from cxrcore.checkpoint import WEIGHTS_NAME, read_weights
     from cxrcore.console import quiet_train_worker
     from cxrcore.models import create_model, get_build_args, get_input_spec
     from cxrcore.segmenter import load_mask_source
@@ -192,13 +191,14 @@ def run_training(loop_config: dict[str, Any], session: TrainSession) -> None:
     precomputed = bool(loop_config.get("masks_from_segmenter"))
     served_masks = config.train_masks == "segmenter" and not precomputed
     autocast_dtype = torch.bfloat16 if config.gpu else None
+    reference = inputcheck.from_plain(loop_config.get("input_reference")) if rank == 0 else None
     augmentation = AugmentConfig() if config.augment else None
 
     start_epoch, history = 0, []
     checkpoint = session.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            unwrap(model).load_state_dict(load_file(f"{directory}/{WEIGHTS_NAME}", device=str(device)))
+            unwrap(model).load_state_dict(read_weights(f"{directory}/{WEIGHTS_NAME}", device=str(device)))
             state = load_train_state(directory)
             if state is not None:
                 optimizer.load_state_dict(state["optimizer"])
@@ -293,6 +293,7 @@ def run_training(loop_config: dict[str, Any], session: TrainSession) -> None:
                     segmenter=config.segmenter,
                     temperature=temperature,
                     calibration=calibration,
+                    input_reference=reference.summary if reference else {},
                 )
                 train_state = {
                     "optimizer": optimizer.state_dict(),
@@ -301,7 +302,8 @@ def run_training(loop_config: dict[str, Any], session: TrainSession) -> None:
                     "epoch": epoch,
                     "history": history,
                 }
-                save_checkpoint(directory, unwrap(model), card, train_state)
+                beside = reference.tensors() if reference else None
+                save_checkpoint(directory, unwrap(model), card, train_state, beside)
             session.report(metrics, directory if rank == 0 else None)
 
 

@@ -231,6 +231,10 @@ def loop_config(config: TrainConfig) -> dict[str, Any]:
     train = to_dict(config)
     train["batch_size"] = config.batch_size or auto_batch_size(train_rows, max(config.workers, 1))
     confound = sources_separate_classes(report)
+    from cxrcore import inputcheck
+
+    # What a usual input is, from the images as the model will see them: each checkpoint carries it
+    reference = None if segmenting else inputcheck.fit_dataset(config.data)
     return {
         "train": train,
         "pretrained": pretrained,
@@ -248,6 +252,7 @@ def loop_config(config: TrainConfig) -> dict[str, Any]:
         },
         # Decided by the driver: the workers of a joined cluster lack its environment.
         "quiet_console": is_quiet(),
+        "input_reference": inputcheck.plain(reference),
         "cpus_per_worker": worker_cpus(config),
     }
 

@@ -368,6 +368,8 @@ def test_every_format_predicts_exactly_what_the_offline_predictor_does(
     assert body["model"]["ref"] == PRODUCTION and body["latency_ms"] > 0
     assert body["input_sha256"] == hashlib.sha256(data).hexdigest()  # the file as sent, multipart or not
     assert body["explanation"] is None
+    # the input check as the offline Predictor makes it: the same image at the same base size
+    assert body["input_check"] == server.offline.input_checks([decode_upload(data, content_type)])[0]
 
 
 def test_real_xrays_predict_what_the_offline_predictor_does(server: Server, real_sample: Path) -> None:
@@ -461,6 +463,8 @@ def test_predictions_errors_latency_and_batches_reach_the_metrics_endpoint(serve
         ("ray_cxr_batch_size_count", model, 2),  # one at a time: a batch of 1 each
         ("ray_cxr_batch_size_sum", model, 2),  # the buckets' midpoints are the sizes
         *(("ray_cxr_request_errors_total", {"error": e, "status": str(s)}, 1) for _, s, e in errors),
+        # GOOD_PNG's blobs are unlike the phantoms the test models' input check was fitted on
+        ("ray_cxr_unusual_inputs_total", model, 2),
     ]
 
     def grown(samples: list[Any]) -> list[Any] | None:
@@ -489,7 +493,10 @@ def test_cxr_predict_prints_a_table(
     assert header.split()[:3] == ["file", "label", "COVID"]
     assert "tiny_dual_cnn:1" in rows[0] and "tiny_dual_cnn:1" in rows[1]
     assert rows[2].split() == [files[2], "error", "415"]  # the reason below the table, not in its columns
-    assert err.startswith(f"{files[2]}: HTTP 415 unsupported_media_type: ")
+    assert err.splitlines()[-1].startswith(f"{files[2]}: HTTP 415 unsupported_media_type: ")
+    # GOOD_PNG's blobs are not the phantoms the model's input check was fitted on: marked, and warned of
+    assert rows[0].split()[-3] == "UNUSUAL"
+    assert err.startswith(f"WARNING: {files[0]}: unlike the images tiny_dual_cnn trained on (input check ")
 
 
 class Load:

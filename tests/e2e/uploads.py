@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import struct
@@ -14,6 +15,7 @@ import torch
 from PIL import Image
 
 from cxrcore.checkpoint import ModelCard, save_checkpoint
+from cxrcore.inputcheck import InputReference
 from cxrcore.models import create_model, get_build_args, get_input_spec
 
 
@@ -25,17 +27,33 @@ class Checkpoints:
 
 
 def write_checkpoint(directory: Path, name: str, seed: int, segmenter: Path | None = None) -> Path:
-    """An untrained tiny model with a card, as training would save it (base size 64)."""
+    """An untrained tiny model with a card, as training would save it (base size 64); a classifier with
+    the input check's reference of 64 px phantoms (`phantom_reference`)."""
     torch.manual_seed(seed)
     model = create_model(name)
+    classifier = get_input_spec(model).task == "classify"
+    reference = phantom_reference() if classifier else None
     card = ModelCard(
         model=get_build_args(model),
         input_spec=get_input_spec(model).to_dict(),
         data={"size": 64},
         segmenter=str(segmenter) if segmenter else None,
         version=str(seed),
+        input_reference=reference.summary if reference else {},
     )
-    return save_checkpoint(directory, model, card)
+    return save_checkpoint(directory, model, card, beside_weights=reference.tensors() if reference else None)
+
+
+@functools.cache
+def phantom_reference() -> InputReference:
+    """The input check's reference of 64 px phantoms as training fits it: 80 to fit, 20 for the threshold."""
+    from cxrcore.data.synthetic import render_phantom
+    from cxrcore.inputcheck import fit
+    from cxrcore.labels import CLASSES
+
+    rng = np.random.default_rng(0)
+    images = np.stack([render_phantom(CLASSES[i % 4], rng, size=64, mask_size=64)[0] for i in range(100)])
+    return fit(images[:80], images[80:])
 
 
 def write_checkpoints(root: Path) -> Checkpoints:

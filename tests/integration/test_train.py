@@ -59,6 +59,14 @@ def test_two_worker_ddp_beats_chance_and_writes_checkpoint_and_card(
     assert [h["epoch"] for h in card.history] == list(range(1, card.epoch + 2))
     assert card.metrics["val_score"] == pytest.approx(ddp_run.best_metrics["val_score"])
     assert card.metrics["val_score"] == card.metrics["val_macro_f1"]  # checkpoints rank on macro-F1 (README)
+    # the input check's reference, fitted on the training split and thresholded on the validation one
+    splits = read_report(synthetic_dataset)["by_split"]
+    fitted = card.input_reference
+    assert (fitted["train_images"], fitted["val_images"]) == (splits["train"], splits["val"])
+    from cxrcore.inference import Predictor
+
+    reference = Predictor.from_checkpoint(best).input_reference
+    assert reference is not None and reference.threshold == fitted["threshold"]
 
 
 def test_evaluation_numbers_agree_with_each_other(

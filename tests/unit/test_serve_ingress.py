@@ -375,7 +375,7 @@ def test_cxr_predict_reads_folders_and_names_each_failure_below_its_table(
     (tmp_path / "empty").mkdir()
     (tmp_path / "broken.png").write_bytes(GOOD_PNG[:40])
     names = [str(tmp_path / "study"), str(tmp_path / "broken.png"), str(tmp_path / "empty")]
-    table, problems = predict_files(client, "/v1/predict", names)
+    table, problems, _ = predict_files(client, "/v1/predict", names)
     header, _, sent, broken = table.splitlines()
     assert header.split()[:3] == ["file", "label", "COVID"] and header.split()[-2:] == ["model", "ms"]
     image = str(tmp_path / "study/series/IM0001.png")
@@ -389,7 +389,7 @@ def test_cxr_predict_reads_folders_and_names_each_failure_below_its_table(
         lambda request: httpx.Response(503, text="Request dropped due to backpressure")
     )
     with httpx.Client(transport=overloaded) as busy:
-        table, problems = predict_files(busy, "http://server/v1/predict", [str(tmp_path / "study")])
+        table, problems, _ = predict_files(busy, "http://server/v1/predict", [str(tmp_path / "study")])
     assert table.splitlines()[2].split()[1:] == ["error", "503"]
     assert problems == [
         f"{tmp_path / 'study/series/IM0001.png'}: HTTP 503: Request dropped due to backpressure"
@@ -398,9 +398,51 @@ def test_cxr_predict_reads_folders_and_names_each_failure_below_its_table(
     # Another server on that port answers 200 with something else: named, not a KeyError traceback.
     other = httpx.MockTransport(lambda request: httpx.Response(200, json={"label": "Normal", "forged": 1}))
     with httpx.Client(transport=other) as impostor:
-        table, problems = predict_files(impostor, "http://server/v1/predict", [str(tmp_path / "study")])
+        table, problems, _ = predict_files(impostor, "http://server/v1/predict", [str(tmp_path / "study")])
     assert table.splitlines()[2].split()[1:] == ["error"]
     assert problems[0].endswith("the answer is not a cxr prediction: \"{'label': 'Normal', 'forged': 1}\"")
+
+
+def test_answers_say_whether_the_upload_is_like_the_training_images(
+    client: httpx.Client, tmp_path: Path
+) -> None:
+    """A phantom like the checkpoint's reference passes the input check; noise does not, and `cxr predict`
+    marks it and warns, with the figures, without failing the run: the model still answered."""
+    from cxrcore.cli import predict_files
+    from cxrcore.data.synthetic import render_phantom
+    from tests.e2e.uploads import png_bytes
+
+    phantom = render_phantom("Normal", np.random.default_rng(11), size=299, mask_size=64)[0]
+    noise = np.random.default_rng(12).integers(0, 256, (299, 299), dtype=np.uint8)
+    (tmp_path / "phantom.png").write_bytes(png_bytes(phantom))
+    (tmp_path / "noise.png").write_bytes(png_bytes(noise))
+    checks = {}
+    for name in ("phantom", "noise"):
+        answer = client.post(
+            "/v1/predict", files={"file": (f"{name}.png", (tmp_path / f"{name}.png").read_bytes())}
+        )
+        assert answer.status_code == 200, answer.text
+        checks[name] = answer.json()["input_check"]
+    assert checks["phantom"]["unusual"] is False and checks["noise"]["unusual"] is True
+    assert checks["phantom"]["score"] <= checks["phantom"]["threshold"] < checks["noise"]["score"]
+
+    explained = client.post(
+        "/v1/predict",
+        params={"explain": "true"},
+        files={"file": ("n.png", (tmp_path / "noise.png").read_bytes())},
+    )
+    assert explained.status_code == 200 and explained.json()["input_check"] == checks["noise"]
+
+    table, problems, unusual = predict_files(client, "/v1/predict", [str(tmp_path)])
+    rows = {line.split()[0]: line.split() for line in table.splitlines()[2:]}
+    assert table.splitlines()[0].split()[-3:] == ["input", "model", "ms"]
+    assert (
+        rows[str(tmp_path / "noise.png")][-3] == "UNUSUAL" and rows[str(tmp_path / "phantom.png")][-3] == "ok"
+    )
+    assert problems == [] and len(unusual) == 1
+    assert unusual[0].startswith(
+        f"{tmp_path / 'noise.png'}: unlike the images tiny_cnn_lstm trained on (input check "
+    )
 
 
 def test_cxr_predict_sends_a_tiff_or_bmp_as_the_pixels_ingest_reads_from_it(
@@ -429,7 +471,7 @@ def test_cxr_predict_sends_a_tiff_or_bmp_as_the_pixels_ingest_reads_from_it(
         assert client.post("/v1/predict", content=buffer.getvalue()).status_code == 415
     (tmp_path / "torn.tif").write_bytes(b"II*\x00" + bytes(40))
     before = len(classifier.images)
-    table, problems = predict_files(client, "/v1/predict", [str(tmp_path)])
+    table, problems, _ = predict_files(client, "/v1/predict", [str(tmp_path)])
     received = classifier.images[before:]
     answered = {line.split()[0]: line.split()[1] for line in table.splitlines()[2:]}
     assert len(received) == 4 and [answered[name] == "error" for name in sorted(answered)] == [
