@@ -6,6 +6,8 @@ would need general unpickling (which can run any code it names) is refused with 
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import dataclasses
 import errno
 import functools
@@ -19,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -32,10 +35,11 @@ WEIGHTS_NAME = "model.safetensors"
 TRAIN_STATE_NAME = "train_state.pt"
 CHECKPOINT_CACHE = Path("~/.cache/cxr/checkpoints")
 """Where checkpoints named by URI are copied to be loaded (see local_checkpoint_dir)."""
-NON_WEIGHT_PREFIX = "cxr."
-"""Tensors of the weights file named so are not the model's: they are stored beside its weights so that they
-travel and are checked with them (the input check's reference, `cxrcore.inputcheck`); `read_weights` leaves
-them out, `read_beside_weights` reads them."""
+BESIDE_WEIGHTS_PREFIX = "cxr."
+"""Arrays stored in the weights file's metadata (the safetensors header's string map), not among its
+tensors: they travel and are checked (`weights_sha256`) with the weights, while any loader of the weights,
+an earlier cxr's included, reads the model's tensors alone (the input check's reference,
+`cxrcore.inputcheck`). `read_beside_weights` reads them."""
 STATE_DICT_SUFFIXES = (".pth", ".pt", ".bin")
 """Files read as a torch state_dict (with `weights_only=True`); .safetensors is read as safetensors."""
 
@@ -147,23 +151,24 @@ def save_checkpoint(
     model: nn.Module,
     card: ModelCard,
     train_state: dict[str, Any] | None = None,
-    beside_weights: dict[str, torch.Tensor] | None = None,
+    beside_weights: dict[str, np.ndarray] | None = None,
 ) -> Path:
     """Write weights, card and (optionally) optimizer/scheduler state for resuming into `directory`;
-    `beside_weights` (named NON_WEIGHT_PREFIX...) go into the weights file with the model's tensors."""
+    `beside_weights` (float32 arrays named BESIDE_WEIGHTS_PREFIX...) go into the weights file's metadata."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    for name, tensor in (beside_weights or {}).items():
-        if not name.startswith(NON_WEIGHT_PREFIX) or name in state:
+    metadata = {"format": "pt"}
+    for name, array in (beside_weights or {}).items():
+        if not name.startswith(BESIDE_WEIGHTS_PREFIX):
             raise ValueError(
-                f"{name!r} cannot be stored beside the weights: not named {NON_WEIGHT_PREFIX}..."
+                f"{name!r} cannot be stored beside the weights: not named {BESIDE_WEIGHTS_PREFIX}..."
             )
-        state[name] = tensor.detach().cpu().contiguous()
+        metadata[name] = _array_text(array)
     try:
         # One key: safetensors writes a map of several in a random order, and equal weights hashed otherwise.
-        save_file(state, directory / WEIGHTS_NAME, metadata={"format": "pt"})
+        save_file(state, directory / WEIGHTS_NAME, metadata=metadata)
         (directory / CARD_NAME).write_text(json.dumps(card.to_dict(), indent=2, default=_json_default))
         if train_state is not None:
             torch.save(train_state, directory / TRAIN_STATE_NAME)
@@ -260,7 +265,7 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
     model.load_state_dict(read_weights(Path(directory) / WEIGHTS_NAME, device=str(device)))
     reference = None
     if card.input_reference:
-        reference = InputReference.from_tensors(
+        reference = InputReference.from_arrays(
             read_beside_weights(Path(directory) / WEIGHTS_NAME), card.input_reference
         )
     return LoadedCheckpoint(model.to(device).eval(), card, reference)
@@ -309,8 +314,7 @@ def read_weights(path: str | Path, device: str = "cpu") -> dict[str, torch.Tenso
     path = Path(path)
     if path.suffix == ".safetensors":
         try:
-            state = load_file(path, device=device)
-            return {k: v for k, v in state.items() if not k.startswith(NON_WEIGHT_PREFIX)}
+            return load_file(path, device=device)
         except SafetensorError as exc:
             raise UnsafeWeightsError(
                 f"refusing to load {path}: it is not a valid safetensors file ({exc}); it is damaged, "
@@ -326,16 +330,34 @@ def read_weights(path: str | Path, device: str = "cpu") -> dict[str, torch.Tenso
     )
 
 
-def read_beside_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a .safetensors weights file that are not the model's (NON_WEIGHT_PREFIX), on the CPU;
-    none for another format."""
+def read_beside_weights(path: str | Path) -> dict[str, np.ndarray]:
+    """The arrays `save_checkpoint` stored in a .safetensors weights file's metadata (BESIDE_WEIGHTS_PREFIX);
+    none for another format, or a file that has none (or whose entries are damaged: each is checked)."""
     from safetensors import safe_open
 
     path = Path(path)
     if path.suffix != ".safetensors":
         return {}
     with safe_open(str(path), framework="pt", device="cpu") as stored:
-        return {k: stored.get_tensor(k) for k in stored.keys() if k.startswith(NON_WEIGHT_PREFIX)}  # noqa: SIM118
+        metadata = stored.metadata() or {}
+    arrays = {}
+    for name, text in metadata.items():
+        if name.startswith(BESIDE_WEIGHTS_PREFIX):
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                arrays[name] = _text_array(text)
+    return arrays
+
+
+def _array_text(array: np.ndarray) -> str:
+    """A float32 array as the JSON text of its shape and its bytes (little-endian) in base64."""
+    data = np.ascontiguousarray(array, dtype="<f4")
+    return json.dumps({"shape": list(data.shape), "float32": base64.b64encode(data.tobytes()).decode()})
+
+
+def _text_array(text: str) -> np.ndarray:
+    value = json.loads(text)
+    shape = tuple(int(n) for n in value["shape"])
+    return np.frombuffer(base64.b64decode(value["float32"], validate=True), dtype="<f4").reshape(shape).copy()
 
 
 SAFETENSORS_MAX_HEADER = 100 * 2**20

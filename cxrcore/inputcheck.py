@@ -20,10 +20,10 @@ other 30 scored up to 0.51, none flagged; photographs and screenshots 1.03–1.5
 checkerboard 1.34, a grey ramp 0.63, an inverted film 1.61, a film turned 90° 0.67. A film upside down
 (0.51) passes: the check is a guard against the wrong kind of picture, not a quality check of a film.
 
-The fitted reference (the patterns' mean and components) is stored in the checkpoint's weights file
-beside the model's tensors (`checkpoint.NON_WEIGHT_PREFIX`), so that it travels, is registered and is
-checked (`weights_sha256`) with the weights it belongs to; the card's `input_reference` says how it was
-fitted and holds the threshold.
+The fitted reference (the patterns' mean and components) is stored in the checkpoint's weights file, in
+its metadata (`checkpoint.BESIDE_WEIGHTS_PREFIX`), so that it travels, is registered and is checked
+(`weights_sha256`) with the weights it belongs to, while any loader of the weights reads the model alone;
+the card's `input_reference` says how it was fitted and holds the threshold.
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ MIN_VAL_IMAGES = 5
 MAX_TRAIN_IMAGES = 4000
 """Training images read to fit the patterns: the split's first (ingest shuffles the rows)."""
 MAX_VAL_IMAGES = 2000
-TENSOR_PREFIX = "cxr.input_reference."
-"""Names of the reference's tensors in the checkpoint's weights file (`checkpoint.NON_WEIGHT_PREFIX`)."""
+ARRAY_PREFIX = "cxr.input_reference."
+"""Names of the reference's arrays in the checkpoint's weights file (`checkpoint.BESIDE_WEIGHTS_PREFIX`)."""
 
 
 def thumbnails(images: np.ndarray | Iterable[np.ndarray]) -> np.ndarray:
@@ -108,24 +108,30 @@ class InputReference:
             for s in self.scores(images)
         ]
 
-    def tensors(self) -> dict[str, Any]:
-        """The reference as float32 tensors named for the weights file."""
-        import torch
-
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The reference as float32 arrays named for the weights file (`save_checkpoint`'s beside_weights)."""
         return {
-            f"{TENSOR_PREFIX}mean": torch.from_numpy(self.mean.astype(np.float32)),
-            f"{TENSOR_PREFIX}components": torch.from_numpy(self.components.astype(np.float32)),
+            f"{ARRAY_PREFIX}mean": self.mean.astype(np.float32),
+            f"{ARRAY_PREFIX}components": self.components.astype(np.float32),
         }
 
     @classmethod
-    def from_tensors(cls, tensors: Mapping[str, Any], summary: Mapping[str, Any]) -> InputReference | None:
-        """The reference stored by `tensors()` with its card summary; None where either is missing."""
-        mean, components = (tensors.get(f"{TENSOR_PREFIX}{n}") for n in ("mean", "components"))
+    def from_arrays(
+        cls, arrays: Mapping[str, np.ndarray], summary: Mapping[str, Any]
+    ) -> InputReference | None:
+        """The reference stored by `arrays()` with its card summary; None where either is missing or they
+        do not fit together."""
+        mean, components = (arrays.get(f"{ARRAY_PREFIX}{n}") for n in ("mean", "components"))
+        size = THUMBNAIL * THUMBNAIL
         if mean is None or components is None or "threshold" not in summary:
             return None
+        if mean.shape != (size,) or components.ndim != 2 or components.shape[1] != size:
+            log.warning("the input check's reference is damaged (shapes %s, %s): images are not checked",
+                        mean.shape, components.shape)  # fmt: skip
+            return None
         return cls(
-            mean=mean.double().numpy(),
-            components=components.double().numpy(),
+            mean=mean.astype(np.float64),
+            components=components.astype(np.float64),
             threshold=float(summary["threshold"]),
             summary=dict(summary),
         )

@@ -302,7 +302,7 @@ def run_training(loop_config: dict[str, Any], session: TrainSession) -> None:
                     "epoch": epoch,
                     "history": history,
                 }
-                beside = reference.tensors() if reference else None
+                beside = reference.arrays() if reference else None
                 save_checkpoint(directory, unwrap(model), card, train_state, beside)
             session.report(metrics, directory if rank == 0 else None)
 

@@ -41,7 +41,7 @@ def write_checkpoint(directory: Path, name: str, seed: int, segmenter: Path | No
         version=str(seed),
         input_reference=reference.summary if reference else {},
     )
-    return save_checkpoint(directory, model, card, beside_weights=reference.tensors() if reference else None)
+    return save_checkpoint(directory, model, card, beside_weights=reference.arrays() if reference else None)
 
 
 @functools.cache
