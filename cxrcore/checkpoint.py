@@ -167,8 +167,9 @@ def save_checkpoint(
             )
         metadata[name] = _array_text(array)
     try:
-        # One key: safetensors writes a map of several in a random order, and equal weights hashed otherwise.
         save_file(state, directory / WEIGHTS_NAME, metadata=metadata)
+        if len(metadata) > 1:  # safetensors writes a map of several keys in a random order
+            _sort_metadata(directory / WEIGHTS_NAME)
         (directory / CARD_NAME).write_text(json.dumps(card.to_dict(), indent=2, default=_json_default))
         if train_state is not None:
             torch.save(train_state, directory / TRAIN_STATE_NAME)
@@ -178,6 +179,22 @@ def save_checkpoint(
         reason = f"{os.strerror(errno.ENOSPC)} (saving a checkpoint: {type(exc).__name__})"
         raise OSError(errno.ENOSPC, reason, str(directory)) from exc
     return directory
+
+
+def _sort_metadata(path: Path) -> None:
+    """Rewrite a safetensors file's header with its metadata's keys in order, in place: equal weights and
+    metadata then save to equal bytes, and hash equal (`weights_sha256`), whatever order safetensors'
+    map gave them. The header keeps its length (the same JSON, reordered), so the tensors do not move."""
+    with path.open("r+b") as file:
+        length = int.from_bytes(file.read(8), "little")
+        raw = file.read(length)
+        header = json.loads(raw)
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > length or raw[len(text) :].strip(b" "):
+            raise ValueError(f"{path}: its safetensors header is not the compact JSON expected")
+        file.seek(8)
+        file.write(text + b" " * (length - len(text)))
 
 
 def _out_of_space(error: BaseException, directory: Path, needed: int) -> bool:

@@ -189,3 +189,20 @@ def test_predict_checked_scores_the_image_at_the_model_base_size(
     assert checks is not None
     expected = reference.scores([resize_image(upload, SIZE)])[0]
     assert checks[0]["score"] == pytest.approx(expected, abs=1e-4) and checks[0]["unusual"] is False
+
+
+def test_equal_weights_and_reference_save_to_equal_bytes(
+    tmp_path: Path, reference: inputcheck.InputReference
+) -> None:
+    """safetensors writes its metadata map in a random order; the registry hashes the file (weights_sha256)
+    and finds a checkpoint already registered by it, so the same checkpoint must always be the same bytes."""
+    import hashlib
+
+    digests = set()
+    for n in range(6):
+        checkpoint(tmp_path / str(n), reference)
+        digests.add(hashlib.sha256((tmp_path / str(n) / WEIGHTS_NAME).read_bytes()).hexdigest())
+    assert len(digests) == 1
+    assert set(read_beside_weights(tmp_path / "0" / WEIGHTS_NAME)) == {
+        "cxr.input_reference.mean", "cxr.input_reference.components"
+    }  # fmt: skip
