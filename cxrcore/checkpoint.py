@@ -16,6 +16,7 @@ import math
 import os
 import pickle
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -95,6 +96,17 @@ class ModelCard:
     """How the input check's reference was fitted (`cxrcore.inputcheck`): its images, patterns and
     threshold; the reference itself is in the weights file. Empty where there is none (a segmenter, a split
     too small, a checkpoint an earlier cxr saved): no image is then checked."""
+    report_sha256: str | None = None
+    """sha256 of the registered evaluation report's metrics.json, recorded when the report was registered:
+    its test figures are shown (`GET /v1/model`, `cxr models show`) only while the file is that one."""
+    segmenter_weights_sha256: str | None = None
+    """sha256 of the segmenter's weights when the registry stored this version (dual-channel models): the
+    segmenter found for it later, in a moved or copied registry too, must be that one."""
+    card_sha256: str | None = None
+    """sha256 of this card (`card_digest`: its JSON without this field), recorded by the registry whenever
+    it writes the card: every load of the version checks it, so a hand-edited temperature, input spec or
+    class list never serves under the registered version's name. None on a checkpoint not registered, and
+    on versions registered before it existed until `cxr models seal` records it."""
     sealed_at: str | None = None
     """When `cxr models seal` recorded weights_sha256 of a version an earlier cxr registered: the file as
     it was then (trust on first use)."""
@@ -240,16 +252,57 @@ def load_card(directory: str | Path) -> ModelCard:
 
 
 def _card_from_text(text: str, directory: str | Path) -> ModelCard:
-    """The card, or ConfigError naming a damaged one (a checkpoint copy killed midway cuts it short)."""
+    """The card, or ConfigError naming a damaged one (a checkpoint copy killed midway cuts it short), or
+    CardChangedError naming a registered card edited since (`check_card_recorded`)."""
     from cxrcore.config import ConfigError
 
     try:
-        return ModelCard.from_dict(json.loads(text))
+        raw = json.loads(text)
+        card = ModelCard.from_dict(raw)
     except (ValueError, TypeError, KeyError) as exc:
         raise ConfigError(
             f"{directory}/{CARD_NAME} is damaged ({type(exc).__name__}: {exc}); it cannot say what the "
             "checkpoint is: copy the checkpoint again from where it was saved"
         ) from None
+    check_card_recorded(raw, directory)
+    return card
+
+
+def card_digest(card: Mapping[str, Any]) -> str:
+    """sha256 of a card's JSON (keys sorted, compact) without its `card_sha256`: what the registry records."""
+    import hashlib
+
+    body = {key: value for key, value in card.items() if key != "card_sha256"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_json_default)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class CardChangedError(ConfigError):
+    """A registered version's card is not the one the registry wrote (`card_sha256`), or lost its weights'
+    hash: it was edited since, and what it says (preprocessing, temperature, classes) is not what was
+    registered and tested."""
+
+
+def check_card_recorded(card: Mapping[str, Any], directory: str | Path) -> None:
+    """Raise CardChangedError where a card the registry wrote was changed since: its `card_sha256` no longer
+    matches it, or it was registered (`registered_at`) but records no `weights_sha256`, which every cxr that
+    records the one records the other with (a hash set to null skipped the weights' check)."""
+    where = f"{directory}/{CARD_NAME}"
+    restore = (
+        "; copy the version's folder again from a good copy of the registry, or register its checkpoint again"
+    )
+    if card.get("registered_at") and not card.get("weights_sha256"):
+        raise CardChangedError(
+            f"{where} was registered at {card['registered_at']} but records no weights_sha256: its card was "
+            f"edited, and its weights cannot be checked{restore}"
+        )
+    recorded = card.get("card_sha256")
+    if recorded and card_digest(card) != recorded:
+        raise CardChangedError(
+            f"{where} is not the card the registry recorded (sha256 {str(recorded)[:12]}…): it was edited "
+            f"since, and what it says (preprocessing, temperature, classes) would serve under the registered "
+            f"version's name{restore}"
+        )
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelCard]:

@@ -203,8 +203,22 @@ def _version_line() -> str:
         except PackageNotFoundError:
             return "not installed"
 
+    from cxrcore.provenance import source_commit, source_sha256
+
     python = sys.version.split()[0]
-    return f"cxr {cxrcore.__version__} (ray {of('ray')}, torch {of('torch')}, Python {python})"
+    code = f"commit {source_commit() or 'unknown (not a git checkout)'}, source sha256 {source_sha256()[:12]}"
+    return f"cxr {cxrcore.__version__} ({code}; ray {of('ray')}, torch {of('torch')}, Python {python})"
+
+
+class _Version(argparse.Action):
+    """`--version`, its line made only when asked for (it runs git and hashes cxr's source)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        print(_version_line())
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -212,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="cxr", description="Train, compare and serve chest X-ray classifiers on a Ray cluster."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
-    parser.add_argument("--version", action="version", version=_version_line())
+    parser.add_argument("--version", action=_Version, help="show cxr's version (and its code's) and exit")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     data = commands.add_parser("data", help="inspect, synthesise and ingest datasets")
@@ -1095,11 +1109,14 @@ def _run_seal(args: argparse.Namespace) -> int:
             parts.append(f"weights sha256 {item.weights_sha256[:12]}… (the file as it is now)")
         if item.manifest is not None:
             parts.append(_manifest_line({**registry.get(item.ref).card.data, "manifest": item.manifest}))
+        if item.card:
+            parts.append("the card's sha256 (the card as it is now)")
         print(f"{item.ref}: {verb} {'; '.join(parts)}")
     if not sealed:
         which = args.ref or "every version"
         print(
-            f"{which} in {args.registry}: its weights' hash and its data manifest (or why none) are recorded"
+            f"{which} in {args.registry}: its weights' and card's hashes and its data manifest (or why none) "
+            "are recorded"
         )
     return 0
 

@@ -105,6 +105,9 @@ _REGISTRATION_FIELDS = {
     "registered_at": None,
     "registered_from": None,
     "sealed_at": None,
+    "report_sha256": None,
+    "segmenter_weights_sha256": None,
+    "card_sha256": None,
 }
 """What the registry adds to a checkpoint's card: set aside to tell whether a version holds a checkpoint
 (`_as_checkpoint`), with `data.manifest`."""
@@ -167,6 +170,8 @@ class Sealed:
     """the hash recorded now, None where the card had one already"""
     manifest: dict[str, Any] | None
     """the card's new `data.manifest` block (`missing` says why none could be made), None where it had one"""
+    card: bool = False
+    """whether the card's own hash (`card_sha256`) was recorded now: the card as it is now"""
 
 
 @dataclass(frozen=True)
@@ -284,7 +289,13 @@ class ModelRegistry:
         except BaseException:
             remove(self._fs, staging)
             raise
-        return replace(version, report=self._uri(version.name, f"v{version.version}", REPORT_NAME))
+        from cxrcore.checkpoint import CARD_NAME, ModelCard
+
+        card_data = self._read_json(f"{folder}/{CARD_NAME}")
+        card_data["report_sha256"] = self._report_sha256(folder)
+        self._write_card(folder, card_data)
+        attached = replace(version, report=self._uri(version.name, f"v{version.version}", REPORT_NAME))
+        return replace(attached, card=ModelCard.from_dict(card_data))
 
     def register(
         self,
@@ -336,7 +347,14 @@ class ModelRegistry:
             card_data["registered_at"] = provenance.now()
             came_from = str(checkpoint)  # the run's (or Tune trial's) checkpoint
             card_data["registered_from"] = came_from if "://" in came_from else os.path.abspath(came_from)
-            write_text(self._fs, f"{folder}/{CARD_NAME}", json.dumps(card_data, indent=2))
+            if report_fs is not None:
+                card_data["report_sha256"] = self._report_sha256(folder)
+            if card_data.get("segmenter"):  # the one found for it later must be this one
+                found = self.segmenter_checkpoint(str(card_data["segmenter"]))
+                card_data["segmenter_weights_sha256"] = file_sha256(
+                    pafs.LocalFileSystem(), str(found / WEIGHTS_NAME)
+                )
+            self._write_card(folder, card_data)
         except BaseException as exc:
             remove(self._fs, folder)
             name_the_place(exc, self._uri(name, f"v{number}"))
@@ -454,17 +472,20 @@ class ModelRegistry:
                     manifest = self._keep_manifest(folder, card_data, write=not dry_run)
                     if manifest == block and not lost:
                         manifest = None  # still missing, for the same reason
-                if weights is None and manifest is None:
+                card = not card_data.get("card_sha256")
+                if weights is None and manifest is None and not card:
                     continue
-                sealed.append(Sealed(version.ref, weights, manifest))
+                sealed.append(Sealed(version.ref, weights, manifest, card))
                 if dry_run:
                     continue
                 if weights is not None:
                     card_data["weights_sha256"], card_data["sealed_at"] = weights, provenance.now()
                 if manifest is not None:
                     data["manifest"] = manifest
+                if version.report is not None and not card_data.get("report_sha256"):
+                    card_data["report_sha256"] = self._report_sha256(folder)
                 try:
-                    write_text(self._fs, f"{folder}/{CARD_NAME}", json.dumps(card_data, indent=2))
+                    self._write_card(folder, card_data)
                 except BaseException as exc:
                     name_the_place(exc, self._uri(version.name, f"v{version.version}"))
                     raise
@@ -588,11 +609,11 @@ class ModelRegistry:
             aliases = self.aliases()
             before = aliases.get(alias)
             aliases[alias] = version.ref
+            if before != version.ref:  # recorded first: a move the history cannot keep is not made
+                self._record_move(alias, before, version)
             write_text(
                 self._fs, f"{self._path}/{ALIASES_NAME}", json.dumps(dict(sorted(aliases.items())), indent=2)
             )
-            if before != version.ref:
-                self._record_move(alias, before, version.ref)
         return replace(version, aliases=tuple(sorted(a for a, t in aliases.items() if t == version.ref)))
 
     @staticmethod
@@ -697,8 +718,9 @@ class ModelRegistry:
         stored once, and weights replaced under one (by hand, a bad copy, a sync gone wrong) were served
         under its name with nothing said. Raises RegistryError naming both hashes otherwise, and the
         registry's file (`where`) when `folder` holds a copy just fetched from it."""
-        from cxrcore.checkpoint import WEIGHTS_NAME
+        from cxrcore.checkpoint import CARD_NAME, WEIGHTS_NAME, check_card_recorded
 
+        check_card_recorded(json.loads((folder / CARD_NAME).read_text()), where or folder)
         expected = version.card.weights_sha256
         if expected is None:
             return folder
@@ -728,7 +750,30 @@ class ModelRegistry:
         (its card not the same byte for byte): a copy beside its original had read the original's. And
         where `of`, the version whose card this is, was registered in OLD too (this registry a copy of it),
         a copy without the segmenter is refused although OLD still holds it: it had been promoted and
-        served here, and failed on the node it was copied to for, or once OLD was cleaned up."""
+        served here, and failed on the node it was copied to for, or once OLD was cleaned up.
+
+        Where `of` recorded its segmenter's weights when it was registered (`segmenter_weights_sha256`),
+        the segmenter found must have them: a registry copy holding another version under that name and
+        number had served the model with other masks under the same names."""
+        from cxrcore.checkpoint import WEIGHTS_NAME
+
+        found = self._segmenter_folder(segmenter, of)
+        pinned = None
+        if of is not None:
+            with contextlib.suppress(RegistryError, TypeError, ValueError):  # `of` of another registry
+                pinned = self.get(of).card.segmenter_weights_sha256
+        if pinned:
+            weights = file_sha256(pafs.LocalFileSystem(), str(found / WEIGHTS_NAME))
+            if weights != pinned:
+                raise RegistryError(
+                    f"{of}'s segmenter, found at {found}, has other weights (sha256 {weights[:12]}…) than "
+                    f"the one it was registered with ({pinned[:12]}…): its masks, and so its answers, would "
+                    "not be the ones evaluated; copy the registered segmenter's version into this registry"
+                )
+        return found
+
+    def _segmenter_folder(self, segmenter: str, of: str | None) -> Path:
+        """`segmenter_checkpoint`'s folder, before its weights are checked."""
         from cxrcore.checkpoint import local_checkpoint_dir
         from cxrcore.data import storage
 
@@ -818,38 +863,57 @@ class ModelRegistry:
                 folders.setdefault(int(match.group(1)), {})["/".join(parts[2:])] = info
         return folders
 
-    def _record_move(self, alias: str, before: str | None, after: str) -> None:
+    def _record_move(self, alias: str, before: str | None, after: ModelVersion) -> None:
         """Append an alias's move to HISTORY_NAME (held by the caller's lock; an object store's file is
-        written again whole). A history that cannot be written does not undo the move: it is warned of."""
+        written again whole), before the move is made: a history that cannot be written refuses the move
+        (RegistryError), as an unrecorded production change is what the history exists to rule out. Each
+        entry names the weights moved to and the command that moved it (`cxr tune`'s promotion or a
+        person's `cxr models promote`)."""
         import getpass
+        import shlex
 
         import cxrcore
 
         path = f"{self._path}/{HISTORY_NAME}"
+        program = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
+        program = "cxr" if program == "__main__.py" else program  # `python -m cxrcore`
         try:
-            entry = {
-                "time": provenance.now(),
-                "alias": alias,
-                "from": before,
-                "to": after,
-                "user": getpass.getuser(),
-                "host": socket.gethostname(),
-                "pid": os.getpid(),
-                "cxr": cxrcore.__version__,
-            }
+            user = getpass.getuser()
+        except (OSError, KeyError):  # no user name for this uid (a container's): its number
+            user = str(os.getuid())
+        entry = {
+            "time": provenance.now(),
+            "alias": alias,
+            "from": before,
+            "to": after.ref,
+            "weights_sha256": after.card.weights_sha256,
+            "user": user,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "cxr": cxrcore.__version__,
+            "command": shlex.join([program, *sys.argv[1:]])[:500],
+        }
+        try:
             if self._local:
                 with open(path, "a", encoding="utf-8") as stream:
                     stream.write(json.dumps(entry) + "\n")
             else:
                 write_text(self._fs, path, (read_text(self._fs, path) or "") + json.dumps(entry) + "\n")
-        except (OSError, KeyError) as exc:  # getpass without a user name raises KeyError / OSError
-            print(f"WARNING: the move of {alias} to {after} is not in {self.root}/{HISTORY_NAME}: {exc}",
-                  file=sys.stderr)  # fmt: skip
+        except OSError as exc:
+            raise RegistryError(
+                f"{alias} was not moved to {after.ref}: its move cannot be recorded in {self.root}/"
+                f"{HISTORY_NAME} ({exc}); make the history writable and promote again"
+            ) from exc
 
     def history(self) -> list[dict[str, Any]]:
         """Every move of an alias this registry recorded (HISTORY_NAME), oldest first; lines cut short by a
         kill are left out."""
-        text = read_text(self._fs, f"{self._path}/{HISTORY_NAME}") or ""
+        try:
+            text = read_text(self._fs, f"{self._path}/{HISTORY_NAME}") or ""
+        except OSError as exc:
+            raise RegistryError(
+                f"the history of moves {self.root}/{HISTORY_NAME} cannot be read: {exc}"
+            ) from exc
         moves = []
         for line in text.splitlines():
             with contextlib.suppress(ValueError):
@@ -951,6 +1015,18 @@ class ModelRegistry:
         finally:
             os.close(descriptor)  # releases the lock
 
+    def _write_card(self, folder: str, card_data: dict[str, Any]) -> None:
+        """Write a version's card with its own hash (`card_sha256`), which every load of it checks."""
+        from cxrcore.checkpoint import CARD_NAME, card_digest
+
+        card_data["card_sha256"] = card_digest(card_data)
+        write_text(self._fs, f"{folder}/{CARD_NAME}", json.dumps(card_data, indent=2))
+
+    def _report_sha256(self, folder: str) -> str | None:
+        """sha256 of a version's registered report's metrics.json, None where it has none."""
+        path = f"{folder}/{REPORT_NAME}/metrics.json"
+        return file_sha256(self._fs, path) if exists(self._fs, path) else None
+
     def _read_json(self, path: str) -> dict[str, Any]:
         text = read_text(self._fs, path)
         try:
@@ -993,6 +1069,15 @@ def report_metrics(report: str | None) -> dict[str, Any] | None:
     return json.loads(text) if text else None
 
 
+def _report_file_sha256(report: str) -> str | None:
+    filesystem, path = resolve(report)
+    return (
+        file_sha256(filesystem, f"{path}/metrics.json")
+        if exists(filesystem, f"{path}/metrics.json")
+        else None
+    )
+
+
 UNREADABLE_REPORT = "its report's metrics.json cannot be read"
 """How `registered_test` begins its reason for a report it could not read (`cxr models list` shows "?")."""
 
@@ -1011,6 +1096,19 @@ def registered_test(version: ModelVersion) -> tuple[dict[str, Any] | None, str |
         return None, f"{UNREADABLE_REPORT} ({type(exc).__name__}: {exc})"
     if not isinstance(metrics, dict):
         return None, "its report holds no metrics.json"
+    recorded = version.card.report_sha256
+    if recorded and _report_file_sha256(version.report) != recorded:
+        return None, (
+            f"its report's metrics.json is not the one registered with it (sha256 {recorded[:12]}…): it was "
+            "edited since, so its figures are not shown"
+        )
+    scored = (metrics.get("evaluated") or {}).get("weights_sha256")
+    weights = version.card.weights_sha256
+    if scored and weights and scored != weights:
+        return None, (
+            f"its report scored other weights (sha256 {scored[:12]}…) than the version's "
+            f"({weights[:12]}…): the weights or the report were replaced since"
+        )
     figures = brief_test_figures(metrics)
     if figures is None:
         evaluated = metrics.get("evaluated") or {}

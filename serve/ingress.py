@@ -15,6 +15,7 @@ import math
 import time
 from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -220,6 +221,17 @@ HASH_IN_LOOP_BYTES = 1 << 20
 thread (hashlib lets go of the GIL), so that a detector-sized DICOM does not hold the other requests up."""
 
 
+def _request_id(request: Request) -> str | None:
+    """The id Serve gave this request (its X-Request-ID header and access log line); the client's own
+    X-Request-ID where Serve's context has none (the app called outside Serve)."""
+    with contextlib.suppress(Exception):  # Serve's request context is not public API
+        from ray.serve.context import _get_serve_request_context
+
+        if found := _get_serve_request_context().request_id:
+            return str(found)
+    return request.headers.get("x-request-id")
+
+
 async def _sha256(data: bytes) -> str:
     """The upload's sha256, hex (Prediction.input_sha256)."""
     if len(data) <= HASH_IN_LOOP_BYTES:
@@ -344,6 +356,8 @@ class _Routes:
             latency_ms=latency_ms,
             explanation=explanation,
             input_check=result.get("input_check"),
+            request_id=_request_id(request),
+            answered_at=datetime.now(UTC).isoformat(timespec="milliseconds"),
         )
 
     async def _predict(self, data: bytes, content_type: str | None) -> Any:

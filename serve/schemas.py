@@ -243,6 +243,15 @@ class Prediction(BaseModel):
     )
     latency_ms: float = Field(description="time spent in the server, from request to answer")
     explanation: Explanation | None = Field(default=None, description="with ?explain=true")
+    request_id: str | None = Field(
+        default=None,
+        description="the id Serve gave the request (as its X-Request-ID header and the server's log lines "
+        "carry it): with `model`, `input_sha256` and `answered_at`, what a record of this answer keeps to "
+        "find it in the server's logs",
+    )
+    answered_at: str | None = Field(
+        default=None, description="when the server answered, UTC (ISO 8601 with its +00:00 offset)"
+    )
     input_check: InputCheck | None = Field(
         default=None,
         description="how unlike the training images the upload is; null where the model's checkpoint has "

@@ -255,8 +255,9 @@ def _classification_report(
 ) -> dict[str, Path]:
     import torch
 
+    from cxrcore import provenance
     from cxrcore.calibration import apply_temperature, calibration_report
-    from cxrcore.checkpoint import WEIGHTS_NAME
+    from cxrcore.checkpoint import WEIGHTS_NAME, software_versions
     from cxrcore.data import storage
     from cxrcore.data.ingest import read_report, sources_separate_classes
     from cxrcore.evaluate.report import write_evaluation_report
@@ -355,6 +356,9 @@ def _classification_report(
         # the model's own dataset, whose sources separate classes: its random splits cannot show it
         "sources_separate_classes": sources_separate_classes(ingested) if ingested else None,
         **input_check_notes(np.concatenate(input_scores) if input_scores else None, reference),
+        # when, and by which code: the figures of a report are those of the cxr that computed them
+        "evaluated_at": provenance.now(),
+        "software": software_versions(),
     }
     name = model.ref if config.model else predictor.card.name
     paths = write_evaluation_report(

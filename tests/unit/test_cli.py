@@ -536,3 +536,16 @@ def test_a_ctrl_c_while_the_finished_commands_ray_stops_is_held_off(monkeypatch:
     before = signal.getsignal(signal.SIGINT)
     cli._stop_ray_undisturbed()
     assert stopped == [True] and signal.getsignal(signal.SIGINT) is before
+
+
+def test_version_names_the_code_by_commit_and_source_hash(capsys: pytest.CaptureFixture[str]) -> None:
+    """An audit (session 51): cards of a wheel or container install recorded only "0.2.0", which many commits
+    share; the source hash names the code wherever it runs."""
+    from cxrcore.provenance import source_sha256, versions
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    line = capsys.readouterr().out
+    assert line.startswith("cxr ") and f"source sha256 {source_sha256()[:12]}" in line
+    assert versions()["cxr_source_sha256"] == source_sha256() and len(source_sha256()) == 64

@@ -770,3 +770,132 @@ def test_promoting_a_version_says_what_is_known_against_serving_it(
     assert out[1].startswith(
         f"WARNING: {NAME}:1: its registered test accuracy, 0.250 (95% CI 0.05–0.70) on 4"
     )
+
+
+def test_a_registered_card_edited_since_is_refused_wherever_the_version_is_loaded(
+    tmp_path: Path, checkpoint: Path
+) -> None:
+    """An audit (session 51): a temperature or input spec edited in a version's card.json served other
+    answers under the registered version's name and weights hash, and a weights hash set to null skipped
+    the weights' check, after which `seal` approved weights copied over the version's."""
+    from cxrcore.checkpoint import CardChangedError, card_digest
+
+    registry = ModelRegistry(tmp_path / "reg")
+    version = registry.register(checkpoint, report=make_report(tmp_path / "eval"))
+    folder = Path(registry.local_checkpoint(version.ref))
+    card = json.loads((folder / "card.json").read_text())
+    assert card["card_sha256"] == card_digest(card) and card["report_sha256"]
+    load_model(folder)  # as registered: loads
+
+    for edit in ({"temperature": 0.2}, {"weights_sha256": None}):
+        (folder / "card.json").write_text(json.dumps({**card, **edit}, indent=2))
+        for load in (
+            lambda: load_model(folder),
+            lambda: registry.local_checkpoint(version.ref),
+            lambda: registry.promote(version.ref),
+        ):
+            with pytest.raises(CardChangedError, match="edited"):
+                load()
+    assert registry.aliases() == {}
+    (folder / "card.json").write_text(json.dumps(card, indent=2))  # put back: loads again
+    load_model(folder)
+    assert registry.promote(version.ref).ref == version.ref
+
+
+def test_test_figures_show_only_for_the_registered_report_of_the_version_weights(
+    tmp_path: Path, checkpoint: Path
+) -> None:
+    """An edited metrics.json had shown its accuracy beside an interval computed from the rest; a report
+    of other weights had shown as the version's."""
+    from cxrcore.checkpoint import WEIGHTS_NAME
+    from cxrcore.data.storage import file_sha256
+    from cxrcore.registry import registered_test
+
+    weights = file_sha256(pafs.LocalFileSystem(), str(checkpoint / WEIGHTS_NAME))
+    report = make_report(tmp_path / "eval")
+    matrix = [[8, 1, 1, 0], [1, 8, 1, 0], [0, 1, 9, 0], [0, 0, 1, 9]]
+    tested = {"accuracy": 0.85, "n": 40, "confusion_matrix": matrix,
+              "evaluated": {"split": "test", "relation": "internal", "weights_sha256": weights}}  # fmt: skip
+    (report / "metrics.json").write_text(json.dumps(tested))
+    registry = ModelRegistry(tmp_path / "reg")
+    version = registry.register(checkpoint, report=report)
+    figures, why = registered_test(version)
+    assert figures is not None and figures["accuracy"] == 0.85 and why is None
+    registered = Path(version.report or "") / "metrics.json"
+    registered.write_text(json.dumps({**tested, "accuracy": 0.958}))
+    figures, why = registered_test(registry.get(version.ref))
+    assert figures is None and why is not None and "edited since" in why
+
+    # a version an earlier cxr registered (no report or card hash): its report still names its weights
+    other = {**tested, "evaluated": {**tested["evaluated"], "weights_sha256": "0" * 64}}
+    registered.write_text(json.dumps(other))
+    card_file = Path(registry.local_checkpoint(version.ref)) / "card.json"
+    card = json.loads(card_file.read_text())
+    card_file.write_text(
+        json.dumps({k: v for k, v in card.items() if k not in ("report_sha256", "card_sha256")})
+    )
+    figures, why = registered_test(registry.get(version.ref))
+    assert figures is None and why is not None and "scored other weights" in why
+
+
+def test_seal_records_the_card_hash_of_versions_registered_before_it(
+    tmp_path: Path, checkpoint: Path
+) -> None:
+    registry = ModelRegistry(tmp_path / "reg")
+    version = registry.register(checkpoint)
+    card_file = Path(registry.local_checkpoint(version.ref)) / "card.json"
+    card = json.loads(card_file.read_text())
+    del card["card_sha256"]  # as an earlier cxr registered it
+    card_file.write_text(json.dumps(card, indent=2))
+    load_model(card_file.parent)  # not checked: nothing recorded
+    (sealed,) = registry.seal()
+    assert sealed.card and sealed.weights_sha256 is None
+    assert json.loads(card_file.read_text())["card_sha256"]
+    assert registry.seal() == []
+
+
+def test_a_dual_channel_version_is_served_only_with_the_segmenter_it_was_registered_with(
+    tmp_path: Path,
+) -> None:
+    """An audit (session 51): a registry copy whose tiny_unet:1 held other weights (a node's own registry,
+    its card consistent with them) served the dual-channel version with its masks, under the same names."""
+    import shutil
+
+    from cxrcore.checkpoint import card_digest
+    from cxrcore.data.storage import file_sha256
+    from cxrcore.inference import Predictor
+    from tests.e2e.uploads import write_checkpoint, write_checkpoints
+
+    checkpoints = write_checkpoints(tmp_path / "runs")
+    ModelRegistry(tmp_path / "reg").register_once(checkpoints.dual, alias="production")
+    shutil.copytree(tmp_path / "reg", tmp_path / "node")
+    shutil.move(tmp_path / "reg", tmp_path / "gone")  # the original out of reach, as on another machine
+    node = tmp_path / "node" / "tiny_unet" / "v1"
+    other = write_checkpoint(tmp_path / "other-unet", "tiny_unet", 7)
+    shutil.copy(other / "model.safetensors", node / "model.safetensors")
+    card = json.loads((node / "card.json").read_text())
+    card["weights_sha256"] = file_sha256(pafs.LocalFileSystem(), str(node / "model.safetensors"))
+    card["card_sha256"] = card_digest(card)  # a segmenter version consistent in itself
+    (node / "card.json").write_text(json.dumps(card, indent=2))
+
+    registry = ModelRegistry(tmp_path / "node")
+    assert registry.get("production").card.segmenter_weights_sha256
+    with pytest.raises(RegistryError, match=r"has other weights .* than the one it was registered with"):
+        Predictor.from_registry(registry)
+
+
+def test_a_move_the_history_cannot_record_is_not_made(tmp_path: Path, checkpoint: Path) -> None:
+    """An audit (session 51): with aliases.log.jsonl unwritable, a promotion moved production with a warning
+    and exit 0, and `cxr models history` then crashed with a traceback."""
+    registry = ModelRegistry(tmp_path / "reg")
+    version = registry.register(checkpoint)
+    registry.promote(version.ref, "staging")
+    (move,) = registry.history()
+    assert move["weights_sha256"] == version.card.weights_sha256 and move["command"]
+    (tmp_path / "reg" / "aliases.log.jsonl").unlink()
+    (tmp_path / "reg" / "aliases.log.jsonl").mkdir()  # cannot be appended to, nor read
+    with pytest.raises(RegistryError, match=r"production was not moved to .* cannot be recorded"):
+        registry.promote(version.ref)
+    assert registry.aliases() == {"staging": version.ref}
+    with pytest.raises(RegistryError, match="cannot be read"):
+        registry.history()

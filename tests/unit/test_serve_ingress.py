@@ -424,6 +424,13 @@ def test_answers_say_whether_the_upload_is_like_the_training_images(
         assert answer.status_code == 200, answer.text
         checks[name] = answer.json()["input_check"]
     assert checks["phantom"]["unusual"] is False and checks["noise"]["unusual"] is True
+    # what a record of an answer keeps: the request's id (the client's, outside Serve) and when, in UTC
+    traced = client.post("/v1/predict", files={"file": ("p.png", (tmp_path / "phantom.png").read_bytes())},
+                         headers={"X-Request-ID": "study-42"})  # fmt: skip
+    from datetime import datetime, timedelta
+
+    assert traced.json()["request_id"] == "study-42"
+    assert datetime.fromisoformat(traced.json()["answered_at"]).utcoffset() == timedelta(0)
     assert checks["phantom"]["score"] <= checks["phantom"]["threshold"] < checks["noise"]["score"]
 
     explained = client.post(
