@@ -350,10 +350,11 @@ class ModelRegistry:
             if report_fs is not None:
                 card_data["report_sha256"] = self._report_sha256(folder)
             if card_data.get("segmenter"):  # the one found for it later must be this one
-                found = self.segmenter_checkpoint(str(card_data["segmenter"]))
-                card_data["segmenter_weights_sha256"] = file_sha256(
-                    pafs.LocalFileSystem(), str(found / WEIGHTS_NAME)
-                )
+                with contextlib.suppress(RegistryError, FileNotFoundError):  # none to pin: serving says so
+                    found = self.segmenter_checkpoint(str(card_data["segmenter"]))
+                    card_data["segmenter_weights_sha256"] = file_sha256(
+                        pafs.LocalFileSystem(), str(found / WEIGHTS_NAME)
+                    )
             self._write_card(folder, card_data)
         except BaseException as exc:
             remove(self._fs, folder)
@@ -671,6 +672,22 @@ class ModelRegistry:
         if not exists(self._fs, path):
             return {}
         return {str(k): str(v) for k, v in self._read_json(path).items()}
+
+    def unrecorded_aliases(self) -> list[str]:
+        """A sentence for each alias whose target is not where the history's last move of it put it:
+        `aliases.json` changed outside cxr (an edit, a restore from a backup), a production change with no
+        record of when or by whom. Aliases the history never recorded (an earlier cxr's) are not judged."""
+        try:
+            moves = self.history()
+        except RegistryError:
+            return []
+        last = {move.get("alias"): move.get("to") for move in moves}
+        return [
+            f"the alias {alias} points to {target}, but the history's last move of it was to {last[alias]}: "
+            f"{ALIASES_NAME} was changed outside cxr, and when and by whom is not recorded"
+            for alias, target in sorted(self.aliases().items())
+            if alias in last and last[alias] != target
+        ]
 
     def local_checkpoint(self, ref: str) -> Path:
         """A local folder holding `ref`'s checkpoint: the version folder, or a cached copy of a remote one."""

@@ -46,6 +46,8 @@ class ResolvedModel:
     """the lung segmenter a dual-channel model reads the masks of, once resolved (`Classifier._load`)"""
     test: dict[str, Any] | None = None
     """the test figures of the evaluation report registered with the version (`brief_test_figures`), if any"""
+    registry_warnings: tuple[str, ...] = ()
+    """what the registry's records say against the reference: an alias moved outside cxr"""
 
     @property
     def warnings(self) -> list[str]:
@@ -54,7 +56,7 @@ class ResolvedModel:
         measure the sources). `cxr tune` warned of both; a server started later said nothing."""
         from cxrcore.registry import serving_warnings
 
-        return serving_warnings(self.test, self.card.data)
+        return serving_warnings(self.test, self.card.data) + list(self.registry_warnings)
 
     @property
     def info(self) -> ModelInfo:
@@ -135,7 +137,11 @@ def resolve_model(registry: str | None, ref: str) -> ResolvedModel:
     test, why = registered_test(version)
     if why and version.report is not None:  # a damaged report: the model serves, with test null
         log.warning("%s: no test figures for GET /v1/model: %s", version.ref, why)
-    return ResolvedModel(ref=version.ref, checkpoint=path, card=card, version=number, test=test)
+    # an alias served: whether the history recorded its move there
+    moved = tuple(w for w in models.unrecorded_aliases() if w.startswith(f"the alias {ref} "))
+    return ResolvedModel(
+        ref=version.ref, checkpoint=path, card=card, version=number, test=test, registry_warnings=moved
+    )
 
 
 def segmenter_info(checkpoint: str) -> SegmenterInfo:

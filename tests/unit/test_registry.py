@@ -899,3 +899,23 @@ def test_a_move_the_history_cannot_record_is_not_made(tmp_path: Path, checkpoint
     assert registry.aliases() == {"staging": version.ref}
     with pytest.raises(RegistryError, match="cannot be read"):
         registry.history()
+
+
+def test_an_alias_moved_outside_cxr_is_said_wherever_it_is_served(tmp_path: Path) -> None:
+    """An audit (session 51): aliases.json edited by hand (or restored from a backup) moved production with
+    no trace, the history still ending on the move before."""
+    from serve.deployments import resolve_model
+
+    registry = ModelRegistry(tmp_path / "reg")
+    first = registry.register(make_checkpoint(tmp_path / "a", seed=0))
+    second = registry.register(make_checkpoint(tmp_path / "b", seed=1))
+    registry.promote(second.ref)
+    assert (
+        registry.unrecorded_aliases() == []
+        and resolve_model(str(tmp_path / "reg"), "production").warnings == []
+    )
+    (tmp_path / "reg" / "aliases.json").write_text(json.dumps({"production": first.ref}))
+    (said,) = registry.unrecorded_aliases()
+    assert said.startswith(f"the alias production points to {first.ref}, but the history's last move of it")
+    assert said in resolve_model(str(tmp_path / "reg"), "production").warnings
+    assert resolve_model(str(tmp_path / "reg"), second.ref).warnings == []  # a version named directly
