@@ -45,6 +45,7 @@ from cxrcore.registry import (
     UNREADABLE_REPORT,
     ModelRegistry,
     RegistryError,
+    evaluation_warnings,
     registered_test,
     serving_warnings,
 )
@@ -435,6 +436,14 @@ def _add_models_commands(commands: Any) -> None:
     register.add_argument("--report", help="an evaluation folder to keep with it (`cxr evaluate --out`)")
     register.add_argument("--alias", help="an alias to point at it (e.g. staging; production to serve it)")
     register.set_defaults(run=_run_register)
+    add_evaluation = models_commands.add_parser(
+        "add-evaluation",
+        help="keep an evaluation of a version (another hospital's data above all) with it in the registry",
+    )
+    add_evaluation.add_argument("ref", help="alias, NAME:N, or NAME for its latest version")
+    add_evaluation.add_argument("report", help="the `cxr evaluate --out` folder of that version's weights")
+    _add_registry_argument(add_evaluation)
+    add_evaluation.set_defaults(run=_run_add_evaluation)
     clean = models_commands.add_parser(
         "clean", help="free what registrations killed midway left (version folders without a card)"
     )
@@ -879,6 +888,14 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         print(format_holdout(holdout))
     remote = "://" in config.out and not config.out.startswith("file://")  # written there from a local copy
     print(f"report: {config.out.rstrip('/') + '/' + paths['report'].name if remote else paths['report']}")
+    if (
+        config.model and evaluated and evaluated.get("relation") != "internal"
+    ):  # a version, on data from elsewhere
+        registry = shlex.quote(str(config.registry or os.environ.get("CXR_REGISTRY")))
+        print(
+            f"keep it with the version (cxr models show and GET /v1/model then show it): cxr models "
+            f"add-evaluation {evaluated['model']} {shlex.quote(config.out)} --registry {registry}"
+        )
     return 0
 
 
@@ -1034,13 +1051,23 @@ def _run_show(args: argparse.Namespace) -> int:
             paths["segmenter"] = f"not found: {exc}"
     test, why = registered_test(version)
     if args.json:
-        shown = {"ref": version.ref, "aliases": list(version.aliases), "paths": paths, "test": test}
+        shown: dict[str, Any] = {
+            "ref": version.ref,
+            "aliases": list(version.aliases),
+            "paths": paths,
+            "test": test,
+        }
         shown["test_missing"] = why
+        shown["evaluations"] = registry.evaluations(version.ref)
         print(json.dumps({**shown, "card": card, "history_length": len(history)}, indent=2))
         return 0
     lines = [f"ref: {version.ref}", f"aliases: {', '.join(version.aliases) or '-'}"]
     lines += [f"{key}: {path or '-'}" for key, path in paths.items()]
     lines.append(f"test: {_test_line(test) if test else f'- ({why})'}")
+    evaluations = registry.evaluations(version.ref)
+    lines.append(f"evaluations: {len(evaluations) or '- (none added: cxr models add-evaluation)'}")
+    lines += [f"  {entry['number']}. {_evaluation_line(entry)}" for entry in evaluations]
+    lines += [f"WARNING: {warning}" for warning in evaluation_warnings(evaluations)]
     lines.append("card:")
     for key, value in card.items():
         if key == "epoch" and isinstance(value, int):  # as the history, the epoch lines and the reports count
@@ -1051,6 +1078,35 @@ def _run_show(args: argparse.Namespace) -> int:
     lines.append(f"  history: {len(history)} epochs")
     print("\n".join(lines))
     return 0
+
+
+def _run_add_evaluation(args: argparse.Namespace) -> int:
+    """ModelRegistry.add_evaluation: the evaluation kept with the version, and what it found in a line."""
+    registry = _registry(args)
+    version = registry.get(args.ref)
+    entry, added = registry.add_evaluation(version.ref, args.report)
+    where = f"{version.ref}'s evaluation {entry['number']}"
+    print(f"{'added as' if added else 'kept already, as'} {where}: {_evaluation_line(entry)}")
+    for warning in evaluation_warnings([entry]):
+        print(f"WARNING: {warning}")
+    return 0
+
+
+def _evaluation_line(entry: dict[str, Any]) -> str:
+    """An evaluation added to a version (`evaluation_entry`) in a line: what it scored and its figures."""
+    from cxrcore.evaluate.report import interval_text
+
+    accuracy = entry.get("accuracy")
+    interval = entry.get("accuracy_ci95")
+    figures = "no accuracy" if accuracy is None else f"accuracy {accuracy:.3f}"
+    if interval:
+        figures += f" (95% CI {interval_text(interval)})"
+    return (
+        f"{entry.get('relation')} data {entry.get('dataset')} (fingerprint {entry.get('fingerprint')}, split "
+        f"{entry.get('split')}, {entry.get('images')} images), {figures}, macro-F1 "
+        f"{format_cell(entry.get('macro_f1'))}; added {entry.get('added_at')} by {entry.get('user')}"
+        + (" [its metrics.json changed since]" if entry.get("changed") else "")
+    )
 
 
 def _test_line(test: dict[str, Any]) -> str:
@@ -1142,7 +1198,10 @@ def _run_promote(args: argparse.Namespace) -> int:
     print(f"{args.alias}: {old or '(none)'} -> {version.ref}{unchanged}")
     if args.alias == "production":  # where a review signs a candidate off: what is known against it
         test, _ = registered_test(version)
-        for warning in serving_warnings(test, version.card.data):
+        known = serving_warnings(test, version.card.data) + evaluation_warnings(
+            registry.evaluations(version.ref)
+        )
+        for warning in known:
             print(f"WARNING: {version.ref}: {warning}")
     return 0
 

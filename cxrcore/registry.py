@@ -47,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import fcntl
+import hashlib
 import json
 import os
 import random
@@ -56,7 +57,7 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -94,6 +95,9 @@ PRODUCTION = "production"
 LOCK_NAME = ".lock"
 REGISTER_LOCK_NAME = ".register.lock"
 REPORT_NAME = "report"
+EVALUATIONS_NAME = "evaluations"
+"""A version's folder of evaluations added after its registration (`add_evaluation`): one folder each,
+numbered, and EVALUATIONS_NAME.jsonl, the index of what each found, appended to."""
 DEFAULT_CACHE = Path("~/.cache/cxr/registry")
 _ALIAS = re.compile(r"[a-z][a-z0-9_-]*")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -673,6 +677,65 @@ class ModelRegistry:
             return {}
         return {str(k): str(v) for k, v in self._read_json(path).items()}
 
+    def add_evaluation(self, ref: str, report: str | Path) -> tuple[dict[str, Any], bool]:
+        """Keep an evaluation of `ref`'s weights (`cxr evaluate --out`: external data above all) with the
+        version: its folder copied into `v<N>/evaluations/<k>/` (predictions.csv stays with the data) and
+        an entry appended to `v<N>/evaluations.jsonl` (`evaluation_entry`: what it scored, its figures, its
+        verdict, when and by whom, its metrics.json's sha256). A version is immutable; what was learnt of it
+        since is added beside it. Returns the entry and whether it was added now (False: the same
+        metrics.json is there already). An evaluation of other weights is refused."""
+        report_fs, report_path = resolve(str(report))
+        text = read_text(report_fs, f"{report_path}/metrics.json")
+        if text is None:
+            raise FileNotFoundError(f"{report} holds no metrics.json: pass a `cxr evaluate --out` folder")
+        try:
+            metrics = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise RegistryError(f"{report}/metrics.json is not valid JSON: {exc}") from exc
+        version = self.get(ref)
+        scored = (metrics.get("evaluated") or {}).get("weights_sha256")
+        if not scored or scored != version.card.weights_sha256:
+            raise RegistryError(
+                f"{report} evaluates other weights ({str(scored)[:12]}…) than {version.ref}'s "
+                f"({str(version.card.weights_sha256)[:12]}…): evaluate the version itself "
+                f"(cxr evaluate --model {version.ref} --registry {self.root} --data DATASET --out DIR)"
+            )
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        folder = f"{self._path}/{version.name}/v{version.version}"
+        with self._locked(REGISTER_LOCK_NAME):
+            known = self.evaluations(version.ref)
+            for entry in known:
+                if entry.get("metrics_sha256") == digest:
+                    return entry, False
+            number = 1 + max((int(entry.get("number", 0)) for entry in known), default=0)
+            staging = f"{folder}/{EVALUATIONS_NAME}/{number}.tmp-{uuid.uuid4().hex[:8]}"
+            try:
+                _copy(report_fs, report_path, self._fs, staging, skip=DATA_REPORT_FILES)
+                self._fs.move(staging, f"{folder}/{EVALUATIONS_NAME}/{number}")
+            except BaseException:
+                remove(self._fs, staging)
+                raise
+            entry = {"number": number, **evaluation_entry(metrics), "metrics_sha256": digest,
+                     "added_at": provenance.now(), **_who()}  # fmt: skip
+            index = f"{folder}/{EVALUATIONS_NAME}.jsonl"
+            write_text(self._fs, index, (read_text(self._fs, index) or "") + json.dumps(entry) + "\n")
+        return entry, True
+
+    def evaluations(self, ref: str) -> list[dict[str, Any]]:
+        """The evaluations added to `ref`'s version (`add_evaluation`), oldest first; each with `changed`
+        True where its metrics.json is no longer the one added (its figures are then not to be read)."""
+        version = self.get(ref)
+        folder = f"{self._path}/{version.name}/v{version.version}"
+        text = read_text(self._fs, f"{folder}/{EVALUATIONS_NAME}.jsonl") or ""
+        entries = []
+        for line in text.splitlines():
+            with contextlib.suppress(ValueError):
+                entry = json.loads(line)
+                path = f"{folder}/{EVALUATIONS_NAME}/{entry.get('number')}/metrics.json"
+                now = file_sha256(self._fs, path) if exists(self._fs, path) else None
+                entries.append({**entry, "changed": now != entry.get("metrics_sha256")})
+        return entries
+
     def unrecorded_aliases(self) -> list[str]:
         """A sentence for each alias whose target is not where the history's last move of it put it:
         `aliases.json` changed outside cxr (an edit, a restore from a backup), a production change with no
@@ -886,29 +949,14 @@ class ModelRegistry:
         (RegistryError), as an unrecorded production change is what the history exists to rule out. Each
         entry names the weights moved to and the command that moved it (`cxr tune`'s promotion or a
         person's `cxr models promote`)."""
-        import getpass
-        import shlex
-
-        import cxrcore
-
         path = f"{self._path}/{HISTORY_NAME}"
-        program = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
-        program = "cxr" if program == "__main__.py" else program  # `python -m cxrcore`
-        try:
-            user = getpass.getuser()
-        except (OSError, KeyError):  # no user name for this uid (a container's): its number
-            user = str(os.getuid())
         entry = {
             "time": provenance.now(),
             "alias": alias,
             "from": before,
             "to": after.ref,
             "weights_sha256": after.card.weights_sha256,
-            "user": user,
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "cxr": cxrcore.__version__,
-            "command": shlex.join([program, *sys.argv[1:]])[:500],
+            **_who(),
         }
         try:
             if self._local:
@@ -1084,6 +1132,81 @@ def report_metrics(report: str | None) -> dict[str, Any] | None:
     filesystem, path = resolve(report)
     text = read_text(filesystem, f"{path}/metrics.json")
     return json.loads(text) if text else None
+
+
+_EVALUATION_FIGURES = (
+    "accuracy",
+    "accuracy_ci95",
+    "balanced_accuracy",
+    "macro_f1",
+    "macro_auroc",
+    "macro_auroc_ci95",
+)
+
+
+def evaluation_entry(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """What an evaluation found, in brief (an entry of a version's evaluations.jsonl): what it scored (the
+    dataset's fingerprint, its relation to the training data, the split), its figures, and for data from
+    elsewhere its verdict and whether that is a warning (`verdict_alarming`)."""
+    from cxrcore.evaluate.external import verdict_alarming
+
+    evaluated = metrics.get("evaluated") or {}
+    comparison = metrics.get("internal_comparison") or {}
+    return {
+        "evaluated_at": evaluated.get("evaluated_at"),
+        "dataset": evaluated.get("dataset"),
+        "fingerprint": evaluated.get("fingerprint"),
+        "relation": evaluated.get("relation"),
+        "split": evaluated.get("split"),
+        "images": metrics.get("n"),
+        **{key: metrics.get(key) for key in _EVALUATION_FIGURES},
+        "unusual_inputs": evaluated.get("unusual_inputs"),
+        "verdict": comparison.get("verdict"),
+        "alarming": verdict_alarming(comparison) if comparison else None,
+    }
+
+
+def evaluation_warnings(entries: list[dict[str, Any]]) -> list[str]:
+    """A sentence for each evaluation added to a version whose verdict is a warning (`verdict_alarming`: a
+    large drop, not shown to beat chance, images not known to be clean of its own), whose images the input
+    check found unlike the training images, or whose metrics.json changed since it was added. Said by `cxr
+    serve`, GET /v1/model and `cxr models show`."""
+    found = []
+    for entry in entries:
+        where = (
+            f"its evaluation {entry.get('number')} ({entry.get('relation')} data, {entry.get('images')} "
+            f"images, added {entry.get('added_at')})"
+        )
+        if entry.get("changed"):
+            found.append(f"{where}: its metrics.json was changed or removed since it was added")
+            continue
+        if entry.get("alarming"):
+            found.append(f"{where}: {entry.get('verdict')}")
+        if entry.get("unusual_inputs"):
+            found.append(f"{where}: {entry.get('unusual_inputs')}")
+    return found
+
+
+def _who() -> dict[str, Any]:
+    """Who records an entry: user (or uid), host, pid, cxr's version and the command line."""
+    import getpass
+    import shlex
+
+    import cxrcore
+
+    program = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
+    program = "cxr" if program == "__main__.py" else program  # `python -m cxrcore`
+    try:
+        user = getpass.getuser()
+    except (OSError, KeyError):  # no user name for this uid (a container's): its number
+        user = str(os.getuid())
+    return {
+        "user": user,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "cxr": cxrcore.__version__,
+        "command": shlex.join([program, *sys.argv[1:]])[:500],
+    }
 
 
 def _report_file_sha256(report: str) -> str | None:

@@ -47,7 +47,10 @@ class ResolvedModel:
     test: dict[str, Any] | None = None
     """the test figures of the evaluation report registered with the version (`brief_test_figures`), if any"""
     registry_warnings: tuple[str, ...] = ()
-    """what the registry's records say against the reference: an alias moved outside cxr"""
+    """what the registry's records say against the reference: an alias moved outside cxr, an evaluation
+    added since registration whose verdict is a warning"""
+    evaluations: tuple[dict[str, Any], ...] = ()
+    """the evaluations added to the version since its registration (`ModelRegistry.add_evaluation`)"""
 
     @property
     def warnings(self) -> list[str]:
@@ -99,6 +102,20 @@ def public_text(text: str) -> str:
     return _LOCATION_IN_TEXT.sub(lambda match: public_location(match.group()), text)
 
 
+PRIVATE_EVALUATION_FIELDS = ("user", "host", "pid", "command")
+"""Who added an evaluation, which `cxr models show` prints and GET /v1/model does not: clients learn what was
+found, not the operators' names, hosts or command lines."""
+
+
+def public_evaluation(entry: dict[str, Any]) -> dict[str, Any]:
+    """An evaluation added to the served version as GET /v1/model shows it: its dataset by its last two
+    components, without who added it (PRIVATE_EVALUATION_FIELDS)."""
+    kept = {key: value for key, value in entry.items() if key not in PRIVATE_EVALUATION_FIELDS}
+    if isinstance(kept.get("dataset"), str):
+        kept["dataset"] = public_location(kept["dataset"])
+    return kept
+
+
 def _public_locations(document: Any) -> Any:
     if isinstance(document, dict):
         return {key: _public_locations(value) for key, value in document.items()}
@@ -128,7 +145,7 @@ def resolve_model(registry: str | None, ref: str) -> ResolvedModel:
         return ResolvedModel(
             ref=ref if remote else str(path), checkpoint=path, card=card, version=card.version
         )
-    from cxrcore.registry import ModelRegistry, registered_test
+    from cxrcore.registry import ModelRegistry, evaluation_warnings, registered_test
 
     models = ModelRegistry(registry)
     version = models.get(ref)
@@ -137,11 +154,14 @@ def resolve_model(registry: str | None, ref: str) -> ResolvedModel:
     test, why = registered_test(version)
     if why and version.report is not None:  # a damaged report: the model serves, with test null
         log.warning("%s: no test figures for GET /v1/model: %s", version.ref, why)
-    # an alias served: whether the history recorded its move there
+    # an alias served: whether the history recorded its move there; evaluations added since that warn
     moved = tuple(w for w in models.unrecorded_aliases() if w.startswith(f"the alias {ref} "))
+    evaluations = models.evaluations(version.ref)
     return ResolvedModel(
-        ref=version.ref, checkpoint=path, card=card, version=number, test=test, registry_warnings=moved
-    )
+        ref=version.ref, checkpoint=path, card=card, version=number, test=test,
+        registry_warnings=moved + tuple(evaluation_warnings(evaluations)),
+        evaluations=tuple(evaluations),
+    )  # fmt: skip
 
 
 def segmenter_info(checkpoint: str) -> SegmenterInfo:
@@ -569,6 +589,7 @@ class Classifier:
             "card": served.resolved.public_card(),
             "test": served.resolved.test,
             "probability_prior": served.resolved.card.probability_prior,
+            "evaluations": [public_evaluation(entry) for entry in served.resolved.evaluations],
             "warnings": served.resolved.warnings,
             "max_batch_size": self._config.max_batch_size,
             "batch_wait_timeout_s": self._config.batch_wait_timeout_s,

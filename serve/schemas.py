@@ -319,6 +319,13 @@ class ModelDetails(BaseModel):
         "with class weights, else its training split's shares. At a site whose prevalence π differs, read "
         "p_k as p_k·π_k/prior_k, renormalised over the classes; null where the card does not say",
     )
+    evaluations: list[dict] = Field(
+        default_factory=list,
+        description="evaluations added to the version since its registration (`cxr models add-evaluation`: "
+        "another hospital's data above all), oldest first: what each scored (dataset fingerprint, relation, "
+        "split, images), its figures, its verdict and whether that is a warning (`alarming`), when and by "
+        "whom; `changed` true where its metrics.json is no longer the one added",
+    )
     warnings: list[str] = Field(
         default_factory=list,
         description="what the registry knows against serving this model, in sentences: registered test "

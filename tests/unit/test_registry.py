@@ -919,3 +919,64 @@ def test_an_alias_moved_outside_cxr_is_said_wherever_it_is_served(tmp_path: Path
     assert said.startswith(f"the alias production points to {first.ref}, but the history's last move of it")
     assert said in resolve_model(str(tmp_path / "reg"), "production").warnings
     assert resolve_model(str(tmp_path / "reg"), second.ref).warnings == []  # a version named directly
+
+
+def test_an_evaluation_added_to_a_version_is_kept_shown_and_warned_of(
+    tmp_path: Path, checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A version is immutable, and its external validation had nowhere to go: `cxr models show`, `cxr serve`
+    and GET /v1/model knew its registered test figures only, whatever another hospital's data had shown."""
+    from cxrcore.checkpoint import WEIGHTS_NAME
+    from cxrcore.data.storage import file_sha256
+    from serve.deployments import public_evaluation, resolve_model
+
+    reg = str(tmp_path / "reg")
+    version = ModelRegistry(reg).register(checkpoint, alias="production")
+    weights = file_sha256(pafs.LocalFileSystem(), str(checkpoint / WEIGHTS_NAME))
+    report = make_report(tmp_path / "hospital-b")
+    verdict = "Not shown to beat chance on these images: accuracy 0.36 (95% CI 0.28–0.45) reaches 0.38."
+    external = {
+        "n": 130, "accuracy": 0.36, "accuracy_ci95": [0.28, 0.45], "macro_f1": 0.37,
+        "evaluated": {"relation": "external", "split": "all", "fingerprint": "b0b", "weights_sha256": weights,
+                      "dataset": str(tmp_path / "hospital-b-ds"), "evaluated_at": "2026-12-06T00:00Z"},
+        "internal_comparison": {"verdict": verdict, "no_better_than_chance": True, "clean": True},
+    }  # fmt: skip
+    (report / "metrics.json").write_text(json.dumps(external))
+    assert main(["models", "add-evaluation", "production", str(report), "--registry", reg]) == 0
+    out = capsys.readouterr().out
+    assert (
+        out.startswith(f"added as {version.ref}'s evaluation 1: external data ")
+        and "WARNING: its evaluation 1" in out
+    )
+    assert (
+        main(["models", "add-evaluation", "production", str(report), "--registry", reg]) == 0
+    )  # again: kept
+    assert capsys.readouterr().out.startswith(f"kept already, as {version.ref}'s evaluation 1")
+    kept = Path(reg) / NAME / "v1" / "evaluations" / "1"
+    assert (kept / "metrics.json").is_file() and not (
+        kept / "predictions.csv"
+    ).exists()  # stays with the data
+
+    (entry,) = ModelRegistry(reg).evaluations("production")
+    assert (entry["accuracy"], entry["alarming"], entry["changed"], entry["fingerprint"]) == (
+        0.36,
+        True,
+        False,
+        "b0b",
+    )
+    resolved = resolve_model(reg, "production")
+    assert any(verdict in warning for warning in resolved.warnings)
+    public = public_evaluation(resolved.evaluations[0])
+    assert "user" not in public and "command" not in public and public["dataset"].endswith("hospital-b-ds")
+    assert main(["models", "show", "production", "--registry", reg]) == 0
+    shown = capsys.readouterr().out
+    assert "evaluations: 1\n  1. external data" in shown and "WARNING: its evaluation 1" in shown
+
+    (kept / "metrics.json").write_text(json.dumps({**external, "accuracy": 0.95}))  # edited since
+    (entry,) = ModelRegistry(reg).evaluations("production")
+    assert entry["changed"] and "changed or removed since" in resolve_model(reg, "production").warnings[-1]
+
+    other = make_report(tmp_path / "other")
+    (other / "metrics.json").write_text(json.dumps({**external, "evaluated": {"weights_sha256": "0" * 64}}))
+    assert main(["models", "add-evaluation", "production", str(other), "--registry", reg]) == 2
+    assert "evaluates other weights" in capsys.readouterr().err
