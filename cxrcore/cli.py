@@ -310,6 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--timeout", type=_positive_seconds, default=60.0, help="seconds per request (default: 60)"
     )
+    predict.add_argument(
+        "--json", action="store_true",
+        help="print each answer whole as a JSON line (file, HTTP status, and the server's JSON: model and "
+        "weights, input_sha256, request_id, answered_at, input_check), for a record of the predictions",
+    )  # fmt: skip
     predict.set_defaults(run=_run_predict)
     _add_config_command(
         commands, "demo", PipelineConfig, _run_pipeline, "run the whole pipeline on a local Ray cluster"
@@ -1279,8 +1284,13 @@ def _run_predict(args: argparse.Namespace) -> int:
             why = f"{type(exc).__name__}: {exc}"
             print(f"cxr: error: cannot reach {url} ({why}); is `cxr serve` running there?", file=sys.stderr)
             return 1
-        table, problems, unusual = predict_files(client, endpoint, args.files)
-    print(table)
+        answers: list[dict[str, Any]] = []
+        table, problems, unusual = predict_files(client, endpoint, args.files, answers)
+    if args.json:
+        for answer in answers:
+            print(json.dumps(answer, ensure_ascii=False))
+    else:
+        print(table)
     for line in unusual:
         print(f"WARNING: {line}", file=sys.stderr)
     for problem in problems:
@@ -1288,10 +1298,13 @@ def _run_predict(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
-def predict_files(client: Any, endpoint: str, names: Sequence[str]) -> tuple[str, list[str], list[str]]:
+def predict_files(
+    client: Any, endpoint: str, names: Sequence[str], answers: list[dict[str, Any]] | None = None
+) -> tuple[str, list[str], list[str]]:
     """`cxr predict`: POST each file (each image below a folder named) to `endpoint`; a table of the
     answers, a line for each file that got none (its status and the server's reason), and one for each
-    the server's input check found unlike the model's training images."""
+    the server's input check found unlike the model's training images. `answers`, where given, gets each
+    file's whole answer (`file`, `status`, and the server's JSON or the reason)."""
     from cxrcore.data.ingest import printable_name
     from cxrcore.data.layout import image_files
 
@@ -1306,6 +1319,10 @@ def predict_files(client: Any, endpoint: str, names: Sequence[str]) -> tuple[str
         for name in files:
             status, body = _post_file(client, endpoint, name)
             shown = printable_name(name)  # `caf\xe9.png`, as the dataset and the reports spell it
+            if answers is not None:
+                answers.append(
+                    {"file": shown, "status": status, **(body if isinstance(body, dict) else {"error": body})}
+                )
             if status == 200 and not _is_prediction(body):  # another server on that port, or a proxy's page
                 rows.append([shown, "error"])
                 problems.append(f"{shown}: the answer is not a cxr prediction: {str(body)[:200]!r}")
@@ -1319,12 +1336,7 @@ def predict_files(client: Any, endpoint: str, names: Sequence[str]) -> tuple[str
             version = "" if model.get("version") is None else f":{model['version']}"
             check = body.get("input_check") or {}
             if check.get("unusual"):
-                unusual.append(
-                    f"{shown}: unlike the images {model['name']} trained on "
-                    f"(input check {check['score']:.2f}, usual up to {check['threshold']:.2f}): its "
-                    "probabilities may mean nothing; is it a frontal chest X-ray of the kind the model "
-                    "was made for?"
-                )
+                unusual.append(f"{shown}: {_unusual_text(check, model['name'])}")
             rows.append(
                 [shown, body["label"], *(f"{probabilities[c]:.3f}" for c in probabilities),
                  _checked(check), f"{model['name']}{version}", f"{body['latency_ms']:.1f}"]
@@ -1333,11 +1345,26 @@ def predict_files(client: Any, endpoint: str, names: Sequence[str]) -> tuple[str
     return format_table(header, [row + [""] * (len(header) - len(row)) for row in rows]), problems, unusual
 
 
+def _unusual_text(check: dict[str, Any], model: str) -> str:
+    """Why an upload is unusual, from its `input_check`: which of the two scores is above its threshold."""
+    above = []
+    if check["score"] > check["threshold"]:
+        above.append(f"score {check['score']:.2f}, usual up to {check['threshold']:.2f}")
+    if check.get("pattern_distance", 0) > check.get("pattern_threshold", math.inf):
+        above.append(
+            f"pattern distance {check['pattern_distance']:.1f}, usual up to {check['pattern_threshold']:.1f}"
+        )
+    return (
+        f"unlike the images {model} trained on (input check: {'; '.join(above)}): its probabilities may mean "
+        "nothing; is it a frontal chest X-ray of the kind the model was made for?"
+    )
+
+
 def _checked(check: dict[str, Any]) -> str:
     """The `input` column of `cxr predict`: what the server's input check said of the file."""
     if not check:
         return "-"  # a model whose checkpoint has no reference
-    return "UNUSUAL" if check.get("unusual") else "ok"
+    return "UNUSUAL" if check.get("unusual") else "usual"
 
 
 def _is_prediction(body: Any) -> bool:

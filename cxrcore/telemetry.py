@@ -45,10 +45,16 @@ METRICS: dict[str, MetricSpec] = {
     "cxr_predictions": MetricSpec(
         "counter", "Predictions answered, by predicted class and model version", ("model", "version", "label")
     ),
+    "cxr_checked_inputs": MetricSpec(
+        "counter",
+        "Predictions whose upload the input check checked (the model's checkpoint has its reference), by "
+        "model version: the base of cxr_unusual_inputs' share",
+        ("model", "version"),
+    ),
     "cxr_unusual_inputs": MetricSpec(
         "counter",
         "Predictions whose upload the input check found unlike the model's training images (input_check."
-        "unusual), by model version: about 1 in 100 of images like the validation ones, more when the inputs "
+        "unusual), by model version: about 1 in 100 of images like the training ones, more when the inputs "
         "changed",
         ("model", "version"),
     ),
@@ -110,12 +116,14 @@ _lock = threading.Lock()
 
 
 def record_prediction(
-    model: str, version: str | None, label: str, latency_ms: float, explain: bool, unusual: bool = False
+    model: str, version: str | None, label: str, latency_ms: float, explain: bool, unusual: bool | None = None
 ) -> None:
-    """One answered prediction: its class, its latency from request to answer, and whether the input check
-    found the upload unusual."""
+    """One answered prediction: its class, its latency from request to answer, and what the input check
+    found of the upload (None: not checked, the model having no reference)."""
     tags = {"model": model, "version": version or "none"}
     _record("cxr_predictions", 1, {**tags, "label": label})
+    if unusual is not None:
+        _record("cxr_checked_inputs", 1, tags)
     if unusual:
         _record("cxr_unusual_inputs", 1, tags)
     _record("cxr_predict_latency_ms", latency_ms, {**tags, "explain": str(explain).lower()})

@@ -346,7 +346,8 @@ class _Routes:
         model, label = ModelInfo(**result["model"]), max(probabilities, key=probabilities.__getitem__)
         digest = await _sha256(data)
         latency_ms = (time.perf_counter() - start) * 1000
-        unusual = bool((result.get("input_check") or {}).get("unusual"))
+        check = result.get("input_check")
+        unusual = None if check is None else bool(check.get("unusual"))
         telemetry.record_prediction(model.name, model.version, label, latency_ms, explain, unusual)
         return Prediction(
             label=label,

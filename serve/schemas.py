@@ -206,21 +206,25 @@ class Explanation(BaseModel):
 
 
 class InputCheck(BaseModel):
-    """How unlike the model's training images the upload is (`cxrcore.inputcheck`): a photograph, a page, a
-    rotated or inverted film scores far above chest X-rays like the training ones."""
+    """How unlike the model's training images the upload is (`cxrcore.inputcheck`): a photograph, a screen
+    capture, noise, an inverted or turned film scores far above chest X-rays like the training ones."""
 
     score: float = Field(
         description="the share of the upload's 16×16 standardised thumbnail that the training images' "
         "principal patterns leave unexplained: about 0.1–0.5 for chest X-rays, about 1 for a photograph, "
         "noise or a blank image"
     )
-    threshold: float = Field(
-        description="the 99th percentile of the validation images' scores: about 1 in 100 images like "
-        "them scores above it"
+    threshold: float = Field(description="the score's threshold (`input_reference.threshold` on the card)")
+    pattern_distance: float = Field(
+        description="how far from the training images the upload lies within those patterns (Hotelling's "
+        "T²): a ramp or a blob they explain, in amounts no chest X-ray has"
     )
+    pattern_threshold: float = Field(description="the pattern distance's threshold")
     unusual: bool = Field(
-        description="score above threshold: the upload is unlike the images the model trained on, and its "
-        "probabilities may mean nothing; check it is a frontal chest X-ray of the kind the model was made for"
+        description="either above its threshold, which about 1 in 100 images like the training ones are (the "
+        "card's `input_reference.expected_share`, more for a model trained on few images): the upload is "
+        "unlike the images the model trained on, and its probabilities may mean nothing; check it is a "
+        "frontal chest X-ray of the kind the model was made for"
     )
 
 

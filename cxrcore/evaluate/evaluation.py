@@ -282,7 +282,7 @@ def _classification_report(
     for rows, chunk in pixels:
         images, chunk_has_mask = chunk["image"], has_mask[rows]
         if reference is not None:  # the images are at the model's base size, as Serve checks them
-            input_scores.append(reference.scores(images))
+            input_scores.append(np.stack(reference.unusual(images), axis=1))
         truth = None
         if needs_mask:
             truth = [m if ok else None for m, ok in zip(chunk["mask"], chunk_has_mask, strict=True)]
@@ -338,6 +338,7 @@ def _classification_report(
         blocks = _external_blocks(
             config, model, predictor, relation, split, metrics, scored, masks_used, as_served
         )
+    checked = np.concatenate(input_scores) if input_scores else None  # score, pattern distance, unusual
     evaluated = {
         "model": model.ref,
         "checkpoint": model.location,
@@ -355,7 +356,7 @@ def _classification_report(
         "missed": missed_classes(metrics),  # what the accuracy hides on an imbalanced split
         # the model's own dataset, whose sources separate classes: its random splits cannot show it
         "sources_separate_classes": sources_separate_classes(ingested) if ingested else None,
-        **input_check_notes(np.concatenate(input_scores) if input_scores else None, reference),
+        **input_check_notes(checked, reference),
         # when, and by which code: the figures of a report are those of the cxr that computed them
         "evaluated_at": provenance.now(),
         "software": software_versions(),
@@ -366,52 +367,66 @@ def _classification_report(
         extra=extra, title=f"{name} on {_dataset_name(config.data)} ({split})", evaluated=evaluated,
         external=blocks, holdout=holdout,
     )  # fmt: skip
-    scores = np.concatenate(input_scores) if input_scores else None
     paths["predictions"] = write_predictions(
-        Path(config.out) / "predictions.csv", frame, probs, classes, scores
+        Path(config.out) / "predictions.csv", frame, probs, classes, checked
     )
     return paths
 
 
-UNUSUAL_SHARE = 0.05
-"""The share of a dataset's images the input check finds unusual above which `cxr evaluate` warns: five
-times the 1 in 100 images like the validation ones that score above its threshold."""
+UNUSUAL_P = 0.01
+"""`cxr evaluate` warns where this few datasets of usual images would hold as many unusual ones (a one-sided
+binomial test against the check's expected share): on a 13-image test split, 2 unusual images are not
+enough (p 0.06 at 1 in 50), on 130 images 8 are (p 0.002)."""
 
 
-def input_check_notes(scores: np.ndarray | None, reference: Any) -> dict[str, str | None]:
-    """`evaluated`'s sentences on the input check (`cxrcore.inputcheck`): how many images scored above
-    the threshold, and a warning where more than UNUSUAL_SHARE of them (and at least 2) did.
+def input_check_notes(checked: np.ndarray | None, reference: Any) -> dict[str, Any]:
+    """`evaluated`'s record of the input check (`cxrcore.inputcheck`): the counts (`input_check_counts`:
+    images, unusual, the share expected of usual images, and the binomial p of as many), a sentence, and a
+    warning where so many unusual images are unlikely among usual ones (p < UNUSUAL_P).
 
     >>> from types import SimpleNamespace
-    >>> notes = input_check_notes(np.array([0.1, 0.2, 0.9, 0.95]), SimpleNamespace(threshold=0.5))
+    >>> rows = np.array([[0.1, 1, 0], [0.2, 1, 0], [0.9, 1, 1], [0.95, 1, 1]])
+    >>> notes = input_check_notes(rows, SimpleNamespace(summary={"expected_share": 0.02}))
     >>> notes["input_check"]
-    '2 of 4 images (50.0 %) above the threshold 0.500 (about 1 in 100 images like the validation ones are)'
-    >>> notes["unusual_inputs"][:60]
-    '2 of 4 images (50.0 %) are unlike the images the model train'
-    >>> input_check_notes(None, None)
-    {'input_check': None, 'unusual_inputs': None}
+    '2 of 4 images (50.0 %) unusual, where about 2.0 % of images like the training ones are'
+    >>> notes["input_check_counts"]["p_value"], notes["unusual_inputs"][:50]
+    (0.0023, '2 of 4 images (50.0 %) are unlike the images the m')
+    >>> input_check_notes(None, None)["input_check"] is None
+    True
     """
-    if scores is None or reference is None or not len(scores):
-        return {"input_check": None, "unusual_inputs": None}
-    unusual = int((scores > reference.threshold).sum())
-    counted = f"{unusual} of {len(scores)} images ({100 * unusual / len(scores):.1f} %)"
+    if checked is None or reference is None or not len(checked):
+        return {"input_check": None, "unusual_inputs": None, "input_check_counts": None}
+    from scipy.stats import binom
+
+    from cxrcore.inputcheck import QUANTILE
+
+    images, unusual = len(checked), int(checked[:, 2].sum())
+    expected = float(reference.summary.get("expected_share") or 1 - QUANTILE)
+    p_value = float(binom.sf(unusual - 1, images, expected)) if unusual else 1.0
+    counted = f"{unusual} of {images} images ({100 * unusual / images:.1f} %)"
     warning = None
-    if unusual >= 2 and unusual / len(scores) > UNUSUAL_SHARE:
+    if p_value < UNUSUAL_P:
         warning = (
-            f"{counted} are unlike the images the model trained on (its input check; about 1 in 100 images "
-            "like them would be): these figures describe pictures it was not made for (another view, "
-            "modality or processing, or not chest X-rays); the `input_score` column of predictions.csv "
-            "names them"
+            f"{counted} are unlike the images the model trained on (its input check, which about "
+            f"{100 * expected:.1f} % of images like them fail; as many by chance: p = {p_value:.2g}): these "
+            "figures describe pictures it was not made for (another view, crop or modality, or not chest "
+            "X-rays); the `input_unusual` column of predictions.csv names them"
         )
     return {
-        "input_check": f"{counted} above the threshold {reference.threshold:.3f} (about 1 in 100 images like "
-        "the validation ones are)",
+        "input_check": f"{counted} unusual, where about {100 * expected:.1f} % of images like the training "
+        "ones are",
         "unusual_inputs": warning,
+        "input_check_counts": {
+            "images": images,
+            "unusual": unusual,
+            "expected_share": expected,
+            "p_value": round(p_value, 4),
+        },
     }
 
 
 def write_predictions(
-    path: Path, frame: Any, probs: np.ndarray, classes: Sequence[str], input_scores: np.ndarray | None = None
+    path: Path, frame: Any, probs: np.ndarray, classes: Sequence[str], checked: np.ndarray | None = None
 ) -> Path:
     """predictions.csv: each evaluated image's file, source, split and sha256, true and predicted class,
     and the served (calibrated) probability of every class, in the split's order: every figure of
@@ -431,8 +446,16 @@ def write_predictions(
             "predicted": [classes[k] for k in predicted],
             "correct": predicted == labels,
             **{f"p_{name}": probs[:, k] for k, name in enumerate(classes)},
-            # the input check's score of each image (`cxrcore.inputcheck`), where the model has a reference
-            **({"input_score": input_scores} if input_scores is not None else {}),
+            # the input check of each image (`cxrcore.inputcheck`), where the model has a reference
+            **(
+                {
+                    "input_score": checked[:, 0],
+                    "input_pattern_distance": checked[:, 1],
+                    "input_unusual": checked[:, 2].astype(bool),
+                }
+                if checked is not None
+                else {}
+            ),
         }
     )
     table.to_csv(path, index=False, float_format="%.6g")

@@ -465,6 +465,7 @@ def test_predictions_errors_latency_and_batches_reach_the_metrics_endpoint(serve
         *(("ray_cxr_request_errors_total", {"error": e, "status": str(s)}, 1) for _, s, e in errors),
         # GOOD_PNG's blobs are unlike the phantoms the test models' input check was fitted on
         ("ray_cxr_unusual_inputs_total", model, 2),
+        ("ray_cxr_checked_inputs_total", model, 2),
     ]
 
     def grown(samples: list[Any]) -> list[Any] | None:
@@ -496,7 +497,7 @@ def test_cxr_predict_prints_a_table(
     assert err.splitlines()[-1].startswith(f"{files[2]}: HTTP 415 unsupported_media_type: ")
     # GOOD_PNG's blobs are not the phantoms the model's input check was fitted on: marked, and warned of
     assert rows[0].split()[-3] == "UNUSUAL"
-    assert err.startswith(f"WARNING: {files[0]}: unlike the images tiny_dual_cnn trained on (input check ")
+    assert err.startswith(f"WARNING: {files[0]}: unlike the images tiny_dual_cnn trained on (input check: ")
 
 
 class Load:

@@ -440,15 +440,20 @@ def test_answers_say_whether_the_upload_is_like_the_training_images(
     )
     assert explained.status_code == 200 and explained.json()["input_check"] == checks["noise"]
 
-    table, problems, unusual = predict_files(client, "/v1/predict", [str(tmp_path)])
+    answers: list[dict[str, Any]] = []
+    table, problems, unusual = predict_files(client, "/v1/predict", [str(tmp_path)], answers)
+    # `cxr predict --json`: each answer whole, for a record of the predictions
+    assert {a["file"] for a in answers} == {str(tmp_path / "noise.png"), str(tmp_path / "phantom.png")}
+    assert all(a["status"] == 200 and a["input_sha256"] and a["answered_at"] for a in answers)
     rows = {line.split()[0]: line.split() for line in table.splitlines()[2:]}
     assert table.splitlines()[0].split()[-3:] == ["input", "model", "ms"]
     assert (
-        rows[str(tmp_path / "noise.png")][-3] == "UNUSUAL" and rows[str(tmp_path / "phantom.png")][-3] == "ok"
+        rows[str(tmp_path / "noise.png")][-3] == "UNUSUAL"
+        and rows[str(tmp_path / "phantom.png")][-3] == "usual"
     )
     assert problems == [] and len(unusual) == 1
     assert unusual[0].startswith(
-        f"{tmp_path / 'noise.png'}: unlike the images tiny_cnn_lstm trained on (input check "
+        f"{tmp_path / 'noise.png'}: unlike the images tiny_cnn_lstm trained on (input check: "
     )
 
 
