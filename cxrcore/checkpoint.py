@@ -102,6 +102,9 @@ class ModelCard:
     segmenter_weights_sha256: str | None = None
     """sha256 of the segmenter's weights when the registry stored this version (dual-channel models): the
     segmenter found for it later, in a moved or copied registry too, must be that one."""
+    registered_by: dict[str, str] | None = None
+    """The cxr that registered this version (its version, commit and source hash); a card that has it and
+    lacks `card_sha256` was edited, as every cxr that writes the one writes the other."""
     card_sha256: str | None = None
     """sha256 of this card (`card_digest`: its JSON without this field), recorded by the registry whenever
     it writes the card: every load of the version checks it, so a hand-edited temperature, input spec or
@@ -291,6 +294,11 @@ def check_card_recorded(card: Mapping[str, Any], directory: str | Path) -> None:
     restore = (
         "; copy the version's folder again from a good copy of the registry, or register its checkpoint again"
     )
+    if card.get("registered_by") and not card.get("card_sha256"):
+        raise CardChangedError(
+            f"{where} was registered by a cxr that records its hash, and records none: its card was "
+            f"edited{restore}"
+        )
     if card.get("registered_at") and not card.get("weights_sha256"):
         raise CardChangedError(
             f"{where} was registered at {card['registered_at']} but records no weights_sha256: its card was "

@@ -112,6 +112,7 @@ _REGISTRATION_FIELDS = {
     "report_sha256": None,
     "segmenter_weights_sha256": None,
     "card_sha256": None,
+    "registered_by": None,
 }
 """What the registry adds to a checkpoint's card: set aside to tell whether a version holds a checkpoint
 (`_as_checkpoint`), with `data.manifest`."""
@@ -349,6 +350,7 @@ class ModelRegistry:
             # the weights as stored here, which every load checks (`local_checkpoint`)
             card_data["weights_sha256"] = file_sha256(self._fs, f"{folder}/{WEIGHTS_NAME}")
             card_data["registered_at"] = provenance.now()
+            card_data["registered_by"] = provenance.versions()
             came_from = str(checkpoint)  # the run's (or Tune trial's) checkpoint
             card_data["registered_from"] = came_from if "://" in came_from else os.path.abspath(came_from)
             if report_fs is not None:
@@ -477,6 +479,12 @@ class ModelRegistry:
                     manifest = self._keep_manifest(folder, card_data, write=not dry_run)
                     if manifest == block and not lost:
                         manifest = None  # still missing, for the same reason
+                if card_data.get("registered_by") and not card_data.get("card_sha256"):
+                    raise RegistryError(
+                        f"{version.ref}'s card was registered by a cxr that records its hash, and records "
+                        "none: it was edited since, and is not sealed as it is; copy the version's folder "
+                        "again from a good copy of the registry"
+                    )
                 card = not card_data.get("card_sha256")
                 if weights is None and manifest is None and not card:
                     continue

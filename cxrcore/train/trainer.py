@@ -249,6 +249,8 @@ def loop_config(config: TrainConfig) -> dict[str, Any]:
             **({"sources_separate_classes": confound} if confound else {}),
             # the mix the probabilities are made for without class weights (ModelCard.probability_prior)
             "train_class_counts": dict(zip(CLASSES, train_counts, strict=True)),
+            # the code that made the dataset (its commit and source hash): kept once the dataset is gone
+            **({"ingested_by": report["software"]} if report.get("software") else {}),
         },
         # Decided by the driver: the workers of a joined cluster lack its environment.
         "quiet_console": is_quiet(),

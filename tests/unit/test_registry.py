@@ -845,7 +845,15 @@ def test_seal_records_the_card_hash_of_versions_registered_before_it(
     version = registry.register(checkpoint)
     card_file = Path(registry.local_checkpoint(version.ref)) / "card.json"
     card = json.loads(card_file.read_text())
-    del card["card_sha256"]  # as an earlier cxr registered it
+    from cxrcore.checkpoint import CardChangedError
+
+    del card["card_sha256"]  # its hash removed by an edit: not sealed as it is
+    card_file.write_text(json.dumps(card, indent=2))
+    with pytest.raises(CardChangedError, match="records none"):
+        load_model(card_file.parent)
+    with pytest.raises(RegistryError, match="not sealed as it is"):
+        registry.seal()
+    del card["registered_by"]  # as an earlier cxr registered it
     card_file.write_text(json.dumps(card, indent=2))
     load_model(card_file.parent)  # not checked: nothing recorded
     (sealed,) = registry.seal()
