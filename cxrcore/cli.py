@@ -1031,7 +1031,7 @@ def _run_history(args: argparse.Namespace) -> int:
         columns = ("time", "alias", "from", "to", "user", "host", "cxr")
         rows = [[str(move.get(column) or "-") for column in columns] for move in moves]
         print(format_table(list(columns), rows))
-    for unrecorded in _registry(args).unrecorded_aliases():
+    for unrecorded in _registry(args).unrecorded_aliases().values():
         print(f"WARNING: {unrecorded}", file=sys.stderr)
     if not moves:
         which = f"the alias {args.alias}" if args.alias else "an alias"

@@ -744,21 +744,21 @@ class ModelRegistry:
                 entries.append({**entry, "changed": now != entry.get("metrics_sha256")})
         return entries
 
-    def unrecorded_aliases(self) -> list[str]:
-        """A sentence for each alias whose target is not where the history's last move of it put it:
+    def unrecorded_aliases(self) -> dict[str, str]:
+        """Alias → a sentence, for each alias whose target is not where the history's last move of it put it:
         `aliases.json` changed outside cxr (an edit, a restore from a backup), a production change with no
         record of when or by whom. Aliases the history never recorded (an earlier cxr's) are not judged."""
         try:
             moves = self.history()
         except RegistryError:
-            return []
+            return {}
         last = {move.get("alias"): move.get("to") for move in moves}
-        return [
-            f"the alias {alias} points to {target}, but the history's last move of it was to {last[alias]}: "
-            f"{ALIASES_NAME} was changed outside cxr, and when and by whom is not recorded"
+        return {
+            alias: f"the alias {alias} points to {target}, but the history's last move of it was to "
+            f"{last[alias]}: {ALIASES_NAME} was changed outside cxr, and when and by whom is not recorded"
             for alias, target in sorted(self.aliases().items())
             if alias in last and last[alias] != target
-        ]
+        }
 
     def local_checkpoint(self, ref: str) -> Path:
         """A local folder holding `ref`'s checkpoint: the version folder, or a cached copy of a remote one."""

@@ -155,11 +155,11 @@ def resolve_model(registry: str | None, ref: str) -> ResolvedModel:
     if why and version.report is not None:  # a damaged report: the model serves, with test null
         log.warning("%s: no test figures for GET /v1/model: %s", version.ref, why)
     # an alias served: whether the history recorded its move there; evaluations added since that warn
-    moved = tuple(w for w in models.unrecorded_aliases() if w.startswith(f"the alias {ref} "))
+    moved = models.unrecorded_aliases().get(ref)
     evaluations = models.evaluations(version.ref)
     return ResolvedModel(
         ref=version.ref, checkpoint=path, card=card, version=number, test=test,
-        registry_warnings=moved + tuple(evaluation_warnings(evaluations)),
+        registry_warnings=(*([moved] if moved else []), *evaluation_warnings(evaluations)),
         evaluations=tuple(evaluations),
     )  # fmt: skip
 

@@ -919,11 +919,11 @@ def test_an_alias_moved_outside_cxr_is_said_wherever_it_is_served(tmp_path: Path
     second = registry.register(make_checkpoint(tmp_path / "b", seed=1))
     registry.promote(second.ref)
     assert (
-        registry.unrecorded_aliases() == []
+        registry.unrecorded_aliases() == {}
         and resolve_model(str(tmp_path / "reg"), "production").warnings == []
     )
     (tmp_path / "reg" / "aliases.json").write_text(json.dumps({"production": first.ref}))
-    (said,) = registry.unrecorded_aliases()
+    said = registry.unrecorded_aliases()["production"]
     assert said.startswith(f"the alias production points to {first.ref}, but the history's last move of it")
     assert said in resolve_model(str(tmp_path / "reg"), "production").warnings
     assert resolve_model(str(tmp_path / "reg"), second.ref).warnings == []  # a version named directly
