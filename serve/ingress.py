@@ -10,6 +10,7 @@ import base64
 import contextlib
 import hashlib
 import io
+import json
 import logging
 import math
 import time
@@ -90,6 +91,8 @@ class ApiLimits:
     """A request the classifier has not answered after this long gets 503 `model_unavailable`: with no
     replica running (one failing to start, say its registry gone) a request waited for one without end,
     and a review's clients all ran into their own 60 s timeouts without an answer."""
+    audit_log: bool = False
+    """One JSON line per answered prediction on the `cxr.audit` logger (`audit_line`)."""
 
     @property
     def accepted(self) -> str:
@@ -221,6 +224,42 @@ HASH_IN_LOOP_BYTES = 1 << 20
 thread (hashlib lets go of the GIL), so that a detector-sized DICOM does not hold the other requests up."""
 
 
+audit = logging.getLogger("cxr.audit")
+"""Where `audit_log` writes: Serve sends a replica's loggers to its log file (the dashboard's Serve page)."""
+
+
+def audit_line(prediction: Prediction) -> str:
+    """A prediction as one JSON line for a hospital's audit trail: which request, when, which weights (and
+    segmenter) answered which file (by its sha256), what they said; no pixels, no file name.
+
+    >>> from serve.schemas import ModelInfo
+    >>> model = ModelInfo(name="cnn_lstm", version="3", ref="cnn_lstm:3", weights_sha256="ab" * 32)
+    >>> probabilities = {"COVID": 0.1, "Lung_Opacity": 0.2, "Normal": 0.6, "Viral Pneumonia": 0.1}
+    >>> line = audit_line(Prediction(label="Normal", probabilities=probabilities, model=model,
+    ...     input_sha256="cd" * 32, latency_ms=12.0, request_id="r-1", answered_at="2026-12-06T01:00Z"))
+    >>> json.loads(line)["probability"], json.loads(line)["model"]
+    (0.6, 'cnn_lstm:3')
+    """
+    check = prediction.input_check
+    return json.dumps(
+        {
+            "request_id": prediction.request_id,
+            "answered_at": prediction.answered_at,
+            "model": prediction.model.ref,
+            "weights_sha256": prediction.model.weights_sha256,
+            "segmenter_weights_sha256": prediction.model.segmenter.weights_sha256
+            if prediction.model.segmenter
+            else None,
+            "input_sha256": prediction.input_sha256,
+            "label": prediction.label,
+            "probability": prediction.probabilities[prediction.label],
+            "unusual": None if check is None else check.unusual,
+            "explain": prediction.explanation is not None,
+        },
+        separators=(",", ":"),
+    )
+
+
 def _request_id(request: Request) -> str | None:
     """The id Serve gave this request (its X-Request-ID header and access log line); the client's own
     X-Request-ID where Serve's context has none (the app called outside Serve)."""
@@ -349,7 +388,7 @@ class _Routes:
         check = result.get("input_check")
         unusual = None if check is None else bool(check.get("unusual"))
         telemetry.record_prediction(model.name, model.version, label, latency_ms, explain, unusual)
-        return Prediction(
+        prediction = Prediction(
             label=label,
             probabilities=probabilities,
             model=model,
@@ -360,6 +399,9 @@ class _Routes:
             request_id=_request_id(request),
             answered_at=datetime.now(UTC).isoformat(timespec="milliseconds"),
         )
+        if self._limits.audit_log:
+            audit.info("%s", audit_line(prediction))
+        return prediction
 
     async def _predict(self, data: bytes, content_type: str | None) -> Any:
         """The classifier's answer for an upload, sent at the model's base size once that is known.

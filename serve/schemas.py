@@ -116,6 +116,13 @@ class ServeArgs(BaseModel):
         description="web origins, comma-separated (or *), whose pages may call the API from a browser "
         "(CORS); none by default",
     )
+    audit_log: bool = Field(
+        default=False,
+        description="write one JSON line per answered prediction to the ingress replica's log (logger "
+        "cxr.audit): request_id, answered_at, the model's ref and weights (and segmenter's), input_sha256, "
+        "label, probability and input_check.unusual; no pixels, no file names. Off by default: a log line a "
+        "request costs CPU on the serving path",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "ServeArgs":

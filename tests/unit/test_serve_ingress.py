@@ -617,3 +617,26 @@ def test_cxr_predict_sends_a_file_whose_name_is_not_utf8(tmp_path: Path) -> None
         status, body = _post_file(client, "/v1/predict", os.fsdecode(name))
     assert (status, body) == (200, {"label": "COVID"})
     assert b'filename="caf\xef\xbf\xbd-7.png"' in sent[0] and GOOD_PNG in sent[0]
+
+
+def test_an_audit_log_line_per_prediction_when_asked_for(
+    classifier: LocalClassifier, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An audit (session 51): the replica's log said a request was answered, not which weights said what of
+    which file; `--arg audit_log=true` writes that, one JSON line each, without pixels or file names."""
+    import hashlib
+    import json
+
+    with api_client(classifier) as quiet, caplog.at_level("INFO", logger="cxr.audit"):
+        assert _post(quiet).status_code == 200
+    assert not [r for r in caplog.records if r.name == "cxr.audit"]  # off by default
+    with api_client(classifier, audit_log=True) as audited, caplog.at_level("INFO", logger="cxr.audit"):
+        answer = audited.post(
+            "/v1/predict", files={"file": ("patient-0042.png", GOOD_PNG)}, headers={"X-Request-ID": "r-42"}
+        ).json()
+    (record,) = [r for r in caplog.records if r.name == "cxr.audit"]
+    line = json.loads(record.getMessage())
+    assert line["request_id"] == "r-42" and line["answered_at"] == answer["answered_at"]
+    assert line["input_sha256"] == hashlib.sha256(GOOD_PNG).hexdigest() and line["label"] == answer["label"]
+    assert line["weights_sha256"] == answer["model"]["weights_sha256"] and line["unusual"] is not None
+    assert "patient-0042" not in record.getMessage()
