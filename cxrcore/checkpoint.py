@@ -141,12 +141,16 @@ class ModelCard:
         >>> ModelCard(model={}, input_spec={}, classes=["a", "b"], training={"class_weights": False},
         ...           data={"train_class_counts": {"a": 30, "b": 10}}).probability_prior
         {'a': 0.75, 'b': 0.25}
+        >>> ModelCard(model={}, input_spec={}, classes=["a", "b", "c"], training={"class_weights": True},
+        ...           data={"train_class_counts": {"a": 30, "b": 0, "c": 10}}).probability_prior
+        {'a': 0.5, 'b': 0.0, 'c': 0.5}
         """
         if self.input_spec.get("task", "classify") != "classify" or not self.classes:
             return None
-        if self.training.get("class_weights"):
-            return dict.fromkeys(self.classes, 1 / len(self.classes))
         counts = self.data.get("train_class_counts") or {}
+        if self.training.get("class_weights"):  # equal shares of the classes it trained on (an absent one: 0)
+            present = [name for name in self.classes if counts.get(name, 1)] if counts else list(self.classes)
+            return {name: (1 / len(present) if name in present else 0.0) for name in self.classes}
         total = sum(counts.get(name, 0) for name in self.classes)
         if not total:
             return None
@@ -272,10 +276,15 @@ def _card_from_text(text: str, directory: str | Path) -> ModelCard:
 
 
 def card_digest(card: Mapping[str, Any]) -> str:
-    """sha256 of a card's JSON (keys sorted, compact) without its `card_sha256`: what the registry records."""
+    """sha256 of a card's JSON (keys sorted, compact) without its `card_sha256` and its `data.manifest`:
+    what the registry records. The manifest's block is checked against its own file (its sha256), and an
+    earlier cxr's `cxr models seal` adds it to a card registered without one: counted, that had made the
+    version unloadable everywhere (a verifier's rolling-upgrade find)."""
     import hashlib
 
     body = {key: value for key, value in card.items() if key != "card_sha256"}
+    if isinstance(body.get("data"), Mapping):
+        body["data"] = {key: value for key, value in body["data"].items() if key != "manifest"}
     text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_json_default)
     return hashlib.sha256(text.encode()).hexdigest()
 

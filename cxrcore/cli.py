@@ -47,6 +47,7 @@ from cxrcore.registry import (
     RegistryError,
     evaluation_warnings,
     registered_test,
+    report_warning,
     serving_warnings,
 )
 from cxrcore.runtime import Interrupted, storage_error, storage_reason
@@ -685,7 +686,11 @@ def _check_before_ray(config: Any, notes: list[str] | None = None) -> None:
         from cxrcore.tune import check_settings, search_plan, takes_pretrained
 
         check_settings(config)
-        hub_models = [m for m in sorted({t["model"] for t in search_plan(config, 1)}) if takes_pretrained(m)]
+        hub_models = [
+            m
+            for m in sorted({t["model"] for t in search_plan(config, 1)})
+            if takes_pretrained(m, config.pretrained)
+        ]
     else:
         resolve_pretrained(config.model, config.pretrained)  # the name too ("did you mean")
         hub_models = [config.model]
@@ -718,7 +723,7 @@ def _check_before_ray(config: Any, notes: list[str] | None = None) -> None:
             check_pretrained(config.model, config.pretrained)
         else:  # the models the trials build ("resnet" steps through depths), as tune's preflight loads them
             for name in sorted({trial["model"] for trial in search_plan(config, 1)}):
-                if takes_pretrained(name):
+                if takes_pretrained(name, config.pretrained):
                     check_pretrained(name, config.pretrained)
 
 
@@ -1055,6 +1060,11 @@ def _run_show(args: argparse.Namespace) -> int:
         except RegistryError as exc:
             paths["segmenter"] = f"not found: {exc}"
     test, why = registered_test(version)
+    try:  # what serve, evaluate and promote check before they use it: shown here before a review reads it
+        registry.local_checkpoint(version.ref)
+        refused = None
+    except (ConfigError, RegistryError) as exc:  # weights replaced, card edited
+        refused = str(exc)
     if args.json:
         shown: dict[str, Any] = {
             "ref": version.ref,
@@ -1063,10 +1073,12 @@ def _run_show(args: argparse.Namespace) -> int:
             "test": test,
         }
         shown["test_missing"] = why
+        shown["refused"] = refused
         shown["evaluations"] = registry.evaluations(version.ref)
         print(json.dumps({**shown, "card": card, "history_length": len(history)}, indent=2))
         return 0
-    lines = [f"ref: {version.ref}", f"aliases: {', '.join(version.aliases) or '-'}"]
+    lines = [f"WARNING: serve, evaluate and promote refuse it: {refused}"] if refused else []
+    lines += [f"ref: {version.ref}", f"aliases: {', '.join(version.aliases) or '-'}"]
     lines += [f"{key}: {path or '-'}" for key, path in paths.items()]
     lines.append(f"test: {_test_line(test) if test else f'- ({why})'}")
     evaluations = registry.evaluations(version.ref)
@@ -1202,10 +1214,12 @@ def _run_promote(args: argparse.Namespace) -> int:
     unchanged = " (unchanged)" if old == version.ref else ""
     print(f"{args.alias}: {old or '(none)'} -> {version.ref}{unchanged}")
     if args.alias == "production":  # where a review signs a candidate off: what is known against it
-        test, _ = registered_test(version)
+        test, why = registered_test(version)
         known = serving_warnings(test, version.card.data) + evaluation_warnings(
             registry.evaluations(version.ref)
         )
+        if doubted := report_warning(why):
+            known.append(doubted)
         for warning in known:
             print(f"WARNING: {version.ref}: {warning}")
     return 0
@@ -1356,7 +1370,7 @@ def _unusual_text(check: dict[str, Any], model: str) -> str:
         )
     return (
         f"unlike the images {model} trained on (input check: {'; '.join(above)}): its probabilities may mean "
-        "nothing; is it a frontal chest X-ray of the kind the model was made for?"
+        "nothing; is it a frontal chest X-ray like those the model was made for (view, site, population)?"
     )
 
 

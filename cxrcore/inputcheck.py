@@ -22,8 +22,8 @@ Measured on the real sample (40 shuffles at 128 px: 104 to fit, 13 to validate, 
 unseen X-rays flagged (1.7 % expected); photographs, screen captures, noise, a checkerboard, an inverted
 film, a film turned 90° and a horizontal ramp unusual; a vertical ramp (the first pattern's own shape), a
 film upside down, cropped to its centre or turned 15° pass: the check is a guard against the wrong kind of
-picture, not a quality check of a film, and standardising removes what tells one site's processing from
-another's.
+picture, not a quality check of a film. Another site's films may be flagged where their shape differs (one
+source of the real sample against the others, a population too: 19 of 50).
 
 The fitted reference (the patterns, their variances and the thresholds) is stored in the checkpoint's
 weights file, in its metadata (`checkpoint.BESIDE_WEIGHTS_PREFIX`), so that it travels, is registered and is

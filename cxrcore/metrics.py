@@ -214,7 +214,10 @@ def brief_test_figures(metrics: Mapping[str, Any]) -> dict[str, Any] | None:
         "balanced_accuracy": metrics.get("balanced_accuracy"),
         "macro_f1": metrics.get("macro_f1"),
         "macro_auroc": metrics.get("macro_auroc"),
-        "recall": {name: row.get("recall") for name, row in per_class.items()},
+        # none for a class the split holds no image of (a recall of 0 there would read as one never found)
+        "recall": {
+            name: row.get("recall") if row.get("support", 1) else None for name, row in per_class.items()
+        },
     }
 
 

@@ -144,7 +144,7 @@ def tune_plan(config: TuneConfig) -> str:
     rows += [
         (f"pretrained {model}", _pretrained(model, config.pretrained))
         for model in per_model
-        if takes_pretrained(model)
+        if takes_pretrained(model, config.pretrained)
     ]
     segmenter = segmenter_model(config)
     if segmenter:
@@ -362,6 +362,14 @@ def _pretrained(model: str, choice: str) -> str:
         return "none: random initialisation"
     if weights == "hub":
         return "from the model hub: the workers need internet (else `cxr models import-weights`)"
+    from cxrcore.train.trainer import checkpoint_weights
+
+    if found := checkpoint_weights(weights):
+        version = f" ({found[1].version})" if found[1].version else ""
+        return (
+            f"fine-tuning the checkpoint {found[0].parent}{version}: all its weights, head included (the "
+            "card records it and its dataset's fingerprint as data.pretrained_from)"
+        )
     return f"weights file {weights} (here; the run loads and checks it before training)"
 
 

@@ -287,13 +287,16 @@ class ModelRegistry:
         source_fs, source = resolve(str(checkpoint))
         _check_report_describes(report_fs, report_path, report, source_fs, source, version.name)
         folder = f"{self._path}/{version.name}/v{version.version}"
-        staging = f"{folder}/{REPORT_NAME}.tmp-{uuid.uuid4().hex[:8]}"
-        try:  # whole or not at all: a report cut short would be read as the version's test figures
-            _copy(report_fs, report_path, self._fs, staging, skip=DATA_REPORT_FILES)
-            self._fs.move(staging, f"{folder}/{REPORT_NAME}")
-        except BaseException:
-            remove(self._fs, staging)
-            raise
+        if self._local:
+            staging = f"{folder}/{REPORT_NAME}.tmp-{uuid.uuid4().hex[:8]}"
+            try:  # whole or not at all: a report cut short would be read as the version's test figures
+                _copy(report_fs, report_path, self._fs, staging, skip=DATA_REPORT_FILES)
+                self._fs.move(staging, f"{folder}/{REPORT_NAME}")
+            except BaseException:
+                remove(self._fs, staging)
+                raise
+        else:  # an object store moves no folder; the card's report_sha256, written last, vouches for it
+            _copy(report_fs, report_path, self._fs, f"{folder}/{REPORT_NAME}", skip=DATA_REPORT_FILES)
         from cxrcore.checkpoint import CARD_NAME, ModelCard
 
         card_data = self._read_json(f"{folder}/{CARD_NAME}")
@@ -479,6 +482,8 @@ class ModelRegistry:
                     manifest = self._keep_manifest(folder, card_data, write=not dry_run)
                     if manifest == block and not lost:
                         manifest = None  # still missing, for the same reason
+                    if lost and not (manifest or {}).get("file"):
+                        manifest = None  # lost and not made again: the card keeps its record of it
                 if card_data.get("registered_by") and not card_data.get("card_sha256"):
                     raise RegistryError(
                         f"{version.ref}'s card was registered by a cxr that records its hash, and records "
@@ -497,6 +502,15 @@ class ModelRegistry:
                     data["manifest"] = manifest
                 if version.report is not None and not card_data.get("report_sha256"):
                     card_data["report_sha256"] = self._report_sha256(folder)
+                if card_data.get("segmenter") and not card_data.get("segmenter_weights_sha256"):
+                    with contextlib.suppress(RegistryError, OSError):  # the one it serves with now
+                        named = str(card_data["segmenter"])
+                        pinned = self._own_segmenter_version(named) or self.segmenter_checkpoint(
+                            named, of=version.ref
+                        )
+                        card_data["segmenter_weights_sha256"] = file_sha256(
+                            pafs.LocalFileSystem(), str(pinned / WEIGHTS_NAME)
+                        )
                 try:
                     self._write_card(folder, card_data)
                 except BaseException as exc:
@@ -701,6 +715,7 @@ class ModelRegistry:
         except json.JSONDecodeError as exc:
             raise RegistryError(f"{report}/metrics.json is not valid JSON: {exc}") from exc
         version = self.get(ref)
+        self.local_checkpoint(version.ref)  # its weights and card as registered (refused otherwise)
         scored = (metrics.get("evaluated") or {}).get("weights_sha256")
         if not scored or scored != version.card.weights_sha256:
             raise RegistryError(
@@ -708,21 +723,37 @@ class ModelRegistry:
                 f"({str(version.card.weights_sha256)[:12]}…): evaluate the version itself "
                 f"(cxr evaluate --model {version.ref} --registry {self.root} --data DATASET --out DIR)"
             )
+        pinned, drew = (
+            version.card.segmenter_weights_sha256,
+            (metrics.get("evaluated") or {}).get("segmenter_weights_sha256"),
+        )
+        if pinned and drew and pinned != drew:
+            raise RegistryError(
+                f"{report} read its masks from another segmenter ({drew[:12]}…) than {version.ref}'s "
+                f"({pinned[:12]}…): its figures are not the version's as it serves; evaluate it with its own"
+            )
         digest = hashlib.sha256(text.encode()).hexdigest()
+        if digest == version.card.report_sha256:
+            raise RegistryError(f"{report} is {version.ref}'s registered report already (`cxr models show`)")
         folder = f"{self._path}/{version.name}/v{version.version}"
         with self._locked(REGISTER_LOCK_NAME):
             known = self.evaluations(version.ref)
             for entry in known:
-                if entry.get("metrics_sha256") == digest:
+                if entry.get("metrics_sha256") == digest and not entry.get("problem"):
                     return entry, False
-            number = 1 + max((int(entry.get("number", 0)) for entry in known), default=0)
-            staging = f"{folder}/{EVALUATIONS_NAME}/{number}.tmp-{uuid.uuid4().hex[:8]}"
-            try:
-                _copy(report_fs, report_path, self._fs, staging, skip=DATA_REPORT_FILES)
-                self._fs.move(staging, f"{folder}/{EVALUATIONS_NAME}/{number}")
-            except BaseException:
-                remove(self._fs, staging)
-                raise
+            # past every entry and folder: one a kill left unindexed keeps its number
+            number = 1 + max((int(entry["number"]) for entry in known), default=0)
+            target = f"{folder}/{EVALUATIONS_NAME}/{number}"
+            if self._local:  # whole or not at all: staged, then renamed
+                staging = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
+                try:
+                    _copy(report_fs, report_path, self._fs, staging, skip=DATA_REPORT_FILES)
+                    self._fs.move(staging, target)
+                except BaseException:
+                    remove(self._fs, staging)
+                    raise
+            else:  # an object store moves no folder: copied in place, indexed last (unindexed: said so)
+                _copy(report_fs, report_path, self._fs, target, skip=DATA_REPORT_FILES)
             entry = {"number": number, **evaluation_entry(metrics), "metrics_sha256": digest,
                      "added_at": provenance.now(), **_who()}  # fmt: skip
             index = f"{folder}/{EVALUATIONS_NAME}.jsonl"
@@ -730,18 +761,47 @@ class ModelRegistry:
         return entry, True
 
     def evaluations(self, ref: str) -> list[dict[str, Any]]:
-        """The evaluations added to `ref`'s version (`add_evaluation`), oldest first; each with `changed`
-        True where its metrics.json is no longer the one added (its figures are then not to be read)."""
+        """The evaluations added to `ref`'s version (`add_evaluation`), oldest first: each evaluation folder
+        and each index entry, the figures and verdict read from the folder's metrics.json (the index's copy
+        can be edited without a trace), who added it and when from the index. `problem` says why one is not
+        to be read: its metrics.json changed or removed since it was added, a folder the index does not
+        hold, or an evaluation of other weights than the version's."""
         version = self.get(ref)
         folder = f"{self._path}/{version.name}/v{version.version}"
-        text = read_text(self._fs, f"{folder}/{EVALUATIONS_NAME}.jsonl") or ""
-        entries = []
-        for line in text.splitlines():
+        indexed: dict[int, dict[str, Any]] = {}
+        for line in (read_text(self._fs, f"{folder}/{EVALUATIONS_NAME}.jsonl") or "").splitlines():
             with contextlib.suppress(ValueError):
                 entry = json.loads(line)
-                path = f"{folder}/{EVALUATIONS_NAME}/{entry.get('number')}/metrics.json"
-                now = file_sha256(self._fs, path) if exists(self._fs, path) else None
-                entries.append({**entry, "changed": now != entry.get("metrics_sha256")})
+                if isinstance(entry, dict) and isinstance(entry.get("number"), int):
+                    indexed[entry["number"]] = entry
+        folders = {
+            int(info.base_name)
+            for info in self._list(f"{folder}/{EVALUATIONS_NAME}")
+            if info.type == pafs.FileType.Directory and info.base_name.isdigit()
+        }
+        entries = []
+        for number in sorted(set(indexed) | folders):
+            entry = {**indexed.get(number, {}), "number": number}
+            text = read_text(self._fs, f"{folder}/{EVALUATIONS_NAME}/{number}/metrics.json")
+            metrics = None
+            with contextlib.suppress(ValueError):
+                metrics = json.loads(text) if text else None
+            if isinstance(metrics, dict):
+                entry.update(evaluation_entry(metrics))
+            digest = hashlib.sha256(text.encode()).hexdigest() if text else None
+            scored = (
+                (metrics or {}).get("evaluated", {}).get("weights_sha256")
+                if isinstance(metrics, dict)
+                else None
+            )
+            problem = None
+            if number not in indexed:
+                problem = "it is not in evaluations.jsonl: added outside cxr, or its line removed"
+            elif digest is None or digest != entry.get("metrics_sha256"):
+                problem = "its metrics.json was changed or removed since it was added"
+            elif scored != version.card.weights_sha256:
+                problem = "it scored other weights than the version's"
+            entries.append({**entry, "changed": problem is not None, "problem": problem})
         return entries
 
     def unrecorded_aliases(self) -> dict[str, str]:
@@ -852,6 +912,9 @@ class ModelRegistry:
                 pinned = self.get(of).card.segmenter_weights_sha256
         if pinned:
             weights = file_sha256(pafs.LocalFileSystem(), str(found / WEIGHTS_NAME))
+            own = self._own_segmenter_version(segmenter)
+            if weights != pinned and own is not None and own != found:  # this registry's own copy of it
+                found, weights = own, file_sha256(pafs.LocalFileSystem(), str(own / WEIGHTS_NAME))
             if weights != pinned:
                 raise RegistryError(
                     f"{of}'s segmenter, found at {found}, has other weights (sha256 {weights[:12]}…) than "
@@ -859,6 +922,21 @@ class ModelRegistry:
                     "not be the ones evaluated; copy the registered segmenter's version into this registry"
                 )
         return found
+
+    def _own_segmenter_version(self, segmenter: str) -> Path | None:
+        """This registry's version of the segmenter a card names (by a version folder's `<name>/v<N>`, of
+        any registry, or `name:N`), where it holds one; None otherwise."""
+        parts = segmenter.rstrip("/").split("/")
+        if len(parts) >= 2 and _NAME.fullmatch(parts[-2]) and _VERSION_DIR.fullmatch(parts[-1]):
+            ref = f"{parts[-2]}:{parts[-1][1:]}"
+        elif ":" in segmenter and "/" not in segmenter:
+            ref = segmenter
+        else:
+            return None
+        try:
+            return self.local_checkpoint(ref)
+        except (RegistryError, OSError):
+            return None
 
     def _segmenter_folder(self, segmenter: str, of: str | None) -> Path:
         """`segmenter_checkpoint`'s folder, before its weights are checked."""
@@ -990,7 +1068,9 @@ class ModelRegistry:
         moves = []
         for line in text.splitlines():
             with contextlib.suppress(ValueError):
-                moves.append(json.loads(line))
+                move = json.loads(line)
+                if isinstance(move, dict):  # a line of anything else is not a move (`[1, 2]` had crashed it)
+                    moves.append(move)
         return moves
 
     def _names(self) -> list[str]:
@@ -1186,7 +1266,7 @@ def evaluation_warnings(entries: list[dict[str, Any]]) -> list[str]:
             f"images, added {entry.get('added_at')})"
         )
         if entry.get("changed"):
-            found.append(f"{where}: its metrics.json was changed or removed since it was added")
+            found.append(f"{where}: {entry.get('problem') or 'changed since it was added'}")
             continue
         if entry.get("alarming"):
             found.append(f"{where}: {entry.get('verdict')}")
@@ -1267,6 +1347,18 @@ def registered_test(version: ModelVersion) -> tuple[dict[str, Any] | None, str |
         )
         return None, f"its registered report scores {what}, not the test split of its own dataset"
     return figures, None
+
+
+REPORT_DOUBTED = (UNREADABLE_REPORT, "holds no metrics.json", "edited since", "scored other weights")
+"""`registered_test`'s reasons that put the registered report itself in doubt (not one of other data)."""
+
+
+def report_warning(why: str | None) -> str | None:
+    """What is said where a version's registered report gives no test figures because it is damaged, edited
+    or of other weights (REPORT_DOUBTED): an edit must not silence "do not serve it on this evidence"."""
+    if not why or not any(reason in why for reason in REPORT_DOUBTED):
+        return None
+    return f"its registered evaluation report shows no test figures ({why}): what it was tested on is unknown"
 
 
 def serving_warnings(test: dict[str, Any] | None, data: dict[str, Any]) -> list[str]:

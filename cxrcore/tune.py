@@ -127,7 +127,7 @@ def trial_train_config(
         batch_size=int(trial["batch_size"]),
         lr=float(trial["lr"]),
         weight_decay=float(trial["weight_decay"]),
-        pretrained=config.pretrained if takes_pretrained(model) else "none",
+        pretrained=config.pretrained if takes_pretrained(model, config.pretrained) else "none",
         segmenter=segmenter if needs_mask(model) else None,
         out=_trials_root(config),
         name=trial_id,
@@ -210,7 +210,7 @@ def preflight(config: TuneConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]
     check_masks(config, report)
     plan = search_plan(config, report["by_split"]["train"])
     for model in sorted({trial["model"] for trial in plan}):
-        check_pretrained(model, config.pretrained if takes_pretrained(model) else "none")
+        check_pretrained(model, config.pretrained if takes_pretrained(model, config.pretrained) else "none")
     return report, plan
 
 
@@ -268,8 +268,15 @@ def check_settings(config: TuneConfig) -> None:
 
     check_models(config)
     names = {RESNET_DEPTHS[0] if n == "resnet" else n for n in config.model_names()}
-    for name in sorted(filter(takes_pretrained, names)):
+    taking = sorted(n for n in names if takes_pretrained(n, config.pretrained))
+    for name in taking:
         resolve_pretrained(name, config.pretrained)
+    untouched = sorted(names - set(taking))
+    if config.pretrained.strip().lower() not in ("auto", "none") and untouched:
+        log.warning(
+            "--pretrained %s goes to %s only: %s train from scratch", config.pretrained,
+            ", ".join(taking) or "no architecture here", ", ".join(untouched),
+        )  # fmt: skip
 
 
 def segmenter_model(config: TuneConfig) -> str | None:
@@ -1220,11 +1227,16 @@ def needs_mask(model: str) -> bool:
     return "mask" in get_model_entry(model).input_spec.channels
 
 
-def takes_pretrained(model: str) -> bool:
+def takes_pretrained(model: str, choice: str = "auto") -> bool:
     """Whether a trial of `model` starts from the experiment's --pretrained weights: those with published
-    ImageNet weights (the ResNets) do; the others, tiny_resnet among them, train from scratch."""
+    ImageNet weights (the ResNets) do, and a cxr checkpoint goes to its own architecture's trials (a
+    fine-tune); the others, tiny_resnet among them, train from scratch (`check_settings` says which)."""
     from cxrcore.models import get_model_entry
+    from cxrcore.train.trainer import checkpoint_weights
 
+    found = checkpoint_weights(choice) if choice.strip().lower() not in ("auto", "none", "hub") else None
+    if found is not None:
+        return bool(found[1].name == model)
     return get_model_entry(model).hub_weights
 
 

@@ -145,7 +145,7 @@ def resolve_model(registry: str | None, ref: str) -> ResolvedModel:
         return ResolvedModel(
             ref=ref if remote else str(path), checkpoint=path, card=card, version=card.version
         )
-    from cxrcore.registry import ModelRegistry, evaluation_warnings, registered_test
+    from cxrcore.registry import ModelRegistry, evaluation_warnings, registered_test, report_warning
 
     models = ModelRegistry(registry)
     version = models.get(ref)
@@ -157,9 +157,11 @@ def resolve_model(registry: str | None, ref: str) -> ResolvedModel:
     # an alias served: whether the history recorded its move there; evaluations added since that warn
     moved = models.unrecorded_aliases().get(ref)
     evaluations = models.evaluations(version.ref)
+    # a report that shows nothing is a warning of its own: an edit must not silence "do not serve it"
+    damaged = [warning] if (warning := report_warning(why)) else []
     return ResolvedModel(
         ref=version.ref, checkpoint=path, card=card, version=number, test=test,
-        registry_warnings=(*([moved] if moved else []), *evaluation_warnings(evaluations)),
+        registry_warnings=(*([moved] if moved else []), *damaged, *evaluation_warnings(evaluations)),
         evaluations=tuple(evaluations),
     )  # fmt: skip
 

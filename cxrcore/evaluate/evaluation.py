@@ -351,6 +351,8 @@ def _classification_report(
         "note": relation.note(split),
         "masks": masks_used,
         "mask_source": ("segmenter" if as_served else "dataset") if needs_mask else None,
+        # which segmenter drew them: `cxr models add-evaluation` refuses another than the version's
+        **(_segmenter_used(model, predictor) if needs_mask and has_segmenter else {}),
         "per_source": _per_source_note(sources),
         "classes_note": classes_note(metrics["per_class"]),
         "missed": missed_classes(metrics),  # what the accuracy hides on an imbalanced split
@@ -409,8 +411,8 @@ def input_check_notes(checked: np.ndarray | None, reference: Any) -> dict[str, A
         warning = (
             f"{counted} are unlike the images the model trained on (its input check, which about "
             f"{100 * expected:.1f} % of images like them fail; as many by chance: p = {p_value:.2g}): these "
-            "figures describe pictures it was not made for (another view, crop or modality, or not chest "
-            "X-rays); the `input_unusual` column of predictions.csv names them"
+            "figures describe pictures unlike those it was made for (another site, population, view, crop "
+            "or modality, or not chest X-rays); the `input_unusual` column of predictions.csv names them"
         )
     return {
         "input_check": f"{counted} unusual, where about {100 * expected:.1f} % of images like the training "
@@ -658,9 +660,26 @@ def _registry_segmenter(registry: ModelRegistry, ref: str, segmenter: str | None
         return str(registry.segmenter_checkpoint(segmenter, of=ref))
     except RegistryError as exc:
         raise FileNotFoundError(
-            f"{ref}'s card names the segmenter {segmenter}, which is neither a folder here nor a version "
-            f"in the registry {registry.root}; pass --segmenter U-NET_CHECKPOINT"
+            f"{ref}'s segmenter cannot be used here: {exc}. Copy the registered segmenter's version into "
+            f"the registry {registry.root} to score the model as it serves; --segmenter U-NET_CHECKPOINT "
+            "scores it with another one (the evaluation names which, and cannot be added to the version)"
         ) from exc
+
+
+def _segmenter_used(model: EvaluatedModel, predictor: Predictor) -> dict[str, Any]:
+    """The segmenter an evaluation read its masks from: its folder and the sha256 of its weights."""
+    from cxrcore.checkpoint import WEIGHTS_NAME, local_checkpoint_dir
+    from cxrcore.data import storage
+
+    folder = model.segmenter or predictor.card.segmenter
+    if not folder:
+        return {}
+    try:
+        weights = local_checkpoint_dir(folder) / WEIGHTS_NAME
+        digest = storage.file_sha256(pafs.LocalFileSystem(), str(weights))
+    except OSError:  # a registry reference the Predictor resolved otherwise: named, not hashed
+        digest = None
+    return {"segmenter": str(folder), "segmenter_weights_sha256": digest}
 
 
 def _unknown_model(registry: ModelRegistry, ref: str, error: RegistryError) -> str:

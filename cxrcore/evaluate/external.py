@@ -73,6 +73,9 @@ class DatasetRelation:
     kind: str
     fingerprint: str | None
     trained_on: Mapping[str, Any]
+    ancestor: str | None = None
+    """where the data is that of a checkpoint the model was fine-tuned from (`data.pretrained_from`, at any
+    depth): that checkpoint, which trained on some of these images"""
 
     def split(self, requested: str) -> str:
         """What `auto` means: the test split of the model's own dataset (or if unknown), else every image."""
@@ -81,7 +84,14 @@ class DatasetRelation:
         return "all" if self.kind == "external" else "test"
 
     def note(self, split: str) -> str | None:
-        """A warning when the images scored on the model's own dataset are not unseen ones."""
+        """A warning when the images scored on the model's own dataset are not unseen ones, or are the
+        dataset of the checkpoint it was fine-tuned from."""
+        if self.ancestor is not None and split in ("all", "train", "val"):
+            return (
+                f"scores the dataset of {self.ancestor}, the checkpoint the model was fine-tuned from, which "
+                "trained on its train split: not a clean external validation (score its test split, "
+                "--split test, for images neither model trained on)"
+            )
         if self.kind != "internal":
             return None
         if split in ("all", "train"):
@@ -100,7 +110,12 @@ def dataset_relation(data: str, card: ModelCard) -> DatasetRelation:
 
     fingerprint = str(read_report(data)["fingerprint"])
     kind = "internal" if fingerprint == trained_on["fingerprint"] else "external"
-    return DatasetRelation(kind, fingerprint, trained_on)
+    ancestor, lineage = None, trained_on.get("pretrained_from")
+    while kind == "external" and isinstance(lineage, Mapping) and ancestor is None:
+        if lineage.get("dataset_fingerprint") == fingerprint:
+            ancestor = str(lineage.get("version") or lineage.get("checkpoint"))
+        lineage = lineage.get("pretrained_from")
+    return DatasetRelation(kind, fingerprint, trained_on, ancestor)
 
 
 def training_overlap(
@@ -350,6 +365,8 @@ def external_block(
         "n": metrics["n"],
         "relation": relation.kind,
         "trained_on": {key: relation.trained_on.get(key) for key in ("dataset", "fingerprint")},
+        # the data a checkpoint it was fine-tuned from trained on (`DatasetRelation.ancestor`)
+        "fine_tuned_from": relation.ancestor if split in ("all", "train", "val") else None,
         "overlap_with_training_data": dict(overlap),
         "classes_present": present,
         "classes_absent": [name for name in classes if name not in present],
@@ -588,7 +605,9 @@ def _seen_in_training(external: Mapping[str, Any]) -> bool:
     dataset's train or val split, or these are its dataset's images, ingested again since."""
     overlap = external["overlap_with_training_data"]
     seen = overlap.get("in_split", {})
-    return bool(seen.get("train") or seen.get("val") or _own_data_again(external))
+    return bool(
+        seen.get("train") or seen.get("val") or _own_data_again(external) or external.get("fine_tuned_from")
+    )
 
 
 def _own_data_again(external: Mapping[str, Any]) -> bool:
@@ -609,6 +628,12 @@ def _not_clean(external: Mapping[str, Any]) -> list[str]:
     if not _seen_in_training(external):
         return []
     overlap = external["overlap_with_training_data"]
+    if external.get("fine_tuned_from"):
+        return [
+            f"Not a clean external validation: this is the dataset of {external['fine_tuned_from']}, the "
+            "checkpoint the model was fine-tuned from, which trained on its train split; only its test "
+            "split (--split test) holds images neither model trained on."
+        ]
     if _own_data_again(external):
         return [
             "Not a clean external validation: this is the dataset the model was trained on "

@@ -146,6 +146,14 @@ def create_model(
         raise TypeError(f"create_model({name!r}) arguments must be JSON-serialisable: {exc}") from exc
     if pretrained is None:
         model = entry.builder(**kwargs)
+    elif _a_checkpoints_weights(pretrained):  # a cxr checkpoint of this architecture: all of it, strictly
+        from cxrcore.checkpoint import read_weights
+
+        model = entry.builder(**kwargs)
+        try:
+            model.load_state_dict(read_weights(pretrained))
+        except RuntimeError as exc:
+            raise ValueError(f"{pretrained} does not fit {name} at these settings: {exc}") from exc
     elif entry.accepts_pretrained:
         model = entry.builder(pretrained=pretrained, **kwargs)
     else:
@@ -164,6 +172,14 @@ def create_model(
     # __dict__ either way, and the typed readers are get_input_spec / get_build_args.
     vars(model).update(input_spec=spec, build_args={"name": name, "image_size": spec.image_size, **recorded})
     return model
+
+
+def _a_checkpoints_weights(pretrained: str | Path) -> bool:
+    """Whether `pretrained` is the weights file of a cxr checkpoint (model.safetensors beside card.json)."""
+    from cxrcore.checkpoint import CARD_NAME, WEIGHTS_NAME
+
+    path = Path(str(pretrained))
+    return path.name == WEIGHTS_NAME and (path.parent / CARD_NAME).is_file()
 
 
 def _built_attr(model: nn.Module, attr: str, kind: type) -> Any:

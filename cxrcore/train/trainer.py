@@ -57,6 +57,14 @@ def resolve_pretrained(model: str, choice: str) -> str | None:
         return None
     if choice.lower() == "auto":
         return "hub" if entry.hub_weights else None
+    found = checkpoint_weights(choice)
+    if found is not None:  # a cxr checkpoint (a run's, a registry version's folder): fine-tuning it
+        weights, card = found
+        if card.name != model:
+            raise ConfigError(
+                f"--pretrained {choice} is a checkpoint of {card.name}: fine-tune it with --model {card.name}"
+            )
+        return str(weights)
     if not entry.accepts_pretrained:
         raise ConfigError(f"--pretrained: model {model!r} takes no pretrained weights; use 'none'")
     if choice.lower() == "hub":
@@ -72,6 +80,40 @@ def resolve_pretrained(model: str, choice: str) -> str | None:
     if not Path(choice).is_file():
         raise ConfigError(f"--pretrained: no weights file at {choice}")
     return choice
+
+
+def checkpoint_weights(choice: str) -> tuple[Path, Any] | None:
+    """(its weights file, its card) where `choice` is a cxr checkpoint, a folder holding card.json and
+    model.safetensors (a `cxr train` run's, a registry version's) or that model.safetensors: the weights a
+    fine-tune starts from, the whole model, head included, for any architecture. None for anything else."""
+    from cxrcore.checkpoint import CARD_NAME, WEIGHTS_NAME, load_card
+
+    path = Path(choice).expanduser()
+    folder = path if path.is_dir() else path.parent if path.name == WEIGHTS_NAME else None
+    if folder is None or not (folder / CARD_NAME).is_file() or not (folder / WEIGHTS_NAME).is_file():
+        return None
+    return folder / WEIGHTS_NAME, load_card(folder)
+
+
+def pretrained_from(pretrained: str | None) -> dict[str, Any] | None:
+    """What a fine-tune started from, for its card's `data.pretrained_from`: the checkpoint, its version,
+    the sha256 of its weights and the fingerprint of the dataset it trained on (the images a later
+    evaluation must count as seen); None where training did not start from a cxr checkpoint."""
+    import pyarrow.fs as pafs
+
+    from cxrcore.data.storage import file_sha256
+
+    found = checkpoint_weights(pretrained) if pretrained and pretrained != "hub" else None
+    if found is None:
+        return None
+    weights, card = found
+    return {
+        "checkpoint": str(weights.parent.resolve()),
+        "version": card.version,
+        "weights_sha256": file_sha256(pafs.LocalFileSystem(), str(weights)),
+        "dataset_fingerprint": card.data.get("fingerprint"),
+        "pretrained_from": card.data.get("pretrained_from"),  # its own lineage, where it had one
+    }
 
 
 def check_hub(model: str, choice: str) -> str | None:
@@ -249,6 +291,8 @@ def loop_config(config: TrainConfig) -> dict[str, Any]:
             **({"sources_separate_classes": confound} if confound else {}),
             # the mix the probabilities are made for without class weights (ModelCard.probability_prior)
             "train_class_counts": dict(zip(CLASSES, train_counts, strict=True)),
+            # a fine-tune's lineage: the checkpoint it started from and the data that one trained on
+            **({"pretrained_from": lineage} if (lineage := pretrained_from(pretrained)) else {}),
             # the code that made the dataset (its commit and source hash): kept once the dataset is gone
             **({"ingested_by": report["software"]} if report.get("software") else {}),
         },

@@ -15,7 +15,7 @@ MODULES = (
     "cxrcore.evaluate.report",
     "cxrcore.inference", "cxrcore.metrics",
     "cxrcore.models.registry", "cxrcore.plan", "cxrcore.runtime", "cxrcore.telemetry", "cxrcore.train.engine",
-    "cxrcore.train.loop", "cxrcore.train.trainer", "serve.schemas",
+    "cxrcore.train.loop", "cxrcore.train.trainer", "serve.schemas", "serve.ingress",
 )  # fmt: skip
 
 

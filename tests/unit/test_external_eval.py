@@ -860,6 +860,29 @@ def test_a_remote_registrys_manifest_travels_with_its_version_and_its_loss_stops
     assert (tmp_path / "store/reg/tiny_cnn_lstm/v1" / MANIFEST_NAME).is_file()
 
 
+def test_seal_keeps_the_record_of_a_manifest_it_cannot_make_again(
+    world: dict[str, Any], tmp_path: Path
+) -> None:
+    """A second site's copy without the manifest, the first site's dataset out of reach: `seal` replaced the
+    card's record of it (200 images, its sha256) with "missing", for good (a second-site review)."""
+    import shutil
+
+    from cxrcore.data.manifest import MANIFEST_NAME
+
+    registry = shutil.copytree(world["registry"], tmp_path / "registry")
+    (registry / "tiny_cnn_lstm/v1" / MANIFEST_NAME).unlink()
+    card_file = registry / "tiny_cnn_lstm/v1/card.json"
+    recorded = json.loads(card_file.read_text())["data"]["manifest"]
+    card = json.loads(card_file.read_text())
+    card["data"]["dataset"] = str(tmp_path / "elsewhere")  # as read at the second site
+    from cxrcore.checkpoint import card_digest
+
+    card["card_sha256"] = card_digest(card)
+    card_file.write_text(json.dumps(card))
+    assert ModelRegistry(registry).seal() == []
+    assert json.loads(card_file.read_text())["data"]["manifest"] == recorded and recorded.get("file")
+
+
 def test_near_copies_are_found_across_the_two_ways_perceptual_hashes_were_taken(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

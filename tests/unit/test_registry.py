@@ -891,6 +891,16 @@ def test_a_dual_channel_version_is_served_only_with_the_segmenter_it_was_registe
     with pytest.raises(RegistryError, match=r"has other weights .* than the one it was registered with"):
         Predictor.from_registry(registry)
 
+    # The other way round: a good copy, and the folder the card names (the original) now another
+    # registry's: the copy's own version, with the pinned weights, is read.
+    shutil.copytree(tmp_path / "gone", tmp_path / "good")
+    shutil.copytree(tmp_path / "node", tmp_path / "reg")  # the card's place, now holding other weights
+    good = ModelRegistry(tmp_path / "good")
+    assert good.segmenter_checkpoint(str(tmp_path / "reg" / "tiny_unet" / "v1"), of="tiny_dual_cnn:1") == (
+        tmp_path / "good" / "tiny_unet" / "v1"
+    )
+    assert Predictor.from_registry(good).segmenter is not None
+
 
 def test_a_move_the_history_cannot_record_is_not_made(tmp_path: Path, checkpoint: Path) -> None:
     """An audit (session 51): with aliases.log.jsonl unwritable, a promotion moved production with a warning
@@ -988,3 +998,66 @@ def test_an_evaluation_added_to_a_version_is_kept_shown_and_warned_of(
     (other / "metrics.json").write_text(json.dumps({**external, "evaluated": {"weights_sha256": "0" * 64}}))
     assert main(["models", "add-evaluation", "production", str(other), "--registry", reg]) == 2
     assert "evaluates other weights" in capsys.readouterr().err
+
+
+def test_what_a_verifier_broke_the_traceability_with(tmp_path: Path, checkpoint: Path) -> None:
+    """A verifier (session 51): an earlier cxr's `seal` adding a data manifest made a version unloadable;
+    an edited report silenced "do not serve it"; evaluations.jsonl edited by hand showed its figures; a
+    line of something else crashed the history; the version's own report was added as an evaluation."""
+    from cxrcore.checkpoint import WEIGHTS_NAME
+    from cxrcore.data.storage import file_sha256
+    from serve.deployments import resolve_model
+
+    reg = tmp_path / "reg"
+    report = make_report(tmp_path / "eval")
+    weights = file_sha256(pafs.LocalFileSystem(), str(checkpoint / WEIGHTS_NAME))
+    matrix = [[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1]]  # chance: "do not serve it"
+    tested = {"accuracy": 0.25, "n": 16, "confusion_matrix": matrix,
+              "evaluated": {"split": "test", "relation": "internal", "weights_sha256": weights}}  # fmt: skip
+    (report / "metrics.json").write_text(json.dumps(tested))
+    registry = ModelRegistry(reg)
+    version = registry.register(checkpoint, report=report, alias="production")
+    folder = reg / NAME / "v1"
+
+    card = json.loads((folder / "card.json").read_text())
+    card["data"]["manifest"] = {"file": "data_manifest.parquet", "images": 3}  # an earlier cxr's seal
+    (folder / "card.json").write_text(json.dumps(card, indent=2))
+    assert resolve_model(str(reg), "production").checkpoint == folder  # loads: the manifest is its own check
+
+    assert any("do not serve it" in w for w in resolve_model(str(reg), "production").warnings)
+    (folder / "report" / "metrics.json").write_text(json.dumps({**tested, "accuracy": 0.95}))
+    assert any("shows no test figures" in w for w in resolve_model(str(reg), "production").warnings)
+    (folder / "report" / "metrics.json").write_text(json.dumps(tested))
+
+    with pytest.raises(RegistryError, match="registered report already"):
+        registry.add_evaluation(version.ref, report)
+    external = make_report(tmp_path / "external")
+    (external / "metrics.json").write_text(
+        json.dumps({**tested, "evaluated": {**tested["evaluated"], "relation": "external"}})
+    )
+    entry, added = registry.add_evaluation(version.ref, external)
+    assert added and entry["accuracy"] == 0.25
+    index = folder / "evaluations.jsonl"
+    index.write_text(index.read_text().replace('"accuracy": 0.25', '"accuracy": 0.975') + "null\n[1, 2]\n")
+    (shown,) = registry.evaluations(version.ref)
+    assert shown["accuracy"] == 0.25 and not shown["changed"]  # the figures are the kept file's
+    index.write_text("")  # its line removed: the folder is still there, and said to be unindexed
+    (shown,) = registry.evaluations(version.ref)
+    assert shown["changed"] and "not in evaluations.jsonl" in shown["problem"]
+    with open(reg / "aliases.log.jsonl", "a") as log:
+        log.write("[1, 2]\n")
+    assert [m["to"] for m in registry.history()] == [version.ref]
+
+
+def test_show_says_what_serve_would_refuse(
+    tmp_path: Path, checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`cxr models show candidate` is what a review reads before a promotion: an edited card showed as any."""
+    reg = tmp_path / "reg"
+    version = ModelRegistry(reg).register(checkpoint)
+    card_file = reg / NAME / "v1" / "card.json"
+    card_file.write_text(json.dumps({**json.loads(card_file.read_text()), "temperature": 2.5}, indent=2))
+    assert main(["models", "show", version.ref, "--registry", str(reg)]) == 0
+    assert capsys.readouterr().out.startswith("WARNING: serve, evaluate and promote refuse it: ")
+    assert main(["models", "show", version.ref, "--registry", str(reg), "--json"]) == 0
+    assert "edited" in json.loads(capsys.readouterr().out)["refused"]
