@@ -320,3 +320,34 @@ def test_which_models_have_hub_weights_and_take_tunes_pretrained() -> None:
             return torch.nn.Identity()
 
     assert "weightless_test_net" not in list_models()
+
+
+def test_a_cxr_checkpoint_is_a_starting_point_for_its_own_architecture(tmp_path: Path) -> None:
+    """A second site fine-tuning the shipped model: `--pretrained` of a version folder was refused for the
+    demo's models and, for a ResNet, asked for an ImageNet file written into the version's folder."""
+    from cxrcore.checkpoint import ModelCard, save_checkpoint
+    from cxrcore.config import ConfigError
+    from cxrcore.train.trainer import pretrained_from, resolve_pretrained
+    from cxrcore.tune import takes_pretrained
+
+    torch.manual_seed(5)
+    shipped = create_model("tiny_cnn_lstm")
+    card = ModelCard(model=get_build_args(shipped), input_spec=get_input_spec(shipped).to_dict(),
+                     data={"fingerprint": "site-1"}, version="tiny_cnn_lstm:3")  # fmt: skip
+    save_checkpoint(tmp_path / "v3", shipped, card)
+    weights = resolve_pretrained("tiny_cnn_lstm", str(tmp_path / "v3"))
+    assert weights == str(tmp_path / "v3" / "model.safetensors")
+    started = create_model("tiny_cnn_lstm", pretrained=weights)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(started.state_dict().values(), shipped.state_dict().values(), strict=True)
+    )
+    with pytest.raises(ConfigError, match="is a checkpoint of tiny_cnn_lstm: fine-tune it with --model"):
+        resolve_pretrained("tiny_resnet", str(tmp_path / "v3"))
+    assert takes_pretrained("tiny_cnn_lstm", str(tmp_path / "v3"))
+    assert not takes_pretrained("tiny_dual_cnn", str(tmp_path / "v3"))
+    lineage = pretrained_from(weights)
+    assert lineage is not None and (lineage["version"], lineage["dataset_fingerprint"]) == (
+        "tiny_cnn_lstm:3",
+        "site-1",
+    )
