@@ -933,9 +933,11 @@ class ModelRegistry:
             ref = segmenter
         else:
             return None
+        from cxrcore.config import ConfigError
+
         try:
             return self.local_checkpoint(ref)
-        except (RegistryError, OSError):
+        except (RegistryError, OSError, ConfigError):  # none here, or one changed since: not this one
             return None
 
     def _segmenter_folder(self, segmenter: str, of: str | None) -> Path:
