@@ -1179,6 +1179,9 @@ def _run_seal(args: argparse.Namespace) -> int:
     sealed = registry.seal(args.ref, dry_run=args.dry_run)
     verb = "would record" if args.dry_run else "recorded"
     for item in sealed:
+        if item.problem:
+            print(f"{item.ref}: not sealed: {item.problem}", file=sys.stderr)
+            continue
         parts = []
         if item.weights_sha256:
             parts.append(f"weights sha256 {item.weights_sha256[:12]}… (the file as it is now)")
@@ -1187,6 +1190,8 @@ def _run_seal(args: argparse.Namespace) -> int:
         if item.card:
             parts.append("the card's sha256 (the card as it is now)")
         print(f"{item.ref}: {verb} {'; '.join(parts)}")
+    if any(item.problem for item in sealed):
+        return 1
     if not sealed:
         which = args.ref or "every version"
         print(
@@ -1330,12 +1335,17 @@ def predict_files(
         files = image_files(given) if os.path.isdir(given) else [given]
         if not files:
             problems.append(f"{given}: no image file in this folder")
-        for name in files:
-            status, body = _post_file(client, endpoint, name)
-            shown = printable_name(name)  # `caf\xe9.png`, as the dataset and the reports spell it
             if answers is not None:
+                answers.append({"file": given, "status": None, "problem": "no image file in this folder"})
+        for name in files:
+            record: dict[str, Any] = {}
+            status, body = _post_file(client, endpoint, name, record)
+            shown = printable_name(name)  # `caf\xe9.png`, as the dataset and the reports spell it
+            if answers is not None:  # the server's own JSON, errors too, with the request's id
+                problem = None if status == 200 and _is_prediction(body) else body
+                problem = problem if problem is None or isinstance(problem, str) else "not a cxr prediction"
                 answers.append(
-                    {"file": shown, "status": status, **(body if isinstance(body, dict) else {"error": body})}
+                    {"file": shown, "status": status, **record, **({"problem": problem} if problem else {})}
                 )
             if status == 200 and not _is_prediction(body):  # another server on that port, or a proxy's page
                 rows.append([shown, "error"])
@@ -1393,8 +1403,12 @@ def _is_prediction(body: Any) -> bool:
     )
 
 
-def _post_file(client: Any, endpoint: str, name: str) -> tuple[int | None, Any]:
-    """(HTTP status, the answer's JSON) for one file; for no answer or an error, (status or None, why)."""
+def _post_file(
+    client: Any, endpoint: str, name: str, record: dict[str, Any] | None = None
+) -> tuple[int | None, Any]:
+    """(HTTP status, the answer's JSON) for one file; for no answer or an error, (status or None, why).
+    `record`, where given, gets the answer's request id (its X-Request-ID) and its JSON as the server sent it,
+    an error's `error` and `detail` too (`cxr predict --json`)."""
     import httpx
 
     from cxrcore.decode import ImageDecodeError, upload_bytes
@@ -1411,11 +1425,15 @@ def _post_file(client: Any, endpoint: str, name: str) -> tuple[int | None, Any]:
         return None, f"not sent: {exc}"
     except (OSError, httpx.HTTPError) as exc:
         return None, f"{type(exc).__name__}: {exc}"
+    if record is not None and response.headers.get("x-request-id"):
+        record["request_id"] = response.headers["x-request-id"]
     try:
         body = response.json()
     except ValueError:  # not JSON: a proxy's own answer (Serve's plain-text 503), or not cxr at all
         text = " ".join(response.text.split())[:200] or "(empty body)"
         return response.status_code, f"HTTP {response.status_code}: {text}"
+    if record is not None and isinstance(body, dict):
+        record.update(body)
     if response.status_code != 200:
         return response.status_code, f"HTTP {response.status_code} {body.get('error')}: {body.get('detail')}"
     return 200, body

@@ -177,6 +177,8 @@ class Sealed:
     """the card's new `data.manifest` block (`missing` says why none could be made), None where it had one"""
     card: bool = False
     """whether the card's own hash (`card_sha256`) was recorded now: the card as it is now"""
+    problem: str | None = None
+    """why the version was not sealed: its card was edited since its hash was recorded"""
 
 
 @dataclass(frozen=True)
@@ -462,7 +464,7 @@ class ModelRegistry:
 
         Trust on first use: the hash describes the file as it is when sealed, whatever happened to it
         before; `registered_at` stays unknown."""
-        from cxrcore.checkpoint import CARD_NAME, WEIGHTS_NAME
+        from cxrcore.checkpoint import CARD_NAME, WEIGHTS_NAME, CardChangedError, check_card_recorded
         from cxrcore.data.manifest import MANIFEST_NAME
 
         versions = [self.get(ref)] if ref is not None else self.versions()
@@ -471,6 +473,11 @@ class ModelRegistry:
             for version in versions:
                 folder = f"{self._path}/{version.name}/v{version.version}"
                 card_data = self._read_json(f"{folder}/{CARD_NAME}")
+                try:  # a card edited since its hash was recorded is not sealed as it is; the others are
+                    check_card_recorded(card_data, self._uri(version.name, f"v{version.version}"))
+                except CardChangedError as exc:
+                    sealed.append(Sealed(version.ref, None, None, problem=str(exc)))
+                    continue
                 data = card_data.setdefault("data", {})
                 weights = None
                 if not card_data.get("weights_sha256"):
@@ -484,12 +491,6 @@ class ModelRegistry:
                         manifest = None  # still missing, for the same reason
                     if lost and not (manifest or {}).get("file"):
                         manifest = None  # lost and not made again: the card keeps its record of it
-                if card_data.get("registered_by") and not card_data.get("card_sha256"):
-                    raise RegistryError(
-                        f"{version.ref}'s card was registered by a cxr that records its hash, and records "
-                        "none: it was edited since, and is not sealed as it is; copy the version's folder "
-                        "again from a good copy of the registry"
-                    )
                 card = not card_data.get("card_sha256")
                 if weights is None and manifest is None and not card:
                     continue

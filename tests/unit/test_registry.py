@@ -851,8 +851,13 @@ def test_seal_records_the_card_hash_of_versions_registered_before_it(
     card_file.write_text(json.dumps(card, indent=2))
     with pytest.raises(CardChangedError, match="records none"):
         load_model(card_file.parent)
-    with pytest.raises(RegistryError, match="not sealed as it is"):
-        registry.seal()
+    (refused,) = registry.seal()  # said, and the versions after it sealed all the same
+    assert refused.problem and "records none" in refused.problem
+    edited = {**card, "card_sha256": "0" * 64, "temperature": 3.0}
+    card_file.write_text(json.dumps(edited, indent=2))
+    (refused,) = registry.seal()  # a hash no longer matching: not "recorded"
+    assert refused.problem and "edited" in refused.problem
+    card_file.write_text(json.dumps(card, indent=2))
     del card["registered_by"]  # as an earlier cxr registered it
     card_file.write_text(json.dumps(card, indent=2))
     load_model(card_file.parent)  # not checked: nothing recorded

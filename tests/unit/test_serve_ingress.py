@@ -445,6 +445,16 @@ def test_answers_say_whether_the_upload_is_like_the_training_images(
     # `cxr predict --json`: each answer whole, for a record of the predictions
     assert {a["file"] for a in answers} == {str(tmp_path / "noise.png"), str(tmp_path / "phantom.png")}
     assert all(a["status"] == 200 and a["input_sha256"] and a["answered_at"] for a in answers)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "broken.png").write_bytes(GOOD_PNG[:40])
+    failed: list[dict[str, Any]] = []
+    predict_files(client, "/v1/predict", [str(tmp_path / "empty"), str(tmp_path / "broken.png")], failed)
+    assert failed[0] == {
+        "file": str(tmp_path / "empty"),
+        "status": None,
+        "problem": "no image file in this folder",
+    }
+    assert failed[1]["status"] == 400 and failed[1]["error"] == "undecodable_image" and failed[1]["detail"]
     rows = {line.split()[0]: line.split() for line in table.splitlines()[2:]}
     assert table.splitlines()[0].split()[-3:] == ["input", "model", "ms"]
     assert (
