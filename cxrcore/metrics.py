@@ -236,6 +236,30 @@ def mcnemar_exact(only_a: int, only_b: int) -> float:
     return min(1.0, 2.0 * tail)
 
 
+def binomial_tail(k: int, n: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p): how often as many events as `k` or more come about by chance (the
+    input check's unusual images among usual ones). Summed in logs, so large n neither overflows nor loses
+    the small tails to cancellation.
+
+    >>> round(binomial_tail(2, 4, 0.02), 6), binomial_tail(0, 10, 0.3), binomial_tail(11, 10, 0.3)
+    (0.002336, 1.0, 0.0)
+    """
+    if k <= 0:
+        return 1.0
+    if k > n:
+        return 0.0
+    if p <= 0 or p >= 1:
+        return float(p >= 1)
+    log_p, log_q = math.log(p), math.log1p(-p)
+    scale = math.lgamma(n + 1)
+    terms = [
+        scale - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * log_p + (n - i) * log_q
+        for i in range(k, n + 1)
+    ]
+    top = max(terms)
+    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
+
+
 def wilson_interval(successes: int, n: int, z: float = WILSON_Z) -> list[float] | None:
     """The Wilson score interval [low, high] of a proportion successes / n (None when n is 0).
 

@@ -791,9 +791,7 @@ class ModelRegistry:
                 entry.update(evaluation_entry(metrics))
             digest = hashlib.sha256(text.encode()).hexdigest() if text else None
             scored = (
-                (metrics or {}).get("evaluated", {}).get("weights_sha256")
-                if isinstance(metrics, dict)
-                else None
+                (metrics.get("evaluated") or {}).get("weights_sha256") if isinstance(metrics, dict) else None
             )
             problem = None
             if number not in indexed:

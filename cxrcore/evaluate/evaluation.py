@@ -398,13 +398,12 @@ def input_check_notes(checked: np.ndarray | None, reference: Any) -> dict[str, A
     """
     if checked is None or reference is None or not len(checked):
         return {"input_check": None, "unusual_inputs": None, "input_check_counts": None}
-    from scipy.stats import binom
-
     from cxrcore.inputcheck import QUANTILE
+    from cxrcore.metrics import binomial_tail
 
     images, unusual = len(checked), int(checked[:, 2].sum())
     expected = float(reference.summary.get("expected_share") or 1 - QUANTILE)
-    p_value = float(binom.sf(unusual - 1, images, expected)) if unusual else 1.0
+    p_value = binomial_tail(unusual, images, expected)
     counted = f"{unusual} of {images} images ({100 * unusual / images:.1f} %)"
     warning = None
     if p_value < UNUSUAL_P:

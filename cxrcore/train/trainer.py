@@ -244,6 +244,7 @@ def auto_batch_size(train_rows: int, workers: int, largest: int = 32, smallest: 
 
 def loop_config(config: TrainConfig) -> dict[str, Any]:
     """Everything the worker loop needs, resolved once in the driver (and JSON-plain for Ray)."""
+    from cxrcore import inputcheck
     from cxrcore.data.ingest import read_report, sources_separate_classes
     from cxrcore.models import get_model_entry
 
@@ -273,8 +274,6 @@ def loop_config(config: TrainConfig) -> dict[str, Any]:
     train = to_dict(config)
     train["batch_size"] = config.batch_size or auto_batch_size(train_rows, max(config.workers, 1))
     confound = sources_separate_classes(report)
-    from cxrcore import inputcheck
-
     # What a usual input is, from the images as the model will see them: each checkpoint carries it
     reference = None if segmenting else inputcheck.fit_dataset(config.data)
     return {
