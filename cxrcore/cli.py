@@ -484,6 +484,11 @@ def _add_models_commands(commands: Any) -> None:
         metavar="SOURCE",
         help="a local 3-channel state_dict (.safetensors/.pth/.pt/.bin) instead of the model hub",
     )
+    import_weights.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing file (runs that started from it name it by its sha256 in their cards)",
+    )
     import_weights.set_defaults(run=_run_import_weights)
 
 
@@ -655,6 +660,7 @@ def _check_before_ray(config: Any, notes: list[str] | None = None) -> None:
     from cxrcore.data.ingest import read_report
     from cxrcore.train.trainer import (
         check_dataset,
+        check_freeze,
         check_hub,
         check_local_gpus,
         check_local_worker_cpus,
@@ -693,6 +699,7 @@ def _check_before_ray(config: Any, notes: list[str] | None = None) -> None:
         ]
     else:
         resolve_pretrained(config.model, config.pretrained)  # the name too ("did you mean")
+        check_freeze(config)
         hub_models = [config.model]
         here(check_local_worker_cpus, config)  # as --gpu below: a plan may be for a bigger machine
     if no_file and hub_models:  # a comparison of models that take no weights never reads it
@@ -1238,7 +1245,7 @@ def _run_import_weights(args: argparse.Namespace) -> int:
     if folder:
         os.makedirs(args.out, exist_ok=True)
     try:
-        written = import_weights(args.arch, out, args.source)
+        written = import_weights(args.arch, out, args.source, overwrite=args.force)
     except (ValueError, RuntimeError) as exc:  # not a ResNet, weights that do not fit, hub unreachable
         raise ConfigError(str(exc)) from exc
     print(

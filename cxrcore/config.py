@@ -448,6 +448,14 @@ SERVE_UPLOAD_FORMATS = ("png", "png16", "dicom")
 """What the serve benchmark can send (serve.benchmark.UPLOAD_FORMATS makes each)."""
 
 
+ONE_IMAGE_BATCHES = (
+    "training skips a batch of one image (BatchNorm cannot train on one image's statistics, and raises where "
+    "a feature map has shrunk to 1x1), so with 1 an epoch trained on its first image only"
+)
+"""Why a training batch size is at least 2 (a review, session 52: `--batch-size 1` trained one image an
+epoch, with exit 0)."""
+
+
 @dataclass
 class BenchmarkConfig:
     """Measure each stage against its plain baseline, side by side in one run, into OUT/benchmark.{json,md}.
@@ -537,7 +545,11 @@ class BenchmarkConfig:
             value = getattr(self, name)
             _require(32 <= value <= 2048, name, f"must be between 32 and 2048, got {value}")
         _require(self.epochs >= 2, "epochs", f"must be at least 2 (the first is warm-up), got {self.epochs}")
-        _require(self.batch_size >= 1, "batch_size", f"must be at least 1, got {self.batch_size}")
+        _require(
+            self.batch_size >= 2,
+            "batch_size",
+            f"must be at least 2, got {self.batch_size}: {ONE_IMAGE_BATCHES}",
+        )
         _require(self.plain_threads is None or self.plain_threads >= 1, "plain_threads", "must be at least 1")
         _require(self.requests >= 4, "requests", f"must be at least 4, got {self.requests}")
         _require(
@@ -612,6 +624,11 @@ class TrainConfig:
         "initial weights: a local file, a folder of ARCH-1ch.safetensors files, 'hub', 'none' (scratch) or "
         "'auto' (hub for models with hub weights, the ResNets)",
     )
+    freeze_backbone: bool = option(
+        False,
+        "train the classifier head only: the pretrained backbone's weights and BatchNorm statistics stay as "
+        "loaded (a linear probe; timm models such as the ResNets, with --pretrained weights)",
+    )
     segmenter: str | None = option(None, "U-Net checkpoint that supplies masks where the data has none")
     train_masks: str = option(
         "segmenter",
@@ -642,11 +659,16 @@ class TrainConfig:
             f"must be at least 1, got {self.cpus_per_worker}",
         )
         _require(
-            self.batch_size is None or self.batch_size >= 1,
+            self.batch_size is None or self.batch_size >= 2,
             "batch_size",
-            f"must be at least 1, got {self.batch_size}",
+            f"must be at least 2, got {self.batch_size}: {ONE_IMAGE_BATCHES}",
         )
         _require(self.lr > 0, "lr", f"must be positive, got {self.lr}")
+        _require(
+            not self.freeze_backbone or self.pretrained.strip().lower() != "none",
+            "freeze_backbone",
+            "needs pretrained weights (--pretrained): a random backbone, frozen, computes nothing useful",
+        )
         _require(self.weight_decay >= 0, "weight_decay", "must not be negative")
         _require(
             self.image_size is None or 32 <= self.image_size <= 2048,
@@ -757,7 +779,7 @@ class TuneConfig:
         "cnn_lstm,dual_cnn,resnet18",
         "architectures to compare, comma-separated ('resnet' also searches depth)",
     )
-    trials: int = option(2, "sampled configurations per architecture")
+    trials: int = option(2, "sampled configurations per architecture (each depth of 'resnet' trains each)")
     repeats: int = option(
         1,
         "times each configuration is trained, with seeds --seed, --seed+1, ...: how far each architecture's "

@@ -21,12 +21,15 @@ import contextlib
 import json
 import os
 import select
+import shutil
 import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -84,16 +87,19 @@ def _gdcm_pixels(data: bytes) -> np.ndarray:
     """A single-frame DICOM's pixels as GDCM decodes them, read from a file (GDCM's reader takes a path).
 
     For 12-bit JPEG Extended, which pydicom's GDCM plugin refuses and GDCM decodes (its stderr's
-    "Unsupported JPEG data precision 12" is its 8-bit decoder's first try, before the 12-bit one)."""
-    import tempfile
+    "Unsupported JPEG data precision 12" is its 8-bit decoder's first try, before the 12-bit one).
 
+    The file is the whole upload, its header's patient name and ID included, and this child is the process
+    a crafted file kills: a temporary file it made outlived it, one per crash (a privacy review found the
+    patient's name in /tmp after an aborted decode). On Linux the file is in memory (`memfd_create`): it
+    never reaches a disk and goes with the process however that ends. Elsewhere it is in the folder the
+    parent made for this child (`_SCRATCH_ENV`), which the parent empties after a crash and removes.
+    """
     import gdcm
 
-    with tempfile.NamedTemporaryFile(suffix=".dcm") as file:
-        file.write(data)
-        file.flush()
+    with _file_holding(data) as path:
         reader = gdcm.ImageReader()
-        reader.SetFileName(file.name)
+        reader.SetFileName(path)
         if not reader.Read():
             raise ValueError("GDCM could not read the file")
         image = reader.GetImage()
@@ -108,12 +114,44 @@ def _gdcm_pixels(data: bytes) -> np.ndarray:
     return np.frombuffer(buffer, dtype=dtype).reshape(shape)
 
 
+_SCRATCH_ENV = "CXR_DECODER_SCRATCH"
+"""The private folder (0700) the parent made for its child's temporary files where memory files are not
+available; removed with the child."""
+
+
+def _memory_files() -> bool:
+    if os.environ.get("CXR_DECODER_TEST_NO_MEMORY_FILES"):  # the tests' way to the other platforms' path
+        return False
+    return hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd")
+
+
+@contextlib.contextmanager
+def _file_holding(data: bytes) -> Iterator[str]:
+    """A path GDCM can open that reads `data`: a memory file on Linux, else a file in the scratch folder."""
+    if _memory_files():
+        fd = os.memfd_create("cxr-dicom", os.MFD_CLOEXEC)
+        try:
+            with os.fdopen(os.dup(fd), "wb") as file:
+                file.write(data)
+            yield f"/proc/self/fd/{fd}"
+        finally:
+            os.close(fd)
+        return
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".dcm", dir=os.environ.get(_SCRATCH_ENV)) as file:
+        file.write(data)
+        file.flush()
+        yield file.name
+
+
 class DecoderProcess:
     """A child process that decodes DICOM pixel data (`decode`), restarted after a crash or a timeout."""
 
     def __init__(self, timeout_s: float = DECODE_TIMEOUT_S) -> None:
         self.timeout_s = timeout_s
         self._child: subprocess.Popen[bytes] | None = None
+        self._scratch: str | None = None
         self._lock = threading.Lock()
 
     @property
@@ -158,11 +196,16 @@ class DecoderProcess:
             self._stop()
 
     def _running_child(self) -> subprocess.Popen[bytes]:
-        if self._child is None or self._child.poll() is not None:
+        if self._child is not None and self._child.poll() is not None:
+            self._stop()  # ended since: its scratch folder goes with it
+        if self._child is None:
             root = str(Path(__file__).resolve().parents[1])  # where cxrcore is, installed or not
             path = os.environ.get("PYTHONPATH")
             env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{path}" if path else root}
             try:
+                if not _memory_files():
+                    self._scratch = tempfile.mkdtemp(prefix="cxr-dicom-")  # 0700: this user's alone
+                    env[_SCRATCH_ENV] = self._scratch
                 self._child = subprocess.Popen(
                     [
                         sys.executable,
@@ -175,6 +218,7 @@ class DecoderProcess:
                     env=env,
                 )
             except OSError as exc:  # no process or file descriptor left: not the file's fault
+                self._stop()
                 raise DecoderUnavailableError(
                     f"the DICOM decoder's process could not be started: {exc.strerror or exc}"
                 ) from exc
@@ -198,15 +242,18 @@ class DecoderProcess:
     def _stop(self) -> int:
         """Kill the child (if it is still there) and return its exit status."""
         child, self._child = self._child, None
-        if child is None:
-            return 0
-        if child.poll() is None:
-            child.kill()
-        status = child.wait()
-        for stream in (child.stdin, child.stdout):
-            if stream is not None:
-                with contextlib.suppress(OSError):
-                    stream.close()
+        scratch, self._scratch = self._scratch, None
+        status = 0
+        if child is not None:
+            if child.poll() is None:
+                child.kill()
+            status = child.wait()
+            for stream in (child.stdin, child.stdout):
+                if stream is not None:
+                    with contextlib.suppress(OSError):
+                        stream.close()
+        if scratch is not None:  # what a crashed child left there: uploads, their headers' names
+            shutil.rmtree(scratch, ignore_errors=True)
         return status
 
 

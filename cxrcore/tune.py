@@ -57,8 +57,11 @@ def search_plan(config: TuneConfig, train_rows: int) -> list[dict[str, Any]]:
     at least 8) its half, once a round: every architecture gets the same configurations, whatever the
     order of --models and whichever others are compared (drawn in turn, `--models a,b` and `b,a` had
     given a and b each other's draws). Trials are ordered round by round, so the first wave covers every
-    architecture; 'resnet' steps through RESNET_DEPTHS. With --repeats N each configuration is trained N
-    times, with seeds --seed to --seed + N - 1 (the first wave: every architecture at --seed).
+    architecture; 'resnet' is every depth of RESNET_DEPTHS on each configuration (it stepped through them,
+    one a round: each depth met other hyperparameters, so ASHA's "best depth" compared depth and learning
+    rate together, and with --trials 2 resnet50 never ran; a review, session 52). With --repeats N each
+    configuration is trained N times, with seeds --seed to --seed + N - 1 (the first wave: every
+    architecture at --seed).
     """
     import numpy as np
 
@@ -76,13 +79,9 @@ def search_plan(config: TuneConfig, train_rows: int) -> list[dict[str, Any]]:
             lr, weight_decay = (float(np.exp(rng.uniform(*np.log(SEARCH[k])))) for k in SEARCH)
             batch_size = int(rng.choice(batch_sizes))
         drawn = [
-            {
-                "model": RESNET_DEPTHS[round_ % len(RESNET_DEPTHS)] if name == "resnet" else name,
-                "lr": lr,
-                "weight_decay": weight_decay,
-                "batch_size": batch_size,
-            }
+            {"model": model, "lr": lr, "weight_decay": weight_decay, "batch_size": batch_size}
             for name in config.model_names()
+            for model in (RESNET_DEPTHS if name == "resnet" else (name,))
         ]
         if config.repeats == 1:  # no seed key: an experiment started before --repeats resumes with this plan
             plan += drawn
@@ -227,7 +226,7 @@ def check_masks(config: TuneConfig, report: dict[str, Any]) -> None:
 
 
 def check_models(config: TuneConfig) -> None:
-    """Every name in --models is registered, or is 'resnet' (which steps through RESNET_DEPTHS); and the
+    """Every name in --models is registered, or is 'resnet' (which searches every depth of RESNET_DEPTHS); the
     experiment's settings make a valid training run for each (a trial would refuse --image-size 8 only
     after Ray and Tune had started, and a dry run passed it)."""
     from cxrcore.models import get_model_entry
@@ -267,7 +266,7 @@ def check_settings(config: TuneConfig) -> None:
     from cxrcore.train.trainer import resolve_pretrained
 
     check_models(config)
-    names = {RESNET_DEPTHS[0] if n == "resnet" else n for n in config.model_names()}
+    names = {m for n in config.model_names() for m in (RESNET_DEPTHS if n == "resnet" else (n,))}
     taking = sorted(n for n in names if takes_pretrained(n, config.pretrained))
     for name in taking:
         resolve_pretrained(name, config.pretrained)

@@ -131,6 +131,7 @@ def build_app(args: ServeArgs) -> Application:
         tuple(origin.strip() for origin in args.cors_origins.split(",") if origin.strip()),
         args.model_timeout_s,
         args.audit_log,
+        args.audit_dir,
     )
     return Api.options(  # type: ignore[attr-defined]  # a serve.deployment
         num_replicas=args.ingress_replicas,

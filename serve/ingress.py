@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass
@@ -92,7 +93,9 @@ class ApiLimits:
     replica running (one failing to start, say its registry gone) a request waited for one without end,
     and a review's clients all ran into their own 60 s timeouts without an answer."""
     audit_log: bool = False
-    """One JSON line per answered prediction on the `cxr.audit` logger (`audit_line`)."""
+    """One JSON line per answered prediction (`audit_line`) in a file of `audit_dir` (`open_audit_log`)."""
+    audit_dir: str = ""
+    """Where the audit files are; "" is Serve's log folder of the node (`RAY_SESSION/logs/serve`)."""
 
     @property
     def accepted(self) -> str:
@@ -224,11 +227,87 @@ HASH_IN_LOOP_BYTES = 1 << 20
 thread (hashlib lets go of the GIL), so that a detector-sized DICOM does not hold the other requests up."""
 
 
+USUAL_FIELD_NAMES = frozenset({
+    "file", "image", "images", "img", "upload", "uploads", "files", "file[]", "files[]", "data", "dicom",
+    "xray", "x-ray", "picture", "photo", "attachment", "body",
+})  # fmt: skip
+"""Field names a client may have sent its image under by mistake: named in the `missing_file` answer."""
+
+
+def _fields_said(sent: list[str]) -> str:
+    """The multipart fields a body without 'file' had, as its error says them: usual names by name, others
+    counted. A field named after the file (`curl -F "Smith_John_MRN-0043.dcm=@x.dcm"`) was echoed into the
+    answer and the replica's log (a privacy review, session 52): a file name may name a patient.
+
+    >>> _fields_said(["image"]), _fields_said(["Doe_Jane_MRN-1.dcm", "image"]), _fields_said(["a", "b"])
+    (" (its fields: 'image')", " (its fields: 'image', and 1 other)", ' (its fields: 2 others)')
+    """
+    if not sent:
+        return ""
+    usual = [repr(name) for name in sent if name.strip().lower() in USUAL_FIELD_NAMES]
+    others = len(sent) - len(usual)
+    other = f"{others} other{'s' if others > 1 else ''}" if others else ""
+    said = ", ".join(usual) + (", and " if usual and other else "") + other
+    return f" (its fields: {said})"
+
+
+AUDIT_USER_HEADERS = ("X-Forwarded-User", "X-Remote-User", "X-Auth-Request-User")
+"""Headers an authenticating gateway in front of the API sets to the signed-in user (oauth2-proxy, Apache,
+nginx auth_request): the audit line's `user`, the first present. cxr checks no identity itself."""
+
+
+def _caller(request: Request) -> tuple[str | None, str | None]:
+    """Who asked, for the audit line: the client address (the first X-Forwarded-For hop where a proxy in
+    front set one: behind Serve's HAProxy the peer itself is the proxy) and the gateway's user header."""
+    forwarded = request.headers.get("X-Forwarded-For", "").split(",")[0].strip()
+    client = forwarded or (request.client.host if request.client else None)
+    user = next((request.headers[name] for name in AUDIT_USER_HEADERS if request.headers.get(name)), None)
+    return (client or None) and client[:256], user and user[:256]  # as the client sent them: bounded
+
+
 audit = logging.getLogger("cxr.audit")
-"""Where `audit_log` writes: Serve sends a replica's loggers to its log file (the dashboard's Serve page)."""
+"""Where `audit_log` writes: a file of its own per replica (`open_audit_log`), not the replica's log."""
+
+AUDIT_FILE = "cxr_audit_{replica}.jsonl"
 
 
-def audit_line(prediction: Prediction) -> str:
+def open_audit_log(folder: str = "") -> Path:
+    """Send `audit` (at INFO) to this replica's own file in `folder` (Serve's log folder where ""), appended
+    to and flushed line by line; its path. One file per process: a call for another folder moves it there.
+
+    The logger had no level or handler of its own: a replica's loggers other than Serve's are at WARNING,
+    so `--arg audit_log=true` wrote nothing (a privacy review found no line in any log; the unit test had
+    raised the level itself). A file of its own also keeps the trail whole where the replica's log is
+    quiet (`cxr serve`'s default) or rotated, and lets a site keep it where it keeps audit records
+    (`audit_dir`) and rotate it with its own tools (the file is reopened when moved away)."""
+    from logging.handlers import WatchedFileHandler
+
+    if not folder:
+        from ray.serve._private.logging_utils import get_serve_logs_dir
+
+        folder = get_serve_logs_dir()
+    try:
+        replica = serve.get_replica_context().replica_id.unique_id
+    except Exception:  # outside a Serve replica (tests, an embedded app)
+        replica = f"pid{os.getpid()}"
+    path = Path(folder).expanduser().absolute() / AUDIT_FILE.format(replica=replica)
+    for handler in list(audit.handlers):
+        if isinstance(handler, WatchedFileHandler):
+            if Path(handler.baseFilename) == path:
+                return path
+            audit.removeHandler(handler)
+            handler.close()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = WatchedFileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    audit.addHandler(handler)
+    audit.setLevel(logging.INFO)
+    audit.propagate = False  # the trail is its file, not also the replica's log
+    log.info("audit trail: one line per prediction in %s", path)
+    return path
+
+
+def audit_line(prediction: Prediction, client: str | None = None, user: str | None = None) -> str:
     """A prediction as one JSON line for a hospital's audit trail: which request, when, which weights (and
     segmenter) answered which file (by its sha256), what they said; no pixels, no file name.
 
@@ -255,6 +334,8 @@ def audit_line(prediction: Prediction) -> str:
             "probability": prediction.probabilities[prediction.label],
             "unusual": None if check is None else check.unusual,
             "explain": prediction.explanation is not None,
+            "client": client,
+            "user": user,
         },
         separators=(",", ":"),
     )
@@ -328,6 +409,8 @@ class _Routes:
     def __init__(self, classifier: Any, limits: ApiLimits) -> None:
         self._classifier = classifier
         self._limits = limits
+        if limits.audit_log:
+            open_audit_log(limits.audit_dir)
         self._input_size: int | None = None  # the model's base size, from the classifier's answers
         self._in_flight = 0
         self._draining = False
@@ -400,7 +483,7 @@ class _Routes:
             answered_at=datetime.now(UTC).isoformat(timespec="milliseconds"),
         )
         if self._limits.audit_log:
-            audit.info("%s", audit_line(prediction))
+            audit.info("%s", audit_line(prediction, *_caller(request)))
         return prediction
 
     async def _predict(self, data: bytes, content_type: str | None) -> Any:
@@ -573,8 +656,7 @@ class _Routes:
                 # part, the file among them: say so, rather than that no file was sent.
                 what = "malformed multipart body: it ends before its closing boundary (cut short?)"
                 raise self._upload_error(400, "invalid_multipart", what)
-            sent = sorted({*form.keys(), *parser.fields})
-            named = f" (its fields: {', '.join(map(repr, sent))})" if sent else ""
+            named = _fields_said(sorted({*form.keys(), *parser.fields}))
             what = f"the multipart body has no file in a field named 'file'{named}; name the image's 'file'"
             raise self._upload_error(400, "missing_file", what)
         await form.close()

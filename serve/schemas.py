@@ -118,10 +118,16 @@ class ServeArgs(BaseModel):
     )
     audit_log: bool = Field(
         default=False,
-        description="write one JSON line per answered prediction to the ingress replica's log (logger "
-        "cxr.audit): request_id, answered_at, the model's ref and weights (and segmenter's), input_sha256, "
-        "label, probability and input_check.unusual; no pixels, no file names. Off by default: a log line a "
-        "request costs CPU on the serving path",
+        description="write one JSON line per answered prediction to a file of the ingress replica's own, "
+        "cxr_audit_<replica>.jsonl in audit_dir: request_id, answered_at, the model's ref and weights (and "
+        "segmenter's), input_sha256, label, probability, input_check.unusual, the client's address and the "
+        "user an authenticating gateway names (X-Forwarded-User, X-Remote-User); no pixels, no file names. "
+        "Off by default: a line a request costs CPU on the serving path",
+    )
+    audit_dir: str = Field(
+        default="",
+        description="the folder of the audit files on each node (made where missing); default Serve's log "
+        "folder, RAY_SESSION/logs/serve, which a new Ray session does not keep",
     )
 
     @model_validator(mode="after")

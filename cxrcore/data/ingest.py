@@ -42,7 +42,14 @@ from cxrcore.data.layout import (
     mask_problem,
     scan_layout,
 )
-from cxrcore.data.split import SPLITS, assign_splits, choose_test_sources, duplicate_groups, patient_groups
+from cxrcore.data.split import (
+    SPLITS,
+    assign_splits,
+    choose_test_sources,
+    duplicate_groups,
+    names_no_patient,
+    patient_groups,
+)
 from cxrcore.data.transforms import (
     ImageDecodeError,
     binary_mask,
@@ -322,14 +329,24 @@ def _group_keys(groups: list[int], hashes: Any) -> dict[int, str]:
 def _patient_warnings(patients: dict[str, Any]) -> list[str]:
     """The ids read as placeholders, and the images a held-out source took to test with their patients."""
     folders = patients.get("column") == PATIENT_FOLDER
-    warnings = [
-        f"the folder {placeholder!r} holds {count} images, too many for one patient's (over 20 and over a "
-        "tenth of them): read as a folder of many, its images split as if they named no patient"
-        if folders
-        else f"patient id {placeholder!r} names {count} images, read as an anonymised placeholder, not a "
-        "patient: those images are split as if they named none"
-        for placeholder, count in patients["placeholders"].items()
-    ]
+    warnings = []
+    for placeholder, count in patients["placeholders"].items():
+        if placeholder.startswith(NOT_SHOWN):  # maybe a real patient's: not printed or stored
+            warnings.append(
+                f"a patient id (not shown: it may be a real patient's, with many films) names {count} "
+                "images, over 20 and over a tenth of them: read as a placeholder, not a patient, its images "
+                "split as if they named none; if it is one patient's, give the images other ids"
+            )
+        elif folders:
+            warnings.append(
+                f"the folder {placeholder!r} holds {count} images, too many for one patient's (over 20 and "
+                "over a tenth of them): read as a folder of many, its images split as if they named none"
+            )
+        else:
+            warnings.append(
+                f"patient id {placeholder!r} names {count} images, read as an anonymised placeholder, not a "
+                "patient: those images are split as if they named none"
+            )
     loose = patients.get("without_patient", 0) - sum(patients["placeholders"].values())
     if folders and loose:  # asked for patient folders, and these are in none
         warnings.append(
@@ -342,6 +359,25 @@ def _patient_warnings(patients: dict[str, Any]) -> list[str]:
             "or a copy held out there, so that no held-out patient is also trained on"
         )
     return warnings
+
+
+NOT_SHOWN = "not shown "
+"""The report's name for a placeholder id that may be a patient's (`names_no_patient`): numbered."""
+
+
+def _shown(placeholders: dict[str, int]) -> dict[str, int]:
+    """The placeholder ids as the report stores them: an id taken for one by its count alone may be a real
+    patient's ID or name (a privacy review, session 52: an MRN with 22 daily films was printed and kept in
+    ingest_report.json), so it is numbered, not named. (Patient folders are named: the dataset's `file`
+    column holds their names anyway.)"""
+    shown, hidden = {}, 0
+    for patient, count in placeholders.items():
+        if names_no_patient(patient):
+            shown[patient] = count
+        else:
+            hidden += 1
+            shown[f"{NOT_SHOWN}{hidden}"] = count
+    return shown
 
 
 def _patient_report(
@@ -369,7 +405,7 @@ def _patient_report(
         "images": len(named),
         "patients": len(splits_of),
         "across_splits": sum(1 for found in splits_of.values() if len(found) > 1),
-        "placeholders": placeholders,
+        "placeholders": placeholders if column == PATIENT_FOLDER else _shown(placeholders),
         # images no patient groups (none named, or a placeholder's): split one by one
         "without_patient": len(patients) - len(named),
     }

@@ -116,6 +116,17 @@ PLACEHOLDER_IDS = frozenset({"anonymous", "anonymised", "anonymized", "anon", "u
 characters alone ("0", "000000", "XXXX", "-")."""
 
 
+def names_no_patient(patient: str) -> bool:
+    """Whether the id itself says it names no patient (PLACEHOLDER_IDS, zeros, masking characters): one that
+    may be printed and stored. An id taken for a placeholder by its count alone may be a real patient's
+    (one with many follow-up films) and is neither.
+
+    >>> names_no_patient("ANON"), names_no_patient("000000"), names_no_patient("MRN-0042")
+    (True, True, False)
+    """
+    return patient.casefold() in PLACEHOLDER_IDS or not patient.strip("0xX-_?*. ")
+
+
 def patient_groups(groups: Sequence[int], patients: Sequence[str]) -> tuple[list[int], dict[str, int]]:
     """`groups` (duplicate_groups') joined along shared patients: a patient's images, follow-up films and
     other views, all in one group, so one split. "" is no patient. Returns the groups and the ids left out as
@@ -123,9 +134,7 @@ def patient_groups(groups: Sequence[int], patients: Sequence[str]) -> tuple[list
     counts = Counter(patient for patient in patients if patient)
     limit = max(ANONYMISED_MIN, ANONYMISED_SHARE * len(patients))
     placeholders = {
-        patient: count
-        for patient, count in counts.items()
-        if count > limit or patient.casefold() in PLACEHOLDER_IDS or not patient.strip("0xX-_?*. ")
+        patient: count for patient, count in counts.items() if count > limit or names_no_patient(patient)
     }
     kept = [row for row, patient in enumerate(patients) if patient and patient not in placeholders]
     merged = np.asarray(groups, dtype=np.int64)

@@ -10,12 +10,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from cxrcore.checkpoint import read_weights
 from cxrcore.labels import NUM_CLASSES
 
-__all__ = ["HUB", "create_timm", "hub_unreachable", "import_weights", "load_pretrained"]
+__all__ = [
+    "HUB", "create_timm", "freeze_all_but_head", "hub_unreachable", "import_weights", "load_pretrained",
+]  # fmt: skip
 
 # timm is imported where a model is built or its weights adapted, not with the module: it brings
 # torchvision and torch._dynamo (1.6 of the 4.1 s a Ray worker took to import the training loop), and
@@ -26,6 +29,65 @@ logger = logging.getLogger(__name__)
 
 HUB = "hub"
 """The `pretrained` value that downloads timm's ImageNet weights."""
+
+
+WRAPPED_STATE_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema")
+"""Where training scripts keep the weights inside a checkpoint dict, in the order they are looked for:
+PyTorch's examples and Lightning (`state_dict`), DeiT/MAE/torchvision's references (`model`), timm's
+train.py (`state_dict`, and `state_dict_ema` for its EMA weights)."""
+TRAINING_CHECKPOINT_SUFFIXES = (".pth.tar", ".ckpt")
+"""Checkpoint names of timm's train.py (`model_best.pth.tar`) and Lightning, read as a .pth."""
+
+
+def read_pretrained(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file as people bring them: a state_dict (`read_weights`), or a training
+    checkpoint holding one (WRAPPED_STATE_KEYS, an `argparse.Namespace` of its arguments allowed beside it),
+    with DataParallel's `module.` taken off every name. What was unwrapped is logged. Nothing is unpickled
+    beyond tensors, plain containers and the Namespace: a file naming anything else is refused as before.
+
+    Those files were refused (a review, session 52) with "not a plain state_dict", torch's advice to call
+    `add_safe_globals`, "unsupported weights file", or a list of `module.`-prefixed names, each a conversion
+    the user had to write."""
+    import argparse
+
+    from cxrcore.checkpoint import STATE_DICT_SUFFIXES, UnsafeWeightsError, _load_weights_only
+
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return _unprefixed(read_weights(path), path)
+    if not path.name.endswith((*STATE_DICT_SUFFIXES, *TRAINING_CHECKPOINT_SUFFIXES)):
+        return read_weights(path)  # its refusal names the formats
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        loaded = _load_weights_only(path)
+    state, where = loaded, ""
+    if isinstance(loaded, dict) and not _all_tensors(loaded):
+        key = next((key for key in WRAPPED_STATE_KEYS if _all_tensors(loaded.get(key))), None)
+        if key is None:
+            entries = ", ".join(repr(k) for k in list(loaded)[:8])
+            raise UnsafeWeightsError(
+                f"{path} is not a plain state_dict (a mapping of names to tensors), nor a checkpoint holding "
+                f"one under {', '.join(repr(k) for k in WRAPPED_STATE_KEYS)}; its entries: {entries}"
+            )
+        state, where = loaded[key], f"its {key!r} entry"
+    if not _all_tensors(state):
+        raise UnsafeWeightsError(f"{path} is not a plain state_dict (a mapping of names to tensors)")
+    if where:
+        logger.info("%s: a training checkpoint; read %s", path, where)
+    return _unprefixed(dict(state), path)
+
+
+def _all_tensors(value: Any) -> bool:
+    tensors = isinstance(value, dict) and all(isinstance(v, torch.Tensor) for v in value.values())
+    return tensors and bool(value)
+
+
+def _unprefixed(state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """`state` without DataParallel's (or DDP's) `module.` before every name."""
+    prefix = "module."
+    if state and all(key.startswith(prefix) for key in state):
+        logger.info("%s: names start with %r (saved from DataParallel or DDP); read without it", path, prefix)
+        return {key[len(prefix) :]: value for key, value in state.items()}
+    return state
 
 
 def load_pretrained(model: nn.Module, path: str | Path) -> list[str]:
@@ -43,7 +105,7 @@ def load_pretrained(model: nn.Module, path: str | Path) -> list[str]:
             f"pretrained weights file {path} does not exist; pass an existing .safetensors/.pth file, "
             f"{HUB!r} to download, or None to train from scratch"
         )
-    state = read_weights(path)
+    state = read_pretrained(path)
     own = model.state_dict()
     first_conv = f"{_pretrained_cfg(model, 'first_conv', 'conv1')}.weight"
     classifier = _pretrained_cfg(model, "classifier", "fc")
@@ -143,7 +205,14 @@ def offline_cache_missing(arch: str) -> str | None:
     return f"HF_HUB_OFFLINE is set and the hub's cache holds no {arch} weights ({repo})"
 
 
-def import_weights(arch: str, out: str | Path, source: str | Path | None = None) -> dict[str, Any]:
+SOURCE_KEY, SOURCE_SHA_KEY = "cxr.source", "cxr.source_sha256"
+"""The safetensors metadata `import_weights` writes: where the weights came from (the hub's model, or the
+file's name) and, for a file, its sha256; a card records them (`initial_weights`)."""
+
+
+def import_weights(
+    arch: str, out: str | Path, source: str | Path | None = None, overwrite: bool = False
+) -> dict[str, Any]:
     """Write `arch`'s ImageNet weights for one input channel, without the classifier, as safetensors.
 
     The weights come from the hub (`source=None`: timm's pretrained `arch`, so this needs internet) or
@@ -165,6 +234,10 @@ def import_weights(arch: str, out: str | Path, source: str | Path | None = None)
     out = Path(out)
     if out.suffix != ".safetensors":
         raise ValueError(f"--out {out}: the weights are written as safetensors; name the file *.safetensors")
+    if out.exists() and not overwrite:  # runs that started from it would not say which weights they had
+        raise ValueError(
+            f"--out {out} exists ({_described_file(out)}); write elsewhere, or pass --force to replace it"
+        )
     if source is None:
         if not get_model_entry(arch).hub_weights:
             raise ValueError(f"{arch} has no hub weights; pass a local 3-channel weights file with --from")
@@ -179,12 +252,14 @@ def import_weights(arch: str, out: str | Path, source: str | Path | None = None)
                 "3-channel .safetensors/.pth file>."
             ) from exc
         described = f"hub (timm {arch}, pretrained)"
+        origin = {SOURCE_KEY: f"hub:{_hub_id(arch) or arch}"}
     else:
         source = Path(source)
         if not source.is_file():
             raise FileNotFoundError(f"--from {source} does not exist")
-        state = read_weights(source)
+        state = read_pretrained(source)
         described = str(source)
+        origin = {SOURCE_KEY: source.name, SOURCE_SHA_KEY: _sha256(source)}
 
     target = create_model(arch)
     first_conv = f"{_pretrained_cfg(target, 'first_conv', 'conv1')}.weight"
@@ -198,7 +273,7 @@ def import_weights(arch: str, out: str | Path, source: str | Path | None = None)
     handle, staged = tempfile.mkstemp(suffix=".safetensors", dir=out.parent, prefix=f".{out.name}.")
     os.close(handle)
     try:
-        save_file(state, staged)
+        save_file(state, staged, metadata=origin)
         try:
             load_pretrained(target, staged)
         except ValueError as exc:  # named by its source, not by the staged file's temporary name
@@ -252,10 +327,77 @@ def create_timm(
         if pretrained is not None:
             load_pretrained(model, pretrained)
     if freeze_backbone:
-        head = f"{_pretrained_cfg(model, 'classifier', 'fc')}."
-        for name, param in model.named_parameters():
-            param.requires_grad = name.startswith(head)
+        freeze_all_but_head(model)
     return model
+
+
+def initial_weights(path: str | Path) -> dict[str, Any]:
+    """What a card records of the weights file a run started from (`data.initial_weights`): its name and
+    sha256 (not its folder, which names the training site's paths), and where `import_weights` wrote it,
+    its source (the hub's model, or the file it came from, and that file's sha256). Before, a card said
+    only `training.pretrained`: a folder, whose file `import-weights` could replace in between."""
+    path = Path(path)
+    record: dict[str, Any] = {"file": path.name, "sha256": _sha256(path)}
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as file:
+            metadata = file.metadata() or {}
+        if SOURCE_KEY in metadata:
+            record["source"] = metadata[SOURCE_KEY]
+        if SOURCE_SHA_KEY in metadata:
+            record["source_sha256"] = metadata[SOURCE_SHA_KEY]
+    return record
+
+
+def hub_weights_record(arch: str) -> dict[str, Any]:
+    """`initial_weights` for weights timm takes from the model hub: the hub's model id."""
+    return {"source": f"hub:{_hub_id(arch) or arch}"}
+
+
+def _hub_id(arch: str) -> str | None:
+    import timm
+
+    try:
+        config = timm.models.get_pretrained_cfg(arch)
+    except Exception:  # an architecture timm has no pretrained config for
+        return None
+    hub = getattr(config, "hf_hub_id", None)
+    return str(hub) if hub else None
+
+
+def _sha256(path: Path) -> str:
+    import pyarrow.fs as pafs
+
+    from cxrcore.data.storage import file_sha256
+
+    return file_sha256(pafs.LocalFileSystem(), str(path.resolve()))
+
+
+def _described_file(path: Path) -> str:
+    try:
+        record = initial_weights(path)
+    except Exception as exc:  # not safetensors after all: said, the refusal stands
+        return f"unreadable: {type(exc).__name__}"
+    source = f", from {record['source']}" if "source" in record else ""
+    return f"sha256 {record['sha256'][:12]}…{source}"
+
+
+def freeze_all_but_head(model: nn.Module) -> list[str]:
+    """Leave only a timm model's classifier head trainable (`requires_grad`); the names of what trains.
+
+    Its BatchNorm layers, all of them in the backbone, are frozen too where training keeps them in eval mode
+    (`cxrcore.train.engine.frozen_norms`): with their weights fixed but their statistics updated by every
+    batch, the "frozen" features still moved (a review, session 52)."""
+    head = f"{_pretrained_cfg(model, 'classifier', 'fc')}."
+    trainable = []
+    for name, param in model.named_parameters():
+        param.requires_grad = name.startswith(head)
+        if param.requires_grad:
+            trainable.append(name)
+    if not trainable:
+        raise ValueError(f"{type(model).__name__} has no parameters under {head!r}: no head to train")
+    return trainable
 
 
 def _pretrained_cfg(model: nn.Module, key: str, default: str) -> str:

@@ -143,6 +143,8 @@ def run_epoch(
     """
     training = optimizer is not None
     model.train(training)
+    for norm in frozen_norms(model) if training else ():
+        norm.eval()  # a frozen backbone's statistics stay as loaded
     result = EpochResult()
     # Each step's loss, weight and correct count stay on the device until the epoch ends: reading one
     # (`float(loss)`) makes the CPU wait for the GPU's step, which then idles while the next batch is
@@ -264,8 +266,9 @@ def recalibrate_batchnorm(
     as the model is served (a bf16 run's training steps do not). Only BatchNorm layers run in training
     mode; dropout stays off.
     """
+    frozen = set(frozen_norms(model))
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    norms = [m for m in norms if m.track_running_stats]
+    norms = [m for m in norms if m.track_running_stats and m not in frozen]
     # Each batch weighs alike in the average, and one image raises where a map has shrunk to 1×1.
     batches = [batch for batch in batches if len(batch["image"]) > 1] or batches
     if not norms or not batches:
@@ -300,6 +303,18 @@ def recalibrate_batchnorm(
             norm.momentum = momentum
     model.train(was_training)
     return seen
+
+
+def frozen_norms(model: nn.Module) -> list[nn.Module]:
+    """The BatchNorm layers whose weights do not train (`--freeze-backbone`): kept in eval mode while the
+    rest trains, and left out of precise BN, so that their statistics stay the pretrained ones."""
+    return [
+        module
+        for module in model.modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm)
+        and (params := list(module.parameters(recurse=False)))
+        and not any(param.requires_grad for param in params)
+    ]
 
 
 def average_batchnorm_across_ranks(model: nn.Module) -> None:

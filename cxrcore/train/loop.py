@@ -170,11 +170,18 @@ def run_training(loop_config: dict[str, Any], session: TrainSession) -> None:
     # DDP broadcasts rank 0's weights at wrap time, so only rank 0 loads pretrained ones.
     pretrained = loop_config["pretrained"] if rank == 0 else None
     model = create_model(config.model, image_size=loop_config["image_size"], pretrained=pretrained)
+    if config.freeze_backbone:  # on every rank: DDP reduces the same trainable parameters everywhere
+        from cxrcore.models.pretrained import freeze_all_but_head
+
+        trainable = freeze_all_but_head(model)
+        if rank == 0:
+            log.info("--freeze-backbone: training %s only", ", ".join(trainable))
     spec, build_args = get_input_spec(model), get_build_args(model)
     model = model.to(device) if on_cpu_anyway else session.prepare_model(model)  # local mode: one process
     segmenting = spec.task == "segment"
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    learning = [param for param in model.parameters() if param.requires_grad]  # the head alone, frozen
+    optimizer = torch.optim.AdamW(learning, lr=config.lr, weight_decay=config.weight_decay)
     batch_size = int(loop_config["train"]["batch_size"])  # resolved by the driver (auto for small data)
     steps_per_epoch = max(1, math.ceil(loop_config["train_rows"] / (batch_size * max(world, 1))))
     plan = {

@@ -116,6 +116,29 @@ def pretrained_from(pretrained: str | None) -> dict[str, Any] | None:
     }
 
 
+def started_from(model: str, pretrained: str | None) -> dict[str, Any] | None:
+    """The card's `data.initial_weights`: the file (name, sha256, source) or the hub's model a run's weights
+    started from (`cxrcore.models.pretrained.initial_weights`); None from scratch or from a cxr checkpoint,
+    which `pretrained_from` records."""
+    from cxrcore.models.pretrained import HUB, hub_weights_record, initial_weights
+
+    if not pretrained or checkpoint_weights(pretrained) is not None:
+        return None
+    return hub_weights_record(model) if pretrained == HUB else initial_weights(pretrained)
+
+
+def check_freeze(config: TrainConfig) -> None:
+    """--freeze-backbone names an architecture with a classifier head to train alone (timm's, which take
+    pretrained weights); the others' layers are not split into a backbone and a head."""
+    from cxrcore.models import get_model_entry
+
+    if config.freeze_backbone and not get_model_entry(config.model).accepts_pretrained:
+        raise ConfigError(
+            f"--freeze-backbone: {config.model} has no pretrained backbone to freeze; it is for timm models "
+            "started from pretrained weights (resnet18, resnet50, ...)"
+        )
+
+
 def check_hub(model: str, choice: str) -> str | None:
     """resolve_pretrained, refusing weights from a model hub that this machine cannot reach (a probe of a
     few seconds at most): the driver loads them once before the workers do. Checked before Ray starts, as
@@ -256,6 +279,7 @@ def loop_config(config: TrainConfig) -> dict[str, Any]:
     segmenting = entry.input_spec.task == "segment"
     train_counts = [report["by_class_split"].get(c, {}).get("train", 0) for c in CLASSES]
     check_dataset(config.data)
+    check_freeze(config)
     pretrained = check_pretrained(config.model, config.pretrained)
     if config.segmenter:
         _check_segmenter(config.segmenter)
@@ -292,6 +316,8 @@ def loop_config(config: TrainConfig) -> dict[str, Any]:
             "train_class_counts": dict(zip(CLASSES, train_counts, strict=True)),
             # a fine-tune's lineage: the checkpoint it started from and the data that one trained on
             **({"pretrained_from": lineage} if (lineage := pretrained_from(pretrained)) else {}),
+            # or the weights file (ImageNet's, say) it started from, by its sha256
+            **({"initial_weights": start} if (start := started_from(config.model, pretrained)) else {}),
             # the code that made the dataset (its commit and source hash): kept once the dataset is gone
             **({"ingested_by": report["software"]} if report.get("software") else {}),
         },

@@ -192,6 +192,7 @@ def test_cxr_serve_runs_in_the_foreground_and_stops_cleanly(registry: Path, scra
     command = [
         str(BIN / "cxr"), "serve", "--registry", str(registry), "--model", "tiny_cnn_lstm",
         "--port", str(port), "--arg", "num_cpus=0.25", "--arg", "max_replicas=1",
+        "--arg", "audit_log=true", "--arg", f"audit_dir={scratch / 'audit'}",
     ]  # fmt: skip
     with log.open("wb") as sink:
         process = subprocess.Popen(
@@ -209,6 +210,11 @@ def test_cxr_serve_runs_in_the_foreground_and_stops_cleanly(registry: Path, scra
         )
         assert response.status_code == 200, response.text
         assert response.json()["model"]["name"] == "tiny_cnn_lstm"
+        # The audit trail, in a real replica (where the logger had been at WARNING and wrote nothing)
+        (trail,) = (scratch / "audit").glob("cxr_audit_*.jsonl")
+        (line,) = [json.loads(text) for text in trail.read_text().splitlines()]
+        answer = response.json()
+        assert (line["request_id"], line["label"]) == (answer["request_id"], answer["label"])
 
         # The dashboard it started: the token or 401, on loopback only; no process shows the token.
         dashboard = wait_until(  # named in the line `cxr serve` prints once its app answers

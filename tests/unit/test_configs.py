@@ -130,7 +130,7 @@ def test_gpu_tune_plan_without_max_concurrent_states_its_cluster(capsys: pytest.
     assert main([*argv, "--gpu", "--workers-per-trial", "2", "--pretrained", "none", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "2 trials at once (assumed cluster: one node with 4 GPUs" in out
-    assert "trials:              3 (resnet18 1, resnet34 1, resnet50 1)" in out
+    assert "trials:              9 (resnet18 3, resnet34 3, resnet50 3)" in out  # each depth, each draw
     assert "segmenter" not in out
 
 
@@ -627,3 +627,26 @@ def test_every_architecture_is_searched_on_the_same_draws_whatever_the_order_of_
         and SEARCH["weight_decay"][0] <= wd <= SEARCH["weight_decay"][1]
         for lr, wd, _ in drawn
     )
+
+
+def test_a_training_batch_of_one_image_is_refused_with_why(capsys: pytest.CaptureFixture[str]) -> None:
+    """A review (session 52): `--batch-size 1` planned 52 steps an epoch and trained on one image (training
+    skips a batch of one, as BatchNorm cannot train on it), with exit 0."""
+    from cxrcore.cli import main
+
+    assert main(["train", "--data", "ds", "--model", "tiny_resnet", "--batch-size", "1", "--dry-run"]) == 2
+    error = capsys.readouterr().err
+    assert "--batch-size: must be at least 2, got 1: training skips a batch of one image" in error
+    assert main(["benchmark", "train", "--batch-size", "1"]) == 2
+    assert "must be at least 2" in capsys.readouterr().err
+
+
+def test_resnet_searches_every_depth_on_every_configuration() -> None:
+    """A review (session 52): 'resnet' stepped through its depths one a round, so each depth met other
+    hyperparameters (ASHA's best depth compared depth and learning rate together) and, with --trials 2,
+    resnet50 never ran."""
+    config = TuneConfig(data="ds", registry="reg", models="resnet,cnn_lstm", trials=2, seed=4)
+    plan = search_plan(config, 1000)
+    assert [trial["model"] for trial in plan] == ["resnet18", "resnet34", "resnet50", "cnn_lstm"] * 2
+    for round_ in (plan[:4], plan[4:]):
+        assert len({(t["lr"], t["weight_decay"], t["batch_size"]) for t in round_}) == 1

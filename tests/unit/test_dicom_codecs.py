@@ -126,6 +126,49 @@ def test_a_decoder_crash_refuses_that_file_and_the_next_file_decodes() -> None:
         decode_upload(ABORTS_GDCM.read_bytes())
 
 
+def _aborting_12_bit_upload_with_a_patient() -> bytes:
+    """The file GDCM aborts on, as 12-bit JPEG Extended (which the child decodes through a file GDCM opens),
+    with a patient's name and ID in its header."""
+    from pydicom import dcmread
+    from pydicom.filebase import DicomBytesIO
+
+    ds = dcmread(DicomBytesIO(ABORTS_GDCM.read_bytes()))
+    ds.file_meta.TransferSyntaxUID = JPEGExtended12Bit
+    ds.PatientName, ds.PatientID = "DOE^JANE", "MRN-0042"
+    out = DicomBytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("memory_files", [True, False], ids=["memory-file", "scratch-folder"])
+def test_a_crash_leaves_no_copy_of_the_upload_on_disk(
+    memory_files: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An aborted decode had left the whole upload, the patient's name in its header, in /tmp: one file per
+    crash. On Linux the child's file is in memory; elsewhere in a private folder the parent removes."""
+    from cxrcore import decoder_process
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the child's temporary files, and the parent's folder
+    monkeypatch.setattr(decoder_process.tempfile, "tempdir", None)  # read TMPDIR again
+    if not memory_files:
+        monkeypatch.setattr(decoder_process, "_memory_files", lambda: False)
+        monkeypatch.setenv("CXR_DECODER_TEST_NO_MEMORY_FILES", "1")  # and in the child
+    decoder = DecoderProcess()
+    try:
+        with pytest.raises(ImageDecodeError, match=r"the decoder crashed on them \(signal SIGABRT\)"):
+            decoder.decode(_aborting_12_bit_upload_with_a_patient())
+        assert list(tmp_path.iterdir()) == []
+        lossy = compressed_dicom(xray_dicom(12, "MONOCHROME2"), JPEGExtended12Bit)
+        assert decoder.decode(lossy).shape == (300, 250)  # through the same kind of file
+        if not memory_files:
+            (scratch,) = tmp_path.iterdir()
+            assert scratch.name.startswith("cxr-dicom-") and list(scratch.iterdir()) == []
+            assert scratch.stat().st_mode & 0o777 == 0o700
+    finally:
+        decoder.close()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_decode_past_its_time_is_refused_and_its_child_killed() -> None:
     good = compressed_dicom(xray_dicom(13), JPEGLSLossless)
     decoder = DecoderProcess(timeout_s=0.01)  # a child's start alone takes longer

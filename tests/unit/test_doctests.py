@@ -10,7 +10,7 @@ import pytest
 
 MODULES = (
     "cxrcore.bench", "cxrcore.bench.report", "cxrcore.checkpoint", "cxrcore.config", "cxrcore.data.ingest",
-    "cxrcore.data.layout", "cxrcore.data.spec",
+    "cxrcore.data.layout", "cxrcore.data.spec", "cxrcore.data.split",
     "cxrcore.evaluate.comparison", "cxrcore.evaluate.evaluation", "cxrcore.evaluate.external",
     "cxrcore.evaluate.report",
     "cxrcore.inference", "cxrcore.metrics",

@@ -394,3 +394,36 @@ def test_the_card_carries_the_warning_that_the_datasets_sources_separate_classes
         "Normal": 2,
         "Viral Pneumonia": 0,
     }
+
+
+def test_a_frozen_backbone_trains_its_head_alone_and_keeps_its_batchnorm_statistics(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A review (session 52): freezing existed in the Python API only, and left BatchNorm's running
+    statistics to every batch (all 40 buffers of a ResNet moved, then precise BN replaced them), so the
+    "frozen" features moved. `--freeze-backbone` trains the head; the backbone's weights and statistics
+    stay."""
+    from cxrcore.cli import main
+    from cxrcore.models.pretrained import freeze_all_but_head
+    from cxrcore.train.engine import frozen_norms, recalibrate_batchnorm, run_epoch
+
+    torch.manual_seed(0)
+    model = create_model("tiny_resnet", image_size=32)
+    assert freeze_all_but_head(model) == ["fc.weight", "fc.bias"]
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    spec = get_input_spec(model)
+    batches = [_batch(32) for _ in range(3)]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    run_epoch(model, batches, spec, optimizer=optimizer)
+    recalibrate_batchnorm(model, batches, spec)
+    after = model.state_dict()
+    changed = {name for name in after if not torch.equal(after[name], before[name])}
+    assert changed == {"fc.weight", "fc.bias"}  # not a running mean, variance or batch count
+    assert len(frozen_norms(model)) == sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) > 0
+    assert frozen_norms(create_model("tiny_resnet", image_size=32)) == []  # nothing frozen unasked
+
+    train = ["train", "--data", "ds", "--dry-run", "--freeze-backbone"]
+    assert main([*train, "--model", "tiny_cnn_lstm", "--pretrained", "none"]) == 2
+    assert "--freeze-backbone: needs pretrained weights" in capsys.readouterr().err
+    assert main([*train, "--model", "tiny_cnn_lstm"]) == 2
+    assert "--freeze-backbone: tiny_cnn_lstm has no pretrained backbone to freeze" in capsys.readouterr().err

@@ -200,3 +200,97 @@ def test_offline_with_an_empty_hub_cache_is_refused_before_ray_starts(
     assert check_hub("tiny_cnn_lstm", "auto") is None  # no hub weights: nothing to look for
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, name: f"/cache/{repo}/{name}")
     assert check_hub("resnet18", "auto") == "hub"  # cached: the run loads them offline
+
+
+def test_the_weights_a_run_starts_from_are_recorded_and_not_replaced_unasked(
+    tmp_path: Path, rgb_weights: tuple[Path, dict[str, torch.Tensor]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A review (session 52): a card said only `training.pretrained: wout` (a folder), and `import-weights`
+    replaced the file in it without a word: a tune run then started from other weights than a train run
+    whose card said the same. The written file records its source; a run's card the file by its sha256."""
+    import hashlib
+
+    from safetensors import safe_open
+
+    from cxrcore.train.trainer import started_from
+
+    source, _ = rgb_weights
+    folder = tmp_path / "weights"
+    command = ["models", "import-weights", "tiny_resnet", "--from", str(source), "--out", f"{folder}/"]
+    assert main(command) == 0
+    written = folder / "tiny_resnet-1ch.safetensors"
+    with safe_open(str(written), framework="pt") as file:
+        assert file.metadata() == {"cxr.source": "rgb.pth", "cxr.source_sha256": _sha(source)}
+    before = written.read_bytes()
+    capsys.readouterr()
+    assert main(command) == 2  # the same again: refused, the file kept
+    assert f"--out {written} exists (sha256 {_sha(written)[:12]}…, from rgb.pth)" in capsys.readouterr().err
+    assert written.read_bytes() == before and main([*command, "--force"]) == 0
+
+    record = started_from("tiny_resnet", str(written))
+    assert record == {
+        "file": "tiny_resnet-1ch.safetensors",
+        "sha256": hashlib.sha256(before).hexdigest(),
+        "source": "rgb.pth",
+        "source_sha256": _sha(source),
+    }
+    assert started_from("tiny_resnet", str(source)) == {"file": "rgb.pth", "sha256": _sha(source)}
+    assert started_from("resnet18", "hub") == {"source": "hub:timm/resnet18.a1_in1k"}
+    assert started_from("tiny_resnet", None) is None
+
+    from cxrcore.config import TrainConfig
+    from cxrcore.train.trainer import loop_config
+    from tests.unit.test_external_eval import write_dataset
+
+    data = write_dataset(tmp_path / "ds", [("COVID", "train", 1), ("COVID", "val", 2)], "f")
+    config = loop_config(TrainConfig(data=data, model="tiny_resnet", pretrained=str(folder)))
+    assert config["data"]["initial_weights"] == record  # the card's data block
+
+
+def _sha(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_training_checkpoints_and_data_parallel_names_are_read_as_their_weights(
+    tmp_path: Path, rgb_weights: tuple[Path, dict[str, torch.Tensor]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A review (session 52): `{'state_dict': ...}`, `{'model': ...}`, timm's `model_best.pth.tar` (with an
+    argparse.Namespace of its arguments) and DataParallel's `module.` names were each refused, with advice
+    a user could not act on (torch's `add_safe_globals`); each is read as the weights it holds. A pickle
+    naming anything else is still refused."""
+    import argparse
+
+    from cxrcore.checkpoint import UnsafeWeightsError
+    from cxrcore.models.pretrained import read_pretrained
+
+    _, state = rgb_weights
+    layouts = {
+        "lightning.ckpt": {"state_dict": state, "epoch": 3},
+        "reference.pth": {"model": state, "optimizer": {}, "args": argparse.Namespace(lr=0.1)},
+        "model_best.pth.tar": {"state_dict": state, "state_dict_ema": state, "args": argparse.Namespace(a=1)},
+        "dataparallel.pth": {f"module.{key}": value for key, value in state.items()},
+    }
+    for name, content in layouts.items():
+        torch.save(content, tmp_path / name)
+        read = read_pretrained(tmp_path / name)
+        assert read.keys() == state.keys(), name
+        torch.testing.assert_close(read["conv1.weight"], state["conv1.weight"])
+        out = str(tmp_path / f"{name}.safetensors")
+        assert (
+            main(["models", "import-weights", "tiny_resnet", "--from", str(tmp_path / name), "--out", out])
+            == 0
+        )
+    torch.save({"epoch": 3, "optimizer": {"lr": torch.tensor(0.1)}}, tmp_path / "no-weights.pth")
+    with pytest.raises(UnsafeWeightsError, match=r"nor a checkpoint holding one under 'state_dict'.*'epoch'"):
+        read_pretrained(tmp_path / "no-weights.pth")
+
+    class Evil:
+        def __reduce__(self) -> tuple[object, tuple[str]]:
+            return (print, ("ran",))
+
+    torch.save({"state_dict": state, "hook": Evil()}, tmp_path / "evil.pth")
+    with pytest.raises(UnsafeWeightsError, match="cxr never unpickles arbitrary objects"):
+        read_pretrained(tmp_path / "evil.pth")
+    assert "ran" not in capsys.readouterr().out

@@ -186,3 +186,20 @@ def test_patients_join_their_groups_and_a_placeholder_id_joins_nothing() -> None
     assert groups == [0, 1, 2, 3, 4, 4, 6, 7] and placeholders == {"0000": 2, "Unknown": 2, "XXXX": 2}
     common = ["P1"] * 25 + [f"Q{i}" for i in range(75)]  # a quarter under one id: more than a patient holds
     assert patient_groups(list(range(100)), common)[1] == {"P1": 25}
+
+
+def test_an_id_taken_for_a_placeholder_by_its_count_alone_is_neither_printed_nor_stored() -> None:
+    """A privacy review (session 52): a patient with 22 daily films (over 20 and a tenth of the images) had
+    their MRN printed and kept in ingest_report.json as an "anonymised placeholder"; ids that say they name
+    no one ("ANON", zeros) are still named, and so are patient folders, whose names the dataset holds."""
+    import json
+
+    from cxrcore.data.ingest import _patient_warnings, _shown
+
+    placeholders = {"ANON": 30, "MRN-0042": 22}
+    report = {"column": "PatientID (DICOM)", "placeholders": _shown(placeholders), "without_patient": 52}
+    warnings = _patient_warnings(report)
+    assert report["placeholders"] == {"ANON": 30, "not shown 1": 22}
+    assert "MRN-0042" not in json.dumps(report) + "".join(warnings)
+    assert warnings[0].startswith("patient id 'ANON' names 30 images")
+    assert warnings[1].startswith("a patient id (not shown: it may be a real patient's, with many films)")
