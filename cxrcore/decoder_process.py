@@ -137,8 +137,6 @@ def _file_holding(data: bytes) -> Iterator[str]:
         finally:
             os.close(fd)
         return
-    import tempfile
-
     with tempfile.NamedTemporaryFile(suffix=".dcm", dir=os.environ.get(_SCRATCH_ENV)) as file:
         file.write(data)
         file.flush()

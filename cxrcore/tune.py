@@ -1149,6 +1149,7 @@ def _best_per_architecture(
     Where ingest held sources out, the test report's `source_holdout` block comes along: the comparison
     shows the held-out-source figures beside the random-split ones.
     """
+    from cxrcore.evaluate.comparison import initial_weights_text
     from cxrcore.models import create_model
 
     # 'resnet' searches its depths as one architecture, as ASHA compares them (its best depth stands for
@@ -1188,6 +1189,9 @@ def _best_per_architecture(
             "ref": version.ref,
             "report": _published(report / "report.html", work, experiment or str(work)),
             "parameters": parameters,
+            # what its weights started from: a comparison of a pretrained ResNet with an architecture
+            # trained from scratch said nothing of the head start (a review, session 52)
+            "initial_weights": initial_weights_text(version.card.data),
             "train_images_per_s": trial["train_images_per_s"],
             "test_accuracy": test["accuracy"],
             "test_macro_f1": test["macro_f1"],

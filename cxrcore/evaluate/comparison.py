@@ -568,6 +568,7 @@ def _best_tables(ranked: list[tuple[str, Mapping[str, Any]]]) -> str:
             "train images/s (last epoch)": row["train_images_per_s"],
             "epochs run": row["epochs_run"],
             "kept epoch": row.get("best_epoch"),
+            "initial weights": row.get("initial_weights", "-"),
             "lr": row["lr"],
             "weight decay": row["weight_decay"],
             "batch": row["batch_size"],
@@ -581,6 +582,32 @@ def _best_tables(ranked: list[tuple[str, Mapping[str, Any]]]) -> str:
     )
     parts += ["<h3>Training</h3>", note, html_table(training)]
     return "\n".join(parts)
+
+
+def initial_weights_text(data: Mapping[str, Any]) -> str:
+    """What a card's weights started from, in a few words (its `data` block): a cxr checkpoint fine-tuned
+    (`pretrained_from`), a weights file or the hub's model (`initial_weights`), or none.
+
+    >>> initial_weights_text({})
+    'none (from scratch)'
+    >>> initial_weights_text({"initial_weights": {"source": "hub:timm/resnet18.a1_in1k"}})
+    'hub:timm/resnet18.a1_in1k'
+    >>> initial_weights_text({"initial_weights": {"file": "resnet18-1ch.safetensors", "sha256": "ab" * 32,
+    ...                                            "source": "rgb.pth"}})
+    'resnet18-1ch.safetensors (sha256 abababababab…), from rgb.pth'
+    >>> initial_weights_text({"pretrained_from": {"checkpoint": "/r/x/v3", "weights_sha256": "cd" * 32}})
+    'cxr checkpoint v3 (sha256 cdcdcdcdcdcd…)'
+    """
+    if isinstance(lineage := data.get("pretrained_from"), Mapping):
+        name = str(lineage.get("checkpoint") or "").rstrip("/").rsplit("/", 1)[-1] or "?"
+        return f"cxr checkpoint {name} (sha256 {str(lineage.get('weights_sha256'))[:12]}…)"
+    start = data.get("initial_weights")
+    if not isinstance(start, Mapping):
+        return "none (from scratch)"
+    if "file" not in start:
+        return str(start.get("source", "?"))
+    source = f", from {start['source']}" if start.get("source") else ""
+    return f"{start['file']} (sha256 {str(start.get('sha256'))[:12]}…){source}"
 
 
 def _curves(out: Path, ranked: list[tuple[str, Mapping[str, Any]]], kept: Mapping[str, int]) -> list[Path]:
