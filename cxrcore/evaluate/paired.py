@@ -1,0 +1,253 @@
+"""Two models scored on the same images, compared image by image: `cxr compare EVAL_A EVAL_B`.
+
+Each folder is what `cxr evaluate` wrote (metrics.json, predictions.csv). The images are joined by their
+content hash (`sha256`), so the comparison is paired: the figures are the two models' on the images both
+scored, the difference in accuracy and macro-F1 comes with a paired bootstrap interval, and the test of
+"is one better" is McNemar's exact test on the images exactly one of them got right. Two models' own
+accuracy intervals are the wrong yardstick for their difference: on the same images their errors are
+correlated, and two overlapping intervals can hide a difference the paired test finds (or the reverse).
+
+This is what a site asks before promoting a fine-tune over the shipped model, or a candidate over
+production: `cxr evaluate` both on the same split of its own data, then compare.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxrcore.metrics import mcnemar_exact
+
+RESAMPLES = 2000
+"""Paired bootstrap resamples of the images for the differences' 95% intervals (fixed seed: the same two
+folders give the same intervals)."""
+SIGNIFICANCE = 0.05
+
+
+class ComparisonError(ValueError):
+    """Two evaluation folders that cannot be compared (missing files, other classes, no image in common)."""
+
+
+def compare_evaluations(first: str | Path, second: str | Path, resamples: int = RESAMPLES) -> dict[str, Any]:
+    """The paired comparison of two `cxr evaluate` folders: what each scored, the images both scored,
+    each model's accuracy and macro-F1 on them, the differences (second minus first) with 95% intervals,
+    McNemar's exact p on the images exactly one got right, per class the recalls and those images, and
+    a verdict in words."""
+    a, b = _read(Path(first)), _read(Path(second))
+    if a["classes"] != b["classes"]:
+        raise ComparisonError(
+            f"the two evaluations score other classes ({', '.join(a['classes'])} against "
+            f"{', '.join(b['classes'])}): they are not of the same task"
+        )
+    classes = a["classes"]
+    joined = a["rows"].merge(b["rows"], on="sha256", suffixes=("_a", "_b"))
+    if joined.empty:
+        raise ComparisonError(
+            f"no image is in both evaluations ({len(a['rows'])} and {len(b['rows'])} images, joined by their "
+            "sha256): score both models on the same dataset and split"
+        )
+    relabelled = int((joined["label_a"] != joined["label_b"]).sum())
+    if relabelled:
+        raise ComparisonError(
+            f"{relabelled} of the {len(joined)} images both scored carry another true class in each: the "
+            "evaluations read differently labelled datasets, so their scores cannot be compared"
+        )
+    labels = np.asarray([classes.index(label) for label in joined["label_a"]])
+    predicted_a = np.asarray([classes.index(p) for p in joined["predicted_a"]])
+    predicted_b = np.asarray([classes.index(p) for p in joined["predicted_b"]])
+    right_a, right_b = predicted_a == labels, predicted_b == labels
+    only_a, only_b = int((right_a & ~right_b).sum()), int((right_b & ~right_a).sum())
+    n = len(labels)
+    rng = np.random.default_rng(0)
+    draws = rng.integers(0, n, size=(resamples, n))
+    accuracy = {"first": float(right_a.mean()), "second": float(right_b.mean())}
+    macro_f1 = {
+        "first": _macro_f1(labels, predicted_a, len(classes)),
+        "second": _macro_f1(labels, predicted_b, len(classes)),
+    }
+    accuracy_diffs = right_b[draws].mean(axis=1) - right_a[draws].mean(axis=1)
+    f1_diffs = np.asarray(
+        [
+            _macro_f1(labels[draw], predicted_b[draw], len(classes))
+            - _macro_f1(labels[draw], predicted_a[draw], len(classes))
+            for draw in draws
+        ]
+    )
+    p_value = mcnemar_exact(only_a, only_b)
+    per_class = {}
+    for k, name in enumerate(classes):
+        mine = labels == k
+        if not mine.any():
+            continue
+        first_only = int((right_a & ~right_b & mine).sum())
+        second_only = int((right_b & ~right_a & mine).sum())
+        per_class[name] = {
+            "n": int(mine.sum()),
+            "recall_first": float(right_a[mine].mean()),
+            "recall_second": float(right_b[mine].mean()),
+            "only_first": first_only,
+            "only_second": second_only,
+            "mcnemar_p": mcnemar_exact(first_only, second_only),
+        }
+    result: dict[str, Any] = {
+        "first": a["described"],
+        "second": b["described"],
+        "classes": classes,
+        "n": n,
+        "only_in_first": len(a["rows"]) - n,
+        "only_in_second": len(b["rows"]) - n,
+        "accuracy": accuracy,
+        "accuracy_difference": accuracy["second"] - accuracy["first"],
+        "accuracy_difference_ci95": _interval(accuracy_diffs),
+        "macro_f1": macro_f1,
+        "macro_f1_difference": macro_f1["second"] - macro_f1["first"],
+        "macro_f1_difference_ci95": _interval(f1_diffs),
+        "only_first_right": only_a,
+        "only_second_right": only_b,
+        "mcnemar_p": p_value,
+        "per_class": per_class,
+        "resamples": resamples,
+    }
+    result["notes"] = _notes(a, b, result)
+    result["verdict"] = _verdict(result)
+    return result
+
+
+def format_comparison(result: Mapping[str, Any]) -> str:
+    """The comparison as `cxr compare` prints it: what was compared, a table, the verdict, the notes."""
+    from cxrcore.tables import format_table
+
+    first, second = result["first"], result["second"]
+    lines = [
+        f"first:  {first['model']} on {first['dataset']} (split {first['split']})",
+        f"second: {second['model']} on {second['dataset']} (split {second['split']})",
+        f"images both scored: {result['n']}",
+    ]
+    low, high = result["accuracy_difference_ci95"]
+    f1_low, f1_high = result["macro_f1_difference_ci95"]
+    rows = [
+        ["accuracy", _f(result["accuracy"]["first"]), _f(result["accuracy"]["second"]),
+         f"{result['accuracy_difference']:+.3f} ({low:+.3f} to {high:+.3f})"],
+        ["macro-F1", _f(result["macro_f1"]["first"]), _f(result["macro_f1"]["second"]),
+         f"{result['macro_f1_difference']:+.3f} ({f1_low:+.3f} to {f1_high:+.3f})"],
+    ]  # fmt: skip
+    for name, row in result["per_class"].items():
+        rows.append(
+            [f"recall {name} (n={row['n']})", _f(row["recall_first"]), _f(row["recall_second"]),
+             f"{row['recall_second'] - row['recall_first']:+.3f}; right in one only: "
+             f"{row['only_first']} / {row['only_second']}"]
+        )  # fmt: skip
+    lines.append(format_table(["", "first", "second", "second − first (95% CI)"], rows))
+    lines.append(
+        f"right in one only: first {result['only_first_right']}, second {result['only_second_right']} "
+        f"(McNemar exact p = {result['mcnemar_p']:.3g})"
+    )
+    lines.append(result["verdict"])
+    lines += [f"NOTE: {note}" for note in result["notes"]]
+    return "\n".join(lines)
+
+
+def _read(folder: Path) -> dict[str, Any]:
+    import pandas as pd
+
+    metrics_path, predictions_path = folder / "metrics.json", folder / "predictions.csv"
+    for path in (metrics_path, predictions_path):
+        if not path.is_file():
+            raise ComparisonError(f"{path} is missing: give a folder `cxr evaluate --out` wrote")
+    try:
+        metrics = json.loads(metrics_path.read_text())
+        # as text: a hash of digits alone (or a class named "1") must not be read as a number
+        rows = pd.read_csv(predictions_path, dtype={"sha256": str, "label": str, "predicted": str})
+    except (OSError, ValueError) as exc:
+        raise ComparisonError(f"{folder}: cannot read its evaluation ({exc})") from exc
+    if "per_class" not in metrics or "classes" not in metrics:
+        raise ComparisonError(f"{folder} is not a classifier's evaluation (a segmenter's has no classes)")
+    missing = {"sha256", "label", "predicted"} - set(rows.columns)
+    if missing:
+        raise ComparisonError(
+            f"{predictions_path} lacks the columns {', '.join(sorted(missing))} (an older cxr wrote it?): "
+            "run `cxr evaluate` again"
+        )
+    total = len(rows)
+    rows = rows.drop_duplicates("sha256")  # an image kept twice in a dataset counts once in the pairing
+    evaluated = metrics.get("evaluated") or {}
+    described = {
+        "folder": str(folder),
+        "model": evaluated.get("model", "?"),
+        "weights_sha256": evaluated.get("weights_sha256"),
+        "dataset": evaluated.get("dataset", "?"),
+        "fingerprint": evaluated.get("fingerprint"),
+        "split": evaluated.get("split", "?"),
+        "relation": evaluated.get("relation"),
+        "note": evaluated.get("note"),
+        "images": total,
+    }
+    classes = [str(name) for name in metrics["classes"]]
+    return {"rows": rows[["sha256", "label", "predicted"]], "classes": classes, "described": described}
+
+
+def _macro_f1(labels: np.ndarray, predicted: np.ndarray, classes: int) -> float:
+    """Macro-F1 over the classes present among `labels` (as `cxr evaluate` counts a class without images:
+    not at all)."""
+    scores = []
+    for k in range(classes):
+        support = int((labels == k).sum())
+        if not support:
+            continue
+        hits = int(((predicted == k) & (labels == k)).sum())
+        answered = int((predicted == k).sum())
+        scores.append(2 * hits / (support + answered))
+    return float(np.mean(scores)) if scores else 0.0
+
+
+def _interval(values: np.ndarray) -> tuple[float, float]:
+    low, high = np.percentile(values, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def _f(value: float) -> str:
+    return f"{value:.3f}"
+
+
+def _notes(a: Mapping[str, Any], b: Mapping[str, Any], result: Mapping[str, Any]) -> list[str]:
+    first, second = a["described"], b["described"]
+    notes = []
+    if first["weights_sha256"] and first["weights_sha256"] == second["weights_sha256"]:
+        notes.append("both evaluations scored the same weights: one model, not two")
+    if first["fingerprint"] != second["fingerprint"]:
+        notes.append(
+            f"the datasets differ (fingerprints {first['fingerprint']} and {second['fingerprint']}): "
+            f"compared on the {result['n']} images both scored"
+        )
+    if result["only_in_first"] or result["only_in_second"]:
+        notes.append(
+            f"{result['only_in_first']} images only the first scored and {result['only_in_second']} only the "
+            "second are left out"
+        )
+    for which, described in (("first", first), ("second", second)):
+        if described["note"]:
+            notes.append(f"the {which} evaluation {described['note']}")
+    if result["n"] < 30:
+        notes.append(f"{result['n']} images: only a large difference can show")
+    return notes
+
+
+def _verdict(result: Mapping[str, Any]) -> str:
+    only_a, only_b, p = result["only_first_right"], result["only_second_right"], result["mcnemar_p"]
+    if only_a == only_b == 0:
+        return "The two models got the same images right: no difference on these images."
+    if p < SIGNIFICANCE:
+        better = "second" if only_b > only_a else "first"
+        return (
+            f"The {better} model is better on these images: of the {only_a + only_b} images exactly one got "
+            f"right, the {better} got {max(only_a, only_b)} (McNemar exact p = {p:.3g} < {SIGNIFICANCE})."
+        )
+    return (
+        f"No difference shown on these images (McNemar exact p = {p:.3g}): of the {only_a + only_b} images "
+        f"exactly one got right, the first got {only_a} and the second {only_b}; more images, or a larger "
+        "difference, would be needed to tell them apart."
+    )

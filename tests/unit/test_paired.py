@@ -1,0 +1,112 @@
+"""`cxr compare`: two `cxr evaluate` folders of the same images, compared image by image."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cxrcore.cli import main
+from cxrcore.evaluate.paired import ComparisonError, compare_evaluations
+from cxrcore.labels import CLASSES
+from cxrcore.metrics import mcnemar_exact
+
+
+def write_evaluation(
+    folder: Path, labels: list[str], predicted: list[str], weights: str = "a" * 64, fingerprint: str = "f1"
+) -> Path:
+    """A folder as `cxr evaluate --out` writes it, reduced to what `cxr compare` reads."""
+    folder.mkdir(parents=True)
+    hashes = [f"{i:064x}" for i in range(len(labels))]
+    pd.DataFrame({"file": [f"{i}.png" for i in range(len(labels))], "sha256": hashes, "label": labels,
+                  "predicted": predicted}).to_csv(folder / "predictions.csv", index=False)  # fmt: skip
+    evaluated = {"model": f"model-{folder.name}", "weights_sha256": weights, "dataset": "/data/site",
+                 "fingerprint": fingerprint, "split": "test", "relation": "external"}  # fmt: skip
+    metrics = {"classes": list(CLASSES), "per_class": {}, "evaluated": evaluated}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    return folder
+
+
+def test_a_candidate_right_where_production_was_wrong_is_shown_better_with_a_paired_test(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """40 images, each class 10: both right on 24, the candidate alone on 12, production alone on 2."""
+    labels = [CLASSES[i % 4] for i in range(40)]
+    wrong = {label: CLASSES[(CLASSES.index(label) + 1) % 4] for label in CLASSES}
+    first = [label if i < 26 else wrong[label] for i, label in enumerate(labels)]  # right: 0-25
+    second = [label if i < 24 or (i >= 26 and i < 38) else wrong[label] for i, label in enumerate(labels)]
+    a = write_evaluation(tmp_path / "production", labels, first)
+    b = write_evaluation(tmp_path / "candidate", labels, second, weights="b" * 64)
+    result = compare_evaluations(a, b)
+    assert (result["n"], result["only_first_right"], result["only_second_right"]) == (40, 2, 12)
+    assert result["mcnemar_p"] == pytest.approx(mcnemar_exact(2, 12)) and result["mcnemar_p"] < 0.05
+    assert result["accuracy"] == {"first": 26 / 40, "second": 36 / 40}
+    low, high = result["accuracy_difference_ci95"]
+    assert 0 < low < 0.25 < high  # the difference, +0.25, inside its interval, which excludes 0
+    assert result["verdict"].startswith("The second model is better on these images")
+    assert sum(row["only_second"] for row in result["per_class"].values()) == 12
+    assert compare_evaluations(a, b) == result  # the same intervals again: a fixed seed
+
+    assert main(["compare", str(a), str(b)]) == 0
+    printed = capsys.readouterr().out
+    assert "images both scored: 40" in printed and "McNemar exact p = 0.0129" in printed
+    assert "The second model is better on these images" in printed
+    assert main(["compare", str(a), str(b), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["only_second_right"] == 12
+
+
+def test_two_models_apart_on_few_images_are_not_called_different(tmp_path: Path) -> None:
+    labels = [CLASSES[i % 4] for i in range(12)]
+    first = list(labels)
+    first[0] = first[1] = CLASSES[3]
+    second = list(labels)
+    second[2] = CLASSES[0]
+    result = compare_evaluations(
+        write_evaluation(tmp_path / "a", labels, first), write_evaluation(tmp_path / "b", labels, second)
+    )
+    assert (result["only_first_right"], result["only_second_right"]) == (1, 2)
+    assert result["verdict"].startswith("No difference shown on these images (McNemar exact p = 1)")
+    assert "12 images: only a large difference can show" in result["notes"]
+    assert "both evaluations scored the same weights: one model, not two" in result["notes"]
+
+
+def test_the_images_are_paired_by_their_hash_and_other_images_left_out(tmp_path: Path) -> None:
+    """The second evaluation scored the same images in another order, and two more."""
+    labels = [CLASSES[i % 4] for i in range(8)]
+    a = write_evaluation(tmp_path / "a", labels, labels)
+    b = write_evaluation(
+        tmp_path / "b", [*labels, "COVID", "Normal"], [*labels, "COVID", "COVID"], fingerprint="f2"
+    )
+    frame = pd.read_csv(b / "predictions.csv", dtype=str).iloc[::-1]  # reversed: joined by sha256, not by row
+    frame.to_csv(b / "predictions.csv", index=False)
+    result = compare_evaluations(a, b)
+    assert (result["n"], result["only_in_first"], result["only_in_second"]) == (8, 0, 2)
+    assert result["accuracy"] == {"first": 1.0, "second": 1.0}
+    assert any(note.startswith("the datasets differ (fingerprints f1 and f2)") for note in result["notes"])
+
+
+def test_evaluations_that_cannot_be_compared_are_refused_saying_why(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    labels = [CLASSES[i % 4] for i in range(8)]
+    a = write_evaluation(tmp_path / "a", labels, labels)
+    relabelled = write_evaluation(tmp_path / "relabelled", [CLASSES[(i + 1) % 4] for i in range(8)], labels)
+    with pytest.raises(ComparisonError, match="8 of the 8 images both scored carry another true class"):
+        compare_evaluations(a, relabelled)
+    other = write_evaluation(tmp_path / "other", labels, labels)
+    frame = pd.read_csv(other / "predictions.csv", dtype=str)
+    frame["sha256"] = [f"{i + 100:064x}" for i in range(8)]
+    frame.to_csv(other / "predictions.csv", index=False)
+    with pytest.raises(ComparisonError, match="no image is in both evaluations"):
+        compare_evaluations(a, other)
+    assert main(["compare", str(a), str(tmp_path / "nowhere")]) == 2
+    assert "metrics.json is missing: give a folder `cxr evaluate --out` wrote" in capsys.readouterr().err
+    old = write_evaluation(tmp_path / "old", labels, labels)
+    frame = pd.read_csv(old / "predictions.csv", dtype=str)
+    frame.drop(columns="sha256").to_csv(old / "predictions.csv", index=False)
+    with pytest.raises(ComparisonError, match="lacks the columns sha256"):
+        compare_evaluations(a, old)
+    assert np.isfinite(compare_evaluations(a, a)["mcnemar_p"])
