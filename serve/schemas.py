@@ -143,6 +143,7 @@ class ServeArgs(BaseModel):
                 f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_batch_size "
                 f"({self.max_batch_size}), or batches can never fill"
             )
+        self.cors_origins = ",".join(_origin(item) for item in self.cors_origins.split(",") if item.strip())
         return self
 
     @property
@@ -152,6 +153,30 @@ class ServeArgs(BaseModel):
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+
+def _origin(text: str) -> str:
+    """One `cors_origins` entry as browsers send an Origin: `scheme://host[:port]`, lower-case, no path.
+
+    Browsers compare it exactly, so an entry with a trailing slash or a path (`https://viewer.example/`,
+    pasted from the address bar) never matched: the viewer's calls all failed with nothing said at start.
+    A trailing slash is dropped; a path, a missing scheme or another scheme than http(s) is refused.
+
+    >>> _origin(" https://Viewer.Example/ "), _origin("http://10.0.0.5:8080"), _origin("*")
+    ('https://viewer.example', 'http://10.0.0.5:8080', '*')
+    """
+    from urllib.parse import urlsplit
+
+    origin = text.strip()
+    if origin == "*":
+        return origin
+    parts = urlsplit(origin.rstrip("/"))
+    if parts.scheme.lower() not in ("http", "https") or not parts.netloc or parts.path or parts.query:
+        raise ValueError(
+            f"cors_origins: {origin!r} is not an origin; give scheme://host[:port] as the page's address bar "
+            "starts (https://viewer.example), without a path, comma-separated, or *"
+        )
+    return f"{parts.scheme.lower()}://{parts.netloc.lower()}"
 
 
 class ClassifierConfig(BaseModel):

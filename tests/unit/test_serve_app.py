@@ -286,3 +286,17 @@ def test_a_checkpoint_folder_is_served_as_one_with_a_registry_set(tmp_path: Path
     assert resolve_model(str(registry), "production").ref == "tiny_dual_cnn:1"  # references as before
     with pytest.raises(FileNotFoundError, match="nosuch"):  # a mistyped path is said to be one
         resolve_model(str(registry), str(tmp_path / "runs" / "nosuch" / "checkpoint_epoch_001"))
+
+
+def test_cors_origins_are_written_as_browsers_send_them_or_refused() -> None:
+    """Browsers compare an Origin exactly: `https://viewer.example/` (from the address bar) never matched,
+    and a viewer's every call failed with nothing said at start (a long-standing review note)."""
+    import pydantic
+
+    assert ServeArgs(cors_origins=" https://Viewer.Example/ ,http://10.0.0.5:8080").cors_origins == (
+        "https://viewer.example,http://10.0.0.5:8080"
+    )
+    assert ServeArgs(cors_origins="*").cors_origins == "*" and ServeArgs().cors_origins == ""
+    for wrong in ("viewer.example", "https://viewer.example/app", "ftp://viewer.example"):
+        with pytest.raises(pydantic.ValidationError, match=f"cors_origins: '{wrong}' is not an origin"):
+            ServeArgs(cors_origins=wrong)
