@@ -251,6 +251,29 @@ def _fields_said(sent: list[str]) -> str:
     return f" (its fields: {said})"
 
 
+_TRUE, _FALSE = frozenset({"", "true", "1", "yes", "on"}), frozenset({"false", "0", "no", "off"})
+
+
+def explain_flag(value: str | None) -> bool:
+    """The `explain` query parameter: present alone (`?explain`, as the README writes it) or a yes is true.
+
+    As a plain boolean, `/v1/predict?explain` (an empty value) was refused 400 `invalid_request`, while the
+    documentation and every example wrote it that way.
+
+    >>> explain_flag(None), explain_flag(""), explain_flag("TRUE"), explain_flag("0")
+    (False, True, True, False)
+    """
+    if value is None:
+        return False
+    word = value.strip().lower()
+    if word in _TRUE or word in _FALSE:
+        return word in _TRUE
+    raise ApiError(
+        400, "invalid_request", f"query.explain: {value[:40]!r} is neither true nor false; send ?explain "
+        "alone or ?explain=true to explain, leave it out (or ?explain=false) not to"
+    )  # fmt: skip
+
+
 AUDIT_USER_HEADERS = ("X-Forwarded-User", "X-Remote-User", "X-Auth-Request-User")
 """Headers an authenticating gateway in front of the API sets to the signed-in user (oauth2-proxy, Apache,
 nginx auth_request): the audit line's `user`, the first present. cxr checks no identity itself."""
@@ -418,9 +441,15 @@ class _Routes:
     async def predict(
         self,
         request: Request,
-        explain: bool = Query(False, description="add a Grad-CAM heatmap and the lung mask used"),
+        explain: str | None = Query(
+            None,
+            description="add a Grad-CAM heatmap and the lung mask used: `?explain` alone, or "
+            "`?explain=true` (`1`, `yes`, `on`); `false` (`0`, `no`, `off`) or none answers without",
+            openapi_examples={"on": {"value": "true"}, "off": {"value": "false"}},
+        ),
     ) -> Prediction:
         """Class probabilities of one chest X-ray; 503 `overloaded` with Retry-After when at capacity."""
+        explained = explain_flag(explain)
         if self._draining:
             # The upload is read first: a server that answers and closes while its client still sends the
             # body may reset the connection, and the client then sees no 503 at all.
@@ -434,7 +463,7 @@ class _Routes:
             )
         self._in_flight += 1  # changed only by the handlers, on the app's event loop; drain only reads it
         try:
-            return await self._answer(request, explain)
+            return await self._answer(request, explained)
         finally:
             self._in_flight -= 1
 

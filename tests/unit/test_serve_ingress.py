@@ -344,7 +344,7 @@ def test_a_body_without_its_length_is_told_so(classifier: LocalClassifier) -> No
 
 def test_clients_calling_the_routes_other_ways_are_answered(client: httpx.Client) -> None:
     """A trailing slash was a 307 with an empty body (httpx and curl do not follow it by default); HEAD, as
-    uptime monitors send it, a 405; a bare `?explain` a message that did not say what is accepted."""
+    uptime monitors send it, a 405; a bare `?explain` a 400 (now the explanation it asks for)."""
     slash = client.post("/v1/predict/", content=GOOD_PNG, headers={"content-type": "image/png"})
     assert slash.status_code == 404 and slash.json()["error"] == "not_found"
     assert "no route POST /v1/predict/; this API answers POST /v1/predict" in slash.json()["detail"]
@@ -354,7 +354,7 @@ def test_clients_calling_the_routes_other_ways_are_answered(client: httpx.Client
         refused = client.delete(path)  # the Allow header names HEAD too, a route of its own
         assert refused.status_code == 405 and refused.headers["allow"] == "GET, HEAD", path
     bare = client.post("/v1/predict?explain", content=GOOD_PNG, headers={"content-type": "image/png"})
-    assert bare.status_code == 400 and bare.json()["detail"].endswith("(true or false)")
+    assert bare.status_code == 200 and bare.json()["explanation"] is not None
     spec = client.get("/openapi.json").json()
     assert "head" not in spec["paths"]["/healthz"]
     dicom = dicom_bytes(np.arange(64 * 80, dtype=np.uint16).reshape(64, 80) % 4096, preamble=False)
@@ -665,3 +665,15 @@ def test_an_audit_log_line_per_prediction_when_asked_for(classifier: LocalClassi
     assert line["weights_sha256"] == answer["model"]["weights_sha256"] and line["unusual"] is not None
     assert (line["client"], line["user"]) == ("10.1.2.3", "d")
     assert "patient-0042" not in text
+
+
+def test_a_bare_explain_asks_for_the_explanation_and_a_wrong_word_is_refused(client: Any) -> None:
+    """The README writes `/v1/predict?explain`; as a plain boolean parameter its empty value was refused 400
+    `invalid_request` (a long-standing review note)."""
+    for query, explained in (("?explain", True), ("?explain=On", True), ("?explain=0", False), ("", False)):
+        response = client.post(f"/v1/predict{query}", files={"file": ("x.png", GOOD_PNG)})
+        assert response.status_code == 200, (query, response.text)
+        assert (response.json()["explanation"] is not None) is explained, query
+    refused = client.post("/v1/predict?explain=maybe", files={"file": ("x.png", GOOD_PNG)})
+    assert refused.status_code == 400 and refused.json()["error"] == "invalid_request"
+    assert "'maybe' is neither true nor false; send ?explain alone" in refused.json()["detail"]
