@@ -280,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compare two models scored on the same images, image by image: give two folders "
         "`cxr evaluate --out` wrote (the same dataset and split, e.g. production and a candidate, or a "
         "shipped model and its fine-tune on this site's test split). Prints each model's accuracy, macro-F1 "
-        "and per-class recall on the images both scored, the differences with paired bootstrap 95%% "
+        "and per-class recall on the images both scored, the differences with 95% "
         "intervals, and McNemar's exact test on the images exactly one of them got right.",
     )
     compare.add_argument("first", metavar="EVAL_A", help="a `cxr evaluate` output folder")

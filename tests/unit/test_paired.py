@@ -110,3 +110,31 @@ def test_evaluations_that_cannot_be_compared_are_refused_saying_why(
     with pytest.raises(ComparisonError, match="lacks the columns sha256"):
         compare_evaluations(a, old)
     assert np.isfinite(compare_evaluations(a, a)["mcnemar_p"])
+
+
+def test_the_accuracy_interval_agrees_with_the_test_and_the_warnings_are_kept(tmp_path: Path) -> None:
+    """A review (session 52) on 13 real test images: a percentile bootstrap printed +0.308 (+0.077 to +0.538)
+    beside "No difference shown (p = 0.125)", and the comparison dropped what each evaluation had said of
+    the model having trained on some of the images and of sources that separate the classes."""
+    from cxrcore.evaluate.paired import paired_difference_interval
+
+    labels = [CLASSES[i % 4] for i in range(13)]
+    first = [CLASSES[(CLASSES.index(label) + 1) % 4] if i < 4 else label for i, label in enumerate(labels)]
+    a = write_evaluation(tmp_path / "a", labels, first)
+    b = write_evaluation(tmp_path / "b", labels, labels, weights="b" * 64)
+    metrics = json.loads((b / "metrics.json").read_text())
+    metrics["evaluated"]["sources_separate_classes"] = "every source holds one class only"
+    overlap = {"in_split": {"train": 5}}
+    metrics["external"] = {"dataset": "/data/site", "n": 13, "overlap_with_training_data": overlap}
+    (b / "metrics.json").write_text(json.dumps(metrics))
+    result = compare_evaluations(a, b)
+    assert (result["only_first_right"], result["only_second_right"], result["mcnemar_p"]) == (0, 4, 0.125)
+    low, high = result["accuracy_difference_ci95"]
+    assert low < 0 < high and result["verdict"].startswith("No difference shown")
+    assert "the evaluations' data: every source holds one class only" in result["notes"]
+    said = "the second evaluation: Not a clean external validation: the model was trained or validated on"
+    assert any(note.startswith(said) for note in result["notes"])
+    for only_first in range(8):  # the interval excludes 0 exactly where McNemar's p < 0.05
+        for only_second in range(8):
+            low, high = paired_difference_interval(only_first, only_second, 20)
+            assert (low > 0 or high < 0) == (mcnemar_exact(only_first, only_second) < 0.05)

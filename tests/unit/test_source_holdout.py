@@ -191,10 +191,16 @@ def test_evaluate_warns_where_the_datasets_sources_separate_classes(
     assert evaluated["sources_separate_classes"].startswith("every source holds one class only")
     html = (out / "report.html").read_text()
     assert ALERT_OPEN + "In the dataset, every source holds one class only" in html
-    # a source held out for testing measures it instead (the source hold-out block): no second warning
+    # A source held out for testing measures it instead (the source hold-out block) where its images hold
+    # both classes of the pair: one holding Normal alone cannot (a review, session 52, held out two
+    # COVID-only journals of the real sample, and this warning went silent everywhere).
     report["test_sources"] = [HELD]
     report_file.write_text(json.dumps(report))
-    assert (
-        main(["evaluate", "--checkpoint", str(checkpoint), "--data", own, "--out", str(tmp_path / "e2")]) == 0
-    )
+    evaluate = ["evaluate", "--checkpoint", str(checkpoint), "--data", own]
+    assert main([*evaluate, "--out", str(tmp_path / "e2")]) == 0
+    printed = capsys.readouterr().out
+    assert f"the held-out sources ({HELD}) hold Normal only, so their test images cannot show it" in printed
+    report["by_source_class"] = {SEEN: {"COVID": 2}, HELD: {"Normal": 2, "COVID": 1}}
+    report_file.write_text(json.dumps(report))
+    assert main([*evaluate, "--out", str(tmp_path / "e3")]) == 0
     assert "every source holds one class only" not in capsys.readouterr().out
