@@ -711,8 +711,7 @@ def _check_before_ray(config: Any, notes: list[str] | None = None) -> None:
             if takes_pretrained(m, config.pretrained)
         ]
     else:
-        resolve_pretrained(config.model, config.pretrained)  # the name too ("did you mean")
-        check_freeze(config)
+        check_freeze(config, resolve_pretrained(config.model, config.pretrained))  # the name too
         hub_models = [config.model]
         here(check_local_worker_cpus, config)  # as --gpu below: a plan may be for a bigger machine
     if no_file and hub_models:  # a comparison of models that take no weights never reads it
@@ -732,6 +731,10 @@ def _check_before_ray(config: Any, notes: list[str] | None = None) -> None:
             from cxrcore.tune import check_masks
 
             check_masks(config, report)
+        else:
+            from cxrcore.train.trainer import check_masks as check_training_masks
+
+            check_training_masks(config, report)
         unscored = unscored_classes(report, tuning=isinstance(config, TuneConfig))
         if unscored:
             print(f"WARNING: {unscored}", file=sys.stderr)
@@ -876,6 +879,7 @@ def _run_compare(args: argparse.Namespace) -> int:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
+    from cxrcore.evaluate.comparison import commonest_class_warning
     from cxrcore.evaluate.evaluation import evaluate_checkpoint
     from cxrcore.evaluate.external import verdict_alarming
     from cxrcore.evaluate.report import column_label, metrics_table, with_intervals
@@ -905,6 +909,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         missed = (evaluated or {}).get("missed")
         if missed:
             print(f"WARNING: the model {missed}; the accuracy does not show it, the recalls above do")
+        if chance := commonest_class_warning(metrics):
+            print(f"WARNING: {chance}")
         if (metrics.get("calibration") or {}).get("prior_note"):
             print(f"note: {metrics['calibration']['prior_note']}")
     if evaluated and evaluated.get("sources_separate_classes"):
@@ -1492,11 +1498,22 @@ def _run_demo(config: PipelineConfig) -> int:
 
         check_port_free("127.0.0.1", config.port)  # now, not after the training it would serve
     results = run_pipeline(config)
+    served = "production"
     if config.tune and results.get("production model") == "none":
+        if not results.get("candidate model"):
+            print(
+                "cxr: error: no architecture produced a checkpoint; nothing to register or serve",
+                file=sys.stderr,
+            )
+            return 1
+        # The winner is not shown to beat the commonest class: it is the candidate, not production. The
+        # demo serves it to show the service, and says so.
+        served = "candidate"
         print(
-            "cxr: error: no architecture produced a checkpoint; nothing to register or serve", file=sys.stderr
+            f"WARNING: no version is production (the winner {results['candidate model']} is not shown to "
+            "beat always answering the commonest class); the demo serves the candidate to show the service",
+            file=sys.stderr,
         )
-        return 1
     if config.serve and results.get("registry"):
         # One image of each class sent over HTTP like any client would, never one the model trained on:
         # the synthetic run's new clear examples (not in the dataset), else the first image of each class
@@ -1508,14 +1525,12 @@ def _run_demo(config: PipelineConfig) -> int:
         else:
             firsts = _held_out_firsts(results["raw"], results["dataset"])
             sent = "the first test-split image of each class"
-        print(
-            f"\n== serving {results['production model']} with Ray Serve on 127.0.0.1:{config.port}: {sent}",
-            flush=True,
-        )
+        model = results["production model"] if served == "production" else results["candidate model"]
+        print(f"\n== serving {model} with Ray Serve on 127.0.0.1:{config.port}: {sent}", flush=True)
         server = importlib.import_module("serve.server")  # serve/ builds on cxrcore, never the reverse
         try:
             answers = server.demo_predictions(
-                {"registry": results["registry"], "model": "production"},
+                {"registry": results["registry"], "model": served},
                 list(firsts.values()),
                 port=config.port,
             )

@@ -119,6 +119,9 @@ def run_pipeline(config: PipelineConfig) -> dict[str, str]:
         comparison = run_comparison(tune_config)
         print(format_comparison(comparison))
         results.update({"registry": registry, "production model": comparison["production"] or "none"})
+        candidate = (comparison.get("production_kept") or {}).get("candidate")
+        if not comparison["production"] and candidate:  # a winner not shown above chance: candidate only
+            results["candidate model"] = candidate
         results.update({f"comparison {k}": v for k, v in comparison["reports"].items()})
 
     step("done")

@@ -56,11 +56,12 @@ def search_plan(config: TuneConfig, train_rows: int) -> list[dict[str, Any]]:
     weight decay log-uniformly in SEARCH, and batch size from the automatic one, its double and (when
     at least 8) its half, once a round: every architecture gets the same configurations, whatever the
     order of --models and whichever others are compared (drawn in turn, `--models a,b` and `b,a` had
-    given a and b each other's draws). Trials are ordered round by round, so the first wave covers every
-    architecture; 'resnet' is every depth of RESNET_DEPTHS on each configuration (it stepped through them,
-    one a round: each depth met other hyperparameters, so ASHA's "best depth" compared depth and learning
-    rate together, and with --trials 2 resnet50 never ran; a review, session 52). With --repeats N each
-    configuration is trained N times, with seeds --seed to --seed + N - 1 (the first wave: every
+    given a and b each other's draws). Trials are ordered round by round, so the first round covers every
+    architecture. 'resnet' is every depth of RESNET_DEPTHS on each configuration, three trials a round
+    (it stepped through them, one a round: each depth met other hyperparameters, so ASHA's "best depth"
+    compared depth and learning rate together, and with --trials 2 resnet50 never ran; a review, session
+    52); the first wave of concurrent trials may then be its depths alone. With --repeats N each
+    configuration is trained N times, with seeds --seed to --seed + N - 1 (the first round: every
     architecture at --seed).
     """
     import numpy as np
@@ -487,11 +488,14 @@ def _promote_winner(
         # another experiment's winner). Re-running it, to resume or to remake its reports, must not
         # undo that: an operator's rollback came back on a CI retry.
         kept = {"left_by_earlier_run": left, "winner": winner["ref"]}
-    elif previous not in (None, winner["ref"]) and not_shown_above_chance(winner):
-        # a winner no better than answering the commonest class never unseats a production version (a
-        # clinician's review: a model at 0.25 on 4 test images replaced one at 1.000 on 40); where there is
-        # none it is promoted, with a red warning, so that `--model production` serves something
-        kept = {"not_above_chance": winner["ref"], "winner": winner["ref"]}
+    elif previous != winner["ref"] and not_shown_above_chance(winner):
+        # A winner no better than answering the commonest class never unseats a production version (a
+        # clinician's review: a model at 0.25 on 4 test images replaced one at 1.000 on 40), nor becomes
+        # production where there is none: the comparison says "do not serve it on this evidence", and it
+        # had been made production with exit 0 (a real-sample study, session 52). It is the candidate, for
+        # `cxr models promote candidate` after a review.
+        registry.promote(winner["ref"], CANDIDATE)
+        kept = {"not_above_chance": winner["ref"], "winner": winner["ref"], "candidate": winner["ref"]}
     elif previous != left and (better := _better_production(registry, previous, winner, fingerprint)):
         kept = {"better_on_this_data": better, "winner": _ranked_figures(winner)}
     else:

@@ -132,6 +132,7 @@ def build_app(args: ServeArgs) -> Application:
         args.model_timeout_s,
         args.audit_log,
         args.audit_dir,
+        args.audit_user_header,
     )
     return Api.options(  # type: ignore[attr-defined]  # a serve.deployment
         num_replicas=args.ingress_replicas,

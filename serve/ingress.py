@@ -93,9 +93,11 @@ class ApiLimits:
     replica running (one failing to start, say its registry gone) a request waited for one without end,
     and a review's clients all ran into their own 60 s timeouts without an answer."""
     audit_log: bool = False
-    """One JSON line per answered prediction (`audit_line`) in a file of `audit_dir` (`open_audit_log`)."""
+    """One JSON line per answered prediction (`audit_line`) in a file of `audit_dir` (`AuditTrail`)."""
     audit_dir: str = ""
     """Where the audit files are; "" is Serve's log folder of the node (`RAY_SESSION/logs/serve`)."""
+    audit_user_header: str = ""
+    """The header an authenticating gateway in front sets to the signed-in user, recorded as `user`."""
 
     @property
     def accepted(self) -> str:
@@ -274,63 +276,86 @@ def explain_flag(value: str | None) -> bool:
     )  # fmt: skip
 
 
-AUDIT_USER_HEADERS = ("X-Forwarded-User", "X-Remote-User", "X-Auth-Request-User")
-"""Headers an authenticating gateway in front of the API sets to the signed-in user (oauth2-proxy, Apache,
-nginx auth_request): the audit line's `user`, the first present. cxr checks no identity itself."""
+def _caller(request: Request, user_header: str) -> dict[str, str | None]:
+    """Who asked, for the audit line, as the request says it: the peer's address (behind Serve's HAProxy,
+    the proxy's), the X-Forwarded-For header as sent (the hop a proxy in front appended is its last entry;
+    the entries before it are what the client said), and the user the gateway's `user_header` names (none
+    where unset: a header any client can send is no identity unless a gateway in front sets it)."""
+    forwarded = request.headers.get("X-Forwarded-For")
+    user = request.headers.get(user_header) if user_header else None
+    return {
+        "peer": request.client.host if request.client else None,
+        "forwarded_for": forwarded[:256] if forwarded else None,  # as the client sent them: bounded
+        "user": user[:256] if user else None,
+    }
 
-
-def _caller(request: Request) -> tuple[str | None, str | None]:
-    """Who asked, for the audit line: the client address (the first X-Forwarded-For hop where a proxy in
-    front set one: behind Serve's HAProxy the peer itself is the proxy) and the gateway's user header."""
-    forwarded = request.headers.get("X-Forwarded-For", "").split(",")[0].strip()
-    client = forwarded or (request.client.host if request.client else None)
-    user = next((request.headers[name] for name in AUDIT_USER_HEADERS if request.headers.get(name)), None)
-    return (client or None) and client[:256], user and user[:256]  # as the client sent them: bounded
-
-
-audit = logging.getLogger("cxr.audit")
-"""Where `audit_log` writes: a file of its own per replica (`open_audit_log`), not the replica's log."""
 
 AUDIT_FILE = "cxr_audit_{replica}.jsonl"
 
 
-def open_audit_log(folder: str = "") -> Path:
-    """Send `audit` (at INFO) to this replica's own file in `folder` (Serve's log folder where ""), appended
-    to and flushed line by line; its path. One file per process: a call for another folder moves it there.
+class AuditTrail:
+    """One JSON line per answered prediction, appended to this replica's own file in `folder` (Serve's log
+    folder where ""), which is opened for each line: a file moved away (rotated) is made anew, and so is a
+    folder removed. A line that cannot be written fails its prediction (`write` raises ApiError 503
+    `audit_unavailable`), and /readyz says not ready: a site that asked for a trail gets no answer the trail
+    lacks (a verifier, session 52: with the folder removed, a logging handler answered 500 after the
+    prediction was computed, and a full disk would have lost lines with 200s).
 
-    The logger had no level or handler of its own: a replica's loggers other than Serve's are at WARNING,
-    so `--arg audit_log=true` wrote nothing (a privacy review found no line in any log; the unit test had
-    raised the level itself). A file of its own also keeps the trail whole where the replica's log is
-    quiet (`cxr serve`'s default) or rotated, and lets a site keep it where it keeps audit records
-    (`audit_dir`) and rotate it with its own tools (the file is reopened when moved away)."""
-    from logging.handlers import WatchedFileHandler
+    It had been the `cxr.audit` logger, which a replica keeps at WARNING: `--arg audit_log=true` wrote
+    nothing (a privacy review, session 52; the unit test had raised the level itself)."""
 
-    if not folder:
-        from ray.serve._private.logging_utils import get_serve_logs_dir
+    def __init__(self, folder: str = "", retry_after: dict[str, str] | None = None) -> None:
+        if not folder:
+            from ray.serve._private.logging_utils import get_serve_logs_dir
 
-        folder = get_serve_logs_dir()
-    try:
-        replica = serve.get_replica_context().replica_id.unique_id
-    except Exception:  # outside a Serve replica (tests, an embedded app)
-        replica = f"pid{os.getpid()}"
-    path = Path(folder).expanduser().absolute() / AUDIT_FILE.format(replica=replica)
-    for handler in list(audit.handlers):
-        if isinstance(handler, WatchedFileHandler):
-            if Path(handler.baseFilename) == path:
-                return path
-            audit.removeHandler(handler)
-            handler.close()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = WatchedFileHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    audit.addHandler(handler)
-    audit.setLevel(logging.INFO)
-    audit.propagate = False  # the trail is its file, not also the replica's log
-    log.info("audit trail: one line per prediction in %s", path)
-    return path
+            folder = get_serve_logs_dir()
+        try:
+            replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # outside a Serve replica (tests, an embedded app)
+            replica = f"pid{os.getpid()}"
+        self.path = Path(folder).expanduser().absolute() / AUDIT_FILE.format(replica=replica)
+        self._retry_after = retry_after or {}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        log.info("audit trail: one line per prediction in %s", self.path)
+
+    def write(self, line: str) -> None:
+        try:
+            self._append(line)
+        except FileNotFoundError:  # its folder removed: made again
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._append(line)
+            except OSError as exc:
+                raise self._unavailable(exc) from exc
+        except OSError as exc:
+            raise self._unavailable(exc) from exc
+
+    def problem(self) -> str | None:
+        """Why a line could not be written now (for /readyz), or None."""
+        folder = self.path.parent
+        if folder.exists() and not folder.is_dir():
+            return f"the audit trail's folder {folder} is not a folder"
+        existing = next(parent for parent in (folder, *folder.parents) if parent.exists())
+        if not os.access(existing, os.W_OK):
+            return f"the audit trail's folder {folder} is not writable"
+        return None
+
+    def _append(self, line: str) -> None:
+        with self.path.open("a", encoding="utf-8") as file:
+            file.write(line + "\n")
+
+    def _unavailable(self, exc: OSError) -> ApiError:
+        log.error("audit trail %s: a line not written (%s), its prediction not answered", self.path, exc)
+        return ApiError(
+            503,
+            "audit_unavailable",
+            f"the prediction could not be recorded in the audit trail ({type(exc).__name__}: "
+            f"{exc.strerror or exc}), so it is not answered; retry once the trail's folder is writable",
+            self._retry_after,
+        )
 
 
-def audit_line(prediction: Prediction, client: str | None = None, user: str | None = None) -> str:
+def audit_line(prediction: Prediction, caller: Mapping[str, str | None] | None = None) -> str:
     """A prediction as one JSON line for a hospital's audit trail: which request, when, which weights (and
     segmenter) answered which file (by its sha256), what they said; no pixels, no file name.
 
@@ -357,8 +382,7 @@ def audit_line(prediction: Prediction, client: str | None = None, user: str | No
             "probability": prediction.probabilities[prediction.label],
             "unusual": None if check is None else check.unusual,
             "explain": prediction.explanation is not None,
-            "client": client,
-            "user": user,
+            **(caller or {}),
         },
         separators=(",", ":"),
     )
@@ -432,8 +456,7 @@ class _Routes:
     def __init__(self, classifier: Any, limits: ApiLimits) -> None:
         self._classifier = classifier
         self._limits = limits
-        if limits.audit_log:
-            open_audit_log(limits.audit_dir)
+        self._audit = AuditTrail(limits.audit_dir, limits.retry_after) if limits.audit_log else None
         self._input_size: int | None = None  # the model's base size, from the classifier's answers
         self._in_flight = 0
         self._draining = False
@@ -511,8 +534,8 @@ class _Routes:
             request_id=_request_id(request),
             answered_at=datetime.now(UTC).isoformat(timespec="milliseconds"),
         )
-        if self._limits.audit_log:
-            audit.info("%s", audit_line(prediction, *_caller(request)))
+        if self._audit is not None:
+            self._audit.write(audit_line(prediction, _caller(request, self._limits.audit_user_header)))
         return prediction
 
     async def _predict(self, data: bytes, content_type: str | None) -> Any:
@@ -548,6 +571,8 @@ class _Routes:
         """A classifier replica answers with a loaded model."""
         if self._draining:
             raise ApiError(503, "not_ready", "the server is shutting down", self._limits.retry_after)
+        if self._audit is not None and (problem := self._audit.problem()):
+            raise ApiError(503, "not_ready", f"{problem}: predictions are refused", self._limits.retry_after)
         try:
             info = await asyncio.wait_for(self._classifier.info.remote(), READY_TIMEOUT_S)
         except Exception as exc:

@@ -1,5 +1,6 @@
 """Typed arguments of the Serve application and the JSON the HTTP API answers with."""
 
+import os
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -120,14 +121,22 @@ class ServeArgs(BaseModel):
         default=False,
         description="write one JSON line per answered prediction to a file of the ingress replica's own, "
         "cxr_audit_<replica>.jsonl in audit_dir: request_id, answered_at, the model's ref and weights (and "
-        "segmenter's), input_sha256, label, probability, input_check.unusual, the client's address and the "
-        "user an authenticating gateway names (X-Forwarded-User, X-Remote-User); no pixels, no file names. "
-        "Off by default: a line a request costs CPU on the serving path",
+        "segmenter's), input_sha256, label, probability, input_check.unusual, the peer's address, the "
+        "X-Forwarded-For header as sent and the user audit_user_header names; no pixels, no file names. A "
+        "prediction whose line cannot be written is answered 503 audit_unavailable. Off by default: a line "
+        "a request costs CPU on the serving path",
     )
     audit_dir: str = Field(
         default="",
-        description="the folder of the audit files on each node (made where missing); default Serve's log "
-        "folder, RAY_SESSION/logs/serve, which a new Ray session does not keep",
+        description="the folder of the audit files on each node (made where missing; a relative one from "
+        "where the app is built); default Serve's log folder, RAY_SESSION/logs/serve, which a new Ray "
+        "session does not keep",
+    )
+    audit_user_header: str = Field(
+        default="",
+        description="the header an authenticating gateway in front of the API sets to the signed-in user "
+        "(X-Forwarded-User, X-Auth-Request-User, ...), recorded as the audit line's user; none by default, "
+        "as any client can send such a header where no gateway replaces it",
     )
 
     @model_validator(mode="after")
@@ -144,6 +153,8 @@ class ServeArgs(BaseModel):
                 f"({self.max_batch_size}), or batches can never fill"
             )
         self.cors_origins = ",".join(_origin(item) for item in self.cors_origins.split(",") if item.strip())
+        if self.audit_dir:  # every replica then writes where the command that built the app meant
+            self.audit_dir = os.path.abspath(os.path.expanduser(self.audit_dir))
         return self
 
     @property
@@ -395,7 +406,7 @@ ERROR_CODES = (
     "missing_file", "length_required", "payload_too_large", "upload_timeout", "invalid_request",
     "not_found", "method_not_allowed", "cors_refused", "http_error", "overloaded", "model_unavailable",
     "not_ready", "decoder_unavailable", "shutting_down", "prediction_failed", "internal_error",
-    "client_disconnected",
+    "client_disconnected", "audit_unavailable",
 )  # fmt: skip
 """Every `error` an answer of the API carries (client_disconnected is only counted and logged: the client
 has gone). A typed client may switch on them; a new one is an addition to the API."""

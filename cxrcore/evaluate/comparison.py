@@ -248,6 +248,12 @@ def kept_candidate_line(production: str | None, kept: Mapping[str, Any]) -> str:
 
 def kept_chance_line(production: str | None, kept: Mapping[str, Any]) -> str:
     """Why production stayed where it was: the winner is not shown to beat answering the commonest class."""
+    if production is None:
+        return (
+            f"No version is production: the winner, {kept['not_above_chance']}, is not shown to beat always "
+            "answering its test split's commonest class, so it is only the alias candidate; `cxr models "
+            "promote candidate` serves it after a review, or `cxr serve --model candidate` tries it."
+        )
     return (
         f"Production stays {production}: the winner, {kept['not_above_chance']}, is not shown to beat always "
         "answering its test split's commonest class, and does not replace a production version on that; "
@@ -499,6 +505,28 @@ def not_shown_above_chance(row: Mapping[str, Any]) -> bool:
     """Whether a comparison row's test accuracy interval reaches what always answering its test split's
     commonest class scores (False without a confusion matrix: nothing to judge)."""
     return beats_commonest_class(row.get("confusion_matrix") or []) is False
+
+
+def commonest_class_warning(metrics: Mapping[str, Any]) -> str | None:
+    """An evaluation's warning where its accuracy is not shown to beat always answering its commonest class
+    (`cxr evaluate` printed none, while tune and the registry said so: a real-sample study, session 52,
+    saw 0.385 (0.18-0.64) on 13 images, what answering COVID alone scores).
+
+    >>> commonest_class_warning({"confusion_matrix": [[3, 1], [1, 0]]})[:58]
+    'accuracy 0.600 (95% CI 0.23–0.88) reaches 0.800, the score'
+    >>> commonest_class_warning({"confusion_matrix": [[9, 1], [1, 9]]}) is None
+    True
+    """
+    matrix = metrics.get("confusion_matrix")
+    if not matrix or not (n := sum(map(sum, matrix))) or beats_commonest_class(matrix) is not False:
+        return None
+    accuracy = sum(matrix[k][k] for k in range(len(matrix))) / n
+    commonest = max(map(sum, matrix)) / n
+    return (
+        f"accuracy {_fixed(accuracy)} (95% CI {interval_text(accuracy_interval(matrix))}) reaches "
+        f"{_fixed(commonest)}, the score of always answering these images' commonest class: on {n} images "
+        "the model is not shown to have learned the task"
+    )
 
 
 def chance_warnings(best: Mapping[str, Mapping[str, Any]]) -> list[str]:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cxrcore.checkpoint import read_weights
+from cxrcore.checkpoint import _sort_metadata, read_weights
 from cxrcore.labels import NUM_CLASSES
 
 __all__ = [
@@ -81,12 +81,17 @@ def _all_tensors(value: Any) -> bool:
     return tensors and bool(value)
 
 
+WRAPPER_PREFIXES = ("module.", "model.")
+"""What wrappers put before every name: DataParallel and DDP (`module.`), a LightningModule holding the
+network as `self.model` (`model.`); taken off, outermost first, where every name starts with it."""
+
+
 def _unprefixed(state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
-    """`state` without DataParallel's (or DDP's) `module.` before every name."""
-    prefix = "module."
-    if state and all(key.startswith(prefix) for key in state):
-        logger.info("%s: names start with %r (saved from DataParallel or DDP); read without it", path, prefix)
-        return {key[len(prefix) :]: value for key, value in state.items()}
+    """`state` without a wrapper's prefix (WRAPPER_PREFIXES) before every name."""
+    for prefix in WRAPPER_PREFIXES:
+        if state and all(key.startswith(prefix) for key in state):
+            logger.info("%s: every name starts with %r (a wrapper's); read without it", path, prefix)
+            state = {key[len(prefix) :]: value for key, value in state.items()}
     return state
 
 
@@ -274,6 +279,7 @@ def import_weights(
     os.close(handle)
     try:
         save_file(state, staged, metadata=origin)
+        _sort_metadata(Path(staged))  # safetensors orders the keys anew each time: equal bytes, equal hash
         try:
             load_pretrained(target, staged)
         except ValueError as exc:  # named by its source, not by the staged file's temporary name

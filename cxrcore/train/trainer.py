@@ -113,6 +113,7 @@ def pretrained_from(pretrained: str | None) -> dict[str, Any] | None:
         "weights_sha256": file_sha256(pafs.LocalFileSystem(), str(weights)),
         "dataset_fingerprint": card.data.get("fingerprint"),
         "pretrained_from": card.data.get("pretrained_from"),  # its own lineage, where it had one
+        "initial_weights": card.data.get("initial_weights"),  # and the file (ImageNet's) it started from
     }
 
 
@@ -127,16 +128,44 @@ def started_from(model: str, pretrained: str | None) -> dict[str, Any] | None:
     return hub_weights_record(model) if pretrained == HUB else initial_weights(pretrained)
 
 
-def check_freeze(config: TrainConfig) -> None:
+def check_freeze(config: TrainConfig, pretrained: str | None) -> None:
     """--freeze-backbone names an architecture with a classifier head to train alone (timm's, which take
-    pretrained weights); the others' layers are not split into a backbone and a head."""
+    pretrained weights; the others' layers are not split into a backbone and a head), and `pretrained`,
+    the weights --pretrained resolved to, are some: `auto` for a model without hub weights is none, and a
+    frozen random backbone had trained its head alone with exit 0 (a verifier, session 52)."""
     from cxrcore.models import get_model_entry
 
-    if config.freeze_backbone and not get_model_entry(config.model).accepts_pretrained:
+    if not config.freeze_backbone:
+        return
+    if not get_model_entry(config.model).accepts_pretrained:
         raise ConfigError(
             f"--freeze-backbone: {config.model} has no pretrained backbone to freeze; it is for timm models "
             "started from pretrained weights (resnet18, resnet50, ...)"
         )
+    if pretrained is None:
+        raise ConfigError(
+            f"--freeze-backbone: --pretrained {config.pretrained} gives {config.model} no weights (random "
+            "initialisation), and a random backbone, frozen, computes nothing useful; pass a weights file"
+        )
+
+
+def check_masks(config: TrainConfig, report: dict[str, Any]) -> None:
+    """A model that reads a lung mask, on a dataset where some images have none, needs --segmenter: they
+    would train on empty masks (where masks are missing for some classes only, as the Kaggle database's
+    are for two of four, an empty mask tells the class), and `cxr evaluate` and `cxr serve` refuse such a
+    model without a segmenter anyway: it trained, with exit 0, for nothing (a real-sample study, session
+    52). Checked before Ray starts, where the dataset is local."""
+    from cxrcore.models import get_model_entry
+
+    missing = report.get("without_mask") or 0
+    if config.segmenter or not missing or "mask" not in get_model_entry(config.model).input_spec.channels:
+        return
+    raise ConfigError(
+        f"--model {config.model} reads a lung mask, and {missing} of the {report.get('ingested')} images of "
+        f"{config.data} have none: they would train on empty masks, and `cxr evaluate` and `cxr serve` "
+        "refuse the model without a segmenter. Train one first (`cxr train --model unet` on the images "
+        "with masks) and pass --segmenter, or compare with `cxr tune`, which trains one itself"
+    )
 
 
 def check_hub(model: str, choice: str) -> str | None:
@@ -246,7 +275,17 @@ def run_settings(config: TrainConfig, settings: dict[str, Any]) -> dict[str, Any
         ignored.add("train_masks")  # no segmenter, no choice: runs from before the setting resume as well
     train = {k: v for k, v in settings["train"].items() if k not in ignored}
     data = settings["data"]["fingerprint"]
-    return {"data_fingerprint": data, "image_size": settings["image_size"], **train}
+    # the weights file it started from, by its sha256: a file replaced under the same path (`import-weights
+    # --force`) had resumed the run, and the next card named the new file (a verifier, session 52)
+    start = (settings["data"].get("initial_weights") or {}).get("sha256")
+    return {"data_fingerprint": data, "image_size": settings["image_size"], **train, "initial_weights": start}
+
+
+def added_run_settings(recorded_now: dict[str, Any]) -> dict[str, Any]:
+    """What a setting added since a run started stands for in its record (check_same_experiment's
+    `defaults`): such a run resumes as it was trained. Its initial weights were not recorded: taken as the
+    file it names now."""
+    return {"freeze_backbone": False, "initial_weights": recorded_now.get("initial_weights")}
 
 
 MIN_STEPS_PER_EPOCH = 24
@@ -279,8 +318,8 @@ def loop_config(config: TrainConfig) -> dict[str, Any]:
     segmenting = entry.input_spec.task == "segment"
     train_counts = [report["by_class_split"].get(c, {}).get("train", 0) for c in CLASSES]
     check_dataset(config.data)
-    check_freeze(config)
     pretrained = check_pretrained(config.model, config.pretrained)
+    check_freeze(config, pretrained)
     if config.segmenter:
         _check_segmenter(config.segmenter)
     if segmenting and report["without_mask"] >= report["ingested"]:
@@ -507,7 +546,8 @@ def build_trainer(config: TrainConfig, callbacks: list[Any] | None = None) -> An
     settings, datasets = training_inputs(config)
     storage_path = config.out if "://" in config.out else storage.resolve(config.out)[1]
     run_dir = f"{storage_path.rstrip('/')}/{config.run_name()}"
-    check_same_experiment(run_dir, run_settings(config, settings), "a training run")
+    recorded_now = run_settings(config, settings)
+    check_same_experiment(run_dir, recorded_now, "a training run", added_run_settings(recorded_now))
     if (restored := restore_checkpoint_record(run_dir)) is not None:
         log.warning(
             "%s/%s, Ray Train's record of the run's checkpoints, was damaged (cut short: a full disk or a "

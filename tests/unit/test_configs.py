@@ -650,3 +650,22 @@ def test_resnet_searches_every_depth_on_every_configuration() -> None:
     assert [trial["model"] for trial in plan] == ["resnet18", "resnet34", "resnet50", "cnn_lstm"] * 2
     for round_ in (plan[:4], plan[4:]):
         assert len({(t["lr"], t["weight_decay"], t["batch_size"]) for t in round_}) == 1
+
+
+def test_a_mask_reading_model_on_images_without_masks_needs_a_segmenter(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A real-sample study (session 52): tiny_dual_cnn trained with exit 0 on 100 images without masks (all of
+    two classes: an empty mask told the class), then `cxr evaluate` and `cxr serve` refused it."""
+    import json
+
+    from tests.unit.test_external_eval import write_dataset
+
+    rows = [("COVID", split, i) for split, n in {"train": 20, "val": 4, "test": 4}.items() for i in range(n)]
+    data = write_dataset(tmp_path / "ds", rows, "f", size=64)
+    report = Path(data) / "ingest_report.json"
+    report.write_text(json.dumps({**json.loads(report.read_text()), "without_mask": 10}))
+    train = ["train", "--data", data, "--dry-run", "--model"]
+    assert main([*train, "tiny_dual_cnn"]) == 2
+    assert "--model tiny_dual_cnn reads a lung mask, and 10 of the" in capsys.readouterr().err
+    assert main([*train, "tiny_cnn_lstm"]) == 0

@@ -153,6 +153,13 @@ def test_a_crash_leaves_no_copy_of_the_upload_on_disk(
     if not memory_files:
         monkeypatch.setattr(decoder_process, "_memory_files", lambda: False)
         monkeypatch.setenv("CXR_DECODER_TEST_NO_MEMORY_FILES", "1")  # and in the child
+    import resource
+
+    # Cores allowed, as Docker's default unit allows them: the child's memory holds the upload (a verifier,
+    # session 52, found the patient's name in a 50 MB `core` in the working folder)
+    monkeypatch.chdir(tmp_path)
+    soft, hard = resource.getrlimit(resource.RLIMIT_CORE)
+    resource.setrlimit(resource.RLIMIT_CORE, (hard, hard))
     decoder = DecoderProcess()
     try:
         with pytest.raises(ImageDecodeError, match=r"the decoder crashed on them \(signal SIGABRT\)"):
@@ -166,6 +173,7 @@ def test_a_crash_leaves_no_copy_of_the_upload_on_disk(
             assert scratch.stat().st_mode & 0o777 == 0o700
     finally:
         decoder.close()
+        resource.setrlimit(resource.RLIMIT_CORE, (soft, hard))
     assert list(tmp_path.iterdir()) == []
 
 

@@ -427,3 +427,5 @@ def test_a_frozen_backbone_trains_its_head_alone_and_keeps_its_batchnorm_statist
     assert "--freeze-backbone: needs pretrained weights" in capsys.readouterr().err
     assert main([*train, "--model", "tiny_cnn_lstm"]) == 2
     assert "--freeze-backbone: tiny_cnn_lstm has no pretrained backbone to freeze" in capsys.readouterr().err
+    assert main([*train, "--model", "tiny_resnet"]) == 2  # `auto`: tiny_resnet has no hub weights, so none
+    assert "--freeze-backbone: --pretrained auto gives tiny_resnet no weights" in capsys.readouterr().err

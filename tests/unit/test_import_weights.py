@@ -226,6 +226,7 @@ def test_the_weights_a_run_starts_from_are_recorded_and_not_replaced_unasked(
     assert main(command) == 2  # the same again: refused, the file kept
     assert f"--out {written} exists (sha256 {_sha(written)[:12]}…, from rgb.pth)" in capsys.readouterr().err
     assert written.read_bytes() == before and main([*command, "--force"]) == 0
+    assert written.read_bytes() == before  # the same source writes the same bytes: its metadata sorted
 
     record = started_from("tiny_resnet", str(written))
     assert record == {
@@ -271,6 +272,7 @@ def test_training_checkpoints_and_data_parallel_names_are_read_as_their_weights(
         "reference.pth": {"model": state, "optimizer": {}, "args": argparse.Namespace(lr=0.1)},
         "model_best.pth.tar": {"state_dict": state, "state_dict_ema": state, "args": argparse.Namespace(a=1)},
         "dataparallel.pth": {f"module.{key}": value for key, value in state.items()},
+        "lightning-module.ckpt": {"state_dict": {f"model.{key}": value for key, value in state.items()}},
     }
     for name, content in layouts.items():
         torch.save(content, tmp_path / name)
@@ -294,3 +296,34 @@ def test_training_checkpoints_and_data_parallel_names_are_read_as_their_weights(
     with pytest.raises(UnsafeWeightsError, match="cxr never unpickles arbitrary objects"):
         read_pretrained(tmp_path / "evil.pth")
     assert "ran" not in capsys.readouterr().out
+
+
+def test_a_run_resumes_only_from_the_weights_file_it_started_from(tmp_path: Path) -> None:
+    """A verifier (session 52): after `import-weights --force` replaced the file, the same command resumed the
+    run and the next card named the new file, though its weights grew from the old one. A run recorded
+    before cards named the file (or before --freeze-backbone) still resumes."""
+    import json
+
+    from cxrcore.config import ConfigError
+    from cxrcore.experiment import SETTINGS_NAME, check_same_experiment
+    from cxrcore.train.trainer import added_run_settings
+
+    def settings(sha: str | None) -> dict[str, object]:
+        return {"data_fingerprint": "f", "image_size": 64, "lr": 0.002, "freeze_backbone": False,
+                "initial_weights": sha}  # fmt: skip
+
+    run = tmp_path / "run"
+    run.mkdir()
+
+    def resume(sha: str | None) -> None:
+        now = settings(sha)
+        check_same_experiment(str(run), now, "a training run", added_run_settings(now))
+
+    resume("a" * 64)  # records
+    resume("a" * 64)  # resumes
+    with pytest.raises(ConfigError, match=r"initial_weights 'a{64}' → 'b{64}'"):
+        resume("b" * 64)
+    old = {"data_fingerprint": "f", "image_size": 64, "lr": 0.002}  # recorded by an earlier cxr
+    (run / SETTINGS_NAME).write_text(json.dumps(old))
+    now = settings("c" * 64)
+    check_same_experiment(str(run), now, "a training run", added_run_settings(now))  # resumes

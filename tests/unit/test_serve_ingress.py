@@ -4,6 +4,7 @@ declares what the API answers, and /docs and /redoc that load nothing from the i
 from __future__ import annotations
 
 import gzip
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -608,7 +609,6 @@ def test_an_error_answer_is_logged_with_its_code_and_reason(caplog: pytest.LogCa
 def test_cxr_predict_sends_a_file_whose_name_is_not_utf8(tmp_path: Path) -> None:
     """A Latin-1 name (`caf\\xe9-7.png`, as old Windows exports write them) ended `cxr predict` of a folder in
     httpx's UnicodeEncodeError before any other file was sent; ingest and evaluate read such names."""
-    import os
 
     import httpx
 
@@ -634,36 +634,44 @@ def test_an_audit_log_line_per_prediction_when_asked_for(classifier: LocalClassi
     which file; `--arg audit_log=true` writes that, one JSON line each, without pixels or file names, to a
     file of the replica's own. A privacy review (session 52) found that it wrote nothing: the logger was at
     WARNING in a replica, and this test had raised its level itself (caplog), so here nothing but the file
-    is read."""
+    is read. A line that cannot be written fails its prediction, and /readyz says so (a verifier, session
+    52: a removed folder answered 500 after the prediction was computed)."""
     import hashlib
     import json
-
-    from serve.ingress import audit
 
     with api_client(classifier, audit_dir=str(tmp_path / "off")) as quiet:
         assert _post(quiet).status_code == 200
     assert not (tmp_path / "off").exists()  # off by default
     trail = tmp_path / "audit"
-    try:
-        with api_client(classifier, audit_log=True, audit_dir=str(trail)) as audited:
-            answer = audited.post(
-                "/v1/predict",
-                files={"file": ("patient-0042.png", GOOD_PNG)},
-                headers={"X-Request-ID": "r-42", "X-Forwarded-For": "10.1.2.3, 10.9", "X-Remote-User": "d"},
-            ).json()
-            assert audited.post("/v1/predict", content=b"not an image").status_code == 400  # not a prediction
+    limits = {"audit_log": True, "audit_dir": str(trail), "audit_user_header": "X-Auth-Request-User"}
+    with api_client(classifier, **limits) as audited:
+        headers = {"X-Request-ID": "r-42", "X-Forwarded-For": "6.6.6.6, 10.9", "X-Auth-Request-User": "d",
+                   "X-Forwarded-User": "mallory"}  # fmt: skip
+        files = {"file": ("patient-0042.png", GOOD_PNG)}
+        answer = audited.post("/v1/predict", files=files, headers=headers).json()
+        assert audited.post("/v1/predict", content=b"not an image").status_code == 400  # not a prediction
         (file,) = trail.iterdir()
         assert file.name.startswith("cxr_audit_") and file.suffix == ".jsonl"
         (text,) = file.read_text().splitlines()
-    finally:
-        for handler in list(audit.handlers):  # this process is not a replica: its other tests log nothing
-            audit.removeHandler(handler)
-            handler.close()
+        file.rename(tmp_path / "rotated.jsonl")  # moved away by logrotate: the next line makes it anew
+        assert _post(audited).status_code == 200 and len(file.read_text().splitlines()) == 1
+        file.unlink()
+        trail.rmdir()  # the folder removed: made again
+        assert _post(audited).status_code == 200 and file.is_file()
+        file.unlink()
+        trail.rmdir()
+        trail.write_text("")  # not a folder (as a full disk or a read-only mount): refused, and not ready
+        refused = _post(audited)
+        assert refused.status_code == 503 and refused.json()["error"] == "audit_unavailable"
+        assert "could not be recorded in the audit trail" in refused.json()["detail"]
+        ready = audited.get("/readyz")
+        assert ready.status_code == 503 and f"{trail} is not a folder" in ready.json()["detail"]
     line = json.loads(text)
     assert line["request_id"] == "r-42" and line["answered_at"] == answer["answered_at"]
     assert line["input_sha256"] == hashlib.sha256(GOOD_PNG).hexdigest() and line["label"] == answer["label"]
     assert line["weights_sha256"] == answer["model"]["weights_sha256"] and line["unusual"] is not None
-    assert (line["client"], line["user"]) == ("10.1.2.3", "d")
+    # the peer as connected, X-Forwarded-For as sent, the user from the gateway's header alone
+    assert (line["peer"], line["forwarded_for"], line["user"]) == ("testclient", "6.6.6.6, 10.9", "d")
     assert "patient-0042" not in text
 
 

@@ -241,18 +241,23 @@ def test_production_better_on_the_same_validation_images_stays_and_says_so(tmp_p
     assert _promote_winner(registry, best, champion["ref"], champion["ref"], "same")[0] is None
     assert registry.aliases()["production"] == best["tiny_resnet"]["ref"]
     # A winner not shown to beat answering the commonest class (1 of 4 test images) never unseats a
-    # production version (a review's: 0.25 on 4 images replaced 1.000 on 40); with none, it is promoted
+    # production version (a review's: 0.25 on 4 images replaced 1.000 on 40), nor becomes production where
+    # there is none (a real-sample study, session 52: "do not serve it", then made production): candidate
     from cxrcore.evaluate.comparison import kept_chance_line
 
     registry.promote(champion["ref"], "production")
     chance = [[1, 0, 0, 0], [1, 0, 0, 0], [1, 0, 0, 0], [1, 0, 0, 0]]
     best = {"tiny_resnet": {**version("tiny_resnet", "other", 0.5), "confusion_matrix": chance}}
+    ref = best["tiny_resnet"]["ref"]
     kept, _ = _promote_winner(registry, best, champion["ref"], None, "other")
-    assert kept == {"not_above_chance": best["tiny_resnet"]["ref"], "winner": best["tiny_resnet"]["ref"]}
+    assert kept == {"not_above_chance": ref, "winner": ref, "candidate": ref}
     assert registry.aliases()["production"] == champion["ref"] and best["tiny_resnet"]["production"] is False
     said = kept_chance_line(champion["ref"], kept)
     assert said.startswith(f"Production stays {champion['ref']}: the winner")
-    assert _promote_winner(registry, best, None, None, "other") == (None, best["tiny_resnet"]["ref"])
+    kept, promoted = _promote_winner(registry, best, None, None, "other")  # no production before
+    assert promoted is None and kept == {"not_above_chance": ref, "winner": ref, "candidate": ref}
+    assert registry.aliases()["candidate"] == ref
+    assert kept_chance_line(None, kept).startswith(f"No version is production: the winner, {ref}, is not")
     # --promote never: a review first; the winner is the alias candidate, production stays (none: none)
     from cxrcore.evaluate.comparison import kept_candidate_line
 
