@@ -15,6 +15,7 @@ import re
 import signal
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,6 +26,13 @@ from cxrcore.registry import ModelRegistry
 pytestmark = pytest.mark.integration
 MODELS = ("tiny_cnn_lstm", "tiny_dual_cnn", "tiny_resnet")
 COMMAND = ["tune", "--data", "ds", "--registry", "reg", "--models", ",".join(MODELS), "--trials", "1"]
+
+
+def winner_alias(registry: ModelRegistry) -> tuple[str, Any]:
+    """Where a comparison put its winner: production, or candidate where it was not shown to beat always
+    answering the test split's commonest class."""
+    alias = "production" if "production" in registry.aliases() else "candidate"
+    return alias, registry.get(alias)
 
 
 @contextlib.contextmanager
@@ -63,8 +71,15 @@ def test_tiny_comparison_registers_all_three_and_promotes_the_best(
     registry = ModelRegistry(str(tmp_path / "reg"))
     registered = {v.name for v in registry.versions()}
     assert registered == {*MODELS, "tiny_unet"}  # the segmenter is registered beside the dual-channel model
-    production = registry.get("production")
-    assert f"production (*): {production.ref}" in out and out.count("Winner: ") == 1
+    # The winner is production where it is shown to beat always answering the commonest class; one epoch of
+    # tiny models on ~40 test images often is not, and then it is the candidate alone (a real-sample study,
+    # session 52: "do not serve it on this evidence", then made production).
+    alias, production = winner_alias(registry)
+    if alias == "production":
+        assert f"production (*): {production.ref}" in out
+    else:
+        assert "production (*): (none)" in out and "No version is production: the winner" in out
+    assert out.count("Winner: ") == 1
     # Quiet: none of Tune's own banners (a table per experiment, its folder, a TensorBoard command).
     assert not [
         line for line in out.splitlines() if "Configuration for experiment" in line or "View detailed" in line
@@ -97,7 +112,8 @@ def test_tiny_comparison_registers_all_three_and_promotes_the_best(
     comparison = json.loads((experiment / "comparison.json").read_text())
     # The top validation macro-F1, or within one validation image of it the lowest validation loss.
     best_model = best_by_validation(comparison["best"], lambda model: comparison["best"][model])
-    assert production.name == best_model and comparison["production"] == production.ref
+    assert production.name == best_model
+    assert comparison["production"] == (production.ref if alias == "production" else None)
     assert sorted(t["model"] for t in comparison["trials"]) == sorted(MODELS)
     assert {t["error"] for t in comparison["trials"]} == {None}
     html = (experiment / "comparison.html").read_text()
@@ -121,14 +137,19 @@ def test_tiny_comparison_registers_all_three_and_promotes_the_best(
     again = capsys.readouterr().out
     assert f"{experiment} had finished (its comparison.json): no trial was trained again" in again
     assert registry.get("production").ref == rollback
+    html = Path(re.search(r"^html: (\S+)$", again, re.MULTILINE).group(1)).read_text()  # type: ignore[union-attr]
+    assert [v.ref for v in registry.versions()] == versions  # nothing registered twice
+    promoted = json.loads((experiment / "comparison.json").read_text())["promoted"]
+    if alias == "candidate":  # nothing was promoted, and a winner not shown above chance unseats nothing
+        assert f"Production stays {rollback}: the winner, {production.ref}, is not shown to beat" in again
+        assert promoted is None and registry.get("candidate").ref == production.ref
+        return
     assert f"production stays {rollback}: it was moved there after this experiment's earlier" in again
     assert f"`cxr models promote {production.ref}` serves this run's winner" in again
     assert "Production stays" not in again  # said once on the console; the report's winner line says it
-    html = Path(re.search(r"^html: (\S+)$", again, re.MULTILINE).group(1)).read_text()  # type: ignore[union-attr]
     assert f"Production stays {rollback}, where it was moved since" in html
-    assert [v.ref for v in registry.versions()] == versions  # nothing registered twice
     # what the experiment promoted stays on record, so that a third run keeps the rollback too
-    assert json.loads((experiment / "comparison.json").read_text())["promoted"] == production.ref
+    assert promoted == production.ref
 
 
 def test_a_trial_of_two_workers_trains_in_a_torchtrainer_and_is_recorded_alike(
@@ -173,4 +194,4 @@ def test_a_trial_of_two_workers_trains_in_a_torchtrainer_and_is_recorded_alike(
         assert trial["val_score"] == card["metrics"]["val_score"] and trial["best_epoch"] == card["epoch"] + 1
         assert trial["val_macro_f1"] == card["metrics"]["val_macro_f1"]  # the kept checkpoint's, not the last
         assert card["metrics"]["val_count"] > 0 and 0 <= card["metrics"]["val_accuracy"] <= 1
-    assert ModelRegistry(str(work / "reg-ddp")).get("production").name == "tiny_cnn_lstm"
+    assert winner_alias(ModelRegistry(str(work / "reg-ddp")))[1].name == "tiny_cnn_lstm"
