@@ -342,3 +342,28 @@ def test_a_dicom_of_another_modality_or_body_part_is_refused_and_a_chest_radiogr
             decode_upload(tagged(**tags), "application/dicom")
         with pytest.raises(ImageDecodeError, match=r"not a chest X-ray"):  # ingest: unusable, named
             decode_image(tagged(**tags), "IM0003.dcm")
+
+
+def test_a_child_that_stops_reading_is_killed_at_the_deadline_and_the_next_decode_works() -> None:
+    """A verifier (session 52): with the child not reading (stopped here; a codec hung before it took the
+    whole file), `decode` waited on a full pipe for ten minutes, holding the lock every decode waits on."""
+    import os
+    import signal
+    import time
+
+    good = compressed_dicom(xray_dicom(13), JPEGLSLossless)
+    decoder = DecoderProcess(timeout_s=60)
+    try:
+        decoder.decode(good)  # started and warm
+        pid = decoder.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        decoder.timeout_s = 1.0
+        started = time.monotonic()
+        with pytest.raises(ImageDecodeError, match=r"did not decode within 1 s"):
+            decoder.decode(b"\0" * (4 << 20))  # far more than a pipe's buffer
+        assert time.monotonic() - started < 15 and decoder.pid is None
+        decoder.timeout_s = 60
+        assert decoder.decode(good).shape == (300, 250)
+    finally:
+        decoder.close()
