@@ -60,8 +60,24 @@ def _registry(args: ServeArgs) -> str | None:
     return registry
 
 
+def _check_audit_dir(folder: str) -> None:
+    """The audit trail's folder can be made and written here (on a cluster, each replica's node makes its
+    own too): one under a file, or read-only, failed each ingress replica's deploy after Ray had started."""
+    import os
+    from pathlib import Path
+
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"audit_dir {folder}: cannot make it ({exc.strerror or exc})") from exc
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"audit_dir {folder}: not writable by this user, so no audit line could be")
+
+
 def build_app(args: ServeArgs) -> Application:
     """The cxr application for `args`; the segmenter gets its own deployment when the model needs masks."""
+    if args.audit_log and args.audit_dir:  # here, before Ray starts: not as every replica's deploy failure
+        _check_audit_dir(args.audit_dir)
     registry = _registry(args)  # every replica must read the same folder
     resolved = resolve_model(registry, args.model)
     task = resolved.card.input_spec.get("task", "classify")

@@ -300,3 +300,14 @@ def test_cors_origins_are_written_as_browsers_send_them_or_refused() -> None:
     for wrong in ("viewer.example", "https://viewer.example/app", "ftp://viewer.example"):
         with pytest.raises(pydantic.ValidationError, match=f"cors_origins: '{wrong}' is not an origin"):
             ServeArgs(cors_origins=wrong)
+
+
+def test_an_audit_dir_that_cannot_be_made_is_refused_before_ray_starts(tmp_path: Path) -> None:
+    """A verifier (session 52): `--arg audit_dir=<a file>/sub` failed each ingress replica's deploy after Ray
+    had started, at the end of a traceback."""
+    from serve.app import build_app
+
+    (tmp_path / "file").write_text("")
+    args = ServeArgs(model=str(tmp_path / "none"), audit_log=True, audit_dir=str(tmp_path / "file" / "sub"))
+    with pytest.raises(ValueError, match=r"audit_dir .*file/sub: cannot make it \(Not a directory\)"):
+        build_app(args)
