@@ -51,20 +51,28 @@ def compare_evaluations(first: str | Path, second: str | Path, resamples: int = 
             f"no image is in both evaluations ({len(a['rows'])} and {len(b['rows'])} images, joined by their "
             "sha256): score both models on the same dataset and split"
         )
+    index = {name: k for k, name in enumerate(classes)}
+    for column in ("label_a", "label_b", "predicted_a", "predicted_b"):
+        if unknown := sorted({str(value) for value in joined[column] if value not in index}):
+            which = "first" if column.endswith("_a") else "second"
+            raise ComparisonError(
+                f"the {which} evaluation's predictions.csv names classes its metrics.json does not "
+                f"({', '.join(unknown[:5])}): it was edited or cut short; run `cxr evaluate` again"
+            )
     relabelled = int((joined["label_a"] != joined["label_b"]).sum())
     if relabelled:
         raise ComparisonError(
             f"{relabelled} of the {len(joined)} images both scored carry another true class in each: the "
             "evaluations read differently labelled datasets, so their scores cannot be compared"
         )
-    labels = np.asarray([classes.index(label) for label in joined["label_a"]])
-    predicted_a = np.asarray([classes.index(p) for p in joined["predicted_a"]])
-    predicted_b = np.asarray([classes.index(p) for p in joined["predicted_b"]])
+    labels = joined["label_a"].map(index).to_numpy()
+    predicted_a = joined["predicted_a"].map(index).to_numpy()
+    predicted_b = joined["predicted_b"].map(index).to_numpy()
     right_a, right_b = predicted_a == labels, predicted_b == labels
     only_a, only_b = int((right_a & ~right_b).sum()), int((right_b & ~right_a).sum())
     n = len(labels)
     rng = np.random.default_rng(0)
-    draws = rng.integers(0, n, size=(resamples, n))
+    draws = (rng.integers(0, n, size=n) for _ in range(resamples))  # one at a time: n may be thousands
     accuracy = {"first": float(right_a.mean()), "second": float(right_b.mean())}
     macro_f1 = {
         "first": _macro_f1(labels, predicted_a, len(classes)),

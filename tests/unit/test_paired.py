@@ -138,3 +138,16 @@ def test_the_accuracy_interval_agrees_with_the_test_and_the_warnings_are_kept(tm
         for only_second in range(8):
             low, high = paired_difference_interval(only_first, only_second, 20)
             assert (low > 0 or high < 0) == (mcnemar_exact(only_first, only_second) < 0.05)
+
+
+def test_a_predictions_file_naming_unknown_classes_is_refused(tmp_path: Path) -> None:
+    labels = [CLASSES[i % 4] for i in range(8)]
+    a = write_evaluation(tmp_path / "a", labels, labels)
+    b = write_evaluation(tmp_path / "b", labels, [*labels[:7], "Pneumothorax"])
+    with pytest.raises(ComparisonError, match=r"the second evaluation's predictions\.csv names .*Pneumoth"):
+        compare_evaluations(a, b)
+    frame = pd.read_csv(a / "predictions.csv", dtype=str)
+    frame.loc[0, "label"] = ""  # a cell emptied: read as missing
+    frame.to_csv(a / "predictions.csv", index=False)
+    with pytest.raises(ComparisonError, match=r"the first evaluation's predictions\.csv names"):
+        compare_evaluations(a, write_evaluation(tmp_path / "c", labels, labels))
