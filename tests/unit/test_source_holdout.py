@@ -204,3 +204,22 @@ def test_evaluate_warns_where_the_datasets_sources_separate_classes(
     report_file.write_text(json.dumps(report))
     assert main([*evaluate, "--out", str(tmp_path / "e3")]) == 0
     assert "every source holds one class only" not in capsys.readouterr().out
+
+
+def test_a_hold_out_of_one_class_cannot_show_a_shortcut_and_has_no_macro_f1() -> None:
+    """A real-sample study (session 52): two COVID-only journals held out scored 0.941 "macro-F1 0.970" and
+    read as reassuring; over one class macro-F1 is a function of the recall, and a model that tells COVID
+    apart by its sources finds it there as well as one reading the lungs."""
+    import numpy as np
+
+    from cxrcore.evaluate.external import source_holdout
+    from cxrcore.labels import CLASSES
+
+    labels = np.array([0] * 6 + [0, 1, 2, 3] * 3)
+    probs = np.eye(4)[labels] * 0.9 + 0.025
+    sources = np.array(["journal"] * 6 + ["hospital"] * 12)
+    block = source_holdout(labels, probs, sources, ["journal"], list(CLASSES))
+    assert block["one_class"] == "COVID" and block["held_out"]["macro_f1"] is None
+    assert block["random_split"]["macro_f1"] is None and block["drop"]["macro_f1"] is None
+    assert block["verdict"].startswith("Held-out sources (journal): COVID images only, so the accuracy is")
+    assert "this hold-out cannot show a source shortcut" in block["verdict"]
