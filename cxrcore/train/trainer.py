@@ -151,9 +151,9 @@ def check_freeze(config: TrainConfig, pretrained: str | None) -> None:
 
 def check_masks(config: TrainConfig, report: dict[str, Any]) -> None:
     """A model that reads a lung mask, on a dataset where some images have none, needs --segmenter: they
-    would train on empty masks (where masks are missing for some classes only, as the Kaggle database's
-    are for two of four, an empty mask tells the class), and `cxr evaluate` and `cxr serve` refuse such a
-    model without a segmenter anyway: it trained, with exit 0, for nothing (a real-sample study, session
+    would train on empty masks (where only some classes have masks, as in the real sample, whose 30 masks
+    are all of COVID films, an empty mask tells the class), and `cxr evaluate` and `cxr serve` refuse such
+    a model without a segmenter anyway: it trained, with exit 0, for nothing (a real-sample study, session
     52). Checked before Ray starts, where the dataset is local."""
     from cxrcore.models import get_model_entry
 
