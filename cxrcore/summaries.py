@@ -134,26 +134,16 @@ def format_comparison(comparison: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-SEGMENTER_DICE_FLOOR = 0.85
-"""A lung segmenter's test Dice under which the comparison warns: U-Nets reach 0.95 and more on chest X-ray
-lung masks, and a dual-channel model trains and is served on the segmenter's masks, so its figures are the
-segmenter's as much as its own. Tune's default gives the segmenter --epochs / 4: one or two epochs on a
-few hundred images (104 real ones: Dice 0.50) leave it far from trained."""
-
-
 def _segmenter_lines(segmenter: dict[str, Any], epochs: int | None) -> list[str]:
     """The lung segmenter the dual-channel models read their masks from, and a warning when it is poor."""
+    from cxrcore.evaluate.comparison import segmenter_warning
+
     dice = (segmenter.get("test") or {}).get("dice")
     lines = [
         f"lung segmenter: {segmenter['ref']}, test Dice {format_number(dice)} (dual-channel models' masks)"
     ]
-    if dice is not None and dice < SEGMENTER_DICE_FLOOR:
-        trained = f"after {epochs} epoch{'s' if epochs != 1 else ''}" if epochs else "as trained"
-        lines.append(
-            f"WARNING: the lung segmenter's test Dice is {dice:.2f} {trained}, under {SEGMENTER_DICE_FLOOR}: "
-            "dual-channel models train and are served on its masks. Give it more (--segmenter-epochs), or "
-            "more images with lung masks"
-        )
+    if warning := segmenter_warning(segmenter, epochs):
+        lines.append(f"WARNING: {warning}")
     return lines
 
 

@@ -157,6 +157,9 @@ def write_comparison_report(out_dir: str | Path, comparison: dict[str, Any]) -> 
     leads += [(line, "lead alert") for line in chance_warnings(comparison["best"])]
     if comparison.get("sources_separate_classes"):
         leads.append((f"In the dataset, {comparison['sources_separate_classes']}.", "lead alert"))
+    epochs = (comparison.get("settings") or {}).get("segmenter_epochs")
+    if segmenter := segmenter_warning(comparison.get("segmenter"), epochs):
+        leads.append((segmenter[0].upper() + segmenter[1:] + ".", "lead alert"))
     leads += [(seeds_line(spread), "lead")] if spread else []
     leads += [(line, "lead alert") for line in seed_warnings(comparison["best"], spread)]
     lead = "\n".join(f'<p class="{kind}">{html.escape(text)}</p>' for text, kind in leads)
@@ -505,6 +508,31 @@ def not_shown_above_chance(row: Mapping[str, Any]) -> bool:
     """Whether a comparison row's test accuracy interval reaches what always answering its test split's
     commonest class scores (False without a confusion matrix: nothing to judge)."""
     return beats_commonest_class(row.get("confusion_matrix") or []) is False
+
+
+SEGMENTER_DICE_FLOOR = 0.85
+"""A lung segmenter's test Dice under which the comparison warns: U-Nets reach 0.95 and more on chest X-ray
+lung masks, and a dual-channel model trains and is served on the segmenter's masks, so its figures are the
+segmenter's as much as its own. Tune's default gives the segmenter --epochs / 4: one or two epochs on a
+few hundred images (104 real ones: Dice 0.50) leave it far from trained."""
+
+
+def segmenter_warning(segmenter: Mapping[str, Any] | None, epochs: int | None) -> str | None:
+    """The comparison's warning of a poor lung segmenter (test Dice under SEGMENTER_DICE_FLOOR), on the
+    console and in comparison.html (which had left it out: a real-sample study, session 52).
+
+    >>> segmenter_warning({"test": {"dice": 0.59}}, 2)[:65]
+    "the lung segmenter's test Dice is 0.59 after 2 epochs, under 0.85"
+    """
+    dice = ((segmenter or {}).get("test") or {}).get("dice")
+    if dice is None or dice >= SEGMENTER_DICE_FLOOR:
+        return None
+    trained = f"after {epochs} epoch{'s' if epochs != 1 else ''}" if epochs else "as trained"
+    return (
+        f"the lung segmenter's test Dice is {dice:.2f} {trained}, under {SEGMENTER_DICE_FLOOR}: "
+        "dual-channel models train and are served on its masks. Give it more (--segmenter-epochs), or "
+        "more images with lung masks"
+    )
 
 
 def commonest_class_warning(metrics: Mapping[str, Any]) -> str | None:
