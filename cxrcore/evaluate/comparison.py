@@ -545,16 +545,26 @@ def commonest_class_warning(metrics: Mapping[str, Any]) -> str | None:
     >>> commonest_class_warning({"confusion_matrix": [[9, 1], [1, 9]]}) is None
     True
     """
-    matrix = metrics.get("confusion_matrix")
+    figures = _chance_figures(metrics.get("confusion_matrix"))
+    if figures is None:
+        return None
+    reaches, n = figures
+    return (
+        f"{reaches} of always answering these images' commonest class: on {n} images the model is not shown "
+        "to have learned the task"
+    )
+
+
+def _chance_figures(matrix: Sequence[Sequence[int]] | None) -> tuple[str, int] | None:
+    """Where a confusion matrix's accuracy is not shown to beat always answering its commonest class:
+    "accuracy A (95% CI L–H) reaches C, the score" and the images it counts; None where it is (or counts
+    nothing)."""
     if not matrix or not (n := sum(map(sum, matrix))) or beats_commonest_class(matrix) is not False:
         return None
     accuracy = sum(matrix[k][k] for k in range(len(matrix))) / n
     commonest = max(map(sum, matrix)) / n
-    return (
-        f"accuracy {_fixed(accuracy)} (95% CI {interval_text(accuracy_interval(matrix))}) reaches "
-        f"{_fixed(commonest)}, the score of always answering these images' commonest class: on {n} images "
-        "the model is not shown to have learned the task"
-    )
+    interval = interval_text(accuracy_interval(matrix))
+    return f"accuracy {_fixed(accuracy)} (95% CI {interval}) reaches {_fixed(commonest)}, the score", n
 
 
 def chance_warnings(best: Mapping[str, Mapping[str, Any]]) -> list[str]:
@@ -569,19 +579,14 @@ def chance_warnings(best: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """
     lines = []
     for place, (model, row) in enumerate(ranked_architectures(best)):
-        matrix = row.get("confusion_matrix")
-        if not matrix or not (n := sum(map(sum, matrix))):
+        if (figures := _chance_figures(row.get("confusion_matrix"))) is None:
             continue
-        if not_shown_above_chance(row):
-            interval, commonest = accuracy_interval(matrix), max(map(sum, matrix)) / n
-            accuracy = sum(matrix[k][k] for k in range(len(matrix))) / n
-            role = (" (production)" if row.get("production") else " (the winner)") if place == 0 else ""
-            lines.append(
-                f"{model}{role}: test accuracy {_fixed(accuracy)} (95% CI {interval_text(interval)}) reaches "
-                f"{_fixed(commonest)}, the score of always answering the test split's commonest class: not "
-                "shown to beat it"
-                + (f" on {n} test images; do not serve it on this evidence" if role else "")
-            )
+        reaches, n = figures
+        role = (" (production)" if row.get("production") else " (the winner)") if place == 0 else ""
+        lines.append(
+            f"{model}{role}: test {reaches} of always answering the test split's commonest class: not shown "
+            "to beat it" + (f" on {n} test images; do not serve it on this evidence" if role else "")
+        )
     return lines
 
 

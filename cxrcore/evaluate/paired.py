@@ -15,13 +15,13 @@ production: `cxr evaluate` both on the same split of its own data, then compare.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cxrcore.metrics import mcnemar_exact
+from cxrcore.metrics import confusion_scores, mcnemar_exact
 
 RESAMPLES = 2000
 """Paired bootstrap resamples of the images for the macro-F1 difference's 95% interval (fixed seed: the same
@@ -75,13 +75,13 @@ def compare_evaluations(first: str | Path, second: str | Path, resamples: int = 
     draws = (rng.integers(0, n, size=n) for _ in range(resamples))  # one at a time: n may be thousands
     accuracy = {"first": float(right_a.mean()), "second": float(right_b.mean())}
     macro_f1 = {
-        "first": _macro_f1(labels, predicted_a, len(classes)),
-        "second": _macro_f1(labels, predicted_b, len(classes)),
+        "first": _macro_f1(labels, predicted_a, classes),
+        "second": _macro_f1(labels, predicted_b, classes),
     }
     f1_diffs = np.asarray(
         [
-            _macro_f1(labels[draw], predicted_b[draw], len(classes))
-            - _macro_f1(labels[draw], predicted_a[draw], len(classes))
+            _macro_f1(labels[draw], predicted_b[draw], classes)
+            - _macro_f1(labels[draw], predicted_a[draw], classes)
             for draw in draws
         ]
     )
@@ -248,18 +248,11 @@ def _seen(metrics: Mapping[str, Any]) -> str | None:
     return said[0] if said else None
 
 
-def _macro_f1(labels: np.ndarray, predicted: np.ndarray, classes: int) -> float:
-    """Macro-F1 over the classes present among `labels` (as `cxr evaluate` counts a class without images:
-    not at all)."""
-    scores = []
-    for k in range(classes):
-        support = int((labels == k).sum())
-        if not support:
-            continue
-        hits = int(((predicted == k) & (labels == k)).sum())
-        answered = int((predicted == k).sum())
-        scores.append(2 * hits / (support + answered))
-    return float(np.mean(scores)) if scores else 0.0
+def _macro_f1(labels: np.ndarray, predicted: np.ndarray, classes: Sequence[str]) -> float:
+    """Macro-F1 as `cxr evaluate` computes it (`metrics.confusion_scores`: the classes among `labels`)."""
+    k = len(classes)
+    matrix = np.bincount(labels * k + predicted, minlength=k * k).reshape(k, k)
+    return float(confusion_scores(matrix, classes)["macro_f1"])
 
 
 def _interval(values: np.ndarray) -> tuple[float, float]:
