@@ -213,13 +213,8 @@ def format_ingest_report(report: dict[str, Any]) -> str:
             f"patients ({origin}): {patients['patients']} for {patients['images']} images, each patient's "
             "images within one split"
         )
-    elif (report.get("labels") or {}).get("label_file") and (
-        str((report.get("config") or {}).get("patient_column") or "").strip().lower() != "none"
-    ):  # a label file that names no patient, unless asked for none: say so
-        lines.append(
-            "patients: the label file names none (no column like Patient ID, MRN or subject_id): images are "
-            "split one by one, a patient's films maybe across splits; --patient-column NAME groups them"
-        )
+    elif str((report.get("config") or {}).get("patient_column") or "").strip().lower() != "none":
+        lines.append(_no_patients_line(bool((report.get("labels") or {}).get("label_file"))))
     held_out = set(report["test_sources"])
     rows = [
         [source + (" (held out)" if source in held_out else ""), *counts.values(), sum(counts.values())]
@@ -258,6 +253,24 @@ def _what_changed(replaced: dict[str, Any]) -> str:
     else:
         changed.append("their lung masks not compared (an earlier cxr's fingerprint covered none)")
     return f"of the {shared} images both hold, {', '.join(changed)}"
+
+
+def _no_patients_line(label_file: bool) -> str:
+    """What a dataset that names no patient means for its split, unless asked for no grouping (`none`).
+
+    >>> print(_no_patients_line(False))  # doctest: +ELLIPSIS
+    patients: none named (no label file, patient folder or DICOM PatientID): images are split one by one, ...
+    """
+    if label_file:
+        return (
+            "patients: the label file names none (no column like Patient ID, MRN or subject_id): images are "
+            "split one by one, a patient's films maybe across splits; --patient-column NAME groups them"
+        )
+    return (
+        "patients: none named (no label file, patient folder or DICOM PatientID): images are split one by one, "
+        "so a patient's follow-up films may sit in train and test and the test scores read high; "
+        "--patient-column folder groups COVID/P0123/*.png by folder, --labels FILE with a patient column by it"
+    )
 
 
 def _left_out_lines(labels: dict[str, Any], root: str) -> list[str]:

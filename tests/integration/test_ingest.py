@@ -303,6 +303,10 @@ def test_a_patients_images_share_a_split_and_a_placeholder_id_groups_nothing(tmp
     assert "patient" not in read_table(str(tmp_path / "ds")).column_names  # used for the split, not stored
     unnamed = {**report, "patients": {**report["patients"], "column": None}}  # a label file naming none
     assert "patients: the label file names none" in format_ingest_report(unnamed)
+    folders = {**unnamed, "labels": {**report["labels"], "label_file": None}}  # the Kaggle layout's folders
+    assert "patients: none named (no label file, patient folder or DICOM PatientID)" in format_ingest_report(
+        folders
+    )
     declined = {**unnamed, "config": {**report["config"], "patient_column": "none"}}  # as asked: no word
     assert "patients:" not in format_ingest_report(declined)
 
