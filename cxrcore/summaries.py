@@ -267,9 +267,10 @@ def _no_patients_line(label_file: bool) -> str:
             "split one by one, a patient's films maybe across splits; --patient-column NAME groups them"
         )
     return (
-        "patients: none named (no label file, patient folder or DICOM PatientID): images are split one by one, "
-        "so a patient's follow-up films may sit in train and test and the test scores read high; "
-        "--patient-column folder groups COVID/P0123/*.png by folder, --labels FILE with a patient column by it"
+        "patients: none named (no label file, patient folder or DICOM PatientID): images are split one by "
+        "one, so a patient's follow-up films may sit in train and test and the test scores read high; "
+        "--patient-column folder groups COVID/P0123/*.png by folder, --labels FILE with a patient column "
+        "by it"
     )
 
 

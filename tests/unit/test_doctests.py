@@ -15,7 +15,8 @@ MODULES = (
     "cxrcore.evaluate.paired",
     "cxrcore.evaluate.report",
     "cxrcore.inference", "cxrcore.metrics",
-    "cxrcore.models.registry", "cxrcore.plan", "cxrcore.runtime", "cxrcore.telemetry", "cxrcore.train.engine",
+    "cxrcore.models.registry", "cxrcore.plan", "cxrcore.runtime", "cxrcore.summaries", "cxrcore.telemetry",
+    "cxrcore.train.engine",
     "cxrcore.train.loop", "cxrcore.train.trainer", "serve.schemas", "serve.ingress",
 )  # fmt: skip
 
