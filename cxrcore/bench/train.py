@@ -159,7 +159,7 @@ def plain_loop(config: TrainConfig, threads: int) -> dict[str, Any]:
     from cxrcore.data.batches import AugmentConfig
     from cxrcore.data.ingest import read_split
     from cxrcore.models import create_model, get_input_spec
-    from cxrcore.train.engine import combine, run_epoch, warmup_cosine
+    from cxrcore.train.engine import adamw, combine, run_epoch, warmup_cosine
     from cxrcore.train.loop import TRAIN_COLUMNS
     from cxrcore.train.trainer import loop_config
 
@@ -170,7 +170,7 @@ def plain_loop(config: TrainConfig, threads: int) -> dict[str, Any]:
     torch.manual_seed(config.seed)
     model = create_model(config.model, image_size=settings["image_size"])
     spec = get_input_spec(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = adamw(model, config.lr, config.weight_decay)
     steps = max(1, math.ceil(rows / batch_size))
     scheduler = warmup_cosine(optimizer, round(config.warmup_epochs * steps), config.epochs * steps)
     weights = torch.tensor(settings["class_weights"]) if settings["class_weights"] else None

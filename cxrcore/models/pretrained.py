@@ -95,6 +95,34 @@ def _unprefixed(state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.T
     return state
 
 
+def _named_as(
+    own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], path: Path, levels: int = 3
+) -> dict[str, torch.Tensor]:
+    """`state` with the first name components all its names share taken off (up to `levels` of them),
+    where its names and the model's have none in common and would have then: a wrapper's attribute other
+    than WRAPPER_PREFIXES' (`net.`, `backbone.`, `encoder.`, `student.backbone.`). Otherwise as it is.
+
+    >>> own = {"conv1.weight": torch.zeros(1), "fc.bias": torch.zeros(1)}
+    >>> sorted(_named_as(own, {"student.backbone.conv1.weight": torch.zeros(1)}, Path("w.pth")))
+    ['conv1.weight']
+    >>> sorted(_named_as(own, {"net.layer9.weight": torch.zeros(1)}, Path("w.pth")))
+    ['net.layer9.weight']
+    """
+    if not state or state.keys() & own.keys():
+        return state
+    names = {name: name for name in state}
+    for _ in range(levels):
+        heads = {name.split(".", 1)[0] for name in names.values()}
+        if len(heads) != 1 or not all("." in name for name in names.values()):
+            break
+        names = {key: name.split(".", 1)[1] for key, name in names.items()}
+        if set(names.values()) & own.keys():
+            prefix = next(iter(state))[: -len(next(iter(names.values())))]
+            logger.info("%s: every name starts with %r (a wrapper's); read without it", path, prefix)
+            return {names[key]: value for key, value in state.items()}
+    return state
+
+
 def load_pretrained(model: nn.Module, path: str | Path) -> list[str]:
     """Load a state_dict file into a timm model; return the keys skipped because the head differs.
 
@@ -110,8 +138,8 @@ def load_pretrained(model: nn.Module, path: str | Path) -> list[str]:
             f"pretrained weights file {path} does not exist; pass an existing .safetensors/.pth file, "
             f"{HUB!r} to download, or None to train from scratch"
         )
-    state = read_pretrained(path)
     own = model.state_dict()
+    state = _named_as(own, read_pretrained(path), path)
     first_conv = f"{_pretrained_cfg(model, 'first_conv', 'conv1')}.weight"
     classifier = _pretrained_cfg(model, "classifier", "fc")
 
@@ -267,6 +295,7 @@ def import_weights(
         origin = {SOURCE_KEY: source.name, SOURCE_SHA_KEY: _sha256(source)}
 
     target = create_model(arch)
+    state = _named_as(target.state_dict(), state, Path(described))
     first_conv = f"{_pretrained_cfg(target, 'first_conv', 'conv1')}.weight"
     classifier = f"{_pretrained_cfg(target, 'classifier', 'fc')}."
     in_chans = target.state_dict()[first_conv].shape[1]

@@ -55,6 +55,31 @@ def class_weights(counts: list[int]) -> torch.Tensor:
     return weights / weights[counts_t > 0].mean()
 
 
+def adamw(
+    model: torch.nn.Module, lr: float, weight_decay: float, decay_all: bool = False
+) -> torch.optim.AdamW:
+    """AdamW over the parameters that train (a frozen backbone's are left out), with weight decay on the
+    weights of convolutions, linear and recurrent layers only: a norm layer's scale and shift and the
+    biases get none, as in timm's and torchvision's recipes. Decay pulls them to 0, and a norm layer's
+    scale is what sets its output's size (its input's is normalised away), so decay there shrinks the
+    features rather than the model's complexity. `decay_all` is the one group of runs saved before
+    (a resumed run keeps its recipe).
+
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Linear(4, 2))
+    >>> [(len(group["params"]), group["weight_decay"]) for group in adamw(net, 1e-3, 0.05).param_groups]
+    [(2, 0.05), (4, 0.0)]
+    >>> [(len(group["params"]), group["weight_decay"]) for group in adamw(net, 1e-3, 0.05, True).param_groups]
+    [(6, 0.05)]
+    """
+    learning = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
+    if decay_all:
+        return torch.optim.AdamW([param for _, param in learning], lr=lr, weight_decay=weight_decay)
+    decayed = [param for _, param in learning if param.ndim > 1]
+    kept = [param for _, param in learning if param.ndim <= 1]
+    groups = [{"params": decayed, "weight_decay": weight_decay}, {"params": kept, "weight_decay": 0.0}]
+    return torch.optim.AdamW([group for group in groups if group["params"]], lr=lr)
+
+
 def warmup_cosine(
     optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, start_step: int = 0
 ) -> torch.optim.lr_scheduler.LambdaLR:

@@ -20,6 +20,7 @@ from cxrcore.models.registry import unwrap
 from cxrcore.train.engine import (
     Batch,
     EpochResult,
+    adamw,
     average_batchnorm_across_ranks,
     combine,
     epoch_seed,
@@ -180,8 +181,7 @@ def run_training(loop_config: dict[str, Any], session: TrainSession) -> None:
     model = model.to(device) if on_cpu_anyway else session.prepare_model(model)  # local mode: one process
     segmenting = spec.task == "segment"
 
-    learning = [param for param in model.parameters() if param.requires_grad]  # the head alone, frozen
-    optimizer = torch.optim.AdamW(learning, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = adamw(model, config.lr, config.weight_decay)  # the head alone where the backbone is frozen
     batch_size = int(loop_config["train"]["batch_size"])  # resolved by the driver (auto for small data)
     steps_per_epoch = max(1, math.ceil(loop_config["train_rows"] / (batch_size * max(world, 1))))
     plan = {
@@ -208,6 +208,9 @@ def run_training(loop_config: dict[str, Any], session: TrainSession) -> None:
             unwrap(model).load_state_dict(read_weights(f"{directory}/{WEIGHTS_NAME}", device=str(device)))
             state = load_train_state(directory)
             if state is not None:
+                if (resumed := resumed_optimizer(model, config, state["optimizer"])) is not None:
+                    optimizer = resumed  # a recipe of an earlier cxr's
+                    scheduler = warmup_cosine(optimizer, plan["warmup_steps"], plan["total_steps"])
                 optimizer.load_state_dict(state["optimizer"])
                 start_epoch, history = int(state["epoch"]) + 1, list(state["history"])
                 scheduler = _resumed_schedule(
@@ -359,6 +362,17 @@ def epoch_metrics(
         val_confusion_matrix=val["confusion_matrix"],
     )
     return metrics
+
+
+def resumed_optimizer(
+    model: torch.nn.Module, config: TrainConfig, saved: dict[str, Any]
+) -> torch.optim.AdamW | None:
+    """The optimizer a resumed run goes on with where its `saved` state is of another recipe than
+    `adamw`'s (None where it is the same): a run saved by an earlier cxr, whose one parameter group
+    decayed every parameter, keeps that group (loaded into two groups, its state would not fit)."""
+    if len(saved["param_groups"]) == len(adamw(model, config.lr, config.weight_decay).param_groups):
+        return None
+    return adamw(model, config.lr, config.weight_decay, decay_all=True)
 
 
 def _resumed_schedule(

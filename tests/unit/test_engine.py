@@ -429,3 +429,31 @@ def test_a_frozen_backbone_trains_its_head_alone_and_keeps_its_batchnorm_statist
     assert "--freeze-backbone: tiny_cnn_lstm has no pretrained backbone to freeze" in capsys.readouterr().err
     assert main([*train, "--model", "tiny_resnet"]) == 2  # `auto`: tiny_resnet has no hub weights, so none
     assert "--freeze-backbone: --pretrained auto gives tiny_resnet no weights" in capsys.readouterr().err
+
+
+def test_weight_decay_spares_norms_and_biases_and_a_run_saved_with_one_group_resumes_in_it() -> None:
+    """AdamW decays the convolutions' and linear layers' weights, not BatchNorm's scale and shift or the
+    biases; a run whose state an earlier cxr saved (one group, every parameter decayed) resumes as it was."""
+    from cxrcore.config import TrainConfig
+    from cxrcore.models import create_model
+    from cxrcore.train.engine import adamw
+    from cxrcore.train.loop import resumed_optimizer
+
+    model = create_model("tiny_dual_cnn", image_size=32)
+    config = TrainConfig(data="ds", model="tiny_dual_cnn", weight_decay=0.05)
+    optimizer = adamw(model, config.lr, config.weight_decay)
+    decayed, spared = optimizer.param_groups
+    names = {id(param): name for name, param in model.named_parameters()}
+    assert decayed["weight_decay"] == 0.05 and spared["weight_decay"] == 0.0
+    assert all(param.ndim > 1 for param in decayed["params"])
+    assert {names[id(param)].rsplit(".", 1)[1] for param in spared["params"]} == {"weight", "bias"}
+    assert sum(len(group["params"]) for group in optimizer.param_groups) == len(names)
+    assert resumed_optimizer(model, config, optimizer.state_dict()) is None  # today's recipe: as it is
+
+    earlier = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    model(torch.rand(2, 2, 32, 32)).sum().backward()
+    earlier.step()
+    resumed = resumed_optimizer(model, config, earlier.state_dict())
+    assert resumed is not None and [group["weight_decay"] for group in resumed.param_groups] == [0.05]
+    resumed.load_state_dict(earlier.state_dict())  # fits, moments and all
+    assert len(resumed.state) == len(names)

@@ -284,6 +284,15 @@ def test_training_checkpoints_and_data_parallel_names_are_read_as_their_weights(
             main(["models", "import-weights", "tiny_resnet", "--from", str(tmp_path / name), "--out", out])
             == 0
         )
+    # Other wrappers' attributes (a verifier, session 52): taken off where the names then are the model's.
+    from safetensors.torch import load_file
+
+    for prefix in ("net.", "backbone.", "student.backbone."):
+        torch.save({f"{prefix}{key}": value for key, value in state.items()}, tmp_path / "wrapped.pth")
+        out = str(tmp_path / f"{prefix}safetensors")
+        command = ["models", "import-weights", "tiny_resnet", "--from", str(tmp_path / "wrapped.pth")]
+        assert main([*command, "--out", out, "--force"]) == 0, prefix
+        assert set(load_file(out)) == {key for key in state if not key.startswith("fc.")}, prefix
     torch.save({"epoch": 3, "optimizer": {"lr": torch.tensor(0.1)}}, tmp_path / "no-weights.pth")
     with pytest.raises(UnsafeWeightsError, match=r"nor a checkpoint holding one under 'state_dict'.*'epoch'"):
         read_pretrained(tmp_path / "no-weights.pth")
