@@ -58,6 +58,7 @@ from cxrcore.summaries import (
     format_ingest_report,
     format_scan,
     format_train_result,
+    scan_confound,
 )
 from cxrcore.tables import format_table
 
@@ -535,7 +536,10 @@ def _run_check(args: argparse.Namespace) -> int:
     if args.json:
         from cxrcore.data.ingest import printable_json
 
-        print(json.dumps(printable_json(scan.to_dict()), indent=2))
+        data = scan.to_dict()
+        if confound := scan_confound(scan):  # as the text says it: ingest's warning, before the ingest
+            data["warnings"] = [*data["warnings"], confound]
+        print(json.dumps(printable_json(data), indent=2))
     else:
         print(format_scan(scan, args.skip_unmapped))
     if not scan.usable:

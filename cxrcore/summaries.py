@@ -161,6 +161,8 @@ def format_scan(scan: LayoutScan, skip_unmapped: bool = False) -> str:
     rows.append(["total"] + [data["totals"][key] for _, key in columns])
     out = [f"dataset: {scan.root}", format_table(["class"] + [title for title, _ in columns], rows)]
     out.append("sources (images): " + ", ".join(f"{name} {n}" for name, n in scan.sources.items()))
+    if confound := scan_confound(scan):
+        out.append(f"WARNING: {confound}")
     out += _label_file_lines(data, scan.root)
     for folder in scan.unknown_folders:
         out.append(f"folder with no class and no images (skipped): {folder}")
@@ -189,6 +191,21 @@ def format_scan(scan: LayoutScan, skip_unmapped: bool = False) -> str:
     elif refusal:
         out += _left_out_lines(data, scan.root)
     return "\n".join(out)
+
+
+def scan_confound(scan: LayoutScan) -> str | None:
+    """Ingest's warning of classes that no source holds both of, said before the ingest: where
+    `--test-sources` can still be chosen."""
+    from collections import Counter
+
+    from cxrcore.data.ingest import _separated_classes, sources_separate_classes
+
+    by_source_class: dict[str, Counter[str]] = {}
+    for entry in scan.entries:
+        if entry.label:
+            by_source_class.setdefault(entry.source, Counter())[entry.label] += 1
+    report = {"source_separates": _separated_classes(by_source_class), "by_source_class": by_source_class}
+    return sources_separate_classes(report)
 
 
 def format_ingest_report(report: dict[str, Any]) -> str:

@@ -843,3 +843,20 @@ def test_patient_folders_are_asked_of_class_folders_only() -> None:
     assert LabelFile.from_flags(None, patient_column="folder") is None  # class folders: no label file
     with pytest.raises(LayoutError, match="--patient-column folder: the patients are the folders below each"):
         LabelFile.from_flags("labels.csv", patient_column="folder")
+
+
+def test_data_check_warns_where_sources_separate_classes_before_the_ingest(raw: Path) -> None:
+    """Ingest's warning, said by `cxr data check` too, where --test-sources can still be chosen: COVID's
+    images come from one source and Viral Pneumonia's from another (the Kaggle database is so made)."""
+    import dataclasses
+
+    from cxrcore.summaries import format_scan, scan_confound
+
+    scan = scan_layout(raw)
+    warning = scan_confound(scan)
+    assert warning is not None and warning.startswith("every source holds one class only")
+    assert "--test-sources" in warning
+    assert f"WARNING: {warning}" in format_scan(scan, skip_unmapped=True)
+    mixed = next(e for e in scan.entries if e.label == "Viral Pneumonia")
+    scan.entries.append(dataclasses.replace(mixed, label="COVID", file="also-covid.png"))  # x.org holds both
+    assert scan_confound(scan) is None  # Normal's source is unknown: it separates nothing
