@@ -473,8 +473,11 @@ def _auroc_influence(positive: np.ndarray, scores: np.ndarray) -> np.ndarray | N
 def _auroc_interval(
     aurocs: Sequence[float | None], influences: Sequence[np.ndarray | None]
 ) -> list[float] | None:
-    """The DeLong 95% interval of the mean of the defined AUROCs (one class's: its own AUROC's, clipped to
-    [0, 1]).
+    """The DeLong 95% interval of the mean of the defined AUROCs (one class's: its own AUROC's), taken on
+    the logit scale and mapped back (Pepe 2003, section 5.2), so that it stays within 0-1 and widens
+    towards 0.5 where the AUROC lies near 1. On the AUROC's own scale, clipped to 1, it had covered a true
+    AUROC of 0.90 in 78% of samples of 4 positives and 40 negatives, 86% of 10, 92% of 30; on the logit
+    scale in 95%, 94% and 95% (binormal scores, 3,000 samples each; the README's "Evaluation").
     None where a class has one image on a side, or a variance of 0: scores that separate it perfectly (an
     interval of 1.00-1.00 would claim a certainty that a few images cannot give, and in the mean it would
     narrow the others' interval)."""
@@ -484,7 +487,10 @@ def _auroc_interval(
         return None  # a class without a variance of its own would narrow the mean's interval without cause
     spread = math.sqrt(float(np.square(np.mean(shares, axis=0)).sum()))
     centre = float(np.mean([auroc for auroc, _ in defined]))
-    return [max(0.0, centre - WILSON_Z * spread), min(1.0, centre + WILSON_Z * spread)]
+    if not 0.0 < centre < 1.0:  # every class's AUROC 0 (or 1, which has no variance): no logit
+        return None
+    logit, half = math.log(centre / (1.0 - centre)), WILSON_Z * spread / (centre * (1.0 - centre))
+    return [1.0 / (1.0 + math.exp(-(logit + sign * half))) for sign in (-1.0, 1.0)]
 
 
 def ece_floor(probs: np.ndarray, n_bins: int = ECE_BINS, draws: int = ECE_FLOOR_DRAWS) -> dict[str, float]:
