@@ -636,8 +636,12 @@ def _check_resumable(config: TrainConfig | TuneConfig) -> None:
         check_experiment_state(experiment_path(config))
     else:
         run_dir = f"{config.out.rstrip('/')}/{config.run_name()}"
-        recorded_settings(run_dir, "a training run")
+        recorded = recorded_settings(run_dir, "a training run")
         trainer.restore_checkpoint_record(run_dir, write=False)
+        if recorded is not None and _is_here(config.data):  # what the run checks once Ray runs
+            trainer.check_resume(
+                config, trainer.loop_config(config, with_reference=False), run_dir, write=False
+            )
 
 
 def _check_ingest(config: IngestConfig) -> list[str]:

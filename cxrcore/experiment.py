@@ -33,10 +33,16 @@ def recorded_settings(location: str, what: str) -> dict[str, Any] | None:
 
 
 def check_same_experiment(
-    location: str, settings: dict[str, Any], what: str, defaults: dict[str, Any] | None = None
+    location: str,
+    settings: dict[str, Any],
+    what: str,
+    defaults: dict[str, Any] | None = None,
+    *,
+    write: bool = True,
 ) -> None:
-    """Record `settings` in the run folder `location`, or check a re-run against the recorded ones;
-    `defaults`: what a setting recorded by neither side stands for (one added since the run started).
+    """Record `settings` in the run folder `location` (unless not `write`: `--dry-run`), or check a re-run
+    against the recorded ones; `defaults`: what a setting recorded by neither side stands for (one added
+    since the run started).
 
     Re-running with the same --name and --out resumes; that is only right when the data and the settings
     that shape the result are the same. Otherwise raise ConfigError saying which differ and how to
@@ -46,13 +52,21 @@ def check_same_experiment(
     path = f"{root}/{SETTINGS_NAME}"
     recorded = recorded_settings(location, what)
     if recorded is None:
-        storage.write_text(filesystem, path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
+        if write:
+            storage.write_text(filesystem, path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
         return
     unset = defaults or {}
+
+    def value(side: dict[str, Any], key: str) -> Any:
+        """The side's setting; where it is not there, or None where `defaults` name it (a setting an
+        earlier cxr recorded as None), what `defaults` say it stands for."""
+        found = side.get(key)
+        return unset.get(key) if (key not in side or found is None) and key in unset else found
+
     differ = [
-        f"{key} {recorded.get(key, unset.get(key))!r} → {settings.get(key, unset.get(key))!r}"
+        f"{key} {value(recorded, key)!r} → {value(settings, key)!r}"
         for key in sorted(set(recorded) | set(settings))
-        if recorded.get(key, unset.get(key)) != settings.get(key, unset.get(key))
+        if value(recorded, key) != value(settings, key)
     ]
     if differ:
         if {key.split(" ")[0] for key in differ} == {"data_fingerprint"}:

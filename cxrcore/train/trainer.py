@@ -278,14 +278,87 @@ def run_settings(config: TrainConfig, settings: dict[str, Any]) -> dict[str, Any
     # the weights file it started from, by its sha256: a file replaced under the same path (`import-weights
     # --force`) had resumed the run, and the next card named the new file (a verifier, session 52)
     start = (settings["data"].get("initial_weights") or {}).get("sha256")
-    return {"data_fingerprint": data, "image_size": settings["image_size"], **train, "initial_weights": start}
+    # the size the run trains at, resolved: `--image-size` unset (train's None) is the dataset's size; a
+    # run recorded before had recorded None, and resumed at another size (a review, session 53)
+    return {"data_fingerprint": data, **train, "image_size": settings["image_size"], "initial_weights": start}
 
 
-def added_run_settings(recorded_now: dict[str, Any]) -> dict[str, Any]:
+def check_resume(config: TrainConfig, settings: dict[str, Any], run_dir: str, write: bool = True) -> None:
+    """Refuse to go on with the run in `run_dir` where it was started with other settings (`settings`:
+    loop_config's), or has trained more epochs than `--epochs` asks for (it had said "resumed after epoch
+    20 of 10" and exited 0 with the 20-epoch run's figures); record the settings of a new run (`write`)."""
+    from cxrcore.experiment import check_same_experiment
+
+    recorded_now = run_settings(config, settings)
+    defaults = added_run_settings(recorded_now, run_dir)
+    check_same_experiment(run_dir, recorded_now, "a training run", defaults, write=write)
+    done = ((latest_recorded(run_dir) or {}).get("metrics") or {}).get("epoch")
+    if isinstance(done, int) and done > config.epochs:
+        raise ConfigError(
+            f"--epochs {config.epochs}: {run_dir} already holds a run of {done} epochs, and a run is not "
+            f"cut short: its checkpoints stand as they are (`cxr train --epochs {done}` prints them again). "
+            f"For a run of {config.epochs} epochs start a fresh one with another --name (or --out)"
+        )
+
+
+def added_run_settings(recorded_now: dict[str, Any], run_dir: str | None = None) -> dict[str, Any]:
     """What a setting added since a run started stands for in its record (check_same_experiment's
     `defaults`): such a run resumes as it was trained. Its initial weights were not recorded: taken as the
-    file it names now."""
-    return {"freeze_backbone": False, "initial_weights": recorded_now.get("initial_weights")}
+    file it names now. Its image size was recorded as None: taken from its latest checkpoint's card (as
+    this run's where it has none)."""
+    return {
+        "freeze_backbone": False,
+        "initial_weights": recorded_now.get("initial_weights"),
+        "image_size": _trained_size(run_dir) or recorded_now.get("image_size"),
+    }
+
+
+def _trained_size(run_dir: str | None) -> int | None:
+    """The image size the latest checkpoint of the run in `run_dir` was trained at (None: none found)."""
+    from cxrcore.checkpoint import load_card
+    from cxrcore.data import storage
+
+    latest = latest_recorded(run_dir) if run_dir is not None else None
+    if latest is None or not isinstance(folder := latest.get("checkpoint_dir_name"), str):
+        return None
+    filesystem, root = storage.resolve(str(run_dir))
+    try:
+        return int(load_card(storage.uri(filesystem, f"{root}/{folder}")).input_spec["image_size"])
+    except (FileNotFoundError, KeyError, TypeError, ValueError):
+        return None
+
+
+def _keep_scores_added(run_dir: str) -> None:
+    """Give the checkpoints Ray Train recorded for a run of an earlier cxr, which kept them by val_score,
+    the KEEP_SCORE it keeps them by now (their val_score): without it Ray ranks them below any new one
+    and deletes them first, its best among them."""
+    from cxrcore.data import storage
+    from cxrcore.train.loop import KEEP_SCORE
+
+    filesystem, root = storage.resolve(run_dir)
+    text = storage.read_text(filesystem, f"{root}/{CHECKPOINT_SNAPSHOT}")
+    record = _checkpoint_record(text) if text is not None else None
+    if record is None:
+        return
+    added = 0
+    for entry in list(_record_entries(record)):
+        metrics = entry.get("metrics")
+        if isinstance(metrics, dict) and KEEP_SCORE not in metrics and "val_score" in metrics:
+            metrics[KEEP_SCORE], added = metrics["val_score"], added + 1
+    if added:
+        storage.write_text(filesystem, f"{root}/{CHECKPOINT_SNAPSHOT}", json.dumps(record))
+
+
+def latest_recorded(run_dir: str) -> dict[str, Any] | None:
+    """Ray Train's record of the latest checkpoint of the run in `run_dir` (`checkpoint_dir_name`,
+    `metrics`), None where there is none or its record does not parse."""
+    from cxrcore.data import storage
+
+    filesystem, root = storage.resolve(run_dir)
+    text = storage.read_text(filesystem, f"{root}/{CHECKPOINT_SNAPSHOT}")
+    record = _checkpoint_record(text) if text is not None else None
+    latest = (record or {}).get("latest_checkpoint_result")
+    return latest if isinstance(latest, dict) else None
 
 
 MIN_STEPS_PER_EPOCH = 24
@@ -304,8 +377,9 @@ def auto_batch_size(train_rows: int, workers: int, largest: int = 32, smallest: 
     return size
 
 
-def loop_config(config: TrainConfig) -> dict[str, Any]:
-    """Everything the worker loop needs, resolved once in the driver (and JSON-plain for Ray)."""
+def loop_config(config: TrainConfig, with_reference: bool = True) -> dict[str, Any]:
+    """Everything the worker loop needs, resolved once in the driver (and JSON-plain for Ray); without the
+    input check's reference (which reads every training image) where only the settings are wanted."""
     from cxrcore import inputcheck
     from cxrcore.data.ingest import read_report, sources_separate_classes
     from cxrcore.models import get_model_entry
@@ -338,7 +412,7 @@ def loop_config(config: TrainConfig) -> dict[str, Any]:
     train["batch_size"] = config.batch_size or auto_batch_size(train_rows, max(config.workers, 1))
     confound = sources_separate_classes(report)
     # What a usual input is, from the images as the model will see them: each checkpoint carries it
-    reference = None if segmenting else inputcheck.fit_dataset(config.data)
+    reference = inputcheck.fit_dataset(config.data) if with_reference and not segmenting else None
     return {
         "train": train,
         "pretrained": pretrained,
@@ -539,15 +613,13 @@ def build_trainer(config: TrainConfig, callbacks: list[Any] | None = None) -> An
     from ray.train.torch import TorchTrainer
 
     from cxrcore.data import storage
-    from cxrcore.experiment import check_same_experiment
-    from cxrcore.train.loop import train_loop_per_worker
+    from cxrcore.train.loop import KEEP_SCORE, train_loop_per_worker
     from cxrcore.train.sharding import WholeValidation
 
     settings, datasets = training_inputs(config)
     storage_path = config.out if "://" in config.out else storage.resolve(config.out)[1]
     run_dir = f"{storage_path.rstrip('/')}/{config.run_name()}"
-    recorded_now = run_settings(config, settings)
-    check_same_experiment(run_dir, recorded_now, "a training run", added_run_settings(recorded_now))
+    check_resume(config, settings, run_dir)
     if (restored := restore_checkpoint_record(run_dir)) is not None:
         log.warning(
             "%s/%s, Ray Train's record of the run's checkpoints, was damaged (cut short: a full disk or a "
@@ -556,6 +628,7 @@ def build_trainer(config: TrainConfig, callbacks: list[Any] | None = None) -> An
             CHECKPOINT_SNAPSHOT,
             restored,
         )
+    _keep_scores_added(run_dir)
     if dropped := drop_unrecorded_checkpoints(run_dir):
         log.warning(
             "removed %d checkpoint folder(s) of %s that the interrupted run wrote after its last recorded "
@@ -582,7 +655,7 @@ def build_trainer(config: TrainConfig, callbacks: list[Any] | None = None) -> An
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
             logging_config=ray.train.LoggingConfig(log_level=train_log_level()),
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=3, checkpoint_score_attribute="val_score", checkpoint_score_order="max"
+                num_to_keep=3, checkpoint_score_attribute=KEEP_SCORE, checkpoint_score_order="max"
             ),
             callbacks=[*(callbacks or []), record_keeper(run_dir)],
         ),
@@ -687,21 +760,19 @@ def _checkpoint_record(text: str) -> dict[str, Any] | None:
 
 def _recorded_folders(record: dict[str, Any]) -> set[str]:
     """Every checkpoint folder the record names: kept, latest, pending."""
-    recorded: set[str] = set()
+    names = (entry.get("checkpoint_dir_name") for entry in _record_entries(record))
+    return {name for name in names if isinstance(name, str)}
 
-    def collect(value: Any) -> None:
-        if isinstance(value, dict):
-            name = value.get("checkpoint_dir_name")
-            if isinstance(name, str):
-                recorded.add(name)
-            for item in value.values():
-                collect(item)
-        elif isinstance(value, list):
-            for item in value:
-                collect(item)
 
-    collect(record)
-    return recorded
+def _record_entries(value: Any) -> Iterator[dict[str, Any]]:
+    """Every object in Ray Train's checkpoint record, however deep (its kept, latest and pending results)."""
+    if isinstance(value, dict):
+        yield value
+        for item in value.values():
+            yield from _record_entries(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _record_entries(item)
 
 
 def drop_unrecorded_checkpoints(run_dir: str) -> list[str]:

@@ -195,10 +195,10 @@ def test_data_kept_in_the_object_store_gets_the_segmenters_masks_once(
     )
     built = trainer.build_trainer(config)
     assert built.train_loop_config["masks_from_segmenter"]
-    kept = built.run_config.checkpoint_config  # the three best by validation score, highest first
+    kept = built.run_config.checkpoint_config  # the three best by validation score, ties by loss
     assert (kept.num_to_keep, kept.checkpoint_score_attribute, kept.checkpoint_score_order) == (
         3,
-        "val_score",
+        "val_keep",
         "max",
     )
     assert built.run_config.failure_config.max_failures == config.max_failures >= 1

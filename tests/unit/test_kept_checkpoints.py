@@ -119,3 +119,99 @@ def test_a_resumed_run_drops_the_checkpoints_its_interrupted_run_never_recorded(
         [*names[:4], "checkpoint_notes.txt", "cxr_settings.json", CHECKPOINT_SNAPSHOT]
     )
     assert drop_unrecorded_checkpoints(str(run)) == []  # and again: nothing more
+
+
+def _recorded_run(run: Path, epochs: list[tuple[int, float, float]], size: int, keep: bool) -> None:
+    """A run folder as Ray Train leaves it: a checkpoint folder with a card per epoch, and its record."""
+    from cxrcore.checkpoint import CARD_NAME
+
+    results = []
+    for epoch, score, loss in epochs:
+        folder = run / f"checkpoint_epoch_{epoch:03d}"
+        folder.mkdir(parents=True)
+        card = {
+            "model": {"name": "cnn_lstm"},
+            "input_spec": {"image_size": size},
+            "classes": [],
+            "epoch": epoch,
+        }
+        (folder / CARD_NAME).write_text(json.dumps(card))
+        metrics = {**_epoch(epoch, score, loss), **({"val_keep": score} if keep else {})}
+        results.append({"version": 0, "checkpoint_dir_name": folder.name, "metrics": metrics})
+    record = {"checkpoint_results": results, "latest_checkpoint_result": results[-1]}
+    (run / CHECKPOINT_SNAPSHOT).write_text(json.dumps(record))
+
+
+def test_tied_epochs_are_kept_by_the_lower_loss_as_the_best_is_chosen() -> None:
+    """A review (session 53): with 13 validation images, 15 of 30 epochs scored 1.000; Ray kept the last
+    three of them by val_score, and the one best_by_validation chooses (the lowest loss) was gone. The
+    score Ray keeps them by breaks exact ties by the loss, and nothing else."""
+    from cxrcore.train.loop import keep_score
+
+    epochs = [
+        _epoch(e, 1.0, loss) for e, loss in ((20, 0.051), (26, 0.048), (28, 0.055), (29, 0.06), (30, 0.07))
+    ]
+    kept = sorted(epochs, key=keep_score)[-3:]  # as Ray keeps num_to_keep=3 by it
+    assert best_by_validation(epochs, dict) in kept and [m["epoch"] for m in kept] == [28, 20, 26]
+    assert keep_score(_epoch(1, 0.98, 0.01)) < keep_score(_epoch(2, 0.99, 50.0))  # the score first
+
+
+def test_an_earlier_cxrs_run_gets_keep_scores_and_is_checked_at_its_trained_size(tmp_path: Path) -> None:
+    """A run recorded before the keep score gets its checkpoints' val_score as theirs (else Ray ranks them
+    below every new one and deletes its best first); a run recorded with image_size None (every run
+    before session 53: the recorded --image-size, unset) is checked against its card's size, and a run is
+    not resumed at another size or cut to fewer epochs."""
+    import pytest
+
+    from cxrcore.config import ConfigError, TrainConfig
+    from cxrcore.experiment import SETTINGS_NAME
+    from cxrcore.train import trainer
+
+    run = tmp_path / "runs" / "old"
+    _recorded_run(run, [(1, 0.5, 1.2), (2, 0.7, 0.9)], size=64, keep=False)
+    trainer._keep_scores_added(str(run))
+    record = json.loads((run / CHECKPOINT_SNAPSHOT).read_text())
+    assert [r["metrics"]["val_keep"] for r in record["checkpoint_results"]] == [0.5, 0.7]
+    assert record["latest_checkpoint_result"]["metrics"]["val_keep"] == 0.7
+
+    config = TrainConfig(data="ds", model="cnn_lstm", out=str(tmp_path / "runs"), name="old", epochs=4)
+    settings = {
+        "train": {"image_size": None, "lr": 2e-3},
+        "image_size": 64,
+        "data": {"fingerprint": "f00d"},
+    }
+    assert trainer.run_settings(config, settings)["image_size"] == 64  # resolved, not the flag's None
+    recorded = {**trainer.run_settings(config, settings), "image_size": None}  # as an earlier cxr wrote it
+    (run / SETTINGS_NAME).write_text(json.dumps(recorded))
+    trainer.check_resume(config, settings, str(run), write=False)  # at its card's size: goes on
+    with pytest.raises(ConfigError, match=r"image_size 64 → 128"):
+        trainer.check_resume(config, {**settings, "image_size": 128}, str(run), write=False)
+    shorter = TrainConfig(data="ds", model="cnn_lstm", out=str(tmp_path / "runs"), name="old", epochs=1)
+    with pytest.raises(ConfigError, match=r"--epochs 1: .* already holds a run of 2 epochs"):
+        trainer.check_resume(shorter, settings, str(run), write=False)
+
+
+def test_a_dry_run_refuses_the_resume_the_run_would_refuse(tmp_path: Path, capsys: Any) -> None:
+    """A review (session 53): `--dry-run` exited 0 for a re-run with another --lr that the run itself
+    refused once Ray had started; it checks the recorded settings and epochs as the run does."""
+    from cxrcore.cli import main
+    from cxrcore.config import TrainConfig
+    from cxrcore.train import trainer
+    from tests.unit.test_external_eval import write_dataset
+
+    data = write_dataset(
+        tmp_path / "ds", [("COVID", "train", 1), ("Normal", "train", 2), ("COVID", "val", 3)], "f"
+    )
+    command = ["train", "--data", data, "--model", "cnn_lstm", "--out", str(tmp_path / "runs"), "--name", "r"]
+    config = TrainConfig(data=data, model="cnn_lstm", out=str(tmp_path / "runs"), name="r", epochs=4)
+    run = tmp_path / "runs" / "r"
+    _recorded_run(run, [(1, 0.5, 1.2), (2, 0.7, 0.9)], size=32, keep=True)
+    trainer.check_resume(config, trainer.loop_config(config, with_reference=False), str(run))  # records
+    assert main([*command, "--epochs", "4", "--dry-run"]) == 0
+    assert main([*command, "--epochs", "4", "--lr", "0.01", "--dry-run"]) == 2
+    assert (
+        "already holds a training run started with other settings (lr 0.002 → 0.01)"
+        in capsys.readouterr().err
+    )
+    assert main([*command, "--epochs", "1", "--dry-run"]) == 2
+    assert "already holds a run of 2 epochs" in capsys.readouterr().err
