@@ -38,12 +38,32 @@ def format_train_result(result: Any) -> str:
         for key in keys
         if key in result.metrics
     ]
-    return "\n".join(
-        [
-            format_table(["metric", "last epoch", "best checkpoint"], rows),
-            f"run directory:   {result.run_dir or 'none (--workers 0 keeps no run)'}",
-            f"best checkpoint: {result.best_checkpoint or 'none'}",
-        ]
+    lines = [
+        format_table(["metric", "last epoch", "best checkpoint"], rows),
+        f"run directory:   {result.run_dir or 'none (--workers 0 keeps no run)'}",
+        f"best checkpoint: {result.best_checkpoint or 'none'}",
+    ]
+    if count := result.best_metrics.get("val_count") or result.metrics.get("val_count"):
+        lines.append(_validation_size_line(int(count), "val_accuracy" in result.metrics))
+    return "\n".join(lines)
+
+
+SMALL_VALIDATION = 100
+"""Under this many validation images, `cxr train` says how little one image weighs in its figures."""
+
+
+def _validation_size_line(count: int, classifier: bool) -> str:
+    """What the validation figures rest on: the split's size, and (where small) one image's weight.
+
+    >>> _validation_size_line(13, True)  # doctest: +ELLIPSIS
+    'validation: 13 images, on which the best checkpoint was chosen: one image moves accuracy by 0.077; ...'
+    """
+    line = f"validation: {count} images, on which the best checkpoint was chosen"
+    if not classifier or count >= SMALL_VALIDATION:
+        return line
+    return (
+        f"{line}: one image moves accuracy by {1 / count:.3f}; `cxr evaluate` on the test split gives "
+        "figures with their 95% intervals"
     )
 
 
