@@ -51,9 +51,7 @@ def test_two_worker_ddp_beats_chance_and_writes_checkpoint_and_card(
     from cxrcore.summaries import format_train_result
 
     said = format_train_result(ddp_run)  # what the checkpoint's figures rest on, and one image's weight
-    assert (
-        f"validation: {card.metrics['val_count']} images, on which the best checkpoint was chosen: " in said
-    )
+    assert f"validation: {card.metrics['val_count']} images, on which the best checkpoint" in said
     # recorded for the dashboard's Train view (RAY_TRAIN_ENABLE_STATE_TRACKING, off in Ray by default)
     import ray
     from ray.train.v2._internal.state.state_actor import get_state_actor
