@@ -695,7 +695,10 @@ def _side_text(side: Mapping[str, Any]) -> str:
 def with_intervals(row: Mapping[str, Any], metrics: Mapping[str, Any]) -> dict[str, Any]:
     """`row` with "accuracy 95% CI" right after its accuracy, from the Wilson interval of `metrics`'
     confusion matrix (how far the test set pins the accuracy down), and "macro AUROC 95% CI" after its
-    macro AUROC (DeLong's, `macro_auroc_ci95`), each where `metrics` has what it needs."""
+    macro AUROC (DeLong's, `macro_auroc_ci95`), and after the ECE the ECE that perfectly calibrated
+    probabilities would show on this many images (`ece_floor` ± its spread: an ECE well above it is
+    over- or under-confidence, one within it all that this many images can show), each where `metrics`
+    has what it needs."""
     matrix = metrics.get("confusion_matrix")
     out: dict[str, Any] = {}
     for key, value in row.items():
@@ -704,6 +707,8 @@ def with_intervals(row: Mapping[str, Any], metrics: Mapping[str, Any]) -> dict[s
             out["accuracy 95% CI"] = interval_text(accuracy_interval(matrix))
         if key == "macro_auroc" and "macro_auroc_ci95" in metrics:
             out["macro AUROC 95% CI"] = interval_text(metrics["macro_auroc_ci95"])
+        if key == "ece" and "ece_floor" in metrics and "ece_floor_sd" in metrics:
+            out["ECE if calibrated"] = f"{metrics['ece_floor']:.3f} ± {metrics['ece_floor_sd']:.3f}"
     return out
 
 
