@@ -252,6 +252,10 @@ def load_card(directory: str | Path) -> ModelCard:
         if text is None:
             raise FileNotFoundError(f"{directory} is not a cxr checkpoint (no {CARD_NAME})")
         return _card_from_text(text, directory)
+    if str(directory).startswith("file://"):  # `cxr models register file:///...` as the path it names
+        from cxrcore.config import resolve_location
+
+        directory = resolve_location(str(directory))
     path = Path(directory) / CARD_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{directory} is not a cxr checkpoint (no {CARD_NAME})")

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -53,15 +54,21 @@ def flag_name(name: str) -> str:
 
 
 def resolve_location(location: str) -> str:
-    """A local path made absolute (against this process's working directory); URIs unchanged.
+    """A local path made absolute (against this process's working directory), `~` expanded; a `file://`
+    URI as the local path it names (code that takes a location for a local path where it has no `://`
+    had written `cxr evaluate --out file:///x`'s report into a folder `./file:/x`); other URIs unchanged.
 
     Configs resolve their locations once, where they enter (the driver, the shell's directory), so a
     relative `--out` means the same folder in every Ray worker and Tune trial.
 
-    >>> resolve_location("s3://bucket/runs")
-    's3://bucket/runs'
+    >>> resolve_location("s3://bucket/runs"), resolve_location("file:///data/runs%20%C3%A9")
+    ('s3://bucket/runs', '/data/runs é')
     """
-    if "://" in location:
+    from urllib.parse import unquote, urlparse
+
+    if location.startswith("file://") and urlparse(location).netloc in ("", "localhost"):
+        location = unquote(urlparse(location).path)
+    elif "://" in location:
         return location
     return os.path.abspath(os.path.expanduser(location))
 
@@ -71,6 +78,19 @@ def _resolve_fields(config: Any, *names: str) -> None:
         value = getattr(config, name)
         if value is not None:
             setattr(config, name, resolve_location(value))
+
+
+def _check_uri_name(name: str, out: str) -> None:
+    """A run or experiment named in `out` where that is a URI (s3://, gs://) holds only what a URI's path
+    takes as it is: `#`, `?`, `%` and spaces had been read as a fragment, a query or an escape, so that
+    the run's lock and records went to another run's folder (`r2#x` locked `r2`), or failed to parse.
+
+    >>> _check_uri_name("r2#x", "s3://bucket/runs")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    cxrcore.config.ConfigError: --name: 'r2#x' under the URI s3://bucket/runs: use letters, digits and ...
+    """
+    if "://" in out and not re.fullmatch(r"[A-Za-z0-9._-]+", name):
+        raise ConfigError(f"--name: {name!r} under the URI {out}: use letters, digits and . _ - only")
 
 
 def _require(condition: bool, name: str, message: str) -> None:
@@ -217,6 +237,7 @@ class SynthConfig:
         _typed_fields(self)
         _require(self.per_class >= 1, "per_class", f"must be at least 1, got {self.per_class}")
         _require(1 <= self.sites <= 26, "sites", f"must be between 1 and 26, got {self.sites}")
+        _resolve_fields(self, "out")  # `out: ~/x` in a --config file: no shell expands it (a review)
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -691,6 +712,7 @@ class TrainConfig:
                 "name",
                 "one folder's name, not a path",
             )
+            _check_uri_name(self.name, self.out)
 
     def run_name(self) -> str:
         return self.name or self.model
@@ -829,6 +851,7 @@ class TuneConfig:
         _require(self.epochs >= 1, "epochs", f"must be at least 1, got {self.epochs}")
         # `..` wrote the experiment beside --out, into its parent
         _require(self.name.strip() not in ("", ".", ".."), "name", "one folder's name, not a path")
+        _check_uri_name(self.name, self.out)
         if self.grace_epochs is None:
             self.grace_epochs = max(1, self.epochs // 2)
         if self.segmenter_epochs is None:

@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import stat
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -73,6 +74,29 @@ def usable_cores(cpu_max: Path = CGROUP_CPU_MAX) -> int:
     except (OSError, ValueError, ZeroDivisionError):
         pass  # no cgroup v2 file here, or one this does not read: the affinity's count
     return max(1, cores)
+
+
+def check_utf8_arguments(arguments: list[str] | None = None) -> None:
+    """ConfigError naming the first of the command's `arguments` (sys.argv) that is not UTF-8 text (a
+    path whose name holds a Latin-1 byte): Ray records the command line in UTF-8 and failed to start with a
+    traceback (`UnicodeEncodeError ... '\\udce9'`). Files so named inside a folder are read as they are.
+
+    >>> check_utf8_arguments(["cxr", "data", "ingest", "raw", "out"])
+    >>> check_utf8_arguments(["cxr", "data", "ingest", "caf\\udce9", "out"])  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    cxrcore.config.ConfigError: 'caf\\\\xe9' is not UTF-8 text, which Ray needs ...
+    """
+    from cxrcore.config import ConfigError
+
+    for argument in sys.argv if arguments is None else arguments:
+        try:
+            argument.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = os.fsencode(argument).decode("utf-8", "backslashreplace")
+            raise ConfigError(
+                f"{shown!r} is not UTF-8 text, which Ray needs its command line to be: rename it, or give a "
+                "symlink with a UTF-8 name"
+            ) from None
 
 
 def check_no_shadowing_modules(
@@ -141,6 +165,7 @@ def init_ray(
 
     if not ray.is_initialized():
         check_no_shadowing_modules()
+        check_utf8_arguments()
         if is_quiet():
             filter_routine_ray_lines()
         # The dashboard's Train view lists a run only when its driver records it (off by default in Ray

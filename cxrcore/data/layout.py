@@ -10,6 +10,7 @@ already being a class name; one that maps to none is reported with its files, ne
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import difflib
 import hashlib
@@ -989,6 +990,11 @@ def _read_label_frame(path: Path, file_column: str | None = None) -> Any:
             continue
         except (ValueError, OSError) as exc:
             raise LayoutError(f"--labels: cannot read {path}: {exc}") from exc
+        except csv.Error as exc:  # empty, a byte-order mark or blank lines only: no delimiter to sniff
+            raise LayoutError(
+                f"--labels: cannot read {path} as a table ({exc}): is it empty? It needs a header row (file "
+                "and label columns) and a row per image"
+            ) from exc
         if encoding != "utf-8-sig":
             log.warning("%s is not UTF-8: read as Windows-1252 (Excel's CSV in Western locales)", path)
         return frame

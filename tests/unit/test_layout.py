@@ -860,3 +860,25 @@ def test_data_check_warns_where_sources_separate_classes_before_the_ingest(raw: 
     mixed = next(e for e in scan.entries if e.label == "Viral Pneumonia")
     scan.entries.append(dataclasses.replace(mixed, label="COVID", file="also-covid.png"))  # x.org holds both
     assert scan_confound(scan) is None  # Normal's source is unknown: it separates nothing
+
+
+def test_an_empty_label_file_is_refused_in_one_line(tmp_path: Path) -> None:
+    """A review (session 53): an empty label CSV (or one holding only a byte-order mark or blank lines)
+    ended `cxr data check` and `ingest` in csv's "Could not determine delimiter" traceback."""
+    from cxrcore.data.layout import LabelFile
+
+    write_png(tmp_path / "flat/a.png", xray(1))
+    for content in (b"", b"\xef\xbb\xbf", b"\n\n"):
+        (tmp_path / "labels.csv").write_bytes(content)
+        with pytest.raises(LayoutError, match=r"--labels: cannot read .*labels.csv as a table .*empty"):
+            scan_layout(tmp_path / "flat", LabelFile(str(tmp_path / "labels.csv")))
+
+
+def test_synth_out_given_with_a_tilde_is_the_home_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`out: ~/x` in a --config file (no shell expands it) wrote half a dataset into `./~/x`, then failed."""
+    from cxrcore.config import SynthConfig
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert SynthConfig(out="~/synth").out == str(tmp_path / "home" / "synth")

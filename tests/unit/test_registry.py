@@ -1066,3 +1066,17 @@ def test_show_says_what_serve_would_refuse(
     assert capsys.readouterr().out.startswith("WARNING: serve, evaluate and promote refuse it: ")
     assert main(["models", "show", version.ref, "--registry", str(reg), "--json"]) == 0
     assert "edited" in json.loads(capsys.readouterr().out)["refused"]
+
+
+def test_a_checkpoint_given_as_a_file_uri_is_read_as_its_path(tmp_path: Path) -> None:
+    """A review (session 53): `cxr models register file:///...` said "not a cxr checkpoint" where
+    `cxr evaluate` and `cxr serve` took the same URI; a space in it is %20."""
+    from urllib.parse import quote
+
+    from cxrcore.checkpoint import load_card
+    from tests.e2e.uploads import write_checkpoint
+
+    checkpoint = write_checkpoint(tmp_path / "runs é 1", "tiny_cnn_lstm", 0)
+    assert load_card(f"file://{quote(str(checkpoint))}").model["name"] == "tiny_cnn_lstm"
+    registry = ModelRegistry(str(tmp_path / "reg"))
+    assert registry.register(f"file://{quote(str(checkpoint))}").version == 1
