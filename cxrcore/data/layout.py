@@ -535,13 +535,24 @@ def _folders(folder: Path) -> list[Path]:
 def _scan_class_folders(base: Path, to_class: ClassMapper) -> LayoutScan:
     scan = LayoutScan(root=str(base))
     metadata_files = _metadata_files(base, to_class)
+    read: dict[str, Path] = {}  # each class folder read, by its real path
+    folders_of: dict[str, list[str]] = {}
     for folder in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
         label = to_class(folder.name)
         if label is None:
             _note_unknown_folder(folder, scan)
             continue
+        if (same := read.get(real := os.path.realpath(folder))) is not None:
+            # `normal -> Normal`: its images had been counted, ingested and split twice
+            log.warning("%s is %s (a link to it): its images are read once, as %s's", folder, same, same)
+            continue
+        read[real] = folder
+        folders_of.setdefault(label, []).append(f"{folder.name}/")
         report = scan.classes.setdefault(label, ClassReport())
         _scan_class(folder, label, report, scan, metadata_files.get(label), to_class)
+    for label, names in folders_of.items():
+        if len(names) > 1:  # `covid/` beside `COVID/`: one class, which a user may not have meant
+            log.warning("%d folders are read as class %s: %s", len(names), label, ", ".join(names))
     _warn_skipped(scan.skipped_files, base)
     return scan
 
@@ -753,6 +764,14 @@ def _scan_class(
     scan.skipped_files.extend(others)
     _refuse_nested_classes(folder, label, images, to_class)
     masks = _masks_by_image_key(mask_files, {image.key for image in images})
+    kept = set(masks.values())
+    for mask in mask_files:  # `COVID-3.png` and `.PNG`: one image, one mask; the other had gone unsaid
+        if mask.path not in kept:
+            other = masks.get(mask.key) or masks.get(_MASK_SUFFIX.sub("", mask.key)) or ""
+            shown = format_paths([other], str(folder))
+            scan.mask_problems.append(
+                {"path": mask.path, "reason": f"a second mask for the same image (the one read: {shown})"}
+            )
     urls = _read_metadata(metadata_path) if metadata_path else {}
 
     for image in images:

@@ -882,3 +882,20 @@ def test_synth_out_given_with_a_tilde_is_the_home_folder(
 
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert SynthConfig(out="~/synth").out == str(tmp_path / "home" / "synth")
+
+
+def test_a_linked_class_folder_is_read_once_and_a_second_mask_is_named(tmp_path: Path) -> None:
+    """A review (session 53): `normal -> Normal` beside `Normal/` doubled the class (40 rows of 20 files),
+    and of `COVID-3.png` and `COVID-3.PNG` in a masks folder one was dropped without a word."""
+    root = tmp_path / "raw"
+    for i in range(1, 4):
+        write_png(root / "Normal/images" / f"Normal-{i}.png", xray(i))
+        write_png(root / "COVID/images" / f"COVID-{i}.png", xray(10 + i))
+        write_png(root / "COVID/masks" / f"COVID-{i}.png", lung_mask())
+    write_png(root / "COVID/masks/COVID-3.PNG", lung_mask(), mode="RGB")
+    (root / "normal").symlink_to(root / "Normal")
+    scan = scan_layout(root)
+    assert scan.classes["Normal"].images == 3 and len(scan.entries) == 6
+    assert any("normal is" in w and "read once" in w for w in scan.warnings), scan.warnings
+    assert [p["reason"].split(" (")[0] for p in scan.mask_problems] == ["a second mask for the same image"]
+    assert scan.classes["COVID"].pairs == 3
