@@ -16,6 +16,7 @@ import re
 import shlex
 import sys
 import typing
+from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -879,7 +880,7 @@ def _run_compare(args: argparse.Namespace) -> int:
     from cxrcore.evaluate.paired import ComparisonError, compare_evaluations, format_comparison
 
     try:
-        result = compare_evaluations(args.first, args.second)
+        result = compare_evaluations(os.path.expanduser(args.first), os.path.expanduser(args.second))
     except ComparisonError as exc:
         raise ConfigError(str(exc)) from exc
     print(json.dumps(result, indent=2) if args.json else format_comparison(result))
@@ -1194,10 +1195,11 @@ def _run_register(args: argparse.Namespace) -> int:
 
     if not args.registry:
         raise ConfigError("--registry: no model registry given (pass --registry or set CXR_REGISTRY)")
+    args.checkpoint = os.path.expanduser(args.checkpoint)  # quoted in a script, `~` reaches cxr as it is
     try:
         card = load_card(args.checkpoint)
     except FileNotFoundError as exc:
-        raise ConfigError(f"{args.checkpoint}: {exc}") from exc
+        raise ConfigError(str(exc)) from exc  # it names the checkpoint
     registry = ModelRegistry(args.registry)  # a new one is created
     done = registry.register_once(args.checkpoint, report=args.report, alias=args.alias)
     if done.segmenter_registered and done.segmenter:
@@ -1349,7 +1351,8 @@ def _run_predict(args: argparse.Namespace) -> int:
             print(f"cxr: error: cannot reach {url} ({why}); is `cxr serve` running there?", file=sys.stderr)
             return 1
         answers: list[dict[str, Any]] = []
-        table, problems, unusual = predict_files(client, endpoint, args.files, answers)
+        files = [os.path.expanduser(name) for name in args.files]  # a quoted `~/x.png` too
+        table, problems, unusual = predict_files(client, endpoint, files, answers)
     if args.json:
         for answer in answers:
             print(json.dumps(answer, ensure_ascii=False))
@@ -1360,6 +1363,22 @@ def _run_predict(args: argparse.Namespace) -> int:
     for problem in problems:
         print(problem, file=sys.stderr)
     return 1 if problems else 0
+
+
+def _not_sent(folder: str, images: Sequence[str]) -> str | None:
+    """What `cxr predict FOLDER` leaves out of the files in the folder itself (not images by their suffix
+    or bytes; hidden ones aside), counted by suffix; None where it sends them all. They had gone unsaid."""
+    sent = {os.path.realpath(name) for name in images}
+    left = [
+        entry.name
+        for entry in os.scandir(folder)
+        if entry.is_file() and not entry.name.startswith(".") and os.path.realpath(entry.path) not in sent
+    ]
+    if not left:
+        return None
+    kinds = Counter(os.path.splitext(name)[1].lower() or "(no suffix)" for name in left)
+    counted = ", ".join(f"{suffix} {n}" for suffix, n in sorted(kinds.items()))
+    return f"{len(left)} file(s) not sent, not images by their suffix or bytes ({counted})"
 
 
 def predict_files(
@@ -1378,6 +1397,8 @@ def predict_files(
     unusual: list[str] = []
     for given in names:
         files = image_files(given) if os.path.isdir(given) else [given]
+        if os.path.isdir(given) and (left := _not_sent(given, files)):
+            problems.append(f"{given}: {left}")
         if not files:
             problems.append(f"{given}: no image file in this folder")
             if answers is not None:

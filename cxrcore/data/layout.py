@@ -487,12 +487,25 @@ def source_of(url: str | None) -> str:
 
 
 def format_paths(paths: Iterable[str], root: str, limit: int = LISTED) -> str:
-    """Paths (shown relative to `root` when inside it), comma-separated, cut after `limit` with a count."""
+    """Paths (shown relative to `root` when inside it), comma-separated, cut after `limit` with a count;
+    a control character in a name (a newline, an escape sequence) shown as its escape, not sent to the
+    terminal, which it had split lines of or re-coloured.
+
+    >>> format_paths(["/raw/COVID/a\\nb.png", "/raw/COVID/\\x1b[2Jc.png"], "/raw")
+    'COVID/a\\\\nb.png, COVID/\\\\x1b[2Jc.png'
+    """
     items = list(paths)
     prefix = root.rstrip(os.sep) + os.sep
-    shown = [p.removeprefix(prefix) for p in items[:limit]]
+    shown = [_printable(p.removeprefix(prefix)) for p in items[:limit]]
     more = f" and {len(items) - limit} more" if len(items) > limit else ""
     return ", ".join(shown) + more
+
+
+def _printable(name: str) -> str:
+    """`name` with its control characters as Python escapes (`\\n`, `\\x1b`), the rest as it is."""
+    if name.isprintable():
+        return name
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in name)
 
 
 _ROOT_DEPTH = 3

@@ -13,7 +13,8 @@ MODULES = (
     "cxrcore.data.layout", "cxrcore.data.spec", "cxrcore.data.split", "cxrcore.evaluate.comparison",
     "cxrcore.evaluate.evaluation", "cxrcore.evaluate.external", "cxrcore.evaluate.paired",
     "cxrcore.evaluate.report", "cxrcore.inference", "cxrcore.metrics", "cxrcore.models.pretrained",
-    "cxrcore.models.registry", "cxrcore.plan", "cxrcore.runtime", "cxrcore.summaries", "cxrcore.telemetry",
+    "cxrcore.models.registry", "cxrcore.plan", "cxrcore.runtime", "cxrcore.summaries", "cxrcore.tables",
+    "cxrcore.telemetry",
     "cxrcore.train.engine", "cxrcore.train.loop", "cxrcore.train.trainer", "serve.schemas", "serve.ingress",
 )  # fmt: skip
 
