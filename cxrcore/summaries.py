@@ -38,14 +38,17 @@ def format_train_result(result: Any) -> str:
         for key in keys
         if key in result.metrics
     ]
-    lines = [
-        format_table(["metric", "last epoch", "best checkpoint"], rows),
-        f"run directory:   {result.run_dir or 'none (--workers 0 keeps no run)'}",
-        f"best checkpoint: {result.best_checkpoint or 'none'}",
-    ]
+    lines = [format_table(["metric", "last epoch", "best checkpoint"], rows)]
     if count := result.best_metrics.get("val_count") or result.metrics.get("val_count"):
         lines.append(_validation_size_line(int(count), "val_accuracy" in result.metrics))
-    return "\n".join(lines)
+    return "\n".join(
+        [
+            *lines,
+            f"run directory:   {result.run_dir or 'none (--workers 0 keeps no run)'}",
+            # last: scripts take what follows "best checkpoint:" to the end for the next command
+            f"best checkpoint: {result.best_checkpoint or 'none'}",
+        ]
+    )
 
 
 SMALL_VALIDATION = 100
