@@ -628,6 +628,26 @@ def best_by_validation(items: Iterable[T], metrics_of: Callable[[T], Mapping[str
     return min(close, key=loss_then_score)[0]
 
 
+KEEP_SCORE = "val_keep"
+"""What Ray Train keeps a run's best checkpoints by (`keep_score`). By val_score alone, Ray kept the
+latest of tied epochs: on 13 validation images 15 of 30 epochs scored 1.000, the three kept were the last
+three, and the one best_by_validation would have chosen among all (the lowest loss of the 15) was gone
+(a review, session 53)."""
+
+
+def keep_score(metrics: dict[str, Any]) -> float:
+    """val_score, its exact ties broken by the lower validation loss, as best_by_validation breaks them:
+    the loss counts for a billionth of itself, under any real difference in score.
+
+    >>> keep_score({"val_score": 1.0, "val_loss": 0.05}) > keep_score({"val_score": 1.0, "val_loss": 0.08})
+    True
+    >>> keep_score({"val_score": 0.999, "val_loss": 0.0}) < keep_score({"val_score": 1.0, "val_loss": 9.0})
+    True
+    """
+    loss = float(metrics.get("val_loss", math.inf))
+    return float(metrics["val_score"]) - 1e-9 * (min(loss, 1e3) if math.isfinite(loss) else 1e3)
+
+
 def rank_by_validation(items: Iterable[T], metrics_of: Callable[[T], Mapping[str, Any]]) -> list[T]:
     """`items` best first, each the best_by_validation of those after it: the first is the one chosen."""
     remaining, ranked = list(items), []

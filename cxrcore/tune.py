@@ -31,7 +31,7 @@ from cxrcore.config import CANDIDATE, ConfigError, EvaluateConfig, TrainConfig, 
 from cxrcore.console import is_quiet, quiet_ray_console, quiet_tune_trial
 from cxrcore.data import storage
 from cxrcore.experiment import check_same_experiment
-from cxrcore.metrics import best_by_validation, mcnemar_exact
+from cxrcore.metrics import KEEP_SCORE, best_by_validation, mcnemar_exact
 from cxrcore.runtime import DATA_TASK_CPUS, Interrupted, root_cause, sigint_handler_kept
 
 log = logging.getLogger(__name__)
@@ -618,9 +618,10 @@ def _fit_experiment(
                 # Tune's status tables repeat every metric of every trial each 30 s. -v brings them back.
                 verbose=0 if is_quiet() else 1,
                 # Kept by Tune for trials that train in their own process (`trains_in_trial`), as Ray Train
-                # keeps a TorchTrainer's: the best three by validation score, and the latest.
+                # keeps a TorchTrainer's: the best three by validation score, exact ties by the loss
+                # (KEEP_SCORE), and the latest. A resumed experiment keeps the config it started with.
                 checkpoint_config=tune.CheckpointConfig(
-                    num_to_keep=3, checkpoint_score_attribute="val_score", checkpoint_score_order="max"
+                    num_to_keep=3, checkpoint_score_attribute=KEEP_SCORE, checkpoint_score_order="max"
                 ),
             ),
         )

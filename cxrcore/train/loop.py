@@ -16,6 +16,7 @@ from cxrcore.checkpoint import ModelCard, load_train_state, save_checkpoint
 from cxrcore.config import TrainConfig, from_dict
 from cxrcore.data.batches import AugmentConfig
 from cxrcore.labels import CLASSES
+from cxrcore.metrics import KEEP_SCORE, keep_score
 from cxrcore.models.registry import unwrap
 from cxrcore.train.engine import (
     Batch,
@@ -362,26 +363,6 @@ def epoch_metrics(
         val_confusion_matrix=val["confusion_matrix"],
     )
     return {**metrics, KEEP_SCORE: keep_score(metrics)}
-
-
-KEEP_SCORE = "val_keep"
-"""What Ray Train keeps a run's best checkpoints by (`keep_score`). By val_score alone, Ray kept the
-latest of tied epochs: on 13 validation images 15 of 30 epochs scored 1.000, the three kept were the last
-three, and the one best_by_validation would have chosen among all (the lowest loss of the 15) was gone
-(a review, session 53)."""
-
-
-def keep_score(metrics: dict[str, Any]) -> float:
-    """val_score, its exact ties broken by the lower validation loss, as best_by_validation breaks them:
-    the loss counts for a billionth of itself, under any real difference in score.
-
-    >>> keep_score({"val_score": 1.0, "val_loss": 0.05}) > keep_score({"val_score": 1.0, "val_loss": 0.08})
-    True
-    >>> keep_score({"val_score": 0.999, "val_loss": 0.0}) < keep_score({"val_score": 1.0, "val_loss": 9.0})
-    True
-    """
-    loss = float(metrics.get("val_loss", math.inf))
-    return float(metrics["val_score"]) - 1e-9 * (min(loss, 1e3) if math.isfinite(loss) else 1e3)
 
 
 def resumed_optimizer(

@@ -333,7 +333,7 @@ def _keep_scores_added(run_dir: str) -> None:
     the KEEP_SCORE it keeps them by now (their val_score): without it Ray ranks them below any new one
     and deletes them first, its best among them."""
     from cxrcore.data import storage
-    from cxrcore.train.loop import KEEP_SCORE
+    from cxrcore.metrics import KEEP_SCORE
 
     filesystem, root = storage.resolve(run_dir)
     text = storage.read_text(filesystem, f"{root}/{CHECKPOINT_SNAPSHOT}")
@@ -613,7 +613,8 @@ def build_trainer(config: TrainConfig, callbacks: list[Any] | None = None) -> An
     from ray.train.torch import TorchTrainer
 
     from cxrcore.data import storage
-    from cxrcore.train.loop import KEEP_SCORE, train_loop_per_worker
+    from cxrcore.metrics import KEEP_SCORE
+    from cxrcore.train.loop import train_loop_per_worker
     from cxrcore.train.sharding import WholeValidation
 
     settings, datasets = training_inputs(config)

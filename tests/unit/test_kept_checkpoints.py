@@ -146,7 +146,7 @@ def test_tied_epochs_are_kept_by_the_lower_loss_as_the_best_is_chosen() -> None:
     """A review (session 53): with 13 validation images, 15 of 30 epochs scored 1.000; Ray kept the last
     three of them by val_score, and the one best_by_validation chooses (the lowest loss) was gone. The
     score Ray keeps them by breaks exact ties by the loss, and nothing else."""
-    from cxrcore.train.loop import keep_score
+    from cxrcore.metrics import keep_score
 
     epochs = [
         _epoch(e, 1.0, loss) for e, loss in ((20, 0.051), (26, 0.048), (28, 0.055), (29, 0.06), (30, 0.07))
