@@ -602,6 +602,8 @@ def _run_on_ray(
     config = config_from_args(args.config_cls, args)
     _check_before_ray(config)  # a typo or a damaged dataset fails at once, not after Ray's start
     with writing(config):
+        if isinstance(config, TrainConfig | TuneConfig) and _is_here(config.out):
+            _check_resumable(config)  # a re-run the run would refuse, refused before Ray's start (20 s)
         _connect(config.address)
         _note_local_paths(config)
         result = action(config)

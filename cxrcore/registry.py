@@ -356,8 +356,10 @@ class ModelRegistry:
             card_data["weights_sha256"] = file_sha256(self._fs, f"{folder}/{WEIGHTS_NAME}")
             card_data["registered_at"] = provenance.now()
             card_data["registered_by"] = provenance.versions()
-            came_from = str(checkpoint)  # the run's (or Tune trial's) checkpoint
-            card_data["registered_from"] = came_from if "://" in came_from else os.path.abspath(came_from)
+            from cxrcore.config import resolve_location
+
+            came_from = resolve_location(str(checkpoint))  # the run's (or Tune trial's) checkpoint
+            card_data["registered_from"] = came_from  # a path, or a URI of an object store
             if report_fs is not None:
                 card_data["report_sha256"] = self._report_sha256(folder)
             if card_data.get("segmenter"):  # the one found for it later must be this one

@@ -330,10 +330,11 @@ def _trained_size(run_dir: str | None) -> int | None:
 
 def _keep_scores_added(run_dir: str) -> None:
     """Give the checkpoints Ray Train recorded for a run of an earlier cxr, which kept them by val_score,
-    the KEEP_SCORE it keeps them by now (their val_score): without it Ray ranks them below any new one
-    and deletes them first, its best among them."""
+    the KEEP_SCORE it keeps them by now, from their recorded val_score and val_loss: without one Ray ranks
+    them below any new one and deletes them first, its best among them; with their bare val_score they
+    had outranked every new epoch of the same score (a verifier, session 53)."""
     from cxrcore.data import storage
-    from cxrcore.metrics import KEEP_SCORE
+    from cxrcore.metrics import KEEP_SCORE, keep_score
 
     filesystem, root = storage.resolve(run_dir)
     text = storage.read_text(filesystem, f"{root}/{CHECKPOINT_SNAPSHOT}")
@@ -344,7 +345,7 @@ def _keep_scores_added(run_dir: str) -> None:
     for entry in list(_record_entries(record)):
         metrics = entry.get("metrics")
         if isinstance(metrics, dict) and KEEP_SCORE not in metrics and "val_score" in metrics:
-            metrics[KEEP_SCORE], added = metrics["val_score"], added + 1
+            metrics[KEEP_SCORE], added = keep_score(metrics), added + 1
     if added:
         storage.write_text(filesystem, f"{root}/{CHECKPOINT_SNAPSHOT}", json.dumps(record))
 

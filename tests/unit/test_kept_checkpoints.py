@@ -171,8 +171,9 @@ def test_an_earlier_cxrs_run_gets_keep_scores_and_is_checked_at_its_trained_size
     _recorded_run(run, [(1, 0.5, 1.2), (2, 0.7, 0.9)], size=64, keep=False)
     trainer._keep_scores_added(str(run))
     record = json.loads((run / CHECKPOINT_SNAPSHOT).read_text())
-    assert [r["metrics"]["val_keep"] for r in record["checkpoint_results"]] == [0.5, 0.7]
-    assert record["latest_checkpoint_result"]["metrics"]["val_keep"] == 0.7
+    # their score with their loss, as a new epoch's: a bare 0.7 had outranked every new epoch of 0.7
+    assert [r["metrics"]["val_keep"] for r in record["checkpoint_results"]] == [0.5 - 1.2e-9, 0.7 - 0.9e-9]
+    assert record["latest_checkpoint_result"]["metrics"]["val_keep"] == 0.7 - 0.9e-9
 
     config = TrainConfig(data="ds", model="cnn_lstm", out=str(tmp_path / "runs"), name="old", epochs=4)
     settings = {
@@ -214,4 +215,8 @@ def test_a_dry_run_refuses_the_resume_the_run_would_refuse(tmp_path: Path, capsy
         in capsys.readouterr().err
     )
     assert main([*command, "--epochs", "1", "--dry-run"]) == 2
+    assert "already holds a run of 2 epochs" in capsys.readouterr().err
+    import ray
+
+    assert main([*command, "--epochs", "1"]) == 2 and not ray.is_initialized()  # refused before Ray's start
     assert "already holds a run of 2 epochs" in capsys.readouterr().err
