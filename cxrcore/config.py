@@ -661,6 +661,11 @@ class TrainConfig:
     seed: int = option(0, "random seed")
     max_failures: int = option(2, "worker failures to recover from (resuming from the last checkpoint)")
     address: str | None = option(None, "Ray cluster address; default: RAY_ADDRESS or a local cluster")
+    patience: int | None = option(
+        None,
+        "stop once this many epochs have passed since the best one (the one chosen as the best checkpoint, "
+        "by validation); default: train every epoch",
+    )
 
     def __post_init__(self) -> None:
         _typed_fields(self)
@@ -698,6 +703,7 @@ class TrainConfig:
         )
         _require(self.warmup_epochs >= 0, "warmup_epochs", "must not be negative")
         _require(self.max_failures >= -1, "max_failures", "must be -1 (unlimited) or more")
+        _require(self.patience is None or self.patience >= 1, "patience", "must be 1 or more")
         if self.name is not None:
             # Ray Train 2.60's controller fails on a run name outside ASCII ("'ascii' codec can't encode
             # character"), after the run's folder was made; the folder itself may be named anyhow (--out).

@@ -628,6 +628,9 @@ def best_by_validation(items: Iterable[T], metrics_of: Callable[[T], Mapping[str
     return min(close, key=loss_then_score)[0]
 
 
+STOPPED_EARLY = "stopped_early"
+"""In the last report of a run that `--patience` stopped: the epoch of its best by validation."""
+
 KEEP_SCORE = "val_keep"
 """What Ray Train keeps a run's best checkpoints by (`keep_score`). By val_score alone, Ray kept the
 latest of tied epochs: on 13 validation images 15 of 30 epochs scored 1.000, the three kept were the last

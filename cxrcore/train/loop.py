@@ -16,7 +16,7 @@ from cxrcore.checkpoint import ModelCard, load_train_state, save_checkpoint
 from cxrcore.config import TrainConfig, from_dict
 from cxrcore.data.batches import AugmentConfig
 from cxrcore.labels import CLASSES
-from cxrcore.metrics import KEEP_SCORE, keep_score
+from cxrcore.metrics import KEEP_SCORE, STOPPED_EARLY, best_by_validation, keep_score
 from cxrcore.models.registry import unwrap
 from cxrcore.train.engine import (
     Batch,
@@ -229,6 +229,8 @@ def run_training(loop_config: dict[str, Any], session: TrainSession) -> None:
         "pin_memory": device.type == "cuda",
     }
     for epoch in range(start_epoch, config.epochs):
+        if patience_ran_out(history, config.patience) is not None:  # a run it stopped, re-run: none to train
+            break
         # The same --seed and workers give the same run, resumed or not (on CPU; cuDNN's kernels vary).
         seed = epoch_seed(config.seed, rank, epoch)
         torch.manual_seed(seed)
@@ -286,7 +288,12 @@ def run_training(loop_config: dict[str, Any], session: TrainSession) -> None:
         metrics["lr"] = scheduler.get_last_lr()[0]
         if not segmenting:
             metrics.update(temperature=temperature, val_ece=calibration["ece_after"])
-        history.append({k: v for k, v in metrics.items() if not isinstance(v, dict | list)})
+        # the figures, and the confusion matrix that best_by_validation reads to tell one image's difference
+        # (without it the history's best could differ from the best checkpoint's, chosen on Ray's metrics)
+        kept_in_history = {k: v for k, v in metrics.items() if not isinstance(v, dict | list)}
+        history.append({**kept_in_history, **_confusion_of(metrics)})
+        if (best := patience_ran_out(history, config.patience)) is not None and epoch + 1 < config.epochs:
+            metrics[STOPPED_EARLY] = history[-1][STOPPED_EARLY] = best  # every rank: the same history
         if rank == 0:
             telemetry.record_epoch(session.run_name, config.model, epoch + 1, metrics["train_images_per_s"])
 
@@ -316,6 +323,31 @@ def run_training(loop_config: dict[str, Any], session: TrainSession) -> None:
                 beside = reference.arrays() if reference else None
                 save_checkpoint(directory, unwrap(model), card, train_state, beside)
             session.report(metrics, directory if rank == 0 else None)
+        if STOPPED_EARLY in metrics:
+            break
+
+
+def _confusion_of(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The epoch's validation confusion matrix, where it has one, for its entry in the run's history."""
+    key = "val_confusion_matrix"
+    return {key: metrics[key]} if key in metrics else {}
+
+
+def patience_ran_out(history: list[dict[str, Any]], patience: int | None) -> int | None:
+    """The epoch of the best of `history` by validation (best_by_validation, as the best checkpoint is
+    chosen) where `patience` epochs or more have passed since it; None where training goes on.
+
+    >>> history = [{"epoch": e, "val_score": s, "val_loss": l, "val_count": 40}
+    ...            for e, s, l in [(1, 0.6, 0.9), (2, 0.8, 0.5), (3, 0.78, 0.6), (4, 0.7, 0.7)]]
+    >>> patience_ran_out(history, 2), patience_ran_out(history, 3), patience_ran_out(history, None)
+    (2, None, None)
+    """
+    if not patience or not history:
+        return None
+    best = best_by_validation(history, lambda entry: entry)
+    if best is None or int(history[-1]["epoch"]) - int(best["epoch"]) < patience:
+        return None
+    return int(best["epoch"])
 
 
 def check_finite(epoch: int, train_loss: float, val_loss: float) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 from cxrcore.config import ConfigError, TrainConfig, to_dict
 from cxrcore.console import is_quiet, train_log_level
 from cxrcore.labels import CLASSES
-from cxrcore.metrics import best_by_validation
+from cxrcore.metrics import STOPPED_EARLY, best_by_validation
 from cxrcore.runtime import (
     DATA_CPUS,
     DATA_TASK_CPUS,
@@ -270,6 +270,7 @@ def run_settings(config: TrainConfig, settings: dict[str, Any]) -> dict[str, Any
         "max_failures",
         "address",
         "data",
+        "patience",  # when to stop, as epochs is
     }
     if not settings["train"].get("segmenter"):
         ignored.add("train_masks")  # no segmenter, no choice: runs from before the setting resume as well
@@ -843,6 +844,9 @@ def epoch_line(name: str, epochs: int, metrics: dict[str, Any]) -> str:
             parts.append(f"{side} {' '.join(shown)}" if side == "train" else f"| {side} {' '.join(shown)}")
     if "train_images_per_s" in metrics:
         parts.append(f"| {metrics['train_images_per_s']:.0f} images/s")
+    if best := metrics.get(STOPPED_EARLY):
+        since = metrics["epoch"] - best
+        parts.append(f"\n{name}: stopped early (--patience): {since} epoch(s) after the best, epoch {best}")
     return " ".join(parts)
 
 
@@ -952,7 +956,8 @@ def _fit(config: TrainConfig) -> TrainResult:
     except TrainingDiverged as exc:  # --workers 0: the loop ran in this process
         raise ConfigError(f"{exc} (this run's: {config.lr:g})") from exc
     reached = (result.metrics or {}).get("epoch", 0)
-    if config.workers >= 1 and result.error is None and reached < config.epochs:
+    stopped = (result.metrics or {}).get(STOPPED_EARLY)  # by --patience, as asked
+    if config.workers >= 1 and result.error is None and reached < config.epochs and not stopped:
         # Ray Train's SIGINT handler also ends a run this way: aborted, its result that of the last
         # checkpoint, no error.
         raise Interrupted(

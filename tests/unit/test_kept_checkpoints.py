@@ -220,3 +220,30 @@ def test_a_dry_run_refuses_the_resume_the_run_would_refuse(tmp_path: Path, capsy
 
     assert main([*command, "--epochs", "1"]) == 2 and not ray.is_initialized()  # refused before Ray's start
     assert "already holds a run of 2 epochs" in capsys.readouterr().err
+
+
+def test_a_run_patience_stopped_is_finished_not_interrupted(tmp_path: Path, monkeypatch: Any) -> None:
+    """`--patience`: the loop's last report names the best epoch (stopped_early); `cxr train` then ends as
+    a finished run, where a run that reached fewer epochs otherwise is one Ctrl-C stopped."""
+    import pytest
+
+    from cxrcore.config import ConfigError, TrainConfig
+    from cxrcore.train import trainer as trainer_module
+    from cxrcore.train.loop import patience_ran_out
+
+    class Finished:
+        def fit(self) -> Any:
+            return Result(
+                metrics=stopped, checkpoint=None, error=None, path=str(tmp_path), best_checkpoints=[]
+            )
+
+    history = [_epoch(1, 0.5, 1.0), _epoch(2, 0.7, 0.8), _epoch(3, 0.6, 0.9), _epoch(4, 0.55, 0.95)]
+    assert patience_ran_out(history, 2) == 2 and patience_ran_out(history, 3) is None
+    stopped = {**history[-1], "stopped_early": 2}
+    monkeypatch.setattr("cxrcore.runtime.init_ray", lambda address=None: None)
+    monkeypatch.setattr(trainer_module, "check_dataset", lambda data: None)
+    monkeypatch.setattr(trainer_module, "build_trainer", lambda config, callbacks: Finished())
+    config = TrainConfig(data=str(tmp_path), model="tiny_cnn_lstm", epochs=30, patience=2, out=str(tmp_path))
+    assert trainer_module.fit(config).metrics["epoch"] == 4  # not Interrupted("stopped after epoch 4 of 30")
+    with pytest.raises(ConfigError, match="--patience: must be 1 or more"):
+        TrainConfig(data="ds", model="tiny_cnn_lstm", patience=0)
