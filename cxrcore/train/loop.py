@@ -229,7 +229,9 @@ def run_training(loop_config: dict[str, Any], session: TrainSession) -> None:
         "pin_memory": device.type == "cuda",
     }
     for epoch in range(start_epoch, config.epochs):
-        if patience_ran_out(history, config.patience) is not None:  # a run it stopped, re-run: none to train
+        if (best := patience_ran_out(history, config.patience)) is not None:  # nothing more to train
+            if STOPPED_EARLY not in history[-1]:  # a run re-run with a --patience that has run out: say so,
+                session.report({**history[-1], STOPPED_EARLY: best}, None)  # or it reads as interrupted
             break
         # The same --seed and workers give the same run, resumed or not (on CPU; cuDNN's kernels vary).
         seed = epoch_seed(config.seed, rank, epoch)

@@ -919,6 +919,24 @@ def torch_state_kept() -> Iterator[None]:
         random.setstate(python_state)
 
 
+def _patience_ran_out(config: TrainConfig, result: Any) -> bool:
+    """Whether `--patience` had run out at the run's latest checkpoint (by its card's history): a run
+    re-run with a patience that ran out before trains nothing, and Ray's result then holds the metrics of
+    that checkpoint, which has no `stopped_early` of its own."""
+    from cxrcore.checkpoint import load_card
+    from cxrcore.data import storage
+    from cxrcore.train.loop import patience_ran_out
+
+    if not config.patience or result.checkpoint is None:
+        return False
+    latest = storage.uri(result.checkpoint.filesystem, result.checkpoint.path)
+    try:
+        history = load_card(latest).history
+    except (FileNotFoundError, ValueError):
+        return False
+    return patience_ran_out(list(history), config.patience) is not None
+
+
 def writing(config: TrainConfig) -> AbstractContextManager[None]:
     """Held while a run trains into its folder: another one of that folder fails at once."""
     from cxrcore.data import storage
@@ -956,7 +974,7 @@ def _fit(config: TrainConfig) -> TrainResult:
     except TrainingDiverged as exc:  # --workers 0: the loop ran in this process
         raise ConfigError(f"{exc} (this run's: {config.lr:g})") from exc
     reached = (result.metrics or {}).get("epoch", 0)
-    stopped = (result.metrics or {}).get(STOPPED_EARLY)  # by --patience, as asked
+    stopped = (result.metrics or {}).get(STOPPED_EARLY) or _patience_ran_out(config, result)  # as asked
     if config.workers >= 1 and result.error is None and reached < config.epochs and not stopped:
         # Ray Train's SIGINT handler also ends a run this way: aborted, its result that of the last
         # checkpoint, no error.

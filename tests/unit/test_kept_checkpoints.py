@@ -225,6 +225,8 @@ def test_a_dry_run_refuses_the_resume_the_run_would_refuse(tmp_path: Path, capsy
 def test_a_run_patience_stopped_is_finished_not_interrupted(tmp_path: Path, monkeypatch: Any) -> None:
     """`--patience`: the loop's last report names the best epoch (stopped_early); `cxr train` then ends as
     a finished run, where a run that reached fewer epochs otherwise is one Ctrl-C stopped."""
+    import dataclasses
+
     import pytest
 
     from cxrcore.config import ConfigError, TrainConfig
@@ -245,5 +247,24 @@ def test_a_run_patience_stopped_is_finished_not_interrupted(tmp_path: Path, monk
     monkeypatch.setattr(trainer_module, "build_trainer", lambda config, callbacks: Finished())
     config = TrainConfig(data=str(tmp_path), model="tiny_cnn_lstm", epochs=30, patience=2, out=str(tmp_path))
     assert trainer_module.fit(config).metrics["epoch"] == 4  # not Interrupted("stopped after epoch 4 of 30")
+    # Re-run with a --patience that had run out before: nothing trains, and Ray's result is the latest
+    # checkpoint's, without the flag; its card's history says the patience ran out.
+    from cxrcore.checkpoint import CARD_NAME
+
+    latest = tmp_path / "checkpoint_epoch_004"
+    latest.mkdir()
+    card = {"model": {"name": "tiny_cnn_lstm"}, "input_spec": {}, "classes": [], "history": history}
+    (latest / CARD_NAME).write_text(json.dumps(card))
+    stopped = history[-1]
+    Finished.fit = lambda self: Result(  # type: ignore[method-assign]
+        metrics=stopped,
+        checkpoint=Checkpoint(str(latest)),
+        error=None,
+        path=str(tmp_path),
+        best_checkpoints=[],
+    )
+    assert trainer_module.fit(config).metrics["epoch"] == 4
+    with pytest.raises(trainer_module.Interrupted):  # without --patience it is a run cut short
+        trainer_module.fit(dataclasses.replace(config, patience=None))
     with pytest.raises(ConfigError, match="--patience: must be 1 or more"):
         TrainConfig(data="ds", model="tiny_cnn_lstm", patience=0)
