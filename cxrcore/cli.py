@@ -643,7 +643,7 @@ def _check_resumable(config: TrainConfig | TuneConfig) -> None:
         trainer.restore_checkpoint_record(run_dir, write=False)
         if recorded is not None and _is_here(config.data):  # what the run checks once Ray runs
             trainer.check_resume(
-                config, trainer.loop_config(config, with_reference=False), run_dir, write=False
+                config, trainer.loop_config(config, settings_only=True), run_dir, write=False
             )
 
 

@@ -221,13 +221,13 @@ def scan_confound(scan: LayoutScan) -> str | None:
     `--test-sources` can still be chosen."""
     from collections import Counter
 
-    from cxrcore.data.ingest import _separated_classes, sources_separate_classes
+    from cxrcore.data.ingest import separated_classes, sources_separate_classes
 
     by_source_class: dict[str, Counter[str]] = {}
     for entry in scan.entries:
         if entry.label:
             by_source_class.setdefault(entry.source, Counter())[entry.label] += 1
-    report = {"source_separates": _separated_classes(by_source_class), "by_source_class": by_source_class}
+    report = {"source_separates": separated_classes(by_source_class), "by_source_class": by_source_class}
     return sources_separate_classes(report)
 
 

@@ -1083,7 +1083,7 @@ def _source_report(
         "by_source_class": {
             source: dict(sorted(by_source_class[source].items())) for source in sorted(by_source_class)
         },
-        "source_separates": _separated_classes(by_source_class),
+        "source_separates": separated_classes(by_source_class),
     }
 
 
@@ -1132,7 +1132,7 @@ def sources_separate_classes(report: dict[str, Any], *, held_out_too: bool = Fal
     )
 
 
-def _separated_classes(by_source_class: dict[str, Counter[str]]) -> list[list[str]]:
+def separated_classes(by_source_class: dict[str, Counter[str]]) -> list[list[str]]:
     """The pairs of classes that no source holds both of, where the sources are known (two or more).
 
     A model can tell such classes apart by what their sources leave on the image (hospital, scanner,

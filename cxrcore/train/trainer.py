@@ -379,9 +379,10 @@ def auto_batch_size(train_rows: int, workers: int, largest: int = 32, smallest: 
     return size
 
 
-def loop_config(config: TrainConfig, with_reference: bool = True) -> dict[str, Any]:
-    """Everything the worker loop needs, resolved once in the driver (and JSON-plain for Ray); without the
-    input check's reference (which reads every training image) where only the settings are wanted."""
+def loop_config(config: TrainConfig, settings_only: bool = False) -> dict[str, Any]:
+    """Everything the worker loop needs, resolved once in the driver (and JSON-plain for Ray); with
+    `settings_only` (a re-run's check before Ray starts) without the input check's reference, which reads
+    every training image, and without the warnings the run itself gives."""
     from cxrcore import inputcheck
     from cxrcore.data.ingest import read_report, sources_separate_classes
     from cxrcore.models import get_model_entry
@@ -400,7 +401,8 @@ def loop_config(config: TrainConfig, with_reference: bool = True) -> dict[str, A
         _check_segmenter(config.segmenter)
     if segmenting and report["without_mask"] >= report["ingested"]:
         raise ConfigError(f"--model {config.model}: {config.data} has no lung mask to learn segmenting from")
-    if "mask" in entry.input_spec.channels and report["without_mask"] and not config.segmenter:
+    masks_wanted = "mask" in entry.input_spec.channels and not config.segmenter
+    if masks_wanted and report["without_mask"] and not settings_only:
         log.warning(
             "%d images have no lung mask and %s needs one: they get an empty mask. "
             "Train a segmenter (`cxr train --model unet`) and pass --segmenter",
@@ -414,7 +416,7 @@ def loop_config(config: TrainConfig, with_reference: bool = True) -> dict[str, A
     train["batch_size"] = config.batch_size or auto_batch_size(train_rows, max(config.workers, 1))
     confound = sources_separate_classes(report)
     # What a usual input is, from the images as the model will see them: each checkpoint carries it
-    reference = inputcheck.fit_dataset(config.data) if with_reference and not segmenting else None
+    reference = inputcheck.fit_dataset(config.data) if not settings_only and not segmenting else None
     return {
         "train": train,
         "pretrained": pretrained,

@@ -207,7 +207,7 @@ def test_a_dry_run_refuses_the_resume_the_run_would_refuse(tmp_path: Path, capsy
     config = TrainConfig(data=data, model="cnn_lstm", out=str(tmp_path / "runs"), name="r", epochs=4)
     run = tmp_path / "runs" / "r"
     _recorded_run(run, [(1, 0.5, 1.2), (2, 0.7, 0.9)], size=32, keep=True)
-    trainer.check_resume(config, trainer.loop_config(config, with_reference=False), str(run))  # records
+    trainer.check_resume(config, trainer.loop_config(config, settings_only=True), str(run))  # records
     assert main([*command, "--epochs", "4", "--dry-run"]) == 0
     assert main([*command, "--epochs", "4", "--lr", "0.01", "--dry-run"]) == 2
     assert (
