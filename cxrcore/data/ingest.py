@@ -40,6 +40,7 @@ from cxrcore.data.layout import (
     image_problem,
     log_warnings,
     mask_problem,
+    read_problem,
     scan_layout,
 )
 from cxrcore.data.split import (
@@ -904,7 +905,7 @@ def _decode_file(path: str | bytes) -> tuple[np.ndarray, str]:
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
-        raise ImageDecodeError(f"cannot read file: {exc.strerror or exc}") from exc
+        raise ImageDecodeError(read_problem(path, exc)) from exc
     return decode_image(data, path), dicom_patient(data, path)
 
 

@@ -310,7 +310,7 @@ def check_layout(
             data = Path(entry.image_path).read_bytes()
             image = decode_image(data, entry.image_path)
         except OSError as exc:
-            return None, f"cannot read file: {exc.strerror or exc}", None
+            return None, read_problem(entry.image_path, exc), None
         except ImageDecodeError as exc:
             return None, str(exc), None
         if problem := image_problem(image, min_side):
@@ -321,7 +321,7 @@ def check_layout(
         try:
             mask = decode_image(Path(entry.mask_path).read_bytes(), entry.mask_path)
         except OSError as exc:
-            return digest, None, f"cannot read file: {exc.strerror or exc}"
+            return digest, None, read_problem(entry.mask_path, exc)
         except ImageDecodeError as exc:
             return digest, None, str(exc)
         return digest, None, mask_problem(mask, image.shape)
@@ -393,6 +393,22 @@ def _border_share(lung: np.ndarray) -> float:
     frame = np.ones_like(lung, dtype=bool)
     frame[rows:-rows, columns:-columns] = False
     return float(lung[frame].mean())
+
+
+def read_problem(path: str | Path, exc: OSError) -> str:
+    """Why a file could not be read, as check and ingest report it: a link whose target is gone says so
+    and names the target ("No such file or directory" alone had sent users looking for the link itself).
+
+    >>> import errno, tempfile
+    >>> link = Path(tempfile.mkdtemp()) / "a.png"
+    >>> link.symlink_to("/gone/a.png")
+    >>> read_problem(link, FileNotFoundError(errno.ENOENT, "No such file or directory"))
+    'cannot read file: a link to /gone/a.png, which does not exist'
+    """
+    path = Path(path)
+    if path.is_symlink() and not path.exists():
+        return f"cannot read file: a link to {_printable(os.readlink(path))}, which does not exist"
+    return f"cannot read file: {exc.strerror or exc}"
 
 
 def decode_image(data: bytes, name: str = "") -> np.ndarray:
@@ -845,7 +861,8 @@ _MASK_SUFFIX = re.compile(r"[ _.-]?(lungs?[ _-]?)?mask$")
 def _masks_by_image_key(masks: list[_ImageFile], image_keys: set[str]) -> dict[str, str]:
     """Each mask's path by the key of the image it pairs with: the same key, or, for a mask whose name adds
     `_mask` (or the like) to its image's, the key without it, where no mask has that image's name. A mask
-    that pairs with no image keeps its own key: the scan reports it as an orphan."""
+    that pairs with no image keeps its own key: the scan reports it as an orphan. One that adds `_mask` to
+    the name of an image that has a mask already is left out: the scan reports it as a second mask."""
     paired: dict[str, str] = {}
     renamed = []
     for mask in masks:
@@ -855,7 +872,7 @@ def _masks_by_image_key(masks: list[_ImageFile], image_keys: set[str]) -> dict[s
         else:
             paired.setdefault(mask.key, mask.path)
     for key, mask in renamed:
-        paired.setdefault(key if key not in paired else mask.key, mask.path)
+        paired.setdefault(key, mask.path)
     return paired
 
 

@@ -110,12 +110,14 @@ def test_check_finds_unreadable_files_and_exact_duplicates(raw: Path) -> None:
     truncated = (raw / "COVID/images/COVID-1.png").read_bytes()[:200]
     (raw / "normal/images/Normal-2.png").write_bytes(truncated)
     shutil.copy(raw / "COVID/images/COVID-2.png", raw / "COVID/images/COVID-5.png")
+    (raw / "COVID/images/COVID-8.png").symlink_to("../moved/COVID-8.png")  # a link whose target is gone
     scan = check_layout(raw)
     reasons = {Path(item["path"]).name: item["reason"] for item in scan.unreadable}
-    assert reasons.keys() == {"COVID-4.png", "Normal-2.png"}
+    assert reasons.keys() == {"COVID-4.png", "Normal-2.png", "COVID-8.png"}
+    assert reasons["COVID-8.png"] == "cannot read file: a link to ../moved/COVID-8.png, which does not exist"
     assert "empty file" in reasons["COVID-4.png"]
     assert "truncated" in reasons["Normal-2.png"] or "corrupt" in reasons["Normal-2.png"]
-    assert scan.classes["COVID"].unreadable == 1 and scan.classes["Normal"].unreadable == 1
+    assert scan.classes["COVID"].unreadable == 2 and scan.classes["Normal"].unreadable == 1
     assert scan.classes["COVID"].exact_duplicates == 1
     assert [Path(p).name for p in scan.duplicate_groups[0]] == ["COVID-2.png", "COVID-5.png"]
     assert scan.usable
@@ -604,8 +606,11 @@ def test_a_mask_named_as_its_image_pairs_before_one_named_with_mask_added(tmp_pa
         "a.png": str(covid / "masks/a.png"),
         "b_mask.png": str(covid / "masks/b_mask.png"),
     }
-    assert scan.orphan_masks == [str(covid / "masks/a_mask.png")]  # a second mask for a.png
-    assert (scan.classes["COVID"].masks, scan.classes["COVID"].pairs) == (3, 2)
+    assert not scan.orphan_masks  # a_mask.png is a second mask for a.png, not a mask without its image
+    assert [(Path(p["path"]).name, p["reason"]) for p in scan.mask_problems] == [
+        ("a_mask.png", "a second mask for the same image (the one read: masks/a.png)")
+    ]
+    assert (scan.classes["COVID"].masks, scan.classes["COVID"].pairs) == (2, 2)
 
 
 def test_covid_qu_ex_lung_masks_are_counted_as_masks_by_check(
