@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -336,6 +337,54 @@ def test_local_mode_without_gpu_trains_on_the_cpu_where_ray_hands_it_a_gpu(
     run_training(settings, session)
     assert session.metrics["epoch"] == 1 and session.metrics["val_count"] > 0
     assert not load_card(tmp_path / "checkpoint").training["gpu"]
+
+
+class _Reports(_InThisProcess):
+    """_InThisProcess that keeps every report, checkpoint or not."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.reports: list[dict[str, Any]] = []
+
+    def report(self, metrics: dict[str, object], checkpoint_dir: str | None) -> None:
+        self.reports.append(dict(metrics))
+        if checkpoint_dir is not None:
+            super().report(metrics, checkpoint_dir)
+
+
+def test_patience_stops_the_loop_after_the_best_and_a_rerun_goes_on_only_with_more(
+    synthetic_dataset: str, tmp_path: Path
+) -> None:
+    """`--patience 1` in the worker loop itself: the run stops at the first epoch that is not the best so
+    far by cxr's rule (the one that picks the best checkpoint), and its last report names that best. The
+    same patience again trains nothing; a larger one trains on from the stopped epoch."""
+    from cxrcore.metrics import STOPPED_EARLY, best_by_validation
+    from cxrcore.train.loop import run_training
+    from cxrcore.train.trainer import training_inputs
+
+    config = TrainConfig(
+        data=synthetic_dataset, model="tiny_cnn_lstm", epochs=8, workers=1, batch_size=32, lr=0.02,
+        patience=1, out=str(tmp_path), name="patience",
+    )  # fmt: skip
+    settings, datasets = training_inputs(config)
+    session = _Reports(datasets, tmp_path / "checkpoint")
+    run_training(settings, session)
+    epochs = [int(r["epoch"]) for r in session.reports]
+    assert epochs == list(range(1, len(epochs) + 1)) and len(epochs) < 8, epochs  # stopped before the end
+    *trained, last = session.reports
+    best = best_by_validation(session.reports, lambda report: report)
+    assert best is not None and last[STOPPED_EARLY] == best["epoch"] == last["epoch"] - 1
+    for end in range(2, len(trained) + 1):  # each earlier epoch was the best so far: no earlier stop
+        assert best_by_validation(trained[:end], lambda report: report) is trained[end - 1]
+    assert all(STOPPED_EARLY not in report for report in trained)
+
+    again = _Reports(datasets, tmp_path / "again", resume=tmp_path / "checkpoint")
+    run_training(settings, again)  # the same --patience: it has run out, nothing to train, nothing said
+    assert again.reports == []
+    settings["train"] = {**settings["train"], "patience": 3}
+    more = _Reports(datasets, tmp_path / "more", resume=tmp_path / "checkpoint")
+    run_training(settings, more)
+    assert more.reports and int(more.reports[0]["epoch"]) == last["epoch"] + 1
 
 
 def test_a_bf16_run_validates_the_float32_model_that_is_served(
