@@ -819,6 +819,12 @@ class TuneConfig:
         "epochs every trial gets before ASHA may stop it, ranked among its architecture's trials (default: "
         "half of --epochs, at least 1)",
     )
+    patience: int | None = option(
+        None,
+        "also stop a trial once this many epochs have passed since its best one (by validation, as its best "
+        "checkpoint is chosen), whatever the other trials score; default: trials run until ASHA stops them "
+        "or --epochs",
+    )
     segmenter_epochs: int | None = option(
         None, "epochs of the lung segmenter trained first for dual-channel models (default: --epochs / 4)"
     )
@@ -869,6 +875,7 @@ class TuneConfig:
             f"must be between 1 and --epochs ({self.epochs}), got {self.grace_epochs}",
         )
         _require(self.workers_per_trial >= 1, "workers_per_trial", "must be at least 1")
+        _require(self.patience is None or self.patience >= 1, "patience", "must be 1 or more")
         self.promote = self.promote.strip().lower()
         _require(self.promote in PROMOTE_CHOICES, "promote", f"auto or never, got {self.promote!r}")
         _require(

@@ -177,6 +177,11 @@ def tune_plan(config: TuneConfig) -> str:
             else f"up to {config.epochs} per trial; ASHA may stop a trial after {grace} (grace epochs), "
             f"ranked among the trials of its architecture{' and seed' if repeats else ''}",
         ),
+        *(
+            [("patience", f"a trial stops {config.patience} epoch(s) after its best (by validation)")]
+            if config.patience
+            else []
+        ),
         ("epochs total", _epochs_total(config, len(trials))),
         ("output", f"{experiment} (comparison.html; re-running resumes it); registry {config.registry}"),
         (

@@ -147,10 +147,13 @@ def format_comparison(comparison: dict[str, Any]) -> str:
         lines.append(
             f"production moved from {before} to {comparison['production']} (`cxr models promote` moves it)"
         )
-    stopped = sum(1 for t in comparison["trials"] if t["stopped_early"])
+    stopped = [t for t in comparison["trials"] if t["stopped_early"]]
+    by_patience = sum(1 for t in stopped if t.get("stopped_by") == "--patience")
+    patience = f", {by_patience} by --patience" if by_patience else ""
     failed = [t for t in comparison["trials"] if t["error"]]
     lines.append(
-        f"trials: {len(comparison['trials'])} ({stopped} stopped early by ASHA, {len(failed)} failed)"
+        f"trials: {len(comparison['trials'])} ({len(stopped) - by_patience} stopped early by ASHA{patience}, "
+        f"{len(failed)} failed)"
     )
     lines += [f"failed trial {t['trial_id']} ({t['model']}): {t['error']}" for t in failed]
     lines += [f"{name}: {path}" for name, path in comparison["reports"].items()]

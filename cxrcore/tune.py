@@ -31,7 +31,7 @@ from cxrcore.config import CANDIDATE, ConfigError, EvaluateConfig, TrainConfig, 
 from cxrcore.console import is_quiet, quiet_ray_console, quiet_tune_trial
 from cxrcore.data import storage
 from cxrcore.experiment import check_same_experiment
-from cxrcore.metrics import KEEP_SCORE, best_by_validation, mcnemar_exact
+from cxrcore.metrics import KEEP_SCORE, STOPPED_EARLY, best_by_validation, mcnemar_exact
 from cxrcore.runtime import DATA_TASK_CPUS, Interrupted, root_cause, sigint_handler_kept
 
 log = logging.getLogger(__name__)
@@ -132,6 +132,7 @@ def trial_train_config(
         out=_trials_root(config),
         name=trial_id,
         seed=int(trial.get("seed", config.seed)),  # an experiment started before --repeats: --seed
+        patience=config.patience,
     )
 
 
@@ -308,8 +309,11 @@ def experiment_settings(config: TuneConfig, report: dict[str, Any]) -> dict[str,
         "pretrained",
         "seed",
     )
-    repeats = {"repeats": config.repeats} if config.repeats != 1 else {}  # older experiments' settings stay
-    return {"data_fingerprint": report["fingerprint"], **{k: getattr(config, k) for k in shaping}, **repeats}
+    # Recorded only where set, so that older experiments' settings stay as they were
+    optional = {"repeats": config.repeats} if config.repeats != 1 else {}
+    if config.patience is not None:  # which trials end when, and so which checkpoints there are to compare
+        optional["patience"] = config.patience
+    return {"data_fingerprint": report["fingerprint"], **{k: getattr(config, k) for k in shaping}, **optional}
 
 
 def run_comparison(config: TuneConfig) -> dict[str, Any]:
@@ -1015,6 +1019,12 @@ def _trial_record(config: TuneConfig, result: Any) -> dict[str, Any]:
         "batch_size": train.batch_size,
         "epochs_run": epochs_run,
         "stopped_early": result.error is None and epochs_run < config.epochs,
+        # by whom: a trial that --patience stopped names its best epoch in its last report
+        "stopped_by": None
+        if result.error is not None or epochs_run >= config.epochs
+        else "--patience"
+        if metrics.get(STOPPED_EARLY)
+        else "ASHA",
         "error": error_line(result.error) if result.error else None,
         # The kept checkpoint's validation figures, as val_score and val_loss (the last epoch's may be lower).
         "val_accuracy": (card["metrics"] if card else metrics).get("val_accuracy"),

@@ -687,7 +687,7 @@ def _trial_row(trial: Mapping[str, Any]) -> dict[str, Any]:
         "weight decay": trial["weight_decay"],
         "batch": trial["batch_size"],
         "epochs run": trial["epochs_run"],
-        "stopped early": trial["stopped_early"],
+        "stopped early": trial.get("stopped_by") or trial["stopped_early"],  # by ASHA or --patience
         "val macro-F1": trial.get("val_score"),
         "error": trial.get("error"),
     }

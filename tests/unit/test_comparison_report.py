@@ -3,6 +3,7 @@ held-out-source figures."""
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import json
 import re
@@ -553,3 +554,44 @@ def test_a_dataset_whose_sources_separate_classes_is_warned_of(tmp_path: Path) -
     assert f"{ALERT_OPEN}In the dataset, {confound}.</p>" in text
     printed = format_comparison({**_comparison(), "production": "dual_cnn:3", "reports": {}})
     assert "in the dataset," not in printed
+
+
+def test_trials_patience_stopped_are_told_from_those_asha_stopped(tmp_path: Path) -> None:
+    """`cxr tune --patience N`: each trial's Train run stops N epochs after its best; the record, the
+    console's trial count and the All trials table say which trials --patience stopped and which ASHA."""
+    from types import SimpleNamespace
+
+    from cxrcore.config import ConfigError, TuneConfig
+    from cxrcore.tune import _trial_record, experiment_settings, trial_train_config
+
+    config = TuneConfig(data="ds", registry="reg", models="cnn_lstm", trials=2, epochs=6, patience=2)
+    params = {"trial": {"model": "cnn_lstm", "lr": 1e-3, "weight_decay": 1e-4, "batch_size": 16}}
+    assert trial_train_config(config, params, "t", None).patience == 2
+    assert experiment_settings(config, {"fingerprint": "f"})["patience"] == 2  # another: another experiment
+    unset = dataclasses.replace(config, patience=None)
+    assert "patience" not in experiment_settings(unset, {"fingerprint": "f"})  # older experiments resume
+    with pytest.raises(ConfigError, match="--patience: must be 1 or more"):
+        TuneConfig(data="ds", registry="reg", patience=0)
+
+    def record(metrics: dict[str, Any], error: Exception | None = None) -> dict[str, Any]:
+        result = SimpleNamespace(
+            config=params, metrics={"trial_id": "t", **metrics}, error=error, path=str(tmp_path / "t"),
+            best_checkpoints=[], checkpoint=None,
+        )  # fmt: skip
+        return _trial_record(config, result)
+
+    patience, asha = record({"epoch": 4, "stopped_early": 2}), record({"epoch": 3})
+    full = record({"epoch": 6})
+    assert (patience["stopped_by"], asha["stopped_by"], full["stopped_by"]) == ("--patience", "ASHA", None)
+    assert patience["stopped_early"] and asha["stopped_early"] and not full["stopped_early"]
+    assert record({"epoch": 2}, RuntimeError("boom"))["stopped_by"] is None  # failed, not stopped
+
+    comparison = _comparison()
+    first, second, *_ = comparison["trials"]
+    first.update(stopped_early=True, stopped_by="--patience", epochs_run=4)
+    second.update(stopped_early=True, stopped_by="ASHA", epochs_run=3)
+    printed = format_comparison({**comparison, "production": "dual_cnn:3", "reports": {}})
+    assert "(1 stopped early by ASHA, 1 by --patience, 1 failed)" in printed
+    text = write_comparison_report(tmp_path / "report", comparison)["html"].read_text()
+    table = text.split("All trials")[1]
+    assert "<td>--patience</td>" in table and "<td>ASHA</td>" in table
