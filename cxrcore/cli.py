@@ -630,13 +630,16 @@ def _check_resumable(config: TrainConfig | TuneConfig) -> None:
     """`--dry-run`'s check of what an earlier run of this name left, as the run reads it once Ray has
     started: its recorded settings, and Ray Train's or Tune's record of its progress, whole (a kill or a
     full disk may have cut one short)."""
+    from cxrcore.data.ingest import read_report
     from cxrcore.experiment import recorded_settings
     from cxrcore.train import trainer
-    from cxrcore.tune import check_experiment_state, experiment_path
+    from cxrcore.tune import check_experiment_settings, check_experiment_state, experiment_path
 
     if isinstance(config, TuneConfig):
-        recorded_settings(experiment_path(config), "a Tune experiment")
+        recorded = recorded_settings(experiment_path(config), "a Tune experiment")
         check_experiment_state(experiment_path(config))
+        if recorded is not None and _is_here(config.data):  # what the run checks before Ray starts
+            check_experiment_settings(config, read_report(config.data), write=False)
     else:
         run_dir = f"{config.out.rstrip('/')}/{config.run_name()}"
         recorded = recorded_settings(run_dir, "a training run")

@@ -316,6 +316,21 @@ def experiment_settings(config: TuneConfig, report: dict[str, Any]) -> dict[str,
     return {"data_fingerprint": report["fingerprint"], **{k: getattr(config, k) for k in shaping}, **optional}
 
 
+def check_experiment_settings(config: TuneConfig, report: dict[str, Any], write: bool = True) -> None:
+    """Record the experiment's settings (`experiment_settings`), or refuse a re-run of its name with others
+    (ConfigError); `write=False` checks only (`--dry-run`)."""
+    settings = experiment_settings(config, report)
+    check_same_experiment(experiment_path(config), settings, "a Tune experiment", {"repeats": 1}, write=write)
+
+
+def space_settings(config: TuneConfig) -> dict[str, Any]:
+    """The experiment's settings as each trial reads them from its search space. Tune restores a resumed
+    experiment with this space only where its keys are the ones it started with: settings added since at
+    their defaults (`repeats` 1, no `patience`) are left out, as experiments from before them have none."""
+    added = {"repeats": 1, "patience": None}
+    return {k: v for k, v in to_dict(config).items() if k not in added or v != added[k]}
+
+
 def run_comparison(config: TuneConfig) -> dict[str, Any]:
     """Train the segmenter if needed, run the sweep, evaluate and register the best of each architecture.
 
@@ -326,6 +341,7 @@ def run_comparison(config: TuneConfig) -> dict[str, Any]:
 
     with writing(config), reading(config.data):  # an ingest into --data is refused until it ends
         checked = preflight(config)  # before Ray's start (seconds): a notebook's wrong --data fails at once
+        check_experiment_settings(config, checked[0])  # a re-run of other settings: refused before it too
         init_ray(config.address)  # a library caller's too: cxr's local cluster (a no-op once Ray runs)
         return _run_comparison(config, *checked)
 
@@ -347,9 +363,6 @@ def _run_comparison(config: TuneConfig, report: dict[str, Any], plan: list[dict[
     registry = ModelRegistry(config.registry)
     experiment = experiment_path(config)
     work = _work_dir(config)
-    check_same_experiment(
-        experiment, experiment_settings(config, report), "a Tune experiment", {"repeats": 1}
-    )
     finished_before = _finished_before(experiment)
     segmenter_name = segmenter_model(config)
     cpus_per_worker = trial_worker_cpus(config, ray.cluster_resources(), len(plan))
@@ -360,9 +373,7 @@ def _run_comparison(config: TuneConfig, report: dict[str, Any], plan: list[dict[
     segmenter = _segmenter(config, registry, segmenter_name) if segmenter_name else None
     space = {
         **planned_space(plan),
-        # Tune restores a resumed experiment with this space only where its keys are the ones it started
-        # with: `repeats` at its default is left out, as experiments from before it have none.
-        "tune_config": {k: v for k, v in to_dict(config).items() if k != "repeats" or config.repeats != 1},
+        "tune_config": space_settings(config),
         "segmenter": segmenter["checkpoint"] if segmenter else None,
         "quiet_console": is_quiet(),  # decided here: trials on a joined cluster lack this environment
         "cpus_per_worker": cpus_per_worker,

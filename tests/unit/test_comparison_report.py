@@ -562,14 +562,15 @@ def test_trials_patience_stopped_are_told_from_those_asha_stopped(tmp_path: Path
     from types import SimpleNamespace
 
     from cxrcore.config import ConfigError, TuneConfig
-    from cxrcore.tune import _trial_record, experiment_settings, trial_train_config
+    from cxrcore.tune import _trial_record, experiment_settings, space_settings, trial_train_config
 
     config = TuneConfig(data="ds", registry="reg", models="cnn_lstm", trials=2, epochs=6, patience=2)
     params = {"trial": {"model": "cnn_lstm", "lr": 1e-3, "weight_decay": 1e-4, "batch_size": 16}}
     assert trial_train_config(config, params, "t", None).patience == 2
     assert experiment_settings(config, {"fingerprint": "f"})["patience"] == 2  # another: another experiment
     unset = dataclasses.replace(config, patience=None)
-    assert "patience" not in experiment_settings(unset, {"fingerprint": "f"})  # older experiments resume
+    assert "patience" not in experiment_settings(unset, {"fingerprint": "f"})  # older experiments resume,
+    assert "patience" not in space_settings(unset) and space_settings(config)["patience"] == 2  # in Tune too
     with pytest.raises(ConfigError, match="--patience: must be 1 or more"):
         TuneConfig(data="ds", registry="reg", patience=0)
 

@@ -222,6 +222,33 @@ def test_a_dry_run_refuses_the_resume_the_run_would_refuse(tmp_path: Path, capsy
     assert "already holds a run of 2 epochs" in capsys.readouterr().err
 
 
+def test_a_tune_rerun_with_other_settings_is_refused_before_ray_and_by_its_dry_run(
+    tmp_path: Path, capsys: Any
+) -> None:
+    """A Tune experiment re-run with other settings (here --patience) was refused only once Ray had started
+    (about 20 s), and its `--dry-run` exited 0; both refuse it now, and the same settings pass."""
+    from cxrcore.cli import main
+    from cxrcore.config import TuneConfig
+    from cxrcore.data.ingest import read_report
+    from cxrcore.tune import check_experiment_settings
+    from tests.unit.test_external_eval import write_dataset
+
+    data = write_dataset(
+        tmp_path / "ds", [("COVID", "train", 1), ("Normal", "train", 2), ("COVID", "val", 3)], "f"
+    )
+    out, registry = str(tmp_path / "exps"), str(tmp_path / "reg")
+    command = ["tune", "--data", data, "--registry", registry, "--models", "cnn_lstm", "--out", out]
+    config = TuneConfig(data=data, registry=registry, models="cnn_lstm", out=out, patience=1)
+    check_experiment_settings(config, read_report(data))  # what the first run recorded
+    assert main([*command, "--patience", "1", "--dry-run"]) == 0
+    assert main([*command, "--patience", "3", "--dry-run"]) == 2
+    assert "started with other settings (patience 1 → 3)" in capsys.readouterr().err
+    import ray
+
+    assert main([*command, "--patience", "3"]) == 2 and not ray.is_initialized()  # refused before Ray's start
+    assert "started with other settings (patience 1 → 3)" in capsys.readouterr().err
+
+
 def test_a_run_patience_stopped_is_finished_not_interrupted(tmp_path: Path, monkeypatch: Any) -> None:
     """`--patience`: the loop's last report names the best epoch (stopped_early); `cxr train` then ends as
     a finished run, where a run that reached fewer epochs otherwise is one Ctrl-C stopped."""
