@@ -22,8 +22,12 @@ class WholeValidation(ray.train.DataConfig):
     every epoch's execution: about 3 CPU-seconds each to start on the 2-core machine, twice per run. A
     materialized dataset (the small data the driver reads, or data that fits the object store) has its
     blocks already; each worker gets a consecutive share of its rows (`split_at_indices`, slices of the
-    blocks, no copy) and reads it itself.
-    Each worker then sees the same rows every epoch, in an order its shuffle buffer draws anew.
+    blocks, no copy) and reads it itself: shares that differ by one row at most, of which the training
+    loop takes rows // world_size a worker each epoch (`rows_per_worker`), so that the workers step in
+    lockstep. Each worker then sees the same rows every epoch, in an order its shuffle buffer draws anew,
+    and one with a row more leaves out the row its shuffle draws last: a different one each epoch. Cut to
+    equal shares, the same rows (up to world_size - 1) were left out of every epoch of every seed (a
+    review, session 54).
 
     One worker (the default on CPU) needs no split: it gets each dataset's own iterator, and a dataset
     streamed from Parquet is then executed in the worker itself, as Ray Train does for the datasets it does
@@ -53,11 +57,9 @@ class WholeValidation(ray.train.DataConfig):
             equal = name != "val"  # training in lockstep; validation scores every row
             if isinstance(dataset, MaterializedDataset):
                 rows = dataset.count()  # from the blocks' metadata
-                if equal:  # rows // world_size each; the last part, the rest, is dropped
-                    cuts = [rows // world_size * i for i in range(1, world_size + 1)]
-                else:  # consecutive parts that differ by one row at most
-                    cuts = [rows * i // world_size for i in range(1, world_size)]
-                pieces = dataset.split_at_indices(cuts)[:world_size] if world_size > 1 else [dataset]
+                # consecutive parts that differ by one row at most (training: the loop takes as many of each)
+                cuts = [rows * i // world_size for i in range(1, world_size)]
+                pieces = dataset.split_at_indices(cuts) if world_size > 1 else [dataset]
                 parts = [piece.iterator() for piece in pieces]
             else:
                 dataset = dataset.copy(dataset)

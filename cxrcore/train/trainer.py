@@ -607,8 +607,24 @@ def training_inputs(config: TrainConfig) -> tuple[dict[str, Any], dict[str, Any]
             if segment is not None:
                 datasets = {n: ds.map_batches(segment, batch_format="numpy") for n, ds in datasets.items()}
             settings["masks_from_segmenter"] = segment is not None
-            datasets = {split: ds.materialize() for split, ds in datasets.items()}
+            datasets = {split: _in_order(ds).materialize() for split, ds in datasets.items()}
+    from ray.data.dataset import MaterializedDataset
+
+    if isinstance(datasets["train"], MaterializedDataset):
+        # in memory: its exact row count (a segmenter's, of masked rows, had been estimated), and the rows
+        # each worker trains on an epoch (sharding.WholeValidation's shares differ by one row at most)
+        settings["train_rows"] = datasets["train"].count()
+        settings["rows_per_worker"] = settings["train_rows"] // max(config.workers, 1)
     return settings, datasets
+
+
+def _in_order(dataset: Any) -> Any:
+    """`dataset` read in its files' order: Ray Data's default lets blocks arrive as their tasks finish, so
+    the rows (and each worker's share of them) changed from run to run, and a run of data this size did not
+    repeat with the same --seed (four runs, four sets of weights: a review, session 54). Each dataset keeps
+    its own copy of Ray Data's settings, so it is set on this one."""
+    dataset.context.execution_options.preserve_order = True
+    return dataset
 
 
 def build_trainer(config: TrainConfig, callbacks: list[Any] | None = None) -> Any:

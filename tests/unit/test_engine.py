@@ -234,6 +234,30 @@ def test_a_class_weighted_loss_over_an_epoch_is_the_weighted_mean_over_every_ima
     )
 
 
+def test_a_step_weighs_each_image_by_its_class_whatever_else_its_batch_holds() -> None:
+    """A review (session 54): cross_entropy's weighted mean divides by the batch's own summed weights, so a
+    batch of one class trained as if unweighted, and small batches (4 images per worker, the automatic size
+    on small data) gave the rarest class 0.15 of the loss where a balanced mix gives it 0.25. The step's
+    loss is now each image's weighted cross-entropy over the batch's image count."""
+    from cxrcore.train.engine import class_weights, classification_loss
+
+    weights = class_weights([108, 180, 305, 40])
+    expected_mean = sum(n * float(w) for n, w in zip([108, 180, 305, 40], weights, strict=True)) / 633
+    assert expected_mean == pytest.approx(1.0)  # the plain cross-entropy's scale, on the training mix
+    logits = torch.randn(4, 4, generator=torch.Generator().manual_seed(3))
+    rare = torch.full((4,), 3)
+    loss, reported = classification_loss(logits, rare, weights)
+    plain = torch.nn.functional.cross_entropy(logits, rare)
+    assert float(loss) == pytest.approx(float(weights[3] * plain), rel=1e-6)  # weighed, alone in its batch
+    assert float(reported) == pytest.approx(float(plain), rel=1e-6)  # the weighted mean, as reported
+    mixed = torch.tensor([0, 1, 2, 3])
+    loss, reported = classification_loss(logits, mixed, weights)
+    each = torch.nn.functional.cross_entropy(logits, mixed, reduction="none") * weights[mixed]
+    assert float(loss) == pytest.approx(float(each.sum() / 4), rel=1e-6)
+    assert float(reported) == pytest.approx(float(each.sum() / weights[mixed].sum()), rel=1e-6)
+    assert classification_loss(logits, mixed, None)[0] == torch.nn.functional.cross_entropy(logits, mixed)
+
+
 def test_a_batch_whose_classes_all_weigh_nothing_counts_for_nothing() -> None:
     """A class absent from training weighs 0: a batch of only that class has a loss of 0/0, which must not
     turn the epoch's loss into NaN now that the steps' losses are read at the epoch's end."""
@@ -457,3 +481,49 @@ def test_weight_decay_spares_norms_and_biases_and_a_run_saved_with_one_group_res
     assert resumed is not None and [group["weight_decay"] for group in resumed.param_groups] == [0.05]
     resumed.load_state_dict(earlier.state_dict())  # fits, moments and all
     assert len(resumed.state) == len(names)
+
+
+def test_a_worker_with_a_row_more_trains_on_as_many_rows_as_the_others() -> None:
+    """Data in memory is shared among workers in parts that differ by one row at most; each worker's epoch
+    takes rows // workers of its part (`_at_most`), so DDP's workers step in lockstep, and the row left out
+    is the one its shuffle draws last, not the same rows in every epoch (a review, session 54)."""
+    from cxrcore.train.loop import _at_most, epoch_steps
+
+    def batches(sizes: list[int]) -> list[dict[str, torch.Tensor]]:
+        start, out = 0, []
+        for size in sizes:
+            rows = torch.arange(start, start + size)
+            out.append({"label_index": rows, "image": rows.view(-1, 1, 1).expand(-1, 2, 2)})
+            start += size
+        return out
+
+    taken = list(_at_most(batches([4, 4, 4, 4, 4, 1]), 20))  # 21 rows, 20 taken: the last batch left out
+    assert [len(b["label_index"]) for b in taken] == [4, 4, 4, 4, 4]
+    taken = list(_at_most(batches([4, 4, 3]), 10))  # a batch cut short, every column alike
+    assert [len(b["label_index"]) for b in taken] == [4, 4, 2] and taken[-1]["image"].shape == (2, 2, 2)
+    assert taken[-1]["label_index"].tolist() == [8, 9]
+    assert sum(len(b["label_index"]) for b in _at_most(batches([4, 4, 3]), None)) == 11
+    # the schedule plans the steps a worker runs: 36 rows at batch 4 are 9 steps, 37 too (a last batch of
+    # one image is not trained on), 38 are 10
+    assert [epoch_steps(rows, 4) for rows in (36, 37, 38)] == [9, 9, 10]
+
+
+def test_augmentation_moves_the_mask_with_the_image_up_to_the_edge() -> None:
+    """The mask is warped with the image's own parameters and padded as the image is (a review, session 54:
+    zero-padded, a lung that met the edge lost mask where the image, edge-padded, kept it: 261 pixels in 4
+    images); `translate` is the largest shift as a share of the side."""
+    from cxrcore.data.batches import AugmentConfig, augment
+
+    image = torch.zeros(16, 1, 64, 64)
+    image[:, :, 8:56, :24] = 1.0  # a "lung" that meets the left edge
+    still = AugmentConfig(contrast=0.0, brightness=0.0, gamma=0.0, noise_std=0.0)
+    warped, mask = augment(image, image.clone(), still, torch.Generator().manual_seed(0))
+    assert mask is not None and torch.equal(mask, (warped > 0.5).float())
+    dot = torch.zeros(64, 1, 64, 64)
+    dot[:, :, 31:33, 31:33] = 1.0
+    shifted, _ = augment(
+        dot, None, AugmentConfig(rotate_degrees=0.0, scale=(1.0, 1.0), contrast=0.0, brightness=0.0,
+                                 gamma=0.0, noise_std=0.0, translate=0.1), torch.Generator().manual_seed(1),
+    )  # fmt: skip
+    centres = [torch.nonzero(d[0] > 0.25).float().mean(0)[1] - 31.5 for d in shifted]
+    assert max(abs(float(c)) for c in centres) == pytest.approx(6.4, abs=0.8)  # up to 10% of 64 px

@@ -181,7 +181,11 @@ def test_the_library_calls_start_cxrs_ray_themselves_once_they_hold_the_output(
     monkeypatch.setattr(runtime, "init_ray", init_ray)
     checked: list[str] = []  # the dataset is checked before Ray's start too: "d" is none, and passes here
     monkeypatch.setattr(trainer, "check_dataset", lambda data: checked.append(data))
-    monkeypatch.setattr(tune, "preflight", lambda config: checked.append(config.data))
+    def preflight(config: TuneConfig) -> tuple[dict[str, str], list[dict[str, object]]]:
+        checked.append(config.data)
+        return {"fingerprint": "f"}, []  # the report and plan; the experiment's settings are recorded then
+
+    monkeypatch.setattr(tune, "preflight", preflight)
     for cls in ("COVID", "Normal"):  # a folder ingest takes: one it refuses is refused before Ray starts
         write_png(tmp_path / "raw" / cls / f"{cls}-1.png", xray(1, 64))
     calls = [
