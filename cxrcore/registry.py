@@ -201,7 +201,14 @@ class ModelRegistry:
         self.root = str(root)
         self._fs, self._path = resolve(self.root)
         self._local = isinstance(self._fs, pafs.LocalFileSystem)
-        self._cache = Path(cache_dir or DEFAULT_CACHE).expanduser()
+        self._cache_dir = Path(cache_dir or DEFAULT_CACHE)
+
+    @property
+    def _cache(self) -> Path:
+        """Where a remote registry's versions are copied, `~` expanded when first needed: a local registry
+        never is, and a container with no home folder (HOME unset, a user without a passwd entry) listed
+        and showed versions only after a traceback (a review, session 54)."""
+        return self._cache_dir.expanduser()
 
     def __repr__(self) -> str:
         return f"ModelRegistry({self.root!r})"

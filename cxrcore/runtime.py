@@ -166,6 +166,7 @@ def init_ray(
     if not ray.is_initialized():
         check_no_shadowing_modules()
         check_utf8_arguments()
+        check_warnings_not_errors()
         if is_quiet():
             filter_routine_ray_lines()
         # The dashboard's Train view lists a run only when its driver records it (off by default in Ray
@@ -319,6 +320,69 @@ def sigterm_received() -> bool:
     return _sigterm_received
 
 
+def check_warnings_not_errors(options: list[str] | None = None) -> None:
+    """Refuse, in one line, warnings turned into errors for every module (`PYTHONWARNINGS=error`, `-W
+    error`): Ray's processes inherit it, its dashboard stopped on a pydantic deprecation warning, and every
+    command that starts Ray ended in a 72-line traceback; Ray Data's own deprecation warnings stop the
+    driver too (a review, session 54). An `error` filter narrowed to a module of one's own is left alone.
+
+    >>> check_warnings_not_errors(["error::DeprecationWarning:mypackage", "default"])
+    >>> check_warnings_not_errors(["error::DeprecationWarning"])  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    cxrcore.config.ConfigError: warnings are errors here (PYTHONWARNINGS or -W: error::DeprecationWarning)...
+    """
+    from cxrcore.config import ConfigError
+
+    given = list(sys.warnoptions) if options is None else options
+    if options is None:
+        given += [part for part in os.environ.get("PYTHONWARNINGS", "").split(",") if part.strip()]
+    broad = ("", "warning", "deprecationwarning", "pendingdeprecationwarning", "futurewarning")
+    for option in given:
+        fields = [*option.strip().split(":"), "", "", ""]
+        action, category, module = fields[0].strip().lower(), fields[2].strip(), fields[3].strip()
+        everywhere = not module and category.split(".")[-1].lower() in broad
+        if action and "error".startswith(action) and everywhere:
+            raise ConfigError(
+                f"warnings are errors here (PYTHONWARNINGS or -W: {option.strip()}), and Ray's own "
+                "deprecation warnings then stop it: unset PYTHONWARNINGS, or narrow the filter to your "
+                "own module (error::DeprecationWarning:mypackage), and run again"
+            )
+
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+PROXY_VARIABLES = (
+    "http_proxy",
+    "https_proxy",
+    "all_proxy",
+    "grpc_proxy",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "ALL_PROXY",
+)
+
+
+def bypass_proxy(*hosts: str) -> None:
+    """Where a proxy is set (PROXY_VARIABLES), add loopback and `hosts` (the node's own address) to
+    no_proxy and NO_PROXY, for this process and the local cluster's, which inherit them. A proxy set for
+    the internet, as on hospital and HPC login nodes, had taken the Serve replicas' gRPC calls to each other
+    and `cxr predict`'s loopback requests: `cxr serve` said "serving" and never answered /readyz, and took
+    6 minutes to stop (a review, session 54). Both spellings get the entries of both, as Python's
+    urllib reads the lower-case one alone where both are set."""
+    if not any(os.environ.get(name) for name in PROXY_VARIABLES):
+        return
+    present = [
+        entry.strip()
+        for name in ("no_proxy", "NO_PROXY")
+        for entry in os.environ.get(name, "").split(",")
+        if entry.strip()
+    ]
+    if "*" in present:
+        return
+    entries = list(dict.fromkeys([*present, *LOCAL_HOSTS, *(host for host in hosts if host)]))
+    os.environ["no_proxy"] = os.environ["NO_PROXY"] = ",".join(entries)
+
+
 def _join(address: str, source: str, cluster_logs: bool = True) -> None:
     """`ray.init` of the running cluster at `address` (given by `source`), its failures as one line that says
     what to check: the address's kind, the cluster being up, the token."""
@@ -332,6 +396,7 @@ def _join(address: str, source: str, cluster_logs: bool = True) -> None:
             f"{source} {address}: that is the dashboard's and job API's HTTP address (`ray job submit "
             "--address`); a driver joins the cluster at its GCS address, HOST:6379"
         )
+    _check_reachable(address, source)
     token = (
         "a cluster with token authentication (`RAY_AUTH_MODE=token`, as cxr's manifests start theirs) "
         "needs RAY_AUTH_MODE=token here too, and its token in RAY_AUTH_TOKEN or ~/.ray/auth_token (from "
@@ -344,6 +409,36 @@ def _join(address: str, source: str, cluster_logs: bool = True) -> None:
     except ConnectionError as exc:
         raise ConfigError(
             f"{source} {address}: {exc}; is the cluster up there, and this client's token its token? {token}"
+        ) from None
+
+
+GCS_PROBE_TIMEOUT_S = 5.0
+"""How long a cluster's address may take to accept a connection before it is called unreachable."""
+
+
+def _check_reachable(address: str, source: str) -> None:
+    """Refuse, in one line, a HOST:PORT nothing answers at, before `ray.init`, which tried it 20 times,
+    about 40 s each, and said so after 13 min 46 s (a stale RAY_ADDRESS, a review, session 54). Other
+    forms (`auto`, `ray://`, `local`) are left to Ray."""
+    from cxrcore.config import ConfigError
+
+    if "://" in address or ":" not in address or address in ("auto", "local"):
+        return
+    host, _, port = address.rpartition(":")
+    if not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=GCS_PROBE_TIMEOUT_S).close()
+    except OSError as exc:
+        unset = " (unset RAY_ADDRESS to start a local cluster instead)" if source == "RAY_ADDRESS" else ""
+        reason = (
+            f"no answer within {GCS_PROBE_TIMEOUT_S:.0f} s"
+            if isinstance(exc, TimeoutError)
+            else (exc.strerror or str(exc))
+        )
+        raise ConfigError(
+            f"{source} {address}: no Ray cluster reachable there ({reason}); is the cluster up, and its "
+            f"head's GCS port (6379 by default) open to this machine?{unset}"
         ) from None
 
 
@@ -361,6 +456,9 @@ def _start_local(logical: int, object_store_memory: int | None) -> None:
 
     check_local_resources()
     make_private_token()  # before Ray writes one readable by every user of the machine
+    from ray.util import get_node_ip_address
+
+    bypass_proxy(get_node_ip_address())  # the replicas' gRPC to each other, the State API, on this node
     for attempt in range(1, DASHBOARD_PORT_ATTEMPTS + 1):
         port = _free_port(DASHBOARD_PORT if attempt == 1 else 0)
         try:
@@ -421,10 +519,34 @@ training run went through. Ray raises the soft limit to the hard one itself."""
 
 
 def ray_temp_folder() -> str:
-    """Where a local Ray cluster keeps its session folders: RAY_TMPDIR, else the system's temporary folder."""
-    import tempfile
+    """Where a local Ray cluster keeps its session folders, as Ray 2.60 chooses it: RAY_TMPDIR, else TMPDIR
+    (on Linux, whether or not it exists: Ray makes it), else /tmp."""
+    return os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
 
-    return os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()
+
+SOCKET_PATH_BYTES = 107
+"""The longest Unix socket path Linux takes (sun_path's 108 bytes, less the closing NUL)."""
+LONGEST_RAY_SOCKET = "ray/session_2026-12-06_08-44-18_123456_{pid}/sockets/dash_TaskEventsHead"
+"""The longest socket path of a Ray 2.60 local cluster, below its temporary folder: the session (its start
+to the microsecond, and the starting process's pid) and the dashboard's longest module socket."""
+
+
+def check_socket_paths(folder: str | None = None) -> None:
+    """Refuse, in one line, a temporary folder too long for the local cluster's Unix sockets: Ray failed
+    with a 38-line traceback (`AF_UNIX path length cannot exceed 107 bytes`) where TMPDIR had 68 characters,
+    and where it had 40, Ray's own check passed, the dashboard failed to start after 60 s, and 69 lines
+    followed (a review, session 54: HPC job folders are often this long)."""
+    from cxrcore.config import ConfigError
+
+    folder = (folder or ray_temp_folder()).rstrip("/")
+    longest = f"{folder}/{LONGEST_RAY_SOCKET.format(pid=os.getpid())}"
+    if len(longest.encode()) > SOCKET_PATH_BYTES:
+        raise ConfigError(
+            f"Ray's local cluster keeps its sockets below {folder} (RAY_TMPDIR, else TMPDIR), which makes "
+            f"paths of {len(longest.encode())} bytes where Linux takes {SOCKET_PATH_BYTES}: point RAY_TMPDIR "
+            f"at a folder of {len(folder.encode()) - (len(longest.encode()) - SOCKET_PATH_BYTES)} characters "
+            "or fewer (for example RAY_TMPDIR=/tmp/ray-$USER) and run again"
+        )
 
 
 def check_local_resources() -> None:
@@ -435,6 +557,7 @@ def check_local_resources() -> None:
     from cxrcore.config import ConfigError
 
     folder = ray_temp_folder()
+    check_socket_paths(folder)
     try:  # a folder not there yet: Ray makes it, on the disk of the nearest one that is
         free = shutil.disk_usage(existing_folder(folder)).free
     except OSError:
@@ -483,19 +606,34 @@ def make_private_token(path: Path | None = None) -> None:
     given by RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH, or a token file already there."""
     import secrets
 
+    from cxrcore.config import ConfigError
+
     if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled" or any(
         os.environ.get(name) for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
     ):
         return
-    token = path or Path.home() / ".ray" / "auth_token"
+    advice = (
+        "set HOME to a folder this user can write, or RAY_AUTH_TOKEN to a token of your own (`export "
+        "RAY_AUTH_TOKEN=$(openssl rand -hex 32)`), and run again"
+    )
+    try:
+        token = path or Path.home() / ".ray" / "auth_token"
+    except RuntimeError:  # HOME unset, and a user with no passwd entry (a container's random UID)
+        raise ConfigError(
+            f"this user (uid {os.getuid()}) has no home folder (HOME is not set, and the system names none), "
+            f"where Ray keeps the local cluster's token (~/.ray/auth_token): {advice}"
+        ) from None
     try:
         token.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         descriptor = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
         keep_token_private(token)
         return
-    except OSError:  # a home folder this process cannot write: Ray says so itself
-        return
+    except OSError as exc:  # a home folder this process cannot write: Ray failed there, naming no fix
+        raise ConfigError(
+            f"Ray keeps the local cluster's token in {token}, and {exc.filename or token.parent}: "
+            f"{exc.strerror or exc}: {advice}"
+        ) from None
     with os.fdopen(descriptor, "w") as stream:
         stream.write(secrets.token_hex(32))
 
@@ -504,12 +642,12 @@ def keep_token_private(path: Path | None = None) -> None:
     """Make the token file Ray 2.60 writes for a new local cluster (`~/.ray/auth_token`, created with the
     process's umask: -rw-r--r--) readable by its owner alone. Readable by every user of the machine, it let
     any of them submit jobs, as this user, to the cluster's job API on loopback."""
-    token = path or Path.home() / ".ray" / "auth_token"
     try:
+        token = path or Path.home() / ".ray" / "auth_token"
         info = token.stat()
         if info.st_uid == os.getuid() and info.st_mode & 0o077:
             token.chmod(0o600)
-    except OSError:  # none (token auth off), or not ours to change: left as it is
+    except (OSError, RuntimeError):  # none (token auth off, no home folder), or not ours: left as it is
         pass
 
 
@@ -611,10 +749,18 @@ def local_serve_environment() -> dict[str, str]:
         "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(2 * MAX_IMAGE_PIXELS),
         "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": LOG_BUFFER_SIZE,
     }
-    if haproxy_binary() is None:
+    if haproxy_binary() is None or os.environ.get("RAY_SERVE_ENABLE_HA_PROXY", "").strip() == "0":
         return throughput
+    try:
+        folder = haproxy_folder()
+    except OSError as exc:  # /tmp read-only (an HPC node, a container): every command had been refused
+        log.warning(
+            "HAProxy's folder %s cannot be made (%s): Serve uses its Python proxy; to put HAProxy in front, "
+            "set RAY_SERVE_HAPROXY_CONFIG_FILE_LOC to a file in a writable folder of under 40 characters",
+            exc.filename or HAPROXY_FOLDER.format(uid=os.getuid()), exc.strerror or exc,
+        )  # fmt: skip
+        return {**throughput, "RAY_SERVE_ENABLE_HA_PROXY": "0"}
     stats, metrics, fallback_http, fallback_grpc = _listener_ports(4)
-    folder = haproxy_folder()
     return {
         **throughput,
         **haproxy_paths(folder),

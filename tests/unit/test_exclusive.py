@@ -181,6 +181,7 @@ def test_the_library_calls_start_cxrs_ray_themselves_once_they_hold_the_output(
     monkeypatch.setattr(runtime, "init_ray", init_ray)
     checked: list[str] = []  # the dataset is checked before Ray's start too: "d" is none, and passes here
     monkeypatch.setattr(trainer, "check_dataset", lambda data: checked.append(data))
+
     def preflight(config: TuneConfig) -> tuple[dict[str, str], list[dict[str, object]]]:
         checked.append(config.data)
         return {"fingerprint": "f"}, []  # the report and plan; the experiment's settings are recorded then

@@ -1,0 +1,144 @@
+"""cxr where the environment is not a tidy laptop's: containers and HPC nodes (a review, session 54).
+
+Each case ended in a traceback, a hang or a server that never answered; each is now one line that says
+what to change, or works. No Ray is started here: each check runs before Ray would."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from cxrcore.config import ConfigError
+
+
+def test_a_proxy_for_the_internet_is_bypassed_for_this_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With http_proxy set and no no_proxy, the Serve replicas' gRPC calls to each other and `cxr predict`'s
+    loopback requests went to the proxy: `cxr serve` said "serving" and never answered /readyz."""
+    from cxrcore.runtime import PROXY_VARIABLES, bypass_proxy
+
+    for name in (*PROXY_VARIABLES, "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    bypass_proxy("10.1.2.3")
+    assert "no_proxy" not in __import__("os").environ  # no proxy: nothing to bypass
+    monkeypatch.setenv("https_proxy", "http://proxy.example:3128")
+    monkeypatch.setenv("NO_PROXY", "pacs.example, .internal")  # the user's own, upper-case only
+    bypass_proxy("10.1.2.3")
+    import os
+
+    expected = "pacs.example,.internal,127.0.0.1,localhost,::1,10.1.2.3"
+    assert os.environ["no_proxy"] == os.environ["NO_PROXY"] == expected  # both, as urllib reads lower first
+    bypass_proxy("10.1.2.3")
+    assert os.environ["no_proxy"] == expected  # once
+    import urllib.request
+
+    assert urllib.request.proxy_bypass_environment("127.0.0.1") and urllib.request.proxy_bypass_environment(
+        "pacs.example"
+    )
+    monkeypatch.setenv("no_proxy", "*")
+    monkeypatch.setenv("NO_PROXY", "*")
+    bypass_proxy("10.1.2.3")
+    assert os.environ["no_proxy"] == "*"
+
+
+def test_a_temporary_folder_too_long_for_rays_sockets_is_refused_in_one_line() -> None:
+    from cxrcore.runtime import SOCKET_PATH_BYTES, check_socket_paths
+
+    check_socket_paths("/tmp")
+    check_socket_paths("/scratch/job-1234567")
+    long = "/scratch/users/radiology-ai/jobs/1234567"
+    with pytest.raises(
+        ConfigError, match=r"point RAY_TMPDIR at a folder of \d+ characters or fewer"
+    ) as raised:
+        check_socket_paths(long)
+    assert f"where Linux takes {SOCKET_PATH_BYTES}" in str(raised.value) and "\n" not in str(raised.value)
+    fits = int(str(raised.value).split("a folder of ")[1].split(" ")[0])
+    check_socket_paths("/" + "x" * (fits - 1))  # the length it names does fit
+    with pytest.raises(ConfigError):
+        check_socket_paths("/" + "x" * fits)
+
+
+def test_no_home_folder_or_a_read_only_one_is_said_with_the_way_round_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A random UID with HOME unset (an OpenShift-style container) had crashed with "Could not determine
+    home directory", and a read-only HOME said only "Read-only file system"."""
+    from cxrcore.registry import ModelRegistry
+    from cxrcore.runtime import keep_token_private, make_private_token
+
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+
+    def no_home() -> Path:
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(Path, "home", staticmethod(no_home))
+    with pytest.raises(ConfigError, match=r"has no home folder .* set HOME to a folder this user can write"):
+        make_private_token()
+    keep_token_private()  # nothing to close, and no traceback
+    assert ModelRegistry(tmp_path / "reg").versions() == []  # a local registry needs no cache folder
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "0" * 64)
+    make_private_token()  # the way round it: the token given
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    blocked = tmp_path / "file"
+    blocked.write_text("")  # a "home" where no folder can be made
+    with pytest.raises(ConfigError, match=r"RAY_AUTH_TOKEN to a token of your own"):
+        make_private_token(blocked / ".ray" / "auth_token")
+
+
+def test_an_address_nothing_answers_at_is_refused_in_seconds_not_minutes() -> None:
+    """A stale RAY_ADDRESS: ray.init tried it 20 times, about 40 s each, and said so after 13 min 46 s."""
+    from cxrcore.runtime import _check_reachable
+
+    with socket.socket() as probe:  # a port nothing listens on once this closes
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=r"no Ray cluster reachable there .*unset RAY_ADDRESS"):
+        _check_reachable(f"127.0.0.1:{port}", "RAY_ADDRESS")
+    assert time.monotonic() - started < 10
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        _check_reachable(f"127.0.0.1:{listening.getsockname()[1]}", "--address")  # up: passes
+    _check_reachable("auto", "RAY_ADDRESS")  # left to Ray
+    _check_reachable("ray://head:10001", "--address")
+
+
+def test_warnings_made_errors_everywhere_are_refused_before_ray(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cxrcore.runtime import check_warnings_not_errors
+
+    with pytest.raises(ConfigError, match=r"^warnings are errors here \(PYTHONWARNINGS or -W: error\)"):
+        check_warnings_not_errors(["error"])
+    for narrow in (["ignore"], ["error::DeprecationWarning:mypackage"], ["error::RuntimeWarning"], []):
+        check_warnings_not_errors(narrow)
+    monkeypatch.setenv("PYTHONWARNINGS", "default,error")
+    with pytest.raises(ConfigError):
+        check_warnings_not_errors()
+
+
+def test_a_tmp_that_cannot_be_written_leaves_serve_on_its_python_proxy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """/tmp read-only (TMPDIR on scratch): every command that starts Ray, an ingest too, had been refused
+    for HAProxy's folder; and RAY_SERVE_ENABLE_HA_PROXY=0 had not spared it."""
+    import cxrcore.runtime as runtime
+
+    binary = tmp_path / "haproxy"
+    binary.write_text("#!/bin/sh\n")
+    binary.chmod(0o755)
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", str(binary))
+    monkeypatch.delenv("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", raising=False)
+    monkeypatch.setattr(runtime, "_haproxy_folder_used", None)
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    monkeypatch.setattr(runtime, "HAPROXY_FOLDER", str(blocked / "haproxy-serve-{uid}"))
+    env = runtime.local_serve_environment()
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "0" and env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+    assert "Serve uses its Python proxy" in caplog.text
+    monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "0")
+    monkeypatch.setattr(runtime, "HAPROXY_FOLDER", str(tmp_path / "haproxy-serve-{uid}"))
+    runtime.local_serve_environment()
+    assert not list(tmp_path.glob("haproxy-serve-*"))  # HAProxy off: no folder made for it
