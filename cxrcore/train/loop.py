@@ -240,7 +240,9 @@ def run_training(loop_config: dict[str, Any], session: TrainSession) -> None:
         seed = epoch_seed(config.seed, rank, epoch)
         torch.manual_seed(seed)
         generator.manual_seed(seed)
-        shuffle = {"local_shuffle_buffer_size": batch_size * 8, "local_shuffle_seed": seed}
+        # data in memory: the worker's whole share where it fits (trainer.SHUFFLE_BYTES); else 8 batches
+        buffer = max(batch_size * 8, int(loop_config.get("shuffle_rows") or 0))
+        shuffle = {"local_shuffle_buffer_size": buffer, "local_shuffle_seed": seed}
         kept: list[Batch] = []  # the first training batches, reused to recompute BatchNorm statistics
         trained = run_epoch(
             model,
