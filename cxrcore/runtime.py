@@ -337,7 +337,7 @@ def check_warnings_not_errors(options: list[str] | None = None) -> None:
     given = list(sys.warnoptions) if options is None else options
     if options is None:
         given += [part for part in os.environ.get("PYTHONWARNINGS", "").split(",") if part.strip()]
-    broad = ("", "warning", "deprecationwarning", "pendingdeprecationwarning", "futurewarning")
+    broad = ("", "warning", "deprecationwarning")  # Ray's are DeprecationWarnings (pydantic's subclass too)
     for option in given:
         fields = [*option.strip().split(":"), "", "", ""]
         action, category, module = fields[0].strip().lower(), fields[2].strip(), fields[3].strip()

@@ -18,6 +18,7 @@ from cxrcore.data.batches import AugmentConfig
 from cxrcore.labels import CLASSES
 from cxrcore.metrics import KEEP_SCORE, STOPPED_EARLY, best_by_validation, keep_score
 from cxrcore.models.registry import unwrap
+from cxrcore.plan import epoch_steps
 from cxrcore.train.engine import (
     Batch,
     EpochResult,
@@ -449,17 +450,6 @@ def _gather(result: EpochResult, world: int) -> dict[str, Any]:
     gathered: list[Any] = [None] * world
     torch.distributed.all_gather_object(gathered, result)
     return combine(gathered)
-
-
-def epoch_steps(rows: int, batch_size: int) -> int:
-    """Optimizer steps in an epoch of `rows` per worker: a last batch of one image is not trained on
-    (`run_epoch`). The schedule had been planned for ceil(train rows / (batch × workers)) steps, one more
-    than two workers run on 73 rows at batch 4 (36 each: 9), so its cosine never reached 0.
-
-    >>> epoch_steps(36, 4), epoch_steps(37, 4), epoch_steps(38, 4), epoch_steps(3, 4), epoch_steps(1, 4)
-    (9, 9, 10, 1, 1)
-    """
-    return max(1, rows // batch_size + (rows % batch_size > 1))
 
 
 def _at_most(batches: Iterable[Batch], rows: int | None) -> Iterator[Batch]:

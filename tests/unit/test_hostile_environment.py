@@ -112,7 +112,10 @@ def test_warnings_made_errors_everywhere_are_refused_before_ray(monkeypatch: pyt
 
     with pytest.raises(ConfigError, match=r"^warnings are errors here \(PYTHONWARNINGS or -W: error\)"):
         check_warnings_not_errors(["error"])
-    for narrow in (["ignore"], ["error::DeprecationWarning:mypackage"], ["error::RuntimeWarning"], []):
+    for narrow in (
+        ["ignore"], ["error::DeprecationWarning:mypackage"], ["error::RuntimeWarning"], [],
+        ["error::FutureWarning"], ["error::PendingDeprecationWarning"],  # Ray runs with these (a verifier)
+    ):  # fmt: skip
         check_warnings_not_errors(narrow)
     monkeypatch.setenv("PYTHONWARNINGS", "default,error")
     with pytest.raises(ConfigError):
