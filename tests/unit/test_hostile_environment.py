@@ -5,6 +5,7 @@ what to change, or works. No Ray is started here: each check runs before Ray wou
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from pathlib import Path
@@ -22,12 +23,10 @@ def test_a_proxy_for_the_internet_is_bypassed_for_this_machine(monkeypatch: pyte
     for name in (*PROXY_VARIABLES, "no_proxy", "NO_PROXY"):
         monkeypatch.delenv(name, raising=False)
     bypass_proxy("10.1.2.3")
-    assert "no_proxy" not in __import__("os").environ  # no proxy: nothing to bypass
+    assert "no_proxy" not in os.environ  # no proxy: nothing to bypass
     monkeypatch.setenv("https_proxy", "http://proxy.example:3128")
     monkeypatch.setenv("NO_PROXY", "pacs.example, .internal")  # the user's own, upper-case only
     bypass_proxy("10.1.2.3")
-    import os
-
     expected = "pacs.example,.internal,127.0.0.1,localhost,::1,10.1.2.3"
     assert os.environ["no_proxy"] == os.environ["NO_PROXY"] == expected  # both, as urllib reads lower first
     bypass_proxy("10.1.2.3")
