@@ -11,12 +11,14 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from tests.http_client import HTTP
+
 T = TypeVar("T")
 
 
 def scrape(url: str) -> list[Sample]:
     """Every sample on the endpoint (names as exported: `ray_` prefix, `_total`/`_bucket` suffixes)."""
-    text = httpx.get(url, timeout=5).text
+    text = HTTP.get(url, timeout=5).text
     return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
 
 

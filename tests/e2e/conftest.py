@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from cxrcore.runtime import local_serve_environment
+from tests.http_client import HTTP
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).parents[2]
@@ -212,7 +213,7 @@ def head_node(
         wait_until(
             lambda: (
                 process.poll() is None
-                and httpx.get(f"{address}/api/version", headers=headers, timeout=2).status_code == 200
+                and HTTP.get(f"{address}/api/version", headers=headers, timeout=2).status_code == 200
             ),
             timeout=90,
             what="the Ray dashboard to answer",

@@ -23,12 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from cxrcore.metrics import best_by_validation, within_one_image
 from cxrcore.registry import ModelRegistry
 from tests.e2e.conftest import BIN, wait_until
+from tests.http_client import HTTP
 from tests.processes import command_line, live_processes, read_proc
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.faults]
@@ -99,7 +99,7 @@ class Command:
 
 def alive_actors(dashboard: str, token: str, class_name: str) -> list[dict[str, Any]]:
     """The live actors of a class (pid, node_id...), from the State API of a Ray dashboard (its REST form)."""
-    response = httpx.get(
+    response = HTTP.get(
         f"{dashboard}/api/v0/actors",
         params={
             "filter_keys": ["class_name", "state"],

@@ -28,6 +28,7 @@ from cxrcore.data.transforms import scale_to_uint8
 from cxrcore.registry import ModelRegistry
 from tests.e2e.conftest import RayCluster, deploy_shipped_config, wait_until
 from tests.e2e.uploads import chest, png_bytes, write_checkpoint
+from tests.http_client import HTTP
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.faults]
 APP = "cxr"
@@ -55,7 +56,7 @@ class App:
 
     def details(self) -> dict[str, Any]:
         """The app as `serve status` shows it (the dashboard's Serve REST API)."""
-        response = httpx.get(
+        response = HTTP.get(
             f"{self.cluster.address}/api/serve/applications/",
             headers={"Authorization": f"Bearer {self.cluster.token}"},
             timeout=10,
@@ -101,7 +102,7 @@ def app(ray_cluster: RayCluster, tmp_path_factory: pytest.TempPathFactory) -> It
         )
         yield served
     finally:
-        httpx.delete(
+        HTTP.delete(
             f"{ray_cluster.address}/api/serve/applications/",
             headers={"Authorization": f"Bearer {ray_cluster.token}"},
             timeout=60,

@@ -7,19 +7,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.e2e.conftest import BIN, CHATTER, RayCluster
+from tests.http_client import HTTP
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).parents[2]
 
 
 def test_dashboard_requires_the_token(ray_cluster: RayCluster) -> None:
-    assert httpx.get(f"{ray_cluster.address}/api/version", timeout=5).status_code == 401
+    assert HTTP.get(f"{ray_cluster.address}/api/version", timeout=5).status_code == 401
     headers = {"Authorization": f"Bearer {ray_cluster.token}"}
-    assert httpx.get(f"{ray_cluster.address}/api/version", headers=headers, timeout=5).status_code == 200
+    assert HTTP.get(f"{ray_cluster.address}/api/version", headers=headers, timeout=5).status_code == 200
 
 
 def test_pipeline_job_runs_on_the_cluster(ray_cluster: RayCluster, tmp_path: Path) -> None:

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from cxrcore.registry import ModelRegistry
@@ -38,6 +37,7 @@ from tests.e2e.conftest import (
 from tests.e2e.test_faults import Command, LocalRay, alive_actors, cards, check_resumed_run, synthetic_dataset
 from tests.e2e.test_faults_serve import ARGS, REPLICAS, App, Load, percentiles, replica_log
 from tests.e2e.uploads import write_checkpoint
+from tests.http_client import HTTP
 from tests.processes import session_of
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.faults]
@@ -72,7 +72,7 @@ class WorkerNode:
 
 def node_states(cluster: RayCluster) -> dict[str, str]:
     """Node id → ALIVE or DEAD, from the head's State API."""
-    response = httpx.get(
+    response = HTTP.get(
         f"{cluster.address}/api/v0/nodes",
         headers={"Authorization": f"Bearer {cluster.token}"},
         timeout=10,
@@ -336,7 +336,7 @@ def test_a_worker_node_lost_under_serve_load_keeps_answering(
             )
         api_log = replica_log(api)
     finally:
-        httpx.delete(
+        HTTP.delete(
             f"{head.address}/api/serve/applications/",
             headers={"Authorization": f"Bearer {head.token}"},
             timeout=60,

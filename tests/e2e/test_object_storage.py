@@ -20,12 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import pyarrow.fs as pafs
 import pytest
 
 from tests.e2e.conftest import BIN, CHATTER, ObjectStorage, RayCluster, free_port, wait_until
+from tests.http_client import HTTP
 
 pytest.importorskip("moto.server", reason="needs moto[server] (the dev extra)")
 
@@ -251,17 +251,17 @@ def test_tune_registers_portable_cards_then_serves_from_s3(storage: Storage, dat
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until(
-            lambda: process.poll() is None and httpx.get(f"{url}/readyz", timeout=5).status_code == 200,
+            lambda: process.poll() is None and HTTP.get(f"{url}/readyz", timeout=5).status_code == 200,
             timeout=240,
             what="`cxr serve` from the S3 registry to become ready",
         )
         png = next((storage.root / "raw").rglob("*.png")).read_bytes()
-        response = httpx.post(f"{url}/v1/predict", files={"file": ("x.png", png, "image/png")}, timeout=60)
+        response = HTTP.post(f"{url}/v1/predict", files={"file": ("x.png", png, "image/png")}, timeout=60)
         assert response.status_code == 200, response.text
         body = response.json()
         assert body["model"]["ref"] == "tiny_dual_cnn:1" and len(body["probabilities"]) == 4
         assert abs(sum(body["probabilities"].values()) - 1) < 1e-4
-        served = httpx.get(f"{url}/v1/model", timeout=10).json()
+        served = HTTP.get(f"{url}/v1/model", timeout=10).json()
         assert served["card"]["segmenter"] == "…/tiny_unet/v1"  # the bucket's card, by its last components
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=90)

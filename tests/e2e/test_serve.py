@@ -51,6 +51,7 @@ from tests.e2e.uploads import (
     write_registry,
     xray_dicom,
 )
+from tests.http_client import HTTP
 from tests.processes import command_line, group_of, listening, wait_until_gone
 from tests.scrape import scrape, total, wait_for
 
@@ -90,7 +91,7 @@ class Server:
 
     def details(self) -> dict[str, Any]:
         """The app's status from the dashboard's Serve REST API (what `serve status` shows)."""
-        response = httpx.get(f"{self.cluster.address}/api/serve/applications/", headers=_auth(self.cluster))
+        response = HTTP.get(f"{self.cluster.address}/api/serve/applications/", headers=_auth(self.cluster))
         response.raise_for_status()
         app: dict[str, Any] = response.json()["applications"].get(APP, {})
         return app
@@ -101,7 +102,7 @@ class Server:
 
     def deploy(self, config: dict[str, Any]) -> None:
         """What `serve deploy` does: PUT the config to the dashboard."""
-        response = httpx.put(
+        response = HTTP.put(
             f"{self.cluster.address}/api/serve/applications/",
             json=config,
             headers=_auth(self.cluster),
@@ -110,7 +111,7 @@ class Server:
         assert response.status_code == 200, response.text
 
     def predict(self, data: bytes, content_type: str = "image/png", **params: Any) -> httpx.Response:
-        return httpx.post(
+        return HTTP.post(
             f"{self.url}/v1/predict",
             content=data,
             headers={"content-type": content_type},
@@ -166,9 +167,7 @@ def server(
 
 
 def _post(url: str) -> httpx.Response:
-    return httpx.post(
-        f"{url}/v1/predict", content=GOOD_PNG, headers={"content-type": "image/png"}, timeout=60
-    )
+    return HTTP.post(f"{url}/v1/predict", content=GOOD_PNG, headers={"content-type": "image/png"}, timeout=60)
 
 
 def test_cxr_serve_runs_in_the_foreground_and_stops_cleanly(registry: Path, scratch: Path) -> None:
@@ -201,11 +200,11 @@ def test_cxr_serve_runs_in_the_foreground_and_stops_cleanly(registry: Path, scra
     try:
         url = f"http://127.0.0.1:{port}"
         wait_until(
-            lambda: process.poll() is None and httpx.get(f"{url}/readyz", timeout=5).status_code == 200,
+            lambda: process.poll() is None and HTTP.get(f"{url}/readyz", timeout=5).status_code == 200,
             timeout=180,
             what="`cxr serve` to become ready",
         )
-        response = httpx.post(
+        response = HTTP.post(
             f"{url}/v1/predict", files={"file": ("x.png", GOOD_PNG, "image/png")}, timeout=60
         )
         assert response.status_code == 200, response.text
@@ -222,8 +221,8 @@ def test_cxr_serve_runs_in_the_foreground_and_stops_cleanly(registry: Path, scra
             timeout=60,
             what="`cxr serve` to print where it serves",
         )
-        without = httpx.get(f"{dashboard[1]}/api/version", timeout=5)
-        with_token = httpx.get(
+        without = HTTP.get(f"{dashboard[1]}/api/version", timeout=5)
+        with_token = HTTP.get(
             f"{dashboard[1]}/api/version", headers={"Authorization": f"Bearer {token}"}, timeout=5
         )
         assert (without.status_code, with_token.status_code) == (401, 200)
@@ -254,7 +253,7 @@ def test_cxr_serve_runs_in_the_foreground_and_stops_cleanly(registry: Path, scra
 
         def slow_client() -> None:
             headers = {"content-type": "image/png"}
-            answers.append(httpx.post(f"{url}/v1/predict", content=upload(), headers=headers, timeout=60))
+            answers.append(HTTP.post(f"{url}/v1/predict", content=upload(), headers=headers, timeout=60))
 
         slow = threading.Thread(target=slow_client)
         slow.start()
@@ -262,7 +261,7 @@ def test_cxr_serve_runs_in_the_foreground_and_stops_cleanly(registry: Path, scra
         assert _post(url).status_code == 200  # a request behind it went through: it has reached the ingress
         process.send_signal(signal.SIGTERM)
         wait_until(
-            lambda: httpx.get(f"{url}/readyz", timeout=5).status_code == 503, timeout=30, what="draining"
+            lambda: HTTP.get(f"{url}/readyz", timeout=5).status_code == 503, timeout=30, what="draining"
         )
         refused = _post(url)
         assert refused.status_code == 503 and refused.json()["error"] == "shutting_down"
@@ -283,7 +282,7 @@ def test_cxr_serve_runs_in_the_foreground_and_stops_cleanly(registry: Path, scra
     assert f"serving tiny_cnn_lstm (tiny_cnn_lstm:1) at http://127.0.0.1:{port}" in output
     assert "promoting another version later does not change what this server answers with" in output
     with pytest.raises(httpx.HTTPError):  # nothing, HAProxy included, listens on the port any more
-        httpx.get(f"{url}/healthz", timeout=2)
+        HTTP.get(f"{url}/healthz", timeout=2)
     assert wait_until_gone(str(ray_dir)) == []  # its Ray stopped with it
     # Where the token shows up, never the token itself: not printed, not in any of the session's files
     # (gcs, raylet, dashboard, Serve's controller, proxy and replicas, HAProxy's configuration).
@@ -296,10 +295,10 @@ def test_cxr_serve_runs_in_the_foreground_and_stops_cleanly(registry: Path, scra
 
 def test_app_composes_ingress_classifier_and_segmenter(server: Server) -> None:
     assert set(server.details()["deployments"]) == {"Api", "Classifier", "Segmenter"}
-    assert httpx.get(f"{server.url}/healthz").json() == {"status": "ok"}
-    ready = httpx.get(f"{server.url}/readyz").json()
+    assert HTTP.get(f"{server.url}/healthz").json() == {"status": "ok"}
+    ready = HTTP.get(f"{server.url}/readyz").json()
     assert ready["status"] == "ready" and ready["model"]["ref"] == PRODUCTION
-    model = httpx.get(f"{server.url}/v1/model").json()
+    model = HTTP.get(f"{server.url}/v1/model").json()
     # The weights that answer, as the registry recorded them when it stored the version: a prediction
     # kept in a hospital's records traces back to one file.
     weights = Path(ModelRegistry(server.registry).local_checkpoint(PRODUCTION)) / "model.safetensors"
@@ -330,11 +329,11 @@ def test_app_composes_ingress_classifier_and_segmenter(server: Server) -> None:
     sweep = model["forward_sweep"]
     assert set(sweep["images_per_s"]) == {"1", "2", "4", "8"} and sweep["rounds"] >= 1
     assert model["forward_batch_size"] == sweep["best"] in (1, 2, 4, 8)
-    openapi = httpx.get(f"{server.url}/openapi.json").json()
+    openapi = HTTP.get(f"{server.url}/openapi.json").json()
     assert "multipart/form-data" in openapi["paths"]["/v1/predict"]["post"]["requestBody"]["content"]
-    docs = httpx.get(f"{server.url}/docs")
+    docs = HTTP.get(f"{server.url}/docs")
     assert docs.status_code == 200 and "http://" not in docs.text and "https://" not in docs.text  # offline
-    assert httpx.get(f"{server.url}/docs-assets/swagger-ui-bundle.js").status_code == 200
+    assert HTTP.get(f"{server.url}/docs-assets/swagger-ui-bundle.js").status_code == 200
 
 
 FORMATS = {
@@ -362,7 +361,7 @@ def test_every_format_predicts_exactly_what_the_offline_predictor_does(
     data, content_type = FORMATS[name]
     if multipart:
         files = {"file": (f"upload.{name.split('-')[0]}", data, content_type)}
-        response = httpx.post(f"{server.url}/v1/predict", files=files, timeout=60)
+        response = HTTP.post(f"{server.url}/v1/predict", files=files, timeout=60)
     else:
         response = server.predict(data, content_type)
     assert response.status_code == 200, response.text
@@ -384,7 +383,7 @@ def test_real_xrays_predict_what_the_offline_predictor_does(server: Server, real
     ]
     assert files
     for path in files:
-        response = httpx.post(
+        response = HTTP.post(
             f"{server.url}/v1/predict", files={"file": (path.name, path.read_bytes())}, timeout=60
         )
         assert response.status_code == 200, (path, response.text)
@@ -447,7 +446,7 @@ BAD_INPUTS = {
 @pytest.mark.parametrize("name", list(BAD_INPUTS))
 def test_bad_input_gets_its_status_and_a_json_error_then_serving_goes_on(server: Server, name: str) -> None:
     request, status, error = BAD_INPUTS[name]
-    response = httpx.post(f"{server.url}/v1/predict", timeout=60, **request)
+    response = HTTP.post(f"{server.url}/v1/predict", timeout=60, **request)
     assert response.status_code == status, response.text
     body = response.json()
     assert body["error"] == error and body["detail"]
@@ -462,7 +461,7 @@ def test_predictions_errors_latency_and_batches_reach_the_metrics_endpoint(serve
     assert len(labels) == 1  # the same image twice
     errors = [BAD_INPUTS[name] for name in ("text", "garbage", "too-large")]
     for request, status, _ in errors:
-        assert httpx.post(f"{server.url}/v1/predict", timeout=60, **request).status_code == status
+        assert HTTP.post(f"{server.url}/v1/predict", timeout=60, **request).status_code == status
     expected = [
         ("ray_cxr_predictions_total", {**model, "label": labels.pop()}, 2),
         ("ray_cxr_predict_latency_ms_count", {**model, "explain": "false"}, 2),
@@ -556,7 +555,7 @@ def test_model_swap_in_place_without_failed_requests(server: Server) -> None:
     before = server.replicas("Classifier")
 
     def serving(ref: str) -> bool:
-        return bool(httpx.get(f"{server.url}/v1/model", timeout=10).json()["model"]["ref"] == ref)
+        return bool(HTTP.get(f"{server.url}/v1/model", timeout=10).json()["model"]["ref"] == ref)
 
     with Load(server, clients=3) as load:
         # The same `args` with a new classifier `user_config`: a lightweight update, as `serve deploy`
@@ -575,7 +574,7 @@ def test_model_swap_in_place_without_failed_requests(server: Server) -> None:
         ]
         server.deploy(broken)  # a folder that is not there: the serving model stays
         failed = wait_until(
-            lambda: re.search("nope", httpx.get(f"{server.url}/v1/model").json()["swap_error"] or ""),
+            lambda: re.search("nope", HTTP.get(f"{server.url}/v1/model").json()["swap_error"] or ""),
             timeout=60,
             what="the classifier to report the failed swap",
         )
@@ -588,7 +587,7 @@ def test_model_swap_in_place_without_failed_requests(server: Server) -> None:
     statuses = [status for status, _ in load.results]
     assert statuses and set(statuses) == {200}, [r for r in load.results if r[0] != 200][:5]
     assert {ref for _, ref in load.results} >= {PRODUCTION, "tiny_dual_cnn:2", "tiny_cnn_lstm:1"}
-    assert httpx.get(f"{server.url}/v1/model").json()["swap_error"] is None
+    assert HTTP.get(f"{server.url}/v1/model").json()["swap_error"] is None
     # Swapped in place: the replicas that served before still run (the load may have added one).
     assert set(before) <= set(server.replicas("Classifier"))
 
