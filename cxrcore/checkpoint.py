@@ -34,8 +34,6 @@ from cxrcore.labels import CLASSES
 CARD_NAME = "card.json"
 WEIGHTS_NAME = "model.safetensors"
 TRAIN_STATE_NAME = "train_state.pt"
-CHECKPOINT_CACHE = Path("~/.cache/cxr/checkpoints")
-"""Where checkpoints named by URI are copied to be loaded (see local_checkpoint_dir)."""
 BESIDE_WEIGHTS_PREFIX = "cxr."
 """Arrays stored in the weights file's metadata (the safetensors header's string map), not among its
 tensors: they travel and are checked (`weights_sha256`) with the weights, while any loader of the weights,
@@ -237,7 +235,9 @@ def local_checkpoint_dir(location: str | Path, cache_dir: str | Path | None = No
     if not storage.is_remote(location):
         return Path(storage.resolve(str(location))[1])
     try:
-        return storage.cached_copy(str(location), [CARD_NAME, WEIGHTS_NAME], cache_dir or CHECKPOINT_CACHE)
+        return storage.cached_copy(
+            str(location), [CARD_NAME, WEIGHTS_NAME], cache_dir or storage.cache_folder("checkpoints")
+        )
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"{location} is not a cxr checkpoint ({exc})") from exc
 

@@ -67,6 +67,7 @@ import pyarrow.fs as pafs
 
 from cxrcore import provenance
 from cxrcore.data.storage import (
+    cache_folder,
     cache_key,
     exists,
     file_sha256,
@@ -98,7 +99,6 @@ REPORT_NAME = "report"
 EVALUATIONS_NAME = "evaluations"
 """A version's folder of evaluations added after its registration (`add_evaluation`): one folder each,
 numbered, and EVALUATIONS_NAME.jsonl, the index of what each found, appended to."""
-DEFAULT_CACHE = Path("~/.cache/cxr/registry")
 _ALIAS = re.compile(r"[a-z][a-z0-9_-]*")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _VERSION_DIR = re.compile(r"v(\d+)")
@@ -201,14 +201,14 @@ class ModelRegistry:
         self.root = str(root)
         self._fs, self._path = resolve(self.root)
         self._local = isinstance(self._fs, pafs.LocalFileSystem)
-        self._cache_dir = Path(cache_dir or DEFAULT_CACHE)
+        self._cache_dir = Path(cache_dir) if cache_dir else None
 
     @property
     def _cache(self) -> Path:
         """Where a remote registry's versions are copied, `~` expanded when first needed: a local registry
         never is, and a container with no home folder (HOME unset, a user without a passwd entry) listed
         and showed versions only after a traceback (a review, session 54)."""
-        return self._cache_dir.expanduser()
+        return (self._cache_dir or cache_folder("registry")).expanduser()
 
     def __repr__(self) -> str:
         return f"ModelRegistry({self.root!r})"

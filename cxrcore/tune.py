@@ -909,15 +909,14 @@ def experiment_path(config: TuneConfig) -> str:
     return f"{config.out.rstrip('/')}/{config.name}"
 
 
-EXPERIMENT_CACHE = Path("~/.cache/cxr/experiments")
-"""Where an experiment on an object store has its reports written before they are copied there."""
-
-
 def _work_dir(config: TuneConfig) -> Path:
-    """The local folder the reports are written into: the experiment's own, or a cache folder for a URI."""
+    """The local folder the reports are written into: the experiment's own, or for a URI a cache folder
+    (`storage.cache_folder("experiments")`), where they are written before they are copied there."""
     if not storage.is_remote(config.out):
         return Path(experiment_path(config))
-    return EXPERIMENT_CACHE.expanduser().joinpath(*storage.cache_key(experiment_path(config)))
+    return (
+        storage.cache_folder("experiments").expanduser().joinpath(*storage.cache_key(experiment_path(config)))
+    )
 
 
 def _published(path: Path, work: Path, experiment: str) -> str:

@@ -69,6 +69,19 @@ def uri(filesystem: pafs.FileSystem, path: str) -> str:
     return scheme + path.lstrip("/")
 
 
+def cache_folder(kind: str) -> Path:
+    """cxr's cache of `kind` (checkpoints, registry, reports, experiments) on this machine: under
+    `$XDG_CACHE_HOME/cxr` where that is an absolute path (an HPC node's scratch space, a container's
+    volume), else `~/.cache/cxr`, `~` left for the caller to expand when it writes there.
+
+    >>> cache_folder("checkpoints").parts[-2:]
+    ('cxr', 'checkpoints')
+    """
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    # The XDG spec: a relative path is invalid and ignored.
+    return (Path(base) if os.path.isabs(base) else Path("~/.cache")) / "cxr" / kind
+
+
 def cache_key(location: str) -> list[str]:
     """Folders under a cache that keep locations apart: s3://bucket/reg → s3/bucket/reg."""
     parts = urlsplit(location)

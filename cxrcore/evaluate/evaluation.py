@@ -27,8 +27,6 @@ log = logging.getLogger(__name__)
 # A source needs this many test images before its own results mean anything.
 MIN_SOURCE_IMAGES = 10
 _LISTED_VERSIONS = 30
-REPORT_CACHE = Path("~/.cache/cxr/reports")
-"""Where a report bound for a URI is written before it is copied there (and kept, as a local copy)."""
 """An unknown --model lists at most this many of the registry's versions."""
 
 
@@ -102,7 +100,7 @@ def evaluate_checkpoint(config: EvaluateConfig) -> dict[str, Path]:
         out = Path(os.path.abspath(config.out))
         with storage.exclusive(str(out), "an evaluation", "another --out"):
             return _evaluate_into(out, config)
-    staging = REPORT_CACHE.expanduser().joinpath(*storage.cache_key(config.out))
+    staging = storage.cache_folder("reports").expanduser().joinpath(*storage.cache_key(config.out))
     with storage.exclusive(str(staging), "an evaluation", "another --out"):
         shutil.rmtree(staging, ignore_errors=True)
         paths = _evaluate(replace(config, out=str(staging)))

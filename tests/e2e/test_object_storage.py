@@ -147,13 +147,12 @@ def test_a_registry_on_s3_names_the_segmenter_by_its_place_in_the_registry(
 ) -> None:
     """A Tune run trains the dual-channel model with this machine's cached copy of the registered U-Net;
     the card registered records where the U-Net is in the registry, and loads from there anywhere."""
-    import cxrcore.checkpoint
     from cxrcore.data.storage import resolve, write_text
     from cxrcore.inference import Predictor
     from cxrcore.registry import ModelRegistry, RegistryError
     from tests.e2e.uploads import write_checkpoint
 
-    monkeypatch.setattr(cxrcore.checkpoint, "CHECKPOINT_CACHE", tmp_path / "checkpoints")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # the checkpoint cache: tmp_path/cxr/checkpoints
     registry = ModelRegistry(f"{S3}/unit-registry", cache_dir=tmp_path / "registry-cache")
     unet = registry.register(write_checkpoint(tmp_path / "unet", "tiny_unet", 0))
     cached = registry.local_checkpoint(unet.ref)
@@ -171,7 +170,7 @@ def test_a_registry_on_s3_names_the_segmenter_by_its_place_in_the_registry(
     assert predictor.segmenter is not None and predictor.segmenter.card.name == "tiny_unet"
     image = np.random.default_rng(0).integers(0, 255, (96, 96), dtype=np.uint8)
     assert predictor.predict_proba([image]).shape == (1, 4)
-    assert (tmp_path / "checkpoints/s3/cxr/unit-registry/tiny_unet/v1/model.safetensors").is_file()
+    assert (tmp_path / "cxr/checkpoints/s3/cxr/unit-registry/tiny_unet/v1/model.safetensors").is_file()
 
     # What a registration killed midway leaves on S3 (its claim marker, half the weights) is listed,
     # then freed down to a tombstone, and its number stays used.

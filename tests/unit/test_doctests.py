@@ -10,7 +10,8 @@ import pytest
 
 MODULES = (
     "cxrcore.bench", "cxrcore.bench.report", "cxrcore.checkpoint", "cxrcore.config", "cxrcore.data.ingest",
-    "cxrcore.data.layout", "cxrcore.data.spec", "cxrcore.data.split", "cxrcore.evaluate.comparison",
+    "cxrcore.data.layout", "cxrcore.data.spec", "cxrcore.data.split", "cxrcore.data.storage",
+    "cxrcore.evaluate.comparison",
     "cxrcore.evaluate.evaluation", "cxrcore.evaluate.external", "cxrcore.evaluate.paired",
     "cxrcore.evaluate.report", "cxrcore.inference", "cxrcore.metrics", "cxrcore.models.pretrained",
     "cxrcore.models.registry", "cxrcore.plan", "cxrcore.runtime", "cxrcore.summaries", "cxrcore.tables",

@@ -269,6 +269,16 @@ def test_remote_registry_downloads_a_cached_copy(
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in original.state_dict().items())
 
 
+def test_a_remote_registrys_copies_go_under_xdg_cache_home_where_it_is_set(
+    tmp_path: Path, checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An HPC node's home is small and its scratch space is named by XDG_CACHE_HOME: the copies go there."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "scratch"))
+    registry = ModelRegistry(remote_root(tmp_path, monkeypatch))
+    registry.register(checkpoint)
+    assert registry.local_checkpoint(f"{NAME}:1") == tmp_path / f"scratch/cxr/registry/mem/reg/{NAME}/v1"
+
+
 @pytest.mark.parametrize("store", ["local", "remote"])
 def test_racing_registrations_get_distinct_versions(
     tmp_path: Path, checkpoint: Path, store: str, monkeypatch: pytest.MonkeyPatch

@@ -91,3 +91,22 @@ def test_a_state_file_is_replaced_whole_and_a_damaged_one_is_named(tmp_path: Pat
         check_same_experiment(str(run), {"epochs": 2}, "the run")
     (run / "comparison.json").write_text('{"trials": [{"model": "a", "err')
     assert _finished_before(str(run)) is False and _production_left_by_earlier_run(str(run)) is None
+
+
+@pytest.mark.parametrize(
+    ("xdg", "expected"),
+    [
+        (None, "~/.cache/cxr/reports"),
+        ("/scratch/me", "/scratch/me/cxr/reports"),
+        ("rel", "~/.cache/cxr/reports"),
+    ],
+)
+def test_caches_are_under_xdg_cache_home_when_it_is_an_absolute_path(
+    xdg: str | None, expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The XDG spec: an unset or relative XDG_CACHE_HOME means ~/.cache."""
+    if xdg is None:
+        monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    else:
+        monkeypatch.setenv("XDG_CACHE_HOME", xdg)
+    assert storage.cache_folder("reports") == Path(expected)
