@@ -101,7 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         reason = exc.strerror or str(exc)
         if isinstance(exc, FileExistsError) and exc.filename and os.path.isfile(exc.filename):
             reason = "a file is there, where a folder is needed"  # os.makedirs said "File exists"
-        print(f"cxr: error: {where}{reason}", file=sys.stderr)
+        hint = _elsewhere_hint(args, exc.filename) if isinstance(exc, PermissionError) else ""
+        print(f"cxr: error: {where}{reason}{hint}", file=sys.stderr)
         return 2
     except (Interrupted, KeyboardInterrupt) as exc:
         from cxrcore.runtime import sigterm_received
@@ -120,7 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             # full disk, a quota or `ulimit -f` (exit 1), here or in a Ray task, worker or trial: the path
             # and why, not a traceback. What the run wrote is staged beside its output, which stays as it was.
             where = f"{full.filename}: " if full.filename else ""
-            print(f"cxr: error: {where}{storage_reason(full)}", file=sys.stderr)
+            hint = _elsewhere_hint(args, full.filename) if full.errno == errno.EROFS else ""
+            print(f"cxr: error: {where}{storage_reason(full)}{hint}", file=sys.stderr)
             return 2 if full.errno == errno.EROFS else 1
         if (why := decoder_unavailable(exc)) is None:
             raise
@@ -130,6 +132,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+
+
+def _elsewhere_hint(args: argparse.Namespace, filename: object) -> str:
+    """Where a path this user may not write (or a read-only one) is in the current folder, as a command's
+    default output is (`./cxr-runs`, `./cxr-demo`): the way round it, the command's output argument named."""
+    fields = dataclasses.fields(args.config_cls) if hasattr(args, "config_cls") else ()
+    output = next((f for f in fields if f.name in ("out", "work_dir")), None)
+    if not isinstance(filename, str | os.PathLike) or output is None:
+        return ""
+    flag = output.name.upper() if output.metadata.get("positional") else flag_name(output.name)
+    try:
+        if not Path(os.path.abspath(filename)).is_relative_to(os.getcwd()):
+            return ""
+    except OSError:  # the current folder itself is gone
+        return ""
+    return f" (in the current folder: run from a folder you can write, or give {flag} one)"
 
 
 SERVE_IMPORTS = ("cxrcore", "serve")
@@ -393,11 +411,23 @@ def _run_or_plan(run: Command, planner: Callable[[Any], str], checks: Callable[[
             return run(args)
         config = config_from_args(args.config_cls, args)
         print(planner(config), flush=True)
-        for note in checks(config):
+        for note in [*checks(config), *_cluster_notes(config)]:
             print(f"note: on this machine the run would stop: {note}", file=sys.stderr)
         return 0
 
     return run_or_plan
+
+
+def _cluster_notes(config: Any) -> list[str]:
+    """The cluster a run would join (--address, else RAY_ADDRESS) where nothing answers, as a dry run's note:
+    the run would be refused there, after a 5-second probe (a stale RAY_ADDRESS, a review, session 54)."""
+    from cxrcore.runtime import check_cluster_address
+
+    try:
+        check_cluster_address(getattr(config, "address", None))
+    except ConfigError as error:
+        return [str(error)]
+    return []
 
 
 def _add_ingest_arguments(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:

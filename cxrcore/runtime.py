@@ -391,12 +391,7 @@ def _join(address: str, source: str, cluster_logs: bool = True) -> None:
 
     from cxrcore.config import ConfigError
 
-    if address.startswith(("http://", "https://")):
-        raise ConfigError(
-            f"{source} {address}: that is the dashboard's and job API's HTTP address (`ray job submit "
-            "--address`); a driver joins the cluster at its GCS address, HOST:6379"
-        )
-    _check_reachable(address, source)
+    _check_address(address, source)
     token = (
         "a cluster with token authentication (`RAY_AUTH_MODE=token`, as cxr's manifests start theirs) "
         "needs RAY_AUTH_MODE=token here too, and its token in RAY_AUTH_TOKEN or ~/.ray/auth_token (from "
@@ -410,6 +405,26 @@ def _join(address: str, source: str, cluster_logs: bool = True) -> None:
         raise ConfigError(
             f"{source} {address}: {exc}; is the cluster up there, and this client's token its token? {token}"
         ) from None
+
+
+def check_cluster_address(address: str | None) -> None:
+    """What `init_ray(address)` checks of the cluster it would join (`address`, else RAY_ADDRESS) before
+    `ray.init`: a driver's address, that answers. Nothing without either: a local cluster starts."""
+    given = address
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        _check_address(address, "--address" if given else "RAY_ADDRESS")
+
+
+def _check_address(address: str, source: str) -> None:
+    from cxrcore.config import ConfigError
+
+    if address.startswith(("http://", "https://")):
+        raise ConfigError(
+            f"{source} {address}: that is the dashboard's and job API's HTTP address (`ray job submit "
+            "--address`); a driver joins the cluster at its GCS address, HOST:6379"
+        )
+    _check_reachable(address, source)
 
 
 GCS_PROBE_TIMEOUT_S = 5.0

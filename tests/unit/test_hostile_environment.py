@@ -106,6 +106,27 @@ def test_an_address_nothing_answers_at_is_refused_in_seconds_not_minutes() -> No
     _check_reachable("ray://head:10001", "--address")
 
 
+def test_a_dry_run_notes_the_cluster_it_would_join_where_nothing_answers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The run is refused there; its dry run had planned it, exit 0 and not a word (a review, session 54)."""
+    from cxrcore.cli import main
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    argv = ["train", "--data", str(tmp_path / "elsewhere"), "--model", "tiny_cnn_lstm", "--dry-run"]
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    assert main(argv) == 0  # the plan may be for another machine: a note, as for the missing dataset
+    err = capsys.readouterr().err
+    assert f"would stop: RAY_ADDRESS 127.0.0.1:{port}: no Ray cluster reachable there" in err
+    assert main([*argv, "--address", "http://127.0.0.1:8265"]) == 0
+    assert "would stop: --address http://127.0.0.1:8265: that is the dashboard's" in capsys.readouterr().err
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert main(argv) == 0
+    assert "Ray cluster" not in capsys.readouterr().err  # a local cluster would start
+
+
 def test_warnings_made_errors_everywhere_are_refused_before_ray(monkeypatch: pytest.MonkeyPatch) -> None:
     from cxrcore.runtime import check_warnings_not_errors
 
@@ -144,3 +165,27 @@ def test_a_tmp_that_cannot_be_written_leaves_serve_on_its_python_proxy(
     monkeypatch.setattr(runtime, "HAPROXY_FOLDER", str(tmp_path / "haproxy-serve-{uid}"))
     runtime.local_serve_environment()
     assert not list(tmp_path.glob("haproxy-serve-*"))  # HAProxy off: no folder made for it
+
+
+@pytest.mark.parametrize(
+    "error", [PermissionError(13, "Permission denied"), OSError(30, "Read-only file system")]
+)
+def test_an_output_in_a_current_folder_it_cannot_write_says_the_way_round(
+    error: OSError, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A read-only working folder (a container's, a shared one) had been refused with the path alone."""
+    from cxrcore.cli import main
+    from cxrcore.data import synthetic
+
+    def refused(out: str, *args: object, **kwargs: object) -> None:
+        error.filename = os.path.abspath(out)
+        raise error
+
+    monkeypatch.setattr(synthetic, "write_synthetic_dataset", refused)
+    monkeypatch.chdir(tmp_path)
+    assert main(["data", "synth", "phantoms"]) == 2
+    said = capsys.readouterr().err.strip()
+    assert said.startswith(f"cxr: error: {tmp_path / 'phantoms'}: ")
+    assert said.endswith("(in the current folder: run from a folder you can write, or give OUT one)")
+    assert main(["data", "synth", str(tmp_path.parent / "phantoms")]) == 2  # elsewhere: the path says it
+    assert "current folder" not in capsys.readouterr().err
