@@ -12,14 +12,17 @@ $(VENV)/.installed: pyproject.toml
 	@# Python 3.11's venv brings pip 23.2, whose resolver takes 64 s here to read the 187 packages' metadata
 	@# (pip 26: 27 s) and whose whole install took 2 min 15 s (pip 26: 1 min 18 s); offline, the old one goes on
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check 'pip>=26' || true
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-compile -e '.[dev]'
-	@# No bytecode compile ahead (--no-compile): the suite imports 7,200 of the 20,400 modules, and each is
-	@# compiled once, by the first process to import it (tests/run.py); compiling all took 50 s here and
-	@# left the Ray tests as long (9 min 32 s with it, 9 min 35 s without)
+	@# pip 26 shows the build backend's warnings: setuptools' generic one on every editable install is left out
+	PYTHONWARNINGS="ignore:Editable installation" \
+	    $(BIN)/python -m pip install --quiet --disable-pip-version-check --no-compile -e '.[dev]'
+	@# pip compiles the 20,000 modules on one core (39 s here), compileall on every core (28-50 s); a few of
+	@# torch's test files are Python 3.12 and do not compile, as pip also lets pass. Without it the suite
+	@# (7,200 of them imported, by many processes at once) took as long or longer (session 55)
+	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib > /dev/null || true
 	touch $@
 
-# With bytecode caches written where PYTHONDONTWRITEBYTECODE is set (as on the development machine): setup
-# compiles nothing ahead, so each of the demo's Ray processes would compile what it imports again
+# With bytecode caches written where PYTHONDONTWRITEBYTECODE is set (as on the development machine): each of
+# the demo's Ray processes would otherwise compile cxr's own modules again (setup compiles the venv's only)
 demo: setup
 	env -u PYTHONDONTWRITEBYTECODE $(BIN)/cxr demo $(ARGS)
 
