@@ -81,10 +81,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "run"):
         getattr(args, "help_of", parser).print_help()
         return 2
-    from cxrcore.runtime import bypass_proxy, forget_sigterm
+    from cxrcore.runtime import bypass_proxy, forget_sigterm, keep_matplotlib_config_writable
 
     forget_sigterm()
     bypass_proxy()  # `cxr predict`'s requests to a server on this machine never go through a proxy
+    keep_matplotlib_config_writable()
     ray_before = _ray_running()
     try:
         with quiet_ray_console() if not args.verbose else contextlib.nullcontext():

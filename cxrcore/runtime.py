@@ -533,6 +533,32 @@ to register its first worker ("IOError: End of file", 22 s in); at 128 an ingest
 training run went through. Ray raises the soft limit to the hard one itself."""
 
 
+def keep_matplotlib_config_writable() -> None:
+    """Where matplotlib's config folder cannot be written (a read-only or missing home, as in some
+    containers) and MPLCONFIGDIR is unset, set it to this user's own folder in the temporary folder, made
+    here (mode 700, owned by this user). Matplotlib otherwise warned in every process that plots, and built
+    its font cache again, each time in a new temporary folder (a review, session 54)."""
+    import tempfile
+
+    if os.environ.get("MPLCONFIGDIR"):
+        return
+    try:
+        config = Path(os.environ.get("XDG_CONFIG_HOME") or "~/.config").expanduser() / "matplotlib"
+        config.mkdir(parents=True, exist_ok=True)
+        if os.access(config, os.W_OK):
+            return
+    except (OSError, RuntimeError):  # RuntimeError: no home folder to expand `~` to
+        pass
+    own = Path(tempfile.gettempdir()) / f"cxr-matplotlib-{os.getuid()}"
+    try:
+        own.mkdir(mode=0o700, exist_ok=True)
+        info = own.lstat()
+    except OSError:
+        return  # matplotlib's own fallback, and its warning
+    if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and os.access(own, os.W_OK):
+        os.environ["MPLCONFIGDIR"] = str(own)  # another user's folder, or a link, is never used
+
+
 def ray_temp_folder() -> str:
     """Where a local Ray cluster keeps its session folders, as Ray 2.60 chooses it: RAY_TMPDIR, else TMPDIR
     (on Linux, whether or not it exists: Ray makes it), else /tmp."""

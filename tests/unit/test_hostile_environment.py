@@ -189,3 +189,34 @@ def test_an_output_in_a_current_folder_it_cannot_write_says_the_way_round(
     assert said.endswith("(in the current folder: run from a folder you can write, or give OUT one)")
     assert main(["data", "synth", str(tmp_path.parent / "phantoms")]) == 2  # elsewhere: the path says it
     assert "current folder" not in capsys.readouterr().err
+
+
+def test_a_home_where_matplotlib_cannot_write_gets_one_config_folder_of_this_users_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Matplotlib warned in every plotting process and built its font cache again, each time elsewhere."""
+    from cxrcore.runtime import keep_matplotlib_config_writable
+
+    monkeypatch.delenv("MPLCONFIGDIR", raising=False)
+    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr("tempfile.tempdir", None)  # gettempdir reads TMPDIR again
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    keep_matplotlib_config_writable()  # a home it can write: matplotlib's own folder there
+    assert "MPLCONFIGDIR" not in os.environ and (tmp_path / "home/.config/matplotlib").is_dir()
+
+    blocked = tmp_path / "blocked"
+    blocked.write_text("")  # a "home" where no folder can be made
+    monkeypatch.setenv("HOME", str(blocked))
+    keep_matplotlib_config_writable()
+    own = tmp_path / f"tmp/cxr-matplotlib-{os.getuid()}"
+    assert os.environ["MPLCONFIGDIR"] == str(own) and own.is_dir() and own.stat().st_mode & 0o777 == 0o700
+    keep_matplotlib_config_writable()  # set: left as it is
+    assert os.environ["MPLCONFIGDIR"] == str(own)
+
+    monkeypatch.delenv("MPLCONFIGDIR")
+    own.rmdir()
+    own.symlink_to(tmp_path / "home")  # a link someone left at the name: never used
+    keep_matplotlib_config_writable()
+    assert "MPLCONFIGDIR" not in os.environ
