@@ -631,6 +631,14 @@ def best_by_validation(items: Iterable[T], metrics_of: Callable[[T], Mapping[str
 STOPPED_EARLY = "stopped_early"
 """In the last report of a run that `--patience` stopped: the epoch of its best by validation."""
 
+RESUMED_AFTER = "resumed_after"
+"""In the first report after a resume: the last epoch of the checkpoint the run went on from. A run given
+more --epochs restarts its learning rate there (LR_REPLANNED): the curves mark it, as the card's history."""
+
+LR_REPLANNED = "lr_replanned"
+"""Beside RESUMED_AFTER: whether the learning-rate schedule was planned anew (other --epochs, --workers or
+--batch-size), so that the rate jumped where the run went on, or continued where it stood."""
+
 KEEP_SCORE = "val_keep"
 """What Ray Train keeps a run's best checkpoints by (`keep_score`). By val_score alone, Ray kept the
 latest of tied epochs: on 13 validation images 15 of 30 epochs scored 1.000, the three kept were the last

@@ -19,7 +19,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from cxrcore.metrics import ECE_BINS, accuracy_interval
+from cxrcore.metrics import ECE_BINS, LR_REPLANNED, RESUMED_AFTER, accuracy_interval
 
 HEADLINE_METRICS = (
     "n",
@@ -142,7 +142,13 @@ def _text_on(background: Sequence[float]) -> str:
 
 
 def plot_training_curves(history: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
-    """Loss and accuracy / macro-F1 against epoch, one line per key present in the per-epoch dicts."""
+    """Save training_curves_figure(history) as a PNG at path."""
+    return _save(training_curves_figure(history), path)
+
+
+def training_curves_figure(history: Sequence[Mapping[str, Any]]) -> Figure:
+    """Loss and accuracy / macro-F1 against epoch, one line per key present in the per-epoch dicts, and a
+    dotted line where the run was resumed."""
     keys = list(dict.fromkeys(key for row in history for key in row))
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     loss_ax, score_ax = fig.subplots(1, 2)
@@ -153,12 +159,64 @@ def plot_training_curves(history: Sequence[Mapping[str, Any]], path: str | Path)
     score_ax.set_ylim(0.0, 1.02)
     for ax in (loss_ax, score_ax):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs: one point reads 0.95-1.05 otherwise
+        _mark_resumes(ax, history)
     if history:
         # A card carries its run's history up to its own epoch: a run that went on past the kept checkpoint
         # (a later epoch scored lower) has more epochs than this shows.
         last = history[-1].get("epoch", len(history))
         fig.suptitle(f"Training history up to the evaluated checkpoint (epoch {last})")
-    return _save(fig, path)
+    return fig
+
+
+def resumes(history: Sequence[Mapping[str, Any]]) -> list[tuple[int, bool]]:
+    """Where a run went on from a checkpoint: (the epoch it went on after, whether its learning-rate
+    schedule was planned anew there), from the history's RESUMED_AFTER marks.
+
+    >>> resumes([{"epoch": 1}, {"epoch": 2}, {"epoch": 3, "resumed_after": 2, "lr_replanned": True}])
+    [(2, True)]
+    """
+    return [
+        (int(row[RESUMED_AFTER]), bool(row.get(LR_REPLANNED)))
+        for row in history
+        if _is_number(row.get(RESUMED_AFTER))
+    ]
+
+
+def resume_note(history: Sequence[Mapping[str, Any]]) -> str | None:
+    """The sentence a report gives a resumed run's curves (None for a run trained in one go).
+
+    >>> resume_note([{"epoch": 3, "resumed_after": 2, "lr_replanned": False}])
+    'Resumed after epoch 2, the learning-rate schedule where it stood. The dotted line marks it.'
+    """
+    found = resumes(history)
+    if not found:
+        return None
+    told = [
+        f"after epoch {after}"
+        + (
+            ", the learning-rate schedule planned anew (more --epochs, or other --workers or --batch-size): "
+            "its rate jumps there"
+            if replanned
+            else ", the learning-rate schedule where it stood"
+        )
+        for after, replanned in found
+    ]
+    lines = "The dotted line marks it." if len(found) == 1 else "Dotted lines mark them."
+    return f"Resumed {'; '.join(told)}. {lines}"
+
+
+def _mark_resumes(ax: Axes, history: Sequence[Mapping[str, Any]]) -> None:
+    """A dotted line between the epoch a run went on after and the first it trained then."""
+    labelled = set()
+    for after, replanned in resumes(history):
+        label = "resumed, learning rate re-planned" if replanned else "resumed"
+        ax.axvline(
+            after + 0.5, color="0.35", linestyle=":", linewidth=1.2,
+            label=None if label in labelled else label,
+        )  # fmt: skip
+        labelled.add(label)
+    if labelled:
+        ax.legend(fontsize="small")
 
 
 OKABE_ITO = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442")
@@ -521,7 +579,15 @@ def write_evaluation_report(
     if "training_curves" in paths:
         alt = "Training curves by epoch: losses, and validation accuracy and macro-F1; the card's history"
         alts = {"training_curves": alt}
-        sections.append(ReportSection("Training curves", images=[paths["training_curves"]], alts=alts))
+        note = resume_note(history or [])
+        sections.append(
+            ReportSection(
+                "Training curves",
+                html=f"<p>{html.escape(note)}</p>" if note else "",
+                images=[paths["training_curves"]],
+                alts=alts,
+            )
+        )
     for name, result in extra.items():
         table = metrics_table(result) if "per_class" in result else None
         notes = "".join(

@@ -16,7 +16,14 @@ from cxrcore.checkpoint import ModelCard, load_train_state, save_checkpoint
 from cxrcore.config import TrainConfig, from_dict
 from cxrcore.data.batches import AugmentConfig
 from cxrcore.labels import CLASSES
-from cxrcore.metrics import KEEP_SCORE, STOPPED_EARLY, best_by_validation, keep_score
+from cxrcore.metrics import (
+    KEEP_SCORE,
+    LR_REPLANNED,
+    RESUMED_AFTER,
+    STOPPED_EARLY,
+    best_by_validation,
+    keep_score,
+)
 from cxrcore.models.registry import unwrap
 from cxrcore.plan import epoch_steps
 from cxrcore.train.engine import (
@@ -207,6 +214,7 @@ def run_training(loop_config: dict[str, Any], session: TrainSession) -> None:
     augmentation = AugmentConfig() if config.augment else None
 
     start_epoch, history = 0, []
+    resume_mark: dict[str, Any] = {}  # the first epoch trained after a resume: where and how it went on
     checkpoint = session.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
@@ -218,9 +226,10 @@ def run_training(loop_config: dict[str, Any], session: TrainSession) -> None:
                     scheduler = warmup_cosine(optimizer, plan["warmup_steps"], plan["total_steps"])
                 optimizer.load_state_dict(state["optimizer"])
                 start_epoch, history = int(state["epoch"]) + 1, list(state["history"])
-                scheduler = _resumed_schedule(
+                scheduler, replanned = _resumed_schedule(
                     optimizer, scheduler, state, plan, start_epoch * steps_per_epoch
                 )
+                resume_mark = {RESUMED_AFTER: start_epoch, LR_REPLANNED: replanned}
         log.info("rank %d resumed after epoch %d of %d", rank, start_epoch, config.epochs)
 
     train_shard, val_shard = session.dataset("train"), session.dataset("val")
@@ -294,6 +303,8 @@ def run_training(loop_config: dict[str, Any], session: TrainSession) -> None:
             calibration = calibration_report(val["outputs"], val["labels"], temperature)
         metrics = epoch_metrics(epoch, gathered, val, segmenting, temperature)
         metrics["lr"] = scheduler.get_last_lr()[0]
+        if epoch == start_epoch:
+            metrics.update(resume_mark)  # where the run went on, in its report, history and curves
         if not segmenting:
             metrics.update(temperature=temperature, val_ece=calibration["ece_after"])
         # the figures, and the confusion matrix that best_by_validation reads to tell one image's difference
@@ -422,11 +433,12 @@ def _resumed_schedule(
     state: dict[str, Any],
     plan: dict[str, int],
     step: int,
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """The learning-rate schedule of a resumed run: where it stood, under the same plan; under another
-    (other --workers or --epochs: steps of another count), at `step` of the new plan, as if the run had been
-    planned so. Its saved step count, read under the new plan, trained a run resumed from 1 worker onto 2
-    at a learning rate of 0 from half-way, and restarted a finished run given more --epochs warm."""
+) -> tuple[torch.optim.lr_scheduler.LambdaLR, bool]:
+    """The learning-rate schedule of a resumed run, and whether it was planned anew: where it stood, under
+    the same plan; under another (other --workers or --epochs: steps of another count), at `step` of the new
+    plan, as if the run had been planned so. Its saved step count, read under the new plan, trained a run
+    resumed from 1 worker onto 2 at a learning rate of 0 from half-way, and restarted a finished run given
+    more --epochs warm."""
     saved = state["scheduler"]
     # A checkpoint of an earlier cxr records no plan: its own step count tells whether the plan is this one
     # (each epoch steps steps_per_epoch times, or once fewer where its last batch held one image).
@@ -434,13 +446,13 @@ def _resumed_schedule(
     same = state.get("plan") == plan if "plan" in state else 0 <= step - int(saved["last_epoch"]) <= epochs
     if same:
         scheduler.load_state_dict(saved)
-        return scheduler
+        return scheduler, False
     log.warning(
         "the learning-rate schedule continues at step %d of %d: the run was planned with other --workers, "
         "--epochs or --batch-size, or by a cxr that counted an epoch's steps otherwise",
         step, plan["total_steps"],
     )  # fmt: skip
-    return warmup_cosine(optimizer, plan["warmup_steps"], plan["total_steps"], start_step=step)
+    return warmup_cosine(optimizer, plan["warmup_steps"], plan["total_steps"], start_step=step), True
 
 
 def _gather(result: EpochResult, world: int) -> dict[str, Any]:

@@ -179,6 +179,8 @@ def test_rerun_with_the_same_name_resumes_after_the_last_epoch(
     assert second.metrics["epoch"] == 3
     history = load_card(second.latest_checkpoint).history
     assert [h["epoch"] for h in history] == list(range(1, 4))
+    # Marked where it went on: 3 epochs on 1 worker is another plan, so its learning rate jumped there.
+    assert [h.get("resumed_after") for h in history] == [None, None, 2] and history[2]["lr_replanned"] is True
     # Epoch 2 was not trained again: its record is the first run's, to the last digit.
     assert history[1]["val_loss"] == ddp_run.metrics["val_loss"]
 

@@ -327,14 +327,16 @@ def test_a_resumed_run_keeps_its_schedule_or_takes_the_new_plans_place_in_it() -
     same = optimizer()
     fresh = warmup_cosine(same, 10, 60)  # as the loop does: the schedule, then the optimizer's saved state
     same.load_state_dict(state["optimizer"])
-    resumed = _resumed_schedule(same, fresh, state, state["plan"], 20)
+    resumed, replanned = _resumed_schedule(same, fresh, state, state["plan"], 20)
+    assert not replanned  # where it stood: the card's history marks the resume, not a new plan
     assert resumed.last_epoch == 20 and same.param_groups[0]["lr"] == pytest.approx(old.get_last_lr()[0])
 
     other = optimizer()
     fresh = warmup_cosine(other, 5, 30)  # 6 epochs of 5 steps
     other.load_state_dict(state["optimizer"])
     plan = {"warmup_steps": 5, "total_steps": 30}
-    resumed = _resumed_schedule(other, fresh, state, plan, 10)
+    resumed, replanned = _resumed_schedule(other, fresh, state, plan, 10)
+    assert replanned
     expected = 0.5 * (1 + np.cos(np.pi * (10 - 5) / (30 - 5)))  # the new plan's, after two epochs
     assert resumed.last_epoch == 10 and other.param_groups[0]["lr"] == pytest.approx(expected)
     lrs = []
@@ -356,13 +358,17 @@ def test_a_resumed_run_keeps_its_schedule_or_takes_the_new_plans_place_in_it() -
         again = optimizer()
         fresh = warmup_cosine(again, new_plan["warmup_steps"], new_plan["total_steps"])
         again.load_state_dict(state["optimizer"])
-        assert _resumed_schedule(again, fresh, earlier, new_plan, step).last_epoch == expected
+        assert _resumed_schedule(again, fresh, earlier, new_plan, step)[0].last_epoch == expected
     two_to_one = {**earlier, "scheduler": {**earlier["scheduler"], "last_epoch": 10}}  # 5 steps an epoch
     again = optimizer()
     fresh = warmup_cosine(again, 10, 60)
     again.load_state_dict(state["optimizer"])
-    resumed = _resumed_schedule(again, fresh, two_to_one, {"warmup_steps": 10, "total_steps": 60}, 20)
-    assert resumed.last_epoch == 20  # repositioned: 10 steps behind is not one short batch an epoch
+    resumed, replanned = _resumed_schedule(
+        again, fresh, two_to_one, {"warmup_steps": 10, "total_steps": 60}, 20
+    )
+    assert (
+        replanned and resumed.last_epoch == 20
+    )  # repositioned: 10 steps behind is not one short batch an epoch
 
 
 def test_a_diverged_epoch_is_named_as_one_not_scored(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -25,6 +25,8 @@ from cxrcore.evaluate.report import (
     metrics_table,
     plot_overlaid_curves,
     plot_training_curves,
+    resume_note,
+    training_curves_figure,
     write_evaluation_report,
     write_html_report,
 )
@@ -134,6 +136,42 @@ def test_no_history_means_no_training_curves(tmp_path: Path) -> None:
     text = paths["report"].read_text()
     assert "Model card" not in text and "Training curves" not in text
     assert "No ROC curve for Lung_Opacity" in text
+
+
+def test_a_resumed_run_is_marked_where_it_went_on_and_whether_its_learning_rate_jumped(
+    tmp_path: Path,
+) -> None:
+    """A run given more --epochs goes on with its learning-rate schedule planned anew: the rate jumps up
+    where it went on. The curves draw a dotted line there, and the report says which it was."""
+    resumed = [*HISTORY[:2], {**HISTORY[2], "resumed_after": 2, "lr_replanned": True}]
+    figure = training_curves_figure(resumed)
+    for ax in figure.axes:
+        (line,) = [
+            line for line in ax.lines if line.get_linestyle() == ":" and len(set(line.get_xdata())) == 1
+        ]
+        assert line.get_xdata()[0] == 2.5 and line.get_label() == "resumed, learning rate re-planned"
+        assert "resumed, learning rate re-planned" in [
+            text.get_text() for text in ax.get_legend().get_texts()
+        ]
+    assert not [
+        line
+        for ax in training_curves_figure(HISTORY).axes
+        for line in ax.lines
+        if len(set(line.get_xdata())) == 1
+    ]
+    assert resume_note(HISTORY) is None
+    again = [*resumed, {"epoch": 4, "resumed_after": 3, "lr_replanned": False}]
+    assert resume_note(again) == (
+        "Resumed after epoch 2, the learning-rate schedule planned anew (more --epochs, or other --workers "
+        "or --batch-size): its rate jumps there; after epoch 3, the learning-rate schedule where it stood. "
+        "Dotted lines mark them."
+    )
+    paths = write_evaluation_report(tmp_path, _metrics(3), resumed, CARD)
+    assert f"<p>{html.escape(resume_note(resumed) or '')}</p>" in paths["report"].read_text()
+    assert (
+        "Resumed after"
+        not in write_evaluation_report(tmp_path / "b", _metrics(3), HISTORY, CARD)["report"].read_text()
+    )
 
 
 def test_report_needs_curves_and_distinct_extra_names(tmp_path: Path) -> None:
