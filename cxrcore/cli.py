@@ -125,6 +125,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             hint = _elsewhere_hint(args, full.filename) if full.errno == errno.EROFS else ""
             print(f"cxr: error: {where}{storage_reason(full)}{hint}", file=sys.stderr)
             return 2 if full.errno == errno.EROFS else 1
+        if (locale := undecodable_path(exc)) is not None:
+            print(f"cxr: error: {locale}", file=sys.stderr)
+            return 2
         if (why := decoder_unavailable(exc)) is None:
             raise
         print(
@@ -133,6 +136,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+
+
+def undecodable_path(exc: BaseException) -> str | None:
+    """What to do where a path Python read under a non-UTF-8 locale reached Arrow (or anything else that
+    takes UTF-8 text): with `PYTHONUTF8=0` and `LC_ALL=C`, Python reads a name's non-ASCII bytes as
+    surrogate escapes, which Arrow cannot encode; None for any other error. (Python's own default under
+    the C locale is UTF-8 mode, where such a name reads as itself.)"""
+    while exc is not None:
+        if isinstance(exc, UnicodeEncodeError) and any(0xDC80 <= ord(c) <= 0xDCFF for c in exc.object):
+            encoding = sys.getfilesystemencoding()
+            return (
+                f"a path holds characters that Python's file-system encoding ({encoding}) cannot give on: "
+                f"{exc.object.encode('utf-8', 'surrogateescape').decode('utf-8', 'backslashreplace')}; "
+                "run with PYTHONUTF8=1 (or a UTF-8 locale, LC_ALL=C.UTF-8), or use paths in ASCII"
+            )
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return None
 
 
 def _elsewhere_hint(args: argparse.Namespace, filename: object) -> str:

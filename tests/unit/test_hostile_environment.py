@@ -220,3 +220,26 @@ def test_a_home_where_matplotlib_cannot_write_gets_one_config_folder_of_this_use
     own.symlink_to(tmp_path / "home")  # a link someone left at the name: never used
     keep_matplotlib_config_writable()
     assert "MPLCONFIGDIR" not in os.environ
+
+
+def test_a_non_ascii_path_under_a_locale_python_reads_as_ascii_is_one_line_with_the_way_round(
+    tmp_path: Path,
+) -> None:
+    """`PYTHONUTF8=0 LC_ALL=C` (a locale chosen against Python's default, which is UTF-8 mode under C): a
+    name's non-ASCII bytes reach Python as surrogate escapes, which Arrow cannot encode. It had ended in a
+    pyarrow traceback; now one line says what to set."""
+    import subprocess
+    import sys
+
+    here = tmp_path / "Névé données"
+    (here / "raw").mkdir(parents=True)
+    env = {**os.environ, "PYTHONUTF8": "0", "LC_ALL": "C"}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "cxrcore", "data", "ingest", "raw", "ds"],
+        cwd=here, env=env, capture_output=True, timeout=120,
+    )  # fmt: skip
+    said = done.stderr.decode("ascii", "replace").strip()
+    assert done.returncode == 2, said
+    assert said.startswith("cxr: error: a path holds characters that Python's file-system encoding (ascii) ")
+    assert "N\\xe9v\\xe9 donn\\xe9es/ds" in said and "PYTHONUTF8=1" in said and "Traceback" not in said
