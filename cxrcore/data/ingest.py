@@ -576,9 +576,14 @@ def _task_limit(input_blocks: int) -> int | None:
     return max(1, min(limit, input_blocks)) if limit else None
 
 
-def read_split(dataset: str, split: str, columns: list[str] | None = None) -> Any:
-    """One split of a finished dataset as a Ray Dataset (optionally only some columns)."""
+def read_split(
+    dataset: str, split: str, columns: list[str] | None = None, shuffle_files: int | None = None
+) -> Any:
+    """One split of a finished dataset as a Ray Dataset (optionally only some columns). With
+    `shuffle_files` (a seed), each execution of the dataset (each epoch of a training run that streams it)
+    reads its files in another order, drawn from the seed and the execution's count."""
     import ray
+    from ray.data import FileShuffleConfig
 
     if split not in ("train", "val", "test"):
         raise ValueError(f"unknown split {split!r}; expected train, val or test")
@@ -590,7 +595,8 @@ def read_split(dataset: str, split: str, columns: list[str] | None = None) -> An
     context = ray.data.DataContext.get_current()
     use_v2, context.use_datasource_v2 = context.use_datasource_v2, False
     try:
-        ds = ray.data.read_parquet(f"{root}/split={split}", filesystem=filesystem)
+        shuffle = None if shuffle_files is None else FileShuffleConfig(seed=shuffle_files)
+        ds = ray.data.read_parquet(f"{root}/split={split}", filesystem=filesystem, shuffle=shuffle)
     finally:
         context.use_datasource_v2 = use_v2
     ds = ds.select_columns(columns) if columns else ds

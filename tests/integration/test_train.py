@@ -155,9 +155,11 @@ def test_rerun_with_the_same_name_resumes_after_the_last_epoch(
     monkeypatch.setattr(trainer, "_fits_in_object_store", lambda rows, size: False)
     streamed: list[str] = []
 
-    def read_split(dataset: str, split: str, columns: list[str] | None = None) -> object:
-        streamed.append(split)
-        return real_read_split(dataset, split, columns)
+    def read_split(
+        dataset: str, split: str, columns: list[str] | None = None, shuffle_files: int | None = None
+    ) -> object:
+        streamed.append(f"{split} {shuffle_files}")
+        return real_read_split(dataset, split, columns, shuffle_files)
 
     real_read_split = ingest.read_split
     monkeypatch.setattr(ingest, "read_split", read_split)
@@ -175,7 +177,7 @@ def test_rerun_with_the_same_name_resumes_after_the_last_epoch(
     second = fit(config)
     assert not (unrecorded / "leftover").exists() and all(folder.exists() for folder in recorded[-2:])
     assert second.latest_checkpoint is not None and second.latest_checkpoint.endswith("/checkpoint_epoch_003")
-    assert streamed == ["train", "val"]
+    assert streamed == [f"train {config.seed}", "val None"]  # the training files in a new order each epoch
     assert second.metrics["epoch"] == 3
     history = load_card(second.latest_checkpoint).history
     assert [h["epoch"] for h in history] == list(range(1, 4))
@@ -244,6 +246,29 @@ def test_a_small_dataset_read_by_the_driver_has_the_rows_ray_data_reads(syntheti
         for name in TRAIN_COLUMNS:
             assert got[name].dtype == expected[name].dtype and np.array_equal(got[name], expected[name]), name
         assert got["image"].shape[1:] == (64, 64)
+
+
+def test_streamed_training_files_come_in_a_new_order_each_epoch_drawn_from_the_seed(
+    synthetic_dataset: str,
+) -> None:
+    """Data larger than the object store is read from Parquet every epoch: its files in another order each
+    time (which file's rows come first), the same orders for the same seed, and in their own order without
+    one (validation, evaluation)."""
+    from cxrcore.data.ingest import parquet_files, read_split
+
+    assert len([f for f in parquet_files(synthetic_dataset).files if "split=train" in f]) >= 2
+
+    def first_rows(seed: int | None, epochs: int = 4) -> list[int]:
+        dataset = read_split(synthetic_dataset, "train", ["row_id"], shuffle_files=seed)
+        dataset.context.execution_options.preserve_order = True  # the files' order, not the tasks' finish
+        return [
+            int(next(iter(dataset.iter_batches(batch_size=1, batch_format="numpy")))["row_id"][0])
+            for _ in range(epochs)
+        ]
+
+    orders = first_rows(7)
+    assert len(set(orders)) > 1 and first_rows(7) == orders
+    assert len(set(first_rows(None))) == 1
 
 
 @pytest.mark.gpu
