@@ -313,7 +313,12 @@ def winner_line(
         line += f" (95% CI {interval_text(interval)}, {sum(map(sum, matrix))} images)"
         # what a model that always answers one class scores on this split
         commonest = max(map(sum, matrix)) / max(1, sum(map(sum, matrix)))
-        if interval and interval[0] <= commonest:
+        if interval and interval[1] < commonest:
+            line += (
+                f", an interval wholly below {_fixed(commonest)}, the score of always answering the test "
+                "split's commonest class: worse than it"
+            )
+        elif interval and interval[0] <= commonest:
             line += (
                 f", an interval that reaches {_fixed(commonest)}, the score of always answering the test "
                 "split's commonest class: not shown to beat it"
@@ -548,23 +553,43 @@ def commonest_class_warning(metrics: Mapping[str, Any]) -> str | None:
     figures = _chance_figures(metrics.get("confusion_matrix"))
     if figures is None:
         return None
-    reaches, n = figures
+    reaches, n, below = figures
     return (
         f"{reaches} of always answering these images' commonest class: on {n} images the model is not shown "
-        "to have learned the task"
+        "to have learned the task" + (BELOW_CHANCE if below else "")
     )
 
 
-def _chance_figures(matrix: Sequence[Sequence[int]] | None) -> tuple[str, int] | None:
+BELOW_CHANCE = "; it does worse than that: are its classes and labels those of these images?"
+"""Where a figure's whole 95% interval lies below what chance scores: not luck, most often inverted labels,
+or classes in another order."""
+
+
+def _chance_figures(matrix: Sequence[Sequence[int]] | None) -> tuple[str, int, bool] | None:
     """Where a confusion matrix's accuracy is not shown to beat always answering its commonest class:
-    "accuracy A (95% CI L–H) reaches C, the score" and the images it counts; None where it is (or counts
-    nothing)."""
+    "accuracy A (95% CI L–H) reaches C, the score" ("lies wholly below C" where its interval does), the
+    images it counts, and whether the interval lies below; None where it is shown to beat it, counts nothing,
+    or holds one class only (the accuracy is then that class's recall, and always answering it scores 1:
+    `cxr evaluate` on a hospital's COVID cases alone).
+
+    >>> _chance_figures([[1, 9], [1, 9]])[0]
+    'accuracy 0.500 (95% CI 0.30–0.70) reaches 0.500, the score'
+    >>> _chance_figures([[0, 10], [10, 0]])[0]
+    'accuracy 0.000 (95% CI 0.00–0.16) lies wholly below 0.500, the score'
+    >>> _chance_figures([[2, 3], [0, 0]]) is None  # one class: its recall, 0.4, is the figure
+    True
+    """
     if not matrix or not (n := sum(map(sum, matrix))) or beats_commonest_class(matrix) is not False:
+        return None
+    if sum(1 for row in matrix if sum(row)) < 2:
         return None
     accuracy = sum(matrix[k][k] for k in range(len(matrix))) / n
     commonest = max(map(sum, matrix)) / n
-    interval = interval_text(accuracy_interval(matrix))
-    return f"accuracy {_fixed(accuracy)} (95% CI {interval}) reaches {_fixed(commonest)}, the score", n
+    interval = accuracy_interval(matrix)
+    below = interval is not None and interval[1] < commonest
+    verb = "lies wholly below" if below else "reaches"
+    text = f"accuracy {_fixed(accuracy)} (95% CI {interval_text(interval)}) {verb} {_fixed(commonest)}"
+    return f"{text}, the score", n, below
 
 
 def chance_warnings(best: Mapping[str, Mapping[str, Any]]) -> list[str]:
@@ -581,11 +606,13 @@ def chance_warnings(best: Mapping[str, Mapping[str, Any]]) -> list[str]:
     for place, (model, row) in enumerate(ranked_architectures(best)):
         if (figures := _chance_figures(row.get("confusion_matrix"))) is None:
             continue
-        reaches, n = figures
+        reaches, n, below = figures
         role = (" (production)" if row.get("production") else " (the winner)") if place == 0 else ""
         lines.append(
             f"{model}{role}: test {reaches} of always answering the test split's commonest class: not shown "
-            "to beat it" + (f" on {n} test images; do not serve it on this evidence" if role else "")
+            "to beat it"
+            + (f" on {n} test images; do not serve it on this evidence" if role else "")
+            + (BELOW_CHANCE if below else "")
         )
     return lines
 

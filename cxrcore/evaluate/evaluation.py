@@ -258,6 +258,7 @@ def _classification_report(
     from cxrcore.checkpoint import WEIGHTS_NAME, software_versions
     from cxrcore.data import storage
     from cxrcore.data.ingest import read_report, sources_separate_classes
+    from cxrcore.evaluate.comparison import commonest_class_warning
     from cxrcore.evaluate.report import write_evaluation_report
     from cxrcore.inference import BatchedPredictions
     from cxrcore.metrics import classification_metrics
@@ -354,6 +355,9 @@ def _classification_report(
         "per_source": _per_source_note(sources),
         "classes_note": classes_note(metrics["per_class"]),
         "missed": missed_classes(metrics),  # what the accuracy hides on an imbalanced split
+        # accuracy not shown to beat always answering the commonest class (the console's warning, also in
+        # the report and here); an external evaluation's verdict says so of its own figures
+        "chance": commonest_class_warning(metrics) if relation.kind == "internal" else None,
         # the model's own dataset, whose sources separate classes: its random splits cannot show it
         "sources_separate_classes": sources_separate_classes(ingested) if ingested else None,
         **input_check_notes(checked, reference),
@@ -478,6 +482,11 @@ def classes_note(per_class: Mapping[str, Mapping[str, Any]]) -> str | None:
         return None
     if len(present) == 1:
         recall = per_class[present[0]]["recall"]
+        if not recall:  # never called: its precision is 0/0, counted as 0
+            return (
+                f"Only {present[0]} images here, and the model called none of them {present[0]}: its recall "
+                "(sensitivity) is 0, and its precision and F1 have nothing to count (shown as 0)."
+            )
         return (
             f"Only {present[0]} images here: its precision is 1 by construction and macro-F1 is "
             f"2·recall / (1 + recall); read the recall (sensitivity), {recall:.2f}."

@@ -736,6 +736,9 @@ def evaluation_lead(
     if evaluated.get("missed"):
         missed = html.escape(f"The model {evaluated['missed']}: the accuracy does not show it.")
         parts.append(f'<p class="lead alert">{missed}</p>')
+    if evaluated.get("chance"):
+        chance = evaluated["chance"]
+        parts.append(f'<p class="lead alert">{html.escape(chance[0].upper() + chance[1:])}.</p>')
     if evaluated.get("sources_separate_classes"):
         confound = html.escape(f"In the dataset, {evaluated['sources_separate_classes']}.")
         parts.append(f'<p class="lead alert">{confound}</p>')

@@ -311,6 +311,9 @@ def test_a_split_missing_classes_says_what_its_macro_averages_cover() -> None:
     one = classes_note({**{name: empty for name in CLASSES}, "Normal": row})
     assert one is not None and one.startswith("Only Normal images here: its precision is 1 by construction")
     assert one.endswith("read the recall (sensitivity), 0.75.")
+    never = classes_note({**{name: empty for name in CLASSES}, "Normal": {"support": 5, "recall": 0.0}})
+    assert never is not None and "precision is 1" not in never  # 0/0: not 1, shown as 0
+    assert never.startswith("Only Normal images here, and the model called none of them Normal")
 
 
 def test_own_dataset_is_scored_on_its_test_split_without_an_external_block(
@@ -332,6 +335,16 @@ def test_own_dataset_is_scored_on_its_test_split_without_an_external_block(
     assert (metrics["evaluated"]["missed"] is not None) == bool(missed)
     report = (out / "report.html").read_text()
     assert (ALERT_OPEN + "The model finds no image of" in report) == bool(missed)
+    # so is an accuracy not shown to beat always answering the commonest class (4 images: it is not)
+    from html import escape
+
+    from cxrcore.evaluate.comparison import commonest_class_warning
+
+    chance = commonest_class_warning(metrics)
+    assert (
+        chance is not None and metrics["evaluated"]["chance"] == chance and f"WARNING: {chance}\n" in printed
+    )
+    assert ALERT_OPEN + escape(chance[0].upper() + chance[1:]) in report
     assert metrics["evaluated"]["split"] == "test" and metrics["evaluated"]["relation"] == "internal"
     assert metrics["n"] == 4 and "external" not in metrics and "internal_comparison" not in metrics
     assert "source_holdout" not in metrics  # ingest held no source out

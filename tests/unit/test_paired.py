@@ -116,8 +116,6 @@ def test_the_accuracy_interval_agrees_with_the_test_and_the_warnings_are_kept(tm
     """A review (session 52) on 13 real test images: a percentile bootstrap printed +0.308 (+0.077 to +0.538)
     beside "No difference shown (p = 0.125)", and the comparison dropped what each evaluation had said of
     the model having trained on some of the images and of sources that separate the classes."""
-    from cxrcore.evaluate.paired import paired_difference_interval
-
     labels = [CLASSES[i % 4] for i in range(13)]
     first = [CLASSES[(CLASSES.index(label) + 1) % 4] if i < 4 else label for i, label in enumerate(labels)]
     a = write_evaluation(tmp_path / "a", labels, first)
@@ -130,14 +128,36 @@ def test_the_accuracy_interval_agrees_with_the_test_and_the_warnings_are_kept(tm
     result = compare_evaluations(a, b)
     assert (result["only_first_right"], result["only_second_right"], result["mcnemar_p"]) == (0, 4, 0.125)
     low, high = result["accuracy_difference_ci95"]
-    assert low < 0 < high and result["verdict"].startswith("No difference shown")
+    assert 0 < low < 4 / 13 < high and result["verdict"].startswith("No difference shown")
+    # the interval and the exact test disagree at this edge: said, not left for the reader to reconcile
+    assert any(note.startswith("the accuracy difference's interval excludes 0 while McNemar's exact test")
+               for note in result["notes"])  # fmt: skip
     assert "the evaluations' data: every source holds one class only" in result["notes"]
     said = "the second evaluation: Not a clean external validation: the model was trained or validated on"
     assert any(note.startswith(said) for note in result["notes"])
-    for only_first in range(8):  # the interval excludes 0 exactly where McNemar's p < 0.05
-        for only_second in range(8):
-            low, high = paired_difference_interval(only_first, only_second, 20)
-            assert (low > 0 or high < 0) == (mcnemar_exact(only_first, only_second) < 0.05)
+
+
+def test_the_accuracy_difference_interval_covers_the_true_difference_and_is_never_0_wide() -> None:
+    """A review (session 56): the interval exact and conditional on the images exactly one model got right
+    could not reach past ±m/n, was 0 wide where m was 0, and covered the true difference 75-84 % of the time
+    at 8-40 images (46 % at 50). Newcombe's paired interval, simulated here on pairs of models whose answers
+    are correlated as two classifiers' are: at least 95 % at every size, and 0 wide never."""
+    from cxrcore.evaluate.paired import paired_difference_interval
+
+    rng = np.random.default_rng(0)
+    cases = [(8, 0.05, 0.15, 0.6), (13, 0.05, 0.15, 0.6), (40, 0.02, 0.08, 0.8), (50, 0.0, 0.05, 0.8)]
+    for n, only_first, only_second, both in [*cases, (100, 0.05, 0.10, 0.7)]:
+        true, covered = only_second - only_first, 0
+        for _ in range(1000):
+            draw = rng.random(n)
+            b = int((draw < only_first).sum())
+            c = int(((draw >= only_first) & (draw < only_first + only_second)).sum())
+            a = int(((draw >= only_first + only_second) & (draw < only_first + only_second + both)).sum())
+            low, high = paired_difference_interval(b, c, n, both_right=a)
+            assert high > low  # never 0 wide: the old one was, whenever no image was right in one only
+            covered += low - 1e-12 <= true <= high + 1e-12
+        assert covered >= 950, (n, covered)
+    assert paired_difference_interval(0, 0, 10, both_right=10) == pytest.approx((-0.2775, 0.2775), abs=1e-3)
 
 
 def test_a_predictions_file_naming_unknown_classes_is_refused(tmp_path: Path) -> None:

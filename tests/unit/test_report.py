@@ -356,3 +356,11 @@ def test_chance_is_judged_on_a_set_of_several_classes_and_by_the_ranking() -> No
     wide = {**one, "macro_auroc": 0.58, "macro_auroc_ci95": [0.45, 0.71]}
     assert "macro AUROC 0.58 (95% CI 0.45–0.71), where 0.5 is chance" in (no_better_than_chance(wide) or "")
     assert no_better_than_chance({**wide, "macro_auroc_ci95": [0.55, 0.61]}) is None
+    # wholly below: not "reaches", and the likeliest cause said (a review, session 56: 0.023 on the real
+    # sample, interval 0.01-0.07, had "reaches 0.385")
+    worse = {**several, "accuracy": 0.023, "accuracy_ci95": [0.01, 0.07], "commonest_class_accuracy": 0.385}
+    said = no_better_than_chance({**worse, "macro_auroc": 0.39, "macro_auroc_ci95": [0.34, 0.44]}) or ""
+    assert "accuracy 0.02 (95% CI 0.01–0.07) lies wholly below 0.39" in said and "reaches" not in said
+    assert "macro AUROC 0.39 (95% CI 0.34–0.44), wholly below 0.5, chance: its ranking is reversed" in said
+    assert "It does worse than chance: are its classes and labels those of these images?" in said
+    assert "does worse" not in (no_better_than_chance(several) or "")
