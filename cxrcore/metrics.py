@@ -232,8 +232,9 @@ def mcnemar_exact(only_a: int, only_b: int) -> float:
     (0.804, 0.125, 1.0)
     """
     n = only_a + only_b
-    tail = sum(math.comb(n, k) for k in range(min(only_a, only_b) + 1)) / 2**n
-    return min(1.0, 2.0 * tail)
+    # P(X <= min) = P(X >= n - min) at p = 1/2, summed in logs: exact big-integer sums took 8.4 s for 12,300
+    # discordant images (a review, session 56)
+    return min(1.0, 2.0 * binomial_tail(n - min(only_a, only_b), n, 0.5))
 
 
 def binomial_tail(k: int, n: int, p: float) -> float:

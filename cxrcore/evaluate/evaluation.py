@@ -544,8 +544,8 @@ def missed_classes(metrics: Mapping[str, Any]) -> str | None:
     missing a rare class entirely.
 
     >>> missed_classes({"per_class": {"A": {"support": 9, "recall": 1.0}, "B": {"support": 4, "recall": 0.0}},
-    ...                 "confusion_matrix": [[9, 0], [4, 0]]})
-    'finds no image of B (0 of 4), and never answers B'
+    ...                 "confusion_matrix": [[9, 0], [4, 0]]})[:59]
+    'finds no image of B (0 of 4), and never answers B (its prec'
     """
     predicted = [sum(column) for column in zip(*metrics["confusion_matrix"], strict=True)]
     missed = [
@@ -559,7 +559,8 @@ def missed_classes(metrics: Mapping[str, Any]) -> str | None:
     text = f"finds no image of {found}"
     never = [name for name, _, never in missed if never]
     if never:
-        text += f", and never answers {' or '.join(never)}"
+        its = "its precision, 0/0" if len(never) == 1 else "their precisions, 0/0"
+        text += f", and never answers {' or '.join(never)} ({its}, shown as -, counts as 0 in the macro)"
     return text
 
 

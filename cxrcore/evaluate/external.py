@@ -471,7 +471,9 @@ def compare_with_internal(
         correct = round(restricted["accuracy"] * restricted["n"])
         block["internal_accuracy_ci95"] = wilson_interval(correct, restricted["n"])
     block.update(reference=reference["kind"], source=reference["source"])
-    block["figures"]["ece"]["internal"] = reference.get("ece")
+    # the internal ECE is of every internal image: beside figures restricted to some classes it would
+    # describe another population (per-image probabilities, which it needs, are not in the reference)
+    block["figures"]["ece"]["internal"] = None if block["restricted_to"] else reference.get("ece")
     for key in COMPARED:
         row = block["figures"][key]
         row["internal"] = internal[key]

@@ -176,7 +176,7 @@ def test_external_evaluation_of_a_registry_version_from_another_folder(
     comparison = metrics["internal_comparison"]
     assert comparison["reference"] == "test" and comparison["restricted_to"] == ["COVID", "Normal"]
     assert comparison["figures"]["accuracy"] == {"internal": 1.0, "external": 0.0, "drop": 1.0}
-    assert comparison["figures"]["ece"]["internal"] == 0.03
+    assert comparison["figures"]["ece"]["internal"] is None  # 0.03 is of all four classes' test images
     assert comparison["large_drop"] is True and comparison["drop_threshold"] == LARGE_DROP
     # One image copies a training image: the verdict says so first, with the figures on the five others.
     assert external["unseen"] == {
@@ -527,6 +527,16 @@ def test_internal_figures_are_restricted_to_the_classes_present() -> None:
     assert block["figures"]["accuracy"]["internal"] == 1.0  # the 20 COVID and Normal images, all right
     assert block["figures"]["macro_f1"]["internal"] == 1.0
     assert block["large_drop"] is False
+    # the internal ECE is of all 40 images: not set beside figures of 20 (a review, session 56)
+    with_ece = compare_with_internal(external, {**reference, "ece": 0.2}, CLASSES, ece=0.1)
+    assert with_ece["figures"]["ece"] == {"internal": None, "external": 0.1, "drop": None}
+    unrestricted = {**external, "classes_present": list(CLASSES)}
+    assert (
+        compare_with_internal(unrestricted, {**reference, "ece": 0.2}, CLASSES, ece=0.1)["figures"]["ece"][
+            "internal"
+        ]
+        == 0.2
+    )
 
 
 def _card(**metrics: Any) -> ModelCard:
