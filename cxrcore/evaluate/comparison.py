@@ -632,7 +632,7 @@ def _best_tables(ranked: list[tuple[str, Mapping[str, Any]]]) -> str:
             ),
             "test macro-F1": row["test_macro_f1"],
             **(holdout_columns(row) if held_out else {}),
-            "test AUROC": row["test_macro_auroc"],
+            "test macro AUROC": row["test_macro_auroc"],
             **{f"test F1 {name}": f1 for name, f1 in row["test_per_class_f1"].items()},
         }
         for model, row in ranked

@@ -379,8 +379,8 @@ def _classification_report(
 
 UNUSUAL_P = 0.01
 """`cxr evaluate` warns where this few datasets of usual images would hold as many unusual ones (a one-sided
-binomial test against the check's expected share): on a 13-image test split, 2 unusual images are not
-enough (p 0.06 at 1 in 50), on 130 images 8 are (p 0.002)."""
+binomial test against the check's expected share): at 1 in 50 expected, 2 unusual images of a 13-image test
+split are not enough (p 0.027), 8 of 130 are (p 0.005)."""
 
 
 def input_check_notes(checked: np.ndarray | None, reference: Any) -> dict[str, Any]:
@@ -394,7 +394,7 @@ def input_check_notes(checked: np.ndarray | None, reference: Any) -> dict[str, A
     >>> notes["input_check"]
     '2 of 4 images (50.0 %) unusual, where about 2.0 % of images like the training ones are'
     >>> notes["input_check_counts"]["p_value"], notes["unusual_inputs"][:50]
-    (0.0023, '2 of 4 images (50.0 %) are unlike the images the m')
+    (0.00234, '2 of 4 images (50.0 %) are unlike the images the m')
     >>> input_check_notes(None, None)["input_check"] is None
     True
     """
@@ -423,7 +423,7 @@ def input_check_notes(checked: np.ndarray | None, reference: Any) -> dict[str, A
             "images": images,
             "unusual": unusual,
             "expected_share": expected,
-            "p_value": round(p_value, 4),
+            "p_value": float(f"{p_value:.3g}"),  # 3 significant digits: 4 decimals wrote a tiny p as 0
         },
     }
 

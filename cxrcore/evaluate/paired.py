@@ -152,7 +152,7 @@ def format_comparison(result: Mapping[str, Any]) -> str:
              f"{row['recall_second'] - row['recall_first']:+.3f}; right in one only: "
              f"{row['only_first']} / {row['only_second']}"]
         )  # fmt: skip
-    lines.append(format_table(["", "first", "second", "second − first (95% CI)"], rows))
+    lines.append(format_table(["", "first", "second", "second − first (95% CI where given)"], rows))
     lines.append(
         f"right in one only: first {result['only_first_right']}, second {result['only_second_right']} "
         f"(McNemar exact p = {result['mcnemar_p']:.3g})"
