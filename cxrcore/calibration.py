@@ -114,6 +114,7 @@ def calibration_report(
     temperature = _check_temperature(temperature)
     z, y = _check(logits, labels)
     report: dict[str, Any] = {
+        "n": len(y),  # the images the figures rest on: on a few dozen an ECE is mostly sampling noise
         "temperature": temperature,
         "ece_before": None,
         "ece_after": None,

@@ -300,7 +300,10 @@ def run_training(loop_config: dict[str, Any], session: TrainSession) -> None:
         if not segmenting and val["count"]:  # temperature scaling on the validation split, so probabilities
             # mean what they say; the validation scores are then those of the calibrated model, as served.
             temperature = fit_temperature(val["outputs"], val["labels"])
-            calibration = calibration_report(val["outputs"], val["labels"], temperature)
+            calibration = {  # the card's: fitted and measured on the validation split
+                "split": "val",
+                **calibration_report(val["outputs"], val["labels"], temperature),
+            }
         metrics = epoch_metrics(epoch, gathered, val, segmenting, temperature)
         metrics["lr"] = scheduler.get_last_lr()[0]
         if epoch == start_epoch:

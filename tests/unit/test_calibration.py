@@ -134,6 +134,7 @@ def test_report_halves_the_ece_and_agrees_with_classification_metrics() -> None:
     report = calibration_report(logits, labels, temperature)
     floors = {f"ece_floor{sd}_{when}" for sd in ("", "_sd") for when in ("before", "after")}
     assert set(report) == {
+        "n",
         "temperature",
         "ece_before",
         "ece_after",
@@ -142,7 +143,7 @@ def test_report_halves_the_ece_and_agrees_with_classification_metrics() -> None:
         "note",
         *floors,
     }
-    assert report["temperature"] == temperature and report["note"] is None
+    assert report["temperature"] == temperature and report["note"] is None and report["n"] == len(labels)
     assert report["ece_after"] <= report["ece_before"] / 2
     assert report["nll_after"] < report["nll_before"]
     before = classification_metrics(labels, softmax(logits))
