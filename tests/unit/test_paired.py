@@ -48,6 +48,12 @@ def test_a_candidate_right_where_production_was_wrong_is_shown_better_with_a_pai
     assert 0 < low < 0.25 < high  # the difference, +0.25, inside its interval, which excludes 0
     assert result["verdict"].startswith("The second model is better on these images")
     assert sum(row["only_second"] for row in result["per_class"].values()) == 12
+    # one test per class: adjusted for there being four (Holm), never below the class's own p
+    rows = result["per_class"].values()
+    assert all(row["mcnemar_p"] <= row["mcnemar_p_holm"] <= 1 for row in rows)
+    assert min(row["mcnemar_p_holm"] for row in rows) == pytest.approx(
+        4 * min(row["mcnemar_p"] for row in rows)
+    )
     assert compare_evaluations(a, b) == result  # the same intervals again: a fixed seed
 
     assert main(["compare", str(a), str(b)]) == 0
