@@ -638,7 +638,9 @@ def _external_blocks(
     if seen is not None and seen.any():
         external["unseen"] = unseen_figures(*scored, seen, card.classes)
     reference = internal_reference(card, report_metrics(model.report), predicted_masks=as_served)
-    comparison = compare_with_internal(external, reference, card.classes, metrics["ece"])
+    comparison = compare_with_internal(
+        external, reference, card.classes, metrics["ece"], metrics.get("ece_floor")
+    )
     log.info("%s", comparison["verdict"])
     return {"external": external, "internal_comparison": comparison}
 

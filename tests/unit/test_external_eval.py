@@ -530,13 +530,15 @@ def test_internal_figures_are_restricted_to_the_classes_present() -> None:
     # the internal ECE is of all 40 images: not set beside figures of 20 (a review, session 56)
     with_ece = compare_with_internal(external, {**reference, "ece": 0.2}, CLASSES, ece=0.1)
     assert with_ece["figures"]["ece"] == {"internal": None, "external": 0.1, "drop": None}
-    unrestricted = {**external, "classes_present": list(CLASSES)}
-    assert (
-        compare_with_internal(unrestricted, {**reference, "ece": 0.2}, CLASSES, ece=0.1)["figures"]["ece"][
-            "internal"
-        ]
-        == 0.2
+    floors = compare_with_internal(
+        external, {**reference, "ece_floor": 0.05}, CLASSES, ece=0.1, ece_floor=0.2
     )
+    assert floors["figures"]["ece_floor"] == {"internal": None, "external": 0.2, "drop": None}  # restricted
+    unrestricted = {**external, "classes_present": list(CLASSES)}
+    both = compare_with_internal(
+        unrestricted, {**reference, "ece": 0.2, "ece_floor": 0.05}, CLASSES, 0.1, 0.2
+    )
+    assert both["figures"]["ece"]["internal"] == 0.2 and both["figures"]["ece_floor"]["internal"] == 0.05
 
 
 def _card(**metrics: Any) -> ModelCard:
