@@ -147,7 +147,7 @@ def undecodable_path(exc: BaseException) -> str | None:
         if isinstance(exc, UnicodeEncodeError) and any(0xDC80 <= ord(c) <= 0xDCFF for c in exc.object):
             encoding = sys.getfilesystemencoding()
             return (
-                f"a path holds characters that Python's file-system encoding ({encoding}) cannot give on: "
+                f"a path holds characters that Python's file-system encoding ({encoding}) cannot pass on: "
                 f"{exc.object.encode('utf-8', 'surrogateescape').decode('utf-8', 'backslashreplace')}; "
                 "run with PYTHONUTF8=1 (or a UTF-8 locale, LC_ALL=C.UTF-8), or use paths in ASCII"
             )
@@ -945,7 +945,6 @@ def _run_compare(args: argparse.Namespace) -> int:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from cxrcore.evaluate.comparison import commonest_class_warning
     from cxrcore.evaluate.evaluation import evaluate_checkpoint
     from cxrcore.evaluate.external import verdict_alarming
     from cxrcore.evaluate.report import column_label, metrics_table, with_intervals
@@ -975,7 +974,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         missed = (evaluated or {}).get("missed")
         if missed:
             print(f"WARNING: the model {missed}; the accuracy does not show it, the recalls above do")
-        if chance := commonest_class_warning(metrics):
+        # as metrics.json and the report have it; an external evaluation's verdict (below) says it of its own
+        if chance := (evaluated or {}).get("chance"):
             print(f"WARNING: {chance}")
         if (metrics.get("calibration") or {}).get("prior_note"):
             print(f"note: {metrics['calibration']['prior_note']}")

@@ -93,6 +93,15 @@ def check_utf8_arguments(arguments: list[str] | None = None) -> None:
             argument.encode("utf-8")
         except UnicodeEncodeError:
             shown = os.fsencode(argument).decode("utf-8", "backslashreplace")
+            try:
+                os.fsencode(argument).decode("utf-8")
+            except UnicodeDecodeError:
+                pass
+            else:  # UTF-8 on disk, read as ASCII: the locale (PYTHONUTF8=0 with LC_ALL=C), not the name
+                raise ConfigError(
+                    f"{shown!r}: Python reads file names as {sys.getfilesystemencoding()} here (PYTHONUTF8=0 "
+                    "with a C locale); run with PYTHONUTF8=1 (or a UTF-8 locale, LC_ALL=C.UTF-8)"
+                ) from None
             raise ConfigError(
                 f"{shown!r} is not UTF-8 text, which Ray needs its command line to be: rename it, or give a "
                 "symlink with a UTF-8 name"

@@ -560,9 +560,14 @@ def commonest_class_warning(metrics: Mapping[str, Any]) -> str | None:
     )
 
 
-BELOW_CHANCE = "; it does worse than that: are its classes and labels those of these images?"
-"""Where a figure's whole 95% interval lies below what chance scores: not luck, most often inverted labels,
-or classes in another order."""
+BELOW_CHANCE = (
+    "; below it, on images where one class is this common, the balanced accuracy and each class's recall "
+    "say more"
+)
+"""Where the accuracy's whole 95% interval lies below always answering the commonest class: on an imbalanced
+set a model that finds the rare classes (class weights push it to) can score so and still have learned the
+task (a verifier, session 56: sensitivity and specificity 0.8, AUROC 0.88, on a set 90 % one class). A
+ranking below chance is the macro AUROC's to show (`external.no_better_than_chance`)."""
 
 
 def _chance_figures(matrix: Sequence[Sequence[int]] | None) -> tuple[str, int, bool] | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import logging
 import os
@@ -485,7 +486,7 @@ def classes_note(per_class: Mapping[str, Mapping[str, Any]]) -> str | None:
         if not recall:  # never called: its precision is 0/0, counted as 0
             return (
                 f"Only {present[0]} images here, and the model called none of them {present[0]}: its recall "
-                "(sensitivity) is 0, and its precision and F1 have nothing to count (shown as 0)."
+                "(sensitivity) and F1 are 0, and its precision is 0/0 (shown as -, counted as 0)."
             )
         return (
             f"Only {present[0]} images here: its precision is 1 by construction and macro-F1 is "
@@ -715,6 +716,7 @@ def _segmentation_report(
         facts_table,
         html_table,
         plot_training_curves,
+        resume_note,
         write_html_report,
     )
     from cxrcore.inference import BatchedPredictions
@@ -750,7 +752,14 @@ def _segmentation_report(
     ]
     if card["history"]:
         paths["training_curves"] = plot_training_curves(card["history"], out / "training_curves.png")
-        sections.append(ReportSection("Training curves", images=[paths["training_curves"]]))
+        note = resume_note(card["history"])
+        sections.append(
+            ReportSection(
+                "Training curves",
+                html=f"<p>{html.escape(note)}</p>" if note else "",
+                images=[paths["training_curves"]],
+            )
+        )
     paths["report"] = write_html_report(out / "report.html", f"{predictor.card.name} on {split}", sections)
     return paths
 

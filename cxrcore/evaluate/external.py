@@ -529,23 +529,23 @@ def no_better_than_chance(external: Mapping[str, Any]) -> str | None:
     auroc, auroc_interval = external.get("macro_auroc"), external.get("macro_auroc_ci95")
     reasons = []
     several = len(external.get("classes_present") or ()) > 1  # one class: its accuracy is its sensitivity
-    below = False
+    inverted = False  # a ranking below chance: the likeliest cause, labels or classes not the images'
     if several and interval and commonest is not None and interval[0] <= commonest:
-        below = interval[1] < commonest
-        verb = "lies wholly below" if below else "reaches"
+        verb = "lies wholly below" if interval[1] < commonest else "reaches"
         reasons.append(
             f"accuracy {_fixed(external['accuracy'])}{_interval(interval)} {verb} {_fixed(commonest)}, what "
             "always answering the commonest class here scores"
         )
     if auroc is not None and (auroc_interval[0] if auroc_interval else auroc) <= 0.5:
         inverted = auroc_interval is not None and auroc_interval[1] < 0.5
-        below = below or inverted
         where = "wholly below 0.5, chance: its ranking is reversed" if inverted else "where 0.5 is chance"
         reasons.append(f"macro AUROC {_fixed(auroc)}{_interval(auroc_interval)}, {where}")
     if not reasons:
         return None
     said = "; ".join(reasons)
-    worse = " It does worse than chance: are its classes and labels those of these images?" if below else ""
+    worse = (
+        " It does worse than chance: are its classes and labels those of these images?" if inverted else ""
+    )
     return f"Not shown to beat chance on these images: {said}.{worse} Do not rely on it for data like this."
 
 

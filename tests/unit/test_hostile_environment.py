@@ -243,3 +243,27 @@ def test_a_non_ascii_path_under_a_locale_python_reads_as_ascii_is_one_line_with_
     assert done.returncode == 2, said
     assert said.startswith("cxr: error: a path holds characters that Python's file-system encoding (ascii) ")
     assert "N\\xe9v\\xe9 donn\\xe9es/ds" in said and "PYTHONUTF8=1" in said and "Traceback" not in said
+
+
+def test_a_non_ascii_argument_under_a_locale_python_reads_as_ascii_is_told_the_locale_not_the_name(
+    tmp_path: Path,
+) -> None:
+    """A verifier (session 56): the same locale with the non-ASCII path given as an argument had been told
+    the name was not UTF-8 ("rename it"), though it was: the locale is what to change."""
+    import subprocess
+    import sys
+
+    from cxrcore.data.synthetic import write_synthetic_dataset
+
+    write_synthetic_dataset(tmp_path / "Névé" / "raw", per_class=1, seed=0, image_size=32, mask_size=32)
+    env = {**os.environ, "PYTHONUTF8": "0", "LC_ALL": "C"}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "cxrcore", "data", "ingest", "Névé/raw", "ds"],
+        cwd=tmp_path, env=env, capture_output=True, timeout=120,
+    )  # fmt: skip
+    said = done.stderr.decode("ascii", "replace").strip()
+    assert done.returncode == 2 and said.startswith(
+        "cxr: error: 'N\\xe9v\\xe9/raw': Python reads file names"
+    ), said
+    assert "PYTHONUTF8=1" in said and "rename" not in said

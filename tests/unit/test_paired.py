@@ -177,3 +177,21 @@ def test_a_predictions_file_naming_unknown_classes_is_refused(tmp_path: Path) ->
     frame.to_csv(a / "predictions.csv", index=False)
     with pytest.raises(ComparisonError, match=r"the first evaluation's predictions\.csv names"):
         compare_evaluations(a, write_evaluation(tmp_path / "c", labels, labels))
+
+
+def test_a_macro_f1_interval_of_no_width_is_explained_without_claiming_the_answers_agreed(
+    tmp_path: Path,
+) -> None:
+    """A verifier (session 56): eight images both models got wrong, each with another wrong class, gave a
+    0-wide macro-F1 interval (0 for both in every resample) under a note saying they answered alike."""
+    labels = [CLASSES[i % 4] for i in range(8)]
+    wrong_once = [CLASSES[(CLASSES.index(label) + 1) % 4] for label in labels]
+    wrong_twice = [CLASSES[(CLASSES.index(label) + 2) % 4] for label in labels]
+    a = write_evaluation(tmp_path / "a", labels, wrong_once)
+    differ = compare_evaluations(a, write_evaluation(tmp_path / "b", labels, wrong_twice, weights="b" * 64))
+    alike = compare_evaluations(a, write_evaluation(tmp_path / "c", labels, wrong_once, weights="c" * 64))
+    for result, same in ((differ, False), (alike, True)):
+        low, high = result["macro_f1_difference_ci95"]
+        assert low == high == 0.0 and result["same_answers"] is same
+        (note,) = [n for n in result["notes"] if "bootstrap interval is 0 wide" in n]
+        assert note.startswith("the two models gave the same answer on every image") is same

@@ -364,3 +364,8 @@ def test_chance_is_judged_on_a_set_of_several_classes_and_by_the_ranking() -> No
     assert "macro AUROC 0.39 (95% CI 0.34–0.44), wholly below 0.5, chance: its ranking is reversed" in said
     assert "It does worse than chance: are its classes and labels those of these images?" in said
     assert "does worse" not in (no_better_than_chance(several) or "")
+    # below the commonest class's score on a set 90 % one class, with a ranking well above chance: not
+    # "worse than chance" (a verifier, session 56: sensitivity and specificity 0.8, AUROC 0.88)
+    imbalanced = {**several, "accuracy": 0.8, "accuracy_ci95": [0.77, 0.82], "commonest_class_accuracy": 0.9}
+    said = no_better_than_chance({**imbalanced, "macro_auroc": 0.88, "macro_auroc_ci95": [0.85, 0.91]}) or ""
+    assert "lies wholly below 0.90" in said and "worse than chance" not in said
