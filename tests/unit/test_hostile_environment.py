@@ -222,25 +222,30 @@ def test_a_home_where_matplotlib_cannot_write_gets_one_config_folder_of_this_use
     assert "MPLCONFIGDIR" not in os.environ
 
 
+def _ingest_under_an_ascii_locale(cwd: Path, *paths: str) -> tuple[int, str]:
+    """`cxr data ingest PATHS` with `PYTHONUTF8=0 LC_ALL=C` from `cwd`: its exit status and what it said."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONUTF8": "0", "LC_ALL": "C"}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "cxrcore", "data", "ingest", *paths],
+        cwd=cwd, env=env, capture_output=True, timeout=120,
+    )  # fmt: skip
+    return done.returncode, done.stderr.decode("ascii", "replace").strip()
+
+
 def test_a_non_ascii_path_under_a_locale_python_reads_as_ascii_is_one_line_with_the_way_round(
     tmp_path: Path,
 ) -> None:
     """`PYTHONUTF8=0 LC_ALL=C` (a locale chosen against Python's default, which is UTF-8 mode under C): a
     name's non-ASCII bytes reach Python as surrogate escapes, which Arrow cannot encode. It had ended in a
     pyarrow traceback; now one line says what to set."""
-    import subprocess
-    import sys
-
     here = tmp_path / "Névé données"
     (here / "raw").mkdir(parents=True)
-    env = {**os.environ, "PYTHONUTF8": "0", "LC_ALL": "C"}
-    env.pop("RAY_ADDRESS", None)
-    done = subprocess.run(
-        [sys.executable, "-m", "cxrcore", "data", "ingest", "raw", "ds"],
-        cwd=here, env=env, capture_output=True, timeout=120,
-    )  # fmt: skip
-    said = done.stderr.decode("ascii", "replace").strip()
-    assert done.returncode == 2, said
+    status, said = _ingest_under_an_ascii_locale(here, "raw", "ds")
+    assert status == 2, said
     assert said.startswith("cxr: error: a path holds characters that Python's file-system encoding (ascii) ")
     assert "N\\xe9v\\xe9 donn\\xe9es/ds" in said and "PYTHONUTF8=1" in said and "Traceback" not in said
 
@@ -250,20 +255,9 @@ def test_a_non_ascii_argument_under_a_locale_python_reads_as_ascii_is_told_the_l
 ) -> None:
     """A verifier (session 56): the same locale with the non-ASCII path given as an argument had been told
     the name was not UTF-8 ("rename it"), though it was: the locale is what to change."""
-    import subprocess
-    import sys
-
     from cxrcore.data.synthetic import write_synthetic_dataset
 
     write_synthetic_dataset(tmp_path / "Névé" / "raw", per_class=1, seed=0, image_size=32, mask_size=32)
-    env = {**os.environ, "PYTHONUTF8": "0", "LC_ALL": "C"}
-    env.pop("RAY_ADDRESS", None)
-    done = subprocess.run(
-        [sys.executable, "-m", "cxrcore", "data", "ingest", "Névé/raw", "ds"],
-        cwd=tmp_path, env=env, capture_output=True, timeout=120,
-    )  # fmt: skip
-    said = done.stderr.decode("ascii", "replace").strip()
-    assert done.returncode == 2 and said.startswith(
-        "cxr: error: 'N\\xe9v\\xe9/raw': Python reads file names"
-    ), said
+    status, said = _ingest_under_an_ascii_locale(tmp_path, "Névé/raw", "ds")
+    assert status == 2 and said.startswith("cxr: error: 'N\\xe9v\\xe9/raw': Python reads file names"), said
     assert "PYTHONUTF8=1" in said and "rename" not in said
