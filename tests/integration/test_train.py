@@ -314,6 +314,9 @@ def test_validation_is_shared_among_workers_without_dropping_a_row(
     assert sorted(val[0] + val[1]) == list(range(41))
     (alone,) = WholeValidation(execution_options=_shard_options()).configure(datasets, 1, None, None)
     assert not [name for name in alone if isinstance(alone[name], StreamSplitDataIterator)]
+    if not in_memory:  # one worker reads streamed training data in order: the same --seed, the same run
+        options = {name: alone[name]._base_dataset.context.execution_options for name in alone}
+        assert options["train"].preserve_order and not options["val"].preserve_order
     assert (
         sorted(ray.get(ids.remote(alone["train"])))
         == sorted(ray.get(ids.remote(alone["val"])))
