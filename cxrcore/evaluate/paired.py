@@ -215,7 +215,7 @@ def paired_difference_interval(
     square-and-add interval for paired proportions (his method 10, Stat Med 1998;17:2635; Fagerland et al.,
     Statistical Analysis of Contingency Tables, ch. 8), from each model's Wilson interval and the correlation
     of their answers (with its continuity correction). `both_right` (the images both got right) defaults to
-    the rest beside those only one got right, as if neither model missed any image the other found.
+    every image that only one did not get right, as if no image were missed by both.
 
     It replaced an interval exact and conditional on the m images exactly one model got right (McNemar's
     own), which could never reach past ±m/n and was 0 wide where m was 0: a review (session 56) measured it
