@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 import json
 import logging
 import os
@@ -716,7 +715,7 @@ def _segmentation_report(
         facts_table,
         html_table,
         plot_training_curves,
-        resume_note,
+        training_curves_section,
         write_html_report,
     )
     from cxrcore.inference import BatchedPredictions
@@ -752,14 +751,7 @@ def _segmentation_report(
     ]
     if card["history"]:
         paths["training_curves"] = plot_training_curves(card["history"], out / "training_curves.png")
-        note = resume_note(card["history"])
-        sections.append(
-            ReportSection(
-                "Training curves",
-                html=f"<p>{html.escape(note)}</p>" if note else "",
-                images=[paths["training_curves"]],
-            )
-        )
+        sections.append(training_curves_section(paths["training_curves"], card["history"]))
     paths["report"] = write_html_report(out / "report.html", f"{predictor.card.name} on {split}", sections)
     return paths
 

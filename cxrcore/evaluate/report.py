@@ -205,6 +205,19 @@ def resume_note(history: Sequence[Mapping[str, Any]]) -> str | None:
     return f"Resumed {'; '.join(told)}. {lines}"
 
 
+def training_curves_section(
+    image: Path, history: Sequence[Mapping[str, Any]], alt: str = ""
+) -> ReportSection:
+    """A report's "Training curves" section: the plot, and where the run was resumed in words."""
+    note = resume_note(history)
+    return ReportSection(
+        "Training curves",
+        html=f"<p>{html.escape(note)}</p>" if note else "",
+        images=[image],
+        alts={"training_curves": alt} if alt else {},
+    )
+
+
 def _mark_resumes(ax: Axes, history: Sequence[Mapping[str, Any]]) -> None:
     """A dotted line between the epoch a run went on after and the first it trained then."""
     labelled = set()
@@ -578,16 +591,7 @@ def write_evaluation_report(
     ]
     if "training_curves" in paths:
         alt = "Training curves by epoch: losses, and validation accuracy and macro-F1; the card's history"
-        alts = {"training_curves": alt}
-        note = resume_note(history or [])
-        sections.append(
-            ReportSection(
-                "Training curves",
-                html=f"<p>{html.escape(note)}</p>" if note else "",
-                images=[paths["training_curves"]],
-                alts=alts,
-            )
-        )
+        sections.append(training_curves_section(paths["training_curves"], history or [], alt))
     for name, result in extra.items():
         table = metrics_table(result) if "per_class" in result else None
         notes = "".join(
@@ -785,7 +789,6 @@ def with_intervals(row: Mapping[str, Any], metrics: Mapping[str, Any]) -> dict[s
             out["ECE floor (perfectly calibrated)"] = (
                 f"{metrics['ece_floor']:.3f} ± {metrics['ece_floor_sd']:.3f}"
             )
-            out.pop("ece_floor", None)
     return out
 
 
