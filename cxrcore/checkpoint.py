@@ -12,11 +12,12 @@ import dataclasses
 import errno
 import functools
 import json
+import logging
 import math
 import os
 import pickle
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,6 +32,7 @@ from torch import nn
 from cxrcore.config import ConfigError, UnsafeWeightsError  # their home is torch-free: the CLI catches them
 from cxrcore.labels import CLASSES
 
+log = logging.getLogger(__name__)
 CARD_NAME = "card.json"
 WEIGHTS_NAME = "model.safetensors"
 TRAIN_STATE_NAME = "train_state.pt"
@@ -385,6 +387,24 @@ def check_weights_recorded(card: ModelCard, directory: Path) -> None:
             "registered"
             + (f"; copy them back from {card.registered_from}/{WEIGHTS_NAME}" if card.registered_from else "")
         )
+
+
+def drop_resume_state(checkpoints: Iterable[str]) -> None:
+    """Delete the resume state (TRAIN_STATE_NAME) of `checkpoints` (folders or URIs): those of a run that
+    it will not resume from, every kept checkpoint but its latest. A run resumes from its latest checkpoint
+    only; evaluation, the registry and Serve read the weights and the card. The state is mostly AdamW's two
+    moments, twice the weights (about 190 MB for a ResNet50, beside 94 MB of weights), in each of the up to
+    four checkpoints a run or trial keeps. A state that cannot be deleted is left, with a warning: the run
+    it belongs to has finished."""
+    from cxrcore.data import storage
+
+    for checkpoint in checkpoints:
+        try:
+            filesystem, path = storage.resolve(checkpoint)
+            storage.remove(filesystem, f"{path.rstrip('/')}/{TRAIN_STATE_NAME}")
+        except OSError as exc:
+            log.warning("could not delete %s/%s, which resuming does not need: %s", checkpoint,
+                        TRAIN_STATE_NAME, exc)  # fmt: skip
 
 
 def load_train_state(directory: str | Path) -> dict[str, Any] | None:

@@ -1012,11 +1012,16 @@ def _segmenter_trial_checkpoints(config: TuneConfig) -> list[tuple[str, dict[str
 
 
 def _trial_record(config: TuneConfig, result: Any) -> dict[str, Any]:
+    """What the comparison keeps of a trial of an experiment that has ended; its kept checkpoints other
+    than the latest lose their resume state (`drop_resume_state`) on the way."""
+    from cxrcore.checkpoint import drop_resume_state
+
     params = result.config
     metrics = result.metrics or {}
     trial_id = metrics.get("trial_id") or Path(result.path).name
     train = trial_train_config(config, params, trial_id, None)
     checkpoints = _tune_checkpoints(result) or _kept_checkpoints(f"{train.out.rstrip('/')}/{trial_id}")
+    drop_resume_state(location for location, _ in checkpoints[:-1])  # oldest first: all but the latest
     checkpoint, card = best_by_validation(checkpoints, lambda kept: kept[1]["metrics"]) or (None, None)
     # The last epoch reported (a restored trial's Train run resumes mid-way; Tune counts its reports from 1).
     epochs_run = int(metrics.get("epoch") or 0)

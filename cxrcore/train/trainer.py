@@ -990,6 +990,7 @@ def writing(config: TrainConfig) -> AbstractContextManager[None]:
 def _fit(config: TrainConfig) -> TrainResult:
     from ray.train.v2.api.exceptions import TrainingFailedError
 
+    from cxrcore.checkpoint import drop_resume_state
     from cxrcore.data import storage
     from cxrcore.train.loop import TrainingDiverged
 
@@ -1029,6 +1030,12 @@ def _fit(config: TrainConfig) -> TrainResult:
         # Ray Train's local mode ran the loop in this process; the folders its reports name are temporary
         # and gone by now, so there is no checkpoint to hand on (the metrics stand).
         return TrainResult(None, None, None, dict(result.metrics or {}), dict(best_metrics))
+    if result.checkpoint is not None:  # the run resumes from its latest checkpoint only
+        drop_resume_state(
+            storage.uri(kept.filesystem, kept.path)
+            for kept, _ in kept_checkpoints(result)
+            if kept.path != result.checkpoint.path
+        )
     # Ray gives paths within the storage filesystem ("bucket/runs/..."): the URIs a user can pass on.
     return TrainResult(
         run_dir=storage.uri(result.filesystem, result.path),

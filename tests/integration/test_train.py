@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from cxrcore.checkpoint import CARD_NAME, WEIGHTS_NAME, load_card
+from cxrcore.checkpoint import CARD_NAME, TRAIN_STATE_NAME, WEIGHTS_NAME, load_card
 from cxrcore.config import EvaluateConfig, TrainConfig
 from cxrcore.data.ingest import read_report, read_table, tensor_column
 from cxrcore.evaluate.evaluation import evaluate_checkpoint
@@ -44,6 +44,8 @@ def test_two_worker_ddp_beats_chance_and_writes_checkpoint_and_card(
     best = Path(ddp_run.best_checkpoint)
     assert best.parent == ddp_work / "cxr-runs/ddp"  # relative --data and --out, where they were typed
     assert {CARD_NAME, WEIGHTS_NAME} <= {p.name for p in best.iterdir()}
+    # The optimizer's state, to resume from, is kept in the latest checkpoint only.
+    assert [p.parent.name for p in best.parent.glob(f"*/{TRAIN_STATE_NAME}")] == ["checkpoint_epoch_002"]
     card = load_card(best)
     assert card.model["name"] == "dual_cnn" and card.input_spec["channels"] == ["image", "mask"]
     assert card.classes == ["COVID", "Lung_Opacity", "Normal", "Viral Pneumonia"]
@@ -179,6 +181,7 @@ def test_rerun_with_the_same_name_resumes_after_the_last_epoch(
     assert second.latest_checkpoint is not None and second.latest_checkpoint.endswith("/checkpoint_epoch_003")
     assert streamed == [f"train {config.seed}", "val None"]  # the training files in a new order each epoch
     assert second.metrics["epoch"] == 3
+    assert [p.parent.name for p in run.glob(f"*/{TRAIN_STATE_NAME}")] == ["checkpoint_epoch_003"]
     history = load_card(second.latest_checkpoint).history
     assert [h["epoch"] for h in history] == list(range(1, 4))
     # Marked where it went on: 3 epochs on 1 worker is another plan, so its learning rate jumped there.

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 from ray.train import Checkpoint, Result
 
 from cxrcore.metrics import best_by_validation
@@ -295,3 +296,62 @@ def test_a_run_patience_stopped_is_finished_not_interrupted(tmp_path: Path, monk
         trainer_module.fit(dataclasses.replace(config, patience=None))
     with pytest.raises(ConfigError, match="--patience: must be 1 or more"):
         TrainConfig(data="ds", model="tiny_cnn_lstm", patience=0)
+
+
+def test_a_finished_trial_keeps_the_resume_state_of_its_latest_checkpoint_only(tmp_path: Path) -> None:
+    """The optimizer's state (twice a model's weights) is needed to resume, from the latest checkpoint;
+    the other kept checkpoints lose it when the experiment ends, their weights and cards untouched."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from cxrcore.checkpoint import TRAIN_STATE_NAME, WEIGHTS_NAME, ModelCard, save_checkpoint
+    from cxrcore.config import TuneConfig
+    from cxrcore.tune import _trial_record
+
+    def checkpoint(epoch: int) -> Checkpoint:
+        card = ModelCard(
+            model={"name": "tiny_cnn_lstm"}, input_spec={}, epoch=epoch, metrics=_epoch(epoch + 1, 0.5, 1.0)
+        )
+        folder = save_checkpoint(
+            tmp_path / f"checkpoint_{epoch:06d}", torch.nn.Linear(2, 1), card, {"epoch": epoch}
+        )
+        return Checkpoint(str(folder))
+
+    kept = [checkpoint(epoch) for epoch in (2, 0, 1)]  # Tune's order is by score, not by epoch
+    result = SimpleNamespace(
+        config={"trial": {"model": "tiny_cnn_lstm", "lr": 1e-3, "weight_decay": 1e-4, "batch_size": 16}},
+        metrics={"trial_id": "t", **_epoch(3, 0.5, 1.0)}, error=None, path=str(tmp_path), checkpoint=kept[0],
+        best_checkpoints=[(c, {}) for c in kept],
+    )  # fmt: skip
+    record = _trial_record(TuneConfig(data="ds", registry="reg", models="tiny_cnn_lstm", epochs=3), result)
+    assert record["best_epoch"] is not None
+    with_state = sorted(p.parent.name for p in tmp_path.glob(f"*/{TRAIN_STATE_NAME}"))
+    assert with_state == ["checkpoint_000002"]
+    assert len(list(tmp_path.glob(f"*/{WEIGHTS_NAME}"))) == 3
+    _trial_record(TuneConfig(data="ds", registry="reg", models="tiny_cnn_lstm", epochs=3), result)  # again
+
+
+def test_resume_state_that_cannot_be_deleted_is_left_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A finished run whose older resume state cannot be deleted (a read-only share, an object store's
+    refusal) still finishes: the file is named in a warning and left."""
+    from cxrcore.checkpoint import TRAIN_STATE_NAME, drop_resume_state
+    from cxrcore.data import storage
+
+    folders = [tmp_path / "checkpoint_epoch_001", tmp_path / "checkpoint_epoch_002"]
+    for folder in folders:
+        folder.mkdir()
+        (folder / TRAIN_STATE_NAME).write_bytes(b"state")
+    real_remove = storage.remove
+
+    def remove(filesystem: object, path: str) -> None:
+        if "epoch_001" in path:
+            raise PermissionError(13, "Permission denied", path)
+        real_remove(filesystem, path)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(storage, "remove", remove)
+    drop_resume_state([str(folder) for folder in folders] + [str(tmp_path / "gone")])  # gone: nothing to do
+    assert (folders[0] / TRAIN_STATE_NAME).exists() and not (folders[1] / TRAIN_STATE_NAME).exists()
+    assert f"could not delete {folders[0]}/{TRAIN_STATE_NAME}, which resuming does not need" in caplog.text
