@@ -293,12 +293,49 @@ def check_resume(config: TrainConfig, settings: dict[str, Any], run_dir: str, wr
     recorded_now = run_settings(config, settings)
     defaults = added_run_settings(recorded_now, run_dir)
     check_same_experiment(run_dir, recorded_now, "a training run", defaults, write=write)
+    check_recorded_checkpoints(run_dir)
     done = ((latest_recorded(run_dir) or {}).get("metrics") or {}).get("epoch")
     if isinstance(done, int) and done > config.epochs:
         raise ConfigError(
             f"--epochs {config.epochs}: {run_dir} already holds a run of {done} epochs, and a run is not "
             f"cut short: its checkpoints stand as they are (`cxr train --epochs {done}` prints them again). "
             f"For a run of {config.epochs} epochs start a fresh one with another --name (or --out)"
+        )
+
+
+def check_recorded_checkpoints(run_dir: str) -> None:
+    """Refuse to resume the run in `run_dir` where its checkpoints are not as Ray Train recorded them, as
+    deleting them by hand to free space leaves them:
+    - a checkpoint folder the record keeps is gone: Ray Train refused the run in an 88-line traceback
+      (CheckpointManagerInitializationError) whose advice, deleting the run's folder, took the best
+      checkpoint with it;
+    - the latest has no resume state (TRAIN_STATE_NAME): the run trained again from its first epoch with a
+      fresh optimizer, over the folders of the same names, and printed a best checkpoint that was gone.
+    A record that does not parse is `restore_checkpoint_record`'s to judge."""
+    from cxrcore.checkpoint import TRAIN_STATE_NAME, WEIGHTS_NAME
+    from cxrcore.data import storage
+
+    filesystem, root = storage.resolve(run_dir)
+    text = storage.read_text(filesystem, f"{root}/{CHECKPOINT_SNAPSHOT}")
+    record = _checkpoint_record(text) if text is not None else None
+    if record is None:
+        return
+    start_over = f"train with another --name, or delete {run_dir} to start this run over"
+    kept = (entry.get("checkpoint_dir_name") for entry in _record_entries(record["checkpoint_results"]))
+    gone = sorted(
+        name for name in kept if isinstance(name, str) and not storage.exists(filesystem, f"{root}/{name}")
+    )
+    if gone:
+        raise ConfigError(
+            f"{run_dir}: checkpoint folder(s) this run recorded are gone ({', '.join(gone)}), and it "
+            f"resumes only with every one of them: put them back, or {start_over}"
+        )
+    latest = (record.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+    if isinstance(latest, str) and not storage.exists(filesystem, f"{root}/{latest}/{TRAIN_STATE_NAME}"):
+        raise ConfigError(
+            f"{run_dir}/{latest}, this run's latest checkpoint, has no {TRAIN_STATE_NAME} (the optimizer's "
+            f"state, which resuming needs): {start_over}. Its weights can start the new run: --pretrained "
+            f"{run_dir}/{latest}/{WEIGHTS_NAME}"
         )
 
 

@@ -124,7 +124,7 @@ def test_a_resumed_run_drops_the_checkpoints_its_interrupted_run_never_recorded(
 
 def _recorded_run(run: Path, epochs: list[tuple[int, float, float]], size: int, keep: bool) -> None:
     """A run folder as Ray Train leaves it: a checkpoint folder with a card per epoch, and its record."""
-    from cxrcore.checkpoint import CARD_NAME
+    from cxrcore.checkpoint import CARD_NAME, TRAIN_STATE_NAME
 
     results = []
     for epoch, score, loss in epochs:
@@ -137,6 +137,7 @@ def _recorded_run(run: Path, epochs: list[tuple[int, float, float]], size: int, 
             "epoch": epoch,
         }
         (folder / CARD_NAME).write_text(json.dumps(card))
+        (folder / TRAIN_STATE_NAME).write_bytes(b"state")
         metrics = {**_epoch(epoch, score, loss), **({"val_keep": score} if keep else {})}
         results.append({"version": 0, "checkpoint_dir_name": folder.name, "metrics": metrics})
     record = {"checkpoint_results": results, "latest_checkpoint_result": results[-1]}
@@ -221,6 +222,49 @@ def test_a_dry_run_refuses_the_resume_the_run_would_refuse(tmp_path: Path, capsy
 
     assert main([*command, "--epochs", "1"]) == 2 and not ray.is_initialized()  # refused before Ray's start
     assert "already holds a run of 2 epochs" in capsys.readouterr().err
+
+
+def test_a_run_whose_checkpoints_were_deleted_by_hand_is_refused_in_one_line(
+    tmp_path: Path, capsys: Any
+) -> None:
+    """A review (session 57), freeing disk space as a user over quota would: a recorded checkpoint folder
+    deleted ended in Ray's 88-line traceback, whose advice deleted the best checkpoint too; the latest
+    checkpoint's train_state.pt deleted trained the run again from epoch 1 with a fresh optimizer, over
+    folders of the same names, and printed a best checkpoint that was gone. Both are refused, by the dry
+    run too, before Ray starts."""
+    import shutil
+
+    from cxrcore.checkpoint import TRAIN_STATE_NAME, WEIGHTS_NAME
+    from cxrcore.cli import main
+    from cxrcore.config import ConfigError, TrainConfig
+    from cxrcore.train import trainer
+    from tests.unit.test_external_eval import write_dataset
+
+    data = write_dataset(
+        tmp_path / "ds", [("COVID", "train", 1), ("Normal", "train", 2), ("COVID", "val", 3)], "f"
+    )
+    config = TrainConfig(data=data, model="cnn_lstm", out=str(tmp_path / "runs"), name="r", epochs=4)
+    run = tmp_path / "runs" / "r"
+    _recorded_run(run, [(1, 0.5, 1.2), (2, 0.7, 0.9), (3, 0.6, 1.0)], size=32, keep=True)
+    trainer.check_resume(config, trainer.loop_config(config, settings_only=True), str(run))  # as it was left
+    command = ["train", "--data", data, "--model", "cnn_lstm", "--out", str(tmp_path / "runs"), "--name", "r"]
+
+    (run / "checkpoint_epoch_003" / TRAIN_STATE_NAME).unlink()
+    for args in (["--dry-run"], []):
+        assert main([*command, "--epochs", "4", *args]) == 2
+        (error,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("cxr: error")]
+        assert f"{run}/checkpoint_epoch_003, this run's latest checkpoint, has no {TRAIN_STATE_NAME}" in error
+        assert error.endswith(f"--pretrained {run}/checkpoint_epoch_003/{WEIGHTS_NAME}")
+    import ray
+
+    assert not ray.is_initialized()
+
+    shutil.rmtree(run / "checkpoint_epoch_001")
+    with pytest.raises(
+        ConfigError, match=r"checkpoint folder\(s\) this run recorded are gone \(checkpoint_epoch_001\)"
+    ):
+        trainer.check_recorded_checkpoints(str(run))
+    trainer.check_recorded_checkpoints(str(tmp_path / "no-such-run"))  # a new run: nothing to check
 
 
 def test_a_tune_rerun_with_other_settings_is_refused_before_ray_and_by_its_dry_run(
