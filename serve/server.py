@@ -215,6 +215,12 @@ def shutdown_serve() -> None:
     stop_stray_haproxy(ray.get_runtime_context().get_node_id())
 
 
+AUDIT_IN_SESSION_NOTE = (
+    "the audit trail goes to the Ray session's log folder (RAY_SESSION/logs/serve), which the next Ray "
+    "session does not keep and cleaning up old sessions deletes: --arg audit_dir=DIR keeps it where you say"
+)
+
+
 def serve_foreground(
     app_args: dict[str, Any],
     host: str = "127.0.0.1",
@@ -243,6 +249,8 @@ def serve_foreground(
         prune_haproxy_folders()  # after the strays: their folders go with them
     if stopped:
         print("stopped an HAProxy that an earlier Serve left running", file=sys.stderr, flush=True)
+    if args.audit_log and not args.audit_dir:
+        print(f"note: {AUDIT_IN_SESSION_NOTE}", file=sys.stderr, flush=True)
     if local:  # before Ray starts, not as HAProxy's crash after it; a port the stray held, freed in a moment
         _port_free_soon(host, port, PORT_RELEASE_S if stopped else 0.0)
     # On a cluster joined by address, Serve's controller, proxies and replicas log to this console whatever

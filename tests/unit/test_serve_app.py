@@ -311,3 +311,26 @@ def test_an_audit_dir_that_cannot_be_made_is_refused_before_ray_starts(tmp_path:
     args = ServeArgs(model=str(tmp_path / "none"), audit_log=True, audit_dir=str(tmp_path / "file" / "sub"))
     with pytest.raises(ValueError, match=r"audit_dir .*file/sub: cannot make it \(Not a directory\)"):
         build_app(args)
+
+
+def test_an_audit_trail_in_the_ray_session_is_noted_before_ray_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A review (session 57): without `audit_dir` the trail is written into the Ray session's log folder,
+    which the next session does not keep and which the README's advice on old sessions deletes."""
+    import cxrcore.runtime
+    from serve.server import AUDIT_IN_SESSION_NOTE, serve_foreground
+
+    class Started(Exception):
+        pass
+
+    def init_ray(*args: object, **kwargs: object) -> None:
+        raise Started
+
+    monkeypatch.setattr(cxrcore.runtime, "init_ray", init_ray)
+    registry = str(write_registry(tmp_path))
+    for audit_dir, noted in (("", True), (str(tmp_path / "audit"), False)):
+        args = {"registry": registry, "model": "tiny_cnn_lstm", "audit_log": True, "audit_dir": audit_dir}
+        with pytest.raises(Started):
+            serve_foreground(args, address="127.0.0.1:1")  # a cluster's: no local HAProxy or port to look at
+        assert (f"note: {AUDIT_IN_SESSION_NOTE}" in capsys.readouterr().err) is noted
