@@ -355,13 +355,35 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
     check_weights_recorded(card, Path(directory))
     args = dict(card.model)
     model = create_model(args.pop("name"), **args)
-    model.load_state_dict(read_weights(Path(directory) / WEIGHTS_NAME, device=str(device)))
+    weights = read_weights(Path(directory) / WEIGHTS_NAME, device=str(device))
+    check_finite_weights(weights, Path(directory) / WEIGHTS_NAME)
+    model.load_state_dict(weights)
     reference = None
     if card.input_reference:
         reference = InputReference.from_arrays(
             read_beside_weights(Path(directory) / WEIGHTS_NAME), card.input_reference
         )
     return LoadedCheckpoint(model.to(device).eval(), card, reference)
+
+
+class NonFiniteWeightsError(ConfigError):
+    """A checkpoint's weights hold NaN or infinite values: no prediction of it is a number."""
+
+
+def check_finite_weights(weights: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Refuse weights that hold NaN or infinite values (blown up in training, or damaged since): a review
+    (session 57) registered, promoted and served such a checkpoint; `cxr evaluate` ended in a traceback
+    and every request to the server in HTTP 500. About 20 ms for a ResNet50's 25 million weights."""
+    bad = [
+        name for name, tensor in weights.items() if tensor.is_floating_point() and not tensor.isfinite().all()
+    ]
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise NonFiniteWeightsError(
+            f"{path}: its weights hold NaN or infinite values ({bad[0]}{more}, of {len(weights)} tensors), "
+            "so it predicts nothing; blown up in training (a learning rate too high) or damaged since: use "
+            "another checkpoint"
+        )
 
 
 class WeightsChangedError(ConfigError):

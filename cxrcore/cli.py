@@ -60,6 +60,7 @@ from cxrcore.summaries import (
     format_scan,
     format_train_result,
     scan_confound,
+    train_warnings,
 )
 from cxrcore.tables import format_table
 
@@ -745,6 +746,7 @@ def _check_before_ray(config: Any, notes: list[str] | None = None) -> None:
         check_local_worker_cpus,
         resolve_pretrained,
         unscored_classes,
+        untrained_classes,
     )
 
     dry_run, lacking = notes is not None, notes if notes is not None else []
@@ -794,16 +796,18 @@ def _check_before_ray(config: Any, notes: list[str] | None = None) -> None:
         check_dataset(config.data)
         report = read_report(config.data)
         if isinstance(config, TuneConfig):
-            from cxrcore.tune import check_masks
+            from cxrcore.tune import check_masks, check_test_split
 
+            check_test_split(config, report)
             check_masks(config, report)
         else:
             from cxrcore.train.trainer import check_masks as check_training_masks
 
             check_training_masks(config, report)
         unscored = unscored_classes(report, tuning=isinstance(config, TuneConfig))
-        if unscored:
-            print(f"WARNING: {unscored}", file=sys.stderr)
+        for warning in (untrained_classes(report), unscored):
+            if warning:
+                print(f"WARNING: {warning}", file=sys.stderr)
     if dry_run and os.path.exists(config.pretrained):  # loaded once the run starts; a dry run loads it now
         from cxrcore.train.trainer import check_pretrained
         from cxrcore.tune import search_plan, takes_pretrained
@@ -897,6 +901,10 @@ def _run_train(args: argparse.Namespace) -> int:
     if result.best_checkpoint is None:
         print("cxr: error: the run saved no checkpoint", file=sys.stderr)
         return 1
+    from cxrcore.checkpoint import load_card
+
+    for warning in train_warnings(load_card(result.best_checkpoint)):
+        print(f"WARNING: {warning}", file=sys.stderr)
     return 0
 
 
@@ -1274,6 +1282,8 @@ def _run_register(args: argparse.Namespace) -> int:
         print(_manifest_line(done.version.card.data))
     if args.alias:
         print(f"{args.alias}: {done.version.ref}")
+        if args.alias == "production":
+            _warn_against_production(registry, done.version)
     return 0
 
 
@@ -1322,16 +1332,20 @@ def _run_promote(args: argparse.Namespace) -> int:
     version = registry.promote(args.ref, args.alias)
     unchanged = " (unchanged)" if old == version.ref else ""
     print(f"{args.alias}: {old or '(none)'} -> {version.ref}{unchanged}")
-    if args.alias == "production":  # where a review signs a candidate off: what is known against it
-        test, why = registered_test(version)
-        known = serving_warnings(test, version.card.data) + evaluation_warnings(
-            registry.evaluations(version.ref)
-        )
-        if doubted := report_warning(why):
-            known.append(doubted)
-        for warning in known:
-            print(f"WARNING: {version.ref}: {warning}")
+    if args.alias == "production":
+        _warn_against_production(registry, version)
     return 0
+
+
+def _warn_against_production(registry: Any, version: Any) -> None:
+    """Where a review signs a candidate off as production (`promote`, `register --alias production`): what
+    is known against it. `register --alias production` had said none of it (a review, session 57)."""
+    test, why = registered_test(version)
+    known = serving_warnings(test, version.card.data) + evaluation_warnings(registry.evaluations(version.ref))
+    if doubted := report_warning(why):
+        known.append(doubted)
+    for warning in known:
+        print(f"WARNING: {version.ref}: {warning}")
 
 
 def _run_import_weights(args: argparse.Namespace) -> int:

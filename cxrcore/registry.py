@@ -1373,8 +1373,9 @@ def report_warning(why: str | None) -> str | None:
 
 def serving_warnings(test: dict[str, Any] | None, data: dict[str, Any]) -> list[str]:
     """What is known against serving a model, in sentences: its registered test figures (`registered_test`)
-    not shown to beat always answering the commonest class, and a training dataset (its card's `data`) whose
-    sources separate classes. Said by `cxr serve`, GET /v1/model and `cxr models promote`."""
+    not shown to beat always answering the commonest class, a class its training split held no image of,
+    and a training dataset (its card's `data`) whose sources separate classes. Said by `cxr serve`,
+    GET /v1/model and `cxr models promote`."""
     found = []
     test = test or {}
     if test.get("beats_commonest_class") is False:
@@ -1383,6 +1384,12 @@ def serving_warnings(test: dict[str, Any] | None, data: dict[str, Any]) -> list[
             f"its registered test accuracy, {test['accuracy']:.3f} (95% CI {low:.2f}–{high:.2f}) on "
             f"{test['images']} images, is not shown to beat always answering the commonest class "
             f"({test['commonest_class_accuracy']:.3f}): do not serve it on this evidence"
+        )
+    counts = data.get("train_class_counts") or {}
+    if unseen := [name for name, count in counts.items() if count == 0]:
+        found.append(
+            f"it never trained on an image of {', '.join(unseen)} (its training split held none), so it "
+            f"never answers {'it' if len(unseen) == 1 else 'them'}"
         )
     if confound := data.get("sources_separate_classes"):
         found.append(f"in the dataset it trained on, {confound}")

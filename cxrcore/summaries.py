@@ -51,6 +51,28 @@ def format_train_result(result: Any) -> str:
     )
 
 
+def train_warnings(card: Any) -> list[str]:
+    """What a finished run's best checkpoint (its card) says against it, in sentences: a validation
+    accuracy not shown to beat always answering the commonest class (a learning rate far too high, images
+    that carry nothing of their labels). A review (session 57): `--lr 1e3` ended at chance, exit 0,
+    without a word. (A class its training split held no image of is said before the run starts.)"""
+    from cxrcore.metrics import accuracy_interval, beats_commonest_class
+
+    found = []
+    matrix = card.metrics.get("val_confusion_matrix")
+    if matrix and beats_commonest_class(matrix) is False:
+        low, high = accuracy_interval(matrix) or (0.0, 1.0)
+        total = sum(map(sum, matrix))
+        accuracy = sum(row[k] for k, row in enumerate(matrix)) / total
+        found.append(
+            f"the best checkpoint's validation accuracy, {accuracy:.3f} (95% CI {low:.2f}–{high:.2f}) on "
+            f"{total} images, is not shown to beat always answering the commonest class "
+            f"({max(map(sum, matrix)) / total:.3f}): the model may have learned nothing (a learning rate "
+            "far too high or too low, too few epochs, labels that do not follow the images)"
+        )
+    return found
+
+
 SMALL_VALIDATION = 100
 """Under this many validation images, `cxr train` says how little one image weighs in its figures."""
 

@@ -208,11 +208,24 @@ def preflight(config: TuneConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]
         check_local_gpus(config.workers_per_trial, config.address)  # a joined cluster may add GPU nodes
     report = read_report(config.data)
     check_dataset(config.data)
+    check_test_split(config, report)
     check_masks(config, report)
     plan = search_plan(config, report["by_split"]["train"])
     for model in sorted({trial["model"] for trial in plan}):
         check_pretrained(model, config.pretrained if takes_pretrained(model, config.pretrained) else "none")
     return report, plan
+
+
+def check_test_split(config: TuneConfig, report: dict[str, Any]) -> None:
+    """Refuse a dataset without a test image: each architecture's best is scored on the test split before it
+    is registered, and the winner promoted only where that beats always answering the commonest class. A
+    review (session 57): every trial trained, then the command failed naming `--split`, which tune lacks."""
+    if not report["by_split"].get("test"):
+        raise ConfigError(
+            f"--data: {config.data} has no image in its test split, on which `cxr tune` scores each "
+            "architecture's best before registering it; re-ingest it with `cxr data ingest --test-fraction` "
+            "above 0"
+        )
 
 
 def check_masks(config: TuneConfig, report: dict[str, Any]) -> None:

@@ -1211,6 +1211,12 @@ def _warnings(report: dict[str, Any]) -> list[str]:
     that validation or the test cannot score, classes their sources tell apart, and pictures labelled
     with two classes."""
     warnings = []
+    found = report["by_class_split"]  # none at all: an empty ingest, refused as such
+    if found and (absent := [label for label in CLASSES if label not in found]):
+        warnings.append(
+            f"{', '.join(absent)}: no image at all; a model trained on this dataset never learns "
+            f"{'it' if len(absent) == 1 else 'them'} and never answers {'it' if len(absent) == 1 else 'them'}"
+        )
     for label, counts in report["by_class_split"].items():
         if counts["train"] == 0:
             warnings.append(

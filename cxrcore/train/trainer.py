@@ -235,6 +235,23 @@ def check_dataset(data: str) -> None:
         )
 
 
+def untrained_classes(report: dict[str, Any]) -> str | None:
+    """A sentence where the dataset's training split holds no image of a class (None where it holds every
+    class): the model keeps an output for it and never answers it. A review (session 57): a dataset
+    without a Viral Pneumonia folder was trained, compared and promoted without a word.
+
+    >>> untrained_classes({"by_class_split": {"COVID": {"train": 4}, "Normal": {"train": 0, "test": 2}}})
+    'the training split holds no image of Lung_Opacity, Normal or Viral Pneumonia: a model trained on it ...'
+    """
+    by_class = report.get("by_class_split") or {}
+    missing = [name for name in CLASSES if not (by_class.get(name) or {}).get("train")]
+    if not missing:
+        return None
+    named = missing[0] if len(missing) == 1 else f"{', '.join(missing[:-1])} or {missing[-1]}"
+    them = "it" if len(missing) == 1 else "them"
+    return f"the training split holds no image of {named}: a model trained on it never answers {them}"
+
+
 def unscored_classes(report: dict[str, Any], tuning: bool = False) -> str | None:
     """A sentence where the dataset's val split lacks a class (None where it holds every class it has).
 

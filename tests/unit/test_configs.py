@@ -493,9 +493,9 @@ def test_a_dry_run_refuses_here_what_the_run_refused_only_after_ray_started(
     from tests.unit.test_external_eval import write_dataset
 
     rows = [("COVID", "train", 1), ("Normal", "train", 2), ("COVID", "val", 3), ("Normal", "val", 4)]
-    data = write_dataset(tmp_path / "ds", rows, "f")
+    data = write_dataset(tmp_path / "ds", [*rows, ("Normal", "test", 5)], "f")
     report = json.loads((tmp_path / "ds/ingest_report.json").read_text())
-    (tmp_path / "ds/ingest_report.json").write_text(json.dumps({**report, "ingested": 4, "without_mask": 4}))
+    (tmp_path / "ds/ingest_report.json").write_text(json.dumps({**report, "ingested": 5, "without_mask": 5}))
     tune = ["tune", "--data", data, "--registry", str(tmp_path / "r"), "--dry-run"]
     assert main([*tune, "--models", "tiny_dual_cnn"]) == 2
     assert "tiny_dual_cnn reads a lung mask" in capsys.readouterr().err
@@ -504,7 +504,7 @@ def test_a_dry_run_refuses_here_what_the_run_refused_only_after_ray_started(
     junk.write_bytes(b"not weights")
     train = ["train", "--data", data, "--model", "tiny_resnet", "--pretrained", str(junk), "--dry-run"]
     assert main(train) == 2
-    assert capsys.readouterr().err.startswith("cxr: error: --pretrained")
+    assert capsys.readouterr().err.splitlines()[-1].startswith("cxr: error: --pretrained")
     (tmp_path / "ds/ingest_report.json").write_text("{cut sho")
     assert main([*train[:-3], "--dry-run"]) == 2
     assert "ingest_report.json is not valid JSON" in capsys.readouterr().err
@@ -518,7 +518,7 @@ def test_a_dry_run_refuses_what_an_earlier_run_left_damaged(
     from tests.unit.test_external_eval import write_dataset
 
     rows = [("COVID", "train", 1), ("Normal", "train", 2), ("COVID", "val", 3), ("Normal", "val", 4)]
-    data = write_dataset(tmp_path / "ds", rows, "f")
+    data = write_dataset(tmp_path / "ds", [*rows, ("Normal", "test", 5)], "f")
     monkeypatch.chdir(tmp_path)
     train = ["train", "--data", data, "--model", "tiny_cnn_lstm", "--name", "r", "--dry-run"]
     assert main(train) == 0
@@ -669,3 +669,26 @@ def test_a_mask_reading_model_on_images_without_masks_needs_a_segmenter(
     assert main([*train, "tiny_dual_cnn"]) == 2
     assert "--model tiny_dual_cnn reads a lung mask, and 10 of the" in capsys.readouterr().err
     assert main([*train, "tiny_cnn_lstm"]) == 0
+
+
+def test_tune_refuses_a_dataset_without_a_test_image_before_any_trial(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A review (session 57): every trial trained, then `cxr tune` failed naming `--split`, an option it
+    does not have; each architecture's best is scored on the test split before it is registered."""
+    from cxrcore.tune import check_test_split
+    from tests.unit.test_external_eval import write_dataset
+
+    data = write_dataset(
+        tmp_path / "ds", [("COVID", "train", 1), ("Normal", "train", 2), ("COVID", "val", 3)], "f"
+    )
+    tune = ["tune", "--data", data, "--registry", str(tmp_path / "r"), "--models", "tiny_cnn_lstm"]
+    for args in (["--dry-run"], []):
+        assert main([*tune, *args]) == 2
+        error = capsys.readouterr().err.splitlines()[-1]
+        assert error.startswith(
+            f"cxr: error: --data: {data} has no image in its test split, on which `cxr tune`"
+        )
+        assert error.endswith("`cxr data ingest --test-fraction` above 0")
+    assert not (tmp_path / "r").exists()
+    check_test_split(TuneConfig(data=data, registry="r"), {"by_split": {"test": 1}})  # one is enough

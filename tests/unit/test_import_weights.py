@@ -112,7 +112,9 @@ def test_a_folder_of_weights_serves_each_architecture_its_own(
                        r"`cxr models import-weights resnet18 --out .*weights`$"):  # fmt: skip
         resolve_pretrained("resnet18", str(folder))
     (folder / "tiny_resnet-1ch.safetensors").rename(folder / "resnet18-1ch.safetensors")  # misnamed
-    data = write_dataset(tmp_path / "ds", [("COVID", "train", 1), ("COVID", "val", 2)], "f")
+    data = write_dataset(
+        tmp_path / "ds", [("COVID", "train", 1), ("COVID", "val", 2), ("COVID", "test", 3)], "f"
+    )
     dry_run = ["train", "--data", data, "--model", "resnet18", "--pretrained", str(folder), "--dry-run"]
     assert main(dry_run) == 2  # the dry run loads the folder's file as the run would: it does not fit
     assert "resnet18-1ch.safetensors do not fit ResNet" in capsys.readouterr().err
@@ -166,7 +168,9 @@ def test_an_unreachable_hub_is_refused_before_ray_starts(
     monkeypatch.setattr(
         pretrained, "hub_unreachable", lambda: "huggingface.co:443: Name or service not known"
     )
-    data = write_dataset(tmp_path / "ds", [("COVID", "train", 1), ("COVID", "val", 2)], "f")
+    data = write_dataset(
+        tmp_path / "ds", [("COVID", "train", 1), ("COVID", "val", 2), ("COVID", "test", 3)], "f"
+    )
     for command in (
         ["train", "--data", data, "--model", "resnet18", "--out", str(tmp_path / "runs")],
         ["tune", "--data", data, "--models", "resnet,tiny_cnn_lstm", "--registry", str(tmp_path / "reg")],
@@ -243,7 +247,9 @@ def test_the_weights_a_run_starts_from_are_recorded_and_not_replaced_unasked(
     from cxrcore.train.trainer import loop_config
     from tests.unit.test_external_eval import write_dataset
 
-    data = write_dataset(tmp_path / "ds", [("COVID", "train", 1), ("COVID", "val", 2)], "f")
+    data = write_dataset(
+        tmp_path / "ds", [("COVID", "train", 1), ("COVID", "val", 2), ("COVID", "test", 3)], "f"
+    )
     config = loop_config(TrainConfig(data=data, model="tiny_resnet", pretrained=str(folder)))
     assert config["data"]["initial_weights"] == record  # the card's data block
 

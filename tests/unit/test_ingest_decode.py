@@ -121,6 +121,19 @@ def test_the_report_warns_of_classes_no_split_can_score() -> None:
     ]
 
 
+def test_the_report_warns_of_a_class_it_holds_no_image_of() -> None:
+    """A review (session 57): a dataset without a Viral Pneumonia folder was ingested, trained, compared and
+    promoted without a word that the model could never answer that class."""
+    from cxrcore.data.ingest import _warnings
+
+    by_class_split = {name: {"train": 8, "val": 1, "test": 1} for name in ("COVID", "Normal", "Lung_Opacity")}
+    warnings = _warnings({"by_class_split": by_class_split, "duplicates": {}, "raw": "raw"})
+    assert warnings == [
+        "Viral Pneumonia: no image at all; a model trained on this dataset never learns it and never "
+        "answers it"
+    ]
+
+
 def test_the_report_warns_of_classes_their_sources_tell_apart() -> None:
     from cxrcore.data.ingest import _source_report, _warnings
 

@@ -249,6 +249,10 @@ def test_a_run_whose_checkpoints_were_deleted_by_hand_is_refused_in_one_line(
     trainer.check_resume(config, trainer.loop_config(config, settings_only=True), str(run))  # as it was left
     command = ["train", "--data", data, "--model", "cnn_lstm", "--out", str(tmp_path / "runs"), "--name", "r"]
 
+    assert main([*command, "--epochs", "4", "--dry-run"]) == 0  # intact, it would resume
+    err = capsys.readouterr().err  # the dataset holds COVID and Normal only: said before Ray starts
+    assert "WARNING: the training split holds no image of Lung_Opacity or Viral Pneumonia: a model" in err
+
     (run / "checkpoint_epoch_003" / TRAIN_STATE_NAME).unlink()
     for args in (["--dry-run"], []):
         assert main([*command, "--epochs", "4", *args]) == 2
@@ -278,9 +282,8 @@ def test_a_tune_rerun_with_other_settings_is_refused_before_ray_and_by_its_dry_r
     from cxrcore.tune import check_experiment_settings
     from tests.unit.test_external_eval import write_dataset
 
-    data = write_dataset(
-        tmp_path / "ds", [("COVID", "train", 1), ("Normal", "train", 2), ("COVID", "val", 3)], "f"
-    )
+    rows = [("COVID", "train", 1), ("Normal", "train", 2), ("COVID", "val", 3), ("Normal", "test", 4)]
+    data = write_dataset(tmp_path / "ds", rows, "f")
     out, registry = str(tmp_path / "exps"), str(tmp_path / "reg")
     command = ["tune", "--data", data, "--registry", registry, "--models", "cnn_lstm", "--out", out]
     config = TuneConfig(data=data, registry=registry, models="cnn_lstm", out=out, patience=1)

@@ -79,3 +79,21 @@ def test_what_is_not_a_batch_of_images_is_refused_saying_what_it_got(predictor: 
         predictor.predict_proba([np.full((64, 64), np.nan)])
     with pytest.raises(ValueError, match=r"shape \(2, 64, 64\)"):
         predictor.predict_proba([np.zeros((2, 64, 64), dtype=np.uint8)])
+
+
+def test_weights_that_hold_nan_are_refused_where_they_are_loaded(tmp_path: Path) -> None:
+    """A review (session 57): a checkpoint whose weights were NaN was registered, promoted and served, and
+    every request got HTTP 500; `cxr evaluate` ended in a traceback. Loading it now fails in one sentence."""
+    from cxrcore.checkpoint import NonFiniteWeightsError, load_model, save_checkpoint
+
+    good = write_checkpoint(tmp_path / "good", "tiny_cnn_lstm", 0)
+    model, card = load_model(good)
+    with torch.no_grad():
+        next(iter(model.parameters()))[0].fill_(float("nan"))
+    blown = save_checkpoint(tmp_path / "blown", model, card)
+    for load in (lambda: load_model(blown), lambda: Predictor.from_checkpoint(blown)):
+        with pytest.raises(
+            NonFiniteWeightsError, match=r"blown/model\.safetensors: its weights hold NaN or infinite"
+        ):
+            load()
+    assert Predictor.from_checkpoint(good).predict_proba([np.zeros((64, 64), np.uint8)]).shape == (1, 4)

@@ -780,6 +780,25 @@ def test_promoting_a_version_says_what_is_known_against_serving_it(
     assert out[1].startswith(
         f"WARNING: {NAME}:1: its registered test accuracy, 0.250 (95% CI 0.05–0.70) on 4"
     )
+    # `register --alias production` says the same (it had said nothing: a review, session 57)
+    again = str(tmp_path / "reg2")
+    assert main(["models", "register", str(checkpoint), "--registry", again, "--report", str(report),
+                 "--alias", "production"]) == 0  # fmt: skip
+    out = capsys.readouterr().out.splitlines()
+    assert out[-2] == f"production: {NAME}:1" and out[-1].startswith(
+        f"WARNING: {NAME}:1: its registered test"
+    )
+
+
+def test_a_model_that_never_trained_on_a_class_is_said_so_before_it_is_served() -> None:
+    from cxrcore.registry import serving_warnings
+
+    counts = {"COVID": 40, "Lung_Opacity": 40, "Normal": 40, "Viral Pneumonia": 0}
+    assert serving_warnings(None, {"train_class_counts": counts}) == [
+        "it never trained on an image of Viral Pneumonia (its training split held none), so it never "
+        "answers it"
+    ]
+    assert serving_warnings(None, {"train_class_counts": {**counts, "Viral Pneumonia": 1}}) == []
 
 
 def test_a_registered_card_edited_since_is_refused_wherever_the_version_is_loaded(

@@ -369,3 +369,21 @@ def test_chance_is_judged_on_a_set_of_several_classes_and_by_the_ranking() -> No
     imbalanced = {**several, "accuracy": 0.8, "accuracy_ci95": [0.77, 0.82], "commonest_class_accuracy": 0.9}
     said = no_better_than_chance({**imbalanced, "macro_auroc": 0.88, "macro_auroc_ci95": [0.85, 0.91]}) or ""
     assert "lies wholly below 0.90" in said and "worse than chance" not in said
+
+
+def test_a_finished_run_says_what_its_best_checkpoint_has_against_it() -> None:
+    """A review (session 57): `--lr 1e3` ended at chance (validation accuracy 0.25 with four classes) and
+    exited 0 without a word."""
+    from types import SimpleNamespace
+
+    from cxrcore.summaries import train_warnings
+
+    chance = [[3, 0, 0, 0], [3, 0, 0, 0], [3, 0, 0, 0], [3, 0, 0, 0]]
+    (at_chance,) = train_warnings(SimpleNamespace(metrics={"val_confusion_matrix": chance}))
+    assert at_chance.startswith(
+        "the best checkpoint's validation accuracy, 0.250 (95% CI 0.09–0.53) on 12 images, is not shown to "
+        "beat always answering the commonest class (0.250)"
+    )
+    learned = [[3, 0, 0, 0], [0, 3, 0, 0], [0, 0, 3, 0], [0, 0, 0, 3]]
+    assert train_warnings(SimpleNamespace(metrics={"val_confusion_matrix": learned})) == []
+    assert train_warnings(SimpleNamespace(metrics={"val_dice": 0.8})) == []  # a segmenter's run
