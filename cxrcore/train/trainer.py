@@ -466,6 +466,11 @@ def loop_config(config: TrainConfig, settings_only: bool = False) -> dict[str, A
     train_rows = report["by_split"]["train"]
     if segmenting:
         train_rows = round(train_rows * (1 - report["without_mask"] / max(report["ingested"], 1)))
+    if not settings_only and train_rows // max(config.workers, 1) < 2:  # a review (session 57): a traceback
+        raise ConfigError(
+            f"--workers {config.workers}: {config.data}'s {train_rows} training image(s) give a worker fewer "
+            "than 2, and a batch of one image cannot train BatchNorm; use fewer workers or more images"
+        )
     train = to_dict(config)
     train["batch_size"] = config.batch_size or auto_batch_size(train_rows, max(config.workers, 1))
     confound = sources_separate_classes(report)

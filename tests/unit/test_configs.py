@@ -692,3 +692,19 @@ def test_tune_refuses_a_dataset_without_a_test_image_before_any_trial(
         assert error.endswith("`cxr data ingest --test-fraction` above 0")
     assert not (tmp_path / "r").exists()
     check_test_split(TuneConfig(data=data, registry="r"), {"by_split": {"test": 1}})  # one is enough
+
+
+def test_a_worker_with_fewer_than_two_training_images_is_refused_in_one_line(tmp_path: Path) -> None:
+    """A review (session 57): 2 training images on 2 workers gave each a batch of one, which BatchNorm
+    refused in a traceback, three times (Ray Train's retries)."""
+    from cxrcore.config import TrainConfig
+    from cxrcore.train.trainer import loop_config
+    from tests.unit.test_external_eval import write_dataset
+
+    rows = [("COVID", "train", 1), ("Normal", "train", 2), ("COVID", "train", 3), ("COVID", "val", 4)]
+    data = write_dataset(tmp_path / "ds", rows, "f")
+    with pytest.raises(
+        ConfigError, match=r"--workers 2: .*'s 3 training image\(s\) give a worker fewer than 2"
+    ):
+        loop_config(TrainConfig(data=data, model="tiny_cnn_lstm", workers=2))
+    assert loop_config(TrainConfig(data=data, model="tiny_cnn_lstm", workers=1))["train_rows"] == 3

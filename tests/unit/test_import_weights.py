@@ -247,10 +247,9 @@ def test_the_weights_a_run_starts_from_are_recorded_and_not_replaced_unasked(
     from cxrcore.train.trainer import loop_config
     from tests.unit.test_external_eval import write_dataset
 
-    data = write_dataset(
-        tmp_path / "ds", [("COVID", "train", 1), ("COVID", "val", 2), ("COVID", "test", 3)], "f"
-    )
-    config = loop_config(TrainConfig(data=data, model="tiny_resnet", pretrained=str(folder)))
+    rows = [("COVID", "train", 1), ("Normal", "train", 4), ("COVID", "val", 2), ("COVID", "test", 3)]
+    data = write_dataset(tmp_path / "ds", rows, "f")
+    config = loop_config(TrainConfig(data=data, model="tiny_resnet", pretrained=str(folder), workers=1))
     assert config["data"]["initial_weights"] == record  # the card's data block
 
 
