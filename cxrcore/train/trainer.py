@@ -309,6 +309,17 @@ def check_resume(config: TrainConfig, settings: dict[str, Any], run_dir: str, wr
 
     recorded_now = run_settings(config, settings)
     defaults = added_run_settings(recorded_now, run_dir)
+    if _kept_nothing(run_dir):
+        # An earlier start that kept no checkpoint (diverged in its first epoch, stopped before one ended)
+        # leaves nothing to resume: this run's settings replace its. Its "train again with a lower --lr"
+        # had been refused as another experiment (a review, session 57).
+        from cxrcore.data import storage
+        from cxrcore.experiment import SETTINGS_NAME
+
+        if not write:
+            return
+        filesystem, root = storage.resolve(run_dir)
+        storage.remove(filesystem, f"{root}/{SETTINGS_NAME}")
     check_same_experiment(run_dir, recorded_now, "a training run", defaults, write=write)
     check_recorded_checkpoints(run_dir)
     done = ((latest_recorded(run_dir) or {}).get("metrics") or {}).get("epoch")
@@ -318,6 +329,20 @@ def check_resume(config: TrainConfig, settings: dict[str, Any], run_dir: str, wr
             f"cut short: its checkpoints stand as they are (`cxr train --epochs {done}` prints them again). "
             f"For a run of {config.epochs} epochs start a fresh one with another --name (or --out)"
         )
+
+
+def _kept_nothing(run_dir: str) -> bool:
+    """Whether the run in `run_dir` has no checkpoint: none recorded, no checkpoint folder (a record cut
+    short by a full disk is `restore_checkpoint_record`'s, and its folders are still there)."""
+    import pyarrow.fs as pafs
+
+    from cxrcore.data import storage
+
+    if latest_recorded(run_dir) is not None:
+        return False
+    filesystem, root = storage.resolve(run_dir)
+    found = filesystem.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    return not any(info.base_name.startswith("checkpoint_") for info in found)
 
 
 def check_recorded_checkpoints(run_dir: str) -> None:

@@ -402,3 +402,30 @@ def test_resume_state_that_cannot_be_deleted_is_left_with_a_warning(
     drop_resume_state([str(folder) for folder in folders] + [str(tmp_path / "gone")])  # gone: nothing to do
     assert (folders[0] / TRAIN_STATE_NAME).exists() and not (folders[1] / TRAIN_STATE_NAME).exists()
     assert f"could not delete {folders[0]}/{TRAIN_STATE_NAME}, which resuming does not need" in caplog.text
+
+
+def test_a_run_that_kept_no_checkpoint_starts_again_with_other_settings(tmp_path: Path, capsys: Any) -> None:
+    """A review (session 57): a run diverged in its first epoch said "train again with a lower --lr", and
+    the same command with one was refused as another experiment, though the run had kept nothing."""
+    from cxrcore.cli import main
+    from cxrcore.config import ConfigError, TrainConfig
+    from cxrcore.experiment import recorded_settings
+    from cxrcore.train import trainer
+    from tests.unit.test_external_eval import write_dataset
+
+    rows = [("COVID", "train", 1), ("Normal", "train", 2), ("COVID", "val", 3), ("Normal", "test", 4)]
+    data = write_dataset(tmp_path / "ds", rows, "f")
+    run = tmp_path / "runs" / "r"
+
+    def check(lr: float, write: bool = True) -> None:
+        config = TrainConfig(data=data, model="cnn_lstm", out=str(tmp_path / "runs"), name="r", lr=lr)
+        trainer.check_resume(config, trainer.loop_config(config, settings_only=True), str(run), write=write)
+
+    check(1e30)  # recorded as the run starts; it diverges before its first checkpoint
+    command = ["train", "--data", data, "--model", "cnn_lstm", "--out", str(tmp_path / "runs"), "--name", "r"]
+    assert main([*command, "--lr", "0.001", "--dry-run"]) == 0
+    check(1e-3)
+    assert (recorded_settings(str(run), "a training run") or {})["lr"] == 1e-3
+    (run / "checkpoint_epoch_001").mkdir()  # once a checkpoint is kept, the run is that experiment
+    with pytest.raises(ConfigError, match=r"other settings \(lr 0.001 → 0.01\)"):
+        check(1e-2, write=False)
