@@ -1243,11 +1243,14 @@ def _warnings(report: dict[str, Any]) -> list[str]:
             "common frame, border or burned-in text), ingest again with a lower --near-duplicate-bits"
         )
     if groups := report["duplicates"].get("across_classes"):
-        root = report["raw"]
-        example = " = ".join(f"{format_paths([item['path']], root)} ({item['label']})" for item in groups[0])
+        root, first = report["raw"], groups[0]
+        # a few of the first picture's copies: 120 copies of one image had made a line of 120 file names
+        shown = [f"{format_paths([item['path']], root)} ({item['label']})" for item in first[:3]]
+        example = " = ".join(shown) + (f" and {len(first) - 3} more copies" if len(first) > 3 else "")
+        pictures = "1 picture is" if len(groups) == 1 else f"{len(groups)} pictures are"
         warnings.append(
-            f"{len(groups)} pictures are under two classes or more (the same pixels), e.g. {example}: one of "
-            f"the labels is wrong; every one is listed under duplicates.across_classes in {REPORT_NAME}"
+            f"{pictures} under two classes or more (the same pixels), e.g. {example}: one of the labels is "
+            f"wrong; every one is listed under duplicates.across_classes in {REPORT_NAME}"
         )
     return warnings
 

@@ -134,6 +134,22 @@ def test_the_report_warns_of_a_class_it_holds_no_image_of() -> None:
     ]
 
 
+def test_one_picture_copied_under_every_class_is_named_with_a_few_of_its_copies() -> None:
+    """A review (session 57): 120 copies of one image made one warning line of 120 file names."""
+    from cxrcore.data.ingest import _warnings
+
+    copies = [
+        {"path": f"raw/{name}/{i}.png", "label": name} for i in range(30) for name in ("COVID", "Normal")
+    ]
+    by_class_split = {name: {"train": 30, "val": 0, "test": 0} for name in ("COVID", "Normal")}
+    report = {"by_class_split": by_class_split, "duplicates": {"across_classes": [copies]}, "raw": "raw"}
+    (warning,) = [w for w in _warnings(report) if "under two classes" in w]
+    assert warning.startswith(
+        "1 picture is under two classes or more (the same pixels), e.g. COVID/0.png (COVID) = Normal/0.png "
+        "(Normal) = COVID/1.png (COVID) and 57 more copies: one of the labels is wrong"
+    )
+
+
 def test_the_report_warns_of_classes_their_sources_tell_apart() -> None:
     from cxrcore.data.ingest import _source_report, _warnings
 
