@@ -802,8 +802,10 @@ def _check_before_ray(config: Any, notes: list[str] | None = None) -> None:
             check_masks(config, report)
         else:
             from cxrcore.train.trainer import check_masks as check_training_masks
+            from cxrcore.train.trainer import check_worker_shares
 
             check_training_masks(config, report)
+            check_worker_shares(config, int(report["by_split"]["train"]))
         unscored = unscored_classes(report, tuning=isinstance(config, TuneConfig))
         for warning in (untrained_classes(report), unscored):
             if warning:

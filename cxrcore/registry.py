@@ -655,15 +655,26 @@ class ModelRegistry:
 
     @staticmethod
     def _check_weights(filesystem: pafs.FileSystem, path: str, what: str, verb: str) -> None:
-        """RegistryError where the weights at `path` could not be loaded (cut short, not safetensors):
-        checked before a checkpoint is registered and before a version is promoted."""
-        from cxrcore.checkpoint import safetensors_problem
+        """RegistryError where the weights at `path` could not be loaded (cut short, not safetensors) or hold
+        NaN or infinite values (a review, session 57: such a version was registered, promoted and served,
+        every request answered 500): checked before a checkpoint is registered and before a version is
+        promoted."""
+        from safetensors.torch import load as load_tensors
+
+        from cxrcore.checkpoint import NonFiniteWeightsError, check_finite_weights, safetensors_problem
 
         if not path.endswith(".safetensors"):
             return
         size = filesystem.get_file_info(path).size or 0
         with filesystem.open_input_stream(path) as stream:
             problem = safetensors_problem(stream, size)
+        if not problem:
+            with filesystem.open_input_stream(path) as stream:
+                tensors = load_tensors(stream.read())
+            try:
+                check_finite_weights(tensors, Path(path))
+            except NonFiniteWeightsError as exc:
+                raise RegistryError(f"{exc}; it is not {verb}") from exc
         if problem:
             raise RegistryError(
                 f"{what}'s weights {path} cannot be loaded ({problem}), so they are not {verb}; "

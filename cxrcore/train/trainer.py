@@ -345,6 +345,16 @@ def _kept_nothing(run_dir: str) -> bool:
     return not any(info.base_name.startswith("checkpoint_") for info in found)
 
 
+def check_worker_shares(config: TrainConfig, train_rows: int) -> None:
+    """Refuse workers whose share of the training images is under 2: a batch of one image cannot train
+    BatchNorm, which had raised a traceback, three times over Ray Train's retries (a review, session 57)."""
+    if train_rows // max(config.workers, 1) < 2:
+        raise ConfigError(
+            f"--workers {config.workers}: {config.data}'s {train_rows} training image(s) give a worker fewer "
+            "than 2, and a batch of one image cannot train BatchNorm; use fewer workers or more images"
+        )
+
+
 def check_recorded_checkpoints(run_dir: str) -> None:
     """Refuse to resume the run in `run_dir` where its checkpoints are not as Ray Train recorded them, as
     deleting them by hand to free space leaves them:
@@ -491,11 +501,8 @@ def loop_config(config: TrainConfig, settings_only: bool = False) -> dict[str, A
     train_rows = report["by_split"]["train"]
     if segmenting:
         train_rows = round(train_rows * (1 - report["without_mask"] / max(report["ingested"], 1)))
-    if not settings_only and train_rows // max(config.workers, 1) < 2:  # a review (session 57): a traceback
-        raise ConfigError(
-            f"--workers {config.workers}: {config.data}'s {train_rows} training image(s) give a worker fewer "
-            "than 2, and a batch of one image cannot train BatchNorm; use fewer workers or more images"
-        )
+    if not settings_only:
+        check_worker_shares(config, train_rows)
     train = to_dict(config)
     train["batch_size"] = config.batch_size or auto_batch_size(train_rows, max(config.workers, 1))
     confound = sources_separate_classes(report)

@@ -403,6 +403,7 @@ def test_a_class_without_a_val_image_is_named_before_training(
     monkeypatch.setattr(cli, "_connect", no_ray)
     rows = [("COVID", "train", 4), ("COVID", "val", 2), ("Normal", "train", 4), ("Normal", "val", 2),
             ("Viral Pneumonia", "train", 4), ("Viral Pneumonia", "test", 1)]  # fmt: skip
+    rows.append(("COVID", "train", 5))  # two training images a worker
     data = write_dataset(tmp_path / "ds", rows, "f")
     with pytest.raises(Stop):
         main(["train", "--data", data, "--model", "tiny_cnn_lstm", "--out", str(tmp_path / "runs")])

@@ -449,7 +449,17 @@ def test_a_dry_run_notes_what_this_machine_lacks_and_refuses_what_it_has_wrong(
     assert notes[0].endswith(f"--pretrained: no weights file at {tmp_path / 'w.safetensors'}")
     assert "--gpu: this machine, where cxr starts a local Ray cluster, has 0 GPU(s)" in notes[1]
     assert notes[2].endswith(f"--data {tmp_path / 'typo'}: no such folder")
-    data = write_dataset(tmp_path / "ds", [("COVID", "train", 1), ("COVID", "val", 2)], "f")
+    data = write_dataset(
+        tmp_path / "ds",
+        [
+            ("COVID", "train", 1),
+            ("COVID", "train", 3),
+            ("COVID", "train", 4),
+            ("COVID", "train", 5),
+            ("COVID", "val", 2),
+        ],
+        "f",
+    )
     assert main([*train, "--data", data]) == 0 and "note:" not in capsys.readouterr().err
     next((tmp_path / "ds").rglob("*.parquet")).unlink()  # damaged here: the run would refuse it
     assert main([*train, "--data", data]) == 2
@@ -472,7 +482,17 @@ def test_gpu_workers_this_machine_lacks_are_refused_before_ray_starts(
     monkeypatch.setattr(cli, "_connect", no_ray)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    data = write_dataset(tmp_path / "ds", [("COVID", "train", 1), ("COVID", "val", 2)], "f")
+    data = write_dataset(
+        tmp_path / "ds",
+        [
+            ("COVID", "train", 1),
+            ("COVID", "train", 3),
+            ("COVID", "train", 4),
+            ("COVID", "train", 5),
+            ("COVID", "val", 2),
+        ],
+        "f",
+    )
     train = ["train", "--data", data, "--model", "tiny_cnn_lstm", "--out", str(tmp_path), "--gpu"]
     assert main([*train, "--workers", "2"]) == 2
     err = capsys.readouterr().err
@@ -493,6 +513,7 @@ def test_a_dry_run_refuses_here_what_the_run_refused_only_after_ray_started(
     from tests.unit.test_external_eval import write_dataset
 
     rows = [("COVID", "train", 1), ("Normal", "train", 2), ("COVID", "val", 3), ("Normal", "val", 4)]
+    rows += [("COVID", "train", 6), ("Normal", "train", 7)]  # two training images a worker
     data = write_dataset(tmp_path / "ds", [*rows, ("Normal", "test", 5)], "f")
     report = json.loads((tmp_path / "ds/ingest_report.json").read_text())
     (tmp_path / "ds/ingest_report.json").write_text(json.dumps({**report, "ingested": 5, "without_mask": 5}))
@@ -518,6 +539,7 @@ def test_a_dry_run_refuses_what_an_earlier_run_left_damaged(
     from tests.unit.test_external_eval import write_dataset
 
     rows = [("COVID", "train", 1), ("Normal", "train", 2), ("COVID", "val", 3), ("Normal", "val", 4)]
+    rows += [("COVID", "train", 6), ("Normal", "train", 7)]  # two training images a worker
     data = write_dataset(tmp_path / "ds", [*rows, ("Normal", "test", 5)], "f")
     monkeypatch.chdir(tmp_path)
     train = ["train", "--data", data, "--model", "tiny_cnn_lstm", "--name", "r", "--dry-run"]

@@ -118,7 +118,17 @@ def test_the_commands_refuse_before_ray_starts(
         raise AssertionError("Ray was started")
 
     monkeypatch.setattr(cli, "_connect", no_ray)
-    data = write_dataset(tmp_path / "ds", [("COVID", "train", 1), ("COVID", "val", 2)], "f")
+    data = write_dataset(
+        tmp_path / "ds",
+        [
+            ("COVID", "train", 1),
+            ("COVID", "train", 3),
+            ("COVID", "train", 4),
+            ("COVID", "train", 5),
+            ("COVID", "val", 2),
+        ],
+        "f",
+    )
     train = ["train", "--data", data, "--model", "tiny_cnn_lstm", "--out", str(tmp_path), "--name", "out"]
     assert main(train) == 2
     refused = f"{tmp_path / 'out'} is being written by a test writer (pid {holder.pid}"
@@ -144,7 +154,17 @@ def test_a_dry_run_says_when_the_output_is_being_written(
     from tests.conftest import write_png, xray
     from tests.unit.test_external_eval import write_dataset
 
-    data = write_dataset(tmp_path / "ds", [("COVID", "train", 1), ("COVID", "val", 2)], "f")
+    data = write_dataset(
+        tmp_path / "ds",
+        [
+            ("COVID", "train", 1),
+            ("COVID", "train", 3),
+            ("COVID", "train", 4),
+            ("COVID", "train", 5),
+            ("COVID", "val", 2),
+        ],
+        "f",
+    )
     train = ["train", "--data", data, "--model", "tiny_cnn_lstm", "--out", str(tmp_path), "--name", "out"]
     assert main([*train, "--dry-run"]) == 2
     captured = capsys.readouterr()
@@ -245,7 +265,17 @@ def test_an_ingest_refuses_to_replace_a_dataset_that_a_run_reads(
         raise AssertionError("Ray was started")
 
     monkeypatch.setattr(cli, "_connect", no_ray)
-    data = write_dataset(tmp_path / "ds", [("COVID", "train", 1), ("COVID", "val", 2)], "f")
+    data = write_dataset(
+        tmp_path / "ds",
+        [
+            ("COVID", "train", 1),
+            ("COVID", "train", 3),
+            ("COVID", "train", 4),
+            ("COVID", "train", 5),
+            ("COVID", "val", 2),
+        ],
+        "f",
+    )
     for cls in ("COVID", "Normal"):
         write_png(tmp_path / "raw" / cls / f"{cls}-1.png", xray(1, 64))
     reader = subprocess.Popen(

@@ -113,7 +113,16 @@ def test_a_folder_of_weights_serves_each_architecture_its_own(
         resolve_pretrained("resnet18", str(folder))
     (folder / "tiny_resnet-1ch.safetensors").rename(folder / "resnet18-1ch.safetensors")  # misnamed
     data = write_dataset(
-        tmp_path / "ds", [("COVID", "train", 1), ("COVID", "val", 2), ("COVID", "test", 3)], "f"
+        tmp_path / "ds",
+        [
+            ("COVID", "train", 1),
+            ("COVID", "train", 4),
+            ("COVID", "train", 5),
+            ("COVID", "train", 6),
+            ("COVID", "val", 2),
+            ("COVID", "test", 3),
+        ],
+        "f",
     )
     dry_run = ["train", "--data", data, "--model", "resnet18", "--pretrained", str(folder), "--dry-run"]
     assert main(dry_run) == 2  # the dry run loads the folder's file as the run would: it does not fit
@@ -169,7 +178,16 @@ def test_an_unreachable_hub_is_refused_before_ray_starts(
         pretrained, "hub_unreachable", lambda: "huggingface.co:443: Name or service not known"
     )
     data = write_dataset(
-        tmp_path / "ds", [("COVID", "train", 1), ("COVID", "val", 2), ("COVID", "test", 3)], "f"
+        tmp_path / "ds",
+        [
+            ("COVID", "train", 1),
+            ("COVID", "train", 4),
+            ("COVID", "train", 5),
+            ("COVID", "train", 6),
+            ("COVID", "val", 2),
+            ("COVID", "test", 3),
+        ],
+        "f",
     )
     for command in (
         ["train", "--data", data, "--model", "resnet18", "--out", str(tmp_path / "runs")],

@@ -203,7 +203,15 @@ def test_a_dry_run_refuses_the_resume_the_run_would_refuse(tmp_path: Path, capsy
     from tests.unit.test_external_eval import write_dataset
 
     data = write_dataset(
-        tmp_path / "ds", [("COVID", "train", 1), ("Normal", "train", 2), ("COVID", "val", 3)], "f"
+        tmp_path / "ds",
+        [
+            ("COVID", "train", 1),
+            ("Normal", "train", 2),
+            ("COVID", "train", 5),
+            ("Normal", "train", 6),
+            ("COVID", "val", 3),
+        ],
+        "f",
     )
     command = ["train", "--data", data, "--model", "cnn_lstm", "--out", str(tmp_path / "runs"), "--name", "r"]
     config = TrainConfig(data=data, model="cnn_lstm", out=str(tmp_path / "runs"), name="r", epochs=4)
@@ -241,7 +249,15 @@ def test_a_run_whose_checkpoints_were_deleted_by_hand_is_refused_in_one_line(
     from tests.unit.test_external_eval import write_dataset
 
     data = write_dataset(
-        tmp_path / "ds", [("COVID", "train", 1), ("Normal", "train", 2), ("COVID", "val", 3)], "f"
+        tmp_path / "ds",
+        [
+            ("COVID", "train", 1),
+            ("Normal", "train", 2),
+            ("COVID", "train", 5),
+            ("Normal", "train", 6),
+            ("COVID", "val", 3),
+        ],
+        "f",
     )
     config = TrainConfig(data=data, model="cnn_lstm", out=str(tmp_path / "runs"), name="r", epochs=4)
     run = tmp_path / "runs" / "r"
@@ -414,7 +430,7 @@ def test_a_run_that_kept_no_checkpoint_starts_again_with_other_settings(tmp_path
     from tests.unit.test_external_eval import write_dataset
 
     rows = [("COVID", "train", 1), ("Normal", "train", 2), ("COVID", "val", 3), ("Normal", "test", 4)]
-    data = write_dataset(tmp_path / "ds", rows, "f")
+    data = write_dataset(tmp_path / "ds", [*rows, ("COVID", "train", 5), ("Normal", "train", 6)], "f")
     run = tmp_path / "runs" / "r"
 
     def check(lr: float, write: bool = True) -> None:

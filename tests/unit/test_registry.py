@@ -1109,3 +1109,27 @@ def test_a_checkpoint_given_as_a_file_uri_is_read_as_its_path(tmp_path: Path) ->
     assert load_card(f"file://{quote(str(checkpoint))}").model["name"] == "tiny_cnn_lstm"
     registry = ModelRegistry(str(tmp_path / "reg"))
     assert registry.register(f"file://{quote(str(checkpoint))}").version == 1
+
+
+def test_weights_that_hold_nan_are_neither_registered_nor_promoted(tmp_path: Path, checkpoint: Path) -> None:
+    """A verifier (session 57): a checkpoint whose weights were NaN was registered and made production without
+    a word; only loading it (Serve, `cxr evaluate`) refused it."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from cxrcore.checkpoint import WEIGHTS_NAME
+
+    blown = tmp_path / "blown"
+    shutil.copytree(checkpoint, blown)
+    tensors = load_file(blown / WEIGHTS_NAME)
+    name = next(key for key, tensor in tensors.items() if tensor.is_floating_point())
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    save_file(tensors, blown / WEIGHTS_NAME)
+    registry = ModelRegistry(tmp_path / "reg")
+    with pytest.raises(
+        RegistryError, match=rf"its weights hold NaN or infinite values \({name}.*; it is not registered"
+    ):
+        registry.register(blown, alias="production")
+    assert registry.versions() == [] and registry.aliases() == {}
