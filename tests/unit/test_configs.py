@@ -435,7 +435,7 @@ def test_a_dry_run_notes_what_this_machine_lacks_and_refuses_what_it_has_wrong(
     or GPUs missing here are notes, exit 0; a dataset here that the run would refuse exits 2 as it does."""
     import torch
 
-    from tests.unit.test_external_eval import write_dataset
+    from tests.unit.test_external_eval import class_rows, write_dataset
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
@@ -451,13 +451,7 @@ def test_a_dry_run_notes_what_this_machine_lacks_and_refuses_what_it_has_wrong(
     assert notes[2].endswith(f"--data {tmp_path / 'typo'}: no such folder")
     data = write_dataset(
         tmp_path / "ds",
-        [
-            ("COVID", "train", 1),
-            ("COVID", "train", 3),
-            ("COVID", "train", 4),
-            ("COVID", "train", 5),
-            ("COVID", "val", 2),
-        ],
+        class_rows("COVID", train=4, val=1),
         "f",
     )
     assert main([*train, "--data", data]) == 0 and "note:" not in capsys.readouterr().err
@@ -474,7 +468,7 @@ def test_gpu_workers_this_machine_lacks_are_refused_before_ray_starts(
     import torch
 
     import cxrcore.cli as cli
-    from tests.unit.test_external_eval import write_dataset
+    from tests.unit.test_external_eval import class_rows, write_dataset
 
     def no_ray(address: str | None) -> None:
         raise AssertionError("Ray was started")
@@ -484,13 +478,7 @@ def test_gpu_workers_this_machine_lacks_are_refused_before_ray_starts(
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     data = write_dataset(
         tmp_path / "ds",
-        [
-            ("COVID", "train", 1),
-            ("COVID", "train", 3),
-            ("COVID", "train", 4),
-            ("COVID", "train", 5),
-            ("COVID", "val", 2),
-        ],
+        class_rows("COVID", train=4, val=1),
         "f",
     )
     train = ["train", "--data", data, "--model", "tiny_cnn_lstm", "--out", str(tmp_path), "--gpu"]

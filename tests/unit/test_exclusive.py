@@ -112,7 +112,7 @@ def test_the_commands_refuse_before_ray_starts(
     """A second command waited for a whole local Ray cluster (13-39 s) before the library call refused."""
     import cxrcore.cli as cli
     from cxrcore.cli import main
-    from tests.unit.test_external_eval import write_dataset
+    from tests.unit.test_external_eval import class_rows, write_dataset
 
     def no_ray(address: str | None) -> None:
         raise AssertionError("Ray was started")
@@ -120,13 +120,7 @@ def test_the_commands_refuse_before_ray_starts(
     monkeypatch.setattr(cli, "_connect", no_ray)
     data = write_dataset(
         tmp_path / "ds",
-        [
-            ("COVID", "train", 1),
-            ("COVID", "train", 3),
-            ("COVID", "train", 4),
-            ("COVID", "train", 5),
-            ("COVID", "val", 2),
-        ],
+        class_rows("COVID", train=4, val=1),
         "f",
     )
     train = ["train", "--data", data, "--model", "tiny_cnn_lstm", "--out", str(tmp_path), "--name", "out"]
@@ -152,17 +146,11 @@ def test_a_dry_run_says_when_the_output_is_being_written(
     """A dry run checks what the run checks before Ray starts, the output's lock included."""
     from cxrcore.cli import main
     from tests.conftest import write_png, xray
-    from tests.unit.test_external_eval import write_dataset
+    from tests.unit.test_external_eval import class_rows, write_dataset
 
     data = write_dataset(
         tmp_path / "ds",
-        [
-            ("COVID", "train", 1),
-            ("COVID", "train", 3),
-            ("COVID", "train", 4),
-            ("COVID", "train", 5),
-            ("COVID", "val", 2),
-        ],
+        class_rows("COVID", train=4, val=1),
         "f",
     )
     train = ["train", "--data", data, "--model", "tiny_cnn_lstm", "--out", str(tmp_path), "--name", "out"]
@@ -259,7 +247,7 @@ def test_an_ingest_refuses_to_replace_a_dataset_that_a_run_reads(
     from cxrcore.cli import main
     from cxrcore.data.ingest import REPORT_NAME, reading
     from tests.conftest import write_png, xray
-    from tests.unit.test_external_eval import write_dataset
+    from tests.unit.test_external_eval import class_rows, write_dataset
 
     def no_ray(address: str | None) -> None:
         raise AssertionError("Ray was started")
@@ -267,13 +255,7 @@ def test_an_ingest_refuses_to_replace_a_dataset_that_a_run_reads(
     monkeypatch.setattr(cli, "_connect", no_ray)
     data = write_dataset(
         tmp_path / "ds",
-        [
-            ("COVID", "train", 1),
-            ("COVID", "train", 3),
-            ("COVID", "train", 4),
-            ("COVID", "train", 5),
-            ("COVID", "val", 2),
-        ],
+        class_rows("COVID", train=4, val=1),
         "f",
     )
     for cls in ("COVID", "Normal"):

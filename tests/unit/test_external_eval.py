@@ -48,6 +48,14 @@ FINGERPRINTS: dict[str, str] = {}
 """A test's name for a dataset write_dataset wrote → its fingerprint (the last written under that name)."""
 
 
+def class_rows(
+    label: str, train: int = 0, val: int = 0, test: int = 0, seed: int = 1
+) -> list[tuple[str, str, int]]:
+    """`write_dataset` rows: so many images of `label` in each split, each of its own seed from `seed` on."""
+    splits = ["train"] * train + ["val"] * val + ["test"] * test
+    return [(label, split, seed + i) for i, split in enumerate(splits)]
+
+
 def write_dataset(
     root: Path,
     rows: list[tuple[str, str, int]],

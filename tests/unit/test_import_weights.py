@@ -99,7 +99,7 @@ def test_a_folder_of_weights_serves_each_architecture_its_own(
     trials failed on a shape mismatch; a folder holds one file per architecture, by its name."""
     from cxrcore.config import ConfigError
     from cxrcore.train.trainer import check_pretrained, resolve_pretrained
-    from tests.unit.test_external_eval import write_dataset
+    from tests.unit.test_external_eval import class_rows, write_dataset
 
     source, _ = rgb_weights
     folder = tmp_path / "weights"
@@ -114,14 +114,7 @@ def test_a_folder_of_weights_serves_each_architecture_its_own(
     (folder / "tiny_resnet-1ch.safetensors").rename(folder / "resnet18-1ch.safetensors")  # misnamed
     data = write_dataset(
         tmp_path / "ds",
-        [
-            ("COVID", "train", 1),
-            ("COVID", "train", 4),
-            ("COVID", "train", 5),
-            ("COVID", "train", 6),
-            ("COVID", "val", 2),
-            ("COVID", "test", 3),
-        ],
+        class_rows("COVID", train=4, val=1, test=1),
         "f",
     )
     dry_run = ["train", "--data", data, "--model", "resnet18", "--pretrained", str(folder), "--dry-run"]
@@ -168,7 +161,7 @@ def test_an_unreachable_hub_is_refused_before_ray_starts(
     cluster that reaches the hub)."""
     import cxrcore.cli as cli
     import cxrcore.models.pretrained as pretrained
-    from tests.unit.test_external_eval import write_dataset
+    from tests.unit.test_external_eval import class_rows, write_dataset
 
     def no_ray(address: str | None) -> None:
         raise AssertionError("Ray was started")
@@ -179,14 +172,7 @@ def test_an_unreachable_hub_is_refused_before_ray_starts(
     )
     data = write_dataset(
         tmp_path / "ds",
-        [
-            ("COVID", "train", 1),
-            ("COVID", "train", 4),
-            ("COVID", "train", 5),
-            ("COVID", "train", 6),
-            ("COVID", "val", 2),
-            ("COVID", "test", 3),
-        ],
+        class_rows("COVID", train=4, val=1, test=1),
         "f",
     )
     for command in (

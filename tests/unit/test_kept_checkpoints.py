@@ -200,17 +200,11 @@ def test_a_dry_run_refuses_the_resume_the_run_would_refuse(tmp_path: Path, capsy
     from cxrcore.cli import main
     from cxrcore.config import TrainConfig
     from cxrcore.train import trainer
-    from tests.unit.test_external_eval import write_dataset
+    from tests.unit.test_external_eval import class_rows, write_dataset
 
     data = write_dataset(
         tmp_path / "ds",
-        [
-            ("COVID", "train", 1),
-            ("Normal", "train", 2),
-            ("COVID", "train", 5),
-            ("Normal", "train", 6),
-            ("COVID", "val", 3),
-        ],
+        [*class_rows("COVID", train=2, val=1), *class_rows("Normal", train=2, seed=10)],
         "f",
     )
     command = ["train", "--data", data, "--model", "cnn_lstm", "--out", str(tmp_path / "runs"), "--name", "r"]
@@ -246,17 +240,11 @@ def test_a_run_whose_checkpoints_were_deleted_by_hand_is_refused_in_one_line(
     from cxrcore.cli import main
     from cxrcore.config import ConfigError, TrainConfig
     from cxrcore.train import trainer
-    from tests.unit.test_external_eval import write_dataset
+    from tests.unit.test_external_eval import class_rows, write_dataset
 
     data = write_dataset(
         tmp_path / "ds",
-        [
-            ("COVID", "train", 1),
-            ("Normal", "train", 2),
-            ("COVID", "train", 5),
-            ("Normal", "train", 6),
-            ("COVID", "val", 3),
-        ],
+        [*class_rows("COVID", train=2, val=1), *class_rows("Normal", train=2, seed=10)],
         "f",
     )
     config = TrainConfig(data=data, model="cnn_lstm", out=str(tmp_path / "runs"), name="r", epochs=4)
